@@ -1,0 +1,1 @@
+"""nbankctl: query the registry, run tape operations and control nbankd."""

@@ -1,0 +1,225 @@
+"""The registry interface shared by the HTTP and embedded backends.
+
+Records are small frozen values in django-neurobank's wire vocabulary, so one
+backend's output can be fed to the other (``to_json`` gives the wire form).
+Both backends raise the typed errors of :mod:`nbankd.errors` for the same causes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# the registry's slug rule (Django SlugField); nbank's client also allows "~",
+# which the server rejects, so we do not.
+SLUG_RE = re.compile(r"^[-_0-9a-zA-Z]+$")
+SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+RESOURCE_NAME_MAX = 255
+ARCHIVE_NAME_MAX = 32
+DATATYPE_NAME_MAX = 32
+ACCESSIBILITY = ("local", "remote", "offline")
+# fields of a resource that clients may send inside metadata (API 1.2)
+CORE_FIELDS = ("experimenter", "animal")
+
+
+def _freeze_metadata(metadata: Mapping[str, Any] | None) -> str | None:
+    return None if metadata is None else json.dumps(metadata, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class DataType:
+    name: str
+    content_type: str = ""
+    extension: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "content_type": self.content_type, "extension": self.extension}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DataType:
+        return cls(d["name"], d.get("content_type") or "", d.get("extension") or "")
+
+
+@dataclass(frozen=True)
+class ArchiveRecord:
+    name: str
+    scheme: str
+    root: str
+    accessibility: str = "local"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheme": self.scheme,
+            "root": self.root,
+            "accessibility": self.accessibility,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ArchiveRecord:
+        return cls(d["name"], d["scheme"], d["root"], d.get("accessibility") or "local")
+
+
+@dataclass(frozen=True)
+class LocationRecord:
+    archive_name: str
+    scheme: str
+    root: str
+    resource_name: str
+    key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "archive_name": self.archive_name,
+            "scheme": self.scheme,
+            "root": self.root,
+            "resource_name": self.resource_name,
+            "key": self.key,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LocationRecord:
+        return cls(d["archive_name"], d["scheme"], d["root"], d["resource_name"], d.get("key"))
+
+
+@dataclass(frozen=True)
+class ResourceRecord:
+    """A registered resource, as django-neurobank 0.12 serialises it.
+
+    ``metadata`` is kept as canonical JSON text so the record stays hashable;
+    use the ``metadata`` property's dict. As on the server, ``experimenter`` and
+    ``animal`` are also copied into the metadata dict when set.
+    """
+
+    name: str
+    sha1: str | None
+    dtype: str
+    locations: tuple[str, ...] = ()
+    experimenter: str | None = None
+    animal: str | None = None
+    created_by: str | None = None
+    created_on: str | None = None
+    filename: str | None = None
+    metadata_json: str | None = field(default=None, repr=False)
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        return None if self.metadata_json is None else json.loads(self.metadata_json)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sha1": self.sha1,
+            "dtype": self.dtype,
+            "filename": self.filename if self.filename is not None else self.name,
+            "metadata": self.metadata,
+            "experimenter": self.experimenter,
+            "animal": self.animal,
+            "locations": list(self.locations),
+            "created_by": self.created_by,
+            "created_on": self.created_on,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ResourceRecord:
+        return cls(
+            name=d["name"],
+            sha1=d.get("sha1"),
+            dtype=d["dtype"],
+            locations=tuple(d.get("locations") or ()),
+            experimenter=d.get("experimenter"),
+            animal=d.get("animal"),
+            created_by=d.get("created_by"),
+            created_on=d.get("created_on"),
+            filename=d.get("filename"),
+            metadata_json=_freeze_metadata(d.get("metadata")),
+        )
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """What nbankd needs from a registry. Both backends implement all of it.
+
+    Errors: :class:`~nbankd.errors.RegistryUnavailable` (transient),
+    :class:`~nbankd.errors.RegistryAuthError`, :class:`~nbankd.errors.NotFound`,
+    and the :class:`~nbankd.errors.RegistryRejected` family (permanent).
+    """
+
+    #: base URL that identifiers resolve under (ends with "/")
+    url: str
+    #: "embedded" or "http"
+    backend: str
+
+    def info(self) -> dict[str, Any]: ...
+
+    # datatypes
+    def list_datatypes(self) -> list[DataType]: ...
+
+    def add_datatype(self, name: str, content_type: str = "") -> DataType: ...
+
+    # archives
+    def list_archives(self, **filters: str) -> list[ArchiveRecord]: ...
+
+    def get_archive(self, name: str) -> ArchiveRecord | None: ...
+
+    def find_archive_by_root(self, root: str, scheme: str = "neurobank") -> ArchiveRecord | None:
+        """The archive with this (scheme, root); root compared case-insensitively."""
+        ...
+
+    def add_archive(
+        self, name: str, scheme: str, root: str, accessibility: str = "local"
+    ) -> ArchiveRecord: ...
+
+    # resources
+    def add_resource(
+        self,
+        *,
+        dtype: str,
+        archive: str | None,
+        name: str | None = None,
+        sha1: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+    ) -> ResourceRecord:
+        """Registers a resource located in ``archive``; ``name=None`` lets the registry pick.
+
+        ``experimenter``/``animal`` keys of metadata become the resource's fields.
+        ``key`` records the location key in the archive (tape member names).
+        """
+        ...
+
+    def get_resource(self, name: str) -> ResourceRecord | None: ...
+
+    def get_resources(self, names: Iterable[str]) -> list[ResourceRecord]:
+        """Bulk lookup; unknown names are omitted; order is unspecified."""
+        ...
+
+    def search(self, **filters: str) -> Iterator[ResourceRecord]:
+        """Resources matching django-neurobank's filters (see REGISTRY-NOTES.md)."""
+        ...
+
+    def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:
+        """Merges metadata into the record; a value of None deletes the key."""
+        ...
+
+    # locations
+    def get_locations(self, name: str) -> list[LocationRecord]: ...
+
+    def get_locations_bulk(self, names: Iterable[str]) -> dict[str, list[LocationRecord]]: ...
+
+    def add_location(self, name: str, archive: str, key: str | None = None) -> LocationRecord: ...
+
+    def remove_location(self, name: str, archive: str) -> None: ...
+
+    def resource_url(self, name: str) -> str:
+        """The full URL of a resource: ``<url>resources/<name>/``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def full_url(base_url: str, name: str) -> str:
+    return f"{base_url.rstrip('/')}/resources/{name}/"

@@ -1,0 +1,6 @@
+"""Shared pytest set-up: fixtures live in tests/fixtures/, one module per concern."""
+
+pytest_plugins = [
+    "fixtures.django_server",
+    "fixtures.users",
+]
