@@ -3,4 +3,5 @@
 pytest_plugins = [
     "fixtures.django_server",
     "fixtures.users",
+    "fixtures.daemon",
 ]

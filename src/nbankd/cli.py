@@ -1,8 +1,144 @@
-"""nbankd command line (placeholder until the daemon lands)."""
+"""The ``nbankd`` command: run the daemon in the foreground, or check a configuration."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+from typing import Any
+
+from nbankd import __version__, errors
+from nbankd.errors import exit_code_for
+
+WEDGE_AFTER_DEFAULT = 900.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nbankd",
+        description="Deposit files dropped into watched inboxes into neurobank archives.",
+    )
+    p.add_argument("--version", action="version", version=f"nbankd {__version__}")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="configuration file (default: $NBANKD_CONFIG or /etc/nbankd/config.yaml)",
+    )
+    sub = p.add_subparsers(dest="command")
+    check = sub.add_parser("check-config", help="validate and explain a configuration")
+    check.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
+    check.add_argument("--offline", action="store_true", help="do not ask the registry")
+    return p
+
+
+class Liveness:
+    """Sends STATUS and watchdog pings from the main loop while workers make progress."""
+
+    def __init__(self, notifier: Any, wedge_after: float) -> None:
+        from nbankd.service.notify import Heartbeat
+
+        self.notifier = notifier
+        self.heartbeat = Heartbeat()
+        self.wedge_after = wedge_after
+        self.interval = notifier.watchdog_interval() or 30.0
+        self._next = 0.0
+        self._last_status = ""
+
+    def tick(self, daemon: Any) -> float:
+        now = time.monotonic()
+        self.heartbeat.beat("main", now)
+        if now >= self._next:
+            stale = self.notifier.watchdog_if_healthy(self.heartbeat, self.wedge_after, now)
+            if stale:
+                from nbankd.daemon.service import log
+
+                log.error("worker not making progress; withholding watchdog ping", workers=stale)
+            status = daemon.status_line()
+            if status != self._last_status:
+                self.notifier.status(status)
+                self._last_status = status
+            self._next = now + self.interval
+        return max(0.05, self._next - now)
+
+
+def run(config_path: str | None) -> int:
+    import os
+
+    from nbankd.config import find_config_path, load_config
+    from nbankd.daemon.service import Daemon, install_signal_handlers
+    from nbankd.service.logs import configure_logging
+    from nbankd.service.notify import Notifier
+
+    config = load_config(find_config_path(config_path))
+    configure_logging(config.log.format, config.log.level)
+    notifier = Notifier()
+    liveness = Liveness(notifier, float(os.environ.get("NBANKD_WEDGE_AFTER", WEDGE_AFTER_DEFAULT)))
+    daemon = Daemon(config, notifier=liveness)
+    install_signal_handlers(daemon)
+    daemon.start()
+    notifier.ready(daemon.status_line())
+    try:
+        daemon.run()
+    finally:
+        notifier.stopping("stopping: parking in-flight items")
+        daemon.shutdown()
+    return 0
+
+
+def check_config(config_path: str | None, *, offline: bool) -> int:
+    from nbankd.config import (
+        check_against_registry,
+        describe_config,
+        find_config_path,
+        parse_config,
+    )
+
+    path = find_config_path(config_path)
+    config, problems = parse_config(path)
+    print(f"# configuration: {path}")
+    if config is not None:
+        print(describe_config(config))
+    errors_found = [p for p in problems if getattr(p, "severity", "error") == "error"]
+    for p in problems:
+        print(f"{getattr(p, 'severity', 'error')}: {p}", file=sys.stderr)
+    if config is None or errors_found:
+        return errors.EXIT_USAGE
+    if offline:
+        print("# registry not asked (--offline)")
+        return errors.EXIT_OK
+    if config.embedded:
+        print("# registry: embedded (datatypes and archives are created at start)")
+        return errors.EXIT_OK
+    from nbankd.registry.factory import open_registry
+
+    registry = open_registry(config.registry, registry_auth=config.registry_auth)
+    try:
+        found = check_against_registry(config, registry)
+    except errors.RegistryUnavailable as err:
+        print(f"warning: registry did not answer, not checked: {err}", file=sys.stderr)
+        return errors.EXIT_UNREACHABLE
+    finally:
+        registry.close()
+    for p in found:
+        print(f"error: {p}", file=sys.stderr)
+    if found:
+        return errors.EXIT_USAGE
+    print(f"# registry {config.registry}: datatypes, archives and credentials OK")
+    return errors.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("nbankd: not implemented yet", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args.config_sub or args.config, offline=args.offline)
+        return run(args.config)
+    except errors.NbankdError as err:
+        print(f"nbankd: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

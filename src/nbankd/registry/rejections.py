@@ -26,7 +26,11 @@ _RULES: tuple[tuple[str, str, type[errors.RegistryRejected]], ...] = (
     ("experimenter", "", errors.InvalidUser),
     ("animal", "", errors.InvalidUser),
     ("non_field_errors", "scheme, root must make a unique set", errors.ArchiveTaken),
-    ("non_field_errors", "resource_name, archive_name must make a unique set", errors.LocationTaken),
+    (
+        "non_field_errors",
+        "resource_name, archive_name must make a unique set",
+        errors.LocationTaken,
+    ),
 )
 
 

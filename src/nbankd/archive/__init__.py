@@ -1,0 +1,12 @@
+"""Neurobank archives on disk: layout and policy (.layout), durable placement (.durable)."""
+
+from nbankd.archive.layout import (
+    AccessPolicy,
+    Anomaly,
+    Archive,
+    ArchivePolicy,
+    create_archive,
+    open_archive,
+)
+
+__all__ = ["AccessPolicy", "Anomaly", "Archive", "ArchivePolicy", "create_archive", "open_archive"]

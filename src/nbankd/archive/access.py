@@ -1,0 +1,110 @@
+"""The archive's access policy: the group and exact mode of every path nbankd writes.
+
+Follows neurobank 0.13's mode policy (``nbank.archive.mode_policy``), so that
+``nbank archive check`` reports no permission problems; see :mod:`.layout`.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nbankd import errors
+
+if TYPE_CHECKING:
+    from nbankd.archive.layout import Archive
+
+SETGID = stat.S_ISGID
+
+
+def _depth(archive: Archive, path: Path) -> int | None:
+    """Parts below resources/ (0 = resources/ itself, 1 = stub, 2+ = resource), or None."""
+    try:
+        return len(path.relative_to(archive.resources_dir).parts)
+    except ValueError:
+        return None
+
+
+def target_mode(archive: Archive, path: Path, *, is_dir: bool) -> int:
+    """Returns the exact mode nbankd gives ``path`` under the archive's policy."""
+    access = archive.policy.access
+    umask = access.umask
+    depth = _depth(archive, path)
+    in_resource = depth is not None and depth >= 2
+    if is_dir and not in_resource:  # resources/, stub folders, staging/
+        return (0o777 & ~umask) | SETGID
+    writable = 0 if access.read_only_resources and in_resource else 0o220
+    if is_dir:
+        return (0o555 | writable) & ~umask
+    return (0o444 | writable) & ~umask
+
+
+def group_id(archive: Archive) -> int | None:
+    """Returns the gid of the policy's group, or None when the policy names none.
+
+    Raises ArchiveUnavailable if the group cannot be resolved (it may be an LDAP outage).
+    """
+    name = archive.policy.access.group
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise errors.ArchiveUnavailable(
+            f"archive {archive.path}: group '{name}' of its access policy does not exist",
+            hint="create the group or fix policy.access.group in nbank.json",
+        ) from None
+
+
+def chgrp(archive: Archive, path: Path, st: os.stat_result | None = None) -> bool:
+    """Gives ``path`` the policy's group if permitted; True if the group was changed."""
+    gid = group_id(archive)
+    if gid is None:
+        return False
+    st = st or os.lstat(path)
+    if st.st_gid == gid:
+        return False
+    try:
+        os.chown(path, -1, gid, follow_symlinks=False)
+    except PermissionError:
+        return False  # not a member of the group: `nbank archive check` will say so
+    return True
+
+
+def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> None:
+    """Sets the policy's group (when permitted) and mode on one path; never follows symlinks.
+
+    ``at`` is where the path will live in the archive when that is not where it is now
+    (a staged file gets the mode of its future place). Raises OSError (the caller
+    classifies it) if the mode cannot be set.
+    """
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if chgrp(archive, path, st):
+        st = os.lstat(path)  # a change of group may clear set-id bits
+    mode = target_mode(archive, at or path, is_dir=stat.S_ISDIR(st.st_mode))
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def apply_access_tree(
+    archive: Archive, path: Path, *, at: Path | None = None, top: bool = True
+) -> None:
+    """Applies the policy to a directory's contents, deepest first, then (if ``top``) itself.
+
+    ``at`` is where the directory will live in the archive, as for :func:`apply_access`.
+    """
+    dest = at or path
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        rel = Path(dirpath).relative_to(path)
+        for name in filenames + dirnames:
+            apply_access(archive, Path(dirpath, name), at=dest / rel / name)
+    if top:
+        apply_access(archive, path, at=dest)
+
+
+__all__ = ["apply_access", "apply_access_tree", "chgrp", "group_id", "target_mode"]

@@ -1,0 +1,326 @@
+"""Durable placement of resources: stage, publish, verify. Each step is idempotent.
+
+The deposit pipeline journals each step and calls these separately, so that after a
+crash it can repeat the step it was in:
+
+1. :func:`stage_copy` / :func:`stage_copy_tree` copy the input into
+   ``staging/<name>`` (the caller picks the name, which starts with
+   :data:`STAGED_PREFIX`, and finds it again on recovery), hashing in the same
+   pass, and fsync the data and the staging folder. A leftover of the same name is
+   ours and is replaced.
+2. :func:`publish` gives the staged copy the policy's group and mode and links it
+   into ``resources/<stub>/`` without ever replacing anything, fsyncs the stub
+   folder, then drops the staged name. An existing identical resource counts as
+   already published; a different one raises :class:`~nbankd.errors.ResourceExists`.
+   :func:`publish_in_place` does the same from a file already on the archive's
+   filesystem (``placement: rename``).
+3. :func:`verify_from_storage` re-reads the stored copy from storage, not from
+   the page cache, and compares its SHA-1.
+
+Nothing partial is ever visible under ``resources/``: files appear there by
+link(2) of a complete, fsynced file, directories by an atomic rename.
+
+Errors. Failures on the archive side are classified by
+:func:`nbankd.archive.layout.unavailable`: disk full (ENOSPC, EDQUOT), I/O errors
+(EIO), read-only or vanished filesystems (EROFS, ESTALE, missing ``nbank.json``,
+i.e. unmounted) and permission errors (EACCES, EPERM: an administrator can fix
+modes while the daemon keeps retrying) raise
+:class:`~nbankd.errors.ArchiveUnavailable`, which is transient; names the
+filesystem refuses (ENAMETOOLONG) and cross-device in-place placement (EXDEV) raise
+a permanent :class:`~nbankd.errors.ArchiveError`. Failures reading the *source*
+are not the archive's fault and propagate as
+:class:`~nbankd.hashing.SourceReadError` (an OSError with the original errno).
+Inputs that may not be archived (symbolic links, hard links, FIFOs, sockets,
+devices) raise :func:`unsafe_input`'s error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbankd import errors
+from nbankd.archive.access import apply_access, apply_access_tree, target_mode
+from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
+from nbankd.archive.layout import Archive, unavailable
+from nbankd.archive.staging import (
+    STAGED_PREFIX,
+    Staged,
+    check_present,
+    check_regular,
+    discard_staged,
+    list_staged,
+    stage_copy,
+    stage_copy_tree,
+    staged_path,
+    unsafe_input,
+)
+from nbankd.archive.verify import sha1_from_storage, verify_from_storage
+from nbankd.hashing import hash_path, sha1_file
+
+#: mode of the empty directory that reserves a name in the no-RENAME_NOREPLACE fallback;
+#: the sticky bit never occurs on published resources, so a leftover is recognisable
+RESERVATION_MODE = 0o1700
+
+
+@dataclass(frozen=True)
+class Published:
+    """A resource in place; ``created`` is False when an identical one was already there."""
+
+    path: Path
+    created: bool
+
+
+def _check_target(archive: Archive, target: Path) -> None:
+    if target.parent.parent != archive.resources_dir or target.name[:2] != target.parent.name:
+        raise ValueError(f"'{target}' is not a resource path of archive {archive.path}")
+
+
+def _ensure_stub(archive: Archive, stub: Path) -> None:
+    """Creates the stub folder with the layout's group and mode, durably."""
+    umask = archive.policy.access.umask
+    try:
+        os.mkdir(stub, 0o777 & ~umask)
+    except FileExistsError:
+        st = os.lstat(stub)
+        if not stat.S_ISDIR(st.st_mode):
+            raise errors.ArchiveUnavailable(
+                f"archive {archive.path}: '{stub}' is not a folder",
+                hint="move it out of resources/",
+            ) from None
+        if st.st_uid == os.geteuid():  # repair a stub left by a crash before its chmod
+            apply_access(archive, stub)
+        return
+    apply_access(archive, stub)
+    fsync_dir(archive.resources_dir)
+
+
+def _identical(a: Path, b: Path) -> bool:
+    """True if a and b are the same inode, or hold the same bytes (files or trees)."""
+    sa, sb = os.lstat(a), os.lstat(b)
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
+        return False
+    if stat.S_ISREG(sa.st_mode):
+        return sa.st_size == sb.st_size and sha1_file(a) == sha1_file(b)
+    if stat.S_ISDIR(sa.st_mode):
+        return hash_path(a) == hash_path(b)
+    return False
+
+
+def _exists_error(archive: Archive, source: Path, target: Path) -> errors.ResourceExists:
+    return errors.ResourceExists(
+        f"archive {archive.path}: '{target}' already holds different contents than '{source}'",
+        hint="the identifier is taken in this archive; choose another one",
+    )
+
+
+def _after_missing_source(
+    archive: Archive, source: Path, target: Path, sha1: str | None
+) -> Published:
+    """The source is gone: fine only if an earlier run already put it in place."""
+    if not os.path.lexists(target):
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"neither '{source}' nor its published copy exists; stage again",
+            str(source),
+        )
+    if sha1 is not None and hash_path(target) == sha1.lower():
+        return Published(target, created=False)
+    if sha1 is None:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"'{source}' is gone and no sha1 was given to check '{target}'",
+            str(source),
+        )
+    raise _exists_error(archive, source, target)
+
+
+def _link_into_place(archive: Archive, src: Path, target: Path) -> bool:
+    """Puts the file at src into place under target without replacing anything.
+
+    Returns True if placed, False if target already exists (the caller compares).
+    Uses link(2); on filesystems without hard links, renameat2(RENAME_NOREPLACE).
+    """
+    try:
+        os.link(src, target, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+    try:
+        rename_noreplace(src, target)
+        return True
+    except FileExistsError:
+        return False
+    except NoReplaceUnsupported as err:
+        raise errors.ArchiveUnavailable(
+            f"archive {archive.path}: cannot hard-link '{src}' and the filesystem has no "
+            "no-replace rename",
+            hint="store archives on a filesystem with hard links (ext4, xfs, NFS)",
+        ) from err
+
+
+def _place_directory(src: Path, target: Path, *, noreplace: bool = True) -> bool:
+    """Moves the directory src to target atomically, never replacing anything.
+
+    Returns True if placed, False if target exists (the caller compares).
+
+    With RENAME_NOREPLACE this is one call. Where the filesystem lacks it (NFS answers
+    EINVAL), the fallback reserves the name by creating an empty directory there with
+    :data:`RESERVATION_MODE` (exclusive mkdir), then rename(2)s src over it: POSIX
+    rename replaces an *empty* directory atomically and fails on a non-empty one, so
+    readers see either the reservation or the complete tree, and a concurrent writer
+    that filled the name wins (we get ENOTEMPTY/EEXIST). A reservation left by a crash
+    is an empty, sticky, owner-only folder of ours and is reused; nothing else that is
+    empty is ever replaced.
+    """
+    if noreplace:
+        try:
+            rename_noreplace(src, target)
+            return True
+        except FileExistsError:
+            return False
+        except NoReplaceUnsupported:
+            pass
+    try:
+        os.mkdir(target, 0o700)
+        os.chmod(target, RESERVATION_MODE)
+    except FileExistsError:
+        if not _is_reservation(target):
+            return False
+    try:
+        os.rename(src, target)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
+
+
+def _is_reservation(path: Path) -> bool:
+    st = os.lstat(path)
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and stat.S_IMODE(st.st_mode) == RESERVATION_MODE
+        and st.st_uid == os.geteuid()
+        and not os.listdir(path)
+    )
+
+
+def _publish(
+    archive: Archive, source: Path, target: Path, sha1: str | None, *, in_place: bool
+) -> Published:
+    check_present(archive)
+    _check_target(archive, target)
+    try:
+        st = os.lstat(source)
+    except FileNotFoundError:
+        return _after_missing_source(archive, source, target, sha1)
+    except OSError as err:
+        raise unavailable(archive, err, f"reading {source}") from err
+    is_dir = stat.S_ISDIR(st.st_mode)
+    try:
+        if in_place:
+            if is_dir:
+                _check_tree(source)
+            elif not (os.path.lexists(target) and _identical(source, target)):
+                check_regular(st, source)  # nlink 2 is fine only after our own link
+        elif not (is_dir or stat.S_ISREG(st.st_mode)):
+            raise ValueError(f"'{source}' is not a staged file or folder")
+        _ensure_stub(archive, target.parent)
+        if is_dir:
+            apply_access_tree(archive, source, at=target, top=False)
+            os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
+            placed = _place_directory(source, target)
+            if placed:
+                apply_access(archive, target)
+        else:
+            apply_access(archive, source, at=target)
+            placed = _link_into_place(archive, source, target)
+        if not placed and not _identical(source, target):
+            if not in_place:
+                discard_staged(archive, source)
+            raise _exists_error(archive, source, target)
+        fsync_dir(target.parent)
+        if os.path.lexists(source):
+            remove_ours(source)
+        fsync_dir(source.parent)
+    except errors.NbankdError:
+        raise
+    except OSError as err:
+        raise unavailable(archive, err, f"publishing {target}") from err
+    return Published(target, created=placed)
+
+
+def _check_tree(root: Path) -> None:
+    """Raises unsafe_input's error for the first link or special file inside root."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                check_regular(st, path)
+
+
+def publish(
+    archive: Archive,
+    staged_path: str | os.PathLike[str],
+    target_path: str | os.PathLike[str],
+    *,
+    sha1: str | None = None,
+) -> Published:
+    """Moves a staged file or tree to ``target_path`` under ``resources/``, never replacing.
+
+    Idempotent: if the target already holds identical contents (an earlier run, or
+    the staged copy is gone and ``sha1`` matches the target) the result has
+    ``created=False``. A different resource at the target raises ResourceExists
+    naming both paths; the staged copy is then discarded. On transient errors the
+    staged copy is kept for a retry (:func:`discard_staged` removes it).
+    """
+    return _publish(archive, Path(staged_path), Path(target_path), sha1, in_place=False)
+
+
+def publish_in_place(
+    archive: Archive,
+    src_path: str | os.PathLike[str],
+    target_path: str | os.PathLike[str],
+    *,
+    sha1: str | None = None,
+) -> Published:
+    """Publishes a file or folder already on the archive's filesystem, then removes its name.
+
+    For ``placement: rename``: no copy; the source (e.g. a claimed file in an inbox's
+    work folder) gets the policy's group and mode and is linked (files) or renamed
+    (folders) into place, the stub folder fsynced, then the source name removed and
+    its folder fsynced. Links and special files are refused. On ResourceExists the
+    source is left where it is. A different filesystem raises ArchiveError (EXDEV).
+    Files not owned by the service user keep their owner (check reports it) and may
+    fail with ArchiveUnavailable (EPERM) when their mode cannot be set.
+    """
+    return _publish(archive, Path(src_path), Path(target_path), sha1, in_place=True)
+
+
+__all__ = [
+    "RESERVATION_MODE",
+    "STAGED_PREFIX",
+    "Published",
+    "Staged",
+    "discard_staged",
+    "fsync_dir",
+    "list_staged",
+    "publish",
+    "publish_in_place",
+    "sha1_from_storage",
+    "stage_copy",
+    "stage_copy_tree",
+    "staged_path",
+    "unsafe_input",
+    "verify_from_storage",
+]

@@ -1,0 +1,99 @@
+"""Small filesystem operations the durable primitives are built from.
+
+- :func:`rename_noreplace`: ``renameat2(RENAME_NOREPLACE)`` through glibc, the only
+  way to move a directory into place without ever replacing an existing (empty)
+  one. Raises :class:`NoReplaceUnsupported` where the kernel or filesystem lacks
+  the flag (NFS, older kernels, some FUSE filesystems answer EINVAL or ENOSYS).
+- :func:`remove_ours`: removes a staging leftover, file or tree, even one whose
+  folders were already made read-only.
+- :func:`fsync_dir`: makes a directory's entries durable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import stat
+from pathlib import Path
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1 << 0
+#: errno values meaning "this kernel or filesystem cannot do RENAME_NOREPLACE"
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class NoReplaceUnsupported(OSError):
+    """renameat2(RENAME_NOREPLACE) is not available here (kernel, filesystem or libc)."""
+
+
+def _load_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Renames ``src`` to ``dst`` atomically, failing with FileExistsError if ``dst`` exists.
+
+    Unlike rename(2), never replaces anything, not even an empty directory.
+    Raises NoReplaceUnsupported where the flag is not supported.
+    """
+    if _renameat2 is None:
+        raise NoReplaceUnsupported(errno.ENOSYS, "renameat2 is not available in this libc")
+    rc = _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+    if rc == 0:
+        return
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        raise NoReplaceUnsupported(err, f"renameat2(RENAME_NOREPLACE): {os.strerror(err)}", dst)
+    raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def remove_ours(path: str | os.PathLike[str]) -> None:
+    """Removes a file or directory tree nbankd made itself; missing paths are fine.
+
+    Folders inside a tree are made writable first, so a tree whose modes were already
+    set read-only can still be removed by its owner. Symbolic links are not followed.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink(missing_ok=True)
+        return
+    for dirpath, dirnames, _files in os.walk(path):
+        for d in [dirpath, *(os.path.join(dirpath, n) for n in dirnames)]:
+            dst = os.lstat(d)
+            if stat.S_ISDIR(dst.st_mode) and (dst.st_mode & 0o700) != 0o700:
+                os.chmod(d, stat.S_IMODE(dst.st_mode) | 0o700)
+    if (st.st_mode & 0o700) != 0o700:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
+    shutil.rmtree(path)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Makes a directory's entries durable. Filesystems that cannot (EINVAL) are ignored."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+__all__ = ["NoReplaceUnsupported", "fsync_dir", "remove_ours", "rename_noreplace"]

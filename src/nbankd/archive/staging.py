@@ -1,0 +1,295 @@
+"""Staging: copying inputs into ``staging/`` durably, hashing in the same pass.
+
+Names in ``staging/`` that start with :data:`STAGED_PREFIX` are nbankd's (neurobank
+uses its own names there, such as ``<name>.zip``); the caller chooses the rest of the
+name so recovery can find a staged copy again, and a leftover of the same name from
+a crashed attempt is replaced. Nothing here touches ``resources/``.
+See :mod:`nbankd.archive.durable` for error classification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from nbankd import errors
+from nbankd.archive.fsops import fsync_dir, remove_ours
+from nbankd.archive.layout import Archive, unavailable
+from nbankd.hashing import DirectoryHasher, Progress, SourceReadError, Throttle, copy_hashing
+
+#: every name nbankd uses in ``staging/`` starts with this (nbank uses other names)
+STAGED_PREFIX = ".nbankd-"
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A complete, fsynced copy in ``staging/``; ``size`` is the total of its bytes."""
+
+    path: Path
+    sha1: str
+    size: int
+
+
+def unsafe_input(path: Path | str, what: str) -> errors.NbankdError:
+    """The error for an input nbankd must not archive (a link, FIFO, device...).
+
+    Uses DirectoryNotAllowed until the error tree has a dedicated class.
+    """
+    return errors.DirectoryNotAllowed(
+        f"'{path}' is {what}; only regular files and folders can be archived",
+        hint="replace it with a regular file, or remove it",
+    )
+
+
+def staged_path(archive: Archive, name: str) -> Path:
+    """Returns ``staging/<name>`` after checking the name is one of ours."""
+    if not name.startswith(STAGED_PREFIX) or "/" in name or "\0" in name:
+        raise ValueError(f"staged names must start with {STAGED_PREFIX!r} and hold no '/'")
+    return archive.staging_dir / name
+
+
+def list_staged(archive: Archive) -> list[Path]:
+    """Returns nbankd's entries in ``staging/`` (leftovers, for recovery)."""
+    try:
+        names = os.listdir(archive.staging_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise unavailable(archive, err, "listing staging/") from err
+    return sorted(archive.staging_dir / n for n in names if n.startswith(STAGED_PREFIX))
+
+
+def discard_staged(archive: Archive, path: Path) -> None:
+    """Removes a staged file or tree of ours (idempotent) and fsyncs ``staging/``."""
+    path = staged_path(archive, Path(path).name)
+    try:
+        remove_ours(path)
+        fsync_dir(archive.staging_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise unavailable(archive, err, f"removing {path}") from err
+
+
+def check_present(archive: Archive) -> None:
+    """Raises ArchiveUnavailable if the archive's nbank.json is gone (unmounted?)."""
+    try:
+        os.stat(archive.config_path)
+    except OSError as err:
+        raise unavailable(archive, err, f"looking for {archive.config_path}") from err
+
+
+# --- staging --------------------------------------------------------------------------
+
+
+def _open_regular(path: Path | str, *, dir_fd: int | None = None, shown: Path | str) -> int:
+    """Opens a regular, singly linked file for reading without following links or blocking."""
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        check_regular(st, shown)
+        fd = os.open(path, _OPEN_READ, dir_fd=dir_fd)
+        fst = os.fstat(fd)
+    except OSError as err:
+        raise SourceReadError(err.errno, err.strerror, str(shown)) from err
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise errors.InputChanged(f"'{shown}' was replaced while it was being opened")
+    return fd
+
+
+def check_regular(st: os.stat_result, shown: Path | str) -> None:
+    """Raises unsafe_input's error unless ``st`` is a regular file with a single link."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise unsafe_input(shown, "a symbolic link")
+    if stat.S_ISFIFO(mode):
+        raise unsafe_input(shown, "a FIFO")
+    if stat.S_ISSOCK(mode):
+        raise unsafe_input(shown, "a socket")
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise unsafe_input(shown, "a device file")
+    if not stat.S_ISREG(mode):
+        raise unsafe_input(shown, "not a regular file")
+    if st.st_nlink > 1:
+        raise unsafe_input(shown, f"a hard link ({st.st_nlink} names)")
+
+
+def _create_staged(archive: Archive, name: str, *, directory: bool) -> Path:
+    check_present(archive)
+    archive.ensure_staging()
+    path = staged_path(archive, name)
+    for _attempt in range(2):
+        try:
+            try:
+                if directory:
+                    os.mkdir(path, 0o700)
+                else:
+                    os.close(os.open(path, _OPEN_NEW, 0o600))
+                return path
+            except FileExistsError:
+                remove_ours(path)  # left by a crashed attempt with this name: ours
+        except OSError as err:
+            raise unavailable(archive, err, f"creating {path}") from err
+    raise errors.ArchiveUnavailable(
+        f"'{path}' keeps reappearing", hint="is another process using it?"
+    )
+
+
+def stage_copy(
+    archive: Archive,
+    src: int | BinaryIO | str | os.PathLike[str],
+    staged_name: str,
+    *,
+    progress: Progress | None = None,
+    throttle: Throttle | None = None,
+) -> Staged:
+    """Copies a file into ``staging/<staged_name>`` while hashing it; data and entry fsynced.
+
+    ``src`` is an open descriptor or binary file (read from its current offset to EOF)
+    or a path (opened without following links; must be a regular file with one link).
+    On any error the staged file is removed.
+    """
+    own_fd = None
+    if isinstance(src, str | os.PathLike):
+        own_fd = _open_regular(src, shown=src)
+        src = own_fd
+    try:
+        path = _create_staged(archive, staged_name, directory=False)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                result = copy_hashing(src, fd, progress=progress, throttle=throttle)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(archive.staging_dir)
+        except BaseException as exc:
+            _cleanup(path)
+            if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
+                raise unavailable(archive, exc, f"writing {path}") from exc
+            raise
+        return Staged(path, result.sha1, result.size)
+    finally:
+        if own_fd is not None:
+            os.close(own_fd)
+
+
+def _cleanup(path: Path) -> None:
+    """Best effort: a leftover in staging/ is harmless and replaced next time."""
+    with contextlib.suppress(OSError):
+        remove_ours(path)
+
+
+def stage_copy_tree(
+    archive: Archive,
+    src_dir: str | os.PathLike[str],
+    staged_name: str,
+    *,
+    progress: Progress | None = None,
+    throttle: Throttle | None = None,
+) -> Staged:
+    """Copies a directory tree into ``staging/<staged_name>``, hashing as neurobank does.
+
+    Only regular files (with one link) and folders are accepted; a symbolic link,
+    hard link, FIFO, socket or device anywhere raises :func:`unsafe_input`'s error
+    naming it. Every file and folder is fsynced. On any error the copy is removed.
+    """
+    if not archive.policy.allow_directories:
+        raise errors.DirectoryNotAllowed(
+            f"archive {archive.path} does not accept directories ('{src_dir}')",
+            hint="set policy.allow_directories in nbank.json, or deposit the files",
+        )
+    src_root = Path(src_dir)
+    try:
+        top = os.open(src_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise unsafe_input(src_root, "a symbolic link") from None
+        raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
+    hasher = DirectoryHasher()
+    done = [0]
+
+    def report(n: int) -> None:
+        if progress is not None:
+            progress(done[0] + n)
+
+    def copy_dir(sfd: int, dfd: int, rel: PurePosixPath) -> None:
+        try:
+            names = sorted(os.listdir(sfd))
+        except OSError as err:
+            raise SourceReadError(err.errno, err.strerror, str(src_root / rel)) from err
+        for name in names:
+            shown = src_root / rel / name
+            try:
+                st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+            except OSError as err:
+                raise SourceReadError(err.errno, err.strerror, str(shown)) from err
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    csfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sfd)
+                except OSError as err:
+                    raise SourceReadError(err.errno, err.strerror, str(shown)) from err
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                    cdfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+                    try:
+                        copy_dir(csfd, cdfd, rel / name)
+                        os.fsync(cdfd)
+                    finally:
+                        os.close(cdfd)
+                finally:
+                    os.close(csfd)
+                continue
+            check_regular(st, shown)
+            sfile = _open_regular(name, dir_fd=sfd, shown=shown)
+            try:
+                dfile = os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
+                try:
+                    result = copy_hashing(sfile, dfile, progress=report, throttle=throttle)
+                    os.fsync(dfile)
+                finally:
+                    os.close(dfile)
+            finally:
+                os.close(sfile)
+            done[0] += result.size
+            hasher.add(rel / name, result.sha1)
+
+    try:
+        path = _create_staged(archive, staged_name, directory=True)
+        try:
+            dtop = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                copy_dir(top, dtop, PurePosixPath())
+                os.fsync(dtop)
+            finally:
+                os.close(dtop)
+            fsync_dir(archive.staging_dir)
+        except BaseException as exc:
+            _cleanup(path)
+            if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
+                raise unavailable(archive, exc, f"writing {path}") from exc
+            raise
+    finally:
+        os.close(top)
+    return Staged(path, hasher.hexdigest(), done[0])
+
+
+__all__ = [
+    "STAGED_PREFIX",
+    "Staged",
+    "check_present",
+    "check_regular",
+    "discard_staged",
+    "list_staged",
+    "stage_copy",
+    "stage_copy_tree",
+    "staged_path",
+    "unsafe_input",
+]

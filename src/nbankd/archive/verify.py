@@ -1,0 +1,106 @@
+"""Reading stored resources back from storage rather than the page cache."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+from nbankd.archive.layout import unavailable
+from nbankd.hashing import BLOCK_SIZE, DirectoryHasher, Throttle, copy_hashing
+
+
+def _hash_direct(fd: int, throttle: Throttle | None) -> str | None:
+    """Hashes fd (opened with O_DIRECT) through a page-aligned buffer; None if refused."""
+    digest = hashlib.sha1()
+    buf = mmap.mmap(-1, BLOCK_SIZE)
+    view = memoryview(buf)
+    try:
+        first = True
+        while True:
+            try:
+                n = os.readv(fd, [view])
+            except OSError as err:
+                if first and err.errno == errno.EINVAL:
+                    return None
+                raise
+            first = False
+            if n == 0:
+                return digest.hexdigest()
+            digest.update(view[:n])
+            if throttle is not None:
+                throttle(n)
+    finally:
+        view.release()
+        buf.close()
+
+
+def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
+    """Returns the SHA-1 of a stored file as read back from storage, not the page cache.
+
+    fsync pushes any dirty pages out first; posix_fadvise(DONTNEED) then evicts the
+    clean cached pages, and the read uses O_DIRECT with an aligned buffer where the
+    filesystem allows it (falling back to a buffered read after the eviction, e.g.
+    on tmpfs, where memory is the storage).
+
+    On NFS, fsync sends COMMIT, so the server has the data on stable storage; the
+    O_DIRECT read (or the evicted client cache) then fetches the bytes from the
+    server, which may answer from its own cache of what it committed. It checks the
+    path client -> server -> server's copy; it cannot prove the server's disk media.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EBADF):
+                raise
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                digest = _hash_direct(dfd, throttle)
+            finally:
+                os.close(dfd)
+            if digest is not None:
+                return digest
+        return copy_hashing(fd, None, throttle=throttle).sha1
+    finally:
+        os.close(fd)
+
+
+def verify_from_storage(
+    path: str | os.PathLike[str], sha1: str, *, throttle: Throttle | None = None
+) -> bool:
+    """True if the stored file (or tree, by neurobank's directory hash) has this SHA-1.
+
+    Reads through :func:`sha1_from_storage`. False if the path is missing or differs;
+    other read failures raise ArchiveUnavailable naming the path.
+    """
+    root = Path(path)
+    try:
+        if not os.path.lexists(root):
+            return False
+        if not root.is_dir() or root.is_symlink():
+            return sha1_from_storage(root, throttle=throttle) == sha1.lower()
+        hasher = DirectoryHasher()
+        for dirpath, _dirnames, filenames in os.walk(root):
+            for name in filenames:
+                full = Path(dirpath, name)
+                if full.is_file():
+                    hasher.add(
+                        full.relative_to(root).as_posix(),
+                        sha1_from_storage(full, throttle=throttle),
+                    )
+        return hasher.hexdigest() == sha1.lower()
+    except OSError as err:
+        raise unavailable(root.parent, err, f"verifying {root}") from err
+
+
+__all__ = ["sha1_from_storage", "verify_from_storage"]

@@ -1,0 +1,480 @@
+"""The daemon: watches inboxes, schedules deposit items, and reports its state.
+
+One main thread scans inboxes (woken by inotify, or by the rescan timer), folds
+each scan into the settle tracker, and journals a new item for every input that
+is ready. A small pool of worker threads drives items through their steps.
+Items that must wait (backoff after a transient failure) are handed back to the
+main thread, which resubmits them when their time comes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nbankd import __version__, errors
+from nbankd.config import Config, InboxConfig, load_config
+from nbankd.daemon import setup
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import FINAL, State
+from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
+from nbankd.deposit.steps import Steps
+from nbankd.registry.base import Registry
+from nbankd.registry.factory import open_registry
+from nbankd.watch import settle
+from nbankd.watch.observer import InboxWatcher
+from nbankd.watch.scan import EntryKind, scan_inbox
+
+log = structlog.get_logger("nbankd.daemon")
+
+WORKERS = 4
+UNSAFE_WHAT = {
+    "SYMLINK": "a symbolic link",
+    "HARDLINK": "a hard link (the file has other names)",
+    "FIFO": "a FIFO",
+    "SOCKET": "a socket",
+    "DEVICE": "a device file",
+}
+JOURNAL_NAME = "journal.sqlite3"
+
+
+@dataclass
+class InboxState:
+    """What the main thread knows about one inbox between scans."""
+
+    config: InboxConfig
+    tracker: settle.TrackerState = field(default_factory=settle.TrackerState)
+    paused: bool = False
+    next_scan: float = 0.0
+    last_scan: float | None = None
+    archive_problem: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
+    stalled: tuple[str, ...] = ()
+    verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.notifier = notifier
+        self.started = clock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[int, Future[Item]] = {}
+        self._waiting: dict[int, Item] = {}
+        self.inboxes: dict[str, InboxState] = {}
+        self.specs: dict[str, InboxSpec] = {}
+        self.registry_problem: str | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.last_deposit: dict[str, Any] | None = None
+        self.heartbeat = clock()
+        self.journal: Journal
+        self.registry: Registry
+        self.steps: Steps
+        self.observer: InboxWatcher | None = None
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
+
+    # -- start-up -----------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        setup.prepare_state_dir(cfg.state_dir)
+        self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
+        self.registry = open_registry(
+            cfg.registry,
+            embedded_db=cfg.embedded_db_path,
+            served_url=cfg.registry_url,
+            registry_auth=cfg.registry_auth,
+        )
+        self._apply_config(cfg)
+        self.steps = Steps(
+            journal=self.journal,
+            registry=self.registry,
+            inboxes=self.specs.get,
+            receipts_dir=cfg.state_dir / "receipts",
+            clock=self.clock,
+        )
+        self._prepare_registry()
+        for item in self.journal.unfinished():
+            log.info("resuming", item=item.token, state=str(item.state), inbox=item.inbox)
+            self._submit(item)
+        self.observer = InboxWatcher(self._on_change)
+        self._watch_inboxes()
+        self.observer.start()
+        log.info(
+            "started", version=__version__, registry=self.registry.url, inboxes=len(self.inboxes)
+        )
+
+    def _apply_config(self, cfg: Config) -> None:
+        setup.prepare_inbox_folders(cfg)
+        self.specs.clear()
+        self.specs.update(setup.inbox_specs(cfg))
+        old = self.inboxes
+        self.inboxes = {}
+        for inbox in cfg.inboxes:
+            key = str(inbox.path)
+            previous = old.get(key)
+            state = InboxState(config=inbox)
+            if previous is not None:
+                state.tracker, state.paused = previous.tracker, previous.paused
+            self.inboxes[key] = state
+
+    def _prepare_registry(self) -> None:
+        try:
+            missing = setup.ensure_datatypes(self.config, self.registry)
+            problems = setup.ensure_archives(self.config, self.registry)
+        except errors.RegistryUnavailable as err:
+            self.registry_problem = str(err)
+            log.warning("registry unreachable; deposits wait for it", error=str(err))
+            return
+        except errors.RegistryError as err:
+            self.registry_problem = str(err)
+            log.error("registry refused start-up checks", error=str(err))
+            return
+        self.registry_problem = None
+        for name in missing:
+            log.error(
+                "datatype missing in the registry",
+                dtype=name,
+                hint="create it with 'nbankctl dtype add'",
+            )
+        for p in problems:
+            log.error("archive not usable", archive=p.archive, error=p.message)
+
+    def reload(self) -> None:
+        """Re-reads the configuration file (SIGHUP); keeps running on a bad file."""
+        try:
+            cfg = load_config(self.config.source)
+        except errors.ConfigError as err:
+            log.error("reload failed; keeping the running configuration", error=str(err))
+            return
+        with self._lock:
+            self.config = cfg
+            self._apply_config(cfg)
+        self._prepare_registry()
+        self._watch_inboxes()
+        log.info("configuration reloaded", source=str(cfg.source))
+        self._wake.set()
+
+    # -- watching and scanning ------------------------------------------------------
+
+    def _watch_inboxes(self) -> None:
+        if self.observer is None:
+            return
+        for key, state in self.inboxes.items():
+            inbox = state.config
+            rejected_rel = os.path.relpath(inbox.rejected_path, inbox.path)
+            self.observer.add_inbox(
+                key,
+                inbox.path,
+                mode=inbox.watch,
+                recursive=inbox.recursive or inbox.directories == "resources",
+                exclude=(WORK_DIR_NAME, rejected_rel),
+                ignore=inbox.ignore,
+            )
+
+    def _on_change(self, inbox_key: str, relpath: str = "") -> None:
+        state = self.inboxes.get(inbox_key)
+        if state is not None:
+            state.next_scan = 0.0
+        self._wake.set()
+
+    def request_rescan(self, inbox_key: str | None = None) -> None:
+        for key, state in self.inboxes.items():
+            if inbox_key is None or key == inbox_key:
+                state.next_scan = 0.0
+        self._wake.set()
+
+    def _scan(self, key: str, state: InboxState, now: float) -> None:
+        inbox = state.config
+        state.last_scan = now
+        state.next_scan = now + inbox.rescan_every
+        state.archive_problem = setup.archive_usable(self.config.archive_for(inbox).path)
+        rejected_rel = os.path.relpath(inbox.rejected_path, inbox.path)
+        entries = scan_inbox(
+            inbox.path,
+            recursive=inbox.recursive,
+            ignore=inbox.ignore,
+            exclude=(WORK_DIR_NAME, rejected_rel.split(os.sep)[0]),
+            directories_as_resources=inbox.directories == "resources",
+            markers=inbox.ready == "marker",
+        )
+        policy = settle.SettlePolicy(
+            settle_seconds=inbox.settle_seconds,
+            stall_after=inbox.stall_after,
+            ready_mode=settle.ReadyMode(inbox.ready),
+        )
+        result = settle.step(state.tracker, entries, now, policy)
+        state.tracker = result.state
+        state.verdicts = dict(result.verdicts)
+        state.skipped = {e.relpath: e.kind.name.lower() for e in result.unsafe}
+        stalled = tuple(e.relpath for e in result.stalled)
+        for rel in set(stalled) - set(state.stalled):
+            log.warning("file still changing", inbox=key, source=rel, stall_after=inbox.stall_after)
+        state.stalled = stalled
+        if state.paused or state.archive_problem is not None:
+            return
+        for entry in result.ready:
+            self._start_item(key, state, entry)
+        for entry in result.unsafe:
+            self._start_item(key, state, entry, unsafe=True)
+        deadline = settle.next_deadline(state.tracker)
+        if deadline is not None:
+            state.next_scan = min(state.next_scan, deadline)
+
+    def _start_item(self, key: str, state: InboxState, entry: Any, unsafe: bool = False) -> None:
+        relpath = os.fsencode(entry.relpath)
+        if self.journal.active_for(key, relpath) is not None:
+            return
+        reason = None
+        if unsafe:
+            what = UNSAFE_WHAT.get(entry.kind.name, entry.kind.name.lower())
+            reason = json.dumps(
+                {
+                    "code": "unsupported",
+                    "message": f"{entry.relpath!r} is {what}; nbankd never follows, reads "
+                    "or archives such entries",
+                    "hint": "copy the real file's bytes into the inbox instead",
+                }
+            )
+        archive = self.config.archive_for(state.config)
+        sidecar = None
+        for suffix in (".nbank.yaml", ".nbank.json"):
+            candidate = entry.relpath + suffix
+            if os.path.lexists(state.config.path / candidate):
+                sidecar = os.fsencode(candidate)
+                break
+        marker = os.fsencode(entry.relpath + ".done") if state.config.ready == "marker" else None
+        now = self.clock()
+        item = self.journal.add(
+            token=secrets.token_hex(16),
+            inbox=key,
+            relpath=relpath,
+            kind="unsafe"
+            if unsafe
+            else "dir"
+            if entry.kind is EntryKind.DIRECTORY_RESOURCE
+            else "file",
+            reason_json=reason,
+            archive=archive.name,
+            archive_path=str(archive.path),
+            placement=state.config.placement,
+            verify=int(state.config.verify),
+            sidecar_relpath=sidecar,
+            marker_relpath=marker,
+            created=now,
+            updated=now,
+        )
+        state.tracker = settle.forget(state.tracker, [entry.relpath])
+        self._submit(item)
+
+    # -- workers ----------------------------------------------------------------
+
+    def _submit(self, item: Item) -> None:
+        with self._lock:
+            if item.id in self._running:
+                return
+            self._waiting.pop(item.id, None)
+            future = self.pool.submit(self._work, item)
+            self._running[item.id] = future
+
+    def _work(self, item: Item) -> Item:
+        heartbeat = getattr(self.notifier, "heartbeat", None)
+        worker = threading.current_thread().name
+        beat = (lambda: heartbeat.beat(worker)) if heartbeat is not None else None
+        try:
+            item = self.steps.drive(item, on_step=beat)
+        except Exception as err:  # a bug: keep the item, report it, retry later
+            log.exception("unexpected error in a deposit step", item=item.token)
+            self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
+        finally:
+            self.heartbeat = self.clock()
+            if heartbeat is not None:
+                heartbeat.forget(worker)
+        with self._lock:
+            self._running.pop(item.id, None)
+            if item.state not in FINAL:
+                self._waiting[item.id] = item
+        if item.state is State.DONE:
+            self.last_deposit = {
+                "time": item.finished,
+                "id": item.name,
+                "source": item.relpath_str,
+                "inbox": item.inbox,
+                "url": item.url,
+            }
+        elif item.error_code and item.state not in FINAL:
+            self.last_error = {
+                "time": self.clock(),
+                "item": item.token,
+                "inbox": item.inbox,
+                "code": item.error_code,
+                "error": item.error_message,
+            }
+            if item.error_code in ("registry-unavailable", "auth"):
+                self.registry_problem = item.error_message
+        elif item.state is State.DONE or item.state is State.REJECTED:
+            pass
+        if (
+            item.state in (State.DONE, State.REGISTERED, State.PUBLISHED)
+            and self.registry_problem
+            and item.error_code is None
+        ):
+            self.registry_problem = None
+        if item.state is State.RETURNED:
+            self.request_rescan(item.inbox)
+        self._wake.set()
+        return item
+
+    def _resubmit_due(self, now: float) -> float | None:
+        """Resubmits waiting items whose backoff has passed; returns the next due time."""
+        with self._lock:
+            waiting = list(self._waiting.values())
+        next_due: float | None = None
+        for item in waiting:
+            if item.not_before <= now:
+                self._submit(item)
+            else:
+                next_due = item.not_before if next_due is None else min(next_due, item.not_before)
+        return next_due
+
+    # -- main loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Runs until :meth:`stop`; call :meth:`start` first."""
+        while not self._stop.is_set():
+            now = self.clock()
+            self.heartbeat = now if not self._running else self.heartbeat
+            for key, state in list(self.inboxes.items()):
+                if state.next_scan <= now:
+                    try:
+                        self._scan(key, state, now)
+                    except OSError as err:
+                        log.error("cannot scan inbox", inbox=key, error=str(err))
+                        state.next_scan = now + min(60.0, state.config.rescan_every)
+            if self.observer is not None:
+                self.observer.rearm()
+            next_due = self._resubmit_due(now)
+            deadlines = [s.next_scan for s in self.inboxes.values()]
+            if next_due is not None:
+                deadlines.append(next_due)
+            timeout = max(0.05, min(deadlines, default=now + 60) - self.clock())
+            if self.notifier is not None:
+                timeout = min(timeout, self.notifier.tick(self))
+            self._wake.wait(timeout=min(timeout, 60.0))
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Stops watching and waits up to ``grace`` seconds for running steps.
+
+        A step still running after that is abandoned: its item resumes from the
+        journal at the next start, so nothing is lost.
+        """
+        if self.observer is not None:
+            self.observer.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        for future in list(self._running.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(Exception):
+                future.result(timeout=remaining)
+        self.registry.close()
+
+    # -- reporting ----------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: queue depth and the last deposit."""
+        queue = len(self._running) + len(self._waiting)
+        last = self.last_deposit["id"] if self.last_deposit else "none"
+        problem = " (registry unreachable)" if self.registry_problem else ""
+        return f"queue {queue}; last deposit {last}{problem}"
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        counts = self.journal.counts()
+        inboxes = []
+        degraded_reasons: list[str] = []
+        for key, state in self.inboxes.items():
+            per_state = {s: n for (ib, s), n in counts.items() if ib == key}
+            waiting = [i for i in self._waiting.values() if i.inbox == key]
+            inboxes.append(
+                {
+                    "path": key,
+                    "archive": state.config.archive,
+                    "watch": state.config.watch,
+                    "paused": state.paused,
+                    "items": {s: n for s, n in per_state.items() if s not in ("done",)},
+                    "deposited": per_state.get("done", 0),
+                    "rejected": per_state.get("rejected", 0),
+                    "in_flight": sum(n for s, n in per_state.items() if State(s) not in FINAL),
+                    "oldest_waiting": min((i.created for i in waiting), default=None),
+                    "stalled": list(state.stalled),
+                    "skipped": dict(state.skipped),
+                    "archive_problem": state.archive_problem,
+                    "last_scan": state.last_scan,
+                }
+            )
+            if state.archive_problem:
+                degraded_reasons.append(f"archive for {key}: {state.archive_problem}")
+            if state.stalled:
+                degraded_reasons.append(f"{len(state.stalled)} stalled file(s) in {key}")
+        if self.registry_problem:
+            degraded_reasons.append(f"registry: {self.registry_problem}")
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": now - self.started,
+            "registry": {
+                "backend": self.registry.backend,
+                "url": self.registry.url,
+                "problem": self.registry_problem,
+            },
+            "inboxes": inboxes,
+            "queue": len(self._running) + len(self._waiting),
+            "last_deposit": self.last_deposit,
+            "last_error": self.last_error,
+            "degraded": degraded_reasons,
+        }
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    def on_term(signum: int, frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        daemon.stop()
+
+    def on_hup(signum: int, frame: object) -> None:
+        threading.Thread(target=daemon.reload, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def state_paths(state_dir: Path) -> dict[str, Path]:
+    return {"journal": state_dir / JOURNAL_NAME, "receipts": state_dir / "receipts"}

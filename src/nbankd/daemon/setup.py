@@ -1,0 +1,139 @@
+"""Start-up preparation: state folder, archives, datatypes, inboxes, inbox specs.
+
+Everything here is idempotent and safe to run at every start and reload.
+Problems that an operator can fix while the daemon runs (an unmounted archive,
+an unreachable registry) are returned, not raised: the daemon retries them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from nbankd import errors
+from nbankd.archive import layout
+from nbankd.config import Config
+from nbankd.deposit.spec import InboxSpec
+from nbankd.registry.base import Registry
+
+log = structlog.get_logger("nbankd.setup")
+
+
+@dataclass(frozen=True)
+class ArchiveProblem:
+    archive: str
+    message: str
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Creates ``state_dir`` (mode 0750) with its receipts folder."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    (state_dir / "receipts").mkdir(exist_ok=True, mode=0o750)
+
+
+def inbox_specs(config: Config) -> dict[str, InboxSpec]:
+    specs: dict[str, InboxSpec] = {}
+    for inbox in config.inboxes:
+        archive = config.archive_for(inbox)
+        specs[str(inbox.path)] = InboxSpec(
+            key=str(inbox.path),
+            path=inbox.path,
+            rejected_dir=inbox.rejected_path,
+            archive_name=archive.name,
+            archive_path=archive.path,
+            dtype=inbox.dtype,
+            dtype_by_extension=inbox.dtype_by_extension,
+            metadata=inbox.metadata,
+            path_metadata=inbox.path_metadata,
+            auto_id=inbox.auto_id,
+            placement=inbox.placement,
+            verify=inbox.verify,
+            directories=inbox.directories,
+        )
+    return specs
+
+
+def prepare_inbox_folders(config: Config) -> None:
+    """Creates missing inbox, work and rejected folders (work folder private to the daemon)."""
+    for inbox in config.inboxes:
+        inbox.path.mkdir(parents=True, exist_ok=True)
+        inbox.work_dir.mkdir(exist_ok=True, mode=0o750)
+        inbox.rejected_path.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_datatypes(config: Config, registry: Registry) -> list[str]:
+    """With the embedded registry, creates every datatype the configuration names.
+
+    Against django-neurobank, datatypes must exist already; missing ones are returned.
+    """
+    known = {d.name for d in registry.list_datatypes()}
+    missing = sorted(config.datatypes_needed() - known)
+    if not config.embedded:
+        return missing
+    for name in missing:
+        try:
+            registry.add_datatype(name, config.content_type_for(name))
+        except errors.DatatypeTaken:
+            pass  # another process created it meanwhile
+        log.info("created datatype", dtype=name)
+    return []
+
+
+def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
+    """Creates (``create: true``) and registers archives; returns what is not usable now."""
+    problems: list[ArchiveProblem] = []
+    for arch in config.archives:
+        try:
+            if not arch.nbank_json.exists():
+                if not arch.create:
+                    problems.append(
+                        ArchiveProblem(
+                            arch.name,
+                            f"{arch.nbank_json} does not exist: is the archive's filesystem "
+                            "mounted? (set create: true to make a new archive there)",
+                        )
+                    )
+                    continue
+                layout.create_archive(arch.path, registry.url)
+                log.info("created archive", archive=arch.name, path=str(arch.path))
+            layout.open_archive(arch.path)
+            record = registry.find_archive_by_root(str(arch.path))
+            if record is None:
+                if config.embedded or arch.create:
+                    registry.add_archive(arch.name, "neurobank", str(arch.path))
+                    log.info("registered archive", archive=arch.name, root=str(arch.path))
+                else:
+                    problems.append(
+                        ArchiveProblem(
+                            arch.name,
+                            f"archive {arch.path} is not registered with {registry.url}; "
+                            "register it with 'nbankctl init' or set create: true",
+                        )
+                    )
+            elif record.name != arch.name:
+                problems.append(
+                    ArchiveProblem(
+                        arch.name,
+                        f"{arch.path} is registered as {record.name!r}, not {arch.name!r}; "
+                        f"set name: {record.name} for this archive in the configuration",
+                    )
+                )
+        except errors.NbankdError as err:
+            problems.append(ArchiveProblem(arch.name, str(err)))
+        except OSError as err:
+            problems.append(ArchiveProblem(arch.name, f"{arch.path}: {err.strerror or err}"))
+    return problems
+
+
+def archive_usable(path: Path) -> str | None:
+    """None if the archive can take deposits now, else why not (for status)."""
+    try:
+        archive = layout.open_archive(path)
+    except errors.NbankdError as err:
+        return str(err)
+    if not os.access(archive.resources_dir, os.W_OK | os.X_OK):
+        return f"{archive.resources_dir} is not writable by this user"
+    return None

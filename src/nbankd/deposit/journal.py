@@ -1,0 +1,314 @@
+"""The deposit journal: one SQLite database under ``state_dir``.
+
+Every item's state is committed here (WAL, ``synchronous=FULL``: the commit is
+on disk when :meth:`Journal.save` returns) before the next step relies on it.
+The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` holds
+the steps from each version to the next, run in one transaction at open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from nbankd.deposit.lifecycle import FINAL, Progress, State
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, Sequence[str]] = {
+    # 0 -> 1: the first schema
+    0: (
+        """
+        CREATE TABLE items (
+            id INTEGER PRIMARY KEY,
+            token TEXT NOT NULL UNIQUE,
+            inbox TEXT NOT NULL,
+            relpath BLOB NOT NULL,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            not_before REAL NOT NULL DEFAULT 0,
+            error_code TEXT,
+            error_message TEXT,
+            archive TEXT NOT NULL,
+            archive_path TEXT NOT NULL,
+            placement TEXT NOT NULL,
+            verify INTEGER NOT NULL,
+            sidecar_relpath BLOB,
+            marker_relpath BLOB,
+            identity TEXT,
+            name TEXT,
+            dtype TEXT,
+            metadata_json TEXT,
+            target_name TEXT,
+            sha1 TEXT,
+            size INTEGER,
+            url TEXT,
+            rejected_relpath BLOB,
+            reason_json TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            finished REAL
+        )
+        """,
+        "CREATE INDEX items_state ON items(state)",
+        "CREATE INDEX items_inbox_relpath ON items(inbox, relpath)",
+        "CREATE INDEX items_name ON items(name)",
+        "CREATE INDEX items_finished ON items(finished)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input's journal row. ``relpath`` and friends are raw file-name bytes."""
+
+    id: int
+    token: str
+    inbox: str
+    relpath: bytes
+    kind: str  # "file" or "dir"
+    state: State
+    archive: str
+    archive_path: str
+    placement: str
+    verify: bool
+    created: float
+    updated: float
+    attempts: int = 0
+    not_before: float = 0.0
+    error_code: str | None = None
+    error_message: str | None = None
+    sidecar_relpath: bytes | None = None
+    marker_relpath: bytes | None = None
+    identity: str | None = None  # JSON of the identity recorded right after claiming
+    name: str | None = None
+    dtype: str | None = None
+    metadata_json: str | None = None
+    target_name: str | None = None
+    sha1: str | None = None
+    size: int | None = None
+    url: str | None = None
+    rejected_relpath: bytes | None = None
+    reason_json: str | None = None
+    finished: float | None = None
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(
+            state=self.state,
+            attempts=self.attempts,
+            not_before=self.not_before,
+            error_code=self.error_code,
+            error_message=self.error_message,
+        )
+
+    def with_progress(self, p: Progress) -> Item:
+        return replace(
+            self,
+            state=p.state,
+            attempts=p.attempts,
+            not_before=p.not_before,
+            error_code=p.error_code,
+            error_message=p.error_message,
+        )
+
+    @property
+    def relpath_str(self) -> str:
+        return os.fsdecode(self.relpath)
+
+    @property
+    def token_bytes(self) -> bytes:
+        return bytes.fromhex(self.token)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe view (file names decoded with surrogate escapes replaced)."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", "backslashreplace")
+            elif k in ("identity", "reason_json", "metadata_json") and v:
+                v = json.loads(v)
+                k = k.removesuffix("_json")
+            out[k] = v
+        out["state"] = str(self.state)
+        return out
+
+
+def _row_to_item(row: sqlite3.Row) -> Item:
+    d = dict(row)
+    d["state"] = State(d["state"])
+    d["verify"] = bool(d["verify"])
+    return Item(**d)
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+class Journal:
+    """Thread-safe access to the journal: one connection, one lock, short transactions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        os.close(fd)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}, newer than this "
+                    f"nbankd understands ({SCHEMA_VERSION}); upgrade nbankd"
+                )
+            while version < SCHEMA_VERSION:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in MIGRATIONS[version]:
+                        self._db.execute(statement)
+                    version += 1
+                    self._db.execute(f"PRAGMA user_version={version}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing ------------------------------------------------------------------
+
+    def add(self, **values: Any) -> Item:
+        """Inserts a new item (state CLAIMING unless given) and returns it, durably."""
+        values.setdefault("state", State.CLAIMING)
+        values["state"] = str(values["state"])
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self._lock:
+            cur = self._db.execute(
+                f"INSERT INTO items ({cols}) VALUES ({marks}) RETURNING *", tuple(values.values())
+            )
+            row = cur.fetchone()
+        return _row_to_item(row)
+
+    def save(self, item: Item) -> Item:
+        """Writes every field of ``item`` back, durably; returns it."""
+        d = asdict(item)
+        d["state"] = str(item.state)
+        d["verify"] = int(item.verify)
+        item_id = d.pop("id")
+        sets = ", ".join(f"{k} = ?" for k in d)
+        with self._lock:
+            self._db.execute(f"UPDATE items SET {sets} WHERE id = ?", (*d.values(), item_id))
+        return item
+
+    # -- reading ------------------------------------------------------------------
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Item]:
+        with self._lock:
+            rows = self._db.execute(sql, tuple(args)).fetchall()
+        return [_row_to_item(r) for r in rows]
+
+    def get(self, item_id: int) -> Item | None:
+        items = self._query("SELECT * FROM items WHERE id = ?", (item_id,))
+        return items[0] if items else None
+
+    def unfinished(self) -> list[Item]:
+        finals = ", ".join(f"'{s}'" for s in FINAL)
+        return self._query(f"SELECT * FROM items WHERE state NOT IN ({finals}) ORDER BY id")
+
+    def active_for(self, inbox: str, relpath: bytes) -> Item | None:
+        """The in-flight item for this inbox path, if any."""
+        finals = ", ".join(f"'{s}'" for s in FINAL)
+        items = self._query(
+            f"SELECT * FROM items WHERE inbox = ? AND relpath = ? AND state NOT IN ({finals})",
+            (inbox, relpath),
+        )
+        return items[0] if items else None
+
+    def latest_for(self, inbox: str, relpath: bytes) -> Item | None:
+        items = self._query(
+            "SELECT * FROM items WHERE inbox = ? AND relpath = ? ORDER BY id DESC LIMIT 1",
+            (inbox, relpath),
+        )
+        return items[0] if items else None
+
+    def find_rejected(self, inbox: str, rejected_relpath: bytes) -> Item | None:
+        items = self._query(
+            "SELECT * FROM items WHERE inbox = ? AND rejected_relpath = ? AND state = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (inbox, rejected_relpath, str(State.REJECTED)),
+        )
+        return items[0] if items else None
+
+    def history(
+        self,
+        *,
+        inbox: str | None = None,
+        since: float | None = None,
+        name: str | None = None,
+        states: Sequence[State] = (State.DONE,),
+        limit: int = 100,
+    ) -> list[Item]:
+        """Finished items, newest first."""
+        where = [f"state IN ({', '.join('?' for _ in states)})"]
+        args: list[Any] = [str(s) for s in states]
+        if inbox is not None:
+            where.append("inbox = ?")
+            args.append(inbox)
+        if since is not None:
+            where.append("finished >= ?")
+            args.append(since)
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        args.append(limit)
+        return self._query(
+            f"SELECT * FROM items WHERE {' AND '.join(where)} ORDER BY finished DESC, id DESC"
+            " LIMIT ?",
+            args,
+        )
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """{(inbox, state): count} over every item ever journaled."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT inbox, state, count(*) FROM items GROUP BY inbox, state"
+            ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def in_flight_names(self) -> set[str]:
+        """Identifiers of items that may be between registry and archive (for audits)."""
+        finals = ", ".join(f"'{s}'" for s in FINAL)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT name FROM items WHERE name IS NOT NULL AND state NOT IN ({finals})"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def iter_all(self) -> Iterator[Item]:
+        yield from self._query("SELECT * FROM items ORDER BY id")
+
+
+__all__ = ["SCHEMA_VERSION", "Item", "Journal", "JournalError"]

@@ -1,0 +1,186 @@
+"""The deposit life cycle as a pure state machine.
+
+An *item* is one input (a file, or a folder resource) on its way from an inbox
+to the archive or the rejected folder. Its state is persisted in the journal
+after every step; a step is only started once the state it relies on is
+durable, and every step is idempotent, so after a crash the daemon simply asks
+:func:`next_step` again.
+
+::
+
+    CLAIMING --claim--> CLAIMED --stage--> STAGED --lookup--> CHECKED --register-->
+    REGISTERED --publish--> PUBLISHED --verify--> VERIFIED --record--> RECORDED
+    --release--> DONE
+
+    any step --permanent failure--> REJECTING --reject--> REJECTED
+    stage/verify --input changed--> RETURNING --put_back--> RETURNED
+    publish/verify --staged copy lost or bad--> CLAIMED (stage again)
+    CLAIMING --claim finds the source gone--> CANCELLED
+
+Nothing here does I/O or reads the clock: time is an argument, outcomes are
+values. The thin shell that executes steps is :mod:`nbankd.deposit.steps`.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, replace
+
+from tenacity import RetryCallState, wait_exponential_jitter
+
+
+class State(enum.StrEnum):
+    CLAIMING = "claiming"  # intent journaled; the rename into .nbank/ may or may not have run
+    CLAIMED = "claimed"  # the input is in <inbox>/.nbank/<token>; identity recorded
+    STAGED = "staged"  # bytes durable in staging/ (or hashed in place); sha1 known
+    CHECKED = "checked"  # no other resource has this sha1; target name free
+    REGISTERED = "registered"  # the registry has the record
+    PUBLISHED = "published"  # linked into resources/, folder fsynced
+    VERIFIED = "verified"  # re-read from storage and matched sha1 (or verify: false)
+    RECORDED = "recorded"  # receipt durable
+    DONE = "done"  # source, sidecar and marker removed
+    REJECTING = "rejecting"  # decided to reject; moving to rejected_dir
+    REJECTED = "rejected"  # in rejected_dir next to NAME.reason
+    RETURNING = "returning"  # changed while claimed; putting it back in the inbox
+    RETURNED = "returned"  # back in the inbox, will be seen again
+    CANCELLED = "cancelled"  # the claim found nothing to take (another daemon won)
+
+
+FINAL = frozenset({State.DONE, State.REJECTED, State.RETURNED, State.CANCELLED})
+IN_FLIGHT = frozenset(State) - FINAL
+
+
+class Step(enum.StrEnum):
+    CLAIM = "claim"
+    STAGE = "stage"
+    LOOKUP = "lookup"
+    REGISTER = "register"
+    PUBLISH = "publish"
+    VERIFY = "verify"
+    RECORD = "record"
+    RELEASE = "release"
+    REJECT = "reject"
+    PUT_BACK = "put_back"
+
+
+_NEXT_STEP: dict[State, Step] = {
+    State.CLAIMING: Step.CLAIM,
+    State.CLAIMED: Step.STAGE,
+    State.STAGED: Step.LOOKUP,
+    State.CHECKED: Step.REGISTER,
+    State.REGISTERED: Step.PUBLISH,
+    State.PUBLISHED: Step.VERIFY,
+    State.VERIFIED: Step.RECORD,
+    State.RECORDED: Step.RELEASE,
+    State.REJECTING: Step.REJECT,
+    State.RETURNING: Step.PUT_BACK,
+}
+
+_AFTER: dict[Step, State] = {
+    Step.CLAIM: State.CLAIMED,
+    Step.STAGE: State.STAGED,
+    Step.LOOKUP: State.CHECKED,
+    Step.REGISTER: State.REGISTERED,
+    Step.PUBLISH: State.PUBLISHED,
+    Step.VERIFY: State.VERIFIED,
+    Step.RECORD: State.RECORDED,
+    Step.RELEASE: State.DONE,
+    Step.REJECT: State.REJECTED,
+    Step.PUT_BACK: State.RETURNED,
+}
+
+# Steps after which the registry may hold our record: a permanent failure from
+# here on must not move the input to rejected/ while a record points at it.
+_REGISTERED_OR_LATER = frozenset(
+    {State.REGISTERED, State.PUBLISHED, State.VERIFIED, State.RECORDED}
+)
+
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 300.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The scheduling part of an item: where it is and when to try next."""
+
+    state: State
+    attempts: int = 0  # consecutive failures of the current step
+    not_before: float = 0.0  # monotonic-free wall time; 0 = now
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of running a step, as a value."""
+
+    kind: str  # "ok", "transient", "permanent", "changed", "gone", "restage"
+    code: str = ""
+    message: str = ""
+    hint: str = ""
+
+    @classmethod
+    def ok(cls) -> Outcome:
+        return cls("ok")
+
+
+def next_step(p: Progress, now: float) -> Step | None:
+    """The step to run now, or None if the item is final or backing off."""
+    if p.state in FINAL or p.not_before > now:
+        return None
+    return _NEXT_STEP[p.state]
+
+
+def backoff_delay(attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter for the ``attempts``-th consecutive failure."""
+    wait = wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=1.0)
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempts)
+    if rng is not None:  # deterministic jitter for tests
+        return min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (state.attempt_number - 1) + rng.random())
+    return wait(state)
+
+
+def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
+    """The item's progress after ``step`` ended with ``outcome`` at time ``now``."""
+    if outcome.kind == "ok":
+        return Progress(state=_AFTER[step])
+    if outcome.kind == "restage":
+        # the staged copy vanished before it was published (staging/ is safe to
+        # clean): copy again from the claimed input, which is still in the inbox
+        return Progress(State.CLAIMED, error_code="restage", error_message=outcome.message)
+    if outcome.kind == "gone":
+        # only claiming may find its input gone: someone else took or removed it
+        if step is Step.CLAIM:
+            return Progress(State.CANCELLED, error_code="gone", error_message=outcome.message)
+        return _retry(p, outcome, now)
+    if outcome.kind == "changed":
+        if step in (Step.STAGE, Step.LOOKUP, Step.CLAIM) or p.state not in _REGISTERED_OR_LATER:
+            return Progress(State.RETURNING, error_code="changed", error_message=outcome.message)
+        return _retry(p, outcome, now)
+    if outcome.kind == "permanent":
+        if step in (Step.REJECT, Step.PUT_BACK, Step.RELEASE, Step.RECORD):
+            # these only move bytes we already own; keep retrying and report it
+            return _retry(p, outcome, now)
+        if p.state in _REGISTERED_OR_LATER:
+            return _retry(p, outcome, now)
+        return Progress(
+            State.REJECTING, error_code=outcome.code or "rejected", error_message=outcome.message
+        )
+    return _retry(p, outcome, now)
+
+
+def _retry(p: Progress, outcome: Outcome, now: float) -> Progress:
+    attempts = p.attempts + 1
+    return replace(
+        p,
+        attempts=attempts,
+        not_before=now + backoff_delay(attempts),
+        error_code=outcome.code or outcome.kind,
+        error_message=outcome.message,
+    )
+
+
+def is_waiting(p: Progress, now: float) -> bool:
+    return p.state not in FINAL and p.not_before > now

@@ -1,0 +1,221 @@
+"""Deposit policy: what identifier, datatype and metadata an input gets.
+
+Pure functions over small frozen records: no I/O, no clock, no randomness
+except through the ``token`` a caller passes in. Tested by tables in
+``tests/deposit/test_policy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from nbankd import errors
+from nbankd.registry.base import RESOURCE_NAME_MAX, SLUG_RE
+
+BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+AUTO_ID_LENGTH = 8
+SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
+MARKER_SUFFIX = ".done"
+SIDECAR_KEYS = frozenset({"id", "dtype", "metadata"})
+
+
+@dataclass(frozen=True)
+class InboxRules:
+    """The parts of an inbox's configuration and its archive's policy that decide a deposit."""
+
+    dtype: str | None
+    dtype_by_extension: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    path_metadata: re.Pattern[str] | None = None
+    auto_id: bool = False
+    auto_id_type: str | None = None  # None/"base36" or "uuid"
+    keep_extensions: bool = True
+    allow_directories: bool = False
+    directory_resource: bool = False  # this input is a top-level folder resource
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """What a ``NAME.nbank.yaml|json`` file next to an input asks for."""
+
+    id: str | None = None
+    dtype: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided about an input before any byte is copied."""
+
+    name: str
+    dtype: str
+    metadata_json: str  # canonical JSON of the merged metadata
+    target_name: str  # file name under resources/<stub>/
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(self.metadata_json)
+
+
+class PolicyError(errors.NbankdError):
+    """An input cannot be deposited as it is; ``code`` says why (for NAME.reason)."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self._code = code
+
+    @property  # type: ignore[override]
+    def code(self) -> str:  # instance-level code, unlike the class-level ones
+        return self._code
+
+
+def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
+    """Parses a sidecar's text; raises PolicyError(code="bad-sidecar") naming the file."""
+    import yaml
+
+    try:
+        data = json.loads(text) if json_format else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} is not valid {'JSON' if json_format else 'YAML'}: {err}",
+            "fix the sidecar and requeue the file",
+        ) from err
+    if data is None:
+        return Sidecar()
+    if not isinstance(data, dict):
+        raise PolicyError(
+            "bad-sidecar", f"sidecar {source} must be a mapping with keys id, dtype, metadata"
+        )
+    unknown = set(map(str, data)) - SIDECAR_KEYS
+    if unknown:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} has unknown keys: {', '.join(sorted(unknown))}",
+            "allowed keys are id, dtype and metadata",
+        )
+    sid, dtype, metadata = data.get("id"), data.get("dtype"), data.get("metadata") or {}
+    for key, value in (("id", sid), ("dtype", dtype)):
+        if value is not None and not isinstance(value, str):
+            raise PolicyError("bad-sidecar", f"sidecar {source}: '{key}' must be a string")
+    if not isinstance(metadata, dict):
+        raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' must be a mapping")
+    return Sidecar(id=sid, dtype=dtype, metadata=metadata)
+
+
+def check_identifier(name: str, *, origin: str) -> str:
+    """Returns ``name`` if the registry would accept it as a resource name."""
+    if not SLUG_RE.match(name) or len(name) > RESOURCE_NAME_MAX:
+        raise PolicyError(
+            "invalid-name",
+            f"{origin} {name!r} is not a valid identifier",
+            "identifiers may contain only letters, digits, '-' and '_' (at most 255); "
+            "rename the file, give an 'id' in a sidecar, or set auto_id: true",
+        )
+    return name
+
+
+def auto_identifier(token: bytes, id_type: str | None) -> str:
+    """An automatic identifier derived from ``token`` (16 random bytes chosen at claim).
+
+    Deriving it from the journaled token makes the name known before registering,
+    so registration can be repeated after a crash without minting a second record.
+    """
+    if len(token) < 16:
+        raise ValueError("token must have at least 16 bytes")
+    if id_type == "uuid":
+        return str(uuid.UUID(bytes=token[:16], version=4))
+    n = int.from_bytes(token[:8], "big")
+    chars = []
+    for _ in range(AUTO_ID_LENGTH):
+        n, r = divmod(n, 36)
+        chars.append(BASE36[r])
+    return "".join(chars)
+
+
+def identifier_stem(basename: str) -> str:
+    """The identifier a file name gives: the name without its (last) extension.
+
+    neurobank takes ``Path.stem``; so do we, so ``a.b.wav`` is ``a.b``.
+    """
+    return PurePosixPath(basename).stem if basename not in ("", ".", "..") else basename
+
+
+def choose_dtype(relpath: str, rules: InboxRules, sidecar: Sidecar) -> str:
+    if sidecar.dtype:
+        return sidecar.dtype
+    suffix = PurePosixPath(relpath).suffix.lower()
+    if suffix and suffix in rules.dtype_by_extension:
+        return rules.dtype_by_extension[suffix]
+    if rules.dtype:
+        return rules.dtype
+    raise PolicyError(
+        "no-dtype",
+        f"no datatype for {relpath!r}: the inbox has no 'dtype' and no "
+        f"'dtype_by_extension' entry matches {suffix or 'a file without extension'}",
+        "add 'dtype' to the inbox, an extension mapping, or a sidecar with 'dtype'",
+    )
+
+
+def merge_metadata(relpath: str, rules: InboxRules, sidecar: Sidecar) -> dict[str, Any]:
+    """Inbox metadata, then ``path_metadata`` groups, then the sidecar: later wins."""
+    merged: dict[str, Any] = dict(rules.metadata)
+    if rules.path_metadata is not None:
+        match = rules.path_metadata.search(relpath)
+        if match:
+            merged.update({k: v for k, v in match.groupdict().items() if v is not None})
+    merged.update(sidecar.metadata)
+    return merged
+
+
+def target_name(name: str, basename: str, *, keep_extensions: bool, is_dir: bool) -> str:
+    """The stored name: the identifier, plus the source's extension when kept."""
+    if keep_extensions and not is_dir:
+        return name + PurePosixPath(basename).suffix
+    return name
+
+
+def plan(
+    relpath: str, rules: InboxRules, sidecar: Sidecar, *, token: bytes, is_dir: bool = False
+) -> Plan:
+    """Decides identifier, datatype, metadata and stored name for one input.
+
+    Raises PolicyError with the rejection code when the input cannot be deposited.
+    """
+    basename = PurePosixPath(relpath).name
+    if is_dir and not rules.allow_directories:
+        raise PolicyError(
+            "directory-not-allowed",
+            f"{relpath!r} is a folder and the archive does not allow directory resources",
+            "set allow_directories in the archive's nbank.json, or use directories: files",
+        )
+    if sidecar.id is not None:
+        name = check_identifier(sidecar.id, origin="sidecar id")
+    elif rules.auto_id:
+        name = auto_identifier(token, rules.auto_id_type)
+    else:
+        stem = basename if is_dir else identifier_stem(basename)
+        name = check_identifier(stem, origin="file name")
+    dtype = choose_dtype(relpath, rules, sidecar)
+    metadata = merge_metadata(relpath, rules, sidecar)
+    stored = target_name(name, basename, keep_extensions=rules.keep_extensions, is_dir=is_dir)
+    return Plan(
+        name=name,
+        dtype=dtype,
+        metadata_json=json.dumps(metadata, sort_keys=True, default=str),
+        target_name=stored,
+    )
+
+
+def sidecar_paths(relpath: str) -> tuple[str, ...]:
+    return tuple(relpath + s for s in SIDECAR_SUFFIXES)
+
+
+def marker_path(relpath: str) -> str:
+    return relpath + MARKER_SUFFIX

@@ -1,0 +1,73 @@
+"""Receipts: one JSON line per deposit, per inbox, under ``state_dir/receipts/``.
+
+The journal is the source of truth; the receipts log is the durable, greppable
+record a person or script reads (``nbankctl history`` reads both). Appending is
+idempotent by token: a receipt whose token is already in the log's tail is not
+written twice when a step is replayed after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+_TAIL_BYTES = 256 * 1024
+
+
+def receipts_path(receipts_dir: Path, inbox_key: str) -> Path:
+    """``<slug of the inbox path>-<short hash>.jsonl``: readable and collision-free."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", inbox_key).strip("-")[-60:] or "inbox"
+    digest = hashlib.sha1(inbox_key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return receipts_dir / f"{slug}-{digest}.jsonl"
+
+
+def _already_logged(path: Path, token: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except FileNotFoundError:
+        return False
+    return f'"token": "{token}"'.encode() in tail
+
+
+def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any]) -> Path:
+    """Appends ``receipt`` as one line and fsyncs it; returns the log's path."""
+    receipts_dir.mkdir(parents=True, exist_ok=True)
+    path = receipts_path(receipts_dir, inbox_key)
+    token = str(receipt["token"])
+    if _already_logged(path, token):
+        return path
+    line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, line.encode("utf-8", "surrogateescape"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        dfd = os.open(receipts_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
+
+
+def read_receipts(receipts_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every receipt in every log (order within a log preserved)."""
+    if not receipts_dir.is_dir():
+        return
+    for path in sorted(receipts_dir.glob("*.jsonl")):
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    yield json.loads(line)

@@ -1,0 +1,508 @@
+"""The thin I/O shell of the deposit life cycle: one function per step.
+
+Each step reads the item, does its I/O, and returns the updated item with an
+:class:`~nbankd.deposit.lifecycle.Outcome`; :class:`Runner` persists the result
+through :func:`~nbankd.deposit.lifecycle.advance`. Every step is idempotent:
+after a crash the same step runs again from the journaled state and finds its
+own earlier work (a renamed file, a staged copy, a registry record, a link).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from nbankd import errors
+from nbankd.archive import durable, fsops, layout
+from nbankd.deposit import crashpoints, policy, receipts, rejection
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
+from nbankd.deposit.spec import InboxSpec
+from nbankd.hashing import sha1_stream
+from nbankd.registry.base import Registry
+from nbankd.watch.scan import identity_of_path, tree_identity
+
+log = structlog.get_logger("nbankd.deposit")
+
+StepResult = tuple[Item, Outcome]
+IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+def _fsync_dir(path: Path) -> None:
+    durable.fsync_dir(path)
+
+
+def _identity_json(path: Path, is_dir: bool) -> str:
+    ident = tree_identity(path) if is_dir else identity_of_path(path)
+    return json.dumps({k: getattr(ident, k) for k in IDENTITY_FIELDS})
+
+
+def _same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
+    if recorded is None:
+        return False
+    try:
+        return json.loads(_identity_json(path, is_dir)) == json.loads(recorded)
+    except FileNotFoundError:
+        return False
+
+
+def _fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
+    if recorded is None:
+        return False
+    want = json.loads(recorded)
+    got = {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+    return want == got
+
+
+def _outcome_for(err: BaseException) -> Outcome:
+    """Classifies an exception from archive or registry I/O."""
+    if isinstance(err, policy.PolicyError):
+        return Outcome("permanent", err.code, err.message, err.hint)
+    if isinstance(err, errors.RegistryAuthError):
+        # wrong credentials are the operator's to fix, never the input's fault
+        return Outcome("transient", err.code, err.message, err.hint)
+    if isinstance(err, errors.NbankdError):
+        kind = "transient" if err.transient else "permanent"
+        return Outcome(kind, err.code, err.message, err.hint)
+    if isinstance(err, OSError):
+        if err.errno in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+            errno.EIO,
+            errno.EROFS,
+            errno.EACCES,
+            errno.EPERM,
+            errno.ENOENT,
+            errno.ESTALE,
+            errno.ENOTCONN,
+        ):
+            return Outcome("transient", "archive-unavailable", f"{err}")
+        return Outcome("transient", "os-error", f"{err}")
+    return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
+
+
+class Steps:
+    """Executes deposit steps for items of known inboxes."""
+
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        registry: Registry,
+        inboxes: Callable[[str], InboxSpec | None],
+        receipts_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.registry = registry
+        self.inboxes = inboxes
+        self.receipts_dir = receipts_dir
+        self.clock = clock
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _spec(self, item: Item) -> InboxSpec:
+        spec = self.inboxes(item.inbox)
+        if spec is None:
+            raise errors.ConfigError(
+                f"inbox {item.inbox} is no longer configured; item {item.token} is parked",
+                hint="restore the inbox in the configuration to finish it",
+            )
+        return spec
+
+    @staticmethod
+    def work_path(spec: InboxSpec, item: Item) -> Path:
+        return spec.work_dir / item.token
+
+    @staticmethod
+    def sidecar_work_path(spec: InboxSpec, item: Item) -> Path | None:
+        if item.sidecar_relpath is None:
+            return None
+        suffix = ".json" if item.sidecar_relpath.endswith(b".json") else ".yaml"
+        return spec.work_dir / f"{item.token}.sidecar{suffix}"
+
+    @staticmethod
+    def staged_name(item: Item) -> str:
+        return f".nbankd-{item.token}"
+
+    def _archive(self, spec: InboxSpec) -> layout.Archive:
+        return layout.open_archive(spec.archive_path)
+
+    def _target(self, archive: layout.Archive, item: Item) -> Path:
+        assert item.name is not None and item.target_name is not None
+        return archive.resources_dir / item.name[:2] / item.target_name
+
+    # -- the steps ---------------------------------------------------------------
+
+    def claim(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        src = spec.path / os.fsdecode(item.relpath)
+        work = self.work_path(spec, item)
+        is_dir = item.kind == "dir"
+        spec.work_dir.mkdir(exist_ok=True)
+        if not os.path.lexists(work):
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
+            ok_kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+            unsafe = item.kind == "unsafe"
+            if not unsafe and (not ok_kind or (not is_dir and st.st_nlink > 1)):
+                return item, Outcome("gone", "unsupported", f"{src} is no longer a plain input")
+            try:
+                os.rename(src, work)
+            except FileNotFoundError:
+                return item, Outcome("gone", "gone", f"{src} was taken by another process")
+            _fsync_dir(spec.work_dir)
+            _fsync_dir(src.parent)
+            crashpoints.reached("after-claim-rename")
+        if item.kind == "unsafe":
+            # a symlink, hard link, FIFO, socket or device: moved by name, never opened
+            reason = json.loads(item.reason_json or "{}")
+            return item, Outcome(
+                "permanent",
+                reason.get("code", "unsupported"),
+                reason.get("message", "not a regular file"),
+                reason.get("hint", ""),
+            )
+        sidecar_work = self.sidecar_work_path(spec, item)
+        if sidecar_work is not None and item.sidecar_relpath is not None:
+            sidecar_src = spec.path / os.fsdecode(item.sidecar_relpath)
+            if not os.path.lexists(sidecar_work) and os.path.lexists(sidecar_src):
+                os.rename(sidecar_src, sidecar_work)
+                _fsync_dir(spec.work_dir)
+        item = replace(item, identity=item.identity or _identity_json(work, is_dir))
+        # a symlink, FIFO or device swapped in before the rename is never read
+        st = os.lstat(work)
+        if not (stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)):
+            return item, Outcome("permanent", "unsupported", "not a regular file when claimed")
+        if not is_dir and st.st_size == 0:
+            return item, Outcome(
+                "permanent",
+                "empty",
+                f"{item.relpath_str!r} has zero bytes",
+                "an empty recording is almost always a failed acquisition; "
+                "check the rig and requeue if it is meant to be empty",
+            )
+        try:
+            archive = self._archive(spec)
+            sidecar = self._read_sidecar(item, sidecar_work)
+            rules = spec.rules(
+                auto_identifiers=archive.policy.auto_identifiers,
+                auto_id_type=archive.policy.auto_id_type,
+                keep_extensions=archive.policy.keep_extensions,
+                allow_directories=archive.policy.allow_directories,
+            )
+            plan = policy.plan(
+                item.relpath_str, rules, sidecar, token=item.token_bytes, is_dir=is_dir
+            )
+        except (errors.NbankdError, OSError) as err:
+            return item, _outcome_for(err)
+        item = replace(
+            item,
+            name=plan.name,
+            dtype=plan.dtype,
+            metadata_json=plan.metadata_json,
+            target_name=plan.target_name,
+        )
+        crashpoints.reached("after-claim")
+        return item, Outcome.ok()
+
+    def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
+        if path is None or not path.exists():
+            return policy.Sidecar()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise policy.PolicyError("bad-sidecar", "the sidecar is not a regular file")
+            raw = f.read(1 << 20)
+        return policy.parse_sidecar(
+            raw.decode("utf-8", "replace"),
+            json_format=path.suffix == ".json",
+            source=os.fsdecode(item.sidecar_relpath or b""),
+        )
+
+    def stage(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        work = self.work_path(spec, item)
+        archive = self._archive(spec)
+        if item.kind == "dir":
+            if not _same_identity(item.identity, work, True):
+                return item, Outcome("changed", "changed", "the folder changed after claiming")
+            staged = durable.stage_copy_tree(archive, work, self.staged_name(item))
+            if not _same_identity(item.identity, work, True):
+                durable.discard_staged(archive, staged.path)
+                return item, Outcome("changed", "changed", "the folder changed during the copy")
+            item = replace(item, sha1=staged.sha1, size=staged.size)
+        else:
+            fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                if not _fstat_matches(item.identity, os.fstat(f.fileno())):
+                    return item, Outcome("changed", "changed", "the file changed after claiming")
+                if spec.placement == "rename":
+                    sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
+                else:
+                    staged = durable.stage_copy(archive, f, self.staged_name(item))
+                    sha1, size = staged.sha1, staged.size
+                if not _fstat_matches(item.identity, os.fstat(f.fileno())):
+                    if spec.placement != "rename":
+                        durable.discard_staged(archive, staged.path)
+                    return item, Outcome("changed", "changed", "the file changed during the copy")
+            item = replace(item, sha1=sha1, size=size)
+        crashpoints.reached("after-stage")
+        return item, Outcome.ok()
+
+    def lookup(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        archive = self._archive(spec)
+        assert item.name and item.sha1
+        for record in self.registry.search(sha1=item.sha1):
+            if record.name != item.name:
+                return item, Outcome(
+                    "permanent",
+                    "duplicate",
+                    f"the same content is already registered as {record.name}",
+                    f"nothing to deposit: see 'nbankctl locate {record.name}'; "
+                    "delete this copy once you have checked it",
+                )
+        existing = self.registry.get_resource(item.name)
+        if existing is not None and (existing.sha1 or "").lower() != item.sha1:
+            return item, Outcome(
+                "permanent",
+                "name-taken",
+                f"identifier {item.name} is already registered for other content",
+                "rename the file, give an 'id' in a sidecar, or use auto_id",
+            )
+        stored = archive.stored_path(item.name)
+        if stored is not None and existing is None:
+            return item, Outcome(
+                "permanent",
+                "stored-elsewhere",
+                f"{stored} is already in the archive but not registered",
+                "run an audit; rename the file or use auto_id",
+            )
+        crashpoints.reached("after-lookup")
+        return item, Outcome.ok()
+
+    def register(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        assert item.name and item.dtype and item.sha1
+        try:
+            self.registry.add_resource(
+                dtype=item.dtype,
+                archive=spec.archive_name,
+                name=item.name,
+                sha1=item.sha1,
+                metadata=json.loads(item.metadata_json or "{}"),
+            )
+            crashpoints.reached("after-register-request")
+        except (errors.NameTaken, errors.Sha1Taken) as err:
+            # ours already, if an earlier attempt's answer was lost
+            record = self.registry.get_resource(item.name)
+            if record is None or (record.sha1 or "").lower() != item.sha1:
+                return item, _outcome_for(err)
+            if spec.archive_name not in record.locations:
+                self.registry.add_location(item.name, spec.archive_name)
+        item = replace(item, url=self.registry.resource_url(item.name))
+        crashpoints.reached("after-register")
+        return item, Outcome.ok()
+
+    def publish(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        archive = self._archive(spec)
+        target = self._target(archive, item)
+        if spec.placement == "rename":
+            durable.publish_in_place(archive, self.work_path(spec, item), target, sha1=item.sha1)
+        else:
+            staged = archive.staging_dir / self.staged_name(item)
+            if not os.path.lexists(staged) and not os.path.lexists(target):
+                return item, Outcome("restage", "restage", "the staged copy is gone")
+            durable.publish(archive, staged, target, sha1=item.sha1)
+        crashpoints.reached("after-publish")
+        return item, Outcome.ok()
+
+    def verify(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        if spec.verify:
+            archive = self._archive(spec)
+            target = self._target(archive, item)
+            assert item.sha1
+            if not durable.verify_from_storage(target, item.sha1):
+                if spec.placement == "rename":
+                    return item, Outcome(
+                        "transient", "verify-failed", f"{target} does not match its sha1"
+                    )
+                fsops.remove_ours(target)
+                durable.fsync_dir(target.parent)
+                return item, Outcome(
+                    "restage", "verify-failed", f"{target} did not match its sha1; copying again"
+                )
+        crashpoints.reached("after-verify")
+        return item, Outcome.ok()
+
+    def record(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        archive_path = spec.archive_path
+        assert item.name and item.target_name
+        now = self.clock()
+        receipt = {
+            "token": item.token,
+            "source": str(spec.path / item.relpath_str),
+            "inbox": spec.key,
+            "id": item.name,
+            "url": item.url,
+            "sha1": item.sha1,
+            "size": item.size,
+            "dtype": item.dtype,
+            "archive": spec.archive_name,
+            "archive_path": str(archive_path / "resources" / item.name[:2] / item.target_name),
+            "time": _iso(now),
+        }
+        receipts.append_receipt(self.receipts_dir, spec.key, receipt)
+        crashpoints.reached("after-receipt-append")
+        return replace(item, finished=now), Outcome.ok()
+
+    def release(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        work = self.work_path(spec, item)
+        fsops.remove_ours(work)
+        sidecar = self.sidecar_work_path(spec, item)
+        if sidecar is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sidecar)
+        if item.marker_relpath is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spec.path / os.fsdecode(item.marker_relpath))
+        _fsync_dir(spec.work_dir)
+        crashpoints.reached("after-release-unlink")
+        return replace(item, finished=item.finished or self.clock()), Outcome.ok()
+
+    def reject(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        self._discard_staged(spec, item)
+        item = rejection.move_to_rejected(
+            spec,
+            item,
+            work=self.work_path(spec, item),
+            sidecar_work=self.sidecar_work_path(spec, item),
+            now=self.clock(),
+            save=self.journal.save,
+        )
+        return replace(item, finished=self.clock()), Outcome.ok()
+
+    def put_back(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        self._discard_staged(spec, item)
+        rejection.put_back(
+            spec,
+            item,
+            work=self.work_path(spec, item),
+            sidecar_work=self.sidecar_work_path(spec, item),
+        )
+        return replace(item, finished=self.clock()), Outcome.ok()
+
+    def _discard_staged(self, spec: InboxSpec, item: Item) -> None:
+        try:
+            archive = self._archive(spec)
+        except errors.NotAnArchive:
+            return
+        durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def run(self, item: Item, step: Step) -> StepResult:
+        fn = {
+            Step.CLAIM: self.claim,
+            Step.STAGE: self.stage,
+            Step.LOOKUP: self.lookup,
+            Step.REGISTER: self.register,
+            Step.PUBLISH: self.publish,
+            Step.VERIFY: self.verify,
+            Step.RECORD: self.record,
+            Step.RELEASE: self.release,
+            Step.REJECT: self.reject,
+            Step.PUT_BACK: self.put_back,
+        }[step]
+        try:
+            return fn(item)
+        except (errors.NbankdError, OSError) as err:
+            return item, _outcome_for(err)
+
+    def drive(
+        self, item: Item, *, until_blocked: bool = True, on_step: Callable[[], None] | None = None
+    ) -> Item:
+        """Runs steps for ``item`` until it is final or must wait; returns the saved item.
+
+        ``on_step`` is called before each step (the daemon's liveness heartbeat).
+        """
+        while True:
+            now = self.clock()
+            step = next_step(item.progress, now)
+            if step is None:
+                return item
+            if on_step is not None:
+                on_step()
+            item, outcome = self.run(item, step)
+            progress = advance(item.progress, step, outcome, self.clock())
+            if progress.state is State.REJECTING and item.reason_json is None:
+                item = replace(
+                    item,
+                    reason_json=json.dumps(
+                        {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
+                    ),
+                )
+            item = self.journal.save(replace(item.with_progress(progress), updated=self.clock()))
+            _log_transition(item, step, outcome)
+            if not until_blocked or outcome.kind not in ("ok", "permanent", "changed", "restage"):
+                return item
+
+
+def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
+    fields = {"inbox": item.inbox, "item": item.token, "resource_id": item.name, "step": str(step)}
+    if outcome.kind == "ok":
+        if item.state is State.DONE:
+            log.info("deposited", source=item.relpath_str, url=item.url, sha1=item.sha1, **fields)
+        elif item.state is State.REJECTED:
+            log.warning(
+                "rejected",
+                source=item.relpath_str,
+                code=item.error_code,
+                reason=item.error_message,
+                **fields,
+            )
+        else:
+            log.debug("step done", state=str(item.state), **fields)
+    elif outcome.kind in ("transient",):
+        log.warning(
+            "step failed; will retry",
+            code=outcome.code,
+            error=outcome.message,
+            attempts=item.attempts,
+            retry_in=round(item.not_before - time.time(), 1),
+            **fields,
+        )
+    else:
+        log.info(
+            "step outcome", outcome=outcome.kind, code=outcome.code, error=outcome.message, **fields
+        )
+
+
+def _iso(t: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,157 @@
+"""django-neurobank's field rules and messages, as the embedded registry applies them.
+
+Each helper returns the cleaned value and the messages the server's serializers
+(DRF and Django validators, in the order DRF runs them) would give for it; the
+registry gathers them into the server's field-keyed 400 body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+from nbankd.registry.base import CORE_FIELDS, SLUG_RE
+
+CHUNK = 500  # names per IN (...) and rows per search page
+_ID_ALPHABET = string.digits + string.ascii_lowercase
+_ID_LENGTH = 8
+
+NOT_FOUND_RESOURCE = "No Resource matches the given query."
+NOT_FOUND_LOCATION = "No Location matches the given query."
+# Django's and DRF's own messages, which the server returns for these causes
+NULL = "This field may not be null."
+BLANK = "This field may not be blank."
+NOT_STRING = "Not a valid string."
+NUL_CHARS = "Null characters are not allowed."
+SLUG = "can only contain letters, numbers, underscores, and hyphens"
+INVALID_JSON = "Value must be valid JSON."
+
+
+def max_length_message(n: int) -> str:
+    return f"Ensure this field has no more than {n} characters."
+
+
+def random_id() -> str:
+    """8 lowercase base-36 characters, like django-neurobank's automatic names."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+
+
+def os_user() -> str:
+    """The user name of this process, recorded as ``created_by``."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def char_field(
+    value: object, *, max_length: int, allow_blank: bool = False
+) -> tuple[str | None, list[str]]:
+    """A DRF CharField: (stripped value, messages)."""
+    if value is None:
+        return None, [NULL]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None, [NOT_STRING]
+    text = str(value).strip()
+    if text == "":
+        return "", ([] if allow_blank else [BLANK])
+    messages = []
+    if len(text) > max_length:
+        messages.append(max_length_message(max_length))
+    if "\x00" in text:
+        messages.append(NUL_CHARS)
+    for ch in text:
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            messages.append(f"Surrogate characters are not allowed: U+{ord(ch):X}.")
+            break
+    return text, messages
+
+
+def slug_field(
+    value: object, *, max_length: int, taken: Callable[[str], bool], taken_message: str
+) -> tuple[str | None, list[str]]:
+    """A unique slug name: uniqueness first, then length, characters and the slug rule."""
+    text, messages = char_field(value, max_length=max_length)
+    if text is None or text == "":
+        return text, messages
+    if taken(text):
+        messages.insert(0, taken_message)
+    if not SLUG_RE.fullmatch(text):
+        messages.append(SLUG)
+    return text, messages
+
+
+def person(field: str, value: Any) -> tuple[str | None, list[str]]:
+    """experimenter/animal: stored as given, as text; "" means none, as on the server."""
+    if value is None or value == "":
+        return None, []
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None, [
+            "invalid username" if field == "experimenter" else "invalid animal identifier"
+        ]
+    return str(value), []
+
+
+def split_metadata(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(other metadata, the core fields found in it)."""
+    rest: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    for key, value in metadata.items():
+        (found if key in CORE_FIELDS else rest)[key] = value
+    return rest, found
+
+
+def dump_metadata(metadata: Mapping[str, Any]) -> str | None:
+    """Canonical JSON text (as ResourceRecord keeps it), or None if it is not JSON."""
+    try:
+        return json.dumps(metadata, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def shown_metadata(stored: str | None, experimenter: str | None, animal: str | None) -> str | None:
+    """The record's metadata: stored metadata plus copies of the core fields."""
+    if experimenter is None and animal is None:
+        return stored
+    shown = json.loads(stored) if stored is not None else {}
+    if animal is not None:
+        shown["animal"] = animal
+    if experimenter is not None:
+        shown["experimenter"] = experimenter
+    return json.dumps(shown, sort_keys=True)
+
+
+def display_stamp(stamp: str) -> str:
+    """DRF prints isoformat(): no fraction when it is zero, "Z" for UTC."""
+    return stamp[:-8] + "Z" if stamp.endswith(".000000Z") else stamp
+
+
+def filename(name: str, extension: str) -> str:
+    """The name plus the dtype's extension when the name has no suffix."""
+    ext = extension.lstrip(".")
+    if ext and not PurePosixPath(name).suffix:
+        return f"{name}.{ext}"
+    return name
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def clean_filter(value: object) -> str | None:
+    """A django-filter CharFilter value: stripped; None (filter skipped) when empty."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None

@@ -1,0 +1,440 @@
+"""One pass over an inbox: what is there, what kind of thing it is, and its identity.
+
+The scan never follows a symbolic link, never opens a file and never reads file
+contents: it lists folders (``os.scandir``) and ``lstat``\\ s entries. That is what
+lets it classify the things guarantee 7 forbids (symlinks, hard links, FIFOs,
+sockets, devices) without touching them.
+
+Decisions, documented here once:
+
+**Names.** File names are arbitrary bytes on Linux. ``Entry.relpath`` is a ``str``
+made by :func:`os.fsdecode` (the filesystem encoding with ``surrogateescape``), so
+undecodable bytes become lone surrogates and :func:`os.fsencode` gives the exact
+original bytes back. Every path the scan builds goes through the same two
+functions, so a relpath can always be joined to the inbox root and opened again.
+Names may contain newlines and control characters: use :func:`printable` (never
+the raw relpath) in log lines and human-readable messages.
+
+**Ignore patterns** (``ignore``) use :func:`fnmatch.fnmatchcase` (case-sensitive, as
+Linux names are). A pattern without ``/`` is matched against *every component* of
+the relative path, so ``.*`` hides dotfiles and dot-folders (``.nbank``,
+``.git``, rsync's ``.name.XXXXXX`` temporaries) at any depth, and ``*.tmp`` hides a
+file or a whole folder of that name. A pattern containing ``/`` is matched against
+the whole relative POSIX path (``*`` then also matches ``/``). An ignored name is
+skipped entirely: not reported, not descended. Ignore patterns do not apply
+*inside* a directory resource: everything in it is part of the resource.
+
+**Excluded folders** (``exclude``) are relative POSIX paths (normally the work
+folder ``.nbank`` and the rejected folder) that are never listed, descended or
+reported, whatever the ignore patterns say.
+
+**Directory resources.** With ``directories_as_resources`` each top-level folder is
+one entry of kind ``DIRECTORY_RESOURCE`` whose identity summarises the whole tree
+(:func:`tree_identity`): the folder's own device, inode, mode and owner; ``size`` the
+total size of its regular files; ``mtime_ns``/``ctime_ns`` the largest over every
+node (folders included, so creating, deleting or renaming anything changes them);
+``nlink`` the number of nodes below the folder; and ``digest`` a BLAKE2b over every
+node's (path, inode, size, mtimes, mode), so any change anywhere inside changes
+the identity. Members the pipeline must never read (symlinks, hard links, FIFOs,
+sockets, devices) and unreadable sub-folders are listed in ``Entry.problem``.
+
+**Unreadable folders** never stop a scan: each is reported as an entry of kind
+``UNREADABLE`` with the OS error in ``problem``. An entry that vanishes between
+listing and ``lstat`` (a writer's temporary file) is simply not reported. Only a
+root that cannot be listed raises :class:`OSError` (the inbox itself is missing or
+unreadable, which the caller must handle differently from "empty").
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import hashlib
+import os
+import stat
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
+MARKER_SUFFIX = ".done"
+
+
+class EntryKind(enum.Enum):
+    """What a scanned name is. Only ``FILE`` and ``DIRECTORY_RESOURCE`` are inputs."""
+
+    FILE = "file"  # a regular file with one link: an input
+    DIRECTORY_RESOURCE = "directory-resource"  # a top-level folder, one input (resources mode)
+    SYMLINK = "symlink"  # never followed
+    HARDLINK = "hardlink"  # regular file with nlink > 1: never read
+    FIFO = "fifo"
+    SOCKET = "socket"
+    DEVICE = "device"  # character or block device
+    SIDECAR = "sidecar"  # NAME.nbank.yaml / NAME.nbank.json, belongs to NAME
+    MARKER = "marker"  # NAME.done, belongs to NAME
+    DIRECTORY = "directory"  # a folder a non-recursive, files-mode scan does not enter
+    UNREADABLE = "unreadable"  # a folder or entry that could not be listed or lstat'ed
+    OTHER = "other"  # any other file type
+
+    @property
+    def is_input(self) -> bool:
+        """True for the kinds the pipeline deposits."""
+        return self in (EntryKind.FILE, EntryKind.DIRECTORY_RESOURCE)
+
+    @property
+    def is_unsafe(self) -> bool:
+        """True for the kinds guarantee 7 forbids reading, following or archiving."""
+        return self in _UNSAFE
+
+
+_UNSAFE = frozenset(
+    {
+        EntryKind.SYMLINK,
+        EntryKind.HARDLINK,
+        EntryKind.FIFO,
+        EntryKind.SOCKET,
+        EntryKind.DEVICE,
+        EntryKind.OTHER,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What must stay the same for a file to count as unchanged (guarantee 5).
+
+    For a directory resource see :func:`tree_identity` for what each field sums up;
+    ``digest`` is empty for everything else. Equality compares every field.
+    """
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    mode: int
+    uid: int
+    digest: str = ""
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        """Builds the identity of one lstat (or fstat) result."""
+        return cls(
+            dev=st.st_dev,
+            ino=st.st_ino,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            nlink=st.st_nlink,
+            mode=st.st_mode,
+            uid=st.st_uid,
+        )
+
+    def same_file(self, other: Identity) -> bool:
+        """True when device, inode, size, mtime and ctime agree (guarantee 5's check)."""
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
+            other.dev,
+            other.ino,
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One thing found in an inbox.
+
+    ``relpath`` is POSIX, relative to the inbox root, decoded with surrogateescape
+    (``os.fsencode(relpath)`` is the on-disk name). ``owner`` is set for sidecars and
+    markers: the relpath of the input they belong to (which may be absent).
+    ``identity`` is None only for ``UNREADABLE`` entries. ``problem`` explains an
+    ``UNREADABLE`` entry, or what is wrong inside a directory resource.
+    """
+
+    relpath: str
+    kind: EntryKind
+    identity: Identity | None
+    owner: str | None = None
+    problem: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The last component of ``relpath``."""
+        return self.relpath.rpartition("/")[2]
+
+    def path(self, root: Path | str) -> Path:
+        """The absolute path of this entry under ``root``."""
+        return Path(root, self.relpath)
+
+
+def printable(relpath: str) -> str:
+    """A one-line, valid-UTF-8 rendering of a relpath for logs and messages.
+
+    Undecodable bytes and control characters (newline, tab, ...) become ``\\xNN``
+    and a backslash becomes two, so the result is unambiguous and never spans lines.
+    """
+    out = []
+    for ch in relpath:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def identity_of_path(path: Path | str) -> Identity:
+    """The identity of ``path`` itself (lstat: a symlink is not followed).
+
+    Raises :class:`OSError` (e.g. ``FileNotFoundError``) as ``os.lstat`` does.
+    """
+    return Identity.of(os.lstat(path))
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSummary:
+    """:func:`tree_summary`'s answer: the tree's identity and what is wrong inside.
+
+    ``unsafe`` and ``unreadable`` hold paths relative to the folder.
+    """
+
+    identity: Identity
+    files: int
+    unsafe: tuple[str, ...]
+    unreadable: tuple[str, ...]
+
+    @property
+    def problem(self) -> str | None:
+        """A one-line description of the unsafe and unreadable members, or None."""
+        parts = []
+        if self.unsafe:
+            parts.append(f"{len(self.unsafe)} member(s) that are not plain files or folders")
+            parts[-1] += f" (first: {printable(self.unsafe[0])})"
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable folder(s)")
+            parts[-1] += f" (first: {printable(self.unreadable[0])})"
+        return "; ".join(parts) or None
+
+
+def tree_summary(path: Path | str) -> TreeSummary:
+    """Summarises a folder and everything under it without following symlinks.
+
+    See the module docstring for what each identity field means. Raises
+    :class:`OSError` if ``path`` itself cannot be lstat'ed.
+    """
+    top = os.fsdecode(path)
+    st = os.lstat(top)
+    digest = hashlib.blake2b(digest_size=16)
+    size = 0
+    files = 0
+    nodes = 0
+    mtime = st.st_mtime_ns
+    ctime = st.st_ctime_ns
+    unsafe: list[str] = []
+    unreadable: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            children = _list(os.path.join(top, rel) if rel else top)
+        except OSError:
+            unreadable.append(rel)
+            digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
+            continue
+        for name, child in children:
+            crel = f"{rel}/{name}" if rel else name
+            try:
+                cst = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                unreadable.append(crel)
+                continue
+            nodes += 1
+            mtime = max(mtime, cst.st_mtime_ns)
+            ctime = max(ctime, cst.st_ctime_ns)
+            digest.update(
+                b"%s\0%d %d %d %d %d\n"
+                % (
+                    os.fsencode(crel),
+                    cst.st_ino,
+                    cst.st_size,
+                    cst.st_mtime_ns,
+                    cst.st_ctime_ns,
+                    cst.st_mode,
+                )
+            )
+            if stat.S_ISDIR(cst.st_mode):
+                stack.append(crel)
+            elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
+                size += cst.st_size
+                files += 1
+            else:
+                unsafe.append(crel)
+    identity = Identity(
+        dev=st.st_dev,
+        ino=st.st_ino,
+        size=size,
+        mtime_ns=mtime,
+        ctime_ns=ctime,
+        nlink=nodes,
+        mode=st.st_mode,
+        uid=st.st_uid,
+        digest=digest.hexdigest(),
+    )
+    return TreeSummary(identity, files, tuple(sorted(unsafe)), tuple(sorted(unreadable)))
+
+
+def tree_identity(path: Path | str) -> Identity:
+    """The identity of a directory resource: changes when anything inside changes."""
+    return tree_summary(path).identity
+
+
+def owner_of(name: str, *, markers: bool = True) -> tuple[EntryKind, str] | None:
+    """For a sidecar or marker basename, its kind and the basename it belongs to.
+
+    ``markers=False`` (``ready: settle`` inboxes) treats ``NAME.done`` as a plain name.
+    Returns None for any other name, and for a bare suffix (``.nbank.yaml``).
+    """
+    for suffix in SIDECAR_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return EntryKind.SIDECAR, name[: -len(suffix)]
+    if markers and name.endswith(MARKER_SUFFIX) and len(name) > len(MARKER_SUFFIX):
+        return EntryKind.MARKER, name[: -len(MARKER_SUFFIX)]
+    return None
+
+
+def is_ignored(relpath: str, ignore: Sequence[str]) -> bool:
+    """True when ``relpath`` (or any folder above it) matches an ignore pattern."""
+    parts = relpath.split("/")
+    for pattern in ignore:
+        if "/" in pattern:
+            if fnmatch.fnmatchcase(relpath, pattern):
+                return True
+        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
+
+
+def scan_inbox(
+    root: Path | str,
+    *,
+    recursive: bool,
+    ignore: Sequence[str] = (),
+    exclude: Collection[str] = (),
+    directories_as_resources: bool = False,
+    markers: bool = True,
+) -> list[Entry]:
+    """Lists an inbox once and classifies what it holds, sorted by on-disk name.
+
+    ``recursive`` descends into sub-folders (files mode); otherwise top-level
+    folders are reported as ``DIRECTORY`` and not entered. With
+    ``directories_as_resources`` every top-level folder is one
+    ``DIRECTORY_RESOURCE`` entry (``recursive`` is then irrelevant). ``exclude``
+    holds relative paths never entered nor reported (the work and rejected
+    folders); ``ignore`` holds fnmatch patterns (see the module docstring).
+    ``markers`` makes ``NAME.done`` a ``MARKER`` (pass ``ready == "marker"``).
+
+    Raises :class:`OSError` only when ``root`` itself cannot be listed.
+    """
+    top = os.fsdecode(root)
+    excluded = {_norm(e) for e in exclude}
+    entries: list[Entry] = []
+    stack = [""]
+    first = True
+    while stack:
+        rel = stack.pop()
+        try:
+            children = _list(os.path.join(top, rel) if rel else top)
+        except OSError as err:
+            if first:
+                raise
+            entries.append(Entry(rel, EntryKind.UNREADABLE, None, problem=_describe(err)))
+            continue
+        first = False
+        for name, child in children:
+            crel = f"{rel}/{name}" if rel else name
+            if crel in excluded or is_ignored(crel, ignore):
+                continue
+            try:
+                st = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # vanished between listing and lstat
+            except OSError as err:
+                entries.append(Entry(crel, EntryKind.UNREADABLE, None, problem=_describe(err)))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if directories_as_resources and not rel:
+                    entries.append(_directory_resource(top, crel))
+                elif recursive:
+                    stack.append(crel)
+                else:
+                    entries.append(Entry(crel, EntryKind.DIRECTORY, Identity.of(st)))
+                continue
+            entries.append(_classify(crel, name, st, markers=markers, parent=rel))
+    entries.sort(key=lambda e: os.fsencode(e.relpath))
+    return entries
+
+
+# --- internals -------------------------------------------------------------------------
+
+
+def _list(folder: str) -> list[tuple[str, os.DirEntry[str]]]:
+    """Lists one folder completely (so the directory fd is closed before recursing)."""
+    with os.scandir(folder) as it:
+        return [(child.name, child) for child in it]
+
+
+def _norm(relpath: str) -> str:
+    return "/".join(p for p in os.fsdecode(relpath).split("/") if p not in ("", "."))
+
+
+def _describe(err: OSError) -> str:
+    return f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
+
+
+def _classify(relpath: str, name: str, st: os.stat_result, *, markers: bool, parent: str) -> Entry:
+    identity = Identity.of(st)
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        if st.st_nlink > 1:
+            return Entry(relpath, EntryKind.HARDLINK, identity)
+        companion = owner_of(name, markers=markers)
+        if companion is not None:
+            kind, owner = companion
+            return Entry(relpath, kind, identity, owner=f"{parent}/{owner}" if parent else owner)
+        return Entry(relpath, EntryKind.FILE, identity)
+    if stat.S_ISLNK(mode):
+        kind = EntryKind.SYMLINK
+    elif stat.S_ISFIFO(mode):
+        kind = EntryKind.FIFO
+    elif stat.S_ISSOCK(mode):
+        kind = EntryKind.SOCKET
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = EntryKind.DEVICE
+    else:
+        kind = EntryKind.OTHER
+    return Entry(relpath, kind, identity)
+
+
+def _directory_resource(top: str, relpath: str) -> Entry:
+    try:
+        summary = tree_summary(os.path.join(top, relpath))
+    except FileNotFoundError:
+        return Entry(relpath, EntryKind.UNREADABLE, None, problem="vanished while scanned")
+    except OSError as err:
+        return Entry(relpath, EntryKind.UNREADABLE, None, problem=_describe(err))
+    if summary.unreadable and relpath and summary.unreadable[0] == "":
+        return Entry(relpath, EntryKind.UNREADABLE, None, problem="folder cannot be listed")
+    return Entry(relpath, EntryKind.DIRECTORY_RESOURCE, summary.identity, problem=summary.problem)
+
+
+def iter_inputs(entries: Sequence[Entry]) -> Iterator[Entry]:
+    """The entries the pipeline deposits (``FILE`` and ``DIRECTORY_RESOURCE``)."""
+    return (e for e in entries if e.kind.is_input)

@@ -1,0 +1,233 @@
+"""The shipped systemd unit and snippets: they parse, verify, and rate OK for exposure."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
+UNIT = CONTRIB / "nbankd.service"
+SYSUSERS = CONTRIB / "nbankd.sysusers"
+TMPFILES = CONTRIB / "nbankd.tmpfiles"
+SHIPPED_EXEC = "/usr/local/bin/nbankd -c /etc/nbankd/config.yaml"
+# systemd-analyze security ratings, best first (src/analyze/analyze-security.c).
+GOOD_RATINGS = ("PERFECT", "SAFE", "OK")
+
+
+def _tool(name: str) -> str:
+    """Returns the path of a systemd tool; these tests need it, so its absence fails."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if path is None:
+        pytest.fail(f"{name} is not installed (Debian package systemd); the unit cannot be checked")
+    return path
+
+
+def _installed_nbankd() -> str:
+    """Returns the nbankd console script of the environment running the tests."""
+    beside = Path(sys.executable).parent / "nbankd"
+    found = str(beside) if beside.exists() else shutil.which("nbankd")
+    if found is None:
+        pytest.fail("no installed nbankd script: run `pip install -e .` first")
+    return found
+
+
+def _settings(text: str) -> dict[str, list[str]]:
+    """Returns every Key=value of a unit file, in order, repeated keys kept."""
+    settings: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+@pytest.fixture
+def installed_unit(tmp_path: Path) -> Path:
+    """A copy of the unit whose ExecStart names the nbankd installed here (verify checks it)."""
+    text = UNIT.read_text()
+    assert f"ExecStart={SHIPPED_EXEC}\n" in text
+    text = text.replace(
+        f"ExecStart={SHIPPED_EXEC}", f"ExecStart={_installed_nbankd()} -c /etc/nbankd/config.yaml"
+    )
+    copy = tmp_path / "nbankd.service"
+    copy.write_text(text)
+    return copy
+
+
+def test_unit_parses_as_ini() -> None:
+    """The unit has the three sections and each non-comment line is Key=value."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    assert parser.sections() == ["Unit", "Service", "Install"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("ExecStart", SHIPPED_EXEC),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("Restart", "on-failure"),
+        ("WatchdogSec", "60s"),
+        ("User", "nbankd"),
+        ("Group", "nbankd"),
+        ("StateDirectory", "nbankd"),
+        ("RuntimeDirectory", "nbankd"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "read-only"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("UMask", "0027"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("CapabilityBoundingSet", ""),
+        ("AmbientCapabilities", ""),
+        ("LoadCredential", "registry:/etc/nbankd/registry-credentials"),
+        ("SetCredential", "registry:\\n"),
+        ("SystemCallFilter", "@chown"),
+    ],
+)
+def test_unit_setting(key: str, value: str) -> None:
+    """The unit sets each required option to the documented value."""
+    assert value in _settings(UNIT.read_text()).get(key, [])
+
+
+def test_read_write_paths_are_optional_placeholders() -> None:
+    """ReadWritePaths placeholders start with '-' so a missing path never blocks a start."""
+    paths = _settings(UNIT.read_text())["ReadWritePaths"]
+    assert paths
+    assert all(p.startswith("-/") for p in paths)
+
+
+def test_stop_timeout_leaves_room_to_park_items() -> None:
+    """TimeoutStopSec is longer than the few seconds SIGTERM parking takes."""
+    (value,) = _settings(UNIT.read_text())["TimeoutStopSec"]
+    seconds = int(re.fullmatch(r"(\d+)s", value).group(1))  # type: ignore[union-attr]
+    assert 10 <= seconds <= 120
+
+
+def test_systemd_analyze_verify(installed_unit: Path) -> None:
+    """`systemd-analyze verify` accepts the unit without any warning about it."""
+    proc = subprocess.run(
+        [_tool("systemd-analyze"), "verify", str(installed_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "nbankd.service" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_verify_catches_a_missing_binary(tmp_path: Path) -> None:
+    """Verify really runs: the shipped path /usr/local/bin/nbankd is checked to exist."""
+    if Path("/usr/local/bin/nbankd").exists():
+        pytest.skip("/usr/local/bin/nbankd exists on this machine")
+    copy = tmp_path / "nbankd.service"
+    copy.write_text(UNIT.read_text())
+    proc = subprocess.run(
+        [_tool("systemd-analyze"), "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "/usr/local/bin/nbankd" in proc.stderr
+
+
+def test_security_rating_ok_or_better(installed_unit: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit OK or better."""
+    proc = subprocess.run(
+        [_tool("systemd-analyze"), "security", "--offline=true", str(installed_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(
+        r"Overall exposure level for nbankd\.service: (\d+\.\d+) ([A-Z]+)", proc.stdout
+    )
+    assert match, proc.stdout
+    exposure, rating = float(match.group(1)), match.group(2)
+    assert rating in GOOD_RATINGS, f"exposure {exposure} rated {rating}"
+    assert exposure < 2.0, "hardening regressed; update README if this is intended"
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_sysusers_creates_the_nbankd_user(tmp_path: Path) -> None:
+    """The sysusers snippet creates user and group nbankd with /var/lib/nbankd as home."""
+    (tmp_path / "etc").mkdir()
+    proc = subprocess.run(
+        [_tool("systemd-sysusers"), f"--root={tmp_path}", "-"],
+        input=SYSUSERS.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text().splitlines()
+    (entry,) = [line for line in passwd if line.startswith("nbankd:")]
+    _name, _, uid, gid, _, home, shell = entry.split(":")
+    assert (home, shell) == ("/var/lib/nbankd", "/usr/sbin/nologin")
+    assert int(uid) < 1000
+    group = (tmp_path / "etc" / "group").read_text()
+    assert f"nbankd:x:{gid}:" in group
+
+
+def test_tmpfiles_creates_private_credentials_file(tmp_path: Path) -> None:
+    """The tmpfiles snippet makes an empty root-only credentials file and the folders."""
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        [_tool("systemd-sysusers"), f"--root={tmp_path}", "-"],
+        input=SYSUSERS.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    proc = subprocess.run(
+        [_tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create", "-"],
+        input=TMPFILES.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    creds = tmp_path / "etc" / "nbankd" / "registry-credentials"
+    assert creds.read_bytes() == b""
+    assert creds.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "etc" / "nbankd").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "var" / "lib" / "nbankd").stat().st_mode & 0o777 == 0o750
+
+
+def test_tmpfiles_never_truncates_credentials(tmp_path: Path) -> None:
+    """Re-running tmpfiles keeps an existing credentials file's content."""
+    (tmp_path / "etc" / "nbankd").mkdir(parents=True)
+    creds = tmp_path / "etc" / "nbankd" / "registry-credentials"
+    creds.write_text("dmeliza:hunter2\n")
+    subprocess.run(
+        [_tool("systemd-sysusers"), f"--root={tmp_path}", "-"],
+        input=SYSUSERS.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    subprocess.run(
+        [_tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create", "-"],
+        input=TMPFILES.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert creds.read_text() == "dmeliza:hunter2\n"
