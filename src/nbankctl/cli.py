@@ -1,8 +1,72 @@
-"""nbankctl command line (placeholder until the nbankctl issue lands)."""
+"""The ``nbankctl`` command line: one parser, commands registered by topic modules.
 
+Each topic module exposes ``register(subparsers, common)``: it adds its
+sub-commands, each with ``set_defaults(func=handler)``; a handler takes the
+parsed arguments and returns an exit status. Errors from the one error tree are
+turned into messages and exit codes here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
+
+from nbankd import __version__, errors
+
+# topic modules, each with register(subparsers, common)
+TOPICS = ("nbankctl.daemon_cmds", "nbankctl.registry_cmds", "nbankctl.tape_cmds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        help="nbankd configuration (default: $NBANKD_CONFIG or /etc/nbankd/config.yaml)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(
+        prog="nbankctl",
+        description="Query the neurobank registry, run tape operations and control nbankd.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"nbankctl {__version__}")
+    parser.add_argument(
+        "-r", "--registry", help="registry URL (default: $NBANK_REGISTRY, else the configuration)"
+    )
+    parser.add_argument(
+        "-a", "--auth", help="user:password for the registry (visible to other users; prefer netrc)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in TOPICS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.register(sub, common)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("nbankctl: not implemented yet", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return errors.EXIT_USAGE
+    try:
+        return int(func(args) or 0)
+    except errors.NbankdError as err:
+        print(f"nbankctl: {err}", file=sys.stderr)
+        return errors.exit_code_for(err)
+    except BrokenPipeError:
+        return errors.EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

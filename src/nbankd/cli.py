@@ -88,6 +88,7 @@ def run(config_path: str | None) -> int:
 def check_config(config_path: str | None, *, offline: bool) -> int:
     from nbankd.config import (
         check_against_registry,
+        check_paths,
         describe_config,
         find_config_path,
         parse_config,
@@ -95,12 +96,14 @@ def check_config(config_path: str | None, *, offline: bool) -> int:
 
     path = find_config_path(config_path)
     config, problems = parse_config(path)
+    if config is not None:
+        problems += check_paths(config)
     print(f"# configuration: {path}")
     if config is not None:
         print(describe_config(config))
-    errors_found = [p for p in problems if getattr(p, "severity", "error") == "error"]
+    errors_found = [p for p in problems if p.is_error]
     for p in problems:
-        print(f"{getattr(p, 'severity', 'error')}: {p}", file=sys.stderr)
+        print(f"{p.severity}: {p}", file=sys.stderr)
     if config is None or errors_found:
         return errors.EXIT_USAGE
     if offline:
@@ -114,14 +117,13 @@ def check_config(config_path: str | None, *, offline: bool) -> int:
     registry = open_registry(config.registry, registry_auth=config.registry_auth)
     try:
         found = check_against_registry(config, registry)
-    except errors.RegistryUnavailable as err:
-        print(f"warning: registry did not answer, not checked: {err}", file=sys.stderr)
-        return errors.EXIT_UNREACHABLE
     finally:
         registry.close()
     for p in found:
-        print(f"error: {p}", file=sys.stderr)
-    if found:
+        print(f"{p.severity}: {p}", file=sys.stderr)
+    if any(p.code == "registry-unavailable" for p in found):
+        return errors.EXIT_UNREACHABLE
+    if any(p.is_error for p in found):
         return errors.EXIT_USAGE
     print(f"# registry {config.registry}: datatypes, archives and credentials OK")
     return errors.EXIT_OK

@@ -101,6 +101,7 @@ def copy_hashing(
     block_size: int = BLOCK_SIZE,
     progress: Progress | None = None,
     throttle: Throttle | None = None,
+    buffer: bytearray | None = None,
 ) -> CopyResult:
     """Copies ``src`` to ``dst`` from their current offsets to EOF, hashing in the same pass.
 
@@ -108,12 +109,13 @@ def copy_hashing(
     descriptor, an object with ``write``, or None to hash only. Each block is read
     once into one reused buffer. ``progress(total)`` is called after each block and
     ``throttle(nbytes)`` before the next read (it may sleep to limit the rate).
+    ``buffer``, if given, is used instead of allocating ``block_size`` bytes (reuse one
+    across many small files).
     Raises :class:`SourceReadError` or :class:`DestinationWriteError`; the
     destination is neither flushed nor synced here.
     """
     digest = hashlib.sha1()
-    buf = bytearray(block_size)
-    view = memoryview(buf)
+    view = memoryview(buffer if buffer is not None else bytearray(block_size))
     total = 0
     while True:
         n = _read_into(src, view)

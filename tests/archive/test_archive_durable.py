@@ -366,3 +366,14 @@ def test_list_and_discard_staged(archive: Archive, src_file: Path, tmp_path: Pat
     for p in leftovers:
         durable.discard_staged(archive, p)
     assert staged_entries(archive) == ["theirs.zip"]
+
+
+def test_publish_refuses_same_id_with_other_extension(archive: Archive, src_file: Path) -> None:
+    """A resource already stored under another extension blocks the publish (no duplicate)."""
+    other = archive.resource_path("abcd1234", "pprox")
+    other.parent.mkdir()
+    other.write_bytes(b"first")
+    staged = durable.stage_copy(archive, src_file, ".nbankd-a")
+    with pytest.raises(errors.ResourceExists, match=r"abcd1234\.pprox"):
+        durable.publish(archive, staged.path, archive.new_resource_path("abcd1234", "x.wav"))
+    assert os.listdir(other.parent) == ["abcd1234.pprox"]

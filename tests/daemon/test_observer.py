@@ -109,6 +109,20 @@ def test_excluded_and_ignored_paths_do_not_wake(
     assert [rel for _, rel in before if rel.split("/")[0] == top] == []
 
 
+def test_excluded_folder_created_later_is_not_watched(
+    watcher: InboxWatcher, recorder: Recorder, tmp_path: Path
+):
+    """A rejected folder made after arming gets no watch: writes inside wake nobody."""
+    root = tmp_path / "fresh"
+    root.mkdir()
+    watcher.add_inbox("rig3", root, exclude=[".nbank", "rejected"])
+    (root / "rejected").mkdir()
+    write(root / "rejected" / "x.wav")
+    write(root / "real.wav")
+    before = recorder.wait_for(("rig3", "real.wav"))
+    assert not any(rel.startswith("rejected") for _, rel in before)
+
+
 def test_claiming_into_work_folder_wakes_for_the_old_name_only(
     watcher: InboxWatcher, recorder: Recorder, inbox: Path
 ):

@@ -369,6 +369,22 @@ def test_next_deadline_none_when_nothing_waits_on_time() -> None:
     assert next_deadline(TrackerState()) is None
 
 
+@given(
+    scans=st.lists(
+        st.sets(st.sampled_from(["a", "b", "c/d", "e.wav"]), max_size=4), min_size=1, max_size=8
+    )
+)
+def test_vanished_is_exactly_what_left(scans: list[set[str]]) -> None:
+    """After each step the state holds exactly the scanned paths; the rest vanished."""
+    state = TrackerState()
+    for now, paths in enumerate(scans):
+        before = set(state.watches)
+        result = step(state, [file(p) for p in paths], float(now), POLICY)
+        assert set(result.state.watches) == paths
+        assert set(result.vanished) == before - paths
+        state = result.state
+
+
 def test_forget_drops_claimed_paths() -> None:
     """forget() removes watches, e.g. after the daemon claims the files."""
     s = step(TrackerState(), [file("a"), file("b")], 0, POLICY)

@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nbankd.deposit.lifecycle import (
@@ -338,6 +338,7 @@ def test_property_final_states_are_final(kinds: list[str]) -> None:
 
 
 @given(st.lists(KINDS, max_size=60))
+@example(["ok"] * 4 + ["restage", "permanent"])
 def test_property_registered_items_are_never_rejected(kinds: list[str]) -> None:
     """Once an item has been REGISTERED, no outcome sequence moves it to REJECTING/REJECTED."""
     registered = False

@@ -119,6 +119,23 @@ def _exists_error(archive: Archive, source: Path, target: Path) -> errors.Resour
     )
 
 
+def _conflict(
+    archive: Archive, source: Path, target: Path, *, in_place: bool
+) -> errors.ResourceExists:
+    """The ResourceExists error; a staged copy is discarded first, an in-place source kept."""
+    if not in_place:
+        discard_staged(archive, source)
+    return _exists_error(archive, source, target)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _after_missing_source(
     archive: Archive, source: Path, target: Path, sha1: str | None
 ) -> Published:
@@ -152,7 +169,7 @@ def _link_into_place(archive: Archive, src: Path, target: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as err:
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise
     try:
         rename_noreplace(src, target)
@@ -190,8 +207,8 @@ def _place_directory(src: Path, target: Path, *, noreplace: bool = True) -> bool
         except NoReplaceUnsupported:
             pass
     try:
-        os.mkdir(target, 0o700)
-        os.chmod(target, RESERVATION_MODE)
+        os.mkdir(target, RESERVATION_MODE)
+        os.chmod(target, RESERVATION_MODE)  # drops the setgid bit inherited from the stub
     except FileExistsError:
         if not _is_reservation(target):
             return False
@@ -208,7 +225,7 @@ def _is_reservation(path: Path) -> bool:
     st = os.lstat(path)
     return (
         stat.S_ISDIR(st.st_mode)
-        and stat.S_IMODE(st.st_mode) == RESERVATION_MODE
+        and stat.S_IMODE(st.st_mode) & ~stat.S_ISGID == RESERVATION_MODE
         and st.st_uid == os.geteuid()
         and not os.listdir(path)
     )
@@ -235,6 +252,9 @@ def _publish(
         elif not (is_dir or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"'{source}' is not a staged file or folder")
         _ensure_stub(archive, target.parent)
+        other = archive.stored_path(Path(target.name).stem)
+        if other is not None and other != target:  # same id, another extension
+            raise _conflict(archive, source, other, in_place=in_place)
         if is_dir:
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
@@ -243,11 +263,10 @@ def _publish(
                 apply_access(archive, target)
         else:
             apply_access(archive, source, at=target)
+            _fsync_file(source)  # the new mode and group are durable before the link
             placed = _link_into_place(archive, source, target)
         if not placed and not _identical(source, target):
-            if not in_place:
-                discard_staged(archive, source)
-            raise _exists_error(archive, source, target)
+            raise _conflict(archive, source, target, in_place=in_place)
         fsync_dir(target.parent)
         if os.path.lexists(source):
             remove_ours(source)

@@ -20,7 +20,14 @@ from typing import BinaryIO
 from nbankd import errors
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive, unavailable
-from nbankd.hashing import DirectoryHasher, Progress, SourceReadError, Throttle, copy_hashing
+from nbankd.hashing import (
+    BLOCK_SIZE,
+    DirectoryHasher,
+    Progress,
+    SourceReadError,
+    Throttle,
+    copy_hashing,
+)
 
 #: every name nbankd uses in ``staging/`` starts with this (nbank uses other names)
 STAGED_PREFIX = ".nbankd-"
@@ -101,6 +108,11 @@ def _open_regular(path: Path | str, *, dir_fd: int | None = None, shown: Path | 
     if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
         raise errors.InputChanged(f"'{shown}' was replaced while it was being opened")
+    try:
+        check_regular(fst, shown)  # a hard link made between stat and open
+    except errors.NbankdError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -215,6 +227,7 @@ def stage_copy_tree(
         raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
     hasher = DirectoryHasher()
     done = [0]
+    buffer = bytearray(BLOCK_SIZE)  # shared by every file of the tree
 
     def report(n: int) -> None:
         if progress is not None:
@@ -252,7 +265,9 @@ def stage_copy_tree(
             try:
                 dfile = os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
                 try:
-                    result = copy_hashing(sfile, dfile, progress=report, throttle=throttle)
+                    result = copy_hashing(
+                        sfile, dfile, progress=report, throttle=throttle, buffer=buffer
+                    )
                     os.fsync(dfile)
                 finally:
                     os.close(dfile)

@@ -80,14 +80,14 @@ def verify_from_storage(
 ) -> bool:
     """True if the stored file (or tree, by neurobank's directory hash) has this SHA-1.
 
-    Reads through :func:`sha1_from_storage`. False if the path is missing or differs;
-    other read failures raise ArchiveUnavailable naming the path.
+    Reads through :func:`sha1_from_storage`. False if the path is missing, a symbolic
+    link, or differs; other read failures raise ArchiveUnavailable naming the path.
     """
     root = Path(path)
     try:
-        if not os.path.lexists(root):
-            return False
-        if not root.is_dir() or root.is_symlink():
+        if not os.path.lexists(root) or root.is_symlink():
+            return False  # a link in resources/ is never a valid stored copy
+        if not root.is_dir():
             return sha1_from_storage(root, throttle=throttle) == sha1.lower()
         hasher = DirectoryHasher()
         for dirpath, _dirnames, filenames in os.walk(root):

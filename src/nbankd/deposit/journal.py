@@ -107,6 +107,7 @@ class Item:
             not_before=self.not_before,
             error_code=self.error_code,
             error_message=self.error_message,
+            registered=self.url is not None,
         )
 
     def with_progress(self, p: Progress) -> Item:

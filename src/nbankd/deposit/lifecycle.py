@@ -109,6 +109,7 @@ class Progress:
     not_before: float = 0.0  # monotonic-free wall time; 0 = now
     error_code: str | None = None
     error_message: str | None = None
+    registered: bool = False  # the registry may hold our record (sticky across restage)
 
 
 @dataclass(frozen=True)
@@ -138,32 +139,41 @@ def backoff_delay(attempts: int, rng: random.Random | None = None) -> float:
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, attempts)
     if rng is not None:  # deterministic jitter for tests
-        return min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (state.attempt_number - 1) + rng.random())
+        return min(
+            BACKOFF_MAX, BACKOFF_INITIAL * 2.0 ** min(state.attempt_number - 1, 30) + rng.random()
+        )
     return wait(state)
 
 
 def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
     """The item's progress after ``step`` ended with ``outcome`` at time ``now``."""
+    registered = p.registered or p.state in _REGISTERED_OR_LATER
     if outcome.kind == "ok":
-        return Progress(state=_AFTER[step])
+        after = _AFTER[step]
+        return Progress(state=after, registered=registered or after in _REGISTERED_OR_LATER)
     if outcome.kind == "restage":
         # the staged copy vanished before it was published (staging/ is safe to
         # clean): copy again from the claimed input, which is still in the inbox
-        return Progress(State.CLAIMED, error_code="restage", error_message=outcome.message)
+        return Progress(
+            State.CLAIMED,
+            error_code="restage",
+            error_message=outcome.message,
+            registered=registered,
+        )
     if outcome.kind == "gone":
         # only claiming may find its input gone: someone else took or removed it
         if step is Step.CLAIM:
             return Progress(State.CANCELLED, error_code="gone", error_message=outcome.message)
         return _retry(p, outcome, now)
     if outcome.kind == "changed":
-        if step in (Step.STAGE, Step.LOOKUP, Step.CLAIM) or p.state not in _REGISTERED_OR_LATER:
+        if not registered:
             return Progress(State.RETURNING, error_code="changed", error_message=outcome.message)
         return _retry(p, outcome, now)
     if outcome.kind == "permanent":
         if step in (Step.REJECT, Step.PUT_BACK, Step.RELEASE, Step.RECORD):
             # these only move bytes we already own; keep retrying and report it
             return _retry(p, outcome, now)
-        if p.state in _REGISTERED_OR_LATER:
+        if registered:
             return _retry(p, outcome, now)
         return Progress(
             State.REJECTING, error_code=outcome.code or "rejected", error_message=outcome.message

@@ -100,18 +100,22 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
             f"sidecar {source} has unknown keys: {', '.join(sorted(unknown))}",
             "allowed keys are id, dtype and metadata",
         )
-    sid, dtype, metadata = data.get("id"), data.get("dtype"), data.get("metadata") or {}
+    sid, dtype, metadata = data.get("id"), data.get("dtype"), data.get("metadata")
     for key, value in (("id", sid), ("dtype", dtype)):
         if value is not None and not isinstance(value, str):
             raise PolicyError("bad-sidecar", f"sidecar {source}: '{key}' must be a string")
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict):
         raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' must be a mapping")
+    if not all(isinstance(k, str) for k in metadata):
+        raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' keys must be strings")
     return Sidecar(id=sid, dtype=dtype, metadata=metadata)
 
 
 def check_identifier(name: str, *, origin: str) -> str:
     """Returns ``name`` if the registry would accept it as a resource name."""
-    if not SLUG_RE.match(name) or len(name) > RESOURCE_NAME_MAX:
+    if not SLUG_RE.fullmatch(name) or len(name) > RESOURCE_NAME_MAX:
         raise PolicyError(
             "invalid-name",
             f"{origin} {name!r} is not a valid identifier",

@@ -34,7 +34,8 @@ def _already_logged(path: Path, token: str) -> bool:
             tail = f.read()
     except FileNotFoundError:
         return False
-    return f'"token": "{token}"'.encode() in tail
+    needle = f'"token": "{token}"'.encode()
+    return any(needle in line for line in tail.split(b"\n")[:-1])  # complete lines only
 
 
 def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any]) -> Path:
@@ -46,6 +47,11 @@ def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any
         return path
     line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
     new = not path.exists()
+    if not new and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a torn line from a crash: end it
+                line = "\n" + line
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         os.write(fd, line.encode("utf-8", "surrogateescape"))
@@ -70,4 +76,7 @@ def read_receipts(receipts_dir: Path) -> Iterator[dict[str, Any]]:
             for line in f:
                 line = line.strip()
                 if line:
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        continue  # a line torn by a crash (rewritten in full on replay)

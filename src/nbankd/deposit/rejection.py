@@ -33,7 +33,14 @@ def reason_name(basename: bytes) -> bytes:
         return basename + suffix
     keep = NAME_MAX - len(suffix) - 9
     digest = hashlib.sha1(basename).hexdigest()[:8]
-    return basename[:keep] + b"~" + digest.encode() + suffix
+    head = basename[:keep]
+    try:
+        basename.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        head = head.decode("utf-8", "ignore").encode()  # never split a character
+    return head + b"~" + digest.encode() + suffix
 
 
 def _free_name(folder: Path, basename: bytes) -> bytes:

@@ -15,8 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 # the registry's slug rule (Django SlugField); nbank's client also allows "~",
 # which the server rejects, so we do not.
-SLUG_RE = re.compile(r"^[-_0-9a-zA-Z]+$")
-SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+SLUG_RE = re.compile(r"\A[-_0-9a-zA-Z]+\Z")
+SHA1_RE = re.compile(r"\A[0-9a-fA-F]{40}\Z")
 RESOURCE_NAME_MAX = 255
 ARCHIVE_NAME_MAX = 32
 DATATYPE_NAME_MAX = 32

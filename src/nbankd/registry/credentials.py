@@ -196,7 +196,8 @@ def resolve(
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / CREDENTIAL_NAME
-        if path.exists():
+        # systemd's SetCredential= fallback gives an empty file when none is configured
+        if path.exists() and _read(path).strip():
             return load_file(path, host)
     if registry_auth is not None and str(registry_auth) != "":
         return load_file(registry_auth, host)

@@ -18,6 +18,10 @@ never holds a read transaction open or blocks checkpoints.
 
 The file is created mode 0640 whatever the umask (SQLite gives its ``-wal`` and
 ``-shm`` files the database's mode); an existing file's mode is left alone.
+
+Modules: ``embedded_schema`` (file, connections, schema, migrations),
+``embedded_rules`` (the server's field rules and messages), ``embedded_search``
+(ResourceFilter and metadata filters in SQL).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 An :class:`InboxWatcher` watches every ``watch: auto`` inbox recursively and calls
 ``on_change(inbox_id, relpath)`` when something changes there. It decides
-nothing: events can be lost (the kernel drops them when its queue overflows, and
-watchdog does so silently), so the daemon's periodic full rescan stays the source
-of truth and a wake-up only makes the next scan come sooner.
+nothing: events can be lost (the kernel drops them when its queue overflows; we
+then wake every inbox with relpath ``""``, but a watch can also miss a folder
+created and filled in a hurry), so the daemon's periodic full rescan stays the
+source of truth and a wake-up only makes the next scan come sooner.
 
 - ``watch: poll`` inboxes (NFS: inotify sees nothing written by other hosts) get no
   inotify watch at all; the rescan interval drives them.
@@ -17,10 +18,12 @@ of truth and a wake-up only makes the next scan come sooner.
 - An inbox whose folder disappears (deleted or moved away) stops being watched;
   :meth:`InboxWatcher.rearm`, which the daemon calls after each rescan, watches the
   folder again once it is back.
-- When the kernel refuses a watch (``ENOSPC``: the ``fs.inotify.max_user_watches``
-  limit; or any other error), that inbox falls back to polling: :meth:`status`
-  says so with the reason, it is logged once, and nothing crashes. The fallback
-  lasts until the inbox is removed and added again (configuration reload).
+- When the kernel refuses a watch for lack of resources (``ENOSPC``: the
+  ``fs.inotify.max_user_watches`` limit; ``EMFILE``, ``ENOMEM``), on the inbox or
+  any sub-folder, at start or later, that inbox falls back to polling:
+  :meth:`~InboxWatcher.status` says so with the reason, it is logged once, and
+  nothing crashes. The fallback lasts until the inbox is added again (reload).
+  Other refusals (an unreadable sub-folder) only leave that folder unwatched.
 
 To see refused watches on sub-folders (watchdog swallows those) this module
 extends watchdog 7's inotify classes; with another watchdog layout it falls back
@@ -34,7 +37,6 @@ import enum
 import errno
 import os
 import threading
-import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,15 +453,6 @@ try:
     if not all(hasattr(InotifyWatchGroup, a) for a in ("_add_callback", "_add_all_callbacks")):
         raise ImportError("unexpected watchdog inotify layout")
 
-    # Re-adding a watch that exists (a new folder is seen both by the walk of its
-    # parent and by its own creation event) is harmless; watchdog warns about it.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"Callback with id .* already exists",
-        category=RuntimeWarning,
-        module=__name__,
-    )
-
     @dataclass
     class _RecordingWatchGroup(InotifyWatchGroup):
         """Reports refused watches (watchdog ignores them below the root) and skips
@@ -467,9 +460,21 @@ try:
 
         on_refused: Callable[[bytes, OSError], None] | None = None
         skip: Callable[[bytes], bool] | None = None
+        on_overflow: Callable[[], None] | None = None
+
+        def on_queue_overflow(self) -> None:
+            super().on_queue_overflow()  # watchdog rebuilds the watches
+            if self.on_overflow is not None:
+                self.on_overflow()  # events were lost: rescan now
 
         def _add_callback(self, path: bytes) -> None:
             if self.skip is not None and path != self.path and self.skip(path):
+                return
+            if path in self._active_callbacks_by_path:
+                # Already watched: a new folder is met both by the walk of its parent
+                # and by its own creation event (watchdog would warn). A stale entry
+                # (folder replaced) is dropped by its IN_IGNORED, which inotify queues
+                # before the replacement's IN_CREATE, and that event re-adds it.
                 return
             try:
                 wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
@@ -500,6 +505,7 @@ try:
                 follow_symlink=False,
                 on_refused=(lambda p, e: watcher._refused(inbox, p, e)) if watcher else None,
                 skip=(lambda p: watcher._skip_dir(inbox, p)) if watcher else None,
+                on_overflow=(lambda: watcher._wake(inbox, "")) if watcher else None,
             )
 
     class _RecordingObserverImpl(BaseObserver):

@@ -243,6 +243,10 @@ def tree_summary(path: Path | str) -> TreeSummary:
         rel = stack.pop()
         try:
             children = _list(os.path.join(top, rel) if rel else top)
+        except (FileNotFoundError, NotADirectoryError):
+            if not rel:
+                raise
+            continue  # vanished since its parent was listed (the parent's mtime moved)
         except OSError:
             unreadable.append(rel)
             digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
@@ -352,6 +356,10 @@ def scan_inbox(
         rel = stack.pop()
         try:
             children = _list(os.path.join(top, rel) if rel else top)
+        except (FileNotFoundError, NotADirectoryError):
+            if first:
+                raise
+            continue  # vanished (or replaced) since its parent was listed
         except OSError as err:
             if first:
                 raise
@@ -371,7 +379,9 @@ def scan_inbox(
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if directories_as_resources and not rel:
-                    entries.append(_directory_resource(top, crel))
+                    resource = _directory_resource(top, crel)
+                    if resource is not None:
+                        entries.append(resource)
                 elif recursive:
                     stack.append(crel)
                 else:
@@ -380,6 +390,11 @@ def scan_inbox(
             entries.append(_classify(crel, name, st, markers=markers, parent=rel))
     entries.sort(key=lambda e: os.fsencode(e.relpath))
     return entries
+
+
+def iter_inputs(entries: Sequence[Entry]) -> Iterator[Entry]:
+    """The entries the pipeline deposits (``FILE`` and ``DIRECTORY_RESOURCE``)."""
+    return (e for e in entries if e.kind.is_input)
 
 
 # --- internals -------------------------------------------------------------------------
@@ -423,18 +438,14 @@ def _classify(relpath: str, name: str, st: os.stat_result, *, markers: bool, par
     return Entry(relpath, kind, identity)
 
 
-def _directory_resource(top: str, relpath: str) -> Entry:
+def _directory_resource(top: str, relpath: str) -> Entry | None:
+    """The entry of a top-level folder in resources mode; None if it vanished."""
     try:
         summary = tree_summary(os.path.join(top, relpath))
     except FileNotFoundError:
-        return Entry(relpath, EntryKind.UNREADABLE, None, problem="vanished while scanned")
+        return None
     except OSError as err:
         return Entry(relpath, EntryKind.UNREADABLE, None, problem=_describe(err))
-    if summary.unreadable and relpath and summary.unreadable[0] == "":
+    if "" in summary.unreadable:
         return Entry(relpath, EntryKind.UNREADABLE, None, problem="folder cannot be listed")
     return Entry(relpath, EntryKind.DIRECTORY_RESOURCE, summary.identity, problem=summary.problem)
-
-
-def iter_inputs(entries: Sequence[Entry]) -> Iterator[Entry]:
-    """The entries the pipeline deposits (``FILE`` and ``DIRECTORY_RESOURCE``)."""
-    return (e for e in entries if e.kind.is_input)

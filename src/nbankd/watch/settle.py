@@ -216,6 +216,8 @@ class Step:
     - ``ready``: inputs (``FILE``, ``DIRECTORY_RESOURCE``) to deposit now, with marker
       and sidecars settled. Level-triggered: an entry is listed again on every step
       while it stays ready, so the caller skips the ones it already has in hand.
+      A directory resource with ``Entry.problem`` set holds members that must not be
+      read (or unreadable folders): the caller rejects it rather than deposit it.
     - ``unsafe``: settled symlinks, hard links, FIFOs, sockets, devices and others,
       which are never read (guarantee 7); the caller decides (normally: reject).
     - ``stalled``: inputs still changing after ``stall_after``.
@@ -254,14 +256,17 @@ def step(state: TrackerState, entries: Iterable[Entry], now: float, policy: Sett
     old = state.watches
     watches: dict[str, Watch] = {}
     verdicts: dict[str, Verdict] = {}
-    companion_policy = dict(
-        settle_seconds=policy.settle_seconds, stall_after=None, ready_mode=ReadyMode.SETTLE
-    )
     for e in entries:
         if e.identity is None:
             continue
         if e.kind is EntryKind.SIDECAR or e.kind.is_unsafe:
-            w = observe(old.get(e.relpath), e.identity, now, **companion_policy)
+            w = observe(
+                old.get(e.relpath),
+                e.identity,
+                now,
+                settle_seconds=policy.settle_seconds,
+                stall_after=None,
+            )
         elif e.kind.is_input:
             w = observe(
                 old.get(e.relpath),
