@@ -91,6 +91,12 @@ class DirectoryNotAllowed(ArchiveError):
     code = "directory-not-allowed"
 
 
+class UnsafeInput(ArchiveError):
+    """A symlink, hard link, FIFO, socket or device: never followed, read or archived."""
+
+    code = "unsupported"
+
+
 class InvalidIdentifier(NbankdError):
     """An identifier breaks the registry's slug rule ``[-_0-9a-zA-Z]+``."""
 

@@ -45,11 +45,8 @@ class Staged:
 
 
 def unsafe_input(path: Path | str, what: str) -> errors.NbankdError:
-    """The error for an input nbankd must not archive (a link, FIFO, device...).
-
-    Uses DirectoryNotAllowed until the error tree has a dedicated class.
-    """
-    return errors.DirectoryNotAllowed(
+    """The error for an input nbankd must not archive (a link, FIFO, device...)."""
+    return errors.UnsafeInput(
         f"'{path}' is {what}; only regular files and folders can be archived",
         hint="replace it with a regular file, or remove it",
     )

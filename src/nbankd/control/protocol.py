@@ -1,0 +1,177 @@
+"""The control socket's wire protocol: one JSON object per line, versioned.
+
+A client connects to ``control_socket`` (AF_UNIX, stream), writes one request
+line and reads one reply line; the server then closes the connection::
+
+    -> {"v": 1, "cmd": "status", "args": {}}
+    <- {"v": 1, "ok": true, "result": {...}}
+    <- {"v": 1, "ok": false, "error": {"code": "denied", "message": "..."}}
+
+``v`` is the protocol version. A server answers a request of another version
+with the error ``unsupported-version`` (in its own version), so old and new
+clients fail clearly instead of misreading each other. Requests are at most
+:data:`MAX_REQUEST` bytes; replies may be large (history, queue).
+
+Error codes (stable; :data:`ERROR_EXIT` maps each to nbankctl's exit status):
+
+=====================  =============================================================
+``bad-request``        not one JSON object with ``cmd`` (str) and ``args`` (object)
+``too-large``          the request line is longer than :data:`MAX_REQUEST`
+``unsupported-version`` ``v`` is not :data:`VERSION`
+``unknown-command``    ``cmd`` names no command
+``usage``              bad or missing arguments for the command
+``denied``             the peer's user may not run this command
+``not-found``          the path or inbox named is not known
+``conflict``           the operation would overwrite or clash (requeue: name taken)
+``config``             the configuration file is invalid (reload)
+``not-implemented``    the command exists but its feature has not landed (audit)
+``busy``               too many connections at once; retry
+``internal``           a bug in the daemon (logged there with a traceback)
+=====================  =============================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 256 * 1024 * 1024
+
+#: commands anyone in ``control.readers`` (or an admin) may run
+READ_COMMANDS = frozenset({"status", "queue", "history", "explain"})
+#: commands that change state: ``control.admins`` only
+ADMIN_COMMANDS = frozenset({"requeue", "pause", "resume", "rescan", "audit", "reload"})
+COMMANDS = READ_COMMANDS | ADMIN_COMMANDS
+
+#: nbankctl's exit status for each error code (SPEC: 1 problems, 2 usage, 3 unreachable)
+ERROR_EXIT: dict[str, int] = {
+    "bad-request": 2,
+    "too-large": 2,
+    "unsupported-version": 2,
+    "unknown-command": 2,
+    "usage": 2,
+    "denied": 2,
+    "not-found": 2,
+    "config": 2,
+    "not-implemented": 2,
+    "conflict": 1,
+    "internal": 1,
+    "busy": 3,
+}
+
+
+class ProtocolError(Exception):
+    """A request or reply that breaks the protocol, or a command that failed.
+
+    ``code`` is one of the codes in the module docstring; ``message`` is for people.
+    """
+
+    def __init__(self, code: str, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    v: int = VERSION
+
+
+def encode_request(cmd: str, args: dict[str, Any] | None = None) -> bytes:
+    """One request line (UTF-8 JSON, newline-terminated)."""
+    return _line({"v": VERSION, "cmd": cmd, "args": dict(args or {})})
+
+
+def decode_request(line: bytes) -> Request:
+    """Parses one request line; raises :class:`ProtocolError` with the reason."""
+    if len(line) > MAX_REQUEST:
+        raise ProtocolError("too-large", f"request longer than {MAX_REQUEST} bytes")
+    try:
+        data = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad-request", f"request is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad-request", "request must be a JSON object")
+    v = data.get("v")
+    if v != VERSION:
+        raise ProtocolError(
+            "unsupported-version",
+            f"protocol version {v!r} is not supported; this nbankd speaks version {VERSION}",
+        )
+    cmd = data.get("cmd")
+    if not isinstance(cmd, str) or not cmd:
+        raise ProtocolError("bad-request", "request has no 'cmd' string")
+    args = data.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError("bad-request", "'args' must be a JSON object")
+    if cmd not in COMMANDS:
+        raise ProtocolError(
+            "unknown-command", f"unknown command {cmd!r}; known: {', '.join(sorted(COMMANDS))}"
+        )
+    return Request(cmd=cmd, args=args, v=v)
+
+
+def encode_result(result: Any) -> bytes:
+    return _line({"v": VERSION, "ok": True, "result": result})
+
+
+def encode_error(code: str, message: str, details: Any = None) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return _line({"v": VERSION, "ok": False, "error": error})
+
+
+def decode_reply(line: bytes) -> Any:
+    """The result of a reply line; raises :class:`ProtocolError` for an error reply."""
+    try:
+        data = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad-request", f"the daemon's reply is not JSON: {err}") from None
+    if not isinstance(data, dict) or "ok" not in data:
+        raise ProtocolError("bad-request", "the daemon's reply is not a protocol reply")
+    if data.get("v") != VERSION:
+        raise ProtocolError(
+            "unsupported-version",
+            f"the daemon speaks protocol version {data.get('v')!r}, this nbankctl {VERSION}",
+        )
+    if data["ok"]:
+        return data.get("result")
+    error = data.get("error") or {}
+    raise ProtocolError(
+        str(error.get("code", "internal")),
+        str(error.get("message", "the daemon reported an error")),
+        details=error.get("details"),
+    )
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    # ASCII-only: file names may hold lone surrogates (undecodable bytes), which
+    # UTF-8 cannot encode but JSON escapes (backslash-u) carry unchanged
+    return (json.dumps(obj, ensure_ascii=True, default=str) + "\n").encode("ascii")
+
+
+__all__ = [
+    "ADMIN_COMMANDS",
+    "COMMANDS",
+    "ERROR_EXIT",
+    "MAX_REPLY",
+    "MAX_REQUEST",
+    "READ_COMMANDS",
+    "VERSION",
+    "ProtocolError",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+]
