@@ -79,9 +79,13 @@ def _move_no_replace(src: Path, dst: Path) -> None:
     if os.path.lexists(dst) and not os.path.lexists(src):
         return  # done by an earlier attempt
     st = os.lstat(src)
-    if stat.S_ISDIR(st.st_mode):
+    try:
+        # one atomic step, for files too: link() would need to own or read the file
+        # (fs.protected_hardlinks), which an unreadable input is not
         fsops.rename_noreplace(src, dst)
-    else:
+    except fsops.NoReplaceUnsupported:
+        if stat.S_ISDIR(st.st_mode):
+            raise
         try:
             os.link(src, dst, follow_symlinks=False)
         except FileExistsError:

@@ -27,7 +27,7 @@ from nbankd.deposit import crashpoints, policy, receipts, rejection
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.spec import InboxSpec
-from nbankd.hashing import sha1_stream
+from nbankd.hashing import SourceReadError, sha1_stream
 from nbankd.registry.base import Registry
 from nbankd.watch.scan import identity_of_path, tree_identity
 
@@ -67,6 +67,16 @@ def _fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
         "ctime_ns": st.st_ctime_ns,
     }
     return want == got
+
+
+def _unreadable(spec: InboxSpec, item: Item, detail: str = "") -> Outcome:
+    return Outcome(
+        "permanent",
+        "unreadable",
+        f"{item.relpath_str!r} cannot be read by the nbankd user{': ' + detail if detail else ''}",
+        "make it readable by the inbox's group (e.g. setgid inbox folder, umask 002) "
+        "and requeue it",
+    )
 
 
 def _outcome_for(err: BaseException) -> Outcome:
@@ -244,13 +254,21 @@ class Steps:
         if item.kind == "dir":
             if not _same_identity(item.identity, work, True):
                 return item, Outcome("changed", "changed", "the folder changed after claiming")
-            staged = durable.stage_copy_tree(archive, work, self.staged_name(item))
+            try:
+                staged = durable.stage_copy_tree(archive, work, self.staged_name(item))
+            except SourceReadError as err:
+                if err.errno in (errno.EACCES, errno.EPERM):
+                    return item, _unreadable(spec, item, str(err))
+                raise
             if not _same_identity(item.identity, work, True):
                 durable.discard_staged(archive, staged.path)
                 return item, Outcome("changed", "changed", "the folder changed during the copy")
             item = replace(item, sha1=staged.sha1, size=staged.size)
         else:
-            fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except PermissionError:
+                return item, _unreadable(spec, item)
             with os.fdopen(fd, "rb") as f:
                 if not _fstat_matches(item.identity, os.fstat(f.fileno())):
                     return item, Outcome("changed", "changed", "the file changed after claiming")
@@ -259,6 +277,7 @@ class Steps:
                 else:
                     staged = durable.stage_copy(archive, f, self.staged_name(item))
                     sha1, size = staged.sha1, staged.size
+                crashpoints.reached("stage-copied")
                 if not _fstat_matches(item.identity, os.fstat(f.fileno())):
                     if spec.placement != "rename":
                         durable.discard_staged(archive, staged.path)

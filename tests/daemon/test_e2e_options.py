@@ -1,0 +1,186 @@
+"""End to end: inbox options, reloads, permissions and inputs that change under the daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fixtures.daemon import DaemonHarness, wait_for
+from nbankd.archive.layout import create_archive
+from nbankd.hashing import directory_hash
+
+
+def _log_events(h: DaemonHarness) -> list[dict[str, Any]]:
+    events = []
+    for line in h.log_path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def test_poll_mode_inbox_deposits_without_inotify(daemon_factory: Any) -> None:
+    """With watch: poll, the rescan alone finds and deposits files."""
+    h = daemon_factory(inbox_options={"watch": "poll", "rescan_every": "1s"})
+    h.start()
+    h.drop("polled.wav", b"found by polling")
+    h.wait_settled(1)
+    h.stop()
+    assert h.archive_files()["polled.wav"].read_bytes() == b"found by polling"
+
+
+def test_sighup_reload_picks_up_a_new_inbox(daemon_factory: Any) -> None:
+    """After SIGHUP, an inbox added to the configuration is watched and deposits."""
+    h = daemon_factory()
+    h.write_config()
+    h.start()
+    cfg = yaml.safe_load(h.config_path.read_text())
+    second = h.root / "inbox2"
+    cfg["inboxes"].append({**cfg["inboxes"][0], "path": str(second)})
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(second.is_dir, 20, "the reloaded daemon to create the new inbox")
+    (second / "late.wav").write_bytes(b"second inbox")
+    wait_for(lambda: any(r["id"] == "late" for r in h.receipts()), 30, "deposit from inbox2")
+    h.stop()
+    assert h.archive_files()["late.wav"].read_bytes() == b"second inbox"
+
+
+def test_bad_configuration_on_reload_keeps_the_daemon_running(daemon_factory: Any) -> None:
+    """A broken file on SIGHUP is logged and the running configuration stays in force."""
+    h = daemon_factory()
+    h.start()
+    h.config_path.write_text(h.config_path.read_text() + "\nbogus_key: 1\n")
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(
+        lambda: any(e.get("event", "").startswith("reload failed") for e in _log_events(h)),
+        20,
+        "the reload failure to be logged",
+    )
+    h.drop("still.wav", b"still running")
+    h.wait_settled(1)
+    assert h.stop() == 0
+
+
+def test_growing_file_is_reported_stalled_and_not_deposited(daemon_factory: Any) -> None:
+    """A file that keeps changing past stall_after is logged as stalled and left alone."""
+    h = daemon_factory(inbox_options={"settle_seconds": 1, "stall_after": "2s"})
+    h.start()
+    path = h.inbox / "growing.wav"
+    stop = threading.Event()
+
+    def grow() -> None:
+        with open(path, "ab") as f:
+            while not stop.wait(0.1):
+                f.write(b"x" * 100)
+                f.flush()
+
+    writer = threading.Thread(target=grow)
+    writer.start()
+    try:
+        wait_for(
+            lambda: any(e.get("event") == "file still changing" for e in _log_events(h)),
+            30,
+            "the stalled-file warning",
+        )
+        assert h.receipts() == []
+    finally:
+        stop.set()
+        writer.join()
+    final = path.read_bytes()
+    h.wait_settled(1)
+    h.stop()
+    assert h.archive_files()["growing.wav"].read_bytes() == final
+
+
+def test_folder_resources_are_deposited_with_neurobank_directory_hash(
+    daemon_factory: Any,
+) -> None:
+    """With directories: resources and an archive that allows them, a folder is one resource."""
+    h = daemon_factory(inbox_options={"directories": "resources"})
+    create_archive(h.archive, "file:///placeholder/", allow_directories=True)
+    h.start()
+    staging = h.root / "session7"
+    (staging / "probe").mkdir(parents=True)
+    (staging / "probe" / "spikes.dat").write_bytes(os.urandom(3000))
+    (staging / "notes.txt").write_bytes(b"session notes")
+    expected = directory_hash(staging)
+    os.rename(staging, h.inbox / "session7")
+    h.wait_settled(1)
+    h.stop()
+    [receipt] = h.receipts()
+    assert receipt["id"] == "session7"
+    assert receipt["sha1"] == expected
+    stored = h.archive / "resources" / "se" / "session7"
+    assert directory_hash(stored) == expected
+    assert (stored / "notes.txt").read_bytes() == b"session notes"
+
+
+def test_rename_placement_publishes_the_claimed_file_itself(daemon_factory: Any) -> None:
+    """placement: rename moves the claimed inode into the archive (same filesystem)."""
+    h = daemon_factory(inbox_options={"placement": "rename"})
+    h.start()
+    data = os.urandom(50_000)
+    src = h.drop("moved.wav", data)
+    inode = src.stat().st_ino
+    h.wait_settled(1)
+    h.stop()
+    stored = h.archive_files()["moved.wav"]
+    assert stored.read_bytes() == data
+    assert stored.stat().st_ino == inode
+    assert h.receipts()[0]["sha1"] == hashlib.sha1(data).hexdigest()
+
+
+def test_file_changed_during_copy_is_put_back_and_deposited_when_finished(
+    daemon_factory: Any,
+) -> None:
+    """A claimed file that changes mid-copy is returned to the inbox, never archived torn."""
+    h = daemon_factory()
+    go = h.root / "go"
+    h.start(env={"NBANKD_PAUSE_AT": "stage-copied", "NBANKD_PAUSE_UNTIL": str(go)})
+    h.drop("live.wav", b"first half ")
+    claimed = wait_for(
+        lambda: [p for p in (h.inbox / ".nbank").iterdir() if p.is_file()],
+        30,
+        "the file to be claimed",
+    )[0]
+    with open(claimed, "ab") as f:  # the rig is still writing
+        f.write(b"second half")
+    go.touch()
+    h.wait_settled(1)
+    h.stop()
+    assert h.archive_files()["live.wav"].read_bytes() == b"first half second half"
+    assert [r["sha1"] for r in h.receipts()] == [
+        hashlib.sha1(b"first half second half").hexdigest()
+    ]
+
+
+def test_unprivileged_daemon_deposits_and_rejects_unreadable_file(
+    daemon_factory: Any, unpriv_user: Any, other_user: Any
+) -> None:
+    """Run as a service user, nbankd deposits readable files and rejects unreadable ones."""
+    h: DaemonHarness = daemon_factory(user=unpriv_user)
+    h.start()
+    h.drop("ok.wav", b"readable")
+    secret = h.drop("private.wav", b"owner only")
+    os.chown(secret, other_user.uid, other_user.gid)
+    secret.chmod(0o600)
+    h.wait_settled(2)
+    h.stop()
+    assert h.archive_files()["ok.wav"].read_bytes() == b"readable"
+    [reason] = h.reasons()
+    assert reason["code"] == "unreadable"
+    rejected = Path(reason["rejected_path"])
+    assert rejected.read_bytes() == b"owner only"
+    assert rejected.stat().st_uid == other_user.uid
+    config = json.loads((h.archive / "nbank.json").read_text())
+    assert config["policy"]["access"]["user"] == unpriv_user.name
+    assert h.archive_files()["ok.wav"].stat().st_uid == unpriv_user.uid
