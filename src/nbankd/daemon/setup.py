@@ -7,6 +7,7 @@ an unreachable registry) are returned, not raised: the daemon retries them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +75,8 @@ def ensure_datatypes(config: Config, registry: Registry) -> list[str]:
     if not config.embedded:
         return missing
     for name in missing:
-        try:
+        with contextlib.suppress(errors.DatatypeTaken):  # another process made it meanwhile
             registry.add_datatype(name, config.content_type_for(name))
-        except errors.DatatypeTaken:
-            pass  # another process created it meanwhile
         log.info("created datatype", dtype=name)
     return []
 
