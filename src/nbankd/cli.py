@@ -32,7 +32,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Liveness:
-    """Sends STATUS and watchdog pings from the main loop while workers make progress."""
+    """From the main loop: STATUS updates, and watchdog pings while workers make progress.
+
+    A worker that has been inside one step for longer than ``wedge_after`` seconds
+    stops the pings, so systemd restarts a hung daemon (``WatchdogSec=``).
+    """
+
+    STATUS_EVERY = 5.0
 
     def __init__(self, notifier: Any, wedge_after: float) -> None:
         from nbankd.service.notify import Heartbeat
@@ -40,19 +46,25 @@ class Liveness:
         self.notifier = notifier
         self.heartbeat = Heartbeat()
         self.wedge_after = wedge_after
-        self.interval = notifier.watchdog_interval() or 30.0
+        self.watchdog_every = notifier.watchdog_interval()
+        self.interval = min(self.watchdog_every or self.STATUS_EVERY, self.STATUS_EVERY)
         self._next = 0.0
         self._last_status = ""
+        self._withheld = False
 
     def tick(self, daemon: Any) -> float:
         now = time.monotonic()
         self.heartbeat.beat("main", now)
         if now >= self._next:
-            stale = self.notifier.watchdog_if_healthy(self.heartbeat, self.wedge_after, now)
-            if stale:
-                from nbankd.daemon.service import log
+            if self.watchdog_every is not None:
+                stale = self.notifier.watchdog_if_healthy(self.heartbeat, self.wedge_after, now)
+                if stale and not self._withheld:
+                    from nbankd.daemon.service import log
 
-                log.error("worker not making progress; withholding watchdog ping", workers=stale)
+                    log.error(
+                        "worker not making progress; withholding watchdog ping", workers=stale
+                    )
+                self._withheld = bool(stale)
             status = daemon.status_line()
             if status != self._last_status:
                 self.notifier.status(status)
