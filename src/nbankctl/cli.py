@@ -20,12 +20,16 @@ TOPICS = ("nbankctl.daemon_cmds", "nbankctl.registry_cmds", "nbankctl.tape_cmds"
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command must survive the sub-parser's defaults
     common.add_argument(
         "-c",
         "--config",
+        default=argparse.SUPPRESS,
         help="nbankd configuration (default: $NBANKD_CONFIG or /etc/nbankd/config.yaml)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
     parser = argparse.ArgumentParser(
         prog="nbankctl",
         description="Query the neurobank registry, run tape operations and control nbankd.",
@@ -38,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-a", "--auth", help="user:password for the registry (visible to other users; prefer netrc)"
     )
+    parser.set_defaults(config=None, json=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in TOPICS:
         try:

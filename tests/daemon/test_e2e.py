@@ -370,3 +370,15 @@ def test_nbank_archive_check_is_clean_after_deposits(daemon_factory: Any, reques
         "Resources in registry: 3; missing from archive: 0; missing from registry: 0; "
         "read/verify errors: 0; other layout errors: 0; permission errors: 0" in text
     ), text
+
+
+def test_one_character_identifier_is_filed_as_neurobank_does(daemon_factory: Any) -> None:
+    """``a.dat`` is deposited as ``a`` under the stub of its stored name (``a.``)."""
+    h = daemon_factory()
+    h.start()
+    h.drop("a.dat", b"tiny name")
+    h.wait_settled(1)
+    h.stop()
+    [receipt] = h.receipts()
+    assert receipt["id"] == "a"
+    assert (h.archive / "resources" / "a." / "a.dat").read_bytes() == b"tiny name"

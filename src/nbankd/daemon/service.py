@@ -26,6 +26,8 @@ import structlog
 
 from nbankd import __version__, errors
 from nbankd.config import Config, InboxConfig, load_config
+from nbankd.control import start_control_server
+from nbankd.control.server import ControlServer
 from nbankd.daemon import setup
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
@@ -92,6 +94,7 @@ class Daemon:
         self.registry: Registry
         self.steps: Steps
         self.observer: InboxWatcher | None = None
+        self.control: ControlServer | None = None
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
 
     # -- start-up -----------------------------------------------------------------
@@ -124,6 +127,11 @@ class Daemon:
         log.info(
             "started", version=__version__, registry=self.registry.url, inboxes=len(self.inboxes)
         )
+        try:
+            self.control = start_control_server(self)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _apply_config(self, cfg: Config) -> None:
         setup.prepare_inbox_folders(cfg)
@@ -209,7 +217,13 @@ class Daemon:
         inbox = state.config
         state.last_scan = now
         state.next_scan = now + inbox.rescan_every
-        state.archive_problem = setup.archive_usable(self.config.archive_for(inbox).path)
+        problem = setup.archive_usable(self.config.archive_for(inbox).path)
+        if problem != state.archive_problem:
+            if problem is None:
+                log.info("archive usable again; deposits resume", inbox=key)
+            else:
+                log.error("archive not usable; deposits wait", inbox=key, error=problem)
+        state.archive_problem = problem
         rejected_rel = os.path.relpath(inbox.rejected_path, inbox.path)
         entries = scan_inbox(
             inbox.path,
@@ -394,6 +408,9 @@ class Daemon:
         A step still running after that is abandoned: its item resumes from the
         journal at the next start, so nothing is lost.
         """
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         if self.observer is not None:
             self.observer.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from nbankd import errors
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
 SCHEMA_VERSION = 1
@@ -149,8 +150,11 @@ def _row_to_item(row: sqlite3.Row) -> Item:
     return Item(**d)
 
 
-class JournalError(RuntimeError):
-    pass
+class JournalError(errors.NbankdError):
+    """The journal cannot be used (e.g. written by a newer nbankd)."""
+
+    code = "journal"
+    exit_code = errors.EXIT_USAGE
 
 
 class Journal:

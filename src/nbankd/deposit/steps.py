@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -83,8 +84,9 @@ def _outcome_for(err: BaseException) -> Outcome:
     """Classifies an exception from archive or registry I/O."""
     if isinstance(err, policy.PolicyError):
         return Outcome("permanent", err.code, err.message, err.hint)
-    if isinstance(err, errors.RegistryAuthError):
-        # wrong credentials are the operator's to fix, never the input's fault
+    if isinstance(err, errors.RegistryAuthError | errors.UnknownArchive):
+        # wrong credentials or an unregistered archive are the operator's to fix,
+        # never the input's fault: the input waits
         return Outcome("transient", err.code, err.message, err.hint)
     if isinstance(err, errors.NbankdError):
         kind = "transient" if err.transient else "permanent"
@@ -123,6 +125,13 @@ class Steps:
         self.inboxes = inboxes
         self.receipts_dir = receipts_dir
         self.clock = clock
+        self._local = threading.local()  # per worker: its liveness beat
+
+    def _progress(self, _done: int = 0) -> None:
+        """Called during long copies and reads: a worker moving bytes is alive."""
+        beat = getattr(self._local, "beat", None)
+        if beat is not None:
+            beat()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -155,7 +164,9 @@ class Steps:
 
     def _target(self, archive: layout.Archive, item: Item) -> Path:
         assert item.name is not None and item.target_name is not None
-        return archive.resources_dir / item.name[:2] / item.target_name
+        # the stub is the first two characters of the stored name, as neurobank files it
+        # (for a one-character identifier "a" with ".dat", that is "a.")
+        return archive.resources_dir / item.target_name[:2] / item.target_name
 
     # -- the steps ---------------------------------------------------------------
 
@@ -255,7 +266,9 @@ class Steps:
             if not _same_identity(item.identity, work, True):
                 return item, Outcome("changed", "changed", "the folder changed after claiming")
             try:
-                staged = durable.stage_copy_tree(archive, work, self.staged_name(item))
+                staged = durable.stage_copy_tree(
+                    archive, work, self.staged_name(item), progress=self._progress
+                )
             except SourceReadError as err:
                 if err.errno in (errno.EACCES, errno.EPERM):
                     return item, _unreadable(spec, item, str(err))
@@ -275,7 +288,9 @@ class Steps:
                 if spec.placement == "rename":
                     sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
                 else:
-                    staged = durable.stage_copy(archive, f, self.staged_name(item))
+                    staged = durable.stage_copy(
+                        archive, f, self.staged_name(item), progress=self._progress
+                    )
                     sha1, size = staged.sha1, staged.size
                 crashpoints.reached("stage-copied")
                 if not _fstat_matches(item.identity, os.fstat(f.fileno())):
@@ -361,7 +376,7 @@ class Steps:
             archive = self._archive(spec)
             target = self._target(archive, item)
             assert item.sha1
-            if not durable.verify_from_storage(target, item.sha1):
+            if not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
                 if spec.placement == "rename":
                     return item, Outcome(
                         "transient", "verify-failed", f"{target} does not match its sha1"
@@ -389,7 +404,9 @@ class Steps:
             "size": item.size,
             "dtype": item.dtype,
             "archive": spec.archive_name,
-            "archive_path": str(archive_path / "resources" / item.name[:2] / item.target_name),
+            "archive_path": str(
+                archive_path / "resources" / item.target_name[:2] / item.target_name
+            ),
             "time": _iso(now),
         }
         receipts.append_receipt(self.receipts_dir, spec.key, receipt)
@@ -467,8 +484,10 @@ class Steps:
     ) -> Item:
         """Runs steps for ``item`` until it is final or must wait; returns the saved item.
 
-        ``on_step`` is called before each step (the daemon's liveness heartbeat).
+        ``on_step`` is called before each step and while bytes move (the daemon's
+        liveness heartbeat).
         """
+        self._local.beat = on_step
         while True:
             now = self.clock()
             step = next_step(item.progress, now)
@@ -497,11 +516,13 @@ def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
         if item.state is State.DONE:
             log.info("deposited", source=item.relpath_str, url=item.url, sha1=item.sha1, **fields)
         elif item.state is State.REJECTED:
+            reason = json.loads(item.reason_json or "{}")
             log.warning(
                 "rejected",
                 source=item.relpath_str,
-                code=item.error_code,
-                reason=item.error_message,
+                code=reason.get("code"),
+                reason=reason.get("message"),
+                rejected_path=reason.get("rejected_path"),
                 **fields,
             )
         else:

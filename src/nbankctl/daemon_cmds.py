@@ -1,0 +1,210 @@
+"""``nbankctl`` commands that talk to the running daemon over its control socket.
+
+``status | queue | history | explain FILE | requeue FILE|--all-rejected [INBOX] |
+pause [INBOX] | resume [INBOX] | rescan [INBOX] | audit [--full] | reload``
+
+The socket is ``--socket PATH``, else the configuration's ``control_socket``
+(``-c FILE``, ``$NBANKD_CONFIG``, else ``/etc/nbankd/config.yaml``; when the
+default file is missing or unreadable, the default socket path). Output is a
+readable summary; ``--json`` prints the reply's result as JSON. Exit status:
+0 ok, 1 problems (status degraded, some inputs not requeued), 2 usage,
+configuration or permission, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nbankctl import render
+from nbankd import errors
+from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
+from nbankd.config.model import DEFAULT_CONTROL_SOCKET
+from nbankd.control.client import ControlClient
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    """The control socket to use (see the module docstring)."""
+    if getattr(args, "socket", None):
+        return Path(os.path.abspath(args.socket))
+    explicit = bool(getattr(args, "config", None) or os.environ.get(CONFIG_ENV))
+    path = find_config_path(getattr(args, "config", None))
+    if not explicit and path == DEFAULT_CONFIG_PATH:
+        try:
+            return load_config(path).control_socket
+        except errors.ConfigError:
+            return DEFAULT_CONTROL_SOCKET
+    return load_config(path).control_socket
+
+
+def _call(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
+    return ControlClient(socket_path(args)).call(cmd, cmd_args or {})
+
+
+def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
+    render.write(render.to_json(result) if getattr(args, "json", False) else human(result))
+
+
+# --- handlers ------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    result = _call(args, "status")
+    _emit(args, result, render.status)
+    return errors.EXIT_PROBLEMS if result.get("degraded") else errors.EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "queue"), render.queue)
+    return errors.EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise errors.UsageError("--limit must be 0 or more")
+    request: dict[str, Any] = {"limit": args.limit}
+    if args.inbox:
+        request["inbox"] = _inbox_arg(args.inbox)
+    if args.since:
+        request["since"] = args.since
+    if args.id:
+        request["id"] = args.id
+    _emit(args, _call(args, "history", request), render.history)
+    return errors.EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "explain", {"path": os.path.abspath(args.file)}), render.explain)
+    return errors.EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    if args.all_rejected:
+        request: dict[str, Any] = {"all": True}
+        if args.target:
+            request["inbox"] = _inbox_arg(args.target)
+    elif args.target:
+        request = {"path": os.path.abspath(args.target)}
+    else:
+        raise errors.UsageError("requeue needs FILE, or --all-rejected [INBOX]")
+    result = _call(args, "requeue", request)
+    if getattr(args, "json", False):
+        render.write(render.to_json(result))
+    else:
+        out, err = render.requeue(result)
+        if out:
+            render.write(out)
+        if err:
+            render.write(err, sys.stderr)
+    return errors.EXIT_PROBLEMS if result.get("failed") else errors.EXIT_OK
+
+
+def _inbox_arg(value: str) -> str:
+    """An inbox given as a path is sent absolute; a bare folder name is sent as is."""
+    return os.path.abspath(value) if os.sep in value or value in (".", "..") else value
+
+
+def _inbox_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {"inbox": _inbox_arg(args.inbox)} if args.inbox else {}
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "pause", _inbox_request(args)), lambda r: render.paused(r, "paused"))
+    return errors.EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    result = _call(args, "resume", _inbox_request(args))
+    _emit(args, result, lambda r: render.paused(r, "resumed"))
+    return errors.EXIT_OK
+
+
+def cmd_rescan(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "rescan", _inbox_request(args)), render.rescan)
+    return errors.EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "audit", {"full": bool(args.full)}), render.to_json)
+    return errors.EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    _emit(args, _call(args, "reload"), render.reload)
+    return errors.EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def _options() -> argparse.ArgumentParser:
+    """``-c``, ``--json`` and ``--socket`` for each daemon command.
+
+    Not ``cli``'s shared ``common`` parser: argparse copies a sub-parser's defaults
+    over what the main parser parsed, so ``nbankctl -c FILE status`` would lose
+    ``-c``. Defaults here are SUPPRESS, so the option works before or after the
+    command name (the main parser supplies the defaults).
+    """
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument(
+        "-c",
+        "--config",
+        default=argparse.SUPPRESS,
+        help="nbankd configuration (default: $NBANKD_CONFIG or /etc/nbankd/config.yaml)",
+    )
+    opts.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    opts.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's control socket (default: control_socket of the configuration)",
+    )
+    return opts
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parents = [_options()]
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = subparsers.add_parser(name, parents=parents, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    add("status", cmd_status, "the daemon's health; exits 1 when degraded")
+    add("queue", cmd_queue, "deposits in flight and files waiting in inboxes")
+    p = add("history", cmd_history, "receipts of deposits, newest first")
+    p.add_argument("--inbox", help="only this inbox (path, or folder name)")
+    p.add_argument("--since", help="only since then: a duration back (24h, 7d) or an ISO date")
+    p.add_argument("--id", help="only the deposit with this identifier")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default 50)")
+    p = add("explain", cmd_explain, "why a file is, or is not, being deposited")
+    p.add_argument(
+        "file", metavar="FILE", help="a path in an inbox, its rejected folder, or an original path"
+    )
+    p = add("requeue", cmd_requeue, "move a rejected input back into its inbox")
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="FILE|INBOX",
+        help="the rejected file or its original path; with --all-rejected, an inbox",
+    )
+    p.add_argument(
+        "--all-rejected",
+        action="store_true",
+        help="requeue every rejected input (of INBOX, else of every inbox)",
+    )
+    for name, func, text in (
+        ("pause", cmd_pause, "stop claiming new files (all inboxes when none is given)"),
+        ("resume", cmd_resume, "claim files again (all inboxes when none is given)"),
+        ("rescan", cmd_rescan, "scan inboxes now (all when none is given)"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("inbox", nargs="?", metavar="INBOX", help="inbox path or folder name")
+    p = add("audit", cmd_audit, "audit archives against the registry now")
+    p.add_argument("--full", action="store_true", help="re-hash every file (scrub)")
+    add("reload", cmd_reload, "re-read the configuration file")

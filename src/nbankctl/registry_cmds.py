@@ -1,0 +1,526 @@
+"""Registry commands of nbankctl, named and behaving like ``nbank`` 0.13's.
+
+``init``, ``search``, ``info``, ``locate``, ``verify``, ``modify``, ``dtype
+list|add``, ``archive list|check`` and ``registry-info`` work against a
+django-neurobank URL or the embedded registry (see :mod:`nbankctl.registry_access`).
+Exit status: 0 ok, 1 problems found (unknown id, verify mismatch, check
+findings), 2 usage or configuration error, 3 registry unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nbankctl import checkarchive
+from nbankctl.registry_access import describe, open_registry
+from nbankd import errors
+from nbankd.archive.layout import DEFAULT_UMASK, create_archive, open_archive
+from nbankd.hashing import hash_path
+from nbankd.registry.base import CORE_FIELDS, SLUG_RE, LocationRecord, Registry
+
+_ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
+
+
+def parse_value(text: str) -> Any:
+    """A -k value: JSON when it parses (True/False/None too), else the text itself."""
+    if text in _ALIASES:
+        return _ALIASES[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        if text.lstrip().startswith(("[", "{")):
+            raise ValueError(f"{text!r} looks like JSON but does not parse") from None
+        return text
+
+
+class KeyValue(argparse.Action):
+    """Collects ``-k KEY=VALUE`` options into a dict."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        key, sep, raw = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} {values}: expected KEY=VALUE")
+        if key in CORE_FIELDS:
+            parser.error(f"{option_string} {key}: {key} is not metadata; use --{key}")
+        try:
+            value = parse_value(raw)
+        except ValueError as err:
+            parser.error(f"{option_string} {key}: {err}")
+        current = dict(getattr(namespace, self.dest) or {})
+        current[key] = value
+        setattr(namespace, self.dest, current)
+
+
+def metadata_key(text: str) -> str:
+    if text in CORE_FIELDS:
+        raise argparse.ArgumentTypeError(f"{text} is not metadata; use --{text}")
+    return text
+
+
+def octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal number") from None
+
+
+@contextmanager
+def registry_for(
+    args: argparse.Namespace, *, fallback_url: str | None = None
+) -> Iterator[Registry]:
+    registry = open_registry(args, fallback_url=fallback_url)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def dump(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def warn(text: str) -> None:
+    print(f"nbankctl: {text}", file=sys.stderr)
+
+
+def _filter_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# --- registry-info, dtype, archive list -------------------------------------------
+
+
+def cmd_registry_info(args: argparse.Namespace) -> int:
+    with registry_for(args) as reg:
+        info = {"address": reg.url, "backend": reg.backend, **reg.info()}
+        if args.json:
+            dump(info)
+            return 0
+        print("registry info:")
+        print(f"  - address: {describe(reg)}")
+        for key, value in info.items():
+            if key not in ("address", "backend"):
+                print(f"  - {key}: {value}")
+    return 0
+
+
+def cmd_dtype_list(args: argparse.Namespace) -> int:
+    with registry_for(args) as reg:
+        dtypes = reg.list_datatypes()
+    if args.json:
+        dump([d.to_json() for d in dtypes])
+    for d in [] if args.json else dtypes:
+        print(f"{d.name:<25}\t({d.content_type})")
+    return 0
+
+
+def cmd_dtype_add(args: argparse.Namespace) -> int:
+    with registry_for(args) as reg:
+        dtype = reg.add_datatype(args.dtype_name, args.content_type)
+    if args.json:
+        dump(dtype.to_json())
+    else:
+        print(f"added datatype {dtype.name} (content-type: {dtype.content_type})")
+    return 0
+
+
+def cmd_archive_list(args: argparse.Namespace) -> int:
+    filters = {k: v for k, v in (("name", args.name), ("scheme", args.scheme)) if v}
+    with registry_for(args) as reg:
+        archives = reg.list_archives(**filters)
+    if args.json:
+        dump([a.to_json() for a in archives])
+        return 0
+    for a in archives:
+        where = a.root if a.scheme == "neurobank" else f"{a.scheme}://{a.root}"
+        print(f"{a.name:<25}\t{where}")
+    return 0
+
+
+# --- init ----------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = Path(args.directory).expanduser().resolve()
+    name = args.name or root.name
+    if not SLUG_RE.match(name):
+        raise errors.UsageError(
+            f"'{name}' cannot be an archive name: only letters, digits, '-' and '_'",
+            hint="give another name with -n NAME",
+        )
+    for existing in ("nbank.json", "README.md", ".gitignore"):
+        if os.path.lexists(root / existing):
+            raise errors.UsageError(
+                f"'{root / existing}' already exists",
+                hint="choose an empty or new folder; init never overwrites files",
+            )
+    with registry_for(args) as reg:
+        by_name = reg.get_archive(name)
+        by_root = reg.find_archive_by_root(str(root))
+        if by_name is not None and (by_name.scheme, by_name.root) != ("neurobank", str(root)):
+            raise errors.ArchiveTaken(
+                f"registry {reg.url} already has an archive '{name}' at "
+                f"{by_name.scheme}:{by_name.root}",
+                hint="give another name with -n NAME",
+            )
+        if by_root is not None and by_root.name != name:
+            raise errors.ArchiveTaken(
+                f"registry {reg.url} already has {root} as archive '{by_root.name}'",
+                hint=f"run: nbankctl init -n {by_root.name} {root}",
+            )
+        if by_root is None:
+            reg.add_archive(name, "neurobank", str(root))
+            print(f"registered '{root}' as archive '{name}'")
+        else:  # an earlier init registered it, then failed to create the folder
+            print(f"archive '{name}' is already registered with root {root}")
+        try:
+            create_archive(root, reg.url, group=args.group, umask=args.umask, shared=args.shared)
+        except errors.NbankdError as err:
+            raise type(err)(
+                f"archive '{name}' is registered but the folder could not be made: {err.message}",
+                hint="fix this and run the same nbankctl init again",
+            ) from err
+    print(f"initialized neurobank archive in {root}")
+    return 0
+
+
+# --- search, info, modify ------------------------------------------------------------
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    params: dict[str, str] = {}
+    for param, value in (
+        ("name", args.name),
+        ("dtype", args.dtype),
+        ("location", args.archive),
+        ("scheme", args.scheme),
+        ("experimenter", args.experimenter),
+        ("animal__istartswith", args.animal),
+    ):
+        if value is not None:
+            params[param] = value
+    if args.hash is not None:
+        full = re.fullmatch(r"[0-9a-fA-F]{40}", args.hash)
+        params["sha1" if full else "sha1_contains"] = args.hash
+    for key, value in (args.metadata or {}).items():
+        params[f"metadata__{key}"] = _filter_text(value)
+    for key, value in (args.metadata_neq or {}).items():
+        params[f"metadata__{key}__neq"] = _filter_text(value)
+    if not params:
+        raise errors.UsageError(
+            "nbankctl search needs at least one filter",
+            hint="e.g. a name fragment, -d DTYPE, -n ARCHIVE or -k KEY=VALUE",
+        )
+    with registry_for(args) as reg:
+        for record in reg.search(**params):
+            if args.json:
+                dump(record.to_json())
+            else:
+                print(record.name)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with registry_for(args) as reg:
+        found = {r.name: r for r in reg.get_resources(args.id)}
+        url = reg.url
+    failed = 0
+    for id in dict.fromkeys(args.id):
+        record = found.get(id)
+        if record is None:
+            dump({"id": id, "error": "not found"})
+            warn(f"no resource '{id}' in registry {url}")
+            failed += 1
+        else:
+            dump(record.to_json())
+    return 1 if failed else 0
+
+
+def cmd_modify(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = dict(args.metadata or {})
+    for key in args.metadata_remove:
+        changes[key] = None
+    for field in CORE_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = value or None  # an empty value clears the field
+    if not changes:
+        raise errors.UsageError(
+            "nothing to change", hint="give -k KEY=VALUE, -K KEY, --experimenter or --animal"
+        )
+    failed = 0
+    with registry_for(args) as reg:
+        for id in dict.fromkeys(args.id):
+            try:
+                record = reg.update_metadata(id, changes)
+            except errors.NotFound:
+                dump({"name": id, "error": "not found"})
+                warn(f"no resource '{id}' in registry {reg.url}")
+                failed += 1
+                continue
+            dump(record.to_json())
+    return 1 if failed else 0
+
+
+# --- verify --------------------------------------------------------------------------
+
+
+def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[str, Any]]:
+    result: dict[str, Any] = {"path": str(path)}
+    if not os.path.lexists(path):
+        return False, {**result, "status": "missing", "message": "no such file or directory"}
+    try:
+        sha1 = hash_path(path)
+    except OSError as err:
+        return False, {**result, "status": "unreadable", "message": err.strerror or str(err)}
+    result["sha1"] = sha1
+    record = None
+    if id is not None:
+        record = reg.get_resource(id)
+        if record is None:
+            return False, {**result, "status": "not-found", "message": f"no resource '{id}'"}
+    elif SLUG_RE.match(path.stem):
+        record = reg.get_resource(path.stem)  # named after its id, as in an archive
+    if record is not None:
+        result["id"] = record.name
+        if record.sha1 is None:
+            return False, {**result, "status": "no-hash", "message": "no registered hash"}
+        if record.sha1.lower() == sha1:
+            return True, {**result, "status": "ok", "message": "OK"}
+        return False, {
+            **result,
+            "status": "mismatch",
+            "message": f"FAILED to match record for {record.name} (registered {record.sha1})",
+        }
+    matches = [r.name for r in reg.search(sha1=sha1)]
+    result["matches"] = matches
+    if not matches:
+        return False, {**result, "status": "no-match", "message": "no matches in registry"}
+    text = ", ".join(matches)
+    return True, {**result, "status": "match", "message": f"matches registry resource {text}"}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.id is not None and len(args.files) != 1:
+        raise errors.UsageError("-i ID compares exactly one FILE with the record of ID")
+    failed = 0
+    with registry_for(args) as reg:
+        for path in args.files:
+            ok, result = _verify_one(reg, Path(path), args.id)
+            failed += not ok
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"{path}: {result['message']}")
+    return 1 if failed else 0
+
+
+# --- locate --------------------------------------------------------------------------
+
+
+def local_path(loc: LocationRecord) -> Path | None:
+    """The stored copy of a neurobank location if its archive is on this host."""
+    if loc.scheme != "neurobank" or not os.path.isdir(loc.root):
+        return None
+    try:
+        return open_archive(loc.root).stored_path(loc.resource_name)
+    except errors.NbankdError:
+        return None
+
+
+def location_text(loc: LocationRecord) -> str | None:
+    """How nbank shows a location: a local path, tape://TAPE:N/ID, or a URL; None if unreachable."""
+    if loc.scheme == "neurobank":
+        path = local_path(loc)
+        return None if path is None else str(path)
+    if loc.scheme == "tape":
+        return f"tape://{loc.root}/{loc.resource_name}"
+    if loc.scheme in ("http", "https"):
+        return f"{loc.scheme}://{loc.root.rstrip('/')}/{loc.resource_name}/"
+    return None
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    failed = 0
+    with registry_for(args) as reg:
+        for id in args.id:
+            try:
+                locations = reg.get_locations(id)
+            except errors.NotFound:
+                print(f"{id:<20}\t(not found)")
+                warn(f"no resource '{id}' in registry {reg.url}")
+                failed += 1
+                continue
+            failed += not _locate_one(args, id, locations)
+    return 1 if failed else 0
+
+
+def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecord]) -> bool:
+    """Prints the locations of one resource; False if none is reachable from here."""
+    if args.json:
+        out = [{**loc.to_json(), "address": location_text(loc)} for loc in locations]
+        print(json.dumps({"id": id, "locations": out}))
+        return any(item["address"] for item in out)
+    if args.link is None and not args.print0:
+        found = False
+        for loc in locations:
+            text = location_text(loc)
+            if text is not None:
+                print(f"{id:<20}\t{text}")
+                found = True
+        return found
+    path = next((p for p in map(local_path, locations) if p is not None), None)
+    if path is None:
+        warn(f"'{id}' has no copy on this host")
+        return False
+    if args.print0:
+        print(str(path), end="\0")
+        return True
+    link = Path(args.link) / path.name
+    try:
+        link.symlink_to(path)
+    except OSError as err:
+        warn(f"cannot make link {link} -> {path}: {err.strerror or err}")
+        return False
+    print(f"{id:<20}\t-> {link}")
+    return True
+
+
+# --- archive check -------------------------------------------------------------------
+
+
+def cmd_archive_check(args: argparse.Namespace) -> int:
+    archive = open_archive(args.path)
+    with registry_for(args, fallback_url=archive.registry_url) as reg:
+        record = reg.find_archive_by_root(str(archive.path))
+        if record is None:
+            print(f"No archive associated with '{archive.path}' in registry {reg.url}")
+            warn("register it with: nbankctl init (on a new folder) or ask the registry admin")
+            return 1
+        if not args.json:
+            print(f"archive: {archive.path} ({record.name})")
+            print(f"registry: {describe(reg)}")
+        if archive.registry_url.rstrip("/") != reg.url.rstrip("/"):
+            warn(f"nbank.json names another registry ({archive.registry_url}); checked {reg.url}")
+        report = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
+    if args.json:
+        dump(report.to_json())
+    else:
+        for finding in report.findings:
+            print(f" - {finding}")
+        print()
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def _core_fields(pp: argparse.ArgumentParser, what: str) -> None:
+    pp.add_argument("--experimenter", metavar="USER", help=f"{what} the experimenter (username)")
+    pp.add_argument("--animal", metavar="ID", help=f"{what} the animal")
+
+
+def _json_out(pp: argparse.ArgumentParser) -> None:
+    pp.add_argument("-j", "--json-out", dest="json", action="store_true", help="same as --json")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Adds the registry commands to nbankctl's sub-command parser."""
+    pp = sub.add_parser("registry-info", parents=[common], help="information about the registry")
+    pp.set_defaults(func=cmd_registry_info)
+
+    pp = sub.add_parser("init", parents=[common], help="create and register an archive")
+    pp.add_argument("directory", type=Path, help="folder for the archive (empty or new)")
+    pp.add_argument("-n", dest="name", help="registry name (default: the folder's name)")
+    pp.add_argument(
+        "-u", dest="umask", type=octal, default=DEFAULT_UMASK, help="umask, octal (default 002)"
+    )
+    pp.add_argument("-g", "--group", help="group of the archive (default: your primary group)")
+    pp.add_argument("--shared", action="store_true", help="users deposit under their own names")
+    pp.set_defaults(func=cmd_init)
+
+    pp = sub.add_parser("search", parents=[common], help="search for resources")
+    _json_out(pp)
+    pp.add_argument("-d", "--dtype", help="filter by datatype")
+    pp.add_argument("-H", "--hash", help="filter by sha1 (whole, or any part of one)")
+    pp.add_argument("-n", "--archive", help="filter by archive name")
+    pp.add_argument("-s", "--scheme", help="filter by a location's scheme (neurobank, tape...)")
+    pp.add_argument(
+        "-k", dest="metadata", action=KeyValue, metavar="KEY=VALUE", default={},
+        help="metadata KEY equals VALUE (JSON if it parses; repeatable)",
+    )  # fmt: skip
+    pp.add_argument(
+        "-K", dest="metadata_neq", action=KeyValue, metavar="KEY=VALUE", default={},
+        help="exclude metadata KEY equal to VALUE (repeatable)",
+    )  # fmt: skip
+    _core_fields(pp, "filter by")
+    pp.add_argument("name", nargs="?", help="resource name or fragment")
+    pp.set_defaults(func=cmd_search)
+
+    pp = sub.add_parser("info", parents=[common], help="registry records of resources (JSON)")
+    pp.add_argument("id", nargs="+")
+    pp.set_defaults(func=cmd_info)
+
+    pp = sub.add_parser("locate", parents=[common], help="where resources are stored")
+    pp.add_argument("-L", "--link", type=Path, metavar="DIR", help="symlink local copies in DIR")
+    pp.add_argument("-0", "--print0", action="store_true", help="local paths, NUL-separated")
+    pp.add_argument("id", nargs="+")
+    pp.set_defaults(func=cmd_locate)
+
+    pp = sub.add_parser("verify", parents=[common], help="check files against the registry")
+    pp.add_argument("-i", "--id", help="compare FILE with the record of this resource")
+    pp.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    pp.set_defaults(func=cmd_verify)
+
+    pp = sub.add_parser("modify", parents=[common], help="change resources' metadata")
+    pp.add_argument(
+        "-k", dest="metadata", action=KeyValue, metavar="KEY=VALUE", default={},
+        help="set metadata KEY to VALUE (JSON if it parses; repeatable)",
+    )  # fmt: skip
+    pp.add_argument(
+        "-K",
+        dest="metadata_remove",
+        action="append",
+        type=metadata_key,
+        default=[],
+        metavar="KEY",
+        help="delete a metadata key",
+    )
+    _core_fields(pp, "set (empty clears)")
+    pp.add_argument("id", nargs="+")
+    pp.set_defaults(func=cmd_modify)
+
+    dt = sub.add_parser("dtype", help="list and add datatypes").add_subparsers(metavar="COMMAND")
+    pp = dt.add_parser("list", parents=[common], help="list datatypes")
+    pp.set_defaults(func=cmd_dtype_list)
+    pp = dt.add_parser("add", parents=[common], help="add a datatype")
+    pp.add_argument("dtype_name")
+    pp.add_argument("content_type", help="MIME type, e.g. audio/wav")
+    pp.set_defaults(func=cmd_dtype_add)
+
+    ar = sub.add_parser("archive", help="list and check archives").add_subparsers(metavar="COMMAND")
+    pp = ar.add_parser("list", parents=[common], help="list archives")
+    pp.add_argument("--scheme", help="filter by scheme")
+    pp.add_argument("-n", "--name", help="filter by name")
+    pp.set_defaults(func=cmd_archive_list)
+    pp = ar.add_parser("check", parents=[common], help="compare an archive with the registry")
+    pp.add_argument("-H", "--hash", action="store_true", help="also verify every SHA-1 (slow)")
+    pp.add_argument("--no-hash", action="store_false", dest="hash", help="(default) skip hashes")
+    pp.add_argument("path", type=Path, help="the archive's folder")
+    pp.set_defaults(func=cmd_archive_check)

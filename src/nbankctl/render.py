@@ -1,0 +1,261 @@
+"""Human-readable output for the daemon commands (aligned tables), and ``--json``.
+
+Every function takes a command's result (the reply's JSON) and returns text.
+File names may hold undecodable bytes or control characters: they go through
+:func:`~nbankd.watch.scan.printable` so one entry is always one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nbankd.watch.scan import printable
+from nbankd.watch.settle import format_duration
+
+
+def write(text: str, stream: Any = None) -> None:
+    """Writes ``text`` and a newline; characters the stream cannot encode are escaped."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    buffer = getattr(stream, "buffer", None)
+    data = (text + "\n").encode(encoding, "backslashreplace")
+    if buffer is not None:
+        stream.flush()
+        buffer.write(data)
+        buffer.flush()
+    else:
+        stream.write(data.decode(encoding))
+
+
+def to_json(result: Any) -> str:
+    """``--json`` output: the result as indented JSON (lone surrogates stay escaped)."""
+    return json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; None shows as ``-``."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return printable(str(value))
+
+
+def ago(t: float | None, now: float | None = None) -> str:
+    if t is None:
+        return "never"
+    return f"{format_duration((now or time.time()) - t)} ago"
+
+
+def when(iso: str | None) -> str:
+    return iso.replace("T", " ").replace("+00:00", "Z") if iso else "-"
+
+
+# --- status ----------------------------------------------------------------------
+
+
+def status(result: dict[str, Any]) -> str:
+    degraded = result.get("degraded") or []
+    head = (
+        f"nbankd {result.get('version')} (pid {result.get('pid')}), "
+        f"up {format_duration(result.get('uptime') or 0)}: "
+        + ("DEGRADED" if degraded else "healthy")
+    )
+    reg = result.get("registry") or {}
+    lines = [head, f"registry: {reg.get('backend')} {reg.get('url')}"]
+    if reg.get("problem"):
+        lines[-1] += f" (problem: {reg['problem']})"
+    last = result.get("last_deposit")
+    last_text = f"{last['id']} at {when(_iso(last.get('time')))}" if last else "none"
+    lines.append(f"queue: {result.get('queue', 0)} item(s); last deposit: {last_text}")
+    err = result.get("last_error")
+    if err:
+        lines.append(f"last error: {err.get('code', '')} {printable(str(err.get('error')))}")
+    lines.append(
+        f"audit: last {when(result.get('last_audit')) if result.get('last_audit') else 'never'}"
+        f", next {when(result.get('next_audit')) if result.get('next_audit') else 'not scheduled'}"
+    )
+    rows = []
+    for ib in result.get("inboxes", []):
+        rows.append(
+            [
+                ib["path"],
+                ib.get("archive"),
+                ib.get("watch"),
+                ib.get("paused"),
+                ib.get("in_flight"),
+                ib.get("deposited"),
+                ib.get("in_rejected_folder", ib.get("rejected")),
+                len(ib.get("stalled") or ()),
+                ago(ib.get("last_scan")),
+            ]
+        )
+    lines += [
+        "",
+        table(
+            [
+                "INBOX",
+                "ARCHIVE",
+                "WATCH",
+                "PAUSED",
+                "IN FLIGHT",
+                "DEPOSITED",
+                "REJECTED",
+                "STALLED",
+                "LAST SCAN",
+            ],
+            rows,
+        ),
+    ]
+    for ib in result.get("inboxes", []):
+        if ib.get("archive_problem"):
+            lines.append(f"  {printable(ib['path'])}: archive problem: {ib['archive_problem']}")
+    if degraded:
+        lines += ["", "degraded:"] + [f"  - {printable(str(d))}" for d in degraded]
+    return "\n".join(lines)
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+# --- queue, history ----------------------------------------------------------------
+
+
+def queue(result: dict[str, Any]) -> str:
+    items = result.get("items") or []
+    pending = result.get("pending") or []
+    lines: list[str] = []
+    if items:
+        rows = [
+            [
+                i["token"][:8],
+                i["inbox"],
+                i["relpath"],
+                i["state"],
+                i["status"],
+                i["attempts"],
+                when(i.get("next_attempt")) if i.get("next_attempt") else None,
+                f"{i['error_code']}: {i['error']}" if i.get("error_code") else None,
+            ]
+            for i in items
+        ]
+        lines.append(
+            table(
+                ["TOKEN", "INBOX", "PATH", "STATE", "STATUS", "ATTEMPTS", "NEXT", "LAST ERROR"],
+                rows,
+            )
+        )
+    else:
+        lines.append("no deposits in flight")
+    if pending:
+        lines += [
+            "",
+            "waiting in inboxes:",
+            table(
+                ["INBOX", "PATH", "STATE", "REASON"],
+                [[p["inbox"], p["relpath"], p["state"], p["reason"]] for p in pending],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def history(result: dict[str, Any]) -> str:
+    receipts = result.get("receipts") or []
+    if not receipts:
+        return "no deposits match"
+    rows = [
+        [when(r.get("time")), r.get("id"), r.get("size"), r.get("source"), r.get("url")]
+        for r in receipts
+    ]
+    text = table(["TIME", "ID", "SIZE", "SOURCE", "URL"], rows)
+    if result.get("matched", len(receipts)) > len(receipts):
+        text += f"\n({len(receipts)} of {result['matched']} shown; use --limit)"
+    return text
+
+
+# --- explain, requeue, and the small ones -------------------------------------------
+
+
+_EXPLAIN_FACTS = (
+    ("inbox", "inbox"),
+    ("id", "identifier"),
+    ("url", "url"),
+    ("archive_file", "stored as"),
+    ("time", "time"),
+    ("rejected_path", "rejected file"),
+    ("original_path", "original path"),
+    ("pattern", "pattern"),
+    ("belongs_to", "belongs to"),
+)
+
+
+def explain(result: dict[str, Any]) -> str:
+    lines = [f"{printable(result['path'])}: {result['state']}", f"  {result.get('message', '')}"]
+    for key, label in _EXPLAIN_FACTS:
+        if result.get(key):
+            lines.append(f"  {label}: {printable(str(result[key]))}")
+    reason = result.get("reason")
+    if isinstance(reason, dict):
+        lines.append(f"  reason: {reason.get('code')}: {printable(str(reason.get('message')))}")
+        if reason.get("hint"):
+            lines.append(f"  hint: {printable(str(reason['hint']))}")
+    item = result.get("item")
+    if isinstance(item, dict) and result.get("state") == "in-flight":
+        lines.append(
+            f"  item {item.get('token')}: {item.get('state')}, attempts {item.get('attempts')}"
+        )
+    previous = result.get("previous")
+    if isinstance(previous, dict):
+        lines.append(f"  earlier: {previous.get('state')} {previous.get('id') or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def requeue(result: dict[str, Any]) -> tuple[str, str]:
+    """(stdout text, stderr text)."""
+    done = [
+        f"requeued {printable(r['rejected_path'])} -> {printable(r['requeued'])}"
+        for r in result.get("requeued", [])
+    ]
+    failed = [f"not requeued: {printable(f['message'])}" for f in result.get("failed", [])]
+    if not done and not failed:
+        done = ["nothing to requeue"]
+    return "\n".join(done), "\n".join(failed)
+
+
+def paused(result: dict[str, Any], verb: str) -> str:
+    lines = [f"{verb}: {printable(k)}" for k in result.get("changed", [])]
+    states = result.get("paused") or {}
+    lines += [f"  {printable(k)}: {'paused' if v else 'running'}" for k, v in states.items()]
+    return "\n".join(lines)
+
+
+def rescan(result: dict[str, Any]) -> str:
+    return "\n".join(f"rescan requested: {printable(k)}" for k in result.get("rescan", []))
+
+
+def reload(result: dict[str, Any]) -> str:
+    state = "reloaded" if result.get("done") else "reload still running"
+    lines = [f"configuration {state}: {result.get('source')} ({result.get('inboxes')} inboxes)"]
+    lines += [f"warning: {w}" for w in result.get("warnings", [])]
+    return "\n".join(lines)

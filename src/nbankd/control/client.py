@@ -1,0 +1,129 @@
+"""The control socket client nbankctl uses: one request, one reply per connection.
+
+Failures become errors of the one error tree, so nbankctl's exit status follows
+SPEC section 4: :class:`~nbankd.errors.DaemonUnreachable` (exit 3) when no
+daemon answers, :class:`ControlError` carrying the daemon's error code
+otherwise (its exit status from :data:`~.protocol.ERROR_EXIT`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from nbankd import errors
+from nbankd.control import protocol
+
+DEFAULT_TIMEOUT = 180.0  # reload may take a while (registry checks)
+
+
+class ControlError(errors.NbankdError):
+    """The daemon answered with an error; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self._code = code
+        self.details = details
+
+    @property  # type: ignore[override]
+    def code(self) -> str:
+        return self._code
+
+    @property  # type: ignore[override]
+    def exit_code(self) -> int:
+        return protocol.ERROR_EXIT.get(self._code, errors.EXIT_PROBLEMS)
+
+
+class ControlDenied(ControlError, errors.PermissionDenied):
+    """The daemon refused the request for this user (exit 2)."""
+
+
+class ControlClient:
+    def __init__(self, path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            sock.close()
+            raise errors.DaemonUnreachable(
+                f"nbankd is not running (no socket at {self.path})",
+                hint="start it (systemctl start nbankd), or give --socket / -c",
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise errors.DaemonUnreachable(
+                f"nbankd is not running (nothing answers on {self.path})"
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise errors.PermissionDenied(
+                f"permission denied connecting to {self.path}",
+                hint="ask an admin to give you access to the control socket's group",
+            ) from None
+        except TimeoutError:
+            sock.close()
+            raise errors.DaemonUnreachable(f"nbankd does not answer on {self.path}") from None
+        except OSError as err:
+            sock.close()
+            raise errors.DaemonUnreachable(
+                f"cannot connect to nbankd at {self.path}: {err.strerror or err}"
+            ) from None
+        return sock
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Sends one command; returns the reply's result or raises."""
+        with self._connect() as sock:
+            try:
+                sock.sendall(protocol.encode_request(cmd, args))
+                line = _read_reply(sock)
+            except TimeoutError:
+                raise errors.DaemonUnreachable(
+                    f"nbankd did not answer {cmd!r} within {self.timeout:g} s"
+                ) from None
+            except OSError as err:
+                if err.errno in (errno.EPIPE, errno.ECONNRESET):
+                    raise errors.DaemonUnreachable(
+                        f"nbankd closed the connection during {cmd!r}"
+                    ) from None
+                raise
+        try:
+            return protocol.decode_reply(line)
+        except protocol.ProtocolError as err:
+            cls = ControlDenied if err.code == "denied" else ControlError
+            raise cls(err.code, err.message, err.details) from None
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > protocol.MAX_REPLY:
+            raise ControlError("too-large", "the daemon's reply is too large")
+    if not chunks:
+        raise errors.DaemonUnreachable("nbankd closed the connection without answering")
+    return b"".join(chunks)
+
+
+def call(path: str | os.PathLike[str], cmd: str, args: dict[str, Any] | None = None) -> Any:
+    """One command over the socket at ``path``; see :meth:`ControlClient.call`."""
+    return ControlClient(path).call(cmd, args)
+
+
+__all__ = ["ControlClient", "ControlDenied", "ControlError", "call"]

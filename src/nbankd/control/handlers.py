@@ -1,0 +1,342 @@
+"""What each control command does, as functions over the running :class:`Daemon`.
+
+Every handler takes the daemon and the request's ``args`` and returns a
+JSON-safe value (the reply's ``result``); it raises
+:class:`~nbankd.control.protocol.ProtocolError` or an :class:`~nbankd.errors.NbankdError`
+for an error reply. Handlers run in the control server's connection threads:
+they read the daemon's shared state under its lock, and change it only through
+small, thread-safe steps (flags, :meth:`Daemon.request_rescan`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from nbankd.config import load_config, parse_duration
+from nbankd.control.protocol import ProtocolError
+from nbankd.daemon import explain as explain_mod
+from nbankd.daemon import requeue as requeue_mod
+from nbankd.deposit.receipts import read_receipts
+from nbankd.watch import settle
+
+if TYPE_CHECKING:
+    from nbankd.daemon.service import Daemon, InboxState
+
+log = structlog.get_logger("nbankd.control")
+
+Handler = Callable[["Daemon", dict[str, Any]], Any]
+RELOAD_WAIT = 120.0
+HISTORY_LIMIT = 50
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _arg(
+    args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None
+) -> Any:
+    value = args.get(name, default)
+    if value is None:
+        return default
+    wrong_bool = isinstance(value, bool) and bool not in _as_tuple(kind)  # bool is an int
+    if wrong_bool or not isinstance(value, kind):
+        raise ProtocolError("usage", f"argument {name!r} must be {_kind_name(kind)}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+def _inboxes(daemon: Daemon) -> dict[str, InboxState]:
+    with daemon._lock:  # reload swaps the dict under this lock
+        return dict(daemon.inboxes)
+
+
+def resolve_inbox(daemon: Daemon, name: str) -> str:
+    """The key of the inbox ``name`` designates: its path (as configured or resolved)
+    or, when unambiguous, its folder's name."""
+    inboxes = _inboxes(daemon)
+    if name in inboxes:
+        return name
+    wanted = os.path.abspath(name)
+    for key, state in inboxes.items():
+        if wanted in (str(state.config.path), os.path.realpath(state.config.path)):
+            return key
+    if os.path.realpath(wanted) in {os.path.realpath(k) for k in inboxes}:
+        return next(k for k in inboxes if os.path.realpath(k) == os.path.realpath(wanted))
+    by_name = [k for k in inboxes if os.path.basename(k.rstrip("/")) == name]
+    if len(by_name) == 1:
+        return by_name[0]
+    known = ", ".join(sorted(inboxes)) or "none"
+    raise ProtocolError("not-found", f"no inbox {name!r} (inboxes: {known})")
+
+
+def _inbox_keys(daemon: Daemon, args: dict[str, Any]) -> list[str]:
+    name = _arg(args, "inbox", str)
+    return [resolve_inbox(daemon, name)] if name else list(_inboxes(daemon))
+
+
+def _iso(t: float | None) -> str | None:
+    return explain_mod.iso(t)
+
+
+def parse_since(value: Any, now: float) -> float | None:
+    """``--since``: seconds since the epoch, a duration back from now, or an ISO date."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise ProtocolError("usage", "'since' must be a duration (24h) or an ISO date")
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ProtocolError(
+            "usage", f"--since {value!r} is neither a duration (30m, 24h, 7d) nor an ISO date"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a date without zone is local time
+    return when.timestamp()
+
+
+# --- read-only commands --------------------------------------------------------------
+
+
+def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    inboxes = _inboxes(daemon)
+    with daemon._lock:
+        result = daemon.status()
+    for entry in result["inboxes"]:
+        state = inboxes.get(entry["path"])
+        waiting = (
+            sum(1 for _ in requeue_mod.rejected_inputs(state.config)) if state is not None else 0
+        )
+        entry["in_rejected_folder"] = waiting
+        entry["rejected_dir"] = str(state.config.rejected_path) if state is not None else None
+        if waiting:
+            result["degraded"].append(
+                f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
+            )
+    result["control_socket"] = str(daemon.config.control_socket)
+    result["config"] = str(daemon.config.source)
+    result["last_audit"] = None  # the audit feature has not landed yet
+    result["next_audit"] = None
+    result["healthy"] = not result["degraded"]
+    return result
+
+
+def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    now = daemon.clock()
+    items = daemon.journal.unfinished()
+    with daemon._lock:
+        running = set(daemon._running)
+        waiting = set(daemon._waiting)
+    inboxes = _inboxes(daemon)
+    out = []
+    active: set[tuple[str, str]] = set()
+    for item in items:
+        active.add((item.inbox, item.relpath_str))
+        status = "running" if item.id in running else "backoff" if item.id in waiting else "queued"
+        out.append(
+            {
+                "token": item.token,
+                "inbox": item.inbox,
+                "relpath": item.relpath_str,
+                "state": str(item.state),
+                "status": status,
+                "attempts": item.attempts,
+                "next_attempt": _iso(item.not_before) if item.not_before > now else None,
+                "error_code": item.error_code,
+                "error": item.error_message,
+                "id": item.name,
+                "created": _iso(item.created),
+            }
+        )
+    pending = []
+    for key, state in inboxes.items():
+        for rel, verdict in sorted(state.verdicts.items()):
+            if (key, rel) in active:
+                continue
+            what = verdict.state.value
+            if verdict.state is settle.State.READY and state.paused:
+                what = "paused"
+            pending.append(
+                {
+                    "inbox": key,
+                    "relpath": rel,
+                    "state": what,
+                    "reason": verdict.reason,
+                    "seconds_left": verdict.seconds_left,
+                }
+            )
+    return {"items": out, "pending": pending}
+
+
+def history(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    now = daemon.clock()
+    inbox = _arg(args, "inbox", str)
+    key = resolve_inbox(daemon, inbox) if inbox else None
+    since = parse_since(args.get("since"), now)
+    wanted_id = _arg(args, "id", str)
+    limit = _arg(args, "limit", int, HISTORY_LIMIT)
+    if limit < 0:
+        raise ProtocolError("usage", "'limit' must be >= 0")
+
+    def receipt_time(r: dict[str, Any]) -> float:
+        try:
+            return datetime.fromisoformat(str(r.get("time"))).timestamp()
+        except ValueError:
+            return 0.0
+
+    def matches(r: Any) -> bool:
+        if not isinstance(r, dict):
+            return False
+        if key is not None and r.get("inbox") != key:
+            return False
+        if wanted_id is not None and r.get("id") != wanted_id:
+            return False
+        return since is None or receipt_time(r) >= since
+
+    # receipt times have whole seconds: ties keep log order (appended later = newer)
+    found = [
+        (receipt_time(r), n, r)
+        for n, r in enumerate(read_receipts(daemon.config.state_dir / "receipts"))
+        if matches(r)
+    ]
+    ordered = heapq.nlargest(limit, found) if limit else sorted(found, reverse=True)
+    newest = [r for _, _, r in ordered]
+    return {"receipts": newest, "matched": len(found)}
+
+
+def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    path = _arg(args, "path", str)
+    if not path:
+        raise ProtocolError("usage", "explain needs a path")
+    return explain_mod.explain(path, _inboxes(daemon), daemon.journal, now=daemon.clock())
+
+
+# --- commands that change state ------------------------------------------------------
+
+
+def requeue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    path = _arg(args, "path", str)
+    every = _arg(args, "all", bool, False)
+    configs = {k: s.config for k, s in _inboxes(daemon).items()}
+    if every:
+        if path:
+            raise ProtocolError("usage", "give a path or --all-rejected, not both")
+        inbox = _arg(args, "inbox", str)
+        key = resolve_inbox(daemon, inbox) if inbox else None
+        result = requeue_mod.requeue_all(configs, daemon.journal, inbox=key)
+        done = result["requeued"]
+    elif path:
+        done = [requeue_mod.requeue(path, configs, daemon.journal)]
+        result = {"requeued": done, "failed": []}
+    else:
+        raise ProtocolError("usage", "requeue needs a path, or --all-rejected")
+    for key in {r["inbox"] for r in done}:
+        daemon.request_rescan(key)
+    for r in done:
+        log.info("requeued", inbox=r["inbox"], source=r["requeued"], rejected=r["rejected_path"])
+    return result
+
+
+def _set_paused(daemon: Daemon, args: dict[str, Any], paused: bool) -> dict[str, Any]:
+    keys = _inbox_keys(daemon, args)
+    inboxes = _inboxes(daemon)
+    for key in keys:
+        inboxes[key].paused = paused
+        log.info("inbox paused" if paused else "inbox resumed", inbox=key)
+    if not paused:
+        for key in keys:
+            daemon.request_rescan(key)
+    return {
+        "changed": keys,
+        "paused": {k: s.paused for k, s in _inboxes(daemon).items()},
+    }
+
+
+def pause(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    return _set_paused(daemon, args, True)
+
+
+def resume(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    return _set_paused(daemon, args, False)
+
+
+def rescan(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    keys = _inbox_keys(daemon, args)
+    for key in keys:
+        daemon.request_rescan(key)
+    return {"rescan": keys, "requested": _iso(daemon.clock())}
+
+
+def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    source = daemon.config.source
+    new = load_config(source)  # a bad file: the ConfigError becomes the reply
+    worker = threading.Thread(target=daemon.reload, name="reload", daemon=True)
+    worker.start()
+    worker.join(RELOAD_WAIT)
+    result: dict[str, Any] = {
+        "source": str(source),
+        "done": not worker.is_alive(),
+        "inboxes": len(new.inboxes),
+        "warnings": [str(p) for p in new.warnings],
+    }
+    server = daemon.control
+    if server is not None and new.control_socket != server.path:
+        result["warnings"].append(
+            f"control_socket changed to {new.control_socket}; it takes effect at restart"
+        )
+    return result
+
+
+def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    raise ProtocolError(
+        "not-implemented", "audits are not implemented in this nbankd yet (nbankctl audit)"
+    )
+
+
+HANDLERS: dict[str, Handler] = {
+    "status": status,
+    "queue": queue,
+    "history": history,
+    "explain": explain,
+    "requeue": requeue,
+    "pause": pause,
+    "resume": resume,
+    "rescan": rescan,
+    "reload": reload,
+    "audit": audit,
+}
+
+
+def dispatcher(daemon: Daemon) -> Callable[[str, dict[str, Any], Any], Any]:
+    """The server's ``dispatch``: runs the named command over ``daemon``."""
+
+    def dispatch(cmd: str, args: dict[str, Any], peer: Any) -> Any:
+        handler = HANDLERS.get(cmd)
+        if handler is None:
+            raise ProtocolError("unknown-command", f"unknown command {cmd!r}")
+        return handler(daemon, args)
+
+    return dispatch
+
+
+__all__ = ["HANDLERS", "dispatcher", "parse_since", "resolve_inbox"]

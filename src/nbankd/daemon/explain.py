@@ -1,0 +1,380 @@
+"""Why a path is, or is not, being deposited (``nbankctl explain FILE``).
+
+:func:`explain` looks at one path and answers with a JSON-safe dict: a stable
+``state`` (see :data:`STATES`), a sentence for people (``message``) and the
+facts behind it. It accepts a path in an inbox, in an inbox's rejected folder
+(the rejected file, its ``.reason``, sidecar or marker), or the original path
+of an input that has since been deposited or rejected.
+
+It only reads: the journal, the configuration, what the daemon's last scan
+concluded (settle verdicts, skipped entries) and ``lstat`` of the path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import stat
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from nbankd.config import InboxConfig
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import State
+from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
+from nbankd.deposit.spec import WORK_DIR_NAME
+from nbankd.watch import settle
+from nbankd.watch.scan import SIDECAR_SUFFIXES, EntryKind, owner_of, printable
+
+STATES = (
+    "not-in-inbox",  # the path is in no configured inbox
+    "inbox",  # the path is an inbox folder itself
+    "internal",  # nbankd's work folder (.nbank) or something in it
+    "ignored",  # matches an ignore pattern
+    "not-watched",  # in a sub-folder of a non-recursive inbox
+    "folder",  # a plain folder (files mode): its files are inputs one by one
+    "sidecar",  # NAME.nbank.yaml|json: deposited or rejected with NAME
+    "marker",  # NAME.done: NAME is ready once it has settled
+    "unsupported",  # symlink, hard link, FIFO, socket or device
+    "settling",  # changed recently; waiting until unchanged for settle_seconds
+    "waiting-for-marker",  # settled; waiting for NAME.done
+    "stalled",  # still changing after stall_after
+    "ready",  # will be claimed by the next scan
+    "paused",  # ready, but its inbox is paused
+    "waiting-for-archive",  # ready, but the archive is not usable right now
+    "not-seen",  # present but not seen by a scan yet
+    "in-flight",  # a deposit item is working on it
+    "deposited",  # in the archive; source removed
+    "rejected",  # in the rejected folder with a reason
+    "in-rejected-folder",  # in the rejected folder, but nothing records why
+    "not-found",  # nothing there and nothing journaled
+)
+
+
+class InboxView(Protocol):
+    """What the daemon knows about one inbox (``service.InboxState`` fits)."""
+
+    config: InboxConfig
+    paused: bool
+    verdicts: dict[str, Any]
+    skipped: dict[str, str]
+    stalled: tuple[str, ...]
+    archive_problem: str | None
+
+
+class JournalView(Protocol):
+    def active_for(self, inbox: str, relpath: bytes) -> Item | None: ...
+
+    def latest_for(self, inbox: str, relpath: bytes) -> Item | None: ...
+
+    def find_rejected(self, inbox: str, rejected_relpath: bytes) -> Item | None: ...
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def locate(
+    path: str | os.PathLike[str], configs: Mapping[str, InboxConfig]
+) -> tuple[str, str] | None:
+    """``(inbox key, relpath)`` for a path inside a configured inbox (symlinks tried last)."""
+    text = os.path.abspath(os.fspath(path))
+    for candidate in (text, os.path.realpath(text)):
+        for key, config in configs.items():
+            for root in (str(config.path), os.path.realpath(config.path)):
+                if candidate == root:
+                    return key, ""
+                if candidate.startswith(root.rstrip("/") + "/"):
+                    return key, os.path.relpath(candidate, root)
+    return None
+
+
+def in_rejected(config: InboxConfig, relpath: str) -> str | None:
+    """The path relative to the rejected folder, when ``relpath`` lies inside it."""
+    top = config.rejected_dir.rstrip("/")
+    if relpath == top:
+        return ""
+    if relpath.startswith(top + "/"):
+        return relpath[len(top) + 1 :]
+    return None
+
+
+def read_reason(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rejected_item(
+    key: str, config: InboxConfig, rrel: str, journal: JournalView
+) -> tuple[str, Item | None, dict[str, Any] | None]:
+    """For a path in the rejected folder: the rejected input's relpath, item and reason.
+
+    ``rrel`` may name the input itself, its ``.reason`` file, sidecar or marker.
+    """
+    folder = config.rejected_path
+    candidates = [rrel]
+    for suffix in (REASON_SUFFIX, *SIDECAR_SUFFIXES, ".done"):
+        if rrel.endswith(suffix) and len(rrel) > len(suffix):
+            candidates.append(rrel[: -len(suffix)])
+    for cand in candidates:
+        item = journal.find_rejected(key, os.fsencode(cand))
+        if item is not None:
+            return cand, item, reason_for(config, cand, item)
+    if rrel.endswith(REASON_SUFFIX):  # a shortened reason name: the file says where
+        reason = read_reason(folder / rrel)
+        if reason and reason.get("rejected_path"):
+            cand = os.path.relpath(str(reason["rejected_path"]), folder)
+            return cand, journal.find_rejected(key, os.fsencode(cand)), reason
+    reason = reason_for(config, rrel, None)
+    return rrel, None, reason
+
+
+def reason_for(config: InboxConfig, rrel: str, item: Item | None) -> dict[str, Any] | None:
+    """The ``NAME.reason`` on disk, else the reason the journal kept."""
+    sub, base = os.path.split(os.fsencode(rrel))
+    on_disk = read_reason(config.rejected_path / os.fsdecode(os.path.join(sub, reason_name(base))))
+    if on_disk is not None:
+        return on_disk
+    if item is not None and item.reason_json:
+        data = json.loads(item.reason_json)
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def _item_facts(item: Item, now: float) -> dict[str, Any]:
+    return {
+        "token": item.token,
+        "state": str(item.state),
+        "attempts": item.attempts,
+        "next_attempt": iso(item.not_before) if item.not_before > now else None,
+        "error_code": item.error_code,
+        "error": item.error_message,
+        "id": item.name,
+        "created": iso(item.created),
+        "updated": iso(item.updated),
+    }
+
+
+def _deposited(item: Item) -> dict[str, Any]:
+    stored = None
+    if item.name and item.target_name:
+        stored = str(Path(item.archive_path, "resources", item.name[:2], item.target_name))
+    return {
+        "id": item.name,
+        "url": item.url,
+        "sha1": item.sha1,
+        "size": item.size,
+        "archive": item.archive,
+        "archive_file": stored,
+        "time": iso(item.finished),
+    }
+
+
+def _rejected_answer(
+    out: dict[str, Any], config: InboxConfig, rrel: str, item: Item | None, reason: Any
+) -> dict[str, Any]:
+    rejected_path = str(config.rejected_path / rrel)
+    present = os.path.lexists(rejected_path)
+    original = (reason or {}).get("original_path")
+    if item is not None:
+        original = str(config.path / item.relpath_str)
+    code = (reason or {}).get("code") or (item.error_code if item else None) or "rejected"
+    message = (reason or {}).get("message") or (item.error_message if item else "") or ""
+    out.update(
+        state="rejected",
+        reason=reason,
+        rejected_path=rejected_path,
+        original_path=original,
+        present=present,
+    )
+    if item is not None:
+        out["item"] = {"token": item.token, "finished": iso(item.finished)}
+    if present:
+        out["message"] = (
+            f"rejected ({code}): {message}; the input is at {printable(rejected_path)}"
+            f" -- fix the cause, then: nbankctl requeue {printable(rejected_path)}"
+        )
+    else:
+        out["message"] = (
+            f"was rejected ({code}): {message}; it is no longer in the rejected folder "
+            "(requeued or removed)"
+        )
+    return out
+
+
+def _present(
+    out: dict[str, Any], key: str, view: InboxView, rel: str, path: Path, now: float
+) -> dict[str, Any]:
+    """A path that exists in the inbox proper and no item is working on."""
+    config = view.config
+    patterns = [p for p in config.ignore if _pattern_hits(rel, p)]
+    if patterns:
+        out.update(state="ignored", pattern=patterns[0])
+        out["message"] = f"ignored: matches the inbox's ignore pattern {patterns[0]!r}"
+        return out
+    top, _, below = rel.partition("/")
+    if config.directories == "resources" and below:
+        out.update(state="folder", resource=str(config.path / top))
+        out["message"] = f"part of the folder resource {printable(top)}; explain that folder"
+        return out
+    if below and not config.recursive and config.directories == "files":
+        out.update(state="not-watched")
+        out["message"] = "in a sub-folder, and this inbox is not recursive"
+        return out
+    owner = owner_of(path.name, markers=config.ready == "marker")
+    if owner is not None:
+        kind, name = owner
+        state = "sidecar" if kind is EntryKind.SIDECAR else "marker"
+        out.update(state=state, belongs_to=str(path.with_name(name)))
+        what = "deposited or rejected" if state == "sidecar" else "ready once settled"
+        out["message"] = f"{state} of {printable(name)}: it is {what} with it"
+        return out
+    st = os.lstat(path)
+    unsafe = _unsafe_kind(st)
+    if unsafe is not None or rel in view.skipped:
+        what = unsafe or view.skipped[rel]
+        out.update(state="unsupported", kind=what)
+        out["message"] = (
+            f"unsupported: a {what}; nbankd never follows, reads or archives it and moves it "
+            "to the rejected folder once it stops changing"
+        )
+        return out
+    if stat.S_ISDIR(st.st_mode) and config.directories == "files":
+        out.update(state="folder")
+        out["message"] = "a folder: each file in it is deposited on its own"
+        return out
+    verdict = view.verdicts.get(rel)
+    if verdict is None:
+        out.update(state="not-seen")
+        out["message"] = (
+            "not seen by a scan yet; the next scan picks it up (nbankctl rescan to scan now)"
+        )
+        return out
+    out["verdict"] = {"state": verdict.state.value, "reason": verdict.reason}
+    out["seconds_left"] = verdict.seconds_left
+    if verdict.state is settle.State.READY:
+        if view.paused:
+            out.update(state="paused", message="ready, but the inbox is paused (nbankctl resume)")
+        elif view.archive_problem:
+            out.update(
+                state="waiting-for-archive",
+                message=f"ready, waiting for the archive: {view.archive_problem}",
+            )
+        else:
+            out.update(state="ready", message="ready: the next scan claims it")
+        return out
+    out.update(state=verdict.state.value, message=verdict.reason)
+    return out
+
+
+def _pattern_hits(rel: str, pattern: str) -> bool:
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(rel, pattern)
+    return any(fnmatch.fnmatchcase(part, pattern) for part in rel.split("/"))
+
+
+def _unsafe_kind(st: os.stat_result) -> str | None:
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    if stat.S_ISREG(mode) and st.st_nlink > 1:
+        return "hard link (the file has other names)"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "special file"
+    return None
+
+
+def explain(
+    path: str | os.PathLike[str],
+    inboxes: Mapping[str, InboxView],
+    journal: JournalView,
+    *,
+    now: float,
+) -> dict[str, Any]:
+    """Explains one path; see the module docstring and :data:`STATES`."""
+    text = os.path.abspath(os.fspath(path))
+    out: dict[str, Any] = {"path": text, "inbox": None, "relpath": None}
+    where = locate(text, {k: v.config for k, v in inboxes.items()})
+    if where is None:
+        names = ", ".join(sorted(inboxes)) or "none"
+        out.update(state="not-in-inbox", message=f"not in any inbox (inboxes: {names})")
+        return out
+    key, rel = where
+    view = inboxes[key]
+    config = view.config
+    out.update(inbox=key, relpath=rel)
+    if rel == "":
+        out.update(state="inbox", paused=view.paused, message="an inbox folder")
+        return out
+    rrel = in_rejected(config, rel)
+    if rrel is not None:
+        if rrel == "":
+            out.update(state="internal", message="the inbox's rejected folder")
+            return out
+        input_rel, item, reason = rejected_item(key, config, rrel, journal)
+        if item is None and reason is None:
+            present = os.path.lexists(config.rejected_path / rrel)
+            out.update(state="in-rejected-folder" if present else "not-found")
+            out["message"] = (
+                "in the rejected folder, but no reason is recorded for it"
+                if present
+                else "nothing there, and nothing journaled under that name"
+            )
+            return out
+        return _rejected_answer(out, config, input_rel, item, reason)
+    if rel.split("/")[0] == WORK_DIR_NAME:
+        out.update(state="internal", message="nbankd's work folder: in-progress files")
+        return out
+    relb = os.fsencode(rel)
+    active = journal.active_for(key, relb)
+    if active is not None:
+        facts = _item_facts(active, now)
+        out.update(state="in-flight", item=facts)
+        msg = f"being deposited: {facts['state']}, attempt {active.attempts}"
+        if active.error_code:
+            msg += f"; last error ({active.error_code}): {active.error_message}"
+        if facts["next_attempt"]:
+            msg += f"; next attempt at {facts['next_attempt']}"
+        out["message"] = msg
+        return out
+    latest = journal.latest_for(key, relb)
+    if os.path.lexists(text):
+        out = _present(out, key, view, rel, Path(text), now)
+        if latest is not None:
+            out["previous"] = {"state": str(latest.state), **_deposited(latest)}
+        return out
+    if latest is None:
+        out.update(state="not-found", message="nothing there, and nothing journaled for it")
+        return out
+    if latest.state is State.DONE:
+        facts = _deposited(latest)
+        out.update(state="deposited", **facts)
+        out["message"] = f"deposited as {facts['id']} ({facts['url']}) at {facts['time']}"
+        return out
+    if latest.state is State.REJECTED and latest.rejected_relpath is not None:
+        rrel = os.fsdecode(latest.rejected_relpath)
+        return _rejected_answer(out, config, rrel, latest, reason_for(config, rrel, latest))
+    out.update(state="not-found", previous={"state": str(latest.state), "token": latest.token})
+    out["message"] = {
+        State.RETURNED: "nothing there now; it was put back after changing while being deposited",
+        State.CANCELLED: "nothing there now; another process took it before it was claimed",
+    }.get(latest.state, f"nothing there now (last item: {latest.state})")
+    return out
+
+
+__all__ = ["STATES", "InboxView", "JournalView", "explain", "locate", "rejected_item"]

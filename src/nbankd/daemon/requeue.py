@@ -1,0 +1,239 @@
+"""Moving a rejected input back into its inbox (``nbankctl requeue``).
+
+A requeue takes the rejected path or the original path of an input. It moves
+the input -- and its sidecar and ``.done`` marker when they are in the rejected
+folder next to it (including a sidecar a person put there to fix the cause) --
+back to where it was in the inbox, then deletes ``NAME.reason``:
+
+- nothing is ever overwritten: when a destination name is taken, nothing moves
+  and the answer says which name is in the way;
+- files move with ``link()`` + ``unlink()``, folders with
+  ``renameat2(RENAME_NOREPLACE)``; both folders are fsynced after each move,
+  and the reason file is deleted only once every move is durable, so a crash
+  leaves the input in exactly one place, still explained;
+- sidecar and marker move first and the input last, so a scan never sees the
+  input back without them.
+
+The journal row stays ``rejected`` (it is history); the daemon makes a new item
+when a scan sees the file again (the caller asks for a rescan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbankd import errors
+from nbankd.archive import fsops
+from nbankd.config import InboxConfig
+from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, rejected_item
+from nbankd.deposit.journal import Journal
+from nbankd.deposit.lifecycle import State
+from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
+from nbankd.deposit.spec import WORK_DIR_NAME
+from nbankd.watch.scan import SIDECAR_SUFFIXES, printable
+
+_LOCK = threading.Lock()  # one requeue at a time: two would race for the same names
+
+
+class NothingToRequeue(errors.NbankdError):
+    """The path names no rejected input that is still in a rejected folder."""
+
+    code = "not-found"
+    exit_code = errors.EXIT_USAGE
+
+
+class RequeueConflict(errors.NbankdError):
+    """Moving back would overwrite something, or the input is being deposited."""
+
+    code = "conflict"
+    exit_code = errors.EXIT_PROBLEMS
+
+
+@dataclass(frozen=True)
+class Plan:
+    inbox: str
+    rejected: Path  # the rejected input
+    original: Path  # where it goes back to
+    reason_file: Path | None
+    moves: tuple[tuple[Path, Path], ...]  # (from, to), input last
+    token: str | None = None
+    reason: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journal: Any) -> Plan:
+    """Decides what to move for ``path`` (rejected or original); moves nothing."""
+    text = os.path.abspath(os.fspath(path))
+    where = locate(text, configs)
+    if where is None:
+        raise NothingToRequeue(f"{printable(text)} is not in any inbox")
+    key, rel = where
+    config = configs[key]
+    rrel = in_rejected(config, rel)
+    if rrel is not None and rrel != "":
+        input_rel, item, reason = rejected_item(key, config, rrel, journal)
+    elif rrel is None and rel:
+        relb = os.fsencode(rel)
+        if journal.active_for(key, relb) is not None:
+            raise RequeueConflict(f"{printable(text)} is being deposited right now")
+        item = journal.latest_for(key, relb)
+        if item is None or item.state is not State.REJECTED or item.rejected_relpath is None:
+            if item is not None and item.state is State.DONE:
+                what = f"was deposited as {item.name}, not rejected"
+            else:
+                what = "was not rejected"
+            raise NothingToRequeue(f"{printable(text)} {what}; nothing to requeue")
+        input_rel = os.fsdecode(item.rejected_relpath)
+        reason = reason_for(config, input_rel, item)
+    else:
+        raise NothingToRequeue(f"{printable(text)} is a folder, not a rejected input")
+    rejected = config.rejected_path / input_rel
+    if not os.path.lexists(rejected):
+        raise NothingToRequeue(
+            f"{printable(str(rejected))} is not in the rejected folder (already requeued?)"
+        )
+    if item is not None:
+        original_rel = item.relpath_str
+    elif reason and reason.get("original_path"):
+        back = locate(str(reason["original_path"]), {key: config})
+        if back is None or not back[1]:
+            raise NothingToRequeue(
+                f"the reason for {printable(str(rejected))} names an original path outside "
+                f"its inbox: {printable(str(reason['original_path']))}"
+            )
+        original_rel = back[1]
+    else:
+        raise NothingToRequeue(f"nothing records where {printable(str(rejected))} came from")
+    top = original_rel.split("/")[0]
+    if top == WORK_DIR_NAME or in_rejected(config, original_rel) is not None:
+        raise NothingToRequeue(f"{printable(original_rel)} is no place to requeue to")
+    original = config.path / original_rel
+    moves: list[tuple[Path, Path]] = []
+    for suffix in (*SIDECAR_SUFFIXES, ".done"):
+        side = rejected.with_name(rejected.name + suffix)
+        if os.path.lexists(side):
+            moves.append((side, original.with_name(original.name + suffix)))
+    moves.append((rejected, original))
+    taken = [dst for _, dst in moves if os.path.lexists(dst)]
+    if taken:
+        names = ", ".join(printable(str(t)) for t in taken)
+        raise RequeueConflict(
+            f"cannot requeue {printable(str(rejected))}: {names} already exists in the inbox; "
+            "nothing was moved",
+            hint="rename or remove what is in the way, then requeue again",
+        )
+    base = os.fsencode(rejected.name)
+    reason_file = rejected.parent / os.fsdecode(reason_name(base))
+    return Plan(
+        inbox=key,
+        rejected=rejected,
+        original=original,
+        reason_file=reason_file if os.path.lexists(reason_file) else None,
+        moves=tuple(moves),
+        token=item.token if item is not None else None,
+        reason=dict(reason or {}),
+    )
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Moves ``src`` to ``dst`` on one filesystem, never replacing anything at ``dst``."""
+    st = os.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            fsops.rename_noreplace(src, dst)
+        except fsops.NoReplaceUnsupported:
+            if os.path.lexists(dst):
+                raise FileExistsError(dst) from None
+            os.rename(src, dst)
+    else:
+        os.link(src, dst, follow_symlinks=False)
+        os.unlink(src)
+    fsops.fsync_dir(dst.parent)
+    fsops.fsync_dir(src.parent)
+
+
+def apply(p: Plan) -> dict[str, Any]:
+    """Carries out a plan; returns what was moved (JSON-safe)."""
+    p.original.parent.mkdir(parents=True, exist_ok=True)
+    done: list[list[str]] = []
+    for src, dst in p.moves:
+        try:
+            _move(src, dst)
+        except FileExistsError:
+            raise RequeueConflict(
+                f"{printable(str(dst))} appeared while requeueing; moved so far: {done or 'none'}",
+                hint="the rest is still in the rejected folder; requeue again",
+            ) from None
+        done.append([str(src), str(dst)])
+    if p.reason_file is not None:  # only now that every move is durable
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p.reason_file)
+        fsops.fsync_dir(p.reason_file.parent)
+    return {
+        "inbox": p.inbox,
+        "rejected_path": str(p.rejected),
+        "requeued": str(p.original),
+        "moved": done,
+        "token": p.token,
+        "code": p.reason.get("code"),
+    }
+
+
+def requeue(
+    path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journal: Journal
+) -> dict[str, Any]:
+    """Moves one rejected input back into its inbox; see the module docstring."""
+    with _LOCK:
+        return apply(plan(path, configs, journal))
+
+
+def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
+    """Every input sitting in the inbox's rejected folder (one per ``NAME.reason``)."""
+    folder = config.rejected_path
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            if not name.endswith(REASON_SUFFIX):
+                continue
+            reason_path = Path(dirpath, name)
+            target = Path(dirpath, name[: -len(REASON_SUFFIX)])
+            if not os.path.lexists(target):  # a shortened name: the reason says
+                reason = read_reason(reason_path) or {}
+                if reason.get("rejected_path"):
+                    target = Path(str(reason["rejected_path"]))
+            if os.path.lexists(target):
+                yield target
+
+
+def requeue_all(
+    configs: Mapping[str, InboxConfig], journal: Journal, *, inbox: str | None = None
+) -> dict[str, Any]:
+    """Requeues every rejected input (of one inbox, or all); failures do not stop the rest."""
+    requeued: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for key, config in configs.items():
+        if inbox is not None and key != inbox:
+            continue
+        for target in list(rejected_inputs(config)):
+            try:
+                requeued.append(requeue(target, configs, journal))
+            except errors.NbankdError as err:
+                failed.append({"path": str(target), "code": err.code, "message": str(err)})
+    return {"requeued": requeued, "failed": failed}
+
+
+__all__ = [
+    "NothingToRequeue",
+    "Plan",
+    "RequeueConflict",
+    "apply",
+    "plan",
+    "rejected_inputs",
+    "requeue",
+    "requeue_all",
+]

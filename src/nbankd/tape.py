@@ -1,0 +1,523 @@
+"""The tape workflow: register a tar file written to tape, prune local copies, import back.
+
+Semantics follow ``nbank archive register-tar | prune | import-tar`` (0.13):
+
+- a tape archive has scheme ``tape``, root ``TAPE:FILE_NUMBER``, accessibility
+  ``offline``, and by default the name ``TAPE-FILE_NUMBER``; a tar member is a
+  resource when the stem of its name (``resources/ab/abcd.wav`` -> ``abcd``) is a
+  registered identifier, and its location records the member name as ``key``;
+- :func:`register_tar` resumes: run again on the same tape and file number, it
+  reuses the archive record and skips members already located there;
+- :func:`prune` deletes a local copy only when the registry lists another copy
+  that is verified to exist (a local neurobank copy found and, by default, hashed;
+  a tape copy registered with its member name), removes the location first and
+  the file second (a crash in between leaves an unregistered copy, never a record
+  without its file), and removes stub folders it empties;
+- :func:`import_tar` never lets the tar choose where bytes go: each member is
+  read as a stream, checked (path, type and size, with our own checks and
+  :func:`tarfile.data_filter`), copied into ``staging/`` under a name made from
+  the registered identifier, checked against the registered SHA-1, published
+  with the durable primitives of deposits, re-read from storage, then located.
+
+Every function takes a ``report`` callback receiving one :class:`Outcome` per
+member or resource, and returns a :class:`Summary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from nbankd import errors
+from nbankd.archive import durable
+from nbankd.archive.fsops import fsync_dir, remove_ours
+from nbankd.archive.layout import Archive, open_archive
+from nbankd.hashing import sha1_stream
+from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
+
+TAPE_SCHEME = "tape"
+MANIFEST_NAME = "manifest.json"
+STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one member or resource. ``ok`` False counts as a failure."""
+
+    item: str
+    status: str
+    message: str
+    ok: bool = True
+    id: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "item": self.item,
+            "id": self.id,
+            "status": self.status,
+            "ok": self.ok,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+    archive: str | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(not o.ok for o in self.outcomes)
+
+    def counts(self) -> Counter[str]:
+        return Counter(o.status for o in self.outcomes)
+
+
+Report = Callable[[Outcome], None]
+#: called with the number of bytes (or members) just processed
+Advance = Callable[[int], None]
+
+
+def _noop(*_args: object) -> None:
+    return None
+
+
+class _Recorder:
+    def __init__(self, summary: Summary, report: Report | None) -> None:
+        self.summary = summary
+        self.report = report or _noop
+
+    def __call__(
+        self, item: str, status: str, message: str, *, ok: bool = True, id: str | None = None
+    ) -> None:
+        outcome = Outcome(item, status, message, ok, id)
+        self.summary.outcomes.append(outcome)
+        self.report(outcome)
+
+
+@contextmanager
+def open_tar(path: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
+    """Opens a tar file (or '-' for stdin, read as a stream); errors name the file."""
+    try:
+        if str(path) == "-":
+            tar = tarfile.open(fileobj=sys.stdin.buffer, mode="r|*")  # noqa: SIM115
+        else:
+            tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
+    except (OSError, tarfile.TarError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise errors.UsageError(
+            f"cannot read tar file {path}: {reason}", hint="give the path of a readable tar file"
+        ) from None
+    with tar:
+        yield tar
+
+
+def member_id(name: str) -> str | None:
+    """The resource identifier a member name stands for, or None if it cannot be one."""
+    stem = PurePosixPath(name).stem
+    return stem if SLUG_RE.match(stem) else None
+
+
+# --- register --------------------------------------------------------------------------
+
+
+def tape_root(tape: str, file_number: int) -> str:
+    return f"{tape}:{file_number}"
+
+
+def tape_archive(
+    registry: Registry, tape: str, file_number: int, name: str | None, *, dry_run: bool
+) -> tuple[ArchiveRecord | None, str]:
+    """The archive record for a tape file, created if missing (not in a dry run).
+
+    Returns (record or None in a dry run that would create it, message).
+    """
+    root = tape_root(tape, file_number)
+    wanted = name or f"{tape}-{file_number}"
+    existing = registry.find_archive_by_root(root, scheme=TAPE_SCHEME)
+    if existing is not None:
+        if name is not None and existing.name != name:
+            raise errors.ArchiveTaken(
+                f"tape file {root} is already registered as archive '{existing.name}'",
+                hint=f"drop -n, or give -n {existing.name}",
+            )
+        return existing, f"resuming archive '{existing.name}' ({TAPE_SCHEME}:{root})"
+    other = registry.get_archive(wanted)
+    if other is not None:
+        raise errors.ArchiveTaken(
+            f"archive name '{wanted}' is taken by {other.scheme}:{other.root}",
+            hint="give another archive name with -n NAME",
+        )
+    if not SLUG_RE.match(wanted):
+        raise errors.UsageError(
+            f"'{wanted}' cannot be an archive name (letters, digits, '-' and '_' only)",
+            hint="give a name with -n NAME",
+        )
+    if dry_run:
+        return None, f"would create archive '{wanted}' ({TAPE_SCHEME}:{root}) (dry run)"
+    record = registry.add_archive(wanted, TAPE_SCHEME, root, "offline")
+    return record, f"created archive '{record.name}' ({TAPE_SCHEME}:{root})"
+
+
+def register_tar(
+    registry: Registry,
+    tar_path: str | os.PathLike[str],
+    tape: str,
+    file_number: int,
+    *,
+    archive_name: str | None = None,
+    dry_run: bool = False,
+    report: Report | None = None,
+    advance: Advance | None = None,
+) -> Summary:
+    """Locates every registered resource of a tar file in the tape archive (resumable)."""
+    record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=dry_run)
+    name = record.name if record is not None else archive_name or f"{tape}-{file_number}"
+    summary = Summary(archive=name)
+    note = _Recorder(summary, report)
+    note(name, "archive", message)
+    candidates: list[tarfile.TarInfo] = []
+    with open_tar(tar_path) as tar:
+        for member in tar:
+            (advance or _noop)(1)
+            if (member.isreg() or member.isdir()) and member.name != MANIFEST_NAME:
+                candidates.append(member)
+    ids = {i for m in candidates if (i := member_id(m.name)) is not None}
+    records = {r.name: r for r in registry.get_resources(ids)}
+    located = registry.get_locations_bulk(i for i, r in records.items() if name in r.locations)
+    last_dir: PurePosixPath | None = None
+    for member in candidates:
+        path = PurePosixPath(member.name)
+        if last_dir is not None and path.is_relative_to(last_dir):
+            continue  # inside a directory resource
+        id = member_id(member.name)
+        if id is None or id not in records:
+            if member.isreg():
+                note(member.name, "skipped", "no match in registry, skipping", id=id)
+            continue
+        last_dir = path if member.isdir() else last_dir
+        here = [loc for loc in located.get(id, []) if loc.archive_name == name]
+        if here and here[0].key is not None:
+            key = here[0].key
+            text = "already registered" if key == member.name else f"already as {key}"
+            note(member.name, "already", f"{text} in '{name}'", id=id)
+            continue
+        if here:  # located by nbank register-tar, which records no member name
+            if dry_run:
+                note(member.name, "keyed", "would record the member name (dry run)", id=id)
+                continue
+            registry.remove_location(id, name)
+        if dry_run:
+            note(member.name, "added", f"would add location in '{name}' (dry run)", id=id)
+            continue
+        try:
+            registry.add_location(id, name, key=member.name)
+        except errors.LocationTaken as err:
+            if "key" in err.fields:
+                note(member.name, "failed", f"{err}", ok=False, id=id)
+            else:
+                note(member.name, "already", f"already registered in '{name}'", id=id)
+            continue
+        new = LocationRecord(name, TAPE_SCHEME, tape_root(tape, file_number), id, member.name)
+        located[id] = [loc for loc in located.get(id, []) if loc.archive_name != name] + [new]
+        text = "recorded the member name" if here else f"added location in '{name}'"
+        note(member.name, "keyed" if here else "added", text, id=id)
+    return summary
+
+
+# --- prune -----------------------------------------------------------------------------
+
+
+def _verified_elsewhere(
+    loc: LocationRecord, sha1: str | None, ours: Path, *, check_hash: bool
+) -> tuple[bool, str]:
+    """Whether another location of a resource is verified to hold it, and why (not).
+
+    A local copy that is the very file at ``ours`` (the same archive reached by
+    another path, e.g. a bind mount) does not count.
+    """
+    where = f"'{loc.archive_name}' ({loc.scheme}:{loc.root})"
+    if loc.scheme == TAPE_SCHEME:
+        if loc.key:
+            return True, f"on tape in {where} as {loc.key}"
+        return False, f"tape copy in {where} has no member name (register it with nbankctl)"
+    if loc.scheme != "neurobank":
+        return False, f"copy in {where} cannot be checked from this host"
+    try:
+        other = open_archive(loc.root)
+        path = other.stored_path(loc.resource_name)
+    except errors.NbankdError:
+        return False, f"archive {where} is not on this host"
+    if path is None:
+        return False, f"copy in {where} is missing"
+    if os.path.samefile(path, ours) or os.path.samefile(path.parent, ours.parent):
+        return False, f"{path} is this very copy (the same folder under another path)"
+    if check_hash and sha1 is not None and not durable.verify_from_storage(path, sha1):
+        return False, f"copy {path} does not match the registered SHA-1"
+    return True, f"copy at {path}"
+
+
+def _remove_copy(archive: Archive, path: Path) -> bool:
+    """Deletes a stored copy, then its stub folder if now empty; True if the stub went."""
+    remove_ours(path)
+    stub = path.parent
+    fsync_dir(stub)
+    try:
+        os.rmdir(stub)
+    except OSError:
+        return False  # not empty (or in use): keep it
+    fsync_dir(archive.resources_dir)
+    return True
+
+
+def prune(
+    registry: Registry,
+    archive_name: str,
+    ids: Iterable[str],
+    *,
+    dry_run: bool = False,
+    check_hash: bool = True,
+    report: Report | None = None,
+) -> Summary:
+    """Deletes the copies of ``ids`` in a local archive that are verifiably stored elsewhere."""
+    record = registry.get_archive(archive_name)
+    if record is None:
+        raise errors.NotFound(
+            f"no archive '{archive_name}' in registry {registry.url}",
+            hint="list archives with: nbankctl archive list",
+        )
+    if record.scheme != "neurobank":
+        raise errors.UsageError(f"'{archive_name}' is a {record.scheme} archive, not neurobank")
+    if not os.path.isdir(record.root):
+        raise errors.UsageError(
+            f"archive '{archive_name}' is not on this host ({record.root})",
+            hint="run nbankctl tape prune on the host that mounts it",
+        )
+    archive = open_archive(record.root)
+    summary = Summary(archive=archive_name)
+    note = _Recorder(summary, report)
+    prefix = "would " if dry_run else ""
+    for id in ids:
+        try:
+            locations = registry.get_locations(id)
+            resource = registry.get_resource(id)
+        except errors.NotFound:
+            note(id, "failed", f"not in registry {registry.url}", ok=False, id=id)
+            continue
+        by_archive = {loc.archive_name: loc for loc in locations if loc.archive_name != "registry"}
+        if archive_name not in by_archive:
+            note(id, "skipped", f"not in archive '{archive_name}'", id=id)
+            continue
+        path = archive.stored_path(id)
+        if path is None:
+            note(
+                id,
+                "failed",
+                f"registered in '{archive_name}' but not in {archive.path}",
+                ok=False,
+                id=id,
+            )
+            continue
+        sha1 = resource.sha1 if resource is not None else None
+        reasons = []
+        verified = None
+        for name, loc in by_archive.items():
+            if name == archive_name:
+                continue
+            ok, why = _verified_elsewhere(loc, sha1, path, check_hash=check_hash)
+            if ok:
+                verified = why
+                break
+            reasons.append(why)
+        if verified is None:
+            why = "; ".join(reasons) or "this archive is the only location"
+            note(id, "kept", f"kept {path}: no verified second copy ({why})", id=id)
+            continue
+        if not dry_run:
+            registry.remove_location(id, archive_name)
+            stub_gone = _remove_copy(archive, path)
+        else:
+            stub_gone = len(os.listdir(path.parent)) == 1
+        text = f"{prefix}delete {path} ({verified})" if dry_run else f"deleted {path} ({verified})"
+        if stub_gone:
+            text += f"; {prefix}remove empty {path.parent}"
+        note(id, "deleted", text, id=id)
+    return summary
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
+    """Why a member must not be extracted, or None. Our checks first, then data_filter."""
+    name = member.name
+    path = PurePosixPath(name)
+    if not name or "\0" in name:
+        return "an empty or invalid name"
+    if name.startswith("/") or path.is_absolute():
+        return "an absolute path"
+    if ".." in path.parts:
+        return "a path with '..'"
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device file"
+    if member.isfifo():
+        return "a FIFO"
+    if not (member.isreg() or member.isdir()):
+        return "not a regular file or folder"
+    if member.isreg() and max_size is not None and member.size > max_size:
+        return f"{member.size} bytes, more than the limit of {max_size}"
+    try:
+        tarfile.data_filter(member, str(dest))
+    except tarfile.FilterError as err:
+        return f"refused by tarfile's data filter: {err}"
+    return None
+
+
+class _Refused(Exception):
+    """One member is not imported: (status, message, ok)."""
+
+    def __init__(self, status: str, message: str, *, ok: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.ok = status, message, ok
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def import_tar(
+    registry: Registry,
+    tar_path: str | os.PathLike[str],
+    archive_path: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    max_size: int | None = None,
+    report: Report | None = None,
+    advance: Advance | None = None,
+) -> Summary:
+    """Imports the registered resources of a tar file into a local neurobank archive."""
+    archive = open_archive(archive_path)
+    record = registry.find_archive_by_root(str(archive.path))
+    if record is None:
+        raise errors.NotFound(
+            f"no archive with root {archive.path} in registry {registry.url}",
+            hint="register it with nbankctl init (new folders) or ask the registry's admin",
+        )
+    summary = Summary(archive=record.name)
+    note = _Recorder(summary, report)
+    staging = archive.staging_dir if dry_run else archive.ensure_staging()
+    with open_tar(tar_path) as tar:
+        while True:
+            try:
+                member = tar.next()
+            except tarfile.TarError as err:
+                note(str(tar_path), "failed", f"unreadable from here on: {err}", ok=False)
+                break
+            if member is None:
+                break
+            id = member_id(member.name)
+            try:
+                problem = member_problem(member, staging, max_size)
+                if problem is not None:
+                    raise _Refused("refused", f"refused member {member.name!r}: {problem}")
+                if member.name == MANIFEST_NAME:
+                    continue
+                message = _import_member(
+                    registry, archive, record.name, tar, member, dry_run, advance or _noop
+                )
+            except _Refused as why:
+                if why.message:
+                    note(member.name, why.status, why.message, ok=why.ok, id=id)
+                continue
+            except tarfile.TarError as err:
+                note(member.name, "failed", f"the tar file ends early: {err}", ok=False, id=id)
+                break
+            except (errors.RegistryRejected, errors.ResourceExists, errors.NotFound) as err:
+                note(member.name, "failed", str(err), ok=False, id=id)
+                continue
+            note(member.name, "imported", message, id=id)
+    return summary
+
+
+def _import_member(
+    registry: Registry,
+    archive: Archive,
+    archive_name: str,
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    dry_run: bool,
+    advance: Advance,
+) -> str:
+    """Imports one safe member; returns what was done or raises _Refused."""
+    id = member_id(member.name)
+    resource = registry.get_resource(id) if id is not None else None
+    if resource is None:  # unregistered: a note for files, nothing for folders
+        text = f"'{id}' is not in the registry, skipping" if member.isreg() else ""
+        raise _Refused("skipped", text, ok=True)
+    if member.isdir():
+        raise _Refused("refused", f"'{id}' is a folder resource; use nbank archive import-tar")
+    if archive_name in resource.locations:
+        raise _Refused("already", f"'{id}' is already in '{archive_name}'", ok=True)
+    if not dry_run and member.size > _free_bytes(archive.staging_dir):
+        raise _Refused("refused", f"refused member {member.name!r}: {member.size} bytes, "
+                       f"more than the free space in {archive.staging_dir}")  # fmt: skip
+    stream = tar.extractfile(member)
+    assert stream is not None  # a regular member always has data
+    sha1 = resource.sha1
+    mismatch = f"of {member.name!r} does not match the registered {sha1} of '{id}'"
+    unverified = "" if sha1 else " (no registered hash to check)"
+    if dry_run:
+        digest = sha1_stream(stream)
+        advance(member.size)
+        if sha1 and digest != sha1.lower():
+            raise _Refused("failed", f"SHA-1 {digest} {mismatch}")
+        return f"'{id}' checks OK{unverified} (dry run)"
+    staged = durable.stage_copy(archive, stream, STAGED_PREFIX + id, progress=_counter(advance))
+    if staged.size != member.size or (sha1 and staged.sha1 != sha1.lower()):
+        durable.discard_staged(archive, staged.path)
+        raise _Refused("failed", f"SHA-1 {staged.sha1} {mismatch}; not imported")
+    target = archive.new_resource_path(id, PurePosixPath(member.name).name)
+    published = durable.publish(archive, staged.path, target, sha1=staged.sha1)
+    if not durable.verify_from_storage(published.path, staged.sha1):
+        raise _Refused("failed", f"{published.path} does not read back with SHA-1 "
+                       f"{staged.sha1}; check the archive's storage")  # fmt: skip
+    with contextlib.suppress(errors.LocationTaken):  # added by a concurrent run
+        registry.add_location(id, archive_name)
+    return f"{published.path}{unverified}"
+
+
+def _counter(advance: Advance) -> Callable[[int], None]:
+    """Turns advance(delta) into progress(total), as stage_copy calls it."""
+    done = [0]
+
+    def progress(total: int) -> None:
+        advance(total - done[0])
+        done[0] = total
+
+    return progress
+
+
+__all__ = [
+    "Outcome",
+    "Summary",
+    "import_tar",
+    "member_id",
+    "member_problem",
+    "open_tar",
+    "prune",
+    "register_tar",
+    "tape_archive",
+    "tape_root",
+]

@@ -1,0 +1,293 @@
+"""nbankctl's daemon commands against the real nbankd over its real control socket.
+
+Each test starts ``nbankd`` with :class:`DaemonHarness`, runs ``nbankctl`` as a
+subprocess, and checks its output, exit status and the files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.daemon import DaemonHarness, wait_for
+
+NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
+
+
+def ctl(
+    h: DaemonHarness, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``nbankctl -c CONFIG ARGS``; output captured as text."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [NBANKCTL, "-c", str(h.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+    )
+
+
+def ctl_json(h: DaemonHarness, *args: str) -> Any:
+    proc = ctl(h, *args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def explain_state(h: DaemonHarness, path: Path) -> str:
+    return str(ctl_json(h, "explain", str(path))["state"])
+
+
+@pytest.fixture
+def h(daemon_factory: Any) -> DaemonHarness:
+    harness: DaemonHarness = daemon_factory()
+    harness.start()
+    return harness
+
+
+def test_status_json_has_the_documented_fields(h: DaemonHarness) -> None:
+    """status --json reports version, registry, inboxes, queue, degraded and audit fields."""
+    result = ctl_json(h, "status")
+    for key in ("version", "pid", "registry", "inboxes", "queue", "degraded"):
+        assert key in result
+    assert result["last_audit"] is None and result["next_audit"] is None
+    [inbox] = result["inboxes"]
+    assert inbox["path"] == str(h.inbox)
+    assert {"paused", "last_scan", "in_flight", "deposited", "in_rejected_folder"} <= set(inbox)
+    assert result["pid"] == h.proc.pid  # type: ignore[union-attr]
+
+
+def test_status_exits_0_when_healthy(h: DaemonHarness) -> None:
+    """A fresh daemon with a usable archive is healthy: exit 0 and a readable summary."""
+    proc = ctl(h, "status")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "healthy" in proc.stdout
+    assert str(h.inbox) in proc.stdout
+
+
+def test_status_exits_1_when_the_archive_is_missing(h: DaemonHarness) -> None:
+    """An archive whose nbank.json disappeared (unmounted) makes status degraded: exit 1."""
+    (h.archive / "nbank.json").rename(h.archive / "nbank.json.away")
+    assert ctl(h, "rescan").returncode == 0
+    proc = wait_for(lambda: (p := ctl(h, "status")).returncode == 1 and p, what="degraded")
+    assert "DEGRADED" in proc.stdout
+    assert "archive" in proc.stdout
+
+
+def test_status_exits_1_while_a_rejected_file_waits(h: DaemonHarness) -> None:
+    """A file sitting in the rejected folder counts as degraded until it is requeued."""
+    h.drop("bad name.dat", b"payload")
+    h.wait_settled(1)
+    proc = ctl(h, "status")
+    assert proc.returncode == 1
+    assert "1 rejected input(s) waiting" in proc.stdout
+
+
+def test_paused_inbox_claims_nothing_until_resumed(h: DaemonHarness) -> None:
+    """A paused inbox keeps scanning but leaves a ready file alone; resume deposits it."""
+    assert ctl(h, "pause").returncode == 0
+    src = h.drop("paused01.dat", b"waiting")
+    dropped = time.time()
+    ctl(h, "rescan")
+    # provably scanned after the drop, and the scan found the file ready but paused
+    wait_for(
+        lambda: (
+            ctl_json(h, "status")["inboxes"][0]["last_scan"] > dropped
+            and explain_state(h, src) == "paused"
+        ),
+        what="a scan that sees the file ready while paused",
+    )
+    assert src.exists() and h.receipts() == []
+    assert ctl_json(h, "status")["inboxes"][0]["paused"] is True
+    assert ctl(h, "resume", str(h.inbox)).returncode == 0
+    h.wait_settled(1)
+    assert [r["id"] for r in h.receipts()] == ["paused01"]
+    assert not src.exists()
+
+
+def test_history_lists_receipts_newest_first_and_filters_by_id(h: DaemonHarness) -> None:
+    """history shows each deposit's receipt; --id keeps only the one asked for."""
+    h.drop("first01.dat", b"one")
+    h.wait_settled(1)
+    h.drop("second02.dat", b"two")
+    h.wait_settled(2)
+    all_ids = [r["id"] for r in ctl_json(h, "history")["receipts"]]
+    assert all_ids == ["second02", "first01"]
+    [only] = ctl_json(h, "history", "--id", "first01")["receipts"]
+    assert only["id"] == "first01" and only["source"] == str(h.inbox / "first01.dat")
+    text = ctl(h, "history", "--since", "1h").stdout
+    assert "first01" in text and "second02" in text
+
+
+def test_explain_settling_file(daemon_factory: Any) -> None:
+    """A file that has not been unchanged for settle_seconds is explained as settling."""
+    h = daemon_factory(inbox_options={"settle_seconds": 600})
+    h.start()
+    src = h.drop("slow01.dat", b"still being written")
+    ctl(h, "rescan")
+    wait_for(lambda: explain_state(h, src) == "settling", what="settling verdict")
+    result = ctl_json(h, "explain", str(src))
+    assert "settl" in result["message"]
+
+
+def test_explain_rejected_file_by_original_and_rejected_path(h: DaemonHarness) -> None:
+    """explain gives the reason of a rejected input from its original or rejected path."""
+    src = h.drop("has space.dat", b"payload")
+    h.wait_settled(1)
+    by_original = ctl_json(h, "explain", str(src))
+    rejected = h.rejected / "has space.dat"
+    by_rejected = ctl_json(h, "explain", str(rejected))
+    for result in (by_original, by_rejected):
+        assert result["state"] == "rejected"
+        assert result["reason"]["code"] == "invalid-name"
+        assert result["rejected_path"] == str(rejected)
+
+
+def test_explain_deposited_file(h: DaemonHarness) -> None:
+    """explain of a deposited input's original path gives its identifier, URL and time."""
+    src = h.drop("done0001.dat", b"deposited bytes")
+    h.wait_settled(1)
+    result = ctl_json(h, "explain", str(src))
+    [receipt] = h.receipts()
+    assert result["state"] == "deposited"
+    assert result["id"] == "done0001" and result["url"] == receipt["url"]
+    assert result["time"]
+
+
+def test_explain_ignored_file(h: DaemonHarness) -> None:
+    """A file matching an ignore pattern is explained as ignored, naming the pattern."""
+    src = h.drop("capture.tmp", b"temporary")
+    result = ctl_json(h, "explain", str(src))
+    assert result["state"] == "ignored" and result["pattern"] == "*.tmp"
+
+
+def test_requeue_by_rejected_path_after_fixing_the_name(h: DaemonHarness) -> None:
+    """A file rejected for its name deposits once a sidecar gives an id and it is requeued."""
+    h.drop("with space.dat", b"good bytes")
+    h.wait_settled(1)
+    rejected = h.rejected / "with space.dat"
+    (h.rejected / "with space.dat.nbank.yaml").write_text("id: withspace\n")
+    proc = ctl(h, "requeue", str(rejected))
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: h.receipts(), what="the requeued file's receipt")
+    assert [r["id"] for r in h.receipts()] == ["withspace"]
+    assert h.archive_files()["withspace.dat"].read_bytes() == b"good bytes"
+    assert not (h.rejected / "with space.dat.reason").exists()
+    assert ctl(h, "status").returncode == 0
+
+
+def test_requeue_by_original_path_after_fixing_the_dtype(h: DaemonHarness) -> None:
+    """A file rejected for an unknown dtype deposits after the sidecar is fixed and requeued."""
+    (h.inbox / "odd00001.dat.nbank.yaml").write_text("dtype: no-such-dtype\n")
+    src = h.drop("odd00001.dat", b"odd bytes")
+    h.wait_settled(1)
+    assert h.reasons()[0]["code"] == "unknown-dtype"
+    (h.rejected / "odd00001.dat.nbank.yaml").write_text(f"dtype: {h.dtype}\n")
+    proc = ctl(h, "requeue", str(src))
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: h.receipts(), what="the requeued file's receipt")
+    assert h.receipts()[0]["id"] == "odd00001"
+    assert h.reasons() == []
+
+
+def test_requeue_refuses_when_the_original_name_is_taken(h: DaemonHarness) -> None:
+    """Requeue never overwrites: with the original name taken it moves nothing, exit 1."""
+    h.drop("taken 01.dat", b"rejected bytes")
+    h.wait_settled(1)
+    h.drop("taken 01.dat.tmp", b"")  # ignored, so the daemon leaves it alone
+    os.rename(h.inbox / "taken 01.dat.tmp", h.inbox / "taken 01.dat")
+    ctl(h, "pause")  # keep the newcomer where it is
+    proc = ctl(h, "requeue", str(h.rejected / "taken 01.dat"))
+    assert proc.returncode == 1
+    assert "already exists" in proc.stderr
+    assert (h.rejected / "taken 01.dat").read_bytes() == b"rejected bytes"
+    assert (h.rejected / "taken 01.dat.reason").exists()
+
+
+def test_audit_is_not_implemented_yet(h: DaemonHarness) -> None:
+    """audit answers not-implemented: the message is printed and the exit status is 2."""
+    proc = ctl(h, "audit", "--full")
+    assert proc.returncode == 2
+    assert "not implemented" in proc.stderr
+
+
+def test_socket_found_through_nbankd_config_env(h: DaemonHarness) -> None:
+    """Without -c, $NBANKD_CONFIG names the configuration whose control_socket is used."""
+    proc = subprocess.run(
+        [NBANKCTL, "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NBANKD_CONFIG": str(h.config_path)},
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_daemon_not_running_exits_3(tmp_path: Path) -> None:
+    """With no daemon on the socket, nbankctl says so and exits 3."""
+    missing = tmp_path / "nothing.sock"
+    proc = subprocess.run(
+        [NBANKCTL, "status", "--socket", str(missing)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3
+    assert f"nbankd is not running (no socket at {missing})" in proc.stderr
+
+
+def test_requeue_all_rejected_moves_every_rejected_input_back(h: DaemonHarness) -> None:
+    """requeue --all-rejected INBOX requeues each rejected input of that inbox."""
+    for name in ("all one.dat", "all two.dat"):
+        h.drop(name, name.encode())
+    h.wait_settled(2)
+    for name, ident in (("all one.dat", "allone"), ("all two.dat", "alltwo")):
+        (h.rejected / f"{name}.nbank.yaml").write_text(f"id: {ident}\n")
+    proc = ctl(h, "requeue", "--all-rejected", str(h.inbox))
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: len(h.receipts()) == 2, what="both requeued files deposited")
+    assert sorted(r["id"] for r in h.receipts()) == ["allone", "alltwo"]
+
+
+def test_queue_lists_a_settling_file_as_waiting(daemon_factory: Any) -> None:
+    """queue shows files the daemon has seen but not yet claimed, with the reason."""
+    h = daemon_factory(inbox_options={"settle_seconds": 600})
+    h.start()
+    h.drop("queued01.dat", b"not yet")
+    ctl(h, "rescan")
+    pending = wait_for(lambda: ctl_json(h, "queue")["pending"], what="the file in the queue")
+    assert pending[0]["relpath"] == "queued01.dat" and pending[0]["state"] == "settling"
+    assert "queued01.dat" in ctl(h, "queue").stdout
+
+
+def test_reload_with_a_broken_file_is_refused_and_the_daemon_keeps_running(
+    h: DaemonHarness,
+) -> None:
+    """reload of an invalid configuration exits 2 naming the problem; the daemon runs on."""
+    good = h.config_path.read_text()
+    h.config_path.write_text(good + "no_such_key: 1\n")
+    proc = ctl(h, "reload", "--socket", str(h.socket_path))
+    assert proc.returncode == 2
+    assert "no_such_key" in proc.stderr
+    h.config_path.write_text(good)
+    assert ctl(h, "reload").returncode == 0
+    assert ctl(h, "status").returncode == 0
+
+
+def test_options_before_the_command_are_kept(tmp_path: Path) -> None:
+    """``nbankctl -c FILE --json status`` uses FILE (no daemon there: exit 3 naming its socket)."""
+    sock = tmp_path / "nowhere.sock"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ncontrol_socket: {sock}\n")
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("nbankctl")), "-c", str(cfg), "--json", "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 3
+    assert str(sock) in out.stderr

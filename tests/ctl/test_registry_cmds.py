@@ -1,0 +1,552 @@
+"""nbankctl's registry commands, run as a subprocess against both registry backends.
+
+Every test that takes ``backend`` runs twice: against the embedded registry (a
+configuration with ``registry: embedded``, records made with EmbeddedRegistry) and
+against the real django-neurobank server (``-r URL`` with a netrc file). Where the
+real ``nbank`` client can read the same registry, its answers are compared.
+
+The ``backend`` fixture and the ``Backend`` helper are imported by test_tape.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbankd.archive.access import apply_access
+from nbankd.archive.layout import Archive, create_archive
+from nbankd.registry.base import Registry
+from nbankd.registry.embedded import EmbeddedRegistry
+from nbankd.registry.http import HttpRegistry
+
+BIN = Path(sys.executable).parent
+NBANKCTL = str(BIN / "nbankctl")
+NBANK = str(BIN / "nbank")
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def json_stream(text: str) -> list[Any]:
+    """Parses concatenated JSON documents (as nbank and nbankctl info print them)."""
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while pos < len(text):
+        obj, end = decoder.raw_decode(text, pos)
+        out.append(obj)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
+
+
+@dataclass
+class Backend:
+    """One registry, and how to point nbankctl (and nbank) at it."""
+
+    kind: str
+    tmp: Path
+    registry: Registry
+    env: dict[str, str]
+    before: list[str] = field(default_factory=list)  # nbankctl options before the command
+    url: str | None = None  # the django-neurobank URL
+    dtype: str = ""
+    n: int = 0
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def blob(self, label: str) -> bytes:
+        """Contents unique to this test (the django server is shared: sha1s must differ)."""
+        return self.blobs.setdefault(label, f"{label}-{os.urandom(8).hex()}".encode())
+
+    def ctl(self, *argv: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs ``nbankctl [-r URL] ARGV``."""
+        return subprocess.run(
+            [NBANKCTL, *self.before, *argv],
+            env=self.env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def nbank(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Runs the real ``nbank -r URL ARGV`` (django backend only)."""
+        assert self.url is not None
+        return subprocess.run(
+            [NBANK, "-r", self.url, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def name(self, prefix: str = "r") -> str:
+        self.n += 1
+        return f"{prefix}{os.urandom(4).hex()}{self.n}"
+
+    def archive(self, folder: str = "arch") -> tuple[Archive, str]:
+        """Creates and registers a neurobank archive under tmp; returns it and its name."""
+        name = self.name("ar")
+        archive = create_archive(self.tmp / f"{folder}-{name}", self.registry.url)
+        self.registry.add_archive(name, "neurobank", str(archive.path))
+        return archive, name
+
+    def resource(
+        self,
+        data: bytes,
+        archive: str | None,
+        *,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        hashed: bool = True,
+    ) -> str:
+        """Registers a resource with the SHA-1 of data; returns its name."""
+        record = self.registry.add_resource(
+            dtype=self.dtype,
+            archive=archive,
+            name=name or self.name(),
+            sha1=sha1(data) if hashed else None,
+            metadata=metadata,
+        )
+        return record.name
+
+
+def store(archive: Archive, id: str, data: bytes, ext: str = ".dat") -> Path:
+    """Puts a file into the archive as a deposit would (policy group and modes)."""
+    stub = archive.resources_dir / id[:2]
+    stub.mkdir(exist_ok=True)
+    apply_access(archive, stub)
+    path = stub / f"{id}{ext}"
+    path.write_bytes(data)
+    apply_access(archive, path)
+    return path
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANK", "NETRC"))}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    env["HOME"] = str(home)
+    return env
+
+
+def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+    env = _base_env(tmp_path / "home")
+    if kind == "embedded":
+        state = tmp_path / "state"
+        config = tmp_path / "config.yaml"
+        config.write_text(f"registry: embedded\nstate_dir: {state}\n")
+        env["NBANKD_CONFIG"] = str(config)
+        registry: Registry = EmbeddedRegistry(state / "registry.sqlite3")
+        b = Backend("embedded", tmp_path, registry, env)
+    else:
+        server = request.getfixturevalue("django_registry")
+        server.write_netrc(tmp_path / "home" / ".netrc")
+        env["NBANKD_CONFIG"] = str(tmp_path / "no-such-config.yaml")
+        registry = HttpRegistry(server.url, server.auth)
+        b = Backend("django", tmp_path, registry, env, ["-r", server.url], url=server.url)
+    b.dtype = registry.add_datatype(b.name("dt"), "application/octet-stream").name
+    return b
+
+
+@pytest.fixture(params=["embedded", "django"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A registry with a fresh datatype, as nbankctl sees it (two backends)."""
+    b = make_backend(request.param, tmp_path, request)
+    yield b
+    b.registry.close()
+
+
+@pytest.fixture
+def django_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """The django-neurobank backend alone, for what only a password-protected registry has."""
+    b = make_backend("django", tmp_path, request)
+    yield b
+    b.registry.close()
+
+
+# --- init ------------------------------------------------------------------------------
+
+
+def test_init_registers_folder_name(backend: Backend) -> None:
+    """init creates the archive layout and registers it under the folder's name."""
+    folder = backend.tmp / backend.name("new")
+    proc = backend.ctl("init", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "nbank.json").is_file() and (folder / "staging").is_dir()
+    record = backend.registry.get_archive(folder.name)
+    assert record is not None and record.root == str(folder) and record.scheme == "neurobank"
+    assert json.loads((folder / "nbank.json").read_text())["registry"] == backend.registry.url
+
+
+def test_init_with_name_option(backend: Backend) -> None:
+    """init -n NAME registers the archive under NAME."""
+    name = backend.name("named")
+    folder = backend.tmp / "folder"
+    assert backend.ctl("init", "-n", name, str(folder)).returncode == 0
+    record = backend.registry.get_archive(name)
+    assert record is not None and record.root == str(folder)
+
+
+def test_init_archive_passes_nbank_archive_check(backend: Backend) -> None:
+    """An archive made by init is clean for nbankctl's check and the real nbank's."""
+    folder = backend.tmp / backend.name("chk")
+    assert backend.ctl("init", str(folder)).returncode == 0
+    proc = backend.ctl("archive", "check", str(folder))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if backend.url is not None:
+        proc = backend.nbank("archive", "check", str(folder))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "missing from archive: 0" in proc.stderr
+
+
+def test_init_refuses_existing_archive(backend: Backend) -> None:
+    """init on a folder that already holds nbank.json exits 2 and changes nothing."""
+    archive, _ = backend.archive()
+    before = archive.config_path.read_bytes()
+    proc = backend.ctl("init", "-n", backend.name("again"), str(archive.path))
+    assert proc.returncode == 2
+    assert "nbank.json" in proc.stderr and "already exists" in proc.stderr
+    assert archive.config_path.read_bytes() == before
+
+
+# --- search, info, modify -----------------------------------------------------------
+
+
+def test_search_by_dtype_lists_names(backend: Backend) -> None:
+    """search -d DTYPE prints the names of the matching resources, as nbank does."""
+    _, arch = backend.archive()
+    names = {
+        backend.resource(backend.blob("one"), arch),
+        backend.resource(backend.blob("two"), arch),
+    }
+    proc = backend.ctl("search", "-d", backend.dtype)
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == names
+    if backend.url is not None:
+        assert set(backend.nbank("search", "-d", backend.dtype).stdout.split()) == names
+
+
+def test_search_by_metadata_and_exclusion(backend: Backend) -> None:
+    """search -k KEY=VALUE filters on metadata; -K KEY=VALUE excludes."""
+    _, arch = backend.archive()
+    a = backend.resource(backend.blob("a"), arch, metadata={"bird": "b1", "n": 3})
+    b = backend.resource(backend.blob("b"), arch, metadata={"bird": "b2", "n": 3})
+    proc = backend.ctl("search", "-d", backend.dtype, "-k", "bird=b1")
+    assert proc.stdout.split() == [a]
+    proc = backend.ctl("search", "-d", backend.dtype, "-k", "n=3", "-K", "bird=b1")
+    assert proc.stdout.split() == [b]
+    if backend.url is not None:
+        nb = backend.nbank("search", "-d", backend.dtype, "-k", "n=3", "-K", "bird=b1")
+        assert nb.stdout.split() == [b]
+
+
+def test_search_json_prints_records(backend: Backend) -> None:
+    """search --json prints full registry records."""
+    _, arch = backend.archive()
+    name = backend.resource(backend.blob("json"), arch)
+    proc = backend.ctl("search", "--json", "-H", sha1(backend.blob("json")))
+    [record] = json_stream(proc.stdout)
+    assert record["name"] == name and record["sha1"] == sha1(backend.blob("json"))
+    assert record["locations"] == [arch]
+
+
+def test_search_without_filters_is_usage_error(backend: Backend) -> None:
+    """search with no filter at all exits 2 with a message."""
+    proc = backend.ctl("search")
+    assert proc.returncode == 2 and "at least one filter" in proc.stderr
+
+
+def test_info_prints_records_like_nbank(backend: Backend) -> None:
+    """info prints each record as JSON; the real nbank info agrees."""
+    _, arch = backend.archive()
+    a = backend.resource(backend.blob("i1"), arch, metadata={"k": "v"})
+    b = backend.resource(backend.blob("i2"), arch)
+    proc = backend.ctl("info", a, b)
+    assert proc.returncode == 0, proc.stderr
+    records = {r["name"]: r for r in json_stream(proc.stdout)}
+    assert records[a]["metadata"] == {"k": "v"} and records[b]["sha1"] == sha1(backend.blob("i2"))
+    if backend.url is not None:
+        theirs = {r["name"]: r for r in json_stream(backend.nbank("info", a, b).stdout)}
+        for key in ("sha1", "dtype", "metadata", "locations"):
+            assert records[a][key] == theirs[a][key]
+
+
+def test_info_unknown_id_exits_1(backend: Backend) -> None:
+    """info on an unregistered id says not found and exits 1."""
+    missing = backend.name("missing")
+    proc = backend.ctl("info", missing)
+    assert proc.returncode == 1
+    assert json_stream(proc.stdout) == [{"id": missing, "error": "not found"}]
+    assert missing in proc.stderr
+
+
+def test_modify_merges_and_deletes_metadata(backend: Backend) -> None:
+    """modify -k sets keys, -K deletes them; nbank info sees the change."""
+    _, arch = backend.archive()
+    name = backend.resource(backend.blob("m"), arch, metadata={"keep": 1, "drop": 2})
+    proc = backend.ctl("modify", "-k", "new=[1, 2]", "-k", "s=text", "-K", "drop", name)
+    assert proc.returncode == 0, proc.stderr
+    expected = {"keep": 1, "new": [1, 2], "s": "text"}
+    assert json_stream(proc.stdout)[0]["metadata"] == expected
+    record = backend.registry.get_resource(name)
+    assert record is not None and record.metadata == expected
+    if backend.url is not None:
+        assert json_stream(backend.nbank("info", name).stdout)[0]["metadata"] == expected
+
+
+def test_modify_unknown_id_exits_1(backend: Backend) -> None:
+    """modify on an unregistered id reports it and exits 1."""
+    missing = backend.name("missing")
+    proc = backend.ctl("modify", "-k", "a=1", missing)
+    assert proc.returncode == 1 and missing in proc.stderr
+
+
+# --- locate, verify ------------------------------------------------------------------
+
+
+def test_locate_prints_local_path(backend: Backend) -> None:
+    """locate prints the path of a copy in an archive on this host."""
+    archive, arch = backend.archive()
+    name = backend.resource(backend.blob("loc"), arch)
+    path = store(archive, name, backend.blob("loc"))
+    proc = backend.ctl("locate", name)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [name, str(path)]
+    if backend.url is not None:
+        assert backend.nbank("locate", name).stdout.split() == [name, str(path)]
+
+
+def test_locate_link_and_print0(backend: Backend) -> None:
+    """locate -L DIR makes a symlink to the local copy; -0 prints NUL-separated paths."""
+    archive, arch = backend.archive()
+    a, b = backend.resource(backend.blob("L1"), arch), backend.resource(backend.blob("L2"), arch)
+    pa, pb = store(archive, a, backend.blob("L1")), store(archive, b, backend.blob("L2"))
+    links = backend.tmp / "links"
+    links.mkdir()
+    assert backend.ctl("locate", "-L", str(links), a).returncode == 0
+    assert (links / pa.name).readlink() == pa
+    proc = backend.ctl("locate", "-0", a, b)
+    assert proc.returncode == 0 and proc.stdout == f"{pa}\0{pb}\0"
+
+
+def test_locate_unknown_id_exits_1(backend: Backend) -> None:
+    """locate on an unregistered id prints (not found) and exits 1."""
+    missing = backend.name("missing")
+    proc = backend.ctl("locate", missing)
+    assert proc.returncode == 1 and "(not found)" in proc.stdout
+
+
+def test_verify_finds_resource_by_hash(backend: Backend) -> None:
+    """verify FILE finds the resource whose sha1 matches the file's."""
+    _, arch = backend.archive()
+    name = backend.resource(backend.blob("verify me"), arch)
+    f = backend.tmp / "copy.bin"
+    f.write_bytes(backend.blob("verify me"))
+    proc = backend.ctl("verify", str(f))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{f}: matches registry resource {name}"
+
+
+def test_verify_with_id_mismatch_exits_1(backend: Backend) -> None:
+    """verify -i ID FILE exits 1 when the file differs from ID's record."""
+    _, arch = backend.archive()
+    name = backend.resource(backend.blob("original"), arch)
+    f = backend.tmp / "changed.bin"
+    f.write_bytes(b"changed")
+    proc = backend.ctl("verify", "-i", name, str(f))
+    assert proc.returncode == 1 and "FAILED to match record" in proc.stdout
+    f.write_bytes(backend.blob("original"))
+    assert backend.ctl("verify", "-i", name, str(f)).stdout.strip() == f"{f}: OK"
+
+
+def test_verify_unregistered_file_exits_1(backend: Backend) -> None:
+    """verify on a file no record matches exits 1 with 'no matches'."""
+    f = backend.tmp / "unknown.bin"
+    f.write_bytes(os.urandom(32))
+    proc = backend.ctl("verify", str(f))
+    assert proc.returncode == 1 and "no matches in registry" in proc.stdout
+
+
+# --- dtype, archive list, registry-info ------------------------------------------------
+
+
+def test_dtype_add_then_list(backend: Backend) -> None:
+    """dtype add creates a datatype that dtype list shows with its content type."""
+    name = backend.name("dt")
+    proc = backend.ctl("dtype", "add", name, "audio/wav")
+    assert proc.returncode == 0, proc.stderr
+    listing = backend.ctl("dtype", "list").stdout.splitlines()
+    assert any(line.split() == [name, "(audio/wav)"] for line in listing)
+    if backend.url is not None:
+        assert any(name in line for line in backend.nbank("dtype", "list").stdout.splitlines())
+
+
+def test_archive_list_shows_root(backend: Backend) -> None:
+    """archive list -n NAME shows the archive's name and root."""
+    archive, arch = backend.archive()
+    proc = backend.ctl("archive", "list", "-n", arch)
+    assert proc.stdout.split() == [arch, str(archive.path)]
+
+
+def test_registry_info_names_address(backend: Backend) -> None:
+    """registry-info prints the registry's address and API version."""
+    proc = backend.ctl("registry-info")
+    assert proc.returncode == 0, proc.stderr
+    assert backend.registry.url in proc.stdout and "api_version: 1.2" in proc.stdout
+
+
+# --- archive check -----------------------------------------------------------------------
+
+
+def test_archive_check_reports_each_problem(backend: Backend) -> None:
+    """archive check -H finds missing, unregistered, corrupt, misplaced files and bad modes."""
+    archive, arch = backend.archive()
+    good = backend.resource(backend.blob("good"), arch)
+    store(archive, good, backend.blob("good"))
+    missing = backend.resource(backend.blob("gone"), arch)
+    corrupt = backend.resource(backend.blob("right"), arch)
+    store(archive, corrupt, backend.blob("wrong")).chmod(0o644)
+    stray = store(archive, backend.name("stray"), backend.blob("stray"))
+    (archive.staging_dir / "leftover.zip").write_bytes(b"x")
+    proc = backend.ctl("archive", "check", "-H", str(archive.path))
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert f"{missing} - missing from archive" in out
+    assert f"{stray} - missing from registry" in out
+    assert f"{corrupt} : " in out and "hash mismatch" in out
+    assert "leftover.zip - incomplete transfer" in out and "mode 0644, expected 0444" in out
+    assert out.strip().endswith(
+        "Resources in registry: 3; missing from archive: 1; missing from registry: 1; "
+        "read/verify errors: 1; other layout errors: 1; permission errors: 1; "
+        "registered elsewhere: 0"
+    )
+
+
+def test_archive_check_skips_hashes_by_default(backend: Backend) -> None:
+    """archive check without -H does not read the files, so a corrupt copy passes."""
+    archive, arch = backend.archive()
+    name = backend.resource(backend.blob("right"), arch)
+    store(archive, name, backend.blob("wrong"))
+    assert backend.ctl("archive", "check", str(archive.path)).returncode == 0
+    assert backend.ctl("archive", "check", "--hash", str(archive.path)).returncode == 1
+
+
+# --- choosing the registry, credentials, errors ------------------------------------------
+
+
+def test_auth_option_warns_about_argv(backend: Backend) -> None:
+    """-a user:pass warns that argv is visible to other users and never echoes the password."""
+    proc = backend.ctl("-a", "someone:secret", "dtype", "list")
+    assert proc.returncode == 0
+    assert "other users" in proc.stderr and "secret" not in proc.stderr + proc.stdout
+
+
+def test_auth_option_authenticates_writes(django_backend: Backend) -> None:
+    """-a user:pass is used for writes when there is no netrc."""
+    backend = django_backend
+    assert isinstance(backend.registry, HttpRegistry)
+    (backend.tmp / "home" / ".netrc").unlink()
+    user, password = backend.registry._auth or ("", "")
+    name = backend.name("dt")
+    proc = backend.ctl("-a", f"{user}:{password}", "dtype", "add", name, "text/plain")
+    assert proc.returncode == 0, proc.stderr
+    assert "other users" in proc.stderr
+    assert any(d.name == name for d in backend.registry.list_datatypes())
+
+
+def test_write_without_credentials_exits_3(django_backend: Backend) -> None:
+    """A write refused for lack of credentials exits 3 naming the registry."""
+    backend = django_backend
+    (backend.tmp / "home" / ".netrc").unlink()
+    proc = backend.ctl("dtype", "add", backend.name("dt"), "text/plain")
+    assert proc.returncode == 3 and backend.url in proc.stderr
+    assert "credentials" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_registry_exits_3_naming_url(tmp_path: Path) -> None:
+    """A registry nobody answers at makes nbankctl exit 3 with the URL in the message."""
+    url = f"http://127.0.0.1:{_free_port()}/neurobank/"
+    env = _base_env(tmp_path / "home")
+    proc = subprocess.run(
+        [NBANKCTL, "-r", url, "info", "abc"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3
+    assert url in proc.stderr and "unreachable" in proc.stderr
+
+
+def test_nbank_registry_variable_is_used(tmp_path: Path, django_registry: Any) -> None:
+    """$NBANK_REGISTRY chooses the registry when -r is not given."""
+    env = _base_env(tmp_path / "home")
+    env["NBANK_REGISTRY"] = django_registry.url
+    env["NBANKD_CONFIG"] = str(tmp_path / "missing.yaml")
+    proc = subprocess.run(
+        [NBANKCTL, "registry-info"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and django_registry.url in proc.stdout
+
+
+def test_no_registry_anywhere_exits_2(tmp_path: Path) -> None:
+    """With no -r, no $NBANK_REGISTRY and no configuration, nbankctl exits 2 saying how."""
+    env = _base_env(tmp_path / "home")
+    config = tmp_path / "absent.yaml"
+    proc = subprocess.run(
+        [NBANKCTL, "info", "abc", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert str(config) in proc.stderr and "-r" in proc.stderr
+
+
+def test_config_option_selects_embedded_registry(tmp_path: Path) -> None:
+    """-c CONFIG with registry: embedded opens that configuration's database."""
+    state = tmp_path / "state"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"registry: embedded\nstate_dir: {state}\n")
+    with EmbeddedRegistry(state / "registry.sqlite3") as reg:
+        reg.add_datatype("only-here", "text/plain")
+    env = _base_env(tmp_path / "home")
+    proc = subprocess.run(
+        [NBANKCTL, "dtype", "list", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "only-here" in proc.stdout
+
+
+def test_embedded_database_missing_exits_2(tmp_path: Path) -> None:
+    """An embedded configuration whose database does not exist yet is a clear error, exit 2."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"registry: embedded\nstate_dir: {tmp_path / 'state'}\n")
+    env = _base_env(tmp_path / "home")
+    proc = subprocess.run(
+        [NBANKCTL, "dtype", "list", "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "registry.sqlite3" in proc.stderr
+    assert not (tmp_path / "state" / "registry.sqlite3").exists()

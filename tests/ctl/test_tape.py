@@ -1,0 +1,381 @@
+"""nbankctl tape register | prune | import, on real tar files, against both registry backends."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_registry_cmds import Backend, make_backend, store
+
+from nbankd.archive.layout import Archive
+from nbankd.registry.base import LocationRecord
+
+
+@pytest.fixture(params=["embedded", "django"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A registry with a fresh datatype, as nbankctl sees it (two backends)."""
+    b = make_backend(request.param, tmp_path, request)
+    yield b
+    b.registry.close()
+
+
+@pytest.fixture
+def django_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """The django-neurobank backend alone, where the real nbank takes part."""
+    b = make_backend("django", tmp_path, request)
+    yield b
+    b.registry.close()
+
+
+def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """Writes a tar file of regular members (name, contents)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o444
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member(id: str, ext: str = ".dat") -> str:
+    """The member name nbank export gives a resource."""
+    return f"resources/{id[:2]}/{id}{ext}"
+
+
+def tape_locations(backend: Backend, id: str) -> list[LocationRecord]:
+    return [loc for loc in backend.registry.get_locations(id) if loc.scheme == "tape"]
+
+
+def tree(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, int, int]]:
+    """Every path under root (links not followed) with (mode, size, mtime_ns)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            if p in skip:
+                continue
+            st = os.lstat(p)
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def tape_archive(backend: Backend) -> str:
+    """Registers a tape archive (as a previous tape register would) and returns its name."""
+    name = backend.name("tp")
+    backend.registry.add_archive(name, "tape", f"{name}:1", "offline")
+    return name
+
+
+# --- register ----------------------------------------------------------------------------
+
+
+def test_register_adds_tape_locations_keyed_by_member(backend: Backend) -> None:
+    """tape register creates TAPE-N (scheme tape, root TAPE:N) and locates each resource."""
+    _, arch = backend.archive()
+    a, b = backend.blob("a"), backend.blob("b")
+    ida, idb = backend.resource(a, arch), backend.resource(b, arch)
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a), (member(idb), b), ("x.txt", b"x")])
+    tape = backend.name("TAPE")
+    proc = backend.ctl("tape", "register", tape, "3", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    archive = backend.registry.get_archive(f"{tape}-3")
+    assert archive is not None and (archive.scheme, archive.root) == ("tape", f"{tape}:3")
+    assert archive.accessibility == "offline"
+    for id in (ida, idb):
+        assert tape_locations(backend, id) == [
+            LocationRecord(f"{tape}-3", "tape", f"{tape}:3", id, member(id))
+        ]
+    assert "x.txt -> no match in registry" in proc.stdout
+    if backend.url is not None:
+        assert f"tape://{tape}:3/{ida}" in backend.nbank("locate", ida).stdout
+
+
+def test_register_twice_resumes(backend: Backend) -> None:
+    """A second tape register on the same tape file resumes: no error, no duplicate location."""
+    _, arch = backend.archive()
+    a, b = backend.blob("a"), backend.blob("b")
+    ida = backend.resource(a, arch)
+    idb_name = backend.name()
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a), (member(idb_name), b)])
+    tape = backend.name("TAPE")
+    assert backend.ctl("tape", "register", tape, "0", str(tar)).returncode == 0
+    idb = backend.resource(b, arch, name=idb_name)  # registered after the first run
+    proc = backend.ctl("tape", "register", tape, "0", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resuming archive '{tape}-0'" in proc.stdout
+    assert f"{member(ida)} -> already registered" in proc.stdout
+    assert f"{member(idb)} -> added location" in proc.stdout
+    assert len(tape_locations(backend, ida)) == 1 and len(tape_locations(backend, idb)) == 1
+
+
+def test_register_after_nbank_register_tar_records_member_names(django_backend: Backend) -> None:
+    """tape register resumes a tape registered by nbank's register-tar and keys its locations."""
+    backend = django_backend
+    _, arch = backend.archive()
+    a = backend.blob("a")
+    ida = backend.resource(a, arch)
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
+    tape = backend.name("TAPE")
+    theirs = backend.nbank("archive", "register-tar", tape, "2", str(tar))
+    assert theirs.returncode == 0, theirs.stderr
+    assert [loc.key for loc in tape_locations(backend, ida)] == [None]
+    proc = backend.ctl("tape", "register", tape, "2", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{member(ida)} -> recorded the member name" in proc.stdout
+    assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
+
+
+def test_register_dry_run_changes_nothing(backend: Backend) -> None:
+    """tape register --dry-run creates no archive and adds no location."""
+    _, arch = backend.archive()
+    a = backend.blob("a")
+    ida = backend.resource(a, arch)
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
+    tape = backend.name("TAPE")
+    proc = backend.ctl("tape", "register", "--dry-run", tape, "1", str(tar))
+    assert proc.returncode == 0, proc.stderr
+    assert "would add location" in proc.stdout
+    assert backend.registry.get_archive(f"{tape}-1") is None
+    assert tape_locations(backend, ida) == []
+
+
+def test_register_refuses_name_of_another_archive(backend: Backend) -> None:
+    """tape register -n NAME fails, naming it, when NAME is a different archive."""
+    _, arch = backend.archive()
+    tar = make_tar(backend.tmp / "t.tar", [("x.txt", b"x")])
+    proc = backend.ctl("tape", "register", "-n", arch, backend.name("TAPE"), "1", str(tar))
+    assert proc.returncode == 1 and arch in proc.stderr and "-n NAME" in proc.stderr
+
+
+# --- prune -----------------------------------------------------------------------------
+
+
+def _prune_setup(backend: Backend) -> tuple[Archive, str, dict[str, str], dict[str, Path]]:
+    """An archive with: a resource on tape (with key), one only here, one on tape without
+    a key, one verified in a second local archive, one registered there but missing."""
+    archive, arch = backend.archive()
+    other, other_name = backend.archive("other")
+    tape = tape_archive(backend)
+    ids: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    for label in ("taped", "only", "nokey", "copied", "phantom"):
+        data = backend.blob(label)
+        ids[label] = backend.resource(data, arch)
+        paths[label] = store(archive, ids[label], data)
+    backend.registry.add_location(ids["taped"], tape, key=member(ids["taped"]))
+    backend.registry.add_location(ids["nokey"], tape)
+    for label in ("copied", "phantom"):
+        backend.registry.add_location(ids[label], other_name)
+    store(other, ids["copied"], backend.blob("copied"))
+    return archive, arch, ids, paths
+
+
+def test_prune_deletes_only_verified_second_copies(backend: Backend) -> None:
+    """prune deletes copies stored verifiably elsewhere and keeps every only copy."""
+    _, arch, ids, paths = _prune_setup(backend)
+    listing = backend.tmp / "ids.txt"
+    listing.write_text("\n".join(ids.values()) + "\n")
+    proc = backend.ctl("tape", "prune", arch, str(listing))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for label in ("taped", "copied"):
+        assert not paths[label].exists()
+        assert arch not in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
+    for label in ("only", "nokey", "phantom"):
+        assert paths[label].exists(), label
+        assert arch in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
+        assert f"{ids[label]} -> kept" in proc.stdout
+    assert "this archive is the only location" in proc.stdout
+    assert "has no member name" in proc.stdout and "is missing" in proc.stdout
+
+
+def test_prune_keeps_copy_whose_second_location_is_itself(backend: Backend) -> None:
+    """An archive registered again under a symlinked root is not a second copy: kept."""
+    archive, arch = backend.archive()
+    alias = backend.tmp / "alias"
+    alias.symlink_to(archive.path)
+    alias_name = backend.name("alias")
+    backend.registry.add_archive(alias_name, "neurobank", str(alias))
+    data = backend.blob("self")
+    id = backend.resource(data, arch)
+    path = store(archive, id, data)
+    backend.registry.add_location(id, alias_name)
+    proc = backend.ctl("tape", "prune", arch, "-", input=id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert path.exists() and "this very copy" in proc.stdout
+    assert arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+
+
+def test_prune_removes_emptied_stub_folders(backend: Backend) -> None:
+    """prune removes a two-character folder it empties and keeps one still in use."""
+    archive, arch = backend.archive()
+    tape = tape_archive(backend)
+    data = backend.blob("alone")
+    id = backend.resource(data, arch, name="zq" + backend.name())
+    path = store(archive, id, data)
+    backend.registry.add_location(id, tape, key=member(id))
+    keep_data = backend.blob("kept")
+    kept = store(archive, backend.resource(keep_data, arch), keep_data)
+    proc = backend.ctl("tape", "prune", arch, "-", input=id + "\n")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not path.parent.exists() and kept.parent.is_dir()
+    assert f"remove empty {path.parent}" in proc.stdout
+
+
+def test_prune_dry_run_deletes_nothing(backend: Backend) -> None:
+    """prune --dry-run says what it would delete and changes neither files nor registry."""
+    archive, arch, ids, paths = _prune_setup(backend)
+    before = tree(archive.path)
+    locations = {id: backend.registry.get_locations(id) for id in ids.values()}
+    proc = backend.ctl("tape", "prune", "--dry-run", arch, "-", input="\n".join(ids.values()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"would delete {paths['taped']}" in proc.stdout
+    assert tree(archive.path) == before
+    assert {id: backend.registry.get_locations(id) for id in ids.values()} == locations
+
+
+def test_prune_unknown_id_is_reported(backend: Backend) -> None:
+    """prune reports an id the registry does not know and exits 1, deleting nothing."""
+    _, arch = backend.archive()
+    missing = backend.name("nope")
+    proc = backend.ctl("tape", "prune", arch, "-", input=missing)
+    assert proc.returncode == 1 and f"{missing} -> not in registry" in proc.stdout
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+def _import_setup(backend: Backend, labels: tuple[str, ...]) -> tuple[Archive, str, dict[str, str]]:
+    """A fresh destination archive and resources registered only on a tape archive."""
+    archive, arch = backend.archive("dest")
+    tape = tape_archive(backend)
+    ids = {label: backend.resource(backend.blob(label), tape) for label in labels}
+    return archive, arch, ids
+
+
+def test_import_places_files_with_modes_and_location(backend: Backend) -> None:
+    """import copies each registered member into resources/ read-only and adds the location."""
+    archive, arch, ids = _import_setup(backend, ("a", "b"))
+    tar = make_tar(
+        backend.tmp / "t.tar",
+        [(member(ids[x], ".wav"), backend.blob(x)) for x in ("a", "b")] + [("readme", b"r")],
+    )
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for label, id in ids.items():
+        path = archive.resources_dir / id[:2] / f"{id}.wav"
+        assert path.read_bytes() == backend.blob(label)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o2775
+        assert arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+    assert os.listdir(archive.staging_dir) == []
+    assert backend.ctl("archive", "check", "-H", str(archive.path)).returncode == 0
+    if backend.url is not None:
+        check = backend.nbank("archive", "check", str(archive.path))
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_import_refuses_member_with_wrong_sha1(backend: Backend) -> None:
+    """A member whose bytes differ from the registered SHA-1 is refused and leaves nothing."""
+    archive, arch, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), b"not the registered bytes")])
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path))
+    assert proc.returncode == 1
+    assert f"{member(ids['a'])} -> SHA-1" in proc.stdout and "does not match" in proc.stdout
+    assert list(archive.resources_dir.iterdir()) == [] or not any(
+        archive.resources_dir.rglob("*.dat")
+    )
+    assert os.listdir(archive.staging_dir) == []
+    assert arch not in backend.registry.get_resource(ids["a"]).locations  # type: ignore[union-attr]
+
+
+def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Backend) -> None:
+    """'..', absolute, symlink, hardlink and FIFO members are refused one by one; only
+    the honest member is written, and nothing around the archive changes."""
+    labels = ("good", "dots", "abs", "sym", "hard", "fifo")
+    archive, arch, ids = _import_setup(backend, labels)
+    work = backend.tmp / "work"
+    work.mkdir()
+    outside = backend.tmp / "outside"
+    outside.mkdir()
+    evil = {
+        "dots": f"../{ids['dots']}.dat",
+        "abs": f"{outside}/{ids['abs']}.dat",
+        "sym": member(ids["sym"]),
+        "hard": member(ids["hard"]),
+        "fifo": member(ids["fifo"]),
+    }
+    tar_path = backend.tmp / "evil.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        good = tarfile.TarInfo(member(ids["good"]))
+        good.size = len(backend.blob("good"))
+        tar.addfile(good, io.BytesIO(backend.blob("good")))
+        for label in ("dots", "abs"):
+            info = tarfile.TarInfo(evil[label])
+            info.size = len(backend.blob(label))
+            tar.addfile(info, io.BytesIO(backend.blob(label)))
+        for label, kind, target in (
+            ("sym", tarfile.SYMTYPE, "/etc/passwd"),
+            ("hard", tarfile.LNKTYPE, member(ids["good"])),
+            ("fifo", tarfile.FIFOTYPE, ""),
+        ):
+            info = tarfile.TarInfo(evil[label])
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    state = backend.tmp / "state"
+    skip = (archive.resources_dir, archive.staging_dir, state, backend.tmp / "home")
+    before = tree(backend.tmp, skip=skip)
+    proc = backend.ctl("tape", "import", str(tar_path), str(archive.path))
+    assert proc.returncode == 1
+    for label, why in (
+        ("dots", "a path with '..'"),
+        ("abs", "an absolute path"),
+        ("sym", "a symbolic link"),
+        ("hard", "a hard link"),
+        ("fifo", "a FIFO"),
+    ):
+        assert f"refused member {evil[label]!r}: {why}" in proc.stdout, proc.stdout
+        assert arch not in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
+    assert tree(backend.tmp, skip=skip) == before
+    stored = sorted(p.name for p in archive.resources_dir.rglob("*") if p.is_file())
+    assert stored == [f"{ids['good']}.dat"]
+    assert os.listdir(archive.staging_dir) == []
+    assert not Path("/etc", f"{ids['dots']}.dat").exists()
+
+
+def test_import_refuses_oversize_member(backend: Backend) -> None:
+    """import --max-size refuses a larger member, naming it, and writes nothing."""
+    archive, _, ids = _import_setup(backend, ("big",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["big"]), backend.blob("big"))])
+    proc = backend.ctl("tape", "import", "--max-size", "5", str(tar), str(archive.path))
+    assert proc.returncode == 1
+    assert f"refused member {member(ids['big'])!r}" in proc.stdout and "limit of 5" in proc.stdout
+    assert not any(p.is_file() for p in archive.resources_dir.rglob("*"))
+
+
+def test_import_dry_run_writes_nothing(backend: Backend) -> None:
+    """import --dry-run checks hashes but writes no file and adds no location."""
+    archive, arch, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), backend.blob("a"))])
+    before = tree(archive.path)
+    proc = backend.ctl("tape", "import", "-y", str(tar), str(archive.path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checks OK (dry run)" in proc.stdout
+    assert tree(archive.path) == before
+    assert arch not in backend.registry.get_resource(ids["a"]).locations  # type: ignore[union-attr]
+
+
+def test_import_again_skips_resources_already_there(backend: Backend) -> None:
+    """A second import of the same tar skips what the archive already holds."""
+    archive, arch, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), backend.blob("a"))])
+    assert backend.ctl("tape", "import", str(tar), str(archive.path)).returncode == 0
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path))
+    assert proc.returncode == 0 and "is already in" in proc.stdout
+    assert [loc.archive_name for loc in backend.registry.get_locations(ids["a"])].count(arch) == 1
