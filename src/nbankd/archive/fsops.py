@@ -60,6 +60,30 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     raise OSError(err, os.strerror(err), os.fspath(dst))
 
 
+def move_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Moves a file or folder within one filesystem, never replacing anything at ``dst``.
+
+    One atomic renameat2(RENAME_NOREPLACE) where supported, for files too: ``link()``
+    would need to own or read the file (``fs.protected_hardlinks``), which an
+    unreadable input is not. Elsewhere (NFS) files move by link() + unlink(), and
+    folders by rename() after checking ``dst`` is free (a small race, on folders only).
+    Both folders are fsynced. Raises FileExistsError if ``dst`` exists.
+    """
+    src, dst = Path(src), Path(dst)
+    try:
+        rename_noreplace(src, dst)
+    except NoReplaceUnsupported:
+        if stat.S_ISDIR(os.lstat(src).st_mode):
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
+            os.rename(src, dst)
+        else:
+            os.link(src, dst, follow_symlinks=False)
+            os.unlink(src)
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)
+
+
 def remove_ours(path: str | os.PathLike[str]) -> None:
     """Removes a file or directory tree nbankd made itself; missing paths are fine.
 
@@ -96,4 +120,10 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-__all__ = ["NoReplaceUnsupported", "fsync_dir", "remove_ours", "rename_noreplace"]
+__all__ = [
+    "NoReplaceUnsupported",
+    "fsync_dir",
+    "move_noreplace",
+    "remove_ours",
+    "rename_noreplace",
+]

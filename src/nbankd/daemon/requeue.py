@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -141,30 +140,13 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
     )
 
 
-def _move(src: Path, dst: Path) -> None:
-    """Moves ``src`` to ``dst`` on one filesystem, never replacing anything at ``dst``."""
-    st = os.lstat(src)
-    if stat.S_ISDIR(st.st_mode):
-        try:
-            fsops.rename_noreplace(src, dst)
-        except fsops.NoReplaceUnsupported:
-            if os.path.lexists(dst):
-                raise FileExistsError(dst) from None
-            os.rename(src, dst)
-    else:
-        os.link(src, dst, follow_symlinks=False)
-        os.unlink(src)
-    fsops.fsync_dir(dst.parent)
-    fsops.fsync_dir(src.parent)
-
-
 def apply(p: Plan) -> dict[str, Any]:
     """Carries out a plan; returns what was moved (JSON-safe)."""
     p.original.parent.mkdir(parents=True, exist_ok=True)
     done: list[list[str]] = []
     for src, dst in p.moves:
         try:
-            _move(src, dst)
+            fsops.move_noreplace(src, dst)
         except FileExistsError:
             raise RequeueConflict(
                 f"{printable(str(dst))} appeared while requeueing; moved so far: {done or 'none'}",

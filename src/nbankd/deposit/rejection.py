@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -78,22 +77,7 @@ def _move_no_replace(src: Path, dst: Path) -> None:
     """Moves a file or folder to ``dst`` without ever replacing something there."""
     if os.path.lexists(dst) and not os.path.lexists(src):
         return  # done by an earlier attempt
-    st = os.lstat(src)
-    try:
-        # one atomic step, for files too: link() would need to own or read the file
-        # (fs.protected_hardlinks), which an unreadable input is not
-        fsops.rename_noreplace(src, dst)
-    except fsops.NoReplaceUnsupported:
-        if stat.S_ISDIR(st.st_mode):
-            raise
-        try:
-            os.link(src, dst, follow_symlinks=False)
-        except FileExistsError:
-            if not os.path.samestat(os.lstat(dst), st):
-                raise
-        os.unlink(src)
-    fsops.fsync_dir(dst.parent)
-    fsops.fsync_dir(src.parent)
+    fsops.move_noreplace(src, dst)
 
 
 def move_to_rejected(
