@@ -184,3 +184,22 @@ def test_unprivileged_daemon_deposits_and_rejects_unreadable_file(
     config = json.loads((h.archive / "nbank.json").read_text())
     assert config["policy"]["access"]["user"] == unpriv_user.name
     assert h.archive_files()["ok.wav"].stat().st_uid == unpriv_user.uid
+
+
+def test_sighup_sends_reloading_then_ready_and_applies_registry_url(daemon_factory: Any) -> None:
+    """SIGHUP brackets the reload with RELOADING=1 / READY=1 and reopens the registry."""
+    h = daemon_factory()
+    h.write_config()
+    h.start()
+    cfg = yaml.safe_load(h.config_path.read_text())
+    cfg["registry_url"] = "https://lab.example.org/neurobank/"
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.messages.clear()
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    h.wait_message(lambda m: "RELOADING=1" in m, 20)
+    h.wait_message(lambda m: "READY=1" in m, 20)
+    h.drop("after.wav", b"after the reload")
+    h.wait_settled(1)
+    h.stop()
+    [receipt] = h.receipts()
+    assert receipt["url"] == "https://lab.example.org/neurobank/resources/after/"

@@ -170,19 +170,60 @@ class Daemon:
             log.error("archive not usable", archive=p.archive, error=p.message)
 
     def reload(self) -> None:
-        """Re-reads the configuration file (SIGHUP); keeps running on a bad file."""
+        """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
+
+        Inboxes, archives, logging and the registry (URL or credentials) follow the
+        new file; ``state_dir`` and ``control_socket`` need a restart.
+        """
+        sd = getattr(self.notifier, "notifier", None)  # sd_notify, when run by the CLI
+        if sd is not None:
+            sd.reloading()
         try:
             cfg = load_config(self.config.source)
         except errors.ConfigError as err:
             log.error("reload failed; keeping the running configuration", error=str(err))
+            if sd is not None:
+                sd.ready()
             return
+        old = self.config
         with self._lock:
             self.config = cfg
             self._apply_config(cfg)
+        if (cfg.registry, cfg.registry_url, cfg.registry_auth) != (
+            old.registry,
+            old.registry_url,
+            old.registry_auth,
+        ):
+            self._reopen_registry(cfg)
+        if cfg.log != old.log:
+            from nbankd.service.logs import configure_logging
+
+            configure_logging(cfg.log.format, cfg.log.level)
+        for key in ("state_dir", "control_socket"):
+            if getattr(cfg, key) != getattr(old, key):
+                log.warning("setting changes only at restart", key=key)
         self._prepare_registry()
         self._watch_inboxes()
         log.info("configuration reloaded", source=str(cfg.source))
+        if sd is not None:
+            sd.ready()
         self._wake.set()
+
+    def _reopen_registry(self, cfg: Config) -> None:
+        try:
+            registry = open_registry(
+                cfg.registry,
+                embedded_db=cfg.embedded_db_path,
+                served_url=cfg.registry_url,
+                registry_auth=cfg.registry_auth,
+            )
+        except errors.NbankdError as err:
+            log.error("cannot open the new registry; keeping the old one", error=str(err))
+            return
+        old, self.registry = self.registry, registry
+        self.steps.registry = registry
+        log.info("registry changed", registry=registry.url)
+        old.close()
 
     # -- watching and scanning ------------------------------------------------------
 
