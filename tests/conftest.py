@@ -4,4 +4,5 @@ pytest_plugins = [
     "fixtures.django_server",
     "fixtures.users",
     "fixtures.daemon",
+    "fixtures.cli_backends",
 ]

@@ -1,180 +1,22 @@
 """nbankctl's registry commands, run as a subprocess against both registry backends.
 
-Every test that takes ``backend`` runs twice: against the embedded registry (a
-configuration with ``registry: embedded``, records made with EmbeddedRegistry) and
-against the real django-neurobank server (``-r URL`` with a netrc file). Where the
-real ``nbank`` client can read the same registry, its answers are compared.
-
-The ``backend`` fixture and the ``Backend`` helper are imported by test_tape.py.
+Every test that takes ``backend`` runs twice: against the embedded registry and
+against the real django-neurobank server (fixtures in tests/fixtures/cli_backends.py).
+Where the real ``nbank`` client can read the same registry, its answers are compared.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from nbankd.archive.access import apply_access
-from nbankd.archive.layout import Archive, create_archive
-from nbankd.registry.base import Registry
+from fixtures.cli_backends import NBANKCTL, Backend, base_env, json_stream, sha1, store
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
-
-BIN = Path(sys.executable).parent
-NBANKCTL = str(BIN / "nbankctl")
-NBANK = str(BIN / "nbank")
-
-
-def sha1(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
-def json_stream(text: str) -> list[Any]:
-    """Parses concatenated JSON documents (as nbank and nbankctl info print them)."""
-    decoder, out, pos = json.JSONDecoder(), [], 0
-    text = text.strip()
-    while pos < len(text):
-        obj, end = decoder.raw_decode(text, pos)
-        out.append(obj)
-        pos = end
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    return out
-
-
-@dataclass
-class Backend:
-    """One registry, and how to point nbankctl (and nbank) at it."""
-
-    kind: str
-    tmp: Path
-    registry: Registry
-    env: dict[str, str]
-    before: list[str] = field(default_factory=list)  # nbankctl options before the command
-    url: str | None = None  # the django-neurobank URL
-    dtype: str = ""
-    n: int = 0
-    blobs: dict[str, bytes] = field(default_factory=dict)
-
-    def blob(self, label: str) -> bytes:
-        """Contents unique to this test (the django server is shared: sha1s must differ)."""
-        return self.blobs.setdefault(label, f"{label}-{os.urandom(8).hex()}".encode())
-
-    def ctl(self, *argv: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Runs ``nbankctl [-r URL] ARGV``."""
-        return subprocess.run(
-            [NBANKCTL, *self.before, *argv],
-            env=self.env,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def nbank(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        """Runs the real ``nbank -r URL ARGV`` (django backend only)."""
-        assert self.url is not None
-        return subprocess.run(
-            [NBANK, "-r", self.url, *argv],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def name(self, prefix: str = "r") -> str:
-        self.n += 1
-        return f"{prefix}{os.urandom(4).hex()}{self.n}"
-
-    def archive(self, folder: str = "arch") -> tuple[Archive, str]:
-        """Creates and registers a neurobank archive under tmp; returns it and its name."""
-        name = self.name("ar")
-        archive = create_archive(self.tmp / f"{folder}-{name}", self.registry.url)
-        self.registry.add_archive(name, "neurobank", str(archive.path))
-        return archive, name
-
-    def resource(
-        self,
-        data: bytes,
-        archive: str | None,
-        *,
-        name: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        hashed: bool = True,
-    ) -> str:
-        """Registers a resource with the SHA-1 of data; returns its name."""
-        record = self.registry.add_resource(
-            dtype=self.dtype,
-            archive=archive,
-            name=name or self.name(),
-            sha1=sha1(data) if hashed else None,
-            metadata=metadata,
-        )
-        return record.name
-
-
-def store(archive: Archive, id: str, data: bytes, ext: str = ".dat") -> Path:
-    """Puts a file into the archive as a deposit would (policy group and modes)."""
-    stub = archive.resources_dir / id[:2]
-    stub.mkdir(exist_ok=True)
-    apply_access(archive, stub)
-    path = stub / f"{id}{ext}"
-    path.write_bytes(data)
-    apply_access(archive, path)
-    return path
-
-
-def _base_env(home: Path) -> dict[str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANK", "NETRC"))}
-    env.pop("CREDENTIALS_DIRECTORY", None)
-    env["HOME"] = str(home)
-    return env
-
-
-def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
-    env = _base_env(tmp_path / "home")
-    if kind == "embedded":
-        state = tmp_path / "state"
-        config = tmp_path / "config.yaml"
-        config.write_text(f"registry: embedded\nstate_dir: {state}\n")
-        env["NBANKD_CONFIG"] = str(config)
-        registry: Registry = EmbeddedRegistry(state / "registry.sqlite3")
-        b = Backend("embedded", tmp_path, registry, env)
-    else:
-        server = request.getfixturevalue("django_registry")
-        server.write_netrc(tmp_path / "home" / ".netrc")
-        env["NBANKD_CONFIG"] = str(tmp_path / "no-such-config.yaml")
-        registry = HttpRegistry(server.url, server.auth)
-        b = Backend("django", tmp_path, registry, env, ["-r", server.url], url=server.url)
-    b.dtype = registry.add_datatype(b.name("dt"), "application/octet-stream").name
-    return b
-
-
-@pytest.fixture(params=["embedded", "django"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A registry with a fresh datatype, as nbankctl sees it (two backends)."""
-    b = make_backend(request.param, tmp_path, request)
-    yield b
-    b.registry.close()
-
-
-@pytest.fixture
-def django_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """The django-neurobank backend alone, for what only a password-protected registry has."""
-    b = make_backend("django", tmp_path, request)
-    yield b
-    b.registry.close()
-
 
 # --- init ------------------------------------------------------------------------------
 
@@ -484,7 +326,7 @@ def _free_port() -> int:
 def test_unreachable_registry_exits_3_naming_url(tmp_path: Path) -> None:
     """A registry nobody answers at makes nbankctl exit 3 with the URL in the message."""
     url = f"http://127.0.0.1:{_free_port()}/neurobank/"
-    env = _base_env(tmp_path / "home")
+    env = base_env(tmp_path / "home")
     proc = subprocess.run(
         [NBANKCTL, "-r", url, "info", "abc"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -494,7 +336,7 @@ def test_unreachable_registry_exits_3_naming_url(tmp_path: Path) -> None:
 
 def test_nbank_registry_variable_is_used(tmp_path: Path, django_registry: Any) -> None:
     """$NBANK_REGISTRY chooses the registry when -r is not given."""
-    env = _base_env(tmp_path / "home")
+    env = base_env(tmp_path / "home")
     env["NBANK_REGISTRY"] = django_registry.url
     env["NBANKD_CONFIG"] = str(tmp_path / "missing.yaml")
     proc = subprocess.run(
@@ -505,7 +347,7 @@ def test_nbank_registry_variable_is_used(tmp_path: Path, django_registry: Any) -
 
 def test_no_registry_anywhere_exits_2(tmp_path: Path) -> None:
     """With no -r, no $NBANK_REGISTRY and no configuration, nbankctl exits 2 saying how."""
-    env = _base_env(tmp_path / "home")
+    env = base_env(tmp_path / "home")
     config = tmp_path / "absent.yaml"
     proc = subprocess.run(
         [NBANKCTL, "info", "abc", "-c", str(config)],
@@ -525,7 +367,7 @@ def test_config_option_selects_embedded_registry(tmp_path: Path) -> None:
     config.write_text(f"registry: embedded\nstate_dir: {state}\n")
     with EmbeddedRegistry(state / "registry.sqlite3") as reg:
         reg.add_datatype("only-here", "text/plain")
-    env = _base_env(tmp_path / "home")
+    env = base_env(tmp_path / "home")
     proc = subprocess.run(
         [NBANKCTL, "dtype", "list", "-c", str(config)],
         env=env,
@@ -540,7 +382,7 @@ def test_embedded_database_missing_exits_2(tmp_path: Path) -> None:
     """An embedded configuration whose database does not exist yet is a clear error, exit 2."""
     config = tmp_path / "c.yaml"
     config.write_text(f"registry: embedded\nstate_dir: {tmp_path / 'state'}\n")
-    env = _base_env(tmp_path / "home")
+    env = base_env(tmp_path / "home")
     proc = subprocess.run(
         [NBANKCTL, "dtype", "list", "-c", str(config)],
         env=env,

@@ -6,30 +6,11 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from test_registry_cmds import Backend, make_backend, store
-
+from fixtures.cli_backends import Backend, store
 from nbankd.archive.layout import Archive
 from nbankd.registry.base import LocationRecord
-
-
-@pytest.fixture(params=["embedded", "django"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A registry with a fresh datatype, as nbankctl sees it (two backends)."""
-    b = make_backend(request.param, tmp_path, request)
-    yield b
-    b.registry.close()
-
-
-@pytest.fixture
-def django_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """The django-neurobank backend alone, where the real nbank takes part."""
-    b = make_backend("django", tmp_path, request)
-    yield b
-    b.registry.close()
 
 
 def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
