@@ -15,10 +15,15 @@ import sys
 from nbankd import __version__, errors
 
 # topic modules, each with register(subparsers, common)
-TOPICS = ("nbankctl.daemon_cmds", "nbankctl.registry_cmds", "nbankctl.tape_cmds")
+TOPICS = (
+    "nbankctl.daemon_cmds",
+    "nbankctl.registry_cmds",
+    "nbankctl.tape_cmds",
+    "nbankctl.migrate",
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the command must survive the sub-parser's defaults
     common.add_argument(
@@ -30,10 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="nbankctl",
         description="Query the neurobank registry, run tape operations and control nbankd.",
-        parents=[common],
+        # its own copies: parents share action objects, and set_defaults below would
+        # otherwise replace the sub-commands' SUPPRESS (losing "-c FILE COMMAND")
+        parents=[_common_options()],
     )
     parser.add_argument("--version", action="version", version=f"nbankctl {__version__}")
     parser.add_argument(

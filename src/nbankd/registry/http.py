@@ -151,6 +151,14 @@ class HttpRegistry:
     def close(self) -> None:
         self._session.close()
 
+    def clone(self) -> HttpRegistry:
+        """Another client for the same registry and credentials, with its own connections
+        (for a worker thread)."""
+        twin = HttpRegistry(self.url, self._auth, timeout=self.timeout, bulk_batch=self.bulk_batch)
+        twin._auth_source = self._auth_source
+        twin._reads_need_auth = self._reads_need_auth
+        return twin
+
     @property
     def username(self) -> str | None:
         return self._auth[0] if self._auth else None
@@ -379,8 +387,10 @@ class HttpRegistry:
     def list_datatypes(self) -> list[DataType]:
         return [DataType.from_json(d) for d in self._paginate(self._endpoint("datatypes"), {})]
 
-    def add_datatype(self, name: str, content_type: str = "") -> DataType:
+    def add_datatype(self, name: str, content_type: str = "", extension: str = "") -> DataType:
         body = {"name": name, "content_type": content_type}
+        if extension:
+            body["extension"] = extension
         resp = self._write("POST", self._endpoint("datatypes"), body, thing="datatypes endpoint")
         return DataType.from_json(self._json(resp))
 
@@ -450,6 +460,31 @@ class HttpRegistry:
         params = {k: str(v) for k, v in filters.items()}
         for d in self._paginate(self._endpoint("resources"), params):
             yield self._resource(d)
+
+    def search_pages(self, workers: int = 4, **filters: str) -> list[ResourceRecord]:
+        """Like :meth:`search`, but fetches pages 2..N concurrently once the first page's
+        ``Link: rel="last"`` tells N (audits list whole archives). A page that vanished
+        because the list shrank meanwhile counts as empty; without a ``last`` link this
+        falls back to following ``next``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        params = {k: str(v) for k, v in filters.items()}
+        endpoint = self._endpoint("resources")
+        resp = self._request("GET", endpoint, params=params)
+        body = self._json(resp) if resp.status_code != 404 else None
+        last = resp.links.get("last", {}).get("url") if isinstance(body, list) else None
+        pages = dict(parse_qsl(urlsplit(last).query)).get("page", "") if last else ""
+        if not isinstance(body, list) or (resp.links.get("next") and not pages.isdigit()):
+            return list(self.search(**filters))
+
+        def page(n: int) -> list[dict[str, Any]]:
+            r = self._request("GET", endpoint, params={**params, "page": str(n)})
+            return [] if r.status_code == 404 else list(self._json(r))
+
+        rest = range(2, int(pages) + 1) if pages.isdigit() else range(0)
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="registry-page") as pool:
+            bodies = [body, *pool.map(page, rest)]
+        return [self._resource(d) for part in bodies for d in part]
 
     def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:
         if not SLUG_RE.match(name):

@@ -1,0 +1,306 @@
+"""``nbankctl registry export | import | migrate | switch``: moving a registry's records.
+
+- ``export [-o FILE]`` writes every datatype, archive, resource and location of the
+  registry (``-r URL``, ``$NBANK_REGISTRY`` or the configuration's, embedded
+  included) as JSON lines (:mod:`nbankd.migration.snapshot`);
+- ``import FILE --to URL`` creates on a django-neurobank registry what it lacks,
+  keeping every name and SHA-1; ``migrate --to URL`` exports and imports in one go;
+- ``switch --to URL`` (:mod:`nbankctl.migrate_switch`) moves a running nbankd from
+  its embedded registry to django-neurobank.
+
+Import and migrate print one line per conflict, blocked or failed record (every
+record with ``-v``; JSON lines with ``--json``) and a summary, with a progress bar on
+a terminal; ``--dry-run`` changes nothing. Exit status: 0 done, 1 conflicts or
+failures (reported, never touched), 2 usage, 3 registry unreachable (run again:
+nothing is created twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from nbankctl.registry_access import describe, open_registry, warn_cli_auth
+from nbankd import errors
+from nbankd.config import find_config_path, load_config
+from nbankd.migration import execute, snapshot
+from nbankd.migration.plan import Plan, Step, Verdict, make_plan
+from nbankd.registry import credentials
+from nbankd.registry.http import HttpRegistry, normalise_url
+
+_MARKS = {"created": "+", "present": "=", "conflict": "✗", "blocked": "✗", "failed": "✗"}
+_PLAN_MARKS = {"create": "+", "present": "=", "conflict": "✗", "blocked": "✗"}
+KINDS = ("datatype", "archive", "resource", "location")
+
+
+@contextmanager
+def progress(total: int | None, unit: str) -> Iterator[tuple[Callable[[int], None], Any]]:
+    """A progress bar on stderr when it is a terminal; yields (advance, bar or None)."""
+    if not sys.stderr.isatty():
+        yield (lambda _n: None), None
+        return
+    bar = tqdm(total=total, unit=unit, leave=False, file=sys.stderr)
+    try:
+        yield bar.update, bar
+    finally:
+        bar.close()
+
+
+def say(text: str, bar: Any = None) -> None:
+    if bar is not None:
+        bar.write(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
+
+
+# --- the target ----------------------------------------------------------------------
+
+
+def target_url(text: str) -> str:
+    if text.strip().lower() == "embedded":
+        raise errors.UsageError(
+            "--to must be the URL of a django-neurobank registry, not 'embedded'",
+            hint="write it like https://host/neurobank/",
+        )
+    return normalise_url(text)[0]
+
+
+def auth_file(args: argparse.Namespace) -> Path | None:
+    """``--registry-auth FILE``, else the configuration's ``registry_auth`` if it loads."""
+    if getattr(args, "registry_auth", None):
+        return Path(args.registry_auth).expanduser().absolute()
+    try:
+        return load_config(find_config_path(getattr(args, "config", None))).registry_auth
+    except errors.ConfigError:
+        return None
+
+
+def open_target(args: argparse.Namespace, url: str) -> HttpRegistry:
+    """The django-neurobank registry to import into; credentials as for any nbankctl write."""
+    warn_cli_auth(args)
+    creds = credentials.resolve(url, registry_auth=auth_file(args), cli_auth=args.auth)
+    if creds is not None and creds.warning and creds.warning != credentials.ARGV_WARNING:
+        print(f"nbankctl: warning: {creds.warning}", file=sys.stderr)
+    target = HttpRegistry(url, creds)
+    info = target.info()
+    if info.get("name") != "django-neurobank":
+        target.close()
+        raise errors.RegistryError(
+            f"{url} answers as {info.get('name')!r}, not django-neurobank",
+            hint="give the URL of a django-neurobank registry (ending with /neurobank/)",
+        )
+    return target
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+def _summary_text(counts: Counter[tuple[str, str]], labels: tuple[str, ...]) -> list[str]:
+    out = []
+    for kind in KINDS:
+        parts = [f"{counts[(kind, label)]} {label}" for label in labels if counts[(kind, label)]]
+        out.append(f"{kind}s: {', '.join(parts) or 'none'}")
+    return out
+
+
+def show_plan(args: argparse.Namespace, plan: Plan) -> None:
+    for step in plan.steps:
+        if args.json:
+            say(json.dumps(step.to_json()))
+        elif args.verbose or step.verdict in (Verdict.CONFLICT, Verdict.BLOCKED):
+            say(_line(_PLAN_MARKS[step.verdict], step, str(step.verdict), step.message))
+
+
+def _line(mark: str, step: Step, status: str, message: str) -> str:
+    text = f"  {mark} {step.kind} {step.name}: {status}"
+    return f"{text} ({message})" if message else text
+
+
+def import_snapshot(
+    args: argparse.Namespace, source: snapshot.Snapshot, url: str, *, header: bool = True
+) -> int:
+    """Plans and (unless ``--dry-run``) carries out the import; returns the exit status."""
+    with open_target(args, url) as target:
+        if source.backend != "embedded" and source.source.rstrip("/") == target.url.rstrip("/"):
+            raise errors.UsageError(f"the export comes from {target.url} itself: nothing to do")
+        if header and not args.json:
+            print(f"target: {target.url}")
+            if args.dry_run:
+                print("DRY RUN: nothing will be changed")
+        plan = make_plan(source, execute.read_target(target, source))
+        if args.dry_run:
+            show_plan(args, plan)
+            counts = plan.counts()
+            labels = ("create", "present", "conflict", "blocked")
+            if args.json:
+                say(json.dumps({"summary": _flat(counts), "dry_run": True}))
+            else:
+                for text in _summary_text(counts, labels):
+                    print(text.replace(" create", " to create"))
+                print("(dry run: nothing was changed)")
+            return errors.EXIT_PROBLEMS if plan.problems else errors.EXIT_OK
+        if plan.to_create:
+            target.check_credentials()  # refused credentials: stop before the first write
+        outcomes: list[execute.Outcome] = []
+        with progress(len(plan.to_create), "record") as (advance, bar):
+
+            def report(o: execute.Outcome) -> None:
+                outcomes.append(o)
+                if args.json:
+                    say(json.dumps(o.to_json()), bar)
+                elif args.verbose or not o.ok:
+                    say(_line(_MARKS[o.status], o.step, o.status, o.message), bar)
+
+            try:
+                execute.carry_out(
+                    plan,
+                    target,
+                    report=report,
+                    advance=advance,
+                    jobs=args.jobs,
+                    opener=target.clone,
+                )
+            except errors.NbankdError as err:
+                made = sum(o.status == "created" for o in outcomes)
+                print(
+                    f"nbankctl: import interrupted after {made} creation(s): {err}\n"
+                    "nbankctl: nothing is half-made; run the same command again to finish",
+                    file=sys.stderr,
+                )
+                raise
+    counts = Counter((str(o.step.kind), o.status) for o in outcomes)
+    failed = sum(not o.ok for o in outcomes)
+    if args.json:
+        say(json.dumps({"summary": _flat(counts), "problems": failed}))
+    else:
+        for text in _summary_text(counts, ("created", "present", "conflict", "blocked", "failed")):
+            print(text)
+        if failed:
+            print(f"{failed} record(s) not imported: see above; fix them and run again")
+    return errors.EXIT_PROBLEMS if failed else errors.EXIT_OK
+
+
+def _flat(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (kind, status), n in sorted(counts.items()):
+        out.setdefault(kind, {})[status] = n
+    return out
+
+
+def export_registry(args: argparse.Namespace) -> snapshot.Snapshot:
+    with open_registry(args) as source:
+        if not args.json:
+            print(f"source: {describe(source)}", file=sys.stderr)
+        with progress(None, "record") as (advance, _bar):
+            return snapshot.take(source, advance=advance)
+
+
+def _export_note(snap: snapshot.Snapshot, where: str) -> str:
+    counts = snap.counts()
+    parts = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items())
+    return f"exported {parts} to {where}"
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    snap = export_registry(args)
+    if args.output and args.output != "-":
+        snapshot.save(snap, Path(args.output))
+        print(_export_note(snap, args.output), file=sys.stderr)
+    else:
+        snapshot.write(snap, sys.stdout)
+        sys.stdout.flush()
+    return errors.EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    url = target_url(args.to)
+    snap = snapshot.load(args.file)
+    if not args.json:
+        print(f"source: {args.file} (exported from {snap.source or '?'} {snap.exported_at})")
+    return import_snapshot(args, snap, url)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = target_url(args.to)
+    snap = export_registry(args)
+    if args.save_export:
+        snapshot.save(snap, Path(args.save_export))
+        print(_export_note(snap, args.save_export), file=sys.stderr)
+    return import_snapshot(args, snap, url)
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of jobs from 1 to 32")
+    return n
+
+
+def import_options(pp: argparse.ArgumentParser) -> None:
+    pp.add_argument(
+        "--to", required=True, metavar="URL", help="the django-neurobank registry to fill"
+    )
+    pp.add_argument("-y", "--dry-run", action="store_true", help="change nothing; say what would")
+    pp.add_argument("-v", "--verbose", action="store_true", help="a line for every record")
+    pp.add_argument(
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=1,
+        metavar="N",
+        help="create N records at once (default 1; a server checking passwords with PBKDF2 "
+        "takes about a second per write: use up to its number of workers)",
+    )
+    pp.add_argument(
+        "--registry-auth",
+        metavar="FILE",
+        help="credentials for the target (user:password or netrc; default: $CREDENTIALS_"
+        "DIRECTORY/registry, the configuration's registry_auth, ~/.netrc)",
+    )
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Adds ``registry export|import|migrate|switch`` to nbankctl's sub-command parser."""
+    from nbankctl import migrate_switch
+
+    rp = sub.add_parser(
+        "registry", help="export, import or migrate a registry; switch nbankd to another"
+    )
+    rsub = rp.add_subparsers(metavar="COMMAND")
+
+    pp = rsub.add_parser("export", parents=[common], help="every record of the registry as JSON")
+    pp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    pp.set_defaults(func=cmd_export)
+
+    pp = rsub.add_parser(
+        "import", parents=[common], help="create what a django-neurobank registry lacks"
+    )
+    pp.add_argument("file", metavar="FILE", help="an export file ('-' for stdin)")
+    import_options(pp)
+    pp.set_defaults(func=cmd_import)
+
+    pp = rsub.add_parser(
+        "migrate", parents=[common], help="export this registry and import it into another"
+    )
+    import_options(pp)
+    pp.add_argument("--save-export", metavar="FILE", help="also keep the export in FILE")
+    pp.set_defaults(func=cmd_migrate)
+
+    migrate_switch.register(rsub, common, import_options)
+
+
+__all__ = ["import_snapshot", "open_target", "register", "target_url"]

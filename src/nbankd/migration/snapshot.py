@@ -1,0 +1,381 @@
+"""A registry's whole content as frozen records, and the export file that carries it.
+
+The export file is JSON lines: a ``header`` line (format, version, source registry,
+time), then one line per ``datatype``, ``archive``, ``resource`` and ``location``, in
+that order, and an ``end`` line with the count of each. Reading checks every line
+and refuses a file without its ``end`` line (a truncated copy), so an import never
+acts on part of an export believing it is the whole.
+
+A resource line keeps what django-neurobank lets a client set (name, sha1, dtype,
+metadata with ``experimenter`` and ``animal``) and, for the record, the original
+``created_on`` and ``created_by``, which a server sets itself on import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from nbankd import __version__, errors
+from nbankd.registry.base import (
+    SHA1_RE,
+    SLUG_RE,
+    ArchiveRecord,
+    DataType,
+    LocationRecord,
+    Registry,
+    ResourceRecord,
+)
+
+FORMAT = "nbankd-registry-export"
+VERSION = 1
+KINDS = ("datatype", "archive", "resource", "location")
+
+#: called with the number of records just read from a registry
+Advance = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one registry holds. ``resources`` carry no ``locations``: see ``locations``."""
+
+    source: str
+    backend: str
+    datatypes: tuple[DataType, ...] = ()
+    archives: tuple[ArchiveRecord, ...] = ()
+    resources: tuple[ResourceRecord, ...] = ()
+    locations: tuple[LocationRecord, ...] = ()
+    exported_at: str = ""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "datatype": len(self.datatypes),
+            "archive": len(self.archives),
+            "resource": len(self.resources),
+            "location": len(self.locations),
+        }
+
+    def locations_of(self) -> dict[str, list[LocationRecord]]:
+        """{resource name: its locations, in export order}."""
+        out: dict[str, list[LocationRecord]] = {}
+        for loc in self.locations:
+            out.setdefault(loc.resource_name, []).append(loc)
+        return out
+
+
+def _created_key(record: ResourceRecord) -> tuple[datetime, str]:
+    try:
+        when = datetime.fromisoformat(record.created_on or "")
+    except ValueError:
+        when = datetime.min
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when, record.name
+
+
+def take(registry: Registry, *, advance: Advance | None = None) -> Snapshot:
+    """Reads every record of ``registry``: resources oldest first, then by name.
+
+    A location in an archive the registry does not list (django-neurobank's virtual
+    ``registry`` download location) is left out.
+    """
+    step = advance or (lambda _n: None)
+    datatypes = tuple(registry.list_datatypes())
+    archives = tuple(registry.list_archives())
+    step(len(datatypes) + len(archives))
+    resources: list[ResourceRecord] = []
+    for record in registry.search():
+        resources.append(record)
+        step(1)
+    resources.sort(key=_created_key)
+    known = {(a.name, a.scheme, a.root) for a in archives}
+    located = registry.get_locations_bulk(r.name for r in resources if r.locations)
+    locations = tuple(
+        loc
+        for r in resources
+        for loc in located.get(r.name, ())
+        if (loc.archive_name, loc.scheme, loc.root) in known
+    )
+    return Snapshot(
+        source=registry.url,
+        backend=registry.backend,
+        datatypes=datatypes,
+        archives=archives,
+        resources=tuple(_bare(r) for r in resources),
+        locations=locations,
+        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _bare(record: ResourceRecord) -> ResourceRecord:
+    """The record without its archive names (kept as location lines instead)."""
+    return ResourceRecord(
+        name=record.name,
+        sha1=record.sha1.lower() if record.sha1 else record.sha1,
+        dtype=record.dtype,
+        experimenter=record.experimenter,
+        animal=record.animal,
+        created_by=record.created_by,
+        created_on=record.created_on,
+        metadata_json=record.metadata_json,
+    )
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def resource_line(record: ResourceRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "sha1": record.sha1,
+        "dtype": record.dtype,
+        "metadata": record.metadata,
+        "experimenter": record.experimenter,
+        "animal": record.animal,
+        "created_on": record.created_on,
+        "created_by": record.created_by,
+    }
+
+
+def lines(snapshot: Snapshot) -> Iterator[str]:
+    """The export file, one JSON text per line (without newlines)."""
+
+    def line(kind: str, body: Mapping[str, Any]) -> str:
+        return json.dumps({"type": kind, **body}, sort_keys=True, ensure_ascii=False)
+
+    yield line(
+        "header",
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": snapshot.source,
+            "backend": snapshot.backend,
+            "exported_at": snapshot.exported_at,
+            "nbankd": __version__,
+        },
+    )
+    for d in snapshot.datatypes:
+        yield line("datatype", d.to_json())
+    for a in snapshot.archives:
+        yield line("archive", a.to_json())
+    for r in snapshot.resources:
+        yield line("resource", resource_line(r))
+    for loc in snapshot.locations:
+        yield line("location", loc.to_json())
+    yield line("end", {"counts": snapshot.counts()})
+
+
+def write(snapshot: Snapshot, out: IO[str]) -> None:
+    for text in lines(snapshot):
+        out.write(text + "\n")
+
+
+def save(snapshot: Snapshot, path: Path, *, mode: int = 0o640) -> None:
+    """Writes the export file durably (temp file, fsync, rename); never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(snapshot, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    from nbankd.archive.fsops import fsync_dir
+
+    fsync_dir(path.parent)
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.lineno = 0
+
+    def bad(self, why: str, hint: str = "") -> errors.UsageError:
+        return errors.UsageError(
+            f"{self.where}:{self.lineno}: {why}",
+            hint=hint or "give a file written by 'nbankctl registry export'",
+        )
+
+    def text(self, body: Mapping[str, Any], key: str, *, slug: bool = False) -> str:
+        value = body.get(key)
+        if not isinstance(value, str) or not value:
+            raise self.bad(f"'{key}' is missing or not a string")
+        if slug and not SLUG_RE.match(value):
+            raise self.bad(f"'{key}' {value!r} is not a valid registry name")
+        return value
+
+    def optional(self, body: Mapping[str, Any], key: str) -> str | None:
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.bad(f"'{key}' is not a string")
+        return value
+
+    def resource(self, body: Mapping[str, Any]) -> ResourceRecord:
+        sha1 = self.optional(body, "sha1")
+        if sha1 is not None and not SHA1_RE.match(sha1):
+            raise self.bad(f"'sha1' {sha1!r} is not a SHA-1")
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise self.bad("'metadata' is not an object")
+        return ResourceRecord(
+            name=self.text(body, "name", slug=True),
+            sha1=sha1.lower() if sha1 else None,
+            dtype=self.text(body, "dtype", slug=True),
+            experimenter=self.optional(body, "experimenter"),
+            animal=self.optional(body, "animal"),
+            created_on=self.optional(body, "created_on"),
+            created_by=self.optional(body, "created_by"),
+            metadata_json=None if metadata is None else json.dumps(metadata, sort_keys=True),
+        )
+
+    def location(self, body: Mapping[str, Any]) -> LocationRecord:
+        return LocationRecord(
+            archive_name=self.text(body, "archive_name", slug=True),
+            scheme=self.text(body, "scheme"),
+            root=self.text(body, "root"),
+            resource_name=self.text(body, "resource_name", slug=True),
+            key=self.optional(body, "key") or None,
+        )
+
+
+def read(stream: Iterable[str], where: str) -> Snapshot:
+    """Parses an export file; UsageError naming ``where`` and the line for anything wrong."""
+    r = _Reader(where)
+    header: dict[str, Any] | None = None
+    end: dict[str, Any] | None = None
+    found: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+    for raw in stream:
+        r.lineno += 1
+        if not raw.strip():
+            continue
+        if end is not None:
+            raise r.bad("content after the 'end' line")
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            raise r.bad(f"not JSON ({err.msg})") from None
+        if not isinstance(body, dict):
+            raise r.bad("not a JSON object")
+        kind = body.get("type")
+        if header is None:
+            if kind != "header" or body.get("format") != FORMAT:
+                raise r.bad(f"not an nbankd registry export (no '{FORMAT}' header)")
+            version = body.get("version")
+            if not isinstance(version, int) or version > VERSION:
+                raise r.bad(
+                    f"export format version {version!r} is newer than this nbankd reads "
+                    f"({VERSION})",
+                    hint="import it with the nbankd that exported it, or a newer one",
+                )
+            header = body
+            continue
+        try:
+            if kind == "datatype":
+                found[kind].append(
+                    DataType(
+                        r.text(body, "name", slug=True),
+                        r.optional(body, "content_type") or "",
+                        r.optional(body, "extension") or "",
+                    )
+                )
+            elif kind == "archive":
+                found[kind].append(
+                    ArchiveRecord(
+                        r.text(body, "name", slug=True),
+                        r.text(body, "scheme"),
+                        r.text(body, "root"),
+                        r.optional(body, "accessibility") or "local",
+                    )
+                )
+            elif kind == "resource":
+                found[kind].append(r.resource(body))
+            elif kind == "location":
+                found[kind].append(r.location(body))
+            elif kind == "end":
+                end = body
+            else:
+                raise r.bad(f"unknown line type {kind!r}")
+        except (TypeError, KeyError) as err:
+            raise r.bad(f"malformed {kind} line ({err})") from None
+    if header is None:
+        raise r.bad("the file is empty")
+    if end is None:
+        raise r.bad(
+            "no 'end' line: the export is incomplete (interrupted or truncated)",
+            hint="export again with 'nbankctl registry export'",
+        )
+    counts = {kind: len(found[kind]) for kind in KINDS}
+    if end.get("counts") != counts:
+        raise r.bad(f"the 'end' line counts {end.get('counts')!r} but the file holds {counts!r}")
+    snapshot = Snapshot(
+        source=str(header.get("source") or ""),
+        backend=str(header.get("backend") or ""),
+        datatypes=tuple(found["datatype"]),
+        archives=tuple(found["archive"]),
+        resources=tuple(found["resource"]),
+        locations=tuple(found["location"]),
+        exported_at=str(header.get("exported_at") or ""),
+    )
+    _check_references(snapshot, where)
+    return snapshot
+
+
+def _check_references(snapshot: Snapshot, where: str) -> None:
+    def bad(why: str) -> errors.UsageError:
+        return errors.UsageError(
+            f"{where}: {why}", hint="give a file written by 'nbankctl registry export'"
+        )
+
+    for kind, names in (
+        ("datatype", [d.name for d in snapshot.datatypes]),
+        ("archive", [a.name for a in snapshot.archives]),
+        ("resource", [r.name for r in snapshot.resources]),
+    ):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise bad(f"{kind} {name!r} appears twice")
+            seen.add(name)
+    archives = {a.name: a for a in snapshot.archives}
+    resources = {r.name for r in snapshot.resources}
+    pairs: set[tuple[str, str]] = set()
+    for loc in snapshot.locations:
+        if loc.resource_name not in resources:
+            raise bad(f"a location names resource {loc.resource_name!r}, which is not exported")
+        archive = archives.get(loc.archive_name)
+        if archive is None:
+            raise bad(f"a location names archive {loc.archive_name!r}, which is not exported")
+        if (loc.resource_name, loc.archive_name) in pairs:
+            raise bad(f"resource {loc.resource_name!r} is located in {loc.archive_name!r} twice")
+        pairs.add((loc.resource_name, loc.archive_name))
+
+
+def load(path: str | os.PathLike[str]) -> Snapshot:
+    """Reads an export file ('-' for stdin)."""
+    import sys
+
+    if str(path) == "-":
+        return read(sys.stdin, "<stdin>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return read(f, str(path))
+    except OSError as err:
+        raise errors.UsageError(
+            f"cannot read the export file {path}: {err.strerror or err}",
+            hint="give the path of a file written by 'nbankctl registry export'",
+        ) from None
+    except UnicodeDecodeError:
+        raise errors.UsageError(f"{path} is not UTF-8 text: not an export file") from None

@@ -1,0 +1,193 @@
+"""Issue 9 end to end: a daemon's embedded registry moves to a real django-neurobank server.
+
+The embedded registry is filled through the real daemon (metadata from the inbox and
+a sidecar, an animal and an experimenter, automatic ids, a folder resource, a tape
+location from ``nbankctl tape register``); a migration is killed after a few
+creations (the ``migrate-after-create`` fault point: SIGKILL, as ``kill -9``); then
+``nbankctl registry switch`` finishes it, rewrites ``nbank.json`` and the
+configuration, and reloads the daemon. The real ``nbank`` client then checks the
+archive against the server and reads every record back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fixtures.cli_backends import NBANK, NBANKCTL, base_env, json_stream
+from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.django_server import DjangoServer, unique_name
+from nbankd.archive.layout import create_archive
+from nbankd.migration import snapshot
+from nbankd.registry.embedded import EmbeddedRegistry
+from nbankd.registry.http import HttpRegistry
+
+#: what `nbank info` shows that a migration must carry over (the server sets the rest)
+COMPARED = ("name", "sha1", "dtype", "filename", "metadata", "experimenter", "animal")
+
+
+def run(argv: list[str], env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env={**env, **extra}, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def fill_through_the_daemon(h: DaemonHarness, server: DjangoServer) -> dict[str, str]:
+    """Deposits five inputs of every kind; returns {label: identifier}."""
+    bird = server.add_animal()
+    (h.inbox / "song1.wav.nbank.yaml").write_text(
+        yaml.safe_dump({"metadata": {"animal": bird, "take": 2}})
+    )
+    h.drop("song1.wav", os.urandom(3000))
+    h.drop("song2.wav", os.urandom(2000))
+    folder = h.root / "session7"
+    (folder / "probe").mkdir(parents=True)
+    (folder / "probe" / "spikes.dat").write_bytes(os.urandom(1500))
+    (folder / "notes.txt").write_bytes(b"session notes")
+    os.rename(folder, h.inbox / "session7")
+    auto = h.root / "inbox-auto"
+    auto.mkdir(exist_ok=True)
+    for name in ("take one.wav", "take two.wav"):
+        (h.root / ".x").write_bytes(os.urandom(1000))
+        os.rename(h.root / ".x", auto / name)
+    h.wait_settled(5)
+    ids = {Path(r["source"]).name: r["id"] for r in h.receipts()}
+    assert len(ids) == 5, h.receipts()
+    assert len(ids["take one.wav"]) == 8 and len(ids["take two.wav"]) == 8
+    return ids
+
+
+def tape_register(h: DaemonHarness, env: dict[str, str], song: str) -> str:
+    """Registers a tar file holding song2 as written to tape; returns the tape archive name."""
+    stored = h.archive / "resources" / song[:2] / f"{song}.wav"
+    tar_path = h.root / "tape.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        data = stored.read_bytes()
+        info = tarfile.TarInfo(f"resources/{song[:2]}/{song}.wav")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tape = unique_name("tape", 28)
+    proc = run(
+        [NBANKCTL, "-c", str(h.config_path), "tape", "register", tape, "0", str(tar_path)], env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return f"{tape}-0"
+
+
+def nbank_info(env: dict[str, str], url: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    proc = run([NBANK, "-r", url, "info", *ids], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {d["name"]: d for d in json_stream(proc.stdout)}
+
+
+def test_embedded_registry_moves_to_django_neurobank(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """Fill embedded via the daemon, migrate (killed, resumed), switch: nothing lost or doubled."""
+    server = django_registry
+    h: DaemonHarness = daemon_factory(dtype=unique_name("dt"), archive_name=unique_name("ar"))
+    inbox = {
+        "archive": h.archive_name,
+        "dtype": h.dtype,
+        "settle_seconds": 0.3,
+        "rescan_every": "2s",
+    }
+    h.extra_config = {
+        "inboxes": [
+            {
+                **inbox,
+                "path": str(h.inbox),
+                "directories": "resources",
+                "metadata": {"rig": "rig3", "experimenter": server.username},
+            },
+            {**inbox, "path": str(h.root / "inbox-auto"), "auto_id": True},
+        ]
+    }
+    old_url = (h.state_dir / "registry.sqlite3").as_uri() + "/"
+    create_archive(h.archive, old_url, allow_directories=True)
+    h.start()
+    env = base_env(tmp_path / "home")
+    netrc = server.write_netrc(tmp_path / "home" / ".netrc")
+    ids = fill_through_the_daemon(h, server)
+    tape = tape_register(h, env, ids["song2.wav"])
+    with EmbeddedRegistry(h.state_dir / "registry.sqlite3") as embedded:
+        before = {r.name: r for r in embedded.search()}
+        before_locations = {n: embedded.get_locations(n) for n in before}
+    assert set(before) == set(ids.values())
+    assert before[ids["song1.wav"]].animal is not None
+
+    # 1. a migration killed after 4 creations (datatype, 2 archives, 1 resource)
+    ctl = [NBANKCTL, "-c", str(h.config_path), "registry"]
+    killed = run(
+        [*ctl, "migrate", "--to", server.url], env, NBANKD_CRASH_AT="migrate-after-create:4"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with HttpRegistry(server.url) as reg:
+        assert len(list(reg.search(archive=h.archive_name))) == 1
+
+    # 2. the switch: pause, finish the migration, rewrite nbank.json and config, reload
+    switched = run(
+        [*ctl, "switch", "--to", server.url, "--registry-auth", str(netrc), "--jobs", "2"], env
+    )
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert "resources: 4 created, 1 present" in switched.stdout
+    assert "locations: 1 created" in switched.stdout  # the tape location
+    config = yaml.safe_load(h.config_path.read_text())
+    assert config["registry"] == server.url and config["registry_auth"] == str(netrc)
+    assert json.loads((h.archive / "nbank.json").read_text())["registry"] == server.url
+    [nbank_backup] = h.archive.glob("nbank.json.bak-*")
+    assert json.loads(nbank_backup.read_text())["registry"] == old_url
+    [config_backup] = h.root.glob("config.yaml.bak-*")
+    assert yaml.safe_load(config_backup.read_text())["registry"] == "embedded"
+
+    # 3. a third run creates nothing: every record is present exactly once
+    [export] = (h.state_dir / "migration").glob("export-*.jsonl")
+    again = run([*ctl, "import", str(export), "--to", server.url], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "created" not in again.stdout and "resources: 5 present" in again.stdout
+    assert snapshot.load(export).counts()["resource"] == 5
+
+    # 4. nbank itself: the archive checks clean and every record reads back the same
+    check = run([NBANK, "-r", server.url, "archive", "check", str(h.archive)], env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Resources in registry: 5" in check.stdout + check.stderr
+    infos = nbank_info(env, server.url, sorted(before))
+    for name, record in before.items():
+        info = infos[name]
+        assert {k: info[k] for k in COMPARED} == {k: record.to_json()[k] for k in COMPARED}
+        assert sorted(info["locations"]) == sorted(record.locations)
+    with HttpRegistry(server.url) as reg:
+        for name, locs in before_locations.items():
+            moved = {(x.archive_name, x.key) for x in reg.get_locations(name)}
+            assert moved == {(x.archive_name, x.key) for x in locs}
+        assert len(list(reg.search(archive=h.archive_name))) == 5
+        assert len(list(reg.search(archive=tape))) == 1
+
+    # 5. the reloaded daemon deposits against django-neurobank
+    h.drop("after.wav", b"deposited after the switch")
+    wait_for(
+        lambda: any(r["id"] == "after" for r in h.receipts()), 60, "a deposit after the switch"
+    )
+    [after] = [r for r in h.receipts() if r["id"] == "after"]
+    assert after["url"] == f"{server.url}resources/after/"
+    with HttpRegistry(server.url) as reg:
+        record = reg.get_resource("after")
+    assert record is not None and record.locations == (h.archive_name,)
+
+    # 6. receipts keep their old URLs; history shows where the records are now
+    song = ids["song2.wav"]
+    [receipt] = [r for r in h.receipts() if r["id"] == song]
+    assert receipt["url"] == f"{old_url}resources/{song}/"
+    shown = run([NBANKCTL, "-c", str(h.config_path), "history", "--json", "--id", song], env)
+    [entry] = json.loads(shown.stdout)["receipts"]
+    assert entry["url"] == f"{server.url}resources/{song}/"
+    assert entry["receipt_url"] == receipt["url"]
+    h.stop()
