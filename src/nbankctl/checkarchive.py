@@ -10,59 +10,28 @@ Read-only: it never changes the archive or the registry.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbankd.archive.access import target_mode
 from nbankd.archive.layout import Anomaly, Archive
+from nbankd.audit.checks import permission_findings
+from nbankd.audit.model import (
+    HASH_MISMATCH,
+    INCOMPLETE,
+    MISSING_FROM_ARCHIVE,
+    MISSING_FROM_REGISTRY,
+    REGISTERED_ELSEWHERE,
+    SUMMARY,
+    UNEXPECTED,
+    UNREADABLE,
+    Finding,
+)
 from nbankd.hashing import hash_path
 from nbankd.registry.base import Registry, ResourceRecord
-
-MISSING_FROM_ARCHIVE = "missing from archive"
-MISSING_FROM_REGISTRY = "missing from registry"
-REGISTERED_ELSEWHERE = "registered elsewhere"
-HASH_MISMATCH = "hash mismatch"
-UNREADABLE = "unreadable"
-UNEXPECTED = "unexpected"
-INCOMPLETE = "incomplete transfer"
-PERMISSION = "permission"
-#: the order of the summary line, as nbank's
-SUMMARY = (
-    ("missing from archive", (MISSING_FROM_ARCHIVE,)),
-    ("missing from registry", (MISSING_FROM_REGISTRY,)),
-    ("read/verify errors", (UNREADABLE, HASH_MISMATCH)),
-    ("other layout errors", (UNEXPECTED, INCOMPLETE)),
-    ("permission errors", (PERMISSION,)),
-    ("registered elsewhere", (REGISTERED_ELSEWHERE,)),
-)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem: what kind, which resource (if any), which path (if any), and why."""
-
-    kind: str
-    resource: str | None
-    path: Path | None
-    detail: str = ""
-
-    def __str__(self) -> str:
-        who = " : ".join(str(x) for x in (self.resource, self.path) if x is not None)
-        return f"{who} - {self.kind}" + (f" ({self.detail})" if self.detail else "")
-
-    def to_json(self) -> dict[str, str | None]:
-        return {
-            "kind": self.kind,
-            "resource": self.resource,
-            "path": None if self.path is None else str(self.path),
-            "detail": self.detail,
-        }
 
 
 @dataclass
@@ -98,37 +67,6 @@ class Report:
         }
 
 
-def _uid(name: str | None) -> int | None:
-    if name is None:
-        return None
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return -1  # nobody can own files as a user that does not exist
-
-
-def _gid(name: str | None) -> int | None:
-    if name is None:
-        return None
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return -1
-
-
-def _permission(archive: Archive, path: Path, st: os.stat_result) -> Iterator[Finding]:
-    access = archive.policy.access
-    uid, gid = _uid(access.user), _gid(access.group)
-    if uid is not None and st.st_uid != uid:
-        yield Finding(PERMISSION, None, path, f"owner is uid {st.st_uid}, not {access.user}")
-    if gid is not None and st.st_gid != gid:
-        yield Finding(PERMISSION, None, path, f"group is gid {st.st_gid}, not {access.group}")
-    want = target_mode(archive, path, is_dir=stat.S_ISDIR(st.st_mode))
-    have = stat.S_IMODE(st.st_mode)
-    if have != want:
-        yield Finding(PERMISSION, None, path, f"mode {have:04o}, expected {want:04o}")
-
-
 def _tree(root: Path) -> Iterator[Path]:
     """root, then everything inside it if it is a folder; links are not followed."""
     yield root
@@ -148,7 +86,7 @@ def _check_permissions(archive: Archive, stored: list[tuple[str, Path]]) -> Iter
             if path == archive.staging_dir:
                 yield Finding(UNEXPECTED, None, path, "staging/ is missing; run nbankctl init?")
             continue
-        yield from _permission(archive, path, st)
+        yield from permission_findings(archive, path, st)
     for _id, root in stored:
         for path in _tree(root):
             try:
@@ -159,7 +97,7 @@ def _check_permissions(archive: Archive, stored: list[tuple[str, Path]]) -> Iter
             if stat.S_ISLNK(st.st_mode):
                 yield Finding(UNEXPECTED, None, path, "symbolic link inside a resource")
                 continue
-            yield from _permission(archive, path, st)
+            yield from permission_findings(archive, path, st)
 
 
 def _staging_leftovers(archive: Archive) -> Iterator[Finding]:

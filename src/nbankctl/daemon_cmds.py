@@ -7,7 +7,7 @@ The socket is ``--socket PATH``, else the configuration's ``control_socket``
 (``-c FILE``, ``$NBANKD_CONFIG``, else ``/etc/nbankd/config.yaml``; when the
 default file is missing or unreadable, the default socket path). Output is a
 readable summary; ``--json`` prints the reply's result as JSON. Exit status:
-0 ok, 1 problems (status degraded, some inputs not requeued), 2 usage,
+0 ok, 1 problems (status degraded, audit findings, some inputs not requeued), 2 usage,
 configuration or permission, 3 daemon unreachable.
 """
 
@@ -25,6 +25,9 @@ from nbankd import errors
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
 from nbankd.config.model import DEFAULT_CONTROL_SOCKET
 from nbankd.control.client import ControlClient
+
+#: seconds each ``audit`` request waits in the daemon before nbankctl asks again
+AUDIT_POLL = 30.0
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -129,8 +132,22 @@ def cmd_rescan(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    _emit(args, _call(args, "audit", {"full": bool(args.full)}), render.to_json)
-    return errors.EXIT_OK
+    """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong."""
+    client = ControlClient(socket_path(args))
+    state = client.call("audit", {"full": bool(args.full), "wait": AUDIT_POLL})
+    ticket = state.get("request")
+    progress = not getattr(args, "json", False) and sys.stderr.isatty()
+    while state.get("state") != "done":
+        if state.get("state") == "cancelled":
+            raise errors.DaemonUnreachable(
+                "nbankd stopped before the audit finished (it resumes when nbankd starts again)"
+            )
+        if progress:
+            render.write(render.audit_progress(state), sys.stderr)
+        state = client.call("audit", {"request": ticket, "wait": AUDIT_POLL})
+    report = state["report"]
+    _emit(args, report, render.audit)
+    return errors.EXIT_OK if report.get("ok") else errors.EXIT_PROBLEMS
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -205,6 +222,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     ):
         p = add(name, func, text)
         p.add_argument("inbox", nargs="?", metavar="INBOX", help="inbox path or folder name")
-    p = add("audit", cmd_audit, "audit archives against the registry now")
-    p.add_argument("--full", action="store_true", help="re-hash every file (scrub)")
+    p = add(
+        "audit",
+        cmd_audit,
+        "audit archives against the registry now and wait for the report; exits 1 on problems",
+    )
+    p.add_argument("--full", action="store_true", help="re-hash every resource (full scrub)")
     add("reload", cmd_reload, "re-read the configuration file")

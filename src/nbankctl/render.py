@@ -87,10 +87,7 @@ def status(result: dict[str, Any]) -> str:
     err = result.get("last_error")
     if err:
         lines.append(f"last error: {err.get('code', '')} {printable(str(err.get('error')))}")
-    lines.append(
-        f"audit: last {when(result.get('last_audit')) if result.get('last_audit') else 'never'}"
-        f", next {when(result.get('next_audit')) if result.get('next_audit') else 'not scheduled'}"
-    )
+    lines.append(audit_line(result))
     rows = []
     for ib in result.get("inboxes", []):
         rows.append(
@@ -129,6 +126,31 @@ def status(result: dict[str, Any]) -> str:
     if degraded:
         lines += ["", "degraded:"] + [f"  - {printable(str(d))}" for d in degraded]
     return "\n".join(lines)
+
+
+def audit_line(result: dict[str, Any]) -> str:
+    """status's audit line: the last result, the next run, and one under way."""
+    last = result.get("last_audit")
+    if not last:
+        text = "audit: last never"
+    else:
+        if last.get("error") and not last.get("findings"):
+            verdict = f"FAILED ({printable(str(last['error']))})"
+        elif last.get("ok"):
+            verdict = "clean"
+        else:
+            verdict = f"{last.get('findings', 0)} PROBLEM(S)"
+        kind = "full" if last.get("full") else "incremental"
+        text = f"audit: last {when(last.get('finished'))} {kind}, {verdict}"
+    text += (
+        f"; next {when(result.get('next_audit')) if result.get('next_audit') else 'not scheduled'}"
+    )
+    running = result.get("audit_running")
+    if running:
+        text += f"; running since {when(running.get('since'))}"
+        if running.get("planned"):
+            text += f" ({running.get('hashed', 0)}/{running['planned']} read)"
+    return text
 
 
 def _iso(t: float | None) -> str | None:
@@ -259,3 +281,69 @@ def reload(result: dict[str, Any]) -> str:
     lines = [f"configuration {state}: {result.get('source')} ({result.get('inboxes')} inboxes)"]
     lines += [f"warning: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)
+
+
+# --- audit ------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def audit(report: dict[str, Any]) -> str:
+    """An audit report: per archive its numbers, findings and nbank's summary line."""
+    kind = "full" if report.get("full") else "incremental"
+    archives = report.get("archives") or []
+    n = report.get("findings", 0) + sum(1 for a in archives if a.get("error"))
+    verdict = "clean" if report.get("ok") else f"{n} problem(s)" if n else "FAILED"
+    lines = [f"audit {report.get('id')} ({kind}, {report.get('trigger')}): {verdict}"]
+    if report.get("error"):
+        lines.append(f"error: {printable(str(report['error']))}")
+    for a in archives:
+        head = f"archive {a.get('name')} ({printable(str(a.get('path')))})"
+        if a.get("error"):
+            lines.append(f"{head}: {a.get('state')}: {printable(str(a['error']))}")
+            continue
+        lines.append(
+            f"{head}: {a.get('stored', 0)} stored, {a.get('registered_after', 0)} registered, "
+            f"{a.get('hashed', 0)} read ({_size(int(a.get('bytes_hashed', 0)))})"
+            + (f", {a['skipped_in_flight']} in flight" if a.get("skipped_in_flight") else "")
+        )
+        for f in a.get("findings") or []:
+            who = " : ".join(str(x) for x in (f.get("resource"), f.get("path")) if x is not None)
+            detail = f" ({f['detail']})" if f.get("detail") else ""
+            lines.append(f"  {printable(who)} - {f.get('kind')}{printable(detail)}")
+        counts = a.get("counts") or {}
+        summary = [f"Resources in registry: {a.get('registered_after', 0)}"]
+        summary += [f"{label}: {count}" for label, count in counts.items()]
+        lines.append("  " + "; ".join(summary))
+    elsewhere = 0
+    for o in report.get("not_audited") or []:
+        if o.get("scheme") == "neurobank" and o.get("accessibility") != "offline":
+            elsewhere += 1  # another daemon's archive: counted, not listed
+            continue
+        lines.append(
+            f"not audited: {o.get('name')} ({o.get('scheme')}:{printable(str(o.get('root')))}): "
+            f"{o.get('reason')}"
+        )
+    if elsewhere:
+        lines.append(f"not audited: {elsewhere} other archive(s) not configured in this daemon")
+    if report.get("report"):
+        lines.append(f"report: {printable(str(report['report']))}")
+    return "\n".join(lines)
+
+
+def audit_progress(state: dict[str, Any]) -> str:
+    """One line while nbankctl waits for an audit."""
+    progress = state.get("progress") or {}
+    text = f"audit {state.get('state')}"
+    if progress.get("archive"):
+        text += f": {progress['archive']} {progress.get('phase', '')}"
+    if progress.get("planned"):
+        text += f" {progress.get('hashed', 0)}/{progress['planned']}"
+    return text

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def test_status_json_has_the_documented_fields(h: DaemonHarness) -> None:
     result = ctl_json(h, "status")
     for key in ("version", "pid", "registry", "inboxes", "queue", "degraded"):
         assert key in result
-    assert result["last_audit"] is None and result["next_audit"] is None
+    assert result["last_audit"] is None and result["audit_running"] is None
+    next_audit = datetime.fromisoformat(result["next_audit"]).timestamp()
+    assert next_audit == pytest.approx(time.time() + 24 * 3600, abs=120)  # audit.every
     [inbox] = result["inboxes"]
     assert inbox["path"] == str(h.inbox)
     assert {"paused", "last_scan", "in_flight", "deposited", "in_rejected_folder"} <= set(inbox)
@@ -202,9 +205,9 @@ def test_requeue_refuses_when_the_original_name_is_taken(h: DaemonHarness) -> No
     """Requeue never overwrites: with the original name taken it moves nothing, exit 1."""
     h.drop("taken 01.dat", b"rejected bytes")
     h.wait_settled(1)
+    assert ctl(h, "pause").returncode == 0  # before the newcomer appears: it stays put
     h.drop("taken 01.dat.tmp", b"")  # ignored, so the daemon leaves it alone
     os.rename(h.inbox / "taken 01.dat.tmp", h.inbox / "taken 01.dat")
-    ctl(h, "pause")  # keep the newcomer where it is
     proc = ctl(h, "requeue", str(h.rejected / "taken 01.dat"))
     assert proc.returncode == 1
     assert "already exists" in proc.stderr
@@ -212,11 +215,60 @@ def test_requeue_refuses_when_the_original_name_is_taken(h: DaemonHarness) -> No
     assert (h.rejected / "taken 01.dat.reason").exists()
 
 
-def test_audit_is_not_implemented_yet(h: DaemonHarness) -> None:
-    """audit answers not-implemented: the message is printed and the exit status is 2."""
-    proc = ctl(h, "audit", "--full")
-    assert proc.returncode == 2
-    assert "not implemented" in proc.stderr
+def test_audit_exits_0_when_clean_and_1_when_a_file_is_missing(h: DaemonHarness) -> None:
+    """nbankctl audit waits for the report: clean is exit 0; a deleted resource is exit 1,
+    named in the output, the JSON report under state_dir/audits and a log event."""
+    for name in ("audit001.dat", "audit002.dat"):
+        h.drop(name, name.encode())
+    h.wait_settled(2)
+    clean = ctl(h, "audit")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert ": clean" in clean.stdout and "2 stored, 2 registered, 2 read" in clean.stdout
+    h.archive_files()["audit002.dat"].unlink()
+    proc = ctl(h, "audit", "--json")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    [finding] = report["archives"][0]["findings"]
+    assert (finding["kind"], finding["resource"]) == ("missing from archive", "audit002")
+    on_disk = json.loads(Path(report["report"]).read_text())
+    assert Path(report["report"]).parent == h.state_dir / "audits"
+    assert on_disk["archives"][0]["findings"] == [finding]
+    events = [json.loads(line) for line in h.log_path.read_text().splitlines() if "{" in line]
+    assert [e["resource_id"] for e in events if e.get("event") == "audit finding"] == ["audit002"]
+    text = ctl(h, "audit").stdout
+    assert "audit002 - missing from archive" in text and "missing from archive: 1" in text
+
+
+def test_status_shows_the_last_audit_and_is_degraded_by_findings(h: DaemonHarness) -> None:
+    """After a clean audit status is healthy and shows it; after one with a finding
+    status exits 1 naming the last audit; a later clean audit makes it healthy again."""
+    h.drop("stat0001.dat", b"status audit")
+    h.wait_settled(1)
+    assert ctl(h, "audit").returncode == 0
+    result = ctl_json(h, "status")
+    assert result["last_audit"]["ok"] is True and result["last_audit"]["findings"] == 0
+    assert ctl(h, "status").returncode == 0
+    stray = h.archive / "resources" / "st" / "stray001.dat"
+    stray.write_bytes(b"nobody registered me")
+    stray.chmod(0o444)
+    assert ctl(h, "audit").returncode == 1
+    proc = ctl(h, "status")
+    assert proc.returncode == 1, proc.stdout
+    assert "1 PROBLEM(S)" in proc.stdout and "last audit" in proc.stdout
+    stray.unlink()
+    assert ctl(h, "audit").returncode == 0
+    assert ctl(h, "status").returncode == 0
+
+
+def test_audit_with_no_daemon_exits_3(tmp_path: Path) -> None:
+    """nbankctl audit with nothing on the socket says nbankd is not running: exit 3."""
+    proc = subprocess.run(
+        [NBANKCTL, "audit", "--socket", str(tmp_path / "none.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3 and "not running" in proc.stderr
 
 
 def test_socket_found_through_nbankd_config_env(h: DaemonHarness) -> None:

@@ -24,6 +24,7 @@ from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import requeue as requeue_mod
 from nbankd.deposit.receipts import read_receipts
+from nbankd.migration import moves
 from nbankd.watch import settle
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ log = structlog.get_logger("nbankd.control")
 
 Handler = Callable[["Daemon", dict[str, Any]], Any]
 RELOAD_WAIT = 120.0
+AUDIT_WAIT = 60.0
 HISTORY_LIMIT = 50
 
 
@@ -135,8 +137,12 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             )
     result["control_socket"] = str(daemon.config.control_socket)
     result["config"] = str(daemon.config.source)
-    result["last_audit"] = None  # the audit feature has not landed yet
-    result["next_audit"] = None
+    auditor = daemon.auditor
+    if auditor is not None:
+        result.update(auditor.status())
+        result["degraded"] += auditor.problems()
+    else:
+        result.update(last_audit=None, next_audit=None, audit_running=None)
     result["healthy"] = not result["degraded"]
     return result
 
@@ -220,7 +226,8 @@ def history(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         if matches(r)
     ]
     ordered = heapq.nlargest(limit, found) if limit else sorted(found, reverse=True)
-    newest = [r for _, _, r in ordered]
+    # receipts keep the URL of their deposit; show where the record lives now
+    newest = moves.follow([r for _, _, r in ordered], daemon.config.state_dir)
     return {"receipts": newest, "matched": len(found)}
 
 
@@ -308,9 +315,25 @@ def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    raise ProtocolError(
-        "not-implemented", "audits are not implemented in this nbankd yet (nbankctl audit)"
-    )
+    """Queues an audit (``full``: re-hash everything) and returns its ticket
+    (``request``) and state; with ``request`` given, reports on that one instead.
+    Either way waits up to ``wait`` seconds (at most :data:`AUDIT_WAIT`) for it to
+    finish. The state is ``queued``, ``running`` (with progress) or ``done`` (with
+    the ``report``); nbankctl polls until ``done``."""
+    auditor = daemon.auditor
+    if auditor is None:
+        raise ProtocolError("internal", "audits are disabled in this daemon (see its log)")
+    wait = _arg(args, "wait", (int, float), 0)
+    wait = min(max(float(wait), 0.0), AUDIT_WAIT)
+    ticket = _arg(args, "request", str)
+    if ticket is None:
+        full = _arg(args, "full", bool, False)
+        ticket = auditor.request(full)
+        log.info("audit requested", request=ticket, full=full)
+    state = auditor.wait(ticket, wait)
+    if state is None:
+        raise ProtocolError("not-found", f"no audit request or report {ticket!r}")
+    return state
 
 
 HANDLERS: dict[str, Handler] = {

@@ -24,7 +24,7 @@ Error codes (stable; :data:`ERROR_EXIT` maps each to nbankctl's exit status):
 ``not-found``          the path or inbox named is not known
 ``conflict``           the operation would overwrite or clash (requeue: name taken)
 ``config``             the configuration file is invalid (reload)
-``not-implemented``    the command exists but its feature has not landed (audit)
+``not-implemented``    the command exists but this daemon does not provide it
 ``busy``               too many connections at once; retry
 ``internal``           a bug in the daemon (logged there with a traceback)
 =====================  =============================================================

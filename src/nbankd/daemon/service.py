@@ -25,6 +25,8 @@ from typing import Any
 import structlog
 
 from nbankd import __version__, errors
+from nbankd.audit.run import journal_in_flight
+from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, InboxConfig, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
@@ -95,6 +97,7 @@ class Daemon:
         self.steps: Steps
         self.observer: InboxWatcher | None = None
         self.control: ControlServer | None = None
+        self.auditor: AuditScheduler | None = None
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
 
     # -- start-up -----------------------------------------------------------------
@@ -124,6 +127,7 @@ class Daemon:
         self.observer = InboxWatcher(self._on_change)
         self._watch_inboxes()
         self.observer.start()
+        self._start_auditor()
         log.info(
             "started", version=__version__, registry=self.registry.url, inboxes=len(self.inboxes)
         )
@@ -132,6 +136,20 @@ class Daemon:
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_auditor(self) -> None:
+        """Starts scheduled audits in their own thread; a failure here only disables them."""
+        try:
+            self.auditor = AuditScheduler(
+                config=lambda: self.config,
+                registry=lambda: self.registry,
+                in_flight=journal_in_flight(self.journal),
+                clock=self.clock,
+            )
+            self.auditor.start()
+        except (errors.NbankdError, OSError) as err:
+            self.auditor = None
+            log.error("audits disabled: cannot open the audit cache", error=str(err))
 
     def _apply_config(self, cfg: Config) -> None:
         setup.prepare_inbox_folders(cfg)
@@ -454,6 +472,8 @@ class Daemon:
             self.control = None
         if self.observer is not None:
             self.observer.stop()
+        if self.auditor is not None:
+            self.auditor.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + grace
         for future in list(self._running.values()):

@@ -1,0 +1,83 @@
+"""What the registry says an archive holds, listed in bulk.
+
+An audit lists an archive's resources twice (before and after its walk), so
+listing must be cheap for 100k resources:
+
+- the embedded registry: one SQL query over its database file, in one read
+  transaction (a consistent snapshot), returning only names and hashes;
+- django-neurobank: ``resources/?archive=NAME`` pages fetched concurrently
+  (:meth:`~nbankd.registry.http.HttpRegistry.search_pages`);
+- anything else: :meth:`~nbankd.registry.base.Registry.search`.
+
+No per-resource requests. The registry is never written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+from nbankd import errors
+from nbankd.audit.model import OfflineArchive
+from nbankd.registry.base import ArchiveRecord, Registry, ResourceRecord
+from nbankd.registry.embedded import EmbeddedRegistry
+
+PAGE_WORKERS = 4
+_EMBEDDED_LISTING = (
+    "SELECT r.name, r.sha1 FROM location l JOIN archive a ON a.id = l.archive_id"
+    " JOIN resource r ON r.id = l.resource_id WHERE a.name = ?"
+)
+
+
+def _embedded(registry: EmbeddedRegistry, archive: str) -> dict[str, str | None]:
+    try:
+        conn = sqlite3.connect(registry.db_path, timeout=registry.busy_timeout)
+    except sqlite3.Error as err:
+        raise errors.RegistryUnavailable(
+            f"the embedded registry {registry.db_path} cannot be opened: {err}"
+        ) from err
+    try:
+        conn.execute("PRAGMA query_only=1")
+        rows = conn.execute(_EMBEDDED_LISTING, (archive,)).fetchall()
+    except sqlite3.Error as err:
+        raise errors.RegistryUnavailable(
+            f"the embedded registry {registry.db_path} cannot be read: {err}"
+        ) from err
+    finally:
+        conn.close()
+    return {name: sha1.lower() if sha1 else None for name, sha1 in rows}
+
+
+def _records(records: Iterable[ResourceRecord], archive: str) -> dict[str, str | None]:
+    return {r.name: r.sha1.lower() if r.sha1 else None for r in records if archive in r.locations}
+
+
+def list_registered(
+    registry: Registry, archive: str, *, workers: int = PAGE_WORKERS
+) -> dict[str, str | None]:
+    """{resource name: registered SHA-1 (lowercase) or None} of every resource located
+    in ``archive``. Raises the registry's errors (RegistryUnavailable when it is down)."""
+    if isinstance(registry, EmbeddedRegistry):
+        return _embedded(registry, archive)
+    search_pages = getattr(registry, "search_pages", None)
+    if search_pages is not None:
+        return _records(search_pages(workers, archive=archive), archive)
+    return _records(registry.search(archive=archive), archive)
+
+
+def not_audited(records: Iterable[ArchiveRecord], audited: Iterable[str]) -> list[OfflineArchive]:
+    """The registry's archives this daemon does not read, each with the reason."""
+    mine = set(audited)
+    out = []
+    for a in sorted(records, key=lambda a: a.name):
+        if a.name in mine:
+            continue
+        if a.accessibility == "offline" or a.scheme != "neurobank":
+            reason = f"{a.accessibility} {a.scheme} archive: listed, not read"
+        else:
+            reason = "not configured in this daemon"
+        out.append(OfflineArchive(a.name, a.scheme, a.root, a.accessibility, reason))
+    return out
+
+
+__all__ = ["list_registered", "not_audited"]

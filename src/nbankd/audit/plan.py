@@ -1,0 +1,219 @@
+"""The audit's decisions, as pure functions of what was seen (no I/O, no clock).
+
+**Which resources to re-hash.** The cache remembers, per archive and resource,
+the stat (size, mtime, inode) and the SHA-1 read at ``verified_at``. A resource
+is re-hashed when:
+
+- ``new``: the cache has no entry for it;
+- ``changed``: its size, mtime or inode differ from the cached ones;
+- ``unverified``: the cached SHA-1 differs from the registered one (a mismatch is
+  always confirmed by a fresh read before it is reported);
+- ``full``: a full audit re-reads everything not yet read during this run;
+- ``due``: it was last read ``scrub_days`` ago or more (the hard guarantee);
+- ``slice``: the rolling scrub: each run also reads the least recently verified
+  resources, ``ceil(N / runs per scrub period)`` of them, minus those already
+  read during this run, so the load is spread evenly instead of everything
+  falling due at once.
+
+"During this run" means ``verified_at >= run_started``: an interrupted run that
+resumes keeps its start time, so what it already read is not read again.
+
+**What the walk means.** A file in the archive and the registry's listings of
+the archive taken *before* and *after* the walk are compared, leaving out every
+resource the deposit journal shows in flight:
+
+- registered but missing: listed in both listings and not found by the walk;
+- present but unregistered: found by the walk and listed in neither listing;
+- a resource in only one listing was added or pruned during the audit: no finding.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
+
+from nbankd.audit.model import CacheEntry, FileStat
+
+DAY = 86400.0
+
+NEW = "new"
+CHANGED = "changed"
+UNVERIFIED = "unverified"
+FULL = "full"
+DUE = "due"
+SLICE = "slice"
+REASONS = (NEW, CHANGED, UNVERIFIED, FULL, DUE, SLICE)
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    """How much an audit reads, beyond what changed."""
+
+    run_started: float  # start of this run (kept when a run resumes)
+    full: bool = False
+    scrub_days: int = 30  # 0: no scrubbing, only changed resources are read
+    every: float = DAY  # seconds between scheduled audits (sizes the rolling slice)
+
+    @property
+    def scrub_seconds(self) -> float | None:
+        return self.scrub_days * DAY if self.scrub_days > 0 else None
+
+    @property
+    def runs_per_scrub(self) -> int:
+        """Scheduled audits in one scrub period (at least 1)."""
+        if self.scrub_seconds is None:
+            return 0
+        return max(1, math.floor(self.scrub_seconds / max(self.every, 1.0)))
+
+
+def slice_size(total: int, runs_per_scrub: int) -> int:
+    """Resources each run must read so that ``runs_per_scrub`` runs read all ``total``."""
+    if runs_per_scrub <= 0 or total <= 0:
+        return 0
+    return math.ceil(total / runs_per_scrub)
+
+
+def hash_reason(
+    entry: CacheEntry | None,
+    st: FileStat,
+    registered_sha1: str | None,
+    *,
+    now: float,
+    policy: HashPolicy,
+) -> str | None:
+    """Why this resource must be read now, or None (it may still be picked for the slice)."""
+    if entry is None:
+        return NEW
+    if (entry.size, entry.mtime_ns, entry.inode) != st:
+        return CHANGED
+    if (
+        registered_sha1 is not None
+        and entry.sha1 != registered_sha1
+        and entry.sha1 != registered_sha1.lower()
+    ):
+        return UNVERIFIED
+    if entry.verified_at >= policy.run_started:
+        return None  # read earlier in this (resumed) run
+    if policy.full:
+        return FULL
+    scrub = policy.scrub_seconds
+    if scrub is not None and now - entry.verified_at >= scrub:
+        return DUE
+    return None
+
+
+def plan_hashes(
+    stored: Mapping[str, FileStat],
+    expected: Mapping[str, str | None],
+    cache: Mapping[str, CacheEntry],
+    *,
+    now: float,
+    policy: HashPolicy,
+) -> dict[str, str]:
+    """{name: reason} for the resources of ``expected`` (registered, not in flight) to read.
+
+    ``stored`` is what the walk found; a resource in ``expected`` but not stored is
+    not read (it is reported missing, or was pruned).
+    """
+    plan: dict[str, str] = {}
+    resting: list[tuple[float, str]] = []
+    done_this_run = 0
+    started, full, scrub = policy.run_started, policy.full, policy.scrub_seconds
+    for name, want in expected.items():
+        st = stored.get(name)
+        if st is None:
+            continue
+        entry = cache.get(name)
+        if (  # the common case, checked inline: unchanged, verified, not due
+            entry is not None
+            and entry[1:4] == st
+            and (want is None or entry.sha1 == want)
+            and entry.verified_at < started
+            and not full
+            and (scrub is None or now - entry.verified_at < scrub)
+        ):
+            resting.append((entry.verified_at, name))
+            continue
+        reason = hash_reason(entry, st, want, now=now, policy=policy)
+        if reason is not None:
+            plan[name] = reason
+        elif entry is not None and entry.verified_at >= started:
+            done_this_run += 1
+        elif entry is not None:
+            resting.append((entry.verified_at, name))
+    want_n = slice_size(len(expected), policy.runs_per_scrub) - done_this_run
+    want_n -= sum(1 for r in plan.values() if r in (DUE, FULL))
+    if want_n > 0 and resting:
+        for _, name in heapq.nsmallest(want_n, resting):
+            plan[name] = SLICE
+    return plan
+
+
+@dataclass(frozen=True)
+class Categories:
+    """The walk compared with the two registry listings."""
+
+    missing: tuple[str, ...]  # registered in both listings, not found (candidates)
+    unregistered: tuple[str, ...]  # found, registered in neither listing (candidates)
+    expected: dict[str, str | None]  # found and registered: name -> registered sha1
+    in_flight: tuple[str, ...]  # left out because the journal shows them in flight
+
+
+def categorise(
+    stored: Iterable[str],
+    before: Mapping[str, str | None],
+    after: Mapping[str, str | None],
+    in_flight: Set[str],
+) -> Categories:
+    """Compares the walk (``stored`` names) with the listings (name -> sha1) taken
+    before and after it, leaving out the names in flight (see the module docstring)."""
+    found = set(stored)
+    flying = set(in_flight)
+    skipped = sorted(n for n in flying if n in found or n in before or n in after)
+    missing = sorted((before.keys() & after.keys()) - found - flying)
+    unregistered = sorted(found - before.keys() - after.keys() - flying)
+    expected: dict[str, str | None] = {n: after[n] for n in (found & after.keys()) - flying}
+    for name in (found & before.keys()) - after.keys() - flying:
+        expected[name] = before[name]
+    return Categories(tuple(missing), tuple(unregistered), expected, tuple(skipped))
+
+
+def staging_leftovers(
+    entries: Iterable[tuple[str, float]],
+    in_flight_tokens: Set[str],
+    *,
+    now: float,
+    grace: float,
+    prefix: str = ".nbankd-",
+) -> list[str]:
+    """Names in ``staging/`` to report: not a staged copy of an item in flight, and
+    not modified within ``grace`` seconds (a copy another host's daemon, or nbank,
+    is writing right now). ``entries`` are (name, mtime)."""
+    out = []
+    for name, mtime in entries:
+        if name.startswith(prefix) and name[len(prefix) :] in in_flight_tokens:
+            continue
+        if now - mtime < grace:
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+__all__ = [
+    "CHANGED",
+    "DUE",
+    "FULL",
+    "NEW",
+    "REASONS",
+    "SLICE",
+    "UNVERIFIED",
+    "Categories",
+    "HashPolicy",
+    "categorise",
+    "hash_reason",
+    "plan_hashes",
+    "slice_size",
+    "staging_leftovers",
+]
