@@ -224,11 +224,12 @@ def test_bare_sidecar_suffix_is_a_file(inbox: Path) -> None:
     assert kinds(scan(inbox)) == {".nbank.yaml": EntryKind.FILE}
 
 
-def test_symlinked_sidecar_is_a_symlink(inbox: Path) -> None:
-    """A sidecar that is a symlink is never read: it is reported as SYMLINK."""
+def test_symlinked_sidecar_stays_with_its_input(inbox: Path) -> None:
+    """A sidecar that is a symlink is a SIDECAR of its input (which is then rejected)."""
     (inbox / "a.wav").write_bytes(b"x")
     (inbox / "a.wav.nbank.yaml").symlink_to("/etc/passwd")
-    assert kinds(scan(inbox))["a.wav.nbank.yaml"] is EntryKind.SYMLINK
+    [car] = [e for e in scan(inbox) if e.relpath == "a.wav.nbank.yaml"]
+    assert (car.kind, car.owner) == (EntryKind.SIDECAR, "a.wav")
 
 
 # --- recursion and directory resources ------------------------------------------------------

@@ -59,6 +59,7 @@ from nbankd.archive.staging import (
     unsafe_input,
 )
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
+from nbankd.deposit import crashpoints
 from nbankd.hashing import hash_path, sha1_file
 
 #: mode of the empty directory that reserves a name in the no-RENAME_NOREPLACE fallback;
@@ -267,6 +268,7 @@ def _publish(
             placed = _link_into_place(archive, source, target)
         if not placed and not _identical(source, target):
             raise _conflict(archive, source, target, in_place=in_place)
+        crashpoints.reached("after-publish-link")
         fsync_dir(target.parent)
         if os.path.lexists(source):
             remove_ours(source)

@@ -16,21 +16,26 @@ import signal
 import threading
 
 POINTS = (
-    "after-claim-rename",
+    "after-journal-add",  # intent journaled; the claim rename has not run
+    "after-claim-rename",  # input renamed into .nbank/; its sidecar not yet
     "stage-copied",
     "after-claim",
     "after-stage",
     "after-lookup",
     "after-register-request",
     "after-register",
-    "after-publish-link",
+    "after-publish-link",  # linked into resources/; stub folder not yet fsynced
     "after-publish",
     "after-verify",
     "after-receipt-append",
-    "after-record",
+    "after-record",  # RECORDED committed; the source is still in .nbank/
+    "after-release-source",  # source removed; sidecar and marker not yet
     "after-release-unlink",
+    "after-reject-name",  # rejected name journaled; nothing written yet
+    "after-reason-temp",  # NAME.reason written to its temporary name, not renamed
     "after-reject-reason",
     "after-reject-move",
+    "after-put-back",  # changed input back in the inbox; its sidecar not yet
 )
 
 _spec = os.environ.get("NBANKD_CRASH_AT", "")
@@ -57,6 +62,7 @@ def reached(name: str) -> None:
         _remaining -= 1
         if _remaining > 0:
             return
+    os.write(2, f"nbankd: crash point {name} reached; SIGKILL\n".encode())
     os.kill(os.getpid(), signal.SIGKILL)
 
 

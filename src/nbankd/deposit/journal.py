@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankd import errors
+from nbankd.deposit import crashpoints
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
 SCHEMA_VERSION = 1
@@ -215,6 +216,7 @@ class Journal:
                 f"INSERT INTO items ({cols}) VALUES ({marks}) RETURNING *", tuple(values.values())
             )
             row = cur.fetchone()
+        crashpoints.reached("after-journal-add")
         return _row_to_item(row)
 
     def save(self, item: Item) -> Item:

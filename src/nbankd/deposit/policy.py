@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ AUTO_ID_LENGTH = 8
 SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
 MARKER_SUFFIX = ".done"
 SIDECAR_KEYS = frozenset({"id", "dtype", "metadata"})
+SIDECAR_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,39 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
     if not all(isinstance(k, str) for k in metadata):
         raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' keys must be strings")
     return Sidecar(id=sid, dtype=dtype, metadata=metadata)
+
+
+def check_sidecar_entry(mode: int, nlink: int, *, source: str) -> None:
+    """Refuses a sidecar that is not a plain, singly linked file (guarantee 7: never read)."""
+    if not stat.S_ISREG(mode) or nlink > 1:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} is not a plain file (a link, FIFO, socket or device); "
+            "nbankd never reads those",
+            "replace it with a regular file and requeue the input",
+        )
+
+
+def sidecar_text(raw: bytes, *, source: str) -> str:
+    """The text of a sidecar read with a limit of ``SIDECAR_MAX_BYTES + 1`` bytes.
+
+    Refuses, rather than silently cutting or altering, a sidecar that is too large
+    or not UTF-8 (either would change the metadata registered).
+    """
+    if len(raw) > SIDECAR_MAX_BYTES:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} is larger than {SIDECAR_MAX_BYTES // (1 << 20)} MiB",
+            "keep large data in the file itself; sidecars hold identifiers and metadata",
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} is not UTF-8 text (byte {err.start})",
+            "save it as UTF-8 and requeue the input",
+        ) from None
 
 
 def check_identifier(name: str, *, origin: str) -> str:

@@ -8,9 +8,11 @@ step after a crash finishes the same move instead of starting another.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -57,10 +59,36 @@ def _free_name(folder: Path, basename: bytes) -> bytes:
     return candidate
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Writes ``path`` whole or not at all: temp file in the same folder, fsync, rename."""
-    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Moves a file or folder to ``dst`` without ever replacing something there."""
+    if os.path.lexists(dst) and not os.path.lexists(src):
+        return  # done by an earlier attempt
+    fsops.move_noreplace(src, dst)
+
+
+def _is_reason_for(path: Path, dest: Path) -> bool:
+    """True if ``path`` is a reason file nbankd wrote for an input rejected to ``dest``."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("rejected_path") == str(dest)
+
+
+def _write_reason(path: Path, data: bytes, dest: Path) -> bool:
+    """Writes ``path`` whole, replacing only an earlier attempt's reason for ``dest``.
+
+    Returns False, writing nothing, when something else holds the name (another
+    input rejected at the same moment may be called ``NAME.reason``): replacing
+    it would destroy that input.
+    """
+    # the temporary name depends only on ``path``: a replay after a crash removes the
+    # one a killed attempt left (never truncating it: it may already be ``path`` too)
+    tmp = path.with_name(f".{path.name[:200]}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -69,15 +97,28 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, path)  # our own reason file: replacing an earlier attempt's is intended
+    crashpoints.reached("after-reason-temp")
+    try:
+        os.link(tmp, path)  # never replaces anything
+    except FileExistsError:
+        if not _is_reason_for(path, dest):
+            os.unlink(tmp)
+            return False
+        os.replace(tmp, path)  # our own reason from an earlier attempt
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
     fsops.fsync_dir(path.parent)
+    return True
 
 
-def _move_no_replace(src: Path, dst: Path) -> None:
-    """Moves a file or folder to ``dst`` without ever replacing something there."""
-    if os.path.lexists(dst) and not os.path.lexists(src):
-        return  # done by an earlier attempt
-    fsops.move_noreplace(src, dst)
+def _reason_text(reason: dict[str, object]) -> bytes:
+    try:
+        return (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a name with undecodable bytes: \udcXX escapes keep them exact
+        return (json.dumps(reason, indent=2) + "\n").encode()
+
+
+_REJECT_LOCK = threading.Lock()  # one rejection at a time chooses names in this process
 
 
 def move_to_rejected(
@@ -89,39 +130,52 @@ def move_to_rejected(
     now: float,
     save: Callable[[Item], Item],
 ) -> Item:
-    """Writes ``NAME.reason`` then moves the input (and sidecar, marker) to rejected_dir."""
+    """Writes ``NAME.reason`` then moves the input (and sidecar, marker) to rejected_dir.
+
+    Neither the reason nor the input ever replaces anything: if another input takes
+    the chosen name (or its ``.reason`` name) first, a new name is chosen.
+    """
     rel = item.relpath
     sub = os.path.dirname(rel)
     folder = spec.rejected_dir / os.fsdecode(sub)
     folder.mkdir(parents=True, exist_ok=True)
-    if item.rejected_relpath is None:
-        chosen = _free_name(folder, os.path.basename(rel))
-        item = save(replace(item, rejected_relpath=os.path.join(sub, chosen)))
-    assert item.rejected_relpath is not None
-    dest_name = os.path.basename(item.rejected_relpath)
-    dest = folder / os.fsdecode(dest_name)
-    reason = json.loads(item.reason_json or "{}")
-    reason.update(
-        {
-            "code": reason.get("code") or item.error_code or "rejected",
-            "message": reason.get("message") or item.error_message or "",
-            "hint": reason.get("hint") or "",
-            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-            "sha1": item.sha1,
-            "original_path": str(spec.path / item.relpath_str),
-            "original_name": os.fsdecode(os.path.basename(rel)),
-            "rejected_path": str(dest),
-            "identifier": item.name,
-            "requeue": f"nbankctl requeue {dest}",
-        }
-    )
-    reason_path = folder / os.fsdecode(reason_name(dest_name))
-    write_file_atomic(
-        reason_path, (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode()
-    )
-    crashpoints.reached("after-reject-reason")
-    if os.path.lexists(work):
-        _move_no_replace(work, dest)
+    with _REJECT_LOCK:
+        while True:
+            if item.rejected_relpath is None:
+                chosen = _free_name(folder, os.path.basename(rel))
+                item = save(replace(item, rejected_relpath=os.path.join(sub, chosen)))
+                crashpoints.reached("after-reject-name")
+            assert item.rejected_relpath is not None
+            dest_name = os.path.basename(item.rejected_relpath)
+            dest = folder / os.fsdecode(dest_name)
+            reason = json.loads(item.reason_json or "{}")
+            reason.update(
+                {
+                    "code": reason.get("code") or item.error_code or "rejected",
+                    "message": reason.get("message") or item.error_message or "",
+                    "hint": reason.get("hint") or "",
+                    "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+                    "sha1": item.sha1,
+                    "original_path": str(spec.path / item.relpath_str),
+                    "original_name": os.fsdecode(os.path.basename(rel)),
+                    "rejected_path": str(dest),
+                    "identifier": item.name,
+                    "requeue": f"nbankctl requeue {dest}",
+                }
+            )
+            reason_path = folder / os.fsdecode(reason_name(dest_name))
+            if not _write_reason(reason_path, _reason_text(reason), dest):
+                item = save(replace(item, rejected_relpath=None))  # name taken: choose again
+                continue
+            crashpoints.reached("after-reject-reason")
+            if os.path.lexists(work):
+                try:
+                    _move_no_replace(work, dest)
+                except FileExistsError:  # taken since it was chosen: withdraw, choose again
+                    os.unlink(reason_path)
+                    item = save(replace(item, rejected_relpath=None))
+                    continue
+            break
     if sidecar_work is not None and os.path.lexists(sidecar_work) and item.sidecar_relpath:
         side_dest = folder / os.fsdecode(dest_name + item.sidecar_relpath[len(rel) :])
         if not os.path.lexists(side_dest):
@@ -143,6 +197,7 @@ def put_back(spec: InboxSpec, item: Item, *, work: Path, sidecar_work: Path | No
         if os.path.lexists(dest):
             dest = dest.parent / os.fsdecode(_free_name(dest.parent, os.path.basename(src_rel)))
         _move_no_replace(work, dest)
+        crashpoints.reached("after-put-back")
     if sidecar_work is not None and item.sidecar_relpath and os.path.lexists(sidecar_work):
         side_dest = spec.path / os.fsdecode(item.sidecar_relpath)
         if not os.path.lexists(side_dest):

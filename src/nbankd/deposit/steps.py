@@ -160,7 +160,12 @@ class Steps:
         return f".nbankd-{item.token}"
 
     def _archive(self, spec: InboxSpec) -> layout.Archive:
-        return layout.open_archive(spec.archive_path)
+        try:
+            return layout.open_archive(spec.archive_path)
+        except errors.NotAnArchive as err:
+            # a configured archive without a usable nbank.json is an unmounted or damaged
+            # filesystem, the operator's to fix: the input waits and is never rejected
+            raise errors.ArchiveUnavailable(err.message, hint=err.hint) from None
 
     def _target(self, archive: layout.Archive, item: Item) -> Path:
         assert item.name is not None and item.target_name is not None
@@ -245,17 +250,20 @@ class Steps:
         return item, Outcome.ok()
 
     def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
-        if path is None or not path.exists():
+        if path is None or not os.path.lexists(path):
             return policy.Sidecar()
+        source = os.fsdecode(item.sidecar_relpath or b"")
+        st = os.lstat(path)  # a link, FIFO or device is refused before it is ever opened
+        policy.check_sidecar_entry(st.st_mode, st.st_nlink, source=source)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise policy.PolicyError("bad-sidecar", "the sidecar is not a regular file")
-            raw = f.read(1 << 20)
+            st = os.fstat(f.fileno())
+            policy.check_sidecar_entry(st.st_mode, st.st_nlink, source=source)
+            raw = f.read(policy.SIDECAR_MAX_BYTES + 1)
         return policy.parse_sidecar(
-            raw.decode("utf-8", "replace"),
+            policy.sidecar_text(raw, source=source),
             json_format=path.suffix == ".json",
-            source=os.fsdecode(item.sidecar_relpath or b""),
+            source=source,
         )
 
     def stage(self, item: Item) -> StepResult:
@@ -417,6 +425,7 @@ class Steps:
         spec = self._spec(item)
         work = self.work_path(spec, item)
         fsops.remove_ours(work)
+        crashpoints.reached("after-release-source")
         sidecar = self.sidecar_work_path(spec, item)
         if sidecar is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -455,7 +464,7 @@ class Steps:
     def _discard_staged(self, spec: InboxSpec, item: Item) -> None:
         try:
             archive = self._archive(spec)
-        except errors.NotAnArchive:
+        except errors.ArchiveError:  # archive gone: its staging/ is safe to clean later
             return
         durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
 
@@ -505,6 +514,8 @@ class Steps:
                     ),
                 )
             item = self.journal.save(replace(item.with_progress(progress), updated=self.clock()))
+            if item.state is State.RECORDED:
+                crashpoints.reached("after-record")
             _log_transition(item, step, outcome)
             if not until_blocked or outcome.kind not in ("ok", "permanent", "changed", "restage"):
                 return item

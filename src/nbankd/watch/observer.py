@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Sequence
@@ -61,6 +62,21 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from nbankd.watch.scan import is_ignored, printable
 
 log = structlog.get_logger(__name__)
+
+
+class _StopRaceFilter(logging.Filter):
+    """Drops watchdog's error for an event that arrives while a watch is being stopped.
+
+    watchdog logs it at error level whenever an inotify event is read just as its
+    emitter stops (daemon shutdown, an inbox re-armed): a harmless race, since a
+    rescan is the source of truth, that would otherwise look like a failure.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
 
 _LIMITS = {
     errno.ENOSPC: "inotify watch limit reached (raise fs.inotify.max_user_watches)",

@@ -28,6 +28,10 @@ skipped entirely: not reported, not descended. Ignore patterns do not apply
 folder ``.nbank`` and the rejected folder) that are never listed, descended or
 reported, whatever the ignore patterns say.
 
+**Sidecars** (``NAME.nbank.yaml|json``) are reported as ``SIDECAR`` whatever their
+type: a symlink, hard link, FIFO or device under a sidecar's name belongs to its
+input, which the pipeline then rejects (``bad-sidecar``) without opening the sidecar.
+
 **Directory resources.** With ``directories_as_resources`` each top-level folder is
 one entry of kind ``DIRECTORY_RESOURCE`` whose identity summarises the whole tree
 (:func:`tree_identity`): the folder's own device, inode, mode and owner; ``size`` the
@@ -417,6 +421,15 @@ def _describe(err: OSError) -> str:
 def _classify(relpath: str, name: str, st: os.stat_result, *, markers: bool, parent: str) -> Entry:
     identity = Identity.of(st)
     mode = st.st_mode
+    companion = owner_of(name, markers=False)
+    if companion is not None:
+        # a sidecar of any type stays with its input (never split off to be rejected on
+        # its own while the input is deposited without it); the pipeline refuses one
+        # that is not a plain file (bad-sidecar) without ever opening it
+        owner = companion[1]
+        return Entry(
+            relpath, EntryKind.SIDECAR, identity, owner=f"{parent}/{owner}" if parent else owner
+        )
     if stat.S_ISREG(mode):
         if st.st_nlink > 1:
             return Entry(relpath, EntryKind.HARDLINK, identity)
