@@ -5,4 +5,5 @@ pytest_plugins = [
     "fixtures.users",
     "fixtures.daemon",
     "fixtures.cli_backends",
+    "fixtures.fault_proxy",
 ]
