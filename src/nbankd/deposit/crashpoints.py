@@ -5,7 +5,9 @@ time the point is reached) and the daemon kills itself with SIGKILL there, as a
 power cut or ``kill -9`` would. ``NBANKD_HANG_AT=<name>`` instead wedges the
 worker thread that reaches the point forever (to test the watchdog), and
 ``NBANKD_PAUSE_AT=<name>`` with ``NBANKD_PAUSE_UNTIL=<path>`` holds it there
-until ``<path>`` exists (to change an input at an exact moment). Without the
+until ``<path>`` exists (to change an input at an exact moment), and
+``NBANKD_RAISE_AT=<name>`` raises :class:`InjectedFault` there every time (an
+unexpected error, as a bug would raise). Without the
 variables, :func:`reached` is a few string comparisons.
 """
 
@@ -44,7 +46,12 @@ _remaining = int(_count or 1)
 _hang = os.environ.get("NBANKD_HANG_AT", "")
 _pause = os.environ.get("NBANKD_PAUSE_AT", "")
 _pause_until = os.environ.get("NBANKD_PAUSE_UNTIL", "")
+_raise = os.environ.get("NBANKD_RAISE_AT", "")
 _lock = threading.Lock()
+
+
+class InjectedFault(RuntimeError):
+    """The unexpected error ``NBANKD_RAISE_AT`` raises (stands in for a bug)."""
 
 
 def reached(name: str) -> None:
@@ -56,6 +63,8 @@ def reached(name: str) -> None:
         waiter = threading.Event()
         while not os.path.exists(_pause_until):
             waiter.wait(0.05)
+    if name == _raise:
+        raise InjectedFault(f"fault injected at crash point {name}")
     if name != _name:
         return
     with _lock:

@@ -487,6 +487,14 @@ class Steps:
             return fn(item)
         except (errors.NbankdError, OSError) as err:
             return item, _outcome_for(err)
+        except Exception as err:  # a bug: the input waits with backoff instead of looping hot
+            log.exception("unexpected error in a deposit step", item=item.token, step=str(step))
+            return item, Outcome(
+                "transient",
+                "internal",
+                f"unexpected error in step {step}: {err!r}",
+                "this is a bug in nbankd: please report it with the log; the input is kept",
+            )
 
     def drive(
         self, item: Item, *, until_blocked: bool = True, on_step: Callable[[], None] | None = None

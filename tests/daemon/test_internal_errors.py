@@ -1,0 +1,55 @@
+"""An unexpected error inside a deposit step (a bug) keeps the input and backs off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fixtures.daemon import DaemonHarness, wait_for
+from nbankd.daemon.service import JOURNAL_NAME
+from nbankd.deposit.journal import Journal
+
+NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
+
+
+def _status(h: DaemonHarness) -> tuple[int, dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    proc = subprocess.run(
+        [NBANKCTL, "-c", str(h.config_path), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_unexpected_error_in_a_step_waits_with_backoff_and_keeps_the_input(
+    daemon_factory,
+) -> None:
+    """A step raising an unexpected error leaves the input claimed and intact, records
+    code `internal` with a backoff (no hot retry loop), and the status names it."""
+    h: DaemonHarness = daemon_factory()
+    h.start(env={"NBANKD_RAISE_AT": "after-lookup"})
+    h.drop("bug01.dat", b"precious bytes")
+
+    journal = Journal(h.state_dir / JOURNAL_NAME)
+
+    def failed_item():
+        items = [i for i in journal.unfinished() if i.error_code == "internal"]
+        return items[0] if items else None
+
+    item = wait_for(failed_item, what="the item to fail with code internal")
+    assert item.attempts >= 1 and item.not_before > item.updated
+    work = [p for p in (h.inbox / ".nbank").rglob("*") if p.is_file()]
+    assert [p.read_bytes() for p in work] == [b"precious bytes"]
+    assert h.archive_files() == {} and h.receipts() == []
+    code, status = _status(h)
+    assert code == 1 and "internal" in json.dumps(status)
+    tracebacks = h.log_path.read_text().count("unexpected error in a deposit step")
+    assert 1 <= tracebacks <= item.attempts
+    journal.close()
+    h.stop()
