@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,30 @@ def test_sighup_sends_reloading_then_ready_and_applies_registry_url(daemon_facto
     h.stop()
     [receipt] = h.receipts()
     assert receipt["url"] == "https://lab.example.org/neurobank/resources/after/"
+
+
+def test_file_in_a_folder_the_daemon_cannot_write_waits_named_and_is_deposited_once_fixed(
+    daemon_factory: Any, unpriv_user: Any
+) -> None:
+    """A file in an inbox sub-folder the daemon's user cannot write waits untouched with
+    code inbox-not-writable naming the folder, and is deposited once the folder is fixed."""
+    h: DaemonHarness = daemon_factory(user=unpriv_user)
+    h.start()
+    src = h.drop("locked/rec.wav", b"cannot move me")  # the folder is root's, mode 0755
+    ctl = str(Path(sys.executable).with_name("nbankctl"))
+
+    def waiting_status() -> Any:
+        proc = subprocess.run(
+            [ctl, "-c", str(h.config_path), "queue", "--json"], capture_output=True, text=True
+        )
+        return "inbox-not-writable" in proc.stdout and proc.stdout
+
+    queue = wait_for(waiting_status, what="the item to wait with code inbox-not-writable")
+    assert str(src.parent) in queue
+    assert src.read_bytes() == b"cannot move me" and h.archive_files() == {}
+    os.chown(src.parent, unpriv_user.uid, unpriv_user.gid)
+    subprocess.run([ctl, "-c", str(h.config_path), "rescan"], check=True, capture_output=True)
+    h.wait_settled(1)
+    h.stop()
+    assert h.archive_files()["rec.wav"].read_bytes() == b"cannot move me"
+    assert not src.exists()

@@ -194,6 +194,16 @@ class Steps:
                 os.rename(src, work)
             except FileNotFoundError:
                 return item, Outcome("gone", "gone", f"{src} was taken by another process")
+            except PermissionError as err:
+                # the inbox folder holding the file, not the archive, is the problem;
+                # the file cannot be moved at all, so it waits where it is
+                return item, Outcome(
+                    "transient",
+                    "inbox-not-writable",
+                    f"cannot move {src} out of {src.parent}: {err.strerror}",
+                    f"give the daemon's user write permission on {src.parent} "
+                    "(e.g. make it group-writable by the lab group, with the setgid bit)",
+                )
             _fsync_dir(spec.work_dir)
             _fsync_dir(src.parent)
             crashpoints.reached("after-claim-rename")
