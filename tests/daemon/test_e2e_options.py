@@ -232,3 +232,25 @@ def test_file_in_a_folder_the_daemon_cannot_write_waits_named_and_is_deposited_o
     h.stop()
     assert h.archive_files()["rec.wav"].read_bytes() == b"cannot move me"
     assert not src.exists()
+
+
+def test_explain_names_a_folder_the_daemon_cannot_search(
+    daemon_factory: Any, unpriv_user: Any
+) -> None:
+    """explain of a file inside a folder the daemon's user cannot search says which folder
+    hides it and what to do, not "nothing there"."""
+    h: DaemonHarness = daemon_factory(user=unpriv_user)
+    h.start()
+    src = h.drop("private/rec.wav", b"out of sight")
+    src.parent.chmod(0o700)  # root's folder: the daemon's user cannot look inside
+    ctl = str(Path(sys.executable).with_name("nbankctl"))
+    proc = subprocess.run(
+        [ctl, "-c", str(h.config_path), "explain", str(src), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    h.stop()
+    answer = json.loads(proc.stdout)
+    assert answer["state"] == "hidden", answer
+    assert str(src.parent) in answer["message"] and "permission" in answer["message"]
+    assert src.read_bytes() == b"out of sight"

@@ -51,6 +51,7 @@ STATES = (
     "rejected",  # in the rejected folder with a reason
     "in-rejected-folder",  # in the rejected folder, but nothing records why
     "not-found",  # nothing there and nothing journaled
+    "hidden",  # a folder on the way cannot be searched by the daemon's user
 )
 
 
@@ -299,6 +300,21 @@ def _unsafe_kind(st: os.stat_result) -> str | None:
     return None
 
 
+def _blocked_folder(inbox: Path, rel: str) -> tuple[Path, str] | None:
+    """The first folder between ``inbox`` and ``rel`` this process cannot search, if any."""
+    folder = Path(inbox)
+    for part in rel.split("/")[:-1]:
+        folder = folder / part
+        try:
+            os.lstat(folder)
+            os.listdir(folder)
+        except PermissionError as err:
+            return folder, err.strerror or "permission denied"
+        except OSError:
+            return None
+    return None
+
+
 def explain(
     path: str | os.PathLike[str],
     inboxes: Mapping[str, InboxView],
@@ -357,6 +373,15 @@ def explain(
         out = _present(out, key, view, rel, Path(text), now)
         if latest is not None:
             out["previous"] = {"state": str(latest.state), **_deposited(latest)}
+        return out
+    blocked = _blocked_folder(config.path, rel) if latest is None else None
+    if blocked is not None:
+        out.update(
+            state="hidden",
+            message=f"the daemon's user cannot look inside {blocked[0]} ({blocked[1]}), "
+            "so nothing there can be deposited; give that user read and search (x) "
+            "permission on it",
+        )
         return out
     if latest is None:
         out.update(state="not-found", message="nothing there, and nothing journaled for it")
