@@ -31,12 +31,13 @@ from nbankd.config import Config, InboxConfig, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
 from nbankd.daemon import setup
+from nbankd.daemon import status as status_mod
+from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
-from nbankd.registry.factory import open_registry
 from nbankd.watch import settle
 from nbankd.watch.observer import InboxWatcher
 from nbankd.watch.scan import EntryKind, scan_inbox
@@ -88,7 +89,8 @@ class Daemon:
         self._waiting: dict[int, Item] = {}
         self.inboxes: dict[str, InboxState] = {}
         self.specs: dict[str, InboxSpec] = {}
-        self.registry_problem: str | None = None
+        self.registry_problem: str | None = None  # seen by deposit steps
+        self.registry_setup = RegistrySetup(clock)
         self.last_error: dict[str, Any] | None = None
         self.last_deposit: dict[str, Any] | None = None
         self.heartbeat = clock()
@@ -106,12 +108,7 @@ class Daemon:
         cfg = self.config
         setup.prepare_state_dir(cfg.state_dir)
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
-        self.registry = open_registry(
-            cfg.registry,
-            embedded_db=cfg.embedded_db_path,
-            served_url=cfg.registry_url,
-            registry_auth=cfg.registry_auth,
-        )
+        self.registry = open_configured_registry(cfg)
         self._apply_config(cfg)
         self.steps = Steps(
             journal=self.journal,
@@ -165,27 +162,14 @@ class Daemon:
                 state.tracker, state.paused = previous.tracker, previous.paused
             self.inboxes[key] = state
 
-    def _prepare_registry(self) -> None:
-        try:
-            missing = setup.ensure_datatypes(self.config, self.registry)
-            problems = setup.ensure_archives(self.config, self.registry)
-        except errors.RegistryUnavailable as err:
-            self.registry_problem = str(err)
-            log.warning("registry unreachable; deposits wait for it", error=str(err))
-            return
-        except errors.RegistryError as err:
-            self.registry_problem = str(err)
-            log.error("registry refused start-up checks", error=str(err))
-            return
-        self.registry_problem = None
-        for name in missing:
-            log.error(
-                "datatype missing in the registry",
-                dtype=name,
-                hint="create it with 'nbankctl dtype add'",
-            )
-        for p in problems:
-            log.error("archive not usable", archive=p.archive, error=p.message)
+    def _prepare_registry(self, retry: bool = False) -> None:
+        """Datatypes, archive creation and registration; retried from :meth:`run` on
+        a backoff while they fail for a reason that may pass (see registry_setup)."""
+        result = self.registry_setup.run(self.config, self.registry, retry=retry)
+        if result.registry_problem is None:
+            self.registry_problem = None  # the registry answered
+        if retry and not result.retry:
+            self.request_rescan()  # an archive may have just been made or registered
 
     def reload(self) -> None:
         """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
@@ -229,12 +213,7 @@ class Daemon:
 
     def _reopen_registry(self, cfg: Config) -> None:
         try:
-            registry = open_registry(
-                cfg.registry,
-                embedded_db=cfg.embedded_db_path,
-                served_url=cfg.registry_url,
-                registry_auth=cfg.registry_auth,
-            )
+            registry = open_configured_registry(cfg)
         except errors.NbankdError as err:
             log.error("cannot open the new registry; keeping the old one", error=str(err))
             return
@@ -449,8 +428,10 @@ class Daemon:
                 self.observer.rearm()
             next_due = self._resubmit_due(now)
             deadlines = [s.next_scan for s in self.inboxes.values()]
-            if next_due is not None:
-                deadlines.append(next_due)
+            setup_due = self.registry_setup.retry_if_due(
+                now, lambda: self._prepare_registry(retry=True)
+            )
+            deadlines += [t for t in (next_due, setup_due) if t is not None]
             timeout = max(0.05, min(deadlines, default=now + 60) - self.clock())
             if self.notifier is not None:
                 timeout = min(timeout, self.notifier.tick(self))
@@ -488,57 +469,11 @@ class Daemon:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: queue depth and the last deposit."""
-        queue = len(self._running) + len(self._waiting)
-        last = self.last_deposit["id"] if self.last_deposit else "none"
-        problem = " (registry unreachable)" if self.registry_problem else ""
-        return f"queue {queue}; last deposit {last}{problem}"
+        return status_mod.status_line(self)
 
     def status(self) -> dict[str, Any]:
-        now = self.clock()
-        counts = self.journal.counts()
-        inboxes = []
-        degraded_reasons: list[str] = []
-        for key, state in self.inboxes.items():
-            per_state = {s: n for (ib, s), n in counts.items() if ib == key}
-            waiting = [i for i in self._waiting.values() if i.inbox == key]
-            inboxes.append(
-                {
-                    "path": key,
-                    "archive": state.config.archive,
-                    "watch": state.config.watch,
-                    "paused": state.paused,
-                    "items": {s: n for s, n in per_state.items() if s not in ("done",)},
-                    "deposited": per_state.get("done", 0),
-                    "rejected": per_state.get("rejected", 0),
-                    "in_flight": sum(n for s, n in per_state.items() if State(s) not in FINAL),
-                    "oldest_waiting": min((i.created for i in waiting), default=None),
-                    "stalled": list(state.stalled),
-                    "skipped": dict(state.skipped),
-                    "archive_problem": state.archive_problem,
-                    "last_scan": state.last_scan,
-                }
-            )
-            if state.archive_problem:
-                degraded_reasons.append(f"archive for {key}: {state.archive_problem}")
-            if state.stalled:
-                degraded_reasons.append(f"{len(state.stalled)} stalled file(s) in {key}")
-        if self.registry_problem:
-            degraded_reasons.append(f"registry: {self.registry_problem}")
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": now - self.started,
-            "registry": {
-                "backend": self.registry.backend,
-                "url": self.registry.url,
-                "problem": self.registry_problem,
-            },
-            "inboxes": inboxes,
-            "queue": len(self._running) + len(self._waiting),
-            "last_deposit": self.last_deposit,
-            "last_error": self.last_error,
-            "degraded": degraded_reasons,
-        }
+        """The status document (see :mod:`nbankd.daemon.status`); call under the lock."""
+        return status_mod.build_status(self)
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

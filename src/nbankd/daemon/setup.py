@@ -27,6 +27,7 @@ log = structlog.get_logger("nbankd.setup")
 class ArchiveProblem:
     archive: str
     message: str
+    transient: bool = False  # may pass by itself (outage, unmounted filesystem): retry
 
 
 def prepare_state_dir(state_dir: Path) -> None:
@@ -93,6 +94,7 @@ def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
                             arch.name,
                             f"{arch.nbank_json} does not exist: is the archive's filesystem "
                             "mounted? (set create: true to make a new archive there)",
+                            transient=True,
                         )
                     )
                     continue
@@ -121,9 +123,10 @@ def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
                     )
                 )
         except errors.NbankdError as err:
-            problems.append(ArchiveProblem(arch.name, str(err)))
+            problems.append(ArchiveProblem(arch.name, str(err), transient=err.transient))
         except OSError as err:
-            problems.append(ArchiveProblem(arch.name, f"{arch.path}: {err.strerror or err}"))
+            message = f"{arch.path}: {err.strerror or err}"
+            problems.append(ArchiveProblem(arch.name, message, transient=True))
     return problems
 
 

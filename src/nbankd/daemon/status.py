@@ -1,0 +1,130 @@
+"""The daemon's status document (``nbankctl status``) and its one-line summary.
+
+A daemon is *degraded* (``nbankctl status`` exits 1) when any of these holds:
+the registry is unreachable or refused the start-up checks, an archive is not
+usable (unmounted, not writable, not set up), inputs wait after a failed step
+(registry outage, full or failing archive filesystem, ...), files are stalled;
+the control handler adds rejected inputs and audit findings. Each reason is one
+line naming the registry, archive or inbox at fault and why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from nbankd import __version__, errors
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import FINAL, State
+
+if TYPE_CHECKING:
+    from nbankd.daemon.service import Daemon
+
+
+def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
+    found = {base.code}
+    for sub in base.__subclasses__():
+        found |= _codes(sub)
+    return frozenset(found)
+
+
+# error codes of waiting items, by what is at fault (see deposit.steps._outcome_for)
+REGISTRY_CODES = _codes(errors.RegistryError)
+ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", "verify-failed"}
+
+
+def waiting_problems(items: Iterable[Item]) -> list[str]:
+    """One status line per (registry, archive or inbox; error code) that inputs wait on.
+
+    An input waits on an error when its last step failed and will be retried
+    (``attempts`` > 0); the line quotes the newest error message.
+    """
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for item in items:
+        if item.state in FINAL or not item.attempts or not item.error_code:
+            continue
+        if item.error_code in REGISTRY_CODES:
+            where = "registry"
+        elif item.error_code in ARCHIVE_CODES:
+            where = f"archive {item.archive} ({item.archive_path})"
+        else:
+            where = f"inbox {item.inbox}"
+        groups.setdefault((where, item.error_code), []).append(item)
+    lines = []
+    for (where, code), group in sorted(groups.items()):
+        newest = max(group, key=lambda i: i.updated)
+        lines.append(f"{where}: {len(group)} input(s) waiting after {code}: {newest.error_message}")
+    return lines
+
+
+def status_line(daemon: Daemon) -> str:
+    """One line for systemd's STATUS=: queue depth and the last deposit."""
+    queue = len(daemon._running) + len(daemon._waiting)
+    last = daemon.last_deposit["id"] if daemon.last_deposit else "none"
+    unreachable = daemon.registry_problem or daemon.registry_setup.last.registry_problem
+    problem = " (registry unreachable)" if unreachable else ""
+    return f"queue {queue}; last deposit {last}{problem}"
+
+
+def build_status(daemon: Daemon) -> dict[str, Any]:
+    """The status document; call with the daemon's lock held."""
+    now = daemon.clock()
+    counts = daemon.journal.counts()
+    unfinished = daemon.journal.unfinished()
+    inboxes = []
+    degraded: list[str] = []
+    shown_archives = set()
+    for key, state in daemon.inboxes.items():
+        per_state = {s: n for (ib, s), n in counts.items() if ib == key}
+        waiting = [i for i in daemon._waiting.values() if i.inbox == key]
+        inboxes.append(
+            {
+                "path": key,
+                "archive": state.config.archive,
+                "watch": state.config.watch,
+                "paused": state.paused,
+                "items": {s: n for s, n in per_state.items() if s not in ("done",)},
+                "deposited": per_state.get("done", 0),
+                "rejected": per_state.get("rejected", 0),
+                "in_flight": sum(n for s, n in per_state.items() if State(s) not in FINAL),
+                "waiting_on_errors": sum(
+                    1 for i in unfinished if i.inbox == key and i.attempts and i.error_code
+                ),
+                "oldest_waiting": min((i.created for i in waiting), default=None),
+                "stalled": list(state.stalled),
+                "skipped": dict(state.skipped),
+                "archive_problem": state.archive_problem,
+                "last_scan": state.last_scan,
+            }
+        )
+        if state.archive_problem:
+            degraded.append(f"archive for {key}: {state.archive_problem}")
+            shown_archives.add(daemon.config.archive_for(state.config).name)
+        if state.stalled:
+            degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
+    setup = daemon.registry_setup.last
+    registry_problem = daemon.registry_problem or setup.registry_problem
+    if daemon.registry_problem and daemon.registry_problem != setup.registry_problem:
+        degraded.append(f"registry: {daemon.registry_problem}")
+    degraded += [
+        line
+        for line in daemon.registry_setup.problems()
+        if not any(line.startswith(f"archive {name} ") for name in shown_archives)
+    ]
+    degraded += waiting_problems(unfinished)
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime": now - daemon.started,
+        "registry": {
+            "backend": daemon.registry.backend,
+            "url": daemon.registry.url,
+            "problem": registry_problem,
+        },
+        "inboxes": inboxes,
+        "queue": len(daemon._running) + len(daemon._waiting),
+        "last_deposit": daemon.last_deposit,
+        "last_error": daemon.last_error,
+        "degraded": degraded,
+    }
