@@ -8,11 +8,13 @@
 - ``switch --to URL`` (:mod:`nbankctl.migrate_switch`) moves a running nbankd from
   its embedded registry to django-neurobank.
 
-Import and migrate print one line per conflict, blocked or failed record (every
-record with ``-v``; JSON lines with ``--json``) and a summary, with a progress bar on
-a terminal; ``--dry-run`` changes nothing. Exit status: 0 done, 1 conflicts or
-failures (reported, never touched), 2 usage, 3 registry unreachable (run again:
-nothing is created twice).
+Import and migrate print one line per conflict, blocked, failed or altered record
+(created, but the server stored something else, e.g. through metadata aliases), and
+per datatype or archive the target has with another extension or accessibility
+(every record with ``-v``; JSON lines with ``--json``), then a summary, with a
+progress bar on a terminal; ``--dry-run`` changes nothing. Exit status: 0 done, 1
+conflicts, failures or altered records (reported, never touched), 2 usage, 3
+registry unreachable (run again: nothing is created twice).
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ from nbankd.migration.plan import Plan, Step, Verdict, make_plan
 from nbankd.registry import credentials
 from nbankd.registry.http import HttpRegistry, normalise_url
 
-_MARKS = {"created": "+", "present": "=", "conflict": "✗", "blocked": "✗", "failed": "✗"}
+_MARKS = {
+    "created": "+",
+    "present": "=",
+    "altered": "!",
+    "conflict": "✗",
+    "blocked": "✗",
+    "failed": "✗",
+}
 _PLAN_MARKS = {"create": "+", "present": "=", "conflict": "✗", "blocked": "✗"}
 KINDS = ("datatype", "archive", "resource", "location")
 
@@ -70,7 +79,15 @@ def target_url(text: str) -> str:
             "--to must be the URL of a django-neurobank registry, not 'embedded'",
             hint="write it like https://host/neurobank/",
         )
-    return normalise_url(text)[0]
+    url, userinfo = normalise_url(text)
+    if userinfo is not None:
+        raise errors.UsageError(
+            "--to must not carry user:password@ (other users see command lines, and the "
+            "URL is written into nbank.json and the configuration)",
+            hint="give the URL alone, and the credentials in a file with --registry-auth FILE "
+            "or in ~/.netrc",
+        )
+    return url
 
 
 def auth_file(args: argparse.Namespace) -> Path | None:
@@ -111,11 +128,19 @@ def _summary_text(counts: Counter[tuple[str, str]], labels: tuple[str, ...]) -> 
     return out
 
 
+def _noteworthy(step: Step) -> bool:
+    """A datatype or archive present with another extension or accessibility: always shown
+    (an extension changes the file name of every resource of that datatype)."""
+    return step.verdict is Verdict.PRESENT and bool(step.message)
+
+
 def show_plan(args: argparse.Namespace, plan: Plan) -> None:
     for step in plan.steps:
         if args.json:
             say(json.dumps(step.to_json()))
-        elif args.verbose or step.verdict in (Verdict.CONFLICT, Verdict.BLOCKED):
+        elif (
+            args.verbose or step.verdict in (Verdict.CONFLICT, Verdict.BLOCKED) or _noteworthy(step)
+        ):
             say(_line(_PLAN_MARKS[step.verdict], step, str(step.verdict), step.message))
 
 
@@ -156,7 +181,7 @@ def import_snapshot(
                 outcomes.append(o)
                 if args.json:
                     say(json.dumps(o.to_json()), bar)
-                elif args.verbose or not o.ok:
+                elif args.verbose or not o.ok or (o.status == "present" and _noteworthy(o.step)):
                     say(_line(_MARKS[o.status], o.step, o.status, o.message), bar)
 
             try:
@@ -181,10 +206,17 @@ def import_snapshot(
     if args.json:
         say(json.dumps({"summary": _flat(counts), "problems": failed}))
     else:
-        for text in _summary_text(counts, ("created", "present", "conflict", "blocked", "failed")):
+        labels = ("created", "present", "altered", "conflict", "blocked", "failed")
+        for text in _summary_text(counts, labels):
             print(text)
-        if failed:
-            print(f"{failed} record(s) not imported: see above; fix them and run again")
+        altered = sum(o.status == "altered" for o in outcomes)
+        if altered:
+            print(
+                f"{altered} record(s) created but changed by the registry: see above; "
+                "compare them with the export"
+            )
+        if failed > altered:
+            print(f"{failed - altered} record(s) not imported: see above; fix them and run again")
     return errors.EXIT_PROBLEMS if failed else errors.EXIT_OK
 
 
@@ -212,11 +244,22 @@ def _export_note(snap: snapshot.Snapshot, where: str) -> str:
 # --- commands ---------------------------------------------------------------------------
 
 
+def save_export(snap: snapshot.Snapshot, path: Path, option: str) -> None:
+    """Writes an export file; UsageError naming it when it cannot be written."""
+    try:
+        snapshot.save(snap, path)
+    except OSError as err:
+        raise errors.UsageError(
+            f"cannot write the export file {path}: {err.strerror or err}",
+            hint=f"give {option} a file in an existing folder you may write",
+        ) from None
+    print(_export_note(snap, str(path)), file=sys.stderr)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     snap = export_registry(args)
     if args.output and args.output != "-":
-        snapshot.save(snap, Path(args.output))
-        print(_export_note(snap, args.output), file=sys.stderr)
+        save_export(snap, Path(args.output), "-o")
     else:
         snapshot.write(snap, sys.stdout)
         sys.stdout.flush()
@@ -235,8 +278,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     url = target_url(args.to)
     snap = export_registry(args)
     if args.save_export:
-        snapshot.save(snap, Path(args.save_export))
-        print(_export_note(snap, args.save_export), file=sys.stderr)
+        save_export(snap, Path(args.save_export), "--save-export")
     return import_snapshot(args, snap, url)
 
 

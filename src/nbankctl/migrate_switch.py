@@ -1,36 +1,45 @@
-"""``nbankctl registry switch --to URL``: move a running nbankd from its embedded registry.
+"""``nbankctl registry switch --to URL``: move nbankd from its embedded registry.
 
 In order, stopping at the first problem:
 
-1. pause every inbox of the daemon (control socket) and wait until nothing is in
-   flight, so no deposit registers in the embedded registry after the export;
+1. pause every inbox of the daemon (control socket), recording which ones in
+   ``state_dir/migration/paused.json`` first, and wait until nothing is in flight;
 2. export the embedded registry to ``state_dir/migration/export-<time>.jsonl``
    (kept: it holds the original creation times, which a server sets itself);
 3. import it into the django-neurobank registry; any conflict or failure stops the
    switch here, with the daemon resumed on the embedded registry as before;
 4. check the credentials the daemon will write with (``--registry-auth``, else the
-   configuration's ``registry_auth``);
-5. rewrite the ``registry`` field of each configured archive's ``nbank.json`` that
-   names the embedded registry (backup ``nbank.json.bak-<time>`` beside it);
-6. record the move in ``state_dir/registry-moves.jsonl`` (``nbankctl history``
-   shows old receipts under the new URL; the receipts themselves never change);
+   configuration's ``registry_auth``), and that the daemon's user may read them;
+5. check that the daemon paused in step 1 still runs, paused (else pause it again
+   and import what it deposited meanwhile); rewrite the ``registry`` field of each
+   configured archive's ``nbank.json`` naming the embedded registry (its
+   ``registry_url`` or its database's ``file:`` URL; backup ``nbank.json.bak-<time>``);
+6. record the move in ``state_dir/registry-moves.jsonl`` (``nbankctl history`` shows
+   old receipts under the new URL; the receipts themselves never change);
 7. point the configuration at the URL (backup ``<config>.bak-<time>``), or, when the
-   file cannot be edited safely, print the exact edit and leave the daemon paused;
-8. reload the daemon, check that it now uses the URL, and resume the inboxes this
-   command paused.
+   file cannot be edited safely, print the exact edits and leave the daemon paused;
+8. check the daemon again, reload it, check that it now uses the URL;
+9. catch up: read the embedded registry again and, while it differs from what was
+   imported, import again; then resume the inboxes paused in step 1.
 
-Every step is idempotent: after an interruption, run the same command again. Once
-step 5 has begun, a failure leaves the daemon paused (it would otherwise deposit
-into a registry the archives no longer name); ``nbankctl resume`` after fixing.
-Without a running daemon (no control socket answers) the files are switched and
-the new configuration takes effect when it starts.
+Every step is idempotent. After an interruption, a hand edit, or an archive that was
+unmounted, run the same command again: on a configuration already naming the URL
+it finds the old registry in ``registry-moves.jsonl`` and redoes the safe steps
+(import, nbank.json, move record, reload, catch-up, resume). Once step 5 has begun,
+a failure leaves the daemon paused unless it already uses the URL.
+
+Only a missing socket file or a refused connection mean that nbankd is not running;
+the files are then switched and the configuration takes effect when it starts. Any
+other failure to reach it stops the switch before anything changes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import grp
 import os
+import pwd
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -42,87 +51,260 @@ from nbankctl.daemon_cmds import socket_path
 from nbankctl.migrate import import_snapshot, target_url
 from nbankd import errors
 from nbankd.config import find_config_path, load_config
-from nbankd.config.model import Config
-from nbankd.control.client import ControlClient
+from nbankd.deposit import crashpoints
 from nbankd.migration import moves, snapshot, switch
+from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
 from nbankd.registry import credentials
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
 
-IDLE_GRACE = 0.5  # the queue must stay empty this long (a scan may be journaling an item)
 POLL = 0.2
+CATCH_UP_ROUNDS = 5
+#: fault-injection points of the switch (NBANKD_CRASH_AT=NAME, NBANKD_PAUSE_AT=NAME)
+BEFORE_NBANK_JSON = "switch-before-nbank-json"
+AFTER_NBANK_JSON = "switch-after-nbank-json"
+AFTER_CONFIG = "switch-after-config"
 
 
 def note(text: str) -> None:
     print(text, flush=True)
 
 
-class Daemon:
-    """The running nbankd, or None-like when no daemon answers (``client`` is None)."""
+def warn(text: str) -> None:
+    print(f"nbankctl: {text}", file=sys.stderr, flush=True)
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.client: ControlClient | None = ControlClient(path)
-        self.paused_by_us: list[str] = []
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def unreadable_by(path: Path, uid: int) -> str:
+    """Why user ``uid`` cannot read ``path`` (mode and owner of it and its folders), or ""."""
+    if uid == 0:
+        return ""
+    try:
+        entry = pwd.getpwuid(uid)
+        name = entry.pw_name
+        gids = set(os.getgrouplist(name, entry.pw_gid))
+    except KeyError:
+        name, gids = str(uid), set()
+
+    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid in gids:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    for folder in reversed(path.parents):
+        if not allowed(os.stat(folder), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+            return f"is in {folder}, which user {name} may not enter"
+    st = os.stat(path)
+    if not allowed(st, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
         try:
-            self.status = self.client.call("status")
-        except errors.DaemonUnreachable:
-            self.client = None
-            self.status = {}
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        mode = stat.S_IMODE(st.st_mode)
+        return f"is not readable by user {name} (owner {owner}:{group}, mode {mode:04o})"
+    return ""
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        assert self.client is not None
-        return self.client.call(cmd, args or {})
 
-    def pause(self) -> None:
-        already = {i["path"] for i in self.status.get("inboxes", []) if i.get("paused")}
-        result = self.call("pause")
-        self.paused_by_us = [k for k in result.get("paused", {}) if k not in already]
-        note(f"paused {len(self.paused_by_us)} inbox(es) of nbankd ({self.path})")
+class Switch:
+    """One run of ``registry switch`` (see the module docstring)."""
 
-    def wait_idle(self, timeout: float) -> None:
-        """Waits until no deposit is in flight; DaemonUnreachable-free ProblemsFound if not."""
-        deadline = time.monotonic() + timeout
-        empty_since: float | None = None
-        items: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            items = self.call("queue").get("items", [])
-            now = time.monotonic()
-            if items:
-                empty_since = None
-            elif empty_since is None:
-                empty_since = now
-            elif now - empty_since >= IDLE_GRACE:
-                note("no deposit in flight")
-                return
-            time.sleep(POLL)
-        listing = "; ".join(
-            f"{i.get('relpath')} ({i.get('state')}, {i.get('error') or i.get('status')})"
-            for i in items[:5]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dry_run: bool = args.dry_run
+        self.url = target_url(args.to)
+        self.path = find_config_path(getattr(args, "config", None))
+        self.config = load_config(self.path)
+        self.stamp = _stamp()
+        self.old_url, self.rerun = self._old_registry()
+        db_url = self.config.embedded_db_path.as_uri() + "/"
+        self.olds = (self.old_url, db_url)
+        self.imported: snapshot.Snapshot | None = None
+        self.export_path: Path | None = None  # the first export this run kept
+        self.files_changed = self.rerun
+        self.finished = False
+        self.daemon = Daemon(socket_path(args), self.config.state_dir, note)
+
+    def _old_registry(self) -> tuple[str, bool]:
+        """(the URL of the registry moved from, whether this finishes an earlier switch)."""
+        config, url, path = self.config, self.url, self.path
+        if config.embedded:
+            with EmbeddedRegistry(config.embedded_db_path, url=config.registry_url) as old:
+                return old.url, False
+        if not switch.same_registry(config.registry, url):
+            raise errors.UsageError(
+                f"{path} uses registry {config.registry}, not the embedded one",
+                hint="'registry switch' moves an embedded registry; copy records between "
+                "servers with 'nbankctl registry migrate -r OLD --to NEW'",
+            )
+        old = moves.moved_to(config.state_dir, url)
+        if old is None:
+            raise errors.UsageError(
+                f"{path} uses {url} already, and {moves.moves_path(config.state_dir)} records "
+                "no move to it: there is no switch to finish",
+                hint="'registry switch' moves an embedded registry; after a switch by hand, "
+                "add the move to that file (see docs/migration.md, 'Doing it by hand')",
+            )
+        if not config.embedded_db_path.is_file():
+            raise errors.UsageError(
+                f"{path} uses {url} already and the embedded registry "
+                f"{config.embedded_db_path} is gone: there is nothing to finish"
+            )
+        note(f"{path} uses {url} already: finishing the switch from {old}")
+        return old, True
+
+    # -- the steps ------------------------------------------------------------------
+
+    def read_embedded(self) -> snapshot.Snapshot:
+        with EmbeddedRegistry(self.config.embedded_db_path, url=self.old_url) as source:
+            return snapshot.take(source)
+
+    def export(self) -> snapshot.Snapshot:
+        """Reads the embedded registry and (unless a dry run) keeps the export file."""
+        snap = self.read_embedded()
+        counts = ", ".join(f"{n} {k}(s)" for k, n in snap.counts().items())
+        if self.dry_run:
+            note(f"read the embedded registry {snap.source}: {counts}")
+            return snap
+        folder = migration_folder(self.config.state_dir)
+        for n in range(1000):
+            path = folder / f"export-{self.stamp}{f'-{n}' if n else ''}.jsonl"
+            try:
+                snapshot.save(snap, path, owner=state_owner(self.config.state_dir), replace=False)
+                break
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise errors.UsageError(
+                    f"cannot write the export file {path}: {err.strerror or err}",
+                    hint="run the switch as root or as nbankd's user (who owns state_dir)",
+                ) from None
+        else:
+            raise errors.UsageError(f"{folder} holds 1000 exports of {self.stamp}: clean it up")
+        self.export_path = self.export_path or path
+        note(f"exported the embedded registry {snap.source} to {path}: {counts}")
+        return snap
+
+    def credentials(self) -> None:
+        """Proves the credentials the daemon will use may write, and that it may read them."""
+        args, config = self.args, self.config
+        path = Path(args.registry_auth).absolute() if args.registry_auth else config.registry_auth
+        if path is None:
+            note(
+                "note: the configuration names no registry_auth; nbankd will write with "
+                "$CREDENTIALS_DIRECTORY/registry or its user's ~/.netrc"
+            )
+            return
+        creds = credentials.load_file(path, credentials.registry_host(self.url))
+        uid = os.stat(config.state_dir).st_uid
+        why = unreadable_by(path, uid)
+        if why:
+            raise errors.ProblemsFound(
+                f"the credentials file {path} {why}; nbankd runs as the owner of "
+                f"{config.state_dir} and could not write to {self.url}",
+                hint="put it where that user may read it (e.g. /etc/nbankd/registry-auth, owned "
+                "by that user, mode 0600), then run the switch again",
+            )
+        with HttpRegistry(self.url, creds) as reg:
+            reg.check_credentials()
+        note(f"credentials in {path} may write to {self.url}")
+
+    def _hand_edit(self, path: Path, why: str) -> None:
+        warn(
+            f"{path} {why}:\n  when it can be read and written, run this command again, or set "
+            f'"registry": "{self.url}" in it by hand (keep a copy)'
         )
-        raise errors.ProblemsFound(
-            f"deposits still in flight after {timeout:g} s: {listing}",
-            hint="let them finish (nbankctl queue) or raise --wait, then run the switch again",
-        )
 
-    def resume(self) -> None:
-        for key in self.paused_by_us:
-            self.call("resume", {"inbox": key})
-        if self.paused_by_us:
-            note(f"resumed {len(self.paused_by_us)} inbox(es)")
-        self.paused_by_us = []
+    def archives(self) -> int:
+        """Rewrites nbank.json of each archive naming the old registry; returns problems."""
+        problems = 0
+        for archive in self.config.archives:
+            update = switch.check_nbank_json(archive.nbank_json, self.olds, self.url)
+            if update.action == "rewrite":
+                if self.dry_run:
+                    note(f"would point {update.path} at {self.url} (backup kept)")
+                    continue
+                try:
+                    backup = switch.rewrite_nbank_json(update.path, self.url, self.stamp)
+                except OSError as err:
+                    problems += 1
+                    self._hand_edit(update.path, f"cannot be rewritten: {err.strerror or err}")
+                    continue
+                note(f"{update.path}: registry -> {self.url} (backup {backup.name})")
+            elif update.action == "unreadable":
+                problems += 1
+                self._hand_edit(update.path, update.message)
+            else:
+                note(f"{update.path} {update.message}")
+        return problems
 
-    def reload_to(self, url: str, timeout: float) -> None:
-        """Reloads the configuration and waits until the daemon's registry is ``url``."""
-        result = self.call("reload")
+    def record_move(self) -> None:
+        state_dir = self.config.state_dir
+        export = str(self.export_path) if self.export_path else None
+        try:
+            recorded = moves.record_move(
+                state_dir, self.old_url, self.url, time=self.stamp, export=export
+            )
+        except OSError as err:
+            raise errors.ProblemsFound(
+                f"cannot append to {moves.moves_path(state_dir)}: {err.strerror or err}",
+                hint="run the switch again as root or as nbankd's user (who owns state_dir)",
+            ) from None
+        if recorded:
+            note(f"recorded the move in {moves.moves_path(state_dir)}")
+
+    def configuration(self) -> tuple[bool, list[str]]:
+        """Points the configuration at the URL; (done, the edits to make by hand if not)."""
+        args, path, url = self.args, self.path, self.url
+        auth = str(Path(args.registry_auth).absolute()) if args.registry_auth else None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            warn(f"cannot read {path}: {err.strerror or err}")
+            return False, [f"set 'registry: {url}'", "remove 'registry_url'"]
+        edit = switch.edit_config_text(text, url, registry_auth=auth, stamp=self.stamp)
+        if edit.text is not None and not edit.changed:
+            note(f"{path} uses {url} already")
+            return True, []
+        why = edit.unsafe or switch.config_unsafe_reason(path)
+        if why or edit.text is None:
+            warn(f"not editing {path}: {why}")
+            return False, list(edit.edits)
+        if self.dry_run:
+            note(f"would edit {path}: {'; '.join(edit.edits)} (backup kept)")
+            return True, []
+        try:
+            backup = switch.write_config(path, edit.text, self.stamp, validate=load_config)
+        except (OSError, errors.ConfigError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            warn(f"not editing {path}: {reason}")
+            return False, list(edit.edits)
+        note(f"{path}: {'; '.join(edit.edits)} (backup {backup.name})")
+        return True, []
+
+    def reload(self) -> None:
+        """Reloads the daemon and waits until its registry is the URL."""
+        daemon, url = self.daemon, self.url
+        if switch.same_registry(daemon.registry_url(), url):
+            note(f"nbankd uses {url} already")
+            return
+        result = daemon.call("reload")
         for warning in result.get("warnings", []):
-            print(f"nbankctl: nbankd: {warning}", file=sys.stderr)
-        deadline = time.monotonic() + timeout
+            warn(f"nbankd: {warning}")
+        deadline = time.monotonic() + self.args.wait
         while True:
-            registry = self.call("status").get("registry", {})
+            registry = daemon.call("status").get("registry", {})
             if switch.same_registry(registry.get("url"), url):
                 if registry.get("problem"):
-                    print(f"nbankctl: warning: nbankd: {registry['problem']}", file=sys.stderr)
+                    warn(f"warning: nbankd: {registry['problem']}")
                 note(f"nbankd now uses {url}")
                 return
             if time.monotonic() > deadline:
@@ -132,164 +314,149 @@ class Daemon:
                 )
             time.sleep(POLL)
 
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _daemon_credentials(args: argparse.Namespace, config: Config, url: str) -> None:
-    """Proves the credentials the daemon will use may write (when they are in a file)."""
-    path = Path(args.registry_auth).absolute() if args.registry_auth else config.registry_auth
-    if path is None:
-        note(
-            "note: the configuration names no registry_auth; nbankd will write with "
-            "$CREDENTIALS_DIRECTORY/registry or its user's ~/.netrc"
+    def catch_up(self) -> None:
+        """Imports what reached the embedded registry after the export, until nothing does."""
+        assert self.imported is not None
+        for _ in range(CATCH_UP_ROUNDS):
+            snap = self.read_embedded()
+            if _records(snap) == _records(self.imported):
+                return
+            before = {r.name for r in self.imported.resources}
+            new = sum(r.name not in before for r in snap.resources)
+            note(
+                f"the embedded registry changed since it was exported ({new} new resource(s)): "
+                "importing again"
+            )
+            snap = self.export()
+            if import_snapshot(self.args, snap, self.url, header=False) != errors.EXIT_OK:
+                raise errors.ProblemsFound(
+                    "importing what reached the embedded registry during the switch found "
+                    "problems (see above)",
+                    hint="fix them, then run the same command again",
+                )
+            self.imported = snap
+        raise errors.ProblemsFound(
+            "the embedded registry keeps changing during the switch",
+            hint="is another nbankd depositing into it (with another control socket)? "
+            "stop it, then run the same command again",
         )
-        return
-    creds = credentials.load_file(path, credentials.registry_host(url))
-    with HttpRegistry(url, creds) as reg:
-        reg.check_credentials()
-    note(f"credentials in {path} may write to {url}")
+
+    def check_daemon(self) -> None:
+        """Re-pauses and catches up if the daemon restarted or was resumed meanwhile."""
+        if self.daemon.running and not self.daemon.check():
+            self.daemon.wait_idle(self.args.wait)
+            self.catch_up()
+
+    # -- the whole ------------------------------------------------------------------
+
+    def run(self) -> int:
+        daemon = self.daemon
+        if daemon.running and not self.dry_run:
+            daemon.wait_idle(self.args.wait)
+        snap = self.export()
+        code = import_snapshot(self.args, snap, self.url)
+        if code != errors.EXIT_OK:
+            warn(
+                "the import found problems: fix them, then run the switch again"
+                if self.rerun
+                else "the import found problems: nothing was switched"
+            )
+            return code
+        self.imported = snap
+        if self.dry_run:
+            return self.dry_run_rest()
+        self.credentials()
+        crashpoints.reached(BEFORE_NBANK_JSON)
+        self.check_daemon()
+        self.files_changed = True  # from here on, never resume a daemon half-switched
+        problems = self.archives()
+        crashpoints.reached(AFTER_NBANK_JSON)
+        self.record_move()
+        done, edits = self.configuration()
+        if not done:
+            warn(
+                f"make these edits in {self.path} by hand:\n"
+                + "".join(f"  - {e}\n" for e in edits)
+                + f"then run the same command again ('nbankctl registry switch --to {self.url}'"
+                "): it imports what is left, reloads nbankd and resumes it"
+            )
+            return errors.EXIT_PROBLEMS
+        crashpoints.reached(AFTER_CONFIG)
+        if daemon.running:
+            self.check_daemon()
+            self.reload()
+        self.catch_up()
+        self.finished = True
+        if problems:
+            warn(f"{problems} archive(s) still name the old registry: see above")
+            return errors.EXIT_PROBLEMS
+        note(f"switched to {self.url}")
+        return errors.EXIT_OK
+
+    def dry_run_rest(self) -> int:
+        self.credentials()
+        problems = self.archives()
+        done, edits = self.configuration()
+        if not done:
+            warn("the switch would stop here and ask for these edits: " + "; ".join(edits))
+        note("(dry run: nothing was changed)")
+        return errors.EXIT_PROBLEMS if problems or not done else errors.EXIT_OK
+
+    def release(self) -> bool:
+        """Resumes the daemon unless that would split the records; False if that failed."""
+        daemon = self.daemon
+        if self.dry_run:
+            return True
+        if not daemon.running:
+            if forget_paused(self.config.state_dir):
+                note("nbankd is not running: forgot the inboxes an earlier switch paused")
+            return True
+        keep = False
+        if self.files_changed and not self.finished:
+            try:
+                keep = not switch.same_registry(daemon.registry_url(), self.url)
+            except errors.NbankdError:
+                keep = True
+        if keep:
+            warn(
+                "nbankd stays paused (it would deposit into the old registry): run the same "
+                "command again when fixed; it resumes the inboxes it paused"
+            )
+            return True
+        try:
+            daemon.resume()
+        except errors.DaemonUnreachable as err:
+            warn(f"could not resume nbankd's inboxes: {err}")
+            warn("(nbankd starts with its inboxes running; run the switch again once it does)")
+            return False
+        except errors.NbankdError as err:
+            warn(f"could not resume nbankd's inboxes: {err}")
+            warn(f"run 'nbankctl resume' (inboxes: {', '.join(daemon.ours)})")
+            return False
+        return True
 
 
-def _export(config: Config, stamp: str, dry_run: bool) -> tuple[snapshot.Snapshot, Path | None]:
-    with EmbeddedRegistry(config.embedded_db_path, url=config.registry_url) as source:
-        snap = snapshot.take(source)
-    counts = ", ".join(f"{n} {k}(s)" for k, n in snap.counts().items())
-    if dry_run:
-        note(f"read the embedded registry {snap.source}: {counts}")
-        return snap, None
-    folder = config.state_dir / "migration"
-    folder.mkdir(mode=0o750, exist_ok=True)
-    path = folder / f"export-{stamp}.jsonl"
-    snapshot.save(snap, path)
-    owner = os.stat(config.state_dir)  # root runs this; the daemon's user owns state_dir
-    for made in (folder, path):
-        with contextlib.suppress(PermissionError):
-            os.chown(made, owner.st_uid, owner.st_gid)
-    note(f"exported the embedded registry {snap.source} to {path}: {counts}")
-    return snap, path
-
-
-def _archives(config: Config, old: str, new: str, stamp: str, dry_run: bool) -> int:
-    """Rewrites nbank.json of each archive naming the old registry; returns problems."""
-    problems = 0
-    for archive in config.archives:
-        update = switch.check_nbank_json(archive.nbank_json, old, new)
-        if update.action == "rewrite":
-            if dry_run:
-                note(f"would point {update.path} at {new} (backup kept)")
-                continue
-            backup = switch.rewrite_nbank_json(update.path, new, stamp)
-            note(f"{update.path}: registry -> {new} (backup {backup.name})")
-        elif update.action == "unreadable":
-            problems += 1
-            print(f"nbankctl: {update.path} {update.message}", file=sys.stderr)
-        else:
-            note(f"{update.path} {update.message}")
-    return problems
-
-
-def _configuration(
-    args: argparse.Namespace, path: Path, url: str, stamp: str
-) -> tuple[bool, list[str]]:
-    """Points the configuration at ``url``; (done, the edits to make by hand if not)."""
-    auth = str(Path(args.registry_auth).absolute()) if args.registry_auth else None
-    text = path.read_text(encoding="utf-8")
-    edit = switch.edit_config_text(text, url, registry_auth=auth, stamp=stamp)
-    if edit.text is not None and not edit.changed:
-        note(f"{path} uses {url} already")
-        return True, []
-    why = edit.unsafe or switch.config_unsafe_reason(path)
-    if why or edit.text is None:
-        print(f"nbankctl: not editing {path}: {why}", file=sys.stderr)
-        return False, list(edit.edits)
-    if args.dry_run:
-        note(f"would edit {path}: {'; '.join(edit.edits)} (backup kept)")
-        return True, []
-    backup = switch.write_config(path, edit.text, stamp, validate=load_config)
-    note(f"{path}: {'; '.join(edit.edits)} (backup {backup.name})")
-    return True, []
+def _records(snap: snapshot.Snapshot) -> tuple[Any, ...]:
+    return (snap.datatypes, snap.archives, snap.resources, snap.locations)
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
-    url = target_url(args.to)
-    path = find_config_path(getattr(args, "config", None))
-    config = load_config(path)
-    if not config.embedded:
-        if switch.same_registry(config.registry, url):
-            raise errors.UsageError(
-                f"{path} uses {url} already: the switch is done",
-                hint="if nbankd is still paused, run 'nbankctl reload' and 'nbankctl resume'",
-            )
-        raise errors.UsageError(
-            f"{path} uses registry {config.registry}, not the embedded one",
-            hint="'registry switch' moves an embedded registry; copy records between servers "
-            "with 'nbankctl registry migrate -r OLD --to NEW'",
-        )
-    old = EmbeddedRegistry(config.embedded_db_path, url=config.registry_url)
-    old_url = old.url
-    old.close()
-    stamp = _stamp()
-    daemon = Daemon(socket_path(args))
-    if daemon.client is None:
+    run = Switch(args)
+    daemon = run.daemon
+    if not daemon.running:
         note(f"nbankd is not running (no answer on {daemon.path}): switching its files only")
-    elif args.dry_run:
+    elif run.dry_run:
         note(f"nbankd runs ({daemon.path}); the switch would pause it first")
-        daemon.client = None  # a dry run neither pauses nor reloads it
     else:
         daemon.pause()
-    keep_paused = False
     try:
-        if daemon.client is not None:
-            daemon.wait_idle(args.wait)
-        snap, export_path = _export(config, stamp, args.dry_run)
-        code = import_snapshot(args, snap, url)
-        if code != errors.EXIT_OK:
-            print(
-                "nbankctl: the import found problems: nothing was switched",
-                file=sys.stderr,
-            )
-            return code
-        if args.dry_run:
-            _archives(config, old_url, url, stamp, dry_run=True)
-            _configuration(args, path, url, stamp)
-            note("(dry run: nothing was changed)")
-            return errors.EXIT_OK
-        _daemon_credentials(args, config, url)
-        keep_paused = True  # from here on, files change: never resume half-switched
-        problems = _archives(config, old_url, url, stamp, dry_run=False)
-        export = str(export_path) if export_path else None
-        if moves.record_move(config.state_dir, old_url, url, time=stamp, export=export):
-            note(f"recorded the move in {moves.moves_path(config.state_dir)}")
-        done, edits = _configuration(args, path, url, stamp)
-        if not done:
-            print(
-                f"nbankctl: make these edits in {path} by hand:\n"
-                + "".join(f"  - {e}\n" for e in edits)
-                + "then run 'nbankctl reload' and 'nbankctl resume'"
-                + (" (nbankd stays paused until then)" if daemon.client else ""),
-                file=sys.stderr,
-            )
-            return errors.EXIT_PROBLEMS
-        if daemon.client is not None:
-            daemon.reload_to(url, args.wait)
-        keep_paused = False
-        if problems:
-            print(
-                f"nbankctl: {problems} archive(s) could not be checked: see above", file=sys.stderr
-            )
-            return errors.EXIT_PROBLEMS
-        note(f"switched to {url}")
-        return errors.EXIT_OK
-    finally:
-        if daemon.client is not None:
-            if keep_paused:
-                print(
-                    "nbankctl: nbankd stays paused: 'nbankctl resume' when ready", file=sys.stderr
-                )
-            else:
-                daemon.resume()
+        code = run.run()
+    except BaseException:
+        run.release()  # prints its own failure; the original error is the one raised
+        raise
+    if not run.release():
+        code = max(code, errors.EXIT_PROBLEMS)
+    return code
 
 
 def register(
@@ -315,4 +482,4 @@ def register(
     pp.set_defaults(func=cmd_switch)
 
 
-__all__ = ["Daemon", "cmd_switch", "register"]
+__all__ = ["Switch", "cmd_switch", "register", "unreadable_by"]

@@ -1,17 +1,26 @@
-"""nbankctl registry export/import/switch against the real django-neurobank: conflicts."""
+"""nbankctl registry export/import/switch against the real django-neurobank, no daemon:
+conflicts, refusals, unreachable archives, altered records, unusable credentials."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fixtures.cli_backends import NBANKCTL, base_env
-from fixtures.django_server import DjangoServer, unique_name
+from fixtures.django_server import SITE_PACKAGE, DjangoServer, unique_name
+from fixtures.django_server import _stop as stop_server
+from fixtures.django_server import _wait_ready as wait_ready
+from fixtures.users import TestUser
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
 
@@ -138,12 +147,244 @@ def test_switch_dry_run_changes_nothing(lab: Lab) -> None:
         assert reg.get_resource(ok) is None
 
 
-def test_switch_refuses_a_configuration_already_on_a_server(lab: Lab) -> None:
-    """switch moves an embedded registry only; a configuration on a URL is a usage error."""
-    lab.config.write_text(f"registry: {lab.server.url}\nstate_dir: {lab.tmp / 'state'}\n")
-    proc = lab.ctl("registry", "switch", "--to", lab.server.url)
-    assert proc.returncode == 2
-    assert "the switch is done" in proc.stderr
+def test_switch_refuses_configurations_it_cannot_finish(lab: Lab) -> None:
+    """On another server: refused; on the URL already but no recorded move: refused (exit 2)."""
+    state = lab.tmp / "state"
+    lab.config.write_text(f"registry: {lab.server.url}\nstate_dir: {state}\n")
+    other = lab.ctl("registry", "switch", "--to", "http://127.0.0.1:9/neurobank/")
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert f"uses registry {lab.server.url}, not the embedded one" in other.stderr
+    same = lab.ctl("registry", "switch", "--to", lab.server.url)
+    assert same.returncode == 2, same.stdout + same.stderr
+    assert "records no move to it: there is no switch to finish" in same.stderr
+    assert not (state / "migration").exists()
+
+
+def test_switch_stops_when_the_daemon_does_not_answer(lab: Lab) -> None:
+    """A control socket that accepts but never answers is not 'not running': exit 3, no change."""
+    ok = lab.resource(unique_name("ok"), os.urandom(8))
+    path = lab.tmp / "control.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                server.accept()[0].close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    before = lab.config.read_text()
+    try:
+        proc = lab.ctl("registry", "switch", "--to", lab.server.url, "--socket", str(path))
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "nbankd closed the connection during 'status': not switching" in proc.stderr
+    assert "nothing was changed" in proc.stderr
+    assert lab.config.read_text() == before
+    assert not (lab.tmp / "state" / "migration").exists()
+    with HttpRegistry(lab.server.url) as reg:
+        assert reg.get_resource(ok) is None
+
+
+def test_export_and_target_usage_errors(lab: Lab) -> None:
+    """export -o into a missing folder names that file; --to with user:password@ is refused."""
+    target = lab.tmp / "missing" / "x.jsonl"
+    proc = lab.ctl("registry", "export", "-o", str(target))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot write the export file {target}: No such file or directory" in proc.stderr
+    assert ".tmp" not in proc.stderr
+    url = lab.server.url.replace("http://", "http://someone:secret@")
+    proc = lab.ctl("registry", "migrate", "--to", url)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--registry-auth" in proc.stderr and "secret" not in proc.stderr
+
+
+def test_switch_dry_run_exits_1_when_the_real_run_would_stop(lab: Lab) -> None:
+    """A configuration the switch would not edit (a symlink) makes the dry run exit 1."""
+    real = lab.tmp / "real.yaml"
+    real.write_text(lab.config.read_text())
+    lab.config.unlink()
+    lab.config.symlink_to(real)
+    proc = lab.ctl(
+        "registry", "switch", "--to", lab.server.url, "--dry-run", "--socket", str(lab.tmp / "x")
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "not editing" in proc.stderr and "it is a symlink" in proc.stderr
+    assert f"would stop here and ask for these edits: set 'registry: {lab.server.url}'" in (
+        proc.stderr
+    )
+    assert lab.config.is_symlink() and real.read_text() == lab.config.read_text()
+
+
+def test_datatype_differences_are_shown_without_verbose(lab: Lab) -> None:
+    """A datatype the server has with another extension is printed (it renames every file)."""
+    lab.server.post(
+        "datatypes/", {"name": lab.dtype, "content_type": "audio/wav", "extension": "flac"}
+    )
+    lab.resource(unique_name("ok"), os.urandom(8))
+    proc = lab.ctl("registry", "migrate", "--to", lab.server.url, "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"= datatype {lab.dtype}: present (on the target with content type" in proc.stdout
+    assert "extension 'flac'" in proc.stdout
+
+
+def test_an_unreachable_archive_is_finished_by_running_the_switch_again(lab: Lab) -> None:
+    """nbank.json naming the db's file: URL is switched; an unmounted one on the re-run."""
+    state = lab.tmp / "state"
+    old = "https://old.example/neurobank/"
+    here, away = lab.tmp / "here", lab.tmp / "mnt" / "away"
+    here.mkdir()
+    db_url = (state / "registry.sqlite3").as_uri() + "/"
+    (here / "nbank.json").write_text(json.dumps({"registry": db_url, "policy": {}}))
+    archives = [{"path": str(here), "name": "here"}, {"path": str(away), "name": "away"}]
+    config = {"registry": "embedded", "registry_url": old, "state_dir": str(state)}
+    lab.config.write_text(yaml.safe_dump({**config, "archives": archives}))
+    name = lab.resource(unique_name("ok"), os.urandom(8))
+    switch = ["registry", "switch", "--to", lab.server.url, "--socket", str(lab.tmp / "none")]
+
+    first = lab.ctl(*switch)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert json.loads((here / "nbank.json").read_text())["registry"] == lab.server.url
+    assert f"{away / 'nbank.json'} does not exist (filesystem unmounted?)" in first.stderr
+    assert f'set "registry": "{lab.server.url}" in it by hand' in first.stderr
+    assert yaml.safe_load(lab.config.read_text())["registry"] == lab.server.url
+
+    away.mkdir(parents=True)  # mounted again, still naming the old registry
+    (away / "nbank.json").write_text(json.dumps({"registry": old, "policy": {}}))
+    again = lab.ctl(*switch)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"finishing the switch from {old}" in again.stdout
+    assert f"switched to {lab.server.url}" in again.stdout
+    assert json.loads((away / "nbank.json").read_text())["registry"] == lab.server.url
+    assert "names the new registry already" in again.stdout  # `here` is left as it is
+    [line] = (state / "registry-moves.jsonl").read_text().splitlines()
+    assert json.loads(line)["from"] == old
+    with HttpRegistry(lab.server.url) as reg:
+        assert reg.get_resource(name) is not None
+
+
+@contextlib.contextmanager
+def aliasing_server(server: DjangoServer, tmp: Path) -> Iterator[str]:
+    """The session's site (same database) served again with NBANK_METADATA_ALIASES."""
+    (tmp / "alias_settings.py").write_text(
+        f"from {SITE_PACKAGE}.settings import *  # noqa\n"
+        "NBANK_METADATA_ALIASES = {'bird': 'animal'}\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp}{os.pathsep}{server.site_dir}",
+        "DJANGO_SETTINGS_MODULE": "alias_settings",
+    }
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/neurobank/"
+    log = tmp / "alias-gunicorn.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                server.python,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"fd://{sock.fileno()}",
+                "--workers",
+                "1",
+                "--no-control-socket",
+                f"{SITE_PACKAGE}.wsgi:application",
+            ],
+            cwd=server.site_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            pass_fds=(sock.fileno(),),
+        )
+    sock.close()
+    try:
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def test_a_record_the_server_changes_is_reported_as_altered(lab: Lab) -> None:
+    """A server moving metadata 'bird' into 'animal': the created record is 'altered', exit 1."""
+    bird = lab.server.add_animal()
+    name = lab.resource(unique_name("bird"), os.urandom(8), bird=bird)
+    with aliasing_server(lab.server, lab.tmp) as url:
+        proc = lab.ctl("registry", "migrate", "--to", url)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"! resource {name}: altered (created, but the registry changed it: " in proc.stdout
+    assert "resources: 1 altered" in proc.stdout
+    with HttpRegistry(lab.server.url) as reg:
+        record = reg.get_resource(name)
+    assert record is not None and record.animal == bird and "bird" not in (record.metadata or {})
+
+
+def test_switch_refuses_credentials_the_daemon_cannot_read(lab: Lab, unpriv_user: TestUser) -> None:
+    """state_dir owned by nbankd's user, credentials readable by root only: stop, no change."""
+    state = lab.tmp / "state"
+    os.chown(state, unpriv_user.uid, unpriv_user.gid)
+    auth = lab.server.write_netrc(lab.tmp / "auth")
+    lab.resource(unique_name("ok"), os.urandom(8))
+    before = lab.config.read_text()
+    proc = lab.ctl(
+        "registry", "switch", "--to", lab.server.url, "--registry-auth", str(auth),
+        "--socket", str(lab.tmp / "none"),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"the credentials file {auth} " in proc.stderr
+    assert f"user {unpriv_user.name} may not" in proc.stderr
+    assert lab.config.read_text() == before
+    assert not (state / "registry-moves.jsonl").exists()
+
+
+def test_an_nbank_json_that_cannot_be_written_is_reported_with_the_edit(
+    django_registry: DjangoServer, unpriv_user: TestUser, user_tmp_path: Path
+) -> None:
+    """Run as a user who may not write an archive folder: that nbank.json is named, exit 1."""
+    root = user_tmp_path
+    lab = Lab(root, django_registry)
+    name = lab.resource(unique_name("ok"), os.urandom(8))
+    lab.embedded.close()
+    archive = root / "archive"
+    archive.mkdir()  # root's, mode 0755: the user cannot replace nbank.json in it
+    db_url = (root / "state" / "registry.sqlite3").as_uri() + "/"
+    (archive / "nbank.json").write_text(json.dumps({"registry": db_url}))
+    state = {"registry": "embedded", "state_dir": str(root / "state")}
+    lab.config.write_text(yaml.safe_dump({**state, "archives": [{"path": str(archive)}]}))
+    auth = django_registry.write_netrc(root / "auth")
+    for path in [lab.config, auth, *(root / "state").rglob("*"), root / "state"]:
+        os.chown(path, unpriv_user.uid, unpriv_user.gid)
+    proc = unpriv_user.run(
+        [
+            NBANKCTL,
+            "-c",
+            lab.config,
+            "registry",
+            "switch",
+            "--to",
+            django_registry.url,
+            "--registry-auth",
+            auth,
+            "--socket",
+            root / "none",
+        ]
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{archive / 'nbank.json'} cannot be rewritten: Permission denied" in proc.stderr
+    assert f'set "registry": "{django_registry.url}" in it by hand' in proc.stderr
+    assert json.loads((archive / "nbank.json").read_text())["registry"] == db_url
+    assert yaml.safe_load(lab.config.read_text())["registry"] == django_registry.url
+    with HttpRegistry(django_registry.url) as reg:
+        assert reg.get_resource(name) is not None
 
 
 def test_import_refuses_embedded_as_target(lab: Lab) -> None:

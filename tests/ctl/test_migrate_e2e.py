@@ -6,7 +6,9 @@ location from ``nbankctl tape register``); a migration is killed after a few
 creations (the ``migrate-after-create`` fault point: SIGKILL, as ``kill -9``); then
 ``nbankctl registry switch`` finishes it, rewrites ``nbank.json`` and the
 configuration, and reloads the daemon. The real ``nbank`` client then checks the
-archive against the server and reads every record back.
+archive against the server and reads every record back. Then the switch itself is
+killed (its own ``switch-after-*`` fault points) or sees its daemon restarted
+midway, and is run again: the inboxes come back, and no record stays behind.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fixtures.cli_backends import NBANK, NBANKCTL, base_env, json_stream
 from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.django_server import DjangoServer, unique_name
 from nbankd.archive.layout import create_archive
+from nbankd.control.client import ControlClient
 from nbankd.migration import snapshot
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
@@ -82,6 +85,29 @@ def tape_register(h: DaemonHarness, env: dict[str, str], song: str) -> str:
     return f"{tape}-0"
 
 
+def status(h: DaemonHarness) -> dict[str, Any]:
+    result: dict[str, Any] = ControlClient(h.socket_path).call("status")
+    return result
+
+
+def paused(h: DaemonHarness) -> dict[str, bool]:
+    """{inbox: paused} as the running daemon reports it."""
+    return {i["path"]: i["paused"] for i in status(h)["inboxes"]}
+
+
+def on_server(url: str, h: DaemonHarness) -> dict[str, str | None]:
+    """{name: sha1} of every record of the embedded registry, as the server has them."""
+    with EmbeddedRegistry(h.state_dir / "registry.sqlite3") as embedded:
+        names = [r.name for r in embedded.search()]
+    with HttpRegistry(url) as reg:
+        return {n: (r.sha1 if (r := reg.get_resource(n)) else None) for n in names}
+
+
+def embedded_sha1s(h: DaemonHarness) -> dict[str, str | None]:
+    with EmbeddedRegistry(h.state_dir / "registry.sqlite3") as embedded:
+        return {r.name: r.sha1 for r in embedded.search()}
+
+
 def nbank_info(env: dict[str, str], url: str, ids: list[str]) -> dict[str, dict[str, Any]]:
     proc = run([NBANK, "-r", url, "info", *ids], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -133,11 +159,19 @@ def test_embedded_registry_moves_to_django_neurobank(
     with HttpRegistry(server.url) as reg:
         assert len(list(reg.search(archive=h.archive_name))) == 1
 
-    # 2. the switch: pause, finish the migration, rewrite nbank.json and config, reload
+    # 2. the switch: pause, finish the migration, rewrite nbank.json and config, reload;
+    # an inbox paused by hand beforehand stays paused, the other one is resumed
+    auto = str(h.root / "inbox-auto")
+    ControlClient(h.socket_path).call("pause", {"inbox": auto})
     switched = run(
         [*ctl, "switch", "--to", server.url, "--registry-auth", str(netrc), "--jobs", "2"], env
     )
     assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert f"inbox {auto} was paused already (not by this switch): it stays paused" in (
+        switched.stdout
+    )
+    assert paused(h) == {str(h.inbox): False, auto: True}
+    assert not (h.state_dir / "migration" / "paused.json").exists()
     assert "resources: 4 created, 1 present" in switched.stdout
     assert "locations: 1 created" in switched.stdout  # the tape location
     config = yaml.safe_load(h.config_path.read_text())
@@ -191,3 +225,157 @@ def test_embedded_registry_moves_to_django_neurobank(
     assert entry["url"] == f"{server.url}resources/{song}/"
     assert entry["receipt_url"] == receipt["url"]
     h.stop()
+
+
+def simple_daemon(daemon_factory: Any) -> DaemonHarness:
+    h: DaemonHarness = daemon_factory(dtype=unique_name("dt"), archive_name=unique_name("ar"))
+    h.start()
+    h.drop(f"{unique_name('one')}.wav", os.urandom(700))
+    h.wait_settled(1)
+    return h
+
+
+def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """Killed after nbank.json, daemon restarted (deposits into embedded), killed after the
+    configuration: the re-run finishes, every record is on the server, the inbox resumed."""
+    server = django_registry
+    h = simple_daemon(daemon_factory)
+    env = base_env(tmp_path / "home")
+    netrc = server.write_netrc(tmp_path / "home" / ".netrc")
+    switch = [NBANKCTL, "-c", str(h.config_path), "registry", "switch", "--to", server.url]
+    switch += ["--registry-auth", str(netrc)]
+    marker = h.state_dir / "migration" / "paused.json"
+
+    killed = run(switch, env, NBANKD_CRASH_AT="switch-after-nbank-json")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert json.loads((h.archive / "nbank.json").read_text())["registry"] == server.url
+    assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"
+    assert paused(h) == {str(h.inbox): True} and marker.exists()
+
+    h.stop()  # restarted on the old configuration: running again, depositing into embedded
+    h.start()
+    assert paused(h) == {str(h.inbox): False}
+    h.drop(f"{unique_name('two')}.wav", os.urandom(600))
+    h.wait_settled(2)
+    killed = run(switch, env, NBANKD_CRASH_AT="switch-after-config")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert yaml.safe_load(h.config_path.read_text())["registry"] == server.url
+    assert status(h)["registry"]["url"] != server.url and paused(h) == {str(h.inbox): True}
+
+    done = run(switch, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finishing the switch from file://" in done.stdout
+    assert "1 inbox(es) paused by an earlier, unfinished switch" in done.stdout
+    assert "resumed 1 inbox(es)" in done.stdout and f"switched to {server.url}" in done.stdout
+    assert paused(h) == {str(h.inbox): False} and not marker.exists()
+    assert status(h)["registry"]["url"] == server.url
+    assert on_server(server.url, h) == embedded_sha1s(h)  # both deposits, same sha1s
+    assert len(embedded_sha1s(h)) == 2
+
+    three = unique_name("three")
+    h.drop(f"{three}.wav", b"after the switch")
+    wait_for(lambda: any(r["id"] == three for r in h.receipts()), 60, "a deposit after it")
+    [receipt] = [r for r in h.receipts() if r["id"] == three]
+    assert receipt["url"] == f"{server.url}resources/{three}/"
+    h.stop()
+
+
+def test_a_daemon_restarted_during_the_switch_is_paused_again_and_caught_up(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """nbankd restarts before nbank.json is rewritten and deposits: re-paused, imported."""
+    server = django_registry
+    h = simple_daemon(daemon_factory)
+    env = base_env(tmp_path / "home")
+    netrc = server.write_netrc(tmp_path / "home" / ".netrc")
+    gate, out = tmp_path / "go", tmp_path / "switch.out"
+    seam = {"NBANKD_PAUSE_AT": "switch-before-nbank-json", "NBANKD_PAUSE_UNTIL": str(gate)}
+    argv = [NBANKCTL, "-c", str(h.config_path), "registry", "switch", "--to", server.url]
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [*argv, "--registry-auth", str(netrc)],
+            env={**env, **seam},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "may write to" in out.read_text() or proc.poll() is not None, 120, "seam")
+        assert proc.poll() is None, out.read_text()
+        assert paused(h) == {str(h.inbox): True}
+        h.stop()  # systemd restarts it: running, on the embedded registry
+        h.start()
+        h.drop(f"{unique_name('late')}.wav", os.urandom(500))
+        h.wait_settled(2)
+        gate.touch()
+        assert proc.wait(timeout=180) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.read_text()
+    assert "nbankd restarted during the switch (pid" in text
+    assert "(1 new resource(s)): importing again" in text
+    assert on_server(server.url, h) == embedded_sha1s(h) and len(embedded_sha1s(h)) == 2
+    assert paused(h) == {str(h.inbox): False}
+    assert status(h)["registry"]["url"] == server.url
+    h.stop()
+
+
+def test_a_wrong_socket_is_not_taken_for_a_stopped_daemon(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """No socket at --socket, but nbankd holds its journal open: exit 3, nothing changed."""
+    from nbankd.daemon.service import JOURNAL_NAME
+    from nbankd.migration import pausing
+
+    assert pausing.JOURNAL_NAME == JOURNAL_NAME
+    h: DaemonHarness = daemon_factory(dtype=unique_name("dt"), archive_name=unique_name("ar"))
+    h.start()
+    before = h.config_path.read_text()
+    typo = tmp_path / "contro1.sock"
+    argv = [NBANKCTL, "-c", str(h.config_path), "registry", "switch"]
+    proc = run([*argv, "--to", django_registry.url, "--socket", str(typo)], base_env(tmp_path))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"nothing answers on {typo}, but process {h.proc.pid} holds" in proc.stderr
+    assert h.config_path.read_text() == before
+    assert not (h.state_dir / "migration").exists()
+    assert paused(h) == {str(h.inbox): False}
+    h.stop()
+
+
+def test_a_daemon_gone_midway_stops_the_switch_and_the_resume_failure_is_shown(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """nbankd killed mid-switch: the original error ends the run (exit 3), after a line
+    saying the inboxes could not be resumed; nothing was switched."""
+    h: DaemonHarness = daemon_factory(dtype=unique_name("dt"), archive_name=unique_name("ar"))
+    h.start()
+    env = base_env(tmp_path / "home")
+    netrc = django_registry.write_netrc(tmp_path / "home" / ".netrc")
+    gate, out = tmp_path / "go", tmp_path / "switch.out"
+    seam = {"NBANKD_PAUSE_AT": "switch-before-nbank-json", "NBANKD_PAUSE_UNTIL": str(gate)}
+    argv = [NBANKCTL, "-c", str(h.config_path), "registry", "switch", "--to", django_registry.url]
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [*argv, "--registry-auth", str(netrc)],
+            env={**env, **seam},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "may write to" in out.read_text() or proc.poll() is not None, 120, "seam")
+        h.kill9()
+        gate.touch()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.read_text()
+    assert proc.returncode == 3, text
+    resume_line = text.index("nbankctl: could not resume nbankd's inboxes: nbankd is not running")
+    assert text.index("nbankctl: nbankd is not running", resume_line + 1) > resume_line
+    assert json.loads((h.archive / "nbank.json").read_text())["registry"].startswith("file:")
+    assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"

@@ -50,6 +50,8 @@ class Case:
     # (kind, name) -> verdict, for the steps the case is about
     expect: dict[tuple[str, str], str] = field(default_factory=dict)
     message: str = ""  # a fragment of the message of the first non-present, non-create step
+    # (kind, name) -> a fragment of the note of a present step (a difference left as it is)
+    notes: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 CASES = [
@@ -166,11 +168,13 @@ CASES = [
         archives=[TAPE],
         target_archives=[ArchiveRecord("tape1-0", "tape", "tape1:0", "local")],
         expect={("archive", "tape1-0"): "present"},
+        notes={("archive", "tape1-0"): "accessibility is 'local' on the target"},
     ),
     Case(
-        "datatype present with another content type is not a conflict",
-        target_datatypes=[DataType("wav", "application/octet-stream")],
+        "datatype present with another content type and extension is not a conflict",
+        target_datatypes=[DataType("wav", "application/octet-stream", "dat")],
         expect={("datatype", "wav"): "present"},
+        notes={("datatype", "wav"): "extension 'dat'"},
     ),
     Case(
         "datatype neither exported nor on the target",
@@ -253,6 +257,9 @@ def test_planner_verdicts(case: Case) -> None:
     if case.message:
         first = next(s for s in plan.steps if s.verdict in (Verdict.CONFLICT, Verdict.BLOCKED))
         assert case.message in first.message
+    messages = {(str(s.kind), s.name): s.message for s in plan.steps}
+    for key, fragment in case.notes.items():
+        assert fragment in messages[key], (key, messages[key])
 
 
 def test_plan_is_in_dependency_order() -> None:

@@ -72,27 +72,31 @@ def _edit(lines: list[str], kind: str, **changes: object) -> list[str]:
     return out
 
 
+# the export of `filled`: header (line 1), datatype (2), archives (3-4), resources (5-7),
+# locations (8-10), end (11)
 BAD = [
-    ("not json", lambda ls: [ls[0], "{oops", *ls[1:]], "not JSON"),
-    ("no header", lambda ls: ls[1:], "no 'nbankd-registry-export' header"),
-    ("newer version", lambda ls: _edit(ls, "header", version=99), "newer than this nbankd"),
-    ("bad sha1", lambda ls: _edit(ls, "resource", sha1="xyz"), "is not a SHA-1"),
-    ("bad name", lambda ls: _edit(ls, "resource", name="a b"), "not a valid registry name"),
-    ("unknown type", lambda ls: _edit(ls, "datatype", type="gizmo"), "unknown line type"),
-    ("count mismatch", lambda ls: [x for x in ls if '"type": "archive"' not in x], "counts"),
-    ("unknown archive", lambda ls: _edit(ls, "location", archive_name="nope"), "not exported"),
-    ("after end", lambda ls: [*ls, ls[1]], "after the 'end' line"),
+    ("not json", lambda ls: [ls[0], "{oops", *ls[1:]], "not JSON", 2),
+    ("no header", lambda ls: ls[1:], "no 'nbankd-registry-export' header", 1),
+    ("newer version", lambda ls: _edit(ls, "header", version=99), "newer than this nbankd", 1),
+    ("bad sha1", lambda ls: _edit(ls, "resource", sha1="xyz"), "is not a SHA-1", 5),
+    ("bad name", lambda ls: _edit(ls, "resource", name="a b"), "not a valid registry name", 5),
+    ("unknown type", lambda ls: _edit(ls, "datatype", type="gizmo"), "unknown line type", 2),
+    ("count mismatch", lambda ls: [*ls[:-2], ls[-1]], "the 'end' line counts", 10),
+    ("unknown archive", lambda ls: _edit(ls, "location", archive_name="nope"), "archive 'nope'", 8),
+    ("archive twice", lambda ls: [*ls[:3], ls[2], *ls[3:]], "archive 'arch' appears twice", 4),
+    ("located twice", lambda ls: [*ls[:8], ls[7], *ls[8:]], "located in 'arch' twice", 9),
+    ("after end", lambda ls: [*ls, ls[1]], "after the 'end' line", 12),
 ]
 
 
-@pytest.mark.parametrize(("edit", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("edit", "message", "line"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_malformed_exports_name_the_line(
-    filled: EmbeddedRegistry, edit: Callable[[list[str]], list[str]], message: str
+    filled: EmbeddedRegistry, edit: Callable[[list[str]], list[str]], message: str, line: int
 ) -> None:
     """Each malformed file is refused with the file, the line and what is wrong."""
     with pytest.raises(errors.UsageError, match=message) as info:
         snapshot.read(edit(_text(filled)), "x.jsonl")
-    assert "x.jsonl" in str(info.value)
+    assert str(info.value).startswith(f"x.jsonl:{line}: "), str(info.value)
 
 
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nbankd.archive.fsops import write_atomic
 from nbankd.migration import switch
 
 URL = "https://lab.example/neurobank/"
@@ -95,9 +96,32 @@ def test_replace_file_keeps_a_backup_mode_and_no_temp(tmp_path: Path) -> None:
     assert backup.read_text() == "old\n" and path.read_text() == "new\n"
     assert (path.stat().st_mode & 0o777, backup.stat().st_mode & 0o777) == (0o640, 0o640)
     assert sorted(os.listdir(tmp_path)) == ["config.yaml", backup.name]
-    with pytest.raises(FileExistsError):  # a backup is never overwritten
-        switch.replace_file(path, b"newer\n", "20240101T000000Z")
-    assert path.read_text() == "new\n"
+
+
+def test_backups_in_the_same_second_get_a_counter(tmp_path: Path) -> None:
+    """Two runs in one second keep both backups (.bak-STAMP, .bak-STAMP.1): none overwritten."""
+    path = tmp_path / "nbank.json"
+    path.write_text("first\n")
+    one = switch.replace_file(path, b"second\n", "T")
+    two = switch.replace_file(path, b"third\n", "T")
+    assert (one.name, two.name) == ("nbank.json.bak-T", "nbank.json.bak-T.1")
+    assert (one.read_text(), two.read_text(), path.read_text()) == (
+        "first\n",
+        "second\n",
+        "third\n",
+    )
+    assert sorted(os.listdir(tmp_path)) == ["nbank.json", one.name, two.name]  # no temp left
+
+
+def test_write_atomic_never_replaces_when_asked_not_to(tmp_path: Path) -> None:
+    """replace=False refuses an existing file and leaves it and no temporary file behind."""
+    path = tmp_path / "x"
+    write_atomic(path, b"one", mode=0o600)
+    assert path.read_bytes() == b"one" and path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        write_atomic(path, b"two", replace=False)
+    write_atomic(path, b"three")
+    assert path.read_bytes() == b"three" and os.listdir(tmp_path) == ["x"]
 
 
 def test_nbank_json_rewrite_changes_only_the_registry(tmp_path: Path) -> None:
@@ -113,3 +137,16 @@ def test_nbank_json_rewrite_changes_only_the_registry(tmp_path: Path) -> None:
     assert switch.check_nbank_json(path, "file:///db/", URL).action == "already"
     assert switch.check_nbank_json(path, "file:///other/", URL.upper()).action == "other"
     assert switch.check_nbank_json(tmp_path / "none.json", "a", URL).action == "unreadable"
+
+
+def test_nbank_json_naming_either_url_of_the_embedded_registry_is_rewritten(
+    tmp_path: Path,
+) -> None:
+    """With registry_url set, an archive still naming the database's file: URL is old too."""
+    path = tmp_path / "nbank.json"
+    olds = ("https://old.example/neurobank/", "file:///var/lib/nbankd/registry.sqlite3/")
+    for named in (*olds, "https://old.example/neurobank"):
+        path.write_text(json.dumps({"registry": named}))
+        assert switch.check_nbank_json(path, olds, URL).action == "rewrite", named
+    path.write_text(json.dumps({"registry": "https://third.example/neurobank/"}))
+    assert switch.check_nbank_json(path, olds, URL).action == "other"

@@ -7,16 +7,20 @@
 - :func:`remove_ours`: removes a staging leftover, file or tree, even one whose
   folders were already made read-only.
 - :func:`fsync_dir`: makes a directory's entries durable.
+- :func:`write_atomic`: writes a small file whole or not at all (temp file, fsync,
+  rename or link, fsync of the folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 AT_FDCWD = -100
@@ -120,10 +124,56 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def write_atomic(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = None,
+    replace: bool = True,
+) -> None:
+    """Writes ``path`` whole or not at all, durably.
+
+    The data goes to a new temporary file in the same folder, which gets ``mode`` and
+    (when allowed: root) ``owner`` (uid, gid), is fsynced, then renamed over ``path``
+    or, with ``replace=False``, linked to it (FileExistsError if ``path`` exists:
+    nothing is ever overwritten); then the folder is fsynced. On any error the
+    temporary file is removed and ``path`` is as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if owner is not None:
+                with contextlib.suppress(PermissionError):  # not root: the file stays ours
+                    os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links
+                rename_noreplace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
 __all__ = [
     "NoReplaceUnsupported",
     "fsync_dir",
     "move_noreplace",
     "remove_ours",
     "rename_noreplace",
+    "write_atomic",
 ]

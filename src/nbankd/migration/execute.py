@@ -6,6 +6,10 @@ their locations, and each remaining SHA-1 by search. :func:`carry_out` creates
 what the plan says, in its order, one request each; only these writes carry
 credentials.
 
+The record a creation returns is compared with the exported one: a server that
+stores something else (``NBANK_METADATA_ALIASES`` moving a metadata key into
+``animal``, say) gives the outcome ``altered``, reported like a conflict.
+
 Re-running is safe at any point. When a creation finds the thing already there
 (another process, or a plan made before an interrupted run finished), the target's
 record is read again: the same record counts as present, anything else as a
@@ -42,11 +46,14 @@ from nbankd.registry.base import (
 )
 
 CRASH_POINT = "migrate-after-create"
+#: outcomes after which a resource exists on the target (its locations can follow)
+USABLE = ("created", "present", "altered")
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one step: created, present, conflict, blocked or failed."""
+    """What happened to one step: created, present, altered (created, but the registry
+    stored something else than was sent), conflict, blocked or failed."""
 
     step: Step
     status: str
@@ -54,7 +61,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("created", "present")
+        return self.status in ("created", "present")  # "altered" needs a look: exit 1
 
     def to_json(self) -> dict[str, str]:
         return {**self.step.to_json(), "status": self.status, "message": self.message}
@@ -121,7 +128,7 @@ class _Runner:
         outcome = Outcome(step, status, message or step.message)
         with self._lock:
             self.outcomes.append(outcome)
-            if status not in ("created", "present") and step.kind is Kind.RESOURCE:
+            if status not in USABLE and step.kind is Kind.RESOURCE:
                 self.unusable.add(step.name)
             self.report(outcome)
 
@@ -157,7 +164,7 @@ class _Runner:
     def resource(self, step: Step, r: ResourceRecord) -> None:
         first = step.location
         try:
-            self.target.add_resource(
+            made = self.target.add_resource(
                 dtype=r.dtype,
                 archive=first.archive_name if first else None,
                 name=r.name,
@@ -170,6 +177,14 @@ class _Runner:
             return
         except errors.RegistryRejected as err:
             self.note(step, "failed", f"{err}{_hint_for(err)}")
+            return
+        diffs = _changed_by_target(r, made)
+        if diffs:
+            why = "created, but the registry changed it: " + "; ".join(diffs)
+            self.note(
+                step, "altered", f"{why} (check the server's settings, e.g. metadata aliases)"
+            )
+            crashpoints.reached(CRASH_POINT)
             return
         self.created(step)
 
@@ -231,6 +246,16 @@ class _Runner:
             raise TypeError(f"a plan step without a record: {step}")
 
 
+def _changed_by_target(sent: ResourceRecord, made: ResourceRecord) -> list[str]:
+    """How the record the target returned differs from the exported one."""
+    out = []
+    if made.name != sent.name:
+        out.append(f"name {made.name!r}")
+    if (made.sha1 or "").lower() != (sent.sha1 or "").lower():
+        out.append(f"sha1 {made.sha1}")
+    return out + record_differences(sent, made)
+
+
 def _hint_for(err: errors.RegistryRejected) -> str:
     if "experimenter" in err.fields:
         return " (create this user on the target server, e.g. in its Django admin, then re-run)"
@@ -289,4 +314,4 @@ def carry_out(
     return runner.outcomes
 
 
-__all__ = ["CRASH_POINT", "Outcome", "carry_out", "read_target"]
+__all__ = ["CRASH_POINT", "USABLE", "Outcome", "carry_out", "read_target"]

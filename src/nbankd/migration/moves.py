@@ -4,7 +4,9 @@ Receipts keep the URL a deposit was registered under, forever. When the records 
 a registry move to another one (``nbankctl registry switch``), the move is appended
 to ``state_dir/registry-moves.jsonl`` (``{"from", "to", "time", "export"}``), and
 ``nbankctl history`` shows each receipt's URL under the registry that now holds the
-record, keeping the recorded one as ``receipt_url``.
+record, keeping the recorded one as ``receipt_url``. A later line wins over an
+earlier one it contradicts (going back: A to B, then B to A), so there is no loop.
+``registry switch`` also reads it to finish an interrupted switch (:func:`moved_to`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ def _base(url: str) -> str:
     return url.rstrip("/") + "/"
 
 
-def read_moves(state_dir: Path) -> dict[str, str]:
-    """{old base URL: new base URL}; an unreadable or torn line is skipped."""
-    out: dict[str, str] = {}
+def _lines(state_dir: Path) -> list[tuple[str, str]]:
+    """The recorded (from, to) base URLs, in file order; unreadable or torn lines skipped."""
     try:
         text = moves_path(state_dir).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return out
+        return []
+    out = []
     for line in text.splitlines():
         try:
             move = json.loads(line)
@@ -44,10 +46,42 @@ def read_moves(state_dir: Path) -> dict[str, str]:
             isinstance(move, dict)
             and isinstance(move.get("from"), str)
             and isinstance(move.get("to"), str)
-            and move["from"] != move["to"]
+            and _base(move["from"]) != _base(move["to"])
         ):
-            out[_base(move["from"])] = _base(move["to"])
+            out.append((_base(move["from"]), _base(move["to"])))
     return out
+
+
+def read_moves(state_dir: Path) -> dict[str, str]:
+    """{old base URL: new base URL}, later lines winning.
+
+    A move that would close a loop (A to B, then B to A: going back) replaces the
+    earlier move it loops with, so following moves always ends.
+    """
+    out: dict[str, str] = {}
+    for old, new in _lines(state_dir):
+        at, seen = new, {new}
+        while at in out:  # does the new move lead back to ``old``?
+            nxt = out[at]
+            if nxt == old:
+                del out[at]
+                break
+            if nxt in seen:  # pragma: no cover - out never holds a loop
+                break
+            seen.add(nxt)
+            at = nxt
+        out[old] = new
+    return out
+
+
+def moved_to(state_dir: Path, url: str) -> str | None:
+    """The registry whose records were last recorded as moved to ``url``, if any."""
+    moves = read_moves(state_dir)
+    found = None
+    for old, new in _lines(state_dir):
+        if new == _base(url) and moves.get(old) == new:
+            found = old
+    return found
 
 
 def record_move(
@@ -78,14 +112,19 @@ def record_move(
 
 
 def current_url(url: str, moves: dict[str, str]) -> str:
-    """Where a recorded resource URL lives now, following every move."""
+    """Where a recorded resource URL lives now, following every move (never in a loop)."""
+    seen = {url}
     for _ in range(_MAX_HOPS):
         for old, new in moves.items():
             if url.startswith(old + "resources/"):
-                url = new + url[len(old) :]
+                moved = new + url[len(old) :]
                 break
         else:
             return url
+        if moved in seen:
+            return url
+        seen.add(moved)
+        url = moved
     return url
 
 
@@ -103,4 +142,12 @@ def follow(receipts: Iterable[dict[str, Any]], state_dir: Path) -> list[dict[str
     return out
 
 
-__all__ = ["MOVES_NAME", "current_url", "follow", "moves_path", "read_moves", "record_move"]
+__all__ = [
+    "MOVES_NAME",
+    "current_url",
+    "follow",
+    "moved_to",
+    "moves_path",
+    "read_moves",
+    "record_move",
+]

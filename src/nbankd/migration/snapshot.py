@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nbankd import __version__, errors
+from nbankd.archive.fsops import write_atomic
 from nbankd.registry.base import (
     SHA1_RE,
     SLUG_RE,
@@ -175,24 +176,21 @@ def write(snapshot: Snapshot, out: IO[str]) -> None:
         out.write(text + "\n")
 
 
-def save(snapshot: Snapshot, path: Path, *, mode: int = 0o640) -> None:
-    """Writes the export file durably (temp file, fsync, rename); never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(snapshot, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    from nbankd.archive.fsops import fsync_dir
+def save(
+    snapshot: Snapshot,
+    path: Path,
+    *,
+    mode: int = 0o640,
+    owner: tuple[int, int] | None = None,
+    replace: bool = True,
+) -> None:
+    """Writes the export file durably (temp file, fsync, rename); never half a file.
 
-    fsync_dir(path.parent)
+    With ``replace=False`` an existing file is never replaced (FileExistsError).
+    Raises OSError (the caller names the path and what to do).
+    """
+    text = "".join(line + "\n" for line in lines(snapshot))
+    write_atomic(Path(path), text.encode("utf-8"), mode=mode, owner=owner, replace=replace)
 
 
 # --- reading -------------------------------------------------------------------------
@@ -257,6 +255,7 @@ def read(stream: Iterable[str], where: str) -> Snapshot:
     header: dict[str, Any] | None = None
     end: dict[str, Any] | None = None
     found: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+    names: dict[str, set[str]] = {kind: set() for kind in KINDS}
     for raw in stream:
         r.lineno += 1
         if not raw.strip():
@@ -310,6 +309,8 @@ def read(stream: Iterable[str], where: str) -> Snapshot:
                 raise r.bad(f"unknown line type {kind!r}")
         except (TypeError, KeyError) as err:
             raise r.bad(f"malformed {kind} line ({err})") from None
+        if kind in KINDS:
+            _check_line(r, kind, found[kind][-1], names)
     if header is None:
         raise r.bad("the file is empty")
     if end is None:
@@ -329,38 +330,31 @@ def read(stream: Iterable[str], where: str) -> Snapshot:
         locations=tuple(found["location"]),
         exported_at=str(header.get("exported_at") or ""),
     )
-    _check_references(snapshot, where)
     return snapshot
 
 
-def _check_references(snapshot: Snapshot, where: str) -> None:
-    def bad(why: str) -> errors.UsageError:
-        return errors.UsageError(
-            f"{where}: {why}", hint="give a file written by 'nbankctl registry export'"
-        )
-
-    for kind, names in (
-        ("datatype", [d.name for d in snapshot.datatypes]),
-        ("archive", [a.name for a in snapshot.archives]),
-        ("resource", [r.name for r in snapshot.resources]),
-    ):
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise bad(f"{kind} {name!r} appears twice")
-            seen.add(name)
-    archives = {a.name: a for a in snapshot.archives}
-    resources = {r.name for r in snapshot.resources}
-    pairs: set[tuple[str, str]] = set()
-    for loc in snapshot.locations:
-        if loc.resource_name not in resources:
-            raise bad(f"a location names resource {loc.resource_name!r}, which is not exported")
-        archive = archives.get(loc.archive_name)
-        if archive is None:
-            raise bad(f"a location names archive {loc.archive_name!r}, which is not exported")
-        if (loc.resource_name, loc.archive_name) in pairs:
-            raise bad(f"resource {loc.resource_name!r} is located in {loc.archive_name!r} twice")
-        pairs.add((loc.resource_name, loc.archive_name))
+def _check_line(r: _Reader, kind: str, record: Any, names: dict[str, set[str]]) -> None:
+    """Refuses a name given twice, and a location naming what the lines above do not."""
+    if isinstance(record, LocationRecord):
+        if record.resource_name not in names["resource"]:
+            raise r.bad(
+                f"a location names resource {record.resource_name!r}, which is not exported "
+                "above it"
+            )
+        if record.archive_name not in names["archive"]:
+            raise r.bad(
+                f"a location names archive {record.archive_name!r}, which is not exported above it"
+            )
+        name = f"{record.resource_name}@{record.archive_name}"
+        if name in names[kind]:
+            raise r.bad(
+                f"resource {record.resource_name!r} is located in {record.archive_name!r} twice"
+            )
+    else:
+        name = record.name
+        if name in names[kind]:
+            raise r.bad(f"{kind} {name!r} appears twice")
+    names[kind].add(name)
 
 
 def load(path: str | os.PathLike[str]) -> Snapshot:

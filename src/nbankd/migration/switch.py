@@ -12,76 +12,70 @@
   Anything it cannot edit that way (flow style, a multi-line value, anchors) is
   *unsafe*: it then returns the exact edits for a person to make instead.
 - :func:`replace_file` writes a file the same way as ``nbank.json``, with a backup.
+
+Backups are never overwritten: a second one in the same second gets ``.1`` added.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nbankd.archive.fsops import fsync_dir
+from nbankd.archive.fsops import write_atomic
 
 BACKUP_SUFFIX = ".bak-"
 _KEY_RE = re.compile(r"^(?P<key>registry|registry_url|registry_auth)[ \t]*:(?P<rest>[^\r\n]*)")
 _VALUE_RE = re.compile(r"^(?P<value>.*?)(?P<comment>[ \t]+#.*)?$")
+_MAX_BACKUPS = 1000
 
 
-def backup_name(path: Path, stamp: str) -> Path:
-    return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}")
+def backup_name(path: Path, stamp: str, n: int = 0) -> Path:
+    """``NAME.bak-STAMP``, or ``NAME.bak-STAMP.N`` for the N-th backup of the same second."""
+    return path.with_name(f"{path.name}{BACKUP_SUFFIX}{stamp}{f'.{n}' if n else ''}")
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _new_file(path: Path, data: bytes, like: os.stat_result, *, exclusive: bool) -> None:
-    """Writes ``path`` with the mode and (when allowed) owner of ``like``; fsynced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_EXCL if exclusive else os.O_TRUNC
-    fd = os.open(path, flags, 0o600)
-    try:
-        _write_all(fd, data)
-        with contextlib.suppress(PermissionError):  # not root: the file stays ours
-            os.fchown(fd, like.st_uid, like.st_gid)
-        os.fchmod(fd, stat.S_IMODE(like.st_mode))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _backup(path: Path, data: bytes, like: os.stat_result, stamp: str) -> Path:
+    """Writes a new backup of ``path`` (never overwriting one: a counter is added)."""
+    for n in range(_MAX_BACKUPS):
+        backup = backup_name(path, stamp, n)
+        if os.path.lexists(backup):
+            continue
+        try:
+            write_atomic(
+                backup,
+                data,
+                mode=stat.S_IMODE(like.st_mode),
+                owner=(like.st_uid, like.st_gid),
+                replace=False,
+            )
+        except FileExistsError:  # another run took this name meanwhile
+            continue
+        return backup
+    raise FileExistsError(errno.EEXIST, f"{_MAX_BACKUPS} backups of {stamp} exist", str(path))
 
 
 def replace_file(path: Path, data: bytes, stamp: str) -> Path:
-    """Replaces a regular file's content durably, keeping ``<name>.bak-<stamp>``; returns it.
+    """Replaces a regular file's content durably, keeping a backup; returns the backup.
 
-    The backup is a new file (never overwriting one); the replacement is a
-    temporary file in the same folder, fsynced, then renamed over ``path``.
+    The backup (``NAME.bak-STAMP``, with ``.N`` added if that exists) is a new file,
+    durable before the replacement begins; the replacement keeps the old mode and
+    (when allowed) owner.
     """
     path = Path(path)
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(f"{path} is not a regular file (a symlink?); not rewriting it")
-    old = path.read_bytes()
-    backup = backup_name(path, stamp)
-    _new_file(backup, old, st, exclusive=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _new_file(tmp, data, st, exclusive=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+        raise OSError(errno.EINVAL, "not a regular file (a symlink?); not rewriting it", str(path))
+    backup = _backup(path, path.read_bytes(), st, stamp)
+    write_atomic(path, data, mode=stat.S_IMODE(st.st_mode), owner=(st.st_uid, st.st_gid))
     return backup
 
 
@@ -103,7 +97,10 @@ def same_registry(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a.rstrip("/") == b.rstrip("/")
 
 
-def check_nbank_json(path: Path, old_url: str, new_url: str) -> ArchiveUpdate:
+def check_nbank_json(path: Path, old_urls: str | Iterable[str], new_url: str) -> ArchiveUpdate:
+    """What to do with one nbank.json: ``old_urls`` are every URL of the old registry
+    (the embedded registry's ``registry_url`` and its database's ``file:`` URL)."""
+    olds = [old_urls] if isinstance(old_urls, str) else list(old_urls)
     try:
         if os.path.islink(path):
             return ArchiveUpdate(path, "unreadable", None, "is a symlink; edit it by hand")
@@ -117,7 +114,7 @@ def check_nbank_json(path: Path, old_url: str, new_url: str) -> ArchiveUpdate:
         return ArchiveUpdate(path, "unreadable", None, "has no 'registry' field")
     if same_registry(current, new_url):
         return ArchiveUpdate(path, "already", current, "names the new registry already")
-    if same_registry(current, old_url):
+    if any(same_registry(current, old) for old in olds):
         return ArchiveUpdate(path, "rewrite", current)
     return ArchiveUpdate(
         path, "other", current, f"names another registry ({current}); left as it is"
@@ -268,8 +265,10 @@ def write_config(
     """
     if validate is not None:
         probe = path.with_name(f".{path.name}.{os.getpid()}.check")
-        _new_file(probe, text.encode("utf-8"), os.lstat(path), exclusive=False)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
             validate(probe)
         finally:
             os.unlink(probe)
