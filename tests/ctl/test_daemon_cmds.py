@@ -116,6 +116,24 @@ def test_paused_inbox_claims_nothing_until_resumed(h: DaemonHarness) -> None:
     assert not src.exists()
 
 
+def test_pause_survives_a_restart_until_resumed(h: DaemonHarness) -> None:
+    """A paused inbox stays paused after kill -9 and restart (recorded in state_dir);
+    resume deposits what waited and is itself kept across the next restart."""
+    assert ctl(h, "pause").returncode == 0
+    h.kill9()
+    h.start()
+    assert ctl_json(h, "status")["inboxes"][0]["paused"] is True
+    src = h.drop("kept01.dat", b"waits for resume")
+    wait_for(lambda: explain_state(h, src) == "paused", what="the file ready but paused")
+    assert h.receipts() == []
+    assert ctl(h, "resume").returncode == 0
+    h.wait_settled(1)
+    h.stop()
+    h.start()
+    assert ctl_json(h, "status")["inboxes"][0]["paused"] is False
+    assert [r["id"] for r in h.receipts()] == ["kept01"]
+
+
 def test_history_lists_receipts_newest_first_and_filters_by_id(h: DaemonHarness) -> None:
     """history shows each deposit's receipt; --id keeps only the one asked for."""
     h.drop("first01.dat", b"one")

@@ -266,9 +266,15 @@ def requeue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 def _set_paused(daemon: Daemon, args: dict[str, Any], paused: bool) -> dict[str, Any]:
     keys = _inbox_keys(daemon, args)
-    inboxes = _inboxes(daemon)
+    try:
+        daemon.set_paused(keys, paused)  # recorded in state_dir first: kept across restarts
+    except OSError as err:
+        raise ProtocolError(
+            "internal",
+            f"cannot record the change in {daemon.config.state_dir}: {err}; nothing was "
+            "changed (check that the daemon's user can write its state_dir)",
+        ) from None
     for key in keys:
-        inboxes[key].paused = paused
         log.info("inbox paused" if paused else "inbox resumed", inbox=key)
     if not paused:
         for key in keys:

@@ -30,7 +30,7 @@ from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, InboxConfig, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
-from nbankd.daemon import setup
+from nbankd.daemon import pauses, setup
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.deposit.journal import Item, Journal
@@ -153,14 +153,26 @@ class Daemon:
         self.specs.clear()
         self.specs.update(setup.inbox_specs(cfg))
         old = self.inboxes
+        persisted = pauses.load(cfg.state_dir) if not old else frozenset()
         self.inboxes = {}
         for inbox in cfg.inboxes:
             key = str(inbox.path)
             previous = old.get(key)
-            state = InboxState(config=inbox)
+            state = InboxState(config=inbox, paused=key in persisted)
             if previous is not None:
                 state.tracker, state.paused = previous.tracker, previous.paused
             self.inboxes[key] = state
+        if persisted:
+            log.info("inboxes still paused from before the restart", inboxes=sorted(persisted))
+
+    def set_paused(self, keys: list[str], paused: bool) -> None:
+        """Pauses or resumes inboxes and records the choice in ``state_dir`` first, so
+        a restart keeps it (an error recording it leaves everything as it was)."""
+        now = {k for k, s in self.inboxes.items() if s.paused}
+        wanted = now | set(keys) if paused else now - set(keys)
+        pauses.save(self.config.state_dir, wanted)
+        for key in keys:
+            self.inboxes[key].paused = paused
 
     def _prepare_registry(self, retry: bool = False) -> None:
         """Datatypes, archive creation and registration; retried from :meth:`run` on

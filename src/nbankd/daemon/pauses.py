@@ -1,0 +1,55 @@
+"""Which inboxes are paused, kept in ``state_dir/paused.json`` across restarts.
+
+``nbankctl pause`` is an operator's decision (a rig being serviced, a registry
+switch under way): a daemon restarted by systemd's watchdog or ``Restart=``
+must not quietly resume depositing. The file lists inbox paths; it is written
+whole or not at all (:func:`nbankd.archive.fsops.write_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+
+from nbankd.archive.fsops import write_atomic
+
+log = structlog.get_logger("nbankd.daemon")
+
+PAUSED_NAME = "paused.json"
+
+
+def load(state_dir: Path) -> frozenset[str]:
+    """The inbox paths recorded as paused; none when the file is absent.
+
+    An unreadable or malformed file is reported and every inbox in it is lost
+    from the record, so the daemon treats it as "nothing paused" and says so.
+    """
+    path = state_dir / PAUSED_NAME
+    try:
+        doc = json.loads(path.read_text())
+        paused = doc["paused"]
+        if not isinstance(paused, list) or not all(isinstance(p, str) for p in paused):
+            raise ValueError("'paused' is not a list of inbox paths")
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.error(
+            "cannot read the paused inboxes; starting with none paused",
+            file=str(path),
+            error=str(err),
+            hint="pause the inboxes again with nbankctl pause; the file is rewritten then",
+        )
+        return frozenset()
+    return frozenset(paused)
+
+
+def save(state_dir: Path, paused: Iterable[str]) -> None:
+    """Records ``paused`` durably (an empty set removes nothing: it writes ``[]``)."""
+    body = json.dumps({"paused": sorted(paused)}, indent=2) + "\n"
+    write_atomic(state_dir / PAUSED_NAME, body.encode(), mode=0o640)
+
+
+__all__ = ["PAUSED_NAME", "load", "save"]
