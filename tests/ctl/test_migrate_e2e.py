@@ -254,9 +254,11 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"
     assert paused(h) == {str(h.inbox): True} and marker.exists()
 
-    h.stop()  # restarted on the old configuration: running again, depositing into embedded
+    h.stop()  # restarted on the old configuration: the pause is kept across the restart,
     h.start()
-    assert paused(h) == {str(h.inbox): False}
+    assert paused(h) == {str(h.inbox): True}
+    ControlClient(h.socket_path).call("resume", {})  # but someone resumes it by hand:
+    assert paused(h) == {str(h.inbox): False}  # depositing into embedded again
     h.drop(f"{unique_name('two')}.wav", os.urandom(600))
     h.wait_settled(2)
     killed = run(switch, env, NBANKD_CRASH_AT="switch-after-config")
@@ -285,7 +287,8 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
 def test_a_daemon_restarted_during_the_switch_is_paused_again_and_caught_up(
     daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
 ) -> None:
-    """nbankd restarts before nbank.json is rewritten and deposits: re-paused, imported."""
+    """nbankd restarts before nbank.json is rewritten, is resumed by hand and deposits:
+    re-paused, imported."""
     server = django_registry
     h = simple_daemon(daemon_factory)
     env = base_env(tmp_path / "home")
@@ -304,8 +307,10 @@ def test_a_daemon_restarted_during_the_switch_is_paused_again_and_caught_up(
         wait_for(lambda: "may write to" in out.read_text() or proc.poll() is not None, 120, "seam")
         assert proc.poll() is None, out.read_text()
         assert paused(h) == {str(h.inbox): True}
-        h.stop()  # systemd restarts it: running, on the embedded registry
-        h.start()
+        h.stop()  # systemd restarts it (still paused: pauses are kept), and someone
+        h.start()  # resumes it by hand: running, on the embedded registry
+        assert paused(h) == {str(h.inbox): True}
+        ControlClient(h.socket_path).call("resume", {})
         h.drop(f"{unique_name('late')}.wav", os.urandom(500))
         h.wait_settled(2)
         gate.touch()

@@ -442,7 +442,7 @@ ROWS: tuple[Row, ...] = (
     Row("readable-other-user", "file of another user, mode 0644",
         owned_by_other("shared.wav", 0o644), Deposited("shared", "shared.wav"), group="unpriv"),
     Row("unreadable-folder", "file in a folder of another user, mode 0700",
-        in_foreign_folder("closed", "inside.wav", 0o700), LeftInPlace("not-found"),
+        in_foreign_folder("closed", "inside.wav", 0o700), LeftInPlace("hidden"),
         group="unpriv"),
     Row("unmovable-folder", "readable file in another user's 0755 folder (cannot be claimed)",
         in_foreign_folder("foreign", "stuck.wav", 0o755), LeftInPlace("in-flight"),
