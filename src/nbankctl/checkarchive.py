@@ -2,35 +2,33 @@
 
 Finds, as ``nbank archive check`` does: resources registered to the archive but
 missing from it, files in it that the registry does not place there (missing from
-the registry, or registered elsewhere), SHA-1 mismatches (only when asked: hashing
-a large archive takes long), owners, groups and modes that break the archive's
-policy, unexpected entries under ``resources/`` and leftovers in ``staging/``.
-Read-only: it never changes the archive or the registry.
+the registry, or registered elsewhere, compared with the registered SHA-1 when
+hashing), SHA-1 mismatches (only when asked: hashing a large archive takes long),
+resources in the wrong stub folder, owners, groups and modes that break the
+archive's policy, unexpected entries under ``resources/`` and leftovers in
+``staging/``. It walks and judges with the daemon's audit code. Read-only: it never
+changes the archive or the registry (nor even access times).
 """
 
 from __future__ import annotations
 
-import os
-import stat
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbankd.archive.layout import Anomaly, Archive
-from nbankd.audit.checks import permission_findings
+from nbankd.archive.layout import Archive
+from nbankd.audit.compare import by_name, elsewhere, misplaced, staging_finding, walk_findings
 from nbankd.audit.model import (
     HASH_MISMATCH,
-    INCOMPLETE,
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
-    REGISTERED_ELSEWHERE,
     SUMMARY,
-    UNEXPECTED,
     UNREADABLE,
     Finding,
 )
-from nbankd.hashing import hash_path
+from nbankd.audit.reader import sha1_of_resource, vanished
+from nbankd.audit.walk import Stored, walk_archive
 from nbankd.registry.base import Registry, ResourceRecord
 
 
@@ -67,54 +65,12 @@ class Report:
         }
 
 
-def _tree(root: Path) -> Iterator[Path]:
-    """root, then everything inside it if it is a folder; links are not followed."""
-    yield root
-    if root.is_dir() and not root.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in sorted(dirnames + filenames):
-                yield Path(dirpath, name)
+def _no_throttle(_n: int) -> None:
+    """Reads at full speed: the user asked for this check and is waiting for it."""
 
 
-def _check_permissions(archive: Archive, stored: list[tuple[str, Path]]) -> Iterator[Finding]:
-    tops = [archive.resources_dir, archive.staging_dir]
-    tops += sorted({p.parent for _, p in stored})
-    for path in tops:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            if path == archive.staging_dir:
-                yield Finding(UNEXPECTED, None, path, "staging/ is missing; run nbankctl init?")
-            continue
-        yield from permission_findings(archive, path, st)
-    for _id, root in stored:
-        for path in _tree(root):
-            try:
-                st = os.lstat(path)
-            except OSError as err:
-                yield Finding(UNREADABLE, None, path, err.strerror or str(err))
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                yield Finding(UNEXPECTED, None, path, "symbolic link inside a resource")
-                continue
-            yield from permission_findings(archive, path, st)
-
-
-def _staging_leftovers(archive: Archive) -> Iterator[Finding]:
-    try:
-        names = sorted(os.listdir(archive.staging_dir))
-    except FileNotFoundError:
-        return
-    except OSError as err:
-        yield Finding(UNREADABLE, None, archive.staging_dir, err.strerror or str(err))
-        return
-    for name in names:
-        yield Finding(
-            INCOMPLETE,
-            None,
-            archive.staging_dir / name,
-            "left in staging/ by an interrupted transfer; safe to delete",
-        )
+def _sha1(stored: Stored) -> str:
+    return sha1_of_resource(stored.path, _no_throttle, is_dir=stored.is_dir)[0]
 
 
 def check_archive(
@@ -125,61 +81,59 @@ def check_archive(
     check_hash: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Compares ``archive`` (registered as ``archive_name``) with the registry."""
+    """Compares ``archive`` (registered as ``archive_name``) with the registry.
+
+    The walk and the judgement are the daemon audit's (:mod:`nbankd.audit.walk`,
+    :mod:`nbankd.audit.compare`), without its grace: like ``nbank archive check``,
+    every partial transfer and every ``staging/`` entry is reported.
+    """
     report = Report(archive_name, archive.path)
     expected: dict[str, ResourceRecord] = {
         r.name: r for r in registry.search(archive=archive_name) if archive_name in r.locations
     }
     report.n_registered = len(expected)
-    anomalies: list[Anomaly] = []
-    stored: list[tuple[str, Path]] = []
-    seen: dict[str, Path] = {}
-    for id, path in archive.iter_resources(anomalies):
-        if id in seen:
-            report.findings.append(
-                Finding(UNEXPECTED, id, path, f"a second copy of {id} (also {seen[id].name})")
-            )
-            continue
-        seen[id] = path
-        stored.append((id, path))
-    report.n_stored = len(stored)
-    for anomaly in anomalies:
-        kind = INCOMPLETE if "incomplete" in anomaly.reason else UNEXPECTED
-        report.findings.append(Finding(kind, None, anomaly.path, anomaly.reason))
-    unregistered: list[tuple[str, Path]] = []
-    for id, path in stored:
-        record = expected.get(id)
+    walk = walk_archive(archive)
+    report.n_stored = len(walk.stored)
+    findings = walk_findings(walk)
+    placed, lookup = misplaced(walk, expected)
+    findings += placed
+    for name, stored in sorted(walk.stored.items()):
+        record = expected.get(name)
         if record is None:
-            unregistered.append((id, path))
-            continue
-        if check_hash and record.sha1:
-            if progress is not None:
-                progress(id)
-            try:
-                actual = hash_path(path)
-            except OSError as err:
-                report.findings.append(Finding(UNREADABLE, id, path, err.strerror or str(err)))
-                continue
-            if actual != record.sha1.lower():
-                report.findings.append(
-                    Finding(HASH_MISMATCH, id, path, f"sha1 {actual}, registered {record.sha1}")
-                )
-    for id in sorted(set(expected) - set(seen)):
-        report.findings.append(Finding(MISSING_FROM_ARCHIVE, id, None))
-    if unregistered:
-        known = {r.name: r for r in registry.get_resources(id for id, _ in unregistered)}
-        for id, path in unregistered:
-            record = known.get(id)
-            if record is None:
-                report.findings.append(Finding(MISSING_FROM_REGISTRY, id, path))
-            else:
-                where = ", ".join(record.locations) or "no archive"
-                report.findings.append(
-                    Finding(REGISTERED_ELSEWHERE, id, path, f"registered in {where}")
-                )
-    report.findings.extend(_check_permissions(archive, stored))
-    report.findings.extend(_staging_leftovers(archive))
+            lookup.append(stored)
+        elif check_hash and record.sha1:
+            findings += _verify(stored, record.sha1.lower(), progress)
+    for name in sorted(set(expected) - set(walk.stored) - set(walk.misplaced)):
+        if walk.complete(name):  # else its stub folder could not be listed: reported
+            findings.append(Finding(MISSING_FROM_ARCHIVE, name, None))
+    if lookup:
+        known = by_name(registry.get_resources(s.name for s in lookup))
+        for stored in lookup:
+            found = known.get(stored.name)
+            if found is None:
+                findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
+            elif archive_name not in found.locations:
+                finding = elsewhere(found, stored, _sha1 if check_hash else None)
+                findings += [finding] if finding is not None else []
+    findings += [staging_finding(archive.staging_dir / name) for name, _ in walk.staging]
+    report.findings = findings
     return report
+
+
+def _verify(stored: Stored, want: str, progress: Callable[[str], None] | None) -> list[Finding]:
+    if progress is not None:
+        progress(stored.name)
+    try:
+        actual = _sha1(stored)
+    except OSError as err:
+        if vanished(err):
+            return []
+        return [Finding(UNREADABLE, stored.name, stored.path, err.strerror or str(err))]
+    if actual != want:
+        return [
+            Finding(HASH_MISMATCH, stored.name, stored.path, f"sha1 {actual}, registered {want}")
+        ]
+    return []
 
 
 __all__ = ["Finding", "Report", "check_archive"]

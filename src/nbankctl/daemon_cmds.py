@@ -8,7 +8,8 @@ The socket is ``--socket PATH``, else the configuration's ``control_socket``
 default file is missing or unreadable, the default socket path). Output is a
 readable summary; ``--json`` prints the reply's result as JSON. Exit status:
 0 ok, 1 problems (status degraded, audit findings, some inputs not requeued), 2 usage,
-configuration or permission, 3 daemon unreachable.
+configuration or permission (``audit`` while the daemon's audits are disabled), 3
+daemon unreachable (``audit``: or the registry, with nothing else wrong).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from nbankctl import render
 from nbankd import errors
+from nbankd.audit.model import REGISTRY_OUTAGE_CODES
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
 from nbankd.config.model import DEFAULT_CONTROL_SOCKET
 from nbankd.control.client import ControlClient
@@ -132,7 +134,9 @@ def cmd_rescan(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong."""
+    """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong, 3
+    when the only thing wrong is that the registry could not be reached (2 when the
+    daemon's audits are disabled: the error names the cache file and the fix)."""
     client = ControlClient(socket_path(args))
     state = client.call("audit", {"full": bool(args.full), "wait": AUDIT_POLL})
     ticket = state.get("request")
@@ -147,7 +151,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         state = client.call("audit", {"request": ticket, "wait": AUDIT_POLL})
     report = state["report"]
     _emit(args, report, render.audit)
-    return errors.EXIT_OK if report.get("ok") else errors.EXIT_PROBLEMS
+    if report.get("ok"):
+        return errors.EXIT_OK
+    return errors.EXIT_UNREACHABLE if _registry_outage(report) else errors.EXIT_PROBLEMS
+
+
+def _registry_outage(report: dict[str, Any]) -> bool:
+    """Nothing found, and every error says the registry could not be reached."""
+    if "registry_outage" in report:
+        return bool(report["registry_outage"])
+    codes = {a.get("error_code") for a in report.get("archives") or () if a.get("error")}
+    if report.get("error"):
+        codes.add(report.get("error_code"))
+    return not report.get("findings") and bool(codes) and codes <= REGISTRY_OUTAGE_CODES
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -129,7 +129,10 @@ def status(result: dict[str, Any]) -> str:
 
 
 def audit_line(result: dict[str, Any]) -> str:
-    """status's audit line: the last result, the next run, and one under way."""
+    """status's audit line: disabled, or the last result, the next run, and one under way."""
+    disabled = result.get("audit_disabled")
+    if disabled:
+        return f"audit: DISABLED ({printable(str(disabled))})"
     last = result.get("last_audit")
     if not last:
         text = "audit: last never"
@@ -139,7 +142,7 @@ def audit_line(result: dict[str, Any]) -> str:
         elif last.get("ok"):
             verdict = "clean"
         else:
-            verdict = f"{last.get('findings', 0)} PROBLEM(S)"
+            verdict = f"{_problem_count(last)} PROBLEM(S)"
         kind = "full" if last.get("full") else "incremental"
         text = f"audit: last {when(last.get('finished'))} {kind}, {verdict}"
     text += (
@@ -151,6 +154,15 @@ def audit_line(result: dict[str, Any]) -> str:
         if running.get("planned"):
             text += f" ({running.get('hashed', 0)}/{running['planned']} read)"
     return text
+
+
+def _problem_count(last: dict[str, Any]) -> int:
+    """Findings plus archives that could not be checked (an unmounted archive is a
+    problem with no finding); older daemons send only ``findings`` and ``problems``."""
+    if "problem_count" in last:
+        return int(last["problem_count"])
+    errors = sum(1 for p in last.get("problems") or () if "finding(s)" not in str(p))
+    return int(last.get("findings", 0)) + errors
 
 
 def _iso(t: float | None) -> str | None:
@@ -300,7 +312,12 @@ def audit(report: dict[str, Any]) -> str:
     kind = "full" if report.get("full") else "incremental"
     archives = report.get("archives") or []
     n = report.get("findings", 0) + sum(1 for a in archives if a.get("error"))
-    verdict = "clean" if report.get("ok") else f"{n} problem(s)" if n else "FAILED"
+    if report.get("ok"):
+        verdict = "clean"
+    elif report.get("registry_outage"):
+        verdict = "registry unreachable"
+    else:
+        verdict = f"{n} problem(s)" if n else "FAILED"
     lines = [f"audit {report.get('id')} ({kind}, {report.get('trigger')}): {verdict}"]
     if report.get("error"):
         lines.append(f"error: {printable(str(report['error']))}")
@@ -322,6 +339,10 @@ def audit(report: dict[str, Any]) -> str:
         summary = [f"Resources in registry: {a.get('registered_after', 0)}"]
         summary += [f"{label}: {count}" for label, count in counts.items()]
         lines.append("  " + "; ".join(summary))
+    homeless = report.get("registry_findings") or []
+    if homeless:
+        lines.append(f"registry: {len(homeless)} resource(s) with no location")
+        lines += [f"  {printable(str(f.get('resource')))} - {f.get('kind')}" for f in homeless]
     elsewhere = 0
     for o in report.get("not_audited") or []:
         if o.get("scheme") == "neurobank" and o.get("accessibility") != "offline":

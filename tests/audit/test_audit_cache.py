@@ -7,51 +7,19 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from audit_helpers import Setup
 
-from fixtures.cli_backends import sha1, store
-from nbankd.archive.layout import Archive, create_archive
 from nbankd.audit.api import run_audit
 from nbankd.audit.cache import AuditCache
 from nbankd.audit.model import HASH_MISMATCH
 from nbankd.audit.plan import DAY
 from nbankd.audit.reader import Cancelled, RateLimiter
 from nbankd.audit.report import latest_report
-from nbankd.audit.run import Auditor, AuditSettings, AuditTarget
+from nbankd.audit.run import Auditor, AuditSettings
 from nbankd.audit.walk import Stored
-from nbankd.registry.embedded import EmbeddedRegistry
-
-
-@dataclass
-class Setup:
-    registry: EmbeddedRegistry
-    archive: Archive
-    target: AuditTarget
-    names: list[str]
-    state: Path
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    """An embedded registry and an archive with 12 registered, stored resources."""
-    state = tmp_path / "state"
-    registry = EmbeddedRegistry(state / "registry.sqlite3")
-    registry.add_datatype("dat", "application/octet-stream")
-    archive = create_archive(tmp_path / "arch", registry.url)
-    registry.add_archive("arch", "neurobank", str(archive.path))
-    names = []
-    for i in range(12):
-        data = f"resource number {i}".encode() * 100
-        name = f"res{i:03d}"
-        registry.add_resource(dtype="dat", archive="arch", name=name, sha1=sha1(data))
-        store(archive, name, data)
-        names.append(name)
-    yield Setup(registry, archive, AuditTarget("arch", archive.path), names, state)
-    registry.close()
 
 
 class CountingAuditor(Auditor):

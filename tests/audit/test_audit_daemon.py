@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,5 +144,27 @@ def test_scheduled_audits_run_and_stay_clean_while_files_arrive(daemon_factory: 
     status = json.loads(ctl(h, "status", "--json").stdout)
     last = status["last_audit"]
     assert last["trigger"] == "schedule" and last["ok"] is True
-    assert status["next_audit"] >= last["started"]
+    started = datetime.fromisoformat(last["started"]).timestamp()
+    assert datetime.fromisoformat(status["next_audit"]).timestamp() == started + 1  # every: 1s
     assert ctl(h, "status").returncode == 0
+
+
+def test_unusable_cache_disables_audits_not_the_daemon(daemon_factory: Any) -> None:
+    """An audit cache written by a newer nbankd: the daemon starts and deposits, status is
+    degraded saying audits are disabled and why, and nbankctl audit exits 2 naming the
+    cache file and the fix."""
+    h: DaemonHarness = daemon_factory()
+    cache = h.state_dir / "audits" / "cache.sqlite3"
+    cache.parent.mkdir(parents=True)
+    with sqlite3.connect(cache) as db:
+        db.execute("PRAGMA user_version=99")
+    h.start()
+    h.drop("kept0001.dat", b"deposits go on")
+    h.wait_settled(1)
+    status = ctl(h, "status")
+    assert status.returncode == 1
+    assert "audit: DISABLED (audits disabled: audit cache" in status.stdout
+    assert "newer nbankd" in status.stdout
+    proc = ctl(h, "audit")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(cache) in proc.stderr and "upgrade nbankd, or delete the file;" in proc.stderr

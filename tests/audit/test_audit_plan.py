@@ -26,31 +26,39 @@ from nbankd.audit.plan import (
 
 SHA = "a" * 40
 OTHER = "b" * 40
-ST = FileStat(size=10, mtime_ns=1_000, inode=7)
+ST = FileStat(size=10, mtime_ns=1_000, inode=7, ctime_ns=2_000)
 NOW = 100 * DAY
+RUN = "this-run"
 
 
 def entry(
-    verified_at: float, *, sha1: str = SHA, st: FileStat = ST, name: str = "r1"
+    verified_at: float,
+    *,
+    sha1: str = SHA,
+    st: FileStat = ST,
+    name: str = "r1",
+    run_id: str = "an-earlier-run",
 ) -> CacheEntry:
-    return CacheEntry(name, st.size, st.mtime_ns, st.inode, sha1, verified_at)
+    return CacheEntry(name, st.size, st.mtime_ns, st.inode, st.ctime_ns, sha1, verified_at, run_id)
 
 
-POLICY = HashPolicy(run_started=NOW, scrub_days=30, every=DAY)
+POLICY = HashPolicy(run_started=NOW, run_id=RUN, scrub_days=30, every=DAY)
 
 
 @pytest.mark.parametrize(
     ("cached", "stat", "registered", "policy", "reason"),
     [
         (None, ST, SHA, POLICY, NEW),
-        (entry(NOW - DAY), FileStat(11, 1_000, 7), SHA, POLICY, CHANGED),
-        (entry(NOW - DAY), FileStat(10, 2_000, 7), SHA, POLICY, CHANGED),
-        (entry(NOW - DAY), FileStat(10, 1_000, 8), SHA, POLICY, CHANGED),
+        (entry(NOW - DAY), FileStat(11, 1_000, 7, 2_000), SHA, POLICY, CHANGED),
+        (entry(NOW - DAY), FileStat(10, 2_000, 7, 2_000), SHA, POLICY, CHANGED),
+        (entry(NOW - DAY), FileStat(10, 1_000, 8, 2_000), SHA, POLICY, CHANGED),
+        (entry(NOW - DAY), FileStat(10, 1_000, 7, 3_000), SHA, POLICY, CHANGED),
         (entry(NOW - DAY), ST, OTHER, POLICY, UNVERIFIED),
         (entry(NOW - DAY), ST, SHA.upper(), POLICY, None),
         (entry(NOW - DAY), ST, None, POLICY, None),
-        (entry(NOW - DAY), ST, SHA, HashPolicy(run_started=NOW, full=True), FULL),
-        (entry(NOW + 5), ST, SHA, HashPolicy(run_started=NOW, full=True), None),
+        (entry(NOW - DAY), ST, SHA, HashPolicy(run_started=NOW, run_id=RUN, full=True), FULL),
+        (entry(NOW - DAY, run_id=RUN), ST, SHA, HashPolicy(NOW, run_id=RUN, full=True), None),
+        (entry(NOW + 5), ST, SHA, HashPolicy(run_started=NOW, run_id=RUN, full=True), FULL),
         (entry(NOW - 30 * DAY), ST, SHA, POLICY, DUE),
         (entry(NOW - 29 * DAY), ST, SHA, POLICY, None),
         (entry(NOW - 300 * DAY), ST, SHA, HashPolicy(run_started=NOW, scrub_days=0), None),
@@ -61,11 +69,13 @@ POLICY = HashPolicy(run_started=NOW, scrub_days=30, every=DAY)
         "size",
         "mtime",
         "inode",
+        "ctime",
         "registry-differs",
         "case-insensitive",
         "no-registered-hash",
         "full",
         "full-resumed-already-read",
+        "full-read-later-by-another-run",
         "due",
         "not-yet-due",
         "scrub-off",
@@ -113,20 +123,20 @@ def test_plan_takes_the_oldest_for_the_slice_and_skips_unchanged() -> None:
 
 
 def test_plan_counts_what_this_run_already_read() -> None:
-    """A resumed run does not read a second slice: entries read since it started count."""
+    """A resumed run does not read a second slice: entries this run (by id) read count."""
     names = [f"r{i}" for i in range(10)]
     stored = {n: ST for n in names}
     expected = dict.fromkeys(names, SHA)
     cache = {n: entry(NOW - DAY, name=n) for n in names}
-    cache["r0"] = entry(NOW + 1, name="r0")
-    cache["r1"] = entry(NOW + 2, name="r1")
-    policy = HashPolicy(run_started=NOW, scrub_days=5, every=DAY)
+    cache["r0"] = entry(NOW - 7 * DAY, name="r0", run_id=RUN)  # the clock stepped back
+    cache["r1"] = entry(NOW + 2, name="r1", run_id=RUN)
+    policy = HashPolicy(run_started=NOW, run_id=RUN, scrub_days=5, every=DAY)
     assert plan_hashes(stored, expected, cache, now=NOW + 3, policy=policy) == {}
 
 
 def test_plan_reads_new_and_changed_but_not_missing_or_unexpected() -> None:
     """New and changed resources are read; one that is not stored, or not expected, is not."""
-    stored = {"new": ST, "changed": FileStat(1, 1, 1), "same": ST, "stray": ST}
+    stored = {"new": ST, "changed": FileStat(1, 1, 1, 1), "same": ST, "stray": ST}
     expected = {"new": SHA, "changed": SHA, "same": SHA, "gone": SHA}
     cache = {
         "changed": entry(NOW - DAY, name="changed"),

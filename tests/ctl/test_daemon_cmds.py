@@ -266,14 +266,13 @@ def test_status_shows_the_last_audit_and_is_degraded_by_findings(h: DaemonHarnes
     result = ctl_json(h, "status")
     assert result["last_audit"]["ok"] is True and result["last_audit"]["findings"] == 0
     assert ctl(h, "status").returncode == 0
-    stray = h.archive / "resources" / "st" / "stray001.dat"
-    stray.write_bytes(b"nobody registered me")
-    stray.chmod(0o444)
+    stored = h.archive_files()["stat0001.dat"]
+    stored.chmod(0o644)  # writable in an archive of read-only resources
     assert ctl(h, "audit").returncode == 1
     proc = ctl(h, "status")
     assert proc.returncode == 1, proc.stdout
     assert "1 PROBLEM(S)" in proc.stdout and "last audit" in proc.stdout
-    stray.unlink()
+    stored.chmod(0o444)
     assert ctl(h, "audit").returncode == 0
     assert ctl(h, "status").returncode == 0
 

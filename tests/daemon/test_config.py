@@ -239,6 +239,9 @@ BAD_INPUT = [
     ("audit: {scrub_days: 1.5}\n", "audit.scrub_days", "whole number"),
     ("audit: {max_mb_per_s: fast}\n", "audit.max_mb_per_s", "must be a number"),
     ("audit: {max_mb_per_s: -5}\n", "audit.max_mb_per_s", "negative"),
+    ("audit: {workers: 0}\n", "audit.workers", "'auto' or a whole number from 1 to 64"),
+    ("audit: {workers: 65}\n", "audit.workers", "from 1 to 64"),
+    ("audit: {workers: many}\n", "audit.workers", "'auto' or a whole number"),
     ("log: {level: loud}\n", "log.level", "one of debug, info, warning, error"),
     ("log: {format: xml}\n", "log.format", "one of auto, console, json, journal"),
     ("log: json\n", "log", "must be a mapping"),
@@ -413,6 +416,26 @@ def test_registry_url_for_embedded(tmp_path: Path) -> None:
     assert config.registry_url == "https://data.lab/neurobank/"
 
 
+def test_audit_workers_auto_or_a_number(tmp_path: Path) -> None:
+    """audit.workers is 0 (automatic) by default or for 'auto', else the number given."""
+    assert load(tmp_path, MINIMAL).audit.workers == 0
+    assert load(tmp_path, MINIMAL + "audit: {workers: auto}\n").audit.workers == 0
+    config = load(tmp_path, MINIMAL + "audit: {workers: 6}\n")
+    assert config.audit.workers == 6
+    assert yaml.safe_load(describe_config(config))["audit"]["workers"] == 6
+
+
+def test_scrub_days_shorter_than_every_warns(tmp_path: Path) -> None:
+    """scrub_days shorter than audit.every loads, with a warning at audit.scrub_days saying
+    each audit then re-reads everything; scrub_days 0 (off) does not warn."""
+    config = load(tmp_path, MINIMAL + "audit: {every: 7d, scrub_days: 3}\n")
+    [warning] = config.warnings
+    assert warning.key == "audit.scrub_days" and warning.severity == "warning"
+    assert "shorter than audit.every (7d)" in str(warning) and "re-reads every" in str(warning)
+    assert load(tmp_path, MINIMAL + "audit: {every: 7d, scrub_days: 0}\n").warnings == ()
+    assert load(tmp_path, MINIMAL + "audit: {every: 7d, scrub_days: 7}\n").warnings == ()
+
+
 def test_registry_url_outside_neurobank_warns(tmp_path: Path) -> None:
     """A URL not ending in /neurobank/ loads, with a warning."""
     config = load(tmp_path, "registry: https://host/registry/\n")
@@ -547,7 +570,12 @@ def test_find_config_relative_is_absolute(tmp_path: Path, monkeypatch: pytest.Mo
 def test_describe_fills_defaults(tmp_path: Path) -> None:
     """The description shows every default explicitly."""
     described = yaml.safe_load(describe_config(load(tmp_path, MINIMAL)))
-    assert described["audit"] == {"every": "1d", "scrub_days": 30, "max_mb_per_s": 200}
+    assert described["audit"] == {
+        "every": "1d",
+        "scrub_days": 30,
+        "max_mb_per_s": 200,
+        "workers": "auto",
+    }
     assert described["inboxes"][0]["stall_after"] == "1h"
     assert described["inboxes"][0]["archive"] == "archive"
     assert described["datatypes"] == {"wav": "application/octet-stream"}

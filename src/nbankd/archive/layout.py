@@ -24,7 +24,7 @@ import grp
 import json
 import os
 import pwd
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +100,65 @@ class ArchivePolicy:
 
 @dataclass(frozen=True)
 class Anomaly:
-    """Something under ``resources/`` that is not a well-placed resource."""
+    """Something under ``resources/`` that is not a well-placed resource.
+
+    ``kind`` sorts them: ``unlistable`` (a folder that cannot be listed), ``stray``
+    (not a stub folder), ``partial`` (``.NAME.partial``, an incomplete transfer),
+    ``nfs`` (``.nfs*``, NFS's name for a file deleted while open), ``hidden`` (another
+    dot-file), ``symlink``, ``misplaced`` (a resource in the wrong stub folder; ``id``
+    names it).
+    """
 
     path: Path
     reason: str
+    kind: str = "stray"
+    id: str | None = None
+
+
+#: lists a folder: (entry name, kind), kind being "dir", "file", "link" or "other"
+Lister = Callable[[Path], Iterable[tuple[str, str]]]
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink():
+        return "link"
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    return "file" if entry.is_file(follow_symlinks=False) else "other"
+
+
+def scan_dir(path: Path) -> list[tuple[str, str]]:
+    """The default :data:`Lister`: ``os.scandir``, links not followed."""
+    with os.scandir(path) as it:
+        return [(e.name, _entry_kind(e)) for e in it]
+
+
+def _stem(name: str) -> str:
+    """``PurePath(name).stem`` without making a path (an archive has 100k names)."""
+    i = name.rfind(".")
+    return name[:i] if 0 < i < len(name) - 1 else name
+
+
+_NFS_REASON = "NFS placeholder of a file deleted while still open; it goes when it is closed"
+
+
+def _classify(stub: Path, name: str, kind: str) -> Anomaly | None:
+    """The anomaly an entry of stub folder ``stub`` is, or None for a well-placed resource."""
+    path = stub / name
+    if name.startswith(".") and name.endswith(".partial"):
+        return Anomaly(path, "left over from an incomplete transfer", "partial", _stem(name[1:-8]))
+    if name.startswith(".nfs"):
+        return Anomaly(path, _NFS_REASON, "nfs")
+    if name.startswith("."):
+        return Anomaly(
+            path, "hidden file: not a resource (identifiers never start with '.')", "hidden"
+        )
+    if kind == "link":
+        return Anomaly(path, "symbolic link", "symlink")
+    id = _stem(name)
+    if id[:2] != stub.name:
+        return Anomaly(path, f"in the wrong stub folder (expected {id[:2]})", "misplaced", id)
+    return None
 
 
 @dataclass(frozen=True)
@@ -146,15 +201,20 @@ class Archive:
         suffix = Path(source_name).suffix if self.policy.keep_extensions else ""
         return self.resource_path(id, suffix or None)
 
-    def stored_path(self, id: str) -> Path | None:
+    def stored_path(self, id: str, *, lister: Lister | None = None) -> Path | None:
         """Returns the entry stored for ``id`` whatever its extension, or None.
 
         Any directory entry counts, including symbolic links and directories, so a
-        caller that finds None may publish without replacing anything.
+        caller that finds None may publish without replacing anything. ``lister``
+        lists the stub folder (default: ``os.listdir``; audits list without touching
+        the folder's atime).
         """
         exact = self.resource_path(id)
         try:
-            names = sorted(os.listdir(exact.parent))
+            if lister is None:
+                names = sorted(os.listdir(exact.parent))
+            else:
+                names = sorted(name for name, _kind in lister(exact.parent))
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -166,40 +226,54 @@ class Archive:
                 return exact.parent / name
         return None
 
-    def iter_resources(self, anomalies: list[Anomaly] | None = None) -> Iterator[tuple[str, Path]]:
+    def iter_resources(
+        self,
+        anomalies: list[Anomaly] | None = None,
+        *,
+        lister: Lister | None = None,
+        listed: list[Path] | None = None,
+    ) -> Iterator[tuple[str, Path]]:
         """Yields ``(id, path)`` for every stored resource, in sorted order.
 
         Symbolic links are never followed. Entries that are not well-placed resources
-        (stray files, symlinks, leftovers of partial transfers, files in the wrong stub
-        folder, unreadable folders) are skipped and appended to ``anomalies`` if given.
+        (stray files, symlinks, leftovers of partial transfers, dot-files, files in the
+        wrong stub folder, folders that cannot be listed) are skipped and appended to
+        ``anomalies`` if given (see :class:`Anomaly`). A stub folder that vanished
+        since ``resources/`` was listed (pruned meanwhile) is skipped silently; each
+        stub folder listed successfully is appended to ``listed`` if given. ``lister``
+        lists a folder (default: :func:`scan_dir`).
         """
         found = anomalies if anomalies is not None else []
+        ls = lister or scan_dir
         base = self.resources_dir
         try:
-            stubs = sorted(os.scandir(base), key=lambda e: e.name)
+            stubs = sorted(ls(base))
         except OSError as err:
-            found.append(Anomaly(base, f"unable to list: {err.strerror}"))
+            found.append(Anomaly(base, _unlistable(err), "unlistable"))
             return
-        for stub in stubs:
-            if stub.is_symlink() or not stub.is_dir(follow_symlinks=False):
-                found.append(Anomaly(Path(stub.path), "not a stub folder"))
+        for stub_name, kind in stubs:
+            stub = base / stub_name
+            if stub_name.startswith(".nfs"):
+                found.append(Anomaly(stub, _NFS_REASON, "nfs"))
+                continue
+            if kind != "dir":
+                found.append(Anomaly(stub, "not a stub folder"))
                 continue
             try:
-                entries = sorted(os.scandir(stub.path), key=lambda e: e.name)
+                entries = sorted(ls(stub))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed since resources/ was listed (pruned)
             except OSError as err:
-                found.append(Anomaly(Path(stub.path), f"unable to list: {err.strerror}"))
+                found.append(Anomaly(stub, _unlistable(err), "unlistable"))
                 continue
-            for entry in entries:
-                path = Path(entry.path)
-                id = path.stem
-                if entry.name.startswith(".") and entry.name.endswith(".partial"):
-                    found.append(Anomaly(path, "left over from an incomplete transfer"))
-                elif entry.is_symlink():
-                    found.append(Anomaly(path, "symbolic link"))
-                elif id[:2] != stub.name:
-                    found.append(Anomaly(path, f"in the wrong stub folder (expected {id[:2]})"))
+            if listed is not None:
+                listed.append(stub)
+            for name, entry_kind in entries:
+                anomaly = _classify(stub, name, entry_kind)
+                if anomaly is None:
+                    yield _stem(name), stub / name
                 else:
-                    yield id, path
+                    found.append(anomaly)
 
     def ensure_staging(self) -> Path:
         """Returns ``staging/``, creating it (with the layout mode) if it is missing."""
@@ -219,6 +293,19 @@ class Archive:
 
 
 # --- errors -------------------------------------------------------------------------
+
+
+def _unlistable(err: OSError) -> str:
+    """An anomaly's reason for a folder that cannot be listed, with what to do."""
+    why = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        what = "check its owner and mode against nbank.json (nbank archive check --fix)"
+    elif err.errno == errno.EIO:
+        what = "an I/O error: check the disk or the NFS server"
+    else:
+        what = "check the folder"
+    return f"unable to list: {why}; {what}"
+
 
 #: errno values that are never worth retrying: the request itself is wrong
 PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EXDEV})
@@ -458,7 +545,9 @@ __all__ = [
     "Anomaly",
     "Archive",
     "ArchivePolicy",
+    "Lister",
     "create_archive",
     "open_archive",
+    "scan_dir",
     "unavailable",
 ]

@@ -12,7 +12,8 @@ the daemon. For a one-off audit from Python (benchmarks, scripts)::
 
 from nbankd.audit.api import run_audit
 from nbankd.audit.model import ArchiveResult, AuditReport, Finding
-from nbankd.audit.run import Auditor, AuditSettings, AuditTarget, InFlight
+from nbankd.audit.run import Auditor
+from nbankd.audit.settings import AuditSettings, AuditTarget, InFlight
 
 __all__ = [
     "ArchiveResult",

@@ -1,21 +1,32 @@
 """The audit cache: one SQLite file under ``state_dir/audits/``.
 
-``entries`` keeps, per archive and resource, the stat and SHA-1 of the last read
-(see :mod:`nbankd.audit.plan`); ``runs`` keeps each audit run's start, whether it
-was full, and whether it finished. Results of reads are committed in batches while
-a run goes on, so a run that is interrupted (stop, crash, ``kill -9``) resumes
-where it stopped: the next start finds the unfinished run and keeps its start
-time, and everything read since then counts as done.
+``entries`` keeps, per archive and resource, the stat (size, mtime, inode, ctime)
+and SHA-1 of the last read, when, and by which run (see :mod:`nbankd.audit.plan`);
+``runs`` keeps each audit run's start, whether it was full, and whether it
+finished. Results of reads are committed in batches while a run goes on, so a run
+that is interrupted (stop, crash, ``kill -9``) resumes where it stopped: the next
+start finds the unfinished run and keeps its id, and everything that run read
+counts as done.
+
+The schema is versioned (``PRAGMA user_version``). A cache of an older version is
+rebuilt (its entries are dropped, so the next audit reads every resource once; its
+runs are kept); a cache of a newer nbankd is refused. Every SQLite failure becomes
+:class:`AuditCacheError` naming the file, what was being done, and what to do.
+:func:`open_or_reset` moves a damaged file aside (``cache.sqlite3.bad-<time>``) and
+starts a new one: a cache only saves work, it never holds anything that cannot be
+re-read.
 
 Loading an archive's entries is one query; storing a batch is one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +34,66 @@ from nbankd import errors
 from nbankd.audit.model import CacheEntry
 
 CACHE_NAME = "cache.sqlite3"
-SCHEMA_VERSION = 1
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS entries (
+SCHEMA_VERSION = 2
+_ENTRIES = """CREATE TABLE IF NOT EXISTS entries (
         archive TEXT NOT NULL,
         name TEXT NOT NULL,
         size INTEGER NOT NULL,
         mtime_ns INTEGER NOT NULL,
         inode INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
         sha1 TEXT NOT NULL,
         verified_at REAL NOT NULL,
-        PRIMARY KEY (archive, name)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (archive, name)) WITHOUT ROWID"""
+_RUNS = """CREATE TABLE IF NOT EXISTS runs (
         id TEXT PRIMARY KEY,
         started REAL NOT NULL,
         full INTEGER NOT NULL,
         trigger TEXT NOT NULL,
         finished REAL,
-        report TEXT)""",
-)
+        report TEXT)"""
+_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+class AuditCacheError(errors.NbankdError):
+    """The audit cache cannot be read or written. ``corrupt``: the file is damaged
+    (it may be moved aside and rebuilt)."""
+
+    code = "audit-cache"
+
+    def __init__(self, message: str, *, hint: str = "", corrupt: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.corrupt = corrupt
+
+
+def _hint(err: sqlite3.Error) -> tuple[str, bool]:
+    """(what to do, whether the file is damaged) for a SQLite error."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    text = str(err).lower()
+    if name in _CORRUPT or "malformed" in text or "not a database" in text:
+        return "the file is damaged: delete it; the next audit then re-reads every resource", True
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return (
+            "the daemon's user must be able to write the file and its folder: fix their "
+            "owner and mode, or delete it; the next audit then re-reads every resource",
+            False,
+        )
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return "free space on the filesystem of state_dir", False
+    if name in ("SQLITE_BUSY", "SQLITE_LOCKED") or "locked" in text:
+        return "another process (an audit script?) holds the cache; it is retried later", False
+    return "check the file and its folder; deleting it only makes the next audit slower", False
+
+
+def cache_error(path: Path, doing: str, err: sqlite3.Error | OSError) -> AuditCacheError:
+    """An :class:`AuditCacheError` naming the file, the operation and what to do."""
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        hint = "the daemon's user must be able to create and write the file and its folder"
+        return AuditCacheError(f"audit cache {path}: {reason} while {doing}", hint=hint)
+    hint, corrupt = _hint(err)
+    return AuditCacheError(f"audit cache {path}: {err} while {doing}", hint=hint, corrupt=corrupt)
 
 
 @dataclass(frozen=True)
@@ -55,104 +107,149 @@ class RunRecord:
 
 
 class AuditCache:
-    """Thread-safe access to the cache file (one connection, one lock)."""
+    """Thread-safe access to the cache file (one connection, one lock).
 
-    def __init__(self, path: Path) -> None:
+    ``check`` runs SQLite's ``quick_check`` at open, so a damaged file is found now
+    rather than in the middle of an audit. ``timeout``: seconds to wait for a lock
+    another process holds.
+    """
+
+    def __init__(self, path: Path, *, check: bool = False, timeout: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        os.close(fd)
         self._lock = threading.Lock()
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.path.lexists(self.path):
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640))
+        except OSError as err:
+            raise cache_error(self.path, "creating it", err) from err
+        try:
             self._db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as err:
+            raise cache_error(self.path, "opening it", err) from err
+        try:
+            self._prepare(check)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _prepare(self, check: bool) -> None:
+        with self._locked("opening it"):
+            db = self._db
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise errors.NbankdError(
-                    f"audit cache {self.path} was written by a newer nbankd",
-                    hint="upgrade nbankd, or delete the file (the next audit re-reads all)",
+                raise AuditCacheError(
+                    f"audit cache {self.path} was written by a newer nbankd"
+                    f" (schema {version}, this one knows {SCHEMA_VERSION})",
+                    hint="upgrade nbankd, or delete the file; the next audit then re-reads"
+                    " every resource",
                 )
-            for statement in _SCHEMA:
-                self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as err:
-            raise errors.NbankdError(
-                f"audit cache {self.path} cannot be used: {err}",
-                hint="delete the file; the next audit re-reads every resource",
-            ) from err
+            if check:
+                verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    raise AuditCacheError(
+                        f"audit cache {self.path} is damaged: {verdict}",
+                        hint="delete it; the next audit then re-reads every resource",
+                        corrupt=True,
+                    )
+            if version == SCHEMA_VERSION:
+                return  # nothing to write: a cache that cannot be written still opens
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if version:  # an older schema: its entries lack the ctime and run id
+                    db.execute("DROP TABLE IF EXISTS entries")
+                db.execute(_ENTRIES)
+                db.execute(_RUNS)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def _locked(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; SQLite errors become AuditCacheError."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as err:
+                raise cache_error(self.path, doing, err) from err
+
+    def _write(self, doing: str, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """``sql`` for every row, in one transaction."""
+        with self._locked(doing) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(sql, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
     # -- entries --------------------------------------------------------------------
 
     def load(self, archive: str) -> dict[str, CacheEntry]:
         """Every cached entry of ``archive``, by resource name (one query)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT name, size, mtime_ns, inode, sha1, verified_at FROM entries"
-                " WHERE archive = ?",
+        with self._locked(f"loading the entries of {archive}") as db:
+            rows = db.execute(
+                "SELECT name, size, mtime_ns, inode, ctime_ns, sha1, verified_at, run_id"
+                " FROM entries WHERE archive = ?",
                 (archive,),
             ).fetchall()
         return {r[0]: CacheEntry(*r) for r in rows}
 
     def store(self, archive: str, entries: Iterable[CacheEntry]) -> int:
         """Inserts or replaces entries in one transaction; returns how many."""
-        rows = [
-            (archive, e.name, e.size, e.mtime_ns, e.inode, e.sha1, e.verified_at) for e in entries
-        ]
-        if not rows:
-            return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        rows: list[tuple[object, ...]] = [(archive, *e) for e in entries]
+        if rows:
+            self._write(
+                "storing what an audit read",
+                "INSERT OR REPLACE INTO entries (archive, name, size, mtime_ns, inode,"
+                " ctime_ns, sha1, verified_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         return len(rows)
 
     def forget(self, archive: str, names: Iterable[str]) -> int:
         """Drops the entries of resources no longer stored; returns how many."""
-        rows = [(archive, n) for n in names]
-        if not rows:
-            return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM entries WHERE archive = ? AND name = ?", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        rows: list[tuple[object, ...]] = [(archive, n) for n in names]
+        if rows:
+            self._write(
+                "forgetting resources no longer stored",
+                "DELETE FROM entries WHERE archive = ? AND name = ?",
+                rows,
+            )
         return len(rows)
 
     # -- runs -----------------------------------------------------------------------
 
     def begin_run(self, run: RunRecord) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._locked("recording the start of an audit") as db:
+            db.execute(
                 "INSERT OR REPLACE INTO runs (id, started, full, trigger, finished, report)"
                 " VALUES (?, ?, ?, ?, NULL, NULL)",
                 (run.id, run.started, int(run.full), run.trigger),
             )
 
     def finish_run(self, run_id: str, finished: float, report: str | None) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._locked("recording the end of an audit") as db:
+            db.execute(
                 "UPDATE runs SET finished = ?, report = ? WHERE id = ?", (finished, report, run_id)
             )
 
     def _runs(self, where: str) -> list[RunRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._locked("reading past audits") as db:
+            rows = db.execute(
                 "SELECT id, started, full, trigger, finished, report FROM runs"
                 f" {where} ORDER BY started DESC LIMIT 1"
             ).fetchall()
@@ -174,8 +271,46 @@ class AuditCache:
 
     def abandon_unfinished(self, now: float) -> None:
         """Marks every unfinished run as finished without a report (superseded)."""
-        with self._lock:
-            self._db.execute("UPDATE runs SET finished = ? WHERE finished IS NULL", (now,))
+        with self._locked("closing an interrupted audit") as db:
+            db.execute("UPDATE runs SET finished = ? WHERE finished IS NULL", (now,))
 
 
-__all__ = ["CACHE_NAME", "AuditCache", "RunRecord"]
+def move_aside(path: Path, now: float | None = None) -> Path:
+    """Renames a damaged cache (and its ``-wal``/``-shm``) to ``<name>.bad-<time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    bad = path.with_name(f"{path.name}.bad-{stamp}")
+    os.rename(path, bad)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(f"{path}{suffix}", f"{bad}{suffix}")
+    return bad
+
+
+def open_or_reset(path: Path) -> tuple[AuditCache, Path | None]:
+    """Opens (and checks) the cache; a damaged one is moved aside and a new one made.
+
+    Returns (cache, where the damaged file went, or None). Raises AuditCacheError
+    when the cache cannot be used otherwise (newer schema, permissions, disk).
+    """
+    try:
+        return AuditCache(path, check=True), None
+    except AuditCacheError as err:
+        if not err.corrupt:
+            raise
+        try:
+            bad = move_aside(path)
+        except OSError as move_err:
+            raise cache_error(path, "moving the damaged file aside", move_err) from err
+    return AuditCache(path, check=True), bad
+
+
+__all__ = [
+    "CACHE_NAME",
+    "SCHEMA_VERSION",
+    "AuditCache",
+    "AuditCacheError",
+    "RunRecord",
+    "cache_error",
+    "move_aside",
+    "open_or_reset",
+]

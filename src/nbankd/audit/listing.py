@@ -10,12 +10,16 @@ listing must be cheap for 100k resources:
 - anything else: :meth:`~nbankd.registry.base.Registry.search`.
 
 No per-resource requests. The registry is never written.
+
+:func:`without_location` lists the resources no archive holds (``nbank registry
+check``'s "has NO locations"), with one query.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from typing import Any
 
 from nbankd import errors
 from nbankd.audit.model import OfflineArchive
@@ -30,6 +34,18 @@ _EMBEDDED_LISTING = (
 
 
 def _embedded(registry: EmbeddedRegistry, archive: str) -> dict[str, str | None]:
+    rows = _query(registry, _EMBEDDED_LISTING, (archive,))
+    return {name: sha1.lower() if sha1 else None for name, sha1 in rows}
+
+
+_WITHOUT_LOCATION = (
+    "SELECT r.name FROM resource r"
+    " WHERE NOT EXISTS (SELECT 1 FROM location l WHERE l.resource_id = r.id)"
+)
+
+
+def _query(registry: EmbeddedRegistry, sql: str, args: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """Rows of one read-only query on the embedded registry's database."""
     try:
         conn = sqlite3.connect(registry.db_path, timeout=registry.busy_timeout)
     except sqlite3.Error as err:
@@ -38,14 +54,28 @@ def _embedded(registry: EmbeddedRegistry, archive: str) -> dict[str, str | None]
         ) from err
     try:
         conn.execute("PRAGMA query_only=1")
-        rows = conn.execute(_EMBEDDED_LISTING, (archive,)).fetchall()
+        return conn.execute(sql, args).fetchall()
     except sqlite3.Error as err:
         raise errors.RegistryUnavailable(
             f"the embedded registry {registry.db_path} cannot be read: {err}"
         ) from err
     finally:
         conn.close()
-    return {name: sha1.lower() if sha1 else None for name, sha1 in rows}
+
+
+def without_location(registry: Registry) -> set[str] | None:
+    """Names of the registry's resources that no archive holds; None when the registry
+    does not filter on ``has_location`` (an older server answers with everything:
+    a record with a location in the answer gives that away). Raises the registry's
+    errors."""
+    if isinstance(registry, EmbeddedRegistry):
+        return {name for (name,) in _query(registry, _WITHOUT_LOCATION, ())}
+    out = set()
+    for record in registry.search(has_location="false"):
+        if record.locations:
+            return None
+        out.add(record.name)
+    return out
 
 
 def _records(records: Iterable[ResourceRecord], archive: str) -> dict[str, str | None]:
@@ -80,4 +110,4 @@ def not_audited(records: Iterable[ArchiveRecord], audited: Iterable[str]) -> lis
     return out
 
 
-__all__ = ["list_registered", "not_audited"]
+__all__ = ["list_registered", "not_audited", "without_location"]

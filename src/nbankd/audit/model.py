@@ -17,30 +17,38 @@ from typing import Any, NamedTuple
 MISSING_FROM_ARCHIVE = "missing from archive"
 MISSING_FROM_REGISTRY = "missing from registry"
 REGISTERED_ELSEWHERE = "registered elsewhere"
+CHANGED_ELSEWHERE = "changed elsewhere"  # registered elsewhere, but other bytes
 HASH_MISMATCH = "hash mismatch"
 UNREADABLE = "unreadable"
 UNEXPECTED = "unexpected"
+MISPLACED = "misplaced"  # a resource of this archive in the wrong stub folder
 INCOMPLETE = "incomplete transfer"
 PERMISSION = "permission"
+NO_LOCATION = "no location"  # registry-wide: a resource no archive holds
 KINDS = (
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
     REGISTERED_ELSEWHERE,
+    CHANGED_ELSEWHERE,
     HASH_MISMATCH,
     UNREADABLE,
     UNEXPECTED,
+    MISPLACED,
     INCOMPLETE,
     PERMISSION,
+    NO_LOCATION,
 )
 #: the groups of nbank's summary line, in its order
 SUMMARY = (
     ("missing from archive", (MISSING_FROM_ARCHIVE,)),
     ("missing from registry", (MISSING_FROM_REGISTRY,)),
     ("read/verify errors", (UNREADABLE, HASH_MISMATCH)),
-    ("other layout errors", (UNEXPECTED, INCOMPLETE)),
+    ("other layout errors", (UNEXPECTED, MISPLACED, INCOMPLETE)),
     ("permission errors", (PERMISSION,)),
-    ("registered elsewhere", (REGISTERED_ELSEWHERE,)),
+    ("registered elsewhere", (REGISTERED_ELSEWHERE, CHANGED_ELSEWHERE)),
 )
+#: error codes of an archive (or report) that mean the registry could not be reached
+REGISTRY_OUTAGE_CODES = frozenset({"registry-unavailable"})
 
 
 @dataclass(frozen=True)
@@ -82,30 +90,37 @@ def summary_counts(findings: Iterable[Finding]) -> dict[str, int]:
 
 
 class FileStat(NamedTuple):
-    """What decides whether a stored resource changed: size, mtime and inode.
+    """What decides whether a stored resource changed: size, mtime, inode and ctime.
 
     For a folder resource: the total size of its files, the newest mtime of
-    anything in it, and the folder's inode. (Named tuples: an audit makes 100k.)
+    anything in it, the folder's inode and the newest ctime of anything in it.
+    (Named tuples: an audit makes 100k.) The ctime catches a writer that puts the
+    mtime back, and is what tells a file just placed by a transfer (tape import,
+    ``nbank``) from an old one.
     """
 
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int = 0
 
 
 class CacheEntry(NamedTuple):
-    """The audit cache's memory of one resource: its stat and the SHA-1 read then."""
+    """The audit cache's memory of one resource: its stat, the SHA-1 read then, when,
+    and by which run (so a resumed run knows what it already read)."""
 
     name: str
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
     sha1: str
     verified_at: float
+    run_id: str = ""
 
     @property
     def stat(self) -> FileStat:
-        return FileStat(self.size, self.mtime_ns, self.inode)
+        return FileStat(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
 def iso(t: float | None) -> str | None:
@@ -134,6 +149,8 @@ class ArchiveResult:
     path: str
     state: str = CHECKED
     error: str | None = None
+    #: the error's code (``registry-unavailable``, ``not-an-archive``...), when there is one
+    error_code: str | None = None
     registered_before: int = 0
     registered_after: int = 0
     stored: int = 0
@@ -160,6 +177,7 @@ class ArchiveResult:
             "path": self.path,
             "state": self.state,
             "error": self.error,
+            "error_code": self.error_code,
             "ok": self.ok,
             "registered_before": self.registered_before,
             "registered_after": self.registered_after,
@@ -180,6 +198,7 @@ class ArchiveResult:
             path=str(d.get("path", "")),
             state=str(d.get("state", CHECKED)),
             error=d.get("error"),
+            error_code=d.get("error_code"),
             registered_before=int(d.get("registered_before", 0)),
             registered_after=int(d.get("registered_after", 0)),
             stored=int(d.get("stored", 0)),
@@ -229,20 +248,45 @@ class AuditReport:
     trigger: str = "request"  # schedule, request or resume
     resumed: bool = False
     error: str | None = None
+    error_code: str | None = None
     archives: tuple[ArchiveResult, ...] = ()
     not_audited: tuple[OfflineArchive, ...] = ()
+    #: registry-wide findings: resources no archive holds (``nbank registry check``)
+    registry_findings: tuple[Finding, ...] = ()
     report_path: str | None = field(default=None, compare=False)
 
     @property
     def findings(self) -> int:
-        return sum(len(a.findings) for a in self.archives)
+        return sum(len(a.findings) for a in self.archives) + len(self.registry_findings)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(a.ok for a in self.archives)
+        return (
+            self.error is None and not self.registry_findings and all(a.ok for a in self.archives)
+        )
+
+    @property
+    def problem_count(self) -> int:
+        """Findings plus errors (the report's, and each archive's that could not be checked)."""
+        errors = sum(1 for a in self.archives if a.error is not None)
+        return self.findings + errors + (self.error is not None)
+
+    def error_codes(self) -> set[str | None]:
+        """The codes of every error in the report (None for an error without one)."""
+        codes = {a.error_code for a in self.archives if a.error is not None}
+        return codes | ({self.error_code} if self.error is not None else set())
+
+    def registry_outage(self) -> bool:
+        """True when nothing was found and every error is the registry being unreachable
+        (nbankctl then exits 3, not 1)."""
+        codes = self.error_codes()
+        return not self.findings and bool(codes) and codes <= REGISTRY_OUTAGE_CODES
 
     def counts(self) -> dict[str, int]:
-        return summary_counts(f for a in self.archives for f in a.findings)
+        counts = summary_counts(f for a in self.archives for f in a.findings)
+        if self.registry_findings:
+            counts[NO_LOCATION] = len(self.registry_findings)
+        return counts
 
     def problems(self) -> list[str]:
         """One line per thing that is wrong (for status and logs)."""
@@ -252,6 +296,8 @@ class AuditReport:
                 out.append(f"archive {a.name}: {a.error}")
             if a.findings:
                 out.append(f"archive {a.name}: {len(a.findings)} finding(s)")
+        if self.registry_findings:
+            out.append(f"registry: {len(self.registry_findings)} resource(s) with no location")
         return out
 
     def summary_json(self) -> dict[str, Any]:
@@ -264,8 +310,10 @@ class AuditReport:
             "trigger": self.trigger,
             "ok": self.ok,
             "findings": self.findings,
+            "problem_count": self.problem_count,
             "counts": self.counts(),
             "error": self.error,
+            "error_code": self.error_code,
             "problems": self.problems(),
             "report": self.report_path,
         }
@@ -282,10 +330,14 @@ class AuditReport:
             "resumed": self.resumed,
             "ok": self.ok,
             "error": self.error,
+            "error_code": self.error_code,
+            "registry_outage": self.registry_outage(),
             "findings": self.findings,
+            "problem_count": self.problem_count,
             "counts": self.counts(),
             "archives": [a.to_json() for a in self.archives],
             "not_audited": [o.to_json() for o in self.not_audited],
+            "registry_findings": [f.to_json() for f in self.registry_findings],
             "report": self.report_path,
         }
 
@@ -300,8 +352,10 @@ class AuditReport:
             trigger=str(d.get("trigger", "request")),
             resumed=bool(d.get("resumed", False)),
             error=d.get("error"),
+            error_code=d.get("error_code"),
             archives=tuple(ArchiveResult.from_json(a) for a in d.get("archives", ())),
             not_audited=tuple(OfflineArchive.from_json(o) for o in d.get("not_audited", ())),
+            registry_findings=tuple(Finding.from_json(f) for f in d.get("registry_findings", ())),
             report_path=d.get("report"),
         )
 
@@ -312,14 +366,18 @@ def findings_of(results: Sequence[ArchiveResult]) -> list[tuple[str, Finding]]:
 
 
 __all__ = [
+    "CHANGED_ELSEWHERE",
     "CHECKED",
     "HASH_MISMATCH",
     "INCOMPLETE",
     "KINDS",
+    "MISPLACED",
     "MISSING_FROM_ARCHIVE",
     "MISSING_FROM_REGISTRY",
+    "NO_LOCATION",
     "PERMISSION",
     "REGISTERED_ELSEWHERE",
+    "REGISTRY_OUTAGE_CODES",
     "SUMMARY",
     "UNAVAILABLE",
     "UNEXPECTED",

@@ -1,11 +1,11 @@
 """The audit's decisions, as pure functions of what was seen (no I/O, no clock).
 
 **Which resources to re-hash.** The cache remembers, per archive and resource,
-the stat (size, mtime, inode) and the SHA-1 read at ``verified_at``. A resource
-is re-hashed when:
+the stat (size, mtime, inode, ctime) and the SHA-1 read at ``verified_at`` by
+run ``run_id``. A resource is re-hashed when:
 
 - ``new``: the cache has no entry for it;
-- ``changed``: its size, mtime or inode differ from the cached ones;
+- ``changed``: its size, mtime, inode or ctime differ from the cached ones;
 - ``unverified``: the cached SHA-1 differs from the registered one (a mismatch is
   always confirmed by a fresh read before it is reported);
 - ``full``: a full audit re-reads everything not yet read during this run;
@@ -15,8 +15,9 @@ is re-hashed when:
   read during this run, so the load is spread evenly instead of everything
   falling due at once.
 
-"During this run" means ``verified_at >= run_started``: an interrupted run that
-resumes keeps its start time, so what it already read is not read again.
+"During this run" means the entry's ``run_id`` is this run's id (not a time, which
+a clock step could confuse): an interrupted run that resumes keeps its id, so what
+it already read is not read again.
 
 **What the walk means.** A file in the archive and the registry's listings of
 the archive taken *before* and *after* the walk are compared, leaving out every
@@ -53,6 +54,7 @@ class HashPolicy:
 
     run_started: float  # start of this run (kept when a run resumes)
     full: bool = False
+    run_id: str = ""  # this run's id (kept when a run resumes); "" matches no entry
     scrub_days: int = 30  # 0: no scrubbing, only changed resources are read
     every: float = DAY  # seconds between scheduled audits (sizes the rolling slice)
 
@@ -86,7 +88,7 @@ def hash_reason(
     """Why this resource must be read now, or None (it may still be picked for the slice)."""
     if entry is None:
         return NEW
-    if (entry.size, entry.mtime_ns, entry.inode) != st:
+    if (entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns) != st:
         return CHANGED
     if (
         registered_sha1 is not None
@@ -94,7 +96,7 @@ def hash_reason(
         and entry.sha1 != registered_sha1.lower()
     ):
         return UNVERIFIED
-    if entry.verified_at >= policy.run_started:
+    if policy.run_id and entry.run_id == policy.run_id:
         return None  # read earlier in this (resumed) run
     if policy.full:
         return FULL
@@ -120,7 +122,7 @@ def plan_hashes(
     plan: dict[str, str] = {}
     resting: list[tuple[float, str]] = []
     done_this_run = 0
-    started, full, scrub = policy.run_started, policy.full, policy.scrub_seconds
+    run_id, full, scrub = policy.run_id or None, policy.full, policy.scrub_seconds
     for name, want in expected.items():
         st = stored.get(name)
         if st is None:
@@ -128,9 +130,9 @@ def plan_hashes(
         entry = cache.get(name)
         if (  # the common case, checked inline: unchanged, verified, not due
             entry is not None
-            and entry[1:4] == st
+            and entry[1:5] == st
             and (want is None or entry.sha1 == want)
-            and entry.verified_at < started
+            and entry.run_id != run_id
             and not full
             and (scrub is None or now - entry.verified_at < scrub)
         ):
@@ -139,7 +141,7 @@ def plan_hashes(
         reason = hash_reason(entry, st, want, now=now, policy=policy)
         if reason is not None:
             plan[name] = reason
-        elif entry is not None and entry.verified_at >= started:
+        elif entry is not None and entry.run_id == run_id:
             done_this_run += 1
         elif entry is not None:
             resting.append((entry.verified_at, name))
@@ -180,6 +182,13 @@ def categorise(
     return Categories(tuple(missing), tuple(unregistered), expected, tuple(skipped))
 
 
+def young(age_from: float, *, now: float, grace: float) -> bool:
+    """True if something last changed at ``age_from`` (mtime or ctime, whichever is
+    newer) within ``grace`` seconds: a transfer (another host's daemon, ``nbank``, a
+    tape import) may be placing it right now, so it is not reported yet."""
+    return now - age_from < grace
+
+
 def staging_leftovers(
     entries: Iterable[tuple[str, float]],
     in_flight_tokens: Set[str],
@@ -195,7 +204,7 @@ def staging_leftovers(
     for name, mtime in entries:
         if name.startswith(prefix) and name[len(prefix) :] in in_flight_tokens:
             continue
-        if now - mtime < grace:
+        if young(mtime, now=now, grace=grace):
             continue
         out.append(name)
     return sorted(out)
@@ -216,4 +225,5 @@ __all__ = [
     "plan_hashes",
     "slice_size",
     "staging_leftovers",
+    "young",
 ]

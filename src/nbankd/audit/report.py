@@ -1,12 +1,16 @@
 """Audit reports on disk (JSON under ``state_dir/audits/``) and as log events.
 
 Each run writes ``<id>.json`` (ids sort by start time) atomically: a temporary
-file, fsynced, renamed into place, mode 0640. The newest :data:`KEEP` reports are
-kept. Every finding is also logged as one structured warning event
-(``audit finding``, with ``archive``, ``kind``, ``resource_id``, ``path``,
-``detail``), so ``journalctl NBANK_RESOURCE_ID=...`` finds a resource's problems
-(at most :data:`LOG_LIMIT` per run, so a wiped registry does not flood the journal;
-the report always has every finding).
+file, fsynced, renamed into place, mode 0640. Old reports are deleted: at most the
+newest :data:`KEEP` are kept, none older than :data:`KEEP_DAYS` days, and no more
+than :data:`KEEP_BYTES` together (a report listing a wiped registry's findings can
+be large); the newest report is always kept.
+
+Every finding is also logged as one structured warning event (``audit finding``,
+with ``archive``, ``kind``, ``resource_id``, ``path``, ``detail``), so
+``journalctl NBANK_RESOURCE_ID=...`` finds a resource's problems (at most
+:data:`LOG_LIMIT` per run, so a wiped registry does not flood the journal; the
+report always has every finding).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -25,6 +30,8 @@ log = structlog.get_logger("nbankd.audit")
 
 AUDITS_DIR = "audits"
 KEEP = 100
+KEEP_DAYS = 90
+KEEP_BYTES = 200_000_000
 LOG_LIMIT = 1000  # findings logged one by one per run; the report has them all
 _SUFFIX = ".json"
 
@@ -64,10 +71,21 @@ def _reports(folder: Path) -> list[Path]:
     return sorted(folder / n for n in names if n.endswith(_SUFFIX) and not n.startswith("."))
 
 
-def _prune(folder: Path) -> None:
-    for old in _reports(folder)[:-KEEP]:
-        with contextlib.suppress(OSError):
-            old.unlink()
+def _prune(folder: Path, now: float | None = None) -> None:
+    """Deletes reports beyond the newest :data:`KEEP`, older than :data:`KEEP_DAYS`, or
+    past :data:`KEEP_BYTES` counted from the newest; the newest is always kept."""
+    now = time.time() if now is None else now
+    total = 0
+    for i, path in enumerate(reversed(_reports(folder))):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        total += st.st_size
+        old = now - st.st_mtime > KEEP_DAYS * 86400
+        if i > 0 and (i >= KEEP or total > KEEP_BYTES or old):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def read_report(path: Path) -> AuditReport | None:

@@ -8,49 +8,47 @@ Per archive, in this order (the order is what makes an audit right during ingest
 4. compare (:func:`~nbankd.audit.plan.categorise`) leaving out everything in
    flight at either read; re-check each candidate on disk (and the unregistered
    ones in the registry, in bulk) so a deposit or prune that finished meanwhile
-   is not reported;
+   is not reported; files placed within the grace (a tape import, an ``nbank``
+   transfer registering after it copies) are not reported yet;
 5. re-hash what the plan asks for, in parallel, under the rate cap, committing
-   results to the cache in batches (so an interrupted run resumes);
+   results to the cache in batches (so an interrupted run resumes); a file that
+   changed while it was read gets no verdict now (it is read again next run);
 6. report ``staging/`` entries no in-flight item owns; keep only the permission
    findings that still hold (a folder just made gets its mode a moment later).
 
 Nothing in the archive or the registry is ever written. :meth:`Auditor.run`
-audits several archives, lists the registry's other archives (tape, offline,
-elsewhere) without reading them, writes the JSON report and logs each finding.
+audits several archives, checks the registry for resources no archive holds,
+lists the registry's other archives (tape, offline, elsewhere) without reading
+them, writes the JSON report and logs each finding.
 
-Test seams: ``NBANKD_AUDIT_PAUSE_AT=<point>`` with ``NBANKD_AUDIT_PAUSE_UNTIL=<path>``
-holds the audit at ``listed`` (after the first listing), ``walked`` (after the walk)
-or ``hashing`` (before the first read) until the path exists; ``NBANKD_CRASH_AT=
+Test seams: :mod:`.seams` (``NBANKD_AUDIT_PAUSE_AT``); ``NBANKD_CRASH_AT=
 audit-committed[:n]`` kills the process after the n-th cache commit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nbankd import errors
 from nbankd.archive.layout import Archive, open_archive
+from nbankd.audit import compare, seams
 from nbankd.audit import plan as planner
 from nbankd.audit.cache import AuditCache, RunRecord
 from nbankd.audit.checks import permission_findings
-from nbankd.audit.listing import list_registered, not_audited
+from nbankd.audit.listing import list_registered, not_audited, without_location
 from nbankd.audit.model import (
     HASH_MISMATCH,
-    INCOMPLETE,
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
+    NO_LOCATION,
     PERMISSION,
-    REGISTERED_ELSEWHERE,
     UNAVAILABLE,
     UNREADABLE,
     ArchiveResult,
@@ -60,79 +58,19 @@ from nbankd.audit.model import (
 )
 from nbankd.audit.reader import Cancelled, RateLimiter, list_dir, sha1_of_resource, vanished
 from nbankd.audit.report import log_report, write_report
+from nbankd.audit.settings import (
+    AuditSettings,
+    AuditTarget,
+    InFlight,
+    journal_in_flight,
+    lower_priority,
+    new_run_id,
+)
 from nbankd.audit.walk import Stored, Walk, walk_archive
-from nbankd.config.model import AuditConfig
 from nbankd.deposit import crashpoints
 from nbankd.registry.base import Registry
 
 MB = 1_000_000
-NICE = 10  # audit threads yield the CPU (and, with CFQ/BFQ, the disk) to deposits
-
-
-@dataclass(frozen=True)
-class AuditTarget:
-    """An archive to audit: its registry name and its folder."""
-
-    name: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """What the deposit journal shows in flight: identifiers and staging tokens."""
-
-    names: frozenset[str] = frozenset()
-    tokens: frozenset[str] = frozenset()
-
-    def __or__(self, other: InFlight) -> InFlight:
-        return InFlight(self.names | other.names, self.tokens | other.tokens)
-
-
-def journal_in_flight(journal: Any) -> Callable[[], InFlight]:
-    """An in-flight reader over a :class:`~nbankd.deposit.journal.Journal`."""
-
-    def read() -> InFlight:
-        items = journal.unfinished()
-        return InFlight(
-            frozenset(i.name for i in items if i.name), frozenset(i.token for i in items)
-        )
-
-    return read
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    scrub_days: int = 30
-    every: float = 86400.0
-    max_mb_per_s: float = 200.0
-    #: reading threads: I/O-bound (small files, NFS) gains from more than one per core
-    workers: int = field(default_factory=lambda: min(32, max(16, 2 * (os.cpu_count() or 1))))
-    staging_grace: float = 3600.0  # younger unowned staging entries may be another host's
-    batch: int = 256  # cache commit after this many reads...
-    batch_seconds: float = 2.0  # ...or this long
-
-    @classmethod
-    def from_config(cls, audit: AuditConfig, **overrides: Any) -> AuditSettings:
-        base = cls(scrub_days=audit.scrub_days, every=audit.every, max_mb_per_s=audit.max_mb_per_s)
-        return replace(base, **overrides)
-
-
-def new_run_id(now: float) -> str:
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{secrets.token_hex(3)}"
-
-
-def _seam(point: str) -> None:
-    if os.environ.get("NBANKD_AUDIT_PAUSE_AT") == point:
-        until = os.environ.get("NBANKD_AUDIT_PAUSE_UNTIL", "")
-        waiter = threading.Event()
-        while until and not os.path.exists(until):
-            waiter.wait(0.05)
-
-
-def lower_priority() -> None:
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
 
 
 class Auditor:
@@ -177,7 +115,8 @@ class Auditor:
         """Audits each target; writes the report into ``report_dir`` (if given), logs it.
 
         ``resume`` continues an interrupted run (its id, start time and ``full`` flag).
-        Registry and archive failures become the report's (or an archive's) error.
+        Registry and archive failures become the report's (or an archive's) error;
+        a cache that cannot be written raises :class:`~.cache.AuditCacheError`.
         """
         if resume is not None:
             run = resume
@@ -187,19 +126,23 @@ class Auditor:
             self.cache.begin_run(run)
         policy = planner.HashPolicy(
             run_started=run.started,
+            run_id=run.id,
             full=run.full,
             scrub_days=self.settings.scrub_days,
             every=self.settings.every,
         )
-        results: list[ArchiveResult] = []
-        for target in targets:
-            results.append(self._archive_safely(target, policy))
-        error = None
+        flight = self.in_flight()
+        homeless = self._without_location()
+        results = [self._archive_safely(target, policy) for target in targets]
+        error = error_code = None
         offline: list[Any] = []
         try:
             offline = not_audited(self.registry.list_archives(), [t.name for t in targets])
         except errors.NbankdError as err:
-            error = f"cannot list the registry's archives: {err}"
+            error, error_code = f"cannot list the registry's archives: {err}", err.code
+        flight = flight | self.in_flight()
+        if homeless:  # in both checks, not in flight: not a deposit or prune under way
+            homeless &= self._without_location() or set()
         report = AuditReport(
             id=run.id,
             started=run.started,
@@ -208,8 +151,13 @@ class Auditor:
             trigger=run.trigger if resume is None else "resume",
             resumed=resume is not None,
             error=error,
+            error_code=error_code,
             archives=tuple(results),
             not_audited=tuple(offline),
+            registry_findings=tuple(
+                Finding(NO_LOCATION, name, None, "registered, but no archive holds it")
+                for name in sorted((homeless or set()) - flight.names)
+            ),
         )
         path = None
         if report_dir is not None:
@@ -220,16 +168,27 @@ class Auditor:
         self.progress = {}
         return report
 
+    def _without_location(self) -> set[str] | None:
+        """Resources no archive holds (None: not known; the archives report outages)."""
+        try:
+            return without_location(self.registry)
+        except errors.NbankdError:
+            return None
+
     def _archive_safely(self, target: AuditTarget, policy: planner.HashPolicy) -> ArchiveResult:
         try:
             return self.audit_archive(target, policy)
         except Cancelled:
             raise
         except errors.NbankdError as err:
-            return ArchiveResult(target.name, str(target.path), error=str(err))
+            return ArchiveResult(target.name, str(target.path), error=str(err), error_code=err.code)
         except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
             return ArchiveResult(
-                target.name, str(target.path), error=f"{err.strerror or err} ({err.filename})"
+                target.name,
+                str(target.path),
+                error=f"{err.strerror or err}{where} while auditing; is the archive mounted?",
+                error_code="archive-io",
             )
 
     # -- one archive ------------------------------------------------------------------
@@ -240,41 +199,51 @@ class Auditor:
         try:
             archive = open_archive(target.path)
         except errors.NbankdError as err:
-            return ArchiveResult(target.name, str(target.path), UNAVAILABLE, error=str(err))
+            return ArchiveResult(
+                target.name, str(target.path), UNAVAILABLE, error=str(err), error_code=err.code
+            )
         timings: dict[str, float] = {}
         clock = _Stopwatch(timings)
         flight = self.in_flight()
         before = list_registered(self.registry, target.name)
         clock.lap("list_before")
-        _seam("listed")
+        seams.pause("listed")
         self.progress["phase"] = "walking"
         walk = walk_archive(archive, stop=self.stop)
         clock.lap("walk")
         self.progress["phase"] = "walked"
-        _seam("walked")
+        seams.pause("walked")
         self.progress["phase"] = "listing again"
         clock.lap()
         after = list_registered(self.registry, target.name)
         flight = flight | self.in_flight()
         clock.lap("list_after")
+        now = self.clock()
+        grace = self.settings.staging_grace
         cats = planner.categorise(walk.stored, before, after, flight.names)
-        findings = list(walk.layout)
-        for name, found in walk.by_resource.items():
-            if name not in flight.names:
-                findings += found
-        findings += self._missing(archive, cats.missing)
-        findings += self._unregistered(target, walk, cats.unregistered)
+        findings = compare.walk_findings(walk, skip=flight.names, now=now, grace=grace)
+        registered = before.keys() | after.keys()
+        placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
+        findings += placed
+        findings += self._missing(archive, walk, cats.missing)
+        lookup += [walk.stored[n] for n in cats.unregistered]
+        findings += self._unregistered(target, lookup, now)
         cached = self.cache.load(target.name)
         stats = {n: s.stat for n, s in walk.stored.items()}
-        todo = planner.plan_hashes(stats, cats.expected, cached, now=self.clock(), policy=policy)
+        todo = planner.plan_hashes(stats, cats.expected, cached, now=now, policy=policy)
         clock.lap("compare")
-        _seam("hashing")
+        seams.pause("hashing")
         clock.lap()
-        hashed, nbytes, read_findings = self._hash(target.name, walk, todo, cats.expected)
+        hashed, nbytes, read_findings = self._hash(target.name, walk, todo, cats.expected, policy)
         findings += read_findings
         clock.lap("hash")
         self.cache.forget(
-            target.name, [n for n in cached if n not in walk.stored and n not in flight.names]
+            target.name,
+            [
+                n
+                for n in cached
+                if n not in walk.stored and n not in flight.names and walk.complete(n)
+            ],
         )
         findings += self._leftovers(archive, walk, flight)
         findings = [f for f in findings if f.kind != PERMISSION or _still_wrong(archive, f)]
@@ -292,30 +261,41 @@ class Auditor:
             timings=timings,
         )
 
-    def _missing(self, archive: Archive, candidates: Sequence[str]) -> list[Finding]:
-        """Registered in both listings, not walked: reported unless it is there now."""
+    def _missing(self, archive: Archive, walk: Walk, candidates: Sequence[str]) -> list[Finding]:
+        """Registered in both listings, not walked: reported unless it is there now, is
+        misplaced (reported as such), or its stub folder could not be listed (that is
+        the finding)."""
         return [
-            Finding(MISSING_FROM_ARCHIVE, n, None) for n in candidates if not _stored(archive, n)
+            Finding(MISSING_FROM_ARCHIVE, n, None)
+            for n in candidates
+            if n not in walk.misplaced and walk.complete(n) and not _stored(archive, n)
         ]
 
     def _unregistered(
-        self, target: AuditTarget, walk: Walk, candidates: Sequence[str]
+        self, target: AuditTarget, candidates: Sequence[Stored], now: float
     ) -> list[Finding]:
-        """Walked, in neither listing: looked up in bulk; pruned meanwhile = no finding."""
-        if not candidates:
+        """Walked, in neither listing: looked up in bulk; pruned meanwhile, registered
+        here meanwhile, or placed within the grace (a transfer that registers after it
+        copies) = no finding. Registered elsewhere: compared with the registered hash."""
+        grace = self.settings.staging_grace
+        kept = [
+            s
+            for s in candidates
+            if not planner.young(max(s.stat.mtime_ns, s.stat.ctime_ns) / 1e9, now=now, grace=grace)
+            and os.path.lexists(s.where)
+        ]
+        if not kept:
             return []
-        known = {r.name: r for r in self.registry.get_resources(candidates)}
+        records = compare.by_name(self.registry.get_resources([s.name for s in kept]))
         out = []
-        for name in candidates:
-            path = walk.stored[name].path
-            if not os.path.lexists(path):
-                continue
-            record = known.get(name)
+        for stored in kept:
+            record = records.get(stored.name)
             if record is None:
-                out.append(Finding(MISSING_FROM_REGISTRY, name, path))
+                out.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
             elif target.name not in record.locations:
-                where = ", ".join(record.locations) or "no archive"
-                out.append(Finding(REGISTERED_ELSEWHERE, name, path, f"registered in {where}"))
+                found = compare.elsewhere(record, stored, self._sha1)
+                if found is not None:
+                    out.append(found)
         return out
 
     def _leftovers(self, archive: Archive, walk: Walk, flight: InFlight) -> list[Finding]:
@@ -323,12 +303,7 @@ class Auditor:
             walk.staging, flight.tokens, now=self.clock(), grace=self.settings.staging_grace
         )
         return [
-            Finding(
-                INCOMPLETE,
-                None,
-                archive.staging_dir / n,
-                "left in staging/ by an interrupted transfer; safe to delete",
-            )
+            compare.staging_finding(archive.staging_dir / n)
             for n in names
             if os.path.lexists(archive.staging_dir / n)
         ]
@@ -340,6 +315,9 @@ class Auditor:
             raise Cancelled("audit stopped")
         self.limiter(n)
 
+    def _sha1(self, stored: Stored) -> str:
+        return sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)[0]
+
     def _read(self, stored: Stored) -> tuple[str, int, bool]:
         """(sha1, bytes, unchanged while read) of one resource."""
         sha1, n = sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)
@@ -347,14 +325,21 @@ class Auditor:
             st = os.lstat(stored.path)
         except OSError:
             return sha1, n, False
-        same = st.st_ino == stored.stat.inode and (
+        was = stored.stat
+        same = st.st_ino == was.inode and (
             stored.is_dir
-            or (st.st_size, st.st_mtime_ns) == (stored.stat.size, stored.stat.mtime_ns)
+            or (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            == (was.size, was.mtime_ns, was.ctime_ns)
         )
         return sha1, n, same
 
     def _hash(
-        self, archive: str, walk: Walk, todo: dict[str, str], expected: dict[str, str | None]
+        self,
+        archive: str,
+        walk: Walk,
+        todo: dict[str, str],
+        expected: dict[str, str | None],
+        policy: planner.HashPolicy,
     ) -> tuple[int, int, list[Finding]]:
         """Reads every planned resource; returns (resources read, bytes, findings)."""
         names = sorted(todo)
@@ -397,17 +382,27 @@ class Auditor:
                             continue
                         except OSError as err:
                             if not vanished(err):
-                                detail = err.strerror or str(err)
+                                detail = f"{err.strerror or err} while reading it"
                                 findings.append(Finding(UNREADABLE, name, stored.path, detail))
                             continue
                         hashed += 1
                         nbytes += n
                         self.progress.update(hashed=hashed, bytes=nbytes)
-                        if unchanged:
-                            st = stored.stat
-                            batch.append(
-                                CacheEntry(name, st.size, st.mtime_ns, st.inode, sha1, self.clock())
+                        if not unchanged:
+                            continue  # changed while read: no verdict; read next run (changed)
+                        st = stored.stat
+                        batch.append(
+                            CacheEntry(
+                                name,
+                                st.size,
+                                st.mtime_ns,
+                                st.inode,
+                                st.ctime_ns,
+                                sha1,
+                                self.clock(),
+                                policy.run_id,
                             )
+                        )
                         want = expected.get(name)
                         if want is not None and sha1 != want:
                             findings.append(
@@ -456,13 +451,13 @@ class _Stopwatch:
 
 
 def _stored(archive: Archive, name: str) -> bool:
-    """True if ``resources/`` holds an entry for ``name`` (any extension), as
-    ``Archive.stored_path`` decides, listing the stub folder without touching its atime."""
+    """True if ``resources/`` holds an entry for ``name`` now (any extension), listing
+    the stub folder without touching its atime; a folder that cannot be listed now
+    counts as holding it (the walk listed it; nothing is reported on a guess)."""
     try:
-        names = list_dir(archive.resource_path(name).parent)
-    except FileNotFoundError:
-        return False
-    return any(n == name or n.startswith(name + ".") for n, _ in names)
+        return archive.stored_path(name, lister=list_dir) is not None
+    except errors.NbankdError:
+        return True
 
 
 __all__ = [

@@ -3,9 +3,10 @@
 - **Schedule.** The next audit is due ``audit.every`` after the start of the last
   one (kept in the audit cache, so restarts do not postpone it); with no audit yet,
   ``audit.every`` after the daemon started. After an audit that failed (registry
-  down, say) the next try comes within an hour.
+  down, cache not writable, say) the next try comes ``min(every, 1h)`` after the
+  failure, never at once.
 - **Resume.** A run that was interrupted (daemon stopped or killed) is resumed
-  first thing after start-up, with its start time, so what it read is not read again.
+  first thing after start-up, with its id, so what it read is not read again.
 - **Requests.** ``nbankctl audit [--full]`` queues a request and gets a ticket to
   wait on; requests waiting together are served by one run (full if any asked).
   A request never joins a run already under way: that run may have walked past
@@ -13,32 +14,40 @@
 
 The thread runs at a lower CPU priority, never touches the deposit workers, and
 turns every failure into a report with an error: an audit cannot stop the daemon.
+- **Disabled.** When the audit cache cannot be used at start (a newer nbankd's
+  cache, no permission, an I/O error) audits are disabled with the reason, which
+  status shows and ``nbankctl audit`` answers (exit 2); a damaged cache is moved
+  aside (``cache.sqlite3.bad-<time>``) and a new one started instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from nbankd.audit.cache import CACHE_NAME, AuditCache, RunRecord
+from nbankd import errors
+from nbankd.audit.cache import (
+    CACHE_NAME,
+    AuditCache,
+    AuditCacheError,
+    RunRecord,
+    move_aside,
+    open_or_reset,
+)
 from nbankd.audit.model import AuditReport, iso
 from nbankd.audit.reader import Cancelled
 from nbankd.audit.report import AUDITS_DIR, find_report, latest_report, write_report
-from nbankd.audit.run import (
-    Auditor,
-    AuditSettings,
-    AuditTarget,
-    InFlight,
-    lower_priority,
-    new_run_id,
-)
+from nbankd.audit.run import Auditor
+from nbankd.audit.settings import AuditSettings, AuditTarget, InFlight, lower_priority, new_run_id
 from nbankd.config import Config
 from nbankd.registry.base import Registry
 
@@ -57,7 +66,19 @@ class Job:
     resume: RunRecord | None = None
 
 
+class AuditsDisabled(errors.ConfigError):
+    """Audits cannot run in this daemon (its audit cache cannot be used): ``nbankctl
+    audit`` exits 2 with the reason, which names the cache file and the fix."""
+
+
 class AuditScheduler:
+    """The daemon's audit thread (see the module docstring).
+
+    Never raises from its constructor or :meth:`start`: when the audit cache cannot
+    be used, audits are *disabled* (:attr:`disabled` says why; status shows it,
+    ``nbankctl audit`` answers with it) and the daemon carries on depositing.
+    """
+
     def __init__(
         self,
         *,
@@ -70,15 +91,15 @@ class AuditScheduler:
         self.registry = registry
         self.in_flight = in_flight
         self.clock = clock
-        self.folder = config().state_dir / AUDITS_DIR
-        self.cache = AuditCache(self.folder / CACHE_NAME)
-        self.last: AuditReport | None = latest_report(self.folder)
+        self.folder = Path(AUDITS_DIR)
+        self.cache: AuditCache | None = None
+        self.last: AuditReport | None = None
+        self._disabled: str | None = None
         self._started = clock()
-        last = self.cache.last_finished()
-        self._last_started = last.started if last is not None else None
-        self._last_finished = last.finished if last is not None else None
-        self._last_failed = self.last is not None and self.last.error is not None
-        self._resume = self.cache.unfinished_run()
+        self._last_started: float | None = None
+        self._last_finished: float | None = None
+        self._last_failed = False
+        self._resume: RunRecord | None = None
         self._queued: list[tuple[str, bool]] = []
         self._running: Job | None = None
         self._running_since: float | None = None
@@ -87,14 +108,69 @@ class AuditScheduler:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wanted = False  # start() was called
+        try:
+            self.folder = config().state_dir / AUDITS_DIR
+            self.last = latest_report(self.folder)
+            self._open()
+        except Exception as err:  # an audit problem must never stop the daemon
+            self._disable(err)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.folder / CACHE_NAME
+
+    @property
+    def disabled(self) -> str | None:
+        """Why audits are disabled (``audits disabled: <reason>``), or None."""
+        return None if self._disabled is None else f"audits disabled: {self._disabled}"
+
+    def _open(self) -> None:
+        """Opens the cache (a damaged one is moved aside) and reads where audits stand."""
+        cache, bad = open_or_reset(self.cache_path)
+        if bad is not None:
+            log.warning(
+                "audit cache was damaged: moved aside, a new one started (the next audit"
+                " re-reads every resource)",
+                cache=str(self.cache_path),
+                moved_to=str(bad),
+            )
+        try:
+            last = cache.last_finished()
+            resume = cache.unfinished_run()
+        except BaseException:
+            cache.close()
+            raise
+        self.cache, self._disabled = cache, None
+        self._last_failed = self.last is not None and self.last.error is not None
+        if last is not None:
+            self._last_started, self._last_finished = last.started, last.finished
+        self._resume = resume
+
+    def _disable(self, err: BaseException) -> None:
+        reason = str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
+        self._disabled = reason
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        log.error("audits disabled", reason=reason, cache=str(self.cache_path))
 
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Starts the audit thread (not while audits are disabled; a request that finds
+        the cache usable again starts it)."""
+        self._wanted = True
+        if self._disabled is not None:
+            return
         if self._resume is not None:
             log.info("resuming an interrupted audit", audit=self._resume.id, full=self._resume.full)
-        self._thread = threading.Thread(target=self._loop, name="audit", daemon=True)
-        self._thread.start()
+        try:
+            self._thread = threading.Thread(target=self._loop, name="audit", daemon=True)
+            self._thread.start()
+        except RuntimeError as err:  # no more threads: audits wait for a restart
+            self._thread = None
+            self._disable(err)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Interrupts a running audit (it resumes at the next start) and ends the thread."""
@@ -106,11 +182,15 @@ class AuditScheduler:
             if self._thread.is_alive():
                 log.warning("audit thread still busy at shutdown; it resumes at next start")
                 return
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
 
     # -- requests and status ------------------------------------------------------------
 
-    def next_due(self) -> float:
+    def next_due(self) -> float | None:
+        """When the next scheduled audit runs (None while audits are disabled)."""
+        if self._disabled is not None:
+            return None
         every = self.config().audit.every
         if self._last_started is None:
             return self._started + every
@@ -119,12 +199,36 @@ class AuditScheduler:
         return self._last_started + every
 
     def request(self, full: bool) -> str:
-        """Queues an audit now; returns the ticket to :meth:`wait` on."""
+        """Queues an audit now; returns the ticket to :meth:`wait` on. While audits are
+        disabled, first tries the cache again (the user may have fixed it), else raises
+        :class:`AuditsDisabled`."""
+        if self._disabled is not None:
+            self._try_enable()
         ticket = secrets.token_hex(6)
         with self._cond:
             self._queued.append((ticket, full))
             self._cond.notify_all()
         return ticket
+
+    def _try_enable(self) -> None:
+        with self._cond:
+            if self._disabled is not None:
+                try:
+                    self._open()
+                except Exception as err:
+                    self._disable(err)
+                    raise self._disabled_error() from err
+                log.info("audit cache usable again: audits enabled", cache=str(self.cache_path))
+        if self._wanted and self._thread is None:
+            self.start()
+
+    def _disabled_error(self) -> AuditsDisabled:
+        reason = self._disabled or ""
+        where = "" if str(self.cache_path) in reason else f" (audit cache {self.cache_path})"
+        return AuditsDisabled(
+            f"audits are disabled: {reason}{where}",
+            hint="once that is fixed, nbankctl audit tries again",
+        )
 
     def wait(self, ticket: str, timeout: float) -> dict[str, Any] | None:
         """The state of a request after waiting up to ``timeout`` s for it; None if unknown."""
@@ -132,6 +236,8 @@ class AuditScheduler:
         with self._cond:
             while True:
                 state = self._state(ticket)
+                if self._disabled is not None and state is not None and state["state"] != "done":
+                    raise self._disabled_error()
                 remaining = deadline - time.monotonic()
                 if state is None or state["state"] == "done" or remaining <= 0:
                     return state
@@ -162,6 +268,7 @@ class AuditScheduler:
                 "last_audit": self.last.summary_json() if self.last is not None else None,
                 "next_audit": iso(self.next_due()),
                 "audit_running": None,
+                "audit_disabled": self.disabled,
             }
             if running is not None:
                 out["audit_running"] = {
@@ -173,7 +280,11 @@ class AuditScheduler:
         return out
 
     def problems(self) -> list[str]:
-        """Why the last audit makes the daemon degraded (empty when it was clean)."""
+        """Why audits make the daemon degraded: disabled, or the last one was not clean."""
+        disabled = self.disabled
+        if disabled is not None:
+            path = str(self.cache_path)
+            return [disabled if path in disabled else f"{disabled} (cache {path})"]
         last = self.last
         if last is None or last.ok:
             return []
@@ -197,7 +308,8 @@ class AuditScheduler:
             full = any(f for _, f in self._queued)
             self._queued = []
             return Job(tickets, full, "request")
-        if self.clock() >= self.next_due():
+        due = self.next_due()
+        if due is not None and self.clock() >= due:
             return Job((), False, "schedule")
         return None
 
@@ -205,16 +317,22 @@ class AuditScheduler:
         lower_priority()
         while not self._stop.is_set():
             with self._cond:
+                if self._disabled is not None:
+                    self._thread = None  # a request that finds the cache usable restarts it
+                    return
                 job = self._next_job()
                 if job is None:
-                    self._cond.wait(max(0.05, min(self.next_due() - self.clock(), MAX_SLEEP)))
+                    due = self.next_due()
+                    delay = MAX_SLEEP if due is None else due - self.clock()
+                    self._cond.wait(max(0.05, min(delay, MAX_SLEEP)))
                     continue
                 self._running, self._running_since = job, self.clock()
             report = None
             try:
                 report = self._execute(job)
-            except Exception:  # never let the audit thread die
+            except Exception as err:  # never let the audit thread die, nor spin
                 log.exception("audit could not run", trigger=job.trigger)
+                report = self._failed(job, err)
             with self._cond:
                 self._running = self._auditor = None
                 if report is not None:
@@ -224,6 +342,8 @@ class AuditScheduler:
     def _record(self, job: Job, report: AuditReport) -> None:
         self.last = report
         self._last_started, self._last_finished = report.started, report.finished
+        if report.error is not None:  # the next try comes min(every, 1h) from now
+            self._last_finished = max(report.finished or 0.0, self.clock())
         self._last_failed = report.error is not None
         for ticket in job.tickets:
             self._done[ticket] = report
@@ -254,23 +374,49 @@ class AuditScheduler:
         except Cancelled:
             log.info("audit interrupted; it resumes at the next start")
             return None
-        except Exception as err:  # a bug or an unexpected failure: report it, keep running
-            log.exception("audit failed", trigger=job.trigger)
-            now = self.clock()
-            self.cache.abandon_unfinished(now)
-            report = AuditReport(
-                id=new_run_id(now),
-                started=self._running_since or now,
-                finished=now,
-                full=job.full,
-                trigger=job.trigger,
-                error=f"{type(err).__name__}: {err}",
-            )
+
+    def _failed(self, job: Job, err: Exception) -> AuditReport:
+        """The report of a run that could not complete (the registry or the cache
+        failed, or a bug): recorded so that the next try waits (see :meth:`next_due`)."""
+        now = self.clock()
+        cache = self.cache
+        if cache is not None:
+            with contextlib.suppress(Exception):  # the cache may be what failed
+                cache.abandon_unfinished(now)
+        if isinstance(err, AuditCacheError) and err.corrupt:
+            self._reset_cache()
+        code = err.code if isinstance(err, errors.NbankdError) else "internal"
+        message = (
+            str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
+        )
+        report = AuditReport(
+            id=new_run_id(now),
+            started=self._running_since or now,
+            finished=now,
+            full=job.full,
+            trigger=job.trigger,
+            error=message,
+            error_code=code,
+        )
+        try:
+            path = write_report(self.folder, report)
+        except OSError:
+            return report
+        return replace(report, report_path=str(path))
+
+    def _reset_cache(self) -> None:
+        """A cache found damaged during a run: moved aside, a new one opened (or, if
+        that fails too, audits disabled)."""
+        with self._cond:
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
             try:
-                path = write_report(self.folder, report)
-            except OSError:
-                return report
-            return AuditReport.from_json({**report.to_json(), "report": str(path)})
+                bad = move_aside(self.cache_path)
+                log.warning("audit cache was damaged: moved aside", moved_to=str(bad))
+                self._open()
+            except Exception as err:
+                self._disable(err)
 
 
-__all__ = ["AuditScheduler"]
+__all__ = ["AuditScheduler", "AuditsDisabled"]

@@ -3,13 +3,18 @@
 Read-only: folders are listed through ``O_NOATIME`` descriptors
 (:func:`~nbankd.audit.reader.list_dir`) so not even their access times change,
 everything else is ``lstat``, and links are never followed. Resources are found
-by the layout rules of :meth:`~nbankd.archive.layout.Archive.iter_resources`
-(stub folder = first two characters of the identifier, ``.*.partial`` = an
-incomplete transfer, links and misplaced files are anomalies); their ``lstat``
-(and, for folder resources, the ``lstat`` of everything inside) runs on a few
-threads, which matters on NFS where each call is a round trip. Owner, group and
-mode are checked on the way (:mod:`nbankd.audit.checks`) for ``resources/``,
-every stub folder, every resource and ``staging/``.
+by :meth:`~nbankd.archive.layout.Archive.iter_resources` (the layout rules live
+there); their ``lstat`` (and, for folder resources, the ``lstat`` of everything
+inside) runs on a few threads, which matters on NFS where each call is a round
+trip. Owner, group and mode are checked on the way (:mod:`nbankd.audit.checks`)
+for ``resources/``, every stub folder, every resource and ``staging/``.
+
+Things that vanish while the walk runs (a prune, a tape import's cleanup) are
+skipped, not reported unreadable. A stub folder that cannot be listed is one
+finding; the rest of the archive is still walked, and the walk says which stub
+folders it listed completely (what is in the others is neither missing nor gone).
+Resources in the wrong stub folder, ``.NAME.partial`` transfers and ``.nfs*``
+placeholders are kept apart for the caller to judge (registered here? old enough?).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbankd.archive.layout import Anomaly, Archive
+from nbankd.audit import seams
 from nbankd.audit.checks import mode_policy, owners, permission_findings
 from nbankd.audit.model import INCOMPLETE, UNEXPECTED, UNREADABLE, FileStat, Finding
-from nbankd.audit.reader import DIR, LINK, Cancelled, list_dir
+from nbankd.audit.reader import DIR, LINK, Cancelled, list_dir, vanished
 
 STAT_WORKERS = 8
 _CHUNK = 2048
@@ -55,28 +61,25 @@ class Walk:
     layout: list[Finding] = field(default_factory=list)
     #: permission and unreadable findings of each resource, dropped if it is in flight
     by_resource: dict[str, list[Finding]] = field(default_factory=dict)
-    #: (name, mtime) of each entry in staging/
+    #: (name, newer of mtime and ctime) of each entry in staging/
     staging: list[tuple[str, float]] = field(default_factory=list)
+    #: partial transfers and NFS placeholders with their age: reported once old enough
+    graced: list[tuple[Finding, float]] = field(default_factory=list)
+    #: resources found in the wrong stub folder, by identifier
+    misplaced: dict[str, Stored] = field(default_factory=dict)
+    #: names of the stub folders that could not be listed
+    unlisted_stubs: set[str] = field(default_factory=set)
+    #: False when ``resources/`` itself could not be listed
+    listed_top: bool = True
 
-
-def _anomaly_finding(anomaly: Anomaly) -> Finding:
-    if anomaly.reason.startswith("unable to list"):
-        kind = UNREADABLE
-    elif "incomplete" in anomaly.reason:
-        kind = INCOMPLETE
-    else:
-        kind = UNEXPECTED
-    return Finding(kind, None, anomaly.path, anomaly.reason)
+    def complete(self, name: str) -> bool:
+        """True if the walk saw all there is where ``name`` belongs (its stub folder was
+        listed, or does not exist): not finding it there means it is not stored."""
+        return self.listed_top and name[:2] not in self.unlisted_stubs
 
 
 def _error(err: OSError) -> str:
     return err.strerror or str(err)
-
-
-def _stem(name: str) -> str:
-    """``PurePath(name).stem``, without making a path."""
-    i = name.rfind(".")
-    return name[:i] if 0 < i < len(name) - 1 else name
 
 
 class _Rules:
@@ -106,16 +109,23 @@ class _Rules:
 
 def _folder(
     rules: _Rules, name: str, path: str, st: os.stat_result, findings: list[Finding]
-) -> FileStat:
-    """Checks everything inside a folder resource; its stat for the cache."""
-    size, newest = 0, st.st_mtime_ns
+) -> FileStat | None:
+    """Checks everything inside a folder resource; its stat for the cache (None if
+    the resource vanished meanwhile: pruned)."""
+    size, newest, changed = 0, st.st_mtime_ns, st.st_ctime_ns
     pending = [path]
+    gone = False
     while pending:
         folder = pending.pop()
         try:
             listing = sorted(list_dir(folder))
         except OSError as err:
-            findings.append(Finding(UNREADABLE, name, Path(folder), _error(err)))
+            if vanished(err):
+                gone = True
+            else:
+                findings.append(
+                    Finding(UNREADABLE, name, Path(folder), f"unable to list: {_error(err)}")
+                )
             continue
         for entry, kind in listing:
             inner = os.path.join(folder, entry)
@@ -127,33 +137,46 @@ def _folder(
             try:
                 ist = os.lstat(inner)
             except OSError as err:
-                findings.append(Finding(UNREADABLE, name, Path(inner), _error(err)))
+                if vanished(err):
+                    gone = True
+                else:
+                    findings.append(
+                        Finding(UNREADABLE, name, Path(inner), f"cannot stat: {_error(err)}")
+                    )
                 continue
             findings += rules.check(inner, ist, name)
             newest = max(newest, ist.st_mtime_ns)
+            changed = max(changed, ist.st_ctime_ns)
             if kind == DIR:
                 pending.append(inner)
             elif stat.S_ISREG(ist.st_mode):
                 size += ist.st_size
-    return FileStat(size, newest, st.st_ino)
+    if gone and not os.path.lexists(path):
+        findings.clear()  # the whole resource went (pruned): nothing to report
+        return None
+    return FileStat(size, newest, st.st_ino, changed)
 
 
 def _resource(rules: _Rules, name: str, path: str) -> tuple[Stored | None, list[Finding]]:
     """Stats one resource (and what is inside a folder resource) and checks its modes."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
-        return None, []  # gone since it was listed (pruned): not stored
     except OSError as err:
-        return None, [Finding(UNREADABLE, name, Path(path), _error(err))]
+        if vanished(err):
+            return None, []  # gone since it was listed (pruned): not stored
+        return None, [Finding(UNREADABLE, name, Path(path), f"cannot stat: {_error(err)}")]
     findings = rules.check(path, st, name)
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        return Stored(name, path, FileStat(st.st_size, st.st_mtime_ns, st.st_ino), False), findings
+        fs = FileStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        return Stored(name, path, fs, False), findings
     if not stat.S_ISDIR(mode):  # a FIFO or device is never read, and never a copy
         findings.append(Finding(UNEXPECTED, name, Path(path), "not a regular file or folder"))
         return None, findings
-    return Stored(name, path, _folder(rules, name, path, st, findings), True), findings
+    inner = _folder(rules, name, path, st, findings)
+    if inner is None:
+        return None, []
+    return Stored(name, path, inner, True), findings
 
 
 def _chunk(
@@ -183,7 +206,7 @@ def _chunk(
             and not required & ~have
             and not have & forbidden
         ):
-            fs = FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+            fs = FileStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
             out.append((name, Stored(name, path, fs, False), []))
         else:
             out.append((name, *_resource(rules, name, path)))
@@ -199,47 +222,59 @@ def _layout_dir(
     except FileNotFoundError:
         return False
     except OSError as err:
-        walk.layout.append(Finding(UNREADABLE, None, path, _error(err)))
+        walk.layout.append(Finding(UNREADABLE, None, path, f"cannot stat: {_error(err)}"))
         return True
     walk.layout += permission_findings(archive, path, st, ids=ids)
     return True
 
 
-def _listing(base: Path, anomalies: list[Anomaly]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(stub folders, (id, path) of each well-placed resource), by the layout rules of
-    ``Archive.iter_resources``; everything else goes to ``anomalies``."""
+def _age(path: Path) -> float | None:
+    """The newer of mtime and ctime (what a transfer that is placing it refreshes);
+    None if it is gone."""
     try:
-        top = sorted(list_dir(base))
-    except OSError as err:
-        anomalies.append(Anomaly(base, f"unable to list: {_error(err)}"))
-        return [], []
-    stubs: list[Path] = []
-    found: list[tuple[str, str]] = []
-    for stub_name, kind in top:
-        stub = base / stub_name
-        if kind != DIR:
-            anomalies.append(Anomaly(stub, "not a stub folder"))
-            continue
-        stubs.append(stub)
-        prefix = f"{stub}/"
-        try:
-            entries = sorted(list_dir(stub))
-        except OSError as err:
-            anomalies.append(Anomaly(stub, f"unable to list: {_error(err)}"))
-            continue
-        for entry, entry_kind in entries:
-            id = _stem(entry)
-            if entry.startswith(".") and entry.endswith(".partial"):
-                anomalies.append(Anomaly(stub / entry, "left over from an incomplete transfer"))
-            elif entry_kind == LINK:
-                anomalies.append(Anomaly(stub / entry, "symbolic link"))
-            elif id[:2] != stub_name:
-                anomalies.append(
-                    Anomaly(stub / entry, f"in the wrong stub folder (expected {id[:2]})")
-                )
-            else:
-                found.append((id, prefix + entry))
-    return stubs, found
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _sort_anomalies(
+    archive: Archive, rules: _Rules, anomalies: Sequence[Anomaly], walk: Walk
+) -> list[Path]:
+    """Files the walk's findings (or, for partial transfers and NFS placeholders, its
+    ``graced`` list) from ``iter_resources``' anomalies; stats misplaced resources.
+    Returns the stub folders that could not be listed (their modes are checked too)."""
+    unlistable = []
+    for anomaly in anomalies:
+        if anomaly.kind == "unlistable":
+            if anomaly.path != archive.resources_dir:
+                unlistable.append(anomaly.path)
+            walk.layout.append(Finding(UNREADABLE, None, anomaly.path, anomaly.reason))
+        elif anomaly.kind in ("partial", "nfs"):
+            age = _age(anomaly.path)
+            if age is not None:
+                kind = INCOMPLETE if anomaly.kind == "partial" else UNEXPECTED
+                walk.graced.append((Finding(kind, None, anomaly.path, anomaly.reason), age))
+        elif anomaly.kind == "misplaced" and anomaly.id is not None:
+            _misplaced(rules, anomaly.id, anomaly.path, walk)
+        else:
+            walk.layout.append(Finding(UNEXPECTED, None, anomaly.path, anomaly.reason))
+    return unlistable
+
+
+def _misplaced(rules: _Rules, id: str, path: Path, walk: Walk) -> None:
+    stored, findings = _resource(rules, id, str(path))
+    if findings:
+        walk.by_resource.setdefault(id, []).extend(findings)
+    if stored is None:
+        return
+    first = walk.misplaced.get(id)
+    if first is not None:
+        walk.layout.append(
+            Finding(UNEXPECTED, id, path, f"a second copy of {id} (also {first.path.name})")
+        )
+    else:
+        walk.misplaced[id] = stored
 
 
 def walk_archive(
@@ -251,21 +286,35 @@ def walk_archive(
     walk = Walk()
     rules = _Rules(archive)
     anomalies: list[Anomaly] = []
+    listed: list[Path] = []
     entries: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
-    stubs, listed = _listing(archive.resources_dir, anomalies)
-    for name, path in listed:
+    first = [True]
+
+    def lister(folder: Path) -> list[tuple[str, str]]:
+        names = list_dir(folder)
+        if first[0]:
+            first[0] = False
+            seams.pause("walk-top")
+        return names
+
+    for name, where in archive.iter_resources(anomalies, lister=lister, listed=listed):
+        path = str(where)
         if name in seen:
             also = os.path.basename(seen[name])
             walk.layout.append(
-                Finding(UNEXPECTED, name, Path(path), f"a second copy of {name} (also {also})")
+                Finding(UNEXPECTED, name, where, f"a second copy of {name} (also {also})")
             )
             continue
         seen[name] = path
         entries.append((name, path))
-    walk.layout += [_anomaly_finding(a) for a in anomalies]
+    walk.listed_top = not any(
+        a.kind == "unlistable" and a.path == archive.resources_dir for a in anomalies
+    )
+    unlistable = _sort_anomalies(archive, rules, anomalies, walk)
+    walk.unlisted_stubs = {stub.name for stub in unlistable}
     _layout_dir(archive, rules.ids, archive.resources_dir, walk)
-    for stub in stubs:
+    for stub in [*listed, *unlistable]:
         _layout_dir(archive, rules.ids, stub, walk)
     chunks = [entries[i : i + _CHUNK] for i in range(0, len(entries), _CHUNK)]
     if len(chunks) > 1 and workers > 1:
@@ -278,25 +327,37 @@ def walk_archive(
             if stored is not None:
                 walk.stored[name] = stored
             if findings:
-                walk.by_resource[name] = findings
+                walk.by_resource.setdefault(name, []).extend(findings)
+    _staging(archive, rules, walk)
+    return walk
+
+
+def _staging(archive: Archive, rules: _Rules, walk: Walk) -> None:
+    """Checks ``staging/`` and lists its entries with their age."""
     if not _layout_dir(archive, rules.ids, archive.staging_dir, walk):
         walk.layout.append(
             Finding(
                 UNEXPECTED, None, archive.staging_dir, "staging/ is missing; run nbankctl init?"
             )
         )
-        return walk
+        return
     try:
-        for entry, _kind in list_dir(archive.staging_dir):
-            try:
-                mtime = os.lstat(archive.staging_dir / entry).st_mtime
-            except FileNotFoundError:
-                continue
-            walk.staging.append((entry, mtime))
+        names = list_dir(archive.staging_dir)
     except OSError as err:
-        walk.layout.append(Finding(UNREADABLE, None, archive.staging_dir, _error(err)))
+        walk.layout.append(
+            Finding(
+                UNREADABLE,
+                None,
+                archive.staging_dir,
+                f"unable to list: {_error(err)}; check its owner and mode against nbank.json",
+            )
+        )
+        return
+    for entry, _kind in names:
+        age = _age(archive.staging_dir / entry)
+        if age is not None:
+            walk.staging.append((entry, age))
     walk.staging.sort()
-    return walk
 
 
 __all__ = ["Stored", "Walk", "walk_archive"]

@@ -79,6 +79,7 @@ def effective_settings(config: Config) -> dict[str, Any]:
             "every": format_duration(config.audit.every),
             "scrub_days": config.audit.scrub_days,
             "max_mb_per_s": _number(config.audit.max_mb_per_s),
+            "workers": config.audit.workers or "auto",
         },
         "log": {"format": config.log.format, "level": config.log.level},
     }

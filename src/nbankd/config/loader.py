@@ -130,7 +130,7 @@ ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
         "directories",
         "rejected_dir",
     ),
-    "audit": ("every", "scrub_days", "max_mb_per_s"),
+    "audit": ("every", "scrub_days", "max_mb_per_s", "workers"),
     "log": ("format", "level"),
 }
 
@@ -138,6 +138,15 @@ ARCHIVE_ROOT_MAX = 512  # django-neurobank's Archive.root max_length
 CONTENT_TYPE_MAX = 128
 _EXTENSION_RE = re.compile(r"^\.[^./\\\s]+$")
 _MISSING: Any = object()
+
+
+def _audit_workers(value: object) -> int:
+    """``audit.workers``: a whole number of reading threads from 1 to 64, or ``auto`` (0)."""
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        bad(f"must be 'auto' or a whole number from 1 to 64, not {describe(value)}")
+    return value
 
 
 # --- locating the file ---------------------------------------------------------------
@@ -780,11 +789,20 @@ class _Parser:
         if section is None:
             return default
         self.check_keys(section, path, "audit")
-        return AuditConfig(
+        audit = AuditConfig(
             every=self.get(section, path, "every", duration(positive=True), default.every),
             scrub_days=self.get(section, path, "scrub_days", check_count, default.scrub_days),
             max_mb_per_s=self.get(section, path, "max_mb_per_s", number(), default.max_mb_per_s),
+            workers=self.get(section, path, "workers", _audit_workers, default.workers),
         )
+        if audit.scrub_days and audit.scrub_days * 86400 < audit.every:
+            self.warn(
+                (*path, "scrub_days"),
+                f"{audit.scrub_days} day(s) is shorter than audit.every"
+                f" ({format_duration(audit.every)}): every audit re-reads every resource",
+                "set scrub_days to a multiple of every, or every shorter",
+            )
+        return audit
 
     def _log(self, top: dict[str, Any]) -> LogConfig:
         default = LogConfig()

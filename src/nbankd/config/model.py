@@ -171,6 +171,7 @@ class AuditConfig:
     every: float = 86400.0  # seconds between scheduled audits
     scrub_days: int = 30  # every file re-hashed once in this many days; 0 = never
     max_mb_per_s: float = 200.0  # read-rate cap for scrubbing; 0 = unlimited
+    workers: int = 0  # reading threads; 0 = automatic (two per core, 4 to 32)
 
 
 @dataclass(frozen=True)

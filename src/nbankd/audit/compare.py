@@ -1,0 +1,126 @@
+"""Judging what a walk found, shared by the daemon's audits and ``nbankctl archive check``.
+
+The semantics follow ``nbank archive check`` (neurobank 0.13, ``nbank.check``):
+
+- a file of a resource registered to this archive but in the wrong stub folder is
+  one finding, ``misplaced`` (not also "missing from archive");
+- a second file for the same resource is ``unexpected`` (nbank: duplicate);
+- a file whose resource is registered, but not to this archive, is compared with
+  the registered SHA-1 (as nbank's ``recheck_unregistered`` does): ``registered
+  elsewhere`` when it matches (or the registry has no hash), ``changed
+  elsewhere`` when it does not;
+- partial transfers and NFS placeholders count once they are older than the grace
+  (a transfer may be writing them right now).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterable
+from pathlib import Path
+
+from nbankd.audit.model import (
+    CHANGED_ELSEWHERE,
+    INCOMPLETE,
+    MISPLACED,
+    REGISTERED_ELSEWHERE,
+    UNEXPECTED,
+    UNREADABLE,
+    Finding,
+)
+from nbankd.audit.plan import young
+from nbankd.audit.reader import vanished
+from nbankd.audit.walk import Stored, Walk
+from nbankd.registry.base import ResourceRecord
+
+
+def walk_findings(
+    walk: Walk, *, skip: Container[str] = (), now: float = 0.0, grace: float = 0.0
+) -> list[Finding]:
+    """Layout findings, each resource's own findings (except for names in ``skip``:
+    in flight), and partial transfers and NFS placeholders older than ``grace`` at
+    ``now`` (every one of them with no grace)."""
+    out = list(walk.layout)
+    for name, found in walk.by_resource.items():
+        if name not in skip:
+            out += found
+    out += [f for f, age in walk.graced if grace <= 0 or not young(age, now=now, grace=grace)]
+    return out
+
+
+def misplaced(
+    walk: Walk, registered: Container[str], *, skip: Container[str] = ()
+) -> tuple[list[Finding], list[Stored]]:
+    """(findings, files to look up in the registry) for resources in a wrong stub folder.
+
+    Registered to this archive: ``misplaced``. Also stored where it belongs: a second
+    copy. Neither: the caller looks it up like any unregistered file.
+    """
+    findings: list[Finding] = []
+    lookup: list[Stored] = []
+    for name, stored in sorted(walk.misplaced.items()):
+        if name in skip:
+            continue
+        proper = walk.stored.get(name)
+        if proper is not None:
+            also = proper.path.name
+            findings.append(
+                Finding(UNEXPECTED, name, stored.path, f"a second copy of {name} (also {also})")
+            )
+        elif name in registered:
+            findings.append(
+                Finding(
+                    MISPLACED,
+                    name,
+                    stored.path,
+                    f"in the wrong stub folder: it belongs in resources/{name[:2]}/",
+                )
+            )
+        else:
+            lookup.append(stored)
+    return findings, lookup
+
+
+def elsewhere(
+    record: ResourceRecord, stored: Stored, sha1_of: Callable[[Stored], str] | None
+) -> Finding | None:
+    """The finding for a file whose resource is registered, but not to this archive.
+
+    ``sha1_of`` reads the file (None: contents are not compared). None when the file
+    vanished while being read.
+    """
+    where = ", ".join(record.locations)
+    detail = f"located in: {where}" if where else "the registry lists no locations"
+    if record.sha1 is None:
+        return Finding(
+            REGISTERED_ELSEWHERE, record.name, stored.path, f"{detail}; no registered hash"
+        )
+    if sha1_of is None:
+        return Finding(REGISTERED_ELSEWHERE, record.name, stored.path, detail)
+    try:
+        actual = sha1_of(stored)
+    except OSError as err:
+        if vanished(err):
+            return None
+        return Finding(UNREADABLE, record.name, stored.path, err.strerror or str(err))
+    if actual != record.sha1.lower():
+        return Finding(
+            CHANGED_ELSEWHERE,
+            record.name,
+            stored.path,
+            f"{detail}; sha1 {actual}, registered {record.sha1.lower()}",
+        )
+    return Finding(REGISTERED_ELSEWHERE, record.name, stored.path, detail)
+
+
+def staging_finding(path: Path) -> Finding:
+    """A leftover in ``staging/``."""
+    return Finding(
+        INCOMPLETE, None, path, "left in staging/ by an interrupted transfer; safe to delete"
+    )
+
+
+def by_name(records: Iterable[ResourceRecord]) -> dict[str, ResourceRecord]:
+    return {r.name: r for r in records}
+
+
+__all__ = ["by_name", "elsewhere", "misplaced", "staging_finding", "walk_findings"]
