@@ -1,0 +1,1 @@
+"""Benchmarks of nbankd against nbank and the hardware: `python bench/run.py`."""
