@@ -254,3 +254,21 @@ def test_explain_names_a_folder_the_daemon_cannot_search(
     assert answer["state"] == "hidden", answer
     assert str(src.parent) in answer["message"] and "permission" in answer["message"]
     assert src.read_bytes() == b"out of sight"
+
+
+def test_rejected_input_named_like_a_temporary_reason_file_survives_later_rejections(
+    daemon_factory: Any,
+) -> None:
+    """An input called `.a.wav.reason.tmp` (with no ignore patterns) is rejected under
+    another name, so rejecting `a.wav` later, which writes and cleans up that temporary
+    name, leaves its bytes intact."""
+    h: DaemonHarness = daemon_factory(inbox_options={"ignore": []})
+    h.start()
+    h.drop(".a.wav.reason.tmp", b"keep me")
+    h.wait_settled(1)
+    h.drop("a.wav", b"")  # zero bytes: rejected too, its reason written via the temp name
+    h.wait_settled(2)
+    h.stop()
+    kept = {p.name: p.read_bytes() for p in h.rejected.iterdir() if not p.name.endswith(".reason")}
+    assert kept == {".a.wav.reason.tmp~1": b"keep me", "a.wav": b""}
+    assert {r["code"] for r in h.reasons()} == {"invalid-name", "empty"}

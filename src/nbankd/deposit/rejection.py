@@ -44,13 +44,25 @@ def reason_name(basename: bytes) -> bytes:
     return head + b"~" + digest.encode() + suffix
 
 
+def _is_temporary_name(name: bytes) -> bool:
+    """True for names of the form :func:`_write_reason` uses for its temporary files
+    (``.NAME.reason.tmp``, possibly shortened), which a later rejection may remove."""
+    return name.startswith(b".") and name.endswith(b".tmp")
+
+
 def _free_name(folder: Path, basename: bytes) -> bytes:
-    """``basename``, or ``stem~N.ext`` for the first N that names nothing in ``folder``."""
+    """``basename``, or ``stem~N.ext`` for the first N that names nothing in ``folder``
+    and is not of the form of a temporary reason file (an input called so would be
+    removed by the next rejection's clean-up)."""
     candidate = basename
     stem, dot, ext = basename.rpartition(b".") if b"." in basename[1:] else (basename, b"", b"")
+    if _is_temporary_name(basename):
+        stem, dot, ext = basename, b"", b""  # NAME~N: no longer ends in .tmp
     n = 1
-    while os.path.lexists(folder / os.fsdecode(candidate)) or os.path.lexists(
-        folder / os.fsdecode(reason_name(candidate))
+    while (
+        _is_temporary_name(candidate)
+        or os.path.lexists(folder / os.fsdecode(candidate))
+        or os.path.lexists(folder / os.fsdecode(reason_name(candidate)))
     ):
         candidate = stem + b"~%d" % n + dot + ext
         if len(candidate) > NAME_MAX:
