@@ -307,7 +307,8 @@ def _blocked_folder(inbox: Path, rel: str) -> tuple[Path, str] | None:
         folder = folder / part
         try:
             os.lstat(folder)
-            os.listdir(folder)
+            with os.scandir(folder):  # opening is enough: scans must list it (read, search)
+                pass
         except PermissionError as err:
             return folder, err.strerror or "permission denied"
         except OSError:

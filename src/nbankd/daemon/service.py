@@ -85,6 +85,7 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._pause_lock = threading.Lock()  # one pause/resume at a time (set_paused)
         self._running: dict[int, Future[Item]] = {}
         self._waiting: dict[int, Item] = {}
         self.inboxes: dict[str, InboxState] = {}
@@ -168,11 +169,12 @@ class Daemon:
     def set_paused(self, keys: list[str], paused: bool) -> None:
         """Pauses or resumes inboxes and records the choice in ``state_dir`` first, so
         a restart keeps it (an error recording it leaves everything as it was)."""
-        now = {k for k, s in self.inboxes.items() if s.paused}
-        wanted = now | set(keys) if paused else now - set(keys)
-        pauses.save(self.config.state_dir, wanted)
-        for key in keys:
-            self.inboxes[key].paused = paused
+        with self._pause_lock:  # control requests run in threads: file and memory agree
+            now = {k for k, s in self.inboxes.items() if s.paused}
+            wanted = now | set(keys) if paused else now - set(keys)
+            pauses.save(self.config.state_dir, wanted)
+            for key in keys:
+                self.inboxes[key].paused = paused
 
     def _prepare_registry(self, retry: bool = False) -> None:
         """Datatypes, archive creation and registration; retried from :meth:`run` on
