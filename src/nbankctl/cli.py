@@ -4,6 +4,10 @@ Each topic module exposes ``register(subparsers, common)``: it adds its
 sub-commands, each with ``set_defaults(func=handler)``; a handler takes the
 parsed arguments and returns an exit status. Errors from the one error tree are
 turned into messages and exit codes here, nowhere else.
+
+Only the topic that owns the command given is imported (:data:`TOPICS`), so a
+daemon command such as ``status`` does not pay for the registry clients; help,
+no command or an unknown one imports them all.
 """
 
 from __future__ import annotations
@@ -14,13 +18,53 @@ import sys
 
 from nbankd import __version__, errors
 
-# topic modules, each with register(subparsers, common)
-TOPICS = (
-    "nbankctl.daemon_cmds",
-    "nbankctl.registry_cmds",
-    "nbankctl.tape_cmds",
-    "nbankctl.migrate",
-)
+# topic modules, each with register(subparsers, common), and the commands each adds
+TOPICS: dict[str, tuple[str, ...]] = {
+    "nbankctl.daemon_cmds": (
+        "status",
+        "queue",
+        "history",
+        "explain",
+        "requeue",
+        "pause",
+        "resume",
+        "rescan",
+        "audit",
+        "reload",
+    ),
+    "nbankctl.registry_cmds": (
+        "registry-info",
+        "init",
+        "search",
+        "info",
+        "locate",
+        "verify",
+        "modify",
+        "dtype",
+        "archive",
+    ),
+    "nbankctl.tape_cmds": ("tape",),
+    "nbankctl.migrate": ("registry",),
+}
+# top-level options that take a value (the command is the first word after them)
+_VALUE_OPTIONS = ("-c", "--config", "-r", "--registry", "-a", "--auth")
+
+
+def topics_for(argv: list[str]) -> tuple[str, ...]:
+    """The topic modules to import for ``argv``: the one owning its command, else all."""
+    words = iter(argv)
+    for word in words:
+        if word in _VALUE_OPTIONS:
+            next(words, None)
+        elif word == "--":
+            word = next(words, "")
+            break
+        elif not word.startswith("-"):
+            break
+    else:
+        return tuple(TOPICS)
+    owners = tuple(t for t, commands in TOPICS.items() if word in commands)
+    return owners or tuple(TOPICS)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -38,7 +82,7 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(topics: tuple[str, ...] = tuple(TOPICS)) -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="nbankctl",
@@ -56,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(config=None, json=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in TOPICS:
+    for name in topics:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
@@ -68,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(topics_for(argv))
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

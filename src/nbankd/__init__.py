@@ -1,8 +1,4 @@
 """nbankd: deposits files from watched inboxes into neurobank archives, durably and exactly once."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("nbankd")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0+unknown"
+# the one place the version is written; pyproject.toml reads it from here
+__version__ = "0.1.0.dev0"

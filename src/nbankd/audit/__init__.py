@@ -10,18 +10,30 @@ the daemon. For a one-off audit from Python (benchmarks, scripts)::
     report.ok, report.to_json()
 """
 
-from nbankd.audit.api import run_audit
-from nbankd.audit.model import ArchiveResult, AuditReport, Finding
-from nbankd.audit.run import Auditor
-from nbankd.audit.settings import AuditSettings, AuditTarget, InFlight
+from __future__ import annotations
 
-__all__ = [
-    "ArchiveResult",
-    "AuditReport",
-    "AuditSettings",
-    "AuditTarget",
-    "Auditor",
-    "Finding",
-    "InFlight",
-    "run_audit",
-]
+import importlib
+from typing import Any
+
+# name -> module, imported on first use: ``nbankctl`` imports the model without
+# paying for the registry clients and the hashing pool
+_EXPORTS = {
+    "run_audit": "nbankd.audit.api",
+    "ArchiveResult": "nbankd.audit.model",
+    "AuditReport": "nbankd.audit.model",
+    "Finding": "nbankd.audit.model",
+    "Auditor": "nbankd.audit.run",
+    "AuditSettings": "nbankd.audit.settings",
+    "AuditTarget": "nbankd.audit.settings",
+    "InFlight": "nbankd.audit.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -5,62 +5,49 @@
 - :mod:`nbankd.watch.observer`: inotify (watchdog) only to wake the daemon early.
 """
 
-from nbankd.watch.observer import InboxWatcher, Mode, OnChange, Wakeups, WatchStatus
-from nbankd.watch.scan import (
-    Entry,
-    EntryKind,
-    Identity,
-    TreeSummary,
-    identity_of_path,
-    is_ignored,
-    owner_of,
-    printable,
-    scan_inbox,
-    tree_identity,
-    tree_summary,
-)
-from nbankd.watch.settle import (
-    ReadyMode,
-    SettlePolicy,
-    State,
-    Step,
-    TrackerState,
-    Verdict,
-    Watch,
-    forget,
-    format_duration,
-    next_deadline,
-    observe,
-    step,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Entry",
-    "EntryKind",
-    "Identity",
-    "InboxWatcher",
-    "Mode",
-    "OnChange",
-    "ReadyMode",
-    "SettlePolicy",
-    "State",
-    "Step",
-    "TrackerState",
-    "TreeSummary",
-    "Verdict",
-    "Wakeups",
-    "Watch",
-    "WatchStatus",
-    "forget",
-    "format_duration",
-    "identity_of_path",
-    "is_ignored",
-    "next_deadline",
-    "observe",
-    "owner_of",
-    "printable",
-    "scan_inbox",
-    "step",
-    "tree_identity",
-    "tree_summary",
-]
+import importlib
+from typing import Any
+
+# name -> module, imported on first use (the observer pulls in watchdog)
+_EXPORTS = {
+    "InboxWatcher": "nbankd.watch.observer",
+    "Mode": "nbankd.watch.observer",
+    "OnChange": "nbankd.watch.observer",
+    "Wakeups": "nbankd.watch.observer",
+    "WatchStatus": "nbankd.watch.observer",
+    "Entry": "nbankd.watch.scan",
+    "EntryKind": "nbankd.watch.scan",
+    "Identity": "nbankd.watch.scan",
+    "TreeSummary": "nbankd.watch.scan",
+    "identity_of_path": "nbankd.watch.scan",
+    "is_ignored": "nbankd.watch.scan",
+    "owner_of": "nbankd.watch.scan",
+    "printable": "nbankd.watch.scan",
+    "scan_inbox": "nbankd.watch.scan",
+    "tree_identity": "nbankd.watch.scan",
+    "tree_summary": "nbankd.watch.scan",
+    "ReadyMode": "nbankd.watch.settle",
+    "SettlePolicy": "nbankd.watch.settle",
+    "State": "nbankd.watch.settle",
+    "Step": "nbankd.watch.settle",
+    "TrackerState": "nbankd.watch.settle",
+    "Verdict": "nbankd.watch.settle",
+    "Watch": "nbankd.watch.settle",
+    "forget": "nbankd.watch.settle",
+    "format_duration": "nbankd.watch.settle",
+    "next_deadline": "nbankd.watch.settle",
+    "observe": "nbankd.watch.settle",
+    "step": "nbankd.watch.settle",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_EXPORTS)
