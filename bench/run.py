@@ -149,12 +149,26 @@ def _run_scenario(name: str, ctx: Context, args: argparse.Namespace) -> Scenario
     return module.run(ctx, **kwargs)
 
 
+def _byte_compile() -> None:
+    """Byte-compiles nbankd's source, as ``pip install`` does for an installed package:
+    an editable checkout run with ``PYTHONDONTWRITEBYTECODE`` would otherwise compile
+    every module on each ``nbankctl`` call, which ``nbank``, installed, never pays."""
+    import compileall
+
+    import nbankctl
+    import nbankd
+
+    for package in (nbankd, nbankctl):
+        compileall.compile_dir(Path(package.__file__).parent, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     _maybe_unshare(args, argv)
     scenarios = args.scenario or list(SCENARIOS)
     repeats = args.repeats or (1 if args.quick else 3)
+    _byte_compile()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="nbankd-bench-", dir=args.work_dir))
     ctx = Context(

@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fixtures.daemon import DaemonHarness, wait_for
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
@@ -86,8 +88,9 @@ def test_burst_of_deposits_during_an_audit_gives_no_finding(daemon_factory: Any)
     report = json.loads(out)
     [arch] = report["archives"]
     assert arch["findings"] == [] and report["ok"] is True
-    # the overlap really happened: 5 files walked, 8 then 18 registered, 3 held in flight
-    assert (arch["stored"], arch["registered_before"], arch["registered_after"]) == (5, 8, 18)
+    # the overlap really happened: 5 files walked, 8 listed, 3 held in flight; the burst
+    # (deposited while the audit was held) was neither walked nor listed: not asked about
+    assert (arch["stored"], arch["registered_before"], arch["registered_after"]) == (5, 8, 8)
     assert arch["skipped_in_flight"] == 3
     after = json.loads(ctl(h, "audit", "--json").stdout)
     assert after["ok"] is True and after["archives"][0]["stored"] == 18
@@ -168,3 +171,35 @@ def test_unusable_cache_disables_audits_not_the_daemon(daemon_factory: Any) -> N
     proc = ctl(h, "audit")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert str(cache) in proc.stderr and "upgrade nbankd, or delete the file;" in proc.stderr
+
+
+def thread_nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of a process (field 19 of /proc/PID/task/TID/stat)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        out.append(int(fields[16]))
+    return out
+
+
+@pytest.mark.parametrize(("trigger", "nice"), [("schedule", 10), ("request", 0)])
+def test_scheduled_audits_read_at_a_lower_priority_requested_ones_do_not(
+    daemon_factory: Any, trigger: str, nice: int
+) -> None:
+    """While an audit reads, its threads run at nice 10 when scheduled (deposits first)
+    and at the daemon's own priority when someone asked for it with nbankctl audit."""
+    every = "1s" if trigger == "schedule" else "24h"
+    h: DaemonHarness = daemon_factory(extra_config={"audit": {"every": every}})
+    go = h.root / "go-read"
+    h.start(env={"NBANKD_AUDIT_PAUSE_AT": "reading", "NBANKD_AUDIT_PAUSE_UNTIL": str(go)})
+    assert h.proc is not None
+    h.drop("prio0001.dat", b"read me at the right priority" * 100)
+    h.wait_settled(1)
+    audit = start_audit(h) if trigger == "request" else None
+    wait_for(Path(f"{go}.reached").exists, what=f"a {trigger}d audit reading a file")
+    niced = [n for n in thread_nice_values(h.proc.pid) if n == 10]
+    go.touch()
+    assert bool(niced) == (nice == 10), thread_nice_values(h.proc.pid)
+    if audit is not None:
+        audit.communicate(timeout=60)
+        assert audit.returncode == 0

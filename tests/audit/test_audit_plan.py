@@ -18,11 +18,14 @@ from nbankd.audit.plan import (
     UNVERIFIED,
     HashPolicy,
     categorise,
+    disagreements,
     hash_reason,
+    listing_after,
     plan_hashes,
     slice_size,
     staging_leftovers,
 )
+from nbankd.registry.base import ResourceRecord
 
 SHA = "a" * 40
 OTHER = "b" * 40
@@ -240,6 +243,49 @@ def test_categorise_reports_what_it_left_out_for_being_in_flight() -> None:
     """Names in flight that the walk or a listing saw are counted as skipped."""
     cats = categorise(["a", "y"], {"a": SHA, "b": SHA}, {"a": SHA, "b": SHA}, {"b", "y", "zz"})
     assert cats.in_flight == ("b", "y")
+
+
+@pytest.mark.parametrize(
+    ("found", "in_flight", "asked"),
+    [
+        (["a", "b", "c"], set(), []),  # agreement: the registry is not asked again
+        (["a", "c"], set(), ["b"]),  # listed, not found
+        (["a", "b", "c", "x"], set(), ["x"]),  # found, not listed
+        (["a", "c", "x"], {"b", "x"}, []),  # disagreements in flight are left out
+    ],
+    ids=["agree", "not-found", "not-listed", "in-flight"],
+)
+def test_only_disagreements_are_asked_about_after_the_walk(
+    found: list[str], in_flight: set[str], asked: list[str]
+) -> None:
+    """The registry is asked again only about names where the walk and listing differ."""
+    assert disagreements(found, LIST, in_flight) == asked
+
+
+def record(name: str, *locations: str, sha1: str | None = SHA) -> ResourceRecord:
+    return ResourceRecord(name=name, dtype="d", sha1=sha1, locations=locations)
+
+
+@pytest.mark.parametrize(
+    ("asked", "answers", "after"),
+    [
+        ([], {}, LIST),
+        # pruned during the walk: no longer located here, or gone from the registry
+        (["b"], {"b": record("b", "tape")}, {"a": SHA, "c": None}),
+        (["b"], {}, {"a": SHA, "c": None}),
+        # registered here during the walk (hash kept lowercase), or still here
+        (["x"], {"x": record("x", "arch", sha1=SHA.upper())}, {**LIST, "x": SHA}),
+        (["b"], {"b": record("b", "arch")}, LIST),
+        # registered elsewhere only: not part of this archive's view
+        (["x"], {"x": record("x", "other")}, LIST),
+    ],
+    ids=["none-asked", "pruned", "deleted", "added", "still-here", "elsewhere"],
+)
+def test_listing_after_the_walk_applies_the_answers_to_the_listing(
+    asked: list[str], answers: dict[str, ResourceRecord], after: dict[str, str | None]
+) -> None:
+    """Each asked name is placed here or removed according to its record's locations."""
+    assert listing_after(LIST, "arch", answers, asked) == after
 
 
 @pytest.mark.parametrize(

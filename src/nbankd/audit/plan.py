@@ -19,13 +19,21 @@ run ``run_id``. A resource is re-hashed when:
 a clock step could confuse): an interrupted run that resumes keeps its id, so what
 it already read is not read again.
 
-**What the walk means.** A file in the archive and the registry's listings of
-the archive taken *before* and *after* the walk are compared, leaving out every
+**What the walk means.** A file in the archive and what the registry says the
+archive holds *before* and *after* the walk are compared, leaving out every
 resource the deposit journal shows in flight:
 
-- registered but missing: listed in both listings and not found by the walk;
-- present but unregistered: found by the walk and listed in neither listing;
-- a resource in only one listing was added or pruned during the audit: no finding.
+- registered but missing: registered before and after, and not found by the walk;
+- present but unregistered: found by the walk and registered neither before nor after;
+- a resource registered at only one of the two times was added or pruned during
+  the audit: no finding.
+
+"Before" is the listing of the archive, taken while the walk runs. "After" is
+that listing updated with the registry's answers, asked once the walk is done,
+about the names where the walk and the listing disagree
+(:func:`disagreements`, :func:`listing_after`). Only those names can turn into a
+finding, so asking about them alone gives the same findings as listing the whole
+archive again, and costs nothing when the walk and the listing agree.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from nbankd.audit.model import CacheEntry, FileStat
+from nbankd.registry.base import ResourceRecord
 
 DAY = 86400.0
 
@@ -182,6 +191,34 @@ def categorise(
     return Categories(tuple(missing), tuple(unregistered), expected, tuple(skipped))
 
 
+def disagreements(
+    found: Iterable[str], listed: Mapping[str, str | None], in_flight: Set[str]
+) -> list[str]:
+    """Names found but not listed, or listed but not found, and not in flight: the
+    ones to ask the registry about again after the walk."""
+    walked = set(found)
+    return sorted((walked ^ listed.keys()) - in_flight)
+
+
+def listing_after(
+    before: Mapping[str, str | None],
+    archive: str,
+    answers: Mapping[str, ResourceRecord],
+    asked: Iterable[str],
+) -> dict[str, str | None]:
+    """The registry's view of ``archive`` after the walk: ``before``, with each name in
+    ``asked`` placed here (with its SHA-1, lowercase) if its record in ``answers`` has a
+    location in ``archive``, and removed if not (or if the registry no longer knows it)."""
+    after = dict(before)
+    for name in asked:
+        record = answers.get(name)
+        if record is not None and archive in record.locations:
+            after[name] = record.sha1.lower() if record.sha1 else None
+        else:
+            after.pop(name, None)
+    return after
+
+
 def young(age_from: float, *, now: float, grace: float) -> bool:
     """True if something last changed at ``age_from`` (mtime or ctime, whichever is
     newer) within ``grace`` seconds: a transfer (another host's daemon, ``nbank``, a
@@ -221,7 +258,9 @@ __all__ = [
     "Categories",
     "HashPolicy",
     "categorise",
+    "disagreements",
     "hash_reason",
+    "listing_after",
     "plan_hashes",
     "slice_size",
     "staging_leftovers",

@@ -2,19 +2,27 @@
 
 Per archive, in this order (the order is what makes an audit right during ingest):
 
-1. read the journal's in-flight items; list the archive's resources in the registry;
+1. read the journal's in-flight items; start listing the archive's resources in
+   the registry (in a thread: it runs beside steps 2 and 3);
 2. walk the archive (:mod:`.walk`);
-3. list the registry again; read the journal's in-flight items again;
-4. compare (:func:`~nbankd.audit.plan.categorise`) leaving out everything in
-   flight at either read; re-check each candidate on disk (and the unregistered
-   ones in the registry, in bulk) so a deposit or prune that finished meanwhile
-   is not reported; files placed within the grace (a tape import, an ``nbank``
-   transfer registering after it copies) are not reported yet;
-5. re-hash what the plan asks for, in parallel, under the rate cap, committing
-   results to the cache in batches (so an interrupted run resumes); a file that
+3. start reading what the cache says needs reading (:mod:`.hashrun`), the
+   registered hashes still unknown; wait for the listing;
+4. read the journal's in-flight items again; ask the registry about the names
+   where the walk and the listing disagree, which gives its view after the walk
+   (:func:`~nbankd.audit.plan.listing_after`); compare
+   (:func:`~nbankd.audit.plan.categorise`) leaving out everything in flight at
+   either read; re-check each missing candidate on disk so a deposit that
+   finished meanwhile is not reported; files placed within the grace (a tape
+   import, an ``nbank`` transfer registering after it copies) are not reported yet;
+5. read what the plan adds now that the registered hashes are known (a cached
+   hash that differs from the registered one is confirmed by a fresh read), and
+   judge every read: a hash that differs, a file that cannot be read. Results go
+   to the cache in batches as they come (an interrupted run resumes); a file that
    changed while it was read gets no verdict now (it is read again next run);
 6. report ``staging/`` entries no in-flight item owns; keep only the permission
    findings that still hold (a folder just made gets its mode a moment later).
+
+The timings of a result overlap: ``list`` runs beside ``walk`` and the first reads.
 
 Nothing in the archive or the registry is ever written. :meth:`Auditor.run`
 audits several archives, checks the registry for resources no archive holds,
@@ -27,12 +35,14 @@ audit-committed[:n]`` kills the process after the n-th cache commit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,7 @@ from nbankd.audit import compare, seams
 from nbankd.audit import plan as planner
 from nbankd.audit.cache import AuditCache, RunRecord
 from nbankd.audit.checks import permission_findings
+from nbankd.audit.hashrun import HashRun, Read, ReadOutcome
 from nbankd.audit.listing import list_registered, not_audited, without_location
 from nbankd.audit.model import (
     HASH_MISMATCH,
@@ -53,7 +64,6 @@ from nbankd.audit.model import (
     UNREADABLE,
     ArchiveResult,
     AuditReport,
-    CacheEntry,
     Finding,
 )
 from nbankd.audit.reader import Cancelled, RateLimiter, list_dir, sha1_of_resource, vanished
@@ -67,8 +77,7 @@ from nbankd.audit.settings import (
     new_run_id,
 )
 from nbankd.audit.walk import Stored, Walk, walk_archive
-from nbankd.deposit import crashpoints
-from nbankd.registry.base import Registry
+from nbankd.registry.base import Registry, ResourceRecord
 
 MB = 1_000_000
 
@@ -195,7 +204,7 @@ class Auditor:
 
     def audit_archive(self, target: AuditTarget, policy: planner.HashPolicy) -> ArchiveResult:
         """Audits one archive (steps 1-6 of the module docstring)."""
-        self.progress = {"archive": target.name, "phase": "listing"}
+        self.progress = {"archive": target.name, "phase": "listing, walking"}
         try:
             archive = open_archive(target.path)
         except errors.NbankdError as err:
@@ -205,38 +214,65 @@ class Auditor:
         timings: dict[str, float] = {}
         clock = _Stopwatch(timings)
         flight = self.in_flight()
-        before = list_registered(self.registry, target.name)
-        clock.lap("list_before")
-        seams.pause("listed")
-        self.progress["phase"] = "walking"
-        walk = walk_archive(archive, stop=self.stop)
-        clock.lap("walk")
-        self.progress["phase"] = "walked"
-        seams.pause("walked")
-        self.progress["phase"] = "listing again"
-        clock.lap()
-        after = list_registered(self.registry, target.name)
-        flight = flight | self.in_flight()
-        clock.lap("list_after")
-        now = self.clock()
-        grace = self.settings.staging_grace
-        cats = planner.categorise(walk.stored, before, after, flight.names)
-        findings = compare.walk_findings(walk, skip=flight.names, now=now, grace=grace)
-        registered = before.keys() | after.keys()
-        placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
-        findings += placed
-        findings += self._missing(archive, walk, cats.missing)
-        lookup += [walk.stored[n] for n in cats.unregistered]
-        findings += self._unregistered(target, lookup, now)
         cached = self.cache.load(target.name)
-        stats = {n: s.stat for n, s in walk.stored.items()}
-        todo = planner.plan_hashes(stats, cats.expected, cached, now=now, policy=policy)
-        clock.lap("compare")
-        seams.pause("hashing")
+        abort = threading.Event()
+        with ThreadPoolExecutor(1, thread_name_prefix="audit-list") as lister:
+            listing = lister.submit(self._listing, target.name, timings)
+            reads: HashRun | None = None
+            try:
+                walk = walk_archive(archive, stop=self.stop)
+                clock.lap("walk")
+                stats = {n: s.stat for n, s in walk.stored.items()}
+                provisional = {n: None for n in stats if n not in flight.names}
+                first = planner.plan_hashes(
+                    stats, provisional, cached, now=self.clock(), policy=policy
+                )
+                seams.pause("hashing")
+                self.progress["phase"] = "hashing, listing"
+                reads = self._reads(target.name, policy, abort)
+                reads.submit(walk.stored[n] for n in sorted(first))
+                before = listing.result()
+            except BaseException:
+                abort.set()
+                if reads is not None:
+                    with contextlib.suppress(Exception):
+                        reads.finish()
+                raise
         clock.lap()
-        hashed, nbytes, read_findings = self._hash(target.name, walk, todo, cats.expected, policy)
-        findings += read_findings
+        self.progress["phase"] = "walked"
+        seams.pause("listed")
+        seams.pause("walked")
+        self.progress["phase"] = "hashing, checking"
+        try:
+            flight = flight | self.in_flight()
+            asked = planner.disagreements(
+                walk.stored.keys() | walk.misplaced.keys(), before, flight.names
+            )
+            answers = compare.by_name(self.registry.get_resources(asked)) if asked else {}
+            after = planner.listing_after(before, target.name, answers, asked)
+            now = self.clock()
+            cats = planner.categorise(walk.stored, before, after, flight.names)
+            grace = self.settings.staging_grace
+            findings = compare.walk_findings(walk, skip=flight.names, now=now, grace=grace)
+            registered = before.keys() | after.keys()
+            placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
+            findings += placed
+            findings += self._missing(archive, walk, cats.missing)
+            lookup += [walk.stored[n] for n in cats.unregistered]
+            todo = planner.plan_hashes(stats, cats.expected, cached, now=now, policy=policy)
+            reads.submit(walk.stored[n] for n in sorted(todo))
+            clock.lap("compare")
+        except BaseException:
+            abort.set()
+            with contextlib.suppress(Exception):
+                reads.finish()
+            raise
+        results = reads.finish()
+        if self.stop.is_set():
+            raise Cancelled("audit stopped")
         clock.lap("hash")
+        findings += _judge(results, cats.expected, walk)
+        findings += self._unregistered(target, lookup, answers, now, results)
         self.cache.forget(
             target.name,
             [
@@ -254,17 +290,38 @@ class Auditor:
             registered_before=len(before),
             registered_after=len(after),
             stored=len(walk.stored),
-            hashed=hashed,
-            bytes_hashed=nbytes,
+            hashed=reads.hashed,
+            bytes_hashed=reads.bytes,
             skipped_in_flight=len(cats.in_flight),
             findings=tuple(findings),
             timings=timings,
         )
 
+    def _listing(self, archive: str, timings: dict[str, float]) -> dict[str, str | None]:
+        """The registry's listing of ``archive`` (runs beside the walk and the reads)."""
+        t0 = time.monotonic()
+        listed = list_registered(self.registry, archive)
+        timings["list"] = time.monotonic() - t0
+        return listed
+
+    def _reads(self, archive: str, policy: planner.HashPolicy, abort: threading.Event) -> HashRun:
+        return HashRun(
+            archive,
+            self.cache,
+            self._read,
+            workers=self.settings.workers,
+            run_id=policy.run_id,
+            batch=self.settings.batch,
+            batch_seconds=self.settings.batch_seconds,
+            cancelled=lambda: self.stop.is_set() or abort.is_set(),
+            clock=self.clock,
+            progress=self.progress,
+        )
+
     def _missing(self, archive: Archive, walk: Walk, candidates: Sequence[str]) -> list[Finding]:
-        """Registered in both listings, not walked: reported unless it is there now, is
-        misplaced (reported as such), or its stub folder could not be listed (that is
-        the finding)."""
+        """Registered before and after the walk, not walked: reported unless it is there
+        now, is misplaced (reported as such), or its stub folder could not be listed
+        (that is the finding)."""
         return [
             Finding(MISSING_FROM_ARCHIVE, n, None)
             for n in candidates
@@ -272,28 +329,29 @@ class Auditor:
         ]
 
     def _unregistered(
-        self, target: AuditTarget, candidates: Sequence[Stored], now: float
+        self,
+        target: AuditTarget,
+        candidates: Sequence[Stored],
+        records: Mapping[str, ResourceRecord],
+        now: float,
+        read: Mapping[str, ReadOutcome],
     ) -> list[Finding]:
-        """Walked, in neither listing: looked up in bulk; pruned meanwhile, registered
-        here meanwhile, or placed within the grace (a transfer that registers after it
-        copies) = no finding. Registered elsewhere: compared with the registered hash."""
+        """Walked, registered here neither before nor after the walk (``records``: the
+        registry's answers after it): gone meanwhile, or placed within the grace (a
+        transfer that registers after it copies) = no finding. Registered elsewhere:
+        compared with the registered hash (the one read this run, if it was read
+        unchanged)."""
         grace = self.settings.staging_grace
-        kept = [
-            s
-            for s in candidates
-            if not planner.young(max(s.stat.mtime_ns, s.stat.ctime_ns) / 1e9, now=now, grace=grace)
-            and os.path.lexists(s.where)
-        ]
-        if not kept:
-            return []
-        records = compare.by_name(self.registry.get_resources([s.name for s in kept]))
         out = []
-        for stored in kept:
+        for stored in candidates:
+            changed = max(stored.stat.mtime_ns, stored.stat.ctime_ns) / 1e9
+            if planner.young(changed, now=now, grace=grace) or not os.path.lexists(stored.where):
+                continue
             record = records.get(stored.name)
             if record is None:
                 out.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
             elif target.name not in record.locations:
-                found = compare.elsewhere(record, stored, self._sha1)
+                found = compare.elsewhere(record, stored, partial(self._sha1, read))
                 if found is not None:
                     out.append(found)
         return out
@@ -315,7 +373,10 @@ class Auditor:
             raise Cancelled("audit stopped")
         self.limiter(n)
 
-    def _sha1(self, stored: Stored) -> str:
+    def _sha1(self, read: Mapping[str, ReadOutcome], stored: Stored) -> str:
+        done = read.get(stored.name)
+        if isinstance(done, Read) and done.unchanged:
+            return done.sha1
         return sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)[0]
 
     def _read(self, stored: Stored) -> tuple[str, int, bool]:
@@ -333,95 +394,24 @@ class Auditor:
         )
         return sha1, n, same
 
-    def _hash(
-        self,
-        archive: str,
-        walk: Walk,
-        todo: dict[str, str],
-        expected: dict[str, str | None],
-        policy: planner.HashPolicy,
-    ) -> tuple[int, int, list[Finding]]:
-        """Reads every planned resource; returns (resources read, bytes, findings)."""
-        names = sorted(todo)
-        self.progress.update(phase="hashing", planned=len(names), hashed=0, bytes=0)
-        findings: list[Finding] = []
-        batch: list[CacheEntry] = []
-        last_commit = time.monotonic()
-        hashed = nbytes = 0
-        pending: dict[Future[tuple[str, int, bool]], str] = {}
-        queue = iter(names)
-        limit = self.settings.workers * 4
 
-        def commit() -> None:
-            nonlocal batch, last_commit
-            if batch:
-                self.cache.store(archive, batch)
-                batch = []
-                crashpoints.reached("audit-committed")
-            last_commit = time.monotonic()
-
-        with ThreadPoolExecutor(
-            self.settings.workers, thread_name_prefix="audit-hash", initializer=lower_priority
-        ) as pool:
-            try:
-                while True:
-                    while len(pending) < limit and not self.stop.is_set():
-                        name = next(queue, None)
-                        if name is None:
-                            break
-                        pending[pool.submit(self._read, walk.stored[name])] = name
-                    if not pending:
-                        break
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        name = pending.pop(fut)
-                        stored = walk.stored[name]
-                        try:
-                            sha1, n, unchanged = fut.result()
-                        except Cancelled:
-                            continue
-                        except OSError as err:
-                            if not vanished(err):
-                                detail = f"{err.strerror or err} while reading it"
-                                findings.append(Finding(UNREADABLE, name, stored.path, detail))
-                            continue
-                        hashed += 1
-                        nbytes += n
-                        self.progress.update(hashed=hashed, bytes=nbytes)
-                        if not unchanged:
-                            continue  # changed while read: no verdict; read next run (changed)
-                        st = stored.stat
-                        batch.append(
-                            CacheEntry(
-                                name,
-                                st.size,
-                                st.mtime_ns,
-                                st.inode,
-                                st.ctime_ns,
-                                sha1,
-                                self.clock(),
-                                policy.run_id,
-                            )
-                        )
-                        want = expected.get(name)
-                        if want is not None and sha1 != want:
-                            findings.append(
-                                Finding(
-                                    HASH_MISMATCH,
-                                    name,
-                                    stored.path,
-                                    f"sha1 {sha1}, registered {want}",
-                                )
-                            )
-                    if len(batch) >= self.settings.batch or (
-                        time.monotonic() - last_commit >= self.settings.batch_seconds
-                    ):
-                        commit()
-            finally:
-                commit()
-        if self.stop.is_set():
-            raise Cancelled("audit stopped")
-        return hashed, nbytes, findings
+def _judge(
+    results: Mapping[str, ReadOutcome], expected: Mapping[str, str | None], walk: Walk
+) -> list[Finding]:
+    """Findings of the reads of registered resources (``expected``: name -> registered
+    SHA-1): a hash that differs, or a file that could not be read (not one that
+    vanished: a prune). A file that changed while read gets no verdict."""
+    out = []
+    for name in sorted(results.keys() & expected.keys()):
+        got, want, path = results[name], expected[name], walk.stored[name].path
+        if isinstance(got, OSError):
+            if not vanished(got):
+                out.append(
+                    Finding(UNREADABLE, name, path, f"{got.strerror or got} while reading it")
+                )
+        elif got.unchanged and want is not None and got.sha1 != want:
+            out.append(Finding(HASH_MISMATCH, name, path, f"sha1 {got.sha1}, registered {want}"))
+    return out
 
 
 def _still_wrong(archive: Archive, finding: Finding) -> bool:

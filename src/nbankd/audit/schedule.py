@@ -314,7 +314,6 @@ class AuditScheduler:
         return None
 
     def _loop(self) -> None:
-        lower_priority()
         while not self._stop.is_set():
             with self._cond:
                 if self._disabled is not None:
@@ -329,7 +328,7 @@ class AuditScheduler:
                 self._running, self._running_since = job, self.clock()
             report = None
             try:
-                report = self._execute(job)
+                report = self._in_own_thread(job)
             except Exception as err:  # never let the audit thread die, nor spin
                 log.exception("audit could not run", trigger=job.trigger)
                 report = self._failed(job, err)
@@ -349,6 +348,29 @@ class AuditScheduler:
             self._done[ticket] = report
         while len(self._done) > KEEP_TICKETS:
             self._done.popitem(last=False)
+
+    def _in_own_thread(self, job: Job) -> AuditReport | None:
+        """Runs the job in a thread of its own, whose priority every thread it starts
+        (walk, listing, reads) inherits: a scheduled or resumed audit at nice
+        :data:`~nbankd.audit.settings.NICE`, so deposits come first; one someone asked
+        for (``nbankctl audit``), and is waiting for, at the daemon's own priority.
+        (A thread cannot take back a priority it gave up, hence a thread per job.)"""
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            if job.trigger != "request":
+                lower_priority()
+            try:
+                out["report"] = self._execute(job)
+            except BaseException as err:  # re-raised in the scheduler's thread
+                out["error"] = err
+
+        thread = threading.Thread(target=run, name=f"audit-{job.trigger}", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out.get("report")
 
     def _execute(self, job: Job) -> AuditReport | None:
         cfg = self.config()

@@ -3,9 +3,10 @@
 ``NBANKD_AUDIT_PAUSE_AT=<point>`` with ``NBANKD_AUDIT_PAUSE_UNTIL=<path>`` holds
 the audit at ``<point>`` until ``<path>`` exists; on arriving there it creates
 ``<path>.reached``, so a test knows the moment has come without sleeping. Points:
-``listed`` (after the first registry listing), ``walk-top`` (``resources/``
-listed, its stub folders not yet), ``walked`` (after the walk), ``hashing``
-(before the first read) and ``reading`` (after the first block of each file read,
+``walk-top`` (``resources/`` listed, its stub folders not yet), ``hashing``
+(after the walk, before the first read), ``listed`` and ``walked`` (both after
+the walk and the registry listing, before the registry is asked again) and
+``reading`` (after the first block of each file read,
 in the reading thread). Without the variables, :func:`pause` is one lookup.
 """
 
