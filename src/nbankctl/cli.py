@@ -54,6 +54,8 @@ def topics_for(argv: list[str]) -> tuple[str, ...]:
     """The topic modules to import for ``argv``: the one owning its command, else all."""
     words = iter(argv)
     for word in words:
+        if word in ("-h", "--help"):
+            return tuple(TOPICS)  # the top-level help lists every command
         if word in _VALUE_OPTIONS:
             next(words, None)
         elif word == "--":
@@ -86,6 +88,7 @@ def build_parser(topics: tuple[str, ...] = tuple(TOPICS)) -> argparse.ArgumentPa
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="nbankctl",
+        allow_abbrev=False,  # topics_for() must see options as they are spelled
         description="Query the neurobank registry, run tape operations and control nbankd.",
         # its own copies: parents share action objects, and set_defaults below would
         # otherwise replace the sub-commands' SUPPRESS (losing "-c FILE COMMAND")

@@ -57,7 +57,7 @@ def registered(h: DaemonHarness) -> int:
 
 def test_burst_of_deposits_during_an_audit_gives_no_finding(daemon_factory: Any) -> None:
     """Deposits held between register and publish when the audit lists the registry,
-    and a burst deposited between its walk and its second listing: no finding."""
+    and a burst deposited between its walk and the registry's second look: no finding."""
     h: DaemonHarness = daemon_factory()
     go_deposit, go_audit = h.root / "go-deposit", h.root / "go-audit"
     go_deposit.touch()
@@ -173,13 +173,10 @@ def test_unusable_cache_disables_audits_not_the_daemon(daemon_factory: Any) -> N
     assert str(cache) in proc.stderr and "upgrade nbankd, or delete the file;" in proc.stderr
 
 
-def thread_nice_values(pid: int) -> list[int]:
-    """The nice value of each thread of a process (field 19 of /proc/PID/task/TID/stat)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        fields = (task / "stat").read_text().rpartition(")")[2].split()
-        out.append(int(fields[16]))
-    return out
+def thread_nice(pid: int, tid: int) -> int:
+    """The nice value of one thread of a process (field 19 of /proc/PID/task/TID/stat)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[16])
 
 
 @pytest.mark.parametrize(("trigger", "nice"), [("schedule", 10), ("request", 0)])
@@ -197,9 +194,10 @@ def test_scheduled_audits_read_at_a_lower_priority_requested_ones_do_not(
     h.wait_settled(1)
     audit = start_audit(h) if trigger == "request" else None
     wait_for(Path(f"{go}.reached").exists, what=f"a {trigger}d audit reading a file")
-    niced = [n for n in thread_nice_values(h.proc.pid) if n == 10]
+    reader = int(Path(f"{go}.reached").read_text())  # the thread reading the file
+    reader_nice = thread_nice(h.proc.pid, reader)
     go.touch()
-    assert bool(niced) == (nice == 10), thread_nice_values(h.proc.pid)
+    assert reader_nice == nice
     if audit is not None:
         audit.communicate(timeout=60)
         assert audit.returncode == 0

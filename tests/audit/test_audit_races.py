@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from nbankctl import render
 from nbankd.audit.cache import AuditCache
 from nbankd.audit.model import (
     INCOMPLETE,
+    MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
     PERMISSION,
     UNREADABLE,
@@ -77,7 +79,8 @@ def test_prune_during_the_walk_is_not_a_finding(
     thread.join(60)
     report = out["report"]
     assert kinds(report) == Counter() and report.ok
-    assert report.archives[0].registered_before == 14 and report.archives[0].stored == 12
+    # the listing runs beside the walk: it saw the two pruned resources or not
+    assert report.archives[0].stored == 12
 
 
 def test_file_rewritten_while_read_gets_no_verdict_until_it_settles(
@@ -233,3 +236,49 @@ def test_audit_as_a_user_who_cannot_read_a_file_or_a_stub_folder(
     with sqlite3.connect(s.state / "audits" / "cache.sqlite3") as db:
         names = {n for (n,) in db.execute("SELECT name FROM entries")}
     assert {"ab001", "ab002"} <= names  # not forgotten: their folder was not listed
+
+
+def test_deposit_from_another_host_still_being_placed_is_not_missing(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """A resource registered here moments ago whose file is not there yet (another host
+    registers, then copies) is not reported; past the grace, still absent, it is."""
+    setup.registry.add_resource(dtype="dat", archive="arch", name="late01", sha1=sha1(b"late"))
+    settings = AuditSettings(staging_grace=GRACE)
+    now = Auditor(setup.registry, AuditCache(tmp_path / "c1.sqlite3"), settings=settings)
+    assert kinds(now.run([setup.target])) == Counter()
+    later = Auditor(
+        setup.registry,
+        AuditCache(tmp_path / "c2.sqlite3"),
+        settings=settings,
+        clock=lambda: time.time() + 2 * GRACE,
+    )
+    assert kinds(later.run([setup.target])) == Counter({(MISSING_FROM_ARCHIVE, "late01", None): 1})
+
+
+def test_registry_failing_during_the_walk_stops_the_walk_and_the_reads(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing fails (nothing listens) while the walk is held: the walk stops there,
+    nothing is read, and the archive's error is the registry's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed when the block ends: nothing listens there
+    down = HttpRegistry(f"http://127.0.0.1:{port}/neurobank/")
+    cache = AuditCache(tmp_path / "cache.sqlite3")
+    audit = Auditor(down, cache, settings=AuditSettings(max_mb_per_s=0))
+    go = tmp_path / "go"
+    monkeypatch.setenv("NBANKD_AUDIT_PAUSE_AT", "walk-top")
+    monkeypatch.setenv("NBANKD_AUDIT_PAUSE_UNTIL", str(go))
+    out: dict[str, AuditReport] = {}
+    thread = threading.Thread(target=lambda: out.update(report=audit.run([setup.target])))
+    thread.start()
+    wait_for(Path(f"{go}.reached").exists, what="the walk to be held")
+    wait_for(lambda: audit._halt.abort.is_set(), what="the listing to fail")
+    go.touch()
+    thread.join(60)
+    [result] = out["report"].archives
+    assert result.error_code == "registry-unavailable" and result.stored == 0
+    assert cache.load("arch") == {}  # no file was read

@@ -39,7 +39,9 @@ def test_a_command_imports_only_its_topic(argv: list[str], topic: str) -> None:
     assert topics_for(argv) == (topic,)
 
 
-@pytest.mark.parametrize("argv", [[], ["--help"], ["--json"], ["no-such-command"], ["-c"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["--help"], ["-h", "status"], ["--json"], ["no-such-command"], ["-c"]]
+)
 def test_help_no_command_or_an_unknown_one_imports_every_topic(argv: list[str]) -> None:
     """Without a known command every topic is imported, so help and errors list them all."""
     assert topics_for(argv) == tuple(TOPICS)
@@ -56,3 +58,9 @@ def test_a_daemon_command_does_not_import_the_registry_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_abbreviated_top_level_options_are_refused() -> None:
+    """`--conf FILE` is not taken for --config: the topic chosen must match the parse."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--conf", "tape", "status"])

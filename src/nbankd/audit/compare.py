@@ -15,11 +15,14 @@ The semantics follow ``nbank archive check`` (neurobank 0.13, ``nbank.check``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
+from nbankd.audit.hashrun import ReadOutcome
 from nbankd.audit.model import (
     CHANGED_ELSEWHERE,
+    HASH_MISMATCH,
     INCOMPLETE,
     MISPLACED,
     REGISTERED_ELSEWHERE,
@@ -123,4 +126,44 @@ def by_name(records: Iterable[ResourceRecord]) -> dict[str, ResourceRecord]:
     return {r.name: r for r in records}
 
 
-__all__ = ["by_name", "elsewhere", "misplaced", "staging_finding", "walk_findings"]
+def judge_reads(
+    results: Mapping[str, ReadOutcome], expected: Mapping[str, str | None], walk: Walk
+) -> list[Finding]:
+    """Findings of the reads of registered resources (``expected``: name -> registered
+    SHA-1): a hash that differs, or a file that could not be read (not one that
+    vanished: a prune). A file that changed while read gets no verdict."""
+    out = []
+    for name in sorted(results.keys() & expected.keys()):
+        got, want, path = results[name], expected[name], walk.stored[name].path
+        if isinstance(got, OSError):
+            if not vanished(got):
+                out.append(
+                    Finding(UNREADABLE, name, path, f"{got.strerror or got} while reading it")
+                )
+        elif got.unchanged and want is not None and got.sha1 != want:
+            out.append(Finding(HASH_MISMATCH, name, path, f"sha1 {got.sha1}, registered {want}"))
+    return out
+
+
+def registered_within(record: ResourceRecord | None, *, now: float, grace: float) -> bool:
+    """True if the registry created ``record`` less than ``grace`` seconds before ``now``."""
+    if record is None or not record.created_on:
+        return False
+    try:
+        created = datetime.fromisoformat(record.created_on)
+    except ValueError:
+        return False
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return young(created.timestamp(), now=now, grace=grace)
+
+
+__all__ = [
+    "by_name",
+    "elsewhere",
+    "judge_reads",
+    "misplaced",
+    "registered_within",
+    "staging_finding",
+    "walk_findings",
+]

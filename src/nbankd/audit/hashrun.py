@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +136,9 @@ class HashRun:
                 if closed or self.cancelled():
                     return
                 continue
+            if self.cancelled():  # reads not started yet are dropped; those under way end
+                for fut in pending:
+                    fut.cancel()
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 self._take(pending.pop(fut), fut)
@@ -147,7 +150,7 @@ class HashRun:
     def _take(self, stored: Stored, fut: Future[tuple[str, int, bool]]) -> None:
         try:
             sha1, n, unchanged = fut.result()
-        except Cancelled:
+        except (Cancelled, CancelledError):
             return
         except OSError as err:
             self.results[stored.name] = err

@@ -1,7 +1,8 @@
 """What the registry says an archive holds, listed in bulk.
 
-An audit lists an archive's resources twice (before and after its walk), so
-listing must be cheap for 100k resources:
+An audit lists an archive's resources once, beside its walk (after the walk it
+asks only about the names where walk and listing disagree), so listing must be
+cheap for 100k resources:
 
 - the embedded registry: one SQL query over its database file, in one read
   transaction (a consistent snapshot), returning only names and hashes;

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from nbankd.audit import seams
 from nbankd.hashing import BLOCK_SIZE, DirectoryHasher
@@ -33,6 +34,12 @@ _NOATIME = getattr(os, "O_NOATIME", 0)
 
 class Cancelled(Exception):
     """The audit was asked to stop while reading."""
+
+
+class Stopping(Protocol):
+    """What says whether to stop: a ``threading.Event``, or the audit's halt."""
+
+    def is_set(self) -> bool: ...
 
 
 class RateLimiter:

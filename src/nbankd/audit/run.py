@@ -3,7 +3,8 @@
 Per archive, in this order (the order is what makes an audit right during ingest):
 
 1. read the journal's in-flight items; start listing the archive's resources in
-   the registry (in a thread: it runs beside steps 2 and 3);
+   the registry (in a thread beside steps 2 and 3; if it fails, the walk and the
+   reads stop at once and its error is the archive's);
 2. walk the archive (:mod:`.walk`);
 3. start reading what the cache says needs reading (:mod:`.hashrun`), the
    registered hashes still unknown; wait for the listing;
@@ -11,15 +12,18 @@ Per archive, in this order (the order is what makes an audit right during ingest
    where the walk and the listing disagree, which gives its view after the walk
    (:func:`~nbankd.audit.plan.listing_after`); compare
    (:func:`~nbankd.audit.plan.categorise`) leaving out everything in flight at
-   either read; re-check each missing candidate on disk so a deposit that
-   finished meanwhile is not reported; files placed within the grace (a tape
-   import, an ``nbank`` transfer registering after it copies) are not reported yet;
-5. read what the plan adds now that the registered hashes are known (a cached
-   hash that differs from the registered one is confirmed by a fresh read), and
-   judge every read: a hash that differs, a file that cannot be read. Results go
-   to the cache in batches as they come (an interrupted run resumes); a file that
-   changed while it was read gets no verdict now (it is read again next run);
-6. report ``staging/`` entries no in-flight item owns; keep only the permission
+   either read;
+5. read what the comparison adds (the rolling slice; a cached hash that differs
+   from the registered one is confirmed by a fresh read). Results go to the cache
+   in batches as they come (an interrupted run resumes); a file that changed
+   while it was read gets no verdict now (it is read again next run);
+6. once the reads are done: re-check each missing candidate on disk (a deposit
+   by another host that finished meanwhile is not reported, nor one registered
+   within the grace: it registers, then copies); judge every read (a hash that
+   differs, a file that cannot be read); look up what was found unregistered
+   (files placed within the grace, such as a tape import or an ``nbank``
+   transfer registering after it copies, are not reported yet);
+7. report ``staging/`` entries no in-flight item owns; keep only the permission
    findings that still hold (a folder just made gets its mode a moment later).
 
 The timings of a result overlap: ``list`` runs beside ``walk`` and the first reads.
@@ -40,7 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -55,18 +59,16 @@ from nbankd.audit.checks import permission_findings
 from nbankd.audit.hashrun import HashRun, Read, ReadOutcome
 from nbankd.audit.listing import list_registered, not_audited, without_location
 from nbankd.audit.model import (
-    HASH_MISMATCH,
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
     NO_LOCATION,
     PERMISSION,
     UNAVAILABLE,
-    UNREADABLE,
     ArchiveResult,
     AuditReport,
     Finding,
 )
-from nbankd.audit.reader import Cancelled, RateLimiter, list_dir, sha1_of_resource, vanished
+from nbankd.audit.reader import Cancelled, RateLimiter, list_dir, sha1_of_resource
 from nbankd.audit.report import log_report, write_report
 from nbankd.audit.settings import (
     AuditSettings,
@@ -109,6 +111,7 @@ class Auditor:
         rate = self.settings.max_mb_per_s * MB if self.settings.max_mb_per_s > 0 else None
         self.limiter = RateLimiter(rate, sleep=self.stop.wait)
         self.progress: dict[str, Any] = {}
+        self._halt = _Halt(self.stop)  # replaced for each archive
 
     # -- one run over several archives -----------------------------------------------
 
@@ -203,7 +206,7 @@ class Auditor:
     # -- one archive ------------------------------------------------------------------
 
     def audit_archive(self, target: AuditTarget, policy: planner.HashPolicy) -> ArchiveResult:
-        """Audits one archive (steps 1-6 of the module docstring)."""
+        """Audits one archive (steps 1-7 of the module docstring)."""
         self.progress = {"archive": target.name, "phase": "listing, walking"}
         try:
             archive = open_archive(target.path)
@@ -215,39 +218,33 @@ class Auditor:
         clock = _Stopwatch(timings)
         flight = self.in_flight()
         cached = self.cache.load(target.name)
-        abort = threading.Event()
-        with ThreadPoolExecutor(1, thread_name_prefix="audit-list") as lister:
-            listing = lister.submit(self._listing, target.name, timings)
-            reads: HashRun | None = None
-            try:
-                walk = walk_archive(archive, stop=self.stop)
-                clock.lap("walk")
-                stats = {n: s.stat for n, s in walk.stored.items()}
-                provisional = {n: None for n in stats if n not in flight.names}
-                first = planner.plan_hashes(
-                    stats, provisional, cached, now=self.clock(), policy=policy
-                )
-                seams.pause("hashing")
-                self.progress["phase"] = "hashing, listing"
-                reads = self._reads(target.name, policy, abort)
-                reads.submit(walk.stored[n] for n in sorted(first))
-                before = listing.result()
-            except BaseException:
-                abort.set()
-                if reads is not None:
-                    with contextlib.suppress(Exception):
-                        reads.finish()
-                raise
-        clock.lap()
-        self.progress["phase"] = "walked"
-        seams.pause("listed")
-        seams.pause("walked")
-        self.progress["phase"] = "hashing, checking"
+        halt = self._halt = _Halt(self.stop)
+        lister = ThreadPoolExecutor(1, thread_name_prefix="audit-list")
+        listing = lister.submit(self._listing, target.name, timings)
+        listing.add_done_callback(halt.on_failure)  # a listing that fails ends the run now
+        reads: HashRun | None = None
         try:
+            walk = walk_archive(archive, stop=halt)
+            clock.lap("walk")
+            stats = {n: s.stat for n, s in walk.stored.items()}
+            provisional = {n: None for n in stats if n not in flight.names}
+            first = planner.plan_hashes(stats, provisional, cached, now=self.clock(), policy=policy)
+            seams.pause("hashing")
+            self.progress["phase"] = "hashing, listing"
+            reads = self._reads(target.name, policy, halt)
+            # the rolling slice waits for the listing (it is a share of what is registered)
+            reads.submit(walk.stored[n] for n in sorted(first) if first[n] != planner.SLICE)
+            before = _result(listing, halt)
+            clock.lap()
+            self.progress["phase"] = "walked"
+            seams.pause("walked")
+            self.progress["phase"] = "hashing, checking"
             flight = flight | self.in_flight()
             asked = planner.disagreements(
                 walk.stored.keys() | walk.misplaced.keys(), before, flight.names
             )
+            if halt.is_set():
+                raise Cancelled("audit stopped")
             answers = compare.by_name(self.registry.get_resources(asked)) if asked else {}
             after = planner.listing_after(before, target.name, answers, asked)
             now = self.clock()
@@ -257,21 +254,28 @@ class Auditor:
             registered = before.keys() | after.keys()
             placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
             findings += placed
-            findings += self._missing(archive, walk, cats.missing)
             lookup += [walk.stored[n] for n in cats.unregistered]
             todo = planner.plan_hashes(stats, cats.expected, cached, now=now, policy=policy)
             reads.submit(walk.stored[n] for n in sorted(todo))
             clock.lap("compare")
-        except BaseException:
-            abort.set()
-            with contextlib.suppress(Exception):
-                reads.finish()
+            results = reads.finish()
+        except BaseException as err:
+            halt.abort.set()
+            if reads is not None:
+                with contextlib.suppress(Exception):
+                    reads.finish()
+            lister.shutdown(wait=False, cancel_futures=True)
+            failed = listing.exception() if listing.done() and not listing.cancelled() else None
+            if isinstance(err, Cancelled) and failed is not None and not self.stop.is_set():
+                raise failed from None  # the listing's error is the archive's error
             raise
-        results = reads.finish()
+        lister.shutdown(wait=False)
         if self.stop.is_set():
             raise Cancelled("audit stopped")
         clock.lap("hash")
-        findings += _judge(results, cats.expected, walk)
+        # checked last: a deposit from another host registers before it places the file
+        findings += self._missing(archive, walk, cats.missing, answers, self.clock())
+        findings += compare.judge_reads(results, cats.expected, walk)
         findings += self._unregistered(target, lookup, answers, now, results)
         self.cache.forget(
             target.name,
@@ -302,9 +306,10 @@ class Auditor:
         t0 = time.monotonic()
         listed = list_registered(self.registry, archive)
         timings["list"] = time.monotonic() - t0
+        seams.pause("listed")
         return listed
 
-    def _reads(self, archive: str, policy: planner.HashPolicy, abort: threading.Event) -> HashRun:
+    def _reads(self, archive: str, policy: planner.HashPolicy, halt: _Halt) -> HashRun:
         return HashRun(
             archive,
             self.cache,
@@ -313,19 +318,32 @@ class Auditor:
             run_id=policy.run_id,
             batch=self.settings.batch,
             batch_seconds=self.settings.batch_seconds,
-            cancelled=lambda: self.stop.is_set() or abort.is_set(),
+            cancelled=halt.is_set,
             clock=self.clock,
             progress=self.progress,
         )
 
-    def _missing(self, archive: Archive, walk: Walk, candidates: Sequence[str]) -> list[Finding]:
+    def _missing(
+        self,
+        archive: Archive,
+        walk: Walk,
+        candidates: Sequence[str],
+        records: Mapping[str, ResourceRecord],
+        now: float,
+    ) -> list[Finding]:
         """Registered before and after the walk, not walked: reported unless it is there
-        now, is misplaced (reported as such), or its stub folder could not be listed
-        (that is the finding)."""
+        now, is misplaced (reported as such), its stub folder could not be listed (that
+        is the finding), or it was registered within the grace (a deposit by another
+        host registers first, then places the file; it is reported next run if it is
+        still missing)."""
+        grace = self.settings.staging_grace
         return [
             Finding(MISSING_FROM_ARCHIVE, n, None)
             for n in candidates
-            if n not in walk.misplaced and walk.complete(n) and not _stored(archive, n)
+            if n not in walk.misplaced
+            and walk.complete(n)
+            and not compare.registered_within(records.get(n), now=now, grace=grace)
+            and not _stored(archive, n)
         ]
 
     def _unregistered(
@@ -369,7 +387,7 @@ class Auditor:
     # -- reading ------------------------------------------------------------------------
 
     def _throttle(self, n: int) -> None:
-        if self.stop.is_set():
+        if self._halt.is_set():
             raise Cancelled("audit stopped")
         self.limiter(n)
 
@@ -395,25 +413,6 @@ class Auditor:
         return sha1, n, same
 
 
-def _judge(
-    results: Mapping[str, ReadOutcome], expected: Mapping[str, str | None], walk: Walk
-) -> list[Finding]:
-    """Findings of the reads of registered resources (``expected``: name -> registered
-    SHA-1): a hash that differs, or a file that could not be read (not one that
-    vanished: a prune). A file that changed while read gets no verdict."""
-    out = []
-    for name in sorted(results.keys() & expected.keys()):
-        got, want, path = results[name], expected[name], walk.stored[name].path
-        if isinstance(got, OSError):
-            if not vanished(got):
-                out.append(
-                    Finding(UNREADABLE, name, path, f"{got.strerror or got} while reading it")
-                )
-        elif got.unchanged and want is not None and got.sha1 != want:
-            out.append(Finding(HASH_MISMATCH, name, path, f"sha1 {got.sha1}, registered {want}"))
-    return out
-
-
 def _still_wrong(archive: Archive, finding: Finding) -> bool:
     """A permission finding holds at the end of the audit too (a stub folder a deposit
     just made gets its mode a moment after mkdir; that is not a problem)."""
@@ -424,6 +423,31 @@ def _still_wrong(archive: Archive, finding: Finding) -> bool:
     except OSError:
         return False
     return any(True for _ in permission_findings(archive, finding.path, st, finding.resource))
+
+
+class _Halt:
+    """Set when the audit is stopped, or this archive's run must end early (its
+    registry listing failed): the walk and the reads look at it between blocks."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.abort = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or self.abort.is_set()
+
+    def on_failure(self, future: Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.abort.set()
+
+
+def _result(listing: Future[dict[str, str | None]], halt: _Halt) -> dict[str, str | None]:
+    """The listing, once it is in; Cancelled as soon as the audit is stopped."""
+    while not listing.done():
+        if halt.stop.is_set():
+            raise Cancelled("audit stopped")
+        wait([listing], timeout=0.2)
+    return listing.result()
 
 
 class _Stopwatch:

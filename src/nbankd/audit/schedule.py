@@ -12,8 +12,10 @@
   A request never joins a run already under way: that run may have walked past
   the change the user wants checked.
 
-The thread runs at a lower CPU priority, never touches the deposit workers, and
-turns every failure into a report with an error: an audit cannot stop the daemon.
+Each run has a thread of its own: a scheduled or resumed one at a lower CPU
+priority (nice 10), one someone asked for at the daemon's. The scheduler never
+touches the deposit workers and turns every failure into a report with an
+error: an audit cannot stop the daemon.
 - **Disabled.** When the audit cache cannot be used at start (a newer nbankd's
   cache, no permission, an I/O error) audits are disabled with the reason, which
   status shows and ``nbankctl audit`` answers (exit 2); a damaged cache is moved

@@ -3,11 +3,12 @@
 ``NBANKD_AUDIT_PAUSE_AT=<point>`` with ``NBANKD_AUDIT_PAUSE_UNTIL=<path>`` holds
 the audit at ``<point>`` until ``<path>`` exists; on arriving there it creates
 ``<path>.reached``, so a test knows the moment has come without sleeping. Points:
-``walk-top`` (``resources/`` listed, its stub folders not yet), ``hashing``
-(after the walk, before the first read), ``listed`` and ``walked`` (both after
-the walk and the registry listing, before the registry is asked again) and
-``reading`` (after the first block of each file read,
-in the reading thread). Without the variables, :func:`pause` is one lookup.
+``listed`` (in the listing's thread, the registry listing in hand, before it is
+handed over), ``walk-top`` (``resources/`` listed, its stub folders not yet),
+``hashing`` (after the walk, before the first read), ``walked`` (after the walk
+and the listing, before the registry is asked again) and ``reading`` (after the
+first block of each file read, in the reading thread; ``<path>.reached`` holds
+the id of the first thread to arrive). Without the variables, :func:`pause` is one lookup.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def pause(point: str) -> None:
     if not until:
         return
     with contextlib.suppress(OSError):
-        os.close(os.open(f"{until}.reached", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # the first to arrive
+        fd = os.open(f"{until}.reached", flags, 0o644)
+        try:
+            os.write(fd, str(threading.get_native_id()).encode())
+        finally:
+            os.close(fd)
     waiter = threading.Event()
     while not os.path.exists(until):
         waiter.wait(0.02)

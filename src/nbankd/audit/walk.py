@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from nbankd.archive.layout import Anomaly, Archive
 from nbankd.audit import seams
 from nbankd.audit.checks import mode_policy, owners, permission_findings
 from nbankd.audit.model import INCOMPLETE, UNEXPECTED, UNREADABLE, FileStat, Finding
-from nbankd.audit.reader import DIR, LINK, Cancelled, list_dir, vanished
+from nbankd.audit.reader import DIR, LINK, Cancelled, Stopping, list_dir, vanished
 
 STAT_WORKERS = 8
 _CHUNK = 2048
@@ -180,7 +179,7 @@ def _resource(rules: _Rules, name: str, path: str) -> tuple[Stored | None, list[
 
 
 def _chunk(
-    rules: _Rules, entries: Sequence[tuple[str, str]], stop: threading.Event | None = None
+    rules: _Rules, entries: Sequence[tuple[str, str]], stop: Stopping | None = None
 ) -> list[tuple[str, Stored | None, list[Finding]]]:
     """Stats a run of resources: the common case (a regular file with the right owner
     and mode) inline, anything else through :func:`_resource`. This loop is most of
@@ -278,7 +277,7 @@ def _misplaced(rules: _Rules, id: str, path: Path, walk: Walk) -> None:
 
 
 def walk_archive(
-    archive: Archive, *, workers: int = STAT_WORKERS, stop: threading.Event | None = None
+    archive: Archive, *, workers: int = STAT_WORKERS, stop: Stopping | None = None
 ) -> Walk:
     """Walks ``resources/`` and ``staging/`` of ``archive`` (see the module docstring).
 
