@@ -145,8 +145,8 @@ def judge_reads(
     return out
 
 
-def registered_within(record: ResourceRecord | None, *, now: float, grace: float) -> bool:
-    """True if the registry created ``record`` less than ``grace`` seconds before ``now``."""
+def registered_since(record: ResourceRecord | None, since: float) -> bool:
+    """True if the registry created ``record`` at or after ``since`` (by its clock)."""
     if record is None or not record.created_on:
         return False
     try:
@@ -155,7 +155,7 @@ def registered_within(record: ResourceRecord | None, *, now: float, grace: float
         return False
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
-    return young(created.timestamp(), now=now, grace=grace)
+    return created.timestamp() >= since
 
 
 __all__ = [
@@ -163,7 +163,7 @@ __all__ = [
     "elsewhere",
     "judge_reads",
     "misplaced",
-    "registered_within",
+    "registered_since",
     "staging_finding",
     "walk_findings",
 ]

@@ -18,8 +18,9 @@ Per archive, in this order (the order is what makes an audit right during ingest
    in batches as they come (an interrupted run resumes); a file that changed
    while it was read gets no verdict now (it is read again next run);
 6. once the reads are done: re-check each missing candidate on disk (a deposit
-   by another host that finished meanwhile is not reported, nor one registered
-   within the grace: it registers, then copies); judge every read (a hash that
+   by another host that finished meanwhile is not reported, nor one the registry
+   created after the walk began: it registers, then copies, maybe behind the
+   walk); judge every read (a hash that
    differs, a file that cannot be read); look up what was found unregistered
    (files placed within the grace, such as a tape import or an ``nbank``
    transfer registering after it copies, are not reported yet);
@@ -224,6 +225,7 @@ class Auditor:
         listing.add_done_callback(halt.on_failure)  # a listing that fails ends the run now
         reads: HashRun | None = None
         try:
+            walk_started = self.clock()
             walk = walk_archive(archive, stop=halt)
             clock.lap("walk")
             stats = {n: s.stat for n, s in walk.stored.items()}
@@ -274,7 +276,7 @@ class Auditor:
             raise Cancelled("audit stopped")
         clock.lap("hash")
         # checked last: a deposit from another host registers before it places the file
-        findings += self._missing(archive, walk, cats.missing, answers, self.clock())
+        findings += self._missing(archive, walk, cats.missing, answers, walk_started)
         findings += compare.judge_reads(results, cats.expected, walk)
         findings += self._unregistered(target, lookup, answers, now, results)
         self.cache.forget(
@@ -329,20 +331,19 @@ class Auditor:
         walk: Walk,
         candidates: Sequence[str],
         records: Mapping[str, ResourceRecord],
-        now: float,
+        walk_started: float,
     ) -> list[Finding]:
-        """Registered before and after the walk, not walked: reported unless it is there
-        now, is misplaced (reported as such), its stub folder could not be listed (that
-        is the finding), or it was registered within the grace (a deposit by another
-        host registers first, then places the file; it is reported next run if it is
-        still missing)."""
-        grace = self.settings.staging_grace
+        """Listed and still registered here after the walk, not walked: reported unless
+        it is there now, is misplaced (reported as such), its stub folder could not be
+        listed (that is the finding), or the registry created it after the walk began
+        (the listing runs beside the walk: a deposit by another host registers first,
+        then places the file, maybe behind the walk; a later run judges it)."""
         return [
             Finding(MISSING_FROM_ARCHIVE, n, None)
             for n in candidates
             if n not in walk.misplaced
             and walk.complete(n)
-            and not compare.registered_within(records.get(n), now=now, grace=grace)
+            and not compare.registered_since(records.get(n), walk_started)
             and not _stored(archive, n)
         ]
 
