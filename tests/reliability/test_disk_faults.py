@@ -350,9 +350,13 @@ def test_archive_permission_denied_waits_then_resumes(
         return sum("Permission denied" in (i["error"] or "") for i in errs) >= len(first)
 
     wait_for(denied, 30, "publishing to fail with EACCES")
-    code, doc = ctl(h, "status")
-    [inbox] = doc["inboxes"]
-    assert code == 1 and "not writable" in (inbox["archive_problem"] or ""), doc
+
+    def degraded() -> bool:  # the next scan of the inbox finds resources/ not writable
+        code, doc = ctl(h, "status")
+        [inbox] = doc["inboxes"]
+        return code == 1 and "not writable" in (inbox["archive_problem"] or "")
+
+    wait_for(degraded, 30, "status to report the archive not writable")
     assert h.receipts() == [] and h.reasons() == [], "an input moved while access was denied"
     inputs_intact(h, payloads)
     assert not any(p.is_file() for p in resources.rglob("*"))
