@@ -12,8 +12,7 @@ the daemon. For a one-off audit from Python (benchmarks, scripts)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nbankd.lazy import lazy_exports
 
 # name -> module, imported on first use: ``nbankctl`` imports the model without
 # paying for the registry clients and the hashing pool
@@ -29,11 +28,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
