@@ -123,6 +123,11 @@ def status(result: dict[str, Any]) -> str:
     for ib in result.get("inboxes", []):
         if ib.get("archive_problem"):
             lines.append(f"  {printable(ib['path'])}: archive problem: {ib['archive_problem']}")
+        unowned = ib.get("unowned_work_files") or []
+        if unowned:
+            shown = ", ".join(printable(n) for n in unowned[:5])
+            more = f" and {len(unowned) - 5} more" if len(unowned) > 5 else ""
+            lines.append(f"  {printable(ib['path'])}: not owned in .nbank/: {shown}{more}")
     if degraded:
         lines += ["", "degraded:"] + [f"  - {printable(str(d))}" for d in degraded]
     return "\n".join(lines)

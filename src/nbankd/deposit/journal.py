@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -304,6 +304,20 @@ class Journal:
                 "SELECT inbox, state, count(*) FROM items GROUP BY inbox, state"
             ).fetchall()
         return {(r[0], r[1]): r[2] for r in rows}
+
+    def known_tokens(self, tokens: Iterable[str]) -> set[str]:
+        """Which of ``tokens`` name an item of this journal (in any state)."""
+        wanted = list(tokens)
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            batch = wanted[i : i + 500]
+            marks = ", ".join("?" for _ in batch)
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT token FROM items WHERE token IN ({marks})", batch
+                ).fetchall()
+            found.update(r[0] for r in rows)
+        return found
 
     def in_flight_names(self) -> set[str]:
         """Identifiers of items that may be between registry and archive (for audits)."""

@@ -1,0 +1,46 @@
+"""Work files no deposit of this daemon owns: what a lost or restored ``state_dir``
+leaves in ``<inbox>/.nbank/`` (or a second daemon working in the same inbox).
+
+A claim journals its item (durably) before it renames the input into ``.nbank/``,
+so every work file of this daemon is named after a token its journal knows:
+``<token>`` and ``<token>.sidecar.yaml|json``. Anything else there is reported in
+``nbankctl status`` (degraded): nothing would ever deposit it, and the user's
+bytes sit in a hidden folder. It is never moved or deleted by the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Set
+from pathlib import Path
+
+_WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json))?$")
+
+
+def token_of(name: str) -> str | None:
+    """The item token a work file is named after, or None for any other name."""
+    match = _WORK_NAME.match(name)
+    return match.group(1) if match else None
+
+
+def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
+    """The names (sorted) whose token is not in ``known``, or that no token names."""
+    return sorted(n for n in names if token_of(n) not in known)
+
+
+def unowned_work_files(
+    work_dir: Path, known_tokens: Callable[[Iterable[str]], Set[str]]
+) -> list[str]:
+    """Names in ``work_dir`` that no item of the journal owns (``known_tokens`` answers
+    which of the given tokens the journal has). A missing folder holds nothing."""
+    try:
+        with os.scandir(work_dir) as it:
+            names = [e.name for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    tokens = {t for t in map(token_of, names) if t is not None}
+    return unowned(names, known_tokens(tokens) if tokens else set())
+
+
+__all__ = ["token_of", "unowned", "unowned_work_files"]

@@ -1,0 +1,112 @@
+"""Work files in <inbox>/.nbank/ that no deposit of this daemon owns: named in status,
+never touched; the daemon's own in-flight work files are not."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.daemon import DaemonHarness, wait_for
+from nbankd.daemon.orphans import token_of, unowned, unowned_work_files
+from nbankd.deposit.journal import Journal
+
+NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
+T1, T2 = "a" * 32, "b" * 32
+
+
+@pytest.mark.parametrize(
+    ("name", "token"),
+    [
+        (T1, T1),
+        (f"{T1}.sidecar.yaml", T1),
+        (f"{T1}.sidecar.json", T1),
+        (f"{T1}.sidecar.txt", None),
+        ("A" * 32, None),
+        ("notes.txt", None),
+        (T1[:-1], None),
+    ],
+)
+def test_work_file_names_give_their_token(name: str, token: str | None) -> None:
+    """Only <token> and <token>.sidecar.yaml|json are work files of a deposit."""
+    assert token_of(name) == token
+
+
+def test_unowned_are_names_without_a_known_token() -> None:
+    """Known tokens and their sidecars are owned; other tokens and odd names are not."""
+    names = [T1, f"{T1}.sidecar.yaml", T2, f"{T2}.sidecar.json", "stray.wav"]
+    assert unowned(names, {T1}) == sorted([T2, f"{T2}.sidecar.json", "stray.wav"])
+
+
+def test_unowned_work_files_asks_the_journal(tmp_path: Path) -> None:
+    """A real journal owns what it has a row for, in any state; a missing folder is empty."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.add(
+        token=T1,
+        inbox="/in",
+        relpath=b"x.dat",
+        kind="file",
+        archive="a",
+        archive_path="/a",
+        placement="copy",
+        verify=1,
+        created=0.0,
+        updated=0.0,
+    )
+    work = tmp_path / ".nbank"
+    assert unowned_work_files(work, journal.known_tokens) == []
+    work.mkdir()
+    for name in (T1, T2, "left.dat"):
+        (work / name).write_bytes(b"user data")
+    assert unowned_work_files(work, journal.known_tokens) == sorted([T2, "left.dat"])
+    journal.close()
+
+
+def status(h: DaemonHarness) -> tuple[int, dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    proc = subprocess.run(
+        [NBANKCTL, "-c", str(h.config_path), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_files_left_by_a_lost_state_dir_are_reported_and_kept(daemon_factory: Any) -> None:
+    """A claimed input whose journal was lost (state_dir restored from an old backup)
+    degrades status, named with what to do, and stays byte for byte where it is."""
+    h: DaemonHarness = daemon_factory()
+    work = h.inbox / ".nbank"
+    work.mkdir(parents=True)
+    orphan = work / secrets.token_hex(16)
+    orphan.write_bytes(b"a recording claimed by a daemon whose journal is gone")
+    h.start()
+    code, doc = status(h)
+    [inbox] = doc["inboxes"]
+    assert code == 1 and inbox["unowned_work_files"] == [orphan.name]
+    [line] = [d for d in doc["degraded"] if ".nbank" in d]
+    assert "no deposit of this daemon owns" in line and f"back into {h.inbox}" in line
+    assert orphan.read_bytes() == b"a recording claimed by a daemon whose journal is gone"
+
+
+def test_own_work_file_in_flight_is_not_reported(daemon_factory: Any) -> None:
+    """An input held right after its claim (its work file in .nbank/) is not unowned."""
+    h: DaemonHarness = daemon_factory()
+    go = h.root / "go"
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(go)})
+    h.drop("held.dat", b"held after its claim")
+    work = h.inbox / ".nbank"
+    wait_for(lambda: work.is_dir() and any(work.iterdir()), what="the input to be claimed")
+    _code, doc = status(h)
+    [inbox] = doc["inboxes"]
+    assert inbox["unowned_work_files"] == [] and not any(".nbank" in d for d in doc["degraded"])
+    go.touch()
+    h.wait_settled(1)
