@@ -145,14 +145,18 @@ class Auditor:
             every=self.settings.every,
         )
         flight = self.in_flight()
-        homeless = self._without_location()
-        results = [self._archive_safely(target, policy) for target in targets]
-        error = error_code = None
-        offline: list[Any] = []
-        try:
-            offline = not_audited(self.registry.list_archives(), [t.name for t in targets])
-        except errors.NbankdError as err:
-            error, error_code = f"cannot list the registry's archives: {err}", err.code
+        # registry-wide questions, asked beside the archives' audits
+        with ThreadPoolExecutor(2, thread_name_prefix="audit-registry") as asking:
+            first_homeless = asking.submit(self._without_location)
+            archives = asking.submit(self.registry.list_archives)
+            results = [self._archive_safely(target, policy) for target in targets]
+            homeless = first_homeless.result()
+            error = error_code = None
+            offline: list[Any] = []
+            try:
+                offline = not_audited(archives.result(), [t.name for t in targets])
+            except errors.NbankdError as err:
+                error, error_code = f"cannot list the registry's archives: {err}", err.code
         flight = flight | self.in_flight()
         if homeless:  # in both checks, not in flight: not a deposit or prune under way
             homeless &= self._without_location() or set()
