@@ -238,25 +238,35 @@ def test_audit_as_a_user_who_cannot_read_a_file_or_a_stub_folder(
     assert {"ab001", "ab002"} <= names  # not forgotten: their folder was not listed
 
 
-def test_resource_registered_after_the_walk_began_is_not_yet_missing(
+def test_resource_another_host_is_still_placing_is_not_yet_missing(
     setup: Setup, tmp_path: Path
 ) -> None:
-    """A resource the registry created after the walk began, whose file is not there
-    (another host registers, then copies, maybe behind the walk), is not reported;
-    the same resource registered before the walk began is reported missing."""
+    """A resource registered moments ago by someone else whose file is not there (another
+    host registers, then copies) is not reported; past the grace, still absent, it is."""
     setup.registry.add_resource(dtype="dat", archive="arch", name="late01", sha1=sha1(b"late"))
     settings = AuditSettings(staging_grace=GRACE)
-    before_it = Auditor(
+    now = Auditor(setup.registry, AuditCache(tmp_path / "c1.sqlite3"), settings=settings)
+    assert kinds(now.run([setup.target])) == Counter()
+    later = Auditor(
         setup.registry,
-        AuditCache(tmp_path / "c1.sqlite3"),
+        AuditCache(tmp_path / "c2.sqlite3"),
         settings=settings,
-        clock=lambda: time.time() - 60,  # the walk began a minute before the record
+        clock=lambda: time.time() + 2 * GRACE,
     )
-    assert kinds(before_it.run([setup.target])) == Counter()
-    after_it = Auditor(setup.registry, AuditCache(tmp_path / "c2.sqlite3"), settings=settings)
-    assert kinds(after_it.run([setup.target])) == Counter(
-        {(MISSING_FROM_ARCHIVE, "late01", None): 1}
+    assert kinds(later.run([setup.target])) == Counter({(MISSING_FROM_ARCHIVE, "late01", None): 1})
+
+
+def test_resource_this_daemon_deposited_is_missing_at_once(setup: Setup, tmp_path: Path) -> None:
+    """A resource the daemon's own journal shows deposited, registered moments ago and
+    gone from the archive, is reported by the next audit: no grace for what we placed."""
+    setup.registry.add_resource(dtype="dat", archive="arch", name="mine01", sha1=sha1(b"mine"))
+    audit = Auditor(
+        setup.registry,
+        AuditCache(tmp_path / "cache.sqlite3"),
+        settings=AuditSettings(staging_grace=GRACE),
+        ours=lambda names: {n for n in names if n == "mine01"},
     )
+    assert kinds(audit.run([setup.target])) == Counter({(MISSING_FROM_ARCHIVE, "mine01", None): 1})
 
 
 def test_registry_failing_during_the_walk_stops_the_walk_and_the_reads(

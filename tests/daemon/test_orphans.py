@@ -39,8 +39,9 @@ def test_work_file_names_give_their_token(name: str, token: str | None) -> None:
 
 
 def test_unowned_are_names_without_a_known_token() -> None:
-    """Known tokens and their sidecars are owned; other tokens and odd names are not."""
-    names = [T1, f"{T1}.sidecar.yaml", T2, f"{T2}.sidecar.json", "stray.wav"]
+    """Known tokens and their sidecars are owned; other tokens and odd names are not;
+    NFS placeholders of removed files are no one's input."""
+    names = [T1, f"{T1}.sidecar.yaml", T2, f"{T2}.sidecar.json", "stray.wav", ".nfs0001"]
     assert unowned(names, {T1}) == sorted([T2, f"{T2}.sidecar.json", "stray.wav"])
 
 
@@ -93,7 +94,8 @@ def test_files_left_by_a_lost_state_dir_are_reported_and_kept(daemon_factory: An
     [inbox] = doc["inboxes"]
     assert code == 1 and inbox["unowned_work_files"] == [orphan.name]
     [line] = [d for d in doc["degraded"] if ".nbank" in d]
-    assert "no deposit of this daemon owns" in line and f"back into {h.inbox}" in line
+    assert line.startswith(str(h.inbox)) and "no deposit of this daemon owns" in line
+    assert "under its original name" in line and "stop one of them" in line
     assert orphan.read_bytes() == b"a recording claimed by a daemon whose journal is gone"
 
 
@@ -110,3 +112,36 @@ def test_own_work_file_in_flight_is_not_reported(daemon_factory: Any) -> None:
     assert inbox["unowned_work_files"] == [] and not any(".nbank" in d for d in doc["degraded"])
     go.touch()
     h.wait_settled(1)
+
+
+def test_an_unreadable_work_folder_is_reported_not_a_crash(daemon_factory: Any) -> None:
+    """A .nbank that cannot be listed (a symlink loop here) leaves status answering,
+    degraded with what to check, instead of failing the command."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    (h.inbox / ".nbank").rmdir()  # made empty at start; replaced while the daemon runs
+    (h.inbox / ".nbank").symlink_to(".nbank")
+    code, doc = status(h)
+    assert code == 1 and doc["inboxes"][0]["unowned_work_files"] == []
+    [line] = [d for d in doc["degraded"] if "cannot list" in d]
+    assert ".nbank" in line and "check its owner and mode" in line
+
+
+def test_a_work_folder_that_is_not_a_folder_stops_the_start_with_a_clear_message(
+    daemon_factory: Any,
+) -> None:
+    """.nbank existing as a file: nbankd refuses to start, naming it and what to do, and
+    leaves the file alone (no traceback)."""
+    h: DaemonHarness = daemon_factory()
+    h.inbox.mkdir(parents=True, exist_ok=True)
+    (h.inbox / ".nbank").write_bytes(b"someone's file")
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("nbankd")), "-c", str(h.write_config())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{h.inbox / '.nbank'} exists but is not a folder" in proc.stderr
+    assert "move it away" in proc.stderr
+    assert (h.inbox / ".nbank").read_bytes() == b"someone's file"

@@ -145,8 +145,9 @@ def judge_reads(
     return out
 
 
-def registered_since(record: ResourceRecord | None, since: float) -> bool:
-    """True if the registry created ``record`` at or after ``since`` (by its clock)."""
+def registered_within(record: ResourceRecord | None, *, now: float, grace: float) -> bool:
+    """True if the registry created ``record`` less than ``grace`` seconds before ``now``
+    (a ``created_on`` without a zone is taken as UTC, as django-neurobank writes it)."""
     if record is None or not record.created_on:
         return False
     try:
@@ -155,7 +156,7 @@ def registered_since(record: ResourceRecord | None, since: float) -> bool:
         return False
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
-    return created.timestamp() >= since
+    return young(created.timestamp(), now=now, grace=grace)
 
 
 __all__ = [
@@ -163,7 +164,7 @@ __all__ = [
     "elsewhere",
     "judge_reads",
     "misplaced",
-    "registered_since",
+    "registered_within",
     "staging_finding",
     "walk_findings",
 ]

@@ -18,9 +18,8 @@ Per archive, in this order (the order is what makes an audit right during ingest
    in batches as they come (an interrupted run resumes); a file that changed
    while it was read gets no verdict now (it is read again next run);
 6. once the reads are done: re-check each missing candidate on disk (a deposit
-   by another host that finished meanwhile is not reported, nor one the registry
-   created after the walk began: it registers, then copies, maybe behind the
-   walk); judge every read (a hash that
+   by another host that finished meanwhile is not reported, nor one another host
+   registered within the grace: it registers, then copies); judge every read (a hash that
    differs, a file that cannot be read); look up what was found unregistered
    (files placed within the grace, such as a tape import or an ``nbank``
    transfer registering after it copies, are not reported yet);
@@ -44,7 +43,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from functools import partial
@@ -100,6 +99,7 @@ class Auditor:
         *,
         settings: AuditSettings | None = None,
         in_flight: Callable[[], InFlight] = InFlight,
+        ours: Callable[[Iterable[str]], set[str]] = lambda names: set(),
         clock: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
     ) -> None:
@@ -107,6 +107,7 @@ class Auditor:
         self.cache = cache
         self.settings = settings or AuditSettings()
         self.in_flight = in_flight
+        self.ours = ours
         self.clock = clock
         self.stop = stop or threading.Event()
         rate = self.settings.max_mb_per_s * MB if self.settings.max_mb_per_s > 0 else None
@@ -145,18 +146,20 @@ class Auditor:
             every=self.settings.every,
         )
         flight = self.in_flight()
-        # registry-wide questions, asked beside the archives' audits
-        with ThreadPoolExecutor(2, thread_name_prefix="audit-registry") as asking:
+        # the first registry-wide check runs beside the archives' audits
+        asking = ThreadPoolExecutor(1, thread_name_prefix="audit-registry")
+        try:
             first_homeless = asking.submit(self._without_location)
-            archives = asking.submit(self.registry.list_archives)
             results = [self._archive_safely(target, policy) for target in targets]
             homeless = first_homeless.result()
-            error = error_code = None
-            offline: list[Any] = []
-            try:
-                offline = not_audited(archives.result(), [t.name for t in targets])
-            except errors.NbankdError as err:
-                error, error_code = f"cannot list the registry's archives: {err}", err.code
+        finally:
+            asking.shutdown(wait=False, cancel_futures=True)
+        error = error_code = None
+        offline: list[Any] = []
+        try:
+            offline = not_audited(self.registry.list_archives(), [t.name for t in targets])
+        except errors.NbankdError as err:
+            error, error_code = f"cannot list the registry's archives: {err}", err.code
         flight = flight | self.in_flight()
         if homeless:  # in both checks, not in flight: not a deposit or prune under way
             homeless &= self._without_location() or set()
@@ -189,7 +192,7 @@ class Auditor:
         """Resources no archive holds (None: not known; the archives report outages)."""
         try:
             return without_location(self.registry)
-        except errors.NbankdError:
+        except Exception:  # not known; a registry outage is reported by the archives
             return None
 
     def _archive_safely(self, target: AuditTarget, policy: planner.HashPolicy) -> ArchiveResult:
@@ -229,7 +232,6 @@ class Auditor:
         listing.add_done_callback(halt.on_failure)  # a listing that fails ends the run now
         reads: HashRun | None = None
         try:
-            walk_started = self.clock()
             walk = walk_archive(archive, stop=halt)
             clock.lap("walk")
             stats = {n: s.stat for n, s in walk.stored.items()}
@@ -280,7 +282,7 @@ class Auditor:
             raise Cancelled("audit stopped")
         clock.lap("hash")
         # checked last: a deposit from another host registers before it places the file
-        findings += self._missing(archive, walk, cats.missing, answers, walk_started)
+        findings += self._missing(archive, walk, cats.missing, answers, self.clock())
         findings += compare.judge_reads(results, cats.expected, walk)
         findings += self._unregistered(target, lookup, answers, now, results)
         self.cache.forget(
@@ -335,20 +337,24 @@ class Auditor:
         walk: Walk,
         candidates: Sequence[str],
         records: Mapping[str, ResourceRecord],
-        walk_started: float,
+        now: float,
     ) -> list[Finding]:
         """Listed and still registered here after the walk, not walked: reported unless
         it is there now, is misplaced (reported as such), its stub folder could not be
-        listed (that is the finding), or the registry created it after the walk began
-        (the listing runs beside the walk: a deposit by another host registers first,
-        then places the file, maybe behind the walk; a later run judges it)."""
+        listed (that is the finding), or someone else registered it within the grace
+        (another host's deposit registers first, then copies: a later run judges it).
+        What this daemon deposited itself is reported at once."""
+        grace = self.settings.staging_grace
+        gone = [
+            n
+            for n in candidates
+            if n not in walk.misplaced and walk.complete(n) and not _stored(archive, n)
+        ]
+        mine = self.ours(gone) if gone else set()
         return [
             Finding(MISSING_FROM_ARCHIVE, n, None)
-            for n in candidates
-            if n not in walk.misplaced
-            and walk.complete(n)
-            and not compare.registered_since(records.get(n), walk_started)
-            and not _stored(archive, n)
+            for n in gone
+            if n in mine or not compare.registered_within(records.get(n), now=now, grace=grace)
         ]
 
     def _unregistered(

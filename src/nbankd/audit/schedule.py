@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,13 @@ class AuditScheduler:
         config: Callable[[], Config],
         registry: Callable[[], Registry],
         in_flight: Callable[[], InFlight],
+        ours: Callable[[Iterable[str]], set[str]] = lambda names: set(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.registry = registry
         self.in_flight = in_flight
+        self.ours = ours
         self.clock = clock
         self.folder = Path(AUDITS_DIR)
         self.cache: AuditCache | None = None
@@ -366,6 +368,11 @@ class AuditScheduler:
                 out["report"] = self._execute(job)
             except BaseException as err:  # re-raised in the scheduler's thread
                 out["error"] = err
+            finally:  # this thread ends: its registry connection with it
+                release = getattr(self.registry(), "release_thread", None)
+                if release is not None:
+                    with contextlib.suppress(Exception):
+                        release()
 
         thread = threading.Thread(target=run, name=f"audit-{job.trigger}", daemon=True)
         thread.start()
@@ -381,6 +388,7 @@ class AuditScheduler:
             self.cache,
             settings=AuditSettings.from_config(cfg.audit),
             in_flight=self.in_flight,
+            ours=self.ours,
             clock=self.clock,
             stop=self._stop,
         )

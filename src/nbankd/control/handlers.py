@@ -22,6 +22,7 @@ import structlog
 from nbankd.config import load_config, parse_duration
 from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
+from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
 from nbankd.deposit.receipts import read_receipts
 from nbankd.migration import moves
@@ -135,6 +136,11 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             result["degraded"].append(
                 f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
             )
+        if state is not None:
+            unowned, problem = orphans.check(state.config.work_dir, daemon.journal.known_tokens)
+            entry["unowned_work_files"] = unowned
+            if problem is not None:
+                result["degraded"].append(f"{entry['path']}: {problem}")
     result["control_socket"] = str(daemon.config.control_socket)
     result["config"] = str(daemon.config.source)
     auditor = daemon.auditor

@@ -5,7 +5,10 @@ A claim journals its item (durably) before it renames the input into ``.nbank/``
 so every work file of this daemon is named after a token its journal knows:
 ``<token>`` and ``<token>.sidecar.yaml|json``. Anything else there is reported in
 ``nbankctl status`` (degraded): nothing would ever deposit it, and the user's
-bytes sit in a hidden folder. It is never moved or deleted by the daemon.
+bytes sit in a hidden folder. It is never moved or deleted by the daemon. NFS
+``.nfs*`` placeholders (a removed file still open somewhere) are not reported.
+The folder is read outside the daemon's lock (a hung filesystem must not stall
+deposits); a folder that cannot be read is reported as such.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def token_of(name: str) -> str | None:
 
 
 def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
-    """The names (sorted) whose token is not in ``known``, or that no token names."""
-    return sorted(n for n in names if token_of(n) not in known)
+    """The names (sorted) whose token is not in ``known``, or that no token names,
+    leaving out NFS placeholders."""
+    return sorted(n for n in names if token_of(n) not in known and not n.startswith(".nfs"))
 
 
 def unowned_work_files(
@@ -43,4 +47,23 @@ def unowned_work_files(
     return unowned(names, known_tokens(tokens) if tokens else set())
 
 
-__all__ = ["token_of", "unowned", "unowned_work_files"]
+def check(
+    work_dir: Path, known_tokens: Callable[[Iterable[str]], Set[str]]
+) -> tuple[list[str], str | None]:
+    """(unowned names, the degraded line for status or None) for one inbox."""
+    try:
+        names = unowned_work_files(work_dir, known_tokens)
+    except OSError as err:
+        return [], f"cannot list {work_dir}: {err.strerror or err}; check its owner and mode"
+    if not names:
+        return [], None
+    return names, (
+        f"{len(names)} file(s) in {work_dir} that no deposit of this daemon owns: "
+        "inputs claimed by a daemon whose state_dir was lost or restored (to deposit "
+        "one, move it back into the inbox under its original name, and a "
+        "<name>.sidecar.yaml beside it as <original name>.nbank.yaml), or another "
+        "daemon works in this inbox (stop one of them); nbankd leaves them alone"
+    )
+
+
+__all__ = ["check", "token_of", "unowned", "unowned_work_files"]

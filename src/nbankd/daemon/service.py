@@ -142,6 +142,7 @@ class Daemon:
                 config=lambda: self.config,
                 registry=lambda: self.registry,
                 in_flight=journal_in_flight(self.journal),
+                ours=self.journal.deposited_names,
                 clock=self.clock,
             )
             self.auditor.start()

@@ -61,9 +61,18 @@ def inbox_specs(config: Config) -> dict[str, InboxSpec]:
 def prepare_inbox_folders(config: Config) -> None:
     """Creates missing inbox, work and rejected folders (work folder private to the daemon)."""
     for inbox in config.inboxes:
-        inbox.path.mkdir(parents=True, exist_ok=True)
-        inbox.work_dir.mkdir(exist_ok=True, mode=0o750)
-        inbox.rejected_path.mkdir(parents=True, exist_ok=True)
+        for folder, mode in (
+            (inbox.path, 0o777),
+            (inbox.work_dir, 0o750),
+            (inbox.rejected_path, 0o777),
+        ):
+            try:
+                folder.mkdir(parents=True, exist_ok=True, mode=mode)
+            except FileExistsError:  # there, but not a folder (a file, a broken link)
+                raise errors.ConfigError(
+                    f"{folder} exists but is not a folder (inbox {inbox.path})",
+                    hint="move it away (nbankd never deletes it), then start nbankd again",
+                ) from None
 
 
 def ensure_datatypes(config: Config, registry: Registry) -> list[str]:

@@ -3,10 +3,10 @@
 A daemon is *degraded* (``nbankctl status`` exits 1) when any of these holds:
 the registry is unreachable or refused the start-up checks, an archive is not
 usable (unmounted, not writable, not set up), inputs wait after a failed step
-(registry outage, full or failing archive filesystem, ...), files are stalled,
-an inbox's ``.nbank/`` holds files no deposit of this daemon owns
-(:mod:`nbankd.daemon.orphans`); the control handler adds rejected inputs and
-audit findings. Each reason is one line naming the registry, archive or inbox at
+(registry outage, full or failing archive filesystem, ...), files are stalled;
+the control handler adds rejected inputs, files in an inbox's ``.nbank/`` that
+no deposit of this daemon owns (:mod:`nbankd.daemon.orphans`) and audit
+findings. Each reason is one line naming the registry, archive or inbox at
 fault and why.
 """
 
@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from nbankd import __version__, errors
-from nbankd.daemon.orphans import unowned_work_files
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
 
@@ -81,7 +80,6 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
     for key, state in daemon.inboxes.items():
         per_state = {s: n for (ib, s), n in counts.items() if ib == key}
         waiting = [i for i in daemon._waiting.values() if i.inbox == key]
-        unowned = unowned_work_files(state.config.work_dir, daemon.journal.known_tokens)
         inboxes.append(
             {
                 "path": key,
@@ -100,7 +98,6 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
                 "skipped": dict(state.skipped),
                 "archive_problem": state.archive_problem,
                 "last_scan": state.last_scan,
-                "unowned_work_files": unowned,
             }
         )
         if state.archive_problem:
@@ -108,12 +105,6 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
             shown_archives.add(daemon.config.archive_for(state.config).name)
         if state.stalled:
             degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
-        if unowned:
-            degraded.append(
-                f"{len(unowned)} file(s) in {state.config.work_dir} that no deposit of this "
-                "daemon owns (left by a lost state_dir, or another daemon works in this "
-                f"inbox): move them back into {key} to deposit them"
-            )
     setup = daemon.registry_setup.last
     registry_problem = daemon.registry_problem or setup.registry_problem
     if daemon.registry_problem and daemon.registry_problem != setup.registry_problem:

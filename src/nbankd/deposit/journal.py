@@ -305,17 +305,23 @@ class Journal:
             ).fetchall()
         return {(r[0], r[1]): r[2] for r in rows}
 
+    def deposited_names(self, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` this daemon deposited (an item done under that name)."""
+        return self._batched("SELECT name FROM items WHERE state = 'done' AND name IN", names)
+
     def known_tokens(self, tokens: Iterable[str]) -> set[str]:
         """Which of ``tokens`` name an item of this journal (in any state)."""
-        wanted = list(tokens)
+        return self._batched("SELECT token FROM items WHERE token IN", tokens)
+
+    def _batched(self, select: str, values: Iterable[str]) -> set[str]:
+        """The first column of ``select (?, ?, ...)`` over ``values``, 500 at a time."""
+        wanted = list(values)
         found: set[str] = set()
         for i in range(0, len(wanted), 500):
             batch = wanted[i : i + 500]
             marks = ", ".join("?" for _ in batch)
             with self._lock:
-                rows = self._db.execute(
-                    f"SELECT token FROM items WHERE token IN ({marks})", batch
-                ).fetchall()
+                rows = self._db.execute(f"{select} ({marks})", batch).fetchall()
             found.update(r[0] for r in rows)
         return found
 

@@ -136,6 +136,17 @@ class EmbeddedRegistry:
                     conn.execute("ROLLBACK")
                 raise
 
+    def release_thread(self) -> None:
+        """Closes the calling thread's connection, if it has one (a thread that is about
+        to end: its connection would otherwise stay open until :meth:`close`)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            self._connections = [(o, c) for o, c in self._connections if c is not conn]
+        conn.close()
+
     def close(self) -> None:
         """Closes the connections this object opened in this process (a forked child
         leaves its parent's alone)."""
