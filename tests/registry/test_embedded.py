@@ -501,3 +501,22 @@ def test_bad_dates_are_rejected_together(filled: EmbeddedRegistry) -> None:
         "created_on__year": ["Enter a number."],
         "created_on__range": ["Range query expects two values."],
     }
+
+
+def test_a_thread_that_ends_can_close_its_connection(reg: EmbeddedRegistry) -> None:
+    """release_thread() closes the calling thread's connection and forgets it, so a
+    thread per audit run does not leave one open connection behind per run."""
+    before = len(reg._connections)
+    seen: list[int] = []
+
+    def one_run() -> None:
+        reg.list_archives()
+        seen.append(len(reg._connections))
+        reg.release_thread()
+
+    for _ in range(3):
+        thread = threading.Thread(target=one_run)
+        thread.start()
+        thread.join()
+    assert seen == [before + 1] * 3 and len(reg._connections) == before
+    assert reg.list_archives() == reg.list_archives()  # other threads' connections still work
