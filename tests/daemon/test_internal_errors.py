@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for
 from nbankd.daemon.service import JOURNAL_NAME
 from nbankd.deposit.journal import Journal
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
-
-
-def _status(h: DaemonHarness) -> tuple[int, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
-    proc = subprocess.run(
-        [NBANKCTL, "-c", str(h.config_path), "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    return proc.returncode, json.loads(proc.stdout)
 
 
 def test_unexpected_error_in_a_step_waits_with_backoff_and_keeps_the_input(
@@ -47,7 +33,7 @@ def test_unexpected_error_in_a_step_waits_with_backoff_and_keeps_the_input(
     work = [p for p in (h.inbox / ".nbank").rglob("*") if p.is_file()]
     assert [p.read_bytes() for p in work] == [b"precious bytes"]
     assert h.archive_files() == {} and h.receipts() == []
-    code, status = _status(h)
+    code, status = status_json(h)
     assert code == 1 and "internal" in json.dumps(status)
     tracebacks = h.log_path.read_text().count("unexpected error in a deposit step")
     assert 1 <= tracebacks <= item.attempts

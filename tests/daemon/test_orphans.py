@@ -3,8 +3,6 @@ never touched; the daemon's own in-flight work files are not."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 import subprocess
 import sys
@@ -13,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for
 from nbankd.daemon.orphans import token_of, unowned, unowned_work_files
 from nbankd.deposit.journal import Journal
 
@@ -69,18 +67,6 @@ def test_unowned_work_files_asks_the_journal(tmp_path: Path) -> None:
     journal.close()
 
 
-def status(h: DaemonHarness) -> tuple[int, dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
-    proc = subprocess.run(
-        [NBANKCTL, "-c", str(h.config_path), "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    return proc.returncode, json.loads(proc.stdout)
-
-
 def test_files_left_by_a_lost_state_dir_are_reported_and_kept(daemon_factory: Any) -> None:
     """A claimed input whose journal was lost (state_dir restored from an old backup)
     degrades status, named with what to do, and stays byte for byte where it is."""
@@ -90,7 +76,7 @@ def test_files_left_by_a_lost_state_dir_are_reported_and_kept(daemon_factory: An
     orphan = work / secrets.token_hex(16)
     orphan.write_bytes(b"a recording claimed by a daemon whose journal is gone")
     h.start()
-    code, doc = status(h)
+    code, doc = status_json(h)
     [inbox] = doc["inboxes"]
     assert code == 1 and inbox["unowned_work_files"] == [orphan.name]
     [line] = [d for d in doc["degraded"] if ".nbank" in d]
@@ -107,7 +93,7 @@ def test_own_work_file_in_flight_is_not_reported(daemon_factory: Any) -> None:
     h.drop("held.dat", b"held after its claim")
     work = h.inbox / ".nbank"
     wait_for(lambda: work.is_dir() and any(work.iterdir()), what="the input to be claimed")
-    _code, doc = status(h)
+    _code, doc = status_json(h)
     [inbox] = doc["inboxes"]
     assert inbox["unowned_work_files"] == [] and not any(".nbank" in d for d in doc["degraded"])
     go.touch()
@@ -121,7 +107,7 @@ def test_an_unreadable_work_folder_is_reported_not_a_crash(daemon_factory: Any) 
     h.start()
     (h.inbox / ".nbank").rmdir()  # made empty at start; replaced while the daemon runs
     (h.inbox / ".nbank").symlink_to(".nbank")
-    code, doc = status(h)
+    code, doc = status_json(h)
     assert code == 1 and doc["inboxes"][0]["unowned_work_files"] == []
     [line] = [d for d in doc["degraded"] if "cannot list" in d]
     assert ".nbank" in line and "check its owner and mode" in line
