@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from nbankd import errors
 from nbankd.audit.model import REGISTRY_OUTAGE_CODES
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
 from nbankd.config.model import DEFAULT_CONTROL_SOCKET
-from nbankd.control.client import ControlClient
+from nbankd.control.client import NOT_RUNNING_HINT, ControlClient
 
 #: seconds each ``audit`` request waits in the daemon before nbankctl asks again
 AUDIT_POLL = 30.0
@@ -46,8 +47,20 @@ def socket_path(args: argparse.Namespace) -> Path:
     return load_config(path).control_socket
 
 
+def client(args: argparse.Namespace) -> ControlClient:
+    """A client for the socket :func:`socket_path` picks, whose "not running" hint
+    names how that daemon would be started."""
+    hint = NOT_RUNNING_HINT
+    if getattr(args, "socket", None):
+        hint = "start the daemon that owns this socket, or give the right --socket"
+    elif getattr(args, "config", None) or os.environ.get(CONFIG_ENV):
+        config = shlex.quote(str(find_config_path(getattr(args, "config", None))))
+        hint = f"start it with: nbankd -c {config}"
+    return ControlClient(socket_path(args), hint=hint)
+
+
 def _call(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
-    return ControlClient(socket_path(args)).call(cmd, cmd_args or {})
+    return client(args).call(cmd, cmd_args or {})
 
 
 def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
@@ -137,8 +150,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong, 3
     when the only thing wrong is that the registry could not be reached (2 when the
     daemon's audits are disabled: the error names the cache file and the fix)."""
-    client = ControlClient(socket_path(args))
-    state = client.call("audit", {"full": bool(args.full), "wait": AUDIT_POLL})
+    daemon = client(args)
+    state = daemon.call("audit", {"full": bool(args.full), "wait": AUDIT_POLL})
     ticket = state.get("request")
     progress = not getattr(args, "json", False) and sys.stderr.isatty()
     while state.get("state") != "done":
@@ -148,7 +161,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             )
         if progress:
             render.write(render.audit_progress(state), sys.stderr)
-        state = client.call("audit", {"request": ticket, "wait": AUDIT_POLL})
+        state = daemon.call("audit", {"request": ticket, "wait": AUDIT_POLL})
     report = state["report"]
     _emit(args, report, render.audit)
     if report.get("ok"):

@@ -94,7 +94,7 @@ def status(result: dict[str, Any]) -> str:
             [
                 ib["path"],
                 ib.get("archive"),
-                ib.get("watch"),
+                _watch_cell(ib),
                 ib.get("paused"),
                 ib.get("in_flight"),
                 ib.get("deposited"),
@@ -131,6 +131,14 @@ def status(result: dict[str, Any]) -> str:
     if degraded:
         lines += ["", "degraded:"] + [f"  - {printable(str(d))}" for d in degraded]
     return "\n".join(lines)
+
+
+def _watch_cell(inbox: dict[str, Any]) -> str:
+    """The WATCH column: the configured mode, and what happens when that differs."""
+    wanted, actual = inbox.get("watch"), inbox.get("watch_mode")
+    if actual is None or wanted == "poll" or actual == "inotify":
+        return str(wanted)
+    return f"{wanted} (polling)"
 
 
 def audit_line(result: dict[str, Any]) -> str:
@@ -216,6 +224,8 @@ def queue(result: dict[str, Any]) -> str:
                 [[p["inbox"], p["relpath"], p["state"], p["reason"]] for p in pending],
             ),
         ]
+    if result.get("fresh") is False:
+        lines += ["", f"(inboxes as last scanned, {when(result.get('scanned'))}: a scan is slow)"]
     return "\n".join(lines)
 
 

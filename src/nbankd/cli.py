@@ -7,10 +7,19 @@ import sys
 import time
 from typing import Any
 
-from nbankd import __version__, errors
+from nbankd import errors
 from nbankd.errors import exit_code_for
+from nbankd.versions import version_text
 
 WEDGE_AFTER_DEFAULT = 900.0
+
+
+class _Version(argparse.Action):
+    """``--version``: nbankd's version and its libraries', on one unwrapped line."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kw: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="nbankd",
         description="Deposit files dropped into watched inboxes into neurobank archives.",
     )
-    p.add_argument("--version", action="version", version=f"nbankd {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the versions in use and exit")
     p.add_argument(
         "-c",
         "--config",

@@ -360,3 +360,66 @@ def test_options_before_the_command_are_kept(tmp_path: Path) -> None:
     )
     assert out.returncode == 3
     assert str(sock) in out.stderr
+
+
+def test_queue_shows_what_is_in_the_inbox_now(daemon_factory: Any) -> None:
+    """queue scans before answering: a deposited file is gone from it and a file
+    dropped since the last scan is listed, even with rescans an hour apart."""
+    h = daemon_factory(inbox_options={"rescan_every": "1h", "watch": "poll"})
+    h.start()
+    h.drop("done01.dat", b"deposited")
+    assert ctl_json(h, "queue")["fresh"] is True
+    wait_for(lambda: len(h.receipts()) == 1, what="done01.dat deposited")
+    h.drop("late01.dat", b"dropped after the last scan")
+    result = ctl_json(h, "queue")
+    names = [p["relpath"] for p in result["pending"]] + [i["relpath"] for i in result["items"]]
+    assert "done01.dat" not in names
+    assert "late01.dat" in names
+
+
+def test_requeue_command_in_reason_and_explain_can_be_pasted(h: DaemonHarness) -> None:
+    """The requeue command a .reason file and explain give names the configuration and
+    quotes the path: run by a shell as written, it requeues the file."""
+    h.drop("it's a file.dat", b"pasted bytes")
+    h.wait_settled(1)
+    [reason] = h.reasons()
+    explained = ctl_json(h, "explain", reason["rejected_path"])
+    assert explained["requeue"] == reason["requeue"]
+    assert f"-c {h.config_path}" in reason["requeue"]
+    assert f"fix the cause, then: {reason['requeue']}" in explained["message"]
+    (h.rejected / "it's a file.dat.nbank.yaml").write_text("id: pasted01\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    env["PATH"] = f"{Path(NBANKCTL).parent}:{env.get('PATH', '')}"
+    proc = subprocess.run(
+        ["sh", "-c", reason["requeue"]], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: h.receipts(), what="the requeued file's receipt")
+    assert [r["id"] for r in h.receipts()] == ["pasted01"]
+
+
+@pytest.mark.parametrize(
+    ("how", "hint"),
+    [
+        ("-c", "start it with: nbankd -c {config}"),
+        ("env", "start it with: nbankd -c {config}"),
+        ("--socket", "start the daemon that owns this socket"),
+    ],
+)
+def test_not_running_hint_follows_how_the_daemon_was_named(
+    tmp_path: Path, how: str, hint: str
+) -> None:
+    """With -c or $NBANKD_CONFIG the hint is that configuration's start command, with
+    --socket the socket; systemctl is suggested only for the default configuration."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ncontrol_socket: {tmp_path / 'no.sock'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    args = {"-c": ["-c", str(cfg)], "env": [], "--socket": ["--socket", str(tmp_path / "x")]}
+    if how == "env":
+        env["NBANKD_CONFIG"] = str(cfg)
+    proc = subprocess.run(
+        [NBANKCTL, "status", *args[how]], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 3
+    assert hint.format(config=cfg) in proc.stderr
+    assert "systemctl" not in proc.stderr

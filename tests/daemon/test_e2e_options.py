@@ -272,3 +272,13 @@ def test_rejected_input_named_like_a_temporary_reason_file_survives_later_reject
     kept = {p.name: p.read_bytes() for p in h.rejected.iterdir() if not p.name.endswith(".reason")}
     assert kept == {".a.wav.reason.tmp~1": b"keep me", "a.wav": b""}
     assert {r["code"] for r in h.reasons()} == {"invalid-name", "empty"}
+
+
+def test_nested_rejected_dir_hides_only_itself(daemon_factory: Any) -> None:
+    """With rejected_dir: sub/rejected, files elsewhere in sub/ are still deposited."""
+    h = daemon_factory(inbox_options={"rejected_dir": "sub/rejected"})
+    h.start()
+    h.drop("sub/beside.wav", b"next to the rejected folder")
+    wait_for(lambda: len(h.receipts()) == 1, what="sub/beside.wav to be deposited")
+    h.stop()
+    assert h.archive_files()["beside.wav"].read_bytes() == b"next to the rejected folder"

@@ -14,12 +14,16 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
+from watchdog.events import EventsLostEvent
 
-from nbankd.watch.observer import InboxWatcher, Mode, Wakeups
+from nbankd.config.model import CANARY_NAME
+from nbankd.watch.observer import DEAF_SEAM, InboxWatcher, Mode, Wakeups, kernel_watches
 
 WAIT_S = 10.0
 
@@ -109,10 +113,10 @@ def test_excluded_and_ignored_paths_do_not_wake(
     assert [rel for _, rel in before if rel.split("/")[0] == top] == []
 
 
-def test_excluded_folder_created_later_is_not_watched(
+def test_excluded_folder_created_later_wakes_nobody(
     watcher: InboxWatcher, recorder: Recorder, tmp_path: Path
 ):
-    """A rejected folder made after arming gets no watch: writes inside wake nobody."""
+    """Writes in a rejected folder made after arming wake nobody."""
     root = tmp_path / "fresh"
     root.mkdir()
     watcher.add_inbox("rig3", root, exclude=[".nbank", "rejected"])
@@ -256,14 +260,15 @@ def test_missing_inbox_is_polled_until_it_exists(
 
 def test_stop_joins_all_threads(recorder: Recorder, inbox: Path):
     """stop() returns True in time, is_alive() turns False and no watcher thread is left."""
+    before = set(threading.enumerate())
     w = InboxWatcher(recorder)
     w.start()
     w.add_inbox("rig3", inbox)
     assert w.is_alive()
+    assert len(set(threading.enumerate()) - before) >= 3  # observer, emitter, inotify reader
     assert w.stop(timeout=WAIT_S)
     assert not w.is_alive()
-    names = {t.name for t in threading.enumerate()}
-    assert not names & {"nbankd-watch", "nbankd-inotify", "nbankd-watch-stop"}
+    assert set(threading.enumerate()) - before == set()
     assert w.stop() is True  # idempotent
     assert w.status()["rig3"].mode is Mode.POLL
 
@@ -302,22 +307,33 @@ def test_wakeups_mailbox_collects_and_clears():
 # --- inotify limits (ENOSPC), in a user namespace with its own limit -------------------------
 
 CHILD = r"""
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 from nbankd.watch.observer import InboxWatcher, Wakeups
+from nbankd.watch.scan import scan_inbox
 
 root, grow = Path(sys.argv[1]), sys.argv[2] == "grow"
 wakes = Wakeups()
 w = InboxWatcher(wakes.notify)
 w.start()
 out = {"added": w.add_inbox("rig3", root).__repr__()}
+
+
+def woken_until(relpath):
+    seen = []
+    while relpath not in seen and wakes.wait(10):
+        seen += wakes.take().get("rig3", [])
+    return seen
+
+
 if grow:
     (root / "late").mkdir()
-    seen = {}
-    while "" not in seen.get("rig3", []) and wakes.wait(10):
-        for k, v in wakes.take().items():
-            seen.setdefault(k, []).extend(v)
-    out["woken"] = seen.get("rig3", [])
+    out["woken"] = woken_until("late")  # watchdog has tried to watch it by now
+    folders = {}
+    scan_inbox(root, recursive=True, folders=folders)
+    w.verify_coverage("rig3", folders)
+    w.check(time.monotonic() + 100)  # the grace has passed
+    out["woken"] += woken_until("")
 status = w.status()["rig3"]
 out["after"] = {"mode": status.mode.value, "reason": status.reason, "degraded": status.degraded}
 status = w.rearm()["rig3"]
@@ -364,18 +380,139 @@ def test_watch_limit_falls_back_to_poll(tmp_path: Path, limit: int, folders: lis
 
 
 def test_watch_limit_hit_by_new_folder_falls_back_to_poll(tmp_path: Path):
-    """A sub-folder created once the limit is reached wakes the inbox and degrades it."""
+    """A sub-folder the kernel would not watch (seen by the coverage check against the
+    kernel's own list) wakes the inbox and degrades it, naming the folder."""
     (tmp_path / "a").mkdir()
     out = _run_with_limit(2, tmp_path, "grow")
     assert "inotify" in out["added"]
     assert "" in out["woken"]
     assert out["after"]["mode"] == "poll" and "limit" in out["after"]["reason"]
+    assert "first: late" in out["after"]["reason"]
+    assert "inotify does not watch every folder" in out["log"]
     assert out["alive"] and out["stopped"]
 
 
 def test_no_inotify_instance_means_every_inbox_polls(tmp_path: Path):
-    """When inotify_init itself is refused (EMFILE), start() degrades instead of raising."""
+    """When inotify_init itself is refused (EMFILE), the inbox polls instead of raising."""
     out = _run_with_limit(0, tmp_path, "add", sysctl="instances")
     assert out["after"]["mode"] == "poll" and out["after"]["degraded"]
     assert "inotify instance limit reached" in out["after"]["reason"]
-    assert not out["alive"] and out["stopped"]
+    assert out["rearmed"]["mode"] == "poll" and out["stopped"]
+
+
+# --- proof of life: the canary, lost events, coverage --------------------------------------
+
+
+def test_live_watch_answers_its_canary(watcher: InboxWatcher, inbox: Path):
+    """A check writes the canary; its event arrives and the inbox stays INOTIFY."""
+    watcher.add_inbox("rig3", inbox)
+    sent = time.monotonic()
+    watcher.check(sent)
+    assert watcher.wait_answered("rig3", WAIT_S)
+    watcher.check(sent + 60)  # long past the grace: nothing outstanding to judge
+    assert watcher.status()["rig3"].mode is Mode.INOTIFY
+    assert (inbox / CANARY_NAME).is_file()
+
+
+def test_canary_event_wakes_nobody(watcher: InboxWatcher, recorder: Recorder, inbox: Path):
+    """The canary's own event is not a change in the inbox."""
+    watcher.add_inbox("rig3", inbox)
+    watcher.check()
+    assert watcher.wait_answered("rig3", WAIT_S)
+    write(inbox / "after.wav")
+    assert recorder.wait_for(("rig3", "after.wav")) == []
+
+
+def test_deaf_watch_falls_back_to_polling_and_logs_once(recorder: Recorder, inbox: Path):
+    """With every event dropped (the seam), the unanswered canary makes the inbox POLL,
+    degraded with the reason, wakes it for a rescan, and is logged once."""
+    w = InboxWatcher(recorder, environ={DEAF_SEAM: "1"})
+    w.start()
+    try:
+        w.add_inbox("rig3", inbox, check_every=2.0)
+        with capture_logs() as logs:
+            sent = time.monotonic()
+            w.check(sent)
+            assert w.status()["rig3"].mode is Mode.INOTIFY  # not judged before the grace
+            w.check(sent + 2.5)
+            w.rearm()
+            w.check(sent + 5.0)  # the next canary goes unanswered too
+            w.check(sent + 7.5)
+        status = w.status()["rig3"]
+        assert status.mode is Mode.POLL and status.degraded
+        assert "no inotify event within 2s of the liveness check" in status.reason
+        assert ("rig3", "") in recorder.events
+        failed = [e for e in logs if "liveness check" in e["event"]]
+        assert len(failed) == 1 and failed[0]["inbox"] == "rig3"
+    finally:
+        assert w.stop(timeout=WAIT_S)
+
+
+def test_unwritable_canary_falls_back_then_recovers(watcher: InboxWatcher, inbox: Path):
+    """A canary that cannot be written means polling with the reason; once it can be
+    written and its event arrives, the inbox is INOTIFY again."""
+    (inbox / CANARY_NAME).mkdir()  # a folder in the canary's place
+    watcher.add_inbox("rig3", inbox)
+    now = time.monotonic()
+    watcher.check(now)
+    status = watcher.status()["rig3"]
+    assert status.mode is Mode.POLL and "cannot write the liveness canary" in status.reason
+    (inbox / CANARY_NAME).rmdir()
+    watcher.rearm()
+    watcher.check(now + 60)
+    assert watcher.wait_answered("rig3", WAIT_S)
+    assert watcher.status()["rig3"].mode is Mode.INOTIFY
+
+
+def test_canary_never_writes_through_a_link(watcher: InboxWatcher, inbox: Path, tmp_path: Path):
+    """A symbolic link or hard link in the canary's place is replaced, its target untouched."""
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"precious")
+    (inbox / CANARY_NAME).symlink_to(outside)
+    watcher.add_inbox("rig3", inbox)
+    now = time.monotonic()
+    watcher.check(now)
+    assert watcher.wait_answered("rig3", WAIT_S)
+    assert not (inbox / CANARY_NAME).is_symlink()
+    (inbox / CANARY_NAME).unlink()
+    os.link(outside, inbox / CANARY_NAME)
+    watcher.check(now + 60)
+    assert watcher.wait_answered("rig3", WAIT_S)
+    assert outside.read_bytes() == b"precious" and outside.stat().st_nlink == 1
+
+
+def test_lost_events_wake_the_whole_inbox(watcher: InboxWatcher, recorder: Recorder, inbox: Path):
+    """watchdog's EventsLostEvent (a kernel queue overflow) asks for a rescan of the inbox."""
+    watcher.add_inbox("rig3", inbox)
+    for emitter in list(watcher._observer.emitters):  # type: ignore[union-attr]
+        emitter.queue_event(EventsLostEvent(str(inbox), is_directory=True))
+    recorder.wait_for(("rig3", ""))
+    assert watcher.status()["rig3"].mode is Mode.INOTIFY
+
+
+def test_kernel_lists_every_folder_of_a_watched_inbox(watcher: InboxWatcher, inbox: Path):
+    """The kernel's watch list (/proc/self/fdinfo) names the inbox and its folders."""
+    watcher.add_inbox("rig3", inbox)
+    watched = kernel_watches()
+    assert watched is not None
+    for folder in (inbox, inbox / "bird", inbox / "bird" / "day1"):
+        assert folder.stat().st_ino in watched
+
+
+def test_coverage_of_a_fully_watched_inbox_stays_inotify(watcher: InboxWatcher, inbox: Path):
+    """Folders that all hold watches leave the inbox INOTIFY after the grace."""
+    watcher.add_inbox("rig3", inbox)
+    folders = {p.stat().st_ino: str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_dir()}
+    watcher.verify_coverage("rig3", {inbox.stat().st_ino: "", **folders})
+    watcher.check(time.monotonic() + 60)
+    assert watcher.status()["rig3"].mode is Mode.INOTIFY
+
+
+def test_unwatched_folder_that_vanished_is_not_held_against_the_inbox(
+    watcher: InboxWatcher, inbox: Path
+):
+    """A folder missing from the kernel's list but gone by the re-check is no refusal."""
+    watcher.add_inbox("rig3", inbox)
+    watcher.verify_coverage("rig3", {999_999_999: "gone-by-now"})
+    watcher.check(time.monotonic() + 60)
+    assert watcher.status()["rig3"].mode is Mode.INOTIFY

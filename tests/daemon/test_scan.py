@@ -446,3 +446,18 @@ def test_unreadable_folder_inside_directory_resource(world_tmp: Path) -> None:
     entries = _scan_unprivileged(root, directories_as_resources=True)
     assert kinds(entries) == {"rec": EntryKind.DIRECTORY_RESOURCE}
     assert entries[0].problem is not None and "1 unreadable folder(s)" in entries[0].problem
+
+
+def test_listed_folders_are_handed_back_by_inode(inbox: Path) -> None:
+    """``folders`` receives every folder the scan listed (root as ""), none it skipped."""
+    (inbox / "bird" / "day1").mkdir(parents=True)
+    (inbox / ".nbank").mkdir()
+    (inbox / "rejected" / "sub").mkdir(parents=True)
+    (inbox / "bird" / "link").symlink_to(inbox / "rejected")
+    folders: dict[int, str] = {}
+    scan_inbox(inbox, recursive=True, exclude=[".nbank", "rejected"], folders=folders)
+    assert folders == {
+        inbox.stat().st_ino: "",
+        (inbox / "bird").stat().st_ino: "bird",
+        (inbox / "bird" / "day1").stat().st_ino: "bird/day1",
+    }

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankd.archive import layout
+from nbankd.config.model import CANARY_NAME
 from nbankd.deposit.lifecycle import FINAL
 from nbankd.hashing import DirectoryHasher, hash_path
 
@@ -366,7 +367,8 @@ def _check_leftovers(
         work = inbox / WORK_DIR
         if work.is_dir() and os.listdir(work):
             out.append(f"leftovers in {work}: {sorted(os.listdir(work))}")
-        stray = sorted(n for n in os.listdir(inbox) if n not in (WORK_DIR, rejected_name))
+        ours = (WORK_DIR, rejected_name, CANARY_NAME)
+        stray = sorted(n for n in os.listdir(inbox) if n not in ours)
         if stray:
             out.append(f"left in inbox {inbox}: {stray}")
         rejected = inbox / rejected_name

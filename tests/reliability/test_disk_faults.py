@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for
+from nbankd.config.model import CANARY_NAME
 from nbankd.hashing import sha1_file
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
@@ -285,7 +286,7 @@ def test_archive_that_disappears_waits_then_resumes(
     first = drop_batch(h, {"early1.dat": 3 * MiB, "early2.dat": 1000, "early3.dat": 54321})
 
     def claimed() -> bool:
-        names = [p.name for p in h.inbox.iterdir() if p.is_file()]
+        names = [p.name for p in h.inbox.iterdir() if p.is_file() and p.name != CANARY_NAME]
         return not names and len(list((h.inbox / ".nbank").iterdir())) == len(first)
 
     wait_for(claimed, 30, "the first inputs to be claimed")

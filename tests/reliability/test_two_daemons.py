@@ -20,6 +20,7 @@ from typing import Any
 
 from fixtures.daemon import DaemonHarness, wait_for
 from nbankd.archive.layout import create_archive
+from nbankd.config.model import CANARY_NAME
 from nbankd.registry.http import HttpRegistry
 from reliability import figures
 
@@ -113,7 +114,7 @@ def test_two_daemons_share_one_inbox_and_each_input_ends_once(
     for sha1, name in names.items():
         assert stored[f"{name}.wav"].read_bytes() == inputs[sha1]
     assert list((a.archive / "staging").iterdir()) == []
-    assert sorted(p.name for p in a.inbox.iterdir()) == [".nbank", "rejected"]
+    assert sorted(p.name for p in a.inbox.iterdir()) == [".nbank", CANARY_NAME, "rejected"]
     assert list((a.inbox / ".nbank").iterdir()) == []
     assert a.reasons() == [] and list(a.rejected.iterdir()) == []
 

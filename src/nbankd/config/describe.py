@@ -49,6 +49,8 @@ def _inbox(inbox: InboxConfig) -> dict[str, Any]:
         "ignore": list(inbox.ignore),
         "stall_after": format_duration(inbox.stall_after),
         "rescan_every": format_duration(inbox.rescan_every),
+        "watch_check_every": format_duration(inbox.watch_check_every),
+        "fallback_poll_every": format_duration(inbox.fallback_poll_every),
         "placement": inbox.placement,
         "verify": inbox.verify,
         "directories": inbox.directories,

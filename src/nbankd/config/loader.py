@@ -125,6 +125,8 @@ ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
         "ignore",
         "stall_after",
         "rescan_every",
+        "watch_check_every",
+        "fallback_poll_every",
         "placement",
         "verify",
         "directories",
@@ -683,6 +685,20 @@ class _Parser:
             stall_after=stall_after,
             rescan_every=self.get(
                 section, path, "rescan_every", duration(positive=True), defaults.rescan_every
+            ),
+            watch_check_every=self.get(
+                section,
+                path,
+                "watch_check_every",
+                duration(positive=True),
+                defaults.watch_check_every,
+            ),
+            fallback_poll_every=self.get(
+                section,
+                path,
+                "fallback_poll_every",
+                duration(positive=True),
+                defaults.fallback_poll_every,
             ),
             placement=cast(
                 Placement, self.get(section, path, "placement", enum(PLACEMENT_VALUES), "copy")

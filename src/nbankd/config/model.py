@@ -24,6 +24,7 @@ DEFAULT_CONTROL_SOCKET = Path("/run/nbankd/control.sock")
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_IGNORE: tuple[str, ...] = ("*.tmp", "*.part", ".*")
 WORK_DIR_NAME = ".nbank"
+CANARY_NAME = ".nbankd-canary"  # the watch's liveness canary in each inotify inbox folder
 EMBEDDED_DB_NAME = "registry.sqlite3"
 ARCHIVE_SCHEME = "neurobank"
 
@@ -129,6 +130,8 @@ class InboxConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     stall_after: float = 3600.0
     rescan_every: float = 300.0
+    watch_check_every: float = 30.0
+    fallback_poll_every: float = 5.0
     placement: Placement = "copy"
     verify: bool = True
     directories: Directories = "files"
@@ -138,6 +141,12 @@ class InboxConfig:
     def work_dir(self) -> Path:
         """Where the daemon keeps in-progress files (same filesystem as the inbox)."""
         return self.path / WORK_DIR_NAME
+
+    @property
+    def exclusions(self) -> tuple[str, ...]:
+        """Relative paths no scan lists and no wake-up reports: the work folder, the
+        rejected folder and the watch's liveness canary."""
+        return (WORK_DIR_NAME, self.rejected_dir, CANARY_NAME)
 
     @property
     def rejected_path(self) -> Path:

@@ -41,10 +41,24 @@ class ControlDenied(ControlError, errors.PermissionDenied):
     """The daemon refused the request for this user (exit 2)."""
 
 
+NOT_RUNNING_HINT = (
+    "start it with systemctl start nbankd; for a daemon run with another configuration, "
+    "give -c FILE or set $NBANKD_CONFIG"
+)
+
+
 class ControlClient:
-    def __init__(self, path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    """``hint`` is what to say when no socket exists (how to start that daemon)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        timeout: float = DEFAULT_TIMEOUT,
+        hint: str = NOT_RUNNING_HINT,
+    ) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        self.hint = hint
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -55,7 +69,7 @@ class ControlClient:
             sock.close()
             raise errors.DaemonUnreachable(
                 f"nbankd is not running (no socket at {self.path})",
-                hint="start it (systemctl start nbankd), or give --socket / -c",
+                hint=self.hint,
             ) from None
         except ConnectionRefusedError:
             sock.close()

@@ -153,7 +153,13 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+QUEUE_SCAN_WAIT = 5.0  # seconds queue waits for a fresh scan of the inboxes
+
+
 def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Items in flight and the files waiting in inboxes, from a scan made for this
+    request (``fresh`` False when it took over QUEUE_SCAN_WAIT: the last scan's)."""
+    fresh = daemon.fresh_scan(QUEUE_SCAN_WAIT)
     now = daemon.clock()
     items = daemon.journal.unfinished()
     with daemon._lock:
@@ -197,7 +203,13 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                     "seconds_left": verdict.seconds_left,
                 }
             )
-    return {"items": out, "pending": pending}
+    scanned = [s.last_scan for s in inboxes.values() if s.last_scan is not None]
+    return {
+        "items": out,
+        "pending": pending,
+        "fresh": fresh,
+        "scanned": _iso(min(scanned)) if scanned else None,
+    }
 
 
 def history(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +253,13 @@ def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     path = _arg(args, "path", str)
     if not path:
         raise ProtocolError("usage", "explain needs a path")
-    return explain_mod.explain(path, _inboxes(daemon), daemon.journal, now=daemon.clock())
+    return explain_mod.explain(
+        path,
+        _inboxes(daemon),
+        daemon.journal,
+        now=daemon.clock(),
+        config_source=daemon.config.source,
+    )
 
 
 # --- commands that change state ------------------------------------------------------

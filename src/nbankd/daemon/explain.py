@@ -26,6 +26,7 @@ from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
 from nbankd.deposit.spec import WORK_DIR_NAME
+from nbankd.shellwords import requeue_command
 from nbankd.watch import settle
 from nbankd.watch.scan import SIDECAR_SUFFIXES, EntryKind, owner_of, printable
 
@@ -181,7 +182,12 @@ def _deposited(item: Item) -> dict[str, Any]:
 
 
 def _rejected_answer(
-    out: dict[str, Any], config: InboxConfig, rrel: str, item: Item | None, reason: Any
+    out: dict[str, Any],
+    config: InboxConfig,
+    rrel: str,
+    item: Item | None,
+    reason: Any,
+    config_source: Path | None,
 ) -> dict[str, Any]:
     rejected_path = str(config.rejected_path / rrel)
     present = os.path.lexists(rejected_path)
@@ -200,9 +206,10 @@ def _rejected_answer(
     if item is not None:
         out["item"] = {"token": item.token, "finished": iso(item.finished)}
     if present:
+        out["requeue"] = requeue_command(rejected_path, config_source)
         out["message"] = (
             f"rejected ({code}): {message}; the input is at {printable(rejected_path)}"
-            f" -- fix the cause, then: nbankctl requeue {printable(rejected_path)}"
+            f" -- fix the cause, then: {out['requeue']}"
         )
     else:
         out["message"] = (
@@ -322,8 +329,10 @@ def explain(
     journal: JournalView,
     *,
     now: float,
+    config_source: Path | None = None,
 ) -> dict[str, Any]:
-    """Explains one path; see the module docstring and :data:`STATES`."""
+    """Explains one path; see the module docstring and :data:`STATES`. Requeue
+    commands name ``config_source`` (the daemon's configuration file) with ``-c``."""
     text = os.path.abspath(os.fspath(path))
     out: dict[str, Any] = {"path": text, "inbox": None, "relpath": None}
     where = locate(text, {k: v.config for k, v in inboxes.items()})
@@ -353,7 +362,7 @@ def explain(
                 else "nothing there, and nothing journaled under that name"
             )
             return out
-        return _rejected_answer(out, config, input_rel, item, reason)
+        return _rejected_answer(out, config, input_rel, item, reason, config_source)
     if rel.split("/")[0] == WORK_DIR_NAME:
         out.update(state="internal", message="nbankd's work folder: in-progress files")
         return out
@@ -394,7 +403,8 @@ def explain(
         return out
     if latest.state is State.REJECTED and latest.rejected_relpath is not None:
         rrel = os.fsdecode(latest.rejected_relpath)
-        return _rejected_answer(out, config, rrel, latest, reason_for(config, rrel, latest))
+        reason = reason_for(config, rrel, latest)
+        return _rejected_answer(out, config, rrel, latest, reason, config_source)
     out.update(state="not-found", previous={"state": str(latest.state), "token": latest.token})
     out["message"] = {
         State.RETURNED: "nothing there now; it was put back after changing while being deposited",

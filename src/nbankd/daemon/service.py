@@ -35,9 +35,10 @@ from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
-from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
+from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
+from nbankd.versions import dependency_versions
 from nbankd.watch import settle
 from nbankd.watch.observer import InboxWatcher
 from nbankd.watch.scan import EntryKind, scan_inbox
@@ -86,6 +87,7 @@ class Daemon:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._pause_lock = threading.Lock()  # one pause/resume at a time (set_paused)
+        self._scanned = threading.Condition()  # notified after each inbox scan
         self._running: dict[int, Future[Item]] = {}
         self._waiting: dict[int, Item] = {}
         self.inboxes: dict[str, InboxState] = {}
@@ -127,7 +129,11 @@ class Daemon:
         self.observer.start()
         self._start_auditor()
         log.info(
-            "started", version=__version__, registry=self.registry.url, inboxes=len(self.inboxes)
+            "started",
+            version=__version__,
+            dependencies=dependency_versions(),
+            registry=self.registry.url,
+            inboxes=len(self.inboxes),
         )
         try:
             self.control = start_control_server(self)
@@ -244,14 +250,14 @@ class Daemon:
             return
         for key, state in self.inboxes.items():
             inbox = state.config
-            rejected_rel = os.path.relpath(inbox.rejected_path, inbox.path)
             self.observer.add_inbox(
                 key,
                 inbox.path,
                 mode=inbox.watch,
                 recursive=inbox.recursive or inbox.directories == "resources",
-                exclude=(WORK_DIR_NAME, rejected_rel),
+                exclude=inbox.exclusions,
                 ignore=inbox.ignore,
+                check_every=inbox.watch_check_every,
             )
 
     def _on_change(self, inbox_key: str, relpath: str = "") -> None:
@@ -266,6 +272,19 @@ class Daemon:
                 state.next_scan = 0.0
         self._wake.set()
 
+    def fresh_scan(self, timeout: float) -> bool:
+        """Asks for a scan of every inbox and waits up to ``timeout`` seconds for all of
+        them to be scanned after the request; True when they were."""
+        asked = self.clock()
+        self.request_rescan()
+
+        def done() -> bool:
+            states = list(self.inboxes.values())
+            return all(s.last_scan is not None and s.last_scan >= asked for s in states)
+
+        with self._scanned:
+            return self._scanned.wait_for(done, timeout)
+
     def _scan(self, key: str, state: InboxState, now: float) -> None:
         inbox = state.config
         state.last_scan = now
@@ -277,15 +296,18 @@ class Daemon:
             else:
                 log.error("archive not usable; deposits wait", inbox=key, error=problem)
         state.archive_problem = problem
-        rejected_rel = os.path.relpath(inbox.rejected_path, inbox.path)
+        folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
         entries = scan_inbox(
             inbox.path,
             recursive=inbox.recursive,
             ignore=inbox.ignore,
-            exclude=(WORK_DIR_NAME, rejected_rel.split(os.sep)[0]),
+            exclude=inbox.exclusions,
             directories_as_resources=inbox.directories == "resources",
             markers=inbox.ready == "marker",
+            folders=folders,
         )
+        if folders is not None and self.observer is not None:
+            self.observer.verify_coverage(key, folders)
         policy = settle.SettlePolicy(
             settle_seconds=inbox.settle_seconds,
             stall_after=inbox.stall_after,
@@ -353,6 +375,7 @@ class Daemon:
             updated=now,
         )
         state.tracker = settle.forget(state.tracker, [entry.relpath])
+        state.verdicts.pop(entry.relpath, None)  # an item now: no longer waiting
         self._submit(item)
 
     # -- workers ----------------------------------------------------------------
@@ -439,10 +462,13 @@ class Daemon:
                     except OSError as err:
                         log.error("cannot scan inbox", inbox=key, error=str(err))
                         state.next_scan = now + min(60.0, state.config.rescan_every)
-            if self.observer is not None:
-                self.observer.rearm()
+                    with self._scanned:
+                        self._scanned.notify_all()
+            watch_due = self._check_watches(now)
             next_due = self._resubmit_due(now)
             deadlines = [s.next_scan for s in self.inboxes.values()]
+            if watch_due is not None:
+                deadlines.append(watch_due)
             setup_due = self.registry_setup.retry_if_due(
                 now, lambda: self._prepare_registry(retry=True)
             )
@@ -452,6 +478,20 @@ class Daemon:
                 timeout = min(timeout, self.notifier.tick(self))
             self._wake.wait(timeout=min(timeout, 60.0))
             self._wake.clear()
+
+    def _check_watches(self, now: float) -> float | None:
+        """Re-arms watches, runs their liveness checks, and polls every inbox whose
+        watch failed at ``fallback_poll_every``; returns when to check again."""
+        if self.observer is None:
+            return None
+        due = self.observer.check()
+        for key, watch in self.observer.rearm().items():
+            state = self.inboxes.get(key)
+            if state is not None and watch.degraded:
+                last = state.last_scan if state.last_scan is not None else now
+                poll_at = last + state.config.fallback_poll_every
+                state.next_scan = min(state.next_scan, poll_at)
+        return None if due is None else now + max(0.0, due - time.monotonic())
 
     def stop(self) -> None:
         self._stop.set()

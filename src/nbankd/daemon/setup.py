@@ -54,6 +54,7 @@ def inbox_specs(config: Config) -> dict[str, InboxSpec]:
             placement=inbox.placement,
             verify=inbox.verify,
             directories=inbox.directories,
+            config_source=config.source,
         )
     return specs
 

@@ -1,12 +1,14 @@
 """The daemon's status document (``nbankctl status``) and its one-line summary.
 
 A daemon is *degraded* (``nbankctl status`` exits 1) when any of these holds:
-the registry is unreachable or refused the start-up checks, an archive is not
-usable (unmounted, not writable, not set up), inputs wait after a failed step
-(registry outage, full or failing archive filesystem, ...), files are stalled;
-the control handler adds rejected inputs, files in an inbox's ``.nbank/`` that
-no deposit of this daemon owns (:mod:`nbankd.daemon.orphans`) and audit
-findings. Each reason is one line naming the registry, archive or inbox at
+the registry is unreachable or refused the start-up checks; an inbox's inotify
+watch failed (its liveness check went unanswered, or the kernel refused a watch:
+the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
+(unmounted, not writable, not set up); inputs wait after a failed step (registry
+outage, full or failing archive filesystem, ...); files are stalled. The control
+handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
+this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
+one line naming the registry, archive or inbox at
 fault and why.
 """
 
@@ -77,7 +79,9 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
     inboxes = []
     degraded: list[str] = []
     shown_archives = set()
+    watches = daemon.observer.status() if daemon.observer is not None else {}
     for key, state in daemon.inboxes.items():
+        watch = watches.get(key)
         per_state = {s: n for (ib, s), n in counts.items() if ib == key}
         waiting = [i for i in daemon._waiting.values() if i.inbox == key]
         inboxes.append(
@@ -85,6 +89,8 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
                 "path": key,
                 "archive": state.config.archive,
                 "watch": state.config.watch,
+                "watch_mode": watch.mode.value if watch is not None else "poll",
+                "watch_problem": watch.reason if watch is not None and watch.degraded else None,
                 "paused": state.paused,
                 "items": {s: n for s, n in per_state.items() if s not in ("done",)},
                 "deposited": per_state.get("done", 0),
@@ -103,6 +109,9 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
         if state.archive_problem:
             degraded.append(f"archive for {key}: {state.archive_problem}")
             shown_archives.add(daemon.config.archive_for(state.config).name)
+        if watch is not None and watch.degraded:
+            every = state.config.fallback_poll_every
+            degraded.append(f"watch of {key}: {watch.reason}; scanned every {every:g}s instead")
         if state.stalled:
             degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
     setup = daemon.registry_setup.last

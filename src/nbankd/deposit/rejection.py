@@ -22,6 +22,7 @@ from nbankd.archive import fsops
 from nbankd.deposit import crashpoints
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
+from nbankd.shellwords import requeue_command
 
 REASON_SUFFIX = ".reason"
 NAME_MAX = 255
@@ -172,7 +173,7 @@ def move_to_rejected(
                     "original_name": os.fsdecode(os.path.basename(rel)),
                     "rejected_path": str(dest),
                     "identifier": item.name,
-                    "requeue": f"nbankctl requeue {dest}",
+                    "requeue": requeue_command(dest, spec.config_source),
                 }
             )
             reason_path = folder / os.fsdecode(reason_name(dest_name))

@@ -32,6 +32,7 @@ class InboxSpec:
     placement: str = "copy"  # or "rename"
     verify: bool = True
     directories: str = "files"  # or "resources"
+    config_source: Path | None = None  # the daemon's configuration file (requeue hints)
 
     @property
     def work_dir(self) -> Path:

@@ -1,33 +1,49 @@
-"""The thin shell: inotify (through watchdog) only to wake the daemon early.
+"""The thin shell: inotify (watchdog's public API) only to wake the daemon early.
 
 An :class:`InboxWatcher` watches every ``watch: auto`` inbox recursively and calls
 ``on_change(inbox_id, relpath)`` when something changes there. It decides
-nothing: events can be lost (the kernel drops them when its queue overflows; we
-then wake every inbox with relpath ``""``, but a watch can also miss a folder
-created and filled in a hurry), so the daemon's periodic full rescan stays the
-source of truth and a wake-up only makes the next scan come sooner.
+nothing: the daemon's periodic full rescan stays the source of truth and a
+wake-up only makes the next scan come sooner. What it does not assume is that
+the wake-ups work: each watched inbox is *proved* to deliver events.
 
 - ``watch: poll`` inboxes (NFS: inotify sees nothing written by other hosts) get no
   inotify watch at all; the rescan interval drives them.
-- The work folder and the rejected folder (``exclude``) and folders matching an
-  ignore pattern get no inotify watch, so writes inside them produce no event.
-  Events whose path is excluded or ignored are dropped too (e.g. a file created
-  directly in the inbox root and named by an ignore pattern). Opening or reading a
-  file never wakes anyone: only creations, writes, attribute changes, closes after
-  writing, moves and deletions do.
+- Events whose path lies in an excluded folder (the work and rejected folders) or
+  matches an ignore pattern wake nobody. watchdog's public API cannot leave a
+  sub-folder unwatched, so those folders do hold watches (and use up some of
+  ``fs.inotify.max_user_watches``); their events are dropped here. Opening or
+  reading a file never wakes anyone: only creations, writes, attribute changes,
+  closes after writing, moves and deletions do.
+- When the kernel's event queue overflows, watchdog rebuilds its watches and
+  reports an ``EventsLostEvent``: the inbox is woken with relpath ``""`` (rescan
+  now) and a warning is logged.
 - An inbox whose folder disappears (deleted or moved away) stops being watched;
   :meth:`InboxWatcher.rearm`, which the daemon calls after each rescan, watches the
   folder again once it is back.
-- When the kernel refuses a watch for lack of resources (``ENOSPC``: the
-  ``fs.inotify.max_user_watches`` limit; ``EMFILE``, ``ENOMEM``), on the inbox or
-  any sub-folder, at start or later, that inbox falls back to polling:
-  :meth:`~InboxWatcher.status` says so with the reason, it is logged once, and
-  nothing crashes. The fallback lasts until the inbox is added again (reload).
-  Other refusals (an unreadable sub-folder) only leave that folder unwatched.
 
-To see refused watches on sub-folders (watchdog swallows those) this module
-extends watchdog 7's inotify classes; with another watchdog layout it falls back
-to watchdog's stock observer and only refusals on the inbox folder are seen.
+**Liveness** (:meth:`InboxWatcher.check`). Every ``check_every`` seconds the watcher
+rewrites a canary file, ``.nbankd-canary`` in the inbox folder (the daemon's scans
+never list it), and expects the event that write causes within
+``min(10 s, check_every)``. When it does not come, the inbox is *deaf*: its
+status is POLL (degraded) with the reason, this is logged once, its watch is
+re-armed, and the daemon polls it every ``poll_every`` seconds. The next canary
+event that does arrive ends the fallback (logged once too). A canary that cannot
+be written (inbox not writable) means the same fallback, with that reason.
+
+**Coverage** (:meth:`InboxWatcher.verify_coverage`). watchdog does not tell its
+caller when the kernel refuses a watch on a sub-folder (``ENOSPC``: the
+``fs.inotify.max_user_watches`` limit); it logs and carries on. Instead, after each
+scan the daemon hands over the folders the scan walked, and the watcher compares
+them with the watches the kernel itself lists for this process's inotify
+instances (``/proc/self/fdinfo``, by inode number). A folder that still has no
+watch once the same grace has passed puts the inbox in the poll fallback, with
+the reason; it lasts until the inbox is added again (reload). A refused watch on
+the inbox folder itself, and a refused inotify instance (``EMFILE``), are seen at
+once. Where the kernel lists no watches (``/proc`` not mounted), coverage is not
+checked; the canary still is.
+
+Test seam: ``NBANKD_WATCH_DEAF=1`` in the environment drops every event before it
+is looked at, so a test can show the liveness check and the fallback at work.
 """
 
 from __future__ import annotations
@@ -37,17 +53,19 @@ import enum
 import errno
 import logging
 import os
+import stat
 import threading
-from collections.abc import Callable, Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -59,17 +77,19 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
+from nbankd.config.model import CANARY_NAME
 from nbankd.watch.scan import is_ignored, printable
 
 log = structlog.get_logger(__name__)
 
+DEAF_SEAM = "NBANKD_WATCH_DEAF"
+CHECK_TIMEOUT_MAX = 10.0  # seconds a canary event may take, at most
+
 
 class _StopRaceFilter(logging.Filter):
-    """Drops watchdog's error for an event that arrives while a watch is being stopped.
+    """Drops watchdog's message for an event read just as a watch is being stopped.
 
-    watchdog logs it at error level whenever an inotify event is read just as its
-    emitter stops (daemon shutdown, an inbox re-armed): a harmless race, since a
-    rescan is the source of truth, that would otherwise look like a failure.
+    It is harmless (a rescan is the source of truth) but would look like a failure.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -87,8 +107,9 @@ _LIMITS = {
 OnChange = Callable[[str, str], None]
 """``on_change(inbox_id, relpath)``; relpath is ``""`` for the inbox folder itself."""
 
-# Creations, writes, attribute changes, close-after-write, moves, deletions. Not
-# opens, reads or close-without-write: the daemon's own reads must not wake it.
+# Creations, writes, attribute changes, close-after-write, moves, deletions, lost
+# events. Not opens, reads or close-without-write: the daemon's own reads must not
+# wake it.
 _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     DirCreatedEvent,
@@ -99,6 +120,7 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirMovedEvent,
     FileDeletedEvent,
     DirDeletedEvent,
+    EventsLostEvent,
 ]
 
 
@@ -162,6 +184,23 @@ class Wakeups:
 
 
 @dataclass
+class _Probe:
+    """The liveness check of one inbox (guarded by the watcher's probe lock)."""
+
+    every: float
+    sent: float | None = None  # monotonic time of the outstanding canary write
+    answered: bool = False  # an event came for it
+    next_due: float = 0.0
+    deaf: str = ""  # why the inbox is in the poll fallback, "" while alive
+    seq: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def timeout(self) -> float:
+        return min(CHECK_TIMEOUT_MAX, self.every)
+
+
+@dataclass
 class _Inbox:
     inbox_id: str
     root: str
@@ -169,12 +208,14 @@ class _Inbox:
     requested: str
     exclude: tuple[str, ...]
     ignore: tuple[str, ...]
+    probe: _Probe
     watch: ObservedWatch | None = None
     inode: tuple[int, int] | None = None
     gone: bool = False  # the watched folder was deleted: re-arm
     refused: str = ""  # the kernel refused a watch: sticky poll fallback
+    unwatched: dict[int, tuple[str, float]] = field(default_factory=dict)  # ino -> (rel, seen)
+    rearm_wanted: bool = False
     reason: str = "not started"
-    handler: FileSystemEventHandler | None = field(default=None, repr=False)
 
     def hidden(self, relpath: str) -> bool:
         """True for paths inside excluded folders or matching an ignore pattern."""
@@ -201,15 +242,22 @@ class InboxWatcher:
     swallowed.
     """
 
-    def __init__(self, on_change: OnChange, *, join_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        on_change: OnChange,
+        *,
+        join_timeout: float = 5.0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self._on_change = on_change
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
-        self._refuse_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # never held while calling watchdog
         self._inboxes: dict[str, _Inbox] = {}
         self._observer: BaseObserver | None = None
         self._started = False
-        self._failed = ""  # why inotify could not be started at all
+        env = os.environ if environ is None else environ
+        self._deaf_seam = env.get(DEAF_SEAM) == "1"
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -218,19 +266,15 @@ class InboxWatcher:
         with self._lock:
             if self._started:
                 return
-            try:
-                self._observer = _make_observer()
-            except OSError as err:  # no inotify instance (EMFILE): every inbox polls
-                self._failed = f"{_LIMITS.get(err.errno or 0, err.strerror)}; polling on rescans"
-                log.warning(
-                    "inotify unavailable; all inboxes fall back to polling", errno=err.errno
-                )
-                return
-            self._failed = ""
+            from watchdog.observers.inotify import InotifyObserver
+
+            self._observer = InotifyObserver()
+            self._observer.name = "nbankd-watch"
             self._observer.start()
             self._started = True
             for inbox in self._inboxes.values():
-                self._arm(inbox)
+                if inbox.requested == "auto":
+                    self._arm(inbox)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stops watching and joins the threads; True if they ended within ``timeout``.
@@ -242,7 +286,7 @@ class InboxWatcher:
             observer, self._observer = self._observer, None
             self._started = False
             for inbox in self._inboxes.values():
-                inbox.watch, inbox.handler = None, None
+                inbox.watch = None
                 inbox.reason = "stopped"
         if observer is None:
             return True
@@ -257,13 +301,14 @@ class InboxWatcher:
         return done
 
     def is_alive(self) -> bool:
-        """True while started and the observer thread (and its inotify reader) run."""
+        """True while started, the observer thread runs and every watch's emitter too."""
         with self._lock:
             observer = self._observer
+            watches = [i.watch for i in self._inboxes.values() if i.watch is not None]
         if observer is None or not observer.is_alive():
             return False
-        reader = getattr(observer, "inotify_reader", None)
-        return reader is None or reader.is_alive()
+        emitters = {e.watch: e for e in list(observer.emitters)}
+        return all(w in emitters and emitters[w].is_alive() for w in watches)
 
     # --- inboxes -----------------------------------------------------------------
 
@@ -276,15 +321,19 @@ class InboxWatcher:
         recursive: bool = True,
         exclude: Collection[str] = (".nbank",),
         ignore: Sequence[str] = (),
+        check_every: float = 30.0,
     ) -> WatchStatus:
         """Registers an inbox (``mode`` is its ``watch`` option) and arms it if started.
 
-        ``exclude`` holds relative paths (work and rejected folders) never watched.
-        Pass ``recursive=True`` for directory-resource inboxes as well, so changes
-        inside a top-level folder wake the daemon. Replaces an inbox of the same id.
+        ``exclude`` holds relative paths (work and rejected folders) whose events are
+        dropped. Pass ``recursive=True`` for directory-resource inboxes as well, so
+        changes inside a top-level folder wake the daemon. ``check_every`` is the
+        liveness check's period. Replaces an inbox of the same id.
         """
         if mode not in ("auto", "poll"):
             raise ValueError(f"watch must be 'auto' or 'poll', not {mode!r}")
+        if check_every <= 0:
+            raise ValueError(f"check_every must be positive, not {check_every!r}")
         root = os.path.abspath(os.fsdecode(path))
         inbox = _Inbox(
             inbox_id=inbox_id,
@@ -293,6 +342,7 @@ class InboxWatcher:
             requested=mode,
             exclude=tuple(e.strip("/") for e in exclude if e.strip("/")),
             ignore=tuple(ignore),
+            probe=_Probe(every=check_every),
         )
         with self._lock:
             if inbox_id in self._inboxes:
@@ -312,20 +362,20 @@ class InboxWatcher:
                 self._disarm(inbox)
 
     def rearm(self) -> dict[str, WatchStatus]:
-        """Re-watches inboxes whose folder vanished and came back; call after each rescan.
-
-        Also applies a poll fallback decided on the observer thread (a refused
-        watch on a new sub-folder) by dropping that inbox's remaining watches.
-        Returns :meth:`status`.
-        """
+        """Re-watches inboxes whose folder vanished and came back, or whose watch went
+        deaf; call after each rescan. Returns :meth:`status`."""
         with self._lock:
             if self._started:
                 for inbox in self._inboxes.values():
-                    if inbox.requested != "auto":
+                    if inbox.requested != "auto" or inbox.refused:
                         continue
-                    if inbox.refused:
-                        self._disarm(inbox)
-                    elif inbox.watch is None or inbox.gone or not self._still_same(inbox):
+                    if (
+                        inbox.rearm_wanted
+                        or inbox.watch is None
+                        or inbox.gone
+                        or not self._still_same(inbox)
+                    ):
+                        inbox.rearm_wanted = False
                         self._disarm(inbox)
                         self._arm(inbox)
             return self.status()
@@ -335,13 +385,158 @@ class InboxWatcher:
         with self._lock:
             return {i: self._status_of(inbox) for i, inbox in self._inboxes.items()}
 
+    # --- proof of life -----------------------------------------------------------
+
+    def check(self, now: float | None = None) -> float | None:
+        """Runs the liveness checks that are due (see the module docstring).
+
+        Judges each outstanding canary and unwatched folder whose grace has passed,
+        then writes the canaries that are due. ``now`` is :func:`time.monotonic`
+        time (tests pass a later one). Returns the monotonic time of the next
+        check, or None when nothing is watched.
+        """
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            inboxes = [i for i in self._inboxes.values() if i.requested == "auto"]
+            armed = [i for i in inboxes if i.watch is not None and not i.gone]
+        due: list[float] = []
+        for inbox in inboxes:
+            self._judge_coverage(inbox, now)
+        for inbox in armed:
+            probe = inbox.probe
+            with probe.cond:
+                if probe.sent is not None and not probe.answered:
+                    if now - probe.sent < probe.timeout:
+                        due.append(probe.sent + probe.timeout)
+                        continue
+                    self._went_deaf(
+                        inbox,
+                        f"no inotify event within {probe.timeout:g}s of the liveness "
+                        "check (the watch is deaf)",
+                    )
+                    probe.sent = None
+                if now >= probe.next_due:
+                    self._send_probe(inbox, now)
+                due.append(probe.sent + probe.timeout if probe.sent else probe.next_due)
+        for inbox in inboxes:
+            due += [seen + inbox.probe.timeout for _, seen in list(inbox.unwatched.values())]
+        return min(due, default=None)
+
+    def wait_answered(self, inbox_id: str, timeout: float) -> bool:
+        """Blocks until the inbox's outstanding canary is answered (True), or ``timeout``."""
+        with self._lock:
+            inbox = self._inboxes.get(inbox_id)
+        if inbox is None:
+            return False
+        probe = inbox.probe
+        with probe.cond:
+            return probe.cond.wait_for(lambda: probe.answered, timeout)
+
+    def verify_coverage(self, inbox_id: str, folders: Mapping[int, str]) -> None:
+        """Compares the folders a scan walked (inode -> relpath) with the kernel's watches.
+
+        A folder without a watch is remembered; if it still has none when
+        :meth:`check` runs after the grace, the inbox falls back to polling.
+        """
+        with self._lock:
+            inbox = self._inboxes.get(inbox_id)
+            if inbox is None or inbox.requested != "auto" or inbox.watch is None:
+                return
+            if not inbox.recursive:
+                folders = {k: v for k, v in folders.items() if v == ""}
+        watched = kernel_watches()
+        if watched is None:
+            return
+        now = time.monotonic()
+        missing = {ino: rel for ino, rel in folders.items() if ino not in watched}
+        with self._probe_lock:
+            inbox.unwatched = {
+                ino: (rel, inbox.unwatched.get(ino, (rel, now))[1]) for ino, rel in missing.items()
+            }
+
     # --- internals ---------------------------------------------------------------
 
+    def _judge_coverage(self, inbox: _Inbox, now: float) -> None:
+        with self._probe_lock:
+            late = {
+                ino: rel
+                for ino, (rel, seen) in inbox.unwatched.items()
+                if now - seen >= inbox.probe.timeout
+            }
+        if not late:
+            return
+        watched = kernel_watches()
+        if watched is None:
+            return
+        still = sorted(
+            rel for ino, rel in late.items() if ino not in watched and _same_folder(inbox, rel, ino)
+        )
+        with self._probe_lock:
+            for ino in late:
+                inbox.unwatched.pop(ino, None)
+            if not still or inbox.refused:
+                return
+            inbox.refused = (
+                f"{len(still)} folder(s) have no inotify watch (first: "
+                f"{printable(still[0]) or '.'}): the kernel refused them, most likely the "
+                "inotify watch limit (raise fs.inotify.max_user_watches); polling instead"
+            )
+        log.warning(
+            "inotify does not watch every folder; inbox falls back to polling",
+            inbox=inbox.inbox_id,
+            folders=len(still),
+            first=printable(still[0]),
+        )
+        self._wake(inbox, "")
+
+    def _send_probe(self, inbox: _Inbox, now: float) -> None:
+        """Rewrites the canary (call with ``probe.cond`` held)."""
+        probe = inbox.probe
+        probe.seq += 1
+        probe.next_due = now + probe.every
+        probe.answered = False
+        try:
+            _write_canary(inbox.root, probe.seq)
+        except OSError as err:
+            probe.sent = None
+            self._went_deaf(
+                inbox, f"cannot write the liveness canary {CANARY_NAME}: {err.strerror or err}"
+            )
+            return
+        probe.sent = now
+
+    def _went_deaf(self, inbox: _Inbox, why: str) -> None:
+        """Enters the poll fallback (call with ``probe.cond`` held); logs once."""
+        probe = inbox.probe
+        if probe.deaf:
+            return
+        probe.deaf = why
+        inbox.rearm_wanted = True
+        log.warning(
+            "inbox watch failed its liveness check; polling instead",
+            inbox=inbox.inbox_id,
+            reason=why,
+        )
+        self._wake(inbox, "")
+
+    def _answered(self, inbox: _Inbox) -> None:
+        probe = inbox.probe
+        with probe.cond:
+            if probe.sent is None:
+                return
+            probe.answered = True
+            probe.sent = None
+            probe.cond.notify_all()
+            if probe.deaf:
+                log.info("inbox watch delivers events again", inbox=inbox.inbox_id, was=probe.deaf)
+                probe.deaf = ""
+
     def _status_of(self, inbox: _Inbox) -> WatchStatus:
-        armed = inbox.watch is not None and not inbox.gone and not inbox.refused
+        deaf = inbox.probe.deaf
+        armed = inbox.watch is not None and not inbox.gone and not inbox.refused and not deaf
         reason = inbox.reason
         if inbox.requested == "auto":
-            reason = self._failed or inbox.refused or reason
+            reason = inbox.refused or deaf or reason
         return WatchStatus(
             inbox_id=inbox.inbox_id,
             path=inbox.root,
@@ -355,9 +550,12 @@ class InboxWatcher:
             st = os.stat(inbox.root)
         except OSError:
             return False
-        emitter = _emitter_for(self._observer, inbox.watch)
-        alive = emitter is None or emitter.is_alive()
-        return alive and (st.st_dev, st.st_ino) == inbox.inode
+        observer = self._observer
+        if observer is not None and inbox.watch is not None:
+            emitters = [e for e in list(observer.emitters) if e.watch == inbox.watch]
+            if not emitters or not emitters[0].is_alive():
+                return False
+        return (st.st_dev, st.st_ino) == inbox.inode
 
     def _arm(self, inbox: _Inbox) -> None:
         """Schedules a watch for ``inbox``; on failure records why (poll fallback)."""
@@ -371,46 +569,34 @@ class InboxWatcher:
             return
         inbox.inode = (st.st_dev, st.st_ino)
         inbox.gone = False
-        handler = _Handler(self, inbox)
         try:
             watch = observer.schedule(
-                handler, inbox.root, recursive=inbox.recursive, event_filter=_EVENTS
+                _Handler(self, inbox), inbox.root, recursive=inbox.recursive, event_filter=_EVENTS
             )
         except OSError as err:
-            self._refused(inbox, inbox.root, err)
-            if not inbox.refused:
+            why = _LIMITS.get(err.errno or 0)
+            if why is not None:
+                inbox.refused = f"{why}; polling instead"
+                log.warning(
+                    "inotify refused a watch; inbox falls back to polling",
+                    inbox=inbox.inbox_id,
+                    path=printable(inbox.root),
+                    errno=err.errno,
+                )
+            else:
                 inbox.reason = f"cannot watch inbox folder ({err.strerror}); re-armed on rescan"
             return
-        inbox.watch, inbox.handler = watch, handler
+        inbox.watch = watch
         inbox.reason = ""
-        if inbox.refused:  # a sub-folder was refused while arming: free the rest now
-            self._disarm(inbox)
+        with inbox.probe.cond:
+            inbox.probe.next_due = 0.0  # prove the new watch at the next check
 
     def _disarm(self, inbox: _Inbox) -> None:
-        watch, inbox.watch, inbox.handler = inbox.watch, None, None
+        watch, inbox.watch = inbox.watch, None
         observer = self._observer
         if watch is not None and observer is not None:
             with contextlib.suppress(KeyError, OSError):  # already gone with its folder
                 observer.unschedule(watch)
-
-    def _refused(self, inbox: _Inbox, path: str | bytes, err: OSError) -> None:
-        """A watch was refused (observer thread or caller). Only limits are sticky."""
-        why = _LIMITS.get(err.errno or 0)
-        if why is None:
-            return
-        # No self._lock here: this runs on the inotify thread under watchdog's locks,
-        # while rearm() takes self._lock then watchdog's (lock order).
-        with self._refuse_lock:
-            if inbox.refused:
-                return
-            inbox.refused = f"{why}; polling on rescans"
-        log.warning(
-            "inotify refused a watch; inbox falls back to polling",
-            inbox=inbox.inbox_id,
-            path=printable(os.fsdecode(path)),
-            errno=err.errno,
-        )
-        self._wake(inbox, "")
 
     def _wake(self, inbox: _Inbox, relpath: str) -> None:
         try:
@@ -419,11 +605,20 @@ class InboxWatcher:
             log.exception("wake-up callback failed", inbox=inbox.inbox_id)
 
     def _event(self, inbox: _Inbox, event: FileSystemEvent) -> None:
+        if self._deaf_seam:
+            return
+        if isinstance(event, EventsLostEvent):
+            log.warning("inotify lost events; rescanning the inbox", inbox=inbox.inbox_id)
+            self._wake(inbox, "")
+            return
         paths = [event.src_path]
         if isinstance(event, (FileMovedEvent, DirMovedEvent)) and event.dest_path:
             paths.append(event.dest_path)
         for path in paths:
             rel = inbox.relpath(path)
+            if rel == CANARY_NAME:
+                self._answered(inbox)
+                continue
             if rel is None or inbox.hidden(rel):
                 continue
             if rel == "" and isinstance(event, DirDeletedEvent):
@@ -431,12 +626,10 @@ class InboxWatcher:
             self._wake(inbox, rel)
             return
 
-    def _skip_dir(self, inbox: _Inbox, path: bytes) -> bool:
-        rel = inbox.relpath(path)
-        return rel is not None and rel != "" and inbox.hidden(rel)
-
 
 class _Handler(FileSystemEventHandler):
+    """Hands every event of one inbox's watch to its watcher."""
+
     def __init__(self, watcher: InboxWatcher, inbox: _Inbox) -> None:
         self.watcher = watcher
         self.inbox = inbox
@@ -445,112 +638,73 @@ class _Handler(FileSystemEventHandler):
         self.watcher._event(self.inbox, event)
 
 
-def _emitter_for(observer: BaseObserver | None, watch: ObservedWatch | None) -> Any:
-    if observer is None or watch is None:
-        return None
-    return getattr(observer, "_emitter_for_watch", {}).get(watch)
+def _write_canary(root: str, seq: int) -> None:
+    """Rewrites ``root/CANARY_NAME``, never through a link: anything else found under
+    that name (a symlink, a hard link, a FIFO, another owner's file) is unlinked and
+    the canary made anew."""
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(CANARY_NAME, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            fd = -1
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
+                raise
+            fd = -1
+            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a link or FIFO in its place
+        if fd >= 0:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+                os.close(fd)
+                fd = -1
+                os.unlink(CANARY_NAME, dir_fd=dir_fd)
+        if fd < 0:
+            fd = os.open(CANARY_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, b"nbankd liveness check %d\n" % seq)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
 
 
-# --- watchdog extension: see refused sub-folder watches, skip excluded folders ------
+def _same_folder(inbox: _Inbox, rel: str, ino: int) -> bool:
+    """True while ``rel`` is still the folder with inode ``ino`` (not gone or replaced)."""
+    try:
+        st = os.lstat(os.path.join(inbox.root, rel) if rel else inbox.root)
+    except OSError:
+        return False
+    return st.st_ino == ino
 
 
-def _make_observer() -> BaseObserver:
-    if _RecordingObserver is not None:
-        return _RecordingObserver()
-    from watchdog.observers import Observer
+def _inotify_fds() -> Iterator[str]:
+    with contextlib.suppress(OSError), os.scandir("/proc/self/fd") as it:
+        for entry in it:
+            with contextlib.suppress(OSError):
+                if os.readlink(entry.path) == "anon_inode:inotify":
+                    yield entry.name
 
-    return Observer()
 
-
-try:
-    from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-    from watchdog.observers.inotify_c import InotifyFD
-
-    if not all(hasattr(InotifyWatchGroup, a) for a in ("_add_callback", "_add_all_callbacks")):
-        raise ImportError("unexpected watchdog inotify layout")
-
-    @dataclass
-    class _RecordingWatchGroup(InotifyWatchGroup):
-        """Reports refused watches (watchdog ignores them below the root) and skips
-        excluded or ignored folders entirely."""
-
-        on_refused: Callable[[bytes, OSError], None] | None = None
-        skip: Callable[[bytes], bool] | None = None
-        on_overflow: Callable[[], None] | None = None
-
-        def on_queue_overflow(self) -> None:
-            super().on_queue_overflow()  # watchdog rebuilds the watches
-            if self.on_overflow is not None:
-                self.on_overflow()  # events were lost: rescan now
-
-        def _add_callback(self, path: bytes) -> None:
-            if self.skip is not None and path != self.path and self.skip(path):
-                return
-            if path in self._active_callbacks_by_path:
-                # Already watched: a new folder is met both by the walk of its parent
-                # and by its own creation event (watchdog would warn). A stale entry
-                # (folder replaced) is dropped by its IN_IGNORED, which inotify queues
-                # before the replacement's IN_CREATE, and that event re-adds it.
-                return
-            try:
-                wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
-            except OSError as err:
-                if path == self.path:
-                    raise
-                if self.on_refused is not None and err.errno != errno.ENOENT:
-                    self.on_refused(path, err)
-                return
-            self._active_callbacks_by_path[path] = wd
-            self._active_callbacks_by_watch[wd] = path
-
-    class _RecordingEmitter(InotifyEmitter):
-        """Builds a :class:`_RecordingWatchGroup` wired to the inbox being scheduled."""
-
-        def __init__(self, *args: Any, observer: _RecordingObserverImpl, **kw: Any) -> None:
-            super().__init__(*args, **kw)
-            self._handler = observer.pending_handler
-
-        def on_thread_start(self) -> None:
-            handler = self._handler
-            watcher, inbox = (handler.watcher, handler.inbox) if handler else (None, None)
-            self._inotify = _RecordingWatchGroup(
-                self._inotify_fd,
-                os.fsencode(self.watch.path),
-                event_mask=self.get_event_mask_from_filter(),
-                is_recursive=self.watch.is_recursive,
-                follow_symlink=False,
-                on_refused=(lambda p, e: watcher._refused(inbox, p, e)) if watcher else None,
-                skip=(lambda p: watcher._skip_dir(inbox, p)) if watcher else None,
-                on_overflow=(lambda: watcher._wake(inbox, "")) if watcher else None,
-            )
-
-    class _RecordingObserverImpl(BaseObserver):
-        """watchdog's InotifyObserver with :class:`_RecordingEmitter`."""
-
-        def __init__(self) -> None:
-            self.pending_handler: _Handler | None = None
-            self.inotify_reader = InotifyFD()
-            self.inotify_reader.name = "nbankd-inotify"
-            self.inotify_reader.start()
-            super().__init__(_RecordingEmitter, inotify_fd=self.inotify_reader, observer=self)
-            self.name = "nbankd-watch"
-
-        def schedule(self, event_handler: FileSystemEventHandler, path: Any, **kw: Any) -> Any:
-            # The emitter is built and started inside schedule(): hand it our handler.
-            with self._lock:
-                self.pending_handler = (
-                    event_handler if isinstance(event_handler, _Handler) else None
-                )
-                try:
-                    return super().schedule(event_handler, path, **kw)
-                finally:
-                    self.pending_handler = None
-
-        def on_thread_stop(self) -> None:
-            super().on_thread_stop()
-            self.inotify_reader.stop()
-            self.inotify_reader.join()
-
-    _RecordingObserver: type[BaseObserver] | None = _RecordingObserverImpl
-except ImportError:  # pragma: no cover - other watchdog versions
-    _RecordingObserver = None
+def kernel_watches() -> frozenset[int] | None:
+    """Inode numbers of the folders this process's inotify instances watch, as the
+    kernel lists them in ``/proc/self/fdinfo``; None when it lists nothing usable."""
+    found: set[int] = set()
+    seen_any = False
+    for fd in _inotify_fds():
+        try:
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if not line.startswith("inotify wd:"):
+                continue
+            seen_any = True
+            for word in line.split():
+                if word.startswith("ino:"):
+                    with contextlib.suppress(ValueError):
+                        found.add(int(word[4:], 16))
+    return frozenset(found) if seen_any else None

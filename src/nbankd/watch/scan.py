@@ -51,6 +51,7 @@ unreadable, which the caller must handle differently from "empty").
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fnmatch
 import hashlib
@@ -338,6 +339,7 @@ def scan_inbox(
     exclude: Collection[str] = (),
     directories_as_resources: bool = False,
     markers: bool = True,
+    folders: dict[int, str] | None = None,
 ) -> list[Entry]:
     """Lists an inbox once and classifies what it holds, sorted by on-disk name.
 
@@ -348,16 +350,19 @@ def scan_inbox(
     holds relative paths never entered nor reported (the work and rejected
     folders); ``ignore`` holds fnmatch patterns (see the module docstring).
     ``markers`` makes ``NAME.done`` a ``MARKER`` (pass ``ready == "marker"``).
+    ``folders``, when given, receives the inode number and relpath of every folder
+    the scan listed (the root's relpath is ``""``): the watcher checks them against
+    its watches.
 
     Raises :class:`OSError` only when ``root`` itself cannot be listed.
     """
     top = os.fsdecode(root)
     excluded = {_norm(e) for e in exclude}
     entries: list[Entry] = []
-    stack = [""]
+    stack: list[tuple[str, int]] = [("", -1)]
     first = True
     while stack:
-        rel = stack.pop()
+        rel, ino = stack.pop()
         try:
             children = _list(os.path.join(top, rel) if rel else top)
         except (FileNotFoundError, NotADirectoryError):
@@ -369,6 +374,11 @@ def scan_inbox(
                 raise
             entries.append(Entry(rel, EntryKind.UNREADABLE, None, problem=_describe(err)))
             continue
+        if folders is not None and not first:
+            folders[ino] = rel
+        elif folders is not None:
+            with contextlib.suppress(OSError):  # vanished just now: the next scan says so
+                folders[os.stat(top).st_ino] = ""
         first = False
         for name, child in children:
             crel = f"{rel}/{name}" if rel else name
@@ -387,7 +397,7 @@ def scan_inbox(
                     if resource is not None:
                         entries.append(resource)
                 elif recursive:
-                    stack.append(crel)
+                    stack.append((crel, st.st_ino))
                 else:
                     entries.append(Entry(crel, EntryKind.DIRECTORY, Identity.of(st)))
                 continue
