@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fixtures.daemon import NBANKD, DaemonHarness, wait_for
 from fixtures.users import TestUser
@@ -112,10 +113,15 @@ def test_stale_socket_file_is_replaced_at_start(daemon_factory: Any) -> None:
 
 
 def test_second_daemon_on_the_same_socket_refuses_to_start(h: DaemonHarness) -> None:
-    """Another nbankd configured with a live daemon's socket exits non-zero naming the socket."""
+    """Another nbankd (own state_dir) configured with a live daemon's socket exits 2
+    naming the socket."""
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
+    cfg = yaml.safe_load(h.config_path.read_text())
+    cfg["state_dir"] = str(h.root / "state-of-the-second")
+    second = h.root / "second.yaml"
+    second.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [NBANKD, "-c", str(h.config_path)], capture_output=True, text=True, timeout=120, env=env
+        [NBANKD, "-c", str(second)], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 2
     assert f"already running on control socket {h.socket_path}" in proc.stderr

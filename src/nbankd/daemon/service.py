@@ -30,7 +30,7 @@ from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, InboxConfig, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
-from nbankd.daemon import pauses, setup
+from nbankd.daemon import pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.deposit.journal import Item, Journal
@@ -103,6 +103,7 @@ class Daemon:
         self.observer: InboxWatcher | None = None
         self.control: ControlServer | None = None
         self.auditor: AuditScheduler | None = None
+        self.state_lock: statelock.StateLock | None = None
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
 
     # -- start-up -----------------------------------------------------------------
@@ -110,6 +111,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         setup.prepare_state_dir(cfg.state_dir)
+        self.state_lock = statelock.acquire(cfg.state_dir)  # before the journal is opened
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
         self.registry = open_configured_registry(cfg)
         self._apply_config(cfg)
