@@ -284,6 +284,15 @@ def deep_path(levels: int) -> str:
     return "/".join(f"d{i:03d}" for i in range(levels)) + "/deep.wav"
 
 
+def billion_laughs() -> str:
+    """Nine levels of nine aliases each: under 600 bytes, 9**9 strings expanded."""
+    lines = ["metadata:", '  l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for n in range(1, 9):
+        refs = ",".join([f"*l{n - 1}"] * 9)
+        lines.append(f"  l{n}: &l{n} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
 def huge_sidecar(min_bytes: int) -> str:
     """A block-style YAML mapping of at least ``min_bytes`` (cut anywhere, it still parses)."""
     lines = ["metadata:"]
@@ -393,6 +402,17 @@ ROWS: tuple[Row, ...] = (
         with_sidecar("unkdt.wav", "dtype: no-such-dtype\n"), Rejected("unknown-dtype", SIDE)),
     Row("sidecar-huge", "sidecar over 1 MiB (must not be cut short silently)",
         with_sidecar("hugemeta.wav", huge_sidecar(1_300_000)), Rejected("bad-sidecar", SIDE)),
+    Row("sidecar-laughs", "500-byte sidecar of nested aliases (billion laughs)",
+        with_sidecar("laughs.wav", billion_laughs()), Rejected("bad-sidecar", SIDE)),
+    Row("sidecar-deep", "sidecar nested 50,000 levels deep",
+        with_sidecar("deepside.wav", "metadata: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+        Rejected("bad-sidecar", SIDE)),
+    Row("sidecar-deep-json", "JSON sidecar nested 50,000 levels deep",
+        with_sidecar("deepjson.wav", '{"metadata": ' + "[" * 50_000 + "]" * 50_000 + "}",
+                     suffix=".nbank.json"),
+        Rejected("bad-sidecar", SIDE)),
+    Row("sidecar-duplicate-key", "sidecar naming id twice (not 'the last one wins')",
+        with_sidecar("dupkey.wav", "id: first\nid: second\n"), Rejected("bad-sidecar", SIDE)),
     Row("sidecar-not-utf8", "sidecar in Latin-1 (must not be altered silently)",
         with_sidecar("latin.wav", b"metadata: {who: Jos\xe9}\n"), Rejected("bad-sidecar", SIDE)),
     Row("sidecar-symlink", "sidecar that is a symlink to /etc/shadow",

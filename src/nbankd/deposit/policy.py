@@ -81,8 +81,17 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
     """Parses a sidecar's text; raises PolicyError(code="bad-sidecar") naming the file."""
     import yaml
 
+    from nbankd.deposit import bounded
+
     try:
-        data = json.loads(text) if json_format else yaml.safe_load(text)
+        data = bounded.load_json(text) if json_format else bounded.load_yaml(text)
+    except bounded.TooBig as err:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source} is over a limit: {err}",
+            "a sidecar holds id, dtype and a modest metadata mapping; shrink it and "
+            "requeue the file",
+        ) from err
     except (ValueError, yaml.YAMLError) as err:
         raise PolicyError(
             "bad-sidecar",
