@@ -27,10 +27,13 @@ from nbankd import errors
 from nbankd.audit.model import REGISTRY_OUTAGE_CODES
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
 from nbankd.config.model import DEFAULT_CONTROL_SOCKET
-from nbankd.control.client import NOT_RUNNING_HINT, ControlClient
+from nbankd.control.client import DEFAULT_TIMEOUT, NOT_RUNNING_HINT, ControlClient
+from nbankd.control.protocol import READ_COMMANDS
 
 #: seconds each ``audit`` request waits in the daemon before nbankctl asks again
 AUDIT_POLL = 30.0
+#: seconds read-only commands wait for an answer by default (a stopped daemon: exit 3)
+READ_TIMEOUT = 10.0
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -47,20 +50,24 @@ def socket_path(args: argparse.Namespace) -> Path:
     return load_config(path).control_socket
 
 
-def client(args: argparse.Namespace) -> ControlClient:
-    """A client for the socket :func:`socket_path` picks, whose "not running" hint
-    names how that daemon would be started."""
+def client(args: argparse.Namespace, cmd: str) -> ControlClient:
+    """A client for the socket :func:`socket_path` picks, with ``--timeout`` (else a
+    short one for read-only commands), whose "not running" hint names how that
+    daemon would be started."""
     hint = NOT_RUNNING_HINT
     if getattr(args, "socket", None):
         hint = "start the daemon that owns this socket, or give the right --socket"
     elif getattr(args, "config", None) or os.environ.get(CONFIG_ENV):
         config = shlex.quote(str(find_config_path(getattr(args, "config", None))))
         hint = f"start it with: nbankd -c {config}"
-    return ControlClient(socket_path(args), hint=hint)
+    timeout = getattr(args, "timeout", None)
+    if timeout is None:
+        timeout = READ_TIMEOUT if cmd in READ_COMMANDS else DEFAULT_TIMEOUT
+    return ControlClient(socket_path(args), timeout=timeout, hint=hint)
 
 
 def _call(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
-    return client(args).call(cmd, cmd_args or {})
+    return client(args, cmd).call(cmd, cmd_args or {})
 
 
 def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
@@ -150,8 +157,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong, 3
     when the only thing wrong is that the registry could not be reached (2 when the
     daemon's audits are disabled: the error names the cache file and the fix)."""
-    daemon = client(args)
-    state = daemon.call("audit", {"full": bool(args.full), "wait": AUDIT_POLL})
+    daemon = client(args, "audit")
+    wait = min(AUDIT_POLL, daemon.timeout / 2)  # each request answers within --timeout
+    state = daemon.call("audit", {"full": bool(args.full), "wait": wait})
     ticket = state.get("request")
     progress = not getattr(args, "json", False) and sys.stderr.isatty()
     while state.get("state") != "done":
@@ -161,7 +169,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             )
         if progress:
             render.write(render.audit_progress(state), sys.stderr)
-        state = daemon.call("audit", {"request": ticket, "wait": AUDIT_POLL})
+        state = daemon.call("audit", {"request": ticket, "wait": wait})
     report = state["report"]
     _emit(args, report, render.audit)
     if report.get("ok"):
@@ -210,7 +218,25 @@ def _options() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the daemon's control socket (default: control_socket of the configuration)",
     )
+    opts.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        help=f"how long to wait for the daemon's answer before exit 3 (default: "
+        f"{READ_TIMEOUT:g} s for status, queue, history and explain; "
+        f"{DEFAULT_TIMEOUT:g} s for the others)",
+    )
     return opts
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:

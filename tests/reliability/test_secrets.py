@@ -139,7 +139,7 @@ def test_open_socket_file_still_refuses_a_stranger(
     finally:
         lab.socket_path.chmod(0o660)
     assert proc.returncode == 2
-    assert f"user {other_user.name} may not run '{args[0]}'" in proc.stderr
+    assert f"user {other_user.name} may not use the control socket" in proc.stderr
 
 
 # --- part two: registry credentials ------------------------------------------------------------

@@ -96,7 +96,13 @@ class ControlClient:
         """Sends one command; returns the reply's result or raises."""
         with self._connect() as sock:
             try:
-                sock.sendall(protocol.encode_request(cmd, args))
+                try:
+                    sock.sendall(protocol.encode_request(cmd, args))
+                except OSError as err:
+                    # the daemon may refuse at once (denied, busy) and close: its
+                    # answer is still there to read
+                    if err.errno not in (errno.EPIPE, errno.ECONNRESET):
+                        raise
                 line = _read_reply(sock)
             except TimeoutError:
                 raise errors.DaemonUnreachable(

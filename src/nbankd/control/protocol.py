@@ -96,6 +96,8 @@ def decode_request(line: bytes) -> Request:
         data = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError("bad-request", f"request is not JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("bad-request", "request is nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad-request", "request must be a JSON object")
     v = data.get("v")

@@ -24,10 +24,16 @@ refused) is replaced; a socket a live daemon answers on makes start-up fail
 with :class:`ControlSocketInUse`. The file is removed at shutdown if it is still
 ours.
 
-**Robustness.** Each connection is served by a short-lived thread with read and
-write timeouts and a request size limit (:data:`~.protocol.MAX_REQUEST`); at
-most :data:`MAX_CONNECTIONS` are served at once (others get ``busy``). Nothing
-a client sends can stop the server: every failure becomes an error reply.
+**Robustness.** Peer credentials are checked at accept, before anything is
+read: a peer that is neither a reader nor an admin is answered ``denied`` and
+closed at once, so it never holds a slot. Each accepted connection is served by
+a short-lived thread with one deadline for the whole request
+(:data:`READ_TIMEOUT`, however slowly it trickles in), a write timeout and a
+request size limit (:data:`~.protocol.MAX_REQUEST`). At most
+:data:`MAX_CONNECTIONS` are served at once (others get ``busy``), and
+:data:`ADMIN_RESERVED` of those slots are kept for admins, so connections of
+readers can never lock an admin out. Nothing a client sends can stop the
+server: every failure becomes an error reply.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +67,8 @@ log = structlog.get_logger("nbankd.control")
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 32
+ADMIN_RESERVED = 4  # of MAX_CONNECTIONS, only for admins
+DENIAL_LOG_EVERY = 10.0  # seconds between warnings about one refused user
 SOCKET_MODE = 0o660
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -125,19 +134,25 @@ class Access:
             return True
         return self._matches(peer, self.control().admins)
 
+    def may_connect(self, peer: Peer) -> bool:
+        """True when the peer may run at least the read-only commands."""
+        return self.is_admin(peer) or self._matches(peer, self.control().readers)
+
     def allowed(self, peer: Peer, cmd: str) -> bool:
         if self.is_admin(peer):
             return True
         return cmd in protocol.READ_COMMANDS and self._matches(peer, self.control().readers)
 
-    def denial(self, peer: Peer, cmd: str) -> str:
+    def denial(self, peer: Peer, cmd: str | None) -> str:
+        """The message for a refused command (``None``: refused at connection)."""
         control = self.control()
-        if cmd in protocol.READ_COMMANDS:
+        if cmd is None or cmd in protocol.READ_COMMANDS:
             who = f"readers: {', '.join(control.readers) or 'none'}; "
             who += f"admins: {', '.join(control.admins) or 'none'}"
         else:
             who = f"admins: {', '.join(control.admins) or 'none'}"
-        return f"user {peer.user} may not run {cmd!r} ({who})"
+        what = "use the control socket" if cmd is None else f"run {cmd!r}"
+        return f"user {peer.user} may not {what} ({who})"
 
 
 def socket_group(control: ControlConfig) -> int | None:
@@ -166,7 +181,9 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS - ADMIN_RESERVED)
+        self._admin_slots = threading.BoundedSemaphore(ADMIN_RESERVED)
+        self._refusals_logged: dict[int, float] = {}  # uid -> when last logged
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -299,38 +316,58 @@ class ControlServer:
             log.error("control socket accept failed", error=str(err))
             return
         conn.setblocking(True)
-        if not self._slots.acquire(blocking=False):
-            conn.settimeout(1.0)
+        conn.settimeout(1.0)  # the short replies sent from this thread
+        try:
+            peer = Peer.of(conn)
+        except (OSError, KeyError) as err:
             with contextlib.suppress(OSError):
-                conn.sendall(protocol.encode_error("busy", "too many control connections; retry"))
+                conn.sendall(protocol.encode_error("internal", f"peer credentials: {err}"))
             conn.close()
             return
+        admin = self.access.is_admin(peer)
+        if not admin and not self.access.may_connect(peer):
+            now = time.monotonic()
+            if now - self._refusals_logged.get(peer.uid, -DENIAL_LOG_EVERY) >= DENIAL_LOG_EVERY:
+                self._refusals_logged[peer.uid] = now
+                log.warning(
+                    "control connection refused", user=peer.user, uid=peer.uid, pid=peer.pid
+                )
+            with contextlib.suppress(OSError):
+                conn.sendall(protocol.encode_error("denied", self.access.denial(peer, None)))
+            conn.close()
+            return
+        slots = self._slots
+        if not slots.acquire(blocking=False):
+            slots = self._admin_slots
+            if not admin or not slots.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    conn.sendall(
+                        protocol.encode_error("busy", "too many control connections; retry")
+                    )
+                conn.close()
+                return
         try:
             threading.Thread(
-                target=self._handle, args=(conn,), name="control-conn", daemon=True
+                target=self._handle, args=(conn, peer, slots), name="control-conn", daemon=True
             ).start()
         except BaseException:
-            self._slots.release()
+            slots.release()
             conn.close()
             raise
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, peer: Peer, slots: threading.BoundedSemaphore) -> None:
         try:
             with conn:
-                reply = self._answer(conn)
+                reply = self._answer(conn, peer)
                 conn.settimeout(WRITE_TIMEOUT)
                 with contextlib.suppress(OSError):
                     conn.sendall(reply)
         except Exception:  # never let one connection take the server down
             log.exception("control connection failed")
         finally:
-            self._slots.release()
+            slots.release()
 
-    def _answer(self, conn: socket.socket) -> bytes:
-        try:
-            peer = Peer.of(conn)
-        except OSError as err:
-            return protocol.encode_error("internal", f"cannot read peer credentials: {err}")
+    def _answer(self, conn: socket.socket, peer: Peer) -> bytes:
         try:
             line = _read_line(conn)
             request = protocol.decode_request(line)
@@ -360,11 +397,15 @@ class ControlServer:
 
 
 def _read_line(conn: socket.socket) -> bytes:
-    """One request line, within the read timeout and the size limit."""
-    conn.settimeout(READ_TIMEOUT)
+    """One request line, whole within :data:`READ_TIMEOUT` and the size limit."""
+    deadline = time.monotonic() + READ_TIMEOUT
     buf = bytearray()
     while True:
         try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            conn.settimeout(remaining)
             chunk = conn.recv(8192)
         except TimeoutError:
             raise protocol.ProtocolError(
