@@ -409,3 +409,29 @@ def test_concurrent_adds_lose_nothing(journal: Journal) -> None:
     all_ids = ids[0] + ids[1]
     assert len(set(all_ids)) == 200
     assert {i.id for i in journal.iter_all()} == set(all_ids)
+
+
+def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
+    """A journal of the previous schema (version 1) opens at the current version with
+    its in-flight items intact; the new scan identity is empty for them."""
+    from nbankd.deposit.journal import MIGRATIONS
+
+    path = tmp_path / "journal.sqlite3"
+    with sqlite3.connect(path) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version=1")
+        db.execute(
+            "INSERT INTO items (token, inbox, relpath, kind, state, archive, archive_path, "
+            "placement, verify, created, updated) VALUES ('ab', '/in', x'612e776176', 'file', "
+            "'staged', 'arch', '/arch', 'copy', 1, 1.0, 1.0)"
+        )
+    journal = Journal(path)
+    [item] = journal.unfinished()
+    assert journal.schema_version == SCHEMA_VERSION == 2
+    assert (item.token, item.relpath, item.state, item.seen_identity) == (
+        "ab",
+        b"a.wav",
+        State.STAGED,
+        None,
+    )

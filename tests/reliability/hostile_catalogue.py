@@ -410,7 +410,7 @@ ROWS: tuple[Row, ...] = (
     Row("sidecar-deep-json", "JSON sidecar nested 50,000 levels deep",
         with_sidecar("deepjson.wav", '{"metadata": ' + "[" * 50_000 + "]" * 50_000 + "}",
                      suffix=".nbank.json"),
-        Rejected("bad-sidecar", SIDE)),
+        Rejected("bad-sidecar", (".nbank.json",))),
     Row("sidecar-duplicate-key", "sidecar naming id twice (not 'the last one wins')",
         with_sidecar("dupkey.wav", "id: first\nid: second\n"), Rejected("bad-sidecar", SIDE)),
     Row("sidecar-not-utf8", "sidecar in Latin-1 (must not be altered silently)",

@@ -77,7 +77,28 @@ class Call:
 
     @property
     def paths(self) -> list[str]:
-        return _STRING.findall(self.args) + _FD_PATH.findall(self.args)
+        return self.names + _FD_PATH.findall(self.args)
+
+    @property
+    def names(self) -> list[str]:
+        """The paths the call names: its string arguments, each joined to the folder
+        descriptor before it for the ``*at`` calls (``renameat2(5</in>, "a", ...)``
+        names ``/in/a``)."""
+        if not self.name.endswith("at") and self.name != "renameat2":
+            return _STRING.findall(self.args)
+        out: list[str] = []
+        folder = ""
+        for arg in _split_args(self.args):
+            fd_path = _FD_PATH.search(arg)
+            string = _STRING.fullmatch(arg.strip())
+            if string is not None:
+                out.append(os.path.join(folder, string.group(1)) if folder else string.group(1))
+                folder = ""
+            elif fd_path is not None:
+                folder = fd_path.group(1)
+            elif arg.strip() == "AT_FDCWD":
+                folder = ""
+        return out
 
     @property
     def ok(self) -> bool:
@@ -85,6 +106,34 @@ class Call:
 
     def __str__(self) -> str:
         return f"line {self.start + 1} [{self.tid}] {self.name}({self.args}) = {self.ret}"
+
+
+def _split_args(args: str) -> list[str]:
+    """Top-level arguments of a call (commas inside strings and <paths> kept)."""
+    out, depth, quoted, cur, escaped = [], 0, False, [], False
+    for ch in args:
+        if quoted:
+            cur.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return out
 
 
 def parse_trace(text: str) -> list[Call]:
@@ -153,8 +202,8 @@ def fd_is(path: str) -> Callable[[Call], bool]:
 
 
 def names(*paths: str) -> Callable[[Call], bool]:
-    """The call's string arguments are exactly ``paths`` (in order)."""
-    return lambda c: _STRING.findall(c.args) == list(paths)
+    """The call names exactly ``paths`` (in order; see :attr:`Call.names`)."""
+    return lambda c: c.names == list(paths)
 
 
 def ends_with(suffix: str) -> Callable[[Call], bool]:
@@ -266,7 +315,7 @@ def _check_deposit(
     link = trace.one(LINKS, names(staged, target), f"link of {relpath} into resources/")
     created = trace.one(
         {"openat"},
-        lambda c: _STRING.findall(c.args) == [staged] and "O_CREAT" in c.args,
+        lambda c: c.names == [staged] and "O_CREAT" in c.args,
         f"creation of the staged copy of {relpath}",
     )
     assert trace.find(SYNCS, fd_is(staged), after=created.end, before=link.start), (

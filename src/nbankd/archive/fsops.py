@@ -64,28 +64,48 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     raise OSError(err, os.strerror(err), os.fspath(dst))
 
 
-def move_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Moves a file or folder within one filesystem, never replacing anything at ``dst``.
+def rename_noreplace_at(src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes) -> None:
+    """:func:`rename_noreplace` between two open folders (names, never paths)."""
+    if _renameat2 is None:
+        raise NoReplaceUnsupported(errno.ENOSYS, "renameat2 is not available in this libc")
+    if _renameat2(src_dir, src_name, dst_dir, dst_name, RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        raise NoReplaceUnsupported(err, f"renameat2(RENAME_NOREPLACE): {os.strerror(err)}")
+    raise OSError(err, os.strerror(err), os.fsdecode(dst_name))
+
+
+def move_noreplace_at(src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes) -> None:
+    """Moves an entry between two open folders of one filesystem, never replacing
+    anything, and fsyncs both folders. Raises FileExistsError if ``dst_name`` exists.
 
     One atomic renameat2(RENAME_NOREPLACE) where supported, for files too: ``link()``
     would need to own or read the file (``fs.protected_hardlinks``), which an
-    unreadable input is not. Elsewhere (NFS) files move by link() + unlink(), and
-    folders by rename() after checking ``dst`` is free (a small race, on folders only).
-    Both folders are fsynced. Raises FileExistsError if ``dst`` exists.
+    unreadable input is not. Where the filesystem refuses the flag (NFS, SSHFS),
+    files move by link() + unlink(); a folder is refused (NoReplaceUnsupported),
+    never moved by a plain rename that could replace an empty folder.
     """
-    src, dst = Path(src), Path(dst)
     try:
-        rename_noreplace(src, dst)
+        rename_noreplace_at(src_dir, src_name, dst_dir, dst_name)
     except NoReplaceUnsupported:
-        if stat.S_ISDIR(os.lstat(src).st_mode):
-            if os.path.lexists(dst):
-                raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from None
-            os.rename(src, dst)
-        else:
-            os.link(src, dst, follow_symlinks=False)
-            os.unlink(src)
-    fsync_dir(dst.parent)
-    fsync_dir(src.parent)
+        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise
+        os.link(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+        os.unlink(src_name, dir_fd=src_dir)
+    fsync_fd(dst_dir)
+    if src_dir != dst_dir:
+        fsync_fd(src_dir)
+
+
+def fsync_fd(fd: int) -> None:
+    """fsync of an open folder; filesystems that cannot (EINVAL) are ignored."""
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
 
 
 def remove_ours(path: str | os.PathLike[str]) -> None:
@@ -172,8 +192,10 @@ def write_atomic(
 __all__ = [
     "NoReplaceUnsupported",
     "fsync_dir",
-    "move_noreplace",
+    "fsync_fd",
+    "move_noreplace_at",
     "remove_ours",
     "rename_noreplace",
+    "rename_noreplace_at",
     "write_atomic",
 ]

@@ -20,7 +20,6 @@ when a scan sees the file again (the caller asks for a rescan).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,6 +31,7 @@ from nbankd import errors
 from nbankd.archive import fsops
 from nbankd.config import InboxConfig
 from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, rejected_item
+from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
@@ -64,6 +64,8 @@ class Plan:
     moves: tuple[tuple[Path, Path], ...]  # (from, to), input last
     token: str | None = None
     reason: dict[str, Any] = field(default_factory=dict)
+    root: Path = Path("/")  # the inbox folder
+    rejected_dir: Path = Path("/")  # its rejected folder
 
 
 def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journal: Any) -> Plan:
@@ -137,26 +139,39 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         moves=tuple(moves),
         token=item.token if item is not None else None,
         reason=dict(reason or {}),
+        root=config.path,
+        rejected_dir=config.rejected_path,
     )
 
 
 def apply(p: Plan) -> dict[str, Any]:
-    """Carries out a plan; returns what was moved (JSON-safe)."""
-    p.original.parent.mkdir(parents=True, exist_ok=True)
+    """Carries out a plan; returns what was moved (JSON-safe).
+
+    Every folder is reached from the inbox folder without following a link (see
+    :mod:`nbankd.deposit.inboxfs`): a rejected or inbox folder swapped for a link
+    stops the requeue, naming it, and nothing is moved through it.
+    """
     done: list[list[str]] = []
-    for src, dst in p.moves:
-        try:
-            fsops.move_noreplace(src, dst)
-        except FileExistsError:
-            raise RequeueConflict(
-                f"{printable(str(dst))} appeared while requeueing; moved so far: {done or 'none'}",
-                hint="the rest is still in the rejected folder; requeue again",
-            ) from None
-        done.append([str(src), str(dst)])
-    if p.reason_file is not None:  # only now that every move is durable
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p.reason_file)
-        fsops.fsync_dir(p.reason_file.parent)
+    rejected_rel = os.path.relpath(p.rejected_dir, p.root)
+    with InboxFS(p.root, rejected=rejected_rel) as fs:
+        for src, dst in p.moves:
+            src_at = fs.rejected_parent(os.fsencode(os.path.relpath(src, p.rejected_dir)))
+            dst_at = fs.parent(os.fsencode(os.path.relpath(dst, p.root)), create=True)
+            try:
+                fs.move(*src_at, *dst_at)
+            except FileExistsError:
+                raise RequeueConflict(
+                    f"{printable(str(dst))} appeared while requeueing; moved so far: "
+                    f"{done or 'none'}",
+                    hint="the rest is still in the rejected folder; requeue again",
+                ) from None
+            done.append([str(src), str(dst)])
+        if p.reason_file is not None:  # only now that every move is durable
+            folder, name = fs.rejected_parent(
+                os.fsencode(os.path.relpath(p.reason_file, p.rejected_dir))
+            )
+            if fs.unlink(folder, name):
+                fsops.fsync_fd(folder)
     return {
         "inbox": p.inbox,
         "rejected_path": str(p.rejected),

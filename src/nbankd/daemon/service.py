@@ -66,6 +66,7 @@ class InboxState:
     next_scan: float = 0.0
     last_scan: float | None = None
     archive_problem: str | None = None
+    inbox_problem: str | None = None  # its work or rejected folder was tampered with
     skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
     stalled: tuple[str, ...] = ()
     verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
@@ -159,9 +160,9 @@ class Daemon:
             log.error("audits disabled: cannot open the audit cache", error=str(err))
 
     def _apply_config(self, cfg: Config) -> None:
-        setup.prepare_inbox_folders(cfg)
+        folders = setup.prepare_inbox_folders(cfg)
         self.specs.clear()
-        self.specs.update(setup.inbox_specs(cfg))
+        self.specs.update(setup.inbox_specs(cfg, folders))
         old = self.inboxes
         persisted = pauses.load(cfg.state_dir) if not old else frozenset()
         self.inboxes = {}
@@ -298,6 +299,14 @@ class Daemon:
             else:
                 log.error("archive not usable; deposits wait", inbox=key, error=problem)
         state.archive_problem = problem
+        spec = self.specs.get(key)
+        tampered = setup.inbox_folders_problem(spec) if spec is not None else None
+        if tampered != state.inbox_problem:
+            if tampered is None:
+                log.info("inbox folders usable again; deposits resume", inbox=key)
+            else:
+                log.error("inbox folder tampered with; deposits wait", inbox=key, error=tampered)
+        state.inbox_problem = tampered
         folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
         entries = scan_inbox(
             inbox.path,
@@ -323,7 +332,7 @@ class Daemon:
         for rel in set(stalled) - set(state.stalled):
             log.warning("file still changing", inbox=key, source=rel, stall_after=inbox.stall_after)
         state.stalled = stalled
-        if state.paused or state.archive_problem is not None:
+        if state.paused or state.archive_problem is not None or state.inbox_problem is not None:
             return
         for entry in result.ready:
             self._start_item(key, state, entry)
@@ -373,6 +382,9 @@ class Daemon:
             verify=int(state.config.verify),
             sidecar_relpath=sidecar,
             marker_relpath=marker,
+            seen_identity=json.dumps({"dev": entry.identity.dev, "ino": entry.identity.ino})
+            if entry.identity is not None
+            else None,
             created=now,
             updated=now,
         )

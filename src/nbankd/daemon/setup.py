@@ -17,7 +17,8 @@ import structlog
 from nbankd import errors
 from nbankd.archive import layout
 from nbankd.config import Config
-from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
+from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
 from nbankd.registry.base import Registry
 
 log = structlog.get_logger("nbankd.setup")
@@ -36,9 +37,14 @@ def prepare_state_dir(state_dir: Path) -> None:
     (state_dir / "receipts").mkdir(exist_ok=True, mode=0o750)
 
 
-def inbox_specs(config: Config) -> dict[str, InboxSpec]:
+def inbox_specs(
+    config: Config, folders: dict[str, tuple[FolderId, FolderId]] | None = None
+) -> dict[str, InboxSpec]:
+    """The run-time view of each inbox; ``folders`` holds the work and rejected
+    folders' identities :func:`prepare_inbox_folders` recorded."""
     specs: dict[str, InboxSpec] = {}
     for inbox in config.inboxes:
+        work_id, rejected_id = (folders or {}).get(str(inbox.path), (None, None))
         archive = config.archive_for(inbox)
         specs[str(inbox.path)] = InboxSpec(
             key=str(inbox.path),
@@ -55,25 +61,42 @@ def inbox_specs(config: Config) -> dict[str, InboxSpec]:
             verify=inbox.verify,
             directories=inbox.directories,
             config_source=config.source,
+            work_id=work_id,
+            rejected_id=rejected_id,
         )
     return specs
 
 
-def prepare_inbox_folders(config: Config) -> None:
-    """Creates missing inbox, work and rejected folders (work folder private to the daemon)."""
+def prepare_inbox_folders(config: Config) -> dict[str, tuple[FolderId, FolderId]]:
+    """Creates missing inbox, work and rejected folders (work folder private to the
+    daemon) without following links; returns inbox key -> (work, rejected) identities."""
+    ids = {}
     for inbox in config.inboxes:
-        for folder, mode in (
-            (inbox.path, 0o777),
-            (inbox.work_dir, 0o750),
-            (inbox.rejected_path, 0o777),
-        ):
-            try:
-                folder.mkdir(parents=True, exist_ok=True, mode=mode)
-            except FileExistsError:  # there, but not a folder (a file, a broken link)
-                raise errors.ConfigError(
-                    f"{folder} exists but is not a folder (inbox {inbox.path})",
-                    hint="move it away (nbankd never deletes it), then start nbankd again",
-                ) from None
+        try:
+            inbox.path.mkdir(parents=True, exist_ok=True, mode=0o777)
+        except FileExistsError:  # there, but not a folder (a file, a broken link)
+            raise errors.ConfigError(
+                f"{inbox.path} exists but is not a folder",
+                hint="move it away (nbankd never deletes it), then start nbankd again",
+            ) from None
+        ids[str(inbox.path)] = prepare_folders(
+            inbox.path, work=WORK_DIR_NAME, rejected=inbox.rejected_dir, owner=os.geteuid()
+        )
+    return ids
+
+
+def inbox_folders_problem(spec: InboxSpec) -> str | None:
+    """Why the inbox's work or rejected folder cannot be used now (replaced by a link
+    or another folder, removed), or None when both are the folders recorded at start."""
+    try:
+        with spec.open_fs() as fs:
+            fs.work  # noqa: B018 - opening it is the check
+            fs.rejected  # noqa: B018
+    except (Tampered, Escape) as err:
+        return str(err)
+    except OSError as err:
+        return f"cannot open inbox {spec.path}: {err.strerror or err}"
+    return None
 
 
 def ensure_datatypes(config: Config, registry: Registry) -> list[str]:

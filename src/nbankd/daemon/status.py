@@ -103,9 +103,12 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
                 "stalled": list(state.stalled),
                 "skipped": dict(state.skipped),
                 "archive_problem": state.archive_problem,
+                "inbox_problem": state.inbox_problem,
                 "last_scan": state.last_scan,
             }
         )
+        if state.inbox_problem:
+            degraded.append(f"inbox {key}: {state.inbox_problem}")
         if state.archive_problem:
             degraded.append(f"archive for {key}: {state.archive_problem}")
             shown_archives.add(daemon.config.archive_for(state.config).name)

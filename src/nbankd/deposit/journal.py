@@ -21,7 +21,7 @@ from nbankd import errors
 from nbankd.deposit import crashpoints
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     # 0 -> 1: the first schema
@@ -64,6 +64,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "CREATE INDEX items_name ON items(name)",
         "CREATE INDEX items_finished ON items(finished)",
     ),
+    # 1 -> 2: the (device, inode) the scan saw, compared with what the claim takes
+    1: ("ALTER TABLE items ADD COLUMN seen_identity TEXT",),
 }
 
 
@@ -100,6 +102,7 @@ class Item:
     rejected_relpath: bytes | None = None
     reason_json: str | None = None
     finished: float | None = None
+    seen_identity: str | None = None  # JSON {"dev", "ino"} of the entry the scan saw
 
     @property
     def progress(self) -> Progress:

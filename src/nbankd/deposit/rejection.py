@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nbankd.archive import fsops
 from nbankd.deposit import crashpoints
+from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
 from nbankd.shellwords import requeue_command
@@ -72,55 +73,59 @@ def _free_name(folder: Path, basename: bytes) -> bytes:
     return candidate
 
 
-def _move_no_replace(src: Path, dst: Path) -> None:
-    """Moves a file or folder to ``dst`` without ever replacing something there."""
-    if os.path.lexists(dst) and not os.path.lexists(src):
+def _move_no_replace(fs: InboxFS, src: tuple[int, bytes], dst: tuple[int, bytes]) -> None:
+    """Moves an entry between open folders without ever replacing something there."""
+    if fs.exists(*dst) and not fs.exists(*src):
         return  # done by an earlier attempt
-    fsops.move_noreplace(src, dst)
+    fs.move(src[0], src[1], dst[0], dst[1])
 
 
-def _is_reason_for(path: Path, dest: Path) -> bool:
-    """True if ``path`` is a reason file nbankd wrote for an input rejected to ``dest``."""
+def _is_reason_for(folder: int, name: bytes, dest: Path) -> bool:
+    """True if ``name`` in ``folder`` is a reason nbankd wrote for an input rejected to
+    ``dest``."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
+        with os.fdopen(fd, "rb") as f:
             data = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("rejected_path") == str(dest)
 
 
-def _write_reason(path: Path, data: bytes, dest: Path) -> bool:
-    """Writes ``path`` whole, replacing only an earlier attempt's reason for ``dest``.
+def _write_reason(folder: int, name: bytes, data: bytes, dest: Path) -> bool:
+    """Writes ``name`` in the open ``folder`` whole, replacing only an earlier
+    attempt's reason for ``dest``.
 
     Returns False, writing nothing, when something else holds the name (another
     input rejected at the same moment may be called ``NAME.reason``): replacing
     it would destroy that input.
     """
-    # the temporary name depends only on ``path``: a replay after a crash removes the
-    # one a killed attempt left (never truncating it: it may already be ``path`` too)
-    tmp = path.with_name(f".{path.name[:200]}.tmp")
+    # the temporary name depends only on ``name``: a replay after a crash removes the
+    # one a killed attempt left (never truncating it: it may already be ``name`` too)
+    tmp = b"." + name[:200] + b".tmp"
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.unlink(tmp, dir_fd=folder)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644, dir_fd=folder)
     try:
         os.write(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        os.unlink(tmp, dir_fd=folder)
         raise
     os.close(fd)
     crashpoints.reached("after-reason-temp")
     try:
-        os.link(tmp, path)  # never replaces anything
+        os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
     except FileExistsError:
-        if not _is_reason_for(path, dest):
-            os.unlink(tmp)
+        if not _is_reason_for(folder, name, dest):
+            os.unlink(tmp, dir_fd=folder)
             return False
-        os.replace(tmp, path)  # our own reason from an earlier attempt
+        os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)  # our own earlier reason
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fsops.fsync_dir(path.parent)
+        os.unlink(tmp, dir_fd=folder)
+    fsops.fsync_fd(folder)
     return True
 
 
@@ -138,20 +143,23 @@ def move_to_rejected(
     spec: InboxSpec,
     item: Item,
     *,
-    work: Path,
-    sidecar_work: Path | None,
+    fs: InboxFS,
     now: float,
     save: Callable[[Item], Item],
 ) -> Item:
     """Writes ``NAME.reason`` then moves the input (and sidecar, marker) to rejected_dir.
 
     Neither the reason nor the input ever replaces anything: if another input takes
-    the chosen name (or its ``.reason`` name) first, a new name is chosen.
+    the chosen name (or its ``.reason`` name) first, a new name is chosen. Every
+    folder is reached through ``fs`` (never through a link).
     """
     rel = item.relpath
     sub = os.path.dirname(rel)
-    folder = spec.rejected_dir / os.fsdecode(sub)
-    folder.mkdir(parents=True, exist_ok=True)
+    token = item.token.encode()
+    sidecar = _sidecar_work_name(item)
+    shown = spec.rejected_dir / os.fsdecode(sub)  # where the user finds them
+    folder_fd = fs.folder(fs.rejected, sub, create=True, where=str(shown))
+    folder = fs.at(folder_fd)  # where names are tried, through the open folder
     with _REJECT_LOCK:
         while True:
             if item.rejected_relpath is None:
@@ -160,7 +168,7 @@ def move_to_rejected(
                 crashpoints.reached("after-reject-name")
             assert item.rejected_relpath is not None
             dest_name = os.path.basename(item.rejected_relpath)
-            dest = folder / os.fsdecode(dest_name)
+            dest = shown / os.fsdecode(dest_name)
             reason = json.loads(item.reason_json or "{}")
             reason.update(
                 {
@@ -176,42 +184,51 @@ def move_to_rejected(
                     "requeue": requeue_command(dest, spec.config_source),
                 }
             )
-            reason_path = folder / os.fsdecode(reason_name(dest_name))
-            if not _write_reason(reason_path, _reason_text(reason), dest):
+            reason_file = reason_name(dest_name)
+            if not _write_reason(folder_fd, reason_file, _reason_text(reason), dest):
                 item = save(replace(item, rejected_relpath=None))  # name taken: choose again
                 continue
             crashpoints.reached("after-reject-reason")
-            if os.path.lexists(work):
+            if fs.exists(fs.work, token):
                 try:
-                    _move_no_replace(work, dest)
+                    _move_no_replace(fs, (fs.work, token), (folder_fd, dest_name))
                 except FileExistsError:  # taken since it was chosen: withdraw, choose again
-                    os.unlink(reason_path)
+                    os.unlink(reason_file, dir_fd=folder_fd)
                     item = save(replace(item, rejected_relpath=None))
                     continue
             break
-    if sidecar_work is not None and os.path.lexists(sidecar_work) and item.sidecar_relpath:
-        side_dest = folder / os.fsdecode(dest_name + item.sidecar_relpath[len(rel) :])
-        if not os.path.lexists(side_dest):
-            _move_no_replace(sidecar_work, side_dest)
+    if sidecar is not None and fs.exists(fs.work, sidecar) and item.sidecar_relpath:
+        side_dest = dest_name + item.sidecar_relpath[len(rel) :]
+        if not fs.exists(folder_fd, side_dest):
+            _move_no_replace(fs, (fs.work, sidecar), (folder_fd, side_dest))
     if item.marker_relpath is not None:
-        marker = spec.path / os.fsdecode(item.marker_relpath)
-        if os.path.lexists(marker):
-            _move_no_replace(marker, folder / os.fsdecode(dest_name + b".done"))
+        marker = fs.parent(item.marker_relpath)
+        if fs.exists(*marker):
+            _move_no_replace(fs, marker, (folder_fd, dest_name + b".done"))
     crashpoints.reached("after-reject-move")
     return replace(item, reason_json=json.dumps(reason))
 
 
-def put_back(spec: InboxSpec, item: Item, *, work: Path, sidecar_work: Path | None) -> None:
-    """Returns a claimed input to its place in the inbox (it changed: still being written)."""
-    src_rel = item.relpath
-    dest = spec.path / os.fsdecode(src_rel)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.lexists(work):
-        if os.path.lexists(dest):
-            dest = dest.parent / os.fsdecode(_free_name(dest.parent, os.path.basename(src_rel)))
-        _move_no_replace(work, dest)
+def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
+    """Returns a claimed input to its place in the inbox (it changed: still being
+    written), under a free name if its own was taken meanwhile."""
+    token = item.token.encode()
+    sidecar = _sidecar_work_name(item)
+    if fs.exists(fs.work, token):
+        parent, name = fs.parent(item.relpath, create=True)
+        if fs.exists(parent, name):
+            name = _free_name(fs.at(parent), name)
+        _move_no_replace(fs, (fs.work, token), (parent, name))
         crashpoints.reached("after-put-back")
-    if sidecar_work is not None and item.sidecar_relpath and os.path.lexists(sidecar_work):
-        side_dest = spec.path / os.fsdecode(item.sidecar_relpath)
-        if not os.path.lexists(side_dest):
-            _move_no_replace(sidecar_work, side_dest)
+    if sidecar is not None and item.sidecar_relpath and fs.exists(fs.work, sidecar):
+        side = fs.parent(item.sidecar_relpath, create=True)
+        if not fs.exists(*side):
+            _move_no_replace(fs, (fs.work, sidecar), side)
+
+
+def _sidecar_work_name(item: Item) -> bytes | None:
+    """The sidecar's name in the work folder (see Steps.sidecar_work_path)."""
+    if item.sidecar_relpath is None:
+        return None
+    suffix = b".json" if item.sidecar_relpath.endswith(b".json") else b".yaml"
+    return item.token.encode() + b".sidecar" + suffix

@@ -6,12 +6,14 @@ whole records instead of mutating shared state under running workers.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.policy import InboxRules
 
 WORK_DIR_NAME = ".nbank"
@@ -33,6 +35,18 @@ class InboxSpec:
     verify: bool = True
     directories: str = "files"  # or "resources"
     config_source: Path | None = None  # the daemon's configuration file (requeue hints)
+    work_id: tuple[int, int] | None = None  # (device, inode) recorded at start
+    rejected_id: tuple[int, int] | None = None
+
+    def open_fs(self) -> InboxFS:
+        """The inbox folder, opened once, with its checked work and rejected folders."""
+        return InboxFS(
+            self.path,
+            work=WORK_DIR_NAME,
+            rejected=os.path.relpath(self.rejected_dir, self.path),
+            work_id=self.work_id,
+            rejected_id=self.rejected_id,
+        )
 
     @property
     def work_dir(self) -> Path:

@@ -24,7 +24,7 @@ import structlog
 
 from nbankd import errors
 from nbankd.archive import durable, fsops, layout
-from nbankd.deposit import crashpoints, policy, receipts, rejection
+from nbankd.deposit import crashpoints, inboxfs, policy, receipts, rejection
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.spec import InboxSpec
@@ -36,10 +36,6 @@ log = structlog.get_logger("nbankd.deposit")
 
 StepResult = tuple[Item, Outcome]
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
-
-
-def _fsync_dir(path: Path) -> None:
-    durable.fsync_dir(path)
 
 
 def _identity_json(path: Path, is_dir: bool) -> str:
@@ -54,6 +50,15 @@ def _same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
         return json.loads(_identity_json(path, is_dir)) == json.loads(recorded)
     except FileNotFoundError:
         return False
+
+
+def _seen_matches(seen: str | None, st: os.stat_result) -> bool:
+    """True when the entry about to be claimed is the one the scan saw (device and
+    inode), or when no scan identity was recorded (items of an older journal)."""
+    if seen is None:
+        return True
+    want = json.loads(seen)
+    return (want.get("dev"), want.get("ino")) == (st.st_dev, st.st_ino)
 
 
 def _fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
@@ -145,10 +150,6 @@ class Steps:
         return spec
 
     @staticmethod
-    def work_path(spec: InboxSpec, item: Item) -> Path:
-        return spec.work_dir / item.token
-
-    @staticmethod
     def sidecar_work_path(spec: InboxSpec, item: Item) -> Path | None:
         if item.sidecar_relpath is None:
             return None
@@ -177,23 +178,42 @@ class Steps:
 
     def claim(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        src = spec.path / os.fsdecode(item.relpath)
-        work = self.work_path(spec, item)
+        try:
+            with spec.open_fs() as fs:
+                result = self._claim(spec, fs, item)
+                if result is not None:
+                    return result
+                return self._plan(spec, fs, item)
+        except inboxfs.Escape as err:
+            # a folder on the way was swapped for a link: nothing was taken
+            return item, Outcome("gone", "gone", err.message)
+
+    def _claim(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
+        """Moves the input (and its sidecar) into the work folder, walking from the
+        inbox folder; returns an outcome when the claim cannot go on."""
+        work = fs.work
+        token = item.token.encode()
         is_dir = item.kind == "dir"
-        spec.work_dir.mkdir(exist_ok=True)
-        if not os.path.lexists(work):
-            try:
-                st = os.lstat(src)
-            except FileNotFoundError:
+        if not fs.exists(work, token):
+            parent, name = fs.parent(item.relpath)
+            src = spec.path / item.relpath_str
+            st = fs.lstat(parent, name)
+            if st is None:
                 return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
             ok_kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
             unsafe = item.kind == "unsafe"
             if not unsafe and (not ok_kind or (not is_dir and st.st_nlink > 1)):
                 return item, Outcome("gone", "unsupported", f"{src} is no longer a plain input")
+            if not _seen_matches(item.seen_identity, st):
+                return item, Outcome(
+                    "gone", "gone", f"{src} is not the entry the scan saw (replaced); left alone"
+                )
             try:
-                os.rename(src, work)
+                fs.move(parent, name, work, token)
             except FileNotFoundError:
                 return item, Outcome("gone", "gone", f"{src} was taken by another process")
+            except FileExistsError:
+                return item, Outcome("gone", "gone", f"{src}: the work name is taken")
             except PermissionError as err:
                 # the inbox folder holding the file, not the archive, is the problem;
                 # the file cannot be moved at all, so it waits where it is
@@ -204,9 +224,39 @@ class Steps:
                     f"give the daemon's user write permission on {src.parent} "
                     "(e.g. make it group-writable by the lab group, with the setgid bit)",
                 )
-            _fsync_dir(spec.work_dir)
-            _fsync_dir(src.parent)
+            except fsops.NoReplaceUnsupported:
+                return item, Outcome(
+                    "transient",
+                    "inbox-no-replace",
+                    f"the filesystem of {spec.path} cannot move the folder {src} without "
+                    "risking a replace (no RENAME_NOREPLACE); it is left where it is",
+                    "deposit folders from an inbox on a local filesystem",
+                )
+            claimed = fs.lstat(work, token)
+            if claimed is None or (claimed.st_dev, claimed.st_ino) != (st.st_dev, st.st_ino):
+                # swapped between the check and the move: put back what was taken, untouched
+                if claimed is not None:
+                    with contextlib.suppress(OSError):
+                        fs.move(work, token, parent, name)
+                return item, Outcome(
+                    "gone", "gone", f"{src} changed while it was claimed; put back untouched"
+                )
             crashpoints.reached("after-claim-rename")
+        side_work = self.sidecar_work_path(spec, item)
+        if item.sidecar_relpath is not None and side_work is not None:
+            side_parent, side_name = fs.parent(item.sidecar_relpath)
+            side_token = side_work.name.encode()
+            if fs.exists(side_parent, side_name) and not fs.exists(work, side_token):
+                fs.move(side_parent, side_name, work, side_token)
+        return None
+
+    def _plan(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult:
+        """Records the claimed input's identity and decides its identifier and metadata."""
+        is_dir = item.kind == "dir"
+        work = fs.at(fs.work, item.token)
+        sidecar_work = self.sidecar_work_path(spec, item)
+        if sidecar_work is not None:
+            sidecar_work = fs.at(fs.work, sidecar_work.name)
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
             reason = json.loads(item.reason_json or "{}")
@@ -216,12 +266,6 @@ class Steps:
                 reason.get("message", "not a regular file"),
                 reason.get("hint", ""),
             )
-        sidecar_work = self.sidecar_work_path(spec, item)
-        if sidecar_work is not None and item.sidecar_relpath is not None:
-            sidecar_src = spec.path / os.fsdecode(item.sidecar_relpath)
-            if not os.path.lexists(sidecar_work) and os.path.lexists(sidecar_src):
-                os.rename(sidecar_src, sidecar_work)
-                _fsync_dir(spec.work_dir)
         item = replace(item, identity=item.identity or _identity_json(work, is_dir))
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
@@ -278,7 +322,10 @@ class Steps:
 
     def stage(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        work = self.work_path(spec, item)
+        with spec.open_fs() as fs:
+            return self._stage(spec, item, fs.at(fs.work, item.token))
+
+    def _stage(self, spec: InboxSpec, item: Item, work: Path) -> StepResult:
         archive = self._archive(spec)
         if item.kind == "dir":
             if not _same_identity(item.identity, work, True):
@@ -379,7 +426,9 @@ class Steps:
         archive = self._archive(spec)
         target = self._target(archive, item)
         if spec.placement == "rename":
-            durable.publish_in_place(archive, self.work_path(spec, item), target, sha1=item.sha1)
+            with spec.open_fs() as fs:
+                work = fs.at(fs.work, item.token)
+                durable.publish_in_place(archive, work, target, sha1=item.sha1)
         else:
             staged = archive.staging_dir / self.staged_name(item)
             if not os.path.lexists(staged) and not os.path.lexists(target):
@@ -433,42 +482,39 @@ class Steps:
 
     def release(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        work = self.work_path(spec, item)
-        fsops.remove_ours(work)
-        crashpoints.reached("after-release-source")
-        sidecar = self.sidecar_work_path(spec, item)
-        if sidecar is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sidecar)
-        if item.marker_relpath is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(spec.path / os.fsdecode(item.marker_relpath))
-        _fsync_dir(spec.work_dir)
+        with spec.open_fs() as fs:
+            token = item.token.encode()
+            st = fs.lstat(fs.work, token)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                fsops.remove_ours(fs.at(fs.work, token))  # a folder resource's tree
+            else:
+                fs.unlink(fs.work, token)
+            crashpoints.reached("after-release-source")
+            sidecar = self.sidecar_work_path(spec, item)
+            if sidecar is not None:
+                fs.unlink(fs.work, sidecar.name.encode())
+            if item.marker_relpath is not None:
+                marker = fs.parent(item.marker_relpath)
+                if fs.unlink(*marker):
+                    fsops.fsync_fd(marker[0])
+            fsops.fsync_fd(fs.work)
         crashpoints.reached("after-release-unlink")
         return replace(item, finished=item.finished or self.clock()), Outcome.ok()
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)
         self._discard_staged(spec, item)
-        item = rejection.move_to_rejected(
-            spec,
-            item,
-            work=self.work_path(spec, item),
-            sidecar_work=self.sidecar_work_path(spec, item),
-            now=self.clock(),
-            save=self.journal.save,
-        )
+        with spec.open_fs() as fs:
+            item = rejection.move_to_rejected(
+                spec, item, fs=fs, now=self.clock(), save=self.journal.save
+            )
         return replace(item, finished=self.clock()), Outcome.ok()
 
     def put_back(self, item: Item) -> StepResult:
         spec = self._spec(item)
         self._discard_staged(spec, item)
-        rejection.put_back(
-            spec,
-            item,
-            work=self.work_path(spec, item),
-            sidecar_work=self.sidecar_work_path(spec, item),
-        )
+        with spec.open_fs() as fs:
+            rejection.put_back(spec, item, fs=fs)
         return replace(item, finished=self.clock()), Outcome.ok()
 
     def _discard_staged(self, spec: InboxSpec, item: Item) -> None:

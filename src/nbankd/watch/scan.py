@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fnmatch
 import hashlib
 import os
@@ -243,11 +244,11 @@ def tree_summary(path: Path | str) -> TreeSummary:
     ctime = st.st_ctime_ns
     unsafe: list[str] = []
     unreadable: list[str] = []
-    stack = [""]
+    stack: list[tuple[str, int | None]] = [("", None)]
     while stack:
-        rel = stack.pop()
+        rel, ino = stack.pop()
         try:
-            children = _list(os.path.join(top, rel) if rel else top)
+            children = _list(os.path.join(top, rel) if rel else top, ino)
         except (FileNotFoundError, NotADirectoryError):
             if not rel:
                 raise
@@ -280,7 +281,7 @@ def tree_summary(path: Path | str) -> TreeSummary:
                 )
             )
             if stat.S_ISDIR(cst.st_mode):
-                stack.append(crel)
+                stack.append((crel, cst.st_ino))
             elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
                 size += cst.st_size
                 files += 1
@@ -359,12 +360,12 @@ def scan_inbox(
     top = os.fsdecode(root)
     excluded = {_norm(e) for e in exclude}
     entries: list[Entry] = []
-    stack: list[tuple[str, int]] = [("", -1)]
+    stack: list[tuple[str, int | None]] = [("", None)]
     first = True
     while stack:
         rel, ino = stack.pop()
         try:
-            children = _list(os.path.join(top, rel) if rel else top)
+            children = _list(os.path.join(top, rel) if rel else top, ino)
         except (FileNotFoundError, NotADirectoryError):
             if first:
                 raise
@@ -374,7 +375,7 @@ def scan_inbox(
                 raise
             entries.append(Entry(rel, EntryKind.UNREADABLE, None, problem=_describe(err)))
             continue
-        if folders is not None and not first:
+        if folders is not None and ino is not None:
             folders[ino] = rel
         elif folders is not None:
             with contextlib.suppress(OSError):  # vanished just now: the next scan says so
@@ -414,10 +415,51 @@ def iter_inputs(entries: Sequence[Entry]) -> Iterator[Entry]:
 # --- internals -------------------------------------------------------------------------
 
 
-def _list(folder: str) -> list[tuple[str, os.DirEntry[str]]]:
-    """Lists one folder completely (so the directory fd is closed before recursing)."""
-    with os.scandir(folder) as it:
-        return [(child.name, child) for child in it]
+class _Child:
+    """One listed name and its lstat, taken while its folder was open."""
+
+    __slots__ = ("_err", "_st")
+
+    def __init__(self, st: os.stat_result | None, err: OSError | None) -> None:
+        self._st, self._err = st, err
+
+    def stat(self, *, follow_symlinks: bool = False) -> os.stat_result:
+        if self._err is not None:
+            raise self._err
+        assert self._st is not None
+        return self._st
+
+
+def _list(folder: str, expect_ino: int | None = None) -> list[tuple[str, _Child]]:
+    """Lists one folder completely and lstats what it holds, through one descriptor.
+
+    A sub-folder (``expect_ino`` given: the inode its parent's listing showed) is
+    opened without following a link and must still be that inode; otherwise it
+    was swapped for another folder or a link since, and is reported as vanished
+    (FileNotFoundError): a scan never lists anything outside its inbox.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if expect_ino is not None:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(folder, flags)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise FileNotFoundError(err.errno, "replaced by a link", folder) from None
+        raise
+    try:
+        if expect_ino is not None and os.fstat(fd).st_ino != expect_ino:
+            raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", folder)
+        out = []
+        with os.scandir(fd) as it:
+            for child in it:
+                try:
+                    out.append((child.name, _Child(child.stat(follow_symlinks=False), None)))
+                except OSError as err:
+                    out.append((child.name, _Child(None, err)))
+        return out
+    finally:
+        os.close(fd)
 
 
 def _norm(relpath: str) -> str:

@@ -1,0 +1,273 @@
+"""Every change nbankd makes in an inbox, walked from one descriptor of the inbox folder.
+
+Any writer of an inbox can swap a folder for a symbolic link at any instant, so a
+path is never resolved twice: :class:`InboxFS` opens the inbox folder once, then
+reaches every folder below it component by component with
+``O_DIRECTORY | O_NOFOLLOW`` (``openat``), and moves and removes entries by name
+within those open folders (``renameat2(RENAME_NOREPLACE)``, ``unlinkat``). A link
+or a non-folder anywhere on the way raises :class:`Escape`; nothing is followed.
+
+The work folder (``.nbank``) and the rejected folder are checked every time they
+are opened: real folders on the inbox's filesystem and, when the daemon recorded
+them at start (:func:`identity_of_folder`), the same device and inode. A folder
+that differs raises :class:`Tampered`: the inbox's deposits wait, named in
+``nbankctl status``, and nothing is followed into the replacement.
+
+Code that works on paths (copying, hashing, reading a sidecar) gets a path
+through the open descriptor, ``/proc/self/fd/N/NAME`` (:meth:`InboxFS.at`), valid
+while the :class:`InboxFS` is open: the kernel resolves it to the folder already
+opened, never to whatever took its name since.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from types import TracebackType
+
+from nbankd import errors
+from nbankd.archive import fsops
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FolderId = tuple[int, int]
+
+
+class Escape(errors.NbankdError):
+    """A folder on the way to an entry is a link or not a folder: never followed."""
+
+    code = "inbox-changed"
+    transient = True
+
+
+class Tampered(errors.NbankdError):
+    """The work or rejected folder is not the folder the daemon recorded."""
+
+    code = "inbox-tampered"
+    transient = True
+
+
+def prepare_folders(
+    root: Path, *, work: str, rejected: str, owner: int | None = None
+) -> tuple[FolderId, FolderId]:
+    """Makes the inbox's work (mode 0750) and rejected folders where missing, walking
+    from the inbox folder without following a link, and returns their (device,
+    inode): the identities every later use is checked against. ConfigError naming
+    the folder when one is a link, not a folder, on another filesystem, or (the
+    work folder, with ``owner``) not the daemon's user's."""
+    try:
+        fs = InboxFS(root, work=work, rejected=rejected)
+    except OSError as err:
+        raise errors.ConfigError(f"cannot open inbox {root}: {err.strerror or err}") from err
+    with fs:
+        ids = []
+        for rel, mode in ((work, 0o750), (rejected, 0o777)):
+            where = str(root / rel)
+            try:
+                fd = fs.folder(fs.root, rel, create=True, where=where, mode=mode)
+            except (Escape, OSError) as err:
+                problem = f"cannot be used as the inbox's folder ({err})"
+                with contextlib.suppress(OSError):
+                    if not stat.S_ISDIR(os.lstat(where).st_mode):
+                        problem = "exists but is not a folder (a file or a link)"
+                raise errors.ConfigError(
+                    f"{where} {problem}",
+                    hint="move it away (nbankd never follows or deletes it), then start "
+                    "nbankd again",
+                ) from None
+            st = os.fstat(fd)
+            if st.st_dev != fs.dev:
+                raise errors.ConfigError(
+                    f"{where} is on another filesystem than its inbox",
+                    hint="nothing may be mounted on the inbox's work or rejected folder",
+                )
+            if rel == work and owner is not None and st.st_uid != owner:
+                raise errors.ConfigError(
+                    f"{where} belongs to uid {st.st_uid}, not to the daemon's user ({owner})",
+                    hint="move it aside; nbankd makes the folder itself at start",
+                )
+            ids.append((st.st_dev, st.st_ino))
+    return ids[0], ids[1]
+
+
+def components(rel: bytes | str) -> list[bytes]:
+    """The names of a relative path; Escape for ``..``, ``.`` or an absolute path."""
+    raw = os.fsencode(rel)
+    if raw.startswith(b"/"):
+        raise Escape(f"{os.fsdecode(raw)!r} is not a relative path")
+    parts = [p for p in raw.split(b"/") if p]
+    if any(p in (b".", b"..") for p in parts):
+        raise Escape(f"{os.fsdecode(raw)!r} leaves its folder")
+    return parts
+
+
+class InboxFS:
+    """The open inbox folder and the folders reached from it; a context manager."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        work: str = ".nbank",
+        rejected: str = "rejected",
+        work_id: FolderId | None = None,
+        rejected_id: FolderId | None = None,
+    ) -> None:
+        self.root_path = root
+        self.work_rel = work
+        self.rejected_rel = rejected
+        self.work_id = work_id
+        self.rejected_id = rejected_id
+        self._fds: list[int] = []
+        self.root = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        self.dev = os.fstat(self.root).st_dev
+        self._work: int | None = None
+        self._rejected: int | None = None
+
+    def __enter__(self) -> InboxFS:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def _keep(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    # -- folders ------------------------------------------------------------------
+
+    def folder(
+        self, start: int, rel: bytes | str, *, create: bool = False, where: str, mode: int = 0o777
+    ) -> int:
+        """Opens ``rel`` below the open folder ``start``, one component at a time, never
+        through a link (``create`` makes missing folders with ``mode`` less the umask)."""
+        fd = start
+        for name in components(rel):
+            try:
+                nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, mode, dir_fd=fd)
+                nxt = self._open_below(fd, name, where)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Escape(
+                        f"{os.fsdecode(name)!r} on the way to {where} is a link or not a "
+                        "folder; nbankd does not follow it",
+                        hint="make it a plain folder again",
+                    ) from None
+                raise
+            else:
+                self._keep(nxt)
+            fd = nxt
+        return fd
+
+    def _open_below(self, fd: int, name: bytes, where: str) -> int:
+        try:
+            return self._keep(os.open(name, DIR_FLAGS, dir_fd=fd))
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise Escape(
+                    f"{os.fsdecode(name)!r} on the way to {where} is not a folder"
+                ) from None
+            raise
+
+    def _checked(self, rel: str, expect: FolderId | None, what: str) -> int:
+        where = f"{self.root_path / rel}"
+        try:
+            fd = self.folder(self.root, rel, where=where)
+        except (Escape, FileNotFoundError) as err:
+            raise Tampered(
+                f"the {what} {where} was replaced or removed ({err}); deposits from this "
+                "inbox wait",
+                hint=f"put the original {what} back, or move the replacement aside and "
+                "restart nbankd (which makes a new one)",
+            ) from None
+        st = os.fstat(fd)
+        if st.st_dev != self.dev or (expect is not None and (st.st_dev, st.st_ino) != expect):
+            raise Tampered(
+                f"the {what} {where} is not the folder nbankd made (another folder took its "
+                "place); deposits from this inbox wait",
+                hint=f"put the original {what} back, or move the replacement aside and "
+                "restart nbankd",
+            )
+        return fd
+
+    @property
+    def work(self) -> int:
+        """The work folder, checked (see the module docstring)."""
+        if self._work is None:
+            self._work = self._checked(self.work_rel, self.work_id, "work folder")
+        return self._work
+
+    @property
+    def rejected(self) -> int:
+        """The rejected folder, checked (see the module docstring)."""
+        if self._rejected is None:
+            self._rejected = self._checked(self.rejected_rel, self.rejected_id, "rejected folder")
+        return self._rejected
+
+    def parent(self, rel: bytes | str, *, create: bool = False) -> tuple[int, bytes]:
+        """(open folder, name) of an entry of the inbox at ``rel``."""
+        parts = components(rel)
+        if not parts:
+            raise Escape("an empty path names no entry")
+        where = str(self.root_path / os.fsdecode(rel))
+        return self.folder(self.root, b"/".join(parts[:-1]), create=create, where=where), parts[-1]
+
+    def rejected_parent(self, rel: bytes | str, *, create: bool = False) -> tuple[int, bytes]:
+        """(open folder, name) of an entry of the rejected folder at ``rel``."""
+        parts = components(rel)
+        if not parts:
+            raise Escape("an empty path names no entry")
+        where = str(self.root_path / self.rejected_rel / os.fsdecode(rel))
+        start = self.rejected
+        return self.folder(start, b"/".join(parts[:-1]), create=create, where=where), parts[-1]
+
+    # -- entries ------------------------------------------------------------------
+
+    @staticmethod
+    def at(fd: int, name: bytes | str = b"") -> Path:
+        """A path to ``name`` in the open folder ``fd``, resolved through the descriptor."""
+        base = f"/proc/self/fd/{fd}"
+        return Path(base, os.fsdecode(name)) if name else Path(base)
+
+    @staticmethod
+    def lstat(fd: int, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def exists(fd: int, name: bytes) -> bool:
+        return InboxFS.lstat(fd, name) is not None
+
+    @staticmethod
+    def move(src_fd: int, src: bytes, dst_fd: int, dst: bytes) -> None:
+        """Moves without replacing anything (FileExistsError), folders fsynced."""
+        fsops.move_noreplace_at(src_fd, src, dst_fd, dst)
+
+    @staticmethod
+    def unlink(fd: int, name: bytes) -> bool:
+        """Removes a non-folder entry; False if it was not there."""
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        return True
