@@ -361,6 +361,8 @@ def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) ->
     path = PurePosixPath(name)
     if not name or "\0" in name:
         return "an empty or invalid name"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "a name with a control character (a newline, a tab, ...)"
     if name.startswith("/") or path.is_absolute():
         return "an absolute path"
     if ".." in path.parts:

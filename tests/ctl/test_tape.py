@@ -277,9 +277,10 @@ def test_import_refuses_member_with_wrong_sha1(backend: Backend) -> None:
 
 
 def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Backend) -> None:
-    """'..', absolute, symlink, hardlink and FIFO members are refused one by one; only
-    the honest member is written, and nothing around the archive changes."""
-    labels = ("good", "dots", "abs", "sym", "hard", "fifo")
+    """'..', absolute, control-character, symlink, hardlink and FIFO members are refused
+    one by one; only the honest member is written, and nothing around the archive
+    changes."""
+    labels = ("good", "dots", "abs", "ctrl", "sym", "hard", "fifo")
     archive, arch, ids = _import_setup(backend, labels)
     work = backend.tmp / "work"
     work.mkdir()
@@ -288,6 +289,7 @@ def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Back
     evil = {
         "dots": f"../{ids['dots']}.dat",
         "abs": f"{outside}/{ids['abs']}.dat",
+        "ctrl": f"{ids['ctrl']}\n.dat",
         "sym": member(ids["sym"]),
         "hard": member(ids["hard"]),
         "fifo": member(ids["fifo"]),
@@ -297,7 +299,7 @@ def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Back
         good = tarfile.TarInfo(member(ids["good"]))
         good.size = len(backend.blob("good"))
         tar.addfile(good, io.BytesIO(backend.blob("good")))
-        for label in ("dots", "abs"):
+        for label in ("dots", "abs", "ctrl"):
             info = tarfile.TarInfo(evil[label])
             info.size = len(backend.blob(label))
             tar.addfile(info, io.BytesIO(backend.blob(label)))
@@ -317,6 +319,7 @@ def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Back
     for label, why in (
         ("dots", "a path with '..'"),
         ("abs", "an absolute path"),
+        ("ctrl", "a name with a control character"),
         ("sym", "a symbolic link"),
         ("hard", "a hard link"),
         ("fifo", "a FIFO"),

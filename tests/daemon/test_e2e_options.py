@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for
 from nbankd.archive.layout import create_archive
 from nbankd.hashing import directory_hash
 
@@ -282,3 +282,86 @@ def test_nested_rejected_dir_hides_only_itself(daemon_factory: Any) -> None:
     wait_for(lambda: len(h.receipts()) == 1, what="sub/beside.wav to be deposited")
     h.stop()
     assert h.archive_files()["beside.wav"].read_bytes() == b"next to the rejected folder"
+
+
+def test_item_of_an_inbox_removed_by_reload_is_parked_then_finished(daemon_factory: Any) -> None:
+    """An inbox dropped by a reload while its input is in flight parks the input (status
+    names it, code parked), never rejects it; restored, the input is deposited once."""
+    h = daemon_factory()
+    h.write_config()
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.drop("parked01.dat", b"in flight across a reload")
+    wait_for(lambda: any((h.inbox / ".nbank").iterdir()), 30, "the input to be claimed")
+    good = h.config_path.read_text()
+    cfg = yaml.safe_load(good)
+    cfg["inboxes"][0]["path"] = str(h.root / "other-inbox")
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: (h.root / "other-inbox").is_dir(), 30, "the reload")
+    release.touch()
+
+    def parked() -> list[str]:
+        return [d for d in status_json(h)[1]["degraded"] if "after parked" in d]
+
+    [line] = wait_for(parked, 30, "status to show the parked input")
+    assert str(h.inbox) in line
+    assert h.reasons() == []
+    h.config_path.write_text(good)
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: len(h.receipts()) == 1, 90, "the parked input to be deposited")
+    assert h.reasons() == []
+    assert h.archive_files()["parked01.dat"].read_bytes() == b"in flight across a reload"
+    h.stop()
+
+
+def test_a_damaged_journal_stops_the_start_with_a_clear_message(daemon_factory: Any) -> None:
+    """A journal that is not a database stops nbankd with exit 2 naming the file and
+    what to do, without a traceback; the file is left as it was."""
+    h = daemon_factory()
+    h.write_config()
+    h.state_dir.mkdir()
+    journal = h.state_dir / "journal.sqlite3"
+    journal.write_bytes(b"not a database, just bytes" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
+    proc = subprocess.run(
+        [NBANKD, "-c", str(h.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"the journal {journal} cannot be read" in proc.stderr
+    assert "restore state_dir from its backup" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert journal.read_bytes() == b"not a database, just bytes" * 100
+
+
+def test_a_file_deeper_than_path_max_is_reported_not_ignored(daemon_factory: Any) -> None:
+    """A file below a path longer than PATH_MAX cannot be deposited; status says so
+    (degraded, naming where), and the daemon goes on depositing the rest."""
+    h = daemon_factory()
+    h.start()
+    fd = os.open(h.inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(24):  # 24 x 200 bytes: past PATH_MAX (4096)
+            os.mkdir("d" * 200, dir_fd=fd)
+            nxt = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        deep = os.open("deep.dat", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(deep, b"too deep to reach by path")
+        os.close(deep)
+    finally:
+        os.close(fd)
+    h.drop("shallow.dat", b"deposited as usual")
+    h.wait_settled(1)
+
+    def reported() -> list[str]:
+        return [d for d in status_json(h)[1]["degraded"] if "cannot be read" in d]
+
+    [line] = wait_for(reported, 30, "status to report the unreadable deep folder")
+    assert str(h.inbox) in line and "too long" in line
+    assert [r["id"] for r in h.receipts()] == ["shallow"]
+    h.stop()

@@ -41,7 +41,7 @@ from nbankd.registry.base import Registry
 from nbankd.versions import dependency_versions
 from nbankd.watch import settle
 from nbankd.watch.observer import InboxWatcher
-from nbankd.watch.scan import EntryKind, scan_inbox
+from nbankd.watch.scan import EntryKind, printable, scan_inbox
 
 log = structlog.get_logger("nbankd.daemon")
 
@@ -69,6 +69,7 @@ class InboxState:
     inbox_problem: str | None = None  # its work or rejected folder was tampered with
     skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
     stalled: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()  # (relpath, why) the scan could not read
     verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
 
 
@@ -332,6 +333,17 @@ class Daemon:
         for rel in set(stalled) - set(state.stalled):
             log.warning("file still changing", inbox=key, source=rel, stall_after=inbox.stall_after)
         state.stalled = stalled
+        unreadable = tuple((e.relpath, e.problem or "") for e in result.problems)
+        if unreadable and unreadable != state.unreadable:
+            rel, why = unreadable[0]
+            log.warning(
+                "cannot read part of the inbox",
+                inbox=key,
+                count=len(unreadable),
+                first=printable(rel),
+                error=why,
+            )
+        state.unreadable = unreadable
         if state.paused or state.archive_problem is not None or state.inbox_problem is not None:
             return
         for entry in result.ready:

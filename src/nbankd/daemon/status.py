@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nbankd import __version__, errors
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
+from nbankd.watch.scan import printable
 
 if TYPE_CHECKING:
     from nbankd.daemon.service import Daemon
@@ -101,6 +102,7 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
                 ),
                 "oldest_waiting": min((i.created for i in waiting), default=None),
                 "stalled": list(state.stalled),
+                "unreadable": [rel for rel, _ in state.unreadable],
                 "skipped": dict(state.skipped),
                 "archive_problem": state.archive_problem,
                 "inbox_problem": state.inbox_problem,
@@ -115,6 +117,13 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
         if watch is not None and watch.degraded:
             every = state.config.fallback_poll_every
             degraded.append(f"watch of {key}: {watch.reason}; scanned every {every:g}s instead")
+        if state.unreadable:
+            rel, why = state.unreadable[0]
+            degraded.append(
+                f"{len(state.unreadable)} folder(s) or file(s) in {key} cannot be read, so "
+                f"what is inside is never deposited (first: {printable(rel)}: {why}); give "
+                "the daemon's user access, or shorten the path"
+            )
         if state.stalled:
             degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
     setup = daemon.registry_setup.last

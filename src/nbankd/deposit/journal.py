@@ -172,10 +172,21 @@ class Journal:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
+            self._db.execute("SELECT count(*) FROM items").fetchone()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise JournalError(
+                f"the journal {path} cannot be read: {err}; nbankd stops here rather than "
+                "guess which deposits are in flight",
+                hint="restore state_dir from its backup; if there is none, move the journal "
+                "aside (with its -wal and -shm files) and start again: inputs it had claimed "
+                "stay in each inbox's .nbank/ folder and nbankctl status names them",
+            ) from err
 
     def _migrate(self) -> None:
         with self._lock:

@@ -113,6 +113,13 @@ def _outcome_for(err: BaseException) -> Outcome:
     return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
 
 
+class InboxParked(errors.NbankdError):
+    """An item's inbox was removed from the configuration: it waits, never rejected."""
+
+    code = "parked"
+    transient = True
+
+
 class Steps:
     """Executes deposit steps for items of known inboxes."""
 
@@ -143,9 +150,10 @@ class Steps:
     def _spec(self, item: Item) -> InboxSpec:
         spec = self.inboxes(item.inbox)
         if spec is None:
-            raise errors.ConfigError(
-                f"inbox {item.inbox} is no longer configured; item {item.token} is parked",
-                hint="restore the inbox in the configuration to finish it",
+            raise InboxParked(
+                f"inbox {item.inbox} is no longer configured; item {item.token} "
+                f"({item.relpath_str!r}) is parked, never rejected for it",
+                hint="restore the inbox in the configuration (and reload) to finish it",
             )
         return spec
 
