@@ -108,7 +108,7 @@ def test_folder_resources_are_deposited_with_neurobank_directory_hash(
 ) -> None:
     """With directories: resources and an archive that allows them, a folder is one resource."""
     h = daemon_factory(inbox_options={"directories": "resources"})
-    create_archive(h.archive, "file:///placeholder/", allow_directories=True)
+    create_archive(h.archive, h.registry_address, allow_directories=True)
     h.start()
     staging = h.root / "session7"
     (staging / "probe").mkdir(parents=True)
@@ -189,12 +189,14 @@ def test_unprivileged_daemon_deposits_and_rejects_unreadable_file(
 
 
 def test_sighup_sends_reloading_then_ready_and_applies_registry_url(daemon_factory: Any) -> None:
-    """SIGHUP brackets the reload with RELOADING=1 / READY=1 and reopens the registry."""
+    """SIGHUP brackets the reload with RELOADING=1 / READY=1 and reopens the registry
+    (the archive's nbank.json keeps the file: address, listed as an alias)."""
     h = daemon_factory()
     h.write_config()
     h.start()
     cfg = yaml.safe_load(h.config_path.read_text())
     cfg["registry_url"] = "https://lab.example.org/neurobank/"
+    cfg["registry_aliases"] = [h.registry_address]
     h.config_path.write_text(yaml.safe_dump(cfg))
     h.messages.clear()
     h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
@@ -205,6 +207,32 @@ def test_sighup_sends_reloading_then_ready_and_applies_registry_url(daemon_facto
     h.stop()
     [receipt] = h.receipts()
     assert receipt["url"] == "https://lab.example.org/neurobank/resources/after/"
+
+
+def test_archive_naming_another_registry_gets_no_deposits(daemon_factory: Any) -> None:
+    """An archive whose nbank.json names another registry takes nothing: status says
+    why and the input waits in the inbox; once the registry is served at that address
+    (nbank.json writes it in capitals, with the default port and no trailing slash),
+    the input is deposited."""
+    h = daemon_factory()
+    h.write_config()
+    create_archive(h.archive, "HTTPS://Other.Example.org:443/neurobank")
+    h.start()
+    src = h.drop("elsewhere.wav", b"for another registry")
+
+    def refused() -> list[str]:
+        return [d for d in status_json(h)[1]["degraded"] if "names the registry" in d]
+
+    [line] = wait_for(refused, 30, "status to name the other registry")
+    assert "HTTPS://Other.Example.org:443/neurobank" in line
+    assert src.read_bytes() == b"for another registry" and h.receipts() == []
+    cfg = yaml.safe_load(h.config_path.read_text())
+    cfg["registry_url"] = "https://other.example.org/neurobank/"
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    h.wait_settled(1)
+    assert h.receipts()[0]["url"] == "https://other.example.org/neurobank/resources/elsewhere/"
+    h.stop()
 
 
 def test_file_in_a_folder_the_daemon_cannot_write_waits_named_and_is_deposited_once_fixed(

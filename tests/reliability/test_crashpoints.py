@@ -142,7 +142,7 @@ def configure(h: DaemonHarness, batch: Batch) -> None:
             {**inbox, "path": str(batch.marked), "auto_id": True, "ready": "marker"},
         ]
     }
-    create_archive(h.archive, "file:///placeholder/", allow_directories=True)
+    create_archive(h.archive, h.registry_address, allow_directories=True)
     h.write_config()
 
 

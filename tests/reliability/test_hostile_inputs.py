@@ -181,7 +181,7 @@ def _harness(root: Path, group: str, user: Any = None) -> Run:
     h = DaemonHarness(root=root, inbox_options=options, user=user)
     h.write_config()
     if group == "dirs":
-        create_archive(h.archive, "file:///placeholder/", allow_directories=True)
+        create_archive(h.archive, h.registry_address, allow_directories=True)
     scratch = root / "scratch"
     scratch.mkdir()
     h.inbox.mkdir()

@@ -102,7 +102,7 @@ def soak(h: DaemonHarness, *, files: int, kills: int, max_delay: float) -> dict[
     print(f"kill -9 soak seed {seed} (replay with NBANKD_SOAK_SEED={seed})")
     rng = random.Random(seed)
     h.inbox_options = {"directories": "resources"}
-    create_archive(h.archive, "file:///placeholder/", allow_directories=True)
+    create_archive(h.archive, h.registry_address, allow_directories=True)
     h.write_config()
     h.start()
     t0 = time.monotonic()

@@ -63,6 +63,7 @@ def effective_settings(config: Config) -> dict[str, Any]:
     return {
         "registry": config.registry,
         "registry_url": config.registry_url,
+        "registry_aliases": list(config.registry_aliases),
         "registry_auth": str(config.registry_auth) if config.registry_auth else None,
         "state_dir": str(config.state_dir),
         "control_socket": str(config.control_socket),

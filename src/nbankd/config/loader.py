@@ -98,6 +98,7 @@ ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "registry",
         "registry_url",
+        "registry_aliases",
         "registry_auth",
         "state_dir",
         "control_socket",
@@ -370,6 +371,7 @@ class _Parser:
                 "served at); with a django-neurobank registry, identifiers resolve under "
                 "'registry'",
             )
+        registry_aliases = self.get(top, (), "registry_aliases", self._registry_aliases, ())
         registry_auth = self.get(
             top, (), "registry_auth", lambda v: None if v is None else path_in(base)(v), None
         )
@@ -389,6 +391,7 @@ class _Parser:
             source=self.source,
             registry=registry,
             registry_url=registry_url,
+            registry_aliases=registry_aliases,
             registry_auth=registry_auth,
             state_dir=state_dir,
             control_socket=control_socket,
@@ -431,6 +434,14 @@ class _Parser:
         if not isinstance(value, str) or not value.strip():
             bad(f"{what}, not {describe(value)}")
         return http_url(value, what=what)
+
+    def _registry_aliases(self, value: object) -> tuple[str, ...]:
+        what = "must be a list of the registry's other URLs (as archives' nbank.json name it)"
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            bad(f"{what}, not {describe(value)}")
+        return tuple(value)
 
     def _control(self, top: dict[str, Any]) -> ControlConfig:
         if "control" not in top:

@@ -196,6 +196,8 @@ class Config:
     source: Path
     registry: str = EMBEDDED  # "embedded", or a URL ending with "/"
     registry_url: str | None = None  # the URL an embedded registry is served at
+    #: other addresses of the same registry that archives' nbank.json may name
+    registry_aliases: tuple[str, ...] = ()
     registry_auth: Path | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     control_socket: Path = DEFAULT_CONTROL_SOCKET

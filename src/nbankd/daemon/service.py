@@ -293,7 +293,9 @@ class Daemon:
         inbox = state.config
         state.last_scan = now
         state.next_scan = now + inbox.rescan_every
-        problem = setup.archive_usable(self.config.archive_for(inbox).path)
+        problem = setup.archive_usable(
+            self.config.archive_for(inbox).path, self.registry.url, self.config.registry_aliases
+        )
         if problem != state.archive_problem:
             if problem is None:
                 log.info("archive usable again; deposits resume", inbox=key)

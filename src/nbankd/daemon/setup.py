@@ -20,6 +20,7 @@ from nbankd.config import Config
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
 from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
 from nbankd.registry.base import Registry
+from nbankd.registry.urls import same_registry
 
 log = structlog.get_logger("nbankd.setup")
 
@@ -163,12 +164,27 @@ def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
     return problems
 
 
-def archive_usable(path: Path) -> str | None:
-    """None if the archive can take deposits now, else why not (for status)."""
+def archive_usable(
+    path: Path, registry_url: str | None = None, aliases: tuple[str, ...] = ()
+) -> str | None:
+    """None if the archive can take deposits now, else why not (for status).
+
+    With ``registry_url`` (this daemon's registry), an archive whose ``nbank.json``
+    names another registry is not usable: its deposits would be recorded where the
+    archive does not say.
+    """
     try:
         archive = layout.open_archive(path)
     except errors.NbankdError as err:
         return str(err)
+    if registry_url is not None and not same_registry(archive.registry_url, registry_url, aliases):
+        return (
+            f"{path}/nbank.json names the registry {archive.registry_url}, not this "
+            f"daemon's {registry_url}: nothing is deposited there (its records would go "
+            "to a registry the archive does not name); fix the registry in the "
+            "configuration or in nbank.json, or list the other address under "
+            "registry_aliases if both name one registry"
+        )
     if not os.access(archive.resources_dir, os.W_OK | os.X_OK):
         return f"{archive.resources_dir} is not writable by this user"
     return None
