@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         help="configuration file (default: $NBANKD_CONFIG or /etc/nbankd/config.yaml)",
     )
+    p.add_argument(
+        "--adopt-archives",
+        action="store_true",
+        help="with an empty embedded registry (a lost state_dir), register every resource "
+        "already stored in the configured archives, marked adopted, then run",
+    )
     sub = p.add_subparsers(dest="command")
     check = sub.add_parser("check-config", help="validate and explain a configuration")
     check.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
@@ -82,7 +88,7 @@ class Liveness:
         return max(0.05, self._next - now)
 
 
-def run(config_path: str | None) -> int:
+def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     import os
 
     from nbankd.config import find_config_path, load_config
@@ -94,7 +100,7 @@ def run(config_path: str | None) -> int:
     configure_logging(config.log.format, config.log.level)
     notifier = Notifier()
     liveness = Liveness(notifier, float(os.environ.get("NBANKD_WEDGE_AFTER", WEDGE_AFTER_DEFAULT)))
-    daemon = Daemon(config, notifier=liveness)
+    daemon = Daemon(config, notifier=liveness, adopt_archives=adopt_archives)
     install_signal_handlers(daemon)
     daemon.start()
     notifier.ready(daemon.status_line())
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.config_sub or args.config, offline=args.offline)
-        return run(args.config)
+        return run(args.config, adopt_archives=args.adopt_archives)
     except errors.NbankdError as err:
         print(f"nbankd: {err}", file=sys.stderr)
         return exit_code_for(err)

@@ -238,8 +238,10 @@ def simple_daemon(daemon_factory: Any) -> DaemonHarness:
 def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
 ) -> None:
-    """Killed after nbank.json, daemon restarted (deposits into embedded), killed after the
-    configuration: the re-run finishes, every record is on the server, the inbox resumed."""
+    """Killed after nbank.json, daemon restarted and resumed by hand (the archive now names
+    the server, so its input waits instead of going to the embedded registry), killed
+    after the configuration: the re-run finishes, every record is on the server, the
+    waiting input is deposited there, the inbox resumed."""
     server = django_registry
     h = simple_daemon(daemon_factory)
     env = base_env(tmp_path / "home")
@@ -258,9 +260,15 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     h.start()
     assert paused(h) == {str(h.inbox): True}
     ControlClient(h.socket_path).call("resume", {})  # but someone resumes it by hand:
-    assert paused(h) == {str(h.inbox): False}  # depositing into embedded again
-    h.drop(f"{unique_name('two')}.wav", os.urandom(600))
-    h.wait_settled(2)
+    assert paused(h) == {str(h.inbox): False}
+    two = unique_name("two")
+    h.drop(f"{two}.wav", os.urandom(600))
+    wait_for(
+        lambda: any(f"names the registry {server.url}" in d for d in status(h)["degraded"]),
+        30,
+        "the input to wait: the archive names the server, not the embedded registry",
+    )
+    assert [r["id"] for r in h.receipts()] != [two] and len(h.receipts()) == 1
     killed = run(switch, env, NBANKD_CRASH_AT="switch-after-config")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert yaml.safe_load(h.config_path.read_text())["registry"] == server.url
@@ -273,8 +281,10 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     assert "resumed 1 inbox(es)" in done.stdout and f"switched to {server.url}" in done.stdout
     assert paused(h) == {str(h.inbox): False} and not marker.exists()
     assert status(h)["registry"]["url"] == server.url
-    assert on_server(server.url, h) == embedded_sha1s(h)  # both deposits, same sha1s
-    assert len(embedded_sha1s(h)) == 2
+    assert on_server(server.url, h) == embedded_sha1s(h)  # the earlier deposit, same sha1
+    h.wait_settled(2)  # the waiting input, deposited into the server
+    [receipt2] = [r for r in h.receipts() if r["id"] == two]
+    assert receipt2["url"] == f"{server.url}resources/{two}/"
 
     three = unique_name("three")
     h.drop(f"{three}.wav", b"after the switch")

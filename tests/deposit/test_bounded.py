@@ -23,6 +23,7 @@ OK = [
     ),
     ("", None),
     ("base: &b {x: 1}\nother: *b\n", {"base": {"x": 1}, "other": {"x": 1}}),
+    ("b: &b {a: 1}\nc:\n  <<: *b\n  d: 2\n", {"b": {"a": 1}, "c": {"a": 1, "d": 2}}),
     ("m: " + "[" * 31 + "]" * 31 + "\n", {"m": _nested(31)}),
 ]
 
@@ -34,6 +35,9 @@ REFUSED = [
     ("too many aliases", "a: &a 1\nb: [" + ",".join(["*a"] * 101) + "]", bounded.TooBig, "aliases"),
     ("duplicate key", "id: a\nid: b\n", bounded.DuplicateKey, "'id' appears twice"),
     ("nested duplicate", "m: {x: 1, x: 2}\n", bounded.DuplicateKey, "'x' appears twice"),
+    ("booleans clash", "{yes: 1, on: 2}", bounded.DuplicateKey, "'on' appears twice"),
+    ("numbers clash", "{1: x, 0x1: y}", bounded.DuplicateKey, "'0x1' appears twice"),
+    ("number and text clash", '{1: x, "1": y}', bounded.DuplicateKey, "'1' appears twice"),
     ("mapping key", "? {a: 1}\n: v\n", ValueError, "not text"),
 ]
 

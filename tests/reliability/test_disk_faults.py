@@ -14,6 +14,7 @@ Figures go to ``tests/reliability/results/disk_faults.json`` for RELIABILITY.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -368,3 +369,73 @@ def test_archive_permission_denied_waits_then_resumes(
     h.stop()
     counts = check_exactly_once(h, h.archive, payloads)
     _figures.append({"case": "EACCES", "faults_seen": seen, **counts})
+
+
+def test_full_state_directory_waits_then_drains(
+    daemon_factory: Any, mount_ns: MountNamespace
+) -> None:
+    """state_dir on a full tmpfs: the daemon stays up, status says the journal cannot be
+    written, inputs stay in the inbox; once space returns every input lands once."""
+    h: DaemonHarness = daemon_factory(wrap_argv=mount_ns.enter)
+    mnt = h.root / "statemnt"
+    mnt.mkdir()
+    mount_ns.mount_tmpfs(mnt, "4m")
+    h.state_dir = mnt / "state"
+    h.write_config()
+    h.start()
+    view = mount_ns.view(mnt)
+    h.state_dir = view / "state"  # from here on the test reads it through the namespace
+    filler = view / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the filesystem to the last block
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 512)
+    finally:
+        os.close(fd)
+    payloads = drop_batch(h, {"st1.dat": 5000, "st2.dat": 7000, "st3.dat": 9000})
+
+    def journal_reported() -> bool:
+        code, doc = ctl(h, "status")
+        return code == 1 and any("journal in" in d for d in doc["degraded"])
+
+    wait_for(journal_reported, 60, "status to say the journal cannot be written")
+    assert h.proc is not None and h.proc.poll() is None, "the daemon died"
+    assert h.receipts() == [] and h.reasons() == []
+    inputs_intact(h, payloads)
+    filler.unlink()
+    h.wait_settled(len(payloads), timeout=90)
+    wait_for(lambda: ctl(h, "status")[0] == 0, 30, "status to be healthy again")
+    h.stop()
+    # once each in receipts, archive and registry (the registry is read inside the
+    # namespace: SQLite resolves /proc/PID/root, which leads out of the tmpfs)
+    assert h.reasons() == []
+    assert sorted(r["id"] for r in h.receipts()) == sorted(Path(n).stem for n in payloads)
+    stored = {p.name: p.read_bytes() for p in (h.archive / "resources").rglob("*") if p.is_file()}
+    assert stored == payloads
+    query = (
+        "import json, sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+        "print(json.dumps(dict(db.execute('SELECT name, sha1 FROM resource').fetchall())))"
+    )
+    out = subprocess.run(
+        [*mount_ns.enter, sys.executable, "-c", query, str(mnt / "state" / "registry.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {Path(n).stem: sha1(d) for n, d in payloads.items()}
+    assert list((h.inbox / ".nbank").iterdir()) == []
+    faults = sum("journal not writable" in ln for ln in h.log_path.read_text().splitlines())
+    _figures.append(
+        {
+            "case": "state_dir full",
+            "faults_seen": faults,
+            "inputs": len(payloads),
+            "losses": 0,
+            "rejected": 0,
+        }
+    )

@@ -149,21 +149,17 @@ def test_rejected_folder_replaced_by_a_link_is_not_followed(daemon_factory: Any)
 
 
 def test_rejected_sub_folder_that_is_a_link_is_not_followed(daemon_factory: Any) -> None:
-    """``rejected/sub`` made a link: ``sub/bad name.dat`` is not written through it,
-    waits (code inbox-changed), and is rejected once the link is gone."""
+    """``rejected/sub`` made a link: ``sub/bad name.dat`` is not written through it but
+    rejected to the rejected folder's top, with its reason; the outside is untouched."""
     h: DaemonHarness = daemon_factory()
     outside, before = _outside(h, ["bad name.dat"], b"OUTSIDE ")
     h.start()
     os.symlink(outside, h.rejected / "sub")
     h.drop("sub/bad name.dat", b"rejected bytes")
-
-    def waiting() -> list[str]:
-        return [d for d in status_json(h)[1]["degraded"] if "inbox-changed" in d]
-
-    wait_for(waiting, 30, "the input to wait on the linked rejected sub-folder")
-    assert _tree(outside) == before
-    os.unlink(h.rejected / "sub")
-    wait_for(lambda: (h.rejected / "sub" / "bad name.dat").exists(), 60, "the input to be rejected")
+    h.wait_settled(1)
+    assert (h.rejected / "bad name.dat").read_bytes() == b"rejected bytes"
+    [reason] = h.reasons()
+    assert reason["rejected_path"] == str(h.rejected / "bad name.dat")
     assert _tree(outside) == before
     h.stop()
 
@@ -189,4 +185,50 @@ def test_work_folder_replaced_by_a_link_claims_nothing(daemon_factory: Any) -> N
     os.rename(h.root / "work.real", work)
     h.wait_settled(1)
     assert [r["id"] for r in h.receipts()] == ["kept01"]
+    h.stop()
+
+
+def test_sidecar_folder_swapped_after_the_claim_loses_nothing(daemon_factory: Any) -> None:
+    """The input moved into the work folder, then its folder swapped for a link before
+    its sidecar follows: the input is still deposited (without the sidecar, as if it
+    had been deleted), never left stranded in the work folder; outside is untouched."""
+    h: DaemonHarness = daemon_factory()
+    outside, before = _outside(h, ["x"], b"OUTSIDE ")
+    (outside / "stranded.dat.nbank.yaml").write_text("id: fromoutside\n")
+    before = _tree(outside)
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim-rename", "NBANKD_PAUSE_UNTIL": str(release)})
+    sess = h.inbox / "sess"
+    sess.mkdir()
+    (sess / "stranded.dat.nbank.yaml").write_text("id: fromsidecar\n")
+    h.drop("sess/stranded.dat", b"claimed, then its folder swapped")
+    wait_for(lambda: not (sess / "stranded.dat").exists(), 30, "the input to be claimed")
+    os.rename(sess, h.root / "sess.real")
+    os.symlink(outside, sess)
+    release.touch()
+    h.wait_settled(1)
+    [receipt] = h.receipts()
+    assert receipt["id"] == "stranded"
+    assert h.archive_files()["stranded.dat"].read_bytes() == b"claimed, then its folder swapped"
+    assert list((h.inbox / ".nbank").iterdir()) == []
+    assert _tree(outside) == before
+    h.stop()
+
+
+def test_a_deeply_nested_input_costs_no_descriptors_per_level(daemon_factory: Any) -> None:
+    """An input 600 folders deep, with a sidecar, is claimed and deposited: walking
+    from the inbox keeps one descriptor at a time, not one per level (the daemon's
+    limit is 1024)."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    rel = "/".join(["d"] * 600)
+    folder = h.inbox / rel
+    folder.mkdir(parents=True)
+    (folder / "deep01.dat.nbank.yaml").write_text("metadata: {depth: 600}\n")
+    h.drop(f"{rel}/deep01.dat", b"six hundred folders down")
+    h.wait_settled(1)
+    [receipt] = h.receipts()
+    assert receipt["id"] == "deep01"
+    with h.open_registry() as reg:
+        assert reg.get_resource("deep01").metadata["depth"] == 600
     h.stop()

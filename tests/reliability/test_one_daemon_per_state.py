@@ -76,3 +76,65 @@ def test_second_daemon_on_the_same_state_dir_touches_nothing(daemon_factory: Any
     assert changed == set() and staged_changed == set()
     assert staging_before  # the first daemon's staged copy was there to be driven
     h.stop()
+
+
+def test_state_dir_removed_while_running_stops_deposits(daemon_factory: Any) -> None:
+    """``rm -rf state_dir`` under a running daemon: status turns degraded naming it and
+    a file dropped afterwards is left in the inbox, untouched, not claimed."""
+    import shutil
+
+    from fixtures.daemon import status_json
+    from nbankd.control.client import call
+
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    h.drop("before.wav", b"deposited while the state was there")
+    h.wait_settled(1)
+    shutil.rmtree(h.state_dir)
+
+    def degraded() -> list[str]:
+        return [d for d in status_json(h)[1]["degraded"] if "state_dir" in d]
+
+    [line] = wait_for(degraded, 30, "status to name the removed state directory")
+    assert str(h.state_dir) in line and "restore state_dir from its backup" in line
+    src = h.drop("after.wav", b"must stay where it is")
+
+    def ready_but_left() -> bool:  # each queue request is answered from a fresh scan
+        pending = call(h.socket_path, "queue")["pending"]
+        return any(p["relpath"] == "after.wav" and p["state"] == "ready" for p in pending)
+
+    wait_for(ready_but_left, 30, "a scan to find after.wav ready and leave it alone")
+    assert src.read_bytes() == b"must stay where it is"
+    assert not (h.inbox / ".nbank").exists() or list((h.inbox / ".nbank").iterdir()) == []
+    h.stop()
+
+
+def test_lost_state_dir_refuses_an_empty_registry_then_adopts(daemon_factory: Any) -> None:
+    """After state_dir is lost, nbankd will not start a new empty registry over an
+    archive that holds resources (exit 2 naming both ways out); with --adopt-archives
+    it registers every stored file with its SHA-1, marked adopted, and runs on."""
+    import shutil
+
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    data = os.urandom(5000)
+    h.drop("kept01.wav", data)
+    h.wait_settled(1)
+    h.stop()
+    shutil.rmtree(h.state_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANKD_", "NOTIFY"))}
+    refused = subprocess.run(
+        [NBANKD, "-c", str(h.config_path)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "is empty, but archive(s)" in refused.stderr and str(h.archive) in refused.stderr
+    assert "restore state_dir from its backup" in refused.stderr
+    assert "--adopt-archives" in refused.stderr
+    h.start(args=["--adopt-archives"])
+    with h.open_registry() as reg:
+        record = reg.get_resource("kept01")
+    assert record is not None and record.sha1 == hashlib.sha1(data).hexdigest()
+    assert "adopted" in record.metadata and record.locations == (h.archive_name,)
+    h.drop("new01.wav", b"after the adoption")
+    wait_for(lambda: any(r["id"] == "new01" for r in h.receipts()), 30, "a new deposit")
+    h.stop()

@@ -95,6 +95,7 @@ class ControlClient:
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Sends one command; returns the reply's result or raises."""
         with self._connect() as sock:
+            closed = False
             try:
                 try:
                     sock.sendall(protocol.encode_request(cmd, args))
@@ -103,7 +104,15 @@ class ControlClient:
                     # answer is still there to read
                     if err.errno not in (errno.EPIPE, errno.ECONNRESET):
                         raise
-                line = _read_reply(sock)
+                    closed = True
+                try:
+                    line = _read_reply(sock)
+                except errors.DaemonUnreachable:
+                    if closed:
+                        raise errors.DaemonUnreachable(
+                            f"nbankd closed the connection during {cmd!r}"
+                        ) from None
+                    raise
             except TimeoutError:
                 raise errors.DaemonUnreachable(
                     f"nbankd did not answer {cmd!r} within {self.timeout:g} s"

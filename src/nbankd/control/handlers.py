@@ -158,8 +158,10 @@ QUEUE_SCAN_WAIT = 5.0  # seconds queue waits for a fresh scan of the inboxes
 
 def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Items in flight and the files waiting in inboxes, from a scan made for this
-    request (``fresh`` False when it took over QUEUE_SCAN_WAIT: the last scan's)."""
-    fresh = daemon.fresh_scan(QUEUE_SCAN_WAIT)
+    request (``fresh`` False when it took over QUEUE_SCAN_WAIT: the last scan's). A
+    reader's request reuses a scan younger than 2 s, so readers asking in a loop
+    cannot keep the daemon rescanning; an admin's always gets a new scan."""
+    fresh = daemon.fresh_scan(QUEUE_SCAN_WAIT, max_age=float(args.get("fresh_within", 2.0)))
     now = daemon.clock()
     items = daemon.journal.unfinished()
     with daemon._lock:
@@ -387,6 +389,8 @@ def dispatcher(daemon: Daemon) -> Callable[[str, dict[str, Any], Any], Any]:
         handler = HANDLERS.get(cmd)
         if handler is None:
             raise ProtocolError("unknown-command", f"unknown command {cmd!r}")
+        if cmd == "queue":  # set here, never by the client: readers reuse recent scans
+            args = {**args, "fresh_within": 0.0 if getattr(peer, "admin", False) else 2.0}
         return handler(daemon, args)
 
     return dispatch

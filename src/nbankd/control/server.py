@@ -39,6 +39,7 @@ server: every failure becomes an error reply.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import grp
 import os
@@ -88,6 +89,7 @@ class Peer:
     gid: int
     user: str
     groups: tuple[str, ...]
+    admin: bool = False  # decided by Access at accept
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
@@ -325,6 +327,7 @@ class ControlServer:
             conn.close()
             return
         admin = self.access.is_admin(peer)
+        peer = dataclasses.replace(peer, admin=admin)
         if not admin and not self.access.may_connect(peer):
             now = time.monotonic()
             if now - self._refusals_logged.get(peer.uid, -DENIAL_LOG_EVERY) >= DENIAL_LOG_EVERY:

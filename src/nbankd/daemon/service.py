@@ -14,11 +14,12 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, InboxConfig, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
-from nbankd.daemon import pauses, setup, statelock
+from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.deposit.journal import Item, Journal
@@ -54,6 +55,7 @@ UNSAFE_WHAT = {
     "DEVICE": "a device file",
 }
 JOURNAL_NAME = "journal.sqlite3"
+JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
 
 
 @dataclass
@@ -80,9 +82,11 @@ class Daemon:
         *,
         notifier: Any = None,
         clock: Callable[[], float] = time.time,
+        adopt_archives: bool = False,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.adopt_archives = adopt_archives
         self.notifier = notifier
         self.started = clock()
         self._stop = threading.Event()
@@ -106,6 +110,9 @@ class Daemon:
         self.control: ControlServer | None = None
         self.auditor: AuditScheduler | None = None
         self.state_lock: statelock.StateLock | None = None
+        self._state_ids: tuple[tuple[int, int], ...] = ()
+        self.state_problem: str | None = None  # state_dir removed or replaced: nothing moves
+        self.journal_problem: str | None = None  # the journal could not be written
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
 
     # -- start-up -----------------------------------------------------------------
@@ -115,6 +122,7 @@ class Daemon:
         setup.prepare_state_dir(cfg.state_dir)
         self.state_lock = statelock.acquire(cfg.state_dir)  # before the journal is opened
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
+        self._state_ids = statelock.identities(cfg.state_dir, JOURNAL_NAME)
         self.registry = open_configured_registry(cfg)
         self._apply_config(cfg)
         self.steps = Steps(
@@ -125,6 +133,15 @@ class Daemon:
             clock=self.clock,
         )
         self._prepare_registry()
+        try:
+            if self.adopt_archives:
+                adopted = adopt.adopt(cfg, self.registry)
+                log.info("archives adopted into the empty registry", resources=adopted)
+            else:
+                adopt.check_not_orphaned(cfg, self.registry)
+        except BaseException:
+            self.registry.close()
+            raise
         for item in self.journal.unfinished():
             log.info("resuming", item=item.token, state=str(item.state), inbox=item.inbox)
             self._submit(item)
@@ -276,10 +293,15 @@ class Daemon:
                 state.next_scan = 0.0
         self._wake.set()
 
-    def fresh_scan(self, timeout: float) -> bool:
-        """Asks for a scan of every inbox and waits up to ``timeout`` seconds for all of
-        them to be scanned after the request; True when they were."""
-        asked = self.clock()
+    def fresh_scan(self, timeout: float, max_age: float = 2.0) -> bool:
+        """Makes sure every inbox was scanned within the last ``max_age`` seconds: asks
+        for a scan and waits up to ``timeout`` for it; True when they were. Scans
+        younger than ``max_age`` are used as they are, so repeated requests (a reader
+        asking ``queue`` in a loop) cannot keep the daemon rescanning."""
+        asked = self.clock() - max_age
+        states = list(self.inboxes.values())
+        if all(s.last_scan is not None and s.last_scan >= asked for s in states):
+            return True
         self.request_rescan()
 
         def done() -> bool:
@@ -346,7 +368,12 @@ class Daemon:
                 error=why,
             )
         state.unreadable = unreadable
-        if state.paused or state.archive_problem is not None or state.inbox_problem is not None:
+        if (
+            state.paused
+            or state.archive_problem is not None
+            or state.inbox_problem is not None
+            or self.state_problem is not None
+        ):
             return
         for entry in result.ready:
             self._start_item(key, state, entry)
@@ -402,6 +429,7 @@ class Daemon:
             created=now,
             updated=now,
         )
+        self._journal_ok()
         state.tracker = settle.forget(state.tracker, [entry.relpath])
         state.verdicts.pop(entry.relpath, None)  # an item now: no longer waiting
         self._submit(item)
@@ -410,7 +438,7 @@ class Daemon:
 
     def _submit(self, item: Item) -> None:
         with self._lock:
-            if item.id in self._running:
+            if item.id in self._running or self.state_problem is not None:
                 return
             self._waiting.pop(item.id, None)
             future = self.pool.submit(self._work, item)
@@ -422,9 +450,14 @@ class Daemon:
         beat = (lambda: heartbeat.beat(worker)) if heartbeat is not None else None
         try:
             item = self.steps.drive(item, on_step=beat)
+            self._journal_ok()
+        except sqlite3.Error as err:  # the journal cannot be written (state_dir full?)
+            self._journal_failed(err)
+            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
         except Exception as err:  # a bug: keep the item, report it, retry later
             log.exception("unexpected error in a deposit step", item=item.token)
             self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
+            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
         finally:
             self.heartbeat = self.clock()
             if heartbeat is not None:
@@ -478,11 +511,38 @@ class Daemon:
 
     # -- main loop ----------------------------------------------------------------
 
+    def _journal_failed(self, err: sqlite3.Error) -> None:
+        """A journal write failed: deposits wait (retried every JOURNAL_RETRY seconds),
+        status says why, logged once."""
+        problem = (
+            f"the journal in {self.config.state_dir} cannot be written ({err}): is its "
+            f"filesystem full? deposits wait and are retried every {JOURNAL_RETRY:g}s"
+        )
+        if problem != self.journal_problem:
+            log.error("journal not writable; deposits wait", error=str(err))
+        self.journal_problem = problem
+
+    def _journal_ok(self) -> None:
+        if self.journal_problem is not None:
+            log.info("journal writable again; deposits resume")
+            self.journal_problem = None
+
+    def _check_state_dir(self) -> None:
+        """Notices a state directory (or journal) removed or replaced while running:
+        its journal and registry would no longer be the ones on disk, so nothing is
+        claimed or driven any more; status says so (see :mod:`.statelock`)."""
+        problem = statelock.changed(self.config.state_dir, JOURNAL_NAME, self._state_ids)
+        if problem != self.state_problem:
+            if problem is not None:
+                log.error("state directory changed under the daemon; deposits stop", error=problem)
+            self.state_problem = problem
+
     def run(self) -> None:
         """Runs until :meth:`stop`; call :meth:`start` first."""
         while not self._stop.is_set():
             now = self.clock()
             self.heartbeat = now if not self._running else self.heartbeat
+            self._check_state_dir()
             for key, state in list(self.inboxes.items()):
                 if state.next_scan <= now:
                     try:
@@ -490,6 +550,9 @@ class Daemon:
                     except OSError as err:
                         log.error("cannot scan inbox", inbox=key, error=str(err))
                         state.next_scan = now + min(60.0, state.config.rescan_every)
+                    except sqlite3.Error as err:  # journaling a new item failed
+                        self._journal_failed(err)
+                        state.next_scan = now + min(JOURNAL_RETRY, state.config.rescan_every)
                     with self._scanned:
                         self._scanned.notify_all()
             watch_due = self._check_watches(now)

@@ -70,6 +70,32 @@ def acquire(state_dir: Path) -> StateLock:
     return StateLock(fd, path)
 
 
+def identities(state_dir: Path, *names: str) -> tuple[tuple[int, int], ...]:
+    """(device, inode) of ``state_dir`` and of each named file in it, as they are now."""
+    out = []
+    for path in (state_dir, *(state_dir / n for n in names)):
+        st = os.stat(path)
+        out.append((st.st_dev, st.st_ino))
+    return tuple(out)
+
+
+def changed(state_dir: Path, journal: str, recorded: tuple[tuple[int, int], ...]) -> str | None:
+    """Why the state directory is no longer the one the daemon opened (removed,
+    replaced, its journal gone or replaced), or None while it is."""
+    try:
+        if identities(state_dir, journal) == recorded and recorded:
+            return None
+        what = "replaced"
+    except OSError as err:
+        what = f"removed ({err.strerror or err})"
+    return (
+        f"state_dir {state_dir} or its {journal} was {what} while nbankd ran: nothing is "
+        "claimed or moved any more, since the journal and registry in use are no longer "
+        "the ones on disk; stop nbankd and restore state_dir from its backup (see "
+        "docs/deployment.md) before starting it again"
+    )
+
+
 def _read_pid(fd: int) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(os.pread(fd, 32, 0).decode().strip() or "x")

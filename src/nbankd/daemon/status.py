@@ -136,6 +136,10 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
         if not any(line.startswith(f"archive {name} ") for name in shown_archives)
     ]
     degraded += waiting_problems(unfinished)
+    if daemon.state_problem:
+        degraded.insert(0, daemon.state_problem)
+    if daemon.journal_problem:
+        degraded.insert(0, daemon.journal_problem)
     return {
         "version": __version__,
         "pid": os.getpid(),

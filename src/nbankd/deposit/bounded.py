@@ -49,7 +49,7 @@ def load_yaml(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_keys(node)
+        _check_keys(node, loader)
         value = loader.construct_document(node)
     finally:
         loader.dispose()
@@ -105,7 +105,7 @@ def _check_events(text: str) -> None:
             raise TooBig(f"more than {MAX_NODES:,} values")
 
 
-def _check_keys(root: yaml.Node) -> None:
+def _check_keys(root: yaml.Node, loader: Any) -> None:
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -114,16 +114,19 @@ def _check_keys(root: yaml.Node) -> None:
             continue
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            keys: set[tuple[str, str]] = set()
+            keys: set[str] = set()
             for key, value in node.value:
+                line = key.start_mark.line + 1
                 if not isinstance(key, yaml.ScalarNode):
-                    raise ValueError(f"a mapping key at line {key.start_mark.line + 1} is not text")
-                if (key.tag, key.value) in keys:
+                    raise ValueError(f"a mapping key at line {line} is not text")
+                # compared as JSON will see them: 1 and 0x1, yes and on, 1 and "1" clash
+                merge = key.tag == "tag:yaml.org,2002:merge"
+                built = "<<" if merge else str(loader.construct_object(key))
+                if built in keys:
                     raise DuplicateKey(
-                        f"key {key.value!r} appears twice in one mapping "
-                        f"(line {key.start_mark.line + 1})"
+                        f"key {key.value!r} appears twice in one mapping (line {line})"
                     )
-                keys.add((key.tag, key.value))
+                keys.add(built)
                 stack.append(value)
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)

@@ -52,7 +52,7 @@ class Tampered(errors.NbankdError):
 def prepare_folders(
     root: Path, *, work: str, rejected: str, owner: int | None = None
 ) -> tuple[FolderId, FolderId]:
-    """Makes the inbox's work (mode 0750) and rejected folders where missing, walking
+    """Makes the inbox's work (mode 0700) and rejected folders where missing, walking
     from the inbox folder without following a link, and returns their (device,
     inode): the identities every later use is checked against. ConfigError naming
     the folder when one is a link, not a folder, on another filesystem, or (the
@@ -63,7 +63,7 @@ def prepare_folders(
         raise errors.ConfigError(f"cannot open inbox {root}: {err.strerror or err}") from err
     with fs:
         ids = []
-        for rel, mode in ((work, 0o750), (rejected, 0o777)):
+        for rel, mode in ((work, 0o700), (rejected, 0o777)):
             where = str(root / rel)
             try:
                 fd = fs.folder(fs.root, rel, create=True, where=where, mode=mode)
@@ -88,6 +88,8 @@ def prepare_folders(
                     f"{where} belongs to uid {st.st_uid}, not to the daemon's user ({owner})",
                     hint="move it aside; nbankd makes the folder itself at start",
                 )
+            if rel == work and stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)  # private: no group access, no setgid from the inbox
             ids.append((st.st_dev, st.st_ino))
     return ids[0], ids[1]
 
@@ -153,39 +155,42 @@ class InboxFS:
         self, start: int, rel: bytes | str, *, create: bool = False, where: str, mode: int = 0o777
     ) -> int:
         """Opens ``rel`` below the open folder ``start``, one component at a time, never
-        through a link (``create`` makes missing folders with ``mode`` less the umask)."""
-        fd = start
-        for name in components(rel):
-            try:
-                nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, mode, dir_fd=fd)
-                nxt = self._open_below(fd, name, where)
-            except OSError as err:
-                if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise Escape(
-                        f"{os.fsdecode(name)!r} on the way to {where} is a link or not a "
-                        "folder; nbankd does not follow it",
-                        hint="make it a plain folder again",
-                    ) from None
-                raise
-            else:
-                self._keep(nxt)
-            fd = nxt
-        return fd
+        through a link (``create`` makes missing folders with ``mode`` less the umask).
 
-    def _open_below(self, fd: int, name: bytes, where: str) -> int:
+        Only the last folder's descriptor is kept (until :meth:`close`); each one on
+        the way is closed as soon as the next is open, so depth costs no descriptors.
+        """
+        fd = start
         try:
-            return self._keep(os.open(name, DIR_FLAGS, dir_fd=fd))
+            for name in components(rel):
+                nxt = self._open_below(fd, name, where, create=create, mode=mode)
+                if fd != start:
+                    os.close(fd)
+                fd = nxt
+        except BaseException:
+            if fd != start:
+                os.close(fd)
+            raise
+        return self._keep(fd) if fd != start else fd
+
+    @staticmethod
+    def _open_below(fd: int, name: bytes, where: str, *, create: bool, mode: int) -> int:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            if not create:
+                raise
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise Escape(
-                    f"{os.fsdecode(name)!r} on the way to {where} is not a folder"
+                    f"{os.fsdecode(name)!r} on the way to {where} is a link or not a "
+                    "folder; nbankd does not follow it",
+                    hint="make it a plain folder again",
                 ) from None
             raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=fd)
+        return InboxFS._open_below(fd, name, where, create=False, mode=mode)
 
     def _checked(self, rel: str, expect: FolderId | None, what: str) -> int:
         where = f"{self.root_path / rel}"
@@ -199,6 +204,8 @@ class InboxFS:
                 "restart nbankd (which makes a new one)",
             ) from None
         st = os.fstat(fd)
+        if rel == self.work_rel and stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o700)  # the work folder stays private to the daemon
         if st.st_dev != self.dev or (expect is not None and (st.st_dev, st.st_ino) != expect):
             raise Tampered(
                 f"the {what} {where} is not the folder nbankd made (another folder took its "
@@ -262,6 +269,23 @@ class InboxFS:
     def move(src_fd: int, src: bytes, dst_fd: int, dst: bytes) -> None:
         """Moves without replacing anything (FileExistsError), folders fsynced."""
         fsops.move_noreplace_at(src_fd, src, dst_fd, dst)
+
+    def take(self, src_fd: int, src: bytes, work_fd: int, token: bytes) -> None:
+        """Moves an entry of the inbox into the work folder under a fresh ``token``.
+
+        Only the daemon writes in its work folder, so where the filesystem refuses
+        RENAME_NOREPLACE (NFS, SSHFS) a plain rename after checking ``token`` is free
+        cannot replace anything; it also moves folders and files the daemon may not
+        link (``fs.protected_hardlinks``). Both folders are fsynced.
+        """
+        try:
+            fsops.rename_noreplace_at(src_fd, src, work_fd, token)
+        except fsops.NoReplaceUnsupported:
+            if self.exists(work_fd, token):
+                raise FileExistsError(errno.EEXIST, "work name taken", os.fsdecode(token)) from None
+            os.rename(src, token, src_dir_fd=src_fd, dst_dir_fd=work_fd)
+        fsops.fsync_fd(work_fd)
+        fsops.fsync_fd(src_fd)
 
     @staticmethod
     def unlink(fd: int, name: bytes) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nbankd.archive import fsops
 from nbankd.deposit import crashpoints
-from nbankd.deposit.inboxfs import InboxFS
+from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
 from nbankd.shellwords import requeue_command
@@ -158,7 +158,14 @@ def move_to_rejected(
     token = item.token.encode()
     sidecar = _sidecar_work_name(item)
     shown = spec.rejected_dir / os.fsdecode(sub)  # where the user finds them
-    folder_fd = fs.folder(fs.rejected, sub, create=True, where=str(shown))
+    try:
+        folder_fd = fs.folder(fs.rejected, sub, create=True, where=str(shown))
+    except (Escape, NotADirectoryError):
+        # a link or a file where the sub-folder belongs: the rejected folder's top
+        # takes the input instead, under a free name; nothing goes through the link
+        sub, shown, folder_fd = b"", spec.rejected_dir, fs.rejected
+        if item.rejected_relpath is not None and os.path.dirname(item.rejected_relpath):
+            item = save(replace(item, rejected_relpath=None))
     folder = fs.at(folder_fd)  # where names are tried, through the open folder
     with _REJECT_LOCK:
         while True:
@@ -202,9 +209,10 @@ def move_to_rejected(
         if not fs.exists(folder_fd, side_dest):
             _move_no_replace(fs, (fs.work, sidecar), (folder_fd, side_dest))
     if item.marker_relpath is not None:
-        marker = fs.parent(item.marker_relpath)
-        if fs.exists(*marker):
-            _move_no_replace(fs, marker, (folder_fd, dest_name + b".done"))
+        with contextlib.suppress(Escape, FileNotFoundError, NotADirectoryError):
+            marker = fs.parent(item.marker_relpath)  # its folder may be gone: nothing to move
+            if fs.exists(*marker) and not fs.exists(folder_fd, dest_name + b".done"):
+                _move_no_replace(fs, marker, (folder_fd, dest_name + b".done"))
     crashpoints.reached("after-reject-move")
     return replace(item, reason_json=json.dumps(reason))
 
@@ -215,15 +223,23 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     token = item.token.encode()
     sidecar = _sidecar_work_name(item)
     if fs.exists(fs.work, token):
-        parent, name = fs.parent(item.relpath, create=True)
+        try:
+            parent, name = fs.parent(item.relpath, create=True)
+        except (Escape, NotADirectoryError):
+            # a link or a file where its folder was: back at the inbox's top instead
+            parent, name = fs.root, os.path.basename(item.relpath)
         if fs.exists(parent, name):
             name = _free_name(fs.at(parent), name)
         _move_no_replace(fs, (fs.work, token), (parent, name))
         crashpoints.reached("after-put-back")
     if sidecar is not None and item.sidecar_relpath and fs.exists(fs.work, sidecar):
-        side = fs.parent(item.sidecar_relpath, create=True)
-        if not fs.exists(*side):
-            _move_no_replace(fs, (fs.work, sidecar), side)
+        try:
+            side = fs.parent(item.sidecar_relpath, create=True)
+        except (Escape, NotADirectoryError):
+            side = (fs.root, os.path.basename(item.sidecar_relpath))
+        if fs.exists(*side):
+            side = (side[0], _free_name(fs.at(side[0]), side[1]))
+        _move_no_replace(fs, (fs.work, sidecar), side)
 
 
 def _sidecar_work_name(item: Item) -> bytes | None:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -35,6 +36,7 @@ from nbankd.watch.scan import identity_of_path, tree_identity
 log = structlog.get_logger("nbankd.deposit")
 
 StepResult = tuple[Item, Outcome]
+_PROC_FD = re.compile(r"/proc/self/fd/\d+")
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 
 
@@ -186,77 +188,82 @@ class Steps:
 
     def claim(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        try:
-            with spec.open_fs() as fs:
-                result = self._claim(spec, fs, item)
+        with spec.open_fs() as fs:
+            token = item.token.encode()
+            if not fs.exists(fs.work, token):
+                try:
+                    result = self._take(spec, fs, item)
+                except inboxfs.Escape as err:
+                    # a folder on the way was swapped for a link: nothing was taken
+                    return item, Outcome("gone", "gone", err.message)
                 if result is not None:
                     return result
-                return self._plan(spec, fs, item)
-        except inboxfs.Escape as err:
-            # a folder on the way was swapped for a link: nothing was taken
-            return item, Outcome("gone", "gone", err.message)
+            else:
+                claimed = fs.lstat(fs.work, token)
+                if claimed is not None and not _seen_matches(item.seen_identity, claimed):
+                    # replayed after a crash that took the wrong entry: give it back
+                    return item, Outcome(
+                        "changed", "changed", "not the entry the scan saw; putting it back"
+                    )
+            # the input is in the work folder: from here on it is never "gone"
+            self._take_sidecar(spec, fs, item)
+            return self._plan(spec, fs, item)
 
-    def _claim(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
-        """Moves the input (and its sidecar) into the work folder, walking from the
-        inbox folder; returns an outcome when the claim cannot go on."""
+    def _take(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
+        """Moves the input into the work folder, walking from the inbox folder; returns
+        an outcome when it is not taken (left where it is, or put back untouched)."""
         work = fs.work
         token = item.token.encode()
         is_dir = item.kind == "dir"
-        if not fs.exists(work, token):
-            parent, name = fs.parent(item.relpath)
-            src = spec.path / item.relpath_str
-            st = fs.lstat(parent, name)
-            if st is None:
-                return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
-            ok_kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
-            unsafe = item.kind == "unsafe"
-            if not unsafe and (not ok_kind or (not is_dir and st.st_nlink > 1)):
-                return item, Outcome("gone", "unsupported", f"{src} is no longer a plain input")
-            if not _seen_matches(item.seen_identity, st):
-                return item, Outcome(
-                    "gone", "gone", f"{src} is not the entry the scan saw (replaced); left alone"
-                )
-            try:
-                fs.move(parent, name, work, token)
-            except FileNotFoundError:
-                return item, Outcome("gone", "gone", f"{src} was taken by another process")
-            except FileExistsError:
-                return item, Outcome("gone", "gone", f"{src}: the work name is taken")
-            except PermissionError as err:
-                # the inbox folder holding the file, not the archive, is the problem;
-                # the file cannot be moved at all, so it waits where it is
-                return item, Outcome(
-                    "transient",
-                    "inbox-not-writable",
-                    f"cannot move {src} out of {src.parent}: {err.strerror}",
-                    f"give the daemon's user write permission on {src.parent} "
-                    "(e.g. make it group-writable by the lab group, with the setgid bit)",
-                )
-            except fsops.NoReplaceUnsupported:
-                return item, Outcome(
-                    "transient",
-                    "inbox-no-replace",
-                    f"the filesystem of {spec.path} cannot move the folder {src} without "
-                    "risking a replace (no RENAME_NOREPLACE); it is left where it is",
-                    "deposit folders from an inbox on a local filesystem",
-                )
-            claimed = fs.lstat(work, token)
-            if claimed is None or (claimed.st_dev, claimed.st_ino) != (st.st_dev, st.st_ino):
-                # swapped between the check and the move: put back what was taken, untouched
-                if claimed is not None:
-                    with contextlib.suppress(OSError):
-                        fs.move(work, token, parent, name)
-                return item, Outcome(
-                    "gone", "gone", f"{src} changed while it was claimed; put back untouched"
-                )
-            crashpoints.reached("after-claim-rename")
-        side_work = self.sidecar_work_path(spec, item)
-        if item.sidecar_relpath is not None and side_work is not None:
-            side_parent, side_name = fs.parent(item.sidecar_relpath)
-            side_token = side_work.name.encode()
-            if fs.exists(side_parent, side_name) and not fs.exists(work, side_token):
-                fs.move(side_parent, side_name, work, side_token)
+        parent, name = fs.parent(item.relpath)
+        src = spec.path / item.relpath_str
+        st = fs.lstat(parent, name)
+        if st is None:
+            return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
+        ok_kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
+        unsafe = item.kind == "unsafe"
+        if not unsafe and (not ok_kind or (not is_dir and st.st_nlink > 1)):
+            return item, Outcome("gone", "unsupported", f"{src} is no longer a plain input")
+        if not _seen_matches(item.seen_identity, st):
+            return item, Outcome(
+                "gone", "gone", f"{src} is not the entry the scan saw (replaced); left alone"
+            )
+        try:
+            fs.take(parent, name, work, token)
+        except FileNotFoundError:
+            return item, Outcome("gone", "gone", f"{src} was taken by another process")
+        except PermissionError as err:
+            # the inbox folder holding the file, not the archive, is the problem;
+            # the file cannot be moved at all, so it waits where it is
+            return item, Outcome(
+                "transient",
+                "inbox-not-writable",
+                f"cannot move {src} out of {src.parent}: {err.strerror}",
+                f"give the daemon's user write permission on {src.parent} "
+                "(e.g. make it group-writable by the lab group, with the setgid bit)",
+            )
+        claimed = fs.lstat(work, token)
+        if claimed is not None and (claimed.st_dev, claimed.st_ino) != (st.st_dev, st.st_ino):
+            # swapped between the check and the move: the put-back step returns it
+            return item, Outcome(
+                "changed", "changed", f"{src} changed while it was claimed; putting it back"
+            )
+        crashpoints.reached("after-claim-rename")
         return None
+
+    def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> None:
+        """Moves the input's sidecar next to it; one that cannot be reached (its folder
+        gone or swapped for a link) counts as absent, as one deleted would."""
+        side_work = self.sidecar_work_path(spec, item)
+        if item.sidecar_relpath is None or side_work is None:
+            return
+        side_token = side_work.name.encode()
+        try:
+            side_parent, side_name = fs.parent(item.sidecar_relpath)
+            if fs.exists(side_parent, side_name) and not fs.exists(fs.work, side_token):
+                fs.take(side_parent, side_name, fs.work, side_token)
+        except (inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+            log.warning("sidecar not reachable; deposited without it", item=item.token)
 
     def _plan(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult:
         """Records the claimed input's identity and decides its identifier and metadata."""
@@ -502,9 +509,10 @@ class Steps:
             if sidecar is not None:
                 fs.unlink(fs.work, sidecar.name.encode())
             if item.marker_relpath is not None:
-                marker = fs.parent(item.marker_relpath)
-                if fs.unlink(*marker):
-                    fsops.fsync_fd(marker[0])
+                with contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+                    marker = fs.parent(item.marker_relpath)  # its folder may be gone
+                    if fs.unlink(*marker):
+                        fsops.fsync_fd(marker[0])
             fsops.fsync_fd(fs.work)
         crashpoints.reached("after-release-unlink")
         return replace(item, finished=item.finished or self.clock()), Outcome.ok()
@@ -548,17 +556,22 @@ class Steps:
             Step.PUT_BACK: self.put_back,
         }[step]
         try:
-            return fn(item)
+            item, outcome = fn(item)
         except (errors.NbankdError, OSError) as err:
-            return item, _outcome_for(err)
+            outcome = _outcome_for(err)
         except Exception as err:  # a bug: the input waits with backoff instead of looping hot
             log.exception("unexpected error in a deposit step", item=item.token, step=str(step))
-            return item, Outcome(
+            outcome = Outcome(
                 "transient",
                 "internal",
                 f"unexpected error in step {step}: {err!r}",
                 "this is a bug in nbankd: please report it with the log; the input is kept",
             )
+        if "/proc/self/fd/" in outcome.message:  # a path through an open folder: name it
+            spec = self.inboxes(item.inbox)
+            where = str(spec.work_dir) if spec is not None else "the work folder"
+            outcome = replace(outcome, message=_PROC_FD.sub(where, outcome.message))
+        return item, outcome
 
     def drive(
         self, item: Item, *, until_blocked: bool = True, on_step: Callable[[], None] | None = None

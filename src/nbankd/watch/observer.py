@@ -490,20 +490,30 @@ class InboxWatcher:
         self._wake(inbox, "")
 
     def _send_probe(self, inbox: _Inbox, now: float) -> None:
-        """Rewrites the canary (call with ``probe.cond`` held)."""
+        """Rewrites the canary. Called with ``probe.cond`` held; released around the
+        write, so a slow inbox filesystem never holds up the watchdog thread that
+        delivers other inboxes' events."""
         probe = inbox.probe
         probe.seq += 1
         probe.next_due = now + probe.every
         probe.answered = False
+        probe.sent = now  # before the write: its event may come at once
+        seq = probe.seq
+        probe.cond.release()
         try:
-            _write_canary(inbox.root, probe.seq)
+            _write_canary(inbox.root, seq)
         except OSError as err:
+            failed: OSError | None = err
+        else:
+            failed = None
+        finally:
+            probe.cond.acquire()
+        if failed is not None and probe.seq == seq:
             probe.sent = None
             self._went_deaf(
-                inbox, f"cannot write the liveness canary {CANARY_NAME}: {err.strerror or err}"
+                inbox,
+                f"cannot write the liveness canary {CANARY_NAME}: {failed.strerror or failed}",
             )
-            return
-        probe.sent = now
 
     def _went_deaf(self, inbox: _Inbox, why: str) -> None:
         """Enters the poll fallback (call with ``probe.cond`` held); logs once."""
