@@ -448,6 +448,18 @@ class Steps:
             staged = archive.staging_dir / self.staged_name(item)
             if not os.path.lexists(staged) and not os.path.lexists(target):
                 return item, Outcome("restage", "restage", "the staged copy is gone")
+            if spec.verify and os.path.lexists(staged) and not os.path.lexists(target):
+                # read back from storage before it becomes visible in resources/: a bad
+                # copy is never published, only made again
+                assert item.sha1
+                if not durable.verify_from_storage(staged, item.sha1, throttle=self._progress):
+                    durable.discard_staged(archive, staged)
+                    return item, Outcome(
+                        "restage",
+                        "verify-failed",
+                        f"the staged copy of {item.relpath_str!r}, read back from storage, "
+                        "does not match its SHA-1; copying again",
+                    )
             durable.publish(archive, staged, target, sha1=item.sha1)
         crashpoints.reached("after-publish")
         return item, Outcome.ok()
