@@ -24,6 +24,9 @@ SUITES = (
     ("hostile_inputs", "hostile inputs"),
     ("two_daemons", "two daemons, one inbox"),
     ("secrets", "socket and secrets"),
+    ("inbox_escapes", "inbox folders swapped for links"),
+    ("one_daemon_per_state", "one daemon per state directory"),
+    ("control_dos", "control socket denial of service"),
 )
 COLUMNS = ("cases", "inputs", "deposited", "rejected", "kills", "faults", "losses", "duplicates")
 
