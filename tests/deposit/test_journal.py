@@ -412,8 +412,8 @@ def test_concurrent_adds_lose_nothing(journal: Journal) -> None:
 
 
 def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
-    """A journal of the previous schema (version 1) opens at the current version with
-    its in-flight items intact; the new scan identity is empty for them."""
+    """A journal of an earlier schema (version 1) opens at the current version with
+    its in-flight items intact; the scan and staged identities are empty for them."""
     from nbankd.deposit.journal import MIGRATIONS
 
     path = tmp_path / "journal.sqlite3"
@@ -428,10 +428,11 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         )
     journal = Journal(path)
     [item] = journal.unfinished()
-    assert journal.schema_version == SCHEMA_VERSION == 2
+    assert journal.schema_version == SCHEMA_VERSION == 3
     assert (item.token, item.relpath, item.state, item.seen_identity) == (
         "ab",
         b"a.wav",
         State.STAGED,
         None,
     )
+    assert item.staged_identity is None

@@ -292,8 +292,9 @@ def test_durable_operations_come_in_a_crash_safe_order(
             f"{relpath}: renamed into .nbank/ before any journal commit (the intent)"
         )
         if item["state"] == "done":
+            staged = f"{staging}/{json.loads(str(item['staged_identity']))['name']}"
             _check_deposit(
-                trace, relpath, token, work, x, receipts[token], staging, wal, registry_wal
+                trace, relpath, token, work, x, receipts[token], staged, wal, registry_wal
             )
         else:
             _check_rejection(trace, h, relpath, token, item)
@@ -306,11 +307,10 @@ def _check_deposit(
     work: str,
     x: int,
     receipt: dict[str, str],
-    staging: str,
+    staged: str,
     wal: str,
     registry_wal: str,
 ) -> None:
-    staged = f"{staging}/.nbankd-{token}"
     target = os.path.realpath(receipt["archive_path"])
     link = trace.one(LINKS, names(staged, target), f"link of {relpath} into resources/")
     created = trace.one(

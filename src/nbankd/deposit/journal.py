@@ -21,7 +21,7 @@ from nbankd import errors
 from nbankd.deposit import crashpoints
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     # 0 -> 1: the first schema
@@ -66,6 +66,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     ),
     # 1 -> 2: the (device, inode) the scan saw, compared with what the claim takes
     1: ("ALTER TABLE items ADD COLUMN seen_identity TEXT",),
+    # 2 -> 3: the staged copy's name and identity, as the process that wrote it saw it
+    2: ("ALTER TABLE items ADD COLUMN staged_identity TEXT",),
 }
 
 
@@ -103,6 +105,7 @@ class Item:
     reason_json: str | None = None
     finished: float | None = None
     seen_identity: str | None = None  # JSON {"dev", "ino"} of the entry the scan saw
+    staged_identity: str | None = None  # JSON {"name", "dev", "ino", "size", "mtime_ns"}
 
     @property
     def progress(self) -> Progress:

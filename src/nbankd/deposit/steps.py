@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import stat
 import threading
 import time
@@ -52,6 +53,33 @@ def _same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
         return json.loads(_identity_json(path, is_dir)) == json.loads(recorded)
     except FileNotFoundError:
         return False
+
+
+def _staged_id(path: Path) -> str:
+    """The staged copy's name and identity, journaled with the step that wrote it."""
+    st = os.lstat(path)
+    size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    return json.dumps(
+        {
+            "name": path.name,
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+            "size": size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+    )
+
+
+def _staged_matches(recorded: str | None, path: Path) -> bool:
+    """True when ``path`` is still the staged copy journaled (device, inode, size,
+    mtime), or no identity was journaled (items of an older journal)."""
+    if recorded is None:
+        return True
+    try:
+        now = json.loads(_staged_id(path))
+    except OSError:
+        return False
+    return now == json.loads(recorded)
 
 
 def _seen_matches(seen: str | None, st: os.stat_result) -> bool:
@@ -139,6 +167,7 @@ class Steps:
         self.inboxes = inboxes
         self.receipts_dir = receipts_dir
         self.clock = clock
+        self.instance = secrets.token_hex(4)  # in staged names: never shared by processes
         self._local = threading.local()  # per worker: its liveness beat
 
     def _progress(self, _done: int = 0) -> None:
@@ -168,7 +197,20 @@ class Steps:
 
     @staticmethod
     def staged_name(item: Item) -> str:
-        return f".nbankd-{item.token}"
+        """The staged copy's name: journaled by the process that wrote it (items of an
+        older journal: the name every process used then)."""
+        if item.staged_identity:
+            return str(json.loads(item.staged_identity)["name"])
+        return f"{durable.STAGED_PREFIX}{item.token}"
+
+    def _new_staged_name(self, archive: layout.Archive, item: Item) -> str:
+        """A name no other process can use (this process's instance in it), after
+        removing what earlier attempts at this item left in staging/."""
+        prefix = f"{durable.STAGED_PREFIX}{item.token}"
+        for leftover in durable.list_staged(archive):
+            if leftover.name == prefix or leftover.name.startswith(prefix + "-"):
+                durable.discard_staged(archive, leftover)
+        return f"{prefix}-{self.instance}"
 
     def _archive(self, spec: InboxSpec) -> layout.Archive:
         try:
@@ -347,7 +389,7 @@ class Steps:
                 return item, Outcome("changed", "changed", "the folder changed after claiming")
             try:
                 staged = durable.stage_copy_tree(
-                    archive, work, self.staged_name(item), progress=self._progress
+                    archive, work, self._new_staged_name(archive, item), progress=self._progress
                 )
             except SourceReadError as err:
                 if err.errno in (errno.EACCES, errno.EPERM):
@@ -356,7 +398,9 @@ class Steps:
             if not _same_identity(item.identity, work, True):
                 durable.discard_staged(archive, staged.path)
                 return item, Outcome("changed", "changed", "the folder changed during the copy")
-            item = replace(item, sha1=staged.sha1, size=staged.size)
+            item = replace(
+                item, sha1=staged.sha1, size=staged.size, staged_identity=_staged_id(staged.path)
+            )
         else:
             try:
                 fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -369,9 +413,10 @@ class Steps:
                     sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
                 else:
                     staged = durable.stage_copy(
-                        archive, f, self.staged_name(item), progress=self._progress
+                        archive, f, self._new_staged_name(archive, item), progress=self._progress
                     )
                     sha1, size = staged.sha1, staged.size
+                    item = replace(item, staged_identity=_staged_id(staged.path))
                 crashpoints.reached("stage-copied")
                 if not _fstat_matches(item.identity, os.fstat(f.fileno())):
                     if spec.placement != "rename":
@@ -448,6 +493,14 @@ class Steps:
             staged = archive.staging_dir / self.staged_name(item)
             if not os.path.lexists(staged) and not os.path.lexists(target):
                 return item, Outcome("restage", "restage", "the staged copy is gone")
+            if os.path.lexists(staged) and not _staged_matches(item.staged_identity, staged):
+                # not the copy this process journaled: never published, made again
+                return item, Outcome(
+                    "restage",
+                    "staged-changed",
+                    f"{staged} is not the staged copy nbankd wrote for "
+                    f"{item.relpath_str!r}; copying again",
+                )
             if spec.verify and os.path.lexists(staged) and not os.path.lexists(target):
                 # read back from storage before it becomes visible in resources/: a bad
                 # copy is never published, only made again
