@@ -297,8 +297,19 @@ def test_listing_after_the_walk_applies_the_answers_to_the_listing(
         ([("x.zip", 0.0)], {"t1"}, ["x.zip"]),
         ([(".nbankd-t9", 990.0)], set(), []),  # young: another host may be writing it
         ([("t1", 0.0)], {"t1"}, ["t1"]),  # a token without the prefix is not ours
+        ([(".nbankd-t1-0a1b2c3d", 0.0)], {"t1"}, []),  # named with the writer's instance
+        ([(".nbankd-t1-0a1b2c3d", 0.0)], set(), [".nbankd-t1-0a1b2c3d"]),
     ],
-    ids=["in-flight", "orphan", "other-token", "nbank-name", "young", "no-prefix"],
+    ids=[
+        "in-flight",
+        "orphan",
+        "other-token",
+        "nbank-name",
+        "young",
+        "no-prefix",
+        "in-flight-instance",
+        "orphan-instance",
+    ],
 )
 def test_staging_leftovers_table(
     entries: list[tuple[str, float]], tokens: set[str], leftovers: list[str]

@@ -239,7 +239,8 @@ def staging_leftovers(
     is writing right now). ``entries`` are (name, mtime)."""
     out = []
     for name, mtime in entries:
-        if name.startswith(prefix) and name[len(prefix) :] in in_flight_tokens:
+        # .nbankd-TOKEN (older releases) or .nbankd-TOKEN-INSTANCE
+        if name.startswith(prefix) and name[len(prefix) :].split("-")[0] in in_flight_tokens:
             continue
         if young(mtime, now=now, grace=grace):
             continue
