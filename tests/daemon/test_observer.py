@@ -8,6 +8,7 @@ deterministic: had A produced a wake-up it would have been recorded before B's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -516,3 +517,35 @@ def test_unwatched_folder_that_vanished_is_not_held_against_the_inbox(
     watcher.verify_coverage("rig3", {999_999_999: "gone-by-now"})
     watcher.check(time.monotonic() + 60)
     assert watcher.status()["rig3"].mode is Mode.INOTIFY
+
+
+def test_two_writers_of_one_canary_never_fail(inbox: Path):
+    """Two daemons on one inbox rewrite the same canary while it is removed under
+    them: every write succeeds (a lost create race is tried again, not reported)."""
+    from nbankd.watch.observer import _write_canary
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        try:
+            for seq in range(1500):
+                _write_canary(str(inbox), seq)
+        except BaseException as err:
+            errors.append(err)
+
+    def remover() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(inbox / CANARY_NAME)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    pest = threading.Thread(target=remover)
+    pest.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    pest.join()
+    assert errors == []

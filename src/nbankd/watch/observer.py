@@ -651,34 +651,49 @@ class _Handler(FileSystemEventHandler):
 def _write_canary(root: str, seq: int) -> None:
     """Rewrites ``root/CANARY_NAME``, never through a link: anything else found under
     that name (a symlink, a hard link, a FIFO, another owner's file) is unlinked and
-    the canary made anew."""
+    the canary made anew. Another writer of the same name (a second daemon on the
+    inbox) may win a race: the write is tried again."""
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(CANARY_NAME, flags, dir_fd=dir_fd)
-        except FileNotFoundError:
-            fd = -1
-        except OSError as err:
-            if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
-                raise
-            fd = -1
-            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a link or FIFO in its place
-        if fd >= 0:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        for _attempt in range(5):
+            fd = _open_canary(dir_fd)
+            if fd is None:
+                continue  # raced another writer of the name: look again
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, b"nbankd liveness check %d\n" % seq)
+            finally:
                 os.close(fd)
-                fd = -1
-                os.unlink(CANARY_NAME, dir_fd=dir_fd)
-        if fd < 0:
-            fd = os.open(CANARY_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, b"nbankd liveness check %d\n" % seq)
-        finally:
-            os.close(fd)
+            return
+        raise FileExistsError(errno.EEXIST, "the canary keeps changing under nbankd")
     finally:
         os.close(dir_fd)
+
+
+def _open_canary(dir_fd: int) -> int | None:
+    """An open, writable canary of ours, or None when another writer raced us."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(CANARY_NAME, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        fd = -1
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
+            raise
+        fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a link or FIFO in its place
+    if fd >= 0:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            return fd
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(CANARY_NAME, dir_fd=dir_fd)
+    try:
+        return os.open(CANARY_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    except FileExistsError:
+        return None
 
 
 def _same_folder(inbox: _Inbox, rel: str, ino: int) -> bool:
