@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -392,4 +393,30 @@ def test_a_file_deeper_than_path_max_is_reported_not_ignored(daemon_factory: Any
     [line] = wait_for(reported, 30, "status to report the unreadable deep folder")
     assert str(h.inbox) in line and "too long" in line
     assert [r["id"] for r in h.receipts()] == ["shallow"]
+    h.stop()
+
+
+def test_input_whose_folder_is_removed_before_the_claim_is_cancelled(daemon_factory: Any) -> None:
+    """Journaled, then its whole folder removed before the claim: the item is cancelled
+    (nothing to take), not left waiting on a misleading archive error."""
+    import sqlite3
+
+    h = daemon_factory()
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-journal-add", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.drop("gone/sub/late.dat", b"removed with its folder")
+
+    def states() -> list[str]:
+        db = sqlite3.connect(f"file:{h.state_dir / 'journal.sqlite3'}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in db.execute("SELECT state FROM items")]
+        finally:
+            db.close()
+
+    wait_for(lambda: states() == ["claiming"], 30, "the intent to be journaled")
+    shutil.rmtree(h.inbox / "gone")
+    release.touch()
+    wait_for(lambda: states() == ["cancelled"], 30, "the item to be cancelled")
+    code, doc = status_json(h)
+    assert (code, doc["degraded"]) == (0, [])
     h.stop()

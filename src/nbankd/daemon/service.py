@@ -299,15 +299,14 @@ class Daemon:
         younger than ``max_age`` are used as they are, so repeated requests (a reader
         asking ``queue`` in a loop) cannot keep the daemon rescanning."""
         asked = self.clock() - max_age
-        states = list(self.inboxes.values())
-        if all(s.last_scan is not None and s.last_scan >= asked for s in states):
-            return True
-        self.request_rescan()
 
         def done() -> bool:
             states = list(self.inboxes.values())
             return all(s.last_scan is not None and s.last_scan >= asked for s in states)
 
+        if done():
+            return True
+        self.request_rescan()
         with self._scanned:
             return self._scanned.wait_for(done, timeout)
 

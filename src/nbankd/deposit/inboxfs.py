@@ -231,19 +231,17 @@ class InboxFS:
 
     def parent(self, rel: bytes | str, *, create: bool = False) -> tuple[int, bytes]:
         """(open folder, name) of an entry of the inbox at ``rel``."""
-        parts = components(rel)
-        if not parts:
-            raise Escape("an empty path names no entry")
-        where = str(self.root_path / os.fsdecode(rel))
-        return self.folder(self.root, b"/".join(parts[:-1]), create=create, where=where), parts[-1]
+        return self._entry(self.root, self.root_path, rel, create)
 
     def rejected_parent(self, rel: bytes | str, *, create: bool = False) -> tuple[int, bytes]:
         """(open folder, name) of an entry of the rejected folder at ``rel``."""
+        return self._entry(self.rejected, self.root_path / self.rejected_rel, rel, create)
+
+    def _entry(self, start: int, shown: Path, rel: bytes | str, create: bool) -> tuple[int, bytes]:
         parts = components(rel)
         if not parts:
             raise Escape("an empty path names no entry")
-        where = str(self.root_path / self.rejected_rel / os.fsdecode(rel))
-        start = self.rejected
+        where = str(shown / os.fsdecode(rel))
         return self.folder(start, b"/".join(parts[:-1]), create=create, where=where), parts[-1]
 
     # -- entries ------------------------------------------------------------------

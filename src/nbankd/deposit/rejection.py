@@ -156,7 +156,7 @@ def move_to_rejected(
     rel = item.relpath
     sub = os.path.dirname(rel)
     token = item.token.encode()
-    sidecar = _sidecar_work_name(item)
+    sidecar = sidecar_work_name(item)
     shown = spec.rejected_dir / os.fsdecode(sub)  # where the user finds them
     try:
         folder_fd = fs.folder(fs.rejected, sub, create=True, where=str(shown))
@@ -221,7 +221,7 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     """Returns a claimed input to its place in the inbox (it changed: still being
     written), under a free name if its own was taken meanwhile."""
     token = item.token.encode()
-    sidecar = _sidecar_work_name(item)
+    sidecar = sidecar_work_name(item)
     if fs.exists(fs.work, token):
         try:
             parent, name = fs.parent(item.relpath, create=True)
@@ -242,8 +242,9 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
         _move_no_replace(fs, (fs.work, sidecar), side)
 
 
-def _sidecar_work_name(item: Item) -> bytes | None:
-    """The sidecar's name in the work folder (see Steps.sidecar_work_path)."""
+def sidecar_work_name(item: Item) -> bytes | None:
+    """The name an input's sidecar takes in the work folder: ``<token>.sidecar.yaml``
+    or ``.json`` (what :mod:`nbankd.daemon.orphans` recognises as owned)."""
     if item.sidecar_relpath is None:
         return None
     suffix = b".json" if item.sidecar_relpath.endswith(b".json") else b".yaml"

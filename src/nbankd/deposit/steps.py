@@ -189,13 +189,6 @@ class Steps:
         return spec
 
     @staticmethod
-    def sidecar_work_path(spec: InboxSpec, item: Item) -> Path | None:
-        if item.sidecar_relpath is None:
-            return None
-        suffix = ".json" if item.sidecar_relpath.endswith(b".json") else ".yaml"
-        return spec.work_dir / f"{item.token}.sidecar{suffix}"
-
-    @staticmethod
     def staged_name(item: Item) -> str:
         """The staged copy's name: journaled by the process that wrote it (items of an
         older journal: the name every process used then)."""
@@ -238,6 +231,10 @@ class Steps:
                 except inboxfs.Escape as err:
                     # a folder on the way was swapped for a link: nothing was taken
                     return item, Outcome("gone", "gone", err.message)
+                except FileNotFoundError:
+                    # a folder on the way was removed (with the input): nothing to take
+                    src = spec.path / item.relpath_str
+                    return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
                 if result is not None:
                     return result
             else:
@@ -296,10 +293,9 @@ class Steps:
     def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> None:
         """Moves the input's sidecar next to it; one that cannot be reached (its folder
         gone or swapped for a link) counts as absent, as one deleted would."""
-        side_work = self.sidecar_work_path(spec, item)
-        if item.sidecar_relpath is None or side_work is None:
+        side_token = rejection.sidecar_work_name(item)
+        if item.sidecar_relpath is None or side_token is None:
             return
-        side_token = side_work.name.encode()
         try:
             side_parent, side_name = fs.parent(item.sidecar_relpath)
             if fs.exists(side_parent, side_name) and not fs.exists(fs.work, side_token):
@@ -311,9 +307,8 @@ class Steps:
         """Records the claimed input's identity and decides its identifier and metadata."""
         is_dir = item.kind == "dir"
         work = fs.at(fs.work, item.token)
-        sidecar_work = self.sidecar_work_path(spec, item)
-        if sidecar_work is not None:
-            sidecar_work = fs.at(fs.work, sidecar_work.name)
+        side_name = rejection.sidecar_work_name(item)
+        sidecar_work = fs.at(fs.work, side_name) if side_name is not None else None
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
             reason = json.loads(item.reason_json or "{}")
@@ -570,9 +565,9 @@ class Steps:
             else:
                 fs.unlink(fs.work, token)
             crashpoints.reached("after-release-source")
-            sidecar = self.sidecar_work_path(spec, item)
+            sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
-                fs.unlink(fs.work, sidecar.name.encode())
+                fs.unlink(fs.work, sidecar)
             if item.marker_relpath is not None:
                 with contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError):
                     marker = fs.parent(item.marker_relpath)  # its folder may be gone
