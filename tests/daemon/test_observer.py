@@ -549,3 +549,21 @@ def test_two_writers_of_one_canary_never_fail(inbox: Path):
     stop.set()
     pest.join()
     assert errors == []
+
+
+def test_a_users_file_under_the_canary_name_is_never_touched(watcher: InboxWatcher, inbox: Path):
+    """A plain file nbankd did not write, named like the canary, is left byte for byte;
+    the check fails with the reason (polling), and passes once the file is moved."""
+    mine = inbox / CANARY_NAME
+    mine.write_bytes(b"a user's notes, not a canary")
+    watcher.add_inbox("rig3", inbox)
+    now = time.monotonic()
+    watcher.check(now)
+    status = watcher.status()["rig3"]
+    assert status.mode is Mode.POLL and "a file nbankd did not write" in status.reason
+    assert mine.read_bytes() == b"a user's notes, not a canary"
+    mine.rename(inbox / "notes.txt")
+    watcher.rearm()
+    watcher.check(now + 60)
+    assert watcher.wait_answered("rig3", WAIT_S)
+    assert (inbox / "notes.txt").read_bytes() == b"a user's notes, not a canary"

@@ -661,7 +661,7 @@ def _write_canary(root: str, seq: int) -> None:
                 continue  # raced another writer of the name: look again
             try:
                 os.ftruncate(fd, 0)
-                os.write(fd, b"nbankd liveness check %d\n" % seq)
+                os.write(fd, _CANARY_TEXT + b" %d\n" % seq)
             finally:
                 os.close(fd)
             return
@@ -670,9 +670,18 @@ def _write_canary(root: str, seq: int) -> None:
         os.close(dir_fd)
 
 
+_CANARY_TEXT = b"nbankd liveness check"
+
+
 def _open_canary(dir_fd: int) -> int | None:
-    """An open, writable canary of ours, or None when another writer raced us."""
-    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    """An open, writable canary of ours, or None when another writer raced us.
+
+    A link, a FIFO or a second name of another file in its place is only a name:
+    it is unlinked (no bytes are lost). A plain file that nbankd did not write
+    (another owner, or other contents) is refused, never truncated or removed:
+    PermissionError, which the watcher reports as a failed liveness check.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(CANARY_NAME, flags, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -685,11 +694,19 @@ def _open_canary(dir_fd: int) -> int | None:
             os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a link or FIFO in its place
     if fd >= 0:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
-            return fd
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            head = os.pread(fd, len(_CANARY_TEXT), 0)
+            if st.st_uid == os.geteuid() and (not head or head == _CANARY_TEXT):
+                return fd
+            os.close(fd)
+            raise PermissionError(
+                errno.EPERM,
+                "a file nbankd did not write holds that name; it is left alone (move it "
+                "away to let the check run)",
+            )
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(CANARY_NAME, dir_fd=dir_fd)
+            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a name only: its bytes stay elsewhere
     try:
         return os.open(CANARY_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
     except FileExistsError:
