@@ -7,7 +7,8 @@ hashing), SHA-1 mismatches (only when asked: hashing a large archive takes long)
 resources in the wrong stub folder, owners, groups and modes that break the
 archive's policy, unexpected entries under ``resources/`` and leftovers in
 ``staging/``. It walks and judges with the daemon's audit code. Read-only: it never
-changes the archive or the registry (nor even access times).
+changes the archive or the registry (nor even access times), except that
+``--fix`` moves resources filed in the wrong stub folder where they belong.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbankd import errors
+from nbankd.archive import durable
 from nbankd.archive.layout import Archive
 from nbankd.audit.compare import by_name, elsewhere, misplaced, staging_finding, walk_findings
 from nbankd.audit.model import (
     HASH_MISMATCH,
+    MISPLACED,
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
     SUMMARY,
@@ -120,6 +124,23 @@ def check_archive(
     return report
 
 
+def fix_misplaced(archive: Archive, report: Report) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Moves each registered resource the report found in the wrong stub folder to
+    where its identifier belongs (:func:`nbankd.archive.durable.refile`); returns the
+    moves made and why the others were not made (the identifier is also stored where
+    it belongs, for one: both stay and the next check reports them again)."""
+    moved: list[tuple[Path, Path]] = []
+    refused: list[str] = []
+    for finding in report.findings:
+        if finding.kind != MISPLACED or finding.path is None or finding.resource is None:
+            continue
+        try:
+            moved.append((finding.path, durable.refile(archive, finding.path, finding.resource)))
+        except errors.ArchiveError as err:
+            refused.append(str(err))
+    return moved, refused
+
+
 def _verify(stored: Stored, want: str, progress: Callable[[str], None] | None) -> list[Finding]:
     if progress is not None:
         progress(stored.name)
@@ -136,4 +157,4 @@ def _verify(stored: Stored, want: str, progress: Callable[[str], None] | None) -
     return []
 
 
-__all__ = ["Finding", "Report", "check_archive"]
+__all__ = ["Finding", "Report", "check_archive", "fix_misplaced"]

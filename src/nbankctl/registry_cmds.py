@@ -418,6 +418,15 @@ def cmd_archive_check(args: argparse.Namespace) -> int:
         if archive.registry_url.rstrip("/") != reg.url.rstrip("/"):
             warn(f"nbank.json names another registry ({archive.registry_url}); checked {reg.url}")
         report = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
+        if args.fix:
+            moved, refused = checkarchive.fix_misplaced(archive, report)
+            for old, new in moved:
+                if not args.json:
+                    print(f"moved {old} -> {new}")
+            for why in refused:
+                warn(f"not moved: {why}")
+            if moved:  # judged again, so the findings and exit status are what is left
+                report = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
     if args.json:
         dump(report.to_json())
     else:
@@ -522,5 +531,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp = ar.add_parser("check", parents=[common], help="compare an archive with the registry")
     pp.add_argument("-H", "--hash", action="store_true", help="also verify every SHA-1 (slow)")
     pp.add_argument("--no-hash", action="store_false", dest="hash", help="(default) skip hashes")
+    pp.add_argument(
+        "--fix", action="store_true",
+        help="move resources filed in the wrong stub folder to where their identifier "
+        "belongs (never replacing anything); other findings are only reported",
+    )  # fmt: skip
     pp.add_argument("path", type=Path, help="the archive's folder")
     pp.set_defaults(func=cmd_archive_check)

@@ -87,6 +87,15 @@ class ResourceExists(ArchiveError):
     code = "stored-elsewhere"
 
 
+class StoredUnderOtherName(ResourceExists):
+    """The identifier is already stored in the archive under another stored name
+    (another extension, or the other stub folder of a one-character identifier)."""
+
+    def __init__(self, message: str, *, hint: str = "", stored: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.stored = stored
+
+
 class DirectoryNotAllowed(ArchiveError):
     code = "directory-not-allowed"
 

@@ -377,3 +377,54 @@ def test_publish_refuses_same_id_with_other_extension(archive: Archive, src_file
     with pytest.raises(errors.ResourceExists, match=r"abcd1234\.pprox"):
         durable.publish(archive, staged.path, archive.new_resource_path("abcd1234", "x.wav"))
     assert os.listdir(other.parent) == ["abcd1234.pprox"]
+
+
+def test_publish_refuses_one_character_identifier_in_the_other_stub(
+    archive: Archive, src_file: Path
+) -> None:
+    """``a.dat`` filed by nbank 0.13 in ``resources/a./`` holds identifier ``a``:
+    publishing ``a.wav`` into ``resources/a/`` is refused, naming that file."""
+    legacy = archive.resources_dir / "a." / "a.dat"
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"first")
+    staged = durable.stage_copy(archive, src_file, ".nbankd-a")
+    with pytest.raises(errors.StoredUnderOtherName) as caught:
+        durable.publish(archive, staged.path, archive.stored_file("a", "a.wav"), id="a")
+    assert caught.value.stored == str(legacy)
+    assert not (archive.resources_dir / "a").exists() or not os.listdir(archive.resources_dir / "a")
+
+
+def test_publish_one_identifier_from_two_threads_files_one(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """Two threads publishing one identifier under two stored names at once: exactly
+    one is filed, the other refused naming it."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def publish(ext: str) -> None:
+        src = tmp_path / f"src{ext}"
+        src.write_bytes(b"same bytes")
+        staged = durable.stage_copy(archive, src, f".nbankd-{ext[1:]}")
+        barrier.wait()
+        try:
+            results[ext] = durable.publish(
+                archive, staged.path, archive.stored_file("bb", f"bb{ext}"), id="bb"
+            )
+        except errors.StoredUnderOtherName as err:
+            results[ext] = err
+
+    for _ in range(20):
+        for p in archive.resources_dir.glob("bb/*"):
+            p.unlink()
+        results.clear()
+        threads = [threading.Thread(target=publish, args=(e,)) for e in (".wav", ".bin")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [e for e, r in results.items() if isinstance(r, errors.StoredUnderOtherName)]
+        assert len(refused) == 1, results
+        assert len(os.listdir(archive.resources_dir / "bb")) == 1

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.cli_backends import NBANKCTL, Backend, base_env, json_stream, sha1, store
+from nbankd.archive.access import apply_access
+from nbankd.archive.layout import Archive
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
 
@@ -283,6 +285,49 @@ def test_archive_check_skips_hashes_by_default(backend: Backend) -> None:
     store(archive, name, backend.blob("wrong"))
     assert backend.ctl("archive", "check", str(archive.path)).returncode == 0
     assert backend.ctl("archive", "check", "--hash", str(archive.path)).returncode == 1
+
+
+def _legacy_one_character(backend: Backend, id: str) -> tuple[Archive, Path, bytes]:
+    """A registered one-character resource filed where nbank 0.13's deposit puts it
+    (each test its own character: the django-neurobank server is shared)."""
+    archive, arch = backend.archive()
+    data = backend.blob("one character")
+    backend.resource(data, arch, name=id)
+    legacy = archive.resources_dir / f"{id}."
+    legacy.mkdir()
+    apply_access(archive, legacy)
+    path = legacy / f"{id}.dat"
+    path.write_bytes(data)
+    apply_access(archive, path)
+    return archive, path, data
+
+
+def test_archive_check_fix_moves_misplaced_within_resources(backend: Backend) -> None:
+    """A resource in the wrong stub folder (q.dat in resources/q./) is reported
+    misplaced; --fix moves it to resources/q/ and the check is then clean."""
+    archive, legacy, data = _legacy_one_character(backend, "q")
+    proc = backend.ctl("archive", "check", str(archive.path))
+    assert proc.returncode == 1 and f"{legacy} - misplaced" in proc.stdout, proc.stdout
+    proc = backend.ctl("archive", "check", "--fix", str(archive.path))
+    proper = archive.resources_dir / "q" / "q.dat"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"moved {legacy} -> {proper}" in proc.stdout
+    assert proper.read_bytes() == data and not legacy.parent.exists()
+    if backend.url is not None:
+        proc = backend.nbank("archive", "check", str(archive.path))
+        assert "other layout errors: 0" in proc.stderr, proc.stderr
+
+
+def test_archive_check_fix_never_overwrites(backend: Backend) -> None:
+    """With the identifier also stored where it belongs, --fix moves nothing: both
+    files stay and the check still reports the second copy."""
+    archive, legacy, data = _legacy_one_character(backend, "z")
+    proper = archive.resources_dir / "z" / "z.wav"
+    proper.parent.mkdir()
+    proper.write_bytes(b"another file")
+    proc = backend.ctl("archive", "check", "--fix", str(archive.path))
+    assert proc.returncode == 1 and "moved" not in proc.stdout
+    assert legacy.read_bytes() == data and proper.read_bytes() == b"another file"
 
 
 # --- choosing the registry, credentials, errors ------------------------------------------

@@ -355,7 +355,8 @@ def test_kill9_during_burst_loses_nothing_and_duplicates_nothing(harness: Daemon
 
 
 def test_nbank_archive_check_is_clean_after_deposits(daemon_factory: Any, request: Any) -> None:
-    """The real ``nbank archive check`` finds nothing wrong in an archive nbankd filled."""
+    """The real ``nbank archive check`` finds nothing wrong in an archive nbankd filled,
+    one-character identifiers included (filed where nbank looks: ``nbank locate``)."""
     server = request.getfixturevalue("django_registry")
     from nbankd.registry.http import HttpRegistry
 
@@ -366,9 +367,15 @@ def test_nbank_archive_check_is_clean_after_deposits(daemon_factory: Any, reques
     h.start()
     for i in range(3):
         h.drop(f"chk{i}.wav", os.urandom(100 + i))
-    h.wait_settled(3)
+    h.drop("k.wav", os.urandom(99))
+    h.wait_settled(4)
     h.stop()
     nbank = str(Path(os.sys.executable).with_name("nbank"))
+    env = {**os.environ, "NBANK_REGISTRY": server.url}
+    located = subprocess.run(
+        [nbank, "-r", server.url, "locate", "k"], capture_output=True, text=True, env=env
+    )
+    assert located.stdout.split() == ["k", str(h.archive / "resources" / "k" / "k.wav")], located
     out = subprocess.run(
         [nbank, "-r", server.url, "archive", "check", str(h.archive)],
         capture_output=True,
@@ -378,13 +385,14 @@ def test_nbank_archive_check_is_clean_after_deposits(daemon_factory: Any, reques
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert (
-        "Resources in registry: 3; missing from archive: 0; missing from registry: 0; "
+        "Resources in registry: 4; missing from archive: 0; missing from registry: 0; "
         "read/verify errors: 0; other layout errors: 0; permission errors: 0" in text
     ), text
 
 
 def test_one_character_identifier_is_filed_as_neurobank_does(daemon_factory: Any) -> None:
-    """``a.dat`` is deposited as ``a`` under the stub of its stored name (``a.``)."""
+    """``a.dat`` is deposited as ``a`` under the stub of its identifier (``a/``), where
+    nbank's check and ``resource_path`` look."""
     h = daemon_factory()
     h.start()
     h.drop("a.dat", b"tiny name")
@@ -392,4 +400,4 @@ def test_one_character_identifier_is_filed_as_neurobank_does(daemon_factory: Any
     h.stop()
     [receipt] = h.receipts()
     assert receipt["id"] == "a"
-    assert (h.archive / "resources" / "a." / "a.dat").read_bytes() == b"tiny name"
+    assert (h.archive / "resources" / "a" / "a.dat").read_bytes() == b"tiny name"

@@ -428,7 +428,7 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         )
     journal = Journal(path)
     [item] = journal.unfinished()
-    assert journal.schema_version == SCHEMA_VERSION == 3
+    assert journal.schema_version == SCHEMA_VERSION == 4
     assert (item.token, item.relpath, item.state, item.seen_identity) == (
         "ab",
         b"a.wav",
@@ -436,3 +436,4 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         None,
     )
     assert item.staged_identity is None
+    assert (item.auto_id, item.already) == (False, False)

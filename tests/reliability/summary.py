@@ -27,6 +27,7 @@ SUITES = (
     ("inbox_escapes", "inbox folders swapped for links"),
     ("one_daemon_per_state", "one daemon per state directory"),
     ("control_dos", "control socket denial of service"),
+    ("one-identifier", "two inputs for one identifier"),
 )
 COLUMNS = ("cases", "inputs", "deposited", "rejected", "kills", "faults", "losses", "duplicates")
 

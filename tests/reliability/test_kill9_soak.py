@@ -32,7 +32,7 @@ from reliability.invariants import (
     read_receipts,
 )
 
-DUP_CODES = ("duplicate", "sha1-taken")
+DUP_CODES = ("duplicate",)
 
 
 def _payload(rng: random.Random) -> bytes:

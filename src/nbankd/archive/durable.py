@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,39 @@ class Published:
     created: bool
 
 
-def _check_target(archive: Archive, target: Path) -> None:
-    if target.parent.parent != archive.resources_dir or target.name[:2] != target.parent.name:
-        raise ValueError(f"'{target}' is not a resource path of archive {archive.path}")
+#: publishing checks that no other stored name holds the identifier, then links: the two
+#: happen under this lock, so two workers of one process never file one identifier twice
+_PUBLISH_LOCK = threading.Lock()
+
+
+def _check_target(archive: Archive, target: Path, id: str) -> None:
+    if (
+        target.parent.parent != archive.resources_dir
+        or target.parent.name != id[:2]
+        or not (target.name == id or target.name.startswith(id + "."))
+    ):
+        raise ValueError(f"'{target}' is not a resource path of {id} in archive {archive.path}")
+
+
+def _other_name(archive: Archive, id: str, target: Path) -> Path | None:
+    """An entry stored for ``id`` under another name than ``target``, or None."""
+    for other in archive.stored_entries(id):
+        if other != target:
+            return other
+    return None
+
+
+def _taken_error(
+    archive: Archive, source: Path, other: Path, *, in_place: bool
+) -> errors.StoredUnderOtherName:
+    """The identifier is filed already under another name; a staged copy is discarded."""
+    if not in_place:
+        discard_staged(archive, source)
+    return errors.StoredUnderOtherName(
+        f"archive {archive.path}: the identifier is already stored as '{other}'",
+        hint="one identifier has exactly one stored file; rename the input or use auto_id",
+        stored=str(other),
+    )
 
 
 def _ensure_stub(archive: Archive, stub: Path) -> None:
@@ -233,10 +264,10 @@ def _is_reservation(path: Path) -> bool:
 
 
 def _publish(
-    archive: Archive, source: Path, target: Path, sha1: str | None, *, in_place: bool
+    archive: Archive, source: Path, target: Path, sha1: str | None, *, in_place: bool, id: str
 ) -> Published:
     check_present(archive)
-    _check_target(archive, target)
+    _check_target(archive, target, id)
     try:
         st = os.lstat(source)
     except FileNotFoundError:
@@ -253,19 +284,22 @@ def _publish(
         elif not (is_dir or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"'{source}' is not a staged file or folder")
         _ensure_stub(archive, target.parent)
-        other = archive.stored_path(Path(target.name).stem)
-        if other is not None and other != target:  # same id, another extension
-            raise _conflict(archive, source, other, in_place=in_place)
         if is_dir:
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
-            placed = _place_directory(source, target)
-            if placed:
-                apply_access(archive, target)
         else:
             apply_access(archive, source, at=target)
             _fsync_file(source)  # the new mode and group are durable before the link
-            placed = _link_into_place(archive, source, target)
+        with _PUBLISH_LOCK:
+            other = _other_name(archive, id, target)
+            if other is not None:  # same identifier, another stored name: never a second
+                raise _taken_error(archive, source, other, in_place=in_place)
+            if is_dir:
+                placed = _place_directory(source, target)
+            else:
+                placed = _link_into_place(archive, source, target)
+        if is_dir and placed:
+            apply_access(archive, target)
         if not placed and not _identical(source, target):
             raise _conflict(archive, source, target, in_place=in_place)
         crashpoints.reached("after-publish-link")
@@ -278,6 +312,50 @@ def _publish(
     except OSError as err:
         raise unavailable(archive, err, f"publishing {target}") from err
     return Published(target, created=placed)
+
+
+def refile(archive: Archive, path: Path, id: str) -> Path:
+    """Moves a resource filed in the wrong stub folder (``path``) to where identifier
+    ``id`` belongs, within ``resources/``, never replacing anything: refused with
+    :class:`~nbankd.errors.StoredUnderOtherName` when the identifier already has an
+    entry there. Both folders are fsynced; the old stub folder is removed if empty."""
+    target = archive.stored_file(id, path.name)
+    if path.parent.parent != archive.resources_dir or path.parent == target.parent:
+        raise ValueError(f"'{path}' is not a misplaced resource of archive {archive.path}")
+    check_present(archive)
+    try:
+        _ensure_stub(archive, target.parent)
+        with _PUBLISH_LOCK:
+            for other in archive.stored_entries(id):
+                if other.parent == target.parent:
+                    raise errors.StoredUnderOtherName(
+                        f"archive {archive.path}: '{path}' cannot move to {target.parent}/: "
+                        f"the identifier is stored there as '{other}'",
+                        hint="compare the two files and remove the one that is not registered",
+                        stored=str(other),
+                    )
+            rename_noreplace(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+        try:
+            os.rmdir(path.parent)
+            fsync_dir(archive.resources_dir)
+        except OSError:
+            pass  # not empty (other resources, or another program's files): kept
+    except NoReplaceUnsupported as err:
+        raise errors.ArchiveUnavailable(
+            f"archive {archive.path}: the filesystem has no no-replace rename to move '{path}'",
+            hint="move it by hand (mv -n) into " + str(target.parent),
+        ) from err
+    except FileExistsError:
+        raise errors.StoredUnderOtherName(
+            f"archive {archive.path}: '{target}' exists already; '{path}' was left where it is",
+            hint="compare the two files and remove the one that is not registered",
+            stored=str(target),
+        ) from None
+    except OSError as err:
+        raise unavailable(archive, err, f"moving {path} to {target}") from err
+    return target
 
 
 def _check_tree(root: Path) -> None:
@@ -296,6 +374,7 @@ def publish(
     target_path: str | os.PathLike[str],
     *,
     sha1: str | None = None,
+    id: str | None = None,
 ) -> Published:
     """Moves a staged file or tree to ``target_path`` under ``resources/``, never replacing.
 
@@ -303,9 +382,15 @@ def publish(
     the staged copy is gone and ``sha1`` matches the target) the result has
     ``created=False``. A different resource at the target raises ResourceExists
     naming both paths; the staged copy is then discarded. On transient errors the
-    staged copy is kept for a retry (:func:`discard_staged` removes it).
+    staged copy is kept for a retry (:func:`discard_staged` removes it). ``id`` is the
+    resource's identifier (default: the stored name without its extension); when it is
+    already stored under another name, :class:`~nbankd.errors.StoredUnderOtherName`
+    names that file: one identifier never has two stored files.
     """
-    return _publish(archive, Path(staged_path), Path(target_path), sha1, in_place=False)
+    target = Path(target_path)
+    return _publish(
+        archive, Path(staged_path), target, sha1, in_place=False, id=id or _id_of(target)
+    )
 
 
 def publish_in_place(
@@ -314,6 +399,7 @@ def publish_in_place(
     target_path: str | os.PathLike[str],
     *,
     sha1: str | None = None,
+    id: str | None = None,
 ) -> Published:
     """Publishes a file or folder already on the archive's filesystem, then removes its name.
 
@@ -325,7 +411,13 @@ def publish_in_place(
     Files not owned by the service user keep their owner (check reports it) and may
     fail with ArchiveUnavailable (EPERM) when their mode cannot be set.
     """
-    return _publish(archive, Path(src_path), Path(target_path), sha1, in_place=True)
+    target = Path(target_path)
+    return _publish(archive, Path(src_path), target, sha1, in_place=True, id=id or _id_of(target))
+
+
+def _id_of(target: Path) -> str:
+    """The identifier of a stored name: before its first dot (identifiers have none)."""
+    return target.name.split(".", 1)[0] if not target.name.startswith(".") else target.name
 
 
 __all__ = [
@@ -338,6 +430,7 @@ __all__ = [
     "list_staged",
     "publish",
     "publish_in_place",
+    "refile",
     "sha1_from_storage",
     "stage_copy",
     "stage_copy_tree",

@@ -119,6 +119,19 @@ class Anomaly:
 Lister = Callable[[Path], Iterable[tuple[str, str]]]
 
 
+def candidate_stubs(id: str) -> tuple[str, ...]:
+    """The stub folders a resource ``id`` may be found in: ``id[:2]``, where it belongs
+    (as ``nbank``'s check and ``resource_path`` look), and for a one-character
+    identifier also ``id + "."``, where nbank 0.13's deposit files ``a.json``."""
+    return (id[:2],) if len(id) > 1 else (id, id + ".")
+
+
+def stored_file(archive_path: Path, id: str, stored_name: str) -> Path:
+    """``archive_path/resources/<id[:2]>/<stored_name>``: a resource filed by its
+    identifier (the one home of this rule for deposits, receipts and explanations)."""
+    return archive_path / RESOURCES_NAME / id[:2] / stored_name
+
+
 def _entry_kind(entry: os.DirEntry[str]) -> str:
     if entry.is_symlink():
         return "link"
@@ -196,6 +209,11 @@ class Archive:
             name += ext if ext.startswith(".") else f".{ext}"
         return self.resources_dir / id[:2] / name
 
+    def stored_file(self, id: str, stored_name: str) -> Path:
+        """Where the resource ``id`` stored as ``stored_name`` is filed: the stub is the
+        identifier's first two characters (``a.json`` of identifier ``a`` is in ``a/``)."""
+        return stored_file(self.path, id, stored_name)
+
     def new_resource_path(self, id: str, source_name: str) -> Path:
         """Returns where a new resource goes: with the source's suffix if extensions are kept."""
         suffix = Path(source_name).suffix if self.policy.keep_extensions else ""
@@ -204,27 +222,38 @@ class Archive:
     def stored_path(self, id: str, *, lister: Lister | None = None) -> Path | None:
         """Returns the entry stored for ``id`` whatever its extension, or None.
 
+        The first of :meth:`stored_entries`: where the identifier files it before the
+        other stub a one-character identifier may have been filed under.
+        """
+        found = self.stored_entries(id, lister=lister)
+        return found[0] if found else None
+
+    def stored_entries(self, id: str, *, lister: Lister | None = None) -> list[Path]:
+        """Every entry stored for ``id`` whatever its extension, in both stub folders
+        it can be in (:func:`candidate_stubs`), the proper one first.
+
         Any directory entry counts, including symbolic links and directories, so a
-        caller that finds None may publish without replacing anything. ``lister``
-        lists the stub folder (default: ``os.listdir``; audits list without touching
+        caller that finds none may publish without replacing anything. ``lister``
+        lists a stub folder (default: ``os.listdir``; audits list without touching
         the folder's atime).
         """
-        exact = self.resource_path(id)
-        try:
-            if lister is None:
-                names = sorted(os.listdir(exact.parent))
-            else:
-                names = sorted(name for name, _kind in lister(exact.parent))
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise unavailable(self, err, f"listing {exact.parent}") from err
-        if exact.name in names:
-            return exact
-        for name in names:
-            if name.startswith(id + "."):
-                return exact.parent / name
-        return None
+        exact = self.resource_path(id)  # validates the identifier
+        found: list[Path] = []
+        for stub_name in candidate_stubs(id):
+            stub = self.resources_dir / stub_name
+            try:
+                if lister is None:
+                    names = sorted(os.listdir(stub))
+                else:
+                    names = sorted(name for name, _kind in lister(stub))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as err:
+                raise unavailable(self, err, f"listing {stub}") from err
+            if exact.name in names:
+                found.append(stub / exact.name)
+            found += [stub / n for n in names if n.startswith(id + ".")]
+        return found
 
     def iter_resources(
         self,

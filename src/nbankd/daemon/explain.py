@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from nbankd.archive.layout import stored_file
 from nbankd.config import InboxConfig
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
@@ -169,7 +170,7 @@ def _item_facts(item: Item, now: float) -> dict[str, Any]:
 def _deposited(item: Item) -> dict[str, Any]:
     stored = None
     if item.name and item.target_name:
-        stored = str(Path(item.archive_path, "resources", item.name[:2], item.target_name))
+        stored = str(stored_file(Path(item.archive_path), item.name, item.target_name))
     return {
         "id": item.name,
         "url": item.url,

@@ -21,7 +21,7 @@ from nbankd import errors
 from nbankd.deposit import crashpoints
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     # 0 -> 1: the first schema
@@ -68,6 +68,12 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     1: ("ALTER TABLE items ADD COLUMN seen_identity TEXT",),
     # 2 -> 3: the staged copy's name and identity, as the process that wrote it saw it
     2: ("ALTER TABLE items ADD COLUMN staged_identity TEXT",),
+    # 3 -> 4: whether the identifier was chosen automatically (a taken one is replaced),
+    # and whether the input was found already deposited (same identifier, bytes, name)
+    3: (
+        "ALTER TABLE items ADD COLUMN auto_id INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN already INTEGER NOT NULL DEFAULT 0",
+    ),
 }
 
 
@@ -106,6 +112,8 @@ class Item:
     finished: float | None = None
     seen_identity: str | None = None  # JSON {"dev", "ino"} of the entry the scan saw
     staged_identity: str | None = None  # JSON {"name", "dev", "ino", "size", "mtime_ns"}
+    auto_id: bool = False  # the identifier was chosen automatically: replaced when taken
+    already: bool = False  # stored and registered already with these bytes and name
 
     @property
     def progress(self) -> Progress:
@@ -153,7 +161,8 @@ class Item:
 def _row_to_item(row: sqlite3.Row) -> Item:
     d = dict(row)
     d["state"] = State(d["state"])
-    d["verify"] = bool(d["verify"])
+    for key in ("verify", "auto_id", "already"):
+        d[key] = bool(d[key])
     return Item(**d)
 
 
@@ -240,7 +249,8 @@ class Journal:
         """Writes every field of ``item`` back, durably; returns it."""
         d = asdict(item)
         d["state"] = str(item.state)
-        d["verify"] = int(item.verify)
+        for key in ("verify", "auto_id", "already"):
+            d[key] = int(d[key])
         item_id = d.pop("id")
         sets = ", ".join(f"{k} = ?" for k in d)
         with self._lock:

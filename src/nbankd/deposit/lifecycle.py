@@ -15,6 +15,8 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
     any step --permanent failure--> REJECTING --reject--> REJECTED
     stage/verify --input changed--> RETURNING --put_back--> RETURNED
     publish/verify --staged copy lost or bad--> CLAIMED (stage again)
+    lookup/register --automatic identifier taken--> STAGED (new identifier, look up again)
+    lookup/publish --same bytes stored under another name--> REJECTING (even if registered)
     CLAIMING --claim finds the source gone--> CANCELLED
 
 Nothing here does I/O or reads the clock: time is an argument, outcomes are
@@ -116,7 +118,8 @@ class Progress:
 class Outcome:
     """The result of running a step, as a value."""
 
-    kind: str  # "ok", "transient", "permanent", "changed", "gone", "restage"
+    # "ok", "transient", "permanent", "changed", "gone", "restage", "renamed", "superseded"
+    kind: str
     code: str = ""
     message: str = ""
     hint: str = ""
@@ -159,6 +162,19 @@ def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
             error_code="restage",
             error_message=outcome.message,
             registered=registered,
+        )
+    if outcome.kind == "renamed":
+        # an automatic identifier found taken before registering: the step journals a
+        # new one and the lookup runs again for it
+        if registered or step not in (Step.LOOKUP, Step.REGISTER):
+            return _retry(p, outcome, now)
+        return Progress(State.STAGED, error_code=outcome.code, error_message=outcome.message)
+    if outcome.kind == "superseded":
+        # the identifier's record is served by a stored copy of the same bytes under
+        # another name (read back and compared): this input is a duplicate even if the
+        # registry answered that the record was ours
+        return Progress(
+            State.REJECTING, error_code=outcome.code or "duplicate", error_message=outcome.message
         )
     if outcome.kind == "gone":
         # only claiming may find its input gone: someone else took or removed it

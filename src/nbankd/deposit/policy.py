@@ -7,6 +7,7 @@ except through the ``token`` a caller passes in. Tested by tables in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import stat
@@ -59,6 +60,7 @@ class Plan:
     dtype: str
     metadata_json: str  # canonical JSON of the merged metadata
     target_name: str  # file name under resources/<stub>/
+    auto: bool = False  # the identifier was chosen automatically
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -187,6 +189,13 @@ def auto_identifier(token: bytes, id_type: str | None) -> str:
     return "".join(chars)
 
 
+def replacement_identifier(token: bytes, taken: str, id_type: str | None) -> str:
+    """A new automatic identifier for an input whose automatic identifier ``taken``
+    turned out to be in use: derived from the token and the taken name, so each
+    replacement differs and is journaled before it is used."""
+    return auto_identifier(hashlib.sha256(token + taken.encode()).digest(), id_type)
+
+
 def identifier_stem(basename: str) -> str:
     """The identifier a file name gives: the name without its (last) extension.
 
@@ -237,6 +246,7 @@ def plan(
     Raises PolicyError with the rejection code when the input cannot be deposited.
     """
     basename = PurePosixPath(relpath).name
+    auto = False
     if is_dir and not rules.allow_directories:
         raise PolicyError(
             "directory-not-allowed",
@@ -247,6 +257,7 @@ def plan(
         name = check_identifier(sidecar.id, origin="sidecar id")
     elif rules.auto_id:
         name = auto_identifier(token, rules.auto_id_type)
+        auto = True
     else:
         stem = basename if is_dir else identifier_stem(basename)
         name = check_identifier(stem, origin="file name")
@@ -258,6 +269,7 @@ def plan(
         dtype=dtype,
         metadata_json=json.dumps(metadata, sort_keys=True, default=str),
         target_name=stored,
+        auto=auto,
     )
 
 

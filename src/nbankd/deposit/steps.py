@@ -26,11 +26,11 @@ import structlog
 
 from nbankd import errors
 from nbankd.archive import durable, fsops, layout
-from nbankd.deposit import crashpoints, inboxfs, policy, receipts, rejection
+from nbankd.deposit import crashpoints, inboxfs, policy, receipts, rejection, verdicts
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.spec import InboxSpec
-from nbankd.hashing import SourceReadError, sha1_stream
+from nbankd.hashing import SourceReadError, hash_path, sha1_stream
 from nbankd.registry.base import Registry
 from nbankd.watch.scan import identity_of_path, tree_identity
 
@@ -215,9 +215,8 @@ class Steps:
 
     def _target(self, archive: layout.Archive, item: Item) -> Path:
         assert item.name is not None and item.target_name is not None
-        # the stub is the first two characters of the stored name, as neurobank files it
-        # (for a one-character identifier "a" with ".dat", that is "a.")
-        return archive.resources_dir / item.target_name[:2] / item.target_name
+        # filed by the identifier: "a.json" of identifier "a" goes to resources/a/
+        return archive.stored_file(item.name, item.target_name)
 
     # -- the steps ---------------------------------------------------------------
 
@@ -351,6 +350,7 @@ class Steps:
             dtype=plan.dtype,
             metadata_json=plan.metadata_json,
             target_name=plan.target_name,
+            auto_id=plan.auto,
         )
         crashpoints.reached("after-claim")
         return item, Outcome.ok()
@@ -424,38 +424,71 @@ class Steps:
     def lookup(self, item: Item) -> StepResult:
         spec = self._spec(item)
         archive = self._archive(spec)
-        assert item.name and item.sha1
-        for record in self.registry.search(sha1=item.sha1):
-            if record.name != item.name:
-                return item, Outcome(
-                    "permanent",
-                    "duplicate",
-                    f"the same content is already registered as {record.name}",
-                    f"nothing to deposit: see 'nbankctl locate {record.name}'; "
-                    "delete this copy once you have checked it",
-                )
-        existing = self.registry.get_resource(item.name)
-        if existing is not None and (existing.sha1 or "").lower() != item.sha1:
-            return item, Outcome(
-                "permanent",
-                "name-taken",
-                f"identifier {item.name} is already registered for other content",
-                "rename the file, give an 'id' in a sidecar, or use auto_id",
+        assert item.name and item.sha1 and item.target_name
+        record = self.registry.get_resource(item.name)
+        facts = verdicts.Facts(
+            name=item.name,
+            sha1=item.sha1,
+            stored_name=item.target_name,
+            auto=item.auto_id,
+            registered=item.progress.registered,
+            holders=tuple(r.name for r in self.registry.search(sha1=item.sha1)),
+            has_record=record is not None,
+            record_sha1=(record.sha1 or "").lower() if record is not None else None,
+            stored=tuple(str(p) for p in archive.stored_entries(item.name)),
+        )
+        if verdicts.needs_stored_sha1(facts):
+            facts = replace(facts, stored_sha1=self._stored_sha1(Path(facts.stored[0])))
+        item, outcome = self._act(item, verdicts.at_lookup(facts))
+        if outcome.kind == "ok":
+            crashpoints.reached("after-lookup")
+        return item, outcome
+
+    def _stored_sha1(self, path: Path) -> str:
+        """The SHA-1 of a stored file or folder, read back from storage."""
+        if path.is_symlink():
+            return "(a symbolic link)"
+        if path.is_dir():
+            return hash_path(path)
+        return durable.sha1_from_storage(path, throttle=self._progress)
+
+    def _act(self, item: Item, verdict: verdicts.Verdict) -> StepResult:
+        """The outcome of a verdict on the item's identifier (a replaced automatic
+        identifier is journaled with the outcome that sends it to lookup again)."""
+        kind = verdict.kind
+        if kind is verdicts.Kind.PROCEED:
+            return item, Outcome.ok()
+        if kind is verdicts.Kind.ALREADY:
+            log.info("already deposited", item=item.token, resource_id=item.name)
+            return replace(item, already=True), Outcome.ok()
+        if kind is verdicts.Kind.RENAME:
+            assert item.name and item.target_name
+            spec = self._spec(item)
+            archive = self._archive(spec)
+            name = policy.replacement_identifier(
+                item.token_bytes, item.name, archive.policy.auto_id_type
             )
-        stored = archive.stored_path(item.name)
-        if stored is not None and existing is None:
-            return item, Outcome(
-                "permanent",
-                "stored-elsewhere",
-                f"{stored} is already in the archive but not registered",
-                "run an audit; rename the file or use auto_id",
+            suffix = item.target_name[len(item.name) :]
+            log.warning(
+                "automatic identifier taken; replaced",
+                item=item.token,
+                taken=item.name,
+                resource_id=name,
+                reason=verdict.message,
             )
-        crashpoints.reached("after-lookup")
-        return item, Outcome.ok()
+            item = replace(item, name=name, target_name=name + suffix)
+            return item, Outcome("renamed", verdict.code, f"{verdict.message}; now {name}")
+        kind_name = "superseded" if kind is verdicts.Kind.SUPERSEDED else "permanent"
+        return item, Outcome(kind_name, verdict.code, verdict.message, verdict.hint)
 
     def register(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        assert item.name and item.dtype and item.sha1
+        assert item.name and item.dtype and item.sha1 and item.target_name
+        if item.already:  # the record is there: only this archive's location may be new
+            record = self.registry.get_resource(item.name)
+            if record is not None and spec.archive_name not in record.locations:
+                self.registry.add_location(item.name, spec.archive_name)
+            return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
         try:
             self.registry.add_resource(
                 dtype=item.dtype,
@@ -465,11 +498,25 @@ class Steps:
                 metadata=json.loads(item.metadata_json or "{}"),
             )
             crashpoints.reached("after-register-request")
-        except (errors.NameTaken, errors.Sha1Taken) as err:
-            # ours already, if an earlier attempt's answer was lost
+        except (errors.NameTaken, errors.Sha1Taken):
+            # ours already if an earlier attempt's answer was lost; else whose it is
             record = self.registry.get_resource(item.name)
-            if record is None or (record.sha1 or "").lower() != item.sha1:
-                return item, _outcome_for(err)
+            facts = verdicts.Facts(
+                name=item.name,
+                sha1=item.sha1,
+                stored_name=item.target_name,
+                auto=item.auto_id,
+                registered=item.progress.registered,
+                has_record=record is not None,
+                record_sha1=(record.sha1 or "").lower() if record is not None else None,
+            )
+            if record is None:
+                holders = tuple(r.name for r in self.registry.search(sha1=item.sha1))
+                facts = replace(facts, holders=holders)
+            item, outcome = self._act(item, verdicts.at_register(facts))
+            if outcome.kind != "ok":
+                return item, outcome
+            assert record is not None
             if spec.archive_name not in record.locations:
                 self.registry.add_location(item.name, spec.archive_name)
         item = replace(item, url=self.registry.resource_url(item.name))
@@ -479,11 +526,29 @@ class Steps:
     def publish(self, item: Item) -> StepResult:
         spec = self._spec(item)
         archive = self._archive(spec)
+        if item.already:  # nothing to store: the stored copy was read back at lookup
+            self._discard_staged(spec, item)
+            return item, Outcome.ok()
+        try:
+            return self._publish(spec, archive, item)
+        except errors.StoredUnderOtherName as err:
+            assert item.name and item.sha1 and item.target_name
+            facts = verdicts.Facts(
+                name=item.name,
+                sha1=item.sha1,
+                stored_name=item.target_name,
+                registered=item.progress.registered,
+                stored=(err.stored,),
+                stored_sha1=self._stored_sha1(Path(err.stored)),
+            )
+            return self._act(item, verdicts.at_publish(facts))
+
+    def _publish(self, spec: InboxSpec, archive: layout.Archive, item: Item) -> StepResult:
         target = self._target(archive, item)
         if spec.placement == "rename":
             with spec.open_fs() as fs:
                 work = fs.at(fs.work, item.token)
-                durable.publish_in_place(archive, work, target, sha1=item.sha1)
+                durable.publish_in_place(archive, work, target, sha1=item.sha1, id=item.name)
         else:
             staged = archive.staging_dir / self.staged_name(item)
             if not os.path.lexists(staged) and not os.path.lexists(target):
@@ -508,13 +573,13 @@ class Steps:
                         f"the staged copy of {item.relpath_str!r}, read back from storage, "
                         "does not match its SHA-1; copying again",
                     )
-            durable.publish(archive, staged, target, sha1=item.sha1)
+            durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
         crashpoints.reached("after-publish")
         return item, Outcome.ok()
 
     def verify(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        if spec.verify:
+        if spec.verify and not item.already:  # an already-deposited copy was read at lookup
             archive = self._archive(spec)
             target = self._target(archive, item)
             assert item.sha1
@@ -546,10 +611,9 @@ class Steps:
             "size": item.size,
             "dtype": item.dtype,
             "archive": spec.archive_name,
-            "archive_path": str(
-                archive_path / "resources" / item.target_name[:2] / item.target_name
-            ),
+            "archive_path": str(layout.stored_file(archive_path, item.name, item.target_name)),
             "time": _iso(now),
+            "outcome": "already-deposited" if item.already else "deposited",
         }
         receipts.append_receipt(self.receipts_dir, spec.key, receipt)
         crashpoints.reached("after-receipt-append")
@@ -662,8 +726,12 @@ class Steps:
             if item.state is State.RECORDED:
                 crashpoints.reached("after-record")
             _log_transition(item, step, outcome)
-            if not until_blocked or outcome.kind not in ("ok", "permanent", "changed", "restage"):
+            if not until_blocked or outcome.kind not in _KEEP_GOING:
                 return item
+
+
+#: outcomes after which a worker goes on with the item's next step at once
+_KEEP_GOING = frozenset({"ok", "permanent", "changed", "restage", "renamed", "superseded"})
 
 
 def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:

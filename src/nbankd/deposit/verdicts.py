@@ -1,0 +1,183 @@
+"""What an input's identifier may become, decided from facts: pure, tested by tables.
+
+Two inputs may meet one identifier: the same file dropped twice, ``b.wav`` and
+``b.bin`` with the same bytes, another file with the same name, a lost registry
+answer. The rule (SPEC, guarantee 3) is the same on every path that can find it
+(lookup, register, publish):
+
+- same identifier, bytes and stored name: an idempotent success marked
+  ``already-deposited`` (once the stored copy has been read back and matches);
+- same identifier and bytes under another stored name: ``duplicate``, naming the
+  stored file; same identifier and other bytes: ``name-taken``, naming the record
+  or the stored file;
+- another identifier with the same bytes: ``duplicate``, naming that identifier;
+- an automatic identifier found taken is replaced by a new one, never rejected;
+- exactly one stored file per identifier.
+
+The steps gather :class:`Facts` (registry answers, stored entries, the SHA-1 of a
+stored copy when one has to be compared) and act on the :class:`Verdict`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Kind(enum.StrEnum):
+    PROCEED = "proceed"  # deposit it
+    ALREADY = "already"  # stored and registered already with these bytes and name
+    RENAME = "rename"  # an automatic identifier that is taken: choose another
+    REJECT = "reject"  # the input cannot take this identifier
+    SUPERSEDED = "superseded"  # rejected although registered: a stored copy serves the record
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the registry and the archive say about an input's identifier."""
+
+    name: str
+    sha1: str
+    stored_name: str  # the name the input would be stored under
+    auto: bool = False  # the identifier was chosen automatically
+    registered: bool = False  # the registry may hold this input's own record
+    holders: tuple[str, ...] = ()  # identifiers of the records with this SHA-1
+    record_sha1: str | None = None  # the SHA-1 of the record named ``name``
+    has_record: bool = False  # a record named ``name`` exists
+    stored: tuple[str, ...] = ()  # paths of the entries stored for ``name``
+    stored_sha1: str | None = None  # SHA-1 of ``stored[0]`` when it was read
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: Kind
+    code: str = ""
+    message: str = ""
+    hint: str = ""
+
+
+PROCEED = Verdict(Kind.PROCEED)
+_CHECK = "see 'nbankctl locate {name}'; delete this copy once you have checked it"
+_RENAME = "rename the file, give an 'id' in a sidecar, or use auto_id"
+
+
+def needs_stored_sha1(f: Facts) -> bool:
+    """True when the verdict depends on the bytes of the stored entry ``stored[0]``:
+    the registry holds this identifier with these bytes and a file is stored for it."""
+    return bool(f.stored) and f.has_record and f.record_sha1 == f.sha1
+
+
+def at_lookup(f: Facts) -> Verdict:
+    """Before registering: may the input be deposited under its identifier?"""
+    others = [h for h in f.holders if h != f.name]
+    if others and not f.registered:
+        return Verdict(
+            Kind.REJECT,
+            "duplicate",
+            f"the same content is already registered as {others[0]}",
+            "nothing to deposit: " + _CHECK.format(name=others[0]),
+        )
+    if f.has_record and f.record_sha1 != f.sha1:
+        if f.auto and not f.registered:
+            return Verdict(Kind.RENAME, "auto-id-taken", f"identifier {f.name} is taken")
+        where = f" (stored as {f.stored[0]})" if f.stored else ""
+        return Verdict(
+            Kind.REJECT,
+            "name-taken",
+            f"identifier {f.name} is already registered for other content{where}",
+            _RENAME,
+        )
+    if f.stored:
+        return _stored(f)
+    return PROCEED
+
+
+def _stored(f: Facts) -> Verdict:
+    """An entry is stored for the identifier: judged by the record and its bytes."""
+    stored = f.stored[0]
+    if not f.has_record:
+        if f.auto and not f.registered:
+            return Verdict(Kind.RENAME, "auto-id-taken", f"{stored} is in the archive")
+        return Verdict(
+            Kind.REJECT,
+            "stored-elsewhere",
+            f"{stored} is already in the archive but not registered",
+            "run nbankctl audit; " + _RENAME,
+        )
+    if f.stored_sha1 != f.sha1:
+        # the registry has these bytes under this identifier, the archive other bytes:
+        # the stored copy is damaged or replaced, and this input may be the good copy
+        return Verdict(
+            Kind.REJECT,
+            "stored-damaged",
+            f"identifier {f.name} is registered with this content, but {stored} holds "
+            f"other bytes (sha1 {f.stored_sha1})",
+            "the stored copy is damaged: run nbankctl audit; this input is a good copy, "
+            "kept in the rejected folder",
+        )
+    if stored.rsplit("/", 1)[-1] == f.stored_name:
+        return Verdict(Kind.ALREADY, "already-deposited", f"already stored as {stored}")
+    return Verdict(
+        Kind.SUPERSEDED if f.registered else Kind.REJECT,
+        "duplicate",
+        f"identifier {f.name} is already stored with the same content as {stored}",
+        "nothing to deposit: " + _CHECK.format(name=f.name),
+    )
+
+
+def at_register(f: Facts) -> Verdict:
+    """The registry refused the record (name or SHA-1 taken): ours already, or not?
+
+    ``has_record``/``record_sha1`` describe the record named ``name`` after the
+    refusal, ``holders`` the records with the input's SHA-1.
+    """
+    if f.has_record and f.record_sha1 == f.sha1:
+        return PROCEED  # ours, from an earlier attempt whose answer was lost
+    if f.has_record:
+        if f.auto and not f.registered:
+            return Verdict(Kind.RENAME, "auto-id-taken", f"identifier {f.name} is taken")
+        return Verdict(
+            Kind.REJECT,
+            "name-taken",
+            f"identifier {f.name} is already registered for other content",
+            _RENAME,
+        )
+    others = [h for h in f.holders if h != f.name]
+    holder = others[0] if others else "another identifier"
+    return Verdict(
+        Kind.REJECT,
+        "duplicate",
+        f"the same content is already registered as {holder}",
+        "nothing to deposit: " + _CHECK.format(name=holder),
+    )
+
+
+def at_publish(f: Facts) -> Verdict:
+    """Publishing found ``stored[0]`` already filed for the identifier under another
+    name; ``stored_sha1`` is its SHA-1."""
+    stored = f.stored[0]
+    if f.stored_sha1 == f.sha1:
+        return Verdict(
+            Kind.SUPERSEDED if f.registered else Kind.REJECT,
+            "duplicate",
+            f"identifier {f.name} is already stored with the same content as {stored}",
+            "nothing to deposit: " + _CHECK.format(name=f.name),
+        )
+    return Verdict(
+        Kind.REJECT,
+        "name-taken",
+        f"identifier {f.name} is already stored as {stored} with other content",
+        "run nbankctl audit" if f.registered else _RENAME,
+    )
+
+
+__all__ = [
+    "PROCEED",
+    "Facts",
+    "Kind",
+    "Verdict",
+    "at_lookup",
+    "at_publish",
+    "at_register",
+    "needs_stored_sha1",
+]

@@ -1,0 +1,272 @@
+"""Two inputs for one identifier, driven step by step (hostile round D).
+
+The deposit steps run directly against a temporary archive, an embedded registry and
+a journal, so each interleaving of two inputs is exact: both looked up before either
+registers, a collision injected between two steps, a re-drop after a deposit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from nbankd.archive import layout
+from nbankd.deposit import inboxfs
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import State, Step, advance
+from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
+from nbankd.deposit.steps import Steps
+from nbankd.registry.base import Registry
+from nbankd.registry.factory import open_registry
+
+
+@dataclass
+class Env:
+    root: Path
+    inbox: Path
+    archive: layout.Archive
+    registry: Registry
+    journal: Journal
+    spec: InboxSpec
+    steps: Steps
+
+    def drop(self, name: str, data: bytes) -> Item:
+        """Writes ``name`` into the inbox and journals its intent, as a scan would."""
+        path = self.inbox / name
+        path.write_bytes(data)
+        st = os.lstat(path)
+        return self.journal.add(
+            token=secrets.token_hex(16),
+            inbox=self.spec.key,
+            relpath=os.fsencode(name),
+            kind="file",
+            archive=self.spec.archive_name,
+            archive_path=str(self.archive.path),
+            placement="copy",
+            verify=1,
+            seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
+            created=0.0,
+            updated=0.0,
+        )
+
+    def step(self, item: Item, step: Step) -> Item:
+        """Runs one step and journals the item's progress as the daemon does."""
+        item, outcome = self.steps.run(item, step)
+        progress = advance(item.progress, step, outcome, 0.0)
+        if progress.state is State.REJECTING:
+            reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
+            item = replace(item, reason_json=json.dumps(reason))
+        return self.journal.save(item.with_progress(progress))
+
+    def until(self, item: Item, state: State) -> Item:
+        """Runs steps until ``item`` reaches ``state`` (or a final state)."""
+        from nbankd.deposit.lifecycle import FINAL, next_step
+
+        for _ in range(40):  # a deposit takes at most a dozen steps; more is a loop
+            if item.state is state or item.state in FINAL:
+                return item
+            step = next_step(item.progress, float("inf"))
+            assert step is not None, item
+            item = self.step(item, step)
+        raise AssertionError(
+            f"no end in sight: {item.state} {item.error_code} {item.error_message}"
+        )
+
+    def stored(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.archive.resources_dir))
+            for p in self.archive.resources_dir.rglob("*")
+            if p.is_file()
+        )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    db = tmp_path / "registry.sqlite3"
+    registry = open_registry("embedded", embedded_db=db)
+    archive = layout.create_archive(tmp_path / "arch", registry.url)
+    registry.add_datatype("test-file")
+    registry.add_archive("arch", "neurobank", str(archive.path))
+    work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
+    spec = InboxSpec(
+        key=str(inbox),
+        path=inbox,
+        rejected_dir=inbox / "rejected",
+        archive_name="arch",
+        archive_path=archive.path,
+        dtype="test-file",
+        work_id=work_id,
+        rejected_id=rejected_id,
+    )
+    journal = Journal(tmp_path / "journal.sqlite3")
+    steps = Steps(
+        journal=journal,
+        registry=registry,
+        inboxes=lambda key: spec if key == spec.key else None,
+        receipts_dir=tmp_path / "receipts",
+    )
+    yield Env(tmp_path, inbox, archive, registry, journal, spec, steps)
+    journal.close()
+    registry.close()
+
+
+def _reason(item: Item) -> dict[str, str]:
+    return json.loads(item.reason_json or "{}")
+
+
+def test_same_bytes_two_extensions_in_one_burst_give_one_file(env: Env) -> None:
+    """b.wav and b.bin with the same bytes, both looked up before either registers:
+    one record, one file in resources/b/, the other rejected duplicate naming it."""
+    data = os.urandom(4096)
+    wav, bin_ = env.drop("b.wav", data), env.drop("b.bin", data)
+    wav, bin_ = env.until(wav, State.CHECKED), env.until(bin_, State.CHECKED)
+    wav, bin_ = env.until(wav, State.DONE), env.until(bin_, State.REJECTED)
+    assert env.stored() == ["b/b.wav"]
+    assert [r.name for r in env.registry.search(sha1=hashlib.sha1(data).hexdigest())] == ["b"]
+    reason = _reason(bin_)
+    assert reason["code"] == "duplicate"
+    assert str(env.archive.resources_dir / "b" / "b.wav") in reason["message"]
+    assert (env.inbox / "rejected" / "b.bin").read_bytes() == data
+
+
+def test_same_bytes_other_extension_later_is_rejected_naming_the_file(env: Env) -> None:
+    """After b.wav is deposited, b.bin with the same bytes is rejected duplicate at
+    lookup, naming resources/b/b.wav (no publish/restage loop)."""
+    data = os.urandom(4096)
+    env.until(env.drop("b.wav", data), State.DONE)
+    item = env.until(env.drop("b.bin", data), State.REJECTED)
+    reason = _reason(item)
+    assert reason["code"] == "duplicate"
+    assert str(env.archive.resources_dir / "b" / "b.wav") in reason["message"]
+    assert item.url is None and env.stored() == ["b/b.wav"]
+
+
+def test_same_identifier_other_bytes_is_name_taken(env: Env) -> None:
+    """rec.wav deposited, then another rec.wav with other bytes: name-taken."""
+    env.until(env.drop("rec.wav", b"first take"), State.DONE)
+    item = env.until(env.drop("rec.wav", b"second take"), State.REJECTED)
+    assert _reason(item)["code"] == "name-taken"
+    assert env.stored() == ["re/rec.wav"]
+    assert (env.archive.resources_dir / "re" / "rec.wav").read_bytes() == b"first take"
+
+
+def test_another_identifier_same_bytes_is_duplicate_at_lookup(env: Env) -> None:
+    """x.wav deposited; y.wav with the same bytes is rejected duplicate naming x."""
+    env.until(env.drop("x.wav", b"same bytes"), State.DONE)
+    reason = _reason(env.until(env.drop("y.wav", b"same bytes"), State.REJECTED))
+    assert reason["code"] == "duplicate" and "registered as x" in reason["message"]
+
+
+def test_another_identifier_same_bytes_at_register_is_duplicate(env: Env) -> None:
+    """x.wav and y.wav with the same bytes, both looked up first: the loser's refusal
+    by the registry (SHA-1 taken) is reported as duplicate naming x, never sha1-taken."""
+    x, y = env.drop("x.wav", b"same bytes"), env.drop("y.wav", b"same bytes")
+    x, y = env.until(x, State.CHECKED), env.until(y, State.CHECKED)
+    env.until(x, State.DONE)
+    reason = _reason(env.until(y, State.REJECTED))
+    assert reason["code"] == "duplicate" and "registered as x" in reason["message"]
+
+
+def test_redrop_of_same_name_and_bytes_is_already_deposited(env: Env) -> None:
+    """The same file dropped again: no new record or file, the input removed, and a
+    receipt marked already-deposited naming the record."""
+    data = os.urandom(2048)
+    env.until(env.drop("take.dat", data), State.DONE)
+    item = env.until(env.drop("take.dat", data), State.DONE)
+    assert item.already
+    assert env.stored() == ["ta/take.dat"]
+    assert not (env.inbox / "take.dat").exists()
+    assert not list((env.inbox / WORK_DIR_NAME).iterdir())
+    receipts = [
+        json.loads(line)
+        for line in next((env.root / "receipts").glob("*.jsonl")).read_text().splitlines()
+    ]
+    assert [r["outcome"] for r in receipts] == ["deposited", "already-deposited"]
+    assert receipts[1]["id"] == "take" and receipts[1]["url"] == receipts[0]["url"]
+
+
+def test_redrop_over_a_damaged_stored_copy_is_kept(env: Env) -> None:
+    """Re-dropped over a stored copy whose bytes no longer match the record: the input
+    is rejected stored-damaged (kept as the good copy), never removed as a success."""
+    env.until(env.drop("keep.dat", b"good bytes"), State.DONE)
+    stored = env.archive.resources_dir / "ke" / "keep.dat"
+    stored.chmod(0o644)
+    stored.write_bytes(b"bad! bytes")
+    item = env.until(env.drop("keep.dat", b"good bytes"), State.REJECTED)
+    assert _reason(item)["code"] == "stored-damaged"
+    assert (env.inbox / "rejected" / "keep.dat").read_bytes() == b"good bytes"
+
+
+def test_one_character_identifier_is_filed_under_its_identifier(env: Env) -> None:
+    """a.json is stored in resources/a/ (where nbank looks), not resources/a./."""
+    env.until(env.drop("a.json", b"{}\n"), State.DONE)
+    assert env.stored() == ["a/a.json"]
+    assert env.archive.stored_path("a") == env.archive.resources_dir / "a" / "a.json"
+
+
+def test_one_character_identifier_checks_the_other_stub(env: Env) -> None:
+    """A copy nbank 0.13 filed in resources/a./ holds the identifier: a.dat with other
+    bytes is name-taken, never a second file in resources/a/."""
+    env.until(env.drop("a.dat", b"one"), State.DONE)
+    legacy = env.archive.resources_dir / "a."
+    legacy.mkdir()
+    os.rename(env.archive.resources_dir / "a" / "a.dat", legacy / "a.dat")
+    item = env.until(env.drop("a.bin", b"one"), State.REJECTED)
+    assert _reason(item)["code"] == "duplicate"
+    assert str(legacy / "a.dat") in _reason(item)["message"]
+    assert env.stored() == ["a./a.dat"]
+
+
+def _auto_env(env: Env) -> Env:
+    spec = replace(env.spec, auto_id=True)
+    env.spec = spec
+    env.steps.inboxes = lambda key: spec if key == spec.key else None
+    return env
+
+
+def test_taken_automatic_identifier_is_replaced(env: Env) -> None:
+    """An automatic identifier registered by someone else between claim and lookup is
+    replaced by a new journaled one; the input is deposited, never rejected."""
+    env = _auto_env(env)
+    item = env.until(env.drop("auto.wav", b"auto bytes"), State.STAGED)
+    taken = item.name
+    assert taken is not None and item.auto_id
+    env.registry.add_resource(dtype="test-file", archive="arch", name=taken, sha1="0" * 40)
+    item = env.until(item, State.DONE)
+    assert item.name != taken and item.target_name == f"{item.name}.wav"
+    assert env.journal.get(item.id) == item
+    stored = env.archive.stored_file(item.name, item.target_name)
+    assert stored.read_bytes() == b"auto bytes"
+    record = env.registry.get_resource(item.name)
+    assert record is not None and record.sha1 == hashlib.sha1(b"auto bytes").hexdigest()
+
+
+def test_automatic_identifier_stored_unregistered_is_replaced(env: Env) -> None:
+    """An automatic identifier whose name a stray stored file holds is replaced."""
+    env = _auto_env(env)
+    item = env.until(env.drop("auto.wav", b"auto bytes 2"), State.STAGED)
+    assert item.name is not None
+    stray = env.archive.stored_file(item.name, f"{item.name}.dat")
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"stray")
+    done = env.until(item, State.DONE)
+    assert done.name != item.name and stray.read_bytes() == b"stray"
+
+
+def test_automatic_identifier_taken_at_register_is_replaced(env: Env) -> None:
+    """Taken between lookup and register (the registry refuses the name): replaced."""
+    env = _auto_env(env)
+    item = env.until(env.drop("auto.wav", b"auto bytes 3"), State.CHECKED)
+    assert item.name is not None
+    env.registry.add_resource(dtype="test-file", archive="arch", name=item.name, sha1="1" * 40)
+    done = env.until(item, State.DONE)
+    assert done.name != item.name and done.state is State.DONE
