@@ -428,3 +428,53 @@ def test_publish_one_identifier_from_two_threads_files_one(
         refused = [e for e, r in results.items() if isinstance(r, errors.StoredUnderOtherName)]
         assert len(refused) == 1, results
         assert len(os.listdir(archive.resources_dir / "bb")) == 1
+
+
+def test_publish_waits_for_another_process_holding_the_identifier(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """Another process holding the stub folder's lock (as a second daemon publishing
+    the same identifier does) keeps this publish waiting; the file it filed
+    meanwhile is then found, and nothing is filed twice."""
+    import subprocess
+    import sys
+    import threading
+
+    stub = archive.resources_dir / "cc"
+    stub.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(stub)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    src = tmp_path / "src.wav"
+    src.write_bytes(b"same bytes")
+    staged = durable.stage_copy(archive, src, ".nbankd-cc")
+    result: list[object] = []
+
+    def publish() -> None:
+        try:
+            result.append(durable.publish(archive, staged.path, stub / "cc.wav", id="cc"))
+        except errors.StoredUnderOtherName as err:
+            result.append(err)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+
+    def waiting() -> bool:
+        with open("/proc/locks") as f:
+            return any("->" in line and "FLOCK" in line for line in f)
+
+    from fixtures.daemon import wait_for
+
+    wait_for(waiting, 30, "the publish to wait for the lock")
+    (stub / "cc.bin").write_bytes(b"same bytes")  # the other process's file
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait()
+    thread.join()
+    assert isinstance(result[0], errors.StoredUnderOtherName)
+    assert sorted(os.listdir(stub)) == ["cc.bin"]

@@ -270,3 +270,61 @@ def test_automatic_identifier_taken_at_register_is_replaced(env: Env) -> None:
     env.registry.add_resource(dtype="test-file", archive="arch", name=item.name, sha1="1" * 40)
     done = env.until(item, State.DONE)
     assert done.name != item.name and done.state is State.DONE
+
+
+def test_already_deposited_input_is_kept_when_the_stored_copy_goes_bad(env: Env) -> None:
+    """Found already deposited, then the stored copy goes bad before the input is
+    removed: the read-back catches it and the input stays (never a success)."""
+    env.until(env.drop("late.dat", b"good bytes"), State.DONE)
+    item = env.until(env.drop("late.dat", b"good bytes"), State.CHECKED)
+    assert item.already
+    stored = env.archive.resources_dir / "la" / "late.dat"
+    stored.chmod(0o644)
+    stored.write_bytes(b"bad! bytes")
+    for _ in range(8):
+        item = env.step(replace(item, not_before=0.0), _next(item))
+    assert item.state not in (State.DONE, State.REJECTED) and not item.already
+    assert item.error_code == "stored-damaged"
+    assert (env.inbox / WORK_DIR_NAME / item.token).read_bytes() == b"good bytes"
+
+
+def _next(item: Item) -> Step:
+    from nbankd.deposit.lifecycle import next_step
+
+    step = next_step(replace(item, not_before=0.0).progress, 0.0)
+    assert step is not None
+    return step
+
+
+def test_registered_item_published_by_an_older_nbankd_is_moved_not_rejected(env: Env) -> None:
+    """An item linked into resources/a./ by an older nbankd (one-character identifier,
+    crash before the journal) finishes: its copy is moved to resources/a/."""
+    item = env.until(env.drop("a.json", b"[1]\n"), State.REGISTERED)
+    staged = env.archive.staging_dir / env.steps.staged_name(item)
+    legacy = env.archive.resources_dir / "a." / "a.json"
+    legacy.parent.mkdir()
+    os.link(staged, legacy)
+    item = env.until(item, State.DONE)
+    assert env.stored() == ["a/a.json"]
+    assert (env.archive.resources_dir / "a" / "a.json").read_bytes() == b"[1]\n"
+
+
+def test_same_bytes_other_description_waits_for_the_record_holder(env: Env) -> None:
+    """b.wav and b.bin (same bytes, other metadata) looked up together: the one the
+    registry refuses does not take the other's record as its own; it looks again once
+    the other is stored and is rejected duplicate, so the record describes the file."""
+    data = os.urandom(1000)
+    wav = env.until(env.drop("b.wav", data), State.STAGED)
+    rig2 = replace(env.spec, metadata={"rig": "2"})
+    env.steps.inboxes = lambda key: rig2
+    bin_ = env.until(env.drop("b.bin", data), State.STAGED)
+    env.steps.inboxes = lambda key: env.spec
+    wav, bin_ = env.until(wav, State.CHECKED), env.until(bin_, State.CHECKED)
+    wav = env.until(wav, State.REGISTERED)
+    bin_ = env.step(bin_, Step.REGISTER)
+    assert (bin_.state, bin_.error_code, bin_.url) == (State.STAGED, "identifier-busy", None)
+    env.until(wav, State.DONE)
+    bin_ = env.until(replace(bin_, not_before=0.0), State.REJECTED)
+    assert _reason(bin_)["code"] == "duplicate"
+    record = env.registry.get_resource("b")
+    assert record is not None and record.metadata == {} and env.stored() == ["b/b.wav"]

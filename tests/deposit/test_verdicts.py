@@ -8,7 +8,7 @@ from nbankd.deposit.verdicts import Facts, Kind, at_lookup, at_publish, at_regis
 
 OURS, OTHER = "a" * 40, "b" * 40
 STORED = "/arch/resources/re/rec.wav"
-BASE = Facts(name="rec", sha1=OURS, stored_name="rec.wav")
+BASE = Facts(name="rec", sha1=OURS, target=STORED)
 
 LOOKUP = [
     ("nothing known", {}, Kind.PROCEED, ""),
@@ -48,6 +48,19 @@ LOOKUP = [
         "duplicate",
     ),
     (
+        "same name in the other stub (filed by nbank 0.13)",
+        dict(has_record=True, record_sha1=OURS, stored=("/arch/resources/r./rec.wav",),
+             stored_sha1=OURS),
+        Kind.REJECT,
+        "duplicate",
+    ),
+    (
+        "another input's record for these bytes, not stored yet",
+        dict(has_record=True, record_sha1=OURS, record_matches=False),
+        Kind.RECHECK,
+        "identifier-busy",
+    ),
+    (
         "stored copy damaged",
         dict(has_record=True, record_sha1=OURS, stored=(STORED,), stored_sha1=OTHER),
         Kind.REJECT,
@@ -70,6 +83,10 @@ REGISTER = [
     ("automatic, record for other bytes", dict(auto=True, has_record=True, record_sha1=OTHER),
      Kind.RENAME, "auto-id-taken"),
     ("sha1 held by another identifier", dict(holders=("x",)), Kind.REJECT, "duplicate"),
+    ("another input's record for these bytes", dict(has_record=True, record_sha1=OURS,
+     record_matches=False), Kind.RECHECK, "identifier-busy"),
+    ("our own record, described otherwise since", dict(has_record=True, record_sha1=OURS,
+     record_matches=False, registered=True), Kind.PROCEED, ""),
 ]  # fmt: skip
 
 
@@ -99,5 +116,5 @@ def test_publish_verdicts(case: str, facts: dict[str, object], kind: Kind, code:
 
 def test_duplicate_names_the_holder() -> None:
     """A duplicate found at lookup names the identifier that holds the bytes."""
-    verdict = at_lookup(Facts(name="y", sha1=OURS, stored_name="y.wav", holders=("x",)))
+    verdict = at_lookup(Facts(name="y", sha1=OURS, target="/a/resources/y/y.wav", holders=("x",)))
     assert "registered as x" in verdict.message and "nbankctl locate x" in verdict.hint

@@ -36,10 +36,13 @@ devices) raise :func:`unsafe_input`'s error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +80,27 @@ class Published:
 
 
 #: publishing checks that no other stored name holds the identifier, then links: the two
-#: happen under this lock, so two workers of one process never file one identifier twice
+#: happen under this lock (threads of one process) and an flock of the identifier's stub
+#: folder (other processes: a second daemon, ``archive check --fix``)
 _PUBLISH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _identifier_lock(stub: Path) -> Iterator[None]:
+    """Holds the publish lock for the identifiers of stub folder ``stub`` (which
+    exists). Where the filesystem has no flock for folders (some NFS and FUSE
+    mounts), only this process's threads are kept apart."""
+    with _PUBLISH_LOCK:
+        fd = os.open(stub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def _check_target(archive: Archive, target: Path, id: str) -> None:
@@ -284,13 +306,16 @@ def _publish(
         elif not (is_dir or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"'{source}' is not a staged file or folder")
         _ensure_stub(archive, target.parent)
+        other = _other_name(archive, id, target)
+        if other is not None:  # found before the source's mode and group are changed
+            raise _taken_error(archive, source, other, in_place=in_place)
         if is_dir:
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
         else:
             apply_access(archive, source, at=target)
             _fsync_file(source)  # the new mode and group are durable before the link
-        with _PUBLISH_LOCK:
+        with _identifier_lock(target.parent):
             other = _other_name(archive, id, target)
             if other is not None:  # same identifier, another stored name: never a second
                 raise _taken_error(archive, source, other, in_place=in_place)
@@ -325,7 +350,7 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     check_present(archive)
     try:
         _ensure_stub(archive, target.parent)
-        with _PUBLISH_LOCK:
+        with _identifier_lock(target.parent):
             for other in archive.stored_entries(id):
                 if other.parent == target.parent:
                     raise errors.StoredUnderOtherName(

@@ -16,6 +16,7 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
     stage/verify --input changed--> RETURNING --put_back--> RETURNED
     publish/verify --staged copy lost or bad--> CLAIMED (stage again)
     lookup/register --automatic identifier taken--> STAGED (new identifier, look up again)
+    lookup/register --another input's record for these bytes--> STAGED after a backoff
     lookup/publish --same bytes stored under another name--> REJECTING (even if registered)
     CLAIMING --claim finds the source gone--> CANCELLED
 
@@ -118,7 +119,8 @@ class Progress:
 class Outcome:
     """The result of running a step, as a value."""
 
-    # "ok", "transient", "permanent", "changed", "gone", "restage", "renamed", "superseded"
+    # "ok", "transient", "permanent", "changed", "gone", "restage", "renamed", "recheck",
+    # "superseded"
     kind: str
     code: str = ""
     message: str = ""
@@ -169,6 +171,12 @@ def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
         if registered or step not in (Step.LOOKUP, Step.REGISTER):
             return _retry(p, outcome, now)
         return Progress(State.STAGED, error_code=outcome.code, error_message=outcome.message)
+    if outcome.kind == "recheck":
+        # another input is depositing these bytes under this identifier: look up again
+        # after a backoff, when it is stored
+        if registered or step not in (Step.LOOKUP, Step.REGISTER):
+            return _retry(p, outcome, now)
+        return _retry(replace(p, state=State.STAGED), outcome, now)
     if outcome.kind == "superseded":
         # the identifier's record is served by a stored copy of the same bytes under
         # another name (read back and compared): this input is a duplicate even if the

@@ -31,7 +31,7 @@ from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.spec import InboxSpec
 from nbankd.hashing import SourceReadError, hash_path, sha1_stream
-from nbankd.registry.base import Registry
+from nbankd.registry.base import Registry, ResourceRecord
 from nbankd.watch.scan import identity_of_path, tree_identity
 
 log = structlog.get_logger("nbankd.deposit")
@@ -424,25 +424,41 @@ class Steps:
     def lookup(self, item: Item) -> StepResult:
         spec = self._spec(item)
         archive = self._archive(spec)
-        assert item.name and item.sha1 and item.target_name
-        record = self.registry.get_resource(item.name)
-        facts = verdicts.Facts(
-            name=item.name,
-            sha1=item.sha1,
-            stored_name=item.target_name,
-            auto=item.auto_id,
-            registered=item.progress.registered,
-            holders=tuple(r.name for r in self.registry.search(sha1=item.sha1)),
-            has_record=record is not None,
-            record_sha1=(record.sha1 or "").lower() if record is not None else None,
-            stored=tuple(str(p) for p in archive.stored_entries(item.name)),
-        )
+        item = replace(item, already=False)  # decided again on every lookup
+        facts = self._facts(item, archive, self.registry.get_resource(item.name or ""))
+        facts = replace(facts, holders=tuple(r.name for r in self.registry.search(sha1=facts.sha1)))
+        target = str(self._target(archive, item))
+        stored = archive.stored_entries(facts.name)
+        # the entry where this input would go is the one judged, when there is one
+        ordered = sorted((str(p) for p in stored), key=lambda p: p != target)
+        facts = replace(facts, stored=tuple(ordered))
         if verdicts.needs_stored_sha1(facts):
             facts = replace(facts, stored_sha1=self._stored_sha1(Path(facts.stored[0])))
         item, outcome = self._act(item, verdicts.at_lookup(facts))
         if outcome.kind == "ok":
             crashpoints.reached("after-lookup")
         return item, outcome
+
+    def _facts(
+        self, item: Item, archive: layout.Archive, record: ResourceRecord | None
+    ) -> verdicts.Facts:
+        """What the registry's record for the item's identifier says about it."""
+        assert item.name and item.sha1 and item.target_name
+        matches = record is not None and record.dtype == item.dtype
+        if matches and record is not None:
+            theirs = record.metadata or {}
+            ours = json.loads(item.metadata_json or "{}")
+            matches = all(theirs.get(k) == v for k, v in ours.items())
+        return verdicts.Facts(
+            name=item.name,
+            sha1=item.sha1,
+            target=str(self._target(archive, item)),
+            auto=item.auto_id,
+            registered=item.progress.registered,
+            has_record=record is not None,
+            record_matches=matches,
+            record_sha1=(record.sha1 or "").lower() if record is not None else None,
+        )
 
     def _stored_sha1(self, path: Path) -> str:
         """The SHA-1 of a stored file or folder, read back from storage."""
@@ -461,8 +477,12 @@ class Steps:
         if kind is verdicts.Kind.ALREADY:
             log.info("already deposited", item=item.token, resource_id=item.name)
             return replace(item, already=True), Outcome.ok()
+        if kind is verdicts.Kind.RECHECK:
+            return item, Outcome("recheck", verdict.code, verdict.message, verdict.hint)
         if kind is verdicts.Kind.RENAME:
             assert item.name and item.target_name
+            if item.progress.registered:  # a record may carry this name: it stays
+                return item, Outcome("transient", "internal", f"{verdict.message} (registered)")
             spec = self._spec(item)
             archive = self._archive(spec)
             name = policy.replacement_identifier(
@@ -486,9 +506,11 @@ class Steps:
         assert item.name and item.dtype and item.sha1 and item.target_name
         if item.already:  # the record is there: only this archive's location may be new
             record = self.registry.get_resource(item.name)
-            if record is not None and spec.archive_name not in record.locations:
-                self.registry.add_location(item.name, spec.archive_name)
-            return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
+            if record is not None and (record.sha1 or "").lower() == item.sha1:
+                if spec.archive_name not in record.locations:
+                    self.registry.add_location(item.name, spec.archive_name)
+                return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
+            item = replace(item, already=False)  # the record went since: register it
         try:
             self.registry.add_resource(
                 dtype=item.dtype,
@@ -500,16 +522,9 @@ class Steps:
             crashpoints.reached("after-register-request")
         except (errors.NameTaken, errors.Sha1Taken):
             # ours already if an earlier attempt's answer was lost; else whose it is
+            archive = self._archive(spec)
             record = self.registry.get_resource(item.name)
-            facts = verdicts.Facts(
-                name=item.name,
-                sha1=item.sha1,
-                stored_name=item.target_name,
-                auto=item.auto_id,
-                registered=item.progress.registered,
-                has_record=record is not None,
-                record_sha1=(record.sha1 or "").lower() if record is not None else None,
-            )
+            facts = self._facts(item, archive, record)
             if record is None:
                 holders = tuple(r.name for r in self.registry.search(sha1=item.sha1))
                 facts = replace(facts, holders=holders)
@@ -526,22 +541,35 @@ class Steps:
     def publish(self, item: Item) -> StepResult:
         spec = self._spec(item)
         archive = self._archive(spec)
-        if item.already:  # nothing to store: the stored copy was read back at lookup
+        if item.already:  # nothing to store: the stored copy is read back by verify
             self._discard_staged(spec, item)
             return item, Outcome.ok()
         try:
             return self._publish(spec, archive, item)
         except errors.StoredUnderOtherName as err:
-            assert item.name and item.sha1 and item.target_name
-            facts = verdicts.Facts(
-                name=item.name,
-                sha1=item.sha1,
-                stored_name=item.target_name,
+            if self._refiled_legacy(archive, item, Path(err.stored)):
+                return self._publish(spec, archive, item)
+            facts = replace(
+                self._facts(item, archive, None),
                 registered=item.progress.registered,
                 stored=(err.stored,),
                 stored_sha1=self._stored_sha1(Path(err.stored)),
             )
             return self._act(item, verdicts.at_publish(facts))
+
+    def _refiled_legacy(self, archive: layout.Archive, item: Item, stored: Path) -> bool:
+        """Moves this item's own copy, published by an older nbankd under the stub of
+        its stored name (``resources/a./a.json``), to where its identifier belongs;
+        True if it did."""
+        assert item.name and item.target_name
+        legacy = archive.resources_dir / item.target_name[:2] / item.target_name
+        if legacy.parent.name == item.name[:2] or stored != legacy:
+            return False  # not a one-character identifier's older place, or another file
+        if not item.progress.registered or not os.path.lexists(legacy):
+            return False  # not this item's: only a registered item may have published
+        durable.refile(archive, legacy, item.name)
+        log.info("moved an older deposit where its identifier belongs", path=str(legacy))
+        return True
 
     def _publish(self, spec: InboxSpec, archive: layout.Archive, item: Item) -> StepResult:
         target = self._target(archive, item)
@@ -579,10 +607,27 @@ class Steps:
 
     def verify(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        if spec.verify and not item.already:  # an already-deposited copy was read at lookup
+        if item.already:
+            # the input goes once this copy is read back: gone or changed since the
+            # lookup (another input's verify removed a bad one), the input is kept
+            archive = self._archive(spec)
+            assert item.sha1
+            if not durable.verify_from_storage(
+                self._target(archive, item), item.sha1, throttle=self._progress
+            ):
+                return replace(item, already=False), Outcome(
+                    "restage",
+                    "verify-failed",
+                    f"the stored copy of {item.name} changed since it was found; "
+                    "depositing this input again",
+                )
+        elif spec.verify:
             archive = self._archive(spec)
             target = self._target(archive, item)
             assert item.sha1
+            if not os.path.lexists(target) and item.target_name:
+                legacy = archive.resources_dir / item.target_name[:2] / item.target_name
+                self._refiled_legacy(archive, item, legacy)
             if not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
                 if spec.placement == "rename":
                     return item, Outcome(

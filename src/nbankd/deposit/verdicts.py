@@ -30,6 +30,7 @@ class Kind(enum.StrEnum):
     RENAME = "rename"  # an automatic identifier that is taken: choose another
     REJECT = "reject"  # the input cannot take this identifier
     SUPERSEDED = "superseded"  # rejected although registered: a stored copy serves the record
+    RECHECK = "recheck"  # another input is depositing these bytes under this identifier
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,14 @@ class Facts:
 
     name: str
     sha1: str
-    stored_name: str  # the name the input would be stored under
+    target: str  # the path the input would be stored at
     auto: bool = False  # the identifier was chosen automatically
     registered: bool = False  # the registry may hold this input's own record
     holders: tuple[str, ...] = ()  # identifiers of the records with this SHA-1
     record_sha1: str | None = None  # the SHA-1 of the record named ``name``
     has_record: bool = False  # a record named ``name`` exists
-    stored: tuple[str, ...] = ()  # paths of the entries stored for ``name``
+    record_matches: bool = True  # that record has the input's datatype and metadata
+    stored: tuple[str, ...] = ()  # paths stored for ``name``, ``target`` first if there
     stored_sha1: str | None = None  # SHA-1 of ``stored[0]`` when it was read
 
 
@@ -89,7 +91,21 @@ def at_lookup(f: Facts) -> Verdict:
         )
     if f.stored:
         return _stored(f)
+    if f.has_record and not f.record_matches and not f.registered:
+        return _busy(f)
     return PROCEED
+
+
+def _busy(f: Facts) -> Verdict:
+    """The record has these bytes but another input's description: that input is
+    being deposited; this one is judged again once it is stored."""
+    return Verdict(
+        Kind.RECHECK,
+        "identifier-busy",
+        f"identifier {f.name} is registered with these bytes for another input (its "
+        "datatype or metadata differ); looking again once that input is stored",
+        f"nothing to do if the other input is on its way; else see 'nbankctl locate {f.name}'",
+    )
 
 
 def _stored(f: Facts) -> Verdict:
@@ -115,7 +131,7 @@ def _stored(f: Facts) -> Verdict:
             "the stored copy is damaged: run nbankctl audit; this input is a good copy, "
             "kept in the rejected folder",
         )
-    if stored.rsplit("/", 1)[-1] == f.stored_name:
+    if stored == f.target:
         return Verdict(Kind.ALREADY, "already-deposited", f"already stored as {stored}")
     return Verdict(
         Kind.SUPERSEDED if f.registered else Kind.REJECT,
@@ -132,7 +148,9 @@ def at_register(f: Facts) -> Verdict:
     refusal, ``holders`` the records with the input's SHA-1.
     """
     if f.has_record and f.record_sha1 == f.sha1:
-        return PROCEED  # ours, from an earlier attempt whose answer was lost
+        if f.record_matches or f.registered:
+            return PROCEED  # ours, from an earlier attempt whose answer was lost
+        return _busy(f)  # another input's record for the same bytes
     if f.has_record:
         if f.auto and not f.registered:
             return Verdict(Kind.RENAME, "auto-id-taken", f"identifier {f.name} is taken")
