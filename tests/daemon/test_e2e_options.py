@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,29 +314,108 @@ def test_nested_rejected_dir_hides_only_itself(daemon_factory: Any) -> None:
     assert h.archive_files()["beside.wav"].read_bytes() == b"next to the rejected folder"
 
 
-def test_item_of_an_inbox_removed_by_reload_is_parked_then_finished(daemon_factory: Any) -> None:
-    """An inbox dropped by a reload while its input is in flight parks the input (status
-    names it, code parked), never rejects it; restored, the input is deposited once."""
+def _reload_with(h: DaemonHarness, change: Callable[[dict[str, Any]], None]) -> str:
+    """Rewrites the configuration with ``change`` applied, reloads (SIGHUP) and waits
+    for the reload to be logged; returns the previous configuration's text."""
+    good = h.config_path.read_text()
+    cfg = yaml.safe_load(good)
+    change(cfg)
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    before = h.log_path.read_text().count("configuration reloaded")
+    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(
+        lambda: h.log_path.read_text().count("configuration reloaded") > before, 30, "the reload"
+    )
+    return good
+
+
+def test_item_in_flight_finishes_by_its_intent_after_its_inbox_is_removed(
+    daemon_factory: Any,
+) -> None:
+    """An inbox dropped by a reload while its input is in flight: the input finishes by
+    its journaled intent (its archive is still configured), never rejected."""
+    h = daemon_factory()
+    h.write_config()
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.drop("intent01.dat", b"in flight across a reload")
+    wait_for(lambda: any((h.inbox / ".nbank").iterdir()), 30, "the input to be claimed")
+
+    def other_inbox(cfg: dict[str, Any]) -> None:
+        cfg["inboxes"][0]["path"] = str(h.root / "other-inbox")
+
+    _reload_with(h, other_inbox)
+    release.touch()
+    wait_for(lambda: len(h.receipts()) == 1, 60, "the input to be deposited")
+    h.stop()
+    assert h.reasons() == []
+    assert h.archive_files()["intent01.dat"].read_bytes() == b"in flight across a reload"
+    assert not any((h.inbox / ".nbank").iterdir())
+
+
+def _second_archive(h: DaemonHarness, cfg: dict[str, Any]) -> Path:
+    other = h.root / "archive-b"
+    cfg["archives"].append({"path": str(other), "name": "b" + h.archive_name, "create": True})
+    cfg["inboxes"][0]["archive"] = "b" + h.archive_name
+    return other
+
+
+def test_reload_never_reroutes_an_item_in_flight(daemon_factory: Any) -> None:
+    """Registered in archive A, then the inbox is re-pointed at archive B by a reload:
+    the item finishes in A (file, registry location, receipt), B gets nothing, and no
+    staged copy is left behind in A."""
+    h = daemon_factory()
+    h.write_config()
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-register", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.drop("route01.dat", b"registered in A")
+
+    def registered() -> bool:
+        with h.open_registry() as reg:
+            return reg.get_resource("route01") is not None
+
+    wait_for(registered, 30, "the record (the worker then holds before journaling it)")
+    other: list[Path] = []
+    _reload_with(h, lambda cfg: other.append(_second_archive(h, cfg)))
+    release.touch()
+    wait_for(lambda: len(h.receipts()) == 1, 60, "the input to be deposited")
+    h.stop()
+    [receipt] = h.receipts()
+    assert receipt["archive"] == h.archive_name
+    assert h.archive_files()["route01.dat"].read_bytes() == b"registered in A"
+    assert list((other[0] / "resources").iterdir()) == []
+    assert list((h.archive / "staging").iterdir()) == []
+    with h.open_registry() as reg:
+        record = reg.get_resource("route01")
+    assert record is not None and record.locations == (h.archive_name,)
+
+
+def test_item_whose_archive_is_removed_by_reload_is_parked_then_finished(
+    daemon_factory: Any,
+) -> None:
+    """An archive removed by a reload while an input for it is in flight parks the
+    input (status names it, code parked), never sends it elsewhere or rejects it;
+    restored, the input is deposited in it once."""
     h = daemon_factory()
     h.write_config()
     release = h.root / "release"
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
     h.drop("parked01.dat", b"in flight across a reload")
     wait_for(lambda: any((h.inbox / ".nbank").iterdir()), 30, "the input to be claimed")
-    good = h.config_path.read_text()
-    cfg = yaml.safe_load(good)
-    cfg["inboxes"][0]["path"] = str(h.root / "other-inbox")
-    h.config_path.write_text(yaml.safe_dump(cfg))
-    h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-    wait_for(lambda: (h.root / "other-inbox").is_dir(), 30, "the reload")
+
+    def only_b(cfg: dict[str, Any]) -> None:
+        _second_archive(h, cfg)
+        del cfg["archives"][0]
+
+    good = _reload_with(h, only_b)
     release.touch()
 
     def parked() -> list[str]:
         return [d for d in status_json(h)[1]["degraded"] if "after parked" in d]
 
     [line] = wait_for(parked, 30, "status to show the parked input")
-    assert str(h.inbox) in line
-    assert h.reasons() == []
+    assert str(h.inbox) in line and h.archive_name in line
+    assert h.reasons() == [] and h.receipts() == []
     h.config_path.write_text(good)
     h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     wait_for(lambda: len(h.receipts()) == 1, 90, "the parked input to be deposited")

@@ -98,6 +98,7 @@ class Daemon:
         self._waiting: dict[int, Item] = {}
         self.inboxes: dict[str, InboxState] = {}
         self.specs: dict[str, InboxSpec] = {}
+        self.retired: dict[str, InboxSpec] = {}  # removed by a reload; items in flight finish
         self.registry_problem: str | None = None  # seen by deposit steps
         self.registry_setup = RegistrySetup(clock)
         self.last_error: dict[str, Any] | None = None
@@ -131,6 +132,8 @@ class Daemon:
             inboxes=self.specs.get,
             receipts_dir=cfg.state_dir / "receipts",
             clock=self.clock,
+            retired=self.retired.get,
+            archives=self._archive_path,
         )
         self._prepare_registry()
         try:
@@ -177,10 +180,21 @@ class Daemon:
             self.auditor = None
             log.error("audits disabled: cannot open the audit cache", error=str(err))
 
+    def _archive_path(self, name: str) -> Path | None:
+        """The path of the configured archive called ``name``, if there is one."""
+        archive = self.config.archive_named(name)
+        return None if archive is None else archive.path
+
     def _apply_config(self, cfg: Config) -> None:
         folders = setup.prepare_inbox_folders(cfg)
+        specs = setup.inbox_specs(cfg, folders)
+        for key, spec in self.specs.items():
+            if key not in specs:
+                self.retired[key] = spec
+        for key in specs:
+            self.retired.pop(key, None)
         self.specs.clear()
-        self.specs.update(setup.inbox_specs(cfg, folders))
+        self.specs.update(specs)
         old = self.inboxes
         persisted = pauses.load(cfg.state_dir) if not old else frozenset()
         self.inboxes = {}

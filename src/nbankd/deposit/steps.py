@@ -143,6 +143,10 @@ def _outcome_for(err: BaseException) -> Outcome:
     return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
 
 
+#: states whose step writes into the inbox folder (claim, reject, put back)
+_WRITES_INTO_INBOX = frozenset({State.CLAIMING, State.REJECTING, State.RETURNING})
+
+
 class InboxParked(errors.NbankdError):
     """An item's inbox was removed from the configuration: it waits, never rejected."""
 
@@ -161,10 +165,14 @@ class Steps:
         inboxes: Callable[[str], InboxSpec | None],
         receipts_dir: Path,
         clock: Callable[[], float] = time.time,
+        retired: Callable[[str], InboxSpec | None] = lambda _key: None,
+        archives: Callable[[str], Path | None] | None = None,
     ) -> None:
         self.journal = journal
         self.registry = registry
-        self.inboxes = inboxes
+        self.inboxes = inboxes  # the configured inboxes, by key
+        self.retired = retired  # inboxes a reload removed (their items in flight finish)
+        self.archives = archives  # the configured archives' paths, by name (None: any)
         self.receipts_dir = receipts_dir
         self.clock = clock
         self.instance = secrets.token_hex(4)  # in staged names: never shared by processes
@@ -179,14 +187,37 @@ class Steps:
     # -- helpers ----------------------------------------------------------------
 
     def _spec(self, item: Item) -> InboxSpec:
-        spec = self.inboxes(item.inbox)
-        if spec is None:
+        """The inbox as the item's journaled intent fixed it: the archive, its path,
+        placement and verify recorded when the item was journaled, never what a later
+        reload configured. An item finishes so while its archive is configured (at
+        the same path), even if a reload removed or re-pointed its inbox; otherwise it
+        is parked (never rejected for a configuration change). Claiming, rejecting and
+        putting back write into the inbox, so they wait for it to be configured."""
+        live = self.inboxes(item.inbox)
+        spec = live or self.retired(item.inbox)
+        where = f"item {item.token} ({item.relpath_str!r})"
+        if spec is None or (live is None and item.state in _WRITES_INTO_INBOX):
             raise InboxParked(
-                f"inbox {item.inbox} is no longer configured; item {item.token} "
-                f"({item.relpath_str!r}) is parked, never rejected for it",
+                f"inbox {item.inbox} is no longer configured; {where} is parked, "
+                "never rejected for it",
                 hint="restore the inbox in the configuration (and reload) to finish it",
             )
-        return spec
+        if self.archives is not None:
+            configured = self.archives(item.archive)
+            if configured is None or Path(configured) != Path(item.archive_path):
+                raise InboxParked(
+                    f"archive {item.archive} ({item.archive_path}), chosen for {where} when "
+                    "it was claimed, is no longer configured there; the item is parked, "
+                    "never sent elsewhere",
+                    hint="restore the archive in the configuration (and reload) to finish it",
+                )
+        return replace(
+            spec,
+            archive_name=item.archive,
+            archive_path=Path(item.archive_path),
+            placement=item.placement,
+            verify=item.verify,
+        )
 
     @staticmethod
     def staged_name(item: Item) -> str:
