@@ -49,9 +49,8 @@ from typing import Any
 
 from nbankctl.daemon_cmds import socket_path
 from nbankctl.migrate import import_snapshot, target_url
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
-from nbankd.deposit import crashpoints
 from nbankd.migration import moves, snapshot, switch
 from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
 from nbankd.registry import credentials
@@ -366,11 +365,11 @@ class Switch:
         if self.dry_run:
             return self.dry_run_rest()
         self.credentials()
-        crashpoints.reached(BEFORE_NBANK_JSON)
+        seams.reached(BEFORE_NBANK_JSON)
         self.check_daemon()
         self.files_changed = True  # from here on, never resume a daemon half-switched
         problems = self.archives()
-        crashpoints.reached(AFTER_NBANK_JSON)
+        seams.reached(AFTER_NBANK_JSON)
         self.record_move()
         done, edits = self.configuration()
         if not done:
@@ -381,7 +380,7 @@ class Switch:
                 "): it imports what is left, reloads nbankd and resumes it"
             )
             return errors.EXIT_PROBLEMS
-        crashpoints.reached(AFTER_CONFIG)
+        seams.reached(AFTER_CONFIG)
         if daemon.running:
             self.check_daemon()
             self.reload()

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive.access import apply_access, apply_access_tree, target_mode
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
@@ -63,7 +63,6 @@ from nbankd.archive.staging import (
     unsafe_input,
 )
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
-from nbankd.deposit import crashpoints
 from nbankd.hashing import hash_path, sha1_file
 
 #: mode of the empty directory that reserves a name in the no-RENAME_NOREPLACE fallback;
@@ -327,7 +326,7 @@ def _publish(
             apply_access(archive, target)
         if not placed and not _identical(source, target):
             raise _conflict(archive, source, target, in_place=in_place)
-        crashpoints.reached("after-publish-link")
+        seams.reached("after-publish-link")
         fsync_dir(target.parent)
         if os.path.lexists(source):
             remove_ours(source)

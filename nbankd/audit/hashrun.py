@@ -22,11 +22,11 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPo
 from dataclasses import dataclass
 from typing import Any
 
+from nbankd import seams
 from nbankd.audit.cache import AuditCache
 from nbankd.audit.model import CacheEntry
 from nbankd.audit.reader import Cancelled
 from nbankd.audit.walk import Stored
-from nbankd.deposit import crashpoints
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class HashRun:
         if self._batch:
             self.cache.store(self.archive, self._batch)
             self._batch = []
-            crashpoints.reached("audit-committed")
+            seams.reached("audit-committed")
         self._last_commit = time.monotonic()
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from nbankd.audit import seams
+from nbankd import seams
 from nbankd.hashing import BLOCK_SIZE, DirectoryHasher
 
 _OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # never wait on a FIFO
@@ -126,7 +126,7 @@ def sha1_of_file(
                 throttle(n - booked)
             digest.update(view[:n])
             if total == 0:
-                seams.pause("reading")
+                seams.audit_pause("reading")
             total += n
         _advise(fd, os.POSIX_FADV_DONTNEED)
         return digest.hexdigest(), total

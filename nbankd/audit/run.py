@@ -50,9 +50,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive.layout import Archive, open_archive
-from nbankd.audit import compare, seams
+from nbankd.audit import compare
 from nbankd.audit import plan as planner
 from nbankd.audit.cache import AuditCache, RunRecord
 from nbankd.audit.checks import permission_findings
@@ -237,7 +237,7 @@ class Auditor:
             stats = {n: s.stat for n, s in walk.stored.items()}
             provisional = {n: None for n in stats if n not in flight.names}
             first = planner.plan_hashes(stats, provisional, cached, now=self.clock(), policy=policy)
-            seams.pause("hashing")
+            seams.audit_pause("hashing")
             self.progress["phase"] = "hashing, listing"
             reads = self._reads(target.name, policy, halt)
             # the rolling slice waits for the listing (it is a share of what is registered)
@@ -245,7 +245,7 @@ class Auditor:
             before = _result(listing, halt)
             clock.lap()
             self.progress["phase"] = "walked"
-            seams.pause("walked")
+            seams.audit_pause("walked")
             self.progress["phase"] = "hashing, checking"
             flight = flight | self.in_flight()
             asked = planner.disagreements(
@@ -314,7 +314,7 @@ class Auditor:
         t0 = time.monotonic()
         listed = list_registered(self.registry, archive)
         timings["list"] = time.monotonic() - t0
-        seams.pause("listed")
+        seams.audit_pause("listed")
         return listed
 
     def _reads(self, archive: str, policy: planner.HashPolicy, halt: _Halt) -> HashRun:

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbankd import seams
 from nbankd.archive.layout import Anomaly, Archive
-from nbankd.audit import seams
 from nbankd.audit.checks import mode_policy, owners, permission_findings
 from nbankd.audit.model import INCOMPLETE, UNEXPECTED, UNREADABLE, FileStat, Finding
 from nbankd.audit.reader import DIR, LINK, Cancelled, Stopping, list_dir, vanished
@@ -294,7 +294,7 @@ def walk_archive(
         names = list_dir(folder)
         if first[0]:
             first[0] = False
-            seams.pause("walk-top")
+            seams.audit_pause("walk-top")
         return names
 
     for name, where in archive.iter_resources(anomalies, lister=lister, listed=listed):

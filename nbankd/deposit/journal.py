@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nbankd import errors
-from nbankd.deposit import crashpoints
+from nbankd import errors, seams
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
 SCHEMA_VERSION = 4
@@ -242,7 +241,7 @@ class Journal:
                 f"INSERT INTO items ({cols}) VALUES ({marks}) RETURNING *", tuple(values.values())
             )
             row = cur.fetchone()
-        crashpoints.reached("after-journal-add")
+        seams.reached("after-journal-add")
         return _row_to_item(row)
 
     def save(self, item: Item) -> Item:

@@ -18,8 +18,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from nbankd import seams
 from nbankd.archive import fsops
-from nbankd.deposit import crashpoints
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
@@ -115,7 +115,7 @@ def _write_reason(folder: int, name: bytes, data: bytes, dest: Path) -> bool:
         os.unlink(tmp, dir_fd=folder)
         raise
     os.close(fd)
-    crashpoints.reached("after-reason-temp")
+    seams.reached("after-reason-temp")
     try:
         os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
     except FileExistsError:
@@ -172,7 +172,7 @@ def move_to_rejected(
             if item.rejected_relpath is None:
                 chosen = _free_name(folder, os.path.basename(rel))
                 item = save(replace(item, rejected_relpath=os.path.join(sub, chosen)))
-                crashpoints.reached("after-reject-name")
+                seams.reached("after-reject-name")
             assert item.rejected_relpath is not None
             dest_name = os.path.basename(item.rejected_relpath)
             dest = shown / os.fsdecode(dest_name)
@@ -195,7 +195,7 @@ def move_to_rejected(
             if not _write_reason(folder_fd, reason_file, _reason_text(reason), dest):
                 item = save(replace(item, rejected_relpath=None))  # name taken: choose again
                 continue
-            crashpoints.reached("after-reject-reason")
+            seams.reached("after-reject-reason")
             if fs.exists(fs.work, token):
                 try:
                     _move_no_replace(fs, (fs.work, token), (folder_fd, dest_name))
@@ -213,7 +213,7 @@ def move_to_rejected(
             marker = fs.parent(item.marker_relpath)  # its folder may be gone: nothing to move
             if fs.exists(*marker) and not fs.exists(folder_fd, dest_name + b".done"):
                 _move_no_replace(fs, marker, (folder_fd, dest_name + b".done"))
-    crashpoints.reached("after-reject-move")
+    seams.reached("after-reject-move")
     return replace(item, reason_json=json.dumps(reason))
 
 
@@ -231,7 +231,7 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
         if fs.exists(parent, name):
             name = _free_name(fs.at(parent), name)
         _move_no_replace(fs, (fs.work, token), (parent, name))
-        crashpoints.reached("after-put-back")
+        seams.reached("after-put-back")
     if sidecar is not None and item.sidecar_relpath and fs.exists(fs.work, sidecar):
         try:
             side = fs.parent(item.sidecar_relpath, create=True)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import structlog
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive import durable, fsops, layout
-from nbankd.deposit import crashpoints, inboxfs, policy, receipts, rejection, verdicts
+from nbankd.deposit import inboxfs, policy, receipts, rejection, verdicts
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.spec import InboxSpec
@@ -317,7 +317,7 @@ class Steps:
             return item, Outcome(
                 "changed", "changed", f"{src} changed while it was claimed; putting it back"
             )
-        crashpoints.reached("after-claim-rename")
+        seams.reached("after-claim-rename")
         return None
 
     def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> None:
@@ -383,7 +383,7 @@ class Steps:
             target_name=plan.target_name,
             auto_id=plan.auto,
         )
-        crashpoints.reached("after-claim")
+        seams.reached("after-claim")
         return item, Outcome.ok()
 
     def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
@@ -443,13 +443,13 @@ class Steps:
                     )
                     sha1, size = staged.sha1, staged.size
                     item = replace(item, staged_identity=_staged_id(staged.path))
-                crashpoints.reached("stage-copied")
+                seams.reached("stage-copied")
                 if not _fstat_matches(item.identity, os.fstat(f.fileno())):
                     if spec.placement != "rename":
                         durable.discard_staged(archive, staged.path)
                     return item, Outcome("changed", "changed", "the file changed during the copy")
             item = replace(item, sha1=sha1, size=size)
-        crashpoints.reached("after-stage")
+        seams.reached("after-stage")
         return item, Outcome.ok()
 
     def lookup(self, item: Item) -> StepResult:
@@ -467,7 +467,7 @@ class Steps:
             facts = replace(facts, stored_sha1=self._stored_sha1(Path(facts.stored[0])))
         item, outcome = self._act(item, verdicts.at_lookup(facts))
         if outcome.kind == "ok":
-            crashpoints.reached("after-lookup")
+            seams.reached("after-lookup")
         return item, outcome
 
     def _facts(
@@ -550,7 +550,7 @@ class Steps:
                 sha1=item.sha1,
                 metadata=json.loads(item.metadata_json or "{}"),
             )
-            crashpoints.reached("after-register-request")
+            seams.reached("after-register-request")
         except (errors.NameTaken, errors.Sha1Taken):
             # ours already if an earlier attempt's answer was lost; else whose it is
             archive = self._archive(spec)
@@ -566,7 +566,7 @@ class Steps:
             if spec.archive_name not in record.locations:
                 self.registry.add_location(item.name, spec.archive_name)
         item = replace(item, url=self.registry.resource_url(item.name))
-        crashpoints.reached("after-register")
+        seams.reached("after-register")
         return item, Outcome.ok()
 
     def publish(self, item: Item) -> StepResult:
@@ -633,7 +633,7 @@ class Steps:
                         "does not match its SHA-1; copying again",
                     )
             durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
-        crashpoints.reached("after-publish")
+        seams.reached("after-publish")
         return item, Outcome.ok()
 
     def verify(self, item: Item) -> StepResult:
@@ -669,7 +669,7 @@ class Steps:
                 return item, Outcome(
                     "restage", "verify-failed", f"{target} did not match its sha1; copying again"
                 )
-        crashpoints.reached("after-verify")
+        seams.reached("after-verify")
         return item, Outcome.ok()
 
     def record(self, item: Item) -> StepResult:
@@ -692,7 +692,7 @@ class Steps:
             "outcome": "already-deposited" if item.already else "deposited",
         }
         receipts.append_receipt(self.receipts_dir, spec.key, receipt)
-        crashpoints.reached("after-receipt-append")
+        seams.reached("after-receipt-append")
         return replace(item, finished=now), Outcome.ok()
 
     def release(self, item: Item) -> StepResult:
@@ -704,7 +704,7 @@ class Steps:
                 fsops.remove_ours(fs.at(fs.work, token))  # a folder resource's tree
             else:
                 fs.unlink(fs.work, token)
-            crashpoints.reached("after-release-source")
+            seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
                 fs.unlink(fs.work, sidecar)
@@ -714,7 +714,7 @@ class Steps:
                     if fs.unlink(*marker):
                         fsops.fsync_fd(marker[0])
             fsops.fsync_fd(fs.work)
-        crashpoints.reached("after-release-unlink")
+        seams.reached("after-release-unlink")
         return replace(item, finished=item.finished or self.clock()), Outcome.ok()
 
     def reject(self, item: Item) -> StepResult:
@@ -800,7 +800,7 @@ class Steps:
                 )
             item = self.journal.save(replace(item.with_progress(progress), updated=self.clock()))
             if item.state is State.RECORDED:
-                crashpoints.reached("after-record")
+                seams.reached("after-record")
             _log_transition(item, step, outcome)
             if not until_blocked or outcome.kind not in _KEEP_GOING:
                 return item

@@ -26,8 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from nbankd import errors
-from nbankd.deposit import crashpoints
+from nbankd import errors, seams
 from nbankd.migration.plan import (
     Kind,
     Plan,
@@ -134,7 +133,7 @@ class _Runner:
 
     def created(self, step: Step, message: str = "") -> None:
         self.note(step, "created", message)
-        crashpoints.reached(CRASH_POINT)
+        seams.reached(CRASH_POINT)
 
     # -- one step of each kind --------------------------------------------------------
 
@@ -184,7 +183,7 @@ class _Runner:
             self.note(
                 step, "altered", f"{why} (check the server's settings, e.g. metadata aliases)"
             )
-            crashpoints.reached(CRASH_POINT)
+            seams.reached(CRASH_POINT)
             return
         self.created(step)
 
@@ -225,7 +224,7 @@ class _Runner:
             self.note(step, "failed", str(err))
             return
         if quiet:
-            crashpoints.reached(CRASH_POINT)
+            seams.reached(CRASH_POINT)
         else:
             self.created(step)
 

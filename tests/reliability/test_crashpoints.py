@@ -1,6 +1,6 @@
 """Crash-point enumeration: the real daemon dies at every named point and recovers.
 
-For each name in :data:`nbankd.deposit.crashpoints.POINTS`, the real ``nbankd``
+For each name in :data:`nbankd.seams.DEPOSIT_POINTS`, the real ``nbankd``
 runs on a mixed batch (small, large, zero-byte, the same content under two names,
 a folder resource, a file with a sidecar, an invalid name with a sidecar, an
 auto-id file with a ``.done`` marker) with ``NBANKD_CRASH_AT=<point>``, dies there
@@ -25,7 +25,7 @@ import pytest
 from fixtures.daemon import DaemonHarness, wait_for
 from nbankd.archive.layout import create_archive
 from nbankd.control.client import call
-from nbankd.deposit.crashpoints import POINTS
+from nbankd.seams import DEPOSIT_POINTS as POINTS
 from reliability import figures
 from reliability.invariants import (
     Input,
@@ -66,7 +66,7 @@ GROWN_TAIL = b" and the rest the rig wrote later"
 
 
 def test_enumeration_covers_every_crash_point() -> None:
-    """The parametrisation below is exactly crashpoints.POINTS, so no point is forgotten."""
+    """The parametrisation below is exactly seams.DEPOSIT_POINTS, so no point is forgotten."""
     assert ENUMERATED == POINTS
 
 
