@@ -12,6 +12,7 @@ Exit codes (SPEC section 4) are decided in :func:`exit_code_for`, nowhere else.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -19,6 +20,10 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+#: errno values no retry can fix: the request itself is wrong (a name the filesystem
+#: refuses, a move across filesystems); every layer judges OS errors by this one set
+PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EXDEV})
 
 
 class NbankdError(Exception):

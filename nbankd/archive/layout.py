@@ -336,10 +336,6 @@ def _unlistable(err: OSError) -> str:
     return f"unable to list: {why}; {what}"
 
 
-#: errno values that are never worth retrying: the request itself is wrong
-PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EXDEV})
-
-
 def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.ArchiveError:
     """Classifies an archive-side OSError: transient (ArchiveUnavailable) unless hopeless.
 
@@ -352,7 +348,7 @@ def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.Arc
     root = archive.path if isinstance(archive, Archive) else Path(archive)
     reason = err.strerror or str(err)
     message = f"archive {root}: {reason} while {doing}"
-    if err.errno in PERMANENT_ERRNOS:
+    if err.errno in errors.PERMANENT_ERRNOS:
         return errors.ArchiveError(message)
     hints = {
         errno.ENOSPC: "free space on the archive's filesystem",

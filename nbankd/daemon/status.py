@@ -34,7 +34,7 @@ def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
     return frozenset(found)
 
 
-# error codes of waiting items, by what is at fault (see deposit.steps._outcome_for)
+# error codes of waiting items, by what is at fault (see deposit.outcomes.outcome_for)
 REGISTRY_CODES = _codes(errors.RegistryError)
 ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", "verify-failed"}
 

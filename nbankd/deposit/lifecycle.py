@@ -115,20 +115,36 @@ class Progress:
     registered: bool = False  # the registry may hold our record (sticky across restage)
 
 
+class Kind(enum.StrEnum):
+    """What a step's outcome means for the item (see :func:`advance`)."""
+
+    OK = "ok"  # the step is done: on to the next state
+    TRANSIENT = "transient"  # an outage or a problem an administrator fixes: retry later
+    PERMANENT = "permanent"  # the input is wrong: rejected (unless registered)
+    CHANGED = "changed"  # the input changed while claimed: put back
+    GONE = "gone"  # nothing to claim (taken by another process, removed, replaced)
+    RESTAGE = "restage"  # the staged copy is lost or bad: copy again
+    RENAMED = "renamed"  # a taken automatic identifier was replaced: look up again
+    RECHECK = "recheck"  # another input holds these bytes' record: look up again later
+    SUPERSEDED = "superseded"  # a stored copy of the same bytes serves the record: reject
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The result of running a step, as a value."""
+    """The result of running a step, as a value. ``kind`` is a :class:`Kind` (a
+    string naming one is converted; any other string raises ValueError)."""
 
-    # "ok", "transient", "permanent", "changed", "gone", "restage", "renamed", "recheck",
-    # "superseded"
-    kind: str
+    kind: Kind
     code: str = ""
     message: str = ""
     hint: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+
     @classmethod
     def ok(cls) -> Outcome:
-        return cls("ok")
+        return cls(Kind.OK)
 
 
 def next_step(p: Progress, now: float) -> Step | None:
@@ -150,8 +166,11 @@ def backoff_delay(attempts: int, rng: random.Random | None = None) -> float:
     return wait(state)
 
 
-def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
-    """The item's progress after ``step`` ended with ``outcome`` at time ``now``."""
+def advance(
+    p: Progress, step: Step, outcome: Outcome, now: float, rng: random.Random | None = None
+) -> Progress:
+    """The item's progress after ``step`` ended with ``outcome`` at time ``now``;
+    ``rng`` draws the backoff's jitter (None: the process's own randomness)."""
     registered = p.registered or p.state in _REGISTERED_OR_LATER
     if outcome.kind == "ok":
         after = _AFTER[step]
@@ -169,14 +188,14 @@ def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
         # an automatic identifier found taken before registering: the step journals a
         # new one and the lookup runs again for it
         if registered or step not in (Step.LOOKUP, Step.REGISTER):
-            return _retry(p, outcome, now)
+            return _retry(p, outcome, now, rng)
         return Progress(State.STAGED, error_code=outcome.code, error_message=outcome.message)
     if outcome.kind == "recheck":
         # another input is depositing these bytes under this identifier: look up again
         # after a backoff, when it is stored
         if registered or step not in (Step.LOOKUP, Step.REGISTER):
-            return _retry(p, outcome, now)
-        return _retry(replace(p, state=State.STAGED), outcome, now)
+            return _retry(p, outcome, now, rng)
+        return _retry(replace(p, state=State.STAGED), outcome, now, rng)
     if outcome.kind == "superseded":
         # the identifier's record is served by a stored copy of the same bytes under
         # another name (read back and compared): this input is a duplicate even if the
@@ -188,29 +207,29 @@ def advance(p: Progress, step: Step, outcome: Outcome, now: float) -> Progress:
         # only claiming may find its input gone: someone else took or removed it
         if step is Step.CLAIM:
             return Progress(State.CANCELLED, error_code="gone", error_message=outcome.message)
-        return _retry(p, outcome, now)
+        return _retry(p, outcome, now, rng)
     if outcome.kind == "changed":
         if not registered:
             return Progress(State.RETURNING, error_code="changed", error_message=outcome.message)
-        return _retry(p, outcome, now)
+        return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":
         if step in (Step.REJECT, Step.PUT_BACK, Step.RELEASE, Step.RECORD):
             # these only move bytes we already own; keep retrying and report it
-            return _retry(p, outcome, now)
+            return _retry(p, outcome, now, rng)
         if registered:
-            return _retry(p, outcome, now)
+            return _retry(p, outcome, now, rng)
         return Progress(
             State.REJECTING, error_code=outcome.code or "rejected", error_message=outcome.message
         )
-    return _retry(p, outcome, now)
+    return _retry(p, outcome, now, rng)
 
 
-def _retry(p: Progress, outcome: Outcome, now: float) -> Progress:
+def _retry(p: Progress, outcome: Outcome, now: float, rng: random.Random | None) -> Progress:
     attempts = p.attempts + 1
     return replace(
         p,
         attempts=attempts,
-        not_before=now + backoff_delay(attempts),
+        not_before=now + backoff_delay(attempts, rng),
         error_code=outcome.code or outcome.kind,
         error_message=outcome.message,
     )

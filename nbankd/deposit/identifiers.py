@@ -1,0 +1,139 @@
+"""The lookup and register steps: the facts about an input's identifier gathered
+from the registry and the archive, judged by :mod:`nbankd.deposit.verdicts`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from nbankd import errors, seams
+from nbankd.archive import durable, layout
+from nbankd.deposit import policy, verdicts
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import Outcome
+from nbankd.deposit.stepbase import StepResult, StepsBase, log
+from nbankd.hashing import hash_path
+from nbankd.registry.base import ResourceRecord
+
+
+class IdentifierSteps(StepsBase):
+    """Lookup and registration: what the input's identifier may become."""
+
+    def lookup(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        archive = self._archive(spec)
+        item = replace(item, already=False)  # decided again on every lookup
+        facts = self._facts(item, archive, self.registry.get_resource(item.name or ""))
+        facts = replace(facts, holders=tuple(r.name for r in self.registry.search(sha1=facts.sha1)))
+        target = str(self._target(archive, item))
+        stored = archive.stored_entries(facts.name)
+        # the entry where this input would go is the one judged, when there is one
+        ordered = sorted((str(p) for p in stored), key=lambda p: p != target)
+        facts = replace(facts, stored=tuple(ordered))
+        if verdicts.needs_stored_sha1(facts):
+            facts = replace(facts, stored_sha1=self._stored_sha1(Path(facts.stored[0])))
+        item, outcome = self._act(item, verdicts.at_lookup(facts))
+        if outcome.kind == "ok":
+            seams.reached("after-lookup")
+        return item, outcome
+
+    def _facts(
+        self, item: Item, archive: layout.Archive, record: ResourceRecord | None
+    ) -> verdicts.Facts:
+        """What the registry's record for the item's identifier says about it."""
+        assert item.name and item.sha1 and item.target_name
+        matches = record is not None and record.dtype == item.dtype
+        if matches and record is not None:
+            theirs = record.metadata or {}
+            ours = json.loads(item.metadata_json or "{}")
+            matches = all(theirs.get(k) == v for k, v in ours.items())
+        return verdicts.Facts(
+            name=item.name,
+            sha1=item.sha1,
+            target=str(self._target(archive, item)),
+            auto=item.auto_id,
+            registered=item.progress.registered,
+            has_record=record is not None,
+            record_matches=matches,
+            record_sha1=(record.sha1 or "").lower() if record is not None else None,
+        )
+
+    def _stored_sha1(self, path: Path) -> str:
+        """The SHA-1 of a stored file or folder, read back from storage."""
+        if path.is_symlink():
+            return "(a symbolic link)"
+        if path.is_dir():
+            return hash_path(path)
+        return durable.sha1_from_storage(path, throttle=self._progress)
+
+    def _act(self, item: Item, verdict: verdicts.Verdict) -> StepResult:
+        """The outcome of a verdict on the item's identifier (a replaced automatic
+        identifier is journaled with the outcome that sends it to lookup again)."""
+        kind = verdict.kind
+        if kind is verdicts.Kind.PROCEED:
+            return item, Outcome.ok()
+        if kind is verdicts.Kind.ALREADY:
+            log.info("already deposited", item=item.token, resource_id=item.name)
+            return replace(item, already=True), Outcome.ok()
+        if kind is verdicts.Kind.RECHECK:
+            return item, Outcome("recheck", verdict.code, verdict.message, verdict.hint)
+        if kind is verdicts.Kind.RENAME:
+            assert item.name and item.target_name
+            if item.progress.registered:  # a record may carry this name: it stays
+                return item, Outcome("transient", "internal", f"{verdict.message} (registered)")
+            spec = self._spec(item)
+            archive = self._archive(spec)
+            name = policy.replacement_identifier(
+                item.token_bytes, item.name, archive.policy.auto_id_type
+            )
+            suffix = item.target_name[len(item.name) :]
+            log.warning(
+                "automatic identifier taken; replaced",
+                item=item.token,
+                taken=item.name,
+                resource_id=name,
+                reason=verdict.message,
+            )
+            item = replace(item, name=name, target_name=name + suffix)
+            return item, Outcome("renamed", verdict.code, f"{verdict.message}; now {name}")
+        kind_name = "superseded" if kind is verdicts.Kind.SUPERSEDED else "permanent"
+        return item, Outcome(kind_name, verdict.code, verdict.message, verdict.hint)
+
+    def register(self, item: Item) -> StepResult:
+        spec = self._spec(item)
+        assert item.name and item.dtype and item.sha1 and item.target_name
+        if item.already:  # the record is there: only this archive's location may be new
+            record = self.registry.get_resource(item.name)
+            if record is not None and (record.sha1 or "").lower() == item.sha1:
+                if spec.archive_name not in record.locations:
+                    self.registry.add_location(item.name, spec.archive_name)
+                return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
+            item = replace(item, already=False)  # the record went since: register it
+        try:
+            self.registry.add_resource(
+                dtype=item.dtype,
+                archive=spec.archive_name,
+                name=item.name,
+                sha1=item.sha1,
+                metadata=json.loads(item.metadata_json or "{}"),
+            )
+            seams.reached("after-register-request")
+        except (errors.NameTaken, errors.Sha1Taken):
+            # ours already if an earlier attempt's answer was lost; else whose it is
+            archive = self._archive(spec)
+            record = self.registry.get_resource(item.name)
+            facts = self._facts(item, archive, record)
+            if record is None:
+                holders = tuple(r.name for r in self.registry.search(sha1=item.sha1))
+                facts = replace(facts, holders=holders)
+            item, outcome = self._act(item, verdicts.at_register(facts))
+            if outcome.kind != "ok":
+                return item, outcome
+            assert record is not None
+            if spec.archive_name not in record.locations:
+                self.registry.add_location(item.name, spec.archive_name)
+        item = replace(item, url=self.registry.resource_url(item.name))
+        seams.reached("after-register")
+        return item, Outcome.ok()

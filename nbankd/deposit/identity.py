@@ -1,0 +1,79 @@
+"""Identities of inputs and staged copies: what was recorded, and whether a file is
+still it. Each is journaled as JSON by the step that saw it and compared by later
+steps (a changed input is put back, a replaced staged copy is made again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from nbankd.watch.scan import identity_of_path, tree_identity
+
+IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+def identity_json(path: Path, is_dir: bool) -> str:
+    ident = tree_identity(path) if is_dir else identity_of_path(path)
+    return json.dumps({k: getattr(ident, k) for k in IDENTITY_FIELDS})
+
+
+def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
+    if recorded is None:
+        return False
+    try:
+        return json.loads(identity_json(path, is_dir)) == json.loads(recorded)
+    except FileNotFoundError:
+        return False
+
+
+def staged_id(path: Path) -> str:
+    """The staged copy's name and identity, journaled with the step that wrote it."""
+    st = os.lstat(path)
+    size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    return json.dumps(
+        {
+            "name": path.name,
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+            "size": size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+    )
+
+
+def staged_matches(recorded: str | None, path: Path) -> bool:
+    """True when ``path`` is still the staged copy journaled (device, inode, size,
+    mtime), or no identity was journaled (items of an older journal)."""
+    if recorded is None:
+        return True
+    try:
+        now = json.loads(staged_id(path))
+    except OSError:
+        return False
+    return now == json.loads(recorded)
+
+
+def seen_matches(seen: str | None, st: os.stat_result) -> bool:
+    """True when the entry about to be claimed is the one the scan saw (device and
+    inode), or when no scan identity was recorded (items of an older journal)."""
+    if seen is None:
+        return True
+    want = json.loads(seen)
+    return (want.get("dev"), want.get("ino")) == (st.st_dev, st.st_ino)
+
+
+def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
+    if recorded is None:
+        return False
+    want = json.loads(recorded)
+    got = {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+    return want == got

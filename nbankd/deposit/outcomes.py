@@ -1,0 +1,58 @@
+"""How an error raised by a deposit step's I/O is judged: a pure table.
+
+Transient errors make the input wait and retry with backoff (outages, full disks,
+permissions an administrator can fix); permanent ones reject it with a code (the
+input itself is wrong). Credentials and unregistered archives are the operator's
+to fix and never the input's fault, so they wait. OS errors are judged by errno
+with the same table the archive layer uses (:data:`nbankd.errors.PERMANENT_ERRNOS`).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from nbankd import errors
+from nbankd.deposit import policy
+from nbankd.deposit.lifecycle import Outcome
+
+#: errno values of an outage or of something an administrator fixes: the input waits
+WAITING_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ESTALE,
+        errno.ENOTCONN,
+    }
+)
+#: codes of the errno values no retry can fix (see :data:`errors.PERMANENT_ERRNOS`)
+PERMANENT_CODES = {
+    errno.ENAMETOOLONG: "name-too-long",
+    errno.EILSEQ: "invalid-name",
+    errno.EXDEV: "cross-device",
+}
+
+
+def outcome_for(err: BaseException) -> Outcome:
+    """The outcome of a step that raised ``err``."""
+    if isinstance(err, policy.PolicyError):
+        return Outcome("permanent", err.code, err.message, err.hint)
+    if isinstance(err, errors.RegistryAuthError | errors.UnknownArchive):
+        return Outcome("transient", err.code, err.message, err.hint)
+    if isinstance(err, errors.NbankdError):
+        kind = "transient" if err.transient else "permanent"
+        return Outcome(kind, err.code, err.message, err.hint)
+    if isinstance(err, OSError):
+        if err.errno in errors.PERMANENT_ERRNOS:
+            return Outcome("permanent", PERMANENT_CODES[err.errno], f"{err}")
+        if err.errno in WAITING_ERRNOS:
+            return Outcome("transient", "archive-unavailable", f"{err}")
+        return Outcome("transient", "os-error", f"{err}")
+    return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
+
+
+__all__ = ["PERMANENT_CODES", "WAITING_ERRNOS", "outcome_for"]

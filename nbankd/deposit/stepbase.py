@@ -1,0 +1,144 @@
+"""The shared part of the deposit steps: construction, an item's inbox and archive as
+its journaled intent fixed them, staged names and targets.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from nbankd import errors
+from nbankd.archive import durable, layout
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import Outcome, State
+from nbankd.deposit.spec import InboxSpec
+from nbankd.registry.base import Registry
+
+log = structlog.get_logger("nbankd.deposit")
+
+StepResult = tuple[Item, Outcome]
+
+_WRITES_INTO_INBOX = frozenset({State.CLAIMING, State.REJECTING, State.RETURNING})
+
+
+class InboxParked(errors.NbankdError):
+    """An item's inbox was removed from the configuration: it waits, never rejected."""
+
+    code = "parked"
+    transient = True
+
+
+class StepsBase:
+    """What every deposit step needs: the journal, the registry, the inboxes as the
+    item's journaled intent fixed them, archives and staged names."""
+
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        registry: Registry,
+        inboxes: Callable[[str], InboxSpec | None],
+        receipts_dir: Path,
+        clock: Callable[[], float] = time.time,
+        retired: Callable[[str], InboxSpec | None] = lambda _key: None,
+        archives: Callable[[str], Path | None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.journal = journal
+        self.registry = registry
+        self.inboxes = inboxes  # the configured inboxes, by key
+        self.retired = retired  # inboxes a reload removed (their items in flight finish)
+        self.archives = archives  # the configured archives' paths, by name (None: any)
+        self.rng = rng  # the backoff's jitter (None: the process's own randomness)
+        self.receipts_dir = receipts_dir
+        self.clock = clock
+        self.instance = secrets.token_hex(4)  # in staged names: never shared by processes
+        self._local = threading.local()  # per worker: its liveness beat
+
+    def _progress(self, _done: int = 0) -> None:
+        """Called during long copies and reads: a worker moving bytes is alive."""
+        beat = getattr(self._local, "beat", None)
+        if beat is not None:
+            beat()
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _spec(self, item: Item) -> InboxSpec:
+        """The inbox as the item's journaled intent fixed it: the archive, its path,
+        placement and verify recorded when the item was journaled, never what a later
+        reload configured. An item finishes so while its archive is configured (at
+        the same path), even if a reload removed or re-pointed its inbox; otherwise it
+        is parked (never rejected for a configuration change). Claiming, rejecting and
+        putting back write into the inbox, so they wait for it to be configured."""
+        live = self.inboxes(item.inbox)
+        spec = live or self.retired(item.inbox)
+        where = f"item {item.token} ({item.relpath_str!r})"
+        if spec is None or (live is None and item.state in _WRITES_INTO_INBOX):
+            raise InboxParked(
+                f"inbox {item.inbox} is no longer configured; {where} is parked, "
+                "never rejected for it",
+                hint="restore the inbox in the configuration (and reload) to finish it",
+            )
+        if self.archives is not None:
+            configured = self.archives(item.archive)
+            if configured is None or Path(configured) != Path(item.archive_path):
+                raise InboxParked(
+                    f"archive {item.archive} ({item.archive_path}), chosen for {where} when "
+                    "it was claimed, is no longer configured there; the item is parked, "
+                    "never sent elsewhere",
+                    hint="restore the archive in the configuration (and reload) to finish it",
+                )
+        return replace(
+            spec,
+            archive_name=item.archive,
+            archive_path=Path(item.archive_path),
+            placement=item.placement,
+            verify=item.verify,
+        )
+
+    @staticmethod
+    def staged_name(item: Item) -> str:
+        """The staged copy's name: journaled by the process that wrote it (items of an
+        older journal: the name every process used then)."""
+        if item.staged_identity:
+            return str(json.loads(item.staged_identity)["name"])
+        return f"{durable.STAGED_PREFIX}{item.token}"
+
+    def _new_staged_name(self, archive: layout.Archive, item: Item) -> str:
+        """A name no other process can use (this process's instance in it), after
+        removing what earlier attempts at this item left in staging/."""
+        prefix = f"{durable.STAGED_PREFIX}{item.token}"
+        for leftover in durable.list_staged(archive):
+            if leftover.name == prefix or leftover.name.startswith(prefix + "-"):
+                durable.discard_staged(archive, leftover)
+        return f"{prefix}-{self.instance}"
+
+    def _archive(self, spec: InboxSpec) -> layout.Archive:
+        try:
+            return layout.open_archive(spec.archive_path)
+        except errors.NotAnArchive as err:
+            # a configured archive without a usable nbank.json is an unmounted or damaged
+            # filesystem, the operator's to fix: the input waits and is never rejected
+            raise errors.ArchiveUnavailable(err.message, hint=err.hint) from None
+
+    def _target(self, archive: layout.Archive, item: Item) -> Path:
+        assert item.name is not None and item.target_name is not None
+        # filed by the identifier: "a.json" of identifier "a" goes to resources/a/
+        return archive.stored_file(item.name, item.target_name)
+
+    # -- the steps ---------------------------------------------------------------
+
+    def _discard_staged(self, spec: InboxSpec, item: Item) -> None:
+        try:
+            archive = self._archive(spec)
+        except errors.ArchiveError:  # archive gone: its staging/ is safe to clean later
+            return
+        durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
