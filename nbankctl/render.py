@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nbankd.timefmt import human_duration, iso
 from nbankd.watch.scan import printable
-from nbankd.watch.settle import format_duration
 
 
 def write(text: str, stream: Any = None) -> None:
@@ -60,7 +60,7 @@ def _cell(value: Any) -> str:
 def ago(t: float | None, now: float | None = None) -> str:
     if t is None:
         return "never"
-    return f"{format_duration((now or time.time()) - t)} ago"
+    return f"{human_duration((now or time.time()) - t)} ago"
 
 
 def when(iso: str | None) -> str:
@@ -74,7 +74,7 @@ def status(result: dict[str, Any]) -> str:
     degraded = result.get("degraded") or []
     head = (
         f"nbankd {result.get('version')} (pid {result.get('pid')}), "
-        f"up {format_duration(result.get('uptime') or 0)}: "
+        f"up {human_duration(result.get('uptime') or 0)}: "
         + ("DEGRADED" if degraded else "healthy")
     )
     reg = result.get("registry") or {}
@@ -82,7 +82,7 @@ def status(result: dict[str, Any]) -> str:
     if reg.get("problem"):
         lines[-1] += f" (problem: {reg['problem']})"
     last = result.get("last_deposit")
-    last_text = f"{last['id']} at {when(_iso(last.get('time')))}" if last else "none"
+    last_text = f"{last['id']} at {when(iso(last.get('time')))}" if last else "none"
     lines.append(f"queue: {result.get('queue', 0)} item(s); last deposit: {last_text}")
     err = result.get("last_error")
     if err:
@@ -176,14 +176,6 @@ def _problem_count(last: dict[str, Any]) -> int:
         return int(last["problem_count"])
     errors = sum(1 for p in last.get("problems") or () if "finding(s)" not in str(p))
     return int(last.get("findings", 0)) + errors
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 # --- queue, history ----------------------------------------------------------------

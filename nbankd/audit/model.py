@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from nbankd.timefmt import iso
 
 MISSING_FROM_ARCHIVE = "missing from archive"
 MISSING_FROM_REGISTRY = "missing from registry"
@@ -121,13 +123,6 @@ class CacheEntry(NamedTuple):
     @property
     def stat(self) -> FileStat:
         return FileStat(self.size, self.mtime_ns, self.inode, self.ctime_ns)
-
-
-def iso(t: float | None) -> str | None:
-    """Seconds since the epoch as an ISO 8601 UTC timestamp (None stays None)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def from_iso(text: str | None) -> float | None:

@@ -26,6 +26,7 @@ from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
 from nbankd.deposit.receipts import read_receipts
 from nbankd.migration import moves
+from nbankd.timefmt import iso
 from nbankd.watch import settle
 
 if TYPE_CHECKING:
@@ -89,10 +90,6 @@ def resolve_inbox(daemon: Daemon, name: str) -> str:
 def _inbox_keys(daemon: Daemon, args: dict[str, Any]) -> list[str]:
     name = _arg(args, "inbox", str)
     return [resolve_inbox(daemon, name)] if name else list(_inboxes(daemon))
-
-
-def _iso(t: float | None) -> str | None:
-    return explain_mod.iso(t)
 
 
 def parse_since(value: Any, now: float) -> float | None:
@@ -181,11 +178,11 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                 "state": str(item.state),
                 "status": status,
                 "attempts": item.attempts,
-                "next_attempt": _iso(item.not_before) if item.not_before > now else None,
+                "next_attempt": iso(item.not_before) if item.not_before > now else None,
                 "error_code": item.error_code,
                 "error": item.error_message,
                 "id": item.name,
-                "created": _iso(item.created),
+                "created": iso(item.created),
             }
         )
     pending = []
@@ -210,7 +207,7 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "items": out,
         "pending": pending,
         "fresh": fresh,
-        "scanned": _iso(min(scanned)) if scanned else None,
+        "scanned": iso(min(scanned)) if scanned else None,
     }
 
 
@@ -323,7 +320,7 @@ def rescan(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     keys = _inbox_keys(daemon, args)
     for key in keys:
         daemon.request_rescan(key)
-    return {"rescan": keys, "requested": _iso(daemon.clock())}
+    return {"rescan": keys, "requested": iso(daemon.clock())}
 
 
 def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:

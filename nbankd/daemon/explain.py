@@ -17,7 +17,6 @@ import json
 import os
 import stat
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +27,7 @@ from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
 from nbankd.deposit.spec import WORK_DIR_NAME
 from nbankd.shellwords import requeue_command
+from nbankd.timefmt import iso
 from nbankd.watch import settle
 from nbankd.watch.scan import SIDECAR_SUFFIXES, EntryKind, owner_of, printable
 
@@ -74,12 +74,6 @@ class JournalView(Protocol):
     def latest_for(self, inbox: str, relpath: bytes) -> Item | None: ...
 
     def find_rejected(self, inbox: str, rejected_relpath: bytes) -> Item | None: ...
-
-
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def locate(

@@ -32,6 +32,7 @@ from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
 from nbankd.hashing import SourceReadError, sha1_stream
+from nbankd.timefmt import iso
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
@@ -220,7 +221,7 @@ class Steps(ClaimSteps, IdentifierSteps):
             "dtype": item.dtype,
             "archive": spec.archive_name,
             "archive_path": str(layout.stored_file(archive_path, item.name, item.target_name)),
-            "time": _iso(now),
+            "time": iso(now),
             "outcome": "already-deposited" if item.already else "deposited",
         }
         receipts.append_receipt(self.receipts_dir, spec.key, receipt)
@@ -365,9 +366,3 @@ def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
         log.info(
             "step outcome", outcome=outcome.kind, code=outcome.code, error=outcome.message, **fields
         )
-
-
-def _iso(t: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")

@@ -35,7 +35,6 @@ _EXPORTS = {
     "Verdict": "nbankd.watch.settle",
     "Watch": "nbankd.watch.settle",
     "forget": "nbankd.watch.settle",
-    "format_duration": "nbankd.watch.settle",
     "next_deadline": "nbankd.watch.settle",
     "observe": "nbankd.watch.settle",
     "step": "nbankd.watch.settle",

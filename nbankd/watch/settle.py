@@ -32,6 +32,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from nbankd.timefmt import human_duration
 from nbankd.watch.scan import MARKER_SUFFIX, Entry, EntryKind, Identity
 
 
@@ -101,25 +102,6 @@ class SettlePolicy:
             raise ValueError(f"stall_after must be > 0 or None: {self.stall_after}")
 
 
-def format_duration(seconds: float) -> str:
-    """``0.4 s``, ``3.2 s``, ``10 s``, ``5 m 3 s``, ``2 h 5 m``, ``3 d 4 h``."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        text = f"{seconds:.1f}"
-        return f"{text.removesuffix('.0')} s"
-    whole = int(seconds)
-    for unit, size, sub, subsize in (
-        ("d", 86400, "h", 3600),
-        ("h", 3600, "m", 60),
-        ("m", 60, "s", 1),
-    ):
-        if whole >= size:
-            major, rest = divmod(whole, size)
-            minor = rest // subsize
-            return f"{major} {unit} {minor} {sub}" if minor else f"{major} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def observe(
     prev: Watch | None,
     identity: Identity,
@@ -169,15 +151,15 @@ def observe(
         if stall_at is not None and now >= stall_at:
             verdict = Verdict(
                 State.STALLED,
-                f"stalled: still changing after {format_duration(now - changing_since)}"
-                f" (stall_after {format_duration(stall_after or 0)}); last change"
-                f" {format_duration(unchanged)} ago",
+                f"stalled: still changing after {human_duration(now - changing_since)}"
+                f" (stall_after {human_duration(stall_after or 0)}); last change"
+                f" {human_duration(unchanged)} ago",
                 left,
             )
         else:
             text = (
-                f"settling: unchanged for {format_duration(unchanged)}"
-                f" of {format_duration(settle_seconds)}"
+                f"settling: unchanged for {human_duration(unchanged)}"
+                f" of {human_duration(settle_seconds)}"
             )
             if mode is ReadyMode.MARKER and not marker_present:
                 text += f"; {marker} not present yet"
@@ -185,14 +167,14 @@ def observe(
     elif mode is ReadyMode.MARKER and not marker_present:
         verdict = Verdict(
             State.WAITING_FOR_MARKER,
-            f"waiting for {marker}: settled, unchanged for {format_duration(unchanged)}",
+            f"waiting for {marker}: settled, unchanged for {human_duration(unchanged)}",
         )
     else:
         why = " and marker present" if mode is ReadyMode.MARKER else ""
         verdict = Verdict(
             State.READY,
-            f"ready: unchanged for {format_duration(unchanged)}"
-            f" (settle {format_duration(settle_seconds)}){why}",
+            f"ready: unchanged for {human_duration(unchanged)}"
+            f" (settle {human_duration(settle_seconds)}){why}",
         )
     return Watch(
         identity, first_seen, last_change, changing_since, changes, verdict, ready_at, stall_at
@@ -332,7 +314,7 @@ def _hold_for_sidecars(
             left = w.verdict.seconds_left
             return Verdict(
                 State.SETTLING,
-                f"settling: sidecar {car.name} changed {format_duration(now - w.last_change)} ago",
+                f"settling: sidecar {car.name} changed {human_duration(now - w.last_change)} ago",
                 left,
             )
     return verdict

@@ -17,7 +17,6 @@ from nbankd.watch.settle import (
     TrackerState,
     Watch,
     forget,
-    format_duration,
     next_deadline,
     observe,
     step,
@@ -152,13 +151,6 @@ def test_change_after_settling_starts_a_new_stall_period() -> None:
     w = run([(0, 0), (100, 0), (5000, 1)], mode=ReadyMode.MARKER, stall_after=60)
     assert w.verdict.state is State.SETTLING
     assert (w.changing_since, w.stall_at) == (5000, 5060)
-
-
-def test_format_duration() -> None:
-    """Durations read like the configuration writes them."""
-    cases = [(0.04, "0 s"), (3.25, "3.2 s"), (10, "10 s"), (303, "5 m 3 s"), (3600, "1 h")]
-    cases += [(7500, "2 h 5 m"), (273600, "3 d 4 h"), (-1, "0 s")]
-    assert [format_duration(s) for s, _ in cases] == [text for _, text in cases]
 
 
 def test_policy_rejects_bad_values() -> None:
