@@ -22,7 +22,8 @@ from typing import Any
 from nbankctl import checkarchive
 from nbankctl.registry_access import describe, open_registry
 from nbankd import errors
-from nbankd.archive.layout import DEFAULT_UMASK, create_archive, open_archive
+from nbankd.archive.layout import DEFAULT_UMASK
+from nbankd.archive.opening import create_archive, open_archive
 from nbankd.hashing import hash_path
 from nbankd.registry.base import CORE_FIELDS, SLUG_RE, LocationRecord, Registry
 

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from nbankd import errors
-from nbankd.archive import durable
+from nbankd.archive import durable, opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
-from nbankd.archive.layout import Archive, open_archive
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import open_archive
 from nbankd.hashing import sha1_stream
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
@@ -419,7 +420,7 @@ def import_tar(
         )
     summary = Summary(archive=record.name)
     note = _Recorder(summary, report)
-    staging = archive.staging_dir if dry_run else archive.ensure_staging()
+    staging = archive.staging_dir if dry_run else opening.ensure_staging(archive)
     with open_tar(tar_path) as tar:
         while True:
             try:

@@ -20,18 +20,13 @@ the policy's ``access.group``; nbankd changes groups where it may but never owne
 from __future__ import annotations
 
 import errno
-import grp
-import json
 import os
-import pwd
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nbankd import errors
-from nbankd.archive.access import apply_access, chgrp
-from nbankd.archive.fsops import fsync_dir
 
 CONFIG_NAME = "nbank.json"
 README_NAME = "README.md"
@@ -47,33 +42,6 @@ POLICY_KEYS = (
     "allow_directories",
     "require_hash",
 )
-
-_README_TEXT = """\
-# Neurobank archive
-
-This folder is a data archive managed with neurobank
-(https://github.com/melizalab/neurobank). Every file stored here is a registered
-*resource*: it has a unique identifier, its bytes never change, and the registry
-named in `nbank.json` records which archives hold it.
-
-## What is here
-
-- `nbank.json`: the archive's configuration (registry address, deposit policy,
-  owner, group and permissions).
-- `README.md`: this description. Add notes about the archive's contents below.
-- `resources/`: the stored resources. Each one lives in a sub-folder named after the
-  first two characters of its identifier, e.g. `resources/ab/abcd1234.wav`.
-- `staging/`: files being prepared for deposit. Anything left in it after an
-  interrupted deposit can be deleted.
-
-Do not add, rename or edit files under `resources/` by hand. Deposit them with
-`nbank deposit` or through an nbankd inbox, which register each file and set the
-group and permissions `nbank.json` asks for. `nbank archive check` compares the
-folder with the registry and reports anything out of place.
-
-## Contents
-
-"""
 
 
 @dataclass(frozen=True)
@@ -304,22 +272,6 @@ class Archive:
                 else:
                     found.append(anomaly)
 
-    def ensure_staging(self) -> Path:
-        """Returns ``staging/``, creating it (with the layout mode) if it is missing."""
-        staging = self.staging_dir
-        try:
-            os.mkdir(staging, 0o700)
-        except FileExistsError:
-            return staging
-        except OSError as err:
-            raise unavailable(self, err, f"creating {staging}") from err
-        try:
-            apply_access(self, staging)
-            fsync_dir(self.path)
-        except OSError as err:
-            raise unavailable(self, err, f"creating {staging}") from err
-        return staging
-
 
 # --- errors -------------------------------------------------------------------------
 
@@ -362,217 +314,14 @@ def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.Arc
     return errors.ArchiveUnavailable(message, hint=hints.get(err.errno or 0, "retrying later"))
 
 
-# --- creating and opening ------------------------------------------------------------
-
-
-def _group_name(group: str | None) -> str:
-    if group is None:
-        return grp.getgrgid(os.getgid()).gr_name
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        raise errors.ArchiveError(
-            f"group '{group}' does not exist", hint="create it or choose another group"
-        ) from None
-    return group
-
-
-def _config_dict(
-    registry_url: str, user: str | None, group: str, umask: int, read_only: bool
-) -> dict[str, Any]:
-    return {
-        "$schema": CONFIG_SCHEMA,
-        "project": {"name": None, "description": None},
-        "owner": {"name": None, "email": None},
-        "registry": registry_url,
-        "policy": {
-            "auto_identifiers": False,
-            "auto_id_type": None,
-            "keep_extensions": True,
-            "allow_directories": False,
-            "require_hash": True,
-            "access": {
-                "user": user,
-                "group": group,
-                "umask": umask,
-                "read_only_resources": read_only,
-            },
-        },
-    }
-
-
-def _write_new(path: Path, text: str, mode: int) -> None:
-    """Writes a file that must not exist yet, durably, with exactly ``mode``."""
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except FileExistsError:
-        raise errors.ArchiveError(
-            f"'{path}' already exists", hint="nbankctl init never overwrites files"
-        ) from None
-    try:
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def create_archive(
-    path: str | os.PathLike[str],
-    registry_url: str,
-    *,
-    group: str | None = None,
-    umask: int = DEFAULT_UMASK,
-    shared: bool = False,
-    read_only_resources: bool = True,
-    **policy: Any,
-) -> Archive:
-    """Creates a neurobank archive in ``path`` as ``nbank init`` (0.13) would, and opens it.
-
-    Writes ``nbank.json``, ``README.md`` and ``.gitignore`` and makes ``resources/`` and
-    ``staging/``, creating ``path`` and its parents as needed. ``group`` defaults to the
-    current user's primary group; ``shared`` records no owner. ``policy`` may set
-    ``auto_identifiers``, ``auto_id_type``, ``keep_extensions``, ``allow_directories``,
-    ``require_hash``. Registers nothing: the caller registers the archive.
-
-    Raises ArchiveError naming the file if any file it would write already exists (nothing
-    is written then) or the group does not exist; TypeError for an unknown policy key.
-    """
-    unknown = sorted(set(policy) - set(POLICY_KEYS))
-    if unknown:
-        raise TypeError(f"unknown archive policy key(s): {', '.join(unknown)}")
-    root = Path(path).resolve(strict=False)
-    group = _group_name(group)
-    umask &= 0o777
-    for name in (CONFIG_NAME, README_NAME, GITIGNORE_NAME):
-        if os.path.lexists(root / name):
-            raise errors.ArchiveError(
-                f"'{root / name}' already exists", hint="nbankctl init never overwrites files"
-            )
-    user = None if shared else pwd.getpwuid(os.geteuid()).pw_name
-    config = _config_dict(registry_url, user, group, umask, read_only_resources)
-    config["policy"].update(policy)
-    file_mode = 0o666 & ~umask
-    try:
-        (root / RESOURCES_NAME).mkdir(parents=True, exist_ok=True)
-        (root / STAGING_NAME).mkdir(exist_ok=True)
-        _write_new(root / README_NAME, _README_TEXT, file_mode)
-        _write_new(root / CONFIG_NAME, json.dumps(config, indent=4), file_mode)
-        _write_new(root / GITIGNORE_NAME, f"{RESOURCES_NAME}/\n{STAGING_NAME}/\n", file_mode)
-        archive = open_archive(root)
-        for name in (README_NAME, CONFIG_NAME, GITIGNORE_NAME):
-            chgrp(archive, root / name)
-        apply_access(archive, archive.resources_dir)
-        apply_access(archive, archive.staging_dir)
-        fsync_dir(root)
-    except errors.NbankdError:
-        raise
-    except OSError as err:
-        raise unavailable(root, err, "creating the archive") from err
-    return archive
-
-
-def _umask_value(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, int):
-        return value & 0o777
-    if isinstance(value, str):
-        return int(value, 8) & 0o777
-    raise ValueError
-
-
-def _parse_config(config: Any, where: Path) -> tuple[str, ArchivePolicy]:
-    def bad(key: str, why: str) -> errors.NotAnArchive:
-        return errors.NotAnArchive(
-            f"{where}: '{key}' {why}", hint="fix nbank.json, or run `nbankctl init` on a new folder"
-        )
-
-    if not isinstance(config, dict):
-        raise bad("(top level)", "is not a JSON object")
-    registry = config.get("registry")
-    if not isinstance(registry, str) or not registry:
-        raise bad("registry", "is missing or not a URL")
-    pol = config.get("policy") or {}
-    if not isinstance(pol, dict):
-        raise bad("policy", "is not a JSON object")
-    acc = pol.get("access") or {}
-    if not isinstance(acc, dict):
-        raise bad("policy.access", "is not a JSON object")
-    try:
-        umask = _umask_value(acc.get("umask", DEFAULT_UMASK))
-    except ValueError:
-        raise bad("policy.access.umask", f"is not an octal umask: {acc.get('umask')!r}") from None
-    access = AccessPolicy(
-        user=acc.get("user") or None,
-        group=acc.get("group") or None,
-        umask=umask,
-        read_only_resources=bool(acc.get("read_only_resources", False)),
-    )
-    auto_id_type = pol.get("auto_id_type")
-    if auto_id_type is not None and not isinstance(auto_id_type, str):
-        raise bad("policy.auto_id_type", "is not a string")
-    policy = ArchivePolicy(
-        auto_identifiers=bool(pol.get("auto_identifiers", False)),
-        auto_id_type=auto_id_type,
-        keep_extensions=bool(pol.get("keep_extensions", True)),
-        allow_directories=bool(pol.get("allow_directories", False)),
-        require_hash=bool(pol.get("require_hash", True)),
-        access=access,
-    )
-    return registry, policy
-
-
-def open_archive(path: str | os.PathLike[str]) -> Archive:
-    """Opens the archive in ``path``, reading old and new forms of ``nbank.json``.
-
-    Older forms are accepted: umask as an octal string, no ``read_only_resources``
-    (neurobank then treats resources as writable), no ``auto_id_type``, no ``staging/``
-    (created on demand by :meth:`Archive.ensure_staging`). Raises NotAnArchive naming
-    the file if nbank.json is missing or malformed, and ArchiveUnavailable if it
-    cannot be read (I/O error, permissions).
-    """
-    root = Path(path).absolute()
-    cfg_path = root / CONFIG_NAME
-    try:
-        text = cfg_path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        raise errors.NotAnArchive(
-            f"{cfg_path} does not exist",
-            hint="is the filesystem mounted? To make a new archive there, run `nbankctl init`",
-        ) from None
-    except IsADirectoryError:
-        raise errors.NotAnArchive(f"{cfg_path} is a directory, not a file") from None
-    except UnicodeDecodeError as err:
-        raise errors.NotAnArchive(f"{cfg_path} is not UTF-8 text: {err}") from None
-    except OSError as err:
-        raise unavailable(root, err, f"reading {cfg_path}") from err
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise errors.NotAnArchive(
-            f"{cfg_path} is not valid JSON: {err}", hint="fix the file or restore it from a copy"
-        ) from None
-    registry, policy = _parse_config(config, cfg_path)
-    try:
-        resolved = root.resolve(strict=True)
-    except OSError as err:
-        raise unavailable(root, err, "resolving its path") from err
-    return Archive(resolved, registry, policy, config)
-
-
 __all__ = [
     "AccessPolicy",
     "Anomaly",
     "Archive",
     "ArchivePolicy",
     "Lister",
-    "create_archive",
-    "open_archive",
+    "candidate_stubs",
     "scan_dir",
+    "stored_file",
     "unavailable",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from nbankd import errors
+from nbankd.archive import opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.hashing import (
@@ -132,7 +133,7 @@ def check_regular(st: os.stat_result, shown: Path | str) -> None:
 
 def _create_staged(archive: Archive, name: str, *, directory: bool) -> Path:
     check_present(archive)
-    archive.ensure_staging()
+    opening.ensure_staging(archive)
     path = staged_path(archive, name)
     for _attempt in range(2):
         try:

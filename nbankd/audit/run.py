@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from nbankd import errors, seams
-from nbankd.archive.layout import Archive, open_archive
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import open_archive
 from nbankd.audit import compare
 from nbankd.audit import plan as planner
 from nbankd.audit.cache import AuditCache, RunRecord

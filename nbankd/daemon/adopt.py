@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import structlog
 
 from nbankd import errors
-from nbankd.archive import layout
+from nbankd.archive import layout, opening
 from nbankd.config import Config
 from nbankd.hashing import hash_path
 from nbankd.registry.base import Registry
@@ -33,7 +33,7 @@ def _holding(config: Config) -> list[tuple[str, layout.Archive]]:
     out = []
     for arch in config.archives:
         try:
-            archive = layout.open_archive(arch.path)
+            archive = opening.open_archive(arch.path)
         except errors.NbankdError:
             continue  # unmounted or not made yet: nothing to say about it now
         if next(iter(archive.iter_resources()), None) is not None:

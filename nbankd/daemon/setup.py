@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from nbankd import errors
-from nbankd.archive import layout
+from nbankd.archive import opening
 from nbankd.config import Config
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
 from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
@@ -132,9 +132,9 @@ def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
                         )
                     )
                     continue
-                layout.create_archive(arch.path, registry.url)
+                opening.create_archive(arch.path, registry.url)
                 log.info("created archive", archive=arch.name, path=str(arch.path))
-            layout.open_archive(arch.path)
+            opening.open_archive(arch.path)
             record = registry.find_archive_by_root(str(arch.path))
             if record is None:
                 if config.embedded or arch.create:
@@ -174,7 +174,7 @@ def archive_usable(
     archive does not say.
     """
     try:
-        archive = layout.open_archive(path)
+        archive = opening.open_archive(path)
     except errors.NbankdError as err:
         return str(err)
     if registry_url is not None and not same_registry(archive.registry_url, registry_url, aliases):

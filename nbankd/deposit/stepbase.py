@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from nbankd import errors
-from nbankd.archive import durable, layout
+from nbankd.archive import durable, layout, opening
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
 from nbankd.deposit.spec import InboxSpec
@@ -123,7 +123,7 @@ class StepsBase:
 
     def _archive(self, spec: InboxSpec) -> layout.Archive:
         try:
-            return layout.open_archive(spec.archive_path)
+            return opening.open_archive(spec.archive_path)
         except errors.NotAnArchive as err:
             # a configured archive without a usable nbank.json is an unmounted or damaged
             # filesystem, the operator's to fix: the input waits and is never rejected

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.archive.layout import Archive, create_archive
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import create_archive
 
 
 @pytest.fixture

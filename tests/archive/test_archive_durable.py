@@ -132,7 +132,7 @@ def test_stage_copy_tree_refuses_special_entries(
 
 def test_stage_copy_tree_needs_allow_directories(tmp_path: Path) -> None:
     """An archive that does not allow directories refuses a tree."""
-    from nbankd.archive.layout import create_archive
+    from nbankd.archive.opening import create_archive
 
     archive = create_archive(tmp_path / "nodirs", "http://127.0.0.1:1/neurobank/")
     with pytest.raises(errors.DirectoryNotAllowed):

@@ -22,7 +22,7 @@ import json, os, sys
 from pathlib import Path
 from nbankd import errors
 from nbankd.archive import durable
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 
 mnt, src, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 archive = create_archive(mnt / "arch", "http://127.0.0.1:1/neurobank/", allow_directories=True)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from nbankd import errors
+from nbankd.archive import opening
 from nbankd.archive.access import target_mode
-from nbankd.archive.layout import Anomaly, create_archive, open_archive
+from nbankd.archive.layout import Anomaly
+from nbankd.archive.opening import create_archive, open_archive
 
 URL = "http://127.0.0.1:1/neurobank/"
 
@@ -142,7 +144,7 @@ def test_open_old_form_config(tmp_path: Path) -> None:
     assert archive.policy.access.umask == 0o027
     assert archive.policy.access.read_only_resources is False
     assert archive.policy.auto_id_type is None
-    assert archive.ensure_staging() == root / "staging"
+    assert opening.ensure_staging(archive) == root / "staging"
     assert mode(root / "staging") == 0o2750
 
 

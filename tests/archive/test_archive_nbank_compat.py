@@ -15,7 +15,8 @@ from archive_helpers import make_tree
 from fixtures.django_server import DjangoServer, unique_name
 from fixtures.users import TestUser
 from nbankd.archive import durable
-from nbankd.archive.layout import Archive, create_archive, open_archive
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import create_archive, open_archive
 from nbankd.registry.http import HttpRegistry
 
 NBANK = str(Path(sys.executable).with_name("nbank"))
@@ -86,7 +87,7 @@ FILL_AS_USER = r"""
 import json, sys
 from pathlib import Path
 from nbankd.archive import durable
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 
 root, url, group, fid, did = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 a = create_archive(root / "arch", url, group=group, allow_directories=True)

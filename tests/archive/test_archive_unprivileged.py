@@ -15,7 +15,7 @@ import json, os, stat, sys
 from pathlib import Path
 from nbankd import errors
 from nbankd.archive import durable
-from nbankd.archive.layout import create_archive, open_archive
+from nbankd.archive.opening import create_archive, open_archive
 
 def info(p):
     st = os.lstat(p)

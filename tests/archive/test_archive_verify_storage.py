@@ -21,7 +21,7 @@ SCRIPT = r"""
 import json, os, sys
 from pathlib import Path
 from nbankd.archive import durable
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from nbankd.hashing import sha1_file
 
 mnt, image = Path(sys.argv[1]), Path(sys.argv[2])

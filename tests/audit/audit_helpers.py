@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures.cli_backends import sha1, store
-from nbankd.archive.layout import Archive, create_archive
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import create_archive
 from nbankd.audit.settings import AuditTarget
 from nbankd.registry.embedded import EmbeddedRegistry
 

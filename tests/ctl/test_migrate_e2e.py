@@ -27,7 +27,7 @@ import yaml
 from fixtures.cli_backends import NBANK, NBANKCTL, base_env, json_stream
 from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.django_server import DjangoServer, unique_name
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from nbankd.control.client import ControlClient
 from nbankd.migration import snapshot
 from nbankd.registry.embedded import EmbeddedRegistry

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from nbankd.hashing import directory_hash
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.archive import layout
+from nbankd.archive import layout, opening
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import State, Step, advance
@@ -93,7 +93,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     inbox.mkdir()
     db = tmp_path / "registry.sqlite3"
     registry = open_registry("embedded", embedded_db=db)
-    archive = layout.create_archive(tmp_path / "arch", registry.url)
+    archive = opening.create_archive(tmp_path / "arch", registry.url)
     registry.add_datatype("test-file")
     registry.add_archive("arch", "neurobank", str(archive.path))
     work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbankd.archive import layout
+from nbankd.archive import opening
 from nbankd.config.model import CANARY_NAME
 from nbankd.deposit.lifecycle import FINAL
 from nbankd.hashing import DirectoryHasher, hash_path
@@ -337,7 +337,7 @@ def _check_archive(
     h: Any, receipts: list[dict[str, Any]], records: Mapping[str, Any], counts: Counts
 ) -> list[str]:
     out: list[str] = []
-    archive = layout.open_archive(h.archive)
+    archive = opening.open_archive(h.archive)
     anomalies: list[Any] = []
     receipt_ids = {r["id"] for r in receipts}
     for name, path in archive.iter_resources(anomalies):

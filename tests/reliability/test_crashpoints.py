@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from nbankd.control.client import call
 from nbankd.seams import DEPOSIT_POINTS as POINTS
 from reliability import figures

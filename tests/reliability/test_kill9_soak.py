@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from reliability import figures
 from reliability.invariants import (
     Input,

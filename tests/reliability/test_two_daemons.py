@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, wait_for
-from nbankd.archive.layout import create_archive
+from nbankd.archive.opening import create_archive
 from nbankd.config.model import CANARY_NAME
 from nbankd.registry.http import HttpRegistry
 from reliability import figures
