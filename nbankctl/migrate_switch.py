@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankctl.daemon_cmds import socket_path
-from nbankctl.migrate import import_snapshot, target_url
+from nbankctl.migrate_import import import_snapshot, target_url
 from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
 from nbankd.migration import moves, snapshot, switch
