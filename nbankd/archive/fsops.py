@@ -9,6 +9,10 @@
 - :func:`fsync_dir`: makes a directory's entries durable.
 - :func:`write_atomic`: writes a small file whole or not at all (temp file, fsync,
   rename or link, fsync of the folder).
+- :func:`append_durable`: appends a whole line to a log, ending a line a crash tore
+  first; the data fsynced, and the folder too when the log is new.
+
+Every small durable file nbankd writes goes through one of these two.
 """
 
 from __future__ import annotations
@@ -189,8 +193,45 @@ def write_atomic(
     fsync_dir(path.parent)
 
 
+def append_durable(
+    path: str | os.PathLike[str],
+    line: bytes,
+    *,
+    mode: int = 0o640,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Appends ``line`` (ending in a newline) to the log at ``path``, durably.
+
+    A last line left without its newline by a crash is ended first, so the new line
+    is never glued to a torn one. A log this call creates gets ``mode`` and (when
+    allowed: root) ``owner``, and its folder is fsynced; a link at ``path`` is
+    refused (ELOOP).
+    """
+    if not line.endswith(b"\n"):
+        raise ValueError("a log line ends with a newline")
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        st = os.fstat(fd)
+        created = st.st_size == 0  # new, or empty: its folder entry is fsynced too
+        if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            line = b"\n" + line  # a torn line from a crash: end it
+        if created and owner is not None:
+            with contextlib.suppress(PermissionError):  # not root: the file stays ours
+                os.fchown(fd, owner[0], owner[1])
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
 __all__ = [
     "NoReplaceUnsupported",
+    "append_durable",
     "fsync_dir",
     "fsync_fd",
     "move_noreplace_at",

@@ -15,7 +15,7 @@ from typing import Any
 
 from nbankd import errors
 from nbankd.archive.access import apply_access, chgrp
-from nbankd.archive.fsops import fsync_dir
+from nbankd.archive.fsops import fsync_dir, write_atomic
 from nbankd.archive.layout import (
     CONFIG_NAME,
     CONFIG_SCHEMA,
@@ -116,23 +116,13 @@ def _config_dict(
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
-    """Writes a file that must not exist yet, durably, with exactly ``mode``."""
+    """Writes a new file whole or not at all, never replacing one (the folder fsynced)."""
     try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        write_atomic(path, text.encode("utf-8"), mode=mode, replace=False)
     except FileExistsError:
         raise errors.ArchiveError(
             f"'{path}' already exists", hint="nbankctl init never overwrites files"
         ) from None
-    try:
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_archive(

@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import structlog
 
+from nbankd.archive.fsops import write_atomic
 from nbankd.audit.model import AuditReport
 
 log = structlog.get_logger("nbankd.audit")
@@ -46,19 +46,8 @@ def write_report(folder: Path, report: AuditReport) -> Path:
     path = report_path(folder, report)
     data = report.to_json()
     data["report"] = str(path)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+    write_atomic(path, text.encode("utf-8"), mode=0o640)
     _prune(folder)
     return path
 

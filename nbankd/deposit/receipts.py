@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from nbankd.archive.fsops import append_durable
+
 _TAIL_BYTES = 256 * 1024
 
 
@@ -46,24 +48,7 @@ def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any
     if _already_logged(path, token):
         return path
     line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
-    new = not path.exists()
-    if not new and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a torn line from a crash: end it
-                line = "\n" + line
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line.encode("utf-8", "surrogateescape"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if new:
-        dfd = os.open(receipts_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640)
     return path
 
 

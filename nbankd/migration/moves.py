@@ -11,12 +11,13 @@ earlier one it contradicts (going back: A to B, then B to A), so there is no loo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from nbankd.archive.fsops import append_durable
 
 MOVES_NAME = "registry-moves.jsonl"
 _MAX_HOPS = 16
@@ -93,21 +94,8 @@ def record_move(
         return False
     path = moves_path(state_dir)
     line = json.dumps({"from": old, "to": new, "time": time, "export": export}, sort_keys=True)
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-    try:
-        if created:  # the daemon's user reads it (history): give it the state folder's owner
-            st = os.stat(path.parent)
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, (line + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        from nbankd.archive.fsops import fsync_dir
-
-        fsync_dir(path.parent)
+    st = os.stat(path.parent)  # the daemon's user reads it (history): the folder's owner
+    append_durable(path, (line + "\n").encode("utf-8"), owner=(st.st_uid, st.st_gid))
     return True
 
 
