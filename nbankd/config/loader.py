@@ -14,48 +14,43 @@ collections (``archives``, ``inboxes``, ``datatypes``, ``metadata``,
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-import yaml
-
 from nbankd.config.durations import format_duration
+from nbankd.config.inbox_section import InboxSections
 from nbankd.config.model import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTENT_TYPE,
     DEFAULT_CONTROL_SOCKET,
-    DEFAULT_IGNORE,
     DEFAULT_STATE_DIR,
-    DIRECTORIES_VALUES,
     EMBEDDED,
     LOG_FORMAT_VALUES,
     LOG_LEVEL_VALUES,
-    PLACEMENT_VALUES,
-    READY_VALUES,
-    WATCH_VALUES,
-    WORK_DIR_NAME,
     ArchiveConfig,
     AuditConfig,
     Config,
     ControlConfig,
-    Directories,
     InboxConfig,
     InvalidConfig,
     LogConfig,
     LogFormat,
     LogLevel,
-    Placement,
     Problem,
-    Ready,
-    Watch,
+)
+from nbankd.config.parsing import (
+    ACCEPTED_KEYS,
+    ARCHIVE_ROOT_MAX,
+    CONTENT_TYPE_MAX,
+    MISSING,
+    audit_workers,
+    duplicate_key_problems,
+    load_yaml,
 )
 from nbankd.config.values import (
     Bad,
@@ -63,22 +58,15 @@ from nbankd.config.values import (
     bad,
     check_bool,
     check_count,
-    check_json_value,
     check_names,
-    check_optional_bool,
-    check_patterns,
-    check_regex,
     describe,
     duration,
     enum,
-    expand_path,
     http_url,
     is_local_host,
     number,
     path_in,
-    render_key,
     slug,
-    suggest,
     within,
 )
 from nbankd.registry.base import ARCHIVE_NAME_MAX, DATATYPE_NAME_MAX
@@ -90,66 +78,6 @@ __all__ = [
     "parse_config",
     "parse_config_text",
 ]
-
-T = TypeVar("T")
-
-#: every key the parser accepts, by section ("archives[]": keys of one archive entry)
-ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
-    "": (
-        "registry",
-        "registry_url",
-        "registry_aliases",
-        "registry_auth",
-        "state_dir",
-        "control_socket",
-        "control",
-        "datatypes",
-        "archives",
-        "inboxes",
-        "audit",
-        "log",
-    ),
-    "control": ("readers", "admins"),
-    "archives[]": ("path", "name", "create"),
-    "inboxes[]": (
-        "path",
-        "archive",
-        "dtype",
-        "dtype_by_extension",
-        "metadata",
-        "path_metadata",
-        "auto_id",
-        "recursive",
-        "settle_seconds",
-        "ready",
-        "watch",
-        "ignore",
-        "stall_after",
-        "rescan_every",
-        "watch_check_every",
-        "fallback_poll_every",
-        "placement",
-        "verify",
-        "directories",
-        "rejected_dir",
-    ),
-    "audit": ("every", "scrub_days", "max_mb_per_s", "workers"),
-    "log": ("format", "level"),
-}
-
-ARCHIVE_ROOT_MAX = 512  # django-neurobank's Archive.root max_length
-CONTENT_TYPE_MAX = 128
-_EXTENSION_RE = re.compile(r"^\.[^./\\\s]+$")
-_MISSING: Any = object()
-
-
-def _audit_workers(value: object) -> int:
-    """``audit.workers``: a whole number of reading threads from 1 to 64, or ``auto`` (0)."""
-    if value == "auto":
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        bad(f"must be 'auto' or a whole number from 1 to 64, not {describe(value)}")
-    return value
 
 
 # --- locating the file ---------------------------------------------------------------
@@ -207,11 +135,11 @@ def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Prob
     """As :func:`parse_config`, for text said to come from ``source`` (relative paths
     resolve against ``source``'s folder)."""
     source = Path(os.path.abspath(source))
-    data, lines, problems = _load_yaml(text, source)
+    data, lines, problems = load_yaml(text, source)
     if problems:
         return None, problems
     parser = _Parser(source, lines)
-    parser.problems.extend(_duplicate_key_problems(source, lines))
+    parser.problems.extend(duplicate_key_problems(source, lines))
     config = parser.parse(data)
     # in file order; problems found across sections (overlaps) slot in by line
     problems = sorted(parser.problems, key=lambda p: p.line or 0)
@@ -221,140 +149,9 @@ def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Prob
     return config, problems
 
 
-# --- YAML with line numbers ----------------------------------------------------------
+class _Parser(InboxSections):
+    """The whole file: the top level, the registry, archives, audits and logs."""
 
-
-@dataclass
-class _Lines:
-    """Line numbers (1-based) of key paths, and keys given twice in one mapping."""
-
-    of: dict[KeyPath, int] = field(default_factory=dict)
-    duplicates: list[tuple[KeyPath, int, int]] = field(default_factory=list)
-
-
-def _load_yaml(text: str, source: Path) -> tuple[Any, _Lines, list[Problem]]:
-    lines = _Lines()
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            msg = "the file is empty; it needs a mapping of settings (at least 'registry:')"
-            return None, lines, [Problem(source, "", msg)]
-        data = loader.construct_document(node)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else None
-        where = f" at line {line}, column {mark.column + 1}" if mark is not None else ""
-        message = f"YAML syntax error{where}: {err.problem or err.context or 'invalid YAML'}"
-        if err.context and err.problem and err.context_mark is not None:
-            message += f" ({err.context} at line {err.context_mark.line + 1})"
-        return None, lines, [Problem(source, "", message, line=line)]
-    except yaml.YAMLError as err:  # pragma: no cover - PyYAML marks nearly everything
-        return None, lines, [Problem(source, "", f"YAML error: {err}")]
-    finally:
-        loader.dispose()
-    _walk(node, (), lines)
-    return data, lines, []
-
-
-def _walk(node: yaml.Node, path: KeyPath, lines: _Lines) -> None:
-    lines.of.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
-                continue
-            key = key_node.value
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                lines.duplicates.append(((*path, key), seen[key], line))
-            seen[key] = line
-            lines.of[(*path, key)] = line
-            _walk(value_node, (*path, key), lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, (*path, index), lines)
-
-
-def _duplicate_key_problems(source: Path, lines: _Lines) -> list[Problem]:
-    return [
-        Problem(
-            source,
-            render_key(path),
-            f"is given twice (lines {first} and {second}); remove one",
-            line=second,
-        )
-        for path, first, second in lines.duplicates
-    ]
-
-
-# --- the parser ----------------------------------------------------------------------
-
-
-class _Parser:
-    def __init__(self, source: Path, lines: _Lines) -> None:
-        self.source = source
-        self.base = source.parent
-        self.lines = lines
-        self.problems: list[Problem] = []
-        self.archive_entries = 0  # entries under 'archives', valid or not
-
-    # reporting
-    def _line(self, path: KeyPath) -> int | None:
-        while True:
-            if path in self.lines.of:
-                return self.lines.of[path]
-            if not path:
-                return None
-            path = path[:-1]
-
-    def error(self, path: KeyPath, message: str, hint: str = "") -> None:
-        self.problems.append(
-            Problem(self.source, render_key(path), message, self._line(path), "error", hint)
-        )
-
-    def warn(self, path: KeyPath, message: str, hint: str = "") -> None:
-        self.problems.append(
-            Problem(self.source, render_key(path), message, self._line(path), "warning", hint)
-        )
-
-    # structure
-    def mapping(self, value: object, path: KeyPath, what: str) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.error(path, f"must be a mapping of {what}, not {describe(value)}")
-            return None
-        return value
-
-    def check_keys(self, mapping: dict[Any, Any], path: KeyPath, section: str) -> None:
-        allowed = ACCEPTED_KEYS[section]
-        for key in mapping:
-            if not isinstance(key, str):
-                self.error(path, f"key {key!r} must be text")
-            elif key not in allowed:
-                self.error((*path, key), f"unknown key{suggest(key, allowed)}")
-
-    def get(
-        self,
-        mapping: dict[str, Any],
-        path: KeyPath,
-        key: str,
-        check: Callable[[object], T],
-        default: T,
-    ) -> T:
-        if key not in mapping:
-            return default
-        try:
-            return check(mapping[key])
-        except Bad as err:
-            self.error((*path, key), err.message, err.hint)
-            return default
-
-    def collection(self, mapping: dict[str, Any], path: KeyPath, key: str) -> Any:
-        """A list/mapping key where null means empty; _MISSING when absent."""
-        value = mapping.get(key, _MISSING)
-        return _MISSING if value is None else value
-
-    # sections
     def parse(self, data: object) -> Config | None:
         top = self.mapping(data, (), "settings (key: value lines)")
         if top is None:
@@ -460,7 +257,7 @@ class _Parser:
     def _datatypes(self, top: dict[str, Any]) -> Mapping[str, str]:
         raw = self.collection(top, (), "datatypes")
         out: dict[str, str] = {}
-        if raw is _MISSING:
+        if raw is MISSING:
             return MappingProxyType(out)
         section = self.mapping(raw, ("datatypes",), "datatype names to content types")
         if section is None:
@@ -489,7 +286,7 @@ class _Parser:
         raw = self.collection(top, (), "archives")
         archives: list[tuple[int, ArchiveConfig]] = []
         failed: set[str] = set()
-        if raw is _MISSING:
+        if raw is MISSING:
             return archives, failed
         if not isinstance(raw, list):
             self.error(("archives",), f"must be a list of archives, not {describe(raw)}")
@@ -555,258 +352,6 @@ class _Parser:
         failed.discard(str(folder))
         return ArchiveConfig(path=folder, name=name, create=create)
 
-    def _inboxes(
-        self,
-        top: dict[str, Any],
-        archives: list[tuple[int, ArchiveConfig]],
-        failed_refs: set[str],
-    ) -> list[tuple[int, InboxConfig]]:
-        raw = self.collection(top, (), "inboxes")
-        inboxes: list[tuple[int, InboxConfig]] = []
-        if raw is _MISSING:
-            return inboxes
-        if not isinstance(raw, list):
-            self.error(("inboxes",), f"must be a list of inboxes, not {describe(raw)}")
-            return inboxes
-        for index, entry in enumerate(raw):
-            inbox = self._inbox(entry, ("inboxes", index), archives, failed_refs)
-            if inbox is not None:
-                inboxes.append((index, inbox))
-        return inboxes
-
-    def _inbox_archive(
-        self,
-        section: dict[str, Any],
-        path: KeyPath,
-        archives: list[tuple[int, ArchiveConfig]],
-        failed_refs: set[str],
-    ) -> str | None:
-        key_path = (*path, "archive")
-        names = [a.name for _, a in archives]
-        if section.get("archive") is None:
-            if self.archive_entries == 0:
-                self.error(key_path, "is required, and no archive is configured under 'archives'")
-            elif self.archive_entries > 1:
-                self.error(
-                    key_path,
-                    "is required when several archives are configured: give the name or "
-                    "path of one",
-                    hint=f"archives configured: {', '.join(names) or 'none valid'}",
-                )
-            elif archives:
-                return archives[0][1].name
-            return None  # the one archive's entry has errors, reported there
-        ref = section["archive"]
-        if not isinstance(ref, str) or not ref.strip():
-            self.error(key_path, f"must be an archive's name or path, not {describe(ref)}")
-            return None
-        ref = ref.strip()
-        for _, archive in archives:
-            if archive.name == ref:
-                return archive.name
-        try:
-            as_path = expand_path(ref, self.base)
-        except Bad:
-            as_path = None
-        for _, archive in archives:
-            if archive.path == as_path:
-                return archive.name
-        if ref in failed_refs or str(as_path) in failed_refs:
-            return None  # that archive's entry already has an error
-        listing = ", ".join(names) if names else "none"
-        self.error(
-            key_path,
-            f"no configured archive is named or located at {ref!r}{suggest(ref, names)}",
-            hint=f"archives configured: {listing}",
-        )
-        return None
-
-    def _inbox(
-        self,
-        entry: object,
-        path: KeyPath,
-        archives: list[tuple[int, ArchiveConfig]],
-        failed_refs: set[str],
-    ) -> InboxConfig | None:
-        section = self.mapping(entry, path, "inbox settings (path, archive, dtype, ...)")
-        if section is None:
-            return None
-        self.check_keys(section, path, "inboxes[]")
-        defaults = InboxConfig(path=Path("/"), archive="")
-        if "path" not in section:
-            self.error((*path, "path"), "is required: the folder to watch")
-        folder = self.get(section, path, "path", path_in(self.base), None)
-        archive = self._inbox_archive(section, path, archives, failed_refs)
-        dtype = self.get(
-            section,
-            path,
-            "dtype",
-            lambda v: None if v is None else slug("datatype", DATATYPE_NAME_MAX)(v),
-            None,
-        )
-        by_extension = self._dtype_by_extension(section, path)
-        if section.get("dtype") is None and not section.get("dtype_by_extension"):
-            self.error(
-                (*path, "dtype"),
-                "is required (the datatype of deposited files) unless dtype_by_extension is given",
-                hint="a sidecar NAME.nbank.yaml can still override it per file",
-            )
-        metadata = self._metadata(section, path)
-        path_metadata = self.get(section, path, "path_metadata", check_regex, None)
-        settle = self.get(
-            section, path, "settle_seconds", duration(positive=False), defaults.settle_seconds
-        )
-        stall_after = self.get(
-            section, path, "stall_after", duration(positive=True), defaults.stall_after
-        )
-        if stall_after <= settle:
-            if "stall_after" in section:
-                self.error(
-                    (*path, "stall_after"),
-                    f"must be longer than settle_seconds ({settle:g}s), "
-                    "or every file would be reported as stalled",
-                )
-            else:
-                self.error(
-                    (*path, "settle_seconds"),
-                    f"must be shorter than stall_after ({format_duration(stall_after)}), "
-                    "or every file would be reported as stalled",
-                    hint="raise stall_after too",
-                )
-        verify = self.get(section, path, "verify", check_bool, defaults.verify)
-        if not verify:
-            self.warn(
-                (*path, "verify"),
-                "is false: archive copies are not read back from storage and checked against "
-                "their SHA-1 before the source is removed; a bad write could lose data",
-            )
-        inbox = InboxConfig(
-            path=folder if folder is not None else Path("/"),
-            archive=archive or "",
-            dtype=dtype,
-            dtype_by_extension=by_extension,
-            metadata=metadata,
-            path_metadata=path_metadata,
-            auto_id=self.get(section, path, "auto_id", check_optional_bool, None),
-            recursive=self.get(section, path, "recursive", check_bool, defaults.recursive),
-            settle_seconds=settle,
-            ready=cast(Ready, self.get(section, path, "ready", enum(READY_VALUES), "settle")),
-            watch=cast(Watch, self.get(section, path, "watch", enum(WATCH_VALUES), "auto")),
-            ignore=self.get(section, path, "ignore", check_patterns, DEFAULT_IGNORE),
-            stall_after=stall_after,
-            rescan_every=self.get(
-                section, path, "rescan_every", duration(positive=True), defaults.rescan_every
-            ),
-            watch_check_every=self.get(
-                section,
-                path,
-                "watch_check_every",
-                duration(positive=True),
-                defaults.watch_check_every,
-            ),
-            fallback_poll_every=self.get(
-                section,
-                path,
-                "fallback_poll_every",
-                duration(positive=True),
-                defaults.fallback_poll_every,
-            ),
-            placement=cast(
-                Placement, self.get(section, path, "placement", enum(PLACEMENT_VALUES), "copy")
-            ),
-            verify=verify,
-            directories=cast(
-                Directories,
-                self.get(section, path, "directories", enum(DIRECTORIES_VALUES), "files"),
-            ),
-            rejected_dir=defaults.rejected_dir,
-        )
-        if folder is not None:
-            rejected = self._rejected_dir(section, path, folder)
-            if rejected is not None:
-                inbox = replace(inbox, rejected_dir=rejected)
-        # an inbox with other bad values still takes part in the overlap checks
-        # (no Config is built when there is any error, so placeholders never leak)
-        return inbox if folder is not None else None
-
-    def _rejected_dir(self, section: dict[str, Any], path: KeyPath, folder: Path) -> str | None:
-        if "rejected_dir" not in section:
-            return None
-        key_path = (*path, "rejected_dir")
-        value = section["rejected_dir"]
-        if not isinstance(value, str) or not value.strip():
-            self.error(key_path, f"must be a folder inside the inbox, not {describe(value)}")
-            return None
-        target = Path(os.path.normpath(os.path.join(folder, value.strip())))
-        if target == folder or folder not in target.parents:
-            self.error(
-                key_path,
-                f"{value!r} is not inside the inbox {folder}",
-                hint="give a folder name relative to the inbox, such as 'rejected'",
-            )
-            return None
-        if within(target, folder / WORK_DIR_NAME):
-            self.error(key_path, f"must not be inside the daemon's work folder {WORK_DIR_NAME}/")
-            return None
-        return os.path.relpath(target, folder)
-
-    def _dtype_by_extension(self, section: dict[str, Any], path: KeyPath) -> Mapping[str, str]:
-        out: dict[str, str] = {}
-        raw = self.collection(section, path, "dtype_by_extension")
-        if raw is _MISSING:
-            return MappingProxyType(out)
-        key_path = (*path, "dtype_by_extension")
-        mapping = self.mapping(raw, key_path, "file extensions to datatypes ({.wav: my-dtype})")
-        if mapping is None:
-            return MappingProxyType(out)
-        check_dtype = slug("datatype", DATATYPE_NAME_MAX)
-        for ext, dtype in mapping.items():
-            item_path = (*key_path, str(ext))
-            if not isinstance(ext, str) or not ext.strip():
-                self.error(item_path, "the extension must be text such as '.wav'")
-                continue
-            normal = ext.strip().lower()
-            if not normal.startswith("."):
-                normal = "." + normal
-            if not _EXTENSION_RE.match(normal):
-                self.error(
-                    item_path,
-                    f"{ext!r} is not a single file extension such as '.wav' "
-                    "(files are matched on their last suffix)",
-                )
-                continue
-            if normal in out:
-                self.error(item_path, f"extension {normal} is given twice (case is ignored)")
-                continue
-            try:
-                out[normal] = check_dtype(dtype)
-            except Bad as err:
-                self.error(item_path, err.message, err.hint)
-        return MappingProxyType(out)
-
-    def _metadata(self, section: dict[str, Any], path: KeyPath) -> Mapping[str, Any]:
-        out: dict[str, Any] = {}
-        raw = self.collection(section, path, "metadata")
-        if raw is _MISSING:
-            return MappingProxyType(out)
-        key_path = (*path, "metadata")
-        mapping = self.mapping(raw, key_path, "metadata keys to values")
-        if mapping is None:
-            return MappingProxyType(out)
-        for key, value in mapping.items():
-            if not isinstance(key, str) or not key:
-                self.error(key_path, f"metadata key {key!r} must be text")
-                continue
-            try:
-                out[key] = check_json_value(value)
-            except Bad as err:
-                self.error((*key_path, key), err.message, err.hint)
-        try:
-            json.dumps(out)
-        except (TypeError, ValueError) as err:  # pragma: no cover - checked above
-            self.error(key_path, f"cannot be stored as JSON: {err}")
-        return MappingProxyType(out)
-
     def _audit(self, top: dict[str, Any]) -> AuditConfig:
         default = AuditConfig()
         if "audit" not in top:
@@ -820,7 +365,7 @@ class _Parser:
             every=self.get(section, path, "every", duration(positive=True), default.every),
             scrub_days=self.get(section, path, "scrub_days", check_count, default.scrub_days),
             max_mb_per_s=self.get(section, path, "max_mb_per_s", number(), default.max_mb_per_s),
-            workers=self.get(section, path, "workers", _audit_workers, default.workers),
+            workers=self.get(section, path, "workers", audit_workers, default.workers),
         )
         if audit.scrub_days and audit.scrub_days * 86400 < audit.every:
             self.warn(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Literal
@@ -193,7 +193,7 @@ class LogConfig:
 class Config:
     """The whole configuration of one daemon, parsed once from ``source``."""
 
-    source: Path
+    source: Path = field(metadata={"config_key": False})  # the file, not a key in it
     registry: str = EMBEDDED  # "embedded", or a URL ending with "/"
     registry_url: str | None = None  # the URL an embedded registry is served at
     #: other addresses of the same registry that archives' nbank.json may name
@@ -209,7 +209,9 @@ class Config:
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
     #: non-fatal findings of parsing (e.g. ``verify: false``)
-    warnings: tuple[Problem, ...] = field(default=(), compare=False, hash=False)
+    warnings: tuple[Problem, ...] = field(
+        default=(), compare=False, hash=False, metadata={"config_key": False}
+    )
 
     @property
     def embedded(self) -> bool:
@@ -249,3 +251,9 @@ class Config:
     def content_type_for(self, dtype: str) -> str:
         """Content type for creating ``dtype`` (``datatypes`` section, else octet-stream)."""
         return self.datatypes.get(dtype) or DEFAULT_CONTENT_TYPE
+
+
+def config_keys(model: type) -> tuple[str, ...]:
+    """The keys a section of the file accepts: the fields of its typed record, except
+    those marked ``config_key: False`` (facts about the file, not keys in it)."""
+    return tuple(f.name for f in fields(model) if f.metadata.get("config_key", True))

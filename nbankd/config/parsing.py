@@ -1,0 +1,198 @@
+"""The parser's ground floor: YAML read with the line of every key, the keys
+each section accepts (derived from the typed records), and the helpers every section
+parser uses to read a value and report a problem with its file, line and key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nbankd.config.model import (
+    ArchiveConfig,
+    AuditConfig,
+    Config,
+    ControlConfig,
+    InboxConfig,
+    LogConfig,
+    Problem,
+    config_keys,
+)
+from nbankd.config.values import (
+    Bad,
+    KeyPath,
+    bad,
+    describe,
+    render_key,
+    suggest,
+)
+
+T = TypeVar("T")
+
+#: every key the parser accepts, by section ("archives[]": keys of one archive entry),
+#: derived from the typed records the sections become
+ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
+    "": config_keys(Config),
+    "control": config_keys(ControlConfig),
+    "archives[]": config_keys(ArchiveConfig),
+    "inboxes[]": config_keys(InboxConfig),
+    "audit": config_keys(AuditConfig),
+    "log": config_keys(LogConfig),
+}
+
+ARCHIVE_ROOT_MAX = 512  # django-neurobank's Archive.root max_length
+CONTENT_TYPE_MAX = 128
+EXTENSION_RE = re.compile(r"^\.[^./\\\s]+$")
+MISSING: Any = object()
+
+
+def audit_workers(value: object) -> int:
+    """``audit.workers``: a whole number of reading threads from 1 to 64, or ``auto`` (0)."""
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        bad(f"must be 'auto' or a whole number from 1 to 64, not {describe(value)}")
+    return value
+
+
+# --- YAML with line numbers ----------------------------------------------------------
+
+
+@dataclass
+class Lines:
+    """Line numbers (1-based) of key paths, and keys given twice in one mapping."""
+
+    of: dict[KeyPath, int] = field(default_factory=dict)
+    duplicates: list[tuple[KeyPath, int, int]] = field(default_factory=list)
+
+
+def load_yaml(text: str, source: Path) -> tuple[Any, Lines, list[Problem]]:
+    lines = Lines()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            msg = "the file is empty; it needs a mapping of settings (at least 'registry:')"
+            return None, lines, [Problem(source, "", msg)]
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else None
+        where = f" at line {line}, column {mark.column + 1}" if mark is not None else ""
+        message = f"YAML syntax error{where}: {err.problem or err.context or 'invalid YAML'}"
+        if err.context and err.problem and err.context_mark is not None:
+            message += f" ({err.context} at line {err.context_mark.line + 1})"
+        return None, lines, [Problem(source, "", message, line=line)]
+    except yaml.YAMLError as err:  # pragma: no cover - PyYAML marks nearly everything
+        return None, lines, [Problem(source, "", f"YAML error: {err}")]
+    finally:
+        loader.dispose()
+    _walk(node, (), lines)
+    return data, lines, []
+
+
+def _walk(node: yaml.Node, path: KeyPath, lines: Lines) -> None:
+    lines.of.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                continue
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                lines.duplicates.append(((*path, key), seen[key], line))
+            seen[key] = line
+            lines.of[(*path, key)] = line
+            _walk(value_node, (*path, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*path, index), lines)
+
+
+def duplicate_key_problems(source: Path, lines: Lines) -> list[Problem]:
+    return [
+        Problem(
+            source,
+            render_key(path),
+            f"is given twice (lines {first} and {second}); remove one",
+            line=second,
+        )
+        for path, first, second in lines.duplicates
+    ]
+
+
+# --- the parser's helpers -----------------------------------------------------------
+
+
+class ParserBase:
+    """Reading values and reporting problems, for every section parser."""
+
+    def __init__(self, source: Path, lines: Lines) -> None:
+        self.source = source
+        self.base = source.parent
+        self.lines = lines
+        self.problems: list[Problem] = []
+        self.archive_entries = 0  # entries under 'archives', valid or not
+
+    # reporting
+    def _line(self, path: KeyPath) -> int | None:
+        while True:
+            if path in self.lines.of:
+                return self.lines.of[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+    def error(self, path: KeyPath, message: str, hint: str = "") -> None:
+        self.problems.append(
+            Problem(self.source, render_key(path), message, self._line(path), "error", hint)
+        )
+
+    def warn(self, path: KeyPath, message: str, hint: str = "") -> None:
+        self.problems.append(
+            Problem(self.source, render_key(path), message, self._line(path), "warning", hint)
+        )
+
+    # structure
+    def mapping(self, value: object, path: KeyPath, what: str) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping of {what}, not {describe(value)}")
+            return None
+        return value
+
+    def check_keys(self, mapping: dict[Any, Any], path: KeyPath, section: str) -> None:
+        allowed = ACCEPTED_KEYS[section]
+        for key in mapping:
+            if not isinstance(key, str):
+                self.error(path, f"key {key!r} must be text")
+            elif key not in allowed:
+                self.error((*path, key), f"unknown key{suggest(key, allowed)}")
+
+    def get(
+        self,
+        mapping: dict[str, Any],
+        path: KeyPath,
+        key: str,
+        check: Callable[[object], T],
+        default: T,
+    ) -> T:
+        if key not in mapping:
+            return default
+        try:
+            return check(mapping[key])
+        except Bad as err:
+            self.error((*path, key), err.message, err.hint)
+            return default
+
+    def collection(self, mapping: dict[str, Any], path: KeyPath, key: str) -> Any:
+        """A list/mapping key where null means empty; MISSING when absent."""
+        value = mapping.get(key, MISSING)
+        return MISSING if value is None else value
+
+    # sections
