@@ -28,6 +28,7 @@ SUITES = (
     ("one_daemon_per_state", "one daemon per state directory"),
     ("control_dos", "control socket denial of service"),
     ("one-identifier", "two inputs for one identifier"),
+    ("upgrade-recovery", "previous release killed, this one recovers"),
 )
 COLUMNS = ("cases", "inputs", "deposited", "rejected", "kills", "faults", "losses", "duplicates")
 

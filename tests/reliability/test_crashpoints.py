@@ -73,7 +73,7 @@ def test_enumeration_covers_every_crash_point() -> None:
 class Batch:
     """The mixed batch of inputs for one run, over a main inbox and a marker inbox."""
 
-    def __init__(self, h: DaemonHarness) -> None:
+    def __init__(self, h: DaemonHarness, dup_codes: tuple[str, ...] = ("duplicate",)) -> None:
         self.main = h.inbox
         self.marked = h.root / "inbox-marked"
         dup = os.urandom(10_000)
@@ -87,8 +87,8 @@ class Batch:
             Input(main, f"{t}-small.bin", data=os.urandom(2_000), expect="deposited"),
             Input(main, f"{t}-large.bin", data=os.urandom(3 << 20), expect="deposited"),
             Input(main, f"{t}-empty.bin", data=b"", expect="rejected", codes=("empty",)),
-            Input(main, f"{t}-dupA.bin", data=dup, codes=("duplicate",)),
-            Input(main, f"{t}-dupB.bin", data=dup, codes=("duplicate",)),
+            Input(main, f"{t}-dupA.bin", data=dup, codes=dup_codes),
+            Input(main, f"{t}-dupB.bin", data=dup, codes=dup_codes),
             Input(
                 main,
                 f"{t}-sess01",
@@ -160,11 +160,22 @@ def scanned_once(h: DaemonHarness) -> bool:
     return status["queue"] == 0 and all(i["last_scan"] for i in status["inboxes"])
 
 
-def crash_and_recover(h: DaemonHarness, point: str) -> dict[str, Any]:
-    """The whole scenario for one crash point; returns figures for the report."""
-    batch = Batch(h)
+def crash_and_recover(
+    h: DaemonHarness,
+    point: str,
+    *,
+    crashing_env: dict[str, str] | None = None,
+    after_crash: Callable[[DaemonHarness], None] | None = None,
+    dup_codes: tuple[str, ...] = ("duplicate",),
+) -> dict[str, Any]:
+    """The whole scenario for one crash point; returns figures for the report.
+
+    ``crashing_env`` is added to the environment of the run that crashes (another
+    release's code, for one); ``after_crash`` looks at what it left behind;
+    ``dup_codes`` are the codes a rejected duplicate may carry."""
+    batch = Batch(h, dup_codes)
     configure(h, batch)
-    env = {"NBANKD_CRASH_AT": point}
+    env = {"NBANKD_CRASH_AT": point, **(crashing_env or {})}
     go = h.root / "go"
     if point == "after-put-back":
         # hold every copy after its bytes are staged until the test has appended to the
@@ -199,6 +210,8 @@ def crash_and_recover(h: DaemonHarness, point: str) -> dict[str, Any]:
         h.dump_log()
     assert code == -signal.SIGKILL, f"nbankd exited with {code}, not SIGKILL at {point}"
     assert f"crash point {point} reached" in log, f"nbankd died, but not at {point}"
+    if after_crash is not None:
+        after_crash(h)
 
     h.start()
     wait_for(lambda: finished(h, batch), 90, f"every input to finish after a crash at {point}")
