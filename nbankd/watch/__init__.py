@@ -2,7 +2,9 @@
 
 - :mod:`nbankd.watch.scan`: one pass over an inbox, lstat only, never following links.
 - :mod:`nbankd.watch.settle`: pure settle/stall/marker logic with time passed in.
-- :mod:`nbankd.watch.observer`: inotify (watchdog) only to wake the daemon early.
+- :mod:`nbankd.watch.observer`: inotify (watchdog) only to wake the daemon early;
+  :mod:`nbankd.watch.liveness` proves the watch alive (canary) and complete (the
+  kernel's list of watches); :mod:`nbankd.watch.wakeups` holds what it reports.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from nbankd.lazy import lazy_exports
 # name -> module, imported on first use (the observer pulls in watchdog)
 _EXPORTS = {
     "InboxWatcher": "nbankd.watch.observer",
-    "Mode": "nbankd.watch.observer",
+    "Mode": "nbankd.watch.wakeups",
     "OnChange": "nbankd.watch.observer",
-    "Wakeups": "nbankd.watch.observer",
-    "WatchStatus": "nbankd.watch.observer",
+    "Wakeups": "nbankd.watch.wakeups",
+    "WatchStatus": "nbankd.watch.wakeups",
     "Entry": "nbankd.watch.scan",
     "EntryKind": "nbankd.watch.scan",
     "Identity": "nbankd.watch.scan",

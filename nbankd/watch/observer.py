@@ -49,14 +49,11 @@ is looked at, so a test can show the liveness check and the fallback at work.
 from __future__ import annotations
 
 import contextlib
-import enum
-import errno
 import logging
 import os
-import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +75,9 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from nbankd.config.model import CANARY_NAME
+from nbankd.watch.liveness import LIMITS, kernel_watches, write_canary
 from nbankd.watch.scan import is_ignored, printable
+from nbankd.watch.wakeups import Mode, WatchStatus
 
 log = structlog.get_logger(__name__)
 
@@ -98,12 +97,6 @@ class _StopRaceFilter(logging.Filter):
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
 
-_LIMITS = {
-    errno.ENOSPC: "inotify watch limit reached (raise fs.inotify.max_user_watches)",
-    errno.EMFILE: "inotify instance limit reached (raise fs.inotify.max_user_instances)",
-    errno.ENOMEM: "kernel out of memory for inotify watches",
-}
-
 OnChange = Callable[[str, str], None]
 """``on_change(inbox_id, relpath)``; relpath is ``""`` for the inbox folder itself."""
 
@@ -122,65 +115,6 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
     EventsLostEvent,
 ]
-
-
-class Mode(enum.Enum):
-    """How an inbox is actually being watched."""
-
-    INOTIFY = "inotify"
-    POLL = "poll"
-
-
-@dataclass(frozen=True, slots=True)
-class WatchStatus:
-    """One inbox's watch, for ``nbankctl status``.
-
-    ``requested`` is the configured ``watch`` option (``auto`` or ``poll``);
-    ``mode`` is what happens now; ``reason`` says why it differs (empty when not).
-    """
-
-    inbox_id: str
-    path: str
-    requested: str
-    mode: Mode
-    reason: str = ""
-
-    @property
-    def degraded(self) -> bool:
-        """True when inotify was wanted but the inbox is only polled."""
-        return self.requested == "auto" and self.mode is Mode.POLL
-
-
-class Wakeups:
-    """A thread-safe mailbox of changed inboxes; its :meth:`notify` is an ``OnChange``.
-
-    The daemon loop does ``wakeups.wait(timeout)`` then ``wakeups.take()``. Each
-    inbox keeps the first ``keep`` relpaths reported since the last ``take``.
-    """
-
-    def __init__(self, keep: int = 16) -> None:
-        self._lock = threading.Lock()
-        self._event = threading.Event()
-        self._pending: dict[str, list[str]] = {}
-        self._keep = keep
-
-    def notify(self, inbox_id: str, relpath: str = "") -> None:
-        with self._lock:
-            paths = self._pending.setdefault(inbox_id, [])
-            if len(paths) < self._keep:
-                paths.append(relpath)
-            self._event.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Blocks until something is pending or ``timeout`` passes; True if pending."""
-        return self._event.wait(timeout)
-
-    def take(self) -> dict[str, list[str]]:
-        """Returns and clears what is pending: inbox id -> relpaths (first ``keep``)."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            self._event.clear()
-            return pending
 
 
 @dataclass
@@ -501,7 +435,7 @@ class InboxWatcher:
         seq = probe.seq
         probe.cond.release()
         try:
-            _write_canary(inbox.root, seq)
+            write_canary(inbox.root, seq)
         except OSError as err:
             failed: OSError | None = err
         else:
@@ -584,7 +518,7 @@ class InboxWatcher:
                 _Handler(self, inbox), inbox.root, recursive=inbox.recursive, event_filter=_EVENTS
             )
         except OSError as err:
-            why = _LIMITS.get(err.errno or 0)
+            why = LIMITS.get(err.errno or 0)
             if why is not None:
                 inbox.refused = f"{why}; polling instead"
                 log.warning(
@@ -648,71 +582,6 @@ class _Handler(FileSystemEventHandler):
         self.watcher._event(self.inbox, event)
 
 
-def _write_canary(root: str, seq: int) -> None:
-    """Rewrites ``root/CANARY_NAME``, never through a link: anything else found under
-    that name (a symlink, a hard link, a FIFO, another owner's file) is unlinked and
-    the canary made anew. Another writer of the same name (a second daemon on the
-    inbox) may win a race: the write is tried again."""
-    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for _attempt in range(5):
-            fd = _open_canary(dir_fd)
-            if fd is None:
-                continue  # raced another writer of the name: look again
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, _CANARY_TEXT + b" %d\n" % seq)
-            finally:
-                os.close(fd)
-            return
-        raise FileExistsError(errno.EEXIST, "the canary keeps changing under nbankd")
-    finally:
-        os.close(dir_fd)
-
-
-_CANARY_TEXT = b"nbankd liveness check"
-
-
-def _open_canary(dir_fd: int) -> int | None:
-    """An open, writable canary of ours, or None when another writer raced us.
-
-    A link, a FIFO or a second name of another file in its place is only a name:
-    it is unlinked (no bytes are lost). A plain file that nbankd did not write
-    (another owner, or other contents) is refused, never truncated or removed:
-    PermissionError, which the watcher reports as a failed liveness check.
-    """
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(CANARY_NAME, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        fd = -1
-    except OSError as err:
-        if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):
-            raise
-        fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a link or FIFO in its place
-    if fd >= 0:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            head = os.pread(fd, len(_CANARY_TEXT), 0)
-            if st.st_uid == os.geteuid() and (not head or head == _CANARY_TEXT):
-                return fd
-            os.close(fd)
-            raise PermissionError(
-                errno.EPERM,
-                "a file nbankd did not write holds that name; it is left alone (move it "
-                "away to let the check run)",
-            )
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(CANARY_NAME, dir_fd=dir_fd)  # a name only: its bytes stay elsewhere
-    try:
-        return os.open(CANARY_NAME, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-    except FileExistsError:
-        return None
-
-
 def _same_folder(inbox: _Inbox, rel: str, ino: int) -> bool:
     """True while ``rel`` is still the folder with inode ``ino`` (not gone or replaced)."""
     try:
@@ -720,33 +589,3 @@ def _same_folder(inbox: _Inbox, rel: str, ino: int) -> bool:
     except OSError:
         return False
     return st.st_ino == ino
-
-
-def _inotify_fds() -> Iterator[str]:
-    with contextlib.suppress(OSError), os.scandir("/proc/self/fd") as it:
-        for entry in it:
-            with contextlib.suppress(OSError):
-                if os.readlink(entry.path) == "anon_inode:inotify":
-                    yield entry.name
-
-
-def kernel_watches() -> frozenset[int] | None:
-    """Inode numbers of the folders this process's inotify instances watch, as the
-    kernel lists them in ``/proc/self/fdinfo``; None when it lists nothing usable."""
-    found: set[int] = set()
-    seen_any = False
-    for fd in _inotify_fds():
-        try:
-            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if not line.startswith("inotify wd:"):
-                continue
-            seen_any = True
-            for word in line.split():
-                if word.startswith("ino:"):
-                    with contextlib.suppress(ValueError):
-                        found.add(int(word[4:], 16))
-    return frozenset(found) if seen_any else None

@@ -24,7 +24,9 @@ from structlog.testing import capture_logs
 from watchdog.events import EventsLostEvent
 
 from nbankd.config.model import CANARY_NAME
-from nbankd.watch.observer import DEAF_SEAM, InboxWatcher, Mode, Wakeups, kernel_watches
+from nbankd.watch.liveness import kernel_watches
+from nbankd.watch.observer import DEAF_SEAM, InboxWatcher
+from nbankd.watch.wakeups import Mode, Wakeups
 
 WAIT_S = 10.0
 
@@ -310,7 +312,8 @@ def test_wakeups_mailbox_collects_and_clears():
 CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
-from nbankd.watch.observer import InboxWatcher, Wakeups
+from nbankd.watch.observer import InboxWatcher
+from nbankd.watch.wakeups import Wakeups
 from nbankd.watch.scan import scan_inbox
 
 root, grow = Path(sys.argv[1]), sys.argv[2] == "grow"
@@ -522,7 +525,7 @@ def test_unwatched_folder_that_vanished_is_not_held_against_the_inbox(
 def test_two_writers_of_one_canary_never_fail(inbox: Path):
     """Two daemons on one inbox rewrite the same canary while it is removed under
     them: every write succeeds (a lost create race is tried again, not reported)."""
-    from nbankd.watch.observer import _write_canary
+    from nbankd.watch.liveness import write_canary as _write_canary
 
     errors: list[BaseException] = []
     stop = threading.Event()
