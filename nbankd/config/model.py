@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from nbankd import errors
+from nbankd.names import CANARY_NAME, WORK_DIR_NAME
 
 DEFAULT_CONFIG_PATH = Path("/etc/nbankd/config.yaml")
 CONFIG_ENV = "NBANKD_CONFIG"
@@ -23,8 +24,6 @@ DEFAULT_STATE_DIR = Path("/var/lib/nbankd")
 DEFAULT_CONTROL_SOCKET = Path("/run/nbankd/control.sock")
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_IGNORE: tuple[str, ...] = ("*.tmp", "*.part", ".*")
-WORK_DIR_NAME = ".nbank"
-CANARY_NAME = ".nbankd-canary"  # the watch's liveness canary in each inotify inbox folder
 EMBEDDED_DB_NAME = "registry.sqlite3"
 ARCHIVE_SCHEME = "neurobank"
 

@@ -26,6 +26,7 @@ from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
 from nbankd.deposit.spec import WORK_DIR_NAME
+from nbankd.names import MARKER_SUFFIX
 from nbankd.shellwords import requeue_command
 from nbankd.timefmt import iso
 from nbankd.watch import settle
@@ -119,7 +120,7 @@ def rejected_item(
     """
     folder = config.rejected_path
     candidates = [rrel]
-    for suffix in (REASON_SUFFIX, *SIDECAR_SUFFIXES, ".done"):
+    for suffix in (REASON_SUFFIX, *SIDECAR_SUFFIXES, MARKER_SUFFIX):
         if rrel.endswith(suffix) and len(rrel) > len(suffix):
             candidates.append(rrel[: -len(suffix)])
     for cand in candidates:

@@ -36,6 +36,7 @@ from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
 from nbankd.deposit.spec import WORK_DIR_NAME
+from nbankd.names import MARKER_SUFFIX
 from nbankd.watch.scan import SIDECAR_SUFFIXES, printable
 
 _LOCK = threading.Lock()  # one requeue at a time: two would race for the same names
@@ -116,7 +117,7 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         raise NothingToRequeue(f"{printable(original_rel)} is no place to requeue to")
     original = config.path / original_rel
     moves: list[tuple[Path, Path]] = []
-    for suffix in (*SIDECAR_SUFFIXES, ".done"):
+    for suffix in (*SIDECAR_SUFFIXES, MARKER_SUFFIX):
         side = rejected.with_name(rejected.name + suffix)
         if os.path.lexists(side):
             moves.append((side, original.with_name(original.name + suffix)))

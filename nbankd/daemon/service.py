@@ -38,6 +38,7 @@ from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
+from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
 from nbankd.registry.base import Registry
 from nbankd.versions import dependency_versions
 from nbankd.watch import settle
@@ -413,12 +414,14 @@ class Daemon:
             )
         archive = self.config.archive_for(state.config)
         sidecar = None
-        for suffix in (".nbank.yaml", ".nbank.json"):
+        for suffix in SIDECAR_SUFFIXES:
             candidate = entry.relpath + suffix
             if os.path.lexists(state.config.path / candidate):
                 sidecar = os.fsencode(candidate)
                 break
-        marker = os.fsencode(entry.relpath + ".done") if state.config.ready == "marker" else None
+        marker = (
+            os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
+        )
         now = self.clock()
         item = self.journal.add(
             token=secrets.token_hex(16),

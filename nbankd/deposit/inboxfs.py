@@ -30,6 +30,7 @@ from types import TracebackType
 
 from nbankd import errors
 from nbankd.archive import fsops
+from nbankd.names import WORK_DIR_NAME
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FolderId = tuple[int, int]
@@ -112,7 +113,7 @@ class InboxFS:
         self,
         root: Path,
         *,
-        work: str = ".nbank",
+        work: str = WORK_DIR_NAME,
         rejected: str = "rejected",
         work_id: FolderId | None = None,
         rejected_id: FolderId | None = None,

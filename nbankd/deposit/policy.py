@@ -18,12 +18,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from nbankd import errors
+from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
 from nbankd.registry.base import RESOURCE_NAME_MAX, SLUG_RE
 
 BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 AUTO_ID_LENGTH = 8
-SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
-MARKER_SUFFIX = ".done"
 SIDECAR_KEYS = frozenset({"id", "dtype", "metadata"})
 SIDECAR_MAX_BYTES = 1 << 20
 

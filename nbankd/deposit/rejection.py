@@ -23,9 +23,9 @@ from nbankd.archive import fsops
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
+from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX
 from nbankd.shellwords import requeue_command
 
-REASON_SUFFIX = ".reason"
 NAME_MAX = 255
 
 
@@ -211,8 +211,8 @@ def move_to_rejected(
     if item.marker_relpath is not None:
         with contextlib.suppress(Escape, FileNotFoundError, NotADirectoryError):
             marker = fs.parent(item.marker_relpath)  # its folder may be gone: nothing to move
-            if fs.exists(*marker) and not fs.exists(folder_fd, dest_name + b".done"):
-                _move_no_replace(fs, marker, (folder_fd, dest_name + b".done"))
+            if fs.exists(*marker) and not fs.exists(folder_fd, dest_name + MARKER_SUFFIX.encode()):
+                _move_no_replace(fs, marker, (folder_fd, dest_name + MARKER_SUFFIX.encode()))
     seams.reached("after-reject-move")
     return replace(item, reason_json=json.dumps(reason))
 

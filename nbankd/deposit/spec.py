@@ -15,8 +15,7 @@ from typing import Any
 
 from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.policy import InboxRules
-
-WORK_DIR_NAME = ".nbank"
+from nbankd.names import WORK_DIR_NAME
 
 
 @dataclass(frozen=True)

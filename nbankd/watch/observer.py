@@ -75,8 +75,9 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from nbankd.config.model import CANARY_NAME
+from nbankd.names import WORK_DIR_NAME
 from nbankd.watch.liveness import LIMITS, kernel_watches, write_canary
-from nbankd.watch.scan import is_ignored, printable
+from nbankd.watch.scan import is_excluded, is_ignored, printable
 from nbankd.watch.wakeups import Mode, WatchStatus
 
 log = structlog.get_logger(__name__)
@@ -153,9 +154,8 @@ class _Inbox:
 
     def hidden(self, relpath: str) -> bool:
         """True for paths inside excluded folders or matching an ignore pattern."""
-        for ex in self.exclude:
-            if relpath == ex or relpath.startswith(ex + "/"):
-                return True
+        if relpath and is_excluded(relpath, self.exclude):
+            return True
         return bool(relpath) and is_ignored(relpath, self.ignore)
 
     def relpath(self, path: str | bytes) -> str | None:
@@ -253,7 +253,7 @@ class InboxWatcher:
         *,
         mode: str = "auto",
         recursive: bool = True,
-        exclude: Collection[str] = (".nbank",),
+        exclude: Collection[str] = (WORK_DIR_NAME,),
         ignore: Sequence[str] = (),
         check_every: float = 30.0,
     ) -> WatchStatus:

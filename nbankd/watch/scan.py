@@ -62,8 +62,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
-MARKER_SUFFIX = ".done"
+from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
 
 
 class EntryKind(enum.Enum):
@@ -320,6 +319,13 @@ def owner_of(name: str, *, markers: bool = True) -> tuple[EntryKind, str] | None
     return None
 
 
+def is_excluded(relpath: str, exclude: Collection[str]) -> bool:
+    """True when ``relpath`` is an excluded folder (the work folder, the rejected
+    folder, the canary) or lies inside one: the one rule for scanner and watcher.
+    Both are normalised relative paths (no ``.``, no empty or trailing parts)."""
+    return any(relpath == ex or relpath.startswith(ex + "/") for ex in exclude)
+
+
 def is_ignored(relpath: str, ignore: Sequence[str]) -> bool:
     """True when ``relpath`` (or any folder above it) matches an ignore pattern."""
     parts = relpath.split("/")
@@ -358,7 +364,7 @@ def scan_inbox(
     Raises :class:`OSError` only when ``root`` itself cannot be listed.
     """
     top = os.fsdecode(root)
-    excluded = {_norm(e) for e in exclude}
+    exclude = tuple(_norm(e) for e in exclude)
     entries: list[Entry] = []
     stack: list[tuple[str, int | None]] = [("", None)]
     first = True
@@ -383,7 +389,7 @@ def scan_inbox(
         first = False
         for name, child in children:
             crel = f"{rel}/{name}" if rel else name
-            if crel in excluded or is_ignored(crel, ignore):
+            if is_excluded(crel, exclude) or is_ignored(crel, ignore):
                 continue
             try:
                 st = child.stat(follow_symlinks=False)
