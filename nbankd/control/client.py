@@ -3,7 +3,7 @@
 Failures become errors of the one error tree, so nbankctl's exit status follows
 SPEC section 4: :class:`~nbankd.errors.DaemonUnreachable` (exit 3) when no
 daemon answers, :class:`ControlError` carrying the daemon's error code
-otherwise (its exit status from :data:`~.protocol.ERROR_EXIT`).
+otherwise (with the exit status the daemon sent with it).
 """
 
 from __future__ import annotations
@@ -23,10 +23,17 @@ DEFAULT_TIMEOUT = 180.0  # reload may take a while (registry checks)
 class ControlError(errors.NbankdError):
     """The daemon answered with an error; ``code`` is the protocol's error code."""
 
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: Any = None,
+        exit_code: int = errors.EXIT_PROBLEMS,
+    ) -> None:
         super().__init__(message)
         self._code = code
         self.details = details
+        self._exit = exit_code  # as the daemon decided it, sent with the error
 
     @property  # type: ignore[override]
     def code(self) -> str:
@@ -34,7 +41,7 @@ class ControlError(errors.NbankdError):
 
     @property  # type: ignore[override]
     def exit_code(self) -> int:
-        return protocol.ERROR_EXIT.get(self._code, errors.EXIT_PROBLEMS)
+        return self._exit
 
 
 class ControlDenied(ControlError, errors.PermissionDenied):
@@ -127,7 +134,7 @@ class ControlClient:
             return protocol.decode_reply(line)
         except protocol.ProtocolError as err:
             cls = ControlDenied if err.code == "denied" else ControlError
-            raise cls(err.code, err.message, err.details) from None
+            raise cls(err.code, err.message, err.details, err.exit_code) from None
 
 
 def _read_reply(sock: socket.socket) -> bytes:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from nbankd import errors
 from nbankd.config import load_config, parse_duration
 from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
@@ -351,7 +352,11 @@ def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     the ``report``); nbankctl polls until ``done``."""
     auditor = daemon.auditor
     if auditor is None:
-        raise ProtocolError("internal", "audits are disabled in this daemon (see its log)")
+        raise ProtocolError(
+            "internal",
+            "audits are disabled in this daemon (see its log)",
+            exit_code=errors.EXIT_PROBLEMS,
+        )
     wait = _arg(args, "wait", (int, float), 0)
     wait = min(max(float(wait), 0.0), AUDIT_WAIT)
     ticket = _arg(args, "request", str)

@@ -5,14 +5,16 @@ line and reads one reply line; the server then closes the connection::
 
     -> {"v": 1, "cmd": "status", "args": {}}
     <- {"v": 1, "ok": true, "result": {...}}
-    <- {"v": 1, "ok": false, "error": {"code": "denied", "message": "..."}}
+    <- {"v": 1, "ok": false, "error": {"code": "denied", "message": "...", "exit": 2}}
 
 ``v`` is the protocol version. A server answers a request of another version
 with the error ``unsupported-version`` (in its own version), so old and new
 clients fail clearly instead of misreading each other. Requests are at most
 :data:`MAX_REQUEST` bytes; replies may be large (history, queue).
 
-Error codes (stable; :data:`ERROR_EXIT` maps each to nbankctl's exit status):
+Error codes (stable). An error reply also carries ``exit``, the exit status
+nbankctl gives it (SPEC: 1 problems, 2 usage, 3 unreachable), decided where the
+error is raised, so the client needs no table of its own:
 
 =====================  =============================================================
 ``bad-request``        not one JSON object with ``cmd`` (str) and ``args`` (object)
@@ -36,6 +38,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbankd.errors import EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE
+
 VERSION = 1
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 256 * 1024 * 1024
@@ -46,34 +50,22 @@ READ_COMMANDS = frozenset({"status", "queue", "history", "explain"})
 ADMIN_COMMANDS = frozenset({"requeue", "pause", "resume", "rescan", "audit", "reload"})
 COMMANDS = READ_COMMANDS | ADMIN_COMMANDS
 
-#: nbankctl's exit status for each error code (SPEC: 1 problems, 2 usage, 3 unreachable)
-ERROR_EXIT: dict[str, int] = {
-    "bad-request": 2,
-    "too-large": 2,
-    "unsupported-version": 2,
-    "unknown-command": 2,
-    "usage": 2,
-    "denied": 2,
-    "not-found": 2,
-    "config": 2,
-    "not-implemented": 2,
-    "conflict": 1,
-    "internal": 1,
-    "busy": 3,
-}
-
 
 class ProtocolError(Exception):
     """A request or reply that breaks the protocol, or a command that failed.
 
-    ``code`` is one of the codes in the module docstring; ``message`` is for people.
+    ``code`` is one of the codes in the module docstring; ``message`` is for people;
+    ``exit_code`` is nbankctl's exit status for it.
     """
 
-    def __init__(self, code: str, message: str, *, details: Any = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, details: Any = None, exit_code: int = EXIT_USAGE
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
+        self.exit_code = exit_code  # a request's fault (2) unless said otherwise
 
 
 @dataclass(frozen=True)
@@ -125,8 +117,8 @@ def encode_result(result: Any) -> bytes:
     return _line({"v": VERSION, "ok": True, "result": result})
 
 
-def encode_error(code: str, message: str, details: Any = None) -> bytes:
-    error: dict[str, Any] = {"code": code, "message": message}
+def encode_error(code: str, message: str, details: Any = None, *, exit_code: int) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message, "exit": exit_code}
     if details is not None:
         error["details"] = details
     return _line({"v": VERSION, "ok": False, "error": error})
@@ -148,10 +140,12 @@ def decode_reply(line: bytes) -> Any:
     if data["ok"]:
         return data.get("result")
     error = data.get("error") or {}
+    status = error.get("exit")
     raise ProtocolError(
         str(error.get("code", "internal")),
         str(error.get("message", "the daemon reported an error")),
         details=error.get("details"),
+        exit_code=status if status in (EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE) else 1,
     )
 
 
@@ -164,7 +158,6 @@ def _line(obj: dict[str, Any]) -> bytes:
 __all__ = [
     "ADMIN_COMMANDS",
     "COMMANDS",
-    "ERROR_EXIT",
     "MAX_REPLY",
     "MAX_REQUEST",
     "READ_COMMANDS",

@@ -323,7 +323,11 @@ class ControlServer:
             peer = Peer.of(conn)
         except (OSError, KeyError) as err:
             with contextlib.suppress(OSError):
-                conn.sendall(protocol.encode_error("internal", f"peer credentials: {err}"))
+                conn.sendall(
+                    protocol.encode_error(
+                        "internal", f"peer credentials: {err}", exit_code=errors.EXIT_PROBLEMS
+                    )
+                )
             conn.close()
             return
         admin = self.access.is_admin(peer)
@@ -336,7 +340,11 @@ class ControlServer:
                     "control connection refused", user=peer.user, uid=peer.uid, pid=peer.pid
                 )
             with contextlib.suppress(OSError):
-                conn.sendall(protocol.encode_error("denied", self.access.denial(peer, None)))
+                conn.sendall(
+                    protocol.encode_error(
+                        "denied", self.access.denial(peer, None), exit_code=errors.EXIT_USAGE
+                    )
+                )
             conn.close()
             return
         slots = self._slots
@@ -345,7 +353,11 @@ class ControlServer:
             if not admin or not slots.acquire(blocking=False):
                 with contextlib.suppress(OSError):
                     conn.sendall(
-                        protocol.encode_error("busy", "too many control connections; retry")
+                        protocol.encode_error(
+                            "busy",
+                            "too many control connections; retry",
+                            exit_code=errors.EXIT_UNREACHABLE,
+                        )
                     )
                 conn.close()
                 return
@@ -375,7 +387,7 @@ class ControlServer:
             line = _read_line(conn)
             request = protocol.decode_request(line)
         except protocol.ProtocolError as err:
-            return protocol.encode_error(err.code, err.message)
+            return protocol.encode_error(err.code, err.message, exit_code=err.exit_code)
         if not self.access.allowed(peer, request.cmd):
             message = self.access.denial(peer, request.cmd)
             log.warning(
@@ -385,18 +397,22 @@ class ControlServer:
                 pid=peer.pid,
                 command=request.cmd,
             )
-            return protocol.encode_error("denied", message)
+            return protocol.encode_error("denied", message, exit_code=errors.EXIT_USAGE)
         if request.cmd in protocol.ADMIN_COMMANDS:
             log.info("control command", user=peer.user, uid=peer.uid, command=request.cmd)
         try:
             return protocol.encode_result(self.dispatch(request.cmd, request.args, peer))
         except protocol.ProtocolError as err:
-            return protocol.encode_error(err.code, err.message, err.details)
+            return protocol.encode_error(
+                err.code, err.message, err.details, exit_code=err.exit_code
+            )
         except errors.NbankdError as err:
-            return protocol.encode_error(err.code, str(err))
+            return protocol.encode_error(err.code, str(err), exit_code=err.exit_code)
         except Exception as err:
             log.exception("control command failed", command=request.cmd)
-            return protocol.encode_error("internal", f"{type(err).__name__}: {err}")
+            return protocol.encode_error(
+                "internal", f"{type(err).__name__}: {err}", exit_code=errors.EXIT_PROBLEMS
+            )
 
 
 def _read_line(conn: socket.socket) -> bytes:

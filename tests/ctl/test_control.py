@@ -82,6 +82,20 @@ def test_bad_request_gets_an_error_and_the_server_lives_on(
     assert status_ok(h.socket_path)
 
 
+def test_error_replies_carry_their_exit_status(h: DaemonHarness) -> None:
+    """An error reply says which exit status nbankctl gives it: 2 for a request's
+    fault, as decided where the error was raised, and the client uses it as sent."""
+    from nbankd.control.client import ControlError, call
+
+    reply = raw_request(h.socket_path, b'{"v": 1, "cmd": "no-such-command", "args": {}}\n')
+    assert reply["error"]["code"] == "unknown-command" and reply["error"]["exit"] == 2
+    reply = raw_request(h.socket_path, b'{"v": 1, "cmd": "explain", "args": {"path": 5}}\n')
+    assert reply["ok"] is False and reply["error"]["exit"] == 2
+    with pytest.raises(ControlError) as caught:
+        call(h.socket_path, "explain", {"path": 5})
+    assert caught.value.exit_code == reply["error"]["exit"]
+
+
 def test_client_that_sends_nothing_does_not_block_others(h: DaemonHarness) -> None:
     """A silent connection held open does not stop other clients from being served."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
