@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nbankd.control.server import ControlServer
-    from nbankd.daemon.service import Daemon
+    from nbankd.daemon.view import DaemonView as Daemon
 
 
 def start_control_server(daemon: Daemon) -> ControlServer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,8 @@ from nbankd.timefmt import iso
 from nbankd.watch import settle
 
 if TYPE_CHECKING:
-    from nbankd.daemon.service import Daemon, InboxState
+    from nbankd.daemon.view import DaemonView as Daemon
+    from nbankd.daemon.view import InboxState
 
 log = structlog.get_logger("nbankd.control")
 
@@ -64,9 +65,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in _as_tuple(kind))
 
 
-def _inboxes(daemon: Daemon) -> dict[str, InboxState]:
-    with daemon._lock:  # reload swaps the dict under this lock
-        return dict(daemon.inboxes)
+def _inboxes(daemon: Daemon) -> Mapping[str, InboxState]:
+    return daemon.snapshot().inboxes
 
 
 def resolve_inbox(daemon: Daemon, name: str) -> str:
@@ -121,8 +121,7 @@ def parse_since(value: Any, now: float) -> float | None:
 
 def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     inboxes = _inboxes(daemon)
-    with daemon._lock:
-        result = daemon.status()
+    result = daemon.status()
     for entry in result["inboxes"]:
         state = inboxes.get(entry["path"])
         waiting = (
@@ -162,10 +161,10 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     fresh = daemon.fresh_scan(QUEUE_SCAN_WAIT, max_age=float(args.get("fresh_within", 2.0)))
     now = daemon.clock()
     items = daemon.journal.unfinished()
-    with daemon._lock:
-        running = set(daemon._running)
-        waiting = set(daemon._waiting)
-    inboxes = _inboxes(daemon)
+    snap = daemon.snapshot()
+    running = snap.running
+    waiting = {i.id for i in snap.waiting}
+    inboxes = snap.inboxes
     out = []
     active: set[tuple[str, str]] = set()
     for item in items:

@@ -59,7 +59,7 @@ STATES = (
 
 
 class InboxView(Protocol):
-    """What the daemon knows about one inbox (``service.InboxState`` fits)."""
+    """What the daemon knows about one inbox (``view.InboxState`` fits)."""
 
     config: InboxConfig
     paused: bool

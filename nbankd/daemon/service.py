@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,13 @@ import structlog
 from nbankd import __version__, errors
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
-from nbankd.config import Config, InboxConfig, load_config
+from nbankd.config import Config, load_config
 from nbankd.control import start_control_server
 from nbankd.control.server import ControlServer
 from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
+from nbankd.daemon.view import InboxState, Snapshot
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import InboxSpec
@@ -57,23 +58,6 @@ UNSAFE_WHAT = {
 }
 JOURNAL_NAME = "journal.sqlite3"
 JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
-
-
-@dataclass
-class InboxState:
-    """What the main thread knows about one inbox between scans."""
-
-    config: InboxConfig
-    tracker: settle.TrackerState = field(default_factory=settle.TrackerState)
-    paused: bool = False
-    next_scan: float = 0.0
-    last_scan: float | None = None
-    archive_problem: str | None = None
-    inbox_problem: str | None = None  # its work or rejected folder was tampered with
-    skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
-    stalled: tuple[str, ...] = ()
-    unreadable: tuple[tuple[str, str], ...] = ()  # (relpath, why) the scan could not read
-    verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
 
 
 class Daemon:
@@ -629,13 +613,38 @@ class Daemon:
 
     # -- reporting ----------------------------------------------------------------
 
+    def snapshot(self) -> Snapshot:
+        """Everything status and control read, at one instant (under the lock)."""
+        watches = self.observer.status() if self.observer is not None else {}
+        setup = self.registry_setup.last
+        with self._lock:
+            return Snapshot(
+                now=self.clock(),
+                started=self.started,
+                config=self.config,
+                inboxes=dict(self.inboxes),
+                running=frozenset(self._running),
+                waiting=tuple(self._waiting.values()),
+                watches=watches,
+                registry_backend=self.registry.backend,
+                registry_url=self.registry.url,
+                registry_problem=self.registry_problem,
+                setup_problem=setup.registry_problem,
+                setup_problems=tuple(self.registry_setup.problems()),
+                state_problem=self.state_problem,
+                journal_problem=self.journal_problem,
+                last_deposit=self.last_deposit,
+                last_error=self.last_error,
+            )
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=: queue depth and the last deposit."""
-        return status_mod.status_line(self)
+        return status_mod.status_line(self.snapshot())
 
     def status(self) -> dict[str, Any]:
-        """The status document (see :mod:`nbankd.daemon.status`); call under the lock."""
-        return status_mod.build_status(self)
+        """The status document (see :mod:`nbankd.daemon.status`)."""
+        snap = self.snapshot()
+        return status_mod.build_status(snap, self.journal.counts(), self.journal.unfinished())
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -15,7 +15,7 @@ fault and why.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nbankd import __version__, errors
@@ -24,7 +24,7 @@ from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.watch.scan import printable
 
 if TYPE_CHECKING:
-    from nbankd.daemon.service import Daemon
+    from nbankd.daemon.view import Snapshot
 
 
 def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
@@ -63,28 +63,26 @@ def waiting_problems(items: Iterable[Item]) -> list[str]:
     return lines
 
 
-def status_line(daemon: Daemon) -> str:
+def status_line(snap: Snapshot) -> str:
     """One line for systemd's STATUS=: queue depth and the last deposit."""
-    queue = len(daemon._running) + len(daemon._waiting)
-    last = daemon.last_deposit["id"] if daemon.last_deposit else "none"
-    unreachable = daemon.registry_problem or daemon.registry_setup.last.registry_problem
+    last = snap.last_deposit["id"] if snap.last_deposit else "none"
+    unreachable = snap.registry_problem or snap.setup_problem
     problem = " (registry unreachable)" if unreachable else ""
-    return f"queue {queue}; last deposit {last}{problem}"
+    return f"queue {snap.queue}; last deposit {last}{problem}"
 
 
-def build_status(daemon: Daemon) -> dict[str, Any]:
-    """The status document; call with the daemon's lock held."""
-    now = daemon.clock()
-    counts = daemon.journal.counts()
-    unfinished = daemon.journal.unfinished()
+def build_status(
+    snap: Snapshot, counts: Mapping[tuple[str, str], int], unfinished: Sequence[Item]
+) -> dict[str, Any]:
+    """The status document of a snapshot, with the journal's counts by (inbox, state)
+    and its unfinished items."""
     inboxes = []
     degraded: list[str] = []
     shown_archives = set()
-    watches = daemon.observer.status() if daemon.observer is not None else {}
-    for key, state in daemon.inboxes.items():
-        watch = watches.get(key)
+    for key, state in snap.inboxes.items():
+        watch = snap.watches.get(key)
         per_state = {s: n for (ib, s), n in counts.items() if ib == key}
-        waiting = [i for i in daemon._waiting.values() if i.inbox == key]
+        waiting = [i for i in snap.waiting if i.inbox == key]
         inboxes.append(
             {
                 "path": key,
@@ -113,7 +111,7 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
             degraded.append(f"inbox {key}: {state.inbox_problem}")
         if state.archive_problem:
             degraded.append(f"archive for {key}: {state.archive_problem}")
-            shown_archives.add(daemon.config.archive_for(state.config).name)
+            shown_archives.add(snap.config.archive_for(state.config).name)
         if watch is not None and watch.degraded:
             every = state.config.fallback_poll_every
             degraded.append(f"watch of {key}: {watch.reason}; scanned every {every:g}s instead")
@@ -126,32 +124,31 @@ def build_status(daemon: Daemon) -> dict[str, Any]:
             )
         if state.stalled:
             degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
-    setup = daemon.registry_setup.last
-    registry_problem = daemon.registry_problem or setup.registry_problem
-    if daemon.registry_problem and daemon.registry_problem != setup.registry_problem:
-        degraded.append(f"registry: {daemon.registry_problem}")
+    registry_problem = snap.registry_problem or snap.setup_problem
+    if snap.registry_problem and snap.registry_problem != snap.setup_problem:
+        degraded.append(f"registry: {snap.registry_problem}")
     degraded += [
         line
-        for line in daemon.registry_setup.problems()
+        for line in snap.setup_problems
         if not any(line.startswith(f"archive {name} ") for name in shown_archives)
     ]
     degraded += waiting_problems(unfinished)
-    if daemon.state_problem:
-        degraded.insert(0, daemon.state_problem)
-    if daemon.journal_problem:
-        degraded.insert(0, daemon.journal_problem)
+    if snap.state_problem:
+        degraded.insert(0, snap.state_problem)
+    if snap.journal_problem:
+        degraded.insert(0, snap.journal_problem)
     return {
         "version": __version__,
         "pid": os.getpid(),
-        "uptime": now - daemon.started,
+        "uptime": snap.now - snap.started,
         "registry": {
-            "backend": daemon.registry.backend,
-            "url": daemon.registry.url,
+            "backend": snap.registry_backend,
+            "url": snap.registry_url,
             "problem": registry_problem,
         },
         "inboxes": inboxes,
-        "queue": len(daemon._running) + len(daemon._waiting),
-        "last_deposit": daemon.last_deposit,
-        "last_error": daemon.last_error,
+        "queue": snap.queue,
+        "last_deposit": snap.last_deposit,
+        "last_error": snap.last_error,
         "degraded": degraded,
     }

@@ -1,0 +1,84 @@
+"""What the daemon shows of itself: its per-inbox state, a snapshot of everything
+status and control read (taken under the daemon's lock, so they never read its
+private fields), and the surface the control handlers may use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nbankd.config import Config, InboxConfig
+from nbankd.deposit.journal import Item, Journal
+from nbankd.watch import settle
+
+if TYPE_CHECKING:
+    from nbankd.audit.schedule import AuditScheduler
+    from nbankd.control.server import ControlServer
+    from nbankd.registry.base import Registry
+    from nbankd.watch.wakeups import WatchStatus
+
+
+@dataclass
+class InboxState:
+    """What the main thread knows about one inbox between scans."""
+
+    config: InboxConfig
+    tracker: settle.TrackerState = field(default_factory=settle.TrackerState)
+    paused: bool = False
+    next_scan: float = 0.0
+    last_scan: float | None = None
+    archive_problem: str | None = None
+    inbox_problem: str | None = None  # its work or rejected folder was tampered with
+    skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
+    stalled: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()  # (relpath, why) the scan could not read
+    verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The daemon at one instant: taken under its lock by :meth:`DaemonView.snapshot`."""
+
+    now: float
+    started: float
+    config: Config
+    inboxes: Mapping[str, InboxState]  # the states themselves: read, never changed
+    running: frozenset[int]  # ids of items a worker is driving
+    waiting: tuple[Item, ...]  # items backing off until their next attempt
+    watches: Mapping[str, WatchStatus]
+    registry_backend: str
+    registry_url: str
+    registry_problem: str | None  # seen by deposit steps
+    setup_problem: str | None  # from the registry's start-up checks
+    setup_problems: tuple[str, ...]  # every line the start-up checks report
+    state_problem: str | None
+    journal_problem: str | None
+    last_deposit: dict[str, Any] | None
+    last_error: dict[str, Any] | None
+
+    @property
+    def queue(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+
+class DaemonView(Protocol):
+    """What the control handlers use of the daemon: public methods and records."""
+
+    config: Config
+    journal: Journal
+    registry: Registry
+    auditor: AuditScheduler | None
+    control: ControlServer | None
+
+    def clock(self) -> float: ...
+    def snapshot(self) -> Snapshot: ...
+    def status(self) -> dict[str, Any]: ...
+    def fresh_scan(self, wait: float, *, max_age: float = ...) -> bool: ...
+    def request_rescan(self, key: str | None = None) -> None: ...
+    def set_paused(self, keys: list[str], paused: bool) -> None: ...
+    def reload(self) -> None: ...
+
+
+__all__ = ["DaemonView", "InboxState", "Snapshot"]
