@@ -1,0 +1,231 @@
+"""The daemon's scanning half: watching inboxes, folding each scan into the settle
+tracker, and journaling a new item (its whole intent) for every input that is
+ready. A mixin of :class:`~nbankd.daemon.service.Daemon`, whose state it uses: the
+configuration, ``inboxes`` and ``specs``, the journal, the observer, the wake-up
+events and the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from nbankd.config import Config
+from nbankd.daemon import setup
+from nbankd.daemon.view import InboxState
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.spec import InboxSpec
+from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
+from nbankd.registry.base import Registry
+from nbankd.watch import settle
+from nbankd.watch.observer import InboxWatcher
+from nbankd.watch.scan import EntryKind, printable, scan_inbox
+
+log = structlog.get_logger("nbankd.daemon")
+
+UNSAFE_WHAT = {
+    "SYMLINK": "a symbolic link",
+    "HARDLINK": "a hard link (the file has other names)",
+    "FIFO": "a FIFO",
+    "SOCKET": "a socket",
+    "DEVICE": "a device file",
+}
+
+
+class InboxScanning:
+    """Watching and scanning inboxes (see the module's text)."""
+
+    # the daemon's state this half uses (set by Daemon.__init__ and start)
+    config: Config
+    clock: Callable[[], float]
+    inboxes: dict[str, InboxState]
+    specs: dict[str, InboxSpec]
+    journal: Journal
+    registry: Registry
+    observer: InboxWatcher | None
+    state_problem: str | None
+    _wake: threading.Event
+    _scanned: threading.Condition
+
+    def _submit(self, item: Item) -> None:
+        raise NotImplementedError  # the daemon's workers
+
+    def _journal_ok(self) -> None:
+        raise NotImplementedError  # the daemon's journal health
+
+    # -- watching and scanning ------------------------------------------------------
+
+    def _watch_inboxes(self) -> None:
+        if self.observer is None:
+            return
+        for key, state in self.inboxes.items():
+            inbox = state.config
+            self.observer.add_inbox(
+                key,
+                inbox.path,
+                mode=inbox.watch,
+                recursive=inbox.recursive or inbox.directories == "resources",
+                exclude=inbox.exclusions,
+                ignore=inbox.ignore,
+                check_every=inbox.watch_check_every,
+            )
+
+    def _on_change(self, inbox_key: str, relpath: str = "") -> None:
+        state = self.inboxes.get(inbox_key)
+        if state is not None:
+            state.next_scan = 0.0
+        self._wake.set()
+
+    def request_rescan(self, inbox_key: str | None = None) -> None:
+        for key, state in self.inboxes.items():
+            if inbox_key is None or key == inbox_key:
+                state.next_scan = 0.0
+        self._wake.set()
+
+    def fresh_scan(self, timeout: float, max_age: float = 2.0) -> bool:
+        """Makes sure every inbox was scanned within the last ``max_age`` seconds: asks
+        for a scan and waits up to ``timeout`` for it; True when they were. Scans
+        younger than ``max_age`` are used as they are, so repeated requests (a reader
+        asking ``queue`` in a loop) cannot keep the daemon rescanning."""
+        asked = self.clock() - max_age
+
+        def done() -> bool:
+            states = list(self.inboxes.values())
+            return all(s.last_scan is not None and s.last_scan >= asked for s in states)
+
+        if done():
+            return True
+        self.request_rescan()
+        with self._scanned:
+            return self._scanned.wait_for(done, timeout)
+
+    def _scan(self, key: str, state: InboxState, now: float) -> None:
+        inbox = state.config
+        state.last_scan = now
+        state.next_scan = now + inbox.rescan_every
+        problem = setup.archive_usable(
+            self.config.archive_for(inbox).path, self.registry.url, self.config.registry_aliases
+        )
+        if problem != state.archive_problem:
+            if problem is None:
+                log.info("archive usable again; deposits resume", inbox=key)
+            else:
+                log.error("archive not usable; deposits wait", inbox=key, error=problem)
+        state.archive_problem = problem
+        spec = self.specs.get(key)
+        tampered = setup.inbox_folders_problem(spec) if spec is not None else None
+        if tampered != state.inbox_problem:
+            if tampered is None:
+                log.info("inbox folders usable again; deposits resume", inbox=key)
+            else:
+                log.error("inbox folder tampered with; deposits wait", inbox=key, error=tampered)
+        state.inbox_problem = tampered
+        folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
+        entries = scan_inbox(
+            inbox.path,
+            recursive=inbox.recursive,
+            ignore=inbox.ignore,
+            exclude=inbox.exclusions,
+            directories_as_resources=inbox.directories == "resources",
+            markers=inbox.ready == "marker",
+            folders=folders,
+        )
+        if folders is not None and self.observer is not None:
+            self.observer.verify_coverage(key, folders)
+        policy = settle.SettlePolicy(
+            settle_seconds=inbox.settle_seconds,
+            stall_after=inbox.stall_after,
+            ready_mode=settle.ReadyMode(inbox.ready),
+        )
+        result = settle.step(state.tracker, entries, now, policy)
+        state.tracker = result.state
+        state.verdicts = dict(result.verdicts)
+        state.skipped = {e.relpath: e.kind.name.lower() for e in result.unsafe}
+        stalled = tuple(e.relpath for e in result.stalled)
+        for rel in set(stalled) - set(state.stalled):
+            log.warning("file still changing", inbox=key, source=rel, stall_after=inbox.stall_after)
+        state.stalled = stalled
+        unreadable = tuple((e.relpath, e.problem or "") for e in result.problems)
+        if unreadable and unreadable != state.unreadable:
+            rel, why = unreadable[0]
+            log.warning(
+                "cannot read part of the inbox",
+                inbox=key,
+                count=len(unreadable),
+                first=printable(rel),
+                error=why,
+            )
+        state.unreadable = unreadable
+        if (
+            state.paused
+            or state.archive_problem is not None
+            or state.inbox_problem is not None
+            or self.state_problem is not None
+        ):
+            return
+        for entry in result.ready:
+            self._start_item(key, state, entry)
+        for entry in result.unsafe:
+            self._start_item(key, state, entry, unsafe=True)
+        deadline = settle.next_deadline(state.tracker)
+        if deadline is not None:
+            state.next_scan = min(state.next_scan, deadline)
+
+    def _start_item(self, key: str, state: InboxState, entry: Any, unsafe: bool = False) -> None:
+        relpath = os.fsencode(entry.relpath)
+        if self.journal.active_for(key, relpath) is not None:
+            return
+        reason = None
+        if unsafe:
+            what = UNSAFE_WHAT.get(entry.kind.name, entry.kind.name.lower())
+            reason = json.dumps(
+                {
+                    "code": "unsupported",
+                    "message": f"{entry.relpath!r} is {what}; nbankd never follows, reads "
+                    "or archives such entries",
+                    "hint": "copy the real file's bytes into the inbox instead",
+                }
+            )
+        archive = self.config.archive_for(state.config)
+        sidecar = None
+        for suffix in SIDECAR_SUFFIXES:
+            candidate = entry.relpath + suffix
+            if os.path.lexists(state.config.path / candidate):
+                sidecar = os.fsencode(candidate)
+                break
+        marker = (
+            os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
+        )
+        now = self.clock()
+        item = self.journal.add(
+            token=secrets.token_hex(16),
+            inbox=key,
+            relpath=relpath,
+            kind="unsafe"
+            if unsafe
+            else "dir"
+            if entry.kind is EntryKind.DIRECTORY_RESOURCE
+            else "file",
+            reason_json=reason,
+            archive=archive.name,
+            archive_path=str(archive.path),
+            placement=state.config.placement,
+            verify=int(state.config.verify),
+            sidecar_relpath=sidecar,
+            marker_relpath=marker,
+            seen_identity=json.dumps({"dev": entry.identity.dev, "ino": entry.identity.ino})
+            if entry.identity is not None
+            else None,
+            created=now,
+            updated=now,
+        )
+        self._journal_ok()
+        state.tracker = settle.forget(state.tracker, [entry.relpath])
+        state.verdicts.pop(entry.relpath, None)  # an item now: no longer waiting
+        self._submit(item)
