@@ -151,7 +151,9 @@ def _read_reply(sock: socket.socket) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
         if size > protocol.MAX_REPLY:
-            raise ControlError("too-large", "the daemon's reply is too large")
+            raise ControlError(
+                "too-large", "the daemon's reply is too large", exit_code=errors.EXIT_USAGE
+            )
     if not chunks:
         raise errors.DaemonUnreachable("nbankd closed the connection without answering")
     return b"".join(chunks)

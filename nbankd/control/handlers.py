@@ -296,6 +296,7 @@ def _set_paused(daemon: Daemon, args: dict[str, Any], paused: bool) -> dict[str,
             "internal",
             f"cannot record the change in {daemon.config.state_dir}: {err}; nothing was "
             "changed (check that the daemon's user can write its state_dir)",
+            exit_code=errors.EXIT_PROBLEMS,
         ) from None
     for key in keys:
         log.info("inbox paused" if paused else "inbox resumed", inbox=key)

@@ -140,13 +140,24 @@ def decode_reply(line: bytes) -> Any:
     if data["ok"]:
         return data.get("result")
     error = data.get("error") or {}
+    code = str(error.get("code", "internal"))
     status = error.get("exit")
+    if status not in (EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE):
+        status = _exit_of_older_daemon(code)
     raise ProtocolError(
-        str(error.get("code", "internal")),
+        code,
         str(error.get("message", "the daemon reported an error")),
         details=error.get("details"),
-        exit_code=status if status in (EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE) else 1,
+        exit_code=status,
     )
+
+
+def _exit_of_older_daemon(code: str) -> int:
+    """The exit status of an error from a daemon of an earlier release, whose replies
+    did not carry ``exit`` yet (nbankctl upgraded before the daemon restarted)."""
+    if code in ("conflict", "internal"):
+        return EXIT_PROBLEMS
+    return EXIT_UNREACHABLE if code == "busy" else EXIT_USAGE
 
 
 def _line(obj: dict[str, Any]) -> bytes:

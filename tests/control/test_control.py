@@ -214,3 +214,18 @@ def test_user_outside_the_group_cannot_connect(
     proc = as_user(other_user, lab_daemon, "status")
     assert proc.returncode == 2
     assert "permission denied" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("denied", 2), ("usage", 2), ("not-found", 2), ("busy", 3), ("conflict", 1), ("internal", 1)],
+)
+def test_errors_of_an_older_daemon_keep_their_exit_status(code: str, status: int) -> None:
+    """A reply without ``exit`` (a daemon of the previous release, still running after
+    nbankctl was upgraded) gets the exit status that release gave its code."""
+    from nbankd.control import protocol
+
+    line = json.dumps({"v": 1, "ok": False, "error": {"code": code, "message": "m"}}).encode()
+    with pytest.raises(protocol.ProtocolError) as caught:
+        protocol.decode_reply(line)
+    assert caught.value.exit_code == status
