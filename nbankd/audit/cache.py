@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbankd import errors
+from nbankd import errors, sqlschema
 from nbankd.audit.model import CacheEntry
 
 CACHE_NAME = "cache.sqlite3"
@@ -53,6 +53,12 @@ _RUNS = """CREATE TABLE IF NOT EXISTS runs (
         trigger TEXT NOT NULL,
         finished REAL,
         report TEXT)"""
+#: MIGRATIONS[n] takes a cache from version n to n + 1: an older cache's entries lack the
+#: ctime and run id, so the last step drops them (the next audit re-reads every file)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    *(() for _ in range(SCHEMA_VERSION - 1)),
+    ("DROP TABLE IF EXISTS entries", _ENTRIES, _RUNS),
+)
 _CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
 
@@ -139,14 +145,7 @@ class AuditCache:
     def _prepare(self, check: bool) -> None:
         with self._locked("opening it"):
             db = self._db
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise AuditCacheError(
-                    f"audit cache {self.path} was written by a newer nbankd"
-                    f" (schema {version}, this one knows {SCHEMA_VERSION})",
-                    hint="upgrade nbankd, or delete the file; the next audit then re-reads"
-                    " every resource",
-                )
+            version = sqlschema.check_version(db, SCHEMA_VERSION, self._newer)
             if check:
                 verdict = db.execute("PRAGMA quick_check").fetchone()[0]
                 if verdict != "ok":
@@ -159,17 +158,14 @@ class AuditCache:
                 return  # nothing to write: a cache that cannot be written still opens
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if version:  # an older schema: its entries lack the ctime and run id
-                    db.execute("DROP TABLE IF EXISTS entries")
-                db.execute(_ENTRIES)
-                db.execute(_RUNS)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            sqlschema.migrate(db, MIGRATIONS, newer=self._newer)
+
+    def _newer(self, version: int) -> AuditCacheError:
+        return AuditCacheError(
+            f"audit cache {self.path} was written by a newer nbankd"
+            f" (schema {version}, this one knows {SCHEMA_VERSION})",
+            hint="upgrade nbankd, or delete the file; the next audit then re-reads every resource",
+        )
 
     @contextlib.contextmanager
     def _locked(self, doing: str) -> Iterator[sqlite3.Connection]:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nbankd import errors, seams
+from nbankd import errors, seams, sqlschema
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
 SCHEMA_VERSION = 4
@@ -201,23 +201,15 @@ class Journal:
 
     def _migrate(self) -> None:
         with self._lock:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"journal {self.path} has schema version {version}, newer than this "
-                    f"nbankd understands ({SCHEMA_VERSION}); upgrade nbankd"
-                )
-            while version < SCHEMA_VERSION:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in MIGRATIONS[version]:
-                        self._db.execute(statement)
-                    version += 1
-                    self._db.execute(f"PRAGMA user_version={version}")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+            sqlschema.migrate(
+                self._db, [MIGRATIONS[v] for v in range(SCHEMA_VERSION)], newer=self._newer
+            )
+
+    def _newer(self, version: int) -> JournalError:
+        return JournalError(
+            f"journal {self.path} has schema version {version}, newer than this "
+            f"nbankd understands ({SCHEMA_VERSION}); upgrade nbankd"
+        )
 
     @property
     def schema_version(self) -> int:

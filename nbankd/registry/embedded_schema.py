@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from nbankd import errors
+from nbankd import errors, sqlschema
 
 #: the schema version this code writes; older databases are migrated on open
 SCHEMA_VERSION = 1
@@ -67,34 +67,15 @@ def migrate(conn: sqlite3.Connection) -> int:
     An up-to-date database is only read (no write lock), so readers and a busy
     database open fine. ``conn`` must be in autocommit mode (``isolation_level=None``).
     """
-    version = _version(conn)
-    if version == SCHEMA_VERSION:
-        return version
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = _version(conn)  # another process may have migrated it meanwhile
-        for step in range(version, SCHEMA_VERSION):
-            for statement in MIGRATIONS[step]:
-                conn.execute(statement)
-        if version != SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return version
+    return sqlschema.migrate(conn, MIGRATIONS, newer=_newer)
 
 
-def _version(conn: sqlite3.Connection) -> int:
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise errors.RegistryError(
-            f"the embedded registry's schema is version {version}, newer than this "
-            f"nbankd understands ({SCHEMA_VERSION})",
-            hint="upgrade nbankd",
-        )
-    return version
+def _newer(version: int) -> errors.RegistryError:
+    return errors.RegistryError(
+        f"the embedded registry's schema is version {version}, newer than this "
+        f"nbankd understands ({SCHEMA_VERSION})",
+        hint="upgrade nbankd",
+    )
 
 
 def create_file(path: Path) -> bool:
