@@ -27,20 +27,14 @@ Modules: ``embedded_schema`` (file, connections, schema, migrations),
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import nbankd
 from nbankd import errors
 from nbankd.registry import embedded_rules as rules
-from nbankd.registry import embedded_schema as schema
 from nbankd.registry import rejections
 from nbankd.registry.base import (
     ARCHIVE_NAME_MAX,
@@ -49,11 +43,12 @@ from nbankd.registry.base import (
     SHA1_RE,
     ArchiveRecord,
     DataType,
-    LocationRecord,
     ResourceRecord,
     full_url,
 )
-from nbankd.registry.embedded_search import compile_search, format_stamp, register_functions
+from nbankd.registry.embedded_db import exists
+from nbankd.registry.embedded_locations import EmbeddedLocations
+from nbankd.registry.embedded_search import compile_search, format_stamp
 
 API_VERSION = "1.2"
 _ACCESSIBILITY = ("local", "remote", "offline")  # stored as 0, 1, 2, as on the server
@@ -62,113 +57,12 @@ _RESOURCE_SELECT = (
     "SELECT r.id, r.name, r.sha1, d.name, d.extension, r.created_on, r.created_by, "
     "r.metadata, r.experimenter, r.animal FROM resource r JOIN datatype d ON d.id = r.dtype_id"
 )
-_LOCATION_SELECT = (
-    "SELECT a.name, a.scheme, a.root, r.name, l.key FROM location l "
-    "JOIN archive a ON a.id = l.archive_id JOIN resource r ON r.id = l.resource_id"
-)
 
 
-class EmbeddedRegistry:
+class EmbeddedRegistry(EmbeddedLocations):
     """A django-neurobank-compatible registry in a SQLite file (see the module docstring)."""
 
     backend = "embedded"
-
-    def __init__(
-        self, db_path: str | os.PathLike[str], url: str | None = None, *, busy_timeout: float = 30.0
-    ) -> None:
-        self.db_path = Path(os.path.abspath(db_path))
-        base = url if url is not None else self.db_path.as_uri()
-        self.url: str = base if base.endswith("/") else base + "/"
-        self.busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection)
-        self._closed = False
-        self._user = rules.os_user()
-        schema.create_file(self.db_path)
-        with self._guard():
-            schema.prepare(self._conn())
-
-    # --- connections and transactions ---------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        if self._closed:
-            raise errors.RegistryError(f"the embedded registry {self.db_path} is closed")
-        with self._guard():
-            conn = schema.connect(self.db_path, self.busy_timeout)
-        register_functions(conn)
-        self._local.conn, self._local.pid = conn, os.getpid()
-        with self._lock:
-            self._connections.append((os.getpid(), conn))
-        return conn
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Turns SQLite's operational errors into registry errors."""
-        try:
-            yield
-        except sqlite3.OperationalError as err:
-            text = str(err)
-            if "readonly" in text or "read-only" in text:
-                raise errors.RegistryAuthError(
-                    f"the embedded registry {self.db_path} is read-only for this user: {text}",
-                    hint="changes need the registry's owner (nbankd's service user)",
-                ) from err
-            raise errors.RegistryUnavailable(
-                f"the embedded registry {self.db_path} is unavailable: {text}"
-            ) from err
-        except sqlite3.DatabaseError as err:
-            raise errors.RegistryError(f"the embedded registry {self.db_path}: {err}") from err
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        with self._guard():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back already
-                    conn.execute("ROLLBACK")
-                raise
-
-    def release_thread(self) -> None:
-        """Closes the calling thread's connection, if it has one (a thread that is about
-        to end: its connection would otherwise stay open until :meth:`close`)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            return
-        self._local.conn = None
-        with self._lock:
-            self._connections = [(o, c) for o, c in self._connections if c is not conn]
-        conn.close()
-
-    def close(self) -> None:
-        """Closes the connections this object opened in this process (a forked child
-        leaves its parent's alone)."""
-        pid = os.getpid()
-        with self._lock:
-            self._closed = True
-            mine = [conn for owner, conn in self._connections if owner == pid]
-            self._connections = []
-        for conn in mine:
-            conn.close()
-        self._local.conn = None
-
-    def __enter__(self) -> EmbeddedRegistry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- info ---------------------------------------------------------------------------
 
@@ -202,7 +96,7 @@ class EmbeddedRegistry:
             clean, messages = rules.slug_field(
                 name,
                 max_length=DATATYPE_NAME_MAX,
-                taken=lambda v: _exists(conn, "SELECT 1 FROM datatype WHERE name = ?", v),
+                taken=lambda v: exists(conn, "SELECT 1 FROM datatype WHERE name = ?", v),
                 taken_message="a dtype with this name already exists",
             )
             if messages:
@@ -277,7 +171,7 @@ class EmbeddedRegistry:
             clean, messages = rules.slug_field(
                 name,
                 max_length=ARCHIVE_NAME_MAX,
-                taken=lambda v: _exists(conn, "SELECT 1 FROM archive WHERE name = ?", v),
+                taken=lambda v: exists(conn, "SELECT 1 FROM archive WHERE name = ?", v),
                 taken_message="an archive with this name already exists",
             )
             if messages:
@@ -295,7 +189,7 @@ class EmbeddedRegistry:
             access = _ACCESSIBILITY.index(level) if level in _ACCESSIBILITY else 0
             if body:
                 raise rejections.classify(body)
-            if _exists(
+            if exists(
                 conn,
                 "SELECT 1 FROM archive WHERE scheme = ? AND root = ?",
                 clean_scheme,
@@ -340,7 +234,7 @@ class EmbeddedRegistry:
                 clean_name, messages = rules.slug_field(
                     name,
                     max_length=RESOURCE_NAME_MAX,
-                    taken=lambda v: _exists(conn, "SELECT 1 FROM resource WHERE name = ?", v),
+                    taken=lambda v: exists(conn, "SELECT 1 FROM resource WHERE name = ?", v),
                     taken_message="a resource with this name already exists",
                 )
                 if messages:
@@ -381,7 +275,7 @@ class EmbeddedRegistry:
                 else:
                     archive_id = row[0]
                     key = key or None
-                    if key is not None and _exists(
+                    if key is not None and exists(
                         conn, "SELECT 1 FROM location WHERE archive_id = ? AND key = ?", row[0], key
                     ):
                         body["locations"] = [f"key '{key}' is already used in archive '{archive}'"]
@@ -390,7 +284,7 @@ class EmbeddedRegistry:
             assert dtype_row is not None
             while clean_name is None:
                 candidate = rules.random_id()
-                if not _exists(conn, "SELECT 1 FROM resource WHERE name = ?", candidate):
+                if not exists(conn, "SELECT 1 FROM resource WHERE name = ?", candidate):
                     clean_name = candidate
             cur = conn.execute(
                 "INSERT INTO resource (name, sha1, dtype_id, created_on, created_by, metadata, "
@@ -420,7 +314,7 @@ class EmbeddedRegistry:
         if not SHA1_RE.fullmatch(text):
             return None, ["invalid sha1 value"]
         text = text.lower()
-        if _exists(conn, "SELECT 1 FROM resource WHERE sha1 = ?", text):
+        if exists(conn, "SELECT 1 FROM resource WHERE sha1 = ?", text):
             return None, ["a resource with this sha1 already exists"]
         return text, []
 
@@ -547,95 +441,5 @@ class EmbeddedRegistry:
                 conn.execute(f"UPDATE resource SET {field} = ? WHERE id = ?", (value, row[0]))
             return self._fetch_resource(conn, name)
 
-    # --- locations ----------------------------------------------------------------------
 
-    def get_locations(self, name: str) -> list[LocationRecord]:
-        """The resource's locations, most accessible first; NotFound for an unknown resource."""
-        with self._guard():
-            conn = self._conn()
-            if not _exists(conn, "SELECT 1 FROM resource WHERE name = ?", name):
-                raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
-            rows = conn.execute(
-                _LOCATION_SELECT + " WHERE r.name = ? ORDER BY a.accessibility, l.id", (name,)
-            ).fetchall()
-        return [LocationRecord(*row) for row in rows]
-
-    def get_locations_bulk(self, names: Iterable[str]) -> dict[str, list[LocationRecord]]:
-        """{name: locations}; unknown names and resources without locations are omitted."""
-        wanted = list(dict.fromkeys(str(n) for n in names))
-        out: dict[str, list[LocationRecord]] = {}
-        with self._guard():
-            conn = self._conn()
-            for chunk in rules.chunks(wanted):
-                rows = conn.execute(
-                    _LOCATION_SELECT + f" WHERE r.name IN ({rules.marks(len(chunk))})"
-                    " ORDER BY r.id DESC, a.accessibility, l.id",
-                    chunk,
-                )
-                for row in rows:
-                    out.setdefault(row[3], []).append(LocationRecord(*row))
-        return out
-
-    def add_location(self, name: str, archive: str, key: str | None = None) -> LocationRecord:
-        """Adds a location; NotFound for an unknown resource (the server answers 404)."""
-        with self._write() as conn:
-            resource = conn.execute("SELECT id FROM resource WHERE name = ?", (name,)).fetchone()
-            if resource is None:
-                raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
-            body: dict[str, Any] = {}
-            arow = None
-            if archive is None or archive == "":
-                body["archive_name"] = [rules.NULL]
-            else:
-                arow = conn.execute(
-                    "SELECT id, scheme, root FROM archive WHERE name = ?", (archive,)
-                ).fetchone()
-                if arow is None:
-                    body["archive_name"] = [f"no such archive '{archive}'"]
-            clean_key = None
-            if key is not None:
-                clean_key, messages = rules.char_field(key, max_length=1024, allow_blank=True)
-                if messages:
-                    body["key"] = messages
-                clean_key = clean_key or None
-            if body:
-                raise rejections.classify(body)
-            assert arow is not None
-            if _exists(
-                conn,
-                "SELECT 1 FROM location WHERE resource_id = ? AND archive_id = ?",
-                resource[0],
-                arow[0],
-            ):
-                raise rejections.classify(
-                    {
-                        "non_field_errors": [
-                            "The fields resource_name, archive_name must make a unique set."
-                        ]
-                    }
-                )
-            if clean_key is not None and _exists(
-                conn, "SELECT 1 FROM location WHERE archive_id = ? AND key = ?", arow[0], clean_key
-            ):
-                raise rejections.classify(
-                    {"key": ["another resource in this archive already has this key"]}
-                )
-            conn.execute(
-                "INSERT INTO location (resource_id, archive_id, key) VALUES (?, ?, ?)",
-                (resource[0], arow[0], clean_key),
-            )
-            return LocationRecord(archive, arow[1], arow[2], name, clean_key)
-
-    def remove_location(self, name: str, archive: str) -> None:
-        with self._write() as conn:
-            cur = conn.execute(
-                "DELETE FROM location WHERE resource_id = (SELECT id FROM resource WHERE name = ?)"
-                " AND archive_id = (SELECT id FROM archive WHERE name = ?)",
-                (name, archive),
-            )
-            if cur.rowcount == 0:
-                raise errors.NotFound(rules.NOT_FOUND_LOCATION)
-
-
-def _exists(conn: sqlite3.Connection, sql: str, *params: Any) -> bool:
-    return conn.execute(sql, params).fetchone() is not None
+__all__ = ["EmbeddedRegistry"]
