@@ -37,12 +37,11 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "init",
         "search",
         "info",
-        "locate",
-        "verify",
         "modify",
         "dtype",
         "archive",
     ),
+    "nbankctl.locate_cmds": ("locate", "verify"),
     "nbankctl.tape_cmds": ("tape",),
     "nbankctl.migrate": ("registry",),
 }

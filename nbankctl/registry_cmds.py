@@ -24,8 +24,7 @@ from nbankctl.registry_access import describe, open_registry
 from nbankd import errors
 from nbankd.archive.layout import DEFAULT_UMASK
 from nbankd.archive.opening import create_archive, open_archive
-from nbankd.hashing import hash_path
-from nbankd.registry.base import CORE_FIELDS, SLUG_RE, LocationRecord, Registry
+from nbankd.registry.base import CORE_FIELDS, SLUG_RE, Registry
 
 _ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
 
@@ -278,130 +277,6 @@ def cmd_modify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# --- verify --------------------------------------------------------------------------
-
-
-def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[str, Any]]:
-    result: dict[str, Any] = {"path": str(path)}
-    if not os.path.lexists(path):
-        return False, {**result, "status": "missing", "message": "no such file or directory"}
-    try:
-        sha1 = hash_path(path)
-    except OSError as err:
-        return False, {**result, "status": "unreadable", "message": err.strerror or str(err)}
-    result["sha1"] = sha1
-    record = None
-    if id is not None:
-        record = reg.get_resource(id)
-        if record is None:
-            return False, {**result, "status": "not-found", "message": f"no resource '{id}'"}
-    elif SLUG_RE.match(path.stem):
-        record = reg.get_resource(path.stem)  # named after its id, as in an archive
-    if record is not None:
-        result["id"] = record.name
-        if record.sha1 is None:
-            return False, {**result, "status": "no-hash", "message": "no registered hash"}
-        if record.sha1.lower() == sha1:
-            return True, {**result, "status": "ok", "message": "OK"}
-        return False, {
-            **result,
-            "status": "mismatch",
-            "message": f"FAILED to match record for {record.name} (registered {record.sha1})",
-        }
-    matches = [r.name for r in reg.search(sha1=sha1)]
-    result["matches"] = matches
-    if not matches:
-        return False, {**result, "status": "no-match", "message": "no matches in registry"}
-    text = ", ".join(matches)
-    return True, {**result, "status": "match", "message": f"matches registry resource {text}"}
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    if args.id is not None and len(args.files) != 1:
-        raise errors.UsageError("-i ID compares exactly one FILE with the record of ID")
-    failed = 0
-    with registry_for(args) as reg:
-        for path in args.files:
-            ok, result = _verify_one(reg, Path(path), args.id)
-            failed += not ok
-            if args.json:
-                print(json.dumps(result))
-            else:
-                print(f"{path}: {result['message']}")
-    return 1 if failed else 0
-
-
-# --- locate --------------------------------------------------------------------------
-
-
-def local_path(loc: LocationRecord) -> Path | None:
-    """The stored copy of a neurobank location if its archive is on this host."""
-    if loc.scheme != "neurobank" or not os.path.isdir(loc.root):
-        return None
-    try:
-        return open_archive(loc.root).stored_path(loc.resource_name)
-    except errors.NbankdError:
-        return None
-
-
-def location_text(loc: LocationRecord) -> str | None:
-    """How nbank shows a location: a local path, tape://TAPE:N/ID, or a URL; None if unreachable."""
-    if loc.scheme == "neurobank":
-        path = local_path(loc)
-        return None if path is None else str(path)
-    if loc.scheme == "tape":
-        return f"tape://{loc.root}/{loc.resource_name}"
-    if loc.scheme in ("http", "https"):
-        return f"{loc.scheme}://{loc.root.rstrip('/')}/{loc.resource_name}/"
-    return None
-
-
-def cmd_locate(args: argparse.Namespace) -> int:
-    failed = 0
-    with registry_for(args) as reg:
-        for id in args.id:
-            try:
-                locations = reg.get_locations(id)
-            except errors.NotFound:
-                print(f"{id:<20}\t(not found)")
-                warn(f"no resource '{id}' in registry {reg.url}")
-                failed += 1
-                continue
-            failed += not _locate_one(args, id, locations)
-    return 1 if failed else 0
-
-
-def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecord]) -> bool:
-    """Prints the locations of one resource; False if none is reachable from here."""
-    if args.json:
-        out = [{**loc.to_json(), "address": location_text(loc)} for loc in locations]
-        print(json.dumps({"id": id, "locations": out}))
-        return any(item["address"] for item in out)
-    if args.link is None and not args.print0:
-        found = False
-        for loc in locations:
-            text = location_text(loc)
-            if text is not None:
-                print(f"{id:<20}\t{text}")
-                found = True
-        return found
-    path = next((p for p in map(local_path, locations) if p is not None), None)
-    if path is None:
-        warn(f"'{id}' has no copy on this host")
-        return False
-    if args.print0:
-        print(str(path), end="\0")
-        return True
-    link = Path(args.link) / path.name
-    try:
-        link.symlink_to(path)
-    except OSError as err:
-        warn(f"cannot make link {link} -> {path}: {err.strerror or err}")
-        return False
-    print(f"{id:<20}\t-> {link}")
-    return True
-
-
 # --- archive check -------------------------------------------------------------------
 
 
@@ -486,17 +361,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp = sub.add_parser("info", parents=[common], help="registry records of resources (JSON)")
     pp.add_argument("id", nargs="+")
     pp.set_defaults(func=cmd_info)
-
-    pp = sub.add_parser("locate", parents=[common], help="where resources are stored")
-    pp.add_argument("-L", "--link", type=Path, metavar="DIR", help="symlink local copies in DIR")
-    pp.add_argument("-0", "--print0", action="store_true", help="local paths, NUL-separated")
-    pp.add_argument("id", nargs="+")
-    pp.set_defaults(func=cmd_locate)
-
-    pp = sub.add_parser("verify", parents=[common], help="check files against the registry")
-    pp.add_argument("-i", "--id", help="compare FILE with the record of this resource")
-    pp.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    pp.set_defaults(func=cmd_verify)
 
     pp = sub.add_parser("modify", parents=[common], help="change resources' metadata")
     pp.add_argument(

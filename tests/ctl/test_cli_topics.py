@@ -31,6 +31,7 @@ def test_topic_table_lists_exactly_the_commands_the_module_registers(topic: str)
         (["-c", "/x.yaml", "audit", "--full"], "nbankctl.daemon_cmds"),
         (["--json", "-r", "http://h/", "search", "-k", "x"], "nbankctl.registry_cmds"),
         (["-a", "u:p", "tape", "list"], "nbankctl.tape_cmds"),
+        (["-r", "http://h/", "locate", "abc"], "nbankctl.locate_cmds"),
         (["--config", "status", "registry", "export"], "nbankctl.migrate"),
     ],
 )
