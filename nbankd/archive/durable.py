@@ -72,10 +72,13 @@ RESERVATION_MODE = 0o1700
 
 @dataclass(frozen=True)
 class Published:
-    """A resource in place; ``created`` is False when an identical one was already there."""
+    """A resource in place; ``created`` is False when an identical one was already
+    there, and ``ours`` False when that one is not this source's own earlier link
+    (another input with the same identifier, bytes and name published it first)."""
 
     path: Path
     created: bool
+    ours: bool = True
 
 
 #: publishing checks that no other stored name holds the identifier, then links: the two
@@ -326,6 +329,7 @@ def _publish(
             apply_access(archive, target)
         if not placed and not _identical(source, target):
             raise _conflict(archive, source, target, in_place=in_place)
+        ours = placed or _same_inode(source, target)
         seams.reached("after-publish-link")
         fsync_dir(target.parent)
         if os.path.lexists(source):
@@ -335,7 +339,12 @@ def _publish(
         raise
     except OSError as err:
         raise unavailable(archive, err, f"publishing {target}") from err
-    return Published(target, created=placed)
+    return Published(target, created=placed, ours=ours)
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def refile(archive: Archive, path: Path, id: str) -> Path:

@@ -165,7 +165,12 @@ class Steps(ClaimSteps, IdentifierSteps):
                         f"the staged copy of {item.relpath_str!r}, read back from storage, "
                         "does not match its SHA-1; copying again",
                     )
-            durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
+            published = durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
+            if not published.ours:
+                # another input with this identifier, bytes and name was stored first:
+                # this one is already deposited (its input leaves after the read-back)
+                log.info("already deposited", item=item.token, resource_id=item.name)
+                item = replace(item, already=True)
         seams.reached("after-publish")
         return item, Outcome.ok()
 

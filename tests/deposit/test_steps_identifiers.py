@@ -328,3 +328,21 @@ def test_same_bytes_other_description_waits_for_the_record_holder(env: Env) -> N
     assert _reason(bin_)["code"] == "duplicate"
     record = env.registry.get_resource("b")
     assert record is not None and record.metadata == {} and env.stored() == ["b/b.wav"]
+
+
+def test_same_name_and_bytes_from_two_folders_in_one_burst(env: Env) -> None:
+    """sub1/take.dat and sub2/take.dat (same bytes), both looked up before either is
+    stored: one file and one record, and the second receipt is already-deposited."""
+    data = os.urandom(3000)
+    (env.inbox / "sub1").mkdir()
+    (env.inbox / "sub2").mkdir()
+    first, second = env.drop("sub1/take.dat", data), env.drop("sub2/take.dat", data)
+    first, second = env.until(first, State.CHECKED), env.until(second, State.CHECKED)
+    first, second = env.until(first, State.DONE), env.until(second, State.DONE)
+    assert (first.already, second.already) == (False, True)
+    assert env.stored() == ["ta/take.dat"]
+    receipts = [
+        json.loads(line)
+        for line in next((env.root / "receipts").glob("*.jsonl")).read_text().splitlines()
+    ]
+    assert sorted(r["outcome"] for r in receipts) == ["already-deposited", "deposited"]
