@@ -355,18 +355,22 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     target = archive.stored_file(id, path.name)
     if path.parent.parent != archive.resources_dir or path.parent == target.parent:
         raise ValueError(f"'{path}' is not a misplaced resource of archive {archive.path}")
+
+    def occupied(other: Path) -> errors.StoredUnderOtherName:
+        return errors.StoredUnderOtherName(
+            f"archive {archive.path}: '{path}' cannot move to {target.parent}/: "
+            f"the identifier is stored there as '{other}'; '{path}' was left where it is",
+            hint="compare the two files and remove the one that is not registered",
+            stored=str(other),
+        )
+
     check_present(archive)
     try:
         _ensure_stub(archive, target.parent)
         with _identifier_lock(target.parent):
             for other in archive.stored_entries(id):
                 if other.parent == target.parent:
-                    raise errors.StoredUnderOtherName(
-                        f"archive {archive.path}: '{path}' cannot move to {target.parent}/: "
-                        f"the identifier is stored there as '{other}'",
-                        hint="compare the two files and remove the one that is not registered",
-                        stored=str(other),
-                    )
+                    raise occupied(other)
             rename_noreplace(path, target)
         fsync_dir(target.parent)
         fsync_dir(path.parent)
@@ -381,11 +385,7 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
             hint="move it by hand (mv -n) into " + str(target.parent),
         ) from err
     except FileExistsError:
-        raise errors.StoredUnderOtherName(
-            f"archive {archive.path}: '{target}' exists already; '{path}' was left where it is",
-            hint="compare the two files and remove the one that is not registered",
-            stored=str(target),
-        ) from None
+        raise occupied(target) from None
     except OSError as err:
         raise unavailable(archive, err, f"moving {path} to {target}") from err
     return target

@@ -75,20 +75,17 @@ def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None
         os.close(fd)
 
 
-def verify_from_storage(
-    path: str | os.PathLike[str], sha1: str, *, throttle: Throttle | None = None
-) -> bool:
-    """True if the stored file (or tree, by neurobank's directory hash) has this SHA-1.
-
-    Reads through :func:`sha1_from_storage`. False if the path is missing, a symbolic
-    link, or differs; other read failures raise ArchiveUnavailable naming the path.
-    """
+def stored_sha1(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str | None:
+    """The SHA-1 of a stored file (or tree, by neurobank's directory hash) as read back
+    from storage through :func:`sha1_from_storage`; None if the path is missing or a
+    symbolic link (never a valid stored copy). Other read failures raise
+    ArchiveUnavailable naming the path."""
     root = Path(path)
     try:
         if not os.path.lexists(root) or root.is_symlink():
-            return False  # a link in resources/ is never a valid stored copy
+            return None  # a link in resources/ is never a valid stored copy
         if not root.is_dir():
-            return sha1_from_storage(root, throttle=throttle) == sha1.lower()
+            return sha1_from_storage(root, throttle=throttle)
         hasher = DirectoryHasher()
         for dirpath, _dirnames, filenames in os.walk(root):
             for name in filenames:
@@ -98,9 +95,17 @@ def verify_from_storage(
                         full.relative_to(root).as_posix(),
                         sha1_from_storage(full, throttle=throttle),
                     )
-        return hasher.hexdigest() == sha1.lower()
+        return hasher.hexdigest()
     except OSError as err:
         raise unavailable(root.parent, err, f"verifying {root}") from err
 
 
-__all__ = ["sha1_from_storage", "verify_from_storage"]
+def verify_from_storage(
+    path: str | os.PathLike[str], sha1: str, *, throttle: Throttle | None = None
+) -> bool:
+    """True if the stored file or tree has this SHA-1 (see :func:`stored_sha1`); False
+    if it is missing, a symbolic link, or differs."""
+    return stored_sha1(path, throttle=throttle) == sha1.lower()
+
+
+__all__ = ["sha1_from_storage", "stored_sha1", "verify_from_storage"]

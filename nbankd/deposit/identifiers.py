@@ -9,12 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive import durable, layout
+from nbankd.archive import layout
+from nbankd.archive.verify import stored_sha1
 from nbankd.deposit import policy, verdicts
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
-from nbankd.hashing import hash_path
 from nbankd.registry.base import ResourceRecord
 
 
@@ -27,10 +27,9 @@ class IdentifierSteps(StepsBase):
         item = replace(item, already=False)  # decided again on every lookup
         facts = self._facts(item, archive, self.registry.get_resource(item.name or ""))
         facts = replace(facts, holders=tuple(r.name for r in self.registry.search(sha1=facts.sha1)))
-        target = str(self._target(archive, item))
         stored = archive.stored_entries(facts.name)
         # the entry where this input would go is the one judged, when there is one
-        ordered = sorted((str(p) for p in stored), key=lambda p: p != target)
+        ordered = sorted((str(p) for p in stored), key=lambda p: p != facts.target)
         facts = replace(facts, stored=tuple(ordered))
         if verdicts.needs_stored_sha1(facts):
             facts = replace(facts, stored_sha1=self._stored_sha1(Path(facts.stored[0])))
@@ -62,11 +61,8 @@ class IdentifierSteps(StepsBase):
 
     def _stored_sha1(self, path: Path) -> str:
         """The SHA-1 of a stored file or folder, read back from storage."""
-        if path.is_symlink():
-            return "(a symbolic link)"
-        if path.is_dir():
-            return hash_path(path)
-        return durable.sha1_from_storage(path, throttle=self._progress)
+        digest = stored_sha1(path, throttle=self._progress)
+        return digest if digest is not None else "(a symbolic link, or gone)"
 
     def _act(self, item: Item, verdict: verdicts.Verdict) -> StepResult:
         """The outcome of a verdict on the item's identifier (a replaced automatic

@@ -121,13 +121,15 @@ class Steps(ClaimSteps, IdentifierSteps):
             )
             return self._act(item, verdicts.at_publish(facts))
 
-    def _refiled_legacy(self, archive: layout.Archive, item: Item, stored: Path) -> bool:
+    def _refiled_legacy(
+        self, archive: layout.Archive, item: Item, stored: Path | None = None
+    ) -> bool:
         """Moves this item's own copy, published by an older nbankd under the stub of
         its stored name (``resources/a./a.json``), to where its identifier belongs;
-        True if it did."""
+        True if it did. ``stored``: the entry publishing found (another one: False)."""
         assert item.name and item.target_name
         legacy = archive.resources_dir / item.target_name[:2] / item.target_name
-        if legacy.parent.name == item.name[:2] or stored != legacy:
+        if legacy.parent.name == item.name[:2] or stored not in (None, legacy):
             return False  # not a one-character identifier's older place, or another file
         if not item.progress.registered or not os.path.lexists(legacy):
             return False  # not this item's: only a registered item may have published
@@ -194,9 +196,8 @@ class Steps(ClaimSteps, IdentifierSteps):
             archive = self._archive(spec)
             target = self._target(archive, item)
             assert item.sha1
-            if not os.path.lexists(target) and item.target_name:
-                legacy = archive.resources_dir / item.target_name[:2] / item.target_name
-                self._refiled_legacy(archive, item, legacy)
+            if not os.path.lexists(target):
+                self._refiled_legacy(archive, item)
             if not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
                 if spec.placement == "rename":
                     return item, Outcome(

@@ -133,6 +133,12 @@ def _stored(f: Facts) -> Verdict:
         )
     if stored == f.target:
         return Verdict(Kind.ALREADY, "already-deposited", f"already stored as {stored}")
+    return _same_bytes_stored(f, stored)
+
+
+def _same_bytes_stored(f: Facts, stored: str) -> Verdict:
+    """The identifier is stored as ``stored`` (another name) with the input's bytes:
+    a duplicate, rejected even when registered (that copy serves the record)."""
     return Verdict(
         Kind.SUPERSEDED if f.registered else Kind.REJECT,
         "duplicate",
@@ -175,12 +181,7 @@ def at_publish(f: Facts) -> Verdict:
     name; ``stored_sha1`` is its SHA-1."""
     stored = f.stored[0]
     if f.stored_sha1 == f.sha1:
-        return Verdict(
-            Kind.SUPERSEDED if f.registered else Kind.REJECT,
-            "duplicate",
-            f"identifier {f.name} is already stored with the same content as {stored}",
-            "nothing to deposit: " + _CHECK.format(name=f.name),
-        )
+        return _same_bytes_stored(f, stored)
     return Verdict(
         Kind.REJECT,
         "name-taken",
