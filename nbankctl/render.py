@@ -2,7 +2,7 @@
 
 Every function takes a command's result (the reply's JSON) and returns text.
 File names may hold undecodable bytes or control characters: they go through
-:func:`~nbankd.watch.scan.printable` so one entry is always one line.
+:func:`~nbankd.names.printable` so one entry is always one line.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nbankd.names import printable
 from nbankd.timefmt import human_duration, iso
-from nbankd.watch.scan import printable
 
 
 def write(text: str, stream: Any = None) -> None:

@@ -4,7 +4,8 @@
 - :data:`CANARY_NAME`: the file rewritten to prove an inotify watch alive;
 - :data:`SIDECAR_SUFFIXES`: ``NAME.nbank.yaml`` / ``NAME.nbank.json`` belong to ``NAME``;
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
-- :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why.
+- :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why;
+- :func:`printable`: how any name found in an inbox is shown in one line.
 """
 
 from __future__ import annotations
@@ -15,4 +16,32 @@ SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
 MARKER_SUFFIX = ".done"
 REASON_SUFFIX = ".reason"
 
-__all__ = ["CANARY_NAME", "MARKER_SUFFIX", "REASON_SUFFIX", "SIDECAR_SUFFIXES", "WORK_DIR_NAME"]
+
+def printable(relpath: str) -> str:
+    """A one-line, valid-UTF-8 rendering of a relpath for logs and messages.
+
+    Undecodable bytes and control characters (newline, tab, ...) become ``\\xNN``
+    and a backslash becomes two, so the result is unambiguous and never spans lines.
+    """
+    out = []
+    for ch in relpath:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+__all__ = [
+    "CANARY_NAME",
+    "MARKER_SUFFIX",
+    "REASON_SUFFIX",
+    "SIDECAR_SUFFIXES",
+    "WORK_DIR_NAME",
+    "printable",
+]

@@ -21,6 +21,7 @@ from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive, unavailable
+from nbankd.filekind import FileKind
 from nbankd.hashing import (
     BLOCK_SIZE,
     DirectoryHasher,
@@ -116,19 +117,13 @@ def _open_regular(path: Path | str, *, dir_fd: int | None = None, shown: Path | 
 
 def check_regular(st: os.stat_result, shown: Path | str) -> None:
     """Raises unsafe_input's error unless ``st`` is a regular file with a single link."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        raise unsafe_input(shown, "a symbolic link")
-    if stat.S_ISFIFO(mode):
-        raise unsafe_input(shown, "a FIFO")
-    if stat.S_ISSOCK(mode):
-        raise unsafe_input(shown, "a socket")
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        raise unsafe_input(shown, "a device file")
-    if not stat.S_ISREG(mode):
-        raise unsafe_input(shown, "not a regular file")
-    if st.st_nlink > 1:
+    kind = FileKind.of(st)
+    if kind is FileKind.HARDLINK:
         raise unsafe_input(shown, f"a hard link ({st.st_nlink} names)")
+    if kind in (FileKind.DIRECTORY, FileKind.OTHER):
+        raise unsafe_input(shown, "not a regular file")
+    if kind is not FileKind.FILE:
+        raise unsafe_input(shown, f"a {kind.noun}")
 
 
 def _create_staged(archive: Archive, name: str, *, directory: bool) -> Path:

@@ -24,13 +24,13 @@ from nbankd.archive.layout import stored_file
 from nbankd.config import InboxConfig
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
-from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
-from nbankd.deposit.spec import WORK_DIR_NAME
-from nbankd.names import MARKER_SUFFIX
+from nbankd.deposit.rejection import reason_name
+from nbankd.filekind import FileKind
+from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
 from nbankd.shellwords import requeue_command
 from nbankd.timefmt import iso
 from nbankd.watch import settle
-from nbankd.watch.scan import SIDECAR_SUFFIXES, EntryKind, owner_of, printable
+from nbankd.watch.scan import EntryKind, owner_of
 
 STATES = (
     "not-in-inbox",  # the path is in no configured inbox
@@ -287,20 +287,12 @@ def _pattern_hits(rel: str, pattern: str) -> bool:
 
 
 def _unsafe_kind(st: os.stat_result) -> str | None:
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        return "symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device file"
-    if stat.S_ISREG(mode) and st.st_nlink > 1:
+    kind = FileKind.of(st)
+    if not kind.unsafe:
+        return None
+    if kind is FileKind.HARDLINK:
         return "hard link (the file has other names)"
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return "special file"
-    return None
+    return kind.noun
 
 
 def _blocked_folder(inbox: Path, rel: str) -> tuple[Path, str] | None:

@@ -34,10 +34,8 @@ from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, 
 from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
-from nbankd.deposit.rejection import REASON_SUFFIX, reason_name
-from nbankd.deposit.spec import WORK_DIR_NAME
-from nbankd.names import MARKER_SUFFIX
-from nbankd.watch.scan import SIDECAR_SUFFIXES, printable
+from nbankd.deposit.rejection import reason_name
+from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
 
 _LOCK = threading.Lock()  # one requeue at a time: two would race for the same names
 

@@ -21,11 +21,11 @@ from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
+from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES, printable
 from nbankd.registry.base import Registry
 from nbankd.watch import settle
 from nbankd.watch.observer import InboxWatcher
-from nbankd.watch.scan import EntryKind, printable, scan_inbox
+from nbankd.watch.scan import EntryKind, scan_inbox
 
 log = structlog.get_logger("nbankd.daemon")
 

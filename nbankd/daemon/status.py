@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nbankd import __version__, errors
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
-from nbankd.watch.scan import printable
+from nbankd.names import printable
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import Snapshot

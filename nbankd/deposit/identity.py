@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from nbankd.watch.scan import identity_of_path, tree_identity
+from nbankd.watch.identity import identity_of_path, tree_identity
 
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 

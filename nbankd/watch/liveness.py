@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from nbankd.config.model import CANARY_NAME
+from nbankd.names import CANARY_NAME
 
 #: what a refused inotify watch means, by errno
 LIMITS = {

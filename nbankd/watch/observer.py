@@ -54,7 +54,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -72,18 +71,16 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.api import BaseObserver
 
-from nbankd.config.model import CANARY_NAME
-from nbankd.names import WORK_DIR_NAME
+from nbankd.names import CANARY_NAME, WORK_DIR_NAME, printable
 from nbankd.watch.liveness import LIMITS, kernel_watches, write_canary
-from nbankd.watch.scan import is_excluded, is_ignored, printable
 from nbankd.watch.wakeups import Mode, WatchStatus
+from nbankd.watch.watched import Probe, WatchedInbox, same_folder
 
 log = structlog.get_logger(__name__)
 
 DEAF_SEAM = "NBANKD_WATCH_DEAF"
-CHECK_TIMEOUT_MAX = 10.0  # seconds a canary event may take, at most
 
 
 class _StopRaceFilter(logging.Filter):
@@ -118,56 +115,6 @@ _EVENTS: list[type[FileSystemEvent]] = [
 ]
 
 
-@dataclass
-class _Probe:
-    """The liveness check of one inbox (guarded by the watcher's probe lock)."""
-
-    every: float
-    sent: float | None = None  # monotonic time of the outstanding canary write
-    answered: bool = False  # an event came for it
-    next_due: float = 0.0
-    deaf: str = ""  # why the inbox is in the poll fallback, "" while alive
-    seq: int = 0
-    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-
-    @property
-    def timeout(self) -> float:
-        return min(CHECK_TIMEOUT_MAX, self.every)
-
-
-@dataclass
-class _Inbox:
-    inbox_id: str
-    root: str
-    recursive: bool
-    requested: str
-    exclude: tuple[str, ...]
-    ignore: tuple[str, ...]
-    probe: _Probe
-    watch: ObservedWatch | None = None
-    inode: tuple[int, int] | None = None
-    gone: bool = False  # the watched folder was deleted: re-arm
-    refused: str = ""  # the kernel refused a watch: sticky poll fallback
-    unwatched: dict[int, tuple[str, float]] = field(default_factory=dict)  # ino -> (rel, seen)
-    rearm_wanted: bool = False
-    reason: str = "not started"
-
-    def hidden(self, relpath: str) -> bool:
-        """True for paths inside excluded folders or matching an ignore pattern."""
-        if relpath and is_excluded(relpath, self.exclude):
-            return True
-        return bool(relpath) and is_ignored(relpath, self.ignore)
-
-    def relpath(self, path: str | bytes) -> str | None:
-        """``path`` relative to the inbox, or None when it is outside."""
-        path = os.fsdecode(path)
-        if path == self.root:
-            return ""
-        if path.startswith(self.root + "/"):
-            return path[len(self.root) + 1 :]
-        return None
-
-
 class InboxWatcher:
     """Wakes the daemon when an inbox changes. Thread-safe; see the module docstring.
 
@@ -187,7 +134,7 @@ class InboxWatcher:
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
         self._probe_lock = threading.Lock()  # never held while calling watchdog
-        self._inboxes: dict[str, _Inbox] = {}
+        self._inboxes: dict[str, WatchedInbox] = {}
         self._observer: BaseObserver | None = None
         self._started = False
         env = os.environ if environ is None else environ
@@ -269,14 +216,14 @@ class InboxWatcher:
         if check_every <= 0:
             raise ValueError(f"check_every must be positive, not {check_every!r}")
         root = os.path.abspath(os.fsdecode(path))
-        inbox = _Inbox(
+        inbox = WatchedInbox(
             inbox_id=inbox_id,
             root=root,
             recursive=recursive,
             requested=mode,
             exclude=tuple(e.strip("/") for e in exclude if e.strip("/")),
             ignore=tuple(ignore),
-            probe=_Probe(every=check_every),
+            probe=Probe(every=check_every),
         )
         with self._lock:
             if inbox_id in self._inboxes:
@@ -390,7 +337,7 @@ class InboxWatcher:
 
     # --- internals ---------------------------------------------------------------
 
-    def _judge_coverage(self, inbox: _Inbox, now: float) -> None:
+    def _judge_coverage(self, inbox: WatchedInbox, now: float) -> None:
         with self._probe_lock:
             late = {
                 ino: rel
@@ -403,7 +350,7 @@ class InboxWatcher:
         if watched is None:
             return
         still = sorted(
-            rel for ino, rel in late.items() if ino not in watched and _same_folder(inbox, rel, ino)
+            rel for ino, rel in late.items() if ino not in watched and same_folder(inbox, rel, ino)
         )
         with self._probe_lock:
             for ino in late:
@@ -423,7 +370,7 @@ class InboxWatcher:
         )
         self._wake(inbox, "")
 
-    def _send_probe(self, inbox: _Inbox, now: float) -> None:
+    def _send_probe(self, inbox: WatchedInbox, now: float) -> None:
         """Rewrites the canary. Called with ``probe.cond`` held; released around the
         write, so a slow inbox filesystem never holds up the watchdog thread that
         delivers other inboxes' events."""
@@ -449,7 +396,7 @@ class InboxWatcher:
                 f"cannot write the liveness canary {CANARY_NAME}: {failed.strerror or failed}",
             )
 
-    def _went_deaf(self, inbox: _Inbox, why: str) -> None:
+    def _went_deaf(self, inbox: WatchedInbox, why: str) -> None:
         """Enters the poll fallback (call with ``probe.cond`` held); logs once."""
         probe = inbox.probe
         if probe.deaf:
@@ -463,7 +410,7 @@ class InboxWatcher:
         )
         self._wake(inbox, "")
 
-    def _answered(self, inbox: _Inbox) -> None:
+    def _answered(self, inbox: WatchedInbox) -> None:
         probe = inbox.probe
         with probe.cond:
             if probe.sent is None:
@@ -475,7 +422,7 @@ class InboxWatcher:
                 log.info("inbox watch delivers events again", inbox=inbox.inbox_id, was=probe.deaf)
                 probe.deaf = ""
 
-    def _status_of(self, inbox: _Inbox) -> WatchStatus:
+    def _status_of(self, inbox: WatchedInbox) -> WatchStatus:
         deaf = inbox.probe.deaf
         armed = inbox.watch is not None and not inbox.gone and not inbox.refused and not deaf
         reason = inbox.reason
@@ -489,7 +436,7 @@ class InboxWatcher:
             reason="" if armed else reason,
         )
 
-    def _still_same(self, inbox: _Inbox) -> bool:
+    def _still_same(self, inbox: WatchedInbox) -> bool:
         try:
             st = os.stat(inbox.root)
         except OSError:
@@ -501,7 +448,7 @@ class InboxWatcher:
                 return False
         return (st.st_dev, st.st_ino) == inbox.inode
 
-    def _arm(self, inbox: _Inbox) -> None:
+    def _arm(self, inbox: WatchedInbox) -> None:
         """Schedules a watch for ``inbox``; on failure records why (poll fallback)."""
         observer = self._observer
         if observer is None or inbox.refused:
@@ -535,20 +482,20 @@ class InboxWatcher:
         with inbox.probe.cond:
             inbox.probe.next_due = 0.0  # prove the new watch at the next check
 
-    def _disarm(self, inbox: _Inbox) -> None:
+    def _disarm(self, inbox: WatchedInbox) -> None:
         watch, inbox.watch = inbox.watch, None
         observer = self._observer
         if watch is not None and observer is not None:
             with contextlib.suppress(KeyError, OSError):  # already gone with its folder
                 observer.unschedule(watch)
 
-    def _wake(self, inbox: _Inbox, relpath: str) -> None:
+    def _wake(self, inbox: WatchedInbox, relpath: str) -> None:
         try:
             self._on_change(inbox.inbox_id, relpath)
         except Exception:
             log.exception("wake-up callback failed", inbox=inbox.inbox_id)
 
-    def _event(self, inbox: _Inbox, event: FileSystemEvent) -> None:
+    def _event(self, inbox: WatchedInbox, event: FileSystemEvent) -> None:
         if self._deaf_seam:
             return
         if isinstance(event, EventsLostEvent):
@@ -574,18 +521,9 @@ class InboxWatcher:
 class _Handler(FileSystemEventHandler):
     """Hands every event of one inbox's watch to its watcher."""
 
-    def __init__(self, watcher: InboxWatcher, inbox: _Inbox) -> None:
+    def __init__(self, watcher: InboxWatcher, inbox: WatchedInbox) -> None:
         self.watcher = watcher
         self.inbox = inbox
 
     def dispatch(self, event: FileSystemEvent) -> None:
         self.watcher._event(self.inbox, event)
-
-
-def _same_folder(inbox: _Inbox, rel: str, ino: int) -> bool:
-    """True while ``rel`` is still the folder with inode ``ino`` (not gone or replaced)."""
-    try:
-        st = os.lstat(os.path.join(inbox.root, rel) if rel else inbox.root)
-    except OSError:
-        return False
-    return st.st_ino == ino

@@ -6,7 +6,7 @@ wall clock, NFS clock skew and file timestamps never matter).
 
 Rules (SPEC §3 guarantee 5, §4 ``settle_seconds``, ``ready``, ``stall_after``):
 
-- An entry is *settled* when its :class:`~nbankd.watch.scan.Identity` (device,
+- An entry is *settled* when its :class:`~nbankd.watch.identity.Identity` (device,
   inode, size, mtime, ctime, and for directory resources the whole tree) has been
   the same at every observation for at least ``settle_seconds``. The clock starts
   when the entry is first seen, so after a restart every file waits one settle
@@ -32,8 +32,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from nbankd.names import MARKER_SUFFIX
 from nbankd.timefmt import human_duration
-from nbankd.watch.scan import MARKER_SUFFIX, Entry, EntryKind, Identity
+from nbankd.watch.identity import Identity
+from nbankd.watch.scan import Entry, EntryKind
 
 
 class ReadyMode(enum.StrEnum):

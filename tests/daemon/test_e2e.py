@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for
-from nbankd.config.model import CANARY_NAME
+from nbankd.names import CANARY_NAME
 
 BACKENDS = ["embedded", "django"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for
-from nbankd.config.model import CANARY_NAME
+from nbankd.names import CANARY_NAME
 from nbankd.watch.observer import DEAF_SEAM
 
 HOUR = {"rescan_every": "1h"}

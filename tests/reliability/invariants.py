@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from nbankd.archive import opening
-from nbankd.config.model import CANARY_NAME
 from nbankd.deposit.lifecycle import FINAL
 from nbankd.hashing import DirectoryHasher, hash_path
+from nbankd.names import CANARY_NAME
 
 WORK_DIR = ".nbank"
 JOURNAL = "journal.sqlite3"

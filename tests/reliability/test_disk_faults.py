@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for
-from nbankd.config.model import CANARY_NAME
 from nbankd.hashing import sha1_file
+from nbankd.names import CANARY_NAME
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
 RESULTS = Path(__file__).parent / "results" / "disk_faults.json"

@@ -20,7 +20,7 @@ from typing import Any
 
 from fixtures.daemon import DaemonHarness, wait_for
 from nbankd.archive.opening import create_archive
-from nbankd.config.model import CANARY_NAME
+from nbankd.names import CANARY_NAME
 from nbankd.registry.http import HttpRegistry
 from reliability import figures
 

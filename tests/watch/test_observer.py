@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 from watchdog.events import EventsLostEvent
 
-from nbankd.config.model import CANARY_NAME
+from nbankd.names import CANARY_NAME
 from nbankd.watch.liveness import kernel_watches
 from nbankd.watch.observer import DEAF_SEAM, InboxWatcher
 from nbankd.watch.wakeups import Mode, Wakeups

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbankd.watch.scan import Entry, EntryKind, Identity
+from nbankd.watch.identity import Identity
+from nbankd.watch.scan import Entry, EntryKind
 from nbankd.watch.settle import (
     ReadyMode,
     SettlePolicy,

@@ -1,0 +1,228 @@
+"""What must stay the same for an input to count as unchanged, and how it is read.
+
+An :class:`Identity` is taken from one ``lstat``: of a file for a plain input, and
+summed over a whole tree for a directory resource (:func:`tree_summary`). Folders
+are listed through one descriptor each, opened without following links
+(:func:`list_folder`), so nothing outside the inbox is ever read.
+
+A directory resource's identity summarises the whole tree
+(:func:`tree_identity`): the folder's own device, inode, mode and owner; ``size`` the
+total size of its regular files; ``mtime_ns``/``ctime_ns`` the largest over every
+node (folders included, so creating, deleting or renaming anything changes them);
+``nlink`` the number of nodes below the folder; and ``digest`` a BLAKE2b over every
+node's (path, inode, size, mtimes, mode), so any change anywhere inside changes
+the identity. Members the pipeline must never read (symlinks, hard links, FIFOs,
+sockets, devices) and unreadable sub-folders are listed in ``Entry.problem``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbankd.names import printable
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What must stay the same for a file to count as unchanged (guarantee 5).
+
+    For a directory resource see :func:`tree_identity` for what each field sums up;
+    ``digest`` is empty for everything else. Equality compares every field.
+    """
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    mode: int
+    uid: int
+    digest: str = ""
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        """Builds the identity of one lstat (or fstat) result."""
+        return cls(
+            dev=st.st_dev,
+            ino=st.st_ino,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            nlink=st.st_nlink,
+            mode=st.st_mode,
+            uid=st.st_uid,
+        )
+
+    def same_file(self, other: Identity) -> bool:
+        """True when device, inode, size, mtime and ctime agree (guarantee 5's check)."""
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == (
+            other.dev,
+            other.ino,
+            other.size,
+            other.mtime_ns,
+            other.ctime_ns,
+        )
+
+
+class _Child:
+    """One listed name and its lstat, taken while its folder was open."""
+
+    __slots__ = ("_err", "_st")
+
+    def __init__(self, st: os.stat_result | None, err: OSError | None) -> None:
+        self._st, self._err = st, err
+
+    def stat(self, *, follow_symlinks: bool = False) -> os.stat_result:
+        if self._err is not None:
+            raise self._err
+        assert self._st is not None
+        return self._st
+
+
+def list_folder(folder: str, expect_ino: int | None = None) -> list[tuple[str, _Child]]:
+    """Lists one folder completely and lstats what it holds, through one descriptor.
+
+    A sub-folder (``expect_ino`` given: the inode its parent's listing showed) is
+    opened without following a link and must still be that inode; otherwise it
+    was swapped for another folder or a link since, and is reported as vanished
+    (FileNotFoundError): a scan never lists anything outside its inbox.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if expect_ino is not None:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(folder, flags)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise FileNotFoundError(err.errno, "replaced by a link", folder) from None
+        raise
+    try:
+        if expect_ino is not None and os.fstat(fd).st_ino != expect_ino:
+            raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", folder)
+        out = []
+        with os.scandir(fd) as it:
+            for child in it:
+                try:
+                    out.append((child.name, _Child(child.stat(follow_symlinks=False), None)))
+                except OSError as err:
+                    out.append((child.name, _Child(None, err)))
+        return out
+    finally:
+        os.close(fd)
+
+
+def identity_of_path(path: Path | str) -> Identity:
+    """The identity of ``path`` itself (lstat: a symlink is not followed).
+
+    Raises :class:`OSError` (e.g. ``FileNotFoundError``) as ``os.lstat`` does.
+    """
+    return Identity.of(os.lstat(path))
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSummary:
+    """:func:`tree_summary`'s answer: the tree's identity and what is wrong inside.
+
+    ``unsafe`` and ``unreadable`` hold paths relative to the folder.
+    """
+
+    identity: Identity
+    files: int
+    unsafe: tuple[str, ...]
+    unreadable: tuple[str, ...]
+
+    @property
+    def problem(self) -> str | None:
+        """A one-line description of the unsafe and unreadable members, or None."""
+        parts = []
+        if self.unsafe:
+            parts.append(f"{len(self.unsafe)} member(s) that are not plain files or folders")
+            parts[-1] += f" (first: {printable(self.unsafe[0])})"
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable folder(s)")
+            parts[-1] += f" (first: {printable(self.unreadable[0])})"
+        return "; ".join(parts) or None
+
+
+def tree_summary(path: Path | str) -> TreeSummary:
+    """Summarises a folder and everything under it without following symlinks.
+
+    See the module docstring for what each identity field means. Raises
+    :class:`OSError` if ``path`` itself cannot be lstat'ed.
+    """
+    top = os.fsdecode(path)
+    st = os.lstat(top)
+    digest = hashlib.blake2b(digest_size=16)
+    size = 0
+    files = 0
+    nodes = 0
+    mtime = st.st_mtime_ns
+    ctime = st.st_ctime_ns
+    unsafe: list[str] = []
+    unreadable: list[str] = []
+    stack: list[tuple[str, int | None]] = [("", None)]
+    while stack:
+        rel, ino = stack.pop()
+        try:
+            children = list_folder(os.path.join(top, rel) if rel else top, ino)
+        except (FileNotFoundError, NotADirectoryError):
+            if not rel:
+                raise
+            continue  # vanished since its parent was listed (the parent's mtime moved)
+        except OSError:
+            unreadable.append(rel)
+            digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
+            continue
+        for name, child in children:
+            crel = f"{rel}/{name}" if rel else name
+            try:
+                cst = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                unreadable.append(crel)
+                continue
+            nodes += 1
+            mtime = max(mtime, cst.st_mtime_ns)
+            ctime = max(ctime, cst.st_ctime_ns)
+            digest.update(
+                b"%s\0%d %d %d %d %d\n"
+                % (
+                    os.fsencode(crel),
+                    cst.st_ino,
+                    cst.st_size,
+                    cst.st_mtime_ns,
+                    cst.st_ctime_ns,
+                    cst.st_mode,
+                )
+            )
+            if stat.S_ISDIR(cst.st_mode):
+                stack.append((crel, cst.st_ino))
+            elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
+                size += cst.st_size
+                files += 1
+            else:
+                unsafe.append(crel)
+    identity = Identity(
+        dev=st.st_dev,
+        ino=st.st_ino,
+        size=size,
+        mtime_ns=mtime,
+        ctime_ns=ctime,
+        nlink=nodes,
+        mode=st.st_mode,
+        uid=st.st_uid,
+        digest=digest.hexdigest(),
+    )
+    return TreeSummary(identity, files, tuple(sorted(unsafe)), tuple(sorted(unreadable)))
+
+
+def tree_identity(path: Path | str) -> Identity:
+    """The identity of a directory resource: changes when anything inside changes."""
+    return tree_summary(path).identity

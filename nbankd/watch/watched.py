@@ -1,0 +1,77 @@
+"""The watcher's record of one inbox: its folder, exclusions and liveness probe.
+
+:class:`WatchedInbox` and its :class:`Probe` are plain data guarded by the
+watcher's locks (:mod:`nbankd.watch.observer` says which); nothing here starts a
+thread or arms a watch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from watchdog.observers.api import ObservedWatch
+
+from nbankd.watch.scan import is_excluded, is_ignored
+
+CHECK_TIMEOUT_MAX = 10.0  # seconds a canary event may take, at most
+
+
+@dataclass
+class Probe:
+    """The liveness check of one inbox (guarded by the watcher's probe lock)."""
+
+    every: float
+    sent: float | None = None  # monotonic time of the outstanding canary write
+    answered: bool = False  # an event came for it
+    next_due: float = 0.0
+    deaf: str = ""  # why the inbox is in the poll fallback, "" while alive
+    seq: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def timeout(self) -> float:
+        return min(CHECK_TIMEOUT_MAX, self.every)
+
+
+@dataclass
+class WatchedInbox:
+    inbox_id: str
+    root: str
+    recursive: bool
+    requested: str
+    exclude: tuple[str, ...]
+    ignore: tuple[str, ...]
+    probe: Probe
+    watch: ObservedWatch | None = None
+    inode: tuple[int, int] | None = None
+    gone: bool = False  # the watched folder was deleted: re-arm
+    refused: str = ""  # the kernel refused a watch: sticky poll fallback
+    unwatched: dict[int, tuple[str, float]] = field(default_factory=dict)  # ino -> (rel, seen)
+    rearm_wanted: bool = False
+    reason: str = "not started"
+
+    def hidden(self, relpath: str) -> bool:
+        """True for paths inside excluded folders or matching an ignore pattern."""
+        if relpath and is_excluded(relpath, self.exclude):
+            return True
+        return bool(relpath) and is_ignored(relpath, self.ignore)
+
+    def relpath(self, path: str | bytes) -> str | None:
+        """``path`` relative to the inbox, or None when it is outside."""
+        path = os.fsdecode(path)
+        if path == self.root:
+            return ""
+        if path.startswith(self.root + "/"):
+            return path[len(self.root) + 1 :]
+        return None
+
+
+def same_folder(inbox: WatchedInbox, rel: str, ino: int) -> bool:
+    """True while ``rel`` is still the folder with inode ``ino`` (not gone or replaced)."""
+    try:
+        st = os.lstat(os.path.join(inbox.root, rel) if rel else inbox.root)
+    except OSError:
+        return False
+    return st.st_ino == ino
