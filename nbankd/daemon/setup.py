@@ -18,7 +18,8 @@ from nbankd import errors
 from nbankd.archive import opening
 from nbankd.config import Config
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
-from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
+from nbankd.deposit.spec import InboxSpec
+from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.base import Registry
 from nbankd.registry.urls import same_registry
 
@@ -46,21 +47,9 @@ def inbox_specs(
     specs: dict[str, InboxSpec] = {}
     for inbox in config.inboxes:
         work_id, rejected_id = (folders or {}).get(str(inbox.path), (None, None))
-        archive = config.archive_for(inbox)
-        specs[str(inbox.path)] = InboxSpec(
-            key=str(inbox.path),
-            path=inbox.path,
-            rejected_dir=inbox.rejected_path,
-            archive_name=archive.name,
-            archive_path=archive.path,
-            dtype=inbox.dtype,
-            dtype_by_extension=inbox.dtype_by_extension,
-            metadata=inbox.metadata,
-            path_metadata=inbox.path_metadata,
-            auto_id=inbox.auto_id,
-            placement=inbox.placement,
-            verify=inbox.verify,
-            directories=inbox.directories,
+        specs[str(inbox.path)] = InboxSpec.of(
+            inbox,
+            config.archive_for(inbox),
             config_source=config.source,
             work_id=work_id,
             rejected_id=rejected_id,

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from nbankd.archive import layout, opening
+from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import State, Step, advance
-from nbankd.deposit.spec import WORK_DIR_NAME, InboxSpec
+from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
+from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.base import Registry
 from nbankd.registry.factory import open_registry
 
@@ -97,13 +99,10 @@ def env(tmp_path: Path) -> Iterator[Env]:
     registry.add_datatype("test-file")
     registry.add_archive("arch", "neurobank", str(archive.path))
     work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    spec = InboxSpec(
-        key=str(inbox),
-        path=inbox,
-        rejected_dir=inbox / "rejected",
-        archive_name="arch",
-        archive_path=archive.path,
-        dtype="test-file",
+    inbox_config = InboxConfig(path=inbox, archive="arch", dtype="test-file")
+    spec = InboxSpec.of(
+        inbox_config,
+        ArchiveConfig(name="arch", path=archive.path),
         work_id=work_id,
         rejected_id=rejected_id,
     )
@@ -227,7 +226,7 @@ def test_one_character_identifier_checks_the_other_stub(env: Env) -> None:
 
 
 def _auto_env(env: Env) -> Env:
-    spec = replace(env.spec, auto_id=True)
+    spec = replace(env.spec, config=replace(env.spec.config, auto_id=True))
     env.spec = spec
     env.steps.inboxes = lambda key: spec if key == spec.key else None
     return env
@@ -315,7 +314,7 @@ def test_same_bytes_other_description_waits_for_the_record_holder(env: Env) -> N
     the other is stored and is rejected duplicate, so the record describes the file."""
     data = os.urandom(1000)
     wav = env.until(env.drop("b.wav", data), State.STAGED)
-    rig2 = replace(env.spec, metadata={"rig": "2"})
+    rig2 = replace(env.spec, config=replace(env.spec.config, metadata={"rig": "2"}))
     env.steps.inboxes = lambda key: rig2
     bin_ = env.until(env.drop("b.bin", data), State.STAGED)
     env.steps.inboxes = lambda key: env.spec
