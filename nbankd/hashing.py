@@ -65,7 +65,8 @@ def _wrap(cls: type[OSError], err: OSError, what: str) -> OSError:
     return cls(err.errno, message, err.filename) if err.filename else cls(err.errno, message)
 
 
-def _read_into(src: Source, view: memoryview) -> int:
+def read_into(src: Source, view: memoryview) -> int:
+    """Fills ``view`` from ``src``; read errors become :class:`SourceReadError`."""
     try:
         if isinstance(src, int):
             return os.readv(src, [view])
@@ -79,7 +80,8 @@ def _read_into(src: Source, view: memoryview) -> int:
         raise _wrap(SourceReadError, err, "reading the source") from err
 
 
-def _write_all(dst: Destination, view: memoryview) -> None:
+def write_all(dst: Destination, view: memoryview) -> None:
+    """Writes all of ``view``; write errors become :class:`DestinationWriteError`."""
     try:
         while view:
             if isinstance(dst, int):
@@ -118,13 +120,13 @@ def copy_hashing(
     view = memoryview(buffer if buffer is not None else bytearray(block_size))
     total = 0
     while True:
-        n = _read_into(src, view)
+        n = read_into(src, view)
         if n == 0:
             break
         chunk = view[:n]
         digest.update(chunk)
         if dst is not None:
-            _write_all(dst, chunk)
+            write_all(dst, chunk)
         total += n
         if progress is not None:
             progress(total)

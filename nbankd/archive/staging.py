@@ -24,15 +24,21 @@ from nbankd.archive.layout import Archive, unavailable
 from nbankd.filekind import FileKind
 from nbankd.hashing import (
     BLOCK_SIZE,
+    CopyResult,
     DirectoryHasher,
     Progress,
     SourceReadError,
     Throttle,
     copy_hashing,
+    read_into,
+    write_all,
 )
+from nbankd.streaming import copy_hashing_overlapped
 
 #: every name nbankd uses in ``staging/`` starts with this (nbank uses other names)
 STAGED_PREFIX = ".nbankd-"
+#: files at least this large are copied with reading, hashing and writing overlapped
+OVERLAP_FROM = 16 << 20
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -170,7 +176,7 @@ def stage_copy(
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                result = copy_hashing(src, fd, progress=progress, throttle=throttle)
+                result = _copy(src, fd, progress=progress, throttle=throttle)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -184,6 +190,18 @@ def stage_copy(
     finally:
         if own_fd is not None:
             os.close(own_fd)
+
+
+def _copy(
+    src: int | BinaryIO, fd: int, *, progress: Progress | None, throttle: Throttle | None
+) -> CopyResult:
+    """Copies and hashes; a large file with reading, hashing and writing overlapped."""
+    if isinstance(src, int) and os.fstat(src).st_size >= OVERLAP_FROM:
+        sha1, size = copy_hashing_overlapped(
+            lambda view: read_into(src, view), fd, write_all, progress=progress, throttle=throttle
+        )
+        return CopyResult(sha1, size)
+    return copy_hashing(src, fd, progress=progress, throttle=throttle)
 
 
 def _cleanup(path: Path) -> None:

@@ -3,38 +3,40 @@
 from __future__ import annotations
 
 import errno
-import hashlib
-import mmap
 import os
 from pathlib import Path
 
 from nbankd.archive.layout import unavailable
-from nbankd.hashing import BLOCK_SIZE, DirectoryHasher, Throttle, copy_hashing
+from nbankd.hashing import DirectoryHasher, Throttle, copy_hashing
+from nbankd.streaming import hash_read_ahead
 
 
 def _hash_direct(fd: int, throttle: Throttle | None) -> str | None:
-    """Hashes fd (opened with O_DIRECT) through a page-aligned buffer; None if refused."""
-    digest = hashlib.sha1()
-    buf = mmap.mmap(-1, BLOCK_SIZE)
-    view = memoryview(buf)
+    """Hashes fd (opened with O_DIRECT) through page-aligned buffers, the next blocks
+    read while the last is hashed; None if the filesystem refuses O_DIRECT reads."""
+    first = True
+
+    def read(view: memoryview) -> int:
+        nonlocal first
+        try:
+            n = os.readv(fd, [view])
+        except OSError as err:
+            if first and err.errno == errno.EINVAL:
+                raise _DirectRefused from None
+            raise
+        first = False
+        if throttle is not None:
+            throttle(n)
+        return n
+
     try:
-        first = True
-        while True:
-            try:
-                n = os.readv(fd, [view])
-            except OSError as err:
-                if first and err.errno == errno.EINVAL:
-                    return None
-                raise
-            first = False
-            if n == 0:
-                return digest.hexdigest()
-            digest.update(view[:n])
-            if throttle is not None:
-                throttle(n)
-    finally:
-        view.release()
-        buf.close()
+        return hash_read_ahead(read)[0]
+    except _DirectRefused:
+        return None
+
+
+class _DirectRefused(Exception):
+    """The first O_DIRECT read was refused (EINVAL): read through the page cache."""
 
 
 def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:

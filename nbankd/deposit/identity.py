@@ -53,7 +53,38 @@ def staged_matches(recorded: str | None, path: Path) -> bool:
         now = json.loads(staged_id(path))
     except OSError:
         return False
-    return now == json.loads(recorded)
+    want = json.loads(recorded)
+    return all(now[key] == want.get(key) for key in _STAGED_KEYS)
+
+
+_STAGED_KEYS = ("name", "dev", "ino", "size", "mtime_ns")
+
+
+def mark_verified(recorded: str) -> str:
+    """The journaled staged identity, noting that this copy was read back from storage
+    and matched before it was published."""
+    return json.dumps({**json.loads(recorded), "verified": True})
+
+
+def verified_before_publish(recorded: str | None, path: Path) -> bool:
+    """True when ``path`` is a regular file that is the very staged copy read back from
+    storage before publishing (same device, inode, size and mtime; publishing links
+    that inode): its bytes need no second read. Folders are always read again."""
+    if recorded is None:
+        return False
+    want = json.loads(recorded)
+    if not want.get("verified"):
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+        want.get("dev"),
+        want.get("ino"),
+        want.get("size"),
+        want.get("mtime_ns"),
+    )
 
 
 def seen_matches(seen: str | None, st: os.stat_result) -> bool:

@@ -25,7 +25,14 @@ from nbankd.archive import durable, fsops, layout
 from nbankd.deposit import inboxfs, receipts, rejection, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
-from nbankd.deposit.identity import fstat_matches, same_identity, staged_id, staged_matches
+from nbankd.deposit.identity import (
+    fstat_matches,
+    mark_verified,
+    same_identity,
+    staged_id,
+    staged_matches,
+    verified_before_publish,
+)
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
 from nbankd.deposit.outcomes import outcome_for
@@ -167,6 +174,8 @@ class Steps(ClaimSteps, IdentifierSteps):
                         f"the staged copy of {item.relpath_str!r}, read back from storage, "
                         "does not match its SHA-1; copying again",
                     )
+                if item.staged_identity is not None:
+                    item = replace(item, staged_identity=mark_verified(item.staged_identity))
             published = durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
             if not published.ours:
                 # another input with this identifier, bytes and name was stored first:
@@ -198,7 +207,9 @@ class Steps(ClaimSteps, IdentifierSteps):
             assert item.sha1
             if not os.path.lexists(target):
                 self._refiled_legacy(archive, item)
-            if not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
+            if verified_before_publish(item.staged_identity, target):
+                pass  # this inode was read back from storage and matched before publish
+            elif not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
                 if spec.placement == "rename":
                     return item, Outcome(
                         "transient", "verify-failed", f"{target} does not match its sha1"

@@ -10,112 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
-import pytest
-
-from nbankd.archive import layout, opening
-from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.deposit import inboxfs
-from nbankd.deposit.journal import Item, Journal
-from nbankd.deposit.lifecycle import State, Step, advance
-from nbankd.deposit.spec import InboxSpec
-from nbankd.deposit.steps import Steps
+from fixtures.steps_env import Env
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import State, Step
 from nbankd.names import WORK_DIR_NAME
-from nbankd.registry.base import Registry
-from nbankd.registry.factory import open_registry
-
-
-@dataclass
-class Env:
-    root: Path
-    inbox: Path
-    archive: layout.Archive
-    registry: Registry
-    journal: Journal
-    spec: InboxSpec
-    steps: Steps
-
-    def drop(self, name: str, data: bytes) -> Item:
-        """Writes ``name`` into the inbox and journals its intent, as a scan would."""
-        path = self.inbox / name
-        path.write_bytes(data)
-        st = os.lstat(path)
-        return self.journal.add(
-            token=secrets.token_hex(16),
-            inbox=self.spec.key,
-            relpath=os.fsencode(name),
-            kind="file",
-            archive=self.spec.archive_name,
-            archive_path=str(self.archive.path),
-            placement="copy",
-            verify=1,
-            seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-            created=0.0,
-            updated=0.0,
-        )
-
-    def step(self, item: Item, step: Step) -> Item:
-        """Runs one step and journals the item's progress as the daemon does."""
-        item, outcome = self.steps.run(item, step)
-        progress = advance(item.progress, step, outcome, 0.0)
-        if progress.state is State.REJECTING:
-            reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
-            item = replace(item, reason_json=json.dumps(reason))
-        return self.journal.save(item.with_progress(progress))
-
-    def until(self, item: Item, state: State) -> Item:
-        """Runs steps until ``item`` reaches ``state`` (or a final state)."""
-        from nbankd.deposit.lifecycle import FINAL, next_step
-
-        for _ in range(40):  # a deposit takes at most a dozen steps; more is a loop
-            if item.state is state or item.state in FINAL:
-                return item
-            step = next_step(item.progress, float("inf"))
-            assert step is not None, item
-            item = self.step(item, step)
-        raise AssertionError(
-            f"no end in sight: {item.state} {item.error_code} {item.error_message}"
-        )
-
-    def stored(self) -> list[str]:
-        return sorted(
-            str(p.relative_to(self.archive.resources_dir))
-            for p in self.archive.resources_dir.rglob("*")
-            if p.is_file()
-        )
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    db = tmp_path / "registry.sqlite3"
-    registry = open_registry("embedded", embedded_db=db)
-    archive = opening.create_archive(tmp_path / "arch", registry.url)
-    registry.add_datatype("test-file")
-    registry.add_archive("arch", "neurobank", str(archive.path))
-    work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    inbox_config = InboxConfig(path=inbox, archive="arch", dtype="test-file")
-    spec = InboxSpec.of(
-        inbox_config,
-        ArchiveConfig(name="arch", path=archive.path),
-        work_id=work_id,
-        rejected_id=rejected_id,
-    )
-    journal = Journal(tmp_path / "journal.sqlite3")
-    steps = Steps(
-        journal=journal,
-        registry=registry,
-        inboxes=lambda key: spec if key == spec.key else None,
-        receipts_dir=tmp_path / "receipts",
-    )
-    yield Env(tmp_path, inbox, archive, registry, journal, spec, steps)
-    journal.close()
-    registry.close()
 
 
 def _reason(item: Item) -> dict[str, str]:
