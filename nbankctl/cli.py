@@ -2,8 +2,12 @@
 
 Each topic module exposes ``register(subparsers, common)``: it adds its
 sub-commands, each with ``set_defaults(func=handler)``; a handler takes the
-parsed arguments and returns an exit status. Errors from the one error tree are
-turned into messages and exit codes here, nowhere else.
+parsed arguments and a :class:`~nbankctl.report.Report`, records into the report
+what it found (failed items, an outage it judged) and returns nothing. :func:`main`
+records into the same report how the command ended when it ended early (an error
+from the one error tree, said on stderr; the output closed; Ctrl-C) and exits with
+:attr:`Report.exit_code <nbankctl.report.Report.exit_code>`, the one place deciding
+the status.
 
 Only the topic that owns the command given is imported (:data:`TOPICS`), so a
 daemon command such as ``status`` does not pay for the registry clients; help,
@@ -16,6 +20,7 @@ import argparse
 import importlib
 import sys
 
+from nbankctl.report import Handler, Report
 from nbankd import __version__, errors
 
 # topic modules, each with register(subparsers, common), and the commands each adds
@@ -118,19 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     parser = build_parser(topics_for(argv))
     args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:  # as argparse's own usage errors: help, and status 2
         parser.print_help(sys.stderr)
         return errors.EXIT_USAGE
+    report = Report()
     try:
-        return int(func(args) or 0)
+        func(args, report)
     except errors.NbankdError as err:
-        print(f"nbankctl: {err}", file=sys.stderr)
-        return errors.exit_code_for(err)
+        report.error(err)
     except BrokenPipeError:
-        return errors.EXIT_OK
+        report.output_closed()
     except KeyboardInterrupt:
-        return 130
+        report.interrupted()
+    return report.exit_code
 
 
 if __name__ == "__main__":

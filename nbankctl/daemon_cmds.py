@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankctl import render
+from nbankctl.report import Handler, Report
 from nbankd import errors
 from nbankd.audit.model import REGISTRY_OUTAGE_CODES
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
@@ -77,18 +78,18 @@ def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) ->
 # --- handlers ------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, report: Report) -> None:
     result = _call(args, "status")
     _emit(args, result, render.status)
-    return errors.EXIT_PROBLEMS if result.get("degraded") else errors.EXIT_OK
+    if result.get("degraded"):
+        report.failed()
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
+def cmd_queue(args: argparse.Namespace, report: Report) -> None:
     _emit(args, _call(args, "queue"), render.queue)
-    return errors.EXIT_OK
 
 
-def cmd_history(args: argparse.Namespace) -> int:
+def cmd_history(args: argparse.Namespace, report: Report) -> None:
     if args.limit is not None and args.limit < 0:
         raise errors.UsageError("--limit must be 0 or more")
     request: dict[str, Any] = {"limit": args.limit}
@@ -99,15 +100,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.id:
         request["id"] = args.id
     _emit(args, _call(args, "history", request), render.history)
-    return errors.EXIT_OK
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def cmd_explain(args: argparse.Namespace, report: Report) -> None:
     _emit(args, _call(args, "explain", {"path": os.path.abspath(args.file)}), render.explain)
-    return errors.EXIT_OK
 
 
-def cmd_requeue(args: argparse.Namespace) -> int:
+def cmd_requeue(args: argparse.Namespace, report: Report) -> None:
     if args.all_rejected:
         request: dict[str, Any] = {"all": True}
         if args.target:
@@ -125,7 +124,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
             render.write(out)
         if err:
             render.write(err, sys.stderr)
-    return errors.EXIT_PROBLEMS if result.get("failed") else errors.EXIT_OK
+    if result.get("failed"):
+        report.failed()
 
 
 def _inbox_arg(value: str) -> str:
@@ -137,23 +137,20 @@ def _inbox_request(args: argparse.Namespace) -> dict[str, Any]:
     return {"inbox": _inbox_arg(args.inbox)} if args.inbox else {}
 
 
-def cmd_pause(args: argparse.Namespace) -> int:
+def cmd_pause(args: argparse.Namespace, report: Report) -> None:
     _emit(args, _call(args, "pause", _inbox_request(args)), lambda r: render.paused(r, "paused"))
-    return errors.EXIT_OK
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
+def cmd_resume(args: argparse.Namespace, report: Report) -> None:
     result = _call(args, "resume", _inbox_request(args))
     _emit(args, result, lambda r: render.paused(r, "resumed"))
-    return errors.EXIT_OK
 
 
-def cmd_rescan(args: argparse.Namespace) -> int:
+def cmd_rescan(args: argparse.Namespace, report: Report) -> None:
     _emit(args, _call(args, "rescan", _inbox_request(args)), render.rescan)
-    return errors.EXIT_OK
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def cmd_audit(args: argparse.Namespace, report: Report) -> None:
     """Runs an audit now and waits for its report: exit 0 clean, 1 anything wrong, 3
     when the only thing wrong is that the registry could not be reached (2 when the
     daemon's audits are disabled: the error names the cache file and the fix)."""
@@ -170,26 +167,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if progress:
             render.write(render.audit_progress(state), sys.stderr)
         state = daemon.call("audit", {"request": ticket, "wait": wait})
-    report = state["report"]
-    _emit(args, report, render.audit)
-    if report.get("ok"):
-        return errors.EXIT_OK
-    return errors.EXIT_UNREACHABLE if _registry_outage(report) else errors.EXIT_PROBLEMS
+    audit = state["report"]
+    _emit(args, audit, render.audit)
+    if audit.get("ok"):
+        pass
+    elif _registry_outage(audit):
+        report.unreachable()  # the only thing wrong: the registry could not be reached
+    else:
+        report.failed()
 
 
-def _registry_outage(report: dict[str, Any]) -> bool:
+def _registry_outage(audit: dict[str, Any]) -> bool:
     """Nothing found, and every error says the registry could not be reached."""
-    if "registry_outage" in report:
-        return bool(report["registry_outage"])
-    codes = {a.get("error_code") for a in report.get("archives") or () if a.get("error")}
-    if report.get("error"):
-        codes.add(report.get("error_code"))
-    return not report.get("findings") and bool(codes) and codes <= REGISTRY_OUTAGE_CODES
+    if "registry_outage" in audit:
+        return bool(audit["registry_outage"])
+    codes = {a.get("error_code") for a in audit.get("archives") or () if a.get("error")}
+    if audit.get("error"):
+        codes.add(audit.get("error_code"))
+    return not audit.get("findings") and bool(codes) and codes <= REGISTRY_OUTAGE_CODES
 
 
-def cmd_reload(args: argparse.Namespace) -> int:
+def cmd_reload(args: argparse.Namespace, report: Report) -> None:
     _emit(args, _call(args, "reload"), render.reload)
-    return errors.EXIT_OK
 
 
 # --- parser --------------------------------------------------------------------------
@@ -242,7 +241,7 @@ def _positive_seconds(text: str) -> float:
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parents = [_options()]
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+    def add(name: str, func: Handler, help: str) -> Any:
         p = subparsers.add_parser(name, parents=parents, help=help, description=help)
         p.set_defaults(func=func)
         return p

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankctl.registry_cmds import registry_for, warn
+from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.opening import open_archive
 from nbankd.hashing import hash_path
@@ -54,19 +55,18 @@ def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[s
     return True, {**result, "status": "match", "message": f"matches registry resource {text}"}
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace, report: Report) -> None:
     if args.id is not None and len(args.files) != 1:
         raise errors.UsageError("-i ID compares exactly one FILE with the record of ID")
-    failed = 0
     with registry_for(args) as reg:
         for path in args.files:
             ok, result = _verify_one(reg, Path(path), args.id)
-            failed += not ok
+            if not ok:
+                report.failed()
             if args.json:
                 print(json.dumps(result))
             else:
                 print(f"{path}: {result['message']}")
-    return 1 if failed else 0
 
 
 # --- locate --------------------------------------------------------------------------
@@ -94,8 +94,7 @@ def location_text(loc: LocationRecord) -> str | None:
     return None
 
 
-def cmd_locate(args: argparse.Namespace) -> int:
-    failed = 0
+def cmd_locate(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         for id in args.id:
             try:
@@ -103,10 +102,10 @@ def cmd_locate(args: argparse.Namespace) -> int:
             except errors.NotFound:
                 print(f"{id:<20}\t(not found)")
                 warn(f"no resource '{id}' in registry {reg.url}")
-                failed += 1
+                report.failed()
                 continue
-            failed += not _locate_one(args, id, locations)
-    return 1 if failed else 0
+            if not _locate_one(args, id, locations):
+                report.failed()
 
 
 def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecord]) -> bool:

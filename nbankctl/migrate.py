@@ -27,6 +27,7 @@ from typing import Any
 from nbankctl import migrate_switch
 from nbankctl.migrate_import import import_snapshot, progress, target_url
 from nbankctl.registry_access import describe, open_registry
+from nbankctl.report import Report
 from nbankd import errors
 from nbankd.migration import snapshot
 
@@ -60,30 +61,31 @@ def save_export(snap: snapshot.Snapshot, path: Path, option: str) -> None:
     print(_export_note(snap, str(path)), file=sys.stderr)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace, report: Report) -> None:
     snap = export_registry(args)
     if args.output and args.output != "-":
         save_export(snap, Path(args.output), "-o")
     else:
         snapshot.write(snap, sys.stdout)
         sys.stdout.flush()
-    return errors.EXIT_OK
 
 
-def cmd_import(args: argparse.Namespace) -> int:
+def cmd_import(args: argparse.Namespace, report: Report) -> None:
     url = target_url(args.to)
     snap = snapshot.load(args.file)
     if not args.json:
         print(f"source: {args.file} (exported from {snap.source or '?'} {snap.exported_at})")
-    return import_snapshot(args, snap, url)
+    if not import_snapshot(args, snap, url):
+        report.failed()
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace, report: Report) -> None:
     url = target_url(args.to)
     snap = export_registry(args)
     if args.save_export:
         save_export(snap, Path(args.save_export), "--save-export")
-    return import_snapshot(args, snap, url)
+    if not import_snapshot(args, snap, url):
+        report.failed()
 
 
 def _jobs(text: str) -> int:

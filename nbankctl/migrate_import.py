@@ -23,7 +23,8 @@ from nbankd.config import find_config_path, load_config
 from nbankd.migration import execute, snapshot
 from nbankd.migration.plan import Plan, Step, Verdict, make_plan
 from nbankd.registry import credentials
-from nbankd.registry.http import HttpRegistry, normalise_url
+from nbankd.registry.http import HttpRegistry
+from nbankd.registry.http_transport import normalise_url
 
 _MARKS = {
     "created": "+",
@@ -138,8 +139,10 @@ def _line(mark: str, step: Step, status: str, message: str) -> str:
 
 def import_snapshot(
     args: argparse.Namespace, source: snapshot.Snapshot, url: str, *, header: bool = True
-) -> int:
-    """Plans and (unless ``--dry-run``) carries out the import; returns the exit status."""
+) -> bool:
+    """Plans and (unless ``--dry-run``) carries out the import, printing it as it goes;
+    True when it found no problem: no conflict or blocked record (planned, on a dry
+    run), none failed and none altered by the registry (each is printed)."""
     with open_target(args, url) as target:
         if source.backend != "embedded" and source.source.rstrip("/") == target.url.rstrip("/"):
             raise errors.UsageError(f"the export comes from {target.url} itself: nothing to do")
@@ -158,13 +161,13 @@ def import_snapshot(
                 for text in _summary_text(counts, labels):
                     print(text.replace(" create", " to create"))
                 print("(dry run: nothing was changed)")
-            return errors.EXIT_PROBLEMS if plan.problems else errors.EXIT_OK
+            return not plan.problems
         if plan.to_create:
             target.check_credentials()  # refused credentials: stop before the first write
         outcomes: list[execute.Outcome] = []
         with progress(len(plan.to_create), "record") as (advance, bar):
 
-            def report(o: execute.Outcome) -> None:
+            def show(o: execute.Outcome) -> None:
                 outcomes.append(o)
                 if args.json:
                     say(json.dumps(o.to_json()), bar)
@@ -175,7 +178,7 @@ def import_snapshot(
                 execute.carry_out(
                     plan,
                     target,
-                    report=report,
+                    report=show,
                     advance=advance,
                     jobs=args.jobs,
                     opener=target.clone,
@@ -204,7 +207,7 @@ def import_snapshot(
             )
         if failed > altered:
             print(f"{failed - altered} record(s) not imported: see above; fix them and run again")
-    return errors.EXIT_PROBLEMS if failed else errors.EXIT_OK
+    return not failed
 
 
 def _flat(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:

@@ -49,6 +49,7 @@ from typing import Any
 
 from nbankctl.daemon_cmds import socket_path
 from nbankctl.migrate_import import import_snapshot, target_url
+from nbankctl.report import Report
 from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
 from nbankd.migration import moves, snapshot, switch
@@ -327,7 +328,7 @@ class Switch:
                 "importing again"
             )
             snap = self.export()
-            if import_snapshot(self.args, snap, self.url, header=False) != errors.EXIT_OK:
+            if not import_snapshot(self.args, snap, self.url, header=False):
                 raise errors.ProblemsFound(
                     "importing what reached the embedded registry during the switch found "
                     "problems (see above)",
@@ -348,22 +349,25 @@ class Switch:
 
     # -- the whole ------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, report: Report) -> None:
+        """Carries out the switch; records into ``report`` what stops or spoils it short
+        of an error (import problems, hand edits needed, archives left)."""
         daemon = self.daemon
         if daemon.running and not self.dry_run:
             daemon.wait_idle(self.args.wait)
         snap = self.export()
-        code = import_snapshot(self.args, snap, self.url)
-        if code != errors.EXIT_OK:
+        if not import_snapshot(self.args, snap, self.url):
             warn(
                 "the import found problems: fix them, then run the switch again"
                 if self.rerun
                 else "the import found problems: nothing was switched"
             )
-            return code
+            report.failed()
+            return
         self.imported = snap
         if self.dry_run:
-            return self.dry_run_rest()
+            self.dry_run_rest(report)
+            return
         self.credentials()
         seams.reached(BEFORE_NBANK_JSON)
         self.check_daemon()
@@ -379,7 +383,8 @@ class Switch:
                 + f"then run the same command again ('nbankctl registry switch --to {self.url}'"
                 "): it imports what is left, reloads nbankd and resumes it"
             )
-            return errors.EXIT_PROBLEMS
+            report.failed()
+            return
         seams.reached(AFTER_CONFIG)
         if daemon.running:
             self.check_daemon()
@@ -388,18 +393,19 @@ class Switch:
         self.finished = True
         if problems:
             warn(f"{problems} archive(s) still name the old registry: see above")
-            return errors.EXIT_PROBLEMS
+            report.failed(problems)
+            return
         note(f"switched to {self.url}")
-        return errors.EXIT_OK
 
-    def dry_run_rest(self) -> int:
+    def dry_run_rest(self, report: Report) -> None:
         self.credentials()
         problems = self.archives()
         done, edits = self.configuration()
         if not done:
             warn("the switch would stop here and ask for these edits: " + "; ".join(edits))
+            report.failed()  # the configuration would need editing by hand
+        report.failed(problems)  # archives whose nbank.json could not be rewritten
         note("(dry run: nothing was changed)")
-        return errors.EXIT_PROBLEMS if problems or not done else errors.EXIT_OK
 
     def release(self) -> bool:
         """Resumes the daemon unless that would split the records; False if that failed."""
@@ -439,7 +445,7 @@ def _records(snap: snapshot.Snapshot) -> tuple[Any, ...]:
     return (snap.datatypes, snap.archives, snap.resources, snap.locations)
 
 
-def cmd_switch(args: argparse.Namespace) -> int:
+def cmd_switch(args: argparse.Namespace, report: Report) -> None:
     run = Switch(args)
     daemon = run.daemon
     if not daemon.running:
@@ -449,13 +455,12 @@ def cmd_switch(args: argparse.Namespace) -> int:
     else:
         daemon.pause()
     try:
-        code = run.run()
+        run.run(report)
     except BaseException:
         run.release()  # prints its own failure; the original error is the one raised
         raise
     if not run.release():
-        code = max(code, errors.EXIT_PROBLEMS)
-    return code
+        report.failed()
 
 
 def register(

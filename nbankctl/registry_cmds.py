@@ -21,6 +21,7 @@ from typing import Any
 
 from nbankctl import checkarchive
 from nbankctl.registry_access import describe, open_registry
+from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import DEFAULT_UMASK
 from nbankd.archive.opening import create_archive, open_archive
@@ -105,57 +106,53 @@ def _filter_text(value: Any) -> str:
 # --- registry-info, dtype, archive list -------------------------------------------
 
 
-def cmd_registry_info(args: argparse.Namespace) -> int:
+def cmd_registry_info(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         info = {"address": reg.url, "backend": reg.backend, **reg.info()}
         if args.json:
             dump(info)
-            return 0
+            return
         print("registry info:")
         print(f"  - address: {describe(reg)}")
         for key, value in info.items():
             if key not in ("address", "backend"):
                 print(f"  - {key}: {value}")
-    return 0
 
 
-def cmd_dtype_list(args: argparse.Namespace) -> int:
+def cmd_dtype_list(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         dtypes = reg.list_datatypes()
     if args.json:
         dump([d.to_json() for d in dtypes])
     for d in [] if args.json else dtypes:
         print(f"{d.name:<25}\t({d.content_type})")
-    return 0
 
 
-def cmd_dtype_add(args: argparse.Namespace) -> int:
+def cmd_dtype_add(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         dtype = reg.add_datatype(args.dtype_name, args.content_type)
     if args.json:
         dump(dtype.to_json())
     else:
         print(f"added datatype {dtype.name} (content-type: {dtype.content_type})")
-    return 0
 
 
-def cmd_archive_list(args: argparse.Namespace) -> int:
+def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
     filters = {k: v for k, v in (("name", args.name), ("scheme", args.scheme)) if v}
     with registry_for(args) as reg:
         archives = reg.list_archives(**filters)
     if args.json:
         dump([a.to_json() for a in archives])
-        return 0
+        return
     for a in archives:
         where = a.root if a.scheme == "neurobank" else f"{a.scheme}://{a.root}"
         print(f"{a.name:<25}\t{where}")
-    return 0
 
 
 # --- init ----------------------------------------------------------------------------
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def cmd_init(args: argparse.Namespace, report: Report) -> None:
     root = Path(args.directory).expanduser().resolve()
     name = args.name or root.name
     if not SLUG_RE.match(name):
@@ -196,13 +193,12 @@ def cmd_init(args: argparse.Namespace) -> int:
                 hint="fix this and run the same nbankctl init again",
             ) from err
     print(f"initialized neurobank archive in {root}")
-    return 0
 
 
 # --- search, info, modify ------------------------------------------------------------
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def cmd_search(args: argparse.Namespace, report: Report) -> None:
     params: dict[str, str] = {}
     for param, value in (
         ("name", args.name),
@@ -232,26 +228,23 @@ def cmd_search(args: argparse.Namespace) -> int:
                 dump(record.to_json())
             else:
                 print(record.name)
-    return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         found = {r.name: r for r in reg.get_resources(args.id)}
         url = reg.url
-    failed = 0
     for id in dict.fromkeys(args.id):
         record = found.get(id)
         if record is None:
             dump({"id": id, "error": "not found"})
             warn(f"no resource '{id}' in registry {url}")
-            failed += 1
+            report.failed()
         else:
             dump(record.to_json())
-    return 1 if failed else 0
 
 
-def cmd_modify(args: argparse.Namespace) -> int:
+def cmd_modify(args: argparse.Namespace, report: Report) -> None:
     changes: dict[str, Any] = dict(args.metadata or {})
     for key in args.metadata_remove:
         changes[key] = None
@@ -263,7 +256,6 @@ def cmd_modify(args: argparse.Namespace) -> int:
         raise errors.UsageError(
             "nothing to change", hint="give -k KEY=VALUE, -K KEY, --experimenter or --animal"
         )
-    failed = 0
     with registry_for(args) as reg:
         for id in dict.fromkeys(args.id):
             try:
@@ -271,46 +263,46 @@ def cmd_modify(args: argparse.Namespace) -> int:
             except errors.NotFound:
                 dump({"name": id, "error": "not found"})
                 warn(f"no resource '{id}' in registry {reg.url}")
-                failed += 1
+                report.failed()
                 continue
             dump(record.to_json())
-    return 1 if failed else 0
 
 
 # --- archive check -------------------------------------------------------------------
 
 
-def cmd_archive_check(args: argparse.Namespace) -> int:
+def cmd_archive_check(args: argparse.Namespace, report: Report) -> None:
     archive = open_archive(args.path)
     with registry_for(args, fallback_url=archive.registry_url) as reg:
         record = reg.find_archive_by_root(str(archive.path))
         if record is None:
             print(f"No archive associated with '{archive.path}' in registry {reg.url}")
             warn("register it with: nbankctl init (on a new folder) or ask the registry admin")
-            return 1
+            report.failed()
+            return
         if not args.json:
             print(f"archive: {archive.path} ({record.name})")
             print(f"registry: {describe(reg)}")
         if archive.registry_url.rstrip("/") != reg.url.rstrip("/"):
             warn(f"nbank.json names another registry ({archive.registry_url}); checked {reg.url}")
-        report = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
+        check = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
         if args.fix:
-            moved, refused = checkarchive.fix_misplaced(archive, report)
+            moved, refused = checkarchive.fix_misplaced(archive, check)
             for old, new in moved:
                 if not args.json:
                     print(f"moved {old} -> {new}")
             for why in refused:
                 warn(f"not moved: {why}")
             if moved:  # judged again, so the findings and exit status are what is left
-                report = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
+                check = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
     if args.json:
-        dump(report.to_json())
+        dump(check.to_json())
     else:
-        for finding in report.findings:
+        for finding in check.findings:
             print(f" - {finding}")
         print()
-        print(report.summary())
-    return 0 if report.ok else 1
+        print(check.summary())
+    report.failed(len(check.findings))
 
 
 # --- parser --------------------------------------------------------------------------

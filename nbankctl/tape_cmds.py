@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from nbankctl.registry_access import describe
 from nbankctl.registry_cmds import registry_for
-from nbankd import errors, tape
+from nbankctl.report import Report
+from nbankd import errors, tape, tape_import
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -71,7 +72,10 @@ def _tar_size(path: str) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _finish(args: argparse.Namespace, summary: tape.Summary, labels: tuple[str, ...]) -> int:
+def _finish(
+    args: argparse.Namespace, report: Report, summary: tape.Summary, labels: tuple[str, ...]
+) -> None:
+    """Prints the summary, and records each member or resource that failed or was refused."""
     counts = summary.counts()
     text = "; ".join(f"{label}: {counts[label]}" for label in labels)
     text += f"; failed or refused: {summary.failed}"
@@ -80,7 +84,7 @@ def _finish(args: argparse.Namespace, summary: tape.Summary, labels: tuple[str, 
     print(
         text if not args.json else json.dumps({"summary": dict(counts), "failed": summary.failed})
     )
-    return 1 if summary.failed else 0
+    report.failed(summary.failed)
 
 
 def read_ids(source: str | os.PathLike[str]) -> list[str]:
@@ -103,7 +107,7 @@ def _header(args: argparse.Namespace, text: str) -> None:
             print("DRY RUN: nothing will be changed")
 
 
-def cmd_register(args: argparse.Namespace) -> int:
+def cmd_register(args: argparse.Namespace, report: Report) -> None:
     if args.file_number < 0:
         raise errors.UsageError(f"FILE_NUMBER must be 0 or more, not {args.file_number}")
     with registry_for(args) as reg:
@@ -119,10 +123,10 @@ def cmd_register(args: argparse.Namespace) -> int:
                 report=_printer(args, bar),
                 advance=advance,
             )
-    return _finish(args, summary, ("added", "already", "skipped"))
+    _finish(args, report, summary, ("added", "already", "skipped"))
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def cmd_prune(args: argparse.Namespace, report: Report) -> None:
     ids = read_ids(args.list)
     with registry_for(args) as reg:
         _header(args, f"registry: {describe(reg)}\npruning archive: {args.archive}")
@@ -134,14 +138,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             check_hash=args.hash,
             report=_printer(args, None),
         )
-    return _finish(args, summary, ("deleted", "kept", "skipped"))
+    _finish(args, report, summary, ("deleted", "kept", "skipped"))
 
 
-def cmd_import(args: argparse.Namespace) -> int:
+def cmd_import(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         _header(args, f"registry: {describe(reg)}\nsource: {args.tar}")
         with _bar(_tar_size(args.tar), "B") as (advance, bar):
-            summary = tape.import_tar(
+            summary = tape_import.import_tar(
                 reg,
                 args.tar,
                 args.archive,
@@ -150,7 +154,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 report=_printer(args, bar),
                 advance=advance,
             )
-    return _finish(args, summary, ("imported", "already", "skipped"))
+    _finish(args, report, summary, ("imported", "already", "skipped"))
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -13,11 +13,8 @@ Semantics follow ``nbank archive register-tar | prune | import-tar`` (0.13):
   a tape copy registered with its member name), removes the location first and
   the file second (a crash in between leaves an unregistered copy, never a record
   without its file), and removes stub folders it empties;
-- :func:`import_tar` never lets the tar choose where bytes go: each member is
-  read as a stream, checked (path, type and size, with our own checks and
-  :func:`tarfile.data_filter`), copied into ``staging/`` under a name made from
-  the registered identifier, checked against the registered SHA-1, published
-  with the durable primitives of deposits, re-read from storage, then located.
+- importing a tar back into a local archive (``import_tar``) lives in
+  :mod:`nbankd.tape_import`, built on the shared pieces here.
 
 Every function takes a ``report`` callback receiving one :class:`Outcome` per
 member or resource, and returns a :class:`Summary`.
@@ -25,7 +22,6 @@ member or resource, and returns a :class:`Summary`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tarfile
@@ -36,16 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from nbankd import errors
-from nbankd.archive import durable, opening
+from nbankd.archive import durable
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
-from nbankd.hashing import sha1_stream
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
 TAPE_SCHEME = "tape"
 MANIFEST_NAME = "manifest.json"
-STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
 
 
 @dataclass(frozen=True)
@@ -86,14 +80,16 @@ Report = Callable[[Outcome], None]
 Advance = Callable[[int], None]
 
 
-def _noop(*_args: object) -> None:
+def noop(*_args: object) -> None:
     return None
 
 
-class _Recorder:
+class Recorder:
+    """Appends each outcome to a summary and passes it to the report callback."""
+
     def __init__(self, summary: Summary, report: Report | None) -> None:
         self.summary = summary
-        self.report = report or _noop
+        self.report = report or noop
 
     def __call__(
         self, item: str, status: str, message: str, *, ok: bool = True, id: str | None = None
@@ -182,12 +178,12 @@ def register_tar(
     record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=dry_run)
     name = record.name if record is not None else archive_name or f"{tape}-{file_number}"
     summary = Summary(archive=name)
-    note = _Recorder(summary, report)
+    note = Recorder(summary, report)
     note(name, "archive", message)
     candidates: list[tarfile.TarInfo] = []
     with open_tar(tar_path) as tar:
         for member in tar:
-            (advance or _noop)(1)
+            (advance or noop)(1)
             if (member.isreg() or member.isdir()) and member.name != MANIFEST_NAME:
                 candidates.append(member)
     ids = {i for m in candidates if (i := member_id(m.name)) is not None}
@@ -303,7 +299,7 @@ def prune(
         )
     archive = open_archive(record.root)
     summary = Summary(archive=archive_name)
-    note = _Recorder(summary, report)
+    note = Recorder(summary, report)
     prefix = "would " if dry_run else ""
     for id in ids:
         try:
@@ -353,171 +349,14 @@ def prune(
     return summary
 
 
-# --- import ----------------------------------------------------------------------------
-
-
-def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
-    """Why a member must not be extracted, or None. Our checks first, then data_filter."""
-    name = member.name
-    path = PurePosixPath(name)
-    if not name or "\0" in name:
-        return "an empty or invalid name"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "a name with a control character (a newline, a tab, ...)"
-    if name.startswith("/") or path.is_absolute():
-        return "an absolute path"
-    if ".." in path.parts:
-        return "a path with '..'"
-    if member.issym():
-        return f"a symbolic link (to {member.linkname!r})"
-    if member.islnk():
-        return f"a hard link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return "a device file"
-    if member.isfifo():
-        return "a FIFO"
-    if not (member.isreg() or member.isdir()):
-        return "not a regular file or folder"
-    if member.isreg() and max_size is not None and member.size > max_size:
-        return f"{member.size} bytes, more than the limit of {max_size}"
-    try:
-        tarfile.data_filter(member, str(dest))
-    except tarfile.FilterError as err:
-        return f"refused by tarfile's data filter: {err}"
-    return None
-
-
-class _Refused(Exception):
-    """One member is not imported: (status, message, ok)."""
-
-    def __init__(self, status: str, message: str, *, ok: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.message, self.ok = status, message, ok
-
-
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def import_tar(
-    registry: Registry,
-    tar_path: str | os.PathLike[str],
-    archive_path: str | os.PathLike[str],
-    *,
-    dry_run: bool = False,
-    max_size: int | None = None,
-    report: Report | None = None,
-    advance: Advance | None = None,
-) -> Summary:
-    """Imports the registered resources of a tar file into a local neurobank archive."""
-    archive = open_archive(archive_path)
-    record = registry.find_archive_by_root(str(archive.path))
-    if record is None:
-        raise errors.NotFound(
-            f"no archive with root {archive.path} in registry {registry.url}",
-            hint="register it with nbankctl init (new folders) or ask the registry's admin",
-        )
-    summary = Summary(archive=record.name)
-    note = _Recorder(summary, report)
-    staging = archive.staging_dir if dry_run else opening.ensure_staging(archive)
-    with open_tar(tar_path) as tar:
-        while True:
-            try:
-                member = tar.next()
-            except tarfile.TarError as err:
-                note(str(tar_path), "failed", f"unreadable from here on: {err}", ok=False)
-                break
-            if member is None:
-                break
-            id = member_id(member.name)
-            try:
-                problem = member_problem(member, staging, max_size)
-                if problem is not None:
-                    raise _Refused("refused", f"refused member {member.name!r}: {problem}")
-                if member.name == MANIFEST_NAME:
-                    continue
-                message = _import_member(
-                    registry, archive, record.name, tar, member, dry_run, advance or _noop
-                )
-            except _Refused as why:
-                if why.message:
-                    note(member.name, why.status, why.message, ok=why.ok, id=id)
-                continue
-            except tarfile.TarError as err:
-                note(member.name, "failed", f"the tar file ends early: {err}", ok=False, id=id)
-                break
-            except (errors.RegistryRejected, errors.ResourceExists, errors.NotFound) as err:
-                note(member.name, "failed", str(err), ok=False, id=id)
-                continue
-            note(member.name, "imported", message, id=id)
-    return summary
-
-
-def _import_member(
-    registry: Registry,
-    archive: Archive,
-    archive_name: str,
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    dry_run: bool,
-    advance: Advance,
-) -> str:
-    """Imports one safe member; returns what was done or raises _Refused."""
-    id = member_id(member.name)
-    resource = registry.get_resource(id) if id is not None else None
-    if resource is None:  # unregistered: a note for files, nothing for folders
-        text = f"'{id}' is not in the registry, skipping" if member.isreg() else ""
-        raise _Refused("skipped", text, ok=True)
-    if member.isdir():
-        raise _Refused("refused", f"'{id}' is a folder resource; use nbank archive import-tar")
-    if archive_name in resource.locations:
-        raise _Refused("already", f"'{id}' is already in '{archive_name}'", ok=True)
-    if not dry_run and member.size > _free_bytes(archive.staging_dir):
-        raise _Refused("refused", f"refused member {member.name!r}: {member.size} bytes, "
-                       f"more than the free space in {archive.staging_dir}")  # fmt: skip
-    stream = tar.extractfile(member)
-    assert stream is not None  # a regular member always has data
-    sha1 = resource.sha1
-    mismatch = f"of {member.name!r} does not match the registered {sha1} of '{id}'"
-    unverified = "" if sha1 else " (no registered hash to check)"
-    if dry_run:
-        digest = sha1_stream(stream)
-        advance(member.size)
-        if sha1 and digest != sha1.lower():
-            raise _Refused("failed", f"SHA-1 {digest} {mismatch}")
-        return f"'{id}' checks OK{unverified} (dry run)"
-    staged = durable.stage_copy(archive, stream, STAGED_PREFIX + id, progress=_counter(advance))
-    if staged.size != member.size or (sha1 and staged.sha1 != sha1.lower()):
-        durable.discard_staged(archive, staged.path)
-        raise _Refused("failed", f"SHA-1 {staged.sha1} {mismatch}; not imported")
-    target = archive.new_resource_path(id, PurePosixPath(member.name).name)
-    published = durable.publish(archive, staged.path, target, sha1=staged.sha1)
-    if not durable.verify_from_storage(published.path, staged.sha1):
-        raise _Refused("failed", f"{published.path} does not read back with SHA-1 "
-                       f"{staged.sha1}; check the archive's storage")  # fmt: skip
-    with contextlib.suppress(errors.LocationTaken):  # added by a concurrent run
-        registry.add_location(id, archive_name)
-    return f"{published.path}{unverified}"
-
-
-def _counter(advance: Advance) -> Callable[[int], None]:
-    """Turns advance(delta) into progress(total), as stage_copy calls it."""
-    done = [0]
-
-    def progress(total: int) -> None:
-        advance(total - done[0])
-        done[0] = total
-
-    return progress
-
-
 __all__ = [
+    "Advance",
     "Outcome",
+    "Recorder",
+    "Report",
     "Summary",
-    "import_tar",
     "member_id",
-    "member_problem",
+    "noop",
     "open_tar",
     "prune",
     "register_tar",

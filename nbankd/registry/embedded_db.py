@@ -17,7 +17,7 @@ from typing import Any, Self
 from nbankd import errors
 from nbankd.registry import embedded_rules as rules
 from nbankd.registry import embedded_schema as schema
-from nbankd.registry.embedded_search import register_functions
+from nbankd.registry.embedded_json import register_functions
 
 
 class EmbeddedDatabase:

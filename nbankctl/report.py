@@ -1,0 +1,105 @@
+"""What one nbankctl command found and how it ended, and the exit status that follows.
+
+Every command handler takes the parsed arguments and a :class:`Report`, and records
+into it instead of returning a status: :meth:`Report.failed` for each item that
+failed (an unknown id, a mismatch, a problem found), :meth:`Report.unreachable` when
+the command judged that the registry or the daemon could not be reached. ``cli.main``
+records how the command ended, when it ended early: :meth:`Report.error`,
+:meth:`Report.output_closed` or :meth:`Report.interrupted`; then it exits with
+:attr:`Report.exit_code`, the one place deciding the status (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from nbankd import errors
+
+#: the status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
+
+
+class Report:
+    """The findings of one command; :attr:`exit_code` turns them into its status."""
+
+    def __init__(self) -> None:
+        self._failures = 0
+        self._unreachable = False
+        self._error: errors.NbankdError | None = None
+        self._output_closed = False
+        self._interrupted = False
+
+    # -- what the command found -----------------------------------------------------
+
+    def failed(self, count: int = 1) -> None:
+        """Records ``count`` items that failed (0 records nothing)."""
+        if count < 0:
+            raise ValueError(f"a number of failures cannot be negative, not {count}")
+        self._failures += count
+
+    def unreachable(self) -> None:
+        """Records that the command judged the registry or the daemon out of reach."""
+        self._unreachable = True
+
+    # -- how it ended, when early ---------------------------------------------------
+
+    def error(self, err: errors.NbankdError) -> None:
+        """Records the error that ended the command, and says it on stderr."""
+        print(f"nbankctl: {err}", file=sys.stderr)
+        if self._error is None:
+            self._error = err
+
+    def output_closed(self) -> None:
+        """Records that the reader of the output went away (``| head``): the command
+        stopped there, and what it found is not judged."""
+        self._output_closed = True
+
+    def interrupted(self) -> None:
+        """Records that the command was stopped by Ctrl-C."""
+        self._interrupted = True
+
+    # -- the verdict ----------------------------------------------------------------
+
+    @property
+    def failures(self) -> int:
+        """How many items failed so far."""
+        return self._failures
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit status; the first that applies, in this order:
+
+        1. interrupted: 130;
+        2. ended by an error: that error's own ``exit_code`` (2 usage, configuration or
+           permission; 3 unreachable; 1 otherwise);
+        3. the output was closed: 0 (the command stopped before judging all it found);
+        4. the registry or the daemon was out of reach: 3;
+        5. any item failed: 1;
+        6. else 0.
+        """
+        if self._interrupted:
+            return EXIT_INTERRUPTED
+        if self._error is not None:
+            return errors.exit_code_for(self._error)
+        if self._output_closed:
+            return errors.EXIT_OK
+        if self._unreachable:
+            return errors.EXIT_UNREACHABLE
+        if self._failures:
+            return errors.EXIT_PROBLEMS
+        return errors.EXIT_OK
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(failures={self._failures}, unreachable={self._unreachable}, "
+            f"error={self._error!r}, output_closed={self._output_closed}, "
+            f"interrupted={self._interrupted}, exit_code={self.exit_code})"
+        )
+
+
+#: a command handler, as registered with ``set_defaults(func=...)``
+Handler = Callable[[argparse.Namespace, Report], None]
+
+__all__ = ["EXIT_INTERRUPTED", "Handler", "Report"]

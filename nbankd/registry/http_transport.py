@@ -1,0 +1,315 @@
+"""The HTTP transport of :class:`~nbankd.registry.http.HttpRegistry`: one session to a
+django-neurobank server.
+
+Here live the registry URL's normalisation (and the user:password it may carry),
+the choice of credentials, :meth:`HttpTransport.request` (anonymous reads,
+authenticated writes), the mapping of error answers to typed
+:mod:`nbankd.errors`, JSON decoding, and the walk over paginated and bulk
+endpoints. What the API's endpoints mean is left to ``http.py``.
+
+Facts it relies on (django-neurobank 0.12, tolerant of older servers):
+
+- reads are anonymous; credentials are sent only on writes, because production
+  sites hash passwords with PBKDF2 (about a second of server CPU per request);
+- list endpoints paginate with a ``Link`` header (``rel="next"``) over bare lists;
+- bulk endpoints answer one JSON record per line, in no useful order;
+- errors: 400 field-keyed bodies (see :mod:`nbankd.registry.rejections`), 403 for
+  missing, wrong or insufficient credentials (never 401), 404 for unknown things.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+import requests
+import requests.auth
+
+from nbankd import errors
+from nbankd.registry import rejections
+from nbankd.registry.base import SLUG_RE
+from nbankd.registry.credentials import Credentials
+
+USER_AGENT = "nbankd (django-neurobank client)"
+
+_NO_CREDENTIALS = "Authentication credentials were not provided."
+_BAD_CREDENTIALS = "Invalid username/password."
+CREDENTIALS_HINT = (
+    "give credentials in $CREDENTIALS_DIRECTORY/registry, the registry_auth file or "
+    "~/.netrc (nbankctl: -a user:pass)"
+)
+
+
+class _Anonymous(requests.auth.AuthBase):
+    """Sends no credentials (and, being given, keeps requests from reading netrc)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+_NO_AUTH = _Anonymous()
+
+
+def normalise_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """Returns (url ending with "/" and without user:password@, the user:password if any)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.ConfigError(
+            f"registry URL {_safe(url)!r} is not an http(s) URL",
+            hint="write it like https://host/neurobank/",
+        )
+    userinfo = None
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, netloc = netloc.rpartition("@")
+        user, _, password = creds.partition(":")
+        userinfo = (user, password)
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, netloc, path, "", "")), userinfo
+
+
+def _safe(url: str) -> str:
+    """The URL without any user:password@ part, for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _root_cause(err: BaseException) -> str:
+    """A short reason for a transport error: the innermost cause, without URLs or secrets."""
+    seen: set[int] = set()
+    inner: BaseException = err
+    while True:
+        nxt = inner.__cause__ or inner.__context__
+        reason = getattr(inner, "reason", None)
+        if isinstance(reason, BaseException):
+            nxt = nxt or reason
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        inner = nxt
+    text = str(inner)
+    # urllib3 messages look like "<conn object at 0x..>: Failed to establish ...: [Errno 111] ..."
+    if ": " in text and text.startswith("<"):
+        text = text.split(": ", 1)[1]
+    return text or type(inner).__name__
+
+
+class HttpTransport:
+    """Requests to one registry URL over one :class:`requests.Session`, errors typed.
+
+    ``auth`` is the (user, password) sent on writes (and on reads once the server
+    turns out to want it), ``auth_source`` says where it came from, for messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        auth: Credentials | tuple[str, str] | None,
+        *,
+        timeout: tuple[float, float] | float,
+    ) -> None:
+        self.url, userinfo = normalise_url(url)
+        if isinstance(auth, Credentials):
+            self.auth: tuple[str, str] | None = auth.as_tuple()
+            self.auth_source = auth.source
+        elif auth is not None:
+            self.auth = (auth[0], auth[1])
+            self.auth_source = "the given credentials"
+        elif userinfo is not None:
+            self.auth = userinfo
+            self.auth_source = "the registry URL"
+        else:
+            self.auth = None
+            self.auth_source = ""
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+        self._session.headers["Accept"] = "application/json"
+        # reads go out anonymously unless the server turns out to require auth for them
+        self.reads_need_auth = False
+
+    def close(self) -> None:
+        self._session.close()
+
+    def endpoint(self, *parts: str) -> str:
+        """The URL of an endpoint below the registry URL, each part quoted, ending with "/"."""
+        return self.url + "".join(quote(p, safe="") + "/" for p in parts)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        write: bool = False,
+        thing: str = "",
+    ) -> requests.Response:
+        """Sends one request; returns 2xx and 404 answers, raises typed errors for the rest."""
+        use_auth = write or self.reads_need_auth
+        try:
+            resp = self._session.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                # _NO_AUTH stops requests from sending ~/.netrc credentials on reads
+                auth=self.auth if use_auth and self.auth else _NO_AUTH,
+                timeout=self.timeout,
+                allow_redirects=not write,
+            )
+        except requests.Timeout as err:
+            raise errors.RegistryUnavailable(
+                f"registry timed out: {method} {_safe(url)} ({_root_cause(err)})",
+                hint=f"retry later; timeouts (connect, read) are {self.timeout} s",
+            ) from None
+        except requests.RequestException as err:
+            raise errors.RegistryUnavailable(
+                f"registry unreachable: {method} {_safe(url)}: {_root_cause(err)}",
+                hint="check that the server is up and the URL is right",
+            ) from None
+        status = resp.status_code
+        if status < 300 or status == 404:
+            return resp
+        if status == 403 and not use_auth and self.auth and self._detail(resp) == _NO_CREDENTIALS:
+            # this site wants credentials even for reads: send them from now on
+            self.reads_need_auth = True
+            return self.request(
+                method, url, params=params, json_body=json_body, write=write, thing=thing
+            )
+        self._raise_for(resp, method, url, thing)
+
+    @staticmethod
+    def _detail(resp: requests.Response) -> str:
+        try:
+            body = resp.json()
+        except ValueError:
+            return ""
+        return str(body.get("detail", "")) if isinstance(body, dict) else ""
+
+    def _raise_for(self, resp: requests.Response, method: str, url: str, thing: str) -> NoReturn:
+        status = resp.status_code
+        where = f"{method} {_safe(url)}"
+        if status >= 500 or status in (408, 429):
+            raise errors.RegistryUnavailable(
+                f"registry {self.url} answered {status} {resp.reason} to {where}",
+                hint="a server-side problem; retry later",
+            )
+        if status in (401, 403):
+            detail = self._detail(resp)
+            if detail == _NO_CREDENTIALS or not self.auth:
+                raise errors.RegistryAuthError(
+                    f"registry {self.url} refused {where}: no credentials were given",
+                    hint=CREDENTIALS_HINT,
+                )
+            user = self.auth[0]
+            if detail == _BAD_CREDENTIALS or status == 401:
+                raise errors.RegistryAuthError(
+                    f"registry {self.url} refused the password of user {user!r} "
+                    f"(from {self.auth_source}): invalid username/password",
+                    hint="correct the credentials and try again",
+                )
+            raise errors.RegistryAuthError(
+                f"registry {self.url} refused {where} for user {user!r}: "
+                f"{detail or 'permission denied'}",
+                hint="ask the registry's administrator for permission to change records",
+            )
+        if status == 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict):
+                raise rejections.classify(body)
+            text = resp.text.strip().replace("\n", " ")[:200]
+            raise errors.RegistryRejected(
+                f"registry {self.url} rejected {where}: {text or 'bad request'}"
+            )
+        if 300 <= status < 400:
+            raise errors.RegistryError(
+                f"registry {self.url} redirected {where} to {resp.headers.get('Location', '?')}",
+                hint="set the registry URL to where the server lives (with a trailing slash)",
+            )
+        raise errors.RegistryError(
+            f"registry {self.url} answered {status} {resp.reason} to {where}"
+            + (f" ({thing})" if thing else "")
+        )
+
+    def decode(self, resp: requests.Response) -> Any:
+        """The JSON body of an answer; RegistryUnavailable if it is not JSON."""
+        try:
+            return resp.json()
+        except ValueError:
+            raise errors.RegistryUnavailable(
+                f"registry {self.url} did not answer JSON to {resp.request.method} "
+                f"{_safe(resp.url)} (status {resp.status_code})",
+                hint="is this the URL of a django-neurobank registry?",
+            ) from None
+
+    def get_one(self, url: str) -> Any | None:
+        """The decoded body of a GET, or None on 404."""
+        resp = self.request("GET", url)
+        return None if resp.status_code == 404 else self.decode(resp)
+
+    def write(self, method: str, url: str, body: Any = None, *, thing: str) -> requests.Response:
+        """Sends an authenticated write; 404 raises NotFound naming ``thing``."""
+        resp = self.request(method, url, json_body=body, write=True, thing=thing)
+        if resp.status_code == 404:
+            raise errors.NotFound(f"registry {self.url} has no {thing}")
+        return resp
+
+    def paginate(self, endpoint: str, params: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+        """Yields the records of a list endpoint, following ``Link: rel="next"``.
+
+        The next page is requested on our own endpoint URL with the link's query, so a
+        proxy that makes the server build http:// links for an https site does no harm.
+        """
+        query: dict[str, str] = dict(params)
+        first = True
+        while True:
+            resp = self.request("GET", endpoint, params=query)
+            if resp.status_code == 404:
+                if not first and self._detail(resp) == "Invalid page.":
+                    return  # the list shrank while we paged through it
+                raise errors.NotFound(f"registry {self.url} has no {endpoint[len(self.url) :]}")
+            body = self.decode(resp)
+            if isinstance(body, dict) and isinstance(body.get("results"), list):
+                # a site configured with DRF's default body pagination
+                yield from body["results"]
+                nxt = body.get("next")
+            elif isinstance(body, list):
+                yield from body
+                nxt = resp.links.get("next", {}).get("url")
+            else:
+                raise errors.RegistryUnavailable(
+                    f"registry {self.url} answered an unexpected body to GET {endpoint}"
+                )
+            if not nxt:
+                return
+            query = dict(parse_qsl(urlsplit(nxt).query, keep_blank_values=True))
+            first = False
+
+    def bulk(self, endpoint: str, names: Iterable[str], batch: int) -> Iterator[dict[str, Any]]:
+        """Yields the records of a bulk endpoint for names, ``batch`` names per request;
+        unknown names omitted."""
+        wanted = list(dict.fromkeys(n for n in names if SLUG_RE.match(n)))
+        url = self.endpoint(*endpoint.split("/"))
+        for i in range(0, len(wanted), batch):
+            resp = self.request("POST", url, json_body={"names": wanted[i : i + batch]})
+            if resp.status_code == 404:
+                raise errors.RegistryError(
+                    f"registry {self.url} has no bulk endpoint {endpoint}/",
+                    hint="upgrade django-neurobank to 0.12 or later",
+                )
+            for line in resp.text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise errors.RegistryUnavailable(
+                        f"registry {self.url} answered a malformed line to POST {endpoint}/"
+                    ) from None
