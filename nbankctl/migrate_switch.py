@@ -52,7 +52,8 @@ from nbankctl.migrate_import import import_snapshot, target_url
 from nbankctl.report import Report
 from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
-from nbankd.migration import moves, snapshot, switch
+from nbankd.deposit import moves
+from nbankd.migration import snapshot, switch
 from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
 from nbankd.registry import credentials
 from nbankd.registry.embedded import EmbeddedRegistry

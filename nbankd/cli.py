@@ -92,6 +92,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     import os
 
     from nbankd.config import find_config_path, load_config
+    from nbankd.control import start_control_server
     from nbankd.daemon.service import Daemon, install_signal_handlers
     from nbankd.service.logs import configure_logging
     from nbankd.service.notify import Notifier
@@ -100,7 +101,9 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     configure_logging(config.log.format, config.log.level)
     notifier = Notifier()
     liveness = Liveness(notifier, float(os.environ.get("NBANKD_WEDGE_AFTER", WEDGE_AFTER_DEFAULT)))
-    daemon = Daemon(config, notifier=liveness, adopt_archives=adopt_archives)
+    daemon = Daemon(
+        config, notifier=liveness, adopt_archives=adopt_archives, serve=start_control_server
+    )
     install_signal_handlers(daemon)
     daemon.start()
     notifier.ready(daemon.status_line())

@@ -25,8 +25,8 @@ from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
+from nbankd.deposit import moves
 from nbankd.deposit.receipts import read_receipts
-from nbankd.migration import moves
 from nbankd.timefmt import iso
 from nbankd.watch import settle
 

@@ -26,13 +26,11 @@ from nbankd import __version__, errors
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, load_config
-from nbankd.control import start_control_server
-from nbankd.control.server import ControlServer
 from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
-from nbankd.daemon.view import InboxState, Snapshot
+from nbankd.daemon.view import DaemonView, InboxState, Service, Snapshot
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import InboxSpec
@@ -56,8 +54,13 @@ class Daemon(InboxScanning):
         notifier: Any = None,
         clock: Callable[[], float] = time.time,
         adopt_archives: bool = False,
+        serve: Callable[[DaemonView], Service] | None = None,
     ) -> None:
+        """``serve`` starts the control socket once the daemon is running (the program's
+        start-up passes :func:`nbankd.control.start_control_server`; the daemon package
+        never imports the control package that reads it)."""
         self.config = config
+        self._serve = serve
         self.clock = clock
         self.adopt_archives = adopt_archives
         self.notifier = notifier
@@ -81,7 +84,7 @@ class Daemon(InboxScanning):
         self.registry: Registry
         self.steps: Steps
         self.observer: InboxWatcher | None = None
-        self.control: ControlServer | None = None
+        self.control: Service | None = None
         self.auditor: AuditScheduler | None = None
         self.state_lock: statelock.StateLock | None = None
         self._state_ids: tuple[tuple[int, int], ...] = ()
@@ -133,7 +136,8 @@ class Daemon(InboxScanning):
             inboxes=len(self.inboxes),
         )
         try:
-            self.control = start_control_server(self)
+            if self._serve is not None:
+                self.control = self._serve(self)
         except BaseException:
             self.shutdown()
             raise

@@ -15,9 +15,14 @@ from nbankd.watch import settle
 
 if TYPE_CHECKING:
     from nbankd.audit.schedule import AuditScheduler
-    from nbankd.control.server import ControlServer
     from nbankd.registry.base import Registry
     from nbankd.watch.wakeups import WatchStatus
+
+
+class Service(Protocol):
+    """What the daemon starts last and stops first: its control socket's server."""
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -70,7 +75,7 @@ class DaemonView(Protocol):
     journal: Journal
     registry: Registry
     auditor: AuditScheduler | None
-    control: ControlServer | None
+    control: Service | None
 
     def clock(self) -> float: ...
     def snapshot(self) -> Snapshot: ...

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.migration import execute, moves, snapshot
+from nbankd.deposit import moves
+from nbankd.migration import execute, snapshot
 from nbankd.migration.plan import make_plan
 from nbankd.registry.embedded import EmbeddedRegistry
 

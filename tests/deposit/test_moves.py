@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nbankd.migration import moves
+from nbankd.deposit import moves
 
 A = "file:///var/lib/nbankd/registry.sqlite3/"
 B = "https://lab.example/neurobank/"
