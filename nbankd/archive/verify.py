@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -30,9 +32,28 @@ def _hash_direct(fd: int, throttle: Throttle | None) -> str | None:
         return n
 
     try:
-        return hash_read_ahead(read)[0]
+        size = os.fstat(fd).st_size
+        if size >= READ_AHEAD_FROM:
+            return hash_read_ahead(read)[0]
+        # a small file: one read into one buffer on this thread (a reader thread and
+        # its ring would cost more than the read)
+        with mmap.mmap(
+            -1, max(mmap.PAGESIZE, -(-(size + 1) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        ) as buf:
+            view = memoryview(buf)
+            try:
+                digest = hashlib.sha1()
+                while n := read(view):
+                    digest.update(view[:n])
+                return digest.hexdigest()
+            finally:
+                view.release()
     except _DirectRefused:
         return None
+
+
+#: files at least this large are read back with a reader thread reading ahead
+READ_AHEAD_FROM = 16 << 20
 
 
 class _DirectRefused(Exception):

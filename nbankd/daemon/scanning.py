@@ -169,18 +169,38 @@ class InboxScanning:
             or self.state_problem is not None
         ):
             return
-        for entry in result.ready:
-            self._start_item(key, state, entry)
-        for entry in result.unsafe:
-            self._start_item(key, state, entry, unsafe=True)
+        self._start_items(
+            key, state, [(e, False) for e in result.ready] + [(e, True) for e in result.unsafe]
+        )
         deadline = settle.next_deadline(state.tracker)
         if deadline is not None:
             state.next_scan = min(state.next_scan, deadline)
 
-    def _start_item(self, key: str, state: InboxState, entry: Any, unsafe: bool = False) -> None:
-        relpath = os.fsencode(entry.relpath)
-        if self.journal.active_for(key, relpath) is not None:
+    def _start_items(self, key: str, state: InboxState, entries: list[tuple[Any, bool]]) -> None:
+        """Journals the intent of every entry found ready (or unsafe) in one transaction,
+        then hands each to a worker. Entries with an item in flight are left alone."""
+        if not entries:
             return
+        active = self.journal.active_relpaths(key)
+        todo = [(e, unsafe) for e, unsafe in entries if os.fsencode(e.relpath) not in active]
+        if not todo:
+            return
+        now = self.clock()
+        items = self.journal.add_many([self._intent(key, state, e, u, now) for e, u in todo])
+        self._journal_ok()
+        relpaths = [e.relpath for e, _ in todo]
+        state.tracker = settle.forget(state.tracker, relpaths)
+        for rel in relpaths:
+            state.verdicts.pop(rel, None)  # an item now: no longer waiting
+        for item in items:
+            self._submit(item)
+
+    def _intent(
+        self, key: str, state: InboxState, entry: Any, unsafe: bool, now: float
+    ) -> dict[str, Any]:
+        """The journal row of a new item: everything decided for the input at this
+        moment (archive, placement, verify), never read from the live configuration
+        again (the identifier, datatype and metadata are decided by the claim)."""
         reason = None
         if unsafe:
             what = UNSAFE_WHAT.get(entry.kind.name, entry.kind.name.lower())
@@ -202,30 +222,26 @@ class InboxScanning:
         marker = (
             os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
         )
-        now = self.clock()
-        item = self.journal.add(
-            token=secrets.token_hex(16),
-            inbox=key,
-            relpath=relpath,
-            kind="unsafe"
-            if unsafe
-            else "dir"
-            if entry.kind is EntryKind.DIRECTORY_RESOURCE
-            else "file",
-            reason_json=reason,
-            archive=archive.name,
-            archive_path=str(archive.path),
-            placement=state.config.placement,
-            verify=int(state.config.verify),
-            sidecar_relpath=sidecar,
-            marker_relpath=marker,
-            seen_identity=json.dumps({"dev": entry.identity.dev, "ino": entry.identity.ino})
+        kind = "file"
+        if unsafe:
+            kind = "unsafe"
+        elif entry.kind is EntryKind.DIRECTORY_RESOURCE:
+            kind = "dir"
+        return {
+            "token": secrets.token_hex(16),
+            "inbox": key,
+            "relpath": os.fsencode(entry.relpath),
+            "kind": kind,
+            "reason_json": reason,
+            "archive": archive.name,
+            "archive_path": str(archive.path),
+            "placement": state.config.placement,
+            "verify": int(state.config.verify),
+            "sidecar_relpath": sidecar,
+            "marker_relpath": marker,
+            "seen_identity": json.dumps({"dev": entry.identity.dev, "ino": entry.identity.ino})
             if entry.identity is not None
             else None,
-            created=now,
-            updated=now,
-        )
-        self._journal_ok()
-        state.tracker = settle.forget(state.tracker, [entry.relpath])
-        state.verdicts.pop(entry.relpath, None)  # an item now: no longer waiting
-        self._submit(item)
+            "created": now,
+            "updated": now,
+        }

@@ -2,6 +2,13 @@
 
 Every item's state is committed here (WAL, ``synchronous=FULL``: the commit is
 on disk when :meth:`Journal.save` returns) before the next step relies on it.
+
+**Group commit.** Workers saving at the same moment share one transaction and so
+one fsync: the first to arrive while no commit runs becomes the *leader*, takes
+every save queued so far and commits them together; the others wait until a
+commit that holds their save is on disk (or raise that commit's error). A save
+alone is committed at once, never held back to wait for company. Items a scan
+finds ready together are journaled in one transaction (:meth:`Journal.add_many`).
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` holds
 the steps from each version to the next, run in one transaction at open.
 """
@@ -157,6 +164,20 @@ class Item:
         return out
 
 
+_SAVED_FIELDS = tuple(f for f in Item.__dataclass_fields__ if f != "id")
+_UPDATE = f"UPDATE items SET {', '.join(f'{k} = ?' for k in _SAVED_FIELDS)} WHERE id = ?"
+
+
+def _column(item: Item, name: str) -> Any:
+    """A field of ``item`` as the journal stores it (states as text, flags as 0/1)."""
+    value = getattr(item, name)
+    if name == "state":
+        return str(value)
+    if name in ("verify", "auto_id", "already"):
+        return int(value)
+    return value
+
+
 def _row_to_item(row: sqlite3.Row) -> Item:
     d = dict(row)
     d["state"] = State(d["state"])
@@ -181,6 +202,15 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         os.close(fd)
         self._lock = threading.Lock()
+        # group commit (see the module docstring): saves queued, the ticket of the last
+        # one on disk, whether a leader is committing, and errors for the followers
+        self._group = threading.Condition()
+        self._tickets = 0
+        self._queued: list[tuple[int, tuple[Any, ...]]] = []
+        self._committed = 0
+        self._committing = False
+        self._failed: dict[int, BaseException] = {}
+        self._commits = 0  # transactions that held saves
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         try:
@@ -224,29 +254,79 @@ class Journal:
 
     def add(self, **values: Any) -> Item:
         """Inserts a new item (state CLAIMING unless given) and returns it, durably."""
-        values.setdefault("state", State.CLAIMING)
-        values["state"] = str(values["state"])
-        cols = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
+        return self.add_many([values])[0]
+
+    def add_many(self, rows: Sequence[dict[str, Any]]) -> list[Item]:
+        """Inserts new items (state CLAIMING unless given) in one transaction and
+        returns them once it is durable: all of them or, on an error, none."""
+        items = []
         with self._lock:
-            cur = self._db.execute(
-                f"INSERT INTO items ({cols}) VALUES ({marks}) RETURNING *", tuple(values.values())
-            )
-            row = cur.fetchone()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for values in rows:
+                    values = dict(values)
+                    values["state"] = str(values.get("state", State.CLAIMING))
+                    cols = ", ".join(values)
+                    marks = ", ".join("?" for _ in values)
+                    cur = self._db.execute(
+                        f"INSERT INTO items ({cols}) VALUES ({marks}) RETURNING *",
+                        tuple(values.values()),
+                    )
+                    items.append(_row_to_item(cur.fetchone()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         seams.reached("after-journal-add")
-        return _row_to_item(row)
+        return items
 
     def save(self, item: Item) -> Item:
-        """Writes every field of ``item`` back, durably; returns it."""
-        d = asdict(item)
-        d["state"] = str(item.state)
-        for key in ("verify", "auto_id", "already"):
-            d[key] = int(d[key])
-        item_id = d.pop("id")
-        sets = ", ".join(f"{k} = ?" for k in d)
-        with self._lock:
-            self._db.execute(f"UPDATE items SET {sets} WHERE id = ?", (*d.values(), item_id))
+        """Writes every field of ``item`` back, durably (sharing the commit with the
+        saves of other threads waiting at the same moment); returns it."""
+        params = (*(_column(item, name) for name in _SAVED_FIELDS), item.id)
+        with self._group:
+            self._tickets += 1
+            ticket = self._tickets
+            self._queued.append((ticket, params))
+            while True:
+                if ticket in self._failed:
+                    raise self._failed.pop(ticket)
+                if self._committed >= ticket:
+                    return item
+                if not self._committing:
+                    break
+                self._group.wait()
+            self._committing = True
+            batch, self._queued = self._queued, []
+        failure: BaseException | None = None
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(_UPDATE, [params for _, params in batch])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except BaseException as err:
+            failure = err
+        with self._group:
+            self._committing = False
+            if failure is None:
+                self._committed = max(self._committed, batch[-1][0])
+                self._commits += 1
+            else:
+                self._failed.update((t, failure) for t, _ in batch if t != ticket)
+            self._group.notify_all()
+        if failure is not None:
+            raise failure
         return item
+
+    def stats(self) -> dict[str, int]:
+        """Group commit at this instant: ``saves`` so far, the ``commits`` that made
+        them durable (fewer when saves shared one), saves ``queued`` behind a commit."""
+        with self._group:
+            return {"saves": self._tickets, "commits": self._commits, "queued": len(self._queued)}
 
     # -- reading ------------------------------------------------------------------
 
@@ -271,6 +351,16 @@ class Journal:
             (inbox, relpath),
         )
         return items[0] if items else None
+
+    def active_relpaths(self, inbox: str) -> set[bytes]:
+        """The relative paths of every in-flight item of this inbox (one query)."""
+        finals = ", ".join(f"'{s}'" for s in FINAL)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT relpath FROM items WHERE inbox = ? AND state NOT IN ({finals})",
+                (inbox,),
+            ).fetchall()
+        return {bytes(r[0]) for r in rows}
 
     def latest_for(self, inbox: str, relpath: bytes) -> Item | None:
         items = self._query(

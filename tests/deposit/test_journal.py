@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.daemon import wait_for
 from nbankd.deposit.journal import SCHEMA_VERSION, Item, Journal, JournalError
 from nbankd.deposit.lifecycle import FINAL, IN_FLIGHT, Progress, State
 
@@ -437,3 +438,64 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
     )
     assert item.staged_identity is None
     assert (item.auto_id, item.already) == (False, False)
+
+
+# --- group commit ------------------------------------------------------------------
+
+
+def test_saves_waiting_behind_a_commit_share_the_next_one(journal: Journal) -> None:
+    """Saves that arrive while a commit runs are made durable together by one commit."""
+    items = [_add(journal) for _ in range(5)]
+    other = sqlite3.connect(journal.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the first save's commit waits for this lock
+    done: list[Item] = []
+
+    def save(item: Item) -> None:
+        done.append(journal.save(replace(item, state=State.CLAIMED)))
+
+    first = threading.Thread(target=save, args=(items[0],))
+    first.start()
+    wait_for(lambda: journal.stats()["saves"] == 1, 30, "a leader")
+    rest = [threading.Thread(target=save, args=(item,)) for item in items[1:]]
+    for t in rest:
+        t.start()
+    wait_for(lambda: journal.stats()["queued"] == 4, 30, "four saves queued behind the commit")
+    other.execute("COMMIT")
+    other.close()
+    for t in [first, *rest]:
+        t.join()
+    assert journal.stats() == {"saves": 5, "commits": 2, "queued": 0}
+    assert {i.id for i in done} == {i.id for i in items}
+    assert all(journal.get(i.id).state is State.CLAIMED for i in items)  # type: ignore[union-attr]
+
+
+def test_a_save_alone_is_committed_at_once(journal: Journal) -> None:
+    """A single save is durable when it returns, in a commit of its own."""
+    item = _add(journal)
+    journal.save(replace(item, state=State.STAGED))
+    assert journal.stats() == {"saves": 1, "commits": 1, "queued": 0}
+    reopened = Journal(journal.path)
+    try:
+        assert reopened.get(item.id).state is State.STAGED  # type: ignore[union-attr]
+    finally:
+        reopened.close()
+
+
+def test_items_found_together_are_journaled_in_one_transaction(journal: Journal) -> None:
+    """add_many inserts every row or, when one is refused, none of them."""
+    base = {
+        "inbox": INBOX,
+        "kind": "file",
+        "archive": "a",
+        "archive_path": "/a",
+        "placement": "copy",
+        "verify": 1,
+        "created": 0.0,
+        "updated": 0.0,
+    }
+    good = [{**base, "token": f"ok{n}", "relpath": f"f{n}".encode()} for n in range(3)]
+    assert [i.relpath for i in journal.add_many(good)] == [b"f0", b"f1", b"f2"]
+    clash = [{**base, "token": "new", "relpath": b"g"}, {**base, "token": "ok1", "relpath": b"h"}]
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.add_many(clash)
+    assert journal.active_relpaths(INBOX) == {b"f0", b"f1", b"f2"}
