@@ -298,10 +298,16 @@ def cmd_archive_check(args: argparse.Namespace, report: Report) -> None:
     if args.json:
         dump(check.to_json())
     else:
+        if args.verbose:
+            status = "ok" if check.hashed else "ok (not hashed)"
+            for name, path in check.passed:
+                print(f" - {name} : {path} - {status}")
         for finding in check.findings:
             print(f" - {finding}")
         print()
         print(check.summary())
+        if not check.hashed:
+            print("SHA-1s not verified (--no-hash): corrupt copies were not looked for")
     report.failed(len(check.findings))
 
 
@@ -386,8 +392,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp.add_argument("-n", "--name", help="filter by name")
     pp.set_defaults(func=cmd_archive_list)
     pp = ar.add_parser("check", parents=[common], help="compare an archive with the registry")
-    pp.add_argument("-H", "--hash", action="store_true", help="also verify every SHA-1 (slow)")
-    pp.add_argument("--no-hash", action="store_false", dest="hash", help="(default) skip hashes")
+    pp.add_argument(
+        "--no-hash", action="store_false", dest="hash",
+        help="do not read and hash the stored files (faster; corrupt copies go unnoticed)",
+    )  # fmt: skip
+    pp.add_argument(
+        "-H", "--hash", action="store_true", default=True,
+        help="verify every SHA-1 (the default; kept for older scripts)",
+    )  # fmt: skip
+    pp.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every resource checked, not only problems",
+    )
     pp.add_argument(
         "--fix", action="store_true",
         help="move resources filed in the wrong stub folder to where their identifier "

@@ -255,7 +255,7 @@ def test_registry_info_names_address(backend: Backend) -> None:
 
 
 def test_archive_check_reports_each_problem(backend: Backend) -> None:
-    """archive check -H finds missing, unregistered, corrupt, misplaced files and bad modes."""
+    """archive check finds missing, unregistered, corrupt, misplaced files and bad modes."""
     archive, arch = backend.archive()
     good = backend.resource(backend.blob("good"), arch)
     store(archive, good, backend.blob("good"))
@@ -264,7 +264,7 @@ def test_archive_check_reports_each_problem(backend: Backend) -> None:
     store(archive, corrupt, backend.blob("wrong")).chmod(0o644)
     stray = store(archive, backend.name("stray"), backend.blob("stray"))
     (archive.staging_dir / "leftover.zip").write_bytes(b"x")
-    proc = backend.ctl("archive", "check", "-H", str(archive.path))
+    proc = backend.ctl("archive", "check", str(archive.path))
     assert proc.returncode == 1
     out = proc.stdout
     assert f"{missing} - missing from archive" in out
@@ -278,13 +278,32 @@ def test_archive_check_reports_each_problem(backend: Backend) -> None:
     )
 
 
-def test_archive_check_skips_hashes_by_default(backend: Backend) -> None:
-    """archive check without -H does not read the files, so a corrupt copy passes."""
+def test_archive_check_hashes_by_default(backend: Backend) -> None:
+    """archive check reads and hashes every stored file unless told not to, as nbank
+    does: a flipped byte fails the default check; --no-hash skips the bytes and says so;
+    -H, the old way to ask for hashes, is still accepted."""
     archive, arch = backend.archive()
     name = backend.resource(backend.blob("right"), arch)
     store(archive, name, backend.blob("wrong"))
-    assert backend.ctl("archive", "check", str(archive.path)).returncode == 0
-    assert backend.ctl("archive", "check", "--hash", str(archive.path)).returncode == 1
+    default = backend.ctl("archive", "check", str(archive.path))
+    assert default.returncode == 1 and "hash mismatch" in default.stdout
+    assert backend.ctl("archive", "check", "-H", str(archive.path)).returncode == 1
+    skipped = backend.ctl("archive", "check", "--no-hash", str(archive.path))
+    assert skipped.returncode == 0 and "SHA-1s not verified (--no-hash)" in skipped.stdout
+
+
+def test_archive_check_verbose_lists_every_resource(backend: Backend) -> None:
+    """-v lists each resource that passed, not only the problems."""
+    archive, arch = backend.archive()
+    names = [backend.resource(backend.blob(f"v{n}"), arch) for n in range(3)]
+    for n, name in enumerate(names):
+        store(archive, name, backend.blob(f"v{n}"))
+    proc = backend.ctl("archive", "check", "-v", str(archive.path))
+    assert proc.returncode == 0
+    for name in names:
+        assert f" - {name} : " in proc.stdout and proc.stdout.count(f" - {name} : ") == 1
+    quiet = backend.ctl("archive", "check", str(archive.path))
+    assert all(f" - {name} : " not in quiet.stdout for name in names)
 
 
 def _legacy_one_character(backend: Backend, id: str) -> tuple[Archive, Path, bytes]:
