@@ -46,7 +46,7 @@ class Profiler:
                 "--format",
                 "raw",
                 "--threads",
-                "--idle",
+                *(() if os.environ.get("NBANKD_BENCH_PYSPY_CPU") else ("--idle",)),
                 "--nonblocking",
                 "--output",
                 str(out),

@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from bench.common import NBANK, ScenarioResult, run_timed, wait_for
+from bench.common import NBANK, ScenarioResult, proc_cpu_seconds, run_timed, wait_for
 from bench.context import Context, unique
 from bench.nbankd_proc import InboxSpec, Nbankd, ReceiptTail
 from bench.server import Server
@@ -75,6 +75,7 @@ def nbankd_burst(
     try:
         daemon.start()
         cpu0 = server.server_cpu_seconds() if server else 0.0
+        own0 = proc_cpu_seconds(daemon.pid)
         with ReceiptTail(daemon.receipts_dir) as tail:
             t0 = time.time()
             for f in files:
@@ -92,6 +93,7 @@ def nbankd_burst(
         stamps = [t for t, _ in tail.stamps()]
         elapsed = max(stamps) - t0 - settle
         server_cpu = (server.server_cpu_seconds() - cpu0) if server else 0.0
+        own_cpu = proc_cpu_seconds(daemon.pid) - own0
         deposited = len(list((root / archive / "resources").rglob("*.dat")))
         if deposited != n:
             raise RuntimeError(f"{deposited} files in the archive, expected {n}")
@@ -100,6 +102,8 @@ def nbankd_burst(
             "seconds": elapsed,
             "first_receipt_s": min(stamps) - t0 - settle,
             "server_cpu_ms_per_file": 1000 * server_cpu / n,
+            "nbankd_cpu_ms_per_file": 1000 * own_cpu / n,
+            "nbankd_cpu_share": own_cpu / elapsed,
         }
     finally:
         daemon.stop()
@@ -187,6 +191,9 @@ def bare_posts(
 def _record(res: ScenarioResult, name: str, out: dict[str, float]) -> None:
     res.add(f"{name} files/s", "files/s", out["files_per_s"])
     res.add(f"{name} server CPU/file", "ms", out["server_cpu_ms_per_file"])
+    if "nbankd_cpu_ms_per_file" in out:  # the daemon's own CPU: the limit when it is busy
+        res.add(f"{name} nbankd CPU/file", "ms", out["nbankd_cpu_ms_per_file"])
+        res.add(f"{name} nbankd CPU (cores busy)", "x", out["nbankd_cpu_share"])
     if "first_receipt_s" in out:
         res.add(f"{name} first receipt", "s", out["first_receipt_s"])
 

@@ -38,6 +38,11 @@ UNSAFE_WHAT = {
 }
 
 
+#: seconds between two scans of one inbox that changes arrive for (explicit rescans
+#: and settle deadlines are not held back)
+CHANGE_SCAN_GAP = 0.2
+
+
 class InboxScanning:
     """Watching and scanning inboxes (see the module's text)."""
 
@@ -77,9 +82,13 @@ class InboxScanning:
             )
 
     def _on_change(self, inbox_key: str, relpath: str = "") -> None:
+        """A change in an inbox: scanned soon, but at most every CHANGE_SCAN_GAP seconds
+        (a burst of files, and the daemon's own claims, send a stream of events; each
+        scan lists the whole inbox)."""
         state = self.inboxes.get(inbox_key)
         if state is not None:
-            state.next_scan = 0.0
+            soon = (state.last_scan or 0.0) + CHANGE_SCAN_GAP
+            state.next_scan = min(state.next_scan, soon)
         self._wake.set()
 
     def request_rescan(self, inbox_key: str | None = None) -> None:

@@ -1,5 +1,10 @@
 """The lookup and register steps: the facts about an input's identifier gathered
 from the registry and the archive, judged by :mod:`nbankd.deposit.verdicts`.
+
+The registry is asked before registering only when the archive already holds an
+entry for the identifier (the verdict then depends on the record); otherwise the
+registering request is the question, and a refusal is classified after it
+(:func:`~nbankd.deposit.verdicts.at_register`), so a new input costs one request.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ class IdentifierSteps(StepsBase):
         spec = self._spec(item)
         archive = self._archive(spec)
         item = replace(item, already=False)  # decided again on every lookup
-        facts = self._facts(item, archive, self.registry.get_resource(item.name or ""))
+        assert item.name
+        stored = archive.stored_entries(item.name)
+        if not stored and not item.progress.registered:
+            # nothing is stored for this identifier: the registry is asked by the
+            # registering POST itself, whose refusals (name or SHA-1 taken) are exact and
+            # judged then (at_register): one request per input in the common case
+            seams.reached("after-lookup")
+            return item, Outcome.ok()
+        facts = self._facts(item, archive, self.registry.get_resource(item.name))
         facts = replace(facts, holders=tuple(r.name for r in self.registry.search(sha1=facts.sha1)))
-        stored = archive.stored_entries(facts.name)
         # the entry where this input would go is the one judged, when there is one
         ordered = sorted((str(p) for p in stored), key=lambda p: p != facts.target)
         facts = replace(facts, stored=tuple(ordered))

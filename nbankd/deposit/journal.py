@@ -1,7 +1,10 @@
 """The deposit journal: one SQLite database under ``state_dir``.
 
-Every item's state is committed here (WAL, ``synchronous=FULL``: the commit is
-on disk when :meth:`Journal.save` returns) before the next step relies on it.
+Every item's state is committed here before the next step relies on it (WAL,
+``synchronous=FULL``: a durable commit is on disk when :meth:`Journal.save`
+returns). Transitions before a step that moves or removes the input are durable;
+the others (``durable=False``, :data:`~nbankd.deposit.lifecycle.DURABLE`) are
+committed without an fsync and reach the disk with the next durable commit.
 
 **Group commit.** Workers saving at the same moment share one transaction and so
 one fsync: the first to arrive while no commit runs becomes the *leader*, takes
@@ -206,11 +209,12 @@ class Journal:
         # one on disk, whether a leader is committing, and errors for the followers
         self._group = threading.Condition()
         self._tickets = 0
-        self._queued: list[tuple[int, tuple[Any, ...]]] = []
+        self._queued: list[tuple[int, tuple[Any, ...], bool]] = []  # ticket, row, durable
         self._committed = 0
         self._committing = False
         self._failed: dict[int, BaseException] = {}
         self._commits = 0  # transactions that held saves
+        self._synced = 0  # of which waited for the disk
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         try:
@@ -280,14 +284,16 @@ class Journal:
         seams.reached("after-journal-add")
         return items
 
-    def save(self, item: Item) -> Item:
-        """Writes every field of ``item`` back, durably (sharing the commit with the
-        saves of other threads waiting at the same moment); returns it."""
+    def save(self, item: Item, *, durable: bool = True) -> Item:
+        """Writes every field of ``item`` back (sharing the commit with the saves of
+        other threads waiting at the same moment); returns it. ``durable``: on disk
+        when this returns; else committed (every reader sees it) and on disk with the
+        next durable commit or checkpoint, so a power loss may undo it."""
         params = (*(_column(item, name) for name in _SAVED_FIELDS), item.id)
         with self._group:
             self._tickets += 1
             ticket = self._tickets
-            self._queued.append((ticket, params))
+            self._queued.append((ticket, params, durable))
             while True:
                 if ticket in self._failed:
                     raise self._failed.pop(ticket)
@@ -299,15 +305,22 @@ class Journal:
             self._committing = True
             batch, self._queued = self._queued, []
         failure: BaseException | None = None
+        sync = any(d for _, _, d in batch)
         try:
             with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
+                if not sync:  # no fsync at this commit (WAL: the next FULL one covers it)
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    self._db.executemany(_UPDATE, [params for _, params in batch])
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.executemany(_UPDATE, [params for _, params, _ in batch])
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                finally:
+                    if not sync:
+                        self._db.execute("PRAGMA synchronous=FULL")
         except BaseException as err:
             failure = err
         with self._group:
@@ -315,18 +328,25 @@ class Journal:
             if failure is None:
                 self._committed = max(self._committed, batch[-1][0])
                 self._commits += 1
+                self._synced += sync
             else:
-                self._failed.update((t, failure) for t, _ in batch if t != ticket)
+                self._failed.update((t, failure) for t, _, _ in batch if t != ticket)
             self._group.notify_all()
         if failure is not None:
             raise failure
         return item
 
     def stats(self) -> dict[str, int]:
-        """Group commit at this instant: ``saves`` so far, the ``commits`` that made
-        them durable (fewer when saves shared one), saves ``queued`` behind a commit."""
+        """Group commit at this instant: ``saves`` so far, the ``commits`` that held
+        them (fewer when saves shared one), how many of those were ``synced`` (waited
+        for the disk), and saves ``queued`` behind a commit."""
         with self._group:
-            return {"saves": self._tickets, "commits": self._commits, "queued": len(self._queued)}
+            return {
+                "saves": self._tickets,
+                "commits": self._commits,
+                "synced": self._synced,
+                "queued": len(self._queued),
+            }
 
     # -- reading ------------------------------------------------------------------
 

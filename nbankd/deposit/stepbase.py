@@ -5,6 +5,7 @@ its journaled intent fixed them, staged names and targets.
 from __future__ import annotations
 
 import json
+import os
 import random
 import secrets
 import threading
@@ -62,6 +63,7 @@ class StepsBase:
         self.clock = clock
         self.instance = secrets.token_hex(4)  # in staged names: never shared by processes
         self._local = threading.local()  # per worker: its liveness beat
+        self._opened: dict[tuple[object, ...], layout.Archive] = {}  # see _archive
 
     def _progress(self, _done: int = 0) -> None:
         """Called during long copies and reads: a worker moving bytes is alive."""
@@ -122,12 +124,30 @@ class StepsBase:
         return f"{prefix}-{self.instance}"
 
     def _archive(self, spec: InboxSpec) -> layout.Archive:
+        """The archive at the item's journaled path, read again whenever its nbank.json
+        is not the very file read last time (another inode, size, mtime or ctime: an
+        edit, a remount), and served from memory otherwise (every step asks)."""
         try:
-            return opening.open_archive(spec.archive_path)
+            st = os.stat(spec.archive_path / layout.CONFIG_NAME)
+        except OSError:
+            key = None  # open_archive says why, in its words
+        else:
+            key = (str(spec.archive_path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key += (st.st_ctime_ns,)
+            cached = self._opened.get(key)
+            if cached is not None:
+                return cached
+        try:
+            archive = opening.open_archive(spec.archive_path)
         except errors.NotAnArchive as err:
             # a configured archive without a usable nbank.json is an unmounted or damaged
             # filesystem, the operator's to fix: the input waits and is never rejected
             raise errors.ArchiveUnavailable(err.message, hint=err.hint) from None
+        if key is not None:
+            if len(self._opened) >= 64:  # archives re-created over and over: start afresh
+                self._opened.clear()
+            self._opened[key] = archive
+        return archive
 
     def _target(self, archive: layout.Archive, item: Item) -> Path:
         assert item.name is not None and item.target_name is not None

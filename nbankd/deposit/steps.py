@@ -34,7 +34,7 @@ from nbankd.deposit.identity import (
     verified_before_publish,
 )
 from nbankd.deposit.journal import Item
-from nbankd.deposit.lifecycle import Outcome, State, Step, advance, next_step
+from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, next_step
 from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
@@ -341,7 +341,10 @@ class Steps(ClaimSteps, IdentifierSteps):
                         {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
                     ),
                 )
-            item = self.journal.save(replace(item.with_progress(progress), updated=self.clock()))
+            item = self.journal.save(
+                replace(item.with_progress(progress), updated=self.clock()),
+                durable=progress.state in DURABLE,
+            )
             if item.state is State.RECORDED:
                 seams.reached("after-record")
             _log_transition(item, step, outcome)

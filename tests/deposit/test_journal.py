@@ -464,7 +464,7 @@ def test_saves_waiting_behind_a_commit_share_the_next_one(journal: Journal) -> N
     other.close()
     for t in [first, *rest]:
         t.join()
-    assert journal.stats() == {"saves": 5, "commits": 2, "queued": 0}
+    assert journal.stats() == {"saves": 5, "commits": 2, "synced": 2, "queued": 0}
     assert {i.id for i in done} == {i.id for i in items}
     assert all(journal.get(i.id).state is State.CLAIMED for i in items)  # type: ignore[union-attr]
 
@@ -473,7 +473,7 @@ def test_a_save_alone_is_committed_at_once(journal: Journal) -> None:
     """A single save is durable when it returns, in a commit of its own."""
     item = _add(journal)
     journal.save(replace(item, state=State.STAGED))
-    assert journal.stats() == {"saves": 1, "commits": 1, "queued": 0}
+    assert journal.stats() == {"saves": 1, "commits": 1, "synced": 1, "queued": 0}
     reopened = Journal(journal.path)
     try:
         assert reopened.get(item.id).state is State.STAGED  # type: ignore[union-attr]
