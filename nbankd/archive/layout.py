@@ -211,16 +211,18 @@ class Archive:
             stub = self.resources_dir / stub_name
             try:
                 if lister is None:
-                    names = sorted(os.listdir(stub))
+                    names = os.listdir(stub)
                 else:
-                    names = sorted(name for name, _kind in lister(stub))
+                    names = [name for name, _kind in lister(stub)]
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as err:
                 raise unavailable(self, err, f"listing {stub}") from err
-            if exact.name in names:
+            # a stub folder may hold many thousands of names: filter, then sort the few
+            ours = [n for n in names if n.startswith(id)]
+            if exact.name in ours:
                 found.append(stub / exact.name)
-            found += [stub / n for n in names if n.startswith(id + ".")]
+            found += [stub / n for n in sorted(ours) if n.startswith(id + ".")]
         return found
 
     def iter_resources(
