@@ -36,10 +36,6 @@ other failure to reach it stops the switch before anything changes.
 from __future__ import annotations
 
 import argparse
-import grp
-import os
-import pwd
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nbankctl import migrate_credentials
 from nbankctl.daemon_cmds import socket_path
 from nbankctl.migrate_import import import_snapshot, target_url
 from nbankctl.report import Report
@@ -55,9 +52,7 @@ from nbankd.config import find_config_path, load_config
 from nbankd.deposit import moves
 from nbankd.migration import snapshot, switch
 from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
-from nbankd.registry import credentials
 from nbankd.registry.embedded import EmbeddedRegistry
-from nbankd.registry.http import HttpRegistry
 
 POLL = 0.2
 CATCH_UP_ROUNDS = 5
@@ -79,42 +74,6 @@ def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def unreadable_by(path: Path, uid: int) -> str:
-    """Why user ``uid`` cannot read ``path`` (mode and owner of it and its folders), or ""."""
-    if uid == 0:
-        return ""
-    try:
-        entry = pwd.getpwuid(uid)
-        name = entry.pw_name
-        gids = set(os.getgrouplist(name, entry.pw_gid))
-    except KeyError:
-        name, gids = str(uid), set()
-
-    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
-        if st.st_uid == uid:
-            return bool(st.st_mode & bits[0])
-        if st.st_gid in gids:
-            return bool(st.st_mode & bits[1])
-        return bool(st.st_mode & bits[2])
-
-    for folder in reversed(path.parents):
-        if not allowed(os.stat(folder), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
-            return f"is in {folder}, which user {name} may not enter"
-    st = os.stat(path)
-    if not allowed(st, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:
-            owner = str(st.st_uid)
-        try:
-            group = grp.getgrgid(st.st_gid).gr_name
-        except KeyError:
-            group = str(st.st_gid)
-        mode = stat.S_IMODE(st.st_mode)
-        return f"is not readable by user {name} (owner {owner}:{group}, mode {mode:04o})"
-    return ""
-
-
 class Switch:
     """One run of ``registry switch`` (see the module docstring)."""
 
@@ -132,7 +91,7 @@ class Switch:
         self.export_path: Path | None = None  # the first export this run kept
         self.files_changed = self.rerun
         self.finished = False
-        self.daemon = Daemon(socket_path(args), self.config.state_dir, note)
+        self.daemon = Daemon(socket_path(args), self.config.state_dir, note, self.url)
 
     def _old_registry(self) -> tuple[str, bool]:
         """(the URL of the registry moved from, whether this finishes an earlier switch)."""
@@ -195,28 +154,11 @@ class Switch:
         return snap
 
     def credentials(self) -> None:
-        """Proves the credentials the daemon will use may write, and that it may read them."""
-        args, config = self.args, self.config
-        path = Path(args.registry_auth).absolute() if args.registry_auth else config.registry_auth
-        if path is None:
-            note(
-                "note: the configuration names no registry_auth; nbankd will write with "
-                "$CREDENTIALS_DIRECTORY/registry or its user's ~/.netrc"
-            )
-            return
-        creds = credentials.load_file(path, credentials.registry_host(self.url))
-        uid = os.stat(config.state_dir).st_uid
-        why = unreadable_by(path, uid)
-        if why:
-            raise errors.ProblemsFound(
-                f"the credentials file {path} {why}; nbankd runs as the owner of "
-                f"{config.state_dir} and could not write to {self.url}",
-                hint="put it where that user may read it (e.g. /etc/nbankd/registry-auth, owned "
-                "by that user, mode 0600), then run the switch again",
-            )
-        with HttpRegistry(self.url, creds) as reg:
-            reg.check_credentials()
-        note(f"credentials in {path} may write to {self.url}")
+        """Proves, before anything irreversible, that nbankd will be able to write to the
+        new registry with the credentials nbankd itself will use."""
+        path = self.args.registry_auth
+        path = Path(path).absolute() if path else self.config.registry_auth
+        migrate_credentials.prove(self.url, self.config, path, self.daemon)
 
     def _hand_edit(self, path: Path, why: str) -> None:
         warn(
@@ -487,4 +429,4 @@ def register(
     pp.set_defaults(func=cmd_switch)
 
 
-__all__ = ["Switch", "cmd_switch", "register", "unreadable_by"]
+__all__ = ["Switch", "cmd_switch", "register"]

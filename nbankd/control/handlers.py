@@ -27,6 +27,8 @@ from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
 from nbankd.deposit import moves
 from nbankd.deposit.receipts import read_receipts
+from nbankd.registry import credentials
+from nbankd.registry.http import HttpRegistry
 from nbankd.timefmt import iso
 from nbankd.watch import settle
 
@@ -344,6 +346,29 @@ def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def check_registry(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Proves that this daemon, with the credentials it would find for ``url`` (its
+    own environment: ``$CREDENTIALS_DIRECTORY``, then ``registry_auth`` as given or
+    configured, then its user's netrc), may add resources there, creating nothing
+    (``registry switch`` asks this before its irreversible steps). Returns the URL and
+    where the credentials came from; a refusal is an error naming that source."""
+    url = _arg(args, "url", str)
+    if not url:
+        raise ProtocolError("usage", "argument 'url' is required")
+    auth = _arg(args, "registry_auth", str) or daemon.config.registry_auth
+    creds, source = credentials.resolve_source(url, registry_auth=auth)
+    try:
+        with HttpRegistry(url, creds) as reg:
+            reg.check_credentials()
+    except errors.RegistryAuthError as err:
+        raise errors.RegistryAuthError(
+            f"nbankd (pid {os.getpid()}) cannot write to {url} with the credentials it "
+            f"finds ({source}): {err.message}",
+            hint=err.hint,
+        ) from None
+    return {"url": url, "credentials": source, "pid": os.getpid()}
+
+
 def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Queues an audit (``full``: re-hash everything) and returns its ticket
     (``request``) and state; with ``request`` given, reports on that one instead.
@@ -381,6 +406,7 @@ HANDLERS: dict[str, Handler] = {
     "rescan": rescan,
     "reload": reload,
     "audit": audit,
+    "check-registry": check_registry,
 }
 
 

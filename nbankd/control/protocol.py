@@ -47,7 +47,9 @@ MAX_REPLY = 256 * 1024 * 1024
 #: commands anyone in ``control.readers`` (or an admin) may run
 READ_COMMANDS = frozenset({"status", "queue", "history", "explain"})
 #: commands that change state: ``control.admins`` only
-ADMIN_COMMANDS = frozenset({"requeue", "pause", "resume", "rescan", "audit", "reload"})
+ADMIN_COMMANDS = frozenset(
+    {"requeue", "pause", "resume", "rescan", "audit", "reload", "check-registry"}
+)
 COMMANDS = READ_COMMANDS | ADMIN_COMMANDS
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -19,6 +20,9 @@ from nbankd.archive.fsops import write_atomic
 log = structlog.get_logger("nbankd.daemon")
 
 PAUSED_NAME = "paused.json"
+#: where ``nbankctl registry switch`` records the inboxes it paused (and its target)
+#: until it finishes: ``state_dir/migration/paused.json``
+SWITCH_PAUSED = Path("migration") / PAUSED_NAME
 
 
 def load(state_dir: Path) -> frozenset[str]:
@@ -46,10 +50,31 @@ def load(state_dir: Path) -> frozenset[str]:
     return frozenset(paused)
 
 
+def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
+    """What a registry switch that has not finished left recorded: the inboxes it
+    paused and the URL it moves to (``to``, absent in records of older nbankctl), or
+    None when no switch is under way. A record that cannot be read counts as one."""
+    path = state_dir / SWITCH_PAUSED
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return {"inboxes": [], "to": None, "problem": f"{path}: {err}"}
+    if not isinstance(doc, dict):
+        return {"inboxes": [], "to": None, "problem": f"{path}: not a JSON object"}
+    inboxes = doc.get("inboxes")
+    to = doc.get("to")
+    return {
+        "inboxes": [k for k in inboxes if isinstance(k, str)] if isinstance(inboxes, list) else [],
+        "to": to if isinstance(to, str) else None,
+    }
+
+
 def save(state_dir: Path, paused: Iterable[str]) -> None:
     """Records ``paused`` durably (an empty set removes nothing: it writes ``[]``)."""
     body = json.dumps({"paused": sorted(paused)}, indent=2) + "\n"
     write_atomic(state_dir / PAUSED_NAME, body.encode(), mode=0o640)
 
 
-__all__ = ["PAUSED_NAME", "load", "save"]
+__all__ = ["PAUSED_NAME", "SWITCH_PAUSED", "load", "save", "unfinished_switch"]

@@ -438,6 +438,7 @@ class Daemon(InboxScanning):
         """Everything status and control read, at one instant (under the lock)."""
         watches = self.observer.status() if self.observer is not None else {}
         setup = self.registry_setup.last
+        switch = pauses.unfinished_switch(self.config.state_dir)
         with self._lock:
             return Snapshot(
                 now=self.clock(),
@@ -456,6 +457,7 @@ class Daemon(InboxScanning):
                 journal_problem=self.journal_problem,
                 last_deposit=self.last_deposit,
                 last_error=self.last_error,
+                unfinished_switch=switch,
             )
 
     def status_line(self) -> str:

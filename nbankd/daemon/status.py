@@ -63,6 +63,19 @@ def waiting_problems(items: Iterable[Item]) -> list[str]:
     return lines
 
 
+def switch_problem(record: Mapping[str, Any]) -> str:
+    """The status line of a registry switch that has not finished (interrupted, or
+    under way): it paused inboxes, which stay paused until it is run again."""
+    to = record.get("to")
+    paused = len(record.get("inboxes") or [])
+    command = f"nbankctl registry switch --to {to}" if to else "nbankctl registry switch --to URL"
+    why = f" ({record['problem']})" if record.get("problem") else ""
+    return (
+        f"a registry switch{' to ' + to if to else ''} has not finished{why}: the "
+        f"{paused} inbox(es) it paused stay paused; finish it with: {command}"
+    )
+
+
 def status_line(snap: Snapshot) -> str:
     """One line for systemd's STATUS=: queue depth and the last deposit."""
     last = snap.last_deposit["id"] if snap.last_deposit else "none"
@@ -133,6 +146,8 @@ def build_status(
         if not any(line.startswith(f"archive {name} ") for name in shown_archives)
     ]
     degraded += waiting_problems(unfinished)
+    if snap.unfinished_switch is not None:
+        degraded.append(switch_problem(snap.unfinished_switch))
     if snap.state_problem:
         degraded.insert(0, snap.state_problem)
     if snap.journal_problem:
@@ -150,5 +165,6 @@ def build_status(
         "queue": snap.queue,
         "last_deposit": snap.last_deposit,
         "last_error": snap.last_error,
+        "unfinished_switch": snap.unfinished_switch,
         "degraded": degraded,
     }

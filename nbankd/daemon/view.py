@@ -62,6 +62,7 @@ class Snapshot:
     journal_problem: str | None
     last_deposit: dict[str, Any] | None
     last_error: dict[str, Any] | None
+    unfinished_switch: dict[str, Any] | None = None  # nbankctl registry switch under way
 
     @property
     def queue(self) -> int:

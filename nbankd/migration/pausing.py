@@ -34,8 +34,9 @@ from typing import Any
 from nbankd import errors
 from nbankd.archive.fsops import fsync_dir, write_atomic
 from nbankd.control.client import ControlClient, ControlError
+from nbankd.daemon import pauses
 
-PAUSED_NAME = "paused.json"
+PAUSED_NAME = pauses.PAUSED_NAME
 JOURNAL_NAME = "journal.sqlite3"  # nbankd.daemon.service.JOURNAL_NAME: held open while it runs
 IDLE_GRACE = 0.5  # the queue must stay empty this long (a scan may be journaling an item)
 POLL = 0.2
@@ -74,22 +75,20 @@ def state_owner(state_dir: Path) -> tuple[int, int]:
 
 
 def paused_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "migration" / PAUSED_NAME
+    return Path(state_dir) / pauses.SWITCH_PAUSED
 
 
 def read_paused(state_dir: Path) -> set[str]:
     """The inboxes an earlier, unfinished switch paused (none if the file is unreadable)."""
-    try:
-        data = json.loads(paused_path(state_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    inboxes = data.get("inboxes") if isinstance(data, dict) else None
-    return {k for k in inboxes if isinstance(k, str)} if isinstance(inboxes, list) else set()
+    record = pauses.unfinished_switch(Path(state_dir))
+    return set(record["inboxes"]) if record is not None else set()
 
 
-def write_paused(state_dir: Path, inboxes: Iterable[str], sock: Path) -> None:
+def write_paused(
+    state_dir: Path, inboxes: Iterable[str], sock: Path, to: str | None = None
+) -> None:
     path = migration_folder(state_dir) / PAUSED_NAME
-    body = {"inboxes": sorted(inboxes), "socket": str(sock), "time": time.time()}
+    body = {"inboxes": sorted(inboxes), "socket": str(sock), "time": time.time(), "to": to}
     try:
         write_atomic(
             path, json.dumps(body, indent=1).encode(), mode=0o640, owner=state_owner(state_dir)
@@ -189,8 +188,9 @@ def _paused_states(status: dict[str, Any]) -> dict[str, bool]:
 class Daemon:
     """The nbankd answering on ``path``; ``running`` is False when none runs."""
 
-    def __init__(self, path: Path, state_dir: Path, say: Say) -> None:
+    def __init__(self, path: Path, state_dir: Path, say: Say, to: str | None = None) -> None:
         self.path = path
+        self.to = to  # the URL the switch moves to (recorded with the paused inboxes)
         self.state_dir = state_dir
         self.say = say
         self.client = ControlClient(path)
@@ -228,7 +228,7 @@ class Daemon:
         earlier = read_paused(self.state_dir)
         states = _paused_states(status)
         ours = sorted(k for k, paused in states.items() if not paused or k in earlier)
-        write_paused(self.state_dir, ours, self.path)
+        write_paused(self.state_dir, ours, self.path, self.to)
         self.call("pause")
         self.ours = ours
         fresh = sum(not states[k] for k in ours)
@@ -261,7 +261,7 @@ class Daemon:
         else:
             self.say(f"{len(running_again)} inbox(es) resumed during the switch: pausing again")
         ours = sorted(set(self.ours) | {k for k, paused in states.items() if not paused})
-        write_paused(self.state_dir, ours, self.path)
+        write_paused(self.state_dir, ours, self.path, self.to)
         self.call("pause")
         self.ours, self.identity = ours, now
         return False

@@ -187,21 +187,38 @@ def resolve(
     Order: ``cli_auth`` (nbankctl ``-a``; the daemon never passes it), then
     ``$CREDENTIALS_DIRECTORY/registry``, then the ``registry_auth`` file (which must
     exist and have an entry when configured), then ``~/.netrc`` when it has an entry
-    for the registry's host.
+    for the registry's host (:func:`resolve_source` also says which one).
     """
+    creds, _source = resolve_source(
+        registry_url, registry_auth=registry_auth, cli_auth=cli_auth, environ=environ, home=home
+    )
+    return creds
+
+
+def resolve_source(
+    registry_url: str,
+    *,
+    registry_auth: Path | str | None = None,
+    cli_auth: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> tuple[Credentials | None, str]:
+    """:func:`resolve`'s credentials and where they come from, in words
+    (``"$CREDENTIALS_DIRECTORY/registry (systemd LoadCredential=)"``, a file's path,
+    ``"none found"``)."""
     env = os.environ if environ is None else environ
     host = registry_host(registry_url)
     if cli_auth is not None:
-        return cli_credentials(cli_auth)
+        return cli_credentials(cli_auth), "the command line (-a)"
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / CREDENTIAL_NAME
         # systemd's SetCredential= fallback gives an empty file when none is configured
         if path.exists() and _read(path).strip():
-            return load_file(path, host)
+            return load_file(path, host), f"{path} (systemd LoadCredential=)"
     if registry_auth is not None and str(registry_auth) != "":
-        return load_file(registry_auth, host)
+        return load_file(registry_auth, host), str(registry_auth)
     netrc_path = default_netrc(env, home)
     if netrc_path.is_file():
-        return _from_netrc(netrc_path, host)
-    return None
+        return _from_netrc(netrc_path, host), str(netrc_path)
+    return None, "none found"

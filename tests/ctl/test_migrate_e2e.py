@@ -255,6 +255,10 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     assert json.loads((h.archive / "nbank.json").read_text())["registry"] == server.url
     assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"
     assert paused(h) == {str(h.inbox): True} and marker.exists()
+    # status says a switch is unfinished (degraded), and how to finish it
+    [line] = [d for d in status(h)["degraded"] if "registry switch" in d]
+    assert f"finish it with: nbankctl registry switch --to {server.url}" in line
+    assert status(h)["unfinished_switch"]["to"] == server.url
 
     h.stop()  # restarted on the old configuration: the pause is kept across the restart,
     h.start()
@@ -281,6 +285,8 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     assert "resumed 1 inbox(es)" in done.stdout and f"switched to {server.url}" in done.stdout
     assert paused(h) == {str(h.inbox): False} and not marker.exists()
     assert status(h)["registry"]["url"] == server.url
+    assert status(h)["unfinished_switch"] is None
+    assert not any("registry switch" in d for d in status(h)["degraded"])
     assert on_server(server.url, h) == embedded_sha1s(h)  # the earlier deposit, same sha1
     h.wait_settled(2)  # the waiting input, deposited into the server
     [receipt2] = [r for r in h.receipts() if r["id"] == two]
@@ -394,3 +400,47 @@ def test_a_daemon_gone_midway_stops_the_switch_and_the_resume_failure_is_shown(
     assert text.index("nbankctl: nbankd is not running", resume_line + 1) > resume_line
     assert json.loads((h.archive / "nbank.json").read_text())["registry"].startswith("file:")
     assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"
+
+
+def test_a_switch_whose_daemon_cannot_write_stops_before_anything_irreversible(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """The service reads its credentials from systemd's LoadCredential= (a reader's,
+    which may not write) while the administrator switches with their own netrc: the
+    switch stops before nbank.json and the configuration change, names the credential
+    file, LoadCredential= and the restart, and the daemon goes on with the old registry.
+    With the credential fixed and the service restarted, the same command finishes."""
+    server = django_registry
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "registry").write_text(server.netrc_text(reader=True))
+    h: DaemonHarness = daemon_factory(dtype=unique_name("dt"), archive_name=unique_name("ar"))
+    h.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    h.drop(f"{unique_name('one')}.wav", os.urandom(500))
+    h.wait_settled(1)
+    env = base_env(tmp_path / "home")
+    server.write_netrc(tmp_path / "home" / ".netrc")  # the administrator's own, may write
+    switch = [NBANKCTL, "-c", str(h.config_path), "registry", "switch", "--to", server.url]
+
+    first = run(switch, env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert f"{creds / 'registry'} (systemd LoadCredential=)" in first.stderr
+    assert "systemctl restart nbankd" in first.stderr and "nothing irreversible" in first.stderr
+    assert json.loads((h.archive / "nbank.json").read_text())["registry"] != server.url
+    assert yaml.safe_load(h.config_path.read_text())["registry"] == "embedded"
+    assert paused(h) == {str(h.inbox): False}  # resumed, still on the embedded registry
+    assert "switched to" not in first.stdout
+
+    (creds / "registry").write_text(server.netrc_text())
+    h.stop()
+    h.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    done = run(switch, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"nbankd's credentials ({creds / 'registry'} (systemd LoadCredential=))" in done.stdout
+    assert f"switched to {server.url}" in done.stdout
+    two = unique_name("two")
+    h.drop(f"{two}.wav", b"after the switch, written with the service's credential")
+    wait_for(lambda: any(r["id"] == two for r in h.receipts()), 60, "a deposit after it")
+    [receipt] = [r for r in h.receipts() if r["id"] == two]
+    assert receipt["url"] == f"{server.url}resources/{two}/"
+    h.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.users import TestUser
-from nbankctl.migrate_switch import unreadable_by
+from nbankctl.migrate_credentials import unreadable_by
 from nbankd import errors
 from nbankd.migration import pausing
 

@@ -1,0 +1,159 @@
+"""``registry switch``, step 4: proving that nbankd will be able to write to the new
+registry with the credentials nbankd itself will use, before anything irreversible.
+
+- nbankd running: it is asked to try its own credentials (``check-registry`` over the
+  control socket: its environment decides, as it will after the switch: systemd's
+  ``$CREDENTIALS_DIRECTORY/registry``, then ``registry_auth``, then its user's netrc).
+  Credentials loaded by ``LoadCredential=`` change only when the service restarts, so a
+  refusal there stops the switch with what to put where and how to resume.
+- nbankd stopped, ``registry_auth`` given or configured: that file must be readable by
+  nbankd's user (the owner of ``state_dir``) and may write.
+- nbankd stopped, no ``registry_auth``: provable only when this command runs as
+  nbankd's user (its netrc); otherwise the switch stops and says why.
+
+The proof is one authenticated ``POST resources/`` with an empty body, which creates
+nothing (:meth:`~nbankd.registry.http.HttpRegistry.check_credentials`).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import sys
+from pathlib import Path
+
+from nbankd import errors
+from nbankd.config import Config
+from nbankd.migration.pausing import Daemon
+from nbankd.registry import credentials
+from nbankd.registry.http import HttpRegistry
+
+
+def note(text: str) -> None:
+    print(text, flush=True)
+
+
+def warn(text: str) -> None:
+    print(f"nbankctl: {text}", file=sys.stderr, flush=True)
+
+
+def unreadable_by(path: Path, uid: int) -> str:
+    """Why user ``uid`` cannot read ``path`` (mode and owner of it and its folders), or ""."""
+    if uid == 0:
+        return ""
+    try:
+        entry = pwd.getpwuid(uid)
+        name = entry.pw_name
+        gids = set(os.getgrouplist(name, entry.pw_gid))
+    except KeyError:
+        name, gids = str(uid), set()
+
+    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid in gids:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    for folder in reversed(path.parents):
+        if not allowed(os.stat(folder), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+            return f"is in {folder}, which user {name} may not enter"
+    st = os.stat(path)
+    if not allowed(st, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        mode = stat.S_IMODE(st.st_mode)
+        return f"is not readable by user {name} (owner {owner}:{group}, mode {mode:04o})"
+    return ""
+
+
+def prove(url: str, config: Config, path: Path | None, daemon: Daemon) -> None:
+    """Raises ProblemsFound, naming what to fix, unless nbankd's credentials may write to
+    ``url``; ``path`` is the registry_auth file nbankd will be configured with."""
+    if daemon.running:
+        _ask_daemon(url, path, daemon)
+    elif path is not None:
+        _file(url, config, path)
+        note(
+            "note: nbankd is not running; when it starts, credentials from systemd's "
+            "LoadCredential= ($CREDENTIALS_DIRECTORY/registry) take precedence over this file"
+        )
+    else:
+        _own(url, config)
+
+
+def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> None:
+    request = {"url": url, "registry_auth": str(path) if path else None}
+    try:
+        answer = daemon.call("check-registry", request)
+    except errors.NbankdError as err:
+        if err.code == "unknown-command":  # an nbankd older than this command
+            warn("nbankd is too old to check its own credentials; checking the file only")
+            if path is not None:
+                _try(url, credentials.load_file(path, credentials.registry_host(url)), str(path))
+            return
+        if "LoadCredential=" in str(err):
+            hint = (
+                "put credentials for the new registry (user:password, or a netrc line for "
+                f"{credentials.registry_host(url)}) in the file the unit's "
+                "LoadCredential=registry:... names, run 'systemctl restart nbankd' (systemd "
+                "reads credentials only when the service starts), then run this same "
+                "command again: it finishes the switch"
+            )
+        else:
+            hint = (
+                "give nbankd credentials that may add resources there (--registry-auth FILE "
+                "readable by nbankd's user, or that user's ~/.netrc), then run this same "
+                "command again: it finishes the switch"
+            )
+        raise errors.ProblemsFound(
+            f"{err}; nothing irreversible was done: the archives and the configuration "
+            "still name the old registry",
+            hint=hint,
+        ) from None
+    note(f"nbankd's credentials ({answer.get('credentials')}) may write to {url}")
+
+
+def _file(url: str, config: Config, path: Path) -> None:
+    creds = credentials.load_file(path, credentials.registry_host(url))
+    uid = os.stat(config.state_dir).st_uid
+    why = unreadable_by(path, uid)
+    if why:
+        raise errors.ProblemsFound(
+            f"the credentials file {path} {why}; nbankd runs as the owner of "
+            f"{config.state_dir} and could not write to {url}",
+            hint="put it where that user may read it (e.g. /etc/nbankd/registry-auth, owned "
+            "by that user, mode 0600), then run the switch again",
+        )
+    _try(url, creds, str(path))
+
+
+def _own(url: str, config: Config) -> None:
+    uid = os.stat(config.state_dir).st_uid
+    if os.geteuid() != uid:
+        raise errors.ProblemsFound(
+            "nbankd is not running and the configuration names no registry_auth: which "
+            f"credentials nbankd will write to {url} with cannot be proven from here (its "
+            "user's netrc, or systemd's LoadCredential=); nothing irreversible was done",
+            hint="give --registry-auth FILE (readable by nbankd's user), or start nbankd and "
+            "run this command again (it then asks nbankd to try its own credentials)",
+        )
+    creds, source = credentials.resolve_source(url)
+    _try(url, creds, source)
+
+
+def _try(url: str, creds: credentials.Credentials | None, source: str) -> None:
+    with HttpRegistry(url, creds) as reg:
+        reg.check_credentials()
+    note(f"credentials in {source} may write to {url}")
+
+
+__all__ = ["prove", "unreadable_by"]
