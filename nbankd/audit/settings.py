@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import threading
@@ -12,7 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from nbankd.config.model import AuditConfig
+
+log = structlog.get_logger("nbankd.audit")
 
 NICE = 10  # audit threads yield the CPU (and, with CFQ/BFQ, the disk) to deposits
 MAX_WORKERS = 32
@@ -84,8 +87,22 @@ def new_run_id(now: float) -> str:
 
 
 def lower_priority() -> None:
-    with contextlib.suppress(OSError):
+    """Lowers the calling thread's priority (audits yield to deposits); a refusal (a
+    seccomp filter without setpriority) is logged once, never an error."""
+    global _refused_logged
+    try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except OSError as err:
+        if not _refused_logged:
+            _refused_logged = True
+            log.warning(
+                "cannot lower the audit's priority; it runs at the daemon's",
+                error=err.strerror or str(err),
+                hint="allow setpriority in the unit (SystemCallFilter=setpriority)",
+            )
+
+
+_refused_logged = False
 
 
 __all__ = [

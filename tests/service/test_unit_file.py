@@ -231,3 +231,102 @@ def test_tmpfiles_never_truncates_credentials(tmp_path: Path) -> None:
         check=True,
     )
     assert creds.read_text() == "dmeliza:hunter2\n"
+
+
+NETWORK = CONTRIB / "nbankd-network.conf"
+GUIDE = CONTRIB.parents[1] / "docs" / "deployment.md"
+
+
+def _security(unit: Path, *dropins: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze security --offline` of ``unit`` installed in a scratch root,
+    with ``dropins`` in its ``nbankd.service.d/`` (offline analysis reads drop-ins
+    only from a root's unit folders)."""
+    root = unit.parent / "root"
+    folder = root / "etc" / "systemd" / "system"
+    (folder / "nbankd.service.d").mkdir(parents=True, exist_ok=True)
+    shutil.copy(unit, folder / "nbankd.service")
+    for n, dropin in enumerate(dropins):
+        shutil.copy(dropin, folder / "nbankd.service.d" / f"{n:02d}-{dropin.name}")
+    analyze = [_tool("systemd-analyze"), "security", "--offline=true", f"--root={root}"]
+    return subprocess.run(
+        [*analyze, "nbankd.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def _open_exposures(report: str) -> list[str]:
+    """The settings `systemd-analyze security` marks as open (✗), by name."""
+    return [line.split()[1] for line in report.splitlines() if line.startswith("✗")]
+
+
+def test_setpriority_is_allowed_back_for_audits() -> None:
+    """@resources (denied) holds setpriority, which audits need to yield to deposits;
+    the unit allows it back, so a scheduled audit never silently runs at full priority."""
+    group = subprocess.run(
+        [_tool("systemd-analyze"), "syscall-filter", "@resources"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert re.search(r"^\s+setpriority$", group, re.M)
+    filters = _settings(UNIT.read_text())["SystemCallFilter"]
+    denied = filters.index("~@privileged @resources")
+    assert "setpriority" in filters[denied + 1 :]
+
+
+def test_configuration_directory_mode_agrees_with_tmpfiles() -> None:
+    """The unit applies the same mode to /etc/nbankd as the tmpfiles snippet creates."""
+    settings = _settings(UNIT.read_text())
+    [line] = [ln for ln in TMPFILES.read_text().splitlines() if ln.startswith("d /etc/nbankd ")]
+    assert settings["ConfigurationDirectoryMode"] == [line.split()[2]]
+
+
+def test_sysusers_never_creates_the_lab_group(tmp_path: Path) -> None:
+    """The sysusers snippet creates only nbankd's own group: a lab group that does not
+    exist is never made up locally (the guide adds nbankd to the real one)."""
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        [_tool("systemd-sysusers"), f"--root={tmp_path}", "-"],
+        input=SYSUSERS.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    groups = [line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().splitlines()]
+    assert groups == ["nbankd"]
+
+
+def test_snippet_paths_agree_with_the_guide() -> None:
+    """The unit's header installs the snippets where the guide does."""
+    guide, header = GUIDE.read_text(), UNIT.read_text().split("[Unit]")[0]
+    for path in ("/etc/sysusers.d/nbankd.conf", "/etc/tmpfiles.d/nbankd.conf"):
+        assert path in header and path in guide
+
+
+def test_network_dropin_lowers_the_exposure(installed_unit: Path) -> None:
+    """The allow-list drop-in gives the unit an IP allow list and lowers its exposure."""
+    plain = _security(installed_unit).stdout
+    fenced = _security(installed_unit, NETWORK).stdout
+    assert "does not define an IP address allow list" in plain
+    assert "defines IP address allow list" in fenced
+
+    def level(report: str) -> float:
+        match = re.search(r"Overall exposure level for nbankd\.service: (\d+\.\d+)", report)
+        assert match, report
+        return float(match.group(1))
+
+    assert level(fenced) < level(plain)
+
+
+def test_guide_explains_every_remaining_exposure(installed_unit: Path) -> None:
+    """Each setting `systemd-analyze security` still marks open, with the network
+    drop-in installed, is named in the guide's list of what remains open and why."""
+    fenced = _security(installed_unit, NETWORK).stdout
+    section = GUIDE.read_text().split("What remains open, and why")[1].split("\n## ")[0]
+    missing = [name for name in _open_exposures(fenced) if name.split("=")[0] not in section]
+    assert missing == []
