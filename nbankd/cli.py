@@ -93,6 +93,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
 
     from nbankd.config import find_config_path, load_config
     from nbankd.control import start_control_server
+    from nbankd.control.metrics import start_metrics
     from nbankd.daemon.service import Daemon, install_signal_handlers
     from nbankd.service.logs import configure_logging
     from nbankd.service.notify import Notifier
@@ -102,7 +103,11 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     notifier = Notifier()
     liveness = Liveness(notifier, float(os.environ.get("NBANKD_WEDGE_AFTER", WEDGE_AFTER_DEFAULT)))
     daemon = Daemon(
-        config, notifier=liveness, adopt_archives=adopt_archives, serve=start_control_server
+        config,
+        notifier=liveness,
+        adopt_archives=adopt_archives,
+        serve=start_control_server,
+        serve_metrics=start_metrics,
     )
     install_signal_handlers(daemon)
     daemon.start()

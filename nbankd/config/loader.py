@@ -41,6 +41,7 @@ from nbankd.config.model import (
     LogConfig,
     LogFormat,
     LogLevel,
+    MetricsConfig,
     Problem,
 )
 from nbankd.config.parsing import (
@@ -64,6 +65,7 @@ from nbankd.config.values import (
     enum,
     http_url,
     is_local_host,
+    listen_address,
     number,
     path_in,
     slug,
@@ -180,6 +182,7 @@ class _Parser(InboxSections):
         inboxes = self._inboxes(top, archives, failed_refs)
         audit = self._audit(top)
         log = self._log(top)
+        metrics = self._metrics(top, base)
         self._check_overlaps(archives, inboxes, state_dir, control_socket)
 
         if any(p.is_error for p in self.problems):
@@ -198,6 +201,7 @@ class _Parser(InboxSections):
             inboxes=tuple(i for _, i in inboxes),
             audit=audit,
             log=log,
+            metrics=metrics,
             warnings=tuple(self.problems),
         )
 
@@ -390,6 +394,23 @@ class _Parser(InboxSections):
                 LogFormat, self.get(section, path, "format", enum(LOG_FORMAT_VALUES), "auto")
             ),
             level=cast(LogLevel, self.get(section, path, "level", enum(LOG_LEVEL_VALUES), "info")),
+        )
+
+    def _metrics(self, top: dict[str, Any], base: Path) -> MetricsConfig:
+        default = MetricsConfig()
+        if "metrics" not in top:
+            return default
+        path: KeyPath = ("metrics",)
+        section = self.mapping(top["metrics"], path, "metrics settings (listen, textfile)")
+        if section is None:
+            return default
+        self.check_keys(section, path, "metrics")
+        return MetricsConfig(
+            listen=self.get(section, path, "listen", listen_address, None),
+            textfile=self.get(section, path, "textfile", path_in(base), None),
+            textfile_every=self.get(
+                section, path, "textfile_every", duration(positive=True), default.textfile_every
+            ),
         )
 
     def _check_overlaps(

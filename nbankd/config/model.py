@@ -183,6 +183,16 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (``metrics:``): served over HTTP and/or written as a
+    node_exporter textfile; both off by default."""
+
+    listen: tuple[str, int] | None = None  # (host, port) of the HTTP /metrics endpoint
+    textfile: Path | None = None  # node_exporter's textfile collector file
+    textfile_every: float = 15.0  # seconds between two writes of the textfile
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -207,6 +217,7 @@ class Config:
     inboxes: tuple[InboxConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     #: non-fatal findings of parsing (e.g. ``verify: false``)
     warnings: tuple[Problem, ...] = field(
         default=(), compare=False, hash=False, metadata={"config_key": False}

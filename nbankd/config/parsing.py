@@ -20,6 +20,7 @@ from nbankd.config.model import (
     ControlConfig,
     InboxConfig,
     LogConfig,
+    MetricsConfig,
     Problem,
     config_keys,
 )
@@ -43,6 +44,7 @@ ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
     "inboxes[]": config_keys(InboxConfig),
     "audit": config_keys(AuditConfig),
     "log": config_keys(LogConfig),
+    "metrics": config_keys(MetricsConfig),
 }
 
 ARCHIVE_ROOT_MAX = 512  # django-neurobank's Archive.root max_length

@@ -246,6 +246,20 @@ def http_url(value: str, *, what: str) -> str:
     return urlunsplit((parts.scheme.lower(), parts.netloc, path, "", ""))
 
 
+def listen_address(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of a listening socket."""
+    if not isinstance(value, str):
+        bad(f"must be HOST:PORT as text, not {describe(value)}", "e.g. 127.0.0.1:9464")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        bad(f"{value!r} is not HOST:PORT", "e.g. 127.0.0.1:9464 (only this host can scrape it)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        bad(f"{value!r}: the port must be a number from 1 to 65535", "e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
 def is_local_host(host: str) -> bool:
     if host == "localhost":
         return True

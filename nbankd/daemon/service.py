@@ -30,6 +30,7 @@ from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
+from nbankd.daemon.tally import Tally
 from nbankd.daemon.view import DaemonView, InboxState, Service, Snapshot
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
@@ -55,12 +56,15 @@ class Daemon(InboxScanning):
         clock: Callable[[], float] = time.time,
         adopt_archives: bool = False,
         serve: Callable[[DaemonView], Service] | None = None,
+        serve_metrics: Callable[[DaemonView], Service | None] | None = None,
     ) -> None:
         """``serve`` starts the control socket once the daemon is running (the program's
         start-up passes :func:`nbankd.control.start_control_server`; the daemon package
         never imports the control package that reads it)."""
         self.config = config
         self._serve = serve
+        self._serve_metrics = serve_metrics
+        self.metrics: Service | None = None
         self.clock = clock
         self.adopt_archives = adopt_archives
         self.notifier = notifier
@@ -79,6 +83,7 @@ class Daemon(InboxScanning):
         self.registry_setup = RegistrySetup(clock)
         self.last_error: dict[str, Any] | None = None
         self.last_deposit: dict[str, Any] | None = None
+        self.tally = Tally()  # what finished since the start (metrics)
         self.heartbeat = clock()
         self.journal: Journal
         self.registry: Registry
@@ -138,6 +143,8 @@ class Daemon(InboxScanning):
         try:
             if self._serve is not None:
                 self.control = self._serve(self)
+            if self._serve_metrics is not None:
+                self.metrics = self._serve_metrics(self)
         except BaseException:
             self.shutdown()
             raise
@@ -266,6 +273,7 @@ class Daemon(InboxScanning):
             self._running[item.id] = future
 
     def _work(self, item: Item) -> Item:
+        attempts_before = item.attempts
         heartbeat = getattr(self.notifier, "heartbeat", None)
         worker = threading.current_thread().name
         beat = (lambda: heartbeat.beat(worker)) if heartbeat is not None else None
@@ -287,6 +295,7 @@ class Daemon(InboxScanning):
             self._running.pop(item.id, None)
             if item.state not in FINAL:
                 self._waiting[item.id] = item
+            self.tally.record(item, attempts_before=attempts_before)
         if item.state is State.DONE:
             self.last_deposit = {
                 "time": item.finished,
@@ -415,6 +424,9 @@ class Daemon(InboxScanning):
         A step still running after that is abandoned: its item resumes from the
         journal at the next start, so nothing is lost.
         """
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.control is not None:
             self.control.stop()
             self.control = None
@@ -458,6 +470,7 @@ class Daemon(InboxScanning):
                 last_deposit=self.last_deposit,
                 last_error=self.last_error,
                 unfinished_switch=switch,
+                tally=self.tally.copy(),
             )
 
     def status_line(self) -> str:

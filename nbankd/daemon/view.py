@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nbankd.config import Config, InboxConfig
+from nbankd.daemon.tally import Tally
 from nbankd.deposit.journal import Item, Journal
 from nbankd.watch import settle
 
@@ -63,6 +64,7 @@ class Snapshot:
     last_deposit: dict[str, Any] | None
     last_error: dict[str, Any] | None
     unfinished_switch: dict[str, Any] | None = None  # nbankctl registry switch under way
+    tally: Tally = field(default_factory=Tally)  # what finished since the start
 
     @property
     def queue(self) -> int:

@@ -245,6 +245,11 @@ BAD_INPUT = [
     ("log: {level: loud}\n", "log.level", "one of debug, info, warning, error"),
     ("log: {format: xml}\n", "log.format", "one of auto, console, json, journal"),
     ("log: json\n", "log", "must be a mapping"),
+    ("metrics: {listen: 9464}\n", "metrics.listen", "HOST:PORT as text"),
+    ("metrics: {listen: localhost}\n", "metrics.listen", "is not HOST:PORT"),
+    ("metrics: {listen: '127.0.0.1:0'}\n", "metrics.listen", "from 1 to 65535"),
+    ("metrics: {textfile_every: 0}\n", "metrics.textfile_every", "longer than zero"),
+    ("metrics: {port: 9464}\n", "metrics.port", "unknown key"),
     ("state_dir: ~nosuchuser_nbankd/x\n", "state_dir", "no such user"),
     ("state_dir:\n", "state_dir", "empty"),
 ]
@@ -263,6 +268,14 @@ def test_bad_input_is_reported_at_its_key(tmp_path: Path, text: str, key: str, p
     found = [p for p in problems if p.is_error and p.key == key and phrase in str(p)]
     assert found, "\n".join(map(str, problems))
     assert str(config_file) in str(found[0])
+
+
+def test_metrics_section(tmp_path: Path) -> None:
+    """metrics: an HTTP address (IPv6 in brackets) and a textfile path, made absolute."""
+    config = load(tmp_path, "metrics: {listen: '[::1]:9464', textfile: prom/nbankd.prom}\n")
+    assert config.metrics.listen == ("::1", 9464)
+    assert config.metrics.textfile == tmp_path / "prom" / "nbankd.prom"
+    assert load(tmp_path, "{}\n").metrics.listen is None
 
 
 def test_credentials_in_url_are_never_echoed(tmp_path: Path) -> None:

@@ -1,0 +1,252 @@
+"""Prometheus metrics: the daemon's status and running totals, for dashboards and alert
+rules (``metrics: {listen, textfile}``; both off by default).
+
+Every scrape (and every write of the textfile) reads the same status document
+``nbankctl status`` shows (:func:`nbankd.control.handlers.status`) and the totals the
+daemon keeps as items finish (:class:`nbankd.daemon.tally.Tally`), and turns them
+into metric families (:func:`families`, pure). The official ``prometheus_client``
+serves them (``start_http_server``) and writes the node_exporter textfile
+(``write_to_textfile``: a temporary file renamed over the old one).
+
+Names follow Prometheus' conventions: ``nbankd_..._total`` counters, ``_seconds`` and
+``_bytes`` units, labels ``inbox`` (the inbox's path), ``archive``, ``code``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from nbankd.daemon.tally import LATENCY_BUCKETS, Tally
+
+if TYPE_CHECKING:
+    from nbankd.daemon.view import DaemonView as Daemon
+
+log = structlog.get_logger("nbankd.metrics")
+
+WATCH_MODES = ("inotify", "poll")
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
+    """The metric families of one status document and the running totals."""
+    out: list[Metric] = []
+    deposits = CounterMetricFamily(
+        "nbankd_deposits", "Inputs deposited", labels=["inbox", "archive", "outcome"]
+    )
+    for (inbox, archive, outcome), n in sorted(tally.deposits.items()):
+        deposits.add_metric([inbox, archive, outcome], n)
+    out.append(deposits)
+    stored = CounterMetricFamily(
+        "nbankd_deposited_bytes", "Bytes of the inputs deposited", labels=["inbox", "archive"]
+    )
+    for (inbox, archive), n in sorted(tally.deposited_bytes.items()):
+        stored.add_metric([inbox, archive], n)
+    out.append(stored)
+    rejections = CounterMetricFamily(
+        "nbankd_rejections", "Inputs moved to the rejected folder", labels=["inbox", "code"]
+    )
+    for (inbox, code), n in sorted(tally.rejections.items()):
+        rejections.add_metric([inbox, code], n)
+    out.append(rejections)
+    failures = CounterMetricFamily(
+        "nbankd_step_failures",
+        "Deposit steps that failed and are retried, by error code",
+        labels=["code"],
+    )
+    for code, n in sorted(tally.failures.items()):
+        failures.add_metric([code], n)
+    out.append(failures)
+    latency = HistogramMetricFamily(
+        "nbankd_deposit_latency_seconds",
+        "From an input's claim being journaled to its deposit",
+        labels=["inbox"],
+    )
+    for inbox, hist in sorted(tally.latency.items()):
+        cumulative, buckets = 0, []
+        for bound, n in zip(LATENCY_BUCKETS, hist.buckets, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        latency.add_metric([inbox], buckets, hist.total)
+    out.append(latency)
+    last = GaugeMetricFamily(
+        "nbankd_last_deposit_timestamp_seconds",
+        "When the inbox's last deposit finished (since this daemon started)",
+        labels=["inbox"],
+    )
+    for inbox, when in sorted(tally.last_deposit.items()):
+        last.add_metric([inbox], when)
+    out.append(last)
+    out += _inbox_families(status)
+    out += _health_families(status)
+    return out
+
+
+def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
+    waiting = GaugeMetricFamily(
+        "nbankd_inbox_in_flight", "Inputs claimed and not yet finished", labels=["inbox"]
+    )
+    oldest = GaugeMetricFamily(
+        "nbankd_inbox_oldest_waiting_timestamp_seconds",
+        "When the oldest input waiting on an error was claimed",
+        labels=["inbox"],
+    )
+    paused = GaugeMetricFamily(
+        "nbankd_inbox_paused", "1 while the inbox is paused", labels=["inbox"]
+    )
+    stalled = GaugeMetricFamily(
+        "nbankd_inbox_stalled_files", "Files still changing after stall_after", labels=["inbox"]
+    )
+    rejected = GaugeMetricFamily(
+        "nbankd_inbox_rejected_waiting",
+        "Rejected inputs waiting in the inbox's rejected folder",
+        labels=["inbox"],
+    )
+    archive_up = GaugeMetricFamily(
+        "nbankd_archive_usable", "1 while the inbox's archive can take deposits", labels=["inbox"]
+    )
+    watch = GaugeMetricFamily(
+        "nbankd_watch_mode",
+        "How the inbox is watched (1 for its current mode)",
+        labels=["inbox", "mode"],
+    )
+    for entry in status.get("inboxes", []):
+        key = str(entry.get("path"))
+        waiting.add_metric([key], entry.get("in_flight", 0))
+        if entry.get("oldest_waiting") is not None:
+            oldest.add_metric([key], entry["oldest_waiting"])
+        paused.add_metric([key], 1 if entry.get("paused") else 0)
+        stalled.add_metric([key], len(entry.get("stalled") or []))
+        rejected.add_metric([key], entry.get("in_rejected_folder", 0))
+        archive_up.add_metric([key], 0 if entry.get("archive_problem") else 1)
+        mode = entry.get("watch_mode") or "poll"
+        for m in sorted({*WATCH_MODES, mode}):
+            watch.add_metric([key, m], 1 if m == mode else 0)
+    return [waiting, oldest, paused, stalled, rejected, archive_up, watch]
+
+
+def _health_families(status: Mapping[str, Any]) -> list[Metric]:
+    out: list[Metric] = []
+    queue = GaugeMetricFamily("nbankd_queue_items", "Items in flight in every inbox")
+    queue.add_metric([], status.get("queue", 0))
+    out.append(queue)
+    degraded = GaugeMetricFamily(
+        "nbankd_degraded", "1 while nbankctl status reports the daemon degraded"
+    )
+    degraded.add_metric([], 1 if status.get("degraded") else 0)
+    out.append(degraded)
+    problems = GaugeMetricFamily("nbankd_problems", "Lines of nbankctl status's degraded list")
+    problems.add_metric([], len(status.get("degraded") or []))
+    out.append(problems)
+    registry = status.get("registry") or {}
+    up = GaugeMetricFamily("nbankd_registry_usable", "1 while the registry answers as expected")
+    up.add_metric([], 0 if registry.get("problem") else 1)
+    out.append(up)
+    last = status.get("last_audit")
+    if isinstance(last, dict):
+        finished = GaugeMetricFamily(
+            "nbankd_audit_last_finished_timestamp_seconds", "When the last audit finished"
+        )
+        when = _iso_seconds(last.get("finished"))
+        if when is not None:
+            finished.add_metric([], when)
+        out.append(finished)
+        ok = GaugeMetricFamily("nbankd_audit_last_ok", "1 when the last audit found nothing")
+        ok.add_metric([], 1 if last.get("ok") else 0)
+        out.append(ok)
+        findings = GaugeMetricFamily(
+            "nbankd_audit_findings", "Findings of the last audit, by category", labels=["category"]
+        )
+        for category, n in sorted((last.get("counts") or {}).items()):
+            findings.add_metric([str(category)], n)
+        out.append(findings)
+    return out
+
+
+class _StatusCollector:
+    """Reads the daemon at each collection (a prometheus_client collector)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterable[Metric]:
+        from nbankd.control import handlers
+
+        status = handlers.status(self.daemon, {})
+        return families(status, self.daemon.snapshot().tally)
+
+
+class MetricsService:
+    """The HTTP endpoint and the textfile writer of ``metrics:``; :meth:`stop` ends both."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        cfg = daemon.config.metrics
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StatusCollector(daemon))
+        self._stopping = threading.Event()
+        self._server: Any = None
+        self._writer: threading.Thread | None = None
+        self.problem: str | None = None  # why the last textfile write failed
+        if cfg.listen is not None:
+            host, port = cfg.listen
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            log.info("metrics served", address=f"{host}:{port}")
+        if cfg.textfile is not None:
+            self._textfile, self._every = str(cfg.textfile), cfg.textfile_every
+            self._writer = threading.Thread(target=self._write_loop, name="metrics", daemon=True)
+            self._writer.start()
+
+    def write_textfile(self) -> None:
+        """Writes the textfile now (atomically); a failure is logged once, not raised."""
+        try:
+            write_to_textfile(self._textfile, self.registry)
+        except OSError as err:
+            problem = f"cannot write the metrics textfile {self._textfile}: {err.strerror or err}"
+            if problem != self.problem:
+                log.warning("metrics textfile not written", error=problem)
+            self.problem = problem
+        else:
+            self.problem = None
+
+    def _write_loop(self) -> None:
+        while not self._stopping.is_set():
+            self.write_textfile()
+            self._stopping.wait(self._every)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
+
+
+def start_metrics(daemon: Daemon) -> MetricsService | None:
+    """The metrics service ``daemon.config.metrics`` asks for, or None when off."""
+    cfg = daemon.config.metrics
+    if cfg.listen is None and cfg.textfile is None:
+        return None
+    return MetricsService(daemon)
+
+
+__all__ = ["MetricsService", "families", "start_metrics"]

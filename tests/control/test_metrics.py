@@ -1,0 +1,174 @@
+"""Prometheus metrics: the families of a status document and the running totals, and a
+real daemon serving them over HTTP and writing them as a node_exporter textfile."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from fixtures.daemon import wait_for
+from nbankd.control.metrics import families
+from nbankd.daemon.tally import Tally
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import State
+
+INBOX = "/srv/inbox/rig3"
+STATUS: dict[str, Any] = {
+    "inboxes": [
+        {
+            "path": INBOX,
+            "in_flight": 3,
+            "oldest_waiting": 1000.0,
+            "paused": True,
+            "stalled": ["slow.wav"],
+            "in_rejected_folder": 2,
+            "archive_problem": "not mounted",
+            "watch_mode": "poll",
+        }
+    ],
+    "queue": 3,
+    "registry": {"problem": None},
+    "degraded": ["archive for /srv/inbox/rig3: not mounted", "1 stalled file(s)"],
+    "last_audit": {
+        "finished": "2026-12-05T04:00:00+00:00",
+        "ok": False,
+        "counts": {"hash mismatch": 1, "missing from archive": 0},
+    },
+}
+
+
+def _samples(status: dict[str, Any], tally: Tally) -> dict[tuple[str, tuple[Any, ...]], float]:
+    """{(sample name, sorted labels): value} of every sample of :func:`families`."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in families(status, tally)
+        for s in family.samples
+    }
+
+
+def test_status_becomes_gauges() -> None:
+    """Each inbox's state, the queue, health and the last audit appear as gauges."""
+    got = _samples(STATUS, Tally())
+    inbox = (("inbox", INBOX),)
+    assert got[("nbankd_inbox_in_flight", inbox)] == 3
+    assert got[("nbankd_inbox_paused", inbox)] == 1
+    assert got[("nbankd_inbox_stalled_files", inbox)] == 1
+    assert got[("nbankd_inbox_rejected_waiting", inbox)] == 2
+    assert got[("nbankd_archive_usable", inbox)] == 0
+    assert got[("nbankd_watch_mode", (("inbox", INBOX), ("mode", "poll")))] == 1
+    assert got[("nbankd_watch_mode", (("inbox", INBOX), ("mode", "inotify")))] == 0
+    assert got[("nbankd_queue_items", ())] == 3
+    assert got[("nbankd_degraded", ())] == 1 and got[("nbankd_problems", ())] == 2
+    assert got[("nbankd_registry_usable", ())] == 1
+    assert got[("nbankd_audit_last_ok", ())] == 0
+    assert got[("nbankd_audit_findings", (("category", "hash mismatch"),))] == 1
+
+
+def test_totals_become_counters_and_a_histogram() -> None:
+    """Deposits, bytes and rejections are _total counters; latency a histogram."""
+    tally = Tally()
+    item = Item(
+        id=1, token="t", inbox=INBOX, relpath=b"a.wav", kind="file", state=State.DONE,
+        archive="birdsong", archive_path="/a", placement="copy", verify=True,
+        created=0.0, updated=0.0, size=10, finished=7.0,
+    )  # fmt: skip
+    tally.record(item, attempts_before=0)
+    rejected = replace(item, state=State.REJECTED, reason_json='{"code": "duplicate"}')
+    tally.record(rejected, attempts_before=0)
+    got = _samples(STATUS, tally)
+    labels = (("archive", "birdsong"), ("inbox", INBOX), ("outcome", "deposited"))
+    assert got[("nbankd_deposits_total", labels)] == 1
+    assert got[("nbankd_deposited_bytes_total", (("archive", "birdsong"), ("inbox", INBOX)))] == 10
+    assert got[("nbankd_rejections_total", (("code", "duplicate"), ("inbox", INBOX)))] == 1
+    assert got[("nbankd_deposit_latency_seconds_bucket", (("inbox", INBOX), ("le", "5.0")))] == 0
+    assert got[("nbankd_deposit_latency_seconds_bucket", (("inbox", INBOX), ("le", "10.0")))] == 1
+    assert got[("nbankd_deposit_latency_seconds_count", (("inbox", INBOX),))] == 1
+    assert got[("nbankd_last_deposit_timestamp_seconds", (("inbox", INBOX),))] == 7.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _deposits(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nbankd_deposits_total":
+                return float(sample.value)
+    return 0.0
+
+
+def test_daemon_serves_metrics_and_writes_the_textfile(daemon_factory: Any, tmp_path: Path) -> None:
+    """A daemon with metrics.listen and metrics.textfile counts a deposit in both."""
+    port = _free_port()
+    textfile = tmp_path / "textfile" / "nbankd.prom"
+    textfile.parent.mkdir()
+    h = daemon_factory(
+        extra_config={
+            "metrics": {
+                "listen": f"127.0.0.1:{port}",
+                "textfile": str(textfile),
+                "textfile_every": "0.2s",
+            }
+        }
+    )
+    h.start()
+    h.drop("counted.wav", b"one deposit")
+    h.wait_settled(1)
+
+    def scraped() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            return _deposits(resp.read().decode())
+
+    assert wait_for(lambda: scraped() == 1.0, 30, "the deposit in /metrics")
+    assert wait_for(
+        lambda: textfile.exists() and _deposits(textfile.read_text()) == 1.0,
+        30,
+        "the deposit in the textfile",
+    )
+    h.stop()
+
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+
+
+def _exported_names() -> set[str]:
+    """Every sample name :func:`families` can produce (with a deposit and an audit)."""
+    tally = Tally()
+    item = Item(
+        id=1, token="t", inbox=INBOX, relpath=b"a.wav", kind="file", state=State.DONE,
+        archive="birdsong", archive_path="/a", placement="copy", verify=True,
+        created=0.0, updated=0.0, size=10, finished=7.0,
+    )  # fmt: skip
+    tally.record(item, attempts_before=0)
+    tally.record(replace(item, state=State.REJECTED), attempts_before=0)
+    tally.record(replace(item, state=State.CHECKED, attempts=1, error_code="x"), attempts_before=0)
+    return {name for name, _labels in _samples(STATUS, tally)}
+
+
+def _named_metrics(text: str) -> set[str]:
+    return set(re.findall(r"\bnbankd_[a-z_]+", text))
+
+
+def test_alert_rules_name_only_exported_metrics() -> None:
+    """Every metric the shipped Prometheus rules use is one nbankd exports."""
+    rules = yaml.safe_load((CONTRIB / "prometheus" / "nbankd-rules.yml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    assert _named_metrics(exprs) and _named_metrics(exprs) <= _exported_names()
+
+
+def test_dashboard_names_only_exported_metrics() -> None:
+    """Every metric the shipped Grafana dashboard queries is one nbankd exports."""
+    dashboard = json.loads((CONTRIB / "grafana" / "nbankd-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert _named_metrics(exprs) and _named_metrics(exprs) <= _exported_names()
