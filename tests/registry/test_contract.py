@@ -1,8 +1,9 @@
-"""One contract, two registries: the embedded SQLite registry behaves like django-neurobank.
+"""One contract: the embedded SQLite registry behaves like django-neurobank.
 
-Every test runs against both backends. The django server is shared by the session,
-so each test makes its own uniquely named datatype and archive (``ctx``) and scopes
-its searches by them; nothing counts global totals.
+Every test runs against three backends: the embedded registry, and django-neurobank
+on SQLite (``django``) and on PostgreSQL (``django-pg``). The django servers are
+shared by the session, so each test makes its own uniquely named datatype and
+archive (``ctx``) and scopes its searches by them; nothing counts global totals.
 """
 
 from __future__ import annotations
@@ -29,16 +30,28 @@ def new_sha1() -> str:
     return hashlib.sha1(uuid.uuid4().bytes).hexdigest()
 
 
-@pytest.fixture(params=["embedded", "django"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    """A registry of each backend: a fresh embedded database, or the session's django."""
-    reg: Registry
+#: the django-neurobank session fixture behind each server backend
+SERVERS = {"django": "django_registry", "django-pg": "django_registry_pg"}
+
+
+@pytest.fixture(params=["embedded", *SERVERS])
+def server(request: pytest.FixtureRequest) -> DjangoServer | None:
+    """The session's django-neurobank on SQLite or on PostgreSQL; None for embedded."""
     if request.param == "embedded":
+        return None
+    found: DjangoServer = request.getfixturevalue(SERVERS[request.param])
+    return found
+
+
+@pytest.fixture
+def registry(server: DjangoServer | None, tmp_path: Path) -> Iterator[Registry]:
+    """A registry of each backend: a fresh embedded database, or a session's django."""
+    reg: Registry
+    if server is None:
         from nbankd.registry.embedded import EmbeddedRegistry
 
         reg = EmbeddedRegistry(tmp_path / "registry.sqlite3", url=None)
     else:
-        server: DjangoServer = request.getfixturevalue("django_registry")
         reg = HttpRegistry(server.url, (server.username, server.password))
     try:
         yield reg
@@ -77,19 +90,15 @@ def ctx(registry: Registry, tmp_path: Path) -> Ctx:
 
 
 @pytest.fixture
-def experimenter(registry: Registry, request: pytest.FixtureRequest) -> str:
+def experimenter(server: DjangoServer | None) -> str:
     """A username the registry accepts as experimenter (django: an existing user)."""
-    if is_django(registry):
-        return request.getfixturevalue("django_registry").reader_username
-    return "dmeliza"
+    return server.reader_username if server is not None else "dmeliza"
 
 
 @pytest.fixture
-def animal(registry: Registry, request: pytest.FixtureRequest) -> str:
+def animal(server: DjangoServer | None) -> str:
     """An animal the registry accepts (django: a row of its Animal table)."""
-    if is_django(registry):
-        return request.getfixturevalue("django_registry").add_animal()
-    return unique_name("bird")
+    return server.add_animal() if server is not None else unique_name("bird")
 
 
 # --- identity and basics -------------------------------------------------------------
