@@ -93,6 +93,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
 
     from nbankd.config import find_config_path, load_config
     from nbankd.control import start_control_server
+    from nbankd.control.alerts import start_alerts
     from nbankd.control.metrics import start_metrics
     from nbankd.daemon.service import Daemon, install_signal_handlers
     from nbankd.service.logs import configure_logging
@@ -108,6 +109,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
         adopt_archives=adopt_archives,
         serve=start_control_server,
         serve_metrics=start_metrics,
+        serve_alerts=start_alerts,
     )
     install_signal_handlers(daemon)
     daemon.start()

@@ -220,6 +220,7 @@ class InboxSections(ParserBase):
                 self.get(section, path, "directories", enum(DIRECTORIES_VALUES), "files"),
             ),
             rejected_dir=defaults.rejected_dir,
+            expect_every=self.get(section, path, "expect_every", duration(positive=True), None),
         )
         if folder is not None:
             rejected = self._rejected_dir(section, path, folder)

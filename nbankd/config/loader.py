@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from nbankd.config.alerts_section import AlertsSection
 from nbankd.config.durations import format_duration
 from nbankd.config.inbox_section import InboxSections
 from nbankd.config.model import (
@@ -151,7 +152,7 @@ def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Prob
     return config, problems
 
 
-class _Parser(InboxSections):
+class _Parser(InboxSections, AlertsSection):
     """The whole file: the top level, the registry, archives, audits and logs."""
 
     def parse(self, data: object) -> Config | None:
@@ -183,6 +184,7 @@ class _Parser(InboxSections):
         audit = self._audit(top)
         log = self._log(top)
         metrics = self._metrics(top, base)
+        alerts = self._alerts(top, base)
         self._check_overlaps(archives, inboxes, state_dir, control_socket)
 
         if any(p.is_error for p in self.problems):
@@ -202,6 +204,7 @@ class _Parser(InboxSections):
             audit=audit,
             log=log,
             metrics=metrics,
+            alerts=alerts,
             warnings=tuple(self.problems),
         )
 

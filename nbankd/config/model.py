@@ -133,6 +133,7 @@ class InboxConfig:
     fallback_poll_every: float = 5.0
     placement: Placement = "copy"
     verify: bool = True
+    expect_every: float | None = None  # alert when no deposit came for this long
     directories: Directories = "files"
     rejected_dir: str = "rejected"  # normalised, relative to path
 
@@ -193,6 +194,40 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """``alerts.webhook``: a JSON POST per alert message."""
+
+    url: str
+    token_file: Path | None = None  # sent as "Authorization: Bearer TOKEN"
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    """``alerts.email``: one mail per alert message."""
+
+    to: tuple[str, ...]
+    from_: str = field(metadata={"config_name": "from"})
+    smtp: tuple[str, int] = ("localhost", 25)
+    starttls: bool = True
+    auth_file: Path | None = None  # "user:password" (or a systemd credential)
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """``alerts:`` who is told when something is wrong, and when."""
+
+    webhook: WebhookConfig | None = None
+    email: EmailConfig | None = None
+    unavailable_after: float = 600.0  # a registry/archive outage worth telling
+    repeat_every: float = 4 * 3600.0  # a problem still there is told again this often
+    check_every: float = 30.0  # seconds between two looks at the daemon's status
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook is not None or self.email is not None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -218,6 +253,7 @@ class Config:
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     #: non-fatal findings of parsing (e.g. ``verify: false``)
     warnings: tuple[Problem, ...] = field(
         default=(), compare=False, hash=False, metadata={"config_key": False}
@@ -264,6 +300,11 @@ class Config:
 
 
 def config_keys(model: type) -> tuple[str, ...]:
-    """The keys a section of the file accepts: the fields of its typed record, except
-    those marked ``config_key: False`` (facts about the file, not keys in it)."""
-    return tuple(f.name for f in fields(model) if f.metadata.get("config_key", True))
+    """The keys a section of the file accepts: the fields of its typed record (named
+    ``config_name`` when a field cannot bear the key's name, as ``from``), except those
+    marked ``config_key: False`` (facts about the file, not keys in it)."""
+    return tuple(
+        f.metadata.get("config_name", f.name)
+        for f in fields(model)
+        if f.metadata.get("config_key", True)
+    )

@@ -14,14 +14,17 @@ from typing import Any, TypeVar
 import yaml
 
 from nbankd.config.model import (
+    AlertsConfig,
     ArchiveConfig,
     AuditConfig,
     Config,
     ControlConfig,
+    EmailConfig,
     InboxConfig,
     LogConfig,
     MetricsConfig,
     Problem,
+    WebhookConfig,
     config_keys,
 )
 from nbankd.config.values import (
@@ -45,6 +48,9 @@ ACCEPTED_KEYS: dict[str, tuple[str, ...]] = {
     "audit": config_keys(AuditConfig),
     "log": config_keys(LogConfig),
     "metrics": config_keys(MetricsConfig),
+    "alerts": config_keys(AlertsConfig),
+    "alerts.webhook": config_keys(WebhookConfig),
+    "alerts.email": config_keys(EmailConfig),
 }
 
 ARCHIVE_ROOT_MAX = 512  # django-neurobank's Archive.root max_length

@@ -140,6 +140,11 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             entry["unowned_work_files"] = unowned
             if problem is not None:
                 result["degraded"].append(f"{entry['path']}: {problem}")
+    alerts = daemon.alerts
+    problem = getattr(alerts, "problem", None)
+    result["alerts"] = None if alerts is None else {"problem": problem}
+    if problem:
+        result["degraded"].append(problem)
     result["control_socket"] = str(daemon.config.control_socket)
     result["config"] = str(daemon.config.source)
     auditor = daemon.auditor

@@ -57,6 +57,7 @@ class Daemon(InboxScanning):
         adopt_archives: bool = False,
         serve: Callable[[DaemonView], Service] | None = None,
         serve_metrics: Callable[[DaemonView], Service | None] | None = None,
+        serve_alerts: Callable[[DaemonView], Service | None] | None = None,
     ) -> None:
         """``serve`` starts the control socket once the daemon is running (the program's
         start-up passes :func:`nbankd.control.start_control_server`; the daemon package
@@ -65,6 +66,8 @@ class Daemon(InboxScanning):
         self._serve = serve
         self._serve_metrics = serve_metrics
         self.metrics: Service | None = None
+        self._serve_alerts = serve_alerts
+        self.alerts: Service | None = None
         self.clock = clock
         self.adopt_archives = adopt_archives
         self.notifier = notifier
@@ -145,6 +148,8 @@ class Daemon(InboxScanning):
                 self.control = self._serve(self)
             if self._serve_metrics is not None:
                 self.metrics = self._serve_metrics(self)
+            if self._serve_alerts is not None:
+                self.alerts = self._serve_alerts(self)
         except BaseException:
             self.shutdown()
             raise
@@ -424,6 +429,9 @@ class Daemon(InboxScanning):
         A step still running after that is abandoned: its item resumes from the
         journal at the next start, so nothing is lost.
         """
+        if self.alerts is not None:
+            self.alerts.stop()
+            self.alerts = None
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class Service(Protocol):
-    """What the daemon starts last and stops first: its control socket's server."""
+    """What the daemon starts last and stops first: its control socket's server, the
+    metrics endpoint, the alert service."""
 
     def stop(self) -> None: ...
 
@@ -79,6 +80,7 @@ class DaemonView(Protocol):
     registry: Registry
     auditor: AuditScheduler | None
     control: Service | None
+    alerts: Service | None
 
     def clock(self) -> float: ...
     def snapshot(self) -> Snapshot: ...
