@@ -178,6 +178,8 @@ def check_regex(value: object) -> re.Pattern[str]:
 
 def check_json_value(value: object, where: str = "") -> Any:
     """Metadata must be JSON (the registry stores JSON); YAML dates and the like are not."""
+    if isinstance(value, str) and "\x00" in value:
+        bad(f"{where}holds a NUL character, which a registry on PostgreSQL cannot store")
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -191,6 +193,8 @@ def check_json_value(value: object, where: str = "") -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 bad(f"{where}key {key!r} must be text")
+            if "\x00" in key:
+                bad(f"{where}key {key!r} holds a NUL character")
             out[key] = check_json_value(item, f"{where}{key}: ")
         return out
     bad(

@@ -122,7 +122,37 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
         raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' must be a mapping")
     if not all(isinstance(k, str) for k in metadata):
         raise PolicyError("bad-sidecar", f"sidecar {source}: 'metadata' keys must be strings")
+    where = nul_in(metadata)
+    if where is not None:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source}: metadata {where} holds a NUL character (\\0), which a "
+            "registry on PostgreSQL cannot store",
+            "remove the \\0 from the sidecar and requeue the input",
+        )
     return Sidecar(id=sid, dtype=dtype, metadata=metadata)
+
+
+def nul_in(value: Any, where: str = "") -> str | None:
+    """Where in a JSON value a NUL character is (a key or a text), or None. django-neurobank
+    on PostgreSQL answers 500 to one (its JSON column refuses it), so it is refused
+    before registering, as a permanent error rather than an endless retry."""
+    if isinstance(value, str):
+        return repr(where or "value") if "\x00" in value else None
+    if isinstance(value, list):
+        for n, item in enumerate(value):
+            found = nul_in(item, f"{where}[{n}]")
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if "\x00" in str(key):
+                return repr(path)
+            found = nul_in(item, path)
+            if found is not None:
+                return found
+    return None
 
 
 def check_sidecar_entry(mode: int, nlink: int, *, source: str) -> None:

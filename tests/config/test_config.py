@@ -245,6 +245,11 @@ BAD_INPUT = [
     ("log: {level: loud}\n", "log.level", "one of debug, info, warning, error"),
     ("log: {format: xml}\n", "log.format", "one of auto, console, json, journal"),
     ("log: json\n", "log", "must be a mapping"),
+    (
+        'inboxes: [{path: /srv/i, archive: a, dtype: d, metadata: {note: "x\\0y"}}]\n',
+        "inboxes[0].metadata.note",
+        "NUL character",
+    ),
     ("metrics: {listen: 9464}\n", "metrics.listen", "HOST:PORT as text"),
     ("metrics: {listen: localhost}\n", "metrics.listen", "is not HOST:PORT"),
     ("metrics: {listen: '127.0.0.1:0'}\n", "metrics.listen", "from 1 to 65535"),

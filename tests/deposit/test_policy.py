@@ -399,3 +399,16 @@ def test_policy_error_code_is_per_instance() -> None:
     """Two PolicyErrors keep their own codes (the class-level code is not shared)."""
     a, b = PolicyError("invalid-name", "a"), PolicyError("no-dtype", "b")
     assert (a.code, b.code) == ("invalid-name", "no-dtype")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"metadata": {"note": "a\\u0000b"}}', '{"metadata": {"k\\u0000": 1}}',
+     '{"metadata": {"takes": [1, {"x": "\\u0000"}]}}'],
+)  # fmt: skip
+def test_sidecar_metadata_with_a_nul_is_refused(text: str) -> None:
+    """A NUL in sidecar metadata (key or text, at any depth) is refused as bad-sidecar
+    before registering: PostgreSQL registries answer 500 to it, forever."""
+    with pytest.raises(PolicyError) as caught:
+        parse_sidecar(text, json_format=True, source="x.wav.nbank.json")
+    assert caught.value.code == "bad-sidecar" and "NUL" in caught.value.message
