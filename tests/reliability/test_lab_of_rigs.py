@@ -1,0 +1,194 @@
+"""A lab of rigs (issue #18, item 2): four real daemons, each with its own state
+directory, inbox and registry user, deposit at the same time into ONE shared archive
+and ONE django-neurobank registry on PostgreSQL.
+
+The inputs that meet one identifier follow the same rules as inside one daemon: the
+same content under two names ends as one record and one file, the other rejected
+``duplicate`` naming the winner; the same name and content is one record, one file
+and an ``already-deposited`` receipt; one identifier with two contents has one
+winner, the other rejected ``name-taken``. Afterwards ``nbank archive check`` is clean
+and every record is attributable: its registry user is ``created_by`` and the rig's
+name is in its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from fixtures.cli_backends import NBANK
+from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.django_server import DjangoServer, unique_name
+from nbankd.archive.opening import create_archive
+
+RIGS = 4
+
+
+@dataclass
+class Lab:
+    server: DjangoServer
+    archive: Path
+    archive_name: str
+    dtype: str
+    rigs: list[DaemonHarness]
+    users: list[tuple[str, str]]
+
+    def outcome(self, name: str) -> list[tuple[int, str, dict[str, Any]]]:
+        """(rig, "receipt" or "reason", document) of every input named ``name``."""
+        out = []
+        for n, h in enumerate(self.rigs):
+            out += [(n, "receipt", r) for r in h.receipts() if r["source"].endswith("/" + name)]
+            out += [(n, "reason", r) for r in h.reasons() if r["original_path"].endswith(name)]
+        return out
+
+    def stored(self, stem: str) -> list[Path]:
+        return sorted(self.archive.joinpath("resources").rglob(f"{stem}*"))
+
+    def record(self, name: str) -> dict[str, Any]:
+        resp = requests.get(f"{self.server.url}resources/{name}/", timeout=30)
+        resp.raise_for_status()
+        result: dict[str, Any] = resp.json()
+        return result
+
+
+def _superuser(server: DjangoServer, name: str, password: str) -> None:
+    server.shell(
+        "from django.contrib.auth.models import User\n"
+        f"User.objects.create_superuser({name!r}, 'rig@example.org', {password!r})\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def lab(django_registry_pg: DjangoServer) -> Iterator[Lab]:
+    """Four daemons on one PostgreSQL-backed registry and one archive, each rig with
+    its own registry user and its name in its inbox's metadata."""
+    server = django_registry_pg
+    root = Path(tempfile.mkdtemp(prefix="nbankd-lab-"))
+    dtype = server.add_datatype(unique_name("rigdt"))
+    archive_name = unique_name("shared")
+    archive = root / "archive"
+    create_archive(archive, server.url)
+    server.post("archives/", {"name": archive_name, "scheme": "neurobank", "root": str(archive)})
+    rigs, users = [], []
+    for n in range(RIGS):
+        user = (unique_name(f"rig{n}"), secrets.token_urlsafe(12))
+        _superuser(server, *user)
+        (root / f"rig{n}").mkdir()
+        h = DaemonHarness(
+            root=root / f"rig{n}",
+            registry=server.url,
+            auth=user,
+            dtype=dtype,
+            archive_name=archive_name,
+            inbox_options={"metadata": {"rig": f"rig{n}"}},
+        )
+        h.archive = archive  # one archive shared by every rig
+        rigs.append(h)
+        users.append(user)
+    try:
+        for h in rigs:
+            h.start()
+        yield Lab(server, archive, archive_name, dtype, rigs, users)
+    finally:
+        for h in rigs:
+            if h.proc is not None and h.proc.poll() is None:
+                h.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _drop_together(lab: Lab, drops: list[tuple[int, str, bytes]]) -> None:
+    """Writes every input beside its inbox first, then renames them all in at once."""
+    staged = []
+    for rig, name, data in drops:
+        h = lab.rigs[rig]
+        tmp = h.root / f".{secrets.token_hex(4)}"
+        tmp.write_bytes(data)
+        staged.append((tmp, h.inbox / name))
+    for tmp, dest in staged:
+        os.rename(tmp, dest)
+
+
+def _settled(lab: Lab, names: list[str]) -> None:
+    wait_for(
+        lambda: all(lab.outcome(n) for n in names) and all(len(lab.outcome(n)) == 1 for n in names),
+        120,
+        f"the inputs {names} to be deposited or rejected",
+    )
+
+
+def test_same_content_two_names_on_two_rigs_is_one_record(lab: Lab) -> None:
+    """a.wav on rig 0 and b.wav on rig 1 with equal bytes, at the same moment: one
+    record and one file; the other rejected duplicate naming the winner."""
+    data = os.urandom(50_000)
+    a, b = unique_name("same-a"), unique_name("same-b")
+    _drop_together(lab, [(0, f"{a}.wav", data), (1, f"{b}.wav", data)])
+    _settled(lab, [f"{a}.wav", f"{b}.wav"])
+    [(_, kind_a, doc_a)] = lab.outcome(f"{a}.wav")
+    [(_, kind_b, doc_b)] = lab.outcome(f"{b}.wav")
+    assert sorted([kind_a, kind_b]) == ["reason", "receipt"]
+    receipt, reason = (doc_a, doc_b) if kind_a == "receipt" else (doc_b, doc_a)
+    assert reason["code"] == "duplicate" and receipt["id"] in reason["message"]
+    assert len(lab.stored(a)) + len(lab.stored(b)) == 1
+
+
+def test_same_name_and_content_on_two_rigs_is_already_deposited(lab: Lab) -> None:
+    """The same name and bytes on rigs 2 and 3: one record, one file, and the second
+    receipt already-deposited."""
+    data = os.urandom(40_000)
+    name = unique_name("twin")
+    _drop_together(lab, [(2, f"{name}.wav", data), (3, f"{name}.wav", data)])
+    wait_for(lambda: len(lab.outcome(f"{name}.wav")) == 2, 120, "both inputs settled")
+    outcomes = sorted(doc["outcome"] for _, kind, doc in lab.outcome(f"{name}.wav"))
+    assert outcomes == ["already-deposited", "deposited"]
+    assert len(lab.stored(name)) == 1
+    assert lab.record(name)["sha1"] == hashlib.sha1(data).hexdigest()
+
+
+def test_one_identifier_two_contents_has_one_winner(lab: Lab) -> None:
+    """take.wav with other bytes on rigs 0 and 3: one wins, the other is name-taken."""
+    name = unique_name("take")
+    _drop_together(lab, [(0, f"{name}.wav", b"first take"), (3, f"{name}.wav", b"second take")])
+    wait_for(lambda: len(lab.outcome(f"{name}.wav")) == 2, 120, "both inputs settled")
+    kinds = sorted((kind, doc.get("code")) for _, kind, doc in lab.outcome(f"{name}.wav"))
+    assert kinds == [("reason", "name-taken"), ("receipt", None)]
+    [stored] = lab.stored(name)
+    assert lab.record(name)["sha1"] == hashlib.sha1(stored.read_bytes()).hexdigest()
+
+
+def test_a_burst_from_every_rig_lands_once_and_is_attributable(lab: Lab) -> None:
+    """Ten files per rig at once: each deposited once, by its rig's registry user, with
+    its rig's name in the metadata; no staging leftovers; nbank archive check is clean."""
+    drops = [(n, f"{unique_name(f'burst{n}')}.dat", os.urandom(4096)) for n in range(RIGS)
+             for _ in range(10)]  # fmt: skip
+    _drop_together(lab, drops)
+    _settled(lab, [name for _, name, _ in drops])
+    for rig, name, data in drops:
+        [(got_rig, kind, receipt)] = lab.outcome(name)
+        assert (got_rig, kind) == (rig, "receipt")
+        record = lab.record(receipt["id"])
+        assert record["sha1"] == hashlib.sha1(data).hexdigest()
+        assert record["metadata"]["rig"] == f"rig{rig}"
+        assert record.get("created_by") == lab.users[rig][0]
+    wait_for(
+        lambda: not any(p.name.startswith(".nbankd-") for p in (lab.archive / "staging").iterdir()),
+        30,
+        "no staged copy left",
+    )
+    env = {**os.environ, "NBANK_REGISTRY": lab.server.url}
+    check = subprocess.run(
+        [NBANK, "archive", "check", str(lab.archive)], env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    summary = check.stderr + check.stdout
+    assert "missing from archive: 0; missing from registry: 0; read/verify errors: 0" in summary
