@@ -23,6 +23,8 @@ from typing import Any
 import structlog
 
 from nbankd import __version__, errors
+from nbankd.archive import opening
+from nbankd.archive.probe import Capabilities, probe
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, load_config
@@ -87,6 +89,7 @@ class Daemon(InboxScanning):
         self.last_error: dict[str, Any] | None = None
         self.last_deposit: dict[str, Any] | None = None
         self.tally = Tally()  # what finished since the start (metrics)
+        self.capabilities: dict[str, Capabilities] = {}  # archive name -> what its fs can do
         self.heartbeat = clock()
         self.journal: Journal
         self.registry: Registry
@@ -120,6 +123,7 @@ class Daemon(InboxScanning):
             archives=self._archive_path,
         )
         self._prepare_registry()
+        self._probe_archives(cfg)
         try:
             if self.adopt_archives:
                 adopted = adopt.adopt(cfg, self.registry)
@@ -168,6 +172,25 @@ class Daemon(InboxScanning):
         except (errors.NbankdError, OSError) as err:
             self.auditor = None
             log.error("audits disabled: cannot open the audit cache", error=str(err))
+
+    def _probe_archives(self, cfg: Config) -> None:
+        """Finds out what each archive's filesystem can do (hard links, RENAME_NOREPLACE,
+        O_DIRECT, flock) and logs what the daemon does instead of what is missing. An
+        archive that cannot be probed now (unmounted) is probed at the next reload."""
+        found: dict[str, Capabilities] = {}
+        for archive in cfg.archives:
+            try:
+                staging = opening.ensure_staging(opening.open_archive(archive.path))
+                caps = probe(staging)
+            except (errors.NbankdError, OSError) as err:
+                log.info("archive not probed", archive=archive.name, error=str(err))
+                continue
+            found[archive.name] = caps
+            log.info("archive capabilities", archive=archive.name, **caps.to_json())
+            for note in caps.notes():
+                log.warning("archive filesystem", archive=archive.name, note=note)
+        with self._lock:
+            self.capabilities = found
 
     def _archive_path(self, name: str) -> Path | None:
         """The path of the configured archive called ``name``, if there is one."""
@@ -250,6 +273,7 @@ class Daemon(InboxScanning):
             if getattr(cfg, key) != getattr(old, key):
                 log.warning("setting changes only at restart", key=key)
         self._prepare_registry()
+        self._probe_archives(cfg)
         self._watch_inboxes()
         log.info("configuration reloaded", source=str(cfg.source))
         if sd is not None:
@@ -479,6 +503,7 @@ class Daemon(InboxScanning):
                 last_error=self.last_error,
                 unfinished_switch=switch,
                 tally=self.tally.copy(),
+                capabilities=dict(self.capabilities),
             )
 
     def status_line(self) -> str:

@@ -146,6 +146,9 @@ def build_status(
         if not any(line.startswith(f"archive {name} ") for name in shown_archives)
     ]
     degraded += waiting_problems(unfinished)
+    for name, caps in sorted(snap.capabilities.items()):
+        if not caps.can_publish:
+            degraded.append(f"archive {name}: {caps.notes()[0]}")
     if snap.unfinished_switch is not None:
         degraded.append(switch_problem(snap.unfinished_switch))
     if snap.state_problem:
@@ -166,5 +169,9 @@ def build_status(
         "last_deposit": snap.last_deposit,
         "last_error": snap.last_error,
         "unfinished_switch": snap.unfinished_switch,
+        "archive_filesystems": {
+            name: {**caps.to_json(), "notes": caps.notes()}
+            for name, caps in sorted(snap.capabilities.items())
+        },
         "degraded": degraded,
     }

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, InboxConfig
 from nbankd.daemon.tally import Tally
 from nbankd.deposit.journal import Item, Journal
@@ -66,6 +67,8 @@ class Snapshot:
     last_error: dict[str, Any] | None
     unfinished_switch: dict[str, Any] | None = None  # nbankctl registry switch under way
     tally: Tally = field(default_factory=Tally)  # what finished since the start
+    #: archive name -> what its filesystem can do (probed at start and reload)
+    capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
 
     @property
     def queue(self) -> int:

@@ -500,3 +500,18 @@ def test_input_whose_folder_is_removed_before_the_claim_is_cancelled(daemon_fact
     code, doc = status_json(h)
     assert (code, doc["degraded"]) == (0, [])
     h.stop()
+
+
+def test_status_shows_what_each_archive_filesystem_can_do(daemon_factory: Any) -> None:
+    """The daemon probes its archive at start: status lists its filesystem's features
+    (all present on a local disk) and no note, and nothing is left in staging/."""
+    h = daemon_factory()
+    h.start()
+    _code, status = status_json(h)
+    caps = status["archive_filesystems"][h.archive_name]
+    assert caps == {
+        "hard_links": True, "rename_noreplace": True, "o_direct": True, "flock": True,
+        "notes": [],
+    }  # fmt: skip
+    assert not [p for p in (h.archive / "staging").iterdir() if "probe" in p.name]
+    h.stop()

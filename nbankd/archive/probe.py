@@ -1,0 +1,152 @@
+"""What an archive's filesystem can do, found out at start-up rather than mid-deposit.
+
+nbankd relies on a few filesystem features, each with a fallback; network
+filesystems (NFS, SSHFS, SMB) lack some. :func:`probe` tries each one on a scratch
+file in the archive's ``staging/`` folder (removed afterwards) and
+:meth:`Capabilities.notes` says, in words, what the daemon does instead:
+
+- **hard links** publish a staged copy without ever replacing a stored file
+  (``link()``); without them, ``renameat2(RENAME_NOREPLACE)``; without either, a
+  file cannot be published safely and deposits into that archive wait;
+- **O_DIRECT** reads verify a stored copy from storage; without it, the copy's
+  cached pages are dropped first (``posix_fadvise(DONTNEED)``), which on a network
+  filesystem reads from the server's cache at best;
+- **flock** on a stub folder keeps two daemons from storing one identifier twice;
+  without it, only the daemon's own threads are kept apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nbankd.archive.fsops import NoReplaceUnsupported, rename_noreplace
+
+PROBE_PREFIX = ".nbankd-probe-"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    hard_links: bool
+    rename_noreplace: bool
+    o_direct: bool
+    flock: bool
+
+    @property
+    def can_publish(self) -> bool:
+        """True when a file can be put into place without ever replacing one."""
+        return self.hard_links or self.rename_noreplace
+
+    def notes(self) -> list[str]:
+        """What the daemon does instead of each missing feature, one sentence each."""
+        out = []
+        if not self.hard_links:
+            out.append(
+                "no hard links: files are published with renameat2(RENAME_NOREPLACE)"
+                if self.rename_noreplace
+                else "no hard links and no RENAME_NOREPLACE: a file cannot be published "
+                "without the risk of replacing one, so deposits into it wait"
+            )
+        if not self.o_direct:
+            out.append(
+                "no O_DIRECT: verification drops the copy's cached pages and reads it "
+                "again (on a network filesystem this may read the server's cache)"
+            )
+        if not self.flock:
+            out.append(
+                "no flock: two daemons depositing into this archive are not kept from "
+                "storing one identifier twice (one daemon's threads still are)"
+            )
+        return out
+
+    def to_json(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+def probe(folder: Path) -> Capabilities:
+    """Tries each feature in ``folder`` (the archive's ``staging/``) on scratch files it
+    removes again; raises OSError when the folder cannot be written at all."""
+    base = folder / f"{PROBE_PREFIX}{secrets.token_hex(6)}"
+    first, second, third = Path(f"{base}-a"), Path(f"{base}-b"), Path(f"{base}-c")
+    fd = os.open(first, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"\0" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        return Capabilities(
+            hard_links=_links(first, second),
+            rename_noreplace=_renames(first, third),
+            o_direct=_direct(third if third.exists() else first),
+            flock=_flocks(folder),
+        )
+    finally:
+        for path in (first, second, third):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _links(src: Path, dst: Path) -> bool:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            return False
+        raise
+    dst.unlink()
+    return True
+
+
+def _renames(src: Path, dst: Path) -> bool:
+    try:
+        rename_noreplace(src, dst)
+    except NoReplaceUnsupported:
+        return False
+    return True
+
+
+def _direct(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        with mmap.mmap(-1, 4096) as buf:
+            try:
+                os.readv(fd, [buf])
+            except OSError as err:
+                if err.errno == errno.EINVAL:
+                    return False
+                raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def _flocks(folder: Path) -> bool:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return True  # locked by another daemon right now: flock works
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+__all__ = ["PROBE_PREFIX", "Capabilities", "probe"]
