@@ -68,6 +68,9 @@ class AlertsSection(ParserBase):
             unavailable_after=self.get(
                 section, path, "unavailable_after", duration(positive=True), 600.0
             ),
+            group_wait=self.get(
+                section, path, "group_wait", duration(positive=False), default.group_wait
+            ),
             repeat_every=self.get(
                 section, path, "repeat_every", duration(positive=True), default.repeat_every
             ),

@@ -219,6 +219,7 @@ class AlertsConfig:
     webhook: WebhookConfig | None = None
     email: EmailConfig | None = None
     unavailable_after: float = 600.0  # a registry/archive outage worth telling
+    group_wait: float = 60.0  # a new problem waits this long for others to join it
     repeat_every: float = 4 * 3600.0  # a problem still there is told again this often
     check_every: float = 30.0  # seconds between two looks at the daemon's status
 

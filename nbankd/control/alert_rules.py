@@ -9,8 +9,10 @@ to send now, if any:
 - a problem is told once it has lasted its delay (``unavailable_after`` for a
   registry or archive outage, none for the others), then again at most every
   ``repeat_every`` while it lasts;
-- problems are grouped: every problem due at one check goes into one message (a
-  burst of 500 rejections in an inbox is one problem: its rejected folder);
+- problems are grouped: a new problem waits ``group_wait`` so that the others of
+  the same moment join it, and every problem due at one check goes into one
+  message (a burst of 500 rejections in an inbox is one problem: its rejected
+  folder);
 - a problem that was told and has gone is followed by a "resolved" line.
 
 Nothing here does I/O; the alert service (:mod:`nbankd.control.alerts`) sends the
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nbankd.timefmt import human_duration
+from nbankd.timefmt import human_duration, iso
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,11 @@ class Condition:
 
     key: str  # stable across checks: what it is about
     summary: str  # what happened, where
-    command: str  # what shows more
+    command: str  # what shows more (the hint)
     delay: float = 0.0  # how long it must last before it is told
+    kind: str = ""  # registry, archive, rejected, stalled, audit, silent
+    inbox: str | None = None  # the inbox concerned, if one
+    path: str | None = None  # the file concerned, when one is
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,21 @@ class Tracked:
     summary: str
     command: str
     told_at: float | None = None
+    kind: str = ""
+    inbox: str | None = None
+    path: str | None = None
+
+    def to_json(self, state: str, now: float) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "state": state,
+            "summary": self.summary,
+            "inbox": self.inbox,
+            "path": self.path,
+            "hint": self.command,
+            "time": iso(now),
+            "since": iso(self.first_seen),
+        }
 
 
 @dataclass(frozen=True)
@@ -63,13 +83,12 @@ class Message:
         lines += [f"- resolved: {r.summary}" for r in self.resolved]
         return "\n".join(lines) + "\n"
 
-    def to_json(self, host: str) -> dict[str, Any]:
-        return {
-            "host": host,
-            "subject": self.subject(host),
-            "problems": [{"summary": p.summary, "command": p.command} for p in self.problems],
-            "resolved": [{"summary": r.summary} for r in self.resolved],
-        }
+    def to_json(self, host: str, now: float) -> dict[str, Any]:
+        """The webhook body: every alert of the message (firing, then resolved), and the
+        first one's fields at the top level for receivers that read one."""
+        alerts = [p.to_json("firing", now) for p in self.problems]
+        alerts += [r.to_json("resolved", now) for r in self.resolved]
+        return {**alerts[0], "host": host, "subject": self.subject(host), "alerts": alerts}
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,7 @@ def conditions(
                 f"the registry cannot be used: {problem}; deposits wait",
                 "nbankctl status",
                 unavailable_after,
+                kind="registry",
             )
         )
     for entry in status.get("inboxes") or []:
@@ -110,6 +130,8 @@ def conditions(
                     f"the archive of {inbox} cannot take deposits: {entry['archive_problem']}",
                     "nbankctl status",
                     unavailable_after,
+                    kind="archive",
+                    inbox=inbox,
                 )
             )
         rejected = int(entry.get("in_rejected_folder") or 0)
@@ -120,6 +142,8 @@ def conditions(
                     f"rejected:{inbox}",
                     f"{rejected} rejected input(s) wait in {folder}",
                     f"nbankctl explain {folder}/FILE (each has a .reason file beside it)",
+                    kind="rejected",
+                    inbox=inbox,
                 )
             )
         stalled = entry.get("stalled") or []
@@ -129,6 +153,9 @@ def conditions(
                     f"stalled:{inbox}",
                     f"{len(stalled)} file(s) in {inbox} keep changing (first: {stalled[0]})",
                     f"nbankctl explain {inbox}/{stalled[0]}",
+                    kind="stalled",
+                    inbox=inbox,
+                    path=f"{inbox}/{stalled[0]}" if len(stalled) == 1 else None,
                 )
             )
         every = expect_every.get(inbox)
@@ -141,6 +168,8 @@ def conditions(
                         f"no deposit from {inbox} for {human_duration(now - since)} "
                         f"(expect_every: {human_duration(every)})",
                         f"nbankctl history --inbox {inbox}",
+                        kind="silent",
+                        inbox=inbox,
                     )
                 )
     audit = status.get("last_audit")
@@ -153,15 +182,23 @@ def conditions(
                 f"nbankctl status (report {audit.get('report')})"
                 if audit.get("report")
                 else "nbankctl status",
+                kind="audit",
             )
         )
     return out
 
 
 def step(
-    state: State, present: Iterable[Condition], *, now: float, repeat_every: float
+    state: State,
+    present: Iterable[Condition],
+    *,
+    now: float,
+    repeat_every: float,
+    group_wait: float = 0.0,
 ) -> tuple[State, Message | None]:
-    """The next state and the message to send now (None: nothing to tell)."""
+    """The next state and the message to send now (None: nothing to tell). A new
+    problem waits ``group_wait`` after it is due, so that others of the same moment
+    (a burst) join it in one message; repeats and resolutions never wait."""
     tracked: dict[str, Tracked] = {}
     told: list[Tracked] = []
     for cond in present:
@@ -171,8 +208,12 @@ def step(
             summary=cond.summary,
             command=cond.command,
             told_at=prev.told_at if prev is not None else None,
+            kind=cond.kind,
+            inbox=cond.inbox,
+            path=cond.path,
         )
-        due = now - item.first_seen >= cond.delay and (
+        wait = cond.delay + (group_wait if item.told_at is None else 0.0)
+        due = now - item.first_seen >= wait and (
             item.told_at is None or now - item.told_at >= repeat_every
         )
         if due:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -40,14 +41,28 @@ def _secret(path: Path) -> str:
     return path.read_text(encoding="utf-8").splitlines()[0].strip() if path.exists() else ""
 
 
-def send_webhook(cfg: WebhookConfig, message: alert_rules.Message, host: str) -> None:
+def shown_url(url: str) -> str:
+    """A webhook URL as logs and status may show it: scheme and host only (chat
+    services put their secret in the path or the query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}/..."
+
+
+def send_webhook(
+    cfg: WebhookConfig, message: alert_rules.Message, host: str, now: float | None = None
+) -> None:
     headers = {"Content-Type": "application/json"}
     if cfg.token_file is not None:
         headers["Authorization"] = f"Bearer {_secret(cfg.token_file)}"
-    body = {**message.to_json(host), "text": message.text()}
-    resp = requests.post(cfg.url, data=json.dumps(body), headers=headers, timeout=SEND_TIMEOUT)
+    when = time.time() if now is None else now
+    body = {**message.to_json(host, when), "text": message.text()}
+    shown = shown_url(cfg.url)
+    try:
+        resp = requests.post(cfg.url, data=json.dumps(body), headers=headers, timeout=SEND_TIMEOUT)
+    except requests.RequestException as err:  # its text names the whole URL: never shown
+        raise OSError(f"webhook {shown} unreachable ({type(err).__name__})") from None
     if resp.status_code >= 300:
-        raise OSError(f"webhook {cfg.url} answered {resp.status_code}")
+        raise OSError(f"webhook {shown} answered {resp.status_code}")
 
 
 def send_email(cfg: EmailConfig, message: alert_rules.Message, host: str) -> None:
@@ -97,7 +112,11 @@ class AlertService:
             unavailable_after=self.cfg.unavailable_after,
         )
         new, message = alert_rules.step(
-            self.state, present, now=now, repeat_every=self.cfg.repeat_every
+            self.state,
+            present,
+            now=now,
+            repeat_every=self.cfg.repeat_every,
+            group_wait=self.cfg.group_wait,
         )
         if message is None:
             self.state = new
@@ -124,7 +143,7 @@ class AlertService:
         out: list[tuple[str, Callable[[alert_rules.Message], None]]] = []
         if self.cfg.webhook is not None:
             hook = self.cfg.webhook
-            out.append(("webhook", lambda m: send_webhook(hook, m, self.host)))
+            out.append(("webhook", lambda m: send_webhook(hook, m, self.host, time.time())))
         if self.cfg.email is not None:
             mail = self.cfg.email
             out.append(("email", lambda m: send_email(mail, m, self.host)))

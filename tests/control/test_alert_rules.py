@@ -96,3 +96,17 @@ def test_an_unsent_message_is_tried_again() -> None:
     assert retry is not None
     assert [p.summary for p in retry.problems] == ["new one"]
     assert [r.summary for r in retry.resolved] == ["gone soon"]
+
+
+def test_problems_of_one_moment_wait_for_each_other() -> None:
+    """With group_wait, a second problem appearing soon after the first joins it in one
+    message, sent once the first has waited group_wait."""
+    first = [Condition("a", "first", "c")]
+    both = [*first, Condition("b", "second", "c")]
+    state, m0 = step(State(), first, now=0, repeat_every=1000, group_wait=60)
+    state, m1 = step(state, both, now=30, repeat_every=1000, group_wait=60)
+    state, m2 = step(state, both, now=60, repeat_every=1000, group_wait=60)
+    state, m3 = step(state, both, now=90, repeat_every=1000, group_wait=60)
+    assert m0 is None and m1 is None
+    assert m2 is not None and [p.summary for p in m2.problems] == ["first"]
+    assert m3 is not None and [p.summary for p in m3.problems] == ["second"]

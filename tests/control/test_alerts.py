@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,9 +22,10 @@ from nbankd.config.model import EmailConfig, WebhookConfig
 from nbankd.control.alert_rules import Message, Tracked
 from nbankd.control.alerts import send_email, send_webhook
 
+REJECTED = "3 rejected input(s) wait in /srv/inbox/rig3/rejected"
 MESSAGE = Message(
     problems=(
-        Tracked(0.0, "3 rejected input(s) wait in /srv/inbox/rig3/rejected", "nbankctl explain"),
+        Tracked(0.0, REJECTED, "nbankctl explain", kind="rejected", inbox="/srv/inbox/rig3"),
     ),
     resolved=(Tracked(0.0, "the archive of /srv/inbox/rig3 cannot take deposits", "c", 0.0),),
 )
@@ -88,7 +90,12 @@ def test_webhook_posts_the_message_with_its_token(hook: Hook, tmp_path: Path) ->
     [(body, auth)] = hook.posts
     assert auth == "Bearer s3cret-token"
     assert body["subject"] == "nbankd on rig3: 1 problem(s)"
-    assert body["problems"][0]["command"] == "nbankctl explain"
+    assert {k: body[k] for k in ("kind", "summary", "inbox", "path", "hint")} == {
+        "kind": "rejected", "summary": REJECTED, "inbox": "/srv/inbox/rig3", "path": None,
+        "hint": "nbankctl explain",
+    }  # fmt: skip
+    assert body["time"].startswith("20")
+    assert [a["state"] for a in body["alerts"]] == ["firing", "resolved"]
     assert "resolved: the archive" in body["text"]
 
 
@@ -137,28 +144,43 @@ def test_email_is_sent_with_credentials(tmp_path: Path) -> None:
 def test_daemon_tells_of_a_rejection_and_of_its_resolution(daemon_factory: Any, hook: Hook) -> None:
     """A rejected input is told once through the webhook; once it is moved away from
     the rejected folder, a resolved message follows."""
-    h = daemon_factory(
-        extra_config={"alerts": {"webhook": {"url": hook.url}, "check_every": "0.3s"}}
-    )
+    alerts = {"webhook": {"url": hook.url}, "check_every": "0.3s", "group_wait": "0s"}
+    h = daemon_factory(extra_config={"alerts": alerts})
     h.start()
     h.drop("bad name.wav", b"a name the registry refuses")
     wait_for(lambda: hook.posts, 60, "the rejection told")
     body = hook.posts[0][0]
-    assert "1 rejected input(s)" in body["problems"][0]["summary"]
+    assert body["kind"] == "rejected" and "1 rejected input(s)" in body["summary"]
     rejected = [p for p in h.rejected.iterdir()] if h.rejected.is_dir() else []
     for path in rejected:
         path.unlink()
-    wait_for(lambda: any(p[0]["resolved"] for p in hook.posts), 60, "the resolution told")
-    assert len([p for p in hook.posts if p[0]["problems"]]) == 1  # told once, not repeated
+
+    def states(post: tuple[dict[str, Any], Any]) -> list[str]:
+        return [a["state"] for a in post[0]["alerts"]]
+
+    wait_for(lambda: any("resolved" in states(p) for p in hook.posts), 60, "the resolution")
+    assert len([p for p in hook.posts if "firing" in states(p)]) == 1  # told once
     h.stop()
 
 
-def test_a_failing_notifier_shows_in_status_and_deposits_go_on(daemon_factory: Any) -> None:
-    """A webhook that refuses makes status degraded naming it; a deposit still lands."""
+def test_a_failing_notifier_shows_in_status_and_deposits_go_on(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A webhook that refuses makes status degraded naming its host; a deposit still
+    lands; the secret part of its URL and its token appear in no log, status or metrics."""
     refusing = Hook(status=500)
+    secret_path, token = "T0KEN1N-PATH-93a1", "b3arer-s3cret-77"
+    token_file = tmp_path / "hook-token"
+    token_file.write_text(token + "\n")
+    port = _free_port()
     try:
+        alerts = {
+            "webhook": {"url": f"{refusing.url}/{secret_path}", "token_file": str(token_file)},
+            "check_every": "0.3s",
+            "group_wait": "0s",
+        }
         h = daemon_factory(
-            extra_config={"alerts": {"webhook": {"url": refusing.url}, "check_every": "0.3s"}}
+            extra_config={"alerts": alerts, "metrics": {"listen": f"127.0.0.1:{port}"}}
         )
         h.start()
         h.drop("bad name.wav", b"rejected, so there is something to tell")
@@ -167,8 +189,16 @@ def test_a_failing_notifier_shows_in_status_and_deposits_go_on(daemon_factory: A
             60,
             "status to name the failing webhook",
         )
+        [line] = [d for d in status_json(h)[1]["degraded"] if "alerts could not be sent" in d]
+        assert "http://127.0.0.1/..." in line and "answered 500" in line
         h.drop("fine.wav", b"deposited all the same")
         wait_for(lambda: any(r["id"] == "fine" for r in h.receipts()), 60, "the deposit")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        shown = json.dumps(status_json(h)[1]) + metrics + h.log_path.read_text()
         h.stop()
+        shown += h.log_path.read_text()
+        assert secret_path not in shown and token not in shown
+        assert refusing.posts and refusing.posts[0][1] == f"Bearer {token}"  # it was sent
     finally:
         refusing.close()

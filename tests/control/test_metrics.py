@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures.daemon import wait_for
+from fixtures.daemon import status_json, wait_for
 from nbankd.control.metrics import families
 from nbankd.daemon.tally import Tally
 from nbankd.deposit.journal import Item
@@ -172,3 +174,31 @@ def test_dashboard_names_only_exported_metrics() -> None:
     dashboard = json.loads((CONTRIB / "grafana" / "nbankd-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     assert _named_metrics(exprs) and _named_metrics(exprs) <= _exported_names()
+
+
+def test_status_and_metrics_agree(daemon_factory: Any) -> None:
+    """With a rejected input waiting and the inbox paused, nbankctl status and /metrics
+    say the same: degraded, problems, queue, paused, rejected waiting, in flight."""
+    port = _free_port()
+    h = daemon_factory(extra_config={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    h.start()
+    h.drop("bad name.wav", b"rejected: there is something to show")
+    h.wait_settled(1)
+    nbankctl = [str(Path(sys.executable).with_name("nbankctl")), "-c", str(h.config_path)]
+    subprocess.run([*nbankctl, "pause"], check=True, capture_output=True, timeout=30)
+    _code, status = status_json(h)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        scraped = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.read().decode())
+            for s in family.samples
+        }
+    [inbox] = status["inboxes"]
+    key = (("inbox", inbox["path"]),)
+    assert scraped[("nbankd_degraded", ())] == (1 if status["degraded"] else 0) == 1
+    assert scraped[("nbankd_problems", ())] == len(status["degraded"])
+    assert scraped[("nbankd_queue_items", ())] == status["queue"]
+    assert scraped[("nbankd_inbox_paused", key)] == 1 and inbox["paused"] is True
+    assert scraped[("nbankd_inbox_rejected_waiting", key)] == inbox["in_rejected_folder"] == 1
+    assert scraped[("nbankd_inbox_in_flight", key)] == inbox["in_flight"]
+    h.stop()
