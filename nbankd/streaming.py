@@ -196,18 +196,19 @@ class _Writer:
                 self.done(slot)
 
     def _start_writeback(self, written: list[tuple[int, int]], offset: int, length: int) -> None:
+        """Starts the writeback of the block just written and waits for the one
+        WRITEBACK_LAG blocks behind. An error the wait reports (EIO, ENOSPC at
+        writeback) is the copy's error: the kernel reports it once per open file, so a
+        later fsync on this descriptor would not see it again."""
         if not self._writeback:
             return
-        try:
-            if not start_writeback(self._fd, offset, length):
-                self._writeback = False
-                return
-            written.append((offset, length))
-            if len(written) > WRITEBACK_LAG:
-                old_offset, old_length = written.pop(0)
-                start_writeback(self._fd, old_offset, old_length, wait=True)
-        except OSError:
-            self._writeback = False  # only an optimisation: the caller's fsync decides
+        if not start_writeback(self._fd, offset, length):  # unsupported: fsync decides
+            self._writeback = False
+            return
+        written.append((offset, length))
+        if len(written) > WRITEBACK_LAG:
+            old_offset, old_length = written.pop(0)
+            start_writeback(self._fd, old_offset, old_length, wait=True)
 
     def finish(self) -> None:
         """Waits for every submitted block; raises the first write error."""
@@ -260,15 +261,25 @@ def copy_hashing_overlapped(
     return digest.hexdigest(), total
 
 
-def hash_read_ahead(read: Callable[[memoryview], int], *, block: int = BLOCK) -> tuple[str, int]:
+def hash_read_ahead(
+    read: Callable[[memoryview], int],
+    *,
+    throttle: Callable[[int], None] | None = None,
+    block: int = BLOCK,
+) -> tuple[str, int]:
     """The SHA-1 and size of everything ``read`` gives, reading ahead on a second thread
-    into page-aligned buffers (``read`` may use ``O_DIRECT``)."""
+    into page-aligned buffers (``read`` may use ``O_DIRECT``). ``throttle(n)`` runs on
+    the calling thread after each block (it may sleep, or beat a liveness heartbeat
+    kept per thread)."""
     digest = hashlib.sha1()
     total = 0
     with ReadAhead(read, aligned_buffers(DEPTH, block)) as ahead:
         for slot, chunk in ahead:
             digest.update(chunk)
             total += len(chunk)
+            n = len(chunk)
             chunk.release()
             ahead.release(slot)
+            if throttle is not None:
+                throttle(n)
     return digest.hexdigest(), total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,32 @@ def test_writeback_refused_on_a_pipe() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_writeback_error_is_the_copys_error(tmp_path: Path) -> None:
+    """An error the writeback reports (here EBADF: no such descriptor) fails the copy:
+    the kernel reports such errors once, so the caller's fsync would never see it."""
+    src, _ = _source(tmp_path, 6 * BLOCK)
+    bogus = 1_000_000  # no such descriptor: the writeback is asked about it
+    with open(src, "rb") as fin, open(tmp_path / "dst", "wb") as fout:
+
+        def write(_fd: int, view: memoryview) -> None:
+            write_all(fout.fileno(), view)
+
+        with pytest.raises(OSError) as caught:
+            copy_hashing_overlapped(lambda v: read_into(fin.fileno(), v), bogus, write, block=BLOCK)
+    assert caught.value.errno == errno.EBADF
+
+
+def test_read_ahead_throttles_on_the_calling_thread(tmp_path: Path) -> None:
+    """throttle() runs on the thread that asked for the hash (where the daemon keeps its
+    liveness heartbeat), never on the reader thread."""
+    src, _ = _source(tmp_path, 4 * BLOCK + 1)
+    threads: set[int] = set()
+    with open(src, "rb") as fin:
+        hash_read_ahead(
+            lambda v: read_into(fin.fileno(), v),
+            throttle=lambda n: threads.add(threading.get_ident()),
+            block=BLOCK,
+        )
+    assert threads == {threading.get_ident()}

@@ -27,14 +27,12 @@ def _hash_direct(fd: int, throttle: Throttle | None) -> str | None:
                 raise _DirectRefused from None
             raise
         first = False
-        if throttle is not None:
-            throttle(n)
         return n
 
     try:
         size = os.fstat(fd).st_size
-        if size >= READ_AHEAD_FROM:
-            return hash_read_ahead(read)[0]
+        if size >= READ_AHEAD_FROM:  # the throttle (and heartbeat) stay on this thread
+            return hash_read_ahead(read, throttle=throttle)[0]
         # a small file: one read into one buffer on this thread (a reader thread and
         # its ring would cost more than the read)
         with mmap.mmap(
@@ -45,6 +43,8 @@ def _hash_direct(fd: int, throttle: Throttle | None) -> str | None:
                 digest = hashlib.sha1()
                 while n := read(view):
                     digest.update(view[:n])
+                    if throttle is not None:
+                        throttle(n)
                 return digest.hexdigest()
             finally:
                 view.release()

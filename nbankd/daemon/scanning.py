@@ -87,8 +87,10 @@ class InboxScanning:
         scan lists the whole inbox)."""
         state = self.inboxes.get(inbox_key)
         if state is not None:
-            soon = (state.last_scan or 0.0) + CHANGE_SCAN_GAP
-            state.next_scan = min(state.next_scan, soon)
+            last = state.last_scan or 0.0
+            if last > self.clock():  # the clock stepped back: do not wait for it
+                last = 0.0
+            state.next_scan = min(state.next_scan, last + CHANGE_SCAN_GAP)
         self._wake.set()
 
     def request_rescan(self, inbox_key: str | None = None) -> None:

@@ -18,6 +18,7 @@ the steps from each version to the next, run in one transaction at open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -279,10 +280,18 @@ class Journal:
                     items.append(_row_to_item(cur.fetchone()))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         seams.reached("after-journal-add")
         return items
+
+    def _rollback(self) -> None:
+        """Ends a failed transaction, if SQLite has not ended it already (a failed
+        COMMIT may roll back by itself); a failing ROLLBACK never hides the error that
+        caused it."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def save(self, item: Item, *, durable: bool = True) -> Item:
         """Writes every field of ``item`` back (sharing the commit with the saves of
@@ -316,10 +325,10 @@ class Journal:
                         self._db.executemany(_UPDATE, [params for _, params, _ in batch])
                         self._db.execute("COMMIT")
                     except BaseException:
-                        self._db.execute("ROLLBACK")
+                        self._rollback()  # keeps the error that ended the commit
                         raise
                 finally:
-                    if not sync:
+                    if not sync and not self._db.in_transaction:
                         self._db.execute("PRAGMA synchronous=FULL")
         except BaseException as err:
             failure = err

@@ -52,13 +52,17 @@ class State(enum.StrEnum):
 
 FINAL = frozenset({State.DONE, State.REJECTED, State.RETURNED, State.CANCELLED})
 
-#: States whose next step moves or removes the input (claim, release, reject, put
-#: back): the journal holds them on disk before that step runs. Every other transition
-#: is committed without waiting for the disk (it is on disk with the next durable
-#: commit): after a power loss the journal may be a few steps behind the archive and
-#: the registry, and recovery repeats those idempotent steps from where the input
-#: still is, as it does after a crash between a step and its save.
-DURABLE = frozenset({State.CLAIMING, State.RECORDED, State.REJECTING, State.RETURNING})
+#: States whose next step moves or removes the input (claim; publish, which moves it
+#: with ``placement: rename``; release; reject; put back), and REGISTERED, after which
+#: a record may point at the input (so it is never rejected): the journal holds them
+#: on disk before the next step runs. Every other transition is committed without
+#: waiting for the disk (it is on disk with the next durable commit): after a power
+#: loss the journal may be a few steps behind the archive, and recovery repeats those
+#: idempotent steps from where the input still is, as after a crash between a step
+#: and its save.
+DURABLE = frozenset(
+    {State.CLAIMING, State.REGISTERED, State.RECORDED, State.REJECTING, State.RETURNING}
+)
 IN_FLIGHT = frozenset(State) - FINAL
 
 
