@@ -20,7 +20,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,12 +103,14 @@ def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> None:
                 _try(url, credentials.load_file(path, credentials.registry_host(url)), str(path))
             return
         if "LoadCredential=" in str(err):
+            source = (
+                _load_credential_source() or "the file the unit's LoadCredential=registry:... names"
+            )
             hint = (
                 "put credentials for the new registry (user:password, or a netrc line for "
-                f"{credentials.registry_host(url)}) in the file the unit's "
-                "LoadCredential=registry:... names, run 'systemctl restart nbankd' (systemd "
-                "reads credentials only when the service starts), then run this same "
-                "command again: it finishes the switch"
+                f"{credentials.registry_host(url)}) in {source}, run 'systemctl restart "
+                "nbankd' (systemd reads credentials only when the service starts), then run "
+                "this same command again: it finishes the switch"
             )
         else:
             hint = (
@@ -120,6 +124,32 @@ def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> None:
             hint=hint,
         ) from None
     note(f"nbankd's credentials ({answer.get('credentials')}) may write to {url}")
+
+
+def _load_credential_source(unit: str = "nbankd.service") -> str | None:
+    """The file the unit's ``LoadCredential=registry:FILE`` names, as systemd reports it
+    (``systemctl show``); None where systemd or the unit is not there."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return None
+    try:
+        shown = subprocess.run(
+            [systemctl, "show", "--property=LoadCredential", unit],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return credential_path(shown.stdout)
+
+
+def credential_path(shown: str) -> str | None:
+    """The registry credential's source path in ``systemctl show -p LoadCredential``'s
+    output (``LoadCredential=registry:/etc/nbankd/registry-credentials``, one or more)."""
+    for word in shown.replace("LoadCredential=", " ").split():
+        name, sep, path = word.partition(":")
+        if sep and name == credentials.CREDENTIAL_NAME and path.startswith("/"):
+            return path
+    return None
 
 
 def _file(url: str, config: Config, path: Path) -> None:
@@ -156,4 +186,4 @@ def _try(url: str, creds: credentials.Credentials | None, source: str) -> None:
     note(f"credentials in {source} may write to {url}")
 
 
-__all__ = ["prove", "unreadable_by"]
+__all__ = ["credential_path", "prove", "unreadable_by"]

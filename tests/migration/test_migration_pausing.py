@@ -55,3 +55,15 @@ def test_readability_follows_owner_group_other_and_folders(
     os.chown(path, unpriv_user.uid, unpriv_user.gid)
     path.chmod(0o400)
     assert unreadable_by(path, unpriv_user.uid) == "" and unreadable_by(path, 0) == ""
+
+
+def test_the_load_credential_source_is_read_from_systemctl_show() -> None:
+    """The registry credential's file is found in `systemctl show -p LoadCredential`
+    output, so the switch can say exactly which file to fill."""
+    from nbankctl.migrate_credentials import credential_path
+
+    assert credential_path("LoadCredential=registry:/etc/nbankd/registry-credentials\n") == (
+        "/etc/nbankd/registry-credentials"
+    )
+    assert credential_path("LoadCredential=other:/x registry:/srv/creds\n") == "/srv/creds"
+    assert credential_path("LoadCredential=\n") is None
