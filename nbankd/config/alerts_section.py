@@ -114,6 +114,7 @@ class AlertsSection(ParserBase):
             smtp=self.get(section, path, "smtp", listen_address, ("localhost", 25)),
             starttls=self.get(section, path, "starttls", check_bool, True),
             auth_file=self.get(section, path, "auth_file", path_in(base), None),
+            cafile=self.get(section, path, "cafile", path_in(base), None),
         )
 
 

@@ -210,6 +210,7 @@ class EmailConfig:
     smtp: tuple[str, int] = ("localhost", 25)
     starttls: bool = True
     auth_file: Path | None = None  # "user:password" (or a systemd credential)
+    cafile: Path | None = None  # CA certificates the SMTP server's is checked against
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import smtplib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -74,7 +75,10 @@ def send_email(cfg: EmailConfig, message: alert_rules.Message, host: str) -> Non
     smtp_host, port = cfg.smtp
     with smtplib.SMTP(smtp_host, port, timeout=SEND_TIMEOUT) as smtp:
         if cfg.starttls:
-            smtp.starttls()
+            # the server's certificate is checked (system CAs, or cafile): credentials
+            # are never sent to whoever answers on the SMTP port
+            cafile = str(cfg.cafile) if cfg.cafile is not None else None
+            smtp.starttls(context=ssl.create_default_context(cafile=cafile))
         if cfg.auth_file is not None:
             user, _, password = _secret(cfg.auth_file).partition(":")
             smtp.login(user, password)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -202,3 +204,70 @@ def test_a_failing_notifier_shows_in_status_and_deposits_go_on(
         assert refusing.posts and refusing.posts[0][1] == f"Bearer {token}"  # it was sent
     finally:
         refusing.close()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), the certificate its own CA."""
+    cert, key = folder / "smtp.pem", folder / "smtp.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def _tls_server(
+    folder: Path, box: Mailbox, logins: list[tuple[str, str]]
+) -> tuple[Controller, Path]:
+    cert, key = _self_signed(folder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        logins.append((data.login.decode(), data.password.decode()))
+        return AuthResult(success=True)
+
+    controller = Controller(
+        box, hostname="127.0.0.1", port=_free_port(), tls_context=context,
+        require_starttls=True, authenticator=authenticator,
+    )  # fmt: skip
+    controller.start()
+    return controller, cert
+
+
+def test_email_over_starttls_checks_the_server_and_logs_in(tmp_path: Path) -> None:
+    """With starttls, the session is encrypted before the password is sent, and the
+    server's certificate is checked against cafile."""
+    box, logins = Mailbox(), []
+    controller, cert = _tls_server(tmp_path, box, logins)
+    try:
+        auth = tmp_path / "smtp-auth"
+        auth.write_text("alerts:tls-pw\n")
+        cfg = EmailConfig(
+            to=("lab@example.org",), from_="nbankd@rig3.example.org",
+            smtp=("127.0.0.1", controller.port), starttls=True, auth_file=auth, cafile=cert,
+        )  # fmt: skip
+        send_email(cfg, MESSAGE, "rig3")
+    finally:
+        controller.stop()
+    assert len(box.mails) == 1 and logins == [("alerts", "tls-pw")]
+
+
+def test_email_refuses_a_server_it_cannot_trust(tmp_path: Path) -> None:
+    """A server whose certificate no trusted CA signed gets no password: the send fails."""
+    box, logins = Mailbox(), []
+    controller, _cert = _tls_server(tmp_path, box, logins)
+    try:
+        auth = tmp_path / "smtp-auth"
+        auth.write_text("alerts:tls-pw\n")
+        cfg = EmailConfig(
+            to=("lab@example.org",), from_="nbankd@rig3.example.org",
+            smtp=("127.0.0.1", controller.port), starttls=True, auth_file=auth,
+        )  # fmt: skip
+        with pytest.raises(ssl.SSLError):
+            send_email(cfg, MESSAGE, "rig3")
+    finally:
+        controller.stop()
+    assert box.mails == [] and logins == []
