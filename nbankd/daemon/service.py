@@ -23,8 +23,7 @@ from typing import Any
 import structlog
 
 from nbankd import __version__, errors
-from nbankd.archive import opening
-from nbankd.archive.probe import Capabilities, probe
+from nbankd.archive.probe import Capabilities
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, load_config
@@ -174,21 +173,7 @@ class Daemon(InboxScanning):
             log.error("audits disabled: cannot open the audit cache", error=str(err))
 
     def _probe_archives(self, cfg: Config) -> None:
-        """Finds out what each archive's filesystem can do (hard links, RENAME_NOREPLACE,
-        O_DIRECT, flock) and logs what the daemon does instead of what is missing. An
-        archive that cannot be probed now (unmounted) is probed at the next reload."""
-        found: dict[str, Capabilities] = {}
-        for archive in cfg.archives:
-            try:
-                staging = opening.ensure_staging(opening.open_archive(archive.path))
-                caps = probe(staging)
-            except (errors.NbankdError, OSError) as err:
-                log.info("archive not probed", archive=archive.name, error=str(err))
-                continue
-            found[archive.name] = caps
-            log.info("archive capabilities", archive=archive.name, **caps.to_json())
-            for note in caps.notes():
-                log.warning("archive filesystem", archive=archive.name, note=note)
+        found = setup.probe_archives(cfg)
         with self._lock:
             self.capabilities = found
 

@@ -16,6 +16,7 @@ import structlog
 
 from nbankd import errors
 from nbankd.archive import opening
+from nbankd.archive.probe import Capabilities, probe
 from nbankd.config import Config
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
 from nbankd.deposit.spec import InboxSpec
@@ -177,3 +178,22 @@ def archive_usable(
     if not os.access(archive.resources_dir, os.W_OK | os.X_OK):
         return f"{archive.resources_dir} is not writable by this user"
     return None
+
+
+def probe_archives(cfg: Config) -> dict[str, Capabilities]:
+    """What each configured archive's filesystem can do (hard links, RENAME_NOREPLACE,
+    O_DIRECT, flock), logging what the daemon does instead of what is missing. An
+    archive that cannot be probed now (unmounted) is left out: the next reload probes
+    it again."""
+    found: dict[str, Capabilities] = {}
+    for archive in cfg.archives:
+        try:
+            caps = probe(opening.ensure_staging(opening.open_archive(archive.path)))
+        except (errors.NbankdError, OSError) as err:
+            log.info("archive not probed", archive=archive.name, error=str(err))
+            continue
+        found[archive.name] = caps
+        log.info("archive capabilities", archive=archive.name, **caps.to_json())
+        for note in caps.notes():
+            log.warning("archive filesystem", archive=archive.name, note=note)
+    return found
