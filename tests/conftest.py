@@ -7,4 +7,5 @@ pytest_plugins = [
     "fixtures.daemon",
     "fixtures.cli_backends",
     "fixtures.fault_proxy",
+    "fixtures.sshfs",
 ]
