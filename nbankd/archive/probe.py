@@ -37,6 +37,13 @@ class Capabilities:
     rename_noreplace: bool
     o_direct: bool
     flock: bool
+    fs_type: str = ""  # as /proc/self/mountinfo names it (ext4, nfs4, fuse.sshfs, ...)
+
+    @property
+    def shared_locks(self) -> bool:
+        """True when an flock here also keeps out daemons on other hosts: FUSE keeps
+        locks in the client's kernel (sshfs has no lock operation)."""
+        return self.flock and not self.fs_type.startswith("fuse")
 
     @property
     def can_publish(self) -> bool:
@@ -63,6 +70,12 @@ class Capabilities:
                 "no flock: two daemons depositing into this archive are not kept from "
                 "storing one identifier twice (one daemon's threads still are)"
             )
+        elif not self.shared_locks:
+            out.append(
+                f"flock holds on this host only ({self.fs_type}): daemons on two hosts "
+                "depositing into this archive are not kept from storing one identifier "
+                "twice; give each identifier to one host (its own inbox names)"
+            )
         return out
 
     def to_json(self) -> dict[str, bool]:
@@ -86,11 +99,34 @@ def probe(folder: Path) -> Capabilities:
             rename_noreplace=_renames(first, third),
             o_direct=_direct(third if third.exists() else first),
             flock=_flocks(folder),
+            fs_type=filesystem_type(folder),
         )
     finally:
         for path in (first, second, third):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def filesystem_type(folder: Path, mountinfo: str | None = None) -> str:
+    """The type of the filesystem ``folder`` is on: the mount with the longest mount
+    point above it in ``/proc/self/mountinfo`` ("" when it cannot be read)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+    target = os.path.realpath(folder)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
 
 
 def _links(src: Path, dst: Path) -> bool:

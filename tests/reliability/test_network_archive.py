@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for
 from fixtures.sshfs import Sshfs, SshfsMount
 from nbankd.hashing import sha1_file
 from nbankd.names import WORK_DIR_NAME
@@ -167,6 +167,9 @@ def test_deposits_on_sshfs_read_back_and_audit_clean(sshfs: Sshfs, daemon_factor
         assert on_server(mount, stored).read_bytes() == data, f"{stored} on the server"
     check = ctl(h, "archive", "check", str(h.archive))
     assert check.returncode == 0, check.stdout + check.stderr
+    caps = status_json(h)[1]["archive_filesystems"][h.archive_name]
+    assert caps["fs_type"] == "fuse.sshfs"  # the probe says its flock is this host's only
+    assert any("flock holds on this host only" in note for note in caps["notes"])
     audit = ctl(h, "audit", "--full", "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
