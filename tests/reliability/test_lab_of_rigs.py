@@ -14,6 +14,7 @@ name is in its metadata.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -192,3 +193,53 @@ def test_a_burst_from_every_rig_lands_once_and_is_attributable(lab: Lab) -> None
     )  # fmt: skip
     summary = check.stderr + check.stdout
     assert "missing from archive: 0; missing from registry: 0; read/verify errors: 0" in summary
+
+
+def _retries(h: DaemonHarness) -> list[dict[str, Any]]:
+    """The 'step failed; will retry' log events of a rig for an unusable registry."""
+    out = []
+    for line in h.log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "step failed; will retry" and event.get("code") in (
+            "registry-unavailable",
+            "registry-error",
+        ):
+            out.append(event)
+    return out
+
+
+def test_registry_database_down_mid_burst_loses_and_doubles_nothing(
+    lab: Lab, postgres_database: Any
+) -> None:
+    """PostgreSQL stopped as a burst from every rig begins, started again once every
+    rig has seen the outage: each input is deposited exactly once, none rejected, each
+    record holds its bytes; the rigs' retries are spread out by their jitter, not in
+    lockstep."""
+    before = {n: len(_retries(h)) for n, h in enumerate(lab.rigs)}
+    drops = [(n, f"{unique_name(f'pgdown{n}')}.dat", os.urandom(2048)) for n in range(RIGS)
+             for _ in range(6)]  # fmt: skip
+    postgres_database.stop()
+    try:
+        _drop_together(lab, drops)
+        wait_for(
+            lambda: all(len(_retries(h)) > before[n] for n, h in enumerate(lab.rigs)),
+            120,
+            "every rig to retry against the unusable registry",
+        )
+    finally:
+        postgres_database.start()
+    _settled(lab, [name for _, name, _ in drops])
+    for rig, name, data in drops:
+        [(got_rig, kind, receipt)] = lab.outcome(name)
+        assert (got_rig, kind) == (rig, "receipt")
+        assert lab.record(receipt["id"])["sha1"] == hashlib.sha1(data).hexdigest()
+        found = requests.get(
+            f"{lab.server.url}resources/", params={"sha1": hashlib.sha1(data).hexdigest()},
+            timeout=30,
+        ).json()  # fmt: skip
+        assert len(found) == 1, f"{name} registered {len(found)} times"
+    first_waits = [float(_retries(h)[before[n]]["retry_in"]) for n, h in enumerate(lab.rigs)]
+    assert max(first_waits) - min(first_waits) > 0.05, first_waits  # jittered, not lockstep
