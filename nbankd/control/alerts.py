@@ -26,8 +26,10 @@ from urllib.parse import urlsplit
 import requests
 import structlog
 
+from nbankd import errors
 from nbankd.config.model import AlertsConfig, EmailConfig, WebhookConfig
 from nbankd.control import alert_rules
+from nbankd.registry import credentials
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import DaemonView as Daemon
@@ -37,9 +39,13 @@ log = structlog.get_logger("nbankd.alerts")
 SEND_TIMEOUT = 20.0
 
 
-def _secret(path: Path) -> str:
-    """The first line of a secret file (a token, or user:password)."""
-    return path.read_text(encoding="utf-8").splitlines()[0].strip() if path.exists() else ""
+def _token(path: Path) -> str:
+    """The first line of a webhook's token file; OSError naming it when it cannot be
+    read or is empty (never a request sent with an empty token)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].strip():
+        raise OSError(f"the webhook's token_file {path} is empty")
+    return lines[0].strip()
 
 
 def shown_url(url: str) -> str:
@@ -54,7 +60,7 @@ def send_webhook(
 ) -> None:
     headers = {"Content-Type": "application/json"}
     if cfg.token_file is not None:
-        headers["Authorization"] = f"Bearer {_secret(cfg.token_file)}"
+        headers["Authorization"] = f"Bearer {_token(cfg.token_file)}"
     when = time.time() if now is None else now
     body = {**message.to_json(host, when), "text": message.text()}
     shown = shown_url(cfg.url)
@@ -79,9 +85,9 @@ def send_email(cfg: EmailConfig, message: alert_rules.Message, host: str) -> Non
             # are never sent to whoever answers on the SMTP port
             cafile = str(cfg.cafile) if cfg.cafile is not None else None
             smtp.starttls(context=ssl.create_default_context(cafile=cafile))
-        if cfg.auth_file is not None:
-            user, _, password = _secret(cfg.auth_file).partition(":")
-            smtp.login(user, password)
+        if cfg.auth_file is not None:  # user:password, or netrc lines for the SMTP host
+            creds = credentials.load_file(cfg.auth_file, smtp_host)
+            smtp.login(creds.username, creds.password)
         smtp.send_message(mail)
 
 
@@ -129,7 +135,12 @@ class AlertService:
         for name, send in self._notifiers():
             try:
                 send(message)
-            except (OSError, requests.RequestException, smtplib.SMTPException) as err:
+            except (
+                OSError,
+                requests.RequestException,
+                smtplib.SMTPException,
+                errors.NbankdError,  # an unreadable or malformed auth_file
+            ) as err:
                 failures.append(f"{name}: {err}")
         if failures:
             self.state = alert_rules.unsent(new, self.state, message)

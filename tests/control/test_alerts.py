@@ -20,6 +20,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from fixtures.daemon import status_json, wait_for
+from nbankd import errors
 from nbankd.config.model import EmailConfig, WebhookConfig
 from nbankd.control.alert_rules import Message, Tracked
 from nbankd.control.alerts import send_email, send_webhook
@@ -271,3 +272,30 @@ def test_email_refuses_a_server_it_cannot_trust(tmp_path: Path) -> None:
     finally:
         controller.stop()
     assert box.mails == [] and logins == []
+
+
+def test_an_empty_token_file_sends_nothing(hook: Hook, tmp_path: Path) -> None:
+    """An empty token_file is an error naming it; no request goes out without a token."""
+    token = tmp_path / "hook-token"
+    token.write_text("\n")
+    with pytest.raises(OSError, match=r"token_file .* is empty"):
+        send_webhook(WebhookConfig(url=hook.url, token_file=token), MESSAGE, "rig3")
+    assert hook.posts == []
+
+
+def test_a_missing_auth_file_is_named_and_sends_nothing(tmp_path: Path) -> None:
+    """An auth_file that does not exist is an error naming it: no login, no mail."""
+    box = Mailbox()
+    controller = Controller(box, hostname="127.0.0.1", port=_free_port())
+    controller.start()
+    try:
+        cfg = EmailConfig(
+            to=("lab@example.org",), from_="nbankd@rig3.example.org",
+            smtp=("127.0.0.1", controller.port), starttls=False,
+            auth_file=tmp_path / "missing-smtp-auth",
+        )  # fmt: skip
+        with pytest.raises(errors.ConfigError, match="missing-smtp-auth"):
+            send_email(cfg, MESSAGE, "rig3")
+    finally:
+        controller.stop()
+    assert box.mails == []
