@@ -2,9 +2,10 @@
 
 Every item's state is committed here before the next step relies on it (WAL,
 ``synchronous=FULL``: a durable commit is on disk when :meth:`Journal.save`
-returns). Transitions before a step that moves or removes the input are durable;
-the others (``durable=False``, :data:`~nbankd.deposit.lifecycle.DURABLE`) are
-committed without an fsync and reach the disk with the next durable commit.
+returns). The states of :data:`~nbankd.deposit.lifecycle.DURABLE` (before a step
+that moves or removes the input, and REGISTERED) are saved durably; the others
+(``durable=False``) are committed without an fsync and reach the disk with the
+next durable commit.
 
 **Group commit.** Workers saving at the same moment share one transaction and so
 one fsync: the first to arrive while no commit runs becomes the *leader*, takes
