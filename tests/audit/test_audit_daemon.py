@@ -10,25 +10,16 @@ import sqlite3
 import subprocess
 import sys
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, wait_for
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
-
-
-def ctl(h: DaemonHarness, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
-    return subprocess.run(
-        [NBANKCTL, "-c", str(h.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+ctl = partial(nbankctl, timeout=120)  # nbankctl -c CONFIG ARGS, without the test seams
 
 
 def start_audit(h: DaemonHarness, *args: str) -> subprocess.Popen[str]:

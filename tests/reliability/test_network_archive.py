@@ -26,7 +26,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for
+from fixtures.daemon import nbankctl as ctl
 from fixtures.sshfs import Sshfs, SshfsMount
 from nbankd.hashing import sha1_file
 from nbankd.names import WORK_DIR_NAME
@@ -47,18 +47,6 @@ KiB, MiB = 1 << 10, 1 << 20
 
 def sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
-
-
-def ctl(h: DaemonHarness, *args: str) -> subprocess.CompletedProcess[str]:
-    """``nbankctl -c CONFIG ARGS`` without the harness's test seams in the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
-    return subprocess.run(
-        [NBANKCTL, "-c", str(h.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
 
 
 def ctl_json(h: DaemonHarness, *args: str) -> tuple[int, Any]:
