@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures.daemon import status_json, wait_for
+from fixtures.daemon import nbankctl, status_json, wait_for
 from nbankd.control.metrics import families
 from nbankd.daemon.tally import Tally
 from nbankd.deposit.journal import Item
@@ -184,8 +182,7 @@ def test_status_and_metrics_agree(daemon_factory: Any) -> None:
     h.start()
     h.drop("bad name.wav", b"rejected: there is something to show")
     h.wait_settled(1)
-    nbankctl = [str(Path(sys.executable).with_name("nbankctl")), "-c", str(h.config_path)]
-    subprocess.run([*nbankctl, "pause"], check=True, capture_output=True, timeout=30)
+    assert nbankctl(h, "pause").returncode == 0
     _code, status = status_json(h)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         scraped = {
