@@ -17,6 +17,14 @@ def iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
+def from_iso(text: str | None) -> float | None:
+    """The inverse of :func:`iso`: an ISO 8601 timestamp as seconds since the epoch
+    (None or "" stays None)."""
+    if not text:
+        return None
+    return datetime.fromisoformat(text).timestamp()
+
+
 def human_duration(seconds: float) -> str:
     """``0.4 s``, ``3.2 s``, ``10 s``, ``5 m 3 s``, ``2 h 5 m``, ``3 d 4 h``."""
     seconds = max(0.0, seconds)
@@ -36,4 +44,4 @@ def human_duration(seconds: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["human_duration", "iso"]
+__all__ = ["from_iso", "human_duration", "iso"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbankd.timefmt import human_duration, iso
+from nbankd.timefmt import from_iso, human_duration, iso
 
 
 def test_human_duration() -> None:
@@ -16,3 +16,9 @@ def test_iso_is_utc_to_the_second() -> None:
     """A timestamp is ISO 8601 in UTC without fractions; None stays None."""
     assert iso(0.9) == "1970-01-01T00:00:00+00:00"
     assert iso(None) is None
+
+
+def test_from_iso_inverts_iso() -> None:
+    """from_iso reads back what iso writes (to the second); None and "" stay None."""
+    assert from_iso(iso(1_764_900_000.0)) == 1_764_900_000.0
+    assert from_iso(None) is None and from_iso("") is None

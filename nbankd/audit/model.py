@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nbankd.timefmt import iso
+from nbankd.timefmt import from_iso, iso
 
 MISSING_FROM_ARCHIVE = "missing from archive"
 MISSING_FROM_REGISTRY = "missing from registry"
@@ -123,12 +122,6 @@ class CacheEntry(NamedTuple):
     @property
     def stat(self) -> FileStat:
         return FileStat(self.size, self.mtime_ns, self.inode, self.ctime_ns)
-
-
-def from_iso(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text).timestamp()
 
 
 # archive states in a report
@@ -384,7 +377,6 @@ __all__ = [
     "Finding",
     "OfflineArchive",
     "findings_of",
-    "from_iso",
     "iso",
     "summary_counts",
 ]

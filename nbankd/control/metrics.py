@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -29,6 +28,7 @@ from prometheus_client.core import (
 )
 
 from nbankd.daemon.tally import LATENCY_BUCKETS, Tally
+from nbankd.timefmt import from_iso
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import DaemonView as Daemon
@@ -36,15 +36,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nbankd.metrics")
 
 WATCH_MODES = ("inotify", "poll")
-
-
-def _iso_seconds(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
 
 
 def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
@@ -166,7 +157,7 @@ def _health_families(status: Mapping[str, Any]) -> list[Metric]:
         finished = GaugeMetricFamily(
             "nbankd_audit_last_finished_timestamp_seconds", "When the last audit finished"
         )
-        when = _iso_seconds(last.get("finished"))
+        when = from_iso(last.get("finished"))
         if when is not None:
             finished.add_metric([], when)
         out.append(finished)
