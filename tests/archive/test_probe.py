@@ -20,7 +20,7 @@ def test_a_local_filesystem_has_everything(tmp_path: Path) -> None:
     assert caps.notes() == [] and list(tmp_path.iterdir()) == []
 
 
-def test_an_unwritable_folder_is_an_error(tmp_path: Path) -> None:
+def test_a_missing_folder_is_an_error(tmp_path: Path) -> None:
     """A folder that is not there (an unmounted archive) raises; nothing is guessed."""
     with pytest.raises(OSError):
         probe(tmp_path / "not-mounted")
