@@ -19,6 +19,7 @@ import structlog
 from nbankd.config import Config
 from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
+from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES, printable
@@ -55,7 +56,7 @@ class InboxScanning:
     registry: Registry
     observer: InboxWatcher | None
     state_problem: str | None
-    _wake: threading.Event
+    _wake: Wakeup
     _scanned: threading.Condition
 
     def _submit(self, item: Item) -> None:

@@ -33,6 +33,7 @@ from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
 from nbankd.daemon.tally import Tally
 from nbankd.daemon.view import DaemonView, InboxState, Service, Snapshot
+from nbankd.daemon.wakeup import Request, Wakeup, install_handlers
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import InboxSpec
@@ -74,7 +75,7 @@ class Daemon(InboxScanning):
         self.notifier = notifier
         self.started = clock()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # other threads and signal handlers wake the main loop
         self._lock = threading.Lock()
         self._pause_lock = threading.Lock()  # one pause/resume at a time (set_paused)
         self._scanned = threading.Condition()  # notified after each inbox scan
@@ -382,7 +383,8 @@ class Daemon(InboxScanning):
             self.state_problem = problem
 
     def run(self) -> None:
-        """Runs until :meth:`stop`; call :meth:`start` first."""
+        """Runs until :meth:`stop` or a stop signal; call :meth:`start` first."""
+        self._take(self._wake.pending())  # a signal that came during start()
         while not self._stop.is_set():
             now = self.clock()
             self.heartbeat = now if not self._running else self.heartbeat
@@ -411,8 +413,17 @@ class Daemon(InboxScanning):
             timeout = max(0.05, min(deadlines, default=now + 60) - self.clock())
             if self.notifier is not None:
                 timeout = min(timeout, self.notifier.tick(self))
-            self._wake.wait(timeout=min(timeout, 60.0))
-            self._wake.clear()
+            self._take(self._wake.wait(min(timeout, 60.0)))
+
+    def _take(self, requests: list[tuple[Request, int | None]]) -> None:
+        """Acts on what signal handlers asked for, here in the main loop (see wakeup.py)."""
+        for request, signum in requests:
+            name = signal.Signals(signum).name if signum is not None else None
+            if request is Request.STOP and not self._stop.is_set():
+                log.info("stopping", signal=name)
+                self._stop.set()
+            elif request is Request.RELOAD:
+                threading.Thread(target=self.reload, name="reload", daemon=True).start()
 
     def _check_watches(self, now: float) -> float | None:
         """Re-arms watches, runs their liveness checks, and polls every inbox whose
@@ -502,16 +513,8 @@ class Daemon(InboxScanning):
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
-    def on_term(signum: int, frame: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        daemon.stop()
-
-    def on_hup(signum: int, frame: object) -> None:
-        threading.Thread(target=daemon.reload, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
+    """SIGTERM/SIGINT stop the daemon, SIGHUP reloads it, acted on by its main loop."""
+    install_handlers(daemon._wake)
 
 
 def state_paths(state_dir: Path) -> dict[str, Path]:
