@@ -47,6 +47,9 @@ TOPICS: dict[str, tuple[str, ...]] = {
         "archive",
     ),
     "nbankctl.locate_cmds": ("locate", "verify"),
+    "nbankctl.deposit_cmds": ("deposit",),
+    "nbankctl.transfer_cmds": ("fetch", "export", "copy"),
+    "nbankctl.check_cmds": ("check",),
     "nbankctl.tape_cmds": ("tape",),
     "nbankctl.migrate": ("registry",),
 }
