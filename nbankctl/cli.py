@@ -125,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(topics_for(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # a list of paths split by options (``deposit ARCHIVE -d X FILE``): argparse gives
+    # the words after the options back; a command that takes them names its list
+    more = getattr(args, "more_positionals", None)
+    if extra and (more is None or any(w.startswith("-") for w in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, more, [*getattr(args, more), *extra])
     func: Handler | None = getattr(args, "func", None)
     if func is None:  # as argparse's own usage errors: help, and status 2
         parser.print_help(sys.stderr)

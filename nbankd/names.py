@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 WORK_DIR_NAME = ".nbank"
+#: how the journal key of a manual deposit's "inbox" starts (nbankctl deposit)
+MANUAL_INBOX_PREFIX = "manual:"
 CANARY_NAME = ".nbankd-canary"
 SIDECAR_SUFFIXES = (".nbank.yaml", ".nbank.json")
 MARKER_SUFFIX = ".done"

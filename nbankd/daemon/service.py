@@ -34,6 +34,7 @@ from nbankd.daemon.scanning import InboxScanning
 from nbankd.daemon.tally import Tally
 from nbankd.daemon.view import DaemonView, InboxState, Service, Snapshot
 from nbankd.daemon.wakeup import Request, Wakeup, install_handlers
+from nbankd.deposit import manual
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.spec import InboxSpec
@@ -116,7 +117,7 @@ class Daemon(InboxScanning):
         self.steps = Steps(
             journal=self.journal,
             registry=self.registry,
-            inboxes=self.specs.get,
+            inboxes=self._inbox_spec,
             receipts_dir=cfg.state_dir / "receipts",
             clock=self.clock,
             retired=self.retired.get,
@@ -381,6 +382,11 @@ class Daemon(InboxScanning):
             if problem is not None:
                 log.error("state directory changed under the daemon; deposits stop", error=problem)
             self.state_problem = problem
+
+    def _inbox_spec(self, key: str) -> InboxSpec | None:
+        """A configured inbox, or the folder of a manual deposit that an interrupted
+        ``nbankctl deposit`` left in this state directory (finished here too)."""
+        return self.specs.get(key) or manual.spec_for_key(key)
 
     def run(self) -> None:
         """Runs until :meth:`stop` or a stop signal; call :meth:`start` first."""

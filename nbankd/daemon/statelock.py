@@ -40,9 +40,10 @@ class StateLock:
             self.fd = -1
 
 
-def acquire(state_dir: Path) -> StateLock:
+def acquire(state_dir: Path, *, wait: bool = False) -> StateLock:
     """Takes the state directory's lock or raises :class:`StateDirInUse` naming the
-    holder's pid; a lock file that cannot be opened raises ConfigError naming it."""
+    holder's pid; a lock file that cannot be opened raises ConfigError naming it.
+    ``wait``: wait for the holder to let go instead (one manual deposit after another)."""
     path = state_dir / LOCK_NAME
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -54,7 +55,7 @@ def acquire(state_dir: Path) -> StateLock:
             "plain file (not a link)",
         ) from err
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         holder = _read_pid(fd)
         os.close(fd)

@@ -21,6 +21,8 @@ from nbankd.archive import durable, layout, opening
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
 from nbankd.deposit.spec import InboxSpec
+from nbankd.metadata_readers import ReaderResult, read_file_metadata
+from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.registry.base import Registry
 
 log = structlog.get_logger("nbankd.deposit")
@@ -28,6 +30,11 @@ log = structlog.get_logger("nbankd.deposit")
 StepResult = tuple[Item, Outcome]
 
 _WRITES_INTO_INBOX = frozenset({State.CLAIMING, State.REJECTING, State.RETURNING})
+
+
+def _read_metadata(dtype: str, path: Path, name: str) -> ReaderResult:
+    """The datatype's reader on ``path``, seen as ``name``, with the default limits."""
+    return read_file_metadata(dtype, path, name=name)
 
 
 class InboxParked(errors.NbankdError):
@@ -64,6 +71,8 @@ class StepsBase:
         self.instance = secrets.token_hex(4)  # in staged names: never shared by processes
         self._local = threading.local()  # per worker: its liveness beat
         self._opened: dict[tuple[object, ...], layout.Archive] = {}  # see _archive
+        #: runs a datatype's metadata reader: (dtype, file, name shown) -> result
+        self.metadata_reader: Callable[[str, Path, str], ReaderResult] = _read_metadata
 
     def _progress(self, _done: int = 0) -> None:
         """Called during long copies and reads: a worker moving bytes is alive."""
@@ -89,7 +98,7 @@ class StepsBase:
                 "never rejected for it",
                 hint="restore the inbox in the configuration (and reload) to finish it",
             )
-        if self.archives is not None:
+        if self.archives is not None and not item.inbox.startswith(MANUAL_INBOX_PREFIX):
             configured = self.archives(item.archive)
             if configured is None or Path(configured) != Path(item.archive_path):
                 raise InboxParked(

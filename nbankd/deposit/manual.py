@@ -1,0 +1,204 @@
+"""Manual deposits (``nbankctl deposit``) through the daemon's own steps.
+
+A manual deposit takes files a person names instead of files found in an inbox, and
+then does exactly what the daemon does: it journals an intent for each file, claims it
+into a work folder beside it (``.nbank/``, on the same filesystem, so the claim is a
+rename), stages, registers, publishes without replacing, verifies and records a
+receipt, every step in the journal, so an interrupted deposit is finished by the next
+run (or, with a daemon configuration, by the daemon's start).
+
+The folder holding the files plays the inbox. Its options (archive, datatype,
+metadata, automatic identifiers) are the journaled intent: they are written into the
+item's inbox key itself (:meth:`ManualInbox.key`), so whoever resumes an item
+rebuilds the very same inbox from the journal alone and never from a command line or
+configuration read later.
+
+Unlike an inbox, a rejected file goes back where it was (as ``nbank deposit`` leaves
+it), with the reason reported: :func:`return_rejected`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from nbankd.archive.fsops import rename_noreplace
+from nbankd.config.model import ArchiveConfig, InboxConfig
+from nbankd.deposit import inboxfs
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import FINAL, State
+from nbankd.deposit.rejection import reason_name
+from nbankd.deposit.spec import InboxSpec
+from nbankd.names import MANUAL_INBOX_PREFIX, WORK_DIR_NAME
+
+#: how a manual deposit's inbox key starts (the rest is its options as JSON)
+PREFIX = MANUAL_INBOX_PREFIX
+#: where a rejected input waits, in its own folder, until it is put back in place
+REJECTED_DIR = "nbank-rejected"
+
+
+def _frozen(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ManualInbox:
+    """The folder of some files a person deposits, with the options they gave."""
+
+    folder: Path
+    archive: str
+    archive_path: Path
+    registry: str  # the registry's URL: an item is only ever finished against it
+    dtype: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    auto_id: bool | None = None  # None: the archive's policy decides
+
+    @property
+    def key(self) -> str:
+        """The journal's inbox key: every option, so the key alone rebuilds the inbox."""
+        options = {
+            "folder": str(self.folder),
+            "archive": self.archive,
+            "archive_path": str(self.archive_path),
+            "registry": self.registry,
+            "dtype": self.dtype,
+            "metadata": dict(self.metadata),
+            "auto_id": self.auto_id,
+        }
+        return PREFIX + json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_key(cls, key: str) -> ManualInbox | None:
+        """The manual inbox a journal key names; None for a daemon inbox's key."""
+        if not key.startswith(PREFIX):
+            return None
+        try:
+            o = json.loads(key[len(PREFIX) :])
+            return cls(
+                folder=Path(o["folder"]),
+                archive=str(o["archive"]),
+                archive_path=Path(o["archive_path"]),
+                registry=str(o["registry"]),
+                dtype=o.get("dtype"),
+                metadata=_frozen(o.get("metadata")),
+                auto_id=o.get("auto_id"),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def config(self) -> InboxConfig:
+        return InboxConfig(
+            path=self.folder,
+            archive=self.archive,
+            dtype=self.dtype,
+            metadata=_frozen(self.metadata),
+            auto_id=self.auto_id,
+            recursive=False,
+            rejected_dir=REJECTED_DIR,
+        )
+
+    def spec(self, *, prepare: bool = False) -> InboxSpec:
+        """The inbox the steps see; ``prepare`` makes its work and rejected folders
+        first (a new deposit), checking they are real folders on the same filesystem."""
+        ids: tuple[Any, Any] = (None, None)
+        if prepare:
+            ids = inboxfs.prepare_folders(self.folder, work=WORK_DIR_NAME, rejected=REJECTED_DIR)
+        return InboxSpec.of(
+            self.config(),
+            ArchiveConfig(name=self.archive, path=self.archive_path),
+            work_id=ids[0],
+            rejected_id=ids[1],
+        )
+
+
+def spec_for_key(key: str) -> InboxSpec | None:
+    """The inbox of a manual deposit's item (the daemon finishes those it finds)."""
+    inbox = ManualInbox.from_key(key)
+    return inbox.spec() if inbox is not None else None
+
+
+def placement_for(folder: Path, archive_path: Path) -> str:
+    """``rename`` when the files and the archive share a filesystem (a deposit then
+    moves bytes as ``nbank deposit`` does), else ``copy``."""
+    try:
+        same = os.stat(folder).st_dev == os.stat(archive_path).st_dev
+    except OSError:
+        same = False
+    return "rename" if same else "copy"
+
+
+def journal_files(
+    journal: Journal, inbox: ManualInbox, names: Sequence[str], *, kind: str, now: float
+) -> list[Item]:
+    """Journals the intent to deposit each of ``names`` (files in ``inbox.folder``), in
+    one durable transaction; ``kind`` is ``file`` or ``dir``."""
+    placement = placement_for(inbox.folder, inbox.archive_path)
+    rows = []
+    for name in names:
+        st = os.lstat(inbox.folder / name)
+        rows.append(
+            {
+                "token": secrets.token_hex(16),
+                "inbox": inbox.key,
+                "relpath": os.fsencode(name),
+                "kind": kind,
+                "archive": inbox.archive,
+                "archive_path": str(inbox.archive_path),
+                "placement": placement,
+                "verify": 1,
+                "seen_identity": json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
+                "created": now,
+                "updated": now,
+            }
+        )
+    return journal.add_many(rows)
+
+
+def unfinished(journal: Journal) -> list[Item]:
+    """Every manual deposit's item that has not reached its end, oldest first."""
+    return [i for i in journal.unfinished() if i.inbox.startswith(PREFIX)]
+
+
+def registry_of(item: Item) -> str | None:
+    """The registry a manual deposit's item was journaled for."""
+    inbox = ManualInbox.from_key(item.inbox)
+    return inbox.registry if inbox is not None else None
+
+
+def return_rejected(item: Item) -> Path:
+    """Puts a rejected input back where it was and removes its reason file; returns
+    where the input is now (still in the rejected folder if its place was taken)."""
+    inbox = ManualInbox.from_key(item.inbox)
+    if inbox is None or item.state is not State.REJECTED or item.rejected_relpath is None:
+        raise ValueError(f"item {item.token} is not a rejected manual deposit")
+    rejected = inbox.folder / REJECTED_DIR
+    held = rejected / os.fsdecode(item.rejected_relpath)
+    place = inbox.folder / item.relpath_str
+    try:
+        rename_noreplace(held, place)
+    except FileExistsError:
+        return held  # something took its name meanwhile: it stays with its reason
+    except FileNotFoundError:
+        return place if os.path.lexists(place) else held
+    reason = rejected / os.fsdecode(reason_name(item.rejected_relpath))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(reason)
+    return place
+
+
+def tidy(folder: Path) -> None:
+    """Removes the work and rejected folders a manual deposit made, when empty."""
+    for name in (REJECTED_DIR, WORK_DIR_NAME):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder / name)
+
+
+def is_final(item: Item) -> bool:
+    return item.state in FINAL
