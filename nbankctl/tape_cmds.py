@@ -1,5 +1,9 @@
 """``nbankctl tape register | prune | import``: the tape workflow (logic in :mod:`nbankd.tape`).
 
+``register`` hashes every member before it records a location
+(:mod:`nbankd.tape_register`); ``prune`` trusts a tape copy only with the key
+``register`` gives it, and a resource without a SHA-1 only with ``--unverified``;
+``import`` takes identifiers (arguments and/or ``-f FILE``) to import only those.
 Each prints one line per member or resource (JSON lines with ``--json``) and a
 summary, shows a tqdm progress bar on a terminal only, and exits 1 when anything
 failed or was refused.
@@ -23,7 +27,7 @@ from tqdm import tqdm
 from nbankctl.registry_access import describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
-from nbankd import errors, tape, tape_import
+from nbankd import errors, tape, tape_import, tape_register
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -112,8 +116,8 @@ def cmd_register(args: argparse.Namespace, report: Report) -> None:
         raise errors.UsageError(f"FILE_NUMBER must be 0 or more, not {args.file_number}")
     with registry_for(args) as reg:
         _header(args, f"registry: {describe(reg)}")
-        with _bar(None, "member") as (advance, bar):
-            summary = tape.register_tar(
+        with _bar(_tar_size(args.tar), "B") as (advance, bar):
+            summary = tape_register.register_tar(
                 reg,
                 args.tar,
                 args.tape,
@@ -123,7 +127,7 @@ def cmd_register(args: argparse.Namespace, report: Report) -> None:
                 report=_printer(args, bar),
                 advance=advance,
             )
-    _finish(args, report, summary, ("added", "already", "skipped"))
+    _finish(args, report, summary, ("added", "keyed", "already", "skipped"))
 
 
 def cmd_prune(args: argparse.Namespace, report: Report) -> None:
@@ -136,12 +140,32 @@ def cmd_prune(args: argparse.Namespace, report: Report) -> None:
             ids,
             dry_run=args.dry_run,
             check_hash=args.hash,
+            unverified=args.unverified,
             report=_printer(args, None),
         )
-    _finish(args, report, summary, ("deleted", "kept", "skipped"))
+    _finish(args, report, summary, ("deleted", "kept", "refused", "skipped"))
+
+
+def wanted_ids(args: argparse.Namespace) -> list[str] | None:
+    """The identifiers given on the command line and in ``-f FILE``; None for all."""
+    if not args.ids and args.from_file is None:
+        return None
+    if args.from_file == "-" and args.tar == "-":
+        raise errors.UsageError(
+            "the tar file and the list of identifiers cannot both come from stdin",
+            hint="give the identifiers on the command line or in a file",
+        )
+    ids = list(dict.fromkeys([*args.ids, *(read_ids(args.from_file) if args.from_file else [])]))
+    if not ids:
+        raise errors.UsageError(
+            f"no resource identifiers in {args.from_file}",
+            hint="give one identifier per line, or drop -f to import every resource",
+        )
+    return ids
 
 
 def cmd_import(args: argparse.Namespace, report: Report) -> None:
+    wanted = wanted_ids(args)
     with registry_for(args) as reg:
         _header(args, f"registry: {describe(reg)}\nsource: {args.tar}")
         with _bar(_tar_size(args.tar), "B") as (advance, bar):
@@ -149,6 +173,7 @@ def cmd_import(args: argparse.Namespace, report: Report) -> None:
                 reg,
                 args.tar,
                 args.archive,
+                wanted=wanted,
                 dry_run=args.dry_run,
                 max_size=args.max_size,
                 report=_printer(args, bar),
@@ -165,7 +190,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     dry.add_argument("-y", "--dry-run", action="store_true", help="change nothing; say what would")
 
     pp = tsub.add_parser(
-        "register", parents=[common, dry], help="register the resources of a tar file on tape"
+        "register",
+        parents=[common, dry],
+        help="hash a tar file written to tape and register its matching resources there",
     )
     pp.add_argument("-n", "--archive-name", help="archive name (default: TAPE-FILE_NUMBER)")
     pp.add_argument("tape", metavar="TAPE", help="name of the tape")
@@ -182,6 +209,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_false",
         help="trust a local second copy that exists without re-hashing it",
     )
+    pp.add_argument(
+        "--unverified",
+        action="store_true",
+        help="also prune resources registered without a SHA-1 (nothing can check their copies)",
+    )
     pp.add_argument("archive", metavar="ARCHIVE", help="name of the local archive to prune")
     pp.add_argument("list", metavar="LIST", help="file of resource ids, one a line; '-' for stdin")
     pp.set_defaults(func=cmd_prune)
@@ -194,4 +226,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     pp.add_argument("tar", metavar="TAR", help="the tar file ('-' for stdin)")
     pp.add_argument("archive", metavar="ARCHIVE", help="path of the destination archive")
+    pp.add_argument(
+        "ids", metavar="ID", nargs="*", help="import only these resources (default: all)"
+    )
+    pp.add_argument(
+        "-f",
+        "--from-file",
+        metavar="FILE",
+        help="import only the resources listed in FILE, one id a line ('-' for stdin)",
+    )
     pp.set_defaults(func=cmd_import)

@@ -6,13 +6,15 @@ Semantics follow ``nbank archive register-tar | prune | import-tar`` (0.13):
   ``offline``, and by default the name ``TAPE-FILE_NUMBER``; a tar member is a
   resource when the stem of its name (``resources/ab/abcd.wav`` -> ``abcd``) is a
   registered identifier, and its location records the member name as ``key``;
-- :func:`register_tar` resumes: run again on the same tape and file number, it
-  reuses the archive record and skips members already located there;
+- registering a tar (``register_tar``, in :mod:`nbankd.tape_register`) hashes
+  each member first and keys only the locations whose SHA-1 matches, so a key
+  on a tape location means "this member was read and matched";
 - :func:`prune` deletes a local copy only when the registry lists another copy
   that is verified to exist (a local neurobank copy found and, by default, hashed;
-  a tape copy registered with its member name), removes the location first and
-  the file second (a crash in between leaves an unregistered copy, never a record
-  without its file), and removes stub folders it empties;
+  a tape copy with a key), never a resource without a registered SHA-1 unless
+  asked (``unverified``); it removes the location first and the file second (a
+  crash in between leaves an unregistered copy, never a record without its
+  file), and removes stub folders it empties;
 - importing a tar back into a local archive (``import_tar``) lives in
   :mod:`nbankd.tape_import`, built on the shared pieces here.
 
@@ -163,102 +165,62 @@ def tape_archive(
     return record, f"created archive '{record.name}' ({TAPE_SCHEME}:{root})"
 
 
-def register_tar(
-    registry: Registry,
-    tar_path: str | os.PathLike[str],
-    tape: str,
-    file_number: int,
-    *,
-    archive_name: str | None = None,
-    dry_run: bool = False,
-    report: Report | None = None,
-    advance: Advance | None = None,
-) -> Summary:
-    """Locates every registered resource of a tar file in the tape archive (resumable)."""
-    record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=dry_run)
-    name = record.name if record is not None else archive_name or f"{tape}-{file_number}"
-    summary = Summary(archive=name)
-    note = Recorder(summary, report)
-    note(name, "archive", message)
-    candidates: list[tarfile.TarInfo] = []
-    with open_tar(tar_path) as tar:
-        for member in tar:
-            (advance or noop)(1)
-            if (member.isreg() or member.isdir()) and member.name != MANIFEST_NAME:
-                candidates.append(member)
-    ids = {i for m in candidates if (i := member_id(m.name)) is not None}
-    records = {r.name: r for r in registry.get_resources(ids)}
-    located = registry.get_locations_bulk(i for i, r in records.items() if name in r.locations)
-    last_dir: PurePosixPath | None = None
-    for member in candidates:
-        path = PurePosixPath(member.name)
-        if last_dir is not None and path.is_relative_to(last_dir):
-            continue  # inside a directory resource
-        id = member_id(member.name)
-        if id is None or id not in records:
-            if member.isreg():
-                note(member.name, "skipped", "no match in registry, skipping", id=id)
-            continue
-        last_dir = path if member.isdir() else last_dir
-        here = [loc for loc in located.get(id, []) if loc.archive_name == name]
-        if here and here[0].key is not None:
-            key = here[0].key
-            text = "already registered" if key == member.name else f"already as {key}"
-            note(member.name, "already", f"{text} in '{name}'", id=id)
-            continue
-        if here:  # located by nbank register-tar, which records no member name
-            if dry_run:
-                note(member.name, "keyed", "would record the member name (dry run)", id=id)
-                continue
-            registry.remove_location(id, name)
-        if dry_run:
-            note(member.name, "added", f"would add location in '{name}' (dry run)", id=id)
-            continue
-        try:
-            registry.add_location(id, name, key=member.name)
-        except errors.LocationTaken as err:
-            if "key" in err.fields:
-                note(member.name, "failed", f"{err}", ok=False, id=id)
-            else:
-                note(member.name, "already", f"already registered in '{name}'", id=id)
-            continue
-        new = LocationRecord(name, TAPE_SCHEME, tape_root(tape, file_number), id, member.name)
-        located[id] = [loc for loc in located.get(id, []) if loc.archive_name != name] + [new]
-        text = "recorded the member name" if here else f"added location in '{name}'"
-        note(member.name, "keyed" if here else "added", text, id=id)
-    return summary
-
-
 # --- prune -----------------------------------------------------------------------------
+
+
+def register_command(loc: LocationRecord) -> str:
+    """The nbankctl command that hashes a tape file's tar and keys this tape location."""
+    tape, _, number = loc.root.rpartition(":")
+    name = "" if loc.archive_name == f"{tape}-{number}" else f"-n {loc.archive_name} "
+    return f"nbankctl tape register {name}{tape} {number} TAR"
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """Whether another location of a resource is verified to hold it, and why (not).
+
+    ``fixable`` marks a copy that is refused for a reason the user can mend.
+    """
+
+    ok: bool
+    why: str
+    fixable: bool = False
 
 
 def _verified_elsewhere(
     loc: LocationRecord, sha1: str | None, ours: Path, *, check_hash: bool
-) -> tuple[bool, str]:
-    """Whether another location of a resource is verified to hold it, and why (not).
+) -> Elsewhere:
+    """Whether another location of a resource is verified to hold it.
 
-    A local copy that is the very file at ``ours`` (the same archive reached by
-    another path, e.g. a bind mount) does not count.
+    A tape copy counts only with a key (its member path, recorded by ``tape
+    register`` after hashing the member). A local copy that is the very file at
+    ``ours`` (the same archive reached by another path, e.g. a bind mount) does
+    not count.
     """
     where = f"'{loc.archive_name}' ({loc.scheme}:{loc.root})"
     if loc.scheme == TAPE_SCHEME:
         if loc.key:
-            return True, f"on tape in {where} as {loc.key}"
-        return False, f"tape copy in {where} has no member name (register it with nbankctl)"
+            return Elsewhere(True, f"on tape in {where} as {loc.key}")
+        return Elsewhere(
+            False,
+            f"the tape copy in {where} was never hashed (no member name); run "
+            f"'{register_command(loc)}' with TAR the tar file written there, then prune again",
+            fixable=True,
+        )
     if loc.scheme != "neurobank":
-        return False, f"copy in {where} cannot be checked from this host"
+        return Elsewhere(False, f"copy in {where} cannot be checked from this host")
     try:
         other = open_archive(loc.root)
         path = other.stored_path(loc.resource_name)
     except errors.NbankdError:
-        return False, f"archive {where} is not on this host"
+        return Elsewhere(False, f"archive {where} is not on this host")
     if path is None:
-        return False, f"copy in {where} is missing"
+        return Elsewhere(False, f"copy in {where} is missing")
     if os.path.samefile(path, ours) or os.path.samefile(path.parent, ours.parent):
-        return False, f"{path} is this very copy (the same folder under another path)"
+        return Elsewhere(False, f"{path} is this very copy (the same folder under another path)")
     if check_hash and sha1 is not None and not durable.verify_from_storage(path, sha1):
-        return False, f"copy {path} does not match the registered SHA-1"
-    return True, f"copy at {path}"
+        return Elsewhere(False, f"copy {path} does not match the registered SHA-1")
+    return Elsewhere(True, f"copy at {path}")
 
 
 def _remove_copy(archive: Archive, path: Path) -> bool:
@@ -281,9 +243,16 @@ def prune(
     *,
     dry_run: bool = False,
     check_hash: bool = True,
+    unverified: bool = False,
     report: Report | None = None,
 ) -> Summary:
-    """Deletes the copies of ``ids`` in a local archive that are verifiably stored elsewhere."""
+    """Deletes the copies of ``ids`` in a local archive that are verifiably stored elsewhere.
+
+    A resource without a registered SHA-1 is kept (status ``refused``) unless
+    ``unverified``. A resource whose only other copies are refused for a reason
+    the user can mend (a tape location without a key) is ``refused`` too; one
+    with no other copy at all is ``kept``.
+    """
     record = registry.get_archive(archive_name)
     if record is None:
         raise errors.NotFound(
@@ -323,20 +292,35 @@ def prune(
             )
             continue
         sha1 = resource.sha1 if resource is not None else None
-        reasons = []
+        if sha1 is None and not unverified:
+            note(
+                id,
+                "refused",
+                f"refused to delete {path}: '{id}' has no registered SHA-1, so no copy of it "
+                "can be verified; give --unverified to prune it on the strength of its locations",
+                ok=False,
+                id=id,
+            )
+            continue
+        refusals: list[Elsewhere] = []
         verified = None
         for name, loc in by_archive.items():
             if name == archive_name:
                 continue
-            ok, why = _verified_elsewhere(loc, sha1, path, check_hash=check_hash)
-            if ok:
-                verified = why
+            found = _verified_elsewhere(loc, sha1, path, check_hash=check_hash)
+            if found.ok:
+                verified = found.why
                 break
-            reasons.append(why)
+            refusals.append(found)
         if verified is None:
-            why = "; ".join(reasons) or "this archive is the only location"
-            note(id, "kept", f"kept {path}: no verified second copy ({why})", id=id)
+            why = "; ".join(r.why for r in refusals) or "this archive is the only location"
+            fixable = any(r.fixable for r in refusals)
+            status = "refused" if fixable else "kept"
+            text = f"{status} {path}: no verified second copy ({why})"
+            note(id, status, text.replace("refused", "refused to delete", 1), ok=not fixable, id=id)
             continue
+        if sha1 is None:
+            verified += "; unverified: no registered SHA-1"
         if not dry_run:
             registry.remove_location(id, archive_name)
             stub_gone = _remove_copy(archive, path)
@@ -359,7 +343,7 @@ __all__ = [
     "noop",
     "open_tar",
     "prune",
-    "register_tar",
+    "register_command",
     "tape_archive",
     "tape_root",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 
 from nbankd import errors
@@ -89,12 +89,18 @@ def import_tar(
     tar_path: str | os.PathLike[str],
     archive_path: str | os.PathLike[str],
     *,
+    wanted: Collection[str] | None = None,
     dry_run: bool = False,
     max_size: int | None = None,
     report: Report | None = None,
     advance: Advance | None = None,
 ) -> Summary:
-    """Imports the registered resources of a tar file into a local neurobank archive."""
+    """Imports the registered resources of a tar file into a local neurobank archive.
+
+    With ``wanted``, only members whose identifier is in it are read (the others
+    are passed over without a word), reading stops once each has been met, and
+    each one the tar does not hold (or that is not registered) is a failure.
+    """
     archive = open_archive(archive_path)
     record = registry.find_archive_by_root(str(archive.path))
     if record is None:
@@ -105,16 +111,23 @@ def import_tar(
     summary = Summary(archive=record.name)
     note = Recorder(summary, report)
     staging = archive.staging_dir if dry_run else opening.ensure_staging(archive)
+    remaining = set(wanted) if wanted is not None else None
+    stopped = False
     with open_tar(tar_path) as tar:
-        while True:
+        while remaining is None or remaining:
             try:
                 member = tar.next()
             except tarfile.TarError as err:
                 note(str(tar_path), "failed", f"unreadable from here on: {err}", ok=False)
+                stopped = True
                 break
             if member is None:
                 break
             id = member_id(member.name)
+            if remaining is not None:
+                if id is None or id not in remaining:
+                    continue
+                remaining.discard(id)
             try:
                 problem = member_problem(member, staging, max_size)
                 if problem is not None:
@@ -125,16 +138,22 @@ def import_tar(
                     registry, archive, record.name, tar, member, dry_run, advance or noop
                 )
             except _Refused as why:
-                if why.message:
+                if wanted is not None and why.status == "skipped":  # asked for by name
+                    note(member.name, "failed", f"'{id}' is not in the registry", ok=False, id=id)
+                elif why.message:
                     note(member.name, why.status, why.message, ok=why.ok, id=id)
                 continue
             except tarfile.TarError as err:
                 note(member.name, "failed", f"the tar file ends early: {err}", ok=False, id=id)
+                stopped = True
                 break
             except (errors.RegistryRejected, errors.ResourceExists, errors.NotFound) as err:
                 note(member.name, "failed", str(err), ok=False, id=id)
                 continue
             note(member.name, "imported", message, id=id)
+    why = "not reached: reading the tar stopped" if stopped else f"not in tar file {tar_path}"
+    for id in sorted(remaining or ()):
+        note(id, "missing", f"{why}", ok=False, id=id)
     return summary
 
 

@@ -216,6 +216,10 @@ class Registry(Protocol):
 
     def remove_location(self, name: str, archive: str) -> None: ...
 
+    def set_location_key(self, name: str, archive: str, key: str | None) -> LocationRecord:
+        """Changes the key of a resource's location in ``archive``, in one request."""
+        ...
+
     def resource_url(self, name: str) -> str:
         """The full URL of a resource: ``<url>resources/<name>/``."""
         ...

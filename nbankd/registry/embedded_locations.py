@@ -101,6 +101,37 @@ class EmbeddedLocations(EmbeddedDatabase):
             )
             return LocationRecord(archive, arow[1], arow[2], name, clean_key)
 
+    def set_location_key(self, name: str, archive: str, key: str | None) -> LocationRecord:
+        """Changes a location's key (django-neurobank's PATCH of the location)."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT location.id, archive.id FROM location"
+                " JOIN resource ON resource.id = location.resource_id"
+                " JOIN archive ON archive.id = location.archive_id"
+                " WHERE resource.name = ? AND archive.name = ?",
+                (name, archive),
+            ).fetchone()
+            if row is None:
+                raise errors.NotFound(rules.NOT_FOUND_LOCATION)
+            clean_key = None
+            if key is not None:
+                clean_key, messages = rules.char_field(key, max_length=1024, allow_blank=True)
+                if messages:
+                    raise rejections.classify({"key": messages})
+                clean_key = clean_key or None
+            if clean_key is not None and exists(
+                conn,
+                "SELECT 1 FROM location WHERE archive_id = ? AND key = ? AND id != ?",
+                row[1],
+                clean_key,
+                row[0],
+            ):
+                raise rejections.classify(
+                    {"key": ["another resource in this archive already has this key"]}
+                )
+            conn.execute("UPDATE location SET key = ? WHERE id = ?", (clean_key, row[0]))
+        return next(loc for loc in self.get_locations(name) if loc.archive_name == archive)
+
     def remove_location(self, name: str, archive: str) -> None:
         with self._write() as conn:
             cur = conn.execute(

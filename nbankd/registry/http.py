@@ -294,6 +294,18 @@ class HttpRegistry:
         )
         return LocationRecord.from_json(self._http.decode(resp))
 
+    def set_location_key(self, name: str, archive: str, key: str | None) -> LocationRecord:
+        thing = f"location of resource {name!r} in archive {archive!r}"
+        if not (SLUG_RE.match(name) and SLUG_RE.match(archive)):
+            raise errors.NotFound(f"registry {self.url} has no {thing}")
+        resp = self._http.write(
+            "PATCH",
+            self._http.endpoint("resources", name, "locations", archive),
+            {"key": key},
+            thing=thing,
+        )
+        return LocationRecord.from_json(self._http.decode(resp))
+
     def remove_location(self, name: str, archive: str) -> None:
         thing = f"location of resource {name!r} in archive {archive!r}"
         if not (SLUG_RE.match(name) and SLUG_RE.match(archive)):

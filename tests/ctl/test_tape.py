@@ -8,20 +8,53 @@ import stat
 import tarfile
 from pathlib import Path
 
-from fixtures.cli_backends import Backend, store
+from nbank.util import hash_directory
+
+from fixtures.cli_backends import Backend, sha1, store
 from nbankd.archive.layout import Archive
 from nbankd.registry.base import LocationRecord
 
 
-def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """Writes a tar file of regular members (name, contents)."""
+def make_tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
+    """Writes a tar file of members (name, contents), a folder where contents is None."""
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+                continue
             info.size = len(data)
             info.mode = 0o444
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def folder(backend: Backend, label: str) -> dict[str, bytes]:
+    """The files of a folder resource (relative path -> contents), unique to this test."""
+    return {
+        "a.txt": backend.blob(f"{label}-a"),
+        "sub/b.bin": backend.blob(f"{label}-b"),
+        "sub/deeper/c": backend.blob(f"{label}-c"),
+    }
+
+
+def folder_sha1(backend: Backend, files: dict[str, bytes]) -> str:
+    """neurobank's own directory hash (nbank.util.hash_directory) of these files on disk."""
+    root = backend.tmp / f"folder-{backend.name()}"
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "empty").mkdir()
+    return hash_directory(root)
+
+
+def folder_members(top: str, files: dict[str, bytes]) -> list[tuple[str, bytes | None]]:
+    """A folder resource as tar members: the folder, its subfolders, then its files."""
+    dirs = sorted({str(Path(rel).parent) for rel in files} - {"."} | {"empty"})
+    return [(top, None), *((f"{top}/{d}", None) for d in dirs)] + [
+        (f"{top}/{rel}", data) for rel, data in files.items()
+    ]
 
 
 def member(id: str, ext: str = ".dat") -> str:
@@ -135,23 +168,165 @@ def test_register_refuses_name_of_another_archive(backend: Backend) -> None:
     assert proc.returncode == 1 and arch in proc.stderr and "-n NAME" in proc.stderr
 
 
+def test_register_refuses_member_whose_sha1_differs(backend: Backend) -> None:
+    """A member whose bytes differ from the registered SHA-1 gets no location; exit 1."""
+    _, arch = backend.archive()
+    good, bad = backend.blob("good"), backend.blob("bad")
+    idg, idb = backend.resource(good, arch), backend.resource(bad, arch)
+    tar = make_tar(backend.tmp / "t.tar", [(member(idg), good), (member(idb), b"flipped")])
+    tape = backend.name("TAPE")
+    proc = backend.ctl("tape", "register", tape, "4", str(tar))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"✗ {member(idb)} -> SHA-1 {sha1(b'flipped')} of member {member(idb)!r}" in proc.stdout
+    assert f"the registered {sha1(bad)} of resource '{idb}'" in proc.stdout
+    assert tape_locations(backend, idb) == []
+    assert [loc.key for loc in tape_locations(backend, idg)] == [member(idg)]
+
+
+def test_register_dry_run_reports_mismatch(backend: Backend) -> None:
+    """tape register --dry-run hashes too: a mismatching member is reported and exits 1."""
+    _, arch = backend.archive()
+    idb = backend.resource(backend.blob("bad"), arch)
+    tar = make_tar(backend.tmp / "t.tar", [(member(idb), b"flipped")])
+    proc = backend.ctl("tape", "register", "-y", backend.name("TAPE"), "1", str(tar))
+    assert proc.returncode == 1 and "does not match the registered" in proc.stdout
+
+
+def test_register_hashes_folder_resource_as_neurobank_does(backend: Backend) -> None:
+    """A folder resource is located when its members' directory hash equals nbank's hash."""
+    _, arch = backend.archive()
+    files = folder(backend, "dir")
+    idd = backend.registry.add_resource(
+        dtype=backend.dtype, archive=arch, name=backend.name("d"), sha1=folder_sha1(backend, files)
+    ).name
+    tar = make_tar(backend.tmp / "t.tar", folder_members(f"resources/{idd[:2]}/{idd}", files))
+    tape = backend.name("TAPE")
+    proc = backend.ctl("tape", "register", tape, "0", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [loc.key for loc in tape_locations(backend, idd)] == [f"resources/{idd[:2]}/{idd}"]
+    assert "SHA-1 checked" in proc.stdout and "sub/b.bin" not in proc.stdout
+
+
+def test_register_refuses_folder_with_a_changed_file(backend: Backend) -> None:
+    """A folder resource with one changed file inside gets no location; exit 1 names it."""
+    _, arch = backend.archive()
+    files = folder(backend, "dir")
+    idd = backend.registry.add_resource(
+        dtype=backend.dtype, archive=arch, name=backend.name("d"), sha1=folder_sha1(backend, files)
+    ).name
+    changed = {**files, "sub/deeper/c": b"flipped"}
+    tar = make_tar(backend.tmp / "t.tar", folder_members(idd, changed))
+    proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"of folder '{idd}' does not match" in proc.stdout and f"'{idd}'" in proc.stdout
+    assert tape_locations(backend, idd) == []
+
+
+def test_register_refuses_folder_holding_a_symlink(backend: Backend) -> None:
+    """A folder resource holding a symbolic link cannot be hashed: no location, exit 1."""
+    _, arch = backend.archive()
+    files = folder(backend, "dir")
+    idd = backend.registry.add_resource(
+        dtype=backend.dtype, archive=arch, name=backend.name("d"), sha1=folder_sha1(backend, files)
+    ).name
+    tar_path = make_tar(backend.tmp / "t.tar", folder_members(idd, files))
+    with tarfile.open(tar_path, "a") as tar:
+        link = tarfile.TarInfo(f"{idd}/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar_path))
+    assert proc.returncode == 1 and f"it holds '{idd}/link', not a file or folder" in proc.stdout
+    assert tape_locations(backend, idd) == []
+
+
+def test_register_keys_keyless_location_without_duplicate(backend: Backend) -> None:
+    """A keyless tape location (as nbank writes it) gets the member path as key, once."""
+    _, arch = backend.archive()
+    a = backend.blob("a")
+    ida = backend.resource(a, arch)
+    tape = backend.name("TAPE")
+    backend.registry.add_archive(f"{tape}-5", "tape", f"{tape}:5", "offline")
+    backend.registry.add_location(ida, f"{tape}-5")
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
+    proc = backend.ctl("tape", "register", tape, "5", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{member(ida)} -> recorded the member name (SHA-1 checked)" in proc.stdout
+    assert tape_locations(backend, ida) == [
+        LocationRecord(f"{tape}-5", "tape", f"{tape}:5", ida, member(ida))
+    ]
+
+
+def test_register_keeps_keyless_location_when_key_is_taken(backend: Backend) -> None:
+    """If another resource holds the member path as key, the keyless location stays; exit 1."""
+    _, arch = backend.archive()
+    a = backend.blob("a")
+    ida, other = backend.resource(a, arch), backend.resource(backend.blob("o"), arch)
+    tape = backend.name("TAPE")
+    backend.registry.add_archive(f"{tape}-5", "tape", f"{tape}:5", "offline")
+    backend.registry.add_location(ida, f"{tape}-5")
+    backend.registry.add_location(other, f"{tape}-5", key=member(ida))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
+    proc = backend.ctl("tape", "register", tape, "5", str(tar))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"✗ {member(ida)} ->" in proc.stdout
+    assert [loc.key for loc in tape_locations(backend, ida)] == [None]
+
+
+def test_register_leaves_keyless_location_of_mismatch_keyless(backend: Backend) -> None:
+    """A keyless tape location whose member does not match stays keyless; exit 1."""
+    _, arch = backend.archive()
+    ida = backend.resource(backend.blob("a"), arch)
+    tape = backend.name("TAPE")
+    backend.registry.add_archive(f"{tape}-5", "tape", f"{tape}:5", "offline")
+    backend.registry.add_location(ida, f"{tape}-5")
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), b"flipped")])
+    proc = backend.ctl("tape", "register", tape, "5", str(tar))
+    assert proc.returncode == 1 and "stays keyless" in proc.stdout
+    assert [loc.key for loc in tape_locations(backend, ida)] == [None]
+
+
+def test_register_locates_resource_without_sha1_as_unverified(backend: Backend) -> None:
+    """A resource registered without a SHA-1 is located with its key and said unverified."""
+    _, arch = backend.archive()
+    a = backend.blob("a")
+    ida = backend.resource(a, arch, hashed=False)
+    tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
+    proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no registered SHA-1 to check" in proc.stdout
+    assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
+
+
+def test_register_truncated_tar_keeps_what_was_read(backend: Backend) -> None:
+    """A tar cut short: members read whole are located, the rest not, and exit 1."""
+    _, arch = backend.archive()
+    a, b = backend.blob("a"), os.urandom(64 << 10)
+    ida, idb = backend.resource(a, arch), backend.resource(b, arch)
+    whole = make_tar(backend.tmp / "whole.tar", [(member(ida), a), (member(idb), b)])
+    cut = backend.tmp / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[: 3 * 512 + len(b) // 2])
+    proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(cut))
+    assert proc.returncode == 1 and f"✗ {cut} -> unreadable" in proc.stdout
+    assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
+    assert tape_locations(backend, idb) == []
+
+
 # --- prune -----------------------------------------------------------------------------
 
 
 def _prune_setup(backend: Backend) -> tuple[Archive, str, dict[str, str], dict[str, Path]]:
-    """An archive with: a resource on tape (with key), one only here, one on tape without
-    a key, one verified in a second local archive, one registered there but missing."""
+    """An archive with: a resource on tape (with key), one only here, one verified in a
+    second local archive, one registered there but missing."""
     archive, arch = backend.archive()
     other, other_name = backend.archive("other")
     tape = tape_archive(backend)
     ids: dict[str, str] = {}
     paths: dict[str, Path] = {}
-    for label in ("taped", "only", "nokey", "copied", "phantom"):
+    for label in ("taped", "only", "copied", "phantom"):
         data = backend.blob(label)
         ids[label] = backend.resource(data, arch)
         paths[label] = store(archive, ids[label], data)
     backend.registry.add_location(ids["taped"], tape, key=member(ids["taped"]))
-    backend.registry.add_location(ids["nokey"], tape)
     for label in ("copied", "phantom"):
         backend.registry.add_location(ids[label], other_name)
     store(other, ids["copied"], backend.blob("copied"))
@@ -168,12 +343,11 @@ def test_prune_deletes_only_verified_second_copies(backend: Backend) -> None:
     for label in ("taped", "copied"):
         assert not paths[label].exists()
         assert arch not in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
-    for label in ("only", "nokey", "phantom"):
+    for label in ("only", "phantom"):
         assert paths[label].exists(), label
         assert arch in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
         assert f"{ids[label]} -> kept" in proc.stdout
-    assert "this archive is the only location" in proc.stdout
-    assert "has no member name" in proc.stdout and "is missing" in proc.stdout
+    assert "this archive is the only location" in proc.stdout and "is missing" in proc.stdout
 
 
 def test_prune_keeps_copy_whose_second_location_is_itself(backend: Backend) -> None:
@@ -227,6 +401,123 @@ def test_prune_unknown_id_is_reported(backend: Backend) -> None:
     missing = backend.name("nope")
     proc = backend.ctl("tape", "prune", arch, "-", input=missing)
     assert proc.returncode == 1 and f"{missing} -> not in registry" in proc.stdout
+
+
+def test_prune_refuses_keyless_tape_copy_naming_the_fix(backend: Backend) -> None:
+    """A tape location without a key is refused with the tape register command; exit 1."""
+    archive, arch = backend.archive()
+    data = backend.blob("nokey")
+    id = backend.resource(data, arch)
+    path = store(archive, id, data)
+    tape = backend.name("TAPE")
+    backend.registry.add_archive(f"{tape}-7", "tape", f"{tape}:7", "offline")
+    backend.registry.add_location(id, f"{tape}-7")
+    proc = backend.ctl("tape", "prune", arch, "-", input=id)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"✗ {id} -> refused to delete {path}" in proc.stdout
+    assert f"run 'nbankctl tape register {tape} 7 TAR'" in proc.stdout
+    assert path.exists() and arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+
+
+def test_prune_fix_command_names_a_custom_archive(backend: Backend) -> None:
+    """For a tape archive not named TAPE-N, the command to run carries -n NAME."""
+    archive, arch = backend.archive()
+    data = backend.blob("nokey")
+    id = backend.resource(data, arch)
+    store(archive, id, data)
+    tape = tape_archive(backend)  # named NAME, root NAME:1
+    backend.registry.add_location(id, tape)
+    proc = backend.ctl("tape", "prune", arch, "-", input=id)
+    assert proc.returncode == 1
+    assert f"run 'nbankctl tape register -n {tape} {tape} 1 TAR'" in proc.stdout
+
+
+def test_prune_keeps_resource_without_sha1(backend: Backend) -> None:
+    """A resource with no registered SHA-1 is refused without --unverified; exit 1."""
+    archive, arch = backend.archive()
+    data = backend.blob("nohash")
+    id = backend.resource(data, arch, hashed=False)
+    path = store(archive, id, data)
+    backend.registry.add_location(id, tape_archive(backend), key=member(id))
+    proc = backend.ctl("tape", "prune", arch, "-", input=id)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "has no registered SHA-1" in proc.stdout and "--unverified" in proc.stdout
+    assert path.exists() and arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+
+
+def test_prune_unverified_deletes_resource_without_sha1(backend: Backend) -> None:
+    """With --unverified, a resource with no SHA-1 and a keyed tape copy is pruned."""
+    archive, arch = backend.archive()
+    data = backend.blob("nohash")
+    id = backend.resource(data, arch, hashed=False)
+    path = store(archive, id, data)
+    backend.registry.add_location(id, tape_archive(backend), key=member(id))
+    proc = backend.ctl("tape", "prune", "--unverified", arch, "-", input=id)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not path.exists() and "unverified: no registered SHA-1" in proc.stdout
+    assert arch not in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+
+
+def _nbank_archive_with_folder(backend: Backend) -> tuple[Archive, str, str, str, Path]:
+    """An archive holding a file resource and a folder resource, exported by the real
+    nbank to a tar; returns (archive, name, file id, folder id, tar)."""
+    archive, arch = backend.archive()
+    data = backend.blob("file")
+    idf = backend.resource(data, arch)
+    store(archive, idf, data)
+    files = folder(backend, "dir")
+    idd = backend.registry.add_resource(
+        dtype=backend.dtype, archive=arch, name=backend.name("d"), sha1=folder_sha1(backend, files)
+    ).name
+    root = archive.resources_dir / idd[:2] / idd
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+    (root / "empty").mkdir()
+    tar = backend.tmp / "export.tar"
+    exported = backend.nbank("export", "-a", arch, str(tar), idf, idd)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    return archive, arch, idf, idd, tar
+
+
+def test_nbank_register_tar_then_prune_needs_tape_register(django_backend: Backend) -> None:
+    """After nbank register-tar, prune refuses; after tape register on the same tar
+    (written by nbank export, with a folder resource), prune deletes both copies."""
+    backend = django_backend
+    archive, arch, idf, idd, tar = _nbank_archive_with_folder(backend)
+    tape = backend.name("TAPE")
+    theirs = backend.nbank("archive", "register-tar", tape, "2", str(tar))
+    assert theirs.returncode == 0, theirs.stdout + theirs.stderr
+    listing = f"{idf}\n{idd}\n"
+    refused = backend.ctl("tape", "prune", arch, "-", input=listing)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout.count(f"run 'nbankctl tape register {tape} 2 TAR'") == 2
+    assert archive.stored_path(idf) is not None and archive.stored_path(idd) is not None
+    ours = backend.ctl("tape", "register", tape, "2", str(tar))
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert ours.stdout.count("recorded the member name (SHA-1 checked)") == 2
+    for id in (idf, idd):
+        assert len(tape_locations(backend, id)) == 1 and tape_locations(backend, id)[0].key
+    pruned = backend.ctl("tape", "prune", arch, "-", input=listing)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert archive.stored_path(idf) is None and archive.stored_path(idd) is None
+    assert f"tape://{tape}:2/{idd}" in backend.nbank("locate", idd).stdout
+
+
+def test_register_refuses_corrupted_member_of_nbank_export(django_backend: Backend) -> None:
+    """A byte flipped in a folder resource's file inside nbank's export tar is caught."""
+    backend = django_backend
+    _, _, idf, idd, tar = _nbank_archive_with_folder(backend)
+    with tarfile.open(tar) as t:
+        target = next(m for m in t.getmembers() if m.name.endswith("sub/b.bin"))
+    raw = bytearray(tar.read_bytes())
+    raw[target.offset_data] ^= 0xFF
+    tar.write_bytes(bytes(raw))
+    checked = backend.nbank("check", "tar", str(tar))
+    proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
+    assert checked.returncode == 1 and proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"of folder '{idd}' does not match" in proc.stdout
+    assert tape_locations(backend, idd) == [] and len(tape_locations(backend, idf)) == 1
 
 
 # --- import ----------------------------------------------------------------------------
@@ -363,3 +654,60 @@ def test_import_again_skips_resources_already_there(backend: Backend) -> None:
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 0 and "is already in" in proc.stdout
     assert [loc.archive_name for loc in backend.registry.get_locations(ids["a"])].count(arch) == 1
+
+
+def test_import_only_named_ids(backend: Backend) -> None:
+    """import TAR ARCHIVE ID -f FILE imports the ids given both ways and nothing else."""
+    archive, arch, ids = _import_setup(backend, ("a", "b", "c"))
+    tar = make_tar(
+        backend.tmp / "t.tar", [(member(ids[x]), backend.blob(x)) for x in ("a", "b", "c")]
+    )
+    listing = backend.tmp / "ids.txt"
+    listing.write_text(f"# wanted\n{ids['c']}\n")
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path), ids["b"], "-f", str(listing))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert archive.stored_path(ids["a"]) is None
+    for label in ("b", "c"):
+        assert archive.stored_path(ids[label]) is not None
+        assert arch in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
+    assert ids["a"] not in proc.stdout
+
+
+def test_import_reports_id_not_in_tar(backend: Backend) -> None:
+    """An id asked for that the tar does not hold is reported and exits 1; the rest import."""
+    archive, _, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), backend.blob("a"))])
+    absent = backend.name("absent")
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path), ids["a"], absent)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"✗ {absent} -> not in tar file {tar}" in proc.stdout
+    assert archive.stored_path(ids["a"]) is not None
+
+
+def test_import_empty_id_file_is_a_usage_error(backend: Backend) -> None:
+    """import -f FILE with no identifiers in FILE exits 2, naming the file."""
+    archive, _, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), backend.blob("a"))])
+    empty = backend.tmp / "empty.txt"
+    empty.write_text("\n")
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path), "-f", str(empty))
+    assert proc.returncode == 2 and str(empty) in proc.stderr
+    assert archive.stored_path(ids["a"]) is None
+
+
+def test_import_named_ids_like_nbank_import_tar(django_backend: Backend) -> None:
+    """nbank import-tar and tape import, given the same ids, import the same resources
+    and both exit 1 for an id the tar lacks."""
+    backend = django_backend
+    ours, _, ids = _import_setup(backend, ("a", "b", "c"))
+    theirs, _ = backend.archive("theirs")
+    tar = make_tar(
+        backend.tmp / "t.tar", [(member(ids[x]), backend.blob(x)) for x in ("a", "b", "c")]
+    )
+    absent = backend.name("absent")
+    wanted = (ids["a"], ids["c"], absent)
+    mine = backend.ctl("tape", "import", str(tar), str(ours.path), *wanted)
+    nbank = backend.nbank("archive", "import-tar", str(tar), str(theirs.path), *wanted)
+    assert (mine.returncode, nbank.returncode) == (1, 1), nbank.stdout + nbank.stderr
+    imported = {a: {x for x, i in ids.items() if a.stored_path(i)} for a in (ours, theirs)}
+    assert imported[ours] == imported[theirs] == {"a", "c"}

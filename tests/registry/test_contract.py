@@ -485,6 +485,41 @@ def test_remove_location(ctx: Ctx) -> None:
     assert rec is not None and rec.locations == ()
 
 
+def test_set_location_key(ctx: Ctx, tmp_path: Path) -> None:
+    """set_location_key gives an existing location a key, in place."""
+    name = unique_name("r")
+    ctx.add(name=name)
+    tape = ctx.reg.add_archive(unique_name("ar"), "tape", str(tmp_path / "tape"), "offline")
+    ctx.reg.add_location(name, tape.name)
+    loc = ctx.reg.set_location_key(name, tape.name, "resources/ab/member.wav")
+    assert loc == LocationRecord(tape.name, "tape", str(tmp_path / "tape"), name, loc.key)
+    assert loc.key == "resources/ab/member.wav"
+    [again] = [x for x in ctx.reg.get_locations(name) if x.archive_name == tape.name]
+    assert again.key == "resources/ab/member.wav"
+
+
+def test_set_location_key_taken_by_another_resource(ctx: Ctx, tmp_path: Path) -> None:
+    """A key another resource's location in that archive holds is refused; nothing changes."""
+    first, second = unique_name("r"), unique_name("r")
+    ctx.add(name=first)
+    ctx.add(name=second)
+    tape = ctx.reg.add_archive(unique_name("ar"), "tape", str(tmp_path / "tape"), "offline")
+    ctx.reg.add_location(first, tape.name, key="resources/k")
+    ctx.reg.add_location(second, tape.name)
+    with pytest.raises(errors.RegistryRejected):
+        ctx.reg.set_location_key(second, tape.name, "resources/k")
+    [loc] = [x for x in ctx.reg.get_locations(second) if x.archive_name == tape.name]
+    assert loc.key is None
+
+
+def test_set_key_of_a_missing_location(ctx: Ctx) -> None:
+    """Setting the key of a location that does not exist is NotFound."""
+    name = unique_name("r")
+    ctx.add(name=name, archive=None)
+    with pytest.raises(errors.NotFound):
+        ctx.reg.set_location_key(name, ctx.archive, "k")
+
+
 def test_remove_missing_location(ctx: Ctx) -> None:
     """Removing a location that does not exist is NotFound."""
     name = unique_name("r")
