@@ -58,7 +58,8 @@ def folder_members(top: str, files: dict[str, bytes]) -> list[tuple[str, bytes |
 
 
 def member(id: str, ext: str = ".dat") -> str:
-    """The member name nbank export gives a resource."""
+    """A member path inside a tar (nbank export writes `<id><ext>` at the top; import
+    looks only at the base name)."""
     return f"resources/{id[:2]}/{id}{ext}"
 
 

@@ -1,0 +1,158 @@
+"""Fetching a resource into a folder: from a stored copy on this host, or downloaded from
+the registry's download location.
+
+The locations are tried in the registry's order, as ``nbank fetch`` tries them: a
+``neurobank`` location whose archive is on this host is read from there; an
+``http``/``https`` location (django-neurobank lists one named ``registry`` for every
+resource of a downloadable datatype, ``<scheme>://<root>/<id>/``) is downloaded.
+Either way the bytes are written under a temporary name beside the target, hashed
+as they arrive, and published (without replacing anything unless asked) only when
+they match the registered SHA-1: a failed or interrupted fetch leaves nothing at
+the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+import requests.auth
+
+from nbankd import __version__, errors
+from nbankd.registry.base import LocationRecord
+from nbankd.transfer.placing import NewFile, exists_error
+from nbankd.transfer.reading import FileReader, HashOnly, check_sha1, read_resource
+from nbankd.transfer.sources import Source, stored_copy
+
+#: (user, password) to retry a download with when the server asks for credentials
+AuthFor = Callable[[str], tuple[str, str] | None]
+_CHUNK = 1 << 20
+_TIMEOUT = (10.0, 60.0)
+
+
+class _Anonymous(requests.auth.AuthBase):
+    """No credentials (requests would otherwise send ~/.netrc's on every read)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
+
+
+class NotFetchable(errors.NbankdError):
+    """No location of a resource could be fetched from here."""
+
+    code = "not-fetchable"
+
+
+def download_url(loc: LocationRecord) -> str | None:
+    """The URL of an http(s) location, as nbank builds it; None for other schemes."""
+    if loc.scheme not in ("http", "https"):
+        return None
+    return f"{loc.scheme}://{loc.root.rstrip('/')}/{loc.resource_name}/"
+
+
+def target_path(dest: Path, source: Source, extension: str | None) -> Path:
+    """Where ``nbank fetch`` puts a resource: DEST/<registered filename>, its suffix
+    replaced by ``extension`` when given."""
+    record = source.record
+    name = (record.filename if record is not None else None) or source.id
+    target = dest / name
+    if extension:
+        target = target.with_suffix("." + extension.lstrip("."))
+    return target
+
+
+def _from_copy(path: Path, new: NewFile) -> str:
+    if path.is_dir():
+        raise NotFetchable(
+            f"'{path}' is a folder resource", hint="use nbankctl export FOLDER ID to copy it"
+        )
+
+    class _Into(HashOnly):
+        def file(self, relpath: str, st: os.stat_result, reader: FileReader) -> None:
+            reader.copy_to(new.write)
+
+    return read_resource(path, _Into()).sha1
+
+
+def _download(url: str, new: NewFile, auth_for: AuthFor | None) -> str:
+    headers = {"User-Agent": f"nbankctl/{__version__}"}
+    try:
+        with requests.Session() as session:
+            resp = session.get(
+                url, stream=True, timeout=_TIMEOUT, headers=headers, auth=_Anonymous()
+            )
+            creds = auth_for(url) if auth_for and resp.status_code in (401, 403) else None
+            if creds is not None:
+                resp.close()
+                resp = session.get(url, stream=True, timeout=_TIMEOUT, headers=headers, auth=creds)
+            with resp:
+                if resp.status_code != 200:
+                    raise NotFetchable(f"{url} answered {resp.status_code} {_detail(resp)}")
+                digest = hashlib.sha1()
+                for chunk in resp.iter_content(_CHUNK):
+                    digest.update(chunk)
+                    new.write(chunk)
+                return digest.hexdigest()
+    except requests.RequestException as err:
+        raise errors.RegistryUnavailable(
+            f"cannot download {url}: {err}", hint="check that the registry is up"
+        ) from None
+
+
+def _detail(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.reason or ""
+    return str(body.get("detail", "")) if isinstance(body, dict) else ""
+
+
+def fetch(
+    source: Source,
+    target: Path,
+    *,
+    replace: bool = False,
+    auth_for: AuthFor | None = None,
+) -> Path:
+    """Fetches one resource to ``target`` from the first of its locations that works.
+
+    Raises :class:`~nbankd.errors.ResourceExists` if ``target`` exists (unless
+    ``replace``), :class:`NotFetchable` when no location gives it, and
+    :class:`~nbankd.transfer.reading.Mismatch` when what arrives differs from the
+    registered SHA-1 (the last location's failure is the one raised).
+    """
+    if target.is_dir():
+        raise errors.UsageError(f"'{target}' is a folder", hint="give -d DEST a folder to fill")
+    if not replace and target.exists():
+        raise exists_error(target)
+    failure: errors.NbankdError = NotFetchable(
+        f"'{source.id}' has no location this host can fetch from",
+        hint="give its datatype downloads on the registry, or mount its archive here",
+    )
+    for loc in source.locations:
+        path = stored_copy(loc)
+        url = download_url(loc)
+        if path is None and url is None:
+            continue
+        new = NewFile(target)
+        try:
+            if path is not None:
+                digest, shown = _from_copy(path, new), str(path)
+            else:
+                assert url is not None
+                digest, shown = _download(url, new, auth_for), url
+            check_sha1(digest, source.sha1, shown)
+            return new.publish(replace=replace)
+        except errors.ResourceExists:
+            raise  # the target appeared meanwhile: another location would not help
+        except (errors.NbankdError, OSError) as err:
+            failure = err if isinstance(err, errors.NbankdError) else NotFetchable(str(err))
+        finally:
+            new.discard()
+    raise failure
+
+
+__all__ = ["NotFetchable", "download_url", "fetch", "target_path"]

@@ -1,0 +1,152 @@
+"""Copying a stored resource into another neurobank archive on this host.
+
+The copy goes through the deposit pipeline's durable primitives
+(:mod:`nbankd.archive.durable`): the source is read once into the destination's
+``staging/`` under a name of this process (hashing in the same pass), compared with
+the registered SHA-1, published into ``resources/`` with the destination's access
+policy and without replacing anything (under the identifier lock a daemon
+depositing into the same archive also takes), read back from storage, and only then
+located in the registry. A copy the registry refuses is removed again; a copy made
+while the registry cannot be reached stays, for ``nbankctl archive check`` to find.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbankd import errors
+from nbankd.archive import durable
+from nbankd.archive.fsops import fsync_dir, remove_ours
+from nbankd.archive.layout import Archive, unavailable
+from nbankd.hashing import SourceReadError
+from nbankd.registry.base import Registry
+from nbankd.transfer.reading import Advance, check_sha1, read_resource
+
+STAGED_PREFIX = durable.STAGED_PREFIX + "copy-"
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+@dataclass(frozen=True)
+class Copied:
+    """A copied (or, in a dry run, checked) resource.
+
+    ``path`` is the stored copy (None in a dry run); ``created`` is False when an
+    identical copy was already there; ``verified`` False when nothing is registered
+    to check against.
+    """
+
+    path: Path | None
+    sha1: str
+    size: int
+    verified: bool
+    created: bool = False
+
+
+def _open_file(path: Path) -> int:
+    try:
+        fd = os.open(path, _OPEN_FILE)
+    except OSError as err:
+        raise SourceReadError(err.errno, err.strerror, str(path)) from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise durable.unsafe_input(path, "not a regular file")
+    return fd
+
+
+def _totals(advance: Advance | None) -> Callable[[int], None] | None:
+    """Turns advance(block) into progress(total so far), as staging reports it."""
+    if advance is None:
+        return None
+    done = [0]
+
+    def progress(total: int) -> None:
+        advance(total - done[0])
+        done[0] = total
+
+    return progress
+
+
+def _stage(archive: Archive, source: Path, id: str, advance: Advance | None) -> durable.Staged:
+    name = f"{STAGED_PREFIX}{id}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
+    except OSError as err:
+        raise SourceReadError(err.errno, err.strerror, str(source)) from err
+    if is_dir:
+        return durable.stage_copy_tree(archive, source, name, progress=_totals(advance))
+    fd = _open_file(source)
+    try:
+        return durable.stage_copy(archive, fd, name, progress=_totals(advance))
+    finally:
+        os.close(fd)
+
+
+def copy_resource(
+    archive: Archive,
+    source: Path,
+    id: str,
+    registered: str | None,
+    *,
+    dry_run: bool = False,
+    advance: Advance | None = None,
+) -> Copied:
+    """Stores the resource ``id`` read from ``source`` in ``archive``, checked against
+    ``registered``; with ``dry_run`` only reads and checks it.
+
+    Raises :class:`~nbankd.transfer.reading.Mismatch` (nothing kept),
+    :class:`~nbankd.errors.ResourceExists` when the archive holds something else
+    under the identifier, SourceReadError or the archive's errors.
+    """
+    if dry_run:
+        read = read_resource(source, advance=advance)
+        return Copied(None, read.sha1, read.size, check_sha1(read.sha1, registered, str(source)))
+    staged = _stage(archive, source, id, advance)
+    try:
+        verified = check_sha1(staged.sha1, registered, str(source))
+    except errors.NbankdError:
+        durable.discard_staged(archive, staged.path)
+        raise
+    target = archive.new_resource_path(id, source.name)
+    published = durable.publish(archive, staged.path, target, sha1=staged.sha1, id=id)
+    if not durable.verify_from_storage(published.path, staged.sha1):
+        raise errors.ArchiveError(
+            f"{published.path} does not read back with SHA-1 {staged.sha1}",
+            hint="check the destination archive's storage (nbankctl archive check)",
+        )
+    return Copied(published.path, staged.sha1, staged.size, verified, published.created)
+
+
+def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str, name: str) -> None:
+    """Adds the location of a copy in archive ``name``; removes a copy made by this run
+    if the registry refuses it. When the registry is out of reach (or refuses the
+    credentials) the copy stays and the error says so: a second run adds the location."""
+    assert copied.path is not None
+    try:
+        registry.add_location(id, name)
+    except errors.LocationTaken:
+        return  # a concurrent run located it first
+    except (errors.RegistryUnavailable, errors.RegistryAuthError) as err:
+        raise type(err)(
+            f"'{copied.path}' was stored but not registered: {err.message}",
+            hint="run the same nbankctl copy again once the registry answers",
+        ) from err
+    except errors.RegistryRejected as err:
+        if copied.created:
+            with contextlib.suppress(OSError):
+                remove_ours(copied.path)
+                fsync_dir(copied.path.parent)
+        raise errors.RegistryRejected(
+            f"the registry refused the location of '{id}' in '{name}': {err}",
+            hint="the copy was removed again",
+        ) from err
+    except OSError as err:
+        raise unavailable(archive, err, f"registering {copied.path}") from err
+
+
+__all__ = ["STAGED_PREFIX", "Copied", "copy_resource", "register_copy"]
