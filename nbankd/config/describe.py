@@ -54,6 +54,7 @@ def _inbox(inbox: InboxConfig) -> dict[str, Any]:
         "placement": inbox.placement,
         "verify": inbox.verify,
         "directories": inbox.directories,
+        "file_metadata": inbox.file_metadata,
         "rejected_dir": inbox.rejected_dir,
     }
 

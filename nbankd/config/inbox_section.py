@@ -16,12 +16,14 @@ from nbankd.config.durations import format_duration
 from nbankd.config.model import (
     DEFAULT_IGNORE,
     DIRECTORIES_VALUES,
+    FILE_METADATA_VALUES,
     PLACEMENT_VALUES,
     READY_VALUES,
     WATCH_VALUES,
     WORK_DIR_NAME,
     ArchiveConfig,
     Directories,
+    FileMetadata,
     InboxConfig,
     Placement,
     Ready,
@@ -218,6 +220,10 @@ class InboxSections(ParserBase):
             directories=cast(
                 Directories,
                 self.get(section, path, "directories", enum(DIRECTORIES_VALUES), "files"),
+            ),
+            file_metadata=cast(
+                FileMetadata,
+                self.get(section, path, "file_metadata", enum(FILE_METADATA_VALUES), "read"),
             ),
             rejected_dir=defaults.rejected_dir,
             expect_every=self.get(section, path, "expect_every", duration(positive=True), None),

@@ -30,7 +30,8 @@ ARCHIVE_SCHEME = "neurobank"
 Ready = Literal["settle", "marker"]
 Watch = Literal["auto", "poll"]
 Placement = Literal["copy", "rename"]
-Directories = Literal["files", "resources"]
+Directories = Literal["files", "resources", "zip"]
+FileMetadata = Literal["read", "skip", "override"]
 LogFormat = Literal["auto", "console", "json", "journal"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Severity = Literal["error", "warning"]
@@ -38,7 +39,8 @@ Severity = Literal["error", "warning"]
 READY_VALUES: tuple[str, ...] = ("settle", "marker")
 WATCH_VALUES: tuple[str, ...] = ("auto", "poll")
 PLACEMENT_VALUES: tuple[str, ...] = ("copy", "rename")
-DIRECTORIES_VALUES: tuple[str, ...] = ("files", "resources")
+DIRECTORIES_VALUES: tuple[str, ...] = ("files", "resources", "zip")
+FILE_METADATA_VALUES: tuple[str, ...] = ("read", "skip", "override")
 LOG_FORMAT_VALUES: tuple[str, ...] = ("auto", "console", "json", "journal")
 LOG_LEVEL_VALUES: tuple[str, ...] = ("debug", "info", "warning", "error")
 
@@ -134,8 +136,14 @@ class InboxConfig:
     placement: Placement = "copy"
     verify: bool = True
     expect_every: float | None = None  # alert when no deposit came for this long
-    directories: Directories = "files"
+    directories: Directories = "files"  # zip: each top-level folder deposited as its zip
+    file_metadata: FileMetadata = "read"  # the datatype's metadata reader: read, skip, override
     rejected_dir: str = "rejected"  # normalised, relative to path
+
+    @property
+    def folder_resources(self) -> bool:
+        """Each top-level folder is one input (``directories: resources`` or ``zip``)."""
+        return self.directories in ("resources", "zip")
 
     @property
     def work_dir(self) -> Path:

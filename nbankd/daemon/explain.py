@@ -226,7 +226,7 @@ def _present(
         out["message"] = f"ignored: matches the inbox's ignore pattern {patterns[0]!r}"
         return out
     top, _, below = rel.partition("/")
-    if config.directories == "resources" and below:
+    if config.folder_resources and below:
         out.update(state="folder", resource=str(config.path / top))
         out["message"] = f"part of the folder resource {printable(top)}; explain that folder"
         return out

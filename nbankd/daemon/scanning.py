@@ -76,7 +76,7 @@ class InboxScanning:
                 key,
                 inbox.path,
                 mode=inbox.watch,
-                recursive=inbox.recursive or inbox.directories == "resources",
+                recursive=inbox.recursive or inbox.folder_resources,
                 exclude=inbox.exclusions,
                 ignore=inbox.ignore,
                 check_every=inbox.watch_check_every,
@@ -144,7 +144,7 @@ class InboxScanning:
             recursive=inbox.recursive,
             ignore=inbox.ignore,
             exclude=inbox.exclusions,
-            directories_as_resources=inbox.directories == "resources",
+            directories_as_resources=inbox.folder_resources,
             markers=inbox.ready == "marker",
             folders=folders,
         )

@@ -143,18 +143,33 @@ class ClaimSteps(StepsBase):
                 keep_extensions=archive.policy.keep_extensions,
                 allow_directories=archive.policy.allow_directories,
             )
+            # a folder deposited as its zip is named as nbank names it: the folder's
+            # stem, stored with the extension .zip (a file: no directory policy)
+            zipped = is_dir and spec.config.directories == "zip"
             plan = policy.plan(
-                item.relpath_str, rules, sidecar, token=item.token_bytes, is_dir=is_dir
+                item.relpath_str,
+                rules,
+                sidecar,
+                token=item.token_bytes,
+                is_dir=is_dir and not zipped,
             )
         except (errors.NbankdError, OSError) as err:
             return item, outcome_for(err)
+        target = plan.target_name
+        if zipped:
+            target = plan.name + ".zip" if archive.policy.keep_extensions else plan.name
         item = replace(
             item,
             name=plan.name,
             dtype=plan.dtype,
             metadata_json=plan.metadata_json,
-            target_name=plan.target_name,
+            target_name=target,
             auto_id=plan.auto,
+            zipped=zipped,
+            # a zip is a new file: always staged and published as a copy
+            placement="copy" if zipped else item.placement,
+            # a folder resource as it is has no reader (nbank zips folders to read them)
+            file_metadata="skip" if is_dir and not zipped else spec.config.file_metadata,
         )
         seams.reached("after-claim")
         return item, Outcome.ok()

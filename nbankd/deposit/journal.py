@@ -32,7 +32,7 @@ from typing import Any
 from nbankd import errors, seams, sqlschema
 from nbankd.deposit.lifecycle import FINAL, Progress, State
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     # 0 -> 1: the first schema
@@ -85,6 +85,12 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE items ADD COLUMN auto_id INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE items ADD COLUMN already INTEGER NOT NULL DEFAULT 0",
     ),
+    # 4 -> 5: decided at claim: a folder deposited as its canonical zip, and how the
+    # datatype's metadata reader is used (read, skip, override; NULL: not run)
+    4: (
+        "ALTER TABLE items ADD COLUMN zipped INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN file_metadata TEXT",
+    ),
 }
 
 
@@ -125,6 +131,8 @@ class Item:
     staged_identity: str | None = None  # JSON {"name", "dev", "ino", "size", "mtime_ns"}
     auto_id: bool = False  # the identifier was chosen automatically: replaced when taken
     already: bool = False  # stored and registered already with these bytes and name
+    zipped: bool = False  # a folder deposited as its canonical zip (decided at claim)
+    file_metadata: str | None = None  # the reader's use, decided at claim (None: not run)
 
     @property
     def progress(self) -> Progress:
@@ -178,7 +186,7 @@ def _column(item: Item, name: str) -> Any:
     value = getattr(item, name)
     if name == "state":
         return str(value)
-    if name in ("verify", "auto_id", "already"):
+    if name in ("verify", "auto_id", "already", "zipped"):
         return int(value)
     return value
 
@@ -186,7 +194,7 @@ def _column(item: Item, name: str) -> Any:
 def _row_to_item(row: sqlite3.Row) -> Item:
     d = dict(row)
     d["state"] = State(d["state"])
-    for key in ("verify", "auto_id", "already"):
+    for key in ("verify", "auto_id", "already", "zipped"):
         d[key] = bool(d[key])
     return Item(**d)
 

@@ -18,10 +18,10 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from nbankd import errors, seams
-from nbankd.archive import durable, fsops, layout
+from nbankd import canonical_zip, errors, metadata_readers, seams
+from nbankd.archive import durable, fsops, layout, opening
 from nbankd.deposit import inboxfs, receipts, rejection, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
@@ -67,7 +67,11 @@ class Steps(ClaimSteps, IdentifierSteps):
 
     def _stage(self, spec: InboxSpec, item: Item, work: Path) -> StepResult:
         archive = self._archive(spec)
-        if item.kind == "dir":
+        if item.kind == "dir" and item.zipped:
+            item, outcome = self._stage_zip(archive, item, work)
+            if outcome.kind != "ok":
+                return item, outcome
+        elif item.kind == "dir":
             if not same_identity(item.identity, work, True):
                 return item, Outcome("changed", "changed", "the folder changed after claiming")
             try:
@@ -106,8 +110,71 @@ class Steps(ClaimSteps, IdentifierSteps):
                         durable.discard_staged(archive, staged.path)
                     return item, Outcome("changed", "changed", "the file changed during the copy")
             item = replace(item, sha1=sha1, size=size)
+        if item.file_metadata in ("read", "override"):
+            source = (
+                work if spec.placement == "rename" else archive.staging_dir / self.staged_name(item)
+            )
+            item, outcome = self._read_file_metadata(archive, item, source)
+            if outcome.kind != "ok":
+                return item, outcome
         seams.reached("after-stage")
         return item, Outcome.ok()
+
+    def _stage_zip(self, archive: layout.Archive, item: Item, work: Path) -> StepResult:
+        """Writes the claimed folder's canonical zip into staging/, hashed and fsynced."""
+        if not same_identity(item.identity, work, True):
+            return item, Outcome("changed", "changed", "the folder changed after claiming")
+        durable.check_present(archive)
+        opening.ensure_staging(archive)
+        try:
+            zipped = canonical_zip.zip_folder(
+                work,
+                archive.staging_dir,
+                self._new_staged_name(archive, item),
+                progress=self._progress,
+            )
+        except SourceReadError as err:
+            if err.errno in (errno.EACCES, errno.EPERM):
+                return item, unreadable(item, str(err))
+            raise
+        except errors.InputChanged as err:
+            return item, Outcome("changed", "changed", err.message)
+        except errors.UnsafeInput as err:
+            shown = err.message.replace(str(work), item.relpath_str)
+            return item, Outcome("permanent", err.code, shown, err.hint)
+        if not same_identity(item.identity, work, True):
+            durable.discard_staged(archive, zipped.path)
+            return item, Outcome("changed", "changed", "the folder changed while it was zipped")
+        item = replace(
+            item, sha1=zipped.sha1, size=zipped.size, staged_identity=staged_id(zipped.path)
+        )
+        return item, Outcome.ok()
+
+    def _read_file_metadata(self, archive: layout.Archive, item: Item, source: Path) -> StepResult:
+        """Runs the datatype's reader on the staged bytes and merges the file's metadata
+        into the journaled one under the mode fixed at claim."""
+        assert item.dtype is not None and item.file_metadata in ("read", "override")
+        name = PurePosixPath(item.relpath_str).name + (".zip" if item.zipped else "")
+        result = self.metadata_reader(item.dtype, source, name)
+        problem = result.error()
+        if problem is None and result.status == "read":
+            try:
+                merged = metadata_readers.merge_metadata(
+                    json.loads(item.metadata_json or "{}"),
+                    result.metadata,
+                    item.file_metadata,  # type: ignore[arg-type]
+                    source=repr(item.relpath_str),
+                )
+            except metadata_readers.MetadataMismatch as err:
+                problem = err
+            else:
+                metadata_json = json.dumps(merged, sort_keys=True, default=str)
+                return replace(item, metadata_json=metadata_json), Outcome.ok()
+        if problem is None:
+            return item, Outcome.ok()  # no reader for this datatype
+        if problem.transient:  # the reader, not the file: the input waits, staged anew
+            durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
+        return item, outcome_for(problem)
 
     def publish(self, item: Item) -> StepResult:
         spec = self._spec(item)
@@ -241,6 +308,8 @@ class Steps(ClaimSteps, IdentifierSteps):
             "time": iso(now),
             "outcome": "already-deposited" if item.already else "deposited",
         }
+        if item.zipped:
+            receipt["zipped"] = True  # as nbank's deposit record says of a zipped folder
         receipts.append_receipt(self.receipts_dir, spec.key, receipt)
         seams.reached("after-receipt-append")
         return replace(item, finished=now), Outcome.ok()

@@ -429,7 +429,7 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         )
     journal = Journal(path)
     [item] = journal.unfinished()
-    assert journal.schema_version == SCHEMA_VERSION == 4
+    assert journal.schema_version == SCHEMA_VERSION == 5
     assert (item.token, item.relpath, item.state, item.seen_identity) == (
         "ab",
         b"a.wav",
@@ -437,7 +437,12 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         None,
     )
     assert item.staged_identity is None
-    assert (item.auto_id, item.already) == (False, False)
+    assert (item.auto_id, item.already, item.zipped, item.file_metadata) == (
+        False,
+        False,
+        False,
+        None,
+    )
 
 
 # --- group commit ------------------------------------------------------------------

@@ -1,0 +1,375 @@
+"""Metadata readers: neurobank 0.13's plugins, run as someone else's code.
+
+A reader is an entry point in the group ``nbank.metadata_readers`` named for the
+datatype it reads: a function ``path -> dict`` that raises ValueError when the file
+is not a valid file of that datatype. nbankd and ``nbankctl deposit`` run the same
+plugins with the same rules as ``nbank deposit``, but never in their own process:
+:func:`read_file_metadata` runs the reader on a staged copy in a child Python with
+a time limit and an address-space limit (``RLIMIT_AS``), and answers with a
+:class:`ReaderResult`:
+
+- ``read``: the file's metadata (keys whose value is None left out, as nbank does);
+- ``no-reader``: no installed package has a reader for the datatype;
+- ``invalid``: the reader rejected the file (its ValueError's message): the file's fault;
+- ``unavailable``: the reader could not be loaded, is ambiguous, crashed, ran out of
+  time or memory, or returned something that cannot be registered: an operational
+  problem, never the file's fault (the input waits).
+
+:func:`merge_metadata` is the pure rule for combining the metadata given for a
+deposit (inbox configuration, sidecar, command line) with the file's, under
+``file_metadata: read | skip | override``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from nbankd import errors
+
+ENTRY_POINT_GROUP = "nbank.metadata_readers"
+FileMetadataMode = Literal["read", "skip", "override"]
+FILE_METADATA_VALUES: tuple[str, ...] = ("read", "skip", "override")
+Status = Literal["read", "no-reader", "invalid", "unavailable"]
+
+#: seconds a reader may run on one file
+DEFAULT_TIMEOUT = 120.0
+#: bytes of address space the reader's process may map (its interpreter included)
+DEFAULT_MEMORY = 4 << 30
+_STDERR_TAIL = 2000
+
+
+class MetadataReaderUnavailable(errors.NbankdError):
+    """The datatype's reader cannot be used now: the input waits (never rejected)."""
+
+    code = "metadata-reader-unavailable"
+    transient = True
+
+
+class InvalidFile(errors.NbankdError):
+    """The datatype's reader rejected the file."""
+
+    code = "invalid-file"
+
+
+class MetadataMismatch(errors.NbankdError):
+    """Metadata given for the deposit differs from the file's."""
+
+    code = "metadata-mismatch"
+
+
+@dataclass(frozen=True)
+class ReaderResult:
+    """What running a datatype's reader on one file gave (see the module docstring)."""
+
+    status: Status
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    def error(self) -> errors.NbankdError | None:
+        """The error to raise for this result (None when the metadata was read or
+        there is no reader)."""
+        if self.status == "invalid":
+            return InvalidFile(
+                self.message,
+                hint="fix or replace the file, or deposit it without its reader "
+                "(inbox option file_metadata: skip; nbankctl deposit --no-file-metadata)",
+            )
+        if self.status == "unavailable":
+            return MetadataReaderUnavailable(
+                self.message,
+                hint="install or repair the package providing the reader in nbankd's "
+                "environment (inputs of this datatype wait until it works), or deposit "
+                "without it (file_metadata: skip; nbankctl deposit --no-file-metadata)",
+            )
+        return None
+
+
+def _dist_name(dist: importlib_metadata.Distribution | None, fallback: str) -> str:
+    name = dist.metadata["Name"] if dist is not None else None
+    return str(name) if name else fallback
+
+
+def _stamp(path: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """The folders of the search path with their modification times: installing or
+    removing a package changes its folder's."""
+    out = []
+    for entry in path:
+        try:
+            out.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            out.append((entry, -1))
+    return tuple(out)
+
+
+_INDEX_LOCK = threading.Lock()
+_INDEX: dict[tuple[tuple[str, int], ...], dict[str, tuple[str, ...]]] = {}
+
+
+def _readers_index(path: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """{datatype: packages with a reader for it} over the packages on ``path``, read
+    again only when a folder of the path changed."""
+    stamp = _stamp(path)
+    with _INDEX_LOCK:
+        cached = _INDEX.get(stamp)
+    if cached is not None:
+        return cached
+    seen: set[str] = set()
+    index: dict[str, list[str]] = {}
+    for dist in importlib_metadata.distributions(path=list(path)):
+        package = _dist_name(dist, "")
+        key = package.lower().replace("-", "_")
+        if package and key in seen:  # the same package twice on the path: the first wins
+            continue
+        seen.add(key)
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                index.setdefault(ep.name, []).append(package or ep.value)
+    frozen = {dtype: tuple(packages) for dtype, packages in index.items()}
+    with _INDEX_LOCK:
+        if len(_INDEX) >= 16:
+            _INDEX.clear()
+        _INDEX[stamp] = frozen
+    return frozen
+
+
+def find_reader(dtype: str, search_path: Sequence[str] | None = None) -> str | None:
+    """The package that provides ``dtype``'s reader (its entry point's value when the
+    package has no name), or None; only package metadata is read, no plugin code runs.
+
+    ``search_path``: where packages are looked for (default: this interpreter's
+    sys.path). Raises :class:`MetadataReaderUnavailable` when several packages
+    provide one.
+    """
+    found = _readers_index(list(search_path) if search_path is not None else sys.path)
+    packages = found.get(dtype, ())
+    if len(packages) > 1:
+        raise MetadataReaderUnavailable(
+            f"more than one metadata reader for {dtype!r}: {', '.join(sorted(packages))}",
+            hint="uninstall all but one of these packages",
+        )
+    return packages[0] if packages else None
+
+
+# The child: limits itself, loads the entry point, runs it, and writes one JSON
+# answer to the descriptor that was its standard output (the plugin's own output
+# goes to standard error). Kept free of nbankd imports.
+_CHILD = r"""
+import json, os, resource, sys
+request = json.loads(sys.argv[1])
+sys.path[:] = request["path"]
+answer_fd = os.dup(1)
+os.dup2(2, 1)
+
+def answer(**reply):
+    data = json.dumps(reply, allow_nan=False).encode()
+    while data:
+        data = data[os.write(answer_fd, data):]
+    os._exit(0)
+
+limit = request["memory"]
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+dtype = request["dtype"]
+try:
+    from importlib.metadata import entry_points
+    found = [ep for ep in entry_points(group=request["group"]) if ep.name == dtype]
+    if not found:
+        answer(status="no-reader")
+    if len(found) > 1:
+        answer(status="unavailable", message=f"more than one metadata reader for {dtype!r}")
+    reader = found[0].load()
+except MemoryError:
+    answer(status="unavailable", message="loading it needed more memory than allowed")
+except BaseException as err:
+    answer(status="unavailable", message=f"cannot be loaded: {type(err).__name__}: {err}")
+if not callable(reader):
+    answer(status="unavailable", message=f"{found[0].value} is not callable")
+try:
+    result = reader(request["file"])
+except MemoryError:
+    answer(status="unavailable", message="needed more memory than allowed")
+except ValueError as err:
+    answer(status="invalid", message=str(err) or type(err).__name__)
+except BaseException as err:
+    answer(status="unavailable", message=f"failed: {type(err).__name__}: {err}")
+if not isinstance(result, dict):
+    answer(status="unavailable", message=f"returned {type(result).__name__}, not a dict")
+out = {}
+for key, value in result.items():
+    if not isinstance(key, str):
+        answer(status="unavailable", message=f"returned a key that is not text: {key!r}")
+    if value is None:
+        continue
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        answer(
+            status="unavailable",
+            message=f"returned a value for {key!r} that cannot be registered: "
+            f"{value!r} ({type(value).__name__})",
+        )
+    out[key] = value
+answer(status="read", metadata=out)
+"""
+
+
+def read_file_metadata(
+    dtype: str,
+    path: str | os.PathLike[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    memory: int = DEFAULT_MEMORY,
+    name: str | None = None,
+    search_path: Sequence[str] | None = None,
+    python: str = sys.executable,
+) -> ReaderResult:
+    """Runs ``dtype``'s reader on the file at ``path`` in a child process limited to
+    ``timeout`` seconds and ``memory`` bytes of address space; never raises for the
+    plugin's behaviour (see :class:`ReaderResult`).
+
+    The file is opened here without following links and handed to the child open;
+    the reader sees it under ``name`` (default: the name in ``path``), in a private
+    folder, so a staged copy is read as the original file's name (its extension
+    included). ``search_path``: where the child looks for packages (default: this
+    interpreter's sys.path); ``python``: the interpreter that runs the child.
+    Raises OSError only when ``path`` cannot be opened.
+    """
+    where = list(search_path) if search_path is not None else list(sys.path)
+    try:
+        package = find_reader(dtype, where)
+    except MetadataReaderUnavailable as err:
+        return ReaderResult("unavailable", message=err.message)
+    if package is None:
+        return ReaderResult("no-reader")
+    label = f"the metadata reader for {dtype!r} (from {package})"
+    shown = name or Path(os.fspath(path)).name
+    if "/" in shown or shown in ("", ".", ".."):
+        raise ValueError(f"{shown!r} is not a file name")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, fd)
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="nbankd-reader-"))
+        os.symlink(f"/proc/self/fd/{fd}", os.path.join(folder, shown))
+        stderr = stack.enter_context(tempfile.TemporaryFile())
+        request = {
+            "path": where,
+            "memory": int(memory),
+            "dtype": dtype,
+            "group": ENTRY_POINT_GROUP,
+            "file": os.path.join(folder, shown),
+        }
+        child = subprocess.Popen(
+            [python, "-I", "-c", _CHILD, json.dumps(request)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,  # its own process group: killed whole at the deadline
+            close_fds=True,
+            cwd=folder,
+            pass_fds=(fd,),  # the same number in the child: the link above points at it
+        )
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(child)
+            return ReaderResult(
+                "unavailable", message=f"{label} did not finish within {timeout:g} s"
+            )
+        finally:
+            _kill_group(child)  # what the reader may have started in the background
+        stderr.seek(0, os.SEEK_END)
+        stderr.seek(max(0, stderr.tell() - _STDERR_TAIL))
+        tail = stderr.read().decode("utf-8", "replace").strip()
+    try:
+        reply = json.loads(out)
+        status = reply["status"]
+    except (ValueError, KeyError, TypeError):
+        how = (
+            f"was killed by signal {-child.returncode}"
+            if child.returncode < 0
+            else f"exited with status {child.returncode}"
+        )
+        last = tail.splitlines()[-1] if tail else "no message"
+        return ReaderResult("unavailable", message=f"{label} {how} without an answer ({last})")
+    if status == "read" and isinstance(reply.get("metadata"), dict):
+        return ReaderResult("read", metadata=reply["metadata"])
+    if status == "no-reader":
+        return ReaderResult("no-reader")
+    if status == "invalid":
+        return ReaderResult(
+            "invalid", message=f"the {dtype} reader rejects the file: {reply.get('message')}"
+        )
+    return ReaderResult("unavailable", message=f"{label}: {reply.get('message', 'no answer')}")
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    """Kills the child's process group and reaps the child."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal, counting a boolean and a number as different (Python has True == 1)."""
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def merge_metadata(
+    given: Mapping[str, Any],
+    from_file: Mapping[str, Any] | None,
+    mode: FileMetadataMode,
+    *,
+    source: str = "the file",
+) -> dict[str, Any]:
+    """The metadata to register: ``given`` (configuration, sidecar, command line) and
+    the file's (None: not read), under ``mode``.
+
+    ``skip``: the given metadata only. ``read``: the file's values plus the given
+    ones, which must agree where both have a key. ``override``: the same, the given
+    value winning where they differ. Raises :class:`MetadataMismatch` naming every
+    key that differs (``read`` only); ``source`` names the file in the message.
+    """
+    if mode == "skip" or not from_file:
+        return dict(given)
+    differ = sorted(
+        k for k in from_file.keys() & given.keys() if not same_value(from_file[k], given[k])
+    )
+    if differ and mode == "read":
+        details = "; ".join(
+            f"{k} is {from_file[k]!r} there but {given[k]!r} was given" for k in differ
+        )
+        raise MetadataMismatch(
+            f"the metadata given for {source} contradicts the file's own: {details}",
+            hint="correct the given metadata (sidecar, inbox configuration or -k options), "
+            "or register the given values instead (file_metadata: override; nbankctl "
+            "deposit --override-file-metadata)",
+        )
+    return {**from_file, **given}
+
+
+__all__ = [
+    "DEFAULT_MEMORY",
+    "DEFAULT_TIMEOUT",
+    "ENTRY_POINT_GROUP",
+    "FILE_METADATA_VALUES",
+    "FileMetadataMode",
+    "InvalidFile",
+    "MetadataMismatch",
+    "MetadataReaderUnavailable",
+    "ReaderResult",
+    "find_reader",
+    "merge_metadata",
+    "read_file_metadata",
+]
