@@ -158,7 +158,7 @@ def _refusal(path: Path, zip_directories: bool) -> str | None:
         return "is a symbolic link; deposit the file it points to"
     if stat.S_ISDIR(st.st_mode):
         if zip_directories:
-            return "is a directory; --zip-directories is not supported by this version yet"
+            return None
         return "is a directory; zip it first, or deposit with --zip-directories"
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
@@ -325,6 +325,9 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
                 report.failed()
                 continue
             by_folder.setdefault(path.parent, []).append(path.name)
+        mode = "skip" if not args.read_metadata else "read"
+        if args.override_file_metadata:
+            mode = "override"
 
         def inbox_of(folder: Path) -> manual.ManualInbox:
             return manual.ManualInbox(
@@ -335,6 +338,8 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
                 dtype=args.dtype,
                 metadata=metadata,
                 auto_id=True if args.auto_id else None,
+                zip_directories=args.zip_directories,
+                file_metadata=mode,
             )
 
         if args.dry_run:
@@ -386,7 +391,13 @@ def _run(
             specs[inbox.key] = inbox.spec(prepare=True)
             if fresh:
                 made.append(folder)
-            items += manual.journal_files(journal, inbox, names, kind="file", now=steps.clock())
+            dirs = [n for n in names if os.path.isdir(folder / n)]
+            files = [n for n in names if n not in dirs]
+            for kind, group in (("file", files), ("dir", dirs)):
+                if group:
+                    items += manual.journal_files(
+                        journal, inbox, group, kind=kind, now=steps.clock()
+                    )
         wait = DEFAULT_WAIT if args.wait is None else args.wait
         _finish(args, report, _drive_all(steps, items, wait))
         for folder in made:
@@ -429,7 +440,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-@", dest="read_stdin", action="store_true", help="read more file names from stdin"
     )
-    p.add_argument("--zip-directories", action="store_true", help="deposit each folder as a zip")
+    p.add_argument(
+        "--zip-directories",
+        action="store_true",
+        help="deposit each folder as its canonical zip (the folder is removed once deposited)",
+    )
+    p.add_argument(
+        "--no-file-metadata",
+        dest="read_metadata",
+        action="store_false",
+        help="do not run the datatype's metadata reader on the files",
+    )
+    p.add_argument(
+        "--override-file-metadata",
+        action="store_true",
+        help="where given metadata differs from a file's, register the given values",
+    )
     p.add_argument(
         "--wait",
         type=float,

@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 from nbankd.archive.fsops import rename_noreplace
-from nbankd.config.model import ArchiveConfig, InboxConfig
+from nbankd.config.model import ArchiveConfig, FileMetadata, InboxConfig
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
@@ -59,6 +59,8 @@ class ManualInbox:
     dtype: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     auto_id: bool | None = None  # None: the archive's policy decides
+    zip_directories: bool = False  # a folder is deposited as its canonical zip
+    file_metadata: FileMetadata = "read"  # the datatype's metadata reader
 
     @property
     def key(self) -> str:
@@ -71,6 +73,8 @@ class ManualInbox:
             "dtype": self.dtype,
             "metadata": dict(self.metadata),
             "auto_id": self.auto_id,
+            "zip_directories": self.zip_directories,
+            "file_metadata": self.file_metadata,
         }
         return PREFIX + json.dumps(options, sort_keys=True, separators=(",", ":"))
 
@@ -89,6 +93,8 @@ class ManualInbox:
                 dtype=o.get("dtype"),
                 metadata=_frozen(o.get("metadata")),
                 auto_id=o.get("auto_id"),
+                zip_directories=bool(o.get("zip_directories", False)),
+                file_metadata=o.get("file_metadata", "read"),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -100,6 +106,8 @@ class ManualInbox:
             dtype=self.dtype,
             metadata=_frozen(self.metadata),
             auto_id=self.auto_id,
+            directories="zip" if self.zip_directories else "files",
+            file_metadata=self.file_metadata,
             recursive=False,
             rejected_dir=REJECTED_DIR,
         )
