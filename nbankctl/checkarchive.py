@@ -1,44 +1,67 @@
-"""Comparing a neurobank archive on disk with the registry (``nbankctl archive check``).
+"""Comparing a neurobank archive on disk with the registry (``nbankctl check archive``).
 
 Finds, as ``nbank archive check`` does: resources registered to the archive but
 missing from it, files in it that the registry does not place there (missing from
 the registry, or registered elsewhere, compared with the registered SHA-1 when
 hashing), SHA-1 mismatches (every stored resource is read and hashed unless
 ``--no-hash`` is given, as nbank does: a check that skips the bytes would pass
-silent corruption; several readers at once),
-resources in the wrong stub folder, owners, groups and modes that break the
-archive's policy, unexpected entries under ``resources/`` and leftovers in
-``staging/``. It walks and judges with the daemon's audit code. Read-only: it never
-changes the archive or the registry (nor even access times), except that
-``--fix`` moves resources filed in the wrong stub folder where they belong.
+silent corruption), resources in the wrong stub folder, owners, groups and modes
+that break the archive's policy, unexpected entries under ``resources/`` and
+leftovers in ``staging/``. The walk, the reads and the judgement are the daemon
+audit's (:mod:`nbankd.audit.walk`, :mod:`nbankd.audit.reader`,
+:mod:`nbankd.audit.compare`), and so is the bulk listing of the registry
+(:func:`nbankd.audit.listing.list_registered`).
+
+Speed: the registry's listing of the archive is what takes longest (the server's
+work); the command starts it first, under a guessed name, and :func:`start` then
+walks the archive and reads every stored resource on a pool of readers while the
+listing runs and the registry is asked which archive this is; :meth:`Check.finish`
+judges once both are in. The check itself never writes (nor changes access times). What
+``--fix`` may change is below it: owners, groups and modes set to the archive's
+policy (:mod:`nbankd.archive.access`), a missing ``staging/`` made, resources in the
+wrong stub folder refiled (never replacing anything), and, only when the user
+answers a question at a terminal, a leftover or a verified copy removed or a
+location added.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbankd import errors
-from nbankd.archive import durable
 from nbankd.archive.layout import Archive
 from nbankd.audit.compare import by_name, elsewhere, misplaced, staging_finding, walk_findings
+from nbankd.audit.listing import list_registered
 from nbankd.audit.model import (
     HASH_MISMATCH,
+    INCOMPLETE,
     MISPLACED,
     MISSING_FROM_ARCHIVE,
     MISSING_FROM_REGISTRY,
+    PERMISSION,
+    REGISTERED_ELSEWHERE,
     SUMMARY,
+    UNEXPECTED,
     UNREADABLE,
     Finding,
 )
-from nbankd.audit.reader import sha1_of_resource, vanished
-from nbankd.audit.walk import Stored, walk_archive
-from nbankd.registry.base import Registry, ResourceRecord
+from nbankd.audit.reader import Cancelled, sha1_of_resource, vanished
+from nbankd.audit.walk import Stored, Walk, walk_archive
+from nbankd.registry.base import Registry
 
-#: resources read and hashed at once (SHA-1 and reads release the GIL)
+# what --fix needs is imported where it is used: a plain check does not pay for it
+
+#: resources read and hashed at once (reads and SHA-1 release the GIL; more did not
+#: help on the 2-core bench machine, see bench/README.md)
 READERS = 4
 
 
@@ -51,6 +74,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     hashed: bool = True
     passed: list[tuple[str, Path]] = field(default_factory=list)  # registered, stored, ok
+    #: resources registered elsewhere whose file here matches the registered SHA-1
+    verified_elsewhere: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -78,70 +103,145 @@ class Report:
         }
 
 
-def _no_throttle(_n: int) -> None:
-    """Reads at full speed: the user asked for this check and is waiting for it."""
+#: (archive name, its listing under way): a listing the caller started early, under a
+#: guessed name (the folder's, which init registers), while it asked which archive it is
+Ahead = tuple[str, Future[dict[str, str | None]]]
 
 
-def _sha1(stored: Stored) -> str:
-    return sha1_of_resource(stored.path, _no_throttle, is_dir=stored.is_dir)[0]
+class Check:
+    """A check under way: the walk and the reads run on a pool from :func:`start`;
+    :meth:`finish` compares with the registry (using ``ahead`` when its guess was
+    right), :meth:`close` stops what is left."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        *,
+        check_hash: bool,
+        ahead: Ahead | None = None,
+        readers: int = READERS,
+    ) -> None:
+        self.archive = archive
+        self.check_hash = check_hash
+        self._ahead = ahead
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="nbankctl-check")
+        self._reads: dict[str, Future[str]] = {}
+        self._walk: Future[Walk] = self._pool.submit(self._walk_and_read)
+
+    def _throttle(self, _n: int) -> None:
+        """Reads at full speed (the user is waiting); stops when the check is closed."""
+        if self._stop.is_set():
+            raise Cancelled("check stopped")
+
+    def _sha1(self, stored: Stored) -> str:
+        return sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)[0]
+
+    def _walk_and_read(self) -> Walk:
+        walk = walk_archive(self.archive)
+        if self.check_hash and not self._stop.is_set():  # the largest first: all end together
+            for stored in sorted(walk.stored.values(), key=lambda s: -s.stat.size):
+                self._reads[stored.name] = self._pool.submit(self._sha1, stored)
+        return walk
+
+    def _read(self, stored: Stored) -> str:
+        """The SHA-1 of a stored resource: the pool's read if there was one, else now.
+        Raises OSError as reading failed."""
+        future = self._reads.get(stored.name)
+        return future.result() if future is not None else self._sha1(stored)
+
+    def _listing(self, registry: Registry, name: str) -> dict[str, str | None]:
+        if self._ahead is not None and self._ahead[0] == name:
+            return self._ahead[1].result()
+        return list_registered(registry, name)
+
+    def close(self) -> None:
+        """Stops the reads not yet done and waits for the pool."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def finish(self, registry: Registry, archive_name: str) -> Report:
+        """Compares the archive (registered as ``archive_name``) with the registry.
+
+        The judgement is the daemon audit's, without its grace: like ``nbank archive
+        check``, every partial transfer and every ``staging/`` entry is reported.
+        """
+        report = Report(archive_name, self.archive.path, hashed=self.check_hash)
+        expected = self._listing(registry, archive_name)
+        walk = self._walk.result()
+        report.n_registered = len(expected)
+        report.n_stored = len(walk.stored)
+        findings = walk_findings(walk)
+        placed, lookup = misplaced(walk, expected)
+        findings += placed
+        bad: set[str] = set()
+        kept: list[Stored] = []
+        for name, stored in sorted(walk.stored.items()):
+            if name not in expected:
+                lookup.append(stored)
+                continue
+            kept.append(stored)
+            want = expected[name]
+            if self.check_hash and want is not None:
+                found = self._judge(stored, want)
+                if found is not None:
+                    bad.add(name)
+                    findings.append(found)
+        report.passed = [(s.name, Path(s.where)) for s in kept if s.name not in bad]
+        for name in sorted(set(expected) - set(walk.stored) - set(walk.misplaced)):
+            if walk.complete(name):  # else its stub folder could not be listed: reported
+                findings.append(Finding(MISSING_FROM_ARCHIVE, name, None))
+        if lookup:
+            known = by_name(registry.get_resources(s.name for s in lookup))
+            for stored in lookup:
+                record = known.get(stored.name)
+                if record is None:
+                    findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
+                    continue
+                if archive_name in record.locations:
+                    continue  # registered here since the listing: nothing to say
+                finding = elsewhere(record, stored, self._read if self.check_hash else None)
+                if finding is None:
+                    continue
+                findings.append(finding)
+                if finding.kind == REGISTERED_ELSEWHERE and record.sha1 and self.check_hash:
+                    report.verified_elsewhere.add(stored.name)
+        staging = self.archive.staging_dir
+        findings += [staging_finding(staging / name) for name, _ in walk.staging]
+        report.findings = findings
+        return report
+
+    def _judge(self, stored: Stored, want: str) -> Finding | None:
+        try:
+            actual = self._read(stored)
+        except OSError as err:
+            if vanished(err):
+                return None
+            return Finding(UNREADABLE, stored.name, stored.path, err.strerror or str(err))
+        if actual != want:
+            return Finding(
+                HASH_MISMATCH, stored.name, stored.path, f"sha1 {actual}, registered {want}"
+            )
+        return None
+
+
+def start(archive: Archive, *, check_hash: bool = True, ahead: Ahead | None = None) -> Check:
+    """Starts walking ``archive`` and reading what it holds (see :class:`Check`)."""
+    return Check(archive, check_hash=check_hash, ahead=ahead)
 
 
 def check_archive(
-    archive: Archive,
-    registry: Registry,
-    archive_name: str,
-    *,
-    check_hash: bool = True,
-    progress: Callable[[str], None] | None = None,
+    archive: Archive, registry: Registry, archive_name: str, *, check_hash: bool = True
 ) -> Report:
-    """Compares ``archive`` (registered as ``archive_name``) with the registry.
+    """Walks, reads and judges ``archive`` in one call (see :meth:`Check.finish`)."""
+    check = start(archive, check_hash=check_hash)
+    try:
+        return check.finish(registry, archive_name)
+    finally:
+        check.close()
 
-    The walk and the judgement are the daemon audit's (:mod:`nbankd.audit.walk`,
-    :mod:`nbankd.audit.compare`), without its grace: like ``nbank archive check``,
-    every partial transfer and every ``staging/`` entry is reported.
-    """
-    report = Report(archive_name, archive.path)
-    expected: dict[str, ResourceRecord] = {
-        r.name: r for r in registry.search(archive=archive_name) if archive_name in r.locations
-    }
-    report.n_registered = len(expected)
-    walk = walk_archive(archive)
-    report.n_stored = len(walk.stored)
-    findings = walk_findings(walk)
-    placed, lookup = misplaced(walk, expected)
-    findings += placed
-    to_hash: list[tuple[Stored, str]] = []
-    kept: list[Stored] = []
-    for name, stored in sorted(walk.stored.items()):
-        record = expected.get(name)
-        if record is None:
-            lookup.append(stored)
-            continue
-        kept.append(stored)
-        if check_hash and record.sha1:
-            to_hash.append((stored, record.sha1.lower()))
-    with ThreadPoolExecutor(READERS, thread_name_prefix="nbankctl-check") as pool:
-        results = list(pool.map(lambda job: _verify(*job, progress), to_hash))
-    bad = {f.resource for found in results for f in found}
-    for found in results:
-        findings += found
-    report.hashed = check_hash
-    report.passed = [(s.name, Path(s.path)) for s in kept if s.name not in bad]
-    for name in sorted(set(expected) - set(walk.stored) - set(walk.misplaced)):
-        if walk.complete(name):  # else its stub folder could not be listed: reported
-            findings.append(Finding(MISSING_FROM_ARCHIVE, name, None))
-    if lookup:
-        known = by_name(registry.get_resources(s.name for s in lookup))
-        for stored in lookup:
-            found = known.get(stored.name)
-            if found is None:
-                findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
-            elif archive_name not in found.locations:
-                finding = elsewhere(found, stored, _sha1 if check_hash else None)
-                findings += [finding] if finding is not None else []
-    findings += [staging_finding(archive.staging_dir / name) for name, _ in walk.staging]
-    report.findings = findings
-    return report
+
+# --- what --fix changes ---------------------------------------------------------------
 
 
 def fix_misplaced(archive: Archive, report: Report) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -149,6 +249,8 @@ def fix_misplaced(archive: Archive, report: Report) -> tuple[list[tuple[Path, Pa
     where its identifier belongs (:func:`nbankd.archive.durable.refile`); returns the
     moves made and why the others were not made (the identifier is also stored where
     it belongs, for one: both stay and the next check reports them again)."""
+    from nbankd.archive import durable
+
     moved: list[tuple[Path, Path]] = []
     refused: list[str] = []
     for finding in report.findings:
@@ -161,20 +263,185 @@ def fix_misplaced(archive: Archive, report: Report) -> tuple[list[tuple[Path, Pa
     return moved, refused
 
 
-def _verify(stored: Stored, want: str, progress: Callable[[str], None] | None) -> list[Finding]:
-    if progress is not None:
-        progress(stored.name)
+def _missing_staging(archive: Archive, finding: Finding) -> bool:
+    return finding.kind == UNEXPECTED and finding.path == archive.staging_dir
+
+
+def _inside(archive: Archive, path: Path) -> bool:
+    return path == archive.staging_dir or path.is_relative_to(archive.resources_dir)
+
+
+def fix_permissions(archive: Archive, report: Report) -> tuple[list[Path], list[str]]:
+    """Gives every path the report found with a wrong owner, group or mode the archive
+    policy's (:func:`nbankd.archive.access.apply_access`: the policy's group when this
+    user may set it, the exact mode nbankd gives; the policy's owner only as root),
+    and makes a missing ``staging/``. Only paths under ``resources/`` and ``staging/``
+    itself are touched, never through a symbolic link. Returns the paths now right and
+    why the others are not (an owner needs root, a group needs membership)."""
+    from nbankd.archive.access import apply_access
+    from nbankd.archive.fsops import fsync_dir
+    from nbankd.audit.checks import owners, permission_findings
+
+    fixed: list[Path] = []
+    refused: list[str] = []
+    uid, _gid = owners(archive)
+    paths = {f.path for f in report.findings if f.kind == PERMISSION and f.path is not None}
+    if any(_missing_staging(archive, f) for f in report.findings):
+        try:
+            os.mkdir(archive.staging_dir)
+            apply_access(archive, archive.staging_dir)
+            fsync_dir(archive.path)
+        except OSError as err:
+            refused.append(f"{archive.staging_dir}: cannot make it: {err.strerror or err}")
+        else:
+            fixed.append(archive.staging_dir)
+    for path in sorted(paths):
+        if not _inside(archive, path):
+            continue
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if uid is not None and uid >= 0 and st.st_uid != uid and os.geteuid() == 0:
+                os.chown(path, uid, -1, follow_symlinks=False)
+            apply_access(archive, path)
+            left = list(permission_findings(archive, path, os.lstat(path)))
+        except errors.NbankdError as err:
+            refused.append(f"{path}: {err}")
+            continue
+        except OSError as err:
+            refused.append(f"{path}: {err.strerror or err}")
+            continue
+        if left:
+            why = "; ".join(f.detail for f in left)
+            refused.append(f"{path}: still {why} (an owner needs root, a group membership)")
+        else:
+            fixed.append(path)
+    return fixed, refused
+
+
+def remove_leftover(path: Path) -> None:
+    """Deletes a partial transfer or a ``staging/`` leftover (the user said so)."""
+    from nbankd.archive.fsops import fsync_dir, remove_ours
+
+    remove_ours(path)
+    fsync_dir(path.parent)
+
+
+def remove_copy(archive: Archive, path: Path) -> None:
+    """Deletes a copy of a resource held elsewhere (the user said so, its SHA-1 was
+    checked), then its stub folder if that is now empty."""
+    from nbankd.archive.fsops import fsync_dir, remove_ours
+
+    remove_ours(path)
+    fsync_dir(path.parent)
+    if path.parent.parent == archive.resources_dir:
+        try:
+            os.rmdir(path.parent)
+        except OSError:
+            return  # not empty: kept
+        fsync_dir(archive.resources_dir)
+
+
+# --- asking at a terminal (--fix) --------------------------------------------------------
+
+#: a leftover changed more recently than this may belong to a transfer under way
+LEFTOVER_AGE = 3600.0
+
+
+def interactive() -> bool:
+    """True if the user can be asked (standard input is a terminal)."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _ask(prompt: str, choices: str) -> str:
+    """One letter of ``choices`` typed at the terminal; "" at end of input."""
+    while True:
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return ""
+        answer = line.strip().lower()
+        if len(answer) == 1 and answer in choices:
+            return answer
+
+
+def _age(path: Path) -> float | None:
     try:
-        actual = _sha1(stored)
-    except OSError as err:
-        if vanished(err):
-            return []
-        return [Finding(UNREADABLE, stored.name, stored.path, err.strerror or str(err))]
-    if actual != want:
-        return [
-            Finding(HASH_MISMATCH, stored.name, stored.path, f"sha1 {actual}, registered {want}")
-        ]
-    return []
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return time.time() - max(st.st_mtime, st.st_ctime)
 
 
-__all__ = ["Finding", "Report", "check_archive", "fix_misplaced"]
+def resolve_at_terminal(
+    reg: Registry, archive: Archive, name: str, result: Report, say: Callable[[str], None]
+) -> list[str]:
+    """Asks at the terminal about each leftover (unchanged for :data:`LEFTOVER_AGE`)
+    and each copy of a resource registered elsewhere whose SHA-1 was checked: delete
+    it, or add this archive as a location. Returns what was done."""
+    done: list[str] = []
+    for f in result.findings:
+        if f.kind != INCOMPLETE or f.path is None:
+            continue
+        age = _age(f.path)
+        if age is None:
+            continue
+        if age < LEFTOVER_AGE:
+            say(f" - {f.path}: changed {age / 60:.0f} min ago, may be a transfer under way: kept")
+            continue
+        say(f" - {f.path} - {f.kind}, unchanged for {age / 3600:.1f} h")
+        if _ask("   [d]elete, [s]kip? ", "ds") == "d":
+            try:
+                remove_leftover(f.path)
+            except OSError as err:
+                say(f"   cannot delete {f.path}: {err.strerror or err}")
+                continue
+            done.append(f"deleted {f.path}")
+    copies = [
+        f
+        for f in result.findings
+        if f.kind == REGISTERED_ELSEWHERE and f.resource in result.verified_elsewhere and f.path
+    ]
+    records = {r.name: r for r in reg.get_resources(f.resource for f in copies if f.resource)}
+    for f in copies:
+        record = records.get(f.resource or "")
+        if record is None or f.path is None or name in record.locations:
+            continue
+        options = []
+        if record.locations:
+            options.append(("d", "[d]elete this copy"))
+        if f.path.parent == archive.resource_path(record.name).parent:
+            options.append(("a", f"[a]dd {name} as a location"))
+        if not options:
+            continue
+        say(f" - {f.path}: a copy of {record.name} (SHA-1 checked), {f.detail}")
+        answer = _ask(f"   {', '.join(t for _, t in options)}, [s]kip? ", "das")
+        try:
+            if answer == "d" and record.locations:
+                remove_copy(archive, f.path)
+                done.append(f"deleted {f.path}")
+            elif answer == "a" and any(k == "a" for k, _ in options):
+                reg.add_location(record.name, name)
+                done.append(f"added {name} as a location of {record.name}")
+        except OSError as err:
+            say(f"   cannot delete {f.path}: {err.strerror or err}")
+        except errors.NbankdError as err:
+            say(f"   cannot add the location: {err}")
+    return done
+
+
+__all__ = [
+    "Check",
+    "Finding",
+    "Report",
+    "check_archive",
+    "fix_misplaced",
+    "fix_permissions",
+    "interactive",
+    "remove_copy",
+    "remove_leftover",
+    "resolve_at_terminal",
+    "start",
+]

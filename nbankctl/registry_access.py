@@ -20,12 +20,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nbankd import errors
-from nbankd.config import find_config_path, load_config
-from nbankd.config.model import Config
 from nbankd.registry import credentials
-from nbankd.registry.base import Registry
+
+if TYPE_CHECKING:  # the configuration's modules (and yaml) load only when one is read
+    from nbankd.config.model import Config
+    from nbankd.registry.base import Registry
 
 ENV_REGISTRY = "NBANK_REGISTRY"
 ARGV_WARNING = (
@@ -48,6 +50,8 @@ class Choice:
 
 
 def _load(args: argparse.Namespace) -> tuple[Path, Config | None, errors.ConfigError | None]:
+    from nbankd.config import find_config_path, load_config
+
     path = find_config_path(getattr(args, "config", None))
     try:
         return path, load_config(path), None

@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nbankctl import checkarchive
+from nbankctl import check_cmds
 from nbankctl.registry_access import describe, open_registry
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import DEFAULT_UMASK
-from nbankd.archive.opening import create_archive, open_archive
+from nbankd.archive.opening import create_archive
 from nbankd.registry.base import CORE_FIELDS, SLUG_RE, Registry
 
 _ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
@@ -269,46 +269,7 @@ def cmd_modify(args: argparse.Namespace, report: Report) -> None:
 
 
 # --- archive check -------------------------------------------------------------------
-
-
-def cmd_archive_check(args: argparse.Namespace, report: Report) -> None:
-    archive = open_archive(args.path)
-    with registry_for(args, fallback_url=archive.registry_url) as reg:
-        record = reg.find_archive_by_root(str(archive.path))
-        if record is None:
-            print(f"No archive associated with '{archive.path}' in registry {reg.url}")
-            warn("register it with: nbankctl init (on a new folder) or ask the registry admin")
-            report.failed()
-            return
-        if not args.json:
-            print(f"archive: {archive.path} ({record.name})")
-            print(f"registry: {describe(reg)}")
-        if archive.registry_url.rstrip("/") != reg.url.rstrip("/"):
-            warn(f"nbank.json names another registry ({archive.registry_url}); checked {reg.url}")
-        check = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
-        if args.fix:
-            moved, refused = checkarchive.fix_misplaced(archive, check)
-            for old, new in moved:
-                if not args.json:
-                    print(f"moved {old} -> {new}")
-            for why in refused:
-                warn(f"not moved: {why}")
-            if moved:  # judged again, so the findings and exit status are what is left
-                check = checkarchive.check_archive(archive, reg, record.name, check_hash=args.hash)
-    if args.json:
-        dump(check.to_json())
-    else:
-        if args.verbose:
-            status = "ok" if check.hashed else "ok (not hashed)"
-            for name, path in check.passed:
-                print(f" - {name} : {path} - {status}")
-        for finding in check.findings:
-            print(f" - {finding}")
-        print()
-        print(check.summary())
-        if not check.hashed:
-            print("SHA-1s not verified (--no-hash): corrupt copies were not looked for")
-    report.failed(len(check.findings))
+# nbank's ``archive check``, kept as the alias of ``check archive`` (nbankctl.check_cmds)
 
 
 # --- parser --------------------------------------------------------------------------
@@ -320,7 +281,15 @@ def _core_fields(pp: argparse.ArgumentParser, what: str) -> None:
 
 
 def _json_out(pp: argparse.ArgumentParser) -> None:
-    pp.add_argument("-j", "--json-out", dest="json", action="store_true", help="same as --json")
+    # SUPPRESS: a default here would undo a --json given before the command
+    pp.add_argument(
+        "-j",
+        "--json-out",
+        dest="json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="same as --json",
+    )
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -391,25 +360,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp.add_argument("--scheme", help="filter by scheme")
     pp.add_argument("-n", "--name", help="filter by name")
     pp.set_defaults(func=cmd_archive_list)
-    pp = ar.add_parser("check", parents=[common], help="compare an archive with the registry")
-    pp.add_argument(
-        "--no-hash", action="store_false", dest="hash",
-        help="do not read and hash the stored files (faster; corrupt copies go unnoticed)",
-    )  # fmt: skip
-    pp.add_argument(
-        "-H", "--hash", action="store_true", default=True,
-        help="verify every SHA-1 (the default; kept for older scripts)",
-    )  # fmt: skip
-    pp.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="list every resource checked, not only problems",
+    pp = ar.add_parser(
+        "check", parents=[common], help="compare an archive with the registry (check archive)"
     )
-    pp.add_argument(
-        "--fix", action="store_true",
-        help="move resources filed in the wrong stub folder to where their identifier "
-        "belongs (never replacing anything); other findings are only reported",
-    )  # fmt: skip
+    check_cmds.archive_options(pp)
     pp.add_argument("path", type=Path, help="the archive's folder")
-    pp.set_defaults(func=cmd_archive_check)
+    pp.set_defaults(func=check_cmds.cmd_check_archive)

@@ -58,7 +58,7 @@ def test_deposit_moves_the_file_into_the_archive_and_registers_it(backend: Backe
 def test_deposit_gives_what_nbank_deposit_gives(django_backend: Backend) -> None:
     """Side by side on one server: the same stored layout, record fields and -j keys."""
     b = django_backend
-    archive, name = b.archive()
+    archive, _ = b.archive()
     folder = rig_folder(b)
     ours, theirs = folder / f"{b.name('a')}.dat", folder / f"{b.name('b')}.dat"
     ours.write_bytes(b.blob("ours"))
@@ -192,9 +192,9 @@ def test_an_unreachable_registry_exits_3_and_leaves_the_file(backend: Backend) -
     folder = rig_folder(backend)
     src = folder / f"{backend.name('u')}.dat"
     src.write_bytes(backend.blob("unreach"))
+    argv = ["-r", "http://127.0.0.1:9/neurobank/", "deposit", str(archive.path)]
     r = subprocess.run(
-        [NBANKCTL, "-r", "http://127.0.0.1:9/neurobank/", "deposit", str(archive.path)]
-        + ["-d", backend.dtype, str(src)],
+        [NBANKCTL, *argv, "-d", backend.dtype, str(src)],
         env={k: v for k, v in backend.env.items() if k != "NBANKD_CONFIG"},
         capture_output=True,
         text=True,

@@ -266,7 +266,7 @@ def test_archive_check_reports_each_problem(backend: Backend) -> None:
     (archive.staging_dir / "leftover.zip").write_bytes(b"x")
     proc = backend.ctl("archive", "check", str(archive.path))
     assert proc.returncode == 1
-    out = proc.stdout
+    out = proc.stderr
     assert f"{missing} - missing from archive" in out
     assert f"{stray} - missing from registry" in out
     assert f"{corrupt} : " in out and "hash mismatch" in out
@@ -286,10 +286,10 @@ def test_archive_check_hashes_by_default(backend: Backend) -> None:
     name = backend.resource(backend.blob("right"), arch)
     store(archive, name, backend.blob("wrong"))
     default = backend.ctl("archive", "check", str(archive.path))
-    assert default.returncode == 1 and "hash mismatch" in default.stdout
+    assert default.returncode == 1 and "hash mismatch" in default.stderr
     assert backend.ctl("archive", "check", "-H", str(archive.path)).returncode == 1
     skipped = backend.ctl("archive", "check", "--no-hash", str(archive.path))
-    assert skipped.returncode == 0 and "SHA-1s not verified (--no-hash)" in skipped.stdout
+    assert skipped.returncode == 0 and "SHA-1s not verified (--no-hash)" in skipped.stderr
 
 
 def test_archive_check_verbose_lists_every_resource(backend: Backend) -> None:
@@ -301,9 +301,9 @@ def test_archive_check_verbose_lists_every_resource(backend: Backend) -> None:
     proc = backend.ctl("archive", "check", "-v", str(archive.path))
     assert proc.returncode == 0
     for name in names:
-        assert f" - {name} : " in proc.stdout and proc.stdout.count(f" - {name} : ") == 1
+        assert f" - {name} : " in proc.stderr and proc.stderr.count(f" - {name} : ") == 1
     quiet = backend.ctl("archive", "check", str(archive.path))
-    assert all(f" - {name} : " not in quiet.stdout for name in names)
+    assert all(f" - {name} : " not in quiet.stderr for name in names)
 
 
 def _legacy_one_character(backend: Backend, id: str) -> tuple[Archive, Path, bytes]:
@@ -326,11 +326,11 @@ def test_archive_check_fix_moves_misplaced_within_resources(backend: Backend) ->
     misplaced; --fix moves it to resources/q/ and the check is then clean."""
     archive, legacy, data = _legacy_one_character(backend, "q")
     proc = backend.ctl("archive", "check", str(archive.path))
-    assert proc.returncode == 1 and f"{legacy} - misplaced" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and f"{legacy} - misplaced" in proc.stderr, proc.stderr
     proc = backend.ctl("archive", "check", "--fix", str(archive.path))
     proper = archive.resources_dir / "q" / "q.dat"
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"moved {legacy} -> {proper}" in proc.stdout
+    assert f"moved {legacy} -> {proper}" in proc.stderr
     assert proper.read_bytes() == data and not legacy.parent.exists()
     if backend.url is not None:
         proc = backend.nbank("archive", "check", str(archive.path))
@@ -345,7 +345,7 @@ def test_archive_check_fix_never_overwrites(backend: Backend) -> None:
     proper.parent.mkdir()
     proper.write_bytes(b"another file")
     proc = backend.ctl("archive", "check", "--fix", str(archive.path))
-    assert proc.returncode == 1 and "moved" not in proc.stdout
+    assert proc.returncode == 1 and "moved" not in proc.stderr
     assert legacy.read_bytes() == data and proper.read_bytes() == b"another file"
 
 
