@@ -31,14 +31,14 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nbankctl import registry_access
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
-from nbankd.config.model import Config
+from nbankd.config.model import Config, FileMetadata
 from nbankd.daemon import statelock
 from nbankd.deposit import manual, policy
 from nbankd.deposit.journal import Item, Journal
@@ -119,19 +119,10 @@ def _check_user(archive: Archive) -> None:
         )
 
 
-def _lock(state_dir: Path, daemon: bool) -> statelock.StateLock:
+def _lock(state_dir: Path) -> statelock.StateLock:
+    """The user's own journal's lock: one manual deposit after another."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not daemon:
-        return statelock.acquire(state_dir, wait=True)
-    try:
-        return statelock.acquire(state_dir)
-    except statelock.StateDirInUse as err:
-        raise errors.UsageError(
-            f"nbankd is running with state_dir {state_dir} ({err}); a deposit with its "
-            "configuration needs the daemon stopped",
-            hint="drop the files into one of its inboxes, stop it (systemctl stop nbankd), "
-            "or deposit on your own with -r URL",
-        ) from None
+    return statelock.acquire(state_dir, wait=True)
 
 
 # --- inputs --------------------------------------------------------------------------
@@ -191,18 +182,6 @@ def _check_dtype(reg: Registry, dtype: str | None) -> None:
         )
 
 
-def _record(item: Item) -> dict[str, Any]:
-    inbox = manual.ManualInbox.from_key(item.inbox)
-    folder = inbox.folder if inbox is not None else Path(".")
-    source = str(folder / item.relpath_str)
-    if item.state is State.DONE:
-        return {"source": source, "id": item.name}
-    if item.state is State.REJECTED:
-        reason = json.loads(item.reason_json or "{}")
-        return {"source": source, "error": reason.get("message") or item.error_message or ""}
-    return {"source": source, "error": item.error_message or f"unfinished ({item.state})"}
-
-
 def _drive_all(steps: Steps, items: list[Item], wait: float) -> list[Item]:
     """Drives every item until it ends; an item that must wait (backoff) is tried
     again until ``wait`` seconds have passed."""
@@ -227,31 +206,35 @@ def _drive_all(steps: Steps, items: list[Item], wait: float) -> list[Item]:
 
 
 def _finish(args: argparse.Namespace, report: Report, items: Iterable[Item]) -> None:
-    unreachable = False
+    described = []
     for item in items:
-        if item.state is State.REJECTED:
-            where = manual.return_rejected(item)
-            record = _record(item)
-            _say(args, f"{record['source']}: not deposited: {record['error']}")
-            if str(where) != record["source"]:
-                _say(args, f"  (kept at {where}, its place was taken meanwhile)")
-            report.failed()
-        elif item.state is State.DONE:
-            _say(args, f"{_record(item)['source']}: deposited as {item.name} ({item.url})")
-        elif item.state in (State.RETURNED, State.CANCELLED):
-            _say(args, f"{_record(item)['source']}: not deposited: it changed or vanished")
-            report.failed()
-        else:
-            inbox = manual.ManualInbox.from_key(item.inbox)
-            kept = inbox.folder / ".nbank" / item.token if inbox is not None else item.token
+        where = manual.return_rejected(item) if item.state is State.REJECTED else None
+        described.append(manual.describe(item, where))
+    _report(args, report, described)
+
+
+def _report(args: argparse.Namespace, report: Report, described: list[dict[str, Any]]) -> None:
+    """Says how each input ended (stderr; -j lines on stdout) and records failures."""
+    unreachable = False
+    for d in described:
+        record, state = d["record"], d["state"]
+        source = record["source"]
+        if state == State.DONE:
+            _say(args, f"{source}: deposited as {record['id']} ({d['url']})")
+        elif d["held"] is not None:
             _say(
                 args,
-                f"{_record(item)['source']}: unfinished ({item.state}, {item.error_message}); "
-                f"kept safe as {kept}; the next `nbankctl deposit` finishes it",
+                f"{source}: unfinished ({state}: {record['error']}); kept safe as "
+                f"{d['held']}; the next `nbankctl deposit` finishes it",
             )
-            unreachable |= item.error_code in ("registry-unavailable", "auth")
+            unreachable |= d["code"] in ("registry-unavailable", "auth")
+        else:
+            _say(args, f"{source}: not deposited: {record['error']}")
+            if d["where"] is not None and d["where"] != source:
+                _say(args, f"  (kept at {d['where']}: its place was taken meanwhile)")
+        if state != State.DONE:
             report.failed()
-        _emit(args, _record(item))
+        _emit(args, record)
     if unreachable:
         report.unreachable()
 
@@ -300,6 +283,56 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     configure_logging("console", "error", stream=sys.stderr)
     archive = open_archive(args.directory)
     config = _daemon_config(args)
+    metadata = dict(args.metadata or {})
+    for key in ("experimenter", "animal"):
+        if getattr(args, key):
+            metadata[key] = getattr(args, key)
+    mode = "skip" if not args.read_metadata else "read"
+    if args.override_file_metadata:
+        mode = "override"
+    by_folder: dict[Path, list[str]] = {}
+    for path in _inputs(args):
+        refused = _refusal(path, args.zip_directories)
+        if refused is not None:
+            _say(args, f"{path}: not deposited: {refused}")
+            _emit(args, {"source": str(path), "error": refused})
+            report.failed()
+            continue
+        by_folder.setdefault(path.parent, []).append(path.name)
+    lock = None
+    if config is not None and not args.dry_run:
+        try:
+            lock = statelock.acquire(config.state_dir)
+        except statelock.StateDirInUse:  # the daemon runs: it does the work
+            _via_daemon(args, report, archive, by_folder, metadata, mode)
+            return
+        except errors.ConfigError as err:  # not the daemon's user: only the daemon can
+            try:
+                _via_daemon(args, report, archive, by_folder, metadata, mode)
+            except errors.DaemonUnreachable:
+                raise errors.UsageError(
+                    f"nbankd is not running and {err.message}",
+                    hint="start nbankd to hand it the files, or run the deposit as its user",
+                ) from None
+            return
+    try:
+        _by_hand(args, report, config, archive, by_folder, metadata, mode, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _by_hand(
+    args: argparse.Namespace,
+    report: Report,
+    config: Config | None,
+    archive: Archive,
+    by_folder: dict[Path, list[str]],
+    metadata: dict[str, Any],
+    mode: str,
+    lock: statelock.StateLock | None,
+) -> None:
+    """The deposit in this process (no daemon runs with this state directory)."""
     if config is not None:
         state_dir = config.state_dir
         choice = registry_access.Choice(config.registry, f"configuration {config.source}", config)
@@ -307,27 +340,9 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     else:
         state_dir = user_state_dir()
         reg = registry_access.open_registry(args, fallback_url=archive.registry_url)
-    _check_user(archive)
-    metadata = dict(args.metadata or {})
-    for key in ("experimenter", "animal"):
-        if getattr(args, key):
-            metadata[key] = getattr(args, key)
     try:
         name = _archive_name(reg, archive)
         _check_dtype(reg, args.dtype)
-        inputs = _inputs(args)
-        by_folder: dict[Path, list[str]] = {}
-        for path in inputs:
-            refused = _refusal(path, args.zip_directories)
-            if refused is not None:
-                _say(args, f"{path}: not deposited: {refused}")
-                _emit(args, {"source": str(path), "error": refused})
-                report.failed()
-                continue
-            by_folder.setdefault(path.parent, []).append(path.name)
-        mode = "skip" if not args.read_metadata else "read"
-        if args.override_file_metadata:
-            mode = "override"
 
         def inbox_of(folder: Path) -> manual.ManualInbox:
             return manual.ManualInbox(
@@ -339,7 +354,7 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
                 metadata=metadata,
                 auto_id=True if args.auto_id else None,
                 zip_directories=args.zip_directories,
-                file_metadata=mode,
+                file_metadata=cast(FileMetadata, mode),
             )
 
         if args.dry_run:
@@ -347,9 +362,60 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
                 paths = [folder / n for n in names]
                 _dry_run(args, report, reg, inbox_of(folder).spec(), archive, paths)
             return
-        _run(args, report, reg, state_dir, config is not None, by_folder, inbox_of)
+        _check_user(archive)
+        if lock is None:
+            lock = _lock(state_dir)
+            try:
+                _run(args, report, reg, state_dir, by_folder, inbox_of)
+            finally:
+                lock.release()
+        else:
+            _run(args, report, reg, state_dir, by_folder, inbox_of)
     finally:
         reg.close()
+
+
+#: paths per deposit request to the daemon (a request line is at most 64 KiB)
+BATCH = 100
+
+
+def _via_daemon(
+    args: argparse.Namespace,
+    report: Report,
+    archive: Archive,
+    by_folder: dict[Path, list[str]],
+    metadata: dict[str, Any],
+    mode: str,
+) -> None:
+    """Hands the files to the running daemon (admins only) and waits for their end."""
+    from nbankctl.daemon_cmds import client
+
+    daemon = client(args, "deposit")
+    files = [str(folder / n) for folder, names in by_folder.items() for n in names]
+    _say(args, f"nbankd is running: handing {len(files)} file(s) to it")
+    ids: list[int] = []
+    for start in range(0, len(files), BATCH):
+        request = {
+            "archive": str(archive.path),
+            "files": files[start : start + BATCH],
+            "dtype": args.dtype,
+            "metadata": metadata,
+            "auto_id": bool(args.auto_id),
+            "zip_directories": bool(args.zip_directories),
+            "file_metadata": mode,
+        }
+        ids += daemon.call("deposit", request)["items"]
+    wait = DEFAULT_WAIT if args.wait is None else args.wait
+    began = time.monotonic()
+    poll = min(10.0, daemon.timeout / 2)
+    while True:
+        state = daemon.call("deposit-status", {"items": ids, "wait": poll})
+        if state["done"]:
+            break
+        stuck = all(d["code"] for d in state["items"] if d["held"] is not None)
+        if stuck and time.monotonic() - began >= wait:
+            break  # every unfinished one waits after an error: the daemon keeps trying
+    _report(args, report, state["items"])
 
 
 def _run(
@@ -357,11 +423,10 @@ def _run(
     report: Report,
     reg: Registry,
     state_dir: Path,
-    daemon: bool,
     by_folder: dict[Path, list[str]],
     inbox_of: Any,
 ) -> None:
-    lock = _lock(state_dir, daemon)
+    """Finishes what an interrupted deposit left, then deposits ``by_folder``."""
     journal = Journal(state_dir / JOURNAL_NAME)
     try:
         specs: dict[str, InboxSpec] = {}
@@ -404,7 +469,6 @@ def _run(
             manual.tidy(folder)
     finally:
         journal.close()
-        lock.release()
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

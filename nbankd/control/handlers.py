@@ -21,6 +21,7 @@ import structlog
 
 from nbankd import errors
 from nbankd.config import load_config, parse_duration
+from nbankd.control import deposit_handlers
 from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import orphans
@@ -412,6 +413,8 @@ HANDLERS: dict[str, Handler] = {
     "reload": reload,
     "audit": audit,
     "check-registry": check_registry,
+    "deposit": deposit_handlers.deposit,
+    "deposit-status": deposit_handlers.deposit_status,
 }
 
 

@@ -48,7 +48,17 @@ MAX_REPLY = 256 * 1024 * 1024
 READ_COMMANDS = frozenset({"status", "queue", "history", "explain"})
 #: commands that change state: ``control.admins`` only
 ADMIN_COMMANDS = frozenset(
-    {"requeue", "pause", "resume", "rescan", "audit", "reload", "check-registry"}
+    {
+        "requeue",
+        "pause",
+        "resume",
+        "rescan",
+        "audit",
+        "reload",
+        "check-registry",
+        "deposit",
+        "deposit-status",
+    }
 )
 COMMANDS = READ_COMMANDS | ADMIN_COMMANDS
 

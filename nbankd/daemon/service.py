@@ -10,6 +10,7 @@ main thread, which resubmits them when their time comes.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
 import threading
@@ -280,6 +281,22 @@ class Daemon(InboxScanning):
 
     # -- workers ----------------------------------------------------------------
 
+    def submit_manual(self, inbox: manual.ManualInbox, names: list[str]) -> list[int]:
+        """Journals and starts a manual deposit of ``names`` (in ``inbox.folder``) handed
+        over by ``nbankctl deposit``; returns the items' ids. Raises ConfigError when
+        the folder cannot serve as an inbox (this daemon's user cannot write it)."""
+        inbox.spec(prepare=True)  # its work and rejected folders, checked
+        dirs = [n for n in names if os.path.isdir(inbox.folder / n)]
+        items: list[Item] = []
+        for kind, group in (("file", [n for n in names if n not in dirs]), ("dir", dirs)):
+            if group:
+                items += manual.journal_files(
+                    self.journal, inbox, group, kind=kind, now=self.clock()
+                )
+        for item in items:
+            self._submit(item)
+        return [item.id for item in items]
+
     def _submit(self, item: Item) -> None:
         with self._lock:
             if item.id in self._running or self.state_problem is not None:
@@ -340,6 +357,8 @@ class Daemon(InboxScanning):
             self.registry_problem = None
         if item.state is State.RETURNED:
             self.request_rescan(item.inbox)
+        if item.state is State.REJECTED and manual.ManualInbox.from_key(item.inbox):
+            manual.return_rejected(item)  # as nbank, a refused file stays where it was
         self._wake.set()
         return item
 

@@ -17,6 +17,7 @@ from nbankd.watch import settle
 
 if TYPE_CHECKING:
     from nbankd.audit.schedule import AuditScheduler
+    from nbankd.deposit.manual import ManualInbox
     from nbankd.registry.base import Registry
     from nbankd.watch.wakeups import WatchStatus
 
@@ -92,6 +93,7 @@ class DaemonView(Protocol):
     def request_rescan(self, key: str | None = None) -> None: ...
     def set_paused(self, keys: list[str], paused: bool) -> None: ...
     def reload(self) -> None: ...
+    def submit_manual(self, inbox: ManualInbox, names: list[str]) -> list[int]: ...
 
 
 __all__ = ["DaemonView", "InboxState", "Snapshot"]

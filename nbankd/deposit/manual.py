@@ -210,3 +210,40 @@ def tidy(folder: Path) -> None:
 
 def is_final(item: Item) -> bool:
     return item.state in FINAL
+
+
+def record(item: Item) -> dict[str, Any]:
+    """What ``nbank deposit -j`` prints for the item: ``{"source", "id"}`` once it is
+    deposited, ``{"source", "error"}`` otherwise (with ``state`` while unfinished)."""
+    inbox = ManualInbox.from_key(item.inbox)
+    folder = inbox.folder if inbox is not None else Path(".")
+    source = str(folder / item.relpath_str)
+    if item.state is State.DONE:
+        return {"source": source, "id": item.name}
+    if item.state is State.REJECTED:
+        reason = json.loads(item.reason_json or "{}")
+        return {"source": source, "error": reason.get("message") or item.error_message or ""}
+    if item.state in FINAL:
+        return {"source": source, "error": "it changed or vanished while it was deposited"}
+    return {
+        "source": source,
+        "error": item.error_message or f"unfinished ({item.state})",
+        "state": str(item.state),
+    }
+
+
+def describe(item: Item, where: Path | None = None) -> dict[str, Any]:
+    """The item as ``nbankctl deposit`` reports it: its :func:`record`, state, URL and
+    error code, and where its input is (``where``: back in place, or held)."""
+    inbox = ManualInbox.from_key(item.inbox)
+    held = None
+    if item.state not in FINAL and inbox is not None:
+        held = str(inbox.folder / WORK_DIR_NAME / item.token)
+    return {
+        "record": record(item),
+        "state": str(item.state),
+        "url": item.url,
+        "code": item.error_code,
+        "held": held,
+        "where": str(where) if where is not None else None,
+    }

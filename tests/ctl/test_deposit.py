@@ -204,9 +204,10 @@ def test_an_unreachable_registry_exits_3_and_leaves_the_file(backend: Backend) -
     assert src.exists() and files_in(folder) == [src.name]
 
 
-def test_with_a_running_daemon_the_deposit_is_refused(tmp_path: Path) -> None:
-    """With a daemon configuration whose state directory is locked (the daemon runs),
-    the command names it and touches nothing (exit 2)."""
+def test_a_locked_state_directory_without_a_daemon_answering_exits_3(tmp_path: Path) -> None:
+    """With a daemon configuration whose state directory is locked but whose control
+    socket answers nothing, the command says the daemon is unreachable (exit 3) and
+    touches nothing."""
     from nbankd.registry.embedded import EmbeddedRegistry
 
     state = tmp_path / "state"
@@ -230,7 +231,7 @@ def test_with_a_running_daemon_the_deposit_is_refused(tmp_path: Path) -> None:
         )
     finally:
         lock.release()
-    assert r.returncode == 2
+    assert r.returncode == 3
     assert "nbankd is running" in r.stderr
     assert src.read_bytes() == b"bytes"
 

@@ -1,14 +1,19 @@
-"""nbankctl deposit with a daemon's configuration: the daemon's lock, and its start
-finishing what an interrupted manual deposit left in its state directory."""
+"""nbankctl deposit with a daemon's configuration: handed to the running daemon over
+its control socket, and finished by its start when an interrupted manual deposit left
+work in its state directory."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from fixtures.cli_backends import NBANKCTL
+from fixtures.cli_backends import NBANKCTL, json_stream
 from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.users import TestUser
 
 
 def manual_deposit(h: DaemonHarness, *files: str, env: dict[str, str] | None = None) -> Any:
@@ -23,19 +28,72 @@ def manual_deposit(h: DaemonHarness, *files: str, env: dict[str, str] | None = N
     )
 
 
-def test_a_running_daemon_refuses_a_manual_deposit_with_its_configuration(
-    daemon_factory: Any,
-) -> None:
-    """While nbankd runs, `nbankctl -c ITS_CONFIG deposit` names it and touches nothing."""
+def test_a_running_daemon_deposits_the_files_handed_to_it(daemon_factory: Any) -> None:
+    """While nbankd runs, `nbankctl -c ITS_CONFIG deposit` hands the files to it over
+    the control socket and waits: deposited, gone from their folder, -j lines printed."""
     h: DaemonHarness = daemon_factory()
     h.start()
-    src = h.root / "rec.wav"
-    src.write_bytes(b"manual bytes")
-    r = manual_deposit(h, str(src))
+    folder = h.root / "session"
+    folder.mkdir()
+    (folder / "one.wav").write_bytes(b"first recording")
+    (folder / "two.wav").write_bytes(b"second recording")
+    r = manual_deposit(h, "-j", str(folder / "one.wav"), str(folder / "two.wav"))
     h.stop()
-    assert r.returncode == 2
-    assert "nbankd is running" in r.stderr
-    assert src.read_bytes() == b"manual bytes"
+    assert r.returncode == 0, r.stderr
+    assert "handing 2 file(s)" in r.stderr
+    assert sorted(json_stream(r.stdout), key=str) == sorted(
+        [{"source": str(folder / n), "id": n[:-4]} for n in ("one.wav", "two.wav")], key=str
+    )
+    assert (h.archive / "resources" / "on" / "one.wav").read_bytes() == b"first recording"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) in (
+        [],
+        ["nbank-rejected"],
+    )
+
+
+def test_a_file_the_daemon_refuses_is_put_back_in_place(daemon_factory: Any) -> None:
+    """A duplicate handed to the running daemon is rejected, put back where it was, and
+    the command exits 1 naming the resource that holds the bytes."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    folder = h.root / "session"
+    folder.mkdir()
+    (folder / "first.wav").write_bytes(b"same bytes")
+    assert manual_deposit(h, str(folder / "first.wav")).returncode == 0
+    (folder / "again.wav").write_bytes(b"same bytes")
+    r = manual_deposit(h, "-j", str(folder / "again.wav"))
+    h.stop()
+    assert r.returncode == 1
+    [line] = json_stream(r.stdout)
+    assert line["source"] == str(folder / "again.wav") and "first" in line["error"]
+    assert (folder / "again.wav").read_bytes() == b"same bytes"
+
+
+def test_a_user_who_is_not_an_admin_cannot_hand_files_to_the_daemon(
+    daemon_factory: Any, unpriv_user: TestUser, other_user: TestUser
+) -> None:
+    """The control socket refuses `deposit` from a user outside control.admins (exit 2);
+    the file stays."""
+    h: DaemonHarness = daemon_factory(
+        user=unpriv_user, extra_config={"control": {"readers": [other_user.name]}}
+    )
+    h.start()
+    folder = Path(tempfile.mkdtemp(prefix="nbankd-manual-", dir="/tmp"))
+    os.chown(folder, other_user.uid, other_user.gid)
+    src = folder / "mine.wav"
+    src.write_bytes(b"not for the daemon")
+    os.chown(src, other_user.uid, other_user.gid)
+    try:
+        r = other_user.run(
+            [NBANKCTL, "-c", str(h.config_path), "deposit", str(h.archive), str(src)],
+            env={"PATH": os.environ["PATH"]},
+        )
+        h.stop()
+        assert r.returncode == 2, r.stderr
+        assert "admin" in r.stderr
+        assert src.read_bytes() == b"not for the daemon"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_the_daemon_start_finishes_an_interrupted_manual_deposit(daemon_factory: Any) -> None:
