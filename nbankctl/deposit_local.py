@@ -1,0 +1,253 @@
+"""``nbankctl deposit`` in this process: no daemon runs with the state directory (or
+none is configured). The journal is the daemon's (its ``state_dir``, under its lock)
+or the user's own (``$XDG_STATE_HOME/nbankctl``); see :mod:`nbankctl.deposit_cmds`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+from nbankctl import registry_access
+from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
+from nbankctl.report import Report
+from nbankd import errors
+from nbankd.archive.layout import Archive
+from nbankd.config.model import Config, FileMetadata
+from nbankd.daemon import statelock
+from nbankd.deposit import manual, policy
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import State
+from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.steps import Steps
+from nbankd.registry.base import Registry
+
+JOURNAL_NAME = "journal.sqlite3"
+
+
+def user_state_dir(environ: dict[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/nbankctl``, or ``~/.local/state/nbankctl``."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "nbankctl"
+
+
+def _check_user(archive: Archive) -> None:
+    user = archive.policy.access.user
+    if user is None:
+        return
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if me != user:
+        raise errors.UsageError(
+            f"archive {archive.path} is owned by {user!r} (access.user in its nbank.json); "
+            f"a deposit run as {me!r} would leave files it cannot own",
+            hint=f"run the deposit as {user} (e.g. sudo -u {user} nbankctl deposit ...)",
+        )
+
+
+def _lock(state_dir: Path) -> statelock.StateLock:
+    """The user's own journal's lock: one manual deposit after another."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return statelock.acquire(state_dir, wait=True)
+
+
+def _archive_name(reg: Registry, archive: Archive) -> str:
+    record = reg.find_archive_by_root(str(archive.path))
+    if record is None:
+        raise errors.UsageError(
+            f"archive {archive.path} is not registered with {registry_access.describe(reg)}",
+            hint="register it with `nbankctl init` (or check that -r names its registry)",
+        )
+    return record.name
+
+
+def _check_dtype(reg: Registry, dtype: str | None) -> None:
+    if dtype is None:
+        return
+    if dtype not in {d.name for d in reg.list_datatypes()}:
+        raise errors.UsageError(
+            f"'{dtype}' is not a registered datatype",
+            hint=f"add it with `nbankctl dtype add {dtype} CONTENT-TYPE`, or pick one "
+            "from `nbankctl dtype list`",
+        )
+
+
+def _drive_all(steps: Steps, items: list[Item], wait: float) -> list[Item]:
+    """Drives every item until it ends; an item that must wait (backoff) is tried
+    again until ``wait`` seconds have passed."""
+    deadline = time.monotonic() + wait
+    done: list[Item] = []
+    todo = list(items)
+    while todo:
+        pending = []
+        for item in todo:
+            item = steps.drive(item)
+            (done if manual.is_final(item) else pending).append(item)
+        todo = pending
+        if not todo:
+            break
+        first = min(i.not_before for i in todo)
+        pause = max(0.0, first - steps.clock())
+        if time.monotonic() + pause > deadline:
+            done += todo
+            break
+        time.sleep(pause)
+    return done
+
+
+def _finish(args: argparse.Namespace, report: Report, items: Iterable[Item]) -> None:
+    described = []
+    for item in items:
+        where = manual.return_rejected(item) if item.state is State.REJECTED else None
+        described.append(manual.describe(item, where))
+    report_outcomes(args, report, described)
+
+
+def _dry_run(
+    args: argparse.Namespace,
+    report: Report,
+    reg: Registry,
+    spec: InboxSpec,
+    archive: Archive,
+    paths: list[Path],
+) -> None:
+    """Judges each input as the claim would, and asks the registry about its name."""
+    rules = spec.rules(
+        auto_identifiers=archive.policy.auto_identifiers,
+        auto_id_type=archive.policy.auto_id_type,
+        keep_extensions=archive.policy.keep_extensions,
+        allow_directories=archive.policy.allow_directories,
+    )
+    for path in paths:
+        try:
+            plan = policy.plan(path.name, rules, policy.Sidecar(), token=os.urandom(16))
+            if not plan.auto and reg.get_resource(plan.name) is not None:
+                raise policy.PolicyError("name-taken", f"'{plan.name}' is already registered")
+        except errors.NbankdError as err:
+            say(args, f"{path}: would not be deposited: {err}")
+            emit(args, {"source": str(path), "error": str(err)})
+            report.failed()
+            continue
+        say(args, f"{path}: OK as {plan.name if not plan.auto else '(automatic id)'} (dry run)")
+        emit(
+            args,
+            {
+                "source": str(path),
+                "id": None if plan.auto else plan.name,
+                "dry_run": True,
+                "metadata": plan.metadata,
+            },
+        )
+
+
+def by_hand(
+    args: argparse.Namespace,
+    report: Report,
+    config: Config | None,
+    archive: Archive,
+    by_folder: dict[Path, list[str]],
+    metadata: dict[str, Any],
+    mode: str,
+    lock: statelock.StateLock | None,
+) -> None:
+    """The deposit in this process (no daemon runs with this state directory)."""
+    if config is not None:
+        state_dir = config.state_dir
+        choice = registry_access.Choice(config.registry, f"configuration {config.source}", config)
+        reg = registry_access.open_chosen(choice, args)
+    else:
+        state_dir = user_state_dir()
+        reg = registry_access.open_registry(args, fallback_url=archive.registry_url)
+    try:
+        name = _archive_name(reg, archive)
+        _check_dtype(reg, args.dtype)
+
+        def inbox_of(folder: Path) -> manual.ManualInbox:
+            return manual.ManualInbox(
+                folder=folder,
+                archive=name,
+                archive_path=archive.path,
+                registry=reg.url,
+                dtype=args.dtype,
+                metadata=metadata,
+                auto_id=True if args.auto_id else None,
+                zip_directories=args.zip_directories,
+                file_metadata=cast(FileMetadata, mode),
+            )
+
+        if args.dry_run:
+            for folder, names in by_folder.items():
+                paths = [folder / n for n in names]
+                _dry_run(args, report, reg, inbox_of(folder).spec(), archive, paths)
+            return
+        _check_user(archive)
+        if lock is None:
+            lock = _lock(state_dir)
+            try:
+                _run(args, report, reg, state_dir, by_folder, inbox_of)
+            finally:
+                lock.release()
+        else:
+            _run(args, report, reg, state_dir, by_folder, inbox_of)
+    finally:
+        reg.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    report: Report,
+    reg: Registry,
+    state_dir: Path,
+    by_folder: dict[Path, list[str]],
+    inbox_of: Any,
+) -> None:
+    """Finishes what an interrupted deposit left, then deposits ``by_folder``."""
+    journal = Journal(state_dir / JOURNAL_NAME)
+    try:
+        specs: dict[str, InboxSpec] = {}
+
+        def lookup(key: str) -> InboxSpec | None:
+            return specs.get(key) or manual.spec_for_key(key)
+
+        steps = Steps(
+            journal=journal, registry=reg, inboxes=lookup, receipts_dir=state_dir / "receipts"
+        )
+        left = manual.unfinished(journal)
+        ours = [i for i in left if manual.registry_of(i) == reg.url]
+        for item in left:
+            if item not in ours:
+                say(
+                    args,
+                    f"note: an earlier deposit of {item.relpath_str!r} waits for registry "
+                    f"{manual.registry_of(item)}; run a deposit with -r that URL to finish it",
+                )
+        if ours:
+            say(args, f"finishing {len(ours)} file(s) an interrupted deposit left")
+        items = list(ours)
+        made: list[Path] = []
+        for folder, names in by_folder.items():
+            inbox = inbox_of(folder)
+            fresh = not os.path.lexists(folder / ".nbank")
+            specs[inbox.key] = inbox.spec(prepare=True)
+            if fresh:
+                made.append(folder)
+            dirs = [n for n in names if os.path.isdir(folder / n)]
+            files = [n for n in names if n not in dirs]
+            for kind, group in (("file", files), ("dir", dirs)):
+                if group:
+                    items += manual.journal_files(
+                        journal, inbox, group, kind=kind, now=steps.clock()
+                    )
+        wait = DEFAULT_WAIT if args.wait is None else args.wait
+        _finish(args, report, _drive_all(steps, items, wait))
+        for folder in made:
+            manual.tidy(folder)
+    finally:
+        journal.close()
+
+
+__all__ = ["JOURNAL_NAME", "by_hand", "user_state_dir"]

@@ -1,0 +1,57 @@
+"""What ``nbankctl deposit`` says: a line per input on stderr (as nbank logs), the
+``-j`` records on stdout, and the failures it records for the exit status; the same
+whether the deposit ran here or in the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nbankctl.report import Report
+from nbankd.deposit.lifecycle import State
+
+#: seconds a step that fails for a while (registry unreachable) is retried
+DEFAULT_WAIT = 30.0
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """A progress line: on stderr, as nbank logs it (stdout carries only -j records)."""
+    print(text, file=sys.stderr)
+
+
+def emit(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    if args.json_out or args.json:
+        print(json.dumps(record, default=str), flush=True)
+
+
+def report_outcomes(
+    args: argparse.Namespace, report: Report, described: list[dict[str, Any]]
+) -> None:
+    """Says how each input ended (stderr; -j lines on stdout) and records failures."""
+    unreachable = False
+    for d in described:
+        record, state = d["record"], d["state"]
+        source = record["source"]
+        if state == State.DONE:
+            say(args, f"{source}: deposited as {record['id']} ({d['url']})")
+        elif d["held"] is not None:
+            say(
+                args,
+                f"{source}: unfinished ({state}: {record['error']}); kept safe as "
+                f"{d['held']}; the next `nbankctl deposit` finishes it",
+            )
+            unreachable |= d["code"] in ("registry-unavailable", "auth")
+        else:
+            say(args, f"{source}: not deposited: {record['error']}")
+            if d["where"] is not None and d["where"] != source:
+                say(args, f"  (kept at {d['where']}: its place was taken meanwhile)")
+        if state != State.DONE:
+            report.failed()
+        emit(args, record)
+    if unreachable:
+        report.unreachable()
+
+
+__all__ = ["DEFAULT_WAIT", "emit", "report_outcomes", "say"]
