@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from nbankctl import registry_access
 from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
 from nbankctl.report import Report
 from nbankd import errors
+from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.config.model import Config, FileMetadata
 from nbankd.daemon import statelock
@@ -34,19 +34,6 @@ def user_state_dir(environ: dict[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "nbankctl"
-
-
-def _check_user(archive: Archive) -> None:
-    user = archive.policy.access.user
-    if user is None:
-        return
-    me = pwd.getpwuid(os.geteuid()).pw_name
-    if me != user:
-        raise errors.UsageError(
-            f"archive {archive.path} is owned by {user!r} (access.user in its nbank.json); "
-            f"a deposit run as {me!r} would leave files it cannot own",
-            hint=f"run the deposit as {user} (e.g. sudo -u {user} nbankctl deposit ...)",
-        )
 
 
 def _lock(state_dir: Path) -> statelock.StateLock:
@@ -184,7 +171,7 @@ def by_hand(
                 paths = [folder / n for n in names]
                 _dry_run(args, report, reg, inbox_of(folder).spec(), archive, paths)
             return
-        _check_user(archive)
+        require_owner(archive, "a deposit")
         if lock is None:
             lock = _lock(state_dir)
             try:

@@ -28,6 +28,7 @@ from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
 from nbankctl.tape_cmds import read_ids
 from nbankd import __version__, errors
+from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.hashing import SourceReadError
@@ -293,6 +294,8 @@ def cmd_copy(args: argparse.Namespace, report: Report) -> None:
                 hint="give -a another archive, or another DEST",
             )
         con.log(f"destination archive: {record.name} ({archive.path})")
+        if not args.dry_run:
+            require_owner(archive, "a copy")
         if args.dry_run:
             con.log("DRY RUN: checking resources without copying them")
         todo: list[Source] = []

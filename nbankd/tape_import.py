@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from nbankd import errors
 from nbankd.archive import durable, opening
+from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.hashing import sha1_stream
@@ -102,6 +103,8 @@ def import_tar(
     each one the tar does not hold (or that is not registered) is a failure.
     """
     archive = open_archive(archive_path)
+    if not dry_run:
+        require_owner(archive, "an import")
     record = registry.find_archive_by_root(str(archive.path))
     if record is None:
         raise errors.NotFound(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,22 @@ def chgrp(archive: Archive, path: Path, st: os.stat_result | None = None) -> boo
     except PermissionError:
         return False  # not a member of the group: `nbank archive check` will say so
     return True
+
+
+def require_owner(archive: Archive, doing: str) -> None:
+    """Raises UsageError naming the user unless this process runs as the archive's
+    ``access.user`` (files it writes would otherwise belong to someone else: the
+    audit reports them, and the daemon's user may not manage them)."""
+    user = archive.policy.access.user
+    if user is None:
+        return
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if me != user:
+        raise errors.UsageError(
+            f"archive {archive.path} belongs to {user!r} (access.user in its nbank.json); "
+            f"{doing} run as {me!r} would leave files {user!r} does not own",
+            hint=f"run it as {user} (e.g. sudo -u {user} nbankctl ...)",
+        )
 
 
 def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> None:

@@ -62,6 +62,20 @@ def test_copy_stores_with_policy_and_locates(backend: Backend) -> None:
     assert backend.ctl("archive", "check", "-H", str(dest.path)).returncode == 0
 
 
+def test_copy_as_another_user_than_the_archive_owner_is_refused(backend: Backend) -> None:
+    """A destination whose access.user is someone else refuses the copy (exit 2), naming
+    the user; nothing is stored or located."""
+    _, ids, dest, dest_name = setup(backend, ("a",))
+    config = json.loads(dest.config_path.read_text())
+    config["policy"]["access"]["user"] = "nobody"
+    dest.config_path.write_text(json.dumps(config))
+    proc = backend.ctl("copy", str(dest.path), *ids)
+    assert proc.returncode == 2
+    assert "'nobody'" in proc.stderr
+    assert not located(backend, ids[0], dest_name)
+    assert not any(dest.resources_dir.iterdir())
+
+
 def test_copy_matches_nbank_copy(django_backend: Backend) -> None:
     """nbankctl copy and nbank copy store the same files with the same modes; nbank's check
     passes on ours."""

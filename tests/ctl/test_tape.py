@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -552,6 +553,20 @@ def test_import_places_files_with_modes_and_location(backend: Backend) -> None:
     if backend.url is not None:
         check = backend.nbank("archive", "check", str(archive.path))
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_import_as_another_user_than_the_archive_owner_is_refused(backend: Backend) -> None:
+    """An archive whose access.user is someone else refuses the import (exit 2), naming
+    the user; nothing is stored."""
+    archive, _, ids = _import_setup(backend, ("a",))
+    tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"], ".wav"), backend.blob("a"))])
+    config = json.loads(archive.config_path.read_text())
+    config["policy"]["access"]["user"] = "nobody"
+    archive.config_path.write_text(json.dumps(config))
+    proc = backend.ctl("tape", "import", str(tar), str(archive.path))
+    assert proc.returncode == 2
+    assert "'nobody'" in proc.stderr
+    assert not any(archive.resources_dir.rglob("*.wav"))
 
 
 def test_import_refuses_member_with_wrong_sha1(backend: Backend) -> None:
