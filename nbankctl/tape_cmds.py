@@ -222,7 +222,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "import", parents=[common, dry], help="copy resources from a tar file into an archive"
     )
     pp.add_argument(
-        "--max-size", type=size, metavar="SIZE", help="refuse members larger than this (e.g. 50G)"
+        "--max-size",
+        type=size,
+        metavar="SIZE",
+        help="refuse files, and folder resources in total, larger than this (e.g. 50G)",
     )
     pp.add_argument("tar", metavar="TAR", help="the tar file ('-' for stdin)")
     pp.add_argument("archive", metavar="ARCHIVE", help="path of the destination archive")

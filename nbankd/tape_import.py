@@ -6,6 +6,9 @@ by :func:`member_problem` (path, type and size, with our own checks and
 space, copied into ``staging/`` under a name made from the registered
 identifier, checked against the registered SHA-1, published with the durable
 primitives of deposits, re-read from storage, then located in the registry.
+A folder resource (a folder member whose stem is a registered identifier, and the
+members below it) is imported whole by :mod:`nbankd.tape_import_folder`, with the
+same checks on each of its members and neurobank's directory hash.
 
 The shared pieces of the tape workflow (:class:`~nbankd.tape.Outcome`,
 :class:`~nbankd.tape.Summary`, :func:`~nbankd.tape.open_tar`,
@@ -37,6 +40,7 @@ from nbankd.tape import (
     noop,
     open_tar,
 )
+from nbankd.tape_import_folder import FolderRefused, Members, import_folder, skip_folder
 
 STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
 
@@ -117,9 +121,10 @@ def import_tar(
     remaining = set(wanted) if wanted is not None else None
     stopped = False
     with open_tar(tar_path) as tar:
+        members = Members(tar)
         while remaining is None or remaining:
             try:
-                member = tar.next()
+                member = members.next()
             except tarfile.TarError as err:
                 note(str(tar_path), "failed", f"unreadable from here on: {err}", ok=False)
                 stopped = True
@@ -138,8 +143,9 @@ def import_tar(
                 if member.name == MANIFEST_NAME:
                     continue
                 message = _import_member(
-                    registry, archive, record.name, tar, member, dry_run, advance or noop
-                )
+                    registry, archive, record.name, members, member, dry_run, max_size,
+                    advance or noop,
+                )  # fmt: skip
             except _Refused as why:
                 if wanted is not None and why.status == "skipped":  # asked for by name
                     note(member.name, "failed", f"'{id}' is not in the registry", ok=False, id=id)
@@ -164,21 +170,33 @@ def _import_member(
     registry: Registry,
     archive: Archive,
     archive_name: str,
-    tar: tarfile.TarFile,
+    members: Members,
     member: tarfile.TarInfo,
     dry_run: bool,
+    max_size: int | None,
     advance: Advance,
 ) -> str:
-    """Imports one safe member; returns what was done or raises _Refused."""
+    """Imports one safe member (a file, or a folder with the members below it);
+    returns what was done or raises _Refused."""
+    tar = members.tar
     id = member_id(member.name)
     resource = registry.get_resource(id) if id is not None else None
     if resource is None:  # unregistered: a note for files, nothing for folders
         text = f"'{id}' is not in the registry, skipping" if member.isreg() else ""
         raise _Refused("skipped", text, ok=True)
-    if member.isdir():
-        raise _Refused("refused", f"'{id}' is a folder resource; use nbank archive import-tar")
     if archive_name in resource.locations:
+        if member.isdir():
+            skip_folder(members, member)
         raise _Refused("already", f"'{id}' is already in '{archive_name}'", ok=True)
+    if member.isdir():
+        try:
+            return import_folder(
+                registry, archive, archive_name, members, member, resource,
+                staged_name=STAGED_PREFIX + id, dry_run=dry_run, check=member_problem,
+                max_size=max_size, advance=advance,
+            )  # fmt: skip
+        except FolderRefused as why:
+            raise _Refused(why.status, why.message) from None
     if not dry_run and member.size > _free_bytes(archive.staging_dir):
         raise _Refused("refused", f"refused member {member.name!r}: {member.size} bytes, "
                        f"more than the free space in {archive.staging_dir}")  # fmt: skip
