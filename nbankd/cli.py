@@ -22,7 +22,7 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nbankd",
         description="Deposit files dropped into watched inboxes into neurobank archives.",
@@ -167,7 +167,7 @@ def check_config(config_path: str | None, *, offline: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
             return check_config(args.config_sub or args.config, offline=args.offline)

@@ -9,10 +9,17 @@ and an ``already-deposited`` receipt; one identifier with two contents has one
 winner, the other rejected ``name-taken``. Afterwards ``nbank archive check`` is clean
 and every record is attributable: its registry user is ``created_by`` and the rig's
 name is in its metadata.
+
+Outages mid-burst (issue #18, item 4) lose and double nothing, and the rigs' retries
+are spread by their jitter: PostgreSQL stopped and started again; gunicorn (a server
+of the lab's own, on the same database and address) killed with SIGKILL while each
+worker holds a POST whose record is committed, or stopped with SIGTERM while they do,
+and started again once every rig has seen the outage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,20 +27,28 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import requests
 
 from fixtures.cli_backends import NBANK
 from fixtures.daemon import DaemonHarness, wait_for
-from fixtures.django_server import DjangoServer, unique_name
+from fixtures.django_server import (
+    DjangoServer,
+    RestartableGunicorn,
+    restartable_twin,
+    unique_name,
+)
+from fixtures.postgres import PostgresDatabase
 from nbankd.archive.opening import create_archive
 
 RIGS = 4
+TWIN_WORKERS = 3  # gunicorn workers of the restartable server of gunicorn_lab
 
 
 @dataclass
@@ -70,11 +85,10 @@ def _superuser(server: DjangoServer, name: str, password: str) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def lab(django_registry_pg: DjangoServer) -> Iterator[Lab]:
-    """Four daemons on one PostgreSQL-backed registry and one archive, each rig with
-    its own registry user and its name in its inbox's metadata."""
-    server = django_registry_pg
+@contextlib.contextmanager
+def _open_lab(server: DjangoServer) -> Iterator[Lab]:
+    """Four daemons on ``server``'s registry and one archive, each rig with its own
+    registry user and its name in its inbox's metadata; stopped on exit."""
     root = Path(tempfile.mkdtemp(prefix="nbankd-lab-"))
     dtype = server.add_datatype(unique_name("rigdt"))
     archive_name = unique_name("shared")
@@ -106,6 +120,28 @@ def lab(django_registry_pg: DjangoServer) -> Iterator[Lab]:
             if h.proc is not None and h.proc.poll() is None:
                 h.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(django_registry_pg: DjangoServer) -> Iterator[Lab]:
+    """Four daemons on one PostgreSQL-backed registry and one archive, each rig with
+    its own registry user and its name in its inbox's metadata."""
+    with _open_lab(django_registry_pg) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def gunicorn_lab(
+    django_registry_pg: DjangoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Lab, RestartableGunicorn]]:
+    """A lab whose rigs reach the PostgreSQL-backed registry through a gunicorn of its
+    own, which the test may kill and start again (the session's server stays up)."""
+    log_path = tmp_path_factory.mktemp("gunicorn-lab") / "gunicorn.log"
+    with (
+        restartable_twin(django_registry_pg, log_path, TWIN_WORKERS) as twin,
+        _open_lab(twin.server) as opened,
+    ):
+        yield opened, twin
 
 
 def _drop_together(lab: Lab, drops: list[tuple[int, str, bytes]]) -> None:
@@ -243,3 +279,144 @@ def test_registry_database_down_mid_burst_loses_and_doubles_nothing(
         assert len(found) == 1, f"{name} registered {len(found)} times"
     first_waits = [float(_retries(h)[before[n]]["retry_in"]) for n, h in enumerate(lab.rigs)]
     assert max(first_waits) - min(first_waits) > 0.05, first_waits  # jittered, not lockstep
+
+
+_LOCK_WAITERS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+)
+
+_UNLOCATED = (
+    "SELECT count(*) FROM nbank_registry_resource r WHERE r.name = ANY(%s) AND NOT EXISTS "
+    "(SELECT 1 FROM nbank_registry_location l WHERE l.resource_id = r.id)"
+)
+
+
+@contextlib.contextmanager
+def _locations_locked(db: PostgresDatabase) -> Iterator[psycopg.Connection[Any]]:
+    """Holds django-neurobank's location table against writes (SHARE lock) while open;
+    yields a second connection to watch and end the sessions waiting for it.
+
+    django-neurobank creates a resource, committed at once, then its locations: a
+    registering POST meanwhile has its record committed and waits for the lock."""
+    connect = {"host": db.host, "port": db.port, "dbname": db.name, "user": db.user}
+    with (
+        psycopg.connect(**connect, password=db.password) as holder,
+        psycopg.connect(**connect, password=db.password, autocommit=True) as watcher,
+    ):
+        holder.execute("LOCK TABLE nbank_registry_location IN SHARE MODE")
+        try:
+            yield watcher
+        finally:
+            holder.rollback()
+
+
+def _answer_lost_after_commit(
+    lab: Lab, twin: RestartableGunicorn, db: PostgresDatabase, drops: list[tuple[int, str, bytes]]
+) -> None:
+    """Drops the burst; once every gunicorn worker holds a POST whose resource is
+    committed, SIGKILLs gunicorn and ends those POSTs' database sessions (their
+    locations never written, their answers never sent)."""
+    with _locations_locked(db) as watcher:
+        _drop_together(lab, drops)
+        wait_for(
+            lambda: len(watcher.execute(_LOCK_WAITERS).fetchall()) >= TWIN_WORKERS,
+            60,
+            "every gunicorn worker in a registering POST with its resource committed",
+        )
+        twin.kill()
+        for (pid,) in watcher.execute(_LOCK_WAITERS).fetchall():
+            watcher.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: not watcher.execute(_LOCK_WAITERS).fetchall(), 30, "sessions ended")
+        names = [name.removesuffix(".dat") for _, name, _ in drops]
+        (orphans,) = watcher.execute(_UNLOCATED, (names,)).fetchone() or (0,)
+        assert orphans >= TWIN_WORKERS, f"{orphans} records committed without their answer"
+
+
+def _posts(twin: RestartableGunicorn) -> int:
+    """How many registering POSTs this gunicorn has answered (its access log)."""
+    return sum('"POST /neurobank/resources/ HTTP' in line for line in twin.log_lines())
+
+
+def _deposited_once(lab: Lab, drops: list[tuple[int, str, bytes]]) -> None:
+    """Each input has one receipt, from its rig, and the registry one record of its
+    bytes, under its name, located in the lab's archive."""
+    for rig, name, data in drops:
+        [(got_rig, kind, receipt)] = lab.outcome(name)
+        assert (got_rig, kind) == (rig, "receipt"), (name, kind, receipt)
+        record = lab.record(receipt["id"])
+        assert record["sha1"] == hashlib.sha1(data).hexdigest()
+        assert lab.archive_name in record["locations"], record
+        found = requests.get(
+            f"{lab.server.url}resources/", params={"sha1": hashlib.sha1(data).hexdigest()},
+            timeout=30,
+        ).json()  # fmt: skip
+        assert len(found) == 1, f"{name} registered {len(found)} times"
+
+
+def _gunicorn_down_mid_burst(
+    lab: Lab, twin: RestartableGunicorn, stop: Callable[[list[tuple[int, str, bytes]]], None]
+) -> None:
+    """A burst of eight inputs per rig; ``stop(drops)`` drops them and stops gunicorn;
+    gunicorn starts again on its address once every rig has retried; then each input is
+    deposited exactly once, in the lab's archive, and the first retries are jittered."""
+    before = {n: len(_retries(h)) for n, h in enumerate(lab.rigs)}
+    drops = [(n, f"{unique_name(f'gdown{n}')}.dat", os.urandom(2048)) for n in range(RIGS)
+             for _ in range(8)]  # fmt: skip
+    try:
+        stop(drops)
+        wait_for(
+            lambda: all(len(_retries(h)) > before[n] for n, h in enumerate(lab.rigs)),
+            60,
+            "every rig to retry against the stopped gunicorn",
+        )
+    finally:
+        if twin.proc is not None and twin.proc.poll() is not None:
+            twin.start()
+    assert twin.server.url == lab.server.url  # the same address as before
+    _settled(lab, [name for _, name, _ in drops])
+    _deposited_once(lab, drops)
+    first_waits = [float(_retries(h)[before[n]]["retry_in"]) for n, h in enumerate(lab.rigs)]
+    assert max(first_waits) - min(first_waits) > 0.05, first_waits  # jittered, not lockstep
+
+
+def test_gunicorn_killed_with_answers_lost_after_commit_doubles_nothing(
+    gunicorn_lab: tuple[Lab, RestartableGunicorn], postgres_database: PostgresDatabase
+) -> None:
+    """gunicorn SIGKILLed while each worker holds a POST whose resource is committed
+    (answer lost, location unwritten), restarted once every rig has retried: each input
+    is deposited once, in the archive, none rejected; first retries are jittered."""
+    lab, twin = gunicorn_lab
+    _gunicorn_down_mid_burst(
+        lab, twin, lambda drops: _answer_lost_after_commit(lab, twin, postgres_database, drops)
+    )
+
+
+def test_gunicorn_stopped_gracefully_mid_burst_loses_and_doubles_nothing(
+    gunicorn_lab: tuple[Lab, RestartableGunicorn], postgres_database: PostgresDatabase
+) -> None:
+    """gunicorn SIGTERMed while each worker holds a POST (those finish and answer,
+    queued ones are cut), restarted once every rig has retried: each input deposited
+    once, in the archive, none rejected; first retries are jittered."""
+    lab, twin = gunicorn_lab
+    posts = _posts(twin)
+
+    def stop(drops: list[tuple[int, str, bytes]]) -> None:
+        seen = len(twin.log_lines())
+        with _locations_locked(postgres_database) as watcher:
+            _drop_together(lab, drops)
+            wait_for(
+                lambda: len(watcher.execute(_LOCK_WAITERS).fetchall()) >= TWIN_WORKERS,
+                60,
+                "every gunicorn worker in a registering POST",
+            )
+            twin.terminate()
+            wait_for(
+                lambda: any("Handling signal: term" in x for x in twin.log_lines()[seen:]),
+                30,
+                "gunicorn to begin its graceful stop",
+            )
+        twin.wait_exit()
+        assert _posts(twin) - posts >= TWIN_WORKERS  # the POSTs in flight were answered
+
+    _gunicorn_down_mid_burst(lab, twin, stop)
