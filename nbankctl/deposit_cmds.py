@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.config.model import Config
 from nbankd.daemon import statelock
+from nbankd.deposit import manual
+from nbankd.names import WORK_DIR_NAME
 
 
 def parse_key_value(text: str) -> tuple[str, Any]:
@@ -90,15 +93,13 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
 
 
 def _refusal(path: Path, zip_directories: bool) -> str | None:
-    """Why ``path`` cannot be deposited as given, or None."""
+    """Why ``path`` cannot be deposited as given (its kind), or None."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return "does not exist"
     except OSError as err:
         return f"cannot be read: {err.strerror or err}"
-    import stat
-
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link; deposit the file it points to"
     if stat.S_ISDIR(st.st_mode):
@@ -107,9 +108,30 @@ def _refusal(path: Path, zip_directories: bool) -> str | None:
         return "is a directory; zip it first, or deposit with --zip-directories"
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
+    if st.st_nlink > 1:
+        return (
+            "has another hard link (a backup?), through which the stored copy could be "
+            "changed; deposit a copy of it"
+        )
     if not os.access(path, os.R_OK):
         return "cannot be read (permission denied)"
     return None
+
+
+def _forbidden_places(archive: Archive, config: Config | None) -> dict[str, list[Path]]:
+    """The places no file is ever deposited from (see manual.place_refusal)."""
+    from nbankctl.deposit_local import user_state_dir
+
+    places: dict[str, list[Path]] = {
+        "archives": [archive.path],
+        "state_dirs": [user_state_dir()],
+        "inboxes": [],
+    }
+    if config is not None:
+        places["archives"] += [a.path for a in config.archives]
+        places["state_dirs"].append(config.state_dir)
+        places["inboxes"] += [i.path for i in config.inboxes]
+    return places
 
 
 # --- the run -------------------------------------------------------------------------
@@ -130,13 +152,23 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     if args.override_file_metadata:
         mode = "override"
     by_folder: dict[Path, list[str]] = {}
+    places = _forbidden_places(archive, config)
+    seen: dict[tuple[int, int], Path] = {}
     for path in _inputs(args):
-        refused = _refusal(path, args.zip_directories)
+        if path.name in (WORK_DIR_NAME, manual.REJECTED_DIR):
+            say(args, f"{path}: skipped (nbankd's own folder)")
+            continue
+        refused = _refusal(path, args.zip_directories) or manual.place_refusal(path, **places)
         if refused is not None:
             say(args, f"{path}: not deposited: {refused}")
             emit(args, {"source": str(path), "error": refused})
             report.failed()
             continue
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            say(args, f"{path}: skipped (the same file as {seen[st.st_dev, st.st_ino]})")
+            continue
+        seen[st.st_dev, st.st_ino] = path
         by_folder.setdefault(path.parent, []).append(path.name)
     lock = None
     if config is not None and not args.dry_run:
@@ -178,6 +210,8 @@ def _via_daemon(
 
     daemon = client(args, "deposit")
     files = [str(folder / n) for folder, names in by_folder.items() for n in names]
+    if not files:
+        return
     say(args, f"nbankd is running: handing {len(files)} file(s) to it")
     ids: list[int] = []
     for start in range(0, len(files), BATCH):
@@ -190,17 +224,30 @@ def _via_daemon(
             "zip_directories": bool(args.zip_directories),
             "file_metadata": mode,
         }
-        ids += daemon.call("deposit", request)["items"]
+        answer = daemon.call("deposit", request)
+        ids += answer["items"]
+        for record in answer.get("refused", []):
+            say(args, f"{record['source']}: not deposited: {record['error']}")
+            emit(args, record)
+            report.failed()
+    if not ids:
+        return
     wait = DEFAULT_WAIT if args.wait is None else args.wait
     began = time.monotonic()
     poll = min(10.0, daemon.timeout / 2)
-    while True:
-        state = daemon.call("deposit-status", {"items": ids, "wait": poll})
-        if state["done"]:
-            break
-        stuck = all(d["code"] for d in state["items"] if d["held"] is not None)
-        if stuck and time.monotonic() - began >= wait:
-            break  # every unfinished one waits after an error: the daemon keeps trying
+    try:
+        while True:
+            state = daemon.call("deposit-status", {"items": ids, "wait": poll})
+            if state["done"]:
+                break
+            stuck = all(d["code"] for d in state["items"] if d["pending"])
+            if stuck and time.monotonic() - began >= wait:
+                break  # every unfinished one waits after an error: the daemon keeps trying
+    except errors.DaemonUnreachable:
+        for f in files:
+            say(args, f"{f}: handed to nbankd, which stopped before it was deposited")
+        say(args, "nbankd's next start finishes them (`nbankctl status`, `nbankctl history`)")
+        raise
     report_outcomes(args, report, state["items"])
 
 

@@ -212,27 +212,29 @@ def _run(
                     f"note: an earlier deposit of {item.relpath_str!r} waits for registry "
                     f"{manual.registry_of(item)}; run a deposit with -r that URL to finish it",
                 )
-        if ours:
-            say(args, f"finishing {len(ours)} file(s) an interrupted deposit left")
-        items = list(ours)
-        made: list[Path] = []
+        held = [i for i in manual.held_rejections(journal) if manual.registry_of(i) == reg.url]
+        if ours or held:
+            say(args, f"finishing {len(ours) + len(held)} file(s) an interrupted deposit left")
+        items = list(ours) + held
         for folder, names in by_folder.items():
             inbox = inbox_of(folder)
-            fresh = not os.path.lexists(folder / ".nbank")
             specs[inbox.key] = inbox.spec(prepare=True)
-            if fresh:
-                made.append(folder)
             dirs = [n for n in names if os.path.isdir(folder / n)]
             files = [n for n in names if n not in dirs]
             for kind, group in (("file", files), ("dir", dirs)):
                 if group:
-                    items += manual.journal_files(
+                    new, refused = manual.journal_files(
                         journal, inbox, group, kind=kind, now=steps.clock()
                     )
+                    items += new
+                    for name, why in refused:
+                        say(args, f"{folder / name}: not deposited: {why}")
+                        emit(args, {"source": str(folder / name), "error": why})
+                        report.failed()
         wait = DEFAULT_WAIT if args.wait is None else args.wait
         _finish(args, report, _drive_all(steps, items, wait))
-        for folder in made:
-            manual.tidy(folder)
+        for folder in {m.folder for i in items if (m := manual.ManualInbox.from_key(i.inbox))}:
+            manual.tidy(folder)  # the work and rejected folders, once empty
     finally:
         journal.close()
 

@@ -36,6 +36,13 @@ def report_outcomes(
         source = record["source"]
         if state == State.DONE:
             say(args, f"{source}: deposited as {record['id']} ({d['url']})")
+        elif d.get("pending") and d["held"] is None:
+            say(
+                args,
+                f"{source}: not deposited yet ({state}: {record['error']}); it is still "
+                "there, and the next `nbankctl deposit` (or nbankd) tries again",
+            )
+            unreachable |= d["code"] in ("registry-unavailable", "auth")
         elif d["held"] is not None:
             say(
                 args,

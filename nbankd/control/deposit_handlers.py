@@ -10,6 +10,7 @@ inbox's, and a refused file is put back where it was.
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,10 +57,21 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if mode not in _FILE_METADATA:
         raise ProtocolError("usage", f"'file_metadata' must be one of {', '.join(_FILE_METADATA)}")
     by_folder: dict[Path, list[str]] = {}
+    refused: list[dict[str, str]] = []
+    config = daemon.config
     for f in files:
         path = Path(f)
         if not path.is_absolute() or path.name in ("", ".", ".."):
             raise ProtocolError("usage", f"{f!r} is not an absolute path to a file")
+        why = manual.place_refusal(
+            path,
+            archives=[a.path for a in config.archives],
+            state_dirs=[config.state_dir],
+            inboxes=[i.path for i in config.inboxes],
+        )
+        if why is not None:  # the control socket is where such a request arrives
+            refused.append({"source": f, "error": why})
+            continue
         by_folder.setdefault(path.parent, []).append(path.name)
     ids: list[int] = []
     for folder, names in by_folder.items():
@@ -75,14 +87,26 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             file_metadata=mode,
         )
         try:
-            ids += daemon.submit_manual(inbox, names)
+            new, no = daemon.submit_manual(inbox, names)
         except (errors.NbankdError, OSError) as err:
-            raise ProtocolError(
-                "conflict",
-                f"nbankd (user {os.geteuid()}) cannot deposit from {folder}: {err}",
-                exit_code=errors.EXIT_PROBLEMS,
-            ) from None
-    return {"items": ids}
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            why = (
+                f"nbankd runs as {user!r}, which cannot write in {folder} to claim files "
+                f"({getattr(err, 'message', None) or err})"
+            )
+            refused += [
+                {
+                    "source": str(folder / n),
+                    "error": why
+                    + "; let nbankd's group write the folder (group-writable, setgid), or "
+                    "run the deposit without the daemon as the archive's user",
+                }
+                for n in names
+            ]
+            continue
+        ids += new
+        refused += [{"source": str(folder / n), "error": why} for n, why in no]
+    return {"items": ids, "refused": refused}
 
 
 def deposit_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:

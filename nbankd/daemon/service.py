@@ -124,6 +124,8 @@ class Daemon(InboxScanning):
             retired=self.retired.get,
             archives=self._archive_path,
         )
+        for held in manual.held_rejections(self.journal):  # a stop came before the hand-back
+            manual.return_rejected(held)
         self._prepare_registry()
         self._probe_archives(cfg)
         try:
@@ -281,21 +283,27 @@ class Daemon(InboxScanning):
 
     # -- workers ----------------------------------------------------------------
 
-    def submit_manual(self, inbox: manual.ManualInbox, names: list[str]) -> list[int]:
+    def submit_manual(
+        self, inbox: manual.ManualInbox, names: list[str]
+    ) -> tuple[list[int], list[tuple[str, str]]]:
         """Journals and starts a manual deposit of ``names`` (in ``inbox.folder``) handed
-        over by ``nbankctl deposit``; returns the items' ids. Raises ConfigError when
-        the folder cannot serve as an inbox (this daemon's user cannot write it)."""
+        over by ``nbankctl deposit``; returns the items' ids and the names refused with
+        why. Raises ConfigError when the folder cannot serve as an inbox (this
+        daemon's user cannot write it)."""
         inbox.spec(prepare=True)  # its work and rejected folders, checked
         dirs = [n for n in names if os.path.isdir(inbox.folder / n)]
         items: list[Item] = []
+        refused: list[tuple[str, str]] = []
         for kind, group in (("file", [n for n in names if n not in dirs]), ("dir", dirs)):
             if group:
-                items += manual.journal_files(
+                new, no = manual.journal_files(
                     self.journal, inbox, group, kind=kind, now=self.clock()
                 )
+                items += new
+                refused += no
         for item in items:
             self._submit(item)
-        return [item.id for item in items]
+        return [item.id for item in items], refused
 
     def _submit(self, item: Item) -> None:
         with self._lock:

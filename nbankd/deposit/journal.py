@@ -381,6 +381,13 @@ class Journal:
         finals = ", ".join(f"'{s}'" for s in FINAL)
         return self._query(f"SELECT * FROM items WHERE state NOT IN ({finals}) ORDER BY id")
 
+    def in_state(self, state: State, *, inbox_prefix: str = "") -> list[Item]:
+        """Every item in ``state`` whose inbox key starts with ``inbox_prefix``."""
+        return self._query(
+            "SELECT * FROM items WHERE state = ? AND substr(inbox, 1, ?) = ? ORDER BY id",
+            (str(state), len(inbox_prefix), inbox_prefix),
+        )
+
     def active_for(self, inbox: str, relpath: bytes) -> Item | None:
         """The in-flight item for this inbox path, if any."""
         finals = ", ".join(f"'{s}'" for s in FINAL)

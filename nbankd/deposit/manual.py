@@ -20,16 +20,18 @@ it), with the reason reported: :func:`return_rejected`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nbankd.archive.fsops import rename_noreplace
+from nbankd.archive.fsops import rename_noreplace_at
 from nbankd.config.model import ArchiveConfig, FileMetadata, InboxConfig
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
@@ -144,13 +146,36 @@ def placement_for(folder: Path, archive_path: Path) -> str:
 
 def journal_files(
     journal: Journal, inbox: ManualInbox, names: Sequence[str], *, kind: str, now: float
-) -> list[Item]:
-    """Journals the intent to deposit each of ``names`` (files in ``inbox.folder``), in
-    one durable transaction; ``kind`` is ``file`` or ``dir``."""
-    placement = placement_for(inbox.folder, inbox.archive_path)
-    rows = []
+) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Journals the intent to deposit each of ``names`` (in ``inbox.folder``) in one
+    durable transaction; ``kind`` is ``file`` or ``dir``. Returns the items, and the
+    names refused with why: gone since they were named (another deposit took them),
+    or a file some process still has open for writing (its bytes could change under
+    the stored copy)."""
+    same_fs = placement_for(inbox.folder, inbox.archive_path) == "rename"
+    rows, refused = [], []
     for name in names:
-        st = os.lstat(inbox.folder / name)
+        path = inbox.folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            refused.append((name, "no longer exists (another deposit may have taken it)"))
+            continue
+        placement = "copy"
+        if kind == "file":
+            open_for_writing = writers_gone(path)
+            if open_for_writing is False:
+                refused.append(
+                    (
+                        name,
+                        "is still open for writing (a recording in progress?); deposit it "
+                        "once it is closed",
+                    )
+                )
+                continue
+            # moved in place only when no writer can change the bytes afterwards
+            if same_fs and open_for_writing:
+                placement = "rename"
         rows.append(
             {
                 "token": secrets.token_hex(16),
@@ -166,7 +191,7 @@ def journal_files(
                 "updated": now,
             }
         )
-    return journal.add_many(rows)
+    return (journal.add_many(rows) if rows else []), refused
 
 
 def unfinished(journal: Journal) -> list[Item]:
@@ -182,23 +207,113 @@ def registry_of(item: Item) -> str | None:
 
 def return_rejected(item: Item) -> Path:
     """Puts a rejected input back where it was and removes its reason file; returns
-    where the input is now (still in the rejected folder if its place was taken)."""
+    where the input is now (still in the rejected folder if its place was taken, or if
+    what is there is not the input that was rejected).
+
+    Every folder is opened without following a link, and the held file must be the
+    very file the claim took (its device and inode): a rejected folder swapped for a
+    link never moves anything else.
+    """
     inbox = ManualInbox.from_key(item.inbox)
     if inbox is None or item.state is not State.REJECTED or item.rejected_relpath is None:
         raise ValueError(f"item {item.token} is not a rejected manual deposit")
-    rejected = inbox.folder / REJECTED_DIR
-    held = rejected / os.fsdecode(item.rejected_relpath)
+    name = os.path.basename(item.rejected_relpath)
+    held = inbox.folder / REJECTED_DIR / os.fsdecode(item.rejected_relpath)
     place = inbox.folder / item.relpath_str
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        rename_noreplace(held, place)
-    except FileExistsError:
-        return held  # something took its name meanwhile: it stays with its reason
-    except FileNotFoundError:
-        return place if os.path.lexists(place) else held
-    reason = rejected / os.fsdecode(reason_name(item.rejected_relpath))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(reason)
-    return place
+        root = os.open(inbox.folder, flags)
+    except OSError:
+        return held
+    try:
+        rejected = os.open(REJECTED_DIR, flags, dir_fd=root)
+    except OSError:
+        os.close(root)
+        return held
+    try:
+        try:
+            st = os.stat(name, dir_fd=rejected, follow_symlinks=False)
+        except FileNotFoundError:
+            return place if os.path.lexists(place) else held
+        claimed = json.loads(item.identity) if item.identity else None
+        if claimed is None or (st.st_dev, st.st_ino) != (claimed["dev"], claimed["ino"]):
+            return held  # not the input this item rejected: never moved
+        try:
+            rename_noreplace_at(rejected, name, root, os.fsencode(os.path.basename(item.relpath)))
+        except FileExistsError:
+            return held  # something took its name meanwhile: it stays with its reason
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(reason_name(name), dir_fd=rejected)
+        return place
+    finally:
+        os.close(rejected)
+        os.close(root)
+
+
+def held_rejections(journal: Journal) -> list[Item]:
+    """Rejected manual inputs still held in their rejected folder (a run or the daemon
+    stopped before handing them back): each is handed back by the next run or start."""
+    out = []
+    for item in journal.in_state(State.REJECTED, inbox_prefix=PREFIX):
+        inbox = ManualInbox.from_key(item.inbox)
+        if inbox is not None and item.rejected_relpath is not None:
+            held = inbox.folder / REJECTED_DIR / os.fsdecode(item.rejected_relpath)
+            if os.path.lexists(held):
+                out.append(item)
+    return out
+
+
+def place_refusal(
+    path: Path,
+    *,
+    archives: Iterable[Path] = (),
+    state_dirs: Iterable[Path] = (),
+    inboxes: Iterable[Path] = (),
+) -> str | None:
+    """Why the file at ``path`` must never be deposited by hand, or None: a file of an
+    archive (stored already, or being staged), of nbankd's state directory (its
+    journal, its registry), held in a work or rejected folder, or in an inbox the
+    daemon deposits from by itself."""
+    if any(part in (WORK_DIR_NAME, REJECTED_DIR) for part in path.parts):
+        return (
+            "is held by nbankd (in a work or rejected folder); `nbankctl deposit ARCHIVE` "
+            "finishes what it holds"
+        )
+    real = Path(os.path.realpath(path.parent)) / path.name
+
+    def inside(root: Path) -> bool:
+        top = Path(os.path.realpath(root))
+        return top == real or top in real.parents
+
+    for archive in archives:
+        if inside(archive):
+            return f"is inside the archive {archive}: it is stored there already"
+    for state in state_dirs:
+        if inside(state):
+            return f"is inside nbankd's state directory {state}: nbankd's own files stay"
+    for inbox in inboxes:
+        if inside(inbox):
+            return f"is in nbankd's inbox {inbox}: the daemon deposits it by itself"
+    return None
+
+
+def writers_gone(path: Path) -> bool | None:
+    """Whether no process has ``path`` open for writing: a read lease is granted only
+    then (fcntl F_SETLEASE). None when that cannot be asked (not the file's owner
+    and no CAP_LEASE, or a filesystem without leases)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as err:
+        return False if err.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    finally:
+        os.close(fd)
 
 
 def tidy(folder: Path) -> None:
@@ -224,7 +339,10 @@ def record(item: Item) -> dict[str, Any]:
         reason = json.loads(item.reason_json or "{}")
         return {"source": source, "error": reason.get("message") or item.error_message or ""}
     if item.state in FINAL:
-        return {"source": source, "error": "it changed or vanished while it was deposited"}
+        return {
+            "source": source,
+            "error": item.error_message or "it changed or vanished while it was deposited",
+        }
     return {
         "source": source,
         "error": item.error_message or f"unfinished ({item.state})",
@@ -238,8 +356,10 @@ def describe(item: Item, where: Path | None = None) -> dict[str, Any]:
     inbox = ManualInbox.from_key(item.inbox)
     held = None
     if item.state not in FINAL and inbox is not None:
-        held = str(inbox.folder / WORK_DIR_NAME / item.token)
+        claimed = inbox.folder / WORK_DIR_NAME / item.token
+        held = str(claimed) if os.path.lexists(claimed) else None
     return {
+        "pending": item.state not in FINAL,
         "record": record(item),
         "state": str(item.state),
         "url": item.url,
