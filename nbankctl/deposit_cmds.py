@@ -175,12 +175,16 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
         try:
             lock = statelock.acquire(config.state_dir)
         except statelock.StateDirInUse:  # the daemon runs: it does the work
-            _via_daemon(args, report, archive, by_folder, metadata, mode)
-            return
+            try:
+                _via_daemon(args, report, archive, by_folder, metadata, mode)
+                return
+            except _NoDaemon:  # the lock's holder is another nbankctl deposit: wait
+                say(args, f"another deposit holds {config.state_dir}; waiting for it")
+                lock = statelock.acquire(config.state_dir, wait=True)
         except errors.ConfigError as err:  # not the daemon's user: only the daemon can
             try:
                 _via_daemon(args, report, archive, by_folder, metadata, mode)
-            except errors.DaemonUnreachable:
+            except _NoDaemon:
                 raise errors.UsageError(
                     f"nbankd is not running and {err.message}",
                     hint="start nbankd to hand it the files, or run the deposit as its user",
@@ -191,6 +195,10 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     finally:
         if lock is not None:
             lock.release()
+
+
+class _NoDaemon(Exception):
+    """No daemon answered before any file was handed to it."""
 
 
 #: paths per deposit request to the daemon (a request line is at most 64 KiB)
@@ -224,7 +232,12 @@ def _via_daemon(
             "zip_directories": bool(args.zip_directories),
             "file_metadata": mode,
         }
-        answer = daemon.call("deposit", request)
+        try:
+            answer = daemon.call("deposit", request)
+        except errors.DaemonUnreachable:
+            if not ids and start == 0:
+                raise _NoDaemon from None  # nothing handed over: the caller decides
+            raise
         ids += answer["items"]
         for record in answer.get("refused", []):
             say(args, f"{record['source']}: not deposited: {record['error']}")

@@ -204,10 +204,11 @@ def test_an_unreachable_registry_exits_3_and_leaves_the_file(backend: Backend) -
     assert src.exists() and files_in(folder) == [src.name]
 
 
-def test_a_locked_state_directory_without_a_daemon_answering_exits_3(tmp_path: Path) -> None:
-    """With a daemon configuration whose state directory is locked but whose control
-    socket answers nothing, the command says the daemon is unreachable (exit 3) and
-    touches nothing."""
+def test_a_deposit_waits_for_another_deposit_holding_the_state_directory(
+    tmp_path: Path,
+) -> None:
+    """With a daemon configuration whose state directory another deposit holds (no
+    daemon answers its socket), the command says so, waits for the lock, then deposits."""
     from nbankd.registry.embedded import EmbeddedRegistry
 
     state = tmp_path / "state"
@@ -219,21 +220,29 @@ def test_a_locked_state_directory_without_a_daemon_answering_exits_3(tmp_path: P
     reg.add_archive("arch", "neurobank", str(archive.path))
     reg.add_datatype("wav", "audio/wav")
     reg.close()
-    src = tmp_path / "rec.wav"
+    src = tmp_path / "rig" / "rec.wav"
+    src.parent.mkdir()
     src.write_bytes(b"bytes")
     lock = statelock.acquire(state)
+    proc = subprocess.Popen(
+        [NBANKCTL, "-c", str(config), "deposit", str(archive.path), "-d", "wav", str(src)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        r = subprocess.run(
-            [NBANKCTL, "-c", str(config), "deposit", str(archive.path), "-d", "wav", str(src)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        assert proc.stderr is not None
+        said = ""
+        while "waiting for it" not in said:
+            line = proc.stderr.readline()
+            assert line, f"the command ended without waiting: {said}"
+            said += line
+        assert src.read_bytes() == b"bytes"  # nothing touched while it waits
     finally:
         lock.release()
-    assert r.returncode == 3
-    assert "nbankd is running" in r.stderr
-    assert src.read_bytes() == b"bytes"
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 0, said + rest
+    assert not src.exists()
+    assert (archive.resources_dir / "re" / "rec.wav").read_bytes() == b"bytes"
 
 
 def test_a_deposit_as_another_user_than_the_archive_owner_is_refused(backend: Backend) -> None:
