@@ -13,9 +13,9 @@ from typing import Any
 from nbankctl.registry_cmds import registry_for, warn
 from nbankctl.report import Report
 from nbankd import errors
-from nbankd.archive.opening import open_archive
 from nbankd.hashing import hash_path
 from nbankd.registry.base import SLUG_RE, LocationRecord, Registry
+from nbankd.transfer.sources import stored_copy
 
 # --- verify --------------------------------------------------------------------------
 
@@ -72,20 +72,10 @@ def cmd_verify(args: argparse.Namespace, report: Report) -> None:
 # --- locate --------------------------------------------------------------------------
 
 
-def local_path(loc: LocationRecord) -> Path | None:
-    """The stored copy of a neurobank location if its archive is on this host."""
-    if loc.scheme != "neurobank" or not os.path.isdir(loc.root):
-        return None
-    try:
-        return open_archive(loc.root).stored_path(loc.resource_name)
-    except errors.NbankdError:
-        return None
-
-
 def location_text(loc: LocationRecord) -> str | None:
     """How nbank shows a location: a local path, tape://TAPE:N/ID, or a URL; None if unreachable."""
     if loc.scheme == "neurobank":
-        path = local_path(loc)
+        path = stored_copy(loc)
         return None if path is None else str(path)
     if loc.scheme == "tape":
         return f"tape://{loc.root}/{loc.resource_name}"
@@ -122,7 +112,7 @@ def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecor
                 print(f"{id:<20}\t{text}")
                 found = True
         return found
-    path = next((p for p in map(local_path, locations) if p is not None), None)
+    path = next((p for p in map(stored_copy, locations) if p is not None), None)
     if path is None:
         warn(f"'{id}' has no copy on this host")
         return False
@@ -156,4 +146,4 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp.set_defaults(func=cmd_verify)
 
 
-__all__ = ["cmd_locate", "cmd_verify", "local_path", "location_text", "register"]
+__all__ = ["cmd_locate", "cmd_verify", "location_text", "register"]
