@@ -11,10 +11,17 @@ Where the journal lives:
 
 - used like nbank (``-r URL``, ``$NBANK_REGISTRY``, or the archive's own registry),
   under ``$XDG_STATE_HOME/nbankctl`` (``~/.local/state/nbankctl``);
-- with a daemon configuration (``-c FILE`` or ``$NBANKD_CONFIG``), in its
-  ``state_dir``: the daemon must be stopped (its lock is taken; a running daemon is
-  named), and the command must run as the archive's ``access.user``. An item left
-  unfinished there is finished by the daemon's start as well as by the next deposit.
+- with a daemon configuration (``-c FILE`` or ``$NBANKD_CONFIG``) whose daemon runs,
+  nowhere here: the files are handed to the daemon over its control socket (admins
+  only) and the command waits for their end (:mod:`nbankd.control.deposit_handlers`);
+- with that daemon stopped, in its ``state_dir``, under its lock (another deposit
+  holding it is waited for), and the command must run as the archive's
+  ``access.user``. An item left unfinished there is finished by the daemon's start as
+  well as by the next deposit.
+
+Files of an archive, of a state directory, of nbankd's work or rejected folders or
+of the daemon's inboxes are refused (:func:`nbankd.deposit.manual.place_refusal`),
+as are links, hard-linked files and files still open for writing.
 
 Every run first finishes what an interrupted run left. A step that fails for a
 while (registry unreachable) is retried with the daemon's backoff for ``--wait``
