@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from fixtures.django_server import (
 )
 from fixtures.postgres import PostgresDatabase
 from nbankd.archive.opening import create_archive
+from nbankd.deposit.policy import auto_identifier, replacement_identifier
 
 RIGS = 4
 TWIN_WORKERS = 3  # gunicorn workers of the restartable server of gunicorn_lab
@@ -420,3 +422,110 @@ def test_gunicorn_stopped_gracefully_mid_burst_loses_and_doubles_nothing(
         assert _posts(twin) - posts >= TWIN_WORKERS  # the POSTs in flight were answered
 
     _gunicorn_down_mid_burst(lab, twin, stop)
+
+
+# --- identifiers and staging names across rigs -------------------------------------------
+
+
+def _rig_pair(server: DjangoServer, root: Path, **first: Any) -> tuple[DaemonHarness, ...]:
+    """Two rigs on ``server`` sharing one archive, each with its own registry user;
+    ``first`` holds inbox options of the first rig."""
+    dtype = server.add_datatype(unique_name("pairdt"))
+    archive_name, archive = unique_name("pair"), root / "archive"
+    create_archive(archive, server.url)
+    server.post("archives/", {"name": archive_name, "scheme": "neurobank", "root": str(archive)})
+    rigs = []
+    for n, options in enumerate((first, {})):
+        user = (unique_name(f"pair{n}"), secrets.token_urlsafe(12))
+        _superuser(server, *user)
+        (root / f"rig{n}").mkdir()
+        h = DaemonHarness(
+            root=root / f"rig{n}",
+            registry=server.url,
+            auth=user,
+            dtype=dtype,
+            archive_name=archive_name,
+            inbox_options={"metadata": {"rig": f"rig{n}"}, **options},
+        )
+        h.archive = archive
+        rigs.append(h)
+    return tuple(rigs)
+
+
+def _journaled_tokens(h: DaemonHarness) -> list[str]:
+    """The tokens of the items in a rig's journal, read without writing to it."""
+    path = h.state_dir / "journal.sqlite3"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT token FROM items")]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+    finally:
+        db.close()
+
+
+def test_an_automatic_identifier_another_rig_takes_first_is_replaced(
+    django_registry_pg: DjangoServer, tmp_path: Path
+) -> None:
+    """Rig A's automatic identifier, registered by rig B for other bytes between A's
+    intent and A's claim, is replaced: A's input is deposited under a new identifier,
+    never rejected, and B's record keeps B's bytes."""
+    a, b = _rig_pair(django_registry_pg, tmp_path, auto_id=True)
+    go = tmp_path / "go"
+    a.start(env={"NBANKD_PAUSE_AT": "after-journal-add", "NBANKD_PAUSE_UNTIL": str(go)})
+    b.start()
+    try:
+        a_data, b_data = os.urandom(3000), os.urandom(3000)
+        a.drop("take.dat", a_data)
+        wait_for(lambda: _journaled_tokens(a), 30, "rig A to journal its intent")
+        [token] = _journaled_tokens(a)
+        planned = auto_identifier(bytes.fromhex(token), None)
+        b.drop(f"{planned}.dat", b_data)  # rig B registers A's identifier first
+        b.wait_settled(1)
+        go.touch()
+        a.wait_settled(1)
+    finally:
+        go.touch()
+        a.stop()
+        b.stop()
+    assert a.reasons() == [] and b.reasons() == []
+    [receipt] = a.receipts()
+    assert receipt["id"] == replacement_identifier(bytes.fromhex(token), planned, None)
+    assert receipt["sha1"] == hashlib.sha1(a_data).hexdigest()
+    [taken] = b.receipts()
+    assert taken["id"] == planned and taken["sha1"] == hashlib.sha1(b_data).hexdigest()
+    record = requests.get(f"{django_registry_pg.url}resources/{planned}/", timeout=30).json()
+    assert record["sha1"] == hashlib.sha1(b_data).hexdigest()
+
+
+def test_two_rigs_staging_at_once_never_share_a_staging_name(
+    django_registry_pg: DjangoServer, tmp_path: Path
+) -> None:
+    """Two rigs held just after copying into the shared archive's staging/ hold two
+    staged files under names of their own; released, both deposit."""
+    rigs = _rig_pair(django_registry_pg, tmp_path)
+    go = tmp_path / "go"
+    staging = rigs[0].archive / "staging"
+    try:
+        for n, h in enumerate(rigs):
+            h.start(env={"NBANKD_PAUSE_AT": "stage-copied", "NBANKD_PAUSE_UNTIL": str(go)})
+            h.drop(f"same{n}.dat", b"the same bytes on two rigs? no: " + bytes([n]) * 2000)
+        wait_for(
+            lambda: len([p for p in staging.iterdir() if p.name.startswith(".nbankd-")]) == 2,
+            30,
+            "both rigs to hold a staged copy",
+        )
+        names = sorted(p.name for p in staging.iterdir() if p.name.startswith(".nbankd-"))
+        instances = {name.rsplit("-", 1)[-1] for name in names}
+        go.touch()
+        for h in rigs:
+            h.wait_settled(1)
+    finally:
+        go.touch()
+        for h in rigs:
+            if h.proc is not None and h.proc.poll() is None:
+                h.stop()
+    assert len(set(names)) == 2 and len(instances) == 2  # each rig's own instance in its name
+    assert all(len(h.receipts()) == 1 for h in rigs)
