@@ -276,7 +276,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "deposit",
         parents=[common],
         help="deposit files into an archive (as nbank deposit), journaled and verified",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Deposit files into a neurobank archive, as nbank deposit does, through "
+        "nbankd's journaled and verified steps (or by the running nbankd itself).",
     )
     p.add_argument("directory", type=Path, metavar="ARCHIVE", help="path of the archive")
     p.add_argument("file", nargs="*", type=Path, help="files to deposit")
@@ -285,7 +286,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "-H", "--hash", action="store_true", help="accepted for nbank; every file is hashed"
     )
     p.add_argument(
-        "-A", "--auto-id", action="store_true", help="let the registry choose the identifiers"
+        "-A", "--auto-id", action="store_true", help="give each file an automatic identifier"
     )
     p.add_argument(
         "-y", "--dry-run", action="store_true", help="check everything; register and move nothing"
