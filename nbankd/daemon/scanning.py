@@ -25,6 +25,7 @@ from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES, printable
 from nbankd.registry.base import Registry
 from nbankd.watch import settle
+from nbankd.watch.identity import Identity
 from nbankd.watch.observer import InboxWatcher
 from nbankd.watch.scan import EntryKind, scan_inbox
 
@@ -147,6 +148,7 @@ class InboxScanning:
             directories_as_resources=inbox.folder_resources,
             markers=inbox.ready == "marker",
             folders=folders,
+            known=_seen_identity(state.tracker),
         )
         if folders is not None and self.observer is not None:
             self.observer.verify_coverage(key, folders)
@@ -157,7 +159,9 @@ class InboxScanning:
         )
         result = settle.step(state.tracker, entries, now, policy)
         state.tracker = result.state
-        state.verdicts = dict(result.verdicts)
+        # step's own dict, not a copy: a backlog of 100,000 files needs only one
+        verdicts = result.verdicts
+        state.verdicts = verdicts if isinstance(verdicts, dict) else dict(verdicts)
         state.skipped = {e.relpath: e.kind.name.lower() for e in result.unsafe}
         stalled = tuple(e.relpath for e in result.stalled)
         for rel in set(stalled) - set(state.stalled):
@@ -257,3 +261,14 @@ class InboxScanning:
             "created": now,
             "updated": now,
         }
+
+
+def _seen_identity(tracker: settle.TrackerState) -> Callable[[str], Identity | None]:
+    """For :func:`scan_inbox`: the identity the tracker holds for a relpath, if any."""
+    watches = tracker.watches
+
+    def seen(relpath: str) -> Identity | None:
+        watch = watches.get(relpath)
+        return None if watch is None else watch.identity
+
+    return seen

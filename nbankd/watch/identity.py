@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,14 @@ class Identity:
     def of(cls, st: os.stat_result) -> Identity:
         """Builds the identity of one lstat (or fstat) result."""
         return cls(
-            dev=st.st_dev,
+            dev=_common(st.st_dev),
             ino=st.st_ino,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns,
             nlink=st.st_nlink,
-            mode=st.st_mode,
-            uid=st.st_uid,
+            mode=_common(st.st_mode),
+            uid=_common(st.st_uid),
         )
 
     def same_file(self, other: Identity) -> bool:
@@ -68,6 +69,23 @@ class Identity:
             other.mtime_ns,
             other.ctime_ns,
         )
+
+
+#: device, mode and owner numbers seen, so the identities of a large inbox share one
+#: int object for each (they repeat across files; each lstat makes new ones)
+_COMMON: dict[int, int] = {}
+_COMMON_MAX = 1024
+
+
+def _common(value: int) -> int:
+    """``value``, as the one int object kept for it in :data:`_COMMON`."""
+    known = _COMMON.get(value)
+    if known is not None:
+        return known
+    if len(_COMMON) >= _COMMON_MAX:
+        _COMMON.clear()
+    _COMMON[value] = value
+    return value
 
 
 class _Child:
@@ -93,6 +111,18 @@ def list_folder(folder: str, expect_ino: int | None = None) -> list[tuple[str, _
     was swapped for another folder or a link since, and is reported as vanished
     (FileNotFoundError): a scan never lists anything outside its inbox.
     """
+    return list(iter_folder(folder, expect_ino))
+
+
+def iter_folder(folder: str, expect_ino: int | None = None) -> Iterator[tuple[str, _Child]]:
+    """:func:`list_folder` one child at a time, so a caller that keeps less than the
+    lstat of each child never holds a whole large folder's lstats at once.
+
+    The folder is opened (and checked) by this call, so the errors
+    :func:`list_folder` raises for the folder itself are raised here; a listing
+    error part-way is raised by the iteration. Iterate it to the end (or close it):
+    the descriptor is closed then.
+    """
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     if expect_ino is not None:
         flags |= os.O_NOFOLLOW
@@ -105,14 +135,22 @@ def list_folder(folder: str, expect_ino: int | None = None) -> list[tuple[str, _
     try:
         if expect_ino is not None and os.fstat(fd).st_ino != expect_ino:
             raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", folder)
-        out = []
+    except BaseException:
+        os.close(fd)
+        raise
+    return _children(fd)
+
+
+def _children(fd: int) -> Iterator[tuple[str, _Child]]:
+    try:
         with os.scandir(fd) as it:
             for child in it:
                 try:
-                    out.append((child.name, _Child(child.stat(follow_symlinks=False), None)))
+                    st = child.stat(follow_symlinks=False)
                 except OSError as err:
-                    out.append((child.name, _Child(None, err)))
-        return out
+                    yield child.name, _Child(None, err)
+                else:
+                    yield child.name, _Child(st, None)
     finally:
         os.close(fd)
 

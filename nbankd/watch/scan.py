@@ -50,13 +50,13 @@ import enum
 import fnmatch
 import os
 import stat
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd.filekind import FileKind
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
-from nbankd.watch.identity import Identity, list_folder, tree_summary
+from nbankd.watch.identity import Identity, _Child, iter_folder, tree_summary
 
 
 class EntryKind(enum.Enum):
@@ -179,6 +179,7 @@ def scan_inbox(
     directories_as_resources: bool = False,
     markers: bool = True,
     folders: dict[int, str] | None = None,
+    known: Callable[[str], Identity | None] | None = None,
 ) -> list[Entry]:
     """Lists an inbox once and classifies what it holds, sorted by on-disk name.
 
@@ -191,7 +192,9 @@ def scan_inbox(
     ``markers`` makes ``NAME.done`` a ``MARKER`` (pass ``ready == "marker"``).
     ``folders``, when given, receives the inode number and relpath of every folder
     the scan listed (the root's relpath is ``""``): the watcher checks them against
-    its watches.
+    its watches. ``known``, when given, says the identity an earlier scan saw for a
+    relpath (or None): an entry whose identity equals it holds that object, so a large
+    unchanged inbox is not held twice while a scan is compared with the last one.
 
     Raises :class:`OSError` only when ``root`` itself cannot be listed.
     """
@@ -202,8 +205,26 @@ def scan_inbox(
     first = True
     while stack:
         rel, ino = stack.pop()
+        # one child at a time (a folder of 100,000 files never holds all their lstats);
+        # a folder counts only once listed to the end, as before
+        found: list[Entry] = []
+        below: list[tuple[str, int | None]] = []
         try:
-            children = list_folder(os.path.join(top, rel) if rel else top, ino)
+            for name, child in iter_folder(os.path.join(top, rel) if rel else top, ino):
+                _take(
+                    top,
+                    rel,
+                    name,
+                    child,
+                    found,
+                    below,
+                    exclude,
+                    ignore,
+                    recursive,
+                    directories_as_resources,
+                    markers,
+                    known,
+                )
         except (FileNotFoundError, NotADirectoryError):
             if first:
                 raise
@@ -219,28 +240,8 @@ def scan_inbox(
             with contextlib.suppress(OSError):  # vanished just now: the next scan says so
                 folders[os.stat(top).st_ino] = ""
         first = False
-        for name, child in children:
-            crel = f"{rel}/{name}" if rel else name
-            if is_excluded(crel, exclude) or is_ignored(crel, ignore):
-                continue
-            try:
-                st = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # vanished between listing and lstat
-            except OSError as err:
-                entries.append(Entry(crel, EntryKind.UNREADABLE, None, problem=_describe(err)))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if directories_as_resources and not rel:
-                    resource = _directory_resource(top, crel)
-                    if resource is not None:
-                        entries.append(resource)
-                elif recursive:
-                    stack.append((crel, st.st_ino))
-                else:
-                    entries.append(Entry(crel, EntryKind.DIRECTORY, Identity.of(st)))
-                continue
-            entries.append(_classify(crel, name, st, markers=markers, parent=rel))
+        entries.extend(found)
+        stack.extend(below)
     entries.sort(key=lambda e: os.fsencode(e.relpath))
     return entries
 
@@ -253,6 +254,45 @@ def iter_inputs(entries: Sequence[Entry]) -> Iterator[Entry]:
 # --- internals -------------------------------------------------------------------------
 
 
+def _take(
+    top: str,
+    rel: str,
+    name: str,
+    child: _Child,
+    found: list[Entry],
+    below: list[tuple[str, int | None]],
+    exclude: Collection[str],
+    ignore: Sequence[str],
+    recursive: bool,
+    directories_as_resources: bool,
+    markers: bool,
+    known: Callable[[str], Identity | None] | None,
+) -> None:
+    """Classifies one listed child of folder ``rel`` into ``found`` (entries) or
+    ``below`` (sub-folders still to list)."""
+    crel = f"{rel}/{name}" if rel else name
+    if is_excluded(crel, exclude) or is_ignored(crel, ignore):
+        return
+    try:
+        st = child.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return  # vanished between listing and lstat
+    except OSError as err:
+        found.append(Entry(crel, EntryKind.UNREADABLE, None, problem=_describe(err)))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if directories_as_resources and not rel:
+            resource = _directory_resource(top, crel)
+            if resource is not None:
+                found.append(resource)
+        elif recursive:
+            below.append((crel, st.st_ino))
+        else:
+            found.append(Entry(crel, EntryKind.DIRECTORY, Identity.of(st)))
+        return
+    found.append(_classify(crel, name, st, markers=markers, parent=rel, known=known))
+
+
 def _norm(relpath: str) -> str:
     return "/".join(p for p in os.fsdecode(relpath).split("/") if p not in ("", "."))
 
@@ -261,8 +301,20 @@ def _describe(err: OSError) -> str:
     return f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
 
 
-def _classify(relpath: str, name: str, st: os.stat_result, *, markers: bool, parent: str) -> Entry:
+def _classify(
+    relpath: str,
+    name: str,
+    st: os.stat_result,
+    *,
+    markers: bool,
+    parent: str,
+    known: Callable[[str], Identity | None] | None = None,
+) -> Entry:
     identity = Identity.of(st)
+    if known is not None:
+        seen = known(relpath)
+        if seen is not None and seen == identity:
+            identity = seen  # the earlier scan's object: one per unchanged file
     companion = owner_of(name, markers=False)
     if companion is not None:
         # a sidecar of any type stays with its input (never split off to be rejected on

@@ -129,6 +129,7 @@ def observe(
         first_seen = prev.first_seen
         now = max(now, prev.last_change)
         if identity == prev.identity:
+            identity = prev.identity  # one object per file across scans, not one per scan
             last_change, changing_since, changes = (
                 prev.last_change,
                 prev.changing_since,
@@ -179,8 +180,32 @@ def observe(
             f" (settle {human_duration(settle_seconds)}){why}",
         )
     return Watch(
-        identity, first_seen, last_change, changing_since, changes, verdict, ready_at, stall_at
+        identity,
+        first_seen,
+        last_change,
+        changing_since,
+        changes,
+        _shared(verdict),
+        ready_at,
+        stall_at,
     )
+
+
+#: verdicts handed out, so the thousands of files of a backlog that are ready (or first
+#: seen) in one scan share one (frozen) record; cleared when it grows past _SHARED_MAX
+_SHARED: dict[Verdict, Verdict] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(verdict: Verdict) -> Verdict:
+    """An equal verdict already handed out, or ``verdict`` itself (then remembered)."""
+    known = _SHARED.get(verdict)
+    if known is not None:
+        return known
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    _SHARED[verdict] = verdict
+    return verdict
 
 
 # --- the tracker: a whole scan at a time ---------------------------------------------
@@ -229,8 +254,7 @@ def step(state: TrackerState, entries: Iterable[Entry], now: float, policy: Sett
     an input waits for its sidecar to settle; markers only need to exist. Paths
     absent from ``entries`` are forgotten and listed in ``vanished``.
     """
-    entries = list(entries)
-    by_path = {e.relpath: e for e in entries}
+    entries = entries if isinstance(entries, list) else list(entries)
     markers = {e.owner for e in entries if e.kind is EntryKind.MARKER}
     sidecars: dict[str, list[Entry]] = {}
     for e in entries:
@@ -285,12 +309,14 @@ def step(state: TrackerState, entries: Iterable[Entry], now: float, policy: Sett
             elif verdict.state is State.STALLED:
                 stalled.append(e)
 
-    orphans = tuple(
-        e
-        for e in entries
-        if e.kind in (EntryKind.SIDECAR, EntryKind.MARKER)
-        and not (e.owner in by_path and by_path[e.owner].kind.is_input)
-    )
+    companions = [e for e in entries if e.kind in (EntryKind.SIDECAR, EntryKind.MARKER)]
+    if companions:  # a relpath -> entry map only when there is something to look up
+        by_path = {e.relpath: e for e in entries}
+        orphans = tuple(
+            e for e in companions if not (e.owner in by_path and by_path[e.owner].kind.is_input)
+        )
+    else:
+        orphans = ()
     vanished = tuple(sorted(p for p in old if p not in watches))
     return Step(
         state=TrackerState(watches),
