@@ -49,7 +49,7 @@ from bench.common import percentile, proc_cpu_seconds, wait_for  # noqa: E402
 from bench.nbankd_proc import InboxSpec, Nbankd, ReceiptTail  # noqa: E402
 from bench.run import _byte_compile  # noqa: E402
 from bench.scenarios.burst import make_files  # noqa: E402
-from bench.server import DEFAULT_HASHER, FAST_HASHER  # noqa: E402
+from bench.server import DEFAULT_HASHER, FAST_HASHER, process_tree  # noqa: E402
 from fixtures import django_server as site  # noqa: E402
 from fixtures.postgres import PostgresDatabase, private_postgres  # noqa: E402
 from nbankd.archive.opening import create_archive  # noqa: E402
@@ -110,24 +110,12 @@ def _parser() -> argparse.ArgumentParser:
 # -- /proc --------------------------------------------------------------------------
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its living descendants."""
-    out = [pid]
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for kid in kids:
-        out += _tree(int(kid))
-    return out
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process tree: each living process's own user + system time
     plus that of its reaped children (cutime + cstime), so short-lived workers
     (a PostgreSQL backend per connection) count after they exit."""
     total = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

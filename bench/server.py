@@ -134,7 +134,7 @@ class Server:
 
     def server_cpu_seconds(self) -> float:
         """CPU time (user+system) used so far by gunicorn and its workers."""
-        return sum(_cpu_seconds(pid) for pid in _process_tree(self.proc.pid))
+        return sum(_cpu_seconds(pid) for pid in process_tree(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -146,14 +146,15 @@ class Server:
                 self.proc.wait(timeout=20)
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants."""
     out = [pid]
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return out
     for kid in kids:
-        out += _process_tree(int(kid))
+        out += process_tree(int(kid))
     return out
 
 
