@@ -24,8 +24,11 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from nbankd.names import printable
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +74,28 @@ class Identity:
         )
 
 
-#: device, mode and owner numbers seen, so the identities of a large inbox share one
-#: int object for each (they repeat across files; each lstat makes new ones)
-_COMMON: dict[int, int] = {}
-_COMMON_MAX = 1024
+class Interner(Generic[T]):
+    """Hands out one object for each distinct (equal, hashable, immutable) value, so
+    the many records of a large inbox share them instead of each holding its own copy;
+    forgets everything once it holds ``limit`` values (a bound, not a cache policy)."""
+
+    def __init__(self, limit: int) -> None:
+        self._known: dict[T, T] = {}
+        self._limit = limit
+
+    def __call__(self, value: T) -> T:
+        """``value``, or an equal object handed out before."""
+        known = self._known.get(value)
+        if known is not None:
+            return known
+        if len(self._known) >= self._limit:
+            self._known.clear()
+        self._known[value] = value
+        return value
 
 
-def _common(value: int) -> int:
-    """``value``, as the one int object kept for it in :data:`_COMMON`."""
-    known = _COMMON.get(value)
-    if known is not None:
-        return known
-    if len(_COMMON) >= _COMMON_MAX:
-        _COMMON.clear()
-    _COMMON[value] = value
-    return value
+#: device, mode and owner numbers: they repeat across files, each lstat makes new ints
+_common: Interner[int] = Interner(1024)
 
 
 class _Child:

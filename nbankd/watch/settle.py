@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from nbankd.names import MARKER_SUFFIX
 from nbankd.timefmt import human_duration
-from nbankd.watch.identity import Identity
+from nbankd.watch.identity import Identity, Interner
 from nbankd.watch.scan import Entry, EntryKind
 
 
@@ -192,20 +192,8 @@ def observe(
 
 
 #: verdicts handed out, so the thousands of files of a backlog that are ready (or first
-#: seen) in one scan share one (frozen) record; cleared when it grows past _SHARED_MAX
-_SHARED: dict[Verdict, Verdict] = {}
-_SHARED_MAX = 4096
-
-
-def _shared(verdict: Verdict) -> Verdict:
-    """An equal verdict already handed out, or ``verdict`` itself (then remembered)."""
-    known = _SHARED.get(verdict)
-    if known is not None:
-        return known
-    if len(_SHARED) >= _SHARED_MAX:
-        _SHARED.clear()
-    _SHARED[verdict] = verdict
-    return verdict
+#: seen) in one scan share one (frozen) record
+_shared: Interner[Verdict] = Interner(4096)
 
 
 # --- the tracker: a whole scan at a time ---------------------------------------------
