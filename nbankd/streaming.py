@@ -47,6 +47,18 @@ _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 
 
+def totals_to_deltas(advance: Callable[[int], None]) -> Callable[[int], None]:
+    """``progress(total so far)``, as copies report it, turned into ``advance(bytes
+    since the last call)``, as progress bars take it."""
+    done = [0]
+
+    def progress(total: int) -> None:
+        advance(total - done[0])
+        done[0] = total
+
+    return progress
+
+
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tarfile
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 from nbankd import errors
@@ -30,6 +30,7 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.hashing import sha1_stream
 from nbankd.registry.base import Registry
+from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
     MANIFEST_NAME,
     Advance,
@@ -211,7 +212,9 @@ def _import_member(
         if sha1 and digest != sha1.lower():
             raise _Refused("failed", f"SHA-1 {digest} {mismatch}")
         return f"'{id}' checks OK{unverified} (dry run)"
-    staged = durable.stage_copy(archive, stream, STAGED_PREFIX + id, progress=_counter(advance))
+    staged = durable.stage_copy(
+        archive, stream, STAGED_PREFIX + id, progress=totals_to_deltas(advance)
+    )
     if staged.size != member.size or (sha1 and staged.sha1 != sha1.lower()):
         durable.discard_staged(archive, staged.path)
         raise _Refused("failed", f"SHA-1 {staged.sha1} {mismatch}; not imported")
@@ -223,17 +226,6 @@ def _import_member(
     with contextlib.suppress(errors.LocationTaken):  # added by a concurrent run
         registry.add_location(id, archive_name)
     return f"{published.path}{unverified}"
-
-
-def _counter(advance: Advance) -> Callable[[int], None]:
-    """Turns advance(delta) into progress(total), as stage_copy calls it."""
-    done = [0]
-
-    def progress(total: int) -> None:
-        advance(total - done[0])
-        done[0] = total
-
-    return progress
 
 
 __all__ = ["import_tar", "member_problem"]

@@ -38,6 +38,7 @@ from nbankd.archive.fsops import fsync_dir, fsync_fd, remove_ours
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.hashing import DirectoryHasher, SourceReadError, copy_hashing
 from nbankd.registry.base import Registry, ResourceRecord
+from nbankd.streaming import totals_to_deltas
 
 T = TypeVar("T")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -231,12 +232,7 @@ def _take(
         return None
     stream = tar.extractfile(member)
     assert stream is not None  # a regular member always has data
-    done = [0]
-
-    def progress(n: int) -> None:
-        advance(n - done[0])
-        done[0] = n
-
+    progress = totals_to_deltas(advance)
     if staging is None:
         return copy_hashing(stream, None, progress=progress).sha1
     return _archive_side(archive, lambda: staging.write(rel, stream, progress), member.name)

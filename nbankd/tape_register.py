@@ -25,6 +25,7 @@ from pathlib import PurePosixPath
 from nbankd import errors
 from nbankd.hashing import DirectoryHasher, copy_hashing
 from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
+from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
     MANIFEST_NAME,
     TAPE_SCHEME,
@@ -55,13 +56,7 @@ class TarEntry:
 def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo, advance: Advance) -> str:
     stream = tar.extractfile(member)
     assert stream is not None  # a regular member always has data
-    done = [0]
-
-    def progress(total: int) -> None:
-        advance(total - done[0])
-        done[0] = total
-
-    return copy_hashing(stream, None, progress=progress).sha1
+    return copy_hashing(stream, None, progress=totals_to_deltas(advance)).sha1
 
 
 def scan_tar(

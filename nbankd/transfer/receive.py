@@ -26,6 +26,7 @@ from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.hashing import SourceReadError
 from nbankd.registry.base import Registry
+from nbankd.streaming import totals_to_deltas
 from nbankd.transfer.reading import Advance, check_sha1, read_resource
 
 STAGED_PREFIX = durable.STAGED_PREFIX + "copy-"
@@ -61,15 +62,7 @@ def _open_file(path: Path) -> int:
 
 def _totals(advance: Advance | None) -> Callable[[int], None] | None:
     """Turns advance(block) into progress(total so far), as staging reports it."""
-    if advance is None:
-        return None
-    done = [0]
-
-    def progress(total: int) -> None:
-        advance(total - done[0])
-        done[0] = total
-
-    return progress
+    return None if advance is None else totals_to_deltas(advance)
 
 
 def _stage(archive: Archive, source: Path, id: str, advance: Advance | None) -> durable.Staged:
