@@ -87,18 +87,19 @@ def _superuser(server: DjangoServer, name: str, password: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def _open_lab(server: DjangoServer) -> Iterator[Lab]:
-    """Four daemons on ``server``'s registry and one archive, each rig with its own
-    registry user and its name in its inbox's metadata; stopped on exit."""
-    root = Path(tempfile.mkdtemp(prefix="nbankd-lab-"))
+def _rigs(
+    server: DjangoServer, root: Path, options: list[dict[str, Any]]
+) -> tuple[Path, str, str, list[DaemonHarness], list[tuple[str, str]]]:
+    """One daemon per entry of ``options`` (its inbox options) on ``server``'s registry
+    and one new archive under ``root``, each rig with its own registry user and its
+    name in its inbox's metadata; (archive, its name, datatype, rigs, users)."""
     dtype = server.add_datatype(unique_name("rigdt"))
     archive_name = unique_name("shared")
     archive = root / "archive"
     create_archive(archive, server.url)
     server.post("archives/", {"name": archive_name, "scheme": "neurobank", "root": str(archive)})
     rigs, users = [], []
-    for n in range(RIGS):
+    for n, extra in enumerate(options):
         user = (unique_name(f"rig{n}"), secrets.token_urlsafe(12))
         _superuser(server, *user)
         (root / f"rig{n}").mkdir()
@@ -108,11 +109,20 @@ def _open_lab(server: DjangoServer) -> Iterator[Lab]:
             auth=user,
             dtype=dtype,
             archive_name=archive_name,
-            inbox_options={"metadata": {"rig": f"rig{n}"}},
+            inbox_options={"metadata": {"rig": f"rig{n}"}, **extra},
         )
         h.archive = archive  # one archive shared by every rig
         rigs.append(h)
         users.append(user)
+    return archive, archive_name, dtype, rigs, users
+
+
+@contextlib.contextmanager
+def _open_lab(server: DjangoServer) -> Iterator[Lab]:
+    """Four daemons on ``server``'s registry and one archive, each rig with its own
+    registry user and its name in its inbox's metadata; stopped on exit."""
+    root = Path(tempfile.mkdtemp(prefix="nbankd-lab-"))
+    archive, archive_name, dtype, rigs, users = _rigs(server, root, [{} for _ in range(RIGS)])
     try:
         for h in rigs:
             h.start()
@@ -430,26 +440,7 @@ def test_gunicorn_stopped_gracefully_mid_burst_loses_and_doubles_nothing(
 def _rig_pair(server: DjangoServer, root: Path, **first: Any) -> tuple[DaemonHarness, ...]:
     """Two rigs on ``server`` sharing one archive, each with its own registry user;
     ``first`` holds inbox options of the first rig."""
-    dtype = server.add_datatype(unique_name("pairdt"))
-    archive_name, archive = unique_name("pair"), root / "archive"
-    create_archive(archive, server.url)
-    server.post("archives/", {"name": archive_name, "scheme": "neurobank", "root": str(archive)})
-    rigs = []
-    for n, options in enumerate((first, {})):
-        user = (unique_name(f"pair{n}"), secrets.token_urlsafe(12))
-        _superuser(server, *user)
-        (root / f"rig{n}").mkdir()
-        h = DaemonHarness(
-            root=root / f"rig{n}",
-            registry=server.url,
-            auth=user,
-            dtype=dtype,
-            archive_name=archive_name,
-            inbox_options={"metadata": {"rig": f"rig{n}"}, **options},
-        )
-        h.archive = archive
-        rigs.append(h)
-    return tuple(rigs)
+    return tuple(_rigs(server, root, [first, {}])[3])
 
 
 def _journaled_tokens(h: DaemonHarness) -> list[str]:
