@@ -3,33 +3,17 @@ side by side with the real ``nbank check`` where the registry is django-neuroban
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pty
 import stat
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 from nbank.util import hash_directory
 
-from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend, store
-
-
-def make_tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
-    """A tar of (name, contents) members, a folder where contents is None."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-                continue
-            info.size, info.mode = len(data), 0o444
-            tar.addfile(info, io.BytesIO(data))
-    return path
+from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend, make_tar, store
 
 
 def exported(id: str, ext: str = ".dat") -> str:

@@ -11,24 +11,9 @@ from pathlib import Path
 
 from nbank.util import hash_directory
 
-from fixtures.cli_backends import Backend, sha1, store
+from fixtures.cli_backends import Backend, make_tar, sha1, store
 from nbankd.archive.layout import Archive
 from nbankd.registry.base import LocationRecord
-
-
-def make_tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
-    """Writes a tar file of members (name, contents), a folder where contents is None."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-                continue
-            info.size = len(data)
-            info.mode = 0o444
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def folder(backend: Backend, label: str) -> dict[str, bytes]:

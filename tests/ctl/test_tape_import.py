@@ -16,12 +16,11 @@ from test_tape import (
     folder,
     folder_members,
     folder_sha1,
-    make_tar,
     tape_archive,
     tree,
 )
 
-from fixtures.cli_backends import NBANKCTL, Backend
+from fixtures.cli_backends import NBANKCTL, Backend, make_tar
 from nbankd.archive.access import apply_access_tree
 from nbankd.archive.layout import Archive
 
