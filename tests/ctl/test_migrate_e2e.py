@@ -300,6 +300,34 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     h.stop()
 
 
+def test_nbankctl_status_exits_degraded_while_a_switch_is_unfinished(
+    daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
+) -> None:
+    """`nbankctl status` exits 1 (degraded) naming the finishing command while a killed
+    switch is unfinished, and exits 0 again once the switch is run to its end."""
+    server = django_registry
+    h = simple_daemon(daemon_factory)
+    env = base_env(tmp_path / "home")
+    netrc = server.write_netrc(tmp_path / "home" / ".netrc")
+    switch = [NBANKCTL, "-c", str(h.config_path), "registry", "switch", "--to", server.url]
+    switch += ["--registry-auth", str(netrc)]
+    show = [NBANKCTL, "-c", str(h.config_path), "status"]
+    assert run(show, env).returncode == 0
+
+    killed = run(switch, env, NBANKD_CRASH_AT="switch-after-nbank-json")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    unfinished = run(show, env)
+    assert unfinished.returncode == 1, unfinished.stdout + unfinished.stderr
+    assert f"finish it with: nbankctl registry switch --to {server.url}" in unfinished.stdout
+
+    done = run(switch, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    finished = run(show, env)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "registry switch" not in finished.stdout
+    h.stop()
+
+
 def test_a_daemon_restarted_during_the_switch_is_paused_again_and_caught_up(
     daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
 ) -> None:

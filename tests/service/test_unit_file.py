@@ -330,3 +330,84 @@ def test_guide_explains_every_remaining_exposure(installed_unit: Path) -> None:
     section = GUIDE.read_text().split("What remains open, and why")[1].split("\n## ")[0]
     missing = [name for name in _open_exposures(fenced) if name.split("=")[0] not in section]
     assert missing == []
+
+
+README = CONTRIB.parents[1] / "README.md"
+
+
+def _level(report: str) -> str:
+    """The overall exposure figure of a `systemd-analyze security` report, as printed."""
+    match = re.search(r"Overall exposure level for nbankd\.service: (\d+\.\d+) OK", report)
+    assert match, report
+    return match.group(1)
+
+
+def test_exposure_figures_are_the_documented_ones(installed_unit: Path) -> None:
+    """The unit's exposure, alone and with the network drop-in, is the figure the guide
+    and the README state (a change in either direction must update both)."""
+    guide = re.search(
+        r"rates the unit \*\*(\d\.\d) OK\*\* with the network drop-in\s+\((\d\.\d) without it\)",
+        GUIDE.read_text(),
+    )
+    readme = re.search(
+        r"rates it \*\*(\d\.\d) OK\*\*, \*\*(\d\.\d)\*\*\s+with the network allow-list drop-in",
+        README.read_text(),
+    )
+    assert guide and readme
+    plain = _level(_security(installed_unit).stdout)
+    fenced = _level(_security(installed_unit, NETWORK).stdout)
+    assert (fenced, plain) == (guide.group(1), guide.group(2))
+    assert (plain, fenced) == (readme.group(1), readme.group(2))
+
+
+def _expand(names: list[str], seen: dict[str, set[str]]) -> set[str]:
+    """System calls named by ``names`` (calls and @groups), groups expanded by systemd."""
+    calls: set[str] = set()
+    for name in names:
+        if not name.startswith("@"):
+            calls.add(name)
+            continue
+        if name not in seen:
+            listing = subprocess.run(
+                [_tool("systemd-analyze"), "syscall-filter", name],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            members = [ln.strip() for ln in listing.splitlines()[1:]]
+            seen[name] = set()
+            seen[name] = _expand([m for m in members if m and not m.startswith("#")], seen)
+        calls |= seen[name]
+    return calls
+
+
+def _allowed_calls(text: str) -> set[str]:
+    """The unit's system-call allow list, its SystemCallFilter= lines applied in order."""
+    allowed: set[str] = set()
+    seen: dict[str, set[str]] = {}
+    for value in _settings(text)["SystemCallFilter"]:
+        if value.startswith("~"):
+            allowed -= _expand(value[1:].split(), seen)
+        else:
+            allowed |= _expand(value.split(), seen)
+    return allowed
+
+
+def test_system_call_filter_allows_what_nbankd_calls_and_no_more_of_the_open_groups() -> None:
+    """The filter keeps every call nbankd's code makes (chgrp via chown/lchown/fchown,
+    audits' setpriority, the readers' prlimit64 limits, flock, renameat2, inotify,
+    sockets, subprocesses) and, of @privileged and @resources, only those."""
+    allowed = _allowed_calls(UNIT.read_text())
+    needed = {
+        *("chown", "lchown", "fchown", "fchownat", "setpriority", "prlimit64", "flock"),
+        *("renameat2", "inotify_init1", "inotify_add_watch", "inotify_rm_watch"),
+        *("socket", "bind", "listen", "accept4", "connect", "getsockopt", "sendmsg"),
+        *("execve", "clone", "clone3", "wait4", "pipe2", "openat", "fsync", "linkat"),
+        *("fchmod", "fchmodat", "mkdirat", "unlinkat", "getdents64", "statx", "kill"),
+    }
+    assert needed - allowed == set()
+    seen: dict[str, set[str]] = {}
+    assert allowed & _expand(["@privileged"], seen) == _expand(["@chown"], seen) & allowed
+    assert allowed & _expand(["@resources"], seen) == {"setpriority"}
+    assert not allowed & {"setuid", "setgroups", "capset", "setrlimit", "sched_setattr"}
