@@ -7,6 +7,14 @@
 Each prints one line per member or resource (JSON lines with ``--json``) and a
 summary, shows a tqdm progress bar on a terminal only, and exits 1 when anything
 failed or was refused.
+
+``import`` (and ``nbankctl copy``) into an archive of a daemon configuration
+(``-c FILE`` or ``$NBANKD_CONFIG``) follow ``nbankctl deposit``'s rules
+(:func:`where_to_run`): while that daemon runs, the work is handed to it over its
+control socket (admins only; the tar must then be a file it can read, not stdin)
+and the command prints what the daemon reports; while it is stopped, the command
+holds the state directory's lock (waiting for another holder) and must run as the
+archive's ``access.user``. Without a daemon configuration nothing changes.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -28,6 +36,14 @@ from nbankctl.registry_access import describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
 from nbankd import errors, tape, tape_import, tape_register
+from nbankd.archive.access import require_owner
+from nbankd.archive.layout import Archive
+from nbankd.archive.opening import open_archive
+from nbankd.control.client import ControlClient, ControlError
+from nbankd.daemon import statelock
+
+if TYPE_CHECKING:
+    from nbankd.config.model import Config
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -164,21 +180,210 @@ def wanted_ids(args: argparse.Namespace) -> list[str] | None:
     return ids
 
 
+# --- with a daemon configuration: the running daemon, or the state directory's lock ---
+
+
+def daemon_config(args: argparse.Namespace) -> Config | None:
+    """The daemon configuration named by -c or $NBANKD_CONFIG (never the default
+    path), as ``nbankctl deposit`` decides it; None with ``-r URL``."""
+    if getattr(args, "registry", None) or not (args.config or os.environ.get("NBANKD_CONFIG")):
+        return None
+    from nbankd.config import find_config_path, load_config
+
+    return load_config(find_config_path(args.config))
+
+
+class _OlderDaemon(Exception):
+    """The daemon answers but has no job commands (a release before them)."""
+
+
+def _answering(args: argparse.Namespace, cmd: str) -> ControlClient | None:
+    """A client of the configuration's daemon if one answers on its socket, else None;
+    raises _OlderDaemon when it cannot take jobs. An answer of any other kind counts
+    (a refusal is said again by the real request)."""
+    from nbankctl.daemon_cmds import client
+
+    daemon = client(args, cmd)
+    try:
+        daemon.call("job-status", {})
+    except errors.DaemonUnreachable:
+        return None
+    except ControlError as err:
+        if err.code == "unknown-command":
+            raise _OlderDaemon from None
+    except errors.PermissionDenied:
+        pass
+    return daemon
+
+
+@contextmanager
+def where_to_run(
+    args: argparse.Namespace, archive: Archive, cmd: str, doing: str
+) -> Iterator[ControlClient | None]:
+    """Where a copy or import into ``archive`` runs: yields a client of the running
+    daemon that is to do it, or None to do it here (holding the state directory's
+    lock when ``archive`` is one of a daemon configuration's archives)."""
+    config = None if args.dry_run else daemon_config(args)
+    path = archive.path.resolve()
+    if config is None or all(a.path.resolve() != path for a in config.archives):
+        yield None
+        return
+    try:
+        lock = statelock.acquire(config.state_dir)
+    except statelock.StateDirInUse:  # the daemon runs: it does the work
+        try:
+            daemon = _answering(args, cmd)
+        except _OlderDaemon:  # as before the daemon could: here, as access.user
+            yield None
+            return
+        if daemon is not None:
+            yield daemon
+            return
+        print(f"another nbankctl holds {config.state_dir}; waiting for it", file=sys.stderr)
+        lock = statelock.acquire(config.state_dir, wait=True)
+    except errors.ConfigError as err:  # not the daemon's user: only the daemon can
+        try:
+            daemon = _answering(args, cmd)
+        except _OlderDaemon:
+            daemon = None
+        if daemon is not None:
+            yield daemon
+            return
+        require_owner(archive, doing)  # names the user it must run as
+        raise errors.UsageError(
+            f"nbankd is not running and {err.message}",
+            hint="start nbankd to hand it the work, or run the command as its user",
+        ) from None
+    try:
+        yield None
+    finally:
+        lock.release()
+
+
+#: the identifiers sent per request (a request line is at most 64 KiB)
+ID_BUDGET = 48 * 1024
+
+
+def _batches(ids: list[str] | None) -> list[list[str] | None]:
+    if ids is None:
+        return [None]
+    out: list[list[str] | None] = []
+    batch: list[str] = []
+    size = 0
+    for id in ids:
+        cost = len(json.dumps(id)) + 2
+        if batch and size + cost > ID_BUDGET:
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(id)
+        size += cost
+    out.append(batch)
+    return out
+
+
+def run_job(
+    daemon: ControlClient,
+    cmd: str,
+    request: dict[str, Any],
+    ids: list[str] | None,
+    started: Callable[[dict[str, Any]], None],
+    event: Callable[[list[Any]], None],
+) -> None:
+    """Hands a job (``copy``, ``tape-import``) to the daemon, the identifiers in as
+    many requests as they need; calls ``started`` with the first answer and
+    ``event`` with each event the job records, until it ends. An error that ended
+    the job is raised with the exit status the daemon gave it."""
+    job = None
+    parts = _batches(ids)
+    for n, batch in enumerate(parts):
+        more = n < len(parts) - 1
+        body: dict[str, Any] = {"ids": batch, "more": more}
+        answer = daemon.call(cmd, {**request, **body} if job is None else {"job": job, **body})
+        if job is None:
+            job = answer["job"]
+            started(answer)
+    poll = min(10.0, daemon.timeout / 2)
+    since = 0
+    try:
+        while True:
+            state = daemon.call("job-status", {"job": job, "since": since, "wait": poll})
+            for e in state["events"]:
+                event(e)
+            since = state["next"]
+            if state["done"]:
+                break
+    except errors.DaemonUnreachable:
+        print(
+            f"nbankd stopped during the {cmd}; what it finished is kept: run the same "
+            "command again to finish the rest",
+            file=sys.stderr,
+        )
+        raise
+    error = state.get("error")
+    if error:
+        message = error["message"] + (f" ({error['hint']})" if error.get("hint") else "")
+        raise ControlError(error["code"], message, exit_code=error["exit"])
+
+
+def no_stdin_tar(args: argparse.Namespace) -> None:
+    if args.tar == "-":
+        raise errors.UsageError(
+            "nbankd is running and does this import itself, but a tar file on standard "
+            "input cannot be handed to it",
+            hint="give the tar file's path (one nbankd's user can read), or run the "
+            "import as the archive's user without the daemon configuration (-r URL)",
+        )
+
+
 def cmd_import(args: argparse.Namespace, report: Report) -> None:
     wanted = wanted_ids(args)
-    with registry_for(args) as reg:
-        _header(args, f"registry: {describe(reg)}\nsource: {args.tar}")
-        with _bar(_tar_size(args.tar), "B") as (advance, bar):
-            summary = tape_import.import_tar(
-                reg,
-                args.tar,
-                args.archive,
-                wanted=wanted,
-                dry_run=args.dry_run,
-                max_size=args.max_size,
-                report=_printer(args, bar),
-                advance=advance,
-            )
+    archive = open_archive(args.archive)
+    with where_to_run(args, archive, "tape-import", "an import") as daemon:
+        if daemon is not None:
+            no_stdin_tar(args)
+            _import_by_daemon(args, report, daemon, archive, wanted)
+            return
+        with registry_for(args) as reg:
+            _header(args, f"registry: {describe(reg)}\nsource: {args.tar}")
+            with _bar(_tar_size(args.tar), "B") as (advance, bar):
+                summary = tape_import.import_tar(
+                    reg,
+                    args.tar,
+                    args.archive,
+                    wanted=wanted,
+                    dry_run=args.dry_run,
+                    max_size=args.max_size,
+                    report=_printer(args, bar),
+                    advance=advance,
+                )
+    _finish(args, report, summary, ("imported", "already", "skipped"))
+
+
+def _import_by_daemon(
+    args: argparse.Namespace,
+    report: Report,
+    daemon: ControlClient,
+    archive: Archive,
+    wanted: list[str] | None,
+) -> None:
+    """The import done by the running daemon, its lines printed here as they come."""
+    tar = os.path.abspath(args.tar)
+    summary = tape.Summary()
+    show = _printer(args, None)
+    if not args.json:
+        print("nbankd is running: handing the import to it", file=sys.stderr)
+
+    def started(answer: dict[str, Any]) -> None:
+        _header(args, f"registry: {answer['registry']}\nsource: {tar}")
+
+    def event(e: list[Any]) -> None:
+        if e[0] == "outcome":
+            outcome = tape.Outcome(**e[1])
+            summary.outcomes.append(outcome)
+            show(outcome)
+
+    request = {"archive": str(archive.path), "tar": tar, "max_size": args.max_size}
+    run_job(daemon, "tape-import", request, wanted, started, event)
     _finish(args, report, summary, ("imported", "already", "skipped"))
 
 

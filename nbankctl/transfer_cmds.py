@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,21 +24,19 @@ from tqdm import tqdm
 from nbankctl.registry_access import describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
-from nbankctl.tape_cmds import read_ids
+from nbankctl.tape_cmds import read_ids, run_job, where_to_run
 from nbankd import __version__, errors
-from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
+from nbankd.control.client import ControlClient
 from nbankd.hashing import SourceReadError
 from nbankd.registry import credentials
-from nbankd.registry.base import Registry
+from nbankd.transfer import copying
 from nbankd.transfer import export as exporting
+from nbankd.transfer.copying import UNVERIFIED, human_size
 from nbankd.transfer.fetching import fetch, target_path
 from nbankd.transfer.reading import Advance
-from nbankd.transfer.receive import copy_resource, register_copy
 from nbankd.transfer.sources import Source, find_sources
-
-UNVERIFIED = " (no registered hash to check)"
 
 
 class Console:
@@ -75,15 +71,6 @@ class Console:
         finally:
             self._bar.close()
             self._bar = None
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def requested_ids(args: argparse.Namespace) -> list[str]:
@@ -191,20 +178,6 @@ def _check_manifest(out: Path, sources: list[Source]) -> None:
         )
 
 
-def _total_size(sources: list[Source]) -> int | None:
-    """The bytes to read (for the progress bar); None when a folder is among them."""
-    total = 0
-    for s in sources:
-        try:
-            st = os.lstat(s.path) if s.path is not None else None
-        except OSError:
-            continue
-        if st is None or stat.S_ISDIR(st.st_mode):
-            return None
-        total += st.st_size
-    return total
-
-
 def cmd_export(args: argparse.Namespace, report: Report) -> None:
     con = Console(args)
     out: Path = args.out
@@ -240,7 +213,7 @@ def _export(
     entries: list[dict[str, Any]] = []
     written = total = 0
     try:
-        with con.progress(_total_size(sources)) as advance:
+        with con.progress(copying.total_size(sources)) as advance:
             for s in sources:
                 assert s.path is not None
                 try:
@@ -276,80 +249,60 @@ def _export(
 # --- copy ----------------------------------------------------------------------------
 
 
+class _CopyOut:
+    """The copy's :class:`~nbankd.transfer.copying.Output` on this console."""
+
+    def __init__(self, con: Console, report: Report) -> None:
+        self.con, self.report = con, report
+        self.log, self.emit, self.progress = con.log, con.emit, con.progress
+
+    @property
+    def failures(self) -> int:
+        return self.report.failures
+
+    def failed(self, unreachable: bool) -> None:
+        self.report.failed()
+        if unreachable:
+            self.report.unreachable()
+
+
 def cmd_copy(args: argparse.Namespace, report: Report) -> None:
     con = Console(args)
+    out = _CopyOut(con, report)
     ids = requested_ids(args)
     archive = open_archive(args.dest)
-    with registry_for(args, fallback_url=archive.registry_url) as reg:
-        con.log(f"registry: {describe(reg)}")
-        record = reg.find_archive_by_root(str(archive.path))
-        if record is None:
-            raise errors.NotFound(
-                f"no archive with root {archive.path} in registry {reg.url}",
-                hint="register it with nbankctl init, or ask the registry's admin",
+    with where_to_run(args, archive, "copy", "a copy") as daemon:
+        if daemon is not None:
+            _copy_by_daemon(args, out, daemon, archive, ids)
+            return
+        with registry_for(args, fallback_url=archive.registry_url) as reg:
+            con.log(f"registry: {describe(reg)}")
+            copying.copy_into(
+                reg, archive, ids, out, source_archive=args.archive, dry_run=args.dry_run
             )
-        if args.archive == record.name:
-            raise errors.UsageError(
-                f"the source and destination archives are the same ('{record.name}')",
-                hint="give -a another archive, or another DEST",
-            )
-        con.log(f"destination archive: {record.name} ({archive.path})")
-        if not args.dry_run:
-            require_owner(archive, "a copy")
-        if args.dry_run:
-            con.log("DRY RUN: checking resources without copying them")
-        todo: list[Source] = []
-        already = 0
-        for s in find_sources(reg, ids, archive=args.archive):
-            if s.record is not None and record.name in s.record.locations:
-                already += 1
-                con.log(f"  - {s.id} -> already in the destination archive")
-                con.emit({"id": s.id, "status": "already"})
-            else:
-                todo.append(s)
-        sources = _unlocated(con, report, todo)
-        copied, total = _copy_all(args, con, report, reg, archive, record.name, sources)
-    verb = "checked" if args.dry_run else "copied"
-    text = (
-        f"Resources requested: {len(ids)}; {verb}: {copied} ({human_size(total)}); "
-        f"already in destination: {already}; failed: {report.failures}"
-    )
-    con.log(text + (" (marked with ✗ above)" if report.failures else ""))
-    summary = {"requested": len(ids), verb: copied, "already": already, "bytes": total}
-    con.emit({"summary": {**summary, "failed": report.failures}, "archive": record.name})
 
 
-def _copy_all(
+def _copy_by_daemon(
     args: argparse.Namespace,
-    con: Console,
-    report: Report,
-    reg: Registry,
+    out: _CopyOut,
+    daemon: ControlClient,
     archive: Archive,
-    name: str,
-    sources: list[Source],
-) -> tuple[int, int]:
-    """Copies (or checks) each source; returns how many and their bytes."""
-    copied = total = 0
-    status = "checked" if args.dry_run else "copied"
-    with con.progress(_total_size(sources)) as advance:
-        for s in sources:
-            assert s.path is not None
-            try:
-                done = copy_resource(
-                    archive, s.path, s.id, s.sha1, dry_run=args.dry_run, advance=advance
-                )
-                if not args.dry_run:
-                    register_copy(reg, archive, done, s.id, name)
-            except (errors.NbankdError, SourceReadError) as err:
-                _failed(con, report, s.id, err)
-                continue
-            copied, total = copied + 1, total + done.size
-            where = "OK" if done.path is None else str(done.path)
-            note = "" if done.verified else UNVERIFIED
-            con.log(f"  - {s.id} -> {where}{note}  ({human_size(done.size)})")
-            result = {"id": s.id, "status": status, "path": done.path and str(done.path)}
-            con.emit({**result, "sha1": done.sha1, "verified": done.verified, "bytes": done.size})
-    return copied, total
+    ids: list[str],
+) -> None:
+    """The copy done by the running daemon, its lines said here as they come."""
+    out.log("nbankd is running: handing the copy to it")
+
+    def event(e: list[Any]) -> None:
+        kind, value = e
+        if kind == "log":
+            out.log(value)
+        elif kind == "emit":
+            out.emit(value)
+        elif kind == "failed":
+            out.failed(bool(value))
+
+    request = {"archive": str(archive.path), "source_archive": args.archive}
+    run_job(daemon, "copy", request, ids, lambda a: out.log(f"registry: {a['registry']}"), event)
 
 
 # --- parser --------------------------------------------------------------------------

@@ -44,10 +44,15 @@ from nbankd.tape import (
 from nbankd.tape_import_folder import FolderRefused, Members, import_folder, skip_folder
 
 STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
+#: tarfile's extraction filter (PEP 706), a second opinion after member_problem's own
+#: checks, which alone refuse everything it would (tarfile extracts nothing: the
+#: bytes are written by nbankd); absent before Python 3.11.4
+_DATA_FILTER = getattr(tarfile, "data_filter", None)
 
 
 def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
-    """Why a member must not be extracted, or None. Our checks first, then data_filter."""
+    """Why a member must not be extracted, or None. Our checks first, then data_filter
+    where this Python has it."""
     name = member.name
     path = PurePosixPath(name)
     if not name or "\0" in name:
@@ -70,10 +75,11 @@ def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) ->
         return "not a regular file or folder"
     if member.isreg() and max_size is not None and member.size > max_size:
         return f"{member.size} bytes, more than the limit of {max_size}"
-    try:
-        tarfile.data_filter(member, str(dest))
-    except tarfile.FilterError as err:
-        return f"refused by tarfile's data filter: {err}"
+    if _DATA_FILTER is not None:  # Python 3.11.4+ (Debian 12's 3.11.2 lacks it)
+        try:
+            _DATA_FILTER(member, str(dest))
+        except tarfile.FilterError as err:
+            return f"refused by tarfile's data filter: {err}"
     return None
 
 

@@ -21,7 +21,7 @@ import structlog
 
 from nbankd import errors
 from nbankd.config import load_config, parse_duration
-from nbankd.control import deposit_handlers
+from nbankd.control import deposit_handlers, job_handlers
 from nbankd.control.protocol import ProtocolError
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import orphans
@@ -415,6 +415,7 @@ HANDLERS: dict[str, Handler] = {
     "check-registry": check_registry,
     "deposit": deposit_handlers.deposit,
     "deposit-status": deposit_handlers.deposit_status,
+    **job_handlers.COMMANDS,
 }
 
 

@@ -58,6 +58,9 @@ ADMIN_COMMANDS = frozenset(
         "check-registry",
         "deposit",
         "deposit-status",
+        "copy",
+        "tape-import",
+        "job-status",
     }
 )
 COMMANDS = READ_COMMANDS | ADMIN_COMMANDS
