@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nbankd import errors
 
@@ -98,6 +98,39 @@ def stored_file(archive_path: Path, id: str, stored_name: str) -> Path:
     """``archive_path/resources/<id[:2]>/<stored_name>``: a resource filed by its
     identifier (the one home of this rule for deposits, receipts and explanations)."""
     return archive_path / RESOURCES_NAME / id[:2] / stored_name
+
+
+#: every name nbankd uses in ``staging/`` starts with this (nbank uses other names)
+STAGED_PREFIX = ".nbankd-"
+
+
+class StagedName(NamedTuple):
+    """A deposit's staged name, parsed: the item's journal token and the instance of
+    the process that wrote it (None: a name from a release before instances)."""
+
+    token: str
+    instance: str | None
+
+
+def staged_name(token: str, instance: str | None = None) -> str:
+    """The name of a deposit's staged copy in ``staging/``: ``.nbankd-TOKEN-INSTANCE``
+    (``instance``: the writing process's, so no two processes share a name), or
+    ``.nbankd-TOKEN`` without one, as releases before instances named every copy
+    (journals in flight from them still use it). The one home of this rule; read
+    back by :func:`parse_staged_name`."""
+    return f"{STAGED_PREFIX}{token}" if instance is None else f"{STAGED_PREFIX}{token}-{instance}"
+
+
+def parse_staged_name(name: str) -> StagedName | None:
+    """The token and instance of a staged name :func:`staged_name` built (either form);
+    None for a name not starting with :data:`STAGED_PREFIX`. Tokens and instances are
+    hexadecimal, so the first ``-`` after the prefix separates them (the copies of
+    tape imports and transfers, ``.nbankd-tar-...`` and ``.nbankd-copy-...``, parse
+    to tokens no journal holds)."""
+    if not name.startswith(STAGED_PREFIX):
+        return None
+    token, dash, instance = name[len(STAGED_PREFIX) :].partition("-")
+    return StagedName(token, instance if dash else None)
 
 
 def _entry_kind(entry: os.DirEntry[str]) -> str:
@@ -317,13 +350,17 @@ def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.Arc
 
 
 __all__ = [
+    "STAGED_PREFIX",
     "AccessPolicy",
     "Anomaly",
     "Archive",
     "ArchivePolicy",
     "Lister",
+    "StagedName",
     "candidate_stubs",
+    "parse_staged_name",
     "scan_dir",
+    "staged_name",
     "stored_file",
     "unavailable",
 ]

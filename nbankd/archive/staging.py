@@ -20,7 +20,7 @@ from typing import BinaryIO
 from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
-from nbankd.archive.layout import Archive, unavailable
+from nbankd.archive.layout import STAGED_PREFIX, Archive, unavailable
 from nbankd.filekind import FileKind
 from nbankd.hashing import (
     BLOCK_SIZE,
@@ -35,8 +35,6 @@ from nbankd.hashing import (
 )
 from nbankd.streaming import copy_hashing_overlapped
 
-#: every name nbankd uses in ``staging/`` starts with this (nbank uses other names)
-STAGED_PREFIX = ".nbankd-"
 #: files at least this large are copied with reading, hashing and writing overlapped
 OVERLAP_FROM = 16 << 20
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

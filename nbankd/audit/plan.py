@@ -43,6 +43,7 @@ import math
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
+from nbankd.archive.layout import parse_staged_name
 from nbankd.audit.model import CacheEntry, FileStat
 from nbankd.registry.base import ResourceRecord
 
@@ -232,7 +233,6 @@ def staging_leftovers(
     *,
     now: float,
     grace: float,
-    prefix: str = ".nbankd-",
 ) -> list[str]:
     """Names in ``staging/`` to report: not a staged copy of an item in flight, and
     not modified within ``grace`` seconds (a copy another host's daemon, or nbank,
@@ -240,7 +240,8 @@ def staging_leftovers(
     out = []
     for name, mtime in entries:
         # .nbankd-TOKEN (older releases) or .nbankd-TOKEN-INSTANCE
-        if name.startswith(prefix) and name[len(prefix) :].split("-")[0] in in_flight_tokens:
+        staged = parse_staged_name(name)
+        if staged is not None and staged.token in in_flight_tokens:
             continue
         if young(mtime, now=now, grace=grace):
             continue

@@ -1,24 +1,28 @@
 """The claim step: take the input into the inbox's work folder (only the entry the
 scan saw, walking from the inbox's descriptor), record its identity, and fix its
-identifier, datatype and metadata once.
+identifier, datatype and metadata once (the rest of its :class:`~nbankd.deposit.spec.Intent`;
+the inbox's rules are read from the live configuration here, and only here).
+Whether the entry may be taken, and whether what was taken is deposited, are the
+pure verdicts of :mod:`nbankd.deposit.verdicts` (kinds as :mod:`nbankd.filekind`
+classifies them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import replace
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.deposit import inboxfs, policy, rejection
+from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import identity_json, seen_matches
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.outcomes import outcome_for
-from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
+from nbankd.filekind import FileKind
 
 
 class ClaimSteps(StepsBase):
@@ -42,11 +46,11 @@ class ClaimSteps(StepsBase):
                     return result
             else:
                 claimed = fs.lstat(fs.work, token)
-                if claimed is not None and not seen_matches(item.seen_identity, claimed):
-                    # replayed after a crash that took the wrong entry: give it back
-                    return item, Outcome(
-                        "changed", "changed", "not the entry the scan saw; putting it back"
-                    )
+                # replayed after a crash that took the wrong entry: give it back
+                seen = claimed is None or seen_matches(item.seen_identity, claimed)
+                outcome = verdicts.at_replay(seen=seen)
+                if outcome is not None:
+                    return item, outcome
             # the input is in the work folder: from here on it is never "gone"
             self._take_sidecar(spec, fs, item)
             return self._plan(spec, fs, item)
@@ -56,20 +60,18 @@ class ClaimSteps(StepsBase):
         an outcome when it is not taken (left where it is, or put back untouched)."""
         work = fs.work
         token = item.token.encode()
-        is_dir = item.kind == "dir"
         parent, name = fs.parent(item.relpath)
         src = spec.path / item.relpath_str
         st = fs.lstat(parent, name)
-        if st is None:
-            return item, Outcome("gone", "gone", f"{src} vanished before it was claimed")
-        ok_kind = stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)
-        unsafe = item.kind == "unsafe"
-        if not unsafe and (not ok_kind or (not is_dir and st.st_nlink > 1)):
-            return item, Outcome("gone", "unsupported", f"{src} is no longer a plain input")
-        if not seen_matches(item.seen_identity, st):
-            return item, Outcome(
-                "gone", "gone", f"{src} is not the entry the scan saw (replaced); left alone"
-            )
+        outcome = verdicts.at_claim(
+            item_kind=item.kind,
+            shown=str(src),
+            found=None if st is None else FileKind.of(st),
+            seen=st is not None and seen_matches(item.seen_identity, st),
+        )
+        if outcome is not None:
+            return item, outcome
+        assert st is not None
         try:
             fs.take(parent, name, work, token)
         except FileNotFoundError:
@@ -85,11 +87,11 @@ class ClaimSteps(StepsBase):
                 "(e.g. make it group-writable by the lab group, with the setgid bit)",
             )
         claimed = fs.lstat(work, token)
-        if claimed is not None and (claimed.st_dev, claimed.st_ino) != (st.st_dev, st.st_ino):
-            # swapped between the check and the move: the put-back step returns it
-            return item, Outcome(
-                "changed", "changed", f"{src} changed while it was claimed; putting it back"
-            )
+        # swapped between the check and the move: the put-back step returns it
+        same = claimed is None or (claimed.st_dev, claimed.st_ino) == (st.st_dev, st.st_ino)
+        outcome = verdicts.after_take(shown=str(src), same_entry=same)
+        if outcome is not None:
+            return item, outcome
         seams.reached("after-claim-rename")
         return None
 
@@ -114,28 +116,17 @@ class ClaimSteps(StepsBase):
         sidecar_work = fs.at(fs.work, side_name) if side_name is not None else None
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
-            reason = json.loads(item.reason_json or "{}")
-            return item, Outcome(
-                "permanent",
-                reason.get("code", "unsupported"),
-                reason.get("message", "not a regular file"),
-                reason.get("hint", ""),
-            )
+            return item, verdicts.unsafe_claimed(json.loads(item.reason_json or "{}"))
         item = replace(item, identity=item.identity or identity_json(work, is_dir))
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
-        if not (stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)):
-            return item, Outcome("permanent", "unsupported", "not a regular file when claimed")
-        if not is_dir and st.st_size == 0:
-            return item, Outcome(
-                "permanent",
-                "empty",
-                f"{item.relpath_str!r} has zero bytes",
-                "an empty recording is almost always a failed acquisition; "
-                "check the rig and requeue if it is meant to be empty",
-            )
+        outcome = verdicts.when_claimed(
+            item_kind=item.kind, relpath=item.relpath_str, found=FileKind.of(st), size=st.st_size
+        )
+        if outcome is not None:
+            return item, outcome
         try:
-            archive = self._archive(spec)
+            archive = self._archive(Intent.of(item))  # the archive journaled for it
             sidecar = self._read_sidecar(item, sidecar_work)
             rules = spec.rules(
                 auto_identifiers=archive.policy.auto_identifiers,

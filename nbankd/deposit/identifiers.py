@@ -19,6 +19,7 @@ from nbankd.archive.verify import stored_sha1
 from nbankd.deposit import policy, verdicts
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
+from nbankd.deposit.spec import Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.registry.base import ResourceRecord
 
@@ -27,8 +28,8 @@ class IdentifierSteps(StepsBase):
     """Lookup and registration: what the input's identifier may become."""
 
     def lookup(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        archive = self._archive(spec)
+        self._spec(item)  # parked if its archive is no longer configured there
+        archive = self._archive(Intent.of(item))
         item = replace(item, already=False)  # decided again on every lookup
         assert item.name
         stored = archive.stored_entries(item.name)
@@ -91,8 +92,7 @@ class IdentifierSteps(StepsBase):
             assert item.name and item.target_name
             if item.progress.registered:  # a record may carry this name: it stays
                 return item, Outcome("transient", "internal", f"{verdict.message} (registered)")
-            spec = self._spec(item)
-            archive = self._archive(spec)
+            archive = self._archive(Intent.of(item))
             name = policy.replacement_identifier(
                 item.token_bytes, item.name, archive.policy.auto_id_type
             )
@@ -110,19 +110,20 @@ class IdentifierSteps(StepsBase):
         return item, Outcome(kind_name, verdict.code, verdict.message, verdict.hint)
 
     def register(self, item: Item) -> StepResult:
-        spec = self._spec(item)
+        self._spec(item)  # parked if its archive is no longer configured there
+        intent = Intent.of(item)
         assert item.name and item.dtype and item.sha1 and item.target_name
         if item.already:  # the record is there: only this archive's location may be new
             record = self.registry.get_resource(item.name)
             if record is not None and (record.sha1 or "").lower() == item.sha1:
-                if spec.archive_name not in record.locations:
-                    self.registry.add_location(item.name, spec.archive_name)
+                if intent.archive_name not in record.locations:
+                    self.registry.add_location(item.name, intent.archive_name)
                 return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
             item = replace(item, already=False)  # the record went since: register it
         try:
             self.registry.add_resource(
                 dtype=item.dtype,
-                archive=spec.archive_name,
+                archive=intent.archive_name,
                 name=item.name,
                 sha1=item.sha1,
                 metadata=json.loads(item.metadata_json or "{}"),
@@ -130,7 +131,7 @@ class IdentifierSteps(StepsBase):
             seams.reached("after-register-request")
         except (errors.NameTaken, errors.Sha1Taken):
             # ours already if an earlier attempt's answer was lost; else whose it is
-            archive = self._archive(spec)
+            archive = self._archive(intent)
             record = self.registry.get_resource(item.name)
             facts = self._facts(item, archive, record)
             if record is None:
@@ -140,8 +141,8 @@ class IdentifierSteps(StepsBase):
             if outcome.kind != "ok":
                 return item, outcome
             assert record is not None
-            if spec.archive_name not in record.locations:
-                self.registry.add_location(item.name, spec.archive_name)
+            if intent.archive_name not in record.locations:
+                self.registry.add_location(item.name, intent.archive_name)
         item = replace(item, url=self.registry.resource_url(item.name))
         seams.reached("after-register")
         return item, Outcome.ok()

@@ -15,7 +15,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from nbankd import seams
@@ -25,6 +24,7 @@ from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX
 from nbankd.shellwords import requeue_command
+from nbankd.timefmt import iso
 
 NAME_MAX = 255
 
@@ -182,7 +182,7 @@ def move_to_rejected(
                     "code": reason.get("code") or item.error_code or "rejected",
                     "message": reason.get("message") or item.error_message or "",
                     "hint": reason.get("hint") or "",
-                    "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+                    "time": iso(now),
                     "sha1": item.sha1,
                     "original_path": str(spec.path / item.relpath_str),
                     "original_name": os.fsdecode(os.path.basename(rel)),

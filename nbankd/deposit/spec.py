@@ -1,24 +1,96 @@
-"""The run-time view of one inbox that the deposit steps need.
+"""What the deposit steps know of an input's inbox: the intent the journal fixed for
+the item, and the inbox's run-time view.
+
+An :class:`Intent` is everything decided for one input, read from its journal row
+and never from the live configuration: the inbox (its key), the relative path, the
+archive's name and path, the placement and verify setting (journaled when the item
+was journaled), and the identifier, datatype, metadata and stored name, hence the
+target path (fixed by the claim step). A reload that re-points the inbox at another
+archive, or changes its placement or verify setting, does not re-route an item in
+flight.
 
 An :class:`InboxSpec` is the inbox's parsed configuration (held, never copied
 field by field) plus what only the running daemon knows: the archive it was
 resolved to, the configuration file's path for hints, and the identities of its
 work and rejected folders recorded at start. Frozen, so a reload swaps whole
-records instead of mutating shared state under running workers. For an item in
-flight, :meth:`nbankd.deposit.stepbase.StepsBase._spec` replaces the archive,
-placement and verify setting with the ones journaled at claim.
+records instead of mutating shared state under running workers. A few values are
+deliberately taken from it, live, for an item in flight:
+
+- the inbox folder itself, opened through :meth:`InboxSpec.open_fs` (it is the
+  folder the item's inbox key names) with its work folder;
+- ``rejected_dir``: a rejection goes where the administrator looks *now* (a reload
+  that moves the rejected folder moves where later rejections land);
+- ``config_source``: the configuration file named in a reason's requeue command is
+  the one the daemon runs with now;
+- at the claim step only, the inbox's rules (datatype, metadata, directories,
+  file_metadata): claiming is where they are decided, then journaled in the intent.
+
+:meth:`nbankd.deposit.stepbase.StepsBase._spec` returns the live spec with the
+intent's archive, placement and verify setting laid over it (:meth:`Intent.fix`),
+so code that still reads them from a spec reads the journaled values.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from nbankd.archive.layout import stored_file
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.deposit.inboxfs import InboxFS
+from nbankd.deposit.journal import Item
 from nbankd.deposit.policy import InboxRules
 from nbankd.names import WORK_DIR_NAME
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the journal fixed for one input, never re-read from the configuration."""
+
+    inbox: str  # the inbox's key: its path as text (a manual deposit's: its options)
+    relpath: bytes  # the input's path in the inbox, raw bytes
+    archive_name: str
+    archive_path: Path
+    placement: str  # "copy" or "rename"
+    verify: bool
+    identifier: str | None = None  # None until the claim step decides it
+    dtype: str | None = None
+    metadata_json: str | None = None
+    target_name: str | None = None  # the stored file's name
+
+    @classmethod
+    def of(cls, item: Item) -> Intent:
+        """The intent journaled in ``item``'s row."""
+        return cls(
+            inbox=item.inbox,
+            relpath=item.relpath,
+            archive_name=item.archive,
+            archive_path=Path(item.archive_path),
+            placement=item.placement,
+            verify=item.verify,
+            identifier=item.name,
+            dtype=item.dtype,
+            metadata_json=item.metadata_json,
+            target_name=item.target_name,
+        )
+
+    @property
+    def target(self) -> Path | None:
+        """Where the input is stored, filed by its identifier (None before claim)."""
+        if self.identifier is None or self.target_name is None:
+            return None
+        return stored_file(self.archive_path, self.identifier, self.target_name)
+
+    def fix(self, spec: InboxSpec) -> InboxSpec:
+        """``spec`` with the archive, placement and verify setting this intent fixed."""
+        return replace(
+            spec,
+            archive_name=self.archive_name,
+            archive_path=self.archive_path,
+            placement=self.placement,
+            verify=self.verify,
+        )
 
 
 @dataclass(frozen=True)
@@ -26,7 +98,7 @@ class InboxSpec:
     config: InboxConfig = field(repr=False)
     archive_name: str
     archive_path: Path
-    placement: str  # "copy" or "rename": the configuration's, or the journaled one
+    placement: str  # "copy" or "rename": the configuration's, or the intent's
     verify: bool
     config_source: Path | None = None  # the daemon's configuration file (requeue hints)
     work_id: tuple[int, int] | None = None  # (device, inode) recorded at start

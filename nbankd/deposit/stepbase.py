@@ -1,5 +1,7 @@
 """The shared part of the deposit steps: construction, an item's inbox and archive as
-its journaled intent fixed them, staged names and targets.
+its journaled intent fixed them (:class:`~nbankd.deposit.spec.Intent`; which values
+are deliberately read from the live configuration is told in
+:mod:`nbankd.deposit.spec`), staged names and targets.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -20,7 +21,7 @@ from nbankd import errors
 from nbankd.archive import durable, layout, opening
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
-from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.metadata_readers import ReaderResult, read_file_metadata
 from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.registry.base import Registry
@@ -84,11 +85,12 @@ class StepsBase:
 
     def _spec(self, item: Item) -> InboxSpec:
         """The inbox as the item's journaled intent fixed it: the archive, its path,
-        placement and verify recorded when the item was journaled, never what a later
-        reload configured. An item finishes so while its archive is configured (at
-        the same path), even if a reload removed or re-pointed its inbox; otherwise it
-        is parked (never rejected for a configuration change). Claiming, rejecting and
-        putting back write into the inbox, so they wait for it to be configured."""
+        placement and verify recorded when the item was journaled (laid over the live
+        spec by :meth:`Intent.fix`), never what a later reload configured. An item
+        finishes so while its archive is configured (at the same path), even if a
+        reload removed or re-pointed its inbox; otherwise it is parked (never rejected
+        for a configuration change). Claiming, rejecting and putting back write into
+        the inbox, so they wait for it to be configured."""
         live = self.inboxes(item.inbox)
         spec = live or self.retired(item.inbox)
         where = f"item {item.token} ({item.relpath_str!r})"
@@ -107,13 +109,7 @@ class StepsBase:
                     "never sent elsewhere",
                     hint="restore the archive in the configuration (and reload) to finish it",
                 )
-        return replace(
-            spec,
-            archive_name=item.archive,
-            archive_path=Path(item.archive_path),
-            placement=item.placement,
-            verify=item.verify,
-        )
+        return Intent.of(item).fix(spec)
 
     @staticmethod
     def staged_name(item: Item) -> str:
@@ -121,18 +117,19 @@ class StepsBase:
         older journal: the name every process used then)."""
         if item.staged_identity:
             return str(json.loads(item.staged_identity)["name"])
-        return f"{durable.STAGED_PREFIX}{item.token}"
+        return layout.staged_name(item.token)
 
     def _new_staged_name(self, archive: layout.Archive, item: Item) -> str:
         """A name no other process can use (this process's instance in it), after
-        removing what earlier attempts at this item left in staging/."""
-        prefix = f"{durable.STAGED_PREFIX}{item.token}"
+        removing what earlier attempts at this item left in staging/ (under either
+        form of its staged name)."""
         for leftover in durable.list_staged(archive):
-            if leftover.name == prefix or leftover.name.startswith(prefix + "-"):
+            staged = layout.parse_staged_name(leftover.name)
+            if staged is not None and staged.token == item.token:
                 durable.discard_staged(archive, leftover)
-        return f"{prefix}-{self.instance}"
+        return layout.staged_name(item.token, self.instance)
 
-    def _archive(self, spec: InboxSpec) -> layout.Archive:
+    def _archive(self, spec: InboxSpec | Intent) -> layout.Archive:
         """The archive at the item's journaled path, read again whenever its nbank.json
         is not the very file read last time (another inode, size, mtime or ctime: an
         edit, a remount), and served from memory otherwise (every step asks)."""
@@ -165,7 +162,7 @@ class StepsBase:
 
     # -- the steps ---------------------------------------------------------------
 
-    def _discard_staged(self, spec: InboxSpec, item: Item) -> None:
+    def _discard_staged(self, spec: InboxSpec | Intent, item: Item) -> None:
         try:
             archive = self._archive(spec)
         except errors.ArchiveError:  # archive gone: its staging/ is safe to clean later

@@ -36,7 +36,7 @@ from nbankd.deposit.identity import (
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, next_step
 from nbankd.deposit.outcomes import outcome_for
-from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
 from nbankd.hashing import SourceReadError, sha1_stream
 from nbankd.timefmt import iso
@@ -63,10 +63,10 @@ class Steps(ClaimSteps, IdentifierSteps):
     def stage(self, item: Item) -> StepResult:
         spec = self._spec(item)
         with spec.open_fs() as fs:
-            return self._stage(spec, item, fs.at(fs.work, item.token))
+            return self._stage(Intent.of(item), item, fs.at(fs.work, item.token))
 
-    def _stage(self, spec: InboxSpec, item: Item, work: Path) -> StepResult:
-        archive = self._archive(spec)
+    def _stage(self, intent: Intent, item: Item, work: Path) -> StepResult:
+        archive = self._archive(intent)
         if item.kind == "dir" and item.zipped:
             item, outcome = self._stage_zip(archive, item, work)
             if outcome.kind != "ok":
@@ -96,7 +96,7 @@ class Steps(ClaimSteps, IdentifierSteps):
             with os.fdopen(fd, "rb") as f:
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
                     return item, Outcome("changed", "changed", "the file changed after claiming")
-                if spec.placement == "rename":
+                if intent.placement == "rename":
                     sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
                 else:
                     staged = durable.stage_copy(
@@ -106,13 +106,15 @@ class Steps(ClaimSteps, IdentifierSteps):
                     item = replace(item, staged_identity=staged_id(staged.path))
                 seams.reached("stage-copied")
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
-                    if spec.placement != "rename":
+                    if intent.placement != "rename":
                         durable.discard_staged(archive, staged.path)
                     return item, Outcome("changed", "changed", "the file changed during the copy")
             item = replace(item, sha1=sha1, size=size)
         if item.file_metadata in ("read", "override"):
             source = (
-                work if spec.placement == "rename" else archive.staging_dir / self.staged_name(item)
+                work
+                if intent.placement == "rename"
+                else archive.staging_dir / self.staged_name(item)
             )
             item, outcome = self._read_file_metadata(archive, item, source)
             if outcome.kind != "ok":
@@ -177,16 +179,16 @@ class Steps(ClaimSteps, IdentifierSteps):
         return item, outcome_for(problem)
 
     def publish(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        archive = self._archive(spec)
+        spec, intent = self._spec(item), Intent.of(item)
+        archive = self._archive(intent)
         if item.already:  # nothing to store: the stored copy is read back by verify
-            self._discard_staged(spec, item)
+            self._discard_staged(intent, item)
             return item, Outcome.ok()
         try:
-            return self._publish(spec, archive, item)
+            return self._publish(spec, intent, archive, item)
         except errors.StoredUnderOtherName as err:
             if self._refiled_legacy(archive, item, Path(err.stored)):
-                return self._publish(spec, archive, item)
+                return self._publish(spec, intent, archive, item)
             facts = replace(
                 self._facts(item, archive, None),
                 registered=item.progress.registered,
@@ -211,37 +213,47 @@ class Steps(ClaimSteps, IdentifierSteps):
         log.info("moved an older deposit where its identifier belongs", path=str(legacy))
         return True
 
-    def _publish(self, spec: InboxSpec, archive: layout.Archive, item: Item) -> StepResult:
+    def _publish(
+        self, spec: InboxSpec, intent: Intent, archive: layout.Archive, item: Item
+    ) -> StepResult:
+        """Publishes the staged copy (or, placed by rename, the claimed input itself:
+        reached through the live inbox folder, ``spec``) at the intent's target."""
         target = self._target(archive, item)
-        if spec.placement == "rename":
+        if intent.placement == "rename":
             with spec.open_fs() as fs:
                 work = fs.at(fs.work, item.token)
                 durable.publish_in_place(archive, work, target, sha1=item.sha1, id=item.name)
         else:
             staged = archive.staging_dir / self.staged_name(item)
-            if not os.path.lexists(staged) and not os.path.lexists(target):
-                return item, Outcome("restage", "restage", "the staged copy is gone")
-            if os.path.lexists(staged) and not staged_matches(item.staged_identity, staged):
+            staged_exists = os.path.lexists(staged)
+            found = verdicts.Staged(
+                shown=str(staged),
+                relpath=item.relpath_str,
+                staged_exists=staged_exists,
+                target_exists=os.path.lexists(target),
                 # not the copy this process journaled: never published, made again
-                return item, Outcome(
-                    "restage",
-                    "staged-changed",
-                    f"{staged} is not the staged copy nbankd wrote for "
-                    f"{item.relpath_str!r}; copying again",
-                )
-            if spec.verify and os.path.lexists(staged) and not os.path.lexists(target):
+                staged_ours=staged_exists and staged_matches(item.staged_identity, staged),
+                verify=intent.verify,
+            )
+            outcome = verdicts.before_publish(found)
+            if outcome is not None:
+                return item, outcome
+            if verdicts.reads_staged(found):
                 # read back from storage before it becomes visible in resources/: a bad
                 # copy is never published, only made again
                 assert item.sha1
-                if not durable.verify_from_storage(staged, item.sha1, throttle=self._progress):
+                after = verdicts.after_read_back(
+                    verdicts.ReadBack.STAGED,
+                    matches=durable.verify_from_storage(staged, item.sha1, throttle=self._progress),
+                    placement=intent.placement,
+                    shown=item.relpath_str,
+                    staged_identity=item.staged_identity is not None,
+                )
+                if after.discard:
                     durable.discard_staged(archive, staged)
-                    return item, Outcome(
-                        "restage",
-                        "verify-failed",
-                        f"the staged copy of {item.relpath_str!r}, read back from storage, "
-                        "does not match its SHA-1; copying again",
-                    )
-                if item.staged_identity is not None:
+                if after.outcome.kind != "ok":
+                    return item, after.outcome
+                if after.mark_verified and item.staged_identity is not None:
                     item = replace(item, staged_identity=mark_verified(item.staged_identity))
             published = durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
             if not published.ours:
@@ -253,64 +265,61 @@ class Steps(ClaimSteps, IdentifierSteps):
         return item, Outcome.ok()
 
     def verify(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        if item.already:
-            # the input goes once this copy is read back: gone or changed since the
-            # lookup (another input's verify removed a bad one), the input is kept
-            archive = self._archive(spec)
-            assert item.sha1
-            if not durable.verify_from_storage(
-                self._target(archive, item), item.sha1, throttle=self._progress
-            ):
-                return replace(item, already=False), Outcome(
-                    "restage",
-                    "verify-failed",
-                    f"the stored copy of {item.name} changed since it was found; "
-                    "depositing this input again",
-                )
-        elif spec.verify:
-            archive = self._archive(spec)
+        self._spec(item)  # parked if its archive is no longer configured there
+        intent = Intent.of(item)
+        before = False  # this inode was read back from storage and matched before publish
+        if not item.already and intent.verify:
+            archive = self._archive(intent)
             target = self._target(archive, item)
-            assert item.sha1
             if not os.path.lexists(target):
                 self._refiled_legacy(archive, item)
-            if verified_before_publish(item.staged_identity, target):
-                pass  # this inode was read back from storage and matched before publish
-            elif not durable.verify_from_storage(target, item.sha1, throttle=self._progress):
-                if spec.placement == "rename":
-                    return item, Outcome(
-                        "transient", "verify-failed", f"{target} does not match its sha1"
-                    )
+            before = verified_before_publish(item.staged_identity, target)
+        # an input already deposited goes once the copy found is read back: gone or
+        # changed since the lookup (another input's verify removed a bad one), it is kept
+        where = verdicts.verify_reads(
+            already=item.already, verify=intent.verify, verified_before_publish=before
+        )
+        if where is not None:
+            archive = self._archive(intent)
+            target = self._target(archive, item)
+            assert item.sha1
+            after = verdicts.after_read_back(
+                where,
+                matches=durable.verify_from_storage(target, item.sha1, throttle=self._progress),
+                placement=intent.placement,
+                shown=str(item.name) if where is verdicts.ReadBack.FOUND else str(target),
+            )
+            if after.discard:
                 fsops.remove_ours(target)
                 durable.fsync_dir(target.parent)
-                return item, Outcome(
-                    "restage", "verify-failed", f"{target} did not match its sha1; copying again"
-                )
+            if after.not_already:
+                item = replace(item, already=False)
+            if after.outcome.kind != "ok":
+                return item, after.outcome
         seams.reached("after-verify")
         return item, Outcome.ok()
 
     def record(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        archive_path = spec.archive_path
-        assert item.name and item.target_name
+        spec, intent = self._spec(item), Intent.of(item)
+        assert intent.target is not None
         now = self.clock()
         receipt = {
             "token": item.token,
             "source": str(spec.path / item.relpath_str),
-            "inbox": spec.key,
-            "id": item.name,
+            "inbox": intent.inbox,
+            "id": intent.identifier,
             "url": item.url,
             "sha1": item.sha1,
             "size": item.size,
-            "dtype": item.dtype,
-            "archive": spec.archive_name,
-            "archive_path": str(layout.stored_file(archive_path, item.name, item.target_name)),
+            "dtype": intent.dtype,
+            "archive": intent.archive_name,
+            "archive_path": str(intent.target),
             "time": iso(now),
             "outcome": "already-deposited" if item.already else "deposited",
         }
         if item.zipped:
             receipt["zipped"] = True  # as nbank's deposit record says of a zipped folder
-        receipts.append_receipt(self.receipts_dir, spec.key, receipt)
+        receipts.append_receipt(self.receipts_dir, intent.inbox, receipt)
         seams.reached("after-receipt-append")
         return replace(item, finished=now), Outcome.ok()
 
@@ -338,7 +347,7 @@ class Steps(ClaimSteps, IdentifierSteps):
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged(spec, item)
+        self._discard_staged(Intent.of(item), item)
         with spec.open_fs() as fs:
             item = rejection.move_to_rejected(
                 spec, item, fs=fs, now=self.clock(), save=self.journal.save
@@ -347,7 +356,7 @@ class Steps(ClaimSteps, IdentifierSteps):
 
     def put_back(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged(spec, item)
+        self._discard_staged(Intent.of(item), item)
         with spec.open_fs() as fs:
             rejection.put_back(spec, item, fs=fs)
         return replace(item, finished=self.clock()), Outcome.ok()

@@ -16,12 +16,26 @@ answer. The rule (SPEC, guarantee 3) is the same on every path that can find it
 
 The steps gather :class:`Facts` (registry answers, stored entries, the SHA-1 of a
 stored copy when one has to be compared) and act on the :class:`Verdict`.
+
+Two more verdicts live here, each a function of what a step observed (no I/O, no
+clock), returning the step's :class:`~nbankd.deposit.lifecycle.Outcome` or None
+when the step goes on:
+
+- **claim**: may the entry the scan saw be taken into the work folder (its kind, as
+  :class:`~nbankd.filekind.FileKind` classifies it, and its identity), and is the
+  claimed input something nbankd deposits (a regular file or a folder, not empty);
+- **read-back**: which copy is read back from storage (the staged copy before it is
+  published, the published copy, or a copy found stored for the identifier), and
+  what a missing, replaced or mismatched copy means.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from nbankd.deposit.lifecycle import Outcome
+from nbankd.filekind import FileKind
 
 
 class Kind(enum.StrEnum):
@@ -190,13 +204,190 @@ def at_publish(f: Facts) -> Verdict:
     )
 
 
+# -- claim -------------------------------------------------------------------------
+
+
+def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) -> Outcome | None:
+    """Before the input is taken: ``found`` is the kind of the entry at its path now
+    (None: nothing there), ``seen`` whether it is the entry the scan saw. None: take it.
+
+    A ``file`` item must still be a regular file with one name, a ``dir`` item a
+    folder; an ``unsafe`` item (a link, FIFO...) is moved by name whatever it is."""
+    if found is None:
+        return Outcome("gone", "gone", f"{shown} vanished before it was claimed")
+    wanted = FileKind.DIRECTORY if item_kind == "dir" else FileKind.FILE
+    if item_kind != "unsafe" and found is not wanted:
+        return Outcome("gone", "unsupported", f"{shown} is no longer a plain input")
+    if not seen:
+        return Outcome(
+            "gone", "gone", f"{shown} is not the entry the scan saw (replaced); left alone"
+        )
+    return None
+
+
+def after_take(*, shown: str, same_entry: bool) -> Outcome | None:
+    """Just after the move: ``same_entry`` is False when the entry now in the work folder
+    is not the one checked (swapped in between): the put-back step returns it."""
+    if same_entry:
+        return None
+    return Outcome("changed", "changed", f"{shown} changed while it was claimed; putting it back")
+
+
+def at_replay(*, seen: bool) -> Outcome | None:
+    """A claim replayed after a crash found the input in the work folder already:
+    ``seen`` is False when it is not the entry the scan saw (it is given back)."""
+    if seen:
+        return None
+    return Outcome("changed", "changed", "not the entry the scan saw; putting it back")
+
+
+def when_claimed(*, item_kind: str, relpath: str, found: FileKind, size: int) -> Outcome | None:
+    """The claimed input, by the kind ``found`` in the work folder and its ``size``:
+    a link, FIFO or device swapped in before the move is never read; a file with zero
+    bytes is rejected. (Another name made for the file since the claim does not
+    matter any more: it is read through the work folder's name.) None: deposit it."""
+    ok = (
+        found is FileKind.DIRECTORY
+        if item_kind == "dir"
+        else found in (FileKind.FILE, FileKind.HARDLINK)
+    )
+    if not ok:
+        return Outcome("permanent", "unsupported", "not a regular file when claimed")
+    if item_kind != "dir" and size == 0:
+        return Outcome(
+            "permanent",
+            "empty",
+            f"{relpath!r} has zero bytes",
+            "an empty recording is almost always a failed acquisition; "
+            "check the rig and requeue if it is meant to be empty",
+        )
+    return None
+
+
+def unsafe_claimed(reason: dict[str, str]) -> Outcome:
+    """A claimed ``unsafe`` item (a symlink, hard link, FIFO, socket or device, moved by
+    name and never opened) is rejected with the reason the scan journaled."""
+    return Outcome(
+        "permanent",
+        reason.get("code", "unsupported"),
+        reason.get("message", "not a regular file"),
+        reason.get("hint", ""),
+    )
+
+
+# -- read-back ---------------------------------------------------------------------
+
+
+class ReadBack(enum.StrEnum):
+    """Which copy is read back from storage and compared with the input's SHA-1."""
+
+    STAGED = "staged"  # the staged copy, before publishing makes it visible
+    PUBLISHED = "published"  # the copy in resources/, by the verify step
+    FOUND = "found"  # a copy stored for the identifier before this input (``already``)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What publishing a staged copy found in ``staging/`` and at the target."""
+
+    shown: str  # the staged copy's path, as shown
+    relpath: str  # the input's relative path, as shown
+    staged_exists: bool
+    target_exists: bool
+    staged_ours: bool  # the staged copy is the one journaled (meaningful if it exists)
+    verify: bool  # the verify setting fixed at claim
+
+
+def before_publish(f: Staged) -> Outcome | None:
+    """A staged copy about to be published: gone (and not published either) or not the
+    copy this process journaled, it is made again. None: publish it."""
+    if not f.staged_exists and not f.target_exists:
+        return Outcome("restage", "restage", "the staged copy is gone")
+    if f.staged_exists and not f.staged_ours:
+        return Outcome(
+            "restage",
+            "staged-changed",
+            f"{f.shown} is not the staged copy nbankd wrote for {f.relpath!r}; copying again",
+        )
+    return None
+
+
+def reads_staged(f: Staged) -> bool:
+    """True when the staged copy is read back before it is published: verify is on and
+    it is not published yet (a bad copy is never published, only made again)."""
+    return f.verify and f.staged_exists and not f.target_exists
+
+
+def verify_reads(*, already: bool, verify: bool, verified_before_publish: bool) -> ReadBack | None:
+    """Which copy the verify step reads back: the copy found stored for an input that is
+    ``already`` deposited (always: the input goes only once it is read back), else the
+    published copy when verify is on and that inode was not already read back and
+    matched before it was published. None: nothing to read."""
+    if already:
+        return ReadBack.FOUND
+    if verify and not verified_before_publish:
+        return ReadBack.PUBLISHED
+    return None
+
+
+@dataclass(frozen=True)
+class AfterReadBack:
+    """What a read-back decides: the step's outcome and what to do with the copy."""
+
+    outcome: Outcome
+    discard: bool = False  # remove the copy read (it is made again)
+    not_already: bool = False  # the found copy no longer serves: deposit this input
+    mark_verified: bool = False  # journal that the staged copy matched (no second read)
+
+
+def after_read_back(
+    where: ReadBack, *, matches: bool, placement: str, shown: str, staged_identity: bool = False
+) -> AfterReadBack:
+    """The verdict on a copy read back from storage. ``shown`` names what was read: the
+    input's relative path (STAGED), the identifier (FOUND), the target (PUBLISHED);
+    ``staged_identity``: a staged copy's identity was journaled (it can be marked)."""
+    if matches:
+        return AfterReadBack(
+            Outcome.ok(), mark_verified=where is ReadBack.STAGED and staged_identity
+        )
+    if where is ReadBack.STAGED:
+        message = (
+            f"the staged copy of {shown!r}, read back from storage, does not match its "
+            "SHA-1; copying again"
+        )
+        return AfterReadBack(Outcome("restage", "verify-failed", message), discard=True)
+    if where is ReadBack.FOUND:
+        message = (
+            f"the stored copy of {shown} changed since it was found; depositing this input again"
+        )
+        return AfterReadBack(Outcome("restage", "verify-failed", message), not_already=True)
+    if placement == "rename":  # the only copy: kept, and read again later
+        return AfterReadBack(
+            Outcome("transient", "verify-failed", f"{shown} does not match its sha1")
+        )
+    message = f"{shown} did not match its sha1; copying again"
+    return AfterReadBack(Outcome("restage", "verify-failed", message), discard=True)
+
+
 __all__ = [
     "PROCEED",
+    "AfterReadBack",
     "Facts",
     "Kind",
+    "ReadBack",
+    "Staged",
     "Verdict",
+    "after_read_back",
+    "after_take",
+    "at_claim",
     "at_lookup",
     "at_publish",
     "at_register",
+    "at_replay",
+    "before_publish",
     "needs_stored_sha1",
+    "reads_staged",
+    "unsafe_claimed",
+    "verify_reads",
+    "when_claimed",
 ]

@@ -1,10 +1,30 @@
-"""The verdicts on an input's identifier, by table (hostile round D)."""
+"""The verdicts on an input's identifier (hostile round D), its claim and the read-back
+of its copies, by table."""
 
 from __future__ import annotations
 
 import pytest
 
-from nbankd.deposit.verdicts import Facts, Kind, at_lookup, at_publish, at_register
+from nbankd.deposit.lifecycle import Kind as OutcomeKind
+from nbankd.deposit.verdicts import (
+    Facts,
+    Kind,
+    ReadBack,
+    Staged,
+    after_read_back,
+    after_take,
+    at_claim,
+    at_lookup,
+    at_publish,
+    at_register,
+    at_replay,
+    before_publish,
+    reads_staged,
+    unsafe_claimed,
+    verify_reads,
+    when_claimed,
+)
+from nbankd.filekind import FileKind
 
 OURS, OTHER = "a" * 40, "b" * 40
 STORED = "/arch/resources/re/rec.wav"
@@ -118,3 +138,216 @@ def test_duplicate_names_the_holder() -> None:
     """A duplicate found at lookup names the identifier that holds the bytes."""
     verdict = at_lookup(Facts(name="y", sha1=OURS, target="/a/resources/y/y.wav", holders=("x",)))
     assert "registered as x" in verdict.message and "nbankctl locate x" in verdict.hint
+
+
+# -- claim ----------------------------------------------------------------------------
+
+F = FileKind
+CLAIM = [
+    # (case, item kind, kind found now, the entry the scan saw, outcome kind, code)
+    ("a file, as seen", "file", F.FILE, True, None, None),
+    ("a folder, as seen", "dir", F.DIRECTORY, True, None, None),
+    ("vanished", "file", None, False, "gone", "gone"),
+    ("a file become a folder", "file", F.DIRECTORY, True, "gone", "unsupported"),
+    ("a folder become a file", "dir", F.FILE, True, "gone", "unsupported"),
+    ("a file given a second name", "file", F.HARDLINK, True, "gone", "unsupported"),
+    ("a file swapped for a link", "file", F.SYMLINK, True, "gone", "unsupported"),
+    ("a folder swapped for a link", "dir", F.SYMLINK, True, "gone", "unsupported"),
+    ("a file become a FIFO", "file", F.FIFO, True, "gone", "unsupported"),
+    ("a file replaced by another file", "file", F.FILE, False, "gone", "gone"),
+    ("a folder replaced by another folder", "dir", F.DIRECTORY, False, "gone", "gone"),
+    ("an unsafe entry is moved by name", "unsafe", F.SYMLINK, True, None, None),
+    ("an unsafe entry of another kind now", "unsafe", F.FILE, True, None, None),
+    ("an unsafe entry replaced", "unsafe", F.FIFO, False, "gone", "gone"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "item_kind", "found", "seen", "kind", "code"), CLAIM, ids=[c[0] for c in CLAIM]
+)
+def test_claim_verdicts(
+    case: str,
+    item_kind: str,
+    found: FileKind | None,
+    seen: bool,
+    kind: str | None,
+    code: str | None,
+) -> None:
+    """Only a regular file with one name, or a folder, that the scan saw is taken."""
+    outcome = at_claim(item_kind=item_kind, shown="/in/rec.wav", found=found, seen=seen)
+    assert (outcome and (outcome.kind, outcome.code)) == (kind and (kind, code))
+
+
+def test_claim_verdict_messages_name_the_input() -> None:
+    """Each refusal to claim names the input's path and why it is left alone."""
+    shown = "/in/rec.wav"
+    gone = at_claim(item_kind="file", shown=shown, found=None, seen=False)
+    other = at_claim(item_kind="file", shown=shown, found=F.HARDLINK, seen=True)
+    replaced = at_claim(item_kind="file", shown=shown, found=F.FILE, seen=False)
+    assert gone is not None and gone.message == f"{shown} vanished before it was claimed"
+    assert other is not None and other.message == f"{shown} is no longer a plain input"
+    assert replaced is not None and "not the entry the scan saw (replaced)" in replaced.message
+
+
+@pytest.mark.parametrize(("same", "kind"), [(True, None), (False, OutcomeKind.CHANGED)])
+def test_after_take_verdicts(same: bool, kind: OutcomeKind | None) -> None:
+    """An entry swapped in between the check and the move is put back, never deposited."""
+    outcome = after_take(shown="/in/rec.wav", same_entry=same)
+    assert (outcome and outcome.kind) == kind
+
+
+@pytest.mark.parametrize(("seen", "kind"), [(True, None), (False, OutcomeKind.CHANGED)])
+def test_replay_verdicts(seen: bool, kind: OutcomeKind | None) -> None:
+    """A replayed claim that finds another entry in the work folder gives it back."""
+    outcome = at_replay(seen=seen)
+    assert (outcome and outcome.kind) == kind
+
+
+CLAIMED = [
+    # (case, item kind, kind found in the work folder, size, code or None)
+    ("a file", "file", F.FILE, 10, None),
+    ("a file linked since the claim", "file", F.HARDLINK, 10, None),
+    ("a folder", "dir", F.DIRECTORY, 0, None),
+    ("an empty file", "file", F.FILE, 0, "empty"),
+    ("a link swapped in", "file", F.SYMLINK, 10, "unsupported"),
+    ("a device swapped in", "file", F.DEVICE, 0, "unsupported"),
+    ("a file where a folder was", "dir", F.FILE, 10, "unsupported"),
+    ("a folder where a file was", "file", F.DIRECTORY, 10, "unsupported"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "item_kind", "found", "size", "code"), CLAIMED, ids=[c[0] for c in CLAIMED]
+)
+def test_when_claimed_verdicts(
+    case: str, item_kind: str, found: FileKind, size: int, code: str | None
+) -> None:
+    """What was claimed is deposited only if a regular file with bytes, or a folder."""
+    outcome = when_claimed(item_kind=item_kind, relpath="rec.wav", found=found, size=size)
+    assert (outcome and outcome.code) == code
+    assert outcome is None or outcome.kind is OutcomeKind.PERMANENT
+
+
+def test_unsafe_claimed_keeps_the_journaled_reason() -> None:
+    """An unsafe entry is rejected with the scan's reason, or a generic one without it."""
+    told = unsafe_claimed({"code": "symlink", "message": "a link", "hint": "replace it"})
+    plain = unsafe_claimed({})
+    assert (told.kind, told.code, told.message, told.hint) == (
+        OutcomeKind.PERMANENT, "symlink", "a link", "replace it"
+    )  # fmt: skip
+    assert (plain.code, plain.message, plain.hint) == ("unsupported", "not a regular file", "")
+
+
+# -- read-back ------------------------------------------------------------------------
+
+STAGED_BASE = Staged(
+    shown="/arch/staging/.nbankd-t-i",
+    relpath="rec.wav",
+    staged_exists=True,
+    target_exists=False,
+    staged_ours=True,
+    verify=True,
+)
+BEFORE_PUBLISH = [
+    # (case, facts, code of the outcome or None to publish, read back first)
+    ("ours, verify on", {}, None, True),
+    ("ours, verify off", dict(verify=False), None, False),
+    ("published already (replay)", dict(target_exists=True), None, False),
+    ("published already, staged gone", dict(staged_exists=False, target_exists=True,
+     staged_ours=False), None, False),
+    ("staged copy gone", dict(staged_exists=False, staged_ours=False), "restage", False),
+    ("staged copy replaced", dict(staged_ours=False), "staged-changed", True),
+    ("staged copy replaced, published", dict(staged_ours=False, target_exists=True),
+     "staged-changed", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "facts", "code", "reads"), BEFORE_PUBLISH, ids=[c[0] for c in BEFORE_PUBLISH]
+)
+def test_before_publish_verdicts(
+    case: str, facts: dict[str, object], code: str | None, reads: bool
+) -> None:
+    """A staged copy gone or not ours is made again; a good one is read back if verify is on."""
+    f = Staged(**{**STAGED_BASE.__dict__, **facts})  # type: ignore[arg-type]
+    outcome = before_publish(f)
+    assert (outcome and outcome.code) == code
+    assert outcome is None or outcome.kind is OutcomeKind.RESTAGE
+    assert reads_staged(f) is reads
+
+
+VERIFY_READS = [
+    # (already, verify, read back and matched before publish, what is read)
+    (False, True, False, ReadBack.PUBLISHED),
+    (False, True, True, None),
+    (False, False, False, None),
+    (True, False, False, ReadBack.FOUND),
+    (True, True, True, ReadBack.FOUND),
+]
+
+
+@pytest.mark.parametrize(("already", "verify", "before", "where"), VERIFY_READS)
+def test_verify_reads(already: bool, verify: bool, before: bool, where: ReadBack | None) -> None:
+    """Verify reads back a copy found stored always, a published copy once, if verify is on."""
+    assert verify_reads(already=already, verify=verify, verified_before_publish=before) is where
+
+
+AFTER_READ_BACK = [
+    # (case, where, matches, placement, outcome kind, code, discard, not already, mark)
+    ("staged copy matches", ReadBack.STAGED, True, "copy", "ok", "", False, False, True),
+    ("staged copy differs", ReadBack.STAGED, False, "copy", "restage", "verify-failed", True,
+     False, False),
+    ("published copy matches", ReadBack.PUBLISHED, True, "copy", "ok", "", False, False, False),
+    ("published copy differs", ReadBack.PUBLISHED, False, "copy", "restage", "verify-failed",
+     True, False, False),
+    ("renamed input differs", ReadBack.PUBLISHED, False, "rename", "transient",
+     "verify-failed", False, False, False),
+    ("found copy matches", ReadBack.FOUND, True, "copy", "ok", "", False, False, False),
+    ("found copy changed", ReadBack.FOUND, False, "copy", "restage", "verify-failed", False,
+     True, False),
+    ("found copy changed, renamed", ReadBack.FOUND, False, "rename", "restage",
+     "verify-failed", False, True, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "where", "matches", "placement", "kind", "code", "discard", "unset", "mark"),
+    AFTER_READ_BACK,
+    ids=[c[0] for c in AFTER_READ_BACK],
+)
+def test_after_read_back_verdicts(
+    case: str,
+    where: ReadBack,
+    matches: bool,
+    placement: str,
+    kind: str,
+    code: str,
+    discard: bool,
+    unset: bool,
+    mark: bool,
+) -> None:
+    """A mismatched copy is made again (the input itself, placed by rename, is kept)."""
+    after = after_read_back(
+        where, matches=matches, placement=placement, shown="x", staged_identity=True
+    )
+    assert (after.outcome.kind, after.outcome.code) == (kind, code)
+    assert (after.discard, after.not_already, after.mark_verified) == (discard, unset, mark)
+
+
+def test_staged_copy_without_journaled_identity_is_not_marked() -> None:
+    """A staged copy of an older journal (no identity) is never marked as read back."""
+    after = after_read_back(ReadBack.STAGED, matches=True, placement="copy", shown="rec.wav")
+    assert after.outcome.kind is OutcomeKind.OK and not after.mark_verified
+
+
+def test_read_back_messages_name_what_was_read() -> None:
+    """Each failed read-back names the input, the identifier or the stored file."""
+    staged = after_read_back(ReadBack.STAGED, matches=False, placement="copy", shown="a/rec.wav")
+    found = after_read_back(ReadBack.FOUND, matches=False, placement="copy", shown="rec")
+    stored = "/arch/resources/re/rec.wav"
+    published = after_read_back(ReadBack.PUBLISHED, matches=False, placement="copy", shown=stored)
+    renamed = after_read_back(ReadBack.PUBLISHED, matches=False, placement="rename", shown=stored)
+    assert staged.outcome.message.startswith("the staged copy of 'a/rec.wav', read back")
+    assert found.outcome.message.startswith("the stored copy of rec changed since it was found")
+    assert published.outcome.message == f"{stored} did not match its sha1; copying again"
+    assert renamed.outcome.message == f"{stored} does not match its sha1"
