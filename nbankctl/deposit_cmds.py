@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -45,9 +44,10 @@ from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
-from nbankd.config.model import Config
+from nbankd.config.model import CONFIG_ENV, Config
 from nbankd.daemon import statelock
 from nbankd.deposit import manual
+from nbankd.filekind import FileKind
 from nbankd.names import WORK_DIR_NAME
 
 
@@ -82,7 +82,7 @@ class _KeyValues(argparse.Action):
 def _daemon_config(args: argparse.Namespace) -> Config | None:
     """The daemon configuration named by -c or $NBANKD_CONFIG (never the default
     path: used like nbank, a deposit keeps its own journal)."""
-    if getattr(args, "registry", None) or not (args.config or os.environ.get("NBANKD_CONFIG")):
+    if getattr(args, "registry", None) or not (args.config or os.environ.get(CONFIG_ENV)):
         return None
     from nbankd.config import find_config_path, load_config
 
@@ -107,19 +107,20 @@ def _refusal(path: Path, zip_directories: bool) -> str | None:
         return "does not exist"
     except OSError as err:
         return f"cannot be read: {err.strerror or err}"
-    if stat.S_ISLNK(st.st_mode):
+    kind = FileKind.of(st)
+    if kind is FileKind.SYMLINK:
         return "is a symbolic link; deposit the file it points to"
-    if stat.S_ISDIR(st.st_mode):
+    if kind is FileKind.DIRECTORY:
         if zip_directories:
             return None
         return "is a directory; zip it first, or deposit with --zip-directories"
-    if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    if st.st_nlink > 1:
+    if kind is FileKind.HARDLINK:
         return (
             "has another hard link (a backup?), through which the stored copy could be "
             "changed; deposit a copy of it"
         )
+    if kind is not FileKind.FILE:
+        return "is not a regular file"
     if not os.access(path, os.R_OK):
         return "cannot be read (permission denied)"
     return None

@@ -39,7 +39,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from nbankd.deposit import moves
 from nbankd.migration import snapshot, switch
 from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
 from nbankd.registry.embedded import EmbeddedRegistry
+from nbankd.timefmt import compact_stamp
 
 POLL = 0.2
 CATCH_UP_ROUNDS = 5
@@ -71,7 +71,7 @@ def warn(text: str) -> None:
 
 
 def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return compact_stamp(time.time())
 
 
 class Switch:

@@ -79,7 +79,9 @@ def choose(
     path, config, problem = _load(args)
     if config is not None:
         return Choice(config.registry, f"configuration {path}", config)
-    explicit = bool(getattr(args, "config", None)) or bool(env.get("NBANKD_CONFIG"))
+    from nbankd.config.model import CONFIG_ENV  # loaded by _load already
+
+    explicit = bool(getattr(args, "config", None)) or bool(env.get(CONFIG_ENV))
     if fallback_url and not explicit and fallback_url.startswith(("http://", "https://")):
         return Choice(fallback_url, "the archive's nbank.json")
     if problem is not None and (explicit or path.exists()):

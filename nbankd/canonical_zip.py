@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors
-from nbankd.archive.fsops import fsync_fd
+from nbankd.archive.fsops import publish_temp
+from nbankd.filekind import FileKind
 from nbankd.hashing import BLOCK_SIZE, SourceReadError, sha1_stream, write_all
 
 #: sizes and offsets from this on are written in ZIP64 records
@@ -161,18 +161,19 @@ def _walk(dfd: int, shown: Path, rel: tuple[str, ...], *, hard_links: bool) -> I
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
         except OSError as err:
             raise SourceReadError(err.errno, err.strerror, str(path)) from err
-        if stat.S_ISDIR(st.st_mode):
+        kind = FileKind.of(st)
+        if kind is FileKind.DIRECTORY:
             child = _open_dir(entry, dfd, path)
             try:
                 yield from _walk(child, path, (*rel, entry), hard_links=hard_links)
             finally:
                 os.close(child)
-        elif stat.S_ISREG(st.st_mode):
-            if st.st_nlink > 1 and not hard_links:
-                raise _unsafe(path, f"a hard link ({st.st_nlink} names)")
+        elif kind is FileKind.FILE or (kind is FileKind.HARDLINK and hard_links):
             parts = (*rel, entry)
             yield Member(_member_name(parts, path), parts, st.st_dev, st.st_ino, st.st_size)
-        elif stat.S_ISLNK(st.st_mode):
+        elif kind is FileKind.HARDLINK:
+            raise _unsafe(path, f"a hard link ({st.st_nlink} names)")
+        elif kind is FileKind.SYMLINK:
             raise _unsafe(path, "a symbolic link")
         else:
             raise _unsafe(path, "a FIFO, socket or device")
@@ -341,7 +342,7 @@ def _write(
             size = os.fstat(out).st_size
         finally:
             os.close(out)
-        os.link(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+        publish_temp(temp, name, replace=False, dir_fd=dfd)
     except FileExistsError:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dfd)
@@ -352,8 +353,6 @@ def _write(
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dfd)
         raise
-    os.unlink(temp, dir_fd=dfd)
-    fsync_fd(dfd)
     return ZippedFolder(dest / name, sha1, size)
 
 

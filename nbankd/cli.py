@@ -89,8 +89,7 @@ class Liveness:
 
 
 def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
-    import os
-
+    from nbankd import seams
     from nbankd.config import find_config_path, load_config
     from nbankd.control import start_control_server
     from nbankd.control.alerts import start_alerts
@@ -102,7 +101,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     config = load_config(find_config_path(config_path))
     configure_logging(config.log.format, config.log.level)
     notifier = Notifier()
-    liveness = Liveness(notifier, float(os.environ.get("NBANKD_WEDGE_AFTER", WEDGE_AFTER_DEFAULT)))
+    liveness = Liveness(notifier, seams.wedge_after(WEDGE_AFTER_DEFAULT))
     daemon = Daemon(
         config,
         notifier=liveness,

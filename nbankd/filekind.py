@@ -29,9 +29,13 @@ class FileKind(enum.Enum):
     @classmethod
     def of(cls, st: os.stat_result) -> FileKind:
         """The kind of an ``lstat`` result (never of what a link points to)."""
-        mode = st.st_mode
+        return cls.of_mode(st.st_mode, st.st_nlink)
+
+    @classmethod
+    def of_mode(cls, mode: int, nlink: int = 1) -> FileKind:
+        """The kind of a file of ``st_mode`` ``mode`` with ``nlink`` names."""
         if stat.S_ISREG(mode):
-            return cls.HARDLINK if st.st_nlink > 1 else cls.FILE
+            return cls.HARDLINK if nlink > 1 else cls.FILE
         if stat.S_ISDIR(mode):
             return cls.DIRECTORY
         if stat.S_ISLNK(mode):

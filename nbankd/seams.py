@@ -20,9 +20,17 @@ handed over), ``walk-top`` (``resources/`` listed, its stub folders not yet),
 the listing, before the registry is asked again) and ``reading`` (after the first
 block of each file read, in the reading thread).
 
+Value seams, read where they act:
+
+- ``NBANKD_WATCH_DEAF=1`` makes the inbox watcher drop every event before it is
+  handled, so only rescans find inputs (:func:`watch_deaf`);
+- ``NBANKD_WEDGE_AFTER=<seconds>`` is how long a worker may stay in one step before
+  the daemon counts it wedged and stops pinging the watchdog (:func:`wedge_after`).
+
 Names are checked: code reaching a point that is not listed here raises ValueError,
-and so does importing this module while a variable names an unknown point (a typo
-in a test would otherwise make its seam silently do nothing). Without the
+and so does importing this module while a variable names an unknown point or a
+value seam holds a value it does not take (a typo in a test would otherwise make its
+seam silently do nothing). Without the
 variables, :func:`reached` is a set lookup and a few string comparisons.
 """
 
@@ -32,6 +40,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Mapping
 
 #: the deposit life cycle's points, each crashed at by the reliability suite
 DEPOSIT_POINTS = (
@@ -70,6 +79,8 @@ CRASH_AT, HANG_AT, RAISE_AT = "NBANKD_CRASH_AT", "NBANKD_HANG_AT", "NBANKD_RAISE
 PAUSE_AT, PAUSE_UNTIL = "NBANKD_PAUSE_AT", "NBANKD_PAUSE_UNTIL"
 AUDIT_PAUSE_AT, AUDIT_PAUSE_UNTIL = "NBANKD_AUDIT_PAUSE_AT", "NBANKD_AUDIT_PAUSE_UNTIL"
 
+WATCH_DEAF, WEDGE_AFTER = "NBANKD_WATCH_DEAF", "NBANKD_WEDGE_AFTER"
+
 _KNOWN = frozenset(DEPOSIT_POINTS + OTHER_POINTS)
 
 
@@ -89,6 +100,19 @@ def _check_environment() -> None:
         name = value.partition(":")[0] if var == CRASH_AT else value
         if name and name not in known:
             raise ValueError(f"{var}={value!r} names no test seam; known: {', '.join(known)}")
+    deaf = os.environ.get(WATCH_DEAF, "")
+    if deaf not in ("", "0", "1"):
+        raise ValueError(f"{WATCH_DEAF}={deaf!r} is neither 1 (deaf) nor 0")
+    wedge = os.environ.get(WEDGE_AFTER, "")
+    if wedge and not _positive(wedge):
+        raise ValueError(f"{WEDGE_AFTER}={wedge!r} is not a number of seconds above 0")
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 _check_environment()
@@ -150,12 +174,27 @@ def audit_pause(point: str) -> None:
         waiter.wait(0.02)
 
 
+def watch_deaf(environ: Mapping[str, str] | None = None) -> bool:
+    """True if ``NBANKD_WATCH_DEAF=1`` (in ``environ``, default the process's)."""
+    env = os.environ if environ is None else environ
+    return env.get(WATCH_DEAF) == "1"
+
+
+def wedge_after(default: float) -> float:
+    """``NBANKD_WEDGE_AFTER`` in seconds, else ``default``."""
+    return float(os.environ.get(WEDGE_AFTER, default))
+
+
 __all__ = [
     "AUDIT_POINTS",
     "DEPOSIT_POINTS",
     "OTHER_POINTS",
+    "WATCH_DEAF",
+    "WEDGE_AFTER",
     "InjectedFault",
     "active",
     "audit_pause",
     "reached",
+    "watch_deaf",
+    "wedge_after",
 ]

@@ -17,6 +17,12 @@ def iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
+def compact_stamp(t: float) -> str:
+    """Seconds since the epoch as a compact UTC stamp for names of files and runs,
+    ``20260105T093000Z``."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def from_iso(text: str | None) -> float | None:
     """The inverse of :func:`iso`: an ISO 8601 timestamp as seconds since the epoch
     (None or "" stays None)."""
@@ -44,4 +50,4 @@ def human_duration(seconds: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["from_iso", "human_duration", "iso"]
+__all__ = ["compact_stamp", "from_iso", "human_duration", "iso"]

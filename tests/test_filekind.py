@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,3 +72,29 @@ def test_symlink_to_a_file_is_never_followed(tmp_path: Path) -> None:
     """A link to a regular file is classified as the link, not as what it points to."""
     _symlink(tmp_path / "link")
     assert FileKind.of(os.lstat(tmp_path / "link")) is FileKind.SYMLINK
+
+
+MODES: list[tuple[int, int, FileKind]] = [
+    (stat.S_IFREG | 0o644, 1, FileKind.FILE),
+    (stat.S_IFREG | 0o644, 2, FileKind.HARDLINK),
+    (stat.S_IFDIR | 0o755, 3, FileKind.DIRECTORY),
+    (stat.S_IFLNK | 0o777, 1, FileKind.SYMLINK),
+    (stat.S_IFIFO | 0o600, 1, FileKind.FIFO),
+    (stat.S_IFSOCK | 0o600, 1, FileKind.SOCKET),
+    (stat.S_IFCHR | 0o600, 1, FileKind.DEVICE),
+    (stat.S_IFBLK | 0o600, 1, FileKind.DEVICE),
+    (0o644, 1, FileKind.OTHER),
+]
+
+
+@pytest.mark.parametrize(("mode", "nlink", "kind"), MODES)
+def test_of_mode_classifies_a_mode_and_link_count(mode: int, nlink: int, kind: FileKind) -> None:
+    """of_mode gives each st_mode (and link count, for regular files) its kind."""
+    assert FileKind.of_mode(mode, nlink) is kind
+
+
+def test_of_agrees_with_of_mode(tmp_path: Path) -> None:
+    """of(lstat) is of_mode of the same stat's mode and link count."""
+    _hardlink(tmp_path / "f")
+    st = os.lstat(tmp_path / "f")
+    assert FileKind.of(st) is FileKind.of_mode(st.st_mode, st.st_nlink) is FileKind.HARDLINK

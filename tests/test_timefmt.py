@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbankd.timefmt import from_iso, human_duration, iso
+from nbankd.timefmt import compact_stamp, from_iso, human_duration, iso
 
 
 def test_human_duration() -> None:
@@ -22,3 +22,9 @@ def test_from_iso_inverts_iso() -> None:
     """from_iso reads back what iso writes (to the second); None and "" stay None."""
     assert from_iso(iso(1_764_900_000.0)) == 1_764_900_000.0
     assert from_iso(None) is None and from_iso("") is None
+
+
+def test_compact_stamp_is_utc_to_the_second() -> None:
+    """The compact stamp of file and run names is UTC, to the second, without separators."""
+    assert compact_stamp(0.9) == "19700101T000000Z"
+    assert compact_stamp(1_764_900_000.0) == "20251205T020000Z"

@@ -106,10 +106,8 @@ def _identifier_lock(stub: Path) -> Iterator[None]:
 
 
 def _check_target(archive: Archive, target: Path, id: str) -> None:
-    if (
-        target.parent.parent != archive.resources_dir
-        or target.parent.name != id[:2]
-        or not (target.name == id or target.name.startswith(id + "."))
+    if target != archive.stored_file(id, target.name) or not (
+        target.name == id or target.name.startswith(id + ".")
     ):
         raise ValueError(f"'{target}' is not a resource path of {id} in archive {archive.path}")
 

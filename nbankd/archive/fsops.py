@@ -7,12 +7,19 @@
 - :func:`remove_ours`: removes a staging leftover, file or tree, even one whose
   folders were already made read-only.
 - :func:`fsync_dir`: makes a directory's entries durable.
+- :func:`link_noreplace`: gives a file a second name without ever replacing
+  anything (link(2), or renameat2 where the filesystem has no hard links).
+- :func:`publish_temp`: puts a complete, fsynced temporary file in place (renamed
+  over its target, or linked without replacing) and fsyncs the folder: how every
+  file written beside its target is published, small or streamed.
 - :func:`write_atomic`: writes a small file whole or not at all (temp file, fsync,
-  rename or link, fsync of the folder).
+  :func:`publish_temp`).
 - :func:`append_durable`: appends a whole line to a log, ending a line a crash tore
   first; the data fsynced, and the folder too when the log is new.
 
-Every small durable file nbankd writes goes through one of these two.
+Every small durable file nbankd writes goes through one of the last two; a large
+one written in a stream (a fetched copy, a zipped folder) is published by
+:func:`publish_temp`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ AT_FDCWD = -100
 RENAME_NOREPLACE = 1 << 0
 #: errno values meaning "this kernel or filesystem cannot do RENAME_NOREPLACE"
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+#: errno values of link(2) meaning "no (more) hard links here": renameat2 is tried instead
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+)
 
 
 class NoReplaceUnsupported(OSError):
@@ -148,6 +159,54 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def link_noreplace(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, dir_fd: int | None = None
+) -> None:
+    """Gives the file ``src`` the name ``dst`` without ever replacing anything
+    (FileExistsError if ``dst`` exists); with ``dir_fd``, both are names in that open
+    folder. Where the filesystem has no hard links, ``src`` is renamed to ``dst`` by
+    :func:`rename_noreplace` instead, so ``src`` may be gone afterwards."""
+    try:
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        return
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+    if dir_fd is None:
+        rename_noreplace(src, dst)
+    else:
+        rename_noreplace_at(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst))
+
+
+def publish_temp(
+    tmp: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    replace: bool,
+    dir_fd: int | None = None,
+) -> None:
+    """Puts the complete temporary file ``tmp`` (written and fsynced by the caller, in
+    ``target``'s folder) at ``target``, then fsyncs that folder.
+
+    With ``replace`` it is renamed over ``target``; without, it is linked to it
+    (:func:`link_noreplace`: FileExistsError if ``target`` exists, ``tmp`` then left
+    for the caller to remove) and the temporary name is dropped. With ``dir_fd``, both
+    are names in that open folder.
+    """
+    if replace:
+        os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    else:
+        link_noreplace(tmp, target, dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):  # renamed, not linked
+            os.unlink(tmp, dir_fd=dir_fd)
+    if dir_fd is None:
+        fsync_dir(Path(target).parent)
+    else:
+        fsync_fd(dir_fd)
+
+
 def write_atomic(
     path: str | os.PathLike[str],
     data: bytes,
@@ -178,19 +237,10 @@ def write_atomic(
             os.fsync(fd)
         finally:
             os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path, follow_symlinks=False)
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links
-                rename_noreplace(tmp, path)
+        publish_temp(tmp, path, replace=replace)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    fsync_dir(path.parent)
 
 
 def append_durable(
@@ -234,7 +284,9 @@ __all__ = [
     "append_durable",
     "fsync_dir",
     "fsync_fd",
+    "link_noreplace",
     "move_noreplace_at",
+    "publish_temp",
     "remove_ours",
     "rename_noreplace",
     "rename_noreplace_at",

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors, sqlschema
+from nbankd.archive.fsops import fsync_dir
 from nbankd.audit.model import CacheEntry
+from nbankd.timefmt import compact_stamp
 
 CACHE_NAME = "cache.sqlite3"
 SCHEMA_VERSION = 2
@@ -273,12 +275,13 @@ class AuditCache:
 
 def move_aside(path: Path, now: float | None = None) -> Path:
     """Renames a damaged cache (and its ``-wal``/``-shm``) to ``<name>.bad-<time>``."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    stamp = compact_stamp(time.time() if now is None else now)
     bad = path.with_name(f"{path.name}.bad-{stamp}")
     os.rename(path, bad)
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.rename(f"{path}{suffix}", f"{bad}{suffix}")
+    fsync_dir(path.parent)
     return bad
 
 

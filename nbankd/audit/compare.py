@@ -19,6 +19,7 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from nbankd.archive.layout import stored_file
 from nbankd.audit.hashrun import ReadOutcome
 from nbankd.audit.model import (
     CHANGED_ELSEWHERE,
@@ -75,12 +76,18 @@ def misplaced(
                     MISPLACED,
                     name,
                     stored.path,
-                    f"in the wrong stub folder: it belongs in resources/{name[:2]}/",
+                    f"in the wrong stub folder: it belongs in {_stub_of(name)}/",
                 )
             )
         else:
             lookup.append(stored)
     return findings, lookup
+
+
+def _stub_of(name: str) -> Path:
+    """``resources/<stub>``, relative to the archive: where the resource ``name`` is
+    filed (:func:`~nbankd.archive.layout.stored_file`)."""
+    return stored_file(Path(), name, name).parent
 
 
 def elsewhere(

@@ -7,13 +7,13 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from nbankd.config.model import AuditConfig
+from nbankd.timefmt import compact_stamp
 
 log = structlog.get_logger("nbankd.audit")
 
@@ -82,8 +82,7 @@ class AuditSettings:
 
 
 def new_run_id(now: float) -> str:
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{compact_stamp(now)}-{secrets.token_hex(3)}"
 
 
 def lower_priority() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbankd import seams
-from nbankd.archive.layout import Anomaly, Archive
+from nbankd.archive.layout import Anomaly, Archive, candidate_stubs
 from nbankd.audit.checks import mode_policy, owners, permission_findings
 from nbankd.audit.model import INCOMPLETE, UNEXPECTED, UNREADABLE, FileStat, Finding
 from nbankd.audit.reader import DIR, LINK, Cancelled, Stopping, list_dir, vanished
@@ -73,8 +73,10 @@ class Walk:
 
     def complete(self, name: str) -> bool:
         """True if the walk saw all there is where ``name`` belongs (its stub folder was
-        listed, or does not exist): not finding it there means it is not stored."""
-        return self.listed_top and name[:2] not in self.unlisted_stubs
+        listed, or does not exist): not finding it there means it is not stored. Every
+        stub folder ``name`` may be filed in counts (:func:`candidate_stubs`: a
+        one-character identifier has two)."""
+        return self.listed_top and self.unlisted_stubs.isdisjoint(candidate_stubs(name))
 
 
 def _error(err: OSError) -> str:

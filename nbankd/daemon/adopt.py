@@ -15,7 +15,7 @@ audit then calls them all missing). So the daemon refuses to start
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 
 import structlog
 
@@ -24,6 +24,7 @@ from nbankd.archive import layout, opening
 from nbankd.config import Config
 from nbankd.hashing import hash_path
 from nbankd.registry.base import Registry
+from nbankd.timefmt import iso
 
 log = structlog.get_logger("nbankd.adopt")
 
@@ -62,7 +63,7 @@ def check_not_orphaned(config: Config, registry: Registry) -> None:
         )
 
 
-def adopt(config: Config, registry: Registry, *, now: datetime | None = None) -> int:
+def adopt(config: Config, registry: Registry, *, now: float | None = None) -> int:
     """Registers every resource stored in the configured archives into the empty
     embedded registry; returns how many. ConfigError when it is not empty, or when
     an archive has no inbox to take a datatype from."""
@@ -74,7 +75,7 @@ def adopt(config: Config, registry: Registry, *, now: datetime | None = None) ->
             "--adopt-archives only rebuilds an empty one",
             hint="start without --adopt-archives",
         )
-    when = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    when = iso(time.time() if now is None else now)
     count = 0
     for name, archive in _holding(config):
         dtypes = [i.dtype for i in config.inboxes if i.archive == name and i.dtype]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from nbankd import errors
+from nbankd.filekind import FileKind
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
 from nbankd.registry.base import RESOURCE_NAME_MAX, SLUG_RE
 
@@ -157,7 +157,7 @@ def nul_in(value: Any, where: str = "") -> str | None:
 
 def check_sidecar_entry(mode: int, nlink: int, *, source: str) -> None:
     """Refuses a sidecar that is not a plain, singly linked file (guarantee 7: never read)."""
-    if not stat.S_ISREG(mode) or nlink > 1:
+    if FileKind.of_mode(mode, nlink) is not FileKind.FILE:
         raise PolicyError(
             "bad-sidecar",
             f"sidecar {source} is not a plain file (a link, FIFO, socket or device); "

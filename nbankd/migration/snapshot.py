@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from nbankd.registry.base import (
     Registry,
     ResourceRecord,
 )
+from nbankd.timefmt import iso
 
 FORMAT = "nbankd-registry-export"
 VERSION = 1
@@ -109,7 +111,7 @@ def take(registry: Registry, *, advance: Advance | None = None) -> Snapshot:
         archives=archives,
         resources=tuple(_bare(r) for r in resources),
         locations=locations,
-        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        exported_at=iso(time.time()),
     )
 
 

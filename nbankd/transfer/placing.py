@@ -18,7 +18,13 @@ import secrets
 from pathlib import Path
 
 from nbankd import errors
-from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
+from nbankd.archive.fsops import (
+    NoReplaceUnsupported,
+    fsync_dir,
+    publish_temp,
+    remove_ours,
+    rename_noreplace,
+)
 from nbankd.hashing import write_all
 
 _OPEN_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -75,12 +81,7 @@ class NewFile:
                 os.utime(self.fd, ns=(mtime_ns, mtime_ns))
             os.fsync(self.fd)
             self._close()
-            if replace:
-                os.replace(self.tmp, self.target)
-            else:
-                _link_noreplace(self.tmp, self.target)
-                os.unlink(self.tmp)
-            fsync_dir(self.target.parent)
+            publish_temp(self.tmp, self.target, replace=replace)
         except FileExistsError:
             self.discard()
             raise exists_error(self.target) from None
@@ -99,18 +100,6 @@ class NewFile:
         self._close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-
-
-def _link_noreplace(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-        return
-    except FileExistsError:
-        raise
-    except OSError as err:
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-    rename_noreplace(src, dst)
 
 
 class NewTree:

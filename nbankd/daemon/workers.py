@@ -1,0 +1,174 @@
+"""The daemon's working half: the pool of workers that drives items through their
+steps, what each finished run tells the daemon (the last deposit, the last error, the
+registry's and the journal's health, the tally), and the items waiting for their
+backoff. A mixin of :class:`~nbankd.daemon.service.Daemon`, whose state it uses: the
+configuration, the journal and steps, the notifier, the wake-up events and the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from nbankd.config import Config
+from nbankd.daemon.tally import Tally
+from nbankd.daemon.wakeup import Wakeup
+from nbankd.deposit import manual
+from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.lifecycle import FINAL, State
+from nbankd.deposit.steps import Steps
+
+log = structlog.get_logger("nbankd.daemon")
+
+JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
+
+
+class DepositWorkers:
+    """Driving items on the worker pool (see the module's text)."""
+
+    # the daemon's state this half uses (set by Daemon.__init__ and start)
+    config: Config
+    clock: Callable[[], float]
+    notifier: Any
+    journal: Journal
+    steps: Steps
+    pool: ThreadPoolExecutor
+    tally: Tally
+    heartbeat: float
+    registry_problem: str | None
+    state_problem: str | None
+    journal_problem: str | None
+    last_error: dict[str, Any] | None
+    last_deposit: dict[str, Any] | None
+    _lock: threading.Lock
+    _wake: Wakeup
+    _running: dict[int, Future[Item]]
+    _waiting: dict[int, Item]
+    request_rescan: Callable[..., None]  # the daemon's scanning half
+
+    def submit_manual(
+        self, inbox: manual.ManualInbox, names: list[str]
+    ) -> tuple[list[int], list[tuple[str, str]]]:
+        """Journals and starts a manual deposit of ``names`` (in ``inbox.folder``) handed
+        over by ``nbankctl deposit``; returns the items' ids and the names refused with
+        why. Raises ConfigError when the folder cannot serve as an inbox (this
+        daemon's user cannot write it)."""
+        inbox.spec(prepare=True)  # its work and rejected folders, checked
+        dirs = [n for n in names if os.path.isdir(inbox.folder / n)]
+        items: list[Item] = []
+        refused: list[tuple[str, str]] = []
+        for kind, group in (("file", [n for n in names if n not in dirs]), ("dir", dirs)):
+            if group:
+                new, no = manual.journal_files(
+                    self.journal, inbox, group, kind=kind, now=self.clock()
+                )
+                items += new
+                refused += no
+        for item in items:
+            self._submit(item)
+        return [item.id for item in items], refused
+
+    def _submit(self, item: Item) -> None:
+        with self._lock:
+            if item.id in self._running or self.state_problem is not None:
+                return
+            self._waiting.pop(item.id, None)
+            future = self.pool.submit(self._work, item)
+            self._running[item.id] = future
+
+    def _work(self, item: Item) -> Item:
+        attempts_before = item.attempts
+        heartbeat = getattr(self.notifier, "heartbeat", None)
+        worker = threading.current_thread().name
+        beat = (lambda: heartbeat.beat(worker)) if heartbeat is not None else None
+        try:
+            item = self.steps.drive(item, on_step=beat)
+            self._journal_ok()
+        except sqlite3.Error as err:  # the journal cannot be written (state_dir full?)
+            self._journal_failed(err)
+            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
+        except Exception as err:  # a bug: keep the item, report it, retry later
+            log.exception("unexpected error in a deposit step", item=item.token)
+            self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
+            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
+        finally:
+            self.heartbeat = self.clock()
+            if heartbeat is not None:
+                heartbeat.forget(worker)
+        with self._lock:
+            self._running.pop(item.id, None)
+            if item.state not in FINAL:
+                self._waiting[item.id] = item
+            self.tally.record(item, attempts_before=attempts_before)
+        if item.state is State.DONE:
+            self.last_deposit = {
+                "time": item.finished,
+                "id": item.name,
+                "source": item.relpath_str,
+                "inbox": item.inbox,
+                "url": item.url,
+            }
+        elif item.error_code and item.state not in FINAL:
+            self.last_error = {
+                "time": self.clock(),
+                "item": item.token,
+                "inbox": item.inbox,
+                "code": item.error_code,
+                "error": item.error_message,
+            }
+            if item.error_code in ("registry-unavailable", "auth"):
+                self.registry_problem = item.error_message
+        elif item.state is State.DONE or item.state is State.REJECTED:
+            pass
+        if (
+            item.state in (State.DONE, State.REGISTERED, State.PUBLISHED)
+            and self.registry_problem
+            and item.error_code is None
+        ):
+            self.registry_problem = None
+        if item.state is State.RETURNED:
+            self.request_rescan(item.inbox)
+        if item.state is State.REJECTED and manual.ManualInbox.from_key(item.inbox):
+            manual.return_rejected(item)  # as nbank, a refused file stays where it was
+        self._wake.set()
+        return item
+
+    def _resubmit_due(self, now: float) -> float | None:
+        """Resubmits waiting items whose backoff has passed; returns the next due time."""
+        with self._lock:
+            waiting = list(self._waiting.values())
+        next_due: float | None = None
+        for item in waiting:
+            if item.not_before <= now:
+                self._submit(item)
+            else:
+                next_due = item.not_before if next_due is None else min(next_due, item.not_before)
+        return next_due
+
+    # -- the journal's health -------------------------------------------------------
+
+    def _journal_failed(self, err: sqlite3.Error) -> None:
+        """A journal write failed: deposits wait (retried every JOURNAL_RETRY seconds),
+        status says why, logged once."""
+        problem = (
+            f"the journal in {self.config.state_dir} cannot be written ({err}): is its "
+            f"filesystem full? deposits wait and are retried every {JOURNAL_RETRY:g}s"
+        )
+        if problem != self.journal_problem:
+            log.error("journal not writable; deposits wait", error=str(err))
+        self.journal_problem = problem
+
+    def _journal_ok(self) -> None:
+        if self.journal_problem is not None:
+            log.info("journal writable again; deposits resume")
+            self.journal_problem = None
+
+
+__all__ = ["JOURNAL_RETRY", "DepositWorkers"]
