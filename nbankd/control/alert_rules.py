@@ -1,31 +1,64 @@
 """What is worth telling someone, and when: pure rules over the status document.
 
 :func:`conditions` turns one status document (what ``nbankctl status`` shows), the
-daemon's running totals and the clock into the problems present now, each with a
-stable key, a sentence saying what happened and where, and the command that shows
-more. :func:`step` folds them into the alerting state and decides the one message
-to send now, if any:
+daemon's running totals, the inputs in its rejected folders, its unfinished items,
+the last audit report and the clock into the problems present now, each with a
+stable key (one per rejected input, stalled file, stuck input, audit finding,
+outage or silent inbox), a sentence saying what happened and where, and the command
+that shows more. :func:`step` folds them into the alerting state and decides the
+one message to send now, if any:
 
-- a problem is told once it has lasted its delay (``unavailable_after`` for a
-  registry or archive outage, none for the others), then again at most every
-  ``repeat_every`` while it lasts;
-- problems are grouped: a new problem waits ``group_wait`` so that the others of
-  the same moment join it, and every problem due at one check goes into one
-  message (a burst of 500 rejections in an inbox is one problem: its rejected
-  folder);
-- a problem that was told and has gone is followed by a "resolved" line.
+- a problem is *ready* once it has lasted its delay (``unavailable_after`` for a
+  registry or archive outage or an input stuck retrying, none for the others);
+- a problem that is gone after being told is to be *resolved*;
+- problems are grouped: once the first ready problem (or resolution) not yet told
+  has waited ``group_wait``, one message goes out with every problem ready and every
+  resolution pending at that moment, whatever their kind (a burst of 500
+  rejections across inboxes is one message);
+- a problem still there is told again at most every ``repeat_every``; a repeat
+  never waits, and the message it is in carries everything else ready then;
+- a problem gone and back before its resolution was sent is neither resolved nor
+  told again (a flapping mount is not a stream of messages).
+
+The message lists at most :data:`LISTED` lines per kind and inbox, then how many
+more (a corrupted archive can have 100 000 audit findings).
 
 Nothing here does I/O; the alert service (:mod:`nbankd.control.alerts`) sends the
-message and keeps the state.
+message, keeps the state, and after a failed send calls :func:`unsent`, which puts
+back what the message told or resolved, by key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nbankd.audit.model import AuditReport, Finding
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import FINAL
 from nbankd.timefmt import human_duration, iso
+
+#: lines listed per (kind, inbox) in a message's text; the webhook's ``alerts`` list
+#: holds at most ALERTS_LISTED entries
+LISTED = 20
+ALERTS_LISTED = 100
+
+#: error codes the registry or archive conditions already tell of (after
+#: ``unavailable_after``): an input waiting on one of these is not "stuck"
+OUTAGE_CODES = frozenset({"registry-unavailable", "auth", "archive-unavailable"})
+
+#: how a message's headline counts the problems of each kind
+NOUNS = {
+    "registry": "registry problem(s)",
+    "archive": "archive(s) that cannot take deposits",
+    "rejected": "rejected input(s)",
+    "stalled": "file(s) that keep changing",
+    "stuck": "input(s) stuck retrying",
+    "audit": "audit finding(s)",
+    "silent": "silent inbox(es)",
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +69,7 @@ class Condition:
     summary: str  # what happened, where
     command: str  # what shows more (the hint)
     delay: float = 0.0  # how long it must last before it is told
-    kind: str = ""  # registry, archive, rejected, stalled, audit, silent
+    kind: str = ""  # registry, archive, rejected, stalled, stuck, audit, silent
     inbox: str | None = None  # the inbox concerned, if one
     path: str | None = None  # the file concerned, when one is
 
@@ -52,6 +85,13 @@ class Tracked:
     kind: str = ""
     inbox: str | None = None
     path: str | None = None
+    key: str = ""
+    delay: float = 0.0
+    gone_at: float | None = None  # when it was first seen gone (its resolution pending)
+
+    @property
+    def ready_at(self) -> float:
+        return self.first_seen + self.delay
 
     def to_json(self, state: str, now: float) -> dict[str, Any]:
         return {
@@ -66,6 +106,20 @@ class Tracked:
         }
 
 
+def _groups(items: Sequence[Tracked]) -> list[list[Tracked]]:
+    """``items`` grouped by (kind, inbox), in order of first appearance."""
+    groups: dict[tuple[str, str | None], list[Tracked]] = {}
+    for t in items:
+        groups.setdefault((t.kind, t.inbox), []).append(t)
+    return list(groups.values())
+
+
+def _headline(group: Sequence[Tracked]) -> str:
+    first = group[0]
+    noun = NOUNS.get(first.kind, "problem(s)")
+    return f"{len(group)} {noun}" + (f" in {first.inbox}" if first.inbox else "")
+
+
 @dataclass(frozen=True)
 class Message:
     """One alert message: the problems told now and those resolved since."""
@@ -78,24 +132,127 @@ class Message:
             return f"nbankd on {host}: {len(self.problems)} problem(s)"
         return f"nbankd on {host}: resolved"
 
+    def headline(self) -> str:
+        """One sentence for the whole message: the one problem's summary, or how many
+        of each kind (``500 rejected input(s) in /srv/inbox/rig3; 2 audit finding(s)``)."""
+        shown = self.problems or self.resolved
+        if len(shown) == 1:
+            return shown[0].summary
+        heads = "; ".join(_headline(g) for g in _groups(shown))
+        return heads if self.problems else f"resolved: {heads}"
+
     def text(self) -> str:
-        lines = [f"- {p.summary}\n  more: {p.command}" for p in self.problems]
-        lines += [f"- resolved: {r.summary}" for r in self.resolved]
+        lines: list[str] = []
+        for group in _groups(self.problems):
+            if len(group) > 1:
+                lines.append(f"{_headline(group)}:")
+            lines += [f"- {p.summary}\n  more: {p.command}" for p in group[:LISTED]]
+            if len(group) > LISTED:
+                lines.append(f"- ... and {len(group) - LISTED} more (nbankctl status)")
+        for group in _groups(self.resolved):
+            lines += [f"- resolved: {r.summary}" for r in group[:LISTED]]
+            if len(group) > LISTED:
+                lines.append(f"- resolved: ... and {len(group) - LISTED} more")
         return "\n".join(lines) + "\n"
 
     def to_json(self, host: str, now: float) -> dict[str, Any]:
-        """The webhook body: every alert of the message (firing, then resolved), and the
-        first one's fields at the top level for receivers that read one."""
+        """The webhook body: at the top level, the one alert of the message (or, for
+        several, their headline, their common kind and inbox, and no path) for
+        receivers that read one; then every alert of the message (firing, then
+        resolved; at most :data:`ALERTS_LISTED`) under ``alerts``."""
         alerts = [p.to_json("firing", now) for p in self.problems]
         alerts += [r.to_json("resolved", now) for r in self.resolved]
-        return {**alerts[0], "host": host, "subject": self.subject(host), "alerts": alerts}
+        shown = self.problems or self.resolved
+        top = dict(alerts[0])
+        if len(shown) > 1:
+            kinds = {t.kind for t in shown}
+            inboxes = {t.inbox for t in shown}
+            top.update(
+                kind=kinds.pop() if len(kinds) == 1 else "several",
+                summary=self.headline(),
+                inbox=inboxes.pop() if len(inboxes) == 1 else None,
+                path=None,
+                since=iso(min(t.first_seen for t in shown)),
+            )
+        return {
+            **top,
+            "host": host,
+            "subject": self.subject(host),
+            "firing": len(self.problems),
+            "resolved": len(self.resolved),
+            "alerts": alerts[:ALERTS_LISTED],
+            "not_listed": max(0, len(alerts) - ALERTS_LISTED),
+        }
 
 
 @dataclass(frozen=True)
 class State:
-    """The alerting state between checks: every problem seen and not yet gone."""
+    """The alerting state between checks: every problem seen and not yet gone, and
+    those told and gone whose resolution is not sent yet."""
 
     tracked: Mapping[str, Tracked] = field(default_factory=dict)
+    gone: Mapping[str, Tracked] = field(default_factory=dict)
+
+
+def _audit_conditions(report: AuditReport, hint: str) -> list[Condition]:
+    out: list[Condition] = []
+    errors = [f"audit failed: {report.error}"] if report.error is not None else []
+    errors += [f"archive {a.name}: {a.error}" for a in report.archives if a.error is not None]
+    if errors:
+        out.append(
+            Condition(
+                "audit", f"the last audit could not finish: {'; '.join(errors)}", hint, kind="audit"
+            )
+        )
+    found: list[tuple[str, Finding]] = [(a.name, f) for a in report.archives for f in a.findings]
+    found += [("registry", f) for f in report.registry_findings]
+    for where, f in found:
+        what = f.resource if f.resource is not None else f.path if f.path is not None else f.detail
+        place = "the registry" if where == "registry" else f"archive {where}"
+        out.append(
+            Condition(
+                f"audit:{where}:{f.kind}:{what}",
+                f"the last audit found in {place}: {f}",
+                hint,
+                kind="audit",
+                path=None if f.path is None else str(f.path),
+            )
+        )
+    return out
+
+
+def audit_held(report: AuditReport | None) -> list[str]:
+    """Key prefixes of audit findings the last audit could not look at again (an
+    archive it could not read, or every one when it failed): absent from its
+    report, they are not resolved (see ``hold`` in :func:`step`)."""
+    if report is None:
+        return []
+    if report.error is not None:
+        return ["audit:"]
+    held = [f"audit:{a.name}:" for a in report.archives if a.error is not None]
+    return [*held, "audit:registry:"] if held else []
+
+
+def _stuck(items: Iterable[Item], unavailable_after: float) -> list[Condition]:
+    out = []
+    for item in items:
+        code = item.error_code
+        if item.state in FINAL or not item.attempts or not code or code in OUTAGE_CODES:
+            continue
+        where = os.path.join(item.inbox, item.relpath_str)
+        out.append(
+            Condition(
+                f"stuck:{item.token}",
+                f"{where} is retried after {code} ({item.attempts} attempt(s)): "
+                f"{item.error_message or code}",
+                f"nbankctl explain {where}",
+                unavailable_after,
+                kind="stuck",
+                inbox=item.inbox,
+                path=where,
+            )
+        )
+    return out
 
 
 def conditions(
@@ -106,9 +263,17 @@ def conditions(
     now: float,
     started: float,
     unavailable_after: float,
+    rejected: Mapping[str, Sequence[str]] | None = None,
+    unfinished: Iterable[Item] = (),
+    audit: AuditReport | None = None,
 ) -> list[Condition]:
     """The problems in one status document (``last_deposit``: inbox -> time of its
-    last deposit since ``started``; ``expect_every``: inbox -> its option)."""
+    last deposit since ``started``; ``expect_every``: inbox -> its option;
+    ``rejected``: inbox -> the paths in its rejected folder, one problem each (an
+    inbox not in it: one problem for its count); ``unfinished``: the journal's
+    unfinished items (those retried after an error other than an outage are
+    "stuck"); ``audit``: the last audit's report, one problem per finding (without
+    it: one problem for the status's summary))."""
     out: list[Condition] = []
     problem = (status.get("registry") or {}).get("problem")
     if problem:
@@ -121,6 +286,7 @@ def conditions(
                 kind="registry",
             )
         )
+    rejected = rejected or {}
     for entry in status.get("inboxes") or []:
         inbox = str(entry.get("path"))
         if entry.get("archive_problem"):
@@ -134,28 +300,39 @@ def conditions(
                     inbox=inbox,
                 )
             )
-        rejected = int(entry.get("in_rejected_folder") or 0)
-        if rejected:
-            folder = entry.get("rejected_dir") or f"{inbox}/rejected"
+        folder = entry.get("rejected_dir") or f"{inbox}/rejected"
+        if inbox in rejected:
+            for path in rejected[inbox]:
+                out.append(
+                    Condition(
+                        f"rejected:{path}",
+                        f"{path} was rejected (it waits in {folder})",
+                        f"nbankctl explain {path} (its .reason file is beside it)",
+                        kind="rejected",
+                        inbox=inbox,
+                        path=path,
+                    )
+                )
+        elif int(entry.get("in_rejected_folder") or 0):
             out.append(
                 Condition(
                     f"rejected:{inbox}",
-                    f"{rejected} rejected input(s) wait in {folder}",
+                    f"{entry['in_rejected_folder']} rejected input(s) wait in {folder}",
                     f"nbankctl explain {folder}/FILE (each has a .reason file beside it)",
                     kind="rejected",
                     inbox=inbox,
                 )
             )
-        stalled = entry.get("stalled") or []
-        if stalled:
+        for rel in entry.get("stalled") or []:
+            where = f"{inbox}/{rel}"
             out.append(
                 Condition(
-                    f"stalled:{inbox}",
-                    f"{len(stalled)} file(s) in {inbox} keep changing (first: {stalled[0]})",
-                    f"nbankctl explain {inbox}/{stalled[0]}",
+                    f"stalled:{where}",
+                    f"{where} keeps changing past stall_after: not deposited until it settles",
+                    f"nbankctl explain {where}",
                     kind="stalled",
                     inbox=inbox,
-                    path=f"{inbox}/{stalled[0]}" if len(stalled) == 1 else None,
+                    path=where,
                 )
             )
         every = expect_every.get(inbox)
@@ -172,19 +349,19 @@ def conditions(
                         inbox=inbox,
                     )
                 )
-    audit = status.get("last_audit")
-    if isinstance(audit, Mapping) and audit.get("ok") is False:
-        found = "; ".join(audit.get("problems") or []) or audit.get("error") or "problems"
-        out.append(
-            Condition(
-                "audit",
-                f"the last audit found: {found}",
-                f"nbankctl status (report {audit.get('report')})"
-                if audit.get("report")
-                else "nbankctl status",
-                kind="audit",
-            )
+    out += _stuck(unfinished, unavailable_after)
+    last = status.get("last_audit")
+    if isinstance(last, Mapping) and last.get("ok") is False:
+        hint = (
+            f"nbankctl status (report {last['report']})"
+            if last.get("report")
+            else "nbankctl status"
         )
+        if audit is not None:
+            out += _audit_conditions(audit, hint)
+        else:
+            found = "; ".join(last.get("problems") or []) or last.get("error") or "problems"
+            out.append(Condition("audit", f"the last audit found: {found}", hint, kind="audit"))
     return out
 
 
@@ -195,15 +372,19 @@ def step(
     now: float,
     repeat_every: float,
     group_wait: float = 0.0,
+    hold: Collection[str] = (),
 ) -> tuple[State, Message | None]:
-    """The next state and the message to send now (None: nothing to tell). A new
-    problem waits ``group_wait`` after it is due, so that others of the same moment
-    (a burst) join it in one message; repeats and resolutions never wait."""
+    """The next state and the message to send now (None: nothing to tell).
+
+    A message goes out once the earliest problem ready and not yet told, or the
+    earliest resolution pending, has waited ``group_wait``, or when a repeat is due;
+    it carries every problem ready, every repeat due and every resolution pending.
+    A tracked problem absent from ``present`` whose key starts with one of ``hold``
+    is kept as it is (not known now: neither told nor resolved)."""
     tracked: dict[str, Tracked] = {}
-    told: list[Tracked] = []
     for cond in present:
-        prev = state.tracked.get(cond.key)
-        item = Tracked(
+        prev = state.tracked.get(cond.key) or state.gone.get(cond.key)
+        tracked[cond.key] = Tracked(
             first_seen=prev.first_seen if prev is not None else now,
             summary=cond.summary,
             command=cond.command,
@@ -211,35 +392,61 @@ def step(
             kind=cond.kind,
             inbox=cond.inbox,
             path=cond.path,
+            key=cond.key,
+            delay=cond.delay,
         )
-        wait = cond.delay + (group_wait if item.told_at is None else 0.0)
-        due = now - item.first_seen >= wait and (
-            item.told_at is None or now - item.told_at >= repeat_every
-        )
-        if due:
-            item = replace(item, told_at=now)
-            told.append(item)
-        tracked[cond.key] = item
-    resolved = [t for k, t in state.tracked.items() if k not in tracked and t.told_at is not None]
-    if not told and not resolved:
-        return State(tracked), None
-    return State(tracked), Message(tuple(told), tuple(resolved))
+    for key, t in state.tracked.items():
+        if key not in tracked and any(key.startswith(p) for p in hold):
+            tracked[key] = t
+    gone = {k: t for k, t in state.gone.items() if k not in tracked}
+    for key, t in state.tracked.items():
+        if key not in tracked and t.told_at is not None:
+            gone[key] = replace(t, gone_at=now)
+    ready = [t for t in tracked.values() if t.told_at is None and now >= t.ready_at]
+    repeats = [
+        t for t in tracked.values() if t.told_at is not None and now - t.told_at >= repeat_every
+    ]
+    starts = [t.ready_at for t in ready] + [t.gone_at or now for t in gone.values()]
+    if not repeats and not (starts and now >= min(starts) + group_wait):
+        return State(tracked, gone), None
+    told_keys = {t.key for t in ready} | {t.key for t in repeats}
+    told = []
+    for key, t in tracked.items():
+        if key in told_keys:
+            tracked[key] = replace(t, told_at=now)
+            told.append(tracked[key])
+    return State(tracked), Message(tuple(told), tuple(gone.values()))
 
 
 def unsent(new: State, old: State, message: Message) -> State:
     """The state after ``message`` could not be sent: what it told counts as untold
-    (told again at the next check) and what it resolved is still to resolve."""
-    told = {p.summary for p in message.problems}
-    tracked = {
-        key: replace(t, told_at=old.tracked[key].told_at if key in old.tracked else None)
-        if t.summary in told
-        else t
-        for key, t in new.tracked.items()
-    }
-    for key, t in old.tracked.items():
-        if key not in tracked and t.told_at is not None:
-            tracked[key] = t  # its resolution is sent next time
-    return State(tracked)
+    (or told when it was told before), and what it resolved is still to resolve; by
+    key, so a summary that changes before the next check loses nothing."""
+    told = {p.key for p in message.problems}
+    tracked = {}
+    for key, t in new.tracked.items():
+        if key in told:
+            prev = old.tracked.get(key) or old.gone.get(key)
+            t = replace(t, told_at=prev.told_at if prev is not None else None)
+        tracked[key] = t
+    gone = dict(new.gone)
+    for r in message.resolved:
+        if r.key not in tracked:
+            gone[r.key] = r
+    return State(tracked, gone)
 
 
-__all__ = ["Condition", "Message", "State", "Tracked", "conditions", "step", "unsent"]
+__all__ = [
+    "ALERTS_LISTED",
+    "LISTED",
+    "NOUNS",
+    "OUTAGE_CODES",
+    "Condition",
+    "Message",
+    "State",
+    "Tracked",
+    "audit_held",
+    "conditions",
+    "step",
+    "unsent",
+]

@@ -4,9 +4,12 @@ Every ``alerts.check_every`` (default 30 s) a thread reads the status document, 
 :mod:`nbankd.control.alert_rules` what to tell, and sends one message to each
 configured notifier: a webhook (a JSON POST, with ``Authorization: Bearer`` from
 ``token_file``) and email (SMTP, STARTTLS unless turned off, credentials from
-``auth_file``: ``user:password``). A notifier that fails never holds up deposits:
-the message is tried again at the next check, and the failure shows in
-``nbankctl status`` (:attr:`AlertService.problem`) until a send succeeds.
+``auth_file``: ``user:password``). Each notifier keeps its own alerting state: a
+notifier that fails never holds up deposits nor the other notifier; its message is
+tried again at the next check, then less often while it keeps failing (``check_every``
+doubled each time, at most :data:`MAX_BACKOFF`: a refused password is not retried
+every 30 s all weekend), and the failure shows in ``nbankctl status``
+(:attr:`AlertService.problem`) until a send succeeds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import structlog
 from nbankd import errors
 from nbankd.config.model import AlertsConfig, EmailConfig, WebhookConfig
 from nbankd.control import alert_rules
+from nbankd.daemon import requeue
 from nbankd.registry import credentials
 
 if TYPE_CHECKING:
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nbankd.alerts")
 
 SEND_TIMEOUT = 20.0
+MAX_BACKOFF = 600.0  # at most this long between two tries of a notifier that fails
 
 
 def _token(path: Path) -> str:
@@ -98,8 +103,13 @@ class AlertService:
         self.daemon = daemon
         self.cfg = cfg
         self.host = socket.gethostname()
-        self.state = alert_rules.State()
+        #: each notifier's alerting state: one that fails is retried alone, and the
+        #: others do not receive the message again
+        self.states: dict[str, alert_rules.State] = {}
         self.problem: str | None = None  # why the last send failed, shown in status
+        self._failures: dict[str, int] = {}  # notifier -> failed sends in a row
+        self._retry_at: dict[str, float] = {}  # notifier -> not tried again before
+        self._failed: dict[str, str] = {}  # notifier -> its last error
         self.sent = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="alerts", daemon=True)
@@ -113,6 +123,12 @@ class AlertService:
         status = handlers.status(self.daemon, {})
         snap = self.daemon.snapshot()
         expect = {str(i.path): i.expect_every for i in snap.config.inboxes if i.expect_every}
+        rejected = {
+            key: [str(p) for p in requeue.rejected_inputs(state.config)]
+            for key, state in snap.inboxes.items()
+        }
+        auditor = self.daemon.auditor
+        report = auditor.last if auditor is not None else None
         present = alert_rules.conditions(
             status,
             snap.tally.last_deposit,
@@ -120,19 +136,30 @@ class AlertService:
             now=now,
             started=snap.started,
             unavailable_after=self.cfg.unavailable_after,
+            rejected=rejected,
+            unfinished=self.daemon.journal.unfinished(),
+            audit=report,
         )
-        new, message = alert_rules.step(
-            self.state,
-            present,
-            now=now,
-            repeat_every=self.cfg.repeat_every,
-            group_wait=self.cfg.group_wait,
-        )
-        if message is None:
-            self.state = new
-            return None
+        sent: alert_rules.Message | None = None
         failures = []
         for name, send in self._notifiers():
+            old = self.states.get(name, alert_rules.State())
+            new, message = alert_rules.step(
+                old,
+                present,
+                now=now,
+                repeat_every=self.cfg.repeat_every,
+                group_wait=self.cfg.group_wait,
+                hold=alert_rules.audit_held(report),
+            )
+            if message is None:
+                self.states[name] = new
+                continue
+            if now < self._retry_at.get(name, 0.0):  # backing off after failures
+                self.states[name] = alert_rules.unsent(new, old, message)
+                failures.append(self._failed[name])
+                continue
+            sent = message
             try:
                 send(message)
             except (
@@ -141,18 +168,31 @@ class AlertService:
                 smtplib.SMTPException,
                 errors.NbankdError,  # an unreadable or malformed auth_file
             ) as err:
-                failures.append(f"{name}: {err}")
+                self.states[name] = alert_rules.unsent(new, old, message)
+                self._failures[name] = self._failures.get(name, 0) + 1
+                backoff = self.cfg.check_every * 2 ** (self._failures[name] - 1)
+                self._retry_at[name] = now + min(backoff, MAX_BACKOFF)
+                self._failed[name] = f"{name}: {err}"
+                failures.append(self._failed[name])
+            else:
+                self.states[name] = new
+                self._failures.pop(name, None)
+                self._retry_at.pop(name, None)
+                self.sent += 1
+                log.info(
+                    "alert sent",
+                    notifier=name,
+                    problems=len(message.problems),
+                    resolved=len(message.resolved),
+                )
         if failures:
-            self.state = alert_rules.unsent(new, self.state, message)
             problem = "alerts could not be sent (" + "; ".join(failures) + "); tried again"
             if problem != self.problem:
                 log.warning("alert not sent", error=problem)
             self.problem = problem
         else:
-            self.state, self.problem = new, None
-            self.sent += 1
-            log.info("alert sent", problems=len(message.problems), resolved=len(message.resolved))
-        return message
+            self.problem = None
+        return sent
 
     def _notifiers(self) -> list[tuple[str, Callable[[alert_rules.Message], None]]]:
         out: list[tuple[str, Callable[[alert_rules.Message], None]]] = []

@@ -146,6 +146,11 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     result["alerts"] = None if alerts is None else {"problem": problem}
     if problem:
         result["degraded"].append(problem)
+    metrics = daemon.metrics  # the metrics service, when configured
+    textfile_problem = getattr(metrics, "problem", None)
+    result["metrics"] = None if metrics is None else {"problem": textfile_problem}
+    if textfile_problem:
+        result["degraded"].append(textfile_problem)
     result["control_socket"] = str(daemon.config.control_socket)
     result["config"] = str(daemon.config.source)
     auditor = daemon.auditor

@@ -67,6 +67,19 @@ def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
     for code, n in sorted(tally.failures.items()):
         failures.add_metric([code], n)
     out.append(failures)
+    registry_errors = CounterMetricFamily(
+        "nbankd_registry_errors", "Deposit steps that failed on a registry error (retried)"
+    )
+    registry_errors.add_metric([], tally.registry_errors)
+    out.append(registry_errors)
+    archive_errors = CounterMetricFamily(
+        "nbankd_archive_errors",
+        "Deposit steps that failed on an archive error (retried), by archive",
+        labels=["archive"],
+    )
+    for archive, n in sorted(tally.archive_errors.items()):
+        archive_errors.add_metric([archive], n)
+    out.append(archive_errors)
     latency = HistogramMetricFamily(
         "nbankd_deposit_latency_seconds",
         "From an input's claim being journaled to its deposit",
@@ -98,7 +111,12 @@ def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
     )
     oldest = GaugeMetricFamily(
         "nbankd_inbox_oldest_waiting_timestamp_seconds",
-        "When the oldest input waiting on an error was claimed",
+        "When the oldest input not yet finished (queued, running or waiting to retry) was claimed",
+        labels=["inbox"],
+    )
+    on_errors = GaugeMetricFamily(
+        "nbankd_inbox_waiting_on_errors",
+        "Inputs waiting to retry a step that failed",
         labels=["inbox"],
     )
     paused = GaugeMetricFamily(
@@ -125,6 +143,7 @@ def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
         waiting.add_metric([key], entry.get("in_flight", 0))
         if entry.get("oldest_waiting") is not None:
             oldest.add_metric([key], entry["oldest_waiting"])
+        on_errors.add_metric([key], entry.get("waiting_on_errors", 0))
         paused.add_metric([key], 1 if entry.get("paused") else 0)
         stalled.add_metric([key], len(entry.get("stalled") or []))
         rejected.add_metric([key], entry.get("in_rejected_folder", 0))
@@ -132,7 +151,7 @@ def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
         mode = entry.get("watch_mode") or "poll"
         for m in sorted({*WATCH_MODES, mode}):
             watch.add_metric([key, m], 1 if m == mode else 0)
-    return [waiting, oldest, paused, stalled, rejected, archive_up, watch]
+    return [waiting, oldest, on_errors, paused, stalled, rejected, archive_up, watch]
 
 
 def _health_families(status: Mapping[str, Any]) -> list[Metric]:
@@ -148,6 +167,14 @@ def _health_families(status: Mapping[str, Any]) -> list[Metric]:
     problems = GaugeMetricFamily("nbankd_problems", "Lines of nbankctl status's degraded list")
     problems.add_metric([], len(status.get("degraded") or []))
     out.append(problems)
+    for section, name, help_text in (
+        ("alerts", "nbankd_alerts_failing", "1 while alerts cannot be sent"),
+        ("metrics", "nbankd_metrics_textfile_failing", "1 while the textfile cannot be written"),
+    ):
+        failing = GaugeMetricFamily(name, help_text)
+        service = status.get(section)
+        failing.add_metric([], 1 if isinstance(service, dict) and service.get("problem") else 0)
+        out.append(failing)
     registry = status.get("registry") or {}
     up = GaugeMetricFamily("nbankd_registry_usable", "1 while the registry answers as expected")
     up.add_metric([], 0 if registry.get("problem") else 1)
@@ -211,7 +238,11 @@ class MetricsService:
         try:
             write_to_textfile(self._textfile, self.registry)
         except OSError as err:
-            problem = f"cannot write the metrics textfile {self._textfile}: {err.strerror or err}"
+            problem = (
+                f"cannot write the metrics textfile {self._textfile}: {err.strerror or err}; "
+                "deposits go on. Let the daemon's user write its folder (under the shipped "
+                "unit: ReadWritePaths= in a drop-in), or change metrics.textfile"
+            )
             if problem != self.problem:
                 log.warning("metrics textfile not written", error=problem)
             self.problem = problem

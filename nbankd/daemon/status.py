@@ -18,25 +18,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nbankd import __version__, errors
+from nbankd import __version__
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
+from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
 from nbankd.names import printable
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import Snapshot
-
-
-def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
-    found = {base.code}
-    for sub in base.__subclasses__():
-        found |= _codes(sub)
-    return frozenset(found)
-
-
-# error codes of waiting items, by what is at fault (see deposit.outcomes.outcome_for)
-REGISTRY_CODES = _codes(errors.RegistryError)
-ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", "verify-failed"}
 
 
 def waiting_problems(items: Iterable[Item]) -> list[str]:
@@ -95,7 +84,6 @@ def build_status(
     for key, state in snap.inboxes.items():
         watch = snap.watches.get(key)
         per_state = {s: n for (ib, s), n in counts.items() if ib == key}
-        waiting = [i for i in snap.waiting if i.inbox == key]
         inboxes.append(
             {
                 "path": key,
@@ -111,7 +99,10 @@ def build_status(
                 "waiting_on_errors": sum(
                     1 for i in unfinished if i.inbox == key and i.attempts and i.error_code
                 ),
-                "oldest_waiting": min((i.created for i in waiting), default=None),
+                # queued, running or waiting to retry: when the oldest was claimed
+                "oldest_waiting": min(
+                    (i.created for i in unfinished if i.inbox == key), default=None
+                ),
                 "stalled": list(state.stalled),
                 "unreadable": [rel for rel, _ in state.unreadable],
                 "skipped": dict(state.skipped),

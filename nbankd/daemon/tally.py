@@ -1,5 +1,6 @@
 """What the daemon has done since it started, counted as items finish: the running
-totals behind its metrics (deposits, bytes, rejections, failed steps, latency).
+totals behind its metrics (deposits, bytes, rejections, failed steps, registry and
+archive errors, latency).
 
 Pure bookkeeping: :meth:`Tally.record` folds one item, as a worker hands it back,
 into the totals; the daemon calls it under its lock and copies the tally into each
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
+from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
 
 #: upper bounds (seconds) of the deposit latency histogram's buckets
 LATENCY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, math.inf)
@@ -52,6 +54,8 @@ class Tally:
     failures: Counter[str] = field(default_factory=Counter)  # error code of a step to retry
     latency: dict[str, Latency] = field(default_factory=dict)  # inbox -> histogram
     last_deposit: dict[str, float] = field(default_factory=dict)  # inbox -> time
+    registry_errors: int = 0  # failed steps whose error is the registry's
+    archive_errors: Counter[str] = field(default_factory=Counter)  # archive name -> same
 
     def record(self, item: Item, *, attempts_before: int) -> None:
         """Folds in an item a worker handed back (``attempts_before``: its failed
@@ -69,15 +73,21 @@ class Tally:
             self.rejections[(item.inbox, str(code))] += 1
         elif item.attempts > attempts_before and item.error_code:
             self.failures[item.error_code] += 1
+            if item.error_code in REGISTRY_CODES:
+                self.registry_errors += 1
+            elif item.error_code in ARCHIVE_CODES:
+                self.archive_errors[item.archive] += 1
 
     def copy(self) -> Tally:
         return Tally(
-            Counter(self.deposits),
-            Counter(self.deposited_bytes),
-            Counter(self.rejections),
-            Counter(self.failures),
-            {k: v.copy() for k, v in self.latency.items()},
-            dict(self.last_deposit),
+            deposits=Counter(self.deposits),
+            deposited_bytes=Counter(self.deposited_bytes),
+            rejections=Counter(self.rejections),
+            failures=Counter(self.failures),
+            latency={k: v.copy() for k, v in self.latency.items()},
+            last_deposit=dict(self.last_deposit),
+            registry_errors=self.registry_errors,
+            archive_errors=Counter(self.archive_errors),
         )
 
 

@@ -85,6 +85,7 @@ class DaemonView(Protocol):
     auditor: AuditScheduler | None
     control: Service | None
     alerts: Service | None
+    metrics: Service | None
 
     def clock(self) -> float: ...
     def snapshot(self) -> Snapshot: ...

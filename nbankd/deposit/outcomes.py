@@ -15,6 +15,19 @@ from nbankd import errors
 from nbankd.deposit import policy
 from nbankd.deposit.lifecycle import Outcome
 
+
+def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
+    found = {base.code}
+    for sub in base.__subclasses__():
+        found |= _codes(sub)
+    return frozenset(found)
+
+
+#: error codes of waiting items, by what is at fault (status, metrics and alerts)
+REGISTRY_CODES = _codes(errors.RegistryError)
+ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", "verify-failed"}
+
+
 #: errno values of an outage or of something an administrator fixes: the input waits
 WAITING_ERRNOS = frozenset(
     {
@@ -55,4 +68,4 @@ def outcome_for(err: BaseException) -> Outcome:
     return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
 
 
-__all__ = ["PERMANENT_CODES", "WAITING_ERRNOS", "outcome_for"]
+__all__ = ["ARCHIVE_CODES", "PERMANENT_CODES", "REGISTRY_CODES", "WAITING_ERRNOS", "outcome_for"]

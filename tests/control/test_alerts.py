@@ -144,33 +144,42 @@ def test_email_is_sent_with_credentials(tmp_path: Path) -> None:
     assert logins == [("alerts", "pw")]
 
 
+def _states(post: tuple[dict[str, Any], Any]) -> list[str]:
+    return [a["state"] for a in post[0]["alerts"]]
+
+
 def test_daemon_tells_of_a_rejection_and_of_its_resolution(daemon_factory: Any, hook: Hook) -> None:
-    """A rejected input is told once through the webhook; once it is moved away from
-    the rejected folder, a resolved message follows."""
+    """A daemon tells each rejection by path, a later one too, and resolves the one removed."""
     alerts = {"webhook": {"url": hook.url}, "check_every": "0.3s", "group_wait": "0s"}
     h = daemon_factory(extra_config={"alerts": alerts})
     h.start()
     h.drop("bad name.wav", b"a name the registry refuses")
     wait_for(lambda: hook.posts, 60, "the rejection told")
     body = hook.posts[0][0]
-    assert body["kind"] == "rejected" and "1 rejected input(s)" in body["summary"]
-    rejected = [p for p in h.rejected.iterdir()] if h.rejected.is_dir() else []
-    for path in rejected:
-        path.unlink()
-
-    def states(post: tuple[dict[str, Any], Any]) -> list[str]:
-        return [a["state"] for a in post[0]["alerts"]]
-
-    wait_for(lambda: any("resolved" in states(p) for p in hook.posts), 60, "the resolution")
-    assert len([p for p in hook.posts if "firing" in states(p)]) == 1  # told once
+    assert body["kind"] == "rejected" and body["path"].endswith("bad name.wav")
+    assert body["hint"].startswith("nbankctl explain ")
+    h.drop("worse name.wav", b"another name the registry refuses")
+    wait_for(
+        lambda: any("worse name.wav" in str(a["path"]) for p in hook.posts for a in p[0]["alerts"]),
+        60,
+        "the second rejection told",
+    )
+    for path in h.rejected.iterdir():
+        if path.name.startswith("bad name.wav"):
+            path.unlink()
+    wait_for(lambda: any("resolved" in _states(p) for p in hook.posts), 60, "the resolution")
+    [resolution] = [p for p in hook.posts if "resolved" in _states(p)]
+    [gone] = resolution[0]["alerts"]
+    assert gone["path"].endswith("bad name.wav") and gone["state"] == "resolved"
+    fired = [a["path"] for p in hook.posts for a in p[0]["alerts"] if a["state"] == "firing"]
+    assert len(fired) == 2 and len(set(fired)) == 2  # each told once
     h.stop()
 
 
 def test_a_failing_notifier_shows_in_status_and_deposits_go_on(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
-    """A webhook that refuses makes status degraded naming its host; a deposit still
-    lands; the secret part of its URL and its token appear in no log, status or metrics."""
+    """A refusing webhook degrades status; deposits go on; its token and URL path stay hidden."""
     refusing = Hook(status=500)
     secret_path, token = "T0KEN1N-PATH-93a1", "b3arer-s3cret-77"
     token_file = tmp_path / "hook-token"
@@ -239,8 +248,7 @@ def _tls_server(
 
 
 def test_email_over_starttls_checks_the_server_and_logs_in(tmp_path: Path) -> None:
-    """With starttls, the session is encrypted before the password is sent, and the
-    server's certificate is checked against cafile."""
+    """With starttls, the certificate is checked against cafile before the password is sent."""
     box, logins = Mailbox(), []
     controller, cert = _tls_server(tmp_path, box, logins)
     try:

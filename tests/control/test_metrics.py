@@ -27,6 +27,7 @@ STATUS: dict[str, Any] = {
             "path": INBOX,
             "in_flight": 3,
             "oldest_waiting": 1000.0,
+            "waiting_on_errors": 1,
             "paused": True,
             "stalled": ["slow.wav"],
             "in_rejected_folder": 2,
@@ -37,6 +38,8 @@ STATUS: dict[str, Any] = {
     "queue": 3,
     "registry": {"problem": None},
     "degraded": ["archive for /srv/inbox/rig3: not mounted", "1 stalled file(s)"],
+    "alerts": {"problem": None},
+    "metrics": {"problem": "cannot write the metrics textfile /x/nbankd.prom: denied"},
     "last_audit": {
         "finished": "2026-12-05T04:00:00+00:00",
         "ok": False,
@@ -70,6 +73,20 @@ def test_status_becomes_gauges() -> None:
     assert got[("nbankd_registry_usable", ())] == 1
     assert got[("nbankd_audit_last_ok", ())] == 0
     assert got[("nbankd_audit_findings", (("category", "hash mismatch"),))] == 1
+    assert got[("nbankd_inbox_oldest_waiting_timestamp_seconds", inbox)] == 1000.0
+    assert got[("nbankd_inbox_waiting_on_errors", inbox)] == 1
+    assert got[("nbankd_alerts_failing", ())] == 0
+    assert got[("nbankd_metrics_textfile_failing", ())] == 1
+
+
+def test_registry_and_archive_errors_become_counters() -> None:
+    """Registry and per-archive step errors become _total counters."""
+    tally = Tally()
+    tally.registry_errors = 2
+    tally.archive_errors["birdsong"] = 3
+    got = _samples(STATUS, tally)
+    assert got[("nbankd_registry_errors_total", ())] == 2
+    assert got[("nbankd_archive_errors_total", (("archive", "birdsong"),))] == 3
 
 
 def test_totals_become_counters_and_a_histogram() -> None:
@@ -152,7 +169,9 @@ def _exported_names() -> set[str]:
     )  # fmt: skip
     tally.record(item, attempts_before=0)
     tally.record(replace(item, state=State.REJECTED), attempts_before=0)
-    tally.record(replace(item, state=State.CHECKED, attempts=1, error_code="x"), attempts_before=0)
+    for code in ("x", "registry-unavailable", "archive-unavailable"):
+        failed = replace(item, state=State.CHECKED, attempts=1, error_code=code)
+        tally.record(failed, attempts_before=0)
     return {name for name, _labels in _samples(STATUS, tally)}
 
 
@@ -175,8 +194,7 @@ def test_dashboard_names_only_exported_metrics() -> None:
 
 
 def test_status_and_metrics_agree(daemon_factory: Any) -> None:
-    """With a rejected input waiting and the inbox paused, nbankctl status and /metrics
-    say the same: degraded, problems, queue, paused, rejected waiting, in flight."""
+    """nbankctl status and /metrics say the same of a paused daemon with a rejection."""
     port = _free_port()
     h = daemon_factory(extra_config={"metrics": {"listen": f"127.0.0.1:{port}"}})
     h.start()
@@ -198,4 +216,39 @@ def test_status_and_metrics_agree(daemon_factory: Any) -> None:
     assert scraped[("nbankd_inbox_paused", key)] == 1 and inbox["paused"] is True
     assert scraped[("nbankd_inbox_rejected_waiting", key)] == inbox["in_rejected_folder"] == 1
     assert scraped[("nbankd_inbox_in_flight", key)] == inbox["in_flight"]
+    assert scraped[("nbankd_inbox_waiting_on_errors", key)] == inbox["waiting_on_errors"]
+    assert (
+        ("nbankd_inbox_oldest_waiting_timestamp_seconds", key) in scraped
+    ) == (inbox["oldest_waiting"] is not None)  # fmt: skip
+    mode = (("inbox", inbox["path"]), ("mode", inbox["watch_mode"]))
+    assert scraped[("nbankd_watch_mode", mode)] == 1
+    assert scraped[("nbankd_archive_usable", key)] == (0 if inbox["archive_problem"] else 1)
+    assert scraped[("nbankd_registry_usable", ())] == (0 if status["registry"]["problem"] else 1)
+    assert scraped[("nbankd_inbox_stalled_files", key)] == len(inbox["stalled"])
+    assert scraped[("nbankd_metrics_textfile_failing", ())] == 0 and status["metrics"] == {
+        "problem": None
+    }
+    assert scraped[("nbankd_alerts_failing", ())] == 0 and status["alerts"] is None
+    h.stop()
+
+
+def test_a_textfile_that_cannot_be_written_shows_in_status(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """An unwritable textfile degrades status, naming the file and fix, and sets a gauge."""
+    port = _free_port()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the textfile's folder should be")
+    textfile = blocker / "nbankd.prom"
+    metrics = {"listen": f"127.0.0.1:{port}", "textfile": str(textfile), "textfile_every": "0.2s"}
+    h = daemon_factory(extra_config={"metrics": metrics})
+    h.start()
+    wait_for(lambda: status_json(h)[1]["metrics"]["problem"], 30, "the textfile problem")
+    code, status = status_json(h)
+    [line] = [d for d in status["degraded"] if "metrics textfile" in d]
+    assert code == 1 and str(textfile) in line and "ReadWritePaths=" in line
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert "nbankd_metrics_textfile_failing 1.0" in resp.read().decode()
+    h.drop("still.wav", b"deposited all the same")
+    wait_for(lambda: any(r["id"] == "still" for r in h.receipts()), 60, "the deposit")
     h.stop()

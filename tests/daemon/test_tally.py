@@ -60,8 +60,7 @@ def test_a_rejection_counts_under_its_code(reason: dict[str, str] | None, code: 
 
 
 def test_a_failed_step_counts_once_per_new_attempt() -> None:
-    """An item handed back after one more failed attempt counts one failure of its code;
-    handed back again without a new failure, it counts nothing more."""
+    """A failure is counted once per new failed attempt, not again when handed back unchanged."""
     tally = Tally()
     waiting = replace(BASE, state=State.CHECKED, attempts=2, error_code="registry-unavailable")
     tally.record(waiting, attempts_before=1)
@@ -75,3 +74,17 @@ def test_a_copy_is_independent() -> None:
     copy = tally.copy()
     tally.record(replace(BASE, state=State.DONE, size=1, finished=101.0), attempts_before=0)
     assert copy.deposits == {} and copy.latency == {}
+
+
+def test_registry_and_archive_errors_are_counted_apart() -> None:
+    """A failed step counts as a registry error or as an error of its item's archive."""
+    tally = Tally()
+    tally.record(replace(BASE, attempts=1, error_code="registry-unavailable"), attempts_before=0)
+    tally.record(replace(BASE, attempts=1, error_code="archive-unavailable"), attempts_before=0)
+    tally.record(replace(BASE, attempts=2, error_code="os-error"), attempts_before=1)
+    tally.record(replace(BASE, attempts=1, error_code="internal"), attempts_before=0)
+    assert tally.registry_errors == 1
+    assert tally.archive_errors == {"birdsong": 2}
+    copy = tally.copy()
+    tally.record(replace(BASE, attempts=3, error_code="os-error"), attempts_before=2)
+    assert copy.archive_errors == {"birdsong": 2} and copy.registry_errors == 1

@@ -24,11 +24,14 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -367,3 +370,164 @@ def test_nbankctl_auth_option_warns_and_never_echoes(django_registry: Any) -> No
     assert "invalid username/password" in refused.stderr
     assert leaks(right.stdout + right.stderr, [server.password.encode()]) == []
     assert leaks(refused.stdout + refused.stderr, secret_forms(server.username, wrong)) == []
+
+
+# --- part three: the notifiers' secrets (SMTP password, webhook token) ------------------------
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver keeping each POST's body and Authorization header."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts.append((json.loads(body), self.headers.get("Authorization")))  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Mailbox:
+    """aiosmtpd handler keeping every message it receives."""
+
+    def __init__(self) -> None:
+        self.mails: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.mails.append(envelope.content)
+        return "250 OK"
+
+
+def _smtp_server(folder: Path, accept: bool, logins: list[tuple[str, str]]) -> tuple[Any, Path]:
+    """A local aiosmtpd server requiring STARTTLS (its own self-signed certificate, returned
+    as the cafile) that records each login and accepts or refuses it."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    cert, key = folder / "smtp.pem", folder / "smtp.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        logins.append((data.login.decode(), data.password.decode()))
+        return AuthResult(success=accept, handled=False)  # refused: 535
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    box = _Mailbox()
+    controller = Controller(
+        box, hostname="127.0.0.1", port=port, tls_context=context,
+        require_starttls=True, authenticator=authenticator,
+    )  # fmt: skip
+    controller.box = box  # type: ignore[attr-defined]
+    controller.start()
+    return controller, cert
+
+
+NOTIFIER_CASES = [("accepted", "json"), ("refused", "console")]
+
+
+@pytest.mark.parametrize(("login", "fmt"), NOTIFIER_CASES, ids=[c[0] for c in NOTIFIER_CASES])
+def test_notifier_secrets_appear_nowhere(
+    daemon_factory: Any, tmp_path: Path, login: str, fmt: str
+) -> None:
+    """SMTP password and webhook secrets stay out of logs, status, metrics and files."""
+    user, password = "alerts", "smtp-" + secrets.token_urlsafe(12)
+    token, secret_path = "tok-" + secrets.token_urlsafe(12), "path-" + secrets.token_hex(8)
+    logins: list[tuple[str, str]] = []
+    controller, cafile = _smtp_server(tmp_path, login == "accepted", logins)
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    hook.posts = []  # type: ignore[attr-defined]
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    auth_file, token_file = creds / "smtp", creds / "hook-token"
+    auth_file.write_text(f"{user}:{password}\n")
+    token_file.write_text(token + "\n")
+    for path in (auth_file, token_file):
+        path.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    textfile = tmp_path / "nbankd.prom"
+    alerts = {
+        "email": {
+            "to": ["lab@example.org"], "from": "nbankd@rig3.example.org",
+            "smtp": f"127.0.0.1:{controller.port}", "starttls": True,
+            "auth_file": str(auth_file), "cafile": str(cafile),
+        },
+        "webhook": {
+            "url": f"http://127.0.0.1:{hook.server_address[1]}/hooks/{secret_path}",
+            "token_file": str(token_file),
+        },
+        "check_every": "0.3s",
+        "group_wait": "0s",
+    }  # fmt: skip
+    h = daemon_factory(
+        extra_config={
+            "alerts": alerts,
+            "metrics": {
+                "listen": f"127.0.0.1:{port}",
+                "textfile": str(textfile),
+                "textfile_every": "0.2s",
+            },
+            "log": {"format": fmt, "level": "debug"},
+        }
+    )
+    try:
+        h.start()
+        h.drop("bad name.wav", b"rejected, so there is something to tell")
+        wait_for(lambda: logins, 60, "the daemon to log in to the SMTP server")
+        assert logins[0] == (user, password)  # the password was really sent
+        if login == "accepted":
+            wait_for(lambda: controller.box.mails, 60, "the alert email")  # type: ignore[attr-defined]
+        else:
+            wait_for(
+                lambda: "email" in str(call(h.socket_path, "status")["alerts"]["problem"]),
+                60,
+                "status to name the refused login",
+            )
+        wait_for(lambda: hook.posts, 60, "the webhook")  # type: ignore[attr-defined]
+        assert hook.posts[0][1] == f"Bearer {token}"  # type: ignore[attr-defined]
+        wait_for(lambda: textfile.exists(), 30, "the textfile")
+        outputs = {}
+        for args in (["status"], ["status", "--json"]):
+            proc = subprocess.run(
+                [NBANKCTL, "-c", str(h.config_path), *args],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            outputs[" ".join(args)] = proc.stdout + proc.stderr
+        if login == "refused":
+            assert "alerts could not be sent (email:" in outputs["status"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            outputs["/metrics"] = resp.read().decode()
+        outputs["textfile"] = textfile.read_text()
+        assert h.stop() == 0
+    finally:
+        controller.stop()
+        hook.shutdown()
+        hook.server_close()
+    pair = f"{user}:{password}".encode()
+    forms = [
+        password.encode(), pair, base64.b64encode(pair), base64.b64encode(password.encode()),
+        base64.b64encode(f"\0{user}\0{password}".encode()),  # AUTH PLAIN
+        token.encode(), secret_path.encode(),
+    ]  # fmt: skip
+    found = {k: leaks(v, forms) for k, v in outputs.items()}
+    found["log"] = leaks(h.log_path.read_bytes(), forms)
+    for mail in controller.box.mails:  # type: ignore[attr-defined]
+        found["mail"] = leaks(mail, forms)
+    for path in _files_under(h.root, {h.config_path}):  # the URL is configured there
+        found[str(path)] = leaks(path.read_bytes(), forms)
+    assert {k: v for k, v in found.items() if v} == {}
+    assert len(found) > 5
+    # each notifier keeps its own state: the email failing never re-sends the webhook
+    assert len(hook.posts) == 1  # type: ignore[attr-defined]
