@@ -91,7 +91,23 @@ class Switch:
         self.export_path: Path | None = None  # the first export this run kept
         self.files_changed = self.rerun
         self.finished = False
-        self.daemon = Daemon(socket_path(args), self.config.state_dir, note, self.url)
+        self.daemon = Daemon(
+            socket_path(args), self.config.state_dir, note, self.url, self.finishing_command()
+        )
+
+    def finishing_command(self) -> list[str]:
+        """The command line that finishes this switch if it is cut short, as status
+        names it: this run's configuration, socket and credentials file (paths only)."""
+        args = self.args
+        words = ["nbankctl"]
+        if getattr(args, "config", None):
+            words += ["-c", str(Path(args.config).absolute())]
+        words += ["registry", "switch", "--to", self.url]
+        if getattr(args, "registry_auth", None):
+            words += ["--registry-auth", str(Path(args.registry_auth).absolute())]
+        if getattr(args, "socket", None):
+            words += ["--socket", str(Path(args.socket).absolute())]
+        return words
 
     def _old_registry(self) -> tuple[str, bool]:
         """(the URL of the registry moved from, whether this finishes an earlier switch)."""

@@ -52,7 +52,8 @@ def load(state_dir: Path) -> frozenset[str]:
 
 def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
     """What a registry switch that has not finished left recorded: the inboxes it
-    paused and the URL it moves to (``to``, absent in records of older nbankctl), or
+    paused, the URL it moves to (``to``) and the command line that finishes it
+    (``command``; both absent in records of older nbankctl), or
     None when no switch is under way. A record that cannot be read counts as one."""
     path = state_dir / SWITCH_PAUSED
     try:
@@ -65,9 +66,12 @@ def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
         return {"inboxes": [], "to": None, "problem": f"{path}: not a JSON object"}
     inboxes = doc.get("inboxes")
     to = doc.get("to")
+    command = doc.get("command")
+    words = isinstance(command, list) and all(isinstance(w, str) for w in command)
     return {
         "inboxes": [k for k in inboxes if isinstance(k, str)] if isinstance(inboxes, list) else [],
         "to": to if isinstance(to, str) else None,
+        "command": command if words and command else None,
     }
 
 

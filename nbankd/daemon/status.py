@@ -15,6 +15,7 @@ fault and why.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,10 @@ def switch_problem(record: Mapping[str, Any]) -> str:
     under way): it paused inboxes, which stay paused until it is run again."""
     to = record.get("to")
     paused = len(record.get("inboxes") or [])
-    command = f"nbankctl registry switch --to {to}" if to else "nbankctl registry switch --to URL"
+    if record.get("command"):
+        command = shlex.join(record["command"])
+    else:  # recorded by an older nbankctl
+        command = f"nbankctl registry switch --to {to or 'URL'}"
     why = f" ({record['problem']})" if record.get("problem") else ""
     return (
         f"a registry switch{' to ' + to if to else ''} has not finished{why}: the "

@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,10 +85,23 @@ def read_paused(state_dir: Path) -> set[str]:
 
 
 def write_paused(
-    state_dir: Path, inboxes: Iterable[str], sock: Path, to: str | None = None
+    state_dir: Path,
+    inboxes: Iterable[str],
+    sock: Path,
+    to: str | None = None,
+    command: Sequence[str] = (),
 ) -> None:
+    """Records the inboxes a switch paused, with the URL it moves to and ``command``,
+    the command line that finishes it (shown by ``nbankctl status``; never secrets:
+    paths and URLs only)."""
     path = migration_folder(state_dir) / PAUSED_NAME
-    body = {"inboxes": sorted(inboxes), "socket": str(sock), "time": time.time(), "to": to}
+    body = {
+        "inboxes": sorted(inboxes),
+        "socket": str(sock),
+        "time": time.time(),
+        "to": to,
+        "command": list(command),
+    }
     try:
         write_atomic(
             path, json.dumps(body, indent=1).encode(), mode=0o640, owner=state_owner(state_dir)
@@ -188,9 +201,17 @@ def _paused_states(status: dict[str, Any]) -> dict[str, bool]:
 class Daemon:
     """The nbankd answering on ``path``; ``running`` is False when none runs."""
 
-    def __init__(self, path: Path, state_dir: Path, say: Say, to: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        state_dir: Path,
+        say: Say,
+        to: str | None = None,
+        command: Sequence[str] = (),
+    ) -> None:
         self.path = path
         self.to = to  # the URL the switch moves to (recorded with the paused inboxes)
+        self.command = tuple(command)  # the command line that finishes the switch
         self.state_dir = state_dir
         self.say = say
         self.client = ControlClient(path)
@@ -228,7 +249,7 @@ class Daemon:
         earlier = read_paused(self.state_dir)
         states = _paused_states(status)
         ours = sorted(k for k, paused in states.items() if not paused or k in earlier)
-        write_paused(self.state_dir, ours, self.path, self.to)
+        write_paused(self.state_dir, ours, self.path, self.to, self.command)
         self.call("pause")
         self.ours = ours
         fresh = sum(not states[k] for k in ours)
@@ -261,7 +282,7 @@ class Daemon:
         else:
             self.say(f"{len(running_again)} inbox(es) resumed during the switch: pausing again")
         ours = sorted(set(self.ours) | {k for k, paused in states.items() if not paused})
-        write_paused(self.state_dir, ours, self.path, self.to)
+        write_paused(self.state_dir, ours, self.path, self.to, self.command)
         self.call("pause")
         self.ours, self.identity = ours, now
         return False

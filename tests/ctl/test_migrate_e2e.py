@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import tarfile
@@ -257,7 +258,7 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
     assert paused(h) == {str(h.inbox): True} and marker.exists()
     # status says a switch is unfinished (degraded), and how to finish it
     [line] = [d for d in status(h)["degraded"] if "registry switch" in d]
-    assert f"finish it with: nbankctl registry switch --to {server.url}" in line
+    assert line.endswith(f"finish it with: {shlex.join(['nbankctl', *switch[1:]])}"), line
     assert status(h)["unfinished_switch"]["to"] == server.url
 
     h.stop()  # restarted on the old configuration: the pause is kept across the restart,
@@ -303,8 +304,8 @@ def test_a_killed_switch_run_again_resumes_the_daemon_and_strands_no_record(
 def test_nbankctl_status_exits_degraded_while_a_switch_is_unfinished(
     daemon_factory: Any, django_registry: DjangoServer, tmp_path: Path
 ) -> None:
-    """`nbankctl status` exits 1 (degraded) naming the finishing command while a killed
-    switch is unfinished, and exits 0 again once the switch is run to its end."""
+    """`nbankctl status` exits 1 (degraded) naming the switch's own command line while a
+    killed switch is unfinished, and exits 0 again once the switch is run to its end."""
     server = django_registry
     h = simple_daemon(daemon_factory)
     env = base_env(tmp_path / "home")
@@ -318,7 +319,10 @@ def test_nbankctl_status_exits_degraded_while_a_switch_is_unfinished(
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     unfinished = run(show, env)
     assert unfinished.returncode == 1, unfinished.stdout + unfinished.stderr
-    assert f"finish it with: nbankctl registry switch --to {server.url}" in unfinished.stdout
+    config, auth = str(Path(h.config_path).absolute()), str(Path(netrc).absolute())
+    words = ["nbankctl", "-c", config, "registry", "switch", "--to", server.url]
+    again = shlex.join([*words, "--registry-auth", auth])
+    assert f"finish it with: {again}" in unfinished.stdout, unfinished.stdout
 
     done = run(switch, env)
     assert done.returncode == 0, done.stdout + done.stderr
