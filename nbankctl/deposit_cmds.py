@@ -40,11 +40,12 @@ from typing import Any
 
 from nbankctl.deposit_local import by_hand
 from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
+from nbankctl.registry_access import daemon_config
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
-from nbankd.config.model import CONFIG_ENV, Config
+from nbankd.config.model import Config
 from nbankd.daemon import statelock
 from nbankd.deposit import manual
 from nbankd.filekind import FileKind
@@ -77,16 +78,6 @@ class _KeyValues(argparse.Action):
 
 
 # --- where and as whom ---------------------------------------------------------------
-
-
-def _daemon_config(args: argparse.Namespace) -> Config | None:
-    """The daemon configuration named by -c or $NBANKD_CONFIG (never the default
-    path: used like nbank, a deposit keeps its own journal)."""
-    if getattr(args, "registry", None) or not (args.config or os.environ.get(CONFIG_ENV)):
-        return None
-    from nbankd.config import find_config_path, load_config
-
-    return load_config(find_config_path(args.config))
 
 
 # --- inputs --------------------------------------------------------------------------
@@ -151,7 +142,7 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     # the steps' own log, on stderr, for what this command does not say itself
     configure_logging("console", "error", stream=sys.stderr)
     archive = open_archive(args.directory)
-    config = _daemon_config(args)
+    config = daemon_config(args)
     metadata = dict(args.metadata or {})
     for key in ("experimenter", "animal"):
         if getattr(args, key):

@@ -152,11 +152,25 @@ def describe(registry: Registry) -> str:
     return f"{registry.url} (embedded, {db})" if db is not None else registry.url
 
 
+def daemon_config(args: argparse.Namespace) -> Config | None:
+    """The daemon configuration named by -c or $NBANKD_CONFIG, never the default path
+    (used like nbank, with -r URL or neither, a command works on its own); None then.
+    ``deposit``, ``copy`` and ``tape import`` decide by it whether the daemon is
+    involved."""
+    from nbankd.config import find_config_path, load_config
+    from nbankd.config.model import CONFIG_ENV
+
+    if getattr(args, "registry", None) or not (args.config or os.environ.get(CONFIG_ENV)):
+        return None
+    return load_config(find_config_path(args.config))
+
+
 __all__ = [
     "ARGV_WARNING",
     "ENV_REGISTRY",
     "Choice",
     "choose",
+    "daemon_config",
     "describe",
     "open_chosen",
     "open_registry",

@@ -25,14 +25,16 @@ import os
 import re
 import stat
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from nbankctl.registry_access import describe
+from nbankctl.registry_access import daemon_config, describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
 from nbankd import errors, tape, tape_import, tape_register
@@ -43,7 +45,7 @@ from nbankd.control.client import ControlClient, ControlError
 from nbankd.daemon import statelock
 
 if TYPE_CHECKING:
-    from nbankd.config.model import Config
+    pass
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -183,16 +185,6 @@ def wanted_ids(args: argparse.Namespace) -> list[str] | None:
 # --- with a daemon configuration: the running daemon, or the state directory's lock ---
 
 
-def daemon_config(args: argparse.Namespace) -> Config | None:
-    """The daemon configuration named by -c or $NBANKD_CONFIG (never the default
-    path), as ``nbankctl deposit`` decides it; None with ``-r URL``."""
-    if getattr(args, "registry", None) or not (args.config or os.environ.get("NBANKD_CONFIG")):
-        return None
-    from nbankd.config import find_config_path, load_config
-
-    return load_config(find_config_path(args.config))
-
-
 class _OlderDaemon(Exception):
     """The daemon answers but has no job commands (a release before them)."""
 
@@ -216,16 +208,26 @@ def _answering(args: argparse.Namespace, cmd: str) -> ControlClient | None:
     return daemon
 
 
+@dataclass(frozen=True)
+class Handover:
+    """The running daemon that is to do the work, and the archive as its configuration
+    names it (the daemon knows its archives by those paths only)."""
+
+    daemon: ControlClient
+    archive: Path
+
+
 @contextmanager
 def where_to_run(
     args: argparse.Namespace, archive: Archive, cmd: str, doing: str
-) -> Iterator[ControlClient | None]:
-    """Where a copy or import into ``archive`` runs: yields a client of the running
-    daemon that is to do it, or None to do it here (holding the state directory's
-    lock when ``archive`` is one of a daemon configuration's archives)."""
+) -> Iterator[Handover | None]:
+    """Where a copy or import into ``archive`` runs: yields the running daemon that is
+    to do it, or None to do it here (holding the state directory's lock when
+    ``archive`` is one of a daemon configuration's archives)."""
     config = None if args.dry_run else daemon_config(args)
     path = archive.path.resolve()
-    if config is None or all(a.path.resolve() != path for a in config.archives):
+    listed = [a.path for a in config.archives if a.path.resolve() == path] if config else []
+    if config is None or not listed:
         yield None
         return
     try:
@@ -237,7 +239,7 @@ def where_to_run(
             yield None
             return
         if daemon is not None:
-            yield daemon
+            yield Handover(daemon, listed[0])
             return
         print(f"another nbankctl holds {config.state_dir}; waiting for it", file=sys.stderr)
         lock = statelock.acquire(config.state_dir, wait=True)
@@ -247,7 +249,7 @@ def where_to_run(
         except _OlderDaemon:
             daemon = None
         if daemon is not None:
-            yield daemon
+            yield Handover(daemon, listed[0])
             return
         require_owner(archive, doing)  # names the user it must run as
         raise errors.UsageError(
@@ -288,11 +290,12 @@ def run_job(
     ids: list[str] | None,
     started: Callable[[dict[str, Any]], None],
     event: Callable[[list[Any]], None],
-) -> None:
+) -> dict[str, Any]:
     """Hands a job (``copy``, ``tape-import``) to the daemon, the identifiers in as
     many requests as they need; calls ``started`` with the first answer and
-    ``event`` with each event the job records, until it ends. An error that ended
-    the job is raised with the exit status the daemon gave it."""
+    ``event`` with each event the job records, until it ends; returns the last
+    job-status answer (its ``skipped`` the events nbankd dropped unread, in all). An
+    error that ended the job is raised with the exit status the daemon gave it."""
     job = None
     parts = _batches(ids)
     for n, batch in enumerate(parts):
@@ -303,26 +306,44 @@ def run_job(
             job = answer["job"]
             started(answer)
     poll = min(10.0, daemon.timeout / 2)
-    since = 0
+    since = skipped = 0
+    stopped = (
+        f"nbankd stopped during the {cmd}; what it finished is kept: run the same "
+        "command again to finish the rest"
+    )
     try:
         while True:
             state = daemon.call("job-status", {"job": job, "since": since, "wait": poll})
+            if state.get("skipped"):
+                skipped += state["skipped"]
+                print(
+                    f"nbankd dropped {state['skipped']} lines of the {cmd} that nbankctl "
+                    "had not read in time; its summary still counts them",
+                    file=sys.stderr,
+                )
             for e in state["events"]:
-                event(e)
+                if e[0] == "wait":
+                    print(e[1], file=sys.stderr, flush=True)
+                else:
+                    event(e)
             since = state["next"]
             if state["done"]:
                 break
     except errors.DaemonUnreachable:
-        print(
-            f"nbankd stopped during the {cmd}; what it finished is kept: run the same "
-            "command again to finish the rest",
-            file=sys.stderr,
-        )
+        print(stopped, file=sys.stderr)
         raise
+    except ControlError as err:
+        if err.code != "not-found":
+            raise
+        raise errors.DaemonUnreachable(  # a new nbankd answers: it knows no such job
+            f"nbankd restarted during the {cmd} (its job is gone)",
+            hint="what it finished is kept: run the same command again to finish the rest",
+        ) from None
     error = state.get("error")
     if error:
         message = error["message"] + (f" ({error['hint']})" if error.get("hint") else "")
         raise ControlError(error["code"], message, exit_code=error["exit"])
+    return {**state, "skipped": skipped}
 
 
 def no_stdin_tar(args: argparse.Namespace) -> None:
@@ -338,10 +359,10 @@ def no_stdin_tar(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace, report: Report) -> None:
     wanted = wanted_ids(args)
     archive = open_archive(args.archive)
-    with where_to_run(args, archive, "tape-import", "an import") as daemon:
-        if daemon is not None:
+    with where_to_run(args, archive, "tape-import", "an import") as handover:
+        if handover is not None:
             no_stdin_tar(args)
-            _import_by_daemon(args, report, daemon, archive, wanted)
+            _import_by_daemon(args, report, handover, wanted)
             return
         with registry_for(args) as reg:
             _header(args, f"registry: {describe(reg)}\nsource: {args.tar}")
@@ -359,15 +380,29 @@ def cmd_import(args: argparse.Namespace, report: Report) -> None:
     _finish(args, report, summary, ("imported", "already", "skipped"))
 
 
+class _Tallied(tape.Summary):
+    """A summary from nbankd's tallies (when some of its lines were dropped unread)."""
+
+    def __init__(self, counts: Counter[str], failed: int) -> None:
+        super().__init__()
+        self._counts, self._failed = counts, failed
+
+    @property
+    def failed(self) -> int:
+        return self._failed
+
+    def counts(self) -> Counter[str]:
+        return self._counts
+
+
 def _import_by_daemon(
     args: argparse.Namespace,
     report: Report,
-    daemon: ControlClient,
-    archive: Archive,
+    handover: Handover,
     wanted: list[str] | None,
 ) -> None:
     """The import done by the running daemon, its lines printed here as they come."""
-    tar = os.path.abspath(args.tar)
+    tar = os.path.realpath(args.tar)  # nbankd follows no link: resolved as you can
     summary = tape.Summary()
     show = _printer(args, None)
     if not args.json:
@@ -382,8 +417,10 @@ def _import_by_daemon(
             summary.outcomes.append(outcome)
             show(outcome)
 
-    request = {"archive": str(archive.path), "tar": tar, "max_size": args.max_size}
-    run_job(daemon, "tape-import", request, wanted, started, event)
+    request = {"archive": str(handover.archive), "tar": tar, "max_size": args.max_size}
+    state = run_job(handover.daemon, "tape-import", request, wanted, started, event)
+    if state["skipped"]:  # some lines were dropped: nbankd's tallies are the whole count
+        summary = _Tallied(Counter(state.get("counts", {})), int(state.get("failures", 0)))
     _finish(args, report, summary, ("imported", "already", "skipped"))
 
 

@@ -24,11 +24,9 @@ from tqdm import tqdm
 from nbankctl.registry_access import describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
-from nbankctl.tape_cmds import read_ids, run_job, where_to_run
+from nbankctl.tape_cmds import Handover, read_ids, run_job, where_to_run
 from nbankd import __version__, errors
-from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
-from nbankd.control.client import ControlClient
 from nbankd.hashing import SourceReadError
 from nbankd.registry import credentials
 from nbankd.transfer import copying
@@ -271,9 +269,9 @@ def cmd_copy(args: argparse.Namespace, report: Report) -> None:
     out = _CopyOut(con, report)
     ids = requested_ids(args)
     archive = open_archive(args.dest)
-    with where_to_run(args, archive, "copy", "a copy") as daemon:
-        if daemon is not None:
-            _copy_by_daemon(args, out, daemon, archive, ids)
+    with where_to_run(args, archive, "copy", "a copy") as handover:
+        if handover is not None:
+            _copy_by_daemon(args, out, handover, ids)
             return
         with registry_for(args, fallback_url=archive.registry_url) as reg:
             con.log(f"registry: {describe(reg)}")
@@ -285,8 +283,7 @@ def cmd_copy(args: argparse.Namespace, report: Report) -> None:
 def _copy_by_daemon(
     args: argparse.Namespace,
     out: _CopyOut,
-    daemon: ControlClient,
-    archive: Archive,
+    handover: Handover,
     ids: list[str],
 ) -> None:
     """The copy done by the running daemon, its lines said here as they come."""
@@ -301,8 +298,11 @@ def _copy_by_daemon(
         elif kind == "failed":
             out.failed(bool(value))
 
-    request = {"archive": str(archive.path), "source_archive": args.archive}
-    run_job(daemon, "copy", request, ids, lambda a: out.log(f"registry: {a['registry']}"), event)
+    request = {"archive": str(handover.archive), "source_archive": args.archive}
+    said = lambda a: out.log(f"registry: {a['registry']}")  # noqa: E731
+    state = run_job(handover.daemon, "copy", request, ids, said, event)
+    if state["skipped"]:  # lines dropped unread: nbankd's count of failures is the whole
+        out.report.failed(max(0, int(state.get("failures", 0)) - out.failures))
 
 
 # --- parser --------------------------------------------------------------------------

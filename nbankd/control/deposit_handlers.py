@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbankd import errors
-from nbankd.control.protocol import ProtocolError
+from nbankd.control.protocol import ProtocolError, string_arg
 from nbankd.deposit import manual
 
 if TYPE_CHECKING:
@@ -27,19 +27,10 @@ STATUS_WAIT = 30.0
 _FILE_METADATA = ("read", "skip", "override")
 
 
-def _str(args: dict[str, Any], key: str, *, required: bool = False) -> str | None:
-    value = args.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ProtocolError("usage", f"{key!r} must be a non-empty string")
-    return value
-
-
 def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Journals the files (absolute paths, ``files``) for the configured archive at
     ``archive`` and starts them; returns the items' ids (``items``)."""
-    archive_path = Path(str(_str(args, "archive", required=True)))
+    archive_path = Path(str(string_arg(args, "archive", required=True)))
     archive = next((a for a in daemon.config.archives if a.path == archive_path), None)
     if archive is None:
         raise ProtocolError(
@@ -80,7 +71,7 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             archive=archive.name,
             archive_path=archive.path,
             registry=daemon.registry.url,
-            dtype=_str(args, "dtype"),
+            dtype=string_arg(args, "dtype"),
             metadata=metadata,
             auto_id=True if args.get("auto_id") else None,
             zip_directories=bool(args.get("zip_directories")),

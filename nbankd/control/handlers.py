@@ -433,6 +433,8 @@ def dispatcher(daemon: Daemon) -> Callable[[str, dict[str, Any], Any], Any]:
             raise ProtocolError("unknown-command", f"unknown command {cmd!r}")
         if cmd == "queue":  # set here, never by the client: readers reuse recent scans
             args = {**args, "fresh_within": 0.0 if getattr(peer, "admin", False) else 2.0}
+        if cmd in job_handlers.PEER_COMMANDS:  # set here, never by the client
+            args = {**args, "peer": peer}
         return handler(daemon, args)
 
     return dispatch

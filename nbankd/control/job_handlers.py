@@ -15,16 +15,41 @@ A request line is at most 64 KiB, so a long list of identifiers comes in several
 requests: each but the last says ``more``, and the job starts with the last.
 The table of jobs is this module's own (the daemon keeps no record of them): the
 last :data:`KEEP_FINISHED` finished jobs stay readable.
+
+**Bounds.** At most :data:`MAX_UNFINISHED` jobs are collecting, waiting or running
+at once (another is answered ``busy``), one job takes at most :data:`MAX_IDS`
+identifiers, and a job keeps only the events nbankctl has not asked for yet (asking
+from index ``since`` acknowledges the ones before), at most :data:`MAX_PENDING`:
+older ones are dropped and counted (``skipped`` in the reply), while the job's own
+tallies (``failures``, ``counts``) stay exact. Job ids are random, so a job is
+reached only through the nbankctl that started it.
+
+**One job per archive at a time**, as nbankctl's runs by hand are serialized by the
+state directory's lock: a second copy or import into the same archive waits (and
+says so) until the first ends. Two imports staging the same identifier at once
+would otherwise remove each other's staged file.
+
+**The tar file** is opened by the daemon, but only one the admin who asked could
+read: its path (resolved by nbankctl) is walked from ``/`` one folder at a time
+without following links, each folder checked searchable and the file readable by
+the peer's user and groups, and the job reads that very file (pinned by an
+``O_PATH`` descriptor, reopened through ``/proc/self/fd``), so it cannot be swapped
+for a link, a FIFO or a device after the check. The peer comes from the control
+server (``peer``, a :class:`~nbankd.control.server.Peer`, never from the client).
 """
 
 from __future__ import annotations
 
-import itertools
+import errno
+import grp
+import json
 import os
 import pwd
+import secrets
 import stat
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +60,8 @@ import structlog
 
 from nbankd import errors, tape, tape_import
 from nbankd.archive.opening import open_archive
-from nbankd.control.protocol import ProtocolError
+from nbankd.control.protocol import ProtocolError, string_arg
+from nbankd.control.server import Peer
 from nbankd.transfer.copying import copy_into
 
 if TYPE_CHECKING:
@@ -49,11 +75,18 @@ log = structlog.get_logger("nbankd.control")
 #: the longest one job-status request waits for news (nbankctl polls)
 STATUS_WAIT = 30.0
 #: finished jobs kept for job-status
-KEEP_FINISHED = 64
+KEEP_FINISHED = 16
 #: seconds a job may wait for the rest of its identifiers (``more``)
 COLLECT_TIMEOUT = 600.0
-#: events in one job-status reply at most
+#: events in one job-status reply at most, and their JSON's bytes at most
 EVENTS_PER_REPLY = 10_000
+REPLY_BYTES = 8 * 1024 * 1024
+#: jobs collecting identifiers, waiting for their archive or running, at most
+MAX_UNFINISHED = 16
+#: identifiers of one job at most
+MAX_IDS = 1_000_000
+#: events a job keeps that nbankctl has not asked for; older ones are dropped
+MAX_PENDING = 20_000
 
 
 @dataclass
@@ -61,23 +94,36 @@ class Job:
     id: str
     kind: str
     work: Callable[[Job], None]
+    archive: Path
     ids: list[str] | None = None
     started: bool = False
     created: float = field(default_factory=time.monotonic)
-    events: list[list[Any]] = field(default_factory=list)
+    events: deque[list[Any]] = field(default_factory=deque)
+    base: int = 0  # the index of events[0]: those before were acknowledged or dropped
+    dropped: int = 0
     failures: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
     done: bool = False
     error: dict[str, Any] | None = None
 
     def add(self, event: list[Any]) -> None:
         with _CHANGED:
             self.events.append(event)
+            while len(self.events) > MAX_PENDING:  # nbankctl fell behind, or is gone
+                self.events.popleft()
+                self.base += 1
+                self.dropped += 1
             _CHANGED.notify_all()
+
+    @property
+    def next(self) -> int:
+        return self.base + len(self.events)
 
 
 _JOBS: dict[str, Job] = {}
 _CHANGED = threading.Condition()
-_NUMBERS = itertools.count(1)
+#: one lock per destination archive: its jobs run one at a time
+_ARCHIVE_LOCKS: dict[Path, threading.Lock] = {}
 
 
 class _JobOutput:
@@ -108,15 +154,6 @@ class _JobOutput:
 # --- arguments -----------------------------------------------------------------------
 
 
-def _str(args: dict[str, Any], key: str, *, required: bool = False) -> str | None:
-    value = args.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ProtocolError("usage", f"{key!r} must be a non-empty string")
-    return value
-
-
 def _ids(args: dict[str, Any]) -> list[str] | None:
     ids = args.get("ids")
     if ids is None:
@@ -127,7 +164,7 @@ def _ids(args: dict[str, Any]) -> list[str] | None:
 
 
 def _archive(daemon: Daemon, args: dict[str, Any]) -> ArchiveConfig:
-    path = Path(str(_str(args, "archive", required=True)))
+    path = Path(str(string_arg(args, "archive", required=True)))
     archive = next((a for a in daemon.config.archives if a.path == path), None)
     if archive is None:
         raise ProtocolError(
@@ -147,6 +184,117 @@ def _me() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
+#: commands the dispatcher hands the peer (``args["peer"]``, a :class:`Peer` only it
+#: can make): a tar is read only when the admin who asked could read it
+PEER_COMMANDS = frozenset({"tape-import"})
+
+
+def _peer(args: dict[str, Any]) -> Peer | None:
+    """Who asked, as the control server gives it (a client cannot send a Peer)."""
+    peer = args.get("peer")
+    return peer if isinstance(peer, Peer) else None
+
+
+# --- the tar file: what the peer could read, pinned ------------------------------------
+
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+class PinnedTar(os.PathLike[str]):
+    """A tar file opened (``O_PATH``) after its checks: opening it again goes through
+    ``/proc/self/fd``, so it is that very file whatever its path names since; its
+    text is the path nbankctl gave, for messages."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+
+    def __fspath__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _gids(peer: Peer) -> set[int]:
+    gids = {peer.gid}
+    for name in peer.groups:
+        try:
+            gids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            continue
+    return gids
+
+
+def _lets(peer: Peer, gids: set[int], st: os.stat_result, shift: int) -> bool:
+    """Whether the mode bits let the peer read (shift 2) or search (shift 0)."""
+    if peer.uid == st.st_uid:
+        return bool(st.st_mode & (0o100 << shift))
+    if st.st_gid in gids:
+        return bool(st.st_mode & (0o010 << shift))
+    return bool(st.st_mode & (0o001 << shift))
+
+
+def pin_tar(tar: Path, peer: Peer | None) -> PinnedTar:
+    """Opens the tar file ``tar`` (an absolute path without links) as its checks ask:
+    every folder on the way searchable, and the file readable, by ``peer`` (root and
+    the daemon's own user may read what the daemon can); a regular file. Raises
+    ProtocolError naming the file and what to do."""
+    check = peer is not None and peer.uid not in (0, os.geteuid())
+    who = "you" if peer is None else repr(peer.user)
+    gids = _gids(peer) if check and peer is not None else set()
+
+    def refuse(why: str) -> ProtocolError:
+        return ProtocolError(
+            "usage",
+            f"nbankd will not read {tar}: {why}; give the tar file's real path, one "
+            f"{who} can read, or run the import as the archive's user without the "
+            "daemon configuration",
+        )
+
+    fd = os.open("/", _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    at = Path("/")
+    try:
+        for name in tar.parts[1:]:
+            st = os.fstat(fd)
+            if check and peer is not None and not _lets(peer, gids, st, 0):
+                raise refuse(f"{who} may not enter the folder {at}")
+            last = name == tar.name and at / name == tar
+            flags = _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
+            try:
+                nxt = os.open(name, flags, dir_fd=fd)
+            except OSError as err:
+                if err.errno == errno.ENOTDIR:  #: a link (never followed) or a file
+                    raise refuse(f"{at / name} is a link or not a folder") from None
+                raise ProtocolError(
+                    "not-found", f"nbankd cannot read {tar}: {err.strerror or err}"
+                ) from None
+            os.close(fd)
+            fd, at = nxt, at / name
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise refuse("it is a link")
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("it is not a regular file")
+        if check and peer is not None and not _lets(peer, gids, st, 2):
+            raise refuse(f"{who} may not read it")
+    except BaseException:
+        os.close(fd)
+        raise
+    pinned = PinnedTar(fd, tar)
+    if not os.access(os.fspath(pinned), os.R_OK):
+        pinned.close()
+        raise ProtocolError(
+            "usage",
+            f"nbankd (running as {_me()!r}) cannot read {tar} as a file: give a tar file "
+            "it can read, or run the import as the archive's user without the daemon "
+            "configuration",
+        )
+    return pinned
+
+
 # --- the job table -------------------------------------------------------------------
 
 
@@ -162,21 +310,33 @@ def _prune() -> None:
         del _JOBS[job.id]
 
 
-def _submit(kind: str, args: dict[str, Any], make: Callable[[], Callable[[Job], None]]) -> Job:
-    """The job the request creates (``make`` checks the request and gives the work)
-    or continues (``job``); adds its identifiers and starts it unless ``more``."""
+def _submit(
+    kind: str, args: dict[str, Any], make: Callable[[], tuple[Path, Callable[[Job], None]]]
+) -> Job:
+    """The job the request creates (``make`` checks the request and gives the archive
+    and the work) or continues (``job``); adds its identifiers and starts it unless
+    ``more``."""
     more = args.get("more", False)
     if not isinstance(more, bool):
         raise ProtocolError("usage", "'more' must be true or false")
     ids = _ids(args)
     if more and ids is None:
         raise ProtocolError("usage", "'more' needs 'ids'")
-    job_id = _str(args, "job")
+    job_id = string_arg(args, "job")
+    if job_id is None:
+        archive, work = make()  # checks the request (reads the file system: not under _CHANGED)
     with _CHANGED:
         if job_id is None:
-            work = make()
             _prune()
-            job = Job(id=f"{kind}-{os.getpid()}-{next(_NUMBERS)}", kind=kind, work=work)
+            unfinished = sum(not j.done for j in _JOBS.values())
+            if unfinished >= MAX_UNFINISHED:
+                raise ProtocolError(
+                    "busy",
+                    f"nbankd already has {unfinished} copies or imports under way or "
+                    "waiting; run this one again once some have ended (nbankctl status)",
+                    exit_code=errors.EXIT_UNREACHABLE,
+                )
+            job = Job(id=f"{kind}-{secrets.token_hex(12)}", kind=kind, work=work, archive=archive)
             job.ids = ids
             _JOBS[job.id] = job
         else:
@@ -186,6 +346,13 @@ def _submit(kind: str, args: dict[str, Any], make: Callable[[], Callable[[Job], 
             if ids is None or job.ids is None:
                 raise ProtocolError("usage", "'ids' must be given in every part of a job")
             job.ids += ids
+        if job.ids is not None and len(job.ids) > MAX_IDS:
+            del _JOBS[job.id]
+            raise ProtocolError(
+                "usage",
+                f"more than {MAX_IDS} identifiers in one {kind}: split the list and run "
+                "the command once for each part",
+            )
         if not more:
             job.started = True
     if not more:
@@ -194,9 +361,22 @@ def _submit(kind: str, args: dict[str, Any], make: Callable[[], Callable[[Job], 
     return job
 
 
+def _archive_lock(path: Path) -> threading.Lock:
+    with _CHANGED:
+        return _ARCHIVE_LOCKS.setdefault(path, threading.Lock())
+
+
 def _run(job: Job) -> None:
+    lock = _archive_lock(job.archive)
     try:
-        job.work(job)
+        if not lock.acquire(blocking=False):
+            busy = f"another copy or import into {job.archive} is under way: waiting for it"
+            job.add(["wait", busy])
+            lock.acquire()
+        try:
+            job.work(job)
+        finally:
+            lock.release()
     except errors.NbankdError as err:
         job.error = {
             "code": err.code,
@@ -204,6 +384,8 @@ def _run(job: Job) -> None:
             "hint": err.hint,
             "exit": err.exit_code,
         }
+    except ProtocolError as err:  # the tar's checks, made again when the job starts
+        job.error = {"code": err.code, "message": err.message, "hint": "", "exit": err.exit_code}
     except Exception as err:
         log.exception("job failed", job=job.id)
         job.error = {
@@ -227,9 +409,9 @@ def copy_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     (reading only copies in ``source_archive`` when given); returns the job's id
     (``job``) and the registry it uses (``registry``)."""
 
-    def make() -> Callable[[Job], None]:
+    def make() -> tuple[Path, Callable[[Job], None]]:
         config = _archive(daemon, args)
-        source = _str(args, "source_archive")
+        source = string_arg(args, "source_archive")
 
         def work(job: Job) -> None:
             if not job.ids:
@@ -237,7 +419,7 @@ def copy_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             archive = open_archive(config.path)
             copy_into(daemon.registry, archive, job.ids, _JobOutput(job), source_archive=source)
 
-        return work
+        return config.path, work
 
     job = _submit("copy", args, make)
     return {"job": job.id, "registry": _address(daemon.registry)}
@@ -247,42 +429,39 @@ def tape_import_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Starts importing the resources of the tar file ``tar`` (a path nbankd can
     read), only ``ids`` when given, into the configured archive ``archive``."""
 
-    def make() -> Callable[[Job], None]:
+    peer = _peer(args)
+
+    def make() -> tuple[Path, Callable[[Job], None]]:
         config = _archive(daemon, args)
-        tar = Path(str(_str(args, "tar", required=True)))
+        tar = Path(str(string_arg(args, "tar", required=True)))
         max_size = args.get("max_size")
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)):
             raise ProtocolError("usage", "'max_size' must be a number of bytes")
         if not tar.is_absolute():
             raise ProtocolError("usage", f"'tar' must be an absolute path, not {str(tar)!r}")
-        try:
-            readable = stat.S_ISREG(os.stat(tar).st_mode) and os.access(tar, os.R_OK)
-        except OSError as err:
-            raise ProtocolError(
-                "not-found", f"nbankd cannot read {tar}: {err.strerror or err}"
-            ) from None
-        if not readable:
-            raise ProtocolError(
-                "usage",
-                f"nbankd (running as {_me()!r}) cannot read {tar} as a file: give a tar file "
-                "it can read, or run the import as the archive's user without the daemon "
-                "configuration",
-            )
+        pin_tar(tar, peer).close()  # refused now rather than in the job
 
         def work(job: Job) -> None:
             def report(outcome: tape.Outcome) -> None:
+                with _CHANGED:
+                    job.counts[outcome.status] += 1
+                    job.failures += not outcome.ok
                 job.add(["outcome", outcome.to_json()])
 
-            tape_import.import_tar(
-                daemon.registry,
-                tar,
-                config.path,
-                wanted=job.ids,
-                max_size=max_size,
-                report=report,
-            )
+            pinned = pin_tar(tar, peer)  # checked again: this is the file read
+            try:
+                tape_import.import_tar(
+                    daemon.registry,
+                    pinned,
+                    config.path,
+                    wanted=job.ids,
+                    max_size=max_size,
+                    report=report,
+                )
+            finally:
+                pinned.close()
 
-        return work
+        return config.path, work
 
     job = _submit("tape-import", args, make)
     return {"job": job.id, "registry": _address(daemon.registry)}
@@ -292,7 +471,7 @@ def job_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """The events of job ``job`` from index ``since`` on, waiting up to ``wait``
     seconds (at most :data:`STATUS_WAIT`) for news; ``done`` once it has ended and
     every event was given. Without ``job``, the number of jobs under way."""
-    job_id = _str(args, "job")
+    job_id = string_arg(args, "job")
     if job_id is None:
         with _CHANGED:
             return {"running": sum(j.started and not j.done for j in _JOBS.values())}
@@ -307,22 +486,36 @@ def job_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         job = _JOBS.get(job_id)
         if job is None:
             raise ProtocolError("not-found", f"no job {job_id!r}")
-        while not job.done and len(job.events) <= since:
+        if since > job.next:
+            raise ProtocolError("usage", f"'since' is past the job's last event ({job.next})")
+        while job.base < since:  # acknowledged: nbankctl has them
+            job.events.popleft()
+            job.base += 1
+        while not job.done and job.next <= since:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             _CHANGED.wait(remaining)
-        events = job.events[since : since + EVENTS_PER_REPLY]
-        following = since + len(events)
+        skipped = job.base - since if since < job.base else 0
+        events: list[list[Any]] = []
+        size = 0
+        for event in job.events:
+            if len(events) >= EVENTS_PER_REPLY or (events and size > REPLY_BYTES):
+                break
+            size += len(json.dumps(event))
+            events.append(event)
+        following = max(since, job.base) + len(events)
         return {
-            "done": job.done and following >= len(job.events),
+            "done": job.done and following >= job.next,
             "events": events,
             "next": following,
+            "skipped": skipped,
             "failures": job.failures,
+            "counts": dict(job.counts),
             "error": job.error,
         }
 
 
 COMMANDS = {"copy": copy_job, "tape-import": tape_import_job, "job-status": job_status}
 
-__all__ = ["COMMANDS", "copy_job", "job_status", "tape_import_job"]
+__all__ = ["COMMANDS", "PEER_COMMANDS", "copy_job", "job_status", "tape_import_job"]

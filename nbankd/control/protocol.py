@@ -181,6 +181,17 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=True, default=str) + "\n").encode("ascii")
 
 
+def string_arg(args: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    """A request's argument ``key`` as a non-empty string (None when absent and not
+    ``required``); anything else is the client's error."""
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("usage", f"{key!r} must be a non-empty string")
+    return value
+
+
 __all__ = [
     "ADMIN_COMMANDS",
     "COMMANDS",
@@ -195,4 +206,5 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_result",
+    "string_arg",
 ]

@@ -103,6 +103,7 @@ def test_a_user_who_is_not_an_admin_cannot_copy_through_the_daemon(
     readers = {"control": {"readers": [other_user.name]}}
     h = two_archives(daemon_factory, unpriv_user, extra_config=readers)
     h.start()
+    h.socket_path.chmod(0o666)  # reachable: the peer's credentials must refuse it
     id = deposited(h, b"not for other users")
     r = other_user.run(
         [NBANKCTL, "-c", str(h.config_path), "copy", str(h.root / "dest"), id],
@@ -110,7 +111,7 @@ def test_a_user_who_is_not_an_admin_cannot_copy_through_the_daemon(
     )
     h.stop()
     assert r.returncode == 2, r.stderr
-    assert "admin" in r.stderr  # not let in, or not allowed to run it
+    assert f"user {other_user.name} may not" in r.stderr, r.stderr
     assert not (h.root / "dest" / "resources" / id[:2]).exists()
 
 
