@@ -65,10 +65,22 @@ def describe(fields: Mapping[str, list[str]]) -> str:
     return "; ".join(f"{k}: {m}" for k, ms in fields.items() for m in ms)
 
 
+#: a location added twice at once: django-neurobank's serializer checks the pair, then
+#: the database refuses the second insert and the server answers 400 with the
+#: database's own words in ``detail`` (SQLite, then PostgreSQL)
+_LOCATION_RACE = (
+    "UNIQUE constraint failed: nbank_registry_location.",
+    'duplicate key value violates unique constraint "nbank_registry_location_',
+)
+
+
 def classify(body: Mapping[str, Any]) -> errors.RegistryRejected:
     """Returns the typed error for a django-neurobank 400 body (or its embedded twin)."""
     fields = flatten_fields(body)
     message = describe(fields) or "the registry rejected the request"
+    if any(race in text for text in fields.get("detail", ()) for race in _LOCATION_RACE):
+        hint = _HINTS.get(errors.LocationTaken, "")
+        return errors.LocationTaken(message, fields=fields, hint=hint)
     for field, fragment, cls in _RULES:
         for text in fields.get(field, ()):
             if fragment in text:

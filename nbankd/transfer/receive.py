@@ -130,6 +130,8 @@ def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str,
             hint="run the same nbankctl copy again once the registry answers",
         ) from err
     except errors.RegistryRejected as err:
+        if _located(registry, id, name):
+            return  # a concurrent run located it first (the refusal was its race)
         if copied.created:
             with contextlib.suppress(OSError):
                 remove_ours(copied.path)
@@ -140,6 +142,15 @@ def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str,
         ) from err
     except OSError as err:
         raise unavailable(archive, err, f"registering {copied.path}") from err
+
+
+def _located(registry: Registry, id: str, name: str) -> bool:
+    """Whether the registry now lists archive ``name`` for ``id``: a copy it locates
+    is never removed, whatever the refusal said (False when it cannot tell)."""
+    try:
+        return any(loc.archive_name == name for loc in registry.get_locations(id))
+    except errors.NbankdError:
+        return False
 
 
 __all__ = ["STAGED_PREFIX", "Copied", "copy_resource", "register_copy"]

@@ -3,6 +3,7 @@ against both registry backends, and side by side with the real nbank 0.13."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -11,9 +12,13 @@ import subprocess
 from pathlib import Path
 
 from fixtures.cli_backends import NBANKCTL, Backend, store
+from fixtures.django_server import DjangoServer
+from fixtures.fault_proxy import FaultProxy
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import create_archive
 from nbankd.hashing import directory_hash
+from nbankd.registry.http import HttpRegistry
+from nbankd.transfer import receive
 
 
 def setup(
@@ -218,3 +223,26 @@ def test_two_concurrent_copies_store_and_locate_once(backend: Backend) -> None:
         names = [loc.archive_name for loc in backend.registry.get_locations(id)]
         assert names.count(dest_name) == 1
     assert os.listdir(dest.staging_dir) == []
+
+
+def test_a_refused_location_the_registry_already_lists_keeps_the_copy(
+    django_backend: Backend, django_registry: DjangoServer, fault_proxy: FaultProxy
+) -> None:
+    """A copy whose location POST is refused while the registry already lists this
+    archive (a concurrent run located it between this run's check and its POST) keeps
+    the stored file: the registry never points at a copy this run removed."""
+    _, ids, dest, dest_name = setup(django_backend, ("a",))
+    [id] = ids
+    data = django_backend.blob("a")
+    source = dest.path.parent / "source.dat"
+    source.write_bytes(data)
+    copied = receive.copy_resource(dest, source, id, hashlib.sha1(data).hexdigest())
+    assert copied.created
+    django_backend.registry.add_location(id, dest_name)  # the concurrent run's location
+    where = f"/resources/{id}/locations/"
+    fault_proxy.inject("error500", methods={"POST"}, path_contains=where, status=400)
+    with HttpRegistry(fault_proxy.url, django_registry.auth) as proxied:
+        receive.register_copy(proxied, dest, copied, id, dest_name)
+    assert fault_proxy.count("error500") == 1
+    assert stored(dest) == {f"{id[:2]}/{id}.dat": (0o444, data)}
+    assert located(django_backend, id, dest_name)
