@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tarfile
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath
@@ -48,6 +49,13 @@ STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
 #: checks, which alone refuse everything it would (tarfile extracts nothing: the
 #: bytes are written by nbankd); absent before Python 3.11.4
 _DATA_FILTER = getattr(tarfile, "data_filter", None)
+
+
+def _staged_name(id: str) -> str:
+    """A staged name no other process uses: two imports of one identifier at once
+    (by hand, without the state lock) never remove or publish each other's copy.
+    What a killed import leaves is a staging leftover (``check archive --fix``)."""
+    return f"{STAGED_PREFIX}{id}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
@@ -199,7 +207,7 @@ def _import_member(
         try:
             return import_folder(
                 registry, archive, archive_name, members, member, resource,
-                staged_name=STAGED_PREFIX + id, dry_run=dry_run, check=member_problem,
+                staged_name=_staged_name(id), dry_run=dry_run, check=member_problem,
                 max_size=max_size, advance=advance,
             )  # fmt: skip
         except FolderRefused as why:
@@ -219,7 +227,7 @@ def _import_member(
             raise _Refused("failed", f"SHA-1 {digest} {mismatch}")
         return f"'{id}' checks OK{unverified} (dry run)"
     staged = durable.stage_copy(
-        archive, stream, STAGED_PREFIX + id, progress=totals_to_deltas(advance)
+        archive, stream, _staged_name(id), progress=totals_to_deltas(advance)
     )
     if staged.size != member.size or (sha1 and staged.sha1 != sha1.lower()):
         durable.discard_staged(archive, staged.path)
