@@ -22,6 +22,8 @@ deliberately taken from it, live, for an item in flight:
   that moves the rejected folder moves where later rejections land);
 - ``config_source``: the configuration file named in a reason's requeue command is
   the one the daemon runs with now;
+- ``key`` (the inbox's folder, as text) in a receipt and for its receipts file: the
+  journal's key (:attr:`Intent.inbox`) of a manual deposit is its options as JSON;
 - at the claim step only, the inbox's rules (datatype, metadata, directories,
   file_metadata): claiming is where they are decided, then journaled in the intent.
 

@@ -303,10 +303,12 @@ class Steps(ClaimSteps, IdentifierSteps):
         spec, intent = self._spec(item), Intent.of(item)
         assert intent.target is not None
         now = self.clock()
+        # the inbox as people know it: its folder (spec.key), never the journal's key,
+        # which for a manual deposit is its options as JSON (intent.inbox)
         receipt = {
             "token": item.token,
             "source": str(spec.path / item.relpath_str),
-            "inbox": intent.inbox,
+            "inbox": spec.key,
             "id": intent.identifier,
             "url": item.url,
             "sha1": item.sha1,
@@ -319,7 +321,7 @@ class Steps(ClaimSteps, IdentifierSteps):
         }
         if item.zipped:
             receipt["zipped"] = True  # as nbank's deposit record says of a zipped folder
-        receipts.append_receipt(self.receipts_dir, intent.inbox, receipt)
+        receipts.append_receipt(self.receipts_dir, spec.key, receipt)
         seams.reached("after-receipt-append")
         return replace(item, finished=now), Outcome.ok()
 

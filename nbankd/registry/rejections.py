@@ -67,9 +67,11 @@ def describe(fields: Mapping[str, list[str]]) -> str:
 
 #: a location added twice at once: django-neurobank's serializer checks the pair, then
 #: the database refuses the second insert and the server answers 400 with the
-#: database's own words in ``detail`` (SQLite, then PostgreSQL)
+#: database's own words in ``detail`` (SQLite, then PostgreSQL). Only the
+#: (resource, archive) pair: the (archive, key) rule is another refusal
 _LOCATION_RACE = (
-    "UNIQUE constraint failed: nbank_registry_location.",
+    "UNIQUE constraint failed: nbank_registry_location.resource_id, "
+    "nbank_registry_location.archive_id",
     'duplicate key value violates unique constraint "nbank_registry_location_',
 )
 

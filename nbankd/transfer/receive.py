@@ -130,8 +130,15 @@ def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str,
             hint="run the same nbankctl copy again once the registry answers",
         ) from err
     except errors.RegistryRejected as err:
-        if _located(registry, id, name):
+        located = _located(registry, id, name)
+        if located:
             return  # a concurrent run located it first (the refusal was its race)
+        if located is None:  # cannot tell: the copy may be the one the registry lists
+            raise errors.RegistryRejected(
+                f"the registry refused the location of '{id}' in '{name}': {err}",
+                hint=f"'{copied.path}' was kept (the registry could not say whether it "
+                "lists it); run the same nbankctl copy again, or nbankctl archive check",
+            ) from err
         if copied.created:
             with contextlib.suppress(OSError):
                 remove_ours(copied.path)
@@ -144,13 +151,14 @@ def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str,
         raise unavailable(archive, err, f"registering {copied.path}") from err
 
 
-def _located(registry: Registry, id: str, name: str) -> bool:
+def _located(registry: Registry, id: str, name: str) -> bool | None:
     """Whether the registry now lists archive ``name`` for ``id``: a copy it locates
-    is never removed, whatever the refusal said (False when it cannot tell)."""
+    is never removed, whatever the refusal said (None when it cannot tell: the copy
+    is kept then too)."""
     try:
         return any(loc.archive_name == name for loc in registry.get_locations(id))
     except errors.NbankdError:
-        return False
+        return None
 
 
 __all__ = ["STAGED_PREFIX", "Copied", "copy_resource", "register_copy"]

@@ -41,6 +41,14 @@ CASES: list[tuple[str, dict[str, Any], type[errors.RegistryRejected]]] = [
         errors.LocationTaken,
     ),
     (
+        "key race, SQLite",
+        {
+            "detail": "UNIQUE constraint failed: nbank_registry_location.archive_id, "
+            "nbank_registry_location.key"
+        },
+        errors.RegistryRejected,
+    ),
+    (
         "another integrity error",
         {"detail": "FOREIGN KEY constraint failed"},
         errors.RegistryRejected,

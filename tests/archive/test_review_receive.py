@@ -1,0 +1,42 @@
+"""Review of register_copy (transfer/receive.py): a copy the registry may already
+locate is never removed on a refusal the registry cannot then be asked about."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from fixtures.cli_backends import Backend
+from fixtures.django_server import DjangoServer
+from fixtures.fault_proxy import FaultProxy
+from nbankd import errors
+from nbankd.registry.http import HttpRegistry
+from nbankd.transfer import receive
+
+
+def test_a_refused_location_it_cannot_check_keeps_the_copy(
+    django_backend: Backend, django_registry: DjangoServer, fault_proxy: FaultProxy
+) -> None:
+    """A location POST refused while the registry cannot then say whether it lists
+    this archive (its locations refused too) keeps the stored copy: it may be the
+    one a concurrent run located, and the registry would then point at nothing."""
+    _, src_name = django_backend.archive("src")
+    data = django_backend.blob("a")
+    id = django_backend.resource(data, src_name)
+    dest, dest_name = django_backend.archive("dest")
+    source = dest.path.parent / "source.dat"
+    source.write_bytes(data)
+    copied = receive.copy_resource(dest, source, id, hashlib.sha1(data).hexdigest())
+    assert copied.created and copied.path is not None
+    django_backend.registry.add_location(id, dest_name)  # the concurrent run's location
+    fault_proxy.inject("error500", path_contains=f"/resources/{id}/locations/", status=400)
+    with (
+        HttpRegistry(fault_proxy.url, django_registry.auth) as proxied,
+        pytest.raises(errors.RegistryRejected) as caught,
+    ):
+        receive.register_copy(proxied, dest, copied, id, dest_name)
+    assert fault_proxy.count("error500") == 2  # the POST, then the check
+    assert "kept" in caught.value.hint
+    assert copied.path.read_bytes() == data
+    assert dest_name in django_backend.registry.get_resource(id).locations  # type: ignore[union-attr]
