@@ -9,6 +9,7 @@ registering request is the question, and a refusal is classified after it
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,12 @@ class IdentifierSteps(StepsBase):
         kind_name = "superseded" if kind is verdicts.Kind.SUPERSEDED else "permanent"
         return item, Outcome(kind_name, verdict.code, verdict.message, verdict.hint)
 
+    def _locate(self, name: str, archive: str) -> None:
+        """Adds the record's location in ``archive``; one another process added since
+        the record was read is just as good (the registry locates it either way)."""
+        with contextlib.suppress(errors.LocationTaken):
+            self.registry.add_location(name, archive)
+
     def register(self, item: Item) -> StepResult:
         self._spec(item)  # parked if its archive is no longer configured there
         intent = Intent.of(item)
@@ -117,7 +124,7 @@ class IdentifierSteps(StepsBase):
             record = self.registry.get_resource(item.name)
             if record is not None and (record.sha1 or "").lower() == item.sha1:
                 if intent.archive_name not in record.locations:
-                    self.registry.add_location(item.name, intent.archive_name)
+                    self._locate(item.name, intent.archive_name)
                 return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
             item = replace(item, already=False)  # the record went since: register it
         try:
@@ -142,7 +149,7 @@ class IdentifierSteps(StepsBase):
                 return item, outcome
             assert record is not None
             if intent.archive_name not in record.locations:
-                self.registry.add_location(item.name, intent.archive_name)
+                self._locate(item.name, intent.archive_name)
         item = replace(item, url=self.registry.resource_url(item.name))
         seams.reached("after-register")
         return item, Outcome.ok()

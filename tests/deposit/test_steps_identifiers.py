@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import replace
 
+import pytest
+
 from fixtures.steps_env import Env
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
@@ -245,3 +247,30 @@ def test_same_name_and_bytes_from_two_folders_in_one_burst(env: Env) -> None:
         for line in next((env.root / "receipts").glob("*.jsonl")).read_text().splitlines()
     ]
     assert sorted(r["outcome"] for r in receipts) == ["already-deposited", "deposited"]
+
+
+def test_a_location_added_meanwhile_at_register_is_not_a_rejection(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process locates the record in this archive between the register step's
+    read of the record and its own location request: the input is deposited (the
+    registry locates it once), never rejected."""
+    data = os.urandom(2048)
+    env.until(env.drop("race.dat", data), State.DONE)
+    env.registry.remove_location("race", env.spec.archive_name)  # located nowhere here
+    item = env.until(env.drop("race.dat", data), State.CHECKED)
+    assert item.already
+    real = env.registry.add_location
+
+    def concurrent_first(name: str, archive: str, key: str | None = None) -> object:
+        real(name, archive, key)  # the other process's request wins the race
+        return real(name, archive, key)
+
+    monkeypatch.setattr(env.registry, "add_location", concurrent_first)
+    item = env.step(item, Step.REGISTER)
+    assert item.state is State.REGISTERED, (item.error_code, item.error_message)
+    monkeypatch.undo()
+    item = env.until(item, State.DONE)
+    assert item.state is State.DONE and item.already
+    locations = [loc.archive_name for loc in env.registry.get_locations("race")]
+    assert locations.count(env.spec.archive_name) == 1
