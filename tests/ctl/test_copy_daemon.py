@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.cli_backends import NBANKCTL, json_stream
-from fixtures.daemon import DaemonHarness
+from fixtures.daemon import DaemonHarness, start_until_said
 from fixtures.users import TestUser
 from nbankd.archive.opening import create_archive
 from nbankd.daemon import statelock
@@ -173,19 +173,9 @@ def test_with_the_daemon_stopped_a_copy_waits_for_the_state_directory_lock(
     config, state, dest, id = configured(tmp_path, listed=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBANK")}
     lock = statelock.acquire(state)
-    proc = subprocess.Popen(
-        [NBANKCTL, "-c", str(config), "copy", str(dest), id],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
     try:
-        assert proc.stderr is not None
-        said = ""
-        while "waiting for it" not in said:
-            line = proc.stderr.readline()
-            assert line, f"the command ended without waiting: {said}"
-            said += line
+        argv = [NBANKCTL, "-c", str(config), "copy", str(dest), id]
+        proc, said = start_until_said(argv, "waiting for it", env)
         assert not (dest / "resources" / "re").exists()  # nothing copied while it waits
     finally:
         lock.release()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_backends import NBANKCTL, Backend, json_stream, sha1
+from fixtures.daemon import start_until_said
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import create_archive
 from nbankd.daemon import statelock
@@ -224,18 +225,9 @@ def test_a_deposit_waits_for_another_deposit_holding_the_state_directory(
     src.parent.mkdir()
     src.write_bytes(b"bytes")
     lock = statelock.acquire(state)
-    proc = subprocess.Popen(
-        [NBANKCTL, "-c", str(config), "deposit", str(archive.path), "-d", "wav", str(src)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert proc.stderr is not None
-        said = ""
-        while "waiting for it" not in said:
-            line = proc.stderr.readline()
-            assert line, f"the command ended without waiting: {said}"
-            said += line
+        argv = [NBANKCTL, "-c", str(config), "deposit", str(archive.path), "-d", "wav", str(src)]
+        proc, said = start_until_said(argv, "waiting for it")
         assert src.read_bytes() == b"bytes"  # nothing touched while it waits
     finally:
         lock.release()

@@ -11,6 +11,7 @@ from typing import Any
 
 from ctl.test_copy_daemon import configured, ctl, deposited, two_archives
 from fixtures.cli_backends import NBANKCTL, make_tar
+from fixtures.daemon import start_until_said
 from fixtures.users import TestUser
 from nbankd.daemon import statelock
 
@@ -95,20 +96,9 @@ def test_with_the_daemon_stopped_an_import_waits_for_the_state_directory_lock(
     tar = make_tar(tmp_path / "tape.tar", [(f"{id}.dat", b"copied under the lock")])
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBANK")}
     lock = statelock.acquire(state)
-    proc = subprocess.Popen(
-        [NBANKCTL, "-c", str(config), "tape", "import", str(tar), str(dest)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
     try:
-        assert proc.stderr is not None
-        said = ""
-        while "waiting for it" not in said:
-            line = proc.stderr.readline()
-            assert line, f"the command ended without waiting: {said}"
-            said += line
+        argv = [NBANKCTL, "-c", str(config), "tape", "import", str(tar), str(dest)]
+        proc, said = start_until_said(argv, "waiting for it", env)
         assert not (dest / "resources" / "re").exists()  # nothing imported while it waits
     finally:
         lock.release()
