@@ -18,7 +18,7 @@ from ctl.test_copy_daemon import ctl, deposited, two_archives
 from fixtures.cli_backends import NBANKCTL, make_tar
 from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.users import TestUser
-from nbankd.control import job_handlers
+from nbankd.control import job_handlers, tar_pin
 from nbankd.control.client import ControlError, call
 from nbankd.control.protocol import ProtocolError
 from nbankd.control.server import Peer
@@ -274,9 +274,9 @@ def test_the_tar_check_refuses_what_the_peer_could_not_read(
     refusals = []
     for path in (private, inside):
         with pytest.raises(ProtocolError) as refused:
-            job_handlers.pin_tar(path, peer)
+            tar_pin.pin_tar(path, peer)
         refusals.append(refused.value.message)
-    pinned = job_handlers.pin_tar(readable, peer)
+    pinned = tar_pin.pin_tar(readable, peer)
     try:
         readable.unlink()
         readable.symlink_to(private)
