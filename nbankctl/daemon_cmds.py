@@ -29,7 +29,7 @@ from nbankd.audit.model import REGISTRY_OUTAGE_CODES
 from nbankd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, find_config_path, load_config
 from nbankd.config.model import DEFAULT_CONTROL_SOCKET
 from nbankd.control.client import DEFAULT_TIMEOUT, NOT_RUNNING_HINT, ControlClient
-from nbankd.control.protocol import READ_COMMANDS
+from nbankd.control.protocol import QUEUE_LIMIT, READ_COMMANDS
 
 #: seconds each ``audit`` request waits in the daemon before nbankctl asks again
 AUDIT_POLL = 30.0
@@ -86,7 +86,12 @@ def cmd_status(args: argparse.Namespace, report: Report) -> None:
 
 
 def cmd_queue(args: argparse.Namespace, report: Report) -> None:
-    _emit(args, _call(args, "queue"), render.queue)
+    request: dict[str, Any] = {}
+    if args.limit is not None:
+        if not 1 <= args.limit <= QUEUE_LIMIT:
+            raise errors.UsageError(f"--limit must be 1 to {QUEUE_LIMIT}")
+        request["limit"] = args.limit
+    _emit(args, _call(args, "queue", request), render.queue)
 
 
 def cmd_history(args: argparse.Namespace, report: Report) -> None:
@@ -247,7 +252,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         return p
 
     add("status", cmd_status, "the daemon's health; exits 1 when degraded")
-    add("queue", cmd_queue, "deposits in flight and files waiting in inboxes")
+    p = add("queue", cmd_queue, "deposits in flight and files waiting in inboxes")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help=f"list at most this many of each (1 to {QUEUE_LIMIT}, the default; "
+        "every one is counted)",
+    )
     p = add("history", cmd_history, "receipts of deposits, newest first")
     p.add_argument("--inbox", help="only this inbox (path, or folder name)")
     p.add_argument("--since", help="only since then: a duration back (24h, 7d) or an ISO date")

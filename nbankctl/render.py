@@ -216,6 +216,15 @@ def queue(result: dict[str, Any]) -> str:
                 [[p["inbox"], p["relpath"], p["state"], p["reason"]] for p in pending],
             ),
         ]
+    if result.get("truncated"):
+        counts = result.get("counts") or {}
+        total_items = sum((counts.get("items") or {}).values())
+        total_pending = sum((counts.get("pending") or {}).values())
+        lines += [
+            "",
+            f"(listed {len(items)} of {total_items} in flight and {len(pending)} of "
+            f"{total_pending} waiting; --json counts them by state)",
+        ]
     if result.get("fresh") is False:
         lines += ["", f"(inboxes as last scanned, {when(result.get('scanned'))}: a scan is slow)"]
     return "\n".join(lines)

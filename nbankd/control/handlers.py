@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import structlog
 from nbankd import errors
 from nbankd.config import load_config, parse_duration
 from nbankd.control import deposit_handlers, job_handlers
-from nbankd.control.protocol import ProtocolError
+from nbankd.control.protocol import QUEUE_LIMIT, ProtocolError
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
@@ -170,7 +171,15 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Items in flight and the files waiting in inboxes, from a scan made for this
     request (``fresh`` False when it took over QUEUE_SCAN_WAIT: the last scan's). A
     reader's request reuses a scan younger than 2 s, so readers asking in a loop
-    cannot keep the daemon rescanning; an admin's always gets a new scan."""
+    cannot keep the daemon rescanning; an admin's always gets a new scan.
+
+    At most ``limit`` entries of each list are described (default and ceiling
+    :data:`QUEUE_LIMIT`), so a backlog of 100 000 files costs the reply and the
+    daemon's memory no more than that; ``counts`` has every entry counted, by state,
+    and ``truncated`` says whether a list was cut short."""
+    limit = _arg(args, "limit", int, QUEUE_LIMIT)
+    if limit < 1 or limit > QUEUE_LIMIT:
+        raise ProtocolError("usage", f"argument 'limit' must be 1 to {QUEUE_LIMIT}")
     fresh = daemon.fresh_scan(QUEUE_SCAN_WAIT, max_age=float(args.get("fresh_within", 2.0)))
     now = daemon.clock()
     items = daemon.journal.unfinished()
@@ -179,10 +188,14 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     waiting = {i.id for i in snap.waiting}
     inboxes = snap.inboxes
     out = []
+    in_flight: Counter[str] = Counter()
     active: set[tuple[str, str]] = set()
     for item in items:
         active.add((item.inbox, item.relpath_str))
         status = "running" if item.id in running else "backoff" if item.id in waiting else "queued"
+        in_flight[status] += 1
+        if len(out) >= limit:
+            continue
         out.append(
             {
                 "token": item.token,
@@ -199,6 +212,7 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             }
         )
     pending = []
+    waiting_files: Counter[str] = Counter()
     for key, state in inboxes.items():
         for rel, verdict in sorted(state.verdicts.items()):
             if (key, rel) in active:
@@ -206,6 +220,9 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             what = verdict.state.value
             if verdict.state is settle.State.READY and state.paused:
                 what = "paused"
+            waiting_files[what] += 1
+            if len(pending) >= limit:
+                continue
             pending.append(
                 {
                     "inbox": key,
@@ -216,9 +233,13 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                 }
             )
     scanned = [s.last_scan for s in inboxes.values() if s.last_scan is not None]
+    counts = {"items": dict(in_flight), "pending": dict(waiting_files)}
     return {
         "items": out,
         "pending": pending,
+        "counts": counts,
+        "truncated": sum(in_flight.values()) > len(out)
+        or sum(waiting_files.values()) > len(pending),
         "fresh": fresh,
         "scanned": iso(min(scanned)) if scanned else None,
     }

@@ -43,6 +43,8 @@ from nbankd.errors import EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE
 VERSION = 1
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 256 * 1024 * 1024
+#: entries of each of ``queue``'s lists described at most (the rest are only counted)
+QUEUE_LIMIT = 1000
 
 #: commands anyone in ``control.readers`` (or an admin) may run
 READ_COMMANDS = frozenset({"status", "queue", "history", "explain"})
@@ -197,6 +199,7 @@ __all__ = [
     "COMMANDS",
     "MAX_REPLY",
     "MAX_REQUEST",
+    "QUEUE_LIMIT",
     "READ_COMMANDS",
     "VERSION",
     "ProtocolError",

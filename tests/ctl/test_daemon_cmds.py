@@ -334,6 +334,30 @@ def test_queue_lists_a_settling_file_as_waiting(daemon_factory: Any) -> None:
     assert "queued01.dat" in ctl(h, "queue").stdout
 
 
+def test_queue_lists_at_most_its_limit_and_counts_every_file(daemon_factory: Any) -> None:
+    """queue --limit N describes at most N files and counts every one by state, so a
+    large backlog costs the daemon no more than N entries."""
+    h = daemon_factory(inbox_options={"settle_seconds": 600})
+    h.start()
+    for n in range(12):
+        h.drop(f"many{n:02d}.dat", b"not yet")
+    ctl(h, "rescan")
+    wait_for(lambda: len(ctl_json(h, "queue")["pending"]) == 12, what="twelve files seen")
+    doc = ctl_json(h, "queue", "--limit", "5")
+    assert [p["relpath"] for p in doc["pending"]] == [f"many{n:02d}.dat" for n in range(5)]
+    assert doc["counts"]["pending"] == {"settling": 12} and doc["truncated"] is True
+    assert "5 of 12 waiting" in ctl(h, "queue", "--limit", "5").stdout
+    whole = ctl_json(h, "queue")
+    assert len(whole["pending"]) == 12 and whole["truncated"] is False
+
+
+@pytest.mark.parametrize("limit", ["0", "1001"])
+def test_queue_limit_out_of_range_is_a_usage_error(h: DaemonHarness, limit: str) -> None:
+    """queue --limit outside 1 to 1000 exits 2 naming the option."""
+    proc = ctl(h, "queue", "--limit", limit)
+    assert proc.returncode == 2 and "--limit" in proc.stderr
+
+
 def test_reload_with_a_broken_file_is_refused_and_the_daemon_keeps_running(
     h: DaemonHarness,
 ) -> None:
