@@ -131,8 +131,10 @@ def _backlog(ctx: Context, n: int, window: float) -> dict[str, float]:
         _wait_quiet(daemon.pid, 600)
         out = _sample(daemon.pid, window)
         queue = daemon.ctl("queue")
-        waiting = sum(1 for p in queue.get("pending", ()) if p.get("state") == "paused")
-        claimed = len(queue.get("items", ()))
+        # every file counted by state (queue lists at most 1000 of them)
+        counts = queue.get("counts") or {}
+        waiting = (counts.get("pending") or {}).get("paused", 0)
+        claimed = sum((counts.get("items") or {}).values())
         if waiting + claimed < n:
             raise RuntimeError(f"the daemon holds {waiting} waiting files, expected {n}")
         out.update(
