@@ -306,8 +306,11 @@ def _publish(
         elif not (is_dir or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"'{source}' is not a staged file or folder")
         _ensure_stub(archive, target.parent)
-        other = _other_name(archive, id, target)
-        if other is not None:  # found before the source's mode and group are changed
+        # an input published in place is the user's file: a taken identifier is found
+        # before its mode and group change (a staged copy is ours: the check under the
+        # lock below is enough, and a stub folder is listed once per publish, not twice)
+        other = _other_name(archive, id, target) if in_place else None
+        if other is not None:
             raise _taken_error(archive, source, other, in_place=in_place)
         if is_dir:
             apply_access_tree(archive, source, at=target, top=False)
