@@ -63,6 +63,8 @@ def topics_for(argv: list[str]) -> tuple[str, ...]:
     for word in words:
         if word in ("-h", "--help"):
             return tuple(TOPICS)  # the top-level help lists every command
+        if word == "--version":
+            return ()  # argparse prints it and exits: no command is needed
         if word in _VALUE_OPTIONS:
             next(words, None)
         elif word == "--":

@@ -65,3 +65,15 @@ def test_abbreviated_top_level_options_are_refused() -> None:
     """`--conf FILE` is not taken for --config: the topic chosen must match the parse."""
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--conf", "tape", "status"])
+
+
+def test_the_version_imports_no_topic() -> None:
+    """`nbankctl --version` prints the version without importing any command topic."""
+    assert topics_for(["--version"]) == ()
+    code = (
+        "import sys; from nbankctl.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('nbankctl.') and m.endswith('_cmds')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("nbankctl ") and out.stdout.splitlines()[-1] == "[]"
