@@ -20,6 +20,7 @@ from nbankd.control.protocol import ProtocolError, string_arg
 from nbankd.deposit import manual
 
 if TYPE_CHECKING:
+    from nbankd.config.model import ArchiveConfig
     from nbankd.daemon.view import DaemonView as Daemon
 
 #: the longest one deposit-status request waits for its items (nbankctl polls)
@@ -27,17 +28,25 @@ STATUS_WAIT = 30.0
 _FILE_METADATA = ("read", "skip", "override")
 
 
-def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    """Journals the files (absolute paths, ``files``) for the configured archive at
-    ``archive`` and starts them; returns the items' ids (``items``)."""
-    archive_path = Path(str(string_arg(args, "archive", required=True)))
-    archive = next((a for a in daemon.config.archives if a.path == archive_path), None)
+def configured_archive(daemon: Daemon, args: dict[str, Any]) -> ArchiveConfig:
+    """The configured archive whose path is the request's ``archive`` (what
+    ``deposit``, ``copy`` and ``tape-import`` write into); ProtocolError naming the
+    daemon's archives otherwise."""
+    path = Path(str(string_arg(args, "archive", required=True)))
+    archive = next((a for a in daemon.config.archives if a.path == path), None)
     if archive is None:
         raise ProtocolError(
             "not-found",
-            f"archive {archive_path} is not one of this daemon's archives "
+            f"archive {path} is not one of this daemon's archives "
             f"({', '.join(str(a.path) for a in daemon.config.archives) or 'none'})",
         )
+    return archive
+
+
+def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Journals the files (absolute paths, ``files``) for the configured archive at
+    ``archive`` and starts them; returns the items' ids (``items``)."""
+    archive = configured_archive(daemon, args)
     files = args.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ProtocolError("usage", "'files' must be a list of paths")

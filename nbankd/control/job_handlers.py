@@ -55,13 +55,13 @@ import structlog
 
 from nbankd import errors, tape, tape_import
 from nbankd.archive.opening import open_archive
+from nbankd.control.deposit_handlers import configured_archive
 from nbankd.control.protocol import ProtocolError, string_arg
 from nbankd.control.server import Peer
 from nbankd.control.tar_pin import pin_tar
 from nbankd.transfer.copying import copy_into
 
 if TYPE_CHECKING:
-    from nbankd.config.model import ArchiveConfig
     from nbankd.daemon.view import DaemonView as Daemon
     from nbankd.registry.base import Registry
     from nbankd.transfer.reading import Advance
@@ -157,18 +157,6 @@ def _ids(args: dict[str, Any]) -> list[str] | None:
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise ProtocolError("usage", "'ids' must be a list of identifiers")
     return ids
-
-
-def _archive(daemon: Daemon, args: dict[str, Any]) -> ArchiveConfig:
-    path = Path(str(string_arg(args, "archive", required=True)))
-    archive = next((a for a in daemon.config.archives if a.path == path), None)
-    if archive is None:
-        raise ProtocolError(
-            "not-found",
-            f"archive {path} is not one of this daemon's archives "
-            f"({', '.join(str(a.path) for a in daemon.config.archives) or 'none'})",
-        )
-    return archive
 
 
 def _address(registry: Registry) -> str:
@@ -302,7 +290,7 @@ def copy_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     (``job``) and the registry it uses (``registry``)."""
 
     def make() -> tuple[Path, Callable[[Job], None]]:
-        config = _archive(daemon, args)
+        config = configured_archive(daemon, args)
         source = string_arg(args, "source_archive")
 
         def work(job: Job) -> None:
@@ -324,7 +312,7 @@ def tape_import_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     peer = _peer(args)
 
     def make() -> tuple[Path, Callable[[Job], None]]:
-        config = _archive(daemon, args)
+        config = configured_archive(daemon, args)
         tar = Path(str(string_arg(args, "tar", required=True)))
         max_size = args.get("max_size")
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)):
