@@ -13,6 +13,7 @@ including a second recovery that changes nothing.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -59,9 +60,18 @@ def _journal_schema(h: DaemonHarness) -> int:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def test_this_release_reads_every_previous_journal() -> None:
-    """Every previous release's journal schema is this release's or one it migrates from."""
-    assert all(schema <= SCHEMA_VERSION for schema, _ in RELEASES.values())
+@pytest.mark.parametrize("commit", sorted(RELEASES))
+def test_each_previous_release_writes_the_schema_the_table_says(commit: str) -> None:
+    """The release's own journal.py (from history) declares the schema RELEASES names,
+    one this release reads (the same, or one it migrates from)."""
+    schema, folder = RELEASES[commit]
+    source = f"{commit}:{'src/' if folder == 'src' else ''}nbankd/deposit/journal.py"
+    text = subprocess.run(
+        ["git", "-C", str(REPO), "show", source], capture_output=True, text=True, check=True
+    ).stdout
+    declared = re.search(r"^SCHEMA_VERSION = (\d+)$", text, re.MULTILINE)
+    assert declared is not None and int(declared.group(1)) == schema
+    assert schema <= SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("point", crashpoints.ENUMERATED)
