@@ -11,24 +11,12 @@ from pathlib import Path
 
 import pytest
 from audit_helpers import make_setup
+from test_audit_races import AS_USER  # the audit run as another user
 
 from fixtures.cli_backends import sha1, store
 from fixtures.users import TestUser
 from nbankd.audit.model import MISSING_FROM_ARCHIVE
 from nbankd.audit.walk import Walk
-
-AS_USER = """
-import json, sys
-from pathlib import Path
-from nbankd.audit import AuditSettings, AuditTarget, run_audit
-from nbankd.registry.embedded import EmbeddedRegistry
-
-state, arch = Path(sys.argv[1]), Path(sys.argv[2])
-registry = EmbeddedRegistry(state / "registry.sqlite3")
-settings = AuditSettings(max_mb_per_s=0, staging_grace=0)
-report = run_audit([AuditTarget("arch", arch)], registry, state, full=True, settings=settings)
-print(json.dumps(report.to_json()))
-"""
 
 
 @pytest.mark.parametrize(
