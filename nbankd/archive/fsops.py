@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 AT_FDCWD = -100
@@ -48,18 +49,18 @@ class NoReplaceUnsupported(OSError):
     """renameat2(RENAME_NOREPLACE) is not available here (kernel, filesystem or libc)."""
 
 
-def _load_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+@functools.cache
+def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    """libc's renameat2, looked up on first use among the symbols this process already
+    has (``dlopen(NULL)``: no ``ldconfig`` child, as ``ctypes.util.find_library`` would
+    start on every command); None where libc lacks it (glibc before 2.28)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        func = libc.renameat2
-    except (OSError, AttributeError):  # not glibc >= 2.28
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     func.restype = ctypes.c_int
-    return func
-
-
-_renameat2 = _load_renameat2()
+    return func  # type: ignore[no-any-return]
 
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -68,9 +69,10 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     Unlike rename(2), never replaces anything, not even an empty directory.
     Raises NoReplaceUnsupported where the flag is not supported.
     """
-    if _renameat2 is None:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         raise NoReplaceUnsupported(errno.ENOSYS, "renameat2 is not available in this libc")
-    rc = _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+    rc = renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
     if rc == 0:
         return
     err = ctypes.get_errno()
@@ -81,9 +83,10 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
 
 def rename_noreplace_at(src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes) -> None:
     """:func:`rename_noreplace` between two open folders (names, never paths)."""
-    if _renameat2 is None:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         raise NoReplaceUnsupported(errno.ENOSYS, "renameat2 is not available in this libc")
-    if _renameat2(src_dir, src_name, dst_dir, dst_name, RENAME_NOREPLACE) == 0:
+    if renameat2(src_dir, src_name, dst_dir, dst_name, RENAME_NOREPLACE) == 0:
         return
     err = ctypes.get_errno()
     if err in _UNSUPPORTED:
