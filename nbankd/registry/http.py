@@ -227,29 +227,39 @@ class HttpRegistry:
         for d in self._http.paginate(self._http.endpoint("resources"), params):
             yield self._resource(d)
 
-    def search_pages(self, workers: int = 4, **filters: str) -> list[ResourceRecord]:
+    def search_pages(
+        self, workers: int = 4, *, ahead: int = 1, **filters: str
+    ) -> list[ResourceRecord]:
         """Like :meth:`search`, but fetches pages 2..N concurrently once the first page's
-        ``Link: rel="last"`` tells N (audits list whole archives). A page that vanished
-        because the list shrank meanwhile counts as empty; without a ``last`` link this
-        falls back to following ``next``."""
-        from concurrent.futures import ThreadPoolExecutor
+        ``Link: rel="last"`` tells N (audits list whole archives), and asks for pages
+        2..1+``ahead`` together with the first (kept only if the first page's ``last``
+        link shows they exist: an unpaginated server ignores ``page``). A page that
+        vanished because the list shrank meanwhile counts as empty; without a ``last``
+        link this falls back to following ``next``."""
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         params = {k: str(v) for k, v in filters.items()}
         endpoint = self._http.endpoint("resources")
-        resp = self._http.request("GET", endpoint, params=params)
-        body = self._http.decode(resp) if resp.status_code != 404 else None
-        last = resp.links.get("last", {}).get("url") if isinstance(body, list) else None
-        pages = dict(parse_qsl(urlsplit(last).query)).get("page", "") if last else ""
-        if not isinstance(body, list) or (resp.links.get("next") and not pages.isdigit()):
-            return list(self.search(**filters))
 
         def page(n: int) -> list[dict[str, Any]]:
             r = self._http.request("GET", endpoint, params={**params, "page": str(n)})
             return [] if r.status_code == 404 else list(self._http.decode(r))
 
-        rest = range(2, int(pages) + 1) if pages.isdigit() else range(0)
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="registry-page") as pool:
-            bodies = [body, *pool.map(page, rest)]
+            guessed: dict[int, Future[list[dict[str, Any]]]] = {
+                n: pool.submit(page, n) for n in range(2, 2 + max(0, ahead))
+            }
+            resp = self._http.request("GET", endpoint, params=params)
+            body = self._http.decode(resp) if resp.status_code != 404 else None
+            last = resp.links.get("last", {}).get("url") if isinstance(body, list) else None
+            pages = dict(parse_qsl(urlsplit(last).query)).get("page", "") if last else ""
+            if not isinstance(body, list) or (resp.links.get("next") and not pages.isdigit()):
+                for fut in guessed.values():
+                    fut.cancel()
+                return list(self.search(**filters))
+            n_pages = int(pages) if pages.isdigit() else 1
+            futures = [guessed.get(n) or pool.submit(page, n) for n in range(2, n_pages + 1)]
+            bodies = [body, *(f.result() for f in futures)]
         return [self._resource(d) for part in bodies for d in part]
 
     def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:

@@ -350,6 +350,33 @@ def test_page_past_end_stops(stub: Callable[..., Stub]) -> None:
         assert [r.name for r in reg.search()] == ["a", "b"]
 
 
+def test_page_asked_ahead_of_an_unpaginated_server_is_not_counted(
+    stub: Callable[..., Stub],
+) -> None:
+    """A server that ignores ``page`` (no Link) is listed once, though page 2 was asked."""
+    st = stub(lambda method, path: json_answer(200, [record("a"), record("b")]))
+    with HttpRegistry(st.url) as reg:
+        assert [r.name for r in reg.search_pages(archive="x")] == ["a", "b"]
+    assert any("page=2" in seen.path for seen in st.seen)  # it was asked ahead, then dropped
+
+
+def test_pages_asked_ahead_are_kept_only_up_to_the_last_link(stub: Callable[..., Stub]) -> None:
+    """Pages named by the first page's ``last`` link are all listed, each once, in order."""
+
+    def respond(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        for n in (2, 3):
+            if f"page={n}" in path:
+                return json_answer(200, [record(f"p{n}")])
+        if "page=" in path:
+            return json_answer(404, {"detail": "Invalid page."})
+        return json_answer(200, [record("p1")], Link=f'<{st.url}resources/?page=3>; rel="last"')
+
+    st = stub(respond)
+    with HttpRegistry(st.url) as reg:
+        names = [r.name for r in reg.search_pages(archive="x", ahead=3)]
+    assert names == ["p1", "p2", "p3"]  # page 4, asked ahead, answered 404 and is dropped
+
+
 def test_reads_authenticate_when_site_requires(stub: Callable[..., Stub]) -> None:
     """A site that refuses anonymous reads gets credentials on reads too, after one 403."""
 
