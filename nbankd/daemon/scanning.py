@@ -43,6 +43,9 @@ UNSAFE_WHAT = {
 #: seconds between two scans of one inbox that changes arrive for (explicit rescans
 #: and settle deadlines are not held back)
 CHANGE_SCAN_GAP = 0.2
+#: the same for names that only left an inbox (a claim moving an input into the work
+#: folder, a deletion): nothing can have become ready, the scan only refreshes status
+REMOVAL_SCAN_GAP = 5.0
 
 
 class InboxScanning:
@@ -83,17 +86,23 @@ class InboxScanning:
                 check_every=inbox.watch_check_every,
             )
 
-    def _on_change(self, inbox_key: str, relpath: str = "") -> None:
-        """A change in an inbox: scanned soon, but at most every CHANGE_SCAN_GAP seconds
-        (a burst of files, and the daemon's own claims, send a stream of events; each
-        scan lists the whole inbox)."""
+    def _on_change(
+        self, inbox_key: str, relpath: str = "", *, gap: float = CHANGE_SCAN_GAP
+    ) -> None:
+        """A change in an inbox: scanned soon, but at most every ``gap`` seconds (a
+        burst of files sends a stream of events; each scan lists the whole inbox)."""
         state = self.inboxes.get(inbox_key)
         if state is not None:
             last = state.last_scan or 0.0
             if last > self.clock():  # the clock stepped back: do not wait for it
                 last = 0.0
-            state.next_scan = min(state.next_scan, last + CHANGE_SCAN_GAP)
+            state.next_scan = min(state.next_scan, last + gap)
         self._wake.set()
+
+    def _on_removal(self, inbox_key: str, relpath: str = "") -> None:
+        """A name left an inbox (the daemon's own claims send one per input): scanned
+        within REMOVAL_SCAN_GAP seconds, for the status only."""
+        self._on_change(inbox_key, relpath, gap=REMOVAL_SCAN_GAP)
 
     def request_rescan(self, inbox_key: str | None = None) -> None:
         for key, state in self.inboxes.items():
@@ -121,6 +130,7 @@ class InboxScanning:
     def _scan(self, key: str, state: InboxState, now: float) -> None:
         inbox = state.config
         state.last_scan = now
+        state.scans += 1
         state.next_scan = now + inbox.rescan_every
         problem = setup.archive_usable(
             self.config.archive_for(inbox).path, self.registry.url, self.config.registry_aliases

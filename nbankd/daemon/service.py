@@ -137,7 +137,7 @@ class Daemon(DepositWorkers, InboxScanning):
         for item in self.journal.unfinished():
             log.info("resuming", item=item.token, state=str(item.state), inbox=item.inbox)
             self._submit(item)
-        self.observer = InboxWatcher(self._on_change)
+        self.observer = InboxWatcher(self._on_change, on_removed=self._on_removal)
         self._watch_inboxes()
         self.observer.start()
         self._start_auditor()

@@ -113,6 +113,7 @@ def build_status(
                 "archive_problem": state.archive_problem,
                 "inbox_problem": state.inbox_problem,
                 "last_scan": state.last_scan,
+                "scans": state.scans,
             }
         )
         if state.inbox_problem:

@@ -38,6 +38,7 @@ class InboxState:
     paused: bool = False
     next_scan: float = 0.0
     last_scan: float | None = None
+    scans: int = 0  # since the daemon started
     archive_problem: str | None = None
     inbox_problem: str | None = None  # its work or rejected folder was tampered with
     skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone

@@ -14,6 +14,10 @@ the wake-ups work: each watched inbox is *proved* to deliver events.
   ``fs.inotify.max_user_watches``); their events are dropped here. Opening or
   reading a file never wakes anyone: only creations, writes, attribute changes,
   closes after writing, moves and deletions do.
+- A name that only leaves the inbox (deleted, or moved into the work folder by a
+  claim, or out of the inbox) is reported to ``on_removed`` when one is given: it
+  cannot make an input ready, so the daemon scans for it at its leisure, and a
+  burst's own claims do not keep it rescanning.
 - When the kernel's event queue overflows, watchdog rebuilds its watches and
   reports an ``EventsLostEvent``: the inbox is woken with relpath ``""`` (rescan
   now) and a warning is logged.
@@ -110,10 +114,12 @@ class InboxWatcher(ProofOfLife):
         self,
         on_change: OnChange,
         *,
+        on_removed: OnChange | None = None,
         join_timeout: float = 5.0,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._on_change = on_change
+        self._on_removed = on_removed or on_change
         self._join_timeout = join_timeout
         self._lock = threading.RLock()
         self._probe_lock = threading.Lock()  # never held while calling watchdog
@@ -317,11 +323,22 @@ class InboxWatcher(ProofOfLife):
             with contextlib.suppress(KeyError, OSError):  # already gone with its folder
                 observer.unschedule(watch)
 
-    def _wake(self, inbox: WatchedInbox, relpath: str) -> None:
+    def _wake(self, inbox: WatchedInbox, relpath: str, *, removed: bool = False) -> None:
         try:
-            self._on_change(inbox.inbox_id, relpath)
+            (self._on_removed if removed else self._on_change)(inbox.inbox_id, relpath)
         except Exception:
             log.exception("wake-up callback failed", inbox=inbox.inbox_id)
+
+    def _visible(self, inbox: WatchedInbox, path: str | bytes) -> str | None:
+        """The inbox-relative path of an event's path, or None when it is outside the
+        inbox, excluded or ignored, or the canary (whose event proves the watch)."""
+        rel = inbox.relpath(path)
+        if rel == CANARY_NAME:
+            self._answered(inbox)
+            return None
+        if rel is None or inbox.hidden(rel):
+            return None
+        return rel
 
     def _event(self, inbox: WatchedInbox, event: FileSystemEvent) -> None:
         if self._deaf_seam:
@@ -330,20 +347,22 @@ class InboxWatcher(ProofOfLife):
             log.warning("inotify lost events; rescanning the inbox", inbox=inbox.inbox_id)
             self._wake(inbox, "")
             return
-        paths = [event.src_path]
         if isinstance(event, (FileMovedEvent, DirMovedEvent)) and event.dest_path:
-            paths.append(event.dest_path)
-        for path in paths:
-            rel = inbox.relpath(path)
-            if rel == CANARY_NAME:
-                self._answered(inbox)
-                continue
-            if rel is None or inbox.hidden(rel):
-                continue
-            if rel == "" and isinstance(event, DirDeletedEvent):
-                inbox.gone = True
+            dest = self._visible(inbox, event.dest_path)
+            src = self._visible(inbox, event.src_path)
+            if dest is not None:  # something arrived (or was renamed) in the inbox
+                self._wake(inbox, dest)
+            elif src is not None:  # it left: claimed into the work folder, moved away
+                self._wake(inbox, src, removed=True)
+            return
+        rel = self._visible(inbox, event.src_path)
+        if rel is None:
+            return
+        if rel == "" and isinstance(event, DirDeletedEvent):
+            inbox.gone = True
             self._wake(inbox, rel)
             return
+        self._wake(inbox, rel, removed=isinstance(event, (FileDeletedEvent, DirDeletedEvent)))
 
 
 class _Handler(FileSystemEventHandler):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for
+from nbankd.daemon.scanning import REMOVAL_SCAN_GAP
 from nbankd.names import CANARY_NAME
 from nbankd.watch.observer import DEAF_SEAM
 
@@ -104,3 +105,25 @@ def test_start_up_log_names_the_libraries_in_use(daemon_factory: Any) -> None:
     [started] = _log_events(h, "started")
     assert started["dependencies"]["watchdog"] == metadata.version("watchdog")
     assert started["dependencies"]["PyYAML"] == metadata.version("PyYAML")
+
+
+def test_own_claim_does_not_rescan_the_inbox_at_once(daemon_factory: Any) -> None:
+    """The claim moving an input into .nbank is a name leaving the inbox: the next scan
+    comes REMOVAL_SCAN_GAP after the last one, not CHANGE_SCAN_GAP (a burst's claims
+    would otherwise rescan the whole inbox five times a second)."""
+    h: DaemonHarness = daemon_factory(inbox_options=HOUR)
+    go = h.root / "go"
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(go)})
+    h.drop("held.dat", b"held right after its claim")
+    work = h.inbox / ".nbank"
+    wait_for(lambda: any(work.iterdir()), what="the input to be claimed")
+    _code, before, _ = _inbox_status(h)
+    wait_for(
+        lambda: _inbox_status(h)[1]["scans"] > before["scans"],
+        timeout=REMOVAL_SCAN_GAP + 30,
+        what="the scan after the claim",
+    )
+    _code, after, _ = _inbox_status(h)
+    assert after["last_scan"] - before["last_scan"] >= REMOVAL_SCAN_GAP - 0.05
+    go.touch()
+    h.wait_settled(1)

@@ -143,6 +143,67 @@ def test_claiming_into_work_folder_wakes_for_the_old_name_only(
     assert not any(rel.startswith(".nbank") for _, rel in recorder.events)
 
 
+@pytest.fixture
+def split(recorder: Recorder) -> Iterator[tuple[InboxWatcher, Recorder]]:
+    """A watcher reporting names that left the inbox to a second recorder."""
+    removed = Recorder()
+    w = InboxWatcher(recorder, on_removed=removed)
+    w.start()
+    yield w, removed
+    assert w.stop(timeout=WAIT_S)
+
+
+def test_claim_into_work_folder_is_reported_as_a_removal(
+    split: tuple[InboxWatcher, Recorder], recorder: Recorder, inbox: Path
+):
+    """A name moved into .nbank goes to on_removed, not on_change (a claim readies nothing)."""
+    watcher, removed = split
+    write(inbox / "a.wav")
+    watcher.add_inbox("rig3", inbox)
+    os.rename(inbox / "a.wav", inbox / ".nbank" / "a.wav")
+    removed.wait_for(("rig3", "a.wav"))
+    write(inbox / "after.wav")
+    before = recorder.wait_for(("rig3", "after.wav"))
+    assert ("rig3", "a.wav") not in before
+
+
+def test_deleted_file_is_reported_as_a_removal(
+    split: tuple[InboxWatcher, Recorder], recorder: Recorder, inbox: Path
+):
+    """Deleting a file from the inbox goes to on_removed, not on_change."""
+    watcher, removed = split
+    write(inbox / "bird" / "gone.wav")
+    watcher.add_inbox("rig3", inbox)
+    (inbox / "bird" / "gone.wav").unlink()
+    removed.wait_for(("rig3", "bird/gone.wav"))
+    write(inbox / "after.wav")
+    assert ("rig3", "bird/gone.wav") not in recorder.wait_for(("rig3", "after.wav"))
+
+
+def test_rename_within_inbox_wakes_for_the_new_name(
+    split: tuple[InboxWatcher, Recorder], recorder: Recorder, inbox: Path
+):
+    """A rename inside the inbox (a writer's temp name to its final one) is a change."""
+    watcher, removed = split
+    write(inbox / "take.part")
+    watcher.add_inbox("rig3", inbox)
+    os.rename(inbox / "take.part", inbox / "bird" / "take.wav")
+    recorder.wait_for(("rig3", "bird/take.wav"))
+    assert removed.events == []
+
+
+def test_put_back_from_work_folder_wakes_for_the_returned_name(
+    split: tuple[InboxWatcher, Recorder], recorder: Recorder, inbox: Path
+):
+    """A file moved from .nbank back into the inbox (put back) is a change at its name."""
+    watcher, removed = split
+    write(inbox / ".nbank" / "tok")
+    watcher.add_inbox("rig3", inbox)
+    os.rename(inbox / ".nbank" / "tok", inbox / "back.wav")
+    recorder.wait_for(("rig3", "back.wav"))
+    assert removed.events == []
+
+
 def test_reading_a_file_does_not_wake(watcher: InboxWatcher, recorder: Recorder, inbox: Path):
     """Opening and reading (what the daemon itself does) is not a change."""
     write(inbox / "old.wav")
