@@ -66,7 +66,8 @@ class Item:
             registered=self.url is not None,
         )
 
-    def with_progress(self, p: Progress) -> Item:
+    def with_progress(self, p: Progress, **changes: Any) -> Item:
+        """This item at progress ``p``, with other ``changes`` made in the same copy."""
         return replace(
             self,
             state=p.state,
@@ -74,6 +75,7 @@ class Item:
             not_before=p.not_before,
             error_code=p.error_code,
             error_message=p.error_message,
+            **changes,
         )
 
     @property

@@ -37,7 +37,8 @@ def _already_logged(path: Path, token: str) -> bool:
     except FileNotFoundError:
         return False
     needle = f'"token": "{token}"'.encode()
-    return any(needle in line for line in tail.split(b"\n")[:-1])  # complete lines only
+    complete = tail.rfind(b"\n")  # a torn last line does not count (it has no newline)
+    return complete >= 0 and tail.find(needle, 0, complete) >= 0
 
 
 def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any]) -> Path:

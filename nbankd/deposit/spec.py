@@ -86,6 +86,9 @@ class Intent:
 
     def fix(self, spec: InboxSpec) -> InboxSpec:
         """``spec`` with the archive, placement and verify setting this intent fixed."""
+        fixed = (self.archive_name, self.archive_path, self.placement, self.verify)
+        if (spec.archive_name, spec.archive_path, spec.placement, spec.verify) == fixed:
+            return spec  # as configured (the common case): no copy
         return replace(
             spec,
             archive_name=self.archive_name,

@@ -414,16 +414,12 @@ class Steps(ClaimSteps, IdentifierSteps):
                 on_step()
             item, outcome = self.run(item, step)
             progress = advance(item.progress, step, outcome, self.clock(), self.rng)
+            changes: dict[str, object] = {"updated": self.clock()}
             if progress.state is State.REJECTING and item.reason_json is None:
-                item = replace(
-                    item,
-                    reason_json=json.dumps(
-                        {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
-                    ),
-                )
+                reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
+                changes["reason_json"] = json.dumps(reason)
             item = self.journal.save(
-                replace(item.with_progress(progress), updated=self.clock()),
-                durable=progress.state in DURABLE,
+                item.with_progress(progress, **changes), durable=progress.state in DURABLE
             )
             if item.state is State.RECORDED:
                 seams.reached("after-record")
