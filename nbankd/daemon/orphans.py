@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Iterable, Set
 from pathlib import Path
 
+from nbankd.deposit import folderproof
+
 _WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json))?$")
 
 
@@ -29,8 +31,12 @@ def token_of(name: str) -> str | None:
 
 def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
     """The names (sorted) whose token is not in ``known``, or that no token names,
-    leaving out NFS placeholders."""
-    return sorted(n for n in names if token_of(n) not in known and not n.startswith(".nfs"))
+    leaving out NFS placeholders and the daemon's token (:mod:`nbankd.deposit.folderproof`)."""
+    return sorted(
+        n
+        for n in names
+        if token_of(n) not in known and not n.startswith(".nfs") and n != folderproof.PROOF_NAME
+    )
 
 
 def unowned_work_files(

@@ -18,7 +18,7 @@ from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.probe import Capabilities, probe
 from nbankd.config import Config
-from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders
+from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_work_folder
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.base import Registry
@@ -40,27 +40,33 @@ def prepare_state_dir(state_dir: Path) -> None:
     (state_dir / "receipts").mkdir(exist_ok=True, mode=0o750)
 
 
+InboxFolders = tuple[FolderId, FolderId, str]  # work and rejected folders, work token
+
+
 def inbox_specs(
-    config: Config, folders: dict[str, tuple[FolderId, FolderId]] | None = None
+    config: Config, folders: dict[str, InboxFolders] | None = None
 ) -> dict[str, InboxSpec]:
     """The run-time view of each inbox; ``folders`` holds the work and rejected
-    folders' identities :func:`prepare_inbox_folders` recorded."""
+    folders' identities and the work folder's token :func:`prepare_inbox_folders`
+    recorded."""
     specs: dict[str, InboxSpec] = {}
     for inbox in config.inboxes:
-        work_id, rejected_id = (folders or {}).get(str(inbox.path), (None, None))
+        found = (folders or {}).get(str(inbox.path))
         specs[str(inbox.path)] = InboxSpec.of(
             inbox,
             config.archive_for(inbox),
             config_source=config.source,
-            work_id=work_id,
-            rejected_id=rejected_id,
+            work_id=found[0] if found else None,
+            rejected_id=found[1] if found else None,
+            work_proof=found[2] if found else None,
         )
     return specs
 
 
-def prepare_inbox_folders(config: Config) -> dict[str, tuple[FolderId, FolderId]]:
+def prepare_inbox_folders(config: Config) -> dict[str, InboxFolders]:
     """Creates missing inbox, work and rejected folders (work folder private to the
-    daemon) without following links; returns inbox key -> (work, rejected) identities."""
+    daemon) without following links, and leaves a new token in each work folder;
+    returns inbox key -> (work, rejected identities, token)."""
     ids = {}
     for inbox in config.inboxes:
         try:
@@ -70,9 +76,18 @@ def prepare_inbox_folders(config: Config) -> dict[str, tuple[FolderId, FolderId]
                 f"{inbox.path} exists but is not a folder",
                 hint="move it away (nbankd never deletes it), then start nbankd again",
             ) from None
-        ids[str(inbox.path)] = prepare_folders(
+        work_id, rejected_id = prepare_folders(
             inbox.path, work=WORK_DIR_NAME, rejected=inbox.rejected_dir, owner=os.geteuid()
         )
+        try:
+            token = prove_work_folder(inbox.path, work=WORK_DIR_NAME, work_id=work_id)
+        except (Escape, Tampered, OSError) as err:
+            raise errors.ConfigError(
+                f"cannot write into {inbox.path / WORK_DIR_NAME}: {err}",
+                hint="the work folder must be the daemon's own; move it aside and start "
+                "nbankd again (it makes a new one)",
+            ) from None
+        ids[str(inbox.path)] = (work_id, rejected_id, token)
     return ids
 
 

@@ -9,9 +9,12 @@ or a non-folder anywhere on the way raises :class:`Escape`; nothing is followed.
 
 The work folder (``.nbank``) and the rejected folder are checked every time they
 are opened: real folders on the inbox's filesystem and, when the daemon recorded
-them at start (:func:`identity_of_folder`), the same device and inode. A folder
+them at start (:func:`prepare_folders`), the same device and inode. A folder
 that differs raises :class:`Tampered`: the inbox's deposits wait, named in
-``nbankctl status``, and nothing is followed into the replacement.
+``nbankctl status``, and nothing is followed into the replacement. Where the
+filesystem numbers folders anew at each mount (SSHFS), a work folder that holds the
+daemon's token (:mod:`nbankd.deposit.folderproof`) is its own all the same, and the
+rejected folder is then accepted too: the inbox was mounted again, not tampered with.
 
 Code that works on paths (copying, hashing, reading a sidecar) gets a path
 through the open descriptor, ``/proc/self/fd/N/NAME`` (:meth:`InboxFS.at`), valid
@@ -30,6 +33,7 @@ from types import TracebackType
 
 from nbankd import errors
 from nbankd.archive import fsops
+from nbankd.deposit import folderproof
 from nbankd.names import WORK_DIR_NAME
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -48,6 +52,14 @@ class Tampered(errors.NbankdError):
 
     code = "inbox-tampered"
     transient = True
+
+
+def prove_work_folder(root: Path, *, work: str, work_id: FolderId) -> str:
+    """Leaves a new token in the inbox's work folder, the one :func:`prepare_folders`
+    made and recorded as ``work_id`` (private to the daemon), and returns it: see
+    :mod:`nbankd.deposit.folderproof`. Raises Tampered if the folder was replaced."""
+    with InboxFS(root, work=work, work_id=work_id) as fs:
+        return folderproof.leave(fs.work)
 
 
 def prepare_folders(
@@ -117,12 +129,15 @@ class InboxFS:
         rejected: str = "rejected",
         work_id: FolderId | None = None,
         rejected_id: FolderId | None = None,
+        work_proof: str | None = None,
     ) -> None:
         self.root_path = root
         self.work_rel = work
         self.rejected_rel = rejected
         self.work_id = work_id
         self.rejected_id = rejected_id
+        self.work_proof = work_proof  # the token the daemon left in the work folder
+        self._remounted = False  # the work folder was recognised by its token
         self._fds: list[int] = []
         self.root = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         self.dev = os.fstat(self.root).st_dev
@@ -207,7 +222,9 @@ class InboxFS:
         st = os.fstat(fd)
         if rel == self.work_rel and stat.S_IMODE(st.st_mode) & 0o077:
             os.fchmod(fd, 0o700)  # the work folder stays private to the daemon
-        if st.st_dev != self.dev or (expect is not None and (st.st_dev, st.st_ino) != expect):
+        if st.st_dev != self.dev or (
+            expect is not None and (st.st_dev, st.st_ino) != expect and not self._proved(rel, fd)
+        ):
             raise Tampered(
                 f"the {what} {where} is not the folder nbankd made (another folder took its "
                 "place); deposits from this inbox wait",
@@ -215,6 +232,21 @@ class InboxFS:
                 "restart nbankd",
             )
         return fd
+
+    def _proved(self, rel: str, fd: int) -> bool:
+        """Whether a folder whose numbers changed is still the daemon's: the work folder
+        when it holds the token; the rejected folder when the work folder did (the
+        inbox was mounted again)."""
+        if self.work_proof is None:
+            return False
+        if rel == self.work_rel:
+            self._remounted = folderproof.holds(fd, self.work_proof)
+            return self._remounted
+        try:
+            self.work  # noqa: B018 - opening it is the check
+        except Tampered:
+            return False
+        return self._remounted
 
     @property
     def work(self) -> int:

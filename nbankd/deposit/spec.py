@@ -108,6 +108,7 @@ class InboxSpec:
     config_source: Path | None = None  # the daemon's configuration file (requeue hints)
     work_id: tuple[int, int] | None = None  # (device, inode) recorded at start
     rejected_id: tuple[int, int] | None = None
+    work_proof: str | None = None  # the token left in the work folder at start
 
     @classmethod
     def of(
@@ -118,6 +119,7 @@ class InboxSpec:
         config_source: Path | None = None,
         work_id: tuple[int, int] | None = None,
         rejected_id: tuple[int, int] | None = None,
+        work_proof: str | None = None,
     ) -> InboxSpec:
         """The spec of a configured inbox and the archive it deposits into."""
         return cls(
@@ -129,6 +131,7 @@ class InboxSpec:
             config_source=config_source,
             work_id=work_id,
             rejected_id=rejected_id,
+            work_proof=work_proof,
         )
 
     @property
@@ -156,6 +159,7 @@ class InboxSpec:
             rejected=os.path.relpath(self.rejected_dir, self.path),
             work_id=self.work_id,
             rejected_id=self.rejected_id,
+            work_proof=self.work_proof,
         )
 
     def rules(

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, wait_for, work_entries
 from nbankd.names import CANARY_NAME
 
 BACKENDS = ["embedded", "django"]
@@ -347,7 +347,7 @@ def test_kill9_during_burst_loses_nothing_and_duplicates_nothing(harness: Daemon
             assert record is not None and record.sha1 == sha1(data)
         records = list(reg.search(archive=harness.archive_name))
     assert len(records) == len(payloads) - 1
-    leftovers = [p for p in (harness.inbox / ".nbank").iterdir()]
+    leftovers = work_entries(harness.inbox / ".nbank")
     assert leftovers == []
     assert list((harness.archive / "staging").iterdir()) == []
     ours = (".nbank", "rejected", CANARY_NAME)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for, work_entries
 from nbankd.archive.opening import create_archive
 from nbankd.hashing import directory_hash
 
@@ -152,7 +152,7 @@ def test_file_changed_during_copy_is_put_back_and_deposited_when_finished(
     h.start(env={"NBANKD_PAUSE_AT": "stage-copied", "NBANKD_PAUSE_UNTIL": str(go)})
     h.drop("live.wav", b"first half ")
     claimed = wait_for(
-        lambda: [p for p in (h.inbox / ".nbank").iterdir() if p.is_file()],
+        lambda: [p for p in work_entries(h.inbox / ".nbank") if p.is_file()],
         30,
         "the file to be claimed",
     )[0]
@@ -339,7 +339,7 @@ def test_item_in_flight_finishes_by_its_intent_after_its_inbox_is_removed(
     release = h.root / "release"
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
     h.drop("intent01.dat", b"in flight across a reload")
-    wait_for(lambda: any((h.inbox / ".nbank").iterdir()), 30, "the input to be claimed")
+    wait_for(lambda: any(work_entries(h.inbox / ".nbank")), 30, "the input to be claimed")
 
     def other_inbox(cfg: dict[str, Any]) -> None:
         cfg["inboxes"][0]["path"] = str(h.root / "other-inbox")
@@ -350,7 +350,7 @@ def test_item_in_flight_finishes_by_its_intent_after_its_inbox_is_removed(
     h.stop()
     assert h.reasons() == []
     assert h.archive_files()["intent01.dat"].read_bytes() == b"in flight across a reload"
-    assert not any((h.inbox / ".nbank").iterdir())
+    assert not any(work_entries(h.inbox / ".nbank"))
 
 
 def _second_archive(h: DaemonHarness, cfg: dict[str, Any]) -> Path:
@@ -401,7 +401,7 @@ def test_item_whose_archive_is_removed_by_reload_is_parked_then_finished(
     release = h.root / "release"
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
     h.drop("parked01.dat", b"in flight across a reload")
-    wait_for(lambda: any((h.inbox / ".nbank").iterdir()), 30, "the input to be claimed")
+    wait_for(lambda: any(work_entries(h.inbox / ".nbank")), 30, "the input to be claimed")
 
     def only_b(cfg: dict[str, Any]) -> None:
         _second_archive(h, cfg)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, status_json, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
 from nbankd.daemon.scanning import REMOVAL_SCAN_GAP
 from nbankd.names import CANARY_NAME
 from nbankd.watch.observer import DEAF_SEAM
@@ -116,7 +116,7 @@ def test_own_claim_does_not_rescan_the_inbox_at_once(daemon_factory: Any) -> Non
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(go)})
     h.drop("held.dat", b"held right after its claim")
     work = h.inbox / ".nbank"
-    wait_for(lambda: any(work.iterdir()), what="the input to be claimed")
+    wait_for(lambda: any(work_entries(work)), what="the input to be claimed")
     _code, before, _ = _inbox_status(h)
     wait_for(
         lambda: _inbox_status(h)[1]["scans"] > before["scans"],

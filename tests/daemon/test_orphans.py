@@ -4,6 +4,7 @@ never touched; the daemon's own in-flight work files are not."""
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, status_json, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
 from nbankd.daemon.orphans import token_of, unowned, unowned_work_files
 from nbankd.deposit.journal import Journal
 
@@ -92,7 +93,7 @@ def test_own_work_file_in_flight_is_not_reported(daemon_factory: Any) -> None:
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(go)})
     h.drop("held.dat", b"held after its claim")
     work = h.inbox / ".nbank"
-    wait_for(lambda: work.is_dir() and any(work.iterdir()), what="the input to be claimed")
+    wait_for(lambda: work.is_dir() and any(work_entries(work)), what="the input to be claimed")
     _code, doc = status_json(h)
     [inbox] = doc["inboxes"]
     assert inbox["unowned_work_files"] == [] and not any(".nbank" in d for d in doc["degraded"])
@@ -105,7 +106,7 @@ def test_an_unreadable_work_folder_is_reported_not_a_crash(daemon_factory: Any) 
     degraded with what to check, instead of failing the command."""
     h: DaemonHarness = daemon_factory()
     h.start()
-    (h.inbox / ".nbank").rmdir()  # made empty at start; replaced while the daemon runs
+    shutil.rmtree(h.inbox / ".nbank")  # holds only the token at start; replaced while it runs
     (h.inbox / ".nbank").symlink_to(".nbank")
     code, doc = status_json(h)
     assert code == 1 and doc["inboxes"][0]["unowned_work_files"] == []

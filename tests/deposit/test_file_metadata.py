@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_zip_directories import drop_folder
 
-from fixtures.daemon import status_json, wait_for
+from fixtures.daemon import status_json, wait_for, work_entries
 from fixtures.steps_env import Env
 from nbankd.archive.staging import STAGED_PREFIX
 from nbankd.daemon.status import waiting_problems
@@ -210,7 +210,7 @@ def test_an_unloadable_reader_makes_the_daemon_degraded(
     assert line.startswith(f"inbox {h.inbox}: 1 input(s) waiting")
     assert "labreaders_missing_module" in line
     assert h.reasons() == [] and h.receipts() == []
-    assert len(os.listdir(h.inbox / WORK_DIR_NAME)) == 1
+    assert len(work_entries(h.inbox / WORK_DIR_NAME)) == 1
 
 
 # --- configuration ----------------------------------------------------------------------

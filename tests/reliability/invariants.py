@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fixtures.daemon import work_entries
 from nbankd.archive import opening
 from nbankd.deposit.lifecycle import FINAL
 from nbankd.hashing import DirectoryHasher, hash_path
@@ -365,8 +366,9 @@ def _check_leftovers(
         out.append(f"leftovers in {staging}: {sorted(os.listdir(staging))}")
     for inbox in inboxes:
         work = inbox / WORK_DIR
-        if work.is_dir() and os.listdir(work):
-            out.append(f"leftovers in {work}: {sorted(os.listdir(work))}")
+        left = sorted(p.name for p in work_entries(work)) if work.is_dir() else []
+        if left:
+            out.append(f"leftovers in {work}: {left}")
         ours = (WORK_DIR, rejected_name, CANARY_NAME)
         stray = sorted(n for n in os.listdir(inbox) if n not in ours)
         if stray:

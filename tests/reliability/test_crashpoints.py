@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, wait_for, work_entries
 from nbankd.archive.opening import create_archive
 from nbankd.control.client import call
 from nbankd.seams import DEPOSIT_POINTS as POINTS
@@ -188,7 +188,7 @@ def crash_and_recover(
         claimed = wait_for(
             lambda: [
                 p
-                for p in (batch.main / ".nbank").iterdir()
+                for p in work_entries(batch.main / ".nbank")
                 if p.is_file() and p.read_bytes()[:4] == b"GROW"
             ],
             30,

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, wait_for, work_entries
 from nbankd.hashing import sha1_file
 from nbankd.names import CANARY_NAME
 
@@ -205,7 +205,7 @@ def check_exactly_once(
             assert records[Path(name).stem].sha1 == sha1(data)
             assert len(list(reg.search(sha1=sha1(data)))) == 1, f"{name}: registered twice"
             assert not (h.inbox / name).exists(), f"{name}: source still in the inbox"
-    assert list((h.inbox / ".nbank").iterdir()) == [], "work folder not empty"
+    assert work_entries(h.inbox / ".nbank") == [], "work folder not empty"
     assert list((archive / "staging").iterdir()) == [], "staging/ not empty"
     return {"inputs": len(payloads), "losses": 0, "rejected": 0}
 
@@ -288,7 +288,7 @@ def test_archive_that_disappears_waits_then_resumes(
 
     def claimed() -> bool:
         names = [p.name for p in h.inbox.iterdir() if p.is_file() and p.name != CANARY_NAME]
-        return not names and len(list((h.inbox / ".nbank").iterdir())) == len(first)
+        return not names and len(work_entries(h.inbox / ".nbank")) == len(first)
 
     wait_for(claimed, 30, "the first inputs to be claimed")
     # "unmount" the export: an empty filesystem now covers the archive's parent
@@ -428,7 +428,7 @@ def test_full_state_directory_waits_then_drains(
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {Path(n).stem: sha1(d) for n, d in payloads.items()}
-    assert list((h.inbox / ".nbank").iterdir()) == []
+    assert work_entries(h.inbox / ".nbank") == []
     faults = sum("journal not writable" in ln for ln in h.log_path.read_text().splitlines())
     _figures.append(
         {

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, wait_for, work_entries
 from nbankd.archive.opening import create_archive
 from nbankd.control.client import call
 from reliability import figures
@@ -235,7 +235,7 @@ def run_paused(
     run.made[row.key] = made
     work = run.h.inbox / ".nbank"
     claimed = wait_for(
-        lambda: [p for p in work.iterdir() if not p.name.endswith((".yaml", ".json"))],
+        lambda: [p for p in work_entries(work) if not p.name.endswith((".yaml", ".json"))],
         30,
         "the input to be claimed",
     )[0]

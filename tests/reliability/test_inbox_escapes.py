@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, status_json, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
 from reliability import figures
 
 FILES = 60
@@ -210,7 +210,7 @@ def test_sidecar_folder_swapped_after_the_claim_loses_nothing(daemon_factory: An
     [receipt] = h.receipts()
     assert receipt["id"] == "stranded"
     assert h.archive_files()["stranded.dat"].read_bytes() == b"claimed, then its folder swapped"
-    assert list((h.inbox / ".nbank").iterdir()) == []
+    assert work_entries(h.inbox / ".nbank") == []
     assert _tree(outside) == before
     h.stop()
 

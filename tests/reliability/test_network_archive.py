@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, status_json, wait_for
+from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
 from fixtures.daemon import nbankctl as ctl
 from fixtures.sshfs import Sshfs, SshfsMount
 from nbankd.hashing import sha1_file
@@ -316,14 +316,9 @@ def test_polled_inbox_on_sshfs_deposits(sshfs: Sshfs, daemon_factory: Any) -> No
         30,
         "the inputs to leave the inbox on the server",
     )
-    assert list((server_inbox / WORK_DIR_NAME).iterdir()) == []
+    assert work_entries(server_inbox / WORK_DIR_NAME) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/network-filesystems.md, SSHFS): the work folder's inode "
-    "number changes at a remount, so deposits from the inbox wait until a reload",
-)
 def test_polled_inbox_on_sshfs_mounted_again_keeps_depositing(
     sshfs: Sshfs, daemon_factory: Any
 ) -> None:

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import NBANKD, DaemonHarness, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, wait_for, work_entries
 from reliability import figures
 
 
@@ -105,7 +105,7 @@ def test_state_dir_removed_while_running_stops_deposits(daemon_factory: Any) -> 
 
     wait_for(ready_but_left, 30, "a scan to find after.wav ready and leave it alone")
     assert src.read_bytes() == b"must stay where it is"
-    assert not (h.inbox / ".nbank").exists() or list((h.inbox / ".nbank").iterdir()) == []
+    assert not (h.inbox / ".nbank").exists() or work_entries(h.inbox / ".nbank") == []
     h.stop()
 
 

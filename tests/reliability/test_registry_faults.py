@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import requests
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, wait_for, work_entries
 from fixtures.django_server import DjangoServer, unique_name
 from fixtures.fault_proxy import FaultProxy
 
@@ -186,7 +186,7 @@ def check_exactly_once(
     in_archive = server_search(server, archive=h.archive_name)
     assert sorted(r["name"] for r in in_archive) == sorted(r["id"] for r in receipts)
     assert sorted(files) == sorted(f"{r['id']}.dat" for r in receipts)
-    assert list((h.inbox / ".nbank").iterdir()) == [], "work folder not empty"
+    assert work_entries(h.inbox / ".nbank") == [], "work folder not empty"
     assert list((h.archive / "staging").iterdir()) == [], "staging/ not empty"
     return {"inputs": len(payloads), "losses": 0, "registered_twice": twice, "rejected": 0}
 
