@@ -8,4 +8,5 @@ pytest_plugins = [
     "fixtures.cli_backends",
     "fixtures.fault_proxy",
     "fixtures.sshfs",
+    "fixtures.mountns",
 ]

@@ -364,6 +364,10 @@ def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     worker = threading.Thread(target=daemon.reload, name="reload", daemon=True)
     worker.start()
     worker.join(RELOAD_WAIT)
+    if not worker.is_alive() and daemon.reload_problem is not None:
+        raise errors.ConfigError(
+            f"reload failed; the running configuration is kept: {daemon.reload_problem}"
+        )
     result: dict[str, Any] = {
         "source": str(source),
         "done": not worker.is_alive(),

@@ -35,7 +35,9 @@ def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
     return sorted(
         n
         for n in names
-        if token_of(n) not in known and not n.startswith(".nfs") and n != folderproof.PROOF_NAME
+        if token_of(n) not in known
+        and not n.startswith(".nfs")
+        and n not in (folderproof.PROOF_NAME, folderproof.TEMP_NAME)
     )
 
 

@@ -86,6 +86,7 @@ class Daemon(DepositWorkers, InboxScanning):
         self.registry_problem: str | None = None  # seen by deposit steps
         self.registry_setup = RegistrySetup(clock)
         self.last_error: dict[str, Any] | None = None
+        self.reload_problem: str | None = None  # why the last reload kept the old setup
         self.last_deposit: dict[str, Any] | None = None
         self.tally = Tally()  # what finished since the start (metrics)
         self.capabilities: dict[str, Capabilities] = {}  # archive name -> what its fs can do
@@ -235,17 +236,27 @@ class Daemon(DepositWorkers, InboxScanning):
         sd = getattr(self.notifier, "notifier", None)  # sd_notify, when run by the CLI
         if sd is not None:
             sd.reloading()
+        self.reload_problem = None
         try:
             cfg = load_config(self.config.source)
         except errors.ConfigError as err:
+            self.reload_problem = str(err)
             log.error("reload failed; keeping the running configuration", error=str(err))
             if sd is not None:
                 sd.ready()
             return
         old = self.config
         with self._lock:
+            try:
+                self._apply_config(cfg)  # its folders first: nothing changed if they fail
+            except errors.NbankdError as err:
+                self.reload_problem = str(err)
+                log.error("reload failed; keeping the running configuration", error=str(err))
+                if sd is not None:
+                    sd.ready()
+                return
             self.config = cfg
-            self._apply_config(cfg)
+            self.reload_problem = None
         if (cfg.registry, cfg.registry_url, cfg.registry_auth) != (
             old.registry,
             old.registry_url,

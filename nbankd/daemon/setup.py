@@ -18,7 +18,7 @@ from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.probe import Capabilities, probe
 from nbankd.config import Config
-from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_work_folder
+from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_folders
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.base import Registry
@@ -40,34 +40,37 @@ def prepare_state_dir(state_dir: Path) -> None:
     (state_dir / "receipts").mkdir(exist_ok=True, mode=0o750)
 
 
-InboxFolders = tuple[FolderId, FolderId, str]  # work and rejected folders, work token
+#: an inbox's work and rejected folders' identities, the work folder's token and the
+#: rejected folder's owner (the last two None when the token could not be written)
+InboxFolders = tuple[FolderId, FolderId, str | None, int | None]
 
 
 def inbox_specs(
     config: Config, folders: dict[str, InboxFolders] | None = None
 ) -> dict[str, InboxSpec]:
-    """The run-time view of each inbox; ``folders`` holds the work and rejected
-    folders' identities and the work folder's token :func:`prepare_inbox_folders`
-    recorded."""
+    """The run-time view of each inbox; ``folders`` holds what
+    :func:`prepare_inbox_folders` recorded of its work and rejected folders."""
     specs: dict[str, InboxSpec] = {}
     for inbox in config.inboxes:
         found = (folders or {}).get(str(inbox.path))
+        work_id, rejected_id, proof, owner = found or (None, None, None, None)
         specs[str(inbox.path)] = InboxSpec.of(
             inbox,
             config.archive_for(inbox),
             config_source=config.source,
-            work_id=found[0] if found else None,
-            rejected_id=found[1] if found else None,
-            work_proof=found[2] if found else None,
+            work_id=work_id,
+            rejected_id=rejected_id,
+            work_proof=proof,
+            rejected_owner=owner,
         )
     return specs
 
 
 def prepare_inbox_folders(config: Config) -> dict[str, InboxFolders]:
     """Creates missing inbox, work and rejected folders (work folder private to the
-    daemon) without following links, and leaves a new token in each work folder;
-    returns inbox key -> (work, rejected identities, token)."""
-    ids = {}
+    daemon) without following links, and leaves a token in each work folder (see
+    :mod:`nbankd.deposit.folderproof`); returns inbox key -> what it recorded."""
+    ids: dict[str, InboxFolders] = {}
     for inbox in config.inboxes:
         try:
             inbox.path.mkdir(parents=True, exist_ok=True, mode=0o777)
@@ -79,15 +82,24 @@ def prepare_inbox_folders(config: Config) -> dict[str, InboxFolders]:
         work_id, rejected_id = prepare_folders(
             inbox.path, work=WORK_DIR_NAME, rejected=inbox.rejected_dir, owner=os.geteuid()
         )
+        proof: str | None = None
+        owner: int | None = None
         try:
-            token = prove_work_folder(inbox.path, work=WORK_DIR_NAME, work_id=work_id)
-        except (Escape, Tampered, OSError) as err:
-            raise errors.ConfigError(
-                f"cannot write into {inbox.path / WORK_DIR_NAME}: {err}",
-                hint="the work folder must be the daemon's own; move it aside and start "
-                "nbankd again (it makes a new one)",
-            ) from None
-        ids[str(inbox.path)] = (work_id, rejected_id, token)
+            proof, owner = prove_folders(
+                inbox.path,
+                work=WORK_DIR_NAME,
+                work_id=work_id,
+                rejected=inbox.rejected_dir,
+                rejected_id=rejected_id,
+            )
+        except (Escape, Tampered, OSError) as err:  # a full filesystem: deposits go on
+            log.warning(
+                "cannot leave the work folder's token; after a remount renumbering the "
+                "inbox's folders (SSHFS), deposits from it wait for a reload",
+                inbox=str(inbox.path),
+                error=str(err),
+            )
+        ids[str(inbox.path)] = (work_id, rejected_id, proof, owner)
     return ids
 
 

@@ -13,8 +13,9 @@ them at start (:func:`prepare_folders`), the same device and inode. A folder
 that differs raises :class:`Tampered`: the inbox's deposits wait, named in
 ``nbankctl status``, and nothing is followed into the replacement. Where the
 filesystem numbers folders anew at each mount (SSHFS), a work folder that holds the
-daemon's token (:mod:`nbankd.deposit.folderproof`) is its own all the same, and the
-rejected folder is then accepted too: the inbox was mounted again, not tampered with.
+daemon's token (:mod:`nbankd.deposit.folderproof`) is its own all the same, and a
+renumbered rejected folder is accepted beside it while it belongs to the user it
+belonged to at start: the inbox was mounted again, not tampered with.
 
 Code that works on paths (copying, hashing, reading a sidecar) gets a path
 through the open descriptor, ``/proc/self/fd/N/NAME`` (:meth:`InboxFS.at`), valid
@@ -54,12 +55,17 @@ class Tampered(errors.NbankdError):
     transient = True
 
 
-def prove_work_folder(root: Path, *, work: str, work_id: FolderId) -> str:
-    """Leaves a new token in the inbox's work folder, the one :func:`prepare_folders`
-    made and recorded as ``work_id`` (private to the daemon), and returns it: see
-    :mod:`nbankd.deposit.folderproof`. Raises Tampered if the folder was replaced."""
-    with InboxFS(root, work=work, work_id=work_id) as fs:
-        return folderproof.leave(fs.work)
+def prove_folders(
+    root: Path, *, work: str, work_id: FolderId, rejected: str, rejected_id: FolderId
+) -> tuple[str, int]:
+    """Leaves a token in the inbox's work folder, the one :func:`prepare_folders` made
+    and recorded as ``work_id`` (private to the daemon), or keeps the one it holds, and
+    returns it with the uid owning the rejected folder recorded as ``rejected_id``:
+    see :mod:`nbankd.deposit.folderproof`. Raises Tampered if either was replaced,
+    OSError if the token cannot be written (a full filesystem)."""
+    ids = {"work_id": work_id, "rejected_id": rejected_id}
+    with InboxFS(root, work=work, rejected=rejected, **ids) as fs:
+        return folderproof.leave(fs.work), os.fstat(fs.rejected).st_uid
 
 
 def prepare_folders(
@@ -130,6 +136,7 @@ class InboxFS:
         work_id: FolderId | None = None,
         rejected_id: FolderId | None = None,
         work_proof: str | None = None,
+        rejected_owner: int | None = None,
     ) -> None:
         self.root_path = root
         self.work_rel = work
@@ -137,7 +144,7 @@ class InboxFS:
         self.work_id = work_id
         self.rejected_id = rejected_id
         self.work_proof = work_proof  # the token the daemon left in the work folder
-        self._remounted = False  # the work folder was recognised by its token
+        self.rejected_owner = rejected_owner  # the rejected folder's uid at start
         self._fds: list[int] = []
         self.root = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         self.dev = os.fstat(self.root).st_dev
@@ -234,19 +241,20 @@ class InboxFS:
         return fd
 
     def _proved(self, rel: str, fd: int) -> bool:
-        """Whether a folder whose numbers changed is still the daemon's: the work folder
-        when it holds the token; the rejected folder when the work folder did (the
-        inbox was mounted again)."""
+        """Whether a folder whose numbers changed is still the daemon's (SSHFS numbers
+        folders anew at a mount, and whenever the kernel forgets one): the work folder
+        when it holds the token; the rejected folder when the work folder is the
+        daemon's and it belongs to the user it belonged to at start (an inbox writer
+        cannot make a folder of someone else's)."""
         if self.work_proof is None:
             return False
         if rel == self.work_rel:
-            self._remounted = folderproof.holds(fd, self.work_proof)
-            return self._remounted
+            return folderproof.holds(fd, self.work_proof)
         try:
             self.work  # noqa: B018 - opening it is the check
         except Tampered:
             return False
-        return self._remounted
+        return self.rejected_owner is not None and os.fstat(fd).st_uid == self.rejected_owner
 
     @property
     def work(self) -> int:

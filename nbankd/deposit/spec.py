@@ -109,6 +109,7 @@ class InboxSpec:
     work_id: tuple[int, int] | None = None  # (device, inode) recorded at start
     rejected_id: tuple[int, int] | None = None
     work_proof: str | None = None  # the token left in the work folder at start
+    rejected_owner: int | None = None  # the rejected folder's uid at start
 
     @classmethod
     def of(
@@ -120,6 +121,7 @@ class InboxSpec:
         work_id: tuple[int, int] | None = None,
         rejected_id: tuple[int, int] | None = None,
         work_proof: str | None = None,
+        rejected_owner: int | None = None,
     ) -> InboxSpec:
         """The spec of a configured inbox and the archive it deposits into."""
         return cls(
@@ -132,6 +134,7 @@ class InboxSpec:
             work_id=work_id,
             rejected_id=rejected_id,
             work_proof=work_proof,
+            rejected_owner=rejected_owner,
         )
 
     @property
@@ -160,6 +163,7 @@ class InboxSpec:
             work_id=self.work_id,
             rejected_id=self.rejected_id,
             work_proof=self.work_proof,
+            rejected_owner=self.rejected_owner,
         )
 
     def rules(

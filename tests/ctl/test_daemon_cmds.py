@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fixtures.daemon import DaemonHarness, wait_for
 
@@ -370,6 +371,26 @@ def test_reload_with_a_broken_file_is_refused_and_the_daemon_keeps_running(
     h.config_path.write_text(good)
     assert ctl(h, "reload").returncode == 0
     assert ctl(h, "status").returncode == 0
+
+
+def test_reload_that_cannot_prepare_an_inbox_fails_naming_it_and_keeps_the_old_setup(
+    h: DaemonHarness,
+) -> None:
+    """reload adding an inbox whose path is a file exits 2 naming it; the running
+    configuration stays, and a corrected file reloads."""
+    good = h.config_path.read_text()
+    blocked = h.root / "not-a-folder"
+    blocked.write_bytes(b"someone's file")
+    config = yaml.safe_load(good)
+    config["inboxes"].append({**config["inboxes"][0], "path": str(blocked)})
+    h.config_path.write_text(yaml.safe_dump(config))
+    proc = ctl(h, "reload")
+    assert proc.returncode == 2, proc.stderr
+    assert "reload failed" in proc.stderr and str(blocked) in proc.stderr
+    assert [i["path"] for i in ctl_json(h, "status")["inboxes"]] == [str(h.inbox)]
+    h.config_path.write_text(good)
+    assert ctl(h, "reload").returncode == 0
+    assert blocked.read_bytes() == b"someone's file"
 
 
 def test_options_before_the_command_are_kept(tmp_path: Path) -> None:

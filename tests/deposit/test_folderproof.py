@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbankd.deposit import folderproof
-from nbankd.deposit.inboxfs import InboxFS, Tampered, prepare_folders, prove_work_folder
+from nbankd.deposit.inboxfs import InboxFS, Tampered, prepare_folders, prove_folders
 from nbankd.names import WORK_DIR_NAME
 
 
@@ -29,6 +29,12 @@ def _renumbered(folder_id: tuple[int, int]) -> tuple[int, int]:
     return folder_id[0], folder_id[1] + 1_000_003
 
 
+def _prove(inbox: Path, work_id: tuple[int, int], rejected_id: tuple[int, int]) -> tuple[str, int]:
+    return prove_folders(
+        inbox, work=WORK_DIR_NAME, work_id=work_id, rejected="rejected", rejected_id=rejected_id
+    )
+
+
 def test_a_folder_holds_the_token_left_in_it(tmp_path: Path) -> None:
     """holds() is true for the token leave() wrote, and false for any other."""
     folder = tmp_path / "w"
@@ -37,8 +43,21 @@ def test_a_folder_holds_the_token_left_in_it(tmp_path: Path) -> None:
     try:
         token = folderproof.leave(fd)
         assert folderproof.holds(fd, token)
-        assert not folderproof.holds(fd, folderproof.leave(fd) + "x")
-        assert not folderproof.holds(fd, token)  # replaced by the second leave()
+        assert not folderproof.holds(fd, "0" * 64)
+    finally:
+        os.close(fd)
+
+
+def test_the_token_is_kept_across_restarts(tmp_path: Path) -> None:
+    """A folder that holds a token keeps it: leaving one again writes nothing new."""
+    folder = tmp_path / "w"
+    folder.mkdir(mode=0o700)
+    fd = _open(folder)
+    try:
+        token = folderproof.leave(fd)
+        before = os.stat(folder / folderproof.PROOF_NAME).st_ino
+        assert folderproof.leave(fd) == token
+        assert os.stat(folder / folderproof.PROOF_NAME).st_ino == before
     finally:
         os.close(fd)
 
@@ -76,12 +95,13 @@ def test_renumbered_work_folder_with_its_token_is_the_daemons(inbox: Path) -> No
     """After a remount that numbered the folders anew, the work folder holding the
     token is accepted, and so is the rejected folder."""
     work_id, rejected_id = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    token = prove_work_folder(inbox, work=WORK_DIR_NAME, work_id=work_id)
+    token, owner = _prove(inbox, work_id, rejected_id)
     with InboxFS(
         inbox,
         work_id=_renumbered(work_id),
         rejected_id=_renumbered(rejected_id),
         work_proof=token,
+        rejected_owner=owner,
     ) as fs:
         assert os.fstat(fs.rejected).st_ino == rejected_id[1]
         assert os.fstat(fs.work).st_ino == work_id[1]
@@ -94,25 +114,47 @@ def test_renumbered_work_folder_with_its_token_is_the_daemons(inbox: Path) -> No
 
 def test_replaced_work_folder_is_refused_though_a_token_is_expected(inbox: Path) -> None:
     """A new folder put where the work folder was holds no token: it is refused."""
-    work_id, _ = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    token = prove_work_folder(inbox, work=WORK_DIR_NAME, work_id=work_id)
+    work_id, rejected_id = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
+    token, _owner = _prove(inbox, work_id, rejected_id)
     os.rename(inbox / WORK_DIR_NAME, inbox / "moved-away")
     (inbox / WORK_DIR_NAME).mkdir(mode=0o700)
     with InboxFS(inbox, work_id=work_id, work_proof=token) as fs, pytest.raises(Tampered):
         fs.work  # noqa: B018 - opening it is the check
 
 
-def test_replaced_rejected_folder_is_refused_when_the_work_folder_is_unchanged(
-    inbox: Path,
-) -> None:
-    """Without a remount (the work folder keeps its numbers), another rejected folder
-    is tampering, token or not."""
+def test_rejected_folder_renumbered_alone_is_accepted(inbox: Path) -> None:
+    """SSHFS renumbers a folder the kernel forgot, without a remount: a rejected folder
+    with other numbers but its owner at start is accepted beside the daemon's work
+    folder."""
     work_id, rejected_id = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    token = prove_work_folder(inbox, work=WORK_DIR_NAME, work_id=work_id)
+    token, owner = _prove(inbox, work_id, rejected_id)
+    with InboxFS(
+        inbox,
+        work_id=work_id,
+        rejected_id=_renumbered(rejected_id),
+        work_proof=token,
+        rejected_owner=owner,
+    ) as fs:
+        assert os.fstat(fs.rejected).st_ino == rejected_id[1]
+
+
+@pytest.mark.parametrize("remounted", [False, True])
+def test_a_writers_own_rejected_folder_is_refused(inbox: Path, remounted: bool) -> None:
+    """A folder of another user put in the rejected folder's place is tampering, before
+    or after a remount, whatever the work folder proves."""
+    work_id, rejected_id = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
+    token, owner = _prove(inbox, work_id, rejected_id)
     os.rename(inbox / "rejected", inbox / "old-rejected")
     (inbox / "rejected").mkdir()
+    os.chown(inbox / "rejected", 65534, 65534)  # the writer's own folder
     with (
-        InboxFS(inbox, work_id=work_id, rejected_id=rejected_id, work_proof=token) as fs,
+        InboxFS(
+            inbox,
+            work_id=_renumbered(work_id) if remounted else work_id,
+            rejected_id=rejected_id,
+            work_proof=token,
+            rejected_owner=owner,
+        ) as fs,
         pytest.raises(Tampered),
     ):
         fs.rejected  # noqa: B018 - opening it is the check
@@ -121,7 +163,7 @@ def test_replaced_rejected_folder_is_refused_when_the_work_folder_is_unchanged(
 def test_renumbered_work_folder_without_a_recorded_token_is_refused(inbox: Path) -> None:
     """An inbox whose token was never recorded (a manual deposit's) keeps the old rule:
     other numbers are another folder."""
-    work_id, _ = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    prove_work_folder(inbox, work=WORK_DIR_NAME, work_id=work_id)
+    work_id, rejected_id = prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
+    _prove(inbox, work_id, rejected_id)
     with InboxFS(inbox, work_id=_renumbered(work_id)) as fs, pytest.raises(Tampered):
         fs.work  # noqa: B018 - opening it is the check

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for, work_entries
+from fixtures.mountns import MountNamespace
 from nbankd.hashing import sha1_file
 from nbankd.names import CANARY_NAME
 
@@ -61,68 +61,6 @@ def _write_figures() -> Iterator[None]:
         )
         + "\n"
     )
-
-
-# --- a private mount namespace ----------------------------------------------------------
-
-
-class MountNamespace:
-    """A mount namespace kept alive by a holder process; gone when the holder and users end."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "--", "cat"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-        )
-        ours = os.readlink("/proc/self/ns/mnt")
-
-        def entered() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"unshare -m exited with {self.proc.returncode}")
-            return os.readlink(f"/proc/{self.proc.pid}/ns/mnt") != ours
-
-        wait_for(entered, 10, "the holder to enter its own mount namespace")
-
-    @property
-    def enter(self) -> list[str]:
-        """A command prefix that runs a program inside this namespace."""
-        return ["nsenter", "-t", str(self.proc.pid), "-m", "--"]
-
-    def run(self, *argv: str | os.PathLike[str]) -> None:
-        out = subprocess.run(
-            [*self.enter, *map(os.fspath, argv)], capture_output=True, text=True, timeout=60
-        )
-        if out.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, argv))} failed: {out.stderr.strip()}")
-
-    def mount_tmpfs(self, where: Path, size: str) -> None:
-        self.run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "nbankd-test", where)
-
-    def view(self, path: Path) -> Path:
-        """``path`` as this namespace sees it, reachable from the test's namespace."""
-        return Path(f"/proc/{self.proc.pid}/root") / Path(path).relative_to("/")
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def mount_ns() -> Iterator[MountNamespace]:
-    """A private mount namespace for this test (needs root, unshare and nsenter)."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("nsenter")):
-        pytest.skip("needs root, unshare and nsenter to mount a private tmpfs")
-    ns = MountNamespace()
-    try:
-        yield ns
-    finally:
-        ns.close()
 
 
 def tmpfs_archive(daemon_factory: Any, ns: MountNamespace, size: str) -> tuple[DaemonHarness, Path]:

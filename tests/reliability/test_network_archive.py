@@ -402,3 +402,29 @@ def test_archive_mount_lost_mid_burst_waits_then_drains(
     assert waiting_in_inbox(h) == {}, "inputs left in the inbox or its work folder"
     staging = on_server(mount, h.archive / "staging")
     assert [p.name for p in staging.iterdir() if p.name.startswith(".nbankd-")] == []
+
+
+def test_polled_inbox_on_sshfs_rejects_after_its_rejected_folder_is_renumbered(
+    sshfs: Sshfs, daemon_factory: Any
+) -> None:
+    """SSHFS numbers a folder anew once the kernel forgets it (no remount needed): with
+    the work folder in use and the rejected folder renumbered, a rejection still lands
+    in the rejected folder instead of waiting as tampering."""
+    mount = sshfs.mount("renumbered")
+    h: DaemonHarness = daemon_factory(inbox_options={"watch": "poll"})
+    h.inbox = mount.mountpoint / "inbox"
+    h.rejected = h.inbox / "rejected"
+    server_inbox = on_server(mount, h.inbox)
+    server_inbox.mkdir()
+    h.start()
+    before = os.stat(h.rejected).st_ino
+    pin = os.open(h.inbox / WORK_DIR_NAME, os.O_RDONLY | os.O_DIRECTORY)  # keeps its number
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        assert os.stat(h.rejected).st_ino != before, "SSHFS kept the folder's number"
+        (server_inbox / "empty.dat").write_bytes(b"")  # refused: an empty file
+        wait_for(lambda: h.reasons(), 30, "the rejection")
+    finally:
+        os.close(pin)
+    [reason] = h.reasons()
+    assert reason["code"] == "empty", reason
