@@ -63,6 +63,18 @@ def daemon_on(daemon_factory: Any, mount: SshfsMount, **kwargs: Any) -> DaemonHa
     return h
 
 
+def polled_inbox_on(mount: SshfsMount, daemon_factory: Any) -> tuple[DaemonHarness, Path]:
+    """A started daemon whose inbox (``watch: poll``) is on ``mount``; (harness, the inbox
+    as the server sees it)."""
+    h: DaemonHarness = daemon_factory(inbox_options={"watch": "poll"})
+    h.inbox = mount.mountpoint / "inbox"
+    h.rejected = h.inbox / "rejected"
+    server_inbox = on_server(mount, h.inbox)
+    server_inbox.mkdir()
+    h.start()
+    return h, server_inbox
+
+
 def on_server(mount: SshfsMount, path: Path | str) -> Path:
     """The server's own copy of a path under the mount (what another host reads)."""
     return mount.remote / Path(path).relative_to(mount.mountpoint)
@@ -292,12 +304,7 @@ def test_polled_inbox_on_sshfs_deposits(sshfs: Sshfs, daemon_factory: Any) -> No
     never sees) are found by ``watch: poll`` through SSHFS and deposited; the inbox and
     its work folder end empty."""
     mount = sshfs.mount("rig")
-    h: DaemonHarness = daemon_factory(inbox_options={"watch": "poll"})
-    h.inbox = mount.mountpoint / "inbox"
-    h.rejected = h.inbox / "rejected"
-    server_inbox = on_server(mount, h.inbox)
-    server_inbox.mkdir()
-    h.start()
+    h, server_inbox = polled_inbox_on(mount, daemon_factory)
     payloads = {f"rig{i:02d}.dat": os.urandom(size) for i, size in enumerate([2 * MiB, 5000, 77])}
     for name, data in payloads.items():  # the rig writes beside the inbox, then renames in
         tmp = mount.remote / f".{name}.part"
@@ -325,12 +332,7 @@ def test_polled_inbox_on_sshfs_mounted_again_keeps_depositing(
     """The inbox's SSHFS mount is unmounted and mounted again (same server folder): the
     next file written on the server is deposited too."""
     mount = sshfs.mount("remount")
-    h: DaemonHarness = daemon_factory(inbox_options={"watch": "poll"})
-    h.inbox = mount.mountpoint / "inbox"
-    h.rejected = h.inbox / "rejected"
-    server_inbox = on_server(mount, h.inbox)
-    server_inbox.mkdir()
-    h.start()
+    h, server_inbox = polled_inbox_on(mount, daemon_factory)
     (server_inbox / "before.dat").write_bytes(os.urandom(5000))
     h.wait_settled(1, timeout=30)
     mount.unmount(lazy=True)
@@ -411,12 +413,7 @@ def test_polled_inbox_on_sshfs_rejects_after_its_rejected_folder_is_renumbered(
     the work folder in use and the rejected folder renumbered, a rejection still lands
     in the rejected folder instead of waiting as tampering."""
     mount = sshfs.mount("renumbered")
-    h: DaemonHarness = daemon_factory(inbox_options={"watch": "poll"})
-    h.inbox = mount.mountpoint / "inbox"
-    h.rejected = h.inbox / "rejected"
-    server_inbox = on_server(mount, h.inbox)
-    server_inbox.mkdir()
-    h.start()
+    h, server_inbox = polled_inbox_on(mount, daemon_factory)
     before = os.stat(h.rejected).st_ino
     pin = os.open(h.inbox / WORK_DIR_NAME, os.O_RDONLY | os.O_DIRECTORY)  # keeps its number
     try:
