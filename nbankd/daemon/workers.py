@@ -137,7 +137,8 @@ class DepositWorkers:
             self.request_rescan(item.inbox)
         if item.state is State.REJECTED and manual.ManualInbox.from_key(item.inbox):
             manual.return_rejected(item)  # as nbank, a refused file stays where it was
-        self._wake.set()
+        if item.state not in FINAL:
+            self._wake.set()  # a new backoff for the main loop to wait for
         return item
 
     def _resubmit_due(self, now: float) -> float | None:
