@@ -41,45 +41,41 @@ WATCH_MODES = ("inotify", "poll")
 def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
     """The metric families of one status document and the running totals."""
     out: list[Metric] = []
-    deposits = CounterMetricFamily(
-        "nbankd_deposits", "Inputs deposited", labels=["inbox", "archive", "outcome"]
-    )
-    for (inbox, archive, outcome), n in sorted(tally.deposits.items()):
-        deposits.add_metric([inbox, archive, outcome], n)
-    out.append(deposits)
-    stored = CounterMetricFamily(
-        "nbankd_deposited_bytes", "Bytes of the inputs deposited", labels=["inbox", "archive"]
-    )
-    for (inbox, archive), n in sorted(tally.deposited_bytes.items()):
-        stored.add_metric([inbox, archive], n)
-    out.append(stored)
-    rejections = CounterMetricFamily(
-        "nbankd_rejections", "Inputs moved to the rejected folder", labels=["inbox", "code"]
-    )
-    for (inbox, code), n in sorted(tally.rejections.items()):
-        rejections.add_metric([inbox, code], n)
-    out.append(rejections)
-    failures = CounterMetricFamily(
-        "nbankd_step_failures",
-        "Deposit steps that failed and are retried, by error code",
-        labels=["code"],
-    )
-    for code, n in sorted(tally.failures.items()):
-        failures.add_metric([code], n)
-    out.append(failures)
-    registry_errors = CounterMetricFamily(
-        "nbankd_registry_errors", "Deposit steps that failed on a registry error (retried)"
-    )
-    registry_errors.add_metric([], tally.registry_errors)
-    out.append(registry_errors)
-    archive_errors = CounterMetricFamily(
-        "nbankd_archive_errors",
-        "Deposit steps that failed on an archive error (retried), by archive",
-        labels=["archive"],
-    )
-    for archive, n in sorted(tally.archive_errors.items()):
-        archive_errors.add_metric([archive], n)
-    out.append(archive_errors)
+    counted: list[tuple[str, str, list[str], Mapping[Any, float]]] = [
+        ("nbankd_deposits", "Inputs deposited", ["inbox", "archive", "outcome"], tally.deposits),
+        (
+            "nbankd_deposited_bytes",
+            "Bytes of the inputs deposited",
+            ["inbox", "archive"],
+            tally.deposited_bytes,
+        ),
+        (
+            "nbankd_rejections",
+            "Inputs moved to the rejected folder",
+            ["inbox", "code"],
+            tally.rejections,
+        ),
+        (
+            "nbankd_step_failures",
+            "Deposit steps that failed and are retried, by error code",
+            ["code"],
+            tally.failures,
+        ),
+        (
+            "nbankd_registry_errors",
+            "Deposit steps that failed on a registry error (retried)",
+            [],
+            {(): tally.registry_errors},
+        ),
+        (
+            "nbankd_archive_errors",
+            "Deposit steps that failed on an archive error (retried), by archive",
+            ["archive"],
+            tally.archive_errors,
+        ),
+    ]
+    for name, doc, labels, values in counted:
+        out.append(_filled(CounterMetricFamily(name, doc, labels=labels), values))
     latency = HistogramMetricFamily(
         "nbankd_deposit_latency_seconds",
         "From an input's claim being journaled to its deposit",
@@ -92,17 +88,27 @@ def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         latency.add_metric([inbox], buckets, hist.total)
     out.append(latency)
-    last = GaugeMetricFamily(
-        "nbankd_last_deposit_timestamp_seconds",
-        "When the inbox's last deposit finished (since this daemon started)",
-        labels=["inbox"],
+    out.append(
+        _filled(
+            GaugeMetricFamily(
+                "nbankd_last_deposit_timestamp_seconds",
+                "When the inbox's last deposit finished (since this daemon started)",
+                labels=["inbox"],
+            ),
+            tally.last_deposit,
+        )
     )
-    for inbox, when in sorted(tally.last_deposit.items()):
-        last.add_metric([inbox], when)
-    out.append(last)
     out += _inbox_families(status)
     out += _health_families(status)
     return out
+
+
+def _filled(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[Any, float]) -> Metric:
+    """``family`` with one sample per key of ``values``, in key order; a key is one
+    label's value or a tuple of them (``()`` for a family without labels)."""
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
 
 
 def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
