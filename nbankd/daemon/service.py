@@ -237,26 +237,18 @@ class Daemon(DepositWorkers, InboxScanning):
         if sd is not None:
             sd.reloading()
         self.reload_problem = None
+        old = self.config
         try:
-            cfg = load_config(self.config.source)
-        except errors.ConfigError as err:
+            cfg = load_config(old.source)
+            with self._lock:
+                self._apply_config(cfg)  # its folders first: nothing changed if they fail
+                self.config = cfg
+        except errors.NbankdError as err:
             self.reload_problem = str(err)
             log.error("reload failed; keeping the running configuration", error=str(err))
             if sd is not None:
                 sd.ready()
             return
-        old = self.config
-        with self._lock:
-            try:
-                self._apply_config(cfg)  # its folders first: nothing changed if they fail
-            except errors.NbankdError as err:
-                self.reload_problem = str(err)
-                log.error("reload failed; keeping the running configuration", error=str(err))
-                if sd is not None:
-                    sd.ready()
-                return
-            self.config = cfg
-            self.reload_problem = None
         if (cfg.registry, cfg.registry_url, cfg.registry_auth) != (
             old.registry,
             old.registry_url,

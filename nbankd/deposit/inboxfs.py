@@ -63,8 +63,9 @@ def prove_folders(
     returns it with the uid owning the rejected folder recorded as ``rejected_id``:
     see :mod:`nbankd.deposit.folderproof`. Raises Tampered if either was replaced,
     OSError if the token cannot be written (a full filesystem)."""
-    ids = {"work_id": work_id, "rejected_id": rejected_id}
-    with InboxFS(root, work=work, rejected=rejected, **ids) as fs:
+    with InboxFS(
+        root, work=work, rejected=rejected, work_id=work_id, rejected_id=rejected_id
+    ) as fs:
         return folderproof.leave(fs.work), os.fstat(fs.rejected).st_uid
 
 
