@@ -4,6 +4,7 @@ a replacement is not."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ def _open(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A folder only this user may use, and a descriptor of it."""
+    folder = tmp_path / "w"
+    folder.mkdir(mode=0o700)
+    fd = _open(folder)
+    yield folder, fd
+    os.close(fd)
+
+
 def _renumbered(folder_id: tuple[int, int]) -> tuple[int, int]:
     """The identity recorded before a remount that numbered the folder anew."""
     return folder_id[0], folder_id[1] + 1_000_003
@@ -35,31 +46,21 @@ def _prove(inbox: Path, work_id: tuple[int, int], rejected_id: tuple[int, int]) 
     )
 
 
-def test_a_folder_holds_the_token_left_in_it(tmp_path: Path) -> None:
+def test_a_folder_holds_the_token_left_in_it(private: tuple[Path, int]) -> None:
     """holds() is true for the token leave() wrote, and false for any other."""
-    folder = tmp_path / "w"
-    folder.mkdir(mode=0o700)
-    fd = _open(folder)
-    try:
-        token = folderproof.leave(fd)
-        assert folderproof.holds(fd, token)
-        assert not folderproof.holds(fd, "0" * 64)
-    finally:
-        os.close(fd)
+    _folder, fd = private
+    token = folderproof.leave(fd)
+    assert folderproof.holds(fd, token)
+    assert not folderproof.holds(fd, "0" * 64)
 
 
-def test_the_token_is_kept_across_restarts(tmp_path: Path) -> None:
+def test_the_token_is_kept_across_restarts(private: tuple[Path, int]) -> None:
     """A folder that holds a token keeps it: leaving one again writes nothing new."""
-    folder = tmp_path / "w"
-    folder.mkdir(mode=0o700)
-    fd = _open(folder)
-    try:
-        token = folderproof.leave(fd)
-        before = os.stat(folder / folderproof.PROOF_NAME).st_ino
-        assert folderproof.leave(fd) == token
-        assert os.stat(folder / folderproof.PROOF_NAME).st_ino == before
-    finally:
-        os.close(fd)
+    folder, fd = private
+    token = folderproof.leave(fd)
+    before = os.stat(folder / folderproof.PROOF_NAME).st_ino
+    assert folderproof.leave(fd) == token
+    assert os.stat(folder / folderproof.PROOF_NAME).st_ino == before
 
 
 def test_a_token_reached_through_a_link_does_not_count(tmp_path: Path) -> None:
@@ -78,17 +79,12 @@ def test_a_token_reached_through_a_link_does_not_count(tmp_path: Path) -> None:
         os.close(fake_fd)
 
 
-def test_a_folder_others_may_enter_proves_nothing(tmp_path: Path) -> None:
+def test_a_folder_others_may_enter_proves_nothing(private: tuple[Path, int]) -> None:
     """A folder group or others may use is not accepted, whatever token it holds."""
-    folder = tmp_path / "w"
-    folder.mkdir(mode=0o700)
-    fd = _open(folder)
-    try:
-        token = folderproof.leave(fd)
-        folder.chmod(0o750)
-        assert not folderproof.holds(fd, token)
-    finally:
-        os.close(fd)
+    folder, fd = private
+    token = folderproof.leave(fd)
+    folder.chmod(0o750)
+    assert not folderproof.holds(fd, token)
 
 
 def test_renumbered_work_folder_with_its_token_is_the_daemons(inbox: Path) -> None:
