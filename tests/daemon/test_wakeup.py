@@ -19,13 +19,17 @@ CHILD = textwrap.dedent(
     install_handlers(wakeup)
     print("ready", flush=True)
     reloads = 0
-    while True:
+    stop = False
+    while not stop:
+        # The whole batch counts: a SIGTERM whose handler runs nested inside a
+        # SIGHUP handler posts STOP before that handler's RELOAD.
         for request, signum in wakeup.wait(0.0005):
             if request is Request.RELOAD:
                 reloads += 1
             elif request is Request.STOP:
-                print(reloads, flush=True)
-                sys.exit(0)
+                stop = True
+    print(reloads, flush=True)
+    sys.exit(0)
     """
 )
 
