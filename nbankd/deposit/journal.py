@@ -127,7 +127,8 @@ class Journal:
         # one on disk, whether a leader is committing, and errors for the followers
         self._group = threading.Condition()
         self._tickets = 0
-        self._queued: list[tuple[int, tuple[Any, ...], bool]] = []  # ticket, row, durable
+        self._saves = 0  # items saved (a ticket may hold several)
+        self._queued: list[tuple[int, list[tuple[Any, ...]], bool]] = []  # ticket, rows, durable
         self._committed = 0
         self._committing = False
         self._failed: dict[int, BaseException] = {}
@@ -216,16 +217,26 @@ class Journal:
         other threads waiting at the same moment); returns it. ``durable``: on disk
         when this returns; else committed (every reader sees it) and on disk with the
         next durable commit or checkpoint, so a power loss may undo it."""
-        params = (*(column(item, name) for name in SAVED_FIELDS), item.id)
+        self.save_many([item], durable=durable)
+        return item
+
+    def save_many(self, items: Sequence[Item], *, durable: bool) -> None:
+        """Writes ``items`` back in one transaction (with whatever other threads queued
+        at the same moment): all of them or, on an error, none. ``durable`` as for
+        :meth:`save`; a batch of which one item must be on disk waits for the disk."""
+        if not items:
+            return
+        rows = [(*(column(item, name) for name in SAVED_FIELDS), item.id) for item in items]
         with self._group:
             self._tickets += 1
+            self._saves += len(rows)
             ticket = self._tickets
-            self._queued.append((ticket, params, durable))
+            self._queued.append((ticket, rows, durable))
             while True:
                 if ticket in self._failed:
                     raise self._failed.pop(ticket)
                 if self._committed >= ticket:
-                    return item
+                    return
                 if not self._committing:
                     break
                 self._group.wait()
@@ -234,32 +245,7 @@ class Journal:
         failure: BaseException | None = None
         sync = any(d for _, _, d in batch)
         try:
-            with self._lock:
-                if not sync:  # no fsync at this commit (WAL: the next FULL one covers it)
-                    self._db.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    written: dict[int, tuple[Any, ...]] = {}
-                    try:
-                        for _, row, _ in batch:
-                            item_id = row[-1]
-                            old = written.get(item_id) or self._written.get(item_id)
-                            self._db.execute(*update_statement(old, row))
-                            written[item_id] = row
-                        self._db.execute("COMMIT")
-                    except BaseException:
-                        self._rollback()  # keeps the error that ended the commit
-                        for _, row, _ in batch:  # what the rows hold now is not known
-                            self._written.pop(row[-1], None)
-                        raise
-                    for item_id, row in written.items():
-                        if row[STATE_FIELD] in FINAL_VALUES:  # never saved again
-                            self._written.pop(item_id, None)
-                        else:
-                            self._written[item_id] = row
-                finally:
-                    if not sync and not self._db.in_transaction:
-                        self._db.execute("PRAGMA synchronous=FULL")
+            self._commit([row for _, rows, _ in batch for row in rows], sync=sync)
         except BaseException as err:
             failure = err
         with self._group:
@@ -273,7 +259,36 @@ class Journal:
             self._group.notify_all()
         if failure is not None:
             raise failure
-        return item
+
+    def _commit(self, rows: list[tuple[Any, ...]], *, sync: bool) -> None:
+        """One transaction writing ``rows`` (the group's leader, in commit order), each
+        as the columns that differ from the row last committed for its item."""
+        with self._lock:
+            if not sync:  # no fsync at this commit (WAL: the next FULL one covers it)
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                written: dict[int, tuple[Any, ...]] = {}
+                try:
+                    for row in rows:
+                        item_id = row[-1]
+                        old = written.get(item_id) or self._written.get(item_id)
+                        self._db.execute(*update_statement(old, row))
+                        written[item_id] = row
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()  # keeps the error that ended the commit
+                    for row in rows:  # what the rows hold now is not known
+                        self._written.pop(row[-1], None)
+                    raise
+                for item_id, row in written.items():
+                    if row[STATE_FIELD] in FINAL_VALUES:  # never saved again
+                        self._written.pop(item_id, None)
+                    else:
+                        self._written[item_id] = row
+            finally:
+                if not sync and not self._db.in_transaction:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def stats(self) -> dict[str, int]:
         """Group commit at this instant: ``saves`` so far, the ``commits`` that held
@@ -281,10 +296,10 @@ class Journal:
         for the disk), and saves ``queued`` behind a commit."""
         with self._group:
             return {
-                "saves": self._tickets,
+                "saves": self._saves,
                 "commits": self._commits,
                 "synced": self._synced,
-                "queued": len(self._queued),
+                "queued": sum(len(rows) for _, rows, _ in self._queued),
             }
 
     # -- reading ------------------------------------------------------------------

@@ -104,3 +104,30 @@ def test_two_saves_of_one_item_in_one_commit_leave_the_later(journal: Journal) -
         t.join()
     assert journal.stats()["commits"] == 3  # the first save, the leader's, the two queued
     assert journal.get(item.id) == late
+
+
+def test_save_many_writes_every_item_in_one_commit(journal: Journal) -> None:
+    """Three items saved together: each reads back as saved, from one commit."""
+    items = [_add(journal, n) for n in (1, 2, 3)]
+    before = journal.stats()
+    saved = [replace(i, state=State.CLAIMED, updated=200.0 + i.id) for i in items]
+    journal.save_many(saved, durable=False)
+    after = journal.stats()
+    assert [journal.get(i.id) for i in items] == saved
+    assert (after["saves"] - before["saves"], after["commits"] - before["commits"]) == (3, 1)
+
+
+def test_save_many_refused_saves_none_of_them(journal: Journal) -> None:
+    """One row the database refuses: the whole batch is rolled back, none saved."""
+    items = [_add(journal, n) for n in (1, 2, 3)]
+    guard = sqlite3.connect(journal.path, isolation_level=None)
+    guard.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON items WHEN NEW.error_code = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    guard.close()
+    batch = [replace(i, state=State.CLAIMED) for i in items]
+    batch[2] = replace(batch[2], error_code="boom")
+    with pytest.raises(sqlite3.Error, match="refused by the test"):
+        journal.save_many(batch, durable=True)
+    assert [journal.get(i.id) for i in items] == items
