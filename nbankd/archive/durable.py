@@ -59,6 +59,7 @@ from nbankd.archive.staging import (
     list_staged,
     stage_copy,
     stage_copy_tree,
+    staged_copies,
     staged_path,
     unsafe_input,
 )
@@ -468,6 +469,7 @@ __all__ = [
     "sha1_from_storage",
     "stage_copy",
     "stage_copy_tree",
+    "staged_copies",
     "staged_path",
     "unsafe_input",
     "verify_from_storage",

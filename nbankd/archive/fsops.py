@@ -252,8 +252,10 @@ def append_durable(
     *,
     mode: int = 0o640,
     owner: tuple[int, int] | None = None,
+    sync: Callable[[int], None] = os.fsync,
 ) -> None:
-    """Appends ``line`` (ending in a newline) to the log at ``path``, durably.
+    """Appends ``line`` (ending in a newline) to the log at ``path``, durably (``sync``:
+    how the log's data is fsynced, e.g. with a round's others).
 
     A last line left without its newline by a crash is ended first, so the new line
     is never glued to a torn one. A log this call creates gets ``mode`` and (when
@@ -275,7 +277,7 @@ def append_durable(
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)
     if created:

@@ -20,7 +20,8 @@ from typing import BinaryIO
 from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
-from nbankd.archive.layout import STAGED_PREFIX, Archive, unavailable
+from nbankd.archive.layout import STAGED_PREFIX, Archive, parse_staged_name, unavailable
+from nbankd.archive.syncs import fsync_soon
 from nbankd.filekind import FileKind
 from nbankd.hashing import (
     BLOCK_SIZE,
@@ -74,6 +75,23 @@ def list_staged(archive: Archive) -> list[Path]:
     except OSError as err:
         raise unavailable(archive, err, "listing staging/") from err
     return sorted(archive.staging_dir / n for n in names if n.startswith(STAGED_PREFIX))
+
+
+def staged_copies(archive: Archive, token: str) -> list[Path]:
+    """The entries in ``staging/`` of the deposit ``token`` (under either form of its
+    staged name); paths are made only for those, however full ``staging/`` is."""
+    try:
+        names = os.listdir(archive.staging_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise unavailable(archive, err, "listing staging/") from err
+    mine = [n for n in names if token in n]  # most names fail this cheap test
+    return [
+        archive.staging_dir / n
+        for n in sorted(mine)
+        if (parsed := parse_staged_name(n)) is not None and parsed.token == token
+    ]
 
 
 def discard_staged(archive: Archive, path: Path) -> None:
@@ -175,10 +193,14 @@ def stage_copy(
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 result = _copy(src, fd, progress=progress, throttle=throttle)
-                os.fsync(fd)
+                fsync_soon(fd)  # before STAGED is saved: with a round's other fsyncs
             finally:
                 os.close(fd)
-            fsync_dir(archive.staging_dir)
+            folder = os.open(archive.staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fsync_soon(folder)
+            finally:
+                os.close(folder)
         except BaseException as exc:
             _cleanup(path)
             if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
@@ -314,6 +336,7 @@ __all__ = [
     "list_staged",
     "stage_copy",
     "stage_copy_tree",
+    "staged_copies",
     "staged_path",
     "unsafe_input",
 ]

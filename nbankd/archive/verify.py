@@ -63,12 +63,13 @@ class _DirectRefused(Exception):
 def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
     """Returns the SHA-1 of a stored file as read back from storage, not the page cache.
 
-    fsync pushes any dirty pages out first; posix_fadvise(DONTNEED) then evicts the
-    clean cached pages, and the read uses O_DIRECT with an aligned buffer where the
-    filesystem allows it (falling back to a buffered read after the eviction, e.g.
-    on tmpfs, where memory is the storage).
+    fdatasync pushes any dirty pages out first (only the data matters here: no journal
+    commit for the link count and times publishing changed); posix_fadvise(DONTNEED)
+    then evicts the clean cached pages, and the read uses O_DIRECT with an aligned
+    buffer where the filesystem allows it (falling back to a buffered read after the
+    eviction, e.g. on tmpfs, where memory is the storage).
 
-    On NFS, fsync sends COMMIT, so the server has the data on stable storage; the
+    On NFS, fdatasync sends COMMIT, so the server has the data on stable storage; the
     O_DIRECT read (or the evicted client cache) then fetches the bytes from the
     server, which may answer from its own cache of what it committed. It checks the
     path client -> server -> server's copy; it cannot prove the server's disk media.
@@ -76,7 +77,7 @@ def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.EBADF):
                 raise

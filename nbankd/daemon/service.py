@@ -28,6 +28,7 @@ from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, load_config
 from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
+from nbankd.daemon.lane import Lane
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
 from nbankd.daemon.tally import Tally
@@ -102,6 +103,7 @@ class Daemon(DepositWorkers, InboxScanning):
         self.state_problem: str | None = None  # state_dir removed or replaced: nothing moves
         self.journal_problem: str | None = None  # the journal could not be written
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
+        self.lane: Lane | None = None  # small files, in rounds (started with the steps)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -122,6 +124,7 @@ class Daemon(DepositWorkers, InboxScanning):
             retired=self.retired.get,
             archives=self._archive_path,
         )
+        self._start_lane()
         for held in manual.held_rejections(self.journal):  # a stop came before the hand-back
             manual.return_rejected(held)
         self._prepare_registry()
@@ -379,6 +382,8 @@ class Daemon(DepositWorkers, InboxScanning):
         if self.auditor is not None:
             self.auditor.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.lane is not None:
+            self.lane.stop()
         deadline = time.monotonic() + grace
         for future in list(self._running.values()):
             remaining = deadline - time.monotonic()

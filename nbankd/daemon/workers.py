@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from nbankd.config import Config
+from nbankd.daemon.lane import LANE_NAME, Lane, small
 from nbankd.daemon.tally import Tally
 from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit import manual
@@ -40,6 +41,7 @@ class DepositWorkers:
     journal: Journal
     steps: Steps
     pool: ThreadPoolExecutor
+    lane: Lane | None
     tally: Tally
     heartbeat: float
     registry_problem: str | None
@@ -80,7 +82,10 @@ class DepositWorkers:
             if item.id in self._running or self.state_problem is not None:
                 return
             self._waiting.pop(item.id, None)
-            future = self.pool.submit(self._work, item)
+            if self.lane is not None and small(item):
+                future = self.lane.submit(item)
+            else:
+                future = self.pool.submit(self._work, item)
             self._running[item.id] = future
 
     def _work(self, item: Item) -> Item:
@@ -92,16 +97,47 @@ class DepositWorkers:
             item = self.steps.drive(item, on_step=beat)
             self._journal_ok()
         except sqlite3.Error as err:  # the journal cannot be written (state_dir full?)
-            self._journal_failed(err)
-            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
+            item = replace(item, not_before=self._journal_failed(err))
         except Exception as err:  # a bug: keep the item, report it, retry later
-            log.exception("unexpected error in a deposit step", item=item.token)
-            self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
-            item = replace(item, not_before=self.clock() + JOURNAL_RETRY)
+            item = replace(item, not_before=self._step_bug(item, err))
         finally:
             self.heartbeat = self.clock()
             if heartbeat is not None:
                 heartbeat.forget(worker)
+        return self._finished(item, attempts_before)
+
+    def _start_lane(self) -> None:
+        """Starts the lane that moves small files in rounds (see :mod:`.lane`)."""
+        heartbeat = getattr(self.notifier, "heartbeat", None)
+
+        def beat() -> None:
+            self.heartbeat = self.clock()
+            if heartbeat is not None:
+                heartbeat.beat(LANE_NAME)
+
+        self.lane = Lane(
+            self.steps,
+            finish=self._finished,
+            journal_failed=self._journal_failed,
+            journal_ok=self._journal_ok,
+            bug=self._step_bug,
+            clock=self.clock,
+            beat=beat,
+            idle=(lambda: heartbeat.forget(LANE_NAME)) if heartbeat is not None else None,
+        )
+
+    def _step_bug(self, item: Item, err: Exception) -> float:
+        """A step failed in a way no step expects (a bug): logged and shown in status;
+        returns when the item is tried again."""
+        log.error(
+            "unexpected error in a deposit step", item=item.token, error=repr(err), exc_info=err
+        )
+        self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
+        return self.clock() + JOURNAL_RETRY
+
+    def _finished(self, item: Item, attempts_before: int) -> Item:
+        """The bookkeeping for an item a worker or the lane hands back: waiting or
+        done, the tally, the last deposit and error, the registry's health."""
         with self._lock:
             self._running.pop(item.id, None)
             if item.state not in FINAL:
@@ -125,8 +161,6 @@ class DepositWorkers:
             }
             if item.error_code in ("registry-unavailable", "auth"):
                 self.registry_problem = item.error_message
-        elif item.state is State.DONE or item.state is State.REJECTED:
-            pass
         if (
             item.state in (State.DONE, State.REGISTERED, State.PUBLISHED)
             and self.registry_problem
@@ -155,9 +189,9 @@ class DepositWorkers:
 
     # -- the journal's health -------------------------------------------------------
 
-    def _journal_failed(self, err: sqlite3.Error) -> None:
+    def _journal_failed(self, err: sqlite3.Error) -> float:
         """A journal write failed: deposits wait (retried every JOURNAL_RETRY seconds),
-        status says why, logged once."""
+        status says why, logged once; returns when the item is tried again."""
         problem = (
             f"the journal in {self.config.state_dir} cannot be written ({err}): is its "
             f"filesystem full? deposits wait and are retried every {JOURNAL_RETRY:g}s"
@@ -165,6 +199,7 @@ class DepositWorkers:
         if problem != self.journal_problem:
             log.error("journal not writable; deposits wait", error=str(err))
         self.journal_problem = problem
+        return self.clock() + JOURNAL_RETRY
 
     def _journal_ok(self) -> None:
         if self.journal_problem is not None:

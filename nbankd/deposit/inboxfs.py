@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 
 from nbankd import errors
-from nbankd.archive import fsops
+from nbankd.archive import fsops, syncs
 from nbankd.deposit import folderproof
 from nbankd.names import WORK_DIR_NAME
 
@@ -316,7 +316,8 @@ class InboxFS:
         Only the daemon writes in its work folder, so where the filesystem refuses
         RENAME_NOREPLACE (NFS, SSHFS) a plain rename after checking ``token`` is free
         cannot replace anything; it also moves folders and files the daemon may not
-        link (``fs.protected_hardlinks``). Both folders are fsynced.
+        link (``fs.protected_hardlinks``). Both folders are fsynced (with the other
+        fsyncs of a round: :mod:`nbankd.archive.syncs`).
         """
         try:
             fsops.rename_noreplace_at(src_fd, src, work_fd, token)
@@ -324,8 +325,8 @@ class InboxFS:
             if self.exists(work_fd, token):
                 raise FileExistsError(errno.EEXIST, "work name taken", os.fsdecode(token)) from None
             os.rename(src, token, src_dir_fd=src_fd, dst_dir_fd=work_fd)
-        fsops.fsync_fd(work_fd)
-        fsops.fsync_fd(src_fd)
+        syncs.fsync_soon(work_fd)  # before the claim's save; shared by a round's claims
+        syncs.fsync_soon(src_fd)
 
     @staticmethod
     def unlink(fd: int, name: bytes) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nbankd.archive.fsops import append_durable
+from nbankd.archive.syncs import fsync_soon
 
 _TAIL_BYTES = 256 * 1024
 
@@ -49,7 +50,7 @@ def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any
     if _already_logged(path, token):
         return path
     line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
-    append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640)
+    append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640, sync=fsync_soon)
     return path
 
 

@@ -75,6 +75,10 @@ class StepsBase:
         #: runs a datatype's metadata reader: (dtype, file, name shown) -> result
         self.metadata_reader: Callable[[str, Path, str], ReaderResult] = _read_metadata
 
+    def set_beat(self, beat: Callable[[], None] | None) -> None:
+        """The calling thread's liveness beat during long copies and reads (None: none)."""
+        self._local.beat = beat
+
     def _progress(self, _done: int = 0) -> None:
         """Called during long copies and reads: a worker moving bytes is alive."""
         beat = getattr(self._local, "beat", None)
@@ -123,10 +127,8 @@ class StepsBase:
         """A name no other process can use (this process's instance in it), after
         removing what earlier attempts at this item left in staging/ (under either
         form of its staged name)."""
-        for leftover in durable.list_staged(archive):
-            staged = layout.parse_staged_name(leftover.name)
-            if staged is not None and staged.token == item.token:
-                durable.discard_staged(archive, leftover)
+        for leftover in durable.staged_copies(archive, item.token):
+            durable.discard_staged(archive, leftover)
         return layout.staged_name(item.token, self.instance)
 
     def _archive(self, spec: InboxSpec | Intent) -> layout.Archive:

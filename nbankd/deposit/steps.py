@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from nbankd import canonical_zip, errors, metadata_readers, seams
-from nbankd.archive import durable, fsops, layout, opening
+from nbankd.archive import durable, fsops, layout, opening, syncs
 from nbankd.deposit import inboxfs, receipts, rejection, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
@@ -343,7 +343,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                     marker = fs.parent(item.marker_relpath)  # its folder may be gone
                     if fs.unlink(*marker):
                         fsops.fsync_fd(marker[0])
-            fsops.fsync_fd(fs.work)
+            syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
         seams.reached("after-release-unlink")
         return replace(item, finished=item.finished or self.clock()), Outcome.ok()
 
@@ -404,7 +404,7 @@ class Steps(ClaimSteps, IdentifierSteps):
         ``on_step`` is called before each step and while bytes move (the daemon's
         liveness heartbeat).
         """
-        self._local.beat = on_step
+        self.set_beat(on_step)
         while True:
             now = self.clock()
             step = next_step(item.progress, now)
@@ -412,20 +412,40 @@ class Steps(ClaimSteps, IdentifierSteps):
                 return item
             if on_step is not None:
                 on_step()
-            item, outcome = self.run(item, step)
-            progress = advance(item.progress, step, outcome, self.clock(), self.rng)
-            changes: dict[str, object] = {"updated": self.clock()}
-            if progress.state is State.REJECTING and item.reason_json is None:
-                reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
-                changes["reason_json"] = json.dumps(reason)
-            item = self.journal.save(
-                item.with_progress(progress, **changes), durable=progress.state in DURABLE
-            )
-            if item.state is State.RECORDED:
-                seams.reached("after-record")
-            _log_transition(item, step, outcome)
-            if not until_blocked or outcome.kind not in _KEEP_GOING:
+            item, outcome = self.attempt(item, step)
+            item = self.journal.save(item, durable=item.state in DURABLE)
+            self.saved(item, step, outcome)
+            if not until_blocked or not keeps_going(outcome):
                 return item
+
+    def attempt(self, item: Item, step: Step) -> StepResult:
+        """Runs ``step`` of ``item``: the item to save after it (its new progress), and
+        the outcome. Saving is the caller's: alone (:meth:`drive`) or with other items'
+        saves in one transaction (:mod:`nbankd.deposit.rounds`)."""
+        item, outcome = self.run(item, step)
+        return self.judged(item, step, outcome), outcome
+
+    def judged(self, item: Item, step: Step, outcome: Outcome) -> Item:
+        """``item`` at the progress ``outcome`` of ``step`` gives it (a backoff after a
+        failure, the next state after success), ready to save."""
+        progress = advance(item.progress, step, outcome, self.clock(), self.rng)
+        changes: dict[str, object] = {"updated": self.clock()}
+        if progress.state is State.REJECTING and item.reason_json is None:
+            reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
+            changes["reason_json"] = json.dumps(reason)
+        return item.with_progress(progress, **changes)
+
+    @staticmethod
+    def saved(item: Item, step: Step, outcome: Outcome) -> None:
+        """What follows a step's save: its crash point and its log line."""
+        if item.state is State.RECORDED:
+            seams.reached("after-record")
+        _log_transition(item, step, outcome)
+
+
+def keeps_going(outcome: Outcome) -> bool:
+    """True when the item's next step may run at once after this outcome."""
+    return outcome.kind in _KEEP_GOING
 
 
 #: outcomes after which a worker goes on with the item's next step at once

@@ -167,15 +167,18 @@ def crash_and_recover(
     crashing_env: dict[str, str] | None = None,
     after_crash: Callable[[DaemonHarness], None] | None = None,
     dup_codes: tuple[str, ...] = ("duplicate",),
+    nth: int = 1,
 ) -> dict[str, Any]:
     """The whole scenario for one crash point; returns figures for the report.
 
     ``crashing_env`` is added to the environment of the run that crashes (another
     release's code, for one); ``after_crash`` looks at what it left behind;
-    ``dup_codes`` are the codes a rejected duplicate may carry."""
+    ``dup_codes`` are the codes a rejected duplicate may carry; ``nth``: the daemon
+    dies the nth time an input reaches the point."""
     batch = Batch(h, dup_codes)
     configure(h, batch)
-    env = {"NBANKD_CRASH_AT": point, **(crashing_env or {})}
+    at = point if nth == 1 else f"{point}:{nth}"
+    env = {"NBANKD_CRASH_AT": at, **(crashing_env or {})}
     go = h.root / "go"
     if point == "after-put-back":
         # hold every copy after its bytes are staged until the test has appended to the
@@ -254,6 +257,22 @@ def django(daemon_factory: Callable[..., DaemonHarness], request: Any) -> Daemon
 def test_crash_at_point_with_embedded_registry(embedded: DaemonHarness, point: str) -> None:
     """Killed at this point, the daemon recovers with every input exactly once (embedded)."""
     figures.record("crashpoints-embedded", point, crash_and_recover(embedded, point))
+
+
+#: the points every deposited input of the batch passes: reached three times at least
+DEPOSIT_PATH = tuple(
+    p
+    for p in ENUMERATED
+    if not p.startswith(("after-journal", "after-reject", "after-reason", "after-put"))
+)
+
+
+@pytest.mark.parametrize("point", DEPOSIT_PATH)
+def test_crash_mid_round_at_point_recovers(embedded: DaemonHarness, point: str) -> None:
+    """Killed the third time an input reaches this point, while the small inputs move
+    through their steps together in one round (some steps done and not yet saved, others
+    not started), the daemon recovers with every input exactly once."""
+    figures.record("crashpoints-mid-round", point, crash_and_recover(embedded, point, nth=3))
 
 
 @pytest.mark.parametrize("point", ENUMERATED)

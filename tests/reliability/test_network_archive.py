@@ -350,16 +350,27 @@ def test_polled_inbox_on_sshfs_mounted_again_keeps_depositing(
 def test_archive_mount_lost_mid_burst_waits_then_drains(
     sshfs: Sshfs, daemon_factory: Any, how: str
 ) -> None:
-    """The archive's SSHFS mount disappears after the first receipts of a burst: every
-    input is deposited or waits intact, none is rejected, status names the archive;
-    mounted again, every input drains, each stored and registered exactly once."""
+    """The archive's SSHFS mount disappears in a burst, after the first receipts and
+    once the second wave's inputs are being claimed: every input is deposited or waits
+    intact, none is rejected, status names the archive; mounted again, every input
+    drains, each stored and registered exactly once. (Small files move through their
+    steps in rounds, together: the second wave is dropped after the first's receipts,
+    so that the mount goes while inputs are between their claim and their receipt.)"""
     mount = sshfs.mount("burst")
     h = daemon_on(daemon_factory, mount)
     h.start()
     payloads = {f"b{i:03d}.dat": os.urandom(256 * KiB + i) for i in range(40)}
-    for name, data in payloads.items():
-        h.drop(name, data)
+    waves = [list(payloads)[:20], list(payloads)[20:]]
+    for name in waves[0]:
+        h.drop(name, payloads[name])
     wait_for(lambda: h.receipts(), 60, "the first receipts")
+    for name in waves[1]:
+        h.drop(name, payloads[name])
+    wait_for(
+        lambda: any(not (h.inbox / name).exists() for name in waves[1]),
+        60,
+        "the second wave's claims",
+    )
     lose(mount, how)
     wait_for(lambda: outage_shown(h), 30, "status to name the unavailable archive")
     wait_for(lambda: quiet(h), 60, "the deposits under way to stop and wait")

@@ -1,8 +1,8 @@
 """Two inputs for one identifier, through the running daemon (hostile round D).
 
 Pairs of inputs that share an identifier and bytes under two extensions are claimed
-in one burst by the daemon's four workers, so lookups, registrations and publishes
-of a pair interleave as the scheduler lets them. Whatever the interleaving, each
+in one burst and move through their steps together in the lane's rounds, so both of
+a pair are looked up before either registers or publishes. Whatever the interleaving, each
 identifier ends with one record and one stored file, and the other input of the
 pair is rejected ``duplicate`` naming that file. The same files dropped again are
 idempotent successes (receipts marked ``already-deposited``). Every interleaving is

@@ -1,0 +1,205 @@
+"""The lane for small files: one thread moving up to :data:`BATCH` items in rounds
+(:mod:`nbankd.deposit.rounds`), each round one journal commit for all of them.
+
+Items join between rounds and leave when they are final, must wait (a backoff), or
+turn out large: a file past :data:`SMALL` bytes (known once claimed) is handed back
+so that a worker of the pool copies it, and a long copy never holds up the small
+files queued behind it. What leaves is handed to ``finish``, the daemon's
+bookkeeping for an item a worker hands back; its future then holds the item.
+
+Registrations with a remote registry run on :data:`REMOTE_WORKERS` threads of their
+own while rounds go on; each answer is saved by the next round's transaction. An
+item waits only for its own registration, never for the others'.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import Step, next_step
+from nbankd.deposit.rounds import answered, remote_step, run_round
+from nbankd.deposit.stepbase import StepResult
+from nbankd.deposit.steps import Steps
+
+BATCH = 64  # items in one round at most
+SMALL = 1 << 20  # bytes: a larger file is copied by a worker of the pool
+REMOTE_WORKERS = 4  # registrations with a remote registry at once
+LANE_NAME = "deposit-lane"
+
+
+def small(item: Item) -> bool:
+    """True for an input the lane takes: a file not known to be larger than SMALL."""
+    if item.kind != "file" or item.zipped:
+        return False
+    if item.size is not None:
+        return item.size <= SMALL
+    if item.identity:
+        return int(json.loads(item.identity).get("size") or 0) <= SMALL
+    return True  # not claimed yet: the claim is cheap, and tells
+
+
+@dataclass
+class _Entry:
+    item: Item
+    future: Future[Item]
+    attempts_before: int
+    #: a step of the item running on a remote-registry thread, and which
+    remote: Future[StepResult] | None = None
+    remote_step: Step | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """True while its remote step has not answered."""
+        return self.remote is not None and not self.remote.done()
+
+
+class Lane:
+    """One thread moving small items in rounds (see the module's text)."""
+
+    def __init__(
+        self,
+        steps: Steps,
+        *,
+        finish: Callable[[Item, int], Item],
+        journal_failed: Callable[[sqlite3.Error], float],
+        journal_ok: Callable[[], None],
+        bug: Callable[[Item, Exception], float],
+        clock: Callable[[], float],
+        beat: Callable[[], None] | None = None,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.steps = steps
+        self._finish = finish
+        self._journal_failed = journal_failed
+        self._journal_ok = journal_ok
+        self._bug = bug
+        self._clock = clock
+        self._beat = beat
+        self._idle = idle
+        self._cond = threading.Condition()
+        self._queued: deque[_Entry] = deque()
+        self._stopping = False
+        self._remote = ThreadPoolExecutor(REMOTE_WORKERS, thread_name_prefix="deposit-remote")
+        self._thread = threading.Thread(target=self._run, name=LANE_NAME, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Item) -> Future[Item]:
+        """Queues ``item`` for the next round; its future holds the item once it leaves."""
+        future: Future[Item] = Future()
+        with self._cond:
+            if self._stopping:
+                future.cancel()
+                return future
+            self._queued.append(_Entry(item, future, item.attempts))
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        """Takes no more items: queued ones are cancelled (the journal holds them), the
+        round under way ends and its items' futures are resolved."""
+        with self._cond:
+            self._stopping = True
+            queued, self._queued = list(self._queued), deque()
+            self._cond.notify()
+        for entry in queued:
+            entry.future.cancel()
+        self._remote.shutdown(wait=False, cancel_futures=True)
+
+    def _take(self, active: list[_Entry]) -> bool:
+        """Moves queued items into ``active``, waiting while there is nothing to do
+        (no item, or only registrations waiting for their answer); False once stopping."""
+        with self._cond:
+            while not self._stopping and not self._queued and all(e.waiting for e in active):
+                if not active and self._idle is not None:
+                    self._idle()
+                self._cond.wait()
+            if self._stopping:
+                return False
+            while self._queued and len(active) < BATCH:
+                active.append(self._queued.popleft())
+            return True
+
+    def _poke(self, _done: object = None) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _run(self) -> None:
+        active: list[_Entry] = []
+        self.steps.set_beat(self._beat)
+        while self._take(active):
+            if self._beat is not None:
+                self._beat()
+            active = self._round(active)
+        for entry in active:  # stopping: the journal holds them as they are
+            entry.future.set_result(entry.item)
+
+    def _send_remote(self, active: list[_Entry], now: float) -> None:
+        """Starts the remote steps (registrations) due: they run while rounds go on."""
+        for entry in active:
+            if entry.remote is not None:
+                continue
+            step = next_step(entry.item.progress, now)
+            if step is not None and remote_step(self.steps, step):
+                entry.remote_step = step
+                entry.remote = self._remote.submit(self.steps.attempt, entry.item, step)
+                entry.remote.add_done_callback(self._poke)
+
+    def _round(self, active: list[_Entry]) -> list[_Entry]:
+        """One round; returns the entries that stay for the next."""
+        now = self._clock()
+        self._send_remote(active, now)
+        local = [e for e in active if e.remote is None]
+        back = [e for e in active if e.remote is not None and e.remote.done()]
+        try:
+            moved = run_round(
+                self.steps,
+                [e.item for e in local],
+                now=now,
+                answered=[answered(e.item, e.remote_step, e.remote) for e in back],  # type: ignore[arg-type]
+            )
+        except sqlite3.Error as err:  # the journal cannot be written: all wait
+            retry = self._journal_failed(err)
+            return self._drop(local + back, active, lambda _e: retry)
+        except Exception as err:  # a bug: keep the items, report it, retry later
+            bug = err
+            return self._drop(local + back, active, lambda e: self._bug(e.item, bug))
+        self._journal_ok()
+        done = local + back
+        ran = {id(e) for e in done}
+        stay = [e for e in active if id(e) not in ran]  # registrations still waiting
+        for entry, m in zip(done, moved, strict=True):
+            entry.remote = entry.remote_step = None
+            if m.error is not None:
+                self._leave(entry, replace(entry.item, not_before=self._bug(entry.item, m.error)))
+            elif m.more and small(m.item):
+                entry.item = m.item
+                stay.append(entry)
+            else:
+                self._leave(entry, m.item)
+        return stay
+
+    def _drop(
+        self, done: list[_Entry], active: list[_Entry], retry: Callable[[_Entry], float]
+    ) -> list[_Entry]:
+        """The round's entries leave unsaved, each to be tried again at ``retry``; the
+        registrations still waiting stay."""
+        for entry in done:
+            self._leave(entry, replace(entry.item, not_before=retry(entry)))
+        ran = {id(e) for e in done}
+        return [e for e in active if id(e) not in ran]
+
+    def _leave(self, entry: _Entry, item: Item) -> None:
+        try:
+            item = self._finish(item, entry.attempts_before)
+        finally:
+            entry.future.set_result(item)
+
+
+__all__ = ["BATCH", "LANE_NAME", "SMALL", "Lane", "small"]

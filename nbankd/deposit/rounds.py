@@ -1,0 +1,106 @@
+"""Many inputs moving through their steps together: rounds sharing one journal commit.
+
+A *round* runs the next step of every item of a batch, one after another on the
+calling thread, then saves all of them in one journal transaction: one commit (and,
+when any item reached a state of :data:`~nbankd.deposit.lifecycle.DURABLE`, one
+fsync) for the batch instead of one per item, and no hand-over of the interpreter's
+lock between worker threads at every system call, which is what a burst of small
+files spent most of its time on with one worker per item (``bench/README.md``).
+
+Nothing about an item's order changes: its step runs before its save, and its next
+step only in a later round, after that save is committed, exactly as when it is
+driven alone (:meth:`~nbankd.deposit.steps.Steps.drive`). A crash in the middle of a
+round leaves some items' steps done and not saved: the crash between a step and its
+save that recovery already repeats (every step is idempotent).
+
+The fsyncs a step only needs before its save (:func:`nbankd.archive.syncs.fsync_soon`)
+are shared too: each folder or file once per round, after the round's steps and before
+its commit. Should one fail, the steps that asked for it are not done: they are saved
+as failed (transient, retried after a backoff) and run again.
+
+Registering with a remote registry waits for the network: the caller runs those steps
+on other threads (:func:`remote_step` says which) and hands each finished one to a
+later round (:func:`answered`), whose transaction saves it with the round's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from nbankd.archive import syncs
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import DURABLE, Outcome, Step, next_step
+from nbankd.deposit.outcomes import outcome_for
+from nbankd.deposit.stepbase import StepResult
+from nbankd.deposit.steps import Steps, keeps_going
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One item after its step of a round: saved, or ``error`` (a bug in a step; the
+    item is as before the round)."""
+
+    item: Item
+    step: Step | None = None
+    outcome: Outcome | None = None
+    error: Exception | None = None
+
+    @property
+    def more(self) -> bool:
+        """Its next step may run in the next round."""
+        return self.error is None and self.outcome is not None and keeps_going(self.outcome)
+
+
+def remote_step(steps: Steps, step: Step) -> bool:
+    """True for a step that mostly waits for a remote registry's answer."""
+    return step is Step.REGISTER and steps.registry.backend == "http"
+
+
+def answered(item: Item, step: Step, future: Future[StepResult]) -> Moved:
+    """A step of ``item`` run elsewhere (a registration on another thread), finished."""
+    try:
+        after, outcome = future.result()
+    except Exception as err:  # a bug outside the step's own error handling
+        return Moved(item, step, error=err)
+    return Moved(after, step, outcome)
+
+
+def run_round(
+    steps: Steps, items: Sequence[Item], *, now: float, answered: Sequence[Moved] = ()
+) -> list[Moved]:
+    """Runs the next step of every item of ``items`` (each due at ``now``) on this
+    thread and saves them, with the steps ``answered`` elsewhere, in one transaction;
+    returns them in order (``items``, then ``answered``). Raises what the journal
+    raises (then nothing of the round is saved: every step runs again)."""
+    plan = [(item, next_step(item.progress, now)) for item in items]
+    results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
+    with syncs.shared() as later:
+        for i, (item, step) in enumerate(plan):
+            if step is None:
+                continue
+            later.owner = i
+            try:
+                after, outcome = steps.attempt(item, step)
+            except Exception as err:  # a bug outside the step's own error handling
+                results[i] = Moved(item, step, error=err)
+            else:
+                results[i] = Moved(after, step, outcome)
+        failed = later.flush()
+    for i, err in failed.items():  # the step is not done until its fsync is: retried
+        item, step = plan[i]
+        if step is not None and results[i].outcome is not None:
+            why = OSError(err.errno, f"fsync after the {step} step: {err.strerror}")
+            outcome = outcome_for(why)
+            results[i] = Moved(steps.judged(item, step, outcome), step, outcome)
+    results += answered
+    saved = [m.item for m in results if m.outcome is not None]
+    steps.journal.save_many(saved, durable=any(i.state in DURABLE for i in saved))
+    for m in results:
+        if m.outcome is not None and m.step is not None:
+            steps.saved(m.item, m.step, m.outcome)
+    return results
+
+
+__all__ = ["Moved", "answered", "remote_step", "run_round"]

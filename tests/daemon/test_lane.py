@@ -1,0 +1,159 @@
+"""The lane: one thread moving small files in rounds, handing large ones to the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future
+from dataclasses import replace
+
+import pytest
+
+from fixtures.steps_env import Env, env
+from nbankd.daemon.lane import LANE_NAME, SMALL, Lane, small
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import State, Step
+
+__all__ = ["env"]
+
+
+class Handed:
+    """What the lane hands back, as the daemon's bookkeeping would receive it."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Item, int]] = []
+        self.journal_errors: list[sqlite3.Error] = []
+        self.bugs: list[Exception] = []
+        self.lock = threading.Lock()
+
+    def finish(self, item: Item, attempts_before: int) -> Item:
+        with self.lock:
+            self.items.append((item, attempts_before))
+        return item
+
+    def journal_failed(self, err: sqlite3.Error) -> float:
+        self.journal_errors.append(err)
+        return time.time() + 60
+
+    def bug(self, item: Item, err: Exception) -> float:
+        self.bugs.append(err)
+        return time.time() + 60
+
+
+@pytest.fixture
+def handed() -> Handed:
+    return Handed()
+
+
+@pytest.fixture
+def lane(env: Env, handed: Handed) -> Iterator[Lane]:
+    running = Lane(
+        env.steps,
+        finish=handed.finish,
+        journal_failed=handed.journal_failed,
+        journal_ok=lambda: None,
+        bug=handed.bug,
+        clock=time.time,
+    )
+    yield running
+    running.stop()
+
+
+def _results(futures: list[Future[Item]]) -> list[Item]:
+    return [f.result(timeout=60) for f in futures]
+
+
+def test_small_files_are_deposited_and_handed_back_once(
+    env: Env, lane: Lane, handed: Handed
+) -> None:
+    """Ten small files submitted together end DONE, each handed back exactly once."""
+    items = [env.drop(f"rec{i}.bin", os.urandom(3000 + i)) for i in range(10)]
+    done = _results([lane.submit(item) for item in items])
+    assert [i.state for i in done] == [State.DONE] * 10
+    assert sorted(i.id for i, _ in handed.items) == sorted(i.id for i in items)
+    assert len(env.stored()) == 10
+
+
+def test_a_file_found_large_at_its_claim_is_handed_to_the_pool(
+    env: Env, lane: Lane, handed: Handed
+) -> None:
+    """A file past SMALL leaves the lane right after its claim, claimed and not final."""
+    big = env.drop("big.bin", b"\0" * (SMALL + 1))
+    [item] = _results([lane.submit(big)])
+    assert item.state is State.CLAIMED
+    assert json.loads(item.identity or "{}")["size"] == SMALL + 1
+    assert not small(item)
+
+
+@pytest.mark.parametrize(
+    ("changes", "taken"),
+    [
+        ({}, True),  # not claimed yet: the claim tells
+        ({"size": SMALL}, True),
+        ({"size": SMALL + 1}, False),
+        ({"identity": json.dumps({"size": SMALL + 1})}, False),
+        ({"kind": "dir"}, False),
+        ({"zipped": True}, False),
+    ],
+)
+def test_which_inputs_the_lane_takes(env: Env, changes: dict[str, object], taken: bool) -> None:
+    """Files not known to be larger than SMALL; never folders or zipped folders."""
+    item = replace(env.drop("x.bin", b"x"), **changes)  # type: ignore[arg-type]
+    assert small(item) is taken
+
+
+def test_an_item_waiting_for_its_backoff_is_handed_back_untouched(env: Env, lane: Lane) -> None:
+    """An item not due yet leaves at once, as it came."""
+    waiting = replace(env.drop("w.bin", b"w"), attempts=2, not_before=time.time() + 3600)
+    [item] = _results([lane.submit(waiting)])
+    assert item == waiting
+
+
+def test_a_journal_that_cannot_be_written_hands_every_item_back_to_wait(
+    env: Env, lane: Lane, handed: Handed
+) -> None:
+    """A refused commit: the items leave unsaved, with a retry time, and it is reported."""
+    item = env.drop("j.bin", b"journal")
+    guard = sqlite3.connect(env.journal.path, isolation_level=None)
+    guard.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON items BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    guard.close()
+    [back] = _results([lane.submit(item)])
+    assert back.state is State.CLAIMING and back.not_before > time.time()
+    assert len(handed.journal_errors) == 1
+    assert env.journal.get(item.id) == item
+
+
+def test_after_stop_nothing_new_is_taken(env: Env, lane: Lane) -> None:
+    """A stopped lane cancels what it is given: the journal keeps the item for the next start."""
+    lane.stop()
+    future = lane.submit(env.drop("late.bin", b"late"))
+    with pytest.raises(CancelledError):
+        future.result(timeout=10)
+
+
+def test_registrations_with_a_remote_registry_run_beside_the_rounds(
+    env: Env, lane: Lane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an HTTP registry, registering runs on the remote threads, every other step on
+    the lane's own, and every input is deposited."""
+    monkeypatch.setattr(env.registry, "backend", "http")
+    seen: dict[Step, set[str]] = {}
+    attempt = env.steps.attempt
+
+    def noting(item: Item, step: Step) -> tuple[Item, object]:
+        seen.setdefault(step, set()).add(threading.current_thread().name)
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", noting)
+    items = [env.drop(f"r{i}.bin", os.urandom(1000 + i)) for i in range(6)]
+    done = _results([lane.submit(item) for item in items])
+    assert [i.state for i in done] == [State.DONE] * 6
+    assert all(name.startswith("deposit-remote") for name in seen[Step.REGISTER])
+    others = set().union(*(names for step, names in seen.items() if step is not Step.REGISTER))
+    assert others == {LANE_NAME}

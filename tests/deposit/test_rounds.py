@@ -1,0 +1,160 @@
+"""Rounds: the next step of many items, saved in one journal transaction."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+
+from fixtures.steps_env import Env
+from nbankd.deposit.journal import Item
+from nbankd.deposit.lifecycle import State, Step
+from nbankd.deposit.rounds import answered, remote_step, run_round
+
+
+def _drop(env: Env, n: int) -> list[Item]:
+    return [env.drop(f"rec{i}.bin", os.urandom(2000 + i)) for i in range(n)]
+
+
+def _to_the_end(env: Env, items: list[Item]) -> list[Item]:
+    """Rounds until no item has a next step at once; returns every item as last saved."""
+    by_id = {item.id: item for item in items}
+    active = list(items)
+    for _ in range(40):  # a deposit takes about ten steps; more is a loop
+        if not active:
+            return [by_id[i.id] for i in items]
+        moved = run_round(env.steps, active, now=float("inf"))
+        for m in moved:
+            by_id[m.item.id] = m.item
+        active = [m.item for m in moved if m.more]
+    raise AssertionError("no end in sight")
+
+
+def test_a_round_moves_every_item_one_step_in_one_commit(env: Env) -> None:
+    """Five claims in one round: five items saved, one journal commit."""
+    items = _drop(env, 5)
+    before = env.journal.stats()
+    moved = run_round(env.steps, items, now=float("inf"))
+    after = env.journal.stats()
+    assert [m.item.state for m in moved] == [State.CLAIMED] * 5
+    assert [m.step for m in moved] == [Step.CLAIM] * 5
+    assert (after["saves"] - before["saves"], after["commits"] - before["commits"]) == (5, 1)
+    assert all(env.journal.get(m.item.id) == m.item for m in moved)
+
+
+def test_items_moved_in_rounds_are_deposited_as_when_driven_alone(env: Env) -> None:
+    """Rounds take every item to DONE, each stored once with its receipt."""
+    items = _to_the_end(env, _drop(env, 4))
+    assert [i.state for i in items] == [State.DONE] * 4
+    assert len(env.stored()) == 4
+    assert sorted(os.listdir(env.inbox / ".nbank")) == []
+
+
+def test_an_item_not_due_is_left_as_it_is(env: Env) -> None:
+    """An item waiting for its backoff gets no step and no save in the round."""
+    waiting = replace(_drop(env, 1)[0], not_before=1e12, attempts=1)
+    [moved] = run_round(env.steps, [waiting], now=0.0)
+    assert moved.item == waiting and moved.step is None and not moved.more
+
+
+def test_a_bug_in_one_items_step_leaves_the_others_saved(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no step handles comes back for that item; the round's others are saved."""
+    items = _drop(env, 3)
+    attempt = env.steps.attempt
+
+    def flawed(item: Item, step: Step) -> tuple[Item, object]:
+        if item.id == items[1].id:
+            raise RuntimeError("a bug")
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", flawed)
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert isinstance(moved[1].error, RuntimeError) and moved[1].item == items[1]
+    assert not moved[1].more
+    assert [env.journal.get(i.id).state for i in items] == [  # type: ignore[union-attr]
+        State.CLAIMED,
+        State.CLAIMING,
+        State.CLAIMED,
+    ]
+
+
+def test_a_refused_commit_saves_nothing_of_the_round(env: Env) -> None:
+    """The journal refusing the round's commit raises, and no item of the round is saved."""
+    items = _drop(env, 3)
+    guard = sqlite3.connect(env.journal.path, isolation_level=None)
+    guard.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON items WHEN NEW.relpath = CAST('rec1.bin' AS BLOB) "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    guard.close()
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        run_round(env.steps, items, now=float("inf"))
+    assert [env.journal.get(i.id) for i in items] == items
+
+
+def test_a_step_answered_elsewhere_is_saved_with_the_round(env: Env) -> None:
+    """A step run on another thread is saved in the same commit as the round's own."""
+    first, second = _drop(env, 2)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(env.steps.attempt, second, Step.CLAIM)
+        future.result()
+    before = env.journal.stats()
+    moved = run_round(
+        env.steps, [first], now=float("inf"), answered=[answered(second, Step.CLAIM, future)]
+    )
+    after = env.journal.stats()
+    assert [(m.item.id, m.item.state) for m in moved] == [
+        (first.id, State.CLAIMED),
+        (second.id, State.CLAIMED),
+    ]
+    assert (after["saves"] - before["saves"], after["commits"] - before["commits"]) == (2, 1)
+    assert env.journal.get(second.id) == moved[1].item
+
+
+@pytest.mark.parametrize(
+    ("backend", "step", "remote"),
+    [
+        ("http", Step.REGISTER, True),
+        ("http", Step.LOOKUP, False),
+        ("http", Step.STAGE, False),
+        ("embedded", Step.REGISTER, False),
+    ],
+)
+def test_which_steps_wait_for_a_remote_registry(
+    env: Env, monkeypatch: pytest.MonkeyPatch, backend: str, step: Step, remote: bool
+) -> None:
+    """Only registering with an HTTP registry runs on the executor."""
+    monkeypatch.setattr(env.registry, "backend", backend)
+    assert remote_step(env.steps, step) is remote
+
+
+def test_a_claim_whose_shared_fsync_fails_waits_and_is_claimed_once_later(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work folder's fsync failing at the round's end: its claims are saved as failed
+    (transient, retried); the next round claims each input once."""
+    items = _drop(env, 3)
+    work_ino = (env.inbox / ".nbank").stat().st_ino
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == work_ino:
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert [(m.item.state, m.item.attempts, m.outcome.kind) for m in moved] == [  # type: ignore[union-attr]
+        (State.CLAIMING, 1, "transient")
+    ] * 3
+    assert all("fsync after the claim step" in (m.item.error_message or "") for m in moved)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
+    assert [m.item.state for m in again] == [State.CLAIMED] * 3
+    assert len(os.listdir(env.inbox / ".nbank")) == 3
