@@ -76,7 +76,7 @@ def run_round(
     raises (then nothing of the round is saved: every step runs again)."""
     plan = [(item, next_step(item.progress, now)) for item in items]
     results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
-    with syncs.shared() as later:
+    with syncs.shared() as later, steps.listings_shared():
         for i, (item, step) in enumerate(plan):
             if step is None:
                 continue

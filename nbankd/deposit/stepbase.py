@@ -6,13 +6,14 @@ are deliberately read from the live configuration is told in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -74,6 +75,40 @@ class StepsBase:
         self._opened: dict[tuple[object, ...], layout.Archive] = {}  # see _archive
         #: runs a datatype's metadata reader: (dtype, file, name shown) -> result
         self.metadata_reader: Callable[[str, Path, str], ReaderResult] = _read_metadata
+
+    @contextlib.contextmanager
+    def listings_shared(self) -> Iterator[None]:
+        """Within, on the calling thread: the lookups list each stub folder once (a
+        round's lookups share one listing). A lookup's listing is a hint, however
+        fresh: publishing lists the folder again under the identifier's lock."""
+        self._local.listings = {}
+        try:
+            yield
+        finally:
+            self._local.listings = None
+
+    def _lookup_lister(self) -> layout.Lister | None:
+        """The lister lookups use: shared within :meth:`listings_shared`, else none
+        (the archive's own, listing every time)."""
+        cache: dict[Path, list[tuple[str, str]] | OSError] | None = getattr(
+            self._local, "listings", None
+        )
+        if cache is None:
+            return None
+
+        def lister(stub: Path) -> list[tuple[str, str]]:
+            listed = cache.get(stub)
+            if listed is None:
+                try:
+                    listed = cache[stub] = layout.scan_dir(stub)
+                except (FileNotFoundError, NotADirectoryError) as err:  # no such stub yet
+                    cache[stub] = err
+                    raise
+            if isinstance(listed, OSError):
+                raise type(listed)(listed.errno, listed.strerror, listed.filename)
+            return listed
+
+        return lister
 
     def set_beat(self, beat: Callable[[], None] | None) -> None:
         """The calling thread's liveness beat during long copies and reads (None: none)."""

@@ -7,10 +7,12 @@ import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from fixtures.steps_env import Env
+from nbankd.archive import layout
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 from nbankd.deposit.rounds import answered, remote_step, run_round
@@ -158,3 +160,21 @@ def test_a_claim_whose_shared_fsync_fails_waits_and_is_claimed_once_later(
     again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
     assert [m.item.state for m in again] == [State.CLAIMED] * 3
     assert len(os.listdir(env.inbox / ".nbank")) == 3
+
+
+def test_a_rounds_lookups_share_one_listing_of_their_stub_folder(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four inputs filed in one stub folder: their lookups in one round list it once."""
+    items = [env.until(i, State.STAGED) for i in _drop(env, 4)]
+    listed: list[object] = []
+    scan = layout.scan_dir
+
+    def counting(path: Path) -> list[tuple[str, str]]:
+        listed.append(path)
+        return scan(path)
+
+    monkeypatch.setattr(layout, "scan_dir", counting)
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert [m.item.state for m in moved] == [State.CHECKED] * 4
+    assert listed == [env.archive.resources_dir / "re"]
