@@ -63,6 +63,7 @@ from nbankd.archive.staging import (
     staged_path,
     unsafe_input,
 )
+from nbankd.archive.syncs import fsync_dir_soon
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
 from nbankd.hashing import hash_path, sha1_file
 
@@ -335,8 +336,9 @@ def _publish(
         seams.reached("after-publish-link")
         fsync_dir(target.parent)
         if os.path.lexists(source):
-            remove_ours(source)
-        fsync_dir(source.parent)
+            remove_ours(source)  # only after the link is durable (the stub fsynced)
+        fsync_dir_soon(source.parent)  # with a round's other fsyncs: a name reappearing
+        # after a power loss is a second link to the stored file, found by publishing again
     except errors.NbankdError:
         raise
     except OSError as err:

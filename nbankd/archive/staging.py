@@ -21,7 +21,7 @@ from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import STAGED_PREFIX, Archive, parse_staged_name, unavailable
-from nbankd.archive.syncs import fsync_soon
+from nbankd.archive.syncs import fsync_dir_soon, fsync_soon
 from nbankd.filekind import FileKind
 from nbankd.hashing import (
     BLOCK_SIZE,
@@ -196,11 +196,7 @@ def stage_copy(
                 fsync_soon(fd)  # before STAGED is saved: with a round's other fsyncs
             finally:
                 os.close(fd)
-            folder = os.open(archive.staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fsync_soon(folder)
-            finally:
-                os.close(folder)
+            fsync_dir_soon(archive.staging_dir)
         except BaseException as exc:
             _cleanup(path)
             if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):

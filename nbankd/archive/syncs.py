@@ -2,15 +2,16 @@
 
 A step calls :func:`fsync_soon` where its fsync has to happen before its save is
 committed and before anything that relies on it, but not before anything else the
-step itself does: the staging folder after a staged copy appears in it, the inbox
-and work folders after a claim, the work folder after a release, a receipt log after
-a receipt is appended, a staged copy's data. Outside a round this is a plain fsync at
-once. Inside one (:func:`shared`, on the round's thread) the descriptor is kept
-(duplicated) and, when the round's steps are done, :meth:`SharedSyncs.flush` fsyncs
-each file once, however many steps asked, and only then are the steps' saves
-committed: a folder that 64 claims changed is fsynced once, not 128 times. Data files
-are first all handed to writeback (``sync_file_range``), so their fsyncs share the
-filesystem's journal commits instead of taking one each.
+step itself does: the staging folder after a staged copy appears in it or its name
+is dropped once published, the inbox and work folders after a claim, the work folder
+after a release, a receipt log after a receipt is appended, a staged copy's data.
+Outside a round this is a plain fsync at once. Inside one (:func:`shared`, on the
+round's thread) the descriptor is kept (duplicated) and, when the round's steps are
+done, :meth:`SharedSyncs.flush` fsyncs each file once, however many steps asked, and
+only then are the steps' saves committed: a folder that 64 claims changed is fsynced
+once, not 128 times. Data files are first all handed to writeback
+(``sync_file_range``), so their fsyncs share the filesystem's journal commits
+instead of taking one each.
 
 An fsync whose order matters within a step (a published link before the staged name
 is dropped) stays a plain fsync in that step.
@@ -106,4 +107,13 @@ def fsync_soon(fd: int) -> None:
             raise
 
 
-__all__ = ["SharedSyncs", "fsync_soon", "shared"]
+def fsync_dir_soon(path: str | os.PathLike[str]) -> None:
+    """:func:`fsync_soon` of the folder at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fsync_soon(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["SharedSyncs", "fsync_dir_soon", "fsync_soon", "shared"]
