@@ -28,7 +28,7 @@ from nbankd.deposit.rounds import answered, remote_step, run_round
 from nbankd.deposit.stepbase import StepResult
 from nbankd.deposit.steps import Steps
 
-BATCH = 64  # items in one round at most
+BATCH = 64  # items in one round at most (besides registrations waiting for answers)
 SMALL = 1 << 20  # bytes: a larger file is copied by a worker of the pool
 REMOTE_WORKERS = 4  # registrations with a remote registry at once
 LANE_NAME = "deposit-lane"
@@ -122,8 +122,12 @@ class Lane:
                 self._cond.wait()
             if self._stopping:
                 return False
-            while self._queued and len(active) < BATCH:
+            # registrations waiting for their answers do not count: the next items are
+            # claimed and staged meanwhile
+            room = BATCH - sum(1 for e in active if e.remote is None)
+            while self._queued and room > 0:
                 active.append(self._queued.popleft())
+                room -= 1
             return True
 
     def _poke(self, _done: object = None) -> None:
