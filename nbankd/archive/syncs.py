@@ -59,8 +59,8 @@ class SharedSyncs:
         failed: dict[Hashable, OSError] = {}
         try:
             for fd, _owners in files:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    with contextlib.suppress(OSError):  # only a head start; fsync decides
+                with contextlib.suppress(OSError):  # only a head start; fsync decides
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
                         start_writeback(fd, 0, 0)
             for fd, owners in files:
                 try:
@@ -69,14 +69,19 @@ class SharedSyncs:
                     if err.errno != errno.EINVAL:  # a filesystem that cannot: as fsync_fd
                         failed.update((owner, err) for owner in owners if owner not in failed)
         finally:
-            for fd, _owners in files:
-                os.close(fd)
+            _close_all(files)
         return failed
 
     def discard(self) -> None:
         """Closes every descriptor taken, fsyncing nothing (the round failed)."""
         files, self._files = list(self._files.values()), {}
-        for fd, _owners in files:
+        _close_all(files)
+
+
+def _close_all(files: list[tuple[int, set[Hashable]]]) -> None:
+    """Closes every descriptor, even after one fails to close (a dead mount)."""
+    for fd, _owners in files:
+        with contextlib.suppress(OSError):
             os.close(fd)
 
 

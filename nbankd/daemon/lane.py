@@ -14,13 +14,16 @@ item waits only for its own registration, never for the others'.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+
+import structlog
 
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Step, next_step
@@ -28,10 +31,14 @@ from nbankd.deposit.rounds import answered, remote_step, run_round
 from nbankd.deposit.stepbase import StepResult
 from nbankd.deposit.steps import Steps
 
+log = structlog.get_logger("nbankd.daemon")
+
 BATCH = 64  # items in one round at most (besides registrations waiting for answers)
 SMALL = 1 << 20  # bytes: a larger file is copied by a worker of the pool
 REMOTE_WORKERS = 4  # registrations with a remote registry at once
 LANE_NAME = "deposit-lane"
+STALL = 60.0  # seconds without a sign of life inside a round: new small items go to the pool
+STOP_GRACE = 4.0  # seconds a stop waits for registrations under way (the daemon's is 5)
 
 
 def small(item: Item) -> bool:
@@ -86,6 +93,8 @@ class Lane:
         self._cond = threading.Condition()
         self._queued: deque[_Entry] = deque()
         self._stopping = False
+        self._busy = False  # a round is under way
+        self._beaten = clock()  # the last sign of life inside a round
         self._remote = ThreadPoolExecutor(REMOTE_WORKERS, thread_name_prefix="deposit-remote")
         self._thread = threading.Thread(target=self._run, name=LANE_NAME, daemon=True)
         self._thread.start()
@@ -101,9 +110,15 @@ class Lane:
             self._cond.notify()
         return future
 
+    def stalled(self, now: float) -> bool:
+        """True when a round has shown no sign of life for :data:`STALL` seconds (a step
+        stuck on a dead mount): new small items then go to the pool instead."""
+        return self._busy and now - self._beaten > STALL
+
     def stop(self) -> None:
         """Takes no more items: queued ones are cancelled (the journal holds them), the
-        round under way ends and its items' futures are resolved."""
+        round under way ends, registrations under way are waited for (up to
+        :data:`STOP_GRACE` seconds) and saved, and every future is resolved."""
         with self._cond:
             self._stopping = True
             queued, self._queued = list(self._queued), deque()
@@ -111,6 +126,12 @@ class Lane:
         for entry in queued:
             entry.future.cancel()
         self._remote.shutdown(wait=False, cancel_futures=True)
+
+    def _alive(self) -> None:
+        """A sign of life: before every step, fsync and commit of a round."""
+        self._beaten = self._clock()
+        if self._beat is not None:
+            self._beat()
 
     def _take(self, active: list[_Entry]) -> bool:
         """Moves queued items into ``active``, waiting while there is nothing to do
@@ -136,12 +157,36 @@ class Lane:
 
     def _run(self) -> None:
         active: list[_Entry] = []
-        self.steps.set_beat(self._beat)
+        self.steps.set_beat(self._alive)
         while self._take(active):
-            if self._beat is not None:
-                self._beat()
-            active = self._round(active)
-        for entry in active:  # stopping: the journal holds them as they are
+            self._alive()
+            self._busy = True
+            try:
+                active = self._round(active)
+            except Exception as err:  # a bug outside the steps: never the lane's end
+                log.exception("unexpected error in the lane; its items are tried again")
+                idle = [e for e in active if not e.waiting]  # not a registration under way
+                active = self._drop(idle, active, functools.partial(self._retry_bug, err))
+            finally:
+                self._busy = False
+        self._stopped(active)
+
+    def _stopped(self, active: list[_Entry]) -> None:
+        """Saves the registrations that answer within STOP_GRACE, then resolves every
+        future (the journal holds each item as last saved)."""
+        running = [e.remote for e in active if e.remote is not None]
+        wait(running, timeout=STOP_GRACE)  # type: ignore[arg-type]
+        back = [e for e in active if e.remote is not None and e.remote.done()]
+        answers = [answered(e.item, e.remote_step, e.remote) for e in back]  # type: ignore[arg-type]
+        try:
+            for entry, m in zip(
+                back, run_round(self.steps, [], now=self._clock(), answered=answers), strict=True
+            ):
+                if m.outcome is not None:
+                    entry.item = m.item
+        except Exception:  # the journal is gone too: recovery asks the registry again
+            log.exception("registrations answered at the stop could not be saved")
+        for entry in active:
             entry.future.set_result(entry.item)
 
     def _send_remote(self, active: list[_Entry], now: float) -> None:
@@ -151,9 +196,12 @@ class Lane:
                 continue
             step = next_step(entry.item.progress, now)
             if step is not None and remote_step(self.steps, step):
-                entry.remote_step = step
-                entry.remote = self._remote.submit(self.steps.attempt, entry.item, step)
-                entry.remote.add_done_callback(self._poke)
+                try:
+                    future = self._remote.submit(self.steps.attempt, entry.item, step)
+                except RuntimeError:  # stopping: the executor takes no more
+                    return
+                entry.remote_step, entry.remote = step, future
+                future.add_done_callback(self._poke)
 
     def _round(self, active: list[_Entry]) -> list[_Entry]:
         """One round; returns the entries that stay for the next."""
@@ -161,19 +209,14 @@ class Lane:
         self._send_remote(active, now)
         local = [e for e in active if e.remote is None]
         back = [e for e in active if e.remote is not None and e.remote.done()]
+        answers = [answered(e.item, e.remote_step, e.remote) for e in back]  # type: ignore[arg-type]
         try:
             moved = run_round(
-                self.steps,
-                [e.item for e in local],
-                now=now,
-                answered=[answered(e.item, e.remote_step, e.remote) for e in back],  # type: ignore[arg-type]
+                self.steps, [e.item for e in local], now=now, answered=answers, beat=self._alive
             )
         except sqlite3.Error as err:  # the journal cannot be written: all wait
             retry = self._journal_failed(err)
             return self._drop(local + back, active, lambda _e: retry)
-        except Exception as err:  # a bug: keep the items, report it, retry later
-            bug = err
-            return self._drop(local + back, active, lambda e: self._bug(e.item, bug))
         self._journal_ok()
         done = local + back
         ran = {id(e) for e in done}
@@ -194,14 +237,23 @@ class Lane:
     ) -> list[_Entry]:
         """The round's entries leave unsaved, each to be tried again at ``retry``; the
         registrations still waiting stay."""
+        ran = {id(e) for e in done}
         for entry in done:
             self._leave(entry, replace(entry.item, not_before=retry(entry)))
-        ran = {id(e) for e in done}
         return [e for e in active if id(e) not in ran]
 
+    def _retry_bug(self, err: Exception, entry: _Entry) -> float:
+        return self._bug(entry.item, err)
+
     def _leave(self, entry: _Entry, item: Item) -> None:
+        """Hands ``item`` back to the daemon; a failure of its bookkeeping is logged,
+        never the lane's end, and the future is resolved whatever happens."""
+        if entry.future.done():  # handed back already, before a failure in its round
+            return
         try:
             item = self._finish(item, entry.attempts_before)
+        except Exception:
+            log.exception("handing an item back from the lane failed", item=item.token)
         finally:
             entry.future.set_result(item)
 

@@ -126,7 +126,15 @@ class Daemon(DepositWorkers, InboxScanning):
         )
         self._start_lane()
         for held in manual.held_rejections(self.journal):  # a stop came before the hand-back
-            manual.return_rejected(held)
+            try:
+                manual.return_rejected(held)
+            except Exception as err:  # it stays in the rejected folder: never a failed start
+                log.error(
+                    "a rejected manual deposit could not be put back; it stays in the "
+                    "rejected folder",
+                    item=held.token,
+                    error=repr(err),
+                )
         self._prepare_registry()
         self._probe_archives(cfg)
         try:

@@ -82,7 +82,7 @@ class DepositWorkers:
             if item.id in self._running or self.state_problem is not None:
                 return
             self._waiting.pop(item.id, None)
-            if self.lane is not None and small(item):
+            if self.lane is not None and small(item) and not self.lane.stalled(self.clock()):
                 future = self.lane.submit(item)
             else:
                 future = self.pool.submit(self._work, item)

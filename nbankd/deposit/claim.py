@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbankd import errors, seams
+from nbankd.archive import syncs
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import identity_json, seen_matches
 from nbankd.deposit.journal import Item
@@ -45,6 +46,8 @@ class ClaimSteps(StepsBase):
                 if result is not None:
                     return result
             else:
+                # replayed: the rename's fsync may have failed, or never run (a crash)
+                syncs.fsync_soon(fs.work)
                 claimed = fs.lstat(fs.work, token)
                 # replayed after a crash that took the wrong entry: give it back
                 seen = claimed is None or seen_matches(item.seen_identity, claimed)

@@ -131,6 +131,10 @@ def column(item: Item, name: str) -> Any:
         return str(value)
     if name in ("verify", "auto_id", "already", "zipped"):
         return int(value)
+    if name == "error_message" and value is not None:
+        # free text that may quote a file name's undecodable bytes (surrogates): kept
+        # readable, never refused by SQLite, whose text is UTF-8
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value
 
 

@@ -242,23 +242,39 @@ class Journal:
                 self._group.wait()
             self._committing = True
             batch, self._queued = self._queued, []
-        failure: BaseException | None = None
+        failures: dict[int, BaseException] = {}
         sync = any(d for _, _, d in batch)
         try:
             self._commit([row for _, rows, _ in batch for row in rows], sync=sync)
+        except sqlite3.OperationalError as err:  # the journal itself: every save fails
+            failures = {t: err for t, _, _ in batch}
+        except Exception as err:  # a row refused: each save alone, so only its own fails
+            failures = {batch[0][0]: err} if len(batch) == 1 else self._commit_alone(batch)
         except BaseException as err:
-            failure = err
+            failures = {t: err for t, _, _ in batch}
         with self._group:
             self._committing = False
-            if failure is None:
-                self._committed = max(self._committed, batch[-1][0])
+            if len(failures) < len(batch):
                 self._commits += 1
                 self._synced += sync
-            else:
-                self._failed.update((t, failure) for t, _, _ in batch if t != ticket)
+            self._committed = max(self._committed, batch[-1][0])
+            self._failed.update((t, e) for t, e in failures.items() if t != ticket)
             self._group.notify_all()
-        if failure is not None:
-            raise failure
+        if ticket in failures:
+            raise failures[ticket]
+
+    def _commit_alone(
+        self, batch: list[tuple[int, list[tuple[Any, ...]], bool]]
+    ) -> dict[int, BaseException]:
+        """Commits each save of a batch the database refused as a whole on its own;
+        returns the saves refused again, with their errors."""
+        failed: dict[int, BaseException] = {}
+        for t, rows, durable in batch:
+            try:
+                self._commit(rows, sync=durable)
+            except Exception as err:
+                failed[t] = err
+        return failed
 
     def _commit(self, rows: list[tuple[Any, ...]], *, sync: bool) -> None:
         """One transaction writing ``rows`` (the group's leader, in commit order), each

@@ -30,16 +30,22 @@ def receipts_path(receipts_dir: Path, inbox_key: str) -> Path:
 
 
 def _already_logged(path: Path, token: str) -> bool:
+    """True when the log's tail holds the receipt of ``token``; then the log is fsynced
+    again (the append that wrote it may have ended with a failed fsync: a receipt read
+    back from the page cache is not yet one on disk)."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
+            needle = f'"token": "{token}"'.encode()
+            complete = tail.rfind(b"\n")  # a torn last line does not count (no newline)
+            found = complete >= 0 and tail.find(needle, 0, complete) >= 0
+            if found:
+                fsync_soon(f.fileno())
+            return found
     except FileNotFoundError:
         return False
-    needle = f'"token": "{token}"'.encode()
-    complete = tail.rfind(b"\n")  # a torn last line does not count (it has no newline)
-    return complete >= 0 and tail.find(needle, 0, complete) >= 0
 
 
 def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any]) -> Path:

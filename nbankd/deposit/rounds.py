@@ -25,7 +25,8 @@ later round (:func:`answered`), whose transaction saves it with the round's own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -59,7 +60,10 @@ def remote_step(steps: Steps, step: Step) -> bool:
 
 
 def answered(item: Item, step: Step, future: Future[StepResult]) -> Moved:
-    """A step of ``item`` run elsewhere (a registration on another thread), finished."""
+    """A step of ``item`` run elsewhere (a registration on another thread), finished;
+    one cancelled before it ran leaves the item as it was."""
+    if future.cancelled():
+        return Moved(item)
     try:
         after, outcome = future.result()
     except Exception as err:  # a bug outside the step's own error handling
@@ -68,18 +72,28 @@ def answered(item: Item, step: Step, future: Future[StepResult]) -> Moved:
 
 
 def run_round(
-    steps: Steps, items: Sequence[Item], *, now: float, answered: Sequence[Moved] = ()
+    steps: Steps,
+    items: Sequence[Item],
+    *,
+    now: float,
+    answered: Sequence[Moved] = (),
+    beat: Callable[[], None] | None = None,
 ) -> list[Moved]:
     """Runs the next step of every item of ``items`` (each due at ``now``) on this
     thread and saves them, with the steps ``answered`` elsewhere, in one transaction;
-    returns them in order (``items``, then ``answered``). Raises what the journal
-    raises (then nothing of the round is saved: every step runs again)."""
+    returns them in order (``items``, then ``answered``). ``beat`` is called before
+    every step, the fsyncs and the commit (the daemon's liveness). Raises what the
+    journal itself raises (sqlite3.OperationalError: then nothing of the round is
+    saved, and every step runs again); a row the journal refuses fails only its own
+    item, whose step then runs again (:func:`_save`)."""
+    alive = beat or (lambda: None)
     plan = [(item, next_step(item.progress, now)) for item in items]
     results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
     with syncs.shared() as later, steps.listings_shared():
         for i, (item, step) in enumerate(plan):
             if step is None:
                 continue
+            alive()
             later.owner = i
             try:
                 after, outcome = steps.attempt(item, step)
@@ -87,6 +101,7 @@ def run_round(
                 results[i] = Moved(item, step, error=err)
             else:
                 results[i] = Moved(after, step, outcome)
+        alive()
         failed = later.flush()
     for i, err in failed.items():  # the step is not done until its fsync is: retried
         item, step = plan[i]
@@ -95,12 +110,36 @@ def run_round(
             outcome = outcome_for(why)
             results[i] = Moved(steps.judged(item, step, outcome), step, outcome)
     results += answered
-    saved = [m.item for m in results if m.outcome is not None]
-    steps.journal.save_many(saved, durable=any(i.state in DURABLE for i in saved))
+    alive()
+    _save(steps, results, [item for item, _step in plan] + [m.item for m in answered])
     for m in results:
         if m.outcome is not None and m.step is not None:
             steps.saved(m.item, m.step, m.outcome)
     return results
+
+
+def _save(steps: Steps, results: list[Moved], before: list[Item]) -> None:
+    """Saves every result with an outcome in one transaction. Should the journal refuse
+    a row (not the journal itself failing: sqlite3.OperationalError is raised), each is
+    saved alone and a refused one becomes an error with its item as before the step."""
+    saved = [m.item for m in results if m.outcome is not None]
+    try:
+        steps.journal.save_many(saved, durable=any(i.state in DURABLE for i in saved))
+        return
+    except sqlite3.OperationalError:
+        raise
+    except Exception:
+        if len(saved) <= 1:
+            raise
+    for i, m in enumerate(results):
+        if m.outcome is None:
+            continue
+        try:
+            steps.journal.save_many([m.item], durable=m.item.state in DURABLE)
+        except sqlite3.OperationalError:
+            raise
+        except Exception as err:  # this row only: its step runs again later
+            results[i] = Moved(before[i], m.step, error=err)
 
 
 __all__ = ["Moved", "answered", "remote_step", "run_round"]

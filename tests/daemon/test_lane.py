@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from fixtures.steps_env import Env, env
-from nbankd.daemon.lane import LANE_NAME, SMALL, Lane, small
+from nbankd.daemon.lane import LANE_NAME, SMALL, STALL, Lane, small
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 
@@ -119,9 +119,7 @@ def test_a_journal_that_cannot_be_written_hands_every_item_back_to_wait(
     """A refused commit: the items leave unsaved, with a retry time, and it is reported."""
     item = env.drop("j.bin", b"journal")
     guard = sqlite3.connect(env.journal.path, isolation_level=None)
-    guard.execute(
-        "CREATE TRIGGER refuse BEFORE UPDATE ON items BEGIN SELECT RAISE(ABORT, 'no'); END"
-    )
+    guard.execute("CREATE TRIGGER broken BEFORE UPDATE ON items BEGIN SELECT no_such_fn(); END")
     guard.close()
     [back] = _results([lane.submit(item)])
     assert back.state is State.CLAIMING and back.not_before > time.time()
@@ -157,3 +155,101 @@ def test_registrations_with_a_remote_registry_run_beside_the_rounds(
     assert all(name.startswith("deposit-remote") for name in seen[Step.REGISTER])
     others = set().union(*(names for step, names in seen.items() if step is not Step.REGISTER))
     assert others == {LANE_NAME}
+
+
+def test_a_failing_hand_back_never_ends_the_lane(env: Env, handed: Handed) -> None:
+    """The daemon's bookkeeping raising for one item: its future still resolves, and the
+    lane goes on depositing the next."""
+    calls: list[int] = []
+
+    def finish(item: Item, attempts_before: int) -> Item:
+        calls.append(item.id)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping bug")
+        return item
+
+    running = Lane(
+        env.steps,
+        finish=finish,
+        journal_failed=handed.journal_failed,
+        journal_ok=lambda: None,
+        bug=handed.bug,
+        clock=time.time,
+    )
+    try:
+        [first] = _results([running.submit(env.drop("one.bin", b"one"))])
+        [second] = _results([running.submit(env.drop("two.bin", b"two"))])
+    finally:
+        running.stop()
+    assert (first.state, second.state) == (State.DONE, State.DONE)
+    assert calls == [first.id, second.id]
+
+
+def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that shows no sign of life for STALL seconds makes the lane stalled (new
+    small items then go to the pool); it is not stalled once the round ends."""
+    now = [1000.0]
+    stuck, entered = threading.Event(), threading.Event()
+    attempt = env.steps.attempt
+
+    def blocking(item: Item, step: Step) -> tuple[Item, object]:
+        entered.set()
+        assert stuck.wait(60)
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", blocking)
+    running = Lane(
+        env.steps,
+        finish=handed.finish,
+        journal_failed=handed.journal_failed,
+        journal_ok=lambda: None,
+        bug=handed.bug,
+        clock=lambda: now[0],
+    )
+    try:
+        future = running.submit(replace(env.drop("s.bin", b"s"), not_before=0.0))
+        assert entered.wait(60)
+        assert not running.stalled(now[0] + STALL - 1)
+        assert running.stalled(now[0] + STALL + 1)
+        monkeypatch.setattr(env.steps, "attempt", attempt)
+        stuck.set()
+        future.result(timeout=60)
+        assert not running.stalled(now[0] + STALL + 1)
+    finally:
+        stuck.set()
+        running.stop()
+
+
+def test_a_registration_answered_during_the_stop_is_saved(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while a registration is under way: the lane waits for its answer and saves
+    it, so the journal says REGISTERED, as the registry does."""
+    monkeypatch.setattr(env.registry, "backend", "http")
+    release, registering = threading.Event(), threading.Event()
+    attempt = env.steps.attempt
+
+    def slow_register(item: Item, step: Step) -> tuple[Item, object]:
+        if step is Step.REGISTER:
+            registering.set()
+            assert release.wait(60)
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", slow_register)
+    running = Lane(
+        env.steps,
+        finish=handed.finish,
+        journal_failed=handed.journal_failed,
+        journal_ok=lambda: None,
+        bug=handed.bug,
+        clock=time.time,
+    )
+    item = env.drop("reg.bin", b"registered at the stop")
+    future = running.submit(item)
+    assert registering.wait(60)
+    running.stop()
+    release.set()
+    assert future.result(timeout=60).state is State.REGISTERED
+    assert env.journal.get(item.id).state is State.REGISTERED  # type: ignore[union-attr]

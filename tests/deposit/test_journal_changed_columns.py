@@ -131,3 +131,49 @@ def test_save_many_refused_saves_none_of_them(journal: Journal) -> None:
     with pytest.raises(sqlite3.Error, match="refused by the test"):
         journal.save_many(batch, durable=True)
     assert [journal.get(i.id) for i in items] == items
+
+
+def test_a_refused_save_sharing_a_commit_fails_alone(journal: Journal) -> None:
+    """Two threads' saves queued behind one commit, one row refused: the other is saved."""
+    lead, good, bad = (_add(journal, n) for n in (1, 2, 3))
+    guard = sqlite3.connect(journal.path, isolation_level=None)
+    guard.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON items WHEN NEW.error_code = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    guard.execute("BEGIN IMMEDIATE")  # holds the leader's commit back while the others queue
+    errors: dict[str, BaseException] = {}
+
+    def save(tag: str, item: Item) -> None:
+        try:
+            journal.save(item)
+        except sqlite3.Error as err:
+            errors[tag] = err
+
+    threads = [threading.Thread(target=save, args=("lead", replace(lead, state=State.CLAIMED)))]
+    threads[0].start()
+    wait_for(lambda: journal.stats()["saves"] == 1, 30, "a leader")
+    for tag, item in (("good", replace(good, state=State.CLAIMED)),
+                      ("bad", replace(bad, state=State.CLAIMED, error_code="boom"))):  # fmt: skip
+        threads.append(threading.Thread(target=save, args=(tag, item)))
+        threads[-1].start()
+    wait_for(lambda: journal.stats()["queued"] == 2, 30, "both saves queued behind the leader")
+    guard.execute("COMMIT")
+    guard.close()
+    for t in threads:
+        t.join()
+    assert list(errors) == ["bad"]
+    assert journal.get(good.id).state is State.CLAIMED  # type: ignore[union-attr]
+    assert journal.get(bad.id) == bad
+
+
+def test_an_error_message_quoting_undecodable_bytes_is_saved(journal: Journal) -> None:
+    """A message naming a file whose name is not UTF-8 is stored, escaped, not refused."""
+    item = _add(journal)
+    message = "bad\udcff.bin vanished before it was claimed"
+    journal.save(replace(item, error_code="gone", error_message=message))
+    stored = journal.get(item.id)
+    assert (
+        stored is not None
+        and stored.error_message == "bad\\udcff.bin vanished before it was claimed"
+    )

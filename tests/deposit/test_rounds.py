@@ -86,8 +86,9 @@ def test_a_bug_in_one_items_step_leaves_the_others_saved(
     ]
 
 
-def test_a_refused_commit_saves_nothing_of_the_round(env: Env) -> None:
-    """The journal refusing the round's commit raises, and no item of the round is saved."""
+def test_a_row_the_journal_refuses_fails_only_its_own_item(env: Env) -> None:
+    """One row refused by the journal: that item comes back as an error, unsaved; the
+    round's others are saved."""
     items = _drop(env, 3)
     guard = sqlite3.connect(env.journal.path, isolation_level=None)
     guard.execute(
@@ -95,7 +96,22 @@ def test_a_refused_commit_saves_nothing_of_the_round(env: Env) -> None:
         "BEGIN SELECT RAISE(ABORT, 'refused'); END"
     )
     guard.close()
-    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert isinstance(moved[1].error, sqlite3.IntegrityError) and moved[1].item == items[1]
+    assert [env.journal.get(i.id).state for i in items] == [  # type: ignore[union-attr]
+        State.CLAIMED,
+        State.CLAIMING,
+        State.CLAIMED,
+    ]
+
+
+def test_a_journal_that_fails_saves_nothing_of_the_round(env: Env) -> None:
+    """The journal itself failing (sqlite3.OperationalError) raises; no item is saved."""
+    items = _drop(env, 3)
+    guard = sqlite3.connect(env.journal.path, isolation_level=None)
+    guard.execute("CREATE TRIGGER broken BEFORE UPDATE ON items BEGIN SELECT no_such_fn(); END")
+    guard.close()
+    with pytest.raises(sqlite3.OperationalError):
         run_round(env.steps, items, now=float("inf"))
     assert [env.journal.get(i.id) for i in items] == items
 
