@@ -66,27 +66,26 @@ def staged_path(archive: Archive, name: str) -> Path:
     return archive.staging_dir / name
 
 
-def list_staged(archive: Archive) -> list[Path]:
-    """Returns nbankd's entries in ``staging/`` (leftovers, for recovery)."""
+def _staging_names(archive: Archive) -> list[str]:
+    """The names in ``staging/`` (none when it does not exist)."""
     try:
-        names = os.listdir(archive.staging_dir)
+        return os.listdir(archive.staging_dir)
     except FileNotFoundError:
         return []
     except OSError as err:
         raise unavailable(archive, err, "listing staging/") from err
+
+
+def list_staged(archive: Archive) -> list[Path]:
+    """Returns nbankd's entries in ``staging/`` (leftovers, for recovery)."""
+    names = _staging_names(archive)
     return sorted(archive.staging_dir / n for n in names if n.startswith(STAGED_PREFIX))
 
 
 def staged_copies(archive: Archive, token: str) -> list[Path]:
     """The entries in ``staging/`` of the deposit ``token`` (under either form of its
     staged name); paths are made only for those, however full ``staging/`` is."""
-    try:
-        names = os.listdir(archive.staging_dir)
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        raise unavailable(archive, err, "listing staging/") from err
-    mine = [n for n in names if token in n]  # most names fail this cheap test
+    mine = [n for n in _staging_names(archive) if token in n]  # most fail this cheap test
     return [
         archive.staging_dir / n
         for n in sorted(mine)

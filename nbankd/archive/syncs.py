@@ -26,6 +26,7 @@ import stat
 import threading
 from collections.abc import Hashable, Iterator
 
+from nbankd.archive.fsops import fsync_fd
 from nbankd.streaming import start_writeback
 
 _local = threading.local()
@@ -104,12 +105,8 @@ def fsync_soon(fd: int) -> None:
     syncs: SharedSyncs | None = getattr(_local, "syncs", None)
     if syncs is not None:
         syncs.add(fd)
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
+    else:
+        fsync_fd(fd)
 
 
 def fsync_dir_soon(path: str | os.PathLike[str]) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -49,16 +50,21 @@ def handed() -> Handed:
     return Handed()
 
 
+def _lane(env: Env, handed: Handed, **changes: Any) -> Lane:
+    """A lane over the steps env reporting to ``handed`` (``changes``: other callbacks)."""
+    callbacks: dict[str, Any] = {
+        "finish": handed.finish,
+        "journal_failed": handed.journal_failed,
+        "journal_ok": lambda: None,
+        "bug": handed.bug,
+        "clock": time.time,
+    }
+    return Lane(env.steps, **{**callbacks, **changes})
+
+
 @pytest.fixture
 def lane(env: Env, handed: Handed) -> Iterator[Lane]:
-    running = Lane(
-        env.steps,
-        finish=handed.finish,
-        journal_failed=handed.journal_failed,
-        journal_ok=lambda: None,
-        bug=handed.bug,
-        clock=time.time,
-    )
+    running = _lane(env, handed)
     yield running
     running.stop()
 
@@ -168,14 +174,7 @@ def test_a_failing_hand_back_never_ends_the_lane(env: Env, handed: Handed) -> No
             raise RuntimeError("bookkeeping bug")
         return item
 
-    running = Lane(
-        env.steps,
-        finish=finish,
-        journal_failed=handed.journal_failed,
-        journal_ok=lambda: None,
-        bug=handed.bug,
-        clock=time.time,
-    )
+    running = _lane(env, handed, finish=finish)
     try:
         [first] = _results([running.submit(env.drop("one.bin", b"one"))])
         [second] = _results([running.submit(env.drop("two.bin", b"two"))])
@@ -200,14 +199,7 @@ def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
         return attempt(item, step)
 
     monkeypatch.setattr(env.steps, "attempt", blocking)
-    running = Lane(
-        env.steps,
-        finish=handed.finish,
-        journal_failed=handed.journal_failed,
-        journal_ok=lambda: None,
-        bug=handed.bug,
-        clock=lambda: now[0],
-    )
+    running = _lane(env, handed, clock=lambda: now[0])
     try:
         future = running.submit(replace(env.drop("s.bin", b"s"), not_before=0.0))
         assert entered.wait(60)
@@ -238,14 +230,7 @@ def test_a_registration_answered_during_the_stop_is_saved(
         return attempt(item, step)
 
     monkeypatch.setattr(env.steps, "attempt", slow_register)
-    running = Lane(
-        env.steps,
-        finish=handed.finish,
-        journal_failed=handed.journal_failed,
-        journal_ok=lambda: None,
-        bug=handed.bug,
-        clock=time.time,
-    )
+    running = _lane(env, handed)
     item = env.drop("reg.bin", b"registered at the stop")
     future = running.submit(item)
     assert registering.wait(60)
