@@ -95,6 +95,7 @@ class Lane:
         self._stopping = False
         self._busy = False  # a round is under way
         self._beaten = clock()  # the last sign of life inside a round
+        self._stall_logged = False
         self._remote = ThreadPoolExecutor(REMOTE_WORKERS, thread_name_prefix="deposit-remote")
         self._thread = threading.Thread(target=self._run, name=LANE_NAME, daemon=True)
         self._thread.start()
@@ -114,6 +115,26 @@ class Lane:
         """True when a round has shown no sign of life for :data:`STALL` seconds (a step
         stuck on a dead mount): new small items then go to the pool instead."""
         return self._busy and now - self._beaten > STALL
+
+    def release_if_stalled(self, now: float) -> int:
+        """When stalled, hands the items queued behind the stuck round back to the
+        daemon (which gives them to the pool); returns how many. Logs a stall once."""
+        if not self.stalled(now):
+            self._stall_logged = False
+            return 0
+        with self._cond:
+            queued, self._queued = list(self._queued), deque()
+        if not self._stall_logged:
+            self._stall_logged = True
+            log.warning(
+                "the lane of small files shows no progress; new small files go to the "
+                "worker pool until it does",
+                seconds=round(now - self._beaten),
+                handed_to_pool=len(queued),
+            )
+        for entry in queued:
+            self._leave(entry, entry.item)
+        return len(queued)
 
     def stop(self) -> None:
         """Takes no more items: queued ones are cancelled (the journal holds them), the
@@ -166,7 +187,7 @@ class Lane:
             except Exception as err:  # a bug outside the steps: never the lane's end
                 log.exception("unexpected error in the lane; its items are tried again")
                 idle = [e for e in active if not e.waiting]  # not a registration under way
-                active = self._drop(idle, active, functools.partial(self._retry_bug, err))
+                active = self._drop(idle, active, functools.partial(self._retry, err))
             finally:
                 self._busy = False
         self._stopped(active)
@@ -210,27 +231,33 @@ class Lane:
         local = [e for e in active if e.remote is None]
         back = [e for e in active if e.remote is not None and e.remote.done()]
         answers = [answered(e.item, e.remote_step, e.remote) for e in back]  # type: ignore[arg-type]
-        try:
-            moved = run_round(
-                self.steps, [e.item for e in local], now=now, answered=answers, beat=self._alive
-            )
-        except sqlite3.Error as err:  # the journal cannot be written: all wait
-            retry = self._journal_failed(err)
-            return self._drop(local + back, active, lambda _e: retry)
-        self._journal_ok()
+        moved = run_round(
+            self.steps, [e.item for e in local], now=now, answered=answers, beat=self._alive
+        )
         done = local + back
+        for entry, m in zip(done, moved, strict=True):  # first: whatever fails below,
+            entry.remote = entry.remote_step = None  # each entry holds its item as saved
+            if m.error is None:
+                entry.item = m.item
+        if any(m.outcome is not None and m.error is None for m in moved):
+            self._journal_ok()
         ran = {id(e) for e in done}
         stay = [e for e in active if id(e) not in ran]  # registrations still waiting
         for entry, m in zip(done, moved, strict=True):
-            entry.remote = entry.remote_step = None
             if m.error is not None:
-                self._leave(entry, replace(entry.item, not_before=self._bug(entry.item, m.error)))
+                self._leave(entry, replace(entry.item, not_before=self._retry(m.error, entry)))
             elif m.more and small(m.item):
-                entry.item = m.item
                 stay.append(entry)
             else:
                 self._leave(entry, m.item)
         return stay
+
+    def _retry(self, err: Exception, entry: _Entry) -> float:
+        """When an item whose step was not saved is tried again: the journal failing
+        is the journal's problem (status says so), anything else a bug."""
+        if isinstance(err, sqlite3.Error) and not isinstance(err, sqlite3.IntegrityError):
+            return self._journal_failed(err)
+        return self._bug(entry.item, err)
 
     def _drop(
         self, done: list[_Entry], active: list[_Entry], retry: Callable[[_Entry], float]
@@ -241,9 +268,6 @@ class Lane:
         for entry in done:
             self._leave(entry, replace(entry.item, not_before=retry(entry)))
         return [e for e in active if id(e) not in ran]
-
-    def _retry_bug(self, err: Exception, entry: _Entry) -> float:
-        return self._bug(entry.item, err)
 
     def _leave(self, entry: _Entry, item: Item) -> None:
         """Hands ``item`` back to the daemon; a failure of its bookkeeping is logged,

@@ -177,6 +177,8 @@ class DepositWorkers:
 
     def _resubmit_due(self, now: float) -> float | None:
         """Resubmits waiting items whose backoff has passed; returns the next due time."""
+        if self.lane is not None:
+            self.lane.release_if_stalled(now)  # queued behind a stuck round: to the pool
         with self._lock:
             waiting = list(self._waiting.values())
         next_due: float | None = None

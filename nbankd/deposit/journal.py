@@ -245,12 +245,13 @@ class Journal:
         failures: dict[int, BaseException] = {}
         sync = any(d for _, _, d in batch)
         try:
-            self._commit([row for _, rows, _ in batch for row in rows], sync=sync)
-        except sqlite3.OperationalError as err:  # the journal itself: every save fails
-            failures = {t: err for t, _, _ in batch}
-        except Exception as err:  # a row refused: each save alone, so only its own fails
-            failures = {batch[0][0]: err} if len(batch) == 1 else self._commit_alone(batch)
-        except BaseException as err:
+            try:
+                self._commit([row for _, rows, _ in batch for row in rows], sync=sync)
+            except sqlite3.OperationalError as err:  # the journal itself: every save fails
+                failures = {t: err for t, _, _ in batch}
+            except Exception as err:  # a row refused: each save alone, only its own fails
+                failures = {batch[0][0]: err} if len(batch) == 1 else self._commit_alone(batch)
+        except BaseException as err:  # whatever happens, the waiters are told
             failures = {t: err for t, _, _ in batch}
         with self._group:
             self._committing = False

@@ -293,6 +293,16 @@ def plan(
     dtype = choose_dtype(relpath, rules, sidecar)
     metadata = merge_metadata(relpath, rules, sidecar)
     stored = target_name(name, basename, keep_extensions=rules.keep_extensions, is_dir=is_dir)
+    try:
+        stored.encode("utf-8")
+    except UnicodeEncodeError:  # an extension with bytes that are not UTF-8
+        raise PolicyError(
+            "invalid-name",
+            f"the stored name {stored!r} of {relpath!r} is not UTF-8: the registry and the "
+            "journal keep names as text",
+            "rename the file so that its extension is UTF-8 text, or set "
+            "keep_extensions: false, and requeue it",
+        ) from None
     return Plan(
         name=name,
         dtype=dtype,

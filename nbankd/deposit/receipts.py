@@ -29,12 +29,16 @@ def receipts_path(receipts_dir: Path, inbox_key: str) -> Path:
     return receipts_dir / f"{slug}-{digest}.jsonl"
 
 
-def _already_logged(path: Path, token: str) -> bool:
+def _already_logged(path: Path, token: str, *, from_storage: bool = False) -> bool:
     """True when the log's tail holds the receipt of ``token``; then the log is fsynced
-    again (the append that wrote it may have ended with a failed fsync: a receipt read
-    back from the page cache is not yet one on disk)."""
+    again. ``from_storage`` (a retried record step): the tail is read from storage, not
+    the page cache, which after a failed writeback shows a line the disk never got (the
+    kernel marks such pages clean and a second fsync succeeds without writing them)."""
     try:
         with open(path, "rb") as f:
+            if from_storage:
+                os.fsync(f.fileno())  # what is dirty goes out; what failed stays clean
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
@@ -48,12 +52,15 @@ def _already_logged(path: Path, token: str) -> bool:
         return False
 
 
-def append_receipt(receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any]) -> Path:
-    """Appends ``receipt`` as one line and fsyncs it; returns the log's path."""
+def append_receipt(
+    receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any], *, retried: bool = False
+) -> Path:
+    """Appends ``receipt`` as one line and fsyncs it, unless the log holds it already
+    (``retried``: as read from storage); returns the log's path."""
     receipts_dir.mkdir(parents=True, exist_ok=True)
     path = receipts_path(receipts_dir, inbox_key)
     token = str(receipt["token"])
-    if _already_logged(path, token):
+    if _already_logged(path, token, from_storage=retried):
         return path
     line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
     append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640, sync=fsync_soon)

@@ -26,7 +26,7 @@ later round (:func:`answered`), whose transaction saves it with the round's own.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -34,7 +34,7 @@ from nbankd.archive import syncs
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import DURABLE, Outcome, Step, next_step
 from nbankd.deposit.outcomes import outcome_for
-from nbankd.deposit.stepbase import StepResult
+from nbankd.deposit.stepbase import StepResult, log
 from nbankd.deposit.steps import Steps, keeps_going
 
 
@@ -82,10 +82,9 @@ def run_round(
     """Runs the next step of every item of ``items`` (each due at ``now``) on this
     thread and saves them, with the steps ``answered`` elsewhere, in one transaction;
     returns them in order (``items``, then ``answered``). ``beat`` is called before
-    every step, the fsyncs and the commit (the daemon's liveness). Raises what the
-    journal itself raises (sqlite3.OperationalError: then nothing of the round is
-    saved, and every step runs again); a row the journal refuses fails only its own
-    item, whose step then runs again (:func:`_save`)."""
+    every step, the fsyncs and the commit (the daemon's liveness). A step not saved
+    comes back as an error (:func:`_save`): a row the journal refuses fails only its
+    own item; the journal failing fails every item not saved, with an sqlite3.Error."""
     alive = beat or (lambda: None)
     plan = [(item, next_step(item.progress, now)) for item in items]
     results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
@@ -114,31 +113,57 @@ def run_round(
     _save(steps, results, [item for item, _step in plan] + [m.item for m in answered])
     for m in results:
         if m.outcome is not None and m.step is not None:
-            steps.saved(m.item, m.step, m.outcome)
+            try:
+                steps.saved(m.item, m.step, m.outcome)
+            except Exception:  # a log line that cannot be written: the item is saved
+                log.exception("after a saved step", item=m.item.token, step=str(m.step))
     return results
 
 
 def _save(steps: Steps, results: list[Moved], before: list[Item]) -> None:
     """Saves every result with an outcome in one transaction. Should the journal refuse
-    a row (not the journal itself failing: sqlite3.OperationalError is raised), each is
-    saved alone and a refused one becomes an error with its item as before the step."""
+    it, each is saved alone: a refused one becomes an error with its item as before the
+    step. When the journal itself fails (sqlite3.OperationalError, or not one row saved
+    alone either: a damaged database), every result not saved becomes an error holding
+    that journal error. Never raises: each result says whether its item moved."""
     saved = [m.item for m in results if m.outcome is not None]
+    if not saved:
+        return
     try:
         steps.journal.save_many(saved, durable=any(i.state in DURABLE for i in saved))
         return
-    except sqlite3.OperationalError:
-        raise
-    except Exception:
-        if len(saved) <= 1:
-            raise
+    except sqlite3.OperationalError as err:
+        _unsaved(results, before, range(len(results)), err)
+        return
+    except Exception as err:
+        first = err
+        if len(saved) == 1:
+            _unsaved(results, before, range(len(results)), err)
+            return
+    moved = 0
     for i, m in enumerate(results):
         if m.outcome is None:
             continue
         try:
             steps.journal.save_many([m.item], durable=m.item.state in DURABLE)
-        except sqlite3.OperationalError:
-            raise
+            moved += 1
+        except sqlite3.OperationalError as err:
+            _unsaved(results, before, range(i, len(results)), err)
+            return
         except Exception as err:  # this row only: its step runs again later
+            results[i] = Moved(before[i], m.step, error=err)
+    if moved == 0:  # not one row saved: the journal, not the rows
+        _unsaved(results, before, range(len(results)), first)
+
+
+def _unsaved(
+    results: list[Moved], before: list[Item], indices: Iterable[int], err: Exception
+) -> None:
+    """The results at ``indices`` with an outcome were not saved: errors holding ``err``,
+    each item as before its step."""
+    for i in indices:
+        m = results[i]
+        if m.outcome is not None:
             results[i] = Moved(before[i], m.step, error=err)
 
 

@@ -321,7 +321,9 @@ class Steps(ClaimSteps, IdentifierSteps):
         }
         if item.zipped:
             receipt["zipped"] = True  # as nbank's deposit record says of a zipped folder
-        receipts.append_receipt(self.receipts_dir, spec.key, receipt)
+        # retried (a failed fsync among its earlier attempts?): a receipt is trusted as
+        # written only as read back from storage
+        receipts.append_receipt(self.receipts_dir, spec.key, receipt, retried=item.attempts > 0)
         seams.reached("after-receipt-append")
         return replace(item, finished=now), Outcome.ok()
 

@@ -147,6 +147,24 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
     return redact(event_dict)  # type: ignore[no-any-return]
 
 
+def _writable(value: str) -> str:
+    """``value`` with the undecodable bytes of a file name (surrogates) backslash-escaped."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def writable_text(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: text values that every output can write. A file name that is
+    not UTF-8 reaches a log line escaped; unescaped, writing it raised (a strict UTF-8
+    stdout, the journal), and a log line failing after a save broke the step after it."""
+    return {k: _writable(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+
+
 # --- journal ---------------------------------------------------------------------------
 
 # Bound keys with a fixed journal field name; any other key becomes NBANK_<KEY>.
@@ -425,6 +443,7 @@ def configure_logging(
             ),
             structlog.processors.format_exc_info,
             redact_secrets,
+            writable_text,
             _journal_renderer,
         ]
         logger_factory = _JournalLoggerFactory()
@@ -432,6 +451,7 @@ def configure_logging(
         processors += [
             structlog.processors.format_exc_info,
             redact_secrets,
+            writable_text,
             structlog.dev.ConsoleRenderer(
                 colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback
             ),
@@ -440,7 +460,12 @@ def configure_logging(
     else:
         fd = _fileno(out)
         prefix = fd is not None and journal_stream_matches(os.environ.get("JOURNAL_STREAM"), [fd])
-        processors += [structlog.processors.format_exc_info, redact_secrets, _JsonLines(prefix)]
+        processors += [
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            writable_text,
+            _JsonLines(prefix),
+        ]
         logger_factory = structlog.WriteLoggerFactory(file=out)
 
     structlog.configure(

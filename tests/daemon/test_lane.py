@@ -187,8 +187,8 @@ def test_a_failing_hand_back_never_ends_the_lane(env: Env, handed: Handed) -> No
 def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
     env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A step that shows no sign of life for STALL seconds makes the lane stalled (new
-    small items then go to the pool); it is not stalled once the round ends."""
+    """A step that shows no sign of life for STALL seconds makes the lane stalled: the
+    items queued behind it are handed back (for the pool); not stalled once it ends."""
     now = [1000.0]
     stuck, entered = threading.Event(), threading.Event()
     attempt = env.steps.attempt
@@ -201,10 +201,15 @@ def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
     monkeypatch.setattr(env.steps, "attempt", blocking)
     running = _lane(env, handed, clock=lambda: now[0])
     try:
-        future = running.submit(replace(env.drop("s.bin", b"s"), not_before=0.0))
+        future = running.submit(env.drop("s.bin", b"s"))
         assert entered.wait(60)
+        behind = env.drop("behind.bin", b"queued behind the stuck round")
+        queued = running.submit(behind)
         assert not running.stalled(now[0] + STALL - 1)
+        assert running.release_if_stalled(now[0] + STALL - 1) == 0
         assert running.stalled(now[0] + STALL + 1)
+        assert running.release_if_stalled(now[0] + STALL + 1) == 1  # to the pool
+        assert queued.result(timeout=60) == behind and handed.items[-1] == (behind, 0)
         monkeypatch.setattr(env.steps, "attempt", attempt)
         stuck.set()
         future.result(timeout=60)

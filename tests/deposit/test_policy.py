@@ -222,6 +222,20 @@ def test_plan_without_dtype_is_rejected_no_dtype() -> None:
     assert info.value.code == "no-dtype"
 
 
+def test_an_extension_that_is_not_utf8_is_rejected_invalid_name() -> None:
+    """A stored name keeping undecodable extension bytes is refused with invalid-name,
+    naming the file: the journal and registry keep names as text."""
+    with pytest.raises(PolicyError) as info:
+        plan("rec1.w\udcffv", RULES, Sidecar(), token=TOKEN)
+    assert info.value.code == "invalid-name" and "rec1.w" in info.value.message
+
+
+def test_an_extension_that_is_not_utf8_is_dropped_without_keep_extensions() -> None:
+    """Without keep_extensions the stored name is the identifier alone: deposited."""
+    rules = InboxRules(dtype="vocalization-wav", keep_extensions=False)
+    assert plan("rec1.w\udcffv", rules, Sidecar(), token=TOKEN).target_name == "rec1"
+
+
 # -- metadata ------------------------------------------------------------------------
 
 PATH_RE = re.compile(r"^(?P<bird>[^/]+)/(?:(?P<day>day\d+)/)?")

@@ -68,6 +68,17 @@ def test_append_same_token_twice_writes_one_line(tmp_path: Path) -> None:
     assert len(_lines(path)) == 1
 
 
+def test_a_retried_append_reads_the_log_from_storage_and_writes_one_line(
+    tmp_path: Path,
+) -> None:
+    """A retried record step checks the log as stored (its cache dropped): a receipt on
+    disk is not appended again, one missing is."""
+    append_receipt(tmp_path, INBOX, _receipt("ab" * 16))
+    path = append_receipt(tmp_path, INBOX, _receipt("ab" * 16), retried=True)
+    append_receipt(tmp_path, INBOX, _receipt("cd" * 16, id="rec2"), retried=True)
+    assert [json.loads(line)["token"] for line in _lines(path)] == ["ab" * 16, "cd" * 16]
+
+
 def test_append_different_tokens_keeps_order(tmp_path: Path) -> None:
     """Receipts of different deposits are all kept, in the order they were appended."""
     for n in range(3):

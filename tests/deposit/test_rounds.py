@@ -106,13 +106,15 @@ def test_a_row_the_journal_refuses_fails_only_its_own_item(env: Env) -> None:
 
 
 def test_a_journal_that_fails_saves_nothing_of_the_round(env: Env) -> None:
-    """The journal itself failing (sqlite3.OperationalError) raises; no item is saved."""
+    """The journal itself failing (sqlite3.OperationalError): every item comes back as
+    an error holding it, as before its step, and none is saved."""
     items = _drop(env, 3)
     guard = sqlite3.connect(env.journal.path, isolation_level=None)
     guard.execute("CREATE TRIGGER broken BEFORE UPDATE ON items BEGIN SELECT no_such_fn(); END")
     guard.close()
-    with pytest.raises(sqlite3.OperationalError):
-        run_round(env.steps, items, now=float("inf"))
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert all(isinstance(m.error, sqlite3.OperationalError) for m in moved)
+    assert [m.item for m in moved] == items
     assert [env.journal.get(i.id) for i in items] == items
 
 

@@ -68,6 +68,21 @@ def test_json_line_has_event_level_timestamp_and_fields() -> None:
     assert ISO_UTC.match(str(line["timestamp"]))
 
 
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_file_name_that_is_not_utf8_is_logged_escaped(fmt: str) -> None:
+    """A source name with undecodable bytes (surrogates) is written escaped to a strict
+    UTF-8 stream, never raising; valid non-ASCII text is kept as it is."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    configure_logging(fmt, "info", out)
+    get_logger().info("rejected", source="bad\udcff.wav", inbox="/srv/inbox/Zoë")
+    text = raw.getvalue().decode("utf-8")
+    if fmt == "json":
+        (line,) = [json.loads(t) for t in text.splitlines()]
+        text = f"{line['source']} {line['inbox']}"
+    assert "bad\\udcff.wav" in text and "Zoë" in text
+
+
 def test_one_line_per_event() -> None:
     """Each event is exactly one line, even with a newline in a value."""
     out = io.StringIO()
