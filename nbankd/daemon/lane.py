@@ -116,6 +116,16 @@ class Lane:
         stuck on a dead mount): new small items then go to the pool instead."""
         return self._busy and now - self._beaten > STALL
 
+    def problem(self, now: float) -> str | None:
+        """Status's line while stalled (a degraded daemon), else None."""
+        if not self.stalled(now):
+            return None
+        return (
+            f"the lane of small files has shown no progress for {now - self._beaten:.0f}s "
+            "(a step stuck on an unresponsive filesystem or registry?); new small files "
+            "go to the worker pool meanwhile"
+        )
+
     def release_if_stalled(self, now: float) -> int:
         """When stalled, hands the items queued behind the stuck round back to the
         daemon (which gives them to the pool); returns how many. Logs a stall once."""

@@ -408,6 +408,7 @@ class Daemon(DepositWorkers, InboxScanning):
         watches = self.observer.status() if self.observer is not None else {}
         setup = self.registry_setup.last
         switch = pauses.unfinished_switch(self.config.state_dir)
+        lane = self.lane.problem(self.clock()) if self.lane is not None else None
         with self._lock:
             return Snapshot(
                 now=self.clock(),
@@ -429,6 +430,7 @@ class Daemon(DepositWorkers, InboxScanning):
                 unfinished_switch=switch,
                 tally=self.tally.copy(),
                 capabilities=dict(self.capabilities),
+                lane_problem=lane,
             )
 
     def status_line(self) -> str:

@@ -5,7 +5,8 @@ the registry is unreachable or refused the start-up checks; an inbox's inotify
 watch failed (its liveness check went unanswered, or the kernel refused a watch:
 the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
 (unmounted, not writable, not set up); inputs wait after a failed step (registry
-outage, full or failing archive filesystem, ...); files are stalled. The control
+outage, full or failing archive filesystem, ...); files are stalled; the lane of
+small files has shown no progress for a minute. The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -147,6 +148,8 @@ def build_status(
             degraded.append(f"archive {name}: {caps.notes()[0]}")
     if snap.unfinished_switch is not None:
         degraded.append(switch_problem(snap.unfinished_switch))
+    if snap.lane_problem:
+        degraded.append(snap.lane_problem)
     if snap.state_problem:
         degraded.insert(0, snap.state_problem)
     if snap.journal_problem:

@@ -187,8 +187,9 @@ def test_a_failing_hand_back_never_ends_the_lane(env: Env, handed: Handed) -> No
 def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
     env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A step that shows no sign of life for STALL seconds makes the lane stalled: the
-    items queued behind it are handed back (for the pool); not stalled once it ends."""
+    """A step that shows no sign of life for STALL seconds makes the lane stalled, named
+    in status: the items queued behind it are handed back (for the pool); not stalled
+    once it ends."""
     now = [1000.0]
     stuck, entered = threading.Event(), threading.Event()
     attempt = env.steps.attempt
@@ -208,6 +209,8 @@ def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
         assert not running.stalled(now[0] + STALL - 1)
         assert running.release_if_stalled(now[0] + STALL - 1) == 0
         assert running.stalled(now[0] + STALL + 1)
+        assert running.problem(now[0] + STALL - 1) is None
+        assert "no progress for 61s" in (running.problem(now[0] + STALL + 1) or "")
         assert running.release_if_stalled(now[0] + STALL + 1) == 1  # to the pool
         assert queued.result(timeout=60) == behind and handed.items[-1] == (behind, 0)
         monkeypatch.setattr(env.steps, "attempt", attempt)
