@@ -5,7 +5,8 @@
 - :data:`SIDECAR_SUFFIXES`: ``NAME.nbank.yaml`` / ``NAME.nbank.json`` belong to ``NAME``;
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
 - :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why;
-- :func:`printable`: how any name found in an inbox is shown in one line.
+- :func:`printable`: how any name found in an inbox is shown in one line;
+- :func:`utf8_text`: text quoting such a name, made valid UTF-8 and otherwise kept.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def printable(relpath: str) -> str:
     return "".join(out)
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8: the undecodable bytes of a file name it quotes
+    (surrogates) become ``\\udcNN``, nothing else changes (unlike :func:`printable`)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 __all__ = [
     "CANARY_NAME",
     "MARKER_SUFFIX",
@@ -46,4 +59,5 @@ __all__ = [
     "SIDECAR_SUFFIXES",
     "WORK_DIR_NAME",
     "printable",
+    "utf8_text",
 ]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nbankd.deposit.lifecycle import FINAL, Progress, State
+from nbankd.names import utf8_text
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,8 @@ def column(item: Item, name: str) -> Any:
     if name in ("verify", "auto_id", "already", "zipped"):
         return int(value)
     if name == "error_message" and value is not None:
-        # free text that may quote a file name's undecodable bytes (surrogates): kept
-        # readable, never refused by SQLite, whose text is UTF-8
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        # free text that may quote a file name's undecodable bytes: SQLite's text is UTF-8
+        return utf8_text(value)
     return value
 
 

@@ -45,7 +45,7 @@ def _already_logged(path: Path, token: str, *, from_storage: bool = False) -> bo
             needle = f'"token": "{token}"'.encode()
             complete = tail.rfind(b"\n")  # a torn last line does not count (no newline)
             found = complete >= 0 and tail.find(needle, 0, complete) >= 0
-            if found:
+            if found and not from_storage:  # from storage: fsynced just above
                 fsync_soon(f.fileno())
             return found
     except FileNotFoundError:

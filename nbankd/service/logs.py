@@ -32,6 +32,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from nbankd.errors import ConfigError
+from nbankd.names import utf8_text
 
 __all__ = [
     "FORMATS",
@@ -147,22 +148,11 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
     return redact(event_dict)  # type: ignore[no-any-return]
 
 
-def _writable(value: str) -> str:
-    """``value`` with the undecodable bytes of a file name (surrogates) backslash-escaped."""
-    if value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
 def writable_text(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: text values that every output can write. A file name that is
     not UTF-8 reaches a log line escaped; unescaped, writing it raised (a strict UTF-8
     stdout, the journal), and a log line failing after a save broke the step after it."""
-    return {k: _writable(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+    return {k: utf8_text(v) if isinstance(v, str) else v for k, v in event_dict.items()}
 
 
 # --- journal ---------------------------------------------------------------------------
