@@ -27,7 +27,7 @@ import structlog
 
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Step, next_step
-from nbankd.deposit.rounds import answered, remote_step, run_round
+from nbankd.deposit.rounds import Moved, answered, remote_step, run_round
 from nbankd.deposit.stepbase import StepResult
 from nbankd.deposit.steps import Steps
 
@@ -57,14 +57,24 @@ class _Entry:
     item: Item
     future: Future[Item]
     attempts_before: int
-    #: a step of the item running on a remote-registry thread, and which
-    remote: Future[StepResult] | None = None
-    remote_step: Step | None = None
+    #: the step of the item running on a remote-registry thread, and its future
+    remote: tuple[Step, Future[StepResult]] | None = None
 
     @property
     def waiting(self) -> bool:
         """True while its remote step has not answered."""
-        return self.remote is not None and not self.remote.done()
+        return self.remote is not None and not self.remote[1].done()
+
+    @property
+    def answered(self) -> bool:
+        """True once its remote step has answered."""
+        return self.remote is not None and self.remote[1].done()
+
+    def answer(self) -> Moved:
+        """Its remote step's result (it has answered)."""
+        assert self.remote is not None
+        step, future = self.remote
+        return answered(self.item, step, future)
 
 
 class Lane:
@@ -205,10 +215,9 @@ class Lane:
     def _stopped(self, active: list[_Entry]) -> None:
         """Saves the registrations that answer within STOP_GRACE, then resolves every
         future (the journal holds each item as last saved)."""
-        running = [e.remote for e in active if e.remote is not None]
-        wait(running, timeout=STOP_GRACE)  # type: ignore[arg-type]
-        back = [e for e in active if e.remote is not None and e.remote.done()]
-        answers = [answered(e.item, e.remote_step, e.remote) for e in back]  # type: ignore[arg-type]
+        wait([e.remote[1] for e in active if e.remote is not None], timeout=STOP_GRACE)
+        back = [e for e in active if e.answered]
+        answers = [e.answer() for e in back]
         try:
             for entry, m in zip(
                 back, run_round(self.steps, [], now=self._clock(), answered=answers), strict=True
@@ -231,7 +240,7 @@ class Lane:
                     future = self._remote.submit(self.steps.attempt, entry.item, step)
                 except RuntimeError:  # stopping: the executor takes no more
                     return
-                entry.remote_step, entry.remote = step, future
+                entry.remote = (step, future)
                 future.add_done_callback(self._poke)
 
     def _round(self, active: list[_Entry]) -> list[_Entry]:
@@ -239,14 +248,14 @@ class Lane:
         now = self._clock()
         self._send_remote(active, now)
         local = [e for e in active if e.remote is None]
-        back = [e for e in active if e.remote is not None and e.remote.done()]
-        answers = [answered(e.item, e.remote_step, e.remote) for e in back]  # type: ignore[arg-type]
+        back = [e for e in active if e.answered]
+        answers = [e.answer() for e in back]
         moved = run_round(
             self.steps, [e.item for e in local], now=now, answered=answers, beat=self._alive
         )
         done = local + back
         for entry, m in zip(done, moved, strict=True):  # first: whatever fails below,
-            entry.remote = entry.remote_step = None  # each entry holds its item as saved
+            entry.remote = None  # each entry holds its item as saved
             if m.error is None:
                 entry.item = m.item
         if any(m.outcome is not None and m.error is None for m in moved):
