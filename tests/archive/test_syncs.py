@@ -31,12 +31,23 @@ def test_one_folder_asked_for_twice_is_held_once(tmp_path: Path) -> None:
         os.close(b)
 
 
-def test_outside_a_round_the_fsync_happens_at_once(tmp_path: Path) -> None:
-    """Without shared(), fsync_soon keeps nothing: the fsync is done before it returns."""
+def test_outside_a_round_the_fsync_happens_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without shared(), fsync_soon fsyncs the folder before it returns and keeps nothing."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         before = _open_fds()
         syncs.fsync_soon(fd)
+        assert synced == [tmp_path.stat().st_ino]
         assert _open_fds() == before
     finally:
         os.close(fd)
