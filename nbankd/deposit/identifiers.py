@@ -151,5 +151,5 @@ class IdentifierSteps(StepsBase):
             if intent.archive_name not in record.locations:
                 self._locate(item.name, intent.archive_name)
         item = replace(item, url=self.registry.resource_url(item.name))
-        seams.reached("after-register")
+        self._registered(item)
         return item, Outcome.ok()

@@ -18,6 +18,12 @@ are shared too: each folder or file once per round, after the round's steps and 
 its commit. Should one fail, the steps that asked for it are not done: they are saved
 as failed (transient, retried after a backoff) and run again.
 
+A round's registrations run first, together
+(:meth:`~nbankd.deposit.stepbase.StepsBase.registering_together`): the embedded
+registry commits them in one transaction (one fsync), and holds its write lock only
+while they run. Should that commit fail, every one of them failed (transient) and
+registers again later, whatever its step concluded.
+
 Registering with a remote registry waits for the network: the caller runs those steps
 on other threads (:func:`remote_step` says which) and hands each finished one to a
 later round (:func:`answered`), whose transaction saves it with the round's own.
@@ -88,18 +94,17 @@ def run_round(
     alive = beat or (lambda: None)
     plan = [(item, next_step(item.progress, now)) for item in items]
     results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
+    registering = [i for i, (_item, step) in enumerate(plan) if step is Step.REGISTER]
+    others = [i for i, (_item, step) in enumerate(plan) if step not in (None, Step.REGISTER)]
     with syncs.shared() as later, steps.listings_shared():
-        for i, (item, step) in enumerate(plan):
-            if step is None:
-                continue
-            alive()
-            later.owner = i
-            try:
-                after, outcome = steps.attempt(item, step)
-            except Exception as err:  # a bug outside the step's own error handling
-                results[i] = Moved(item, step, error=err)
-            else:
-                results[i] = Moved(after, step, outcome)
+        if registering:
+            try:  # together first: the registry's write lock is held only for them
+                with steps.registering_together():
+                    _attempt(steps, plan, registering, results, later, alive)
+                    alive()
+            except Exception as err:  # not committed: none of them is registered
+                _not_registered(steps, plan, registering, results, err)
+        _attempt(steps, plan, others, results, later, alive)
         alive()
         failed = later.flush()
     for i, err in failed.items():  # the step is not done until its fsync is: retried
@@ -118,6 +123,46 @@ def run_round(
             except Exception:  # a log line that cannot be written: the item is saved
                 log.exception("after a saved step", item=m.item.token, step=str(m.step))
     return results
+
+
+def _attempt(
+    steps: Steps,
+    plan: Sequence[tuple[Item, Step | None]],
+    indices: Iterable[int],
+    results: list[Moved],
+    later: syncs.SharedSyncs,
+    alive: Callable[[], None],
+) -> None:
+    """Runs the step of each planned item at ``indices`` into ``results``."""
+    for i in indices:
+        item, step = plan[i]
+        assert step is not None
+        alive()
+        later.owner = i
+        try:
+            after, outcome = steps.attempt(item, step)
+        except Exception as err:  # a bug outside the step's own error handling
+            results[i] = Moved(item, step, error=err)
+        else:
+            results[i] = Moved(after, step, outcome)
+
+
+def _not_registered(
+    steps: Steps,
+    plan: Sequence[tuple[Item, Step | None]],
+    indices: Iterable[int],
+    results: list[Moved],
+    err: Exception,
+) -> None:
+    """The registrations at ``indices`` were not committed: each failed (transient,
+    retried), whatever its step had concluded (a duplicate may have been judged against
+    a record of the same batch that is now gone)."""
+    why = outcome_for(err)
+    outcome = Outcome("transient", why.code, f"registering: {why.message}", why.hint)
+    for i in indices:
+        item, step = plan[i]
+        if results[i].error is None:
+            results[i] = Moved(steps.judged(item, Step.REGISTER, outcome), step, outcome)
 
 
 def _save(steps: Steps, results: list[Moved], before: list[Item]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive import durable, layout, opening
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
@@ -86,6 +86,30 @@ class StepsBase:
             yield
         finally:
             self._local.listings = None
+
+    @contextlib.contextmanager
+    def registering_together(self) -> Iterator[None]:
+        """Within, on the calling thread: registrations share one registry batch
+        (:meth:`~nbankd.registry.base.Registry.batch`; the embedded registry commits
+        them in one transaction at the end, or raises and keeps none). Their
+        "after-register" point is reached once the batch is committed, not before:
+        until then nothing is registered."""
+        self._local.registered = []
+        try:
+            with self.registry.batch():
+                yield
+            for _token in self._local.registered:
+                seams.reached("after-register")
+        finally:
+            self._local.registered = None
+
+    def _registered(self, item: Item) -> None:
+        """``item`` is registered (:meth:`registering_together`: once committed)."""
+        together: list[str] | None = getattr(self._local, "registered", None)
+        if together is None:
+            seams.reached("after-register")
+        else:
+            together.append(item.token)
 
     def _lookup_lister(self) -> layout.Lister | None:
         """The lister lookups use: shared within :meth:`listings_shared`, else none

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -222,6 +223,12 @@ class Registry(Protocol):
 
     def resource_url(self, name: str) -> str:
         """The full URL of a resource: ``<url>resources/<name>/``."""
+        ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """The writes this thread makes inside are committed together when it ends, or,
+        should that fail (the registry's errors), none of them (the embedded registry:
+        one transaction). A registry without transactions commits each write at once."""
         ...
 
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -18,6 +19,14 @@ from nbankd import errors
 from nbankd.registry import embedded_rules as rules
 from nbankd.registry import embedded_schema as schema
 from nbankd.registry.embedded_json import register_functions
+
+
+@dataclass
+class _Batch:
+    """A thread's batch of writes under way (:meth:`EmbeddedDatabase.batch`)."""
+
+    conn: sqlite3.Connection | None = None  # set by the first write, which begins it
+    lost: str | None = None  # why SQLite undid the batch's transaction, if it did
 
 
 class EmbeddedDatabase:
@@ -74,7 +83,79 @@ class EmbeddedDatabase:
             raise errors.RegistryError(f"the embedded registry {self.db_path}: {err}") from err
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The writes this thread makes inside are committed together at its end: one
+        transaction (and one fsync) for many. Each write is a savepoint of it, so a
+        refused write undoes only itself. Raises the registry's errors when the batch
+        cannot be committed; none of its writes happened then. The write lock is held
+        from the first write to the end: keep the body to the writes. Nested, it is
+        part of the outer batch."""
+        if getattr(self._local, "batch", None) is not None:
+            yield
+            return
+        state = _Batch()
+        self._local.batch = state
+        try:
+            yield
+        except BaseException:
+            self._local.batch = None
+            if state.conn is not None and state.conn.in_transaction:
+                with self._guard():
+                    state.conn.execute("ROLLBACK")
+            raise
+        self._local.batch = None
+        if state.lost is not None:
+            if state.conn is not None and state.conn.in_transaction:
+                with self._guard():
+                    state.conn.execute("ROLLBACK")
+            raise errors.RegistryUnavailable(
+                f"the embedded registry {self.db_path} undid a batch of writes: {state.lost}"
+            )
+        if state.conn is not None and state.conn.in_transaction:
+            with self._guard():
+                try:
+                    state.conn.execute("COMMIT")
+                except BaseException:
+                    if state.conn.in_transaction:
+                        state.conn.execute("ROLLBACK")
+                    raise
+
+    @contextmanager
+    def _batched(self, state: _Batch) -> Iterator[sqlite3.Connection]:
+        """One write of a batch: a savepoint in the batch's transaction."""
+        if state.lost is not None:  # its earlier writes are gone: this one may not stand
+            raise errors.RegistryUnavailable(
+                f"the embedded registry {self.db_path} undid a batch of writes: {state.lost}"
+            )
+        conn = self._conn()
+        with self._guard():
+            if state.conn is None:
+                conn.execute("BEGIN IMMEDIATE")  # should it fail, the next write tries again
+                state.conn = conn
+            elif not conn.in_transaction:  # SQLite rolled the whole batch back (a full disk)
+                state.lost = "SQLite rolled the transaction back"
+                raise errors.RegistryUnavailable(
+                    f"the embedded registry {self.db_path} undid a batch of writes: {state.lost}"
+                )
+            conn.execute("SAVEPOINT nbankd_write")
+            try:
+                yield conn
+                conn.execute("RELEASE nbankd_write")
+            except BaseException as err:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO nbankd_write")
+                    conn.execute("RELEASE nbankd_write")
+                else:
+                    state.lost = f"SQLite rolled the transaction back: {err}"
+                raise
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        state: _Batch | None = getattr(self._local, "batch", None)
+        if state is not None:
+            with self._batched(state) as conn:
+                yield conn
+            return
         conn = self._conn()
         with self._guard():
             conn.execute("BEGIN IMMEDIATE")

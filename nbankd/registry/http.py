@@ -16,6 +16,7 @@ Facts it relies on (django-neurobank 0.12, tolerant of older servers):
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -64,6 +65,10 @@ class HttpRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Each request is its own commit on the server: nothing to batch."""
+        return nullcontext()
 
     def close(self) -> None:
         self._http.close()

@@ -8,14 +8,17 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from fixtures.registry_batches import committed, refused_batches
 from fixtures.steps_env import Env
 from nbankd.archive import layout
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 from nbankd.deposit.rounds import answered, remote_step, run_round
+from nbankd.registry.embedded import EmbeddedRegistry
 
 
 def _drop(env: Env, n: int) -> list[Item]:
@@ -196,3 +199,49 @@ def test_a_rounds_lookups_share_one_listing_of_their_stub_folder(
     moved = run_round(env.steps, items, now=float("inf"))
     assert [m.item.state for m in moved] == [State.CHECKED] * 4
     assert listed == [env.archive.resources_dir / "re"]
+
+
+def test_a_rounds_registrations_run_first_and_commit_together(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three registrations and a claim in one round: the registrations run first, none
+    committed before the last of them ran, all committed before the claim."""
+    checked = [env.until(i, State.CHECKED) for i in _drop(env, 3)]
+    fresh = env.drop("later.bin", os.urandom(3000))
+    registry = cast(EmbeddedRegistry, env.registry)
+    seen: list[tuple[Step, int]] = []
+    attempt = env.steps.attempt
+
+    def watching(item: Item, step: Step) -> tuple[Item, object]:
+        seen.append((step, len(committed(registry))))
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", watching)
+    moved = run_round(env.steps, [fresh, *checked], now=float("inf"))
+    assert [m.item.state for m in moved] == [State.CLAIMED] + [State.REGISTERED] * 3
+    assert seen == [(Step.REGISTER, 0)] * 3 + [(Step.CLAIM, 3)]
+    assert committed(registry) == {i.name for i in checked}
+
+
+def test_a_refused_registry_commit_fails_every_registration_of_the_round(env: Env) -> None:
+    """The batch's commit refused: each registration of the round is saved as failed
+    (transient), a duplicate judged against the lost record included; the next round
+    registers one and finds the other a duplicate."""
+    data = os.urandom(4000)
+    items = [
+        env.until(env.drop(name, body), State.CHECKED)
+        for name, body in (("dupA.bin", data), ("dupB.bin", data), ("other.bin", os.urandom(10)))
+    ]
+    registry = cast(EmbeddedRegistry, env.registry)
+    with refused_batches(registry) as refused:
+        moved = run_round(env.steps, items, now=float("inf"))
+    assert refused == [1]
+    assert [(m.item.state, m.item.attempts, m.outcome.kind) for m in moved] == [  # type: ignore[union-attr]
+        (State.CHECKED, 1, "transient")
+    ] * 3
+    assert all("registering" in (m.item.error_message or "") for m in moved)
+    assert committed(registry) == set()
+    again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
+    assert [m.item.state for m in again] == [State.REGISTERED, State.REJECTING, State.REGISTERED]
+    assert again[1].item.error_code == "duplicate"
+    assert committed(registry) == {items[0].name, items[2].name}
