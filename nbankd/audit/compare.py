@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nbankd.archive.layout import stored_file
-from nbankd.audit.hashrun import ReadOutcome
 from nbankd.audit.model import (
     CHANGED_ELSEWHERE,
     HASH_MISMATCH,
@@ -30,11 +30,14 @@ from nbankd.audit.model import (
     UNEXPECTED,
     UNREADABLE,
     Finding,
+    young,
 )
-from nbankd.audit.plan import young
 from nbankd.audit.reader import vanished
 from nbankd.audit.walk import Stored, Walk
 from nbankd.registry.base import ResourceRecord
+
+if TYPE_CHECKING:  # the daemon's reads; a check imports none of them
+    from nbankd.audit.hashrun import ReadOutcome
 
 
 def walk_findings(

@@ -18,14 +18,15 @@ check``'s "has NO locations"), with one query.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbankd import errors
 from nbankd.audit.model import OfflineArchive
 from nbankd.registry.base import ArchiveRecord, Registry, ResourceRecord
-from nbankd.registry.embedded import EmbeddedRegistry
+
+if TYPE_CHECKING:  # loaded with the embedded registry itself: an HTTP check never needs it
+    from nbankd.registry.embedded import EmbeddedRegistry
 
 PAGE_WORKERS = 4
 _EMBEDDED_LISTING = (
@@ -45,8 +46,19 @@ _WITHOUT_LOCATION = (
 )
 
 
+def _embedded_registry(registry: Registry) -> EmbeddedRegistry | None:
+    """``registry`` if it is the embedded one."""
+    if registry.backend != "embedded":
+        return None
+    from nbankd.registry.embedded import EmbeddedRegistry
+
+    return registry if isinstance(registry, EmbeddedRegistry) else None
+
+
 def _query(registry: EmbeddedRegistry, sql: str, args: tuple[str, ...]) -> list[tuple[Any, ...]]:
     """Rows of one read-only query on the embedded registry's database."""
+    import sqlite3  # loaded already by the embedded registry
+
     try:
         conn = sqlite3.connect(registry.db_path, timeout=registry.busy_timeout)
     except sqlite3.Error as err:
@@ -69,8 +81,9 @@ def without_location(registry: Registry) -> set[str] | None:
     does not filter on ``has_location`` (an older server answers with everything:
     a record with a location in the answer gives that away). Raises the registry's
     errors."""
-    if isinstance(registry, EmbeddedRegistry):
-        return {name for (name,) in _query(registry, _WITHOUT_LOCATION, ())}
+    embedded = _embedded_registry(registry)
+    if embedded is not None:
+        return {name for (name,) in _query(embedded, _WITHOUT_LOCATION, ())}
     out = set()
     for record in registry.search(has_location="false"):
         if record.locations:
@@ -88,8 +101,9 @@ def list_registered(
 ) -> dict[str, str | None]:
     """{resource name: registered SHA-1 (lowercase) or None} of every resource located
     in ``archive``. Raises the registry's errors (RegistryUnavailable when it is down)."""
-    if isinstance(registry, EmbeddedRegistry):
-        return _embedded(registry, archive)
+    embedded = _embedded_registry(registry)
+    if embedded is not None:
+        return _embedded(embedded, archive)
     search_pages = getattr(registry, "search_pages", None)
     if search_pages is not None:
         return _records(search_pages(workers, archive=archive), archive)

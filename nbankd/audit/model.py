@@ -353,6 +353,13 @@ def findings_of(results: Sequence[ArchiveResult]) -> list[tuple[str, Finding]]:
     return [(a.name, f) for a in results for f in a.findings]
 
 
+def young(age_from: float, *, now: float, grace: float) -> bool:
+    """True if something last changed at ``age_from`` (mtime or ctime, whichever is
+    newer) within ``grace`` seconds: a transfer (another host's daemon, ``nbank``, a
+    tape import) may be placing it right now, so it is not reported yet."""
+    return now - age_from < grace
+
+
 __all__ = [
     "CHANGED_ELSEWHERE",
     "CHECKED",
@@ -379,4 +386,5 @@ __all__ = [
     "findings_of",
     "iso",
     "summary_counts",
+    "young",
 ]

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
 from nbankd.archive.layout import parse_staged_name
-from nbankd.audit.model import CacheEntry, FileStat
+from nbankd.audit.model import CacheEntry, FileStat, young
 from nbankd.registry.base import ResourceRecord
 
 DAY = 86400.0
@@ -218,13 +218,6 @@ def listing_after(
         else:
             after.pop(name, None)
     return after
-
-
-def young(age_from: float, *, now: float, grace: float) -> bool:
-    """True if something last changed at ``age_from`` (mtime or ctime, whichever is
-    newer) within ``grace`` seconds: a transfer (another host's daemon, ``nbank``, a
-    tape import) may be placing it right now, so it is not reported yet."""
-    return now - age_from < grace
 
 
 def staging_leftovers(
