@@ -72,19 +72,17 @@ class Profiler:
 
 
 def summarize(raw: Path, top: int = 12) -> dict[str, object]:
-    """Shares of samples per innermost nbankd function, for deposit workers and main."""
+    """Shares of samples per innermost nbankd function, for the deposit workers, the
+    lane (small files in rounds), its registering threads and main."""
     by_role: dict[str, collections.Counter[str]] = {
-        "workers": collections.Counter(),
-        "main": collections.Counter(),
+        role: collections.Counter() for role in ("workers", "lane", "remote", "main")
     }
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        role = (
-            "workers" if "deposit_" in frames[0] else "main" if "MainThread" in frames[0] else None
-        )
+        role = _role(frames[0])
         if role is None:
             continue
         ours = [f for f in frames if "nbankd/" in f]
@@ -98,6 +96,18 @@ def summarize(raw: Path, top: int = 12) -> dict[str, object]:
             {"share": round(n / total, 3), "where": where} for where, n in counter.most_common(top)
         ]
     return out
+
+
+def _role(thread: str) -> str | None:
+    """Which of :func:`summarize`'s roles a py-spy thread label (``thread (TID): NAME``)
+    belongs to, by the names nbankd gives its threads."""
+    if "deposit-lane" in thread:
+        return "lane"
+    if "deposit-remote" in thread:
+        return "remote"
+    if "deposit_" in thread:
+        return "workers"
+    return "main" if "MainThread" in thread else None
 
 
 #: set by run.py when --profile is given; nbankd_proc attaches to every daemon it starts

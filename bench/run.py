@@ -117,7 +117,7 @@ def print_table(res: ScenarioResult) -> None:
 def _print_profiles(summaries: list[dict[str, Any]]) -> None:
     for s in summaries:
         print(f"\n== profile of nbankd in {s['label']} (share of samples, innermost nbankd frame)")
-        for role in ("workers", "main"):
+        for role in ("workers", "lane", "remote", "main"):
             print(f"   {role}:")
             for row in s.get(role, [])[:8]:
                 print(f"     {row['share']:6.1%}  {row['where']}")
