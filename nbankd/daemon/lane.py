@@ -36,6 +36,10 @@ log = structlog.get_logger("nbankd.daemon")
 BATCH = 64  # items in one round at most (besides registrations waiting for answers)
 SMALL = 1 << 20  # bytes: a larger file is copied by a worker of the pool
 REMOTE_WORKERS = 4  # registrations with a remote registry at once
+#: registrations waiting for their answers that take no room in a round; beyond them
+#: each keeps a new item out, so a registry slower than the disk never has the whole
+#: burst claimed, staged and gone over at every round
+WAITING = 64
 LANE_NAME = "deposit-lane"
 STALL = 60.0  # seconds without a sign of life inside a round: new small items go to the pool
 STOP_GRACE = 4.0  # seconds a stop waits for registrations under way (the daemon's is 5)
@@ -75,6 +79,13 @@ class _Entry:
         assert self.remote is not None
         step, future = self.remote
         return answered(self.item, step, future)
+
+
+def room_for(local: int, waiting: int) -> int:
+    """How many queued items a round may take beside ``local`` items moving and
+    ``waiting`` registrations under way: up to :data:`WAITING` registrations take no
+    room (the next items are claimed and staged meanwhile), the rest do."""
+    return max(0, BATCH - local - max(0, waiting - WAITING))
 
 
 class Lane:
@@ -175,22 +186,30 @@ class Lane:
             self._beat()
 
     def _take(self, active: list[_Entry]) -> bool:
-        """Moves queued items into ``active``, waiting while there is nothing to do
-        (no item, or only registrations waiting for their answer); False once stopping."""
+        """Moves queued items into ``active`` (as many as :func:`room_for` allows),
+        waiting while there is nothing to do: no item, or only registrations waiting for
+        their answers and no room for another item. ``idle`` is called before waiting
+        (a lane waiting for answers is not stuck: the registrations have timeouts).
+        False once stopping."""
         with self._cond:
-            while not self._stopping and not self._queued and all(e.waiting for e in active):
-                if not active and self._idle is not None:
+            while not self._stopping and all(e.waiting for e in active):
+                if self._queued and self._room(active) > 0:
+                    break
+                if self._idle is not None:
                     self._idle()
                 self._cond.wait()
             if self._stopping:
                 return False
-            # registrations waiting for their answers do not count: the next items are
-            # claimed and staged meanwhile
-            room = BATCH - sum(1 for e in active if e.remote is None)
+            room = self._room(active)
             while self._queued and room > 0:
                 active.append(self._queued.popleft())
                 room -= 1
             return True
+
+    @staticmethod
+    def _room(active: list[_Entry]) -> int:
+        waiting = sum(1 for e in active if e.remote is not None)
+        return room_for(len(active) - waiting, waiting)
 
     def _poke(self, _done: object = None) -> None:
         with self._cond:
@@ -301,4 +320,4 @@ class Lane:
             entry.future.set_result(item)
 
 
-__all__ = ["BATCH", "LANE_NAME", "SMALL", "Lane", "small"]
+__all__ = ["BATCH", "LANE_NAME", "SMALL", "WAITING", "Lane", "room_for", "small"]

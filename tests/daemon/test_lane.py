@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from fixtures.steps_env import Env, env
-from nbankd.daemon.lane import LANE_NAME, SMALL, STALL, Lane, small
+from nbankd.daemon import lane as lane_module
+from nbankd.daemon.lane import LANE_NAME, SMALL, STALL, Lane, room_for, small
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 
@@ -246,3 +247,64 @@ def test_a_registration_answered_during_the_stop_is_saved(
     release.set()
     assert future.result(timeout=60).state is State.REGISTERED
     assert env.journal.get(item.id).state is State.REGISTERED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("local", "waiting", "room"),
+    [
+        (0, 0, 64),
+        (10, 0, 54),
+        (64, 0, 0),
+        (0, 64, 64),  # registrations under way take no room, up to WAITING of them
+        (10, 64, 54),
+        (0, 65, 63),  # beyond WAITING each keeps an item out
+        (0, 200, 0),
+        (64, 100, 0),
+    ],
+)
+def test_room_for_the_next_items(local: int, waiting: int, room: int) -> None:
+    """Room left in a round beside items moving and registrations under way."""
+    assert room_for(local, waiting) == room
+
+
+def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registrations hanging: the lane takes no more items than a round's room and the
+    registrations that take none (2 + 2 here), then waits; the rest stay queued,
+    untouched, and the registrations answered later are saved."""
+    monkeypatch.setattr(env.registry, "backend", "http")
+    monkeypatch.setattr(lane_module, "BATCH", 2)
+    monkeypatch.setattr(lane_module, "WAITING", 2)
+    submitted, release, idle = threading.Event(), threading.Event(), threading.Event()
+    claims: list[str] = []
+    attempt = env.steps.attempt
+
+    def hanging(item: Item, step: Step) -> tuple[Item, object]:
+        if step is Step.CLAIM:  # on the lane's thread, once every item is queued
+            assert submitted.wait(60)
+            claims.append(item.token)
+        if step is Step.REGISTER:
+            assert release.wait(60)
+        return attempt(item, step)
+
+    claimed_when_idle: list[int] = []
+
+    def waiting() -> None:  # the lane has nothing it may do
+        if claims:
+            claimed_when_idle.append(len(claims))
+            idle.set()
+
+    monkeypatch.setattr(env.steps, "attempt", hanging)
+    items = [env.drop(f"h{i}.bin", os.urandom(500 + i)) for i in range(10)]
+    running = _lane(env, handed, idle=waiting)
+    futures = [running.submit(item) for item in items]
+    submitted.set()
+    assert idle.wait(60)
+    assert claimed_when_idle[0] == 4
+    running.stop()
+    release.set()
+    taken = [f for f in futures if not f.cancelled()]
+    assert [f.result(timeout=60).state for f in taken] == [State.REGISTERED] * 4
+    left = [item for f, item in zip(futures, items, strict=True) if f.cancelled()]
+    assert [env.journal.get(item.id) for item in left] == items[4:]
