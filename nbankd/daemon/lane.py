@@ -117,6 +117,9 @@ class Lane:
         self._busy = False  # a round is under way
         self._beaten = clock()  # the last sign of life inside a round
         self._stall_logged = False
+        #: since when the lane has waited for registrations' answers with nothing else
+        #: it may do (None: it has not)
+        self.waiting_since: float | None = None
         self._remote = ThreadPoolExecutor(REMOTE_WORKERS, thread_name_prefix="deposit-remote")
         self._thread = threading.Thread(target=self._run, name=LANE_NAME, daemon=True)
         self._thread.start()
@@ -138,14 +141,23 @@ class Lane:
         return self._busy and now - self._beaten > STALL
 
     def problem(self, now: float) -> str | None:
-        """Status's line while stalled (a degraded daemon), else None."""
-        if not self.stalled(now):
-            return None
-        return (
-            f"the lane of small files has shown no progress for {now - self._beaten:.0f}s "
-            "(a step stuck on an unresponsive filesystem or registry?); new small files "
-            "go to the worker pool meanwhile"
-        )
+        """Status's line while stalled, or while waiting more than :data:`STALL`
+        seconds for the registry's answers with nothing else it may do (a degraded
+        daemon); else None."""
+        if self.stalled(now):
+            return (
+                f"the lane of small files has shown no progress for {now - self._beaten:.0f}s "
+                "(a step stuck on an unresponsive filesystem or registry?); new small files "
+                "go to the worker pool meanwhile"
+            )
+        since = self.waiting_since
+        if since is not None and now - since > STALL:
+            return (
+                f"the lane of small files has waited {now - since:.0f}s for the registry "
+                "to answer its registrations; the small files behind them wait too (is "
+                "the registry slow or hung?)"
+            )
+        return None
 
     def release_if_stalled(self, now: float) -> int:
         """When stalled, hands the items queued behind the stuck round back to the
@@ -187,17 +199,20 @@ class Lane:
 
     def _take(self, active: list[_Entry]) -> bool:
         """Moves queued items into ``active`` (as many as :func:`room_for` allows),
-        waiting while there is nothing to do: no item, or only registrations waiting for
-        their answers and no room for another item. ``idle`` is called before waiting
-        (a lane waiting for answers is not stuck: the registrations have timeouts).
-        False once stopping."""
+        waiting while there is nothing to do: no item (``idle`` is called then), or only
+        registrations waiting for their answers and no room for another item
+        (:attr:`waiting_since` says since when; the lane is not idle then: the
+        watchdog keeps expecting its beats). False once stopping."""
         with self._cond:
             while not self._stopping and all(e.waiting for e in active):
                 if self._queued and self._room(active) > 0:
                     break
-                if self._idle is not None:
+                if not active and self._idle is not None:
                     self._idle()
+                if active and self.waiting_since is None:
+                    self.waiting_since = self._clock()
                 self._cond.wait()
+            self.waiting_since = None
             if self._stopping:
                 return False
             room = self._room(active)

@@ -99,7 +99,7 @@ def run_round(
     with syncs.shared() as later, steps.listings_shared():
         if registering:
             try:  # together first: the registry's write lock is held only for them
-                with steps.registering_together():
+                with steps.registering_together(plan[i][0] for i in registering):
                     _attempt(steps, plan, registering, results, later, alive)
                     alive()
             except Exception as err:  # not committed: none of them is registered

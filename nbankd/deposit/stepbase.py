@@ -13,7 +13,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import structlog
@@ -88,13 +88,27 @@ class StepsBase:
             self._local.listings = None
 
     @contextlib.contextmanager
-    def registering_together(self) -> Iterator[None]:
+    def registering_together(self, items: Iterable[Item] = ()) -> Iterator[None]:
         """Within, on the calling thread: registrations share one registry batch
         (:meth:`~nbankd.registry.base.Registry.batch`; the embedded registry commits
         them in one transaction at the end, or raises and keeps none). Their
         "after-register" point is reached once the batch is committed, not before:
-        until then nothing is registered."""
+        until then nothing is registered.
+
+        The archives of ``items`` (those registering) are opened first and served
+        from memory inside: nothing touches a filesystem while the registry's write
+        lock may be held, so a dead archive mount stalls this thread, never every
+        writer of the registry."""
+        pinned: dict[Path, layout.Archive | Exception] = {}
+        for item in items:
+            intent = Intent.of(item)
+            if intent.archive_path not in pinned:
+                try:
+                    pinned[intent.archive_path] = self._archive(intent)
+                except Exception as err:  # raised again by the step that needs it
+                    pinned[intent.archive_path] = err
         self._local.registered = []
+        self._local.pinned = pinned
         try:
             with self.registry.batch():
                 yield
@@ -102,6 +116,7 @@ class StepsBase:
                 seams.reached("after-register")
         finally:
             self._local.registered = None
+            self._local.pinned = None
 
     def _registered(self, item: Item) -> None:
         """``item`` is registered (:meth:`registering_together`: once committed)."""
@@ -193,7 +208,14 @@ class StepsBase:
     def _archive(self, spec: InboxSpec | Intent) -> layout.Archive:
         """The archive at the item's journaled path, read again whenever its nbank.json
         is not the very file read last time (another inode, size, mtime or ctime: an
-        edit, a remount), and served from memory otherwise (every step asks)."""
+        edit, a remount), and served from memory otherwise (every step asks). Inside
+        :meth:`registering_together`, the archives it opened are served as they were."""
+        pinned: dict[Path, layout.Archive | Exception] | None = getattr(self._local, "pinned", None)
+        if pinned is not None and spec.archive_path in pinned:
+            found = pinned[spec.archive_path]
+            if isinstance(found, Exception):
+                raise found
+            return found
         try:
             st = os.stat(spec.archive_path / layout.CONFIG_NAME)
         except OSError:

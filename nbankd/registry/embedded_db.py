@@ -104,6 +104,10 @@ class EmbeddedDatabase:
                     state.conn.execute("ROLLBACK")
             raise
         self._local.batch = None
+        if state.lost is None and state.conn is not None and not state.conn.in_transaction:
+            # SQLite undid the transaction on a failing read (IOERR, FULL, NOMEM roll
+            # back even a read-only statement's transaction), and no write came after
+            state.lost = "SQLite rolled the transaction back"
         if state.lost is not None:
             if state.conn is not None and state.conn.in_transaction:
                 with self._guard():

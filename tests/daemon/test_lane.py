@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.daemon import wait_for
 from fixtures.steps_env import Env, env
 from nbankd.daemon import lane as lane_module
 from nbankd.daemon.lane import LANE_NAME, SMALL, STALL, Lane, room_for, small
@@ -267,16 +268,13 @@ def test_room_for_the_next_items(local: int, waiting: int, room: int) -> None:
     assert room_for(local, waiting) == room
 
 
-def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
-    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Registrations hanging: the lane takes no more items than a round's room and the
-    registrations that take none (2 + 2 here), then waits; the rest stay queued,
-    untouched, and the registrations answered later are saved."""
+def _hanging_registry(
+    env: Env, monkeypatch: pytest.MonkeyPatch, release: threading.Event
+) -> tuple[threading.Event, list[str]]:
+    """An HTTP registry (as the lane sees it) whose registrations hang until ``release``;
+    claims wait for the returned event (set it once every item is queued) and are listed."""
     monkeypatch.setattr(env.registry, "backend", "http")
-    monkeypatch.setattr(lane_module, "BATCH", 2)
-    monkeypatch.setattr(lane_module, "WAITING", 2)
-    submitted, release, idle = threading.Event(), threading.Event(), threading.Event()
+    submitted = threading.Event()
     claims: list[str] = []
     attempt = env.steps.attempt
 
@@ -288,23 +286,49 @@ def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
             assert release.wait(60)
         return attempt(item, step)
 
-    claimed_when_idle: list[int] = []
-
-    def waiting() -> None:  # the lane has nothing it may do
-        if claims:
-            claimed_when_idle.append(len(claims))
-            idle.set()
-
     monkeypatch.setattr(env.steps, "attempt", hanging)
+    return submitted, claims
+
+
+def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registrations hanging: the lane takes no more items than a round's room and the
+    registrations that take none (2 + 2 here), then waits; the rest stay queued,
+    untouched, and the registrations answered later are saved."""
+    monkeypatch.setattr(lane_module, "BATCH", 2)
+    monkeypatch.setattr(lane_module, "WAITING", 2)
+    release = threading.Event()
+    submitted, claims = _hanging_registry(env, monkeypatch, release)
     items = [env.drop(f"h{i}.bin", os.urandom(500 + i)) for i in range(10)]
-    running = _lane(env, handed, idle=waiting)
+    running = _lane(env, handed)
     futures = [running.submit(item) for item in items]
     submitted.set()
-    assert idle.wait(60)
-    assert claimed_when_idle[0] == 4
+    wait_for(lambda: running.waiting_since is not None, 60, "the lane waiting for answers")
+    assert len(claims) == 4
     running.stop()
     release.set()
     taken = [f for f in futures if not f.cancelled()]
     assert [f.result(timeout=60).state for f in taken] == [State.REGISTERED] * 4
     left = [item for f, item in zip(futures, items, strict=True) if f.cancelled()]
     assert [env.journal.get(item.id) for item in left] == items[4:]
+
+
+def test_waiting_long_for_the_registry_is_a_problem(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for answers past STALL puts a line in status (degraded); not before."""
+    release = threading.Event()
+    submitted, _claims = _hanging_registry(env, monkeypatch, release)
+    running = _lane(env, handed)
+    try:
+        running.submit(env.drop("w.bin", b"waits for its registration"))
+        submitted.set()
+        wait_for(lambda: running.waiting_since is not None, 60, "the lane waiting for answers")
+        since = running.waiting_since
+        assert since is not None and running.problem(since + STALL) is None
+        problem = running.problem(since + STALL + 5)
+        assert problem is not None and "waited" in problem and "registry" in problem
+    finally:
+        release.set()
+        running.stop()

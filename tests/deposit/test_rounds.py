@@ -245,3 +245,33 @@ def test_a_refused_registry_commit_fails_every_registration_of_the_round(env: En
     assert [m.item.state for m in again] == [State.REGISTERED, State.REJECTING, State.REGISTERED]
     assert again[1].item.error_code == "duplicate"
     assert committed(registry) == {items[0].name, items[2].name}
+
+
+def test_no_archive_is_read_while_the_registry_is_locked(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A duplicate registering after a new file (its verdict needs the archive): the
+    archive's nbank.json is never read while the round holds the registry's write lock
+    (a dead mount would hold every writer of the registry)."""
+    data = os.urandom(4000)
+    items = [env.until(env.drop(n, data), State.CHECKED) for n in ("newA.bin", "dupB.bin")]
+    registry = cast(EmbeddedRegistry, env.registry)
+    locked_reads: list[str] = []
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith(layout.CONFIG_NAME):
+            probe = sqlite3.connect(registry.db_path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                locked_reads.append(str(path))
+            finally:
+                probe.close()
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    moved = run_round(env.steps, items, now=float("inf"))
+    assert [m.item.state for m in moved] == [State.REGISTERED, State.REJECTING]
+    assert locked_reads == []

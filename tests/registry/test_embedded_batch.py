@@ -3,7 +3,11 @@ transaction (what a round of small files registers with)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +117,63 @@ def test_other_threads_are_not_part_of_a_batch(reg: EmbeddedRegistry) -> None:
         reg.add_resource(dtype="wav", archive="a1", name="mine", sha1=SHA_A)
         assert committed(reg) == {"theirs"}
     assert committed(reg) == {"theirs", "mine"}
+
+
+# A failing read inside the batch, as a full disk makes one: RLIMIT_FSIZE refuses the
+# write of the dirty pages a small page cache has to spill while the read runs, and
+# SQLite rolls the whole transaction back (a read-only statement's IOERR does that).
+_READ_ROLLS_BACK = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from nbankd import errors
+    from nbankd.registry.embedded import EmbeddedRegistry
+
+    reg = EmbeddedRegistry(sys.argv[1])
+    reg.add_datatype("wav", "audio/wav", "wav")
+    reg.add_archive("a1", "neurobank", "/data/a1")
+    for i in range(300):
+        reg.add_resource(dtype="wav", archive="a1", name=f"pre{i:04d}", sha1=f"{i:040x}",
+                         metadata={"k": "x" * 3000})
+    conn = reg._conn()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA cache_size = 10")
+    conn.execute("PRAGMA cache_spill = 10")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    out = {"read": "ok", "batch": "committed"}
+    try:
+        with reg.batch():
+            reg.add_resource(dtype="wav", archive="a1", name="A", sha1="a" * 40)
+            reg.add_resource(dtype="wav", archive="a1", name="B", sha1="b" * 40)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.RLIM_INFINITY))
+            try:
+                list(reg.search(metadata__k="y"))
+            except errors.RegistryError as err:
+                out["read"] = f"failed: {err}"
+            finally:
+                resource.setrlimit(
+                    resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+                )
+            out["in_transaction"] = conn.in_transaction
+    except errors.RegistryUnavailable as err:
+        out["batch"] = f"raised: {err}"
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_batch_undone_by_a_failing_read_raises(tmp_path: Path) -> None:
+    """SQLite rolling the batch back on a read (the disk full): its end raises, and
+    neither write stands."""
+    db = tmp_path / "registry.sqlite3"
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_ROLLS_BACK, str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["read"].startswith("failed") and out["in_transaction"] is False, out
+    assert out["batch"].startswith("raised") and "rolled the transaction back" in out["batch"]
+    with EmbeddedRegistry(db) as reg:
+        assert {"A", "B"} & committed(reg) == set()
