@@ -9,7 +9,10 @@ bookkeeping for an item a worker hands back; its future then holds the item.
 
 Registrations with a remote registry run on :data:`REMOTE_WORKERS` threads of their
 own while rounds go on; each answer is saved by the next round's transaction. An
-item waits only for its own registration, never for the others'.
+item waits only for its own registration, never for the others'. Up to
+:data:`WAITING` registrations under way take no room in a round; beyond them the lane
+takes no new item until answers come (:func:`room_for`), and waiting long for them is
+a status problem (:meth:`Lane.problem`).
 """
 
 from __future__ import annotations
