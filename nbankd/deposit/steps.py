@@ -99,8 +99,11 @@ class Steps(ClaimSteps, IdentifierSteps):
                 if intent.placement == "rename":
                     sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
                 else:
-                    staged = durable.stage_copy(
-                        archive, f, self._new_staged_name(archive, item), progress=self._progress
+                    staged = durable.stage_copy(  # the descriptor: a large file's copy
+                        archive,  # then reads, hashes and writes at once (streaming)
+                        f.fileno(),
+                        self._new_staged_name(archive, item),
+                        progress=self._progress,
                     )
                     sha1, size = staged.sha1, staged.size
                     item = replace(item, staged_identity=staged_id(staged.path))
