@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import sqlite3
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from nbankd.deposit.lifecycle import FINAL, Progress, State
@@ -68,9 +69,15 @@ class Item:
         )
 
     def with_progress(self, p: Progress, **changes: Any) -> Item:
-        """This item at progress ``p``, with other ``changes`` made in the same copy."""
-        return replace(
-            self,
+        """This item at progress ``p``, with other ``changes`` made in the same copy
+        (as ``dataclasses.replace`` would, at a fraction of its cost: every step of
+        every item makes one)."""
+        if not changes.keys() <= _FIELD_NAMES:
+            raise TypeError(f"Item has no field {sorted(changes.keys() - _FIELD_NAMES)}")
+        new = object.__new__(Item)
+        fields = new.__dict__  # frozen: set once, here, as __init__ would
+        fields.update(self.__dict__)
+        fields.update(
             state=p.state,
             attempts=p.attempts,
             not_before=p.not_before,
@@ -78,6 +85,7 @@ class Item:
             error_message=p.error_message,
             **changes,
         )
+        return new
 
     @property
     def relpath_str(self) -> str:
@@ -101,6 +109,7 @@ class Item:
         return out
 
 
+_FIELD_NAMES = frozenset(Item.__dataclass_fields__)
 SAVED_FIELDS = tuple(f for f in Item.__dataclass_fields__ if f != "id")
 ALL_FIELDS = tuple(range(len(SAVED_FIELDS)))
 STATE_FIELD = SAVED_FIELDS.index("state")
@@ -125,17 +134,23 @@ def update_statement(
     return _update_sql(fields), (*(row[i] for i in fields), row[-1])
 
 
-def column(item: Item, name: str) -> Any:
-    """A field of ``item`` as the journal stores it (states as text, flags as 0/1)."""
-    value = getattr(item, name)
-    if name == "state":
-        return str(value)
-    if name in ("verify", "auto_id", "already", "zipped"):
-        return int(value)
-    if name == "error_message" and value is not None:
+_SAVED = operator.attrgetter(*SAVED_FIELDS)
+_FLAGS = tuple(SAVED_FIELDS.index(n) for n in ("verify", "auto_id", "already", "zipped"))
+_MESSAGE = SAVED_FIELDS.index("error_message")
+
+
+def row_of(item: Item) -> tuple[Any, ...]:
+    """The item's saved fields as the journal stores them (states as text, flags as
+    0/1), then its id: the parameters of its UPDATE (a burst saves thousands a second)."""
+    row = list(_SAVED(item))
+    row[STATE_FIELD] = str(row[STATE_FIELD])
+    for i in _FLAGS:
+        row[i] = int(row[i])
+    if row[_MESSAGE] is not None:
         # free text that may quote a file name's undecodable bytes: SQLite's text is UTF-8
-        return utf8_text(value)
-    return value
+        row[_MESSAGE] = utf8_text(row[_MESSAGE])
+    row.append(item.id)
+    return tuple(row)
 
 
 def item_of_row(row: sqlite3.Row) -> Item:
@@ -152,7 +167,7 @@ __all__ = [
     "SAVED_FIELDS",
     "STATE_FIELD",
     "Item",
-    "column",
     "item_of_row",
+    "row_of",
     "update_statement",
 ]

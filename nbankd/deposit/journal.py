@@ -36,11 +36,10 @@ from typing import Any
 from nbankd import errors, seams, sqlschema
 from nbankd.deposit.item import (
     FINAL_VALUES,
-    SAVED_FIELDS,
     STATE_FIELD,
     Item,
-    column,
     item_of_row,
+    row_of,
     update_statement,
 )
 from nbankd.deposit.lifecycle import FINAL, State
@@ -226,7 +225,7 @@ class Journal:
         :meth:`save`; a batch of which one item must be on disk waits for the disk."""
         if not items:
             return
-        rows = [(*(column(item, name) for name in SAVED_FIELDS), item.id) for item in items]
+        rows = [row_of(item) for item in items]
         with self._group:
             self._tickets += 1
             self._saves += len(rows)
