@@ -20,6 +20,7 @@ the policy's ``access.group``; nbankd changes groups where it may but never owne
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -184,15 +185,15 @@ class Archive:
     policy: ArchivePolicy
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def resources_dir(self) -> Path:
         return self.path / RESOURCES_NAME
 
-    @property
+    @functools.cached_property
     def staging_dir(self) -> Path:
         return self.path / STAGING_NAME
 
-    @property
+    @functools.cached_property
     def config_path(self) -> Path:
         return self.path / CONFIG_NAME
 

@@ -34,6 +34,7 @@ so code that still reads them from a spec reads the journaled values.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,13 @@ from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.policy import InboxRules
 from nbankd.names import WORK_DIR_NAME
+
+
+@functools.lru_cache(maxsize=64)
+def _archive_path(text: str) -> Path:
+    """The journaled archive path as a Path, made once per path (every step of every
+    item asks for its intent)."""
+    return Path(text)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class Intent:
             inbox=item.inbox,
             relpath=item.relpath,
             archive_name=item.archive,
-            archive_path=Path(item.archive_path),
+            archive_path=_archive_path(item.archive_path),
             placement=item.placement,
             verify=item.verify,
             identifier=item.name,
