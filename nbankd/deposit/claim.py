@@ -120,7 +120,7 @@ class ClaimSteps(StepsBase):
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
             return item, verdicts.unsafe_claimed(json.loads(item.reason_json or "{}"))
-        item = replace(item, identity=item.identity or identity_json(work, is_dir))
+        item = item.changed(identity=item.identity or identity_json(work, is_dir))
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
         outcome = verdicts.when_claimed(

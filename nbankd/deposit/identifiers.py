@@ -31,7 +31,7 @@ class IdentifierSteps(StepsBase):
     def lookup(self, item: Item) -> StepResult:
         self._spec(item)  # parked if its archive is no longer configured there
         archive = self._archive(Intent.of(item))
-        item = replace(item, already=False)  # decided again on every lookup
+        item = item.changed(already=False)  # decided again on every lookup
         assert item.name
         stored = archive.stored_entries(item.name, lister=self._lookup_lister())
         if not stored and not item.progress.registered:
@@ -86,7 +86,7 @@ class IdentifierSteps(StepsBase):
             return item, Outcome.ok()
         if kind is verdicts.Kind.ALREADY:
             log.info("already deposited", item=item.token, resource_id=item.name)
-            return replace(item, already=True), Outcome.ok()
+            return item.changed(already=True), Outcome.ok()
         if kind is verdicts.Kind.RECHECK:
             return item, Outcome("recheck", verdict.code, verdict.message, verdict.hint)
         if kind is verdicts.Kind.RENAME:
@@ -105,7 +105,7 @@ class IdentifierSteps(StepsBase):
                 resource_id=name,
                 reason=verdict.message,
             )
-            item = replace(item, name=name, target_name=name + suffix)
+            item = item.changed(name=name, target_name=name + suffix)
             return item, Outcome("renamed", verdict.code, f"{verdict.message}; now {name}")
         kind_name = "superseded" if kind is verdicts.Kind.SUPERSEDED else "permanent"
         return item, Outcome(kind_name, verdict.code, verdict.message, verdict.hint)
@@ -125,8 +125,8 @@ class IdentifierSteps(StepsBase):
             if record is not None and (record.sha1 or "").lower() == item.sha1:
                 if intent.archive_name not in record.locations:
                     self._locate(item.name, intent.archive_name)
-                return replace(item, url=self.registry.resource_url(item.name)), Outcome.ok()
-            item = replace(item, already=False)  # the record went since: register it
+                return item.changed(url=self.registry.resource_url(item.name)), Outcome.ok()
+            item = item.changed(already=False)  # the record went since: register it
         try:
             self.registry.add_resource(
                 dtype=item.dtype,
@@ -150,6 +150,6 @@ class IdentifierSteps(StepsBase):
             assert record is not None
             if intent.archive_name not in record.locations:
                 self._locate(item.name, intent.archive_name)
-        item = replace(item, url=self.registry.resource_url(item.name))
+        item = item.changed(url=self.registry.resource_url(item.name))
         self._registered(item)
         return item, Outcome.ok()

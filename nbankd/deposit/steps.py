@@ -106,13 +106,13 @@ class Steps(ClaimSteps, IdentifierSteps):
                         progress=self._progress,
                     )
                     sha1, size = staged.sha1, staged.size
-                    item = replace(item, staged_identity=staged_id(staged.path))
+                    item = item.changed(staged_identity=staged_id(staged.path))
                 seams.reached("stage-copied")
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
                     if intent.placement != "rename":
                         durable.discard_staged(archive, staged.path)
                     return item, Outcome("changed", "changed", "the file changed during the copy")
-            item = replace(item, sha1=sha1, size=size)
+            item = item.changed(sha1=sha1, size=size)
         if item.file_metadata in ("read", "override"):
             source = (
                 work
@@ -174,7 +174,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                 problem = err
             else:
                 metadata_json = json.dumps(merged, sort_keys=True, default=str)
-                return replace(item, metadata_json=metadata_json), Outcome.ok()
+                return item.changed(metadata_json=metadata_json), Outcome.ok()
         if problem is None:
             return item, Outcome.ok()  # no reader for this datatype
         if problem.transient:  # the reader, not the file: the input waits, staged anew
@@ -257,13 +257,13 @@ class Steps(ClaimSteps, IdentifierSteps):
                 if after.outcome.kind != "ok":
                     return item, after.outcome
                 if after.mark_verified and item.staged_identity is not None:
-                    item = replace(item, staged_identity=mark_verified(item.staged_identity))
+                    item = item.changed(staged_identity=mark_verified(item.staged_identity))
             published = durable.publish(archive, staged, target, sha1=item.sha1, id=item.name)
             if not published.ours:
                 # another input with this identifier, bytes and name was stored first:
                 # this one is already deposited (its input leaves after the read-back)
                 log.info("already deposited", item=item.token, resource_id=item.name)
-                item = replace(item, already=True)
+                item = item.changed(already=True)
         seams.reached("after-publish")
         return item, Outcome.ok()
 
@@ -296,7 +296,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                 fsops.remove_ours(target)
                 durable.fsync_dir(target.parent)
             if after.not_already:
-                item = replace(item, already=False)
+                item = item.changed(already=False)
             if after.outcome.kind != "ok":
                 return item, after.outcome
         seams.reached("after-verify")
@@ -328,7 +328,7 @@ class Steps(ClaimSteps, IdentifierSteps):
         # written only as read back from storage
         receipts.append_receipt(self.receipts_dir, spec.key, receipt, retried=item.attempts > 0)
         seams.reached("after-receipt-append")
-        return replace(item, finished=now), Outcome.ok()
+        return item.changed(finished=now), Outcome.ok()
 
     def release(self, item: Item) -> StepResult:
         spec = self._spec(item)
@@ -350,7 +350,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                         fsops.fsync_fd(marker[0])
             syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
         seams.reached("after-release-unlink")
-        return replace(item, finished=item.finished or self.clock()), Outcome.ok()
+        return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)
@@ -359,14 +359,14 @@ class Steps(ClaimSteps, IdentifierSteps):
             item = rejection.move_to_rejected(
                 spec, item, fs=fs, now=self.clock(), save=self.journal.save
             )
-        return replace(item, finished=self.clock()), Outcome.ok()
+        return item.changed(finished=self.clock()), Outcome.ok()
 
     def put_back(self, item: Item) -> StepResult:
         spec = self._spec(item)
         self._discard_staged(Intent.of(item), item)
         with spec.open_fs() as fs:
             rejection.put_back(spec, item, fs=fs)
-        return replace(item, finished=self.clock()), Outcome.ok()
+        return item.changed(finished=self.clock()), Outcome.ok()
 
     # -- dispatch ----------------------------------------------------------------
 

@@ -42,10 +42,21 @@ def test_with_progress_is_the_copy_replace_would_make() -> None:
     assert got == want and hash(got) == hash(want) and ITEM.state is State.CLAIMED
 
 
-def test_with_progress_refuses_a_field_items_do_not_have() -> None:
+def test_changed_is_the_copy_replace_would_make() -> None:
+    """A copy with the changes, equal to dataclasses.replace's; the original unchanged."""
+    got = ITEM.changed(name="rec", already=True)
+    assert got == dataclasses.replace(ITEM, name="rec", already=True)
+    assert (ITEM.name, ITEM.already) == (None, False)
+
+
+@pytest.mark.parametrize("copy", ["changed", "with_progress"])
+def test_a_field_items_do_not_have_is_refused(copy: str) -> None:
     """A misspelt change is an error, never a silent extra attribute."""
     with pytest.raises(TypeError, match="shaa1"):
-        ITEM.with_progress(ITEM.progress, shaa1="0" * 40)
+        if copy == "changed":
+            ITEM.changed(shaa1="0" * 40)
+        else:
+            ITEM.with_progress(ITEM.progress, shaa1="0" * 40)
 
 
 def test_a_row_holds_states_as_text_flags_as_numbers_and_the_id_last() -> None:
