@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for, work_entries
+from nbankd.archive.staging import OVERLAP_FROM
 from nbankd.names import CANARY_NAME
 
 BACKENDS = ["embedded", "django"]
@@ -71,6 +72,24 @@ def test_dropped_file_is_deposited_registered_and_removed(harness: DaemonHarness
     assert record is not None and record.sha1 == sha1(data)
     assert record.locations == (harness.archive_name,)
     assert receipt["url"] == reg.resource_url("rec001")
+
+
+def test_a_file_past_the_overlapped_copy_size_is_deposited_intact(
+    harness: DaemonHarness,
+) -> None:
+    """A file large enough for the overlapped copy (reading, hashing and writing at
+    once) is stored byte for byte, with its SHA-1 in the receipt and the registry."""
+    harness.start()
+    data = os.urandom(OVERLAP_FROM + (3 << 20) + 12345)
+    harness.drop("big001.dat", data)
+    harness.wait_settled(1)
+    harness.stop()
+    [receipt] = harness.receipts()
+    assert receipt["sha1"] == sha1(data) and receipt["size"] == len(data)
+    assert stored_bytes(harness, "big001.dat") == data
+    with harness.open_registry() as reg:
+        record = reg.get_resource("big001")
+    assert record is not None and record.sha1 == sha1(data)
 
 
 def test_files_dropped_while_stopped_are_deposited_at_start(harness: DaemonHarness) -> None:
