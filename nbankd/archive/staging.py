@@ -219,6 +219,20 @@ def _copy(
     return copy_hashing(src, fd, progress=progress, throttle=throttle)
 
 
+def _read_whole(src: int, copied: int, shown: Path) -> None:
+    """Raises SourceReadError when fewer bytes were read than the file holds (its end
+    reported early, as a flaky network filesystem can): never part of a file for all
+    of it. The caller compares the file's identity for changes."""
+    try:
+        size = os.fstat(src).st_size
+    except OSError as err:
+        raise SourceReadError(err.errno, err.strerror, str(shown)) from err
+    if copied < size:
+        raise SourceReadError(
+            errno.EAGAIN, f"reading '{shown}' ended after {copied} of its {size} bytes"
+        )
+
+
 def _cleanup(path: Path) -> None:
     """Best effort: a leftover in staging/ is harmless and replaced next time."""
     with contextlib.suppress(OSError):
@@ -294,6 +308,7 @@ def stage_copy_tree(
                     result = copy_hashing(
                         sfile, dfile, progress=report, throttle=throttle, buffer=buffer
                     )
+                    _read_whole(sfile, result.size, shown)
                     os.fsync(dfile)
                 finally:
                     os.close(dfile)

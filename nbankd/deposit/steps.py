@@ -38,7 +38,7 @@ from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, nex
 from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
-from nbankd.hashing import SourceReadError, sha1_stream
+from nbankd.hashing import SourceReadError, copy_hashing
 from nbankd.timefmt import iso
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
@@ -97,7 +97,8 @@ class Steps(ClaimSteps, IdentifierSteps):
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
                     return item, Outcome("changed", "changed", "the file changed after claiming")
                 if intent.placement == "rename":
-                    sha1, size = sha1_stream(f), os.fstat(f.fileno()).st_size
+                    hashed = copy_hashing(f, None, progress=self._progress)
+                    sha1, size = hashed.sha1, hashed.size
                 else:
                     staged = durable.stage_copy(  # the descriptor: a large file's copy
                         archive,  # then reads, hashes and writes at once (streaming)
@@ -108,10 +109,20 @@ class Steps(ClaimSteps, IdentifierSteps):
                     sha1, size = staged.sha1, staged.size
                     item = item.changed(staged_identity=staged_id(staged.path))
                 seams.reached("stage-copied")
-                if not fstat_matches(item.identity, os.fstat(f.fileno())):
+                st = os.fstat(f.fileno())
+                if not fstat_matches(item.identity, st):
                     if intent.placement != "rename":
                         durable.discard_staged(archive, staged.path)
                     return item, Outcome("changed", "changed", "the file changed during the copy")
+                if size != st.st_size:  # a read ended early (a flaky network filesystem):
+                    if intent.placement != "rename":  # never a part of the file for all of it
+                        durable.discard_staged(archive, staged.path)
+                    return item, Outcome(
+                        "transient",
+                        "os-error",
+                        f"reading the file ended after {size} of its {st.st_size} bytes; "
+                        "it is read again",
+                    )
             item = item.changed(sha1=sha1, size=size)
         if item.file_metadata in ("read", "override"):
             source = (

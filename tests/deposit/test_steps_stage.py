@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
 import pytest
 
 from fixtures.steps_env import Env
-from nbankd import streaming
+from nbankd import hashing, streaming
 from nbankd.archive import staging
 from nbankd.deposit.lifecycle import State, Step
 
@@ -46,3 +47,44 @@ def test_a_small_file_is_staged_by_the_plain_copy(
     item = env.step(item, Step.STAGE)
     assert item.state is State.STAGED and used == []
     assert item.sha1 == hashlib.sha1(b"a few bytes").hexdigest()
+
+
+def _ends_early(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """Reads of the input report its end after ``after`` bytes, its size unchanged (as
+    a flaky network filesystem can)."""
+    real = hashing.read_into
+    done = [0]
+
+    def early(src: object, view: memoryview) -> int:
+        if done[0] >= after:
+            return 0
+        n = real(src, view[: after - done[0]])  # type: ignore[arg-type]
+        done[0] += n
+        return n
+
+    monkeypatch.setattr(hashing, "read_into", early)
+    monkeypatch.setattr(staging, "read_into", early)
+
+
+@pytest.mark.parametrize(
+    ("size", "placement"),
+    [(50_000, "copy"), (staging.OVERLAP_FROM + (1 << 20), "copy"), (50_000, "rename")],
+)
+def test_a_read_ending_early_is_never_staged_as_the_file(
+    env: Env, monkeypatch: pytest.MonkeyPatch, size: int, placement: str
+) -> None:
+    """The input's reads end before its size: the stage fails (transient) with no staged
+    copy left, and stages the whole file once reads work again."""
+    data = os.urandom(size)
+    item = env.step(
+        dataclasses.replace(env.drop("short.dat", data), placement=placement), Step.CLAIM
+    )
+    with monkeypatch.context() as faults:
+        _ends_early(faults, size // 2)
+        failed = env.step(item, Step.STAGE)
+    assert failed.state is State.CLAIMED and failed.error_code == "os-error"
+    assert f"after {size // 2} of its {size} bytes" in (failed.error_message or "")
+    assert [p for p in env.archive.staging_dir.iterdir()] == []
+    item = env.step(failed, Step.STAGE)
+    assert item.state is State.STAGED and item.sha1 == hashlib.sha1(data).hexdigest()
+    assert item.size == size
