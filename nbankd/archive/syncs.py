@@ -20,7 +20,6 @@ is dropped) stays a plain fsync in that step.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import threading
@@ -65,10 +64,9 @@ class SharedSyncs:
                         start_writeback(fd, 0, 0)
             for fd, owners in files:
                 try:
-                    os.fsync(fd)
+                    fsync_fd(fd)  # a filesystem that cannot (EINVAL) is ignored there
                 except OSError as err:
-                    if err.errno != errno.EINVAL:  # a filesystem that cannot: as fsync_fd
-                        failed.update((owner, err) for owner in owners if owner not in failed)
+                    failed.update((owner, err) for owner in owners if owner not in failed)
         finally:
             _close_all(files)
         return failed
