@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.faults import fsync_fails_for
 from nbankd.archive import syncs
 
 
@@ -77,15 +78,7 @@ def test_a_failed_fsync_is_reported_to_each_owner_that_asked(
     bad, good = tmp_path / "bad", tmp_path / "good"
     bad.mkdir()
     good.mkdir()
-    bad_ino = bad.stat().st_ino
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if os.fstat(fd).st_ino == bad_ino:
-            raise OSError(errno.EIO, "injected")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_fails_for(monkeypatch, bad)
     fds = {name: os.open(tmp_path / name, os.O_RDONLY | os.O_DIRECTORY) for name in ("bad", "good")}
     try:
         with syncs.shared() as later:

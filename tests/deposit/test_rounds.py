@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from typing import cast
 
 import pytest
 
+from fixtures.faults import fsync_fails_for
 from fixtures.registry_batches import committed, refused_batches
 from fixtures.steps_env import Env
 from nbankd.archive import layout
@@ -163,21 +163,13 @@ def test_a_claim_whose_shared_fsync_fails_waits_and_is_claimed_once_later(
     """The work folder's fsync failing at the round's end: its claims are saved as failed
     (transient, retried); the next round claims each input once."""
     items = _drop(env, 3)
-    work_ino = (env.inbox / ".nbank").stat().st_ino
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if os.fstat(fd).st_ino == work_ino:
-            raise OSError(errno.EIO, "injected")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    moved = run_round(env.steps, items, now=float("inf"))
+    with monkeypatch.context() as faults:
+        fsync_fails_for(faults, env.inbox / ".nbank")
+        moved = run_round(env.steps, items, now=float("inf"))
     assert [(m.item.state, m.item.attempts, m.outcome.kind) for m in moved] == [  # type: ignore[union-attr]
         (State.CLAIMING, 1, "transient")
     ] * 3
     assert all("fsync after the claim step" in (m.item.error_message or "") for m in moved)
-    monkeypatch.setattr(os, "fsync", real_fsync)
     again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
     assert [m.item.state for m in again] == [State.CLAIMED] * 3
     assert len(os.listdir(env.inbox / ".nbank")) == 3
