@@ -7,24 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from fixtures.items import ITEM as BASE
 from nbankd.daemon.tally import LATENCY_BUCKETS, Tally
-from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
-
-BASE = Item(
-    id=1,
-    token="0" * 32,
-    inbox="/srv/inbox/rig3",
-    relpath=b"take.wav",
-    kind="file",
-    state=State.CLAIMING,
-    archive="birdsong",
-    archive_path="/home/data/birdsong",
-    placement="copy",
-    verify=True,
-    created=100.0,
-    updated=100.0,
-)
 
 
 def test_a_deposit_counts_its_bytes_latency_and_time() -> None:

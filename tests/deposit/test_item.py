@@ -6,23 +6,11 @@ import dataclasses
 
 import pytest
 
-from nbankd.deposit.item import SAVED_FIELDS, Item, row_of
+from fixtures.items import ITEM as BASE
+from nbankd.deposit.item import SAVED_FIELDS, row_of
 from nbankd.deposit.lifecycle import Progress, State
 
-ITEM = Item(
-    id=7,
-    token="ab" * 16,
-    inbox="rig1",
-    relpath=b"rec.wav",
-    kind="file",
-    state=State.CLAIMED,
-    archive="a1",
-    archive_path="/data/a1",
-    placement="copy",
-    verify=True,
-    created=1.0,
-    updated=2.0,
-)
+ITEM = dataclasses.replace(BASE, id=7, relpath=b"rec.wav", state=State.CLAIMED)
 
 
 def test_with_progress_is_the_copy_replace_would_make() -> None:
