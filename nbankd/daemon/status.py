@@ -6,7 +6,8 @@ watch failed (its liveness check went unanswered, or the kernel refused a watch:
 the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
 (unmounted, not writable, not set up); inputs wait after a failed step (registry
 outage, full or failing archive filesystem, ...); files are stalled; the lane of
-small files has shown no progress for a minute. The control
+small files has shown no progress, or has waited for the registry's answers, for a
+minute. The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at

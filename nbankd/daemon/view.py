@@ -71,7 +71,8 @@ class Snapshot:
     tally: Tally = field(default_factory=Tally)  # what finished since the start
     #: archive name -> what its filesystem can do (probed at start and reload)
     capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
-    lane_problem: str | None = None  # the lane of small files stuck in a round
+    #: the lane of small files stuck in a round, or long waiting for the registry
+    lane_problem: str | None = None
 
     @property
     def queue(self) -> int:
