@@ -23,6 +23,13 @@ Files of an archive, of a state directory, of nbankd's work or rejected folders 
 of the daemon's inboxes are refused (:func:`nbankd.deposit.manual.place_refusal`),
 as are links, hard-linked files and files still open for writing.
 
+A dry run (``-y``) is judged in this process whether a daemon runs or not, and
+changes nothing (no lock, no journal, no claim, no registry write): each file's
+identifier, whether the registry has it, and its metadata with the datatype's reader
+run as a deposit runs it (:func:`nbankd.metadata_readers.read_file_metadata`, the
+same time and memory limits); a folder (``--zip-directories``) is not zipped, so
+not read, as ``nbank deposit -y`` does. It prints nbank's dry-run records.
+
 Every run first finishes what an interrupted run left. A step that fails for a
 while (registry unreachable) is retried with the daemon's backoff for ``--wait``
 seconds; what is still unfinished then is named, with where its file is kept.
@@ -170,7 +177,7 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
         seen[st.st_dev, st.st_ino] = path
         by_folder.setdefault(path.parent, []).append(path.name)
     lock = None
-    if config is not None and not args.dry_run:
+    if config is not None and not args.dry_run:  # a dry run takes no lock and hands nothing
         try:
             lock = statelock.acquire(config.state_dir)
         except statelock.StateDirInUse:  # the daemon runs: it does the work

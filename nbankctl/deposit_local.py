@@ -14,7 +14,7 @@ from typing import Any, cast
 from nbankctl import registry_access
 from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
 from nbankctl.report import Report
-from nbankd import errors
+from nbankd import errors, metadata_readers
 from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.config.model import Config, FileMetadata
@@ -94,6 +94,29 @@ def _finish(args: argparse.Namespace, report: Report, items: Iterable[Item]) -> 
     report_outcomes(args, report, described)
 
 
+def _file_metadata(
+    dtype: str, path: Path, given: dict[str, Any], mode: FileMetadata
+) -> dict[str, Any]:
+    """The metadata a deposit of the file at ``path`` would register: ``given``, and
+    under ``mode`` ``read`` or ``override`` the datatype's reader's (run as the deposit
+    runs it: in a child process with the same time and memory limits, seeing the
+    file under its own name), merged by the deposit's rule. Raises the error the
+    deposit would end with (the reader rejects the file, or cannot run; the given
+    metadata contradicts the file's)."""
+    if mode not in ("read", "override"):
+        return given
+    try:
+        result = metadata_readers.read_file_metadata(dtype, path, name=path.name)
+    except OSError as err:
+        raise errors.NbankdError(f"cannot be read: {err.strerror or err}") from None
+    problem = result.error()
+    if problem is not None:
+        raise problem
+    if result.status != "read":
+        return given  # no reader for this datatype
+    return metadata_readers.merge_metadata(given, result.metadata, mode, source=repr(path.name))
+
+
 def _dry_run(
     args: argparse.Namespace,
     report: Report,
@@ -102,7 +125,11 @@ def _dry_run(
     archive: Archive,
     paths: list[Path],
 ) -> None:
-    """Judges each input as the claim would, and asks the registry about its name."""
+    """Judges each input as the deposit would, changing nothing: its identifier (and
+    whether the registry has it), and its metadata with the datatype's reader's.
+
+    As ``nbank deposit -y``, a folder (``--zip-directories``) is not zipped, so not
+    read: its record says ``"zipped": true`` and the given metadata."""
     rules = spec.rules(
         auto_identifiers=archive.policy.auto_identifiers,
         auto_id_type=archive.policy.auto_id_type,
@@ -110,25 +137,32 @@ def _dry_run(
         allow_directories=archive.policy.allow_directories,
     )
     for path in paths:
+        zipped = os.path.isdir(path)  # a folder gets here only with --zip-directories
         try:
+            # a folder deposited as its zip is named as a file is (as the claim does)
             plan = policy.plan(path.name, rules, policy.Sidecar(), token=os.urandom(16))
             if not plan.auto and reg.get_resource(plan.name) is not None:
                 raise policy.PolicyError("name-taken", f"'{plan.name}' is already registered")
+            metadata = plan.metadata
+            if not zipped:
+                metadata = _file_metadata(plan.dtype, path, metadata, spec.config.file_metadata)
         except errors.NbankdError as err:
-            say(args, f"{path}: would not be deposited: {err}")
-            emit(args, {"source": str(path), "error": str(err)})
+            how = "would wait" if err.transient else "would not be deposited"
+            say(args, f"{path}: {how}: {err}")
+            emit(args, {"source": str(path), "error": err.message})
             report.failed()
             continue
-        say(args, f"{path}: OK as {plan.name if not plan.auto else '(automatic id)'} (dry run)")
-        emit(
-            args,
-            {
-                "source": str(path),
-                "id": None if plan.auto else plan.name,
-                "dry_run": True,
-                "metadata": plan.metadata,
-            },
-        )
+        shown = "(automatic id)" if plan.auto else plan.name
+        say(args, f"{path}: OK as {shown}{' (zipped)' if zipped else ''} (dry run)")
+        record: dict[str, Any] = {
+            "source": str(path),
+            "id": None if plan.auto else plan.name,
+            "dry_run": True,
+            "metadata": metadata,
+        }
+        if zipped:
+            record["zipped"] = True  # as nbank's dry run says of a folder
+        emit(args, record)
 
 
 def by_hand(

@@ -332,12 +332,16 @@ def is_final(item: Item) -> bool:
 
 def record(item: Item) -> dict[str, Any]:
     """What ``nbank deposit -j`` prints for the item: ``{"source", "id"}`` once it is
-    deposited, ``{"source", "error"}`` otherwise (with ``state`` while unfinished)."""
+    deposited (and ``"zipped": true`` for a folder deposited as its zip),
+    ``{"source", "error"}`` otherwise (with ``state`` while unfinished)."""
     inbox = ManualInbox.from_key(item.inbox)
     folder = inbox.folder if inbox is not None else Path(".")
     source = str(folder / item.relpath_str)
     if item.state is State.DONE:
-        return {"source": source, "id": item.name}
+        done: dict[str, Any] = {"source": source, "id": item.name}
+        if item.zipped:
+            done["zipped"] = True
+        return done
     if item.state is State.REJECTED:
         reason = json.loads(item.reason_json or "{}")
         return {"source": source, "error": reason.get("message") or item.error_message or ""}

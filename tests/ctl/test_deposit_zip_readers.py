@@ -39,7 +39,8 @@ def session(folder: Path, label: str) -> Path:
 
 def test_a_folder_is_deposited_as_nbanks_canonical_zip(backend: Backend) -> None:
     """--zip-directories registers the SHA-1 nbank's own canonical zip of the folder
-    has, stores `<id>.zip`, and removes the folder once it is deposited."""
+    has, stores `<id>.zip`, prints nbank's record ("zipped": true) and removes the
+    folder once it is deposited."""
     from nbank.canonical_zip import zip_directory
 
     archive, _ = backend.archive()
@@ -50,7 +51,7 @@ def test_a_folder_is_deposited_as_nbanks_canonical_zip(backend: Backend) -> None
         "deposit", str(archive.path), "-d", backend.dtype, "-j", "--zip-directories", str(src)
     )
     assert r.returncode == 0, r.stderr
-    assert json_stream(r.stdout) == [{"source": str(src), "id": src.name}]
+    assert json_stream(r.stdout) == [{"source": str(src), "id": src.name, "zipped": True}]
     record = backend.registry.get_resource(src.name)
     assert record is not None and record.sha1 == expected
     stored = archive.resources_dir / src.name[:2] / f"{src.name}.zip"

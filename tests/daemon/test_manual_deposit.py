@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 from fixtures.cli_backends import NBANKCTL, json_stream
 from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.users import TestUser
+from nbankd.names import MANUAL_INBOX_PREFIX
+from test_metadata_readers import reader_package
 
 
 def manual_deposit(h: DaemonHarness, *files: str, env: dict[str, str] | None = None) -> Any:
@@ -114,3 +117,55 @@ def test_the_daemon_start_finishes_an_interrupted_manual_deposit(daemon_factory:
     wait_for(lambda: not any((folder / ".nbank").iterdir()), 30, "the claimed input to be released")
     h.stop()
     assert stored.read_bytes() == b"interrupted manual deposit"
+
+
+def test_a_dry_run_while_the_daemon_runs_reads_the_files_and_hands_nothing_over(
+    daemon_factory: Any,
+) -> None:
+    """-y while nbankd runs reads the files here, as without it, and hands nothing over."""
+    h: DaemonHarness = daemon_factory(dtype="wav-rec")
+    plugins = {"PYTHONPATH": str(reader_package(h.root / "plugins"))}
+    h.start(env=plugins)
+    folder = h.root / "session"
+    folder.mkdir()
+    (folder / "good.wav").write_bytes(b"RIFFzf12")
+    (folder / "bad.wav").write_bytes(b"junk")
+    files = [str(folder / "good.wav"), str(folder / "bad.wav")]
+    r = manual_deposit(h, "-y", "-j", *files, env=plugins)
+    h.stop()
+    assert r.returncode == 1, r.stderr
+    assert "handing" not in r.stderr
+    good, bad = json_stream(r.stdout)
+    assert good == {
+        "source": files[0],
+        "id": "good",
+        "dry_run": True,
+        "metadata": {"sampling_rate": 20000, "channels": 2, "bird": "zf12"},
+    }
+    assert bad["source"] == files[1] and "no RIFF header" in bad["error"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bad.wav", "good.wav"]
+    assert (folder / "good.wav").read_bytes() == b"RIFFzf12"
+    assert not any((h.archive / "resources").iterdir())
+    db = sqlite3.connect(f"file:{h.state_dir / 'journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        query = "SELECT count(*) FROM items WHERE inbox LIKE ?"
+        assert db.execute(query, (MANUAL_INBOX_PREFIX + "%",)).fetchone() == (0,)
+    finally:
+        db.close()
+
+
+def test_a_folder_the_daemon_deposits_as_its_zip_is_reported_zipped(daemon_factory: Any) -> None:
+    """A folder the daemon deposits as its zip prints {"source", "id", "zipped": true}."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    folder = h.root / "session"
+    (folder / "take1").mkdir(parents=True)
+    (folder / "take1" / "a.txt").write_bytes(b"a zipped take")
+    r = manual_deposit(h, "-j", "--zip-directories", str(folder / "take1"))
+    h.stop()
+    assert r.returncode == 0, r.stderr
+    assert "handing 1 file(s)" in r.stderr
+    assert json_stream(r.stdout) == [
+        {"source": str(folder / "take1"), "id": "take1", "zipped": True}
+    ]
+    assert (h.archive / "resources" / "ta" / "take1.zip").is_file()
