@@ -97,7 +97,7 @@ def _fix(
 
 def _print_archive(args: argparse.Namespace, result: checkarchive.Report) -> None:
     if args.verbose:
-        status = "ok" if result.hashed else "ok (not hashed)"
+        status = "OK" if result.hashed else "OK (hash not checked)"  # nbank's words
         for name, path in result.passed:
             say(f" - {name} : {path} - {status}")
     for finding in result.findings:

@@ -12,6 +12,10 @@ the status.
 Only the topic that owns the command given is imported (:data:`TOPICS`), so a
 daemon command such as ``status`` does not pay for the registry clients; help,
 no command or an unknown one imports them all.
+
+As nbank's, ``-v`` before the command is ``--version`` (after it, a command's own
+``--verbose``), and ``--debug`` turns on debug messages on stderr: the registry's
+requests among them, with credentials never shown (:func:`_debug_logging`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from nbankctl.report import Handler, Report
 from nbankd import __version__, errors
+
+if TYPE_CHECKING:
+    import logging
 
 # topic modules, each with register(subparsers, common), and the commands each adds
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -63,7 +71,7 @@ def topics_for(argv: list[str]) -> tuple[str, ...]:
     for word in words:
         if word in ("-h", "--help"):
             return tuple(TOPICS)  # the top-level help lists every command
-        if word == "--version":
+        if word in ("-v", "--version"):
             return ()  # argparse prints it and exits: no command is needed
         if word in _VALUE_OPTIONS:
             next(words, None)
@@ -90,6 +98,12 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug messages on stderr (the registry requests among them; never credentials)",
+    )
     return common
 
 
@@ -103,14 +117,15 @@ def build_parser(topics: tuple[str, ...] = tuple(TOPICS)) -> argparse.ArgumentPa
         # otherwise replace the sub-commands' SUPPRESS (losing "-c FILE COMMAND")
         parents=[_common_options()],
     )
-    parser.add_argument("--version", action="version", version=f"nbankctl {__version__}")
+    # -v only before the command (as nbank's); after it, -v is a command's own --verbose
+    parser.add_argument("-v", "--version", action="version", version=f"nbankctl {__version__}")
     parser.add_argument(
         "-r", "--registry", help="registry URL (default: $NBANK_REGISTRY, else the configuration)"
     )
     parser.add_argument(
         "-a", "--auth", help="user:password for the registry (visible to other users; prefer netrc)"
     )
-    parser.set_defaults(config=None, json=False)
+    parser.set_defaults(config=None, json=False, debug=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in topics:
         try:
@@ -121,6 +136,32 @@ def build_parser(topics: tuple[str, ...] = tuple(TOPICS)) -> argparse.ArgumentPa
             continue
         module.register(sub, common)
     return parser
+
+
+def _debug_logging(args: argparse.Namespace) -> logging.Logger:
+    """``--debug``: every logger's debug records on stderr, the registry requests among
+    them (urllib3 logs each request's line, never its headers: no credentials), with
+    any password, Authorization value or ``user:password@`` of a URL hidden all the same.
+    Returns nbankctl's own logger."""
+    import logging  # here: a command without --debug does not load it for nbankctl
+
+    from nbankd.service.logs import redact_text
+
+    class Redacting(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return redact_text(super().format(record))
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Redacting("nbankctl: debug: %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    log = logging.getLogger("nbankctl")
+    log.debug("nbankctl %s, Python %s", __version__, sys.version.split()[0])
+    # the command's name only: an option's value may be a password (-a user:pass)
+    func = getattr(args, "func", None)
+    log.debug("command: %s (%s)", args.command, getattr(func, "__qualname__", "?"))
+    return log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:  # as argparse's own usage errors: help, and status 2
         parser.print_help(sys.stderr)
         return errors.EXIT_USAGE
+    debug = _debug_logging(args) if args.debug else None
     report = Report()
     try:
         func(args, report)
     except errors.NbankdError as err:
+        if debug is not None:
+            debug.debug("the command ended with:", exc_info=True)
         report.error(err)
     except BrokenPipeError:
         report.output_closed()

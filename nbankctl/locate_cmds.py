@@ -7,14 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from nbankctl.registry_access import choose, open_chosen
 from nbankctl.registry_cmds import registry_for, warn
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.hashing import hash_path
+from nbankd.registry import credentials
 from nbankd.registry.base import SLUG_RE, LocationRecord, Registry
+from nbankd.registry.urls import normalise, same_registry
 from nbankd.transfer.sources import stored_copy
 
 # --- verify --------------------------------------------------------------------------
@@ -84,18 +90,143 @@ def location_text(loc: LocationRecord) -> str | None:
     return None
 
 
+#: the path of a resource's full URL as nbank's ``parse_resource_url`` reads it: the
+#: registry's path, then ``resources/ID`` (``<registry>resources/<id>/``)
+_RESOURCE_PATH = re.compile(r"(\S+?/)resources/([-_~0-9a-zA-Z]+)/?$")
+
+
+def _without_userinfo(word: str) -> str:
+    """A URL without its ``user:password@``, if any."""
+    parts = urlsplit(word)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def resource_url(word: str) -> tuple[str, str] | None:
+    """(registry URL, id) of a resource's full URL, read as ``nbank`` reads one (its
+    ``deposit`` prints them); None for a word that is not a URL (an id); ValueError
+    for a URL that is not a resource's. A ``user:password@`` in the URL is dropped:
+    never said in a message, nor sent anywhere."""
+    parts = urlsplit(_without_userinfo(word))
+    if not (parts.scheme and parts.netloc):
+        return None
+    match = _RESOURCE_PATH.match(parts.path)
+    if match is None:
+        raise ValueError(
+            f"{urlunsplit(parts)} is not the URL of a resource (REGISTRY/resources/ID/)"
+        )
+    return urlunsplit((parts.scheme, parts.netloc, match.group(1), "", "")), match.group(2)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One word of ``locate``: the id to look up, and the registry its URL names."""
+
+    id: str
+    registry: str | None = None  # a resource URL's registry; None for a plain id
+    problem: str | None = None  # why a URL names no resource
+
+
+def _target(word: str) -> _Target:
+    try:
+        parsed = resource_url(word)
+    except ValueError as err:
+        return _Target(_without_userinfo(word), problem=str(err))
+    return _Target(word) if parsed is None else _Target(parsed[1], parsed[0])
+
+
+def _not_located(args: argparse.Namespace, id: str, mark: str, why: str) -> None:
+    """Says that ``id`` is not located: ``ID  MARK`` on stdout as nbank does (a JSON
+    line with --json), and why on stderr."""
+    if args.json:
+        print(json.dumps({"id": id, "locations": [], "error": why}))
+    else:
+        print(f"{id:<20}\t{mark}")
+    warn(why)
+
+
 def cmd_locate(args: argparse.Namespace, report: Report) -> None:
-    with registry_for(args) as reg:
-        for id in args.id:
-            try:
-                locations = reg.get_locations(id)
-            except errors.NotFound:
-                print(f"{id:<20}\t(not found)")
-                warn(f"no resource '{id}' in registry {reg.url}")
+    """Locates each id or resource URL (nbank takes both). A URL is looked up in the
+    registry in use when it names that registry (or, configured, one of its
+    ``registry_aliases``); a URL of another registry is refused, naming the command that
+    looks there: its answer would not come from the registry the command was pointed
+    at, and credentials meant for one registry must not go to another. With no
+    registry configured at all (no -r, $NBANK_REGISTRY, -c or $NBANKD_CONFIG, and no
+    default configuration), a URL is looked up in its own registry, as nbank does
+    (anonymously, or with ``~/.netrc``'s entry for its host)."""
+    targets = [_target(word) for word in args.id]
+    try:
+        choice = choose(args)
+    except errors.ConfigError:
+        from nbankd.config.model import CONFIG_ENV  # loaded by choose() already
+
+        named = bool(getattr(args, "config", None)) or bool(os.environ.get(CONFIG_ENV))
+        if named or not any(t.registry for t in targets):
+            raise
+        _locate_by_own_registry(args, report, targets)
+        return
+    reg = open_chosen(choice, args)
+    try:
+        aliases = choice.config.registry_aliases if choice.config is not None else ()
+        for t in targets:
+            if t.registry is not None and not same_registry(t.registry, reg.url, aliases):
+                why = (
+                    f"the URL of '{t.id}' names registry {t.registry}, not the registry in "
+                    f"use ({reg.url}, from {choice.source}); to locate it there: "
+                    f"nbankctl -r {t.registry} locate {t.id}"
+                )
+                _not_located(args, t.id, "(another registry)", why)
                 report.failed()
                 continue
-            if not _locate_one(args, id, locations):
+            _locate_in(args, report, reg, t)
+    finally:
+        reg.close()
+
+
+def _locate_in(args: argparse.Namespace, report: Report, reg: Registry, t: _Target) -> None:
+    if t.problem is not None:
+        _not_located(args, t.id, "(not found)", t.problem)
+        report.failed()
+        return
+    try:
+        locations = reg.get_locations(t.id)
+    except errors.NotFound:
+        _not_located(args, t.id, "(not found)", f"no resource '{t.id}' in registry {reg.url}")
+        report.failed()
+        return
+    if not _locate_one(args, t.id, locations):
+        report.failed()
+
+
+def _locate_by_own_registry(
+    args: argparse.Namespace, report: Report, targets: list[_Target]
+) -> None:
+    """No registry is configured: each resource URL is looked up in its own registry;
+    a plain id cannot be (nbank: "no registry to resolve short identifier")."""
+    from nbankd.registry.http import HttpRegistry
+
+    # only the credentials netrc keeps for a URL's host: $CREDENTIALS_DIRECTORY holds
+    # the daemon's registry's, and -a names no registry
+    environ = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    if getattr(args, "auth", None):
+        warn(
+            "note: -a is not used: no registry is configured, and a URL's is looked up anonymously"
+        )
+    opened: dict[str, Registry] = {}
+    try:
+        for t in targets:
+            if t.registry is None:
+                why = f"no registry to look up the identifier '{t.id}' in: give -r URL"
+                _not_located(args, t.id, "[no registry to resolve short identifier]", why)
                 report.failed()
+                continue
+            reg = opened.get(normalise(t.registry))
+            if reg is None:
+                creds = credentials.resolve(t.registry, environ=environ)
+                reg = opened[normalise(t.registry)] = HttpRegistry(t.registry, creds)
+            _locate_in(args, report, reg, t)
+    finally:
+        for reg in opened.values():
+            reg.close()
 
 
 def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecord]) -> bool:
@@ -137,7 +268,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp = sub.add_parser("locate", parents=[common], help="where resources are stored")
     pp.add_argument("-L", "--link", type=Path, metavar="DIR", help="symlink local copies in DIR")
     pp.add_argument("-0", "--print0", action="store_true", help="local paths, NUL-separated")
-    pp.add_argument("id", nargs="+")
+    pp.add_argument(
+        "id", nargs="+", help="a resource's id, or its full URL (REGISTRY/resources/ID/)"
+    )
     pp.set_defaults(func=cmd_locate)
 
     pp = sub.add_parser("verify", parents=[common], help="check files against the registry")
@@ -146,4 +279,4 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     pp.set_defaults(func=cmd_verify)
 
 
-__all__ = ["cmd_locate", "cmd_verify", "location_text", "register"]
+__all__ = ["cmd_locate", "cmd_verify", "location_text", "register", "resource_url"]

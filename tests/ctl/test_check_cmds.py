@@ -332,3 +332,15 @@ def test_check_tar_reads_standard_input(backend: Backend) -> None:
     doc = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stderr
     assert [(m["id"], m["status"]) for m in doc["members"]] == [(good, "ok")]
+
+
+def test_check_archive_verbose_lists_each_resource_in_nbanks_words(backend: Backend) -> None:
+    """-v lists every resource checked as nbank does: "OK", or "OK (hash not checked)"
+    with --no-hash."""
+    archive, arch = backend.archive()
+    name = backend.resource(backend.blob("v"), arch)
+    path = store(archive, name, backend.blob("v"))
+    hashed = backend.ctl("check", "archive", "-v", str(archive.path))
+    assert hashed.returncode == 0 and f" - {name} : {path} - OK\n" in hashed.stderr
+    quick = backend.ctl("check", "archive", "-v", "--no-hash", str(archive.path))
+    assert quick.returncode == 0 and f" - {name} : {path} - OK (hash not checked)" in quick.stderr

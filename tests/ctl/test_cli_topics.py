@@ -77,3 +77,49 @@ def test_the_version_imports_no_topic() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("nbankctl ") and out.stdout.splitlines()[-1] == "[]"
+
+
+def test_dash_v_before_a_command_is_the_version() -> None:
+    """`nbankctl -v` is `--version` (as nbank's -v): it imports no topic and prints it."""
+    assert topics_for(["-v"]) == ()
+    out = subprocess.run(
+        [sys.executable, "-m", "nbankctl.cli", "-v"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("nbankctl ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["check", "all", "-v"], ["check", "archive", "-v", "d"], ["archive", "check", "-v", "d"]],
+)
+def test_dash_v_after_the_command_is_its_verbose_flag(argv: list[str]) -> None:
+    """After the command, -v is the command's own --verbose."""
+    assert topics_for(argv) != ()
+    assert build_parser(topics_for(argv)).parse_args(argv).verbose is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "debug"),
+    [
+        (["--debug", "status"], True),
+        (["search", "x", "--debug"], True),
+        (["-c", "x.yaml", "--debug", "check", "all"], True),
+        (["check", "all"], False),
+    ],
+)
+def test_debug_is_taken_before_or_after_the_command(argv: list[str], debug: bool) -> None:
+    """--debug is a top-level option; a registry command also takes it after its name."""
+    assert build_parser().parse_args(argv).debug is debug
+
+
+def test_a_command_without_debug_does_not_load_logging() -> None:
+    """Debug logging costs nothing when not asked for: `status` parses without `logging`."""
+    code = (
+        "import sys; from nbankctl.cli import build_parser, topics_for;"
+        "build_parser(topics_for(['status'])).parse_args(['status']);"
+        "print('logging' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"

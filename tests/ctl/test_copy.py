@@ -246,3 +246,16 @@ def test_a_refused_location_the_registry_already_lists_keeps_the_copy(
     assert fault_proxy.count("error500") == 1
     assert stored(dest) == {f"{id[:2]}/{id}.dat": (0o444, data)}
     assert located(django_backend, id, dest_name)
+
+
+def test_copy_reads_ids_from_a_file(backend: Backend) -> None:
+    """copy -f FILE copies the ids listed one a line (blank lines skipped), with those
+    of the command line, each once."""
+    _, ids, dest, dest_name = setup(backend, ("a", "b", "c"))
+    listing = backend.tmp / "ids.txt"
+    listing.write_text(f"{ids[0]}\n\n{ids[1]}\n{ids[0]}\n")
+    proc = backend.ctl("copy", "-f", str(listing), str(dest.path), ids[2])
+    assert proc.returncode == 0, proc.stderr
+    assert "Resources requested: 3" in proc.stderr
+    assert sorted(stored(dest)) == sorted(f"{id[:2]}/{id}.dat" for id in ids)
+    assert all(located(backend, id, dest_name) for id in ids)
