@@ -3,6 +3,10 @@
 ``init``, ``search``, ``info``, ``locate``, ``verify``, ``modify``, ``dtype
 list|add``, ``archive list|check`` and ``registry-info`` work against a
 django-neurobank URL or the embedded registry (see :mod:`nbankctl.registry_access`).
+What nbank prints goes to standard output here too (``search``, ``info``,
+``modify``, ``dtype list``, ``archive list``); what nbank logs goes to standard
+error (``registry-info``, ``dtype add``, ``init``). ``--json`` (before or after the
+command word) writes JSON to standard output for every command.
 Exit status: 0 ok, 1 problems found (unknown id, verify mismatch, check
 findings), 2 usage or configuration error, 3 registry unreachable.
 """
@@ -10,6 +14,7 @@ findings), 2 usage or configuration error, 3 registry unreachable.
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import os
 import re
@@ -99,6 +104,11 @@ def warn(text: str) -> None:
     print(f"nbankctl: {text}", file=sys.stderr)
 
 
+def log(text: str) -> None:
+    """A message nbank writes through its logger: on standard error."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _filter_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -112,11 +122,11 @@ def cmd_registry_info(args: argparse.Namespace, report: Report) -> None:
         if args.json:
             dump(info)
             return
-        print("registry info:")
-        print(f"  - address: {describe(reg)}")
+        log("registry info:")
+        log(f"  - address: {describe(reg)}")
         for key, value in info.items():
             if key not in ("address", "backend"):
-                print(f"  - {key}: {value}")
+                log(f"  - {key}: {value}")
 
 
 def cmd_dtype_list(args: argparse.Namespace, report: Report) -> None:
@@ -134,7 +144,7 @@ def cmd_dtype_add(args: argparse.Namespace, report: Report) -> None:
     if args.json:
         dump(dtype.to_json())
     else:
-        print(f"added datatype {dtype.name} (content-type: {dtype.content_type})")
+        log(f"added datatype {dtype.name} (content-type: {dtype.content_type})")
 
 
 def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
@@ -153,6 +163,8 @@ def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
 
 
 def cmd_init(args: argparse.Namespace, report: Report) -> None:
+    """Registers the folder as an archive, then makes it (as nbank: messages on stderr;
+    with ``--json`` the archive's record, registry and ``nbank.json`` on stdout)."""
     root = Path(args.directory).expanduser().resolve()
     name = args.name or root.name
     if not SLUG_RE.match(name):
@@ -160,6 +172,13 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
             f"'{name}' cannot be an archive name: only letters, digits, '-' and '_'",
             hint="give another name with -n NAME",
         )
+    if args.group is not None:  # checked before registering, as nbank does
+        try:
+            grp.getgrnam(args.group)
+        except KeyError:
+            raise errors.UsageError(
+                f"group '{args.group}' does not exist", hint="give an existing group with -g"
+            ) from None
     for existing in ("nbank.json", "README.md", ".gitignore"):
         if os.path.lexists(root / existing):
             raise errors.UsageError(
@@ -181,18 +200,35 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
                 hint=f"run: nbankctl init -n {by_root.name} {root}",
             )
         if by_root is None:
-            reg.add_archive(name, "neurobank", str(root))
-            print(f"registered '{root}' as archive '{name}'")
+            record = reg.add_archive(name, "neurobank", str(root))
+            if not args.json:
+                log(f"registered '{root}' as archive '{name}'")
         else:  # an earlier init registered it, then failed to create the folder
-            print(f"archive '{name}' is already registered with root {root}")
+            record = by_root
+            if not args.json:
+                log(f"archive '{name}' is already registered with root {root}")
         try:
-            create_archive(root, reg.url, group=args.group, umask=args.umask, shared=args.shared)
+            archive = create_archive(
+                root, reg.url, group=args.group, umask=args.umask, shared=args.shared
+            )
         except errors.NbankdError as err:
             raise type(err)(
                 f"archive '{name}' is registered but the folder could not be made: {err.message}",
                 hint="fix this and run the same nbankctl init again",
             ) from err
-    print(f"initialized neurobank archive in {root}")
+        url = reg.url
+    if args.json:
+        dump(
+            {
+                "archive": record.to_json(),
+                "registry": url,
+                "registered": by_root is None,
+                "path": str(root),
+                "nbank_json": json.loads(archive.config_path.read_text()),
+            }
+        )
+    else:
+        log(f"initialized neurobank archive in {root}")
 
 
 # --- search, info, modify ------------------------------------------------------------

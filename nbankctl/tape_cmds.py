@@ -4,8 +4,9 @@
 (:mod:`nbankd.tape_register`); ``prune`` trusts a tape copy only with the key
 ``register`` gives it, and a resource without a SHA-1 only with ``--unverified``;
 ``import`` takes identifiers (arguments and/or ``-f FILE``) to import only those.
-Each prints one line per member or resource (JSON lines with ``--json``) and a
-summary, shows a tqdm progress bar on a terminal only, and exits 1 when anything
+Each writes one line per member or resource and a summary to standard error, as
+nbank's log does (with ``--json``: JSON lines on standard output, and nothing else
+there), shows a tqdm progress bar on a terminal only, and exits 1 when anything
 failed or was refused.
 
 ``import`` (and ``nbankctl copy``) into an archive of a daemon configuration
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -71,6 +72,19 @@ def _bar(total: int | None, unit: str) -> Iterator[tuple[Callable[[int], None], 
         bar.close()
 
 
+def _stream(args: argparse.Namespace) -> TextIO:
+    """Where a command's lines go: JSON on stdout; text on stderr, as nbank's log."""
+    return sys.stdout if args.json else sys.stderr
+
+
+def _say(args: argparse.Namespace, line: str, bar: Any = None) -> None:
+    """Writes a line to :func:`_stream`, above the progress bar when one is shown."""
+    if bar is not None:
+        bar.write(line, file=_stream(args))
+    else:
+        print(line, file=_stream(args), flush=True)
+
+
 def _printer(args: argparse.Namespace, bar: Any) -> Callable[[tape.Outcome], None]:
     def report(outcome: tape.Outcome) -> None:
         if args.json:
@@ -78,10 +92,7 @@ def _printer(args: argparse.Namespace, bar: Any) -> Callable[[tape.Outcome], Non
         else:
             mark = "✗" if not outcome.ok else "-"
             line = f"  {mark} {outcome.item} -> {outcome.message}"
-        if bar is not None:
-            bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
+        _say(args, line, bar)
 
     return report
 
@@ -103,9 +114,9 @@ def _finish(
     text += f"; failed or refused: {summary.failed}"
     if args.dry_run:
         text += " (dry run: nothing was changed)"
-    print(
-        text if not args.json else json.dumps({"summary": dict(counts), "failed": summary.failed})
-    )
+    if args.json:
+        text = json.dumps({"summary": dict(counts), "failed": summary.failed})
+    _say(args, text)
     report.failed(summary.failed)
 
 
@@ -123,10 +134,11 @@ def read_ids(source: str | os.PathLike[str]) -> list[str]:
 
 
 def _header(args: argparse.Namespace, text: str) -> None:
+    """What nbank logs first (registry, source...): on stderr, and not with --json."""
     if not args.json:
-        print(text)
+        _say(args, text)
         if args.dry_run:
-            print("DRY RUN: nothing will be changed")
+            _say(args, "DRY RUN: nothing will be changed")
 
 
 def cmd_register(args: argparse.Namespace, report: Report) -> None:

@@ -55,6 +55,27 @@ def test_init_archive_passes_nbank_archive_check(backend: Backend) -> None:
         assert "missing from archive: 0" in proc.stderr
 
 
+def test_init_says_what_it_did_on_stderr(backend: Backend) -> None:
+    """init writes nbank's two lines (registered, initialized) to standard error; stdout
+    is empty."""
+    folder = backend.tmp / backend.name("said")
+    proc = backend.ctl("init", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"registered '{folder}' as archive '{folder.name}'",
+        f"initialized neurobank archive in {folder}",
+    ]
+    assert proc.stdout == ""
+
+
+def test_init_unknown_group_registers_nothing(backend: Backend) -> None:
+    """init -g with a group that does not exist exits 2 naming it, before registering."""
+    folder = backend.tmp / backend.name("nogroup")
+    proc = backend.ctl("init", "-g", "no-such-group-here", str(folder))
+    assert proc.returncode == 2 and "group 'no-such-group-here' does not exist" in proc.stderr
+    assert backend.registry.get_archive(folder.name) is None and not folder.exists()
+
+
 def test_init_refuses_existing_archive(backend: Backend) -> None:
     """init on a folder that already holds nbank.json exits 2 and changes nothing."""
     archive, _ = backend.archive()
@@ -244,11 +265,22 @@ def test_archive_list_shows_root(backend: Backend) -> None:
     assert proc.stdout.split() == [arch, str(archive.path)]
 
 
+def test_dtype_add_says_so_on_stderr(backend: Backend) -> None:
+    """dtype add names the new datatype on standard error, as nbank's log; stdout is empty."""
+    name = backend.name("dt")
+    proc = backend.ctl("dtype", "add", name, "audio/wav")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == f"added datatype {name} (content-type: audio/wav)\n"
+    assert proc.stdout == ""
+
+
 def test_registry_info_names_address(backend: Backend) -> None:
-    """registry-info prints the registry's address and API version."""
+    """registry-info writes the registry's address and API version to standard error,
+    as nbank's log; stdout is empty."""
     proc = backend.ctl("registry-info")
     assert proc.returncode == 0, proc.stderr
-    assert backend.registry.url in proc.stdout and "api_version: 1.2" in proc.stdout
+    assert backend.registry.url in proc.stderr and "api_version: 1.2" in proc.stderr
+    assert proc.stdout == ""
 
 
 # --- archive check -----------------------------------------------------------------------
@@ -406,7 +438,7 @@ def test_nbank_registry_variable_is_used(tmp_path: Path, django_registry: Any) -
     proc = subprocess.run(
         [NBANKCTL, "registry-info"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 0 and django_registry.url in proc.stdout
+    assert proc.returncode == 0 and django_registry.url in proc.stderr
 
 
 def test_no_registry_anywhere_exits_2(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ import io
 import json
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from nbank.util import hash_directory
 
 from fixtures.cli_backends import Backend, make_tar, sha1, store
@@ -93,7 +95,7 @@ def test_register_adds_tape_locations_keyed_by_member(backend: Backend) -> None:
         assert tape_locations(backend, id) == [
             LocationRecord(f"{tape}-3", "tape", f"{tape}:3", id, member(id))
         ]
-    assert "x.txt -> no match in registry" in proc.stdout
+    assert "x.txt -> no match in registry" in proc.stderr
     if backend.url is not None:
         assert f"tape://{tape}:3/{ida}" in backend.nbank("locate", ida).stdout
 
@@ -110,9 +112,9 @@ def test_register_twice_resumes(backend: Backend) -> None:
     idb = backend.resource(b, arch, name=idb_name)  # registered after the first run
     proc = backend.ctl("tape", "register", tape, "0", str(tar))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"resuming archive '{tape}-0'" in proc.stdout
-    assert f"{member(ida)} -> already registered" in proc.stdout
-    assert f"{member(idb)} -> added location" in proc.stdout
+    assert f"resuming archive '{tape}-0'" in proc.stderr
+    assert f"{member(ida)} -> already registered" in proc.stderr
+    assert f"{member(idb)} -> added location" in proc.stderr
     assert len(tape_locations(backend, ida)) == 1 and len(tape_locations(backend, idb)) == 1
 
 
@@ -129,7 +131,7 @@ def test_register_after_nbank_register_tar_records_member_names(django_backend: 
     assert [loc.key for loc in tape_locations(backend, ida)] == [None]
     proc = backend.ctl("tape", "register", tape, "2", str(tar))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{member(ida)} -> recorded the member name" in proc.stdout
+    assert f"{member(ida)} -> recorded the member name" in proc.stderr
     assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
 
 
@@ -142,7 +144,7 @@ def test_register_dry_run_changes_nothing(backend: Backend) -> None:
     tape = backend.name("TAPE")
     proc = backend.ctl("tape", "register", "--dry-run", tape, "1", str(tar))
     assert proc.returncode == 0, proc.stderr
-    assert "would add location" in proc.stdout
+    assert "would add location" in proc.stderr
     assert backend.registry.get_archive(f"{tape}-1") is None
     assert tape_locations(backend, ida) == []
 
@@ -164,8 +166,8 @@ def test_register_refuses_member_whose_sha1_differs(backend: Backend) -> None:
     tape = backend.name("TAPE")
     proc = backend.ctl("tape", "register", tape, "4", str(tar))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"✗ {member(idb)} -> SHA-1 {sha1(b'flipped')} of member {member(idb)!r}" in proc.stdout
-    assert f"the registered {sha1(bad)} of resource '{idb}'" in proc.stdout
+    assert f"✗ {member(idb)} -> SHA-1 {sha1(b'flipped')} of member {member(idb)!r}" in proc.stderr
+    assert f"the registered {sha1(bad)} of resource '{idb}'" in proc.stderr
     assert tape_locations(backend, idb) == []
     assert [loc.key for loc in tape_locations(backend, idg)] == [member(idg)]
 
@@ -176,7 +178,7 @@ def test_register_dry_run_reports_mismatch(backend: Backend) -> None:
     idb = backend.resource(backend.blob("bad"), arch)
     tar = make_tar(backend.tmp / "t.tar", [(member(idb), b"flipped")])
     proc = backend.ctl("tape", "register", "-y", backend.name("TAPE"), "1", str(tar))
-    assert proc.returncode == 1 and "does not match the registered" in proc.stdout
+    assert proc.returncode == 1 and "does not match the registered" in proc.stderr
 
 
 def test_register_hashes_folder_resource_as_neurobank_does(backend: Backend) -> None:
@@ -191,7 +193,7 @@ def test_register_hashes_folder_resource_as_neurobank_does(backend: Backend) -> 
     proc = backend.ctl("tape", "register", tape, "0", str(tar))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [loc.key for loc in tape_locations(backend, idd)] == [f"resources/{idd[:2]}/{idd}"]
-    assert "SHA-1 checked" in proc.stdout and "sub/b.bin" not in proc.stdout
+    assert "SHA-1 checked" in proc.stderr and "sub/b.bin" not in proc.stderr
 
 
 def test_register_refuses_folder_with_a_changed_file(backend: Backend) -> None:
@@ -205,7 +207,7 @@ def test_register_refuses_folder_with_a_changed_file(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", folder_members(idd, changed))
     proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"of folder '{idd}' does not match" in proc.stdout and f"'{idd}'" in proc.stdout
+    assert f"of folder '{idd}' does not match" in proc.stderr and f"'{idd}'" in proc.stderr
     assert tape_locations(backend, idd) == []
 
 
@@ -222,7 +224,7 @@ def test_register_refuses_folder_holding_a_symlink(backend: Backend) -> None:
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
     proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar_path))
-    assert proc.returncode == 1 and f"it holds '{idd}/link', not a file or folder" in proc.stdout
+    assert proc.returncode == 1 and f"it holds '{idd}/link', not a file or folder" in proc.stderr
     assert tape_locations(backend, idd) == []
 
 
@@ -237,7 +239,7 @@ def test_register_keys_keyless_location_without_duplicate(backend: Backend) -> N
     tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
     proc = backend.ctl("tape", "register", tape, "5", str(tar))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{member(ida)} -> recorded the member name (SHA-1 checked)" in proc.stdout
+    assert f"{member(ida)} -> recorded the member name (SHA-1 checked)" in proc.stderr
     assert tape_locations(backend, ida) == [
         LocationRecord(f"{tape}-5", "tape", f"{tape}:5", ida, member(ida))
     ]
@@ -255,7 +257,7 @@ def test_register_keeps_keyless_location_when_key_is_taken(backend: Backend) -> 
     tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
     proc = backend.ctl("tape", "register", tape, "5", str(tar))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"✗ {member(ida)} ->" in proc.stdout
+    assert f"✗ {member(ida)} ->" in proc.stderr
     assert [loc.key for loc in tape_locations(backend, ida)] == [None]
 
 
@@ -268,7 +270,7 @@ def test_register_leaves_keyless_location_of_mismatch_keyless(backend: Backend) 
     backend.registry.add_location(ida, f"{tape}-5")
     tar = make_tar(backend.tmp / "t.tar", [(member(ida), b"flipped")])
     proc = backend.ctl("tape", "register", tape, "5", str(tar))
-    assert proc.returncode == 1 and "stays keyless" in proc.stdout
+    assert proc.returncode == 1 and "stays keyless" in proc.stderr
     assert [loc.key for loc in tape_locations(backend, ida)] == [None]
 
 
@@ -280,7 +282,7 @@ def test_register_locates_resource_without_sha1_as_unverified(backend: Backend) 
     tar = make_tar(backend.tmp / "t.tar", [(member(ida), a)])
     proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no registered SHA-1 to check" in proc.stdout
+    assert "no registered SHA-1 to check" in proc.stderr
     assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
 
 
@@ -293,7 +295,7 @@ def test_register_truncated_tar_keeps_what_was_read(backend: Backend) -> None:
     cut = backend.tmp / "cut.tar"
     cut.write_bytes(whole.read_bytes()[: 3 * 512 + len(b) // 2])
     proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(cut))
-    assert proc.returncode == 1 and f"✗ {cut} -> unreadable" in proc.stdout
+    assert proc.returncode == 1 and f"✗ {cut} -> unreadable" in proc.stderr
     assert [loc.key for loc in tape_locations(backend, ida)] == [member(ida)]
     assert tape_locations(backend, idb) == []
 
@@ -333,8 +335,8 @@ def test_prune_deletes_only_verified_second_copies(backend: Backend) -> None:
     for label in ("only", "phantom"):
         assert paths[label].exists(), label
         assert arch in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
-        assert f"{ids[label]} -> kept" in proc.stdout
-    assert "this archive is the only location" in proc.stdout and "is missing" in proc.stdout
+        assert f"{ids[label]} -> kept" in proc.stderr
+    assert "this archive is the only location" in proc.stderr and "is missing" in proc.stderr
 
 
 def test_prune_keeps_copy_whose_second_location_is_itself(backend: Backend) -> None:
@@ -350,7 +352,7 @@ def test_prune_keeps_copy_whose_second_location_is_itself(backend: Backend) -> N
     backend.registry.add_location(id, alias_name)
     proc = backend.ctl("tape", "prune", arch, "-", input=id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert path.exists() and "this very copy" in proc.stdout
+    assert path.exists() and "this very copy" in proc.stderr
     assert arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
 
 
@@ -367,7 +369,7 @@ def test_prune_removes_emptied_stub_folders(backend: Backend) -> None:
     proc = backend.ctl("tape", "prune", arch, "-", input=id + "\n")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not path.parent.exists() and kept.parent.is_dir()
-    assert f"remove empty {path.parent}" in proc.stdout
+    assert f"remove empty {path.parent}" in proc.stderr
 
 
 def test_prune_dry_run_deletes_nothing(backend: Backend) -> None:
@@ -377,7 +379,7 @@ def test_prune_dry_run_deletes_nothing(backend: Backend) -> None:
     locations = {id: backend.registry.get_locations(id) for id in ids.values()}
     proc = backend.ctl("tape", "prune", "--dry-run", arch, "-", input="\n".join(ids.values()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"would delete {paths['taped']}" in proc.stdout
+    assert f"would delete {paths['taped']}" in proc.stderr
     assert tree(archive.path) == before
     assert {id: backend.registry.get_locations(id) for id in ids.values()} == locations
 
@@ -387,7 +389,7 @@ def test_prune_unknown_id_is_reported(backend: Backend) -> None:
     _, arch = backend.archive()
     missing = backend.name("nope")
     proc = backend.ctl("tape", "prune", arch, "-", input=missing)
-    assert proc.returncode == 1 and f"{missing} -> not in registry" in proc.stdout
+    assert proc.returncode == 1 and f"{missing} -> not in registry" in proc.stderr
 
 
 def test_prune_refuses_keyless_tape_copy_naming_the_fix(backend: Backend) -> None:
@@ -401,8 +403,8 @@ def test_prune_refuses_keyless_tape_copy_naming_the_fix(backend: Backend) -> Non
     backend.registry.add_location(id, f"{tape}-7")
     proc = backend.ctl("tape", "prune", arch, "-", input=id)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"✗ {id} -> refused to delete {path}" in proc.stdout
-    assert f"run 'nbankctl tape register {tape} 7 TAR'" in proc.stdout
+    assert f"✗ {id} -> refused to delete {path}" in proc.stderr
+    assert f"run 'nbankctl tape register {tape} 7 TAR'" in proc.stderr
     assert path.exists() and arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
 
 
@@ -416,7 +418,7 @@ def test_prune_fix_command_names_a_custom_archive(backend: Backend) -> None:
     backend.registry.add_location(id, tape)
     proc = backend.ctl("tape", "prune", arch, "-", input=id)
     assert proc.returncode == 1
-    assert f"run 'nbankctl tape register -n {tape} {tape} 1 TAR'" in proc.stdout
+    assert f"run 'nbankctl tape register -n {tape} {tape} 1 TAR'" in proc.stderr
 
 
 def test_prune_keeps_resource_without_sha1(backend: Backend) -> None:
@@ -428,7 +430,7 @@ def test_prune_keeps_resource_without_sha1(backend: Backend) -> None:
     backend.registry.add_location(id, tape_archive(backend), key=member(id))
     proc = backend.ctl("tape", "prune", arch, "-", input=id)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "has no registered SHA-1" in proc.stdout and "--unverified" in proc.stdout
+    assert "has no registered SHA-1" in proc.stderr and "--unverified" in proc.stderr
     assert path.exists() and arch in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
 
 
@@ -441,7 +443,7 @@ def test_prune_unverified_deletes_resource_without_sha1(backend: Backend) -> Non
     backend.registry.add_location(id, tape_archive(backend), key=member(id))
     proc = backend.ctl("tape", "prune", "--unverified", arch, "-", input=id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not path.exists() and "unverified: no registered SHA-1" in proc.stdout
+    assert not path.exists() and "unverified: no registered SHA-1" in proc.stderr
     assert arch not in backend.registry.get_resource(id).locations  # type: ignore[union-attr]
 
 
@@ -478,11 +480,11 @@ def test_nbank_register_tar_then_prune_needs_tape_register(django_backend: Backe
     listing = f"{idf}\n{idd}\n"
     refused = backend.ctl("tape", "prune", arch, "-", input=listing)
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert refused.stdout.count(f"run 'nbankctl tape register {tape} 2 TAR'") == 2
+    assert refused.stderr.count(f"run 'nbankctl tape register {tape} 2 TAR'") == 2
     assert archive.stored_path(idf) is not None and archive.stored_path(idd) is not None
     ours = backend.ctl("tape", "register", tape, "2", str(tar))
     assert ours.returncode == 0, ours.stdout + ours.stderr
-    assert ours.stdout.count("recorded the member name (SHA-1 checked)") == 2
+    assert ours.stderr.count("recorded the member name (SHA-1 checked)") == 2
     for id in (idf, idd):
         assert len(tape_locations(backend, id)) == 1 and tape_locations(backend, id)[0].key
     pruned = backend.ctl("tape", "prune", arch, "-", input=listing)
@@ -503,7 +505,7 @@ def test_register_refuses_corrupted_member_of_nbank_export(django_backend: Backe
     checked = backend.nbank("check", "tar", str(tar))
     proc = backend.ctl("tape", "register", backend.name("TAPE"), "0", str(tar))
     assert checked.returncode == 1 and proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"of folder '{idd}' does not match" in proc.stdout
+    assert f"of folder '{idd}' does not match" in proc.stderr
     assert tape_locations(backend, idd) == [] and len(tape_locations(backend, idf)) == 1
 
 
@@ -560,7 +562,7 @@ def test_import_refuses_member_with_wrong_sha1(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), b"not the registered bytes")])
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 1
-    assert f"{member(ids['a'])} -> SHA-1" in proc.stdout and "does not match" in proc.stdout
+    assert f"{member(ids['a'])} -> SHA-1" in proc.stderr and "does not match" in proc.stderr
     assert list(archive.resources_dir.iterdir()) == [] or not any(
         archive.resources_dir.rglob("*.dat")
     )
@@ -616,7 +618,7 @@ def test_import_refuses_crafted_members_and_writes_nothing_outside(backend: Back
         ("hard", "a hard link"),
         ("fifo", "a FIFO"),
     ):
-        assert f"refused member {evil[label]!r}: {why}" in proc.stdout, proc.stdout
+        assert f"refused member {evil[label]!r}: {why}" in proc.stderr, proc.stderr
         assert arch not in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
     assert tree(backend.tmp, skip=skip) == before
     stored = sorted(p.name for p in archive.resources_dir.rglob("*") if p.is_file())
@@ -631,7 +633,7 @@ def test_import_refuses_oversize_member(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", [(member(ids["big"]), backend.blob("big"))])
     proc = backend.ctl("tape", "import", "--max-size", "5", str(tar), str(archive.path))
     assert proc.returncode == 1
-    assert f"refused member {member(ids['big'])!r}" in proc.stdout and "limit of 5" in proc.stdout
+    assert f"refused member {member(ids['big'])!r}" in proc.stderr and "limit of 5" in proc.stderr
     assert not any(p.is_file() for p in archive.resources_dir.rglob("*"))
 
 
@@ -642,7 +644,7 @@ def test_import_dry_run_writes_nothing(backend: Backend) -> None:
     before = tree(archive.path)
     proc = backend.ctl("tape", "import", "-y", str(tar), str(archive.path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "checks OK (dry run)" in proc.stdout
+    assert "checks OK (dry run)" in proc.stderr
     assert tree(archive.path) == before
     assert arch not in backend.registry.get_resource(ids["a"]).locations  # type: ignore[union-attr]
 
@@ -653,7 +655,7 @@ def test_import_again_skips_resources_already_there(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", [(member(ids["a"]), backend.blob("a"))])
     assert backend.ctl("tape", "import", str(tar), str(archive.path)).returncode == 0
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
-    assert proc.returncode == 0 and "is already in" in proc.stdout
+    assert proc.returncode == 0 and "is already in" in proc.stderr
     assert [loc.archive_name for loc in backend.registry.get_locations(ids["a"])].count(arch) == 1
 
 
@@ -671,7 +673,7 @@ def test_import_only_named_ids(backend: Backend) -> None:
     for label in ("b", "c"):
         assert archive.stored_path(ids[label]) is not None
         assert arch in backend.registry.get_resource(ids[label]).locations  # type: ignore[union-attr]
-    assert ids["a"] not in proc.stdout
+    assert ids["a"] not in proc.stderr
 
 
 def test_import_reports_id_not_in_tar(backend: Backend) -> None:
@@ -681,7 +683,7 @@ def test_import_reports_id_not_in_tar(backend: Backend) -> None:
     absent = backend.name("absent")
     proc = backend.ctl("tape", "import", str(tar), str(archive.path), ids["a"], absent)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"✗ {absent} -> not in tar file {tar}" in proc.stdout
+    assert f"✗ {absent} -> not in tar file {tar}" in proc.stderr
     assert archive.stored_path(ids["a"]) is not None
 
 
@@ -712,3 +714,51 @@ def test_import_named_ids_like_nbank_import_tar(django_backend: Backend) -> None
     assert (mine.returncode, nbank.returncode) == (1, 1), nbank.stdout + nbank.stderr
     imported = {a: {x for x, i in ids.items() if a.stored_path(i)} for a in (ours, theirs)}
     assert imported[ours] == imported[theirs] == {"a", "c"}
+
+
+# --- where the lines go: stderr as nbank's log; with --json, JSON lines on stdout ------
+
+
+def _one_resource_run(
+    backend: Backend, command: str, *options: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Runs `tape COMMAND OPTIONS` on one resource it succeeds with; returns the run and
+    the item its line names."""
+    archive, arch = backend.archive()
+    data = backend.blob(command)
+    if command == "register":
+        id = backend.resource(data, arch)
+        tar = make_tar(backend.tmp / "t.tar", [(member(id), data)])
+        argv = ["register", *options, backend.name("TAPE"), "0", str(tar)]
+        return backend.ctl("tape", *argv), member(id)
+    if command == "prune":
+        id = backend.resource(data, arch)
+        store(archive, id, data)
+        backend.registry.add_location(id, tape_archive(backend), key=member(id))
+        return backend.ctl("tape", "prune", *options, arch, "-", input=id), id
+    id = backend.resource(data, tape_archive(backend))
+    tar = make_tar(backend.tmp / "t.tar", [(member(id), data)])
+    return backend.ctl("tape", "import", *options, str(tar), str(archive.path)), member(id)
+
+
+@pytest.mark.parametrize("command", ["register", "prune", "import"])
+def test_tape_lines_go_to_stderr(backend: Backend, command: str) -> None:
+    """tape register, prune and import write their header, one line per item and the
+    summary to standard error, as nbank's log; standard output stays empty."""
+    proc, item = _one_resource_run(backend, command)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("registry: ")
+    assert f"  - {item} -> " in proc.stderr and "failed or refused: 0" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["register", "prune", "import"])
+def test_tape_json_lines_go_to_stdout(backend: Backend, command: str) -> None:
+    """tape COMMAND --json writes only JSON lines to standard output, the item's line
+    and then the summary, and none of them to standard error."""
+    proc, item = _one_resource_run(backend, command, "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert item in [line.get("item") for line in lines[:-1]]
+    assert lines[-1]["failed"] == 0 and "summary" in lines[-1]
+    assert item not in proc.stderr and "registry: " not in proc.stderr

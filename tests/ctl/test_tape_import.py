@@ -111,7 +111,7 @@ def test_import_folder_from_nbankctl_export(backend: Backend) -> None:
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     root = archive.resources_dir / id[:2] / id
-    assert f"-> {root}\n" in proc.stdout, proc.stdout
+    assert f"-> {root}\n" in proc.stderr, proc.stderr
     for rel, data in files.items():
         assert (root / rel).read_bytes() == data
         assert stat.S_IMODE((root / rel).stat().st_mode) == 0o444
@@ -131,7 +131,7 @@ def test_import_refuses_folder_with_an_altered_file(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", folder_members(id, altered))
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"of folder '{id}' does not match the registered" in proc.stdout
+    assert f"of folder '{id}' does not match the registered" in proc.stderr
     assert_nothing_left(archive)
     assert not located(backend, id, arch)
 
@@ -186,8 +186,8 @@ def test_import_refuses_crafted_members_inside_a_folder(backend: Backend) -> Non
     assert proc.returncode == 1, proc.stdout + proc.stderr
     for label, (id, _) in evil.items():
         rel, reason = why[label]
-        assert f"refused member '{id}/{rel}': {reason}" in proc.stdout, proc.stdout
-        assert f"folder '{id}' not imported" in proc.stdout
+        assert f"refused member '{id}/{rel}': {reason}" in proc.stderr, proc.stderr
+        assert f"folder '{id}' not imported" in proc.stderr
         assert not located(backend, id, arch)
     assert tree(backend.tmp, skip=skip) == before
     assert os.listdir(archive.resources_dir) == [good[:2]]
@@ -205,7 +205,7 @@ def test_import_refuses_folder_larger_than_max_size(backend: Backend) -> None:
     tar = make_tar(backend.tmp / "t.tar", folder_members(id, files))
     proc = backend.ctl("tape", "import", "--max-size", str(limit), str(tar), str(archive.path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"add up to more than the limit of {limit} bytes" in proc.stdout
+    assert f"add up to more than the limit of {limit} bytes" in proc.stderr
     assert_nothing_left(archive)
 
 
@@ -217,7 +217,7 @@ def test_import_folder_dry_run_writes_nothing(backend: Backend) -> None:
     before = tree(archive.path)
     proc = backend.ctl("tape", "import", "-y", str(tar), str(archive.path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"'{id}' checks OK (dry run)" in proc.stdout
+    assert f"'{id}' checks OK (dry run)" in proc.stderr
     assert tree(archive.path) == before
     assert not located(backend, id, arch)
 
@@ -232,8 +232,8 @@ def test_import_folder_already_located_is_skipped_untouched(backend: Backend) ->
     before = tree(archive.path)
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"'{id}' is already in '{arch}'" in proc.stdout
-    assert f"{id}/a.txt" not in proc.stdout
+    assert f"'{id}' is already in '{arch}'" in proc.stderr
+    assert f"{id}/a.txt" not in proc.stderr
     assert tree(archive.path) == before
 
 
@@ -250,7 +250,7 @@ def test_import_folder_never_replaces_a_different_stored_folder(backend: Backend
     tar = make_tar(backend.tmp / "t.tar", folder_members(id, files))
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"'{there}' already holds different contents" in proc.stdout
+    assert f"'{there}' already holds different contents" in proc.stderr
     assert tree(archive.resources_dir) == before
     assert os.listdir(archive.staging_dir) == []
     assert not located(backend, id, arch)
@@ -268,7 +268,7 @@ def test_import_folder_into_archive_without_folders_is_refused(backend: Backend)
     )
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "policy.allow_directories" in proc.stdout
+    assert "policy.allow_directories" in proc.stderr
     assert archive.stored_path(id) is None and not located(backend, id, arch)
     assert archive.stored_path(after) is not None
 
@@ -290,7 +290,7 @@ def test_import_selects_folders_and_files_by_id(backend: Backend) -> None:
     )
     proc = backend.ctl("tape", "import", str(tar), str(archive.path), wanted, file_id)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert archive.stored_path(other) is None and other not in proc.stdout
+    assert archive.stored_path(other) is None and other not in proc.stderr
     root = archive.resources_dir / wanted[:2] / wanted
     assert {rel: (root / rel).read_bytes() for rel in wanted_files} == wanted_files
     assert located(backend, wanted, arch) and located(backend, file_id, arch)
@@ -308,7 +308,7 @@ def test_import_folder_cut_short_leaves_nothing(backend: Backend) -> None:
     tar.write_bytes(tar.read_bytes()[: last.offset_data + 4])
     proc = backend.ctl("tape", "import", str(tar), str(archive.path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"{id} -> the tar file ends early" in proc.stdout, proc.stdout
+    assert f"{id} -> the tar file ends early" in proc.stderr, proc.stderr
     assert_nothing_left(archive)
     assert not located(backend, id, arch)
 

@@ -82,7 +82,7 @@ def test_a_tar_path_through_a_link_is_refused_and_nothing_imported(daemon_factor
     assert f"nbankd will not read {h.root / 'link.tar'}: it is a link" in refused.value.message
     assert "give the tar file's real path" in refused.value.message
     assert through_ctl.returncode == 0, through_ctl.stderr  # resolved by nbankctl
-    assert f"source: {tar}" in through_ctl.stdout
+    assert f"source: {tar}" in through_ctl.stderr
 
 
 def test_a_tar_swapped_for_a_link_after_the_check_is_never_read(daemon_factory: Any) -> None:
