@@ -33,10 +33,6 @@ from nbankd.registry import credentials
 from nbankd.registry.http import HttpRegistry
 
 
-def note(text: str) -> None:
-    print(text, flush=True)
-
-
 def warn(text: str) -> None:
     print(f"nbankctl: {text}", file=sys.stderr, flush=True)
 
@@ -77,31 +73,33 @@ def unreadable_by(path: Path, uid: int) -> str:
     return ""
 
 
-def prove(url: str, config: Config, path: Path | None, daemon: Daemon) -> None:
+def prove(url: str, config: Config, path: Path | None, daemon: Daemon) -> list[str]:
     """Raises ProblemsFound, naming what to fix, unless nbankd's credentials may write to
-    ``url``; ``path`` is the registry_auth file nbankd will be configured with."""
+    ``url``; ``path`` is the registry_auth file nbankd will be configured with. Returns
+    what was proven, for the caller to say."""
     if daemon.running:
-        _ask_daemon(url, path, daemon)
-    elif path is not None:
-        _file(url, config, path)
-        note(
+        return _ask_daemon(url, path, daemon)
+    if path is not None:
+        return [
+            _file(url, config, path),
             "note: nbankd is not running; when it starts, credentials from systemd's "
-            "LoadCredential= ($CREDENTIALS_DIRECTORY/registry) take precedence over this file"
-        )
-    else:
-        _own(url, config)
+            "LoadCredential= ($CREDENTIALS_DIRECTORY/registry) take precedence over this file",
+        ]
+    return [_own(url, config)]
 
 
-def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> None:
+def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> list[str]:
     request = {"url": url, "registry_auth": str(path) if path else None}
     try:
         answer = daemon.call("check-registry", request)
     except errors.NbankdError as err:
         if err.code == "unknown-command":  # an nbankd older than this command
             warn("nbankd is too old to check its own credentials; checking the file only")
-            if path is not None:
+            if path is None:
+                return []
+            return [
                 _try(url, credentials.load_file(path, credentials.registry_host(url)), str(path))
-            return
+            ]
         if "LoadCredential=" in str(err):
             source = (
                 _load_credential_source() or "the file the unit's LoadCredential=registry:... names"
@@ -123,7 +121,7 @@ def _ask_daemon(url: str, path: Path | None, daemon: Daemon) -> None:
             "still name the old registry",
             hint=hint,
         ) from None
-    note(f"nbankd's credentials ({answer.get('credentials')}) may write to {url}")
+    return [f"nbankd's credentials ({answer.get('credentials')}) may write to {url}"]
 
 
 def _load_credential_source(unit: str = "nbankd.service") -> str | None:
@@ -152,7 +150,7 @@ def credential_path(shown: str) -> str | None:
     return None
 
 
-def _file(url: str, config: Config, path: Path) -> None:
+def _file(url: str, config: Config, path: Path) -> str:
     creds = credentials.load_file(path, credentials.registry_host(url))
     uid = os.stat(config.state_dir).st_uid
     why = unreadable_by(path, uid)
@@ -163,10 +161,10 @@ def _file(url: str, config: Config, path: Path) -> None:
             hint="put it where that user may read it (e.g. /etc/nbankd/registry-auth, owned "
             "by that user, mode 0600), then run the switch again",
         )
-    _try(url, creds, str(path))
+    return _try(url, creds, str(path))
 
 
-def _own(url: str, config: Config) -> None:
+def _own(url: str, config: Config) -> str:
     uid = os.stat(config.state_dir).st_uid
     if os.geteuid() != uid:
         raise errors.ProblemsFound(
@@ -177,13 +175,14 @@ def _own(url: str, config: Config) -> None:
             "run this command again (it then asks nbankd to try its own credentials)",
         )
     creds, source = credentials.resolve_source(url)
-    _try(url, creds, source)
+    return _try(url, creds, source)
 
 
-def _try(url: str, creds: credentials.Credentials | None, source: str) -> None:
+def _try(url: str, creds: credentials.Credentials | None, source: str) -> str:
+    """What proves that ``creds`` may write to ``url`` (raises if they may not)."""
     with HttpRegistry(url, creds) as reg:
         reg.check_credentials()
-    note(f"credentials in {source} may write to {url}")
+    return f"credentials in {source} may write to {url}"
 
 
 __all__ = ["credential_path", "prove", "unreadable_by"]

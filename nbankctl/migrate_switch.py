@@ -36,6 +36,7 @@ other failure to reach it stops the switch before anything changes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -62,8 +63,10 @@ AFTER_NBANK_JSON = "switch-after-nbank-json"
 AFTER_CONFIG = "switch-after-config"
 
 
-def note(text: str) -> None:
-    print(text, flush=True)
+def note(text: str, *, json_output: bool = False) -> None:
+    """A line of the switch's progress: on standard output, or, with ``--json`` (whose
+    document alone goes there), on standard error."""
+    print(text, file=sys.stderr if json_output else sys.stdout, flush=True)
 
 
 def warn(text: str) -> None:
@@ -92,8 +95,12 @@ class Switch:
         self.files_changed = self.rerun
         self.finished = False
         self.daemon = Daemon(
-            socket_path(args), self.config.state_dir, note, self.url, self.finishing_command()
+            socket_path(args), self.config.state_dir, self.say, self.url, self.finishing_command()
         )
+
+    def say(self, text: str) -> None:
+        """A line of progress (:func:`note`)."""
+        note(text, json_output=bool(getattr(self.args, "json", False)))
 
     def finishing_command(self) -> list[str]:
         """The command line that finishes this switch if it is cut short, as status
@@ -134,7 +141,7 @@ class Switch:
                 f"{path} uses {url} already and the embedded registry "
                 f"{config.embedded_db_path} is gone: there is nothing to finish"
             )
-        note(f"{path} uses {url} already: finishing the switch from {old}")
+        self.say(f"{path} uses {url} already: finishing the switch from {old}")
         return old, True
 
     # -- the steps ------------------------------------------------------------------
@@ -148,7 +155,7 @@ class Switch:
         snap = self.read_embedded()
         counts = ", ".join(f"{n} {k}(s)" for k, n in snap.counts().items())
         if self.dry_run:
-            note(f"read the embedded registry {snap.source}: {counts}")
+            self.say(f"read the embedded registry {snap.source}: {counts}")
             return snap
         folder = migration_folder(self.config.state_dir)
         for n in range(1000):
@@ -166,7 +173,7 @@ class Switch:
         else:
             raise errors.UsageError(f"{folder} holds 1000 exports of {self.stamp}: clean it up")
         self.export_path = self.export_path or path
-        note(f"exported the embedded registry {snap.source} to {path}: {counts}")
+        self.say(f"exported the embedded registry {snap.source} to {path}: {counts}")
         return snap
 
     def credentials(self) -> None:
@@ -174,7 +181,8 @@ class Switch:
         new registry with the credentials nbankd itself will use."""
         path = self.args.registry_auth
         path = Path(path).absolute() if path else self.config.registry_auth
-        migrate_credentials.prove(self.url, self.config, path, self.daemon)
+        for line in migrate_credentials.prove(self.url, self.config, path, self.daemon):
+            self.say(line)
 
     def _hand_edit(self, path: Path, why: str) -> None:
         warn(
@@ -189,7 +197,7 @@ class Switch:
             update = switch.check_nbank_json(archive.nbank_json, self.olds, self.url)
             if update.action == "rewrite":
                 if self.dry_run:
-                    note(f"would point {update.path} at {self.url} (backup kept)")
+                    self.say(f"would point {update.path} at {self.url} (backup kept)")
                     continue
                 try:
                     backup = switch.rewrite_nbank_json(update.path, self.url, self.stamp)
@@ -197,12 +205,12 @@ class Switch:
                     problems += 1
                     self._hand_edit(update.path, f"cannot be rewritten: {err.strerror or err}")
                     continue
-                note(f"{update.path}: registry -> {self.url} (backup {backup.name})")
+                self.say(f"{update.path}: registry -> {self.url} (backup {backup.name})")
             elif update.action == "unreadable":
                 problems += 1
                 self._hand_edit(update.path, update.message)
             else:
-                note(f"{update.path} {update.message}")
+                self.say(f"{update.path} {update.message}")
         return problems
 
     def record_move(self) -> None:
@@ -218,7 +226,7 @@ class Switch:
                 hint="run the switch again as root or as nbankd's user (who owns state_dir)",
             ) from None
         if recorded:
-            note(f"recorded the move in {moves.moves_path(state_dir)}")
+            self.say(f"recorded the move in {moves.moves_path(state_dir)}")
 
     def configuration(self) -> tuple[bool, list[str]]:
         """Points the configuration at the URL; (done, the edits to make by hand if not)."""
@@ -231,14 +239,14 @@ class Switch:
             return False, [f"set 'registry: {url}'", "remove 'registry_url'"]
         edit = switch.edit_config_text(text, url, registry_auth=auth, stamp=self.stamp)
         if edit.text is not None and not edit.changed:
-            note(f"{path} uses {url} already")
+            self.say(f"{path} uses {url} already")
             return True, []
         why = edit.unsafe or switch.config_unsafe_reason(path)
         if why or edit.text is None:
             warn(f"not editing {path}: {why}")
             return False, list(edit.edits)
         if self.dry_run:
-            note(f"would edit {path}: {'; '.join(edit.edits)} (backup kept)")
+            self.say(f"would edit {path}: {'; '.join(edit.edits)} (backup kept)")
             return True, []
         try:
             backup = switch.write_config(path, edit.text, self.stamp, validate=load_config)
@@ -246,14 +254,14 @@ class Switch:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             warn(f"not editing {path}: {reason}")
             return False, list(edit.edits)
-        note(f"{path}: {'; '.join(edit.edits)} (backup {backup.name})")
+        self.say(f"{path}: {'; '.join(edit.edits)} (backup {backup.name})")
         return True, []
 
     def reload(self) -> None:
         """Reloads the daemon and waits until its registry is the URL."""
         daemon, url = self.daemon, self.url
         if switch.same_registry(daemon.registry_url(), url):
-            note(f"nbankd uses {url} already")
+            self.say(f"nbankd uses {url} already")
             return
         result = daemon.call("reload")
         for warning in result.get("warnings", []):
@@ -264,7 +272,7 @@ class Switch:
             if switch.same_registry(registry.get("url"), url):
                 if registry.get("problem"):
                     warn(f"warning: nbankd: {registry['problem']}")
-                note(f"nbankd now uses {url}")
+                self.say(f"nbankd now uses {url}")
                 return
             if time.monotonic() > deadline:
                 raise errors.ProblemsFound(
@@ -282,7 +290,7 @@ class Switch:
                 return
             before = {r.name for r in self.imported.resources}
             new = sum(r.name not in before for r in snap.resources)
-            note(
+            self.say(
                 f"the embedded registry changed since it was exported ({new} new resource(s)): "
                 "importing again"
             )
@@ -354,7 +362,7 @@ class Switch:
             warn(f"{problems} archive(s) still name the old registry: see above")
             report.failed(problems)
             return
-        note(f"switched to {self.url}")
+        self.say(f"switched to {self.url}")
 
     def dry_run_rest(self, report: Report) -> None:
         self.credentials()
@@ -364,7 +372,7 @@ class Switch:
             warn("the switch would stop here and ask for these edits: " + "; ".join(edits))
             report.failed()  # the configuration would need editing by hand
         report.failed(problems)  # archives whose nbank.json could not be rewritten
-        note("(dry run: nothing was changed)")
+        self.say("(dry run: nothing was changed)")
 
     def release(self) -> bool:
         """Resumes the daemon unless that would split the records; False if that failed."""
@@ -373,7 +381,7 @@ class Switch:
             return True
         if not daemon.running:
             if forget_paused(self.config.state_dir):
-                note("nbankd is not running: forgot the inboxes an earlier switch paused")
+                self.say("nbankd is not running: forgot the inboxes an earlier switch paused")
             return True
         keep = False
         if self.files_changed and not self.finished:
@@ -408,9 +416,9 @@ def cmd_switch(args: argparse.Namespace, report: Report) -> None:
     run = Switch(args)
     daemon = run.daemon
     if not daemon.running:
-        note(f"nbankd is not running (no answer on {daemon.path}): switching its files only")
+        run.say(f"nbankd is not running (no answer on {daemon.path}): switching its files only")
     elif run.dry_run:
-        note(f"nbankd runs ({daemon.path}); the switch would pause it first")
+        run.say(f"nbankd runs ({daemon.path}); the switch would pause it first")
     else:
         daemon.pause()
     try:
@@ -420,6 +428,18 @@ def cmd_switch(args: argparse.Namespace, report: Report) -> None:
         raise
     if not run.release():
         report.failed()
+    if args.json:  # the progress went to standard error; what became of it, here
+        json.dump(
+            {
+                "registry": run.url,
+                "previous": run.old_url,
+                "config": str(run.path),
+                "dry_run": run.dry_run,
+                "switched": run.finished,
+            },
+            sys.stdout,
+        )
+        sys.stdout.write("\n")
 
 
 def register(

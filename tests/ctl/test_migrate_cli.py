@@ -406,3 +406,23 @@ def test_config_option_before_a_nested_command_is_kept() -> None:
     ):
         assert parser.parse_args(argv).config == "/x.yaml", argv
     assert parser.parse_args(["dtype", "list"]).config is None
+
+
+def test_switch_with_json_writes_only_json_lines_to_stdout(lab: Lab) -> None:
+    """--json: every line on standard output is JSON, the last one what became of the
+    switch; the progress lines go to standard error."""
+    lab.resource(unique_name("ok"), os.urandom(8))
+    proc = lab.ctl(
+        "--json", "registry", "switch", "--to", lab.server.url, "--dry-run",
+        "--socket", str(lab.tmp / "x"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[-1] == {
+        "registry": lab.server.url,
+        "previous": lines[-1]["previous"],
+        "config": str(lab.config),
+        "dry_run": True,
+        "switched": False,
+    }
+    assert f"would edit {lab.config}" in proc.stderr
