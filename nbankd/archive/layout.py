@@ -134,6 +134,36 @@ def parse_staged_name(name: str) -> StagedName | None:
     return StagedName(token, instance if dash else None)
 
 
+class Listing:
+    """The names of one stub folder, indexed by the identifier each would file (the
+    part before its first dot: ``abc`` and ``abc.wav`` are ``abc``'s), for
+    :meth:`Archive.stored_entries` to find an identifier's names without a pass over
+    all of them. Kept up to date by its owner (:meth:`add`, :meth:`discard`)."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._by_id: dict[str, set[str]] = {}
+        for name in names:
+            self.add(name)
+
+    def add(self, name: str) -> None:
+        self._by_id.setdefault(name.partition(".")[0], set()).add(name)
+
+    def discard(self, name: str) -> None:
+        self._by_id.get(name.partition(".")[0], set()).discard(name)
+
+    def of(self, id: str) -> list[str]:
+        """The names that file ``id``: ``id`` itself and ``id.*``."""
+        return list(self._by_id.get(id, ()))
+
+
+#: :meth:`Archive.stored_entries`'s ``known``: a stub folder's :class:`Listing` made
+#: earlier, or None to list it now; raises the OSError listing it raised
+#: (FileNotFoundError: no such folder)
+Known = Callable[[Path], "Listing | None"]
+
+
 def _entry_kind(entry: os.DirEntry[str]) -> str:
     if entry.is_symlink():
         return "link"
@@ -230,30 +260,38 @@ class Archive:
         found = self.stored_entries(id, lister=lister)
         return found[0] if found else None
 
-    def stored_entries(self, id: str, *, lister: Lister | None = None) -> list[Path]:
+    def stored_entries(
+        self, id: str, *, lister: Lister | None = None, known: Known | None = None
+    ) -> list[Path]:
         """Every entry stored for ``id`` whatever its extension, in both stub folders
         it can be in (:func:`candidate_stubs`), the proper one first.
 
         Any directory entry counts, including symbolic links and directories, so a
         caller that finds none may publish without replacing anything. ``lister``
         lists a stub folder (default: ``os.listdir``; audits list without touching
-        the folder's atime).
+        the folder's atime); ``known`` answers from a listing made earlier, for the
+        folders it has one of (:class:`Listing`: no pass over a folder's thousands of
+        names per identifier).
         """
         exact = self.resource_path(id)  # validates the identifier
         found: list[Path] = []
         for stub_name in candidate_stubs(id):
             stub = self.resources_dir / stub_name
             try:
-                if lister is None:
-                    names = os.listdir(stub)
+                listed = known(stub) if known is not None else None
+                if listed is not None:
+                    ours = listed.of(id)
                 else:
-                    names = [name for name, _kind in lister(stub)]
+                    if lister is None:
+                        names = os.listdir(stub)
+                    else:
+                        names = [name for name, _kind in lister(stub)]
+                    # a stub folder may hold many thousands of names: filter, then sort
+                    ours = [n for n in names if n.startswith(id)]
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as err:
                 raise unavailable(self, err, f"listing {stub}") from err
-            # a stub folder may hold many thousands of names: filter, then sort the few
-            ours = [n for n in names if n.startswith(id)]
             if exact.name in ours:
                 found.append(stub / exact.name)
             found += [stub / n for n in sorted(ours) if n.startswith(id + ".")]
@@ -356,7 +394,9 @@ __all__ = [
     "Anomaly",
     "Archive",
     "ArchivePolicy",
+    "Known",
     "Lister",
+    "Listing",
     "StagedName",
     "candidate_stubs",
     "parse_staged_name",

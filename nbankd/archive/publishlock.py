@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nbankd.archive.layout import Archive
+from nbankd.archive.layout import Archive, Listing
 
 #: this process's publishes, one at a time (the threads of one process share flocks)
 _PUBLISH_LOCK = threading.Lock()
@@ -42,10 +42,10 @@ _local = threading.local()
 _NO_FLOCK = (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
 
 
-def _held() -> dict[Path, set[str] | None] | None:
+def _held() -> dict[Path, Listing | None] | None:
     """{stub folder held by this thread inside :func:`held`: its names, or None where
     they could not be listed}, else None."""
-    found: dict[Path, set[str] | None] | None = getattr(_local, "held", None)
+    found: dict[Path, Listing | None] | None = getattr(_local, "held", None)
     return found
 
 
@@ -99,7 +99,7 @@ def held(stubs: Iterable[Path]) -> Iterator[None]:
     is listed once. Not reentrant."""
     if _held() is not None:
         raise RuntimeError("publishlock.held is not reentrant")
-    names: dict[Path, set[str] | None] = {}
+    names: dict[Path, Listing | None] = {}
     fds: list[int] = []
     with _PUBLISH_LOCK:
         try:
@@ -110,7 +110,7 @@ def held(stubs: Iterable[Path]) -> Iterator[None]:
                     continue  # not there, or not a folder: its publish says why
                 fds.append(fd)
                 try:
-                    names[stub] = set(os.listdir(fd))
+                    names[stub] = Listing(os.listdir(fd))
                 except OSError:
                     names[stub] = None  # held, listed by each publish
             _local.held = names
@@ -121,12 +121,11 @@ def held(stubs: Iterable[Path]) -> Iterator[None]:
                 os.close(fd)
 
 
-def listing(stub: Path) -> list[str] | None:
+def listing(stub: Path) -> Listing | None:
     """The names of ``stub`` as this thread's batch knows them, or None outside one
     (or for a folder it does not hold, or could not list)."""
     held = _held()
-    names = None if held is None else held.get(stub)
-    return None if names is None else list(names)
+    return None if held is None else held.get(stub)
 
 
 def noted(target: Path) -> None:
@@ -144,21 +143,11 @@ def entries(archive: Archive, id: str) -> list[Path]:
     held = _held()
     if not held:
         return archive.stored_entries(id)
-    from_listing: set[Path] = set()
-
-    def lister(stub: Path) -> list[tuple[str, str]]:
-        names = listing(stub)
-        if names is None:
-            return [(name, "") for name in os.listdir(stub)]
-        ours = [name for name in names if name.startswith(id)]
-        from_listing.update(stub / name for name in ours)
-        return [(name, "") for name in ours]
-
-    found = archive.stored_entries(id, lister=lister)
-    return [p for p in found if p not in from_listing or _still_there(p, held)]
+    found = archive.stored_entries(id, known=listing)
+    return [p for p in found if held.get(p.parent) is None or _still_there(p, held)]
 
 
-def _still_there(path: Path, held: dict[Path, set[str] | None]) -> bool:
+def _still_there(path: Path, held: dict[Path, Listing | None]) -> bool:
     """``path``, named by a held listing, is there; forgotten when it is not."""
     if os.path.lexists(path):
         return True

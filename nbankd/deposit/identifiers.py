@@ -33,7 +33,7 @@ class IdentifierSteps(StepsBase):
         archive = self._archive(Intent.of(item))
         item = item.changed(already=False)  # decided again on every lookup
         assert item.name
-        stored = archive.stored_entries(item.name, lister=self._lookup_lister())
+        stored = archive.stored_entries(item.name, known=self._lookup_known())
         if not stored and not item.progress.registered:
             # nothing is stored for this identifier: the registry is asked by the
             # registering POST itself, whose refusals (name or SHA-1 taken) are exact and

@@ -143,20 +143,18 @@ class StepsBase:
         else:
             together.append(item.token)
 
-    def _lookup_lister(self) -> layout.Lister | None:
-        """The lister lookups use: shared within :meth:`listings_shared`, else none
-        (the archive's own, listing every time)."""
-        cache: dict[Path, list[tuple[str, str]] | OSError] | None = getattr(
-            self._local, "listings", None
-        )
+    def _lookup_known(self) -> layout.Known | None:
+        """The listings lookups use: made once per stub folder and shared within
+        :meth:`listings_shared`, else none (each lookup lists)."""
+        cache: dict[Path, layout.Listing | OSError] | None = getattr(self._local, "listings", None)
         if cache is None:
             return None
 
-        def lister(stub: Path) -> list[tuple[str, str]]:
+        def known(stub: Path) -> layout.Listing:
             listed = cache.get(stub)
             if listed is None:
                 try:
-                    listed = cache[stub] = layout.scan_dir(stub)
+                    listed = cache[stub] = layout.Listing(os.listdir(stub))
                 except (FileNotFoundError, NotADirectoryError) as err:  # no such stub yet
                     cache[stub] = err
                     raise
@@ -164,7 +162,7 @@ class StepsBase:
                 raise type(listed)(listed.errno, listed.strerror, listed.filename)
             return listed
 
-        return lister
+        return known
 
     def set_beat(self, beat: Callable[[], None] | None) -> None:
         """The calling thread's liveness beat during long copies and reads (None: none)."""

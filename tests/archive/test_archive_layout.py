@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nbankd import errors
-from nbankd.archive import opening
+from nbankd.archive import layout, opening
 from nbankd.archive.access import target_mode
 from nbankd.archive.layout import Anomaly
 from nbankd.archive.opening import create_archive, open_archive
@@ -255,3 +255,40 @@ def test_target_modes_follow_neurobank_policy(tmp_path: Path) -> None:
     assert target_mode(ro, stub / "abc" / "sub", is_dir=True) == 0o555
     assert target_mode(rw, rw.resources_dir / "ab" / "abc", is_dir=False) == 0o664
     assert target_mode(rw, rw.resources_dir / "ab" / "abc", is_dir=True) == 0o775
+
+
+@pytest.mark.parametrize("id", ["abc", "ab", "a", "abcd", "zz"])
+def test_stored_entries_from_a_listing_are_those_listed_now(tmp_path: Path, id: str) -> None:
+    """An identifier's entries found through a Listing made earlier are the ones a fresh
+    listing of its stub folders finds, for names that only start like it included."""
+    archive = create_archive(tmp_path / "a", URL)
+    names = {
+        "ab": ["abc", "abc.wav", "abc.tar.gz", "abcd.wav", "abc.", ".abc", "ab.wav", "ab"],
+        "a": ["a.wav", "ab"],
+        "a.": ["a.dat"],
+        "zz": ["zz9.wav"],
+    }
+    for stub, entries in names.items():
+        (archive.resources_dir / stub).mkdir()
+        for name in entries:
+            (archive.resources_dir / stub / name).write_bytes(b"")
+    listings = {
+        archive.resources_dir / stub: layout.Listing(os.listdir(archive.resources_dir / stub))
+        for stub in names
+    }
+
+    def known(stub: Path) -> layout.Listing | None:
+        if stub not in listings:
+            raise FileNotFoundError(2, "No such file or directory", str(stub))
+        return listings[stub]
+
+    assert archive.stored_entries(id, known=known) == archive.stored_entries(id)
+
+
+def test_a_listing_follows_its_owners_changes() -> None:
+    """Names added to a Listing are found for their identifier; discarded ones are not."""
+    listing = layout.Listing(["abc.wav"])
+    listing.add("abc.dat")
+    listing.discard("abc.wav")
+    listing.discard("never.there")
+    assert listing.of("abc") == ["abc.dat"] and listing.of("ab") == []
