@@ -36,14 +36,17 @@ devices) raise :func:`unsafe_input`'s error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive import publishlock
 from nbankd.archive.access import apply_access, apply_access_tree, target_mode
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
@@ -80,6 +83,30 @@ class Published:
     ours: bool = True
 
 
+#: publishing checks that no other stored name holds the identifier, then links: the two
+#: happen under this lock (threads of one process) and an flock of the identifier's stub
+#: folder (other processes: a second daemon, ``archive check --fix``)
+_PUBLISH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _identifier_lock(stub: Path) -> Iterator[None]:
+    """Holds the publish lock for the identifiers of stub folder ``stub`` (which
+    exists). Where the filesystem has no flock for folders (some NFS and FUSE
+    mounts), only this process's threads are kept apart."""
+    with _PUBLISH_LOCK:
+        fd = os.open(stub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
 def _check_target(archive: Archive, target: Path, id: str) -> None:
     if target != archive.stored_file(id, target.name) or not (
         target.name == id or target.name.startswith(id + ".")
@@ -89,7 +116,7 @@ def _check_target(archive: Archive, target: Path, id: str) -> None:
 
 def _other_name(archive: Archive, id: str, target: Path) -> Path | None:
     """An entry stored for ``id`` under another name than ``target``, or None."""
-    for other in publishlock.entries(archive, id):
+    for other in archive.stored_entries(id):
         if other != target:
             return other
     return None
@@ -293,7 +320,7 @@ def _publish(
         else:
             apply_access(archive, source, at=target)
             _fsync_file(source)  # the new mode and group are durable before the link
-        with publishlock.identifier_lock(target.parent):
+        with _identifier_lock(target.parent):
             other = _other_name(archive, id, target)
             if other is not None:  # same identifier, another stored name: never a second
                 raise _taken_error(archive, source, other, in_place=in_place)
@@ -301,8 +328,6 @@ def _publish(
                 placed = _place_directory(source, target)
             else:
                 placed = _link_into_place(archive, source, target)
-            if placed:
-                publishlock.noted(target)
         if is_dir and placed:
             apply_access(archive, target)
         if not placed and not _identical(source, target):
@@ -346,7 +371,7 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     check_present(archive)
     try:
         _ensure_stub(archive, target.parent)
-        with publishlock.identifier_lock(target.parent):
+        with _identifier_lock(target.parent):
             for other in archive.stored_entries(id):
                 if other.parent == target.parent:
                     raise occupied(other)

@@ -24,11 +24,6 @@ registry commits them in one transaction (one fsync), and holds its write lock o
 while they run. Should that commit fail, every one of them failed (transient) and
 registers again later, whatever its step concluded.
 
-A round's publishes run next, together
-(:meth:`~nbankd.deposit.stepbase.StepsBase.publishing_together`): the identifier locks
-of their stub folders are taken once, in path order, and each folder is listed once
-for all of them (:mod:`nbankd.archive.publishlock`), not once per file.
-
 Registering with a remote registry waits for the network: the caller runs those steps
 on other threads (:func:`remote_step` says which) and hands each finished one to a
 later round (:func:`answered`), whose transaction saves it with the round's own.
@@ -100,10 +95,7 @@ def run_round(
     plan = [(item, next_step(item.progress, now)) for item in items]
     results = [Moved(item) for item, _step in plan]  # not due: nothing to do this round
     registering = [i for i, (_item, step) in enumerate(plan) if step is Step.REGISTER]
-    publishing = [i for i, (_item, step) in enumerate(plan) if step is Step.PUBLISH]
-    others = [
-        i for i, (_item, step) in enumerate(plan) if step not in (None, Step.REGISTER, Step.PUBLISH)
-    ]
+    others = [i for i, (_item, step) in enumerate(plan) if step not in (None, Step.REGISTER)]
     with syncs.shared() as later, steps.listings_shared():
         if registering:
             try:  # together first: the registry's write lock is held only for them
@@ -112,9 +104,6 @@ def run_round(
                     alive()
             except Exception as err:  # not committed: none of them is registered
                 _not_registered(steps, plan, registering, results, err)
-        if publishing:  # together: one lock and one listing per stub folder
-            with steps.publishing_together(plan[i][0] for i in publishing):
-                _attempt(steps, plan, publishing, results, later, alive)
         _attempt(steps, plan, others, results, later, alive)
         alive()
         failed = later.flush()

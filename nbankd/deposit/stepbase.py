@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from nbankd import errors, seams
-from nbankd.archive import durable, layout, opening, publishlock
+from nbankd.archive import durable, layout, opening
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
 from nbankd.deposit.spec import InboxSpec, Intent
@@ -117,23 +117,6 @@ class StepsBase:
         finally:
             self._local.registered = None
             self._local.pinned = None
-
-    @contextlib.contextmanager
-    def publishing_together(self, items: Iterable[Item]) -> Iterator[None]:
-        """Within, on the calling thread: the publishes of ``items`` hold their stub
-        folders' identifier locks once, together, and list each folder once
-        (:func:`nbankd.archive.publishlock.held`), instead of once per file: with
-        thousands of names in one stub folder, a listing per file made a burst's cost
-        grow with its square."""
-        stubs: list[Path] = []
-        for item in items:
-            try:
-                intent = Intent.of(item)
-                stubs.append(self._target(self._archive(intent), item).parent)
-            except Exception:  # the step meets it again and judges it
-                continue
-        with publishlock.held(stubs):
-            yield
 
     def _registered(self, item: Item) -> None:
         """``item`` is registered (:meth:`registering_together`: once committed)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -269,43 +268,3 @@ def test_no_archive_is_read_while_the_registry_is_locked(
     moved = run_round(env.steps, items, now=float("inf"))
     assert [m.item.state for m in moved] == [State.REGISTERED, State.REJECTING]
     assert locked_reads == []
-
-
-def test_a_rounds_publishes_list_their_stub_folder_once_under_its_lock(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Four inputs published into one stub folder in one round: the folder is listed once,
-    and its lock is held from the first publish to the last."""
-    items = [env.until(i, State.REGISTERED) for i in _drop(env, 4)]
-    stub = env.archive.resources_dir / "re"
-    stub.mkdir(exist_ok=True)
-    listed: list[str] = []
-    real_listdir = os.listdir
-
-    def listdir(path: object = ".") -> list[str]:
-        shown = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
-        listed.append(shown)
-        return real_listdir(path)  # type: ignore[arg-type]
-
-    locked: list[bool] = []
-    attempt = env.steps.attempt
-
-    def watching(item: Item, step: Step) -> tuple[Item, object]:
-        fd = os.open(stub, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            locked.append(True)
-        else:
-            locked.append(False)
-        finally:
-            os.close(fd)
-        return attempt(item, step)
-
-    monkeypatch.setattr(os, "listdir", listdir)
-    monkeypatch.setattr(env.steps, "attempt", watching)
-    moved = run_round(env.steps, items, now=float("inf"))
-    assert [m.item.state for m in moved] == [State.PUBLISHED] * 4
-    assert listed.count(str(stub)) == 1
-    assert locked == [True] * 4
-    assert len(env.stored()) == 4
