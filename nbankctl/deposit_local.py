@@ -147,8 +147,7 @@ def _dry_run(
             if not zipped:
                 metadata = _file_metadata(plan.dtype, path, metadata, spec.config.file_metadata)
         except errors.NbankdError as err:
-            how = "would wait" if err.transient else "would not be deposited"
-            say(args, f"{path}: {how}: {err}")
+            say(args, f"{path}: would not be deposited: {err}")
             emit(args, {"source": str(path), "error": err.message})
             report.failed()
             continue

@@ -39,6 +39,7 @@ from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
 from nbankd.hashing import SourceReadError, copy_hashing
+from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
@@ -190,6 +191,16 @@ class Steps(ClaimSteps, IdentifierSteps):
             return item, Outcome.ok()  # no reader for this datatype
         if problem.transient:  # the reader, not the file: the input waits, staged anew
             durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
+            if item.inbox.startswith(MANUAL_INBOX_PREFIX):
+                # by hand, as nbank: the file is refused and left where it was, the
+                # person who ran the command told what to do (an inbox's input waits)
+                return item, Outcome(
+                    "permanent",
+                    problem.code,
+                    problem.message,
+                    "install or repair the package providing the reader, or deposit the "
+                    "file without reading its metadata (nbankctl deposit --no-file-metadata)",
+                )
         return item, outcome_for(problem)
 
     def publish(self, item: Item) -> StepResult:

@@ -326,6 +326,32 @@ def test_a_dry_run_with_a_reader_that_cannot_load_fails_as_nbank(django_backend:
     assert "can't load the metadata reader for 'broken-rec'" in theirs.stderr
     [a] = json_stream(ours.stdout)
     assert a["source"] == str(src) and "cannot be loaded" in a["error"]
-    assert f"{src}: would wait:" in ours.stderr
+    assert f"{src}: would not be deposited:" in ours.stderr
     assert snapshot(b.tmp / "rig", archive.path) == before
     assert not user_journal(b).exists()
+
+
+def test_a_deposit_with_a_reader_that_cannot_load_leaves_the_file_as_nbank(
+    django_backend: Backend,
+) -> None:
+    """A real deposit whose reader cannot be loaded: both exit 1, the file stays where it
+    was, nothing is registered or stored; the hint names --no-file-metadata, which then
+    deposits it."""
+    b = with_readers(django_backend)
+    archive, _ = b.archive()
+    ours_src, theirs_src = wav_files(b, "ours", "theirs")
+    kind = dtype(b, "broken-rec")
+    ours = b.ctl("deposit", str(archive.path), "-d", kind, "-j", str(ours_src))
+    theirs = b.nbank("deposit", str(archive.path), "-d", kind, "-j", str(theirs_src))
+    assert (ours.returncode, theirs.returncode) == (1, 1), (ours.stderr, theirs.stderr)
+    [a] = json_stream(ours.stdout)
+    assert a["source"] == str(ours_src) and "cannot be loaded" in a["error"]
+    assert "--no-file-metadata" in ours.stderr
+    assert sorted(p.name for p in ours_src.parent.iterdir()) == sorted(
+        [ours_src.name, theirs_src.name]
+    )
+    assert b.registry.get_resource(ours_src.stem) is None
+    assert list(archive.resources_dir.iterdir()) == []
+    again = b.ctl("deposit", str(archive.path), "-d", kind, "--no-file-metadata", str(ours_src))
+    assert again.returncode == 0, again.stderr
+    assert not ours_src.exists() and b.registry.get_resource(ours_src.stem) is not None
