@@ -305,7 +305,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
         expected: dict[str, str | None] = {}
         if args.archive is not None:
             if reg.get_archive(args.archive) is None:
-                raise errors.UsageError(
+                raise errors.NotFound(  # exit 1, as nbank's and tape prune's
                     f"registry {reg.url} has no archive '{args.archive}'",
                     hint="see nbankctl archive list for the archives' names",
                 )
