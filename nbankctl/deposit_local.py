@@ -5,6 +5,7 @@ or the user's own (``$XDG_STATE_HOME/nbankctl``); see :mod:`nbankctl.deposit_cmd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -249,6 +250,14 @@ def _run(
         if ours or held:
             say(args, f"finishing {len(ours) + len(held)} file(s) an interrupted deposit left")
         items = list(ours) + held
+        for key in {i.inbox for i in items}:
+            # an earlier run's input: its folder's work and rejected folders are made
+            # again (that run's tidy removed them once empty: a refusal needs them)
+            left_in = manual.ManualInbox.from_key(key)
+            if left_in is not None:
+                # else the steps meet the error and say what is wrong with the folder
+                with contextlib.suppress(OSError, errors.NbankdError):
+                    specs[key] = left_in.spec(prepare=True)
         for folder, names in by_folder.items():
             inbox = inbox_of(folder)
             specs[inbox.key] = inbox.spec(prepare=True)

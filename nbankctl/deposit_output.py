@@ -51,8 +51,7 @@ def report_outcomes(
             )
             unreachable |= d["code"] in ("registry-unavailable", "auth")
         else:
-            hint = f" ({d['hint']})" if d.get("hint") else ""
-            say(args, f"{source}: not deposited: {record['error']}{hint}")
+            say(args, f"{source}: not deposited: {record['error']}")
             if d["where"] is not None and d["where"] != source:
                 say(args, f"  (kept at {d['where']}: its place was taken meanwhile)")
         if state != State.DONE:

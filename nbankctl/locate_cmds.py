@@ -18,7 +18,6 @@ from nbankctl.registry_cmds import registry_for, warn
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.hashing import hash_path
-from nbankd.registry import credentials
 from nbankd.registry.base import SLUG_RE, LocationRecord, Registry
 from nbankd.registry.urls import normalise, same_registry
 from nbankd.transfer.sources import stored_copy
@@ -130,7 +129,11 @@ def _target(word: str) -> _Target:
     try:
         parsed = resource_url(word)
     except ValueError as err:
-        return _Target(_without_userinfo(word), problem=str(err))
+        try:
+            shown = _without_userinfo(word)
+        except ValueError:  # not even a URL (an unclosed IPv6 bracket): an id, as nbank
+            return _Target(word)
+        return _Target(shown, problem=str(err))
     return _Target(word) if parsed is None else _Target(parsed[1], parsed[0])
 
 
@@ -152,7 +155,7 @@ def cmd_locate(args: argparse.Namespace, report: Report) -> None:
     at, and credentials meant for one registry must not go to another. With no
     registry configured at all (no -r, $NBANK_REGISTRY, -c or $NBANKD_CONFIG, and no
     default configuration), a URL is looked up in its own registry, as nbank does
-    (anonymously, or with ``~/.netrc``'s entry for its host)."""
+    (anonymously: no credentials go to a host only named in a URL)."""
     targets = [_target(word) for word in args.id]
     try:
         choice = choose(args)
@@ -204,9 +207,8 @@ def _locate_by_own_registry(
     a plain id cannot be (nbank: "no registry to resolve short identifier")."""
     from nbankd.registry.http import HttpRegistry
 
-    # only the credentials netrc keeps for a URL's host: $CREDENTIALS_DIRECTORY holds
-    # the daemon's registry's, and -a names no registry
-    environ = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    # anonymously, as nbank does: no credentials of any kind go to a host the user only
+    # named in a URL (netrc's "default" entry would match every host)
     if getattr(args, "auth", None):
         warn(
             "note: -a is not used: no registry is configured, and a URL's is looked up anonymously"
@@ -221,8 +223,7 @@ def _locate_by_own_registry(
                 continue
             reg = opened.get(normalise(t.registry))
             if reg is None:
-                creds = credentials.resolve(t.registry, environ=environ)
-                reg = opened[normalise(t.registry)] = HttpRegistry(t.registry, creds)
+                reg = opened[normalise(t.registry)] = HttpRegistry(t.registry, None)
             _locate_in(args, report, reg, t)
     finally:
         for reg in opened.values():

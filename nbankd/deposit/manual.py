@@ -371,7 +371,6 @@ def describe(item: Item, where: Path | None = None) -> dict[str, Any]:
         "state": str(item.state),
         "url": item.url,
         "code": item.error_code,
-        "hint": json.loads(item.reason_json or "{}").get("hint") or None,
         "held": held,
         "where": str(where) if where is not None else None,
     }

@@ -197,9 +197,8 @@ class Steps(ClaimSteps, IdentifierSteps):
                 return item, Outcome(
                     "permanent",
                     problem.code,
-                    problem.message,
-                    "install or repair the package providing the reader, or deposit the "
-                    "file without reading its metadata (nbankctl deposit --no-file-metadata)",
+                    f"{problem.message}; fix the reader, or deposit the file without "
+                    "reading its metadata (nbankctl deposit --no-file-metadata)",
                 )
         return item, outcome_for(problem)
 

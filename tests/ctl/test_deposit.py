@@ -10,6 +10,7 @@ import pytest
 
 from fixtures.cli_backends import NBANKCTL, Backend, json_stream, sha1
 from fixtures.daemon import start_until_said
+from fixtures.fault_proxy import FaultProxy
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import create_archive
 from nbankd.daemon import statelock
@@ -277,3 +278,38 @@ def test_the_journal_holds_no_unfinished_item_after_a_clean_run(backend: Backend
         assert journal.unfinished() == []
     finally:
         journal.close()
+
+
+def test_a_held_file_refused_by_a_later_run_goes_back_in_place(
+    django_backend: Backend, fault_proxy: FaultProxy
+) -> None:
+    """A file held by one run (the registry failing) and refused by the next (its name
+    taken meanwhile by other bytes), which deposits nothing else from its folder: the
+    file is put back where it was, unchanged, and nothing is left holding it."""
+    b = django_backend
+    name = b.name("held")
+    archive = create_archive(b.tmp / f"arch-{name}", fault_proxy.url)
+    b.registry.add_archive(name, "neurobank", str(archive.path))
+    folder = rig_folder(b)
+    src = folder / f"{b.name('h')}.dat"
+    data = b.blob("held")
+    src.write_bytes(data)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [NBANKCTL, "-r", fault_proxy.url, "deposit", str(archive.path), *argv],
+            env=b.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    fault_proxy.inject("error500", methods={"POST"}, path_contains="resources")
+    first = run("-d", b.dtype, "--wait", "0", str(src))
+    assert first.returncode != 0 and not src.exists(), first.stderr
+    fault_proxy.clear()
+    b.resource(b.blob("someone else's"), None, name=src.stem)
+    second = run("-j")
+    assert second.returncode == 1, second.stderr
+    [record] = json_stream(second.stdout)
+    assert record["source"] == str(src) and "error" in record
+    assert src.read_bytes() == data
+    assert files_in(folder) == [src.name]
+    assert stored(archive) == []

@@ -10,12 +10,14 @@ their own (the session's server holds every other test's archives)."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
 import re
 import socket
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,6 +441,55 @@ def test_locate_url_with_no_registry_configured_asks_its_own(django_backend: Bac
     assert ours.stdout.split() == theirs.stdout.split() == [id, str(path)]
     ours, theirs = run([NBANKCTL, "locate", id], env), run([NBANK, "locate", id], env)
     assert (ours.returncode, theirs.returncode) == (2, 1)  # a configuration problem: 2
+
+
+def test_locate_url_with_no_registry_configured_sends_no_credentials(
+    django_backend: Backend,
+) -> None:
+    """With no registry configured, a URL's host is asked anonymously, even when it asks
+    for credentials and ~/.netrc has a "default" entry (which matches every host)."""
+    b = django_backend
+    seen: list[str | None] = []
+
+    class AskingForCredentials(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"detail": "Authentication credentials were not provided."}'
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AskingForCredentials)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        home = b.tmp / "netrc-home"
+        home.mkdir()
+        (home / ".netrc").write_text("default login labuser password S3cretDefault\n")
+        (home / ".netrc").chmod(0o600)
+        env = {k: v for k, v in b.env.items() if k not in ("NBANKD_CONFIG", "NBANK_REGISTRY")}
+        env["HOME"] = str(home)
+        url = f"http://127.0.0.1:{server.server_address[1]}/neurobank/resources/abc/"
+        proc = run([NBANKCTL, "locate", url], env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode != 0
+    assert seen and seen == [None] * len(seen), seen
+
+
+def test_locate_a_word_that_is_not_even_a_url_is_an_id(django_backend: Backend) -> None:
+    """A word that cannot be parsed as a URL (an unclosed IPv6 bracket) is looked up as an
+    identifier, as nbank does; the words after it are still located."""
+    b = django_backend
+    id, path = stored_resource(b)
+    proc = b.ctl("locate", "http://[::1/resources/x/", id)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(path) in proc.stdout
 
 
 def test_locate_a_url_that_names_no_resource_fails_as_nbank(django_backend: Backend) -> None:
