@@ -55,6 +55,18 @@ _NO_AUTH = _Anonymous()
 def normalise_url(url: str) -> tuple[str, tuple[str, str] | None]:
     """Returns (url ending with "/" and without user:password@, the user:password if any)."""
     parts = urlsplit(url.strip())
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+        garbled = "@" in parts.path or "@" in parts.query or "@" in parts.fragment
+    except ValueError:
+        garbled = True
+    if garbled:  # a password holding "/", "?" or "#" ends the host early: never echoed
+        raise errors.ConfigError(
+            "a registry URL cannot be read: its port is not a number, or a password in it "
+            "holds '/', '?' or '#'",
+            hint="write those characters as %2F, %3F and %23, or keep the password in "
+            "~/.netrc instead of the URL",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise errors.ConfigError(
             f"registry URL {_safe(url)!r} is not an http(s) URL",

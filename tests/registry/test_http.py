@@ -317,6 +317,25 @@ def test_url_must_be_http() -> None:
 # --- pagination and bulk ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://nbtest-admin:pa/ss@127.0.0.1:1/neurobank/",
+        "http://nbtest-admin:pa?ss@127.0.0.1:1/neurobank/",
+        "http://nbtest-admin:pa#ss@127.0.0.1:1/neurobank/",
+        "http://127.0.0.1:port/neurobank/",
+    ],
+)
+def test_a_url_whose_password_ends_the_host_early_is_refused_unsaid(url: str) -> None:
+    """A password holding '/', '?' or '#' (or a port that is not a number) is a
+    ConfigError that never repeats the URL, so never the password."""
+    with pytest.raises(errors.ConfigError) as caught:
+        HttpRegistry(url)
+    said = str(caught.value)
+    assert "nbtest-admin" not in said and "ss@" not in said and "127.0.0.1" not in said
+    assert "%2F" in said
+
+
 def test_pagination_uses_own_host(stub: Callable[..., Stub]) -> None:
     """Next pages are fetched from our URL with the Link's query, whatever host it names."""
 
