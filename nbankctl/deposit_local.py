@@ -5,7 +5,6 @@ or the user's own (``$XDG_STATE_HOME/nbankctl``); see :mod:`nbankctl.deposit_cmd
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -252,12 +251,10 @@ def _run(
         items = list(ours) + held
         for key in {i.inbox for i in items}:
             # an earlier run's input: its folder's work and rejected folders are made
-            # again (that run's tidy removed them once empty: a refusal needs them)
-            left_in = manual.ManualInbox.from_key(key)
+            # again once (that run's tidy removed them when empty: a refusal needs them)
+            left_in = manual.spec_for_key(key)
             if left_in is not None:
-                # else the steps meet the error and say what is wrong with the folder
-                with contextlib.suppress(OSError, errors.NbankdError):
-                    specs[key] = left_in.spec(prepare=True)
+                specs[key] = left_in
         for folder, names in by_folder.items():
             inbox = inbox_of(folder)
             specs[inbox.key] = inbox.spec(prepare=True)

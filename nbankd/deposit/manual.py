@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from nbankd import errors
 from nbankd.archive.fsops import rename_noreplace_at
 from nbankd.config.model import ArchiveConfig, FileMetadata, InboxConfig
 from nbankd.deposit import inboxfs
@@ -129,9 +130,17 @@ class ManualInbox:
 
 
 def spec_for_key(key: str) -> InboxSpec | None:
-    """The inbox of a manual deposit's item (the daemon finishes those it finds)."""
+    """The inbox of a manual deposit's item (the daemon finishes those it finds), its
+    work and rejected folders made again where missing: the run that claimed the item
+    removed them once empty, and a refusal needs the rejected one. Where they cannot
+    be made, the inbox as it is (its steps then say what is wrong with the folder)."""
     inbox = ManualInbox.from_key(key)
-    return inbox.spec() if inbox is not None else None
+    if inbox is None:
+        return None
+    try:
+        return inbox.spec(prepare=True)
+    except (OSError, errors.NbankdError):
+        return inbox.spec()
 
 
 def placement_for(folder: Path, archive_path: Path) -> str:

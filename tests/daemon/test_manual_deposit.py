@@ -119,6 +119,30 @@ def test_the_daemon_start_finishes_an_interrupted_manual_deposit(daemon_factory:
     assert stored.read_bytes() == b"interrupted manual deposit"
 
 
+def test_the_daemon_start_puts_back_a_manual_deposit_it_must_refuse(daemon_factory: Any) -> None:
+    """A manual deposit killed after its claim, whose folder's rejected folder was tidied
+    away and whose name another record took meanwhile: the daemon's start refuses it and
+    puts the file back where it was, unchanged."""
+    h: DaemonHarness = daemon_factory()
+    h.start()  # creates the archive and the registry
+    h.stop()
+    folder = h.root / "session"
+    folder.mkdir()
+    src = folder / "taken.wav"
+    src.write_bytes(b"a manual deposit refused later")
+    crashed = manual_deposit(h, str(src), env={"NBANKD_CRASH_AT": "after-claim"})
+    assert crashed.returncode == -9, crashed.stderr
+    assert not src.exists()
+    (folder / "nbank-rejected").rmdir()  # as a later run's tidy leaves it: gone
+    with h.open_registry() as reg:
+        reg.add_resource(dtype=h.dtype, archive=None, name="taken", sha1="0" * 40, metadata=None)
+    h.start()
+    wait_for(src.exists, 30, "the daemon to put the refused file back")
+    h.stop()
+    assert src.read_bytes() == b"a manual deposit refused later"
+    assert not list((h.archive / "resources").rglob("taken*"))
+
+
 def test_a_dry_run_while_the_daemon_runs_reads_the_files_and_hands_nothing_over(
     daemon_factory: Any,
 ) -> None:
