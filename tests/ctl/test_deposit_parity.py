@@ -254,42 +254,25 @@ def test_hash_is_accepted_and_changes_nothing(django_backend: Backend) -> None:
         assert record.sha1 == hashlib.sha1(b.blob(label)).hexdigest()
 
 
-def test_a_known_animal_is_registered_as_nbank_registers_it(
-    django_backend: Backend, django_registry: Any
+@pytest.mark.parametrize("option", ["animal", "experimenter"])
+def test_a_known_animal_or_experimenter_is_registered_as_nbank_registers_it(
+    django_backend: Backend, django_registry: Any, option: str
 ) -> None:
-    """--animal ID of an animal the registry has: both register that animal."""
+    """--animal ID of an animal the registry has, or --experimenter USER of the registry:
+    both tools register it."""
     b = django_backend
-    animal = django_registry.add_animal()
+    known = django_registry.add_animal() if option == "animal" else django_registry.reader_username
     archive, _ = b.archive()
-    ours_src, theirs_src = two_files(b, "animal")
-    argv = ["-d", b.dtype, "-j", "--animal", animal]
+    ours_src, theirs_src = two_files(b, option)
+    argv = ["-d", b.dtype, "-j", f"--{option}", known]
     r = b.ctl("deposit", str(archive.path), *argv, str(ours_src))
     t = b.nbank("deposit", str(archive.path), *argv, str(theirs_src))
     assert (r.returncode, t.returncode) == (0, 0), (r.stderr, t.stderr)
     assert without_source(json_stream(r.stdout)[0]) == {"id": ours_src.stem}
     mine, nbanks = b.registry.get_resource(ours_src.stem), b.registry.get_resource(theirs_src.stem)
     assert mine is not None and nbanks is not None
-    assert (mine.animal, mine.metadata) == (nbanks.animal, nbanks.metadata)
-    assert mine.animal == animal
-
-
-def test_a_known_experimenter_is_registered_as_nbank_registers_it(
-    django_backend: Backend, django_registry: Any
-) -> None:
-    """--experimenter USER of the registry: both register that experimenter."""
-    b = django_backend
-    user = django_registry.reader_username
-    archive, _ = b.archive()
-    ours_src, theirs_src = two_files(b, "exp")
-    argv = ["-d", b.dtype, "-j", "--experimenter", user]
-    r = b.ctl("deposit", str(archive.path), *argv, str(ours_src))
-    t = b.nbank("deposit", str(archive.path), *argv, str(theirs_src))
-    assert (r.returncode, t.returncode) == (0, 0), (r.stderr, t.stderr)
-    assert without_source(json_stream(r.stdout)[0]) == {"id": ours_src.stem}
-    mine, nbanks = b.registry.get_resource(ours_src.stem), b.registry.get_resource(theirs_src.stem)
-    assert mine is not None and nbanks is not None
-    assert (mine.experimenter, mine.metadata) == (nbanks.experimenter, nbanks.metadata)
-    assert mine.experimenter == user
+    assert (getattr(mine, option), mine.metadata) == (getattr(nbanks, option), nbanks.metadata)
+    assert getattr(mine, option) == known
 
 
 @pytest.mark.parametrize("option,message", [("experimenter", "user"), ("animal", "animal")])

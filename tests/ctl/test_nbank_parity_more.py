@@ -371,21 +371,13 @@ def stored_resource(b: Backend) -> tuple[str, Path]:
     return id, store(archive, id, b.blob("loc"))
 
 
-def test_locate_a_resource_url_as_nbank(django_backend: Backend) -> None:
-    """locate REGISTRY/resources/ID/ prints the id and its path (exit 0), as nbank does."""
+@pytest.mark.parametrize("end", ["/", ""])
+def test_locate_a_resource_url_as_nbank(django_backend: Backend, end: str) -> None:
+    """locate REGISTRY/resources/ID/ (or without its last slash) prints the id and its
+    path (exit 0), as nbank does."""
     b = django_backend
     id, path = stored_resource(b)
-    url = f"{b.url}resources/{id}/"
-    ours, theirs = b.ctl("locate", url), b.nbank("locate", url)
-    assert ours.returncode == theirs.returncode == 0, ours.stderr
-    assert ours.stdout.split() == theirs.stdout.split() == [id, str(path)]
-
-
-def test_locate_a_url_without_its_trailing_slash(django_backend: Backend) -> None:
-    """A resource URL without its last slash is read as nbank reads it."""
-    b = django_backend
-    id, path = stored_resource(b)
-    url = f"{b.url}resources/{id}"
+    url = f"{b.url}resources/{id}{end}"
     ours, theirs = b.ctl("locate", url), b.nbank("locate", url)
     assert ours.returncode == theirs.returncode == 0, ours.stderr
     assert ours.stdout.split() == theirs.stdout.split() == [id, str(path)]

@@ -31,6 +31,21 @@ def manual_deposit(h: DaemonHarness, *files: str, env: dict[str, str] | None = N
     )
 
 
+def killed_manual_deposit(h: DaemonHarness, name: str, data: bytes, crash_at: str) -> Path:
+    """A manual deposit of ``data`` as ``session/NAME`` (the daemon stopped) killed (-9)
+    at ``crash_at``; the path the file was at."""
+    h.start()  # creates the archive and the registry
+    h.stop()
+    folder = h.root / "session"
+    folder.mkdir()
+    src = folder / name
+    src.write_bytes(data)
+    crashed = manual_deposit(h, str(src), env={"NBANKD_CRASH_AT": crash_at})
+    assert crashed.returncode == -9, crashed.stderr
+    assert not src.exists()
+    return src
+
+
 def test_a_running_daemon_deposits_the_files_handed_to_it(daemon_factory: Any) -> None:
     """While nbankd runs, `nbankctl -c ITS_CONFIG deposit` hands the files to it over
     the control socket and waits: deposited, gone from their folder, -j lines printed."""
@@ -102,15 +117,8 @@ def test_a_user_who_is_not_an_admin_cannot_hand_files_to_the_daemon(
 def test_the_daemon_start_finishes_an_interrupted_manual_deposit(daemon_factory: Any) -> None:
     """A manual deposit killed after registering is finished when the daemon starts."""
     h: DaemonHarness = daemon_factory()
-    h.start()  # creates the archive and the registry
-    h.stop()
-    folder = h.root / "session"
-    folder.mkdir()
-    src = folder / "song.wav"
-    src.write_bytes(b"interrupted manual deposit")
-    crashed = manual_deposit(h, str(src), env={"NBANKD_CRASH_AT": "after-register"})
-    assert crashed.returncode == -9, crashed.stderr
-    assert not src.exists()
+    src = killed_manual_deposit(h, "song.wav", b"interrupted manual deposit", "after-register")
+    folder = src.parent
     h.start()
     stored = h.archive / "resources" / "so" / "song.wav"
     wait_for(stored.exists, 30, "the daemon to finish the manual deposit")
@@ -124,16 +132,8 @@ def test_the_daemon_start_puts_back_a_manual_deposit_it_must_refuse(daemon_facto
     away and whose name another record took meanwhile: the daemon's start refuses it and
     puts the file back where it was, unchanged."""
     h: DaemonHarness = daemon_factory()
-    h.start()  # creates the archive and the registry
-    h.stop()
-    folder = h.root / "session"
-    folder.mkdir()
-    src = folder / "taken.wav"
-    src.write_bytes(b"a manual deposit refused later")
-    crashed = manual_deposit(h, str(src), env={"NBANKD_CRASH_AT": "after-claim"})
-    assert crashed.returncode == -9, crashed.stderr
-    assert not src.exists()
-    (folder / "nbank-rejected").rmdir()  # as a later run's tidy leaves it: gone
+    src = killed_manual_deposit(h, "taken.wav", b"a manual deposit refused later", "after-claim")
+    (src.parent / "nbank-rejected").rmdir()  # as a later run's tidy leaves it: gone
     with h.open_registry() as reg:
         reg.add_resource(dtype=h.dtype, archive=None, name="taken", sha1="0" * 40, metadata=None)
     h.start()
