@@ -137,6 +137,8 @@ def spec_for_key(key: str) -> InboxSpec | None:
     inbox = ManualInbox.from_key(key)
     if inbox is None:
         return None
+    if all(os.path.isdir(inbox.folder / name) for name in (WORK_DIR_NAME, REJECTED_DIR)):
+        return inbox.spec()  # both there (every step of every item): nothing to make
     try:
         return inbox.spec(prepare=True)
     except (OSError, errors.NbankdError):
