@@ -54,6 +54,7 @@ DEPOSIT_POINTS = (
     "after-register",
     "after-publish-link",  # linked into resources/; stub folder not yet fsynced
     "after-publish",
+    "after-round-fsyncs",  # a round's fsyncs done; its published staged names not dropped
     "after-verify",
     "after-receipt-append",
     "after-record",  # RECORDED committed; the source is still in .nbank/

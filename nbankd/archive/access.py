@@ -91,8 +91,9 @@ def require_owner(archive: Archive, doing: str) -> None:
         )
 
 
-def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> None:
-    """Sets the policy's group (when permitted) and mode on one path; never follows symlinks.
+def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> bool:
+    """Sets the policy's group (when permitted) and mode on one path; never follows
+    symlinks. True if anything changed (the caller fsyncs it when that matters).
 
     ``at`` is where the path will live in the archive when that is not where it is now
     (a staged file gets the mode of its future place). Raises OSError (the caller
@@ -100,12 +101,22 @@ def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> Non
     """
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        return
-    if chgrp(archive, path, st):
+        return False
+    changed = chgrp(archive, path, st)
+    if changed:
         st = os.lstat(path)  # a change of group may clear set-id bits
     mode = target_mode(archive, at or path, is_dir=stat.S_ISDIR(st.st_mode))
     if stat.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)
+        changed = True
+    return changed
+
+
+def apply_resource_access(archive: Archive, path: Path) -> bool:
+    """:func:`apply_access` for a staged file, with the group and mode it will have in
+    ``resources/`` (a stored file's mode does not depend on its stub folder): given
+    before the copy's data is fsynced, publishing has nothing left to change."""
+    return apply_access(archive, path, at=archive.resources_dir / "_" / path.name)
 
 
 def apply_access_tree(
@@ -124,4 +135,11 @@ def apply_access_tree(
         apply_access(archive, path, at=dest)
 
 
-__all__ = ["apply_access", "apply_access_tree", "chgrp", "group_id", "target_mode"]
+__all__ = [
+    "apply_access",
+    "apply_access_tree",
+    "apply_resource_access",
+    "chgrp",
+    "group_id",
+    "target_mode",
+]

@@ -6,11 +6,13 @@ crash it can repeat the step it was in:
 1. :func:`stage_copy` / :func:`stage_copy_tree` copy the input into
    ``staging/<name>`` (the caller picks the name, which starts with
    :data:`STAGED_PREFIX`, and finds it again on recovery), hashing in the same
-   pass, and fsync the data and the staging folder. A leftover of the same name is
-   ours and is replaced.
-2. :func:`publish` gives the staged copy the policy's group and mode and links it
-   into ``resources/<stub>/`` without ever replacing anything, fsyncs the stub
-   folder, then drops the staged name. An existing identical resource counts as
+   pass, give a file the policy's group and mode, and fsync the data and the staging
+   folder. A leftover of the same name is ours and is replaced.
+2. :func:`publish` gives the staged copy the policy's group and mode (fsynced, when
+   staging did not) and links it into ``resources/<stub>/`` without ever replacing
+   anything, fsyncs the stub folder, then drops the staged name (a staged file's
+   fsync and drop wait for a round's flush: :func:`~nbankd.archive.syncs.after_syncs`;
+   outside a round they happen at once). An existing identical resource counts as
    already published; a different one raises :class:`~nbankd.errors.ResourceExists`.
    :func:`publish_in_place` does the same from a file already on the archive's
    filesystem (``placement: rename``).
@@ -63,7 +65,7 @@ from nbankd.archive.staging import (
     staged_path,
     unsafe_input,
 )
-from nbankd.archive.syncs import fsync_dir_soon
+from nbankd.archive.syncs import after_syncs, fsync_dir_soon
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
 from nbankd.hashing import hash_path, sha1_file
 
@@ -318,8 +320,9 @@ def _publish(
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
         else:
-            apply_access(archive, source, at=target)
-            _fsync_file(source)  # the new mode and group are durable before the link
+            changed = apply_access(archive, source, at=target)  # given when it was staged
+            if in_place or changed:  # an input's own data is fsynced here and nowhere else
+                _fsync_file(source)  # its data, mode and group durable before the link
         with _identifier_lock(target.parent):
             other = _other_name(archive, id, target)
             if other is not None:  # same identifier, another stored name: never a second
@@ -334,16 +337,35 @@ def _publish(
             raise _conflict(archive, source, target, in_place=in_place)
         ours = placed or _same_inode(source, target)
         seams.reached("after-publish-link")
-        fsync_dir(target.parent)
-        if os.path.lexists(source):
-            remove_ours(source)  # only after the link is durable (the stub fsynced)
-        fsync_dir_soon(source.parent)  # with a round's other fsyncs: a name reappearing
-        # after a power loss is a second link to the stored file, found by publishing again
+        if in_place or is_dir:
+            fsync_dir(target.parent)
+            _drop_source(source)
+        else:  # a staged file: the stub folder once for a round's publishes, then its name
+            fsync_dir_soon(target.parent)
+            after_syncs(lambda: _drop_staged(source))
     except errors.NbankdError:
         raise
     except OSError as err:
         raise unavailable(archive, err, f"publishing {target}") from err
     return Published(target, created=placed, ours=ours)
+
+
+def _drop_source(source: Path) -> None:
+    """Removes the published source's own name, only once its link is durable (the stub
+    folder fsynced), and fsyncs its folder with a round's other fsyncs: a name
+    reappearing after a power loss is a second link to the stored file, found by
+    publishing again."""
+    if os.path.lexists(source):
+        remove_ours(source)
+    fsync_dir_soon(source.parent)
+
+
+def _drop_staged(source: Path) -> None:
+    """:func:`_drop_source` for a staged copy, its error naming what failed."""
+    try:
+        _drop_source(source)
+    except OSError as err:
+        raise OSError(err.errno, f"dropping '{source}' once published: {err.strerror}") from err
 
 
 def _same_inode(a: Path, b: Path) -> bool:

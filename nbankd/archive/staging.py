@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from nbankd import errors
 from nbankd.archive import opening
+from nbankd.archive.access import apply_resource_access
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import STAGED_PREFIX, Archive, parse_staged_name, unavailable
 from nbankd.archive.syncs import fsync_dir_soon, fsync_soon
@@ -192,6 +193,9 @@ def stage_copy(
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 result = _copy(src, fd, progress=progress, throttle=throttle)
+                # its group and mode in resources/, durable with its data: publishing
+                # then links it without an fsync of its own
+                apply_resource_access(archive, path)
                 fsync_soon(fd)  # before STAGED is saved: with a round's other fsyncs
             finally:
                 os.close(fd)

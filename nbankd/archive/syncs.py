@@ -13,8 +13,12 @@ once, not 128 times. Data files are first all handed to writeback
 (``sync_file_range``), so their fsyncs share the filesystem's journal commits
 instead of taking one each.
 
-An fsync whose order matters within a step (a published link before the staged name
-is dropped) stays a plain fsync in that step.
+What a step may only do once such an fsync is done (dropping a staged copy's name
+once its link in a stub folder is durable) it hands to :func:`after_syncs`: inside a
+round it runs after the flush, and only for a step whose fsyncs all succeeded; the
+fsyncs it asks for in turn are flushed before the round's commit too (one more pass,
+each file once again). Outside a round it runs at once, after the plain fsyncs
+before it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,17 @@ import contextlib
 import os
 import stat
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
+from nbankd import seams
 from nbankd.archive.fsops import fsync_fd
 from nbankd.streaming import start_writeback
 
 _local = threading.local()
+
+
+class AfterSyncsFailed(OSError):
+    """An action of :func:`after_syncs` failed in a round's flush (not an fsync)."""
 
 
 class SharedSyncs:
@@ -37,6 +46,8 @@ class SharedSyncs:
     def __init__(self) -> None:
         #: (device, inode) -> (our duplicate of a descriptor, the owners who asked)
         self._files: dict[tuple[int, int], tuple[int, set[Hashable]]] = {}
+        #: what runs once the fsyncs are done: (owner, action), in the order asked
+        self._after: list[tuple[Hashable, Callable[[], None]]] = []
         #: whose step is running: failures are reported per owner
         self.owner: Hashable = None
 
@@ -49,14 +60,41 @@ class SharedSyncs:
             held = self._files[key] = (os.dup(fd), set())
         held[1].add(self.owner)
 
+    def then(self, action: Callable[[], None]) -> None:
+        """Takes ``action`` to run after the fsyncs of :meth:`flush`, as the current owner."""
+        self._after.append((self.owner, action))
+
     def __len__(self) -> int:
         return len(self._files)
 
-    def flush(self) -> dict[Hashable, OSError]:
-        """fsyncs every file taken (data files handed to writeback first); returns the
-        owners whose fsync failed, with the error. Every descriptor is closed."""
+    def flush(self) -> dict[Hashable, Exception]:
+        """fsyncs every file taken (data files handed to writeback first), then runs the
+        actions taken with :meth:`then` of every owner whose fsyncs succeeded, then
+        fsyncs what those actions asked for, and so on until nothing is left; returns
+        the owners whose fsync or action failed, with the error: an OSError, or for an
+        action that raised anything else (a bug) that exception, failing only its
+        owner. Every descriptor is closed."""
+        failed: dict[Hashable, Exception] = {}
+        while True:
+            self._sync_all(failed)
+            after, self._after = self._after, []
+            if not after:
+                return failed
+            seams.reached("after-round-fsyncs")
+            for owner, action in after:
+                if owner in failed:
+                    continue  # its step is not done: it runs again, action and all
+                self.owner = owner
+                try:
+                    action()
+                except OSError as err:
+                    failed[owner] = AfterSyncsFailed(err.errno, err.strerror or str(err))
+                except Exception as err:  # a bug: its owner fails, the others go on
+                    failed[owner] = err
+
+    def _sync_all(self, failed: dict[Hashable, Exception]) -> None:
+        """fsyncs every file taken so far into ``failed`` (the first error per owner)."""
         files, self._files = list(self._files.values()), {}
-        failed: dict[Hashable, OSError] = {}
         try:
             for fd, _owners in files:
                 with contextlib.suppress(OSError):  # only a head start; fsync decides
@@ -69,11 +107,12 @@ class SharedSyncs:
                     failed.update((owner, err) for owner in owners if owner not in failed)
         finally:
             _close_all(files)
-        return failed
 
     def discard(self) -> None:
-        """Closes every descriptor taken, fsyncing nothing (the round failed)."""
+        """Closes every descriptor taken, fsyncing nothing and running no action (the
+        round failed)."""
         files, self._files = list(self._files.values()), {}
+        self._after = []
         _close_all(files)
 
 
@@ -107,6 +146,17 @@ def fsync_soon(fd: int) -> None:
         fsync_fd(fd)
 
 
+def after_syncs(action: Callable[[], None]) -> None:
+    """Runs ``action`` once the fsyncs asked for before it are done: now, or inside
+    :func:`shared` after the round's flush, only if the calling step's fsyncs all
+    succeeded (an OSError it raises fails that step, to be run again)."""
+    syncs: SharedSyncs | None = getattr(_local, "syncs", None)
+    if syncs is not None:
+        syncs.then(action)
+    else:
+        action()
+
+
 def fsync_dir_soon(path: str | os.PathLike[str]) -> None:
     """:func:`fsync_soon` of the folder at ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -116,4 +166,11 @@ def fsync_dir_soon(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-__all__ = ["SharedSyncs", "fsync_dir_soon", "fsync_soon", "shared"]
+__all__ = [
+    "AfterSyncsFailed",
+    "SharedSyncs",
+    "after_syncs",
+    "fsync_dir_soon",
+    "fsync_soon",
+    "shared",
+]

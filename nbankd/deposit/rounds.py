@@ -15,8 +15,11 @@ save that recovery already repeats (every step is idempotent).
 
 The fsyncs a step only needs before its save (:func:`nbankd.archive.syncs.fsync_soon`)
 are shared too: each folder or file once per round, after the round's steps and before
-its commit. Should one fail, the steps that asked for it are not done: they are saved
-as failed (transient, retried after a backoff) and run again.
+its commit, and so is what a step does only once they are done
+(:func:`~nbankd.archive.syncs.after_syncs`: a published copy's staged name is dropped
+once the round's stub folders are fsynced). Should one fail, the steps that asked for
+it are not done: they are saved as failed (transient, retried after a backoff) and run
+again.
 
 A round's registrations run first, together
 (:meth:`~nbankd.deposit.stepbase.StepsBase.registering_together`): the embedded
@@ -109,8 +112,11 @@ def run_round(
         failed = later.flush()
     for i, err in failed.items():  # the step is not done until its fsync is: retried
         item, step = plan[i]
-        if step is not None and results[i].outcome is not None:
-            why = OSError(err.errno, f"fsync after the {step} step: {err.strerror}")
+        if not isinstance(err, OSError):  # a bug in what the step left for after them
+            results[i] = Moved(item, step, error=err)
+        elif step is not None and results[i].outcome is not None:
+            what = "" if isinstance(err, syncs.AfterSyncsFailed) else "fsync "
+            why = OSError(err.errno, f"{what}after the {step} step: {err.strerror}")
             outcome = outcome_for(why)
             results[i] = Moved(steps.judged(item, step, outcome), step, outcome)
     results += answered

@@ -104,3 +104,106 @@ def test_a_file_that_cannot_be_fsynced_is_ignored_as_by_fsync_fd() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def _recording_fsync(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """os.fsync that notes the inode it syncs in ``events`` (then really syncs)."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {os.fstat(fd).st_ino}")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_an_action_inside_a_round_runs_after_the_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """after_syncs inside a round waits for the flush, whose fsyncs run before it."""
+    events: list[str] = []
+    _recording_fsync(monkeypatch, events)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with syncs.shared() as later:
+            syncs.fsync_soon(fd)
+            syncs.after_syncs(lambda: events.append("action"))
+            assert events == []
+            assert later.flush() == {}
+    finally:
+        os.close(fd)
+    assert events == [f"fsync {tmp_path.stat().st_ino}", "action"]
+
+
+def test_outside_a_round_an_action_runs_at_once() -> None:
+    """Without shared(), after_syncs runs the action before it returns."""
+    ran: list[str] = []
+    syncs.after_syncs(lambda: ran.append("action"))
+    assert ran == ["action"]
+
+
+def test_the_fsyncs_an_action_asks_for_are_flushed_in_the_same_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder an action asks to fsync is synced before flush returns, after the action."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    events: list[str] = []
+    _recording_fsync(monkeypatch, events)
+
+    def action() -> None:
+        events.append("action")
+        syncs.fsync_dir_soon(second)
+
+    with syncs.shared() as later:
+        syncs.fsync_dir_soon(first)
+        syncs.after_syncs(action)
+        assert later.flush() == {}
+        assert len(later) == 0
+    assert events == [f"fsync {first.stat().st_ino}", "action", f"fsync {second.stat().st_ino}"]
+
+
+def test_an_action_of_a_step_whose_fsync_failed_does_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner whose fsync failed keeps its action undone; another owner's runs."""
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    bad.mkdir()
+    good.mkdir()
+    fsync_fails_for(monkeypatch, bad)
+    ran: list[int] = []
+    with syncs.shared() as later:
+        for owner, folder in ((1, bad), (2, good)):
+            later.owner = owner
+            syncs.fsync_dir_soon(folder)
+            syncs.after_syncs(lambda owner=owner: ran.append(owner))
+        failed = later.flush()
+    assert sorted(failed) == [1]
+    assert ran == [2]
+
+
+def test_a_failed_action_fails_only_its_own_step_and_says_it_was_no_fsync() -> None:
+    """An action's OSError is reported for its owner as AfterSyncsFailed, with its text."""
+
+    def refused() -> None:
+        raise OSError(errno.EACCES, "dropping 'x' once published: Permission denied")
+
+    with syncs.shared() as later:
+        later.owner = 1
+        syncs.after_syncs(refused)
+        later.owner = 2
+        syncs.after_syncs(lambda: None)
+        failed = later.flush()
+    assert list(failed) == [1]
+    assert isinstance(failed[1], syncs.AfterSyncsFailed)
+    assert failed[1].errno == errno.EACCES
+    assert failed[1].strerror == "dropping 'x' once published: Permission denied"
+
+
+def test_a_round_left_unflushed_runs_no_action() -> None:
+    """Leaving shared() without a flush (the round failed) drops the actions unrun."""
+    ran: list[str] = []
+    with syncs.shared():
+        syncs.after_syncs(lambda: ran.append("action"))
+    assert ran == []

@@ -49,6 +49,7 @@ ENUMERATED = (
     "after-register",
     "after-publish-link",
     "after-publish",
+    "after-round-fsyncs",
     "after-verify",
     "after-receipt-append",
     "after-record",
@@ -260,10 +261,13 @@ def test_crash_at_point_with_embedded_registry(embedded: DaemonHarness, point: s
 
 
 #: the points every deposited input of the batch passes: reached three times at least
+#: (after-round-fsyncs is reached once per round, not per input, and always inside a
+#: round: the tests above already crash there mid-round)
 DEPOSIT_PATH = tuple(
     p
     for p in ENUMERATED
     if not p.startswith(("after-journal", "after-reject", "after-reason", "after-put"))
+    and p != "after-round-fsyncs"
 )
 
 

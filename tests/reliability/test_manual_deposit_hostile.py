@@ -24,8 +24,13 @@ REJECT_POINTS = (
     "after-reject-reason",
     "after-reject-move",
 )
-#: seams a plain deposit reaches (after-put-back needs an input changed mid-claim)
-DEPOSIT_SEAMS = [p for p in DEPOSIT_POINTS if p not in REJECT_POINTS and p != "after-put-back"]
+#: seams a plain deposit reaches (after-put-back needs an input changed mid-claim; a
+#: deposit by hand drives its items' steps one by one, never in the daemon's rounds)
+DEPOSIT_SEAMS = [
+    p
+    for p in DEPOSIT_POINTS
+    if p not in REJECT_POINTS and p not in ("after-put-back", "after-round-fsyncs")
+]
 
 
 def entries(folder: Path) -> list[str]:

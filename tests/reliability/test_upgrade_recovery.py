@@ -74,7 +74,11 @@ def test_each_previous_release_writes_the_schema_the_table_says(commit: str) -> 
     assert schema <= SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("point", crashpoints.ENUMERATED)
+#: the crash points the previous releases have (this release added after-round-fsyncs)
+PREVIOUS_POINTS = tuple(p for p in crashpoints.ENUMERATED if p != "after-round-fsyncs")
+
+
+@pytest.mark.parametrize("point", PREVIOUS_POINTS)
 def test_upgrade_after_a_crash_at_point(
     daemon_factory: Callable[..., DaemonHarness], previous_release: tuple[Path, int], point: str
 ) -> None:
