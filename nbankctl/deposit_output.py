@@ -53,7 +53,13 @@ def report_outcomes(
         else:
             say(args, f"{source}: not deposited: {record['error']}")
             if d["where"] is not None and d["where"] != source:
-                say(args, f"  (kept at {d['where']}: its place was taken meanwhile)")
+                record = {**record, "kept_at": d["where"]}
+                say(
+                    args,
+                    f"  kept at {d['where']}: its place was taken meanwhile; move it back "
+                    "by hand (under another name) or remove it: until then every "
+                    "`nbankctl deposit` reports it again",
+                )
         if state != State.DONE:
             report.failed()
         emit(args, record)

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from nbankd import errors
 from nbankd.control.protocol import ProtocolError, string_arg
 from nbankd.deposit import manual
+from nbankd.deposit.lifecycle import State
 
 if TYPE_CHECKING:
     from nbankd.config.model import ArchiveConfig
     from nbankd.daemon.view import DaemonView as Daemon
+    from nbankd.deposit.journal import Item
 
 #: the longest one deposit-status request waits for its items (nbankctl polls)
 STATUS_WAIT = 30.0
@@ -128,10 +130,19 @@ def deposit_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         if done or time.monotonic() >= deadline:
             break
         time.sleep(0.05)  # the journal is the truth; a short poll costs nothing here
-    return {
-        "done": done,
-        "items": [manual.describe(item) for item in items if item is not None],
-    }
+    return {"done": done, "items": [_described(item) for item in items if item is not None]}
+
+
+def _described(item: Item) -> dict[str, Any]:
+    """:func:`manual.describe` with where a refused input is now: handed back here if its
+    worker has not yet (idempotent: the same hand-back), or still held, its place taken."""
+    rejected = (
+        item.state is State.REJECTED
+        and item.rejected_relpath is not None
+        and manual.ManualInbox.from_key(item.inbox) is not None
+    )
+    where = manual.return_rejected(item) if rejected else None
+    return manual.describe(item, where)
 
 
 __all__ = ["deposit", "deposit_status"]

@@ -87,6 +87,47 @@ def test_a_file_the_daemon_refuses_is_put_back_in_place(daemon_factory: Any) -> 
     assert (folder / "again.wav").read_bytes() == b"same bytes"
 
 
+def test_a_refusal_whose_place_was_taken_says_where_the_daemon_keeps_the_file(
+    daemon_factory: Any,
+) -> None:
+    """A duplicate handed to the daemon, its name reused while it was claimed, stays
+    held with its bytes; the command names where (kept_at) and says what to do."""
+    h: DaemonHarness = daemon_factory()
+    release = h.root / "release"
+    release.touch()  # the first deposit goes through the pause point freely
+    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
+    folder = h.root / "session"
+    folder.mkdir()
+    (folder / "first.wav").write_bytes(b"same bytes")
+    assert manual_deposit(h, str(folder / "first.wav")).returncode == 0
+    release.unlink()
+    again = folder / "again.wav"
+    again.write_bytes(b"same bytes")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANK")}
+    argv = [NBANKCTL, "-c", str(h.config_path), "deposit", str(h.archive), "-d", h.dtype]
+    proc = subprocess.Popen(
+        [*argv, "-j", str(again)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: not again.exists(), 60, "the daemon to claim the file")
+        again.write_bytes(b"a new recording under the same name")
+        release.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        h.stop()
+    assert proc.returncode == 1, err
+    [line] = json_stream(out)
+    kept = Path(line["kept_at"])
+    assert kept != again and kept.read_bytes() == b"same bytes"
+    assert f"kept at {kept}" in err and "move it back by hand" in err
+    assert again.read_bytes() == b"a new recording under the same name"
+
+
 def test_a_user_who_is_not_an_admin_cannot_hand_files_to_the_daemon(
     daemon_factory: Any, unpriv_user: TestUser, other_user: TestUser
 ) -> None:
