@@ -200,7 +200,8 @@ def cmd_reload(args: argparse.Namespace, report: Report) -> None:
 
 
 def _options() -> argparse.ArgumentParser:
-    """``-c``, ``--json`` and ``--socket`` for each daemon command.
+    """``-c``, ``--json``, ``--debug``, ``--socket`` and ``--timeout`` for each daemon
+    command.
 
     Not ``cli``'s shared ``common`` parser: argparse copies a sub-parser's defaults
     over what the main parser parsed, so ``nbankctl -c FILE status`` would lose
@@ -216,6 +217,12 @@ def _options() -> argparse.ArgumentParser:
     )
     opts.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    opts.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug messages on stderr (never credentials)",
     )
     opts.add_argument(
         "--socket",

@@ -77,6 +77,17 @@ def test_status_exits_0_when_healthy(h: DaemonHarness) -> None:
     assert str(h.inbox) in proc.stdout
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_works_before_or_after_a_daemon_command(h: DaemonHarness, where: str) -> None:
+    """--debug is taken on either side of `status`: debug lines on stderr, the same
+    summary and exit status on stdout."""
+    argv = ["--debug", "status"] if where == "before" else ["status", "--debug"]
+    proc = ctl(h, *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert "healthy" in proc.stdout
+    assert "nbankctl: debug: nbankctl: command: status" in proc.stderr
+
+
 def test_status_exits_1_when_the_archive_is_missing(h: DaemonHarness) -> None:
     """An archive whose nbank.json disappeared (unmounted) makes status degraded: exit 1."""
     (h.archive / "nbank.json").rename(h.archive / "nbank.json.away")
