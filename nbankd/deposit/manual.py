@@ -253,6 +253,8 @@ def return_rejected(item: Item) -> Path:
             rename_noreplace_at(rejected, name, root, os.fsencode(os.path.basename(item.relpath)))
         except FileExistsError:
             return held  # something took its name meanwhile: it stays with its reason
+        except FileNotFoundError:  # handed back meanwhile (a worker and a status request)
+            return place if os.path.lexists(place) else held
         with contextlib.suppress(FileNotFoundError):
             os.unlink(reason_name(name), dir_fd=rejected)
         return place
