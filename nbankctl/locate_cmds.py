@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from nbankctl.registry_access import choose, open_chosen
+from nbankctl.registry_access import Choice, choose, configured, open_chosen
 from nbankctl.registry_cmds import registry_for, warn
 from nbankctl.report import Report
 from nbankd import errors
@@ -169,9 +169,12 @@ def cmd_locate(args: argparse.Namespace, report: Report) -> None:
         return
     reg = open_chosen(choice, args)
     try:
-        aliases = choice.config.registry_aliases if choice.config is not None else ()
+        aliases: tuple[str, ...] | None = None  # read once, when a URL needs them
         for t in targets:
-            if t.registry is not None and not same_registry(t.registry, reg.url, aliases):
+            other = t.registry is not None and not same_registry(t.registry, reg.url)
+            if other and aliases is None:
+                aliases = _aliases(args, choice, reg.url)
+            if other and not same_registry(t.registry or "", reg.url, aliases or ()):
                 why = (
                     f"the URL of '{t.id}' names registry {t.registry}, not the registry in "
                     f"use ({reg.url}, from {choice.source}); to locate it there: "
@@ -183,6 +186,16 @@ def cmd_locate(args: argparse.Namespace, report: Report) -> None:
             _locate_in(args, report, reg, t)
     finally:
         reg.close()
+
+
+def _aliases(args: argparse.Namespace, choice: Choice, url: str) -> tuple[str, ...]:
+    """The configuration's ``registry_aliases`` when it names the registry in use, also
+    when -r or $NBANK_REGISTRY chose that registry (a configuration that cannot be
+    read then gives none: it was not asked for)."""
+    config = choice.config if choice.config is not None else configured(args)
+    if config is None or not config.registry.startswith(("http://", "https://")):
+        return ()
+    return config.registry_aliases if same_registry(config.registry, url) else ()
 
 
 def _locate_in(args: argparse.Namespace, report: Report, reg: Registry, t: _Target) -> None:

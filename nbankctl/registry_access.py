@@ -59,6 +59,12 @@ def _load(args: argparse.Namespace) -> tuple[Path, Config | None, errors.ConfigE
         return path, None, err
 
 
+def configured(args: argparse.Namespace) -> Config | None:
+    """The configuration ``-c``, ``$NBANKD_CONFIG`` or the default path names, or None
+    when there is none or it cannot be read."""
+    return _load(args)[1]
+
+
 def choose(
     args: argparse.Namespace,
     environ: Mapping[str, str] | None = None,
@@ -170,6 +176,7 @@ __all__ = [
     "ENV_REGISTRY",
     "Choice",
     "choose",
+    "configured",
     "daemon_config",
     "describe",
     "open_chosen",

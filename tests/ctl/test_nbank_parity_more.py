@@ -408,6 +408,47 @@ def test_locate_url_of_another_registry_is_refused(django_backend: Backend) -> N
     assert "(another registry)" in proc.stdout
 
 
+@pytest.mark.parametrize("chosen_by", ["-r", "$NBANK_REGISTRY"])
+def test_locate_url_of_a_configured_alias_is_looked_up_whoever_chose_the_registry(
+    django_backend: Backend, chosen_by: str
+) -> None:
+    """A URL naming one of the configuration's registry_aliases is looked up in the
+    registry in use when -r or $NBANK_REGISTRY names the configuration's registry too."""
+    b = django_backend
+    assert b.url is not None
+    id, path = stored_resource(b)
+    alias = b.url.replace("127.0.0.1", "localhost")
+    config = b.tmp / "aliased.yaml"
+    config.write_text(
+        f"registry: {b.url}\nregistry_aliases: [{alias}]\nstate_dir: {b.tmp / 'st'}\n"
+    )
+    env = {**b.env, "NBANKD_CONFIG": str(config)}
+    before = ["-r", b.url] if chosen_by == "-r" else []
+    if chosen_by == "$NBANK_REGISTRY":
+        env["NBANK_REGISTRY"] = b.url
+    proc = run([NBANKCTL, *before, "locate", f"{alias}resources/{id}/"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [id, str(path)]
+
+
+def test_aliases_of_a_configuration_for_another_registry_do_not_count(
+    django_backend: Backend,
+) -> None:
+    """With -r naming another registry than the configuration's, the configuration's
+    registry_aliases are not names of the one in use: the alias URL is refused."""
+    b = django_backend
+    assert b.url is not None
+    id, _ = stored_resource(b)
+    alias = b.url.replace("127.0.0.1", "localhost")
+    config = b.tmp / "other.yaml"
+    other = f"http://127.0.0.1:{free_port()}/neurobank/"
+    config.write_text(f"registry: {other}\nregistry_aliases: [{alias}]\nstate_dir: {b.tmp}\n")
+    env = {**b.env, "NBANKD_CONFIG": str(config)}
+    proc = run([NBANKCTL, "-r", b.url, "locate", f"{alias}resources/{id}/"], env)
+    assert proc.returncode == 1, proc.stderr
+    assert "(another registry)" in proc.stdout
+
+
 def test_locate_url_with_a_password_never_shows_it(django_backend: Backend) -> None:
     """A resource URL carrying user:password@ is refused or looked up without ever
     echoing the password, whether it names another registry or no resource."""
