@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from nbankd.archive.layout import Archive
 
 
@@ -39,3 +41,25 @@ def resource_entries(archive: Archive) -> list[str]:
         for name in dirnames + filenames:
             out.append(os.path.relpath(os.path.join(dirpath, name), archive.resources_dir))
     return sorted(out)
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """Notes every fsync (``fsync INODE``), link (``link NAME``) and unlink (``unlink
+    NAME``) in ``events``, in order; each really happens."""
+    real_fsync, real_link, real_unlink = os.fsync, os.link, os.unlink
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {os.fstat(fd).st_ino}")
+        real_fsync(fd)
+
+    def link(src: str | Path, dst: str | Path, **kw: object) -> None:
+        events.append(f"link {Path(dst).name}")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    def unlink(path: str | Path, **kw: object) -> None:
+        events.append(f"unlink {Path(path).name}")
+        real_unlink(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "unlink", unlink)

@@ -7,26 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from archive_helpers import record_calls
 
 from nbankd.archive import durable
 from nbankd.archive.access import target_mode
 from nbankd.archive.layout import Archive
-
-
-def _record(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
-    """Notes every fsync (by inode) and link in ``events``; each really happens."""
-    real_fsync, real_link = os.fsync, os.link
-
-    def fsync(fd: int) -> None:
-        events.append(f"fsync {os.fstat(fd).st_ino}")
-        real_fsync(fd)
-
-    def link(src: str | Path, dst: str | Path, **kw: object) -> None:
-        events.append(f"link {Path(dst).name}")
-        real_link(src, dst, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
 
 
 def test_an_input_published_in_place_with_its_stored_mode_is_fsynced_before_its_link(
@@ -40,7 +25,7 @@ def test_an_input_published_in_place_with_its_stored_mode_is_fsynced_before_its_
     os.chmod(src, target_mode(archive, target, is_dir=False))  # e.g. 0444: already right
     ino = src.stat().st_ino
     events: list[str] = []
-    _record(monkeypatch, events)
+    record_calls(monkeypatch, events)
     published = durable.publish_in_place(archive, src, target)
     assert stat.S_IMODE(published.path.stat().st_mode) == target_mode(archive, target, is_dir=False)
     assert f"fsync {ino}" in events, "the input's data was never fsynced"

@@ -7,30 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from archive_helpers import record_calls
 
 from nbankd.archive import durable, syncs
 from nbankd.archive.layout import Archive
-
-
-def _record(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
-    """Notes every fsync (by inode), link and unlink in ``events``; each really happens."""
-    real_fsync, real_link, real_unlink = os.fsync, os.link, os.unlink
-
-    def fsync(fd: int) -> None:
-        events.append(f"fsync {os.fstat(fd).st_ino}")
-        real_fsync(fd)
-
-    def link(src: str | Path, dst: str | Path, **kw: object) -> None:
-        events.append(f"link {Path(dst).name}")
-        real_link(src, dst, **kw)  # type: ignore[arg-type]
-
-    def unlink(path: str | Path, **kw: object) -> None:
-        events.append(f"unlink {Path(path).name}")
-        real_unlink(path, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(os, "unlink", unlink)
 
 
 def _staged(archive: Archive, tmp_path: Path, name: str) -> Path:
@@ -59,7 +39,7 @@ def test_publishes_in_a_round_share_one_stub_fsync_and_drop_staged_names_after_i
         durable.publish(archive, staged[0], archive.resource_path("aa1", ".dat"), id="aa1")
         durable.publish(archive, staged[1], archive.resource_path("aa2", ".dat"), id="aa2")
         assert all(p.exists() for p in staged)  # still there until the flush
-        _record(monkeypatch, events)
+        record_calls(monkeypatch, events)
         assert later.flush() == {}
     ino = stub.stat().st_ino
     assert events.count(f"fsync {ino}") == 1
@@ -76,7 +56,7 @@ def test_a_staged_file_publishes_without_an_fsync_of_its_own(
     staged = _staged(archive, tmp_path, "aa1")
     ino = staged.stat().st_ino
     events: list[str] = []
-    _record(monkeypatch, events)
+    record_calls(monkeypatch, events)
     durable.publish(archive, staged, archive.resource_path("aa1", ".dat"), id="aa1")
     assert f"fsync {ino}" not in events
     assert "link aa1.dat" in events
@@ -90,7 +70,7 @@ def test_a_staged_file_without_its_mode_is_fsynced_before_its_link(
     os.chmod(staged, 0o600)
     ino = staged.stat().st_ino
     events: list[str] = []
-    _record(monkeypatch, events)
+    record_calls(monkeypatch, events)
     published = durable.publish(archive, staged, archive.resource_path("aa1", ".dat"), id="aa1")
     assert events.index(f"fsync {ino}") < events.index("link aa1.dat")
     assert stat.S_IMODE(published.path.stat().st_mode) == 0o444

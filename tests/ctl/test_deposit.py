@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.cli_backends import NBANKCTL, Backend, json_stream, sha1
-from fixtures.daemon import start_until_said, wait_for
+from fixtures.cli_backends import (
+    NBANKCTL,
+    Backend,
+    deposit_while_its_name_is_reused,
+    json_stream,
+    sha1,
+)
+from fixtures.daemon import start_until_said
 from fixtures.fault_proxy import FaultProxy
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import create_archive
@@ -330,23 +336,4 @@ def test_a_refused_file_whose_place_was_taken_is_kept_and_the_user_told_what_to_
     release = backend.tmp / "release"
     env = {**backend.env, "NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)}
     argv = [NBANKCTL, *backend.before, "deposit", str(archive.path), "-d", backend.dtype]
-    proc = subprocess.Popen(
-        [*argv, "-j", str(again)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(lambda: not again.exists(), 60, "the file to be claimed")
-        again.write_bytes(b"a new recording under the same name")
-        release.touch()
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, err
-    [line] = json_stream(out)
-    kept = Path(line["kept_at"])
-    assert kept != again and kept.read_bytes() == data
-    assert f"kept at {kept}" in err and "move it back by hand" in err
-    assert again.read_bytes() == b"a new recording under the same name"
+    deposit_while_its_name_is_reused([*argv, "-j", str(again)], env, again, release, data)

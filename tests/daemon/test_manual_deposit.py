@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fixtures.cli_backends import NBANKCTL, json_stream
+from fixtures.cli_backends import NBANKCTL, deposit_while_its_name_is_reused, json_stream
 from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.users import TestUser
 from nbankd.names import MANUAL_INBOX_PREFIX
@@ -105,27 +105,12 @@ def test_a_refusal_whose_place_was_taken_says_where_the_daemon_keeps_the_file(
     again.write_bytes(b"same bytes")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBANK")}
     argv = [NBANKCTL, "-c", str(h.config_path), "deposit", str(h.archive), "-d", h.dtype]
-    proc = subprocess.Popen(
-        [*argv, "-j", str(again)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        wait_for(lambda: not again.exists(), 60, "the daemon to claim the file")
-        again.write_bytes(b"a new recording under the same name")
-        release.touch()
-        out, err = proc.communicate(timeout=120)
+        deposit_while_its_name_is_reused(
+            [*argv, "-j", str(again)], env, again, release, b"same bytes"
+        )
     finally:
-        proc.kill()
         h.stop()
-    assert proc.returncode == 1, err
-    [line] = json_stream(out)
-    kept = Path(line["kept_at"])
-    assert kept != again and kept.read_bytes() == b"same bytes"
-    assert f"kept at {kept}" in err and "move it back by hand" in err
-    assert again.read_bytes() == b"a new recording under the same name"
 
 
 def test_a_user_who_is_not_an_admin_cannot_hand_files_to_the_daemon(
