@@ -56,9 +56,9 @@ def report_outcomes(
                 record = {**record, "kept_at": d["where"]}
                 say(
                     args,
-                    f"  kept at {d['where']}: its place was taken meanwhile; move it back "
-                    "by hand (under another name) or remove it: until then every "
-                    "`nbankctl deposit` reports it again",
+                    f"  kept at {d['where']}: it could not be put back where it was (its "
+                    "name taken meanwhile, or its folder refusing the move); move it back "
+                    "by hand, under another name if need be",
                 )
         if state != State.DONE:
             report.failed()

@@ -189,13 +189,23 @@ def cmd_locate(args: argparse.Namespace, report: Report) -> None:
 
 
 def _aliases(args: argparse.Namespace, choice: Choice, url: str) -> tuple[str, ...]:
-    """The configuration's ``registry_aliases`` when it names the registry in use, also
-    when -r or $NBANK_REGISTRY chose that registry (a configuration that cannot be
-    read then gives none: it was not asked for)."""
-    config = choice.config if choice.config is not None else configured(args)
-    if config is None or not config.registry.startswith(("http://", "https://")):
+    """The configuration's ``registry_aliases``: those of the configuration that chose
+    the registry in use, or, when -r or $NBANK_REGISTRY chose it, those of the
+    configuration naming that same registry (its URL, or an embedded registry's
+    ``registry_url``). A configuration that cannot be read then lends none: it was not
+    asked for."""
+    if choice.config is not None:
+        return choice.config.registry_aliases
+    try:
+        config = configured(args)
+    except Exception:  # not asked for: whatever breaks its reading lends no aliases
         return ()
-    return config.registry_aliases if same_registry(config.registry, url) else ()
+    if config is None:
+        return ()
+    served = config.registry_url if config.registry == "embedded" else config.registry
+    if served is None or not same_registry(served, url):
+        return ()
+    return config.registry_aliases
 
 
 def _locate_in(args: argparse.Namespace, report: Report, reg: Registry, t: _Target) -> None:

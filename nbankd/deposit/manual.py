@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from nbankd import errors
-from nbankd.archive.fsops import rename_noreplace_at
+from nbankd.archive.fsops import move_noreplace_at
 from nbankd.config.model import ArchiveConfig, FileMetadata, InboxConfig
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
@@ -218,8 +218,9 @@ def registry_of(item: Item) -> str | None:
 
 def return_rejected(item: Item) -> Path:
     """Puts a rejected input back where it was and removes its reason file; returns
-    where the input is now (still in the rejected folder if its place was taken, or if
-    what is there is not the input that was rejected).
+    where the input is now: still in the rejected folder if its place was taken, if its
+    folder refuses the move, or if what is there is not the input that was rejected
+    (never an error: the caller reports where it is).
 
     Every folder is opened without following a link, and the held file must be the
     very file the claim took (its device and inode): a rejected folder swapped for a
@@ -250,11 +251,13 @@ def return_rejected(item: Item) -> Path:
         if claimed is None or (st.st_dev, st.st_ino) != (claimed["dev"], claimed["ino"]):
             return held  # not the input this item rejected: never moved
         try:
-            rename_noreplace_at(rejected, name, root, os.fsencode(os.path.basename(item.relpath)))
+            move_noreplace_at(rejected, name, root, os.fsencode(os.path.basename(item.relpath)))
         except FileExistsError:
             return held  # something took its name meanwhile: it stays with its reason
         except FileNotFoundError:  # handed back meanwhile (a worker and a status request)
             return place if os.path.lexists(place) else held
+        except OSError:  # refused (a read-only or immutable folder), or an fsync failed
+            return held if os.path.lexists(held) else place
         with contextlib.suppress(FileNotFoundError):
             os.unlink(reason_name(name), dir_fd=rejected)
         return place

@@ -84,12 +84,12 @@ def test_a_hand_back_that_another_thread_did_first_says_the_file_is_back(
     request handing it back at once; here the move happens just before) answers its
     place, not an error."""
     item, held, place = _rejected_item(tmp_path, "rec.wav")
-    real = manual.rename_noreplace_at
+    real = manual.move_noreplace_at
 
-    def beaten(src_dir: int, src: str, dst_dir: int, dst: bytes) -> None:
+    def beaten(src_dir: int, src: bytes, dst_dir: int, dst: bytes) -> None:
         real(src_dir, src, dst_dir, dst)  # the other thread's hand-back
         real(src_dir, src, dst_dir, dst)  # ours: the source is gone
 
-    monkeypatch.setattr(manual, "rename_noreplace_at", beaten)
+    monkeypatch.setattr(manual, "move_noreplace_at", beaten)
     assert manual.return_rejected(item) == place
     assert place.read_bytes() == b"refused bytes" and not held.exists()
