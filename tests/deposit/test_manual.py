@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from fixtures.items import held_rejection
 from nbankd.deposit import manual
-from nbankd.deposit.journal import Item, Journal
-from nbankd.deposit.lifecycle import State
+from nbankd.deposit.journal import Journal
 from nbankd.names import WORK_DIR_NAME
 
 
@@ -41,49 +39,18 @@ def test_tidy_keeps_another_users_empty_work_folder(tmp_path: Path) -> None:
     assert work.is_dir()
 
 
-def _rejected_item(tmp_path: Path, name: str) -> tuple[Item, Path, Path]:
-    """A rejected manual deposit of ``name`` held in its folder's rejected folder: the
-    item, where it is held, and its place."""
-    folder = tmp_path / "rig"
-    (folder / manual.REJECTED_DIR).mkdir(parents=True)
-    held = folder / manual.REJECTED_DIR / name
-    held.write_bytes(b"refused bytes")
-    st = held.stat()
-    inbox = manual.ManualInbox(
-        folder=folder, archive="a", archive_path=tmp_path / "a", registry="http://x/"
-    )
-    journal = Journal(tmp_path / "journal.sqlite3")
-    try:
-        item = journal.add(
-            token="cd" * 16,
-            inbox=inbox.key,
-            relpath=os.fsencode(name),
-            kind="file",
-            archive="a",
-            archive_path=str(tmp_path / "a"),
-            placement="copy",
-            verify=1,
-            created=0.0,
-            updated=0.0,
-        )
-    finally:
-        journal.close()
-    item = replace(
-        item,
-        state=State.REJECTED,
-        rejected_relpath=os.fsencode(name),
-        identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-    )
-    return item, held, folder / name
-
-
 def test_a_hand_back_that_another_thread_did_first_says_the_file_is_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """return_rejected whose rename finds the held file gone (a worker and a status
     request handing it back at once; here the move happens just before) answers its
     place, not an error."""
-    item, held, place = _rejected_item(tmp_path, "rec.wav")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        item, held = held_rejection(journal, tmp_path / "rig", "rec.wav")
+    finally:
+        journal.close()
+    place = tmp_path / "rig" / "rec.wav"
     real = manual.move_noreplace_at
 
     def beaten(src_dir: int, src: bytes, dst_dir: int, dst: bytes) -> None:
