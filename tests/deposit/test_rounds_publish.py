@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -126,23 +125,10 @@ def test_a_rename_deposit_of_a_file_at_its_stored_mode_fsyncs_its_data_before_li
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """placement: rename fsyncs the input's own inode before linking it, whatever its mode."""
-    path = env.inbox / "rec9.bin"
-    path.write_bytes(os.urandom(5000))  # dirty in the page cache
+    item = env.drop("rec9.bin", os.urandom(5000), placement="rename", verify=False)
+    path = env.inbox / "rec9.bin"  # its bytes dirty in the page cache
     os.chmod(path, 0o444)  # the stored mode already (read-only resources, umask 002)
     st = os.lstat(path)
-    item = env.journal.add(
-        token="ab" * 16,
-        inbox=env.spec.key,
-        relpath=os.fsencode(path.name),
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement="rename",
-        verify=0,
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=0.0,
-        updated=0.0,
-    )
     synced: list[str] = []
     real_fsync, real_fdatasync, real_link = os.fsync, os.fdatasync, os.link
 
