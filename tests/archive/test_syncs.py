@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from archive_helpers import record_calls
 
 from fixtures.faults import fsync_fails_for
 from nbankd.archive import syncs
@@ -14,6 +15,15 @@ from nbankd.archive import syncs
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _bad_and_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Two folders, ``bad`` (every fsync of it fails with EIO) and ``good``."""
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    bad.mkdir()
+    good.mkdir()
+    fsync_fails_for(monkeypatch, bad)
+    return bad, good
 
 
 def test_one_folder_asked_for_twice_is_held_once(tmp_path: Path) -> None:
@@ -75,11 +85,8 @@ def test_a_failed_fsync_is_reported_to_each_owner_that_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The folder whose fsync fails names the two steps that asked for it, not the third."""
-    bad, good = tmp_path / "bad", tmp_path / "good"
-    bad.mkdir()
-    good.mkdir()
-    fsync_fails_for(monkeypatch, bad)
-    fds = {name: os.open(tmp_path / name, os.O_RDONLY | os.O_DIRECTORY) for name in ("bad", "good")}
+    folders = dict(zip(("bad", "good"), _bad_and_good(tmp_path, monkeypatch), strict=True))
+    fds = {name: os.open(path, os.O_RDONLY | os.O_DIRECTORY) for name, path in folders.items()}
     try:
         with syncs.shared() as later:
             for owner, name in ((1, "bad"), (2, "good"), (3, "bad")):
@@ -106,23 +113,12 @@ def test_a_file_that_cannot_be_fsynced_is_ignored_as_by_fsync_fd() -> None:
         os.close(w)
 
 
-def _recording_fsync(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
-    """os.fsync that notes the inode it syncs in ``events`` (then really syncs)."""
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        events.append(f"fsync {os.fstat(fd).st_ino}")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-
-
 def test_an_action_inside_a_round_runs_after_the_fsyncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """after_syncs inside a round waits for the flush, whose fsyncs run before it."""
     events: list[str] = []
-    _recording_fsync(monkeypatch, events)
+    record_calls(monkeypatch, events)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with syncs.shared() as later:
@@ -150,7 +146,7 @@ def test_the_fsyncs_an_action_asks_for_are_flushed_in_the_same_flush(
     first.mkdir()
     second.mkdir()
     events: list[str] = []
-    _recording_fsync(monkeypatch, events)
+    record_calls(monkeypatch, events)
 
     def action() -> None:
         events.append("action")
@@ -168,10 +164,7 @@ def test_an_action_of_a_step_whose_fsync_failed_does_not_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The owner whose fsync failed keeps its action undone; another owner's runs."""
-    bad, good = tmp_path / "bad", tmp_path / "good"
-    bad.mkdir()
-    good.mkdir()
-    fsync_fails_for(monkeypatch, bad)
+    bad, good = _bad_and_good(tmp_path, monkeypatch)
     ran: list[int] = []
     with syncs.shared() as later:
         for owner, folder in ((1, bad), (2, good)):
