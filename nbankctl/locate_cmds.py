@@ -202,7 +202,7 @@ def _aliases(args: argparse.Namespace, choice: Choice, url: str) -> tuple[str, .
         return ()
     if config is None:
         return ()
-    served = config.registry_url if config.registry == "embedded" else config.registry
+    served = config.registry_url if config.embedded else config.registry
     if served is None or not same_registry(served, url):
         return ()
     return config.registry_aliases
