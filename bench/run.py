@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="files for the default-hasher comparison (default 200; quick: 8; 0 skips it)",
     )
+    p.add_argument(
+        "--full-stub-names",
+        type=int,
+        default=0,
+        help="also burst (embedded) into a stub folder already holding this many names "
+        "(default 0: not run)",
+    )
     p.add_argument("--large-mib", type=int, help="large file size in MiB (default 1024)")
     p.add_argument(
         "--audit-resources", type=int, help="resources for the 100k audit (default 100000)"
@@ -140,7 +147,11 @@ def _maybe_unshare(args: argparse.Namespace, argv: list[str]) -> None:
 def _run_scenario(name: str, ctx: Context, args: argparse.Namespace) -> ScenarioResult:
     module = importlib.import_module(f"bench.scenarios.{name}")
     kwargs = {
-        "burst": {"n": args.burst_files, "slow_n": args.slow_hasher_files},
+        "burst": {
+            "n": args.burst_files,
+            "slow_n": args.slow_hasher_files,
+            "full_stub": args.full_stub_names,
+        },
         "large": {"mib": args.large_mib},
         "audit": {"big": args.audit_resources},
         "latency": {},

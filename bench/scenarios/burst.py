@@ -58,9 +58,16 @@ def registry_dtype(ctx: Context, server: Server) -> str:
 
 
 def nbankd_burst(
-    ctx: Context, server: Server | None, n: int, size: int, *, settle: float = SETTLE
+    ctx: Context,
+    server: Server | None,
+    n: int,
+    size: int,
+    *,
+    settle: float = SETTLE,
+    stub_names: int = 0,
 ) -> dict[str, float]:
-    """Drops n files into a running daemon's inbox; returns files/s and timings."""
+    """Drops n files into a running daemon's inbox; returns files/s and timings. With
+    ``stub_names``, the stub folder the files go to already holds that many names."""
     root = ctx.scratch("burst-nbankd")
     archive = unique("burst")
     dtype = EMBEDDED_DTYPE if server is None else registry_dtype(ctx, server)
@@ -71,9 +78,15 @@ def nbankd_burst(
         archives=[{"path": str(root / archive), "name": archive, "create": True}],
         inboxes=[InboxSpec(root / "inbox", archive, dtype, {"settle_seconds": settle})],
     )
-    files = make_files(root / "src", unique("b"), n, size)
+    prefix = unique("b")
+    files = make_files(root / "src", prefix, n, size)
     try:
         daemon.start()
+        if stub_names:  # other resources filed under the same first two characters
+            stub = root / archive / "resources" / prefix[:2]
+            stub.mkdir(exist_ok=True)
+            for i in range(stub_names):
+                (stub / f"{prefix}-old{i:06d}.old").touch()
         cpu0 = server.server_cpu_seconds() if server else 0.0
         own0 = proc_cpu_seconds(daemon.pid)
         with ReceiptTail(daemon.receipts_dir) as tail:
@@ -199,7 +212,12 @@ def _record(res: ScenarioResult, name: str, out: dict[str, float]) -> None:
 
 
 def run(
-    ctx: Context, *, n: int | None = None, size: int = 4096, slow_n: int | None = None
+    ctx: Context,
+    *,
+    n: int | None = None,
+    size: int = 4096,
+    slow_n: int | None = None,
+    full_stub: int = 0,
 ) -> ScenarioResult:
     n = n or (100 if ctx.quick else 2000)
     slow_n = slow_n if slow_n is not None else (8 if ctx.quick else 200)
@@ -213,9 +231,11 @@ def run(
             "bare_post_threads": WORKERS,
             "default_hasher_files": slow_n,
             "server_workers": ctx.server_workers,
+            "full_stub_names": full_stub,
         },
     )
     fast = ctx.server("fast")
+    full = f"nbankd-embedded, {full_stub:,} names in the stub folder"
     for rep in range(ctx.repeats):
         ctx.log(f"  burst rep {rep + 1}/{ctx.repeats}: {n} x {size} B")
         for name, fn in (
@@ -223,6 +243,11 @@ def run(
             ("nbankd-django", lambda: nbankd_burst(ctx, fast, n, size)),
             ("nbank-deposit", lambda: nbank_burst(ctx, fast, n, size)),
             ("bare-post", lambda: bare_posts(ctx, fast, n, size)),
+            *(
+                [(full, lambda: nbankd_burst(ctx, None, n, size, stub_names=full_stub))]
+                if full_stub
+                else []
+            ),
         ):
             out = fn()
             ctx.log(f"    {name}: {out['files_per_s']:.1f} files/s")
@@ -235,6 +260,8 @@ def run(
     res.target("burst: embedded vs nbank deposit", ">= 10x", f"{emb:.1f}x", emb >= 10)
     res.target("burst: django vs nbank deposit", ">= 1.5x", f"{dj:.2f}x", dj >= 1.5)
     res.target("burst: django vs bare-POST limit", ">= 80%", f"{lim:.0%}", lim >= 0.8)
+    if full_stub:  # no target: what a folder of many names costs, beside none
+        res.ratio(f"{full} / nbankd-embedded", f"{full} files/s", "nbankd-embedded files/s")
     if slow_n:
         slow = ctx.server("default")
         for rep in range(ctx.repeats):
