@@ -65,6 +65,7 @@ from nbankd.archive.staging import (
     staged_path,
     unsafe_input,
 )
+from nbankd.archive.stubnames import STUB_NAMES
 from nbankd.archive.syncs import after_syncs, fsync_dir_soon
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
 from nbankd.hashing import hash_path, sha1_file
@@ -117,8 +118,10 @@ def _check_target(archive: Archive, target: Path, id: str) -> None:
 
 
 def _other_name(archive: Archive, id: str, target: Path) -> Path | None:
-    """An entry stored for ``id`` under another name than ``target``, or None."""
-    for other in archive.stored_entries(id):
+    """An entry stored for ``id`` under another name than ``target``, or None: from
+    the names inotify keeps where it can (:mod:`nbankd.archive.stubnames`), else a
+    listing of the stub folder."""
+    for other in archive.stored_entries(id, known=STUB_NAMES.names_of):
         if other != target:
             return other
     return None

@@ -138,30 +138,64 @@ class Listing:
     """The names of one stub folder, indexed by the identifier each would file (the
     part before its first dot: ``abc`` and ``abc.wav`` are ``abc``'s), for
     :meth:`Archive.stored_entries` to find an identifier's names without a pass over
-    all of them. Kept up to date by its owner (:meth:`add`, :meth:`discard`)."""
+    all of them. Kept up to date by its owner (:meth:`add`, :meth:`discard`). Compact:
+    an identifier filed by one name (the usual case) costs one dictionary entry."""
 
-    __slots__ = ("_by_id",)
+    __slots__ = ("_by_id", "_count")
 
     def __init__(self, names: Iterable[str] = ()) -> None:
-        self._by_id: dict[str, set[str]] = {}
+        self._by_id: dict[str, str | set[str]] = {}
+        self._count = 0
         for name in names:
             self.add(name)
 
+    def __len__(self) -> int:
+        return self._count
+
     def add(self, name: str) -> None:
-        self._by_id.setdefault(name.partition(".")[0], set()).add(name)
+        key = name.partition(".")[0]
+        have = self._by_id.get(key)
+        if have is None:
+            self._by_id[key] = name
+        elif isinstance(have, str):
+            if have == name:
+                return
+            self._by_id[key] = {have, name}
+        elif name in have:
+            return
+        else:
+            have.add(name)
+        self._count += 1
 
     def discard(self, name: str) -> None:
-        self._by_id.get(name.partition(".")[0], set()).discard(name)
+        key = name.partition(".")[0]
+        have = self._by_id.get(key)
+        if have is None or (isinstance(have, str) and have != name):
+            return
+        if isinstance(have, str):
+            del self._by_id[key]
+        elif name in have:
+            have.discard(name)
+            if len(have) == 1:
+                self._by_id[key] = next(iter(have))
+        else:
+            return
+        self._count -= 1
 
     def of(self, id: str) -> list[str]:
         """The names that file ``id``: ``id`` itself and ``id.*``."""
-        return list(self._by_id.get(id, ()))
+        have = self._by_id.get(id.partition(".")[0])
+        names = [] if have is None else [have] if isinstance(have, str) else list(have)
+        if "." in id:  # indexed under the part before its first dot
+            names = [n for n in names if n == id or n.startswith(id + ".")]
+        return names
 
 
-#: :meth:`Archive.stored_entries`'s ``known``: a stub folder's :class:`Listing` made
-#: earlier, or None to list it now; raises the OSError listing it raised
-#: (FileNotFoundError: no such folder)
-Known = Callable[[Path], "Listing | None"]
+#: :meth:`Archive.stored_entries`'s ``known``: the names of stub folder ``stub`` that
+#: file ``id`` as known without listing it (a :class:`Listing` made earlier, or
+#: :class:`~nbankd.archive.stubnames.StubNames`), or None to list it now; raises the
+#: OSError listing it raised (FileNotFoundError: no such folder)
+Known = Callable[[Path, str], "list[str] | None"]
 
 
 def _entry_kind(entry: os.DirEntry[str]) -> str:
@@ -269,18 +303,17 @@ class Archive:
         Any directory entry counts, including symbolic links and directories, so a
         caller that finds none may publish without replacing anything. ``lister``
         lists a stub folder (default: ``os.listdir``; audits list without touching
-        the folder's atime); ``known`` answers from a listing made earlier, for the
-        folders it has one of (:class:`Listing`: no pass over a folder's thousands of
-        names per identifier).
+        the folder's atime); ``known`` answers without a listing, for the folders it
+        can (:data:`Known`: no pass over a folder's thousands of names per identifier).
         """
         exact = self.resource_path(id)  # validates the identifier
         found: list[Path] = []
         for stub_name in candidate_stubs(id):
             stub = self.resources_dir / stub_name
             try:
-                listed = known(stub) if known is not None else None
+                listed = known(stub, id) if known is not None else None
                 if listed is not None:
-                    ours = listed.of(id)
+                    ours = listed
                 else:
                     if lister is None:
                         names = os.listdir(stub)

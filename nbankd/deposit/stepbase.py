@@ -20,6 +20,7 @@ import structlog
 
 from nbankd import errors, seams
 from nbankd.archive import durable, layout, opening
+from nbankd.archive.stubnames import STUB_NAMES
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
 from nbankd.deposit.spec import InboxSpec, Intent
@@ -126,14 +127,16 @@ class StepsBase:
         else:
             together.append(item.token)
 
-    def _lookup_known(self) -> layout.Known | None:
-        """The listings lookups use: made once per stub folder and shared within
-        :meth:`listings_shared`, else none (each lookup lists)."""
+    def _lookup_known(self) -> layout.Known:
+        """The names lookups use: a stub folder's names kept by inotify
+        (:data:`~nbankd.archive.stubnames.STUB_NAMES`), else a listing made once per
+        stub folder and shared within :meth:`listings_shared`, else a listing each."""
         cache: dict[Path, layout.Listing | OSError] | None = getattr(self._local, "listings", None)
-        if cache is None:
-            return None
 
-        def known(stub: Path) -> layout.Listing:
+        def known(stub: Path, id: str) -> list[str] | None:
+            names = STUB_NAMES.names_of(stub, id)
+            if names is not None or cache is None:
+                return names
             listed = cache.get(stub)
             if listed is None:
                 try:
@@ -143,7 +146,7 @@ class StepsBase:
                     raise
             if isinstance(listed, OSError):
                 raise type(listed)(listed.errno, listed.strerror, listed.filename)
-            return listed
+            return listed.of(id)
 
         return known
 

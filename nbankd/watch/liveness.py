@@ -11,6 +11,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from nbankd.archive import stubnames
 from nbankd.names import CANARY_NAME
 
 #: what a refused inotify watch means, by errno
@@ -87,10 +88,13 @@ def _open_canary(dir_fd: int) -> int | None:
 
 
 def _inotify_fds() -> Iterator[str]:
+    """The process's inotify descriptors but those keeping stub folders' names (their
+    watches are on archive folders, whose inode numbers may equal an inbox folder's)."""
+    others = {str(fd) for fd in stubnames.inotify_fds()}
     with contextlib.suppress(OSError), os.scandir("/proc/self/fd") as it:
         for entry in it:
             with contextlib.suppress(OSError):
-                if os.readlink(entry.path) == "anon_inode:inotify":
+                if entry.name not in others and os.readlink(entry.path) == "anon_inode:inotify":
                     yield entry.name
 
 

@@ -277,10 +277,10 @@ def test_stored_entries_from_a_listing_are_those_listed_now(tmp_path: Path, id: 
         for stub in names
     }
 
-    def known(stub: Path) -> layout.Listing | None:
+    def known(stub: Path, id: str) -> list[str] | None:
         if stub not in listings:
             raise FileNotFoundError(2, "No such file or directory", str(stub))
-        return listings[stub]
+        return listings[stub].of(id)
 
     assert archive.stored_entries(id, known=known) == archive.stored_entries(id)
 
@@ -292,3 +292,30 @@ def test_a_listing_follows_its_owners_changes() -> None:
     listing.discard("abc.wav")
     listing.discard("never.there")
     assert listing.of("abc") == ["abc.dat"] and listing.of("ab") == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        ["+abc", "+abc.wav", "+abc.dat", "-abc.wav", "-abc", "+abc.wav", "-abc.dat"],
+        ["+abc", "+abc", "-abc", "-abc", "+abc.x"],
+        ["+a.b.c", "+a.b", "+a", "-a.b"],
+        ["-abc", "+abc.wav", "+abc.wav", "-abc.wav", "-abc.wav"],
+    ],
+)
+def test_a_listing_after_changes_answers_as_a_set_of_its_names(changes: list[str]) -> None:
+    """A Listing's answers and size after adds and discards, repeats included, are a
+    plain set's, for identifiers with and without a dot."""
+    listing, names = layout.Listing(), set[str]()
+    for change in changes:
+        name = change[1:]
+        if change[0] == "+":
+            listing.add(name)
+            names.add(name)
+        else:
+            listing.discard(name)
+            names.discard(name)
+        assert len(listing) == len(names)
+        for id in ("a", "a.b", "abc", "ab"):
+            expected = sorted(n for n in names if n == id or n.startswith(id + "."))
+            assert sorted(listing.of(id)) == expected
