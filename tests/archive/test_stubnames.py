@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from stubnames_helpers import ask, elsewhere, listed, watches
 
 from fixtures.sshfs import Sshfs
 from nbankd import errors
@@ -16,38 +15,6 @@ from nbankd.archive import durable
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import create_archive
 from nbankd.archive.stubnames import StubNames
-
-
-def elsewhere(script: str, *args: str | Path) -> None:
-    """Runs ``script`` (Python, its arguments in ``sys.argv[1:]``) in another process,
-    to its end: what it changed has returned before this does."""
-    subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True)
-
-
-def listed(stub: Path, id: str) -> list[str]:
-    """What a listing made now says files ``id`` in ``stub``."""
-    return sorted(n for n in os.listdir(stub) if n == id or n.startswith(id + "."))
-
-
-@pytest.fixture
-def names() -> StubNames:
-    kept = StubNames()
-    yield kept  # type: ignore[misc]
-    kept.close()
-
-
-@pytest.fixture
-def stub(tmp_path: Path) -> Path:
-    folder = tmp_path / "resources" / "ab"
-    folder.mkdir(parents=True)
-    for name in ("abc.wav", "abd", "abc1.dat"):
-        (folder / name).write_bytes(b"")
-    return folder
-
-
-def ask(names: StubNames, stub: Path, id: str) -> list[str] | None:
-    found = names.names_of(stub, id)
-    return None if found is None else sorted(found)
 
 
 @pytest.mark.parametrize(
@@ -189,24 +156,6 @@ def test_a_filesystem_others_change_is_never_kept(names: StubNames, sshfs: Sshfs
     stub.mkdir()
     assert names.names_of(stub, "abc") is None
     assert watches(stub) == 0
-
-
-def watches(*folders: Path) -> int:
-    """Inotify watches this process holds on ``folders``, all instances
-    (/proc/self/fdinfo, by inode number)."""
-    inodes = {f"ino:{os.stat(folder).st_ino:x}" for folder in folders}
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/self/fdinfo/{fd}") as info:
-                for line in info:
-                    fields = line.split()
-                    count += line.startswith("inotify wd:") and fields[2] in inodes
-        except OSError:
-            continue
-    return count
 
 
 # -- publishing with the names kept ------------------------------------------------------

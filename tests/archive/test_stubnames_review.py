@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stubnames_helpers import ask, elsewhere, listed, right, watched
 
 from fixtures.daemon import wait_for
 from fixtures.mountns import MountNamespace
@@ -27,66 +28,6 @@ from nbankd.archive import durable
 from nbankd.archive.opening import create_archive
 from nbankd.archive.stubnames import StubNames
 from nbankd.watch.liveness import kernel_watches
-
-
-def listed(stub: Path, id: str) -> list[str]:
-    """What a listing made now says files ``id`` in ``stub``."""
-    return sorted(n for n in os.listdir(stub) if n == id or n.startswith(id + "."))
-
-
-def ask(names: StubNames, stub: Path, id: str) -> list[str] | None:
-    found = names.names_of(stub, id)
-    return None if found is None else sorted(found)
-
-
-def right(names: StubNames, stub: Path, id: str) -> bool:
-    """The answer about ``id`` is "not known" or what a listing made next says."""
-    answer = ask(names, stub, id)
-    return answer is None or answer == listed(stub, id)
-
-
-def watched(folder: Path) -> bool:
-    """Whether an inotify instance of this process watches ``folder`` (by its device
-    and inode, as the kernel lists watches in /proc/self/fdinfo)."""
-    st = os.stat(folder)
-    sdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)  # the kernel's dev_t
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/self/fdinfo/{fd}") as info:
-                for line in info:
-                    if not line.startswith("inotify wd:"):
-                        continue
-                    fields = dict(w.split(":", 1) for w in line.split()[1:] if ":" in w)
-                    if int(fields["ino"], 16) == st.st_ino and int(fields["sdev"], 16) == sdev:
-                        return True
-        except OSError:
-            continue
-    return False
-
-
-def elsewhere(script: str, *args: str | Path) -> None:
-    """Runs ``script`` (Python, its arguments in ``sys.argv[1:]``) in another process,
-    to its end."""
-    subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True)
-
-
-@pytest.fixture
-def names() -> Iterator[StubNames]:
-    kept = StubNames()
-    yield kept
-    kept.close()
-
-
-@pytest.fixture
-def stub(tmp_path: Path) -> Path:
-    folder = tmp_path / "resources" / "ab"
-    folder.mkdir(parents=True)
-    for name in ("abc.wav", "abd", "abc1.dat"):
-        (folder / name).write_bytes(b"")
-    return folder
-
 
 # -- findings ----------------------------------------------------------------------------
 
