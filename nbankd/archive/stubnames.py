@@ -412,10 +412,15 @@ def _remember(kept: OrderedDict, key: object, value: object) -> None:  # type: i
 _INSTANCES: weakref.WeakSet[StubNames] = weakref.WeakSet()
 
 
-def inotify_fds() -> frozenset[int]:
-    """The inotify descriptors the stub folders' names are kept with (the inboxes'
-    watch proof counts only the watcher's own watches)."""
-    return frozenset(fd for names in list(_INSTANCES) if (fd := names._fd) is not None)
+def watched_folders() -> frozenset[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of every folder whose names are kept, all instances: the
+    inboxes' watch proof leaves these watches out (an archive folder may have an inbox
+    folder's inode number on another filesystem)."""
+    found: set[tuple[int, int]] = set()
+    for names in list(_INSTANCES):
+        with names._lock:
+            found.update(names._folders)
+    return frozenset(found)
 
 
 def _after_fork_in_child() -> None:

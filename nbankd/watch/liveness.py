@@ -88,21 +88,16 @@ def _open_canary(dir_fd: int) -> int | None:
 
 
 def _inotify_fds() -> Iterator[str]:
-    """The process's inotify descriptors but those keeping stub folders' names (their
-    watches are on archive folders, whose inode numbers may equal an inbox folder's)."""
-    others = {str(fd) for fd in stubnames.inotify_fds()}
     with contextlib.suppress(OSError), os.scandir("/proc/self/fd") as it:
         for entry in it:
             with contextlib.suppress(OSError):
-                if entry.name not in others and os.readlink(entry.path) == "anon_inode:inotify":
+                if os.readlink(entry.path) == "anon_inode:inotify":
                     yield entry.name
 
 
-def kernel_watches() -> frozenset[int] | None:
-    """Inode numbers of the folders this process's inotify instances watch, as the
-    kernel lists them in ``/proc/self/fdinfo``; None when it lists nothing usable."""
-    found: set[int] = set()
-    seen_any = False
+def _watch_lines() -> Iterator[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of every watch of every inotify instance of this process,
+    as ``/proc/self/fdinfo`` lists them (its ``sdev`` is the kernel's encoding)."""
     for fd in _inotify_fds():
         try:
             with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
@@ -112,12 +107,24 @@ def kernel_watches() -> frozenset[int] | None:
         for line in text.splitlines():
             if not line.startswith("inotify wd:"):
                 continue
-            seen_any = True
-            for word in line.split():
-                if word.startswith("ino:"):
-                    with contextlib.suppress(ValueError):
-                        found.add(int(word[4:], 16))
-    return frozenset(found) if seen_any else None
+            fields = dict(word.split(":", 1) for word in line.split()[1:] if ":" in word)
+            try:
+                sdev, ino = int(fields["sdev"], 16), int(fields["ino"], 16)
+            except (KeyError, ValueError):
+                continue
+            yield os.makedev(sdev >> 20, sdev & 0xFFFFF), ino
+
+
+def kernel_watches() -> frozenset[int] | None:
+    """Inode numbers of the folders this process's inotify instances watch, as the
+    kernel lists them in ``/proc/self/fdinfo``, but for the archive's stub folders
+    whose names :mod:`nbankd.archive.stubnames` keeps (matched by device and inode,
+    as they were before and after the read); None when it lists nothing usable."""
+    before = stubnames.watched_folders()
+    lines = list(_watch_lines())
+    theirs = before | stubnames.watched_folders()
+    found = [ino for dev, ino in lines if (dev, ino) not in theirs]
+    return frozenset(found) if found else None
 
 
 __all__ = ["LIMITS", "kernel_watches", "write_canary"]

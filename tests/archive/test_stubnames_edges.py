@@ -1,7 +1,7 @@
-"""A hostile review of nbankd.archive.stubnames: the names a StubNames gives for a stub
-folder are what a listing made at that moment gives, whatever another process, the
-kernel or the filesystem does meanwhile; it stays within its bounds; and it holds up
-no other question."""
+"""Edge cases of nbankd.archive.stubnames (found by a hostile review): the names a
+StubNames gives for a stub folder are what a listing made at that moment gives,
+whatever another process, the kernel or the filesystem does meanwhile; it stays within
+its bounds; and it holds up no other question."""
 
 from __future__ import annotations
 
