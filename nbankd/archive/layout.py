@@ -170,11 +170,9 @@ class Listing:
     def discard(self, name: str) -> None:
         key = name.partition(".")[0]
         have = self._by_id.get(key)
-        if have is None or (isinstance(have, str) and have != name):
-            return
-        if isinstance(have, str):
+        if have == name:
             del self._by_id[key]
-        elif name in have:
+        elif isinstance(have, set) and name in have:
             have.discard(name)
             if len(have) == 1:
                 self._by_id[key] = next(iter(have))

@@ -341,14 +341,12 @@ class StubNames:
                 self._forget(folder)
                 continue
             name = os.fsdecode(raw.rstrip(b"\0"))
+            before = len(folder.names)
             if mask & IN_CREATE:
-                before = len(folder.names)
                 folder.names.add(name)
-                self._kept += len(folder.names) - before
             elif mask & IN_DELETE:
-                before = len(folder.names)
                 folder.names.discard(name)
-                self._kept += len(folder.names) - before
+            self._kept += len(folder.names) - before
         return True
 
     def _trim(self, *, keep: _Folder | None = None) -> None:

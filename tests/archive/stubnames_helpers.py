@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nbankd.archive.stubnames import StubNames
 
 
@@ -59,3 +61,17 @@ def watches(*folders: Path) -> int:
         except OSError:
             continue
     return count
+
+
+def record_listings(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Notes the folder (path or descriptor) of every ``os.listdir`` from now on, in
+    the list returned; each listing really happens."""
+    listings: list[object] = []
+    real_listdir = os.listdir
+
+    def listdir(path: object = ".") -> list[str]:
+        listings.append(path)
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    return listings

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from stubnames_helpers import ask, elsewhere, listed, watches
+from stubnames_helpers import ask, elsewhere, listed, record_listings, watches
 
 from fixtures.sshfs import Sshfs
 from nbankd import errors
@@ -45,14 +45,7 @@ def test_a_kept_folder_is_listed_once_for_many_answers(
     names: StubNames, stub: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Many answers about a kept folder, with changes between them, list it once."""
-    listings: list[object] = []
-    real_listdir = os.listdir
-
-    def listdir(path: object = ".") -> list[str]:
-        listings.append(path)
-        return real_listdir(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "listdir", listdir)
+    listings = record_listings(monkeypatch)
     for n in range(20):
         (stub / f"abc.{n}").write_bytes(b"")
         assert len(ask(names, stub, "abc") or []) == n + 2

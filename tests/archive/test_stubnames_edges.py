@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stubnames_helpers import ask, elsewhere, listed, right, watched
+from stubnames_helpers import ask, elsewhere, listed, record_listings, right, watched
 
 from fixtures.daemon import wait_for
 from fixtures.mountns import MountNamespace
@@ -210,14 +210,7 @@ def test_a_folder_too_big_to_keep_is_not_listed_by_every_question(
     """A folder holding more names than may be kept: ten questions about it list it
     at most once (the caller lists it anyway; before, each question listed it twice)."""
     small = StubNames(max_names=2)
-    listings: list[object] = []
-    real_listdir = os.listdir
-
-    def listdir(path: object = ".") -> list[str]:
-        listings.append(path)
-        return real_listdir(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "listdir", listdir)
+    listings = record_listings(monkeypatch)
     try:
         for _ in range(10):
             assert small.names_of(stub, "abc") is None
