@@ -37,7 +37,8 @@ def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
         for n in names
         if token_of(n) not in known
         and not n.startswith(".nfs")
-        and n not in (folderproof.PROOF_NAME, folderproof.TEMP_NAME)
+        and n != folderproof.PROOF_NAME
+        and not n.startswith(folderproof.TEMP_NAME)
     )
 
 

@@ -23,7 +23,7 @@ import secrets
 import stat
 
 PROOF_NAME = ".nbankd-proof"
-TEMP_NAME = PROOF_NAME + ".new"
+TEMP_NAME = PROOF_NAME + ".new"  # each writer's: TEMP_NAME-<random>
 _MAX = 256  # bytes of a token file read back: a token is 64 hex digits
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _TOKEN = re.compile(rb"[0-9a-f]{64}")
@@ -37,22 +37,24 @@ def leave(folder: int) -> str:
     if found is not None and _TOKEN.fullmatch(found):
         return found.decode()
     token = secrets.token_hex(32)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(TEMP_NAME, dir_fd=folder)
+    # a name of this writer's own: two daemons started on one inbox never remove or
+    # rename each other's half-written token
+    temp = f"{TEMP_NAME}-{secrets.token_hex(8)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(TEMP_NAME, flags, 0o600, dir_fd=folder)
+    fd = os.open(temp, flags, 0o600, dir_fd=folder)
     try:
         try:
             if os.write(fd, token.encode()) != len(token):
                 raise OSError(errno.ENOSPC, "short write of the work folder's token")
         finally:
             os.close(fd)
-        os.rename(TEMP_NAME, PROOF_NAME, src_dir_fd=folder, dst_dir_fd=folder)
+        os.rename(temp, PROOF_NAME, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(TEMP_NAME, dir_fd=folder)  # no half-written token left behind
+            os.unlink(temp, dir_fd=folder)  # no half-written token left behind
         raise
-    return token
+    found = _read(folder)  # another daemon's token, when its rename came after this one
+    return found.decode() if found is not None and _TOKEN.fullmatch(found) else token
 
 
 def holds(folder: int, token: str) -> bool:

@@ -163,3 +163,21 @@ def test_renumbered_work_folder_without_a_recorded_token_is_refused(inbox: Path)
     _prove(inbox, work_id, rejected_id)
     with InboxFS(inbox, work_id=_renumbered(work_id)) as fs, pytest.raises(Tampered):
         fs.work  # noqa: B018 - opening it is the check
+
+
+@pytest.mark.parametrize("suffix", ["", "-0123456789abcdef"], ids=["earlier-release", "own"])
+def test_another_writers_half_written_token_is_left_alone(
+    private: tuple[Path, int], suffix: str
+) -> None:
+    """A second daemon leaving its token while another daemon's is half-written (its
+    temporary file there, under an earlier release's name or a name of its own)
+    neither removes nor takes that file, and both end with the token the folder holds."""
+    folder, fd = private
+    theirs = folder / f"{folderproof.TEMP_NAME}{suffix}"
+    theirs.write_bytes(b"f" * 64)
+    theirs.chmod(0o600)
+    token = folderproof.leave(fd)
+    assert theirs.read_bytes() == b"f" * 64
+    assert folderproof.holds(fd, token)
+    os.rename(theirs, folder / folderproof.PROOF_NAME)  # the other daemon's rename, last
+    assert folderproof.leave(fd) == "f" * 64
