@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if pyspy_bin is None:
             print("--profile needs py-spy (pip install py-spy, or $NBANKD_BENCH_PYSPY)")
             return 2
-        pyspy.PROFILER = pyspy.Profiler(pyspy_bin, work / "profiles")
+        pyspy.PROFILER = pyspy.Profiler(
+            pyspy_bin, work / "profiles", rate=int(os.environ.get("NBANKD_BENCH_PYSPY_RATE", "100"))
+        )
     started = datetime.now(UTC)
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
