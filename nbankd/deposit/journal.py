@@ -46,6 +46,9 @@ from nbankd.deposit.lifecycle import FINAL, State
 
 SCHEMA_VERSION = 5
 
+#: items inserted and not yet recorded that :meth:`Journal.first_record` remembers
+UNRECORDED_LIMIT = 16384
+
 MIGRATIONS: dict[int, Sequence[str]] = {
     # 0 -> 1: the first schema
     0: (
@@ -133,6 +136,9 @@ class Journal:
         self._failed: dict[int, BaseException] = {}
         self._commits = 0  # transactions that held saves
         self._written: dict[int, tuple[Any, ...]] = {}  # item id -> row last committed
+        # ids of the items this journal inserted that have not come to record yet
+        # (:meth:`first_record`); bounded: one past the bound is simply not in it
+        self._unrecorded: set[int] = set()
         self._synced = 0  # of which waited for the disk
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -200,8 +206,23 @@ class Journal:
             except BaseException:
                 self._rollback()
                 raise
+            room = max(0, UNRECORDED_LIMIT - len(self._unrecorded))
+            self._unrecorded.update(item.id for item in items[:room])
         seams.reached("after-journal-add")
         return items
+
+    def first_record(self, item: Item) -> bool:
+        """True the first time it is asked of an item this journal inserted (in this
+        process): then no record step has run for it yet, so no receipt can hold its
+        token (tokens are new at insert, and only this process, holding the state
+        directory's lock, writes receipts for its items). False otherwise: an item
+        recovered from an earlier process, asked again (a record step repeated after
+        its save failed), or past the bound of items remembered."""
+        with self._lock:
+            if item.id in self._unrecorded:
+                self._unrecorded.remove(item.id)
+                return True
+            return False
 
     def _rollback(self) -> None:
         """Ends a failed transaction, if SQLite has not ended it already (a failed
@@ -300,6 +321,7 @@ class Journal:
                 for item_id, row in written.items():
                     if row[STATE_FIELD] in FINAL_VALUES:  # never saved again
                         self._written.pop(item_id, None)
+                        self._unrecorded.discard(item_id)
                     else:
                         self._written[item_id] = row
             finally:

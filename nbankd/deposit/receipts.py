@@ -53,14 +53,21 @@ def _already_logged(path: Path, token: str, *, from_storage: bool = False) -> bo
 
 
 def append_receipt(
-    receipts_dir: Path, inbox_key: str, receipt: Mapping[str, Any], *, retried: bool = False
+    receipts_dir: Path,
+    inbox_key: str,
+    receipt: Mapping[str, Any],
+    *,
+    retried: bool = False,
+    first: bool = False,
 ) -> Path:
     """Appends ``receipt`` as one line and fsyncs it, unless the log holds it already
-    (``retried``: as read from storage); returns the log's path."""
+    (``retried``: as read from storage); returns the log's path. ``first``: the caller
+    knows no receipt of this token was ever written (its first record step, in the
+    process that made the token), so the log's tail is not read."""
     receipts_dir.mkdir(parents=True, exist_ok=True)
     path = receipts_path(receipts_dir, inbox_key)
     token = str(receipt["token"])
-    if _already_logged(path, token, from_storage=retried):
+    if not (first and not retried) and _already_logged(path, token, from_storage=retried):
         return path
     line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
     append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640, sync=fsync_soon)

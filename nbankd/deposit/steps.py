@@ -347,7 +347,11 @@ class Steps(ClaimSteps, IdentifierSteps):
             receipt["zipped"] = True  # as nbank's deposit record says of a zipped folder
         # retried (a failed fsync among its earlier attempts?): a receipt is trusted as
         # written only as read back from storage
-        receipts.append_receipt(self.receipts_dir, spec.key, receipt, retried=item.attempts > 0)
+        # the first record step of an item this process journaled: no receipt to look for
+        first = self.journal.first_record(item)
+        receipts.append_receipt(
+            self.receipts_dir, spec.key, receipt, retried=item.attempts > 0, first=first
+        )
         seams.reached("after-receipt-append")
         return item.changed(finished=now), Outcome.ok()
 
