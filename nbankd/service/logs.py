@@ -20,6 +20,7 @@ and above go through the same chain and output.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -103,15 +104,31 @@ _INLINE_SECRET = re.compile(
 _MAX_DEPTH = 8
 
 
+# what one of the three patterns above needs in a text to match, in lower case: an
+# ASCII text holding none of these is returned as it is (every log line's every value
+# is redacted; most are paths, identifiers and hashes)
+_SECRET_SIGNS = ("@", "authorization", "passw", "pwd", "passphrase", "token", "secret", "api")
+
+
 def redact_text(text: str) -> str:
     """Returns ``text`` with URL passwords, Authorization values and ``password=...`` hidden."""
+    if text.isascii():  # where lower() and the patterns' IGNORECASE agree
+        lowered = text.lower()
+        if not any(sign in lowered for sign in _SECRET_SIGNS):
+            return text
     text = _URL_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
     text = _AUTH_HEADER.sub(lambda m: f"{m['head']}{REDACTED}", text)
     return _INLINE_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
 
 
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _SECRET_KEY.search(key) is not None
+    return isinstance(key, str) and _secret_key_name(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key_name(key: str) -> bool:
+    """True for a key whose value is a secret (a log line's keys are few: remembered)."""
+    return _SECRET_KEY.search(key) is not None
 
 
 def redact(value: Any, _depth: int = 0) -> Any:
