@@ -60,7 +60,9 @@ class _DirectRefused(Exception):
     """The first O_DIRECT read was refused (EINVAL): read through the page cache."""
 
 
-def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
+def sha1_from_storage(
+    path: str | os.PathLike[str], *, throttle: Throttle | None = None, synced: bool = False
+) -> str:
     """Returns the SHA-1 of a stored file as read back from storage, not the page cache.
 
     fdatasync pushes any dirty pages out first (only the data matters here: no journal
@@ -68,6 +70,13 @@ def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None
     then evicts the clean cached pages, and the read uses O_DIRECT with an aligned
     buffer where the filesystem allows it (falling back to a buffered read after the
     eviction, e.g. on tmpfs, where memory is the storage).
+
+    ``synced``: the caller's own fsync of this file's data succeeded after its last
+    write (a deposit's staged copy, or its input published in place), so its pages are
+    clean and the fdatasync is left out: on ext4 it would flush the disk's cache once
+    more, which under another process's fsyncs costs a deposit most of a millisecond.
+    Bytes written since are still what is read (an O_DIRECT read writes dirty pages
+    back first; a buffered one reads them), never what the copy held.
 
     On NFS, fdatasync sends COMMIT, so the server has the data on stable storage; the
     O_DIRECT read (or the evicted client cache) then fetches the bytes from the
@@ -77,7 +86,8 @@ def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         try:
-            os.fdatasync(fd)
+            if not synced:
+                os.fdatasync(fd)
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.EBADF):
                 raise
@@ -99,17 +109,19 @@ def sha1_from_storage(path: str | os.PathLike[str], *, throttle: Throttle | None
         os.close(fd)
 
 
-def stored_sha1(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str | None:
+def stored_sha1(
+    path: str | os.PathLike[str], *, throttle: Throttle | None = None, synced: bool = False
+) -> str | None:
     """The SHA-1 of a stored file (or tree, by neurobank's directory hash) as read back
-    from storage through :func:`sha1_from_storage`; None if the path is missing or a
-    symbolic link (never a valid stored copy). Other read failures raise
-    ArchiveUnavailable naming the path."""
+    from storage through :func:`sha1_from_storage` (``synced`` as there); None if the
+    path is missing or a symbolic link (never a valid stored copy). Other read failures
+    raise ArchiveUnavailable naming the path."""
     root = Path(path)
     try:
         if not os.path.lexists(root) or root.is_symlink():
             return None  # a link in resources/ is never a valid stored copy
         if not root.is_dir():
-            return sha1_from_storage(root, throttle=throttle)
+            return sha1_from_storage(root, throttle=throttle, synced=synced)
         hasher = DirectoryHasher()
         for dirpath, _dirnames, filenames in os.walk(root):
             for name in filenames:
@@ -117,7 +129,7 @@ def stored_sha1(path: str | os.PathLike[str], *, throttle: Throttle | None = Non
                 if full.is_file():
                     hasher.add(
                         full.relative_to(root).as_posix(),
-                        sha1_from_storage(full, throttle=throttle),
+                        sha1_from_storage(full, throttle=throttle, synced=synced),
                     )
         return hasher.hexdigest()
     except OSError as err:
@@ -125,11 +137,16 @@ def stored_sha1(path: str | os.PathLike[str], *, throttle: Throttle | None = Non
 
 
 def verify_from_storage(
-    path: str | os.PathLike[str], sha1: str, *, throttle: Throttle | None = None
+    path: str | os.PathLike[str],
+    sha1: str,
+    *,
+    throttle: Throttle | None = None,
+    synced: bool = False,
 ) -> bool:
-    """True if the stored file or tree has this SHA-1 (see :func:`stored_sha1`); False
-    if it is missing, a symbolic link, or differs."""
-    return stored_sha1(path, throttle=throttle) == sha1.lower()
+    """True if the stored file or tree has this SHA-1 (see :func:`stored_sha1`; ``synced``
+    as for :func:`sha1_from_storage`); False if it is missing, a symbolic link, or
+    differs."""
+    return stored_sha1(path, throttle=throttle, synced=synced) == sha1.lower()
 
 
 __all__ = ["sha1_from_storage", "stored_sha1", "verify_from_storage"]

@@ -266,9 +266,14 @@ class Steps(ClaimSteps, IdentifierSteps):
                 # read back from storage before it becomes visible in resources/: a bad
                 # copy is never published, only made again
                 assert item.sha1
+                # the stage step's fsync of this copy succeeded before STAGED was saved:
+                # its pages are clean, read back without another flush of the disk
+                matches = durable.verify_from_storage(
+                    staged, item.sha1, throttle=self._progress, synced=True
+                )
                 after = verdicts.after_read_back(
                     verdicts.ReadBack.STAGED,
-                    matches=durable.verify_from_storage(staged, item.sha1, throttle=self._progress),
+                    matches=matches,
                     placement=intent.placement,
                     shown=item.relpath_str,
                     staged_identity=item.staged_identity is not None,
@@ -307,9 +312,15 @@ class Steps(ClaimSteps, IdentifierSteps):
             archive = self._archive(intent)
             target = self._target(archive, item)
             assert item.sha1
+            # our published copy was fsynced (staged, or in place before its link); a
+            # copy found stored by another deposit is flushed before it is read
+            synced = where is verdicts.ReadBack.PUBLISHED
+            matches = durable.verify_from_storage(
+                target, item.sha1, throttle=self._progress, synced=synced
+            )
             after = verdicts.after_read_back(
                 where,
-                matches=durable.verify_from_storage(target, item.sha1, throttle=self._progress),
+                matches=matches,
                 placement=intent.placement,
                 shown=str(item.name) if where is verdicts.ReadBack.FOUND else str(target),
             )

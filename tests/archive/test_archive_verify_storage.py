@@ -43,6 +43,7 @@ with open(image, "r+b") as fp:
     os.fsync(fp.fileno())
 out["cached_after"] = sha1_file(stored) == staged.sha1
 out["verified"] = durable.verify_from_storage(stored, staged.sha1)
+out["verified_synced"] = durable.verify_from_storage(stored, staged.sha1, synced=True)
 print(json.dumps(out))
 """
 
@@ -70,3 +71,4 @@ def test_verify_sees_corruption_hidden_by_page_cache(tmp_path: Path) -> None:
     assert out["cached_before"] and out["found_once"]
     assert out["cached_after"], "the page cache should still hold the old bytes"
     assert out["verified"] is False
+    assert out["verified_synced"] is False  # no fdatasync first: still read from storage
