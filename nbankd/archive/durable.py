@@ -322,6 +322,8 @@ def _publish(
         if is_dir:
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
+            if in_place:  # the input's own tree, as a rig left it: nothing flushed it yet
+                _fsync_tree(source)  # every file's data and folder's entries, before
         else:
             changed = apply_access(archive, source, at=target)  # given when it was staged
             if in_place or changed:  # an input's own data is fsynced here and nowhere else
@@ -418,6 +420,27 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     except OSError as err:
         raise unavailable(archive, err, f"moving {path} to {target}") from err
     return target
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsyncs every regular file and folder of ``root`` (links and special files, which
+    :func:`_check_tree` refused before, are skipped; nothing is followed)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            try:
+                fd = os.open(
+                    Path(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                )
+            except OSError as err:
+                if err.errno == errno.ELOOP:  # a link: never part of a deposit
+                    continue
+                raise
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _check_tree(root: Path) -> None:
