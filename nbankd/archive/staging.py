@@ -257,18 +257,73 @@ def stage_copy_tree(
     hard link, FIFO, socket or device anywhere raises :func:`unsafe_input`'s error
     naming it. Every file and folder is fsynced. On any error the copy is removed.
     """
+    _check_directories(archive, src_dir)
+    top = _open_tree(Path(src_dir))
+    try:
+        path = _create_staged(archive, staged_name, directory=True)
+        try:
+            dtop = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                digest, size = _walk_tree(Path(src_dir), top, dtop, progress, throttle)
+                os.fsync(dtop)
+            finally:
+                os.close(dtop)
+            fsync_dir(archive.staging_dir)
+        except BaseException as exc:
+            _cleanup(path)
+            if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
+                raise unavailable(archive, exc, f"writing {path}") from exc
+            raise
+    finally:
+        os.close(top)
+    return Staged(path, digest, size)
+
+
+def hash_tree(
+    archive: Archive,
+    src_dir: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    throttle: Throttle | None = None,
+) -> tuple[str, int]:
+    """neurobank's hash of a directory tree and the total of its files' bytes, read as
+    :func:`stage_copy_tree` reads it (the same refusals) but copied nowhere: a folder
+    placed by rename is published itself."""
+    _check_directories(archive, src_dir)
+    top = _open_tree(Path(src_dir))
+    try:
+        return _walk_tree(Path(src_dir), top, None, progress, throttle)
+    finally:
+        os.close(top)
+
+
+def _check_directories(archive: Archive, src_dir: str | os.PathLike[str]) -> None:
     if not archive.policy.allow_directories:
         raise errors.DirectoryNotAllowed(
             f"archive {archive.path} does not accept directories ('{src_dir}')",
             hint="set policy.allow_directories in nbank.json, or deposit the files",
         )
-    src_root = Path(src_dir)
+
+
+def _open_tree(src_root: Path) -> int:
     try:
-        top = os.open(src_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(src_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise unsafe_input(src_root, "a symbolic link") from None
         raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
+
+
+def _walk_tree(
+    src_root: Path,
+    top: int,
+    dtop: int | None,
+    progress: Progress | None,
+    throttle: Throttle | None,
+) -> tuple[str, int]:
+    """Hashes the tree open at ``top`` (read from descriptors, nothing followed) and,
+    with ``dtop``, copies it there (each file and folder fsynced; the top's fsync is
+    the caller's); returns its hash and size."""
     hasher = DirectoryHasher()
     done = [0]
     buffer = bytearray(BLOCK_SIZE)  # shared by every file of the tree
@@ -277,7 +332,7 @@ def stage_copy_tree(
         if progress is not None:
             progress(done[0] + n)
 
-    def copy_dir(sfd: int, dfd: int, rel: PurePosixPath) -> None:
+    def walk(sfd: int, dfd: int | None, rel: PurePosixPath) -> None:
         try:
             names = sorted(os.listdir(sfd))
         except OSError as err:
@@ -294,10 +349,13 @@ def stage_copy_tree(
                 except OSError as err:
                     raise SourceReadError(err.errno, err.strerror, str(shown)) from err
                 try:
+                    if dfd is None:
+                        walk(csfd, None, rel / name)
+                        continue
                     os.mkdir(name, 0o700, dir_fd=dfd)
                     cdfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
                     try:
-                        copy_dir(csfd, cdfd, rel / name)
+                        walk(csfd, cdfd, rel / name)
                         os.fsync(cdfd)
                     finally:
                         os.close(cdfd)
@@ -307,38 +365,24 @@ def stage_copy_tree(
             check_regular(st, shown)
             sfile = _open_regular(name, dir_fd=sfd, shown=shown)
             try:
-                dfile = os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
+                dfile = None if dfd is None else os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
                 try:
                     result = copy_hashing(
                         sfile, dfile, progress=report, throttle=throttle, buffer=buffer
                     )
                     _read_whole(sfile, result.size, shown)
-                    os.fsync(dfile)
+                    if dfile is not None:
+                        os.fsync(dfile)
                 finally:
-                    os.close(dfile)
+                    if dfile is not None:
+                        os.close(dfile)
             finally:
                 os.close(sfile)
             done[0] += result.size
             hasher.add(rel / name, result.sha1)
 
-    try:
-        path = _create_staged(archive, staged_name, directory=True)
-        try:
-            dtop = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                copy_dir(top, dtop, PurePosixPath())
-                os.fsync(dtop)
-            finally:
-                os.close(dtop)
-            fsync_dir(archive.staging_dir)
-        except BaseException as exc:
-            _cleanup(path)
-            if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
-                raise unavailable(archive, exc, f"writing {path}") from exc
-            raise
-    finally:
-        os.close(top)
-    return Staged(path, hasher.hexdigest(), done[0])
+    walk(top, dtop, PurePosixPath())
+    return hasher.hexdigest(), done[0]
 
 
 __all__ = [
@@ -347,6 +391,7 @@ __all__ = [
     "check_present",
     "check_regular",
     "discard_staged",
+    "hash_tree",
     "list_staged",
     "stage_copy",
     "stage_copy_tree",

@@ -75,20 +75,26 @@ class Steps(ClaimSteps, IdentifierSteps):
         elif item.kind == "dir":
             if not same_identity(item.identity, work, True):
                 return item, Outcome("changed", "changed", "the folder changed after claiming")
+            staged = None
             try:
-                staged = durable.stage_copy_tree(
-                    archive, work, self._new_staged_name(archive, item), progress=self._progress
-                )
+                if intent.placement == "rename":  # the folder itself is published: read only
+                    sha1, size = durable.hash_tree(archive, work, progress=self._progress)
+                else:
+                    staged = durable.stage_copy_tree(
+                        archive, work, self._new_staged_name(archive, item), progress=self._progress
+                    )
+                    sha1, size = staged.sha1, staged.size
             except SourceReadError as err:
                 if err.errno in (errno.EACCES, errno.EPERM):
                     return item, unreadable(item, str(err))
                 raise
             if not same_identity(item.identity, work, True):
-                durable.discard_staged(archive, staged.path)
+                if staged is not None:
+                    durable.discard_staged(archive, staged.path)
                 return item, Outcome("changed", "changed", "the folder changed during the copy")
-            item = replace(
-                item, sha1=staged.sha1, size=staged.size, staged_identity=staged_id(staged.path)
-            )
+            item = item.changed(sha1=sha1, size=size)
+            if staged is not None:
+                item = item.changed(staged_identity=staged_id(staged.path))
         else:
             try:
                 fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

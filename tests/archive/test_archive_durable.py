@@ -478,3 +478,25 @@ def test_publish_waits_for_another_process_holding_the_identifier(
     thread.join()
     assert isinstance(result[0], errors.StoredUnderOtherName)
     assert sorted(os.listdir(stub)) == ["cc.bin"]
+
+
+def test_hash_tree_equals_the_staged_copys_hash_and_copies_nothing(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """hash_tree gives the hash and size stage_copy_tree gives, and writes nothing."""
+    src = tmp_path / "tree"
+    make_tree(src)
+    before = sorted(os.listdir(archive.staging_dir))
+    sha1, size = durable.hash_tree(archive, src)
+    assert sorted(os.listdir(archive.staging_dir)) == before
+    staged = durable.stage_copy_tree(archive, src, ".nbankd-tree")
+    assert (sha1, size) == (staged.sha1, staged.size)
+
+
+def test_hash_tree_refuses_a_link_inside(archive: Archive, tmp_path: Path) -> None:
+    """A symbolic link inside the tree is refused by hash_tree, as by the copy."""
+    src = tmp_path / "tree"
+    make_tree(src)
+    (src / "link").symlink_to("/etc/passwd")
+    with pytest.raises(errors.UnsafeInput):
+        durable.hash_tree(archive, src)

@@ -1,7 +1,7 @@
 """A folder published in place (``directories: resources`` with ``placement: rename``)
-is the input's own tree, as the rig left it: publishing fsyncs each of its files and
-folders before the rename, so a recorded deposit survives a power loss whatever the
-verify setting (the read-back of the published copy no longer flushes it first)."""
+is the input's own tree, as the rig left it: it is hashed where it is (no copy in
+staging/), and publishing fsyncs each of its files and folders before the rename, so a
+recorded deposit survives a power loss whatever the verify setting."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nbank.util import hash_directory as nbank_hash_directory
 
 from nbankd.archive import opening
 from nbankd.config.model import ArchiveConfig, InboxConfig
@@ -150,13 +151,26 @@ def test_files_of_a_folder_published_in_place_are_flushed_before_the_record(
     assert unflushed == [], f"recorded, but never flushed: {unflushed}"
 
 
+def test_a_folder_placed_by_rename_is_not_copied_into_staging(folder_env: FolderEnv) -> None:
+    """Deposited by rename, a folder leaves nothing in staging/ and is stored whole,
+    with neurobank's directory hash recorded."""
+    item, files = folder_env.drop_folder("rec1")
+    item = folder_env.until(item, State.DONE)
+    assert item.state is State.DONE, (item.error_code, item.error_message)
+    assert os.listdir(folder_env.archive_root / "staging") == []
+    stored = folder_env.archive_root / "resources" / "re" / "rec1"
+    assert {rel: (stored / rel).read_bytes() for rel in files} == files
+    assert item.sha1 == nbank_hash_directory(stored)
+    assert item.size == sum(len(d) for d in files.values())
+
+
 # -- the consequence on ext4: a power loss after the receipt loses the bytes ----------------
 
 SCRIPT = r"""
 import fcntl, hashlib, json, os, struct, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from deposit.test_inplace_folder_durability import make_env
+from deposit.test_inplace_folders import make_env
 from nbankd.deposit.lifecycle import State
 
 mnt, state, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[-1]
