@@ -7,6 +7,7 @@ are deliberately read from the live configuration is told in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -218,7 +219,7 @@ class StepsBase:
                 raise found
             return found
         try:
-            st = os.stat(spec.archive_path / layout.CONFIG_NAME)
+            st = os.stat(_config_file(spec.archive_path))
         except OSError:
             key = None  # open_archive says why, in its words
         else:
@@ -252,3 +253,9 @@ class StepsBase:
         except errors.ArchiveError:  # archive gone: its staging/ is safe to clean later
             return
         durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
+
+
+@functools.lru_cache(maxsize=64)
+def _config_file(archive_path: Path) -> str:
+    """The archive's nbank.json, as text, joined once per archive (every step asks)."""
+    return str(archive_path / layout.CONFIG_NAME)
