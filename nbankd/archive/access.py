@@ -75,6 +75,18 @@ def chgrp(archive: Archive, path: Path, st: os.stat_result | None = None) -> boo
     return True
 
 
+def chgrp_fd(archive: Archive, fd: int, st: os.stat_result) -> bool:
+    """:func:`chgrp` of an open file or folder."""
+    gid = group_id(archive)
+    if gid is None or st.st_gid == gid:
+        return False
+    try:
+        os.fchown(fd, -1, gid)
+    except PermissionError:
+        return False
+    return True
+
+
 def require_owner(archive: Archive, doing: str) -> None:
     """Raises UsageError naming the user unless this process runs as the archive's
     ``access.user`` (files it writes would otherwise belong to someone else: the
@@ -140,6 +152,7 @@ __all__ = [
     "apply_access_tree",
     "apply_resource_access",
     "chgrp",
+    "chgrp_fd",
     "group_id",
     "target_mode",
 ]

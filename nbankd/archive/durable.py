@@ -44,12 +44,17 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive.access import apply_access, apply_access_tree, target_mode
+from nbankd.archive.access import (
+    apply_access,
+    apply_access_tree,
+    chgrp_fd,
+    target_mode,
+)
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.archive.staging import (
@@ -294,7 +299,14 @@ def _is_reservation(path: Path) -> bool:
 
 
 def _publish(
-    archive: Archive, source: Path, target: Path, sha1: str | None, *, in_place: bool, id: str
+    archive: Archive,
+    source: Path,
+    target: Path,
+    sha1: str | None,
+    *,
+    in_place: bool,
+    id: str,
+    progress: Callable[[], None] | None = None,
 ) -> Published:
     check_present(archive)
     _check_target(archive, target, id)
@@ -320,11 +332,13 @@ def _publish(
         other = _other_name(archive, id, target) if in_place else None
         if other is not None:
             raise _taken_error(archive, source, other, in_place=in_place)
-        if is_dir:
+        if is_dir and in_place:  # the input's own tree, as a rig left it: walked from
+            _settle_tree(archive, source, target, progress)  # descriptors, never a link
+            os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
+            fsync_dir(source)
+        elif is_dir:
             apply_access_tree(archive, source, at=target, top=False)
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
-            if in_place:  # the input's own tree, as a rig left it: nothing flushed it yet
-                _fsync_tree(source)  # every file's data and folder's entries, before
         else:
             changed = apply_access(archive, source, at=target)  # given when it was staged
             if in_place or changed:  # an input's own data is fsynced here and nowhere else
@@ -423,25 +437,76 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     return target
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsyncs every regular file and folder of ``root`` (links and special files, which
-    :func:`_check_tree` refused before, are skipped; nothing is followed)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            try:
-                fd = os.open(
-                    Path(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-                )
-            except OSError as err:
-                if err.errno == errno.ELOOP:  # a link: never part of a deposit
-                    continue
-                raise
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+def _settle_tree(
+    archive: Archive, root: Path, at: Path, progress: Callable[[], None] | None
+) -> None:
+    """Gives every entry inside ``root`` (a folder published in place, to live at
+    ``at``) the policy's group and mode and fsyncs it, deepest first, walking from
+    descriptors: a link, hard link or special file met raises unsafe_input's error,
+    and nothing is ever followed (a sub-folder swapped for a link is refused)."""
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _settle_dir(archive, top, root, at, progress)
+    finally:
+        os.close(top)
+
+
+_OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _settle_dir(
+    archive: Archive, dfd: int, shown: Path, at: Path, progress: Callable[[], None] | None
+) -> None:
+    for name in sorted(os.listdir(dfd)):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if not is_dir:
+            check_regular(st, shown / name)
+        fd = os.open(name, _OPEN_ENTRY | (os.O_DIRECTORY if is_dir else 0), dir_fd=dfd)
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                raise errors.InputChanged(f"'{shown / name}' was replaced while publishing")
+            if is_dir:
+                _settle_dir(archive, fd, shown / name, at / name, progress)
+            else:
+                check_regular(fst, shown / name)
+            chgrp_fd(archive, fd, fst)
+            mode = target_mode(archive, at / name, is_dir=is_dir)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if progress is not None:
+            progress()
+
+
+def fsync_published_tree(root: Path) -> None:
+    """fsyncs every file and folder of a folder stored in resources/ (published in place
+    by a release that did not flush it), from descriptors, nothing followed."""
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _fsync_fd_tree(top)
+    finally:
+        os.close(top)
+
+
+def _fsync_fd_tree(dfd: int) -> None:
+    for name in os.listdir(dfd):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            continue
+        fd = os.open(name, _OPEN_ENTRY, dir_fd=dfd)
+        try:
+            fst = os.fstat(fd)
+            if stat.S_ISDIR(fst.st_mode):
+                _fsync_fd_tree(fd)
+            if stat.S_ISDIR(fst.st_mode) or stat.S_ISREG(fst.st_mode):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.fsync(dfd)
 
 
 def _check_tree(root: Path) -> None:
@@ -486,6 +551,7 @@ def publish_in_place(
     *,
     sha1: str | None = None,
     id: str | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> Published:
     """Publishes a file or folder already on the archive's filesystem, then removes its name.
 
@@ -498,7 +564,15 @@ def publish_in_place(
     fail with ArchiveUnavailable (EPERM) when their mode cannot be set.
     """
     target = Path(target_path)
-    return _publish(archive, Path(src_path), target, sha1, in_place=True, id=id or _id_of(target))
+    return _publish(
+        archive,
+        Path(src_path),
+        target,
+        sha1,
+        in_place=True,
+        id=id or _id_of(target),
+        progress=progress,
+    )
 
 
 def _id_of(target: Path) -> str:
@@ -513,6 +587,7 @@ __all__ = [
     "Staged",
     "discard_staged",
     "fsync_dir",
+    "fsync_published_tree",
     "hash_tree",
     "list_staged",
     "publish",

@@ -78,6 +78,8 @@ class Steps(ClaimSteps, IdentifierSteps):
             staged = None
             try:
                 if intent.placement == "rename":  # the folder itself is published: read only
+                    for leftover in durable.staged_copies(archive, item.token):
+                        durable.discard_staged(archive, leftover)  # an older stage's copy
                     sha1, size = durable.hash_tree(archive, work, progress=self._progress)
                 else:
                     staged = durable.stage_copy_tree(
@@ -252,7 +254,9 @@ class Steps(ClaimSteps, IdentifierSteps):
         if intent.placement == "rename":
             with spec.open_fs() as fs:
                 work = fs.at(fs.work, item.token)
-                durable.publish_in_place(archive, work, target, sha1=item.sha1, id=item.name)
+                durable.publish_in_place(
+                    archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress
+                )
         else:
             staged = archive.staging_dir / self.staged_name(item)
             staged_exists = os.path.lexists(staged)
@@ -309,6 +313,17 @@ class Steps(ClaimSteps, IdentifierSteps):
             if not os.path.lexists(target):
                 self._refiled_legacy(archive, item)
             before = verified_before_publish(item.staged_identity, target)
+        if (
+            not item.already
+            and item.kind == "dir"
+            and intent.placement == "rename"
+            and item.staged_identity is not None
+        ):
+            # staged as a copy by a release that published the folder itself without
+            # flushing it: flushed here, whatever the verify setting; that copy goes
+            archive = self._archive(intent)
+            durable.fsync_published_tree(self._target(archive, item))
+            self._discard_staged(intent, item)
         # an input already deposited goes once the copy found is read back: gone or
         # changed since the lookup (another input's verify removed a bad one), it is kept
         where = verdicts.verify_reads(
