@@ -15,31 +15,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_inplace_folders import FolderEnv, _flushed_inodes, make_env
 
+from fixtures.inplace_env import FolderEnv, across_power_loss, flushed_inodes
 from nbankd.archive import durable, opening
 from nbankd.deposit.identity import staged_id
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step, advance
 from nbankd.names import WORK_DIR_NAME
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def folder_env(tmp_path: Path) -> Iterator[FolderEnv]:
-    env = make_env(tmp_path / "data", tmp_path / "state")
-    yield env
-    env.journal.close()
-    env.registry.close()
 
 
 def _inode(path: Path) -> tuple[int, int]:
@@ -109,7 +96,7 @@ def test_a_folder_the_previous_release_published_is_flushed_before_this_version_
     the deposit."""
     item, files = folder_env.drop_folder("rec1", verify=verify)
     item = publish_as_previous_release(folder_env, stage_as_previous_release(folder_env, item))
-    seen = _flushed_inodes(monkeypatch)  # this version, from the verify step on
+    seen = flushed_inodes(monkeypatch)  # this version, from the verify step on
     item = folder_env.until(item, State.RECORDED)
     assert item.state is State.RECORDED, (item.error_code, item.error_message)
     stored = folder_env.archive_root / "resources" / "re" / "rec1"
@@ -189,41 +176,12 @@ def test_publishing_a_folder_in_place_shows_life_while_it_fsyncs_the_files(
     assert "beat" in events[first:last], f"no beat while fsyncing the files: {events}"
 
 
-# -- the consequence on ext4: a power loss after the receipt loses the bytes ----------------
+# -- the consequence on ext4: a power loss after the receipt -------------------------------
 
-SCRIPT = r"""
-import fcntl, hashlib, json, os, struct, sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[3])
-sys.path.insert(0, sys.argv[3] + "/deposit")
-from deposit.test_inplace_upgrade import (
-    publish_as_previous_release, stage_as_previous_release)
-from test_inplace_folders import make_env
-from nbankd.deposit.lifecycle import State
 
-mnt, state, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[-1]
-if phase == "deposit":
-    env = make_env(mnt / "data", state)
-    item, files = env.drop_folder("rec1", verify=sys.argv[4] == "1")
-    item = publish_as_previous_release(env, stage_as_previous_release(env, item))
-    # the upgrade: this version goes on from the journal
-    item = env.until(item, State.RECORDED)
-    out = {"state": str(item.state), "error": item.error_code,
-           "sha1": {rel: hashlib.sha1(d).hexdigest() for rel, d in files.items()}}
-    fd = os.open(mnt, os.O_RDONLY)
-    fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))  # EXT4_IOC_SHUTDOWN, NOLOGFLUSH
-    os.close(fd)
-    (state / "deposit.json").write_text(json.dumps(out))
-else:
-    stored = mnt / "data" / "arch" / "resources" / "re" / "rec1"
-    got = {}
-    for rel in json.loads((state / "deposit.json").read_text())["sha1"]:
-        try:
-            got[rel] = hashlib.sha1((stored / rel).read_bytes()).hexdigest()
-        except OSError as err:
-            got[rel] = f"unreadable: {err}"
-    print(json.dumps(got))
-"""
+def _as_previous_release(env: FolderEnv, item: Item) -> Item:
+    """The item staged and published by the previous release (for across_power_loss)."""
+    return publish_as_previous_release(env, stage_as_previous_release(env, item))
 
 
 def test_a_folder_the_previous_release_published_survives_a_power_loss_once_recorded(
@@ -233,32 +191,8 @@ def test_a_folder_the_previous_release_published_survives_a_power_loss_once_reco
     PUBLISHED) that this version verifies and records keeps every byte its receipt
     names through a power loss (ext4 shutdown dropping the running journal
     transaction) right after the record step."""
-    tools = ("unshare", "mkfs.ext4", "losetup", "mount")
-    if os.geteuid() != 0 or any(shutil.which(t) is None for t in tools):
-        pytest.skip("needs root, unshare, mkfs.ext4 and loop devices")
-    image, mnt, state = tmp_path / "fs.img", tmp_path / "mnt", tmp_path / "state"
-    mnt.mkdir()
-    state.mkdir()
-    with open(image, "wb") as fp:
-        fp.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
-    py = [sys.executable, "-c", SCRIPT, str(mnt), str(state), str(TESTS), "1"]
-    shell = (
-        'mount -o loop "$IMG" "$MNT" || exit 97; "$@" deposit; rc=$?; umount "$MNT"; '
-        '[ $rc -eq 0 ] || exit $rc; mount -o loop "$IMG" "$MNT" || exit 98; '
-        '"$@" read; rc=$?; umount "$MNT"; exit $rc'
+    run = across_power_loss(
+        tmp_path, verify=True, before="deposit.test_inplace_upgrade:_as_previous_release"
     )
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell, "sh", *py],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "IMG": str(image), "MNT": str(mnt)},
-    )
-    if proc.returncode == 97:
-        pytest.skip(f"cannot loop-mount here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    deposit = json.loads((state / "deposit.json").read_text())
-    assert deposit["state"] == str(State.RECORDED), deposit
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == deposit["sha1"], "recorded, then lost on power loss"
+    assert run.deposit["state"] == str(State.RECORDED), run.deposit
+    assert run.read_back == run.deposit["sha1"], "recorded, then lost on power loss"
