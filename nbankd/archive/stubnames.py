@@ -38,7 +38,10 @@ everywhere else:
   about another folder;
 - an error while names or events are being read (MemoryError) drops what they were
   for, never leaving half of them to answer from; a forked child starts afresh (it
-  shares the parent's inotify queue: reading it would take the parent's events).
+  shares the parent's inotify queue: reading it would take the parent's events);
+- no inotify instance to be had (the user's ``fs.inotify.max_user_instances`` or the
+  descriptor limit reached) means listing as before, and another try after
+  :data:`INIT_RETRY` calls: a moment of exhaustion does not slow the daemon for life.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ MAX_FOLDERS = 64
 MAX_NAMES = 250_000
 #: questions about a folder found too big to keep before it is listed again to see
 BIG_RETRY = 256
+#: calls after a failed ``inotify_init1`` (no instance or descriptor left: EMFILE,
+#: ENFILE) before it is tried again; meanwhile every folder is listed, as without it
+INIT_RETRY = 1024
 #: devices found not local, and folders found too big, remembered (each, at most)
 _REMEMBERED = 256
 
@@ -153,7 +159,8 @@ class StubNames:
         self._local_fs = local_fs  # filesystems whose folders may be kept, by magic
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._broken = False  # inotify unavailable here: always "not known"
+        self._broken = False  # no inotify here, or closed: always "not known"
+        self._init_skip = 0  # calls left before inotify_init1 is tried again
         self._folders: OrderedDict[tuple[int, int], _Folder] = OrderedDict()
         self._by_wd: dict[int, _Folder] = {}
         self._kept = 0  # names kept, all folders
@@ -224,10 +231,16 @@ class StubNames:
 
     def _inotify(self) -> int | None:
         if self._fd is None and not self._broken:
+            if self._init_skip > 0:
+                self._init_skip -= 1
+                return None
             libc = _libc()
-            fd = -1 if libc is None else libc.init1(_IN_NONBLOCK | _IN_CLOEXEC)
-            if fd < 0:
-                self._broken = True  # no inotify (or no instance left): list as before
+            if libc is None:
+                self._broken = True  # no inotify on this system: list as before
+                return None
+            fd = libc.init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd < 0:  # no instance or descriptor left for now: listed, tried again later
+                self._init_skip = INIT_RETRY
                 return None
             self._fd = fd
         return self._fd
