@@ -6,7 +6,8 @@ import errno
 import hashlib
 import mmap
 import os
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 from nbankd.archive.layout import unavailable
 from nbankd.hashing import DirectoryHasher, Throttle, copy_hashing
@@ -123,17 +124,43 @@ def stored_sha1(
         if not root.is_dir():
             return sha1_from_storage(root, throttle=throttle, synced=synced)
         hasher = DirectoryHasher()
-        for dirpath, _dirnames, filenames in os.walk(root):
-            for name in filenames:
-                full = Path(dirpath, name)
-                if full.is_file():
-                    hasher.add(
-                        full.relative_to(root).as_posix(),
-                        sha1_from_storage(full, throttle=throttle, synced=synced),
-                    )
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _hash_folder(top, PurePosixPath(), hasher, throttle, synced)
+        finally:
+            os.close(top)
         return hasher.hexdigest()
     except OSError as err:
         raise unavailable(root.parent, err, f"verifying {root}") from err
+
+
+def _hash_folder(
+    dir_fd: int,
+    rel: PurePosixPath,
+    hasher: DirectoryHasher,
+    throttle: Throttle | None,
+    synced: bool,
+) -> None:
+    """Adds every regular file under the folder open at ``dir_fd`` to ``hasher``, walking
+    from descriptors: a sub-folder swapped for a link while the walk goes on never leads
+    it out of the tree. A link met raises ELOOP (a stored tree holds none: it is not the
+    copy that was stored); FIFOs, sockets and devices are not files of the tree."""
+    for name in os.listdir(dir_fd):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+            try:
+                _hash_folder(sub, rel / name, hasher, throttle, synced)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            # the name inside the very folder open here (O_NOFOLLOW on the name itself)
+            at = f"/proc/self/fd/{dir_fd}/{name}"
+            hasher.add(rel / name, sha1_from_storage(at, throttle=throttle, synced=synced))
+        elif stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, f"a symbolic link in a stored folder: {rel / name}")
 
 
 def verify_from_storage(
