@@ -75,7 +75,7 @@ def chgrp(archive: Archive, path: Path, st: os.stat_result | None = None) -> boo
     return True
 
 
-def chgrp_fd(archive: Archive, fd: int, st: os.stat_result) -> bool:
+def _chgrp_fd(archive: Archive, fd: int, st: os.stat_result) -> bool:
     """:func:`chgrp` of an open file or folder."""
     gid = group_id(archive)
     if gid is None or st.st_gid == gid:
@@ -124,6 +124,20 @@ def apply_access(archive: Archive, path: Path, *, at: Path | None = None) -> boo
     return changed
 
 
+def apply_access_fd(archive: Archive, fd: int, *, at: Path) -> bool:
+    """:func:`apply_access` of an open file or folder (a walk from descriptors), which
+    will live at ``at`` in the archive."""
+    st = os.fstat(fd)
+    changed = _chgrp_fd(archive, fd, st)
+    if changed:
+        st = os.fstat(fd)  # a change of group may clear set-id bits
+    mode = target_mode(archive, at, is_dir=stat.S_ISDIR(st.st_mode))
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
+        changed = True
+    return changed
+
+
 def apply_resource_access(archive: Archive, path: Path) -> bool:
     """:func:`apply_access` for a staged file, with the group and mode it will have in
     ``resources/`` (a stored file's mode does not depend on its stub folder): given
@@ -149,10 +163,10 @@ def apply_access_tree(
 
 __all__ = [
     "apply_access",
+    "apply_access_fd",
     "apply_access_tree",
     "apply_resource_access",
     "chgrp",
-    "chgrp_fd",
     "group_id",
     "target_mode",
 ]

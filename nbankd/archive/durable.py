@@ -49,12 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive.access import (
-    apply_access,
-    apply_access_tree,
-    chgrp_fd,
-    target_mode,
-)
+from nbankd.archive.access import apply_access, apply_access_fd, apply_access_tree, target_mode
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.archive.staging import (
@@ -471,10 +466,7 @@ def _settle_dir(
                 _settle_dir(archive, fd, shown / name, at / name, progress)
             else:
                 check_regular(fst, shown / name)
-            chgrp_fd(archive, fd, fst)
-            mode = target_mode(archive, at / name, is_dir=is_dir)
-            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-                os.fchmod(fd, mode)
+            apply_access_fd(archive, fd, at=at / name)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -201,11 +201,16 @@ class StepsBase:
 
     def _new_staged_name(self, archive: layout.Archive, item: Item) -> str:
         """A name no other process can use (this process's instance in it), after
-        removing what earlier attempts at this item left in staging/ (under either
+        removing what earlier attempts at this item left in staging/."""
+        self._discard_leftovers(archive, item)
+        return layout.staged_name(item.token, self.instance)
+
+    @staticmethod
+    def _discard_leftovers(archive: layout.Archive, item: Item) -> None:
+        """Removes what earlier attempts at this item left in staging/ (under either
         form of its staged name)."""
         for leftover in durable.staged_copies(archive, item.token):
             durable.discard_staged(archive, leftover)
-        return layout.staged_name(item.token, self.instance)
 
     def _archive(self, spec: InboxSpec | Intent) -> layout.Archive:
         """The archive at the item's journaled path, read again whenever its nbank.json

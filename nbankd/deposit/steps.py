@@ -78,8 +78,7 @@ class Steps(ClaimSteps, IdentifierSteps):
             staged = None
             try:
                 if intent.placement == "rename":  # the folder itself is published: read only
-                    for leftover in durable.staged_copies(archive, item.token):
-                        durable.discard_staged(archive, leftover)  # an older stage's copy
+                    self._discard_leftovers(archive, item)  # an older release's copy
                     sha1, size = durable.hash_tree(archive, work, progress=self._progress)
                 else:
                     staged = durable.stage_copy_tree(

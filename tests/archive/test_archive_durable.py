@@ -310,6 +310,8 @@ def test_publish_in_place_directory(archive: Archive, tmp_path: Path) -> None:
     published = durable.publish_in_place(archive, src, archive.resource_path("dir002"))
     assert not src.exists() and nbank_hash_directory(published.path) == expected
     assert mode(published.path) == 0o555
+    inside = {p: mode(p) for p in published.path.rglob("*")}
+    assert inside and all(m == (0o555 if p.is_dir() else 0o444) for p, m in inside.items())
 
 
 def test_nothing_of_ours_under_resources(archive: Archive, src_file: Path, tmp_path: Path) -> None:
