@@ -12,29 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from nbank.util import hash_directory
 
+from fixtures.inplace_env import FolderEnv, make_env
 from nbankd import errors, tape
-from nbankd.archive import durable, layout, opening
+from nbankd.archive import durable, opening
 from nbankd.archive.verify import stored_sha1
-from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.deposit import inboxfs
-from nbankd.deposit.journal import Item, Journal
-from nbankd.deposit.lifecycle import FINAL, State, advance, next_step
-from nbankd.deposit.spec import InboxSpec
-from nbankd.deposit.steps import Steps
-from nbankd.names import WORK_DIR_NAME
-from nbankd.registry.base import Registry
+from nbankd.deposit.lifecycle import State
 from nbankd.registry.factory import open_registry
 
 FILES = {
@@ -74,90 +65,29 @@ def test_links_neurobank_leaves_out_are_left_out_of_the_read_back(tmp_path: Path
 # -- a re-drop of such a resource ----------------------------------------------------
 
 
-@dataclass
-class _Env:
-    inbox: Path
-    archive: layout.Archive
-    registry: Registry
-    journal: Journal
-    spec: InboxSpec
-    steps: Steps
-
-    def drop_folder(self, name: str, files: dict[str, bytes]) -> Item:
-        folder = _write(self.inbox / name, files)
-        st = os.lstat(folder)
-        return self.journal.add(
-            token=secrets.token_hex(16),
-            inbox=self.spec.key,
-            relpath=os.fsencode(name),
-            kind="dir",
-            archive=self.spec.archive_name,
-            archive_path=str(self.archive.path),
-            placement=self.spec.placement,
-            verify=1,
-            seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-            created=0.0,
-            updated=0.0,
-        )
-
-    def run(self, item: Item, steps: int = 40) -> Item:
-        """Runs the item's steps (retries at once) until it is final or ``steps`` ran."""
-        for _ in range(steps):
-            if item.state in FINAL:
-                break
-            step = next_step(item.progress, float("inf"))
-            assert step is not None, item
-            item, outcome = self.steps.run(item, step)
-            progress = advance(item.progress, step, outcome, 0.0)
-            if progress.state is State.REJECTING:
-                reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
-                item = replace(item, reason_json=json.dumps(reason))
-            item = self.journal.save(item.with_progress(progress))
-        return item
-
-
 @pytest.fixture
-def folder_env(tmp_path: Path) -> Iterator[_Env]:
-    """Deposit steps for an inbox of folder resources (``directories: resources``)
-    into an archive that allows them, with an embedded registry."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    registry = open_registry("embedded", embedded_db=tmp_path / "registry.sqlite3")
-    archive = opening.create_archive(tmp_path / "arch", registry.url, allow_directories=True)
-    registry.add_datatype("test-folder")
-    registry.add_archive("arch", "neurobank", str(archive.path))
-    work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    config = InboxConfig(path=inbox, archive="arch", dtype="test-folder", directories="resources")
-    spec = InboxSpec.of(
-        config,
-        ArchiveConfig(name="arch", path=archive.path),
-        work_id=work_id,
-        rejected_id=rejected_id,
-    )
-    journal = Journal(tmp_path / "journal.sqlite3")
-    steps = Steps(
-        journal=journal,
-        registry=registry,
-        inboxes=lambda key: spec if key == spec.key else None,
-        receipts_dir=tmp_path / "receipts",
-    )
-    yield _Env(inbox, archive, registry, journal, spec, steps)
-    journal.close()
-    registry.close()
+def copy_env(tmp_path: Path) -> Iterator[FolderEnv]:
+    """Deposit steps for an inbox of folder resources (``directories: resources``,
+    copied) into an archive that allows them, with an embedded registry."""
+    env = make_env(tmp_path / "data", tmp_path / "state", placement="copy")
+    yield env
+    env.journal.close()
+    env.registry.close()
 
 
 def test_redrop_of_an_older_neurobank_folder_with_links_is_already_deposited(
-    folder_env: _Env,
+    copy_env: FolderEnv,
 ) -> None:
     """rec1, stored and registered by neurobank 0.11 with a link to a sub-folder and a
     dangling link, dropped again with the same files: already-deposited (as before
     47281d9), not a transient archive-unavailable retried for ever."""
-    env = folder_env
-    stored = _older_neurobank_folder(env.archive.resources_dir, "rec1")
+    env = copy_env
+    stored = _older_neurobank_folder(env.archive_root / "resources", "rec1")
     env.registry.add_resource(
-        dtype="test-folder", archive="arch", name="rec1", sha1=hash_directory(stored)
+        dtype="test-file", archive="arch", name="rec1", sha1=hash_directory(stored)
     )
-    item = env.run(env.drop_folder("rec1", FILES))
+    item, _files = env.drop_folder("rec1", files=FILES)
+    item = env.until(item, State.DONE)
     assert item.state is State.DONE, (item.state, item.error_code, item.error_message)
     assert item.already
 
