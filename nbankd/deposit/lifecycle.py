@@ -13,7 +13,7 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
     --release--> DONE
 
     any step --permanent failure--> REJECTING --reject--> REJECTED
-    stage/verify --input changed--> RETURNING --put_back--> RETURNED
+    stage/release --input changed--> RETURNING --put_back--> RETURNED
     publish/verify --staged copy lost or bad--> CLAIMED (stage again)
     lookup/register --automatic identifier taken--> STAGED (new identifier, look up again)
     lookup/register --another input's record for these bytes--> STAGED after a backoff
@@ -221,7 +221,9 @@ def advance(
             return Progress(State.CANCELLED, error_code="gone", error_message=outcome.message)
         return _retry(p, outcome, now, rng)
     if outcome.kind == "changed":
-        if not registered:
+        # once recorded, the archive's copy is independent of the input: a release that
+        # finds it changed puts it back rather than removing it
+        if not registered or step is Step.RELEASE:
             return Progress(State.RETURNING, error_code="changed", error_message=outcome.message)
         return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":

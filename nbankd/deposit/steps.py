@@ -391,6 +391,10 @@ class Steps(ClaimSteps, IdentifierSteps):
         with spec.open_fs() as fs:
             token = item.token.encode()
             st = fs.lstat(fs.work, token)
+            if st is not None and not self._as_claimed(item, st, fs.at(fs.work, item.token)):
+                # a writer kept it open and changed it after its copy was made: the
+                # archive keeps the copy as claimed; this version goes back, whole
+                return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 fsops.remove_ours(fs.at(fs.work, token))  # a folder resource's tree
             else:
@@ -407,6 +411,16 @@ class Steps(ClaimSteps, IdentifierSteps):
             syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
+
+    @staticmethod
+    def _as_claimed(item: Item, st: os.stat_result, work: Path) -> bool:
+        """True when the claimed input ``st`` (an lstat of ``work``) is still the one
+        whose identity the claim recorded, or when none was recorded (an older journal)."""
+        if item.identity is None:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            return same_identity(item.identity, work, True)
+        return fstat_matches(item.identity, st)
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)

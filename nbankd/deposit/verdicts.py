@@ -225,6 +225,19 @@ def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) 
     return None
 
 
+def changed_after_deposit(shown: str, identifier: str | None) -> Outcome:
+    """At release, the claimed input is no longer what was claimed (a writer kept it
+    open): it is put back whole, never removed; the archive keeps the claimed copy."""
+    return Outcome(
+        "changed",
+        "changed",
+        f"{shown} changed after its copy was deposited as {identifier}: the archive keeps "
+        "the bytes it had when claimed, and this version is back in the inbox",
+        "a program may still be writing it: let it finish; to deposit this version too, "
+        "give it another name",
+    )
+
+
 def after_take(*, shown: str, same_entry: bool) -> Outcome | None:
     """Just after the move: ``same_entry`` is False when the entry now in the work folder
     is not the one checked (swapped in between): the put-back step returns it."""

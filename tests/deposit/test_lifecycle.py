@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -86,6 +87,9 @@ TRANSITIONS = [
     (S.CHECKED, "changed", S.RETURNING),
     (S.REGISTERED, "changed", S.REGISTERED),
     (S.PUBLISHED, "changed", S.PUBLISHED),
+    (S.VERIFIED, "changed", S.VERIFIED),
+    # recorded: the archive's copy no longer needs the input, which goes back whole
+    (S.RECORDED, "changed", S.RETURNING),
     # the source is gone: only a claim is cancelled, elsewhere it is retried
     (S.CLAIMING, "gone", S.CANCELLED),
     (S.CLAIMED, "gone", S.CLAIMED),
@@ -345,6 +349,19 @@ def test_property_registered_items_are_never_rejected(kinds: list[str]) -> None:
     for p in _run(kinds):
         assert not (registered and p.state in (S.REJECTING, S.REJECTED)), p
         registered = registered or p.state in REGISTERED_OR_LATER
+
+
+@given(st.lists(KINDS, max_size=60))
+@example(["ok"] * 7 + ["changed", "ok"])
+def test_property_registered_items_go_back_only_once_recorded(kinds: list[str]) -> None:
+    """A registered item is put back (RETURNING) only from RECORDED: before that a
+    record may point at its input, or its copy is not stored yet."""
+    seen = _run(kinds)
+    registered = False
+    for before, p in itertools.pairwise(seen):
+        registered = registered or before.state in REGISTERED_OR_LATER
+        if registered and p.state is S.RETURNING and before.state is not S.RETURNING:
+            assert before.state is S.RECORDED, (before, p)
 
 
 @given(st.lists(KINDS, max_size=60))
