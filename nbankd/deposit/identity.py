@@ -29,6 +29,22 @@ def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
         return False
 
 
+#: what content changes move (a mode or group set by publishing moves only ctime)
+CONTENT_FIELDS = ("dev", "ino", "size", "mtime_ns")
+
+
+def same_content(recorded: str | None, path: Path, is_dir: bool) -> bool:
+    """True when ``path`` still has the content its claim recorded: device, inode, size
+    and mtime (for a folder: its total size and newest mtime, which any file written,
+    added or removed inside moves), or when no identity was recorded (an older journal).
+    Raises FileNotFoundError when nothing is there."""
+    if recorded is None:
+        return True
+    now = tree_identity(path) if is_dir else identity_of_path(path)
+    want = json.loads(recorded)
+    return all(getattr(now, key) == want.get(key) for key in CONTENT_FIELDS)
+
+
 def staged_id(path: Path) -> str:
     """The staged copy's name and identity, journaled with the step that wrote it."""
     st = os.lstat(path)

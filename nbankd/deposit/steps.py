@@ -28,6 +28,7 @@ from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
     fstat_matches,
     mark_verified,
+    same_content,
     same_identity,
     staged_id,
     staged_matches,
@@ -253,6 +254,10 @@ class Steps(ClaimSteps, IdentifierSteps):
         if intent.placement == "rename":
             with spec.open_fs() as fs:
                 work = fs.at(fs.work, item.token)
+                if not self._content_as_hashed(item, work):
+                    return item, verdicts.changed_before_publish(
+                        item.relpath_str, item.name, item.sha1
+                    )
                 durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress
                 )
@@ -411,6 +416,16 @@ class Steps(ClaimSteps, IdentifierSteps):
             syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
+
+    @staticmethod
+    def _content_as_hashed(item: Item, work: Path) -> bool:
+        """True when the input published in place still has the content the stage step
+        hashed (and the registry recorded), or is gone from the work folder (published
+        by an earlier attempt: publishing knows what to do)."""
+        try:
+            return same_content(item.identity, work, item.kind == "dir")
+        except FileNotFoundError:
+            return True
 
     @staticmethod
     def _as_claimed(item: Item, st: os.stat_result, work: Path) -> bool:

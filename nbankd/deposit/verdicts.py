@@ -238,6 +238,21 @@ def changed_after_deposit(shown: str, identifier: str | None) -> Outcome:
     )
 
 
+def changed_before_publish(shown: str, identifier: str | None, sha1: str | None) -> Outcome:
+    """Placed by rename, the input no longer has the content hashed and registered: it
+    is not published (the archive never holds other bytes than the record's), kept in
+    the work folder and tried again."""
+    return Outcome(
+        "changed",
+        "changed",
+        f"{shown} changed after it was registered as {identifier} (sha1 {sha1}): it is not "
+        "published, and stays in the inbox's work folder",
+        f"a program may still be writing it. The record {identifier} names bytes this "
+        "file no longer holds; the file is kept, never published with other bytes: have "
+        "a registry administrator decide about that record",
+    )
+
+
 def after_take(*, shown: str, same_entry: bool) -> Outcome | None:
     """Just after the move: ``same_entry`` is False when the entry now in the work folder
     is not the one checked (swapped in between): the put-back step returns it."""
