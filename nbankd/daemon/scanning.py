@@ -20,11 +20,12 @@ from nbankd.config import Config
 from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
+from nbankd.deposit.inboxfs import Escape
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES, printable
 from nbankd.registry.base import Registry
-from nbankd.watch import settle
+from nbankd.watch import settle, writers
 from nbankd.watch.identity import Identity
 from nbankd.watch.observer import InboxWatcher
 from nbankd.watch.scan import EntryKind, scan_inbox
@@ -172,6 +173,13 @@ class InboxScanning:
         # step's own dict, not a copy: a backlog of 100,000 files needs only one
         verdicts = result.verdicts
         state.verdicts = verdicts if isinstance(verdicts, dict) else dict(verdicts)
+        if state.open_for_writing:  # held back at an earlier scan: still why they wait
+            watches = state.tracker.watches
+            state.open_for_writing = frozenset(r for r in state.open_for_writing if r in watches)
+            held = settle.open_verdict(inbox.settle_seconds)
+            for rel in state.open_for_writing:
+                if state.verdicts[rel].state is settle.State.SETTLING:
+                    state.verdicts[rel] = held
         state.skipped = {e.relpath: e.kind.name.lower() for e in result.unsafe}
         stalled = tuple(e.relpath for e in result.stalled)
         for rel in set(stalled) - set(state.stalled):
@@ -195,12 +203,45 @@ class InboxScanning:
             or self.state_problem is not None
         ):
             return
+        ready = self._not_open_for_writing(key, state, result.ready, now)
         self._start_items(
-            key, state, [(e, False) for e in result.ready] + [(e, True) for e in result.unsafe]
+            key, state, [(e, False) for e in ready] + [(e, True) for e in result.unsafe]
         )
         deadline = settle.next_deadline(state.tracker)
         if deadline is not None:
             state.next_scan = min(state.next_scan, deadline)
+
+    def _not_open_for_writing(
+        self, key: str, state: InboxState, ready: tuple[Any, ...], now: float
+    ) -> list[Any]:
+        """The ready files no program holds open for writing, and folders; each file a
+        program still holds open (quiet for longer than the settle time, not finished)
+        settles again, and is asked about again once it has stayed unchanged that long."""
+        files = [e for e in ready if e.kind is EntryKind.FILE]
+        spec = self.specs.get(key)
+        if not files or spec is None:
+            return list(ready)
+        held, unknown = open_for_writing(spec, [e.relpath for e in files])
+        if unknown and not state.writers_unknown:
+            log.info(
+                "cannot tell whether files are still open for writing: settling alone "
+                "decides (leases need the files' owner or CAP_LEASE, and a local filesystem)",
+                inbox=key,
+                first=printable(unknown[0]),
+            )
+        state.writers_unknown = bool(unknown)
+        for rel in sorted(set(held) - state.open_for_writing):
+            log.info("file still open for writing; it waits until closed", inbox=key, source=rel)
+        state.open_for_writing = frozenset(held)
+        if not held:
+            return list(ready)
+        state.tracker = settle.hold_open(state.tracker, held, now, state.config.settle_seconds)
+        verdict = settle.open_verdict(state.config.settle_seconds)
+        for rel in held:
+            state.verdicts[rel] = verdict
+        deadline = now + state.config.settle_seconds
+        state.next_scan = min(state.next_scan, deadline)
+        return [e for e in ready if e.relpath not in state.open_for_writing]
 
     def _start_items(self, key: str, state: InboxState, entries: list[tuple[Any, bool]]) -> None:
         """Journals the intent of every entry found ready (or unsafe) in one transaction,
@@ -282,3 +323,31 @@ def _seen_identity(tracker: settle.TrackerState) -> Callable[[str], Identity | N
         return None if watch is None else watch.identity
 
     return seen
+
+
+def open_for_writing(spec: InboxSpec, relpaths: list[str]) -> tuple[list[str], list[str]]:
+    """(the relpaths of files some program holds open for writing, those the kernel
+    could not tell about), each file reached from the inbox's descriptor, one folder
+    descriptor at a time, never through a link."""
+    held: list[str] = []
+    unknown: list[str] = []
+    try:
+        fs = spec.open_fs()
+    except OSError:
+        return held, list(relpaths)
+    with fs:
+        for rel in relpaths:
+            try:
+                fd, name = fs.parent(rel)
+            except (OSError, Escape):
+                unknown.append(rel)
+                continue
+            try:
+                answer = writers.open_for_writing_at(fd, name)
+            finally:
+                fs.release(fd)
+            if answer is None:
+                unknown.append(rel)
+            elif answer:
+                held.append(rel)
+    return held, unknown

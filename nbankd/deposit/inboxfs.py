@@ -173,6 +173,15 @@ class InboxFS:
         self._fds.append(fd)
         return fd
 
+    def release(self, fd: int) -> None:
+        """Closes a folder descriptor :meth:`folder` or :meth:`parent` handed out, before
+        :meth:`close` (a long walk over many folders holds one at a time); the inbox's
+        own descriptors (root, work, rejected) stay open."""
+        if fd in (self.root, self._work, self._rejected) or fd not in self._fds:
+            return
+        self._fds.remove(fd)
+        os.close(fd)
+
     # -- folders ------------------------------------------------------------------
 
     def folder(

@@ -224,7 +224,11 @@ def advance(
         # once recorded, the archive's copy is independent of the input: a release that
         # finds it changed puts it back rather than removing it
         if not registered or step is Step.RELEASE:
-            return Progress(State.RETURNING, error_code="changed", error_message=outcome.message)
+            return Progress(
+                State.RETURNING,
+                error_code=outcome.code or "changed",
+                error_message=outcome.message,
+            )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":
         if step in (Step.REJECT, Step.PUT_BACK, Step.RELEASE, Step.RECORD):

@@ -42,6 +42,7 @@ from nbankd.deposit.stepbase import InboxParked, StepResult, log
 from nbankd.hashing import SourceReadError, copy_hashing
 from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
+from nbankd.watch import writers
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
@@ -105,6 +106,8 @@ class Steps(ClaimSteps, IdentifierSteps):
             with os.fdopen(fd, "rb") as f:
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
                     return item, Outcome("changed", "changed", "the file changed after claiming")
+                if writers.open_for_writing(f.fileno()):  # quiet, but not finished
+                    return item, verdicts.still_open_for_writing(item.relpath_str)
                 if intent.placement == "rename":
                     hashed = copy_hashing(f, None, progress=self._progress)
                     sha1, size = hashed.sha1, hashed.size

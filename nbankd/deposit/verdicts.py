@@ -225,6 +225,18 @@ def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) 
     return None
 
 
+def still_open_for_writing(shown: str) -> Outcome:
+    """A claimed file some program still holds open for writing (quiet for longer than
+    the settle time, not finished): it goes back to the inbox, never copied yet."""
+    return Outcome(
+        "changed",
+        "open-for-writing",
+        f"{shown} is still open for writing by a program; it goes back to the inbox and "
+        "is deposited once it is closed",
+        "nothing to do if a program is still recording it",
+    )
+
+
 def changed_after_deposit(shown: str, identifier: str | None) -> Outcome:
     """At release, the claimed input is no longer what was claimed (a writer kept it
     open): it is put back whole, never removed; the archive keeps the claimed copy."""

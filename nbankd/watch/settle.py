@@ -351,6 +351,32 @@ def next_deadline(state: TrackerState) -> float | None:
     return min(times, default=None)
 
 
+def open_verdict(settle_seconds: float) -> Verdict:
+    """The verdict of a file held back because a program still has it open for writing."""
+    text = (
+        "open for writing by a program: waits until it is closed (asked again every "
+        f"{human_duration(settle_seconds)})"
+    )
+    return _shared(Verdict(State.SETTLING, text, settle_seconds))
+
+
+def hold_open(
+    state: TrackerState, relpaths: Iterable[str], now: float, settle_seconds: float
+) -> TrackerState:
+    """The state with ``relpaths`` (ready, but still open for writing by a program)
+    settling again from ``now``: asked again once they stay unchanged that long, and
+    their verdict says why they wait. Not a change: they never count as stalled."""
+    watches = dict(state.watches)
+    verdict = open_verdict(settle_seconds)
+    for path in relpaths:
+        w = watches.get(path)
+        if w is not None:
+            watches[path] = replace(
+                w, last_change=now, verdict=verdict, ready_at=now + settle_seconds
+            )
+    return replace(state, watches=watches)
+
+
 def forget(state: TrackerState, relpaths: Iterable[str]) -> TrackerState:
     """The state without ``relpaths`` (e.g. after the daemon claimed them)."""
     drop = set(relpaths)

@@ -88,3 +88,25 @@ def test_a_read_ending_early_is_never_staged_as_the_file(
     item = env.step(failed, Step.STAGE)
     assert item.state is State.STAGED and item.sha1 == hashlib.sha1(data).hexdigest()
     assert item.size == size
+
+
+def test_a_file_still_open_for_writing_goes_back_uncopied(env: Env) -> None:
+    """A claimed file a program still holds open for writing (quiet, not finished) is
+    not copied: it goes back to the inbox with code open-for-writing."""
+    data = os.urandom(20_000)
+    item = env.until(env.drop("open.dat", data), State.CLAIMED)
+    with open(env.inbox / ".nbank" / item.token, "ab"):  # the recording program's descriptor
+        item = env.step(item, Step.STAGE)
+        assert (item.state, item.error_code) == (State.RETURNING, "open-for-writing")
+        assert list(env.archive.staging_dir.iterdir()) == []
+        item = env.step(item, Step.PUT_BACK)
+    assert item.state is State.RETURNED
+    assert (env.inbox / "open.dat").read_bytes() == data
+
+
+def test_a_file_open_for_reading_only_is_staged(env: Env) -> None:
+    """A program that only reads the claimed file does not hold up its copy."""
+    item = env.until(env.drop("read.dat", os.urandom(20_000)), State.CLAIMED)
+    with open(env.inbox / ".nbank" / item.token, "rb"):
+        item = env.step(item, Step.STAGE)
+    assert item.state is State.STAGED

@@ -18,6 +18,7 @@ from nbankd.watch.settle import (
     TrackerState,
     Watch,
     forget,
+    hold_open,
     next_deadline,
     observe,
     step,
@@ -382,3 +383,32 @@ def test_forget_drops_claimed_paths() -> None:
     """forget() removes watches, e.g. after the daemon claims the files."""
     s = step(TrackerState(), [file("a"), file("b")], 0, POLICY)
     assert set(forget(s.state, ["a"]).watches) == {"b"}
+
+
+def test_a_file_held_open_settles_again_from_the_hold() -> None:
+    """A ready file held back (still open for writing) is not ready again until it has
+    stayed unchanged settle_seconds after the hold, and says why it waits."""
+    f = file("rec.wav")
+    s = step(TrackerState(), [f], 0, POLICY)
+    s = step(s.state, [f], SETTLE, POLICY)
+    assert s.ready == (f,)
+    held = hold_open(s.state, ["rec.wav"], SETTLE, SETTLE)
+    assert "open for writing" in held.watches["rec.wav"].verdict.reason
+    assert next_deadline(held) == 2 * SETTLE
+    assert step(held, [f], 2 * SETTLE - 0.001, POLICY).ready == ()
+    assert step(held, [f], 2 * SETTLE, POLICY).ready == (f,)
+
+
+def test_a_file_held_open_for_long_never_stalls() -> None:
+    """Being held open again and again is not changing: the file is never reported
+    stalled, however long it waits."""
+    f = file("quiet.wav")
+    s = step(TrackerState(), [f], 0, POLICY)
+    now = SETTLE
+    for _ in range(20):  # 20 settle periods, past stall_after (60 s)
+        s = step(s.state, [f], now, POLICY)
+        assert s.stalled == ()
+        assert s.ready == (f,)
+        state = hold_open(s.state, ["quiet.wav"], now, SETTLE)
+        s = replace(s, state=state)
+        now += SETTLE
