@@ -81,6 +81,7 @@ class Daemon(DepositWorkers, InboxScanning):
         self._scanned = threading.Condition()  # notified after each inbox scan
         self._running: dict[int, Future[Item]] = {}
         self._waiting: dict[int, Item] = {}
+        self._bugs: dict[int, tuple[str, int]] = {}  # item id -> (its state, bugs in a row)
         self.inboxes: dict[str, InboxState] = {}
         self.specs: dict[str, InboxSpec] = {}
         self.retired: dict[str, InboxSpec] = {}  # removed by a reload; items in flight finish

@@ -29,6 +29,13 @@ from nbankd.deposit.steps import Steps
 log = structlog.get_logger("nbankd.daemon")
 
 JOURNAL_RETRY = 5.0  # seconds between attempts while the journal cannot be written
+BUG_RETRY_MAX = 300.0  # seconds: the longest wait of an item a bug keeps failing
+
+
+def bug_retry_delay(in_a_row: int) -> float:
+    """Seconds until an item that an unexpected error (a bug) failed ``in_a_row`` times
+    in one state is tried again: JOURNAL_RETRY, doubled each time, at most BUG_RETRY_MAX."""
+    return min(BUG_RETRY_MAX, JOURNAL_RETRY * 2.0 ** min(max(in_a_row, 1) - 1, 16))
 
 
 class DepositWorkers:
@@ -53,6 +60,7 @@ class DepositWorkers:
     _wake: Wakeup
     _running: dict[int, Future[Item]]
     _waiting: dict[int, Item]
+    _bugs: dict[int, tuple[str, int]]
     request_rescan: Callable[..., None]  # the daemon's scanning half
 
     def submit_manual(
@@ -127,13 +135,25 @@ class DepositWorkers:
         )
 
     def _step_bug(self, item: Item, err: Exception) -> float:
-        """A step failed in a way no step expects (a bug): logged and shown in status;
-        returns when the item is tried again."""
+        """A step failed in a way no step expects (a bug): logged (with its traceback the
+        first time in a row) and shown in status; returns when the item is tried again,
+        later each time the same state fails again (:func:`bug_retry_delay`)."""
+        with self._lock:
+            state, before = self._bugs.get(item.id, (item.state.value, 0))
+            in_a_row = before + 1 if state == item.state.value else 1
+            self._bugs[item.id] = (item.state.value, in_a_row)
+        delay = bug_retry_delay(in_a_row)
+        trace: dict[str, Any] = {"exc_info": err} if in_a_row == 1 else {}
         log.error(
-            "unexpected error in a deposit step", item=item.token, error=repr(err), exc_info=err
+            "unexpected error in a deposit step",
+            item=item.token,
+            error=repr(err),
+            in_a_row=in_a_row,
+            retry_in=delay,
+            **trace,
         )
         self.last_error = {"time": self.clock(), "item": item.token, "error": repr(err)}
-        return self.clock() + JOURNAL_RETRY
+        return self.clock() + delay
 
     def _finished(self, item: Item, attempts_before: int) -> Item:
         """The bookkeeping for an item a worker or the lane hands back: waiting or
@@ -142,6 +162,9 @@ class DepositWorkers:
             self._running.pop(item.id, None)
             if item.state not in FINAL:
                 self._waiting[item.id] = item
+            bug = self._bugs.get(item.id)
+            if bug is not None and (item.state in FINAL or bug[0] != item.state.value):
+                del self._bugs[item.id]  # it moved on: a later bug starts the count again
             self.tally.record(item, attempts_before=attempts_before)
         if item.state is State.DONE:
             self.last_deposit = {
