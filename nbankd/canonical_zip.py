@@ -35,6 +35,7 @@ from nbankd import errors
 from nbankd.archive.fsops import publish_temp
 from nbankd.filekind import FileKind
 from nbankd.hashing import BLOCK_SIZE, SourceReadError, sha1_stream, write_all
+from nbankd.watch import writers
 
 #: sizes and offsets from this on are written in ZIP64 records
 ZIP64_LIMIT = 0xFFFFFFFF
@@ -202,6 +203,11 @@ def _open_member(top: int, src: Path, member: Member) -> int:
     if (st.st_dev, st.st_ino, st.st_size) != (member.dev, member.ino, member.size):
         os.close(fd)
         raise errors.InputChanged(f"'{shown}' changed while its folder was being zipped")
+    try:
+        writers.refuse_if_open_for_writing(fd, shown)
+    except errors.NbankdError:
+        os.close(fd)
+        raise
     return fd
 
 

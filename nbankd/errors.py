@@ -124,6 +124,12 @@ class InputChanged(NbankdError):
     transient = True
 
 
+class StillOpenForWriting(InputChanged):
+    """A file of a claimed input is still open for writing by some program."""
+
+    code = "open-for-writing"
+
+
 # --- registries ----------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from nbankd.hashing import (
     write_all,
 )
 from nbankd.streaming import copy_hashing_overlapped
+from nbankd.watch import writers
 
 #: files at least this large are copied with reading, hashing and writing overlapped
 OVERLAP_FROM = 16 << 20
@@ -365,6 +366,7 @@ def _walk_tree(
             check_regular(st, shown)
             sfile = _open_regular(name, dir_fd=sfd, shown=shown)
             try:
+                writers.refuse_if_open_for_writing(sfile, shown)
                 dfile = None if dfd is None else os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
                 try:
                     result = copy_hashing(

@@ -91,6 +91,8 @@ class Steps(ClaimSteps, IdentifierSteps):
                 if err.errno in (errno.EACCES, errno.EPERM):
                     return item, unreadable(item, str(err))
                 raise
+            except errors.InputChanged as err:  # a file replaced, or still open for writing
+                return item, Outcome("changed", err.code, err.message, err.hint)
             if not same_identity(item.identity, work, True):
                 if staged is not None:
                     durable.discard_staged(archive, staged.path)
@@ -166,7 +168,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                 return item, unreadable(item, str(err))
             raise
         except errors.InputChanged as err:
-            return item, Outcome("changed", "changed", err.message)
+            return item, Outcome("changed", err.code, err.message, err.hint)
         except errors.UnsafeInput as err:
             shown = err.message.replace(str(work), item.relpath_str)
             return item, Outcome("permanent", err.code, shown, err.hint)

@@ -21,6 +21,9 @@ import fcntl
 import os
 import signal
 import stat
+from pathlib import Path
+
+from nbankd import errors
 
 #: errors that mean "the kernel will not tell": not the owner and no CAP_LEASE (EACCES,
 #: EPERM), no leases on this filesystem or for this kind of file (EINVAL, ENOLCK)
@@ -64,4 +67,16 @@ def open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
         os.close(fd)
 
 
-__all__ = ["open_for_writing", "open_for_writing_at"]
+def refuse_if_open_for_writing(fd: int, shown: Path | str) -> None:
+    """Raises :class:`~nbankd.errors.StillOpenForWriting` when some program holds the
+    file open on ``fd`` open for writing: a folder input is not finished while one of
+    its files is."""
+    if open_for_writing(fd):
+        raise errors.StillOpenForWriting(
+            f"'{shown}' is still open for writing by a program; its folder goes back to "
+            "the inbox and is deposited once it is closed",
+            hint="nothing to do if a program is still recording it",
+        )
+
+
+__all__ = ["open_for_writing", "open_for_writing_at", "refuse_if_open_for_writing"]
