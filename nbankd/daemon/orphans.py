@@ -3,7 +3,8 @@ leaves in ``<inbox>/.nbank/`` (or a second daemon working in the same inbox).
 
 A claim journals its item (durably) before it renames the input into ``.nbank/``,
 so every work file of this daemon is named after a token its journal knows:
-``<token>`` and ``<token>.sidecar.yaml|json``. Anything else there is reported in
+``<token>``, ``<token>.sidecar.yaml|json`` and ``<token>.released`` (a folder being
+removed once deposited). Anything else there is reported in
 ``nbankctl status`` (degraded): nothing would ever deposit it, and the user's
 bytes sit in a hidden folder. It is never moved or deleted by the daemon. NFS
 ``.nfs*`` placeholders (a removed file still open somewhere) are not reported.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from nbankd.deposit import folderproof
 
-_WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json))?$")
+_WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json)|\.released)?$")
 
 
 def token_of(name: str) -> str | None:

@@ -41,6 +41,9 @@ UNSAFE_WHAT = {
 }
 
 
+#: seconds: a file held open for writing is asked about again after settle_seconds,
+#: but never sooner than this (settle_seconds may be 0: no rescan loop for one file)
+HELD_RECHECK = 5.0
 #: seconds between two scans of one inbox that changes arrive for (explicit rescans
 #: and settle deadlines are not held back)
 CHANGE_SCAN_GAP = 0.2
@@ -176,7 +179,7 @@ class InboxScanning:
         if state.open_for_writing:  # held back at an earlier scan: still why they wait
             watches = state.tracker.watches
             state.open_for_writing = frozenset(r for r in state.open_for_writing if r in watches)
-            held = settle.open_verdict(inbox.settle_seconds)
+            held = settle.open_verdict(max(inbox.settle_seconds, HELD_RECHECK))
             for rel in state.open_for_writing:
                 if state.verdicts[rel].state is settle.State.SETTLING:
                     state.verdicts[rel] = held
@@ -203,25 +206,26 @@ class InboxScanning:
             or self.state_problem is not None
         ):
             return
-        ready = self._not_open_for_writing(key, state, result.ready, now)
         self._start_items(
-            key, state, [(e, False) for e in ready] + [(e, True) for e in result.unsafe]
+            key, state, [(e, False) for e in result.ready] + [(e, True) for e in result.unsafe]
         )
         deadline = settle.next_deadline(state.tracker)
         if deadline is not None:
             state.next_scan = min(state.next_scan, deadline)
 
     def _not_open_for_writing(
-        self, key: str, state: InboxState, ready: tuple[Any, ...], now: float
-    ) -> list[Any]:
-        """The ready files no program holds open for writing, and folders; each file a
-        program still holds open (quiet for longer than the settle time, not finished)
-        settles again, and is asked about again once it has stayed unchanged that long."""
-        files = [e for e in ready if e.kind is EntryKind.FILE]
+        self, key: str, state: InboxState, todo: list[tuple[Any, bool]], now: float
+    ) -> list[tuple[Any, bool]]:
+        """The entries to start (entry, unsafe) but the files some program holds open
+        for writing (quiet for longer than the settle time, not finished): each of those
+        settles again, and is asked about again once it has stayed unchanged that long.
+        Only entries about to be journaled are asked: never those already in flight."""
+        files = [e for e, unsafe in todo if not unsafe and e.kind is EntryKind.FILE]
         spec = self.specs.get(key)
         if not files or spec is None:
-            return list(ready)
-        held, unknown = open_for_writing(spec, [e.relpath for e in files])
+            return todo
+        asked = [e.relpath for e in files]
+        held, unknown = open_for_writing(spec, asked)
         if unknown and not state.writers_unknown:
             log.info(
                 "cannot tell whether files are still open for writing: settling alone "
@@ -232,16 +236,18 @@ class InboxScanning:
         state.writers_unknown = bool(unknown)
         for rel in sorted(set(held) - state.open_for_writing):
             log.info("file still open for writing; it waits until closed", inbox=key, source=rel)
-        state.open_for_writing = frozenset(held)
+        # those asked now are known; those held earlier and not asked now still are
+        state.open_for_writing = (state.open_for_writing - set(asked)) | set(held)
         if not held:
-            return list(ready)
-        state.tracker = settle.hold_open(state.tracker, held, now, state.config.settle_seconds)
-        verdict = settle.open_verdict(state.config.settle_seconds)
+            return todo
+        # asked again after settle_seconds, but never more often than HELD_RECHECK
+        again = max(state.config.settle_seconds, HELD_RECHECK)
+        state.tracker = settle.hold_open(state.tracker, held, now, again)
+        verdict = settle.open_verdict(again)
         for rel in held:
             state.verdicts[rel] = verdict
-        deadline = now + state.config.settle_seconds
-        state.next_scan = min(state.next_scan, deadline)
-        return [e for e in ready if e.relpath not in state.open_for_writing]
+        state.next_scan = min(state.next_scan, now + again)
+        return [(e, unsafe) for e, unsafe in todo if e.relpath not in state.open_for_writing]
 
     def _start_items(self, key: str, state: InboxState, entries: list[tuple[Any, bool]]) -> None:
         """Journals the intent of every entry found ready (or unsafe) in one transaction,
@@ -250,9 +256,10 @@ class InboxScanning:
             return
         active = self.journal.active_relpaths(key)
         todo = [(e, unsafe) for e, unsafe in entries if os.fsencode(e.relpath) not in active]
+        now = self.clock()
+        todo = self._not_open_for_writing(key, state, todo, now)
         if not todo:
             return
-        now = self.clock()
         items = self.journal.add_many([self._intent(key, state, e, u, now) for e, u in todo])
         self._journal_ok()
         relpaths = [e.relpath for e, _ in todo]

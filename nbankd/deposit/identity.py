@@ -5,6 +5,8 @@ steps (a changed input is put back, a replaced staged copy is made again).
 
 from __future__ import annotations
 
+import enum
+import functools
 import json
 import os
 import stat
@@ -29,20 +31,60 @@ def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def booted_at() -> float:
+    """When this machine started (``btime`` of /proc/stat, seconds since the epoch);
+    0.0 when it cannot be read (nothing then counts as older than the boot)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 #: what content changes move (a mode or group set by publishing moves only ctime)
 CONTENT_FIELDS = ("dev", "ino", "size", "mtime_ns")
 
 
-def same_content(recorded: str | None, path: Path, is_dir: bool) -> bool:
-    """True when ``path`` still has the content its claim recorded: device, inode, size
-    and mtime (for a folder: its total size and newest mtime, which any file written,
-    added or removed inside moves), or when no identity was recorded (an older journal).
-    Raises FileNotFoundError when nothing is there."""
+class Change(enum.Enum):
+    """How an input compares with the identity its claim recorded."""
+
+    SAME = "same"
+    CTIME = "ctime"  # only its ctime moved: a mode, group, link or attribute, maybe no byte
+    CONTENT = "content"  # device, inode, size or mtime moved
+
+
+def compare(recorded: str | None, path: Path, is_dir: bool) -> Change:
+    """How ``path`` compares with the identity its claim recorded (SAME when none was
+    recorded: an older journal). Raises FileNotFoundError when nothing is there."""
     if recorded is None:
-        return True
-    now = tree_identity(path) if is_dir else identity_of_path(path)
+        return Change.SAME
+    ident = tree_identity(path) if is_dir else identity_of_path(path)
+    return compare_stat(recorded, {k: getattr(ident, k) for k in IDENTITY_FIELDS})
+
+
+def compare_stat(recorded: str, now: dict[str, int]) -> Change:
+    """:func:`compare` of an identity already read (IDENTITY_FIELDS' values)."""
     want = json.loads(recorded)
-    return all(getattr(now, key) == want.get(key) for key in CONTENT_FIELDS)
+    if all(want.get(key) == now.get(key) for key in IDENTITY_FIELDS):
+        return Change.SAME
+    if all(want.get(key) == now.get(key) for key in CONTENT_FIELDS):
+        return Change.CTIME
+    return Change.CONTENT
+
+
+def stat_fields(st: os.stat_result) -> dict[str, int]:
+    """IDENTITY_FIELDS' values of one stat result."""
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 def staged_id(path: Path) -> str:

@@ -20,8 +20,6 @@ it), with the reason reported: :func:`return_rejected`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import secrets
@@ -40,6 +38,7 @@ from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MANUAL_INBOX_PREFIX, WORK_DIR_NAME
+from nbankd.watch import writers
 
 #: how a manual deposit's inbox key starts (the rest is its options as JSON)
 PREFIX = MANUAL_INBOX_PREFIX
@@ -314,22 +313,18 @@ def place_refusal(
 
 
 def writers_gone(path: Path) -> bool | None:
-    """Whether no process has ``path`` open for writing: a read lease is granted only
-    then (fcntl F_SETLEASE). None when that cannot be asked (not the file's owner
-    and no CAP_LEASE, or a filesystem without leases)."""
+    """Whether no process has ``path`` open for writing (asked as
+    :func:`nbankd.watch.writers.open_for_writing` asks). None when that cannot be asked
+    (not the file's owner and no CAP_LEASE, or a filesystem without leases)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError as err:
-        return False if err.errno in (errno.EAGAIN, errno.EBUSY) else None
-    else:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return True
+        answer = writers.open_for_writing(fd)
     finally:
         os.close(fd)
+    return None if answer is None else not answer
 
 
 def tidy(folder: Path) -> None:

@@ -26,12 +26,16 @@ from nbankd.deposit import inboxfs, receipts, rejection, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
+    Change,
+    booted_at,
+    compare,
+    compare_stat,
     fstat_matches,
     mark_verified,
-    same_content,
     same_identity,
     staged_id,
     staged_matches,
+    stat_fields,
     verified_before_publish,
 )
 from nbankd.deposit.journal import Item
@@ -44,6 +48,8 @@ from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
 from nbankd.watch import writers
 
+#: a released folder's name while it is removed (see :meth:`Steps.release`)
+RELEASED_SUFFIX = b".released"
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
 __all__ = ["InboxParked", "StepResult", "Steps"]
@@ -400,15 +406,23 @@ class Steps(ClaimSteps, IdentifierSteps):
         spec = self._spec(item)
         with spec.open_fs() as fs:
             token = item.token.encode()
+            gone = token + RELEASED_SUFFIX
             st = fs.lstat(fs.work, token)
             if st is not None and not self._as_claimed(item, st, fs.at(fs.work, item.token)):
                 # a writer kept it open and changed it after its copy was made: the
                 # archive keeps the copy as claimed; this version goes back, whole
                 return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
             if st is not None and stat.S_ISDIR(st.st_mode):
-                fsops.remove_ours(fs.at(fs.work, token))  # a folder resource's tree
-            else:
+                # a folder resource's tree: renamed first, then removed, so that a removal
+                # stopped half way is finished by the next attempt, never taken for a
+                # changed input (only the daemon writes in its work folder)
+                if fs.lstat(fs.work, gone) is not None:
+                    fsops.remove_ours(fs.at(fs.work, gone))
+                os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
+            elif st is not None:
                 fs.unlink(fs.work, token)
+            if fs.lstat(fs.work, gone) is not None:
+                fsops.remove_ours(fs.at(fs.work, gone))
             seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
@@ -422,25 +436,65 @@ class Steps(ClaimSteps, IdentifierSteps):
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 
-    @staticmethod
-    def _content_as_hashed(item: Item, work: Path) -> bool:
+    def _content_as_hashed(self, item: Item, work: Path) -> bool:
         """True when the input published in place still has the content the stage step
-        hashed (and the registry recorded), or is gone from the work folder (published
-        by an earlier attempt: publishing knows what to do)."""
+        hashed (and the registry recorded): the same identity, or (when only its ctime
+        moved, as an earlier attempt's mode change moves it) the same SHA-1; or when it
+        is gone from the work folder (published by an earlier attempt: publishing knows
+        what to do)."""
+        is_dir = item.kind == "dir"
         try:
-            return same_content(item.identity, work, item.kind == "dir")
+            change = compare(item.identity, work, is_dir)
         except FileNotFoundError:
             return True
+        if change is Change.CTIME:
+            return self._same_sha1(item, work, is_dir)
+        return change is Change.SAME
 
-    @staticmethod
-    def _as_claimed(item: Item, st: os.stat_result, work: Path) -> bool:
-        """True when the claimed input ``st`` (an lstat of ``work``) is still the one
-        whose identity the claim recorded, or when none was recorded (an older journal)."""
+    def _as_claimed(self, item: Item, st: os.stat_result, work: Path) -> bool:
+        """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
+        claim recorded: the same identity (or none recorded: an older journal), or only
+        its ctime moved and its SHA-1 is the deposited one (a mode or group changed), or
+        the machine restarted since the claim (a power loss takes unflushed bytes of an
+        input; its stored copy was durable and verified before the record)."""
         if item.identity is None:
             return True
-        if stat.S_ISDIR(st.st_mode):
-            return same_identity(item.identity, work, True)
-        return fstat_matches(item.identity, st)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        try:
+            change = (
+                compare(item.identity, work, True)
+                if is_dir
+                else compare_stat(item.identity, stat_fields(st))
+            )
+        except FileNotFoundError:
+            return True
+        if change is Change.SAME:
+            return True
+        if item.created < booted_at():
+            log.info(
+                "input changed across a restart of the machine; removed, its stored copy "
+                "being complete",
+                item=item.token,
+                resource_id=item.name,
+            )
+            return True
+        return change is Change.CTIME and self._same_sha1(item, work, is_dir)
+
+    def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
+        """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
+        as a zip is never compared: its SHA-1 is the zip's)."""
+        if item.sha1 is None or item.zipped:
+            return False
+        if is_dir:
+            sha1, _size = durable.hash_tree(self._archive(Intent.of(item)), work)
+            return sha1 == item.sha1
+        fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            return copy_hashing(fd, None).sha1 == item.sha1
+        finally:
+            os.close(fd)
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)

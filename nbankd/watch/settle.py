@@ -372,7 +372,13 @@ def hold_open(
         w = watches.get(path)
         if w is not None:
             watches[path] = replace(
-                w, last_change=now, verdict=verdict, ready_at=now + settle_seconds
+                w,
+                last_change=now,
+                changing_since=now,
+                changes=0,  # quiet, only held: never judged stalled for its earlier growth
+                verdict=verdict,
+                ready_at=now + settle_seconds,
+                stall_at=None,
             )
     return replace(state, watches=watches)
 

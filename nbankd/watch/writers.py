@@ -25,10 +25,6 @@ from pathlib import Path
 
 from nbankd import errors
 
-#: errors that mean "the kernel will not tell": not the owner and no CAP_LEASE (EACCES,
-#: EPERM), no leases on this filesystem or for this kind of file (EINVAL, ENOLCK)
-_CANNOT_TELL = frozenset({errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOLCK})
-
 
 def open_for_writing(fd: int) -> bool | None:
     """True when a process (this one included) holds the regular file open on ``fd``
@@ -40,11 +36,9 @@ def open_for_writing(fd: int) -> bool | None:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as err:
-        if err.errno == errno.EAGAIN:
+        if err.errno in (errno.EAGAIN, errno.EBUSY):
             return True
-        if err.errno in _CANNOT_TELL:
-            return None
-        raise
+        return None  # EACCES/EPERM (no CAP_LEASE), EINVAL/ENOLCK (no leases here), ...
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return False
 

@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def drop_folder(journal: Journal, spec: InboxSpec, name: str, files: dict[str, b
         placement=spec.placement,
         verify=1,
         seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=0.0,
+        created=time.time(),  # a claim of this boot (release trusts its changes)
         updated=0.0,
     )
 
