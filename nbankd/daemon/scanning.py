@@ -7,6 +7,7 @@ events and the lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,7 +21,8 @@ from nbankd.config import Config
 from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
-from nbankd.deposit.inboxfs import Escape
+from nbankd.deposit import folderproof
+from nbankd.deposit.inboxfs import Escape, InboxFS, Tampered
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES, printable
@@ -44,6 +46,8 @@ UNSAFE_WHAT = {
 #: seconds: a file held open for writing is asked about again after settle_seconds,
 #: but never sooner than this (settle_seconds may be 0: no rescan loop for one file)
 HELD_RECHECK = 5.0
+#: the inputs asked whether a program still holds them open for writing
+_ASKED = frozenset({EntryKind.FILE, EntryKind.DIRECTORY_RESOURCE})
 #: seconds between two scans of one inbox that changes arrive for (explicit rescans
 #: and settle deadlines are not held back)
 CHANGE_SCAN_GAP = 0.2
@@ -220,12 +224,14 @@ class InboxScanning:
         for writing (quiet for longer than the settle time, not finished): each of those
         settles again, and is asked about again once it has stayed unchanged that long.
         Only entries about to be journaled are asked: never those already in flight."""
-        files = [e for e, unsafe in todo if not unsafe and e.kind is EntryKind.FILE]
+        inputs = [e for e, unsafe in todo if not unsafe and e.kind in _ASKED]
         spec = self.specs.get(key)
-        if not files or spec is None:
+        if not inputs or spec is None:
             return todo
-        asked = [e.relpath for e in files]
-        held, unknown = open_for_writing(spec, asked)
+        asked = [e.relpath for e in inputs]
+        held, unknown = open_for_writing(
+            spec, [(e.relpath, e.kind is EntryKind.DIRECTORY_RESOURCE) for e in inputs]
+        )
         if unknown and not state.writers_unknown:
             log.info(
                 "cannot tell whether files are still open for writing: settling alone "
@@ -235,7 +241,7 @@ class InboxScanning:
             )
         state.writers_unknown = bool(unknown)
         for rel in sorted(set(held) - state.open_for_writing):
-            log.info("file still open for writing; it waits until closed", inbox=key, source=rel)
+            log.info("input still open for writing; it waits until closed", inbox=key, source=rel)
         # those asked now are known; those held earlier and not asked now still are
         state.open_for_writing = (state.open_for_writing - set(asked)) | set(held)
         if not held:
@@ -332,29 +338,48 @@ def _seen_identity(tracker: settle.TrackerState) -> Callable[[str], Identity | N
     return seen
 
 
-def open_for_writing(spec: InboxSpec, relpaths: list[str]) -> tuple[list[str], list[str]]:
-    """(the relpaths of files some program holds open for writing, those the kernel
-    could not tell about), each file reached from the inbox's descriptor, one folder
-    descriptor at a time, never through a link."""
+def open_for_writing(
+    spec: InboxSpec, inputs: list[tuple[str, bool]]
+) -> tuple[list[str], list[str]]:
+    """(the relpaths of the inputs, (relpath, is a folder), some program holds open for
+    writing (a folder: one of its files), those the kernel could not tell about), each
+    reached from the inbox's descriptor, one folder descriptor at a time, never through
+    a link."""
     held: list[str] = []
     unknown: list[str] = []
     try:
         fs = spec.open_fs()
     except OSError:
-        return held, list(relpaths)
+        return held, [rel for rel, _ in inputs]
     with fs:
-        for rel in relpaths:
+        if writers.untrusted(fs.dev):  # its answers may be worth trusting again
+            _calibrate(fs)
+        for rel, is_dir in inputs:
             try:
                 fd, name = fs.parent(rel)
             except (OSError, Escape):
                 unknown.append(rel)
                 continue
+            ask = writers.tree_open_for_writing_at if is_dir else writers.open_for_writing_at
             try:
-                answer = writers.open_for_writing_at(fd, name)
+                answer = ask(fd, name)
             finally:
                 fs.release(fd)
             if answer is None:
                 unknown.append(rel)
             elif answer:
                 held.append(rel)
+        if held:
+            _calibrate(fs)
+            if writers.untrusted(fs.dev):
+                unknown += held
+                held = []
     return held, unknown
+
+
+def _calibrate(fs: InboxFS) -> None:
+    """A filesystem may answer "open for writing" for every file (NFSv4 without a read
+    delegation, CIFS without an oplock): asked about the daemon's own token in the work
+    folder, which nothing holds open (:func:`nbankd.watch.writers.calibrate`)."""
+    with contextlib.suppress(OSError, Escape, Tampered):
+        writers.calibrate(fs.work, folderproof.PROOF_NAME.encode())

@@ -9,8 +9,11 @@ as SIGURG, whose default action is to ignore it, rather than SIGIO, whose defaul
 action would end the process.
 
 The kernel grants leases only to the file's owner or to a process holding
-``CAP_LEASE``, and only on filesystems that support them (not NFS): when it refuses,
-the answer is None, "cannot tell", and settling alone decides, as before. Writers on
+``CAP_LEASE``, and only on filesystems that support them: when it refuses, the answer
+is None, "cannot tell", and settling alone decides, as before. NFSv4 without a read
+delegation and CIFS without an oplock refuse every lease as if the file were open for
+writing; :func:`calibrate` catches that against a file nothing holds open (the work
+folder's token), and answers about that device are then "cannot tell". Writers on
 other hosts of a network filesystem are never seen.
 """
 
@@ -25,13 +28,55 @@ from pathlib import Path
 
 from nbankd import errors
 
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+#: devices whose filesystem said "open for writing" of a file nothing holds open: NFSv4
+#: without a read delegation and CIFS without an oplock refuse every read lease with
+#: EAGAIN, so their answers tell nothing (see :func:`calibrate`)
+_untrusted: set[int] = set()
+
 
 def open_for_writing(fd: int) -> bool | None:
     """True when a process (this one included) holds the regular file open on ``fd``
-    open for writing, False when none does, None when the kernel cannot tell.
-    ``fd`` must be open read-only."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    open for writing, False when none does, None when the kernel cannot tell (or its
+    filesystem answers "open" for closed files: :func:`calibrate`). ``fd`` must be
+    open read-only."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_dev in _untrusted:
         return None
+    return _ask(fd)
+
+
+def calibrate(dir_fd: int, control: bytes) -> None:
+    """Asks about ``control`` (in the open folder ``dir_fd``), a file nothing holds
+    open for writing (the work folder's token): when the answer is "open", answers
+    about files of its device are not trusted until a later calibration answers
+    "closed" (a filesystem may gain or lose its delegations)."""
+    try:
+        fd = os.open(control, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        answer = _ask(fd)
+        if answer is True:
+            _untrusted.add(st.st_dev)
+        elif answer is False:
+            _untrusted.discard(st.st_dev)
+    finally:
+        os.close(fd)
+
+
+def untrusted(dev: int) -> bool:
+    """True when answers about files of device ``dev`` are not trusted (:func:`calibrate`)."""
+    return dev in _untrusted
+
+
+def _ask(fd: int) -> bool | None:
+    """The kernel's answer for ``fd``, a regular file open read-only."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -48,17 +93,54 @@ def open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
     opened without following a link and without blocking (a FIFO swapped in is not a
     regular file: None). None also when the entry cannot be opened."""
     try:
-        fd = os.open(
-            name,
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-            dir_fd=dir_fd,
-        )
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
     try:
         return open_for_writing(fd)
     finally:
         os.close(fd)
+
+
+def tree_open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
+    """:func:`open_for_writing` of a folder input: True when some program holds one of
+    the regular files below the folder ``name`` (in the open folder ``dir_fd``) open
+    for writing, False when none does, None when the kernel could not tell for one of
+    them and held none. Walked from descriptors, one folder open at a time below the
+    current one, never through a link; what cannot be opened counts as "cannot tell"."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return _walk(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(fd: int) -> bool | None:
+    unknown = False
+    try:
+        entries = list(os.scandir(fd))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            is_file = not is_dir and entry.is_file(follow_symlinks=False)
+        except OSError:
+            unknown = True
+            continue
+        if is_dir:
+            answer = tree_open_for_writing_at(fd, os.fsencode(entry.name))
+        elif is_file:
+            answer = open_for_writing_at(fd, os.fsencode(entry.name))
+        else:
+            continue  # links and special files: the claim refuses them
+        if answer:
+            return True
+        unknown = unknown or answer is None
+    return None if unknown else False
 
 
 def refuse_if_open_for_writing(fd: int, shown: Path | str) -> None:
@@ -73,4 +155,11 @@ def refuse_if_open_for_writing(fd: int, shown: Path | str) -> None:
         )
 
 
-__all__ = ["open_for_writing", "open_for_writing_at", "refuse_if_open_for_writing"]
+__all__ = [
+    "calibrate",
+    "open_for_writing",
+    "open_for_writing_at",
+    "refuse_if_open_for_writing",
+    "tree_open_for_writing_at",
+    "untrusted",
+]

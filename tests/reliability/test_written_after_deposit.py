@@ -70,7 +70,7 @@ def test_a_quiet_file_still_open_for_writing_waits_until_closed(daemon_factory: 
         wait_for(
             lambda: (
                 sum(
-                    e.get("event") == "file still open for writing; it waits until closed"
+                    e.get("event") == "input still open for writing; it waits until closed"
                     for e in _log_events(h)
                 )
                 >= 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.users import TestUser
-from nbankd.watch.writers import open_for_writing, open_for_writing_at
+from nbankd.watch.writers import calibrate, open_for_writing, open_for_writing_at
 
 REPO = Path(__file__).resolve().parents[2]
 _HOLD = (
@@ -176,3 +176,23 @@ def test_cap_lease_tells_about_other_users_files(other_user: TestUser, not_their
     assert _ask_as(other_user, not_theirs, cap_lease=True) == "False"
     with held_open(not_theirs, "ab"):
         assert _ask_as(other_user, not_theirs, cap_lease=True) == "True"
+
+
+def test_a_filesystem_saying_open_for_a_closed_file_is_not_trusted(tmp_path: Path) -> None:
+    """When the control file, which nothing should hold open, is reported open for
+    writing (as NFSv4 without a delegation reports every file), answers about files of
+    its device are "cannot tell", never "open"; a later "closed" trusts them again."""
+    control, rec = tmp_path / "token", tmp_path / "rec.dat"
+    control.write_bytes(b"t")
+    rec.write_bytes(b"x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with held_open(control, "ab"), held_open(rec, "ab"):  # every file reads "open"
+            calibrate(fd, b"token")
+            assert open_for_writing_at(fd, b"rec.dat") is None
+        calibrate(fd, b"token")
+        with held_open(rec, "ab"):
+            assert open_for_writing_at(fd, b"rec.dat") is True
+    finally:
+        calibrate(fd, b"token")  # this device trusted again whatever happened above
+        os.close(fd)
