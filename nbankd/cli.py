@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+import structlog
+
 from nbankd import errors
 from nbankd.errors import exit_code_for
 from nbankd.versions import version_text
@@ -95,11 +97,16 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     from nbankd.control.alerts import start_alerts
     from nbankd.control.metrics import start_metrics
     from nbankd.daemon.service import Daemon, install_signal_handlers
+    from nbankd.service.capabilities import keep_capabilities_to_self
     from nbankd.service.logs import configure_logging
     from nbankd.service.notify import Notifier
 
     config = load_config(find_config_path(config_path))
     configure_logging(config.log.format, config.log.level)
+    if not keep_capabilities_to_self():  # CAP_LEASE is the daemon's, never its readers'
+        structlog.get_logger("nbankd").warning(
+            "cannot clear the ambient capabilities: metadata readers inherit CAP_LEASE"
+        )
     notifier = Notifier()
     liveness = Liveness(notifier, seams.wedge_after(WEDGE_AFTER_DEFAULT))
     daemon = Daemon(
