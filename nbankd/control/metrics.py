@@ -131,6 +131,11 @@ def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
     stalled = GaugeMetricFamily(
         "nbankd_inbox_stalled_files", "Files still changing after stall_after", labels=["inbox"]
     )
+    held_open = GaugeMetricFamily(
+        "nbankd_inbox_open_for_writing_files",
+        "Finished-looking inputs held back: a program still has them open for writing",
+        labels=["inbox"],
+    )
     rejected = GaugeMetricFamily(
         "nbankd_inbox_rejected_waiting",
         "Rejected inputs waiting in the inbox's rejected folder",
@@ -152,12 +157,13 @@ def _inbox_families(status: Mapping[str, Any]) -> list[Metric]:
         on_errors.add_metric([key], entry.get("waiting_on_errors", 0))
         paused.add_metric([key], 1 if entry.get("paused") else 0)
         stalled.add_metric([key], len(entry.get("stalled") or []))
+        held_open.add_metric([key], len(entry.get("open_for_writing") or []))
         rejected.add_metric([key], entry.get("in_rejected_folder", 0))
         archive_up.add_metric([key], 0 if entry.get("archive_problem") else 1)
         mode = entry.get("watch_mode") or "poll"
         for m in sorted({*WATCH_MODES, mode}):
             watch.add_metric([key, m], 1 if m == mode else 0)
-    return [waiting, oldest, on_errors, paused, stalled, rejected, archive_up, watch]
+    return [waiting, oldest, on_errors, paused, stalled, held_open, rejected, archive_up, watch]
 
 
 def _health_families(status: Mapping[str, Any]) -> list[Metric]:

@@ -110,6 +110,8 @@ def build_status(
                     (i.created for i in unfinished if i.inbox == key), default=None
                 ),
                 "stalled": list(state.stalled),
+                # ready but held: a program still has them open for writing
+                "open_for_writing": sorted(state.open_for_writing),
                 "unreadable": [rel for rel, _ in state.unreadable],
                 "skipped": dict(state.skipped),
                 "archive_problem": state.archive_problem,

@@ -30,6 +30,7 @@ STATUS: dict[str, Any] = {
             "waiting_on_errors": 1,
             "paused": True,
             "stalled": ["slow.wav"],
+            "open_for_writing": ["rec1.wav", "rec2.wav"],
             "in_rejected_folder": 2,
             "archive_problem": "not mounted",
             "watch_mode": "poll",
@@ -64,6 +65,7 @@ def test_status_becomes_gauges() -> None:
     assert got[("nbankd_inbox_in_flight", inbox)] == 3
     assert got[("nbankd_inbox_paused", inbox)] == 1
     assert got[("nbankd_inbox_stalled_files", inbox)] == 1
+    assert got[("nbankd_inbox_open_for_writing_files", inbox)] == 2
     assert got[("nbankd_inbox_rejected_waiting", inbox)] == 2
     assert got[("nbankd_archive_usable", inbox)] == 0
     assert got[("nbankd_watch_mode", (("inbox", INBOX), ("mode", "poll")))] == 1
@@ -225,6 +227,7 @@ def test_status_and_metrics_agree(daemon_factory: Any) -> None:
     assert scraped[("nbankd_archive_usable", key)] == (0 if inbox["archive_problem"] else 1)
     assert scraped[("nbankd_registry_usable", ())] == (0 if status["registry"]["problem"] else 1)
     assert scraped[("nbankd_inbox_stalled_files", key)] == len(inbox["stalled"])
+    assert scraped[("nbankd_inbox_open_for_writing_files", key)] == len(inbox["open_for_writing"])
     assert scraped[("nbankd_metrics_textfile_failing", ())] == 0 and status["metrics"] == {
         "problem": None
     }

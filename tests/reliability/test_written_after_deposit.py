@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 
 
 def test_bytes_written_after_the_record_are_never_removed(
@@ -86,6 +86,8 @@ def test_a_quiet_file_still_open_for_writing_waits_until_closed(daemon_factory: 
         )
         assert h.receipts() == []
         assert (h.inbox / "open01.dat").exists()  # never claimed while open
+        [inbox] = status_json(h)[1]["inboxes"]
+        assert inbox["open_for_writing"] == ["open01.dat"]  # status and metrics show it
         writer.write(more)
     h.wait_settled(1)
     h.stop()
