@@ -412,17 +412,17 @@ class Steps(ClaimSteps, IdentifierSteps):
                 # a writer kept it open and changed it after its copy was made: the
                 # archive keeps the copy as claimed; this version goes back, whole
                 return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
-            if st is not None and stat.S_ISDIR(st.st_mode):
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                fs.unlink(fs.work, token)
+            else:
                 # a folder resource's tree: renamed first, then removed, so that a removal
                 # stopped half way is finished by the next attempt, never taken for a
                 # changed input (only the daemon writes in its work folder)
                 if fs.lstat(fs.work, gone) is not None:
                     fsops.remove_ours(fs.at(fs.work, gone))
-                os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-            elif st is not None:
-                fs.unlink(fs.work, token)
-            if fs.lstat(fs.work, gone) is not None:
-                fsops.remove_ours(fs.at(fs.work, gone))
+                if st is not None:
+                    os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
+                    fsops.remove_ours(fs.at(fs.work, gone))
             seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
@@ -460,6 +460,8 @@ class Steps(ClaimSteps, IdentifierSteps):
         if item.identity is None:
             return True
         is_dir = stat.S_ISDIR(st.st_mode)
+        if not is_dir and fstat_matches(item.identity, st):  # the usual answer, at once
+            return True
         try:
             change = (
                 compare(item.identity, work, True)
