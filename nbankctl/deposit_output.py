@@ -36,6 +36,8 @@ def report_outcomes(
         source = record["source"]
         if state == State.DONE:
             say(args, f"{source}: deposited as {record['id']} ({d['url']})")
+        elif "id" in record:  # recorded, then changed by a writer: back in place
+            say(args, f"{source}: deposited as {record['id']} ({d['url']}), but {record['note']}")
         elif d.get("pending") and d["held"] is None:
             say(
                 args,

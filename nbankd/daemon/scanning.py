@@ -182,7 +182,9 @@ class InboxScanning:
         state.verdicts = verdicts if isinstance(verdicts, dict) else dict(verdicts)
         if state.open_for_writing:  # held back at an earlier scan: still why they wait
             watches = state.tracker.watches
-            state.open_for_writing = frozenset(r for r in state.open_for_writing if r in watches)
+            state.open_for_writing = {
+                r: until for r, until in state.open_for_writing.items() if r in watches
+            }
             held = settle.open_verdict(max(inbox.settle_seconds, HELD_RECHECK))
             for rel in state.open_for_writing:
                 if state.verdicts[rel].state is settle.State.SETTLING:
@@ -209,6 +211,7 @@ class InboxScanning:
             or state.inbox_problem is not None
             or self.state_problem is not None
         ):
+            state.open_for_writing = {}  # not asked while nothing starts: not known either
             return
         self._start_items(
             key, state, [(e, False) for e in result.ready] + [(e, True) for e in result.unsafe]
@@ -224,6 +227,12 @@ class InboxScanning:
         for writing (quiet for longer than the settle time, not finished): each of those
         settles again, and is asked about again once it has stayed unchanged that long.
         Only entries about to be journaled are asked: never those already in flight."""
+        waiting = state.open_for_writing
+        if waiting:  # held at an earlier scan: asked again only once their time comes
+            todo = [(e, u) for e, u in todo if waiting.get(e.relpath, 0.0) <= now]
+            later = [until for until in waiting.values() if until > now]
+            if later:
+                state.next_scan = min(state.next_scan, min(later))
         inputs = [e for e, unsafe in todo if not unsafe and e.kind in _ASKED]
         spec = self.specs.get(key)
         if not inputs or spec is None:
@@ -240,14 +249,15 @@ class InboxScanning:
                 first=printable(unknown[0]),
             )
         state.writers_unknown = bool(unknown)
-        for rel in sorted(set(held) - state.open_for_writing):
+        for rel in sorted(set(held) - set(waiting)):
             log.info("input still open for writing; it waits until closed", inbox=key, source=rel)
-        # those asked now are known; those held earlier and not asked now still are
-        state.open_for_writing = (state.open_for_writing - set(asked)) | set(held)
-        if not held:
-            return todo
         # asked again after settle_seconds, but never more often than HELD_RECHECK
         again = max(state.config.settle_seconds, HELD_RECHECK)
+        # those asked now are known; those held earlier and not asked now still are
+        kept = {r: until for r, until in waiting.items() if r not in set(asked)}
+        state.open_for_writing = {**kept, **{rel: now + again for rel in held}}
+        if not held:
+            return todo
         state.tracker = settle.hold_open(state.tracker, held, now, again)
         verdict = settle.open_verdict(again)
         for rel in held:
@@ -363,6 +373,11 @@ def open_for_writing(
             ask = writers.tree_open_for_writing_at if is_dir else writers.open_for_writing_at
             try:
                 answer = ask(fd, name)
+            except Exception as err:  # never a reason to stop scanning: "cannot tell"
+                log.warning(
+                    "cannot ask whether an input is open for writing", source=rel, error=repr(err)
+                )
+                answer = None
             finally:
                 fs.release(fd)
             if answer is None:

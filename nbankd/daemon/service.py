@@ -327,6 +327,10 @@ class Daemon(DepositWorkers, InboxScanning):
                     except sqlite3.Error as err:  # journaling a new item failed
                         self._journal_failed(err)
                         state.next_scan = now + min(JOURNAL_RETRY, state.config.rescan_every)
+                    except Exception as err:  # a bug: that inbox waits, the others go on
+                        log.exception("unexpected error scanning an inbox", inbox=key)
+                        self.last_error = {"time": now, "inbox": key, "error": repr(err)}
+                        state.next_scan = now + min(60.0, state.config.rescan_every)
                     with self._scanned:
                         self._scanned.notify_all()
             watch_due = self._check_watches(now)

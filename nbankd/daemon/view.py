@@ -45,8 +45,9 @@ class InboxState:
     stalled: tuple[str, ...] = ()
     unreadable: tuple[tuple[str, str], ...] = ()  # (relpath, why) the scan could not read
     verdicts: dict[str, Any] = field(default_factory=dict)  # relpath -> settle verdict
-    #: ready files a program held open for writing at their last check (they wait)
-    open_for_writing: frozenset[str] = frozenset()
+    #: ready inputs a program held open for writing at their last check (they wait),
+    #: with when they are asked again
+    open_for_writing: dict[str, float] = field(default_factory=dict)
     writers_unknown: bool = False  # the kernel could not tell for some file (no lease)
 
 

@@ -18,17 +18,41 @@ IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 
 
 def identity_json(path: Path, is_dir: bool) -> str:
+    """The identity journaled at claim: IDENTITY_FIELDS, and ``boot``, the machine's
+    boot id then (a change found after a restart of the machine is told apart)."""
     ident = tree_identity(path) if is_dir else identity_of_path(path)
-    return json.dumps({k: getattr(ident, k) for k in IDENTITY_FIELDS})
+    return json.dumps({**{k: getattr(ident, k) for k in IDENTITY_FIELDS}, "boot": boot_id()})
 
 
 def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
     if recorded is None:
         return False
     try:
-        return json.loads(identity_json(path, is_dir)) == json.loads(recorded)
+        ident = tree_identity(path) if is_dir else identity_of_path(path)
     except FileNotFoundError:
         return False
+    want = json.loads(recorded)
+    return all(want.get(k) == getattr(ident, k) for k in IDENTITY_FIELDS)
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> str:
+    """This boot of the machine (/proc/sys/kernel/random/boot_id); "" when unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def restarted_since(recorded: str, created: float) -> bool:
+    """True when the machine restarted since the identity ``recorded`` was taken: its
+    boot id differs from this boot's; for an identity journaled without one (an older
+    release), when the item's intent (``created``) is older than this boot."""
+    then = json.loads(recorded).get("boot")
+    if then is not None:
+        return bool(then) and then != boot_id()
+    return created < booted_at()
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,16 +69,15 @@ def booted_at() -> float:
     return 0.0
 
 
-#: what content changes move (a mode or group set by publishing moves only ctime)
-CONTENT_FIELDS = ("dev", "ino", "size", "mtime_ns")
-
-
 class Change(enum.Enum):
     """How an input compares with the identity its claim recorded."""
 
     SAME = "same"
-    CTIME = "ctime"  # only its ctime moved: a mode, group, link or attribute, maybe no byte
-    CONTENT = "content"  # device, inode, size or mtime moved
+    #: size and mtime as recorded, but its ctime moved (a mode, group, link or attribute)
+    #: or its device and inode numbers (an SSHFS remount numbers files anew): maybe no
+    #: byte changed, its SHA-1 tells
+    UNSURE = "unsure"
+    CONTENT = "content"  # size or mtime moved
 
 
 def compare(recorded: str | None, path: Path, is_dir: bool) -> Change:
@@ -71,8 +94,8 @@ def compare_stat(recorded: str, now: dict[str, int]) -> Change:
     want = json.loads(recorded)
     if all(want.get(key) == now.get(key) for key in IDENTITY_FIELDS):
         return Change.SAME
-    if all(want.get(key) == now.get(key) for key in CONTENT_FIELDS):
-        return Change.CTIME
+    if all(want.get(key) == now.get(key) for key in ("size", "mtime_ns")):
+        return Change.UNSURE
     return Change.CONTENT
 
 
@@ -158,11 +181,10 @@ def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
     if recorded is None:
         return False
     want = json.loads(recorded)
-    got = {
-        "dev": st.st_dev,
-        "ino": st.st_ino,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-    }
-    return want == got
+    return (
+        want.get("dev") == st.st_dev
+        and want.get("ino") == st.st_ino
+        and want.get("size") == st.st_size
+        and want.get("mtime_ns") == st.st_mtime_ns
+        and want.get("ctime_ns") == st.st_ctime_ns
+    )

@@ -228,6 +228,7 @@ def advance(
                 State.RETURNING,
                 error_code=outcome.code or "changed",
                 error_message=outcome.message,
+                registered=registered,  # recorded: its stored copy is registered
             )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":

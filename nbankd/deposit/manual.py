@@ -343,15 +343,21 @@ def is_final(item: Item) -> bool:
 
 def record(item: Item) -> dict[str, Any]:
     """What ``nbank deposit -j`` prints for the item: ``{"source", "id"}`` once it is
-    deposited (and ``"zipped": true`` for a folder deposited as its zip),
+    deposited (and ``"zipped": true`` for a folder deposited as its zip; ``"note"``
+    when a writer changed the file after its record and it went back in place),
     ``{"source", "error"}`` otherwise (with ``state`` while unfinished)."""
     inbox = ManualInbox.from_key(item.inbox)
     folder = inbox.folder if inbox is not None else Path(".")
     source = str(folder / item.relpath_str)
-    if item.state is State.DONE:
+    if item.state is State.DONE or (item.state is State.RETURNED and item.progress.registered):
         done: dict[str, Any] = {"source": source, "id": item.name}
         if item.zipped:
             done["zipped"] = True
+        if item.state is State.RETURNED:  # recorded, then a writer changed the file
+            done["note"] = (
+                "it changed after it was deposited: the archive keeps the version deposited, "
+                "and the changed file is back in place"
+            )
         return done
     if item.state is State.REJECTED:
         reason = json.loads(item.reason_json or "{}")

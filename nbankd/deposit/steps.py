@@ -27,11 +27,12 @@ from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
     Change,
-    booted_at,
     compare,
     compare_stat,
     fstat_matches,
+    identity_json,
     mark_verified,
+    restarted_since,
     same_identity,
     staged_id,
     staged_matches,
@@ -265,10 +266,12 @@ class Steps(ClaimSteps, IdentifierSteps):
         if intent.placement == "rename":
             with spec.open_fs() as fs:
                 work = fs.at(fs.work, item.token)
-                if not self._content_as_hashed(item, work):
+                as_hashed = self._content_as_hashed(item, work)
+                if as_hashed is None:
                     return item, verdicts.changed_before_publish(
                         item.relpath_str, item.name, item.sha1
                     )
+                item = as_hashed
                 durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress
                 )
@@ -436,27 +439,31 @@ class Steps(ClaimSteps, IdentifierSteps):
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 
-    def _content_as_hashed(self, item: Item, work: Path) -> bool:
-        """True when the input published in place still has the content the stage step
-        hashed (and the registry recorded): the same identity, or (when only its ctime
-        moved, as an earlier attempt's mode change moves it) the same SHA-1; or when it
-        is gone from the work folder (published by an earlier attempt: publishing knows
-        what to do)."""
+    def _content_as_hashed(self, item: Item, work: Path) -> Item | None:
+        """The item when the input published in place still has the content the stage
+        step hashed (and the registry recorded): the same identity; or the same SHA-1
+        when only its ctime or its numbers moved (an earlier attempt's mode change, an
+        SSHFS remount), its identity then journaled anew; or when it is gone from the
+        work folder (published by an earlier attempt: publishing knows what to do).
+        None when it changed."""
         is_dir = item.kind == "dir"
         try:
             change = compare(item.identity, work, is_dir)
         except FileNotFoundError:
-            return True
-        if change is Change.CTIME:
-            return self._same_sha1(item, work, is_dir)
-        return change is Change.SAME
+            return item
+        if change is Change.SAME:
+            return item
+        if change is Change.UNSURE and self._same_sha1(item, work, is_dir):
+            return item.changed(identity=identity_json(work, is_dir))
+        return None
 
     def _as_claimed(self, item: Item, st: os.stat_result, work: Path) -> bool:
         """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
-        claim recorded: the same identity (or none recorded: an older journal), or only
-        its ctime moved and its SHA-1 is the deposited one (a mode or group changed), or
-        the machine restarted since the claim (a power loss takes unflushed bytes of an
-        input; its stored copy was durable and verified before the record)."""
+        claim recorded: the same identity (or none recorded: an older journal); or its
+        size and mtime as recorded and its SHA-1 the deposited one (a mode or group
+        changed, an SSHFS remount numbered it anew); or the machine restarted since the
+        claim (a power loss takes unflushed bytes of an input; its stored copy was
+        durable and verified before the record)."""
         if item.identity is None:
             return True
         is_dir = stat.S_ISDIR(st.st_mode)
@@ -472,7 +479,7 @@ class Steps(ClaimSteps, IdentifierSteps):
             return True
         if change is Change.SAME:
             return True
-        if item.created < booted_at():
+        if restarted_since(item.identity, item.created):
             log.info(
                 "input changed across a restart of the machine; removed, its stored copy "
                 "being complete",
@@ -480,7 +487,7 @@ class Steps(ClaimSteps, IdentifierSteps):
                 resource_id=item.name,
             )
             return True
-        return change is Change.CTIME and self._same_sha1(item, work, is_dir)
+        return change is Change.UNSURE and self._same_sha1(item, work, is_dir)
 
     def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored

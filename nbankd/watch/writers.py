@@ -24,6 +24,7 @@ import fcntl
 import os
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from nbankd import errors
@@ -102,45 +103,69 @@ def open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
         os.close(fd)
 
 
+#: folder levels walked below a folder input; deeper ones count as "cannot tell"
+MAX_DEPTH = 64
+
+
 def tree_open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
     """:func:`open_for_writing` of a folder input: True when some program holds one of
     the regular files below the folder ``name`` (in the open folder ``dir_fd``) open
     for writing, False when none does, None when the kernel could not tell for one of
-    them and held none. Walked from descriptors, one folder open at a time below the
-    current one, never through a link; what cannot be opened counts as "cannot tell"."""
+    them and held none. Walked from descriptors without recursion, one descriptor per
+    level (at most MAX_DEPTH levels: deeper counts as "cannot tell"), never through a
+    link; what cannot be opened counts as "cannot tell"."""
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
-    try:
-        return _walk(fd)
-    finally:
-        os.close(fd)
-
-
-def _walk(fd: int) -> bool | None:
     unknown = False
+    levels: list[tuple[int, Iterator[os.DirEntry[str]]]] = []
     try:
-        entries = list(os.scandir(fd))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-            is_file = not is_dir and entry.is_file(follow_symlinks=False)
-        except OSError:
-            unknown = True
-            continue
-        if is_dir:
-            answer = tree_open_for_writing_at(fd, os.fsencode(entry.name))
-        elif is_file:
-            answer = open_for_writing_at(fd, os.fsencode(entry.name))
-        else:
-            continue  # links and special files: the claim refuses them
-        if answer:
-            return True
-        unknown = unknown or answer is None
+        unknown = not _descend(levels, top)
+        while levels:
+            fd, entries = levels[-1]
+            entry = next(entries, None)
+            if entry is None:
+                os.close(levels.pop()[0])
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                is_file = not is_dir and entry.is_file(follow_symlinks=False)
+            except OSError:
+                unknown = True
+                continue
+            if is_dir:
+                if len(levels) > MAX_DEPTH:
+                    unknown = True
+                    continue
+                try:
+                    child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    unknown = True
+                    continue
+                unknown = not _descend(levels, child) or unknown
+            elif is_file:  # links and special files are skipped: the claim refuses them
+                answer = open_for_writing_at(fd, os.fsencode(entry.name))
+                if answer:
+                    return True
+                unknown = unknown or answer is None
+    finally:
+        for fd, _ in levels:
+            os.close(fd)
     return None if unknown else False
+
+
+def _descend(levels: list[tuple[int, Iterator[os.DirEntry[str]]]], fd: int) -> bool:
+    """Pushes the open folder ``fd`` and its entries onto ``levels`` (which then owns the
+    descriptor); False when it cannot be listed (``fd`` is closed then)."""
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    except OSError:
+        os.close(fd)
+        return False
+    levels.append((fd, iter(entries)))
+    return True
 
 
 def refuse_if_open_for_writing(fd: int, shown: Path | str) -> None:

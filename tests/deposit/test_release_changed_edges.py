@@ -116,6 +116,7 @@ def test_a_folder_release_stopped_part_way_is_not_put_back(tmp_path: Path) -> No
 
 _POWER = r"""
 import fcntl, json, os, secrets, struct, sys
+from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from fixtures.inplace_env import make_env
@@ -141,7 +142,7 @@ if phase == "deposit":
         archive=env.spec.archive_name, archive_path=str(env.spec.archive_path),
         placement="copy", verify=1,
         seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=0.0, updated=0.0)  # claimed before the machine restarted (the power loss)
+        created=0.0, updated=0.0)
     item = env.until(item, State.RECORDED)
     assert item.state is State.RECORDED, (item.state, item.error_code, item.error_message)
     # power loss: EXT4_IOC_SHUTDOWN with EXT4_GOING_FLAGS_NOLOGFLUSH
@@ -163,6 +164,10 @@ else:
                   inboxes=lambda key: spec if key == spec.key else None,
                   receipts_dir=state / "receipts")
     [item] = journal.in_state(State.RECORDED)
+    # the power loss was a restart of the machine: claimed in an earlier boot
+    claimed = json.loads(item.identity)
+    assert claimed["boot"]
+    item = journal.save(replace(item, identity=json.dumps({**claimed, "boot": "an-earlier-boot"})))
     for _ in range(4):
         if item.state in (State.DONE, State.RETURNED):
             break
