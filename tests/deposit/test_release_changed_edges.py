@@ -291,7 +291,7 @@ def test_a_mode_change_and_a_rewrite_after_the_record_go_back(env: Env) -> None:
     assert (item.state, item.error_code) == (State.RETURNING, "changed")
 
 
-# -- b29adfe: a same-size rewrite that restores mtime ---------------------------------
+# -- placed by rename: a same-size rewrite that restores mtime ----------------------
 
 
 def test_a_same_size_rewrite_with_its_mtime_restored_is_not_published(env: Env) -> None:
