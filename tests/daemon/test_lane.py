@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import replace
 from typing import Any
@@ -270,24 +270,41 @@ def test_room_for_the_next_items(local: int, waiting: int, room: int) -> None:
 
 def _hanging_registry(
     env: Env, monkeypatch: pytest.MonkeyPatch, release: threading.Event
-) -> tuple[threading.Event, list[str]]:
+) -> tuple[threading.Event, list[str], Callable[[], None]]:
     """An HTTP registry (as the lane sees it) whose registrations hang until ``release``;
-    claims wait for the returned event (set it once every item is queued) and are listed."""
+    claims wait for the returned event (set it once every item is queued) and are listed.
+    The returned function waits until no registration is running any more: the lane's
+    stop leaves them to finish on their threads, and the registry (SQLite here) must
+    not be closed under them."""
     monkeypatch.setattr(env.registry, "backend", "http")
     submitted = threading.Event()
     claims: list[str] = []
     attempt = env.steps.attempt
+    running: list[str] = []
+    finished = threading.Condition()
 
     def hanging(item: Item, step: Step) -> tuple[Item, object]:
         if step is Step.CLAIM:  # on the lane's thread, once every item is queued
             assert submitted.wait(60)
             claims.append(item.token)
-        if step is Step.REGISTER:
+        if step is not Step.REGISTER:
+            return attempt(item, step)
+        with finished:
+            running.append(item.token)
+        try:
             assert release.wait(60)
-        return attempt(item, step)
+            return attempt(item, step)
+        finally:
+            with finished:
+                running.remove(item.token)
+                finished.notify_all()
+
+    def drained() -> None:
+        with finished:
+            assert finished.wait_for(lambda: not running, 60), running
 
     monkeypatch.setattr(env.steps, "attempt", hanging)
-    return submitted, claims
+    return submitted, claims, drained
 
 
 def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
@@ -299,7 +316,7 @@ def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
     monkeypatch.setattr(lane_module, "BATCH", 2)
     monkeypatch.setattr(lane_module, "WAITING", 2)
     release = threading.Event()
-    submitted, claims = _hanging_registry(env, monkeypatch, release)
+    submitted, claims, drained = _hanging_registry(env, monkeypatch, release)
     items = [env.drop(f"h{i}.bin", os.urandom(500 + i)) for i in range(10)]
     running = _lane(env, handed)
     futures = [running.submit(item) for item in items]
@@ -312,6 +329,7 @@ def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
     assert [f.result(timeout=60).state for f in taken] == [State.REGISTERED] * 4
     left = [item for f, item in zip(futures, items, strict=True) if f.cancelled()]
     assert [env.journal.get(item.id) for item in left] == items[4:]
+    drained()
 
 
 def test_waiting_long_for_the_registry_is_a_problem(
@@ -319,7 +337,7 @@ def test_waiting_long_for_the_registry_is_a_problem(
 ) -> None:
     """Waiting for answers past STALL puts a line in status (degraded); not before."""
     release = threading.Event()
-    submitted, _claims = _hanging_registry(env, monkeypatch, release)
+    submitted, _claims, drained = _hanging_registry(env, monkeypatch, release)
     running = _lane(env, handed)
     try:
         running.submit(env.drop("w.bin", b"waits for its registration"))
@@ -332,3 +350,4 @@ def test_waiting_long_for_the_registry_is_a_problem(
     finally:
         release.set()
         running.stop()
+        drained()
