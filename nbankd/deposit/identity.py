@@ -85,8 +85,16 @@ def compare(recorded: str | None, path: Path, is_dir: bool) -> Change:
     recorded: an older journal). Raises FileNotFoundError when nothing is there."""
     if recorded is None:
         return Change.SAME
-    ident = tree_identity(path) if is_dir else identity_of_path(path)
+    if is_dir:
+        return compare_stat(recorded, identity_fields(path))
+    ident = identity_of_path(path)
     return compare_stat(recorded, {k: getattr(ident, k) for k in IDENTITY_FIELDS})
+
+
+def identity_fields(folder: Path) -> dict[str, int]:
+    """IDENTITY_FIELDS' values of a folder input's identity (its whole tree)."""
+    ident = tree_identity(folder)
+    return {k: getattr(ident, k) for k in IDENTITY_FIELDS}
 
 
 def compare_stat(recorded: str, now: dict[str, int]) -> Change:

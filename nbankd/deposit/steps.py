@@ -30,6 +30,7 @@ from nbankd.deposit.identity import (
     compare,
     compare_stat,
     fstat_matches,
+    identity_fields,
     identity_json,
     mark_verified,
     restarted_since,
@@ -461,25 +462,27 @@ class Steps(ClaimSteps, IdentifierSteps):
         """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
         claim recorded: the same identity (or none recorded: an older journal); or its
         size and mtime as recorded and its SHA-1 the deposited one (a mode or group
-        changed, an SSHFS remount numbered it anew); or the machine restarted since the
-        claim (a power loss takes unflushed bytes of an input; its stored copy was
-        durable and verified before the record)."""
+        changed, an SSHFS remount numbered it anew); or no larger than recorded after the
+        machine restarted since the claim (a power loss takes unflushed bytes of an
+        input, never adds any; its stored copy was durable and verified before the
+        record); or a folder an older release claimed (which removed folders in place:
+        what a removal stopped half way left is finished, as that release would have)."""
         if item.identity is None:
             return True
         is_dir = stat.S_ISDIR(st.st_mode)
         if not is_dir and fstat_matches(item.identity, st):  # the usual answer, at once
             return True
         try:
-            change = (
-                compare(item.identity, work, True)
-                if is_dir
-                else compare_stat(item.identity, stat_fields(st))
-            )
+            now = identity_fields(work) if is_dir else stat_fields(st)
         except FileNotFoundError:
             return True
+        change = compare_stat(item.identity, now)
         if change is Change.SAME:
             return True
-        if restarted_since(item.identity, item.created):
+        claimed = json.loads(item.identity)
+        if is_dir and "boot" not in claimed:
+            return True
+        if restarted_since(item.identity, item.created) and now["size"] <= claimed["size"]:
             log.info(
                 "input changed across a restart of the machine; removed, its stored copy "
                 "being complete",
@@ -487,21 +490,37 @@ class Steps(ClaimSteps, IdentifierSteps):
                 resource_id=item.name,
             )
             return True
-        return change is Change.UNSURE and self._same_sha1(item, work, is_dir)
+        if change is not Change.UNSURE:
+            return False
+        try:
+            return self._same_sha1(item, work, is_dir)
+        except (OSError, errors.InputChanged):  # unreadable now, or open for writing
+            return False
 
     def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
-        as a zip is never compared: its SHA-1 is the zip's)."""
-        if item.sha1 is None or item.zipped:
+        as its zip is zipped again into staging/ to compare, then discarded). Reads
+        beat the worker's liveness, as the stage step's do."""
+        if item.sha1 is None:
             return False
         if is_dir:
-            sha1, _size = durable.hash_tree(self._archive(Intent.of(item)), work)
+            archive = self._archive(Intent.of(item))
+            if item.zipped:
+                zipped = canonical_zip.zip_folder(
+                    work,
+                    archive.staging_dir,
+                    self._new_staged_name(archive, item),
+                    progress=self._progress,
+                )
+                durable.discard_staged(archive, zipped.path)
+                return zipped.sha1 == item.sha1
+            sha1, _size = durable.hash_tree(archive, work, progress=self._progress)
             return sha1 == item.sha1
         fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return False
-            return copy_hashing(fd, None).sha1 == item.sha1
+            return copy_hashing(fd, None, progress=self._progress).sha1 == item.sha1
         finally:
             os.close(fd)
 
