@@ -494,8 +494,8 @@ class Steps(ClaimSteps, IdentifierSteps):
             return False
         try:
             return self._same_sha1(item, work, is_dir)
-        except (OSError, errors.InputChanged):  # unreadable now, or open for writing
-            return False
+        except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
+            return False  # unreadable now, open for writing, a link: not as claimed
 
     def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
@@ -516,7 +516,10 @@ class Steps(ClaimSteps, IdentifierSteps):
                 return zipped.sha1 == item.sha1
             sha1, _size = durable.hash_tree(archive, work, progress=self._progress)
             return sha1 == item.sha1
-        fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            raise SourceReadError(err.errno, err.strerror, str(work)) from err
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return False
