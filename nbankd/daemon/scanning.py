@@ -254,7 +254,8 @@ class InboxScanning:
         # asked again after settle_seconds, but never more often than HELD_RECHECK
         again = max(state.config.settle_seconds, HELD_RECHECK)
         # those asked now are known; those held earlier and not asked now still are
-        kept = {r: until for r, until in waiting.items() if r not in set(asked)}
+        asked_now = set(asked)
+        kept = {r: until for r, until in waiting.items() if r not in asked_now}
         state.open_for_writing = {**kept, **{rel: now + again for rel in held}}
         if not held:
             return todo
