@@ -7,38 +7,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
+from fixtures.holders import held_open
 
 #: seconds: past HELD_RECHECK (5 s), when a held file would be asked about again
 HELD_RECHECK_PLUS = 6.0
-_HOLD = (
-    "import sys; f = open(sys.argv[1], sys.argv[2]); print('open', flush=True); sys.stdin.read()"
-)
-
-
-@contextmanager
-def held_open(path: Path, mode: str = "ab") -> Iterator[None]:
-    """Another process holds ``path`` open in ``mode`` until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(path), mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
-        yield
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def _nest(top: Path, depth: int) -> None:

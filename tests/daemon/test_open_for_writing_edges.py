@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.holders import held_open
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.daemon.scanning import open_for_writing
 from nbankd.deposit import folderproof, inboxfs
@@ -25,27 +24,6 @@ from nbankd.names import WORK_DIR_NAME
 from nbankd.watch import writers
 
 REPO = Path(__file__).resolve().parents[2]
-_HOLD = (
-    "import sys; f = open(sys.argv[1], sys.argv[2]); print('open', flush=True); sys.stdin.read()"
-)
-
-
-@contextmanager
-def held_open(path: Path, mode: str = "ab") -> Iterator[None]:
-    """Another process holds ``path`` open in ``mode`` until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(path), mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
-        yield
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 # -- a writer opening the file while the lease is held ---------------------------------

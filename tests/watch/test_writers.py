@@ -9,36 +9,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from fixtures.holders import held_open
 from fixtures.users import TestUser
 from nbankd.watch.writers import calibrate, open_for_writing, open_for_writing_at
 
 REPO = Path(__file__).resolve().parents[2]
-_HOLD = (
-    "import sys; f = open(sys.argv[1], sys.argv[2]); print('open', flush=True); sys.stdin.read()"
-)
-
-
-@contextmanager
-def held_open(path: Path, mode: str) -> Iterator[None]:
-    """Another process holds ``path`` open in ``mode`` until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(path), mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
-        yield
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def _ask(path: Path) -> bool | None:
