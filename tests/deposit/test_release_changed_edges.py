@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_zip_directories import drop_folder, use_zip
 
 from fixtures.inplace_env import TESTS, FolderEnv, make_env
 from fixtures.steps_env import Env
@@ -36,26 +35,6 @@ def _use_spec(env: Env, **changes: object) -> None:
     spec = replace(env.spec, config=replace(env.spec.config, **changes))  # type: ignore[arg-type]
     env.spec = spec
     env.steps.inboxes = lambda key: spec if key == spec.key else None
-
-
-def _drop_dir(env: Env, name: str, files: dict[str, bytes]) -> Item:
-    for rel, data in files.items():
-        (env.inbox / name / rel).parent.mkdir(parents=True, exist_ok=True)
-        (env.inbox / name / rel).write_bytes(data)
-    st = os.lstat(env.inbox / name)
-    return env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=os.fsencode(name),
-        kind="dir",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement=env.spec.placement,
-        verify=1,
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
 
 
 # -- a release that stopped part way through removing a folder ------------------------
@@ -223,8 +202,10 @@ def test_a_zipped_folder_put_back_after_its_record_keeps_its_stored_zip(env: Env
     """A folder deposited as its zip that gained a file after the record goes back to
     the inbox whole; the stored zip (linked from its staged name) is untouched and no
     staged name is left behind."""
-    _use_spec(env, directories="zip")
-    item = env.until(_drop_dir(env, "zsess", {"a.dat": os.urandom(9000)}), State.RECORDED)
+    use_zip(env)
+    item = env.until(
+        drop_folder(env.journal, env.spec, "zsess", {"a.dat": os.urandom(9000)}), State.RECORDED
+    )
     assert item.zipped
     (_work(env.inbox, item.token) / "late.dat").write_bytes(b"late")
     item = env.until(item, State.RETURNING)

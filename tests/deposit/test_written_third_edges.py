@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from test_zip_directories import drop_folder, use_zip
 
 from fixtures.inplace_env import TESTS, FolderEnv, make_env
 from fixtures.steps_env import Env
@@ -25,13 +26,6 @@ from nbankd.deposit.lifecycle import State, Step, advance
 
 def _work(inbox: Path, token: str) -> Path:
     return inbox / ".nbank" / token
-
-
-def _use_spec(env: Env, **changes: object) -> None:
-    """The env's inbox with other configuration values (as a reload would give)."""
-    spec = replace(env.spec, config=replace(env.spec.config, **changes))  # type: ignore[arg-type]
-    env.spec = spec
-    env.steps.inboxes = lambda key: spec if key == spec.key else None
 
 
 def _step(env: FolderEnv, item: Item, step: Step) -> Item:
@@ -111,26 +105,6 @@ def test_a_folder_the_previous_release_left_half_removed_is_finished_not_put_bac
 # -- a folder stored as its zip: an identity change that is no content change --------
 
 
-def _drop_dir(env: Env, name: str, files: dict[str, bytes]) -> Item:
-    for rel, data in files.items():
-        (env.inbox / name / rel).parent.mkdir(parents=True, exist_ok=True)
-        (env.inbox / name / rel).write_bytes(data)
-    st = os.lstat(env.inbox / name)
-    return env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=os.fsencode(name),
-        kind="dir",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement=env.spec.placement,
-        verify=1,
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
-
-
 def test_a_zipped_folder_whose_member_mode_changed_after_its_record_is_removed(
     env: Env,
 ) -> None:
@@ -139,9 +113,9 @@ def test_a_zipped_folder_whose_member_mode_changed_after_its_record_is_removed(
     moves, not one byte, not one byte of its zip either) is the input deposited, as a
     file whose mode changed is: removed, never put back to be deposited a second time
     (or, with automatic identifiers, rejected as a duplicate of itself)."""
-    _use_spec(env, directories="zip", auto_id=True)
+    use_zip(env, auto_id=True)
     files = {"a.dat": os.urandom(10_000), "sub/b.dat": os.urandom(7_000)}
-    item = env.until(_drop_dir(env, "zsess", files), State.RECORDED)
+    item = env.until(drop_folder(env.journal, env.spec, "zsess", files), State.RECORDED)
     assert item.state is State.RECORDED and item.zipped, (item.state, item.error_message)
     os.chmod(_work(env.inbox, item.token) / "a.dat", 0o600)
     item = env.until(item, State.DONE)
