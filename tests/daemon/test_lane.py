@@ -351,3 +351,96 @@ def test_waiting_long_for_the_registry_is_a_problem(
         release.set()
         running.stop()
         drained()
+
+
+@pytest.mark.parametrize(
+    ("since_round", "ready", "waiting", "delay"),
+    [
+        (0.0, 1, 0, 0.0),  # no registration under way: nothing to gather for
+        (0.0, 1, 3, lane_module.GATHER),
+        (lane_module.GATHER / 2, 0, 3, lane_module.GATHER / 2),
+        (lane_module.GATHER, 1, 3, 0.0),
+        (10.0, 1, 3, 0.0),
+        (-5.0, 1, 3, lane_module.GATHER),  # never longer than GATHER
+        (0.0, lane_module.BATCH // 2, 3, 0.0),  # half a round ready: no wait
+    ],
+)
+def test_how_long_a_round_waits_for_more_answers(
+    since_round: float, ready: int, waiting: int, delay: float
+) -> None:
+    """A round waits for more answers only while registrations are under way and less
+    than half a round is ready, and never past GATHER since the last round."""
+    assert lane_module.gather_for(since_round, ready, waiting) == pytest.approx(delay)
+
+
+def test_answers_arriving_one_by_one_share_a_round(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registrations answered one after the other while others are under way are saved
+    by one round together, not by one round each."""
+    monkeypatch.setattr(lane_module, "BATCH", 4)
+    monkeypatch.setattr(lane_module, "GATHER", 600.0)
+    monkeypatch.setattr(env.registry, "backend", "http")
+    gates = {name: threading.Event() for name in ("a.bin", "b.bin")}
+    claiming, queued = threading.Event(), threading.Event()
+    attempt = env.steps.attempt
+
+    def gated(item: Item, step: Step) -> tuple[Item, object]:
+        if step is Step.CLAIM and item.relpath_str == "first.bin":
+            claiming.set()  # the lane is busy: a and b queue up for its next round
+            assert queued.wait(60)
+        if step is Step.REGISTER:
+            assert gates[item.relpath_str].wait(60)
+        return attempt(item, step)
+
+    monkeypatch.setattr(env.steps, "attempt", gated)
+    saved_together: list[int] = []
+    run_round = lane_module.run_round
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("answered"):
+            saved_together.append(len(kwargs["answered"]))
+        return run_round(*args, **kwargs)
+
+    monkeypatch.setattr(lane_module, "run_round", counting)
+    gathering = threading.Event()
+    gather_for = lane_module.gather_for
+
+    def noting(since_round: float, ready: int, waiting: int) -> float:
+        delay = gather_for(since_round, ready, waiting)
+        if ready == 1 and waiting == 1 and delay > 0:
+            gathering.set()
+        return delay
+
+    monkeypatch.setattr(lane_module, "gather_for", noting)
+    running = _lane(env, handed)
+    try:
+        first = env.drop("first.bin", b"gone before its claim")
+        running.submit(first)
+        assert claiming.wait(60)
+        futures = [running.submit(env.drop(name, os.urandom(700))) for name in gates]
+        (env.inbox / "first.bin").unlink()
+        queued.set()
+        wait_for(lambda: running.waiting_since is not None, 60, "both registrations sent")
+        gates["a.bin"].set()
+        assert gathering.wait(60), "the lane ran a round for the first answer alone"
+        gates["b.bin"].set()
+        assert [i.state for i in _results(futures)] == [State.DONE] * 2
+    finally:
+        running.stop()
+    assert saved_together == [2]
+
+
+def test_a_lone_answer_is_saved_without_waiting_to_gather(
+    env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no other registration under way, an answer's round runs at once: a file
+    arriving alone never waits GATHER (set to ten minutes here)."""
+    monkeypatch.setattr(lane_module, "GATHER", 600.0)
+    monkeypatch.setattr(env.registry, "backend", "http")
+    running = _lane(env, handed)
+    try:
+        future = running.submit(env.drop("alone.bin", b"one file, nothing else"))
+        assert future.result(timeout=30).state is State.DONE
+    finally:
+        running.stop()
