@@ -12,10 +12,11 @@ own while rounds go on; each answer is saved by the next round's transaction. An
 item waits only for its own registration, never for the others'. Up to
 :data:`WAITING` registrations under way take no room in a round; beyond them the lane
 takes no new item until answers come (:func:`room_for`), and waiting long for them is
-a status problem (:meth:`Lane.problem`). While registrations are under way, rounds
-come at most every :data:`GATHER` seconds unless half a round's work is ready
-(:func:`gather_for`): answers arriving one at a time then share a round's fsyncs and
-commit. An answer with no other registration under way is saved at once.
+a status problem (:meth:`Lane.problem`). A round that would save answers while other
+registrations are still under way first waits until :data:`GATHER` seconds have gone
+by since the last round, unless half a round's work is ready (:func:`gather_for`):
+answers arriving one at a time then share a round's fsyncs and commit. A round with
+no answer to save, or none still awaited, never waits.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ WAITING = 64
 LANE_NAME = "deposit-lane"
 STALL = 60.0  # seconds without a sign of life inside a round: new small items go to the pool
 STOP_GRACE = 4.0  # seconds a stop waits for registrations under way (the daemon's is 5)
-#: seconds between rounds while registrations are under way, unless half a round's
-#: worth of work is ready sooner: answers trickling in one at a time then share a
-#: round's fsyncs and commit instead of paying for one each
+#: seconds since the last round a round saving answers waits for more while other
+#: registrations are under way, unless half a round's work is ready sooner: answers
+#: trickling in one at a time then share a round's fsyncs and commit
 GATHER = 0.02
 
 
@@ -92,12 +93,14 @@ class _Entry:
         return answered(self.item, step, future)
 
 
-def gather_for(since_round: float, ready: int, waiting: int) -> float:
-    """Seconds the lane waits before its next round: while ``waiting`` registrations
-    are under way and fewer than half a round's items are ``ready``, until
-    :data:`GATHER` seconds have gone by since the last round ended (``since_round``
-    ago); else none."""
-    if waiting == 0 or ready >= BATCH // 2:
+def gather_for(since_round: float, ready: int, answered: int, waiting: int) -> float:
+    """Seconds the lane waits before its next round: while the round would save
+    ``answered`` registrations (of its ``ready`` items) and ``waiting`` others are still
+    under way, and fewer than half a round's items are ready, until :data:`GATHER`
+    seconds have gone by since the last round ended (``since_round`` ago); else none.
+    A round without an answer to save never waits: an input waits at most once, for
+    its own answer's round, and not at all when no other registration is under way."""
+    if answered == 0 or waiting == 0 or ready >= BATCH // 2:
         return 0.0
     return max(0.0, GATHER - max(0.0, since_round))
 
@@ -241,6 +244,7 @@ class Lane:
                     time.monotonic() - self._round_ended,
                     sum(1 for e in active if not e.waiting)
                     + min(len(self._queued), self._room(active)),
+                    sum(1 for e in active if e.answered),
                     sum(1 for e in active if e.waiting),
                 )
                 if delay <= 0:

@@ -354,23 +354,25 @@ def test_waiting_long_for_the_registry_is_a_problem(
 
 
 @pytest.mark.parametrize(
-    ("since_round", "ready", "waiting", "delay"),
+    ("since_round", "ready", "answered", "waiting", "delay"),
     [
-        (0.0, 1, 0, 0.0),  # no registration under way: nothing to gather for
-        (0.0, 1, 3, lane_module.GATHER),
-        (lane_module.GATHER / 2, 0, 3, lane_module.GATHER / 2),
-        (lane_module.GATHER, 1, 3, 0.0),
-        (10.0, 1, 3, 0.0),
-        (-5.0, 1, 3, lane_module.GATHER),  # never longer than GATHER
-        (0.0, lane_module.BATCH // 2, 3, 0.0),  # half a round ready: no wait
+        (0.0, 1, 1, 0, 0.0),  # no other registration under way: nothing to gather for
+        (0.0, 1, 0, 3, 0.0),  # no answer to save: a file's own next step never waits
+        (0.0, 1, 1, 3, lane_module.GATHER),
+        (lane_module.GATHER / 2, 2, 1, 3, lane_module.GATHER / 2),
+        (lane_module.GATHER, 1, 1, 3, 0.0),
+        (10.0, 1, 1, 3, 0.0),
+        (-5.0, 1, 1, 3, lane_module.GATHER),  # never longer than GATHER
+        (0.0, lane_module.BATCH // 2, 1, 3, 0.0),  # half a round ready: no wait
     ],
 )
 def test_how_long_a_round_waits_for_more_answers(
-    since_round: float, ready: int, waiting: int, delay: float
+    since_round: float, ready: int, answered: int, waiting: int, delay: float
 ) -> None:
-    """A round waits for more answers only while registrations are under way and less
-    than half a round is ready, and never past GATHER since the last round."""
-    assert lane_module.gather_for(since_round, ready, waiting) == pytest.approx(delay)
+    """A round waits for more answers only when it would save one while others are
+    under way and less than half a round is ready, and never past GATHER since the
+    last round."""
+    assert lane_module.gather_for(since_round, ready, answered, waiting) == pytest.approx(delay)
 
 
 def test_answers_arriving_one_by_one_share_a_round(
@@ -406,9 +408,9 @@ def test_answers_arriving_one_by_one_share_a_round(
     gathering = threading.Event()
     gather_for = lane_module.gather_for
 
-    def noting(since_round: float, ready: int, waiting: int) -> float:
-        delay = gather_for(since_round, ready, waiting)
-        if ready == 1 and waiting == 1 and delay > 0:
+    def noting(since_round: float, ready: int, answered: int, waiting: int) -> float:
+        delay = gather_for(since_round, ready, answered, waiting)
+        if answered == 1 and waiting == 1 and delay > 0:
             gathering.set()
         return delay
 
@@ -434,8 +436,8 @@ def test_answers_arriving_one_by_one_share_a_round(
 def test_a_lone_answer_is_saved_without_waiting_to_gather(
     env: Env, handed: Handed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no other registration under way, an answer's round runs at once: a file
-    arriving alone never waits GATHER (set to ten minutes here)."""
+    """With no other registration under way, an answer's round runs at once (GATHER is
+    ten minutes here)."""
     monkeypatch.setattr(lane_module, "GATHER", 600.0)
     monkeypatch.setattr(env.registry, "backend", "http")
     running = _lane(env, handed)
