@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Set
 from pathlib import Path
 
 from nbankd.deposit import folderproof
+from nbankd.names import PROBE_NAME
 
 _WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json)|\.released)?$")
 
@@ -32,7 +33,8 @@ def token_of(name: str) -> str | None:
 
 def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
     """The names (sorted) whose token is not in ``known``, or that no token names,
-    leaving out NFS placeholders and the daemon's token (:mod:`nbankd.deposit.folderproof`)."""
+    leaving out NFS placeholders, the daemon's token (:mod:`nbankd.deposit.folderproof`)
+    and the probe a manual deposit makes for a moment (:func:`nbankd.deposit.manual.calibrate`)."""
     return sorted(
         n
         for n in names
@@ -40,6 +42,7 @@ def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
         and not n.startswith(".nfs")
         and n != folderproof.PROOF_NAME
         and not n.startswith(folderproof.TEMP_NAME)
+        and n != PROBE_NAME
     )
 
 

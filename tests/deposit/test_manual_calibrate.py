@@ -1,0 +1,75 @@
+"""nbankctl deposit on a filesystem that says every file is open for writing (NFSv4
+without a read delegation, CIFS without an oplock): it asks about a file of its own
+first, and then cannot tell, instead of refusing every file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fixtures.holders import held_open
+from fixtures.steps_env import Env, env
+from nbankd.deposit import manual
+from nbankd.deposit.lifecycle import State
+from nbankd.names import PROBE_NAME, WORK_DIR_NAME
+from nbankd.watch import writers
+
+__all__ = ["env"]
+
+
+@pytest.fixture
+def files(env: Env) -> Iterator[tuple[manual.ManualInbox, Path]]:
+    """A folder of a person's files, its work folder made, and the device trusted again
+    afterwards whatever a test made of it."""
+    folder = env.root / "files"
+    folder.mkdir()
+    inbox = manual.ManualInbox(
+        folder=folder,
+        archive="arch",
+        archive_path=env.archive.path,
+        registry=env.registry.url,
+        dtype="test-file",
+    )
+    spec = inbox.spec(prepare=True)
+    env.steps.inboxes = lambda key: spec if key == inbox.key else None
+    yield inbox, folder
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (folder / "closed").write_bytes(b"")
+        writers.calibrate(fd, b"closed")
+    finally:
+        os.close(fd)
+
+
+def test_a_filesystem_saying_open_for_every_file_does_not_refuse_them(
+    env: Env, files: tuple[manual.ManualInbox, Path]
+) -> None:
+    """When the deposit's own probe in the work folder reads "open for writing" too,
+    a file said to be open is journaled (cannot tell) and deposited, and the probe is
+    removed."""
+    inbox, folder = files
+    probe = folder / WORK_DIR_NAME / PROBE_NAME
+    probe.write_bytes(b"")
+    (folder / "rec.dat").write_bytes(b"recorded")
+    with held_open(probe), held_open(folder / "rec.dat"):  # every file reads "open"
+        items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
+        assert refused == []
+        assert env.until(items[0], State.DONE).state is State.DONE
+    assert not probe.exists()
+
+
+def test_a_file_open_for_writing_is_refused_where_the_probe_reads_closed(
+    env: Env, files: tuple[manual.ManualInbox, Path]
+) -> None:
+    """Where the probe reads closed (a local filesystem), a file a program holds open
+    for writing is refused as before, and no probe is left in the work folder."""
+    inbox, folder = files
+    (folder / "rec.dat").write_bytes(b"recorded")
+    with held_open(folder / "rec.dat"):
+        items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
+    assert items == []
+    assert [name for name, _why in refused] == ["rec.dat"]
+    assert sorted(os.listdir(folder / WORK_DIR_NAME)) == []
