@@ -255,9 +255,11 @@ def _run(
             left_in = manual.spec_for_key(key)
             if left_in is not None:
                 specs[key] = left_in
+                manual.calibrate(left_in)  # this run has not asked about its filesystem yet
         for folder, names in by_folder.items():
             inbox = inbox_of(folder)
             specs[inbox.key] = inbox.spec(prepare=True)
+            manual.calibrate(specs[inbox.key])  # before its files are asked about
             dirs = [n for n in names if os.path.isdir(folder / n)]
             files = [n for n in names if n not in dirs]
             for kind, group in (("file", files), ("dir", dirs)):

@@ -1,7 +1,7 @@
 """The names nbankd gives and recognises in an inbox folder: the one home of each.
 
 - :data:`WORK_DIR_NAME`: the daemon's work folder, where claimed inputs wait;
-- :data:`PROBE_NAME`: a file ``nbankctl deposit`` makes there for a moment;
+- :data:`PROBE_PREFIX`: how a file ``nbankctl deposit`` makes there for a moment starts;
 - :data:`CANARY_NAME`: the file rewritten to prove an inotify watch alive;
 - :data:`SIDECAR_SUFFIXES`: ``NAME.nbank.yaml`` / ``NAME.nbank.json`` belong to ``NAME``;
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 WORK_DIR_NAME = ".nbank"
-#: the file ``nbankctl deposit`` makes in a work folder, asks the kernel about and
-#: removes at once (:func:`nbankd.deposit.manual.calibrate`)
-PROBE_NAME = ".nbankctl-probe"
+#: how the name of the file ``nbankctl deposit`` makes in a work folder, asks the
+#: kernel about and removes at once starts (:func:`nbankd.deposit.manual.calibrate`)
+PROBE_PREFIX = ".nbankctl-probe-"
 #: how the journal key of a manual deposit's "inbox" starts (nbankctl deposit)
 MANUAL_INBOX_PREFIX = "manual:"
 CANARY_NAME = ".nbankd-canary"
@@ -59,7 +59,7 @@ def utf8_text(text: str) -> str:
 __all__ = [
     "CANARY_NAME",
     "MARKER_SUFFIX",
-    "PROBE_NAME",
+    "PROBE_PREFIX",
     "REASON_SUFFIX",
     "SIDECAR_SUFFIXES",
     "WORK_DIR_NAME",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Set
 from pathlib import Path
 
 from nbankd.deposit import folderproof
-from nbankd.names import PROBE_NAME
+from nbankd.names import PROBE_PREFIX
 
 _WORK_NAME = re.compile(r"^([0-9a-f]{32})(?:\.sidecar\.(?:yaml|json)|\.released)?$")
 
@@ -42,7 +42,7 @@ def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
         and not n.startswith(".nfs")
         and n != folderproof.PROOF_NAME
         and not n.startswith(folderproof.TEMP_NAME)
-        and n != PROBE_NAME
+        and not n.startswith(PROBE_PREFIX)
     )
 
 

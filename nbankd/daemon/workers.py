@@ -70,7 +70,9 @@ class DepositWorkers:
         over by ``nbankctl deposit``; returns the items' ids and the names refused with
         why. Raises ConfigError when the folder cannot serve as an inbox (this
         daemon's user cannot write it)."""
-        inbox.spec(prepare=True)  # its work and rejected folders, checked
+        # its work and rejected folders, checked; and whether its filesystem answers
+        spec = inbox.spec(prepare=True)
+        manual.calibrate(spec)
         dirs = [n for n in names if os.path.isdir(inbox.folder / n)]
         items: list[Item] = []
         refused: list[tuple[str, str]] = []

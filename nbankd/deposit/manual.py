@@ -37,7 +37,7 @@ from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import MANUAL_INBOX_PREFIX, PROBE_NAME, WORK_DIR_NAME
+from nbankd.names import MANUAL_INBOX_PREFIX, PROBE_PREFIX, WORK_DIR_NAME
 from nbankd.watch import writers
 
 #: how a manual deposit's inbox key starts (the rest is its options as JSON)
@@ -163,7 +163,6 @@ def journal_files(
     or a file some process still has open for writing (its bytes could change under
     the stored copy)."""
     same_fs = placement_for(inbox.folder, inbox.archive_path) == "rename"
-    calibrate(inbox.folder)  # files and folders are asked about before they are copied
     rows, refused = [], []
     for name in names:
         path = inbox.folder / name
@@ -313,33 +312,28 @@ def place_refusal(
     return None
 
 
-def calibrate(folder: Path) -> None:
-    """Asks the kernel about :data:`PROBE_NAME`, a file of this process's own in
-    ``folder``'s work folder that nothing else holds open, and removes it: on a
-    filesystem that says "open for writing" of every file (NFSv4 without a read
-    delegation, CIFS without an oplock), answers about files there then count as
-    "cannot tell" (:func:`nbankd.watch.writers.calibrate`), so closed files are not all
-    refused as still being written. Nothing is asked where the work folder cannot be
-    written (another user's)."""
+def calibrate(spec: InboxSpec) -> None:
+    """Asks the kernel about a file this process makes in the inbox's work folder
+    (checked against its identity when it was prepared, so a folder swapped in by
+    someone else is never used) and removes at once: on a filesystem that says "open
+    for writing" of every file (NFSv4 without a read delegation, CIFS without an
+    oplock), answers about files there then count as "cannot tell"
+    (:func:`nbankd.watch.writers.calibrate`) instead of refusing every file as still
+    being written. Call it once the spec is prepared, before journaling or finishing
+    its items. Nothing is asked where the work folder cannot be used or written."""
+    name = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        dir_fd = os.open(
-            folder / WORK_DIR_NAME, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
-    except OSError:
+        with spec.open_fs() as fs:
+            work = fs.work
+            os.close(os.open(name, flags, 0o600, dir_fd=work))
+            try:
+                writers.calibrate(work, name.encode())
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=work)
+    except (OSError, errors.NbankdError):
         return
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            os.close(os.open(PROBE_NAME, flags, 0o600, dir_fd=dir_fd))
-        except OSError:
-            return
-        try:
-            writers.calibrate(dir_fd, PROBE_NAME.encode())
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(PROBE_NAME, dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def writers_gone(path: Path) -> bool | None:

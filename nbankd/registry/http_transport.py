@@ -52,6 +52,18 @@ class _Anonymous(requests.auth.AuthBase):
 _NO_AUTH = _Anonymous()
 
 
+def settle_environment(session: requests.Session, url: str) -> None:
+    """Reads the environment's proxies (HTTP(S)_PROXY, NO_PROXY, as they apply to
+    ``url``) and CA bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) into ``session`` once,
+    then stops it reading the environment: requests would read it again on every
+    request (about 100 us of CPU each) and, following a redirect, send ~/.netrc's
+    credentials for the new host (a netrc ``default`` entry: to any host)."""
+    found = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(found["proxies"])
+    session.verify = found["verify"]
+    session.trust_env = False
+
+
 def normalise_url(url: str) -> tuple[str, tuple[str, str] | None]:
     """Returns (url ending with "/" and without user:password@, the user:password if any)."""
     parts = urlsplit(url.strip())
@@ -138,13 +150,7 @@ class HttpTransport:
             self.auth_source = ""
         self.timeout = timeout
         self._session = requests.Session()
-        # proxies (HTTP(S)_PROXY, NO_PROXY) and the CA bundle (REQUESTS_CA_BUNDLE,
-        # CURL_CA_BUNDLE) are read from the environment once, here, for this URL:
-        # requests would read them again on every request (~150 us of CPU each)
-        found = self._session.merge_environment_settings(self.url, {}, None, None, None)
-        self._session.proxies.update(found["proxies"])
-        self._session.verify = found["verify"]
-        self._session.trust_env = False
+        settle_environment(self._session, self.url)
         self._session.headers["User-Agent"] = USER_AGENT
         self._session.headers["Accept"] = "application/json"
         # reads go out anonymously unless the server turns out to require auth for them

@@ -23,6 +23,7 @@ import requests.auth
 
 from nbankd import __version__, errors
 from nbankd.registry.base import LocationRecord
+from nbankd.registry.http_transport import settle_environment
 from nbankd.transfer.placing import NewFile, exists_error
 from nbankd.transfer.reading import FileReader, HashOnly, check_sha1, read_resource
 from nbankd.transfer.sources import Source, stored_copy
@@ -81,6 +82,7 @@ def _download(url: str, new: NewFile, auth_for: AuthFor | None) -> str:
     headers = {"User-Agent": f"nbankctl/{__version__}"}
     try:
         with requests.Session() as session:
+            settle_environment(session, url)
             resp = session.get(
                 url, stream=True, timeout=_TIMEOUT, headers=headers, auth=_Anonymous()
             )

@@ -15,7 +15,7 @@ import pytest
 from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
 from nbankd.daemon.orphans import token_of, unowned, unowned_work_files
 from nbankd.deposit.journal import Journal
-from nbankd.names import PROBE_NAME
+from nbankd.names import PROBE_PREFIX
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
 T1, T2 = "a" * 32, "b" * 32
@@ -48,7 +48,7 @@ def test_unowned_are_names_without_a_known_token() -> None:
 def test_a_manual_deposits_passing_probe_is_no_ones_input() -> None:
     """The probe nbankctl deposit makes in a work folder for a moment is never
     reported as an unowned work file."""
-    assert unowned([PROBE_NAME, "stray.wav"], set()) == ["stray.wav"]
+    assert unowned([f"{PROBE_PREFIX}0123abcd", "stray.wav"], set()) == ["stray.wav"]
 
 
 def test_unowned_work_files_asks_the_journal(tmp_path: Path) -> None:

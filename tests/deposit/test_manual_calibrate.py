@@ -1,6 +1,7 @@
 """nbankctl deposit on a filesystem that says every file is open for writing (NFSv4
 without a read delegation, CIFS without an oplock): it asks about a file of its own
-first, and then cannot tell, instead of refusing every file."""
+first, and then cannot tell, instead of refusing every file. The kernel's EAGAIN of
+such a filesystem is simulated on nbankd's own lease question (``writers._ask``)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from fixtures.holders import held_open
 from fixtures.steps_env import Env, env
 from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import State
-from nbankd.names import PROBE_NAME, WORK_DIR_NAME
+from nbankd.deposit.spec import InboxSpec
+from nbankd.names import WORK_DIR_NAME
 from nbankd.watch import writers
 
 __all__ = ["env"]
 
 
 @pytest.fixture
-def files(env: Env) -> Iterator[tuple[manual.ManualInbox, Path]]:
+def files(env: Env) -> Iterator[tuple[manual.ManualInbox, InboxSpec, Path]]:
     """A folder of a person's files, its work folder made, and the device trusted again
     afterwards whatever a test made of it."""
     folder = env.root / "files"
@@ -35,7 +37,7 @@ def files(env: Env) -> Iterator[tuple[manual.ManualInbox, Path]]:
     )
     spec = inbox.spec(prepare=True)
     env.steps.inboxes = lambda key: spec if key == inbox.key else None
-    yield inbox, folder
+    yield inbox, spec, folder
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         (folder / "closed").write_bytes(b"")
@@ -45,31 +47,49 @@ def files(env: Env) -> Iterator[tuple[manual.ManualInbox, Path]]:
 
 
 def test_a_filesystem_saying_open_for_every_file_does_not_refuse_them(
-    env: Env, files: tuple[manual.ManualInbox, Path]
+    env: Env,
+    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """When the deposit's own probe in the work folder reads "open for writing" too,
-    a file said to be open is journaled (cannot tell) and deposited, and the probe is
-    removed."""
-    inbox, folder = files
-    probe = folder / WORK_DIR_NAME / PROBE_NAME
-    probe.write_bytes(b"")
+    """Where every lease is refused (the deposit's own new probe too), a closed file is
+    journaled (cannot tell), copied rather than moved in place, and deposited; the
+    probe is removed."""
+    inbox, spec, folder = files
+    monkeypatch.setattr(writers, "_ask", lambda fd: True)  # every lease: EAGAIN
     (folder / "rec.dat").write_bytes(b"recorded")
-    with held_open(probe), held_open(folder / "rec.dat"):  # every file reads "open"
-        items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
-        assert refused == []
-        assert env.until(items[0], State.DONE).state is State.DONE
-    assert not probe.exists()
+    manual.calibrate(spec)
+    items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
+    assert refused == []
+    assert items[0].placement == "copy"
+    assert env.until(items[0], State.DONE).state is State.DONE
+    assert os.listdir(folder / WORK_DIR_NAME) == []
+
+
+def test_without_asking_about_its_probe_every_file_reads_open_there(
+    env: Env,
+    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same filesystem without the probe's question: the closed file is refused as
+    still being written (what the probe is for)."""
+    inbox, _spec, folder = files
+    monkeypatch.setattr(writers, "_ask", lambda fd: True)
+    (folder / "rec.dat").write_bytes(b"recorded")
+    items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
+    assert items == []
+    assert [name for name, _why in refused] == ["rec.dat"]
 
 
 def test_a_file_open_for_writing_is_refused_where_the_probe_reads_closed(
-    env: Env, files: tuple[manual.ManualInbox, Path]
+    env: Env, files: tuple[manual.ManualInbox, InboxSpec, Path]
 ) -> None:
     """Where the probe reads closed (a local filesystem), a file a program holds open
     for writing is refused as before, and no probe is left in the work folder."""
-    inbox, folder = files
+    inbox, spec, folder = files
     (folder / "rec.dat").write_bytes(b"recorded")
+    manual.calibrate(spec)
     with held_open(folder / "rec.dat"):
         items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
     assert items == []
     assert [name for name, _why in refused] == ["rec.dat"]
-    assert sorted(os.listdir(folder / WORK_DIR_NAME)) == []
+    assert os.listdir(folder / WORK_DIR_NAME) == []
