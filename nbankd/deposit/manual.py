@@ -20,10 +20,11 @@ it), with the reason reported: :func:`return_rejected`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -38,7 +39,7 @@ from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MANUAL_INBOX_PREFIX, PROBE_PREFIX, WORK_DIR_NAME
-from nbankd.watch import writers
+from nbankd.watch import fdinfo, writers
 
 #: how a manual deposit's inbox key starts (the rest is its options as JSON)
 PREFIX = MANUAL_INBOX_PREFIX
@@ -163,6 +164,7 @@ def journal_files(
     or a file some process still has open for writing (its bytes could change under
     the stored copy)."""
     same_fs = placement_for(inbox.folder, inbox.archive_path) == "rename"
+    seen = functools.cache(fdinfo.open_for_writing)  # read from /proc once, if needed
     rows, refused = [], []
     for name in names:
         path = inbox.folder / name
@@ -173,7 +175,7 @@ def journal_files(
             continue
         placement = "copy"
         if kind == "file":
-            open_for_writing = writers_gone(path)
+            open_for_writing = writers_gone(path, seen)
             if open_for_writing is False:
                 refused.append(
                     (
@@ -336,16 +338,24 @@ def calibrate(spec: InboxSpec) -> None:
         return
 
 
-def writers_gone(path: Path) -> bool | None:
+def writers_gone(
+    path: Path, seen: Callable[[], frozenset[fdinfo.FileKey]] | None = None
+) -> bool | None:
     """Whether no process has ``path`` open for writing (asked as
-    :func:`nbankd.watch.writers.open_for_writing` asks). None when that cannot be asked
-    (not the file's owner and no CAP_LEASE, or a filesystem without leases)."""
+    :func:`nbankd.watch.writers.open_for_writing` asks). Where its filesystem cannot
+    tell (it refuses every lease, :func:`calibrate`), the files ``seen`` open for
+    writing in ``/proc`` (:func:`nbankd.watch.fdinfo.open_for_writing`) still make it
+    False. None when that cannot be asked (not the file's owner and no CAP_LEASE, or a
+    filesystem without leases), or nothing was seen."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         answer = writers.open_for_writing(fd)
+        if answer is None and seen is not None and writers.untrusted(os.fstat(fd).st_dev):
+            key = fdinfo.key_of(fd)
+            answer = True if key is not None and key in seen() else None
     finally:
         os.close(fd)
     return None if answer is None else not answer

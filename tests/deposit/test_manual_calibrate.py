@@ -93,3 +93,24 @@ def test_a_file_open_for_writing_is_refused_where_the_probe_reads_closed(
     assert items == []
     assert [name for name, _why in refused] == ["rec.dat"]
     assert os.listdir(folder / WORK_DIR_NAME) == []
+
+
+def test_where_leases_cannot_tell_a_writer_seen_in_proc_is_still_refused(
+    env: Env,
+    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a filesystem that refuses every lease, a file another process of this host
+    holds open for writing (seen in /proc) is still refused, and a closed one beside it
+    is journaled."""
+    inbox, spec, folder = files
+    monkeypatch.setattr(writers, "_ask", lambda fd: True)  # every lease: EAGAIN
+    (folder / "busy.dat").write_bytes(b"recording")
+    (folder / "done.dat").write_bytes(b"recorded")
+    manual.calibrate(spec)
+    with held_open(folder / "busy.dat"):
+        items, refused = manual.journal_files(
+            env.journal, inbox, ["busy.dat", "done.dat"], kind="file", now=0.0
+        )
+    assert [name for name, _why in refused] == ["busy.dat"]
+    assert [i.relpath_str for i in items] == ["done.dat"]
