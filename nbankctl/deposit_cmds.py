@@ -211,6 +211,30 @@ class _NoDaemon(Exception):
 BATCH = 100
 
 
+def _not_held(args: argparse.Namespace, report: Report, paths: list[Path]) -> list[str]:
+    """The paths no process of this user holds open for writing (a file, or a file of a
+    folder), as ``/proc`` shows: the daemon, another user, cannot see this user's
+    processes. The others are refused here, named."""
+    from nbankd.watch import fdinfo
+
+    seen = fdinfo.open_for_writing()
+    kept = []
+    for path in paths:
+        busy = fdinfo.held([path], seen) if seen else None
+        if busy is None:
+            kept.append(str(path))
+            continue
+        what = "is" if busy == path else f"holds {str(busy.relative_to(path))!r},"
+        why = (
+            f"{what} still open for writing (a recording in progress?); deposit it once "
+            "it is closed"
+        )
+        say(args, f"{path}: not deposited: {why}")
+        emit(args, {"source": str(path), "error": why})
+        report.failed()
+    return kept
+
+
 def _via_daemon(
     args: argparse.Namespace,
     report: Report,
@@ -223,7 +247,9 @@ def _via_daemon(
     from nbankctl.daemon_cmds import client
 
     daemon = client(args, "deposit")
-    files = [str(folder / n) for folder, names in by_folder.items() for n in names]
+    files = _not_held(
+        args, report, [folder / n for folder, names in by_folder.items() for n in names]
+    )
     if not files:
         return
     say(args, f"nbankd is running: handing {len(files)} file(s) to it")

@@ -174,6 +174,18 @@ def journal_files(
             refused.append((name, "no longer exists (another deposit may have taken it)"))
             continue
         placement = "copy"
+        if kind == "dir" and writers.untrusted(st.st_dev):
+            # where leases cannot tell, each file of the folder is looked for in /proc
+            busy = fdinfo.held([path], seen())
+            if busy is not None:
+                refused.append(
+                    (
+                        name,
+                        f"holds {os.path.relpath(busy, path)!r}, still open for writing (a "
+                        "recording in progress?); deposit it once it is closed",
+                    )
+                )
+                continue
         if kind == "file":
             open_for_writing = writers_gone(path, seen)
             if open_for_writing is False:
@@ -324,7 +336,9 @@ def calibrate(spec: InboxSpec) -> None:
     being written. Call it once the spec is prepared, before journaling or finishing
     its items. Nothing is asked where the work folder cannot be used or written."""
     name = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    # made read-only: a writable descriptor, inherited by a child forked meanwhile,
+    # would make the probe itself read "open for writing"
+    flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         with spec.open_fs() as fs:
             work = fs.work
@@ -342,20 +356,19 @@ def writers_gone(
     path: Path, seen: Callable[[], frozenset[fdinfo.FileKey]] | None = None
 ) -> bool | None:
     """Whether no process has ``path`` open for writing (asked as
-    :func:`nbankd.watch.writers.open_for_writing` asks). Where its filesystem cannot
-    tell (it refuses every lease, :func:`calibrate`), the files ``seen`` open for
-    writing in ``/proc`` (:func:`nbankd.watch.fdinfo.open_for_writing`) still make it
-    False. None when that cannot be asked (not the file's owner and no CAP_LEASE, or a
-    filesystem without leases), or nothing was seen."""
+    :func:`nbankd.watch.writers.open_for_writing` asks). Where that cannot tell, the
+    files ``seen`` open for writing in ``/proc`` (:func:`nbankd.watch.fdinfo.open_for_writing`)
+    still make it False. None when it cannot tell (not the file's owner and no
+    CAP_LEASE, a filesystem without leases or refusing them all) and nothing was seen."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         answer = writers.open_for_writing(fd)
-        if answer is None and seen is not None and writers.untrusted(os.fstat(fd).st_dev):
-            key = fdinfo.key_of(fd)
-            answer = True if key is not None and key in seen() else None
+        if answer is None and seen is not None:
+            st = os.fstat(fd)
+            answer = True if (st.st_dev, st.st_ino) in seen() else None
     finally:
         os.close(fd)
     return None if answer is None else not answer

@@ -1,5 +1,6 @@
-"""Files held open for writing, as /proc/PID/fdinfo shows them (the fallback where
-leases cannot tell): real processes holding real files."""
+"""Files held open for writing, as /proc shows them (the fallback where leases cannot
+tell, and nbankctl's check before it hands files to a daemon): real processes
+holding real files."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ from nbankd.watch import fdinfo
 
 
 def _key(path: Path) -> fdinfo.FileKey:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        key = fdinfo.key_of(fd)
-    finally:
-        os.close(fd)
-    assert key is not None
-    return key
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def test_a_file_another_process_holds_for_writing_is_seen(tmp_path: Path) -> None:
@@ -46,9 +42,18 @@ def test_this_process_own_descriptors_are_left_out(tmp_path: Path) -> None:
         assert _key(rec) not in fdinfo.open_for_writing()
 
 
-def test_two_files_with_the_same_inode_number_on_two_mounts_differ(tmp_path: Path) -> None:
-    """The key carries the mount: a file under /proc (another mount) never matches one
-    in the test's folder."""
-    rec = tmp_path / "rec.dat"
-    rec.write_bytes(b"x")
-    assert _key(rec)[0] != _key(Path("/proc/self/status"))[0]
+def test_a_file_in_a_folder_is_found_held(tmp_path: Path) -> None:
+    """held() walks a folder (links not followed) and names the file found open for
+    writing; a folder without one gives None."""
+    session = tmp_path / "session"
+    (session / "a").mkdir(parents=True)
+    (session / "a" / "take1.dat").write_bytes(b"1")
+    (session / "take2.dat").write_bytes(b"2")
+    outside = tmp_path / "outside.dat"
+    outside.write_bytes(b"o")
+    os.symlink(outside, session / "link.dat")
+    with held_open(outside, "ab"):
+        assert fdinfo.held([session], fdinfo.open_for_writing()) is None
+    with held_open(session / "a" / "take1.dat", "ab"):
+        seen = fdinfo.open_for_writing()
+    assert fdinfo.held([session], seen) == session / "a" / "take1.dat"
