@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import wait_for
+from fixtures.lane_env import Handed, lane_for
 from fixtures.steps_env import Env, env
 from nbankd.daemon import lane as lane_module
 from nbankd.daemon.lane import LANE_NAME, SMALL, STALL, Lane, room_for, small
@@ -24,49 +25,14 @@ from nbankd.deposit.lifecycle import State, Step
 __all__ = ["env"]
 
 
-class Handed:
-    """What the lane hands back, as the daemon's bookkeeping would receive it."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Item, int]] = []
-        self.journal_errors: list[sqlite3.Error] = []
-        self.bugs: list[Exception] = []
-        self.lock = threading.Lock()
-
-    def finish(self, item: Item, attempts_before: int) -> Item:
-        with self.lock:
-            self.items.append((item, attempts_before))
-        return item
-
-    def journal_failed(self, err: sqlite3.Error) -> float:
-        self.journal_errors.append(err)
-        return time.time() + 60
-
-    def bug(self, item: Item, err: Exception) -> float:
-        self.bugs.append(err)
-        return time.time() + 60
-
-
 @pytest.fixture
 def handed() -> Handed:
     return Handed()
 
 
-def _lane(env: Env, handed: Handed, **changes: Any) -> Lane:
-    """A lane over the steps env reporting to ``handed`` (``changes``: other callbacks)."""
-    callbacks: dict[str, Any] = {
-        "finish": handed.finish,
-        "journal_failed": handed.journal_failed,
-        "journal_ok": lambda: None,
-        "bug": handed.bug,
-        "clock": time.time,
-    }
-    return Lane(env.steps, **{**callbacks, **changes})
-
-
 @pytest.fixture
 def lane(env: Env, handed: Handed) -> Iterator[Lane]:
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     yield running
     running.stop()
 
@@ -176,7 +142,7 @@ def test_a_failing_hand_back_never_ends_the_lane(env: Env, handed: Handed) -> No
             raise RuntimeError("bookkeeping bug")
         return item
 
-    running = _lane(env, handed, finish=finish)
+    running = lane_for(env, handed, finish=finish)
     try:
         [first] = _results([running.submit(env.drop("one.bin", b"one"))])
         [second] = _results([running.submit(env.drop("two.bin", b"two"))])
@@ -202,7 +168,7 @@ def test_a_round_stuck_past_the_stall_limit_is_reported_stalled(
         return attempt(item, step)
 
     monkeypatch.setattr(env.steps, "attempt", blocking)
-    running = _lane(env, handed, clock=lambda: now[0])
+    running = lane_for(env, handed, clock=lambda: now[0])
     try:
         future = running.submit(env.drop("s.bin", b"s"))
         assert entered.wait(60)
@@ -240,7 +206,7 @@ def test_a_registration_answered_during_the_stop_is_saved(
         return attempt(item, step)
 
     monkeypatch.setattr(env.steps, "attempt", slow_register)
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     item = env.drop("reg.bin", b"registered at the stop")
     future = running.submit(item)
     assert registering.wait(60)
@@ -318,7 +284,7 @@ def test_a_registry_that_does_not_answer_keeps_the_rest_queued(
     release = threading.Event()
     submitted, claims, drained = _hanging_registry(env, monkeypatch, release)
     items = [env.drop(f"h{i}.bin", os.urandom(500 + i)) for i in range(10)]
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     futures = [running.submit(item) for item in items]
     submitted.set()
     wait_for(lambda: running.waiting_since is not None, 60, "the lane waiting for answers")
@@ -338,7 +304,7 @@ def test_waiting_long_for_the_registry_is_a_problem(
     """Waiting for answers past STALL puts a line in status (degraded); not before."""
     release = threading.Event()
     submitted, _claims, drained = _hanging_registry(env, monkeypatch, release)
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     try:
         running.submit(env.drop("w.bin", b"waits for its registration"))
         submitted.set()
@@ -415,7 +381,7 @@ def test_answers_arriving_one_by_one_share_a_round(
         return delay
 
     monkeypatch.setattr(lane_module, "gather_for", noting)
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     try:
         first = env.drop("first.bin", b"gone before its claim")
         running.submit(first)
@@ -440,7 +406,7 @@ def test_a_lone_answer_is_saved_without_waiting_to_gather(
     ten minutes here)."""
     monkeypatch.setattr(lane_module, "GATHER", 600.0)
     monkeypatch.setattr(env.registry, "backend", "http")
-    running = _lane(env, handed)
+    running = lane_for(env, handed)
     try:
         future = running.submit(env.drop("alone.bin", b"one file, nothing else"))
         assert future.result(timeout=30).state is State.DONE

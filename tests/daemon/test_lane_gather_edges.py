@@ -3,50 +3,19 @@ registration never waits, and a stop during a wait is honoured at once."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 
 import pytest
 
 from fixtures.daemon import wait_for
+from fixtures.lane_env import Handed, lane_for
 from fixtures.steps_env import Env, env
 from nbankd.daemon import lane as lane_module
-from nbankd.daemon.lane import Lane
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 
 __all__ = ["env"]
-
-
-class Handed:
-    """What the lane hands back (as in test_lane.py)."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Item, int]] = []
-        self.lock = threading.Lock()
-
-    def finish(self, item: Item, attempts_before: int) -> Item:
-        with self.lock:
-            self.items.append((item, attempts_before))
-        return item
-
-    def journal_failed(self, err: sqlite3.Error) -> float:
-        return time.time() + 60
-
-    def bug(self, item: Item, err: Exception) -> float:
-        return time.time() + 60
-
-
-def _lane(env: Env, handed: Handed) -> Lane:
-    return Lane(
-        env.steps,
-        finish=handed.finish,
-        journal_failed=handed.journal_failed,
-        journal_ok=lambda: None,
-        bug=handed.bug,
-        clock=time.time,
-    )
 
 
 def _one_registration_hangs(
@@ -96,7 +65,7 @@ def test_a_lone_file_behind_a_hung_registration_waits_only_for_its_answer(
     release = threading.Event()
     hanging, ended = _one_registration_hangs(env, monkeypatch, "hung.bin", release)
     waits = _noting_gathers(monkeypatch)
-    running = _lane(env, Handed())
+    running = lane_for(env, Handed())
     try:
         running.submit(env.drop("hung.bin", b"its registry never answers"))
         assert hanging.wait(60)
@@ -125,7 +94,7 @@ def test_a_stop_during_a_gather_wait_is_honoured_at_once(
     release = threading.Event()
     hanging, ended = _one_registration_hangs(env, monkeypatch, "hung.bin", release)
     waits = _noting_gathers(monkeypatch)
-    running = _lane(env, Handed())
+    running = lane_for(env, Handed())
     try:
         hung = running.submit(env.drop("hung.bin", b"its registry never answers"))
         assert hanging.wait(60)

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from fixtures.holders import held_open
+from fixtures.manual_env import ManualFiles, manual_folder
 from fixtures.steps_env import Env, env
 from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import State
-from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
 from nbankd.watch import writers
 
@@ -23,32 +22,14 @@ __all__ = ["env"]
 
 
 @pytest.fixture
-def files(env: Env) -> Iterator[tuple[manual.ManualInbox, InboxSpec, Path]]:
-    """A folder of a person's files, its work folder made, and the device trusted again
-    afterwards whatever a test made of it."""
-    folder = env.root / "files"
-    folder.mkdir()
-    inbox = manual.ManualInbox(
-        folder=folder,
-        archive="arch",
-        archive_path=env.archive.path,
-        registry=env.registry.url,
-        dtype="test-file",
-    )
-    spec = inbox.spec(prepare=True)
-    env.steps.inboxes = lambda key: spec if key == inbox.key else None
-    yield inbox, spec, folder
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        (folder / "closed").write_bytes(b"")
-        writers.calibrate(fd, b"closed")
-    finally:
-        os.close(fd)
+def files(env: Env) -> Iterator[ManualFiles]:
+    with manual_folder(env) as made:
+        yield made
 
 
 def test_a_filesystem_saying_open_for_every_file_does_not_refuse_them(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where every lease is refused (the deposit's own new probe too), a closed file is
@@ -67,7 +48,7 @@ def test_a_filesystem_saying_open_for_every_file_does_not_refuse_them(
 
 def test_without_asking_about_its_probe_every_file_reads_open_there(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same filesystem without the probe's question: the closed file is refused as
@@ -81,7 +62,7 @@ def test_without_asking_about_its_probe_every_file_reads_open_there(
 
 
 def test_a_file_open_for_writing_is_refused_where_the_probe_reads_closed(
-    env: Env, files: tuple[manual.ManualInbox, InboxSpec, Path]
+    env: Env, files: ManualFiles
 ) -> None:
     """Where the probe reads closed (a local filesystem), a file a program holds open
     for writing is refused as before, and no probe is left in the work folder."""
@@ -97,7 +78,7 @@ def test_a_file_open_for_writing_is_refused_where_the_probe_reads_closed(
 
 def test_where_leases_cannot_tell_a_writer_seen_in_proc_is_still_refused(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a filesystem that refuses every lease, a file another process of this host

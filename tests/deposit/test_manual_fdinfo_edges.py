@@ -12,14 +12,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
+from fixtures.manual_env import ManualFiles, manual_folder
 from fixtures.steps_env import Env, env
 from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import FINAL, State
-from nbankd.deposit.spec import InboxSpec
 from nbankd.watch import writers
 
 __all__ = ["env"]
@@ -68,29 +67,15 @@ def _unshare_works() -> bool:
 
 
 @pytest.fixture
-def files(env: Env) -> Iterator[tuple[manual.ManualInbox, InboxSpec, Path]]:
-    """A folder of a person's files with its work folder made (folders deposited as
-    their zip), and the process-wide trust of its device restored afterwards."""
-    folder = env.root / "files"
-    folder.mkdir()
-    inbox = manual.ManualInbox(
-        folder=folder,
-        archive="arch",
-        archive_path=env.archive.path,
-        registry=env.registry.url,
-        dtype="test-file",
-        zip_directories=True,
-    )
-    spec = inbox.spec(prepare=True)
-    env.steps.inboxes = lambda key: spec if key == inbox.key else None
-    yield inbox, spec, folder
-    writers._untrusted.discard(os.stat(folder).st_dev)
+def files(env: Env) -> Iterator[ManualFiles]:
+    with manual_folder(env, zip_directories=True) as made:
+        yield made
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -m (root)")
 def test_a_writer_in_another_mount_namespace_is_still_refused(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A visible process of this host that reached the same file through another
@@ -111,7 +96,7 @@ def test_a_writer_in_another_mount_namespace_is_still_refused(
 
 def test_a_writer_through_a_shared_writable_mapping_is_still_refused(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A visible process that writes the file through a shared writable mapping (its
@@ -135,7 +120,7 @@ def test_a_writer_through_a_shared_writable_mapping_is_still_refused(
 
 def test_a_folder_whose_file_a_visible_writer_holds_is_not_deposited_and_removed(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A folder (a recording session) holding a file another process of this host

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.holders import held_open
+from fixtures.manual_env import ManualFiles, manual_folder
 from fixtures.steps_env import Env, env
 from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import State
-from nbankd.deposit.spec import InboxSpec
 from nbankd.names import PROBE_PREFIX, WORK_DIR_NAME
 from nbankd.transfer import fetching
 from nbankd.transfer.placing import NewFile
@@ -27,26 +27,13 @@ __all__ = ["env"]
 
 
 @pytest.fixture
-def files(env: Env) -> Iterator[tuple[manual.ManualInbox, InboxSpec, Path]]:
-    """A folder of a person's files with its work folder made (as nbankctl deposit
-    makes it), and the process-wide trust of its device restored afterwards."""
-    folder = env.root / "files"
-    folder.mkdir()
-    inbox = manual.ManualInbox(
-        folder=folder,
-        archive="arch",
-        archive_path=env.archive.path,
-        registry=env.registry.url,
-        dtype="test-file",
-    )
-    spec = inbox.spec(prepare=True)
-    env.steps.inboxes = lambda key: spec if key == inbox.key else None
-    yield inbox, spec, folder
-    writers._untrusted.discard(os.stat(folder).st_dev)
+def files(env: Env) -> Iterator[ManualFiles]:
+    with manual_folder(env) as made:
+        yield made
 
 
 def test_a_work_folder_swapped_after_prepare_does_not_switch_off_the_writer_check(
-    env: Env, files: tuple[manual.ManualInbox, InboxSpec, Path]
+    env: Env, files: ManualFiles
 ) -> None:
     """A user who can write the deposited folder and replaces the prepared ``.nbank``
     by an open folder of their own, where every file is held open for writing, does
@@ -69,7 +56,7 @@ def test_a_work_folder_swapped_after_prepare_does_not_switch_off_the_writer_chec
 
 def test_an_interrupted_deposit_on_a_filesystem_refusing_every_lease_is_finished(
     env: Env,
-    files: tuple[manual.ManualInbox, InboxSpec, Path],
+    files: ManualFiles,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a filesystem that refuses every read lease (NFSv4 without delegations, CIFS
