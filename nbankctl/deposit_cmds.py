@@ -220,11 +220,10 @@ def _not_held(args: argparse.Namespace, report: Report, paths: list[Path]) -> li
     seen = fdinfo.open_for_writing()
     kept = []
     for path in paths:
-        busy = fdinfo.held([path], seen) if seen else None
-        if busy is None:
+        if not seen.held(path):
             kept.append(str(path))
             continue
-        what = "is" if busy == path else f"holds {str(busy.relative_to(path))!r},"
+        what = "is" if not path.is_dir() else "holds a file"
         why = (
             f"{what} still open for writing (a recording in progress?); deposit it once "
             "it is closed"

@@ -147,12 +147,7 @@ class Daemon(DepositWorkers, InboxScanning):
         except BaseException:
             self.registry.close()
             raise
-        unfinished = self.journal.unfinished()
-        for key in {i.inbox for i in unfinished if i.inbox not in self.specs}:
-            spec = manual.spec_for_key(key)  # an interrupted nbankctl deposit's folder:
-            if spec is not None:  # does its filesystem answer about writers?
-                manual.calibrate(spec)
-        for item in unfinished:
+        for item in self.journal.unfinished():
             log.info("resuming", item=item.token, state=str(item.state), inbox=item.inbox)
             self._submit(item)
         self.observer = InboxWatcher(self._on_change, on_removed=self._on_removal)

@@ -174,18 +174,15 @@ def journal_files(
             refused.append((name, "no longer exists (another deposit may have taken it)"))
             continue
         placement = "copy"
-        if kind == "dir" and writers.untrusted(st.st_dev):
-            # where leases cannot tell, each file of the folder is looked for in /proc
-            busy = fdinfo.held([path], seen())
-            if busy is not None:
-                refused.append(
-                    (
-                        name,
-                        f"holds {os.path.relpath(busy, path)!r}, still open for writing (a "
-                        "recording in progress?); deposit it once it is closed",
-                    )
+        if kind == "dir" and seen().held(path):  # its files, as /proc shows them
+            refused.append(
+                (
+                    name,
+                    "holds a file still open for writing (a recording in progress?); "
+                    "deposit it once it is closed",
                 )
-                continue
+            )
+            continue
         if kind == "file":
             open_for_writing = writers_gone(path, seen)
             if open_for_writing is False:
@@ -352,9 +349,7 @@ def calibrate(spec: InboxSpec) -> None:
         return
 
 
-def writers_gone(
-    path: Path, seen: Callable[[], frozenset[fdinfo.FileKey]] | None = None
-) -> bool | None:
+def writers_gone(path: Path, seen: Callable[[], fdinfo.Writers] | None = None) -> bool | None:
     """Whether no process has ``path`` open for writing (asked as
     :func:`nbankd.watch.writers.open_for_writing` asks). Where that cannot tell, the
     files ``seen`` open for writing in ``/proc`` (:func:`nbankd.watch.fdinfo.open_for_writing`)
@@ -367,8 +362,7 @@ def writers_gone(
     try:
         answer = writers.open_for_writing(fd)
         if answer is None and seen is not None:
-            st = os.fstat(fd)
-            answer = True if (st.st_dev, st.st_ino) in seen() else None
+            answer = True if seen().holds(fd) else None
     finally:
         os.close(fd)
     return None if answer is None else not answer

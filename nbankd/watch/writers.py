@@ -24,7 +24,7 @@ import fcntl
 import os
 import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nbankd import errors
@@ -107,13 +107,17 @@ def open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
 MAX_DEPTH = 64
 
 
-def tree_open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
+def tree_open_for_writing_at(
+    dir_fd: int, name: bytes, ask: Callable[[int, bytes], bool | None] | None = None
+) -> bool | None:
     """:func:`open_for_writing` of a folder input: True when some program holds one of
     the regular files below the folder ``name`` (in the open folder ``dir_fd``) open
     for writing, False when none does, None when the kernel could not tell for one of
     them and held none. Walked from descriptors without recursion, one descriptor per
     level (at most MAX_DEPTH levels: deeper counts as "cannot tell"), never through a
-    link; what cannot be opened counts as "cannot tell"."""
+    link; what cannot be opened counts as "cannot tell". ``ask`` answers for one file
+    (its folder's descriptor, its name); default :func:`open_for_writing_at`."""
+    ask = ask or open_for_writing_at
     try:
         top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError:
@@ -145,7 +149,7 @@ def tree_open_for_writing_at(dir_fd: int, name: bytes) -> bool | None:
                     continue
                 unknown = not _descend(levels, child) or unknown
             elif is_file:  # links and special files are skipped: the claim refuses them
-                answer = open_for_writing_at(fd, os.fsencode(entry.name))
+                answer = ask(fd, os.fsencode(entry.name))
                 if answer:
                     return True
                 unknown = unknown or answer is None

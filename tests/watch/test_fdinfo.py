@@ -5,15 +5,12 @@ holding real files."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from fixtures.holders import held_open
 from nbankd.watch import fdinfo
-
-
-def _key(path: Path) -> fdinfo.FileKey:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
 
 
 def test_a_file_another_process_holds_for_writing_is_seen(tmp_path: Path) -> None:
@@ -22,8 +19,8 @@ def test_a_file_another_process_holds_for_writing_is_seen(tmp_path: Path) -> Non
     rec = tmp_path / "rec.dat"
     rec.write_bytes(b"x")
     with held_open(rec, "ab"):
-        assert _key(rec) in fdinfo.open_for_writing()
-    assert _key(rec) not in fdinfo.open_for_writing()
+        assert fdinfo.open_for_writing().held(rec) is True
+    assert fdinfo.open_for_writing().held(rec) is False
 
 
 def test_a_file_held_only_for_reading_is_not_seen(tmp_path: Path) -> None:
@@ -31,7 +28,7 @@ def test_a_file_held_only_for_reading_is_not_seen(tmp_path: Path) -> None:
     rec = tmp_path / "rec.dat"
     rec.write_bytes(b"x")
     with held_open(rec, "rb"):
-        assert _key(rec) not in fdinfo.open_for_writing()
+        assert fdinfo.open_for_writing().held(rec) is False
 
 
 def test_this_process_own_descriptors_are_left_out(tmp_path: Path) -> None:
@@ -39,12 +36,12 @@ def test_this_process_own_descriptors_are_left_out(tmp_path: Path) -> None:
     an input)."""
     rec = tmp_path / "rec.dat"
     with open(rec, "ab"):
-        assert _key(rec) not in fdinfo.open_for_writing()
+        assert fdinfo.open_for_writing().held(rec) is False
 
 
 def test_a_file_in_a_folder_is_found_held(tmp_path: Path) -> None:
-    """held() walks a folder (links not followed) and names the file found open for
-    writing; a folder without one gives None."""
+    """held() walks a folder (links not followed) and finds a file in it open for
+    writing; a folder without one (its link to a held file not followed) gives False."""
     session = tmp_path / "session"
     (session / "a").mkdir(parents=True)
     (session / "a" / "take1.dat").write_bytes(b"1")
@@ -53,7 +50,34 @@ def test_a_file_in_a_folder_is_found_held(tmp_path: Path) -> None:
     outside.write_bytes(b"o")
     os.symlink(outside, session / "link.dat")
     with held_open(outside, "ab"):
-        assert fdinfo.held([session], fdinfo.open_for_writing()) is None
+        assert fdinfo.open_for_writing().held(session) is False
     with held_open(session / "a" / "take1.dat", "ab"):
         seen = fdinfo.open_for_writing()
-    assert fdinfo.held([session], seen) == session / "a" / "take1.dat"
+    assert seen.held(session) is True
+
+
+def test_a_file_mapped_shared_and_writable_counts_as_held(tmp_path: Path) -> None:
+    """A process mapping the file shared and writable, its descriptor closed, holds it
+    for writing (as the kernel counts it)."""
+    rec = tmp_path / "rec.dat"
+    rec.write_bytes(b"\0" * 4096)
+    code = (
+        "import mmap, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n"
+        "os.close(fd)\n"
+        "print('open', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(rec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        assert fdinfo.open_for_writing().held(rec) is True
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
