@@ -324,9 +324,10 @@ def place_refusal(
 
 
 def calibrate(spec: InboxSpec) -> None:
-    """Asks the kernel about a file this process makes in the inbox's work folder
-    (checked against its identity when it was prepared, so a folder swapped in by
-    someone else is never used) and removes at once: on a filesystem that says "open
+    """Asks the kernel about a file this process makes (a fresh name, ``O_EXCL``, mode
+    0600) in the inbox's work folder (checked against its identity when the spec was
+    prepared; else only as a private folder on the inbox's filesystem, never through a
+    link) and removes at once: on a filesystem that says "open
     for writing" of every file (NFSv4 without a read delegation, CIFS without an
     oplock), answers about files there then count as "cannot tell"
     (:func:`nbankd.watch.writers.calibrate`) instead of refusing every file as still
