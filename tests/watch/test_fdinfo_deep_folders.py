@@ -6,6 +6,7 @@ walk (``writers.tree_open_for_writing_at``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,20 +29,25 @@ _HOLD_DEEP = (
 )
 
 
-def _nest(top: Path, names: list[str], leaf: str) -> Path:
+@contextmanager
+def _nest(top: Path, names: list[str], leaf: str) -> Iterator[Path]:
     """Makes ``top/names[0]/names[1]/.../leaf`` through descriptors (paths longer than
-    PATH_MAX included); returns the leaf's path."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    PATH_MAX included) and yields the leaf's path; removes them afterwards the same
+    way (pytest's own clean-up recurses once per level and would fail)."""
+    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
     try:
         for name in names:
-            os.mkdir(name, dir_fd=fd)
-            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            os.mkdir(name, dir_fd=fds[-1])
+            fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1]))
+        yield Path(top, *names, leaf)
     finally:
-        os.close(fd)
-    return Path(top, *names, leaf)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leaf, dir_fd=fds[-1])
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir(names[len(fds) - 1], dir_fd=fds[-1])
+        os.close(fds.pop())
 
 
 @contextmanager
@@ -71,10 +77,10 @@ def test_held_answers_for_a_folder_nested_deeper_than_the_recursion_limit(
     session, other = tmp_path / "session", tmp_path / "other.dat"
     session.mkdir()
     other.write_bytes(b"x")
-    _nest(session, ["d"] * 1100, "take.dat")
-    with held_open(other):  # something is seen, so the folder is walked
-        seen = fdinfo.open_for_writing()
-    assert seen.held(session) is False
+    with _nest(session, ["d"] * 1100, "take.dat"):
+        with held_open(other):  # something is seen, so the folder is walked
+            seen = fdinfo.open_for_writing()
+        assert seen.held(session) is False
 
 
 def test_the_hand_over_check_does_not_crash_on_a_deeply_nested_folder(tmp_path: Path) -> None:
@@ -83,9 +89,8 @@ def test_the_hand_over_check_does_not_crash_on_a_deeply_nested_folder(tmp_path: 
     session, other = tmp_path / "session", tmp_path / "other.dat"
     session.mkdir()
     other.write_bytes(b"x")
-    _nest(session, ["d"] * 1100, "take.dat")
     args = argparse.Namespace(json=True, json_out=False)
-    with held_open(other):  # something is seen, so the folder is walked
+    with _nest(session, ["d"] * 1100, "take.dat"), held_open(other):
         kept = _not_held(args, Report(), [session])
     assert kept == [str(session)]
 
@@ -96,8 +101,8 @@ def test_held_finds_a_held_file_below_path_max(tmp_path: Path) -> None:
     session = tmp_path / "session"
     session.mkdir()
     names = [f"{i:02d}" + "x" * 248 for i in range(20)]
-    rec = _nest(session, names, "rec.dat")
-    assert len(os.fsencode(rec)) > 4096
-    with _held_deep(session, names, "rec.dat"):
-        seen = fdinfo.open_for_writing()
-    assert seen.held(session) is True
+    with _nest(session, names, "rec.dat") as rec:
+        assert len(os.fsencode(rec)) > 4096
+        with _held_deep(session, names, "rec.dat"):
+            seen = fdinfo.open_for_writing()
+        assert seen.held(session) is True
