@@ -11,10 +11,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
+from fixtures.holders import held_open, holding
 from fixtures.manual_env import ManualFiles, manual_folder
 from fixtures.steps_env import Env, env
 from nbankd.deposit import manual
@@ -41,20 +41,6 @@ os.close(fd)
 print('open', flush=True)
 sys.stdin.read()
 """
-
-
-@contextmanager
-def holder(argv: list[str]) -> Iterator[None]:
-    """Another process (``argv``, which prints "open" once it holds its file) holds
-    the file until the block ends."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
-        yield
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def _unshare_works() -> bool:
@@ -88,7 +74,7 @@ def test_a_writer_in_another_mount_namespace_is_still_refused(
     rec.write_bytes(b"recording")
     manual.calibrate(spec)
     argv = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", _HOLD]
-    with holder([*argv, str(rec), "ab"]):
+    with holding([*argv, str(rec), "ab"]):
         items, refused = manual.journal_files(env.journal, inbox, ["rec.dat"], kind="file", now=0.0)
     assert [i.relpath_str for i in items] == []
     assert [name for name, _why in refused] == ["rec.dat"]
@@ -105,7 +91,7 @@ def test_a_writer_through_a_shared_writable_mapping_is_still_refused(
     inbox, spec, folder = files
     rec = folder / "rec.dat"
     rec.write_bytes(b"\0" * 4096)
-    with holder([sys.executable, "-c", _MAP, str(rec)]):
+    with holding([sys.executable, "-c", _MAP, str(rec)]):
         fd = os.open(rec, os.O_RDONLY)
         try:  # the kernel's own answer, where leases work: a writer
             assert writers.open_for_writing(fd) is True
@@ -133,7 +119,7 @@ def test_a_folder_whose_file_a_visible_writer_holds_is_not_deposited_and_removed
     (session / "take1.dat").write_bytes(b"recorded")
     (session / "take2.dat").write_bytes(b"recording")
     manual.calibrate(spec)
-    with holder([sys.executable, "-c", _HOLD, str(session / "take2.dat"), "ab"]):
+    with held_open(session / "take2.dat"):
         items, refused = manual.journal_files(env.journal, inbox, ["session"], kind="dir", now=0.0)
         ends = [env.until(item, State.DONE) for item in items]
         assert all(item.state in FINAL for item in ends)

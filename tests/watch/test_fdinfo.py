@@ -5,11 +5,10 @@ holding real files."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from fixtures.holders import held_open
+from fixtures.holders import held_open, holding
 from nbankd.watch import fdinfo
 
 
@@ -68,16 +67,5 @@ def test_a_file_mapped_shared_and_writable_counts_as_held(tmp_path: Path) -> Non
         "os.close(fd)\n"
         "print('open', flush=True); sys.stdin.read()\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(rec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+    with holding([sys.executable, "-c", code, str(rec)]):
         assert fdinfo.open_for_writing().held(rec) is True
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)

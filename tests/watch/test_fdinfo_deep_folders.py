@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fixtures.holders import held_open
+from fixtures.holders import held_open, holding
 from nbankctl.deposit_cmds import _not_held
 from nbankctl.report import Report
 from nbankd.watch import fdinfo
@@ -48,25 +47,6 @@ def _nest(top: Path, names: list[str], leaf: str) -> Iterator[Path]:
             os.close(fds.pop())
             os.rmdir(names[len(fds) - 1], dir_fd=fds[-1])
         os.close(fds.pop())
-
-
-@contextmanager
-def _held_deep(top: Path, names: list[str], leaf: str) -> Iterator[None]:
-    """Another process holds ``top/names.../leaf`` open for appending until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_DEEP, *names, leaf],
-        cwd=top,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
-        yield
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def test_held_answers_for_a_folder_nested_deeper_than_the_recursion_limit(
@@ -103,6 +83,6 @@ def test_held_finds_a_held_file_below_path_max(tmp_path: Path) -> None:
     names = [f"{i:02d}" + "x" * 248 for i in range(20)]
     with _nest(session, names, "rec.dat") as rec:
         assert len(os.fsencode(rec)) > 4096
-        with _held_deep(session, names, "rec.dat"):
+        with holding([sys.executable, "-c", _HOLD_DEEP, *names, "rec.dat"], cwd=session):
             seen = fdinfo.open_for_writing()
         assert seen.held(session) is True
