@@ -34,6 +34,7 @@ from nbankd.config.model import AlertsConfig, EmailConfig, WebhookConfig
 from nbankd.control import alert_rules
 from nbankd.daemon import requeue
 from nbankd.registry import credentials
+from nbankd.registry.http_transport import NO_AUTH, settle_environment
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import DaemonView as Daemon
@@ -69,11 +70,28 @@ def send_webhook(
     when = time.time() if now is None else now
     body = {**message.to_json(host, when), "text": message.text()}
     shown = shown_url(cfg.url)
-    try:
-        resp = requests.post(cfg.url, data=json.dumps(body), headers=headers, timeout=SEND_TIMEOUT)
-    except requests.RequestException as err:  # its text names the whole URL: never shown
-        raise OSError(f"webhook {shown} unreachable ({type(err).__name__})") from None
-    if resp.status_code >= 300:
+    # the environment's proxy and CA bundle, never ~/.netrc's credentials (a ``default``
+    # entry would go to any host, and would replace the token); no redirect followed,
+    # so the message and token go nowhere but the configured URL
+    with requests.Session() as session:
+        settle_environment(session, cfg.url)
+        try:
+            resp = session.post(
+                cfg.url,
+                data=json.dumps(body),
+                headers=headers,
+                auth=NO_AUTH,
+                timeout=SEND_TIMEOUT,
+                allow_redirects=False,
+            )
+        except requests.RequestException as err:  # its text names the whole URL: never shown
+            raise OSError(f"webhook {shown} unreachable ({type(err).__name__})") from None
+    if 300 <= resp.status_code < 400:
+        raise OSError(
+            f"webhook {shown} answered {resp.status_code}, a redirect: set alerts' webhook "
+            "url to the address it points to"
+        )
+    if resp.status_code >= 400:
         raise OSError(f"webhook {shown} answered {resp.status_code}")
 
 

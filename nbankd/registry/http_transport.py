@@ -49,7 +49,7 @@ class _Anonymous(requests.auth.AuthBase):
         return r
 
 
-_NO_AUTH = _Anonymous()
+NO_AUTH = _Anonymous()
 
 
 def settle_environment(session: requests.Session, url: str) -> None:
@@ -181,8 +181,8 @@ class HttpTransport:
                 url,
                 params=params,
                 json=json_body,
-                # _NO_AUTH stops requests from sending ~/.netrc credentials on reads
-                auth=self.auth if use_auth and self.auth else _NO_AUTH,
+                # NO_AUTH stops requests from sending ~/.netrc credentials on reads
+                auth=self.auth if use_auth and self.auth else NO_AUTH,
                 timeout=self.timeout,
                 allow_redirects=not write,
             )

@@ -19,11 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
-import requests.auth
 
 from nbankd import __version__, errors
 from nbankd.registry.base import LocationRecord
-from nbankd.registry.http_transport import settle_environment
+from nbankd.registry.http_transport import NO_AUTH, settle_environment
 from nbankd.transfer.placing import NewFile, exists_error
 from nbankd.transfer.reading import FileReader, HashOnly, check_sha1, read_resource
 from nbankd.transfer.sources import Source, stored_copy
@@ -32,13 +31,6 @@ from nbankd.transfer.sources import Source, stored_copy
 AuthFor = Callable[[str], tuple[str, str] | None]
 _CHUNK = 1 << 20
 _TIMEOUT = (10.0, 60.0)
-
-
-class _Anonymous(requests.auth.AuthBase):
-    """No credentials (requests would otherwise send ~/.netrc's on every read)."""
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        return r
 
 
 class NotFetchable(errors.NbankdError):
@@ -83,9 +75,7 @@ def _download(url: str, new: NewFile, auth_for: AuthFor | None) -> str:
     try:
         with requests.Session() as session:
             settle_environment(session, url)
-            resp = session.get(
-                url, stream=True, timeout=_TIMEOUT, headers=headers, auth=_Anonymous()
-            )
+            resp = session.get(url, stream=True, timeout=_TIMEOUT, headers=headers, auth=NO_AUTH)
             creds = auth_for(url) if auth_for and resp.status_code in (401, 403) else None
             if creds is not None:
                 resp.close()

@@ -35,10 +35,12 @@ MESSAGE = Message(
 
 
 class Hook:
-    """A local HTTP server recording each POST (body and Authorization header)."""
+    """A local HTTP server recording each POST (body and Authorization header; the
+    path asked for in ``paths``), answering ``status`` (with ``location`` if given)."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, location: str | None = None) -> None:
         self.posts: list[tuple[dict[str, Any], str | None]] = []
+        self.paths: list[str] = []
         self.status = status
         hook = self
 
@@ -46,8 +48,14 @@ class Hook:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 hook.posts.append((json.loads(body), self.headers.get("Authorization")))
+                hook.paths.append(self.path)
                 self.send_response(hook.status)
+                if location is not None:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_POST  # a followed redirect would arrive as a GET
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -110,6 +118,58 @@ def test_a_webhook_refusal_is_an_error(tmp_path: Path) -> None:
             send_webhook(WebhookConfig(url=refusing.url), MESSAGE, "rig3")
     finally:
         refusing.close()
+
+
+@pytest.fixture
+def netrc_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ~/.netrc whose ``default`` entry (any host) holds the registry's password."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login lab password registry-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+@pytest.mark.usefixtures("netrc_default")
+@pytest.mark.parametrize("with_token", [False, True])
+def test_a_netrc_default_entry_is_never_sent_to_the_webhook(
+    hook: Hook, tmp_path: Path, with_token: bool
+) -> None:
+    """~/.netrc's credentials never go to the webhook: no Authorization without a token
+    file, the token's Bearer header (not netrc's Basic) with one."""
+    token = tmp_path / "hook-token"
+    token.write_text("s3cret-token\n")
+    send_webhook(
+        WebhookConfig(url=hook.url, token_file=token if with_token else None), MESSAGE, "x"
+    )
+    [(_, auth)] = hook.posts
+    assert auth == ("Bearer s3cret-token" if with_token else None)
+
+
+def test_a_webhook_redirect_is_an_error_and_not_followed(hook: Hook, tmp_path: Path) -> None:
+    """A webhook answering a redirect has failed (its message names the status); the
+    message and token are never sent where it points."""
+    token = tmp_path / "hook-token"
+    token.write_text("s3cret-token\n")
+    redirecting = Hook(status=307, location=hook.url)
+    try:
+        with pytest.raises(OSError, match="answered 307"):
+            send_webhook(WebhookConfig(url=redirecting.url, token_file=token), MESSAGE, "rig3")
+    finally:
+        redirecting.close()
+    assert len(redirecting.posts) == 1
+    assert hook.posts == []
+
+
+def test_a_webhook_goes_through_the_environments_proxy(
+    hook: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY from the environment is used to reach the webhook (a lab's way out)."""
+    monkeypatch.setenv("HTTP_PROXY", hook.url.rsplit("/hooks/", 1)[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    send_webhook(WebhookConfig(url="http://hooks.invalid/services/x"), MESSAGE, "rig3")
+    assert hook.paths == ["http://hooks.invalid/services/x"]
 
 
 def test_email_is_sent_with_credentials(tmp_path: Path) -> None:
