@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,25 +53,58 @@ def _is_temporary_name(name: bytes) -> bool:
     return name.startswith(b".") and name.endswith(b".tmp")
 
 
-def _free_name(folder: Path, basename: bytes) -> bytes:
-    """``basename``, or ``stem~N.ext`` for the first N that names nothing in ``folder``
-    and is not of the form of a temporary reason file (an input called so would be
-    removed by the next rejection's clean-up)."""
-    candidate = basename
+def _candidates(basename: bytes, room: int = NAME_MAX) -> Iterator[bytes]:
+    """``basename``, then ``stem~1.ext``, ``stem~2.ext``, ... (each at most ``room``
+    bytes, cut from the front)."""
     stem, dot, ext = basename.rpartition(b".") if b"." in basename[1:] else (basename, b"", b"")
     if _is_temporary_name(basename):
         stem, dot, ext = basename, b"", b""  # NAME~N: no longer ends in .tmp
-    n = 1
-    while (
-        _is_temporary_name(candidate)
-        or os.path.lexists(folder / os.fsdecode(candidate))
-        or os.path.lexists(folder / os.fsdecode(reason_name(candidate)))
-    ):
-        candidate = stem + b"~%d" % n + dot + ext
-        if len(candidate) > NAME_MAX:
-            candidate = candidate[-NAME_MAX:]
-        n += 1
-    return candidate
+    yield basename[-room:]
+    for n in itertools.count(1):
+        yield (stem + b"~%d" % n + dot + ext)[-room:]
+
+
+def _free_name(folder: Path, basename: bytes, sidecar_suffix: bytes = b"") -> bytes:
+    """``basename``, or ``stem~N.ext`` for the first N that names nothing in ``folder``
+    and is not of the form of a temporary reason file (an input called so would be
+    removed by the next rejection's clean-up); with ``sidecar_suffix``, one whose
+    sidecar name (the name and that suffix) names nothing either."""
+
+    def taken(name: bytes) -> bool:
+        return os.path.lexists(folder / os.fsdecode(name))
+
+    for candidate in _candidates(basename, NAME_MAX - len(sidecar_suffix)):
+        if not (
+            _is_temporary_name(candidate)
+            or taken(candidate)
+            or taken(reason_name(candidate))
+            or (sidecar_suffix and taken(candidate + sidecar_suffix))
+        ):
+            return candidate
+    raise AssertionError("unreachable: the candidates never end")
+
+
+#: names tried, looking for where an input was put back before a crash
+_FIND_LIMIT = 1000
+
+
+def _put_back_where(fs: InboxFS, item: Item, suffix: bytes) -> tuple[int, bytes] | None:
+    """Where an earlier run of :func:`put_back` returned ``item``'s input (the names it
+    chose among leaving room for ``suffix``): the first of its name's candidates
+    holding the claimed entry (dev and inode of the identity journaled at claim); None
+    when not found (or no identity)."""
+    if item.identity is None:
+        return None
+    want = json.loads(item.identity)
+    try:
+        parent, name = fs.parent(item.relpath)
+    except (Escape, NotADirectoryError, FileNotFoundError):
+        return None
+    for candidate in itertools.islice(_candidates(name, NAME_MAX - len(suffix)), _FIND_LIMIT):
+        st = fs.lstat(parent, candidate)
+        if st is not None and (st.st_dev, st.st_ino) == (want.get("dev"), want.get("ino")):
+            return parent, candidate
+    return None
 
 
 def _move_no_replace(fs: InboxFS, src: tuple[int, bytes], dst: tuple[int, bytes]) -> None:
@@ -219,27 +253,52 @@ def move_to_rejected(
 
 def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     """Returns a claimed input to its place in the inbox (it changed: still being
-    written), under a free name if its own was taken meanwhile."""
+    written), under a free name if its own (or its sidecar's) was taken meanwhile.
+    Its sidecar follows the name the input gets: never left beside another input
+    (whose metadata it would become), never under a name that is no sidecar's (it
+    would be deposited as an input). The input moves first; run again after a crash
+    between the two moves, the input is found where it went by the identity
+    journaled at claim."""
     token = item.token.encode()
     sidecar = sidecar_work_name(item)
+    suffix = _sidecar_suffix(item)
+    side_waits = sidecar is not None and fs.exists(fs.work, sidecar)
+    placed: tuple[int, bytes] | None = None
     if fs.exists(fs.work, token):
         try:
             parent, name = fs.parent(item.relpath, create=True)
         except (Escape, NotADirectoryError):
             # a link or a file where its folder was: back at the inbox's top instead
             parent, name = fs.root, os.path.basename(item.relpath)
-        if fs.exists(parent, name):
-            name = _free_name(fs.at(parent), name)
+        pair = suffix if side_waits and suffix else b""
+        if fs.exists(parent, name) or (pair and fs.exists(parent, name + pair)):
+            name = _free_name(fs.at(parent), name, pair)
         _move_no_replace(fs, (fs.work, token), (parent, name))
         seams.reached("after-put-back")
-    if sidecar is not None and item.sidecar_relpath and fs.exists(fs.work, sidecar):
+        placed = (parent, name)
+    elif side_waits and suffix:
+        placed = _put_back_where(fs, item, suffix)
+    if sidecar is None or not side_waits or item.sidecar_relpath is None:
+        return
+    if placed is not None and suffix and not fs.exists(placed[0], placed[1] + suffix):
+        side = (placed[0], placed[1] + suffix)
+    else:  # the input not found, or its sidecar's name taken since: the sidecar's own
         try:
             side = fs.parent(item.sidecar_relpath, create=True)
         except (Escape, NotADirectoryError):
             side = (fs.root, os.path.basename(item.sidecar_relpath))
         if fs.exists(*side):
             side = (side[0], _free_name(fs.at(side[0]), side[1]))
-        _move_no_replace(fs, (fs.work, sidecar), side)
+    _move_no_replace(fs, (fs.work, sidecar), side)
+
+
+def _sidecar_suffix(item: Item) -> bytes | None:
+    """What the sidecar's name adds to the input's (``.nbank.yaml``); None without a
+    sidecar, or one not named after its input."""
+    side, rel = item.sidecar_relpath, item.relpath
+    if side is None or not side.startswith(rel) or len(side) == len(rel):
+        return None
+    return side[len(rel) :]
 
 
 def sidecar_work_name(item: Item) -> bytes | None:
