@@ -9,40 +9,32 @@ own earlier work (a renamed file, a staged copy, a registry record, a link).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from nbankd import canonical_zip, errors, metadata_readers, seams
-from nbankd.archive import durable, fsops, layout, opening, syncs
-from nbankd.deposit import inboxfs, receipts, rejection, verdicts
+from nbankd.archive import durable, fsops, layout, opening
+from nbankd.deposit import receipts, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
-    Change,
-    compare,
-    compare_stat,
     fstat_matches,
-    identity_fields,
-    identity_json,
     mark_verified,
-    restarted_since,
     same_identity,
     staged_id,
     staged_matches,
-    stat_fields,
     verified_before_publish,
 )
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, next_step
 from nbankd.deposit.outcomes import outcome_for
+from nbankd.deposit.release import ReleaseSteps
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
 from nbankd.hashing import SourceReadError, copy_hashing
@@ -50,8 +42,6 @@ from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
 from nbankd.watch import writers
 
-#: a released folder's name while it is removed (see :meth:`Steps.release`)
-RELEASED_SUFFIX = b".released"
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
 __all__ = ["InboxParked", "StepResult", "Steps"]
@@ -68,7 +58,7 @@ def unreadable(item: Item, detail: str = "") -> Outcome:
     )
 
 
-class Steps(ClaimSteps, IdentifierSteps):
+class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
     """Executes deposit steps for items of known inboxes."""
 
     def stage(self, item: Item) -> StepResult:
@@ -405,143 +395,6 @@ class Steps(ClaimSteps, IdentifierSteps):
         )
         seams.reached("after-receipt-append")
         return item.changed(finished=now), Outcome.ok()
-
-    def release(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        with spec.open_fs() as fs:
-            token = item.token.encode()
-            gone = token + RELEASED_SUFFIX
-            st = fs.lstat(fs.work, token)
-            if st is not None and not self._as_claimed(item, st, fs.at(fs.work, item.token)):
-                # a writer kept it open and changed it after its copy was made: the
-                # archive keeps the copy as claimed; this version goes back, whole
-                return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                fs.unlink(fs.work, token)
-            else:
-                # a folder resource's tree: renamed first, then removed, so that a removal
-                # stopped half way is finished by the next attempt, never taken for a
-                # changed input (only the daemon writes in its work folder)
-                if fs.lstat(fs.work, gone) is not None:
-                    fsops.remove_ours(fs.at(fs.work, gone))
-                if st is not None:
-                    os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-                    fsops.remove_ours(fs.at(fs.work, gone))
-            seams.reached("after-release-source")
-            sidecar = rejection.sidecar_work_name(item)
-            if sidecar is not None:
-                fs.unlink(fs.work, sidecar)
-            if item.marker_relpath is not None:
-                with contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError):
-                    marker = fs.parent(item.marker_relpath)  # its folder may be gone
-                    if fs.unlink(*marker):
-                        fsops.fsync_fd(marker[0])
-            syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
-        seams.reached("after-release-unlink")
-        return item.changed(finished=item.finished or self.clock()), Outcome.ok()
-
-    def _content_as_hashed(self, item: Item, work: Path) -> Item | None:
-        """The item when the input published in place still has the content the stage
-        step hashed (and the registry recorded): the same identity; or the same SHA-1
-        when only its ctime or its numbers moved (an earlier attempt's mode change, an
-        SSHFS remount), its identity then journaled anew; or when it is gone from the
-        work folder (published by an earlier attempt: publishing knows what to do).
-        None when it changed."""
-        is_dir = item.kind == "dir"
-        try:
-            change = compare(item.identity, work, is_dir)
-        except FileNotFoundError:
-            return item
-        if change is Change.SAME:
-            return item
-        if change is Change.UNSURE and self._same_sha1(item, work, is_dir):
-            return item.changed(identity=identity_json(work, is_dir))
-        return None
-
-    def _as_claimed(self, item: Item, st: os.stat_result, work: Path) -> bool:
-        """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
-        claim recorded: the same identity (or none recorded: an older journal); or its
-        size and mtime as recorded and its SHA-1 the deposited one (a mode or group
-        changed, an SSHFS remount numbered it anew); or no larger than recorded after the
-        machine restarted since the claim (a power loss takes unflushed bytes of an
-        input, never adds any; its stored copy was durable and verified before the
-        record); or a folder an older release claimed (which removed folders in place:
-        what a removal stopped half way left is finished, as that release would have)."""
-        if item.identity is None:
-            return True
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if not is_dir and fstat_matches(item.identity, st):  # the usual answer, at once
-            return True
-        try:
-            now = identity_fields(work) if is_dir else stat_fields(st)
-        except FileNotFoundError:
-            return True
-        change = compare_stat(item.identity, now)
-        if change is Change.SAME:
-            return True
-        claimed = json.loads(item.identity)
-        if is_dir and "boot" not in claimed:
-            return True
-        if restarted_since(item.identity, item.created) and now["size"] <= claimed["size"]:
-            log.info(
-                "input changed across a restart of the machine; removed, its stored copy "
-                "being complete",
-                item=item.token,
-                resource_id=item.name,
-            )
-            return True
-        if change is not Change.UNSURE:
-            return False
-        try:
-            return self._same_sha1(item, work, is_dir)
-        except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
-            return False  # unreadable now, open for writing, a link: not as claimed
-
-    def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
-        """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
-        as its zip is zipped again into staging/ to compare, then discarded). Reads
-        beat the worker's liveness, as the stage step's do."""
-        if item.sha1 is None:
-            return False
-        if is_dir:
-            archive = self._archive(Intent.of(item))
-            if item.zipped:
-                zipped = canonical_zip.zip_folder(
-                    work,
-                    archive.staging_dir,
-                    self._new_staged_name(archive, item),
-                    progress=self._progress,
-                )
-                durable.discard_staged(archive, zipped.path)
-                return zipped.sha1 == item.sha1
-            sha1, _size = durable.hash_tree(archive, work, progress=self._progress)
-            return sha1 == item.sha1
-        try:
-            fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as err:
-            raise SourceReadError(err.errno, err.strerror, str(work)) from err
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            return copy_hashing(fd, None, progress=self._progress).sha1 == item.sha1
-        finally:
-            os.close(fd)
-
-    def reject(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        self._discard_staged(Intent.of(item), item)
-        with spec.open_fs() as fs:
-            item = rejection.move_to_rejected(
-                spec, item, fs=fs, now=self.clock(), save=self.journal.save
-            )
-        return item.changed(finished=self.clock()), Outcome.ok()
-
-    def put_back(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        self._discard_staged(Intent.of(item), item)
-        with spec.open_fs() as fs:
-            rejection.put_back(spec, item, fs=fs)
-        return item.changed(finished=self.clock()), Outcome.ok()
 
     # -- dispatch ----------------------------------------------------------------
 
