@@ -14,6 +14,8 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
 
     any step --permanent failure--> REJECTING --reject--> REJECTED
     stage/release --input changed--> RETURNING --put_back--> RETURNED
+    publish (placed by rename) --input changed after registering, its location
+        withdrawn from the record--> RETURNING
     publish/verify --staged copy lost or bad--> CLAIMED (stage again)
     lookup/register --automatic identifier taken--> STAGED (new identifier, look up again)
     lookup/register --another input's record for these bytes--> STAGED after a backoff
@@ -139,6 +141,9 @@ class Kind(enum.StrEnum):
     RENAMED = "renamed"  # a taken automatic identifier was replaced: look up again
     RECHECK = "recheck"  # another input holds these bytes' record: look up again later
     SUPERSEDED = "superseded"  # a stored copy of the same bytes serves the record: reject
+    #: placed by rename, the input changed after registering; its record's location in
+    #: the archive is withdrawn (no record says the archive holds it): put back
+    WITHDRAWN = "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,17 @@ def advance(
                 error_code=outcome.code or "changed",
                 error_message=outcome.message,
                 registered=registered,  # recorded: its stored copy is registered
+            )
+        return _retry(p, outcome, now, rng)
+    if outcome.kind == "withdrawn":
+        # only publishing in place withdraws a location: the bytes registered are gone
+        # with the change, and the input, never copied, is the only version left
+        if step is Step.PUBLISH:
+            return Progress(
+                State.RETURNING,
+                error_code=outcome.code or "changed",
+                error_message=outcome.message,
+                registered=registered,  # the record stays, without this archive
             )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":

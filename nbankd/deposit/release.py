@@ -2,7 +2,9 @@
 deposit is recorded), put back into the inbox (it changed: a writer kept it), or
 moved to the rejected folder; and the checks that an input is still what its claim
 recorded (:meth:`ReleaseSteps._as_claimed`) or still holds the content hashed
-(:meth:`ReleaseSteps._content_as_hashed`, for a publish in place). A mixin of
+(:meth:`ReleaseSteps._content_as_hashed`, for a publish in place; an input that no
+longer does is put back, its record's location withdrawn:
+:meth:`ReleaseSteps._withdraw`). A mixin of
 :class:`~nbankd.deposit.steps.Steps`.
 """
 
@@ -15,7 +17,7 @@ import stat
 from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
-from nbankd.archive import durable, fsops, syncs
+from nbankd.archive import durable, fsops, layout, syncs
 from nbankd.deposit import inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
@@ -73,6 +75,30 @@ class ReleaseSteps(StepsBase):
             syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
+
+    def _withdraw(self, archive: layout.Archive, intent: Intent, item: Item) -> Outcome:
+        """Placed by rename, the input changed after registering: the bytes its record
+        names are nowhere any more (the input was never copied). Unless something is
+        stored under its identifier already, its record's location in the archive is
+        withdrawn (the record then says no copy is there, which is true) and the input,
+        the only version left, goes back into the inbox (WITHDRAWN); else it stays in
+        the work folder, tried again (a transient CHANGED)."""
+        assert item.name and item.sha1
+        if archive.stored_entries(item.name):
+            return verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
+        with contextlib.suppress(errors.NotFound):  # withdrawn already, or the record gone
+            self.registry.remove_location(item.name, intent.archive_name)
+        log.error(
+            "input changed after its registration: not published, its record's location "
+            "withdrawn, the input put back into its inbox",
+            item=item.token,
+            resource_id=item.name,
+            sha1=item.sha1,
+            archive=intent.archive_name,
+        )
+        return verdicts.withdrawn_before_publish(
+            item.relpath_str, item.name, item.sha1, intent.archive_name
+        )
 
     def _content_as_hashed(self, item: Item, work: Path) -> Item | None:
         """The item when the input published in place still has the content the stage

@@ -259,9 +259,7 @@ class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
                 work = fs.at(fs.work, item.token)
                 as_hashed = self._content_as_hashed(item, work)
                 if as_hashed is None:
-                    return item, verdicts.changed_before_publish(
-                        item.relpath_str, item.name, item.sha1
-                    )
+                    return item, self._withdraw(archive, intent, item)
                 item = as_hashed
                 durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress
@@ -482,7 +480,9 @@ def keeps_going(outcome: Outcome) -> bool:
 
 
 #: outcomes after which a worker goes on with the item's next step at once
-_KEEP_GOING = frozenset({"ok", "permanent", "changed", "restage", "renamed", "superseded"})
+_KEEP_GOING = frozenset(
+    {"ok", "permanent", "changed", "restage", "renamed", "superseded", "withdrawn"}
+)
 
 
 def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:

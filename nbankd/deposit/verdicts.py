@@ -265,6 +265,23 @@ def changed_before_publish(shown: str, identifier: str | None, sha1: str | None)
     )
 
 
+def withdrawn_before_publish(
+    shown: str, identifier: str | None, sha1: str | None, archive: str
+) -> Outcome:
+    """Placed by rename, the input no longer has the content registered: not published,
+    its record's location in ``archive`` withdrawn, and the input (the only version
+    left) put back into the inbox, where it is deposited again once settled."""
+    return Outcome(
+        "withdrawn",
+        "changed",
+        f"{shown} changed after it was registered as {identifier} (sha1 {sha1}): it is not "
+        f"published; the record no longer lists archive {archive!r}, and the file is back "
+        "in the inbox, to be deposited again once it settles",
+        f"a program may still have been writing it. The record {identifier} stays, naming "
+        "bytes no copy holds: a registry administrator may delete it",
+    )
+
+
 def after_take(*, shown: str, same_entry: bool) -> Outcome | None:
     """Just after the move: ``same_entry`` is False when the entry now in the work folder
     is not the one checked (swapped in between): the put-back step returns it."""

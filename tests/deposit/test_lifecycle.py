@@ -90,6 +90,12 @@ TRANSITIONS = [
     (S.VERIFIED, "changed", S.VERIFIED),
     # recorded: the archive's copy no longer needs the input, which goes back whole
     (S.RECORDED, "changed", S.RETURNING),
+    # placed by rename, changed after registering, its record's location withdrawn by
+    # publish: the input goes back; no other step withdraws, so elsewhere it is retried
+    (S.REGISTERED, "withdrawn", S.RETURNING),
+    (S.CHECKED, "withdrawn", S.CHECKED),
+    (S.PUBLISHED, "withdrawn", S.PUBLISHED),
+    (S.RECORDED, "withdrawn", S.RECORDED),
     # the source is gone: only a claim is cancelled, elsewhere it is retried
     (S.CLAIMING, "gone", S.CANCELLED),
     (S.CLAIMED, "gone", S.CLAIMED),
@@ -183,6 +189,16 @@ def test_transient_without_code_records_the_kind() -> None:
     """A failure with no code is reported under its kind."""
     p = advance(Progress(S.CLAIMED), Step.STAGE, Outcome("transient"), NOW)
     assert p.error_code == "transient"
+
+
+def test_a_withdrawn_publish_goes_back_with_its_reason_still_registered() -> None:
+    """A publish that withdrew the record's location puts the input back with code
+    'changed' and the message, still counted registered (the record stays)."""
+    p = Progress(S.REGISTERED, registered=True)
+    p = advance(p, Step.PUBLISH, Outcome("withdrawn", "changed", "rewritten"), NOW)
+    assert (p.state, p.error_code, p.error_message, p.registered) == (
+        S.RETURNING, "changed", "rewritten", True,
+    )  # fmt: skip
 
 
 def test_changed_records_the_reason() -> None:
@@ -354,8 +370,9 @@ def test_property_registered_items_are_never_rejected(kinds: list[str]) -> None:
 @given(st.lists(KINDS, max_size=60))
 @example(["ok"] * 7 + ["changed", "ok"])
 def test_property_registered_items_go_back_only_once_recorded(kinds: list[str]) -> None:
-    """A registered item is put back (RETURNING) only from RECORDED: before that a
-    record may point at its input, or its copy is not stored yet."""
+    """A registered item is put back (RETURNING) only from RECORDED (whatever the
+    outcomes but "withdrawn", which only publish returns: see the table): before that
+    a record may point at its input, or its copy is not stored yet."""
     seen = _run(kinds)
     registered = False
     for before, p in itertools.pairwise(seen):

@@ -4,7 +4,10 @@ never holds bytes other than the record's, with or without ``verify``."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,8 @@ def _work(inbox: Path, token: str) -> Path:
 @pytest.mark.parametrize("verify", [False, True])
 def test_a_file_written_after_its_registration_is_not_published(env: Env, verify: bool) -> None:
     """Bytes appended between registration and publishing keep the input out of
-    ``resources/``; it waits in the work folder, whole, with the reason."""
+    ``resources/``: its record no longer lists the archive, and the input, whole, goes
+    back into the inbox with the reason."""
     first, more = os.urandom(30_000), os.urandom(3_000)
     item = env.until(
         env.drop("inplace.dat", first, placement="rename", verify=verify), State.REGISTERED
@@ -30,10 +34,47 @@ def test_a_file_written_after_its_registration_is_not_published(env: Env, verify
     with open(work, "ab") as writer:
         writer.write(more)
     item = env.step(item, Step.PUBLISH)
-    assert (item.state, item.error_code) == (State.REGISTERED, "changed")
+    assert (item.state, item.error_code) == (State.RETURNING, "changed")
     assert "changed after it was registered as inplace" in (item.error_message or "")
     assert env.stored() == []
-    assert work.read_bytes() == first + more
+    assert item.name is not None
+    record = env.registry.get_resource(item.name)
+    assert record is not None and record.locations == ()
+    item = env.step(item, Step.PUT_BACK)
+    assert item.state is State.RETURNED
+    assert (env.inbox / "inplace.dat").read_bytes() == first + more
+    assert not work.exists()
+
+
+def test_a_changed_input_goes_back_when_its_location_was_withdrawn_already(env: Env) -> None:
+    """A publish run again after the location was withdrawn (an earlier attempt, or an
+    administrator) still puts the changed input back."""
+    item = env.until(env.drop("again.dat", os.urandom(9_000), placement="rename"), State.REGISTERED)
+    assert item.name is not None
+    env.registry.remove_location(item.name, "arch")
+    with open(_work(env.inbox, item.token), "ab") as writer:
+        writer.write(b"more")
+    item = env.step(item, Step.PUBLISH)
+    assert (item.state, item.error_code) == (State.RETURNING, "changed")
+
+
+def test_a_changed_input_whose_identifier_holds_a_stored_copy_stays(env: Env) -> None:
+    """When something is stored under the identifier already, the record's location is
+    left alone and the changed input waits in the work folder, whole (tried again)."""
+    first = os.urandom(9_000)
+    item = env.until(env.drop("held.dat", first, placement="rename"), State.REGISTERED)
+    assert item.name is not None
+    stub = env.archive.resources_dir / item.name[:2]
+    stub.mkdir(exist_ok=True)
+    (stub / item.name).write_bytes(b"someone else's entry under this identifier")
+    work = _work(env.inbox, item.token)
+    with open(work, "ab") as writer:
+        writer.write(b"more")
+    item = env.step(item, Step.PUBLISH)
+    assert (item.state, item.error_code) == (State.REGISTERED, "changed")
+    record = env.registry.get_resource(item.name)
+    assert record is not None and record.locations == ("arch",)
+    assert work.read_bytes() == first + b"more"
 
 
 def test_a_mode_change_alone_does_not_hold_publishing(env: Env) -> None:
@@ -51,8 +92,8 @@ def test_a_mode_change_alone_does_not_hold_publishing(env: Env) -> None:
 def test_a_folder_that_gained_a_file_after_its_registration_is_not_published(
     tmp_path: Path,
 ) -> None:
-    """A folder deposited in place that gained a file after registration stays in the
-    work folder, whole, and nothing is stored for it."""
+    """A folder deposited in place that gained a file after registration is not stored:
+    publishing withdraws its location and sends it back, whole."""
     env: FolderEnv = make_env(tmp_path / "data", tmp_path / "state")
     try:
         item, files = env.drop_folder("session2", verify=False)
@@ -60,10 +101,46 @@ def test_a_folder_that_gained_a_file_after_its_registration_is_not_published(
         work = _work(env.inbox, item.token)
         (work / "sub" / "late.dat").write_bytes(b"written after registration")
         item, outcome = env.steps.run(item, Step.PUBLISH)
-        assert (outcome.kind, outcome.code) == ("changed", "changed")
+        assert (outcome.kind, outcome.code) == ("withdrawn", "changed")
         assert not any((env.archive_root / "resources").rglob("*.dat"))
         for rel, data in files.items():
             assert (work / rel).read_bytes() == data
     finally:
         env.journal.close()
         env.registry.close()
+
+
+def test_a_put_back_input_under_its_withdrawn_identifier_is_rejected_with_a_hint(
+    env: Env,
+) -> None:
+    """Deposited again after it was put back, the changed input finds its identifier
+    registered for the bytes it no longer holds: it is rejected whole (name-taken,
+    with what to do), never published under that record."""
+    item = env.until(env.drop("again.dat", os.urandom(9_000), placement="rename"), State.REGISTERED)
+    with open(_work(env.inbox, item.token), "ab") as writer:
+        writer.write(b"more")
+    item = env.until(env.step(item, Step.PUBLISH), State.RETURNED)
+    kept = (env.inbox / "again.dat").read_bytes()
+    st = os.lstat(env.inbox / "again.dat")
+    again = env.journal.add(
+        token=secrets.token_hex(16),
+        inbox=env.spec.key,
+        relpath=b"again.dat",
+        kind="file",
+        archive=env.spec.archive_name,
+        archive_path=str(env.archive.path),
+        placement="rename",
+        verify=1,
+        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
+        created=time.time(),
+        updated=0.0,
+    )
+    again = env.until(again, State.DONE)
+    assert again.state is State.REJECTED
+    reason = json.loads(again.reason_json or "{}")
+    assert (reason["code"], reason["hint"]) == (
+        "name-taken",
+        "rename the file, give an 'id' in a sidecar, or use auto_id",
+    )
+    assert (env.inbox / "rejected" / "again.dat").read_bytes() == kept
+    assert env.stored() == []
