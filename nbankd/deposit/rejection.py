@@ -18,14 +18,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
+
 from nbankd import seams
 from nbankd.archive import fsops
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX
+from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, printable
 from nbankd.shellwords import requeue_command
 from nbankd.timefmt import iso
+
+log = structlog.get_logger("nbankd.deposit")
 
 NAME_MAX = 255
 
@@ -54,14 +58,37 @@ def _is_temporary_name(name: bytes) -> bool:
 
 
 def _candidates(basename: bytes, room: int = NAME_MAX) -> Iterator[bytes]:
-    """``basename``, then ``stem~1.ext``, ``stem~2.ext``, ... (each at most ``room``
-    bytes, cut from the front)."""
+    """``basename`` (when it fits in ``room`` bytes), then ``stem~1.ext``,
+    ``stem~2.ext``, ...: each at most ``room`` bytes, the stem shortened from its end
+    (never a UTF-8 character split), or, when the extension leaves no room for a stem,
+    the whole name shortened before the ``~N``. Every one differs from the others,
+    and none starts with a dot unless ``basename`` does (a dotfile is hidden from
+    the scan by the default ignore pattern)."""
     stem, dot, ext = basename.rpartition(b".") if b"." in basename[1:] else (basename, b"", b"")
     if _is_temporary_name(basename):
         stem, dot, ext = basename, b"", b""  # NAME~N: no longer ends in .tmp
-    yield basename[-room:]
+    if len(basename) <= room:
+        yield basename
     for n in itertools.count(1):
-        yield (stem + b"~%d" % n + dot + ext)[-room:]
+        tag = b"~%d" % n
+        tail = tag + dot + ext
+        if len(tail) < room:
+            yield _shortened(stem, room - len(tail)) + tail
+        else:
+            yield _shortened(basename, room - len(tag)) + tag
+
+
+def _shortened(name: bytes, size: int) -> bytes:
+    """The first ``size`` bytes of ``name``, fewer if that would split a character of
+    a UTF-8 name."""
+    if len(name) <= size:
+        return name
+    head = name[: max(0, size)]
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return head
+    return head.decode("utf-8", "ignore").encode()
 
 
 def _free_name(folder: Path, basename: bytes, sidecar_suffix: bytes = b"") -> bytes:
@@ -90,20 +117,22 @@ _FIND_LIMIT = 1000
 
 def _put_back_where(fs: InboxFS, item: Item, suffix: bytes) -> tuple[int, bytes] | None:
     """Where an earlier run of :func:`put_back` returned ``item``'s input (the names it
-    chose among leaving room for ``suffix``): the first of its name's candidates
-    holding the claimed entry (dev and inode of the identity journaled at claim); None
-    when not found (or no identity)."""
+    chose among leaving room for ``suffix``): the first of its name's candidates, in
+    its folder or else at the inbox's top (where a folder swapped for a link sends
+    it), holding the claimed entry (dev and inode of the identity journaled at
+    claim); None when not found (or no identity)."""
     if item.identity is None:
         return None
     want = json.loads(item.identity)
-    try:
-        parent, name = fs.parent(item.relpath)
-    except (Escape, NotADirectoryError, FileNotFoundError):
-        return None
-    for candidate in itertools.islice(_candidates(name, NAME_MAX - len(suffix)), _FIND_LIMIT):
-        st = fs.lstat(parent, candidate)
-        if st is not None and (st.st_dev, st.st_ino) == (want.get("dev"), want.get("ino")):
-            return parent, candidate
+    places: list[tuple[int, bytes]] = []
+    with contextlib.suppress(Escape, NotADirectoryError, FileNotFoundError):
+        places.append(fs.parent(item.relpath))
+    places.append((fs.root, os.path.basename(item.relpath)))
+    for parent, name in places:
+        for candidate in itertools.islice(_candidates(name, NAME_MAX - len(suffix)), _FIND_LIMIT):
+            st = fs.lstat(parent, candidate)
+            if st is not None and (st.st_dev, st.st_ino) == (want.get("dev"), want.get("ino")):
+                return parent, candidate
     return None
 
 
@@ -191,6 +220,9 @@ def move_to_rejected(
     sub = os.path.dirname(rel)
     token = item.token.encode()
     sidecar = sidecar_work_name(item)
+    suffix = _sidecar_suffix(item)
+    # a name whose sidecar's name is free and fits too, when a sidecar goes along
+    pair = suffix if suffix and sidecar is not None and fs.exists(fs.work, sidecar) else b""
     shown = spec.rejected_dir / os.fsdecode(sub)  # where the user finds them
     try:
         folder_fd = fs.folder(fs.rejected, sub, create=True, where=str(shown))
@@ -204,7 +236,7 @@ def move_to_rejected(
     with _REJECT_LOCK:
         while True:
             if item.rejected_relpath is None:
-                chosen = _free_name(folder, os.path.basename(rel))
+                chosen = _free_name(folder, os.path.basename(rel), pair)
                 item = save(replace(item, rejected_relpath=os.path.join(sub, chosen)))
                 seams.reached("after-reject-name")
             assert item.rejected_relpath is not None
@@ -239,7 +271,7 @@ def move_to_rejected(
                     continue
             break
     if sidecar is not None and fs.exists(fs.work, sidecar) and item.sidecar_relpath:
-        side_dest = dest_name + item.sidecar_relpath[len(rel) :]
+        side_dest = dest_name + suffix if suffix else os.path.basename(item.sidecar_relpath)
         if not fs.exists(folder_fd, side_dest):
             _move_no_replace(fs, (fs.work, sidecar), (folder_fd, side_dest))
     if item.marker_relpath is not None:
@@ -254,15 +286,18 @@ def move_to_rejected(
 def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     """Returns a claimed input to its place in the inbox (it changed: still being
     written), under a free name if its own (or its sidecar's) was taken meanwhile.
-    Its sidecar follows the name the input gets: never left beside another input
-    (whose metadata it would become), never under a name that is no sidecar's (it
-    would be deposited as an input). The input moves first; run again after a crash
-    between the two moves, the input is found where it went by the identity
-    journaled at claim."""
+    Its sidecar follows the name the input gets, and is never put where it would be
+    another input's metadata or an input of its own (a name that is no sidecar's):
+    should its name be taken after the input moved, the input moves on to the next
+    free pair of names; should the input not be found (run again after a crash, by a
+    row journaled without identity), the sidecar stays in the work folder (logged).
+    The input moves first; run again after a crash between the moves, it is found
+    where it went by the identity journaled at claim."""
     token = item.token.encode()
     sidecar = sidecar_work_name(item)
     suffix = _sidecar_suffix(item)
     side_waits = sidecar is not None and fs.exists(fs.work, sidecar)
+    pair = suffix if side_waits and suffix else b""
     placed: tuple[int, bytes] | None = None
     if fs.exists(fs.work, token):
         try:
@@ -270,35 +305,52 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
         except (Escape, NotADirectoryError):
             # a link or a file where its folder was: back at the inbox's top instead
             parent, name = fs.root, os.path.basename(item.relpath)
-        pair = suffix if side_waits and suffix else b""
         if fs.exists(parent, name) or (pair and fs.exists(parent, name + pair)):
             name = _free_name(fs.at(parent), name, pair)
         _move_no_replace(fs, (fs.work, token), (parent, name))
         seams.reached("after-put-back")
         placed = (parent, name)
-    elif side_waits and suffix:
-        placed = _put_back_where(fs, item, suffix)
+    elif pair:
+        placed = _put_back_where(fs, item, pair)
     if sidecar is None or not side_waits or item.sidecar_relpath is None:
         return
-    if placed is not None and suffix and not fs.exists(placed[0], placed[1] + suffix):
-        side = (placed[0], placed[1] + suffix)
-    else:  # the input not found, or its sidecar's name taken since: the sidecar's own
+    if not pair:  # not named after its input (an older row): its own name, if free
         try:
             side = fs.parent(item.sidecar_relpath, create=True)
         except (Escape, NotADirectoryError):
             side = (fs.root, os.path.basename(item.sidecar_relpath))
         if fs.exists(*side):
-            side = (side[0], _free_name(fs.at(side[0]), side[1]))
-    _move_no_replace(fs, (fs.work, sidecar), side)
+            _sidecar_kept(item, "its own name is taken")
+            return
+        _move_no_replace(fs, (fs.work, sidecar), side)
+        return
+    if placed is None:
+        _sidecar_kept(item, "where the input went cannot be told")
+        return
+    parent, name = placed
+    while fs.exists(parent, name + pair):  # taken since the input moved: move on
+        moved = _free_name(fs.at(parent), os.path.basename(item.relpath), pair)
+        _move_no_replace(fs, (parent, name), (parent, moved))
+        name = moved
+    _move_no_replace(fs, (fs.work, sidecar), (parent, name + pair))
+
+
+def _sidecar_kept(item: Item, why: str) -> None:
+    log.warning(
+        "an input put back into its inbox left its sidecar in the work folder: " + why,
+        item=item.token,
+        sidecar=printable(os.fsdecode(item.sidecar_relpath or b"")),
+    )
 
 
 def _sidecar_suffix(item: Item) -> bytes | None:
     """What the sidecar's name adds to the input's (``.nbank.yaml``); None without a
-    sidecar, or one not named after its input."""
+    sidecar, or one not named after its input in the same folder."""
     side, rel = item.sidecar_relpath, item.relpath
     if side is None or not side.startswith(rel) or len(side) == len(rel):
         return None
-    return side[len(rel) :]
+    suffix = side[len(rel) :]
+    return None if b"/" in suffix else suffix
 
 
 def sidecar_work_name(item: Item) -> bytes | None:
