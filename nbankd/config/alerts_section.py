@@ -43,10 +43,16 @@ def _url(value: object) -> str:
     if not isinstance(value, str):
         bad(f"must be an http(s) URL, not {describe(value)}")
     parts = urlsplit(value)
+    # never the whole URL in a message: chat services put their secret in its path
+    shown = f"{parts.scheme}://{parts.hostname or ''}/..." if parts.scheme else "this value"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        bad(f"{value!r} is not an http(s) URL", "e.g. https://chat.example.org/hooks/x")
+        bad(f"{shown!r} is not an http(s) URL", "e.g. https://chat.example.org/hooks/x")
     if parts.username or parts.password:
         bad("must not hold a user name or password", "put a token in token_file instead")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        bad(f"{shown!r} has a port that is not a number from 0 to 65535", "e.g. :8443")
     return value
 
 

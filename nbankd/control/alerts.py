@@ -48,10 +48,19 @@ MAX_BACKOFF = 600.0  # at most this long between two tries of a notifier that fa
 def _token(path: Path) -> str:
     """The first line of a webhook's token file; OSError naming it when it cannot be
     read or is empty (never a request sent with an empty token)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise OSError(f"the webhook's token_file {path} is not UTF-8 text") from None
     if not lines or not lines[0].strip():
         raise OSError(f"the webhook's token_file {path} is empty")
-    return lines[0].strip()
+    token = lines[0].strip()
+    if not (token.isascii() and token.isprintable()):
+        raise OSError(
+            f"the webhook's token_file {path} holds characters an HTTP header cannot "
+            "carry (only printable ASCII)"
+        )
+    return token
 
 
 def shown_url(url: str) -> str:
@@ -74,8 +83,8 @@ def send_webhook(
     # entry would go to any host, and would replace the token); no redirect followed,
     # so the message and token go nowhere but the configured URL
     with requests.Session() as session:
-        settle_environment(session, cfg.url)
         try:
+            settle_environment(session, cfg.url)
             resp = session.post(
                 cfg.url,
                 data=json.dumps(body),
@@ -84,7 +93,7 @@ def send_webhook(
                 timeout=SEND_TIMEOUT,
                 allow_redirects=False,
             )
-        except requests.RequestException as err:  # its text names the whole URL: never shown
+        except (requests.RequestException, ValueError) as err:  # its text names the URL
             raise OSError(f"webhook {shown} unreachable ({type(err).__name__})") from None
     if 300 <= resp.status_code < 400:
         raise OSError(
