@@ -240,11 +240,10 @@ def advance(
         # only publishing in place withdraws a location: the bytes registered are gone
         # with the change, and the input, never copied, is the only version left
         if step is Step.PUBLISH:
+            # no longer counted registered: the record stays, but no longer says the
+            # archive holds this input, which is nowhere deposited
             return Progress(
-                State.RETURNING,
-                error_code=outcome.code or "changed",
-                error_message=outcome.message,
-                registered=registered,  # the record stays, without this archive
+                State.RETURNING, error_code=outcome.code or "changed", error_message=outcome.message
             )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "permanent":

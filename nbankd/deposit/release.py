@@ -76,16 +76,17 @@ class ReleaseSteps(StepsBase):
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 
-    def _withdraw(self, archive: layout.Archive, intent: Intent, item: Item) -> Outcome:
+    def _withdraw(self, archive: layout.Archive, intent: Intent, item: Item) -> StepResult:
         """Placed by rename, the input changed after registering: the bytes its record
         names are nowhere any more (the input was never copied). Unless something is
         stored under its identifier already, its record's location in the archive is
         withdrawn (the record then says no copy is there, which is true) and the input,
-        the only version left, goes back into the inbox (WITHDRAWN); else it stays in
-        the work folder, tried again (a transient CHANGED)."""
+        the only version left, goes back into the inbox (WITHDRAWN), no longer counted
+        registered (its URL dropped: nothing reports it deposited); else it stays in the
+        work folder, tried again (a transient CHANGED)."""
         assert item.name and item.sha1
         if archive.stored_entries(item.name):
-            return verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
+            return item, verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
         with contextlib.suppress(errors.NotFound):  # withdrawn already, or the record gone
             self.registry.remove_location(item.name, intent.archive_name)
         log.error(
@@ -96,7 +97,7 @@ class ReleaseSteps(StepsBase):
             sha1=item.sha1,
             archive=intent.archive_name,
         )
-        return verdicts.withdrawn_before_publish(
+        return item.changed(url=None), verdicts.withdrawn_before_publish(
             item.relpath_str, item.name, item.sha1, intent.archive_name
         )
 

@@ -270,15 +270,16 @@ def withdrawn_before_publish(
 ) -> Outcome:
     """Placed by rename, the input no longer has the content registered: not published,
     its record's location in ``archive`` withdrawn, and the input (the only version
-    left) put back into the inbox, where it is deposited again once settled."""
+    left) put back where it was: an inbox deposits it again once it settles."""
     return Outcome(
         "withdrawn",
         "changed",
         f"{shown} changed after it was registered as {identifier} (sha1 {sha1}): it is not "
-        f"published; the record no longer lists archive {archive!r}, and the file is back "
-        "in the inbox, to be deposited again once it settles",
-        f"a program may still have been writing it. The record {identifier} stays, naming "
-        "bytes no copy holds: a registry administrator may delete it",
+        f"deposited; the record no longer lists archive {archive!r}, and the file is back "
+        "where it was",
+        "a program may still have been writing it: once it is finished, it is deposited "
+        f"again from an inbox (or with nbankctl deposit). The record {identifier} stays, "
+        "naming bytes no copy holds: a registry administrator may delete it",
     )
 
 

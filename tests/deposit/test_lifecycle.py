@@ -191,13 +191,13 @@ def test_transient_without_code_records_the_kind() -> None:
     assert p.error_code == "transient"
 
 
-def test_a_withdrawn_publish_goes_back_with_its_reason_still_registered() -> None:
+def test_a_withdrawn_publish_goes_back_with_its_reason_no_longer_registered() -> None:
     """A publish that withdrew the record's location puts the input back with code
-    'changed' and the message, still counted registered (the record stays)."""
+    'changed' and the message, no longer counted registered (nowhere deposited)."""
     p = Progress(S.REGISTERED, registered=True)
     p = advance(p, Step.PUBLISH, Outcome("withdrawn", "changed", "rewritten"), NOW)
     assert (p.state, p.error_code, p.error_message, p.registered) == (
-        S.RETURNING, "changed", "rewritten", True,
+        S.RETURNING, "changed", "rewritten", False,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from fixtures.inplace_env import FolderEnv, make_env
 from fixtures.steps_env import Env
+from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import State, Step
 
 
@@ -44,6 +45,18 @@ def test_a_file_written_after_its_registration_is_not_published(env: Env, verify
     assert item.state is State.RETURNED
     assert (env.inbox / "inplace.dat").read_bytes() == first + more
     assert not work.exists()
+
+
+def test_a_withdrawn_input_is_never_reported_deposited(env: Env) -> None:
+    """Put back after its location was withdrawn, the input has no URL and is not
+    counted registered: `nbankctl deposit` reports it as an error, never with an id."""
+    item = env.until(env.drop("told.dat", os.urandom(9_000), placement="rename"), State.REGISTERED)
+    with open(_work(env.inbox, item.token), "ab") as writer:
+        writer.write(b"more")
+    item = env.until(env.step(item, Step.PUBLISH), State.RETURNED)
+    assert (item.state, item.url, item.progress.registered) == (State.RETURNED, None, False)
+    told = manual.record(item)
+    assert "id" not in told and told["error"]
 
 
 def test_a_changed_input_goes_back_when_its_location_was_withdrawn_already(env: Env) -> None:
