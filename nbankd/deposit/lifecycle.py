@@ -14,8 +14,7 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
 
     any step --permanent failure--> REJECTING --reject--> REJECTED
     stage/release --input changed--> RETURNING --put_back--> RETURNED
-    publish (placed by rename) --input changed after registering, its location
-        withdrawn from the record--> RETURNING
+    publish (placed by rename) --input changed after registering (withdrawn)--> RETURNING
     publish/verify --staged copy lost or bad--> CLAIMED (stage again)
     lookup/register --automatic identifier taken--> STAGED (new identifier, look up again)
     lookup/register --another input's record for these bytes--> STAGED after a backoff
@@ -141,8 +140,8 @@ class Kind(enum.StrEnum):
     RENAMED = "renamed"  # a taken automatic identifier was replaced: look up again
     RECHECK = "recheck"  # another input holds these bytes' record: look up again later
     SUPERSEDED = "superseded"  # a stored copy of the same bytes serves the record: reject
-    #: placed by rename, the input changed after registering; its record's location in
-    #: the archive is withdrawn (no record says the archive holds it): put back
+    #: placed by rename, the input changed after registering: the bytes registered are
+    #: gone, the deposit is withdrawn and the input put back (the record left as it is)
     WITHDRAWN = "withdrawn"
 
 
@@ -237,11 +236,11 @@ def advance(
             )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "withdrawn":
-        # only publishing in place withdraws a location: the bytes registered are gone
-        # with the change, and the input, never copied, is the only version left
+        # only publishing in place withdraws: the bytes registered are gone with the
+        # change, and the input, never copied, is the only version left
         if step is Step.PUBLISH:
-            # no longer counted registered: the record stays, but no longer says the
-            # archive holds this input, which is nowhere deposited
+            # no longer counted registered: this input is nowhere deposited (the record,
+            # left as it is, names bytes it no longer holds)
             return Progress(
                 State.RETURNING, error_code=outcome.code or "changed", error_message=outcome.message
             )

@@ -11,13 +11,14 @@ longer does is put back, its record's location withdrawn:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
 from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
-from nbankd.archive import durable, fsops, layout, syncs
+from nbankd.archive import durable, fsops, syncs
 from nbankd.deposit import inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
@@ -76,22 +77,25 @@ class ReleaseSteps(StepsBase):
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 
-    def _withdraw(self, archive: layout.Archive, intent: Intent, item: Item) -> StepResult:
+    def _withdraw(self, intent: Intent, item: Item, work: Path, target: Path) -> StepResult:
         """Placed by rename, the input changed after registering: the bytes its record
-        names are nowhere any more (the input was never copied). Unless something is
-        stored under its identifier already, its record's location in the archive is
-        withdrawn (the record then says no copy is there, which is true) and the input,
-        the only version left, goes back into the inbox (WITHDRAWN), no longer counted
-        registered (its URL dropped: nothing reports it deposited); else it stays in the
-        work folder, tried again (a transient CHANGED)."""
+        names are nowhere any more (the input was never copied) and can never be
+        published. The input, the only version left, goes back where it was
+        (WITHDRAWN), no longer counted registered (its URL dropped: nothing reports it
+        deposited). The record is left as it is: another input may still serve it, and
+        the registry's account may not remove locations; unless one does, the audit
+        reports it missing from the archive. Logged as an error naming the record.
+        Should ``target`` be the input itself (linked there by an attempt killed before
+        its save, then written through a name of it), nothing moves: that stored copy
+        is not the record's any more, and it stays where it is (a transient CHANGED,
+        as the audit reports)."""
         assert item.name and item.sha1
-        if archive.stored_entries(item.name):
-            return item, verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
-        with contextlib.suppress(errors.NotFound):  # withdrawn already, or the record gone
-            self.registry.remove_location(item.name, intent.archive_name)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.lstat(work), os.lstat(target)):
+                return item, verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
         log.error(
-            "input changed after its registration: not published, its record's location "
-            "withdrawn, the input put back into its inbox",
+            "input changed after its registration: not published, put back where it was; "
+            "its record names bytes that only another copy could serve",
             item=item.token,
             resource_id=item.name,
             sha1=item.sha1,
@@ -104,10 +108,11 @@ class ReleaseSteps(StepsBase):
     def _content_as_hashed(self, item: Item, work: Path) -> Item | None:
         """The item when the input published in place still has the content the stage
         step hashed (and the registry recorded): the same identity; or the same SHA-1
-        when only its ctime or its numbers moved (an earlier attempt's mode change, an
-        SSHFS remount), its identity then journaled anew; or when it is gone from the
-        work folder (published by an earlier attempt: publishing knows what to do).
-        None when it changed."""
+        when only its ctime, its numbers or its mtime moved, its size the same (an
+        earlier attempt's mode change, an SSHFS remount, a touch, the same bytes written
+        again), its identity then journaled anew; or when it is gone from the work
+        folder (published by an earlier attempt: publishing knows what to do). None
+        when it changed. A read that ends early is an error (transient), not a change."""
         is_dir = item.kind == "dir"
         try:
             change = compare(item.identity, work, is_dir)
@@ -115,9 +120,19 @@ class ReleaseSteps(StepsBase):
             return item
         if change is Change.SAME:
             return item
-        if change is Change.UNSURE and self._same_sha1(item, work, is_dir):
+        if (change is Change.UNSURE or self._same_size(item, work, is_dir)) and self._same_sha1(
+            item, work, is_dir, whole=True
+        ):
             return item.changed(identity=identity_json(work, is_dir))
         return None
+
+    @staticmethod
+    def _same_size(item: Item, work: Path, is_dir: bool) -> bool:
+        """True when the input at ``work`` has the size its claim recorded."""
+        if item.identity is None:
+            return False
+        now = identity_fields(work) if is_dir else stat_fields(os.lstat(work))
+        return bool(json.loads(item.identity).get("size") == now["size"])
 
     def _as_claimed(self, item: Item, st: os.stat_result, work: Path) -> bool:
         """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
@@ -158,10 +173,12 @@ class ReleaseSteps(StepsBase):
         except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
             return False  # unreadable now, open for writing, a link: not as claimed
 
-    def _same_sha1(self, item: Item, work: Path, is_dir: bool) -> bool:
+    def _same_sha1(self, item: Item, work: Path, is_dir: bool, *, whole: bool = False) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
         as its zip is zipped again into staging/ to compare, then discarded). Reads
-        beat the worker's liveness, as the stage step's do."""
+        beat the worker's liveness, as the stage step's do. With ``whole``, a file read
+        to fewer bytes than its size raises SourceReadError (a read cut short, as on a
+        flaky network filesystem, is not a change)."""
         if item.sha1 is None:
             return False
         if is_dir:
@@ -182,9 +199,15 @@ class ReleaseSteps(StepsBase):
         except OSError as err:
             raise SourceReadError(err.errno, err.strerror, str(work)) from err
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 return False
-            return copy_hashing(fd, None, progress=self._progress).sha1 == item.sha1
+            hashed = copy_hashing(fd, None, progress=self._progress)
+            if whole and hashed.size < st.st_size:
+                raise SourceReadError(
+                    errno.EIO, f"read {hashed.size} of its {st.st_size} bytes", str(work)
+                )
+            return hashed.sha1 == item.sha1
         finally:
             os.close(fd)
 

@@ -259,7 +259,7 @@ class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
                 work = fs.at(fs.work, item.token)
                 as_hashed = self._content_as_hashed(item, work)
                 if as_hashed is None:
-                    return self._withdraw(archive, intent, item)
+                    return self._withdraw(intent, item, work, target)
                 item = as_hashed
                 durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress

@@ -268,18 +268,18 @@ def changed_before_publish(shown: str, identifier: str | None, sha1: str | None)
 def withdrawn_before_publish(
     shown: str, identifier: str | None, sha1: str | None, archive: str
 ) -> Outcome:
-    """Placed by rename, the input no longer has the content registered: not published,
-    its record's location in ``archive`` withdrawn, and the input (the only version
-    left) put back where it was: an inbox deposits it again once it settles."""
+    """Placed by rename, the input no longer has the content registered: never
+    published, it goes back where it was (an inbox deposits it again once it
+    settles); the record is left as it is."""
     return Outcome(
         "withdrawn",
         "changed",
         f"{shown} changed after it was registered as {identifier} (sha1 {sha1}): it is not "
-        f"deposited; the record no longer lists archive {archive!r}, and the file is back "
-        "where it was",
+        "deposited, and the file is back where it was",
         "a program may still have been writing it: once it is finished, it is deposited "
-        f"again from an inbox (or with nbankctl deposit). The record {identifier} stays, "
-        "naming bytes no copy holds: a registry administrator may delete it",
+        f"again from an inbox (or with nbankctl deposit). The record {identifier} names "
+        f"bytes archive {archive!r} does not hold: unless another input serves it, the "
+        "audit reports it missing, and a registry administrator may delete it",
     )
 
 

@@ -25,8 +25,8 @@ def _work(inbox: Path, token: str) -> Path:
 @pytest.mark.parametrize("verify", [False, True])
 def test_a_file_written_after_its_registration_is_not_published(env: Env, verify: bool) -> None:
     """Bytes appended between registration and publishing keep the input out of
-    ``resources/``: its record no longer lists the archive, and the input, whole, goes
-    back into the inbox with the reason."""
+    ``resources/``: the input, whole, goes back into the inbox with the reason; the
+    record is left as it was."""
     first, more = os.urandom(30_000), os.urandom(3_000)
     item = env.until(
         env.drop("inplace.dat", first, placement="rename", verify=verify), State.REGISTERED
@@ -40,7 +40,7 @@ def test_a_file_written_after_its_registration_is_not_published(env: Env, verify
     assert env.stored() == []
     assert item.name is not None
     record = env.registry.get_resource(item.name)
-    assert record is not None and record.locations == ()
+    assert record is not None and record.locations == ("arch",)
     item = env.step(item, Step.PUT_BACK)
     assert item.state is State.RETURNED
     assert (env.inbox / "inplace.dat").read_bytes() == first + more
@@ -59,35 +59,46 @@ def test_a_withdrawn_input_is_never_reported_deposited(env: Env) -> None:
     assert "id" not in told and told["error"]
 
 
-def test_a_changed_input_goes_back_when_its_location_was_withdrawn_already(env: Env) -> None:
-    """A publish run again after the location was withdrawn (an earlier attempt, or an
-    administrator) still puts the changed input back."""
-    item = env.until(env.drop("again.dat", os.urandom(9_000), placement="rename"), State.REGISTERED)
-    assert item.name is not None
-    env.registry.remove_location(item.name, "arch")
-    with open(_work(env.inbox, item.token), "ab") as writer:
-        writer.write(b"more")
-    item = env.step(item, Step.PUBLISH)
-    assert (item.state, item.error_code) == (State.RETURNING, "changed")
-
-
-def test_a_changed_input_whose_identifier_holds_a_stored_copy_stays(env: Env) -> None:
-    """When something is stored under the identifier already, the record's location is
-    left alone and the changed input waits in the work folder, whole (tried again)."""
+def test_a_changed_input_goes_back_though_its_identifier_holds_a_stored_copy(
+    env: Env,
+) -> None:
+    """Something stored under the identifier already (another input's copy) does not
+    keep a changed input in the work folder: it goes back whole, the stored entry and
+    the record left alone."""
     first = os.urandom(9_000)
     item = env.until(env.drop("held.dat", first, placement="rename"), State.REGISTERED)
     assert item.name is not None
     stub = env.archive.resources_dir / item.name[:2]
     stub.mkdir(exist_ok=True)
-    (stub / item.name).write_bytes(b"someone else's entry under this identifier")
-    work = _work(env.inbox, item.token)
-    with open(work, "ab") as writer:
+    (stub / item.name).write_bytes(b"another entry under this identifier")
+    with open(_work(env.inbox, item.token), "ab") as writer:
         writer.write(b"more")
-    item = env.step(item, Step.PUBLISH)
-    assert (item.state, item.error_code) == (State.REGISTERED, "changed")
+    item = env.until(env.step(item, Step.PUBLISH), State.RETURNED)
+    assert item.state is State.RETURNED
+    assert (env.inbox / "held.dat").read_bytes() == first + b"more"
+    assert (stub / item.name).read_bytes() == b"another entry under this identifier"
     record = env.registry.get_resource(item.name)
     assert record is not None and record.locations == ("arch",)
-    assert work.read_bytes() == first + b"more"
+
+
+@pytest.mark.parametrize("how", ["touch", "same bytes"])
+def test_an_input_whose_mtime_alone_moved_is_published(env: Env, how: str) -> None:
+    """Its size and bytes the same, an input whose mtime moved after registering (a
+    touch, the same bytes written again) is hashed again and published, not sent back
+    (deposited again, an automatic identifier would be refused as a duplicate of a
+    record no copy serves)."""
+    data = os.urandom(20_000)
+    item = env.until(env.drop("touched.dat", data, placement="rename"), State.REGISTERED)
+    work = _work(env.inbox, item.token)
+    if how == "touch":
+        st = os.stat(work)
+        os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    else:
+        work.write_bytes(data)
+    item = env.step(item, Step.PUBLISH)
+    assert item.state is State.PUBLISHED, (item.error_code, item.error_message)
+    [stored] = env.stored()
+    assert (env.archive.resources_dir / stored).read_bytes() == data
 
 
 def test_a_mode_change_alone_does_not_hold_publishing(env: Env) -> None:
@@ -106,7 +117,7 @@ def test_a_folder_that_gained_a_file_after_its_registration_is_not_published(
     tmp_path: Path,
 ) -> None:
     """A folder deposited in place that gained a file after registration is not stored:
-    publishing withdraws its location and sends it back, whole."""
+    publishing withdraws the deposit, to send the folder back whole."""
     env: FolderEnv = make_env(tmp_path / "data", tmp_path / "state")
     try:
         item, files = env.drop_folder("session2", verify=False)
@@ -123,7 +134,7 @@ def test_a_folder_that_gained_a_file_after_its_registration_is_not_published(
         env.registry.close()
 
 
-def test_a_put_back_input_under_its_withdrawn_identifier_is_rejected_with_a_hint(
+def test_a_put_back_input_under_its_taken_identifier_is_rejected_with_a_hint(
     env: Env,
 ) -> None:
     """Deposited again after it was put back, the changed input finds its identifier

@@ -11,8 +11,9 @@ lost after the effect happened, and another daemon taking the input first.
 Properties: at every moment the input exists (inbox, work folder, rejected folder,
 or archived with its record); there is never more than one record, archive copy or
 receipt; and once the item is final it is in exactly one of: archived and registered
-(source removed), rejected (no record, no copy), returned to the inbox, or never
-taken (another daemon has it).
+(source removed), rejected (no record, no copy), returned to the inbox (no copy; a
+record only when its publish withdrew the deposit), or never taken (another daemon
+has it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nbankd.deposit.lifecycle import FINAL, Outcome, Progress, State, Step, adva
 EVENTS = (
     ["ok"] * 6
     + ["transient", "transient-after-effect", "permanent", "changed", "restage"]
-    + ["crash-before", "crash-after", "stolen"]
+    + ["crash-before", "crash-after", "stolen", "withdrawn"]
 )
 APPLIES_EFFECT = {"ok", "transient-after-effect", "crash-after"}
 
@@ -40,6 +41,7 @@ class World:
     records: int = 0
     copies: int = 0
     receipts: int = 0
+    withdrawn: bool = False  # a publish withdrew the deposit: the record stays, no copy
 
     def effect(self, step: Step) -> None:
         """The idempotent effect of ``step``, as nbankd.deposit.steps performs it."""
@@ -77,6 +79,12 @@ class World:
             return "transient"
         if event == "transient-after-effect":
             return "transient"
+        if event == "withdrawn":
+            # only a publish in place finding its input changed withdraws, and not once
+            # its input is stored (the real step then answers a transient "changed")
+            if step is not Step.PUBLISH or self.copies:
+                return "transient"
+            self.withdrawn = True
         return event
 
     def input_exists(self) -> bool:
@@ -124,6 +132,7 @@ def test_every_input_ends_exactly_once(events: list[str]) -> None:
     elif p.state is State.REJECTED:
         assert (world.where, world.records, world.copies) == ("rejected", 0, 0)
     elif p.state is State.RETURNED:  # back in the inbox (where another daemon may take it)
-        assert world.where in ("inbox", "elsewhere") and (world.records, world.copies) == (0, 0)
+        assert world.where in ("inbox", "elsewhere") and world.copies == 0
+        assert world.records == 0 or world.withdrawn  # a withdrawn deposit's record stays
     else:  # CANCELLED: another daemon took it before our claim
         assert (world.where, world.records, world.copies) == ("elsewhere", 0, 0)
