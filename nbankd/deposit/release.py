@@ -35,6 +35,7 @@ from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.spec import Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.hashing import SourceReadError, copy_hashing
+from nbankd.watch import writers
 
 #: a released folder's name while it is removed (see :meth:`ReleaseSteps.release`)
 RELEASED_SUFFIX = b".released"
@@ -120,8 +121,13 @@ class ReleaseSteps(StepsBase):
             return item
         if change is Change.SAME:
             return item
-        if (change is Change.UNSURE or self._same_size(item, work, is_dir)) and self._same_sha1(
-            item, work, is_dir, whole=True
+        if change is Change.UNSURE and self._same_sha1(item, work, is_dir, whole=True):
+            return item.changed(identity=identity_json(work, is_dir))
+        # its mtime moved: written to, maybe with the same bytes; published only when no
+        # program is seen holding it open for writing (one still writing would change
+        # the stored copy: it goes back instead, to settle again)
+        if self._same_size(item, work, is_dir) and self._same_sha1(
+            item, work, is_dir, whole=True, unheld=True
         ):
             return item.changed(identity=identity_json(work, is_dir))
         return None
@@ -173,12 +179,15 @@ class ReleaseSteps(StepsBase):
         except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
             return False  # unreadable now, open for writing, a link: not as claimed
 
-    def _same_sha1(self, item: Item, work: Path, is_dir: bool, *, whole: bool = False) -> bool:
+    def _same_sha1(
+        self, item: Item, work: Path, is_dir: bool, *, whole: bool = False, unheld: bool = False
+    ) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
         as its zip is zipped again into staging/ to compare, then discarded). Reads
         beat the worker's liveness, as the stage step's do. With ``whole``, a file read
         to fewer bytes than its size raises SourceReadError (a read cut short, as on a
-        flaky network filesystem, is not a change)."""
+        flaky network filesystem, is not a change); with ``unheld``, a file some program
+        holds open for writing is False (as the kernel's lease tells, where it can)."""
         if item.sha1 is None:
             return False
         if is_dir:
@@ -200,7 +209,7 @@ class ReleaseSteps(StepsBase):
             raise SourceReadError(err.errno, err.strerror, str(work)) from err
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) or (unheld and writers.open_for_writing(fd)):
                 return False
             hashed = copy_hashing(fd, None, progress=self._progress)
             if whole and hashed.size < st.st_size:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.holders import held_open
 from fixtures.inplace_env import FolderEnv, make_env
 from fixtures.steps_env import Env
 from nbankd.deposit import manual
@@ -168,3 +169,19 @@ def test_a_put_back_input_under_its_taken_identifier_is_rejected_with_a_hint(
     )
     assert (env.inbox / "rejected" / "again.dat").read_bytes() == kept
     assert env.stored() == []
+
+
+def test_a_touched_input_still_open_for_writing_goes_back(env: Env) -> None:
+    """Its bytes the same but its mtime moved and a program still holding it open for
+    writing, an input is not published (the program could change the stored copy):
+    it goes back whole, to settle again."""
+    data = os.urandom(20_000)
+    item = env.until(env.drop("busy.dat", data, placement="rename"), State.REGISTERED)
+    work = _work(env.inbox, item.token)
+    st = os.stat(work)
+    os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    with held_open(work, "r+b"):
+        item = env.step(item, Step.PUBLISH)
+    assert (item.state, item.error_code) == (State.RETURNING, "changed")
+    assert env.stored() == []
+    assert work.read_bytes() == data
