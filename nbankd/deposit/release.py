@@ -22,7 +22,6 @@ from nbankd.archive import durable, fsops, syncs
 from nbankd.deposit import inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
-    compare,
     compare_stat,
     fstat_matches,
     identity_fields,
@@ -106,39 +105,65 @@ class ReleaseSteps(StepsBase):
             item.relpath_str, item.name, item.sha1, intent.archive_name
         )
 
-    def _content_as_hashed(self, item: Item, work: Path) -> Item | None:
-        """The item when the input published in place still has the content the stage
-        step hashed (and the registry recorded): the same identity; or the same SHA-1
-        when only its ctime, its numbers or its mtime moved, its size the same (an
-        earlier attempt's mode change, an SSHFS remount, a touch, the same bytes written
-        again), its identity then journaled anew; or when it is gone from the work
-        folder (published by an earlier attempt: publishing knows what to do). None
-        when it changed. A read that ends early is an error (transient), not a change."""
+    def _content_as_hashed(self, item: Item, work: Path) -> Item | StepResult | None:
+        """Whether the input published in place still has the content the stage step
+        hashed (and the registry recorded), and no program holds it open for writing.
+        The item, to publish: the same identity; or the same SHA-1 when only its ctime
+        or its numbers moved (an earlier attempt's mode change, an SSHFS remount), or,
+        its size the same, its mtime moved (a touch, the same bytes written again) and
+        the kernel tells that no program holds it, its identity then journaled anew; or
+        gone from the work folder (published by an earlier attempt: publishing knows
+        what to do). A step result, not now (a transient outcome): a program holds it
+        (a file of it) open for writing; it changed while it was hashed again; or its
+        mtime moved, its bytes the same, and whether a program holds it cannot be told
+        (its identity then journaled: published if it stays unchanged until the next
+        attempt). None when its bytes changed. A read that ends early is an error
+        (transient), not a change."""
         is_dir = item.kind == "dir"
+        if item.identity is None:
+            return item
         try:
-            change = compare(item.identity, work, is_dir)
+            before = identity_fields(work) if is_dir else stat_fields(os.lstat(work))
         except FileNotFoundError:
             return item
+        change = compare_stat(item.identity, before)
+        recorded_size = json.loads(item.identity).get("size")
+        if change is Change.CONTENT and before["size"] != recorded_size:
+            return None
+        shown = item.relpath_str
+        held = self._held(work, is_dir)
+        if held:  # never published while a program could still change the stored copy
+            return item, verdicts.held_at_publish(shown, item.name)
         if change is Change.SAME:
             return item
-        if change is Change.UNSURE and self._same_sha1(item, work, is_dir, whole=True):
-            return item.changed(identity=identity_json(work, is_dir))
-        # its mtime moved: written to, maybe with the same bytes; published only when no
-        # program is seen holding it open for writing (one still writing would change
-        # the stored copy: it goes back instead, to settle again)
-        if self._same_size(item, work, is_dir) and self._same_sha1(
-            item, work, is_dir, whole=True, unheld=True
-        ):
-            return item.changed(identity=identity_json(work, is_dir))
-        return None
+        same = self._same_sha1(item, work, is_dir, whole=True)
+        after = identity_fields(work) if is_dir else stat_fields(os.lstat(work))
+        if after != before:
+            return item, verdicts.written_while_rehashed(shown, item.name)
+        if not same:
+            return None
+        seen = item.changed(identity=identity_json(work, is_dir))
+        if change is Change.UNSURE or held is False:
+            return seen
+        # its mtime moved, its bytes the same, and whether a program still holds it
+        # cannot be told: published if it stays unchanged until the next attempt
+        return seen, verdicts.rewritten_same_bytes(shown, item.name)
 
     @staticmethod
-    def _same_size(item: Item, work: Path, is_dir: bool) -> bool:
-        """True when the input at ``work`` has the size its claim recorded."""
-        if item.identity is None:
-            return False
-        now = identity_fields(work) if is_dir else stat_fields(os.lstat(work))
-        return bool(json.loads(item.identity).get("size") == now["size"])
+    def _held(work: Path, is_dir: bool) -> bool | None:
+        """Whether a program holds the input at ``work`` (a file, or a file of a folder)
+        open for writing; None when the kernel cannot tell."""
+        try:
+            fd = os.open(work.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            name = os.fsencode(work.name)
+            if is_dir:
+                return writers.tree_open_for_writing_at(fd, name)
+            return writers.open_for_writing_at(fd, name)
+        finally:
+            os.close(fd)
 
     def _as_claimed(self, item: Item, st: os.stat_result, work: Path) -> bool:
         """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
@@ -179,15 +204,12 @@ class ReleaseSteps(StepsBase):
         except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
             return False  # unreadable now, open for writing, a link: not as claimed
 
-    def _same_sha1(
-        self, item: Item, work: Path, is_dir: bool, *, whole: bool = False, unheld: bool = False
-    ) -> bool:
+    def _same_sha1(self, item: Item, work: Path, is_dir: bool, *, whole: bool = False) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
         as its zip is zipped again into staging/ to compare, then discarded). Reads
         beat the worker's liveness, as the stage step's do. With ``whole``, a file read
         to fewer bytes than its size raises SourceReadError (a read cut short, as on a
-        flaky network filesystem, is not a change); with ``unheld``, a file some program
-        holds open for writing is False (as the kernel's lease tells, where it can)."""
+        flaky network filesystem, is not a change)."""
         if item.sha1 is None:
             return False
         if is_dir:
@@ -209,7 +231,7 @@ class ReleaseSteps(StepsBase):
             raise SourceReadError(err.errno, err.strerror, str(work)) from err
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (unheld and writers.open_for_writing(fd)):
+            if not stat.S_ISREG(st.st_mode):
                 return False
             hashed = copy_hashing(fd, None, progress=self._progress)
             if whole and hashed.size < st.st_size:

@@ -260,6 +260,8 @@ class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
                 as_hashed = self._content_as_hashed(item, work)
                 if as_hashed is None:
                     return self._withdraw(intent, item, work, target)
+                if isinstance(as_hashed, tuple):  # not now: tried again later
+                    return as_hashed
                 item = as_hashed
                 durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress

@@ -283,6 +283,44 @@ def withdrawn_before_publish(
     )
 
 
+def written_while_rehashed(shown: str, identifier: str | None) -> Outcome:
+    """Placed by rename, the input changed while it was hashed again before publishing:
+    judged again at the next attempt (transient)."""
+    return Outcome(
+        "transient",
+        "changed",
+        f"{shown} changed while it was read again before its publishing as {identifier}; "
+        "it is judged again at the next attempt",
+        "a program may still be writing it",
+    )
+
+
+def held_at_publish(shown: str, identifier: str | None) -> Outcome:
+    """Placed by rename, the input (a file of it) is held open for writing by a program
+    at publishing: not published while it is (transient)."""
+    return Outcome(
+        "transient",
+        "changed",
+        f"{shown} (registered as {identifier}) is held open for writing by a program: it "
+        "waits in the inbox's work folder and is published once it is closed, or goes "
+        "back into the inbox if its bytes change",
+        "nothing to do if a program is still recording it",
+    )
+
+
+def rewritten_same_bytes(shown: str, identifier: str | None) -> Outcome:
+    """Placed by rename, the input was written to after registering, its bytes the same,
+    and whether a program still holds it cannot be told: published if it stays
+    unchanged until the next attempt (transient)."""
+    return Outcome(
+        "transient",
+        "changed",
+        f"{shown} was written to after it was registered as {identifier} (its bytes the "
+        "same): it is published if it stays unchanged until the next attempt",
+        "nothing to do if a program is still recording it",
+    )
+
+
 def after_take(*, shown: str, same_entry: bool) -> Outcome | None:
     """Just after the move: ``same_entry`` is False when the entry now in the work folder
     is not the one checked (swapped in between): the put-back step returns it."""

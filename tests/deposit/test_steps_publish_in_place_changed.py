@@ -171,10 +171,10 @@ def test_a_put_back_input_under_its_taken_identifier_is_rejected_with_a_hint(
     assert env.stored() == []
 
 
-def test_a_touched_input_still_open_for_writing_goes_back(env: Env) -> None:
+def test_a_touched_input_still_open_for_writing_waits_until_closed(env: Env) -> None:
     """Its bytes the same but its mtime moved and a program still holding it open for
-    writing, an input is not published (the program could change the stored copy):
-    it goes back whole, to settle again."""
+    writing, an input is not published (the program could change the stored copy): it
+    waits in the work folder, whole, and is published once closed."""
     data = os.urandom(20_000)
     item = env.until(env.drop("busy.dat", data, placement="rename"), State.REGISTERED)
     work = _work(env.inbox, item.token)
@@ -182,6 +182,9 @@ def test_a_touched_input_still_open_for_writing_goes_back(env: Env) -> None:
     os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     with held_open(work, "r+b"):
         item = env.step(item, Step.PUBLISH)
-    assert (item.state, item.error_code) == (State.RETURNING, "changed")
-    assert env.stored() == []
-    assert work.read_bytes() == data
+        assert (item.state, item.error_code) == (State.REGISTERED, "changed")
+        assert env.stored() == [] and work.read_bytes() == data
+    item = env.step(item, Step.PUBLISH)
+    assert item.state is State.PUBLISHED
+    [stored] = env.stored()
+    assert (env.archive.resources_dir / stored).read_bytes() == data
