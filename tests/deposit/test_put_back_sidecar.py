@@ -4,10 +4,7 @@ scan would take for an input of its own."""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import time
 
 from fixtures.steps_env import Env
 from nbankd.deposit import rejection
@@ -23,21 +20,7 @@ def _drop_with_sidecar(env: Env, name: str) -> Item:
     path = env.inbox / name
     path.write_bytes(os.urandom(4096))
     (env.inbox / f"{name}.nbank.yaml").write_bytes(SIDECAR)
-    st = os.lstat(path)
-    item = env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=os.fsencode(name),
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement="copy",
-        verify=1,
-        sidecar_relpath=os.fsencode(f"{name}.nbank.yaml"),
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
+    item = env.journal_existing(name, sidecar=os.fsencode(f"{name}.nbank.yaml"))
     item = env.step(item, Step.CLAIM)
     assert item.state is State.CLAIMED, (item.error_code, item.error_message)
     assert not path.exists()

@@ -5,7 +5,6 @@ _candidates, _put_back_where): odd names, sub-folders and links, crashes at the 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import secrets
 import time
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.seam_hooks import Crash, at_seam
 from fixtures.steps_env import Env
-from nbankd import seams
 from nbankd.config.model import DEFAULT_IGNORE
 from nbankd.deposit import rejection
 from nbankd.deposit.identity import identity_json
@@ -26,10 +25,6 @@ from nbankd.watch.scan import is_ignored
 
 SIDECAR = b"dtype: test-file\nmetadata: {animal: bird7}\n"
 SUFFIX = b".nbank.yaml"
-
-
-class Crash(Exception):
-    """Stands in for the process dying at a seam."""
 
 
 class LoopGuard(Exception):
@@ -43,21 +38,7 @@ def _claimed(env: Env, rel: bytes, *, data: bytes = b"", sidecar: bool = True) -
     path.write_bytes(data or os.urandom(4096))
     if sidecar:
         Path(os.fsdecode(os.fsencode(path) + SUFFIX)).write_bytes(SIDECAR)
-    st = os.lstat(path)
-    item = env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=rel,
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement="copy",
-        verify=1,
-        sidecar_relpath=rel + SUFFIX if sidecar else None,
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
+    item = env.journal_existing(rel, sidecar=rel + SUFFIX if sidecar else None)
     item = env.step(item, Step.CLAIM)
     assert item.state is State.CLAIMED, (item.error_code, item.error_message)
     assert not os.path.lexists(path)
@@ -91,20 +72,6 @@ def _claimed_by_hand(env: Env, rel: bytes, make: Callable[[Path], None], side: b
 def _put_back(env: Env, item: Item) -> None:
     with env.spec.open_fs() as fs:
         rejection.put_back(env.spec, item, fs=fs)
-
-
-def _at_seam(monkeypatch: pytest.MonkeyPatch, point: str, act: Callable[[], None]) -> None:
-    """Runs ``act`` when the code reaches seam ``point`` (once)."""
-    real = seams.reached
-    done: list[bool] = []
-
-    def reached(name: str) -> None:
-        if name == point and not done:
-            done.append(True)
-            act()
-        real(name)
-
-    monkeypatch.setattr(seams, "reached", reached)
 
 
 def _crash() -> None:
@@ -246,7 +213,7 @@ def test_a_replay_after_a_link_swap_finds_the_input_at_the_top(
     os.rename(env.inbox / "sub", tmp_path / "old-sub")
     os.symlink(outside, env.inbox / "sub")
     (env.inbox / "rec.dat").write_bytes(b"new")
-    _at_seam(monkeypatch, "after-put-back", _crash)
+    at_seam(monkeypatch, "after-put-back", _crash)
     with pytest.raises(Crash):
         _put_back(env, item)
     assert _listing(env.inbox)[b"rec~1.dat"] == b"mine"
@@ -307,7 +274,7 @@ def test_a_replay_of_an_old_row_without_identity_never_makes_the_sidecar_an_inpu
     is not put back as rec.dat.nbank~1.yaml, a name the scan deposits as an input."""
     item = _claimed(env, b"rec.dat", data=b"mine")
     (env.inbox / ("rec.dat" + SUFFIX.decode())).write_bytes(b"dtype: other\n")
-    _at_seam(monkeypatch, "after-put-back", _crash)
+    at_seam(monkeypatch, "after-put-back", _crash)
     with pytest.raises(Crash):
         _put_back(env, item)
     _put_back(env, replace(item, identity=None))
@@ -325,7 +292,7 @@ def test_a_replay_after_the_input_moved_gives_its_sidecar_the_same_name(
     replay puts the sidecar at rec~1.dat.nbank.yaml; the new rec.dat gets none."""
     item = _claimed(env, b"rec.dat", data=b"mine")
     (env.inbox / "rec.dat").write_bytes(b"new")
-    _at_seam(monkeypatch, "after-put-back", _crash)
+    at_seam(monkeypatch, "after-put-back", _crash)
     with pytest.raises(Crash):
         _put_back(env, item)
     _put_back(env, item)
@@ -368,7 +335,7 @@ def test_a_sidecar_name_taken_between_the_moves_never_pairs_with_another_input(
     item = _claimed(env, b"rec.dat", data=b"mine")
     (env.inbox / "rec.dat").write_bytes(b"new")
     theirs = env.inbox / ("rec~1.dat" + SUFFIX.decode())
-    _at_seam(monkeypatch, "after-put-back", lambda: theirs.write_bytes(b"dtype: theirs\n"))
+    at_seam(monkeypatch, "after-put-back", lambda: theirs.write_bytes(b"dtype: theirs\n"))
     _put_back(env, item)
     got = _listing(env.inbox)
     assert got[b"rec~1.dat" + SUFFIX] == b"dtype: theirs\n"  # never replaced
@@ -382,7 +349,7 @@ def test_a_replay_whose_sidecar_name_was_taken_never_makes_the_sidecar_an_input(
     rec.dat.nbank.yaml. The replay must not put the claimed sidecar back as
     rec.dat.nbank~1.yaml, which the next scan deposits as an input of its own."""
     item = _claimed(env, b"rec.dat", data=b"mine")
-    _at_seam(monkeypatch, "after-put-back", _crash)
+    at_seam(monkeypatch, "after-put-back", _crash)
     with pytest.raises(Crash):
         _put_back(env, item)
     (env.inbox / ("rec.dat" + SUFFIX.decode())).write_bytes(b"dtype: theirs\n")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -146,20 +144,7 @@ def test_a_put_back_input_under_its_taken_identifier_is_rejected_with_a_hint(
         writer.write(b"more")
     item = env.until(env.step(item, Step.PUBLISH), State.RETURNED)
     kept = (env.inbox / "again.dat").read_bytes()
-    st = os.lstat(env.inbox / "again.dat")
-    again = env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=b"again.dat",
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement="rename",
-        verify=1,
-        seen_identity=json.dumps({"dev": st.st_dev, "ino": st.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
+    again = env.journal_existing("again.dat", placement="rename")
     again = env.until(again, State.DONE)
     assert again.state is State.REJECTED
     reason = json.loads(again.reason_json or "{}")

@@ -7,12 +7,10 @@ Tests that fail name a defect; the others pin what was checked and found sound."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,9 @@ from hypothesis import strategies as st
 
 from fixtures.django_server import DjangoServer, unique_name
 from fixtures.inplace_env import FolderEnv
+from fixtures.seam_hooks import Crash, crash_at
 from fixtures.steps_env import Env
-from nbankd import errors, seams
+from nbankd import errors
 from nbankd.archive import opening
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.deposit import inboxfs, release
@@ -44,10 +43,6 @@ from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.http import HttpRegistry
 
 
-class Crash(BaseException):
-    """A kill -9 at a seam: nothing after it runs, the journal keeps the last save."""
-
-
 def _work(env: Env, item: Item) -> Path:
     return env.inbox / ".nbank" / item.token
 
@@ -57,50 +52,11 @@ def _append(path: Path, data: bytes = b"written after registration") -> None:
         writer.write(data)
 
 
-def _journal_again(env: Env, name: str, placement: str = "rename") -> Item:
-    """Journals the file already at ``name`` in the inbox, as the next scan does."""
-    st_ = os.lstat(env.inbox / name)
-    return env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=os.fsencode(name),
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement=placement,
-        verify=1,
-        seen_identity=json.dumps({"dev": st_.st_dev, "ino": st_.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
-
-
-def _auto(env: Env) -> Env:
-    spec = replace(env.spec, config=replace(env.spec.config, auto_id=True))
-    env.spec = spec
-    env.steps.inboxes = lambda key: spec if key == spec.key else None
-    return env
-
-
 def _locations(env: Env, name: str | None) -> tuple[str, ...]:
     assert name is not None
     record = env.registry.get_resource(name)
     assert record is not None
     return tuple(record.locations)
-
-
-def _at_seam(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
-    """Kills (raises Crash) the first time the code reaches ``point``."""
-    real = seams.reached
-    done: list[bool] = []
-
-    def reached(name: str) -> None:
-        if name == point and not done:
-            done.append(True)
-            raise Crash(point)
-        real(name)
-
-    monkeypatch.setattr(seams, "reached", reached)
 
 
 # -- another input relies on the location ----------------------------------------------
@@ -137,7 +93,7 @@ def test_an_input_only_touched_with_an_automatic_identifier_is_published(env: En
     """With automatic identifiers, an input whose mtime alone moved after registering
     (bytes intact) is published under its record, never put back (deposited again, it
     would be refused as a duplicate of the record no copy holds)."""
-    env = _auto(env)
+    env = env.auto_ids()
     data = os.urandom(12_000)
     item = env.until(env.drop("touched.wav", data, placement="rename"), State.REGISTERED)
     work = _work(env, item)
@@ -152,12 +108,12 @@ def test_an_input_only_touched_with_an_automatic_identifier_is_published(env: En
 def test_a_rewritten_input_with_an_automatic_identifier_gets_a_new_one(env: Env) -> None:
     """With automatic identifiers, an input whose bytes changed after registering is
     put back and deposited again under a new identifier, its new bytes stored."""
-    env = _auto(env)
+    env = env.auto_ids()
     data = os.urandom(12_000)
     item = env.until(env.drop("grown.wav", data, placement="rename"), State.REGISTERED)
     _append(_work(env, item), b"more")
     item = env.until(env.step(item, Step.PUBLISH), State.RETURNED)
-    again = env.until(_journal_again(env, "grown.wav"), State.DONE)
+    again = env.until(env.journal_existing("grown.wav", placement="rename"), State.DONE)
     assert again.state is State.DONE and again.name != item.name
     assert env.archive.stored_file(again.name, again.target_name).read_bytes() == data + b"more"
 
@@ -211,7 +167,7 @@ def test_a_crash_after_the_publish_link_is_replayed_as_a_publish(
     name still there), the replayed publish publishes; nothing is withdrawn."""
     data = os.urandom(15_000)
     item = env.until(env.drop("linked.dat", data, placement="rename"), State.REGISTERED)
-    _at_seam(monkeypatch, "after-publish-link")
+    crash_at(monkeypatch, "after-publish-link")
     with pytest.raises(Crash):
         env.steps.run(item, Step.PUBLISH)
     item = env.journal.get(item.id)
@@ -229,7 +185,7 @@ def test_a_write_through_the_linked_name_after_a_crash_never_withdraws(
     location alone."""
     data = os.urandom(15_000)
     item = env.until(env.drop("shared.dat", data, placement="rename"), State.REGISTERED)
-    _at_seam(monkeypatch, "after-publish-link")
+    crash_at(monkeypatch, "after-publish-link")
     with pytest.raises(Crash):
         env.steps.run(item, Step.PUBLISH)
     _append(_work(env, item))
@@ -320,7 +276,7 @@ def test_a_folder_crashed_after_its_rename_into_place_is_not_withdrawn(
     the work folder and finishes the publish: nothing is withdrawn."""
     item, files = folder_env.drop_folder("placed", verify=True)
     item = folder_env.until(item, State.REGISTERED)
-    _at_seam(monkeypatch, "after-publish-link")
+    crash_at(monkeypatch, "after-publish-link")
     with pytest.raises(Crash):
         folder_env.steps.run(item, Step.PUBLISH)
     item = folder_env.until(item, State.DONE)

@@ -7,29 +7,21 @@ Tests that fail name a defect; the others pin what was checked and found sound."
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fixtures.holders import held_open
 from fixtures.inplace_env import FolderEnv
+from fixtures.seam_hooks import Crash, crash_at
 from fixtures.steps_env import Env
-from nbankd import seams
 from nbankd.archive import durable
 from nbankd.archive.verify import stored_sha1
 from nbankd.deposit import release
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
 from nbankd.watch import writers
-
-
-class Crash(BaseException):
-    """A kill -9 at a seam: nothing after it runs, the journal keeps the last save."""
 
 
 def _work(inbox: Path, item: Item) -> Path:
@@ -39,31 +31,6 @@ def _work(inbox: Path, item: Item) -> Path:
 def _touch(path: Path, by_ns: int = 5_000_000_000) -> None:
     st_ = os.stat(path)
     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + by_ns))
-
-
-def _auto(env: Env) -> Env:
-    spec = replace(env.spec, config=replace(env.spec.config, auto_id=True))
-    env.spec = spec
-    env.steps.inboxes = lambda key: spec if key == spec.key else None
-    return env
-
-
-def _journal_again(env: Env, name: str) -> Item:
-    """Journals the file already at ``name`` in the inbox, as the next scan does."""
-    st_ = os.lstat(env.inbox / name)
-    return env.journal.add(
-        token=secrets.token_hex(16),
-        inbox=env.spec.key,
-        relpath=os.fsencode(name),
-        kind="file",
-        archive=env.spec.archive_name,
-        archive_path=str(env.archive.path),
-        placement="rename",
-        verify=1,
-        seen_identity=json.dumps({"dev": st_.st_dev, "ino": st_.st_ino}),
-        created=time.time(),
-        updated=0.0,
-    )
 
 
 def _stored_folder(folder_env: FolderEnv, item: Item) -> Path:
@@ -260,7 +227,7 @@ def test_a_held_touched_file_waits_and_is_stored_under_its_record(env: Env, auto
     an automatic identifier would be refused as a duplicate of the record no copy
     serves): it waits, and once closed its bytes are stored under its record."""
     if auto:
-        env = _auto(env)
+        env = env.auto_ids()
     data = os.urandom(12_000)
     item = env.until(env.drop("held.wav", data, placement="rename"), State.REGISTERED)
     work = _work(env.inbox, item)
@@ -276,19 +243,6 @@ def test_a_held_touched_file_waits_and_is_stored_under_its_record(env: Env, auto
 # -- crash replays --------------------------------------------------------------------
 
 
-def _crash_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
-    real = seams.reached
-    done: list[bool] = []
-
-    def reached(name: str) -> None:
-        if name == point and not done:
-            done.append(True)
-            raise Crash(point)
-        real(name)
-
-    monkeypatch.setattr(seams, "reached", reached)
-
-
 @pytest.mark.parametrize("point", ["after-publish-link", "after-publish"])
 def test_a_crash_around_the_publish_then_a_touch_replays_to_the_records_bytes(
     env: Env, monkeypatch: pytest.MonkeyPatch, point: str
@@ -297,7 +251,7 @@ def test_a_crash_around_the_publish_then_a_touch_replays_to_the_records_bytes(
     entry then touched: the replay publishes, the stored copy the record's bytes."""
     data = os.urandom(15_000)
     item = env.until(env.drop("crash.dat", data, placement="rename"), State.REGISTERED)
-    _crash_at(monkeypatch, point)
+    crash_at(monkeypatch, point)
     with pytest.raises(Crash):
         env.steps.run(item, Step.PUBLISH)
     assert item.name and item.target_name
@@ -316,7 +270,7 @@ def test_a_crash_after_the_link_then_held_and_touched_stays_unpublished_but_whol
     replay neither puts back the stored inode nor reports it deposited; it stays, whole."""
     data = os.urandom(15_000)
     item = env.until(env.drop("kept.dat", data, placement="rename"), State.REGISTERED)
-    _crash_at(monkeypatch, "after-publish-link")
+    crash_at(monkeypatch, "after-publish-link")
     with pytest.raises(Crash):
         env.steps.run(item, Step.PUBLISH)
     work = _work(env.inbox, item)
