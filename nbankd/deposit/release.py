@@ -22,10 +22,10 @@ from nbankd.archive import durable, fsops, syncs
 from nbankd.deposit import inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
+    boot_id,
     compare_stat,
     fstat_matches,
     identity_fields,
-    identity_json,
     restarted_since,
     stat_fields,
 )
@@ -142,7 +142,8 @@ class ReleaseSteps(StepsBase):
             return item, verdicts.written_while_rehashed(shown, item.name)
         if not same:
             return None
-        seen = item.changed(identity=identity_json(work, is_dir))
+        # the identity checked unchanged across the hash, not a later look at the input
+        seen = item.changed(identity=json.dumps({**after, "boot": boot_id()}))
         if change is Change.UNSURE or held is False:
             return seen
         # its mtime moved, its bytes the same, and whether a program still holds it
