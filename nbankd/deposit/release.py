@@ -2,9 +2,9 @@
 deposit is recorded), put back into the inbox (it changed: a writer kept it), or
 moved to the rejected folder; and the checks that an input is still what its claim
 recorded (:meth:`ReleaseSteps._as_claimed`) or still holds the content hashed
-(:meth:`ReleaseSteps._content_as_hashed`, for a publish in place; an input that no
-longer does is put back, its record's location withdrawn:
-:meth:`ReleaseSteps._withdraw`). A mixin of
+(:meth:`ReleaseSteps._content_as_hashed`, for a publish in place: never while a
+program holds it open for writing; one whose bytes changed is put back, its deposit
+withdrawn: :meth:`ReleaseSteps._withdraw`). A mixin of
 :class:`~nbankd.deposit.steps.Steps`.
 """
 
