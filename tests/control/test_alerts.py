@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from fixtures.daemon import status_json, wait_for
+from fixtures.tls import self_signed
 from nbankd import errors
 from nbankd.config.model import EmailConfig, WebhookConfig
 from nbankd.control.alert_rules import Message, Tracked
@@ -276,22 +276,10 @@ def test_a_failing_notifier_shows_in_status_and_deposits_go_on(
         refusing.close()
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key (openssl), the certificate its own CA."""
-    cert, key = folder / "smtp.pem", folder / "smtp.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 def _tls_server(
     folder: Path, box: Mailbox, logins: list[tuple[str, str]]
 ) -> tuple[Controller, Path]:
-    cert, key = _self_signed(folder)
+    cert, key = self_signed(folder, "smtp")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 

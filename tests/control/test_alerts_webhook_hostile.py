@@ -5,7 +5,6 @@ error text naming the URL's path, query or token."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from fixtures.tls import self_signed
 from nbankd import errors
 from nbankd.config.loader import load_config
 from nbankd.config.model import WebhookConfig
@@ -231,24 +231,12 @@ def test_an_https_webhook_goes_through_https_proxy(
     _no_secret_in(info.value)
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key (openssl), the certificate its own CA."""
-    cert, key = folder / "hook.pem", folder / "hook.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture
 def tls_hook(tmp_path: Path, servers: Callable[..., Server]) -> tuple[Server, Path]:
     """An HTTPS webhook on loopback with a self-signed certificate, and that cert."""
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "hook")
     hook = servers()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)

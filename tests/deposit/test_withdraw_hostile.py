@@ -1,8 +1,7 @@
-"""Hostile review of the withdrawal of a changed in-place input's location (220461a, with
-7bbe2b6 on top): ``placement: rename``, an input that changed after registering has
-its record's location in the archive removed by publish and is put back.
-
-Tests that fail name a defect; the others pin what was checked and found sound."""
+"""Hostile review of withdrawn in-place deposits: ``placement: rename``, an input that
+changed after registering is put back by publish, its record left as it is (a first
+version also removed the record's location in the archive: these tests showed why it
+must not); one whose bytes did not change is published."""
 
 from __future__ import annotations
 
@@ -20,12 +19,11 @@ from hypothesis import strategies as st
 from fixtures.django_server import DjangoServer, unique_name
 from fixtures.inplace_env import FolderEnv
 from fixtures.seam_hooks import Crash, crash_at
-from fixtures.steps_env import Env
+from fixtures.steps_env import Env, env_on
 from nbankd import errors
 from nbankd.archive import opening
-from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.deposit import inboxfs, release
-from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit import release
+from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import (
     FINAL,
     Outcome,
@@ -36,10 +34,7 @@ from nbankd.deposit.lifecycle import (
     next_step,
 )
 from nbankd.deposit.rounds import run_round
-from nbankd.deposit.spec import InboxSpec
-from nbankd.deposit.steps import Steps
 from nbankd.hashing import CopyResult, SourceReadError
-from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.http import HttpRegistry
 
 
@@ -235,11 +230,6 @@ def test_a_withdrawal_lost_with_the_journal_never_leaves_a_stored_copy_unlocated
 # -- folders ----------------------------------------------------------------------------
 
 
-def _stored_folder(folder_env: FolderEnv, item: Item) -> Path:
-    assert item.name and item.target_name
-    return folder_env.archive_root / "resources" / item.name[:2] / item.target_name
-
-
 def test_a_folder_whose_modes_changed_is_published_not_withdrawn(folder_env: FolderEnv) -> None:
     """A folder input whose files' modes changed after registering (ctime only) is
     hashed again and published; its record keeps its location."""
@@ -252,7 +242,7 @@ def test_a_folder_whose_modes_changed_is_published_not_withdrawn(folder_env: Fol
     record = folder_env.registry.get_resource(item.name or "")
     assert record is not None and tuple(record.locations) == ("arch",)
     for rel, data in files.items():
-        assert (_stored_folder(folder_env, item) / rel).read_bytes() == data
+        assert (folder_env.stored_folder(item) / rel).read_bytes() == data
 
 
 def test_a_folder_that_gained_a_file_goes_back_whole(folder_env: FolderEnv) -> None:
@@ -284,7 +274,7 @@ def test_a_folder_crashed_after_its_rename_into_place_is_not_withdrawn(
     record = folder_env.registry.get_resource(item.name or "")
     assert record is not None and tuple(record.locations) == ("arch",)
     for rel, data in files.items():
-        assert (_stored_folder(folder_env, item) / rel).read_bytes() == data
+        assert (folder_env.stored_folder(item) / rel).read_bytes() == data
 
 
 # -- rounds -----------------------------------------------------------------------------
@@ -329,27 +319,11 @@ def test_property_with_withdrawals_registered_items_are_never_rejected(kinds: li
 
 
 def _django_env(root: Path, server: DjangoServer, auth: tuple[str, str]) -> Env:
-    inbox = root / "inbox"
-    inbox.mkdir(parents=True)
     registry = HttpRegistry(server.url, auth)
     archive = opening.create_archive(root / "arch", registry.url)
     name = server.add_archive(str(archive.path))
     dtype = server.add_datatype(content_type="application/octet-stream")
-    work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
-    spec = InboxSpec.of(
-        InboxConfig(path=inbox, archive=name, dtype=dtype),
-        ArchiveConfig(name=name, path=archive.path),
-        work_id=work_id,
-        rejected_id=rejected_id,
-    )
-    journal = Journal(root / "journal.sqlite3")
-    steps = Steps(
-        journal=journal,
-        registry=registry,
-        inboxes=lambda key: spec if key == spec.key else None,
-        receipts_dir=root / "receipts",
-    )
-    return Env(root, inbox, archive, registry, journal, spec, steps)
+    return env_on(root, registry, archive, name, dtype)
 
 
 def _rig_account(server: DjangoServer) -> tuple[str, str]:

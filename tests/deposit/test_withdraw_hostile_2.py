@@ -1,9 +1,9 @@
 """Second hostile review of in-place withdrawals (437389f, 6508cbf): ``placement:
 rename``, an input whose mtime moved after registering is hashed again and published
-when its bytes match (files: only when no program is seen holding it open for
-writing); a changed one goes back, its record left as it is.
+when its bytes match and no program holds it open for writing (it waits while one
+does); a changed one goes back, its record left as it is.
 
-Tests that fail name a defect; the others pin what was checked and found sound."""
+Each test names a defect the review found (since mended) or a case it checked."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.holders import held_open
-from fixtures.inplace_env import FolderEnv
+from fixtures.inplace_env import FolderEnv, holds_the_records_bytes, touch_later
 from fixtures.seam_hooks import Crash, crash_at
 from fixtures.steps_env import Env
 from nbankd.archive import durable
-from nbankd.archive.verify import stored_sha1
 from nbankd.deposit import release
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
@@ -26,22 +25,6 @@ from nbankd.watch import writers
 
 def _work(inbox: Path, item: Item) -> Path:
     return inbox / ".nbank" / item.token
-
-
-def _touch(path: Path, by_ns: int = 5_000_000_000) -> None:
-    st_ = os.stat(path)
-    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + by_ns))
-
-
-def _stored_folder(folder_env: FolderEnv, item: Item) -> Path:
-    assert item.name and item.target_name
-    return folder_env.archive_root / "resources" / item.name[:2] / item.target_name
-
-
-def _stored_bytes_are_the_records(path: Path, sha1: str | None) -> bool:
-    """True when nothing is stored at ``path`` or what is stored hashes to ``sha1``."""
-    found = stored_sha1(path)
-    return found is None or found == sha1
 
 
 # -- folders: the open-for-writing check ------------------------------------------------
@@ -59,12 +42,12 @@ def test_a_folder_whose_file_a_program_rewrote_and_still_holds_open_is_not_publi
     fd = os.open(inside, os.O_RDWR)  # the program (its cwd in the session folder)
     try:
         os.pwrite(fd, files["sub/b.dat"], 0)  # the same bytes written again
-        _touch(inside)  # the mtime moved (as any write does, coarse clocks aside)
+        touch_later(inside)  # the mtime moved (as any write does, coarse clocks aside)
         item, outcome = folder_env.steps.run(item, Step.PUBLISH)
         os.pwrite(fd, b"the program's next write", 0)
     finally:
         os.close(fd)
-    assert _stored_bytes_are_the_records(_stored_folder(folder_env, item), item.sha1), (
+    assert holds_the_records_bytes(folder_env.stored_folder(item), item.sha1), (
         f"published ({outcome.kind}) while a file of it was open for writing; "
         "the archive's copy no longer has the record's bytes"
     )
@@ -82,7 +65,7 @@ def test_a_folder_held_open_at_publish_is_told_as_waiting_not_as_gone_back(
     fd = os.open(inside, os.O_RDWR)
     try:
         os.pwrite(fd, files["a.dat"][:1], 0)
-        _touch(inside)
+        touch_later(inside)
         item, outcome = folder_env.steps.run(item, Step.PUBLISH)
     finally:
         os.close(fd)
@@ -105,7 +88,7 @@ def test_a_folder_opened_for_writing_after_its_claim_is_not_published(
         os.pwrite(fd, b"the program's first write", 0)
     finally:
         os.close(fd)
-    assert _stored_bytes_are_the_records(_stored_folder(folder_env, item), item.sha1), (
+    assert holds_the_records_bytes(folder_env.stored_folder(item), item.sha1), (
         f"published ({outcome.kind}) while a file of it was open for writing"
     )
 
@@ -119,7 +102,7 @@ def test_a_folder_written_after_its_hash_and_before_its_rename_is_not_published_
     item, files = folder_env.drop_folder("raced", verify=False)
     item = folder_env.until(item, State.REGISTERED)
     work = _work(folder_env.inbox, item)
-    _touch(work / "a.dat")  # the mtime moved: hashed again
+    touch_later(work / "a.dat")  # the mtime moved: hashed again
     real = durable.hash_tree
 
     def hash_then_write(*args: object, **kwargs: object) -> tuple[str, int]:
@@ -130,7 +113,7 @@ def test_a_folder_written_after_its_hash_and_before_its_rename_is_not_published_
 
     monkeypatch.setattr(durable, "hash_tree", hash_then_write)
     item, outcome = folder_env.steps.run(item, Step.PUBLISH)
-    assert _stored_bytes_are_the_records(_stored_folder(folder_env, item), item.sha1), (
+    assert holds_the_records_bytes(folder_env.stored_folder(item), item.sha1), (
         f"published ({outcome.kind}) with bytes written after the hash"
     )
 
@@ -151,14 +134,14 @@ def test_a_rewritten_file_whose_writers_cannot_be_told_is_not_published(
     fd = os.open(work, os.O_RDWR)
     try:
         os.pwrite(fd, data, 0)
-        _touch(work)
+        touch_later(work)
         item = env.step(item, Step.PUBLISH)
         os.pwrite(fd, b"the program's next write", 0)
     finally:
         os.close(fd)
     assert item.name and item.target_name
     target = env.archive.stored_file(item.name, item.target_name)
-    assert _stored_bytes_are_the_records(target, item.sha1), (
+    assert holds_the_records_bytes(target, item.sha1), (
         f"published ({item.state}) though no one could tell whether it was still held"
     )
 
@@ -172,7 +155,7 @@ def test_a_file_written_during_its_rehash_is_not_published_with_the_new_bytes(
     data = os.urandom(20_000)
     item = env.until(env.drop("race.dat", data, placement="rename", verify=False), State.REGISTERED)
     work = _work(env.inbox, item)
-    _touch(work)
+    touch_later(work)
     real = release.copy_hashing
 
     def hash_then_write(src: int, dst: object, **kwargs: object) -> object:
@@ -185,7 +168,7 @@ def test_a_file_written_during_its_rehash_is_not_published_with_the_new_bytes(
     item = env.step(item, Step.PUBLISH)
     assert item.name and item.target_name
     target = env.archive.stored_file(item.name, item.target_name)
-    assert _stored_bytes_are_the_records(target, item.sha1), (
+    assert holds_the_records_bytes(target, item.sha1), (
         f"published ({item.state}) with bytes written after the hash"
     )
 
@@ -199,7 +182,7 @@ def test_a_file_swapped_for_another_inode_after_its_rehash_is_not_published(
     data = os.urandom(20_000)
     item = env.until(env.drop("swap.dat", data, placement="rename", verify=False), State.REGISTERED)
     work = _work(env.inbox, item)
-    _touch(work)
+    touch_later(work)
     real = release.copy_hashing
 
     def hash_then_swap(src: int, dst: object, **kwargs: object) -> object:
@@ -213,7 +196,7 @@ def test_a_file_swapped_for_another_inode_after_its_rehash_is_not_published(
     item = env.step(item, Step.PUBLISH)
     assert item.name and item.target_name
     target = env.archive.stored_file(item.name, item.target_name)
-    assert _stored_bytes_are_the_records(target, item.sha1), (
+    assert holds_the_records_bytes(target, item.sha1), (
         f"published ({item.state}) another inode than the one hashed"
     )
 
@@ -231,7 +214,7 @@ def test_a_held_touched_file_waits_and_is_stored_under_its_record(env: Env, auto
     data = os.urandom(12_000)
     item = env.until(env.drop("held.wav", data, placement="rename"), State.REGISTERED)
     work = _work(env.inbox, item)
-    _touch(work)
+    touch_later(work)
     with held_open(work, "r+b"):
         item = env.step(item, Step.PUBLISH)
     assert (item.state, item.error_code) == (State.REGISTERED, "changed")
@@ -257,7 +240,7 @@ def test_a_crash_around_the_publish_then_a_touch_replays_to_the_records_bytes(
     assert item.name and item.target_name
     target = env.archive.stored_file(item.name, item.target_name)
     work = _work(env.inbox, item)
-    _touch(work if work.exists() else target)
+    touch_later(work if work.exists() else target)
     item = env.until(env.journal.get(item.id) or item, State.DONE)
     assert item.state is State.DONE, (item.error_code, item.error_message)
     assert target.read_bytes() == data and not work.exists()
@@ -274,7 +257,7 @@ def test_a_crash_after_the_link_then_held_and_touched_stays_unpublished_but_whol
     with pytest.raises(Crash):
         env.steps.run(item, Step.PUBLISH)
     work = _work(env.inbox, item)
-    _touch(work)
+    touch_later(work)
     with held_open(work, "r+b"):
         item = env.step(env.journal.get(item.id) or item, Step.PUBLISH)
     assert (item.state, item.error_code) == (State.REGISTERED, "changed")

@@ -3,7 +3,7 @@ input a program holds open for writing is never published (it waits, whole); a
 touched input whose writers cannot be told is journaled with its new identity and
 published at the next attempt if it stays unchanged.
 
-Tests that fail name a defect; the others pin what was checked and found sound."""
+Each test names a defect the review found (since mended) or a case it checked."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.holders import held_open, holding
-from fixtures.inplace_env import FolderEnv
+from fixtures.inplace_env import FolderEnv, holds_the_records_bytes, touch_later
 from fixtures.steps_env import Env
 from nbankd.archive.verify import stored_sha1
 from nbankd.deposit import release
@@ -30,25 +30,9 @@ def _work(inbox: Path, item: Item) -> Path:
     return inbox / ".nbank" / item.token
 
 
-def _touch(path: Path, by_ns: int = 5_000_000_000) -> None:
-    st_ = os.stat(path)
-    os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + by_ns))
-
-
 def _target(env: Env, item: Item) -> Path:
     assert item.name and item.target_name
     return env.archive.stored_file(item.name, item.target_name)
-
-
-def _stored_folder(folder_env: FolderEnv, item: Item) -> Path:
-    assert item.name and item.target_name
-    return folder_env.archive_root / "resources" / item.name[:2] / item.target_name
-
-
-def _stored_bytes_are_the_records(path: Path, sha1: str | None) -> bool:
-    """True when nothing is stored at ``path`` or what is stored hashes to ``sha1``."""
-    found = stored_sha1(path)
-    return found is None or found == sha1
 
 
 # -- check 2: the identity adopted when whether a program holds it cannot be told -------
@@ -65,7 +49,7 @@ def test_a_file_rewritten_between_the_rehash_and_its_journaled_identity_is_never
     item = env.until(env.drop("late.dat", data, placement="rename", verify=False), State.REGISTERED)
     work = _work(env.inbox, item)
     monkeypatch.setattr(writers, "_untrusted", {os.stat(work).st_dev})  # calibrate's verdict
-    _touch(work)
+    touch_later(work)
     real = release.stat_fields
     looks = itertools.count(1)
 
@@ -81,7 +65,7 @@ def test_a_file_rewritten_between_the_rehash_and_its_journaled_identity_is_never
     assert (item.state, item.error_code) == (State.REGISTERED, "changed")
     monkeypatch.setattr(release, "stat_fields", real)
     item = env.step(item, Step.PUBLISH)  # "published if it stays unchanged": it did not
-    assert _stored_bytes_are_the_records(_target(env, item), item.sha1), (
+    assert holds_the_records_bytes(_target(env, item), item.sha1), (
         f"published ({item.state}) bytes written before this attempt, not the record's"
     )
 
@@ -96,7 +80,7 @@ def test_a_folder_rewritten_between_the_rehash_and_its_journaled_identity_is_nev
     item = folder_env.until(item, State.REGISTERED)
     work = _work(folder_env.inbox, item)
     monkeypatch.setattr(writers, "_untrusted", {os.stat(work).st_dev})
-    _touch(work / "a.dat")
+    touch_later(work / "a.dat")
     real = release.identity_fields
     looks = itertools.count(1)
 
@@ -113,7 +97,7 @@ def test_a_folder_rewritten_between_the_rehash_and_its_journaled_identity_is_nev
     item = folder_env.journal.save(item)
     monkeypatch.setattr(release, "identity_fields", real)
     item, outcome = folder_env.steps.run(item, Step.PUBLISH)
-    assert _stored_bytes_are_the_records(_stored_folder(folder_env, item), item.sha1), (
+    assert holds_the_records_bytes(folder_env.stored_folder(item), item.sha1), (
         f"published ({outcome.kind}) a folder with bytes written before this attempt"
     )
 
@@ -127,7 +111,7 @@ def test_an_untold_touched_file_left_alone_is_published_at_the_next_attempt(
     item = env.until(env.drop("calm.dat", data, placement="rename"), State.REGISTERED)
     work = _work(env.inbox, item)
     monkeypatch.setattr(writers, "_untrusted", {os.stat(work).st_dev})
-    _touch(work)
+    touch_later(work)
     item = env.step(item, Step.PUBLISH)
     assert (item.state, item.error_code) == (State.REGISTERED, "changed") and work.exists()
     item = env.until(item, State.DONE)
@@ -246,11 +230,11 @@ def test_a_folder_unchanged_whose_deep_file_is_held_open_for_writing_waits(
     with held_open(work / "sub" / "b.dat", "ab"):
         item, outcome = folder_env.steps.run(item, Step.PUBLISH)
         assert outcome.kind == "transient" and outcome.code == "changed", outcome
-        assert not _stored_folder(folder_env, item).exists()
+        assert not folder_env.stored_folder(item).exists()
     item = folder_env.journal.save(item)
     item, outcome = folder_env.steps.run(item, Step.PUBLISH)
     assert outcome.kind == "ok", outcome
-    stored = _stored_folder(folder_env, item)
+    stored = folder_env.stored_folder(item)
     for rel, data in files.items():
         assert hashlib.sha1((stored / rel).read_bytes()).digest() == hashlib.sha1(data).digest()
 
@@ -264,10 +248,10 @@ def test_an_untold_touched_folder_left_alone_is_published_at_the_next_attempt(
     item = folder_env.until(item, State.REGISTERED)
     work = _work(folder_env.inbox, item)
     monkeypatch.setattr(writers, "_untrusted", {os.stat(work).st_dev})
-    _touch(work / "a.dat")
+    touch_later(work / "a.dat")
     item, outcome = folder_env.steps.run(item, Step.PUBLISH)
     assert outcome.kind == "transient", outcome
     item = folder_env.journal.save(item)
     item, outcome = folder_env.steps.run(item, Step.PUBLISH)
     assert outcome.kind == "ok", outcome
-    assert stored_sha1(_stored_folder(folder_env, item)) == item.sha1
+    assert stored_sha1(folder_env.stored_folder(item)) == item.sha1

@@ -40,6 +40,7 @@ import pytest
 import requests
 
 from fixtures.daemon import NBANKD, DaemonHarness, wait_for
+from fixtures.tls import self_signed
 from fixtures.users import TestUser
 from nbankd import errors
 from nbankd.control.client import call
@@ -405,13 +406,7 @@ def _smtp_server(folder: Path, accept: bool, logins: list[tuple[str, str]]) -> t
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult
 
-    cert, key = folder / "smtp.pem", folder / "smtp.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(folder, "smtp")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
