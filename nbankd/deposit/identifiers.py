@@ -41,7 +41,7 @@ class IdentifierSteps(StepsBase):
             seams.reached("after-lookup")
             return item, Outcome.ok()
         facts = self._facts(item, archive, self.registry.get_resource(item.name))
-        facts = replace(facts, holders=tuple(r.name for r in self.registry.search(sha1=facts.sha1)))
+        facts = self._with_holders(facts, archive)
         # the entry where this input would go is the one judged, when there is one
         ordered = sorted((str(p) for p in stored), key=lambda p: p != facts.target)
         facts = replace(facts, stored=tuple(ordered))
@@ -72,6 +72,19 @@ class IdentifierSteps(StepsBase):
             record_matches=matches,
             record_sha1=(record.sha1 or "").lower() if record is not None else None,
         )
+
+    def _with_holders(self, facts: verdicts.Facts, archive: layout.Archive) -> verdicts.Facts:
+        """The facts with the records holding the input's SHA-1, and whether this
+        archive stores an entry for the first of them that is not the input's own."""
+        holders = tuple(r.name for r in self.registry.search(sha1=facts.sha1))
+        others = [h for h in holders if h != facts.name]
+        stored = True
+        if others:
+            try:
+                stored = bool(archive.stored_entries(others[0], known=self._lookup_known()))
+            except errors.InvalidIdentifier:  # a name this archive cannot file
+                stored = False
+        return replace(facts, holders=holders, holder_stored=stored)
 
     def _stored_sha1(self, path: Path) -> str:
         """The SHA-1 of a stored file or folder, read back from storage."""
@@ -142,8 +155,7 @@ class IdentifierSteps(StepsBase):
             record = self.registry.get_resource(item.name)
             facts = self._facts(item, archive, record)
             if record is None:
-                holders = tuple(r.name for r in self.registry.search(sha1=item.sha1))
-                facts = replace(facts, holders=holders)
+                facts = self._with_holders(facts, archive)
             item, outcome = self._act(item, verdicts.at_register(facts))
             if outcome.kind != "ok":
                 return item, outcome

@@ -62,6 +62,7 @@ class Facts:
     record_matches: bool = True  # that record has the input's datatype and metadata
     stored: tuple[str, ...] = ()  # paths stored for ``name``, ``target`` first if there
     stored_sha1: str | None = None  # SHA-1 of ``stored[0]`` when it was read
+    holder_stored: bool = True  # this archive stores an entry for the first other holder
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,7 @@ def at_lookup(f: Facts) -> Verdict:
     """Before registering: may the input be deposited under its identifier?"""
     others = [h for h in f.holders if h != f.name]
     if others and not f.registered:
-        return Verdict(
-            Kind.REJECT,
-            "duplicate",
-            f"the same content is already registered as {others[0]}",
-            "nothing to deposit: " + _CHECK.format(name=others[0]),
-        )
+        return _registered_as(others[0], f.holder_stored)
     if f.has_record and f.record_sha1 != f.sha1:
         if f.auto and not f.registered:
             return Verdict(Kind.RENAME, "auto-id-taken", f"identifier {f.name} is taken")
@@ -108,6 +104,27 @@ def at_lookup(f: Facts) -> Verdict:
     if f.has_record and not f.record_matches and not f.registered:
         return _busy(f)
     return PROCEED
+
+
+def _registered_as(holder: str, stored: bool) -> Verdict:
+    """The registry holds the input's bytes as ``holder``; ``stored``: this archive
+    stores an entry for it. Without one, this input may be the only copy of that
+    record's bytes (its file lost, or never filed): never advised to be deleted."""
+    if stored:
+        return Verdict(
+            Kind.REJECT,
+            "duplicate",
+            f"the same content is already registered as {holder}",
+            "nothing to deposit: " + _CHECK.format(name=holder),
+        )
+    return Verdict(
+        Kind.REJECT,
+        "duplicate",
+        f"the same content is already registered as {holder}, but this archive stores no "
+        f"copy of {holder}: this input may be the only copy of those bytes",
+        f"keep this file; see 'nbankctl locate {holder}' for where its copies should be, "
+        "and run nbankctl audit",
+    )
 
 
 def _busy(f: Facts) -> Verdict:
@@ -181,12 +198,13 @@ def at_register(f: Facts) -> Verdict:
             _RENAME,
         )
     others = [h for h in f.holders if h != f.name]
-    holder = others[0] if others else "another identifier"
+    if others:
+        return _registered_as(others[0], f.holder_stored)
     return Verdict(
         Kind.REJECT,
         "duplicate",
-        f"the same content is already registered as {holder}",
-        "nothing to deposit: " + _CHECK.format(name=holder),
+        "the same content is already registered under another identifier",
+        f"find it with 'nbankctl search --hash {f.sha1}' before deleting this file",
     )
 
 

@@ -77,6 +77,33 @@ def test_another_identifier_same_bytes_at_register_is_duplicate(env: Env) -> Non
     assert reason["code"] == "duplicate" and "registered as x" in reason["message"]
 
 
+def test_a_duplicate_of_a_record_whose_file_is_missing_is_kept_and_said_so(env: Env) -> None:
+    """y.wav has the bytes of record x, which lists this archive but has no file there:
+    rejected duplicate saying y may be the only copy (kept, never advised deleted)."""
+    data = os.urandom(4096)
+    env.registry.add_resource(
+        dtype=env.spec.config.dtype,
+        archive=env.spec.archive_name,
+        name="x",
+        sha1=hashlib.sha1(data).hexdigest(),
+        metadata={},
+    )
+    reason = _reason(env.until(env.drop("y.wav", data), State.REJECTED))
+    assert reason["code"] == "duplicate" and "stores no copy of x" in reason["message"]
+    assert "keep this file" in reason["hint"] and "delete" not in reason["hint"]
+    assert (env.inbox / "rejected" / "y.wav").read_bytes() == data
+    assert env.stored() == []
+
+
+def test_a_duplicate_of_a_stored_record_says_the_stored_copy_serves(env: Env) -> None:
+    """y.wav has the bytes of x, stored in this archive: the hint says it may be deleted
+    once checked (x's copy serves)."""
+    env.until(env.drop("x.wav", b"same bytes"), State.DONE)
+    reason = _reason(env.until(env.drop("y.wav", b"same bytes"), State.REJECTED))
+    assert "stores no copy" not in reason["message"]
+    assert "delete this copy once you have checked it" in reason["hint"]
+
+
 def test_redrop_of_same_name_and_bytes_is_already_deposited(env: Env) -> None:
     """The same file dropped again: no new record or file, the input removed, and a
     receipt marked already-deposited naming the record."""

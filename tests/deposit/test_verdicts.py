@@ -3,6 +3,8 @@ of its copies, by table."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from nbankd.deposit.lifecycle import Kind as OutcomeKind
@@ -138,6 +140,25 @@ def test_duplicate_names_the_holder() -> None:
     """A duplicate found at lookup names the identifier that holds the bytes."""
     verdict = at_lookup(Facts(name="y", sha1=OURS, target="/a/resources/y/y.wav", holders=("x",)))
     assert "registered as x" in verdict.message and "nbankctl locate x" in verdict.hint
+
+
+@pytest.mark.parametrize("judge", [at_lookup, at_register], ids=["lookup", "register"])
+def test_a_duplicate_of_a_record_without_a_stored_copy_is_never_advised_deleted(
+    judge: object,
+) -> None:
+    """A duplicate of a record this archive stores no copy of says so and says keep."""
+    f = Facts(name="y", sha1=OURS, target="/a/resources/y/y.wav", holders=("x",))
+    verdict = judge(replace(f, holder_stored=False))  # type: ignore[operator]
+    assert (verdict.kind, verdict.code) == (Kind.REJECT, "duplicate")
+    assert "no copy of x" in verdict.message and "only copy" in verdict.message
+    assert "keep this file" in verdict.hint and "delete" not in verdict.hint
+
+
+def test_a_duplicate_whose_holder_is_not_known_names_no_identifier() -> None:
+    """A refusal for a SHA-1 whose holder the search no longer finds says how to find it."""
+    verdict = at_register(Facts(name="y", sha1=OURS, target="/a/resources/y/y.wav"))
+    assert verdict.code == "duplicate" and f"search --hash {OURS}" in verdict.hint
+    assert "locate another identifier" not in verdict.hint
 
 
 # -- claim ----------------------------------------------------------------------------
