@@ -24,9 +24,11 @@ member or resource, and returns a :class:`Summary`.
 
 from __future__ import annotations
 
+import lzma
 import os
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,6 +40,7 @@ from nbankd.archive import durable
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
+from nbankd.hashing import SourceReadError
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
 TAPE_SCHEME = "tape"
@@ -116,6 +119,29 @@ def open_tar(path: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
         ) from None
     with tar:
         yield tar
+
+
+#: what reading a tar file's members raises when it is cut short or damaged:
+#: tarfile's own errors, and those of the gzip, bzip2 and xz streams below it (a
+#: compressed tar cut short ends with EOFError; damaged data with zlib.error,
+#: LZMAError or, reading a member's bytes, SourceReadError); reading the next
+#: header, any OSError too (nothing but the tar is read then)
+TAR_UNREADABLE: tuple[type[BaseException], ...] = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    SourceReadError,
+)
+
+
+def utf8_name(name: str) -> bool:
+    """True when a member's name is UTF-8 (tarfile keeps other bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def member_id(name: str) -> str | None:
@@ -334,6 +360,7 @@ def prune(
 
 
 __all__ = [
+    "TAR_UNREADABLE",
     "Advance",
     "Outcome",
     "Recorder",
@@ -346,4 +373,5 @@ __all__ = [
     "register_command",
     "tape_archive",
     "tape_root",
+    "utf8_name",
 ]

@@ -18,6 +18,7 @@ The shared pieces of the tape workflow (:class:`~nbankd.tape.Outcome`,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import tarfile
@@ -34,6 +35,7 @@ from nbankd.registry.base import Registry
 from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
     MANIFEST_NAME,
+    TAR_UNREADABLE,
     Advance,
     Recorder,
     Report,
@@ -41,6 +43,7 @@ from nbankd.tape import (
     member_id,
     noop,
     open_tar,
+    utf8_name,
 )
 from nbankd.tape_import_folder import FolderRefused, Members, import_folder, skip_folder
 
@@ -54,8 +57,16 @@ _DATA_FILTER = getattr(tarfile, "data_filter", None)
 def _staged_name(id: str) -> str:
     """A staged name no other process uses: two imports of one identifier at once
     (by hand, without the state lock) never remove or publish each other's copy.
-    What a killed import leaves is a staging leftover (``check archive --fix``)."""
-    return f"{STAGED_PREFIX}{id}-{os.getpid()}-{secrets.token_hex(4)}"
+    What a killed import leaves is a staging leftover (``check archive --fix``).
+    An identifier too long to fit a file name with the rest is named by its SHA-1."""
+    raw = os.fsencode(id)
+    shown = id if len(raw) <= _STAGED_ID_BYTES else hashlib.sha1(raw).hexdigest()
+    return f"{STAGED_PREFIX}{shown}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+#: the longest identifier a staged name carries as it is (the rest of the name takes
+#: at most 45 bytes of a file name's 255)
+_STAGED_ID_BYTES = 200
 
 
 def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
@@ -67,6 +78,8 @@ def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) ->
         return "an empty or invalid name"
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return "a name with a control character (a newline, a tab, ...)"
+    if not utf8_name(name):
+        return "a name that is not UTF-8 (registry keys and folder hashes are UTF-8)"
     if name.startswith("/") or path.is_absolute():
         return "an absolute path"
     if ".." in path.parts:
@@ -140,7 +153,7 @@ def import_tar(
         while remaining is None or remaining:
             try:
                 member = members.next()
-            except tarfile.TarError as err:
+            except (*TAR_UNREADABLE, OSError) as err:
                 note(str(tar_path), "failed", f"unreadable from here on: {err}", ok=False)
                 stopped = True
                 break
@@ -167,8 +180,9 @@ def import_tar(
                 elif why.message:
                     note(member.name, why.status, why.message, ok=why.ok, id=id)
                 continue
-            except tarfile.TarError as err:
-                note(member.name, "failed", f"the tar file ends early: {err}", ok=False, id=id)
+            except TAR_UNREADABLE as err:
+                note(member.name, "failed", f"the tar file ends early or cannot be read: {err}",
+                     ok=False, id=id)  # fmt: skip
                 stopped = True
                 break
             except (errors.RegistryRejected, errors.ResourceExists, errors.NotFound) as err:
@@ -233,7 +247,13 @@ def _import_member(
         durable.discard_staged(archive, staged.path)
         raise _Refused("failed", f"SHA-1 {staged.sha1} {mismatch}; not imported")
     target = archive.new_resource_path(id, PurePosixPath(member.name).name)
-    published = durable.publish(archive, staged.path, target, sha1=staged.sha1)
+    try:
+        published = durable.publish(archive, staged.path, target, sha1=staged.sha1)
+    except errors.ArchiveUnavailable:
+        raise
+    except errors.ArchiveError as err:  # this member's name or place: the others go on
+        durable.discard_staged(archive, staged.path)
+        raise _Refused("failed", f"'{id}' not imported: {err}") from None
     if not durable.verify_from_storage(published.path, staged.sha1):
         raise _Refused("failed", f"{published.path} does not read back with SHA-1 "
                        f"{staged.sha1}; check the archive's storage")  # fmt: skip

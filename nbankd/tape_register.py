@@ -29,6 +29,7 @@ from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
     MANIFEST_NAME,
     TAPE_SCHEME,
+    TAR_UNREADABLE,
     Advance,
     Recorder,
     Report,
@@ -38,6 +39,7 @@ from nbankd.tape import (
     open_tar,
     tape_archive,
     tape_root,
+    utf8_name,
 )
 
 
@@ -59,13 +61,21 @@ def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo, advance: Advance
     return copy_hashing(stream, None, progress=totals_to_deltas(advance)).sha1
 
 
+_SCATTERED = (
+    "its members do not all follow it in the tar (some were appended later, as "
+    "tar -r does): tape import could not restore it from this tar"
+)
+
+
 def scan_tar(
     tar_path: str | os.PathLike[str], advance: Advance | None = None
 ) -> tuple[list[TarEntry], str | None]:
     """Hashes every member of a tar that may be a resource, reading it once, in tar order.
 
-    A folder's hash covers the regular files below it wherever they come in the
-    tar; any other kind of member below it (a link, a device) makes it unverifiable.
+    A folder's hash covers the regular files below it, which must follow it in the
+    tar (tape import reads them so: one that comes after another resource, or a
+    second member for the folder, makes it unverifiable, as does any other kind of
+    member below it, a link or a device).
     Returns the entries and, if the tar could not be read to the end, why: then
     the files read whole keep their hashes and every folder is unverifiable (the
     rest of its files may lie in the unread part).
@@ -74,6 +84,7 @@ def scan_tar(
     entries: list[TarEntry] = []
     folders: dict[PurePosixPath, tuple[TarEntry, DirectoryHasher]] = {}
     broken: str | None = None
+    reading: list[PurePosixPath] = []  # the folders whose members follow them now
     with open_tar(tar_path) as tar:
         while True:
             try:
@@ -84,7 +95,17 @@ def scan_tar(
                 if path == PurePosixPath(MANIFEST_NAME):
                     continue
                 id = member_id(member.name)
+                # tape import reads a folder's members while they follow it
+                reading = [f for f in reading if f == path or f in path.parents]
                 above = [folders[p] for p in path.parents if p in folders]
+                for folder, _ in above:
+                    if PurePosixPath(folder.name) not in reading:
+                        folder.problem = folder.problem or _SCATTERED
+                    elif not utf8_name(member.name):
+                        folder.problem = folder.problem or (
+                            f"it holds {member.name!r}, a name that is not UTF-8 (the folder "
+                            "hash covers UTF-8 names only)"
+                        )
                 if member.isreg():
                     if id is None and not above:
                         continue
@@ -97,14 +118,17 @@ def scan_tar(
                         except ValueError:
                             folder.problem = f"{member.name!r} appears twice in it"
                 elif member.isdir():
-                    if id is not None and path not in folders:
+                    if id is not None and path in folders and path not in reading:
+                        folders[path][0].problem = folders[path][0].problem or _SCATTERED
+                    elif id is not None and path not in folders:
                         entry = TarEntry(member.name, id, True)
                         entries.append(entry)
                         folders[path] = (entry, DirectoryHasher())
+                        reading.append(path)
                 else:
                     for folder, _ in above:
                         folder.problem = f"it holds {member.name!r}, not a file or folder"
-            except (tarfile.TarError, OSError) as err:
+            except (*TAR_UNREADABLE, OSError) as err:
                 broken = f"{getattr(err, 'strerror', None) or err}"
                 break
     for entry, hasher in folders.values():
