@@ -8,6 +8,7 @@ Both backends raise the typed errors of :mod:`nbankd.errors` for the same causes
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -232,6 +233,26 @@ class Registry(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def by_root(found: Iterable[ArchiveRecord], root: str, scheme: str) -> ArchiveRecord | None:
+    """The archive of ``found`` (the registry's case-insensitive matches for ``root``)
+    that ``root`` names: the one whose root is written the same, else, for a folder,
+    one whose root is the same folder on this machine (a filesystem that ignores
+    case). Never another folder whose name differs only in case, nor another tape."""
+    candidates = [a for a in found if a.scheme == scheme and a.root.lower() == root.lower()]
+    for a in candidates:
+        if a.root == root:
+            return a
+    if scheme != "neurobank":
+        return None
+    for a in candidates:
+        try:
+            if os.path.samefile(a.root, root):
+                return a
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def full_url(base_url: str, name: str) -> str:

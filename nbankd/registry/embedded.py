@@ -44,6 +44,7 @@ from nbankd.registry.base import (
     ArchiveRecord,
     DataType,
     ResourceRecord,
+    by_root,
     full_url,
 )
 from nbankd.registry.embedded_db import exists
@@ -157,11 +158,10 @@ class EmbeddedRegistry(EmbeddedLocations):
         return found[0] if found else None
 
     def find_archive_by_root(self, root: str, scheme: str = "neurobank") -> ArchiveRecord | None:
-        """The archive with this (scheme, root); root compared case-insensitively."""
-        found = self._archives(
-            ["scheme = ?", "nb_text(root, 'iexact', ?)"], [scheme, str(root).strip()]
-        )
-        return found[0] if found else None
+        """The archive with this (scheme, root): see :func:`~nbankd.registry.base.by_root`."""
+        root = str(root).strip()
+        found = self._archives(["scheme = ?", "nb_text(root, 'iexact', ?)"], [scheme, root])
+        return by_root(found, root, scheme)
 
     def add_archive(
         self, name: str, scheme: str, root: str, accessibility: str = "local"

@@ -28,6 +28,7 @@ from nbankd.registry.base import (
     DataType,
     LocationRecord,
     ResourceRecord,
+    by_root,
     full_url,
 )
 from nbankd.registry.credentials import Credentials
@@ -173,11 +174,8 @@ class HttpRegistry:
         return None if body is None else ArchiveRecord.from_json(body)
 
     def find_archive_by_root(self, root: str, scheme: str = "neurobank") -> ArchiveRecord | None:
-        # the server's scheme filter is a prefix match: check it exactly here
-        for a in self.list_archives(scheme=scheme, root=root):
-            if a.scheme == scheme and a.root.lower() == root.lower():
-                return a
-        return None
+        # the server's scheme filter is a prefix match, its root filter ignores case
+        return by_root(self.list_archives(scheme=scheme, root=root), root, scheme)
 
     def add_archive(
         self, name: str, scheme: str, root: str, accessibility: str = "local"

@@ -278,11 +278,35 @@ def test_list_archives(ctx: Ctx) -> None:
 
 
 def test_find_archive_by_root(ctx: Ctx) -> None:
-    """find_archive_by_root matches (scheme, root), the root case-insensitively."""
-    found = ctx.reg.find_archive_by_root(str(ctx.root).upper())
+    """find_archive_by_root matches (scheme, root) as written."""
+    found = ctx.reg.find_archive_by_root(str(ctx.root))
     assert found is not None and found.name == ctx.archive
     assert ctx.reg.find_archive_by_root(str(ctx.root), scheme="tape") is None
     assert ctx.reg.find_archive_by_root(str(ctx.root / "sub")) is None
+
+
+def test_find_archive_by_root_never_answers_another_folder_differing_in_case(ctx: Ctx) -> None:
+    """A root differing only in case names the archive only when it is the same folder
+    here (as on a filesystem ignoring case), never another folder."""
+    other = ctx.root.parent / "ARCHIVE"
+    other.mkdir()
+    assert ctx.reg.find_archive_by_root(str(other)) is None
+    upper = ctx.reg.add_archive(unique_name("up"), "neurobank", str(other))
+    assert ctx.reg.find_archive_by_root(str(other)) == upper
+    found = ctx.reg.find_archive_by_root(str(ctx.root))
+    assert found is not None and found.name == ctx.archive
+    alias = ctx.root.parent / "Archive"  # the same folder under a name in other case
+    alias.symlink_to(ctx.root)
+    found = ctx.reg.find_archive_by_root(str(alias))
+    assert found is not None and found.name == ctx.archive
+
+
+def test_find_archive_by_root_of_a_tape_is_exact(registry: Registry) -> None:
+    """A tape's root differing only in case is another tape."""
+    tape = unique_name("tp")
+    registry.add_archive(unique_name("ar"), "tape", f"{tape}:1", "offline")
+    assert registry.find_archive_by_root(f"{tape}:1", scheme="tape") is not None
+    assert registry.find_archive_by_root(f"{tape.upper()}:1", scheme="tape") is None
 
 
 def test_archive_accessibility(registry: Registry, tmp_path: Path) -> None:
