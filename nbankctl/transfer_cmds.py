@@ -32,7 +32,7 @@ from nbankd.registry import credentials
 from nbankd.transfer import copying
 from nbankd.transfer import export as exporting
 from nbankd.transfer.copying import UNVERIFIED, human_size
-from nbankd.transfer.fetching import fetch, target_path
+from nbankd.transfer.fetching import check_extension, fetch, target_path
 from nbankd.transfer.reading import Advance
 from nbankd.transfer.sources import Source, find_sources
 
@@ -104,6 +104,7 @@ def _unlocated(con: Console, report: Report, sources: list[Source]) -> list[Sour
 
 def cmd_fetch(args: argparse.Namespace, report: Report) -> None:
     dest: Path = args.dest or Path()
+    check_extension(args.extension)
     if not dest.is_dir():
         raise errors.UsageError(f"-d {dest}: no such folder", hint="create it first")
 
@@ -119,24 +120,34 @@ def cmd_fetch(args: argparse.Namespace, report: Report) -> None:
             _fetch_line(args, s.id, None, "(no locations found)")
             continue
         try:
-            path = fetch(
-                s, target_path(dest, s, args.extension), replace=args.force, auth_for=auth_for
-            )
+            target = target_path(dest, s, args.extension)
+            done = fetch(s, target, replace=args.force, auth_for=auth_for)
+        except (OSError, ValueError) as err:  # no usable target name for it in DEST
+            report.failed()
+            why = err.strerror if isinstance(err, OSError) and err.strerror else err
+            _fetch_line(args, s.id, None, f"(cannot fetch '{s.id}' into {dest}: {why})")
+            continue
         except errors.NbankdError as err:
             report.failed()
             if isinstance(err, errors.RegistryUnavailable):
                 report.unreachable()
             _fetch_line(args, s.id, None, f"({err})")
             continue
-        _fetch_line(args, s.id, path, str(path))
+        _fetch_line(args, s.id, done.path, str(done.path), verified=done.verified)
+        if not done.verified and not args.json:
+            print(f"nbankctl: {s.id} -> {done.path}{UNVERIFIED}", file=sys.stderr, flush=True)
 
 
-def _fetch_line(args: argparse.Namespace, id: str, path: Path | None, text: str) -> None:
+def _fetch_line(
+    args: argparse.Namespace, id: str, path: Path | None, text: str, *, verified: bool = False
+) -> None:
     if args.json:
         status = "fetched" if path is not None else "failed"
-        out = {"id": id, "status": status, "path": str(path) if path else None}
+        out: dict[str, Any] = {"id": id, "status": status, "path": str(path) if path else None}
         if path is None:
-            out["message"] = text.strip("()")
+            out["message"] = text[1:-1] if text.startswith("(") and text.endswith(")") else text
+        else:
+            out["verified"] = verified
         print(json.dumps(out), flush=True)
     else:
         print(f"{id:<20}\t-> {text}", flush=True)
@@ -220,9 +231,10 @@ def _export(
                     _failed(con, report, s.id, err)
                     continue
                 except OSError as err:
-                    raise errors.ArchiveError(
-                        f"cannot write {out}: {err.strerror or err}", hint="nothing was exported"
-                    ) from err
+                    if not isinstance(export, exporting.FolderExport):
+                        raise _out_error(export, f"'{s.id}'", err) from err
+                    _failed(con, report, s.id, _out_error(export, f"'{s.path.name}'", err))
+                    continue
                 written, total = written + 1, total + read.size
                 entries.append(_manifest_entry(s))
                 note = "" if s.sha1 else UNVERIFIED
@@ -232,16 +244,41 @@ def _export(
                     {**result, "sha1": read.sha1, "verified": bool(s.sha1), "bytes": read.size}
                 )
         if args.manifest and entries:
-            export.add_bytes(exporting.MANIFEST_NAME, _manifest(url, entries))
+            try:
+                export.add_bytes(exporting.MANIFEST_NAME, _manifest(url, entries))
+            except OSError as err:
+                raise _out_error(export, exporting.MANIFEST_NAME, err) from err
             con.log(f"  - {exporting.MANIFEST_NAME}")
         if written or isinstance(export, exporting.FolderExport):
-            export.finish()
+            try:
+                export.finish()
+            except OSError as err:
+                raise _out_error(export, "", err) from err
         else:
             export.discard()
     except BaseException:
         export.discard()
         raise
     return written, total
+
+
+def _out_error(export: exporting.Export, what: str, err: OSError) -> errors.ArchiveError:
+    """An error writing ``what`` (a resource, the manifest, or when empty the end of a
+    tar or zip file) to the export, saying what it leaves at OUT: a folder export keeps
+    the resources published before; a tar or zip file is published whole or not at all."""
+    why = err.strerror or str(err)
+    out = export.out
+    if isinstance(export, exporting.FolderExport):
+        return errors.ArchiveError(
+            f"cannot write {what} in {out}: {why}",
+            hint=f"the resources reported exported are in {out}; free space there (or fix "
+            "its permissions) and export the others again",
+        )
+    return errors.ArchiveError(
+        f"cannot write {out}{f' ({what})' if what else ''}: {why}",
+        hint=f"nothing was exported (a {out.suffix} file is published whole or not at all); "
+        "free space there (or fix its permissions) and run the export again",
+    )
 
 
 # --- copy ----------------------------------------------------------------------------

@@ -18,9 +18,7 @@ The shared pieces of the tape workflow (:class:`~nbankd.tape.Outcome`,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import secrets
 import tarfile
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath
@@ -30,6 +28,7 @@ from nbankd.archive import durable, opening
 from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
+from nbankd.archive.staging import process_staged_name
 from nbankd.hashing import sha1_stream
 from nbankd.registry.base import Registry
 from nbankd.streaming import totals_to_deltas
@@ -55,18 +54,10 @@ _DATA_FILTER = getattr(tarfile, "data_filter", None)
 
 
 def _staged_name(id: str) -> str:
-    """A staged name no other process uses: two imports of one identifier at once
-    (by hand, without the state lock) never remove or publish each other's copy.
-    What a killed import leaves is a staging leftover (``check archive --fix``).
-    An identifier too long to fit a file name with the rest is named by its SHA-1."""
-    raw = os.fsencode(id)
-    shown = id if len(raw) <= _STAGED_ID_BYTES else hashlib.sha1(raw).hexdigest()
-    return f"{STAGED_PREFIX}{shown}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-#: the longest identifier a staged name carries as it is (the rest of the name takes
-#: at most 45 bytes of a file name's 255)
-_STAGED_ID_BYTES = 200
+    """A staged name no other process uses (two imports of one identifier at once, by
+    hand, without the state lock); a killed import's is a leftover (``check archive
+    --fix``)."""
+    return process_staged_name(STAGED_PREFIX, id)
 
 
 def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:

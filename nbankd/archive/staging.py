@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -93,6 +95,21 @@ def staged_copies(archive: Archive, token: str) -> list[Path]:
         for n in sorted(mine)
         if (parsed := parse_staged_name(n)) is not None and parsed.token == token
     ]
+
+
+#: the longest identifier a staged name of :func:`process_staged_name` carries as it
+#: is (the rest takes at most 50 bytes of a file name's 255)
+_STAGED_ID_BYTES = 200
+
+
+def process_staged_name(prefix: str, id: str) -> str:
+    """A staged name for ``id`` no other process uses (``prefix``, the identifier, this
+    process's id, a random token): two runs of one identifier at once never remove or
+    publish each other's copy; what a killed run leaves is a staging leftover. An
+    identifier too long to fit a file name with the rest is named by its SHA-1."""
+    raw = os.fsencode(id)
+    shown = id if len(raw) <= _STAGED_ID_BYTES else hashlib.sha1(raw).hexdigest()
+    return f"{prefix}{shown}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def discard_staged(archive: Archive, path: Path) -> None:
@@ -395,6 +412,7 @@ __all__ = [
     "discard_staged",
     "hash_tree",
     "list_staged",
+    "process_staged_name",
     "stage_copy",
     "stage_copy_tree",
     "staged_copies",

@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import time
 import zipfile
@@ -32,7 +33,11 @@ from nbankd.transfer.placing import NewFile, NewTree, exists_error
 from nbankd.transfer.reading import Advance, FileReader, Read, Visitor, check_sha1, read_resource
 
 MANIFEST_NAME = "manifest.json"
-_ZIP_EPOCH = 315532800  # 1980-01-01: zip times cannot be earlier
+#: the first and last times a zip (MS-DOS) timestamp can hold, as ZipInfo.date_time
+_ZIP_FIRST = (1980, 1, 1, 0, 0, 0)
+_ZIP_LAST = (2107, 12, 31, 23, 59, 58)
+#: what tarfile and zipfile raise for a member they cannot encode (a field out of range)
+_WRITER_ERRORS = (struct.error, OverflowError, ValueError, zipfile.LargeZipFile)
 _ARCHIVE_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z")
 
 
@@ -43,6 +48,8 @@ def member_name(name: str, relpath: str) -> str:
 class Export(Protocol):
     """Where resources go: one :meth:`resource` visitor per resource, then
     :meth:`commit` or :meth:`abort` for it; :meth:`finish` publishes the whole."""
+
+    out: Path
 
     def resource(self, name: str) -> Visitor: ...
 
@@ -132,8 +139,15 @@ class TarExport:
 
 
 def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
-    t = time.localtime(max(mtime, _ZIP_EPOCH))
-    return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    """``mtime`` as a zip member's local date and time, clamped to what a zip can hold
+    (1980-01-01 to 2107-12-31 23:59:58): a file dated outside (a rig with a bad clock)
+    is stored with the nearest time the zip format has."""
+    try:
+        t = time.localtime(mtime)
+    except (OverflowError, OSError, ValueError):  # beyond what the C library converts
+        return _ZIP_LAST if mtime > 0 else _ZIP_FIRST
+    stamp = (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    return min(max(stamp, _ZIP_FIRST), _ZIP_LAST)
 
 
 class ZipExport:
@@ -208,7 +222,7 @@ class ZipExport:
             old_file.discard()
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        info = zipfile.ZipInfo(name, time.localtime()[:6])
+        info = zipfile.ZipInfo(name, _zip_time(time.time()))
         info.external_attr = (stat.S_IFREG | 0o644) << 16
         info.compress_type = self.compression
         self.zf.writestr(info, data)
@@ -333,13 +347,21 @@ def write_resource(
     """Writes the stored resource at ``path`` into ``export`` under its stored name.
 
     The resource is read once and checked against ``registered``; if it cannot be
-    read or does not match, what was written of it is taken out and the error raised.
+    read or does not match, what was written of it is taken out and the error raised
+    (ArchiveError naming it when the tar or zip writer cannot encode one of its
+    members).
     """
     visitor = export.resource(path.name)
     try:
         read = read_resource(path, visitor, advance=advance)
         check_sha1(read.sha1, registered, str(path))
         export.commit()
+    except _WRITER_ERRORS as err:  # a member the tar or zip writer cannot encode
+        export.abort()
+        raise errors.ArchiveError(
+            f"cannot write '{path}' into {export.out}: {err}",
+            hint="the other resources are exported; export this one to a folder instead",
+        ) from err
     except BaseException:
         export.abort()
         raise

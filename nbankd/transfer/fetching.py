@@ -13,10 +13,12 @@ the target.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 import requests
 
@@ -46,15 +48,58 @@ def download_url(loc: LocationRecord) -> str | None:
     return f"{loc.scheme}://{loc.root.rstrip('/')}/{loc.resource_name}/"
 
 
+def check_extension(extension: str | None) -> str | None:
+    """The suffix (``.EXT``) that ``fetch -e EXTENSION`` gives fetched files, None when
+    not given; UsageError for one that is not a file suffix (a '/' in it, or only dots)."""
+    if not extension:
+        return None
+    suffix = "." + extension.lstrip(".")
+    try:
+        PurePath("x").with_suffix(suffix)
+    except ValueError:
+        raise errors.UsageError(
+            f"-e {extension!r} is not a file extension",
+            hint="give an extension without '/', such as -e wav",
+        ) from None
+    return suffix
+
+
 def target_path(dest: Path, source: Source, extension: str | None) -> Path:
     """Where ``nbank fetch`` puts a resource: DEST/<registered filename>, its suffix
-    replaced by ``extension`` when given."""
+    replaced by ``extension`` when given (UsageError for an extension
+    :func:`check_extension` refuses; ValueError for a registered file name that is
+    not a plain file name, such as ``../x``)."""
     record = source.record
     name = (record.filename if record is not None else None) or source.id
+    if "/" in name or "\0" in name or name in (".", ".."):
+        # a registry's answer: never a path that leads out of DEST
+        raise ValueError(f"its registered file name {name!r} is not a plain file name")
     target = dest / name
-    if extension:
-        target = target.with_suffix("." + extension.lstrip("."))
+    suffix = check_extension(extension)
+    if suffix is not None:
+        target = target.with_suffix(suffix)
     return target
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched resource: where it is, and whether it was checked against a registered
+    SHA-1 (False: the registry holds none for it)."""
+
+    path: Path
+    verified: bool
+
+
+def _target_error(id: str, target: Path, err: OSError) -> errors.ArchiveError:
+    why = err.strerror or str(err)
+    if err.errno == errno.ENAMETOOLONG:
+        hint = (
+            "the name is too long for that filesystem: fetch it into another (-d DEST), "
+            "or give -e a shorter extension"
+        )
+    else:
+        hint = "check -d DEST and its permissions"
+    return errors.ArchiveError(f"cannot fetch '{id}' to '{target}': {why}", hint=hint)
 
 
 def _from_copy(path: Path, new: NewFile) -> str:
@@ -108,18 +153,22 @@ def fetch(
     *,
     replace: bool = False,
     auth_for: AuthFor | None = None,
-) -> Path:
+) -> Fetched:
     """Fetches one resource to ``target`` from the first of its locations that works.
 
     Raises :class:`~nbankd.errors.ResourceExists` if ``target`` exists (unless
-    ``replace``), :class:`NotFetchable` when no location gives it, and
-    :class:`~nbankd.transfer.reading.Mismatch` when what arrives differs from the
-    registered SHA-1 (the last location's failure is the one raised).
+    ``replace``), ArchiveError naming the id when ``target`` cannot be looked at (a
+    name too long for its filesystem), :class:`NotFetchable` when no location gives
+    it, and :class:`~nbankd.transfer.reading.Mismatch` when what arrives differs from
+    the registered SHA-1 (the last location's failure is the one raised).
     """
-    if target.is_dir():
-        raise errors.UsageError(f"'{target}' is a folder", hint="give -d DEST a folder to fill")
-    if not replace and target.exists():
-        raise exists_error(target)
+    try:
+        if target.is_dir():
+            raise errors.UsageError(f"'{target}' is a folder", hint="give -d DEST a folder to fill")
+        if not replace and target.exists():
+            raise exists_error(target)
+    except OSError as err:
+        raise _target_error(source.id, target, err) from err
     failure: errors.NbankdError = NotFetchable(
         f"'{source.id}' has no location this host can fetch from",
         hint="give its datatype downloads on the registry, or mount its archive here",
@@ -136,8 +185,8 @@ def fetch(
             else:
                 assert url is not None
                 digest, shown = _download(url, new, auth_for), url
-            check_sha1(digest, source.sha1, shown)
-            return new.publish(replace=replace)
+            verified = check_sha1(digest, source.sha1, shown)
+            return Fetched(new.publish(replace=replace), verified)
         except errors.ResourceExists:
             raise  # the target appeared meanwhile: another location would not help
         except (errors.NbankdError, OSError) as err:
@@ -147,4 +196,4 @@ def fetch(
     raise failure
 
 
-__all__ = ["NotFetchable", "download_url", "fetch", "target_path"]
+__all__ = ["Fetched", "NotFetchable", "check_extension", "download_url", "fetch", "target_path"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from pathlib import Path
 from nbankd import errors
 from nbankd.archive import durable
 from nbankd.archive.fsops import fsync_dir, remove_ours
-from nbankd.archive.layout import Archive, unavailable
+from nbankd.archive.layout import Archive, candidate_stubs, unavailable
+from nbankd.archive.staging import process_staged_name
 from nbankd.hashing import SourceReadError
 from nbankd.registry.base import Registry
 from nbankd.streaming import totals_to_deltas
@@ -66,7 +66,7 @@ def _totals(advance: Advance | None) -> Callable[[int], None] | None:
 
 
 def _stage(archive: Archive, source: Path, id: str, advance: Advance | None) -> durable.Staged:
-    name = f"{STAGED_PREFIX}{id}-{os.getpid()}-{secrets.token_hex(4)}"
+    name = process_staged_name(STAGED_PREFIX, id)
     try:
         is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
     except OSError as err:
@@ -78,6 +78,33 @@ def _stage(archive: Archive, source: Path, id: str, advance: Advance | None) -> 
         return durable.stage_copy(archive, fd, name, progress=_totals(advance))
     finally:
         os.close(fd)
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file or folder (st_dev and st_ino, whatever the
+    paths); False when either cannot be looked at."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_own_copy(archive: Archive, source: Path, id: str) -> None:
+    """Raises UsageError when the stored copy ``source`` of ``id`` is already in
+    ``archive`` itself: the same folder reached by another path (a bind mount, one
+    NAS mounted at two paths, registered as two archives). Copying it there would find
+    the source as its "identical existing copy" and register a second location for a
+    single stored file."""
+    target = archive.new_resource_path(id, source.name)
+    stubs = [archive.resources_dir / stub for stub in candidate_stubs(id)]
+    if _same(source, target) or any(_same(source.parent, stub) for stub in stubs):
+        raise errors.UsageError(
+            f"'{source}' of '{id}' is already in the destination archive {archive.path} "
+            "(the same folder reached by another path): copying it would register a "
+            "second location for one stored file",
+            hint="copy into an archive on other storage; ask the registry's admin to "
+            "merge the archives registered for this one folder",
+        )
 
 
 def copy_resource(
@@ -92,10 +119,12 @@ def copy_resource(
     """Stores the resource ``id`` read from ``source`` in ``archive``, checked against
     ``registered``; with ``dry_run`` only reads and checks it.
 
-    Raises :class:`~nbankd.transfer.reading.Mismatch` (nothing kept),
+    Raises UsageError when ``source`` is in ``archive`` itself
+    (:func:`refuse_own_copy`), :class:`~nbankd.transfer.reading.Mismatch` (nothing kept),
     :class:`~nbankd.errors.ResourceExists` when the archive holds something else
     under the identifier, SourceReadError or the archive's errors.
     """
+    refuse_own_copy(archive, source, id)
     if dry_run:
         read = read_resource(source, advance=advance)
         return Copied(None, read.sha1, read.size, check_sha1(read.sha1, registered, str(source)))
@@ -161,4 +190,4 @@ def _located(registry: Registry, id: str, name: str) -> bool | None:
         return None
 
 
-__all__ = ["STAGED_PREFIX", "Copied", "copy_resource", "register_copy"]
+__all__ = ["STAGED_PREFIX", "Copied", "copy_resource", "refuse_own_copy", "register_copy"]

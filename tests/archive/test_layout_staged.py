@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nbankd.archive.layout import STAGED_PREFIX, StagedName, parse_staged_name, staged_name
+from nbankd.archive.staging import process_staged_name
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -39,3 +42,13 @@ def test_parse_staged_name(name: str, parsed: StagedName | None) -> None:
 def test_staged_name_round_trip(instance: str | None) -> None:
     """Parsing a built staged name gives back its token and instance."""
     assert parse_staged_name(staged_name(TOKEN, instance)) == (TOKEN, instance)
+
+
+def test_a_process_staged_name_fits_a_file_name_for_any_identifier() -> None:
+    """A tape import's or copy's staged name stays a file name for a 255-byte identifier,
+    and two long identifiers get two names."""
+    long_a, long_b = "a" * 255, "a" * 254 + "b"
+    names = [process_staged_name(STAGED_PREFIX + "copy-", i) for i in (long_a, long_b)]
+    assert all(len(os.fsencode(n)) <= 255 for n in names)
+    assert names[0].rsplit("-", 2)[0] != names[1].rsplit("-", 2)[0]
+    assert "rec-" in process_staged_name(STAGED_PREFIX + "tar-", "rec")

@@ -172,5 +172,5 @@ def test_fetch_json_lines(backend: Backend) -> None:
     proc = backend.ctl("fetch", "--json", "-d", str(out), id, "nosuchid")
     assert proc.returncode == 1
     lines = {d["id"]: d for d in map(json.loads, proc.stdout.splitlines())}
-    assert lines[id] == {"id": id, "status": "fetched", "path": str(out / id)}
+    assert lines[id] == {"id": id, "status": "fetched", "path": str(out / id), "verified": True}
     assert lines["nosuchid"]["status"] == "failed"
