@@ -27,7 +27,6 @@ location added.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import threading
 import time
@@ -56,7 +55,8 @@ from nbankd.audit.model import (
 )
 from nbankd.audit.reader import Cancelled, sha1_of_resource, vanished
 from nbankd.audit.walk import Stored, Walk, walk_archive
-from nbankd.registry.base import Registry
+from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
+from nbankd.tape import verified_elsewhere
 
 # what --fix needs is imported where it is used: a plain check does not pay for it
 
@@ -278,7 +278,7 @@ def fix_permissions(archive: Archive, report: Report) -> tuple[list[Path], list[
     and makes a missing ``staging/``. Only paths under ``resources/`` and ``staging/``
     itself are touched, never through a symbolic link. Returns the paths now right and
     why the others are not (an owner needs root, a group needs membership)."""
-    from nbankd.archive.access import apply_access
+    from nbankd.archive.access import apply_access, fix_access_below
     from nbankd.archive.fsops import fsync_dir
     from nbankd.audit.checks import owners, permission_findings
 
@@ -299,13 +299,10 @@ def fix_permissions(archive: Archive, report: Report) -> tuple[list[Path], list[
         if not _inside(archive, path):
             continue
         try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if uid is not None and uid >= 0 and st.st_uid != uid and os.geteuid() == 0:
-                os.chown(path, uid, -1, follow_symlinks=False)
-            apply_access(archive, path)
-            left = list(permission_findings(archive, path, os.lstat(path)))
+            st = fix_access_below(archive, path, uid)  # never through a swapped folder
+            if st is None:
+                continue  # a link: left alone
+            left = list(permission_findings(archive, path, st))
         except errors.NbankdError as err:
             refused.append(f"{path}: {err}")
             continue
@@ -320,27 +317,21 @@ def fix_permissions(archive: Archive, report: Report) -> tuple[list[Path], list[
     return fixed, refused
 
 
-def remove_leftover(path: Path) -> None:
-    """Deletes a partial transfer or a ``staging/`` leftover (the user said so)."""
-    from nbankd.archive.fsops import fsync_dir, remove_ours
+def remove_leftover(archive: Archive, path: Path) -> None:
+    """Deletes a partial transfer or a ``staging/`` leftover (the user said so), never
+    through a folder swapped for a link (:mod:`nbankd.archive.removal`)."""
+    from nbankd.archive.removal import remove_entry
 
-    remove_ours(path)
-    fsync_dir(path.parent)
+    remove_entry(archive, path)
 
 
 def remove_copy(archive: Archive, path: Path) -> None:
     """Deletes a copy of a resource held elsewhere (the user said so, its SHA-1 was
-    checked), then its stub folder if that is now empty."""
-    from nbankd.archive.fsops import fsync_dir, remove_ours
+    checked), then its stub folder if that is now empty; never through a folder
+    swapped for a link (:mod:`nbankd.archive.removal`)."""
+    from nbankd.archive.removal import remove_stored_copy
 
-    remove_ours(path)
-    fsync_dir(path.parent)
-    if path.parent.parent == archive.resources_dir:
-        try:
-            os.rmdir(path.parent)
-        except OSError:
-            return  # not empty: kept
-        fsync_dir(archive.resources_dir)
+    remove_stored_copy(archive, path)
 
 
 # --- asking at a terminal (--fix) --------------------------------------------------------
@@ -375,6 +366,23 @@ def _age(path: Path) -> float | None:
     return time.time() - max(st.st_mtime, st.st_ctime)
 
 
+def _second_copy(
+    record: ResourceRecord, locations: list[LocationRecord], name: str, path: Path
+) -> str | None:
+    """Where another copy of ``record`` is verified to be (read back here against its
+    SHA-1, or on tape under a key, as ``tape prune`` needs), or None: the copy at
+    ``path`` in archive ``name`` may be the only one."""
+    if not record.sha1:
+        return None
+    for loc in locations:
+        if loc.archive_name == name:
+            continue
+        found = verified_elsewhere(loc, record.sha1, path, check_hash=True)
+        if found.ok:
+            return found.why
+    return None
+
+
 def resolve_at_terminal(
     reg: Registry, archive: Archive, name: str, result: Report, say: Callable[[str], None]
 ) -> list[str]:
@@ -394,7 +402,7 @@ def resolve_at_terminal(
         say(f" - {f.path} - {f.kind}, unchanged for {age / 3600:.1f} h")
         if _ask("   [d]elete, [s]kip? ", "ds") == "d":
             try:
-                remove_leftover(f.path)
+                remove_leftover(archive, f.path)
             except OSError as err:
                 say(f"   cannot delete {f.path}: {err.strerror or err}")
                 continue
@@ -405,13 +413,17 @@ def resolve_at_terminal(
         if f.kind == REGISTERED_ELSEWHERE and f.resource in result.verified_elsewhere and f.path
     ]
     records = {r.name: r for r in reg.get_resources(f.resource for f in copies if f.resource)}
+    locations = reg.get_locations_bulk(records) if records else {}
     for f in copies:
         record = records.get(f.resource or "")
         if record is None or f.path is None or name in record.locations:
             continue
         options = []
-        if record.locations:
-            options.append(("d", "[d]elete this copy"))
+        second = _second_copy(record, locations.get(record.name, []), name, f.path)
+        if second is not None:
+            options.append(("d", f"[d]elete this copy (another is verified: {second})"))
+        else:
+            say(f" - {f.path}: no other copy of {record.name} is verified: kept")
         if f.path.parent == archive.resource_path(record.name).parent:
             options.append(("a", f"[a]dd {name} as a location"))
         if not options:
@@ -419,7 +431,7 @@ def resolve_at_terminal(
         say(f" - {f.path}: a copy of {record.name} (SHA-1 checked), {f.detail}")
         answer = _ask(f"   {', '.join(t for _, t in options)}, [s]kip? ", "das")
         try:
-            if answer == "d" and record.locations:
+            if answer == "d" and second is not None:
                 remove_copy(archive, f.path)
                 done.append(f"deleted {f.path}")
             elif answer == "a" and any(k == "a" for k, _ in options):

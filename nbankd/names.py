@@ -7,7 +7,8 @@
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
 - :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why;
 - :func:`printable`: how any name found in an inbox is shown in one line;
-- :func:`utf8_text`: text quoting such a name, made valid UTF-8 and otherwise kept.
+- :func:`utf8_text`: text quoting such a name, made valid UTF-8 and otherwise kept;
+- :func:`is_utf8`: whether a name (of a file, a tar member, a record) is UTF-8 text.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def printable(relpath: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def is_utf8(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text: not a file name's undecodable bytes, which Python
+    keeps as surrogates (no record is named so, no folder hash covers it, and SQLite
+    cannot hold it as text)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def utf8_text(text: str) -> str:

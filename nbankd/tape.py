@@ -37,9 +37,8 @@ from pathlib import Path, PurePosixPath
 
 from nbankd import errors
 from nbankd.archive import durable
-from nbankd.archive.fsops import fsync_dir, remove_ours
-from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
+from nbankd.archive.removal import remove_stored_copy
 from nbankd.hashing import SourceReadError
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
@@ -135,15 +134,6 @@ TAR_UNREADABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def utf8_name(name: str) -> bool:
-    """True when a member's name is UTF-8 (tarfile keeps other bytes as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def member_id(name: str) -> str | None:
     """The resource identifier a member name stands for, or None if it cannot be one."""
     stem = PurePosixPath(name).stem
@@ -213,7 +203,7 @@ class Elsewhere:
     fixable: bool = False
 
 
-def _verified_elsewhere(
+def verified_elsewhere(
     loc: LocationRecord, sha1: str | None, ours: Path, *, check_hash: bool
 ) -> Elsewhere:
     """Whether another location of a resource is verified to hold it.
@@ -247,19 +237,6 @@ def _verified_elsewhere(
     if check_hash and sha1 is not None and not durable.verify_from_storage(path, sha1):
         return Elsewhere(False, f"copy {path} does not match the registered SHA-1")
     return Elsewhere(True, f"copy at {path}")
-
-
-def _remove_copy(archive: Archive, path: Path) -> bool:
-    """Deletes a stored copy, then its stub folder if now empty; True if the stub went."""
-    remove_ours(path)
-    stub = path.parent
-    fsync_dir(stub)
-    try:
-        os.rmdir(stub)
-    except OSError:
-        return False  # not empty (or in use): keep it
-    fsync_dir(archive.resources_dir)
-    return True
 
 
 def prune(
@@ -333,7 +310,7 @@ def prune(
         for name, loc in by_archive.items():
             if name == archive_name:
                 continue
-            found = _verified_elsewhere(loc, sha1, path, check_hash=check_hash)
+            found = verified_elsewhere(loc, sha1, path, check_hash=check_hash)
             if found.ok:
                 verified = found.why
                 break
@@ -349,7 +326,7 @@ def prune(
             verified += "; unverified: no registered SHA-1"
         if not dry_run:
             registry.remove_location(id, archive_name)
-            stub_gone = _remove_copy(archive, path)
+            stub_gone = remove_stored_copy(archive, path)
         else:
             stub_gone = len(os.listdir(path.parent)) == 1
         text = f"{prefix}delete {path} ({verified})" if dry_run else f"deleted {path} ({verified})"
@@ -373,5 +350,5 @@ __all__ = [
     "register_command",
     "tape_archive",
     "tape_root",
-    "utf8_name",
+    "verified_elsewhere",
 ]

@@ -30,6 +30,7 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.archive.staging import process_staged_name
 from nbankd.hashing import sha1_stream
+from nbankd.names import is_utf8
 from nbankd.registry.base import Registry
 from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
@@ -42,7 +43,6 @@ from nbankd.tape import (
     member_id,
     noop,
     open_tar,
-    utf8_name,
 )
 from nbankd.tape_import_folder import FolderRefused, Members, import_folder, skip_folder
 
@@ -69,7 +69,7 @@ def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) ->
         return "an empty or invalid name"
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return "a name with a control character (a newline, a tab, ...)"
-    if not utf8_name(name):
+    if not is_utf8(name):
         return "a name that is not UTF-8 (registry keys and folder hashes are UTF-8)"
     if name.startswith("/") or path.is_absolute():
         return "an absolute path"

@@ -24,6 +24,7 @@ from pathlib import PurePosixPath
 
 from nbankd import errors
 from nbankd.hashing import DirectoryHasher, copy_hashing
+from nbankd.names import is_utf8
 from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
 from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
@@ -39,7 +40,6 @@ from nbankd.tape import (
     open_tar,
     tape_archive,
     tape_root,
-    utf8_name,
 )
 
 
@@ -101,7 +101,7 @@ def scan_tar(
                 for folder, _ in above:
                     if PurePosixPath(folder.name) not in reading:
                         folder.problem = folder.problem or _SCATTERED
-                    elif not utf8_name(member.name):
+                    elif not is_utf8(member.name):
                         folder.problem = folder.problem or (
                             f"it holds {member.name!r}, a name that is not UTF-8 (the folder "
                             "hash covers UTF-8 names only)"

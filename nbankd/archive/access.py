@@ -6,6 +6,7 @@ Follows neurobank 0.13's mode policy (``nbank.archive.mode_policy``), so that
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -138,6 +139,38 @@ def apply_access_fd(archive: Archive, fd: int, *, at: Path) -> bool:
     return changed
 
 
+def fix_access_below(archive: Archive, path: Path, uid: int | None) -> os.stat_result | None:
+    """:func:`apply_access` of the entry at ``path`` inside ``archive`` (and, as root,
+    its owner ``uid``), reached from the archive's root without following a link: a
+    folder on the way swapped for one raises OSError, so a repair never changes a file
+    outside the archive. The entry is held by an ``O_PATH`` descriptor and changed
+    through ``/proc/self/fd`` (that names the inode held, whatever its mode: an entry
+    its owner may not read is fixed too). Returns its status after, or None for a link
+    (left alone)."""
+    from nbankd.archive.fsops import open_below
+
+    rel = path.relative_to(archive.path)
+    fd = open_below(archive.path, rel, last=os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        held = f"/proc/self/fd/{fd}"
+        if uid is not None and uid >= 0 and st.st_uid != uid and os.geteuid() == 0:
+            os.chown(held, uid, -1)
+        gid = group_id(archive)
+        if gid is not None and st.st_gid != gid:
+            with contextlib.suppress(PermissionError):  # not a member: the audit says so
+                os.chown(held, -1, gid)
+        st = os.fstat(fd)  # a change of owner or group may clear set-id bits
+        mode = target_mode(archive, path, is_dir=stat.S_ISDIR(st.st_mode))
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(held, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def apply_resource_access(archive: Archive, path: Path) -> bool:
     """:func:`apply_access` for a staged file, with the group and mode it will have in
     ``resources/`` (a stored file's mode does not depend on its stub folder): given
@@ -167,6 +200,7 @@ __all__ = [
     "apply_access_tree",
     "apply_resource_access",
     "chgrp",
+    "fix_access_below",
     "group_id",
     "target_mode",
 ]

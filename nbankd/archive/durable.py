@@ -52,6 +52,7 @@ from nbankd import errors, seams
 from nbankd.archive.access import apply_access, apply_access_fd, apply_access_tree, target_mode
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
+from nbankd.archive.removal import move_below, remove_empty_stub
 from nbankd.archive.staging import (
     STAGED_PREFIX,
     Staged,
@@ -412,14 +413,8 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
             for other in archive.stored_entries(id):
                 if other.parent == target.parent:
                     raise occupied(other)
-            rename_noreplace(path, target)
-        fsync_dir(target.parent)
-        fsync_dir(path.parent)
-        try:
-            os.rmdir(path.parent)
-            fsync_dir(archive.resources_dir)
-        except OSError:
-            pass  # not empty (other resources, or another program's files): kept
+            move_below(archive, path, target)  # never through a stub swapped for a link
+        remove_empty_stub(archive, path.parent)  # not empty (other resources...): kept
     except NoReplaceUnsupported as err:
         raise errors.ArchiveUnavailable(
             f"archive {archive.path}: the filesystem has no no-replace rename to move '{path}'",

@@ -6,6 +6,10 @@
   the flag (NFS, older kernels, some FUSE filesystems answer EINVAL or ENOSYS).
 - :func:`remove_ours`: removes a staging leftover, file or tree, even one whose
   folders were already made read-only.
+- :func:`open_below` / :func:`remove_ours_at`: a folder (or entry) below a trusted
+  root opened without following any link on the way, and a removal relative to an
+  open folder: how a repair acts on an archive whose folders anyone with write access
+  may swap for links meanwhile.
 - :func:`fsync_dir`: makes a directory's entries durable.
 - :func:`link_noreplace`: gives a file a second name without ever replacing
   anything (link(2), or renameat2 where the filesystem has no hard links).
@@ -33,7 +37,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1 << 0
@@ -148,6 +152,76 @@ def remove_ours(path: str | os.PathLike[str]) -> None:
     if (st.st_mode & 0o700) != 0o700:
         os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
     shutil.rmtree(path)
+
+
+#: an open folder, never through a link
+DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_below(root: str | os.PathLike[str], rel: PurePath, *, last: int = DIR_NOFOLLOW) -> int:
+    """Opens ``root/rel``: ``root`` as given (trusted: the archive's configured path),
+    then each component of ``rel`` from the folder before it, never following a link
+    (the last with the flags ``last``; default: a folder). A component that is a link
+    raises OSError (ELOOP, or ENOTDIR for a folder), so a folder swapped for a link
+    never leads the caller elsewhere. Returns the descriptor; ``rel`` must be relative,
+    without ``..``."""
+    parts = rel.parts
+    if rel.is_absolute() or ".." in parts:
+        raise ValueError(f"'{rel}' is not a path below a folder")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            nxt = os.open(part, last if i == len(parts) - 1 else DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_ours_at(dir_fd: int, name: str) -> None:
+    """:func:`remove_ours` of the entry ``name`` of the open folder ``dir_fd``: a file
+    (or link) unlinked, a tree removed from descriptors (its read-only folders made
+    writable first), never following a link; a missing entry is fine."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        return
+    top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        _writable_tree(top)
+    finally:
+        os.close(top)
+    shutil.rmtree(name, dir_fd=dir_fd)  # descriptor-based here: links are not followed
+
+
+def _writable_tree(fd: int) -> None:
+    """Gives the open folder ``fd`` and every folder below it its owner's rwx, so that
+    its entries can be removed; walks from descriptors, never through a link."""
+    st = os.fstat(fd)
+    if (st.st_mode & 0o700) != 0o700:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+    for entry in os.scandir(fd):
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
+            except PermissionError:
+                if os.geteuid() == 0:
+                    raise
+                # our own folder without read access: opened once its owner (us) may;
+                # by name (a link swapped in meanwhile leads only to our own files)
+                os.chmod(entry.name, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                         | 0o700, dir_fd=fd)  # fmt: skip
+                sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
+            try:
+                _writable_tree(sub)
+            finally:
+                os.close(sub)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -285,14 +359,17 @@ def append_durable(
 
 
 __all__ = [
+    "DIR_NOFOLLOW",
     "NoReplaceUnsupported",
     "append_durable",
     "fsync_dir",
     "fsync_fd",
     "link_noreplace",
     "move_noreplace_at",
+    "open_below",
     "publish_temp",
     "remove_ours",
+    "remove_ours_at",
     "rename_noreplace",
     "rename_noreplace_at",
     "write_atomic",

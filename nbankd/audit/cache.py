@@ -33,6 +33,7 @@ from pathlib import Path
 from nbankd import errors, sqlschema
 from nbankd.archive.fsops import fsync_dir
 from nbankd.audit.model import CacheEntry
+from nbankd.names import is_utf8
 from nbankd.timefmt import compact_stamp
 
 CACHE_NAME = "cache.sqlite3"
@@ -207,8 +208,10 @@ class AuditCache:
         return {r[0]: CacheEntry(*r) for r in rows}
 
     def store(self, archive: str, entries: Iterable[CacheEntry]) -> int:
-        """Inserts or replaces entries in one transaction; returns how many."""
-        rows: list[tuple[object, ...]] = [(archive, *e) for e in entries]
+        """Inserts or replaces entries in one transaction; returns how many. A name that
+        is not UTF-8 text (a stray file's undecodable bytes) is not cached: read again by
+        every audit, as SQLite cannot hold it as text."""
+        rows: list[tuple[object, ...]] = [(archive, *e) for e in entries if is_utf8(e.name)]
         if rows:
             self._write(
                 "storing what an audit read",
@@ -220,7 +223,7 @@ class AuditCache:
 
     def forget(self, archive: str, names: Iterable[str]) -> int:
         """Drops the entries of resources no longer stored; returns how many."""
-        rows: list[tuple[object, ...]] = [(archive, n) for n in names]
+        rows: list[tuple[object, ...]] = [(archive, n) for n in names if is_utf8(n)]
         if rows:
             self._write(
                 "forgetting resources no longer stored",

@@ -34,6 +34,7 @@ from typing import Any
 
 import nbankd
 from nbankd import errors
+from nbankd.names import is_utf8
 from nbankd.registry import embedded_rules as rules
 from nbankd.registry import rejections
 from nbankd.registry.base import (
@@ -355,6 +356,8 @@ class EmbeddedRegistry(EmbeddedLocations):
         return out
 
     def get_resource(self, name: str) -> ResourceRecord | None:
+        if not is_utf8(name):
+            return None
         with self._guard():
             conn = self._conn()
             rows = conn.execute(_RESOURCE_SELECT + " WHERE r.name = ?", (name,)).fetchall()
@@ -362,7 +365,7 @@ class EmbeddedRegistry(EmbeddedLocations):
 
     def get_resources(self, names: Iterable[str]) -> list[ResourceRecord]:
         """Bulk lookup; unknown names are omitted; newest first, as the server sends them."""
-        wanted = list(dict.fromkeys(str(n) for n in names))
+        wanted = rules.wanted_names(names)
         with self._guard():
             conn = self._conn()
             rows: list[Sequence[Any]] = []

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from nbankd import errors
+from nbankd.names import is_utf8
 from nbankd.registry import embedded_rules as rules
 from nbankd.registry import rejections
 from nbankd.registry.base import LocationRecord
@@ -28,7 +29,7 @@ class EmbeddedLocations(EmbeddedDatabase):
         """The resource's locations, most accessible first; NotFound for an unknown resource."""
         with self._guard():
             conn = self._conn()
-            if not exists(conn, "SELECT 1 FROM resource WHERE name = ?", name):
+            if not is_utf8(name) or not exists(conn, "SELECT 1 FROM resource WHERE name = ?", name):
                 raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
             rows = conn.execute(
                 _LOCATION_SELECT + " WHERE r.name = ? ORDER BY a.accessibility, l.id", (name,)
@@ -37,7 +38,7 @@ class EmbeddedLocations(EmbeddedDatabase):
 
     def get_locations_bulk(self, names: Iterable[str]) -> dict[str, list[LocationRecord]]:
         """{name: locations}; unknown names and resources without locations are omitted."""
-        wanted = list(dict.fromkeys(str(n) for n in names))
+        wanted = rules.wanted_names(names)
         out: dict[str, list[LocationRecord]] = {}
         with self._guard():
             conn = self._conn()

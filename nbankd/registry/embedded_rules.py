@@ -12,10 +12,11 @@ import os
 import pwd
 import secrets
 import string
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
+from nbankd.names import is_utf8
 from nbankd.registry.base import CORE_FIELDS, SLUG_RE
 
 CHUNK = 500  # names per IN (...) and rows per search page
@@ -138,6 +139,11 @@ def filename(name: str, extension: str) -> str:
     if ext and not PurePosixPath(name).suffix:
         return f"{name}.{ext}"
     return name
+
+
+def wanted_names(names: Iterable[str]) -> list[str]:
+    """The distinct names of a bulk lookup that a record could have (UTF-8 text)."""
+    return [n for n in dict.fromkeys(str(n) for n in names) if is_utf8(n)]
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
