@@ -138,11 +138,17 @@ def _line(mark: str, step: Step, status: str, message: str) -> str:
 
 
 def import_snapshot(
-    args: argparse.Namespace, source: snapshot.Snapshot, url: str, *, header: bool = True
+    args: argparse.Namespace,
+    source: snapshot.Snapshot,
+    url: str,
+    *,
+    header: bool = True,
+    moved: frozenset[str] = frozenset(),
 ) -> bool:
     """Plans and (unless ``--dry-run``) carries out the import, printing it as it goes;
     True when it found no problem: no conflict or blocked record (planned, on a dry
-    run), none failed and none altered by the registry (each is printed)."""
+    run), none failed and none altered by the registry (each is printed). ``moved``:
+    resources imported earlier whose record on the target wins (see make_plan)."""
     with open_target(args, url) as target:
         if source.backend != "embedded" and source.source.rstrip("/") == target.url.rstrip("/"):
             raise errors.UsageError(f"the export comes from {target.url} itself: nothing to do")
@@ -150,7 +156,7 @@ def import_snapshot(
             print(f"target: {target.url}")
             if args.dry_run:
                 print("DRY RUN: nothing will be changed")
-        plan = make_plan(source, execute.read_target(target, source))
+        plan = make_plan(source, execute.read_target(target, source), moved=moved)
         if args.dry_run:
             show_plan(args, plan)
             counts = plan.counts()

@@ -20,13 +20,17 @@ In order, stopping at the first problem:
    file cannot be edited safely, print the exact edits and leave the daemon paused;
 8. check the daemon again, reload it, check that it now uses the URL;
 9. catch up: read the embedded registry again and, while it differs from what was
-   imported, import again; then resume the inboxes paused in step 1.
+   imported, import what it holds new; then resume the inboxes paused in step 1
+   (with nbankd stopped: take them out of its ``state_dir/paused.json``).
 
 Every step is idempotent. After an interruption, a hand edit, or an archive that was
 unmounted, run the same command again: on a configuration already naming the URL
 it finds the old registry in ``registry-moves.jsonl`` and redoes the safe steps
-(import, nbank.json, move record, reload, catch-up, resume). Once step 5 has begun,
-a failure leaves the daemon paused unless it already uses the URL.
+(import, nbank.json, move record, reload, catch-up, resume). Its import brings only
+what the embedded registry holds beyond the export recorded with the move (deposits
+made since): the server is the registry by then, so a record corrected or a location
+removed there since stays as the server has it. Once step 5 has begun, a failure
+leaves the daemon paused unless it already uses the URL.
 
 Only a missing socket file or a refused connection mean that nbankd is not running;
 the files are then switched and the configuration takes effect when it starts. Any
@@ -51,7 +55,14 @@ from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
 from nbankd.deposit import moves
 from nbankd.migration import snapshot, switch
-from nbankd.migration.pausing import Daemon, forget_paused, migration_folder, state_owner
+from nbankd.migration.pausing import (
+    PAUSED_NAME,
+    Daemon,
+    migration_folder,
+    read_paused,
+    state_owner,
+    unpause_stopped,
+)
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.timefmt import compact_stamp
 
@@ -90,8 +101,10 @@ class Switch:
         self.old_url, self.rerun = self._old_registry()
         db_url = self.config.embedded_db_path.as_uri() + "/"
         self.olds = (self.old_url, db_url)
-        self.imported: snapshot.Snapshot | None = None
-        self.export_path: Path | None = None  # the first export this run kept
+        self.imported: snapshot.Snapshot | None = None  # the last snapshot imported
+        self.imported_path: Path | None = None  # and its export file (the move records it)
+        self.export_path: Path | None = None  # the last export this run kept
+        self.earlier_path: Path | None = None  # the export recorded with the move (a re-run)
         self.files_changed = self.rerun
         self.finished = False
         self.daemon = Daemon(
@@ -172,9 +185,80 @@ class Switch:
                 ) from None
         else:
             raise errors.UsageError(f"{folder} holds 1000 exports of {self.stamp}: clean it up")
-        self.export_path = self.export_path or path
+        self.export_path = path
         self.say(f"exported the embedded registry {snap.source} to {path}: {counts}")
         return snap
+
+    def recorded_export(self) -> Path | None:
+        """The export file recorded with the move this run finishes
+        (``registry-moves.jsonl``, its last line from the old registry to the URL)."""
+        path = moves.moves_path(self.config.state_dir)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        found = None
+        for line in text.splitlines():
+            try:
+                move = json.loads(line)
+            except ValueError:
+                continue  # a torn line: moves.read_moves skips it too
+            if (
+                isinstance(move, dict)
+                and switch.same_registry(move.get("from"), self.old_url)
+                and switch.same_registry(move.get("to"), self.url)
+            ):
+                export = move.get("export")
+                found = Path(export) if isinstance(export, str) and export else None
+        return found
+
+    def earlier_import(self) -> snapshot.Snapshot | None:
+        """What the earlier run of this switch imported (the export recorded with the
+        move), or None, said, when it is not known: everything is imported then."""
+        self.earlier_path = self.recorded_export()
+        whole = (
+            "importing the whole embedded registry (a record corrected on the server since "
+            "the move shows as a conflict, and a location removed there comes back: check "
+            "them after the switch)"
+        )
+        if self.earlier_path is None:
+            where = moves.moves_path(self.config.state_dir)
+            warn(f"{where} records no export with the move: {whole}")
+            return None
+        try:
+            return snapshot.load(self.earlier_path)
+        except errors.UsageError as err:
+            warn(f"{err.message}: {whole}")
+            return None
+
+    def import_changes(
+        self,
+        snap: snapshot.Snapshot,
+        earlier: snapshot.Snapshot | None,
+        since: str,
+        *,
+        header: bool = True,
+    ) -> bool:
+        """Imports ``snap``; with ``earlier`` (imported before), only what ``snap`` holds
+        that ``earlier`` did not: what is on the server already is the server's now, and
+        a record corrected or removed there since is not brought back. True when the
+        import found no problem."""
+        if earlier is None:
+            ok = import_snapshot(self.args, snap, self.url, header=header)
+        else:
+            new = snapshot.changes(snap, earlier)
+            if new.empty:
+                self.say(f"the embedded registry holds nothing new since {since}")
+                ok = True
+            else:
+                counts = ", ".join(f"{n} {k}(s)" for k, n in new.snapshot.counts().items())
+                self.say(f"importing what the embedded registry holds new since {since}: {counts}")
+                ok = import_snapshot(
+                    self.args, new.snapshot, self.url, header=header, moved=new.moved
+                )
+        if ok:
+            self.imported, self.imported_path = snap, self.export_path
+        return ok
 
     def credentials(self) -> None:
         """Proves, before anything irreversible, that nbankd will be able to write to the
@@ -215,7 +299,7 @@ class Switch:
 
     def record_move(self) -> None:
         state_dir = self.config.state_dir
-        export = str(self.export_path) if self.export_path else None
+        export = str(self.imported_path) if self.imported_path else None
         try:
             recorded = moves.record_move(
                 state_dir, self.old_url, self.url, time=self.stamp, export=export
@@ -295,13 +379,12 @@ class Switch:
                 "importing again"
             )
             snap = self.export()
-            if not import_snapshot(self.args, snap, self.url, header=False):
+            if not self.import_changes(snap, self.imported, "the import above", header=False):
                 raise errors.ProblemsFound(
                     "importing what reached the embedded registry during the switch found "
                     "problems (see above)",
                     hint="fix them, then run the same command again",
                 )
-            self.imported = snap
         raise errors.ProblemsFound(
             "the embedded registry keeps changing during the switch",
             hint="is another nbankd depositing into it (with another control socket)? "
@@ -323,7 +406,9 @@ class Switch:
         if daemon.running and not self.dry_run:
             daemon.wait_idle(self.args.wait)
         snap = self.export()
-        if not import_snapshot(self.args, snap, self.url):
+        earlier = self.earlier_import() if self.rerun else None
+        since = f"the export recorded with the move ({self.earlier_path})"
+        if not self.import_changes(snap, earlier, since):
             warn(
                 "the import found problems: fix them, then run the switch again"
                 if self.rerun
@@ -331,7 +416,6 @@ class Switch:
             )
             report.failed()
             return
-        self.imported = snap
         if self.dry_run:
             self.dry_run_rest(report)
             return
@@ -380,9 +464,7 @@ class Switch:
         if self.dry_run:
             return True
         if not daemon.running:
-            if forget_paused(self.config.state_dir):
-                self.say("nbankd is not running: forgot the inboxes an earlier switch paused")
-            return True
+            return self.release_stopped()
         keep = False
         if self.files_changed and not self.finished:
             try:
@@ -405,6 +487,49 @@ class Switch:
             warn(f"could not resume nbankd's inboxes: {err}")
             warn(f"run 'nbankctl resume' (inboxes: {', '.join(daemon.ours)})")
             return False
+        return True
+
+    def config_names_url(self) -> bool:
+        """Whether the configuration on disk names the URL (what nbankd starts on)."""
+        try:
+            return switch.same_registry(load_config(self.path).registry, self.url)
+        except errors.ConfigError:
+            return False
+
+    def release_stopped(self) -> bool:
+        """With nbankd stopped: takes the inboxes an earlier run paused out of nbankd's
+        paused.json, so that they run when it starts, unless it would start on the old
+        registry with the files half switched; False if that failed."""
+        state_dir = self.config.state_dir
+        if self.files_changed and not self.finished and not self.config_names_url():
+            if read_paused(state_dir):
+                warn(
+                    "nbankd is not running; the inboxes an earlier switch paused stay paused "
+                    "(it would start on the old registry): run the same command again when "
+                    "fixed; it gives them back"
+                )
+            return True
+        try:
+            freed = unpause_stopped(state_dir)
+        except OSError as err:
+            held = state_dir / PAUSED_NAME
+            inboxes = ", ".join(sorted(read_paused(state_dir)))
+            warn(
+                f"cannot take the inboxes an earlier switch paused ({inboxes}) out of {held}: "
+                f"{err.strerror or err}"
+            )
+            warn(
+                "run the same command again as root or as nbankd's user, or, once nbankd "
+                "runs, 'nbankctl resume INBOX' for each of them"
+            )
+            return False
+        if freed:
+            self.say(
+                f"nbankd is not running: unpaused {len(freed)} inbox(es) an earlier switch "
+                f"paused ({', '.join(freed)}); they run when nbankd starts"
+            )
+        elif freed is not None:
+            self.say("nbankd is not running: forgot the inboxes an earlier switch paused")
         return True
 
 

@@ -1,9 +1,12 @@
 """The running nbankd during a registry switch: pausing it durably, noticing restarts.
 
-nbankd holds pauses in memory only. So that an interrupted switch can always give
-the inboxes back, :class:`Daemon` writes the inboxes *it* pauses to
-``state_dir/migration/paused.json`` before pausing them; a later run of the switch
-resumes those too, then deletes the file. Inboxes someone else paused stay paused.
+So that an interrupted switch can always give the inboxes back, :class:`Daemon`
+writes the inboxes *it* pauses to ``state_dir/migration/paused.json`` before pausing
+them; a later run of the switch resumes those too, then deletes the file. Inboxes
+someone else paused stay paused. nbankd itself keeps its paused inboxes in
+``state_dir/paused.json`` across restarts: a switch finished while nbankd is stopped
+takes its inboxes out of that file (:func:`unpause_stopped`), or they would stay
+paused when it starts.
 
 A daemon restarted during the switch (systemd, an admin) comes back with every
 inbox running, on whatever configuration is on disk. :meth:`Daemon.check` notices it
@@ -122,6 +125,31 @@ def forget_paused(state_dir: Path) -> bool:
         return False
     fsync_dir(path.parent)
     return True
+
+
+def unpause_stopped(state_dir: Path) -> list[str] | None:
+    """With nbankd stopped, gives back the inboxes an unfinished switch paused: takes
+    them out of nbankd's own record of paused inboxes (``state_dir/paused.json``, read
+    when it starts, :mod:`nbankd.daemon.pauses`), then deletes the switch's record.
+
+    Returns the inboxes taken out (those still recorded as paused), or None when no
+    switch record was there. Inboxes paused by someone else stay paused. Raises
+    OSError when ``state_dir/paused.json`` cannot be rewritten (the switch's record is
+    then kept, so that a later run tries again).
+    """
+    state_dir = Path(state_dir)
+    if not paused_path(state_dir).exists():
+        return None
+    ours = read_paused(state_dir)
+    held = pauses.load(state_dir)
+    freed = sorted(held & ours)
+    if freed:
+        pauses.save(state_dir, held - ours)
+        with contextlib.suppress(PermissionError):  # root runs this: give it back to nbankd
+            uid, gid = state_owner(state_dir)
+            os.chown(state_dir / PAUSED_NAME, uid, gid)
+    forget_paused(state_dir)
+    return freed
 
 
 # --- the daemon -------------------------------------------------------------------------
@@ -343,5 +371,6 @@ __all__ = [
     "paused_path",
     "read_paused",
     "state_owner",
+    "unpause_stopped",
     "write_paused",
 ]

@@ -8,8 +8,10 @@ For every record of an export it decides one :class:`Verdict`:
 - ``conflict``: the target holds something incompatible, which is reported and
   never touched: a resource with the same name and another SHA-1, the same SHA-1
   under another name, the same name and SHA-1 but another datatype or metadata, an
-  archive name with another scheme or root, a (scheme, root) registered under
-  another archive name, a location with another key;
+  archive name with another scheme or root (compared exactly: ``/data/Arch`` is
+  not ``/data/arch``), a (scheme, root) registered under another archive name (the
+  root compared regardless of case, so that two archives never differ by case alone),
+  a location with another key;
 - ``blocked``: it depends on something in conflict (a resource in a conflicting
   archive, the locations of a conflicting resource) and waits for that to be fixed.
 
@@ -155,7 +157,7 @@ def _plan_archives(source: Snapshot, target: TargetState, steps: list[Step]) -> 
     for a in source.archives:
         there = target.archives.get(a.name)
         if there is not None:
-            if (there.scheme, there.root.lower()) == (a.scheme, a.root.lower()):
+            if (there.scheme, there.root) == (a.scheme, a.root):
                 note = ""
                 if there.accessibility != a.accessibility:
                     note = (
@@ -165,28 +167,25 @@ def _plan_archives(source: Snapshot, target: TargetState, steps: list[Step]) -> 
                 steps.append(Step(Kind.ARCHIVE, a.name, Verdict.PRESENT, note, a))
                 usable.add(a.name)
             else:
-                steps.append(
-                    Step(
-                        Kind.ARCHIVE,
-                        a.name,
-                        Verdict.CONFLICT,
-                        f"the target's archive {a.name!r} is {there.scheme}:{there.root}, "
-                        f"not {a.scheme}:{a.root}",
-                        a,
+                why = f"the target's archive {a.name!r} is {there.scheme}:{there.root}, "
+                why += f"not {a.scheme}:{a.root}"
+                if (there.scheme, there.root.lower()) == (a.scheme, a.root.lower()):
+                    why += (
+                        " (the roots differ only in case: on a case-sensitive filesystem "
+                        "they are different folders; correct the root on the target or in "
+                        "the export, whichever is wrong)"
                     )
-                )
+                steps.append(Step(Kind.ARCHIVE, a.name, Verdict.CONFLICT, why, a))
             continue
         other = by_root.get((a.scheme, a.root.lower()))
         if other is not None:
-            steps.append(
-                Step(
-                    Kind.ARCHIVE,
-                    a.name,
-                    Verdict.CONFLICT,
-                    f"{a.scheme}:{a.root} is registered on the target as archive {other.name!r}",
-                    a,
+            why = f"{a.scheme}:{a.root} is registered on the target as archive {other.name!r}"
+            if other.root != a.root:
+                why += (
+                    f" (with root {other.root}: the roots differ only in case; check which "
+                    "folder is meant, and correct or rename the archive on the target)"
                 )
-            )
+            steps.append(Step(Kind.ARCHIVE, a.name, Verdict.CONFLICT, why, a))
             continue
         steps.append(Step(Kind.ARCHIVE, a.name, Verdict.CREATE, "", a))
         by_root[(a.scheme, a.root.lower())] = a
@@ -201,8 +200,11 @@ def _resource_verdict(
     dtypes: set[str],
     archives: set[str],
     planned_sha1: dict[str, str],
+    moved: frozenset[str],
 ) -> tuple[Verdict, str]:
     there = target.resources.get(r.name)
+    if r.name in moved:
+        return _moved_verdict(r, there)
     if there is not None:
         if _sha1(there.sha1) != _sha1(r.sha1):
             return Verdict.CONFLICT, (
@@ -230,6 +232,27 @@ def _resource_verdict(
     if bad:
         return Verdict.BLOCKED, f"archive {bad[0]!r} is in conflict"
     return Verdict.CREATE, ""
+
+
+def _moved_verdict(r: ResourceRecord, there: ResourceRecord | None) -> tuple[Verdict, str]:
+    """A resource moved to the target earlier and unchanged in the export since: the
+    target's record is the registry's now and wins (metadata corrected there is kept)."""
+    if there is None:
+        return Verdict.BLOCKED, (
+            f"{r.name!r} was moved to the target earlier but the target no longer has it "
+            "(deleted there since?), so the location(s) added to it since cannot be "
+            "imported: re-create it on the target (same name and sha1), then run again"
+        )
+    if _sha1(there.sha1) != _sha1(r.sha1):
+        return Verdict.CONFLICT, (
+            f"the target's {r.name!r} has sha1 {there.sha1}, the export {r.sha1}"
+        )
+    diffs = record_differences(r, there)
+    if diffs:
+        return Verdict.PRESENT, (
+            f"moved earlier; the target's record ({'; '.join(diffs)}) is kept as it is"
+        )
+    return Verdict.PRESENT, ""
 
 
 def _plan_locations(
@@ -261,8 +284,15 @@ def _plan_locations(
             out.append(Step(Kind.LOCATION, name, Verdict.CREATE, "", loc))
 
 
-def make_plan(source: Snapshot, target: TargetState) -> Plan:
-    """Decides what to do with every record of ``source`` given the ``target``'s state."""
+def make_plan(
+    source: Snapshot, target: TargetState, *, moved: frozenset[str] = frozenset()
+) -> Plan:
+    """Decides what to do with every record of ``source`` given the ``target``'s state.
+
+    ``moved`` names resources an earlier import moved to the target, unchanged since, and
+    in ``source`` only for locations added to them since (a re-run of ``registry
+    switch``): the target's record wins, so metadata corrected there is no conflict.
+    """
     steps: list[Step] = []
     dtypes = _plan_datatypes(source, target, steps)
     archives = _plan_archives(source, target, steps)
@@ -271,7 +301,9 @@ def make_plan(source: Snapshot, target: TargetState) -> Plan:
     planned_sha1: dict[str, str] = {}
     for r in source.resources:
         locations = located.get(r.name, [])
-        verdict, why = _resource_verdict(r, target, locations, dtypes, archives, planned_sha1)
+        verdict, why = _resource_verdict(
+            r, target, locations, dtypes, archives, planned_sha1, moved
+        )
         first = None
         if verdict is Verdict.CREATE:
             if r.sha1:

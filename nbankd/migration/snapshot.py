@@ -38,6 +38,8 @@ from nbankd.timefmt import iso
 FORMAT = "nbankd-registry-export"
 VERSION = 1
 KINDS = ("datatype", "archive", "resource", "location")
+#: how many times :func:`take` lists a registry's resources, at most (see _list_resources)
+LISTINGS = 5
 
 #: called with the number of records just read from a registry
 Advance = Callable[[int], None]
@@ -91,10 +93,7 @@ def take(registry: Registry, *, advance: Advance | None = None) -> Snapshot:
     datatypes = tuple(registry.list_datatypes())
     archives = tuple(registry.list_archives())
     step(len(datatypes) + len(archives))
-    resources: list[ResourceRecord] = []
-    for record in registry.search():
-        resources.append(record)
-        step(1)
+    resources = _list_resources(registry, step)
     resources.sort(key=_created_key)
     known = {(a.name, a.scheme, a.root) for a in archives}
     located = registry.get_locations_bulk(r.name for r in resources if r.locations)
@@ -115,6 +114,38 @@ def take(registry: Registry, *, advance: Advance | None = None) -> Snapshot:
     )
 
 
+def _list_resources(registry: Registry, step: Advance) -> list[ResourceRecord]:
+    """Every resource of ``registry``, listed until no listing can have skipped one.
+
+    A server lists resources page by page, by page number: a record deleted by someone
+    else during a listing shifts the later pages, so one record that was there all along
+    falls between two pages. So the listing is repeated until one holds every record of
+    the listing before it (records created meanwhile are welcome; a record deleted
+    meanwhile makes another round), at most ``LISTINGS`` times; a record listed twice
+    (pages shifted by a record created meanwhile) is kept once.
+    """
+    previous: dict[str, ResourceRecord] | None = None
+    missing: list[str] = []
+    for n in range(LISTINGS):
+        listing: dict[str, ResourceRecord] = {}
+        for record in registry.search():
+            listing[record.name] = record
+            if n == 0:
+                step(1)
+        if previous is not None:
+            missing = sorted(previous.keys() - listing.keys())
+            if not missing:
+                return list(listing.values())
+        previous = listing
+    shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    raise errors.RegistryError(
+        f"the resources of {registry.url} kept changing while they were listed ({LISTINGS} "
+        f"listings; {len(missing)} record(s) gone between the last two, such as {shown}): "
+        "a listing by pages may have skipped records, so nothing was exported",
+        hint="export again when no one deletes records from that registry",
+    )
+
+
 def _bare(record: ResourceRecord) -> ResourceRecord:
     """The record without its archive names (kept as location lines instead)."""
     return ResourceRecord(
@@ -126,6 +157,66 @@ def _bare(record: ResourceRecord) -> ResourceRecord:
         created_by=record.created_by,
         created_on=record.created_on,
         metadata_json=record.metadata_json,
+    )
+
+
+# --- what changed since an earlier snapshot ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a registry holds that an earlier snapshot of it did not (:func:`changes`).
+
+    ``snapshot`` holds the new or changed datatypes, archives, resources and locations,
+    plus the archives of its locations and the resources of its locations (so that an
+    import can place them); ``moved`` names those resources that are there only for a
+    location, unchanged since the earlier snapshot.
+    """
+
+    snapshot: Snapshot
+    moved: frozenset[str]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.snapshot.counts().values())
+
+
+def _same(record: DataType | ArchiveRecord | LocationRecord) -> str:
+    return json.dumps(record.to_json(), sort_keys=True)
+
+
+def _same_resource(record: ResourceRecord) -> str:
+    """What an import sends for a resource (the creation time and user are the server's)."""
+    line = resource_line(record)
+    del line["created_on"], line["created_by"]
+    return json.dumps(line, sort_keys=True)
+
+
+def changes(current: Snapshot, earlier: Snapshot) -> Changes:
+    """What ``current`` holds that ``earlier`` (of the same registry) did not: records
+    added or changed since. Records deleted since are not in it (an import never
+    deletes), nor anything unchanged, which an import must not bring back."""
+    datatypes = {_same(d) for d in earlier.datatypes}
+    archives = {_same(a) for a in earlier.archives}
+    resources = {_same_resource(r) for r in earlier.resources}
+    locations_seen = {_same(loc) for loc in earlier.locations}
+    locations = tuple(loc for loc in current.locations if _same(loc) not in locations_seen)
+    changed = {r.name for r in current.resources if _same_resource(r) not in resources}
+    moved = {loc.resource_name for loc in locations} - changed
+    used = {loc.archive_name for loc in locations}
+    return Changes(
+        Snapshot(
+            source=current.source,
+            backend=current.backend,
+            datatypes=tuple(d for d in current.datatypes if _same(d) not in datatypes),
+            archives=tuple(
+                a for a in current.archives if _same(a) not in archives or a.name in used
+            ),
+            resources=tuple(r for r in current.resources if r.name in changed | moved),
+            locations=locations,
+            exported_at=current.exported_at,
+        ),
+        frozenset(moved),
     )
 
 
