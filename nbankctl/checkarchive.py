@@ -377,7 +377,10 @@ def _second_copy(
     for loc in locations:
         if loc.archive_name == name:
             continue
-        found = verified_elsewhere(loc, record.sha1, path, check_hash=True)
+        try:
+            found = verified_elsewhere(loc, record.sha1, path, check_hash=True)
+        except (errors.NbankdError, OSError):
+            continue  # that copy cannot be read back: not verified
         if found.ok:
             return found.why
     return None

@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from nbankd import errors
 from nbankd.archive import durable
 from nbankd.archive.opening import open_archive
-from nbankd.archive.removal import remove_stored_copy
+from nbankd.archive.removal import check_below, remove_stored_copy
 from nbankd.hashing import SourceReadError
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
@@ -325,8 +325,18 @@ def prune(
         if sha1 is None:
             verified += "; unverified: no registered SHA-1"
         if not dry_run:
-            registry.remove_location(id, archive_name)
-            stub_gone = remove_stored_copy(archive, path)
+            try:
+                check_below(archive, path)  # a folder swapped for a link: refused first
+                registry.remove_location(id, archive_name)
+                try:
+                    stub_gone = remove_stored_copy(archive, path)
+                except OSError:
+                    registry.add_location(id, archive_name)  # the copy stays: listed again
+                    raise
+            except OSError as err:
+                note(id, "failed", f"cannot delete {path}: {err.strerror or err}; kept",
+                     ok=False, id=id)  # fmt: skip
+                continue
         else:
             stub_gone = len(os.listdir(path.parent)) == 1
         text = f"{prefix}delete {path} ({verified})" if dry_run else f"deleted {path} ({verified})"

@@ -149,12 +149,25 @@ def fix_access_below(archive: Archive, path: Path, uid: int | None) -> os.stat_r
     (left alone)."""
     from nbankd.archive.fsops import open_below
 
+    if not os.path.isdir("/proc/self/fd"):
+        raise errors.ArchiveError(
+            f"cannot fix {path}: changing a mode or owner without following links needs "
+            "/proc mounted (it is not here)",
+            hint="mount /proc (or run this where it is), then run the fix again",
+        )
     rel = path.relative_to(archive.path)
     fd = open_below(archive.path, rel, last=os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if stat.S_ISLNK(st.st_mode):
             return None
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            raise errors.ArchiveError(
+                f"{path} has {st.st_nlink} names (hard links): its mode and owner are left "
+                "alone, as they would change the file under its other names too",
+                hint="find its other names (find / -samefile PATH) and keep only the one in "
+                "the archive, then run the fix again",
+            )
         held = f"/proc/self/fd/{fd}"
         if uid is not None and uid >= 0 and st.st_uid != uid and os.geteuid() == 0:
             os.chown(held, uid, -1)

@@ -192,7 +192,7 @@ def remove_ours_at(dir_fd: int, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
         return
-    top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
+    top = _open_own_dir(dir_fd, name, st)
     try:
         _writable_tree(top)
     finally:
@@ -209,19 +209,27 @@ def _writable_tree(fd: int) -> None:
     for entry in os.scandir(fd):
         if entry.is_dir(follow_symlinks=False):
             try:
-                sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
-            except PermissionError:
-                if os.geteuid() == 0:
-                    raise
-                # our own folder without read access: opened once its owner (us) may;
-                # by name (a link swapped in meanwhile leads only to our own files)
-                os.chmod(entry.name, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-                         | 0o700, dir_fd=fd)  # fmt: skip
-                sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
+                sub = _open_own_dir(fd, entry.name, entry.stat(follow_symlinks=False))
+            except ValueError:
+                continue  # swapped for a link meanwhile: removed as a link
             try:
                 _writable_tree(sub)
             finally:
                 os.close(sub)
+
+
+def _open_own_dir(dir_fd: int, name: str, st: os.stat_result) -> int:
+    """Opens the folder ``name`` of ``dir_fd`` (``st``: its status, read before)
+    without following a link; a folder of ours we may not read (mode 000) is given
+    its owner's rwx first, by a change that never follows a link (ValueError if the
+    entry is a link by then)."""
+    try:
+        return os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
+    except PermissionError:
+        if os.geteuid() == 0 or st.st_uid != os.geteuid():
+            raise
+    os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dir_fd, follow_symlinks=False)
+    return os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

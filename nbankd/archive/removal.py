@@ -23,6 +23,13 @@ def _parent_below(archive: Archive, path: Path) -> tuple[int, str]:
     return open_below(archive.path, rel.parent), path.name
 
 
+def check_below(archive: Archive, path: Path) -> None:
+    """Raises OSError unless the folder holding ``path`` is reached from the archive's
+    root without a link (before a step that would be hard to undo)."""
+    fd, _name = _parent_below(archive, path)
+    os.close(fd)
+
+
 def remove_entry(archive: Archive, path: Path) -> None:
     """Removes the file or tree at ``path`` inside ``archive`` and fsyncs its folder."""
     fd, name = _parent_below(archive, path)
@@ -74,4 +81,4 @@ def move_below(archive: Archive, src: Path, dst: Path) -> None:
         os.close(src_dir)
 
 
-__all__ = ["move_below", "remove_empty_stub", "remove_entry", "remove_stored_copy"]
+__all__ = ["check_below", "move_below", "remove_empty_stub", "remove_entry", "remove_stored_copy"]
