@@ -2,8 +2,9 @@
 
 Transient errors make the input wait and retry with backoff (outages, full disks,
 permissions an administrator can fix); permanent ones reject it with a code (the
-input itself is wrong). Credentials and unregistered archives are the operator's
-to fix and never the input's fault, so they wait. OS errors are judged by errno
+input itself is wrong). Credentials, unregistered archives and any registry answer
+but its field errors (a 400 naming what was wrong with the record) are the operator's
+or the site's to fix and never the input's fault, so they wait. OS errors are judged by errno
 with the same table the archive layer uses (:data:`nbankd.errors.PERMANENT_ERRNOS`).
 """
 
@@ -55,6 +56,10 @@ def outcome_for(err: BaseException) -> Outcome:
     if isinstance(err, policy.PolicyError):
         return Outcome("permanent", err.code, err.message, err.hint)
     if isinstance(err, errors.RegistryAuthError | errors.UnknownArchive):
+        return Outcome("transient", err.code, err.message, err.hint)
+    if isinstance(err, errors.RegistryError) and not isinstance(err, errors.RegistryRejected):
+        # the site's answers other than its field errors (a 404 of an endpoint, 405,
+        # 407, a redirect, a 400 without fields): never the input's fault, so it waits
         return Outcome("transient", err.code, err.message, err.hint)
     if isinstance(err, errors.NbankdError):
         kind = "transient" if err.transient else "permanent"

@@ -209,16 +209,39 @@ class HttpRegistry:
             # experimenter/animal stay in metadata: API 1.2 servers move them into their
             # fields (and validate them); older servers keep them in metadata as before
             body["metadata"] = dict(metadata)
-        resp = self._http.write(
-            "POST", self._http.endpoint("resources"), body, thing="resources endpoint"
-        )
-        return self._resource(self._http.decode(resp))
+        try:
+            resp = self._http.write(
+                "POST", self._http.endpoint("resources"), body, thing="resources endpoint"
+            )
+        except errors.NotFound as err:  # the collection itself: the URL or site is wrong
+            raise errors.RegistryUnavailable(
+                err.message, hint="is the registry URL right (ending in /neurobank/ or so)?"
+            ) from None
+        record = self._resource(self._http.decode(resp))
+        if (name is not None and record.name != name) or (
+            sha1 is not None and (record.sha1 or "").lower() != sha1.lower()
+        ):
+            # never counted as registered: the record asked for may not exist
+            raise errors.RegistryUnavailable(
+                f"registry {self.url} answered the registration of {name or 'a resource'} "
+                f"(sha1 {sha1}) with another record: {record.name} (sha1 {record.sha1})",
+                hint="a proxy or server answering for another site? it is asked again later",
+            )
+        return record
 
     def get_resource(self, name: str) -> ResourceRecord | None:
         if not SLUG_RE.match(name):
             return None
         body = self._http.get_one(self._http.endpoint("resources", name))
-        return None if body is None else self._resource(body)
+        if body is None:
+            return None
+        record = self._resource(body)
+        if record.name != name:  # a redirect or a proxy answering for another record
+            raise errors.RegistryUnavailable(
+                f"registry {self.url} answered record {record.name!r} when asked for {name!r}",
+                hint="a proxy or server redirecting to another record? asked again later",
+            )
+        return record
 
     def get_resources(self, names: Iterable[str]) -> list[ResourceRecord]:
         return [

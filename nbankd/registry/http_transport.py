@@ -19,10 +19,12 @@ Facts it relies on (django-neurobank 0.12, tolerant of older servers):
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import requests
 import requests.auth
@@ -121,6 +123,28 @@ def _root_cause(err: BaseException) -> str:
     return text or type(inner).__name__
 
 
+#: the longest answer read, in bytes (a record, a page, a bulk batch: far less)
+MAX_ANSWER = 32 << 20
+#: an answer's body is read within this many read timeouts in all
+TOTAL_TIMEOUTS = 4
+
+
+def _whole(streamed: requests.Response, body: bytes) -> requests.Response:
+    """A response like ``streamed`` (its status, headers, URL, request) whose body is
+    ``body``, read already: its ``json()``, ``text`` and ``content`` work as usual."""
+    resp = requests.Response()
+    resp.status_code = streamed.status_code
+    resp.headers = streamed.headers
+    resp.url = streamed.url
+    resp.reason = streamed.reason
+    resp.request = streamed.request
+    resp.encoding = streamed.encoding
+    resp.history = streamed.history
+    resp.elapsed = streamed.elapsed
+    resp.raw = io.BytesIO(body)
+    return resp
+
+
 class HttpTransport:
     """Requests to one registry URL over one :class:`requests.Session`, errors typed.
 
@@ -176,7 +200,7 @@ class HttpTransport:
         """Sends one request; returns 2xx and 404 answers, raises typed errors for the rest."""
         use_auth = write or self.reads_need_auth
         try:
-            resp = self._session.request(
+            streamed = self._session.request(
                 method,
                 url,
                 params=params,
@@ -185,7 +209,12 @@ class HttpTransport:
                 auth=self.auth if use_auth and self.auth else NO_AUTH,
                 timeout=self.timeout,
                 allow_redirects=not write,
+                stream=True,  # the body is read here, bounded in time and size
             )
+            try:
+                resp = _whole(streamed, self._read_body(streamed, method, url))
+            finally:
+                streamed.close()
         except requests.Timeout as err:
             raise errors.RegistryUnavailable(
                 f"registry timed out: {method} {_safe(url)} ({_root_cause(err)})",
@@ -206,6 +235,34 @@ class HttpTransport:
                 method, url, params=params, json_body=json_body, write=write, thing=thing
             )
         self._raise_for(resp, method, url, thing)
+
+    def _read_body(self, resp: requests.Response, method: str, url: str) -> bytes:
+        """The answer's body, read within :data:`TOTAL_TIMEOUTS` read timeouts in all and
+        at most :data:`MAX_ANSWER` bytes: a server or proxy that trickles an answer, or
+        sends one without end, never holds a worker or fills memory."""
+        read_timeout = self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+        deadline = time.monotonic() + TOTAL_TIMEOUTS * read_timeout
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)  # urllib3 2: what has arrived, at most n bytes
+        chunks: Iterator[bytes] = (
+            iter(lambda: read1(1 << 16), b"") if read1 is not None else resp.iter_content(1 << 16)
+        )
+        body = bytearray()
+        for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_ANSWER:
+                raise errors.RegistryUnavailable(
+                    f"registry {self.url} answered {method} {_safe(url)} with more than "
+                    f"{MAX_ANSWER >> 20} MiB: not read further",
+                    hint="a server or proxy problem; asked again later",
+                )
+            if time.monotonic() > deadline:
+                raise errors.RegistryUnavailable(
+                    f"registry {self.url} took more than {TOTAL_TIMEOUTS * read_timeout:g} s "
+                    f"to answer {method} {_safe(url)} ({len(body)} bytes so far)",
+                    hint="a slow or stalled server or proxy; asked again later",
+                )
+        return bytes(body)
 
     @staticmethod
     def _detail(resp: requests.Response) -> str:
@@ -249,9 +306,13 @@ class HttpTransport:
                 body = None
             if isinstance(body, dict):
                 raise rejections.classify(body)
+            # not the API's field errors: a proxy's or the site's own answer (Django's
+            # DisallowedHost, say), no judgement of what was sent
             text = resp.text.strip().replace("\n", " ")[:200]
-            raise errors.RegistryRejected(
-                f"registry {self.url} rejected {where}: {text or 'bad request'}"
+            raise errors.RegistryError(
+                f"registry {self.url} answered 400 to {where} without field errors: "
+                f"{text or 'bad request'}",
+                hint="a site or proxy problem (its ALLOWED_HOSTS, the URL)? deposits wait",
             )
         if 300 <= status < 400:
             raise errors.RegistryError(
@@ -291,10 +352,21 @@ class HttpTransport:
 
         The next page is requested on our own endpoint URL with the link's query, so a
         proxy that makes the server build http:// links for an https site does no harm.
+        A next page asked for already (a link back to itself or to an earlier page)
+        raises RegistryUnavailable: a listing never loops.
         """
         query: dict[str, str] = dict(params)
         first = True
+        asked: set[tuple[tuple[str, str], ...]] = set()
         while True:
+            key = tuple(sorted(query.items()))
+            if key in asked:
+                raise errors.RegistryUnavailable(
+                    f"registry {self.url} links GET {endpoint} back to a page already read "
+                    f"({urlencode(query)}): its listing would never end",
+                    hint="a server or proxy problem; asked again later",
+                )
+            asked.add(key)
             resp = self.request("GET", endpoint, params=query)
             if resp.status_code == 404:
                 if not first and self._detail(resp) == "Invalid page.":

@@ -294,11 +294,12 @@ def test_timeout() -> None:
 
 
 def test_non_json_400(stub: Callable[..., Stub]) -> None:
-    """A 400 whose body is not JSON is still a RegistryRejected."""
+    """A 400 whose body is not JSON (a site's or proxy's page) is a RegistryError naming
+    it, not a refusal of what was sent (RegistryRejected)."""
     st = stub(lambda m, p: (400, {"Content-Type": "text/html"}, b"<p>Bad Request</p>"))
-    with HttpRegistry(st.url, ("u", "p")) as reg, pytest.raises(errors.RegistryRejected) as exc:
+    with HttpRegistry(st.url, ("u", "p")) as reg, pytest.raises(errors.RegistryError) as exc:
         reg.add_datatype("d")
-    assert "Bad Request" in str(exc.value)
+    assert "Bad Request" in str(exc.value) and not isinstance(exc.value, errors.RegistryRejected)
 
 
 def test_rejection_is_typed(admin: HttpRegistry) -> None:
