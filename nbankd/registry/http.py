@@ -15,6 +15,7 @@ Facts it relies on (django-neurobank 0.12, tolerant of older servers):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -232,9 +233,15 @@ class HttpRegistry:
     def get_resource(self, name: str) -> ResourceRecord | None:
         if not SLUG_RE.match(name):
             return None
-        body = self._http.get_one(self._http.endpoint("resources", name))
-        if body is None:
+        resp = self._http.request("GET", self._http.endpoint("resources", name))
+        if resp.status_code == 404:
             return None
+        body = self._http.decode(resp)
+        if not isinstance(body, dict):  # 200 with `null` or a list: no answer about it
+            raise errors.RegistryUnavailable(
+                f"registry {self.url} answered GET resources/{name}/ with no record",
+                hint="a server or proxy problem; asked again later",
+            )
         record = self._resource(body)
         if record.name != name:  # a redirect or a proxy answering for another record
             raise errors.RegistryUnavailable(
@@ -284,8 +291,21 @@ class HttpRegistry:
                     fut.cancel()
                 return list(self.search(**filters))
             n_pages = int(pages) if pages.isdigit() else 1
-            futures = [guessed.get(n) or pool.submit(page, n) for n in range(2, n_pages + 1)]
-            bodies = [body, *(f.result() for f in futures)]
+            bodies = [body]
+            # at most a few pages in flight, and none after an empty one: a ``last``
+            # link that lies (a billion pages) costs one page more, not a billion
+            pending: deque[Future[list[dict[str, Any]]]] = deque()
+            n = 2
+            while n <= n_pages or pending:
+                while n <= n_pages and len(pending) < 2 * max(1, workers):
+                    pending.append(guessed.pop(n, None) or pool.submit(page, n))
+                    n += 1
+                part = pending.popleft().result()
+                if not part:
+                    break
+                bodies.append(part)
+            for fut in (*pending, *guessed.values()):
+                fut.cancel()
         return [self._resource(d) for part in bodies for d in part]
 
     def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:

@@ -391,10 +391,11 @@ class HttpTransport:
 
     def bulk(self, endpoint: str, names: Iterable[str], batch: int) -> Iterator[dict[str, Any]]:
         """Yields the records of a bulk endpoint for names, ``batch`` names per request;
-        unknown names omitted."""
+        unknown names omitted, and records of names not asked for left out."""
         wanted = list(dict.fromkeys(n for n in names if SLUG_RE.match(n)))
         url = self.endpoint(*endpoint.split("/"))
         for i in range(0, len(wanted), batch):
+            asked = set(wanted[i : i + batch])
             resp = self.request("POST", url, json_body={"names": wanted[i : i + batch]})
             if resp.status_code == 404:
                 raise errors.RegistryError(
@@ -405,8 +406,10 @@ class HttpTransport:
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except ValueError:
                     raise errors.RegistryUnavailable(
                         f"registry {self.url} answered a malformed line to POST {endpoint}/"
                     ) from None
+                if isinstance(record, dict) and record.get("name") in asked:
+                    yield record  # a record for a name not asked for is no answer

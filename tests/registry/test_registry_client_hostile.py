@@ -289,6 +289,44 @@ def test_a_link_rel_next_loop_ends_with_an_error(
     assert len(hs.seen) <= 4, f"{len(hs.seen)} requests for a {cycle}-page cycle"
 
 
+def test_a_last_link_that_lies_costs_a_page_or_two_not_its_count(
+    hostile: Callable[..., Hostile],
+) -> None:
+    """An audit's concurrent listing told a billion pages by ``rel="last"`` stops at the
+    first page that is empty, with a few requests in flight, and lists what exists."""
+
+    def respond(req: Request, h: BaseHTTPRequestHandler) -> None:
+        if "page=" not in req.path or "page=1" in req.path:
+            last = f'<{hs.url}resources/?page=1000000000>; rel="last"'
+            send(h, 200, [record("r1")], Link=last + f', <{hs.url}resources/?page=2>; rel="next"')
+        elif "page=2" in req.path:
+            send(h, 200, [record("r2")])
+        else:
+            send(h, 404, {"detail": "Invalid page."})
+
+    hs = hostile(respond)
+    with HttpRegistry(hs.url) as reg:
+        names = [r.name for r in reg.search_pages(workers=4)]
+    assert names == ["r1", "r2"]
+    assert len(hs.seen) <= 2 + 2 * 4 + 1, f"{len(hs.seen)} requests"
+
+
+def test_a_record_answered_as_null_is_no_answer(hostile: Callable[..., Hostile]) -> None:
+    """A 200 whose body is ``null`` is not "no such record" (that is a 404): it is an
+    outage, so that an input is never judged on it."""
+    hs = hostile(lambda req, h: send(h, 200, None))
+    with HttpRegistry(hs.url) as reg, pytest.raises(errors.RegistryUnavailable):
+        reg.get_resource("rec")
+
+
+def test_a_bulk_answer_keeps_only_the_names_asked_for(hostile: Callable[..., Hostile]) -> None:
+    """Records a bulk endpoint answers for names nobody asked about are left out."""
+    lines = b"\n".join(json.dumps(record(n)).encode() for n in ("asked", "other"))
+    hs = hostile(lambda req, h: send(h, 200, lines, **{"Content-Type": "application/json"}))
+    with HttpRegistry(hs.url) as reg:
+        assert [r.name for r in reg.get_resources(["asked"])] == ["asked"]
+
+
 def test_a_trickling_answer_hits_a_total_deadline(hostile: Callable[..., Hostile]) -> None:
     """A server (or proxy) sending one byte every 50 ms never trips the per-read
     timeout; the request still fails within a bounded total time (here, with
