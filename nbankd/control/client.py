@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from nbankd import errors
 from nbankd.control import protocol
 
 DEFAULT_TIMEOUT = 180.0  # reload may take a while (registry checks)
+#: seconds between attempts to connect while the daemon's listen queue is full: the
+#: first pause, doubled up to the last
+CONNECT_RETRY_FIRST = 0.005
+CONNECT_RETRY_MAX = 0.1
 
 
 class ControlError(errors.NbankdError):
@@ -68,36 +73,59 @@ class ControlClient:
         self.hint = hint
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.path))
-        except (FileNotFoundError, NotADirectoryError):
-            sock.close()
+        """A connected socket. A full listen queue (EAGAIN: a burst of connections, or
+        a client flooding the socket) is retried, waiting a little longer each time,
+        until ``timeout`` has passed."""
+        deadline = time.monotonic() + self.timeout
+        pause = CONNECT_RETRY_FIRST
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(deadline - time.monotonic(), CONNECT_RETRY_FIRST))
+            try:
+                sock.connect(str(self.path))
+            except BlockingIOError:  # EAGAIN: the daemon's listen queue is full
+                sock.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.DaemonUnreachable(
+                        f"nbankd's control socket {self.path} stayed busy for "
+                        f"{self.timeout:g} s (its queue of waiting connections is full)",
+                        hint="retry later, or give --timeout more seconds; 'ss -xp' shows "
+                        "which processes hold connections to the socket",
+                    ) from None
+                time.sleep(min(pause, left))  # a back-off between attempts, not a sync
+                pause = min(pause * 2, CONNECT_RETRY_MAX)
+                continue
+            except BaseException as err:
+                sock.close()
+                self._unreachable(err)
+                raise
+            sock.settimeout(self.timeout)  # the whole timeout for the reply
+            return sock
+
+    def _unreachable(self, err: BaseException) -> None:
+        """Raises the error of the one error tree for a failed connect (or returns, for
+        anything else: the caller raises it as it is)."""
+        if isinstance(err, (FileNotFoundError, NotADirectoryError)):
             raise errors.DaemonUnreachable(
                 f"nbankd is not running (no socket at {self.path})",
                 hint=self.hint,
             ) from None
-        except ConnectionRefusedError:
-            sock.close()
+        if isinstance(err, ConnectionRefusedError):
             raise errors.DaemonUnreachable(
                 f"nbankd is not running (nothing answers on {self.path})"
             ) from None
-        except PermissionError:
-            sock.close()
+        if isinstance(err, PermissionError):
             raise errors.PermissionDenied(
                 f"permission denied connecting to {self.path}",
                 hint="ask an admin to give you access to the control socket's group",
             ) from None
-        except TimeoutError:
-            sock.close()
+        if isinstance(err, TimeoutError):
             raise errors.DaemonUnreachable(f"nbankd does not answer on {self.path}") from None
-        except OSError as err:
-            sock.close()
+        if isinstance(err, OSError):
             raise errors.DaemonUnreachable(
                 f"cannot connect to nbankd at {self.path}: {err.strerror or err}"
             ) from None
-        return sock
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Sends one command; returns the reply's result or raises."""

@@ -5,18 +5,29 @@ them, waiting a little for them to end. Admins only (see protocol.ADMIN_COMMANDS
 The daemon's own user claims the files (a rename into a work folder beside them), so
 their folder must be one it can write; the files go through the same steps as an
 inbox's, and a refused file is put back where it was.
+
+The daemon may read and move more than the admin who asks (it runs as root or as the
+archives' user), so it takes only what that admin could take themselves
+(:class:`~nbankd.control.peer_rights.PeerRights`, on the peer credentials the control
+server gives): each file readable by them (a folder: every file in it, every folder
+in it searchable), on a path they may search, out of a folder they may write. Other
+files are refused, named, and left where they are. Root and the daemon's own user are
+not checked.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbankd import errors
-from nbankd.control.protocol import ProtocolError, string_arg
+from nbankd.control.peer_rights import READ, SEARCH, WRITE, PeerRights, peer_of
+from nbankd.control.protocol import ProtocolError, no_nul, string_arg, wait_arg
 from nbankd.deposit import manual
 from nbankd.deposit.lifecycle import State
 
@@ -52,6 +63,8 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     files = args.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ProtocolError("usage", "'files' must be a list of paths")
+    for f in files:
+        no_nul("files", f)
     metadata = args.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ProtocolError("usage", "'metadata' must be an object")
@@ -61,6 +74,7 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     by_folder: dict[Path, list[str]] = {}
     refused: list[dict[str, str]] = []
     config = daemon.config
+    rights = PeerRights(peer_of(args))
     for f in files:
         path = Path(f)
         if not path.is_absolute() or path.name in ("", ".", ".."):
@@ -71,6 +85,8 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             state_dirs=[config.state_dir],
             inboxes=[i.path for i in config.inboxes],
         )
+        if why is None:
+            why = _peer_refusal(rights, path)
         if why is not None:  # the control socket is where such a request arrives
             refused.append({"source": f, "error": why})
             continue
@@ -117,10 +133,7 @@ def deposit_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     ids = args.get("items")
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise ProtocolError("usage", "'items' must be a list of item ids")
-    wait = args.get("wait", 0)
-    if not isinstance(wait, (int, float)):
-        raise ProtocolError("usage", "'wait' must be a number of seconds")
-    deadline = time.monotonic() + min(max(float(wait), 0.0), STATUS_WAIT)
+    deadline = time.monotonic() + wait_arg(args, "wait", STATUS_WAIT)
     while True:
         items = [daemon.journal.get(i) for i in ids]
         missing = [i for i, item in zip(ids, items, strict=True) if item is None]
@@ -131,6 +144,143 @@ def deposit_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             break
         time.sleep(0.05)  # the journal is the truth; a short poll costs nothing here
     return {"done": done, "items": [_described(item) for item in items if item is not None]}
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Refusal(Exception):
+    """Why the peer could not take a file itself (the message)."""
+
+
+def _peer_refusal(rights: PeerRights, path: Path) -> str | None:
+    """Why the peer of ``rights`` could not hand over ``path`` by themselves, naming it
+    and what to do; None when they could (or are not checked). Its folder is the one
+    ``path``'s folder resolves to (nbankctl sends paths as given, links and all), as the
+    peer's own open would resolve it; from there nothing is followed."""
+    if not rights.checked:
+        return None
+    who = rights.who
+    try:
+        why = _cannot_take(rights, Path(os.path.realpath(path.parent)), path.name)
+    except _Refusal as err:
+        why = str(err)
+    except FileNotFoundError:
+        why = "it does not exist"
+    except (OSError, ValueError) as err:
+        why = f"nbankd cannot check it ({getattr(err, 'strerror', None) or err})"
+    if why is None:
+        return None
+    return (
+        f"nbankd will not take {path} for {who}: {why}; nbankd hands over only what the "
+        f"admin asking could read and move themselves: ask the file's owner to deposit "
+        f"it, or to let {who} read it and write its folder"
+    )
+
+
+def _cannot_take(rights: PeerRights, folder: Path, name: str) -> str | None:
+    """Why the peer could not move ``name`` out of ``folder`` (a path without links)
+    and read it (a folder: all of it), or None."""
+    who = rights.who
+    fd = rights.walk(folder, _Refusal)
+    try:
+        try:
+            entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return "it does not exist"
+        if not rights.may_move(fd, entry):
+            return f"{who} may not move files out of the folder {folder}"
+        if stat.S_ISREG(entry.st_mode):
+            return _unreadable(rights, fd, name, folder / name)
+        if stat.S_ISDIR(entry.st_mode):
+            return _tree_unreadable(rights, fd, name, folder / name)
+        return None  # a link, a device...: the deposit refuses its kind, never follows it
+    finally:
+        os.close(fd)
+
+
+def _unreadable(rights: PeerRights, folder: int, name: str, shown: Path) -> str | None:
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"{shown} changed while nbankd checked it; hand it over again"
+        return None if rights.allows(fd, READ) else f"{rights.who} may not read {shown}"
+    finally:
+        os.close(fd)
+
+
+def _tree_unreadable(rights: PeerRights, parent: int, name: str, top: Path) -> str | None:
+    """Why the peer could not move the folder ``name`` (write on it: its ``..``
+    changes) or read all of it: every folder listable and searchable, every file
+    readable. Links and special files are not followed (the deposit refuses them).
+    One descriptor is open per level of folders, never one per folder."""
+    who = rights.who
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.ELOOP):
+            return f"{top} changed while nbankd checked it; hand it over again"
+        raise
+    try:
+        if not rights.allows(fd, WRITE):
+            return f"{who} may not write the folder {top} (moving a folder changes its '..')"
+    except BaseException:
+        os.close(fd)
+        raise
+    stack: list[tuple[int, Path, list[str]]] = []  # open folders, their paths, folders left
+
+    def enter(fd: int, shown: Path) -> str | None:
+        """Checks the folder open at ``fd`` and its files; keeps it to visit its folders."""
+        try:
+            if not rights.allows(fd, READ | SEARCH):
+                os.close(fd)
+                return f"{who} may not list or enter the folder {shown}"
+            folders = []
+            with os.scandir(fd) as entries:
+                names = [
+                    (e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                    for e in entries
+                ]
+            for entry, is_dir, is_file in names:
+                if is_dir:
+                    folders.append(entry)
+                if not is_file:
+                    continue  # a folder (visited next), or what the deposit refuses
+                try:
+                    why = _unreadable(rights, fd, entry, shown / entry)
+                except FileNotFoundError:
+                    continue  # gone since it was listed
+                if why is not None:
+                    os.close(fd)
+                    return why
+        except BaseException:
+            os.close(fd)
+            raise
+        stack.append((fd, shown, folders))
+        return None
+
+    try:
+        why = enter(fd, top)
+        while why is None and stack:
+            fd, shown, folders = stack[-1]
+            if not folders:
+                stack.pop()
+                os.close(fd)
+                continue
+            sub = folders.pop()
+            try:
+                child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            except OSError as err:
+                if err.errno in (errno.ENOTDIR, errno.ELOOP):
+                    return f"{shown / sub} changed while nbankd checked it; hand it over again"
+                raise
+            why = enter(child, shown / sub)
+        return why
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
 
 
 def _described(item: Item) -> dict[str, Any]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import heapq
 import os
+import pwd
+import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,7 +26,8 @@ import structlog
 from nbankd import errors
 from nbankd.config import load_config, parse_duration
 from nbankd.control import deposit_handlers, job_handlers
-from nbankd.control.protocol import QUEUE_LIMIT, ProtocolError
+from nbankd.control.peer_rights import READ, PeerRights, peer_of
+from nbankd.control.protocol import QUEUE_LIMIT, ProtocolError, no_nul, wait_arg
 from nbankd.daemon import explain as explain_mod
 from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
@@ -58,6 +62,8 @@ def _arg(
     wrong_bool = isinstance(value, bool) and bool not in _as_tuple(kind)  # bool is an int
     if wrong_bool or not isinstance(value, kind):
         raise ProtocolError("usage", f"argument {name!r} must be {_kind_name(kind)}")
+    if isinstance(value, str):
+        no_nul(name, value)
     return value
 
 
@@ -102,7 +108,12 @@ def parse_since(value: Any, now: float) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ProtocolError(
+                "usage", f"'since' {value} is not a time: give seconds since the epoch"
+            ) from None
     if not isinstance(value, str):
         raise ProtocolError("usage", "'since' must be a duration (24h) or an ISO date")
     try:
@@ -387,11 +398,28 @@ def check_registry(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     own environment: ``$CREDENTIALS_DIRECTORY``, then ``registry_auth`` as given or
     configured, then its user's netrc), may add resources there, creating nothing
     (``registry switch`` asks this before its irreversible steps). Returns the URL and
-    where the credentials came from; a refusal is an error naming that source."""
+    where the credentials came from; a refusal is an error naming that source.
+
+    The daemon's credentials go to whatever URL is named, so only root and the
+    daemon's own user may ask (``registry switch`` runs as one of them); other admins
+    are refused. A ``registry_auth`` named in the request is read only when the peer
+    could read it too (:class:`~nbankd.control.peer_rights.PeerRights`)."""
     url = _arg(args, "url", str)
     if not url:
         raise ProtocolError("usage", "argument 'url' is required")
-    auth = _arg(args, "registry_auth", str) or daemon.config.registry_auth
+    rights = PeerRights(peer_of(args))
+    given = _arg(args, "registry_auth", str)
+    if given:
+        _check_readable(rights, given)
+    if rights.checked:
+        raise ProtocolError(
+            "denied",
+            f"check-registry sends nbankd's own registry credentials to the URL it is "
+            f"given, so only root or nbankd's user ({_daemon_user()!r}) may run it, not "
+            f"{rights.who}; run 'nbankctl registry switch' (which asks it) as root or as "
+            f"{_daemon_user()!r}",
+        )
+    auth = given or daemon.config.registry_auth
     creds, source = credentials.resolve_source(url, registry_auth=auth)
     try:
         with HttpRegistry(url, creds) as reg:
@@ -403,6 +431,44 @@ def check_registry(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             hint=err.hint,
         ) from None
     return {"url": url, "credentials": source, "pid": os.getpid()}
+
+
+def _daemon_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+class _Unreadable(Exception):
+    """Why the peer may not read a file (the message)."""
+
+
+def _check_readable(rights: PeerRights, given: str) -> None:
+    """A usage error naming ``given`` (a registry_auth file) unless the peer could read
+    it itself: an absolute path, walked without links, readable by them."""
+    path = Path(given)
+    if not rights.checked:
+        return
+    if not path.is_absolute():
+        raise ProtocolError("usage", f"'registry_auth' must be an absolute path, not {given!r}")
+    try:
+        fd = rights.walk(Path(os.path.realpath(path.parent)) / path.name, _Unreadable)
+        try:
+            readable = stat.S_ISREG(os.fstat(fd).st_mode) and rights.allows(fd, READ)
+        finally:
+            os.close(fd)
+        why = None if readable else f"{rights.who} may not read it (or it is not a file)"
+    except _Unreadable as err:
+        why = str(err)
+    except (OSError, ValueError) as err:
+        why = f"nbankd cannot check it ({getattr(err, 'strerror', None) or err})"
+    if why is not None:
+        raise ProtocolError(
+            "usage",
+            f"nbankd will not read the registry_auth file {path} for {rights.who}: {why}; "
+            "name a credentials file you can read yourself",
+        )
 
 
 def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -418,8 +484,7 @@ def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             "audits are disabled in this daemon (see its log)",
             exit_code=errors.EXIT_PROBLEMS,
         )
-    wait = _arg(args, "wait", (int, float), 0)
-    wait = min(max(float(wait), 0.0), AUDIT_WAIT)
+    wait = wait_arg(args, "wait", AUDIT_WAIT)
     ticket = _arg(args, "request", str)
     if ticket is None:
         full = _arg(args, "full", bool, False)
@@ -449,6 +514,11 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+#: commands the dispatcher hands the peer (``args["peer"]``, a Peer only it can make):
+#: what they read or move for the peer, the peer must be able to read or move itself
+PEER_COMMANDS = job_handlers.PEER_COMMANDS | {"deposit", "check-registry"}
+
+
 def dispatcher(daemon: Daemon) -> Callable[[str, dict[str, Any], Any], Any]:
     """The server's ``dispatch``: runs the named command over ``daemon``."""
 
@@ -458,7 +528,7 @@ def dispatcher(daemon: Daemon) -> Callable[[str, dict[str, Any], Any], Any]:
             raise ProtocolError("unknown-command", f"unknown command {cmd!r}")
         if cmd == "queue":  # set here, never by the client: readers reuse recent scans
             args = {**args, "fresh_within": 0.0 if getattr(peer, "admin", False) else 2.0}
-        if cmd in job_handlers.PEER_COMMANDS:  # set here, never by the client
+        if cmd in PEER_COMMANDS:  # set here, never by the client
             args = {**args, "peer": peer}
         return handler(daemon, args)
 

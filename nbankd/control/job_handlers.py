@@ -56,8 +56,8 @@ import structlog
 from nbankd import errors, tape, tape_import
 from nbankd.archive.opening import open_archive
 from nbankd.control.deposit_handlers import configured_archive
-from nbankd.control.protocol import ProtocolError, string_arg
-from nbankd.control.server import Peer
+from nbankd.control.peer_rights import peer_of
+from nbankd.control.protocol import ProtocolError, no_nul, string_arg, wait_arg
 from nbankd.control.tar_pin import pin_tar
 from nbankd.transfer.copying import copy_into
 
@@ -156,6 +156,8 @@ def _ids(args: dict[str, Any]) -> list[str] | None:
         return None
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise ProtocolError("usage", "'ids' must be a list of identifiers")
+    for i in ids:
+        no_nul("ids", i)
     return ids
 
 
@@ -164,15 +166,10 @@ def _address(registry: Registry) -> str:
     return f"{registry.url} (embedded, {db})" if db is not None else registry.url
 
 
-#: commands the dispatcher hands the peer (``args["peer"]``, a :class:`Peer` only it
-#: can make): a tar is read only when the admin who asked could read it
+#: commands the dispatcher hands the peer (``args["peer"]``, a
+#: :class:`~nbankd.control.server.Peer` only it can make): a tar is read only when the
+#: admin who asked could read it
 PEER_COMMANDS = frozenset({"tape-import"})
-
-
-def _peer(args: dict[str, Any]) -> Peer | None:
-    """Who asked, as the control server gives it (a client cannot send a Peer)."""
-    peer = args.get("peer")
-    return peer if isinstance(peer, Peer) else None
 
 
 # --- the job table -------------------------------------------------------------------
@@ -309,7 +306,7 @@ def tape_import_job(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Starts importing the resources of the tar file ``tar`` (a path nbankd can
     read), only ``ids`` when given, into the configured archive ``archive``."""
 
-    peer = _peer(args)
+    peer = peer_of(args)
 
     def make() -> tuple[Path, Callable[[Job], None]]:
         config = configured_archive(daemon, args)
@@ -356,12 +353,9 @@ def job_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         with _CHANGED:
             return {"running": sum(j.started and not j.done for j in _JOBS.values())}
     since = args.get("since", 0)
-    wait = args.get("wait", 0)
     if isinstance(since, bool) or not isinstance(since, int) or since < 0:
         raise ProtocolError("usage", "'since' must be an event index")
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
-        raise ProtocolError("usage", "'wait' must be a number of seconds")
-    deadline = time.monotonic() + min(max(float(wait), 0.0), STATUS_WAIT)
+    deadline = time.monotonic() + wait_arg(args, "wait", STATUS_WAIT)
     with _CHANGED:
         job = _JOBS.get(job_id)
         if job is None:

@@ -17,7 +17,8 @@ nbankctl gives it (SPEC: 1 problems, 2 usage, 3 unreachable), decided where the
 error is raised, so the client needs no table of its own:
 
 =====================  =============================================================
-``bad-request``        not one JSON object with ``cmd`` (str) and ``args`` (object)
+``bad-request``        not one JSON object with ``cmd`` (str) and ``args`` (object),
+                       or a number that is not finite (``NaN``, ``Infinity``, ``1e999``)
 ``too-large``          the request line is longer than :data:`MAX_REQUEST`
 ``unsupported-version`` ``v`` is not :data:`VERSION`
 ``unknown-command``    ``cmd`` names no command
@@ -35,6 +36,7 @@ error is raised, so the client needs no table of its own:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +104,12 @@ def decode_request(line: bytes) -> Request:
     if len(line) > MAX_REQUEST:
         raise ProtocolError("too-large", f"request longer than {MAX_REQUEST} bytes")
     try:
-        data = json.loads(line.decode("utf-8"))
+        data = json.loads(line.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite)
+    except _NotFinite as err:
+        raise ProtocolError(
+            "bad-request",
+            f"request holds {err}, which is not a JSON number: send finite numbers only",
+        ) from None
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError("bad-request", f"request is not JSON: {err}") from None
     except RecursionError:
@@ -128,6 +135,21 @@ def decode_request(line: bytes) -> Request:
             "unknown-command", f"unknown command {cmd!r}; known: {', '.join(sorted(COMMANDS))}"
         )
     return Request(cmd=cmd, args=args, v=v)
+
+
+class _NotFinite(ValueError):
+    """A request's number is NaN or infinite (Python's json reads them; JSON has none)."""
+
+
+def _not_a_number(text: str) -> float:
+    raise _NotFinite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise _NotFinite(text)
+    return value
 
 
 def encode_result(result: Any) -> bytes:
@@ -191,7 +213,32 @@ def string_arg(args: dict[str, Any], key: str, *, required: bool = False) -> str
         return None
     if not isinstance(value, str) or not value:
         raise ProtocolError("usage", f"{key!r} must be a non-empty string")
+    no_nul(key, value)
     return value
+
+
+def no_nul(key: str, value: str) -> str:
+    """``value``, the request's argument ``key``; a usage error when it holds a NUL byte,
+    which no path, name or identifier can hold (the OS would refuse it later)."""
+    if "\x00" in value:
+        raise ProtocolError(
+            "usage", f"argument {key!r} holds a NUL byte ({value!r}); no path or name can"
+        )
+    return value
+
+
+def wait_arg(args: dict[str, Any], key: str, ceiling: float) -> float:
+    """A request's number of seconds to wait ``key`` (0 when absent), clamped to 0 ..
+    ``ceiling``: a usage error unless a finite number, so no request waits longer
+    than the command allows, and none spins on NaN."""
+    value = args.get(key, 0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("usage", f"{key!r} must be a number of seconds")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("usage", f"{key!r} must be a finite number of seconds, not {value}")
+    return float(min(max(value, 0), ceiling))  # compared first: a huge int never overflows
 
 
 __all__ = [
@@ -209,5 +256,7 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_result",
+    "no_nul",
     "string_arg",
+    "wait_arg",
 ]

@@ -24,9 +24,15 @@ refused) is replaced; a socket a live daemon answers on makes start-up fail
 with :class:`ControlSocketInUse`. The file is removed at shutdown if it is still
 ours.
 
-**Robustness.** Peer credentials are checked at accept, before anything is
-read: a peer that is neither a reader nor an admin is answered ``denied`` and
-closed at once, so it never holds a slot. Each accepted connection is served by
+**Robustness.** Peer credentials are checked before anything is read: a peer
+that is neither a reader nor an admin is answered ``denied`` and closed at once, so
+it never holds a slot. The accept thread only accepts (every pending connection at
+each wake-up, from a listen queue of :data:`LISTEN_BACKLOG`) and reads credentials:
+user and group names, which may come from a directory service that hangs, are
+looked up in threads of their own (at most :data:`MAX_LOOKUPS` users at once,
+:data:`MAX_WAITING_LOOKUP` connections waiting for one user's) and kept
+:data:`NAMES_TTL` seconds, so a flood of connections costs one lookup, and a slow
+lookup delays only the connections of its user. Each accepted connection is served by
 a short-lived thread with one deadline for the whole request
 (:data:`READ_TIMEOUT`, however slowly it trickles in), a write timeout and a
 request size limit (:data:`~.protocol.MAX_REQUEST`). At most
@@ -69,6 +75,12 @@ READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 32
 ADMIN_RESERVED = 4  # of MAX_CONNECTIONS, only for admins
+LISTEN_BACKLOG = 1024  # connections the kernel queues before connect() says EAGAIN
+ACCEPT_BATCH = 256  # connections accepted per wake-up before checking for stop
+NAMES_TTL = 30.0  # seconds a peer's user and group names are reused
+MAX_NAMES = 4096  # (uid, gid) pairs whose names are kept
+MAX_LOOKUPS = 8  # users whose names are being looked up at once
+MAX_WAITING_LOOKUP = 256  # connections of one user waiting for its names
 DENIAL_LOG_EVERY = 10.0  # seconds between warnings about one refused user
 SOCKET_MODE = 0o660
 _UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -90,12 +102,11 @@ class Peer:
     user: str
     groups: tuple[str, ...]
     admin: bool = False  # decided by Access at accept
+    gids: tuple[int, ...] = ()  # the groups by number (the primary one included)
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, gid = _UCRED.unpack(raw)
-        return cls.lookup(pid, uid, gid)
+        return cls.lookup(*credentials(sock))
 
     @classmethod
     def lookup(cls, pid: int, uid: int, gid: int) -> Peer:
@@ -118,7 +129,95 @@ class Peer:
                 names.append(grp.getgrgid(g).gr_name)
             except KeyError:
                 continue
-        return cls(pid=pid, uid=uid, gid=gid, user=user, groups=tuple(names))
+        return cls(
+            pid=pid, uid=uid, gid=gid, user=user, groups=tuple(names), gids=tuple(sorted(gids))
+        )
+
+
+def credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of ``sock``, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+Connection = tuple[socket.socket, int]  # an accepted connection, and its peer's pid
+
+
+class PeerNames:
+    """Peers' user and group names by (uid, gid), looked up off the accept thread.
+
+    :meth:`known` answers from what was looked up within :data:`NAMES_TTL` seconds;
+    :meth:`look_up` queues a connection for a lookup thread, which hands each waiting
+    connection to ``then`` with its Peer (or the exception the lookup raised)."""
+
+    def __init__(
+        self,
+        then: Callable[[socket.socket, Peer | None, Exception | None], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._then = then
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._known: dict[tuple[int, int], tuple[float, Peer]] = {}
+        self._waiting: dict[tuple[int, int], list[Connection]] = {}
+
+    def known(self, pid: int, uid: int, gid: int) -> Peer | None:
+        with self._lock:
+            found = self._known.get((uid, gid))
+        if found is None or self._clock() - found[0] > NAMES_TTL:
+            return None
+        return dataclasses.replace(found[1], pid=pid)
+
+    def look_up(self, conn: socket.socket, pid: int, uid: int, gid: int) -> bool:
+        """Queues ``conn`` until its peer's names are known; False when too many
+        connections or users already wait (the caller answers ``busy``)."""
+        key = (uid, gid)
+        with self._lock:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                if len(waiting) >= MAX_WAITING_LOOKUP:
+                    return False
+                waiting.append((conn, pid))
+                return True
+            if len(self._waiting) >= MAX_LOOKUPS:
+                return False
+            self._waiting[key] = [(conn, pid)]
+        try:
+            threading.Thread(
+                target=self._run, args=(key,), name="control-names", daemon=True
+            ).start()
+        except BaseException:
+            with self._lock:
+                del self._waiting[key]
+            raise
+        return True
+
+    def _run(self, key: tuple[int, int]) -> None:
+        peer: Peer | None = None
+        error: Exception | None = None
+        try:
+            peer = Peer.lookup(0, *key)
+        except Exception as err:  # handed to each waiting connection as its answer
+            error = err
+        with self._lock:
+            if peer is not None:
+                now = self._clock()
+                self._known[key] = (now, peer)
+                if len(self._known) > MAX_NAMES:
+                    for old in sorted(self._known, key=lambda k: self._known[k][0]):
+                        if len(self._known) <= MAX_NAMES // 2:
+                            break
+                        del self._known[old]
+            waiting = self._waiting.pop(key, [])
+        for conn, pid in waiting:
+            try:
+                self._then(
+                    conn, None if peer is None else dataclasses.replace(peer, pid=pid), error
+                )
+            except Exception:  # the others waiting are still answered
+                log.exception("control connection failed after its peer's lookup")
+                conn.close()
 
 
 class Access:
@@ -186,6 +285,8 @@ class ControlServer:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS - ADMIN_RESERVED)
         self._admin_slots = threading.BoundedSemaphore(ADMIN_RESERVED)
         self._refusals_logged: dict[int, float] = {}  # uid -> when last logged
+        self._refusals_lock = threading.Lock()
+        self._names = PeerNames(self._named)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -274,7 +375,7 @@ class ControlServer:
                         group=grp.getgrgid(gid).gr_name,
                         hint="make the daemon's user a member of that group",
                     )
-            sock.listen(16)
+            sock.listen(LISTEN_BACKLOG)
             try:
                 os.link(tmp, self.path)
             except FileExistsError:  # someone bound it since the check: decide again
@@ -306,36 +407,84 @@ class ControlServer:
                     break
                 for key, _ in events:
                     if key.fileobj is self._listener:
-                        self._accept()
+                        self._accept_pending()
 
-    def _accept(self) -> None:
+    def _accept_pending(self) -> None:
+        """Accepts the connections waiting (up to ACCEPT_BATCH, then the stop flag is
+        looked at again), so the listen queue drains as fast as clients fill it."""
         assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            log.error("control socket accept failed", error=str(err))
-            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.error("control socket accept failed", error=str(err))
+                return
+            try:
+                self._admit(conn)
+            except Exception:  # never let one connection stop the accepting
+                log.exception("control connection failed at accept")
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Reads the peer's credentials; decides at once when its names are known, else
+        hands the connection to a name lookup (never made on this thread)."""
         conn.setblocking(True)
         conn.settimeout(1.0)  # the short replies sent from this thread
         try:
-            peer = Peer.of(conn)
-        except (OSError, KeyError) as err:
-            with contextlib.suppress(OSError):
-                conn.sendall(
-                    protocol.encode_error(
-                        "internal", f"peer credentials: {err}", exit_code=errors.EXIT_PROBLEMS
-                    )
-                )
-            conn.close()
+            pid, uid, gid = credentials(conn)
+        except OSError as err:
+            self._named(conn, None, err)
             return
+        peer = self._names.known(pid, uid, gid)
+        if peer is not None:
+            self._decide(conn, peer)
+        elif not self._names.look_up(conn, pid, uid, gid):
+            self._refuse_busy(conn)
+
+    def _named(self, conn: socket.socket, peer: Peer | None, error: Exception | None) -> None:
+        """A connection whose peer is known now (or could not be: ``error``)."""
+        if peer is None or self._stop.is_set():
+            with contextlib.suppress(OSError):
+                if peer is None:
+                    conn.sendall(
+                        protocol.encode_error(
+                            "internal",
+                            f"cannot tell who is connecting (peer credentials: {error}); "
+                            "see nbankd's log",
+                            exit_code=errors.EXIT_PROBLEMS,
+                        )
+                    )
+            conn.close()
+            if peer is None:
+                log.error("control peer credentials failed", error=repr(error))
+            return
+        self._decide(conn, peer)
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(
+                protocol.encode_error(
+                    "busy",
+                    "too many control connections; retry",
+                    exit_code=errors.EXIT_UNREACHABLE,
+                )
+            )
+        conn.close()
+
+    def _decide(self, conn: socket.socket, peer: Peer) -> None:
+        """Refuses the connection, or serves it in a thread of its own from a slot."""
         admin = self.access.is_admin(peer)
         peer = dataclasses.replace(peer, admin=admin)
         if not admin and not self.access.may_connect(peer):
             now = time.monotonic()
-            if now - self._refusals_logged.get(peer.uid, -DENIAL_LOG_EVERY) >= DENIAL_LOG_EVERY:
-                self._refusals_logged[peer.uid] = now
+            with self._refusals_lock:
+                last = self._refusals_logged.get(peer.uid, -DENIAL_LOG_EVERY)
+                quiet = now - last < DENIAL_LOG_EVERY
+                if not quiet:
+                    self._refusals_logged[peer.uid] = now
+            if not quiet:
                 log.warning(
                     "control connection refused", user=peer.user, uid=peer.uid, pid=peer.pid
                 )
@@ -351,15 +500,7 @@ class ControlServer:
         if not slots.acquire(blocking=False):
             slots = self._admin_slots
             if not admin or not slots.acquire(blocking=False):
-                with contextlib.suppress(OSError):
-                    conn.sendall(
-                        protocol.encode_error(
-                            "busy",
-                            "too many control connections; retry",
-                            exit_code=errors.EXIT_UNREACHABLE,
-                        )
-                    )
-                conn.close()
+                self._refuse_busy(conn)
                 return
         try:
             threading.Thread(
@@ -450,4 +591,12 @@ def _read_line(conn: socket.socket) -> bytes:
     raise protocol.ProtocolError("too-large", f"request longer than {protocol.MAX_REQUEST} bytes")
 
 
-__all__ = ["Access", "ControlServer", "ControlSocketInUse", "Peer", "socket_group"]
+__all__ = [
+    "Access",
+    "ControlServer",
+    "ControlSocketInUse",
+    "Peer",
+    "PeerNames",
+    "credentials",
+    "socket_group",
+]

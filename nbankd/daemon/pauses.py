@@ -29,7 +29,9 @@ def load(state_dir: Path) -> frozenset[str]:
     """The inbox paths recorded as paused; none when the file is absent.
 
     An unreadable or malformed file is reported and every inbox in it is lost
-    from the record, so the daemon treats it as "nothing paused" and says so.
+    from the record, so the daemon treats it as "nothing paused" and says so. Read at
+    start, when a reload brings an inbox (back), and by each pause or resume (which
+    keep the record of inboxes a reload left out).
     """
     path = state_dir / PAUSED_NAME
     try:
@@ -41,7 +43,7 @@ def load(state_dir: Path) -> frozenset[str]:
         return frozenset()
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.error(
-            "cannot read the paused inboxes; starting with none paused",
+            "cannot read the paused inboxes; counting none as paused",
             file=str(path),
             error=str(err),
             hint="pause the inboxes again with nbankctl pause; the file is rewritten then",

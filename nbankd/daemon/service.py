@@ -208,24 +208,35 @@ class Daemon(DepositWorkers, InboxScanning):
         self.specs.clear()
         self.specs.update(specs)
         old = self.inboxes
-        persisted = pauses.load(cfg.state_dir) if not old else frozenset()
-        self.inboxes = {}
-        for inbox in cfg.inboxes:
-            key = str(inbox.path)
-            previous = old.get(key)
-            state = InboxState(config=inbox, paused=key in persisted)
-            if previous is not None:
-                state.tracker, state.paused = previous.tracker, previous.paused
-            self.inboxes[key] = state
-        if persisted:
-            log.info("inboxes still paused from before the restart", inboxes=sorted(persisted))
+        # an inbox new to this process (at start, or back in the file after a reload
+        # left it out) is paused as paused.json says: a pause lasts until resume
+        new = [str(i.path) for i in cfg.inboxes if str(i.path) not in old]
+        with self._pause_lock:  # not while a pause or resume rewrites paused.json
+            # the running state_dir: a new one takes effect only at restart
+            persisted = pauses.load(self.config.state_dir) if new else frozenset()
+            inboxes = {}
+            for inbox in cfg.inboxes:
+                key = str(inbox.path)
+                previous = old.get(key)
+                state = InboxState(config=inbox, paused=key in persisted)
+                if previous is not None:
+                    state.tracker, state.paused = previous.tracker, previous.paused
+                inboxes[key] = state
+            self.inboxes = inboxes
+        still = sorted(k for k in new if k in persisted)
+        if still:
+            log.info("inboxes still paused (recorded in paused.json)", inboxes=still)
 
     def set_paused(self, keys: list[str], paused: bool) -> None:
         """Pauses or resumes inboxes and records the choice in ``state_dir`` first, so
-        a restart keeps it (an error recording it leaves everything as it was)."""
+        a restart keeps it (an error recording it leaves everything as it was). Inboxes
+        paused and then left out of the configuration stay recorded, so they come back
+        paused."""
         with self._pause_lock:  # control requests run in threads: file and memory agree
             now = {k for k, s in self.inboxes.items() if s.paused}
-            wanted = now | set(keys) if paused else now - set(keys)
+            # inboxes a reload left out keep their record until they come back
+            away = pauses.load(self.config.state_dir) - set(self.inboxes)
+            wanted = away | (now | set(keys) if paused else now - set(keys))
             pauses.save(self.config.state_dir, wanted)
             for key in keys:
                 self.inboxes[key].paused = paused

@@ -146,18 +146,14 @@ def copy_resource(
 
 def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str, name: str) -> None:
     """Adds the location of a copy in archive ``name``; removes a copy made by this run
-    if the registry refuses it. When the registry is out of reach (or refuses the
-    credentials) the copy stays and the error says so: a second run adds the location."""
+    if the registry refuses it (its field errors). When the registry is out of reach,
+    refuses the credentials or answers something else (a proxy's page), the copy stays
+    and the error says so: a second run adds the location."""
     assert copied.path is not None
     try:
         registry.add_location(id, name)
     except errors.LocationTaken:
         return  # a concurrent run located it first
-    except (errors.RegistryUnavailable, errors.RegistryAuthError) as err:
-        raise type(err)(
-            f"'{copied.path}' was stored but not registered: {err.message}",
-            hint="run the same nbankctl copy again once the registry answers",
-        ) from err
     except errors.RegistryRejected as err:
         located = _located(registry, id, name)
         if located:
@@ -175,6 +171,13 @@ def register_copy(registry: Registry, archive: Archive, copied: Copied, id: str,
         raise errors.RegistryRejected(
             f"the registry refused the location of '{id}' in '{name}': {err}",
             hint="the copy was removed again",
+        ) from err
+    except errors.RegistryError as err:  # out of reach, credentials, the site's own answer
+        if _located(registry, id, name):
+            return  # a concurrent run located it first
+        raise type(err)(
+            f"'{copied.path}' was stored but not registered: {err.message}",
+            hint="run the same nbankctl copy again once the registry answers",
         ) from err
     except OSError as err:
         raise unavailable(archive, err, f"registering {copied.path}") from err
