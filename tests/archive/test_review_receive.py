@@ -14,6 +14,9 @@ from nbankd import errors
 from nbankd.registry.http import HttpRegistry
 from nbankd.transfer import receive
 
+#: a refusal as the server words one: a 400 with field errors
+REFUSED = {"archive": ["This archive may not locate this resource."]}
+
 
 def test_a_refused_location_it_cannot_check_keeps_the_copy(
     django_backend: Backend, django_registry: DjangoServer, fault_proxy: FaultProxy
@@ -30,7 +33,8 @@ def test_a_refused_location_it_cannot_check_keeps_the_copy(
     copied = receive.copy_resource(dest, source, id, hashlib.sha1(data).hexdigest())
     assert copied.created and copied.path is not None
     django_backend.registry.add_location(id, dest_name)  # the concurrent run's location
-    fault_proxy.inject("error500", path_contains=f"/resources/{id}/locations/", status=400)
+    where = f"/resources/{id}/locations/"
+    fault_proxy.inject("error500", path_contains=where, status=400, body=REFUSED)
     with (
         HttpRegistry(fault_proxy.url, django_registry.auth) as proxied,
         pytest.raises(errors.RegistryRejected) as caught,
@@ -40,3 +44,27 @@ def test_a_refused_location_it_cannot_check_keeps_the_copy(
     assert "kept" in caught.value.hint
     assert copied.path.read_bytes() == data
     assert dest_name in django_backend.registry.get_resource(id).locations  # type: ignore[union-attr]
+
+
+def test_a_sites_own_400_on_the_location_keeps_the_copy(
+    django_backend: Backend, django_registry: DjangoServer, fault_proxy: FaultProxy
+) -> None:
+    """A location POST answered by a proxy's or site's own 400 page (no field errors) is
+    no refusal: the copy stays, said stored but not registered, never removed."""
+    _, src_name = django_backend.archive("src")
+    data = django_backend.blob("a")
+    id = django_backend.resource(data, src_name)
+    dest, dest_name = django_backend.archive("dest")
+    source = dest.path.parent / "source.dat"
+    source.write_bytes(data)
+    copied = receive.copy_resource(dest, source, id, hashlib.sha1(data).hexdigest())
+    assert copied.created and copied.path is not None
+    fault_proxy.inject("error500", methods={"POST"}, path_contains="/locations/", status=400)
+    with (
+        HttpRegistry(fault_proxy.url, django_registry.auth) as proxied,
+        pytest.raises(errors.RegistryError) as caught,
+    ):
+        receive.register_copy(proxied, dest, copied, id, dest_name)
+    assert not isinstance(caught.value, errors.RegistryRejected)
+    assert "stored but not registered" in str(caught.value)
+    assert copied.path.read_bytes() == data

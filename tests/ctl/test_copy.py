@@ -20,6 +20,9 @@ from nbankd.hashing import directory_hash
 from nbankd.registry.http import HttpRegistry
 from nbankd.transfer import receive
 
+#: a refusal as the server words one: a 400 with field errors
+REFUSED = {"archive": ["This archive may not locate this resource."]}
+
 
 def setup(
     backend: Backend, labels: tuple[str, ...] = ("a",)
@@ -240,7 +243,7 @@ def test_a_refused_location_the_registry_already_lists_keeps_the_copy(
     assert copied.created
     django_backend.registry.add_location(id, dest_name)  # the concurrent run's location
     where = f"/resources/{id}/locations/"
-    fault_proxy.inject("error500", methods={"POST"}, path_contains=where, status=400)
+    fault_proxy.inject("error500", methods={"POST"}, path_contains=where, status=400, body=REFUSED)
     with HttpRegistry(fault_proxy.url, django_registry.auth) as proxied:
         receive.register_copy(proxied, dest, copied, id, dest_name)
     assert fault_proxy.count("error500") == 1
