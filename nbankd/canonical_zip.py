@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors
-from nbankd.archive.fsops import publish_temp
+from nbankd.archive.fsops import DIR_NOFOLLOW, publish_temp
 from nbankd.filekind import FileKind
 from nbankd.hashing import BLOCK_SIZE, SourceReadError, sha1_stream, write_all
 from nbankd.watch import writers
@@ -51,7 +51,7 @@ _UTF8_FLAG = 1 << 11
 _DOS_DATE = (1 << 5) | 1  # 1980-01-01; the time is 00:00:00 (0)
 _ATTRIBUTES = 0o100644 << 16  # a regular file, rw-r--r--, in the high half
 _MADE_ON_UNIX = 3 << 8
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = DIR_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 

@@ -34,14 +34,14 @@ from typing import BinaryIO, TypeVar
 
 from nbankd import errors
 from nbankd.archive import durable
-from nbankd.archive.fsops import fsync_dir, fsync_fd, remove_ours
+from nbankd.archive.fsops import DIR_NOFOLLOW, fsync_dir, fsync_fd, remove_ours
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.hashing import DirectoryHasher, SourceReadError, copy_hashing
 from nbankd.registry.base import Registry, ResourceRecord
 from nbankd.streaming import totals_to_deltas
 
 T = TypeVar("T")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = DIR_NOFOLLOW
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: (member, staging folder, max size) -> why the member must not be extracted, or None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbankd import errors
+from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.control.peer_rights import READ, SEARCH, WRITE, PeerRights, peer_of
 from nbankd.control.protocol import ProtocolError, no_nul, string_arg, wait_arg
 from nbankd.deposit import manual
@@ -146,7 +147,7 @@ def deposit_status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return {"done": done, "items": [_described(item) for item in items if item is not None]}
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = DIR_NOFOLLOW
 
 
 class _Refusal(Exception):

@@ -34,10 +34,11 @@ from types import TracebackType
 
 from nbankd import errors
 from nbankd.archive import fsops, syncs
+from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.deposit import folderproof
 from nbankd.names import WORK_DIR_NAME
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = DIR_NOFOLLOW
 FolderId = tuple[int, int]
 
 
