@@ -20,7 +20,8 @@ def start_control_server(daemon: Daemon) -> ControlServer:
     another daemon answers on the socket.
     """
     from nbankd.control.handlers import dispatcher
-    from nbankd.control.server import Access, ControlServer
+    from nbankd.control.peers import Access
+    from nbankd.control.server import ControlServer
 
     server = ControlServer(
         daemon.config.control_socket,

@@ -35,7 +35,7 @@ without following links, each folder checked searchable and the file readable by
 the peer's user and groups, and the job reads that very file (pinned by an
 ``O_PATH`` descriptor, reopened through ``/proc/self/fd``), so it cannot be swapped
 for a link, a FIFO or a device after the check. The peer comes from the control
-server (``peer``, a :class:`~nbankd.control.server.Peer`, never from the client).
+server (``peer``, a :class:`~nbankd.control.peers.Peer`, never from the client).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _address(registry: Registry) -> str:
 
 
 #: commands the dispatcher hands the peer (``args["peer"]``, a
-#: :class:`~nbankd.control.server.Peer` only it can make): a tar is read only when the
+#: :class:`~nbankd.control.peers.Peer` only it can make): a tar is read only when the
 #: admin who asked could read it
 PEER_COMMANDS = frozenset({"tape-import"})
 

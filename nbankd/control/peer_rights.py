@@ -5,7 +5,7 @@ The daemon runs as root or as the archives' user, with rights an admin may not h
 reading another user's file, moving a file out of a folder the admin may not write. So
 a path an admin hands to it is checked against that admin's own rights, as the kernel
 decides them for a process of theirs: the user and groups of the peer credentials (a
-:class:`~nbankd.control.server.Peer`, from the control server, never from the client)
+:class:`~nbankd.control.peers.Peer`, from the control server, never from the client)
 against each file's owner, group, mode bits and POSIX access control list. Root and
 the daemon's own user are not checked (they could do it themselves), nor is a request
 without a peer (a handler called in-process).
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nbankd.control.server import Peer
+from nbankd.control.peers import Peer
 
 #: what a peer may want of a file (the bits of a mode's class, and of an ACL entry)
 READ, WRITE, SEARCH = 4, 2, 1

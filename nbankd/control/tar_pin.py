@@ -12,8 +12,8 @@ import stat
 from pathlib import Path
 
 from nbankd.control.peer_rights import READ, PeerRights
+from nbankd.control.peers import Peer
 from nbankd.control.protocol import ProtocolError
-from nbankd.control.server import Peer
 
 
 def _me() -> str:

@@ -611,8 +611,8 @@ def test_a_hanging_name_lookup_holds_only_the_connections_of_its_user(
     """User names are looked up off the accept thread: while one user's lookup hangs
     (a directory service down), queuing its connections returns at once, and another
     user's connection is answered; the first ones are once the lookup returns."""
-    from nbankd.control import server as server_mod
-    from nbankd.control.server import Peer, PeerNames
+    from nbankd.control import peers as peers_mod
+    from nbankd.control.peers import Peer, PeerNames
 
     release = threading.Event()
     real = Peer.lookup
@@ -622,7 +622,7 @@ def test_a_hanging_name_lookup_holds_only_the_connections_of_its_user(
             release.wait(60)
         return real(pid, uid, gid)
 
-    monkeypatch.setattr(server_mod.Peer, "lookup", staticmethod(lookup))
+    monkeypatch.setattr(peers_mod.Peer, "lookup", staticmethod(lookup))
     answered = {pid: threading.Event() for pid in (101, 102, 103)}  # by the peer's pid
     got: list[tuple[int, int]] = []
 

@@ -20,8 +20,8 @@ from fixtures.daemon import DaemonHarness, wait_for
 from fixtures.users import TestUser
 from nbankd.control import job_handlers, tar_pin
 from nbankd.control.client import ControlError, call
+from nbankd.control.peers import Peer
 from nbankd.control.protocol import ProtocolError
-from nbankd.control.server import Peer
 
 
 def request(h: DaemonHarness, cmd: str, **args: Any) -> Any:
