@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive.access import apply_access, apply_access_fd, apply_access_tree, target_mode
+from nbankd.archive.access import apply_access, apply_access_tree, target_mode
 from nbankd.archive.fsops import NoReplaceUnsupported, fsync_dir, remove_ours, rename_noreplace
 from nbankd.archive.layout import Archive, unavailable
 from nbankd.archive.removal import move_below, remove_empty_stub
@@ -69,6 +69,7 @@ from nbankd.archive.staging import (
 )
 from nbankd.archive.stubnames import STUB_NAMES
 from nbankd.archive.syncs import after_syncs, fsync_dir_soon
+from nbankd.archive.trees import check_tree, fsync_published_tree, settle_tree
 from nbankd.archive.verify import sha1_from_storage, verify_from_storage
 from nbankd.hashing import hash_path, sha1_file
 
@@ -316,7 +317,7 @@ def _publish(
     try:
         if in_place:
             if is_dir:
-                _check_tree(source)
+                check_tree(source)
             elif not (os.path.lexists(target) and _identical(source, target)):
                 check_regular(st, source)  # nlink 2 is fine only after our own link
         elif not (is_dir or stat.S_ISREG(st.st_mode)):
@@ -329,7 +330,7 @@ def _publish(
         if other is not None:
             raise _taken_error(archive, source, other, in_place=in_place)
         if is_dir and in_place:  # the input's own tree, as a rig left it: walked from
-            _settle_tree(archive, source, target, progress)  # descriptors, never a link
+            settle_tree(archive, source, target, progress)  # descriptors, never a link
             os.chmod(source, target_mode(archive, target, is_dir=True) | 0o700)
             fsync_dir(source)
         elif is_dir:
@@ -425,85 +426,6 @@ def refile(archive: Archive, path: Path, id: str) -> Path:
     except OSError as err:
         raise unavailable(archive, err, f"moving {path} to {target}") from err
     return target
-
-
-def _settle_tree(
-    archive: Archive, root: Path, at: Path, progress: Callable[[], None] | None
-) -> None:
-    """Gives every entry inside ``root`` (a folder published in place, to live at
-    ``at``) the policy's group and mode and fsyncs it, deepest first, walking from
-    descriptors: a link, hard link or special file met raises unsafe_input's error,
-    and nothing is ever followed (a sub-folder swapped for a link is refused)."""
-    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _settle_dir(archive, top, root, at, progress)
-    finally:
-        os.close(top)
-
-
-_OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-def _settle_dir(
-    archive: Archive, dfd: int, shown: Path, at: Path, progress: Callable[[], None] | None
-) -> None:
-    for name in sorted(os.listdir(dfd)):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if not is_dir:
-            check_regular(st, shown / name)
-        fd = os.open(name, _OPEN_ENTRY | (os.O_DIRECTORY if is_dir else 0), dir_fd=dfd)
-        try:
-            fst = os.fstat(fd)
-            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-                raise errors.InputChanged(f"'{shown / name}' was replaced while publishing")
-            if is_dir:
-                _settle_dir(archive, fd, shown / name, at / name, progress)
-            else:
-                check_regular(fst, shown / name)
-            apply_access_fd(archive, fd, at=at / name)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if progress is not None:
-            progress()
-
-
-def fsync_published_tree(root: Path) -> None:
-    """fsyncs every file and folder of a folder stored in resources/ (published in place
-    by a release that did not flush it), from descriptors, nothing followed."""
-    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _fsync_fd_tree(top)
-    finally:
-        os.close(top)
-
-
-def _fsync_fd_tree(dfd: int) -> None:
-    for name in os.listdir(dfd):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            continue
-        fd = os.open(name, _OPEN_ENTRY, dir_fd=dfd)
-        try:
-            fst = os.fstat(fd)
-            if stat.S_ISDIR(fst.st_mode):
-                _fsync_fd_tree(fd)
-            if stat.S_ISDIR(fst.st_mode) or stat.S_ISREG(fst.st_mode):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.fsync(dfd)
-
-
-def _check_tree(root: Path) -> None:
-    """Raises unsafe_input's error for the first link or special file inside root."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode):
-                check_regular(st, path)
 
 
 def publish(

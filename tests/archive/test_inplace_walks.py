@@ -1,5 +1,5 @@
 """Publishing a folder in place walks the input's own tree (its access, then its fsyncs)
-after :func:`durable._check_tree` looked at it. A writer of the inbox who kept a
+after :func:`trees.check_tree` looked at it. A writer of the inbox who kept a
 descriptor of the claimed folder (a shell whose working directory is the recording) can
 still rename entries inside it: a sub-folder swapped for a symbolic link once the walk
 has listed its parent must never lead the walk out of the tree.
