@@ -49,19 +49,18 @@ from typing import Any
 
 from nbankctl import migrate_credentials
 from nbankctl.daemon_cmds import socket_path
+from nbankctl.migrate_credentials import warn
 from nbankctl.migrate_import import import_snapshot, target_url
+from nbankctl.migrate_release import release
 from nbankctl.report import Report
 from nbankd import errors, seams
 from nbankd.config import find_config_path, load_config
 from nbankd.deposit import moves
 from nbankd.migration import snapshot, switch
 from nbankd.migration.pausing import (
-    PAUSED_NAME,
     Daemon,
     migration_folder,
-    read_paused,
     state_owner,
-    unpause_stopped,
 )
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.timefmt import compact_stamp
@@ -78,10 +77,6 @@ def note(text: str, *, json_output: bool = False) -> None:
     """A line of the switch's progress: on standard output, or, with ``--json`` (whose
     document alone goes there), on standard error."""
     print(text, file=sys.stderr if json_output else sys.stdout, flush=True)
-
-
-def warn(text: str) -> None:
-    print(f"nbankctl: {text}", file=sys.stderr, flush=True)
 
 
 def _stamp() -> str:
@@ -458,80 +453,6 @@ class Switch:
         report.failed(problems)  # archives whose nbank.json could not be rewritten
         self.say("(dry run: nothing was changed)")
 
-    def release(self) -> bool:
-        """Resumes the daemon unless that would split the records; False if that failed."""
-        daemon = self.daemon
-        if self.dry_run:
-            return True
-        if not daemon.running:
-            return self.release_stopped()
-        keep = False
-        if self.files_changed and not self.finished:
-            try:
-                keep = not switch.same_registry(daemon.registry_url(), self.url)
-            except errors.NbankdError:
-                keep = True
-        if keep:
-            warn(
-                "nbankd stays paused (it would deposit into the old registry): run the same "
-                "command again when fixed; it resumes the inboxes it paused"
-            )
-            return True
-        try:
-            daemon.resume()
-        except errors.DaemonUnreachable as err:
-            warn(f"could not resume nbankd's inboxes: {err}")
-            warn("(nbankd starts with its inboxes running; run the switch again once it does)")
-            return False
-        except errors.NbankdError as err:
-            warn(f"could not resume nbankd's inboxes: {err}")
-            warn(f"run 'nbankctl resume' (inboxes: {', '.join(daemon.ours)})")
-            return False
-        return True
-
-    def config_names_url(self) -> bool:
-        """Whether the configuration on disk names the URL (what nbankd starts on)."""
-        try:
-            return switch.same_registry(load_config(self.path).registry, self.url)
-        except errors.ConfigError:
-            return False
-
-    def release_stopped(self) -> bool:
-        """With nbankd stopped: takes the inboxes an earlier run paused out of nbankd's
-        paused.json, so that they run when it starts, unless it would start on the old
-        registry with the files half switched; False if that failed."""
-        state_dir = self.config.state_dir
-        if self.files_changed and not self.finished and not self.config_names_url():
-            if read_paused(state_dir):
-                warn(
-                    "nbankd is not running; the inboxes an earlier switch paused stay paused "
-                    "(it would start on the old registry): run the same command again when "
-                    "fixed; it gives them back"
-                )
-            return True
-        try:
-            freed = unpause_stopped(state_dir)
-        except OSError as err:
-            held = state_dir / PAUSED_NAME
-            inboxes = ", ".join(sorted(read_paused(state_dir)))
-            warn(
-                f"cannot take the inboxes an earlier switch paused ({inboxes}) out of {held}: "
-                f"{err.strerror or err}"
-            )
-            warn(
-                "run the same command again as root or as nbankd's user, or, once nbankd "
-                "runs, 'nbankctl resume INBOX' for each of them"
-            )
-            return False
-        if freed:
-            self.say(
-                f"nbankd is not running: unpaused {len(freed)} inbox(es) an earlier switch "
-                f"paused ({', '.join(freed)}); they run when nbankd starts"
-            )
-        elif freed is not None:
-            self.say("nbankd is not running: forgot the inboxes an earlier switch paused")
-        return True
-
 
 def _records(snap: snapshot.Snapshot) -> tuple[Any, ...]:
     return (snap.datatypes, snap.archives, snap.resources, snap.locations)
@@ -549,9 +470,9 @@ def cmd_switch(args: argparse.Namespace, report: Report) -> None:
     try:
         run.run(report)
     except BaseException:
-        run.release()  # prints its own failure; the original error is the one raised
+        release(run)  # prints its own failure; the original error is the one raised
         raise
-    if not run.release():
+    if not release(run):
         report.failed()
     if args.json:  # the progress went to standard error; what became of it, here
         json.dump(
