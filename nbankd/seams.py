@@ -7,7 +7,8 @@ Crash points (deposit steps, migrations, the registry switch, audit commits):
 - ``NBANKD_HANG_AT=<point>`` wedges the thread that reaches it forever (to test the
   watchdog);
 - ``NBANKD_PAUSE_AT=<point>`` with ``NBANKD_PAUSE_UNTIL=<path>`` holds every thread
-  that reaches it until ``<path>`` exists (to change an input at an exact moment);
+  that reaches it until ``<path>`` exists (to change an input at an exact moment); the
+  first to arrive creates ``<path>.reached``, so a test knows the moment has come;
 - ``NBANKD_RAISE_AT=<point>`` raises :class:`InjectedFault` there every time (an
   unexpected error, as a bug would raise).
 
@@ -73,6 +74,7 @@ OTHER_POINTS = (
     "switch-before-nbank-json",
     "switch-after-nbank-json",
     "switch-after-config",
+    "handover-checked",  # a manual deposit's peer checked; its files not yet journaled
 )
 AUDIT_POINTS = ("listed", "walk-top", "walked", "hashing", "reading")
 
@@ -134,6 +136,7 @@ def reached(name: str) -> None:
     if name == _hang:
         threading.Event().wait()
     if name == _pause and _pause_until:
+        _arrived(_pause_until)
         waiter = threading.Event()
         while not os.path.exists(_pause_until):
             waiter.wait(0.05)
@@ -163,6 +166,14 @@ def audit_pause(point: str) -> None:
     until = os.environ.get(AUDIT_PAUSE_UNTIL, "")
     if not until:
         return
+    _arrived(until)
+    waiter = threading.Event()
+    while not os.path.exists(until):
+        waiter.wait(0.02)
+
+
+def _arrived(until: str) -> None:
+    """Creates ``<until>.reached`` holding the thread's id, if no thread has yet."""
     with contextlib.suppress(OSError):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # the first to arrive
         fd = os.open(f"{until}.reached", flags, 0o644)
@@ -170,9 +181,6 @@ def audit_pause(point: str) -> None:
             os.write(fd, str(threading.get_native_id()).encode())
         finally:
             os.close(fd)
-    waiter = threading.Event()
-    while not os.path.exists(until):
-        waiter.wait(0.02)
 
 
 def watch_deaf(environ: Mapping[str, str] | None = None) -> bool:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.control.peer_rights import READ, SEARCH, WRITE, PeerRights, peer_of
 from nbankd.control.protocol import ProtocolError, no_nul, string_arg, wait_arg
@@ -76,6 +76,8 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     refused: list[dict[str, str]] = []
     config = daemon.config
     rights = PeerRights(peer_of(args))
+    # what the peer was checked for, by (device, inode): journaled only if still there
+    expected: dict[tuple[Path, str], tuple[int, int]] = {}
     for f in files:
         path = Path(f)
         if not path.is_absolute() or path.name in ("", ".", ".."):
@@ -86,12 +88,16 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             state_dirs=[config.state_dir],
             inboxes=[i.path for i in config.inboxes],
         )
+        checked: tuple[int, int] | None = None
         if why is None:
-            why = _peer_refusal(rights, path)
+            why, checked = _peer_refusal(rights, path)
         if why is not None:  # the control socket is where such a request arrives
             refused.append({"source": f, "error": why})
             continue
         by_folder.setdefault(path.parent, []).append(path.name)
+        if checked is not None:
+            expected[path.parent, path.name] = checked
+    seams.reached("handover-checked")
     ids: list[int] = []
     for folder, names in by_folder.items():
         inbox = manual.ManualInbox(
@@ -106,7 +112,8 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             file_metadata=mode,
         )
         try:
-            new, no = daemon.submit_manual(inbox, names)
+            checked = {n: expected[folder, n] for n in names if (folder, n) in expected}
+            new, no = daemon.submit_manual(inbox, names, checked)
         except (errors.NbankdError, OSError) as err:
             user = pwd.getpwuid(os.geteuid()).pw_name
             why = (
@@ -154,16 +161,18 @@ class _Refusal(Exception):
     """Why the peer could not take a file itself (the message)."""
 
 
-def _peer_refusal(rights: PeerRights, path: Path) -> str | None:
+def _peer_refusal(rights: PeerRights, path: Path) -> tuple[str | None, tuple[int, int] | None]:
     """Why the peer of ``rights`` could not hand over ``path`` by themselves, naming it
-    and what to do; None when they could (or are not checked). Its folder is the one
-    ``path``'s folder resolves to (nbankctl sends paths as given, links and all), as the
-    peer's own open would resolve it; from there nothing is followed."""
+    and what to do (None when they could), and the (device, inode) of the entry they
+    were checked for (None when not checked: root, the daemon's user). Its folder is the
+    one ``path``'s folder resolves to (nbankctl sends paths as given, links and all), as
+    the peer's own open would resolve it; from there nothing is followed."""
     if not rights.checked:
-        return None
+        return None, None
     who = rights.who
+    checked = None
     try:
-        why = _cannot_take(rights, Path(os.path.realpath(path.parent)), path.name)
+        why, checked = _cannot_take(rights, Path(os.path.realpath(path.parent)), path.name)
     except _Refusal as err:
         why = str(err)
     except FileNotFoundError:
@@ -171,31 +180,35 @@ def _peer_refusal(rights: PeerRights, path: Path) -> str | None:
     except (OSError, ValueError) as err:
         why = f"nbankd cannot check it ({getattr(err, 'strerror', None) or err})"
     if why is None:
-        return None
+        return None, checked
     return (
         f"nbankd will not take {path} for {who}: {why}; nbankd hands over only what the "
         f"admin asking could read and move themselves: ask the file's owner to deposit "
         f"it, or to let {who} read it and write its folder"
-    )
+    ), None
 
 
-def _cannot_take(rights: PeerRights, folder: Path, name: str) -> str | None:
+def _cannot_take(
+    rights: PeerRights, folder: Path, name: str
+) -> tuple[str | None, tuple[int, int] | None]:
     """Why the peer could not move ``name`` out of ``folder`` (a path without links)
-    and read it (a folder: all of it), or None."""
+    and read it (a folder: all of it), or None; and the entry's (device, inode)."""
     who = rights.who
     fd = rights.walk(folder, _Refusal)
     try:
         try:
             entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
-            return "it does not exist"
+            return "it does not exist", None
+        checked = (entry.st_dev, entry.st_ino)
         if not rights.may_move(fd, entry):
-            return f"{who} may not move files out of the folder {folder}"
+            return f"{who} may not move files out of the folder {folder}", checked
         if stat.S_ISREG(entry.st_mode):
-            return _unreadable(rights, fd, name, folder / name)
+            return _unreadable(rights, fd, name, folder / name), checked
         if stat.S_ISDIR(entry.st_mode):
-            return _tree_unreadable(rights, fd, name, folder / name)
-        return None  # a link, a device...: the deposit refuses its kind, never follows it
+            return _tree_unreadable(rights, fd, name, folder / name), checked
+        # a link, a device...: the deposit refuses its kind, never follows it
+        return None, checked
     finally:
         os.close(fd)
 

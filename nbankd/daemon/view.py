@@ -102,7 +102,10 @@ class DaemonView(Protocol):
     def set_paused(self, keys: list[str], paused: bool) -> None: ...
     def reload(self) -> None: ...
     def submit_manual(
-        self, inbox: ManualInbox, names: list[str]
+        self,
+        inbox: ManualInbox,
+        names: list[str],
+        checked: Mapping[str, tuple[int, int]] | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]: ...
 
 

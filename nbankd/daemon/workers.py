@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -64,12 +64,16 @@ class DepositWorkers:
     request_rescan: Callable[..., None]  # the daemon's scanning half
 
     def submit_manual(
-        self, inbox: manual.ManualInbox, names: list[str]
+        self,
+        inbox: manual.ManualInbox,
+        names: list[str],
+        checked: Mapping[str, tuple[int, int]] | None = None,
     ) -> tuple[list[int], list[tuple[str, str]]]:
         """Journals and starts a manual deposit of ``names`` (in ``inbox.folder``) handed
         over by ``nbankctl deposit``; returns the items' ids and the names refused with
-        why. Raises ConfigError when the folder cannot serve as an inbox (this
-        daemon's user cannot write it)."""
+        why. ``checked``: the (device, inode) a name's entry had when the peer's rights
+        were checked (another entry under that name is refused). Raises ConfigError when
+        the folder cannot serve as an inbox (this daemon's user cannot write it)."""
         # its work and rejected folders, checked; and whether its filesystem answers
         spec = inbox.spec(prepare=True)
         manual.calibrate(spec)
@@ -79,7 +83,7 @@ class DepositWorkers:
         for kind, group in (("file", [n for n in names if n not in dirs]), ("dir", dirs)):
             if group:
                 new, no = manual.journal_files(
-                    self.journal, inbox, group, kind=kind, now=self.clock()
+                    self.journal, inbox, group, kind=kind, now=self.clock(), checked=checked
                 )
                 items += new
                 refused += no

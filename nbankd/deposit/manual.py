@@ -156,13 +156,21 @@ def placement_for(folder: Path, archive_path: Path) -> str:
 
 
 def journal_files(
-    journal: Journal, inbox: ManualInbox, names: Sequence[str], *, kind: str, now: float
+    journal: Journal,
+    inbox: ManualInbox,
+    names: Sequence[str],
+    *,
+    kind: str,
+    now: float,
+    checked: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[list[Item], list[tuple[str, str]]]:
     """Journals the intent to deposit each of ``names`` (in ``inbox.folder``) in one
     durable transaction; ``kind`` is ``file`` or ``dir``. Returns the items, and the
     names refused with why: gone since they were named (another deposit took them),
-    or a file some process still has open for writing (its bytes could change under
-    the stored copy)."""
+    another entry than the one ``checked`` names for it (the (device, inode) an
+    admin's rights were checked on: a folder on its path was swapped since), or a file
+    some process still has open for writing (its bytes could change under the stored
+    copy). The claim then takes only the entry journaled here."""
     same_fs = placement_for(inbox.folder, inbox.archive_path) == "rename"
     seen = functools.cache(fdinfo.open_for_writing)  # read from /proc once, if needed
     rows, refused = [], []
@@ -172,6 +180,16 @@ def journal_files(
             st = os.lstat(path)
         except FileNotFoundError:
             refused.append((name, "no longer exists (another deposit may have taken it)"))
+            continue
+        if checked is not None and name in checked and checked[name] != (st.st_dev, st.st_ino):
+            refused.append(
+                (
+                    name,
+                    f"{path} is no longer the entry nbankd checked the asking admin's rights "
+                    "on (it or a folder on its path was replaced meanwhile); left where it "
+                    "is: hand it over again",
+                )
+            )
             continue
         placement = "copy"
         if kind == "dir" and seen().held(path):  # its files, as /proc shows them

@@ -482,6 +482,56 @@ def test_deposit_handover_refuses_what_the_admin_could_not_take_naming_it(
     assert sorted(p.name for p in handed.parent.iterdir()) == before  # nothing claimed
 
 
+def test_deposit_handover_takes_nothing_swapped_in_after_the_admins_check(
+    admin_daemon: DaemonHarness, unpriv_user: TestUser, other_user: TestUser, tmp_path: Path
+) -> None:
+    """A folder on the handed path swapped for a link to another user's folder after the
+    admin's rights were checked (the admin owns the folder holding the link): the file
+    now under that name is refused and stays where it is, never claimed for them."""
+    h = admin_daemon
+    go = tmp_path / "go"
+    h.start(env={"NBANKD_PAUSE_AT": "handover-checked", "NBANKD_PAUSE_UNTIL": str(go)})
+    base = _owned(h.socket_path.parent / "base", unpriv_user, 0o755)  # the admin's
+    mine = _owned(base / "mine", unpriv_user, 0o755)
+    (mine / "rec.bin").write_bytes(b"the admin's own recording\n")
+    _owned(mine / "rec.bin", unpriv_user, 0o644)
+    theirs = _owned(h.socket_path.parent / "theirs", other_user, 0o755)
+    secret = theirs / "rec.bin"
+    secret.write_bytes(b"another user's recording\n")
+    _owned(secret, other_user, 0o600)
+    (base / "now").symlink_to(mine)
+    os.lchown(base / "now", unpriv_user.uid, unpriv_user.gid)
+    handed = base / "now" / "rec.bin"
+    replies: list[dict[str, Any]] = []
+    args = {"archive": str(h.archive), "files": [str(handed)], "dtype": h.dtype}
+    asking = threading.Thread(
+        target=lambda: replies.append(request_as(unpriv_user, h.socket_path, "deposit", args))
+    )
+    asking.start()
+    try:
+        reached = Path(f"{go}.reached")
+        deadline = time.monotonic() + 60
+        while not reached.exists() and asking.is_alive() and time.monotonic() < deadline:
+            asking.join(0.05)  # the daemon holds the request at the seam until go exists
+        assert reached.exists(), replies
+        # what the admin can do in their own folder: the link now leads to the victim's
+        (base / "swap").symlink_to(theirs)
+        os.rename(base / "swap", base / "now")
+    finally:
+        go.touch()
+        asking.join(120)
+    [reply] = replies
+    assert reply["ok"], reply
+    items = reply["result"]["items"]
+    if items:  # let the daemon finish what it accepted, to show what it did
+        request(h.socket_path, "deposit-status", {"items": items, "wait": 30})
+    assert items == [], f"claimed for the admin after the swap: {reply}"
+    [refusal] = reply["result"]["refused"]
+    assert "is no longer the entry nbankd checked" in refusal["error"], refusal
+    assert secret.read_bytes() == b"another user's recording\n"
+    assert "rec.bin" not in h.archive_files()
+
+
 def test_check_registry_from_an_admin_is_refused_naming_who_may(
     admin_daemon: DaemonHarness, unpriv_user: TestUser, stranger_server: tuple[str, list[str]]
 ) -> None:
