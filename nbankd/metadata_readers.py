@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -281,7 +283,7 @@ def read_file_metadata(
             pass_fds=(fd,),  # the same number in the child: the link above points at it
         )
         try:
-            out, _ = child.communicate(timeout=timeout)
+            out = _answer(child, timeout)
         except subprocess.TimeoutExpired:
             _kill_group(child)
             return ReaderResult(
@@ -312,6 +314,50 @@ def read_file_metadata(
             "invalid", message=f"the {dtype} reader rejects the file: {reply.get('message')}"
         )
     return ReaderResult("unavailable", message=f"{label}: {reply.get('message', 'no answer')}")
+
+
+def _answer(child: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """What the child wrote on its standard output by the time it exited. Its end is
+    the child's exit, not the pipe's end of file: a process the reader left in the
+    background may hold the pipe open (it is killed with the group afterwards).
+    Raises TimeoutExpired when the child runs past ``timeout`` seconds."""
+    assert child.stdout is not None
+    out = child.stdout.fileno()
+    os.set_blocking(out, False)
+    deadline = time.monotonic() + timeout
+    parts: list[bytes] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(child.stdout.close)
+        exited = os.pidfd_open(child.pid)
+        stack.callback(os.close, exited)
+        sel = stack.enter_context(selectors.DefaultSelector())
+        sel.register(out, selectors.EVENT_READ)
+        sel.register(exited, selectors.EVENT_READ)
+        done = False
+        while not done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(child.args, timeout)
+            for key, _ in sel.select(left):
+                if key.fd == exited:
+                    done = True  # what it wrote before exiting is in the pipe: read below
+                elif _read_some(out, parts) is False:
+                    sel.unregister(out)  # end of file: wait for the exit
+        while _read_some(out, parts):
+            pass
+    return b"".join(parts)
+
+
+def _read_some(fd: int, parts: list[bytes]) -> bool | None:
+    """Appends what can be read from ``fd`` now: True when something was, False at
+    end of file, None when nothing is waiting."""
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+    if data:
+        parts.append(data)
+    return bool(data)
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:

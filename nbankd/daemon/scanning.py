@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -192,7 +193,13 @@ class InboxScanning:
         state.skipped = {e.relpath: e.kind.name.lower() for e in result.unsafe}
         stalled = tuple(e.relpath for e in result.stalled)
         for rel in set(stalled) - set(state.stalled):
-            log.warning("file still changing", inbox=key, source=rel, stall_after=inbox.stall_after)
+            why = result.verdicts[rel].reason
+            if why.startswith("stalled: two sidecars"):
+                log.warning("input has two sidecars", inbox=key, source=rel, reason=why)
+            else:
+                log.warning(
+                    "file still changing", inbox=key, source=rel, stall_after=inbox.stall_after
+                )
         state.stalled = stalled
         unreadable = tuple((e.relpath, e.problem or "") for e in result.problems)
         if unreadable and unreadable != state.unreadable:
@@ -307,7 +314,11 @@ class InboxScanning:
         sidecar = None
         for suffix in SIDECAR_SUFFIXES:
             candidate = entry.relpath + suffix
-            if os.path.lexists(state.config.path / candidate):
+            try:
+                mode = os.lstat(state.config.path / candidate).st_mode
+            except OSError:  # absent (or unreachable: as absent, as the scan saw it)
+                continue
+            if not stat.S_ISDIR(mode):  # a folder is walked as a folder, never a sidecar
                 sidecar = os.fsencode(candidate)
                 break
         marker = (

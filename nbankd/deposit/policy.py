@@ -7,6 +7,7 @@ except through the ``token`` a caller passes in. Tested by tables in
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -25,6 +26,7 @@ BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 AUTO_ID_LENGTH = 8
 SIDECAR_KEYS = frozenset({"id", "dtype", "metadata"})
 SIDECAR_MAX_BYTES = 1 << 20
+STORED_NAME_MAX = 255  # bytes in a file name (NAME_MAX of ext4, xfs, btrfs, NFS)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,67 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
             "registry on PostgreSQL cannot store",
             "remove the \\0 from the sidecar and requeue the input",
         )
+    metadata = _as_json(metadata, source)
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > SIDECAR_MAX_BYTES:  # aliases can make a small text large
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source}: its metadata, aliases expanded, is {size:,} bytes of JSON, "
+            f"over the {SIDECAR_MAX_BYTES // (1 << 20)} MiB a sidecar may hold",
+            "keep large data in the file itself; sidecars hold identifiers and metadata",
+        )
     return Sidecar(id=sid, dtype=dtype, metadata=metadata)
+
+
+def _as_json(value: Any, source: str, where: str = "") -> Any:
+    """``value`` as JSON can hold it: dates and times as their text (as a YAML date
+    was always registered), anything else JSON cannot hold exactly (binary, sets,
+    NaN, infinities, keys that are not text or numbers) a bad-sidecar error naming
+    where it is. Never a Python repr registered as if it were the value."""
+    shown = where or "metadata"
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise PolicyError(
+                "bad-sidecar",
+                f"sidecar {source}: metadata {shown!r} is {value}, which JSON cannot hold",
+                "give a number or a text instead and requeue the input",
+            )
+        return value
+    if isinstance(value, datetime.date):  # datetime.datetime too
+        return str(value)
+    if isinstance(value, list):
+        return [_as_json(v, source, f"{where}[{n}]") for n, v in enumerate(value)]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, datetime.date):
+                key = str(key)
+            elif isinstance(key, bool | int | float) or key is None:
+                key = json.dumps(key)  # as JSON writes such a key
+            elif not isinstance(key, str):
+                raise PolicyError(
+                    "bad-sidecar",
+                    f"sidecar {source}: metadata {shown!r} has a key {key!r} that is not text",
+                    "quote the key and requeue the input",
+                )
+            path = f"{where}.{key}" if where else key
+            if key in out:
+                raise PolicyError(
+                    "bad-sidecar",
+                    f"sidecar {source}: metadata {path!r} is given twice (once as text, "
+                    "once as a number or date)",
+                    "keep one of them and requeue the input",
+                )
+            out[key] = _as_json(item, source, path)
+        return out
+    raise PolicyError(
+        "bad-sidecar",
+        f"sidecar {source}: metadata {shown!r} is a {type(value).__name__} "
+        "(a YAML tag such as !!binary or !!set), which JSON cannot hold",
+        "give it as text, a number, a list or a mapping and requeue the input",
+    )
 
 
 def nul_in(value: Any, where: str = "") -> str | None:
@@ -294,7 +356,7 @@ def plan(
     metadata = merge_metadata(relpath, rules, sidecar)
     stored = target_name(name, basename, keep_extensions=rules.keep_extensions, is_dir=is_dir)
     try:
-        stored.encode("utf-8")
+        stored_bytes = len(stored.encode("utf-8"))
     except UnicodeEncodeError:  # an extension with bytes that are not UTF-8
         raise PolicyError(
             "invalid-name",
@@ -303,6 +365,14 @@ def plan(
             "rename the file so that its extension is UTF-8 text, or set "
             "keep_extensions: false, and requeue it",
         ) from None
+    if stored_bytes > STORED_NAME_MAX:  # decided before anything is registered
+        raise PolicyError(
+            "invalid-name",
+            f"the stored name of {relpath!r}, the identifier {name!r} with its extension, "
+            f"is {stored_bytes} bytes: a file name holds at most {STORED_NAME_MAX}",
+            "give a shorter 'id' in the sidecar (or set keep_extensions: false) and "
+            "requeue the input",
+        )
     return Plan(
         name=name,
         dtype=dtype,

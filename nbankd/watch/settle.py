@@ -321,9 +321,18 @@ def step(state: TrackerState, entries: Iterable[Entry], now: float, policy: Sett
 def _hold_for_sidecars(
     verdict: Verdict, cars: Iterable[Entry], watches: Mapping[str, Watch], now: float
 ) -> Verdict:
-    """A ready input stays SETTLING while one of its sidecars has not settled."""
+    """A ready input stays SETTLING while one of its sidecars has not settled, and
+    STALLED while it has two (``.nbank.yaml`` and ``.nbank.json``): which one says its
+    identifier and metadata is for a person to decide, never the daemon."""
     if not verdict.ready:
         return verdict
+    cars = list(cars)
+    if len(cars) > 1:
+        names = " and ".join(sorted(car.name for car in cars))
+        return Verdict(
+            State.STALLED,
+            f"stalled: two sidecars, {names}; it waits until one of them is removed",
+        )
     for car in cars:
         w = watches.get(car.relpath)
         if w is not None and not w.verdict.ready:

@@ -97,7 +97,9 @@ SIDECAR_IDENTIFIERS = [
     ("rec1.wav", "with space", Rejected("invalid-name")),
     ("rec1.wav", "tilde~1", Rejected("invalid-name")),
     ("rec1.wav", "trailing\n", Rejected("invalid-name")),
-    ("rec1.wav", "x" * 255, "x" * 255),
+    ("rec1", "x" * 255, "x" * 255),  # no extension: the stored name is the id
+    ("rec1.wav", "x" * 251, "x" * 251),  # with ".wav": 255 bytes, as a file name holds
+    ("rec1.wav", "x" * 252, Rejected("invalid-name")),  # stored name 256 bytes
     ("rec1.wav", "x" * 256, Rejected("invalid-name")),
 ]
 
@@ -366,6 +368,13 @@ GOOD_SIDECARS = [
     ("# only a comment\n", False, Sidecar()),
     ("id: null\nmetadata: null\n", False, Sidecar()),
     ("{}", True, Sidecar()),
+    # dates as their text (as always registered), nested keys JSON writes as text
+    ("metadata: {day: 2024-01-02}\n", False, Sidecar(metadata={"day": "2024-01-02"})),
+    (
+        "metadata: {s: {2024-01-01: good, 3: x, true: y}}\n",
+        False,
+        Sidecar(metadata={"s": {"2024-01-01": "good", "3": "x", "true": "y"}}),
+    ),
 ]
 
 
@@ -395,6 +404,11 @@ BAD_SIDECARS = [
     ('{"metadata": [1, 2]}', True, "'metadata' must be a mapping"),
     ("metadata: []\n", False, "'metadata' must be a mapping"),
     ("metadata: false\n", False, "'metadata' must be a mapping"),
+    ("metadata: {v: !!binary aGVsbG8=}\n", False, "'v' is a bytes"),
+    ("metadata: {v: [1, !!set {a: null}]}\n", False, "'v[1]' is a set"),
+    ("metadata: {gain: .nan}\n", False, "'gain' is nan, which JSON cannot hold"),
+    ("metadata: {s: {x: -.inf}}\n", False, "'s.x' is -inf"),
+    ("metadata: {s: {yes: a, 'true': b}}\n", False, "'s.true' is given twice"),
 ]
 
 

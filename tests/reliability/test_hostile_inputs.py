@@ -44,7 +44,7 @@ from reliability.hostile_catalogue import (
     fingerprint,
 )
 
-HARNESS_FILES = {"config.yaml", "control.sock", "notify.sock", "nbankd.log", "go"}
+HARNESS_FILES = {"config.yaml", "control.sock", "notify.sock", "nbankd.log", "go", "go.reached"}
 SETTLE = 0.3
 
 

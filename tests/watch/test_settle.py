@@ -307,6 +307,19 @@ def test_changing_sidecar_holds_its_input() -> None:
     assert step(s.state, [data, car], 2 * SETTLE, POLICY).ready == (data,)
 
 
+def test_an_input_with_two_sidecars_is_stalled_naming_both() -> None:
+    """A settled input with both a .nbank.yaml and a .nbank.json sidecar is never ready:
+    stalled, naming both, until one of them goes."""
+    data = file("a.wav")
+    yaml_car = file("a.wav.nbank.yaml", 0, EntryKind.SIDECAR)
+    json_car = replace(file("a.wav.nbank.json", 0, EntryKind.SIDECAR), owner="a.wav")
+    s = step(TrackerState(), [data, yaml_car, json_car], 0, POLICY)
+    s = step(s.state, [data, yaml_car, json_car], 2 * SETTLE, POLICY)
+    assert s.ready == () and s.stalled == (data,)
+    assert "two sidecars, a.wav.nbank.json and a.wav.nbank.yaml" in s.verdicts["a.wav"].reason
+    assert step(s.state, [data, yaml_car], 3 * SETTLE, POLICY).ready == (data,)
+
+
 def test_marker_mode_needs_the_marker() -> None:
     """In marker mode a settled input is ready only once NAME.done exists."""
     policy = replace(POLICY, ready_mode=ReadyMode.MARKER)
