@@ -80,7 +80,7 @@ def status(result: dict[str, Any]) -> str:
     reg = result.get("registry") or {}
     lines = [head, f"registry: {reg.get('backend')} {reg.get('url')}"]
     if reg.get("problem"):
-        lines[-1] += f" (problem: {reg['problem']})"
+        lines[-1] += f" (problem: {printable(str(reg['problem']))})"
     last = result.get("last_deposit")
     last_text = f"{last['id']} at {when(iso(last.get('time')))}" if last else "none"
     lines.append(f"queue: {result.get('queue', 0)} item(s); last deposit: {last_text}")
@@ -122,7 +122,8 @@ def status(result: dict[str, Any]) -> str:
     ]
     for ib in result.get("inboxes", []):
         if ib.get("archive_problem"):
-            lines.append(f"  {printable(ib['path'])}: archive problem: {ib['archive_problem']}")
+            problem = printable(str(ib["archive_problem"]))  # may quote a lab member's nbank.json
+            lines.append(f"  {printable(ib['path'])}: archive problem: {problem}")
         unowned = ib.get("unowned_work_files") or []
         if unowned:
             shown = ", ".join(printable(n) for n in unowned[:5])

@@ -271,7 +271,7 @@ def _present(
         elif view.archive_problem:
             out.update(
                 state="waiting-for-archive",
-                message=f"ready, waiting for the archive: {view.archive_problem}",
+                message=f"ready, waiting for the archive: {printable(view.archive_problem)}",
             )
         else:
             out.update(state="ready", message="ready: the next scan claims it")

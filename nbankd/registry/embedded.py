@@ -17,7 +17,9 @@ Searches read in short chunks (keyset pagination by name), so a long iteration
 never holds a read transaction open or blocks checkpoints.
 
 The file is created mode 0640 whatever the umask (SQLite gives its ``-wal`` and
-``-shm`` files the database's mode); an existing file's mode is left alone.
+``-shm`` files the database's mode); an existing file's mode is left alone. A user
+who can read it but not create those files (the registry's group, while nbankd is
+stopped) gets a read-only registry (see ``embedded_db``): writes are refused.
 
 Modules: ``embedded_schema`` (file, connections, schema, migrations),
 ``embedded_rules`` (the server's field rules and messages), ``embedded_search``
@@ -80,17 +82,13 @@ class EmbeddedRegistry(EmbeddedLocations):
 
     def schema_version(self) -> int:
         """The schema version stored in the database (``PRAGMA user_version``)."""
-        with self._guard():
-            return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+        return self._read(lambda conn: int(conn.execute("PRAGMA user_version").fetchone()[0]))
 
     # --- datatypes ----------------------------------------------------------------------
 
     def list_datatypes(self) -> list[DataType]:
-        with self._guard():
-            rows = self._conn().execute(
-                "SELECT name, content_type, extension FROM datatype ORDER BY name"
-            )
-            return [DataType(*row) for row in rows]
+        sql = "SELECT name, content_type, extension FROM datatype ORDER BY name"
+        return self._read(lambda conn: [DataType(*row) for row in conn.execute(sql)])
 
     def add_datatype(self, name: str, content_type: str = "", extension: str = "") -> DataType:
         with self._write() as conn:
@@ -150,8 +148,8 @@ class EmbeddedRegistry(EmbeddedLocations):
         sql = "SELECT name, scheme, root, accessibility FROM archive"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        with self._guard():
-            rows = self._conn().execute(sql + " ORDER BY name", params).fetchall()
+        bound = [rules.bindable(p) for p in params]
+        rows = self._read(lambda conn: conn.execute(sql + " ORDER BY name", bound).fetchall())
         return [ArchiveRecord(n, s, r, _ACCESSIBILITY[a]) for n, s, r, a in rows]
 
     def get_archive(self, name: str) -> ArchiveRecord | None:
@@ -248,6 +246,8 @@ class EmbeddedRegistry(EmbeddedLocations):
             dtype_row = None
             if dtype is None or dtype == "":
                 body["dtype"] = [rules.NULL]
+            elif rules.surrogates(str(dtype)):
+                body["dtype"] = rules.surrogates(str(dtype))
             else:
                 dtype_row = conn.execute(
                     "SELECT id, extension FROM datatype WHERE name = ?", (str(dtype),)
@@ -270,16 +270,10 @@ class EmbeddedRegistry(EmbeddedLocations):
                     body[field] = messages
             archive_id = None
             if archive is not None:
-                row = conn.execute("SELECT id FROM archive WHERE name = ?", (archive,)).fetchone()
-                if row is None:
-                    body["locations"] = {"0": [f"no such archive '{archive}'"]}
-                else:
-                    archive_id = row[0]
-                    key = key or None
-                    if key is not None and exists(
-                        conn, "SELECT 1 FROM location WHERE archive_id = ? AND key = ?", row[0], key
-                    ):
-                        body["locations"] = [f"key '{key}' is already used in archive '{archive}'"]
+                key = key or None
+                archive_id, messages = self._location_field(conn, archive, key)
+                if messages:
+                    body["locations"] = messages
             if body:
                 raise rejections.classify(body)
             assert dtype_row is not None
@@ -307,6 +301,25 @@ class EmbeddedRegistry(EmbeddedLocations):
                     (cur.lastrowid, archive_id, key),
                 )
             return self._fetch_resource(conn, clean_name)
+
+    def _location_field(
+        self, conn: sqlite3.Connection, archive: str, key: str | None
+    ) -> tuple[int | None, Any]:
+        """(the archive's id, the ``locations`` messages) of a new resource's location."""
+        bad = rules.surrogates(archive) if isinstance(archive, str) else []
+        if bad:
+            return None, {"0": bad}
+        row = conn.execute("SELECT id FROM archive WHERE name = ?", (archive,)).fetchone()
+        if row is None:
+            return None, {"0": [f"no such archive '{archive}'"]}
+        bad = rules.surrogates(key) if isinstance(key, str) else []
+        if bad:
+            return row[0], bad
+        if key is not None and exists(
+            conn, "SELECT 1 FROM location WHERE archive_id = ? AND key = ?", row[0], key
+        ):
+            return row[0], [f"key '{key}' is already used in archive '{archive}'"]
+        return row[0], []
 
     def _sha1_field(self, conn: sqlite3.Connection, sha1: object) -> tuple[str | None, list[str]]:
         text, messages = rules.char_field(sha1, max_length=40, allow_blank=True)
@@ -358,16 +371,18 @@ class EmbeddedRegistry(EmbeddedLocations):
     def get_resource(self, name: str) -> ResourceRecord | None:
         if not is_utf8(name):
             return None
-        with self._guard():
-            conn = self._conn()
+
+        def read(conn: sqlite3.Connection) -> ResourceRecord | None:
             rows = conn.execute(_RESOURCE_SELECT + " WHERE r.name = ?", (name,)).fetchall()
             return self._records(conn, rows)[0] if rows else None
+
+        return self._read(read)
 
     def get_resources(self, names: Iterable[str]) -> list[ResourceRecord]:
         """Bulk lookup; unknown names are omitted; newest first, as the server sends them."""
         wanted = rules.wanted_names(names)
-        with self._guard():
-            conn = self._conn()
+
+        def read(conn: sqlite3.Connection) -> list[ResourceRecord]:
             rows: list[Sequence[Any]] = []
             for chunk in rules.chunks(wanted):
                 rows.extend(
@@ -380,6 +395,8 @@ class EmbeddedRegistry(EmbeddedLocations):
             for chunk in rules.chunks(rows):
                 out.extend(self._records(conn, chunk))
             return out
+
+        return self._read(read)
 
     def search(self, **filters: str) -> Iterator[ResourceRecord]:
         """Resources matching django-neurobank's filters, by name (see embedded_search).
@@ -398,10 +415,14 @@ class EmbeddedRegistry(EmbeddedLocations):
             if clauses:
                 sql += " WHERE " + " AND ".join(f"({c})" for c in clauses)
             sql += " ORDER BY r.name LIMIT ?"
-            with self._guard():
-                conn = self._conn()
+
+            def read(
+                conn: sqlite3.Connection, sql: str = sql, args: list[Any] = args
+            ) -> tuple[list[Any], list[ResourceRecord]]:
                 rows = conn.execute(sql, [*args, rules.CHUNK]).fetchall()
-                records = self._records(conn, rows)
+                return rows, self._records(conn, rows)
+
+            rows, records = self._read(read)
             yield from records
             if len(rows) < rules.CHUNK:
                 return
@@ -413,9 +434,11 @@ class EmbeddedRegistry(EmbeddedLocations):
         ``experimenter``/``animal`` keys set (or, with None, clear) those fields.
         """
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT id, metadata FROM resource WHERE name = ?", (name,)
-            ).fetchone()
+            row = None
+            if is_utf8(name):
+                row = conn.execute(
+                    "SELECT id, metadata FROM resource WHERE name = ?", (name,)
+                ).fetchone()
             if row is None:
                 raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
             if not isinstance(metadata, Mapping):

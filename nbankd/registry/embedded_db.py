@@ -1,6 +1,12 @@
 """The embedded registry's connection handling: one SQLite connection per thread
 (opened again after a fork), write transactions under ``BEGIN IMMEDIATE``, and
 SQLite's errors turned into the registry's typed errors (see :mod:`.embedded`).
+
+A user who may read the file but not write beside it (the registry's group, while
+nbankd is stopped and SQLite's ``-wal`` and ``-shm`` files are gone) cannot open it
+as SQLite normally does: the registry then opens read-only, each read going through
+:func:`~.embedded_schema.read_snapshot` (or a ``mode=ro`` connection once a ``-wal``
+exists), and every write is refused as read-only for this user.
 """
 
 from __future__ import annotations
@@ -8,17 +14,25 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from nbankd import errors
 from nbankd.registry import embedded_rules as rules
 from nbankd.registry import embedded_schema as schema
 from nbankd.registry.embedded_json import register_functions
+
+T = TypeVar("T")
+
+#: one read at a time for read-only registries in this process: SQLite's and our POSIX
+#: locks on a file belong to the process, so one connection closing drops another's
+_READ_ONLY_READS = threading.Lock()
+#: snapshot reads tried before giving up on a registry that keeps changing
+_SNAPSHOT_TRIES = 20
 
 
 @dataclass
@@ -43,19 +57,36 @@ class EmbeddedDatabase:
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection)
         self._closed = False
+        self._read_only = False  # this user cannot write it: see the module docstring
         self._user = rules.os_user()
         schema.create_file(self.db_path)
-        with self._guard():
-            schema.prepare(self._conn())
+        try:
+            with self._guard():
+                schema.prepare(self._conn())
+        except errors.RegistryAuthError:
+            self.release_thread()
+            self._read_only = True
+            self._read(schema.check_current)
+
+    @property
+    def read_only(self) -> bool:
+        """True when this user can read the registry but not change it."""
+        return self._read_only
 
     # --- connections and transactions ---------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        """This thread's read-write connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
         if self._closed:
             raise errors.RegistryError(f"the embedded registry {self.db_path} is closed")
+        if self._read_only:
+            raise errors.RegistryAuthError(
+                f"the embedded registry {self.db_path} is read-only for this user",
+                hint="changes need the registry's owner (nbankd's service user)",
+            )
         with self._guard():
             conn = schema.connect(self.db_path, self.busy_timeout)
         register_functions(conn)
@@ -63,6 +94,51 @@ class EmbeddedDatabase:
         with self._lock:
             self._connections.append((os.getpid(), conn))
         return conn
+
+    def _read(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """What ``read`` (queries only) answers on a connection; in read-only mode it
+        may run more than once, on a connection of its own."""
+        if not self._read_only:
+            with self._guard():
+                return read(self._conn())
+        if self._closed:
+            raise errors.RegistryError(f"the embedded registry {self.db_path} is closed")
+        with _READ_ONLY_READS, self._guard():
+            for _ in range(_SNAPSHOT_TRIES):
+                try:
+                    answer = schema.read_snapshot(
+                        self.db_path, self.busy_timeout, read, register_functions
+                    )
+                except schema.Changed:
+                    continue  # a writer came: read again (through its -wal, if it stays)
+                except OSError as err:
+                    raise errors.RegistryUnavailable(
+                        f"the embedded registry {self.db_path} cannot be read: {err.strerror}"
+                    ) from err
+                return answer[0] if answer is not None else self._read_journaled(read)
+        raise errors.RegistryUnavailable(
+            f"the embedded registry {self.db_path} kept changing while it was read",
+            hint="try again",
+        )
+
+    def _read_journaled(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """``read`` on a ``mode=ro`` connection, for a read-only user while a -wal exists."""
+        conn = schema.connect_read_only(self.db_path, self.busy_timeout)
+        try:
+            register_functions(conn)
+            return read(conn)
+        except sqlite3.OperationalError as err:
+            text = str(err)
+            if "readonly" not in text and "read-only" not in text:
+                raise
+            raise errors.RegistryAuthError(
+                f"the embedded registry {self.db_path} cannot be read by this user now: "
+                f"SQLite needs its -shm file, which only the registry's owner can create "
+                f"({text})",
+                hint="start nbankd, or run the command as nbankd's service user, once",
+            ) from err
+        finally:
+            conn.close()
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

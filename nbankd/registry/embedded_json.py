@@ -1,10 +1,10 @@
 """The SQLite functions behind the embedded registry's search filters.
 
 :func:`register_functions` adds ``nb_text(text, lookup, value)`` (Django's text
-lookups, case-insensitive ones upper-casing both sides in Python so that they
-work beyond ASCII) and ``nb_json(json, lookup, value_json)`` (PostgreSQL's jsonb
-ordering, containment, ``in`` and key lookups) to a connection. The SQL that
-calls them is compiled by :mod:`nbankd.registry.embedded_search`.
+lookups, case-insensitive ones upper-casing both sides in Python, one character at
+a time, so that they work beyond ASCII) and ``nb_json(json, lookup, value_json)``
+(PostgreSQL's jsonb ordering, containment, ``in`` and key lookups) to a connection.
+The SQL that calls them is compiled by :mod:`nbankd.registry.embedded_search`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,20 @@ from typing import Any
 _ORDER_LOOKUPS = frozenset({"gt", "gte", "lt", "lte"})
 
 
-def _text_match(text: Any, lookup: str, value: str) -> int | None:
+def _upper(text: str) -> str:
+    """Upper case one character at a time, as PostgreSQL's UPPER (and SQLite's LIKE)
+    do: a character whose upper case is longer ("ß" -> "SS") is kept as it is."""
+    upper = text.upper()
+    if len(upper) == len(text):  # no character grew
+        return upper
+    return "".join(u if len(u := ch.upper()) == 1 else ch for ch in text)
+
+
+def _text_match(text: Any, lookup: str, value: Any) -> int | None:
     if text is None:
         return None
+    if not isinstance(value, str):  # the bytes of text that is not UTF-8: matches nothing
+        return 0
     text = text if isinstance(text, str) else str(text)
     if lookup == "iregex":
         try:
@@ -28,7 +39,7 @@ def _text_match(text: Any, lookup: str, value: str) -> int | None:
         except re.error:
             return 0
     if lookup.startswith("i"):
-        text, value = text.upper(), value.upper()
+        text, value = _upper(text), _upper(value)
         lookup = lookup[1:]
     if lookup == "exact":
         return int(text == value)

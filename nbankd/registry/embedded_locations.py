@@ -4,6 +4,7 @@ removed with the server's rules and messages (see :mod:`.embedded`).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,21 +28,27 @@ class EmbeddedLocations(EmbeddedDatabase):
 
     def get_locations(self, name: str) -> list[LocationRecord]:
         """The resource's locations, most accessible first; NotFound for an unknown resource."""
-        with self._guard():
-            conn = self._conn()
-            if not is_utf8(name) or not exists(conn, "SELECT 1 FROM resource WHERE name = ?", name):
-                raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
-            rows = conn.execute(
+        if not is_utf8(name):
+            raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
+
+        def read(conn: sqlite3.Connection) -> list[Any] | None:
+            if not exists(conn, "SELECT 1 FROM resource WHERE name = ?", name):
+                return None
+            return conn.execute(
                 _LOCATION_SELECT + " WHERE r.name = ? ORDER BY a.accessibility, l.id", (name,)
             ).fetchall()
+
+        rows = self._read(read)
+        if rows is None:
+            raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
         return [LocationRecord(*row) for row in rows]
 
     def get_locations_bulk(self, names: Iterable[str]) -> dict[str, list[LocationRecord]]:
         """{name: locations}; unknown names and resources without locations are omitted."""
         wanted = rules.wanted_names(names)
-        out: dict[str, list[LocationRecord]] = {}
-        with self._guard():
-            conn = self._conn()
+
+        def read(conn: sqlite3.Connection) -> dict[str, list[LocationRecord]]:
+            out: dict[str, list[LocationRecord]] = {}
             for chunk in rules.chunks(wanted):
                 rows = conn.execute(
                     _LOCATION_SELECT + f" WHERE r.name IN ({rules.marks(len(chunk))})"
@@ -50,18 +57,26 @@ class EmbeddedLocations(EmbeddedDatabase):
                 )
                 for row in rows:
                     out.setdefault(row[3], []).append(LocationRecord(*row))
-        return out
+            return out
+
+        return self._read(read)
 
     def add_location(self, name: str, archive: str, key: str | None = None) -> LocationRecord:
         """Adds a location; NotFound for an unknown resource (the server answers 404)."""
         with self._write() as conn:
-            resource = conn.execute("SELECT id FROM resource WHERE name = ?", (name,)).fetchone()
+            resource = None
+            if is_utf8(name):
+                resource = conn.execute(
+                    "SELECT id FROM resource WHERE name = ?", (name,)
+                ).fetchone()
             if resource is None:
                 raise errors.NotFound(rules.NOT_FOUND_RESOURCE)
             body: dict[str, Any] = {}
             arow = None
             if archive is None or archive == "":
                 body["archive_name"] = [rules.NULL]
+            elif rules.surrogates(str(archive)):
+                body["archive_name"] = rules.surrogates(str(archive))
             else:
                 arow = conn.execute(
                     "SELECT id, scheme, root FROM archive WHERE name = ?", (archive,)
@@ -110,7 +125,7 @@ class EmbeddedLocations(EmbeddedDatabase):
                 " JOIN resource ON resource.id = location.resource_id"
                 " JOIN archive ON archive.id = location.archive_id"
                 " WHERE resource.name = ? AND archive.name = ?",
-                (name, archive),
+                (rules.bindable(name), rules.bindable(archive)),
             ).fetchone()
             if row is None:
                 raise errors.NotFound(rules.NOT_FOUND_LOCATION)
@@ -138,7 +153,7 @@ class EmbeddedLocations(EmbeddedDatabase):
             cur = conn.execute(
                 "DELETE FROM location WHERE resource_id = (SELECT id FROM resource WHERE name = ?)"
                 " AND archive_id = (SELECT id FROM archive WHERE name = ?)",
-                (name, archive),
+                (rules.bindable(name), rules.bindable(archive)),  # not UTF-8: no such record
             )
             if cur.rowcount == 0:
                 raise errors.NotFound(rules.NOT_FOUND_LOCATION)

@@ -67,11 +67,26 @@ def char_field(
         messages.append(max_length_message(max_length))
     if "\x00" in text:
         messages.append(NUL_CHARS)
+    messages.extend(surrogates(text))
+    return text, messages
+
+
+def surrogates(text: str) -> list[str]:
+    """The message for a lone surrogate in ``text`` (a non-UTF-8 byte of a file name, as
+    Python keeps it, or a JSON escape), which no record can hold; [] when there is none."""
     for ch in text:
         if 0xD800 <= ord(ch) <= 0xDFFF:
-            messages.append(f"Surrogate characters are not allowed: U+{ord(ch):X}.")
-            break
-    return text, messages
+            return [f"Surrogate characters are not allowed: U+{ord(ch):X}."]
+    return []
+
+
+def bindable(value: Any) -> Any:
+    """``value`` as an SQL parameter: text that is not UTF-8 (lone surrogates) becomes
+    its bytes, a BLOB, which equals and matches no stored text, instead of making
+    sqlite3 raise UnicodeEncodeError."""
+    if isinstance(value, str) and not is_utf8(value):
+        return value.encode("utf-8", "surrogatepass")
+    return value
 
 
 def slug_field(
@@ -81,7 +96,7 @@ def slug_field(
     text, messages = char_field(value, max_length=max_length)
     if text is None or text == "":
         return text, messages
-    if taken(text):
+    if is_utf8(text) and taken(text):  # text SQLite cannot hold names no record
         messages.insert(0, taken_message)
     if not SLUG_RE.fullmatch(text):
         messages.append(SLUG)
@@ -96,7 +111,9 @@ def person(field: str, value: Any) -> tuple[str | None, list[str]]:
         return None, [
             "invalid username" if field == "experimenter" else "invalid animal identifier"
         ]
-    return str(value), []
+    text = str(value)
+    messages = surrogates(text)
+    return (None, messages) if messages else (text, [])
 
 
 def split_metadata(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,16 +2,27 @@
 
 The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` holds one
 step per version, so a later nbankd upgrades an older file when it opens it.
+
+:func:`read_snapshot` lets a user who may read the file but not create files beside
+it (the registry's group, SPEC guarantee 10) read it while no ``-wal`` file exists,
+which SQLite's own read-only WAL support needs (https://www.sqlite.org/wal.html,
+"Read-Only Databases"); see its docstring for why that read is safe.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from nbankd import errors, sqlschema
+
+T = TypeVar("T")
 
 #: the schema version this code writes; older databases are migrated on open
 SCHEMA_VERSION = 1
@@ -70,6 +81,17 @@ def migrate(conn: sqlite3.Connection) -> int:
     return sqlschema.migrate(conn, MIGRATIONS, newer=_newer)
 
 
+def check_current(conn: sqlite3.Connection) -> None:
+    """For a reader that cannot migrate: the schema must be SCHEMA_VERSION."""
+    version = sqlschema.check_version(conn, SCHEMA_VERSION, _newer)
+    if version < SCHEMA_VERSION:
+        raise errors.RegistryAuthError(
+            f"the embedded registry's schema is version {version}, older than this "
+            f"nbankd's ({SCHEMA_VERSION}), and this user cannot upgrade it",
+            hint="start nbankd (the registry's owner upgrades it when it opens it)",
+        )
+
+
 def _newer(version: int) -> errors.RegistryError:
     return errors.RegistryError(
         f"the embedded registry's schema is version {version}, newer than this "
@@ -115,3 +137,110 @@ def prepare(conn: sqlite3.Connection) -> None:
     if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
         conn.execute("PRAGMA journal_mode = WAL")
     migrate(conn)
+
+
+# --- reading without -wal and -shm files (a reader who cannot create them) --------------
+
+# SQLite's locks on a database file (the lock-byte page at 1 GiB, see
+# https://www.sqlite.org/fileformat2.html#the_lock_byte_page, laid out by its unix VFS):
+# a reader's SHARED lock is a read lock on _SHARED_SIZE bytes from _SHARED_FIRST, taken
+# while holding a read lock on _PENDING_BYTE (so that a writer waiting for EXCLUSIVE
+# is not starved). A WAL-mode connection holds SHARED as long as it is open.
+_PENDING_BYTE = 0x40000000
+_SHARED_FIRST = _PENDING_BYTE + 2
+_SHARED_SIZE = 510
+
+
+class Changed(Exception):
+    """A writer came while a snapshot was read: its answer may be stale or torn."""
+
+
+def journaled(path: Path) -> bool:
+    """Whether a ``-wal`` or ``-journal`` file is beside the database: then committed
+    changes may be outside the database file, and only SQLite may read it."""
+    return any(os.path.lexists(f"{path}{suffix}") for suffix in ("-wal", "-journal"))
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _lock_shared(fd: int, timeout: float) -> None:
+    """Takes SQLite's SHARED lock on the database file (as its readers do), waiting up to
+    ``timeout`` seconds for a writer holding PENDING or EXCLUSIVE."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, _PENDING_BYTE)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, _PENDING_BYTE)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError("database is locked") from err
+        time.sleep(0.01)
+
+
+def read_snapshot(
+    path: Path,
+    busy_timeout: float,
+    read: Callable[[sqlite3.Connection], T],
+    setup: Callable[[sqlite3.Connection], None],
+) -> tuple[T] | None:
+    """``(read(conn),)`` for a connection to the database file as it is; None when a
+    ``-wal`` or ``-journal`` file exists (then SQLite's own read-only support applies).
+
+    Only reads: it creates no file and takes only a read lock. The connection is
+    ``immutable=1`` (SQLite takes no locks and ignores journals), which is right only
+    while nobody changes the file and no committed change lives in a ``-wal``. Both
+    hold from the moment SQLite's SHARED lock is held and no ``-wal`` exists: SQLite
+    deletes a ``-wal`` only after checkpointing all of it, under an EXCLUSIVE lock,
+    which the SHARED lock refuses (so one appearing meanwhile stays); the file changes
+    only through a ``-wal`` (a checkpoint) or under EXCLUSIVE (rollback mode, which
+    leaves a ``-journal``). So the answer stands if no ``-wal``/``-journal`` exists and
+    the file is the same once ``read`` is done; otherwise :class:`Changed` is raised
+    (read again). A writer never waits on this reader, except for the EXCLUSIVE lock
+    of a last connection's closing checkpoint, which SQLite then skips (keeping its
+    ``-wal``), as for any reader. POSIX locks belong to the process: the caller must
+    keep its other connections to this file closed meanwhile.
+    """
+    real = Path(os.path.realpath(path))  # SQLite puts -wal beside the symlink's target
+    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _lock_shared(fd, busy_timeout)
+        before = _identity(os.fstat(fd))
+        if journaled(real):
+            return None
+        uri = real.as_uri() + "?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            setup(conn)
+            try:
+                value = read(conn)
+            except sqlite3.DatabaseError:
+                if journaled(real) or _identity(os.stat(real)) != before:
+                    raise Changed from None  # a torn page, not a damaged file
+                raise
+            # checked before closing: closing any descriptor of the file drops our lock
+            if journaled(real) or _identity(os.stat(real)) != before:
+                raise Changed
+            return (value,)
+        finally:
+            conn.close()
+    finally:
+        os.close(fd)
+
+
+def connect_read_only(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A read-only connection (``mode=ro``): SQLite reads a WAL database so when its
+    ``-wal`` and ``-shm`` exist, even if this user cannot write them."""
+    uri = Path(os.path.realpath(path)).as_uri() + "?mode=ro"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    return conn

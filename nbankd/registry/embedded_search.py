@@ -18,8 +18,9 @@ The clauses call the SQL functions ``nb_text`` and ``nb_json``, which
 :mod:`nbankd.registry.embedded_json` registers on each connection.
 
 Unknown filter names are ignored, as django-filter ignores them.
-Case-insensitive matching upper-cases both sides (PostgreSQL's ``UPPER``), in
-Python so that it works beyond ASCII.
+Case-insensitive matching upper-cases both sides one character at a time
+(PostgreSQL's ``UPPER``: "ß" stays "ß"), in Python so that it works beyond ASCII.
+Text that is not UTF-8 (lone surrogates) is bound as bytes and matches nothing.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from nbankd import errors
+from nbankd.registry import embedded_rules as rules
 from nbankd.registry import rejections
 
-# django-filter's NullBooleanField vocabulary; anything else skips the filter
-_BOOL_VALUES: dict[str, bool] = {"true": True, "True": True, "1": True}
-_BOOL_VALUES.update({"false": False, "False": False, "0": False})
+# django-filter's BooleanWidget vocabulary, matched lower-cased and unstripped as it
+# does; anything else skips the filter
+_BOOL_VALUES: dict[str, bool] = {"true": True, "1": True, "false": False, "0": False}
 # values the view accepts for metadata__K__isnull, case-insensitively
 _ISNULL_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
@@ -106,7 +108,7 @@ def _char(value: object) -> str | None:
 def _bool(value: object) -> bool | None:
     if isinstance(value, bool):
         return value
-    return _BOOL_VALUES.get(str(value).strip()) if value is not None else None
+    return _BOOL_VALUES.get(str(value).lower()) if value is not None else None
 
 
 _LOOSE_DATETIME = re.compile(
@@ -163,10 +165,15 @@ def _sql_number(v: int | float) -> int | float:
 
 
 def _json_path(keys: list[str]) -> str:
-    """A JSON1 path for nested keys; all-digit keys index arrays, as in Django."""
+    """A JSON1 path for nested keys; digit keys index arrays, as in Django, which tries
+    int() and falls back to the key (so "²", a digit int() refuses, is a key)."""
     parts = ["$"]
     for key in keys:
-        parts.append(f"[{int(key)}]" if key.isdigit() else "." + json.dumps(key))
+        index = None
+        if key.isdigit():
+            with contextlib.suppress(ValueError):
+                index = int(key)
+        parts.append(f"[{index}]" if index is not None else "." + json.dumps(key))
     return "".join(parts)
 
 
@@ -384,4 +391,5 @@ def compile_search(filters: Mapping[str, object]) -> Compiled:
     out = Compiled()
     _plain_filters(filters, out)
     _metadata_filters(filters, out)
+    out.params = [rules.bindable(p) for p in out.params]  # text no record can hold
     return out
