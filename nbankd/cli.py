@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -174,15 +177,50 @@ def check_config(config_path: str | None, *, offline: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _decided(lambda: check_config(args.config_sub or args.config, offline=args.offline))
+    code = _decided(lambda: run(args.config, adopt_archives=args.adopt_archives))
+    _leave_stuck_steps(code)
+    return code
+
+
+def _decided(command: Callable[[], int]) -> int:
+    """The exit status of ``command``: its own, or the one its error decides."""
     try:
-        if args.command == "check-config":
-            return check_config(args.config_sub or args.config, offline=args.offline)
-        return run(args.config, adopt_archives=args.adopt_archives)
+        return command()
     except errors.NbankdError as err:
         print(f"nbankd: {err}", file=sys.stderr)
         return exit_code_for(err)
     except KeyboardInterrupt:
         return 130
+
+
+#: how long the daemon's exit waits for threads still running after its stop's grace
+EXIT_JOIN = 1.0
+
+
+def _leave_stuck_steps(code: int) -> None:
+    """Ends the process with ``code`` now if a thread is still running a second after
+    the stop's grace (a step waiting on a registry that never answers): the
+    interpreter's exit would join it and outlast the service manager's stop timeout.
+    Every step is journaled before it runs, so an abandoned one resumes at the next
+    start, as after ``kill -9``."""
+    me = threading.current_thread()
+    deadline = time.monotonic() + EXIT_JOIN
+    for thread in threading.enumerate():  # a pool's threads are joined at exit, even
+        if thread is not me:  # daemon ones (started from a daemon thread, they are)
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not me and t.is_alive()]
+    if not stuck:
+        return
+    structlog.get_logger("nbankd").warning(
+        "steps still running after the stop's grace are left to the journal; they "
+        "resume at the next start",
+        threads=stuck[:8],
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

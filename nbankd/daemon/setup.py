@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +37,48 @@ class ArchiveProblem:
 
 
 def prepare_state_dir(state_dir: Path) -> None:
-    """Creates ``state_dir`` (mode 0750) with its receipts folder."""
+    """Creates ``state_dir`` (mode 0750) with its receipts folder, after checking that
+    no other user can write it (:func:`check_state_dir_owner`)."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    check_state_dir_owner(state_dir)
     (state_dir / "receipts").mkdir(exist_ok=True, mode=0o750)
+
+
+#: what the state directory holds that decides what the daemon claims and moves
+STATE_FILES = ("journal.sqlite3", "registry.sqlite3", "nbankd.lock")
+
+
+def check_state_dir_owner(state_dir: Path, euid: int | None = None) -> None:
+    """Raises ConfigError naming ``state_dir`` (or one of :data:`STATE_FILES` in it)
+    when it is owned by a user other than the daemon's (or root), or writable by
+    other users: whoever can write there can plant a journal entry that makes the
+    daemon claim, deposit and remove a file they could not touch themselves."""
+    me = os.geteuid() if euid is None else euid
+    for path in (state_dir, *(state_dir / name for name in STATE_FILES)):
+        try:
+            st = os.lstat(path) if path != state_dir else os.stat(path)
+        except FileNotFoundError:
+            continue
+        why = None
+        if st.st_uid not in (me, 0):
+            why = f"is owned by {_user(st.st_uid)}, not by nbankd's user ({_user(me)})"
+        elif st.st_mode & stat.S_IWOTH:
+            why = "is writable by every user"
+        if why is not None:
+            raise errors.ConfigError(
+                f"state_dir: {path} {why}: whoever can write the state directory can make "
+                "nbankd claim, deposit and remove files they could not touch themselves; "
+                "nbankd did not start",
+                hint=f"chown {_user(me)} {path} && chmod o-w {path} (state_dir belongs to "
+                "nbankd's user alone), then start nbankd again",
+            )
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 #: an inbox's work and rejected folders' identities, the work folder's token and the

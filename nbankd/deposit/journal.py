@@ -116,6 +116,32 @@ class JournalError(errors.NbankdError):
     exit_code = errors.EXIT_USAGE
 
 
+class JournalUnavailable(JournalError):
+    """The journal's filesystem refuses it (full, read-only, I/O errors): not damage."""
+
+    code = "journal-unavailable"
+    exit_code = errors.EXIT_UNREACHABLE
+
+
+def _damaged(err: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite found the journal's file itself bad (not a database, corrupt),
+    rather than its filesystem failing to give or take it."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    if name:
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return not isinstance(err, sqlite3.OperationalError)
+
+
+def _space_left(path: Path) -> str:
+    """ ", the filesystem holding it is full" when it has (almost) no room left."""
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    free = fs.f_bavail * fs.f_frsize
+    return f" (the filesystem holding it is full: {free:,} bytes free)" if free < 1 << 20 else ""
+
+
 class Journal:
     """Thread-safe access to the journal: one connection, one lock, short transactions."""
 
@@ -150,6 +176,13 @@ class Journal:
             self._db.execute("SELECT count(*) FROM items").fetchone()
         except sqlite3.DatabaseError as err:
             self._db.close()
+            if not _damaged(err):  # the disk, not the journal: never advise moving it aside
+                raise JournalUnavailable(
+                    f"the journal {path} cannot be opened: {err}{_space_left(path)}; nbankd "
+                    "stops here rather than guess which deposits are in flight",
+                    hint="free space on (or fix) the filesystem holding state_dir and start "
+                    "nbankd again; the journal itself was not found damaged: keep it",
+                ) from err
             raise JournalError(
                 f"the journal {path} cannot be read: {err}; nbankd stops here rather than "
                 "guess which deposits are in flight",
