@@ -104,7 +104,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     from nbankd.service.logs import configure_logging
     from nbankd.service.notify import Notifier
 
-    config = load_config(find_config_path(config_path))
+    config = load_config(find_config_path(config_path), filesystem=True)
     configure_logging(config.log.format, config.log.level)
     if not keep_capabilities_to_self():  # CAP_LEASE is the daemon's, never its readers'
         structlog.get_logger("nbankd").warning(
@@ -141,7 +141,7 @@ def check_config(config_path: str | None, *, offline: bool) -> int:
     )
 
     path = find_config_path(config_path)
-    config, problems = parse_config(path)
+    config, problems = parse_config(path, filesystem=True)
     if config is not None:
         problems += check_paths(config)
     print(f"# configuration: {path}")

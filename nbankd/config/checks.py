@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nbankd import errors
 from nbankd.config.model import ARCHIVE_SCHEME, ArchiveConfig, Config, Problem, Severity
+from nbankd.filekind import FileKind
 from nbankd.registry.base import Registry
 
 __all__ = ["check_against_registry", "check_paths", "prepare_inboxes"]
@@ -100,7 +101,7 @@ def check_paths(config: Config) -> list[Problem]:
     - ``directories: resources`` needs the archive's ``allow_directories`` policy;
     - ``placement: rename`` needs the inbox and the archive on one filesystem;
     - with a django-neurobank registry, an archive's ``nbank.json`` should name it;
-    - ``registry_auth`` must exist and should not be readable by others.
+    - ``registry_auth`` must be an existing regular file, not readable by others.
     """
     report = _Report(config)
     policies: dict[str, dict[str, object]] = {}
@@ -158,7 +159,15 @@ def check_paths(config: Config) -> list[Problem]:
         except OSError as err:
             report.add("registry_auth", f"cannot read {config.registry_auth}: {err.strerror}")
         else:
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            if not stat.S_ISREG(mode):
+                kind = FileKind.of_mode(mode)
+                noun = "a folder" if kind is FileKind.DIRECTORY else f"a {kind.noun}"
+                report.add(
+                    "registry_auth",
+                    f"{config.registry_auth} is {noun}, not a regular file",
+                    hint="name a file holding user:password or netrc entries",
+                )
+            elif mode & (stat.S_IRWXG | stat.S_IRWXO):
                 report.warn(
                     "registry_auth",
                     f"{config.registry_auth} holds credentials and is readable by others",

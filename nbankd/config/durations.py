@@ -23,7 +23,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a duration: {ACCEPTED_FORMS}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"is too long a duration; expected {ACCEPTED_FORMS}") from None
     else:
         if value.strip().startswith("-"):
             raise ValueError(f"must not be negative; expected {ACCEPTED_FORMS}")

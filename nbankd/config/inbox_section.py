@@ -47,10 +47,12 @@ from nbankd.config.values import (
     enum,
     expand_path,
     path_in,
+    render_key,
     slug,
     suggest,
     within,
 )
+from nbankd.config.yamlread import number_reading
 from nbankd.registry.base import DATATYPE_NAME_MAX
 
 
@@ -304,6 +306,10 @@ class InboxSections(ParserBase):
             if not isinstance(key, str) or not key:
                 self.error(key_path, f"metadata key {key!r} must be text")
                 continue
+            odd = self._odd_number((*key_path, key))
+            if odd:
+                self.error((*key_path, key), *odd)
+                continue
             try:
                 out[key] = check_json_value(value)
             except Bad as err:
@@ -313,3 +319,19 @@ class InboxSections(ParserBase):
         except (TypeError, ValueError) as err:  # pragma: no cover - checked above
             self.error(key_path, f"cannot be stored as JSON: {err}")
         return MappingProxyType(out)
+
+    def _odd_number(self, key_path: KeyPath) -> tuple[str, str] | None:
+        """(message, hint) when a value at or under ``key_path`` is written as a number
+        YAML 1.1 reads otherwise than it looks (0417 octal, 1:30 base 60, 12_34)."""
+        size = len(key_path)
+        for where, (text, value) in self.lines.numbers.items():
+            if where[:size] != key_path:
+                continue
+            inner = render_key(where[size:]).lstrip(".")
+            at = f"{inner}: " if inner else ""
+            return (
+                f"{at}{text} is not a plain decimal number: YAML reads it as "
+                f"{number_reading(text)} ({value!r})",
+                f"quote it ('{text}') to keep it as written, or write the number in plain decimal",
+            )
+        return None

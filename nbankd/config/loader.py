@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
@@ -37,7 +38,6 @@ from nbankd.config.model import (
     AuditConfig,
     Config,
     ControlConfig,
-    InboxConfig,
     InvalidConfig,
     LogConfig,
     LogFormat,
@@ -45,6 +45,7 @@ from nbankd.config.model import (
     MetricsConfig,
     Problem,
 )
+from nbankd.config.overlaps import OverlapChecks, daemon_files
 from nbankd.config.parsing import (
     ACCEPTED_KEYS,
     ARCHIVE_ROOT_MAX,
@@ -54,6 +55,7 @@ from nbankd.config.parsing import (
     duplicate_key_problems,
     load_yaml,
 )
+from nbankd.config.sourcefile import read_config_file
 from nbankd.config.values import (
     Bad,
     KeyPath,
@@ -70,7 +72,6 @@ from nbankd.config.values import (
     number,
     path_in,
     slug,
-    within,
 )
 from nbankd.registry.base import ARCHIVE_NAME_MAX, DATATYPE_NAME_MAX
 
@@ -105,36 +106,51 @@ def find_config_path(
 # --- entry points --------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, running: Config | None = None, filesystem: bool = False
+) -> Config:
     """Parses the file; raises :class:`~.model.InvalidConfig` (a ConfigError) listing
-    every error. Warnings are kept in ``Config.warnings``."""
+    every error. Warnings are kept in ``Config.warnings``.
+
+    ``running``: the configuration of a running daemon that reloads the file: it keeps
+    its ``state_dir`` and ``control_socket`` (they change only at restart; a warning
+    says so when the file changes them), and the checks use those it keeps.
+
+    ``filesystem``: also compare the configured folders as the filesystem has them
+    (links resolved, device and inode: :mod:`.overlaps`). The daemon (start, reload)
+    and check-config do; other readers of the file do not, since a hung network
+    mount would hang every command that reads the configuration."""
     source = Path(os.path.abspath(os.path.expanduser(path)))
-    config, problems = parse_config(source)
+    config, problems = parse_config(source, running=running, filesystem=filesystem)
     if config is None:
         raise InvalidConfig(source, problems)
     return config
 
 
-def parse_config(path: str | os.PathLike[str]) -> tuple[Config | None, list[Problem]]:
-    """Every problem (errors and warnings) of the file, and the Config when there is no error."""
+def parse_config(
+    path: str | os.PathLike[str], *, running: Config | None = None, filesystem: bool = False
+) -> tuple[Config | None, list[Problem]]:
+    """Every problem (errors and warnings) of the file, and the Config when there is no
+    error. Only a regular file is read (a FIFO or a device is refused), up to a size
+    limit; a file other users may rewrite gets a warning."""
     source = Path(os.path.abspath(os.path.expanduser(path)))
-    try:
-        raw = source.read_bytes()
-    except OSError as err:
-        reason = err.strerror or str(err)
-        hint = f"give another file with -c FILE or ${CONFIG_ENV}"
-        if isinstance(err, IsADirectoryError):
-            reason = "is a folder, not a file"
-        message = f"cannot read the configuration file: {reason}"
-        return None, [Problem(source, "", message, hint=hint)]
+    raw, found = read_config_file(source)
+    if raw is None:
+        return None, found
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return None, [Problem(source, "", f"is not UTF-8 text (byte {err.start})")]
-    return parse_config_text(text, source)
+    config, problems = parse_config_text(text, source, running=running, filesystem=filesystem)
+    problems = found + problems
+    if config is not None and found:
+        config = replace(config, warnings=(*found, *config.warnings))
+    return config, problems
 
 
-def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Problem]]:
+def parse_config_text(
+    text: str, source: Path, *, running: Config | None = None, filesystem: bool = False
+) -> tuple[Config | None, list[Problem]]:
     """As :func:`parse_config`, for text said to come from ``source`` (relative paths
     resolve against ``source``'s folder)."""
     source = Path(os.path.abspath(source))
@@ -142,6 +158,8 @@ def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Prob
     if problems:
         return None, problems
     parser = _Parser(source, lines)
+    parser.running = running
+    parser.filesystem = filesystem
     parser.problems.extend(duplicate_key_problems(source, lines))
     config = parser.parse(data)
     # in file order; problems found across sections (overlaps) slot in by line
@@ -152,8 +170,10 @@ def parse_config_text(text: str, source: Path) -> tuple[Config | None, list[Prob
     return config, problems
 
 
-class _Parser(InboxSections, AlertsSection):
+class _Parser(InboxSections, AlertsSection, OverlapChecks):
     """The whole file: the top level, the registry, archives, audits and logs."""
+
+    running: Config | None = None  # a running daemon's, when it reloads the file
 
     def parse(self, data: object) -> Config | None:
         top = self.mapping(data, (), "settings (key: value lines)")
@@ -177,6 +197,14 @@ class _Parser(InboxSections, AlertsSection):
         )
         state_dir = self.get(top, (), "state_dir", path_in(base), DEFAULT_STATE_DIR)
         control_socket = self.get(top, (), "control_socket", path_in(base), DEFAULT_CONTROL_SOCKET)
+        state_dirs: list[tuple[KeyPath, Path]] = [(("state_dir",), state_dir)]
+        if self.running is not None:
+            if self.running.state_dir != state_dir:
+                state_dirs.append((("state_dir",), self.running.state_dir))
+            state_dir = self._kept("state_dir", state_dir, self.running.state_dir)
+            control_socket = self._kept(
+                "control_socket", control_socket, self.running.control_socket
+            )
         control = self._control(top)
         datatypes = self._datatypes(top)
         archives, failed_refs = self._archives(top)
@@ -185,7 +213,8 @@ class _Parser(InboxSections, AlertsSection):
         log = self._log(top)
         metrics = self._metrics(top, base)
         alerts = self._alerts(top, base)
-        self._check_overlaps(archives, inboxes, state_dir, control_socket)
+        files = daemon_files(registry_auth, control_socket, metrics, alerts)
+        self._check_overlaps(archives, inboxes, state_dirs, files)
 
         if any(p.is_error for p in self.problems):
             return None
@@ -207,6 +236,17 @@ class _Parser(InboxSections, AlertsSection):
             alerts=alerts,
             warnings=tuple(self.problems),
         )
+
+    def _kept(self, key: str, written: Path, running: Path) -> Path:
+        """What a reload keeps of a setting that changes only at restart."""
+        if written != running:
+            self.warn(
+                (key,),
+                f"changed to {written}, which takes effect at the next restart; until then "
+                f"the daemon keeps {running}",
+                hint="restart nbankd (systemctl restart nbankd) to use it",
+            )
+        return running
 
     def _registry(self, value: object) -> str:
         what = (
@@ -415,55 +455,3 @@ class _Parser(InboxSections, AlertsSection):
                 section, path, "textfile_every", duration(positive=True), default.textfile_every
             ),
         )
-
-    def _check_overlaps(
-        self,
-        archives: list[tuple[int, ArchiveConfig]],
-        inboxes: list[tuple[int, InboxConfig]],
-        state_dir: Path,
-        control_socket: Path,
-    ) -> None:
-        for n, (i, a) in enumerate(archives):
-            for j, b in archives[n + 1 :]:
-                if within(b.path, a.path) or within(a.path, b.path):
-                    self.error(
-                        ("archives", j, "path"),
-                        f"{b.path} overlaps archive {a.name!r} at {a.path} (archives[{i}]); "
-                        "archives must not be nested",
-                    )
-        for n, (i, inbox) in enumerate(inboxes):
-            for k, archive in archives:
-                if within(inbox.path, archive.path):
-                    self.error(
-                        ("inboxes", i, "path"),
-                        f"{inbox.path} is inside archive {archive.name!r} ({archive.path}, "
-                        f"archives[{k}])",
-                        hint="keep inboxes outside archive folders",
-                    )
-                elif within(archive.path, inbox.path):
-                    self.error(
-                        ("inboxes", i, "path"),
-                        f"{inbox.path} contains archive {archive.name!r} ({archive.path}, "
-                        f"archives[{k}]); the daemon would deposit its own archive",
-                        hint="keep archive folders outside inboxes",
-                    )
-            for j, other in inboxes[n + 1 :]:
-                if within(other.path, inbox.path) or within(inbox.path, other.path):
-                    self.error(
-                        ("inboxes", j, "path"),
-                        f"{other.path} overlaps inboxes[{i}] ({inbox.path}); "
-                        "one inbox must not be inside another",
-                    )
-        for key, target in (("state_dir", state_dir), ("control_socket", control_socket)):
-            for i, inbox in inboxes:
-                if within(target, inbox.path):
-                    self.error(
-                        (key,), f"{target} is inside inboxes[{i}] ({inbox.path}); move it out"
-                    )
-            for _, archive in archives:
-                if within(target, archive.path):
-                    self.error(
-                        (key,),
-                        f"{target} is inside archive {archive.name!r} ({archive.path}); "
-                        "move it out",
-                    )

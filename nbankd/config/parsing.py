@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import yaml
 
 from nbankd.config.model import (
     AlertsConfig,
@@ -35,6 +32,20 @@ from nbankd.config.values import (
     render_key,
     suggest,
 )
+from nbankd.config.yamlread import Lines, duplicate_key_problems, load_yaml
+
+__all__ = [
+    "ACCEPTED_KEYS",
+    "ARCHIVE_ROOT_MAX",
+    "CONTENT_TYPE_MAX",
+    "EXTENSION_RE",
+    "MISSING",
+    "Lines",
+    "ParserBase",
+    "audit_workers",
+    "duplicate_key_problems",
+    "load_yaml",
+]
 
 T = TypeVar("T")
 
@@ -66,73 +77,6 @@ def audit_workers(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         bad(f"must be 'auto' or a whole number from 1 to 64, not {describe(value)}")
     return value
-
-
-# --- YAML with line numbers ----------------------------------------------------------
-
-
-@dataclass
-class Lines:
-    """Line numbers (1-based) of key paths, and keys given twice in one mapping."""
-
-    of: dict[KeyPath, int] = field(default_factory=dict)
-    duplicates: list[tuple[KeyPath, int, int]] = field(default_factory=list)
-
-
-def load_yaml(text: str, source: Path) -> tuple[Any, Lines, list[Problem]]:
-    lines = Lines()
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            msg = "the file is empty; it needs a mapping of settings (at least 'registry:')"
-            return None, lines, [Problem(source, "", msg)]
-        data = loader.construct_document(node)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else None
-        where = f" at line {line}, column {mark.column + 1}" if mark is not None else ""
-        message = f"YAML syntax error{where}: {err.problem or err.context or 'invalid YAML'}"
-        if err.context and err.problem and err.context_mark is not None:
-            message += f" ({err.context} at line {err.context_mark.line + 1})"
-        return None, lines, [Problem(source, "", message, line=line)]
-    except yaml.YAMLError as err:  # pragma: no cover - PyYAML marks nearly everything
-        return None, lines, [Problem(source, "", f"YAML error: {err}")]
-    finally:
-        loader.dispose()
-    _walk(node, (), lines)
-    return data, lines, []
-
-
-def _walk(node: yaml.Node, path: KeyPath, lines: Lines) -> None:
-    lines.of.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
-                continue
-            key = key_node.value
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                lines.duplicates.append(((*path, key), seen[key], line))
-            seen[key] = line
-            lines.of[(*path, key)] = line
-            _walk(value_node, (*path, key), lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, (*path, index), lines)
-
-
-def duplicate_key_problems(source: Path, lines: Lines) -> list[Problem]:
-    return [
-        Problem(
-            source,
-            render_key(path),
-            f"is given twice (lines {first} and {second}); remove one",
-            line=second,
-        )
-        for path, first, second in lines.duplicates
-    ]
 
 
 # --- the parser's helpers -----------------------------------------------------------

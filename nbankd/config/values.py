@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
-from nbankd.config.durations import parse_duration
+from nbankd.config.durations import format_duration, parse_duration
 from nbankd.registry.base import SLUG_RE
 
 KeyPath = tuple[str | int, ...]  # a key path: ("inboxes", 1, "settle_seconds")
@@ -42,7 +42,8 @@ def describe(value: object) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (true/false)"
     if isinstance(value, int | float):
-        return f"the number {value!r}"
+        text = repr(value)
+        return f"the number {text}" if len(text) <= 40 else f"a number of {len(text)} digits"
     if isinstance(value, str):
         return f"the text {value!r}" if len(value) < 60 else "a long text"
     if isinstance(value, list):
@@ -105,6 +106,13 @@ def slug(kind: str, max_length: int) -> Callable[[object], str]:
     return check
 
 
+#: the longest duration a setting takes: 100 years (timers past about 292 years
+#: overflow the clock's arithmetic)
+MAX_DURATION = 36500 * 86400.0
+#: the largest count (``audit.scrub_days``): 100 years of days
+MAX_COUNT = 36500
+
+
 def duration(*, positive: bool) -> Callable[[object], float]:
     def check(value: object) -> float:
         try:
@@ -113,6 +121,12 @@ def duration(*, positive: bool) -> Callable[[object], float]:
             bad(str(err) if value is not None else "is empty; " + str(err))
         if positive and seconds == 0:
             bad("must be longer than zero")
+        if seconds > MAX_DURATION:
+            bad(
+                f"must be at most {format_duration(MAX_DURATION)} (100 years), "
+                f"not {describe(value)}",
+                hint="leave the setting out for its default",
+            )
         return seconds
 
     return check
@@ -122,11 +136,15 @@ def number(*, minimum: float = 0.0) -> Callable[[object], float]:
     def check(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             bad(f"must be a number, not {describe(value)}")
-        if not math.isfinite(value):
+        try:
+            as_float = float(value)
+        except OverflowError:
+            bad("is too large a number")
+        if not math.isfinite(as_float):
             bad("must be a finite number")
-        if value < minimum:
+        if as_float < minimum:
             bad(f"must not be negative, got {value!r}" if minimum == 0 else f"must be ≥ {minimum}")
-        return float(value)
+        return as_float
 
     return check
 
@@ -136,6 +154,8 @@ def check_count(value: object) -> int:
         bad(f"must be a whole number, not {describe(value)}")
     if value < 0:
         bad(f"must not be negative, got {value}")
+    if value > MAX_COUNT:
+        bad(f"must be at most {MAX_COUNT}, not {describe(value)}")
     return value
 
 

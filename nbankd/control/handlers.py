@@ -364,27 +364,36 @@ def rescan(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Reloads the configuration and says whether it applied: a bad file is the
+    ConfigError listing its problems; a reload that fails after reading it (a folder
+    that cannot be made) is an error naming why, the running configuration kept."""
     source = daemon.config.source
-    new = load_config(source)  # a bad file: the ConfigError becomes the reply
-    worker = threading.Thread(target=daemon.reload, name="reload", daemon=True)
+    # a bad file: the ConfigError becomes the reply; the running daemon keeps its
+    # state_dir and control_socket (the loader warns when the file changes them)
+    new = load_config(source, running=daemon.config)
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        daemon.reload()
+        outcome.append(getattr(daemon, "reload_problem", None))
+
+    worker = threading.Thread(target=run, name="reload", daemon=True)
     worker.start()
     worker.join(RELOAD_WAIT)
-    if not worker.is_alive() and daemon.reload_problem is not None:
-        raise errors.ConfigError(
-            f"reload failed; the running configuration is kept: {daemon.reload_problem}"
+    if not worker.is_alive() and not outcome:
+        raise ProtocolError(
+            "internal",
+            "reload failed (see the daemon's log); the running configuration is kept",
+            exit_code=errors.EXIT_PROBLEMS,
         )
-    result: dict[str, Any] = {
+    if outcome and outcome[0] is not None:
+        raise errors.ConfigError(f"reload failed; {outcome[0]}")
+    return {
         "source": str(source),
-        "done": not worker.is_alive(),
+        "done": bool(outcome),
         "inboxes": len(new.inboxes),
         "warnings": [str(p) for p in new.warnings],
     }
-    server = daemon.control
-    if server is not None and new.control_socket != server.path:
-        result["warnings"].append(
-            f"control_socket changed to {new.control_socket}; it takes effect at restart"
-        )
-    return result
 
 
 def audit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ main thread, which resubmits them when their time comes.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
 import threading
@@ -77,6 +78,7 @@ class Daemon(DepositWorkers, InboxScanning):
         self._stop = threading.Event()
         self._wake = Wakeup()  # other threads and signal handlers wake the main loop
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time
         self._pause_lock = threading.Lock()  # one pause/resume at a time (set_paused)
         self._scanned = threading.Condition()  # notified after each inbox scan
         self._running: dict[int, Future[Item]] = {}
@@ -115,6 +117,8 @@ class Daemon(DepositWorkers, InboxScanning):
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
         self._state_ids = statelock.identities(cfg.state_dir, JOURNAL_NAME)
         self.registry = open_configured_registry(cfg)
+        for warning in cfg.warnings:  # check-config lists them too
+            log.warning("configuration warning", problem=str(warning))
         self._apply_config(cfg)
         self.steps = Steps(
             journal=self.journal,
@@ -254,44 +258,56 @@ class Daemon(DepositWorkers, InboxScanning):
         """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
 
         Inboxes, archives, logging and the registry (URL or credentials) follow the
-        new file; ``state_dir`` and ``control_socket`` need a restart.
-        """
+        new file; ``state_dir`` and ``control_socket`` need a restart (the loader keeps
+        the running ones, with a warning). On any failure the running setup is kept and
+        the reason logged and kept in :attr:`reload_problem`; READY=1 always follows
+        RELOADING=1. One reload at a time."""
         sd = getattr(self.notifier, "notifier", None)  # sd_notify, when run by the CLI
-        if sd is not None:
-            sd.reloading()
-        self.reload_problem = None
+        with self._reload_lock:
+            if sd is not None:
+                sd.reloading()
+            try:
+                self.reload_problem = self._reload()
+            finally:
+                if sd is not None:
+                    sd.ready()
+                self._wake.set()
+
+    def _reload(self) -> str | None:
+        """One reload; returns why it failed, or None."""
         old = self.config
+        cfg: Config | None = None
         try:
-            cfg = load_config(old.source)
+            cfg = load_config(old.source, running=old, filesystem=True)
             with self._lock:
                 self._apply_config(cfg)  # its folders first: nothing changed if they fail
                 self.config = cfg
-        except errors.NbankdError as err:
-            self.reload_problem = str(err)
-            log.error("reload failed; keeping the running configuration", error=str(err))
-            if sd is not None:
-                sd.ready()
-            return
-        if (cfg.registry, cfg.registry_url, cfg.registry_auth) != (
-            old.registry,
-            old.registry_url,
-            old.registry_auth,
-        ):
-            self._reopen_registry(cfg)
-        if cfg.log != old.log:
-            from nbankd.service.logs import configure_logging
+        except Exception as err:  # a bad file, or a folder it names that cannot be made
+            problem = _failure(err, cfg)
+            source = str(old.source)
+            log.error(
+                "reload failed; keeping the running configuration", source=source, error=problem
+            )
+            return f"the running configuration is kept: {problem}"
+        for warning in cfg.warnings:
+            log.warning("configuration warning", problem=str(warning))
+        try:
+            registries = [(c.registry, c.registry_url, c.registry_auth) for c in (cfg, old)]
+            if registries[0] != registries[1]:
+                self._reopen_registry(cfg)
+            if cfg.log != old.log:
+                from nbankd.service.logs import configure_logging
 
-            configure_logging(cfg.log.format, cfg.log.level)
-        for key in ("state_dir", "control_socket"):
-            if getattr(cfg, key) != getattr(old, key):
-                log.warning("setting changes only at restart", key=key)
-        self._prepare_registry()
-        self._probe_archives(cfg)
-        self._watch_inboxes()
+                configure_logging(cfg.log.format, cfg.log.level)
+            self._prepare_registry()
+            self._probe_archives(cfg)
+            self._watch_inboxes()
+        except Exception as err:  # a bug: the new file is in use, a step after it failed
+            problem = f"{cfg.source} is in use, but a step after it failed: {_failure(err, cfg)}"
+            log.exception("reload failed after applying the configuration", error=problem)
+            return problem
         log.info("configuration reloaded", source=str(cfg.source))
-        if sd is not None:
-            sd.ready()
-        self._wake.set()
+        return None
 
     def _reopen_registry(self, cfg: Config) -> None:
         try:
@@ -457,6 +473,17 @@ class Daemon(DepositWorkers, InboxScanning):
         """The status document (see :mod:`nbankd.daemon.status`)."""
         snap = self.snapshot()
         return status_mod.build_status(snap, self.journal.counts(), self.journal.unfinished())
+
+
+def _failure(err: Exception, cfg: Config | None) -> str:
+    """Why a reload failed, in words naming what (the file's problems, the inbox whose
+    folder could not be made)."""
+    if isinstance(err, OSError) and err.filename is not None and cfg is not None:
+        target = os.fsdecode(err.filename)
+        inbox = cfg.inbox_containing(target)
+        where = f"{cfg.source}: inboxes[{cfg.inboxes.index(inbox)}].path: " if inbox else ""
+        return f"{where}cannot prepare {target}: {err.strerror or err}"
+    return str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -844,3 +844,119 @@ def test_unreachable_registry_has_its_code(tmp_path: Path) -> None:
     """An unreachable registry's problem carries the transient error's code."""
     [problem] = check_against_registry(load(tmp_path, MINIMAL + HTTP), _Unreachable())  # type: ignore[arg-type]
     assert problem.code == errors.RegistryUnavailable.code
+
+
+# --- reading hostile files and overlaps the filesystem hides -------------------------
+
+
+def test_a_reload_keeps_the_running_state_dir_and_control_socket(tmp_path: Path) -> None:
+    """A running daemon re-reading a file that moves state_dir or control_socket keeps
+    its own (they change at restart), with a warning naming the key."""
+    running = load(tmp_path, MINIMAL)
+    moved = write(tmp_path, MINIMAL + "state_dir: elsewhere\ncontrol_socket: other.sock\n")
+    reloaded = load_config(moved, running=running)
+    assert (reloaded.state_dir, reloaded.control_socket) == (
+        running.state_dir,
+        running.control_socket,
+    )
+    said = {p.key: p.message for p in reloaded.warnings}
+    assert (
+        "at the next restart" in said["state_dir"]
+        and "at the next restart" in said["control_socket"]
+    )
+    assert load_config(moved).state_dir == tmp_path / "elsewhere"  # a start takes the file's
+
+
+def test_files_the_daemon_uses_may_not_be_in_an_inbox(tmp_path: Path) -> None:
+    """The metrics textfile, the credentials and the configuration itself would be
+    deposited from an inbox; the textfile would be a stray file in an archive."""
+    text = MINIMAL + "metrics: {textfile: inbox/nbankd.prom}\nregistry_auth: inbox/auth\n"
+    keys = {p.key for p in errors_of(tmp_path, text)}
+    assert {"metrics.textfile", "registry_auth"} <= keys
+    keys = {p.key for p in errors_of(tmp_path, MINIMAL + "metrics: {textfile: archive/x.prom}\n")}
+    assert keys == {"metrics.textfile"}
+    (tmp_path / "rig").mkdir()
+    nested = write(
+        tmp_path / "rig", "archives: [{path: ../archive}]\ninboxes: [{path: ., dtype: wav}]\n"
+    )
+    [err] = [p for p in config_problems(nested) if p.is_error]
+    assert err.key == "inboxes[0].path" and "configuration file" in err.message
+
+
+def test_an_archive_reached_through_a_link_is_the_same_archive(tmp_path: Path) -> None:
+    """A second archive entry that is the first one through a symbolic link is refused
+    where the filesystem is looked at (the daemon, check-config)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    path = write(tmp_path, "archives: [{path: a}, {path: b, name: b}]\n")
+    [err] = [p for p in parse_config(path, filesystem=True)[1] if p.is_error]
+    assert err.key == "archives[1].path" and "symbolic links" in err.message
+
+
+def test_other_readers_of_the_configuration_never_look_up_its_folders(tmp_path: Path) -> None:
+    """Commands that only read the file (every nbankctl command) compare folders as
+    written: a hung network mount named in it cannot hang them."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    path = write(tmp_path, "archives: [{path: a}, {path: b, name: b}]\n")
+    assert [p for p in parse_config(path)[1] if p.is_error] == []
+
+
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [
+        ("audit: {every: 36501d}", "audit.every"),
+        ("alerts: {check_every: 100000000000000}", "alerts.check_every"),
+        ("audit: {scrub_days: 100000000000000000000}", "audit.scrub_days"),
+        ("audit: {max_mb_per_s: " + "9" * 400 + "}", "audit.max_mb_per_s"),
+        ("metrics: {textfile_every: " + "9" * 400 + "}", "metrics.textfile_every"),
+    ],
+)
+def test_durations_and_counts_too_large_for_a_timer_are_refused(
+    tmp_path: Path, written: str, key: str
+) -> None:
+    """Past 100 years (threads' timers overflow near 292) a value is a problem naming
+    its key, never an OverflowError in a thread later."""
+    [err] = errors_of(tmp_path, MINIMAL + written + "\n")
+    assert err.key == key
+
+
+def test_a_group_writable_configuration_is_reported(tmp_path: Path) -> None:
+    """Writable by a group other than root's or the owner's own: a warning with the chmod."""
+    if os.geteuid() != 0:
+        pytest.skip("gives the file to group root")
+    config = write(tmp_path, MINIMAL)
+    os.chown(config, os.getuid(), 0)
+    config.chmod(0o664)
+    assert not [p for p in config_problems(config) if "writable" in p.message]
+    config.chmod(0o646)
+    [warning] = [p for p in config_problems(config) if "writable" in p.message]
+    assert warning.severity == "warning" and f"chmod go-w {config}" in warning.hint
+
+
+def test_a_credentials_file_that_is_not_a_regular_file_is_an_error(tmp_path: Path) -> None:
+    """check_paths names registry_auth when it is a FIFO (reading it would block)."""
+    os.mkfifo(tmp_path / "auth")
+    config = load(tmp_path, MINIMAL + "registry_auth: auth\n")
+    [err] = [p for p in check_paths(config) if p.is_error]
+    assert err.key == "registry_auth" and "FIFO" in err.message
+    with pytest.raises(errors.ConfigError, match="FIFO"):
+        from nbankd.registry.credentials import load_file
+
+        load_file(tmp_path / "auth", "registry.example.org")
+
+
+def test_a_merged_key_with_an_error_is_reported_at_the_anchor(tmp_path: Path) -> None:
+    """A bad value a merge brings in names the merging inbox and the anchor's line."""
+    text = """\
+    archives: [{path: a}]
+    inboxes:
+      - &rig
+        path: rig1
+        dtype: wav
+        settle_seconds: soon
+      - <<: *rig
+        path: rig2
+    """
+    found = {(p.key, p.line) for p in errors_of(tmp_path, text)}
+    assert found == {("inboxes[0].settle_seconds", 6), ("inboxes[1].settle_seconds", 6)}
