@@ -52,8 +52,8 @@ from nbankd.config.values import (
     suggest,
     within,
 )
-from nbankd.config.yamlread import number_reading
 from nbankd.registry.base import DATATYPE_NAME_MAX
+from nbankd.yamlnumbers import number_reading
 
 
 class InboxSections(ParserBase):

@@ -21,7 +21,6 @@ The limits are the ones sidecars are read with (:mod:`nbankd.deposit.bounded`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import yaml
 from nbankd.config.model import Problem
 from nbankd.config.values import KeyPath, render_key
 from nbankd.deposit.bounded import MAX_DEPTH, MAX_NODES
+from nbankd.yamlnumbers import number_reading, odd_number
 
 __all__ = [
     "MAX_DEPTH",
@@ -38,15 +38,11 @@ __all__ = [
     "Lines",
     "duplicate_key_problems",
     "load_yaml",
-    "number_reading",
 ]
 
 _MERGE = "tag:yaml.org,2002:merge"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
-_PLAIN_DECIMAL = re.compile(
-    r"^[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"
-)
 _KINDS = {
     _INT: "a whole number",
     _FLOAT: "a number",
@@ -203,32 +199,14 @@ def _mapping_children(
 
 
 def _note_number(node: yaml.ScalarNode, path: KeyPath, lines: Lines) -> None:
-    if node.style is not None or node.tag not in (_INT, _FLOAT):
-        return
-    text = str(node.value)
-    if _PLAIN_DECIMAL.match(text) or text.lower().lstrip("+-") in (".inf", ".nan"):
+    text = odd_number(node)
+    if text is None:
         return
     try:
         value: object = yaml.SafeLoader("").construct_object(node)
     except Exception:  # reported when the document is built
         return
     lines.numbers[path] = (text, value)
-
-
-def number_reading(text: str) -> str:
-    """How YAML 1.1 reads a number not written in plain decimal, in words."""
-    digits = text.lstrip("+-").lower()
-    if ":" in digits:
-        return "a base-60 number"
-    if digits.startswith("0x"):
-        return "a hexadecimal number"
-    if digits.startswith("0b"):
-        return "a binary number"
-    if len(digits) > 1 and digits[0] == "0" and "." not in digits:
-        return "an octal number"
-    if "_" in digits:
-        return "a number with its '_' left out"
-    return "a number"
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

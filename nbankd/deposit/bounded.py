@@ -9,7 +9,9 @@ such value is built:
    stack, it never recurses): more than :data:`MAX_DEPTH` levels of nesting, more
    than :data:`MAX_NODES` nodes or more than :data:`MAX_ALIASES` aliases stop it.
 2. The composed node graph is checked for duplicate keys in a mapping (an
-   error, never "the last one wins") and keys that are not plain scalars.
+   error, never "the last one wins"), keys that are not plain scalars, and
+   numbers YAML 1.1 reads otherwise than written (``0417`` is octal 271:
+   :class:`OddNumber`; :mod:`nbankd.yamlnumbers`).
 3. The constructed value is walked once, aliases expanded, with a budget of
    :data:`MAX_NODES` nodes and :data:`MAX_DEPTH` levels, so a value that aliases
    make exponential is refused before anything serialises it.
@@ -26,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from nbankd.yamlnumbers import number_reading, odd_number
+
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_ALIASES = 100
@@ -39,6 +43,10 @@ class TooBig(ValueError):
 
 class DuplicateKey(ValueError):
     """A mapping names the same key twice."""
+
+
+class OddNumber(ValueError):
+    """A number written otherwise than in plain decimal (YAML 1.1 reads 0417 as 271)."""
 
 
 def load_yaml(text: str) -> Any:
@@ -127,9 +135,22 @@ def _check_keys(root: yaml.Node, loader: Any) -> None:
                         f"key {key.value!r} appears twice in one mapping (line {line})"
                     )
                 keys.add(built)
-                stack.append(value)
+                stack.extend((key, value))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
+        else:
+            _check_number(node)
+
+
+def _check_number(node: yaml.Node) -> None:
+    """Refuses a number YAML would read otherwise than it is written (``0417``)."""
+    text = odd_number(node)
+    if text is not None:
+        raise OddNumber(
+            f"{text} at line {node.start_mark.line + 1} is not a plain decimal number: "
+            f"YAML reads it as {number_reading(text)}; quote it ('{text}') to keep it as "
+            "written"
+        )
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

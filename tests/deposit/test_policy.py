@@ -370,6 +370,12 @@ GOOD_SIDECARS = [
     ("{}", True, Sidecar()),
     # dates as their text (as always registered), nested keys JSON writes as text
     ("metadata: {day: 2024-01-02}\n", False, Sidecar(metadata={"day": "2024-01-02"})),
+    # numbers as written: quoted, or plain decimal
+    (
+        "metadata: {animal: '0417', n: 417, x: -1.5e+3}\n",
+        False,
+        Sidecar(metadata={"animal": "0417", "n": 417, "x": -1500.0}),
+    ),
     (
         "metadata: {s: {2024-01-01: good, 3: x, true: y}}\n",
         False,
@@ -409,6 +415,9 @@ BAD_SIDECARS = [
     ("metadata: {gain: .nan}\n", False, "'gain' is nan, which JSON cannot hold"),
     ("metadata: {s: {x: -.inf}}\n", False, "'s.x' is -inf"),
     ("metadata: {s: {yes: a, 'true': b}}\n", False, "'s.true' is given twice"),
+    ("metadata: {animal: 0417}\n", False, "0417 at line 1 is not a plain decimal number"),
+    ("metadata:\n  t: [1:30]\n", False, "1:30 at line 2 is not a plain decimal number"),
+    ("metadata: {0x1F: a}\n", False, "YAML reads it as a hexadecimal number"),
 ]
 
 
