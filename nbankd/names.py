@@ -28,8 +28,9 @@ REASON_SUFFIX = ".reason"
 def printable(relpath: str) -> str:
     """A one-line, valid-UTF-8 rendering of a relpath for logs and messages.
 
-    Undecodable bytes and control characters (newline, tab, ...) become ``\\xNN``
-    and a backslash becomes two, so the result is unambiguous and never spans lines.
+    Undecodable bytes and control characters (newline, tab, ...) become ``\\xNN``,
+    C1 controls and bidirectional overrides ``\\uNNNN``, and a backslash becomes two,
+    so the result is unambiguous, never spans lines and displays as the name it is.
     """
     out = []
     for ch in relpath:
@@ -40,9 +41,15 @@ def printable(relpath: str) -> str:
             out.append("\\\\")
         elif code < 0x20 or code == 0x7F:
             out.append(f"\\x{code:02x}")
+        elif 0x80 <= code <= 0x9F or code in _BIDI_CONTROLS:
+            out.append(f"\\u{code:04x}")  # C1 (0x9b starts an escape), direction overrides
         else:
             out.append(ch)
     return "".join(out)
+
+
+#: Unicode's bidirectional controls: a name holding one can display as another name
+_BIDI_CONTROLS = frozenset({0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)})
 
 
 def is_utf8(name: str) -> bool:

@@ -14,7 +14,7 @@ import heapq
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -110,19 +110,22 @@ def parse_since(value: Any, now: float) -> float | None:
             ) from None
     if not isinstance(value, str):
         raise ProtocolError("usage", "'since' must be a duration (24h) or an ISO date")
-    try:
-        return now - parse_duration(value)
-    except ValueError:
-        pass
+    if not (value.isdigit() and len(value) == 8):  # 20240501: a date, not seconds
+        try:
+            return now - parse_duration(value)
+        except ValueError:
+            pass
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.astimezone()  # a date without zone is local time
+        return when.timestamp()
+    except (ValueError, OverflowError):
         raise ProtocolError(
-            "usage", f"--since {value!r} is neither a duration (30m, 24h, 7d) nor an ISO date"
+            "usage",
+            f"--since {value!r} is neither a duration (30m, 24h, 7d) nor an ISO date "
+            "this machine's clock can hold (2024-05-01, 20240501, 2024-05-01T10:00)",
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # a date without zone is local time
-    return when.timestamp()
 
 
 # --- read-only commands --------------------------------------------------------------
@@ -275,16 +278,21 @@ def history(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             return False
         return since is None or receipt_time(r) >= since
 
+    matched = 0
+
+    def found() -> Iterator[tuple[float, int, dict[str, Any]]]:
+        """The matching receipts one at a time: only ``limit`` of them are ever held."""
+        nonlocal matched
+        for n, r in enumerate(read_receipts(daemon.config.state_dir / "receipts")):
+            if matches(r):
+                matched += 1
+                yield receipt_time(r), n, r
+
     # receipt times have whole seconds: ties keep log order (appended later = newer)
-    found = [
-        (receipt_time(r), n, r)
-        for n, r in enumerate(read_receipts(daemon.config.state_dir / "receipts"))
-        if matches(r)
-    ]
-    ordered = heapq.nlargest(limit, found) if limit else sorted(found, reverse=True)
+    ordered = heapq.nlargest(limit, found()) if limit else sorted(found(), reverse=True)
     # receipts keep the URL of their deposit; show where the record lives now
     newest = moves.follow([r for _, _, r in ordered], daemon.config.state_dir)
-    return {"receipts": newest, "matched": len(found)}
+    return {"receipts": newest, "matched": matched}
 
 
 def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:

@@ -56,16 +56,17 @@ def _lines(state_dir: Path) -> list[tuple[str, str]]:
 def read_moves(state_dir: Path) -> dict[str, str]:
     """{old base URL: new base URL}, later lines winning.
 
-    A move that would close a loop (A to B, then B to A: going back) replaces the
-    earlier move it loops with, so following moves always ends.
+    A move that would close a loop (A to B, then B to A: going back; or A to B to C
+    to A) ends the chain at its new registry, where the records are now, so
+    following moves always ends there.
     """
     out: dict[str, str] = {}
     for old, new in _lines(state_dir):
         at, seen = new, {new}
         while at in out:  # does the new move lead back to ``old``?
             nxt = out[at]
-            if nxt == old:
-                del out[at]
+            if nxt == old:  # the records are back at ``new``: it leads nowhere now
+                del out[new]
                 break
             if nxt in seen:  # pragma: no cover - out never holds a loop
                 break

@@ -1,9 +1,10 @@
 """Receipts: one JSON line per deposit, per inbox, under ``state_dir/receipts/``.
 
 The journal is the source of truth; the receipts log is the durable, greppable
-record a person or script reads (``nbankctl history`` reads both). Appending is
-idempotent by token: a receipt whose token is already in the log's tail is not
-written twice when a step is replayed after a crash.
+record a person or script reads (``nbankctl history`` reads it). Appending is
+idempotent by token: a receipt whose token is already in the log's tail, on a whole
+line, is not written twice when a step is replayed after a crash. Every line is
+UTF-8 JSON.
 """
 
 from __future__ import annotations
@@ -42,14 +43,44 @@ def _already_logged(path: Path, token: str, *, from_storage: bool = False) -> bo
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
-            needle = f'"token": "{token}"'.encode()
-            complete = tail.rfind(b"\n")  # a torn last line does not count (no newline)
-            found = complete >= 0 and tail.find(needle, 0, complete) >= 0
+            found = _holds(tail, token)
             if found and not from_storage:  # from storage: fsynced just above
                 fsync_soon(f.fileno())
             return found
     except FileNotFoundError:
         return False
+
+
+def _holds(tail: bytes, token: str) -> bool:
+    """Whether a whole receipt line of ``tail`` is ``token``'s: a line cut short (a
+    full disk, a crash) names the token but is no receipt, so it does not count."""
+    needle = f'"token": "{token}"'.encode()
+    complete = tail.rfind(b"\n")  # a torn last line does not count (no newline)
+    start = 0
+    while complete >= 0 and (at := tail.find(needle, start, complete)) >= 0:
+        first = tail.rfind(b"\n", 0, at) + 1
+        end = tail.find(b"\n", at, complete + 1)  # found: ``complete`` at the latest
+        try:
+            receipt = json.loads(tail[first:end].decode("utf-8", "surrogateescape"))
+        except ValueError:
+            receipt = None
+        if isinstance(receipt, dict) and receipt.get("token") == token:
+            return True
+        start = end + 1
+    return False
+
+
+#: a lone surrogate: a byte of a name that is not UTF-8, as Python keeps it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def receipt_line(receipt: Mapping[str, Any]) -> bytes:
+    """``receipt`` as one line of UTF-8 JSON; a name's bytes that are not UTF-8 are
+    written as JSON escapes (``\\udcff``), which :func:`read_receipts` reads back as
+    they were, so any JSON reader can read every line of the log."""
+    text = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False)
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return (text + "\n").encode("utf-8")
 
 
 def append_receipt(
@@ -69,8 +100,7 @@ def append_receipt(
     token = str(receipt["token"])
     if not (first and not retried) and _already_logged(path, token, from_storage=retried):
         return path
-    line = json.dumps(dict(receipt), sort_keys=True, ensure_ascii=False) + "\n"
-    append_durable(path, line.encode("utf-8", "surrogateescape"), mode=0o640, sync=fsync_soon)
+    append_durable(path, receipt_line(receipt), mode=0o640, sync=fsync_soon)
     return path
 
 
