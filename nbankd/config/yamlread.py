@@ -30,7 +30,7 @@ import yaml
 from nbankd.config.model import Problem
 from nbankd.config.values import KeyPath, render_key
 from nbankd.deposit.bounded import MAX_DEPTH, MAX_NODES
-from nbankd.yamlnumbers import number_reading, odd_number
+from nbankd.yamlnumbers import odd_number
 
 __all__ = [
     "MAX_DEPTH",
