@@ -16,7 +16,9 @@ one message to send now, if any:
   resolution pending at that moment, whatever their kind (a burst of 500
   rejections across inboxes is one message);
 - a problem still there is told again at most every ``repeat_every``; a repeat
-  never waits, and the message it is in carries everything else ready then;
+  never waits, and once one is due every problem told before is repeated with it
+  (problems that last share one reminder, not one message each), in a message that
+  carries everything else ready then;
 - a problem gone and back before its resolution was sent is neither resolved nor
   told again (a flapping mount is not a stream of messages).
 
@@ -58,6 +60,7 @@ NOUNS = {
     "stuck": "input(s) stuck retrying",
     "audit": "audit finding(s)",
     "silent": "silent inbox(es)",
+    "degraded": "problem(s) nbankctl status reports",
 }
 
 
@@ -69,7 +72,7 @@ class Condition:
     summary: str  # what happened, where
     command: str  # what shows more (the hint)
     delay: float = 0.0  # how long it must last before it is told
-    kind: str = ""  # registry, archive, rejected, stalled, stuck, audit, silent
+    kind: str = ""  # registry, archive, rejected, stalled, stuck, audit, silent, degraded
     inbox: str | None = None  # the inbox concerned, if one
     path: str | None = None  # the file concerned, when one is
 
@@ -378,7 +381,8 @@ def step(
 
     A message goes out once the earliest problem ready and not yet told, or the
     earliest resolution pending, has waited ``group_wait``, or when a repeat is due;
-    it carries every problem ready, every repeat due and every resolution pending.
+    it carries every problem ready, every resolution pending and, when a repeat is
+    due, every problem told before (their reminders go together from then on).
     A tracked problem absent from ``present`` whose key starts with one of ``hold``
     is kept as it is (not known now: neither told nor resolved)."""
     tracked: dict[str, Tracked] = {}
@@ -409,6 +413,8 @@ def step(
     starts = [t.ready_at for t in ready] + [t.gone_at or now for t in gone.values()]
     if not repeats and not (starts and now >= min(starts) + group_wait):
         return State(tracked, gone), None
+    if repeats:  # one reminder for everything still there, not one message each
+        repeats = [t for t in tracked.values() if t.told_at is not None]
     told_keys = {t.key for t in ready} | {t.key for t in repeats}
     told = []
     for key, t in tracked.items():

@@ -9,7 +9,12 @@ notifier that fails never holds up deposits nor the other notifier; its message 
 tried again at the next check, then less often while it keeps failing (``check_every``
 doubled each time, at most :data:`MAX_BACKOFF`: a refused password is not retried
 every 30 s all weekend), and the failure shows in ``nbankctl status``
-(:attr:`AlertService.problem`) until a send succeeds.
+(:attr:`AlertService.problem`) until a send succeeds. Any error of a notifier counts
+as a failed send, and a send that has not finished after :func:`send_deadline` is
+given up (an SMTP or HTTP server that trickles its answer holds nothing).
+
+What each notifier has told is kept in ``state_dir`` (:mod:`nbankd.control.alert_memory`),
+so a problem told before a restart and gone after it is resolved.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +37,10 @@ import structlog
 
 from nbankd import errors
 from nbankd.config.model import AlertsConfig, EmailConfig, WebhookConfig
-from nbankd.control import alert_rules
+from nbankd.control import alert_memory, alert_rules
+from nbankd.control.alert_status import degraded_conditions
 from nbankd.daemon import requeue
+from nbankd.names import printable
 from nbankd.registry import credentials
 from nbankd.registry.http_transport import NO_AUTH, settle_environment
 
@@ -41,8 +49,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("nbankd.alerts")
 
-SEND_TIMEOUT = 20.0
+SEND_TIMEOUT = 20.0  # seconds each connection or read may take
 MAX_BACKOFF = 600.0  # at most this long between two tries of a notifier that fails
+
+
+def send_deadline() -> float:
+    """Seconds a whole send may take (each read may take :data:`SEND_TIMEOUT`: a
+    server sending one line at a time would hold it forever)."""
+    return 2 * SEND_TIMEOUT
 
 
 def _token(path: Path) -> str:
@@ -104,14 +118,77 @@ def send_webhook(
         raise OSError(f"webhook {shown} answered {resp.status_code}")
 
 
+def mail_text(text: str) -> str:
+    """``text`` as an email body can carry it: each line :func:`printable` (a name's
+    bytes that are not UTF-8, or its control characters, as ``\\xNN``)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+#: (SMTP host, port) -> the thread of a send given up on that has not ended yet
+_hanging: dict[tuple[str, int], threading.Thread] = {}
+_hanging_lock = threading.Lock()
+
+
 def send_email(cfg: EmailConfig, message: alert_rules.Message, host: str) -> None:
+    """Sends ``message``; gives up (TimeoutError) after :func:`send_deadline`.
+
+    The exchange runs in a thread of its own. At the deadline its connection is shut
+    down, which ends the read it waits on at once; a server still greeting then (the
+    connection is not ours to cut before the greeting ends) holds only that thread,
+    and no other send goes to that server until it has ended."""
     mail = EmailMessage()
     mail["Subject"] = message.subject(host)
     mail["From"] = cfg.from_
     mail["To"] = ", ".join(cfg.to)
-    mail.set_content(message.text())
+    mail.set_content(mail_text(message.text()))
+    server = cfg.smtp
+    with _hanging_lock:
+        earlier = _hanging.get(server)
+        if earlier is not None and earlier.is_alive():
+            raise TimeoutError(
+                f"SMTP server {server[0]}:{server[1]} still holds a send given up on earlier"
+            )
+        _hanging.pop(server, None)
+    connected: list[smtplib.SMTP] = []
+    outcome: list[Exception | None] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            _exchange(cfg, mail, connected)
+        except Exception as err:  # handed to the caller below
+            outcome.append(err)
+        else:
+            outcome.append(None)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="smtp", daemon=True)
+    worker.start()
+    deadline = send_deadline()
+    if not done.wait(deadline):
+        for smtp in connected:
+            sock = smtp.sock
+            if sock is not None:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        if not done.wait(1.0):
+            with _hanging_lock:
+                _hanging[server] = worker
+        raise TimeoutError(
+            f"SMTP server {server[0]}:{server[1]} had not finished after {deadline:g}s"
+        )
+    if not outcome:
+        raise RuntimeError("the SMTP exchange ended without a result")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _exchange(cfg: EmailConfig, mail: EmailMessage, connected: list[smtplib.SMTP]) -> None:
+    """The SMTP exchange of one mail; the connection goes in ``connected`` once open."""
     smtp_host, port = cfg.smtp
     with smtplib.SMTP(smtp_host, port, timeout=SEND_TIMEOUT) as smtp:
+        connected.append(smtp)
         if cfg.starttls:
             # the server's certificate is checked (system CAs, or cafile): credentials
             # are never sent to whoever answers on the SMTP port
@@ -138,6 +215,11 @@ class AlertService:
         self._retry_at: dict[str, float] = {}  # notifier -> not tried again before
         self._failed: dict[str, str] = {}  # notifier -> its last error
         self.sent = 0
+        self._busy: dict[str, threading.Thread] = {}  # notifier -> a send given up on
+        self._state_dir = daemon.config.state_dir
+        self.states.update(alert_memory.load(self._state_dir, [n for n, _ in self._notifiers()]))
+        self._kept = alert_memory.fingerprint(self.states)  # as alerts.json holds them
+        self._keep_problem: str | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="alerts", daemon=True)
         self._thread.start()
@@ -167,6 +249,10 @@ class AlertService:
             unfinished=self.daemon.journal.unfinished(),
             audit=report,
         )
+        present += degraded_conditions(status, self.cfg.unavailable_after)
+        # no audit report yet (audits disabled, none run): findings told before are not
+        # known to be gone
+        hold = alert_rules.audit_held(report) if report is not None else ["audit:"]
         sent: alert_rules.Message | None = None
         failures = []
         for name, send in self._notifiers():
@@ -177,7 +263,7 @@ class AlertService:
                 now=now,
                 repeat_every=self.cfg.repeat_every,
                 group_wait=self.cfg.group_wait,
-                hold=alert_rules.audit_held(report),
+                hold=hold,
             )
             if message is None:
                 self.states[name] = new
@@ -188,18 +274,13 @@ class AlertService:
                 continue
             sent = message
             try:
-                send(message)
-            except (
-                OSError,
-                requests.RequestException,
-                smtplib.SMTPException,
-                errors.NbankdError,  # an unreadable or malformed auth_file
-            ) as err:
+                self._send_within(name, send, message)
+            except Exception as err:  # whatever it is, this message did not go out
                 self.states[name] = alert_rules.unsent(new, old, message)
                 self._failures[name] = self._failures.get(name, 0) + 1
                 backoff = self.cfg.check_every * 2 ** (self._failures[name] - 1)
                 self._retry_at[name] = now + min(backoff, MAX_BACKOFF)
-                self._failed[name] = f"{name}: {err}"
+                self._failed[name] = f"{name}: {_reason(err)}"
                 failures.append(self._failed[name])
             else:
                 self.states[name] = new
@@ -219,7 +300,58 @@ class AlertService:
             self.problem = problem
         else:
             self.problem = None
+        self._keep()
         return sent
+
+    def _send_within(
+        self, name: str, send: Callable[[alert_rules.Message], None], message: alert_rules.Message
+    ) -> None:
+        """``send(message)`` in a thread of its own, given up (TimeoutError) when it has
+        not finished after :func:`send_deadline` and a margin; a notifier whose send
+        was given up on is not tried again until that send has ended."""
+        busy = self._busy.get(name)
+        if busy is not None and busy.is_alive():
+            raise TimeoutError("a send given up on earlier has not ended yet")
+        self._busy.pop(name, None)
+        outcome: list[Exception | None] = []
+
+        def run() -> None:
+            try:
+                send(message)
+            except Exception as err:  # handed to the alert thread below
+                outcome.append(err)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=run, name=f"alerts-{name}", daemon=True)
+        thread.start()
+        wait = send_deadline() + 5.0
+        thread.join(wait)
+        if thread.is_alive():
+            self._busy[name] = thread
+            raise TimeoutError(f"the send had not finished after {wait:g}s")
+        if not outcome:
+            raise RuntimeError("the send ended without a result")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _keep(self) -> None:
+        """Writes what was told to ``state_dir`` when it changed; a failure is logged
+        once and tried again at the next check."""
+        kept = alert_memory.fingerprint(self.states)
+        if kept == self._kept:
+            return
+        try:
+            alert_memory.save(self._state_dir, self.states)
+        except OSError as err:
+            problem = f"{self._state_dir / alert_memory.NAME}: {err.strerror or err}"
+            if problem != self._keep_problem:
+                log.warning(
+                    "what alerts told is not kept; a restart may not resolve it", error=problem
+                )
+            self._keep_problem = problem
+        else:
+            self._kept, self._keep_problem = kept, None
 
     def _notifiers(self) -> list[tuple[str, Callable[[alert_rules.Message], None]]]:
         out: list[tuple[str, Callable[[alert_rules.Message], None]]] = []
@@ -243,10 +375,23 @@ class AlertService:
         self._thread.join(timeout=SEND_TIMEOUT + 5)
 
 
+def _reason(err: Exception) -> str:
+    """A failed send's error in words (its type when it is not one of ours)."""
+    known = (OSError, requests.RequestException, smtplib.SMTPException, errors.NbankdError)
+    return str(err) if isinstance(err, known) else f"{type(err).__name__}: {err}"
+
+
 def start_alerts(daemon: Daemon) -> AlertService | None:
     """The alert service ``daemon.config.alerts`` asks for, or None when off."""
     cfg = daemon.config.alerts
     return AlertService(daemon, cfg) if cfg.enabled else None
 
 
-__all__ = ["AlertService", "send_email", "send_webhook", "start_alerts"]
+__all__ = [
+    "AlertService",
+    "mail_text",
+    "send_deadline",
+    "send_email",
+    "send_webhook",
+    "start_alerts",
+]

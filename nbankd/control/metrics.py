@@ -5,8 +5,10 @@ Every scrape (and every write of the textfile) reads the same status document
 ``nbankctl status`` shows (:func:`nbankd.control.handlers.status`) and the totals the
 daemon keeps as items finish (:class:`nbankd.daemon.tally.Tally`), and turns them
 into metric families (:func:`families`, pure). The official ``prometheus_client``
-serves them (``start_http_server``) and writes the node_exporter textfile
-(``write_to_textfile``: a temporary file renamed over the old one).
+serves them (``start_http_server``); the node_exporter textfile is the same text
+(``generate_latest``) written by :func:`nbankd.archive.fsops.write_atomic`: a new
+temporary file of an unpredictable name, created exclusively (a link planted in the
+folder is never followed), renamed over the old textfile.
 
 Names follow Prometheus' conventions: ``nbankd_..._total`` counters, ``_seconds`` and
 ``_bytes`` units, labels ``inbox`` (the inbox's path), ``archive``, ``code``.
@@ -19,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +29,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from nbankd.archive.fsops import write_atomic
 from nbankd.daemon.tally import LATENCY_BUCKETS, Tally
 from nbankd.timefmt import from_iso
 
@@ -92,7 +95,7 @@ def families(status: Mapping[str, Any], tally: Tally) -> list[Metric]:
         _filled(
             GaugeMetricFamily(
                 "nbankd_last_deposit_timestamp_seconds",
-                "When the inbox's last deposit finished (since this daemon started)",
+                "When the inbox's last deposit finished (read back from its receipts at start)",
                 labels=["inbox"],
             ),
             tally.last_deposit,
@@ -246,9 +249,13 @@ class MetricsService:
             self._writer.start()
 
     def write_textfile(self) -> None:
-        """Writes the textfile now (atomically); a failure is logged once, not raised."""
+        """Writes the textfile now (atomically); a failure is logged once, not raised.
+
+        Never :func:`prometheus_client.write_to_textfile`: its temporary name
+        (``PATH.PID.THREAD``) is predictable and opened following a link, so whoever
+        can write the folder could make the daemon overwrite any file it can write."""
         try:
-            write_to_textfile(self._textfile, self.registry)
+            write_atomic(self._textfile, generate_latest(self.registry), mode=0o644)
         except OSError as err:
             problem = (
                 f"cannot write the metrics textfile {self._textfile}: {err.strerror or err}; "
@@ -263,7 +270,10 @@ class MetricsService:
 
     def _write_loop(self) -> None:
         while not self._stopping.is_set():
-            self.write_textfile()
+            try:
+                self.write_textfile()
+            except Exception:  # a bug here must never end the writes for good
+                log.exception("metrics textfile not written")
             self._stopping.wait(self._every)
 
     def stop(self) -> None:

@@ -32,7 +32,7 @@ from nbankd.daemon import status as status_mod
 from nbankd.daemon.lane import Lane
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
-from nbankd.daemon.tally import Tally
+from nbankd.daemon.tally import Tally, last_deposits
 from nbankd.daemon.view import DaemonView, InboxState, Service, Snapshot
 from nbankd.daemon.wakeup import Request, Wakeup, install_handlers
 from nbankd.daemon.workers import JOURNAL_RETRY, DepositWorkers
@@ -120,6 +120,8 @@ class Daemon(DepositWorkers, InboxScanning):
         for warning in cfg.warnings:  # check-config lists them too
             log.warning("configuration warning", problem=str(warning))
         self._apply_config(cfg)
+        # the last deposit of each inbox, as its receipts say (silent-inbox alerts, metrics)
+        self.tally.last_deposit.update(last_deposits(cfg.state_dir / "receipts", self.inboxes))
         self.steps = Steps(
             journal=self.journal,
             registry=self.registry,

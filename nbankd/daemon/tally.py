@@ -4,19 +4,31 @@ archive errors, latency).
 
 Pure bookkeeping: :meth:`Tally.record` folds one item, as a worker hands it back,
 into the totals; the daemon calls it under its lock and copies the tally into each
-snapshot. Totals start at zero with the process, as Prometheus counters do.
+snapshot. Totals start at zero with the process, as Prometheus counters do; each
+inbox's last deposit does not (a restart must not make a silent rig look fresh, nor
+drop its timestamp): :func:`last_deposits` reads it back from the receipts logs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
+from nbankd.deposit.receipts import receipts_path
+from nbankd.timefmt import from_iso
+
+#: bytes read from the end of a receipts log for its last deposit (more, doubling up
+#: to RECEIPTS_TAIL_MAX, only while that holds no whole line)
+RECEIPTS_TAIL = 64 * 1024
+RECEIPTS_TAIL_MAX = 4 * 1024 * 1024
 
 #: upper bounds (seconds) of the deposit latency histogram's buckets
 LATENCY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, math.inf)
@@ -91,4 +103,56 @@ class Tally:
         )
 
 
-__all__ = ["LATENCY_BUCKETS", "Latency", "Tally"]
+def last_deposits(receipts_dir: Path, inboxes: Iterable[str]) -> dict[str, float]:
+    """Inbox -> when its last deposit finished, as its receipts log says (to the
+    second); an inbox without a log, or whose log's end cannot be read, is left out.
+    Only each log's end is read."""
+    out: dict[str, float] = {}
+    for inbox in inboxes:
+        try:
+            when = _last_receipt_time(receipts_path(receipts_dir, inbox), inbox)
+        except OSError:
+            continue
+        if when is not None:
+            out[inbox] = when
+    return out
+
+
+def _last_receipt_time(path: Path, inbox: str) -> float | None:
+    """The newest ``time`` of the whole receipt lines at the end of ``path``."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except FileNotFoundError:
+        return None
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        want = RECEIPTS_TAIL
+        while True:
+            start = max(0, size - want)
+            f.seek(start)
+            tail = f.read(size - start)
+            lines = tail.split(b"\n")
+            if start > 0:
+                lines = lines[1:]  # the first is cut short by where the read began
+            newest = None
+            for line in lines[:-1]:  # the last is torn, or empty after the final newline
+                when = _receipt_time(line, inbox)
+                if when is not None and (newest is None or when > newest):
+                    newest = when
+            if newest is not None or start == 0 or want >= RECEIPTS_TAIL_MAX:
+                return newest
+            want *= 2
+
+
+def _receipt_time(line: bytes, inbox: str) -> float | None:
+    try:
+        receipt = json.loads(line.decode("utf-8", "surrogateescape"))
+        if not isinstance(receipt, dict) or receipt.get("inbox") not in (None, inbox):
+            return None
+        time = receipt.get("time")
+        return from_iso(time) if isinstance(time, str) else None
+    except (ValueError, OverflowError):
+        return None
+
+
+__all__ = ["LATENCY_BUCKETS", "Latency", "Tally", "last_deposits"]

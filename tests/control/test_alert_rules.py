@@ -297,3 +297,48 @@ def test_findings_of_an_archive_not_audited_again_are_kept() -> None:
     assert message is not None and not message.resolved
     assert [p.key for p in message.problems] == ["audit"]
     assert "not mounted" in message.problems[0].summary
+
+
+def test_what_degrades_status_is_a_problem_unless_told_otherwise() -> None:
+    """Each line of status's degraded list is a problem of its own ("degraded"), keyed
+    without its numbers; lines another kind tells (rejected, stalled, registry, an
+    inbox's archive, the audit, waiting inputs) and the alerts' own failure are not."""
+    from nbankd.control.alert_status import degraded_conditions
+
+    own = "alerts could not be sent (webhook: refused); tried again"
+    lines = [
+        "state_dir /var/lib/nbankd or its journal.sqlite3 was moved while nbankd ran",
+        f"3 file(s) in {INBOX}/.nbank that no deposit of this daemon owns",
+        f"watch of {INBOX}: no answer; scanned every 60s instead",
+        f"2 rejected input(s) waiting in {INBOX}/rejected",
+        f"1 stalled file(s) in {INBOX}",
+        "registry: connection refused",
+        f"archive for {INBOX}: not mounted",
+        f"inbox {INBOX}: 2 input(s) waiting after checksum: changed",
+        "last audit (2024-05-01T00:00:00+00:00) found problems: 1 missing",
+        own,
+    ]
+    found = degraded_conditions({"degraded": lines, "alerts": {"problem": own}}, 600.0)
+    assert [(c.summary, c.delay, c.kind) for c in found] == [
+        (lines[0], 0.0, "degraded"),
+        (lines[1], 0.0, "degraded"),
+        (lines[2], 600.0, "degraded"),  # may pass by itself: told once it lasted
+    ]
+    again = degraded_conditions({"degraded": [lines[1].replace("3 file", "4 file")]}, 600.0)
+    assert again[0].key == found[1].key  # a count that changes is the same problem
+
+
+def test_a_repeat_due_repeats_every_problem_told_in_one_message() -> None:
+    """Once one repeat is due, every problem told before goes with it: problems that
+    last share their reminders instead of one message each."""
+    first = Condition("rejected:/a", "/a was rejected", "c", kind="rejected")
+    second = Condition("rejected:/b", "/b was rejected", "c", kind="rejected")
+    state, message = step(State(), [first], now=0.0, repeat_every=100.0)
+    assert message is not None
+    state, message = step(state, [first, second], now=50.0, repeat_every=100.0)
+    assert message is not None and [p.key for p in message.problems] == ["rejected:/b"]
+    state, message = step(state, [first, second], now=100.0, repeat_every=100.0)
+    assert message is not None
+    assert sorted(p.key for p in message.problems) == ["rejected:/a", "rejected:/b"]
+    state, message = step(state, [first, second], now=150.0, repeat_every=100.0)
+    assert message is None  # /b was repeated with /a: nothing due before 200

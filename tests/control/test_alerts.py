@@ -355,3 +355,68 @@ def test_a_missing_auth_file_is_named_and_sends_nothing(tmp_path: Path) -> None:
     finally:
         controller.stop()
     assert box.mails == []
+
+
+def test_an_email_body_carries_any_file_name() -> None:
+    """A name's bytes that are not UTF-8, and its control characters, are written as
+    \\xNN in an email's body (an email cannot carry them)."""
+    from nbankd.control.alerts import mail_text
+
+    text = "- /in/odd \udcff.wav\r was rejected\n  more: nbankctl explain\n"
+    assert mail_text(text) == "- /in/odd \\xff.wav\\x0d was rejected\n  more: nbankctl explain\n"
+    mail_text(text).encode("utf-8")  # nothing left that UTF-8 cannot carry
+
+
+def test_what_was_told_is_kept_across_a_restart(tmp_path: Path) -> None:
+    """alerts.json keeps each notifier's problems told and resolutions pending, and
+    reads them back (non-UTF-8 names included); a damaged file is ignored."""
+    from nbankd.control import alert_memory
+    from nbankd.control.alert_rules import Condition, State, step
+
+    odd = Condition("rejected:/in/\udcff", "/in/\udcff was rejected", "c", kind="rejected")
+    gone = Condition("silent:/in", "no deposit from /in", "c", kind="silent")
+    state, _ = step(State(), [odd, gone], now=10.0, repeat_every=100.0)
+    state, _ = step(state, [odd], now=20.0, repeat_every=100.0, group_wait=60.0)
+    assert list(state.gone) == ["silent:/in"]  # its resolution waits group_wait
+    alert_memory.save(tmp_path, {"webhook": state, "email": State()})
+    back = alert_memory.load(tmp_path, ["webhook"])
+    assert list(back) == ["webhook"]
+    assert back["webhook"].tracked == state.tracked and back["webhook"].gone == state.gone
+    assert alert_memory.fingerprint(back) == alert_memory.fingerprint({"webhook": state})
+    (tmp_path / alert_memory.NAME).write_text("{not json")
+    assert alert_memory.load(tmp_path, ["webhook"]) == {}
+
+
+def test_a_send_that_hangs_is_given_up_and_not_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notifier's send that has not finished after the deadline is given up on
+    (TimeoutError, a failed send); until it ends, that notifier is not tried again
+    (one thread held, never one per check); its errors reach the alert thread."""
+    from nbankd.control import alerts as alerts_mod
+
+    monkeypatch.setattr(alerts_mod, "SEND_TIMEOUT", 0.1)
+    monkeypatch.setattr(alerts_mod, "send_deadline", lambda: -4.8)  # +5 s margin: 0.2 s
+    service = alerts_mod.AlertService.__new__(alerts_mod.AlertService)
+    service._busy = {}
+    release = threading.Event()
+    calls: list[Message] = []
+
+    def hangs(message: Message) -> None:
+        calls.append(message)
+        release.wait(30)
+
+    with pytest.raises(TimeoutError, match="not finished"):
+        service._send_within("webhook", hangs, MESSAGE)
+    with pytest.raises(TimeoutError, match="not ended yet"):
+        service._send_within("webhook", hangs, MESSAGE)
+    assert len(calls) == 1
+    release.set()
+    service._busy["webhook"].join(10)
+
+    def broken(message: Message) -> None:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    with pytest.raises(UnicodeEncodeError):
+        service._send_within("webhook", broken, MESSAGE)
+    assert alerts_mod._reason(UnicodeEncodeError("utf-8", "x", 0, 1, "bad")).startswith(
+        "UnicodeEncodeError: "
+    )

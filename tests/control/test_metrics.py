@@ -255,3 +255,18 @@ def test_a_textfile_that_cannot_be_written_shows_in_status(
     h.drop("still.wav", b"deposited all the same")
     wait_for(lambda: any(r["id"] == "still" for r in h.receipts()), 60, "the deposit")
     h.stop()
+
+
+def test_the_last_deposits_are_read_back_from_the_receipts_logs(tmp_path: Path) -> None:
+    """At start, each inbox's last deposit comes from the end of its receipts log (a
+    torn last line ignored); an inbox without a log has none."""
+    from nbankd.daemon.tally import RECEIPTS_TAIL, last_deposits
+    from nbankd.deposit.receipts import receipts_path
+
+    log_path = receipts_path(tmp_path, INBOX)
+    filler = json.dumps({"inbox": INBOX, "time": "2024-05-01T10:00:00+00:00", "pad": "x" * 200})
+    lines = [filler] * (2 * RECEIPTS_TAIL // len(filler))
+    lines.append(json.dumps({"inbox": INBOX, "time": "2024-05-02T10:00:00+00:00"}))
+    log_path.write_text("\n".join(lines) + '\n{"inbox": "' + INBOX + '", "time": "2030-0')
+    got = last_deposits(tmp_path, [INBOX, "/srv/inbox/none"])
+    assert got == {INBOX: 1714644000.0}
