@@ -270,11 +270,12 @@ def test_a_kill_while_refusing_puts_the_file_back_on_the_next_run(
 # --- two runs at once -----------------------------------------------------------------
 
 
-def _waiting_on(lock: Path) -> bool:
-    """Whether some process is blocked on the flock of ``lock`` (/proc/locks)."""
-    ino = str(os.stat(lock).st_ino)
+def _waiting_on(state: Path) -> bool:
+    """Whether some process is blocked on the state folder's lock (/proc/locks): the
+    folder's own flock, taken first, or its lock file's."""
+    inos = {os.stat(p).st_ino for p in (state, state / statelock.LOCK_NAME)}
     with open("/proc/locks") as f:
-        return any("->" in line and line.split()[-3].endswith(f":{ino}") for line in f)
+        return any("->" in line and int(line.split()[-3].rsplit(":", 1)[1]) in inos for line in f)
 
 
 def test_a_file_deposited_by_a_concurrent_run_is_named_not_a_traceback(
@@ -297,7 +298,7 @@ def test_a_file_deposited_by_a_concurrent_run_is_named_not_a_traceback(
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(lambda: _waiting_on(state / statelock.LOCK_NAME), 60, "the second run to wait")
+        wait_for(lambda: _waiting_on(state), 60, "the second run to wait")
         src.rename(b.tmp / "taken-by-the-first-run.dat")
     finally:
         held.release()
