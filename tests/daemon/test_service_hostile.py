@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from fixtures.daemon import NBANKD, DaemonHarness, wait_for
+from fixtures.mountns import fill_to_the_last_block
 
 
 def _env() -> dict[str, str]:
@@ -245,16 +246,7 @@ def test_full_state_dir_at_start_is_not_called_an_unreadable_journal(
         timeout=60,
     )
     assert not (view / "state" / "journal.sqlite3-wal").exists()
-    fd = os.open(view / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # the filesystem full to the last block
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 65536)
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 512)
-    finally:
-        os.close(fd)
+    fill_to_the_last_block(view / "filler")
     out = _run_nbankd(h.config_path, wrap=mount_ns.enter)
     said = out.stderr.lower()
     assert out.returncode != 0

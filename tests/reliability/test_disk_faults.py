@@ -14,7 +14,6 @@ Figures go to ``tests/reliability/results/disk_faults.json`` for RELIABILITY.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, wait_for, work_entries
-from fixtures.mountns import MountNamespace
+from fixtures.mountns import MountNamespace, fill_to_the_last_block
 from nbankd.hashing import sha1_file
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
@@ -323,16 +322,7 @@ def test_full_state_directory_waits_then_drains(
     view = mount_ns.view(mnt)
     h.state_dir = view / "state"  # from here on the test reads it through the namespace
     filler = view / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the filesystem to the last block
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 65536)
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 512)
-    finally:
-        os.close(fd)
+    fill_to_the_last_block(filler)
     payloads = drop_batch(h, {"st1.dat": 5000, "st2.dat": 7000, "st3.dat": 9000})
 
     def journal_reported() -> bool:
