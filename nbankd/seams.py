@@ -75,6 +75,7 @@ OTHER_POINTS = (
     "switch-after-nbank-json",
     "switch-after-config",
     "handover-checked",  # a manual deposit's peer checked; its files not yet journaled
+    "before-intent",  # inputs found ready by a scan; their intents not yet built
 )
 AUDIT_POINTS = ("listed", "walk-top", "walked", "hashing", "reading")
 

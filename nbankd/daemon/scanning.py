@@ -14,10 +14,12 @@ import secrets
 import stat
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from nbankd import seams
 from nbankd.config import Config
 from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
@@ -245,9 +247,17 @@ class InboxScanning:
         if not inputs or spec is None:
             return todo
         asked = [e.relpath for e in inputs]
-        held, unknown = open_for_writing(
-            spec, [(e.relpath, e.kind is EntryKind.DIRECTORY_RESOURCE) for e in inputs]
-        )
+        pairs = [(e.relpath, e.kind is EntryKind.DIRECTORY_RESOURCE) for e in inputs]
+        # a sidecar some program still writes holds its input back too
+        owner = {
+            e.relpath + suffix: e.relpath
+            for e in inputs
+            for suffix in SIDECAR_SUFFIXES
+            if e.relpath + suffix in state.tracker.watches
+        }
+        held, unknown = open_for_writing(spec, pairs + [(car, False) for car in owner])
+        held = list(dict.fromkeys(owner.get(rel, rel) for rel in held))
+        unknown = [rel for rel in unknown if rel not in owner]
         if unknown and not state.writers_unknown:
             log.info(
                 "cannot tell whether files are still open for writing: settling alone "
@@ -284,9 +294,20 @@ class InboxScanning:
         todo = self._not_open_for_writing(key, state, todo, now)
         if not todo:
             return
-        items = self.journal.add_many([self._intent(key, state, e, u, now) for e, u in todo])
+        seams.reached("before-intent")
+        rows: list[dict[str, Any]] = []
+        relpaths: list[str] = []
+        for e, u in todo:
+            row = self._intent(key, state, e, u, now)
+            if row is None:  # a sidecar came or changed since the scan: settles first
+                state.next_scan = min(state.next_scan, now + CHANGE_SCAN_GAP)
+                continue
+            rows.append(row)
+            relpaths.append(e.relpath)
+        if not rows:
+            return
+        items = self.journal.add_many(rows)
         self._journal_ok()
-        relpaths = [e.relpath for e, _ in todo]
         state.tracker = settle.forget(state.tracker, relpaths)
         for rel in relpaths:
             state.verdicts.pop(rel, None)  # an item now: no longer waiting
@@ -295,10 +316,11 @@ class InboxScanning:
 
     def _intent(
         self, key: str, state: InboxState, entry: Any, unsafe: bool, now: float
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """The journal row of a new item: everything decided for the input at this
         moment (archive, placement, verify), never read from the live configuration
-        again (the identifier, datatype and metadata are decided by the claim)."""
+        again (the identifier, datatype and metadata are decided by the claim). None
+        when a sidecar appeared or changed since the scan: the input waits for it."""
         reason = None
         if unsafe:
             what = UNSAFE_WHAT.get(entry.kind.name, entry.kind.name.lower())
@@ -311,16 +333,18 @@ class InboxScanning:
                 }
             )
         archive = self.config.archive_for(state.config)
+        seen: dict[str, Any] = {}
+        if entry.identity is not None:
+            seen = {"dev": entry.identity.dev, "ino": entry.identity.ino}
         sidecar = None
-        for suffix in SIDECAR_SUFFIXES:
-            candidate = entry.relpath + suffix
-            try:
-                mode = os.lstat(state.config.path / candidate).st_mode
-            except OSError:  # absent (or unreachable: as absent, as the scan saw it)
-                continue
-            if not stat.S_ISDIR(mode):  # a folder is walked as a folder, never a sidecar
-                sidecar = os.fsencode(candidate)
-                break
+        found = _sidecars_now(state.config.path, entry.relpath)
+        chosen = settle.sidecar_for(found.items(), state.tracker.watches)
+        if chosen == settle.HOLD:
+            return None
+        if chosen is not None:
+            sidecar = os.fsencode(chosen)
+            if seen:
+                seen["sidecar"] = _identity_json(found[chosen])
         marker = (
             os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
         )
@@ -341,12 +365,39 @@ class InboxScanning:
             "verify": int(state.config.verify),
             "sidecar_relpath": sidecar,
             "marker_relpath": marker,
-            "seen_identity": json.dumps({"dev": entry.identity.dev, "ino": entry.identity.ino})
-            if entry.identity is not None
-            else None,
+            "seen_identity": json.dumps(seen) if seen else None,
             "created": now,
             "updated": now,
         }
+
+
+def _sidecars_now(inbox: Path, relpath: str) -> dict[str, Identity | None]:
+    """{relpath of each sidecar name of ``relpath``: its identity now}; None when
+    nothing is there, or a folder (walked as a folder, never a sidecar), or it cannot
+    be reached (as absent, as the scan saw it)."""
+    found: dict[str, Identity | None] = {}
+    for suffix in SIDECAR_SUFFIXES:
+        candidate = relpath + suffix
+        try:
+            st = os.lstat(inbox / candidate)
+        except OSError:
+            found[candidate] = None
+            continue
+        found[candidate] = None if stat.S_ISDIR(st.st_mode) else Identity.of(st)
+    return found
+
+
+def _identity_json(ident: Identity | None) -> dict[str, int]:
+    """What the claim compares a sidecar with before taking it (device, inode, size,
+    modification and change times)."""
+    assert ident is not None
+    return {
+        "dev": ident.dev,
+        "ino": ident.ino,
+        "size": ident.size,
+        "mtime_ns": ident.mtime_ns,
+        "ctime_ns": ident.ctime_ns,
+    }
 
 
 def _seen_identity(tracker: settle.TrackerState) -> Callable[[str], Identity | None]:

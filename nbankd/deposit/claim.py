@@ -17,7 +17,7 @@ from pathlib import Path
 from nbankd import errors, seams
 from nbankd.archive import syncs
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
-from nbankd.deposit.identity import identity_json, seen_matches
+from nbankd.deposit.identity import identity_json, seen_matches, sidecar_seen_matches
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.outcomes import outcome_for
@@ -55,7 +55,9 @@ class ClaimSteps(StepsBase):
                 if outcome is not None:
                     return item, outcome
             # the input is in the work folder: from here on it is never "gone"
-            self._take_sidecar(spec, fs, item)
+            outcome = self._take_sidecar(spec, fs, item)
+            if outcome is not None:
+                return item, outcome
             return self._plan(spec, fs, item)
 
     def _take(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
@@ -98,18 +100,39 @@ class ClaimSteps(StepsBase):
         seams.reached("after-claim-rename")
         return None
 
-    def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> None:
-        """Moves the input's sidecar next to it; one that cannot be reached (its folder
-        gone or swapped for a link) counts as absent, as one deleted would."""
+    def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> Outcome | None:
+        """Moves the input's sidecar next to it, when it is still the one the scan saw
+        settle (else an outcome: the input goes back and settles again); one that cannot
+        be reached (its folder gone or swapped for a link) counts as absent."""
         side_token = rejection.sidecar_work_name(item)
         if item.sidecar_relpath is None or side_token is None:
-            return
+            return None
+        shown = str(spec.path / os.fsdecode(item.sidecar_relpath))
         try:
             side_parent, side_name = fs.parent(item.sidecar_relpath)
-            if fs.exists(side_parent, side_name) and not fs.exists(fs.work, side_token):
-                fs.take(side_parent, side_name, fs.work, side_token)
-        except (inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+            if fs.exists(fs.work, side_token):  # taken before a crash
+                return None
+            st = fs.lstat(side_parent, side_name)
+            outcome = verdicts.sidecar_at_claim(
+                shown=shown, same=sidecar_seen_matches(item.seen_identity, st)
+            )
+            if outcome is not None or st is None:
+                return outcome
+            fs.take(side_parent, side_name, fs.work, side_token)
+            # swapped between the check and the move: the put-back step returns both
+            taken = fs.lstat(fs.work, side_token)
+            same = taken is not None and (taken.st_dev, taken.st_ino) == (st.st_dev, st.st_ino)
+            return verdicts.sidecar_at_claim(shown=shown, same=same)
+        except FileNotFoundError:  # removed since the check (or its folder was)
+            outcome = verdicts.sidecar_at_claim(
+                shown=shown, same=sidecar_seen_matches(item.seen_identity, None)
+            )
+            if outcome is not None:
+                return outcome
             log.warning("sidecar not reachable; deposited without it", item=item.token)
+        except (inboxfs.Escape, NotADirectoryError):
+            log.warning("sidecar not reachable; deposited without it", item=item.token)
+        return None
 
     def _plan(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult:
         """Records the claimed input's identity and decides its identifier and metadata."""

@@ -196,3 +196,13 @@ def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
         and want.get("mtime_ns") == st.st_mtime_ns
         and want.get("ctime_ns") == st.st_ctime_ns
     )
+
+
+def sidecar_seen_matches(seen: str | None, st: os.stat_result | None) -> bool:
+    """True when the sidecar about to be taken (``st``, None: nothing there) is the one
+    the scan saw settle (device, inode, size, modification and change times), or when
+    none was recorded (items of an older journal: taken as found)."""
+    want = json.loads(seen).get("sidecar") if seen is not None else None
+    if want is None:
+        return True
+    return st is not None and fstat_matches(json.dumps(want), st)

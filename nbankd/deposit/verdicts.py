@@ -243,6 +243,22 @@ def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) 
     return None
 
 
+def sidecar_at_claim(*, shown: str, same: bool) -> Outcome | None:
+    """The input is in the work folder; ``same`` is False when its sidecar is no longer
+    the one the scan saw settle (rewritten, replaced or removed since): the input goes
+    back to the inbox and settles again with whatever sidecar it has then, never
+    deposited with a sidecar half written. None: take the sidecar."""
+    if same:
+        return None
+    return Outcome(
+        "changed",
+        "sidecar-changed",
+        f"sidecar {shown} changed after it settled; the input goes back to the inbox and "
+        "is deposited once its sidecar stays unchanged",
+        "nothing to do if the sidecar is still being written",
+    )
+
+
 def still_open_for_writing(shown: str) -> Outcome:
     """A claimed file some program still holds open for writing (quiet for longer than
     the settle time, not finished): it goes back to the inbox, never copied yet."""

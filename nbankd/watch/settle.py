@@ -396,3 +396,28 @@ def forget(state: TrackerState, relpaths: Iterable[str]) -> TrackerState:
     """The state without ``relpaths`` (e.g. after the daemon claimed them)."""
     drop = set(relpaths)
     return replace(state, watches={p: w for p, w in state.watches.items() if p not in drop})
+
+
+#: :func:`sidecar_for`'s answer when the input must wait for the next scan
+HOLD = "hold"
+
+
+def sidecar_for(
+    candidates: Iterable[tuple[str, Identity | None]], watches: Mapping[str, Watch]
+) -> str | None:
+    """Which sidecar an input ready at the last scan is journaled with, from what is
+    at its sidecar names now (``(relpath, identity)``, None: nothing there or a folder):
+    None when there is none, the relpath of the one the tracker saw settle with this
+    very identity, or :data:`HOLD` when one appeared, changed or doubled since the
+    scan (the input waits for the next scan, which settles it with its sidecar:
+    a sidecar still being written is never taken)."""
+    present = [(rel, ident) for rel, ident in candidates if ident is not None]
+    if not present:
+        return None
+    if len(present) > 1:
+        return HOLD
+    [(rel, ident)] = present
+    w = watches.get(rel)
+    if w is None or not w.verdict.ready or not w.identity.same_file(ident):
+        return HOLD
+    return rel

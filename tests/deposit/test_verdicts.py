@@ -22,6 +22,7 @@ from nbankd.deposit.verdicts import (
     at_replay,
     before_publish,
     reads_staged,
+    sidecar_at_claim,
     unsafe_claimed,
     verify_reads,
     when_claimed,
@@ -215,6 +216,14 @@ def test_after_take_verdicts(same: bool, kind: OutcomeKind | None) -> None:
     """An entry swapped in between the check and the move is put back, never deposited."""
     outcome = after_take(shown="/in/rec.wav", same_entry=same)
     assert (outcome and outcome.kind) == kind
+
+
+@pytest.mark.parametrize(("same", "kind"), [(True, None), (False, OutcomeKind.CHANGED)])
+def test_sidecar_at_claim_verdicts(same: bool, kind: OutcomeKind | None) -> None:
+    """A sidecar changed since it settled sends its input back to settle again."""
+    outcome = sidecar_at_claim(shown="/in/rec.wav.nbank.yaml", same=same)
+    assert (outcome and outcome.kind) == kind
+    assert outcome is None or "/in/rec.wav.nbank.yaml changed after it settled" in outcome.message
 
 
 @pytest.mark.parametrize(("seen", "kind"), [(True, None), (False, OutcomeKind.CHANGED)])

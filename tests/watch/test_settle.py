@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nbankd.watch.identity import Identity
 from nbankd.watch.scan import Entry, EntryKind
 from nbankd.watch.settle import (
+    HOLD,
     ReadyMode,
     SettlePolicy,
     State,
@@ -21,6 +22,7 @@ from nbankd.watch.settle import (
     hold_open,
     next_deadline,
     observe,
+    sidecar_for,
     step,
 )
 
@@ -425,3 +427,42 @@ def test_a_file_held_open_for_long_never_stalls() -> None:
         state = hold_open(s.state, ["quiet.wav"], now, SETTLE)
         s = replace(s, state=state)
         now += SETTLE
+
+
+# --- sidecar_for: which sidecar an intent is journaled with -----------------------------
+
+_SETTLED = run([(0, 0), (10, 0)])
+_SETTLING = run([(0, 0), (3, 0)])
+
+
+@pytest.mark.parametrize(
+    ("found", "watches", "chosen"),
+    [
+        ({"a.nbank.yaml": None, "a.nbank.json": None}, {}, None),
+        (
+            {"a.nbank.yaml": ident(0), "a.nbank.json": None},
+            {"a.nbank.yaml": _SETTLED},
+            "a.nbank.yaml",
+        ),
+        ({"a.nbank.yaml": ident(0), "a.nbank.json": None}, {}, HOLD),
+        ({"a.nbank.yaml": ident(0), "a.nbank.json": None}, {"a.nbank.yaml": _SETTLING}, HOLD),
+        ({"a.nbank.yaml": ident(1), "a.nbank.json": None}, {"a.nbank.yaml": _SETTLED}, HOLD),
+        (
+            {"a.nbank.yaml": ident(0), "a.nbank.json": ident(0)},
+            {"a.nbank.yaml": _SETTLED, "a.nbank.json": _SETTLED},
+            HOLD,
+        ),
+        (
+            {"a.nbank.yaml": None, "a.nbank.json": ident(0)},
+            {"a.nbank.json": _SETTLED},
+            "a.nbank.json",
+        ),
+    ],
+    ids=["none", "settled", "unseen", "settling", "changed", "two", "json"],
+)
+def test_sidecar_for(
+    found: dict[str, Identity | None], watches: dict[str, Watch], chosen: str | None
+) -> None:
+    """Only a sidecar the scan saw settle, unchanged since, goes with its input; one that
+    appeared, changes or has a twin holds the input until the next scan."""
+    assert sidecar_for(found.items(), watches) == chosen
