@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from nbankd.config.model import CONFIG_ENV, Problem
-from nbankd.filekind import FileKind
+from nbankd.smallfile import SmallFileError, read_regular
 
 __all__ = ["CONFIG_MAX_BYTES", "read_config_file", "writable_by_others"]
 
@@ -28,44 +28,20 @@ _OTHER_FILE = f"give the configuration file (a regular file) with -c FILE or ${C
 def read_config_file(source: Path) -> tuple[bytes | None, list[Problem]]:
     """The file's bytes, or None and the problem; a warning may come with the bytes."""
     try:
-        before = os.stat(source)  # follows links: what the path names
-        if not stat.S_ISREG(before.st_mode):
-            return None, [_not_regular(source, before.st_mode)]
-        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as err:
-        message = f"cannot read the configuration file: {err.strerror or err}"
-        return None, [Problem(source, "", message, hint=_OTHER_FILE)]
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
-            return None, [_not_regular(source, st.st_mode)]
-        chunks: list[bytes] = []
-        size = 0
-        while size <= CONFIG_MAX_BYTES:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > CONFIG_MAX_BYTES:
+        raw, st = read_regular(source, CONFIG_MAX_BYTES)
+    except SmallFileError as err:
+        if err.reason == "not-regular":
+            message = f"is {err.noun}, not a regular file"
+        elif err.reason == "too-large":
             message = (
                 f"is larger than {CONFIG_MAX_BYTES // (1 << 20)} MiB; a configuration "
                 "file is a few kilobytes"
             )
-            return None, [Problem(source, "", message, hint=_OTHER_FILE)]
-    except OSError as err:
-        message = f"cannot read the configuration file: {err.strerror or err}"
+        else:
+            message = f"cannot read the configuration file: {err.strerror}"
         return None, [Problem(source, "", message, hint=_OTHER_FILE)]
-    finally:
-        os.close(fd)
     warning = writable_by_others(source, st)
-    return b"".join(chunks), [warning] if warning is not None else []
-
-
-def _not_regular(source: Path, mode: int) -> Problem:
-    kind = FileKind.of_mode(mode)
-    noun = "a folder" if kind is FileKind.DIRECTORY else f"a {kind.noun}"
-    return Problem(source, "", f"is {noun}, not a regular file", hint=_OTHER_FILE)
+    return raw, [warning] if warning is not None else []
 
 
 def writable_by_others(source: Path, st: os.stat_result) -> Problem | None:

@@ -43,6 +43,7 @@ from nbankd.daemon import requeue
 from nbankd.names import printable
 from nbankd.registry import credentials
 from nbankd.registry.http_transport import NO_AUTH, settle_environment
+from nbankd.smallfile import SmallFileError, read_regular
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import DaemonView as Daemon
@@ -59,11 +60,24 @@ def send_deadline() -> float:
     return 2 * SEND_TIMEOUT
 
 
+#: a bearer token is a line; a token file this large is not one
+TOKEN_MAX_BYTES = 64 << 10
+
+
 def _token(path: Path) -> str:
     """The first line of a webhook's token file; OSError naming it when it cannot be
     read or is empty (never a request sent with an empty token)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw, _st = read_regular(path, TOKEN_MAX_BYTES)
+    except SmallFileError as err:
+        why = {
+            "missing": "does not exist",
+            "not-regular": f"is {err.noun}, not a regular file",
+            "too-large": f"is larger than {TOKEN_MAX_BYTES // 1024} KiB",
+        }.get(err.reason, f"cannot be read: {err.strerror}")
+        raise OSError(f"the webhook's token_file {path} {why}") from None
+    try:
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise OSError(f"the webhook's token_file {path} is not UTF-8 text") from None
     if not lines or not lines[0].strip():

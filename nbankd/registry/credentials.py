@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nbankd import errors
-from nbankd.filekind import FileKind
+from nbankd.smallfile import SmallFileError, open_regular, read_regular
 
 CREDENTIAL_NAME = "registry"
 #: a credentials file holds one line or a few netrc entries
@@ -93,54 +93,31 @@ def cli_credentials(text: str) -> Credentials:
     return Credentials(creds.username, creds.password, creds.source, ARGV_WARNING)
 
 
-def _open_regular(path: Path) -> int:
-    """A descriptor on ``path`` (links followed), which must be a regular file: a FIFO
-    or a device would block or never end. The caller closes it."""
-    try:
-        before = os.stat(path).st_mode
-        if not stat.S_ISREG(before):
-            raise _not_regular(path, before)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise errors.ConfigError(f"credentials file {path} does not exist") from None
-    except OSError as err:
-        raise errors.ConfigError(
-            f"cannot read credentials file {path}: {err.strerror or err}",
-            hint="check its owner and permissions",
-        ) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # replaced between the two looks
-        os.close(fd)
-        raise _not_regular(path, mode)
-    return fd
-
-
-def _not_regular(path: Path, mode: int) -> errors.ConfigError:
-    kind = FileKind.of_mode(mode)
-    noun = "a folder" if kind is FileKind.DIRECTORY else f"a {kind.noun}"
+def _error(path: Path, err: SmallFileError) -> errors.ConfigError:
+    """The credentials error for a file :mod:`nbankd.smallfile` could not read."""
+    if err.reason == "missing":
+        return errors.ConfigError(f"credentials file {path} does not exist")
+    if err.reason == "not-regular":
+        return errors.ConfigError(
+            f"cannot read credentials file {path}: it is {err.noun}, not a regular file",
+            hint="name a file holding user:password or netrc entries (registry_auth)",
+        )
+    if err.reason == "too-large":
+        return errors.ConfigError(
+            f"credentials file {path} is larger than {CREDENTIALS_MAX_BYTES // 1024} KiB",
+            hint="it holds user:password or a few netrc entries; is it the right file?",
+        )
     return errors.ConfigError(
-        f"cannot read credentials file {path}: it is {noun}, not a regular file",
-        hint="name a file holding user:password or netrc entries (registry_auth)",
+        f"cannot read credentials file {path}: {err.strerror}",
+        hint="check its owner and permissions",
     )
 
 
 def _read(path: Path) -> str:
-    fd = _open_regular(path)
     try:
-        with os.fdopen(fd, "rb", closefd=False) as raw:
-            data = raw.read(CREDENTIALS_MAX_BYTES + 1)
-    except OSError as err:
-        raise errors.ConfigError(
-            f"cannot read credentials file {path}: {err.strerror or err}",
-            hint="check its owner and permissions",
-        ) from None
-    finally:
-        os.close(fd)
-    if len(data) > CREDENTIALS_MAX_BYTES:
-        raise errors.ConfigError(
-            f"credentials file {path} is larger than {CREDENTIALS_MAX_BYTES // 1024} KiB",
-            hint="it holds user:password or a few netrc entries; is it the right file?",
-        )
+        data, _st = read_regular(path, CREDENTIALS_MAX_BYTES)
+    except SmallFileError as err:
+        raise _error(path, err) from None
     try:
         return data.decode()
     except UnicodeDecodeError:
@@ -160,7 +137,10 @@ def _looks_like_netrc(text: str) -> bool:
 
 
 def _from_netrc(path: Path, host: str) -> Credentials | None:
-    os.close(_open_regular(path))  # netrc opens it again: never a FIFO that blocks it
+    try:  # netrc opens it again: never a FIFO that blocks it
+        os.close(open_regular(path)[0])
+    except SmallFileError as err:
+        raise _error(path, err) from None
     try:
         entries = netrc.netrc(str(path))
     except netrc.NetrcParseError as err:

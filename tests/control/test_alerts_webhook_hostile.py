@@ -5,6 +5,7 @@ error text naming the URL's path, query or token."""
 
 from __future__ import annotations
 
+import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -340,6 +341,19 @@ def test_a_token_outside_latin1_is_a_notifier_failure(
     with pytest.raises(NOTIFIER_ERRORS) as info:
         send_webhook(WebhookConfig(url=hook.hook_url, token_file=token), MESSAGE, "x")
     _no_secret_in(info.value)
+
+
+def test_a_token_file_that_is_a_fifo_fails_the_send_at_once(
+    servers: Callable[..., Server], tmp_path: Path
+) -> None:
+    """A FIFO named as token_file (nothing ever writes it) fails the send at once,
+    naming the file as a FIFO, instead of holding the alert thread on its open."""
+    hook = servers()
+    fifo = tmp_path / "token-fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"token-fifo is a FIFO, not a regular file"):
+        send_webhook(WebhookConfig(url=hook.hook_url, token_file=fifo), MESSAGE, "x")
+    assert hook.seen == []
 
 
 # -- fetching's downloads ----------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Reading a small file a person names (the configuration, a credentials file, a
+webhook's token): links followed, but what the path names must be a regular file,
+opened without blocking (a FIFO or a device would hang the reader or never end),
+checked again on the open descriptor, and read up to a bound.
+
+One primitive for every such file; each caller turns :class:`SmallFileError` into
+its own message (a configuration problem with its file and line, a registry
+credentials error, a failed alert send).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from nbankd.filekind import FileKind
+
+__all__ = ["SmallFileError", "open_regular", "read_regular"]
+
+_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class SmallFileError(Exception):
+    """Why a small file cannot be read: ``missing``, ``not-regular`` (``noun`` says what
+    it is instead), ``too-large`` or ``unreadable`` (``strerror`` says why)."""
+
+    def __init__(self, reason: str, *, noun: str = "", strerror: str = "") -> None:
+        super().__init__(reason, noun, strerror)
+        self.reason = reason
+        self.noun = noun
+        self.strerror = strerror
+
+
+def _not_regular(mode: int) -> SmallFileError:
+    kind = FileKind.of_mode(mode)
+    noun = "a folder" if kind is FileKind.DIRECTORY else f"a {kind.noun}"
+    return SmallFileError("not-regular", noun=noun)
+
+
+def _unreadable(err: OSError) -> SmallFileError:
+    if err.errno == errno.ENOENT:
+        return SmallFileError("missing", strerror=err.strerror or str(err))
+    return SmallFileError("unreadable", strerror=err.strerror or str(err))
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """A descriptor on the regular file ``path`` names and its ``fstat``; the caller
+    closes it. Raises :class:`SmallFileError`."""
+    try:
+        before = os.stat(path)  # follows links: what the path names
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_regular(before.st_mode)
+        fd = os.open(path, _FLAGS)
+    except OSError as err:
+        raise _unreadable(err) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        os.close(fd)
+        raise _unreadable(err) from None
+    if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
+        os.close(fd)
+        raise _not_regular(st.st_mode)
+    return fd, st
+
+
+def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file ``path`` names (at most ``limit``) and its
+    ``fstat``. Raises :class:`SmallFileError` (``too-large`` past ``limit``)."""
+    fd, st = open_regular(path)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise _unreadable(err) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise SmallFileError("too-large")
+    return b"".join(chunks), st
