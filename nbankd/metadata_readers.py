@@ -49,7 +49,11 @@ Status = Literal["read", "no-reader", "invalid", "unavailable"]
 DEFAULT_TIMEOUT = 120.0
 #: bytes of address space the reader's process may map (its interpreter included)
 DEFAULT_MEMORY = 4 << 30
+#: bytes of the reader's standard error kept (its end, for the message)
 _STDERR_TAIL = 2000
+#: bytes of answer read from the reader's process; a larger one is no answer (the
+#: metadata it could carry would be refused by the registry's limits anyway)
+MAX_ANSWER = 4 << 20
 
 
 class MetadataReaderUnavailable(errors.NbankdError):
@@ -264,7 +268,6 @@ def read_file_metadata(
         stack.callback(os.close, fd)
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="nbankd-reader-"))
         os.symlink(f"/proc/self/fd/{fd}", os.path.join(folder, shown))
-        stderr = stack.enter_context(tempfile.TemporaryFile())
         request = {
             "path": where,
             "memory": int(memory),
@@ -276,14 +279,14 @@ def read_file_metadata(
             [python, "-I", "-c", _CHILD, json.dumps(request)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=stderr,
+            stderr=subprocess.PIPE,  # only its end is kept: a chatty reader fills nothing
             start_new_session=True,  # its own process group: killed whole at the deadline
             close_fds=True,
             cwd=folder,
             pass_fds=(fd,),  # the same number in the child: the link above points at it
         )
         try:
-            out = _answer(child, timeout)
+            out, err_tail = _answer(child, timeout)
         except subprocess.TimeoutExpired:
             _kill_group(child)
             return ReaderResult(
@@ -291,9 +294,11 @@ def read_file_metadata(
             )
         finally:
             _kill_group(child)  # what the reader may have started in the background
-        stderr.seek(0, os.SEEK_END)
-        stderr.seek(max(0, stderr.tell() - _STDERR_TAIL))
-        tail = stderr.read().decode("utf-8", "replace").strip()
+        tail = err_tail.decode("utf-8", "replace").strip()
+    if out is None:
+        return ReaderResult(
+            "unavailable", message=f"{label} answered with more than {MAX_ANSWER >> 20} MiB"
+        )
     try:
         reply = json.loads(out)
         status = reply["status"]
@@ -316,22 +321,29 @@ def read_file_metadata(
     return ReaderResult("unavailable", message=f"{label}: {reply.get('message', 'no answer')}")
 
 
-def _answer(child: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """What the child wrote on its standard output by the time it exited. Its end is
-    the child's exit, not the pipe's end of file: a process the reader left in the
-    background may hold the pipe open (it is killed with the group afterwards).
-    Raises TimeoutExpired when the child runs past ``timeout`` seconds."""
-    assert child.stdout is not None
-    out = child.stdout.fileno()
+def _answer(child: subprocess.Popen[bytes], timeout: float) -> tuple[bytes | None, bytes]:
+    """What the child wrote on its standard output by the time it exited (None past
+    :data:`MAX_ANSWER` bytes) and the last :data:`_STDERR_TAIL` bytes of its standard
+    error. Their end is the child's exit, not the pipes' end of file: a process the
+    reader left in the background may hold them open, and write on (it is killed with
+    the group afterwards); what is read after the exit is bounded too. Raises
+    TimeoutExpired when the child runs past ``timeout`` seconds."""
+    assert child.stdout is not None and child.stderr is not None
+    out, err = child.stdout.fileno(), child.stderr.fileno()
     os.set_blocking(out, False)
+    os.set_blocking(err, False)
     deadline = time.monotonic() + timeout
-    parts: list[bytes] = []
+    answer = _Capped(MAX_ANSWER, keep_end=False)
+    tail = _Capped(_STDERR_TAIL, keep_end=True)
+    sinks = {out: answer, err: tail}
     with contextlib.ExitStack() as stack:
         stack.callback(child.stdout.close)
+        stack.callback(child.stderr.close)
         exited = os.pidfd_open(child.pid)
         stack.callback(os.close, exited)
         sel = stack.enter_context(selectors.DefaultSelector())
         sel.register(out, selectors.EVENT_READ)
+        sel.register(err, selectors.EVENT_READ)
         sel.register(exited, selectors.EVENT_READ)
         done = False
         while not done:
@@ -340,24 +352,46 @@ def _answer(child: subprocess.Popen[bytes], timeout: float) -> bytes:
                 raise subprocess.TimeoutExpired(child.args, timeout)
             for key, _ in sel.select(left):
                 if key.fd == exited:
-                    done = True  # what it wrote before exiting is in the pipe: read below
-                elif _read_some(out, parts) is False:
-                    sel.unregister(out)  # end of file: wait for the exit
-        while _read_some(out, parts):
-            pass
-    return b"".join(parts)
+                    done = True  # what it wrote before exiting is in the pipes: read below
+                elif not sinks[key.fd].read_from(key.fd):
+                    sel.unregister(key.fd)  # end of file: wait for the exit
+        for fd, sink in sinks.items():  # at most a pipe's worth each: then it is over
+            for _ in range(64):
+                if not sink.read_from(fd):
+                    break
+    return (None if answer.over else answer.data()), tail.data()
 
 
-def _read_some(fd: int, parts: list[bytes]) -> bool | None:
-    """Appends what can be read from ``fd`` now: True when something was, False at
-    end of file, None when nothing is waiting."""
-    try:
-        data = os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return None
-    if data:
-        parts.append(data)
-    return bool(data)
+class _Capped:
+    """Bytes read from a pipe, at most ``cap``: the first ``cap`` (``over`` set when
+    more came) or, with ``keep_end``, the last ``cap``."""
+
+    def __init__(self, cap: int, *, keep_end: bool) -> None:
+        self.cap = cap
+        self.keep_end = keep_end
+        self.over = False
+        self._buf = bytearray()
+
+    def read_from(self, fd: int) -> bool:
+        """Reads what is waiting on ``fd``: False at end of file or when nothing is."""
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        if self.keep_end:
+            self._buf += data
+            del self._buf[: max(0, len(self._buf) - self.cap)]
+        elif not self.over:
+            self._buf += data
+            if len(self._buf) > self.cap:
+                self.over = True
+                self._buf.clear()
+        return True
+
+    def data(self) -> bytes:
+        return bytes(self._buf)
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:

@@ -7,7 +7,9 @@ child's search path."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,23 @@ def listing(path):
 
 def unstorable(path):
     return {"when": object()}
+
+def chatty(path):
+    import sys
+    line = "x" * 1023 + "\\n"
+    for _ in range(32 * 1024):  # 32 MiB of progress messages
+        sys.stderr.write(line)
+    return {"ok": 1}
+
+def huge(path):
+    return {"blob": "x" * (5 << 20)}
+
+def spewing(path):
+    import sys
+    if os.fork() == 0:  # left behind, writing on for ever
+        while True:
+            os.write(2, b"y" * 65536)
+    return {"ok": 1}
 """
 
 ENTRY_POINTS = """\
@@ -65,6 +84,9 @@ lookup-rec = labreaders:lookup
 list-rec = labreaders:listing
 odd-rec = labreaders:unstorable
 broken-rec = labreaders_missing_module:read
+chatty-rec = labreaders:chatty
+huge-rec = labreaders:huge
+spew-rec = labreaders:spewing
 """
 
 
@@ -174,6 +196,40 @@ def test_a_value_that_cannot_be_registered_is_named(path: list[str], wav: Path) 
     """A value that is not JSON makes the reader unavailable, naming its key."""
     result = read_file_metadata("odd-rec", wav, search_path=path)
     assert result.status == "unavailable" and "'when'" in result.message
+
+
+def test_a_reader_writing_much_on_stderr_writes_nothing_to_disk(path: list[str], wav: Path) -> None:
+    """A reader writing 32 MiB of messages is read, its messages kept in memory only by
+    their end: under a 1 MiB file size limit (RLIMIT_FSIZE) nothing of them is a file."""
+    code = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from nbankd.metadata_readers import read_file_metadata\n"
+        "r = read_file_metadata('chatty-rec', sys.argv[1], search_path=json.loads(sys.argv[2]))\n"
+        "print(json.dumps([r.status, dict(r.metadata), r.message]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(wav), json.dumps(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(done.stdout) == ["read", {"ok": 1}, ""], done.stderr
+
+
+def test_an_answer_larger_than_any_record_takes_is_unavailable(path: list[str], wav: Path) -> None:
+    """A reader answering with more than 4 MiB is unavailable, never held in memory whole."""
+    result = read_file_metadata("huge-rec", wav, search_path=path)
+    assert result.status == "unavailable" and "more than 4 MiB" in result.message
+
+
+def test_guard_a_helper_writing_on_after_the_answer_ends_nothing(
+    path: list[str], wav: Path
+) -> None:
+    """A reader leaving a process that writes on its error output for ever is read at
+    once: what is read after the reader's exit is bounded."""
+    result = read_file_metadata("spew-rec", wav, timeout=60, search_path=path)
+    assert (result.status, dict(result.metadata)) == ("read", {"ok": 1})
 
 
 def test_two_packages_reading_one_datatype_are_refused(tmp_path: Path, wav: Path) -> None:
