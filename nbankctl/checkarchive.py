@@ -16,9 +16,11 @@ Speed: the registry's listing of the archive is what takes longest (the server's
 work); the command starts it first, under a guessed name, and :func:`start` then
 walks the archive and reads every stored resource on a pool of readers while the
 listing runs and the registry is asked which archive this is; :meth:`Check.finish`
-judges once both are in. The check itself never writes (nor changes access times). What
-``--fix`` may change is below it: owners, groups and modes set to the archive's
-policy (:mod:`nbankd.archive.access`), a missing ``staging/`` made, resources in the
+judges once both are in, and stops the reads of files the registry places nowhere
+(nothing needs their hash; a huge stray file must not hold the check). The check
+itself never writes (nor changes access times). What ``--fix`` may change is below
+it: owners, groups and modes set to the archive's policy
+(:mod:`nbankd.archive.access`), a missing ``staging/`` made, resources in the
 wrong stub folder refiled (never replacing anything), and, only when the user
 answers a question at a terminal, a leftover or a verified copy removed or a
 location added.
@@ -125,6 +127,7 @@ class Check:
         self.check_hash = check_hash
         self._ahead = ahead
         self._stop = threading.Event()
+        self._dropped: frozenset[str] = frozenset()
         self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="nbankctl-check")
         self._reads: dict[str, Future[str]] = {}
         self._walk: Future[Walk] = self._pool.submit(self._walk_and_read)
@@ -137,18 +140,41 @@ class Check:
     def _sha1(self, stored: Stored) -> str:
         return sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)[0]
 
+    def _sha1_ahead(self, stored: Stored) -> str:
+        """A read started before the registry said what is registered: it stops before
+        its next block once :meth:`_drop` says nothing needs its hash."""
+
+        def throttle(n: int) -> None:
+            if stored.name in self._dropped:
+                raise Cancelled(f"{stored.name}: registered nowhere, its hash is not needed")
+            self._throttle(n)
+
+        return sha1_of_resource(stored.path, throttle, is_dir=stored.is_dir)[0]
+
     def _walk_and_read(self) -> Walk:
         walk = walk_archive(self.archive)
         if self.check_hash and not self._stop.is_set():  # the largest first: all end together
             for stored in sorted(walk.stored.values(), key=lambda s: -s.stat.size):
-                self._reads[stored.name] = self._pool.submit(self._sha1, stored)
+                self._reads[stored.name] = self._pool.submit(self._sha1_ahead, stored)
         return walk
+
+    def _drop(self, names: set[str]) -> None:
+        """Stops the reads of files the registry places nowhere (a 1 TiB sparse stray
+        would hold the check for hours): not started, they never start; under way,
+        they stop before their next block."""
+        self._dropped = self._dropped | names
+        for name in names:
+            future = self._reads.get(name)
+            if future is not None:
+                future.cancel()
 
     def _read(self, stored: Stored) -> str:
         """The SHA-1 of a stored resource: the pool's read if there was one, else now.
         Raises OSError as reading failed."""
         future = self._reads.get(stored.name)
-        return future.result() if future is not None else self._sha1(stored)
+        if future is None or stored.name in self._dropped:
+            return self._sha1(stored)
+        return future.result()
 
     def _listing(self, registry: Registry, name: str) -> dict[str, str | None]:
         if self._ahead is not None and self._ahead[0] == name:
@@ -174,11 +200,14 @@ class Check:
         findings = walk_findings(walk)
         placed, lookup = misplaced(walk, expected)
         findings += placed
+        lookup += [stored for name, stored in sorted(walk.stored.items()) if name not in expected]
+        known = by_name(registry.get_resources(s.name for s in lookup)) if lookup else {}
+        # before waiting on any read: readers busy with huge strays would hold it for hours
+        self._drop({s.name for s in lookup if s.name not in known})
         bad: set[str] = set()
         kept: list[Stored] = []
         for name, stored in sorted(walk.stored.items()):
             if name not in expected:
-                lookup.append(stored)
                 continue
             kept.append(stored)
             want = expected[name]
@@ -191,21 +220,19 @@ class Check:
         for name in sorted(set(expected) - set(walk.stored) - set(walk.misplaced)):
             if walk.complete(name):  # else its stub folder could not be listed: reported
                 findings.append(Finding(MISSING_FROM_ARCHIVE, name, None))
-        if lookup:
-            known = by_name(registry.get_resources(s.name for s in lookup))
-            for stored in lookup:
-                record = known.get(stored.name)
-                if record is None:
-                    findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
-                    continue
-                if archive_name in record.locations:
-                    continue  # registered here since the listing: nothing to say
-                finding = elsewhere(record, stored, self._read if self.check_hash else None)
-                if finding is None:
-                    continue
-                findings.append(finding)
-                if finding.kind == REGISTERED_ELSEWHERE and record.sha1 and self.check_hash:
-                    report.verified_elsewhere.add(stored.name)
+        for stored in lookup:
+            record = known.get(stored.name)
+            if record is None:
+                findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
+                continue
+            if archive_name in record.locations:
+                continue  # registered here since the listing: nothing to say
+            finding = elsewhere(record, stored, self._read if self.check_hash else None)
+            if finding is None:
+                continue
+            findings.append(finding)
+            if finding.kind == REGISTERED_ELSEWHERE and record.sha1 and self.check_hash:
+                report.verified_elsewhere.add(stored.name)
         staging = self.archive.staging_dir
         findings += [staging_finding(staging / name) for name, _ in walk.staging]
         report.findings = findings

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
@@ -158,10 +159,44 @@ def sha1_stream(src: Source, *, throttle: Throttle | None = None) -> str:
     return copy_hashing(src, None, throttle=throttle).sha1
 
 
+class NotRegularFile(OSError):
+    """The path is a FIFO, socket or device: never read (a FIFO would wait forever for
+    a writer, a tape device would rewind). ``filename`` is the path, ``strerror`` says
+    what it is."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _refuse(path: str | os.PathLike[str], mode: int) -> NotRegularFile:
+    what = _kind(mode)
+    return NotRegularFile(
+        errno.EINVAL, f"{what}, not a regular file or folder: not read", os.fspath(path)
+    )
+
+
 def sha1_file(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
-    """Returns the SHA-1 of the file at ``path`` (symbolic links are followed)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Returns the SHA-1 of the file at ``path`` (symbolic links are followed).
+
+    Raises :class:`NotRegularFile` for a FIFO, socket or device, at once: it is
+    checked before opening, and opening never waits (``O_NONBLOCK``), then checked
+    again on the open descriptor (it may have been swapped meanwhile)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _refuse(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse(path, mode)
+        os.set_blocking(fd, True)
         return sha1_stream(fd, throttle=throttle)
     finally:
         os.close(fd)
@@ -205,7 +240,8 @@ def directory_hash(path: str | os.PathLike[str], *, throttle: Throttle | None = 
 
 
 def hash_path(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
-    """Returns the SHA-1 of a file, or neurobank's directory hash of a directory."""
+    """Returns the SHA-1 of a file, or neurobank's directory hash of a directory;
+    :class:`NotRegularFile` for anything else (a FIFO, socket or device)."""
     if os.path.isdir(path):
         return directory_hash(path, throttle=throttle)
     return sha1_file(path, throttle=throttle)
@@ -216,6 +252,7 @@ __all__ = [
     "CopyResult",
     "DestinationWriteError",
     "DirectoryHasher",
+    "NotRegularFile",
     "SourceReadError",
     "copy_hashing",
     "directory_hash",

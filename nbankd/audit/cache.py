@@ -249,10 +249,12 @@ class AuditCache:
             )
 
     def _runs(self, where: str) -> list[RunRecord]:
+        """The run begun last that matches ``where``: by the order the runs were recorded
+        in (rowid), not their start times, which a clock step can put out of order."""
         with self._locked("reading past audits") as db:
             rows = db.execute(
                 "SELECT id, started, full, trigger, finished, report FROM runs"
-                f" {where} ORDER BY started DESC LIMIT 1"
+                f" {where} ORDER BY rowid DESC LIMIT 1"
             ).fetchall()
         return [RunRecord(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
 

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nbankd.archive.layout import stored_file
+from nbankd import errors
+from nbankd.archive.layout import Archive, stored_file
 from nbankd.audit.model import (
     CHANGED_ELSEWHERE,
     HASH_MISMATCH,
@@ -32,7 +33,7 @@ from nbankd.audit.model import (
     Finding,
     young,
 )
-from nbankd.audit.reader import vanished
+from nbankd.audit.reader import list_dir, vanished
 from nbankd.audit.walk import Stored, Walk
 from nbankd.registry.base import ResourceRecord
 
@@ -169,6 +170,19 @@ def registered_within(record: ResourceRecord | None, *, now: float, grace: float
     return young(created.timestamp(), now=now, grace=grace)
 
 
+def stored_now(archive: Archive, name: str) -> bool:
+    """True if ``resources/`` holds an entry for ``name`` now, under any one extension
+    (``name`` or ``name.EXT``: the stem is the identifier, as the walk reads names, so
+    ``name.dat.bak`` is not it), listing the stub folder without touching its atime; a
+    folder that cannot be listed now counts as holding it (the walk listed it; nothing
+    is reported on a guess)."""
+    try:
+        entries = archive.stored_entries(name, lister=list_dir)
+    except errors.NbankdError:
+        return True
+    return any(entry.stem == name for entry in entries)
+
+
 __all__ = [
     "by_name",
     "elsewhere",
@@ -176,5 +190,6 @@ __all__ = [
     "misplaced",
     "registered_within",
     "staging_finding",
+    "stored_now",
     "walk_findings",
 ]

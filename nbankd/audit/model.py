@@ -96,8 +96,9 @@ class FileStat(NamedTuple):
     For a folder resource: the total size of its files, the newest mtime of
     anything in it, the folder's inode and the newest ctime of anything in it.
     (Named tuples: an audit makes 100k.) The ctime catches a writer that puts the
-    mtime back, and is what tells a file just placed by a transfer (tape import,
-    ``nbank``) from an old one.
+    mtime back (except where the filesystem reports the mtime as the ctime, as SSHFS
+    does: :data:`~nbankd.audit.walk.STAT_BLIND`), and is what tells a file just placed
+    by a transfer (tape import, ``nbank``) from an old one.
     """
 
     size: int

@@ -9,7 +9,9 @@ run ``run_id``. A resource is re-hashed when:
 - ``unverified``: the cached SHA-1 differs from the registered one (a mismatch is
   always confirmed by a fresh read before it is reported);
 - ``full``: a full audit re-reads everything not yet read during this run;
-- ``due``: it was last read ``scrub_days`` ago or more (the hard guarantee);
+- ``due``: it was last read ``scrub_days`` ago or more (the hard guarantee), or
+  at a time still to come (read while the clock was ahead: how long ago is not
+  known, so it is read now rather than never);
 - ``slice``: the rolling scrub: each run also reads the least recently verified
   resources, ``ceil(N / runs per scrub period)`` of them, minus those already
   read during this run, so the load is spread evenly instead of everything
@@ -110,10 +112,17 @@ def hash_reason(
         return None  # read earlier in this (resumed) run
     if policy.full:
         return FULL
-    scrub = policy.scrub_seconds
-    if scrub is not None and now - entry.verified_at >= scrub:
+    if due(entry.verified_at, now=now, scrub=policy.scrub_seconds):
         return DUE
     return None
+
+
+def due(verified_at: float, *, now: float, scrub: float | None) -> bool:
+    """True if a resource last read at ``verified_at`` must be read again by the scrub:
+    ``scrub`` seconds ago or more, or after ``now`` (read while the clock was ahead;
+    its age is unknown, and left alone it would not come due until the clock caught
+    up). False when scrubbing is off (``scrub`` None)."""
+    return scrub is not None and (now - verified_at >= scrub or verified_at > now)
 
 
 def plan_hashes(
@@ -144,7 +153,7 @@ def plan_hashes(
             and (want is None or entry.sha1 == want)
             and entry.run_id != run_id
             and not full
-            and (scrub is None or now - entry.verified_at < scrub)
+            and (scrub is None or 0 <= now - entry.verified_at < scrub)
         ):
             resting.append((entry.verified_at, name))
             continue
@@ -254,6 +263,7 @@ __all__ = [
     "HashPolicy",
     "categorise",
     "disagreements",
+    "due",
     "hash_reason",
     "listing_after",
     "plan_hashes",

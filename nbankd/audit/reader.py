@@ -137,11 +137,13 @@ def sha1_of_file(
 DIR, FILE, LINK, OTHER = "dir", "file", "link", "other"
 
 
-def list_dir(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+def list_dir(path: str | os.PathLike[str], *, follow: bool = True) -> list[tuple[str, str]]:
     """(name, kind) of each entry of a folder (kind: dir, file, link or other), listed
-    through a descriptor opened with ``O_NOATIME`` so the folder's atime stays put."""
+    through a descriptor opened with ``O_NOATIME`` so the folder's atime stays put.
+    ``follow=False``: a symbolic link in place of the folder is an error (ELOOP), not
+    listed through."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    fd = _open(os.fspath(path), follow=True, flags=flags)
+    fd = _open(os.fspath(path), follow=follow, flags=flags)
     try:
         with os.scandir(fd) as it:
             return [(e.name, _kind(e)) for e in it]

@@ -1,10 +1,13 @@
 """Audit reports on disk (JSON under ``state_dir/audits/``) and as log events.
 
-Each run writes ``<id>.json`` (ids sort by start time) atomically: a temporary
-file, fsynced, renamed into place, mode 0640. Old reports are deleted: at most the
-newest :data:`KEEP` are kept, none older than :data:`KEEP_DAYS` days, and no more
-than :data:`KEEP_BYTES` together (a report listing a wiped registry's findings can
-be large); the newest report is always kept.
+Each run writes ``<id>.json`` atomically: a temporary file, fsynced, renamed into
+place, mode 0640; then ``.latest`` names it. The latest report is the one ``.latest``
+names, else the one written last (by mtime): never the one whose id, a time stamp,
+sorts last, as a report written while the clock was ahead would hide every later
+one. Old reports are deleted: at most the newest :data:`KEEP` are kept, none older
+than :data:`KEEP_DAYS` days, and no more than :data:`KEEP_BYTES` together (a report
+listing a wiped registry's findings can be large); the report just written is always
+kept.
 
 Every finding is also logged as one structured warning event (``audit finding``,
 with ``archive``, ``kind``, ``resource_id``, ``path``, ``detail``), so
@@ -34,6 +37,8 @@ KEEP_DAYS = 90
 KEEP_BYTES = 200_000_000
 LOG_LIMIT = 1000  # findings logged one by one per run; the report has them all
 _SUFFIX = ".json"
+#: names the report written last (a clock step can put ids and mtimes out of order)
+LATEST = ".latest"
 
 
 def report_path(folder: Path, report: AuditReport) -> Path:
@@ -48,28 +53,37 @@ def write_report(folder: Path, report: AuditReport) -> Path:
     data["report"] = str(path)
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
     write_atomic(path, text.encode("utf-8"), mode=0o640)
-    _prune(folder)
+    write_atomic(folder / LATEST, f"{path.name}\n".encode(), mode=0o640)
+    _prune(folder, keep=path)
     return path
 
 
-def _reports(folder: Path) -> list[Path]:
+def _reports(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    """The reports in ``folder`` with their stat, newest (by mtime, then name) first."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return []
-    return sorted(folder / n for n in names if n.endswith(_SUFFIX) and not n.startswith("."))
-
-
-def _prune(folder: Path, now: float | None = None) -> None:
-    """Deletes reports beyond the newest :data:`KEEP`, older than :data:`KEEP_DAYS`, or
-    past :data:`KEEP_BYTES` counted from the newest; the newest is always kept."""
-    now = time.time() if now is None else now
-    total = 0
-    for i, path in enumerate(reversed(_reports(folder))):
-        try:
-            st = path.stat()
-        except OSError:
+    found = []
+    for name in names:
+        if not name.endswith(_SUFFIX) or name.startswith("."):
             continue
+        path = folder / name
+        with contextlib.suppress(OSError):
+            found.append((path, path.stat()))
+    found.sort(key=lambda p: (p[1].st_mtime_ns, p[0].name), reverse=True)
+    return found
+
+
+def _prune(folder: Path, *, keep: Path | None = None, now: float | None = None) -> None:
+    """Deletes reports beyond the newest :data:`KEEP`, older than :data:`KEEP_DAYS`, or
+    past :data:`KEEP_BYTES` counted from the newest; ``keep`` (the report just written)
+    counts as the newest and always stays."""
+    now = time.time() if now is None else now
+    reports = _reports(folder)
+    reports.sort(key=lambda p: p[0] != keep)  # stable: the rest stay newest first
+    total = 0
+    for i, (path, st) in enumerate(reports):
         total += st.st_size
         old = now - st.st_mtime > KEEP_DAYS * 86400
         if i > 0 and (i >= KEEP or total > KEEP_BYTES or old):
@@ -87,8 +101,17 @@ def read_report(path: Path) -> AuditReport | None:
 
 
 def latest_report(folder: Path) -> AuditReport | None:
-    """The newest readable report in ``folder``, if any."""
-    for path in reversed(_reports(folder)):
+    """The report written last in ``folder`` (the one :data:`LATEST` names), else the
+    newest readable one by mtime; None if there is none."""
+    try:
+        name = (folder / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        name = ""
+    if name.endswith(_SUFFIX) and "/" not in name and not name.startswith("."):
+        report = read_report(folder / name)
+        if report is not None:
+            return report
+    for path, _st in _reports(folder):
         report = read_report(path)
         if report is not None:
             return report
@@ -146,6 +169,7 @@ def log_report(report: AuditReport, limit: int = LOG_LIMIT) -> None:
 
 __all__ = [
     "AUDITS_DIR",
+    "LATEST",
     "find_report",
     "latest_report",
     "log_report",

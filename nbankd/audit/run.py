@@ -7,19 +7,23 @@ Per archive, in this order (the order is what makes an audit right during ingest
    reads stop at once and its error is the archive's);
 2. walk the archive (:mod:`.walk`);
 3. start reading what the cache says needs reading (:mod:`.hashrun`), the
-   registered hashes still unknown; wait for the listing;
+   registered hashes still unknown; wait for the listing; a file it shows registered
+   nowhere is read no further than its first block (:mod:`.halt`);
 4. read the journal's in-flight items again; ask the registry about the names
    where the walk and the listing disagree, which gives its view after the walk
    (:func:`~nbankd.audit.plan.listing_after`); compare
    (:func:`~nbankd.audit.plan.categorise`) leaving out everything in flight at
    either read;
 5. read what the comparison adds (the rolling slice; a cached hash that differs
-   from the registered one is confirmed by a fresh read). Results go to the cache
+   from the registered one is confirmed by a fresh read; every resource, as in a full
+   audit, on a filesystem whose stat cannot show an in-place change:
+   :data:`~.walk.STAT_BLIND`). Results go to the cache
    in batches as they come (an interrupted run resumes); a file that changed
    while it was read gets no verdict now (it is read again next run);
 6. once the reads are done: re-check each missing candidate on disk (a deposit
    by another host that finished meanwhile is not reported, nor one another host
-   registered within the grace: it registers, then copies); judge every read (a hash that
+   registered within the grace: it registers, then copies; unless an earlier run
+   found it stored); judge every read (a hash that
    differs, a file that cannot be read); look up what was found unregistered
    (files placed within the grace, such as a tape import or an ``nbank``
    transfer registering after it copies, are not reported yet);
@@ -43,12 +47,14 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from nbankd import errors, seams
 from nbankd.archive.layout import Archive
@@ -56,7 +62,8 @@ from nbankd.archive.opening import open_archive
 from nbankd.audit import compare
 from nbankd.audit import plan as planner
 from nbankd.audit.cache import AuditCache, RunRecord
-from nbankd.audit.checks import permission_findings
+from nbankd.audit.checks import still_wrong
+from nbankd.audit.halt import Halt, Stopwatch, listing_result
 from nbankd.audit.hashrun import HashRun, Read, ReadOutcome
 from nbankd.audit.listing import list_registered, not_audited, without_location
 from nbankd.audit.model import (
@@ -69,7 +76,7 @@ from nbankd.audit.model import (
     AuditReport,
     Finding,
 )
-from nbankd.audit.reader import Cancelled, RateLimiter, list_dir, sha1_of_resource
+from nbankd.audit.reader import Cancelled, RateLimiter, sha1_of_resource
 from nbankd.audit.report import log_report, write_report
 from nbankd.audit.settings import (
     AuditSettings,
@@ -79,10 +86,12 @@ from nbankd.audit.settings import (
     lower_priority,
     new_run_id,
 )
-from nbankd.audit.walk import Stored, Walk, walk_archive
+from nbankd.audit.walk import Stored, Walk, stat_blind, walk_archive
 from nbankd.registry.base import Registry, ResourceRecord
 
 MB = 1_000_000
+
+log = structlog.get_logger("nbankd.audit")
 
 
 class Auditor:
@@ -114,7 +123,7 @@ class Auditor:
         rate = self.settings.max_mb_per_s * MB if self.settings.max_mb_per_s > 0 else None
         self.limiter = RateLimiter(rate, sleep=self.stop.wait)
         self.progress: dict[str, Any] = {}
-        self._halt = _Halt(self.stop)  # replaced for each archive
+        self._halt = Halt(self.stop)  # replaced for each archive
 
     # -- one run over several archives -----------------------------------------------
 
@@ -223,11 +232,19 @@ class Auditor:
             return ArchiveResult(
                 target.name, str(target.path), UNAVAILABLE, error=str(err), error_code=err.code
             )
+        blind = stat_blind(archive)
+        if blind is not None and not policy.full:  # only a read can show a change here
+            log.info(
+                "audit reads every resource: a stat cannot show changes",
+                fs=blind,
+                archive=target.name,
+            )
+            policy = replace(policy, full=True)
         timings: dict[str, float] = {}
-        clock = _Stopwatch(timings)
+        clock = Stopwatch(timings)
         flight = self.in_flight()
         cached = self.cache.load(target.name)
-        halt = self._halt = _Halt(self.stop)
+        halt = self._halt = Halt(self.stop)
         lister = ThreadPoolExecutor(1, thread_name_prefix="audit-list")
         listing = lister.submit(self._listing, target.name, timings)
         listing.add_done_callback(halt.on_failure)  # a listing that fails ends the run now
@@ -243,7 +260,7 @@ class Auditor:
             reads = self._reads(target.name, policy, halt)
             # the rolling slice waits for the listing (it is a share of what is registered)
             reads.submit(walk.stored[n] for n in sorted(first) if first[n] != planner.SLICE)
-            before = _result(listing, halt)
+            before = listing_result(listing, halt)
             clock.lap()
             self.progress["phase"] = "walked"
             seams.audit_pause("walked")
@@ -264,6 +281,8 @@ class Auditor:
             placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
             findings += placed
             lookup += [walk.stored[n] for n in cats.unregistered]
+            # registered nowhere: nothing needs its hash (a huge stray must not hold the run)
+            halt.drop(n for n in cats.unregistered if n not in answers)
             todo = planner.plan_hashes(stats, cats.expected, cached, now=now, policy=policy)
             reads.submit(walk.stored[n] for n in sorted(todo))
             clock.lap("compare")
@@ -283,7 +302,7 @@ class Auditor:
             raise Cancelled("audit stopped")
         clock.lap("hash")
         # checked last: a deposit from another host registers before it places the file
-        findings += self._missing(archive, walk, cats.missing, answers, self.clock())
+        findings += self._missing(archive, walk, cats.missing, answers, self.clock(), cached)
         findings += compare.judge_reads(results, cats.expected, walk)
         findings += self._unregistered(target, lookup, answers, now, results)
         self.cache.forget(
@@ -295,7 +314,7 @@ class Auditor:
             ],
         )
         findings += self._leftovers(archive, walk, flight)
-        findings = [f for f in findings if f.kind != PERMISSION or _still_wrong(archive, f)]
+        findings = [f for f in findings if f.kind != PERMISSION or still_wrong(archive, f)]
         clock.lap("finish")
         return ArchiveResult(
             name=target.name,
@@ -318,7 +337,7 @@ class Auditor:
         seams.audit_pause("listed")
         return listed
 
-    def _reads(self, archive: str, policy: planner.HashPolicy, halt: _Halt) -> HashRun:
+    def _reads(self, archive: str, policy: planner.HashPolicy, halt: Halt) -> HashRun:
         return HashRun(
             archive,
             self.cache,
@@ -339,23 +358,27 @@ class Auditor:
         candidates: Sequence[str],
         records: Mapping[str, ResourceRecord],
         now: float,
+        seen: Container[str],
     ) -> list[Finding]:
         """Listed and still registered here after the walk, not walked: reported unless
         it is there now, is misplaced (reported as such), its stub folder could not be
         listed (that is the finding), or someone else registered it within the grace
         (another host's deposit registers first, then copies: a later run judges it).
-        What this daemon deposited itself is reported at once."""
+        What this daemon deposited itself is reported at once, and so is what an
+        earlier run found stored here (``seen``: the cache), as it was placed already."""
         grace = self.settings.staging_grace
         gone = [
             n
             for n in candidates
-            if n not in walk.misplaced and walk.complete(n) and not _stored(archive, n)
+            if n not in walk.misplaced and walk.complete(n) and not compare.stored_now(archive, n)
         ]
         mine = self.ours(gone) if gone else set()
         return [
             Finding(MISSING_FROM_ARCHIVE, n, None)
             for n in gone
-            if n in mine or not compare.registered_within(records.get(n), now=now, grace=grace)
+            if n in mine
+            or n in seen
+            or not compare.registered_within(records.get(n), now=now, grace=grace)
         ]
 
     def _unregistered(
@@ -410,8 +433,10 @@ class Auditor:
         return sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)[0]
 
     def _read(self, stored: Stored) -> tuple[str, int, bool]:
-        """(sha1, bytes, unchanged while read) of one resource."""
-        sha1, n = sha1_of_resource(stored.path, self._throttle, is_dir=stored.is_dir)
+        """(sha1, bytes, unchanged while read) of one resource; Cancelled after its first
+        block once it turns out registered nowhere (:meth:`Halt.drop`)."""
+        throttle = self._halt.throttle(stored.name, self._throttle)
+        sha1, n = sha1_of_resource(stored.path, throttle, is_dir=stored.is_dir)
         try:
             st = os.lstat(stored.path)
         except OSError:
@@ -423,67 +448,6 @@ class Auditor:
             == (was.size, was.mtime_ns, was.ctime_ns)
         )
         return sha1, n, same
-
-
-def _still_wrong(archive: Archive, finding: Finding) -> bool:
-    """A permission finding holds at the end of the audit too (a stub folder a deposit
-    just made gets its mode a moment after mkdir; that is not a problem)."""
-    if finding.path is None:
-        return True
-    try:
-        st = os.lstat(finding.path)
-    except OSError:
-        return False
-    return any(True for _ in permission_findings(archive, finding.path, st, finding.resource))
-
-
-class _Halt:
-    """Set when the audit is stopped, or this archive's run must end early (its
-    registry listing failed): the walk and the reads look at it between blocks."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.abort = threading.Event()
-
-    def is_set(self) -> bool:
-        return self.stop.is_set() or self.abort.is_set()
-
-    def on_failure(self, future: Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self.abort.set()
-
-
-def _result(listing: Future[dict[str, str | None]], halt: _Halt) -> dict[str, str | None]:
-    """The listing, once it is in; Cancelled as soon as the audit is stopped."""
-    while not listing.done():
-        if halt.stop.is_set():
-            raise Cancelled("audit stopped")
-        wait([listing], timeout=0.2)
-    return listing.result()
-
-
-class _Stopwatch:
-    """Records the seconds between laps into ``timings`` (an unnamed lap is not kept)."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
-        self.last = time.monotonic()
-
-    def lap(self, name: str | None = None) -> None:
-        now = time.monotonic()
-        if name is not None:
-            self.timings[name] = now - self.last
-        self.last = now
-
-
-def _stored(archive: Archive, name: str) -> bool:
-    """True if ``resources/`` holds an entry for ``name`` now (any extension), listing
-    the stub folder without touching its atime; a folder that cannot be listed now
-    counts as holding it (the walk listed it; nothing is reported on a guess)."""
-    try:
-        return archive.stored_path(name, lister=list_dir) is not None
-    except errors.NbankdError:
-        return True
 
 
 __all__ = [

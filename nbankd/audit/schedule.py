@@ -1,7 +1,8 @@
 """Audits inside the daemon: one background thread, on schedule, on request, and to resume.
 
 - **Schedule.** The next audit is due ``audit.every`` after the start of the last
-  one (kept in the audit cache, so restarts do not postpone it); with no audit yet,
+  one (kept in the audit cache, so restarts do not postpone it), counted from now
+  if that start lies ahead (it ran while the clock was ahead); with no audit yet,
   ``audit.every`` after the daemon started. After an audit that failed (registry
   down, cache not writable, say) the next try comes ``min(every, 1h)`` after the
   failure, never at once.
@@ -148,8 +149,16 @@ class AuditScheduler:
         self.cache, self._disabled = cache, None
         self._last_failed = self.last is not None and self.last.error is not None
         if last is not None:
-            self._last_started, self._last_finished = last.started, last.finished
+            self._remember(last.started, last.finished)
         self._resume = resume
+
+    def _remember(self, started: float, finished: float | None) -> None:
+        """Keeps when the last audit started and finished, as the schedule counts from
+        them: never later than now (an audit that ran while the clock was ahead must not
+        put the next one off until the clock catches up)."""
+        now = self.clock()
+        self._last_started = min(started, now)
+        self._last_finished = None if finished is None else min(finished, now)
 
     def _disable(self, err: BaseException) -> None:
         reason = str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
@@ -344,9 +353,9 @@ class AuditScheduler:
 
     def _record(self, job: Job, report: AuditReport) -> None:
         self.last = report
-        self._last_started, self._last_finished = report.started, report.finished
+        self._remember(report.started, report.finished)
         if report.error is not None:  # the next try comes min(every, 1h) from now
-            self._last_finished = max(report.finished or 0.0, self.clock())
+            self._last_finished = self.clock()
         self._last_failed = report.error is not None
         for ticket in job.tickets:
             self._done[ticket] = report

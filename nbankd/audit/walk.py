@@ -28,12 +28,17 @@ from pathlib import Path
 
 from nbankd import seams
 from nbankd.archive.layout import Anomaly, Archive, candidate_stubs
+from nbankd.archive.probe import filesystem_type
 from nbankd.audit.checks import mode_policy, owners, permission_findings
 from nbankd.audit.model import INCOMPLETE, UNEXPECTED, UNREADABLE, FileStat, Finding
 from nbankd.audit.reader import DIR, LINK, Cancelled, Stopping, list_dir, vanished
 
 STAT_WORKERS = 8
 _CHUNK = 2048
+#: filesystems whose stat cannot show an in-place rewrite that put the mtime back:
+#: sshfs reports each file's mtime as its ctime (SFTP has no change time) and numbers
+#: inodes by path, so the size, mtime, inode and ctime an audit caches all stay put
+STAT_BLIND = frozenset({"fuse.sshfs"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,13 @@ class Walk:
         stub folder ``name`` may be filed in counts (:func:`candidate_stubs`: a
         one-character identifier has two)."""
         return self.listed_top and self.unlisted_stubs.isdisjoint(candidate_stubs(name))
+
+
+def stat_blind(archive: Archive) -> str | None:
+    """The type of the filesystem ``resources/`` is on when a file's stat there cannot
+    show an in-place change (:data:`STAT_BLIND`), else None."""
+    kind = filesystem_type(archive.resources_dir)
+    return kind if kind in STAT_BLIND else None
 
 
 def _error(err: OSError) -> str:
@@ -214,16 +226,42 @@ def _chunk(
     return out
 
 
+def _link(path: Path) -> Finding | None:
+    """The finding for a layout folder (``resources/``, a stub folder, ``staging/``)
+    replaced by a symbolic link, which the walk never follows; None if it is no link."""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return None
+        target = os.readlink(path)
+    except OSError:
+        return None
+    return Finding(
+        UNEXPECTED,
+        None,
+        path,
+        f"symbolic link to {target} in place of the folder: never followed, so nothing "
+        f"in it was checked; find where the archive's own folder went, remove the link "
+        f"and put that folder back at {path}",
+    )
+
+
 def _layout_dir(
     archive: Archive, ids: tuple[int | None, int | None], path: Path, walk: Walk
 ) -> bool:
-    """Checks one layout folder's modes; False if it is missing."""
+    """Checks one layout folder's modes (a link in its place is a finding, never a
+    mode: its mode is meaningless, and fixing modes would leave it); False if it is
+    missing."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
     except OSError as err:
         walk.layout.append(Finding(UNREADABLE, None, path, f"cannot stat: {_error(err)}"))
+        return True
+    if stat.S_ISLNK(st.st_mode):
+        link = _link(path)
+        if link is not None:
+            walk.layout.append(link)
         return True
     walk.layout += permission_findings(archive, path, st, ids=ids)
     return True
@@ -293,12 +331,18 @@ def walk_archive(
     first = [True]
 
     def lister(folder: Path) -> list[tuple[str, str]]:
-        names = list_dir(folder)
+        names = list_dir(folder, follow=False)  # a folder swapped for a link: unlistable
         if first[0]:
             first[0] = False
             seams.audit_pause("walk-top")
         return names
 
+    top = _link(archive.resources_dir)
+    if top is not None:  # never followed: nothing in it is checked, nor reported missing
+        walk.layout.append(top)
+        walk.listed_top = False
+        _staging(archive, rules, walk)
+        return walk
     for name, where in archive.iter_resources(anomalies, lister=lister, listed=listed):
         path = str(where)
         if name in seen:
@@ -342,8 +386,10 @@ def _staging(archive: Archive, rules: _Rules, walk: Walk) -> None:
             )
         )
         return
+    if os.path.islink(archive.staging_dir):
+        return  # reported by _layout_dir; never followed
     try:
-        names = list_dir(archive.staging_dir)
+        names = list_dir(archive.staging_dir, follow=False)
     except OSError as err:
         walk.layout.append(
             Finding(
@@ -361,4 +407,4 @@ def _staging(archive: Archive, rules: _Rules, walk: Walk) -> None:
     walk.staging.sort()
 
 
-__all__ = ["Stored", "Walk", "walk_archive"]
+__all__ = ["STAT_BLIND", "Stored", "Walk", "stat_blind", "walk_archive"]
