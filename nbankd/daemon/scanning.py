@@ -65,6 +65,7 @@ class InboxScanning:
     # the daemon's state this half uses (set by Daemon.__init__ and start)
     config: Config
     clock: Callable[[], float]
+    mono: Callable[[], float]
     inboxes: dict[str, InboxState]
     specs: dict[str, InboxSpec]
     journal: Journal
@@ -104,9 +105,7 @@ class InboxScanning:
         burst of files sends a stream of events; each scan lists the whole inbox)."""
         state = self.inboxes.get(inbox_key)
         if state is not None:
-            last = state.last_scan or 0.0
-            if last > self.clock():  # the clock stepped back: do not wait for it
-                last = 0.0
+            last = state.last_scan_tick or 0.0
             state.next_scan = min(state.next_scan, last + gap)
         self._wake.set()
 
@@ -126,11 +125,11 @@ class InboxScanning:
         for a scan and waits up to ``timeout`` for it; True when they were. Scans
         younger than ``max_age`` are used as they are, so repeated requests (a reader
         asking ``queue`` in a loop) cannot keep the daemon rescanning."""
-        asked = self.clock() - max_age
+        asked = self.mono() - max_age
 
         def done() -> bool:
             states = list(self.inboxes.values())
-            return all(s.last_scan is not None and s.last_scan >= asked for s in states)
+            return all(s.last_scan_tick is not None and s.last_scan_tick >= asked for s in states)
 
         if done():
             return True
@@ -139,8 +138,10 @@ class InboxScanning:
             return self._scanned.wait_for(done, timeout)
 
     def _scan(self, key: str, state: InboxState, now: float) -> None:
+        """Scans one inbox; ``now`` is on the monotonic clock (:meth:`mono`)."""
         inbox = state.config
-        state.last_scan = now
+        state.last_scan = self.clock()
+        state.last_scan_tick = now
         state.scans += 1
         state.next_scan = now + inbox.rescan_every
         problem = setup.archive_usable(
@@ -153,13 +154,17 @@ class InboxScanning:
                 log.error("archive not usable; deposits wait", inbox=key, error=problem)
         state.archive_problem = problem
         spec = self.specs.get(key)
-        tampered = setup.inbox_folders_problem(spec) if spec is not None else None
+        tampered, root_id = setup.inbox_folders_problem(spec) if spec is not None else (None, None)
         if tampered != state.inbox_problem:
             if tampered is None:
                 log.info("inbox folders usable again; deposits resume", inbox=key)
             else:
                 log.error("inbox folder tampered with; deposits wait", inbox=key, error=tampered)
         state.inbox_problem = tampered
+        if self.observer is not None and spec is not None:
+            self.observer.accept_root(key, root_id)
+        if tampered is not None:  # nothing is listed or watched through a replaced folder
+            return
         folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
         entries = scan_inbox(
             inbox.path,
@@ -170,6 +175,7 @@ class InboxScanning:
             markers=inbox.ready == "marker",
             folders=folders,
             known=_seen_identity(state.tracker),
+            root_id=root_id,
         )
         if folders is not None and self.observer is not None:
             self.observer.verify_coverage(key, folders)
@@ -290,7 +296,7 @@ class InboxScanning:
             return
         active = self.journal.active_relpaths(key)
         todo = [(e, unsafe) for e, unsafe in entries if os.fsencode(e.relpath) not in active]
-        now = self.clock()
+        now, wall = self.mono(), self.clock()
         todo = self._not_open_for_writing(key, state, todo, now)
         if not todo:
             return
@@ -298,7 +304,7 @@ class InboxScanning:
         rows: list[dict[str, Any]] = []
         relpaths: list[str] = []
         for e, u in todo:
-            row = self._intent(key, state, e, u, now)
+            row = self._intent(key, state, e, u, wall)
             if row is None:  # a sidecar came or changed since the scan: settles first
                 state.next_scan = min(state.next_scan, now + CHANGE_SCAN_GAP)
                 continue
@@ -336,6 +342,12 @@ class InboxScanning:
         seen: dict[str, Any] = {}
         if entry.identity is not None:
             seen = {"dev": entry.identity.dev, "ino": entry.identity.ino}
+            if not unsafe and entry.kind is EntryKind.FILE:  # what settled: the claim checks
+                seen.update(
+                    size=entry.identity.size,
+                    mtime_ns=entry.identity.mtime_ns,
+                    ctime_ns=entry.identity.ctime_ns,
+                )
         sidecar = None
         found = _sidecars_now(state.config.path, entry.relpath)
         chosen = settle.sidecar_for(found.items(), state.tracker.watches)

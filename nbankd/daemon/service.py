@@ -72,6 +72,8 @@ class Daemon(DepositWorkers, InboxScanning):
         self._serve_alerts = serve_alerts
         self.alerts: Service | None = None
         self.clock = clock
+        #: what settling and scanning are timed by (:class:`~.view.InboxState`)
+        self.mono: Callable[[], float] = time.monotonic
         self.adopt_archives = adopt_archives
         self.notifier = notifier
         self.started = clock()
@@ -344,34 +346,41 @@ class Daemon(DepositWorkers, InboxScanning):
         self._take(self._wake.pending())  # a signal that came during start()
         while not self._stop.is_set():
             now = self.clock()
+            tick = self.mono()  # scans and settling: never the wall clock
             self.heartbeat = now if not self._running else self.heartbeat
             self._check_state_dir()
             for key, state in list(self.inboxes.items()):
-                if state.next_scan <= now:
+                if state.next_scan <= tick:
                     try:
-                        self._scan(key, state, now)
+                        self._scan(key, state, tick)
                     except OSError as err:
                         log.error("cannot scan inbox", inbox=key, error=str(err))
-                        state.next_scan = now + min(60.0, state.config.rescan_every)
+                        state.next_scan = tick + min(60.0, state.config.rescan_every)
                     except sqlite3.Error as err:  # journaling a new item failed
                         self._journal_failed(err)
-                        state.next_scan = now + min(JOURNAL_RETRY, state.config.rescan_every)
+                        state.next_scan = tick + min(JOURNAL_RETRY, state.config.rescan_every)
                     except Exception as err:  # a bug: that inbox waits, the others go on
                         log.exception("unexpected error scanning an inbox", inbox=key)
                         self.last_error = {"time": now, "inbox": key, "error": repr(err)}
-                        state.next_scan = now + min(60.0, state.config.rescan_every)
+                        state.next_scan = tick + min(60.0, state.config.rescan_every)
                     with self._scanned:
                         self._scanned.notify_all()
-            watch_due = self._check_watches(now)
+            watch_due = self._check_watches(tick)
             next_due = self._resubmit_due(now)
-            deadlines = [s.next_scan for s in self.inboxes.values()]
+            ticks = [s.next_scan for s in self.inboxes.values()]
             if watch_due is not None:
-                deadlines.append(watch_due)
+                ticks.append(watch_due)
             setup_due = self.registry_setup.retry_if_due(
                 now, lambda: self._prepare_registry(retry=True)
             )
-            deadlines += [t for t in (next_due, setup_due) if t is not None]
-            timeout = max(0.05, min(deadlines, default=now + 60) - self.clock())
+            walls = [t for t in (next_due, setup_due) if t is not None]
+            timeout = max(
+                0.05,
+                min(
+                    min(ticks, default=tick + 60) - self.mono(),
+                    min(walls, default=now + 60) - self.clock(),
+                ),
+            )
             if self.notifier is not None:
                 timeout = min(timeout, self.notifier.tick(self))
             self._take(self._wake.wait(min(timeout, 60.0)))
@@ -386,19 +395,20 @@ class Daemon(DepositWorkers, InboxScanning):
             elif request is Request.RELOAD:
                 threading.Thread(target=self.reload, name="reload", daemon=True).start()
 
-    def _check_watches(self, now: float) -> float | None:
+    def _check_watches(self, tick: float) -> float | None:
         """Re-arms watches, runs their liveness checks, and polls every inbox whose
-        watch failed at ``fallback_poll_every``; returns when to check again."""
+        watch failed at ``fallback_poll_every``; returns when to check again (all
+        times on the monotonic clock)."""
         if self.observer is None:
             return None
         due = self.observer.check()
         for key, watch in self.observer.rearm().items():
             state = self.inboxes.get(key)
             if state is not None and watch.degraded:
-                last = state.last_scan if state.last_scan is not None else now
+                last = state.last_scan_tick if state.last_scan_tick is not None else tick
                 poll_at = last + state.config.fallback_poll_every
                 state.next_scan = min(state.next_scan, poll_at)
-        return None if due is None else now + max(0.0, due - time.monotonic())
+        return None if due is None else max(tick, due)
 
     def stop(self) -> None:
         self._stop.set()

@@ -144,18 +144,22 @@ def prepare_inbox_folders(config: Config) -> dict[str, InboxFolders]:
     return ids
 
 
-def inbox_folders_problem(spec: InboxSpec) -> str | None:
-    """Why the inbox's work or rejected folder cannot be used now (replaced by a link
-    or another folder, removed), or None when both are the folders recorded at start."""
+def inbox_folders_problem(spec: InboxSpec) -> tuple[str | None, tuple[int, int] | None]:
+    """(why the inbox's work or rejected folder cannot be used now (replaced by a link
+    or another folder, removed), or None when both are the folders recorded at start;
+    the (device, inode) of the inbox folder they were reached from, when they were):
+    an inbox folder swapped for a link to another place has no such work folder, so
+    the folder this names is the one to list and watch."""
     try:
         with spec.open_fs() as fs:
             fs.work  # noqa: B018 - opening it is the check
             fs.rejected  # noqa: B018
+            st = os.fstat(fs.root)
     except (Tampered, Escape) as err:
-        return str(err)
+        return str(err), None
     except OSError as err:
-        return f"cannot open inbox {spec.path}: {err.strerror or err}"
-    return None
+        return f"cannot open inbox {spec.path}: {err.strerror or err}", None
+    return None, (st.st_dev, st.st_ino)
 
 
 def ensure_datatypes(config: Config, registry: Registry) -> list[str]:

@@ -36,8 +36,11 @@ class InboxState:
     config: InboxConfig
     tracker: settle.TrackerState = field(default_factory=settle.TrackerState)
     paused: bool = False
-    next_scan: float = 0.0
-    last_scan: float | None = None
+    # scans are timed by the monotonic clock (a wall clock step neither makes a file
+    # settled nor silences an inbox); last_scan is the wall time, for people
+    next_scan: float = 0.0  # time.monotonic()
+    last_scan: float | None = None  # time.time()
+    last_scan_tick: float | None = None  # time.monotonic()
     scans: int = 0  # since the daemon started
     archive_problem: str | None = None
     inbox_problem: str | None = None  # its work or rejected folder was tampered with

@@ -17,7 +17,12 @@ from pathlib import Path
 from nbankd import errors, seams
 from nbankd.archive import syncs
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
-from nbankd.deposit.identity import identity_json, seen_matches, sidecar_seen_matches
+from nbankd.deposit.identity import (
+    identity_json,
+    seen_matches,
+    seen_unchanged,
+    sidecar_seen_matches,
+)
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.outcomes import outcome_for
@@ -73,6 +78,7 @@ class ClaimSteps(StepsBase):
             shown=str(src),
             found=None if st is None else FileKind.of(st),
             seen=st is not None and seen_matches(item.seen_identity, st),
+            unchanged=st is not None and seen_unchanged(item.seen_identity, st),
         )
         if outcome is not None:
             return item, outcome

@@ -185,6 +185,19 @@ def seen_matches(seen: str | None, st: os.stat_result) -> bool:
     return (want.get("dev"), want.get("ino")) == (st.st_dev, st.st_ino)
 
 
+def seen_unchanged(seen: str | None, st: os.stat_result) -> bool:
+    """True when a file about to be claimed still has the size, modification and change
+    times it settled with (when the scan recorded them: a plain file's intent)."""
+    want = json.loads(seen) if seen is not None else {}
+    if "size" not in want:
+        return True
+    return (want["size"], want.get("mtime_ns"), want.get("ctime_ns")) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+
+
 def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
     if recorded is None:
         return False

@@ -225,9 +225,12 @@ def at_publish(f: Facts) -> Verdict:
 # -- claim -------------------------------------------------------------------------
 
 
-def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) -> Outcome | None:
+def at_claim(
+    *, item_kind: str, shown: str, found: FileKind | None, seen: bool, unchanged: bool = True
+) -> Outcome | None:
     """Before the input is taken: ``found`` is the kind of the entry at its path now
-    (None: nothing there), ``seen`` whether it is the entry the scan saw. None: take it.
+    (None: nothing there), ``seen`` whether it is the entry the scan saw, ``unchanged``
+    whether it still has the size and times it settled with. None: take it.
 
     A ``file`` item must still be a regular file with one name, a ``dir`` item a
     folder; an ``unsafe`` item (a link, FIFO...) is moved by name whatever it is."""
@@ -239,6 +242,10 @@ def at_claim(*, item_kind: str, shown: str, found: FileKind | None, seen: bool) 
     if not seen:
         return Outcome(
             "gone", "gone", f"{shown} is not the entry the scan saw (replaced); left alone"
+        )
+    if not unchanged:  # written to since it settled: the next scan settles it again
+        return Outcome(
+            "gone", "gone", f"{shown} changed after it settled; left in the inbox to settle again"
         )
     return None
 

@@ -124,9 +124,13 @@ def list_folder(folder: str, expect_ino: int | None = None) -> list[tuple[str, _
     return list(iter_folder(folder, expect_ino))
 
 
-def iter_folder(folder: str, expect_ino: int | None = None) -> Iterator[tuple[str, _Child]]:
+def iter_folder(
+    folder: str, expect_ino: int | None = None, *, expect_id: tuple[int, int] | None = None
+) -> Iterator[tuple[str, _Child]]:
     """:func:`list_folder` one child at a time, so a caller that keeps less than the
     lstat of each child never holds a whole large folder's lstats at once.
+    ``expect_id`` (an inbox folder, which may be named through a configured link): the
+    (device, inode) the folder opened must have, else it counts as vanished.
 
     The folder is opened (and checked) by this call, so the errors
     :func:`list_folder` raises for the folder itself are raised here; a listing
@@ -143,8 +147,11 @@ def iter_folder(folder: str, expect_ino: int | None = None) -> Iterator[tuple[st
             raise FileNotFoundError(err.errno, "replaced by a link", folder) from None
         raise
     try:
-        if expect_ino is not None and os.fstat(fd).st_ino != expect_ino:
+        st = os.fstat(fd)
+        if expect_ino is not None and st.st_ino != expect_ino:
             raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", folder)
+        if expect_id is not None and (st.st_dev, st.st_ino) != expect_id:
+            raise FileNotFoundError(errno.ENOENT, "replaced since it was checked", folder)
     except BaseException:
         os.close(fd)
         raise

@@ -22,13 +22,18 @@ LIMITS = {
 }
 
 
-def write_canary(root: str, seq: int) -> None:
+def write_canary(root: str, seq: int, expect: tuple[int, int] | None = None) -> None:
     """Rewrites ``root/CANARY_NAME``, never through a link: anything else found under
     that name (a symlink, a hard link, a FIFO, another owner's file) is unlinked and
     the canary made anew. Another writer of the same name (a second daemon on the
-    inbox) may win a race: the write is tried again."""
+    inbox) may win a race: the write is tried again. ``expect``: the (device, inode)
+    ``root`` must name (the inbox folder the daemon checked); a folder put in its
+    place (a link to anywhere) is never written to (FileNotFoundError)."""
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        st = os.fstat(dir_fd)
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            raise FileNotFoundError(errno.ENOENT, "not the inbox folder checked", root)
         for _attempt in range(5):
             fd = _open_canary(dir_fd)
             if fd is None:

@@ -82,6 +82,9 @@ class _StopRaceFilter(logging.Filter):
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
 
+#: an accepted inbox folder no folder has: nothing is watched
+_NOTHING = (-1, -1)
+
 OnChange = Callable[[str, str], None]
 """``on_change(inbox_id, relpath)``; relpath is ``""`` for the inbox folder itself."""
 
@@ -230,6 +233,25 @@ class InboxWatcher(ProofOfLife):
             if inbox is not None:
                 self._disarm(inbox)
 
+    def accept_root(self, inbox_id: str, root_id: tuple[int, int] | None) -> None:
+        """The daemon found ``root_id`` (device, inode) to be the inbox's folder: only
+        that folder is watched; a watch on another (the path swapped for a link since
+        it was armed) is dropped at the next :meth:`rearm`. None: what the path names
+        now is not the inbox's folder (its work folder is not there): the watch is
+        dropped now and none is set up until a folder is accepted again."""
+        with self._lock:
+            inbox = self._inboxes.get(inbox_id)
+            if inbox is None:
+                return
+            if root_id is None:
+                inbox.accepted = _NOTHING
+                self._disarm(inbox)
+                inbox.reason = "inbox folder replaced or gone; not watched"
+                return
+            inbox.accepted = root_id
+            if inbox.inode != root_id or inbox.watch is None:
+                inbox.rearm_wanted = True
+
     def rearm(self) -> dict[str, WatchStatus]:
         """Re-watches inboxes whose folder vanished and came back, or whose watch went
         deaf; call after each rescan. Returns :meth:`status`."""
@@ -292,7 +314,12 @@ class InboxWatcher(ProofOfLife):
         except OSError as err:
             inbox.reason = f"inbox folder unavailable ({err.strerror}); re-armed on rescan"
             return
-        inbox.inode = (st.st_dev, st.st_ino)
+        found = (st.st_dev, st.st_ino)
+        if inbox.accepted is not None and found != inbox.accepted:
+            # a link or another folder in its place: never watched (nor listed) through
+            inbox.reason = "inbox folder replaced since it was checked; not watched"
+            return
+        inbox.inode = found
         inbox.gone = False
         try:
             watch = observer.schedule(
@@ -313,6 +340,16 @@ class InboxWatcher(ProofOfLife):
             return
         inbox.watch = watch
         inbox.reason = ""
+        try:  # swapped while the watch was being set up: dropped, armed again later
+            st = os.stat(inbox.root)
+            swapped = (st.st_dev, st.st_ino) != found
+        except OSError:
+            swapped = True
+        if swapped:
+            self._disarm(inbox)
+            inbox.rearm_wanted = True
+            inbox.reason = "inbox folder changed while its watch was set up; re-armed on rescan"
+            return
         with inbox.probe.cond:
             inbox.probe.next_due = 0.0  # prove the new watch at the next check
 

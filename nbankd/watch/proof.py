@@ -163,7 +163,7 @@ class ProofOfLife:
         seq = probe.seq
         probe.cond.release()
         try:
-            write_canary(inbox.root, seq)
+            write_canary(inbox.root, seq, inbox.accepted)
         except OSError as err:
             failed: OSError | None = err
         else:

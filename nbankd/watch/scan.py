@@ -180,6 +180,7 @@ def scan_inbox(
     markers: bool = True,
     folders: dict[int, str] | None = None,
     known: Callable[[str], Identity | None] | None = None,
+    root_id: tuple[int, int] | None = None,
 ) -> list[Entry]:
     """Lists an inbox once and classifies what it holds, sorted by on-disk name.
 
@@ -195,6 +196,9 @@ def scan_inbox(
     its watches. ``known``, when given, says the identity an earlier scan saw for a
     relpath (or None): an entry whose identity equals it holds that object, so a large
     unchanged inbox is not held twice while a scan is compared with the last one.
+    ``root_id``, when given, is the (device, inode) ``root`` must still name (the
+    folder the daemon checked just before): one swapped for a link or another folder
+    since is never listed (FileNotFoundError).
 
     Raises :class:`OSError` only when ``root`` itself cannot be listed.
     """
@@ -210,7 +214,8 @@ def scan_inbox(
         found: list[Entry] = []
         below: list[tuple[str, int | None]] = []
         try:
-            for name, child in iter_folder(os.path.join(top, rel) if rel else top, ino):
+            where = os.path.join(top, rel) if rel else top
+            for name, child in iter_folder(where, ino, expect_id=None if rel else root_id):
                 _take(
                     top,
                     rel,

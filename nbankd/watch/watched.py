@@ -46,6 +46,9 @@ class WatchedInbox:
     probe: Probe
     watch: ObservedWatch | None = None
     inode: tuple[int, int] | None = None
+    #: the (device, inode) the daemon last found to be this inbox's folder (its work
+    #: folder checked through it): a folder the path names otherwise is never watched
+    accepted: tuple[int, int] | None = None
     gone: bool = False  # the watched folder was deleted: re-arm
     refused: str = ""  # the kernel refused a watch: sticky poll fallback
     unwatched: dict[int, tuple[str, float]] = field(default_factory=dict)  # ino -> (rel, seen)

@@ -200,6 +200,18 @@ def test_claim_verdicts(
     assert (outcome and (outcome.kind, outcome.code)) == (kind and (kind, code))
 
 
+def test_a_file_written_to_after_it_settled_is_left_to_settle_again() -> None:
+    """The entry the scan saw, but grown or touched since it settled, is not taken: it
+    stays in the inbox, named, and the next scan settles it again."""
+    outcome = at_claim(
+        item_kind="file", shown="/in/rec.wav", found=F.FILE, seen=True, unchanged=False
+    )
+    assert outcome is not None and (outcome.kind, outcome.code) == ("gone", "gone")
+    assert (
+        outcome.message == "/in/rec.wav changed after it settled; left in the inbox to settle again"
+    )
+
+
 def test_claim_verdict_messages_name_the_input() -> None:
     """Each refusal to claim names the input's path and why it is left alone."""
     shown = "/in/rec.wav"
