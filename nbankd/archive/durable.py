@@ -356,7 +356,11 @@ def _publish(
         seams.reached("after-publish-link")
         if in_place or is_dir:
             fsync_dir(target.parent)
-            _drop_source(source)
+            if ours or not in_place:
+                # an input placed in place whose identifier, bytes and name another
+                # input stored first keeps its name: it is removed by the release, once
+                # that stored copy has been read back (it is not this input's)
+                _drop_source(source)
         else:  # a staged file: the stub folder once for a round's publishes, then its name
             fsync_dir_soon(target.parent)
             after_syncs(lambda: _drop_staged(source))

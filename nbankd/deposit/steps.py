@@ -263,9 +263,12 @@ class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
                 if isinstance(as_hashed, tuple):  # not now: tried again later
                     return as_hashed
                 item = as_hashed
-                durable.publish_in_place(
+                published = durable.publish_in_place(
                     archive, work, target, sha1=item.sha1, id=item.name, progress=self._progress
                 )
+                if not published.ours:  # stored first by another input (another rig)
+                    log.info("already deposited", item=item.token, resource_id=item.name)
+                    item = item.changed(already=True)
         else:
             staged = archive.staging_dir / self.staged_name(item)
             staged_exists = os.path.lexists(staged)
