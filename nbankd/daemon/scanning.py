@@ -102,10 +102,15 @@ class InboxScanning:
         self, inbox_key: str, relpath: str = "", *, gap: float = CHANGE_SCAN_GAP
     ) -> None:
         """A change in an inbox: scanned soon, but at most every ``gap`` seconds (a
-        burst of files sends a stream of events; each scan lists the whole inbox)."""
+        burst of files sends a stream of events; each scan lists the whole inbox), and
+        after a long scan (a large inbox) no sooner than twice its length after its end:
+        a writer trickling into an inbox of 20,000 files never keeps the daemon
+        scanning back to back."""
         state = self.inboxes.get(inbox_key)
         if state is not None:
-            last = state.last_scan_tick or 0.0
+            took = state.scan_took
+            last = (state.last_scan_tick or 0.0) + took
+            gap = max(gap, 2 * took)
             state.next_scan = min(state.next_scan, last + gap)
         self._wake.set()
 

@@ -353,6 +353,7 @@ class Daemon(DepositWorkers, InboxScanning):
                 if state.next_scan <= tick:
                     try:
                         self._scan(key, state, tick)
+                        state.scan_took = self.mono() - tick
                     except OSError as err:
                         log.error("cannot scan inbox", inbox=key, error=str(err))
                         state.next_scan = tick + min(60.0, state.config.rescan_every)

@@ -41,6 +41,7 @@ class InboxState:
     next_scan: float = 0.0  # time.monotonic()
     last_scan: float | None = None  # time.time()
     last_scan_tick: float | None = None  # time.monotonic()
+    scan_took: float = 0.0  # seconds the last scan took (a large inbox: a long one)
     scans: int = 0  # since the daemon started
     archive_problem: str | None = None
     inbox_problem: str | None = None  # its work or rejected folder was tampered with

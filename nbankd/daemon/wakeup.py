@@ -38,13 +38,21 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Request, int | None]] = queue.SimpleQueue()
+        # a wake-up queued and not yet taken: another one adds nothing (a flood of
+        # inotify events while the main loop is busy queues one, not millions)
+        self._woken = False
 
     def post(self, request: Request = Request.WAKE, signum: int | None = None) -> None:
         """Asks the main loop to act; never blocks and takes no lock a handler could meet."""
         self._queue.put((request, signum))
 
     def set(self) -> None:
-        """Wakes the main loop (the name :class:`threading.Event` callers know)."""
+        """Wakes the main loop (the name :class:`threading.Event` callers know), unless a
+        wake-up is queued already: what the caller changed before is seen all the same,
+        as the loop reads it after taking the queue empty (:meth:`pending`)."""
+        if self._woken:
+            return
+        self._woken = True
         self.post(Request.WAKE)
 
     def wait(self, timeout: float) -> list[tuple[Request, int | None]]:
@@ -62,7 +70,10 @@ class Wakeup:
             try:
                 got.append(self._queue.get_nowait())
             except queue.Empty:
-                return got
+                break
+        # only now: a wake-up skipped until here changed what the loop is about to read
+        self._woken = False
+        return got
 
 
 def install_handlers(wakeup: Wakeup) -> Callable[[int, object], None]:

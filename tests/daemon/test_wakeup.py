@@ -75,3 +75,43 @@ def test_a_signal_storm_during_waits_never_hangs_the_loop() -> None:
             child.wait()
     assert child.returncode == 0
     assert int(out.strip()) >= 1
+
+
+def test_a_flood_of_wake_ups_queues_one() -> None:
+    """A million wake-ups while the loop is busy queue one request, not a million."""
+    w = Wakeup()
+    for _ in range(1_000_000):
+        w.set()
+    assert w.pending() == [(Request.WAKE, None)]
+
+
+def test_a_wake_up_after_the_queue_was_taken_is_queued_again() -> None:
+    """Once the loop took the queue, the next wake-up is queued (never swallowed)."""
+    w = Wakeup()
+    w.set()
+    assert w.wait(1.0) == [(Request.WAKE, None)]
+    w.set()
+    assert w.wait(1.0) == [(Request.WAKE, None)]
+
+
+def test_a_wake_up_coming_while_the_queue_is_drained_is_never_lost() -> None:
+    """Wake-ups from other threads racing the loop's draining: after the last one, the
+    loop is always woken again (none swallowed by the one-queued rule)."""
+    import threading
+
+    w = Wakeup()
+    done = threading.Event()
+
+    def poster() -> None:
+        for _ in range(20_000):
+            w.set()
+        done.set()
+
+    t = threading.Thread(target=poster)
+    t.start()
+    while not done.is_set():
+        w.pending()
+    t.join()
+    w.pending()  # whatever the race left is taken now ...
+    w.set()  # ... so a wake-up after it must be queued
+    assert w.wait(1.0) == [(Request.WAKE, None)]
