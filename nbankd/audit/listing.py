@@ -19,9 +19,8 @@ check``'s "has NO locations"), with one query.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from nbankd import errors
 from nbankd.audit.model import OfflineArchive
 from nbankd.registry.base import ArchiveRecord, Registry, ResourceRecord
 
@@ -36,7 +35,7 @@ _EMBEDDED_LISTING = (
 
 
 def _embedded(registry: EmbeddedRegistry, archive: str) -> dict[str, str | None]:
-    rows = _query(registry, _EMBEDDED_LISTING, (archive,))
+    rows = registry.query(_EMBEDDED_LISTING, (archive,))
     return {name: sha1.lower() if sha1 else None for name, sha1 in rows}
 
 
@@ -55,27 +54,6 @@ def _embedded_registry(registry: Registry) -> EmbeddedRegistry | None:
     return registry if isinstance(registry, EmbeddedRegistry) else None
 
 
-def _query(registry: EmbeddedRegistry, sql: str, args: tuple[str, ...]) -> list[tuple[Any, ...]]:
-    """Rows of one read-only query on the embedded registry's database."""
-    import sqlite3  # loaded already by the embedded registry
-
-    try:
-        conn = sqlite3.connect(registry.db_path, timeout=registry.busy_timeout)
-    except sqlite3.Error as err:
-        raise errors.RegistryUnavailable(
-            f"the embedded registry {registry.db_path} cannot be opened: {err}"
-        ) from err
-    try:
-        conn.execute("PRAGMA query_only=1")
-        return conn.execute(sql, args).fetchall()
-    except sqlite3.Error as err:
-        raise errors.RegistryUnavailable(
-            f"the embedded registry {registry.db_path} cannot be read: {err}"
-        ) from err
-    finally:
-        conn.close()
-
-
 def without_location(registry: Registry) -> set[str] | None:
     """Names of the registry's resources that no archive holds; None when the registry
     does not filter on ``has_location`` (an older server answers with everything:
@@ -83,7 +61,7 @@ def without_location(registry: Registry) -> set[str] | None:
     errors."""
     embedded = _embedded_registry(registry)
     if embedded is not None:
-        return {name for (name,) in _query(embedded, _WITHOUT_LOCATION, ())}
+        return {name for (name,) in embedded.query(_WITHOUT_LOCATION)}
     out = set()
     for record in registry.search(has_location="false"):
         if record.locations:

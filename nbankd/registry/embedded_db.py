@@ -121,6 +121,24 @@ class EmbeddedDatabase:
             hint="try again",
         )
 
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query, on a connection of its own, closed after
+        (a thread that asks once, an audit's listing, leaves nothing open); a user who
+        may only read the registry reads it as every read of theirs does."""
+
+        def rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, args).fetchall()
+
+        if self._read_only:
+            return self._read(rows)
+        with self._guard():
+            conn = schema.connect(self.db_path, self.busy_timeout)
+            try:
+                conn.execute("PRAGMA query_only = 1")
+                return rows(conn)
+            finally:
+                conn.close()
+
     def _read_journaled(self, read: Callable[[sqlite3.Connection], T]) -> T:
         """``read`` on a ``mode=ro`` connection, for a read-only user while a -wal exists."""
         conn = schema.connect_read_only(self.db_path, self.busy_timeout)

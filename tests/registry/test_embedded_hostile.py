@@ -8,6 +8,7 @@ django variants show what the answer must be.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -89,6 +90,35 @@ def test_group_member_can_search_embedded_registry_while_nbankd_is_stopped(
     shown = unpriv_user.run([NBANKCTL, "info", "-c", str(config), "rec1"])
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["name"] == "rec1"
+
+
+def test_group_member_can_check_an_archive_against_the_embedded_registry_while_stopped(
+    shared_state: Path, unpriv_user: TestUser
+) -> None:
+    """`nbankctl archive check` by a member of the registry's group, nbankd stopped (no
+    -wal/-shm): the registry's listing is read as every other read of theirs, and the
+    archive found in order."""
+    db = shared_state / "registry.sqlite3"
+    archive = create_archive(shared_state.parent / "arch", (db.as_uri() + "/"))
+    with EmbeddedRegistry(db) as r:  # the daemon's last run
+        r.add_datatype("wav", "audio/wav", "wav")
+        r.add_archive("a1", "neurobank", str(archive.path))
+        r.add_resource(dtype="wav", archive="a1", name="rec1", sha1=hashlib.sha1(b"x").hexdigest())
+    stored = archive.resource_path("rec1").with_suffix(".wav")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(b"x")
+    stored.chmod(0o444)  # the archive's policy (its folders: as created)
+    stored.parent.chmod(0o2775)
+    assert sorted(p.name for p in shared_state.iterdir()) == ["registry.sqlite3"]
+    config = shared_state.parent / "config.yaml"
+    config.write_text(f"registry: embedded\nstate_dir: {shared_state}\n")
+    config.chmod(0o644)
+
+    checked = unpriv_user.run(
+        [NBANKCTL, "archive", "check", "-c", str(config), "--json", str(archive.path)]
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["ok"] is True, checked.stdout
 
 
 def test_group_member_cannot_write_the_registry_while_nbankd_is_stopped(
