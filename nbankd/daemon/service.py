@@ -27,6 +27,7 @@ from nbankd.archive.probe import Capabilities
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config, load_config
+from nbankd.config.model import EMBEDDED_DB_NAME
 from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.lane import Lane
@@ -105,6 +106,7 @@ class Daemon(DepositWorkers, InboxScanning):
         self.auditor: AuditScheduler | None = None
         self.state_lock: statelock.StateLock | None = None
         self._state_ids: tuple[tuple[int, int], ...] = ()
+        self._state_files: tuple[str, ...] = (JOURNAL_NAME,)
         self.state_problem: str | None = None  # state_dir removed or replaced: nothing moves
         self.journal_problem: str | None = None  # the journal could not be written
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
@@ -117,8 +119,10 @@ class Daemon(DepositWorkers, InboxScanning):
         setup.prepare_state_dir(cfg.state_dir)
         self.state_lock = statelock.acquire(cfg.state_dir)  # before the journal is opened
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
-        self._state_ids = statelock.identities(cfg.state_dir, JOURNAL_NAME)
         self.registry = open_configured_registry(cfg)
+        # the files in use, watched for a replacement (a restore under a running daemon)
+        self._state_files = (JOURNAL_NAME, EMBEDDED_DB_NAME) if cfg.embedded else (JOURNAL_NAME,)
+        self._state_ids = statelock.identities(cfg.state_dir, *self._state_files)
         for warning in cfg.warnings:  # check-config lists them too
             log.warning("configuration warning", problem=str(warning))
         self._apply_config(cfg)
@@ -323,6 +327,14 @@ class Daemon(DepositWorkers, InboxScanning):
         self.steps.registry = registry
         log.info("registry changed", registry=registry.url)
         old.close()
+        # the state folder and journal as recorded at start; the registry file now in use
+        kept = self._state_ids[:2]
+        if cfg.embedded:
+            with contextlib.suppress(OSError):  # gone already: the next check says so
+                self._state_files = (JOURNAL_NAME, EMBEDDED_DB_NAME)
+                self._state_ids = kept + statelock.identities(cfg.state_dir, EMBEDDED_DB_NAME)[1:]
+        else:
+            self._state_files, self._state_ids = (JOURNAL_NAME,), kept
 
     # -- main loop ----------------------------------------------------------------
 
@@ -330,7 +342,7 @@ class Daemon(DepositWorkers, InboxScanning):
         """Notices a state directory (or journal) removed or replaced while running:
         its journal and registry would no longer be the ones on disk, so nothing is
         claimed or driven any more; status says so (see :mod:`.statelock`)."""
-        problem = statelock.changed(self.config.state_dir, JOURNAL_NAME, self._state_ids)
+        problem = statelock.changed(self.config.state_dir, self._state_files, self._state_ids)
         if problem != self.state_problem:
             if problem is not None:
                 log.error("state directory changed under the daemon; deposits stop", error=problem)

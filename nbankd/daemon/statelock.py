@@ -143,17 +143,21 @@ def identities(state_dir: Path, *names: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def changed(state_dir: Path, journal: str, recorded: tuple[tuple[int, int], ...]) -> str | None:
+def changed(
+    state_dir: Path, names: tuple[str, ...], recorded: tuple[tuple[int, int], ...]
+) -> str | None:
     """Why the state directory is no longer the one the daemon opened (removed,
-    replaced, its journal gone or replaced), or None while it is."""
+    replaced, one of its files ``names`` (the journal, the embedded registry) gone or
+    replaced), or None while it is."""
     try:
-        if identities(state_dir, journal) == recorded and recorded:
+        if identities(state_dir, *names) == recorded and recorded:
             return None
         what = "replaced"
     except OSError as err:
         what = f"removed ({err.strerror or err})"
+    files = " or ".join(names)
     return (
-        f"state_dir {state_dir} or its {journal} was {what} while nbankd ran: nothing is "
+        f"state_dir {state_dir} or its {files} was {what} while nbankd ran: nothing is "
         "claimed or moved any more, since the journal and registry in use are no longer "
         "the ones on disk; stop nbankd and restore state_dir from its backup (see "
         "docs/deployment.md) before starting it again"

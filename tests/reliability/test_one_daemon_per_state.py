@@ -109,6 +109,29 @@ def test_state_dir_removed_while_running_stops_deposits(daemon_factory: Any) -> 
     h.stop()
 
 
+def test_embedded_registry_replaced_while_running_stops_deposits(daemon_factory: Any) -> None:
+    """The embedded registry's file replaced under a running daemon (a restore of it
+    alone, say): status turns degraded naming it, and nothing more is claimed."""
+    import shutil
+
+    from fixtures.daemon import status_json
+
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    h.drop("before.wav", b"deposited while the registry was there")
+    h.wait_settled(1)
+    db = h.state_dir / "registry.sqlite3"
+    shutil.copy2(db, h.root / "registry-copy")
+    os.replace(h.root / "registry-copy", db)
+
+    def degraded() -> list[str]:
+        return [d for d in status_json(h)[1]["degraded"] if "state_dir" in d]
+
+    [line] = wait_for(degraded, 30, "status to name the replaced registry")
+    assert "registry.sqlite3 was replaced" in line and "restore state_dir" in line
+    h.stop()
+
+
 def test_lost_state_dir_refuses_an_empty_registry_then_adopts(daemon_factory: Any) -> None:
     """After state_dir is lost, nbankd will not start a new empty registry over an
     archive that holds resources (exit 2 naming both ways out); with --adopt-archives
