@@ -382,8 +382,7 @@ def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     outcome: list[str | None] = []
 
     def run() -> None:
-        daemon.reload()
-        outcome.append(getattr(daemon, "reload_problem", None))
+        outcome.append(daemon.reload())  # this reload's own answer
 
     worker = threading.Thread(target=run, name="reload", daemon=True)
     worker.start()

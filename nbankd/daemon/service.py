@@ -262,8 +262,10 @@ class Daemon(DepositWorkers, InboxScanning):
         if retry and not result.retry:
             self.request_rescan()  # an archive may have just been made or registered
 
-    def reload(self) -> None:
+    def reload(self) -> str | None:
         """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
+        Returns why this reload failed, or None (the caller's own answer, never a
+        concurrent reload's).
 
         Inboxes, archives, logging and the registry (URL or credentials) follow the
         new file; ``state_dir`` and ``control_socket`` need a restart (the loader keeps
@@ -275,11 +277,12 @@ class Daemon(DepositWorkers, InboxScanning):
             if sd is not None:
                 sd.reloading()
             try:
-                self.reload_problem = self._reload()
+                problem = self.reload_problem = self._reload()
             finally:
                 if sd is not None:
                     sd.ready()
                 self._wake.set()
+        return problem
 
     def _reload(self) -> str | None:
         """One reload; returns why it failed, or None."""
