@@ -362,6 +362,8 @@ class InboxScanning:
             sidecar = os.fsencode(chosen)
             if seen:
                 seen["sidecar"] = _identity_json(found[chosen])
+        if seen:
+            seen["paired"] = 1  # its sidecars were looked for: the claim looks again
         marker = (
             os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
         )

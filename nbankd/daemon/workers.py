@@ -196,7 +196,8 @@ class DepositWorkers:
             and item.error_code is None
         ):
             self.registry_problem = None
-        if item.state is State.RETURNED:
+        if item.state in (State.RETURNED, State.CANCELLED):
+            # back in the inbox, or left there (changed since it settled): seen anew
             self.request_rescan(item.inbox)
         if item.state is State.REJECTED and manual.ManualInbox.from_key(item.inbox):
             manual.return_rejected(item)  # as nbank, a refused file stays where it was

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from nbankd.archive import syncs
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import (
     identity_json,
+    paired,
     seen_matches,
     seen_unchanged,
     sidecar_seen_matches,
@@ -29,6 +31,7 @@ from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.filekind import FileKind
+from nbankd.names import SIDECAR_SUFFIXES
 
 
 class ClaimSteps(StepsBase):
@@ -83,6 +86,14 @@ class ClaimSteps(StepsBase):
         if outcome is not None:
             return item, outcome
         assert st is not None
+        if (
+            item.kind != "unsafe"
+            and paired(item.seen_identity)
+            and self._other_sidecar(fs, parent, name, item)
+        ):
+            # a sidecar came (or a second one) since the intent: the input settles
+            # again with it, never deposited with the sidecar left behind
+            return item, verdicts.sidecar_came(shown=str(src))
         try:
             fs.take(parent, name, work, token)
         except FileNotFoundError:
@@ -106,6 +117,23 @@ class ClaimSteps(StepsBase):
         seams.reached("after-claim-rename")
         return None
 
+    @staticmethod
+    def _other_sidecar(fs: inboxfs.InboxFS, parent: int, name: bytes, item: Item) -> bool:
+        """True when a sidecar name of the input holds something (not a folder) other
+        than the sidecar journaled with it."""
+        journaled = os.path.basename(item.sidecar_relpath) if item.sidecar_relpath else None
+        for suffix in SIDECAR_SUFFIXES:
+            car = name + os.fsencode(suffix)
+            if car == journaled:
+                continue
+            try:
+                st = fs.lstat(parent, car)
+            except OSError:  # a name too long to be one (255 bytes): there is none
+                continue
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                return True
+        return False
+
     def _take_sidecar(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> Outcome | None:
         """Moves the input's sidecar next to it, when it is still the one the scan saw
         settle (else an outcome: the input goes back and settles again); one that cannot
@@ -116,8 +144,10 @@ class ClaimSteps(StepsBase):
         shown = str(spec.path / os.fsdecode(item.sidecar_relpath))
         try:
             side_parent, side_name = fs.parent(item.sidecar_relpath)
-            if fs.exists(fs.work, side_token):  # taken before a crash
-                return None
+            taken = fs.lstat(fs.work, side_token)
+            if taken is not None:  # taken before a crash: the one checked, if it was
+                same = sidecar_seen_matches(item.seen_identity, taken, moved=True)
+                return verdicts.sidecar_at_claim(shown=shown, same=same)
             st = fs.lstat(side_parent, side_name)
             outcome = verdicts.sidecar_at_claim(
                 shown=shown, same=sidecar_seen_matches(item.seen_identity, st)

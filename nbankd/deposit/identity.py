@@ -211,11 +211,30 @@ def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
     )
 
 
-def sidecar_seen_matches(seen: str | None, st: os.stat_result | None) -> bool:
+def paired(seen: str | None) -> bool:
+    """True when the scan that journaled the item looked for its sidecars (a manual
+    deposit's files, and items of an older journal, were never paired with one)."""
+    return seen is not None and bool(json.loads(seen).get("paired"))
+
+
+def sidecar_seen_matches(
+    seen: str | None, st: os.stat_result | None, *, moved: bool = False
+) -> bool:
     """True when the sidecar about to be taken (``st``, None: nothing there) is the one
-    the scan saw settle (device, inode, size, modification and change times), or when
-    none was recorded (items of an older journal: taken as found)."""
+    the scan saw settle (device, inode, size, modification and change times; ``moved``:
+    already in the work folder, where the move changed its change time: device, inode,
+    size and modification time), or when none was recorded (items of an older
+    journal: taken as found)."""
     want = json.loads(seen).get("sidecar") if seen is not None else None
     if want is None:
         return True
-    return st is not None and fstat_matches(json.dumps(want), st)
+    if st is None:
+        return False
+    if moved:
+        return (want.get("dev"), want.get("ino"), want.get("size"), want.get("mtime_ns")) == (
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+        )
+    return fstat_matches(json.dumps(want), st)

@@ -25,6 +25,7 @@ from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
     fstat_matches,
+    identity_json,
     mark_verified,
     same_identity,
     staged_id,
@@ -268,7 +269,10 @@ class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
                 )
                 if not published.ours:  # stored first by another input (another rig)
                     log.info("already deposited", item=item.token, resource_id=item.name)
-                    item = item.changed(already=True)
+                    # publishing gave the input the archive's mode and group: its identity
+                    # now, so that a copy found bad at its read-back is staged again from
+                    # it, not taken for a changed input
+                    item = item.changed(already=True, identity=_reidentified(item, work))
         else:
             staged = archive.staging_dir / self.staged_name(item)
             staged_exists = os.path.lexists(staged)
@@ -520,3 +524,11 @@ def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
         log.info(
             "step outcome", outcome=outcome.kind, code=outcome.code, error=outcome.message, **fields
         )
+
+
+def _reidentified(item: Item, work: Path) -> str:
+    """The identity of a claimed input ``work`` as it is now (its boot id the claim's)."""
+    fresh = json.loads(identity_json(work, item.kind == "dir"))
+    if item.identity is not None:
+        fresh["boot"] = json.loads(item.identity).get("boot", fresh["boot"])
+    return json.dumps(fresh)

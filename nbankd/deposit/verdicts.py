@@ -266,6 +266,17 @@ def sidecar_at_claim(*, shown: str, same: bool) -> Outcome | None:
     )
 
 
+def sidecar_came(*, shown: str) -> Outcome:
+    """Before the take: a sidecar of the input appeared (or a second one) since its
+    intent was journaled. The input is left in the inbox (nothing taken) and settles
+    again with it, never deposited while its metadata is left behind."""
+    return Outcome(
+        "gone",
+        "gone",
+        f"{shown} was given a sidecar after it settled; left in the inbox to settle again with it",
+    )
+
+
 def still_open_for_writing(shown: str) -> Outcome:
     """A claimed file some program still holds open for writing (quiet for longer than
     the settle time, not finished): it goes back to the inbox, never copied yet."""

@@ -170,6 +170,22 @@ def is_ignored(relpath: str, ignore: Sequence[str]) -> bool:
     return False
 
 
+def is_hidden(relpath: str, ignore: Sequence[str], *, markers: bool = True) -> bool:
+    """True when ``relpath`` is ignored (:func:`is_ignored`), unless it is a sidecar or
+    (``markers``: a ``ready: marker`` inbox) a marker of a name that is not: an input's
+    sidecar and marker are never inputs themselves, and go with their input whatever
+    the patterns (``ignore: ['*.json']`` still reads ``rec.dat.nbank.json``); one of
+    an ignored name is ignored with it."""
+    if not is_ignored(relpath, ignore):
+        return False
+    parent, _, name = relpath.rpartition("/")
+    companion = owner_of(name, markers=markers)
+    if companion is None:
+        return True
+    owner = f"{parent}/{companion[1]}" if parent else companion[1]
+    return is_ignored(owner, ignore)
+
+
 def scan_inbox(
     root: Path | str,
     *,
@@ -276,7 +292,7 @@ def _take(
     """Classifies one listed child of folder ``rel`` into ``found`` (entries) or
     ``below`` (sub-folders still to list)."""
     crel = f"{rel}/{name}" if rel else name
-    if is_excluded(crel, exclude) or is_ignored(crel, ignore):
+    if is_excluded(crel, exclude) or is_hidden(crel, ignore, markers=markers):
         return
     try:
         st = child.stat(follow_symlinks=False)
@@ -286,6 +302,8 @@ def _take(
         found.append(Entry(crel, EntryKind.UNREADABLE, None, problem=_describe(err)))
         return
     if stat.S_ISDIR(st.st_mode):
+        if is_ignored(crel, ignore):  # a folder named like a companion: ignored
+            return
         if directories_as_resources and not rel:
             resource = _directory_resource(top, crel)
             if resource is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from watchdog.observers.api import ObservedWatch
 
-from nbankd.watch.scan import is_excluded, is_ignored
+from nbankd.watch.scan import is_excluded, is_hidden
 
 CHECK_TIMEOUT_MAX = 10.0  # seconds a canary event may take, at most
 
@@ -59,7 +59,7 @@ class WatchedInbox:
         """True for paths inside excluded folders or matching an ignore pattern."""
         if relpath and is_excluded(relpath, self.exclude):
             return True
-        return bool(relpath) and is_ignored(relpath, self.ignore)
+        return bool(relpath) and is_hidden(relpath, self.ignore)
 
     def relpath(self, path: str | bytes) -> str | None:
         """``path`` relative to the inbox, or None when it is outside."""
