@@ -28,9 +28,7 @@ location added.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import sys
 import threading
 import time
@@ -42,7 +40,7 @@ from pathlib import Path
 
 from nbankd import errors
 from nbankd.archive.layout import Archive
-from nbankd.archive.probe import PROBE_PREFIX
+from nbankd.archive.probe import filesystem_now
 from nbankd.audit.compare import by_name, elsewhere, misplaced, staging_finding, walk_findings
 from nbankd.audit.listing import list_registered
 from nbankd.audit.model import (
@@ -396,25 +394,6 @@ def _age(path: Path, now: float) -> float | None:
     return now - max(st.st_mtime, st.st_ctime)
 
 
-def filesystem_now(folder: Path) -> float:
-    """The time by the clock that stamps files in ``folder`` (a file server's, for an
-    archive several rigs share): the modification time of a file made there for the
-    moment. A leftover's age is measured by it, never by this host's clock, which may
-    run ahead of the server's and make another rig's live copy look hours old. This
-    host's clock when no file can be made there."""
-    probe = folder / f"{PROBE_PREFIX}clock-{secrets.token_hex(6)}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except OSError:
-        return time.time()
-    try:
-        return os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-
-
 def _second_copy(
     record: ResourceRecord, locations: list[LocationRecord], name: str, path: Path
 ) -> str | None:
@@ -447,7 +426,8 @@ def resolve_at_terminal(
         if f.kind != INCOMPLETE or f.path is None:
             continue
         if now is None:
-            now = filesystem_now(archive.staging_dir)
+            # by both clocks, the younger age: never older than the archive's own says
+            now = min(time.time(), filesystem_now(archive.staging_dir))
         age = _age(f.path, now)
         if age is None:
             continue

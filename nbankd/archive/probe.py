@@ -23,12 +23,41 @@ import fcntl
 import mmap
 import os
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nbankd.archive.fsops import NoReplaceUnsupported, rename_noreplace
 
 PROBE_PREFIX = ".nbankd-probe-"
+
+
+def filesystem_now(folder: Path) -> float:
+    """The time by the clock that stamps files in ``folder`` (a file server's, for an
+    archive several rigs share): the modification time of a file made there for the
+    moment (removed at once). Ages of what others write there (a rig's staged copy,
+    a transfer's file) are measured by it, never by this host's clock, which may run
+    ahead of the server's and make a live copy look hours old. This host's clock
+    when no file can be made there (a reader without write access)."""
+    probe = folder / f"{PROBE_PREFIX}clock-{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def host_ahead(folder: Path) -> float:
+    """Seconds this host's clock runs ahead of the clock stamping files in ``folder``
+    (:func:`filesystem_now`); 0 when it does not, by less than 2 s (timestamps'
+    granularity), or when it cannot be told."""
+    ahead = time.time() - filesystem_now(folder)
+    return ahead if ahead >= 2.0 else 0.0
 
 
 @dataclass(frozen=True)

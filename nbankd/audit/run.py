@@ -111,14 +111,19 @@ class Auditor:
         in_flight: Callable[[], InFlight] = InFlight,
         ours: Callable[[Iterable[str]], set[str]] = lambda names: set(),
         clock: Callable[[], float] = time.time,
+        clock_ahead: Callable[[str], float] = lambda archive: 0.0,
         stop: threading.Event | None = None,
     ) -> None:
+        """``clock_ahead``: seconds this host's clock runs ahead of the clock stamping an
+        archive's files (by name): what others write there (a rig's staged copy, a
+        transfer's file) is aged by the archive's clock, never called old too soon."""
         self.registry = registry
         self.cache = cache
         self.settings = settings or AuditSettings()
         self.in_flight = in_flight
         self.ours = ours
         self.clock = clock
+        self.clock_ahead = clock_ahead
         self.stop = stop or threading.Event()
         rate = self.settings.max_mb_per_s * MB if self.settings.max_mb_per_s > 0 else None
         self.limiter = RateLimiter(rate, sleep=self.stop.wait)
@@ -274,9 +279,12 @@ class Auditor:
             answers = compare.by_name(self.registry.get_resources(asked)) if asked else {}
             after = planner.listing_after(before, target.name, answers, asked)
             now = self.clock()
+            # what others wrote is aged by the archive filesystem's clock too: this
+            # host's running ahead never makes a live copy or a transfer look old
+            aged = now - self.clock_ahead(target.name)
             cats = planner.categorise(walk.stored, before, after, flight.names)
             grace = self.settings.staging_grace
-            findings = compare.walk_findings(walk, skip=flight.names, now=now, grace=grace)
+            findings = compare.walk_findings(walk, skip=flight.names, now=aged, grace=grace)
             registered = before.keys() | after.keys()
             placed, lookup = compare.misplaced(walk, registered, skip=flight.names)
             findings += placed
@@ -304,7 +312,7 @@ class Auditor:
         # checked last: a deposit from another host registers before it places the file
         findings += self._missing(archive, walk, cats.missing, answers, self.clock(), cached)
         findings += compare.judge_reads(results, cats.expected, walk)
-        findings += self._unregistered(target, lookup, answers, now, results)
+        findings += self._unregistered(target, lookup, answers, aged, results)
         self.cache.forget(
             target.name,
             [
@@ -313,7 +321,7 @@ class Auditor:
                 if n not in walk.stored and n not in flight.names and walk.complete(n)
             ],
         )
-        findings += self._leftovers(archive, walk, flight)
+        findings += self._leftovers(archive, walk, flight, aged)
         findings = [f for f in findings if f.kind != PERMISSION or still_wrong(archive, f)]
         clock.lap("finish")
         return ArchiveResult(
@@ -409,9 +417,11 @@ class Auditor:
                     out.append(found)
         return out
 
-    def _leftovers(self, archive: Archive, walk: Walk, flight: InFlight) -> list[Finding]:
+    def _leftovers(
+        self, archive: Archive, walk: Walk, flight: InFlight, now: float
+    ) -> list[Finding]:
         names = planner.staging_leftovers(
-            walk.staging, flight.tokens, now=self.clock(), grace=self.settings.staging_grace
+            walk.staging, flight.tokens, now=now, grace=self.settings.staging_grace
         )
         return [
             compare.staging_finding(archive.staging_dir / n)

@@ -90,8 +90,10 @@ class AuditScheduler:
         in_flight: Callable[[], InFlight],
         ours: Callable[[Iterable[str]], set[str]] = lambda names: set(),
         clock: Callable[[], float] = time.time,
+        clock_ahead: Callable[[str], float] = lambda archive: 0.0,
     ) -> None:
         self.config = config
+        self.clock_ahead = clock_ahead
         self.registry = registry
         self.in_flight = in_flight
         self.ours = ours
@@ -205,11 +207,13 @@ class AuditScheduler:
         if self._disabled is not None:
             return None
         every = self.config().audit.every
+        now = self.clock()  # times kept while the clock was ahead count from now
         if self._last_started is None:
-            return self._started + every
+            return min(self._started, now) + every
         if self._last_failed:
-            return (self._last_finished or self._last_started) + min(every, RETRY_AFTER_ERROR)
-        return self._last_started + every
+            failed = min(self._last_finished or self._last_started, now)
+            return failed + min(every, RETRY_AFTER_ERROR)
+        return min(self._last_started, now) + every
 
     def request(self, full: bool) -> str:
         """Queues an audit now; returns the ticket to :meth:`wait` on. While audits are
@@ -399,6 +403,7 @@ class AuditScheduler:
             in_flight=self.in_flight,
             ours=self.ours,
             clock=self.clock,
+            clock_ahead=self.clock_ahead,
             stop=self._stop,
         )
         self._auditor = auditor

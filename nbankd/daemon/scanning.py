@@ -189,6 +189,9 @@ class InboxScanning:
             stall_after=inbox.stall_after,
             ready_mode=settle.ReadyMode(inbox.ready),
         )
+        # what the listing found, stamped when the listing ended: a file written while
+        # a long listing ran never counts as settled for longer than it was
+        now = self.mono()
         result = settle.step(state.tracker, entries, now, policy)
         state.tracker = result.state
         # step's own dict, not a copy: a backlog of 100,000 files needs only one

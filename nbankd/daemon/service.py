@@ -107,6 +107,9 @@ class Daemon(DepositWorkers, InboxScanning):
         self.state_lock: statelock.StateLock | None = None
         self._state_ids: tuple[tuple[int, int], ...] = ()
         self._state_files: tuple[str, ...] = (JOURNAL_NAME,)
+        #: archive name -> seconds this host's clock runs ahead of its file server's
+        self.clock_ahead: dict[str, float] = {}
+        self._linked: dict[str, bool] = {}  # inbox key -> its path was a link when prepared
         self.state_problem: str | None = None  # state_dir removed or replaced: nothing moves
         self.journal_problem: str | None = None  # the journal could not be written
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="deposit")
@@ -193,6 +196,7 @@ class Daemon(DepositWorkers, InboxScanning):
                 in_flight=journal_in_flight(self.journal),
                 ours=self.journal.deposited_names,
                 clock=self.clock,
+                clock_ahead=lambda name: self.clock_ahead.get(name, 0.0),
             )
             self.auditor.start()
         except (errors.NbankdError, OSError) as err:
@@ -201,8 +205,10 @@ class Daemon(DepositWorkers, InboxScanning):
 
     def _probe_archives(self, cfg: Config) -> None:
         found = setup.probe_archives(cfg)
+        ahead = {a.name: setup.host_ahead_of(a.path) for a in cfg.archives if a.name in found}
         with self._lock:
             self.capabilities = found
+            self.clock_ahead = ahead
 
     def _archive_path(self, name: str) -> Path | None:
         """The path of the configured archive called ``name``, if there is one."""
@@ -210,7 +216,12 @@ class Daemon(DepositWorkers, InboxScanning):
         return None if archive is None else archive.path
 
     def _apply_config(self, cfg: Config) -> None:
-        folders = setup.prepare_inbox_folders(cfg)
+        kept = self._not_adopted(cfg)
+        folders = setup.prepare_inbox_folders(cfg, kept)
+        self._linked = {
+            str(i.path): False if str(i.path) in kept else os.path.islink(i.path)
+            for i in cfg.inboxes
+        }
         specs = setup.inbox_specs(cfg, folders)
         for key, spec in self.specs.items():
             if key not in specs:
@@ -238,6 +249,26 @@ class Daemon(DepositWorkers, InboxScanning):
         still = sorted(k for k in new if k in persisted)
         if still:
             log.info("inboxes still paused (recorded in paused.json)", inboxes=still)
+
+    def _not_adopted(self, cfg: Config) -> dict[str, setup.InboxFolders]:
+        """The recorded folders of each inbox whose path, a folder when it was prepared,
+        is a symbolic link now: a reload never adopts a link swapped in for an inbox
+        (its folders stay refused, status degraded, until the folder is back or nbankd
+        is restarted); a path configured as a link from the start is followed."""
+        kept: dict[str, setup.InboxFolders] = {}
+        for inbox in cfg.inboxes:
+            key = str(inbox.path)
+            spec = self.specs.get(key)
+            if spec is None or self._linked.get(key, True) or not os.path.islink(inbox.path):
+                continue
+            log.error(
+                "inbox folder replaced by a symbolic link since it was prepared: not "
+                "adopted by the reload; put the folder back, or restart nbankd to follow "
+                "the link",
+                inbox=key,
+            )
+            kept[key] = (spec.work_id, spec.rejected_id, spec.work_proof, spec.rejected_owner)
+        return kept
 
     def set_paused(self, keys: list[str], paused: bool) -> None:
         """Pauses or resumes inboxes and records the choice in ``state_dir`` first, so
@@ -366,9 +397,10 @@ class Daemon(DepositWorkers, InboxScanning):
             self._check_state_dir()
             for key, state in list(self.inboxes.items()):
                 if state.next_scan <= tick:
+                    started = self.mono()  # its own: an earlier inbox's scan may be long
                     try:
-                        self._scan(key, state, tick)
-                        state.scan_took = self.mono() - tick
+                        self._scan(key, state, started)
+                        state.scan_took = self.mono() - started
                     except OSError as err:
                         log.error("cannot scan inbox", inbox=key, error=str(err))
                         state.next_scan = tick + min(60.0, state.config.rescan_every)

@@ -18,7 +18,8 @@ import structlog
 
 from nbankd import errors
 from nbankd.archive import opening
-from nbankd.archive.probe import Capabilities, probe
+from nbankd.archive.layout import STAGING_NAME
+from nbankd.archive.probe import Capabilities, host_ahead, probe
 from nbankd.config import Config
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_folders
 from nbankd.deposit.spec import InboxSpec
@@ -107,12 +108,17 @@ def inbox_specs(
     return specs
 
 
-def prepare_inbox_folders(config: Config) -> dict[str, InboxFolders]:
+def prepare_inbox_folders(
+    config: Config, kept: dict[str, InboxFolders] | None = None
+) -> dict[str, InboxFolders]:
     """Creates missing inbox, work and rejected folders (work folder private to the
     daemon) without following links, and leaves a token in each work folder (see
-    :mod:`nbankd.deposit.folderproof`); returns inbox key -> what it recorded."""
-    ids: dict[str, InboxFolders] = {}
+    :mod:`nbankd.deposit.folderproof`); returns inbox key -> what it recorded.
+    ``kept``: inboxes whose recorded folders stand as they are (not looked at)."""
+    ids: dict[str, InboxFolders] = dict(kept or {})
     for inbox in config.inboxes:
+        if str(inbox.path) in ids:
+            continue
         try:
             inbox.path.mkdir(parents=True, exist_ok=True, mode=0o777)
         except FileExistsError:  # there, but not a folder (a file, a broken link)
@@ -250,6 +256,21 @@ def archive_usable(
     if not os.access(archive.resources_dir, os.W_OK | os.X_OK):
         return f"{archive.resources_dir} is not writable by this user"
     return None
+
+
+def host_ahead_of(archive_path: Path) -> float:
+    """Seconds this host's clock runs ahead of the one stamping the archive's files (0
+    when it cannot be told): logged, as audits then age what others write by the
+    archive's clock."""
+    ahead = host_ahead(archive_path / STAGING_NAME)
+    if ahead:
+        log.warning(
+            "this host's clock runs ahead of the archive's file server; audits age "
+            "files by the server's clock",
+            archive=str(archive_path),
+            seconds=round(ahead, 1),
+        )
+    return ahead
 
 
 def probe_archives(cfg: Config) -> dict[str, Capabilities]:

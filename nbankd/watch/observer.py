@@ -321,9 +321,13 @@ class InboxWatcher(ProofOfLife):
             return
         inbox.inode = found
         inbox.gone = False
+        inbox.watch_root = os.path.realpath(inbox.root)  # a configured link: its folder
         try:
             watch = observer.schedule(
-                _Handler(self, inbox), inbox.root, recursive=inbox.recursive, event_filter=_EVENTS
+                _Handler(self, inbox),
+                inbox.watch_root,
+                recursive=inbox.recursive,
+                event_filter=_EVENTS,
             )
         except OSError as err:
             why = LIMITS.get(err.errno or 0)

@@ -46,6 +46,9 @@ class WatchedInbox:
     probe: Probe
     watch: ObservedWatch | None = None
     inode: tuple[int, int] | None = None
+    #: the folder the watch is set on: the inbox's path with links resolved (watchdog
+    #: never follows a link at the top of a watch)
+    watch_root: str = ""
     #: the (device, inode) the daemon last found to be this inbox's folder (its work
     #: folder checked through it): a folder the path names otherwise is never watched
     accepted: tuple[int, int] | None = None
@@ -62,19 +65,25 @@ class WatchedInbox:
         return bool(relpath) and is_hidden(relpath, self.ignore)
 
     def relpath(self, path: str | bytes) -> str | None:
-        """``path`` relative to the inbox, or None when it is outside."""
+        """``path`` (under the inbox's path, or under the folder watched for it when
+        that path is a configured link) relative to the inbox, or None when outside."""
         path = os.fsdecode(path)
-        if path == self.root:
-            return ""
-        if path.startswith(self.root + "/"):
-            return path[len(self.root) + 1 :]
+        for root in (self.watch_root, self.root):
+            if not root:
+                continue
+            if path == root:
+                return ""
+            if path.startswith(root + "/"):
+                return path[len(root) + 1 :]
         return None
 
 
 def same_folder(inbox: WatchedInbox, rel: str, ino: int) -> bool:
     """True while ``rel`` is still the folder with inode ``ino`` (not gone or replaced)."""
     try:
-        st = os.lstat(os.path.join(inbox.root, rel) if rel else inbox.root)
+        # the inbox's own folder through its path (a configured link is followed: the
+        # folder was accepted by its device and inode), the ones below it never
+        st = os.lstat(os.path.join(inbox.root, rel)) if rel else os.stat(inbox.root)
     except OSError:
         return False
     return st.st_ino == ino
