@@ -17,7 +17,7 @@ from nbankctl.report import Report
 from nbankd import errors, metadata_readers
 from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
-from nbankd.config.model import Config, FileMetadata
+from nbankd.config.model import JOURNAL_NAME, Config, FileMetadata
 from nbankd.daemon import statelock
 from nbankd.deposit import manual, policy
 from nbankd.deposit.journal import Item, Journal
@@ -25,8 +25,6 @@ from nbankd.deposit.lifecycle import State
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
-
-JOURNAL_NAME = "journal.sqlite3"
 
 
 def user_state_dir(environ: dict[str, str] | None = None) -> Path:

@@ -25,6 +25,7 @@ DEFAULT_CONTROL_SOCKET = Path("/run/nbankd/control.sock")
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_IGNORE: tuple[str, ...] = ("*.tmp", "*.part", ".*")
 EMBEDDED_DB_NAME = "registry.sqlite3"
+JOURNAL_NAME = "journal.sqlite3"  # the deposit journal, in state_dir
 ARCHIVE_SCHEME = "neurobank"
 
 Ready = Literal["settle", "marker"]

@@ -10,7 +10,6 @@ main thread, which resubmits them when their time comes.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import threading
@@ -26,10 +25,11 @@ from nbankd import __version__, errors
 from nbankd.archive.probe import Capabilities
 from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
-from nbankd.config import Config, load_config
-from nbankd.config.model import EMBEDDED_DB_NAME
+from nbankd.config import Config
+from nbankd.config.model import EMBEDDED_DB_NAME, JOURNAL_NAME
 from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
+from nbankd.daemon.configuring import Configuring
 from nbankd.daemon.lane import Lane
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
@@ -48,10 +48,9 @@ from nbankd.watch.observer import InboxWatcher
 log = structlog.get_logger("nbankd.daemon")
 
 WORKERS = 4
-JOURNAL_NAME = "journal.sqlite3"
 
 
-class Daemon(DepositWorkers, InboxScanning):
+class Daemon(Configuring, DepositWorkers, InboxScanning):
     def __init__(
         self,
         config: Config,
@@ -203,172 +202,10 @@ class Daemon(DepositWorkers, InboxScanning):
             self.auditor = None
             log.error("audits disabled: cannot open the audit cache", error=str(err))
 
-    def _probe_archives(self, cfg: Config) -> None:
-        found = setup.probe_archives(cfg)
-        ahead = {a.name: setup.host_ahead_of(a.path) for a in cfg.archives if a.name in found}
-        with self._lock:
-            self.capabilities = found
-            self.clock_ahead = ahead
-
     def _archive_path(self, name: str) -> Path | None:
         """The path of the configured archive called ``name``, if there is one."""
         archive = self.config.archive_named(name)
         return None if archive is None else archive.path
-
-    def _apply_config(self, cfg: Config) -> None:
-        kept = self._not_adopted(cfg)
-        folders = setup.prepare_inbox_folders(cfg, kept)
-        self._linked = {
-            str(i.path): False if str(i.path) in kept else os.path.islink(i.path)
-            for i in cfg.inboxes
-        }
-        specs = setup.inbox_specs(cfg, folders)
-        for key, spec in self.specs.items():
-            if key not in specs:
-                self.retired[key] = spec
-        for key in specs:
-            self.retired.pop(key, None)
-        self.specs.clear()
-        self.specs.update(specs)
-        old = self.inboxes
-        # an inbox new to this process (at start, or back in the file after a reload
-        # left it out) is paused as paused.json says: a pause lasts until resume
-        new = [str(i.path) for i in cfg.inboxes if str(i.path) not in old]
-        with self._pause_lock:  # not while a pause or resume rewrites paused.json
-            # the running state_dir: a new one takes effect only at restart
-            persisted = pauses.load(self.config.state_dir) if new else frozenset()
-            inboxes = {}
-            for inbox in cfg.inboxes:
-                key = str(inbox.path)
-                previous = old.get(key)
-                state = InboxState(config=inbox, paused=key in persisted)
-                if previous is not None:
-                    state.tracker, state.paused = previous.tracker, previous.paused
-                inboxes[key] = state
-            self.inboxes = inboxes
-        still = sorted(k for k in new if k in persisted)
-        if still:
-            log.info("inboxes still paused (recorded in paused.json)", inboxes=still)
-
-    def _not_adopted(self, cfg: Config) -> dict[str, setup.InboxFolders]:
-        """The recorded folders of each inbox whose path, a folder when it was prepared,
-        is a symbolic link now: a reload never adopts a link swapped in for an inbox
-        (its folders stay refused, status degraded, until the folder is back or nbankd
-        is restarted); a path configured as a link from the start is followed."""
-        kept: dict[str, setup.InboxFolders] = {}
-        for inbox in cfg.inboxes:
-            key = str(inbox.path)
-            spec = self.specs.get(key)
-            if spec is None or self._linked.get(key, True) or not os.path.islink(inbox.path):
-                continue
-            log.error(
-                "inbox folder replaced by a symbolic link since it was prepared: not "
-                "adopted by the reload; put the folder back, or restart nbankd to follow "
-                "the link",
-                inbox=key,
-            )
-            kept[key] = (spec.work_id, spec.rejected_id, spec.work_proof, spec.rejected_owner)
-        return kept
-
-    def set_paused(self, keys: list[str], paused: bool) -> None:
-        """Pauses or resumes inboxes and records the choice in ``state_dir`` first, so
-        a restart keeps it (an error recording it leaves everything as it was). Inboxes
-        paused and then left out of the configuration stay recorded, so they come back
-        paused."""
-        with self._pause_lock:  # control requests run in threads: file and memory agree
-            now = {k for k, s in self.inboxes.items() if s.paused}
-            # inboxes a reload left out keep their record until they come back
-            away = pauses.load(self.config.state_dir) - set(self.inboxes)
-            wanted = away | (now | set(keys) if paused else now - set(keys))
-            pauses.save(self.config.state_dir, wanted)
-            for key in keys:
-                self.inboxes[key].paused = paused
-
-    def _prepare_registry(self, retry: bool = False) -> None:
-        """Datatypes, archive creation and registration; retried from :meth:`run` on
-        a backoff while they fail for a reason that may pass (see registry_setup)."""
-        result = self.registry_setup.run(self.config, self.registry, retry=retry)
-        if result.registry_problem is None:
-            self.registry_problem = None  # the registry answered
-        if retry and not result.retry:
-            self.request_rescan()  # an archive may have just been made or registered
-
-    def reload(self) -> str | None:
-        """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
-        Returns why this reload failed, or None (the caller's own answer, never a
-        concurrent reload's).
-
-        Inboxes, archives, logging and the registry (URL or credentials) follow the
-        new file; ``state_dir`` and ``control_socket`` need a restart (the loader keeps
-        the running ones, with a warning). On any failure the running setup is kept and
-        the reason logged and kept in :attr:`reload_problem`; READY=1 always follows
-        RELOADING=1. One reload at a time."""
-        sd = getattr(self.notifier, "notifier", None)  # sd_notify, when run by the CLI
-        with self._reload_lock:
-            if sd is not None:
-                sd.reloading()
-            try:
-                problem = self.reload_problem = self._reload()
-            finally:
-                if sd is not None:
-                    sd.ready()
-                self._wake.set()
-        return problem
-
-    def _reload(self) -> str | None:
-        """One reload; returns why it failed, or None."""
-        old = self.config
-        cfg: Config | None = None
-        try:
-            cfg = load_config(old.source, running=old, filesystem=True)
-            with self._lock:
-                self._apply_config(cfg)  # its folders first: nothing changed if they fail
-                self.config = cfg
-        except Exception as err:  # a bad file, or a folder it names that cannot be made
-            problem = _failure(err, cfg)
-            source = str(old.source)
-            log.error(
-                "reload failed; keeping the running configuration", source=source, error=problem
-            )
-            return f"the running configuration is kept: {problem}"
-        for warning in cfg.warnings:
-            log.warning("configuration warning", problem=str(warning))
-        try:
-            registries = [(c.registry, c.registry_url, c.registry_auth) for c in (cfg, old)]
-            if registries[0] != registries[1]:
-                self._reopen_registry(cfg)
-            if cfg.log != old.log:
-                from nbankd.service.logs import configure_logging
-
-                configure_logging(cfg.log.format, cfg.log.level)
-            self._prepare_registry()
-            self._probe_archives(cfg)
-            self._watch_inboxes()
-        except Exception as err:  # a bug: the new file is in use, a step after it failed
-            problem = f"{cfg.source} is in use, but a step after it failed: {_failure(err, cfg)}"
-            log.exception("reload failed after applying the configuration", error=problem)
-            return problem
-        log.info("configuration reloaded", source=str(cfg.source))
-        return None
-
-    def _reopen_registry(self, cfg: Config) -> None:
-        try:
-            registry = open_configured_registry(cfg)
-        except errors.NbankdError as err:
-            log.error("cannot open the new registry; keeping the old one", error=str(err))
-            return
-        old, self.registry = self.registry, registry
-        self.steps.registry = registry
-        log.info("registry changed", registry=registry.url)
-        old.close()
-        # the state folder and journal as recorded at start; the registry file now in use
-        kept = self._state_ids[:2]
-        if cfg.embedded:
-            with contextlib.suppress(OSError):  # gone already: the next check says so
-                self._state_files = (JOURNAL_NAME, EMBEDDED_DB_NAME)
-                self._state_ids = kept + statelock.identities(cfg.state_dir, EMBEDDED_DB_NAME)[1:]
-        else:
-            self._state_files, self._state_ids = (JOURNAL_NAME,), kept
 
     # -- main loop ----------------------------------------------------------------
 
@@ -533,17 +370,6 @@ class Daemon(DepositWorkers, InboxScanning):
         """The status document (see :mod:`nbankd.daemon.status`)."""
         snap = self.snapshot()
         return status_mod.build_status(snap, self.journal.counts(), self.journal.unfinished())
-
-
-def _failure(err: Exception, cfg: Config | None) -> str:
-    """Why a reload failed, in words naming what (the file's problems, the inbox whose
-    folder could not be made)."""
-    if isinstance(err, OSError) and err.filename is not None and cfg is not None:
-        target = os.fsdecode(err.filename)
-        inbox = cfg.inbox_containing(target)
-        where = f"{cfg.source}: inboxes[{cfg.inboxes.index(inbox)}].path: " if inbox else ""
-        return f"{where}cannot prepare {target}: {err.strerror or err}"
-    return str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

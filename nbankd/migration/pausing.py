@@ -36,11 +36,11 @@ from typing import Any
 
 from nbankd import errors
 from nbankd.archive.fsops import fsync_dir, write_atomic
+from nbankd.config.model import JOURNAL_NAME  # held open while nbankd runs
 from nbankd.control.client import ControlClient, ControlError
 from nbankd.daemon import pauses
 
 PAUSED_NAME = pauses.PAUSED_NAME
-JOURNAL_NAME = "journal.sqlite3"  # nbankd.daemon.service.JOURNAL_NAME: held open while it runs
 IDLE_GRACE = 0.5  # the queue must stay empty this long (a scan may be journaling an item)
 POLL = 0.2
 START_SLACK = 2.0  # seconds: start times computed from uptime jitter by this much
