@@ -9,26 +9,22 @@ own earlier work (a renamed file, a staged copy, a registry record, a link).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from nbankd import canonical_zip, errors, metadata_readers, seams
-from nbankd.archive import durable, fsops, layout, opening
+from nbankd import errors, seams
+from nbankd.archive import durable, fsops, layout
 from nbankd.deposit import receipts, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
-    fstat_matches,
     identity_json,
     mark_verified,
-    same_identity,
-    staged_id,
     staged_matches,
     verified_before_publish,
 )
@@ -37,182 +33,17 @@ from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, nex
 from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.release import ReleaseSteps
 from nbankd.deposit.spec import InboxSpec, Intent
+from nbankd.deposit.stage import StageSteps
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
-from nbankd.hashing import SourceReadError, copy_hashing
-from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
-from nbankd.watch import writers
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
 __all__ = ["InboxParked", "StepResult", "Steps"]
 
 
-def unreadable(item: Item, detail: str = "") -> Outcome:
-    """The rejection of an input the daemon's user cannot read."""
-    return Outcome(
-        "permanent",
-        "unreadable",
-        f"{item.relpath_str!r} cannot be read by the nbankd user{': ' + detail if detail else ''}",
-        "make it readable by the inbox's group (e.g. setgid inbox folder, umask 002) "
-        "and requeue it",
-    )
-
-
-class Steps(ClaimSteps, IdentifierSteps, ReleaseSteps):
+class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
     """Executes deposit steps for items of known inboxes."""
-
-    def stage(self, item: Item) -> StepResult:
-        spec = self._spec(item)
-        with spec.open_fs() as fs:
-            return self._stage(Intent.of(item), item, fs.at(fs.work, item.token))
-
-    def _stage(self, intent: Intent, item: Item, work: Path) -> StepResult:
-        archive = self._archive(intent)
-        if item.kind == "dir" and item.zipped:
-            item, outcome = self._stage_zip(archive, item, work)
-            if outcome.kind != "ok":
-                return item, outcome
-        elif item.kind == "dir":
-            if not same_identity(item.identity, work, True):
-                return item, Outcome("changed", "changed", "the folder changed after claiming")
-            staged = None
-            try:
-                if intent.placement == "rename":  # the folder itself is published: read only
-                    self._discard_leftovers(archive, item)  # an older release's copy
-                    sha1, size = durable.hash_tree(archive, work, progress=self._progress)
-                else:
-                    staged = durable.stage_copy_tree(
-                        archive, work, self._new_staged_name(archive, item), progress=self._progress
-                    )
-                    sha1, size = staged.sha1, staged.size
-            except SourceReadError as err:
-                if err.errno in (errno.EACCES, errno.EPERM):
-                    return item, unreadable(item, str(err))
-                raise
-            except errors.InputChanged as err:  # a file replaced, or still open for writing
-                return item, Outcome("changed", err.code, err.message, err.hint)
-            if not same_identity(item.identity, work, True):
-                if staged is not None:
-                    durable.discard_staged(archive, staged.path)
-                return item, Outcome("changed", "changed", "the folder changed during the copy")
-            item = item.changed(sha1=sha1, size=size)
-            if staged is not None:
-                item = item.changed(staged_identity=staged_id(staged.path))
-        else:
-            try:
-                fd = os.open(work, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except PermissionError:
-                return item, unreadable(item)
-            with os.fdopen(fd, "rb") as f:
-                if not fstat_matches(item.identity, os.fstat(f.fileno())):
-                    return item, Outcome("changed", "changed", "the file changed after claiming")
-                if writers.open_for_writing(f.fileno()):  # quiet, but not finished
-                    return item, verdicts.still_open_for_writing(item.relpath_str)
-                if intent.placement == "rename":
-                    hashed = copy_hashing(f, None, progress=self._progress)
-                    sha1, size = hashed.sha1, hashed.size
-                else:
-                    staged = durable.stage_copy(  # the descriptor: a large file's copy
-                        archive,  # then reads, hashes and writes at once (streaming)
-                        f.fileno(),
-                        self._new_staged_name(archive, item),
-                        progress=self._progress,
-                    )
-                    sha1, size = staged.sha1, staged.size
-                    item = item.changed(staged_identity=staged_id(staged.path))
-                seams.reached("stage-copied")
-                st = os.fstat(f.fileno())
-                if not fstat_matches(item.identity, st):
-                    if intent.placement != "rename":
-                        durable.discard_staged(archive, staged.path)
-                    return item, Outcome("changed", "changed", "the file changed during the copy")
-                if size != st.st_size:  # a read ended early (a flaky network filesystem):
-                    if intent.placement != "rename":  # never a part of the file for all of it
-                        durable.discard_staged(archive, staged.path)
-                    return item, Outcome(
-                        "transient",
-                        "os-error",
-                        f"reading the file ended after {size} of its {st.st_size} bytes; "
-                        "it is read again",
-                    )
-            item = item.changed(sha1=sha1, size=size)
-        if item.file_metadata in ("read", "override"):
-            source = (
-                work
-                if intent.placement == "rename"
-                else archive.staging_dir / self.staged_name(item)
-            )
-            item, outcome = self._read_file_metadata(archive, item, source)
-            if outcome.kind != "ok":
-                return item, outcome
-        seams.reached("after-stage")
-        return item, Outcome.ok()
-
-    def _stage_zip(self, archive: layout.Archive, item: Item, work: Path) -> StepResult:
-        """Writes the claimed folder's canonical zip into staging/, hashed and fsynced."""
-        if not same_identity(item.identity, work, True):
-            return item, Outcome("changed", "changed", "the folder changed after claiming")
-        durable.check_present(archive)
-        opening.ensure_staging(archive)
-        try:
-            zipped = canonical_zip.zip_folder(
-                work,
-                archive.staging_dir,
-                self._new_staged_name(archive, item),
-                progress=self._progress,
-            )
-        except SourceReadError as err:
-            if err.errno in (errno.EACCES, errno.EPERM):
-                return item, unreadable(item, str(err))
-            raise
-        except errors.InputChanged as err:
-            return item, Outcome("changed", err.code, err.message, err.hint)
-        except errors.UnsafeInput as err:
-            shown = err.message.replace(str(work), item.relpath_str)
-            return item, Outcome("permanent", err.code, shown, err.hint)
-        if not same_identity(item.identity, work, True):
-            durable.discard_staged(archive, zipped.path)
-            return item, Outcome("changed", "changed", "the folder changed while it was zipped")
-        item = replace(
-            item, sha1=zipped.sha1, size=zipped.size, staged_identity=staged_id(zipped.path)
-        )
-        return item, Outcome.ok()
-
-    def _read_file_metadata(self, archive: layout.Archive, item: Item, source: Path) -> StepResult:
-        """Runs the datatype's reader on the staged bytes and merges the file's metadata
-        into the journaled one under the mode fixed at claim."""
-        assert item.dtype is not None and item.file_metadata in ("read", "override")
-        name = PurePosixPath(item.relpath_str).name + (".zip" if item.zipped else "")
-        result = self.metadata_reader(item.dtype, source, name)
-        problem = result.error()
-        if problem is None and result.status == "read":
-            try:
-                merged = metadata_readers.merge_metadata(
-                    json.loads(item.metadata_json or "{}"),
-                    result.metadata,
-                    item.file_metadata,  # type: ignore[arg-type]
-                    source=repr(item.relpath_str),
-                )
-            except metadata_readers.MetadataMismatch as err:
-                problem = err
-            else:
-                metadata_json = json.dumps(merged, sort_keys=True, default=str)
-                return item.changed(metadata_json=metadata_json), Outcome.ok()
-        if problem is None:
-            return item, Outcome.ok()  # no reader for this datatype
-        if problem.transient:  # the reader, not the file: the input waits, staged anew
-            durable.discard_staged(archive, archive.staging_dir / self.staged_name(item))
-            if item.inbox.startswith(MANUAL_INBOX_PREFIX):
-                # by hand, as nbank: the file is refused and left where it was, the
-                # person who ran the command told what to do (an inbox's input waits)
-                return item, Outcome(
-                    "permanent",
-                    problem.code,
-                    f"{problem.message}; fix the reader, or deposit the file without "
-                    "reading its metadata (nbankctl deposit --no-file-metadata)",
-                )
-        return item, outcome_for(problem)
 
     def publish(self, item: Item) -> StepResult:
         spec, intent = self._spec(item), Intent.of(item)
