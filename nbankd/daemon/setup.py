@@ -108,6 +108,38 @@ def inbox_specs(
     return specs
 
 
+def inbox_link_problem(path: Path) -> None:
+    """Raises ConfigError when the inbox's path is a symbolic link others could have
+    put there or could swap: one not owned by root or this user, or in a folder a
+    user other than those may rename entries of (writable by its group or others
+    without the sticky bit, or owned by someone else). A writer of the folder above
+    an inbox could otherwise swap the inbox for a link to any folder before a restart
+    and have the daemon claim what is in it. A real folder there is fine (a swap of
+    it is refused while nbankd runs)."""
+    try:
+        link = os.lstat(path)
+        if not stat.S_ISLNK(link.st_mode):
+            return
+        parent = os.stat(path.parent)
+    except OSError:
+        return  # absent: made below, as a folder
+    ours = (0, os.geteuid())
+    loose = parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX
+    if link.st_uid not in ours:
+        why = f"the link belongs to uid {link.st_uid}"
+    elif parent.st_uid not in ours:
+        why = f"{path.parent} belongs to uid {parent.st_uid}"
+    elif loose:
+        why = f"{path.parent} is writable by others (mode {stat.S_IMODE(parent.st_mode):04o})"
+    else:
+        return
+    raise errors.ConfigError(
+        f"inbox {path} is a symbolic link another user may have made or may replace: {why}",
+        hint=f"name the folder it points to ({os.path.realpath(path)}) as the inbox, "
+        "or keep the link in a folder only root may change",
+    )
+
+
 def prepare_inbox_folders(
     config: Config, kept: dict[str, InboxFolders] | None = None
 ) -> dict[str, InboxFolders]:
@@ -119,6 +151,7 @@ def prepare_inbox_folders(
     for inbox in config.inboxes:
         if str(inbox.path) in ids:
             continue
+        inbox_link_problem(inbox.path)
         try:
             inbox.path.mkdir(parents=True, exist_ok=True, mode=0o777)
         except FileExistsError:  # there, but not a folder (a file, a broken link)

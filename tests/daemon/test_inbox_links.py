@@ -1,0 +1,83 @@
+"""An inbox named through a symbolic link is followed only when no other user could
+have put the link there or could swap it (a writer of the folder above an inbox
+could otherwise make the daemon claim another folder's files at its next start)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.daemon import NBANKD
+from nbankd import errors
+from nbankd.daemon.setup import inbox_link_problem
+
+
+def _link(tmp_path: Path, mode: int) -> Path:
+    """``tmp_path/top/inbox``: a link (this user's) to ``tmp_path/real``, its folder
+    given ``mode``."""
+    (tmp_path / "real").mkdir()
+    top = tmp_path / "top"
+    top.mkdir()
+    top.chmod(mode)
+    link = top / "inbox"
+    link.symlink_to(tmp_path / "real")
+    return link
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o2755])
+def test_a_link_only_root_may_change_is_followed(tmp_path: Path, mode: int) -> None:
+    """A link of this user's in a folder only this user may change (or a sticky one,
+    where no other user may rename it) is a configured link: accepted."""
+    inbox_link_problem(_link(tmp_path, mode))
+
+
+def test_a_real_folder_in_a_shared_folder_is_fine(tmp_path: Path) -> None:
+    """A real inbox folder in a folder the lab may write is not a link: nothing to refuse."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o2777)
+    (tmp_path / "shared" / "inbox").mkdir()
+    inbox_link_problem(tmp_path / "shared" / "inbox")
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o2775])
+def test_a_link_in_a_folder_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """A link in a folder its group or others may write (no sticky bit) could have been
+    swapped in: refused, naming the folder, its mode and the real folder to name."""
+    link = _link(tmp_path, mode)
+    with pytest.raises(errors.ConfigError) as refused:
+        inbox_link_problem(link)
+    assert f"{link.parent} is writable by others (mode {mode:04o})" in str(refused.value)
+    assert str(tmp_path / "real") in refused.value.hint
+
+
+def test_a_link_another_user_owns_is_refused(tmp_path: Path, unpriv_user: Any) -> None:
+    """A link belonging to another user, even in a folder only root may change, is refused."""
+    link = _link(tmp_path, 0o755)
+    os.lchown(link, unpriv_user.uid, unpriv_user.gid)
+    with pytest.raises(errors.ConfigError, match=f"the link belongs to uid {unpriv_user.uid}"):
+        inbox_link_problem(link)
+
+
+def test_the_daemon_will_not_start_on_an_inbox_link_others_may_swap(daemon_factory: Any) -> None:
+    """nbankd started on an inbox that is a link in a folder others may write exits 2
+    with the reason, creating nothing in the folder the link names."""
+    h = daemon_factory()
+    real = h.root / "someone-elses"
+    real.mkdir()
+    shared = h.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    h.inbox = shared / "inbox"
+    h.inbox.symlink_to(real)
+    h.write_config()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANKD_", "NOTIFY"))}
+    refused = subprocess.run(
+        [NBANKD, "-c", str(h.config_path)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "is a symbolic link another user may have made or may replace" in refused.stderr
+    assert list(real.iterdir()) == []
