@@ -351,11 +351,7 @@ class InboxScanning:
         if entry.identity is not None:
             seen = {"dev": entry.identity.dev, "ino": entry.identity.ino}
             if not unsafe and entry.kind is EntryKind.FILE:  # what settled: the claim checks
-                seen.update(
-                    size=entry.identity.size,
-                    mtime_ns=entry.identity.mtime_ns,
-                    ctime_ns=entry.identity.ctime_ns,
-                )
+                seen = _identity_json(entry.identity)
         sidecar = None
         found = _sidecars_now(state.config.path, entry.relpath)
         chosen = settle.sidecar_for(found.items(), state.tracker.watches)
@@ -410,8 +406,8 @@ def _sidecars_now(inbox: Path, relpath: str) -> dict[str, Identity | None]:
 
 
 def _identity_json(ident: Identity | None) -> dict[str, int]:
-    """What the claim compares a sidecar with before taking it (device, inode, size,
-    modification and change times)."""
+    """What the claim compares a file or sidecar with before taking it (device, inode,
+    size, modification and change times)."""
     assert ident is not None
     return {
         "dev": ident.dev,

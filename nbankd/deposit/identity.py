@@ -189,26 +189,18 @@ def seen_unchanged(seen: str | None, st: os.stat_result) -> bool:
     """True when a file about to be claimed still has the size, modification and change
     times it settled with (when the scan recorded them: a plain file's intent)."""
     want = json.loads(seen) if seen is not None else {}
-    if "size" not in want:
-        return True
-    return (want["size"], want.get("mtime_ns"), want.get("ctime_ns")) == (
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-    )
+    return "size" not in want or _agrees(want, st, ("size", "mtime_ns", "ctime_ns"))
+
+
+def _agrees(want: dict[str, int], st: os.stat_result, fields: tuple[str, ...]) -> bool:
+    """True when every recorded field (device, inode, size, times) is ``st``'s."""
+    return all(want.get(f) == getattr(st, "st_" + f) for f in fields)
 
 
 def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
     if recorded is None:
         return False
-    want = json.loads(recorded)
-    return (
-        want.get("dev") == st.st_dev
-        and want.get("ino") == st.st_ino
-        and want.get("size") == st.st_size
-        and want.get("mtime_ns") == st.st_mtime_ns
-        and want.get("ctime_ns") == st.st_ctime_ns
-    )
+    return _agrees(json.loads(recorded), st, ("dev", "ino", "size", "mtime_ns", "ctime_ns"))
 
 
 def paired(seen: str | None) -> bool:
@@ -230,11 +222,5 @@ def sidecar_seen_matches(
         return True
     if st is None:
         return False
-    if moved:
-        return (want.get("dev"), want.get("ino"), want.get("size"), want.get("mtime_ns")) == (
-            st.st_dev,
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-        )
-    return fstat_matches(json.dumps(want), st)
+    fields = ("dev", "ino", "size", "mtime_ns") + (() if moved else ("ctime_ns",))
+    return _agrees(want, st, fields)
