@@ -81,3 +81,62 @@ def test_the_daemon_will_not_start_on_an_inbox_link_others_may_swap(daemon_facto
     assert refused.returncode == 2, refused.stderr
     assert "is a symbolic link another user may have made or may replace" in refused.stderr
     assert list(real.iterdir()) == []
+
+
+def test_a_link_higher_up_the_path_in_a_folder_others_may_write_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A real inbox folder reached through a link in a shared folder (one a lab writer
+    could have swapped for a link to another folder) is refused, naming that link."""
+    (tmp_path / "elsewhere" / "inbox").mkdir(parents=True)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "rig").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(errors.ConfigError) as refused:
+        inbox_link_problem(shared / "rig" / "inbox")
+    assert f"is reached through {shared / 'rig'}, a symbolic link" in str(refused.value)
+    assert f"{shared} is writable by others (mode 0777)" in str(refused.value)
+    assert str(tmp_path / "elsewhere" / "inbox") in refused.value.hint
+
+
+def test_a_link_higher_up_the_path_another_user_owns_is_refused(
+    tmp_path: Path, unpriv_user: Any
+) -> None:
+    """A folder on the inbox's path that is another user's link is refused."""
+    (tmp_path / "elsewhere" / "inbox").mkdir(parents=True)
+    (tmp_path / "rig").symlink_to(tmp_path / "elsewhere")
+    os.lchown(tmp_path / "rig", unpriv_user.uid, unpriv_user.gid)
+    with pytest.raises(errors.ConfigError, match=f"the link belongs to uid {unpriv_user.uid}"):
+        inbox_link_problem(tmp_path / "rig" / "inbox")
+
+
+def test_a_link_met_through_another_link_is_judged_too(tmp_path: Path) -> None:
+    """A link that an accepted link leads to, sitting in a folder others may write, is
+    refused: every link followed counts, not only those written in the path."""
+    (tmp_path / "real").mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "hop").symlink_to(tmp_path / "real")
+    (tmp_path / "inbox").symlink_to("shared/hop")
+    with pytest.raises(errors.ConfigError, match=f"reached through {shared / 'hop'}"):
+        inbox_link_problem(tmp_path / "inbox")
+
+
+def test_a_chain_of_links_only_root_may_change_is_followed(tmp_path: Path) -> None:
+    """Links of this user's in folders only this user may change, relative and absolute,
+    through ``..``, lead to the inbox: accepted."""
+    (tmp_path / "a" / "real").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "to-a").symlink_to("../a")
+    (tmp_path / "top").symlink_to(tmp_path / "b")
+    inbox_link_problem(tmp_path / "top" / "to-a" / "real")
+
+
+def test_a_loop_of_links_is_refused_with_a_message(tmp_path: Path) -> None:
+    """Links that lead to each other give a clear refusal, not a hang."""
+    (tmp_path / "x").symlink_to("y")
+    (tmp_path / "y").symlink_to("x")
+    with pytest.raises(errors.ConfigError, match="more than 40 symbolic links"):
+        inbox_link_problem(tmp_path / "x" / "inbox")
