@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from nbankd import errors
+from nbankd.config.inboxlinks import inbox_link_problem
 from nbankd.config.model import ARCHIVE_SCHEME, ArchiveConfig, Config, Problem, Severity
 from nbankd.filekind import FileKind
 from nbankd.registry.base import Registry
@@ -132,6 +133,7 @@ def check_paths(config: Config) -> list[Problem]:
                 f"but this configuration uses {config.registry}",
             )
     for index, inbox in enumerate(config.inboxes):
+        _check_inbox_links(report, index, inbox.path)
         archive = config.archive_for(inbox)
         policy = policies.get(archive.name, {}).get("policy")
         if (
@@ -174,6 +176,21 @@ def check_paths(config: Config) -> list[Problem]:
                     hint=f"chmod 600 {config.registry_auth}",
                 )
     return report.problems
+
+
+def _check_inbox_links(report: _Report, index: int, path: Path) -> None:
+    """Reports an inbox reached through a link others may swap, which nbankd refuses
+    at start: an error when checked as the user nbankd runs as (the deployment
+    guide's check as the service), a warning when checked as root, who cannot tell
+    which user nbankd will run as (it judges links for its own user)."""
+    try:
+        inbox_link_problem(path)
+    except errors.ConfigError as err:
+        key = f"inboxes[{index}].path"
+        if os.geteuid() == 0:
+            report.warn(key, f"{err}; nbankd refuses to start on it", hint=err.hint)
+        else:
+            report.add(key, f"{err}; nbankd run as this user refuses to start", hint=err.hint)
 
 
 def _same_root(recorded: str, archive: ArchiveConfig) -> bool:

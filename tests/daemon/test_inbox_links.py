@@ -140,3 +140,50 @@ def test_a_loop_of_links_is_refused_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "y").symlink_to("x")
     with pytest.raises(errors.ConfigError, match="more than 40 symbolic links"):
         inbox_link_problem(tmp_path / "x" / "inbox")
+
+
+def _config_through_loose_link(top: Path) -> Path:
+    """A configuration whose inbox is ``top/shared/inbox``, a link (root's) in a folder
+    every user may write, to ``top/real``."""
+    (top / "real").mkdir()
+    shared = top / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "inbox").symlink_to(top / "real")
+    config = top / "nbankd.yaml"
+    config.write_text(
+        "state_dir: state\ncontrol_socket: control.sock\n"
+        "archives:\n  - path: archive\n    create: true\n"
+        f"inboxes:\n  - path: {shared / 'inbox'}\n    dtype: wav\n"
+    )
+    config.chmod(0o644)
+    return config
+
+
+def test_check_config_as_the_daemons_user_fails_on_a_link_it_would_refuse(
+    user_tmp_path: Path, unpriv_user: Any
+) -> None:
+    """check-config run as the user nbankd runs as exits 2 on an inbox link that start
+    would refuse, naming the inbox key and the link's folder."""
+    config = _config_through_loose_link(user_tmp_path)
+    proc = unpriv_user.run([NBANKD, "check-config", "--offline", "-c", str(config)], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "inboxes[0].path" in proc.stderr, proc.stderr
+    assert f"{user_tmp_path / 'shared'} is writable by others" in proc.stderr
+
+
+def test_check_config_as_root_warns_of_an_inbox_link_others_may_swap(tmp_path: Path) -> None:
+    """check-config run as root, who cannot tell which user nbankd will run as, warns of
+    an inbox link others may swap (exit 0), naming it."""
+    config = _config_through_loose_link(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANKD_", "NOTIFY"))}
+    proc = subprocess.run(
+        [NBANKD, "check-config", "--offline", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "inboxes[0].path" in proc.stderr, proc.stderr
+    assert "nbankd refuses to start on it" in proc.stderr
