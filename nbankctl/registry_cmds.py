@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import grp
 import json
+import math
 import os
 import re
 import sys
@@ -35,12 +36,25 @@ from nbankd.registry.base import CORE_FIELDS, SLUG_RE, Registry
 _ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):  # 1e400: JSON cannot carry it
+        raise ValueError(text)
+    return number
+
+
 def parse_value(text: str) -> Any:
-    """A -k value: JSON when it parses (True/False/None too), else the text itself."""
+    """A -k value: JSON when it parses (True/False/None too), else the text itself.
+    NaN, Infinity and numbers too large for a float stay text, as nbank keeps them (a
+    registry's JSON cannot hold them)."""
     if text in _ALIASES:
         return _ALIASES[text]
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError:
         if text.lstrip().startswith(("[", "{")):
             raise ValueError(f"{text!r} looks like JSON but does not parse") from None
@@ -179,15 +193,16 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
             raise errors.UsageError(
                 f"group '{args.group}' does not exist", hint="give an existing group with -g"
             ) from None
-    for existing in ("nbank.json", "README.md", ".gitignore"):
-        if os.path.lexists(root / existing):
-            raise errors.UsageError(
-                f"'{root / existing}' already exists",
-                hint="choose an empty or new folder; init never overwrites files",
-            )
+    existing = [n for n in ("nbank.json", "README.md", ".gitignore") if os.path.lexists(root / n)]
     with registry_for(args) as reg:
         by_name = reg.get_archive(name)
         by_root = reg.find_archive_by_root(str(root))
+        if existing and (by_root is None or by_root.name != name):
+            # files there, and no earlier init of this archive to finish
+            raise errors.UsageError(
+                f"'{root / existing[0]}' already exists",
+                hint="choose an empty or new folder; init never overwrites files",
+            )
         if by_name is not None and (by_name.scheme, by_name.root) != ("neurobank", str(root)):
             raise errors.ArchiveTaken(
                 f"registry {reg.url} already has an archive '{name}' at "
@@ -208,8 +223,13 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
             if not args.json:
                 log(f"archive '{name}' is already registered with root {root}")
         try:
-            archive = create_archive(
-                root, reg.url, group=args.group, umask=args.umask, shared=args.shared
+            archive = create_archive(  # finishing an init that stopped half way
+                root,
+                reg.url,
+                group=args.group,
+                umask=args.umask,
+                shared=args.shared,
+                finish=bool(existing),
             )
         except errors.NbankdError as err:
             raise type(err)(

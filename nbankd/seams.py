@@ -76,6 +76,7 @@ OTHER_POINTS = (
     "switch-after-config",
     "handover-checked",  # a manual deposit's peer checked; its files not yet journaled
     "before-intent",  # inputs found ready by a scan; their intents not yet built
+    "requeue-side-moved",  # a requeue moved a sidecar or marker back; its input not yet
 )
 AUDIT_POINTS = ("listed", "walk-top", "walked", "hashing", "reading")
 

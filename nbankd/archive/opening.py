@@ -125,6 +125,34 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         ) from None
 
 
+def _already_written(path: Path, text: str, finish: bool) -> bool:
+    """Whether ``path`` exists holding ``text`` (an earlier init of the same settings
+    wrote it); raises ArchiveError when it exists otherwise, or at all without
+    ``finish``."""
+    if not os.path.lexists(path):
+        return False
+    if finish:
+        try:
+            with open(path, "rb", opener=_nofollow) as f:
+                found = f.read(len(text.encode("utf-8")) + 1)
+        except OSError:
+            found = None
+        if found == text.encode("utf-8"):
+            return True
+        raise errors.ArchiveError(
+            f"'{path}' already exists and is not what nbankctl init writes with these options",
+            hint="nbankctl init never overwrites files: give the options the first run "
+            "had, or move the file aside",
+        )
+    raise errors.ArchiveError(
+        f"'{path}' already exists", hint="nbankctl init never overwrites files"
+    )
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
 def create_archive(
     path: str | os.PathLike[str],
     registry_url: str,
@@ -133,6 +161,7 @@ def create_archive(
     umask: int = DEFAULT_UMASK,
     shared: bool = False,
     read_only_resources: bool = True,
+    finish: bool = False,
     **policy: Any,
 ) -> Archive:
     """Creates a neurobank archive in ``path`` as ``nbank init`` (0.13) would, and opens it.
@@ -145,6 +174,9 @@ def create_archive(
 
     Raises ArchiveError naming the file if any file it would write already exists (nothing
     is written then) or the group does not exist; TypeError for an unknown policy key.
+    ``finish``: an earlier run with the same settings stopped half way (a full disk):
+    files it wrote are kept when they hold exactly what this run would write (any other
+    content is refused, naming the file), and the missing ones are written.
     """
     unknown = sorted(set(policy) - set(POLICY_KEYS))
     if unknown:
@@ -152,21 +184,22 @@ def create_archive(
     root = Path(path).resolve(strict=False)
     group = _group_name(group)
     umask &= 0o777
-    for name in (CONFIG_NAME, README_NAME, GITIGNORE_NAME):
-        if os.path.lexists(root / name):
-            raise errors.ArchiveError(
-                f"'{root / name}' already exists", hint="nbankctl init never overwrites files"
-            )
     user = None if shared else pwd.getpwuid(os.geteuid()).pw_name
     config = _config_dict(registry_url, user, group, umask, read_only_resources)
     config["policy"].update(policy)
+    texts = {
+        README_NAME: _README_TEXT,
+        CONFIG_NAME: json.dumps(config, indent=4),
+        GITIGNORE_NAME: f"{RESOURCES_NAME}/\n{STAGING_NAME}/\n",
+    }
+    written = {name for name in texts if _already_written(root / name, texts[name], finish)}
     file_mode = 0o666 & ~umask
     try:
         (root / RESOURCES_NAME).mkdir(parents=True, exist_ok=True)
         (root / STAGING_NAME).mkdir(exist_ok=True)
-        _write_new(root / README_NAME, _README_TEXT, file_mode)
-        _write_new(root / CONFIG_NAME, json.dumps(config, indent=4), file_mode)
-        _write_new(root / GITIGNORE_NAME, f"{RESOURCES_NAME}/\n{STAGING_NAME}/\n", file_mode)
+        for name, text in texts.items():
+            if name not in written:
+                _write_new(root / name, text, file_mode)
         archive = open_archive(root)
         for name in (README_NAME, CONFIG_NAME, GITIGNORE_NAME):
             chgrp(archive, root / name)

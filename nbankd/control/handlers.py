@@ -314,16 +314,16 @@ def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 def requeue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     path = _arg(args, "path", str)
     every = _arg(args, "all", bool, False)
-    configs = {k: s.config for k, s in _inboxes(daemon).items()}
+    specs = daemon.snapshot().specs
     if every:
         if path:
             raise ProtocolError("usage", "give a path or --all-rejected, not both")
         inbox = _arg(args, "inbox", str)
         key = resolve_inbox(daemon, inbox) if inbox else None
-        result = requeue_mod.requeue_all(configs, daemon.journal, inbox=key)
+        result = requeue_mod.requeue_all(specs, daemon.journal, inbox=key)
         done = result["requeued"]
     elif path:
-        done = [requeue_mod.requeue(path, configs, daemon.journal)]
+        done = [requeue_mod.requeue(path, specs, daemon.journal)]
         result = {"requeued": done, "failed": []}
     else:
         raise ProtocolError("usage", "requeue needs a path, or --all-rejected")

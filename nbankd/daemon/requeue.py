@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive import fsops
 from nbankd.config import InboxConfig
 from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, rejected_item
@@ -35,6 +35,7 @@ from nbankd.deposit.inboxfs import InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
+from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
 
 _LOCK = threading.Lock()  # one requeue at a time: two would race for the same names
@@ -143,28 +144,53 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
     )
 
 
-def apply(p: Plan) -> dict[str, Any]:
+class RequeueFailed(errors.NbankdError):
+    """A move of the requeue failed (the filesystem refused it); what had moved went back."""
+
+    code = "requeue-failed"
+    exit_code = errors.EXIT_PROBLEMS
+
+
+def apply(p: Plan, spec: InboxSpec) -> dict[str, Any]:
     """Carries out a plan; returns what was moved (JSON-safe).
 
     Every folder is reached from the inbox folder without following a link (see
-    :mod:`nbankd.deposit.inboxfs`): a rejected or inbox folder swapped for a link
-    stops the requeue, naming it, and nothing is moved through it.
+    :mod:`nbankd.deposit.inboxfs`), and the inbox is the one the daemon prepared:
+    its work folder and its rejected folder are checked against what was recorded
+    at start (``spec``), so an inbox or rejected folder swapped for a link or
+    another folder stops the requeue, naming it, and nothing is moved through it.
+    When a move fails (a name taken meanwhile, a filesystem error), what had already
+    moved (sidecar, marker) goes back to the rejected folder: it never stays in the
+    inbox beside another file.
     """
     done: list[list[str]] = []
-    rejected_rel = os.path.relpath(p.rejected_dir, p.root)
-    with InboxFS(p.root, rejected=rejected_rel) as fs:
+    with spec.open_fs() as fs:
+        fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
+        fs.rejected  # noqa: B018
+        moved: list[tuple[tuple[int, bytes], tuple[int, bytes]]] = []
         for src, dst in p.moves:
             src_at = fs.rejected_parent(os.fsencode(os.path.relpath(src, p.rejected_dir)))
             dst_at = fs.parent(os.fsencode(os.path.relpath(dst, p.root)), create=True)
             try:
                 fs.move(*src_at, *dst_at)
-            except FileExistsError:
-                raise RequeueConflict(
-                    f"{printable(str(dst))} appeared while requeueing; moved so far: "
-                    f"{done or 'none'}",
-                    hint="the rest is still in the rejected folder; requeue again",
+            except OSError as err:
+                back = _undo(fs, moved)
+                if isinstance(err, FileExistsError):
+                    raise RequeueConflict(
+                        f"{printable(str(dst))} appeared while requeueing "
+                        f"{printable(str(p.rejected))}; {back}",
+                        hint="rename or remove what is in the way, then requeue again",
+                    ) from None
+                raise RequeueFailed(
+                    f"cannot move {printable(str(src))} to {printable(str(dst))}: "
+                    f"{err.strerror or err}; {back}",
+                    hint="fix the cause (permissions, space, an immutable file), then "
+                    "requeue again",
                 ) from None
+            moved.append((src_at, dst_at))
             done.append([str(src), str(dst)])
+            if (src, dst) != p.moves[-1]:
+                seams.reached("requeue-side-moved")
         if p.reason_file is not None:  # only now that every move is durable
             folder, name = fs.rejected_parent(
                 os.fsencode(os.path.relpath(p.reason_file, p.rejected_dir))
@@ -181,12 +207,31 @@ def apply(p: Plan) -> dict[str, Any]:
     }
 
 
+def _undo(fs: InboxFS, moved: list[tuple[tuple[int, bytes], tuple[int, bytes], Path]]) -> str:
+    """Moves what a stopped requeue had moved back into the rejected folder; says
+    where everything is."""
+    stuck: list[str] = []
+    for src_at, dst_at in reversed(moved):
+        try:
+            fs.move(*dst_at, *src_at)
+        except OSError as err:
+            stuck.append(f"{printable(os.fsdecode(dst_at[1]))} ({err.strerror or err})")
+    if stuck:
+        return (
+            "these stayed in the inbox and could not go back to the rejected folder: "
+            + ", ".join(stuck)
+        )
+    return "nothing was moved (all of it is still in the rejected folder)"
+
+
 def requeue(
-    path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journal: Journal
+    path: str | os.PathLike[str], specs: Mapping[str, InboxSpec], journal: Journal
 ) -> dict[str, Any]:
     """Moves one rejected input back into its inbox; see the module docstring."""
+    configs = {key: spec.config for key, spec in specs.items()}
     with _LOCK:
-        return apply(plan(path, configs, journal))
+        p = plan(path, configs, journal)
+        return apply(p, specs[p.inbox])
 
 
 def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
@@ -207,19 +252,22 @@ def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
 
 
 def requeue_all(
-    configs: Mapping[str, InboxConfig], journal: Journal, *, inbox: str | None = None
+    specs: Mapping[str, InboxSpec], journal: Journal, *, inbox: str | None = None
 ) -> dict[str, Any]:
     """Requeues every rejected input (of one inbox, or all); failures do not stop the rest."""
     requeued: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for key, config in configs.items():
+    for key, spec in specs.items():
         if inbox is not None and key != inbox:
             continue
-        for target in list(rejected_inputs(config)):
+        for target in list(rejected_inputs(spec.config)):
             try:
-                requeued.append(requeue(target, configs, journal))
+                requeued.append(requeue(target, specs, journal))
             except errors.NbankdError as err:
                 failed.append({"path": str(target), "code": err.code, "message": str(err)})
+            except OSError as err:  # a folder on the way could not be read or made
+                message = f"{printable(str(target))}: {err.strerror or err}"
+                failed.append({"path": str(target), "code": "io-error", "message": message})
     return {"requeued": requeued, "failed": failed}
 
 
@@ -227,6 +275,7 @@ __all__ = [
     "NothingToRequeue",
     "Plan",
     "RequeueConflict",
+    "RequeueFailed",
     "apply",
     "plan",
     "rejected_inputs",

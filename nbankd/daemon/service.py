@@ -344,6 +344,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 started=self.started,
                 config=self.config,
                 inboxes=dict(self.inboxes),
+                specs=dict(self.specs),
                 running=frozenset(self._running),
                 waiting=tuple(self._waiting.values()),
                 watches=watches,

@@ -13,6 +13,7 @@ from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, InboxConfig
 from nbankd.daemon.tally import Tally
 from nbankd.deposit.journal import Item, Journal
+from nbankd.deposit.spec import InboxSpec
 from nbankd.watch import settle
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class Snapshot:
     capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
     #: the lane of small files stuck in a round, or long waiting for the registry
     lane_problem: str | None = None
+    #: each configured inbox as deposits see it (its folders as recorded at start)
+    specs: Mapping[str, InboxSpec] = field(default_factory=dict)
 
     @property
     def queue(self) -> int:

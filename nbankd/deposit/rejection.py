@@ -25,7 +25,7 @@ from nbankd.archive import fsops
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, printable
+from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, printable
 from nbankd.shellwords import requeue_command
 from nbankd.timefmt import iso
 
@@ -94,8 +94,10 @@ def _shortened(name: bytes, size: int) -> bytes:
 def _free_name(folder: Path, basename: bytes, sidecar_suffix: bytes = b"") -> bytes:
     """``basename``, or ``stem~N.ext`` for the first N that names nothing in ``folder``
     and is not of the form of a temporary reason file (an input called so would be
-    removed by the next rejection's clean-up); with ``sidecar_suffix``, one whose
-    sidecar name (the name and that suffix) names nothing either."""
+    removed by the next rejection's clean-up), and whose sidecar and marker names
+    name nothing either: a sidecar or marker left there by an earlier input (its input
+    deleted by a person) would otherwise be taken for this one's and go back with it
+    at a requeue. With ``sidecar_suffix``, the name leaves room for that suffix."""
 
     def taken(name: bytes) -> bool:
         return os.path.lexists(folder / os.fsdecode(name))
@@ -105,11 +107,14 @@ def _free_name(folder: Path, basename: bytes, sidecar_suffix: bytes = b"") -> by
             _is_temporary_name(candidate)
             or taken(candidate)
             or taken(reason_name(candidate))
-            or (sidecar_suffix and taken(candidate + sidecar_suffix))
+            or any(taken(candidate + companion) for companion in _COMPANIONS)
         ):
             return candidate
     raise AssertionError("unreachable: the candidates never end")
 
+
+#: what may sit beside a rejected input under its name: its sidecars and marker
+_COMPANIONS = tuple(os.fsencode(x) for x in (*SIDECAR_SUFFIXES, MARKER_SUFFIX))
 
 #: names tried, looking for where an input was put back before a crash
 _FIND_LIMIT = 1000
