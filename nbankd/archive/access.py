@@ -188,7 +188,18 @@ def apply_resource_access(archive: Archive, path: Path) -> bool:
     """:func:`apply_access` for a staged file, with the group and mode it will have in
     ``resources/`` (a stored file's mode does not depend on its stub folder): given
     before the copy's data is fsynced, publishing has nothing left to change."""
-    return apply_access(archive, path, at=archive.resources_dir / "_" / path.name)
+    return apply_access(archive, path, at=_stored_place(archive, path.name))
+
+
+def apply_resource_access_fd(archive: Archive, fd: int, name: str) -> bool:
+    """:func:`apply_resource_access` of the staged file ``name`` open as ``fd``."""
+    return apply_access_fd(archive, fd, at=_stored_place(archive, name))
+
+
+def _stored_place(archive: Archive, name: str) -> Path:
+    """A stored file's place for its mode (any stub folder: the mode does not depend
+    on it)."""
+    return archive.resources_dir / "_" / name
 
 
 def apply_access_tree(
@@ -212,6 +223,7 @@ __all__ = [
     "apply_access_fd",
     "apply_access_tree",
     "apply_resource_access",
+    "apply_resource_access_fd",
     "chgrp",
     "fix_access_below",
     "group_id",

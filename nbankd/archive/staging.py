@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from nbankd import errors
 from nbankd.archive import opening
-from nbankd.archive.access import apply_resource_access
+from nbankd.archive.access import apply_resource_access_fd
 from nbankd.archive.fsops import fsync_dir, remove_ours
 from nbankd.archive.layout import STAGED_PREFIX, Archive, parse_staged_name, unavailable
 from nbankd.archive.syncs import fsync_dir_soon, fsync_soon
@@ -53,6 +53,9 @@ class Staged:
     path: Path
     sha1: str
     size: int
+    #: the copy's status from its own descriptor (None for a tree): what its staged
+    #: name must still show at publishing, whoever may write in staging/
+    identity: os.stat_result | None = None
 
 
 def unsafe_input(path: Path | str, what: str) -> errors.NbankdError:
@@ -166,7 +169,10 @@ def check_regular(st: os.stat_result, shown: Path | str) -> None:
         raise unsafe_input(shown, f"a {kind.noun}")
 
 
-def _create_staged(archive: Archive, name: str, *, directory: bool) -> Path:
+def _create_staged(archive: Archive, name: str, *, directory: bool) -> tuple[Path, int | None]:
+    """Makes ``staging/<name>`` (a folder, or a file held open for writing: the copy
+    goes into the very file made here, never into whatever another writer of the
+    group-writable ``staging/`` puts under its name later)."""
     check_present(archive)
     opening.ensure_staging(archive)
     path = staged_path(archive, name)
@@ -175,9 +181,8 @@ def _create_staged(archive: Archive, name: str, *, directory: bool) -> Path:
             try:
                 if directory:
                     os.mkdir(path, 0o700)
-                else:
-                    os.close(os.open(path, _OPEN_NEW, 0o600))
-                return path
+                    return path, None
+                return path, os.open(path, _OPEN_NEW, 0o600)
             except FileExistsError:
                 remove_ours(path)  # left by a crashed attempt with this name: ours
         except OSError as err:
@@ -206,15 +211,16 @@ def stage_copy(
         own_fd = _open_regular(src, shown=src)
         src = own_fd
     try:
-        path = _create_staged(archive, staged_name, directory=False)
+        path, fd = _create_staged(archive, staged_name, directory=False)
+        assert fd is not None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 result = _copy(src, fd, progress=progress, throttle=throttle)
                 # its group and mode in resources/, durable with its data: publishing
                 # then links it without an fsync of its own
-                apply_resource_access(archive, path)
+                apply_resource_access_fd(archive, fd, path.name)
                 fsync_soon(fd)  # before STAGED is saved: with a round's other fsyncs
+                identity = os.fstat(fd)
             finally:
                 os.close(fd)
             fsync_dir_soon(archive.staging_dir)
@@ -223,7 +229,7 @@ def stage_copy(
             if isinstance(exc, OSError) and not isinstance(exc, SourceReadError):
                 raise unavailable(archive, exc, f"writing {path}") from exc
             raise
-        return Staged(path, result.sha1, result.size)
+        return Staged(path, result.sha1, result.size, identity)
     finally:
         if own_fd is not None:
             os.close(own_fd)
@@ -278,7 +284,7 @@ def stage_copy_tree(
     _check_directories(archive, src_dir)
     top = _open_tree(Path(src_dir))
     try:
-        path = _create_staged(archive, staged_name, directory=True)
+        path, _ = _create_staged(archive, staged_name, directory=True)
         try:
             dtop = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:

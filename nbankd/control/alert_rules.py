@@ -47,8 +47,10 @@ from nbankd.timefmt import human_duration, iso
 LISTED = 20
 ALERTS_LISTED = 100
 
-#: error codes the registry or archive conditions already tell of (after
-#: ``unavailable_after``): an input waiting on one of these is not "stuck"
+#: error codes the registry or archive conditions tell of (after ``unavailable_after``):
+#: an input waiting on one of these is not "stuck" (for the archive's, while its inbox's
+#: archive condition is present: a full archive, or a disk failing under the copy,
+#: which the archive's check does not see, is told by the inputs it holds up)
 OUTAGE_CODES = frozenset({"registry-unavailable", "auth", "archive-unavailable"})
 
 #: how a message's headline counts the problems of each kind
@@ -236,12 +238,20 @@ def audit_held(report: AuditReport | None) -> list[str]:
     return [*held, "audit:registry:"] if held else []
 
 
-def _stuck(items: Iterable[Item], unavailable_after: float) -> list[Condition]:
+def _stuck(
+    items: Iterable[Item], unavailable_after: float, told: Collection[str]
+) -> list[Condition]:
+    """Inputs retried after an error, but those waiting on an outage a present
+    condition (key in ``told``) tells of."""
     out = []
     for item in items:
         code = item.error_code
-        if item.state in FINAL or not item.attempts or not code or code in OUTAGE_CODES:
+        if item.state in FINAL or not item.attempts or not code:
             continue
+        if code in OUTAGE_CODES and (
+            code != "archive-unavailable" or f"archive:{item.inbox}" in told
+        ):
+            continue  # the registry's problem is the steps' own: always told
         where = os.path.join(item.inbox, item.relpath_str)
         out.append(
             Condition(
@@ -352,7 +362,7 @@ def conditions(
                         inbox=inbox,
                     )
                 )
-    out += _stuck(unfinished, unavailable_after)
+    out += _stuck(unfinished, unavailable_after, {c.key for c in out})
     last = status.get("last_audit")
     if isinstance(last, Mapping) and last.get("ok") is False:
         hint = (

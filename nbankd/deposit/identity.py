@@ -118,9 +118,10 @@ def stat_fields(st: os.stat_result) -> dict[str, int]:
     }
 
 
-def staged_id(path: Path) -> str:
-    """The staged copy's name and identity, journaled with the step that wrote it."""
-    st = os.lstat(path)
+def staged_id(path: Path, st: os.stat_result | None = None) -> str:
+    """The staged copy's name and identity, journaled with the step that wrote it
+    (``st``: its status from the descriptor it was written through, else its name's)."""
+    st = st if st is not None else os.lstat(path)
     size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
     return json.dumps(
         {

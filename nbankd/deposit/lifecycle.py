@@ -112,6 +112,9 @@ _REGISTERED_OR_LATER = frozenset(
     {State.REGISTERED, State.PUBLISHED, State.VERIFIED, State.RECORDED}
 )
 
+#: the error code of a copy read back from storage that did not match its SHA-1
+READ_BACK_FAILED = "verify-failed"
+
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 300.0
 
@@ -190,7 +193,19 @@ def advance(
     registered = p.registered or p.state in _REGISTERED_OR_LATER
     if outcome.kind == "ok":
         after = _AFTER[step]
-        return Progress(state=after, registered=registered or after in _REGISTERED_OR_LATER)
+        registered = registered or after in _REGISTERED_OR_LATER
+        if p.error_code == READ_BACK_FAILED and step is not Step.VERIFY:
+            # copying again after a bad read-back: the failures stay counted (and shown)
+            # until a read-back matches, so that the next one waits longer
+            return replace(p, state=after, not_before=0.0, registered=registered)
+        return Progress(state=after, registered=registered)
+    if outcome.kind == "restage" and outcome.code == READ_BACK_FAILED:
+        # a copy read back from storage did not match: copy again from the claimed
+        # input, after a backoff that grows with each bad read-back in a row (a failing
+        # disk never makes a worker copy and read back hot, unseen, for ever)
+        return _retry(
+            Progress(State.CLAIMED, attempts=p.attempts, registered=registered), outcome, now, rng
+        )
     if outcome.kind == "restage":
         # the staged copy vanished before it was published (staging/ is safe to
         # clean): copy again from the claimed input, which is still in the inbox

@@ -15,6 +15,7 @@ import errno
 from nbankd import errors
 from nbankd.deposit import policy
 from nbankd.deposit.lifecycle import Outcome
+from nbankd.hashing import SourceReadError
 
 
 def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
@@ -64,6 +65,15 @@ def outcome_for(err: BaseException) -> Outcome:
     if isinstance(err, errors.NbankdError):
         kind = "transient" if err.transient else "permanent"
         return Outcome(kind, err.code, err.message, err.hint)
+    if isinstance(err, SourceReadError):
+        # the input's own reads failed (a bad sector, a dead mount of the inbox): the
+        # input's problem, told against its inbox, never the archive's
+        return Outcome(
+            "transient",
+            "input-unreadable",
+            f"reading the input failed: {err}",
+            "check the disk or mount the inbox is on; the input is kept and read again",
+        )
     if isinstance(err, OSError):
         if err.errno in errors.PERMANENT_ERRNOS:
             return Outcome("permanent", PERMANENT_CODES[err.errno], f"{err}")

@@ -102,7 +102,7 @@ class StageSteps(StepsBase):
                         progress=self._progress,
                     )
                     sha1, size = staged.sha1, staged.size
-                    item = item.changed(staged_identity=staged_id(staged.path))
+                    item = item.changed(staged_identity=staged_id(staged.path, staged.identity))
                 seams.reached("stage-copied")
                 st = os.fstat(f.fileno())
                 if not fstat_matches(item.identity, st):

@@ -6,6 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from nbankd.audit.model import ArchiveResult, AuditReport, Finding
 from nbankd.control.alert_rules import (
     ALERTS_LISTED,
@@ -253,6 +255,22 @@ def test_an_input_retried_after_other_errors_is_stuck() -> None:
     state, moved_on = step(state, [], now=700, repeat_every=1e6)
     assert early is None and told is not None
     assert moved_on is not None and [r.key for r in moved_on.resolved] == ["stuck:tok1"]
+
+
+@pytest.mark.parametrize(
+    ("archive_problem", "expected"),
+    [("not mounted", ["archive:" + INBOX]), (None, ["stuck:tok1"])],
+    ids=["told-by-the-archive", "archive-looks-fine"],
+)
+def test_an_input_waiting_on_its_archive_is_told_once(
+    archive_problem: str | None, expected: list[str]
+) -> None:
+    """An input waiting after archive-unavailable is told by its archive's condition when
+    there is one, else (a full archive the archive's check does not see) as stuck."""
+    item = _item(attempts=1, error_code="archive-unavailable", error_message="No space left")
+    found = conditions(_status(archive_problem=archive_problem), {}, {}, now=0, started=0,
+                       unavailable_after=600, unfinished=[item])  # fmt: skip
+    assert _keys(found) == expected
 
 
 def _report(*archives: ArchiveResult, error: str | None = None) -> AuditReport:

@@ -216,10 +216,41 @@ def test_gone_at_claim_is_cancelled_not_rejected() -> None:
 
 def test_restage_returns_to_claimed_with_fresh_attempts() -> None:
     """A lost staged copy sends the item back to CLAIMED, ready to stage at once."""
-    p = Progress(S.PUBLISHED, attempts=3, not_before=NOW - 5)
-    p2 = advance(p, Step.VERIFY, Outcome("restage", "verify-failed", "mismatch"), NOW)
+    p = Progress(S.STAGED, attempts=3, not_before=NOW - 5)
+    p2 = advance(p, Step.PUBLISH, Outcome("restage", "restage", "the staged copy is gone"), NOW)
     assert (p2.state, p2.attempts, p2.error_code) == (S.CLAIMED, 0, "restage")
     assert next_step(p2, NOW) is Step.STAGE
+
+
+def test_a_bad_read_back_copies_again_after_a_backoff() -> None:
+    """A copy read back bad sends the item back to CLAIMED to wait, counted and shown."""
+    p = Progress(S.PUBLISHED)
+    p2 = advance(p, Step.VERIFY, Outcome("restage", "verify-failed", "mismatch"), NOW)
+    assert (p2.state, p2.attempts, p2.error_code) == (S.CLAIMED, 1, "verify-failed")
+    assert p2.not_before > NOW and next_step(p2, NOW) is None
+
+
+def _copied_again(p: Progress) -> Progress:
+    """``p`` (CLAIMED after a bad read-back) staged, checked, registered and published."""
+    for step in (Step.STAGE, Step.LOOKUP, Step.REGISTER, Step.PUBLISH):
+        p = advance(p, step, Outcome.ok(), NOW)
+    return p
+
+
+def test_bad_read_backs_in_a_row_wait_longer_each_time() -> None:
+    """The count of bad read-backs survives the new copy's steps: the next one waits longer."""
+    first = advance(Progress(S.PUBLISHED), Step.VERIFY, Outcome("restage", "verify-failed"), NOW)
+    again = _copied_again(first)
+    assert (again.state, again.attempts, again.error_code) == (S.PUBLISHED, 1, "verify-failed")
+    second = advance(again, Step.VERIFY, Outcome("restage", "verify-failed"), NOW, random.Random(0))
+    assert second.attempts == 2 and second.not_before - NOW >= 2 * BACKOFF_INITIAL
+
+
+def test_a_matching_read_back_clears_the_count() -> None:
+    """A read-back that matches at last ends the wait count and the error."""
+    first = advance(Progress(S.PUBLISHED), Step.VERIFY, Outcome("restage", "verify-failed"), NOW)
+    done = advance(_copied_again(first), Step.VERIFY, Outcome.ok(), NOW)
+    assert (done.state, done.attempts, done.error_code) == (S.VERIFIED, 0, None)
 
 
 # -- registration must stick across a restage -------------------------------------------

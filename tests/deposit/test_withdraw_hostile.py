@@ -147,7 +147,7 @@ def test_a_read_error_while_hashing_again_never_withdraws(
 
     monkeypatch.setattr(release, "copy_hashing", failing)
     item = env.step(item, Step.PUBLISH)
-    assert (item.state, item.error_code) == (State.REGISTERED, "archive-unavailable")
+    assert (item.state, item.error_code) == (State.REGISTERED, "input-unreadable")
     assert _locations(env, item.name) == ("arch",)
     assert _work(env, item).read_bytes() == data
 
