@@ -203,7 +203,12 @@ def _fsync_file(path: Path) -> None:
 def _after_missing_source(
     archive: Archive, source: Path, target: Path, sha1: str | None
 ) -> Published:
-    """The source is gone: fine only if an earlier run already put it in place."""
+    """The source is gone: fine only if an earlier run already put it in place.
+
+    That run may have been killed right after its rename or link, before it fsynced
+    the stub folder (a folder is moved, so nothing is left to publish again): the
+    move is made durable here, the stub folder and the source's folder fsynced, before
+    anything (the record) relies on it."""
     if not os.path.lexists(target):
         raise FileNotFoundError(
             errno.ENOENT,
@@ -211,6 +216,12 @@ def _after_missing_source(
             str(source),
         )
     if sha1 is not None and hash_path(target) == sha1.lower():
+        try:
+            fsync_dir(target.parent)
+            if os.path.isdir(source.parent):
+                fsync_dir(source.parent)
+        except OSError as err:
+            raise unavailable(archive, err, f"publishing {target}") from err
         return Published(target, created=False)
     if sha1 is None:
         raise FileNotFoundError(
