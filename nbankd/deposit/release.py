@@ -59,11 +59,13 @@ class ReleaseSteps(StepsBase):
                 # a folder resource's tree: renamed first, then removed, so that a removal
                 # stopped half way is finished by the next attempt, never taken for a
                 # changed input (only the daemon writes in its work folder)
+                # changed from descriptors, never through a path: its writer may have kept
+                # a descriptor of a folder of it and swap a sub-folder for a link meanwhile
                 if fs.lstat(fs.work, gone) is not None:
-                    fsops.remove_ours(fs.at(fs.work, gone))
+                    fsops.remove_tree_at(fs.work, gone)
                 if st is not None:
                     os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-                    fsops.remove_ours(fs.at(fs.work, gone))
+                    fsops.remove_tree_at(fs.work, gone)
             seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
