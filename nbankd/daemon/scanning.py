@@ -25,6 +25,7 @@ from nbankd.daemon import setup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit import folderproof
+from nbankd.deposit.identity import tree_seen
 from nbankd.deposit.inboxfs import Escape, InboxFS, Tampered
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
@@ -352,6 +353,8 @@ class InboxScanning:
             seen = {"dev": entry.identity.dev, "ino": entry.identity.ino}
             if not unsafe and entry.kind is EntryKind.FILE:  # what settled: the claim checks
                 seen = _identity_json(entry.identity)
+            elif not unsafe and entry.kind is EntryKind.DIRECTORY_RESOURCE:
+                seen["tree"] = tree_seen(entry.identity)  # the tree that settled: likewise
         sidecar = None
         found = _sidecars_now(state.config.path, entry.relpath)
         chosen = settle.sidecar_for(found.items(), state.tracker.watches)

@@ -22,6 +22,7 @@ from nbankd.deposit.identity import (
     identity_json,
     paired,
     seen_matches,
+    seen_tree_unchanged,
     seen_unchanged,
     sidecar_seen_matches,
 )
@@ -81,7 +82,13 @@ class ClaimSteps(StepsBase):
             shown=str(src),
             found=None if st is None else FileKind.of(st),
             seen=st is not None and seen_matches(item.seen_identity, st),
-            unchanged=st is not None and seen_unchanged(item.seen_identity, st),
+            unchanged=st is not None
+            and seen_unchanged(item.seen_identity, st)
+            and (
+                item.kind != "dir"
+                or not stat.S_ISDIR(st.st_mode)
+                or seen_tree_unchanged(item.seen_identity, fs.at(parent, name))
+            ),
         )
         if outcome is not None:
             return item, outcome

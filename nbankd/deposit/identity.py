@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from nbankd.watch.identity import identity_of_path, tree_identity
+from nbankd.watch.identity import Identity, identity_of_path, tree_identity
 
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 
@@ -191,6 +191,37 @@ def seen_unchanged(seen: str | None, st: os.stat_result) -> bool:
     times it settled with (when the scan recorded them: a plain file's intent)."""
     want = json.loads(seen) if seen is not None else {}
     return "size" not in want or _agrees(want, st, ("size", "mtime_ns", "ctime_ns"))
+
+
+#: what a folder input's intent records of the tree that settled (besides the folder's
+#: device and inode): :class:`~nbankd.watch.identity.TreeSummary`'s identity, whose
+#: times are the largest over every node and whose digest covers every node's name,
+#: inode, size, times and mode: any write, creation, removal or rename inside moves it
+TREE_FIELDS = ("size", "mtime_ns", "ctime_ns", "nlink", "digest")
+
+
+def tree_seen(ident: Identity) -> dict[str, int | str]:
+    """The ``tree`` a folder input's intent records: TREE_FIELDS of the identity of the
+    tree that settled (see :func:`seen_tree_unchanged`)."""
+    return {k: getattr(ident, k) for k in TREE_FIELDS}
+
+
+def seen_tree_unchanged(seen: str | None, path: Path) -> bool:
+    """True when the folder ``path`` about to be claimed is still the tree it settled
+    as (the same folder, and nothing inside written, added, removed or renamed since),
+    or when the scan recorded no tree (items of an older journal). False when it cannot
+    be read whole now."""
+    want = json.loads(seen) if seen is not None else {}
+    tree = want.get("tree")
+    if tree is None:
+        return True
+    try:
+        ident = tree_identity(path)
+    except OSError:
+        return False
+    return (want.get("dev"), want.get("ino")) == (ident.dev, ident.ino) and all(
+        tree.get(k) == getattr(ident, k) for k in TREE_FIELDS
+    )
 
 
 def _agrees(want: dict[str, int], st: os.stat_result, fields: tuple[str, ...]) -> bool:
