@@ -17,7 +17,8 @@ from nbankctl.registry_access import Choice, choose, configured, open_chosen
 from nbankctl.registry_cmds import registry_for, warn
 from nbankctl.report import Report
 from nbankd import errors
-from nbankd.hashing import hash_path
+from nbankd.hashing import NameNotUtf8, hash_path
+from nbankd.names import printable
 from nbankd.registry.base import SLUG_RE, LocationRecord, Registry
 from nbankd.registry.urls import normalise, same_registry
 from nbankd.transfer.sources import stored_copy
@@ -31,6 +32,12 @@ def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[s
         return False, {**result, "status": "missing", "message": "no such file or directory"}
     try:
         sha1 = hash_path(path)
+    except NameNotUtf8 as err:
+        return False, {
+            **result,
+            "status": "not-verifiable",
+            "message": f"not verifiable: '{printable(str(err.filename))}' is {err.strerror}",
+        }
     except OSError as err:
         return False, {**result, "status": "unreadable", "message": err.strerror or str(err)}
     result["sha1"] = sha1

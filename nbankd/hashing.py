@@ -202,6 +202,30 @@ def sha1_file(path: str | os.PathLike[str], *, throttle: Throttle | None = None)
         os.close(fd)
 
 
+class NameNotUtf8(OSError):
+    """A member of a folder is named with bytes that are not UTF-8: neurobank's
+    directory hash (a UTF-8 text of the members' paths) cannot cover it, so the folder
+    has no hash. ``filename`` is the member's path (undecodable bytes kept as
+    ``surrogateescape`` does), ``strerror`` says why."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(
+            errno.EILSEQ,
+            "named with bytes that are not UTF-8; no neurobank folder hash covers it",
+            os.fspath(path),
+        )
+
+
+def is_utf8_name(name: str | PurePath) -> bool:
+    """True when the (relative) path ``name``, as os.fsdecode renders it, is valid
+    UTF-8 and can be part of a directory hash."""
+    try:
+        str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class DirectoryHasher:
     """Accumulates ``relpath -> file sha1`` pairs, in any order, into a directory hash."""
 
@@ -226,7 +250,9 @@ class DirectoryHasher:
 
 
 def directory_hash(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
-    """Returns neurobank's hash of the directory at ``path`` (see the module docstring)."""
+    """Returns neurobank's hash of the directory at ``path`` (see the module docstring).
+    Raises :class:`NameNotUtf8` (an OSError) when a file below is named with bytes
+    that are not UTF-8."""
     root = Path(path).resolve(strict=True)
     hasher = DirectoryHasher()
     for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
@@ -235,6 +261,8 @@ def directory_hash(path: str | os.PathLike[str], *, throttle: Throttle | None = 
             if not os.path.isfile(full):  # broken links, FIFOs, sockets, devices
                 continue
             rel = PurePosixPath(Path(full).relative_to(root).as_posix())
+            if not is_utf8_name(rel):
+                raise NameNotUtf8(full)  # before its bytes are read
             hasher.add(rel, sha1_file(full, throttle=throttle))
     return hasher.hexdigest()
 
@@ -252,11 +280,13 @@ __all__ = [
     "CopyResult",
     "DestinationWriteError",
     "DirectoryHasher",
+    "NameNotUtf8",
     "NotRegularFile",
     "SourceReadError",
     "copy_hashing",
     "directory_hash",
     "hash_path",
+    "is_utf8_name",
     "sha1_file",
     "sha1_stream",
 ]
