@@ -338,6 +338,55 @@ def _open_tree(src_root: Path) -> int:
         raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
 
 
+#: folder levels a folder input may hold below itself (as many as the check for
+#: programs writing into it walks: :data:`~nbankd.watch.writers.MAX_DEPTH`); a deeper
+#: folder is refused (never walked by recursion, nor with a descriptor per level
+#: without bound)
+MAX_TREE_DEPTH = writers.MAX_DEPTH
+
+
+def _utf8(name: str) -> bool:
+    """Whether a listed name (undecodable bytes kept by surrogateescape) is UTF-8: only
+    such names can be covered by neurobank's folder hash."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refused_name(shown: Path) -> errors.NbankdError:
+    from nbankd.names import printable
+
+    return errors.UnsafeInput(
+        f"'{printable(str(shown))}' is named with bytes that are not UTF-8; no neurobank "
+        "folder hash covers such a name",
+        hint="rename it with a UTF-8 name (e.g. convmv -f latin1 -t utf8), then deposit "
+        "the folder again",
+    )
+
+
+def _too_deep(shown: Path) -> errors.NbankdError:
+    from nbankd.names import printable
+
+    return errors.UnsafeInput(
+        f"'{printable(str(shown))}' is nested more than {MAX_TREE_DEPTH} folders deep "
+        "in its folder input; nbankd deposits folders at most that deep",
+        hint="flatten the folder, then deposit it again",
+    )
+
+
+@dataclass
+class _Level:
+    """One open folder of the walk: its source (and copy's) descriptor, where it is in
+    the tree, and the names of it still to walk (last first)."""
+
+    sfd: int
+    dfd: int | None
+    rel: PurePosixPath
+    names: list[str]
+
+
 def _walk_tree(
     src_root: Path,
     top: int,
@@ -347,7 +396,10 @@ def _walk_tree(
 ) -> tuple[str, int]:
     """Hashes the tree open at ``top`` (read from descriptors, nothing followed) and,
     with ``dtop``, copies it there (each file and folder fsynced; the top's fsync is
-    the caller's); returns its hash and size."""
+    the caller's); returns its hash and size. Walked without recursion, one open folder
+    (two when copying) per level, at most :data:`MAX_TREE_DEPTH` levels below the top;
+    a deeper folder, or a member named with bytes that are not UTF-8, raises
+    :class:`~nbankd.errors.UnsafeInput`."""
     hasher = DirectoryHasher()
     done = [0]
     buffer = bytearray(BLOCK_SIZE)  # shared by every file of the tree
@@ -356,57 +408,89 @@ def _walk_tree(
         if progress is not None:
             progress(done[0] + n)
 
-    def walk(sfd: int, dfd: int | None, rel: PurePosixPath) -> None:
+    def listed(sfd: int, rel: PurePosixPath) -> list[str]:
         try:
-            names = sorted(os.listdir(sfd))
+            return sorted(os.listdir(sfd), reverse=True)  # popped from the end: in order
         except OSError as err:
             raise SourceReadError(err.errno, err.strerror, str(src_root / rel)) from err
-        for name in names:
-            shown = src_root / rel / name
+
+    def copy_file(level: _Level, name: str, st: os.stat_result, shown: Path) -> None:
+        check_regular(st, shown)
+        sfile = _open_regular(name, dir_fd=level.sfd, shown=shown)
+        try:
+            writers.refuse_if_open_for_writing(sfile, shown)
+            dfd = level.dfd
+            dfile = None if dfd is None else os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
             try:
-                st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+                result = copy_hashing(
+                    sfile, dfile, progress=report, throttle=throttle, buffer=buffer
+                )
+                _read_whole(sfile, result.size, shown)
+                if dfile is not None:
+                    os.fsync(dfile)
+            finally:
+                if dfile is not None:
+                    os.close(dfile)
+        finally:
+            os.close(sfile)
+        done[0] += result.size
+        hasher.add(level.rel / name, result.sha1)
+
+    def open_folder(level: _Level, name: str, shown: Path) -> _Level:
+        try:
+            csfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=level.sfd)
+        except OSError as err:
+            raise SourceReadError(err.errno, err.strerror, str(shown)) from err
+        try:
+            cdfd = None
+            if level.dfd is not None:
+                os.mkdir(name, 0o700, dir_fd=level.dfd)
+                cdfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=level.dfd)
+            try:
+                rel = level.rel / name
+                return _Level(csfd, cdfd, rel, listed(csfd, rel))
+            except BaseException:
+                if cdfd is not None:
+                    os.close(cdfd)
+                raise
+        except BaseException:
+            os.close(csfd)
+            raise
+
+    levels = [_Level(top, dtop, PurePosixPath(), listed(top, PurePosixPath()))]
+    try:
+        while levels:
+            level = levels[-1]
+            if not level.names:  # walked whole: its copy fsynced, closed
+                levels.pop()
+                if levels:  # the top's descriptors are the caller's
+                    try:
+                        if level.dfd is not None:
+                            os.fsync(level.dfd)
+                    finally:
+                        if level.dfd is not None:
+                            os.close(level.dfd)
+                        os.close(level.sfd)
+                continue
+            name = level.names.pop()
+            shown = src_root / level.rel / name
+            if not _utf8(name):
+                raise _refused_name(shown)
+            try:
+                st = os.stat(name, dir_fd=level.sfd, follow_symlinks=False)
             except OSError as err:
                 raise SourceReadError(err.errno, err.strerror, str(shown)) from err
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    csfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sfd)
-                except OSError as err:
-                    raise SourceReadError(err.errno, err.strerror, str(shown)) from err
-                try:
-                    if dfd is None:
-                        walk(csfd, None, rel / name)
-                        continue
-                    os.mkdir(name, 0o700, dir_fd=dfd)
-                    cdfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
-                    try:
-                        walk(csfd, cdfd, rel / name)
-                        os.fsync(cdfd)
-                    finally:
-                        os.close(cdfd)
-                finally:
-                    os.close(csfd)
-                continue
-            check_regular(st, shown)
-            sfile = _open_regular(name, dir_fd=sfd, shown=shown)
-            try:
-                writers.refuse_if_open_for_writing(sfile, shown)
-                dfile = None if dfd is None else os.open(name, _OPEN_NEW, 0o600, dir_fd=dfd)
-                try:
-                    result = copy_hashing(
-                        sfile, dfile, progress=report, throttle=throttle, buffer=buffer
-                    )
-                    _read_whole(sfile, result.size, shown)
-                    if dfile is not None:
-                        os.fsync(dfile)
-                finally:
-                    if dfile is not None:
-                        os.close(dfile)
-            finally:
-                os.close(sfile)
-            done[0] += result.size
-            hasher.add(rel / name, result.sha1)
-
-    walk(top, dtop, PurePosixPath())
+            if not stat.S_ISDIR(st.st_mode):
+                copy_file(level, name, st, shown)
+            elif len(levels) > MAX_TREE_DEPTH:
+                raise _too_deep(shown)
+            else:
+                levels.append(open_folder(level, name, shown))
+    finally:
+        for level in levels[1:]:
+            if level.dfd is not None:
+                os.close(level.dfd)
+            os.close(level.sfd)
     return hasher.hexdigest(), done[0]
 
 

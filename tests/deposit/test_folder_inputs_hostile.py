@@ -262,11 +262,13 @@ def test_a_folder_nested_too_deep_to_walk_is_rejected_not_retried_for_ever(
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, saved[1]))
         item, seen = _drive(env, item, steps=12)
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
-        env.journal.close()
-        env.registry.close()
-        top_kept = (env.inbox / "rejected" / "rec1" / "top.dat").exists()
-        _unnest(tmp_path)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+            env.journal.close()
+            env.registry.close()
+            top_kept = (env.inbox / "rejected" / "rec1" / "top.dat").exists()
+        finally:
+            _unnest(tmp_path)  # whatever failed: never left for pytest's clean-up
     assert item.state is State.REJECTED, (
         f"a folder {depth} levels deep ended {item.state} {item.error_code}: {seen[-2:]}"
     )
