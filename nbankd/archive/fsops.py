@@ -353,6 +353,61 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
                 os.close(fd)
 
 
+def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> str | None:
+    """The first folder of the tree ``name`` (in the open folder ``dir_fd``) whose
+    entries this process could not remove (what :func:`remove_tree_at` would fail on),
+    as a path relative to the tree ("" for its top), or None when it could empty the
+    whole tree. A folder holding entries is removable when it is this process's own
+    (it is made writable first) or it may write and search it (``faccessat``, with the
+    effective ids: ACLs, read-only and immutable folders count); in a sticky folder not
+    its own, only its own entries. Walked from descriptors, without recursion, never
+    through a link, at most ``max_depth`` levels below the top (deeper folders are not
+    looked at). What cannot be opened or listed counts as unremovable."""
+    euid = os.geteuid()
+    try:
+        top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return ""
+    # (open folder, path below the top, its depth) of the folders still to look at
+    todo: list[tuple[int, str, int]] = [(top, "", 0)]
+    try:
+        while todo:
+            fd, rel, depth = todo.pop()
+            try:
+                st = os.fstat(fd)
+                entries = list(os.scandir(fd))
+                if not entries:
+                    continue
+                ours = st.st_uid == euid
+                if not ours and not os.access(
+                    f"/proc/self/fd/{fd}", os.W_OK | os.X_OK, effective_ids=True
+                ):
+                    return rel
+                sticky = not ours and euid != 0 and bool(st.st_mode & stat.S_ISVTX)
+                for entry in entries:
+                    if sticky and entry.stat(follow_symlinks=False).st_uid != euid:
+                        return rel
+                    if depth < max_depth and entry.is_dir(follow_symlinks=False):
+                        crel = f"{rel}/{entry.name}" if rel else entry.name
+                        try:
+                            sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue  # gone, or swapped for a link (removed as one)
+                        except OSError as err:
+                            if err.errno == errno.ELOOP:
+                                continue
+                            return crel
+                        todo.append((sub, crel, depth + 1))
+            except OSError:
+                return rel
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _rel, _depth in todo:
+            os.close(fd)
+    return None
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Makes a directory's entries durable. Filesystems that cannot (EINVAL) are ignored."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -502,5 +557,6 @@ __all__ = [
     "remove_tree_at",
     "rename_noreplace",
     "rename_noreplace_at",
+    "unremovable_below",
     "write_atomic",
 ]

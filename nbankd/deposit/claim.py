@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive import syncs
+from nbankd.archive import fsops, syncs
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import (
     identity_json,
@@ -32,7 +32,8 @@ from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.filekind import FileKind
-from nbankd.names import SIDECAR_SUFFIXES
+from nbankd.names import SIDECAR_SUFFIXES, printable
+from nbankd.watch import writers
 
 
 class ClaimSteps(StepsBase):
@@ -101,6 +102,10 @@ class ClaimSteps(StepsBase):
             # a sidecar came (or a second one) since the intent: the input settles
             # again with it, never deposited with the sidecar left behind
             return item, verdicts.sidecar_came(shown=str(src))
+        if item.kind == "dir" and stat.S_ISDIR(st.st_mode):
+            outcome = self._cannot_empty(spec, parent, name, item, src)
+            if outcome is not None:
+                return item, outcome
         try:
             fs.take(parent, name, work, token)
         except FileNotFoundError:
@@ -123,6 +128,31 @@ class ClaimSteps(StepsBase):
             return item, outcome
         seams.reached("after-claim-rename")
         return None
+
+    @staticmethod
+    def _cannot_empty(
+        spec: InboxSpec, parent: int, name: bytes, item: Item, src: Path
+    ) -> Outcome | None:
+        """Before a folder input is taken: an outcome (it waits in the inbox, nothing
+        registered) when it is removed from the work folder once deposited (copied or
+        zipped, not published itself) and the daemon's user could not empty it (a
+        sub-folder of another user's it may not write in, as ``cp -r`` under umask 022
+        makes): deposited, it would stay in the work folder for ever."""
+        if item.placement == "rename" and spec.config.directories != "zip":
+            return None  # the folder itself is moved into the archive: never emptied
+        blocked = fsops.unremovable_below(parent, name, max_depth=writers.MAX_DEPTH)
+        if blocked is None:
+            return None
+        where = src / blocked if blocked else src
+        return Outcome(
+            "transient",
+            "inbox-not-writable",
+            f"{src} is left in the inbox: the daemon's user may not remove what "
+            f"{printable(str(where))} holds, so once deposited the folder could never "
+            "leave the work folder",
+            f"give the daemon's user write permission on {printable(str(where))} and the "
+            "folders in it (e.g. chmod -R g+w with the lab group), or move the folder out",
+        )
 
     @staticmethod
     def _other_sidecar(fs: inboxfs.InboxFS, parent: int, name: bytes, item: Item) -> bool:
