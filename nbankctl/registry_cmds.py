@@ -176,6 +176,18 @@ def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
 # --- init ----------------------------------------------------------------------------
 
 
+def _holds_resources(root: Path) -> bool:
+    """Whether the archive folder ``root`` has anything in ``resources/`` (or cannot
+    be read: counted as in use)."""
+    try:
+        with os.scandir(root / "resources") as entries:
+            return any(True for _ in entries)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def cmd_init(args: argparse.Namespace, report: Report) -> None:
     """Registers the folder as an archive, then makes it (as nbank: messages on stderr;
     with ``--json`` the archive's record, registry and ``nbank.json`` on stdout)."""
@@ -197,8 +209,13 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
     with registry_for(args) as reg:
         by_name = reg.get_archive(name)
         by_root = reg.find_archive_by_root(str(root))
-        if existing and (by_root is None or by_root.name != name):
-            # files there, and no earlier init of this archive to finish
+        if existing and (
+            by_root is None
+            or by_root.name != name
+            or len(existing) == 3  # a whole archive: nothing to finish
+            or _holds_resources(root)  # in use: never finished over (nbank.json moved aside?)
+        ):
+            # files there, and no half-made archive of this name to finish
             raise errors.UsageError(
                 f"'{root / existing[0]}' already exists",
                 hint="choose an empty or new folder; init never overwrites files",

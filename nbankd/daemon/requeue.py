@@ -20,6 +20,8 @@ when a scan sees the file again (the caller asks for a rescan).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -31,7 +33,7 @@ from nbankd import errors, seams
 from nbankd.archive import fsops
 from nbankd.config import InboxConfig
 from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, rejected_item
-from nbankd.deposit.inboxfs import InboxFS
+from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
@@ -116,7 +118,10 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         raise NothingToRequeue(f"{printable(original_rel)} is no place to requeue to")
     original = config.path / original_rel
     moves: list[tuple[Path, Path]] = []
-    for suffix in (*SIDECAR_SUFFIXES, MARKER_SUFFIX):
+    # NAME.done is a marker only where markers say a file is ready; elsewhere it is an
+    # input of its own (perhaps rejected too), never moved with NAME
+    markers = (MARKER_SUFFIX,) if config.ready == "marker" else ()
+    for suffix in (*SIDECAR_SUFFIXES, *markers):
         side = rejected.with_name(rejected.name + suffix)
         if os.path.lexists(side):
             moves.append((side, original.with_name(original.name + suffix)))
@@ -151,7 +156,7 @@ class RequeueFailed(errors.NbankdError):
     exit_code = errors.EXIT_PROBLEMS
 
 
-def apply(p: Plan, spec: InboxSpec) -> dict[str, Any]:
+def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any]:
     """Carries out a plan; returns what was moved (JSON-safe).
 
     Every folder is reached from the inbox folder without following a link (see
@@ -161,16 +166,20 @@ def apply(p: Plan, spec: InboxSpec) -> dict[str, Any]:
     another folder stops the requeue, naming it, and nothing is moved through it.
     When a move fails (a name taken meanwhile, a filesystem error), what had already
     moved (sidecar, marker) goes back to the rejected folder: it never stays in the
-    inbox beside another file.
+    inbox beside another file. ``record``: where the plan is written (durably) before
+    the first move and removed after the last, so that a requeue a crash stopped half
+    way is undone at the next start (:func:`recover`).
     """
     done: list[list[str]] = []
     with spec.open_fs() as fs:
         fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
         fs.rejected  # noqa: B018
+        if record is not None:  # before the first move: a crash between moves is undone
+            _write_record(record, p, fs)
         moved: list[tuple[tuple[int, bytes], tuple[int, bytes]]] = []
         for src, dst in p.moves:
-            src_at = fs.rejected_parent(os.fsencode(os.path.relpath(src, p.rejected_dir)))
-            dst_at = fs.parent(os.fsencode(os.path.relpath(dst, p.root)), create=True)
+            src_at = fs.rejected_parent(_rel(src, p.rejected_dir))
+            dst_at = fs.parent(_rel(dst, p.root), create=True)
             try:
                 fs.move(*src_at, *dst_at)
             except OSError as err:
@@ -197,6 +206,8 @@ def apply(p: Plan, spec: InboxSpec) -> dict[str, Any]:
             )
             if fs.unlink(folder, name):
                 fsops.fsync_fd(folder)
+    if record is not None:
+        record.unlink(missing_ok=True)  # a crash before this: the recovery finds it done
     return {
         "inbox": p.inbox,
         "rejected_path": str(p.rejected),
@@ -231,7 +242,87 @@ def requeue(
     configs = {key: spec.config for key, spec in specs.items()}
     with _LOCK:
         p = plan(path, configs, journal)
-        return apply(p, specs[p.inbox])
+        return apply(p, specs[p.inbox], record_path(journal.path.parent))
+
+
+#: the plan of the requeue under way, in state_dir (see :func:`recover`)
+RECORD_NAME = "requeue.json"
+
+
+def record_path(state_dir: Path) -> Path:
+    return state_dir / RECORD_NAME
+
+
+def _rel(path: Path, folder: Path) -> bytes:
+    return os.fsencode(os.path.relpath(path, folder))
+
+
+def _write_record(record: Path, p: Plan, fs: InboxFS) -> None:
+    """The plan, with the device and inode of each entry to move, written durably."""
+    moves = []
+    for src, dst in p.moves:
+        folder, name = fs.rejected_parent(_rel(src, p.rejected_dir))
+        st = fs.lstat(folder, name)
+        if st is None:
+            raise NothingToRequeue(f"{printable(str(src))} is gone (already requeued?)")
+        moves.append(
+            {
+                "from": os.fsdecode(_rel(src, p.rejected_dir)),
+                "to": os.fsdecode(_rel(dst, p.root)),
+                "id": [st.st_dev, st.st_ino],
+            }
+        )
+    reason = None if p.reason_file is None else os.fsdecode(_rel(p.reason_file, p.rejected_dir))
+    data = {"inbox": p.inbox, "moves": moves, "reason": reason}
+    fsops.write_atomic(record, json.dumps(data).encode(), mode=0o600)
+
+
+def recover(state_dir: Path, specs: Mapping[str, InboxSpec]) -> str | None:
+    """Finishes or undoes a requeue a crash stopped half way (its record in
+    ``state_dir``): when the input went back, its reason file is removed (the requeue
+    was done); otherwise what went back before it (sidecar, marker) returns to the
+    rejected folder, so that no new file of the input's name takes it for its own.
+    Only entries still the ones recorded (device and inode) are moved. Returns what
+    was done, for the log (None: nothing to recover)."""
+    record = record_path(state_dir)
+    try:
+        data = json.loads(record.read_bytes())
+        key, moves, reason = data["inbox"], data["moves"], data.get("reason")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        record.unlink(missing_ok=True)
+        return f"an unreadable requeue record was removed ({err})"
+    spec = specs.get(key)
+    if spec is None or not moves:
+        return f"a requeue in inbox {key} was stopped; that inbox is not configured now"
+    with spec.open_fs() as fs:
+        fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
+        fs.rejected  # noqa: B018
+
+        def back(move: dict[str, Any]) -> bool:
+            try:
+                st = fs.lstat(*fs.parent(os.fsencode(move["to"])))
+            except (FileNotFoundError, NotADirectoryError, Escape):
+                return False
+            return st is not None and [st.st_dev, st.st_ino] == move["id"]
+
+        if back(moves[-1]):  # the input went back: the requeue was done
+            if reason is not None:
+                fs.unlink(*fs.rejected_parent(os.fsencode(reason)))
+            outcome = f"a requeue into {key} stopped after its input moved back; finished"
+        else:
+            for move in moves[:-1]:
+                if back(move):
+                    src = fs.rejected_parent(os.fsencode(move["from"]))
+                    with contextlib.suppress(FileExistsError):
+                        fs.move(*fs.parent(os.fsencode(move["to"])), *src)
+            outcome = (
+                f"a requeue into {key} stopped before its input moved back; what had "
+                "moved is back in the rejected folder (requeue it again)"
+            )
+    record.unlink(missing_ok=True)
+    return outcome
 
 
 def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
@@ -278,6 +369,7 @@ __all__ = [
     "RequeueFailed",
     "apply",
     "plan",
+    "recover",
     "rejected_inputs",
     "requeue",
     "requeue_all",

@@ -114,6 +114,9 @@ _REGISTERED_OR_LATER = frozenset(
 
 #: the error code of a copy read back from storage that did not match its SHA-1
 READ_BACK_FAILED = "verify-failed"
+#: restages that may repeat without end (a failing disk; another writer of the
+#: group-writable staging/ replacing each staged copy): each waits, longer in a row
+REPEATING_RESTAGES = frozenset({READ_BACK_FAILED, "staged-changed"})
 
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 300.0
@@ -194,15 +197,17 @@ def advance(
     if outcome.kind == "ok":
         after = _AFTER[step]
         registered = registered or after in _REGISTERED_OR_LATER
-        if p.error_code == READ_BACK_FAILED and step is not Step.VERIFY:
-            # copying again after a bad read-back: the failures stay counted (and shown)
-            # until a read-back matches, so that the next one waits longer
+        if p.error_code in REPEATING_RESTAGES and step is not Step.VERIFY:
+            # copying again after a bad read-back (or a replaced staged copy): the
+            # failures stay counted (and shown) until the copy is verified or published,
+            # so that the next one waits longer
             return replace(p, state=after, not_before=0.0, registered=registered)
         return Progress(state=after, registered=registered)
-    if outcome.kind == "restage" and outcome.code == READ_BACK_FAILED:
-        # a copy read back from storage did not match: copy again from the claimed
-        # input, after a backoff that grows with each bad read-back in a row (a failing
-        # disk never makes a worker copy and read back hot, unseen, for ever)
+    if outcome.kind == "restage" and outcome.code in REPEATING_RESTAGES:
+        # a copy read back from storage did not match (or the staged copy was replaced):
+        # copy again from the claimed input, after a backoff that grows with each one
+        # in a row (a failing disk, or another writer of staging/, never makes a worker
+        # copy hot, unseen, for ever)
         return _retry(
             Progress(State.CLAIMED, attempts=p.attempts, registered=registered), outcome, now, rng
         )

@@ -222,11 +222,13 @@ def test_restage_returns_to_claimed_with_fresh_attempts() -> None:
     assert next_step(p2, NOW) is Step.STAGE
 
 
-def test_a_bad_read_back_copies_again_after_a_backoff() -> None:
-    """A copy read back bad sends the item back to CLAIMED to wait, counted and shown."""
+@pytest.mark.parametrize("code", ["verify-failed", "staged-changed"])
+def test_a_bad_read_back_copies_again_after_a_backoff(code: str) -> None:
+    """A copy read back bad (or replaced in staging/) sends the item back to CLAIMED to
+    wait, counted and shown."""
     p = Progress(S.PUBLISHED)
-    p2 = advance(p, Step.VERIFY, Outcome("restage", "verify-failed", "mismatch"), NOW)
-    assert (p2.state, p2.attempts, p2.error_code) == (S.CLAIMED, 1, "verify-failed")
+    p2 = advance(p, Step.VERIFY, Outcome("restage", code, "mismatch"), NOW)
+    assert (p2.state, p2.attempts, p2.error_code) == (S.CLAIMED, 1, code)
     assert p2.not_before > NOW and next_step(p2, NOW) is None
 
 
