@@ -16,7 +16,7 @@ import structlog
 from nbankd import errors
 from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, load_config
-from nbankd.config.model import EMBEDDED_DB_NAME, JOURNAL_NAME
+from nbankd.config.model import EMBEDDED_DB_NAME
 from nbankd.daemon import pauses, setup, statelock
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.view import InboxState
@@ -210,14 +210,17 @@ class Configuring:
         self.steps.registry = registry
         log.info("registry changed", registry=registry.url)
         old.close()
-        # the state folder and journal as recorded at start; the registry file now in use
-        kept = self._state_ids[:2]
+        # the state folder and journal (and its log) as recorded at start; the registry
+        # file now in use
+        recorded = dict(zip(("", *self._state_files), self._state_ids, strict=False))
+        base = tuple(n for n in self._state_files if n != EMBEDDED_DB_NAME)
+        kept = tuple(recorded.get(n, (-1, -1)) for n in ("", *base))  # lost: a problem
         if cfg.embedded:
             with contextlib.suppress(OSError):  # gone already: the next check says so
-                self._state_files = (JOURNAL_NAME, EMBEDDED_DB_NAME)
+                self._state_files = (*base, EMBEDDED_DB_NAME)
                 self._state_ids = kept + statelock.identities(cfg.state_dir, EMBEDDED_DB_NAME)[1:]
         else:
-            self._state_files, self._state_ids = (JOURNAL_NAME,), kept
+            self._state_files, self._state_ids = base, kept
 
 
 def _failure(err: Exception, cfg: Config | None) -> str:

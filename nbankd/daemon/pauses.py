@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from nbankd.archive.fsops import write_atomic
+from nbankd.smallfile import SmallFileError, read_regular
 
 log = structlog.get_logger("nbankd.daemon")
 
@@ -34,22 +35,59 @@ def load(state_dir: Path) -> frozenset[str]:
     keep the record of inboxes a reload left out).
     """
     path = state_dir / PAUSED_NAME
-    try:
-        doc = json.loads(path.read_text())
-        paused = doc["paused"]
-        if not isinstance(paused, list) or not all(isinstance(p, str) for p in paused):
-            raise ValueError("'paused' is not a list of inbox paths")
-    except FileNotFoundError:
-        return frozenset()
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    paused, why = _read(path)
+    if why is not None:
         log.error(
             "cannot read the paused inboxes; counting none as paused",
             file=str(path),
-            error=str(err),
+            error=why,
             hint="pause the inboxes again with nbankctl pause; the file is rewritten then",
         )
-        return frozenset()
-    return frozenset(paused)
+    return paused
+
+
+#: the most a paused.json is read of (a list of inbox paths)
+_LIMIT = 4 << 20
+
+
+def _read(path: Path) -> tuple[frozenset[str], str | None]:
+    """(the inboxes ``path`` records as paused, why it cannot be read or None); an
+    absent file records none. Read as a small regular file: a FIFO or a device put
+    there never blocks the start (:mod:`nbankd.smallfile`)."""
+    try:
+        data, _ = read_regular(path, _LIMIT)
+        doc = json.loads(data)
+        paused = doc["paused"]
+        if not isinstance(paused, list) or not all(isinstance(p, str) for p in paused):
+            raise ValueError("'paused' is not a list of inbox paths")
+    except SmallFileError as err:
+        if err.reason == "missing":
+            return frozenset(), None
+        return frozenset(), _said(err)
+    except (ValueError, KeyError, TypeError) as err:
+        return frozenset(), str(err) or type(err).__name__
+    return frozenset(paused), None
+
+
+def _said(err: SmallFileError) -> str:
+    if err.reason == "not-regular":
+        return f"it is {err.noun}, not a file"
+    if err.reason == "too-large":
+        return f"it is larger than {_LIMIT >> 20} MiB"
+    return err.strerror or err.reason
+
+
+def problem(state_dir: Path) -> str | None:
+    """The status line when ``paused.json`` exists but cannot be read (its pauses are
+    not in force: every inbox deposits), else None."""
+    path = state_dir / PAUSED_NAME
+    _, why = _read(path)
+    if why is None:
+        return None
+    return (
+        f"{path} cannot be read ({why}): no inbox counts as paused; pause those that "
+        "should be again (nbankctl pause INBOX), which rewrites it"
+    )
 
 
 def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:

@@ -123,7 +123,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self.journal = Journal(cfg.state_dir / JOURNAL_NAME)
         self.registry = open_configured_registry(cfg)
         # the files in use, watched for a replacement (a restore under a running daemon)
-        self._state_files = (JOURNAL_NAME, EMBEDDED_DB_NAME) if cfg.embedded else (JOURNAL_NAME,)
+        # or a removal: the journal's write-ahead log too (removed, the commits go to a
+        # file no one will read again: a claimed input would be stranded by a crash)
+        files = (JOURNAL_NAME, EMBEDDED_DB_NAME) if cfg.embedded else (JOURNAL_NAME,)
+        wal = JOURNAL_NAME + "-wal"
+        self._state_files = (*files, wal) if (cfg.state_dir / wal).exists() else files
         self._state_ids = statelock.identities(cfg.state_dir, *self._state_files)
         for warning in cfg.warnings:  # check-config lists them too
             log.warning("configuration warning", problem=str(warning))
@@ -344,6 +348,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         watches = self.observer.status() if self.observer is not None else {}
         setup = self.registry_setup.last
         switch = pauses.unfinished_switch(self.config.state_dir)
+        paused_problem = pauses.problem(self.config.state_dir)
         lane = self.lane.problem(self.clock()) if self.lane is not None else None
         with self._lock:
             return Snapshot(
@@ -352,6 +357,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 config=self.config,
                 inboxes=dict(self.inboxes),
                 specs=dict(self.specs),
+                paused_problem=paused_problem,
                 running=frozenset(self._running),
                 waiting=tuple(self._waiting.values()),
                 watches=watches,

@@ -62,6 +62,14 @@ def check_state_dir_owner(state_dir: Path, euid: int | None = None) -> None:
         except FileNotFoundError:
             continue
         why = None
+        if path != state_dir and stat.S_ISLNK(st.st_mode):
+            raise errors.ConfigError(
+                f"state_dir: {path} is a symbolic link: nbankd keeps its state files in "
+                "state_dir itself (a link, or the folder it leads to, may be changed by "
+                "others); nbankd did not start",
+                hint=f"move the file it points to ({os.path.realpath(path)}) back to {path}, "
+                "or point state_dir at the folder where the state should live",
+            )
         if st.st_uid not in (me, 0):
             why = f"is owned by {_user(st.st_uid)}, not by nbankd's user ({_user(me)})"
         elif st.st_mode & stat.S_IWOTH:

@@ -149,15 +149,20 @@ def changed(
     """Why the state directory is no longer the one the daemon opened (removed,
     replaced, one of its files ``names`` (the journal, the embedded registry) gone or
     replaced), or None while it is."""
+    subject = f"state_dir {state_dir} or its {' or '.join(names)}"
     try:
-        if identities(state_dir, *names) == recorded and recorded:
+        now = identities(state_dir, *names)
+        if now == recorded and recorded:
             return None
         what = "replaced"
+        differ = [n for n, a, b in zip(("", *names), now, recorded, strict=False) if a != b]
     except OSError as err:
         what = f"removed ({err.strerror or err})"
-    files = " or ".join(names)
+        differ = [n for n in ("", *names) if not os.path.lexists(state_dir / n)]
+    if differ:
+        subject = f"state_dir {state_dir}" + (f": its {differ[0]}" if differ[0] else "")
     return (
-        f"state_dir {state_dir} or its {files} was {what} while nbankd ran: nothing is "
+        f"{subject} was {what} while nbankd ran: nothing is "
         "claimed or moved any more, since the journal and registry in use are no longer "
         "the ones on disk; stop nbankd and restore state_dir from its backup (see "
         "docs/deployment.md) before starting it again"

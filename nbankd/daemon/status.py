@@ -153,6 +153,8 @@ def build_status(
         degraded.append(switch_problem(snap.unfinished_switch))
     if snap.lane_problem:
         degraded.append(snap.lane_problem)
+    if snap.paused_problem:
+        degraded.append(snap.paused_problem)
     if snap.state_problem:
         degraded.insert(0, snap.state_problem)
     if snap.journal_problem:

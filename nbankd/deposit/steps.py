@@ -228,9 +228,19 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
         # written only as read back from storage
         # the first record step of an item this process journaled: no receipt to look for
         first = self.journal.first_record(item)
-        receipts.append_receipt(
-            self.receipts_dir, spec.key, receipt, retried=item.attempts > 0, first=first
-        )
+        try:
+            receipts.append_receipt(
+                self.receipts_dir, spec.key, receipt, retried=item.attempts > 0, first=first
+            )
+        except OSError as err:  # state_dir's problem, never the archive's: say so
+            return item, Outcome(
+                "transient",
+                "receipts-unwritable",
+                f"cannot write the receipt of {item.relpath_str!r} into "
+                f"{self.receipts_dir}: {err.strerror or err}",
+                f"make {self.receipts_dir} and its logs writable by nbankd's user again "
+                "(owner, mode, chattr -i, free space); the deposit finishes then",
+            )
         seams.reached("after-receipt-append")
         return item.changed(finished=now), Outcome.ok()
 
