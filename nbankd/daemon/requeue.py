@@ -257,8 +257,14 @@ def _rel(path: Path, folder: Path) -> bytes:
     return os.fsencode(os.path.relpath(path, folder))
 
 
+def _identity(st: os.stat_result) -> list[int]:
+    """What a move keeps of an entry, to know it again: device, inode (a number the
+    filesystem may give a new file once the entry is deleted), size and mtime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def _write_record(record: Path, p: Plan, fs: InboxFS) -> None:
-    """The plan, with the device and inode of each entry to move, written durably."""
+    """The plan, with the identity of each entry to move, written durably."""
     moves = []
     for src, dst in p.moves:
         folder, name = fs.rejected_parent(_rel(src, p.rejected_dir))
@@ -269,7 +275,7 @@ def _write_record(record: Path, p: Plan, fs: InboxFS) -> None:
             {
                 "from": os.fsdecode(_rel(src, p.rejected_dir)),
                 "to": os.fsdecode(_rel(dst, p.root)),
-                "id": [st.st_dev, st.st_ino],
+                "id": _identity(st),
             }
         )
     reason = None if p.reason_file is None else os.fsdecode(_rel(p.reason_file, p.rejected_dir))
@@ -282,7 +288,7 @@ def recover(state_dir: Path, specs: Mapping[str, InboxSpec]) -> str | None:
     ``state_dir``): when the input went back, its reason file is removed (the requeue
     was done); otherwise what went back before it (sidecar, marker) returns to the
     rejected folder, so that no new file of the input's name takes it for its own.
-    Only entries still the ones recorded (device and inode) are moved. Returns what
+    Only entries still the ones recorded (:func:`_identity`) are moved. Returns what
     was done, for the log (None: nothing to recover)."""
     record = record_path(state_dir)
     try:
@@ -305,7 +311,7 @@ def recover(state_dir: Path, specs: Mapping[str, InboxSpec]) -> str | None:
                 st = fs.lstat(*fs.parent(os.fsencode(move["to"])))
             except (FileNotFoundError, NotADirectoryError, Escape):
                 return False
-            return st is not None and [st.st_dev, st.st_ino] == move["id"]
+            return st is not None and _identity(st) == move["id"]
 
         if back(moves[-1]):  # the input went back: the requeue was done
             if reason is not None:
