@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbankd import errors, seams
-from nbankd.archive import fsops, syncs
+from nbankd.archive import syncs, treeremoval
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import (
     identity_json,
@@ -140,7 +140,7 @@ class ClaimSteps(StepsBase):
         makes): deposited, it would stay in the work folder for ever."""
         if item.placement == "rename" and spec.config.directories != "zip":
             return None  # the folder itself is moved into the archive: never emptied
-        blocked = fsops.unremovable_below(parent, name, max_depth=writers.MAX_DEPTH)
+        blocked = treeremoval.unremovable_below(parent, name, max_depth=writers.MAX_DEPTH)
         if blocked is None:
             return None
         where = src / blocked if blocked else src

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
-from nbankd.archive import durable, fsops, syncs
+from nbankd.archive import durable, fsops, syncs, treeremoval
 from nbankd.deposit import inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
@@ -62,10 +62,10 @@ class ReleaseSteps(StepsBase):
                 # changed from descriptors, never through a path: its writer may have kept
                 # a descriptor of a folder of it and swap a sub-folder for a link meanwhile
                 if fs.lstat(fs.work, gone) is not None:
-                    fsops.remove_tree_at(fs.work, gone)
+                    treeremoval.remove_tree_at(fs.work, gone)
                 if st is not None:
                     os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-                    fsops.remove_tree_at(fs.work, gone)
+                    treeremoval.remove_tree_at(fs.work, gone)
             seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:
