@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -132,6 +133,38 @@ def _damaged(err: sqlite3.DatabaseError) -> bool:
     return not isinstance(err, sqlite3.OperationalError)
 
 
+#: the journal's mode, and its -wal and -shm files' (SQLite gives them the database's):
+#: private to nbankd's user. Whoever can open the -shm, even only to read it, can take a
+#: shared lock on its write-lock byte, and every commit then waits (then fails) for as
+#: long as they hold it: no deposit moves. Root (backups: ``sqlite3 .backup``) still
+#: reads it.
+PRIVATE_MODE = 0o600
+#: SQLite's files beside the journal, which hold its latest commits and their index
+COMPANIONS = ("-wal", "-shm")
+
+
+def _make_private(path: Path, fd: int | None = None) -> None:
+    """Gives ``path`` (or the file open as ``fd``) :data:`PRIVATE_MODE` if it exists and
+    has another mode; raises JournalError when it cannot be changed."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+        if stat.S_IMODE(st.st_mode) != PRIVATE_MODE:
+            if fd is not None:
+                os.fchmod(fd, PRIVATE_MODE)
+            else:
+                os.chmod(path, PRIVATE_MODE)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise JournalError(
+            f"the journal's file {path} cannot be made private to nbankd's user (mode "
+            f"{PRIVATE_MODE:04o}): {err.strerror}; whoever may read it can stop every "
+            "deposit by locking it, so nbankd did not start",
+            hint=f"give {path} to nbankd's user (uid {os.geteuid()}; the journal and its "
+            "-wal and -shm files are its alone) and start nbankd again",
+        ) from err
+
+
 def _space_left(path: Path) -> str:
     """ ", the filesystem holding it is full" when it has (almost) no room left."""
     try:
@@ -148,8 +181,13 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+        try:
+            _make_private(path, fd)  # before SQLite creates -wal and -shm with its mode
+        finally:
+            os.close(fd)
+        for suffix in COMPANIONS:  # left by an earlier run (or release) with another mode
+            _make_private(Path(f"{path}{suffix}"))
         self._lock = threading.Lock()
         # group commit (see the module docstring): saves queued, the ticket of the last
         # one on disk, whether a leader is committing, and errors for the followers
@@ -174,6 +212,11 @@ class Journal:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._migrate()
             self._db.execute("SELECT count(*) FROM items").fetchone()
+            for suffix in COMPANIONS:  # made by SQLite as the journal's mode: checked
+                _make_private(Path(f"{path}{suffix}"))
+        except JournalError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as err:
             self._db.close()
             if not _damaged(err):  # the disk, not the journal: never advise moving it aside

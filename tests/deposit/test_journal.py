@@ -347,8 +347,9 @@ def test_creates_missing_parent_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o002, 0o022])
-def test_file_mode_is_0640_on_creation(tmp_path: Path, umask: int) -> None:
-    """A new journal is owner read-write, group read, nothing for others, whatever the umask."""
+def test_file_mode_is_0600_on_creation(tmp_path: Path, umask: int) -> None:
+    """A new journal (and its -wal and -shm) is owner read-write, nothing for the group or
+    others, whatever the umask: a reader of the -shm could lock every commit out."""
     old = os.umask(umask)
     try:
         j = Journal(tmp_path / "journal.sqlite")
@@ -357,7 +358,29 @@ def test_file_mode_is_0640_on_creation(tmp_path: Path, umask: int) -> None:
         os.umask(old)
     try:
         for p in tmp_path.iterdir():
-            assert stat.S_IMODE(p.stat().st_mode) == 0o640, p.name
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+    finally:
+        j.close()
+
+
+def test_a_group_readable_journal_is_made_private_at_open(tmp_path: Path) -> None:
+    """A journal left 0640 by an earlier release (or a restore), with its -wal and -shm,
+    is made 0600 at open, all three, and its items are kept."""
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    item = _add(j)
+    copies = {}
+    for suffix in ("", "-wal", "-shm"):  # as a crash leaves them, group-readable
+        copies[suffix] = Path(f"{path}{suffix}").read_bytes()
+    j.close()
+    for suffix, data in copies.items():
+        Path(f"{path}{suffix}").write_bytes(data)
+        os.chmod(f"{path}{suffix}", 0o640)
+    j = Journal(path)
+    try:
+        assert j.get(item.id) == item
+        for suffix in ("", "-wal", "-shm"):
+            assert stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) == 0o600, suffix
     finally:
         j.close()
 
