@@ -527,3 +527,48 @@ def test_items_found_together_are_journaled_in_one_transaction(journal: Journal)
     with pytest.raises(sqlite3.IntegrityError):
         journal.add_many(clash)
     assert journal.active_relpaths(INBOX) == {b"f0", b"f1", b"f2"}
+
+
+def _damage_items_root(path: Path) -> None:
+    db = sqlite3.connect(path)
+    try:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'items'").fetchone()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+
+
+def test_a_damaged_page_is_refused_at_open_naming_the_journal(tmp_path: Path) -> None:
+    """A journal whose items table has a damaged page (its header sound) is refused at
+    open with JournalError saying it is damaged, not left to fail at the first read."""
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    for _ in range(3):
+        _add(j)
+    j.close()
+    _damage_items_root(path)
+    with pytest.raises(JournalError, match="damaged") as raised:
+        Journal(path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_check_of_the_pages_cut_short_opens_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check at open is bounded in time: one cut short opens the journal as before."""
+    import nbankd.deposit.journal as journal_mod
+
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    item = _add(j)
+    j.close()
+    monkeypatch.setattr(journal_mod, "CHECK_SECONDS", 0.0)
+    j = Journal(path)
+    try:
+        assert j.get(item.id) == item
+    finally:
+        j.close()
