@@ -186,7 +186,14 @@ def _space_left(path: Path) -> str:
 
 
 class Journal:
-    """Thread-safe access to the journal: one connection, one lock, short transactions."""
+    """Thread-safe access to the journal: one connection and its lock for writing,
+    short transactions in commit order; another connection and lock for reading.
+
+    Reads never wait for a write, this process's or another's (an admin's ``sqlite3``
+    shell holding the write lock while the writer waits up to 30 s for it): in WAL
+    mode a reader sees the last commit while a transaction is under way, so
+    ``nbankctl status`` keeps answering. A read sees every commit that returned before
+    it began."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -198,7 +205,9 @@ class Journal:
             os.close(fd)
         for suffix in COMPANIONS:  # left by an earlier run (or release) with another mode
             _make_private(Path(f"{path}{suffix}"))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection (self._db)
+        self._read_lock = threading.Lock()  # the reading connection (self._reader)
+        self._reader: sqlite3.Connection | None = None
         # group commit (see the module docstring): saves queued, the ticket of the last
         # one on disk, whether a leader is committing, and errors for the followers
         self._group = threading.Condition()
@@ -225,11 +234,17 @@ class Journal:
             self._db.execute("SELECT count(*) FROM items").fetchone()
             for suffix in COMPANIONS:  # made by SQLite as the journal's mode: checked
                 _make_private(Path(f"{path}{suffix}"))
+            self._reader = sqlite3.connect(
+                path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self._reader.row_factory = sqlite3.Row
+            self._reader.execute("PRAGMA query_only=1")
+            self._reader.execute("SELECT count(*) FROM items").fetchone()
         except JournalError:
-            self._db.close()
+            self._close_connections()
             raise
         except sqlite3.DatabaseError as err:
-            self._db.close()
+            self._close_connections()
             if not _damaged(err):  # the disk, not the journal: never advise moving it aside
                 raise JournalUnavailable(
                     f"the journal {path} cannot be opened: {err}{_space_left(path)}; nbankd "
@@ -302,12 +317,16 @@ class Journal:
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._rows("PRAGMA user_version")[0][0])
+
+    def _close_connections(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._db.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._read_lock, self._lock:
+            self._close_connections()
 
     # -- writing ------------------------------------------------------------------
 
@@ -472,10 +491,15 @@ class Journal:
 
     # -- reading ------------------------------------------------------------------
 
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of one read, on the reading connection (never waiting for a write
+        of this process: see the class's text)."""
+        assert self._reader is not None
+        with self._read_lock:
+            return self._reader.execute(sql, tuple(args)).fetchall()
+
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Item]:
-        with self._lock:
-            rows = self._db.execute(sql, tuple(args)).fetchall()
-        return [item_of_row(r) for r in rows]
+        return [item_of_row(r) for r in self._rows(sql, args)]
 
     def get(self, item_id: int) -> Item | None:
         items = self._query("SELECT * FROM items WHERE id = ?", (item_id,))
@@ -504,11 +528,9 @@ class Journal:
     def active_relpaths(self, inbox: str) -> set[bytes]:
         """The relative paths of every in-flight item of this inbox (one query)."""
         finals = ", ".join(f"'{s}'" for s in FINAL)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT relpath FROM items WHERE inbox = ? AND state NOT IN ({finals})",
-                (inbox,),
-            ).fetchall()
+        rows = self._rows(
+            f"SELECT relpath FROM items WHERE inbox = ? AND state NOT IN ({finals})", (inbox,)
+        )
         return {bytes(r[0]) for r in rows}
 
     def latest_for(self, inbox: str, relpath: bytes) -> Item | None:
@@ -556,10 +578,7 @@ class Journal:
 
     def counts(self) -> dict[tuple[str, str], int]:
         """{(inbox, state): count} over every item ever journaled."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT inbox, state, count(*) FROM items GROUP BY inbox, state"
-            ).fetchall()
+        rows = self._rows("SELECT inbox, state, count(*) FROM items GROUP BY inbox, state")
         return {(r[0], r[1]): r[2] for r in rows}
 
     def deposited_names(self, names: Iterable[str]) -> set[str]:
@@ -577,18 +596,16 @@ class Journal:
         for i in range(0, len(wanted), 500):
             batch = wanted[i : i + 500]
             marks = ", ".join("?" for _ in batch)
-            with self._lock:
-                rows = self._db.execute(f"{select} ({marks})", batch).fetchall()
+            rows = self._rows(f"{select} ({marks})", batch)
             found.update(r[0] for r in rows)
         return found
 
     def in_flight_names(self) -> set[str]:
         """Identifiers of items that may be between registry and archive (for audits)."""
         finals = ", ".join(f"'{s}'" for s in FINAL)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT name FROM items WHERE name IS NOT NULL AND state NOT IN ({finals})"
-            ).fetchall()
+        rows = self._rows(
+            f"SELECT name FROM items WHERE name IS NOT NULL AND state NOT IN ({finals})"
+        )
         return {r[0] for r in rows}
 
     def iter_all(self) -> Iterator[Item]:

@@ -572,3 +572,35 @@ def test_a_check_of_the_pages_cut_short_opens_the_journal(
         assert j.get(item.id) == item
     finally:
         j.close()
+
+
+def test_reads_answer_while_a_write_waits_for_another_process_lock(tmp_path: Path) -> None:
+    """Another process holding the journal's write lock (an admin's sqlite3 shell in
+    BEGIN IMMEDIATE): a write waits for it (SQLite's busy wait), and reads from other
+    threads answer at once meanwhile, then see the write once it is committed."""
+    import time
+
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    first = _add(j)
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    added: list[Item] = []
+    writer = threading.Thread(target=lambda: added.append(_add(j)))
+    try:
+        writer.start()
+        time.sleep(0.3)  # the writer is in its busy wait, holding the journal's write lock
+        assert writer.is_alive()
+        started = time.monotonic()
+        assert [i.id for i in j.unfinished()] == [first.id]
+        assert sum(j.counts().values()) == 1
+        assert j.known_tokens([first.token]) == {first.token}
+        assert time.monotonic() - started < 2
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+        writer.join(timeout=30)
+    try:
+        assert [i.id for i in j.unfinished()] == [first.id, added[0].id]
+    finally:
+        j.close()
