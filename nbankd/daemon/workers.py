@@ -224,9 +224,17 @@ class DepositWorkers:
     def _journal_failed(self, err: sqlite3.Error) -> float:
         """A journal write failed: deposits wait (retried every JOURNAL_RETRY seconds),
         status says why, logged once; returns when the item is tried again."""
+        name = getattr(err, "sqlite_errorname", "") or ""
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # not the disk: a lock
+            why = (
+                "another process holds the journal's lock (an sqlite3 shell or a backup "
+                "left open on it?): close it;"
+            )
+        else:
+            why = "is its filesystem full?"
         problem = (
-            f"the journal in {self.config.state_dir} cannot be written ({err}): is its "
-            f"filesystem full? deposits wait and are retried every {JOURNAL_RETRY:g}s"
+            f"the journal in {self.config.state_dir} cannot be written ({err}): {why} "
+            f"deposits wait and are retried every {JOURNAL_RETRY:g}s"
         )
         if problem != self.journal_problem:
             log.error("journal not writable; deposits wait", error=str(err))
