@@ -113,7 +113,7 @@ def zip_folder(
         raise ValueError(f"the zip of '{src}' cannot be written inside it ('{dest}')")
     top = _open_dir(str(src), None, src)
     try:
-        members = sorted(_walk(top, src, (), hard_links=hard_links), key=lambda m: m.name)
+        members = sorted(_walk(top, src, hard_links=hard_links), key=lambda m: m.name)
         dfd = os.open(dest, _DIR_FLAGS)
         try:
             return _write(top, src, members, dfd, dest, name, progress)
@@ -150,34 +150,61 @@ def _member_name(parts: tuple[str, ...], shown: Path) -> bytes:
     return encoded
 
 
-def _walk(dfd: int, shown: Path, rel: tuple[str, ...], *, hard_links: bool) -> Iterator[Member]:
-    """The regular files below the open folder ``dfd``, in no particular order."""
+def _walk(top: int, src: Path, *, hard_links: bool) -> Iterator[Member]:
+    """The regular files below the open folder ``top``, in no particular order. Walked
+    without recursion, one open folder per level, at most
+    :data:`~nbankd.watch.writers.MAX_DEPTH` levels below the top (as a copied folder
+    input: a deeper one is refused, never retried for ever)."""
+    # (open folder, its path as shown, its parts below the top); the top is the caller's
+    levels: list[tuple[int, Path, tuple[str, ...], list[str]]] = [(top, src, (), _listed(top, src))]
     try:
-        names = os.listdir(dfd)
+        while levels:
+            dfd, shown, rel, names = levels[-1]
+            if not names:
+                levels.pop()
+                if dfd != top:
+                    os.close(dfd)
+                continue
+            entry = names.pop()
+            path = shown / entry
+            try:
+                st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+            except OSError as err:
+                raise SourceReadError(err.errno, err.strerror, str(path)) from err
+            kind = FileKind.of(st)
+            if kind is FileKind.DIRECTORY:
+                if len(levels) > writers.MAX_DEPTH:
+                    raise _unsafe(
+                        path,
+                        f"nested more than {writers.MAX_DEPTH} folders deep (flatten it, then "
+                        "deposit it again)",
+                    )
+                child = _open_dir(entry, dfd, path)
+                try:
+                    levels.append((child, path, (*rel, entry), _listed(child, path)))
+                except BaseException:
+                    os.close(child)
+                    raise
+            elif kind is FileKind.FILE or (kind is FileKind.HARDLINK and hard_links):
+                parts = (*rel, entry)
+                yield Member(_member_name(parts, path), parts, st.st_dev, st.st_ino, st.st_size)
+            elif kind is FileKind.HARDLINK:
+                raise _unsafe(path, f"a hard link ({st.st_nlink} names)")
+            elif kind is FileKind.SYMLINK:
+                raise _unsafe(path, "a symbolic link")
+            else:
+                raise _unsafe(path, "a FIFO, socket or device")
+    finally:
+        for dfd, _shown, _rel, _names in levels:
+            if dfd != top:
+                os.close(dfd)
+
+
+def _listed(dfd: int, shown: Path) -> list[str]:
+    try:
+        return os.listdir(dfd)
     except OSError as err:
         raise SourceReadError(err.errno, err.strerror, str(shown)) from err
-    for entry in names:
-        path = shown / entry
-        try:
-            st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
-        except OSError as err:
-            raise SourceReadError(err.errno, err.strerror, str(path)) from err
-        kind = FileKind.of(st)
-        if kind is FileKind.DIRECTORY:
-            child = _open_dir(entry, dfd, path)
-            try:
-                yield from _walk(child, path, (*rel, entry), hard_links=hard_links)
-            finally:
-                os.close(child)
-        elif kind is FileKind.FILE or (kind is FileKind.HARDLINK and hard_links):
-            parts = (*rel, entry)
-            yield Member(_member_name(parts, path), parts, st.st_dev, st.st_ino, st.st_size)
-        elif kind is FileKind.HARDLINK:
-            raise _unsafe(path, f"a hard link ({st.st_nlink} names)")
-        elif kind is FileKind.SYMLINK:
-            raise _unsafe(path, "a symbolic link")
-        else:
-            raise _unsafe(path, "a FIFO, socket or device")
 
 
 def _open_member(top: int, src: Path, member: Member) -> int:

@@ -249,13 +249,19 @@ class DirectoryHasher:
         return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def _unlisted(err: OSError) -> None:
+    """A folder of the tree that cannot be listed (no permission, a path past
+    PATH_MAX) makes the hash fail: never a hash of part of the tree."""
+    raise err
+
+
 def directory_hash(path: str | os.PathLike[str], *, throttle: Throttle | None = None) -> str:
     """Returns neurobank's hash of the directory at ``path`` (see the module docstring).
     Raises :class:`NameNotUtf8` (an OSError) when a file below is named with bytes
     that are not UTF-8."""
     root = Path(path).resolve(strict=True)
     hasher = DirectoryHasher()
-    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, _dirnames, filenames in os.walk(root, onerror=_unlisted, followlinks=False):
         for name in filenames:
             full = os.path.join(dirpath, name)
             if not os.path.isfile(full):  # broken links, FIFOs, sockets, devices

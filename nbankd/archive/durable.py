@@ -70,7 +70,7 @@ from nbankd.archive.staging import (
 from nbankd.archive.stubnames import STUB_NAMES
 from nbankd.archive.syncs import after_syncs, fsync_dir_soon
 from nbankd.archive.trees import check_tree, fsync_published_tree, settle_tree
-from nbankd.archive.verify import sha1_from_storage, verify_from_storage
+from nbankd.archive.verify import sha1_from_storage, stored_sha1, verify_from_storage
 from nbankd.hashing import hash_path, sha1_file
 
 #: mode of the empty directory that reserves a name in the no-RENAME_NOREPLACE fallback;
@@ -215,7 +215,9 @@ def _after_missing_source(
             f"neither '{source}' nor its published copy exists; stage again",
             str(source),
         )
-    if sha1 is not None and hash_path(target) == sha1.lower():
+    # hashed from descriptors, as read back from storage: paths past PATH_MAX in a
+    # deep folder, or a sub-folder swapped for a link, never hide part of it
+    if sha1 is not None and stored_sha1(target) == sha1.lower():
         try:
             fsync_dir(target.parent)
             if os.path.isdir(source.parent):

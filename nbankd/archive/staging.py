@@ -267,6 +267,13 @@ def _cleanup(path: Path) -> None:
         remove_ours(path)
 
 
+#: folder levels a folder input may hold below itself (as many as the check for
+#: programs writing into it walks: :data:`~nbankd.watch.writers.MAX_DEPTH`); a deeper
+#: folder is refused (never walked by recursion, nor with a descriptor per level
+#: without bound)
+MAX_TREE_DEPTH = writers.MAX_DEPTH
+
+
 def stage_copy_tree(
     archive: Archive,
     src_dir: str | os.PathLike[str],
@@ -274,12 +281,16 @@ def stage_copy_tree(
     *,
     progress: Progress | None = None,
     throttle: Throttle | None = None,
+    max_depth: int | None = MAX_TREE_DEPTH,
 ) -> Staged:
     """Copies a directory tree into ``staging/<staged_name>``, hashing as neurobank does.
 
     Only regular files (with one link) and folders are accepted; a symbolic link,
     hard link, FIFO, socket or device anywhere raises :func:`unsafe_input`'s error
     naming it. Every file and folder is fsynced. On any error the copy is removed.
+    ``max_depth``: folder levels accepted below the top (a deposit's input:
+    :data:`MAX_TREE_DEPTH`; None, a stored resource copied elsewhere: any, as it was
+    registered).
     """
     _check_directories(archive, src_dir)
     top = _open_tree(Path(src_dir))
@@ -288,7 +299,9 @@ def stage_copy_tree(
         try:
             dtop = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                digest, size = _walk_tree(Path(src_dir), top, dtop, progress, throttle)
+                digest, size = _walk_tree(
+                    Path(src_dir), top, dtop, progress, throttle, max_depth=max_depth
+                )
                 os.fsync(dtop)
             finally:
                 os.close(dtop)
@@ -316,7 +329,7 @@ def hash_tree(
     _check_directories(archive, src_dir)
     top = _open_tree(Path(src_dir))
     try:
-        return _walk_tree(Path(src_dir), top, None, progress, throttle)
+        return _walk_tree(Path(src_dir), top, None, progress, throttle, max_depth=MAX_TREE_DEPTH)
     finally:
         os.close(top)
 
@@ -336,13 +349,6 @@ def _open_tree(src_root: Path) -> int:
         if err.errno == errno.ELOOP:
             raise unsafe_input(src_root, "a symbolic link") from None
         raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
-
-
-#: folder levels a folder input may hold below itself (as many as the check for
-#: programs writing into it walks: :data:`~nbankd.watch.writers.MAX_DEPTH`); a deeper
-#: folder is refused (never walked by recursion, nor with a descriptor per level
-#: without bound)
-MAX_TREE_DEPTH = writers.MAX_DEPTH
 
 
 def _utf8(name: str) -> bool:
@@ -393,12 +399,14 @@ def _walk_tree(
     dtop: int | None,
     progress: Progress | None,
     throttle: Throttle | None,
+    *,
+    max_depth: int | None,
 ) -> tuple[str, int]:
     """Hashes the tree open at ``top`` (read from descriptors, nothing followed) and,
     with ``dtop``, copies it there (each file and folder fsynced; the top's fsync is
     the caller's); returns its hash and size. Walked without recursion, one open folder
-    (two when copying) per level, at most :data:`MAX_TREE_DEPTH` levels below the top;
-    a deeper folder, or a member named with bytes that are not UTF-8, raises
+    (two when copying) per level, at most ``max_depth`` levels below the top (None: any);
+    a deeper folder, or a file named with bytes that are not UTF-8, raises
     :class:`~nbankd.errors.UnsafeInput`."""
     hasher = DirectoryHasher()
     done = [0]
@@ -474,15 +482,17 @@ def _walk_tree(
                 continue
             name = level.names.pop()
             shown = src_root / level.rel / name
-            if not _utf8(name):
-                raise _refused_name(shown)
             try:
                 st = os.stat(name, dir_fd=level.sfd, follow_symlinks=False)
             except OSError as err:
                 raise SourceReadError(err.errno, err.strerror, str(shown)) from err
             if not stat.S_ISDIR(st.st_mode):
+                # only a file's path enters neurobank's hash: a folder named so, empty,
+                # is hashed (as nbank does) and copied; a file in it is refused here
+                if not _utf8(str(level.rel / name)):
+                    raise _refused_name(shown)
                 copy_file(level, name, st, shown)
-            elif len(levels) > MAX_TREE_DEPTH:
+            elif max_depth is not None and len(levels) > max_depth:
                 raise _too_deep(shown)
             else:
                 levels.append(open_folder(level, name, shown))

@@ -78,12 +78,14 @@ def _same_entry(dir_fd: int, name: bytes, fd: int) -> bool:
 def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
     """Removes the entry ``name`` of the open folder ``dir_fd``, a file or a whole tree,
     from descriptors only: every folder is opened from the one above it without
-    following a link, listed and emptied through its descriptor, and each mode change
-    (a folder of ours made writable) is made on a descriptor, never on a path. A
+    following a link, listed once and emptied through its descriptor, and each mode
+    change (a folder of ours made writable) is made on a descriptor, never on a path. A
     folder someone swaps for a link meanwhile (a writer who kept a descriptor of a
-    folder of the tree) is unlinked as a link: nothing outside the tree is ever read,
-    changed or removed. Iterative: one descriptor per level, no recursion. A missing
-    entry is fine."""
+    folder of the tree) is unlinked as a link; one its writer moved out of the tree
+    after it was opened is left where it now is (checked before it is listed): nothing
+    outside the tree is read, changed or removed. Iterative: one descriptor per level,
+    no recursion; each folder listed again only when its removal finds it filled again
+    (at most :data:`_REFILLS` times in all, then ENOTEMPTY). A missing entry is fine."""
     name = os.fsencode(name)
     if _unlink_unless_dir(dir_fd, name):
         return
@@ -91,23 +93,30 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
     if top is None:  # no folder any more: a link or a file
         _unlink_unless_dir(dir_fd, name)
         return
-    # (folder above, name there, open folder) from the top down
-    stack: list[tuple[int, bytes, int]] = [(dir_fd, name, top)]
+    # (folder above, name there, open folder, its sub-folders still to empty, or None
+    # while it is to be listed) from the top down
+    stack: list[tuple[int, bytes, int, list[bytes] | None]] = [(dir_fd, name, top, None)]
     refills = 0
     try:
         while stack:
-            parent, entry, fd = stack[-1]
-            sub: tuple[int, bytes, int] | None = None
-            for child in os.listdir(fd):
-                if _unlink_unless_dir(fd, child):
+            parent, entry, fd, todo = stack[-1]
+            if todo is None:  # not listed yet (or filled again): list it once
+                names = os.listdir(fd)
+                # still in the tree, just before its entries go (a writer may move it out
+                # at any instant: this narrows the window to the unlinks that follow)
+                if not _same_entry(parent, entry, fd):  # moved out of the tree: not ours
+                    stack.pop()
+                    os.close(fd)
                     continue
+                todo = [c for c in names if not _unlink_unless_dir(fd, c)]
+                stack[-1] = (parent, entry, fd, todo)
+            if todo:
+                child = todo.pop()
                 opened = _open_subdir(fd, child)
                 if opened is not None:
-                    sub = (fd, child, opened)
-                    break
-                _unlink_unless_dir(fd, child)  # swapped for a link meanwhile
-            if sub is not None:
-                stack.append(sub)
+                    stack.append((fd, child, opened, None))
+                else:
+                    _unlink_unless_dir(fd, child)  # swapped for a link meanwhile
                 continue
             try:
                 os.rmdir(entry, dir_fd=parent)
@@ -123,13 +132,14 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
                     refills += 1
                     if refills > _REFILLS:
                         raise
-                    continue  # filled again: listed again
+                    stack[-1] = (parent, entry, fd, None)  # filled again: listed again
+                    continue
                 # another folder of the tree took its name: both are found by the
                 # listing of the folder above
             stack.pop()
             os.close(fd)
     finally:
-        for _parent, _entry, fd in stack:
+        for _parent, _entry, fd, _todo in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
 

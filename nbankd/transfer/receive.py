@@ -72,7 +72,10 @@ def _stage(archive: Archive, source: Path, id: str, advance: Advance | None) -> 
     except OSError as err:
         raise SourceReadError(err.errno, err.strerror, str(source)) from err
     if is_dir:
-        return durable.stage_copy_tree(archive, source, name, progress=_totals(advance))
+        # a stored resource, registered as it is: copied whatever its depth
+        return durable.stage_copy_tree(
+            archive, source, name, progress=_totals(advance), max_depth=None
+        )
     fd = _open_file(source)
     try:
         return durable.stage_copy(archive, fd, name, progress=_totals(advance))
