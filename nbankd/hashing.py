@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO, Protocol
 
+from nbankd.names import is_utf8
+
 #: bytes per read when hashing or copying (large reads suit NFS and tape)
 BLOCK_SIZE = 4 << 20
 #: the least buffer :func:`copy_hashing` reads a file descriptor through: a file is
@@ -216,16 +218,6 @@ class NameNotUtf8(OSError):
         )
 
 
-def is_utf8_name(name: str | PurePath) -> bool:
-    """True when the (relative) path ``name``, as os.fsdecode renders it, is valid
-    UTF-8 and can be part of a directory hash."""
-    try:
-        str(name).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class DirectoryHasher:
     """Accumulates ``relpath -> file sha1`` pairs, in any order, into a directory hash."""
 
@@ -267,7 +259,7 @@ def directory_hash(path: str | os.PathLike[str], *, throttle: Throttle | None = 
             if not os.path.isfile(full):  # broken links, FIFOs, sockets, devices
                 continue
             rel = PurePosixPath(Path(full).relative_to(root).as_posix())
-            if not is_utf8_name(rel):
+            if not is_utf8(str(rel)):
                 raise NameNotUtf8(full)  # before its bytes are read
             hasher.add(rel, sha1_file(full, throttle=throttle))
     return hasher.hexdigest()
@@ -292,7 +284,6 @@ __all__ = [
     "copy_hashing",
     "directory_hash",
     "hash_path",
-    "is_utf8_name",
     "sha1_file",
     "sha1_stream",
 ]

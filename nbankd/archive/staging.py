@@ -37,6 +37,7 @@ from nbankd.hashing import (
     read_into,
     write_all,
 )
+from nbankd.names import is_utf8, printable
 from nbankd.streaming import copy_hashing_overlapped
 from nbankd.watch import writers
 
@@ -351,19 +352,7 @@ def _open_tree(src_root: Path) -> int:
         raise SourceReadError(err.errno, err.strerror, str(src_root)) from err
 
 
-def _utf8(name: str) -> bool:
-    """Whether a listed name (undecodable bytes kept by surrogateescape) is UTF-8: only
-    such names can be covered by neurobank's folder hash."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _refused_name(shown: Path) -> errors.NbankdError:
-    from nbankd.names import printable
-
     return errors.UnsafeInput(
         f"'{printable(str(shown))}' is named with bytes that are not UTF-8; no neurobank "
         "folder hash covers such a name",
@@ -373,8 +362,6 @@ def _refused_name(shown: Path) -> errors.NbankdError:
 
 
 def _too_deep(shown: Path) -> errors.NbankdError:
-    from nbankd.names import printable
-
     return errors.UnsafeInput(
         f"'{printable(str(shown))}' is nested more than {MAX_TREE_DEPTH} folders deep "
         "in its folder input; nbankd deposits folders at most that deep",
@@ -489,7 +476,7 @@ def _walk_tree(
             if not stat.S_ISDIR(st.st_mode):
                 # only a file's path enters neurobank's hash: a folder named so, empty,
                 # is hashed (as nbank does) and copied; a file in it is refused here
-                if not _utf8(str(level.rel / name)):
+                if not is_utf8(str(level.rel / name)):
                     raise _refused_name(shown)
                 copy_file(level, name, st, shown)
             elif max_depth is not None and len(levels) > max_depth:

@@ -201,9 +201,7 @@ def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any
             if (src, dst) != p.moves[-1]:
                 seams.reached("requeue-side-moved")
         if p.reason_file is not None:  # only now that every move is durable
-            folder, name = fs.rejected_parent(
-                os.fsencode(os.path.relpath(p.reason_file, p.rejected_dir))
-            )
+            folder, name = fs.rejected_parent(_rel(p.reason_file, p.rejected_dir))
             if fs.unlink(folder, name):
                 fsops.fsync_fd(folder)
     if record is not None:
@@ -218,7 +216,7 @@ def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any
     }
 
 
-def _undo(fs: InboxFS, moved: list[tuple[tuple[int, bytes], tuple[int, bytes], Path]]) -> str:
+def _undo(fs: InboxFS, moved: list[tuple[tuple[int, bytes], tuple[int, bytes]]]) -> str:
     """Moves what a stopped requeue had moved back into the rejected folder; says
     where everything is."""
     stuck: list[str] = []

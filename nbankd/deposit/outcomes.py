@@ -14,7 +14,7 @@ import errno
 
 from nbankd import errors
 from nbankd.deposit import policy
-from nbankd.deposit.lifecycle import Outcome
+from nbankd.deposit.lifecycle import READ_BACK_FAILED, Outcome
 from nbankd.hashing import SourceReadError
 
 
@@ -27,7 +27,7 @@ def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
 
 #: error codes of waiting items, by what is at fault (status, metrics and alerts)
 REGISTRY_CODES = _codes(errors.RegistryError)
-ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", "verify-failed"}
+ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", READ_BACK_FAILED}
 
 
 #: errno values of an outage or of something an administrator fixes: the input waits

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from nbankd.deposit.lifecycle import Outcome
+from nbankd.deposit.lifecycle import READ_BACK_FAILED, Outcome
 from nbankd.filekind import FileKind
 
 
@@ -503,18 +503,18 @@ def after_read_back(
             f"the staged copy of {shown!r}, read back from storage, does not match its "
             "SHA-1; copying again"
         )
-        return AfterReadBack(Outcome("restage", "verify-failed", message), discard=True)
+        return AfterReadBack(Outcome("restage", READ_BACK_FAILED, message), discard=True)
     if where is ReadBack.FOUND:
         message = (
             f"the stored copy of {shown} changed since it was found; depositing this input again"
         )
-        return AfterReadBack(Outcome("restage", "verify-failed", message), not_already=True)
+        return AfterReadBack(Outcome("restage", READ_BACK_FAILED, message), not_already=True)
     if placement == "rename":  # the only copy: kept, and read again later
         return AfterReadBack(
-            Outcome("transient", "verify-failed", f"{shown} does not match its sha1")
+            Outcome("transient", READ_BACK_FAILED, f"{shown} does not match its sha1")
         )
     message = f"{shown} did not match its sha1; copying again"
-    return AfterReadBack(Outcome("restage", "verify-failed", message), discard=True)
+    return AfterReadBack(Outcome("restage", READ_BACK_FAILED, message), discard=True)
 
 
 __all__ = [

@@ -589,7 +589,10 @@ def test_reads_answer_while_a_write_waits_for_another_process_lock(tmp_path: Pat
     writer = threading.Thread(target=lambda: added.append(_add(j)))
     try:
         writer.start()
-        time.sleep(0.3)  # the writer is in its busy wait, holding the journal's write lock
+        deadline = time.monotonic() + 30
+        while not j._lock.locked():  # the writer holds the journal's write lock
+            assert writer.is_alive() and time.monotonic() < deadline
+            time.sleep(0.005)  # polling for that event, not standing in for it
         assert writer.is_alive()
         started = time.monotonic()
         assert [i.id for i in j.unfinished()] == [first.id]
