@@ -203,6 +203,11 @@ def advance(
             # so that the next one waits longer
             return replace(p, state=after, not_before=0.0, registered=registered)
         return Progress(state=after, registered=registered)
+    if outcome.kind == "restage" and step not in (Step.PUBLISH, Step.VERIFY):
+        # only publishing and verifying look at a staged or stored copy: a restage from
+        # any other step is no transition (after a withdrawal, say, it would send an
+        # input being put back to be deposited again); it waits like a failure
+        return _retry(p, outcome, now, rng)
     if outcome.kind == "restage" and outcome.code in REPEATING_RESTAGES:
         # a copy read back from storage did not match (or the staged copy was replaced):
         # copy again from the claimed input, after a backoff that grows with each one

@@ -222,6 +222,14 @@ def test_restage_returns_to_claimed_with_fresh_attempts() -> None:
     assert next_step(p2, NOW) is Step.STAGE
 
 
+@pytest.mark.parametrize("state", [S.CLAIMED, S.STAGED, S.CHECKED, S.RETURNING, S.RECORDED])
+def test_a_restage_from_a_step_without_a_copy_only_waits(state: State) -> None:
+    """A restage outcome of a step that handles no staged or stored copy is no
+    transition: the item keeps its state and waits (never sent to be copied again)."""
+    p = advance(Progress(state), STEP_OF[state], Outcome("restage", "restage"), NOW)
+    assert (p.state, p.attempts) == (state, 1) and p.not_before > NOW
+
+
 @pytest.mark.parametrize("code", ["verify-failed", "staged-changed"])
 def test_a_bad_read_back_copies_again_after_a_backoff(code: str) -> None:
     """A copy read back bad (or replaced in staging/) sends the item back to CLAIMED to

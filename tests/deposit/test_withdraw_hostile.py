@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fixtures.django_server import DjangoServer, unique_name
@@ -300,6 +300,7 @@ KINDS = st.sampled_from(
 
 
 @given(st.lists(KINDS, max_size=60))
+@example(["ok", "ok", "ok", "ok", "withdrawn", "restage", "permanent"])  # found by hypothesis
 def test_property_with_withdrawals_registered_items_are_never_rejected(kinds: list[str]) -> None:
     """With "withdrawn" among the outcomes, a registered item never reaches REJECTING,
     and a final state stays final."""
