@@ -88,7 +88,7 @@ class ClaimSteps(StepsBase):
             and (
                 item.kind != "dir"
                 or not stat.S_ISDIR(st.st_mode)
-                or seen_tree_unchanged(item.seen_identity, fs.at(parent, name))
+                or seen_tree_unchanged(item.seen_identity, name, dir_fd=parent)
             ),
         )
         if outcome is not None:

@@ -206,17 +206,17 @@ def tree_seen(ident: Identity) -> dict[str, int | str]:
     return {k: getattr(ident, k) for k in TREE_FIELDS}
 
 
-def seen_tree_unchanged(seen: str | None, path: Path) -> bool:
-    """True when the folder ``path`` about to be claimed is still the tree it settled
-    as (the same folder, and nothing inside written, added, removed or renamed since),
-    or when the scan recorded no tree (items of an older journal). False when it cannot
-    be read whole now."""
+def seen_tree_unchanged(seen: str | None, name: bytes, *, dir_fd: int) -> bool:
+    """True when the folder ``name`` (in the open folder ``dir_fd``) about to be claimed
+    is still the tree it settled as (the same folder, and nothing inside written,
+    added, removed or renamed since), or when the scan recorded no tree (items of an
+    older journal). False when it cannot be read whole now."""
     want = json.loads(seen) if seen is not None else {}
     tree = want.get("tree")
     if tree is None:
         return True
     try:
-        ident = tree_identity(path)
+        ident = tree_identity(os.fsdecode(name), dir_fd=dir_fd)
     except OSError:
         return False
     return (want.get("dev"), want.get("ino")) == (ident.dev, ident.ino) and all(

@@ -3,7 +3,8 @@
 An :class:`Identity` is taken from one ``lstat``: of a file for a plain input, and
 summed over a whole tree for a directory resource (:func:`tree_summary`). Folders
 are listed through one descriptor each, opened without following links
-(:func:`list_folder`), so nothing outside the inbox is ever read.
+(:func:`list_folder`; a tree's sub-folders each from its parent's descriptor), so
+nothing outside the inbox is ever read.
 
 A directory resource's identity summarises the whole tree
 (:func:`tree_identity`): the folder's own device, inode, mode and owner; ``size`` the
@@ -27,6 +28,12 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from nbankd.names import printable
+from nbankd.watch.writers import MAX_DEPTH
+
+#: folder levels a tree summary walks below its top: twice the deepest a deposit
+#: copies or zips (:data:`~nbankd.watch.writers.MAX_DEPTH`), so every folder a deposit
+#: could take is in its summary; a deeper one is refused by the copy anyway
+SUMMARY_DEPTH = 2 * MAX_DEPTH
 
 T = TypeVar("T")
 
@@ -160,16 +167,21 @@ def iter_folder(
 
 def _children(fd: int) -> Iterator[tuple[str, _Child]]:
     try:
-        with os.scandir(fd) as it:
-            for child in it:
-                try:
-                    st = child.stat(follow_symlinks=False)
-                except OSError as err:
-                    yield child.name, _Child(None, err)
-                else:
-                    yield child.name, _Child(st, None)
+        yield from _children_of(fd)
     finally:
         os.close(fd)
+
+
+def _children_of(fd: int) -> Iterator[tuple[str, _Child]]:
+    """Each name in the open folder ``fd`` with its lstat; ``fd`` stays open."""
+    with os.scandir(fd) as it:
+        for child in it:
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError as err:
+                yield child.name, _Child(None, err)
+            else:
+                yield child.name, _Child(st, None)
 
 
 def identity_of_path(path: Path | str) -> Identity:
@@ -184,17 +196,18 @@ def identity_of_path(path: Path | str) -> Identity:
 class TreeSummary:
     """:func:`tree_summary`'s answer: the tree's identity and what is wrong inside.
 
-    ``unsafe`` and ``unreadable`` hold paths relative to the folder.
+    ``unsafe``, ``unreadable`` and ``too_deep`` hold paths relative to the folder.
     """
 
     identity: Identity
     files: int
     unsafe: tuple[str, ...]
     unreadable: tuple[str, ...]
+    too_deep: tuple[str, ...] = ()
 
     @property
     def problem(self) -> str | None:
-        """A one-line description of the unsafe and unreadable members, or None."""
+        """A one-line description of the unsafe, unreadable and too deep members, or None."""
         parts = []
         if self.unsafe:
             parts.append(f"{len(self.unsafe)} member(s) that are not plain files or folders")
@@ -202,17 +215,40 @@ class TreeSummary:
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} unreadable folder(s)")
             parts[-1] += f" (first: {printable(self.unreadable[0])})"
+        if self.too_deep:
+            parts.append(f"folders nested more than {SUMMARY_DEPTH} levels deep")
+            parts[-1] += f" (first: {printable(self.too_deep[0])})"
         return "; ".join(parts) or None
 
 
-def tree_summary(path: Path | str) -> TreeSummary:
+class _Open:
+    """A listed folder's descriptor, kept until its last sub-folder is opened from it."""
+
+    __slots__ = ("fd", "left")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.left = 0  # sub-folders still to be opened from it
+
+
+def _close(opened: list[_Open], folder: _Open) -> None:
+    opened.remove(folder)
+    os.close(folder.fd)
+
+
+def tree_summary(path: Path | str, *, dir_fd: int | None = None) -> TreeSummary:
     """Summarises a folder and everything under it without following symlinks.
 
-    See the module docstring for what each identity field means. Raises
-    :class:`OSError` if ``path`` itself cannot be lstat'ed.
+    ``path`` is looked up in the open folder ``dir_fd`` when one is given. Every
+    folder is opened from its parent's descriptor (never by a path, so no path
+    length limits the walk and a folder swapped for a link on the way is never
+    entered), at most :data:`SUMMARY_DEPTH` levels below the top; deeper folders are
+    listed in ``too_deep``, not entered. See the module docstring for what each
+    identity field means. Raises :class:`OSError` if ``path`` itself cannot be
+    lstat'ed or opened (FileNotFoundError when it was replaced since its lstat).
     """
     top = os.fsdecode(path)
-    st = os.lstat(top)
+    st = os.stat(top, dir_fd=dir_fd, follow_symlinks=False)
     digest = hashlib.blake2b(digest_size=16)
     size = 0
     files = 0
@@ -221,49 +257,92 @@ def tree_summary(path: Path | str) -> TreeSummary:
     ctime = st.st_ctime_ns
     unsafe: list[str] = []
     unreadable: list[str] = []
-    stack: list[tuple[str, int | None]] = [("", None)]
-    while stack:
-        rel, ino = stack.pop()
-        try:
-            children = list_folder(os.path.join(top, rel) if rel else top, ino)
-        except (FileNotFoundError, NotADirectoryError):
-            if not rel:
-                raise
-            continue  # vanished since its parent was listed (the parent's mtime moved)
-        except OSError:
-            unreadable.append(rel)
-            digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
-            continue
-        for name, child in children:
-            crel = f"{rel}/{name}" if rel else name
+    too_deep: list[str] = []
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+    opened: list[_Open] = []  # every descriptor still open, closed whatever happens
+    # folders to list, last in first out: (relative path, name, inode, depth, parent)
+    stack: list[tuple[str, str, int, int, _Open | None]] = [("", top, st.st_ino, 0, None)]
+    try:
+        while stack:
+            rel, name, ino, depth, parent = stack.pop()
+            where = dir_fd if parent is None else parent.fd
             try:
-                cst = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                unreadable.append(crel)
-                continue
-            nodes += 1
-            mtime = max(mtime, cst.st_mtime_ns)
-            ctime = max(ctime, cst.st_ctime_ns)
-            digest.update(
-                b"%s\0%d %d %d %d %d\n"
-                % (
-                    os.fsencode(crel),
-                    cst.st_ino,
-                    cst.st_size,
-                    cst.st_mtime_ns,
-                    cst.st_ctime_ns,
-                    cst.st_mode,
-                )
-            )
-            if stat.S_ISDIR(cst.st_mode):
-                stack.append((crel, cst.st_ino))
-            elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
-                size += cst.st_size
-                files += 1
+                fd = os.open(name, flags, dir_fd=where)
+            except OSError as err:
+                fd = -1
+                failed: OSError | None = err
             else:
-                unsafe.append(crel)
+                failed = None
+            finally:
+                if parent is not None:
+                    parent.left -= 1
+                    if parent.left == 0:
+                        _close(opened, parent)
+            if failed is not None:
+                if failed.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    if not rel:
+                        raise FileNotFoundError(errno.ENOENT, "replaced since it was seen", top)
+                    continue  # vanished since its parent was listed (its mtime moved)
+                unreadable.append(rel)
+                digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
+                continue
+            here = _Open(fd)
+            opened.append(here)
+            try:
+                fst = os.fstat(fd)
+                want = (st.st_dev, st.st_ino) if not rel else (fst.st_dev, ino)
+                if (fst.st_dev, fst.st_ino) != want:
+                    raise FileNotFoundError(errno.ENOENT, "replaced since it was seen", top)
+                children = list(_children_of(fd))
+            except FileNotFoundError:
+                _close(opened, here)
+                if not rel:
+                    raise
+                continue  # replaced or gone since its parent was listed
+            except OSError:
+                _close(opened, here)
+                unreadable.append(rel)
+                digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
+                continue
+            for cname, child in children:
+                crel = f"{rel}/{cname}" if rel else cname
+                try:
+                    cst = child.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    unreadable.append(crel)
+                    continue
+                nodes += 1
+                mtime = max(mtime, cst.st_mtime_ns)
+                ctime = max(ctime, cst.st_ctime_ns)
+                digest.update(
+                    b"%s\0%d %d %d %d %d\n"
+                    % (
+                        os.fsencode(crel),
+                        cst.st_ino,
+                        cst.st_size,
+                        cst.st_mtime_ns,
+                        cst.st_ctime_ns,
+                        cst.st_mode,
+                    )
+                )
+                if stat.S_ISDIR(cst.st_mode):
+                    if depth >= SUMMARY_DEPTH:
+                        too_deep.append(crel)
+                        continue
+                    here.left += 1  # kept open until this sub-folder is opened from it
+                    stack.append((crel, cname, cst.st_ino, depth + 1, here))
+                elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
+                    size += cst.st_size
+                    files += 1
+                else:
+                    unsafe.append(crel)
+            if here.left == 0:
+                _close(opened, here)
+    finally:
+        for left_open in opened:
+            os.close(left_open.fd)
     identity = Identity(
         dev=st.st_dev,
         ino=st.st_ino,
@@ -275,9 +354,11 @@ def tree_summary(path: Path | str) -> TreeSummary:
         uid=st.st_uid,
         digest=digest.hexdigest(),
     )
-    return TreeSummary(identity, files, tuple(sorted(unsafe)), tuple(sorted(unreadable)))
+    return TreeSummary(
+        identity, files, tuple(sorted(unsafe)), tuple(sorted(unreadable)), tuple(sorted(too_deep))
+    )
 
 
-def tree_identity(path: Path | str) -> Identity:
+def tree_identity(path: Path | str, *, dir_fd: int | None = None) -> Identity:
     """The identity of a directory resource: changes when anything inside changes."""
-    return tree_summary(path).identity
+    return tree_summary(path, dir_fd=dir_fd).identity

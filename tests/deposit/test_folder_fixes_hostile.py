@@ -412,17 +412,11 @@ def test_an_empty_sub_folder_named_in_latin1_does_not_reject_its_folder(
 # --- the tree journaled with the intent, compared at claim ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the claim summarises a folder input's tree through "
-    "/proc/self/fd/N/NAME, longer than a short inbox path, so a deepest path within a "
-    "few characters of PATH_MAX reads as unreadable and the folder waits as changed",
-)
 def test_an_unchanged_folder_near_path_max_is_claimed_as_it_settled(tmp_path: Path) -> None:
     """A folder that settled in an inbox with a short path (here /tmp/iXXXXXXXX, as
     /srv/in or /data/in) is claimed when nothing in it changed, even where its
     deepest folder's path is just under PATH_MAX there: the claim's summary of the
-    tree, taken through /proc/self/fd/N (a longer prefix), must not find that folder
+    tree (walked from descriptors, whatever the inbox's path) must not find that folder
     "unreadable" and so take the folder for changed, leaving it in the inbox to settle
     and be refused again, for ever."""
     from nbankd.archive import opening
