@@ -111,6 +111,14 @@ class UnsafeInput(ArchiveError):
     code = "unsupported"
 
 
+class MountInside(NbankdError):
+    """A folder being emptied holds a mount point (another filesystem or a bind mount):
+    what is on it is never the folder's own to remove."""
+
+    code = "mount-inside"
+    transient = True
+
+
 class InvalidIdentifier(NbankdError):
     """An identifier breaks the registry's slug rule ``[-_0-9a-zA-Z]+``."""
 

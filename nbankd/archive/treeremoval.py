@@ -11,7 +11,9 @@ import errno
 import os
 import stat
 
+from nbankd import errors, fileflags
 from nbankd.archive.fsops import DIR_NOFOLLOW, _open_own_dir
+from nbankd.mounts import mount_key, other_mount
 
 __all__ = ["remove_tree_at", "unremovable_below"]
 
@@ -93,6 +95,11 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
     if top is None:  # no folder any more: a link or a file
         _unlink_unless_dir(dir_fd, name)
         return
+    try:
+        top_mount = mount_key(top)
+    except BaseException:
+        os.close(top)
+        raise
     # (folder above, name there, open folder, its sub-folders still to empty, or None
     # while it is to be listed) from the top down
     stack: list[tuple[int, bytes, int, list[bytes] | None]] = [(dir_fd, name, top, None)]
@@ -113,6 +120,13 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
             if todo:
                 child = todo.pop()
                 opened = _open_subdir(fd, child)
+                if opened is not None and other_mount(top_mount, mount_key(opened)):
+                    os.close(opened)
+                    raise errors.MountInside(
+                        f"{os.fsdecode(child)!r} in the folder being removed is a mount "
+                        "point (another filesystem or a bind mount): nothing on it is removed",
+                        hint="unmount it; the removal goes on then",
+                    )
                 if opened is not None:
                     stack.append((fd, child, opened, None))
                 else:
@@ -144,56 +158,96 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
                 os.close(fd)
 
 
-def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> str | None:
-    """The first folder of the tree ``name`` (in the open folder ``dir_fd``) whose
-    entries this process could not remove (what :func:`remove_tree_at` would fail on),
-    as a path relative to the tree ("" for its top), or None when it could empty the
-    whole tree. A folder holding entries is removable when it is this process's own
-    (it is made writable first) or it may write and search it (``faccessat``, with the
-    effective ids: ACLs, read-only and immutable folders count); in a sticky folder not
-    its own, only its own entries. Walked from descriptors, without recursion, never
-    through a link, at most ``max_depth`` levels below the top (deeper folders are not
-    looked at). What cannot be opened or listed counts as unremovable."""
+class _Listed:
+    """An open folder of :func:`unremovable_below`'s walk, kept until its last
+    sub-folder is opened from it."""
+
+    __slots__ = ("fd", "left")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.left = 0
+
+
+def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> tuple[str, str] | None:
+    """The first place in the tree ``name`` (in the open folder ``dir_fd``) this process
+    could not empty (what :func:`remove_tree_at` would fail on), as a path relative to
+    the tree ("" for its top) and why, or None when it could empty the whole tree. A
+    folder holding entries is removable when it is this process's own (it is made
+    writable first) or it may write and search it (``faccessat``, with the effective
+    ids: ACLs and read-only folders count); in a sticky folder not its own, only its
+    own entries. A folder or file with the immutable or append-only attribute never
+    is. Walked from descriptors, without recursion, never through a link, one
+    descriptor per level at most, at most ``max_depth`` levels below the top (deeper
+    folders are not looked at). What cannot be opened or listed counts as unremovable."""
     euid = os.geteuid()
     try:
         top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
-    except OSError:
-        return ""
-    # (open folder, path below the top, its depth) of the folders still to look at
-    todo: list[tuple[int, str, int]] = [(top, "", 0)]
+    except OSError as err:
+        return "", f"it cannot be opened ({err.strerror})"
+    opened: list[_Listed] = [_Listed(top)]
+    # (folder above, or None for the top; name there; path below the top; its depth)
+    todo: list[tuple[_Listed | None, str, str, int]] = [(None, "", "", 0)]
     try:
         while todo:
-            fd, rel, depth = todo.pop()
-            try:
-                st = os.fstat(fd)
-                entries = list(os.scandir(fd))
-                if not entries:
+            parent, entry_name, rel, depth = todo.pop()
+            if parent is None:
+                here = opened[0]
+            else:
+                try:
+                    fd = os.open(entry_name, DIR_NOFOLLOW, dir_fd=parent.fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    fd = -1  # gone, or swapped for a link (removed as one)
+                except OSError as err:
+                    if err.errno != errno.ELOOP:
+                        return rel, f"it cannot be opened ({err.strerror})"
+                    fd = -1
+                finally:
+                    parent.left -= 1
+                    if parent.left == 0:
+                        opened.remove(parent)
+                        os.close(parent.fd)
+                if fd < 0:
                     continue
+                here = _Listed(fd)
+                opened.append(here)
+            try:
+                st = os.fstat(here.fd)
+                entries = list(os.scandir(here.fd))
+            except OSError as err:
+                return rel, f"it cannot be listed ({err.strerror})"
+            if entries:
+                flag = fileflags.protected(here.fd)
+                if flag is not None:
+                    return rel, f"it is {flag}"
                 ours = st.st_uid == euid
                 if not ours and not os.access(
-                    f"/proc/self/fd/{fd}", os.W_OK | os.X_OK, effective_ids=True
+                    f"/proc/self/fd/{here.fd}", os.W_OK | os.X_OK, effective_ids=True
                 ):
-                    return rel
+                    return rel, "the daemon's user may not remove what it holds"
                 sticky = not ours and euid != 0 and bool(st.st_mode & stat.S_ISVTX)
-                for entry in entries:
-                    if sticky and entry.stat(follow_symlinks=False).st_uid != euid:
-                        return rel
-                    if depth < max_depth and entry.is_dir(follow_symlinks=False):
-                        crel = f"{rel}/{entry.name}" if rel else entry.name
-                        try:
-                            sub = os.open(entry.name, DIR_NOFOLLOW, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError):
-                            continue  # gone, or swapped for a link (removed as one)
-                        except OSError as err:
-                            if err.errno == errno.ELOOP:
-                                continue
-                            return crel
-                        todo.append((sub, crel, depth + 1))
-            except OSError:
-                return rel
-            finally:
-                os.close(fd)
+            for entry in entries:
+                crel = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    est = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    return crel, f"it cannot be looked at ({err.strerror})"
+                if sticky and est.st_uid != euid:
+                    return rel, "a sticky folder holding another user's entry"
+                if stat.S_ISDIR(est.st_mode):
+                    if depth < max_depth:
+                        here.left += 1
+                        todo.append((here, entry.name, crel, depth + 1))
+                elif stat.S_ISREG(est.st_mode):
+                    flag = fileflags.protected_at(here.fd, entry.name)
+                    if flag is not None:
+                        return crel, f"it is {flag}"
+            if here.left == 0:
+                opened.remove(here)
+                os.close(here.fd)
     finally:
-        for fd, _rel, _depth in todo:
-            os.close(fd)
+        for folder in opened:
+            os.close(folder.fd)
     return None

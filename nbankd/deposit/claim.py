@@ -9,13 +9,14 @@ classifies them).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from dataclasses import replace
 from pathlib import Path
 
-from nbankd import errors, seams
+from nbankd import errors, fileflags, seams
 from nbankd.archive import syncs, treeremoval
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import (
@@ -25,6 +26,7 @@ from nbankd.deposit.identity import (
     seen_tree_unchanged,
     seen_unchanged,
     sidecar_seen_matches,
+    tree_now,
 )
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
@@ -34,6 +36,24 @@ from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.filekind import FileKind
 from nbankd.names import SIDECAR_SUFFIXES, printable
 from nbankd.watch import writers
+
+
+def _mount_inside(src: Path, where: str, detail: str = "") -> Outcome:
+    """An input on another mount than its inbox folder's (a file on a filesystem mounted
+    inside the inbox, a folder that is a mount point or holds one) waits in the inbox:
+    it cannot be moved into the work folder, or its copy would take another
+    filesystem's files into the archive and its removal once deposited reach them."""
+    shown = printable(str(src / where if where else src))
+    because = f" ({detail})" if detail else ""
+    return Outcome(
+        "transient",
+        "mount-inside",
+        f"{src} is left in the inbox: {shown} is on, or is, a mount point inside the "
+        f"inbox (another filesystem or a bind mount){because}, whose files are not the "
+        "inbox's own to deposit and remove",
+        f"unmount it, or copy the files into the inbox's own folders instead of mounting "
+        f"them there; {printable(str(src))} is claimed then",
+    )
 
 
 class ClaimSteps(StepsBase):
@@ -78,6 +98,8 @@ class ClaimSteps(StepsBase):
         parent, name = fs.parent(item.relpath)
         src = spec.path / item.relpath_str
         st = fs.lstat(parent, name)
+        folder = st is not None and item.kind == "dir" and stat.S_ISDIR(st.st_mode)
+        tree = tree_now(name, dir_fd=parent) if folder else None
         outcome = verdicts.at_claim(
             item_kind=item.kind,
             shown=str(src),
@@ -85,15 +107,13 @@ class ClaimSteps(StepsBase):
             seen=st is not None and seen_matches(item.seen_identity, st),
             unchanged=st is not None
             and seen_unchanged(item.seen_identity, st)
-            and (
-                item.kind != "dir"
-                or not stat.S_ISDIR(st.st_mode)
-                or seen_tree_unchanged(item.seen_identity, name, dir_fd=parent)
-            ),
+            and (not folder or seen_tree_unchanged(item.seen_identity, tree)),
         )
         if outcome is not None:
             return item, outcome
         assert st is not None
+        if tree is not None and tree.mounts:
+            return item, _mount_inside(src, tree.mounts[0])
         if (
             item.kind != "unsafe"
             and paired(item.seen_identity)
@@ -102,7 +122,7 @@ class ClaimSteps(StepsBase):
             # a sidecar came (or a second one) since the intent: the input settles
             # again with it, never deposited with the sidecar left behind
             return item, verdicts.sidecar_came(shown=str(src))
-        if item.kind == "dir" and stat.S_ISDIR(st.st_mode):
+        if folder:
             outcome = self._cannot_empty(spec, parent, name, item, src)
             if outcome is not None:
                 return item, outcome
@@ -110,7 +130,23 @@ class ClaimSteps(StepsBase):
             fs.take(parent, name, work, token)
         except FileNotFoundError:
             return item, Outcome("gone", "gone", f"{src} was taken by another process")
-        except PermissionError as err:
+        except OSError as err:
+            if err.errno in (errno.EXDEV, errno.EBUSY):
+                # on another filesystem mounted inside the inbox, or a mount point itself:
+                # it cannot be moved into the work folder; it waits where it is, told
+                return item, _mount_inside(src, "", err.strerror)
+            if not isinstance(err, PermissionError):
+                raise
+            flag = fileflags.protected_at(parent, name)
+            if flag is not None:
+                return item, Outcome(
+                    "transient",
+                    "input-protected",
+                    f"cannot move {src} into the work folder: it is {flag} "
+                    "(chattr: while it is set, not even root may move it)",
+                    f"clear the attribute (chattr -i -a {printable(str(src))}) once it is "
+                    "finished; it is claimed then",
+                )
             # the inbox folder holding the file, not the archive, is the problem;
             # the file cannot be moved at all, so it waits where it is
             return item, Outcome(
@@ -143,15 +179,25 @@ class ClaimSteps(StepsBase):
         blocked = treeremoval.unremovable_below(parent, name, max_depth=writers.MAX_DEPTH)
         if blocked is None:
             return None
-        where = src / blocked if blocked else src
+        rel, why = blocked
+        where = printable(str(src / rel if rel else src))
+        if why.startswith("it is "):  # immutable or append-only: no permission helps
+            return Outcome(
+                "transient",
+                "input-protected",
+                f"{src} is left in the inbox: {where} cannot be removed ({why}), so once "
+                "deposited the folder could never leave the work folder",
+                f"clear the attribute (chattr -i -a {where}) once the folder is finished; "
+                "it is claimed then",
+            )
         return Outcome(
             "transient",
             "inbox-not-writable",
             f"{src} is left in the inbox: the daemon's user may not remove what "
-            f"{printable(str(where))} holds, so once deposited the folder could never "
-            "leave the work folder",
-            f"give the daemon's user write permission on {printable(str(where))} and the "
-            "folders in it (e.g. chmod -R g+w with the lab group), or move the folder out",
+            f"{where} holds ({why}), so once deposited the folder could never leave the "
+            "work folder",
+            f"give the daemon's user write permission on {where} and the folders in it "
+            "(e.g. chmod -R g+w with the lab group), or move the folder out",
         )
 
     @staticmethod

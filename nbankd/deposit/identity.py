@@ -12,7 +12,14 @@ import os
 import stat
 from pathlib import Path
 
-from nbankd.watch.identity import Identity, identity_of_path, tree_identity
+from nbankd.mounts import mount_key
+from nbankd.watch.identity import (
+    Identity,
+    TreeSummary,
+    identity_of_path,
+    tree_identity,
+    tree_summary,
+)
 
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 
@@ -206,19 +213,28 @@ def tree_seen(ident: Identity) -> dict[str, int | str]:
     return {k: getattr(ident, k) for k in TREE_FIELDS}
 
 
-def seen_tree_unchanged(seen: str | None, name: bytes, *, dir_fd: int) -> bool:
-    """True when the folder ``name`` (in the open folder ``dir_fd``) about to be claimed
-    is still the tree it settled as (the same folder, and nothing inside written,
-    added, removed or renamed since), or when the scan recorded no tree (items of an
-    older journal). False when it cannot be read whole now."""
+def tree_now(name: bytes, *, dir_fd: int) -> TreeSummary | None:
+    """The summary of the folder ``name`` (in the open folder ``dir_fd``) now, or None
+    when it cannot be read; a folder on another mount than ``dir_fd``'s (a mount point
+    itself) or holding one names it in ``mounts``."""
+    try:
+        return tree_summary(os.fsdecode(name), dir_fd=dir_fd, within=mount_key(dir_fd))
+    except OSError:
+        return None
+
+
+def seen_tree_unchanged(seen: str | None, now: TreeSummary | None) -> bool:
+    """True when the folder about to be claimed, summarised ``now``, is still the tree it
+    settled as (the same folder, and nothing inside written, added, removed or renamed
+    since), or when the scan recorded no tree (items of an older journal). False when
+    it could not be read whole (``now`` None)."""
     want = json.loads(seen) if seen is not None else {}
     tree = want.get("tree")
     if tree is None:
         return True
-    try:
-        ident = tree_identity(os.fsdecode(name), dir_fd=dir_fd)
-    except OSError:
+    if now is None:
         return False
+    ident = now.identity
     return (want.get("dev"), want.get("ino")) == (ident.dev, ident.ino) and all(
         tree.get(k) == getattr(ident, k) for k in TREE_FIELDS
     )

@@ -271,11 +271,22 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                 f"unexpected error in step {step}: {err!r}",
                 "this is a bug in nbankd: please report it with the log; the input is kept",
             )
-        if "/proc/self/fd/" in outcome.message:  # a path through an open folder: name it
-            spec = self.inboxes(item.inbox)
-            where = str(spec.work_dir) if spec is not None else "the work folder"
-            outcome = replace(outcome, message=_PROC_FD.sub(where, outcome.message))
+        if "/proc/self/fd/" in outcome.message or item.token in outcome.message:
+            outcome = replace(outcome, message=self._told_in_inbox(item, outcome.message))
         return item, outcome
+
+    def _told_in_inbox(self, item: Item, message: str) -> str:
+        """``message`` with paths through an open folder named: the claimed input in the
+        work folder as the input's own path in its inbox (what a user finds and
+        requeues), anything else in the work folder by the work folder's path."""
+        spec = self.inboxes(item.inbox)
+        if spec is None:
+            return _PROC_FD.sub("the work folder", message)
+        claimed = re.compile(r"/proc/self/fd/\d+/" + re.escape(item.token) + r"\b")
+        shown = str(spec.path / item.relpath_str)
+        message = claimed.sub(lambda _: shown, message)
+        message = message.replace(f"{spec.work_dir}/{item.token}", shown)
+        return _PROC_FD.sub(lambda _: str(spec.work_dir), message)
 
     def drive(
         self, item: Item, *, until_blocked: bool = True, on_step: Callable[[], None] | None = None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from nbankd.mounts import MountKey, mount_key, other_mount
 from nbankd.names import printable
 from nbankd.watch.writers import MAX_DEPTH
 
@@ -131,13 +132,23 @@ def list_folder(folder: str, expect_ino: int | None = None) -> list[tuple[str, _
     return list(iter_folder(folder, expect_ino))
 
 
+class OnAnotherMount(OSError):
+    """A folder listed inside an inbox is a mount point (another filesystem or a bind
+    mount): never entered."""
+
+
 def iter_folder(
-    folder: str, expect_ino: int | None = None, *, expect_id: tuple[int, int] | None = None
+    folder: str,
+    expect_ino: int | None = None,
+    *,
+    expect_id: tuple[int, int] | None = None,
+    within: MountKey | None = None,
 ) -> Iterator[tuple[str, _Child]]:
     """:func:`list_folder` one child at a time, so a caller that keeps less than the
     lstat of each child never holds a whole large folder's lstats at once.
     ``expect_id`` (an inbox folder, which may be named through a configured link): the
     (device, inode) the folder opened must have, else it counts as vanished.
+    ``within``: the mount the folder must be on, else :class:`OnAnotherMount` (EXDEV).
 
     The folder is opened (and checked) by this call, so the errors
     :func:`list_folder` raises for the folder itself are raised here; a listing
@@ -159,6 +170,8 @@ def iter_folder(
             raise FileNotFoundError(errno.ENOENT, "replaced since it was listed", folder)
         if expect_id is not None and (st.st_dev, st.st_ino) != expect_id:
             raise FileNotFoundError(errno.ENOENT, "replaced since it was checked", folder)
+        if within is not None and other_mount(within, mount_key(fd, st)):
+            raise OnAnotherMount(errno.EXDEV, "a mount point inside the inbox", folder)
     except BaseException:
         os.close(fd)
         raise
@@ -196,7 +209,9 @@ def identity_of_path(path: Path | str) -> Identity:
 class TreeSummary:
     """:func:`tree_summary`'s answer: the tree's identity and what is wrong inside.
 
-    ``unsafe``, ``unreadable`` and ``too_deep`` hold paths relative to the folder.
+    ``unsafe``, ``unreadable``, ``too_deep`` and ``mounts`` hold paths relative to the
+    folder; ``mounts`` names the folders on another mount than the top's ("": the top
+    itself is not on the mount it had to be on).
     """
 
     identity: Identity
@@ -204,6 +219,7 @@ class TreeSummary:
     unsafe: tuple[str, ...]
     unreadable: tuple[str, ...]
     too_deep: tuple[str, ...] = ()
+    mounts: tuple[str, ...] = ()
 
     @property
     def problem(self) -> str | None:
@@ -218,6 +234,9 @@ class TreeSummary:
         if self.too_deep:
             parts.append(f"folders nested more than {SUMMARY_DEPTH} levels deep")
             parts[-1] += f" (first: {printable(self.too_deep[0])})"
+        if self.mounts:
+            parts.append(f"{len(self.mounts)} mount point(s) of another filesystem")
+            parts[-1] += f" (first: {printable(self.mounts[0] or '.')})"
         return "; ".join(parts) or None
 
 
@@ -236,16 +255,20 @@ def _close(opened: list[_Open], folder: _Open) -> None:
     os.close(folder.fd)
 
 
-def tree_summary(path: Path | str, *, dir_fd: int | None = None) -> TreeSummary:
+def tree_summary(
+    path: Path | str, *, dir_fd: int | None = None, within: MountKey | None = None
+) -> TreeSummary:
     """Summarises a folder and everything under it without following symlinks.
 
     ``path`` is looked up in the open folder ``dir_fd`` when one is given. Every
     folder is opened from its parent's descriptor (never by a path, so no path
     length limits the walk and a folder swapped for a link on the way is never
     entered), at most :data:`SUMMARY_DEPTH` levels below the top; deeper folders are
-    listed in ``too_deep``, not entered. See the module docstring for what each
-    identity field means. Raises :class:`OSError` if ``path`` itself cannot be
-    lstat'ed or opened (FileNotFoundError when it was replaced since its lstat).
+    listed in ``too_deep``, not entered. A folder on another mount than the top's (or,
+    with ``within``, the top itself on another mount than that) is named in ``mounts``
+    and not entered. See the module docstring for what each identity field means.
+    Raises :class:`OSError` if ``path`` itself cannot be lstat'ed or opened
+    (FileNotFoundError when it was replaced since its lstat).
     """
     top = os.fsdecode(path)
     st = os.stat(top, dir_fd=dir_fd, follow_symlinks=False)
@@ -258,6 +281,8 @@ def tree_summary(path: Path | str, *, dir_fd: int | None = None) -> TreeSummary:
     unsafe: list[str] = []
     unreadable: list[str] = []
     too_deep: list[str] = []
+    mounts: list[str] = []
+    top_mount = within
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
     opened: list[_Open] = []  # every descriptor still open, closed whatever happens
     # folders to list, last in first out: (relative path, name, inode, depth, parent)
@@ -293,6 +318,13 @@ def tree_summary(path: Path | str, *, dir_fd: int | None = None) -> TreeSummary:
                 want = (st.st_dev, st.st_ino) if not rel else (fst.st_dev, ino)
                 if (fst.st_dev, fst.st_ino) != want:
                     raise FileNotFoundError(errno.ENOENT, "replaced since it was seen", top)
+                key = mount_key(fd, fst)
+                if top_mount is None:
+                    top_mount = key
+                elif other_mount(top_mount, key):  # never entered: not the folder's own
+                    mounts.append(rel)
+                    _close(opened, here)
+                    continue
                 children = list(_children_of(fd))
             except FileNotFoundError:
                 _close(opened, here)
@@ -355,7 +387,12 @@ def tree_summary(path: Path | str, *, dir_fd: int | None = None) -> TreeSummary:
         digest=digest.hexdigest(),
     )
     return TreeSummary(
-        identity, files, tuple(sorted(unsafe)), tuple(sorted(unreadable)), tuple(sorted(too_deep))
+        identity,
+        files,
+        tuple(sorted(unsafe)),
+        tuple(sorted(unreadable)),
+        tuple(sorted(too_deep)),
+        tuple(sorted(mounts)),
     )
 
 

@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbankd.filekind import FileKind
+from nbankd.mounts import MountKey, mount_key
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
-from nbankd.watch.identity import Identity, _Child, iter_folder, tree_summary
+from nbankd.watch.identity import Identity, OnAnotherMount, _Child, iter_folder, tree_summary
 
 
 class EntryKind(enum.Enum):
@@ -221,6 +222,7 @@ def scan_inbox(
     top = os.fsdecode(root)
     exclude = tuple(_norm(e) for e in exclude)
     entries: list[Entry] = []
+    within = _mount_of(top)
     stack: list[tuple[str, int | None]] = [("", None)]
     first = True
     while stack:
@@ -231,7 +233,10 @@ def scan_inbox(
         below: list[tuple[str, int | None]] = []
         try:
             where = os.path.join(top, rel) if rel else top
-            for name, child in iter_folder(where, ino, expect_id=None if rel else root_id):
+            listing = iter_folder(
+                where, ino, expect_id=None if rel else root_id, within=within if rel else None
+            )
+            for name, child in listing:
                 _take(
                     top,
                     rel,
@@ -245,7 +250,11 @@ def scan_inbox(
                     directories_as_resources,
                     markers,
                     known,
+                    within,
                 )
+        except OnAnotherMount:
+            entries.append(Entry(rel, EntryKind.UNREADABLE, None, problem=MOUNT_PROBLEM))
+            continue
         except (FileNotFoundError, NotADirectoryError):
             if first:
                 raise
@@ -288,9 +297,10 @@ def _take(
     directories_as_resources: bool,
     markers: bool,
     known: Callable[[str], Identity | None] | None,
+    within: MountKey | None,
 ) -> None:
     """Classifies one listed child of folder ``rel`` into ``found`` (entries) or
-    ``below`` (sub-folders still to list)."""
+    ``below`` (sub-folders still to list); ``within`` is the inbox folder's mount."""
     crel = f"{rel}/{name}" if rel else name
     if is_excluded(crel, exclude) or is_hidden(crel, ignore, markers=markers):
         return
@@ -305,7 +315,7 @@ def _take(
         if is_ignored(crel, ignore):  # a folder named like a companion: ignored
             return
         if directories_as_resources and not rel:
-            resource = _directory_resource(top, crel)
+            resource = _directory_resource(top, crel, within)
             if resource is not None:
                 found.append(resource)
         elif recursive:
@@ -314,6 +324,27 @@ def _take(
             found.append(Entry(crel, EntryKind.DIRECTORY, Identity.of(st)))
         return
     found.append(_classify(crel, name, st, markers=markers, parent=rel, known=known))
+
+
+#: what status says of a mount point inside an inbox (never entered nor deposited)
+MOUNT_PROBLEM = (
+    "a mount point inside the inbox (another filesystem or a bind mount): not scanned, "
+    "since nothing on it can be moved into the work folder; unmount it, or copy its "
+    "files into the inbox's own folders"
+)
+
+
+def _mount_of(top: str) -> MountKey | None:
+    """The mount of the inbox folder ``top`` (None when it cannot be opened: the scan
+    then fails on it as before)."""
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return mount_key(fd)
+    finally:
+        os.close(fd)
 
 
 def _norm(relpath: str) -> str:
@@ -356,14 +387,17 @@ def _classify(
     return Entry(relpath, _ENTRY_KINDS[kind], identity)
 
 
-def _directory_resource(top: str, relpath: str) -> Entry | None:
-    """The entry of a top-level folder in resources mode; None if it vanished."""
+def _directory_resource(top: str, relpath: str, within: MountKey | None = None) -> Entry | None:
+    """The entry of a top-level folder in resources mode; None if it vanished. One that
+    is a mount point (``within``: the inbox folder's mount) is not entered."""
     try:
-        summary = tree_summary(os.path.join(top, relpath))
+        summary = tree_summary(os.path.join(top, relpath), within=within)
     except FileNotFoundError:
         return None
     except OSError as err:
         return Entry(relpath, EntryKind.UNREADABLE, None, problem=_describe(err))
     if "" in summary.unreadable:
         return Entry(relpath, EntryKind.UNREADABLE, None, problem="folder cannot be listed")
+    if "" in summary.mounts:
+        return Entry(relpath, EntryKind.UNREADABLE, None, problem=MOUNT_PROBLEM)
     return Entry(relpath, EntryKind.DIRECTORY_RESOURCE, summary.identity, problem=summary.problem)

@@ -63,19 +63,19 @@ def _step(env: FolderEnv, item: Item, step: Step) -> Item:
 
 def test_a_folder_release_stopped_part_way_is_not_put_back(tmp_path: Path) -> None:
     """A release whose removal of a deposited folder stopped part way (here at a member
-    that cannot be removed, immutable since the rig wrote it; a kill or power cut in
-    the middle of the removal leaves the same kind of remnant) is not judged a writer's
-    change when run again: the daemon's own half-removed tree never goes back to the
-    inbox as an input."""
+    that cannot be removed, made immutable after the claim, which refuses a folder
+    holding one; a kill or power cut in the middle of the removal leaves the same kind
+    of remnant) is not judged a writer's change when run again: the daemon's own
+    half-removed tree never goes back to the inbox as an input."""
     env: FolderEnv = make_env(tmp_path / "data", tmp_path / "state", placement="copy")
     try:
         files = {f"f{i}.dat": os.urandom(4096) for i in range(8)}
         item, _ = env.drop_folder("session9", files=files)
         last = os.listdir(env.inbox / "session9")[-1]  # removed last: the others go first
-        with immutable(env.inbox / "session9" / last, tmp_path / "data"):
-            item = env.until(item, State.RECORDED)
-            assert item.state is State.RECORDED, (item.error_code, item.error_message)
-            work = _work(env.inbox, item.token)
+        item = env.until(item, State.RECORDED)
+        assert item.state is State.RECORDED, (item.error_code, item.error_message)
+        work = _work(env.inbox, item.token)
+        with immutable(work / last, tmp_path / "data"):
             item = _step(env, item, Step.RELEASE)
             assert item.state is State.RECORDED, (item.state, item.error_code)
             assert not work.exists()  # renamed before its removal, which stopped part way

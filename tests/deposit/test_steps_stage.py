@@ -110,3 +110,29 @@ def test_a_file_open_for_reading_only_is_staged(env: Env) -> None:
     with open(env.inbox / ".nbank" / item.token, "rb"):
         item = env.step(item, Step.STAGE)
     assert item.state is State.STAGED
+
+
+@pytest.mark.parametrize("placement", ["copy", "rename"])
+def test_a_refused_member_of_a_folder_input_is_named_by_its_path_in_the_inbox(
+    tmp_path: os.PathLike[str], placement: str
+) -> None:
+    """The reason a folder input is refused names the member by its path in the inbox
+    (what a user finds), not by the daemon's work folder and token."""
+    from pathlib import Path
+
+    from fixtures.inplace_env import make_env
+
+    root = Path(tmp_path)
+    env = make_env(root / "data", root / "state", placement=placement)
+    try:
+        item, _ = env.drop_folder("rec1", files={"top.dat": b"top"})
+        os.mkfifo(env.inbox / "rec1" / "pipe")
+        item, outcome = env.steps.run(item, Step.CLAIM)
+        item = env.journal.save(item.changed(state=State.CLAIMED))
+        item, outcome = env.steps.run(item, Step.STAGE)
+    finally:
+        env.journal.close()
+        env.registry.close()
+    assert outcome.kind == "permanent", outcome
+    assert f"'{env.inbox / 'rec1' / 'pipe'}' is a FIFO" in outcome.message, outcome.message
+    assert item.token not in outcome.message

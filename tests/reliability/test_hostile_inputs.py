@@ -208,6 +208,10 @@ def run_batch(root: Path, group: str, rows: list[Row], user: Any = None, other: 
     for row in later:
         _record(run, row, row.make(run.ctx))
     _wait_rows(run, later)
+    # a receipt is written before the input leaves the work folder: wait for that too,
+    # or a deposited input is counted twice (archive and work folder)
+    work = run.h.inbox / ".nbank"
+    wait_for(lambda: not work_entries(work), 60, "the work folder to be emptied")
     _full_scan(run)
     return _finish(run)
 
