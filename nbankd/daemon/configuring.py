@@ -168,12 +168,20 @@ class Configuring:
         """One reload; returns why it failed, or None."""
         old = self.config
         cfg: Config | None = None
+        registry: Registry | None = None
         try:
             cfg = load_config(old.source, running=old, filesystem=True)
+            if _registry_of(cfg) != _registry_of(old):
+                # opened before anything changes: one that cannot be opened (its
+                # credentials lack its host) fails the reload, the running configuration
+                # kept whole, so that the next reload compares against it and tries again
+                registry = _open_new_registry(cfg)
             with self._lock:
                 self._apply_config(cfg)  # its folders first: nothing changed if they fail
                 self.config = cfg
-        except Exception as err:  # a bad file, or a folder it names that cannot be made
+        except Exception as err:  # a bad file, a folder it names that cannot be made, or
+            if registry is not None:  # a new registry that cannot be opened
+                registry.close()
             problem = _failure(err, cfg)
             source = str(old.source)
             log.error(
@@ -183,9 +191,8 @@ class Configuring:
         for warning in cfg.warnings:
             log.warning("configuration warning", problem=str(warning))
         try:
-            registries = [(c.registry, c.registry_url, c.registry_auth) for c in (cfg, old)]
-            if registries[0] != registries[1]:
-                self._reopen_registry(cfg)
+            if registry is not None:
+                self._switch_registry(cfg, registry)
             if cfg.log != old.log:
                 from nbankd.service.logs import configure_logging
 
@@ -200,12 +207,8 @@ class Configuring:
         log.info("configuration reloaded", source=str(cfg.source))
         return None
 
-    def _reopen_registry(self, cfg: Config) -> None:
-        try:
-            registry = open_configured_registry(cfg)
-        except errors.NbankdError as err:
-            log.error("cannot open the new registry; keeping the old one", error=str(err))
-            return
+    def _switch_registry(self, cfg: Config, registry: Registry) -> None:
+        """Puts the registry the reload opened in use, closing the old one."""
         old, self.registry = self.registry, registry
         self.steps.registry = registry
         log.info("registry changed", registry=registry.url)
@@ -221,6 +224,22 @@ class Configuring:
                 self._state_ids = kept + statelock.identities(cfg.state_dir, EMBEDDED_DB_NAME)[1:]
         else:
             self._state_files, self._state_ids = base, kept
+
+
+def _registry_of(cfg: Config) -> tuple[object, ...]:
+    """What opening the registry depends on: a change opens it again at a reload."""
+    return (cfg.registry, cfg.registry_url, cfg.registry_auth)
+
+
+def _open_new_registry(cfg: Config) -> Registry:
+    """The registry ``cfg`` names, or a ConfigError naming it and why."""
+    try:
+        return open_configured_registry(cfg)
+    except Exception as err:  # credentials without its host, an unreadable file...
+        cause = str(err) if isinstance(err, errors.NbankdError) else f"{type(err).__name__}: {err}"
+        raise errors.ConfigError(
+            f"cannot open the new registry {cfg.registry}: {cause}; fix that, then reload again"
+        ) from None
 
 
 def _failure(err: Exception, cfg: Config | None) -> str:
