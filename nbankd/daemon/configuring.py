@@ -1,7 +1,7 @@
 """The daemon's configuring half: applying a configuration (inbox folders, specs,
-pauses), reloading it on SIGHUP or request, reopening a changed registry, and probing
-the archives' filesystems. A mixin of :class:`~nbankd.daemon.service.Daemon`, whose
-state it uses.
+pauses, requeues stopped half way in inboxes new to the process), reloading it on
+SIGHUP or request, reopening a changed registry, and probing the archives'
+filesystems. A mixin of :class:`~nbankd.daemon.service.Daemon`, whose state it uses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from nbankd import errors
 from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, load_config
 from nbankd.config.model import EMBEDDED_DB_NAME
-from nbankd.daemon import pauses, setup, statelock
+from nbankd.daemon import pauses, requeue, setup, statelock
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
@@ -83,6 +83,9 @@ class Configuring:
         # an inbox new to this process (at start, or back in the file after a reload
         # left it out) is paused as paused.json says: a pause lasts until resume
         new = [str(i.path) for i in cfg.inboxes if str(i.path) not in old]
+        # before its first scan, a requeue a crash stopped half way into it is finished
+        # or undone (its record kept while the inbox was left out)
+        self._recover_requeues(None if not old else new)
         with self._pause_lock:  # not while a pause or resume rewrites paused.json
             # the running state_dir: a new one takes effect only at restart
             persisted = pauses.load(self.config.state_dir) if new else frozenset()
@@ -98,6 +101,15 @@ class Configuring:
         still = sorted(k for k in new if k in persisted)
         if still:
             log.info("inboxes still paused (recorded in paused.json)", inboxes=still)
+
+    def _recover_requeues(self, keys: list[str] | None) -> None:
+        """Recovers the stopped requeues into the inboxes ``keys`` (None: all, at start;
+        the records of inboxes not configured are then named in the log); a failure
+        leaves its record for the next start or a requeue into that inbox."""
+        try:  # the running state_dir: a new one takes effect only at restart
+            requeue.recover(self.config.state_dir, self.specs, keys).log()
+        except OSError as err:  # state_dir could not be listed, a record not renamed
+            log.error("interrupted requeues could not be recovered", error=str(err))
 
     def _not_adopted(self, cfg: Config) -> dict[str, setup.InboxFolders]:
         """The recorded folders of each inbox whose path, a folder when it was prepared,

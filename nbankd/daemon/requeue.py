@@ -21,13 +21,16 @@ when a scan sees the file again (the caller asks for a rescan).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from nbankd import errors, seams
 from nbankd.archive import fsops
@@ -39,6 +42,8 @@ from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
+
+log = structlog.get_logger("nbankd.daemon")
 
 _LOCK = threading.Lock()  # one requeue at a time: two would race for the same names
 
@@ -238,17 +243,37 @@ def requeue(
 ) -> dict[str, Any]:
     """Moves one rejected input back into its inbox; see the module docstring."""
     configs = {key: spec.config for key, spec in specs.items()}
+    state_dir = journal.path.parent
     with _LOCK:
         p = plan(path, configs, journal)
-        return apply(p, specs[p.inbox], record_path(journal.path.parent))
+        record = record_path(state_dir, p.inbox)
+        legacy = state_dir / LEGACY_RECORD_NAME
+        if os.path.lexists(record) or os.path.lexists(legacy):  # left by an earlier one
+            recovery = _recover_locked(state_dir, specs, {p.inbox})
+            recovery.log()
+            if recovery.failed:
+                raise RequeueFailed(
+                    f"an earlier requeue into {p.inbox} stopped half way and could not be "
+                    f"finished or undone: {'; '.join(recovery.failed)}; nothing was moved",
+                    hint="fix the cause, then requeue again",
+                )
+            p = plan(path, configs, journal)  # what that put back is moved with the input
+        return apply(p, specs[p.inbox], record)
 
 
-#: the plan of the requeue under way, in state_dir (see :func:`recover`)
-RECORD_NAME = "requeue.json"
+#: the plan of the one requeue under way, in state_dir, in earlier releases: read at
+#: start (an upgrade), and renamed to its inbox's record while that inbox is not
+#: configured
+LEGACY_RECORD_NAME = "requeue.json"
+RECORD_PREFIX = "requeue-"
 
 
-def record_path(state_dir: Path) -> Path:
-    return state_dir / RECORD_NAME
+def record_path(state_dir: Path, inbox: str) -> Path:
+    """Where the plan of a requeue into ``inbox`` is written while it runs (see
+    :func:`recover`): one record per inbox, so that a record kept for an inbox the
+    configuration leaves out is never replaced by a requeue elsewhere."""
+    digest = hashlib.sha256(os.fsencode(inbox)).hexdigest()[:32]
+    return state_dir / f"{RECORD_PREFIX}{digest}.json"
 
 
 def _rel(path: Path, folder: Path) -> bytes:
@@ -281,25 +306,122 @@ def _write_record(record: Path, p: Plan, fs: InboxFS) -> None:
     fsops.write_atomic(record, json.dumps(data).encode(), mode=0o600)
 
 
-def recover(state_dir: Path, specs: Mapping[str, InboxSpec]) -> str | None:
-    """Finishes or undoes a requeue a crash stopped half way (its record in
-    ``state_dir``): when the input went back, its reason file is removed (the requeue
-    was done); otherwise what went back before it (sidecar, marker) returns to the
-    rejected folder, so that no new file of the input's name takes it for its own.
-    Only entries still the ones recorded (:func:`_identity`) are moved. Returns what
-    was done, for the log (None: nothing to recover)."""
-    record = record_path(state_dir)
-    try:
-        data = json.loads(record.read_bytes())
-        key, moves, reason = data["inbox"], data["moves"], data.get("reason")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
+@dataclass
+class Recovery:
+    """What :func:`recover` did (``done``) and could not do (``failed``), in words."""
+
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def log(self) -> None:
+        for outcome in self.done:
+            log.warning("requeue interrupted", outcome=outcome)
+        for problem in self.failed:
+            log.error("an interrupted requeue could not be recovered", error=problem)
+
+
+def recover(
+    state_dir: Path, specs: Mapping[str, InboxSpec], keys: Collection[str] | None = None
+) -> Recovery:
+    """Finishes or undoes each requeue a crash stopped half way (its record in
+    ``state_dir``) into one of the configured inboxes (``specs``; only those named in
+    ``keys``, when given): when the input went back, its reason file is removed (the
+    requeue was done); otherwise what went back before it (sidecar, marker) returns
+    to the rejected folder, so that no new file of the input's name takes it for its
+    own. Only entries still the ones recorded (:func:`_identity`) are moved; a record
+    whose recovery fails (its inbox's folders replaced, a move refused) is kept for the
+    next try (the next start, or a requeue into that inbox), its problem in ``failed``.
+
+    Records are kept per inbox (:func:`record_path`): the record of an inbox not
+    configured now stays until the inbox is, whatever requeues run elsewhere
+    meanwhile; the single record of an older release (``requeue.json``) is read too,
+    and renamed to its inbox's record when that inbox is not configured."""
+    with _LOCK:
+        return _recover_locked(state_dir, specs, keys)
+
+
+def _recover_locked(
+    state_dir: Path, specs: Mapping[str, InboxSpec], keys: Collection[str] | None = None
+) -> Recovery:
+    result = Recovery()
+    records = [state_dir / LEGACY_RECORD_NAME]
+    if keys is None:
+        records += sorted(p for p in _listing(state_dir) if _is_record(p.name))
+    else:  # only theirs: a record of another inbox is left as it is
+        records += [record_path(state_dir, key) for key in sorted(keys)]
+    for record in records:
+        try:
+            key, moves, reason = _read_record(record)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            record.unlink(missing_ok=True)
+            result.done.append(f"an unreadable requeue record was removed ({err})")
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            if record.name == LEGACY_RECORD_NAME:
+                record = _adopt_legacy(record, record_path(state_dir, key))
+            if keys is None:
+                result.done.append(
+                    f"a requeue into {key} was stopped half way; that inbox is not "
+                    f"configured now: its record {record} is kept, and the requeue is "
+                    "finished or undone when the inbox is configured again (if it never "
+                    "is, move back by hand what the record lists, then delete it)"
+                )
+            continue
+        if keys is not None and key not in keys:
+            continue
+        try:
+            if moves:
+                result.done.append(_recover_one(spec, key, moves, reason))
+        except (errors.NbankdError, OSError) as err:
+            why = err.strerror or err if isinstance(err, OSError) else err
+            result.failed.append(f"a requeue into {key} (record {record}): {why}")
+            continue
         record.unlink(missing_ok=True)
-        return f"an unreadable requeue record was removed ({err})"
-    spec = specs.get(key)
-    if spec is None or not moves:
-        return f"a requeue in inbox {key} was stopped; that inbox is not configured now"
+    return result
+
+
+def _read_record(record: Path) -> tuple[str, list[dict[str, Any]], str | None]:
+    """The inbox, moves and reason file a record lists; ValueError when it is not a
+    record requeue wrote."""
+    data = json.loads(record.read_bytes())
+    key, moves, reason = data["inbox"], data["moves"], data.get("reason")
+    good = isinstance(key, str) and isinstance(moves, list) and isinstance(reason, str | None)
+    for move in moves if good else ():
+        good = good and isinstance(move, dict) and isinstance(move.get("id"), list)
+        good = good and all(isinstance(move.get(k), str) for k in ("from", "to"))
+    if not good:
+        raise ValueError("not a requeue record")
+    return key, moves, reason
+
+
+def _listing(state_dir: Path) -> list[Path]:
+    try:
+        return list(state_dir.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _is_record(name: str) -> bool:
+    return name.startswith(RECORD_PREFIX) and name.endswith(".json")
+
+
+def _adopt_legacy(legacy: Path, record: Path) -> Path:
+    """Renames the single record of an older release to its inbox's record, never
+    over one there (then, or when it cannot be renamed, it stays where it is, read
+    again at each start); returns where it is now."""
+    try:
+        os.link(legacy, record)
+    except OSError:
+        return legacy
+    legacy.unlink()
+    fsops.fsync_dir(legacy.parent)
+    return record
+
+
+def _recover_one(spec: InboxSpec, key: str, moves: list[dict[str, Any]], reason: Any) -> str:
     with spec.open_fs() as fs:
         fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
         fs.rejected  # noqa: B018
@@ -314,19 +436,16 @@ def recover(state_dir: Path, specs: Mapping[str, InboxSpec]) -> str | None:
         if back(moves[-1]):  # the input went back: the requeue was done
             if reason is not None:
                 fs.unlink(*fs.rejected_parent(os.fsencode(reason)))
-            outcome = f"a requeue into {key} stopped after its input moved back; finished"
-        else:
-            for move in moves[:-1]:
-                if back(move):
-                    src = fs.rejected_parent(os.fsencode(move["from"]))
-                    with contextlib.suppress(FileExistsError):
-                        fs.move(*fs.parent(os.fsencode(move["to"])), *src)
-            outcome = (
-                f"a requeue into {key} stopped before its input moved back; what had "
-                "moved is back in the rejected folder (requeue it again)"
-            )
-    record.unlink(missing_ok=True)
-    return outcome
+            return f"a requeue into {key} stopped after its input moved back; finished"
+        for move in moves[:-1]:
+            if back(move):
+                src = fs.rejected_parent(os.fsencode(move["from"]))
+                with contextlib.suppress(FileExistsError):
+                    fs.move(*fs.parent(os.fsencode(move["to"])), *src)
+        return (
+            f"a requeue into {key} stopped before its input moved back; what had "
+            "moved is back in the rejected folder (requeue it again)"
+        )
 
 
 def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
@@ -369,10 +488,12 @@ def requeue_all(
 __all__ = [
     "NothingToRequeue",
     "Plan",
+    "Recovery",
     "RequeueConflict",
     "RequeueFailed",
     "apply",
     "plan",
+    "record_path",
     "recover",
     "rejected_inputs",
     "requeue",

@@ -27,7 +27,7 @@ from nbankd.audit.run import journal_in_flight
 from nbankd.audit.schedule import AuditScheduler
 from nbankd.config import Config
 from nbankd.config.model import EMBEDDED_DB_NAME, JOURNAL_NAME
-from nbankd.daemon import adopt, pauses, requeue, setup, statelock
+from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.configuring import Configuring
 from nbankd.daemon.lane import Lane
@@ -132,13 +132,6 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         for warning in cfg.warnings:  # check-config lists them too
             log.warning("configuration warning", problem=str(warning))
         self._apply_config(cfg)
-        try:  # before any scan; a failure leaves its record for the next start
-            recovered = requeue.recover(cfg.state_dir, self.specs)
-        except (errors.NbankdError, OSError) as err:
-            log.error("an interrupted requeue could not be recovered", error=str(err))
-        else:
-            if recovered is not None:
-                log.warning("requeue interrupted", outcome=recovered)
         # the last deposit of each inbox, as its receipts say (silent-inbox alerts, metrics)
         self.tally.last_deposit.update(last_deposits(cfg.state_dir / "receipts", self.inboxes))
         self.steps = Steps(

@@ -1,5 +1,7 @@
 """A requeue a crash stopped half way is finished or undone at the next start
-(:func:`nbankd.daemon.requeue.recover`), from the plan it journaled in state_dir."""
+(:func:`nbankd.daemon.requeue.recover`), from the plan it journaled in state_dir: one
+record per inbox, kept while its inbox is not configured; the single record of an
+earlier release is read too."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
 
 
-def _spec(tmp_path: Path) -> InboxSpec:
-    inbox = tmp_path / "inbox"
+def _spec(tmp_path: Path, name: str = "inbox") -> InboxSpec:
+    inbox = tmp_path / name
     inbox.mkdir()
     work_id, rejected_id = inboxfs.prepare_folders(inbox, work=WORK_DIR_NAME, rejected="rejected")
     return InboxSpec.of(
@@ -26,9 +28,12 @@ def _spec(tmp_path: Path) -> InboxSpec:
     )
 
 
-def _record(state: Path, spec: InboxSpec, moves: list[tuple[str, str, Path]]) -> None:
+def _record(
+    state: Path, spec: InboxSpec, moves: list[tuple[str, str, Path]], *, legacy: bool = False
+) -> Path:
     """The plan as requeue journals it: (name in rejected/, name in the inbox, the
-    entry whose device and inode are recorded), the input last."""
+    entry whose device and inode are recorded), the input last; ``legacy``: in the
+    single record of an earlier release."""
     state.mkdir(exist_ok=True)
     entries = []
     for src, dst, entry in moves:
@@ -37,7 +42,10 @@ def _record(state: Path, spec: InboxSpec, moves: list[tuple[str, str, Path]]) ->
             {"from": src, "to": dst, "id": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
         )
     doc = {"inbox": spec.key, "moves": entries, "reason": "rec.wav.reason"}
-    requeue.record_path(state).write_text(json.dumps(doc))
+    name = requeue.LEGACY_RECORD_NAME
+    path = state / name if legacy else requeue.record_path(state, spec.key)
+    path.write_text(json.dumps(doc))
+    return path
 
 
 def test_a_requeue_stopped_before_its_input_moved_is_undone(tmp_path: Path) -> None:
@@ -58,11 +66,11 @@ def test_a_requeue_stopped_before_its_input_moved_is_undone(tmp_path: Path) -> N
         ],
     )
     said = requeue.recover(tmp_path / "state", {spec.key: spec})
-    assert said is not None and "stopped before its input moved back" in said
+    assert len(said.done) == 1 and "stopped before its input moved back" in said.done[0]
     assert not side.exists()
     assert (rejected / "rec.wav.nbank.yaml").read_text() == "id: old0001\n"
     assert (rejected / "rec.wav.reason").exists()
-    assert not requeue.record_path(tmp_path / "state").exists()
+    assert not requeue.record_path(tmp_path / "state", spec.key).exists()
 
 
 def test_a_requeue_stopped_after_its_input_moved_is_finished(tmp_path: Path) -> None:
@@ -74,7 +82,7 @@ def test_a_requeue_stopped_after_its_input_moved_is_finished(tmp_path: Path) -> 
     back.write_bytes(b"the recording, requeued")
     _record(tmp_path / "state", spec, [("rec.wav", "rec.wav", back)])
     said = requeue.recover(tmp_path / "state", {spec.key: spec})
-    assert said is not None and "finished" in said
+    assert len(said.done) == 1 and "finished" in said.done[0]
     assert back.read_bytes() == b"the recording, requeued"
     assert not (rejected / "rec.wav.reason").exists()
 
@@ -109,4 +117,115 @@ def test_without_a_record_nothing_is_done(tmp_path: Path) -> None:
     """No record in state_dir: nothing to recover."""
     spec = _spec(tmp_path)
     (tmp_path / "state").mkdir()
-    assert requeue.recover(tmp_path / "state", {spec.key: spec}) is None
+    assert requeue.recover(tmp_path / "state", {spec.key: spec}) == requeue.Recovery()
+
+
+def _stopped_with_sidecar_moved(tmp_path: Path, spec: InboxSpec, *, legacy: bool = False) -> Path:
+    """A requeue of rec.wav stopped after its sidecar moved back (input still rejected)."""
+    rejected = spec.rejected_dir
+    (rejected / "rec.wav").write_bytes(b"the rejected recording")
+    (rejected / "rec.wav.reason").write_text("{}")
+    side = spec.path / "rec.wav.nbank.yaml"
+    side.write_text("id: old0001\n")
+    moves = [
+        ("rec.wav.nbank.yaml", "rec.wav.nbank.yaml", side),
+        ("rec.wav", "rec.wav", rejected / "rec.wav"),
+    ]
+    return _record(tmp_path / "state", spec, moves, legacy=legacy)
+
+
+def test_a_record_of_an_inbox_left_out_is_kept_and_undone_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """The record of an inbox not configured stays (named in the outcome) while another
+    inbox's record is recovered and another inbox's requeue writes its own; when the
+    inbox is configured again its stopped requeue is undone."""
+    away, here = _spec(tmp_path, "away"), _spec(tmp_path, "here")
+    state = tmp_path / "state"
+    kept = _stopped_with_sidecar_moved(tmp_path, away)
+    other = _record(state, here, [("x.wav", "x.wav", _touch(here.rejected_dir / "x.wav"))])
+    said = requeue.recover(state, {here.key: here})
+    assert kept.exists() and not other.exists()
+    assert any(away.key in d and str(kept) in d for d in said.done), said
+    # a requeue into "here" writes its own record, never over the one kept
+    assert requeue.record_path(state, here.key) != kept
+    said = requeue.recover(state, {here.key: here, away.key: away})
+    assert any("stopped before its input moved back" in d for d in said.done), said
+    assert not (away.path / "rec.wav.nbank.yaml").exists()
+    assert (away.rejected_dir / "rec.wav.nbank.yaml").read_text() == "id: old0001\n"
+    assert not kept.exists()
+
+
+def test_recovery_of_only_some_inboxes_leaves_the_other_records(tmp_path: Path) -> None:
+    """A reload recovers only the inboxes it brings back: a configured inbox's record
+    outside ``keys`` is left alone, and nothing is said of records of inboxes left
+    out."""
+    away, here = _spec(tmp_path, "away"), _spec(tmp_path, "here")
+    state = tmp_path / "state"
+    kept = _stopped_with_sidecar_moved(tmp_path, away)
+    mine = _stopped_with_sidecar_moved(tmp_path, here)
+    assert requeue.recover(state, {here.key: here}, keys=[]) == requeue.Recovery()
+    assert kept.exists() and mine.exists()
+    said = requeue.recover(state, {here.key: here}, keys=[here.key])
+    assert len(said.done) == 1 and here.key in said.done[0]
+    assert kept.exists() and not mine.exists()
+
+
+def test_the_single_record_of_an_earlier_release_is_recovered(tmp_path: Path) -> None:
+    """An upgrade: state_dir/requeue.json, its inbox configured, is undone at start."""
+    spec = _spec(tmp_path)
+    legacy = _stopped_with_sidecar_moved(tmp_path, spec, legacy=True)
+    said = requeue.recover(tmp_path / "state", {spec.key: spec})
+    assert len(said.done) == 1 and "stopped before its input moved back" in said.done[0]
+    assert (spec.rejected_dir / "rec.wav.nbank.yaml").exists()
+    assert not legacy.exists()
+
+
+def test_the_single_record_of_an_inbox_left_out_becomes_its_inboxs_record(
+    tmp_path: Path,
+) -> None:
+    """An upgrade while the record's inbox is left out: requeue.json is renamed to that
+    inbox's record (free for nothing else to write over), recovered when it returns."""
+    away = _spec(tmp_path, "away")
+    state = tmp_path / "state"
+    legacy = _stopped_with_sidecar_moved(tmp_path, away, legacy=True)
+    said = requeue.recover(state, {})
+    record = requeue.record_path(state, away.key)
+    assert not legacy.exists() and record.exists()
+    assert any(str(record) in d for d in said.done), said
+    requeue.recover(state, {away.key: away})
+    assert (away.rejected_dir / "rec.wav.nbank.yaml").exists()
+    assert not record.exists()
+
+
+def test_a_record_whose_recovery_fails_is_kept(tmp_path: Path) -> None:
+    """A recovery that cannot move (the rejected folder replaced) keeps its record and
+    says why; the other records are still recovered."""
+    broken, fine = _spec(tmp_path, "broken"), _spec(tmp_path, "fine")
+    state = tmp_path / "state"
+    kept = _stopped_with_sidecar_moved(tmp_path, broken)
+    done = _stopped_with_sidecar_moved(tmp_path, fine)
+    swapped = broken.rejected_dir
+    swapped.rename(tmp_path / "elsewhere")
+    swapped.mkdir()
+    said = requeue.recover(state, {broken.key: broken, fine.key: fine})
+    assert len(said.failed) == 1 and broken.key in said.failed[0], said
+    assert kept.exists() and not done.exists()
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"x")
+    return path
+
+
+def test_a_malformed_record_is_removed_and_said(tmp_path: Path) -> None:
+    """A record that is not one requeue wrote (a move without its destination) is
+    removed, saying so, and never stops the start."""
+    spec = _spec(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    record = requeue.record_path(state, spec.key)
+    record.write_text(json.dumps({"inbox": spec.key, "moves": [{"from": "a", "id": []}]}))
+    said = requeue.recover(state, {spec.key: spec})
+    assert len(said.done) == 1 and "unreadable" in said.done[0], said
+    assert not record.exists()
