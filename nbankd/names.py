@@ -1,7 +1,7 @@
 """The names nbankd gives and recognises in an inbox folder: the one home of each.
 
 - :data:`WORK_DIR_NAME`: the daemon's work folder, where claimed inputs wait;
-- :data:`PROBE_PREFIX`: how a file ``nbankctl deposit`` makes there for a moment starts;
+- :data:`PROBE_PREFIX`: how a file made there for a moment (and removed) starts;
 - :data:`CANARY_NAME`: the file rewritten to prove an inotify watch alive;
 - :data:`SIDECAR_SUFFIXES`: ``NAME.nbank.yaml`` / ``NAME.nbank.json`` belong to ``NAME``;
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 WORK_DIR_NAME = ".nbank"
-#: how the name of the file ``nbankctl deposit`` makes in a work folder, asks the
-#: kernel about and removes at once starts (:func:`nbankd.deposit.manual.calibrate`)
+#: how the name of a file made in a work folder for a moment and removed at once
+#: starts: ``nbankctl deposit`` asks the kernel about it
+#: (:func:`nbankd.deposit.manual.calibrate`), the daemon links it into the archive to
+#: prove ``placement: rename`` (:func:`nbankd.daemon.setup.check_placement`)
 PROBE_PREFIX = ".nbankctl-probe-"
 #: how the journal key of a manual deposit's "inbox" starts (nbankctl deposit)
 MANUAL_INBOX_PREFIX = "manual:"

@@ -13,6 +13,11 @@ file in the archive's ``staging/`` folder (removed afterwards) and
   filesystem reads from the server's cache at best;
 - **flock** on a stub folder keeps two daemons from storing one identifier twice;
   without it, only the daemon's own threads are kept apart.
+
+:func:`place_across` proves that a file in another folder (an inbox's work folder,
+for ``placement: rename``) can be published into the archive at all: one device
+number is not enough, as a bind mount of a folder on the archive's filesystem
+shares it and still refuses ``link()`` and ``rename()`` into the archive (EXDEV).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nbankd.archive.fsops import NoReplaceUnsupported, rename_noreplace
+from nbankd.archive.fsops import NoReplaceUnsupported, rename_noreplace, rename_noreplace_at
 
 PROBE_PREFIX = ".nbankd-probe-"
 
@@ -136,6 +141,70 @@ def probe(folder: Path) -> Capabilities:
                 path.unlink()
 
 
+#: errno values of link(2) after which publishing renames instead (as
+#: :func:`nbankd.archive.durable.publish_in_place` does: no hard links here)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def place_across(src_dir: int, dst_dir: int, name: str) -> OSError | None:
+    """Whether a file in the open folder ``src_dir`` can be given a name in the open
+    folder ``dst_dir`` the way a publish in place gives it one (``link()``; where the
+    filesystem has no hard links, ``renameat2(RENAME_NOREPLACE)``): makes the empty
+    file ``name`` in ``src_dir`` (``O_EXCL``, mode 0600), places it under the same
+    name in ``dst_dir``, then removes both names. None when it could; the error saying
+    it never can otherwise: EXDEV (another filesystem, or another mount of the same
+    one, such as a bind mount) or :class:`NoReplaceUnsupported` (neither hard links
+    nor a no-replace rename). Raises OSError when the file cannot be made or placed
+    for another reason (permissions, a full or read-only filesystem): nothing is
+    proved either way. Nothing is fsynced (a name only ever made and removed again);
+    every name made is removed whatever happens, only a crash in between can leave
+    the empty file."""
+    fd = os.open(
+        name,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=src_dir,
+    )
+    os.close(fd)
+    placed = False
+    try:
+        try:
+            os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+            placed = True
+        except OSError as err:
+            if err.errno == errno.EXDEV:
+                return err
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            raw = os.fsencode(name)
+            try:
+                rename_noreplace_at(src_dir, raw, dst_dir, raw)
+                placed = True
+            except NoReplaceUnsupported as unsupported:
+                return unsupported
+            except OSError as moved:
+                if moved.errno == errno.EXDEV:
+                    return moved
+                raise
+        return None
+    finally:
+        # the archive's name first, and only one this call made (never another's file)
+        for folder in (dst_dir, src_dir) if placed else (src_dir,):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=folder)
+
+
+def why_not_placed(err: OSError) -> str:
+    """Why :func:`place_across` failed with ``err``, in words (after "it is ...")."""
+    if err.errno == errno.EXDEV:
+        return (
+            "on another mount than the archive (a bind mount of a folder on the archive's "
+            "filesystem has its device number, yet link() and rename() into the archive "
+            "fail with EXDEV)"
+        )
+    return "on a filesystem with neither hard links nor a no-replace rename"
+
+
 def filesystem_type(folder: Path, mountinfo: str | None = None) -> str:
     """The type of the filesystem ``folder`` is on: the mount with the longest mount
     point above it in ``/proc/self/mountinfo`` ("" when it cannot be read)."""
@@ -214,4 +283,4 @@ def _flocks(folder: Path) -> bool:
         os.close(fd)
 
 
-__all__ = ["PROBE_PREFIX", "Capabilities", "probe"]
+__all__ = ["PROBE_PREFIX", "Capabilities", "place_across", "probe", "why_not_placed"]

@@ -15,13 +15,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import stat
 from pathlib import Path
 
 from nbankd import errors
+from nbankd.archive.layout import STAGING_NAME
+from nbankd.archive.probe import place_across, why_not_placed
 from nbankd.config.inboxlinks import inbox_link_problem
-from nbankd.config.model import ARCHIVE_SCHEME, ArchiveConfig, Config, Problem, Severity
+from nbankd.config.model import (
+    ARCHIVE_SCHEME,
+    ArchiveConfig,
+    Config,
+    InboxConfig,
+    Problem,
+    Severity,
+)
 from nbankd.filekind import FileKind
+from nbankd.names import PROBE_PREFIX, WORK_DIR_NAME
 from nbankd.registry.base import Registry
 
 __all__ = ["check_against_registry", "check_paths", "prepare_inboxes"]
@@ -100,7 +111,9 @@ def check_paths(config: Config) -> list[Problem]:
       unmounted filesystem: the daemon reports and retries), unless ``create: true``;
     - an unreadable ``nbank.json`` is an error;
     - ``directories: resources`` needs the archive's ``allow_directories`` policy;
-    - ``placement: rename`` needs the inbox and the archive on one filesystem;
+    - ``placement: rename`` needs the inbox and the archive on one filesystem, and
+      one mount of it: a file of the inbox's work folder is linked into the archive's
+      ``staging/`` to prove it (:func:`_prove_rename`);
     - with a django-neurobank registry, an archive's ``nbank.json`` should name it;
     - ``registry_auth`` must be an existing regular file, not readable by others.
     """
@@ -155,6 +168,8 @@ def check_paths(config: Config) -> list[Problem]:
                     f"({archive.path}) are on different filesystems",
                     hint="use placement: copy",
                 )
+            elif archive.name in policies:
+                _prove_rename(report, index, inbox, archive)
     if config.registry_auth is not None:
         try:
             mode = config.registry_auth.stat().st_mode
@@ -176,6 +191,49 @@ def check_paths(config: Config) -> list[Problem]:
                     hint=f"chmod 600 {config.registry_auth}",
                 )
     return report.problems
+
+
+def _prove_rename(report: _Report, index: int, inbox: InboxConfig, archive: ArchiveConfig) -> None:
+    """Proves ``placement: rename`` as nbankd does at start: a file made in the inbox's
+    work folder is linked into the archive's ``staging/`` folder, then both names are
+    removed (:func:`nbankd.archive.probe.place_across`). An error when it can never
+    work (an inbox on another mount of the archive's filesystem: a bind mount shares
+    its device number); a warning when it could not be tried (the work folder not made
+    yet, a user who may not write it): nbankd proves it at start and does not start
+    when it cannot work."""
+    key = f"inboxes[{index}].placement"
+    work, staging = inbox.path / WORK_DIR_NAME, archive.path / STAGING_NAME
+    opened: list[int] = []
+    try:
+        top = os.open(inbox.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        opened.append(top)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        opened.append(os.open(WORK_DIR_NAME, flags, dir_fd=top))
+        opened.append(os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        failed = place_across(
+            opened[1], opened[2], f"{PROBE_PREFIX}placement-{secrets.token_hex(8)}"
+        )
+    except OSError as err:
+        report.warn(
+            key,
+            f"is 'rename' but could not be proved to work here: a file of {work} could not "
+            f"be linked into {staging}: {err.strerror or err}; nbankd proves it at start "
+            "and does not start if it cannot work",
+            hint=f"check again as nbankd's user once nbankd has started once (it makes {work})",
+        )
+        return
+    finally:
+        for fd in opened:
+            os.close(fd)
+    if failed is not None:
+        report.add(
+            key,
+            f"is 'rename' but {inbox.path} is {why_not_placed(failed)}: a file of {work} "
+            f"cannot be linked into archive {archive.name!r} ({staging}), so its inputs "
+            "would be registered and never published; nbankd does not start",
+            hint="use placement: copy, or give the inbox a path on the archive's own mount, "
+            "not through a bind mount",
+        )
 
 
 def _check_inbox_links(report: _Report, index: int, path: Path) -> None:

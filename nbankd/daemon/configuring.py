@@ -72,6 +72,12 @@ class Configuring:
             for i in cfg.inboxes
         }
         specs = setup.inbox_specs(cfg, folders)
+        # before anything changes: an inbox whose placement: rename can never work
+        # refuses the start (or the reload); one not proved yet waits (see _scan)
+        placements = setup.prove_placements(cfg, specs)
+        for key, problem in placements.items():
+            if problem is not None:  # tried again when the archive is there
+                log.info("inbox not taking deposits yet", inbox=key, error=problem)
         for key, spec in self.specs.items():
             if key not in specs:
                 self.retired[key] = spec
@@ -93,7 +99,9 @@ class Configuring:
             for inbox in cfg.inboxes:
                 key = str(inbox.path)
                 previous = old.get(key)
-                state = InboxState(config=inbox, paused=key in persisted)
+                state = InboxState(
+                    config=inbox, paused=key in persisted, placement_problem=placements.get(key)
+                )
                 if previous is not None:
                     state.tracker, state.paused = previous.tracker, previous.paused
                 inboxes[key] = state
@@ -110,6 +118,20 @@ class Configuring:
             requeue.recover(self.config.state_dir, self.specs, keys).log()
         except OSError as err:  # state_dir could not be listed, a record not renamed
             log.error("interrupted requeues could not be recovered", error=str(err))
+
+    def _prove_waiting_placements(self) -> None:
+        """Proves ``placement: rename`` of each inbox not proved when the configuration
+        was applied (its archive made or mounted since); raises ConfigError for one that
+        can never work (at start: nbankd does not start)."""
+        waiting = {
+            key: self.specs[key]
+            for key, state in self.inboxes.items()
+            if state.placement_problem is not None and key in self.specs
+        }
+        for key, problem in setup.prove_placements(self.config, waiting).items():
+            self.inboxes[key].placement_problem = problem
+            if problem is not None:  # tried again at each scan
+                log.warning("inbox not taking deposits yet", inbox=key, error=problem)
 
     def _not_adopted(self, cfg: Config) -> dict[str, setup.InboxFolders]:
         """The recorded folders of each inbox whose path, a folder when it was prepared,

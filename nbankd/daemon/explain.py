@@ -67,6 +67,7 @@ class InboxView(Protocol):
     skipped: dict[str, str]
     stalled: tuple[str, ...]
     archive_problem: str | None
+    placement_problem: str | None
 
 
 class JournalView(Protocol):
@@ -272,6 +273,11 @@ def _present(
             out.update(
                 state="waiting-for-archive",
                 message=f"ready, waiting for the archive: {printable(view.archive_problem)}",
+            )
+        elif view.placement_problem:
+            out.update(
+                state="waiting-for-archive",
+                message=f"ready, waiting: {printable(view.placement_problem)}",
             )
         else:
             out.update(state="ready", message="ready: the next scan claims it")

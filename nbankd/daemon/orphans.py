@@ -34,7 +34,8 @@ def token_of(name: str) -> str | None:
 def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
     """The names (sorted) whose token is not in ``known``, or that no token names,
     leaving out NFS placeholders, the daemon's token (:mod:`nbankd.deposit.folderproof`)
-    and the probe a manual deposit makes for a moment (:func:`nbankd.deposit.manual.calibrate`)."""
+    and the probes made there for a moment (:func:`nbankd.deposit.manual.calibrate`,
+    :func:`nbankd.daemon.setup.check_placement`)."""
     return sorted(
         n
         for n in names

@@ -167,6 +167,13 @@ class InboxScanning:
             else:
                 log.error("inbox folder tampered with; deposits wait", inbox=key, error=tampered)
         state.inbox_problem = tampered
+        if (
+            state.placement_problem is not None
+            and spec is not None
+            and problem is None
+            and tampered is None
+        ):
+            self._prove_placement(key, state, spec)
         if self.observer is not None and spec is not None:
             self.observer.accept_root(key, root_id)
         if tampered is not None:  # nothing is listed or watched through a replaced folder
@@ -233,6 +240,7 @@ class InboxScanning:
             state.paused
             or state.archive_problem is not None
             or state.inbox_problem is not None
+            or state.placement_problem is not None
             or self.state_problem is not None
         ):
             state.open_for_writing = {}  # not asked while nothing starts: not known either
@@ -243,6 +251,21 @@ class InboxScanning:
         deadline = settle.next_deadline(state.tracker)
         if deadline is not None:
             state.next_scan = min(state.next_scan, deadline)
+
+    def _prove_placement(self, key: str, state: InboxState, spec: InboxSpec) -> None:
+        """Tries again to prove ``placement: rename`` of an inbox not proved yet (its
+        archive unmounted or not made at start): nothing is claimed from it before. Found
+        unable ever to work while running, it says so and its deposits wait."""
+        check = setup.check_placement(spec)
+        if check.shown == state.placement_problem:
+            return
+        if check.problem is None:
+            log.info("placement: rename proved; deposits resume", inbox=key)
+        elif check.refused:
+            log.error("inbox's placement cannot work; deposits wait", inbox=key, error=check.shown)
+        else:
+            log.warning("inbox not taking deposits yet", inbox=key, error=check.shown)
+        state.placement_problem = check.shown
 
     def _not_open_for_writing(
         self, key: str, state: InboxState, todo: list[tuple[Any, bool]], now: float

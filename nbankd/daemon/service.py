@@ -157,13 +157,14 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self._prepare_registry()
         self._probe_archives(cfg)
         try:
+            self._prove_waiting_placements()  # an archive created by the setup just now
             if self.adopt_archives:
                 adopted = adopt.adopt(cfg, self.registry)
                 log.info("archives adopted into the empty registry", resources=adopted)
             else:
                 adopt.check_not_orphaned(cfg, self.registry)
         except BaseException:
-            self.registry.close()
+            self.shutdown()  # the lane too: nbankd does not start, and says only why
             raise
         for item in self.journal.unfinished():
             log.info("resuming", item=item.token, state=str(item.state), inbox=item.inbox)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +21,12 @@ import structlog
 from nbankd import errors
 from nbankd.archive import opening
 from nbankd.archive.layout import STAGING_NAME
-from nbankd.archive.probe import Capabilities, host_ahead, probe
+from nbankd.archive.probe import Capabilities, host_ahead, place_across, probe, why_not_placed
 from nbankd.config import Config
 from nbankd.config.inboxlinks import inbox_link_problem
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_folders
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import WORK_DIR_NAME
+from nbankd.names import PROBE_PREFIX, WORK_DIR_NAME
 from nbankd.registry.base import Registry
 from nbankd.registry.urls import same_registry
 
@@ -176,6 +178,85 @@ def inbox_folders_problem(spec: InboxSpec) -> tuple[str | None, tuple[int, int] 
     except OSError as err:
         return f"cannot open inbox {spec.path}: {err.strerror or err}", None
     return None, (st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True)
+class PlacementCheck:
+    """What proving an inbox's placement found (:func:`check_placement`)."""
+
+    problem: str | None = None  # None: proved (or nothing to prove: placement: copy)
+    refused: bool = False  # it can never work as configured (else: not proved yet)
+    hint: str = ""
+
+    @property
+    def shown(self) -> str | None:
+        """The problem with what to do about it, for logs and status (None: proved)."""
+        if self.problem is None:
+            return None
+        return f"{self.problem} ({self.hint})" if self.hint else self.problem
+
+
+def prove_placements(cfg: Config, specs: Mapping[str, InboxSpec]) -> dict[str, str | None]:
+    """:func:`check_placement` of each inbox of ``specs`` (key -> spec): key -> why its
+    deposits wait (None: proved, or nothing to prove). Raises ConfigError naming the
+    file, each inbox whose ``placement: rename`` can never work and what to do, so that
+    nothing is ever claimed or registered for it: at start nbankd does not start, at a
+    reload the running configuration is kept."""
+    found = {key: check_placement(spec) for key, spec in specs.items()}
+    where = {str(inbox.path): f"inboxes[{i}]" for i, inbox in enumerate(cfg.inboxes)}
+    refused = [
+        f"{cfg.source}: {where.get(key, key)}: {check.problem}"
+        for key, check in found.items()
+        if check.refused
+    ]
+    if refused:
+        hint = next(c.hint for c in found.values() if c.refused)
+        raise errors.ConfigError("; ".join(refused), hint=hint)
+    return {key: check.shown for key, check in found.items()}
+
+
+def check_placement(spec: InboxSpec) -> PlacementCheck:
+    """Proves that ``placement: rename`` can publish this inbox's inputs: a file made
+    in its work folder is linked into its archive's ``staging/`` folder as a publish in
+    place would link it (:func:`~nbankd.archive.probe.place_across`), and both names
+    are removed. One device number does not prove it: an inbox reached through a bind
+    mount of a folder on the archive's filesystem shares the archive's and still fails
+    with EXDEV, so its inputs would be registered and never published. ``refused``
+    when it can never work as configured; a problem not ``refused`` when it could not
+    be tried now (the archive not there yet, the work folder unusable): its deposits
+    wait, and it is tried again. Nothing to prove for ``placement: copy``."""
+    if spec.placement != "rename":
+        return PlacementCheck()
+    name = f"{PROBE_PREFIX}placement-{secrets.token_hex(8)}"
+    staging: Path | None = None
+    try:
+        staging = opening.ensure_staging(opening.open_archive(spec.archive_path))
+        with spec.open_fs() as fs:
+            into = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                failed = place_across(fs.work, into, name)
+            finally:
+                os.close(into)
+    except (errors.NbankdError, OSError) as err:
+        where = f"archive {spec.archive_name!r}" if staging is None else str(staging)
+        why = str(err)
+        if isinstance(err, OSError) and err.strerror:
+            why = f"{err.strerror} ({os.fsdecode(err.filename)})" if err.filename else err.strerror
+        return PlacementCheck(
+            f"placement: rename not proved yet: a file of its work folder could not be "
+            f"linked into {where}: {why}; its deposits wait until it is"
+        )
+    if failed is None:
+        return PlacementCheck()
+    return PlacementCheck(
+        f"placement: rename cannot work for inbox {spec.path}: it is "
+        f"{why_not_placed(failed)}; a file in its work folder cannot be linked into "
+        f"archive {spec.archive_name!r} ({staging}), so its inputs would be registered "
+        "and never published",
+        refused=True,
+        hint="use placement: copy for this inbox, or give it a path on the archive's own "
+        "mount, not through a bind mount",
+    )
 
 
 def ensure_datatypes(config: Config, registry: Registry) -> list[str]:

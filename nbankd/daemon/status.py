@@ -4,10 +4,11 @@ A daemon is *degraded* (``nbankctl status`` exits 1) when any of these holds:
 the registry is unreachable or refused the start-up checks; an inbox's inotify
 watch failed (its liveness check went unanswered, or the kernel refused a watch:
 the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
-(unmounted, not writable, not set up); inputs wait after a failed step (registry
-outage, full or failing archive filesystem, ...); files are stalled; the lane of
-small files has shown no progress, or has waited for the registry's answers, for a
-minute. The control
+(unmounted, not writable, not set up); an inbox's ``placement: rename`` is not
+proved to work (:func:`~nbankd.daemon.setup.check_placement`); inputs wait after
+a failed step (registry outage, full or failing archive filesystem, ...); files are
+stalled; the lane of small files has shown no progress, or has waited for the
+registry's answers, for a minute. The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -116,12 +117,15 @@ def build_status(
                 "skipped": dict(state.skipped),
                 "archive_problem": state.archive_problem,
                 "inbox_problem": state.inbox_problem,
+                "placement_problem": state.placement_problem,
                 "last_scan": state.last_scan,
                 "scans": state.scans,
             }
         )
         if state.inbox_problem:
             degraded.append(f"inbox {key}: {state.inbox_problem}")
+        if state.placement_problem:
+            degraded.append(f"inbox {key}: {state.placement_problem}")
         if state.archive_problem:
             degraded.append(f"archive for {key}: {state.archive_problem}")
             shown_archives.add(snap.config.archive_for(state.config).name)

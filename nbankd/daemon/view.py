@@ -46,6 +46,9 @@ class InboxState:
     scans: int = 0  # since the daemon started
     archive_problem: str | None = None
     inbox_problem: str | None = None  # its work or rejected folder was tampered with
+    #: why nothing is claimed from it: ``placement: rename`` not proved (or, found while
+    #: running, never able to work: see :func:`~nbankd.daemon.setup.check_placement`)
+    placement_problem: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # relpath -> why it is left alone
     stalled: tuple[str, ...] = ()
     unreadable: tuple[tuple[str, str], ...] = ()  # (relpath, why) the scan could not read
