@@ -34,7 +34,7 @@ from nbankd.deposit.outcomes import outcome_for
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.filekind import FileKind
-from nbankd.names import SIDECAR_SUFFIXES, printable
+from nbankd.names import MANUAL_INBOX_PREFIX, SIDECAR_SUFFIXES, printable
 from nbankd.watch import writers
 
 
@@ -64,6 +64,9 @@ class ClaimSteps(StepsBase):
         with spec.open_fs() as fs:
             token = item.token.encode()
             if not fs.exists(fs.work, token):
+                changed = self._reconfigured(item)
+                if changed is not None:
+                    return item, changed
                 try:
                     result = self._take(spec, fs, item)
                 except inboxfs.Escape as err:
@@ -89,6 +92,39 @@ class ClaimSteps(StepsBase):
             if outcome is not None:
                 return item, outcome
             return self._plan(spec, fs, item)
+
+    def _reconfigured(self, item: Item) -> Outcome | None:
+        """Before anything is taken: an outcome (the input is left in the inbox, to be
+        journaled again) when a reload since the item was journaled changed what was
+        decided then (archive, placement, verify, directories, markers): the claim decides
+        the rest (identifier, datatype, metadata) from the configuration now, and an
+        input is never deposited under a mix of two configurations."""
+        live = self.inboxes(item.inbox)
+        if live is None or item.kind == "unsafe" or item.inbox.startswith(MANUAL_INBOX_PREFIX):
+            return None
+        journaled = {
+            "archive": (item.archive, Path(item.archive_path)),
+            "placement": item.placement,
+            "verify": bool(item.verify),
+            "ready mode": item.marker_relpath is not None,
+        }
+        now = {
+            "archive": (live.archive_name, live.archive_path),
+            "placement": live.placement,
+            "verify": live.verify,
+            "ready mode": live.config.ready == "marker",
+        }
+        # a folder journaled as one input, or a file in a folder journaled on its own:
+        # each is what the other folder mode makes of it
+        folders = live.config.folder_resources
+        if (item.kind == "dir" and not folders) or (
+            item.kind == "file" and folders and b"/" in item.relpath
+        ):
+            journaled["directories"], now["directories"] = True, False
+        what = [k for k in journaled if journaled[k] != now[k]]
+        if not what:
+            return None
+        return verdicts.reconfigured(shown=str(live.path / item.relpath_str), what=", ".join(what))
 
     def _take(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
         """Moves the input into the work folder, walking from the inbox folder; returns

@@ -225,6 +225,19 @@ def at_publish(f: Facts) -> Verdict:
 # -- claim -------------------------------------------------------------------------
 
 
+def reconfigured(*, shown: str, what: str) -> Outcome:
+    """Before the input is taken: its inbox's configuration no longer decides what was
+    journaled with it (``what``: archive, placement, verify, folder or marker mode): it
+    is left in the inbox, untouched, and decided again under the configuration now,
+    never deposited under a mix of two."""
+    return Outcome(
+        "gone",
+        "reconfigured",
+        f"{shown}: its inbox's {what} changed in the configuration since it settled; "
+        "left in the inbox to be decided again under the new configuration",
+    )
+
+
 def at_claim(
     *, item_kind: str, shown: str, found: FileKind | None, seen: bool, unchanged: bool = True
 ) -> Outcome | None:
