@@ -47,7 +47,7 @@ BATCH = 64
 SIZE = 4096
 
 
-def one_run(work: Path, n: int, profile: int) -> dict[str, float]:
+def one_run(work: Path, n: int, profile: int, dump: Path | None = None) -> dict[str, float]:
     """Deposits n fresh files in rounds; returns CPU and wall µs per file (and the
     function calls per file when profiled)."""
     root = Path(tempfile.mkdtemp(prefix="lane-", dir=work))
@@ -126,6 +126,8 @@ def one_run(work: Path, n: int, profile: int) -> dict[str, float]:
             stats = pstats.Stats(prof, stream=sys.stderr)
             out["calls_per_file"] = stats.total_calls / n  # type: ignore[attr-defined]
             stats.sort_stats("tottime").print_stats(profile)
+            if dump is not None:
+                stats.dump_stats(dump)
         journal.close()
         registry.close()
         return out
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs (default 3)")
     p.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), help="scratch folder")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile: N functions")
+    p.add_argument(
+        "--dump", type=Path, metavar="FILE", help="with --profile: pstats file of the last run"
+    )
     args = p.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as devnull:
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.runs):
             saved, sys.stdout = sys.stdout, devnull
             try:
-                out = one_run(args.work_dir, args.files, args.profile)
+                out = one_run(args.work_dir, args.files, args.profile, args.dump)
             finally:
                 sys.stdout = saved
             shown = ", ".join(f"{key} {value:.0f}" for key, value in out.items())
