@@ -95,33 +95,27 @@ class ClaimSteps(StepsBase):
 
     def _reconfigured(self, item: Item) -> Outcome | None:
         """Before anything is taken: an outcome (the input is left in the inbox, to be
-        journaled again) when a reload since the item was journaled changed what was
-        decided then (archive, placement, verify, directories, markers): the claim decides
-        the rest (identifier, datatype, metadata) from the configuration now, and an
-        input is never deposited under a mix of two configurations."""
+        journaled again) when a reload since the item was journaled changed where or as
+        what it goes (its archive, the inbox's directories or ready mode): the claim
+        decides the rest (identifier, datatype, metadata) from the configuration now,
+        and an input never goes into one configuration's archive with the next one's
+        datatype. Its placement and verify setting (how it is copied) stay as
+        journaled."""
         live = self.inboxes(item.inbox)
         if live is None or item.kind == "unsafe" or item.inbox.startswith(MANUAL_INBOX_PREFIX):
             return None
-        journaled = {
-            "archive": (item.archive, Path(item.archive_path)),
-            "placement": item.placement,
-            "verify": bool(item.verify),
-            "ready mode": item.marker_relpath is not None,
-        }
-        now = {
-            "archive": (live.archive_name, live.archive_path),
-            "placement": live.placement,
-            "verify": live.verify,
-            "ready mode": live.config.ready == "marker",
-        }
-        # a folder journaled as one input, or a file in a folder journaled on its own:
-        # each is what the other folder mode makes of it
+        what = []
+        if (item.archive, Path(item.archive_path)) != (live.archive_name, live.archive_path):
+            what.append("archive")
         folders = live.config.folder_resources
         if (item.kind == "dir" and not folders) or (
             item.kind == "file" and folders and b"/" in item.relpath
         ):
-            journaled["directories"], now["directories"] = True, False
-        what = [k for k in journaled if journaled[k] != now[k]]
+            # a folder journaled as one input, or a file in a folder journaled on its
+            # own: each is what the other folder mode makes of it
+            what.append("directories")
+        if (item.marker_relpath is not None) != (live.config.ready == "marker"):
+            what.append("ready mode")
         if not what:
             return None
         return verdicts.reconfigured(shown=str(live.path / item.relpath_str), what=", ".join(what))

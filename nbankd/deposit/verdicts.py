@@ -227,7 +227,7 @@ def at_publish(f: Facts) -> Verdict:
 
 def reconfigured(*, shown: str, what: str) -> Outcome:
     """Before the input is taken: its inbox's configuration no longer decides what was
-    journaled with it (``what``: archive, placement, verify, folder or marker mode): it
+    journaled with it (``what``: archive, directories or ready mode): it
     is left in the inbox, untouched, and decided again under the configuration now,
     never deposited under a mix of two."""
     return Outcome(
