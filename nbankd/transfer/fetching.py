@@ -23,6 +23,7 @@ from pathlib import Path, PurePath
 import requests
 
 from nbankd import __version__, errors
+from nbankd.hashing import DestinationWriteError
 from nbankd.registry.base import LocationRecord
 from nbankd.registry.http_transport import NO_AUTH, settle_environment
 from nbankd.transfer.placing import NewFile, exists_error
@@ -102,6 +103,18 @@ def _target_error(id: str, target: Path, err: OSError) -> errors.ArchiveError:
     return errors.ArchiveError(f"cannot fetch '{id}' to '{target}': {why}", hint=hint)
 
 
+def _dest_error(id: str, target: Path, err: OSError) -> errors.ArchiveError:
+    """Writing the copy in DEST failed: DEST's problem, which no other location mends."""
+    why = os.strerror(err.errno) if err.errno else str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "make room there, or fetch elsewhere with -d"
+    elif err.errno == errno.EROFS:
+        hint = "fetch elsewhere with -d"
+    else:
+        hint = "check that filesystem, or fetch elsewhere with -d"
+    return errors.ArchiveError(f"cannot fetch '{id}' into '{target.parent}': {why}", hint=hint)
+
+
 def _from_copy(path: Path, new: NewFile) -> str:
     if path.is_dir():
         raise NotFetchable(
@@ -160,7 +173,10 @@ def fetch(
     ``replace``), ArchiveError naming the id when ``target`` cannot be looked at (a
     name too long for its filesystem), :class:`NotFetchable` when no location gives
     it, and :class:`~nbankd.transfer.reading.Mismatch` when what arrives differs from
-    the registered SHA-1 (the last location's failure is the one raised).
+    the registered SHA-1 (the last location's failure is the one raised). An error
+    writing or publishing the copy in DEST (a full disk, a quota, a read-only or
+    failing filesystem) is DEST's: ArchiveError naming DEST and the cause, raised at
+    once, without trying another location.
     """
     try:
         if target.is_dir():
@@ -180,17 +196,22 @@ def fetch(
             continue
         new = NewFile(target)
         try:
-            if path is not None:
-                digest, shown = _from_copy(path, new), str(path)
-            else:
-                assert url is not None
-                digest, shown = _download(url, new, auth_for), url
-            verified = check_sha1(digest, source.sha1, shown)
+            try:
+                if path is not None:
+                    digest, shown = _from_copy(path, new), str(path)
+                else:
+                    assert url is not None
+                    digest, shown = _download(url, new, auth_for), url
+                verified = check_sha1(digest, source.sha1, shown)
+            except DestinationWriteError as err:
+                # DEST full, over quota, read-only or failing: no other location helps,
+                # and its failure must not hide this one
+                raise _dest_error(source.id, target, err) from err
+            except (errors.NbankdError, OSError) as err:
+                failure = err if isinstance(err, errors.NbankdError) else NotFetchable(str(err))
+                continue
+            # an error publishing (ResourceExists, a full disk at fsync) is DEST's too
             return Fetched(new.publish(replace=replace), verified)
-        except errors.ResourceExists:
-            raise  # the target appeared meanwhile: another location would not help
-        except (errors.NbankdError, OSError) as err:
-            failure = err if isinstance(err, errors.NbankdError) else NotFetchable(str(err))
         finally:
             new.discard()
     raise failure
