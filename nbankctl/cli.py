@@ -5,9 +5,15 @@ sub-commands, each with ``set_defaults(func=handler)``; a handler takes the
 parsed arguments and a :class:`~nbankctl.report.Report`, records into the report
 what it found (failed items, an outage it judged) and returns nothing. :func:`main`
 records into the same report how the command ended when it ended early (an error
-from the one error tree, said on stderr; the output closed; Ctrl-C) and exits with
-:attr:`Report.exit_code <nbankctl.report.Report.exit_code>`, the one place deciding
-the status.
+from the one error tree, said on stderr; the output closed; Ctrl-C, SIGTERM or
+SIGHUP) and exits with :attr:`Report.exit_code <nbankctl.report.Report.exit_code>`,
+the one place deciding the status.
+
+SIGTERM (``kill``, a job's time limit) and SIGHUP (the terminal or SSH session
+closed) raise :class:`Stopped` in the main thread, as SIGINT raises
+KeyboardInterrupt, so the command's clean-ups run (a fetch or export removes its
+temporary file: nothing partial is left) instead of the process dying on the spot
+(:func:`_stop_signals_raise`).
 
 Only the topic that owns the command given is imported (:data:`TOPICS`), so a
 daemon command such as ``status`` does not pay for the registry clients; help,
@@ -22,8 +28,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from nbankctl.report import Handler, Report
 from nbankd import __version__, errors
@@ -164,6 +175,48 @@ def _debug_logging(args: argparse.Namespace) -> logging.Logger:
     return log
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: raised in the main thread as SIGINT raises
+    KeyboardInterrupt (a BaseException, so that no ``except Exception`` takes it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: the signals that stop a command as Ctrl-C does
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Stopped` (once: a
+    repeat while the command's clean-ups run is ignored). A signal already ignored
+    (``nohup``) stays ignored; the previous handlers are put back after. Only in the
+    main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}  # a handler, SIG_DFL, or None (set outside Python)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # the clean-ups are under way
+        raise Stopped(signum)
+
+    for sig in STOP_SIGNALS:
+        old = signal.getsignal(sig)
+        if old == signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -183,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug_logging(args) if args.debug else None
     report = Report()
     try:
-        func(args, report)
+        with _stop_signals_raise():
+            func(args, report)
     except errors.NbankdError as err:
         if debug is not None:
             debug.debug("the command ended with:", exc_info=True)
@@ -192,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         report.output_closed()
     except KeyboardInterrupt:
         report.interrupted()
+    except Stopped as stop:
+        report.interrupted(stop.signum)
     return report.exit_code
 
 

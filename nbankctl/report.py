@@ -12,13 +12,15 @@ records how the command ended, when it ended early: :meth:`Report.error`,
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
 from nbankd import errors
 
-#: the status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it)
-EXIT_INTERRUPTED = 130
+#: the status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it); one
+#: stopped by SIGTERM or SIGHUP exits with 128 + that signal (143, 129)
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class Report:
@@ -29,7 +31,7 @@ class Report:
         self._unreachable = False
         self._error: errors.NbankdError | None = None
         self._output_closed = False
-        self._interrupted = False
+        self._interrupted: int | None = None  # the signal that stopped the command
 
     # -- what the command found -----------------------------------------------------
 
@@ -56,9 +58,11 @@ class Report:
         stopped there, and what it found is not judged."""
         self._output_closed = True
 
-    def interrupted(self) -> None:
-        """Records that the command was stopped by Ctrl-C."""
-        self._interrupted = True
+    def interrupted(self, signum: int = signal.SIGINT) -> None:
+        """Records that the command was stopped by Ctrl-C (SIGINT), or by ``signum``
+        (SIGTERM, SIGHUP)."""
+        if self._interrupted is None:
+            self._interrupted = int(signum)
 
     # -- the verdict ----------------------------------------------------------------
 
@@ -71,7 +75,7 @@ class Report:
     def exit_code(self) -> int:
         """The process exit status; the first that applies, in this order:
 
-        1. interrupted: 130;
+        1. interrupted: 128 + the signal (130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP);
         2. ended by an error: that error's own ``exit_code`` (2 usage, configuration or
            permission; 3 unreachable; 1 otherwise);
         3. the output was closed: 0 (the command stopped before judging all it found);
@@ -79,8 +83,8 @@ class Report:
         5. any item failed: 1;
         6. else 0.
         """
-        if self._interrupted:
-            return EXIT_INTERRUPTED
+        if self._interrupted is not None:
+            return 128 + self._interrupted
         if self._error is not None:
             return errors.exit_code_for(self._error)
         if self._output_closed:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import itertools
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
-from nbankctl.cli import build_parser
+from nbankctl.cli import Stopped, _stop_signals_raise, build_parser
 from nbankctl.report import EXIT_INTERRUPTED, Report
 from nbankd import errors
 
@@ -22,6 +24,8 @@ EVENTS = {
     "outage error": lambda r: r.error(errors.RegistryUnavailable("down")),
     "output closed": lambda r: r.output_closed(),
     "interrupted": lambda r: r.interrupted(),
+    "terminated": lambda r: r.interrupted(signal.SIGTERM),
+    "hung up": lambda r: r.interrupted(signal.SIGHUP),
 }
 
 
@@ -49,13 +53,17 @@ def report_of(*events: str) -> Report:
         (("interrupted",), EXIT_INTERRUPTED),
         (("failed", "unreachable", "interrupted"), EXIT_INTERRUPTED),
         (("usage error", "interrupted"), EXIT_INTERRUPTED),
+        (("terminated",), 143),
+        (("failed", "usage error", "hung up"), 129),
+        (("terminated", "interrupted"), 143),
     ],
     ids=lambda value: " + ".join(value) or "nothing" if isinstance(value, tuple) else str(value),
 )
 def test_the_exit_status_follows_the_documented_precedence(
     events: tuple[str, ...], status: int
 ) -> None:
-    """Interrupt 130 > ending error's code > output closed 0 > unreachable 3 > failed 1."""
+    """Interrupt 128 + signal (130 Ctrl-C) > ending error's code > output closed 0 >
+    unreachable 3 > failed 1."""
     assert report_of(*events).exit_code == status
 
 
@@ -131,3 +139,32 @@ def test_every_command_handler_records_into_a_report_and_returns_nothing() -> No
         signature = inspect.signature(func)  # type: ignore[arg-type]
         assert list(signature.parameters) == ["args", "report"], name
         assert signature.return_annotation in (None, "None"), name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_sigterm_and_sighup_raise_in_the_command_as_ctrl_c_does(sig: int) -> None:
+    """While a command runs, SIGTERM and SIGHUP raise Stopped (its clean-ups run), a
+    repeat during the clean-ups is ignored, and the previous handler is put back."""
+    before = signal.getsignal(sig)
+    cleaned = []
+    with pytest.raises(Stopped) as info, _stop_signals_raise():
+        try:
+            os.kill(os.getpid(), sig)
+            signal.pause()  # not reached: the handler raises first
+        finally:
+            os.kill(os.getpid(), sig)  # a repeat: ignored
+            cleaned.append(True)
+    assert info.value.signum == sig and cleaned == [True]
+    assert signal.getsignal(sig) == before
+
+
+def test_a_signal_ignored_before_the_command_stays_ignored() -> None:
+    """Under ``nohup`` (SIGHUP ignored), a hang-up does not stop the command."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _stop_signals_raise():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
