@@ -1,11 +1,11 @@
 """Reading a small file a person names (the configuration, a credentials file, a
-webhook's token): links followed, but what the path names must be a regular file,
-opened without blocking (a FIFO or a device would hang the reader or never end),
-checked again on the open descriptor, and read up to a bound.
+webhook's token, an archive's ``nbank.json``): links followed, but what the path names
+must be a regular file, opened without blocking (a FIFO or a device would hang the
+reader or never end), checked again on the open descriptor, and read up to a bound.
 
 One primitive for every such file; each caller turns :class:`SmallFileError` into
 its own message (a configuration problem with its file and line, a registry
-credentials error, a failed alert send).
+credentials error, a failed alert send, a folder that is not an archive).
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 class SmallFileError(Exception):
     """Why a small file cannot be read: ``missing``, ``not-regular`` (``noun`` says what
-    it is instead), ``too-large`` or ``unreadable`` (``strerror`` says why)."""
+    it is instead), ``too-large`` or ``unreadable`` (``strerror`` says why; ``errno``,
+    as for ``missing``, is the OS error's number, 0 for the others)."""
 
-    def __init__(self, reason: str, *, noun: str = "", strerror: str = "") -> None:
+    def __init__(self, reason: str, *, noun: str = "", strerror: str = "", errno: int = 0) -> None:
         super().__init__(reason, noun, strerror)
         self.reason = reason
         self.noun = noun
         self.strerror = strerror
+        self.errno = errno
 
 
 def _not_regular(mode: int) -> SmallFileError:
@@ -40,9 +42,10 @@ def _not_regular(mode: int) -> SmallFileError:
 
 
 def _unreadable(err: OSError) -> SmallFileError:
+    why = err.strerror or str(err)
     if err.errno == errno.ENOENT:
-        return SmallFileError("missing", strerror=err.strerror or str(err))
-    return SmallFileError("unreadable", strerror=err.strerror or str(err))
+        return SmallFileError("missing", strerror=why, errno=err.errno)
+    return SmallFileError("unreadable", strerror=why, errno=err.errno or 0)
 
 
 def open_regular(path: Path) -> tuple[int, os.stat_result]:

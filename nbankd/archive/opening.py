@@ -1,11 +1,14 @@
 """Creating and opening neurobank archives: ``nbank.json``, ``README.md``,
 ``.gitignore``, and the ``resources/`` and ``staging/`` folders with the policy's
 group and modes (what ``nbank init`` 0.13 writes); :func:`open_archive` reads
-``nbank.json`` back into an :class:`~nbankd.archive.layout.Archive`.
+``nbank.json`` back into an :class:`~nbankd.archive.layout.Archive`, with the bounded
+reader of :mod:`nbankd.smallfile` (any local user can put a FIFO or a link to a device
+in a folder the registry lists as an archive: it must not hang nor fill memory).
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
@@ -30,6 +33,10 @@ from nbankd.archive.layout import (
     ArchivePolicy,
     unavailable,
 )
+from nbankd.smallfile import SmallFileError, read_regular
+
+#: the largest ``nbank.json`` read (nbank's are a few hundred bytes)
+ARCHIVE_CONFIG_MAX_BYTES = 1 << 20
 
 _README_TEXT = """\
 # Neurobank archive
@@ -270,24 +277,21 @@ def open_archive(path: str | os.PathLike[str]) -> Archive:
     Older forms are accepted: umask as an octal string, no ``read_only_resources``
     (neurobank then treats resources as writable), no ``auto_id_type``, no ``staging/``
     (created on demand by :func:`ensure_staging`). Raises NotAnArchive naming
-    the file if nbank.json is missing or malformed, and ArchiveUnavailable if it
-    cannot be read (I/O error, permissions).
+    the file if nbank.json is missing or malformed, or is not a regular file (a
+    FIFO, a device: never opened so that it blocks) or is larger than
+    :data:`ARCHIVE_CONFIG_MAX_BYTES`; ArchiveUnavailable if it cannot be read (I/O
+    error, permissions).
     """
     root = Path(path).absolute()
     cfg_path = root / CONFIG_NAME
     try:
-        text = cfg_path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        raise errors.NotAnArchive(
-            f"{cfg_path} does not exist",
-            hint="is the filesystem mounted? To make a new archive there, run `nbankctl init`",
-        ) from None
-    except IsADirectoryError:
-        raise errors.NotAnArchive(f"{cfg_path} is a directory, not a file") from None
+        raw, _st = read_regular(cfg_path, ARCHIVE_CONFIG_MAX_BYTES)
+    except SmallFileError as err:
+        raise _config_unreadable(root, cfg_path, err) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise errors.NotAnArchive(f"{cfg_path} is not UTF-8 text: {err}") from None
-    except OSError as err:
-        raise unavailable(root, err, f"reading {cfg_path}") from err
     try:
         config = json.loads(text)
     except json.JSONDecodeError as err:
@@ -302,4 +306,27 @@ def open_archive(path: str | os.PathLike[str]) -> Archive:
     return Archive(resolved, registry, policy, config)
 
 
-__all__ = ["create_archive", "ensure_staging", "open_archive"]
+def _config_unreadable(root: Path, cfg_path: Path, err: SmallFileError) -> errors.ArchiveError:
+    """The error for an ``nbank.json`` :func:`~nbankd.smallfile.read_regular` refused."""
+    if err.reason == "missing" or err.errno == errno.ENOTDIR:
+        return errors.NotAnArchive(
+            f"{cfg_path} does not exist",
+            hint="is the filesystem mounted? To make a new archive there, run `nbankctl init`",
+        )
+    if err.reason == "not-regular":
+        if err.noun == "a folder":
+            return errors.NotAnArchive(f"{cfg_path} is a directory, not a file")
+        return errors.NotAnArchive(
+            f"{cfg_path} is {err.noun}, not a file: not an archive",
+            hint="an archive's nbank.json is a regular file; replace it from a copy",
+        )
+    if err.reason == "too-large":
+        return errors.NotAnArchive(
+            f"{cfg_path} is larger than {ARCHIVE_CONFIG_MAX_BYTES >> 20} MiB: not an "
+            "archive's nbank.json",
+            hint="replace it from a copy",
+        )
+    return unavailable(root, OSError(err.errno, err.strerror), f"reading {cfg_path}")
+
+
+__all__ = ["ARCHIVE_CONFIG_MAX_BYTES", "create_archive", "ensure_staging", "open_archive"]

@@ -179,6 +179,53 @@ def test_open_bad_umask_names_key(tmp_path: Path) -> None:
         open_archive(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link-to-device", "folder"])
+def test_open_a_config_that_is_not_a_regular_file_is_not_an_archive(
+    tmp_path: Path, kind: str
+) -> None:
+    """An nbank.json that is a FIFO (an open would wait for a writer for ever), a link
+    to /dev/zero (a read would never end) or a folder is refused at once as not an
+    archive, naming what it is, without opening it so that it blocks."""
+    cfg = tmp_path / "nbank.json"
+    if kind == "fifo":
+        os.mkfifo(cfg)
+    elif kind == "link-to-device":
+        cfg.symlink_to("/dev/zero")
+    else:
+        cfg.mkdir()
+    noun = {"fifo": "a FIFO", "link-to-device": "a device file", "folder": "a directory"}[kind]
+    with pytest.raises(errors.NotAnArchive, match=f"nbank\\.json is {noun}, not a file"):
+        open_archive(tmp_path)
+
+
+def test_open_a_config_past_the_bound_is_not_an_archive(tmp_path: Path) -> None:
+    """An nbank.json larger than the bound is refused (read no further than it)."""
+    (tmp_path / "nbank.json").write_bytes(b" " * (opening.ARCHIVE_CONFIG_MAX_BYTES + 1))
+    with pytest.raises(errors.NotAnArchive, match="larger than 1 MiB"):
+        open_archive(tmp_path)
+
+
+def test_open_a_config_by_a_link_to_a_regular_file(tmp_path: Path) -> None:
+    """A link to a regular nbank.json is still followed (as nbank reads it)."""
+    created = create_archive(tmp_path / "a", URL)
+    (tmp_path / "a" / "nbank.json").rename(tmp_path / "real.json")
+    (tmp_path / "a" / "nbank.json").symlink_to(tmp_path / "real.json")
+    assert open_archive(tmp_path / "a") == created
+
+
+def test_open_a_file_as_an_archive_says_no_config_and_a_link_loop_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A file given as the archive's folder (ENOTDIR) has no nbank.json, as before; an
+    nbank.json that cannot be read (a link loop) is the archive unavailable, as before."""
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(errors.NotAnArchive, match="does not exist"):
+        open_archive(tmp_path / "file")
+    (tmp_path / "nbank.json").symlink_to("nbank.json")
+    with pytest.raises(errors.ArchiveUnavailable, match="while reading"):
+        open_archive(tmp_path)
+
+
 def test_resource_paths_use_two_character_stub(tmp_path: Path) -> None:
     """resource_path is resources/<first two>/<id>[.ext]."""
     archive = create_archive(tmp_path / "a", URL)
