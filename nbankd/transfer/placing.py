@@ -1,11 +1,11 @@
 """Writing an output beside where it goes, then publishing it whole or not at all.
 
 :class:`NewFile` and :class:`NewTree` write under a hidden temporary name in the
-target's own folder (``.NAME.XXXXXXXX.partial``); :meth:`publish` fsyncs the data,
-puts it in place without replacing anything (``link(2)``, or
-``renameat2(RENAME_NOREPLACE)`` for folders and filesystems without hard links),
-and fsyncs the folder. Asked to replace (``nbankctl fetch -f``), a file is renamed
-over its target, still atomically. Nothing partial is ever visible at the target:
+target's own folder (``.NAME.XXXXXXXX.partial``, NAME cut to fit in 255 bytes);
+:meth:`publish` fsyncs the data, puts it in place without replacing anything
+(``link(2)``, or ``renameat2(RENAME_NOREPLACE)`` for folders and filesystems without
+hard links), and fsyncs the folder. Asked to replace (``nbankctl fetch -f``), a file
+is renamed over its target, still atomically. Nothing partial is ever visible at the target:
 on any error, :meth:`discard` removes the temporary name.
 """
 
@@ -36,9 +36,37 @@ def current_umask() -> int:
     return mask
 
 
+#: the longest file name, in bytes, of the filesystems archives and outputs live on
+#: (NAME_MAX of ext4, xfs, btrfs, tmpfs, NFS)
+NAME_MAX = 255
+_TEMP_TAIL = ".00000000.partial"  # the token's length: secrets.token_hex(4)
+
+
+def name_head(name: str, room: int) -> str:
+    """The longest start of ``name`` whose encoded file name holds at most ``room``
+    bytes: cut between characters, never inside a UTF-8 sequence; a byte that is not
+    UTF-8 (kept by the filesystem encoding as a surrogate) counts as the one byte it is."""
+    used = 0
+    for i, ch in enumerate(name):
+        used += 1 if ch.isascii() else _encoded_size(ch)
+        if used > room:
+            return name[:i]
+    return name
+
+
+def _encoded_size(ch: str) -> int:
+    try:
+        return len(os.fsencode(ch))
+    except UnicodeEncodeError:  # a surrogate no file name holds: open() will say so
+        return len(ch.encode("utf-8", "surrogatepass"))
+
+
 def temp_name(target: Path) -> Path:
-    """A fresh hidden name beside ``target`` for its copy in progress."""
-    return target.with_name(f".{target.name[:200]}.{secrets.token_hex(4)}.partial")
+    """A fresh hidden name beside ``target`` for its copy in progress,
+    ``.NAME.XXXXXXXX.partial``: NAME is cut so that the whole fits in :data:`NAME_MAX`
+    bytes (a name the filesystem takes gets a temporary name it takes too)."""
+    head = name_head(target.name, NAME_MAX - 1 - len(_TEMP_TAIL))
+    return target.with_name(f".{head}.{secrets.token_hex(4)}.partial")
 
 
 def exists_error(target: Path) -> errors.ResourceExists:
@@ -159,4 +187,12 @@ class NewTree:
             remove_ours(self.tmp)
 
 
-__all__ = ["NewFile", "NewTree", "current_umask", "exists_error", "temp_name"]
+__all__ = [
+    "NAME_MAX",
+    "NewFile",
+    "NewTree",
+    "current_umask",
+    "exists_error",
+    "name_head",
+    "temp_name",
+]
