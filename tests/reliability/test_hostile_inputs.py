@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -209,9 +210,17 @@ def run_batch(root: Path, group: str, rows: list[Row], user: Any = None, other: 
         _record(run, row, row.make(run.ctx))
     _wait_rows(run, later)
     # a receipt is written before the input leaves the work folder: wait for that too,
-    # or a deposited input is counted twice (archive and work folder)
+    # or a deposited input is counted twice (archive and work folder); what a row
+    # planted there itself stays
     work = run.h.inbox / ".nbank"
-    wait_for(lambda: not work_entries(work), 60, "the work folder to be emptied")
+
+    def claimed() -> list[Path]:
+        return [p for p in work_entries(work) if re.fullmatch(r"[0-9a-f]{32}.*", p.name)]
+
+    try:
+        wait_for(lambda: not claimed(), 60, "the work folder to hold no claimed input")
+    except AssertionError:
+        raise AssertionError(f"left in the work folder: {claimed()}") from None
     _full_scan(run)
     return _finish(run)
 
