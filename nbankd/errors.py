@@ -119,6 +119,14 @@ class MountInside(NbankdError):
     transient = True
 
 
+class InputProtected(NbankdError):
+    """An entry of an input (or of a deposited folder being removed) carries the
+    immutable or append-only attribute: no user may remove or change it."""
+
+    code = "input-protected"
+    transient = True
+
+
 class InvalidIdentifier(NbankdError):
     """An identifier breaks the registry's slug rule ``[-_0-9a-zA-Z]+``."""
 

@@ -48,8 +48,10 @@ def mount_key(fd: int, st: os.stat_result | None = None) -> MountKey:
 
 
 def other_mount(here: MountKey, there: MountKey) -> bool:
-    """True when ``there`` is another mount than ``here``: another device, or the same
-    device through another mount (a bind mount) where both ids are known."""
-    if here[0] != there[0]:
-        return True
-    return here[1] is not None and there[1] is not None and here[1] != there[1]
+    """True when ``there`` is another mount than ``here``. Where both mount ids are
+    known they decide alone (a bind mount has another id on the same device; a btrfs
+    subvolume has another device number on the same mount, and is the folder's own);
+    otherwise another device number counts as another mount."""
+    if here[1] is not None and there[1] is not None:
+        return here[1] != there[1]
+    return here[0] != there[0]

@@ -37,6 +37,7 @@ from nbankd.hashing import (
     read_into,
     write_all,
 )
+from nbankd.mounts import mount_key, other_mount
 from nbankd.names import is_utf8, printable
 from nbankd.streaming import copy_hashing_overlapped
 from nbankd.watch import writers
@@ -398,6 +399,7 @@ def _walk_tree(
     hasher = DirectoryHasher()
     done = [0]
     buffer = bytearray(BLOCK_SIZE)  # shared by every file of the tree
+    top_mount = mount_key(top)
 
     def report(n: int) -> None:
         if progress is not None:
@@ -437,6 +439,12 @@ def _walk_tree(
         except OSError as err:
             raise SourceReadError(err.errno, err.strerror, str(shown)) from err
         try:
+            if other_mount(top_mount, mount_key(csfd)):  # mounted since the claim looked
+                raise errors.MountInside(
+                    f"'{printable(str(shown))}' is a mount point (another filesystem or a "
+                    "bind mount): nothing on it is the folder's own to deposit",
+                    hint="unmount it; the folder is copied then",
+                )
             cdfd = None
             if level.dfd is not None:
                 os.mkdir(name, 0o700, dir_fd=level.dfd)

@@ -10,6 +10,8 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
+from functools import partial
 
 from nbankd import errors, fileflags
 from nbankd.archive.fsops import DIR_NOFOLLOW, _open_own_dir
@@ -23,9 +25,10 @@ __all__ = ["remove_tree_at", "unremovable_below"]
 _REFILLS = 1000
 
 
-def _unlink_unless_dir(dir_fd: int, name: bytes) -> bool:
+def _unlink_unless_dir(dir_fd: int, name: bytes, shown: Callable[[], str] | None = None) -> bool:
     """Unlinks the entry ``name`` of ``dir_fd`` unless it is a folder (False); a link
-    is unlinked, never followed; a missing entry counts as removed."""
+    is unlinked, never followed; a missing entry counts as removed. ``shown`` makes its
+    path, for the error of one with the immutable or append-only attribute."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -40,8 +43,36 @@ def _unlink_unless_dir(dir_fd: int, name: bytes) -> bool:
             return True
         if stat.S_ISDIR(st.st_mode):
             return False
+        _refuse_if_protected(dir_fd, name, shown() if shown else os.fsdecode(name))
         raise
     return True
+
+
+def _refuse_if_protected(dir_fd: int, name: bytes, shown: str) -> None:
+    """Raises InputProtected when ``name`` (in the open folder ``dir_fd``; ``shown``,
+    its path in the tree), or that folder, carries the immutable or append-only
+    attribute (why it cannot go)."""
+    flag = fileflags.protected_at(dir_fd, name)
+    what = f"'{shown}'"
+    if flag is None:
+        flag = fileflags.protected(dir_fd)
+        what = f"the folder holding '{shown}'"
+    if flag is not None:
+        raise errors.InputProtected(
+            f"{what} in the folder being removed is {flag}: no user may remove it",
+            hint="clear the attribute (chattr -i -a); the removal goes on then",
+        )
+
+
+def _shown(
+    top: str, stack: list[tuple[int, bytes, int, list[bytes] | None]], child: bytes = b""
+) -> str:
+    """The path of the folder on top of ``stack`` (or of its entry ``child``), the tree's
+    top shown as ``top``, for messages."""
+    parts = [top, *(os.fsdecode(e[1]) for e in stack[1:])]
+    if child:
+        parts.append(os.fsdecode(child))
+    return "/".join(parts)
 
 
 def _open_subdir(dir_fd: int, name: bytes) -> int | None:
@@ -77,7 +108,7 @@ def _same_entry(dir_fd: int, name: bytes, fd: int) -> bool:
         return False
 
 
-def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
+def remove_tree_at(dir_fd: int, name: bytes | str, *, shown: str | None = None) -> None:
     """Removes the entry ``name`` of the open folder ``dir_fd``, a file or a whole tree,
     from descriptors only: every folder is opened from the one above it without
     following a link, listed once and emptied through its descriptor, and each mode
@@ -87,8 +118,10 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
     after it was opened is left where it now is (checked before it is listed): nothing
     outside the tree is read, changed or removed. Iterative: one descriptor per level,
     no recursion; each folder listed again only when its removal finds it filled again
-    (at most :data:`_REFILLS` times in all, then ENOTEMPTY). A missing entry is fine."""
+    (at most :data:`_REFILLS` times in all, then ENOTEMPTY). A missing entry is fine.
+    ``shown``: the tree's path in messages (default: ``name``)."""
     name = os.fsencode(name)
+    top_shown = shown if shown is not None else os.fsdecode(name)
     if _unlink_unless_dir(dir_fd, name):
         return
     top = _open_subdir(dir_fd, name)
@@ -115,16 +148,22 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
                     stack.pop()
                     os.close(fd)
                     continue
-                todo = [c for c in names if not _unlink_unless_dir(fd, c)]
+                # (each entry's path made only for an error, while this folder is on top)
+                todo = [
+                    c
+                    for c in names
+                    if not _unlink_unless_dir(fd, c, partial(_shown, top_shown, stack, c))
+                ]
                 stack[-1] = (parent, entry, fd, todo)
             if todo:
                 child = todo.pop()
                 opened = _open_subdir(fd, child)
                 if opened is not None and other_mount(top_mount, mount_key(opened)):
                     os.close(opened)
+                    where = _shown(top_shown, stack, child)
                     raise errors.MountInside(
-                        f"{os.fsdecode(child)!r} in the folder being removed is a mount "
-                        "point (another filesystem or a bind mount): nothing on it is removed",
+                        f"'{where}' in the folder being removed is a mount point (another "
+                        "filesystem or a bind mount): nothing on it is removed",
                         hint="unmount it; the removal goes on then",
                     )
                 if opened is not None:
@@ -140,6 +179,8 @@ def remove_tree_at(dir_fd: int, name: bytes | str) -> None:
                 _unlink_unless_dir(parent, entry)  # a link took its name: the folder is
                 # elsewhere in the tree (listed again above) or left it
             except OSError as err:
+                if err.errno == errno.EPERM:
+                    _refuse_if_protected(parent, entry, _shown(top_shown, stack))
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
                 if _same_entry(parent, entry, fd):
@@ -169,7 +210,9 @@ class _Listed:
         self.left = 0
 
 
-def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> tuple[str, str] | None:
+def unremovable_below(
+    dir_fd: int, name: bytes | str, *, max_depth: int, permissions: bool = True
+) -> tuple[str, str] | None:
     """The first place in the tree ``name`` (in the open folder ``dir_fd``) this process
     could not empty (what :func:`remove_tree_at` would fail on), as a path relative to
     the tree ("" for its top) and why, or None when it could empty the whole tree. A
@@ -177,7 +220,9 @@ def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> tupl
     writable first) or it may write and search it (``faccessat``, with the effective
     ids: ACLs and read-only folders count); in a sticky folder not its own, only its
     own entries. A folder or file with the immutable or append-only attribute never
-    is. Walked from descriptors, without recursion, never through a link, one
+    is. ``permissions=False`` looks at those attributes only (a folder moved whole,
+    never emptied, whose members still have their modes changed). Walked from
+    descriptors, without recursion, never through a link, one
     descriptor per level at most, at most ``max_depth`` levels below the top (deeper
     folders are not looked at). What cannot be opened or listed counts as unremovable."""
     euid = os.geteuid()
@@ -216,10 +261,11 @@ def unremovable_below(dir_fd: int, name: bytes | str, *, max_depth: int) -> tupl
                 entries = list(os.scandir(here.fd))
             except OSError as err:
                 return rel, f"it cannot be listed ({err.strerror})"
-            if entries:
-                flag = fileflags.protected(here.fd)
-                if flag is not None:
-                    return rel, f"it is {flag}"
+            flag = fileflags.protected(here.fd)  # even empty: it cannot be removed
+            if flag is not None:
+                return rel, f"it is {flag}"
+            sticky = False
+            if entries and permissions:
                 ours = st.st_uid == euid
                 if not ours and not os.access(
                     f"/proc/self/fd/{here.fd}", os.W_OK | os.X_OK, effective_ids=True

@@ -17,6 +17,7 @@ from nbankd import errors
 from nbankd.archive.access import apply_access_fd
 from nbankd.archive.layout import Archive
 from nbankd.archive.staging import check_regular
+from nbankd.mounts import MountKey, mount_key, other_mount
 
 
 def settle_tree(
@@ -28,7 +29,7 @@ def settle_tree(
     and nothing is ever followed (a sub-folder swapped for a link is refused)."""
     top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _settle_dir(archive, top, root, at, progress)
+        _settle_dir(archive, top, root, at, progress, mount_key(top))
     finally:
         os.close(top)
 
@@ -37,7 +38,12 @@ _OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_C
 
 
 def _settle_dir(
-    archive: Archive, dfd: int, shown: Path, at: Path, progress: Callable[[], None] | None
+    archive: Archive,
+    dfd: int,
+    shown: Path,
+    at: Path,
+    progress: Callable[[], None] | None,
+    top_mount: MountKey,
 ) -> None:
     for name in sorted(os.listdir(dfd)):
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -50,7 +56,13 @@ def _settle_dir(
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                 raise errors.InputChanged(f"'{shown / name}' was replaced while publishing")
             if is_dir:
-                _settle_dir(archive, fd, shown / name, at / name, progress)
+                if other_mount(top_mount, mount_key(fd, fst)):  # never changed: not ours
+                    raise errors.MountInside(
+                        f"'{shown / name}' is a mount point (another filesystem or a bind "
+                        "mount): nothing on it is the folder's own to publish",
+                        hint="unmount it; the folder is published then",
+                    )
+                _settle_dir(archive, fd, shown / name, at / name, progress, top_mount)
             else:
                 check_regular(fst, shown / name)
             apply_access_fd(archive, fd, at=at / name)

@@ -38,19 +38,17 @@ from nbankd.names import MANUAL_INBOX_PREFIX, SIDECAR_SUFFIXES, printable
 from nbankd.watch import writers
 
 
-def _mount_inside(src: Path, where: str, detail: str = "") -> Outcome:
-    """An input on another mount than its inbox folder's (a file on a filesystem mounted
-    inside the inbox, a folder that is a mount point or holds one) waits in the inbox:
-    it cannot be moved into the work folder, or its copy would take another
-    filesystem's files into the archive and its removal once deposited reach them."""
+def _mount_inside(src: Path, where: str) -> Outcome:
+    """A folder input that is a mount point or holds one waits in the inbox: its copy
+    would take another filesystem's files into the archive and its removal once
+    deposited reach them."""
     shown = printable(str(src / where if where else src))
-    because = f" ({detail})" if detail else ""
     return Outcome(
         "transient",
         "mount-inside",
-        f"{src} is left in the inbox: {shown} is on, or is, a mount point inside the "
-        f"inbox (another filesystem or a bind mount){because}, whose files are not the "
-        "inbox's own to deposit and remove",
+        f"{src} is left in the inbox: {shown} is a mount point inside the inbox "
+        "(another filesystem or a bind mount), whose files are not the inbox's own to "
+        "deposit and remove",
         f"unmount it, or copy the files into the inbox's own folders instead of mounting "
         f"them there; {printable(str(src))} is claimed then",
     )
@@ -162,9 +160,18 @@ class ClaimSteps(StepsBase):
             return item, Outcome("gone", "gone", f"{src} was taken by another process")
         except OSError as err:
             if err.errno in (errno.EXDEV, errno.EBUSY):
-                # on another filesystem mounted inside the inbox, or a mount point itself:
-                # it cannot be moved into the work folder; it waits where it is, told
-                return item, _mount_inside(src, "", err.strerror)
+                # on another filesystem mounted inside the inbox, a mount point itself, or
+                # in another btrfs subvolume than the work folder's: it cannot be moved
+                # there; it waits where it is, told
+                return item, Outcome(
+                    "transient",
+                    "mount-inside",
+                    f"{src} is left in the inbox: it cannot be moved into the inbox's work "
+                    f"folder ({err.strerror}): it is on another filesystem, mount or btrfs "
+                    "subvolume than the inbox folder itself",
+                    "move it onto the inbox folder's own filesystem (copy it there, then "
+                    "delete this one), or unmount what is mounted inside the inbox",
+                )
             if not isinstance(err, PermissionError):
                 raise
             flag = fileflags.protected_at(parent, name)
@@ -204,19 +211,23 @@ class ClaimSteps(StepsBase):
         zipped, not published itself) and the daemon's user could not empty it (a
         sub-folder of another user's it may not write in, as ``cp -r`` under umask 022
         makes): deposited, it would stay in the work folder for ever."""
-        if item.placement == "rename" and spec.config.directories != "zip":
-            return None  # the folder itself is moved into the archive: never emptied
-        blocked = treeremoval.unremovable_below(parent, name, max_depth=writers.MAX_DEPTH)
+        # a folder published in place is moved into the archive, never emptied; its
+        # members' modes are still changed there, which the two attributes forbid
+        in_place = item.placement == "rename" and spec.config.directories != "zip"
+        blocked = treeremoval.unremovable_below(
+            parent, name, max_depth=writers.MAX_DEPTH, permissions=not in_place
+        )
         if blocked is None:
             return None
         rel, why = blocked
         where = printable(str(src / rel if rel else src))
         if why.startswith("it is "):  # immutable or append-only: no permission helps
+            after = "be published" if in_place else "leave the work folder"
             return Outcome(
                 "transient",
                 "input-protected",
-                f"{src} is left in the inbox: {where} cannot be removed ({why}), so once "
-                "deposited the folder could never leave the work folder",
+                f"{src} is left in the inbox: {where} cannot be changed or removed "
+                f"({why}), so once deposited the folder could never {after}",
                 f"clear the attribute (chattr -i -a {where}) once the folder is finished; "
                 "it is claimed then",
             )

@@ -61,11 +61,12 @@ class ReleaseSteps(StepsBase):
                 # changed input (only the daemon writes in its work folder)
                 # changed from descriptors, never through a path: its writer may have kept
                 # a descriptor of a folder of it and swap a sub-folder for a link meanwhile
+                shown = str(spec.work_dir / os.fsdecode(gone))  # in messages
                 if fs.lstat(fs.work, gone) is not None:
-                    treeremoval.remove_tree_at(fs.work, gone)
+                    treeremoval.remove_tree_at(fs.work, gone, shown=shown)
                 if st is not None:
                     os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-                    treeremoval.remove_tree_at(fs.work, gone)
+                    treeremoval.remove_tree_at(fs.work, gone, shown=shown)
             seams.reached("after-release-source")
             sidecar = rejection.sidecar_work_name(item)
             if sidecar is not None:

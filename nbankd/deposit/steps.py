@@ -282,10 +282,14 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
         spec = self.inboxes(item.inbox)
         if spec is None:
             return _PROC_FD.sub("the work folder", message)
-        claimed = re.compile(r"/proc/self/fd/\d+/" + re.escape(item.token) + r"\b")
+        # the token itself, then a "/" or the path's end (never TOKEN.sidecar.yaml, the
+        # sidecar's name in the work folder, which is no path of the input's)
+        token = re.escape(item.token) + r"(?![\w.-])"
+        claimed = re.compile(
+            "(?:/proc/self/fd/\\d+|" + re.escape(str(spec.work_dir)) + ")/" + token
+        )
         shown = str(spec.path / item.relpath_str)
         message = claimed.sub(lambda _: shown, message)
-        message = message.replace(f"{spec.work_dir}/{item.token}", shown)
         return _PROC_FD.sub(lambda _: str(spec.work_dir), message)
 
     def drive(
