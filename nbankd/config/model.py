@@ -140,6 +140,10 @@ class InboxConfig:
     directories: Directories = "files"  # zip: each top-level folder deposited as its zip
     file_metadata: FileMetadata = "read"  # the datatype's metadata reader: read, skip, override
     rejected_dir: str = "rejected"  # normalised, relative to path
+    #: rejected folders the inbox used before ``rejected_dir`` changed and that still
+    #: exist: never a key of the file (the loader leaves it empty); the daemon fills it
+    #: from its record in state_dir (:mod:`nbankd.daemon.rejected_dirs`)
+    earlier_rejected_dirs: tuple[str, ...] = field(default=(), metadata={"config_key": False})
 
     @property
     def folder_resources(self) -> bool:
@@ -154,13 +158,30 @@ class InboxConfig:
     @property
     def exclusions(self) -> tuple[str, ...]:
         """Relative paths no scan lists and no wake-up reports: the work folder, the
-        rejected folder and the watch's liveness canary."""
-        return (WORK_DIR_NAME, self.rejected_dir, CANARY_NAME)
+        rejected folder (and every earlier one still there) and the watch's liveness
+        canary."""
+        return (WORK_DIR_NAME, self.rejected_dir, *self.earlier_rejected_dirs, CANARY_NAME)
 
     @property
     def rejected_path(self) -> Path:
         """Absolute path of the rejected folder (always inside the inbox)."""
         return self.path / self.rejected_dir
+
+    @property
+    def rejected_dirs(self) -> tuple[str, ...]:
+        """The rejected folder, then the earlier ones still there (relative paths)."""
+        return (self.rejected_dir, *self.earlier_rejected_dirs)
+
+    def rejected_dir_of(self, relpath: str) -> tuple[str, str] | None:
+        """(the rejected folder, current or earlier, that holds ``relpath``, the path
+        relative to it; ``""`` for the folder itself), or None outside all of them.
+        Of nested rejected folders the innermost holds it."""
+        for folder in sorted(self.rejected_dirs, key=len, reverse=True):
+            if relpath == folder:
+                return folder, ""
+            if relpath.startswith(folder + "/"):
+                return folder, relpath[len(folder) + 1 :]
+        return None
 
     def dtype_for(self, relpath: str) -> str | None:
         """The datatype from ``dtype_by_extension`` (last suffix, any case), else ``dtype``."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Collection
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -17,10 +20,12 @@ from nbankd import errors
 from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, load_config
 from nbankd.config.model import EMBEDDED_DB_NAME
-from nbankd.daemon import pauses, requeue, setup, statelock
+from nbankd.daemon import pauses, rejected_dirs, requeue, setup, statelock
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
+from nbankd.deposit.journal import Journal
+from nbankd.deposit.lifecycle import State
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
@@ -35,6 +40,7 @@ class Configuring:
     config: Config
     notifier: Any
     registry: Registry
+    journal: Journal
     registry_problem: str | None
     registry_setup: RegistrySetup
     reload_problem: str | None
@@ -55,7 +61,7 @@ class Configuring:
     if TYPE_CHECKING:  # the scanning half's (never defined here: first in the MRO)
 
         def request_rescan(self, inbox_key: str | None = None) -> None: ...
-        def _watch_inboxes(self) -> None: ...
+        def _watch_inboxes(self, keys: Collection[str] | None = None) -> None: ...
 
     def _probe_archives(self, cfg: Config) -> None:
         found = setup.probe_archives(cfg)
@@ -64,9 +70,13 @@ class Configuring:
             self.capabilities = found
             self.clock_ahead = ahead
 
-    def _apply_config(self, cfg: Config) -> None:
+    def _apply_config(self, cfg: Config) -> Config:
+        """Puts ``cfg`` in place of the running inboxes (their folders prepared first:
+        nothing changes when that fails) and returns it as the daemon runs it: each
+        inbox with its earlier rejected folders (:meth:`_with_earlier_rejected`)."""
         kept = self._not_adopted(cfg)
         folders = setup.prepare_inbox_folders(cfg, kept)
+        cfg, record = self._with_earlier_rejected(cfg)
         self._linked = {
             str(i.path): False if str(i.path) in kept else os.path.islink(i.path)
             for i in cfg.inboxes
@@ -78,6 +88,8 @@ class Configuring:
         for key, problem in placements.items():
             if problem is not None:  # tried again when the archive is there
                 log.info("inbox not taking deposits yet", inbox=key, error=problem)
+        if record is not None:  # the last check: a failure raises, nothing is applied
+            rejected_dirs.save(self.config.state_dir, record)
         for key, spec in self.specs.items():
             if key not in specs:
                 self.retired[key] = spec
@@ -109,6 +121,108 @@ class Configuring:
         still = sorted(k for k in new if k in persisted)
         if still:
             log.info("inboxes still paused (recorded in paused.json)", inboxes=still)
+        return cfg
+
+    def _with_earlier_rejected(self, cfg: Config) -> tuple[Config, rejected_dirs.Record | None]:
+        """``cfg`` with each inbox's earlier rejected folders: those it used before its
+        ``rejected_dir`` changed (recorded in state_dir, known to this process, or,
+        for an inbox the record has no entry for -- an upgrade --, where the
+        journal's rejections went) that still exist. Never scanned nor watched, they
+        stay for a person to requeue or remove (see :mod:`.rejected_dirs`). With it,
+        the record to write (None: unchanged), written by :meth:`_apply_config` once
+        nothing else can refuse the configuration and before anything is applied: a
+        failure raises and nothing is applied."""
+        state_dir = self.config.state_dir  # the running one (a new one needs a restart)
+        recorded, why = rejected_dirs.load(state_dir)
+        if why is not None:
+            log.error(
+                "cannot read the record of the inboxes' rejected folders; rewriting it "
+                "from the configuration and the journal",
+                file=str(state_dir / rejected_dirs.RECORD_NAME),
+                error=why,
+            )
+        record = dict(recorded)
+        inboxes = []
+        for inbox in cfg.inboxes:
+            key = str(inbox.path)
+            used = set(record.get(key, ()))
+            if key not in record:
+                used |= self._journaled_rejected_dirs(key, inbox.path)
+            previous = self.inboxes.get(key)
+            if previous is not None:  # what this process kept out of its scans until now
+                used |= set(previous.config.rejected_dirs)
+            earlier = tuple(
+                sorted(
+                    d
+                    for d in used - {inbox.rejected_dir}
+                    if rejected_dirs.valid(d) and rejected_dirs.present(inbox.path, d)
+                )
+            )
+            record[key] = tuple(sorted({inbox.rejected_dir, *earlier}))
+            for folder in earlier:
+                if previous is None or folder not in previous.config.rejected_dirs:
+                    log.warning(
+                        "an earlier rejected folder of the inbox is left alone: never "
+                        "scanned, never deposited; requeue or move out what it holds, "
+                        "then remove it",
+                        inbox=key,
+                        folder=str(inbox.path / folder),
+                        rejected_dir=inbox.rejected_dir,
+                    )
+            inboxes.append(replace(inbox, earlier_rejected_dirs=earlier))
+        changed = record != recorded or why is not None
+        return replace(cfg, inboxes=tuple(inboxes)), record if changed else None
+
+    def _journaled_rejected_dirs(self, key: str, inbox: Path) -> set[str]:
+        """The rejected folders the journal's rejections from inbox ``key`` went to
+        (a state_dir from before the record was kept)."""
+        journal = getattr(self, "journal", None)
+        if journal is None:
+            return set()
+        rejections = [
+            (i.rejected_relpath, i.reason_json)
+            for i in journal.in_state(State.REJECTED, inbox_prefix=key)
+            if i.inbox == key and i.rejected_relpath
+        ]
+        return rejected_dirs.from_journal(inbox, rejections)
+
+    def _forget_rejected_dirs(self, key: str, gone: Collection[str]) -> None:
+        """Earlier rejected folders of inbox ``key`` a scan found removed: forgotten
+        (in the record too), so a folder of that name made later is scanned as any
+        other; the watch follows."""
+        with self._lock:
+            state = self.inboxes.get(key)
+            if state is None:
+                return
+            inbox = state.config
+            earlier = tuple(d for d in inbox.earlier_rejected_dirs if d not in gone)
+            if earlier == inbox.earlier_rejected_dirs:
+                return
+            inbox = replace(inbox, earlier_rejected_dirs=earlier)
+            state.config = inbox
+            spec = self.specs.get(key)
+            if spec is not None:
+                self.specs[key] = replace(spec, config=inbox)
+            self.config = replace(
+                self.config,
+                inboxes=tuple(inbox if str(i.path) == key else i for i in self.config.inboxes),
+            )
+            recorded, why = rejected_dirs.load(self.config.state_dir)
+            record = dict(recorded)
+            record[key] = tuple(d for d in record.get(key, ()) if d not in gone)
+            try:
+                if why is None and record != recorded:
+                    rejected_dirs.save(self.config.state_dir, record)
+            except rejected_dirs.RecordError as err:  # the next start forgets it then
+                log.warning("cannot update the record of rejected folders", error=str(err))
+        for folder in sorted(gone):
+            log.info(
+                "an earlier rejected folder was removed; a folder of that name is an "
+                "ordinary part of the inbox from now on",
+                inbox=key,
+                folder=str(inbox.path / folder),
+            )
+        self._watch_inboxes([key])
 
     def _recover_requeues(self, keys: list[str] | None) -> None:
         """Recovers the stopped requeues into the inboxes ``keys`` (None: all, at start;
@@ -211,7 +325,8 @@ class Configuring:
                 # kept whole, so that the next reload compares against it and tries again
                 registry = _open_new_registry(cfg)
             with self._lock:
-                self._apply_config(cfg)  # its folders first: nothing changed if they fail
+                # its folders and rejected folders first: nothing changed if they fail
+                cfg = self._apply_config(cfg)
                 self.config = cfg
         except Exception as err:  # a bad file, a folder it names that cannot be made, or
             if registry is not None:  # a new registry that cannot be opened

@@ -13,7 +13,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import structlog
 
 from nbankd import seams
 from nbankd.config import Config
-from nbankd.daemon import setup
+from nbankd.daemon import rejected_dirs, setup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit import folderproof
@@ -82,12 +82,18 @@ class InboxScanning:
     def _journal_ok(self) -> None:
         raise NotImplementedError  # the daemon's journal health
 
+    def _forget_rejected_dirs(self, key: str, gone: Collection[str]) -> None:
+        raise NotImplementedError  # the daemon's configuring half
+
     # -- watching and scanning ------------------------------------------------------
 
-    def _watch_inboxes(self) -> None:
+    def _watch_inboxes(self, keys: Collection[str] | None = None) -> None:
+        """Watches every inbox (or those of ``keys``) as configured now."""
         if self.observer is None:
             return
-        for key, state in self.inboxes.items():
+        for key, state in list(self.inboxes.items()):
+            if keys is not None and key not in keys:
+                continue
             inbox = state.config
             self.observer.add_inbox(
                 key,
@@ -178,6 +184,10 @@ class InboxScanning:
             self.observer.accept_root(key, root_id)
         if tampered is not None:  # nothing is listed or watched through a replaced folder
             return
+        gone = [d for d in inbox.earlier_rejected_dirs if not rejected_dirs.present(inbox.path, d)]
+        if gone:  # removed by a person: an ordinary folder name of the inbox again
+            self._forget_rejected_dirs(key, gone)
+            inbox = state.config
         folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
         entries = scan_inbox(
             inbox.path,

@@ -131,7 +131,8 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self._state_ids = statelock.identities(cfg.state_dir, *self._state_files)
         for warning in cfg.warnings:  # check-config lists them too
             log.warning("configuration warning", problem=str(warning))
-        self._apply_config(cfg)
+        # each inbox with its earlier rejected folders, never scanned
+        self.config = cfg = self._apply_config(cfg)
         # the last deposit of each inbox, as its receipts say (silent-inbox alerts, metrics)
         self.tally.last_deposit.update(last_deposits(cfg.state_dir / "receipts", self.inboxes))
         self.steps = Steps(
