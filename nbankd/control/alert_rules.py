@@ -314,12 +314,16 @@ def conditions(
                 )
             )
         folder = entry.get("rejected_dir") or f"{inbox}/rejected"
+        earlier = [str(e.get("path")) for e in entry.get("earlier_rejected_dirs") or []]
         if inbox in rejected:
             for path in rejected[inbox]:
+                # an input in an earlier rejected folder (rejected_dir changed) waits there
+                holding = [f for f in (folder, *earlier) if path.startswith(f + "/")]
+                where = max(holding, key=len, default=folder)
                 out.append(
                     Condition(
                         f"rejected:{path}",
-                        f"{path} was rejected (it waits in {folder})",
+                        f"{path} was rejected (it waits in {where})",
                         f"nbankctl explain {path} (its .reason file is beside it)",
                         kind="rejected",
                         inbox=inbox,

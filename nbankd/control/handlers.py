@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from nbankd import errors
-from nbankd.config import load_config, parse_duration
+from nbankd.config import InboxConfig, load_config, parse_duration
 from nbankd.control import deposit_handlers, job_handlers, registry_check
 from nbankd.control.protocol import QUEUE_LIMIT, ProtocolError, no_nul, wait_arg
 from nbankd.daemon import explain as explain_mod
@@ -137,7 +137,9 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     for entry in result["inboxes"]:
         state = inboxes.get(entry["path"])
         waiting = (
-            sum(1 for _ in requeue_mod.rejected_inputs(state.config)) if state is not None else 0
+            sum(1 for _ in requeue_mod.rejected_inputs(state.config, state.config.rejected_dir))
+            if state is not None
+            else 0
         )
         entry["in_rejected_folder"] = waiting
         entry["rejected_dir"] = str(state.config.rejected_path) if state is not None else None
@@ -145,6 +147,20 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             result["degraded"].append(
                 f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
             )
+        entry["earlier_rejected_dirs"] = []
+        if state is not None:
+            for earlier in _earlier_rejected(state.config):
+                entry["earlier_rejected_dirs"].append(earlier)
+                if earlier["empty"]:
+                    continue
+                result["degraded"].append(
+                    f"{earlier['rejected_inputs']} rejected input(s) still in "
+                    f"{earlier['path']}, an earlier rejected folder of {entry['path']} "
+                    f"(rejected_dir is now {state.config.rejected_dir}): nbankd never "
+                    "deposits from it; requeue them (nbankctl requeue --all-rejected "
+                    f"{entry['path']}, or nbankctl requeue FILE) or move them out, then "
+                    "remove the folder"
+                )
         if state is not None:
             unowned, problem = orphans.check(state.config.work_dir, daemon.journal.known_tokens)
             entry["unowned_work_files"] = unowned
@@ -170,6 +186,24 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         result.update(last_audit=None, next_audit=None, audit_running=None)
     result["healthy"] = not result["degraded"]
     return result
+
+
+def _earlier_rejected(inbox: InboxConfig) -> list[dict[str, Any]]:
+    """Each earlier rejected folder of ``inbox`` still there (``rejected_dir`` changed
+    since it was used): its path, its rejected inputs and whether it is empty (another
+    rejected folder nested in it aside)."""
+    out = []
+    nested = {str(inbox.path / d) for d in inbox.rejected_dirs}
+    for folder in inbox.earlier_rejected_dirs:
+        path = inbox.path / folder
+        try:
+            with os.scandir(path) as entries:
+                empty = all(e.path in nested for e in entries)
+        except OSError:  # cannot be looked in: not known to be empty
+            empty = False
+        count = sum(1 for _ in requeue_mod.rejected_inputs(inbox, folder))
+        out.append({"path": str(path), "rejected_inputs": count, "empty": empty})
+    return out
 
 
 QUEUE_SCAN_WAIT = 5.0  # seconds queue waits for a fresh scan of the inboxes

@@ -93,14 +93,42 @@ def locate(
     return None
 
 
-def in_rejected(config: InboxConfig, relpath: str) -> str | None:
-    """The path relative to the rejected folder, when ``relpath`` lies inside it."""
-    top = config.rejected_dir.rstrip("/")
-    if relpath == top:
-        return ""
-    if relpath.startswith(top + "/"):
-        return relpath[len(top) + 1 :]
-    return None
+def in_rejected(config: InboxConfig, relpath: str) -> tuple[Path, str] | None:
+    """(the rejected folder, absolute, and the path relative to it) when ``relpath``
+    lies inside the inbox's rejected folder or an earlier one still there (after
+    ``rejected_dir`` changed); the relative path is ``""`` for the folder itself."""
+    found = config.rejected_dir_of(relpath)
+    if found is None:
+        return None
+    return config.path / found[0], found[1]
+
+
+def rejected_folder_for(config: InboxConfig, item: Item) -> Path:
+    """The rejected folder, current or earlier, that ``item``'s rejection went to (as
+    its journaled reason says), else the current one."""
+    try:
+        where = json.loads(item.reason_json or "{}").get("rejected_path")
+    except (ValueError, AttributeError):
+        where = None
+    if isinstance(where, str) and item.rejected_relpath:
+        parts = [p for p in os.fsdecode(item.rejected_relpath).split("/") if p]
+        folder = Path(where)
+        for _ in parts:
+            folder = folder.parent
+        for rel in config.rejected_dirs:
+            if folder == config.path / rel:
+                return folder
+    return config.rejected_path
+
+
+def _went_elsewhere(item: Item, path: Path) -> bool:
+    """Whether ``item``'s journaled reason puts it at another path than ``path``: the
+    same name in another rejected folder (``rejected_dir`` changed since)."""
+    try:
+        where = json.loads(item.reason_json or "{}").get("rejected_path")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(where, str) and where != str(path)
 
 
 def read_reason(path: Path) -> dict[str, Any] | None:
@@ -113,34 +141,50 @@ def read_reason(path: Path) -> dict[str, Any] | None:
 
 
 def rejected_item(
-    key: str, config: InboxConfig, rrel: str, journal: JournalView
+    key: str,
+    config: InboxConfig,
+    rrel: str,
+    journal: JournalView,
+    folder: Path | None = None,
 ) -> tuple[str, Item | None, dict[str, Any] | None]:
-    """For a path in the rejected folder: the rejected input's relpath, item and reason.
+    """For a path in a rejected folder (``folder``, absolute; the current one by
+    default): the rejected input's relpath, item and reason.
 
-    ``rrel`` may name the input itself, its ``.reason`` file, sidecar or marker.
+    ``rrel`` may name the input itself, its ``.reason`` file, sidecar or marker. An
+    item whose rejection went to the same name in another rejected folder is not
+    this input's.
     """
-    folder = config.rejected_path
+    folder = config.rejected_path if folder is None else folder
+
+    def find(cand: str) -> Item | None:
+        item = journal.find_rejected(key, os.fsencode(cand))
+        return None if item is None or _went_elsewhere(item, folder / cand) else item
+
     candidates = [rrel]
     for suffix in (REASON_SUFFIX, *SIDECAR_SUFFIXES, MARKER_SUFFIX):
         if rrel.endswith(suffix) and len(rrel) > len(suffix):
             candidates.append(rrel[: -len(suffix)])
     for cand in candidates:
-        item = journal.find_rejected(key, os.fsencode(cand))
+        item = find(cand)
         if item is not None:
-            return cand, item, reason_for(config, cand, item)
+            return cand, item, reason_for(config, cand, item, folder)
     if rrel.endswith(REASON_SUFFIX):  # a shortened reason name: the file says where
         reason = read_reason(folder / rrel)
         if reason and reason.get("rejected_path"):
             cand = os.path.relpath(str(reason["rejected_path"]), folder)
-            return cand, journal.find_rejected(key, os.fsencode(cand)), reason
-    reason = reason_for(config, rrel, None)
+            return cand, find(cand), reason
+    reason = reason_for(config, rrel, None, folder)
     return rrel, None, reason
 
 
-def reason_for(config: InboxConfig, rrel: str, item: Item | None) -> dict[str, Any] | None:
-    """The ``NAME.reason`` on disk, else the reason the journal kept."""
+def reason_for(
+    config: InboxConfig, rrel: str, item: Item | None, folder: Path | None = None
+) -> dict[str, Any] | None:
+    """The ``NAME.reason`` on disk (in ``folder``, the current rejected folder by
+    default), else the reason the journal kept."""
+    folder = config.rejected_path if folder is None else folder
     sub, base = os.path.split(os.fsencode(rrel))
-    on_disk = read_reason(config.rejected_path / os.fsdecode(os.path.join(sub, reason_name(base))))
+    on_disk = read_reason(folder / os.fsdecode(os.path.join(sub, reason_name(base))))
     if on_disk is not None:
         return on_disk
     if item is not None and item.reason_json:
@@ -185,8 +229,10 @@ def _rejected_answer(
     item: Item | None,
     reason: Any,
     config_source: Path | None,
+    folder: Path | None = None,
 ) -> dict[str, Any]:
-    rejected_path = str(config.rejected_path / rrel)
+    folder = config.rejected_path if folder is None else folder
+    rejected_path = str(folder / rrel)
     present = os.path.lexists(rejected_path)
     original = (reason or {}).get("original_path")
     if item is not None:
@@ -341,14 +387,22 @@ def explain(
     if rel == "":
         out.update(state="inbox", paused=view.paused, message="an inbox folder")
         return out
-    rrel = in_rejected(config, rel)
-    if rrel is not None:
+    found = in_rejected(config, rel)
+    if found is not None:
+        folder, rrel = found
+        earlier = folder != config.rejected_path
         if rrel == "":
             out.update(state="internal", message="the inbox's rejected folder")
+            if earlier:
+                out["message"] = (
+                    f"an earlier rejected folder of the inbox (rejected_dir is now "
+                    f"{config.rejected_dir}): nbankd never deposits what it holds; requeue "
+                    "or move out what is in it, then remove it to have it scanned again"
+                )
             return out
-        input_rel, item, reason = rejected_item(key, config, rrel, journal)
+        input_rel, item, reason = rejected_item(key, config, rrel, journal, folder)
         if item is None and reason is None:
-            present = os.path.lexists(config.rejected_path / rrel)
+            present = os.path.lexists(folder / rrel)
             out.update(state="in-rejected-folder" if present else "not-found")
             out["message"] = (
                 "in the rejected folder, but no reason is recorded for it"
@@ -356,7 +410,7 @@ def explain(
                 else "nothing there, and nothing journaled under that name"
             )
             return out
-        return _rejected_answer(out, config, input_rel, item, reason, config_source)
+        return _rejected_answer(out, config, input_rel, item, reason, config_source, folder)
     if rel.split("/")[0] == WORK_DIR_NAME:
         out.update(state="internal", message="nbankd's work folder: in-progress files")
         return out
@@ -397,8 +451,9 @@ def explain(
         return out
     if latest.state is State.REJECTED and latest.rejected_relpath is not None:
         rrel = os.fsdecode(latest.rejected_relpath)
-        reason = reason_for(config, rrel, latest)
-        return _rejected_answer(out, config, rrel, latest, reason, config_source)
+        folder = rejected_folder_for(config, latest)
+        reason = reason_for(config, rrel, latest, folder)
+        return _rejected_answer(out, config, rrel, latest, reason, config_source, folder)
     out.update(state="not-found", previous={"state": str(latest.state), "token": latest.token})
     out["message"] = {
         State.RETURNED: "nothing there now; it was put back after changing while being deposited",

@@ -35,7 +35,15 @@ import structlog
 from nbankd import errors, seams
 from nbankd.archive import fsops
 from nbankd.config import InboxConfig
-from nbankd.daemon.explain import in_rejected, locate, read_reason, reason_for, rejected_item
+from nbankd.daemon import rejected_dirs
+from nbankd.daemon.explain import (
+    in_rejected,
+    locate,
+    read_reason,
+    reason_for,
+    rejected_folder_for,
+    rejected_item,
+)
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
@@ -72,7 +80,12 @@ class Plan:
     token: str | None = None
     reason: dict[str, Any] = field(default_factory=dict)
     root: Path = Path("/")  # the inbox folder
-    rejected_dir: Path = Path("/")  # its rejected folder
+    rejected_dir: Path = Path("/")  # its rejected folder (current, or an earlier one)
+
+    @property
+    def rejected_rel(self) -> str:
+        """The rejected folder relative to the inbox folder."""
+        return os.path.relpath(self.rejected_dir, self.root)
 
 
 def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journal: Any) -> Plan:
@@ -83,10 +96,11 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         raise NothingToRequeue(f"{printable(text)} is not in any inbox")
     key, rel = where
     config = configs[key]
-    rrel = in_rejected(config, rel)
-    if rrel is not None and rrel != "":
-        input_rel, item, reason = rejected_item(key, config, rrel, journal)
-    elif rrel is None and rel:
+    found = in_rejected(config, rel)  # the rejected folder, or an earlier one still there
+    if found is not None and found[1] != "":
+        folder, rrel = found
+        input_rel, item, reason = rejected_item(key, config, rrel, journal, folder)
+    elif found is None and rel:
         relb = os.fsencode(rel)
         if journal.active_for(key, relb) is not None:
             raise RequeueConflict(f"{printable(text)} is being deposited right now")
@@ -98,10 +112,11 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
                 what = "was not rejected"
             raise NothingToRequeue(f"{printable(text)} {what}; nothing to requeue")
         input_rel = os.fsdecode(item.rejected_relpath)
-        reason = reason_for(config, input_rel, item)
+        folder = rejected_folder_for(config, item)
+        reason = reason_for(config, input_rel, item, folder)
     else:
         raise NothingToRequeue(f"{printable(text)} is a folder, not a rejected input")
-    rejected = config.rejected_path / input_rel
+    rejected = folder / input_rel
     if not os.path.lexists(rejected):
         raise NothingToRequeue(
             f"{printable(str(rejected))} is not in the rejected folder (already requeued?)"
@@ -150,7 +165,7 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         token=item.token if item is not None else None,
         reason=dict(reason or {}),
         root=config.path,
-        rejected_dir=config.rejected_path,
+        rejected_dir=folder,
     )
 
 
@@ -169,6 +184,9 @@ def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any
     its work folder and its rejected folder are checked against what was recorded
     at start (``spec``), so an inbox or rejected folder swapped for a link or
     another folder stops the requeue, naming it, and nothing is moved through it.
+    An earlier rejected folder (``rejected_dir`` changed since) has no recorded
+    identity: it must be a real folder on the inbox's filesystem, reached from the
+    inbox folder without a link.
     When a move fails (a name taken meanwhile, a filesystem error), what had already
     moved (sidecar, marker) goes back to the rejected folder: it never stays in the
     inbox beside another file. ``record``: where the plan is written (durably) before
@@ -176,7 +194,7 @@ def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any
     way is undone at the next start (:func:`recover`).
     """
     done: list[list[str]] = []
-    with spec.open_fs() as fs:
+    with spec.open_fs(rejected=p.rejected_rel) as fs:
         fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
         fs.rejected  # noqa: B018
         if record is not None:  # before the first move: a crash between moves is undone
@@ -302,7 +320,7 @@ def _write_record(record: Path, p: Plan, fs: InboxFS) -> None:
             }
         )
     reason = None if p.reason_file is None else os.fsdecode(_rel(p.reason_file, p.rejected_dir))
-    data = {"inbox": p.inbox, "moves": moves, "reason": reason}
+    data = {"inbox": p.inbox, "moves": moves, "reason": reason, "rejected_dir": p.rejected_rel}
     fsops.write_atomic(record, json.dumps(data).encode(), mode=0o600)
 
 
@@ -351,7 +369,7 @@ def _recover_locked(
         records += [record_path(state_dir, key) for key in sorted(keys)]
     for record in records:
         try:
-            key, moves, reason = _read_record(record)
+            key, moves, reason, folder = _read_record(record)
         except FileNotFoundError:
             continue
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -374,7 +392,7 @@ def _recover_locked(
             continue
         try:
             if moves:
-                result.done.append(_recover_one(spec, key, moves, reason))
+                result.done.append(_recover_one(spec, key, moves, reason, folder))
         except (errors.NbankdError, OSError) as err:
             why = err.strerror or err if isinstance(err, OSError) else err
             result.failed.append(f"a requeue into {key} (record {record}): {why}")
@@ -383,18 +401,23 @@ def _recover_locked(
     return result
 
 
-def _read_record(record: Path) -> tuple[str, list[dict[str, Any]], str | None]:
-    """The inbox, moves and reason file a record lists; ValueError when it is not a
-    record requeue wrote."""
+def _read_record(record: Path) -> tuple[str, list[dict[str, Any]], str | None, str | None]:
+    """The inbox, moves, reason file and rejected folder a record lists; ValueError
+    when it is not a record requeue wrote. The rejected folder (relative to the inbox)
+    is the one the input was taken from; absent from older records: None, the inbox's
+    rejected folder."""
     data = json.loads(record.read_bytes())
     key, moves, reason = data["inbox"], data["moves"], data.get("reason")
+    folder = data.get("rejected_dir")
+    if folder is not None and not rejected_dirs.valid(folder):
+        raise ValueError(f"{folder!r} is no rejected folder inside the inbox")
     good = isinstance(key, str) and isinstance(moves, list) and isinstance(reason, str | None)
     for move in moves if good else ():
         good = good and isinstance(move, dict) and isinstance(move.get("id"), list)
         good = good and all(isinstance(move.get(k), str) for k in ("from", "to"))
     if not good:
         raise ValueError("not a requeue record")
-    return key, moves, reason
+    return key, moves, reason, folder
 
 
 def _listing(state_dir: Path) -> list[Path]:
@@ -421,8 +444,12 @@ def _adopt_legacy(legacy: Path, record: Path) -> Path:
     return record
 
 
-def _recover_one(spec: InboxSpec, key: str, moves: list[dict[str, Any]], reason: Any) -> str:
-    with spec.open_fs() as fs:
+def _recover_one(
+    spec: InboxSpec, key: str, moves: list[dict[str, Any]], reason: Any, folder: str | None
+) -> str:
+    """Finishes or undoes one stopped requeue into inbox ``key``, taken from its
+    rejected folder ``folder`` (None: the inbox's rejected folder now)."""
+    with spec.open_fs(rejected=folder) as fs:
         fs.work  # noqa: B018 - the inbox folder is the daemon's (opening it is the check)
         fs.rejected  # noqa: B018
 
@@ -448,10 +475,18 @@ def _recover_one(spec: InboxSpec, key: str, moves: list[dict[str, Any]], reason:
         )
 
 
-def rejected_inputs(config: InboxConfig) -> Iterator[Path]:
-    """Every input sitting in the inbox's rejected folder (one per ``NAME.reason``)."""
-    folder = config.rejected_path
-    for dirpath, _dirs, files in os.walk(folder):
+def rejected_inputs(config: InboxConfig, folder: str | None = None) -> Iterator[Path]:
+    """Every input sitting in the inbox's rejected folder ``folder`` (relative to the
+    inbox), one per ``NAME.reason``; without ``folder``, in the rejected folder and
+    then in each earlier one still there. Another rejected folder nested inside the
+    one walked is left to its own walk."""
+    if folder is None:
+        for each in config.rejected_dirs:
+            yield from rejected_inputs(config, each)
+        return
+    others = {config.path / d for d in config.rejected_dirs if d != folder}
+    for dirpath, dirs, files in os.walk(config.path / folder):
+        dirs[:] = [d for d in dirs if Path(dirpath, d) not in others]
         for name in sorted(files):
             if not name.endswith(REASON_SUFFIX):
                 continue

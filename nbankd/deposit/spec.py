@@ -162,12 +162,26 @@ class InboxSpec:
     def work_dir(self) -> Path:
         return self.config.work_dir
 
-    def open_fs(self) -> InboxFS:
-        """The inbox folder, opened once, with its checked work and rejected folders."""
+    def open_fs(self, *, rejected: str | None = None) -> InboxFS:
+        """The inbox folder, opened once, with its checked work and rejected folders.
+
+        ``rejected``: another rejected folder (relative to the inbox) to reach instead,
+        an earlier one of the inbox (``nbankctl requeue`` takes inputs out of it): no
+        identity was recorded for it, so it is only checked to be a real folder on
+        the inbox's filesystem, reached without a link."""
+        current = os.path.relpath(self.rejected_dir, self.path)
+        if rejected is not None and rejected != current:
+            return InboxFS(
+                self.path,
+                work=WORK_DIR_NAME,
+                rejected=rejected,
+                work_id=self.work_id,
+                work_proof=self.work_proof,
+            )
         return InboxFS(
             self.path,
             work=WORK_DIR_NAME,
-            rejected=os.path.relpath(self.rejected_dir, self.path),
+            rejected=current,
             work_id=self.work_id,
             rejected_id=self.rejected_id,
             work_proof=self.work_proof,
