@@ -49,9 +49,7 @@ def _errors(h: DaemonHarness) -> list[dict[str, Any]]:
     return [r for r in _rows(h) if r["code"] and "changed" not in r["code"]]
 
 
-def _daemon(
-    daemon_factory: Any, ns: MountNamespace | None = None, **options: Any
-) -> DaemonHarness:
+def _daemon(daemon_factory: Any, ns: MountNamespace | None = None, **options: Any) -> DaemonHarness:
     h: DaemonHarness = daemon_factory(
         wrap_argv=ns.enter if ns is not None else [],
         inbox_options={
