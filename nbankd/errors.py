@@ -86,6 +86,15 @@ class ArchiveUnavailable(ArchiveError):
     exit_code = EXIT_UNREACHABLE
 
 
+class ArchiveUnregistered(ArchiveError):
+    """The registry does not record the archive under its configured name with its
+    configured folder as root (no such archive, or that name at another root): a
+    deposit there would be located where its file is not. Its inputs wait."""
+
+    code = "archive-unregistered"
+    transient = True
+
+
 class ResourceExists(ArchiveError):
     """A different file is already stored under this identifier."""
 

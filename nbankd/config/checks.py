@@ -12,7 +12,6 @@ than raising, so ``nbankd check-config`` and start-up can report everything.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from nbankd.config.model import (
     InboxConfig,
     Problem,
     Severity,
+    resolved_path,
 )
 from nbankd.filekind import FileKind
 from nbankd.names import PROBE_PREFIX, WORK_DIR_NAME
@@ -251,19 +251,6 @@ def _check_inbox_links(report: _Report, index: int, path: Path) -> None:
             report.add(key, f"{err}; nbankd run as this user refuses to start", hint=err.hint)
 
 
-def _same_root(recorded: str, archive: ArchiveConfig) -> bool:
-    """True when a registry root names the archive's folder (as given, or symlinks resolved,
-    as ``nbank init`` registers it)."""
-    return os.path.normpath(recorded) in {str(archive.path), _resolved(archive.path)}
-
-
-def _resolved(path: Path) -> str:
-    """The path with symlinks resolved, or as given when that fails."""
-    with contextlib.suppress(OSError, RuntimeError):
-        return str(path.resolve())
-    return str(path)
-
-
 def check_against_registry(config: Config, registry: Registry) -> list[Problem]:
     """What the registry says about the configuration; problems, never raises for them.
 
@@ -342,7 +329,7 @@ def _check_archive(
     key = f"archives[{index}]"
     record = registry.get_archive(archive.name)
     if record is not None:
-        if record.scheme != ARCHIVE_SCHEME or not _same_root(record.root, archive):
+        if not archive.has_root(record.scheme, record.root):
             report.add(
                 f"{key}.path",
                 f"archive {archive.name!r} is registered as {record.scheme}:{record.root}, "
@@ -351,8 +338,8 @@ def _check_archive(
             )
         return
     by_root = registry.find_archive_by_root(archive.root, ARCHIVE_SCHEME)
-    if by_root is None and _resolved(archive.path) != archive.root:
-        by_root = registry.find_archive_by_root(_resolved(archive.path), ARCHIVE_SCHEME)
+    if by_root is None and resolved_path(archive.path) != archive.root:
+        by_root = registry.find_archive_by_root(resolved_path(archive.path), ARCHIVE_SCHEME)
     if by_root is not None:
         report.add(
             f"{key}.name",

@@ -7,6 +7,8 @@ are float seconds. Mappings are read-only views.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -112,6 +114,22 @@ class ArchiveConfig:
     @property
     def nbank_json(self) -> Path:
         return self.path / "nbank.json"
+
+    def has_root(self, scheme: str, root: str) -> bool:
+        """True when a registry record of (``scheme``, ``root``) names this archive's
+        folder: scheme ``neurobank``, root its path as given or with symbolic links
+        resolved (as ``nbank init`` registers it)."""
+        return scheme == ARCHIVE_SCHEME and os.path.normpath(root) in {
+            str(self.path),
+            resolved_path(self.path),
+        }
+
+
+def resolved_path(path: Path) -> str:
+    """``path`` with symbolic links resolved, or as given when that fails."""
+    with contextlib.suppress(OSError, RuntimeError):
+        return str(path.resolve())
+    return str(path)
 
 
 @dataclass(frozen=True)

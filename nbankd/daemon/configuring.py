@@ -32,6 +32,10 @@ from nbankd.registry.base import Registry
 
 log = structlog.get_logger("nbankd.daemon")
 
+#: error codes of items waiting for the registry's record of an archive: tried again
+#: at once after a reload (or once the registry is put right)
+RECONFIGURED = frozenset({errors.ArchiveUnregistered.code})
+
 
 class Configuring:
     """Applying and reloading the configuration (see the module's text)."""
@@ -62,6 +66,7 @@ class Configuring:
 
         def request_rescan(self, inbox_key: str | None = None) -> None: ...
         def _watch_inboxes(self, keys: Collection[str] | None = None) -> None: ...
+        def _retry_waiting(self, codes: frozenset[str]) -> None: ...
 
     def _probe_archives(self, cfg: Config) -> None:
         found = setup.probe_archives(cfg)
@@ -289,6 +294,7 @@ class Configuring:
             self.registry_problem = None  # the registry answered
         if retry and not result.retry:
             self.request_rescan()  # an archive may have just been made or registered
+            self._retry_waiting(RECONFIGURED)
 
     def reload(self) -> str | None:
         """Re-reads the configuration file (SIGHUP); keeps running on a bad file.
@@ -349,6 +355,7 @@ class Configuring:
             self._prepare_registry()
             self._probe_archives(cfg)
             self._watch_inboxes()
+            self._retry_waiting(RECONFIGURED)  # waiting on the archive's record
         except Exception as err:  # a bug: the new file is in use, a step after it failed
             problem = f"{cfg.source} is in use, but a step after it failed: {_failure(err, cfg)}"
             log.exception("reload failed after applying the configuration", error=problem)

@@ -14,8 +14,9 @@ wait for a reload instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -42,6 +43,11 @@ def open_configured_registry(config: Config) -> Registry:
     )
 
 
+#: (registry URL, archive name, archive root) -> why deposits into that archive wait
+#: (its registry record missing or at another root), or None: checked, registered there
+Registrations = Mapping[tuple[str, str, str], str | None]
+
+
 @dataclass(frozen=True)
 class SetupResult:
     """What one run of the start-up checks left undone."""
@@ -50,6 +56,8 @@ class SetupResult:
     registry_transient: bool = False
     archive_problems: tuple[setup.ArchiveProblem, ...] = ()
     missing_datatypes: tuple[str, ...] = ()
+    #: what the run found of each archive's registration (those it could check)
+    registrations: Registrations = field(default_factory=dict)
 
     @property
     def retry(self) -> bool:
@@ -66,7 +74,19 @@ def check(config: Config, registry: Registry) -> SetupResult:
         problems = setup.ensure_archives(config, registry)
     except errors.RegistryError as err:
         return SetupResult(registry_problem=str(err), registry_transient=err.transient)
-    return SetupResult(archive_problems=tuple(problems), missing_datatypes=tuple(missing))
+    # an archive without a problem was found registered; one with a problem of another
+    # kind (unmounted, the registry's answer lost) is not known: a deposit asks
+    found = {p.archive: p for p in problems}
+    registrations = {
+        (registry.url, a.name, a.root): found[a.name].message if a.name in found else None
+        for a in config.archives
+        if a.name not in found or found[a.name].unregistered
+    }
+    return SetupResult(
+        archive_problems=tuple(problems),
+        missing_datatypes=tuple(missing),
+        registrations=registrations,
+    )
 
 
 class RegistrySetup:
@@ -79,6 +99,8 @@ class RegistrySetup:
         self.failures = 0
         self.due: float | None = None  # when to run again; None: nothing to retry
         self.last = SetupResult()
+        self._asked: dict[tuple[str, str, str], str | None] = {}  # see registration()
+        self._asked_lock = threading.Lock()
 
     def run(self, config: Config, registry: Registry, *, retry: bool = False) -> SetupResult:
         """Runs the checks now, logs their problems, and schedules a retry if needed.
@@ -94,8 +116,32 @@ class RegistrySetup:
                 self.due = self._clock() + min(cap, backoff_delay(self.failures))
             else:
                 self.failures, self.due = 0, None
-            self.last = result
+            with self._asked_lock:
+                self.last = result
+                self._asked = {}
             return result
+
+    def registration(
+        self, registry: Registry, name: str, path: Path, *, ask: bool = True
+    ) -> str | None:
+        """Why deposits into archive ``name`` at ``path`` wait (``registry`` has no
+        record of that name with that root: :func:`~nbankd.daemon.setup.registration_problem`),
+        or None: as the last run of the checks found it, else (an archive configured
+        since, or one the run could not check) asked now and remembered until the next
+        run; with ``ask`` false, never asked (None when not known). A registry that does
+        not answer raises (the deposit step waits)."""
+        key = (registry.url, name, str(path))
+        with self._asked_lock:
+            last, asked = self.last.registrations, self._asked
+            if key in last:
+                return last[key]
+            if key in asked or not ask:
+                return asked.get(key)
+        problem = setup.registration_problem(registry, name, path)
+        with self._asked_lock:
+            if asked is self._asked:  # not a run's since: it found what is true now
+                asked[key] = problem
+        return problem
 
     def retry_if_due(self, now: float, run: Callable[[], object]) -> float | None:
         """Starts ``run`` in a thread when a retry is due; returns the next due time."""

@@ -22,6 +22,7 @@ import structlog
 from nbankd import seams
 from nbankd.config import Config
 from nbankd.daemon import rejected_dirs, setup
+from nbankd.daemon.registry_setup import RegistrySetup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit import folderproof
@@ -71,6 +72,7 @@ class InboxScanning:
     specs: dict[str, InboxSpec]
     journal: Journal
     registry: Registry
+    registry_setup: RegistrySetup
     observer: InboxWatcher | None
     state_problem: str | None
     _wake: Wakeup
@@ -156,8 +158,9 @@ class InboxScanning:
         state.last_scan_tick = now
         state.scans += 1
         state.next_scan = now + inbox.rescan_every
+        archive = self.config.archive_for(inbox)
         problem = setup.archive_usable(
-            self.config.archive_for(inbox).path, self.registry.url, self.config.registry_aliases
+            archive.path, self.registry.url, self.config.registry_aliases
         )
         if problem != state.archive_problem:
             if problem is None:
@@ -165,6 +168,17 @@ class InboxScanning:
             else:
                 log.error("archive not usable; deposits wait", inbox=key, error=problem)
         state.archive_problem = problem
+        # as the registry checks found it (never asked here): its inputs wait at their
+        # claim, which asks when it is not known
+        registration = self.registry_setup.registration(
+            self.registry, archive.name, archive.path, ask=False
+        )
+        if registration != state.registration_problem:
+            if registration is None:
+                log.info("archive registered where configured; deposits resume", inbox=key)
+            else:
+                log.error("archive not registered where configured", inbox=key, error=registration)
+        state.registration_problem = registration
         spec = self.specs.get(key)
         tampered, root_id = setup.inbox_folders_problem(spec) if spec is not None else (None, None)
         if tampered != state.inbox_problem:

@@ -143,6 +143,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             clock=self.clock,
             retired=self.retired.get,
             archives=self._archive_path,
+            registration=self._registration,
         )
         self._start_lane()
         for held in manual.held_rejections(self.journal):  # a stop came before the hand-back
@@ -212,6 +213,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         """The path of the configured archive called ``name``, if there is one."""
         archive = self.config.archive_named(name)
         return None if archive is None else archive.path
+
+    def _registration(self, name: str, path: Path) -> str | None:
+        """Why deposits into archive ``name`` at ``path`` wait (the registry records that
+        name at another root, or not at all), or None (see RegistrySetup.registration)."""
+        return self.registry_setup.registration(self.registry, name, path)
 
     # -- main loop ----------------------------------------------------------------
 

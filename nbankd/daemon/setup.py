@@ -24,6 +24,7 @@ from nbankd.archive.layout import STAGING_NAME
 from nbankd.archive.probe import Capabilities, host_ahead, place_across, probe, why_not_placed
 from nbankd.config import Config
 from nbankd.config.inboxlinks import inbox_link_problem
+from nbankd.config.model import ARCHIVE_SCHEME, ArchiveConfig, resolved_path
 from nbankd.deposit.inboxfs import Escape, FolderId, Tampered, prepare_folders, prove_folders
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import PROBE_PREFIX, WORK_DIR_NAME
@@ -38,6 +39,9 @@ class ArchiveProblem:
     archive: str
     message: str
     transient: bool = False  # may pass by itself (outage, unmounted filesystem): retry
+    #: the registry has no record of the archive's name with its folder as root: nothing
+    #: is deposited into it (see :func:`registration_problem`)
+    unregistered: bool = False
 
 
 def prepare_state_dir(state_dir: Path) -> None:
@@ -276,11 +280,25 @@ def ensure_datatypes(config: Config, registry: Registry) -> list[str]:
 
 
 def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
-    """Creates (``create: true``) and registers archives; returns what is not usable now."""
+    """Creates (``create: true``) and registers archives; returns what is not usable now.
+
+    An archive whose name the registry records at another root, or not at all (its
+    folder registered under another name), is not usable: whatever was deposited there
+    would be located where its file is not (:func:`registration_problem`). No archive is
+    made at a path whose name the registry places elsewhere. Such a problem is retried
+    (the registry may be put right while the daemon runs); the configuration's side
+    changes at a reload."""
     problems: list[ArchiveProblem] = []
     for arch in config.archives:
         try:
+            record = registry.get_archive(arch.name)
+            elsewhere = record is not None and not arch.has_root(record.scheme, record.root)
             if not arch.nbank_json.exists():
+                if elsewhere:
+                    problem = registration_problem(registry, arch.name, arch.path)
+                    if problem is not None:
+                        problems.append(_unregistered(arch.name, problem))
+                        continue
                 if not arch.create:
                     problems.append(
                         ArchiveProblem(
@@ -294,33 +312,64 @@ def ensure_archives(config: Config, registry: Registry) -> list[ArchiveProblem]:
                 opening.create_archive(arch.path, registry.url)
                 log.info("created archive", archive=arch.name, path=str(arch.path))
             opening.open_archive(arch.path)
-            record = registry.find_archive_by_root(str(arch.path))
-            if record is None:
-                if config.embedded or arch.create:
-                    registry.add_archive(arch.name, "neurobank", str(arch.path))
-                    log.info("registered archive", archive=arch.name, root=str(arch.path))
-                else:
-                    problems.append(
-                        ArchiveProblem(
-                            arch.name,
-                            f"archive {arch.path} is not registered with {registry.url}; "
-                            "register it with 'nbankctl init' or set create: true",
-                        )
-                    )
-            elif record.name != arch.name:
-                problems.append(
-                    ArchiveProblem(
-                        arch.name,
-                        f"{arch.path} is registered as {record.name!r}, not {arch.name!r}; "
-                        f"set name: {record.name} for this archive in the configuration",
-                    )
-                )
+            if (
+                record is None
+                and (config.embedded or arch.create)
+                and registry.find_archive_by_root(arch.root) is None
+            ):
+                registry.add_archive(arch.name, ARCHIVE_SCHEME, arch.root)
+                log.info("registered archive", archive=arch.name, root=arch.root)
+            problem = registration_problem(registry, arch.name, arch.path)
+            if problem is not None:
+                problems.append(_unregistered(arch.name, problem))
         except errors.NbankdError as err:
             problems.append(ArchiveProblem(arch.name, str(err), transient=err.transient))
         except OSError as err:
             message = f"{arch.path}: {err.strerror or err}"
             problems.append(ArchiveProblem(arch.name, message, transient=True))
     return problems
+
+
+def _unregistered(name: str, message: str) -> ArchiveProblem:
+    return ArchiveProblem(name, message, transient=True, unregistered=True)
+
+
+def registration_problem(registry: Registry, name: str, path: Path) -> str | None:
+    """None when ``registry`` records archive ``name`` with ``path`` as its root (scheme
+    ``neurobank``; the path as given or with links resolved); else why nothing may be
+    deposited into it: nbank locate and fetch find a resource under the root its
+    location's archive has in the registry, so a file stored at ``path`` under a record
+    naming ``name`` would be looked for where it is not. Says what the registry has
+    and what to do."""
+    record = registry.get_archive(name)
+    arch = ArchiveConfig(path=path, name=name)
+    if record is not None and arch.has_root(record.scheme, record.root):
+        return None
+    by_root = registry.find_archive_by_root(arch.root)
+    if by_root is None and resolved_path(path) != arch.root:
+        by_root = registry.find_archive_by_root(resolved_path(path))
+    if record is None:
+        has = f"the registry ({registry.url}) has no archive {name!r}"
+    else:
+        has = f"the registry ({registry.url}) has archive {name!r} at {record.scheme}:{record.root}"
+    if by_root is not None and by_root.name != name:
+        fix = (
+            f"set name: {by_root.name} for this archive in the configuration (the "
+            f"registry's name for {path}) and reload"
+        )
+    elif record is not None:
+        fix = (
+            f"set path: {record.root} back for archive {name!r} in the configuration and "
+            f"reload, or, if the archive really moved to {path}, change the root of "
+            f"{name!r} in the registry"
+        )
+    else:
+        fix = f"register it with 'nbankctl init {path}', or set create: true and reload"
+    return (
+        f"archive {name!r} is configured at {path}, but {has}: nothing is deposited "
+        "into it (its records would send nbank locate and fetch where its files are "
+        f"not) and its inputs wait in their inbox; {fix}"
+    )
 
 
 def archive_usable(

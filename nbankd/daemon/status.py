@@ -4,11 +4,12 @@ A daemon is *degraded* (``nbankctl status`` exits 1) when any of these holds:
 the registry is unreachable or refused the start-up checks; an inbox's inotify
 watch failed (its liveness check went unanswered, or the kernel refused a watch:
 the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
-(unmounted, not writable, not set up); an inbox's ``placement: rename`` is not
-proved to work (:func:`~nbankd.daemon.setup.check_placement`); inputs wait after
-a failed step (registry outage, full or failing archive filesystem, ...); files are
-stalled; the lane of small files has shown no progress, or has waited for the
-registry's answers, for a minute. The control
+(unmounted, not writable, not set up, or the registry records its name at another
+root, or not at all); an inbox's ``placement: rename`` is not proved to work
+(:func:`~nbankd.daemon.setup.check_placement`); inputs wait after a failed step
+(registry outage, full or failing archive filesystem, ...); files are stalled; the
+lane of small files has shown no progress, or has waited for the registry's answers,
+for a minute. The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -115,7 +116,9 @@ def build_status(
                 "open_for_writing": sorted(state.open_for_writing),
                 "unreadable": [rel for rel, _ in state.unreadable],
                 "skipped": dict(state.skipped),
-                "archive_problem": state.archive_problem,
+                # the registry's record first: an archive made where it is not placed
+                # would not help
+                "archive_problem": state.registration_problem or state.archive_problem,
                 "inbox_problem": state.inbox_problem,
                 "placement_problem": state.placement_problem,
                 "last_scan": state.last_scan,
@@ -126,8 +129,9 @@ def build_status(
             degraded.append(f"inbox {key}: {state.inbox_problem}")
         if state.placement_problem:
             degraded.append(f"inbox {key}: {state.placement_problem}")
-        if state.archive_problem:
-            degraded.append(f"archive for {key}: {state.archive_problem}")
+        archive_problem = state.registration_problem or state.archive_problem
+        if archive_problem:
+            degraded.append(f"archive for {key}: {archive_problem}")
             shown_archives.add(snap.config.archive_for(state.config).name)
         if watch is not None and watch.degraded:
             every = state.config.fallback_poll_every

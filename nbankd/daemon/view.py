@@ -44,7 +44,10 @@ class InboxState:
     last_scan_tick: float | None = None  # time.monotonic()
     scan_took: float = 0.0  # seconds the last scan took (a large inbox: a long one)
     scans: int = 0  # since the daemon started
-    archive_problem: str | None = None
+    archive_problem: str | None = None  # the archive cannot be written: nothing is claimed
+    #: the registry records the archive's name at another root, or not at all: inputs
+    #: are journaled and wait at their claim, untouched (see RegistrySetup.registration)
+    registration_problem: str | None = None
     inbox_problem: str | None = None  # its work or rejected folder was tampered with
     #: why nothing is claimed from it: ``placement: rename`` not proved (or, found while
     #: running, never able to work: see :func:`~nbankd.daemon.setup.check_placement`)

@@ -205,6 +205,17 @@ class DepositWorkers:
             self._wake.set()  # a new backoff for the main loop to wait for
         return item
 
+    def _retry_waiting(self, codes: frozenset[str]) -> None:
+        """Makes the waiting items whose last failure has one of ``codes`` (waits a
+        reload may end: an archive or inbox no longer configured, an archive the
+        registry placed elsewhere) due now, whatever their backoff: the main loop, the
+        only one resubmitting waiting items, starts them."""
+        with self._lock:
+            for key, item in list(self._waiting.items()):
+                if item.error_code in codes and item.not_before:
+                    self._waiting[key] = item.changed(not_before=0.0)
+        self._wake.set()
+
     def _resubmit_due(self, now: float) -> float | None:
         """Resubmits waiting items whose backoff has passed; returns the next due time."""
         if self.lane is not None:

@@ -65,6 +65,9 @@ class ClaimSteps(StepsBase):
                 changed = self._reconfigured(item)
                 if changed is not None:
                     return item, changed
+                # an archive the registry does not place where it is configured: the
+                # input waits where it is, untouched
+                self._check_registration(item)
                 try:
                     result = self._take(spec, fs, item)
                 except inboxfs.Escape as err:

@@ -30,6 +30,7 @@ class IdentifierSteps(StepsBase):
 
     def lookup(self, item: Item) -> StepResult:
         self._spec(item)  # parked if its archive is no longer configured there
+        self._check_registration(item)  # never checked in an archive the registry misplaces
         archive = self._archive(Intent.of(item))
         item = item.changed(already=False)  # decided again on every lookup
         assert item.name
@@ -131,6 +132,7 @@ class IdentifierSteps(StepsBase):
 
     def register(self, item: Item) -> StepResult:
         self._spec(item)  # parked if its archive is no longer configured there
+        self._check_registration(item)  # never registered where the registry misplaces it
         intent = Intent.of(item)
         assert item.name and item.dtype and item.sha1 and item.target_name
         if item.already:  # the record is there: only this archive's location may be new

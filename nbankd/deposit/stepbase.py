@@ -62,6 +62,7 @@ class StepsBase:
         clock: Callable[[], float] = time.time,
         retired: Callable[[str], InboxSpec | None] = lambda _key: None,
         archives: Callable[[str], Path | None] | None = None,
+        registration: Callable[[str, Path], str | None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.journal = journal
@@ -69,6 +70,9 @@ class StepsBase:
         self.inboxes = inboxes  # the configured inboxes, by key
         self.retired = retired  # inboxes a reload removed (their items in flight finish)
         self.archives = archives  # the configured archives' paths, by name (None: any)
+        #: why deposits into an archive (name, path) wait: the registry does not record
+        #: that name with that root (None: no check)
+        self.registration = registration
         self.rng = rng  # the backoff's jitter (None: the process's own randomness)
         self.receipts_dir = receipts_dir
         self.clock = clock
@@ -190,6 +194,16 @@ class StepsBase:
                     hint="restore the archive in the configuration (and reload) to finish it",
                 )
         return Intent.of(item).fix(spec)
+
+    def _check_registration(self, item: Item) -> None:
+        """Raises ArchiveUnregistered when the registry does not record the item's
+        archive under its name with its journaled path as root: nothing is registered
+        or published for it, its input waits (manual deposits are not asked)."""
+        if self.registration is None or item.inbox.startswith(MANUAL_INBOX_PREFIX):
+            return
+        problem = self.registration(item.archive, Path(item.archive_path))
+        if problem is not None:
+            raise errors.ArchiveUnregistered(f"{item.relpath_str!r} waits: {problem}")
 
     @staticmethod
     def staged_name(item: Item) -> str:
