@@ -27,14 +27,15 @@ from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.spec import InboxSpec
+from nbankd.deposit.stepbase import InboxParked
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
 
 log = structlog.get_logger("nbankd.daemon")
 
-#: error codes of items waiting for the registry's record of an archive: tried again
-#: at once after a reload (or once the registry is put right)
-RECONFIGURED = frozenset({errors.ArchiveUnregistered.code})
+#: error codes of items waiting for the configuration or the registry's record of an
+#: archive: tried again at once after a reload (or once the registry is put right)
+RECONFIGURED = frozenset({InboxParked.code, errors.ArchiveUnregistered.code})
 
 
 class Configuring:
@@ -355,7 +356,7 @@ class Configuring:
             self._prepare_registry()
             self._probe_archives(cfg)
             self._watch_inboxes()
-            self._retry_waiting(RECONFIGURED)  # waiting on the archive's record
+            self._retry_waiting(RECONFIGURED)  # parked, or waiting on the archive's record
         except Exception as err:  # a bug: the new file is in use, a step after it failed
             problem = f"{cfg.source} is in use, but a step after it failed: {_failure(err, cfg)}"
             log.exception("reload failed after applying the configuration", error=problem)

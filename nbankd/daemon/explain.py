@@ -456,7 +456,8 @@ def explain(
         return _rejected_answer(out, config, rrel, latest, reason, config_source, folder)
     out.update(state="not-found", previous={"state": str(latest.state), "token": latest.token})
     out["message"] = {
-        State.RETURNED: "nothing there now; it was put back after changing while being deposited",
+        State.RETURNED: "nothing there now; it was put back (it changed while being "
+        "deposited, or its archive left the configuration before anything was registered)",
         State.CANCELLED: "nothing there now; another process took it before it was claimed",
     }.get(latest.state, f"nothing there now (last item: {latest.state})")
     return out

@@ -143,6 +143,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             clock=self.clock,
             retired=self.retired.get,
             archives=self._archive_path,
+            archive_at=self._archive_at,
             registration=self._registration,
         )
         self._start_lane()
@@ -213,6 +214,10 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         """The path of the configured archive called ``name``, if there is one."""
         archive = self.config.archive_named(name)
         return None if archive is None else archive.path
+
+    def _archive_at(self, path: Path) -> str | None:
+        """The name of the archive configured at ``path``, if there is one."""
+        return next((a.name for a in self.config.archives if a.path == path), None)
 
     def _registration(self, name: str, path: Path) -> str | None:
         """Why deposits into archive ``name`` at ``path`` wait (the registry records that

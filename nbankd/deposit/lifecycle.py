@@ -20,6 +20,8 @@ durable, and every step is idempotent, so after a crash the daemon simply asks
     lookup/register --another input's record for these bytes--> STAGED after a backoff
     lookup/publish --same bytes stored under another name--> REJECTING (even if registered)
     CLAIMING --claim finds the source gone--> CANCELLED
+    CLAIMING/CLAIMED/STAGED, nothing registered --archive no longer configured--> RETURNING
+        (decided again: the input goes back to its inbox, or stays there if never taken)
 
 Nothing here does I/O or reads the clock: time is an argument, outcomes are
 values. The thin shell that executes steps is :mod:`nbankd.deposit.steps`.
@@ -47,7 +49,7 @@ class State(enum.StrEnum):
     REJECTING = "rejecting"  # decided to reject; moving to rejected_dir
     REJECTED = "rejected"  # in rejected_dir next to NAME.reason
     RETURNING = "returning"  # changed while claimed; putting it back in the inbox
-    RETURNED = "returned"  # back in the inbox, will be seen again
+    RETURNED = "returned"  # back in the inbox (or never taken from it), will be seen again
     CANCELLED = "cancelled"  # the claim found nothing to take (another daemon won)
 
 
@@ -65,6 +67,14 @@ DURABLE = frozenset(
     {State.CLAIMING, State.REGISTERED, State.RECORDED, State.REJECTING, State.RETURNING}
 )
 IN_FLIGHT = frozenset(State) - FINAL
+
+#: States in which nothing of the input is registered or published, and nothing is
+#: under way that could be (CHECKED is not one: its registration may have been sent,
+#: the answer lost): the input is in its inbox or its work folder, a copy of it at most
+#: in the archive's staging/ (safe to delete). An item here whose archive leaves the
+#: configuration is decided again (:func:`undecided`); an item past it finishes in the
+#: archive journaled for it, or waits for it.
+UNDECIDED = frozenset({State.CLAIMING, State.CLAIMED, State.STAGED})
 
 
 class Step(enum.StrEnum):
@@ -149,6 +159,9 @@ class Kind(enum.StrEnum):
     #: placed by rename, the input changed after registering: the bytes registered are
     #: gone, the deposit is withdrawn and the input put back (the record left as it is)
     WITHDRAWN = "withdrawn"
+    #: the archive journaled for an undecided input is no longer configured: the input
+    #: goes back to its inbox to be decided again under the configuration in use
+    REDECIDE = "redecide"
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,13 @@ class Outcome:
     @classmethod
     def ok(cls) -> Outcome:
         return cls(Kind.OK)
+
+
+def undecided(p: Progress) -> bool:
+    """True when nothing of the item is registered, published or on its way to the
+    registry (:data:`UNDECIDED`, and never registered before a restage): sending its
+    input back to be decided again can never make a second record or copy."""
+    return p.state in UNDECIDED and not p.registered
 
 
 def next_step(p: Progress, now: float) -> Step | None:
@@ -270,6 +290,17 @@ def advance(
                 State.RETURNING, error_code=outcome.code or "changed", error_message=outcome.message
             )
         return _retry(p, outcome, now, rng)
+    if outcome.kind == "redecide":
+        # its archive left the configuration before anything was registered: the input
+        # goes back where it was (the put-back moves nothing if the claim never took it)
+        # and the next scan decides it again; from any other state it only waits
+        if not undecided(p):
+            return _retry(p, outcome, now, rng)
+        return Progress(
+            State.RETURNING,
+            error_code=outcome.code or "archive-changed",
+            error_message=outcome.message,
+        )
     if outcome.kind == "permanent":
         if step in (Step.REJECT, Step.PUT_BACK, Step.RELEASE, Step.RECORD):
             # these only move bytes we already own; keep retrying and report it

@@ -248,7 +248,7 @@ class ReleaseSteps(StepsBase):
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged(Intent.of(item), item)
+        self._discard_staged_if_configured(item)
         with spec.open_fs() as fs:
             item = rejection.move_to_rejected(
                 spec, item, fs=fs, now=self.clock(), save=self.journal.save
@@ -257,7 +257,15 @@ class ReleaseSteps(StepsBase):
 
     def put_back(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged(Intent.of(item), item)
+        self._discard_staged_if_configured(item)
         with spec.open_fs() as fs:
             rejection.put_back(spec, item, fs=fs)
         return item.changed(finished=self.clock()), Outcome.ok()
+
+    def _discard_staged_if_configured(self, item: Item) -> None:
+        """Removes the item's staged copy, when its archive is still configured there
+        (else it is left, and logged: see :meth:`_leftover_staged`)."""
+        if self._archive_configured(item):
+            self._discard_staged(Intent.of(item), item)
+        else:
+            self._leftover_staged(item)

@@ -23,7 +23,7 @@ from nbankd import errors, seams
 from nbankd.archive import durable, layout, opening
 from nbankd.archive.stubnames import STUB_NAMES
 from nbankd.deposit.journal import Item, Journal
-from nbankd.deposit.lifecycle import Outcome, State
+from nbankd.deposit.lifecycle import UNDECIDED, Outcome, State, Step, undecided
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.metadata_readers import ReaderResult, read_file_metadata
 from nbankd.names import MANUAL_INBOX_PREFIX
@@ -34,6 +34,12 @@ log = structlog.get_logger("nbankd.deposit")
 StepResult = tuple[Item, Outcome]
 
 _WRITES_INTO_INBOX = frozenset({State.CLAIMING, State.REJECTING, State.RETURNING})
+#: states whose step writes only into the inbox (a rejection, a put-back): they need no
+#: archive, so they finish whether or not the item's archive is still configured
+_INBOX_ONLY = frozenset({State.REJECTING, State.RETURNING})
+#: states in which an item not registered follows its archive by the journaled path
+#: (:meth:`StepsBase.follow_archive`)
+_FOLLOWS = UNDECIDED | {State.CHECKED}
 
 
 def _read_metadata(dtype: str, path: Path, name: str) -> ReaderResult:
@@ -62,6 +68,7 @@ class StepsBase:
         clock: Callable[[], float] = time.time,
         retired: Callable[[str], InboxSpec | None] = lambda _key: None,
         archives: Callable[[str], Path | None] | None = None,
+        archive_at: Callable[[Path], str | None] | None = None,
         registration: Callable[[str, Path], str | None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -70,6 +77,7 @@ class StepsBase:
         self.inboxes = inboxes  # the configured inboxes, by key
         self.retired = retired  # inboxes a reload removed (their items in flight finish)
         self.archives = archives  # the configured archives' paths, by name (None: any)
+        self.archive_at = archive_at  # the name of the archive configured at a path
         #: why deposits into an archive (name, path) wait: the registry does not record
         #: that name with that root (None: no check)
         self.registration = registration
@@ -173,8 +181,10 @@ class StepsBase:
         spec by :meth:`Intent.fix`), never what a later reload configured. An item
         finishes so while its archive is configured (at the same path), even if a
         reload removed or re-pointed its inbox; otherwise it is parked (never rejected
-        for a configuration change). Claiming, rejecting and putting back write into
-        the inbox, so they wait for it to be configured."""
+        for a configuration change) if anything of it may be registered
+        (:meth:`follow_archive` sends the others back, or after their archive).
+        Claiming, rejecting and putting back write into the inbox, so they wait for it
+        to be configured; rejecting and putting back need no archive."""
         live = self.inboxes(item.inbox)
         spec = live or self.retired(item.inbox)
         where = f"item {item.token} ({item.relpath_str!r})"
@@ -184,16 +194,70 @@ class StepsBase:
                 "never rejected for it",
                 hint="restore the inbox in the configuration (and reload) to finish it",
             )
-        if self.archives is not None and not item.inbox.startswith(MANUAL_INBOX_PREFIX):
-            configured = self.archives(item.archive)
-            if configured is None or Path(configured) != Path(item.archive_path):
+        if item.state not in _INBOX_ONLY and not self._archive_configured(item):
+            if undecided(item.progress):  # nothing registered: it goes back (follow_archive)
                 raise InboxParked(
-                    f"archive {item.archive} ({item.archive_path}), chosen for {where} when "
-                    "it was claimed, is no longer configured there; the item is parked, "
-                    "never sent elsewhere",
-                    hint="restore the archive in the configuration (and reload) to finish it",
+                    f"archive {item.archive} ({item.archive_path}), chosen for {where}, "
+                    "is no longer configured; nothing was registered for it: it goes back "
+                    f"to its inbox {item.inbox} to be decided again"
+                    + ("" if live is not None else " once that inbox is configured"),
+                    hint="restore the inbox in the configuration if it was removed (and "
+                    "reload): the input then goes back to it and is deposited as the "
+                    "configuration says",
                 )
+            raise InboxParked(
+                f"archive {item.archive} ({item.archive_path}), chosen for {where} when "
+                "it was claimed, is no longer configured there; the item may be "
+                "registered in it (its record names that archive), so it is parked, "
+                "never sent elsewhere",
+                hint=f"configure archive {item.archive} at {item.archive_path} again (and "
+                "reload) to finish it",
+            )
         return Intent.of(item).fix(spec)
+
+    def _archive_configured(self, item: Item) -> bool:
+        """True when the item's journaled archive is configured (under its name, at its
+        journaled path), or nothing says which are (manual deposits: their own)."""
+        if self.archives is None or item.inbox.startswith(MANUAL_INBOX_PREFIX):
+            return True
+        configured = self.archives(item.archive)
+        return configured is not None and Path(configured) == Path(item.archive_path)
+
+    def follow_archive(self, item: Item, step: Step) -> Item | StepResult:
+        """Before ``step`` of an item with nothing registered whose archive is no longer
+        configured: the item, following its archive by the journaled path when that
+        path is configured under another name (journaled with the step; also from
+        CHECKED: a registration it may have sent could only name an archive registered
+        at that very path, which the registry then knows by the new name); else, for
+        an item with nothing registered, published or under way to the registry
+        (:func:`~nbankd.deposit.lifecycle.undecided`) and its inbox configured, a
+        REDECIDE outcome: its input goes back to the inbox (from the work folder, if
+        the claim took it) and the next scan decides it again under the configuration
+        in use. Any other item as it is (:meth:`_spec` parks what must wait)."""
+        p = item.progress
+        if p.registered or p.state not in _FOLLOWS or self._archive_configured(item):
+            return item
+        path = Path(item.archive_path)
+        name = self.archive_at(path) if self.archive_at is not None else None
+        if name is not None:
+            log.warning(
+                "the archive of an input in flight is configured under another name; "
+                "the input follows it by its path",
+                item=item.token,
+                step=str(step),
+                archive=name,
+                was=item.archive,
+                path=str(path),
+            )
+            return item.changed(archive=name)
+        if not undecided(p) or self.inboxes(item.inbox) is None:
+            return item  # parked: may be registered, or its inbox is not there to go back
+        message = (
+            f"archive {item.archive} ({path}), chosen for {item.relpath_str!r} when it "
+            "was journaled, is no longer configured; nothing was registered for it, so "
+            "it goes back to its inbox to be decided again under the configuration in use"
+        )
+        return item, Outcome("redecide", "archive-changed", message)
 
     def _check_registration(self, item: Item) -> None:
         """Raises ArchiveUnregistered when the registry does not record the item's
@@ -204,6 +268,20 @@ class StepsBase:
         problem = self.registration(item.archive, Path(item.archive_path))
         if problem is not None:
             raise errors.ArchiveUnregistered(f"{item.relpath_str!r} waits: {problem}")
+
+    def _leftover_staged(self, item: Item) -> None:
+        """A staged copy of an item whose archive is no longer configured is left where
+        it is (nothing is written outside the configured archives; staging/ is safe to
+        clean): logged when there may be one."""
+        if item.sha1 is None and item.staged_identity is None:
+            return  # never staged
+        log.warning(
+            "an input whose archive left the configuration may have left a staged copy "
+            "there; anything in staging/ is safe to delete",
+            item=item.token,
+            archive=item.archive,
+            staging=str(Path(item.archive_path) / layout.STAGING_NAME),
+        )
 
     @staticmethod
     def staged_name(item: Item) -> str:

@@ -260,6 +260,10 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
             Step.PUT_BACK: self.put_back,
         }[step]
         try:
+            followed = self.follow_archive(item, step)
+            if isinstance(followed, tuple):  # decided again: its input goes back
+                return followed
+            item = followed  # journaled with the step, whatever it concludes
             item, outcome = fn(item)
         except (errors.NbankdError, OSError) as err:
             outcome = outcome_for(err)
@@ -346,7 +350,7 @@ def keeps_going(outcome: Outcome) -> bool:
 
 #: outcomes after which a worker goes on with the item's next step at once
 _KEEP_GOING = frozenset(
-    {"ok", "permanent", "changed", "restage", "renamed", "superseded", "withdrawn"}
+    {"ok", "permanent", "changed", "restage", "renamed", "superseded", "withdrawn", "redecide"}
 )
 
 

@@ -393,15 +393,21 @@ def test_reload_never_reroutes_an_item_in_flight(daemon_factory: Any) -> None:
 def test_item_whose_archive_is_removed_by_reload_is_parked_then_finished(
     daemon_factory: Any,
 ) -> None:
-    """An archive removed by a reload while an input for it is in flight parks the
-    input (status names it, code parked), never sends it elsewhere or rejects it;
-    restored, the input is deposited in it once."""
+    """An archive removed by a reload while an input registered in it is in flight parks
+    the input (status names it, code parked), never sends it elsewhere or rejects it;
+    restored, the input is deposited in it once. (An input with nothing registered yet
+    is decided again instead: tests/daemon/test_reload_archives.py.)"""
     h = daemon_factory()
     h.write_config()
     release = h.root / "release"
-    h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.start(env={"NBANKD_PAUSE_AT": "after-register", "NBANKD_PAUSE_UNTIL": str(release)})
     h.drop("parked01.dat", b"in flight across a reload")
-    wait_for(lambda: any(work_entries(h.inbox / ".nbank")), 30, "the input to be claimed")
+
+    def registered() -> bool:
+        with h.open_registry() as reg:
+            return reg.get_resource("parked01") is not None
+
+    wait_for(registered, 30, "the record (the worker then holds before journaling it)")
 
     def only_b(cfg: dict[str, Any]) -> None:
         _second_archive(h, cfg)

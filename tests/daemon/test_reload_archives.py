@@ -4,6 +4,8 @@ synchronisation (the test seams and polling with a deadline)."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for, work_entries
+from nbankd.archive.opening import create_archive
 from nbankd.config import Config, load_config
 from nbankd.config.model import ArchiveConfig
 from nbankd.daemon import registry_setup, setup
@@ -33,6 +36,21 @@ def _reload(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
 
 def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
     return next((r for r in h.receipts() if r["id"] == ident), None)
+
+
+def _archive_b(h: DaemonHarness, cfg: dict[str, Any]) -> str:
+    name = "b" + h.archive_name
+    cfg["archives"].append({"path": str(h.root / "archive-b"), "name": name, "create": True})
+    return name
+
+
+def _error_codes(h: DaemonHarness) -> list[str]:
+    """The error codes of the journal's items (read-only)."""
+    db = sqlite3.connect(f"file:{h.state_dir / 'journal.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        return [r[0] for r in db.execute("SELECT error_code FROM items") if r[0]]
+    finally:
+        db.close()
 
 
 def test_an_archive_moved_in_the_configuration_gets_no_deposits_the_registry_places_elsewhere(
@@ -62,6 +80,122 @@ def test_an_archive_moved_in_the_configuration_gets_no_deposits_the_registry_pla
             # "two" went to archive-moved/, registered at the archive whose root is the
             # old path: nbank locate/fetch look where it is not
             assert record is not None and record.name == receipt["archive"], receipt
+
+
+def test_an_input_held_by_a_misnamed_archive_is_deposited_once_the_name_is_put_right(
+    daemon_factory: Callable[..., DaemonHarness],
+) -> None:
+    """An input journaled while an archive's name was wrong in the configuration (status
+    says "set name: X"), with nothing written anywhere yet, is deposited once the name
+    is put back and reloaded: never parked for ever, asking for the wrong name back."""
+    h = daemon_factory()
+    h.start()
+
+    def misnamed(cfg: dict[str, Any]) -> None:
+        cfg["archives"][0]["name"] = "typo"
+        cfg["inboxes"][0]["archive"] = "typo"
+
+    _reload(h, misnamed)
+    h.drop("held.wav", b"dropped while the name was wrong")
+    wait_for(lambda: _error_codes(h), 30, "the input to wait")
+
+    def fixed(cfg: dict[str, Any]) -> None:
+        cfg["archives"][0]["name"] = h.archive_name
+        cfg["inboxes"][0]["archive"] = h.archive_name
+
+    _reload(h, fixed)
+
+    def decided() -> Any:
+        return _receipt(h, "held") or "parked" in _error_codes(h)
+
+    wait_for(decided, 60, "the input to be deposited or parked")
+    h.stop()
+    receipt = _receipt(h, "held")
+    assert receipt is not None, "parked until archive 'typo' is configured again"
+    assert receipt["archive"] == h.archive_name
+    assert not any(work_entries(h.inbox / ".nbank"))
+
+
+# -- around the findings ----------------------------------------------------------------
+
+
+def _states(h: DaemonHarness) -> list[str]:
+    """The states of the journal's items, oldest first (read-only)."""
+    db = sqlite3.connect(f"file:{h.state_dir / 'journal.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        return [r[0] for r in db.execute("SELECT state FROM items ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_an_input_staged_for_an_archive_a_reload_removes_is_decided_again_and_deposited_once(
+    daemon_factory: Callable[..., DaemonHarness],
+) -> None:
+    """Staged for archive A (nothing registered), then a reload removes A and points the
+    inbox at B: the input goes back to its inbox and is deposited in B, once; A gets no
+    record and no file (its staged copy is left in staging/, safe to delete, and logged)."""
+    h = daemon_factory()
+    h.write_config()
+    release = h.root / "release"
+    h.start(env={"NBANKD_PAUSE_AT": "after-stage", "NBANKD_PAUSE_UNTIL": str(release)})
+    h.drop("again.wav", b"staged for A, deposited in B")
+    wait_for(lambda: any((h.archive / "staging").iterdir()), 30, "the input to be staged in A")
+    other = h.root / "archive-b"
+
+    def only_b(cfg: dict[str, Any]) -> None:
+        name = _archive_b(h, cfg)
+        cfg["inboxes"][0]["archive"] = name
+        del cfg["archives"][0]
+
+    _reload(h, only_b)
+    release.touch()
+    wait_for(lambda: _receipt(h, "again"), 60, "the input to be deposited")
+    h.stop()
+    [receipt] = h.receipts()
+    assert receipt["archive"] == "b" + h.archive_name
+    assert Path(receipt["archive_path"]).read_bytes() == b"staged for A, deposited in B"
+    assert Path(receipt["archive_path"]).is_relative_to(other)
+    assert list((h.archive / "resources").rglob("*")) == []
+    with h.open_registry() as reg:
+        record = reg.get_resource("again")
+    assert record is not None and record.locations == ("b" + h.archive_name,)
+    assert _states(h) == ["returned", "done"]
+    assert '"code": "archive-changed"' in h.log_path.read_text()  # decided again
+    assert not any(work_entries(h.inbox / ".nbank"))
+    assert not (h.inbox / "again.wav").exists()
+    assert "may have left a staged copy" in h.log_path.read_text()
+
+
+def test_an_input_waiting_for_a_misplaced_archive_is_deposited_where_the_registry_has_it(
+    daemon_factory: Callable[..., DaemonHarness],
+) -> None:
+    """The archive's path moved in the configuration to another archive folder the
+    registry does not know: the input is journaled but waits, untouched in its inbox
+    (code archive-unregistered); once the path is put back, it is decided again and
+    deposited under the root the registry has, once, and the other folder gets nothing."""
+    h = daemon_factory()
+    h.start()
+    copy = h.root / "archive-copy"
+    create_archive(copy, json.loads((h.archive / "nbank.json").read_text())["registry"])
+    good = h.config_path.read_text()
+    _reload(h, lambda cfg: cfg["archives"][0].update(path=str(copy)))
+    h.drop("waits.wav", b"waits for the right archive")
+    wait_for(lambda: "archive-unregistered" in _error_codes(h), 30, "the input to wait")
+    assert (h.inbox / "waits.wav").read_bytes() == b"waits for the right archive"
+    assert not any(work_entries(h.inbox / ".nbank"))
+    [line] = [d for d in status_json(h)[1]["degraded"] if str(h.inbox) in d]
+    assert str(copy) in line and str(h.archive) in line
+    h.config_path.write_text(good)
+    proc = nbankctl(h, "reload", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_for(lambda: _receipt(h, "waits"), 60, "the input to be deposited")
+    h.stop()
+    [receipt] = h.receipts()
+    assert Path(receipt["archive_path"]).is_relative_to(h.archive)
+    assert list((copy / "resources").rglob("*")) == []
+    assert list((copy / "staging").rglob("*")) == []
+    assert _states(h) == ["returned", "done"]
+    assert '"code": "archive-changed"' in h.log_path.read_text()  # decided again
 
 
 # -- the registry's record of an archive (start-up and reload checks) -------------------
