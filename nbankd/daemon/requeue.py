@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
+from nbankd.smallfile import SmallFileError, read_regular
 
 log = structlog.get_logger("nbankd.daemon")
 
@@ -368,37 +370,69 @@ def _recover_locked(
     else:  # only theirs: a record of another inbox is left as it is
         records += [record_path(state_dir, key) for key in sorted(keys)]
     for record in records:
-        try:
-            key, moves, reason, folder = _read_record(record)
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            record.unlink(missing_ok=True)
-            result.done.append(f"an unreadable requeue record was removed ({err})")
-            continue
-        spec = specs.get(key)
-        if spec is None:
-            if record.name == LEGACY_RECORD_NAME:
-                record = _adopt_legacy(record, record_path(state_dir, key))
-            if keys is None:
-                result.done.append(
-                    f"a requeue into {key} was stopped half way; that inbox is not "
-                    f"configured now: its record {record} is kept, and the requeue is "
-                    "finished or undone when the inbox is configured again (if it never "
-                    "is, move back by hand what the record lists, then delete it)"
-                )
-            continue
-        if keys is not None and key not in keys:
-            continue
-        try:
-            if moves:
-                result.done.append(_recover_one(spec, key, moves, reason, folder))
-        except (errors.NbankdError, OSError) as err:
-            why = err.strerror or err if isinstance(err, OSError) else err
-            result.failed.append(f"a requeue into {key} (record {record}): {why}")
-            continue
-        record.unlink(missing_ok=True)
+        try:  # one entry that cannot be handled never stops the others' recovery
+            _recover_record(state_dir, specs, keys, record, result)
+        except OSError as err:
+            result.failed.append(
+                f"the requeue record {printable(str(record))} could not be handled "
+                f"({err.strerror or err}); it is left as it is"
+            )
     return result
+
+
+def _recover_record(
+    state_dir: Path,
+    specs: Mapping[str, InboxSpec],
+    keys: Collection[str] | None,
+    record: Path,
+    result: Recovery,
+) -> None:
+    """Recovers the requeue ``record`` lists (see :func:`recover`), saying in ``result``
+    what it did or could not do."""
+    try:
+        key, moves, reason, folder = _read_record(record)
+    except _NotARecord as err:  # a FIFO, folder, device or link: never opened
+        result.failed.append(
+            f"{printable(str(record))} is {err}, not a requeue record; it is left "
+            "as it is (remove it)"
+        )
+        return
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        record.unlink(missing_ok=True)
+        result.done.append(f"an unreadable requeue record was removed ({err})")
+        return
+    spec = specs.get(key)
+    if spec is None:
+        if record.name == LEGACY_RECORD_NAME:
+            record = _adopt_legacy(record, record_path(state_dir, key))
+        if keys is None:
+            result.done.append(
+                f"a requeue into {key} was stopped half way; that inbox is not "
+                f"configured now: its record {record} is kept, and the requeue is "
+                "finished or undone when the inbox is configured again (if it never "
+                "is, move back by hand what the record lists, then delete it)"
+            )
+        return
+    if keys is not None and key not in keys:
+        return
+    try:
+        if moves:
+            result.done.append(_recover_one(spec, key, moves, reason, folder))
+    except (errors.NbankdError, OSError) as err:
+        why = err.strerror or err if isinstance(err, OSError) else err
+        result.failed.append(f"a requeue into {key} (record {record}): {why}")
+        return
+    record.unlink(missing_ok=True)
+
+
+#: the most a requeue record is read of (a few moves)
+_RECORD_LIMIT = 1 << 20
+
+
+class _NotARecord(Exception):
+    """What stands at a record's name is no regular file (its noun in the message)."""
 
 
 def _read_record(record: Path) -> tuple[str, list[dict[str, Any]], str | None, str | None]:
@@ -406,7 +440,19 @@ def _read_record(record: Path) -> tuple[str, list[dict[str, Any]], str | None, s
     when it is not a record requeue wrote. The rejected folder (relative to the inbox)
     is the one the input was taken from; absent from older records: None, the inbox's
     rejected folder."""
-    data = json.loads(record.read_bytes())
+    try:
+        if stat.S_ISLNK(os.lstat(record).st_mode):
+            raise _NotARecord("a symbolic link")
+        raw, _ = read_regular(record, _RECORD_LIMIT)
+    except SmallFileError as err:
+        if err.reason == "missing":
+            raise FileNotFoundError(err.errno, err.strerror, str(record)) from None
+        if err.reason == "not-regular":
+            raise _NotARecord(err.noun) from None
+        if err.reason == "too-large":
+            raise ValueError(f"larger than {_RECORD_LIMIT >> 10} KiB") from None
+        raise OSError(err.errno, err.strerror or err.reason, str(record)) from None
+    data = json.loads(raw)
     key, moves, reason = data["inbox"], data["moves"], data.get("reason")
     folder = data.get("rejected_dir")
     if folder is not None and not rejected_dirs.valid(folder):
