@@ -162,6 +162,10 @@ class InboxConfig:
     #: exist: never a key of the file (the loader leaves it empty); the daemon fills it
     #: from its record in state_dir (:mod:`nbankd.daemon.rejected_dirs`)
     earlier_rejected_dirs: tuple[str, ...] = field(default=(), metadata={"config_key": False})
+    #: the work folders (``.nbank``) of former inboxes lying inside this one (an inbox
+    #: widened to a folder above it) that still exist: never scanned nor watched;
+    #: filled by the daemon like ``earlier_rejected_dirs``
+    former_work_dirs: tuple[str, ...] = field(default=(), metadata={"config_key": False})
 
     @property
     def folder_resources(self) -> bool:
@@ -176,9 +180,15 @@ class InboxConfig:
     @property
     def exclusions(self) -> tuple[str, ...]:
         """Relative paths no scan lists and no wake-up reports: the work folder, the
-        rejected folder (and every earlier one still there) and the watch's liveness
-        canary."""
-        return (WORK_DIR_NAME, self.rejected_dir, *self.earlier_rejected_dirs, CANARY_NAME)
+        rejected folder (and every earlier one still there), the work folders of
+        former inboxes inside it and the watch's liveness canary."""
+        return (
+            WORK_DIR_NAME,
+            self.rejected_dir,
+            *self.earlier_rejected_dirs,
+            *self.former_work_dirs,
+            CANARY_NAME,
+        )
 
     @property
     def rejected_path(self) -> Path:

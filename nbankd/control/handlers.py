@@ -161,6 +161,11 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                     f"{entry['path']}, or nbankctl requeue FILE) or move them out, then "
                     "remove the folder"
                 )
+        entry["former_work_dirs"] = (
+            [str(state.config.path / w) for w in state.config.former_work_dirs]
+            if state is not None
+            else []
+        )
         if state is not None:
             unowned, problem = orphans.check(state.config.work_dir, daemon.journal.known_tokens)
             entry["unowned_work_files"] = unowned

@@ -29,6 +29,7 @@ from nbankd.deposit.lifecycle import State
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.stepbase import InboxParked
 from nbankd.deposit.steps import Steps
+from nbankd.names import WORK_DIR_NAME
 from nbankd.registry.base import Registry
 
 log = structlog.get_logger("nbankd.daemon")
@@ -133,9 +134,14 @@ class Configuring:
         """``cfg`` with each inbox's earlier rejected folders: those it used before its
         ``rejected_dir`` changed (recorded in state_dir, known to this process, or,
         for an inbox the record has no entry for -- an upgrade --, where the
-        journal's rejections went) that still exist. Never scanned nor watched, they
-        stay for a person to requeue or remove (see :mod:`.rejected_dirs`). With it,
-        the record to write (None: unchanged), written by :meth:`_apply_config` once
+        journal's rejections went), and those of former inboxes lying inside it (an
+        inbox widened to a folder above it), that still hold a rejection (a
+        ``NAME.reason``: :func:`.rejected_dirs.holds_rejection`); and with the work
+        folders of such former inboxes still there. Never scanned nor watched, they
+        stay for a person to requeue or remove (see :mod:`.rejected_dirs`); an earlier
+        folder without a rejection (a data folder named as rejected_dir by mistake,
+        one emptied by requeue) is an ordinary part of the inbox again. With it, the
+        record to write (None: unchanged), written by :meth:`_apply_config` once
         nothing else can refuse the configuration and before anything is applied: a
         failure raises and nothing is applied."""
         state_dir = self.config.state_dir  # the running one (a new one needs a restart)
@@ -148,6 +154,7 @@ class Configuring:
                 error=why,
             )
         record = dict(recorded)
+        configured = {str(i.path) for i in cfg.inboxes}
         inboxes = []
         for inbox in cfg.inboxes:
             key = str(inbox.path)
@@ -157,11 +164,27 @@ class Configuring:
             previous = self.inboxes.get(key)
             if previous is not None:  # what this process kept out of its scans until now
                 used |= set(previous.config.rejected_dirs)
-            earlier = tuple(
+            former = self._former_inboxes_inside(inbox.path, recorded, configured)
+            for rel, folders in former.items():
+                used |= {f"{rel}/{d}" for d in folders}
+            work = tuple(
                 sorted(
-                    d
-                    for d in used - {inbox.rejected_dir}
-                    if rejected_dirs.valid(d) and rejected_dirs.present(inbox.path, d)
+                    w
+                    for w in (f"{rel}/{WORK_DIR_NAME}" for rel in former)
+                    if rejected_dirs.present(inbox.path, w)
+                )
+            )
+            candidates = sorted(
+                d
+                for d in used - {inbox.rejected_dir}
+                if rejected_dirs.valid(d) and rejected_dirs.present(inbox.path, d)
+            )
+            others = {inbox.rejected_dir, *candidates}
+            earlier = tuple(
+                d
+                for d in candidates
+                if rejected_dirs.holds_rejection(
+                    inbox.path, d, skip=(o for o in others if o.startswith(d + "/"))
                 )
             )
             record[key] = tuple(sorted({inbox.rejected_dir, *earlier}))
@@ -175,7 +198,16 @@ class Configuring:
                         folder=str(inbox.path / folder),
                         rejected_dir=inbox.rejected_dir,
                     )
-            inboxes.append(replace(inbox, earlier_rejected_dirs=earlier))
+            for folder in work:
+                if previous is None or folder not in previous.config.former_work_dirs:
+                    log.warning(
+                        "the work folder of a former inbox inside this one is left alone: "
+                        "never scanned, never deposited; remove it once nothing in it is "
+                        "needed",
+                        inbox=key,
+                        folder=str(inbox.path / folder),
+                    )
+            inboxes.append(replace(inbox, earlier_rejected_dirs=earlier, former_work_dirs=work))
         changed = record != recorded or why is not None
         return replace(cfg, inboxes=tuple(inboxes)), record if changed else None
 
@@ -192,19 +224,49 @@ class Configuring:
         ]
         return rejected_dirs.from_journal(inbox, rejections)
 
+    def _former_inboxes_inside(
+        self, inbox: Path, recorded: rejected_dirs.Record, configured: Collection[str]
+    ) -> dict[str, tuple[str, ...]]:
+        """Each former inbox lying strictly inside ``inbox`` (not configured now; known
+        from the record, or from the journal's rejections): its path relative to
+        ``inbox`` -> the rejected folders recorded for it (relative to it)."""
+        found: dict[str, set[str]] = {}
+        for other, folders in recorded.items():
+            rel = rejected_dirs.nested(inbox, other)
+            if rel is not None and other not in configured:
+                found.setdefault(rel, set()).update(folders)
+        journal = getattr(self, "journal", None)
+        if journal is not None:
+            prefix = str(inbox).rstrip("/") + "/"
+            by_inbox: dict[str, list[tuple[bytes, str | None]]] = {}
+            for item in journal.in_state(State.REJECTED, inbox_prefix=prefix):
+                if item.rejected_relpath and item.inbox not in configured:
+                    by_inbox.setdefault(item.inbox, []).append(
+                        (item.rejected_relpath, item.reason_json)
+                    )
+            for other, rejections in by_inbox.items():
+                rel = rejected_dirs.nested(inbox, other)
+                if rel is not None:
+                    found.setdefault(rel, set()).update(
+                        rejected_dirs.from_journal(Path(other), rejections)
+                    )
+        return {rel: tuple(sorted(folders)) for rel, folders in found.items()}
+
     def _forget_rejected_dirs(self, key: str, gone: Collection[str]) -> None:
-        """Earlier rejected folders of inbox ``key`` a scan found removed: forgotten
-        (in the record too), so a folder of that name made later is scanned as any
-        other; the watch follows."""
+        """Earlier rejected folders of inbox ``key`` a scan found removed or without a
+        rejection any more (and work folders of former inboxes found removed):
+        forgotten (in the record too), so a folder of that name, or what it holds now,
+        is scanned as any other; the watch follows."""
         with self._lock:
             state = self.inboxes.get(key)
             if state is None:
                 return
             inbox = state.config
             earlier = tuple(d for d in inbox.earlier_rejected_dirs if d not in gone)
-            if earlier == inbox.earlier_rejected_dirs:
+            work = tuple(d for d in inbox.former_work_dirs if d not in gone)
+            if earlier == inbox.earlier_rejected_dirs and work == inbox.former_work_dirs:
                 return
-            inbox = replace(inbox, earlier_rejected_dirs=earlier)
+            inbox = replace(inbox, earlier_rejected_dirs=earlier, former_work_dirs=work)
             state.config = inbox
             spec = self.specs.get(key)
             if spec is not None:
@@ -223,8 +285,9 @@ class Configuring:
                 log.warning("cannot update the record of rejected folders", error=str(err))
         for folder in sorted(gone):
             log.info(
-                "an earlier rejected folder was removed; a folder of that name is an "
-                "ordinary part of the inbox from now on",
+                "an earlier rejected folder (or a former inbox's work folder) was removed "
+                "or holds no rejection any more; it is an ordinary part of the inbox "
+                "from now on",
                 inbox=key,
                 folder=str(inbox.path / folder),
             )

@@ -21,6 +21,7 @@ from the folders the journal's rejections went to.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -31,10 +32,11 @@ from typing import Any
 from nbankd import errors
 from nbankd.archive.fsops import write_atomic
 from nbankd.deposit.inboxfs import Escape, components
-from nbankd.names import WORK_DIR_NAME
+from nbankd.names import REASON_SUFFIX, WORK_DIR_NAME
 from nbankd.smallfile import SmallFileError, read_regular
 
 RECORD_NAME = "rejected_dirs.json"
+REASON_SUFFIX_B = os.fsencode(REASON_SUFFIX)
 #: the most the record is read of (inbox paths and a few folder names each)
 _LIMIT = 4 << 20
 
@@ -122,6 +124,79 @@ def present(inbox: Path, folder: str) -> bool:
     return True
 
 
+#: the most entries :func:`holds_rejection` looks at, and how deep it goes, before it
+#: answers "cannot tell" (a rejection is then assumed: the folder stays excluded)
+WALK_ENTRIES = 100_000
+WALK_DEPTH = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def holds_rejection(inbox: Path, folder: str, skip: Iterable[str] = ()) -> bool:
+    """Whether ``folder`` (relative to ``inbox``) still holds a rejection: a
+    ``NAME.reason`` file somewhere in it. Walked from descriptors without following a
+    link, stopping at the first one; the folders of ``skip`` (other rejected folders
+    nested in it, relative to the inbox) are left out. An entry that is no folder is
+    no rejected folder (False); one that cannot be read, or a walk past
+    :data:`WALK_ENTRIES` entries or :data:`WALK_DEPTH` levels, counts as holding one
+    (kept out: a rejected input is never taken for a new one on a guess)."""
+    skipped = {os.fsencode(s) for s in skip}
+    try:
+        top = os.open(inbox / folder, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as err:
+        return err.errno != errno.ELOOP  # a link in its place is no folder of the inbox
+    seen = 0
+    stack: list[tuple[int, bytes, int]] = [(top, os.fsencode(folder), 0)]
+    try:
+        while stack:
+            fd, rel, depth = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        seen += 1
+                        if seen > WALK_ENTRIES:
+                            return True
+                        name = os.fsencode(entry.name)
+                        if name.endswith(REASON_SUFFIX_B) and not entry.is_dir(
+                            follow_symlinks=False
+                        ):
+                            return True
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue
+                        sub = rel + b"/" + name
+                        if sub in skipped:
+                            continue
+                        if depth + 1 >= WALK_DEPTH:
+                            return True
+                        try:
+                            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue  # gone, or replaced by a link, meanwhile
+                        except OSError as err:
+                            if err.errno == errno.ELOOP:
+                                continue
+                            return True
+                        stack.append((child, sub, depth + 1))
+            except OSError:
+                return True
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    return False
+
+
+def nested(inbox: Path, other: str) -> str | None:
+    """The path of inbox ``other`` relative to ``inbox`` when it lies strictly inside
+    it (an inbox widened to a folder above it), else None."""
+    rel = os.path.relpath(other, inbox)
+    if not os.path.isabs(other) or rel == "." or rel == ".." or rel.startswith("../"):
+        return None
+    return rel
+
+
 def from_journal(inbox: Path, rejections: Iterable[tuple[bytes, str | None]]) -> set[str]:
     """The rejected folders ``rejections`` went to: for each, the rejected input's path
     relative to its rejected folder and its reason (JSON, naming ``rejected_path``)."""
@@ -146,4 +221,14 @@ def from_journal(inbox: Path, rejections: Iterable[tuple[bytes, str | None]]) ->
     return found
 
 
-__all__ = ["RECORD_NAME", "RecordError", "from_journal", "load", "present", "save", "valid"]
+__all__ = [
+    "RECORD_NAME",
+    "RecordError",
+    "from_journal",
+    "holds_rejection",
+    "load",
+    "nested",
+    "present",
+    "save",
+    "valid",
+]

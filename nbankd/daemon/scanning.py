@@ -198,8 +198,16 @@ class InboxScanning:
             self.observer.accept_root(key, root_id)
         if tampered is not None:  # nothing is listed or watched through a replaced folder
             return
-        gone = [d for d in inbox.earlier_rejected_dirs if not rejected_dirs.present(inbox.path, d)]
-        if gone:  # removed by a person: an ordinary folder name of the inbox again
+        gone = [
+            d
+            for d in inbox.earlier_rejected_dirs
+            if not rejected_dirs.present(inbox.path, d)
+            or not rejected_dirs.holds_rejection(
+                inbox.path, d, skip=(o for o in inbox.rejected_dirs if o.startswith(d + "/"))
+            )
+        ]
+        gone += [d for d in inbox.former_work_dirs if not rejected_dirs.present(inbox.path, d)]
+        if gone:  # removed or emptied by a person: an ordinary folder of the inbox again
             self._forget_rejected_dirs(key, gone)
             inbox = state.config
         folders: dict[int, str] | None = {} if inbox.watch == "auto" else None
