@@ -17,7 +17,9 @@ WORK_DIR_NAME = ".nbank"
 #: how the name of a file made in a work folder for a moment and removed at once
 #: starts: ``nbankctl deposit`` asks the kernel about it
 #: (:func:`nbankd.deposit.manual.calibrate`), the daemon links it into the archive to
-#: prove ``placement: rename`` (:func:`nbankd.daemon.setup.check_placement`)
+#: prove ``placement: rename`` (:func:`nbankd.daemon.setup.check_placement`), as
+#: ``nbankctl deposit`` does before moving files in place
+#: (:func:`nbankd.deposit.manual.placement_for`)
 PROBE_PREFIX = ".nbankctl-probe-"
 #: how the journal key of a manual deposit's "inbox" starts (nbankctl deposit)
 MANUAL_INBOX_PREFIX = "manual:"

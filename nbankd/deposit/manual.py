@@ -31,7 +31,9 @@ from types import MappingProxyType
 from typing import Any
 
 from nbankd import errors
+from nbankd.archive import opening
 from nbankd.archive.fsops import move_noreplace_at
+from nbankd.archive.probe import place_across
 from nbankd.config.model import ArchiveConfig, FileMetadata, InboxConfig
 from nbankd.deposit import inboxfs
 from nbankd.deposit.journal import Item, Journal
@@ -146,13 +148,36 @@ def spec_for_key(key: str) -> InboxSpec | None:
 
 
 def placement_for(folder: Path, archive_path: Path) -> str:
-    """``rename`` when the files and the archive share a filesystem (a deposit then
-    moves bytes as ``nbank deposit`` does), else ``copy``."""
+    """``rename`` when a file of ``folder`` can be moved into the archive in place (a
+    deposit then moves bytes as ``nbank deposit`` does), else ``copy``.
+
+    One device number does not prove it: a folder reached through a bind mount of a
+    folder on the archive's filesystem shares the archive's, yet link() and rename()
+    into the archive fail with EXDEV, so its files would be registered and never
+    published. A file made in the folder's work folder (the folder itself where it
+    has none) is placed into the archive's ``staging/`` as a publish in place would
+    place it, and both names are removed
+    (:func:`~nbankd.archive.probe.place_across`): ``copy`` unless that works, and
+    whenever it cannot be tried (copying is always safe)."""
+    name = f"{PROBE_PREFIX}placement-{secrets.token_hex(8)}"
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    opened: list[int] = []
     try:
-        same = os.stat(folder).st_dev == os.stat(archive_path).st_dev
-    except OSError:
-        same = False
-    return "rename" if same else "copy"
+        staging = opening.ensure_staging(opening.open_archive(archive_path))
+        source = os.open(folder, flags)
+        opened.append(source)
+        with contextlib.suppress(OSError):  # else the folder itself, on the same mount
+            source = os.open(WORK_DIR_NAME, flags | os.O_NOFOLLOW, dir_fd=source)
+            opened.append(source)
+        into = os.open(staging, flags)
+        opened.append(into)
+        failed = place_across(source, into, name)
+    except (OSError, errors.NbankdError):
+        return "copy"
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return "rename" if failed is None else "copy"
 
 
 def journal_files(
@@ -171,7 +196,8 @@ def journal_files(
     admin's rights were checked on: a folder on its path was swapped since), or a file
     some process still has open for writing (its bytes could change under the stored
     copy). The claim then takes only the entry journaled here."""
-    same_fs = placement_for(inbox.folder, inbox.archive_path) == "rename"
+    # proved once (a file linked into the archive), and only once a file could move
+    same_fs = functools.cache(lambda: placement_for(inbox.folder, inbox.archive_path) == "rename")
     seen = functools.cache(fdinfo.open_for_writing)  # read from /proc once, if needed
     rows, refused = [], []
     for name in names:
@@ -213,7 +239,7 @@ def journal_files(
                 )
                 continue
             # moved in place only when no writer can change the bytes afterwards
-            if same_fs and open_for_writing:
+            if open_for_writing and same_fs():
                 placement = "rename"
         rows.append(
             {
