@@ -56,6 +56,7 @@ class Item:
     already: bool = False  # stored and registered already with these bytes and name
     zipped: bool = False  # a folder deposited as its canonical zip (decided at claim)
     file_metadata: str | None = None  # the reader's use, decided at claim (None: not run)
+    restages: int = 0  # copies read back wrong in a row (:attr:`Progress.restages`)
 
     @property
     def progress(self) -> Progress:
@@ -66,6 +67,7 @@ class Item:
             error_code=self.error_code,
             error_message=self.error_message,
             registered=self.url is not None,
+            restages=self.restages,
         )
 
     def with_progress(self, p: Progress, **changes: Any) -> Item:
@@ -76,6 +78,7 @@ class Item:
             not_before=p.not_before,
             error_code=p.error_code,
             error_message=p.error_message,
+            restages=p.restages,
             **changes,
         )
 

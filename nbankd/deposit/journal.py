@@ -50,7 +50,7 @@ from nbankd.deposit.lifecycle import FINAL, State
 
 log = structlog.get_logger("nbankd.journal")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: seconds the check of the journal's pages at open may take (PRAGMA quick_check:
 #: about 0.1 s for 100 000 items, 50 MB, from the page cache); a check not done by then
@@ -117,6 +117,9 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE items ADD COLUMN zipped INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE items ADD COLUMN file_metadata TEXT",
     ),
+    # 5 -> 6: bad read-backs in a row, counted apart from the attempts of a step (another
+    # error in between no longer restarts the growing wait before the next copy)
+    5: ("ALTER TABLE items ADD COLUMN restages INTEGER NOT NULL DEFAULT 0",),
 }
 
 

@@ -142,6 +142,10 @@ class Progress:
     error_code: str | None = None
     error_message: str | None = None
     registered: bool = False  # the registry may hold our record (sticky across restage)
+    #: copies read back wrong (or staged copies replaced) in a row, counted until a copy
+    #: is verified: the wait before the next copy grows with it, whatever other errors
+    #: (a registry outage, say) came in between
+    restages: int = 0
 
 
 class Kind(enum.StrEnum):
@@ -222,7 +226,8 @@ def advance(
             # failures stay counted (and shown) until the copy is verified or published,
             # so that the next one waits longer
             return replace(p, state=after, not_before=0.0, registered=registered)
-        return Progress(state=after, registered=registered)
+        restages = 0 if step is Step.VERIFY else p.restages
+        return Progress(state=after, registered=registered, restages=restages)
     if outcome.kind == "restage" and step not in (Step.PUBLISH, Step.VERIFY):
         # only publishing and verifying look at a staged or stored copy: a restage from
         # any other step is no transition (after a withdrawal, say, it would send an
@@ -232,10 +237,11 @@ def advance(
         # a copy read back from storage did not match (or the staged copy was replaced):
         # copy again from the claimed input, after a backoff that grows with each one
         # in a row (a failing disk, or another writer of staging/, never makes a worker
-        # copy hot, unseen, for ever)
-        return _retry(
-            Progress(State.CLAIMED, attempts=p.attempts, registered=registered), outcome, now, rng
+        # copy hot, unseen, for ever), counted apart from the other errors in between
+        again = Progress(
+            State.CLAIMED, attempts=p.restages, registered=registered, restages=p.restages + 1
         )
+        return _retry(again, outcome, now, rng)
     if outcome.kind == "restage":
         # the staged copy vanished before it was published (staging/ is safe to
         # clean): copy again from the claimed input, which is still in the inbox
@@ -244,6 +250,7 @@ def advance(
             error_code="restage",
             error_message=outcome.message,
             registered=registered,
+            restages=p.restages,
         )
     if outcome.kind == "renamed":
         # an automatic identifier found taken before registering: the step journals a

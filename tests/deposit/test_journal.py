@@ -452,7 +452,7 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         )
     journal = Journal(path)
     [item] = journal.unfinished()
-    assert journal.schema_version == SCHEMA_VERSION == 5
+    assert journal.schema_version == SCHEMA_VERSION == 6
     assert (item.token, item.relpath, item.state, item.seen_identity) == (
         "ab",
         b"a.wav",
@@ -466,6 +466,21 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         False,
         None,
     )
+    assert item.restages == 0
+
+
+def test_the_count_of_bad_read_backs_is_saved_and_read_back(tmp_path: Path) -> None:
+    """An item's bad read-backs in a row (``restages``) survive a save and a reopen."""
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    item = j.save(replace(_add(j), state=State.CLAIMED, restages=3))
+    j.close()
+    j2 = Journal(path)
+    try:
+        assert j2.get(item.id).restages == 3
+        assert j2.get(item.id).progress.restages == 3
+    finally:
+        j2.close()
 
 
 # --- group commit ------------------------------------------------------------------

@@ -261,6 +261,21 @@ def test_a_matching_read_back_clears_the_count() -> None:
     first = advance(Progress(S.PUBLISHED), Step.VERIFY, Outcome("restage", "verify-failed"), NOW)
     done = advance(_copied_again(first), Step.VERIFY, Outcome.ok(), NOW)
     assert (done.state, done.attempts, done.error_code) == (S.VERIFIED, 0, None)
+    assert done.restages == 0
+
+
+def test_the_count_of_bad_read_backs_outlives_another_error_in_between() -> None:
+    """A failure of another kind between two bad read-backs (a registry outage) keeps
+    their count: the second one waits as the second in a row."""
+    first = advance(Progress(S.PUBLISHED), Step.VERIFY, Outcome("restage", "verify-failed"), NOW)
+    p = advance(first, Step.STAGE, Outcome.ok(), NOW)
+    p = advance(p, Step.LOOKUP, Outcome("transient", "registry-unavailable"), NOW)
+    for step in (Step.LOOKUP, Step.REGISTER, Step.PUBLISH):
+        p = advance(p, step, Outcome.ok(), NOW)
+    assert (p.state, p.restages) == (S.PUBLISHED, 1)
+    second = advance(p, Step.VERIFY, Outcome("restage", "verify-failed"), NOW, random.Random(0))
+    assert (second.restages, second.attempts) == (2, 2)
+    assert second.not_before - NOW >= 2 * BACKOFF_INITIAL
 
 
 # -- registration must stick across a restage -------------------------------------------

@@ -94,12 +94,6 @@ def test_a_requeue_killed_between_its_moves_leaves_no_sidecar_for_a_newcomer(
 # --- a bad read-back's count: carried until a read-back matches --------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the count of bad read-backs in a row rides on attempts and "
-    "the error code, so another error between two of them restarts it (the wait is "
-    "short again, never a hot loop); a count of its own needs a journal column",
-)
 def test_a_registry_blip_between_bad_read_backs_does_not_reset_their_backoff() -> None:
     """The wait after a bad read-back grows "with each bad read-back in a row" (until one
     matches): a registry error answered once between two of them, then gone, is no
