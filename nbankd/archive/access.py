@@ -11,6 +11,8 @@ import grp
 import os
 import pwd
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,21 +46,45 @@ def target_mode(archive: Archive, path: Path, *, is_dir: bool) -> int:
     return (0o444 | writable) & ~umask
 
 
+#: seconds a group's id, once looked up, is used without asking the group database
+#: again (every deposit applies the policy's group to a few entries; with NSS files
+#: each lookup reads and parses /etc/group): a group renumbered or removed is noticed
+#: within this time
+GROUP_TTL = 30.0
+
+_GROUPS_LOCK = threading.Lock()
+_GROUPS: dict[str, tuple[float, int]] = {}
+
+
 def group_id(archive: Archive) -> int | None:
     """Returns the gid of the policy's group, or None when the policy names none.
 
     Raises ArchiveUnavailable if the group cannot be resolved (it may be an LDAP outage).
+    A group found is remembered for :data:`GROUP_TTL` seconds; one not found is asked
+    for again each time.
     """
     name = archive.policy.access.group
     if name is None:
         return None
+    now = time.monotonic()
+    with _GROUPS_LOCK:
+        known = _GROUPS.get(name)
+    if known is not None and now - known[0] < GROUP_TTL:
+        return known[1]
     try:
-        return grp.getgrnam(name).gr_gid
+        gid = grp.getgrnam(name).gr_gid
     except KeyError:
+        with _GROUPS_LOCK:
+            _GROUPS.pop(name, None)
         raise errors.ArchiveUnavailable(
             f"archive {archive.path}: group '{name}' of its access policy does not exist",
             hint="create the group or fix policy.access.group in nbank.json",
         ) from None
+    with _GROUPS_LOCK:
+        if len(_GROUPS) >= 64:
+            _GROUPS.clear()
+        _GROUPS[name] = (now, gid)
+    return gid
 
 
 def chgrp(archive: Archive, path: Path, st: os.stat_result | None = None) -> bool:

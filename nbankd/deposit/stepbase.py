@@ -221,7 +221,10 @@ class StepsBase:
         if self.archives is None or item.inbox.startswith(MANUAL_INBOX_PREFIX):
             return True
         configured = self.archives(item.archive)
-        return configured is not None and Path(configured) == Path(item.archive_path)
+        if configured is None:
+            return False
+        # the text first (the common case, asked before every step), then as paths
+        return str(configured) == item.archive_path or configured == Path(item.archive_path)
 
     def follow_archive(self, item: Item, step: Step) -> Item | StepResult:
         """Before ``step`` of an item with nothing registered whose archive is no longer
