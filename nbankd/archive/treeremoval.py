@@ -12,12 +12,13 @@ import os
 import stat
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 from nbankd import errors, fileflags
 from nbankd.archive.fsops import DIR_NOFOLLOW, _open_own_dir
 from nbankd.mounts import mount_key, other_mount
 
-__all__ = ["remove_tree_at", "unremovable_below"]
+__all__ = ["Unremovable", "remove_tree_at", "unremovable_below"]
 
 
 #: how many times :func:`remove_tree_at` finds a folder it emptied filled again (a
@@ -199,6 +200,16 @@ def remove_tree_at(dir_fd: int, name: bytes | str, *, shown: str | None = None) 
                 os.close(fd)
 
 
+class Unremovable(NamedTuple):
+    """Where :func:`unremovable_below` found a tree it could not empty, and why."""
+
+    rel: str  # the place, relative to the tree ("" for its top)
+    why: str  # in words, after the place's name
+    #: the file attribute ("immutable", "append-only") that forbids it, which no
+    #: permission helps with; None when permissions (or a failed look) are the reason
+    flag: str | None = None
+
+
 class _Listed:
     """An open folder of :func:`unremovable_below`'s walk, kept until its last
     sub-folder is opened from it."""
@@ -212,7 +223,7 @@ class _Listed:
 
 def unremovable_below(
     dir_fd: int, name: bytes | str, *, max_depth: int, permissions: bool = True
-) -> tuple[str, str] | None:
+) -> Unremovable | None:
     """The first place in the tree ``name`` (in the open folder ``dir_fd``) this process
     could not empty (what :func:`remove_tree_at` would fail on), as a path relative to
     the tree ("" for its top) and why, or None when it could empty the whole tree. A
@@ -229,7 +240,7 @@ def unremovable_below(
     try:
         top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
     except OSError as err:
-        return "", f"it cannot be opened ({err.strerror})"
+        return Unremovable("", f"it cannot be opened ({err.strerror})")
     opened: list[_Listed] = [_Listed(top)]
     # (folder above, or None for the top; name there; path below the top; its depth)
     todo: list[tuple[_Listed | None, str, str, int]] = [(None, "", "", 0)]
@@ -245,7 +256,7 @@ def unremovable_below(
                     fd = -1  # gone, or swapped for a link (removed as one)
                 except OSError as err:
                     if err.errno != errno.ELOOP:
-                        return rel, f"it cannot be opened ({err.strerror})"
+                        return Unremovable(rel, f"it cannot be opened ({err.strerror})")
                     fd = -1
                 finally:
                     parent.left -= 1
@@ -260,17 +271,17 @@ def unremovable_below(
                 st = os.fstat(here.fd)
                 entries = list(os.scandir(here.fd))
             except OSError as err:
-                return rel, f"it cannot be listed ({err.strerror})"
+                return Unremovable(rel, f"it cannot be listed ({err.strerror})")
             flag = fileflags.protected(here.fd)  # even empty: it cannot be removed
             if flag is not None:
-                return rel, f"it is {flag}"
+                return Unremovable(rel, f"it is {flag}", flag)
             sticky = False
             if entries and permissions:
                 ours = st.st_uid == euid
                 if not ours and not os.access(
                     f"/proc/self/fd/{here.fd}", os.W_OK | os.X_OK, effective_ids=True
                 ):
-                    return rel, "the daemon's user may not remove what it holds"
+                    return Unremovable(rel, "the daemon's user may not remove what it holds")
                 sticky = not ours and euid != 0 and bool(st.st_mode & stat.S_ISVTX)
             for entry in entries:
                 crel = f"{rel}/{entry.name}" if rel else entry.name
@@ -279,9 +290,9 @@ def unremovable_below(
                 except FileNotFoundError:
                     continue
                 except OSError as err:
-                    return crel, f"it cannot be looked at ({err.strerror})"
+                    return Unremovable(crel, f"it cannot be looked at ({err.strerror})")
                 if sticky and est.st_uid != euid:
-                    return rel, "a sticky folder holding another user's entry"
+                    return Unremovable(rel, "a sticky folder holding another user's entry")
                 if stat.S_ISDIR(est.st_mode):
                     if depth < max_depth:
                         here.left += 1
@@ -289,7 +300,7 @@ def unremovable_below(
                 elif stat.S_ISREG(est.st_mode):
                     flag = fileflags.protected_at(here.fd, entry.name)
                     if flag is not None:
-                        return crel, f"it is {flag}"
+                        return Unremovable(crel, f"it is {flag}", flag)
             if here.left == 0:
                 opened.remove(here)
                 os.close(here.fd)

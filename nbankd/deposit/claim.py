@@ -222,9 +222,9 @@ class ClaimSteps(StepsBase):
         )
         if blocked is None:
             return None
-        rel, why = blocked
+        rel, why, flag = blocked
         where = printable(str(src / rel if rel else src))
-        if why.startswith("it is "):  # immutable or append-only: no permission helps
+        if flag is not None:  # immutable or append-only: no permission helps
             after = "be published" if in_place else "leave the work folder"
             return Outcome(
                 "transient",

@@ -85,4 +85,5 @@ def test_the_check_names_a_file_no_one_may_remove(tmp_path: Path, flag: str, sai
     finally:
         os.close(fd)
         subprocess.run(["chattr", "-i", "-a", str(tree / "sub" / "log")], capture_output=True)
-    assert found == ("sub/log", f"it is {said}")
+    assert found is not None
+    assert (found.rel, found.why, found.flag) == ("sub/log", f"it is {said}", said)
