@@ -136,6 +136,15 @@ class InputProtected(NbankdError):
     transient = True
 
 
+class InboxNotWritable(NbankdError):
+    """A folder of an inbox cannot be changed (its permissions, an immutable attribute,
+    a read-only mount, a full disk): an input waits where it is, nothing is lost. The
+    inbox's problem, never the archive's."""
+
+    code = "inbox-not-writable"
+    transient = True
+
+
 class InvalidIdentifier(NbankdError):
     """An identifier breaks the registry's slug rule ``[-_0-9a-zA-Z]+``."""
 

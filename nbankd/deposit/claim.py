@@ -175,8 +175,14 @@ class ClaimSteps(StepsBase):
                     "move it onto the inbox folder's own filesystem (copy it there, then "
                     "delete this one), or unmount what is mounted inside the inbox",
                 )
-            if not isinstance(err, PermissionError):
+            if err.errno not in inboxfs.WRITE_ERRNOS:
                 raise
+            if not isinstance(err, PermissionError):
+                # a read-only mount, a full disk: the inbox's, never the archive's;
+                # nothing was taken, so it waits where it is
+                return item, outcome_for(
+                    inboxfs.write_error(err, f"move {src} out of {src.parent}", [src.parent])
+                )
             flag = fileflags.protected_at(parent, name)
             if flag is not None:
                 return item, Outcome(

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -36,7 +37,7 @@ from nbankd import errors
 from nbankd.archive import fsops, syncs
 from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.deposit import folderproof
-from nbankd.names import WORK_DIR_NAME
+from nbankd.names import WORK_DIR_NAME, printable
 
 DIR_FLAGS = DIR_NOFOLLOW
 FolderId = tuple[int, int]
@@ -54,6 +55,61 @@ class Tampered(errors.NbankdError):
 
     code = "inbox-tampered"
     transient = True
+
+
+#: errno values of a change in an inbox (a move, a removal, a reason written) that an
+#: administrator fixes: the inbox's own problem, told against the inbox, never the archive
+WRITE_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.ESTALE,
+        errno.ENOTCONN,
+    }
+)
+
+
+def write_fix(number: int | None, folders: Sequence[Path]) -> str:
+    """What to fix when a change in ``folders`` of an inbox failed with ``number``."""
+    shown = " and ".join(printable(str(f)) for f in folders)
+    if number == errno.EROFS:
+        return f"mount the filesystem of {shown} read-write again"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space (or raise the quota) on the filesystem of {shown}"
+    if number in (errno.EACCES, errno.EPERM):
+        return (
+            f"give the daemon's user write permission on {shown} again (owner, mode; "
+            "an immutable attribute: chattr -i)"
+        )
+    return f"check the disk or mount {shown} is on"
+
+
+def write_error(err: OSError, doing: str, folders: Sequence[Path]) -> errors.InboxNotWritable:
+    """The inbox's error for a change in it (``doing``: what was being done, naming the
+    input and the inbox folder) that failed with ``err``. The fix is in its message too:
+    a waiting item keeps its message (status, explain), not its hint."""
+    fix = write_fix(err.errno, folders)
+    return errors.InboxNotWritable(
+        f"cannot {doing}: {err.strerror or err}; {fix}",
+        hint=f"{fix}; the input waits where it is, nothing is lost, and the step is tried again",
+    )
+
+
+@contextlib.contextmanager
+def writing(doing: str, folders: Sequence[Path]) -> Iterator[None]:
+    """Changes in an inbox's ``folders``: an OSError of :data:`WRITE_ERRNOS` raised
+    inside becomes :class:`~nbankd.errors.InboxNotWritable` (see :func:`write_error`);
+    wrap only calls on the inbox's side, never the archive's."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(err, doing, folders) from err
 
 
 def prove_folders(

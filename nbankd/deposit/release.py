@@ -34,6 +34,7 @@ from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.spec import Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.hashing import SourceReadError, copy_hashing
+from nbankd.names import printable
 from nbankd.watch import writers
 
 #: a released folder's name while it is removed (see :meth:`ReleaseSteps.release`)
@@ -45,6 +46,7 @@ class ReleaseSteps(StepsBase):
 
     def release(self, item: Item) -> StepResult:
         spec = self._spec(item)
+        source = printable(str(spec.path / item.relpath_str))
         with spec.open_fs() as fs:
             token = item.token.encode()
             gone = token + RELEASED_SUFFIX
@@ -53,26 +55,37 @@ class ReleaseSteps(StepsBase):
                 # a writer kept it open and changed it after its copy was made: the
                 # archive keeps the copy as claimed; this version goes back, whole
                 return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                fs.unlink(fs.work, token)
-            else:
-                # a folder resource's tree: renamed first, then removed, so that a removal
-                # stopped half way is finished by the next attempt, never taken for a
-                # changed input (only the daemon writes in its work folder)
-                # changed from descriptors, never through a path: its writer may have kept
-                # a descriptor of a folder of it and swap a sub-folder for a link meanwhile
-                shown = str(spec.work_dir / os.fsdecode(gone))  # in messages
-                if fs.lstat(fs.work, gone) is not None:
-                    treeremoval.remove_tree_at(fs.work, gone, shown=shown)
-                if st is not None:
-                    os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
-                    treeremoval.remove_tree_at(fs.work, gone, shown=shown)
-            seams.reached("after-release-source")
-            sidecar = rejection.sidecar_work_name(item)
-            if sidecar is not None:
-                fs.unlink(fs.work, sidecar)
+            # removals in the inbox's work folder: a failure is the inbox's (a read-only
+            # mount, an immutable folder), never the archive's, which holds the copy
+            with inboxfs.writing(
+                f"remove the deposited input {source} from the inbox's work folder "
+                f"{printable(str(spec.work_dir))}",
+                [spec.work_dir],
+            ):
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    fs.unlink(fs.work, token)
+                else:
+                    # a folder resource's tree: renamed first, then removed, so that a
+                    # removal stopped half way is finished by the next attempt, never taken
+                    # for a changed input (only the daemon writes in its work folder)
+                    # changed from descriptors, never through a path: its writer may have
+                    # kept a descriptor of a folder of it and swap a sub-folder for a link
+                    shown = str(spec.work_dir / os.fsdecode(gone))  # in messages
+                    if fs.lstat(fs.work, gone) is not None:
+                        treeremoval.remove_tree_at(fs.work, gone, shown=shown)
+                    if st is not None:
+                        os.rename(token, gone, src_dir_fd=fs.work, dst_dir_fd=fs.work)
+                        treeremoval.remove_tree_at(fs.work, gone, shown=shown)
+                seams.reached("after-release-source")
+                sidecar = rejection.sidecar_work_name(item)
+                if sidecar is not None:
+                    fs.unlink(fs.work, sidecar)
             if item.marker_relpath is not None:
-                with contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+                where = spec.path / os.fsdecode(os.path.dirname(item.marker_relpath))
+                with (
+                    contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError),
+                    inboxfs.writing(f"remove the ready marker of {source}", [where]),
+                ):
                     marker = fs.parent(item.marker_relpath)  # its folder may be gone
                     if fs.unlink(*marker):
                         fsops.fsync_fd(marker[0])
@@ -248,8 +261,15 @@ class ReleaseSteps(StepsBase):
 
     def reject(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged_if_configured(item)
-        with spec.open_fs() as fs:
+        self._discard_staged_if_configured(item)  # the archive's side, before the inbox's
+        source = printable(str(spec.path / item.relpath_str))
+        with (
+            spec.open_fs() as fs,
+            inboxfs.writing(
+                f"move {source} into the rejected folder {printable(str(spec.rejected_dir))}",
+                [spec.rejected_dir, spec.work_dir],
+            ),
+        ):
             item = rejection.move_to_rejected(
                 spec, item, fs=fs, now=self.clock(), save=self.journal.save
             )
@@ -257,8 +277,15 @@ class ReleaseSteps(StepsBase):
 
     def put_back(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        self._discard_staged_if_configured(item)
-        with spec.open_fs() as fs:
+        self._discard_staged_if_configured(item)  # the archive's side, before the inbox's
+        source = spec.path / item.relpath_str
+        with (
+            spec.open_fs() as fs,
+            inboxfs.writing(
+                f"put {printable(str(source))} back into its inbox {printable(str(spec.path))}",
+                [source.parent, spec.work_dir],
+            ),
+        ):
             rejection.put_back(spec, item, fs=fs)
         return item.changed(finished=self.clock()), Outcome.ok()
 
