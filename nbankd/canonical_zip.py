@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import struct
 import zlib
@@ -35,6 +36,7 @@ from nbankd import errors
 from nbankd.archive.fsops import DIR_NOFOLLOW, publish_temp
 from nbankd.filekind import FileKind
 from nbankd.hashing import BLOCK_SIZE, SourceReadError, sha1_stream, write_all
+from nbankd.transfer.placing import NAME_MAX, name_head
 from nbankd.watch import writers
 
 #: sizes and offsets from this on are written in ZIP64 records
@@ -53,6 +55,7 @@ _ATTRIBUTES = 0o100644 << 16  # a regular file, rw-r--r--, in the high half
 _MADE_ON_UNIX = 3 << 8
 _DIR_FLAGS = DIR_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_TEMP_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,20 @@ def _copy_member(
         report(copied)
 
 
+def _temp_name(name: str) -> str:
+    """``NAME.partial``, the zip's name while it is written: the same for the same
+    ``name`` (an interrupted attempt's is found again), and fitting in
+    :data:`~nbankd.transfer.placing.NAME_MAX` bytes wherever ``name`` does: NAME is
+    cut by its encoded bytes (never inside a character) and tagged with a digest of
+    the whole name, so two long names sharing a start never share a temporary."""
+    temp = f"{name}{_TEMP_SUFFIX}"
+    if len(os.fsencode(temp)) <= NAME_MAX:
+        return temp
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+    head = name_head(name, NAME_MAX - len(_TEMP_SUFFIX) - 1 - len(digest))
+    return f"{head}~{digest}{_TEMP_SUFFIX}"
+
+
 def _write(
     top: int,
     src: Path,
@@ -333,7 +350,7 @@ def _write(
     name: str,
     progress: Callable[[int], None] | None,
 ) -> ZippedFolder:
-    temp = f"{name}.partial"
+    temp = _temp_name(name)
     try:
         out = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     except FileExistsError:  # left by an interrupted attempt with this name

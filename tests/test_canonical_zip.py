@@ -164,6 +164,18 @@ def test_a_leftover_partial_file_is_replaced(tmp_path: Path) -> None:
     assert ours.path.read_bytes() == _nbank_zip(src, tmp_path / "nbank.zip")
 
 
+def test_a_zip_name_of_250_bytes_of_non_ascii_characters_is_written(tmp_path: Path) -> None:
+    """A zip named with 123 'é' and .zip (250 bytes) is written, nothing left beside it."""
+    src = _tree(tmp_path / "rec", {"a": b"x"})
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "é" * 123 + ".zip"
+    assert len(os.fsencode(name)) == 250
+    ours = zip_folder(src, out, name)
+    assert [p.name for p in out.iterdir()] == [name]
+    assert ours.path.read_bytes() == _nbank_zip(src, tmp_path / "nbank.zip")
+
+
 def test_the_zip_cannot_be_written_inside_the_folder(tmp_path: Path) -> None:
     """Writing the zip into the folder being zipped is refused."""
     src = _tree(tmp_path / "rec", {"a": b"x"})
