@@ -29,7 +29,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -100,16 +100,19 @@ def write_error(err: OSError, doing: str, folders: Sequence[Path]) -> errors.Inb
 
 
 @contextlib.contextmanager
-def writing(doing: str, folders: Sequence[Path]) -> Iterator[None]:
+def writing(doing: str | Callable[[], str], folders: Sequence[Path]) -> Iterator[None]:
     """Changes in an inbox's ``folders``: an OSError of :data:`WRITE_ERRNOS` raised
     inside becomes :class:`~nbankd.errors.InboxNotWritable` (see :func:`write_error`);
-    wrap only calls on the inbox's side, never the archive's."""
+    wrap only calls on the inbox's side, never the archive's. ``doing`` may be a
+    function making the words, called only on such an error (every deposit's release
+    passes here: nothing is formatted for the common case)."""
     try:
         yield
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise
-        raise write_error(err, doing, folders) from err
+        words = doing if isinstance(doing, str) else doing()
+        raise write_error(err, words, folders) from err
 
 
 def prove_folders(

@@ -46,7 +46,10 @@ class ReleaseSteps(StepsBase):
 
     def release(self, item: Item) -> StepResult:
         spec = self._spec(item)
-        source = printable(str(spec.path / item.relpath_str))
+
+        def source() -> str:  # in messages only
+            return printable(str(spec.path / item.relpath_str))
+
         with spec.open_fs() as fs:
             token = item.token.encode()
             gone = token + RELEASED_SUFFIX
@@ -58,8 +61,10 @@ class ReleaseSteps(StepsBase):
             # removals in the inbox's work folder: a failure is the inbox's (a read-only
             # mount, an immutable folder), never the archive's, which holds the copy
             with inboxfs.writing(
-                f"remove the deposited input {source} from the inbox's work folder "
-                f"{printable(str(spec.work_dir))}",
+                lambda: (
+                    f"remove the deposited input {source()} from the inbox's work "
+                    f"folder {printable(str(spec.work_dir))}"
+                ),
                 [spec.work_dir],
             ):
                 if st is not None and not stat.S_ISDIR(st.st_mode):
@@ -84,7 +89,7 @@ class ReleaseSteps(StepsBase):
                 where = spec.path / os.fsdecode(os.path.dirname(item.marker_relpath))
                 with (
                     contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError),
-                    inboxfs.writing(f"remove the ready marker of {source}", [where]),
+                    inboxfs.writing(lambda: f"remove the ready marker of {source()}", [where]),
                 ):
                     marker = fs.parent(item.marker_relpath)  # its folder may be gone
                     if fs.unlink(*marker):
