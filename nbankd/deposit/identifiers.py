@@ -22,7 +22,7 @@ from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
 from nbankd.deposit.spec import Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
-from nbankd.registry.base import ResourceRecord
+from nbankd.registry.base import ResourceRecord, metadata_as_stored
 
 
 class IdentifierSteps(StepsBase):
@@ -35,7 +35,7 @@ class IdentifierSteps(StepsBase):
         item = item.changed(already=False)  # decided again on every lookup
         assert item.name
         stored = archive.stored_entries(item.name, known=self._lookup_known())
-        if not stored and not item.progress.registered:
+        if not stored and not item.progress.registered and item.error_code != verdicts.SHA1_HELD:
             # nothing is stored for this identifier: the registry is asked by the
             # registering POST itself, whose refusals (name or SHA-1 taken) are exact and
             # judged then (at_register): one request per input in the common case
@@ -60,9 +60,8 @@ class IdentifierSteps(StepsBase):
         assert item.name and item.sha1 and item.target_name
         matches = record is not None and record.dtype == item.dtype
         if matches and record is not None:
-            theirs = record.metadata or {}
             ours = json.loads(item.metadata_json or "{}")
-            matches = all(theirs.get(k) == v for k, v in ours.items())
+            matches = metadata_as_stored(ours, record.metadata)
         return verdicts.Facts(
             name=item.name,
             sha1=item.sha1,
@@ -155,6 +154,10 @@ class IdentifierSteps(StepsBase):
             # ours already if an earlier attempt's answer was lost; else whose it is
             archive = self._archive(intent)
             record = self.registry.get_resource(item.name)
+            if record is None and self._registering_together():
+                # another record's bytes: the verdict looks into the archive, which is
+                # never done while the batch holds the registry's write lock
+                return self._act(item, verdicts.held_elsewhere(item.name))
             facts = self._facts(item, archive, record)
             if record is None:
                 facts = self._with_holders(facts, archive)

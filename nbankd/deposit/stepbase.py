@@ -132,6 +132,10 @@ class StepsBase:
             self._local.registered = None
             self._local.pinned = None
 
+    def _registering_together(self) -> bool:
+        """True inside :meth:`registering_together` on this thread."""
+        return getattr(self._local, "pinned", None) is not None
+
     def _registered(self, item: Item) -> None:
         """``item`` is registered (:meth:`registering_together`: once committed)."""
         together: list[str] | None = getattr(self._local, "registered", None)

@@ -139,6 +139,24 @@ def _busy(f: Facts) -> Verdict:
     )
 
 
+#: the code of an input whose registration found its bytes registered under another
+#: identifier while the registry's write lock was held (:func:`held_elsewhere`)
+SHA1_HELD = "sha1-held"
+
+
+def held_elsewhere(name: str) -> Verdict:
+    """Registering ``name`` (inside a batch holding the registry's write lock) found its
+    bytes registered under another identifier. Whether this archive stores that record
+    (which decides whether the input may be the only copy of those bytes) needs a look
+    into the archive, never made while the lock is held: the lookup judges it."""
+    return Verdict(
+        Kind.RECHECK,
+        SHA1_HELD,
+        f"the bytes of {name} are registered under another identifier; judged by a "
+        "lookup once the registry's write lock is released",
+    )
+
+
 def _stored(f: Facts) -> Verdict:
     """An entry is stored for the identifier: judged by the record and its bytes."""
     stored = f.stored[0]

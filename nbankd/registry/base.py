@@ -27,6 +27,26 @@ ACCESSIBILITY = ("local", "remote", "offline")
 CORE_FIELDS = ("experimenter", "animal")
 
 
+def core_field_as_stored(value: Any) -> str | None:
+    """An ``experimenter`` or ``animal`` sent in metadata as the registry keeps it: as
+    text (``417`` comes back ``"417"``), with ``""`` and None meaning none (the record
+    then has no such key in its metadata)."""
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None) -> bool:
+    """True when a record's metadata holds what ``sent`` asked the registry to store:
+    every key's value, the core fields compared as :func:`core_field_as_stored`."""
+    theirs = record or {}
+    for key, value in sent.items():
+        wanted = core_field_as_stored(value) if key in CORE_FIELDS else value
+        if theirs.get(key) != wanted:
+            return False
+    return True
+
+
 def _freeze_metadata(metadata: Mapping[str, Any] | None) -> str | None:
     return None if metadata is None else json.dumps(metadata, sort_keys=True)
 

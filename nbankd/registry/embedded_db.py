@@ -41,6 +41,9 @@ class _Batch:
 
     conn: sqlite3.Connection | None = None  # set by the first write, which begins it
     lost: str | None = None  # why SQLite undid the batch's transaction, if it did
+    #: why the batch could not take the write lock (another process held it for the
+    #: whole busy timeout): its later writes fail at once, never waiting that long again
+    busy: str | None = None
 
 
 class EmbeddedDatabase:
@@ -225,10 +228,23 @@ class EmbeddedDatabase:
             raise errors.RegistryUnavailable(
                 f"the embedded registry {self.db_path} undid a batch of writes: {state.lost}"
             )
+        if state.busy is not None:
+            raise errors.RegistryUnavailable(
+                f"the embedded registry {self.db_path} is unavailable: {state.busy} (another "
+                f"process held its write lock for {self.busy_timeout:g} s)"
+            )
         conn = self._conn()
         with self._guard():
             if state.conn is None:
-                conn.execute("BEGIN IMMEDIATE")  # should it fail, the next write tries again
+                try:  # should it fail otherwise, the next write tries again
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as err:
+                    if conn.in_transaction or "locked" not in str(err):
+                        raise
+                    # waited the whole busy timeout: the batch's other writes would each
+                    # wait as long (a round of 64 registrations, half an hour)
+                    state.busy = str(err)
+                    raise
                 state.conn = conn
             elif not conn.in_transaction:  # SQLite rolled the whole batch back (a full disk)
                 state.lost = "SQLite rolled the transaction back"

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from nbankd.names import is_utf8
-from nbankd.registry.base import CORE_FIELDS, SLUG_RE
+from nbankd.registry.base import CORE_FIELDS, SLUG_RE, core_field_as_stored
 
 CHUNK = 500  # names per IN (...) and rows per search page
 _ID_ALPHABET = string.digits + string.ascii_lowercase
@@ -105,13 +105,13 @@ def slug_field(
 
 def person(field: str, value: Any) -> tuple[str | None, list[str]]:
     """experimenter/animal: stored as given, as text; "" means none, as on the server."""
-    if value is None or value == "":
+    text = core_field_as_stored(value)
+    if text is None:
         return None, []
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None, [
             "invalid username" if field == "experimenter" else "invalid animal identifier"
         ]
-    text = str(value)
     messages = surrogates(text)
     return (None, messages) if messages else (text, [])
 

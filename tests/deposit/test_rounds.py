@@ -225,7 +225,7 @@ def test_a_rounds_registrations_run_first_and_commit_together(
 def test_a_refused_registry_commit_fails_every_registration_of_the_round(env: Env) -> None:
     """The batch's commit refused: each registration of the round is saved as failed
     (transient), a duplicate judged against the lost record included; the next round
-    registers one and finds the other a duplicate."""
+    registers one and finds the other a duplicate (by its lookup, after the batch)."""
     data = os.urandom(4000)
     items = [
         env.until(env.drop(name, body), State.CHECKED)
@@ -241,9 +241,11 @@ def test_a_refused_registry_commit_fails_every_registration_of_the_round(env: En
     assert all("registering" in (m.item.error_message or "") for m in moved)
     assert committed(registry) == set()
     again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
-    assert [m.item.state for m in again] == [State.REGISTERED, State.REJECTING, State.REGISTERED]
-    assert again[1].item.error_code == "duplicate"
+    assert [m.item.state for m in again] == [State.REGISTERED, State.STAGED, State.REGISTERED]
+    assert again[1].item.error_code == "sha1-held"  # judged by its lookup, outside the lock
     assert committed(registry) == {items[0].name, items[2].name}
+    [dup] = run_round(env.steps, [again[1].item], now=float("inf"))
+    assert (dup.item.state, dup.item.error_code) == (State.REJECTING, "duplicate")
 
 
 def test_no_archive_is_read_while_the_registry_is_locked(
@@ -272,5 +274,5 @@ def test_no_archive_is_read_while_the_registry_is_locked(
 
     monkeypatch.setattr(os, "stat", stat)
     moved = run_round(env.steps, items, now=float("inf"))
-    assert [m.item.state for m in moved] == [State.REGISTERED, State.REJECTING]
+    assert [m.item.state for m in moved] == [State.REGISTERED, State.STAGED]  # sha1-held
     assert locked_reads == []

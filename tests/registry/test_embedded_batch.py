@@ -89,8 +89,11 @@ def test_a_batch_without_writes_holds_no_lock(reg: EmbeddedRegistry) -> None:
     assert committed(reg) == {"theirs"}
 
 
-def test_a_write_waiting_for_the_lock_fails_alone(reg: EmbeddedRegistry) -> None:
-    """A write that cannot get the lock fails; the batch's next write tries again."""
+def test_a_write_waiting_for_the_lock_fails_the_batchs_later_writes_at_once(
+    reg: EmbeddedRegistry,
+) -> None:
+    """A write that waited the whole busy timeout for the lock fails, and so do the
+    batch's later writes, without waiting again; the next batch tries again."""
     with EmbeddedRegistry(reg.db_path, busy_timeout=0.2) as other:
         holder = sqlite3.connect(reg.db_path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
@@ -99,10 +102,13 @@ def test_a_write_waiting_for_the_lock_fails_alone(reg: EmbeddedRegistry) -> None
                 with pytest.raises(errors.RegistryUnavailable):
                     other.add_resource(dtype="wav", archive="a1", name="first", sha1=SHA_A)
                 holder.execute("ROLLBACK")
-                other.add_resource(dtype="wav", archive="a1", name="second", sha1=SHA_B)
+                with pytest.raises(errors.RegistryUnavailable, match="held its write lock"):
+                    other.add_resource(dtype="wav", archive="a1", name="second", sha1=SHA_B)
+            with other.batch():
+                other.add_resource(dtype="wav", archive="a1", name="third", sha1=SHA_B)
         finally:
             holder.close()
-    assert committed(reg) == {"second"}
+    assert committed(reg) == {"third"}
 
 
 def test_other_threads_are_not_part_of_a_batch(reg: EmbeddedRegistry) -> None:
