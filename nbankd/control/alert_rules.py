@@ -257,7 +257,8 @@ def _stuck(
             Condition(
                 f"stuck:{item.token}",
                 f"{where} is retried after {code} ({item.attempts} attempt(s)): "
-                f"{item.error_message or code}",
+                f"{item.error_message or code}"
+                + (f" (to fix: {item.error_hint})" if item.error_hint else ""),
                 f"nbankctl explain {where}",
                 unavailable_after,
                 kind="stuck",

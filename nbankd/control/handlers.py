@@ -254,6 +254,7 @@ def queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                 "next_attempt": iso(item.not_before) if item.not_before > now else None,
                 "error_code": item.error_code,
                 "error": item.error_message,
+                "hint": item.error_hint,
                 "id": item.name,
                 "created": iso(item.created),
             }

@@ -201,6 +201,7 @@ def _item_facts(item: Item, now: float) -> dict[str, Any]:
         "next_attempt": iso(item.not_before) if item.not_before > now else None,
         "error_code": item.error_code,
         "error": item.error_message,
+        "hint": item.error_hint,
         "id": item.name,
         "created": iso(item.created),
         "updated": iso(item.updated),
@@ -422,6 +423,8 @@ def explain(
         msg = f"being deposited: {facts['state']}, attempt {active.attempts}"
         if active.error_code:
             msg += f"; last error ({active.error_code}): {active.error_message}"
+            if active.error_hint:
+                msg += f" (to fix: {active.error_hint})"
         if facts["next_attempt"]:
             msg += f"; next attempt at {facts['next_attempt']}"
         out["message"] = msg

@@ -53,7 +53,10 @@ def waiting_problems(items: Iterable[Item]) -> list[str]:
     lines = []
     for (where, code), group in sorted(groups.items()):
         newest = max(group, key=lambda i: i.updated)
-        lines.append(f"{where}: {len(group)} input(s) waiting after {code}: {newest.error_message}")
+        fix = f" (to fix: {newest.error_hint})" if newest.error_hint else ""
+        lines.append(
+            f"{where}: {len(group)} input(s) waiting after {code}: {newest.error_message}{fix}"
+        )
     return lines
 
 

@@ -57,6 +57,7 @@ class Item:
     zipped: bool = False  # a folder deposited as its canonical zip (decided at claim)
     file_metadata: str | None = None  # the reader's use, decided at claim (None: not run)
     restages: int = 0  # copies read back wrong in a row (:attr:`Progress.restages`)
+    error_hint: str | None = None  # what to do about ``error_message`` (None: nothing said)
 
     @property
     def progress(self) -> Progress:
@@ -143,7 +144,7 @@ def update_statement(
 
 _SAVED = operator.attrgetter(*SAVED_FIELDS)
 _FLAGS = tuple(SAVED_FIELDS.index(n) for n in ("verify", "auto_id", "already", "zipped"))
-_MESSAGE = SAVED_FIELDS.index("error_message")
+_TEXTS = tuple(SAVED_FIELDS.index(n) for n in ("error_message", "error_hint"))
 
 
 def row_of(item: Item) -> tuple[Any, ...]:
@@ -153,9 +154,10 @@ def row_of(item: Item) -> tuple[Any, ...]:
     row[STATE_FIELD] = str(row[STATE_FIELD])
     for i in _FLAGS:
         row[i] = int(row[i])
-    if row[_MESSAGE] is not None:
-        # free text that may quote a file name's undecodable bytes: SQLite's text is UTF-8
-        row[_MESSAGE] = utf8_text(row[_MESSAGE])
+    for i in _TEXTS:
+        if row[i] is not None:
+            # free text that may quote a file name's undecodable bytes: SQLite's text is UTF-8
+            row[i] = utf8_text(row[i])
     row.append(item.id)
     return tuple(row)
 

@@ -50,7 +50,7 @@ from nbankd.deposit.lifecycle import FINAL, State
 
 log = structlog.get_logger("nbankd.journal")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: seconds the check of the journal's pages at open may take (PRAGMA quick_check:
 #: about 0.1 s for 100 000 items, 50 MB, from the page cache); a check not done by then
@@ -120,6 +120,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     # 5 -> 6: bad read-backs in a row, counted apart from the attempts of a step (another
     # error in between no longer restarts the growing wait before the next copy)
     5: ("ALTER TABLE items ADD COLUMN restages INTEGER NOT NULL DEFAULT 0",),
+    # 6 -> 7: what to do about the error an item waits after (status, explain, alerts)
+    6: ("ALTER TABLE items ADD COLUMN error_hint TEXT",),
 }
 
 

@@ -453,11 +453,14 @@ def record(item: Item) -> dict[str, Any]:
             "source": source,
             "error": item.error_message or "it changed or vanished while it was deposited",
         }
-    return {
+    out = {
         "source": source,
         "error": item.error_message or f"unfinished ({item.state})",
         "state": str(item.state),
     }
+    if item.error_hint:
+        out["hint"] = item.error_hint
+    return out
 
 
 def describe(item: Item, where: Path | None = None) -> dict[str, Any]:

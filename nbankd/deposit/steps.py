@@ -330,6 +330,13 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
         failure, the next state after success), ready to save."""
         progress = advance(item.progress, step, outcome, self.clock(), self.rng)
         changes: dict[str, object] = {"updated": self.clock()}
+        if progress.error_code is None:
+            if item.error_hint is not None:
+                changes["error_hint"] = None
+        elif progress.error_message == outcome.message and outcome.kind != "ok":
+            # this outcome's error: what to do about it is kept beside it (the error of an
+            # earlier step carried on, as after a bad read-back, keeps its own)
+            changes["error_hint"] = outcome.hint or None
         if progress.state is State.REJECTING and item.reason_json is None:
             reason = {"code": outcome.code, "message": outcome.message, "hint": outcome.hint}
             changes["reason_json"] = json.dumps(reason)
@@ -376,6 +383,7 @@ def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
             "step failed; will retry",
             code=outcome.code,
             error=outcome.message,
+            hint=outcome.hint or None,
             attempts=item.attempts,
             retry_in=round(item.not_before - time.time(), 1),
             **fields,

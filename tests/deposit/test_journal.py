@@ -452,7 +452,7 @@ def test_a_version_1_journal_is_migrated_with_its_items(tmp_path: Path) -> None:
         )
     journal = Journal(path)
     [item] = journal.unfinished()
-    assert journal.schema_version == SCHEMA_VERSION == 6
+    assert journal.schema_version == SCHEMA_VERSION == 7
     assert (item.token, item.relpath, item.state, item.seen_identity) == (
         "ab",
         b"a.wav",
