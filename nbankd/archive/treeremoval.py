@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from nbankd import errors, fileflags
 from nbankd.archive.fsops import DIR_NOFOLLOW, _open_own_dir
+from nbankd.heldfolders import HeldFolder, HeldFolders
 from nbankd.mounts import mount_key, other_mount
 
 __all__ = ["Unremovable", "remove_tree_at", "unremovable_below"]
@@ -210,17 +211,6 @@ class Unremovable(NamedTuple):
     flag: str | None = None
 
 
-class _Listed:
-    """An open folder of :func:`unremovable_below`'s walk, kept until its last
-    sub-folder is opened from it."""
-
-    __slots__ = ("fd", "left")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.left = 0
-
-
 def unremovable_below(
     dir_fd: int, name: bytes | str, *, max_depth: int, permissions: bool = True
 ) -> Unremovable | None:
@@ -241,14 +231,14 @@ def unremovable_below(
         top = os.open(name, DIR_NOFOLLOW, dir_fd=dir_fd)
     except OSError as err:
         return Unremovable("", f"it cannot be opened ({err.strerror})")
-    opened: list[_Listed] = [_Listed(top)]
     # (folder above, or None for the top; name there; path below the top; its depth)
-    todo: list[tuple[_Listed | None, str, str, int]] = [(None, "", "", 0)]
-    try:
+    todo: list[tuple[HeldFolder | None, str, str, int]] = [(None, "", "", 0)]
+    with HeldFolders() as opened:
+        first = opened.hold(top)
         while todo:
             parent, entry_name, rel, depth = todo.pop()
             if parent is None:
-                here = opened[0]
+                here = first
             else:
                 try:
                     fd = os.open(entry_name, DIR_NOFOLLOW, dir_fd=parent.fd)
@@ -259,14 +249,10 @@ def unremovable_below(
                         return Unremovable(rel, f"it cannot be opened ({err.strerror})")
                     fd = -1
                 finally:
-                    parent.left -= 1
-                    if parent.left == 0:
-                        opened.remove(parent)
-                        os.close(parent.fd)
+                    opened.opened_from(parent)
                 if fd < 0:
                     continue
-                here = _Listed(fd)
-                opened.append(here)
+                here = opened.hold(fd)
             try:
                 st = os.fstat(here.fd)
                 entries = list(os.scandir(here.fd))
@@ -295,16 +281,11 @@ def unremovable_below(
                     return Unremovable(rel, "a sticky folder holding another user's entry")
                 if stat.S_ISDIR(est.st_mode):
                     if depth < max_depth:
-                        here.left += 1
+                        opened.below(here)
                         todo.append((here, entry.name, crel, depth + 1))
                 elif stat.S_ISREG(est.st_mode):
                     flag = fileflags.protected_at(here.fd, entry.name)
                     if flag is not None:
                         return Unremovable(crel, f"it is {flag}", flag)
-            if here.left == 0:
-                opened.remove(here)
-                os.close(here.fd)
-    finally:
-        for folder in opened:
-            os.close(folder.fd)
+            opened.listed(here)
     return None

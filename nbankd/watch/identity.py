@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from nbankd.heldfolders import HeldFolder, HeldFolders
 from nbankd.mounts import MountKey, mount_key, other_mount
 from nbankd.names import printable
 from nbankd.watch.writers import MAX_DEPTH
@@ -240,21 +241,6 @@ class TreeSummary:
         return "; ".join(parts) or None
 
 
-class _Open:
-    """A listed folder's descriptor, kept until its last sub-folder is opened from it."""
-
-    __slots__ = ("fd", "left")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.left = 0  # sub-folders still to be opened from it
-
-
-def _close(opened: list[_Open], folder: _Open) -> None:
-    opened.remove(folder)
-    os.close(folder.fd)
-
-
 def tree_summary(
     path: Path | str, *, dir_fd: int | None = None, within: MountKey | None = None
 ) -> TreeSummary:
@@ -284,10 +270,9 @@ def tree_summary(
     mounts: list[str] = []
     top_mount = within
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-    opened: list[_Open] = []  # every descriptor still open, closed whatever happens
     # folders to list, last in first out: (relative path, name, inode, depth, parent)
-    stack: list[tuple[str, str, int, int, _Open | None]] = [("", top, st.st_ino, 0, None)]
-    try:
+    stack: list[tuple[str, str, int, int, HeldFolder | None]] = [("", top, st.st_ino, 0, None)]
+    with HeldFolders() as opened:
         while stack:
             rel, name, ino, depth, parent = stack.pop()
             where = dir_fd if parent is None else parent.fd
@@ -300,9 +285,7 @@ def tree_summary(
                 failed = None
             finally:
                 if parent is not None:
-                    parent.left -= 1
-                    if parent.left == 0:
-                        _close(opened, parent)
+                    opened.opened_from(parent)
             if failed is not None:
                 if failed.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     if not rel:
@@ -311,8 +294,7 @@ def tree_summary(
                 unreadable.append(rel)
                 digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
                 continue
-            here = _Open(fd)
-            opened.append(here)
+            here = opened.hold(fd)
             try:
                 fst = os.fstat(fd)
                 want = (st.st_dev, st.st_ino) if not rel else (fst.st_dev, ino)
@@ -323,16 +305,16 @@ def tree_summary(
                     top_mount = key
                 elif other_mount(top_mount, key):  # never entered: not the folder's own
                     mounts.append(rel)
-                    _close(opened, here)
+                    opened.close(here)
                     continue
                 children = list(_children_of(fd))
             except FileNotFoundError:
-                _close(opened, here)
+                opened.close(here)
                 if not rel:
                     raise
                 continue  # replaced or gone since its parent was listed
             except OSError:
-                _close(opened, here)
+                opened.close(here)
                 unreadable.append(rel)
                 digest.update(b"unreadable\0" + os.fsencode(rel) + b"\0")
                 continue
@@ -363,18 +345,14 @@ def tree_summary(
                     if depth >= SUMMARY_DEPTH:
                         too_deep.append(crel)
                         continue
-                    here.left += 1  # kept open until this sub-folder is opened from it
+                    opened.below(here)  # kept open until this sub-folder is opened from it
                     stack.append((crel, cname, cst.st_ino, depth + 1, here))
                 elif stat.S_ISREG(cst.st_mode) and cst.st_nlink == 1:
                     size += cst.st_size
                     files += 1
                 else:
                     unsafe.append(crel)
-            if here.left == 0:
-                _close(opened, here)
-    finally:
-        for left_open in opened:
-            os.close(left_open.fd)
+            opened.listed(here)
     identity = Identity(
         dev=st.st_dev,
         ino=st.st_ino,
