@@ -171,6 +171,16 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             entry["unowned_work_files"] = unowned
             if problem is not None:
                 result["degraded"].append(f"{entry['path']}: {problem}")
+            for former in state.config.former_work_dirs:
+                # a former inbox's work folder inside this one: never scanned, so files
+                # no deposit owns there (a claim of a lost state_dir) are told as here
+                _unowned, problem = orphans.check(
+                    state.config.path / former, daemon.journal.known_tokens
+                )
+                if problem is not None:
+                    result["degraded"].append(
+                        f"{entry['path']}: the work folder of a former inbox: {problem}"
+                    )
     alerts = daemon.alerts
     problem = getattr(alerts, "problem", None)
     result["alerts"] = None if alerts is None else {"problem": problem}
