@@ -8,6 +8,7 @@ are float seconds. Mappings are read-only views.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -172,9 +173,10 @@ class InboxConfig:
         """Each top-level folder is one input (``directories: resources`` or ``zip``)."""
         return self.directories in ("resources", "zip")
 
-    @property
+    @functools.cached_property
     def work_dir(self) -> Path:
-        """Where the daemon keeps in-progress files (same filesystem as the inbox)."""
+        """Where the daemon keeps in-progress files (same filesystem as the inbox);
+        joined once (every step of every deposit asks)."""
         return self.path / WORK_DIR_NAME
 
     @property
@@ -190,9 +192,9 @@ class InboxConfig:
             CANARY_NAME,
         )
 
-    @property
+    @functools.cached_property
     def rejected_path(self) -> Path:
-        """Absolute path of the rejected folder (always inside the inbox)."""
+        """Absolute path of the rejected folder (always inside the inbox), joined once."""
         return self.path / self.rejected_dir
 
     @property
