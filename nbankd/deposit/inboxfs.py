@@ -286,7 +286,7 @@ class InboxFS:
         return InboxFS._open_below(fd, name, where, create=False, mode=mode)
 
     def _checked(self, rel: str, expect: FolderId | None, what: str) -> int:
-        where = f"{self.root_path / rel}"
+        where = os.path.join(self.root_path, rel)  # in messages (no Path made: every step)
         try:
             fd = self.folder(self.root, rel, where=where)
         except (Escape, FileNotFoundError) as err:
