@@ -26,7 +26,10 @@ Value seams, read where they act:
 - ``NBANKD_WATCH_DEAF=1`` makes the inbox watcher drop every event before it is
   handled, so only rescans find inputs (:func:`watch_deaf`);
 - ``NBANKD_WEDGE_AFTER=<seconds>`` is how long a worker may stay in one step before
-  the daemon counts it wedged and stops pinging the watchdog (:func:`wedge_after`).
+  the daemon counts it wedged and stops pinging the watchdog (:func:`wedge_after`);
+- ``NBANKD_READER_UNCONFINED=1`` makes metadata readers run as on a kernel without
+  Landlock: unconfined, so never on a recording's only copy
+  (:func:`reader_unconfined`, read by :mod:`nbankd.metadata_readers`).
 
 Names are checked: code reaching a point that is not listed here raises ValueError,
 and so does importing this module while a variable names an unknown point or a
@@ -85,6 +88,7 @@ PAUSE_AT, PAUSE_UNTIL = "NBANKD_PAUSE_AT", "NBANKD_PAUSE_UNTIL"
 AUDIT_PAUSE_AT, AUDIT_PAUSE_UNTIL = "NBANKD_AUDIT_PAUSE_AT", "NBANKD_AUDIT_PAUSE_UNTIL"
 
 WATCH_DEAF, WEDGE_AFTER = "NBANKD_WATCH_DEAF", "NBANKD_WEDGE_AFTER"
+READER_UNCONFINED = "NBANKD_READER_UNCONFINED"
 
 _KNOWN = frozenset(DEPOSIT_POINTS + OTHER_POINTS)
 
@@ -108,6 +112,9 @@ def _check_environment() -> None:
     deaf = os.environ.get(WATCH_DEAF, "")
     if deaf not in ("", "0", "1"):
         raise ValueError(f"{WATCH_DEAF}={deaf!r} is neither 1 (deaf) nor 0")
+    unconfined = os.environ.get(READER_UNCONFINED, "")
+    if unconfined not in ("", "0", "1"):
+        raise ValueError(f"{READER_UNCONFINED}={unconfined!r} is neither 1 (unconfined) nor 0")
     wedge = os.environ.get(WEDGE_AFTER, "")
     if wedge and not _positive(wedge):
         raise ValueError(f"{WEDGE_AFTER}={wedge!r} is not a number of seconds above 0")
@@ -191,6 +198,12 @@ def watch_deaf(environ: Mapping[str, str] | None = None) -> bool:
     return env.get(WATCH_DEAF) == "1"
 
 
+def reader_unconfined() -> bool:
+    """True if ``NBANKD_READER_UNCONFINED=1``: metadata readers run as where the kernel
+    has no Landlock (read at each call)."""
+    return os.environ.get(READER_UNCONFINED) == "1"
+
+
 def wedge_after(default: float) -> float:
     """``NBANKD_WEDGE_AFTER`` in seconds, else ``default``."""
     return float(os.environ.get(WEDGE_AFTER, default))
@@ -200,12 +213,14 @@ __all__ = [
     "AUDIT_POINTS",
     "DEPOSIT_POINTS",
     "OTHER_POINTS",
+    "READER_UNCONFINED",
     "WATCH_DEAF",
     "WEDGE_AFTER",
     "InjectedFault",
     "active",
     "audit_pause",
     "reached",
+    "reader_unconfined",
     "watch_deaf",
     "wedge_after",
 ]

@@ -62,6 +62,7 @@ def test_a_variable_naming_an_unknown_point_stops_the_import(var: str) -> None:
         ("NBANKD_WATCH_DEAF", "yes", "is neither 1 (deaf) nor 0"),
         ("NBANKD_WEDGE_AFTER", "soon", "is not a number of seconds above 0"),
         ("NBANKD_WEDGE_AFTER", "0", "is not a number of seconds above 0"),
+        ("NBANKD_READER_UNCONFINED", "yes", "is neither 1 (unconfined) nor 0"),
     ],
 )
 def test_a_value_seam_holding_a_value_it_does_not_take_stops_the_import(
@@ -105,5 +106,6 @@ def test_every_nbankd_variable_in_the_code_is_a_registered_seam_or_the_config() 
         seams.AUDIT_PAUSE_UNTIL,
         seams.WATCH_DEAF,
         seams.WEDGE_AFTER,
+        seams.READER_UNCONFINED,
     }
     assert _named_in_code(r'"(NBANKD_[A-Z_]+)"') <= registered | {CONFIG_ENV}
