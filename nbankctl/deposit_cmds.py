@@ -27,7 +27,8 @@ A dry run (``-y``) is judged in this process whether a daemon runs or not, and
 changes nothing (no lock, no journal, no claim, no registry write): each file's
 identifier, whether the registry has it, and its metadata with the datatype's reader
 run as a deposit runs it (:func:`nbankd.metadata_readers.read_file_metadata`, the
-same time and memory limits); a folder (``--zip-directories``) is not zipped, so
+same time and memory limits, confined; where it cannot be confined it is not run on
+the user's file, and the file is not judged); a folder (``--zip-directories``) is not zipped, so
 not read, as ``nbank deposit -y`` does. It prints nbank's dry-run records.
 
 Every run first finishes what an interrupted run left. A step that fails for a

@@ -100,11 +100,23 @@ def _file_metadata(
     runs it: in a child process with the same time and memory limits, seeing the
     file under its own name), merged by the deposit's rule. Raises the error the
     deposit would end with (the reader rejects the file, or cannot run; the given
-    metadata contradicts the file's)."""
+    metadata contradicts the file's).
+
+    The file is the user's own, its only copy: a reader that cannot be confined
+    (:func:`~nbankd.metadata_readers.reader_confinement`) is not run on it, and the
+    file is not judged (the deposit itself has such a reader read its copy)."""
     if mode not in ("read", "override"):
         return given
+    why = metadata_readers.reader_confinement()
+    if why is not None and metadata_readers.find_reader(dtype) is not None:
+        raise metadata_readers.MetadataReaderUnavailable(
+            f"its {dtype} metadata reader cannot be confined here ({why}), and a dry run "
+            "never hands an unconfined reader the file itself",
+            hint="deposit it without -y (the deposit copies the file and has the reader "
+            "read the copy), or with --no-file-metadata",
+        )
     try:
-        result = metadata_readers.read_file_metadata(dtype, path, name=path.name)
+        result = metadata_readers.read_file_metadata(dtype, path, name=path.name, only_copy=True)
     except OSError as err:
         raise errors.NbankdError(f"cannot be read: {err.strerror or err}") from None
     problem = result.error()

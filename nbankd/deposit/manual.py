@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from nbankd import errors
+from nbankd import errors, metadata_readers
 from nbankd.archive import opening
 from nbankd.archive.fsops import move_noreplace_at
 from nbankd.archive.probe import place_across
@@ -180,6 +180,20 @@ def placement_for(folder: Path, archive_path: Path) -> str:
     return "rename" if failed is None else "copy"
 
 
+def unconfined_reader(inbox: ManualInbox) -> bool:
+    """True when a metadata reader may run on ``inbox``'s files and cannot be confined
+    here (:func:`~nbankd.metadata_readers.reader_confinement`): its files are then
+    copied, never moved, so the reader never reads a person's only copy."""
+    if inbox.file_metadata == "skip" or metadata_readers.reader_confinement() is None:
+        return False
+    if inbox.dtype is None:
+        return True  # each file's datatype is decided later: any may have a reader
+    try:
+        return metadata_readers.find_reader(inbox.dtype) is not None
+    except metadata_readers.MetadataReaderUnavailable:
+        return True
+
+
 def journal_files(
     journal: Journal,
     inbox: ManualInbox,
@@ -196,8 +210,14 @@ def journal_files(
     admin's rights were checked on: a folder on its path was swapped since), or a file
     some process still has open for writing (its bytes could change under the stored
     copy). The claim then takes only the entry journaled here."""
-    # proved once (a file linked into the archive), and only once a file could move
-    same_fs = functools.cache(lambda: placement_for(inbox.folder, inbox.archive_path) == "rename")
+    # proved once (a file linked into the archive), and only once a file could move;
+    # never where a metadata reader would run unconfined on the file moved
+    same_fs = functools.cache(
+        lambda: (
+            not unconfined_reader(inbox)
+            and placement_for(inbox.folder, inbox.archive_path) == "rename"
+        )
+    )
     seen = functools.cache(fdinfo.open_for_writing)  # read from /proc once, if needed
     rows, refused = [], []
     for name in names:

@@ -125,7 +125,9 @@ class StageSteps(StepsBase):
                 if intent.placement == "rename"
                 else archive.staging_dir / self.staged_name(item)
             )
-            item, outcome = self._read_file_metadata(archive, item, source)
+            item, outcome = self._read_file_metadata(
+                archive, item, source, only_copy=intent.placement == "rename"
+            )
             if outcome.kind != "ok":
                 return item, outcome
         seams.reached("after-stage")
@@ -161,12 +163,24 @@ class StageSteps(StepsBase):
         )
         return item, Outcome.ok()
 
-    def _read_file_metadata(self, archive: layout.Archive, item: Item, source: Path) -> StepResult:
-        """Runs the datatype's reader on the staged bytes and merges the file's metadata
-        into the journaled one under the mode fixed at claim."""
+    def _read_file_metadata(
+        self, archive: layout.Archive, item: Item, source: Path, *, only_copy: bool
+    ) -> StepResult:
+        """Runs the datatype's reader on the staged bytes (``only_copy``: the claimed
+        input itself, placed by rename) and merges the file's metadata into the
+        journaled one under the mode fixed at claim.
+
+        The reader runs after the SHA-1 was taken, and is confined so that it cannot
+        write what it reads; a change it made all the same (``changed``) is caught
+        before anything is registered: a staged copy is discarded and the input waits
+        (staged anew), the input itself goes back as changed. Where the reader cannot
+        be confined, it is never run on the input itself: the input waits."""
         assert item.dtype is not None and item.file_metadata in ("read", "override")
         name = PurePosixPath(item.relpath_str).name + (".zip" if item.zipped else "")
-        result = self.metadata_reader(item.dtype, source, name)
+        result = self.metadata_reader(item.dtype, source, name, only_copy=only_copy)
+        if result.status == "changed" and only_copy:  # the bytes hashed are gone
+            unhashed = item.changed(sha1=None, size=None)
+            return unhashed, Outcome("changed", "changed", result.message)
         problem = result.error()
         if problem is None and result.status == "read":
             try:

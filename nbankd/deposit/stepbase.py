@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -42,9 +43,16 @@ _INBOX_ONLY = frozenset({State.REJECTING, State.RETURNING})
 _FOLLOWS = UNDECIDED | {State.CHECKED}
 
 
-def _read_metadata(dtype: str, path: Path, name: str) -> ReaderResult:
-    """The datatype's reader on ``path``, seen as ``name``, with the default limits."""
-    return read_file_metadata(dtype, path, name=name)
+class MetadataReader(Protocol):
+    """How a step runs a datatype's reader (:func:`read_file_metadata`'s arguments)."""
+
+    def __call__(self, dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult: ...
+
+
+def _read_metadata(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
+    """The datatype's reader on ``path``, seen as ``name``, with the default limits
+    (``only_copy``: the recording's only copy, never read by an unconfined reader)."""
+    return read_file_metadata(dtype, path, name=name, only_copy=only_copy)
 
 
 class InboxParked(errors.NbankdError):
@@ -88,7 +96,7 @@ class StepsBase:
         self._local = threading.local()  # per worker: its liveness beat
         self._opened: dict[tuple[object, ...], layout.Archive] = {}  # see _archive
         #: runs a datatype's metadata reader: (dtype, file, name shown) -> result
-        self.metadata_reader: Callable[[str, Path, str], ReaderResult] = _read_metadata
+        self.metadata_reader: MetadataReader = _read_metadata
 
     @contextlib.contextmanager
     def listings_shared(self) -> Iterator[None]:

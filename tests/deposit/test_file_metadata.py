@@ -33,8 +33,10 @@ def plugins(env: Env) -> Path:
     where = reader_package(env.root / "plugins")
     search = [*sys.path, str(where)]
 
-    def reader(dtype: str, path: Path, name: str) -> ReaderResult:
-        return read_file_metadata(dtype, path, name=name, search_path=search, timeout=30)
+    def reader(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
+        return read_file_metadata(
+            dtype, path, name=name, search_path=search, timeout=30, only_copy=only_copy
+        )
 
     env.steps.metadata_reader = reader
     for dtype in DTYPES:

@@ -1,5 +1,5 @@
 """How a metadata reader is confined (nbankd.metadata_readers): what it may write, what
-it is told, what it leaves behind, and what happens where Landlock is missing.
+it is told, what it leaves behind, and what a deposit does where Landlock is missing.
 
 The readers are a real plugin package built here (a module and a ``.dist-info`` folder
 declaring them in ``nbank.metadata_readers``). "Where Landlock is missing" is the test
@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from fixtures.cli_backends import Backend, make_backend
+from fixtures.steps_env import Env
 from nbankd import seams
-from nbankd.metadata_readers import landlock_abi, read_file_metadata
+from nbankd.deposit.lifecycle import Step
+from nbankd.metadata_readers import ReaderResult, landlock_abi, read_file_metadata
 
 READERS = r"""
 import os, subprocess, sys, time
@@ -211,3 +216,133 @@ def _running_with(token: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+# --- the stage step -------------------------------------------------------------------
+
+
+@pytest.fixture
+def plugins(env: Env) -> Path:
+    """The reader package, used by the env's steps; its datatypes registered."""
+    where = package(env.root / "plugins")
+    path = [*sys.path, str(where)]
+
+    def reader(dtype: str, path_: Path, name: str, *, only_copy: bool) -> ReaderResult:
+        return read_file_metadata(
+            dtype, path_, name=name, search_path=path, timeout=30, only_copy=only_copy
+        )
+
+    env.steps.metadata_reader = reader
+    for line in ENTRY_POINTS.splitlines()[1:]:
+        env.registry.add_datatype(line.split(" = ")[0])
+    return where
+
+
+def configure(env: Env, **changes: object) -> None:
+    """Replaces settings of the env's inbox (a reload)."""
+    spec = replace(env.spec, config=replace(env.spec.config, **changes))  # type: ignore[arg-type]
+    env.spec = spec
+    env.steps.inboxes = lambda key: spec if key == spec.key else None
+
+
+def test_unconfined_an_input_placed_by_rename_waits_unread(
+    env: Env, plugins: Path, unconfined: None
+) -> None:
+    """Without Landlock, an input placed by rename (the only copy) is not handed to the
+    reader: it waits as metadata-reader-unavailable, told the choices, unchanged."""
+    configure(env, dtype="trunc-rec", placement="rename")
+    item = env.step(env.drop("song.wav", DATA, placement="rename"), Step.CLAIM)
+    item = env.step(item, Step.STAGE)
+    assert item.error_code == "metadata-reader-unavailable", item.error_message
+    told = item.error_message or ""
+    assert "Landlock" in told and "placement: copy" in told
+    held = [p.read_bytes() for p in env.inbox.rglob("*") if p.is_file() and p.stat().st_size]
+    assert held == [DATA]
+
+
+def test_unconfined_a_reader_altering_the_staged_copy_leaves_the_input_waiting(
+    env: Env, plugins: Path, unconfined: None
+) -> None:
+    """Without Landlock, a reader appending to the staged copy is found out at the
+    stage step: the copy is discarded, the input waits unregistered, told which
+    reader changed the file."""
+    configure(env, dtype="append-rec")
+    item = env.step(env.step(env.drop("song.wav", DATA), Step.CLAIM), Step.STAGE)
+    assert item.error_code == "metadata-reader-unavailable"
+    assert "'append-rec' (from confinereaders) changed the file" in (item.error_message or "")
+    assert [p for p in env.archive.staging_dir.iterdir() if p.is_file()] == []
+    assert env.registry.get_resource("song") is None
+
+
+def test_an_input_changed_by_its_reader_goes_back_as_changed(
+    env: Env, plugins: Path, unconfined: None
+) -> None:
+    """Should a reader change the input itself (placed by rename: here a reader run
+    on it unconfined, as a confinement gone wrong would), the stage step ends as
+    'changed' (put back), never with the SHA-1 of bytes no longer there."""
+
+    def careless(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
+        search = [*sys.path, str(plugins)]
+        return read_file_metadata(dtype, path, name=name, search_path=search)
+
+    env.steps.metadata_reader = careless
+    configure(env, dtype="append-rec", placement="rename")
+    item = env.step(env.drop("song.wav", DATA, placement="rename"), Step.CLAIM)
+    item = env.step(item, Step.STAGE)
+    assert (item.error_code, item.sha1) == ("changed", None), item.error_message
+
+
+# --- nbankctl deposit -----------------------------------------------------------------
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """nbankctl over an embedded registry, the reader package on its PYTHONPATH,
+    readers unconfined; a recording in rig/song.wav."""
+    b = make_backend("embedded", tmp_path, request)
+    where = [str(package(tmp_path / "plugins")), b.env.get("PYTHONPATH", "")]
+    b.env = dict(
+        b.env, PYTHONPATH=os.pathsep.join(filter(None, where)), **{seams.READER_UNCONFINED: "1"}
+    )
+    for line in ENTRY_POINTS.splitlines()[1:]:
+        b.registry.add_datatype(line.split(" = ")[0], "application/octet-stream")
+    (tmp_path / "rig").mkdir()
+    (tmp_path / "rig" / "song.wav").write_bytes(DATA)
+    yield b
+    b.registry.close()
+
+
+def test_nbankctl_deposit_copies_when_the_reader_cannot_be_confined(ctl: Backend) -> None:
+    """Without Landlock, nbankctl deposit copies the file (the reader reads the copy)
+    where it would have moved it: the archive's file is another inode."""
+    archive, _ = ctl.archive()
+    src = ctl.tmp / "rig" / "song.wav"
+    inode = src.stat().st_ino
+    r = ctl.ctl("deposit", str(archive.path), "-d", "plain-rec", str(src))
+    assert r.returncode == 0, r.stderr
+    stored = [p for p in archive.resources_dir.rglob("*") if p.is_file()]
+    assert [(p.read_bytes(), p.stat().st_ino != inode) for p in stored] == [(DATA, True)]
+
+
+def test_nbankctl_deposit_never_lets_an_unconfined_reader_empty_the_file(
+    ctl: Backend,
+) -> None:
+    """Without Landlock, a reader emptying what it reads empties only the copy: the
+    deposit is refused (the reader changed the file) and the file is as it was."""
+    archive, _ = ctl.archive()
+    src = ctl.tmp / "rig" / "song.wav"
+    r = ctl.ctl("deposit", str(archive.path), "-d", "trunc-rec", str(src))
+    assert r.returncode != 0 and "changed the file" in r.stdout + r.stderr
+    assert src.read_bytes() == DATA
+
+
+def test_nbankctl_dry_run_refuses_to_run_an_unconfined_reader_on_the_file(
+    ctl: Backend,
+) -> None:
+    """Without Landlock, the dry run does not hand the reader the user's file: it says
+    the reader cannot be confined and how to deposit, the file untouched."""
+    archive, _ = ctl.archive()
+    src = ctl.tmp / "rig" / "song.wav"
+    r = ctl.ctl("deposit", str(archive.path), "-d", "trunc-rec", "-y", str(src))
+    assert "cannot be confined" in r.stdout + r.stderr and "without -y" in r.stdout + r.stderr
+    assert src.read_bytes() == DATA
