@@ -411,3 +411,12 @@ def test_system_call_filter_allows_what_nbankd_calls_and_no_more_of_the_open_gro
     assert allowed & _expand(["@privileged"], seen) == _expand(["@chown"], seen) & allowed
     assert allowed & _expand(["@resources"], seen) == {"setpriority"}
     assert not allowed & {"setuid", "setgroups", "capset", "setrlimit", "sched_setattr"}
+
+
+def test_readers_can_confine_themselves() -> None:
+    """The filter keeps what a metadata reader's process needs to confine itself and
+    end what it started: Landlock's three calls, prctl (no_new_privs, subreaper) and
+    pidfds; without them readers would run unconfined and inputs placed by rename wait."""
+    allowed = _allowed_calls(UNIT.read_text())
+    needed = {"landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"}
+    assert needed | {"prctl", "pidfd_open", "pidfd_send_signal"} <= allowed
