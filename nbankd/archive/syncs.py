@@ -33,6 +33,9 @@ from nbankd import seams
 from nbankd.archive.fsops import fsync_fd
 from nbankd.streaming import start_writeback
 
+#: what an fsync's failure is told as (its caller's error: an inbox's, say), or None
+Told = Callable[[OSError], Exception] | None
+
 _local = threading.local()
 
 
@@ -44,21 +47,24 @@ class SharedSyncs:
     """The fsyncs the steps of a round asked for, each file once (see the module)."""
 
     def __init__(self) -> None:
-        #: (device, inode) -> (our duplicate of a descriptor, the owners who asked)
-        self._files: dict[tuple[int, int], tuple[int, set[Hashable]]] = {}
+        #: (device, inode) -> (our duplicate of a descriptor, the owners who asked, each
+        #: with how its failure is told)
+        self._files: dict[tuple[int, int], tuple[int, dict[Hashable, Told]]] = {}
         #: what runs once the fsyncs are done: (owner, action), in the order asked
         self._after: list[tuple[Hashable, Callable[[], None]]] = []
         #: whose step is running: failures are reported per owner
         self.owner: Hashable = None
 
-    def add(self, fd: int) -> None:
-        """Takes an fsync of the open file ``fd`` for :meth:`flush`."""
+    def add(self, fd: int, told: Told = None) -> None:
+        """Takes an fsync of the open file ``fd`` for :meth:`flush` (``told``: how its
+        failure is reported to the current owner)."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         held = self._files.get(key)
         if held is None:
-            held = self._files[key] = (os.dup(fd), set())
-        held[1].add(self.owner)
+            held = self._files[key] = (os.dup(fd), {})
+        if held[1].get(self.owner) is None:
+            held[1][self.owner] = told
 
     def then(self, action: Callable[[], None]) -> None:
         """Takes ``action`` to run after the fsyncs of :meth:`flush`, as the current owner."""
@@ -71,9 +77,9 @@ class SharedSyncs:
         """fsyncs every file taken (data files handed to writeback first), then runs the
         actions taken with :meth:`then` of every owner whose fsyncs succeeded, then
         fsyncs what those actions asked for, and so on until nothing is left; returns
-        the owners whose fsync or action failed, with the error: an OSError, or for an
-        action that raised anything else (a bug) that exception, failing only its
-        owner. Every descriptor is closed."""
+        the owners whose fsync or action failed, with the error: an OSError (or what the
+        fsync's ``told`` made of it), or for an action that raised anything else (a bug)
+        that exception, failing only its owner. Every descriptor is closed."""
         failed: dict[Hashable, Exception] = {}
         while True:
             self._sync_all(failed)
@@ -104,7 +110,9 @@ class SharedSyncs:
                 try:
                     fsync_fd(fd)  # a filesystem that cannot (EINVAL) is ignored there
                 except OSError as err:
-                    failed.update((owner, err) for owner in owners if owner not in failed)
+                    for owner, told in owners.items():
+                        if owner not in failed:
+                            failed[owner] = err if told is None else told(err)
         finally:
             _close_all(files)
 
@@ -116,7 +124,7 @@ class SharedSyncs:
         _close_all(files)
 
 
-def _close_all(files: list[tuple[int, set[Hashable]]]) -> None:
+def _close_all(files: list[tuple[int, dict[Hashable, Told]]]) -> None:
     """Closes every descriptor, even after one fails to close (a dead mount)."""
     for fd, _owners in files:
         with contextlib.suppress(OSError):
@@ -136,14 +144,21 @@ def shared() -> Iterator[SharedSyncs]:
         syncs.discard()
 
 
-def fsync_soon(fd: int) -> None:
+def fsync_soon(fd: int, *, told: Told = None) -> None:
     """fsyncs ``fd`` now, or with the round's other fsyncs inside :func:`shared`.
-    Filesystems that cannot fsync a folder (EINVAL) are ignored, as by fsync_fd."""
+    Filesystems that cannot fsync a folder (EINVAL) are ignored, as by fsync_fd.
+    ``told`` makes the error its failure is reported as (now: raised; in a round: the
+    step's failure), e.g. an inbox's own error for a folder of the inbox."""
     syncs: SharedSyncs | None = getattr(_local, "syncs", None)
     if syncs is not None:
-        syncs.add(fd)
-    else:
+        syncs.add(fd, told)
+        return
+    try:
         fsync_fd(fd)
+    except OSError as err:
+        if told is None:
+            raise
+        raise told(err) from err
 
 
 def after_syncs(action: Callable[[], None]) -> None:

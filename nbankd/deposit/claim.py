@@ -158,7 +158,19 @@ class ClaimSteps(StepsBase):
             if outcome is not None:
                 return item, outcome
         try:
-            fs.take(parent, name, work, token)
+            fs.take(
+                parent,
+                name,
+                work,
+                token,
+                told=lambda err: inboxfs.write_error(
+                    err,
+                    f"make the move of {printable(str(src))} into the inbox's work folder "
+                    f"{printable(str(spec.work_dir))} durable (the input is held there, "
+                    "and claimed from there at the next attempt)",
+                    [src.parent, spec.work_dir],
+                ),
+            )
         except FileNotFoundError:
             return item, Outcome("gone", "gone", f"{src} was taken by another process")
         except OSError as err:
@@ -287,7 +299,18 @@ class ClaimSteps(StepsBase):
             )
             if outcome is not None or st is None:
                 return outcome
-            fs.take(side_parent, side_name, fs.work, side_token)
+            fs.take(
+                side_parent,
+                side_name,
+                fs.work,
+                side_token,
+                told=lambda err: inboxfs.write_error(
+                    err,
+                    f"make the move of the sidecar {printable(shown)} into the inbox's work "
+                    f"folder {printable(str(spec.work_dir))} durable",
+                    [Path(shown).parent, spec.work_dir],
+                ),
+            )
             # swapped between the check and the move: the put-back step returns both
             taken = fs.lstat(fs.work, side_token)
             same = taken is not None and (taken.st_dev, taken.st_ino) == (st.st_dev, st.st_ino)

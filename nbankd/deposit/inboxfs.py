@@ -379,7 +379,9 @@ class InboxFS:
         """Moves without replacing anything (FileExistsError), folders fsynced."""
         fsops.move_noreplace_at(src_fd, src, dst_fd, dst)
 
-    def take(self, src_fd: int, src: bytes, work_fd: int, token: bytes) -> None:
+    def take(
+        self, src_fd: int, src: bytes, work_fd: int, token: bytes, *, told: syncs.Told = None
+    ) -> None:
         """Moves an entry of the inbox into the work folder under a fresh ``token``.
 
         Only the daemon writes in its work folder, so where the filesystem refuses
@@ -394,8 +396,10 @@ class InboxFS:
             if self.exists(work_fd, token):
                 raise FileExistsError(errno.EEXIST, "work name taken", os.fsdecode(token)) from None
             os.rename(src, token, src_dir_fd=src_fd, dst_dir_fd=work_fd)
-        syncs.fsync_soon(work_fd)  # before the claim's save; shared by a round's claims
-        syncs.fsync_soon(src_fd)
+        # before the claim's save; shared by a round's claims (``told``: how a failure
+        # is reported, the move being done)
+        syncs.fsync_soon(work_fd, told=told)
+        syncs.fsync_soon(src_fd, told=told)
 
     @staticmethod
     def unlink(fd: int, name: bytes) -> bool:

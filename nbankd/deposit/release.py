@@ -94,7 +94,15 @@ class ReleaseSteps(StepsBase):
                     marker = fs.parent(item.marker_relpath)  # its folder may be gone
                     if fs.unlink(*marker):
                         fsops.fsync_fd(marker[0])
-            syncs.fsync_soon(fs.work)  # before DONE is saved; shared by a round's releases
+            syncs.fsync_soon(  # before DONE is saved; shared by a round's releases
+                fs.work,
+                told=lambda err: inboxfs.write_error(
+                    err,
+                    f"make the removal of the deposited input {source()} from the inbox's "
+                    f"work folder {printable(str(spec.work_dir))} durable",
+                    [spec.work_dir],
+                ),
+            )
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
 

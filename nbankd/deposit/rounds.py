@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from nbankd import errors
 from nbankd.archive import syncs
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import DURABLE, Outcome, Step, next_step
@@ -112,7 +113,11 @@ def run_round(
         failed = later.flush()
     for i, err in failed.items():  # the step is not done until its fsync is: retried
         item, step = plan[i]
-        if not isinstance(err, OSError):  # a bug in what the step left for after them
+        if isinstance(err, errors.NbankdError):  # told as its step asked (an inbox's)
+            if step is not None and results[i].outcome is not None:
+                outcome = outcome_for(err)
+                results[i] = Moved(steps.judged(item, step, outcome), step, outcome)
+        elif not isinstance(err, OSError):  # a bug in what the step left for after them
             results[i] = Moved(item, step, error=err)
         elif step is not None and results[i].outcome is not None:
             what = "" if isinstance(err, syncs.AfterSyncsFailed) else "fsync "

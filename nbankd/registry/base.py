@@ -38,12 +38,22 @@ def core_field_as_stored(value: Any) -> str | None:
 
 def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None) -> bool:
     """True when a record's metadata holds what ``sent`` asked the registry to store:
-    every key's value, the core fields compared as :func:`core_field_as_stored`."""
+    every key's value, the core fields compared as :func:`core_field_as_stored`. A key
+    the record lacks counts as stored when its value is one of the record's core
+    fields: django-neurobank moves the keys its ``NBANK_METADATA_ALIASES`` names
+    (``bird`` for ``animal``, say) into those fields, keeping no copy under the key."""
     theirs = record or {}
     for key, value in sent.items():
-        wanted = core_field_as_stored(value) if key in CORE_FIELDS else value
-        if theirs.get(key) != wanted:
-            return False
+        if key in CORE_FIELDS:
+            if theirs.get(key) != core_field_as_stored(value):
+                return False
+        elif key in theirs:
+            if theirs[key] != value:
+                return False
+        else:
+            moved = core_field_as_stored(value)
+            if moved is not None and moved not in (theirs.get(f) for f in CORE_FIELDS):
+                return False
     return True
 
 

@@ -170,7 +170,8 @@ def test_a_claim_whose_shared_fsync_fails_waits_and_is_claimed_once_later(
     assert [(m.item.state, m.item.attempts, m.outcome.kind) for m in moved] == [  # type: ignore[union-attr]
         (State.CLAIMING, 1, "transient")
     ] * 3
-    assert all("fsync after the claim step" in (m.item.error_message or "") for m in moved)
+    assert all(m.item.error_code == "inbox-not-writable" for m in moved)  # the inbox's disk
+    assert all("into the inbox's work folder" in (m.item.error_message or "") for m in moved)
     again = run_round(env.steps, [m.item for m in moved], now=float("inf"))
     assert [m.item.state for m in again] == [State.CLAIMED] * 3
     assert len(os.listdir(env.inbox / ".nbank")) == 3
