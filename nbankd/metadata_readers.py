@@ -118,6 +118,11 @@ LANDLOCK_WRITES: tuple[tuple[int, int], ...] = (
     (2, _FS_REFER),
     (3, _FS_TRUNCATE),
 )
+#: Landlock's scopes (ABI 6, Linux 6.12): what a reader may not reach outside its own
+#: processes
+_SCOPES_ABI = 6
+_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
+_SCOPE_SIGNAL = 1 << 1
 #: of those, what may be allowed on a file (not a folder): ``/dev/null`` is writable
 _LANDLOCK_FILE_WRITES = _FS_WRITE_FILE | _FS_TRUNCATE
 #: the ABI whose confinement counts as full: ABI 1 and 2 cannot deny truncate()
@@ -320,9 +325,13 @@ def confine(rules):
     # (and writing /dev/null); no_new_privs first, as landlock_restrict_self needs
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         return failed("prctl(PR_SET_NO_NEW_PRIVS)")
-    attr = ctypes.c_uint64(rules["handled"])
+    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4),
+    # scoped (ABI 6); only as long as the kernel knows it
+    fields = [rules["handled"]] + ([0, rules["scoped"]] if rules["scoped"] else [])
+    attr = (ctypes.c_uint64 * len(fields))(*fields)
     ruleset = libc.syscall(
-        ctypes.c_long(444), ctypes.byref(attr), ctypes.c_size_t(8), ctypes.c_uint32(0)
+        ctypes.c_long(444), ctypes.byref(attr), ctypes.c_size_t(8 * len(fields)),
+        ctypes.c_uint32(0),
     )
     if ruleset < 0:
         return failed("landlock_create_ruleset")
@@ -484,7 +493,14 @@ def _landlock_rules(scratch: str) -> dict[str, Any] | None:
     for since, accesses in LANDLOCK_WRITES:
         if abi >= since:
             handled |= accesses
-    return {"handled": handled, "file": handled & _LANDLOCK_FILE_WRITES, "scratch": scratch}
+    return {
+        "handled": handled,
+        "file": handled & _LANDLOCK_FILE_WRITES,
+        "scratch": scratch,
+        # from ABI 6: no signal to a process outside the reader's own (nbankd: killed or
+        # stopped, every deposit with it), no abstract socket of another domain
+        "scoped": _SCOPE_SIGNAL | _SCOPE_ABSTRACT_UNIX_SOCKET if abi >= _SCOPES_ABI else 0,
+    }
 
 
 def _reader_environment(scratch: str) -> dict[str, str]:
@@ -525,8 +541,9 @@ def _snapshot(fd: int) -> _Snapshot:
     return tuple(entries)
 
 
-def _change(before: _Snapshot, after: _Snapshot) -> str:
-    """How ``after`` differs from ``before`` (:func:`_snapshot`), in words."""
+def _change(before: _Snapshot, after: _Snapshot, *, confined: bool) -> str:
+    """How ``after`` differs from ``before`` (:func:`_snapshot`), in words (``confined``:
+    the reader could not write, so times and modes are what it changed)."""
     if len(before) > 1 or len(after) > 1:
         return "an entry of the folder was added, removed or written"
     _, _, size, mtime, _, links = before[0]
@@ -535,9 +552,15 @@ def _change(before: _Snapshot, after: _Snapshot) -> str:
         return "it was removed"
     if size != size2:
         return f"its size went from {size} to {size2} bytes"
-    if (mtime, links) != (mtime2, links2):
-        return "it was written or linked"
-    return "its status changed (written, its times or mode set)"
+    if links != links2:
+        return "it was given another name"
+    if confined:  # no write could have got through
+        if mtime != mtime2:
+            return "its modification time was set (os.utime or touch)"
+        return "its mode, times or attributes were set (chmod, utime, setxattr)"
+    if mtime != mtime2:
+        return "it was written, or its modification time set"
+    return "its status changed (written, its times, mode or attributes set)"
 
 
 def read_file_metadata(
@@ -629,8 +652,9 @@ def read_file_metadata(
             return ReaderResult(
                 "changed",
                 message=f"{label} changed the file it was given to read "
-                f"({_change(before, after)}): what it read is never deposited; fix the "
-                "reader (it must open the file read-only), or do without it "
+                f"({_change(before, after, confined=request['landlock'] is not None)}): "
+                "what it read is never deposited; fix the reader (it must open the file "
+                "read-only and leave its times and mode alone), or do without it "
                 "(file_metadata: skip)",
             )
         if late:

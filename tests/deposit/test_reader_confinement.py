@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -238,19 +237,12 @@ def plugins(env: Env) -> Path:
     return where
 
 
-def configure(env: Env, **changes: object) -> None:
-    """Replaces settings of the env's inbox (a reload)."""
-    spec = replace(env.spec, config=replace(env.spec.config, **changes))  # type: ignore[arg-type]
-    env.spec = spec
-    env.steps.inboxes = lambda key: spec if key == spec.key else None
-
-
 def test_unconfined_an_input_placed_by_rename_waits_unread(
     env: Env, plugins: Path, unconfined: None
 ) -> None:
     """Without Landlock, an input placed by rename (the only copy) is not handed to the
     reader: it waits as metadata-reader-unavailable, told the choices, unchanged."""
-    configure(env, dtype="trunc-rec", placement="rename")
+    env.reconfigure(dtype="trunc-rec", placement="rename")
     item = env.step(env.drop("song.wav", DATA, placement="rename"), Step.CLAIM)
     item = env.step(item, Step.STAGE)
     assert item.error_code == "metadata-reader-unavailable", item.error_message
@@ -266,7 +258,7 @@ def test_unconfined_a_reader_altering_the_staged_copy_leaves_the_input_waiting(
     """Without Landlock, a reader appending to the staged copy is found out at the
     stage step: the copy is discarded, the input waits unregistered, told which
     reader changed the file."""
-    configure(env, dtype="append-rec")
+    env.reconfigure(dtype="append-rec")
     item = env.step(env.step(env.drop("song.wav", DATA), Step.CLAIM), Step.STAGE)
     assert item.error_code == "metadata-reader-unavailable"
     assert "'append-rec' (from confinereaders) changed the file" in (item.error_message or "")
@@ -286,7 +278,7 @@ def test_an_input_changed_by_its_reader_goes_back_as_changed(
         return read_file_metadata(dtype, path, name=name, search_path=search)
 
     env.steps.metadata_reader = careless
-    configure(env, dtype="append-rec", placement="rename")
+    env.reconfigure(dtype="append-rec", placement="rename")
     item = env.step(env.drop("song.wav", DATA, placement="rename"), Step.CLAIM)
     item = env.step(item, Step.STAGE)
     assert (item.error_code, item.sha1) == ("changed", None), item.error_message
