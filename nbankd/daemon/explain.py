@@ -461,7 +461,8 @@ def explain(
     out["message"] = {
         State.RETURNED: "nothing there now; it was put back (it changed while being "
         "deposited, or its archive left the configuration before anything was registered)",
-        State.CANCELLED: "nothing there now; another process took it before it was claimed",
+        State.CANCELLED: "nothing there now; its claim was cancelled: "
+        + (latest.error_message or "another process took it before it was claimed"),
     }.get(latest.state, f"nothing there now (last item: {latest.state})")
     return out
 

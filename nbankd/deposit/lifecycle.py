@@ -274,7 +274,10 @@ def advance(
     if outcome.kind == "gone":
         # only claiming may find its input gone: someone else took or removed it
         if step is Step.CLAIM:
-            return Progress(State.CANCELLED, error_code="gone", error_message=outcome.message)
+            # its code says why (gone, unsupported, reconfigured: decided again)
+            return Progress(
+                State.CANCELLED, error_code=outcome.code or "gone", error_message=outcome.message
+            )
         return _retry(p, outcome, now, rng)
     if outcome.kind == "changed":
         # once recorded, the archive's copy is independent of the input: a release that

@@ -214,6 +214,14 @@ def test_gone_at_claim_is_cancelled_not_rejected() -> None:
     assert p.state in FINAL
 
 
+@pytest.mark.parametrize("code", ["gone", "unsupported", "reconfigured"])
+def test_a_cancelled_claim_keeps_the_code_saying_why(code: str) -> None:
+    """A claim cancelled because its input was taken, is no longer a plain input, or is
+    to be decided again under a new configuration keeps that code (status, explain)."""
+    p = advance(Progress(S.CLAIMING), Step.CLAIM, Outcome("gone", code, "why"), NOW)
+    assert (p.state, p.error_code) == (S.CANCELLED, code)
+
+
 def test_restage_returns_to_claimed_with_fresh_attempts() -> None:
     """A lost staged copy sends the item back to CLAIMED, ready to stage at once."""
     p = Progress(S.STAGED, attempts=3, not_before=NOW - 5)
