@@ -335,12 +335,6 @@ def test_check_config_reports_folders_that_overlap_by_another_path(
 # --- reloads -----------------------------------------------------------------------------
 
 
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], None]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
 def test_a_reload_that_cannot_make_a_new_inbox_says_it_failed(
     daemon_factory: Callable[..., DaemonHarness],
 ) -> None:
@@ -355,7 +349,7 @@ def test_a_reload_that_cannot_make_a_new_inbox_says_it_failed(
     def add_inbox(cfg: dict[str, Any]) -> None:
         cfg["inboxes"].append({**cfg["inboxes"][0], "path": str(blocked)})
 
-    _edit(h, add_inbox)
+    h.edit_config(add_inbox)
     proc = nbankctl(h, "reload", "--json")
     inboxes = [i["path"] for i in status_json(h)[1]["inboxes"]]
     h.stop()
@@ -417,7 +411,7 @@ def test_a_reload_changing_state_dir_keeps_depositing_until_the_restart(
     the running state directory "was removed" and advise restoring it from a backup)."""
     h = daemon_factory()
     h.start()
-    _edit(h, lambda cfg: cfg.update(state_dir=str(h.root / "state-next")))
+    h.edit_config(lambda cfg: cfg.update(state_dir=str(h.root / "state-next")))
     reloaded = nbankctl(h, "reload", "--json")
     assert reloaded.returncode == 0, reloaded.stderr
     h.drop("after.dat", b"deposited after the reload")

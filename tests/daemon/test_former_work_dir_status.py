@@ -6,8 +6,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
 from nbankd.names import WORK_DIR_NAME
 
@@ -35,9 +33,7 @@ def test_a_stray_file_in_a_former_work_folder_makes_status_degraded(
     h.stop()
     stray = rig / WORK_DIR_NAME / ("ab" * 16)  # a claimed input no journal of ours knows
     stray.write_bytes(b"a recording claimed by a lost state_dir")
-    cfg = yaml.safe_load(h.config_path.read_text())
-    cfg["inboxes"][0]["path"] = str(h.inbox)
-    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(path=str(h.inbox)))
     h.start()
     try:
         wait_for(lambda: _status(h).get("degraded"), 30, "status to answer degraded")

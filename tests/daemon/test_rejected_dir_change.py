@@ -11,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.control.alert_rules import conditions
@@ -22,22 +20,6 @@ from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
 
 RECORD = rejected_dirs.RECORD_NAME
-
-
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
-def _reload(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    _edit(h, change)
-    proc = nbankctl(h, "reload", "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
-    return next((r for r in h.receipts() if r["id"] == ident), None)
 
 
 def test_a_changed_rejected_dir_never_deposits_the_old_rejected_folder(
@@ -51,10 +33,10 @@ def test_a_changed_rejected_dir_never_deposits_the_old_rejected_folder(
     h.drop("trial7", b"the recording of trial 7")
     h.wait_settled(1)
     assert (h.rejected / "trial7.reason").exists()
-    _reload(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
+    h.reload_with(lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
     # the old rejected folder was there before this file: it is seen first, ready first
     h.drop("after.dat", b"dropped after the reload")
-    wait_for(lambda: _receipt(h, "after"), 30, "the file dropped after the reload")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the reload")
     wait_for(lambda: not h.journal_in_flight(), 30, "everything in flight to finish")
     h.stop()
     from_rejected = [r for r in h.receipts() if "/rejected/" in r["source"]]
@@ -94,10 +76,10 @@ def test_after_a_restart_with_a_new_rejected_dir_status_names_the_old_one_and_re
     h.drop("other one.dat", b"other bytes")
     h.wait_settled(2)
     h.stop()
-    _edit(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
     h.start()
     h.drop("after.dat", b"dropped after the restart")
-    wait_for(lambda: _receipt(h, "after"), 30, "the file dropped after the restart")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the restart")
     assert _record(h) == {str(h.inbox): ["failed", "rejected"]}
     code, status = status_json(h)
     assert code == 1
@@ -123,7 +105,7 @@ def test_after_a_restart_with_a_new_rejected_dir_status_names_the_old_one_and_re
     (h.rejected / "other one.dat.nbank.yaml").write_text("id: otherone\n")
     proc = nbankctl(h, "requeue", str(h.inbox / "other one.dat"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wait_for(lambda: _receipt(h, "withspace") and _receipt(h, "otherone"), 30, "requeued")
+    wait_for(lambda: h.receipt("withspace") and h.receipt("otherone"), 30, "requeued")
     assert list(h.rejected.iterdir()) == []
     # no NAME.reason left in it: forgotten at the next scan, an ordinary folder again
     assert nbankctl(h, "rescan").returncode == 0
@@ -133,7 +115,7 @@ def test_after_a_restart_with_a_new_rejected_dir_status_names_the_old_one_and_re
 
     h.rejected.rmdir()
     h.drop("rejected/inner.dat", b"a folder of that name made later")
-    wait_for(lambda: _receipt(h, "inner"), 30, "a file in a new folder of the old name")
+    wait_for(lambda: h.receipt("inner"), 30, "a file in a new folder of the old name")
     h.stop()
 
 
@@ -146,7 +128,7 @@ def test_requeue_all_rejected_takes_inputs_out_of_an_earlier_rejected_folder(
     h.start()
     h.drop("with space.dat", b"good bytes")
     h.wait_settled(1)
-    _reload(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
+    h.reload_with(lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
     proc = nbankctl(h, "requeue", "--all-rejected", str(h.inbox), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [done] = json.loads(proc.stdout)["requeued"]
@@ -172,10 +154,10 @@ def test_an_upgraded_state_dir_without_the_record_learns_the_old_folder_from_the
     h.wait_settled(1)
     h.stop()
     (h.state_dir / RECORD).unlink()  # as an earlier version left it
-    _edit(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
     h.start()
     h.drop("after.dat", b"dropped after the upgrade")
-    wait_for(lambda: _receipt(h, "after"), 30, "the file dropped after the upgrade")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the upgrade")
     wait_for(lambda: not h.journal_in_flight(), 30, "everything in flight to finish")
     h.stop()
     assert [r["id"] for r in h.receipts()] == ["after"]
@@ -191,12 +173,12 @@ def test_an_unchanged_inbox_upgrades_without_a_record(
     h = daemon_factory()
     h.start()
     h.drop("first.dat", b"before")
-    wait_for(lambda: _receipt(h, "first"), 30, "the first deposit")
+    wait_for(lambda: h.receipt("first"), 30, "the first deposit")
     h.stop()
     (h.state_dir / RECORD).unlink()
     h.start()
     h.drop("second.dat", b"after")
-    wait_for(lambda: _receipt(h, "second"), 30, "the deposit after the upgrade")
+    wait_for(lambda: h.receipt("second"), 30, "the deposit after the upgrade")
     assert _earlier(h) == []
     h.stop()
     assert _record(h) == {str(h.inbox): ["rejected"]}

@@ -11,8 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for, work_entries
 from nbankd.archive.opening import create_archive
 from nbankd.config import Config, load_config
@@ -20,22 +18,6 @@ from nbankd.config.model import ArchiveConfig
 from nbankd.daemon import registry_setup, setup
 from nbankd.daemon.registry_setup import open_configured_registry
 from nbankd.registry.base import Registry
-
-
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
-def _reload(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    _edit(h, change)
-    proc = nbankctl(h, "reload", "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
-    return next((r for r in h.receipts() if r["id"] == ident), None)
 
 
 def _archive_b(h: DaemonHarness, cfg: dict[str, Any]) -> str:
@@ -64,11 +46,11 @@ def test_an_archive_moved_in_the_configuration_gets_no_deposits_the_registry_pla
     h.drop("one.wav", b"before the change")
     h.wait_settled(1)
     moved = h.root / "archive-moved"
-    _reload(h, lambda cfg: cfg["archives"][0].update(path=str(moved)))
+    h.reload_with(lambda cfg: cfg["archives"][0].update(path=str(moved)))
     h.drop("two.wav", b"after the change")
 
     def decided() -> Any:
-        if _receipt(h, "two") is not None:
+        if h.receipt("two") is not None:
             return True
         return [d for d in status_json(h)[1]["degraded"] if str(h.inbox) in d]
 
@@ -95,7 +77,7 @@ def test_an_input_held_by_a_misnamed_archive_is_deposited_once_the_name_is_put_r
         cfg["archives"][0]["name"] = "typo"
         cfg["inboxes"][0]["archive"] = "typo"
 
-    _reload(h, misnamed)
+    h.reload_with(misnamed)
     h.drop("held.wav", b"dropped while the name was wrong")
     wait_for(lambda: _error_codes(h), 30, "the input to wait")
 
@@ -103,14 +85,14 @@ def test_an_input_held_by_a_misnamed_archive_is_deposited_once_the_name_is_put_r
         cfg["archives"][0]["name"] = h.archive_name
         cfg["inboxes"][0]["archive"] = h.archive_name
 
-    _reload(h, fixed)
+    h.reload_with(fixed)
 
     def decided() -> Any:
-        return _receipt(h, "held") or "parked" in _error_codes(h)
+        return h.receipt("held") or "parked" in _error_codes(h)
 
     wait_for(decided, 60, "the input to be deposited or parked")
     h.stop()
-    receipt = _receipt(h, "held")
+    receipt = h.receipt("held")
     assert receipt is not None, "parked until archive 'typo' is configured again"
     assert receipt["archive"] == h.archive_name
     assert not any(work_entries(h.inbox / ".nbank"))
@@ -147,9 +129,9 @@ def test_an_input_staged_for_an_archive_a_reload_removes_is_decided_again_and_de
         cfg["inboxes"][0]["archive"] = name
         del cfg["archives"][0]
 
-    _reload(h, only_b)
+    h.reload_with(only_b)
     release.touch()
-    wait_for(lambda: _receipt(h, "again"), 60, "the input to be deposited")
+    wait_for(lambda: h.receipt("again"), 60, "the input to be deposited")
     h.stop()
     [receipt] = h.receipts()
     assert receipt["archive"] == "b" + h.archive_name
@@ -178,7 +160,7 @@ def test_an_input_waiting_for_a_misplaced_archive_is_deposited_where_the_registr
     copy = h.root / "archive-copy"
     create_archive(copy, json.loads((h.archive / "nbank.json").read_text())["registry"])
     good = h.config_path.read_text()
-    _reload(h, lambda cfg: cfg["archives"][0].update(path=str(copy)))
+    h.reload_with(lambda cfg: cfg["archives"][0].update(path=str(copy)))
     h.drop("waits.wav", b"waits for the right archive")
     wait_for(lambda: "archive-unregistered" in _error_codes(h), 30, "the input to wait")
     assert (h.inbox / "waits.wav").read_bytes() == b"waits for the right archive"
@@ -188,7 +170,7 @@ def test_an_input_waiting_for_a_misplaced_archive_is_deposited_where_the_registr
     h.config_path.write_text(good)
     proc = nbankctl(h, "reload", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wait_for(lambda: _receipt(h, "waits"), 60, "the input to be deposited")
+    wait_for(lambda: h.receipt("waits"), 60, "the input to be deposited")
     h.stop()
     [receipt] = h.receipts()
     assert Path(receipt["archive_path"]).is_relative_to(h.archive)

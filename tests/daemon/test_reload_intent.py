@@ -10,25 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for, work_entries
-
-
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
-def _reload(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    _edit(h, change)
-    proc = nbankctl(h, "reload", "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
-    return next((r for r in h.receipts() if r["id"] == ident), None)
 
 
 def _archive_b(h: DaemonHarness, cfg: dict[str, Any]) -> str:
@@ -50,7 +32,7 @@ def test_an_input_journaled_before_a_reload_keeps_one_configurations_archive_and
     h = daemon_factory()
     h.write_config()
     names: list[str] = []
-    _edit(h, lambda cfg: names.append(_archive_b(h, cfg)))
+    h.edit_config(lambda cfg: names.append(_archive_b(h, cfg)))
     release = h.root / "release"
     h.start(env={"NBANKD_PAUSE_AT": "after-journal-add", "NBANKD_PAUSE_UNTIL": str(release)})
     h.drop("mixed.wav", b"written under the first configuration")
@@ -59,11 +41,11 @@ def test_an_input_journaled_before_a_reload_keeps_one_configurations_archive_and
     def repointed(cfg: dict[str, Any]) -> None:
         cfg["inboxes"][0].update(archive=names[0], dtype="test-file-b")
 
-    _reload(h, repointed)
+    h.reload_with(repointed)
     release.touch()
-    wait_for(lambda: _receipt(h, "mixed"), 30, "the input to be deposited")
+    wait_for(lambda: h.receipt("mixed"), 30, "the input to be deposited")
     h.stop()
-    receipt = _receipt(h, "mixed")
+    receipt = h.receipt("mixed")
     assert receipt is not None
     with h.open_registry() as reg:
         record = reg.get_resource("mixed")
@@ -85,9 +67,9 @@ def test_guard_two_reloads_back_to_back_during_a_burst_deposit_each_input_once(
     h = daemon_factory(inbox_options={"settle_seconds": 0.05})
     h.write_config()
     names: list[str] = []
-    _edit(h, lambda cfg: names.append(_archive_b(h, cfg)))
+    h.edit_config(lambda cfg: names.append(_archive_b(h, cfg)))
     first = h.config_path.read_text()
-    _edit(h, lambda cfg: cfg["inboxes"][0].update(archive=names[0]))
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(archive=names[0]))
     second = h.config_path.read_text()
     h.config_path.write_text(first)
     h.start()

@@ -11,20 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 from nbankd.daemon import requeue
-
-
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
-def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
-    return next((r for r in h.receipts() if r["id"] == ident), None)
 
 
 def test_an_interrupted_requeue_is_undone_when_its_inbox_returns_after_other_requeues(
@@ -40,7 +28,7 @@ def test_an_interrupted_requeue_is_undone_when_its_inbox_returns_after_other_req
         cfg["inboxes"].append({**cfg["inboxes"][0], "path": str(other)})
 
     h.write_config()
-    _edit(h, two_inboxes)
+    h.edit_config(two_inboxes)
     both = h.config_path.read_text()
     h.start(env={"NBANKD_CRASH_AT": "requeue-side-moved"})
     h.drop("rec.wav.nbank.yaml", b"id: 'not an id!'\nmetadata: {animal: bird9}\n")
@@ -49,7 +37,7 @@ def test_an_interrupted_requeue_is_undone_when_its_inbox_returns_after_other_req
     nbankctl(h, "requeue", str(h.rejected / "rec.wav"))  # killed after the sidecar moved
     h.wait_exit()
     assert (h.inbox / "rec.wav.nbank.yaml").exists()  # the state the record undoes
-    _edit(h, lambda cfg: cfg["inboxes"].pop(0))  # restarted without that inbox
+    h.edit_config(lambda cfg: cfg["inboxes"].pop(0))  # restarted without that inbox
     h.start()
     (other / "oops.wav.nbank.yaml").write_text("id: [\n")
     (other / "oops.wav").write_bytes(b"rejected in the other inbox")
@@ -62,14 +50,14 @@ def test_an_interrupted_requeue_is_undone_when_its_inbox_returns_after_other_req
     sidecar_left = (h.inbox / "rec.wav.nbank.yaml").exists()
     h.drop("rec.wav", b"second take, a new recording")
     wait_for(
-        lambda: _receipt(h, "rec") or (h.rejected / "rec~1.wav.reason").exists(),
+        lambda: h.receipt("rec") or (h.rejected / "rec~1.wav.reason").exists(),
         30,
         "the new recording to be deposited or rejected",
     )
     h.stop()
     assert not sidecar_left, "the old sidecar was left in the inbox"
     assert (h.rejected / "rec.wav.nbank.yaml").exists()
-    receipt = _receipt(h, "rec")
+    receipt = h.receipt("rec")
     assert receipt is not None, "the new recording was rejected with the old sidecar"
     assert Path(receipt["archive_path"]).read_bytes() == b"second take, a new recording"
 
@@ -83,7 +71,7 @@ def _two_inboxes_requeue_stopped(h: DaemonHarness, other: Path) -> str:
         cfg["inboxes"].append({**cfg["inboxes"][0], "path": str(other)})
 
     h.write_config()
-    _edit(h, two_inboxes)
+    h.edit_config(two_inboxes)
     both = h.config_path.read_text()
     h.start(env={"NBANKD_CRASH_AT": "requeue-side-moved"})
     h.drop("rec.wav.nbank.yaml", b"id: 'not an id!'\nmetadata: {animal: bird9}\n")
@@ -103,7 +91,7 @@ def test_an_interrupted_requeue_is_undone_when_a_reload_brings_its_inbox_back(
     input), and a new recording of that name is deposited on its own."""
     h = daemon_factory()
     both = _two_inboxes_requeue_stopped(h, h.root / "inbox-y")
-    _edit(h, lambda cfg: cfg["inboxes"].pop(0))  # restarted without that inbox
+    h.edit_config(lambda cfg: cfg["inboxes"].pop(0))  # restarted without that inbox
     h.start()
     h.config_path.write_text(both)  # the inbox is back
     proc = nbankctl(h, "reload", "--json")
@@ -111,14 +99,14 @@ def test_an_interrupted_requeue_is_undone_when_a_reload_brings_its_inbox_back(
     sidecar_left = (h.inbox / "rec.wav.nbank.yaml").exists()
     h.drop("rec.wav", b"second take, a new recording")
     wait_for(
-        lambda: _receipt(h, "rec") or (h.rejected / "rec~1.wav.reason").exists(),
+        lambda: h.receipt("rec") or (h.rejected / "rec~1.wav.reason").exists(),
         30,
         "the new recording to be deposited or rejected",
     )
     h.stop()
     assert not sidecar_left, "the old sidecar was left in the inbox"
     assert (h.rejected / "rec.wav.nbank.yaml").exists()
-    receipt = _receipt(h, "rec")
+    receipt = h.receipt("rec")
     assert receipt is not None, "the new recording was rejected with the old sidecar"
     assert Path(receipt["archive_path"]).read_bytes() == b"second take, a new recording"
 
@@ -161,7 +149,7 @@ def test_a_reload_whose_new_registry_cannot_be_opened_says_so_and_is_tried_again
     auth.write_text("machine elsewhere.example login lab password secret\n")
     auth.chmod(0o600)
     url = "http://127.0.0.1:9/neurobank/"
-    _edit(h, lambda cfg: cfg.update(registry=url, registry_auth=str(auth)))
+    h.edit_config(lambda cfg: cfg.update(registry=url, registry_auth=str(auth)))
     first = nbankctl(h, "reload", "--json")
     kept = status_json(h)[1]["registry"]["url"]
     auth.write_text("machine 127.0.0.1 login lab password secret\n")

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for
-from fixtures.mountns import MountNamespace
+from fixtures.mountns import MountNamespace, poll_daemon
 from nbankd.archive.opening import create_archive
 from nbankd.archive.probe import place_across, why_not_placed
 from nbankd.deposit.lifecycle import FINAL
@@ -35,19 +34,6 @@ from nbankd.names import PROBE_PREFIX
 FINAL_STATES = {str(s) for s in FINAL}
 
 
-def _rows(h: DaemonHarness) -> list[dict[str, Any]]:
-    """Every item of the daemon's journal: relpath, state, error code and message."""
-    path = h.state_dir / "journal.sqlite3"
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return [
-            {"relpath": os.fsdecode(bytes(r[0])), "state": r[1], "code": r[2], "error": r[3]}
-            for r in db.execute("SELECT relpath, state, error_code, error_message FROM items")
-        ]
-    finally:
-        db.close()
 
 
 def _scans(h: DaemonHarness) -> int:
@@ -74,12 +60,6 @@ def _unflag(root: Path) -> None:
     subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
 
 
-def _poll_daemon(daemon_factory: Any, ns: MountNamespace | None = None, **options: Any) -> Any:
-    h: DaemonHarness = daemon_factory(
-        wrap_argv=ns.enter if ns is not None else [],
-        inbox_options={"watch": "poll", "rescan_every": "1s", **options},
-    )
-    return h
 
 
 # --- placement: rename into the archive through a bind mount --------------------------
@@ -93,7 +73,7 @@ def test_rename_placement_through_a_bind_mount_never_registers_what_it_cannot_pu
     into the archive fail with EXDEV) is refused at start naming placement, or its
     inputs are deposited; never registered and then left unpublishable for ever (a
     registry record without its file)."""
-    h = _poll_daemon(daemon_factory, mount_ns, placement="rename")
+    h = poll_daemon(daemon_factory, mount_ns, placement="rename")
     real = h.root / "rig-inbox"  # on the archive's filesystem, as check-config verifies
     real.mkdir()
     h.inbox.mkdir()
@@ -107,7 +87,7 @@ def test_rename_placement_through_a_bind_mount_never_registers_what_it_cannot_pu
     try:
         (real / "rec.dat").write_bytes(b"one recording\n" * 64)
         wait_for(
-            lambda: h.receipts() or any(r["code"] for r in _rows(h)),
+            lambda: h.receipts() or any(r["code"] for r in h.journal_rows()),
             30,
             "rec.dat to be deposited or to wait with an error",
         )
@@ -116,7 +96,7 @@ def test_rename_placement_through_a_bind_mount_never_registers_what_it_cannot_pu
         stored = h.archive / "resources" / "re" / "rec.dat"
         assert record is None or stored.exists(), (
             f"rec is registered but can never be published: "
-            f"{[(r['state'], r['code'], r['error']) for r in _rows(h)]}"
+            f"{[(r['state'], r['code'], r['error']) for r in h.journal_rows()]}"
         )
     finally:
         h.stop()
@@ -235,7 +215,7 @@ def test_the_daemon_refuses_to_start_naming_the_inbox_its_placement_and_what_to_
     nbankd exits 2 naming the configuration key, the inbox, why and what to do, whether
     the archive was there (refused before anything else) or created by this start;
     nothing is claimed or registered and no probe file is left behind."""
-    h = _poll_daemon(daemon_factory, mount_ns, placement="rename")
+    h = poll_daemon(daemon_factory, mount_ns, placement="rename")
     if archive_made:
         create_archive(h.archive, h.registry_address)
     real = _bound_inbox(h, mount_ns)
@@ -248,7 +228,7 @@ def test_the_daemon_refuses_to_start_naming_the_inbox_its_placement_and_what_to_
     assert str(h.inbox) in said and "EXDEV" in said, said[-2000:]
     assert "use placement: copy for this inbox" in said, said[-2000:]
     assert "on the archive's own mount" in said, said[-2000:]
-    assert _rows(h) == []
+    assert h.journal_rows() == []
     assert (real / "rec.dat").exists()
     assert _probe_files(real / ".nbank", h.archive / "staging") == []
 
@@ -258,7 +238,7 @@ def test_a_reload_to_rename_placement_through_a_bind_mount_keeps_the_running_set
 ) -> None:
     """A reload that makes a bound inbox ``placement: rename`` fails naming why; the
     running configuration (copy) stays and deposits the inbox's inputs."""
-    h = _poll_daemon(daemon_factory, mount_ns)
+    h = poll_daemon(daemon_factory, mount_ns)
     real = _bound_inbox(h, mount_ns)
     h.start()
     try:
@@ -276,7 +256,7 @@ def test_a_reload_to_rename_placement_through_a_bind_mount_keeps_the_running_set
         assert "inboxes[0]: placement: rename cannot work" in event["error"], event
         (real / "rec.dat").write_bytes(b"one recording\n" * 64)
         wait_for(lambda: h.receipts(), 30, "rec.dat to be deposited by copy")
-        [row] = _rows(h)
+        [row] = h.journal_rows()
         assert row["state"] == "done", row
         assert (h.archive / "resources" / "re" / "rec.dat").exists()
         assert _probe_files(real / ".nbank", h.archive / "staging") == []
@@ -295,7 +275,7 @@ def test_an_archive_mounted_after_the_start_is_probed_before_anything_is_claimed
     """The archive not there at start (unmounted): nbankd starts, the bound rename inbox
     waits unproved; once the archive appears the probe fails, status says it cannot work,
     and its input is never claimed nor registered."""
-    h = _poll_daemon(daemon_factory, mount_ns, placement="rename")
+    h = poll_daemon(daemon_factory, mount_ns, placement="rename")
     h.archive_options = {"create": False}
     real = _bound_inbox(h, mount_ns)
     h.start()
@@ -309,7 +289,7 @@ def test_an_archive_mounted_after_the_start_is_probed_before_anything_is_claimed
         _more_scans(h, 2)
         code, doc = status_json(h)
         assert code == 1 and any("placement: rename cannot work" in d for d in doc["degraded"])
-        assert _rows(h) == []
+        assert h.journal_rows() == []
         with h.open_registry() as reg:
             assert reg.get_resource("rec") is None
         assert _probe_files(real / ".nbank", h.archive / "staging") == []
@@ -322,14 +302,14 @@ def test_an_archive_mounted_after_the_start_is_proved_and_deposits_resume(
 ) -> None:
     """guard: a rename inbox on the archive's own mount whose archive appears after the
     start waits (unproved, status degraded), then is proved and deposits in place."""
-    h = _poll_daemon(daemon_factory, placement="rename")
+    h = poll_daemon(daemon_factory, placement="rename")
     h.archive_options = {"create": False}
     h.start()
     try:
         h.drop("rec.dat", b"one recording\n")
         assert "not proved yet" in _placement_problem(h)
         _more_scans(h, 2)
-        assert _rows(h) == []
+        assert h.journal_rows() == []
         create_archive(h.archive, h.registry_address)
         wait_for(lambda: h.receipts(), 30, "rec.dat to be deposited")
         assert _placement_problem(h) == ""
@@ -355,7 +335,7 @@ def test_check_config_reports_a_rename_inbox_on_a_bind_mount(
 ) -> None:
     """check-config, where it can write the work folder, links a file of it into the
     archive as the daemon does: an error naming the key, EXDEV and what to do."""
-    h = _poll_daemon(daemon_factory, mount_ns, placement="rename")
+    h = poll_daemon(daemon_factory, mount_ns, placement="rename")
     create_archive(h.archive, h.registry_address)
     real = _bound_inbox(h, mount_ns)
     (real / ".nbank").mkdir(mode=0o700)
@@ -370,7 +350,7 @@ def test_check_config_reports_a_rename_inbox_on_a_bind_mount(
 def test_check_config_proves_a_rename_inbox_on_the_archives_mount(daemon_factory: Any) -> None:
     """guard: the same inbox on the archive's own mount passes check-config, which
     leaves no probe file; without a work folder yet it only warns (nothing proved)."""
-    h = _poll_daemon(daemon_factory, placement="rename")
+    h = poll_daemon(daemon_factory, placement="rename")
     create_archive(h.archive, h.registry_address)
     h.inbox.mkdir()
     h.write_config()

@@ -12,31 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.daemon import DaemonHarness, wait_for
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.daemon import requeue
 from nbankd.deposit import inboxfs
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
-
-
-def _edit(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    cfg = yaml.safe_load(h.config_path.read_text())
-    change(cfg)
-    h.config_path.write_text(yaml.safe_dump(cfg))
-
-
-def _reload(h: DaemonHarness, change: Callable[[dict[str, Any]], Any]) -> None:
-    _edit(h, change)
-    proc = nbankctl(h, "reload", "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def _receipt(h: DaemonHarness, ident: str) -> dict[str, Any] | None:
-    return next((r for r in h.receipts() if r["id"] == ident), None)
-
 
 # --- 1. an inbox widened to the folder above it ----------------------------------------
 
@@ -58,10 +39,10 @@ def test_an_inbox_widened_to_its_parent_never_deposits_the_old_rejected_folder(
     wait_for(lambda: (old_rejected / "trial7.reason").exists(), 30, "the rejection")
     wait_for(lambda: not h.journal_in_flight(), 30, "the rejection to finish")
     h.stop()
-    _edit(h, lambda cfg: cfg["inboxes"][0].update(path=str(h.inbox)))
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(path=str(h.inbox)))
     h.start()
     h.drop("after.dat", b"dropped after the restart")
-    wait_for(lambda: _receipt(h, "after"), 30, "the file dropped after the restart")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the restart")
     wait_for(lambda: not h.journal_in_flight(), 30, "everything in flight to finish")
     h.stop()
     sources = [r["source"] for r in h.receipts()]
@@ -86,15 +67,15 @@ def test_a_rejected_dir_set_by_mistake_and_set_back_does_not_hide_a_data_folder(
     h = daemon_factory()
     h.start()
     h.drop("sessions/day1.dat", b"day one")
-    wait_for(lambda: _receipt(h, "day1"), 30, "day1 deposited")
-    _reload(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="sessions"))
-    _reload(h, lambda cfg: cfg["inboxes"][0].update(rejected_dir="rejected"))
+    wait_for(lambda: h.receipt("day1"), 30, "day1 deposited")
+    h.reload_with(lambda cfg: cfg["inboxes"][0].update(rejected_dir="sessions"))
+    h.reload_with(lambda cfg: cfg["inboxes"][0].update(rejected_dir="rejected"))
     h.drop("sessions/day2.dat", b"day two")
     h.drop("marker.dat", b"dropped after the day2 file")
-    wait_for(lambda: _receipt(h, "marker"), 30, "the later file deposited")
+    wait_for(lambda: h.receipt("marker"), 30, "the later file deposited")
     # day2 was there first and settled first: a fair scan has taken it by now
     try:
-        wait_for(lambda: _receipt(h, "day2"), 15, "day2 deposited")
+        wait_for(lambda: h.receipt("day2"), 15, "day2 deposited")
     finally:
         h.stop()
 

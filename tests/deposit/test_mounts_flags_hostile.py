@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,26 +22,11 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
-from fixtures.mountns import MountNamespace
+from fixtures.mountns import MountNamespace, poll_daemon
 from nbankd.archive.opening import create_archive
 from nbankd.deposit.lifecycle import FINAL
 
 FINAL_STATES = {str(s) for s in FINAL}
-
-
-def _rows(h: DaemonHarness) -> list[dict[str, Any]]:
-    """Every item of the daemon's journal: relpath, state, error code and message."""
-    path = h.state_dir / "journal.sqlite3"
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return [
-            {"relpath": os.fsdecode(bytes(r[0])), "state": r[1], "code": r[2], "error": r[3]}
-            for r in db.execute("SELECT relpath, state, error_code, error_message FROM items")
-        ]
-    finally:
-        db.close()
 
 
 def _scans(h: DaemonHarness) -> int:
@@ -69,14 +53,6 @@ def _unflag(root: Path) -> None:
     subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
 
 
-def _poll_daemon(daemon_factory: Any, ns: MountNamespace | None = None, **options: Any) -> Any:
-    h: DaemonHarness = daemon_factory(
-        wrap_argv=ns.enter if ns is not None else [],
-        inbox_options={"watch": "poll", "rescan_every": "1s", **options},
-    )
-    return h
-
-
 # --- a mount point inside a folder input ----------------------------------------------
 
 
@@ -89,7 +65,7 @@ def test_files_on_a_mount_inside_a_folder_input_are_never_removed(
     folder is refused or waits (naming the mount), or only what is on the inbox's own
     filesystem is ever removed; never the other folder emptied and the deposit then
     stuck for ever on the mount point (EBUSY), retried as the archive's fault."""
-    h = _poll_daemon(daemon_factory, mount_ns, directories="resources")
+    h = poll_daemon(daemon_factory, mount_ns, directories="resources")
     create_archive(h.archive, h.registry_address, allow_directories=True)
     session = h.root / "session1"
     (session / "shared").mkdir(parents=True)
@@ -114,7 +90,7 @@ def test_files_on_a_mount_inside_a_folder_input_are_never_removed(
         # "changed", is not decided yet)
         return any(
             r["state"] in FINAL_STATES or (r["code"] is not None and "changed" not in r["code"])
-            for r in _rows(h)
+            for r in h.journal_rows()
         )
 
     try:
@@ -122,7 +98,7 @@ def test_files_on_a_mount_inside_a_folder_input_are_never_removed(
         assert (other / "thesis.txt").exists(), (
             f"the file on the mount ({mount}) inside session1 was removed after the folder "
             f"was deposited: receipts {[r.get('outcome') for r in h.receipts()]}, items "
-            f"{[(r['state'], r['code'], r['error']) for r in _rows(h)]}"
+            f"{[(r['state'], r['code'], r['error']) for r in h.journal_rows()]}"
         )
         assert (other / "thesis.txt").read_bytes() == thesis
     finally:
@@ -139,7 +115,7 @@ def test_an_inbox_bound_onto_its_own_subfolder_never_feeds_its_rejected_folder_b
     once and never takes its own rejected folder (seen again through the loop) as
     inputs: no reason is written for a reason file, and reasons do not multiply at
     every rescan (today they double at each one, until the inbox's disk is full)."""
-    h = _poll_daemon(daemon_factory, mount_ns)
+    h = poll_daemon(daemon_factory, mount_ns)
     (h.inbox / "aa").mkdir(parents=True)
     mount_ns.run("mount", "--bind", h.inbox, h.inbox / "aa")
     h.start()
@@ -169,7 +145,7 @@ def test_an_input_on_a_mounted_subfolder_gets_no_reason_for_a_move_never_made(
     so, naming the folder: never a NAME.reason in rejected/ for a file that stayed where
     it was (its rejected_path and requeue command naming nothing), written again at
     every rescan while status calls the inbox healthy."""
-    h = _poll_daemon(daemon_factory, mount_ns)
+    h = poll_daemon(daemon_factory, mount_ns)
     (h.inbox / "sub").mkdir(parents=True)
     mount_ns.mount_tmpfs(h.inbox / "sub", "1m")
     on_mount = mount_ns.view(h.inbox / "sub") / "rec.dat"
@@ -186,7 +162,7 @@ def test_an_input_on_a_mounted_subfolder_gets_no_reason_for_a_move_never_made(
         assert '"sub"' in shown, shown
         _more_scans(h, 4)
         assert on_mount.exists()
-        assert h.reasons() == [] and _rows(h) == [], (h.reasons(), _rows(h))
+        assert h.reasons() == [] and h.journal_rows() == [], (h.reasons(), h.journal_rows())
     finally:
         h.stop()
 
@@ -203,7 +179,7 @@ def test_a_folder_input_holding_a_flagged_file_is_not_deposited_then_kept_for_ev
     the file, or deposited and removed; never deposited (receipt written, registered)
     and then kept in .nbank/ for ever, its release retried as the archive being
     unavailable (``archive-unavailable: Operation not permitted``)."""
-    h = _poll_daemon(daemon_factory, directories="resources")
+    h = poll_daemon(daemon_factory, directories="resources")
     create_archive(h.archive, h.registry_address, allow_directories=True)
     try:
         h.start()
@@ -216,7 +192,7 @@ def test_a_folder_input_holding_a_flagged_file_is_not_deposited_then_kept_for_ev
         work = h.inbox / ".nbank"
 
         def state() -> str | None:
-            rows = _rows(h)
+            rows = h.journal_rows()
             if h.receipts():
                 if not work_entries(work):
                     return "deposited and removed"
@@ -231,7 +207,7 @@ def test_a_folder_input_holding_a_flagged_file_is_not_deposited_then_kept_for_ev
         assert found != "deposited and kept in the work folder", (
             f"session1 (rig.log chattr {flag}) was deposited and can never leave "
             f"{[p.name for p in work_entries(work)]}: "
-            f"{[(r['state'], r['code'], r['error']) for r in _rows(h)]}"
+            f"{[(r['state'], r['code'], r['error']) for r in h.journal_rows()]}"
         )
     finally:
         _unflag(h.root)
@@ -245,13 +221,13 @@ def test_an_immutable_input_is_told_as_immutable_not_as_an_unwritable_inbox(
     writable) waits with a message saying the file is immutable (or append-only), not
     ``inbox-not-writable`` "cannot move ... out of INBOX", whose fix (give the daemon
     write permission on the inbox) the daemon's user already has."""
-    h = _poll_daemon(daemon_factory)
+    h = poll_daemon(daemon_factory)
     try:
         h.start()
         path = h.drop("rec.dat", b"one recording\n" * 64)
         _chattr("+i", path)
         [row] = wait_for(
-            lambda: [r for r in _rows(h) if r["code"]], 30, "rec.dat to wait with an error"
+            lambda: [r for r in h.journal_rows() if r["code"]], 30, "rec.dat to wait with an error"
         )
         told = f"{row['code']}: {row['error']}".replace(str(h.root), "ROOT")  # (the test's
         # own folder is named after it, "immutable" included)
@@ -270,7 +246,7 @@ def test_guard_hard_links_are_rejected_and_their_other_names_untouched(
     """Guard: an input with another name outside the inbox, and two names of one file
     inside it, are each rejected (unsupported), never read or deposited; the name outside
     keeps its bytes."""
-    h = _poll_daemon(daemon_factory)
+    h = poll_daemon(daemon_factory)
     h.start()
     try:
         outside = h.root / "alice-notes.dat"
@@ -301,7 +277,7 @@ def test_guard_a_mount_appearing_between_scan_and_claim_takes_nothing_from_it(
     before its claim (holding a file of the same name and size) makes the claim find
     another file: nothing on the mount is deposited as the scanned input, and the
     original, hidden under the mount, is deposited once the mount goes."""
-    h = _poll_daemon(daemon_factory, mount_ns)
+    h = poll_daemon(daemon_factory, mount_ns)
     go = h.root / "go"
     (h.inbox / "sub").mkdir(parents=True)
     h.start(env={"NBANKD_PAUSE_AT": "after-journal-add", "NBANKD_PAUSE_UNTIL": str(go)})
@@ -313,7 +289,11 @@ def test_guard_a_mount_appearing_between_scan_and_claim_takes_nothing_from_it(
         impostor = b"X" * len(original)
         (mount_ns.view(h.inbox / "sub") / "rec.dat").write_bytes(impostor)
         go.touch()
-        wait_for(lambda: any(r["state"] in FINAL_STATES for r in _rows(h)), 30, "the claim to end")
+        wait_for(
+            lambda: any(r["state"] in FINAL_STATES for r in h.journal_rows()),
+            30,
+            "the claim to end",
+        )
         assert h.receipts() == []
         mount_ns.run("umount", h.inbox / "sub")
         [receipt] = wait_for(h.receipts, 30, "the original to be deposited")

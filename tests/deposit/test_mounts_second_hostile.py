@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,24 +28,9 @@ from nbankd.deposit.identity import tree_now
 from nbankd.watch.identity import tree_summary
 
 
-def _rows(h: DaemonHarness) -> list[dict[str, Any]]:
-    """Every item of the daemon's journal: relpath, state, error code and message."""
-    path = h.state_dir / "journal.sqlite3"
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return [
-            {"relpath": os.fsdecode(bytes(r[0])), "state": r[1], "code": r[2], "error": r[3]}
-            for r in db.execute("SELECT relpath, state, error_code, error_message FROM items")
-        ]
-    finally:
-        db.close()
-
-
 def _errors(h: DaemonHarness) -> list[dict[str, Any]]:
     """The journal's items held with an error other than "changed" (still settling)."""
-    return [r for r in _rows(h) if r["code"] and "changed" not in r["code"]]
+    return [r for r in h.journal_rows() if r["code"] and "changed" not in r["code"]]
 
 
 def _daemon(daemon_factory: Any, ns: MountNamespace | None = None, **options: Any) -> DaemonHarness:
@@ -271,7 +255,7 @@ def test_nothing_on_a_mount_made_inside_a_claimed_folder_is_deposited_or_changed
         archived = sorted(p.name for p in mount_ns.view(h.archive).rglob("*"))
         assert "thesis.txt" not in archived, (
             f"alice's file was deposited with session1 ({placement}): receipts "
-            f"{[(r['outcome'], r['sha1']) for r in h.receipts()]}, items {_rows(h)}"
+            f"{[(r['outcome'], r['sha1']) for r in h.receipts()]}, items {h.journal_rows()}"
         )
         assert oct(thesis.stat().st_mode & 0o777) == oct(0o600)
     finally:
