@@ -138,8 +138,9 @@ def update_statement(
     never none, so that a durable save always has a frame to sync."""
     if old is None:
         return _update_sql(ALL_FIELDS), row
-    fields = tuple(i for i in ALL_FIELDS if row[i] != old[i]) or (STATE_FIELD,)
-    return _update_sql(fields), (*(row[i] for i in fields), row[-1])
+    # comprehensions, not generators: every step of every deposit saves its item
+    fields = tuple([i for i in ALL_FIELDS if row[i] != old[i]]) or (STATE_FIELD,)
+    return _update_sql(fields), (*[row[i] for i in fields], row[-1])
 
 
 _SAVED = operator.attrgetter(*SAVED_FIELDS)
