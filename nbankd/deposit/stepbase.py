@@ -199,17 +199,20 @@ class StepsBase:
         to be configured; rejecting and putting back need no archive."""
         live = self.inboxes(item.inbox)
         spec = live or self.retired(item.inbox)
-        where = f"item {item.token} ({item.relpath_str!r})"
+
+        def where() -> str:  # in messages only (every step of every deposit passes here)
+            return f"item {item.token} ({item.relpath_str!r})"
+
         if spec is None or (live is None and item.state in _WRITES_INTO_INBOX):
             raise InboxParked(
-                f"inbox {item.inbox} is no longer configured; {where} is parked, "
+                f"inbox {item.inbox} is no longer configured; {where()} is parked, "
                 "never rejected for it",
                 hint="restore the inbox in the configuration (and reload) to finish it",
             )
         if item.state not in _INBOX_ONLY and not self._archive_configured(item):
             if undecided(item.progress):  # nothing registered: it goes back (follow_archive)
                 raise InboxParked(
-                    f"archive {item.archive} ({item.archive_path}), chosen for {where}, "
+                    f"archive {item.archive} ({item.archive_path}), chosen for {where()}, "
                     "is no longer configured; nothing was registered for it: it goes back "
                     f"to its inbox {item.inbox} to be decided again"
                     + ("" if live is not None else " once that inbox is configured"),
@@ -218,7 +221,7 @@ class StepsBase:
                     "configuration says",
                 )
             raise InboxParked(
-                f"archive {item.archive} ({item.archive_path}), chosen for {where} when "
+                f"archive {item.archive} ({item.archive_path}), chosen for {where()} when "
                 "it was claimed, is no longer configured there; the item may be "
                 "registered in it (its record names that archive), so it is parked, "
                 "never sent elsewhere",
