@@ -10,7 +10,10 @@ import functools
 import json
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 from nbankd.mounts import mount_key
 from nbankd.watch.identity import (
@@ -22,6 +25,13 @@ from nbankd.watch.identity import (
 )
 
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+@functools.lru_cache(maxsize=1024)
+def _recorded(text: str) -> Mapping[str, Any]:
+    """A journaled identity (JSON text) as a read-only mapping, parsed once per text:
+    every step of every deposit compares what it finds with one or two of them."""
+    return MappingProxyType(json.loads(text))
 
 
 def identity_json(path: Path, is_dir: bool) -> str:
@@ -38,7 +48,7 @@ def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
         ident = tree_identity(path) if is_dir else identity_of_path(path)
     except FileNotFoundError:
         return False
-    want = json.loads(recorded)
+    want = _recorded(recorded)
     return all(want.get(k) == getattr(ident, k) for k in IDENTITY_FIELDS)
 
 
@@ -56,7 +66,7 @@ def restarted_since(recorded: str, created: float) -> bool:
     """True when the machine restarted since the identity ``recorded`` was taken: its
     boot id differs from this boot's; for an identity journaled without one (an older
     release), when the item's intent (``created``) is older than this boot."""
-    then = json.loads(recorded).get("boot")
+    then = _recorded(recorded).get("boot")
     if then is not None:
         return bool(then) and then != boot_id()
     return created < booted_at()
@@ -106,7 +116,7 @@ def identity_fields(folder: Path) -> dict[str, int]:
 
 def compare_stat(recorded: str, now: dict[str, int]) -> Change:
     """:func:`compare` of an identity already read (IDENTITY_FIELDS' values)."""
-    want = json.loads(recorded)
+    want = _recorded(recorded)
     if all(want.get(key) == now.get(key) for key in IDENTITY_FIELDS):
         return Change.SAME
     if all(want.get(key) == now.get(key) for key in ("size", "mtime_ns")):
@@ -150,7 +160,7 @@ def staged_matches(recorded: str | None, path: Path) -> bool:
         now = json.loads(staged_id(path))
     except OSError:
         return False
-    want = json.loads(recorded)
+    want = _recorded(recorded)
     return all(now[key] == want.get(key) for key in _STAGED_KEYS)
 
 
@@ -160,7 +170,7 @@ _STAGED_KEYS = ("name", "dev", "ino", "size", "mtime_ns")
 def mark_verified(recorded: str) -> str:
     """The journaled staged identity, noting that this copy was read back from storage
     and matched before it was published."""
-    return json.dumps({**json.loads(recorded), "verified": True})
+    return json.dumps({**_recorded(recorded), "verified": True})
 
 
 def verified_before_publish(recorded: str | None, path: Path) -> bool:
@@ -169,7 +179,7 @@ def verified_before_publish(recorded: str | None, path: Path) -> bool:
     that inode): its bytes need no second read. Folders are always read again."""
     if recorded is None:
         return False
-    want = json.loads(recorded)
+    want = _recorded(recorded)
     if not want.get("verified"):
         return False
     try:
@@ -189,14 +199,14 @@ def seen_matches(seen: str | None, st: os.stat_result) -> bool:
     inode), or when no scan identity was recorded (items of an older journal)."""
     if seen is None:
         return True
-    want = json.loads(seen)
+    want = _recorded(seen)
     return (want.get("dev"), want.get("ino")) == (st.st_dev, st.st_ino)
 
 
 def seen_unchanged(seen: str | None, st: os.stat_result) -> bool:
     """True when a file about to be claimed still has the size, modification and change
     times it settled with (when the scan recorded them: a plain file's intent)."""
-    want = json.loads(seen) if seen is not None else {}
+    want = _recorded(seen) if seen is not None else {}
     return "size" not in want or _agrees(want, st, ("size", "mtime_ns", "ctime_ns"))
 
 
@@ -228,7 +238,7 @@ def seen_tree_unchanged(seen: str | None, now: TreeSummary | None) -> bool:
     settled as (the same folder, and nothing inside written, added, removed or renamed
     since), or when the scan recorded no tree (items of an older journal). False when
     it could not be read whole (``now`` None)."""
-    want = json.loads(seen) if seen is not None else {}
+    want = _recorded(seen) if seen is not None else {}
     tree = want.get("tree")
     if tree is None:
         return True
@@ -240,7 +250,7 @@ def seen_tree_unchanged(seen: str | None, now: TreeSummary | None) -> bool:
     )
 
 
-def _agrees(want: dict[str, int], st: os.stat_result, fields: tuple[str, ...]) -> bool:
+def _agrees(want: Mapping[str, Any], st: os.stat_result, fields: tuple[str, ...]) -> bool:
     """True when every recorded field (device, inode, size, times) is ``st``'s."""
     return all(want.get(f) == getattr(st, "st_" + f) for f in fields)
 
@@ -248,13 +258,13 @@ def _agrees(want: dict[str, int], st: os.stat_result, fields: tuple[str, ...]) -
 def fstat_matches(recorded: str | None, st: os.stat_result) -> bool:
     if recorded is None:
         return False
-    return _agrees(json.loads(recorded), st, ("dev", "ino", "size", "mtime_ns", "ctime_ns"))
+    return _agrees(_recorded(recorded), st, ("dev", "ino", "size", "mtime_ns", "ctime_ns"))
 
 
 def paired(seen: str | None) -> bool:
     """True when the scan that journaled the item looked for its sidecars (a manual
     deposit's files, and items of an older journal, were never paired with one)."""
-    return seen is not None and bool(json.loads(seen).get("paired"))
+    return seen is not None and bool(_recorded(seen).get("paired"))
 
 
 def sidecar_seen_matches(
@@ -265,7 +275,7 @@ def sidecar_seen_matches(
     already in the work folder, where the move changed its change time: device, inode,
     size and modification time), or when none was recorded (items of an older
     journal: taken as found)."""
-    want = json.loads(seen).get("sidecar") if seen is not None else None
+    want = _recorded(seen).get("sidecar") if seen is not None else None
     if want is None:
         return True
     if st is None:
