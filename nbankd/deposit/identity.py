@@ -41,6 +41,15 @@ def identity_json(path: Path, is_dir: bool) -> str:
     return json.dumps({**{k: getattr(ident, k) for k in IDENTITY_FIELDS}, "boot": boot_id()})
 
 
+def reidentified(recorded: str | None, path: Path, is_dir: bool) -> str:
+    """The identity of a claimed input at ``path`` as it is now, with the boot id of
+    the one ``recorded`` at its claim (a change after a restart is still told apart)."""
+    fresh = json.loads(identity_json(path, is_dir))
+    if recorded is not None:
+        fresh["boot"] = _recorded(recorded).get("boot", fresh["boot"])
+    return json.dumps(fresh)
+
+
 def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
     if recorded is None:
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
@@ -17,6 +18,7 @@ from nbankd.archive import durable, layout, opening
 from nbankd.deposit import verdicts
 from nbankd.deposit.identity import (
     fstat_matches,
+    reidentified,
     same_identity,
     staged_id,
 )
@@ -163,6 +165,29 @@ class StageSteps(StepsBase):
         )
         return item, Outcome.ok()
 
+    def _kept_after_reader(self, item: Item, source: Path, before: os.stat_result) -> Item | None:
+        """``item`` after a confined reader changed only the status of the claimed input
+        ``source`` (placed by rename: the recording's only copy): the same inode, size
+        and links, its bytes still the SHA-1 taken before the reader ran; its times and
+        mode as ``before`` again, its identity taken anew (its change time moved). None
+        when the reader could write (unconfined) or anything else differs."""
+        if item.sha1 is None or metadata_readers.reader_confinement() is not None:
+            return None
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            same = (st.st_dev, st.st_ino, st.st_size, st.st_nlink)
+            if same != (before.st_dev, before.st_ino, before.st_size, before.st_nlink):
+                return None
+            if copy_hashing(f, None, progress=self._progress).sha1 != item.sha1:
+                return None
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
+            os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return item.changed(identity=reidentified(item.identity, source, False))
+
     def _read_file_metadata(
         self, archive: layout.Archive, item: Item, source: Path, *, only_copy: bool
     ) -> StepResult:
@@ -177,10 +202,23 @@ class StageSteps(StepsBase):
         be confined, it is never run on the input itself: the input waits."""
         assert item.dtype is not None and item.file_metadata in ("read", "override")
         name = PurePosixPath(item.relpath_str).name + (".zip" if item.zipped else "")
+        before = os.stat(source, follow_symlinks=False) if only_copy else None
         result = self.metadata_reader(item.dtype, source, name, only_copy=only_copy)
-        if result.status == "changed" and only_copy:  # the bytes hashed are gone
-            unhashed = item.changed(sha1=None, size=None)
-            return unhashed, Outcome("changed", "changed", result.message)
+        if result.status == "changed" and before is not None:
+            kept = self._kept_after_reader(item, source, before)
+            if kept is None:  # the bytes hashed may be gone
+                unhashed = item.changed(sha1=None, size=None)
+                return unhashed, Outcome("changed", "changed", result.message)
+            # the reader (confined: it could not write) set the input's times or mode:
+            # put back, the bytes checked; it waits, told, until the reader is fixed
+            # (never put back to the inbox to be claimed and touched again, unseen)
+            return kept, Outcome(
+                "transient",
+                metadata_readers.MetadataReaderUnavailable.code,
+                f"{result.message}; its bytes are unchanged and its times and mode were put back",
+                "fix the reader (it must leave the file's times and mode alone), or "
+                "deposit without it (file_metadata: skip)",
+            )
         problem = result.error()
         if problem is None and result.status == "read":
             try:

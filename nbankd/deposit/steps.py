@@ -23,8 +23,8 @@ from nbankd.deposit import receipts, verdicts
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
-    identity_json,
     mark_verified,
+    reidentified,
     staged_matches,
     verified_before_publish,
 )
@@ -103,7 +103,9 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                     # publishing gave the input the archive's mode and group: its identity
                     # now, so that a copy found bad at its read-back is staged again from
                     # it, not taken for a changed input
-                    item = item.changed(already=True, identity=_reidentified(item, work))
+                    item = item.changed(
+                        already=True, identity=reidentified(item.identity, work, item.kind == "dir")
+                    )
         else:
             staged = archive.staging_dir / self.staged_name(item)
             staged_exists = os.path.lexists(staged)
@@ -392,11 +394,3 @@ def _log_transition(item: Item, step: Step, outcome: Outcome) -> None:
         log.info(
             "step outcome", outcome=outcome.kind, code=outcome.code, error=outcome.message, **fields
         )
-
-
-def _reidentified(item: Item, work: Path) -> str:
-    """The identity of a claimed input ``work`` as it is now (its boot id the claim's)."""
-    fresh = json.loads(identity_json(work, item.kind == "dir"))
-    if item.identity is not None:
-        fresh["boot"] = json.loads(item.identity).get("boot", fresh["boot"])
-    return json.dumps(fresh)

@@ -26,7 +26,7 @@ import pytest
 
 from fixtures.cli_backends import Backend, make_backend
 from fixtures.steps_env import Env
-from nbankd.deposit.lifecycle import FINAL, next_step
+from nbankd.deposit.lifecycle import FINAL, State, next_step
 from nbankd.metadata_readers import ReaderResult, landlock_abi, read_file_metadata
 
 READERS = r"""
@@ -233,12 +233,6 @@ def test_a_reader_cannot_kill_the_daemon_that_runs_it(search: list[str], rec: Pa
 # --- attributes: chmod(), utime(), setxattr() are no writes to Landlock ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: Landlock cannot deny utime(), chmod() or setxattr(); a "
-    "reader that sets the times of the file it reads changes them (caught: never "
-    "deposited as read, and told), see README 'Metadata readers'",
-)
 @landlock
 def test_a_reader_touching_the_only_copy_leaves_its_times(env: Env) -> None:
     """Placed by rename, the claimed input is the recording's only copy: a reader that
@@ -277,6 +271,9 @@ def test_a_reader_touching_the_only_copy_leaves_its_times(env: Env) -> None:
         item.error_code,
         item.error_message,
     )
+    # it waits, told (attempts growing: status degraded), never claimed again unseen
+    assert (item.state, item.error_code) == (State.CLAIMED, "metadata-reader-unavailable")
+    assert item.attempts > 1 and "times" in (item.error_message or "")
 
 
 @pytest.fixture
