@@ -248,10 +248,13 @@ def _stuck(
         code = item.error_code
         if item.state in FINAL or not item.attempts or not code:
             continue
-        if code in OUTAGE_CODES and (
-            code != "archive-unavailable" or f"archive:{item.inbox}" in told
-        ):
-            continue  # the registry's problem is the steps' own: always told
+        if code in OUTAGE_CODES:
+            # told by the outage's own condition while there is one; an input held up
+            # alone (the registry answering others, the archive's check passing) is
+            # stuck
+            teller = f"archive:{item.inbox}" if code == "archive-unavailable" else "registry"
+            if teller in told:
+                continue
         where = os.path.join(item.inbox, item.relpath_str)
         out.append(
             Condition(

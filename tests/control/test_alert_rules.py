@@ -240,7 +240,6 @@ def test_an_input_retried_after_other_errors_is_stuck() -> None:
     """An input retried after a non-outage error is 'stuck', told after unavailable_after."""
     items = [
         _item(attempts=3, error_code="os-error", error_message="disk quota exceeded"),
-        _item(id=2, token="tok2", attempts=2, error_code="registry-unavailable"),
         _item(id=3, token="tok3"),
         _item(id=4, token="tok4", state=ItemState.DONE, attempts=1, error_code="os-error"),
     ]
@@ -255,6 +254,24 @@ def test_an_input_retried_after_other_errors_is_stuck() -> None:
     state, moved_on = step(state, [], now=700, repeat_every=1e6)
     assert early is None and told is not None
     assert moved_on is not None and [r.key for r in moved_on.resolved] == ["stuck:tok1"]
+
+
+@pytest.mark.parametrize(
+    ("registry_problem", "expected"),
+    [("connection refused", ["registry"]), (None, ["stuck:tok2"])],
+    ids=["told-by-the-registry", "registry-answers-others"],
+)
+def test_an_input_waiting_on_the_registry_is_told_once(
+    registry_problem: str | None, expected: list[str]
+) -> None:
+    """An input waiting after registry-unavailable is told by the registry's condition
+    while there is one, else (the registry answering the other deposits) as stuck."""
+    items = [_item(id=2, token="tok2", attempts=2, error_code="registry-unavailable")]
+    status = _status()
+    status["registry"] = {"problem": registry_problem}
+    found = conditions(status, {}, {}, now=0, started=0, unavailable_after=600,
+                       unfinished=items)  # fmt: skip
+    assert [c.key for c in found] == expected
 
 
 @pytest.mark.parametrize(
