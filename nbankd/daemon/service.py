@@ -85,7 +85,8 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self._scanned = threading.Condition()  # notified after each inbox scan
         self._running: dict[int, Future[Item]] = {}
         self._waiting: dict[int, Item] = {}
-        self._bugs: dict[int, tuple[str, int]] = {}  # item id -> (its state, bugs in a row)
+        #: item id -> (its state, bugs in a row there, its path, the last error)
+        self._bugs: dict[int, tuple[str, int, str, str]] = {}
         self.inboxes: dict[str, InboxState] = {}
         self.specs: dict[str, InboxSpec] = {}
         self.retired: dict[str, InboxSpec] = {}  # removed by a reload; items in flight finish
@@ -380,6 +381,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 tally=self.tally.copy(),
                 capabilities=dict(self.capabilities),
                 lane_problem=lane,
+                bug_problem=status_mod.bug_problem(self._bugs.values()),
             )
 
     def status_line(self) -> str:

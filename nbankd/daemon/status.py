@@ -60,6 +60,26 @@ def waiting_problems(items: Iterable[Item]) -> list[str]:
     return lines
 
 
+#: unexpected errors in a row at one state after which an input is told in status
+BUGS_TOLD_AFTER = 2
+
+
+def bug_problem(bugs: Iterable[tuple[str, int, str, str]]) -> str | None:
+    """The status line for inputs an unexpected error (a bug in nbankd, outside the
+    steps' own error handling) failed at least :data:`BUGS_TOLD_AFTER` times in a row
+    at the same state; ``bugs``: (state, times in a row, path, last error)."""
+    again = sorted((w, n, e) for _state, n, w, e in bugs if n >= BUGS_TOLD_AFTER)
+    if not again:
+        return None
+    where, count, err = again[0]
+    more = f" (and {len(again) - 1} more)" if len(again) > 1 else ""
+    return (
+        f"{len(again)} input(s) fail again and again with an unexpected error (code "
+        f"internal, a bug in nbankd), retried later each time: {where}{more}, {count} "
+        f"times in a row: {err}; please report it with the log"
+    )
+
+
 def switch_problem(record: Mapping[str, Any]) -> str:
     """The status line of a registry switch that has not finished (interrupted, or
     under way): it paused inboxes, which stay paused until it is run again."""
@@ -164,6 +184,8 @@ def build_status(
         degraded.append(switch_problem(snap.unfinished_switch))
     if snap.lane_problem:
         degraded.append(snap.lane_problem)
+    if snap.bug_problem:
+        degraded.append(snap.bug_problem)
     if snap.paused_problem:
         degraded.append(snap.paused_problem)
     if snap.state_problem:

@@ -88,6 +88,8 @@ class Snapshot:
     capabilities: Mapping[str, Capabilities] = field(default_factory=dict)
     #: the lane of small files stuck in a round, or long waiting for the registry
     lane_problem: str | None = None
+    #: inputs failing again and again outside their steps' own error handling (a bug)
+    bug_problem: str | None = None
     #: why state_dir/paused.json cannot be read (its pauses not in force), or None
     paused_problem: str | None = None
     #: each configured inbox as deposits see it (its folders as recorded at start)

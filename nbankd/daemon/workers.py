@@ -60,7 +60,7 @@ class DepositWorkers:
     _wake: Wakeup
     _running: dict[int, Future[Item]]
     _waiting: dict[int, Item]
-    _bugs: dict[int, tuple[str, int]]
+    _bugs: dict[int, tuple[str, int, str, str]]
     request_rescan: Callable[..., None]  # the daemon's scanning half
 
     def submit_manual(
@@ -145,9 +145,10 @@ class DepositWorkers:
         first time in a row) and shown in status; returns when the item is tried again,
         later each time the same state fails again (:func:`bug_retry_delay`)."""
         with self._lock:
-            state, before = self._bugs.get(item.id, (item.state.value, 0))
+            state, before, _where, _err = self._bugs.get(item.id, (item.state.value, 0, "", ""))
             in_a_row = before + 1 if state == item.state.value else 1
-            self._bugs[item.id] = (item.state.value, in_a_row)
+            where = os.path.join(item.inbox, item.relpath_str)
+            self._bugs[item.id] = (item.state.value, in_a_row, where, repr(err))
         delay = bug_retry_delay(in_a_row)
         trace: dict[str, Any] = {"exc_info": err} if in_a_row == 1 else {}
         log.error(
