@@ -247,7 +247,7 @@ class AlertService:
         snap = self.daemon.snapshot()
         expect = {str(i.path): i.expect_every for i in snap.config.inboxes if i.expect_every}
         rejected = {
-            key: [str(p) for p in requeue.rejected_inputs(state.config)]
+            key: [str(p) for p in requeue.rejected_contents(state.config).entries]
             for key, state in snap.inboxes.items()
         }
         auditor = self.daemon.auditor

@@ -29,6 +29,7 @@ from nbankd.daemon import orphans
 from nbankd.daemon import requeue as requeue_mod
 from nbankd.deposit import moves
 from nbankd.deposit.receipts import read_receipts
+from nbankd.names import printable
 from nbankd.timefmt import iso
 from nbankd.watch import settle
 
@@ -136,21 +137,27 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     result = daemon.status()
     for entry in result["inboxes"]:
         state = inboxes.get(entry["path"])
-        waiting = (
-            sum(1 for _ in requeue_mod.rejected_inputs(state.config, state.config.rejected_dir))
+        contents = (
+            requeue_mod.rejected_contents(state.config, state.config.rejected_dir)
             if state is not None
-            else 0
+            else requeue_mod.RejectedContents()
         )
+        waiting = len(contents.entries)
         entry["in_rejected_folder"] = waiting
         entry["rejected_dir"] = str(state.config.rejected_path) if state is not None else None
+        entry["rejected_without_reason"] = [str(p) for p in contents.unexplained[:LISTED]]
+        entry["rejected_unreadable"] = _unreadable(contents)
         if waiting:
             result["degraded"].append(
                 f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
+                + _without_reason(contents)
             )
+        result["degraded"] += _unreadable_lines(entry["path"], entry["rejected_dir"], contents)
         entry["earlier_rejected_dirs"] = []
         if state is not None:
-            for earlier in _earlier_rejected(state.config):
+            for earlier, held in _earlier_rejected(state.config):
                 entry["earlier_rejected_dirs"].append(earlier)
+                result["degraded"] += _unreadable_lines(entry["path"], earlier["path"], held)
                 if earlier["empty"]:
                     continue
                 result["degraded"].append(
@@ -203,10 +210,50 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _earlier_rejected(inbox: InboxConfig) -> list[dict[str, Any]]:
+#: entries a status line or list names at most (the count has them all)
+LISTED = 20
+
+
+def _without_reason(contents: requeue_mod.RejectedContents) -> str:
+    """What a rejected folder's status line adds for entries without a ``NAME.reason``
+    (removed by a person, or put there): how many, and the first ones' names."""
+    if not contents.unexplained:
+        return ""
+    shown = ", ".join(printable(str(p)) for p in contents.unexplained[:3])
+    more = ", ..." if len(contents.unexplained) > 3 else ""
+    return (
+        f" ({len(contents.unexplained)} without a .reason file beside it: {shown}{more}; "
+        "nbankctl explain FILE says what the journal recorded; requeue it, or move it out)"
+    )
+
+
+def _unreadable(contents: requeue_mod.RejectedContents) -> list[dict[str, str]]:
+    return [{"path": str(p), "error": why} for p, why in contents.unreadable[:LISTED]]
+
+
+def _unreadable_lines(inbox: str, folder: str, contents: requeue_mod.RejectedContents) -> list[str]:
+    """One status line per folder of a rejected folder that could not be listed: what
+    is in it is not counted (never taken for empty)."""
+    lines = []
+    for path, why in contents.unreadable:
+        where = (
+            f"the rejected folder {printable(str(path))}"
+            if str(path) == folder
+            else f"{printable(str(path))} in the rejected folder {printable(folder)}"
+        )
+        lines.append(
+            f"{where} of {inbox} cannot be listed ({why}): the rejected inputs in it are "
+            "not counted nor told; give nbankd's user read and search access to it"
+        )
+    return lines
+
+
+def _earlier_rejected(
+    inbox: InboxConfig,
+) -> list[tuple[dict[str, Any], requeue_mod.RejectedContents]]:
     """Each earlier rejected folder of ``inbox`` still there (``rejected_dir`` changed
-    since it was used): its path, its rejected inputs and whether it is empty (another
-    rejected folder nested in it aside)."""
+    since it was used): its path, what waits in it and whether it is empty (another
+    rejected folder nested in it aside), with what it holds."""
     out = []
     nested = {str(inbox.path / d) for d in inbox.rejected_dirs}
     for folder in inbox.earlier_rejected_dirs:
@@ -216,8 +263,9 @@ def _earlier_rejected(inbox: InboxConfig) -> list[dict[str, Any]]:
                 empty = all(e.path in nested for e in entries)
         except OSError:  # cannot be looked in: not known to be empty
             empty = False
-        count = sum(1 for _ in requeue_mod.rejected_inputs(inbox, folder))
-        out.append({"path": str(path), "rejected_inputs": count, "empty": empty})
+        held = requeue_mod.rejected_contents(inbox, folder)
+        count = len(held.entries)
+        out.append(({"path": str(path), "rejected_inputs": count, "empty": empty}, held))
     return out
 
 
@@ -428,7 +476,14 @@ def reload(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     source = daemon.config.source
     # a bad file: the ConfigError becomes the reply; the running daemon keeps its
     # state_dir and control_socket (the loader warns when the file changes them)
-    new = load_config(source, running=daemon.config)
+    try:
+        new = load_config(source, running=daemon.config)
+    except errors.ConfigError:
+        # the daemon's own reload fails the same way, so that it logs it and status
+        # shows it until a reload succeeds, as for SIGHUP (it applies the file when it
+        # was fixed meanwhile: status then says nothing of it)
+        daemon.reload()
+        raise
     outcome: list[str | None] = []
 
     def run() -> None:

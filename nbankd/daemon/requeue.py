@@ -50,7 +50,14 @@ from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
-from nbankd.names import MARKER_SUFFIX, REASON_SUFFIX, SIDECAR_SUFFIXES, WORK_DIR_NAME, printable
+from nbankd.names import (
+    MARKER_SUFFIX,
+    PROBE_PREFIX,
+    REASON_SUFFIX,
+    SIDECAR_SUFFIXES,
+    WORK_DIR_NAME,
+    printable,
+)
 from nbankd.smallfile import SmallFileError, read_regular
 
 log = structlog.get_logger("nbankd.daemon")
@@ -521,29 +528,108 @@ def _recover_one(
         )
 
 
-def rejected_inputs(config: InboxConfig, folder: str | None = None) -> Iterator[Path]:
-    """Every input sitting in the inbox's rejected folder ``folder`` (relative to the
-    inbox), one per ``NAME.reason``; without ``folder``, in the rejected folder and
-    then in each earlier one still there. Another rejected folder nested inside the
-    one walked is left to its own walk."""
+@dataclass(frozen=True)
+class RejectedContents:
+    """What rejected folders hold, as status, metrics and alerts count it (README:
+    any file in a rejected folder keeps status degraded)."""
+
+    #: each rejected input, one per ``NAME.reason``
+    inputs: tuple[Path, ...] = ()
+    #: every other entry that is not nbankd's own bookkeeping (a ``NAME.reason``, a
+    #: reason's temporary file, a sidecar or marker beside what it belongs to): a
+    #: rejected input whose ``NAME.reason`` was removed, a file a person put there
+    unexplained: tuple[Path, ...] = ()
+    #: (folder, why) for each folder in them that could not be listed: what is in it
+    #: is not counted
+    unreadable: tuple[tuple[Path, str], ...] = ()
+
+    @property
+    def entries(self) -> tuple[Path, ...]:
+        """Everything waiting in the rejected folders: inputs, then the others."""
+        return self.inputs + self.unexplained
+
+    def __add__(self, other: RejectedContents) -> RejectedContents:
+        return RejectedContents(
+            self.inputs + other.inputs,
+            self.unexplained + other.unexplained,
+            self.unreadable + other.unreadable,
+        )
+
+
+def _bookkeeping(name: str) -> bool:
+    """Whether ``name`` in a rejected folder is nbankd's own: a reason file, the
+    temporary file a reason is written to (``.NAME.reason.tmp``, its name cut at 200
+    bytes), a probe file made for a moment."""
+    if name.endswith(REASON_SUFFIX) or name.startswith(PROBE_PREFIX):
+        return True
+    if name.startswith(".") and name.endswith(".tmp"):
+        return name.endswith(REASON_SUFFIX + ".tmp") or len(os.fsencode(name)) == 205
+    return False
+
+
+def rejected_contents(config: InboxConfig, folder: str | None = None) -> RejectedContents:
+    """What the inbox's rejected folder ``folder`` (relative to the inbox) holds;
+    without ``folder``, the rejected folder's and then each earlier one's still there.
+    A rejected input that is a folder is one entry (not walked); another rejected
+    folder nested inside the one walked is left to its own walk. A folder that
+    cannot be listed is in :attr:`RejectedContents.unreadable`, never taken for an
+    empty one; one gone (or not made yet) holds nothing."""
     if folder is None:
+        total = RejectedContents()
         for each in config.rejected_dirs:
-            yield from rejected_inputs(config, each)
-        return
+            total += rejected_contents(config, each)
+        return total
+    top = config.path / folder
     others = {config.path / d for d in config.rejected_dirs if d != folder}
-    for dirpath, dirs, files in os.walk(config.path / folder):
-        dirs[:] = [d for d in dirs if Path(dirpath, d) not in others]
+    companions = (*SIDECAR_SUFFIXES, *((MARKER_SUFFIX,) if config.ready == "marker" else ()))
+    inputs: list[Path] = []
+    unexplained: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+
+    def failed(err: OSError) -> None:
+        if not isinstance(err, FileNotFoundError):  # gone meanwhile: nothing in it
+            where = Path(os.fsdecode(err.filename)) if err.filename is not None else top
+            unreadable.append((where, err.strerror or str(err)))
+
+    for dirpath, dirs, files in os.walk(top, onerror=failed):
+        here = set(dirs) | set(files)
+        explained: list[Path] = []
         for name in sorted(files):
             if not name.endswith(REASON_SUFFIX):
                 continue
-            reason_path = Path(dirpath, name)
             target = Path(dirpath, name[: -len(REASON_SUFFIX)])
             if not os.path.lexists(target):  # a shortened name: the reason says
-                reason = read_reason(reason_path) or {}
+                reason = read_reason(Path(dirpath, name)) or {}
                 if reason.get("rejected_path"):
                     target = Path(str(reason["rejected_path"]))
-            if os.path.lexists(target):
-                yield target
+            if os.path.lexists(target) and target not in explained:
+                explained.append(target)
+        inputs += explained
+        walked = []
+        for name in sorted(dirs):
+            path = Path(dirpath, name)
+            if path in others or path in explained:
+                continue
+            if os.path.islink(path):  # a link to a folder: an entry, never followed
+                unexplained.append(path)
+            else:
+                walked.append(name)
+        dirs[:] = walked
+        for name in sorted(files):
+            path = Path(dirpath, name)
+            if _bookkeeping(name) or path in explained:
+                continue
+            if any(name.endswith(c) and name[: -len(c)] in here for c in companions):
+                continue  # told with what it belongs to
+            unexplained.append(path)
+    return RejectedContents(tuple(inputs), tuple(unexplained), tuple(unreadable))
+
+
+def rejected_inputs(config: InboxConfig, folder: str | None = None) -> Iterator[Path]:
+    """Every input sitting in the inbox's rejected folder ``folder`` (relative to the
+    inbox), one per ``NAME.reason``; without ``folder``, in the rejected folder and
+    then in each earlier one still there (see :func:`rejected_contents`)."""
+    yield from rejected_contents(config, folder).inputs
 
 
 def requeue_all(
@@ -570,12 +656,14 @@ __all__ = [
     "NothingToRequeue",
     "Plan",
     "Recovery",
+    "RejectedContents",
     "RequeueConflict",
     "RequeueFailed",
     "apply",
     "plan",
     "record_path",
     "recover",
+    "rejected_contents",
     "rejected_inputs",
     "requeue",
     "requeue_all",

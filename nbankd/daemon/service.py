@@ -382,6 +382,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 capabilities=dict(self.capabilities),
                 lane_problem=lane,
                 bug_problem=status_mod.bug_problem(self._bugs.values()),
+                reload_problem=self.reload_problem,
             )
 
     def status_line(self) -> str:

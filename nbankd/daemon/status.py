@@ -9,7 +9,8 @@ root, or not at all); an inbox's ``placement: rename`` is not proved to work
 (:func:`~nbankd.daemon.setup.check_placement`); inputs wait after a failed step
 (registry outage, full or failing archive filesystem, ...); files are stalled; the
 lane of small files has shown no progress, or has waited for the registry's answers,
-for a minute. The control
+for a minute; the last reload of the configuration file failed (until a reload
+or a restart succeeds). The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -93,6 +94,15 @@ def switch_problem(record: Mapping[str, Any]) -> str:
     return (
         f"a registry switch{' to ' + to if to else ''} has not finished{why}: the "
         f"{paused} inbox(es) it paused stay paused; finish it with: {command}"
+    )
+
+
+def reload_line(source: str, problem: str) -> str:
+    """The status line of a reload that failed: what of the file is not in force."""
+    problem = "; ".join(part.strip() for part in problem.splitlines() if part.strip())
+    return (
+        f"reload of {source} failed: {problem}; fix it, then reload again (nbankctl "
+        "reload, or systemctl reload nbankd) or restart nbankd"
     )
 
 
@@ -188,6 +198,8 @@ def build_status(
         degraded.append(snap.bug_problem)
     if snap.paused_problem:
         degraded.append(snap.paused_problem)
+    if snap.reload_problem:
+        degraded.append(reload_line(str(snap.config.source), snap.reload_problem))
     if snap.state_problem:
         degraded.insert(0, snap.state_problem)
     if snap.journal_problem:

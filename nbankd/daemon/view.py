@@ -94,6 +94,9 @@ class Snapshot:
     paused_problem: str | None = None
     #: each configured inbox as deposits see it (its folders as recorded at start)
     specs: Mapping[str, InboxSpec] = field(default_factory=dict)
+    #: why the last reload (SIGHUP or ``nbankctl reload``) failed, the running setup
+    #: kept; None once a reload succeeds (or since the start)
+    reload_problem: str | None = None
 
     @property
     def queue(self) -> int:

@@ -14,7 +14,7 @@ import errno
 
 from nbankd import errors
 from nbankd.deposit import policy
-from nbankd.deposit.lifecycle import READ_BACK_FAILED, Outcome
+from nbankd.deposit.lifecycle import REPEATING_RESTAGES, Outcome
 from nbankd.hashing import SourceReadError
 
 
@@ -25,9 +25,11 @@ def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
     return frozenset(found)
 
 
-#: error codes of waiting items, by what is at fault (status, metrics and alerts)
+#: error codes of waiting items, by what is at fault (status, metrics and alerts); a
+#: restage that repeats (a bad read-back, ``verify-failed``; a staged copy replaced in
+#: the archive's staging/, ``staged-changed``) is the archive's
 REGISTRY_CODES = _codes(errors.RegistryError)
-ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error", READ_BACK_FAILED}
+ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error"} | REPEATING_RESTAGES
 
 
 #: errno values of an outage or of something an administrator fixes: the input waits

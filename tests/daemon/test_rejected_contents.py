@@ -1,0 +1,49 @@
+"""What a rejected folder holds, as status counts it: every entry but nbankd's own
+bookkeeping, and the folders it could not list (never taken for empty)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nbankd.daemon.requeue import rejected_contents
+
+
+class _Inbox:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rejected_dir = "rejected"
+        self.rejected_dirs = ("rejected",)
+        self.ready = "settle"
+
+
+def test_every_entry_but_bookkeeping_is_counted(tmp_path: Path) -> None:
+    """Every entry of a rejected folder counts but nbankd's own (reasons, probes, a
+    rejected input's sidecar and marker), with or without its reason file."""
+    inbox: Any = _Inbox(tmp_path)
+    rejected = tmp_path / "rejected"
+    (rejected / "sub" / "folder input").mkdir(parents=True)
+    (rejected / "sub" / "folder input" / "a.wav").write_text("inside a folder input")
+    (rejected / "sub" / "folder input.reason").write_text("{}")
+    for name in ("a.wav", "a.wav.reason", "a.wav.nbank.yaml", "b.wav", "b.wav.nbank.json"):
+        (rejected / name).write_text(name)
+    (rejected / ".c.wav.reason.tmp").write_text("{}")  # a reason being written
+    (rejected / "gone.wav.reason").write_text("{}")  # its input removed: nothing waits
+    (rejected / "stray.nbank.yaml").write_text("a sidecar whose input is gone")
+    (rejected / "empty").mkdir()
+    os.symlink("/", rejected / "link")
+    found = rejected_contents(inbox)
+    assert found.inputs == (rejected / "a.wav", rejected / "sub" / "folder input")
+    assert found.unexplained == (
+        rejected / "link",
+        rejected / "b.wav",
+        rejected / "stray.nbank.yaml",
+    )
+    assert found.unreadable == ()
+
+
+def test_a_rejected_folder_not_there_holds_nothing(tmp_path: Path) -> None:
+    """No rejected folder: nothing held, nothing unreadable."""
+    found = rejected_contents(_Inbox(tmp_path))  # type: ignore[arg-type]
+    assert found.entries == () and found.unreadable == ()
