@@ -34,8 +34,6 @@ from nbankd.names import PROBE_PREFIX
 FINAL_STATES = {str(s) for s in FINAL}
 
 
-
-
 def _scans(h: DaemonHarness) -> int:
     _code, doc = status_json(h)
     return int(doc["inboxes"][0]["scans"])
@@ -58,8 +56,6 @@ def _chattr(flag: str, path: Path) -> None:
 def _unflag(root: Path) -> None:
     """Makes every file under ``root`` removable again (for the fixture's clean-up)."""
     subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
-
-
 
 
 # --- placement: rename into the archive through a bind mount --------------------------
