@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
-from nbankd.metadata_readers import landlock_abi
+from nbankd.readerbox import landlock_abi
 
 # -- a webhook receiver -------------------------------------------------------------------
 

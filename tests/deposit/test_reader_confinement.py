@@ -21,7 +21,8 @@ from fixtures.cli_backends import Backend, make_backend
 from fixtures.steps_env import Env
 from nbankd import seams
 from nbankd.deposit.lifecycle import Step
-from nbankd.metadata_readers import ReaderResult, landlock_abi, read_file_metadata
+from nbankd.metadata_readers import ReaderResult, read_file_metadata
+from nbankd.readerbox import landlock_abi
 
 READERS = r"""
 import os, subprocess, sys, time

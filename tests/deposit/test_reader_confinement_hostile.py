@@ -27,7 +27,8 @@ import pytest
 from fixtures.cli_backends import Backend, make_backend
 from fixtures.steps_env import Env
 from nbankd.deposit.lifecycle import FINAL, State, next_step
-from nbankd.metadata_readers import ReaderResult, landlock_abi, read_file_metadata
+from nbankd.metadata_readers import ReaderResult, read_file_metadata
+from nbankd.readerbox import landlock_abi
 
 READERS = r"""
 import ctypes, errno, mmap, os, platform, signal, time
