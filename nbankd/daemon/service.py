@@ -87,6 +87,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self._waiting: dict[int, Item] = {}
         #: item id -> (its state, bugs in a row there, its path, the last error)
         self._bugs: dict[int, tuple[str, int, str, str]] = {}
+        self._working: dict[str, str] = {}  # a pool worker's thread -> the input it moves
         self.inboxes: dict[str, InboxState] = {}
         self.specs: dict[str, InboxSpec] = {}
         self.retired: dict[str, InboxSpec] = {}  # removed by a reload; items in flight finish
@@ -357,6 +358,10 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         switch = pauses.unfinished_switch(self.config.state_dir)
         paused_problem = pauses.problem(self.config.state_dir)
         lane = self.lane.problem(self.clock()) if self.lane is not None else None
+        liveness = self.notifier
+        beats = getattr(liveness, "heartbeat", None)
+        wedge_after = getattr(liveness, "wedge_after", None)
+        stale = beats.stale(time.monotonic(), wedge_after) if beats and wedge_after else []
         with self._lock:
             return Snapshot(
                 now=self.clock(),
@@ -382,6 +387,9 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 capabilities=dict(self.capabilities),
                 lane_problem=lane,
                 bug_problem=status_mod.bug_problem(self._bugs.values()),
+                worker_problem=status_mod.worker_problem(
+                    {n: self._working[n] for n in stale if n in self._working}, wedge_after
+                ),
                 reload_problem=self.reload_problem,
             )
 

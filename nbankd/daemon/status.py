@@ -81,6 +81,19 @@ def bug_problem(bugs: Iterable[tuple[str, int, str, str]]) -> str | None:
     )
 
 
+def worker_problem(stuck: Mapping[str, str], wedge_after: float | None) -> str | None:
+    """The status line for pool workers without a sign of life for ``wedge_after``
+    seconds inside a step (``stuck``: worker -> the input it moves), or None."""
+    if not stuck:
+        return None
+    inputs = ", ".join(sorted(stuck.values()))
+    return (
+        f"{len(stuck)} deposit worker(s) have shown no progress for over "
+        f"{wedge_after:g}s (a step stuck on an unresponsive filesystem or registry?): "
+        f"{inputs} wait(s) with it; under systemd the watchdog restarts nbankd"
+    )
+
+
 def switch_problem(record: Mapping[str, Any]) -> str:
     """The status line of a registry switch that has not finished (interrupted, or
     under way): it paused inboxes, which stay paused until it is run again."""
@@ -196,6 +209,8 @@ def build_status(
         degraded.append(snap.lane_problem)
     if snap.bug_problem:
         degraded.append(snap.bug_problem)
+    if snap.worker_problem:
+        degraded.append(snap.worker_problem)
     if snap.paused_problem:
         degraded.append(snap.paused_problem)
     if snap.reload_problem:

@@ -90,6 +90,8 @@ class Snapshot:
     lane_problem: str | None = None
     #: inputs failing again and again outside their steps' own error handling (a bug)
     bug_problem: str | None = None
+    #: pool workers that have shown no progress for ``wedge_after`` (a step stuck)
+    worker_problem: str | None = None
     #: why state_dir/paused.json cannot be read (its pauses not in force), or None
     paused_problem: str | None = None
     #: each configured inbox as deposits see it (its folders as recorded at start)

@@ -61,6 +61,7 @@ class DepositWorkers:
     _running: dict[int, Future[Item]]
     _waiting: dict[int, Item]
     _bugs: dict[int, tuple[str, int, str, str]]
+    _working: dict[str, str]  # a pool worker's thread name -> the input it moves
     request_rescan: Callable[..., None]  # the daemon's scanning half
 
     def submit_manual(
@@ -107,6 +108,8 @@ class DepositWorkers:
         heartbeat = getattr(self.notifier, "heartbeat", None)
         worker = threading.current_thread().name
         beat = (lambda: heartbeat.beat(worker)) if heartbeat is not None else None
+        with self._lock:
+            self._working[worker] = os.path.join(item.inbox, item.relpath_str)
         try:
             item = self.steps.drive(item, on_step=beat)
             self._journal_ok()
@@ -118,6 +121,8 @@ class DepositWorkers:
             self.heartbeat = self.clock()
             if heartbeat is not None:
                 heartbeat.forget(worker)
+            with self._lock:
+                self._working.pop(worker, None)
         return self._finished(item, attempts_before)
 
     def _start_lane(self) -> None:

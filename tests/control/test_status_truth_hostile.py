@@ -275,6 +275,42 @@ def test_an_input_a_bug_keeps_failing_outside_its_steps_makes_status_degraded(
     )
 
 
+# -- a worker stuck inside a step ---------------------------------------------------------
+
+
+def test_a_worker_stuck_in_a_step_makes_status_degraded(daemon_factory: Any) -> None:
+    """A worker of the pool wedged inside a step (a write to a hung NFS archive;
+    NBANKD_HANG_AT stands in for it) holds its input for ever. The daemon counts it
+    wedged after ``wedge_after`` (NBANKD_WEDGE_AFTER, 1 s here) and only withholds
+    systemd's watchdog ping, when there is a watchdog; status must say so too
+    (degraded, naming the step or the input), as it does for the lane of small files."""
+    h: DaemonHarness = daemon_factory()
+    h.start(env={"NBANKD_HANG_AT": "after-stage", "NBANKD_WEDGE_AFTER": "1"})
+    h.drop("big.wav", os.urandom(2 << 20))  # past the lane's 1 MiB: a worker of the pool
+    wait_for(
+        lambda: (h.inbox / ".nbank").is_dir() and len(list((h.inbox / ".nbank").iterdir())) > 1,
+        30,
+        "the input to be claimed",
+    )
+
+    def degraded() -> bool:
+        return status_json(h)[0] == 1
+
+    try:
+        wait_for(degraded, 8, "status to say a worker is stuck")
+    except AssertionError:
+        code, doc = status_json(h)
+        h.kill9()
+        raise AssertionError(
+            f"a worker stuck in a step for 8 s (wedge_after 1 s): status exit {code}, "
+            f"degraded {doc['degraded']}, queue {doc['queue']}"
+        ) from None
+    h.kill9()
+
+
+# -- where a waiting input's error is told -------------------------------------------------
+
+
 def test_a_staged_copy_replaced_in_the_archive_is_told_against_the_archive() -> None:
     """A staged copy replaced in the archive's group-writable staging/ (code
     ``staged-changed``, which waits longer each time, as a bad read-back does) is the

@@ -1,4 +1,4 @@
-"""The status line for inputs an unexpected error fails again and again (a table)."""
+"""Status lines for inputs a bug keeps failing and for workers stuck in a step."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def test_several_inputs_are_counted_and_one_is_named() -> None:
     """Several failing inputs: all counted, the first by path named, the rest summed."""
     line = bug_problem([("s", 2, "/in/b", "E1"), ("s", 4, "/in/a", "E2")])
     assert line is not None and line.startswith("2 input(s)") and "/in/a (and 1 more)" in line
+
+
+def test_no_stuck_worker_no_line() -> None:
+    """No pool worker past wedge_after: no status line."""
+    from nbankd.daemon.status import worker_problem
+
+    assert worker_problem({}, 600.0) is None
+
+
+def test_a_stuck_worker_is_told_with_the_input_it_holds() -> None:
+    """A pool worker without a sign of life past wedge_after is told with its input."""
+    from nbankd.daemon.status import worker_problem
+
+    line = worker_problem({"deposit_0": "/in/big.wav"}, 600.0)
+    assert line is not None and "over 600s" in line and "/in/big.wav" in line
