@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.readers import plugin_package
 from nbankd.metadata_readers import (
     MetadataMismatch,
     find_reader,
@@ -93,13 +94,7 @@ spew-rec = labreaders:spewing
 def reader_package(root: Path, name: str = "labreaders", entry_points: str = ENTRY_POINTS) -> Path:
     """Writes the package ``name`` (module labreaders.py and its dist-info) into ``root``;
     returns ``root``, the folder to put on the reader's search path."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "labreaders.py").write_text(READERS)
-    info = root / f"{name}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    return root
+    return plugin_package(root, "labreaders", READERS, entry_points, dist=name)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
+from fixtures.readers import plugin_package
 from nbankd.readerbox import landlock_abi
 
 # -- a webhook receiver -------------------------------------------------------------------
@@ -88,17 +89,13 @@ def touching(path):
 
 
 def reader_package(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "statustruthreaders.py").write_text(READERS)
-    info = root / "statustruthreaders-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: statustruthreaders\nVersion: 1.0\n"
+    """Writes the package statustruthreaders (its module and dist-info) into ``root``."""
+    return plugin_package(
+        root,
+        "statustruthreaders",
+        READERS,
+        "[nbank.metadata_readers]\ntouch-rec = statustruthreaders:touching\n",
     )
-    (info / "entry_points.txt").write_text(
-        "[nbank.metadata_readers]\ntouch-rec = statustruthreaders:touching\n"
-    )
-    return root
 
 
 landlock = pytest.mark.skipif(landlock_abi()[0] < 3, reason="needs Landlock ABI 3")

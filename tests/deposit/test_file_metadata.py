@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,12 @@ import pytest
 from test_zip_directories import drop_folder
 
 from fixtures.daemon import status_json, wait_for, work_entries
+from fixtures.readers import read_with
 from fixtures.steps_env import Env
 from nbankd.archive.staging import STAGED_PREFIX
 from nbankd.daemon.status import waiting_problems
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State, Step
-from nbankd.metadata_readers import ReaderResult, read_file_metadata
 from nbankd.names import WORK_DIR_NAME
 from test_metadata_readers import reader_package
 
@@ -31,14 +30,7 @@ DTYPES = ("wav-rec", "named-rec", "broken-rec")
 def plugins(env: Env) -> Path:
     """The reader package, used by the env's steps; its datatypes registered."""
     where = reader_package(env.root / "plugins")
-    search = [*sys.path, str(where)]
-
-    def reader(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
-        return read_file_metadata(
-            dtype, path, name=name, search_path=search, timeout=30, only_copy=only_copy
-        )
-
-    env.steps.metadata_reader = reader
+    read_with(env, where)
     for dtype in DTYPES:
         env.registry.add_datatype(dtype)
     return where

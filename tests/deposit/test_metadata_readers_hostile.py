@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_backends import Backend, make_backend
+from fixtures.readers import plugin_package, read_with
 from fixtures.steps_env import Env
 from nbankd import seams
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State, Step, next_step
-from nbankd.metadata_readers import ReaderResult, read_file_metadata
+from nbankd.metadata_readers import read_file_metadata
 
 READERS = r"""
 import os, signal
@@ -121,27 +122,14 @@ DATA = b"RIFF" + b"recording " * 200
 
 def package(root: Path) -> Path:
     """Writes the package hostilereaders (its module and dist-info) into ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "hostilereaders.py").write_text(READERS)
-    info = root / "hostilereaders-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hostilereaders\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    return root
+    return plugin_package(root, "hostilereaders", READERS, ENTRY_POINTS)
 
 
 @pytest.fixture
 def plugins(env: Env) -> Path:
     """The reader package, used by the env's steps; its datatypes registered."""
     where = package(env.root / "plugins")
-    search = [*sys.path, str(where)]
-
-    def reader(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
-        return read_file_metadata(
-            dtype, path, name=name, search_path=search, timeout=30, only_copy=only_copy
-        )
-
-    env.steps.metadata_reader = reader
+    read_with(env, where)
     for dtype in DTYPES:
         env.registry.add_datatype(dtype)
     return where

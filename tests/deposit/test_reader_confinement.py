@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_backends import Backend, make_backend
+from fixtures.readers import plugin_package, read_with
 from fixtures.steps_env import Env
 from nbankd import seams
 from nbankd.deposit.lifecycle import Step
@@ -84,13 +85,7 @@ landlock = pytest.mark.skipif(landlock_abi()[0] < 3, reason="needs Landlock ABI 
 
 def package(root: Path) -> Path:
     """Writes the package confinereaders (its module and dist-info) into ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "confinereaders.py").write_text(READERS)
-    info = root / "confinereaders-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: confinereaders\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    return root
+    return plugin_package(root, "confinereaders", READERS, ENTRY_POINTS)
 
 
 @pytest.fixture
@@ -225,14 +220,7 @@ def _running_with(token: str) -> list[int]:
 def plugins(env: Env) -> Path:
     """The reader package, used by the env's steps; its datatypes registered."""
     where = package(env.root / "plugins")
-    path = [*sys.path, str(where)]
-
-    def reader(dtype: str, path_: Path, name: str, *, only_copy: bool) -> ReaderResult:
-        return read_file_metadata(
-            dtype, path_, name=name, search_path=path, timeout=30, only_copy=only_copy
-        )
-
-    env.steps.metadata_reader = reader
+    read_with(env, where)
     for line in ENTRY_POINTS.splitlines()[1:]:
         env.registry.add_datatype(line.split(" = ")[0])
     return where

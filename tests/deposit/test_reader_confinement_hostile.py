@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.cli_backends import Backend, make_backend
+from fixtures.readers import plugin_package, read_with
 from fixtures.steps_env import Env
 from nbankd.deposit.lifecycle import FINAL, State, next_step
-from nbankd.metadata_readers import ReaderResult, read_file_metadata
+from nbankd.metadata_readers import read_file_metadata
 from nbankd.readerbox import landlock_abi
 
 READERS = r"""
@@ -155,13 +156,7 @@ landlock_scopes = pytest.mark.skipif(landlock_abi()[0] < 6, reason="needs Landlo
 
 def package(root: Path) -> Path:
     """Writes the package confinehostile (its module and dist-info) into ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "confinehostile.py").write_text(READERS)
-    info = root / "confinehostile-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: confinehostile\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    return root
+    return plugin_package(root, "confinehostile", READERS, ENTRY_POINTS)
 
 
 @pytest.fixture
@@ -240,15 +235,7 @@ def test_a_reader_touching_the_only_copy_leaves_its_times(env: Env) -> None:
     "touches" the file it read (Path.touch: utime) must not move the recording's
     modification time (its acquisition time to the lab); the input goes back, or is
     deposited, with the time it had."""
-    where = package(env.root / "plugins")
-    search = [*sys.path, str(where)]
-
-    def reader(dtype: str, path: Path, name: str, *, only_copy: bool) -> ReaderResult:
-        return read_file_metadata(
-            dtype, path, name=name, search_path=search, timeout=30, only_copy=only_copy
-        )
-
-    env.steps.metadata_reader = reader
+    read_with(env, package(env.root / "plugins"))
     env.registry.add_datatype("touch-rec")
     env.reconfigure(dtype="touch-rec", placement="rename")
     (env.inbox / "song.wav").write_bytes(DATA)
