@@ -28,21 +28,33 @@ from nbankd import __version__
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
 from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
+from nbankd.deposit.verdicts import RECHECK_CODES
 from nbankd.names import printable
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import Snapshot
 
 
+#: attempts in a row after which an input waiting on another input of the same bytes
+#: (:data:`~nbankd.deposit.verdicts.RECHECK_CODES`) is told: about 15 s of waiting (the
+#: backoff doubles from 1 s); a duplicate in a burst waits for one round, never telling
+RECHECKS_TOLD_AFTER = 4
+
+
 def waiting_problems(items: Iterable[Item]) -> list[str]:
     """One status line per (registry, archive or inbox; error code) that inputs wait on.
 
     An input waits on an error when its last step failed and will be retried
-    (``attempts`` > 0); the line quotes the newest error message.
+    (``attempts`` > 0); the line quotes the newest error message. An input waiting on
+    another input of the same bytes (``identifier-busy``, ``sha1-held``) is not a
+    problem until :data:`RECHECKS_TOLD_AFTER` attempts in a row: that other input
+    normally moves on within a round or two.
     """
     groups: dict[tuple[str, str], list[Item]] = {}
     for item in items:
         if item.state in FINAL or not item.attempts or not item.error_code:
+            continue
+        if item.error_code in RECHECK_CODES and item.attempts < RECHECKS_TOLD_AFTER:
             continue
         if item.error_code in REGISTRY_CODES:
             where = "registry"

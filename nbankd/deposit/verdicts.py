@@ -157,6 +157,11 @@ def held_elsewhere(name: str) -> Verdict:
     )
 
 
+#: the codes of the RECHECK verdicts: waits on another input of the same bytes (its
+#: registration or storing), which end by themselves once that input moves on
+RECHECK_CODES = frozenset({"identifier-busy", SHA1_HELD})
+
+
 def _stored(f: Facts) -> Verdict:
     """An entry is stored for the identifier: judged by the record and its bytes."""
     stored = f.stored[0]

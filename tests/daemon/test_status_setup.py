@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import socket
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 from nbankd.config import Config, load_config
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
-from nbankd.daemon.status import waiting_problems
+from nbankd.daemon.status import RECHECKS_TOLD_AFTER, waiting_problems
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State, Step, advance
 from nbankd.registry.http import HttpRegistry
@@ -81,6 +82,26 @@ def test_waiting_inputs_name_what_they_wait_on(tmp_path: Path) -> None:
         "registry: 1 input(s) waiting after registry-unavailable: registry answered 503",
     ]
     journal.close()
+
+
+def test_a_wait_on_another_input_of_the_same_bytes_is_told_only_once_it_lasts(
+    tmp_path: Path,
+) -> None:
+    """identifier-busy and sha1-held waits degrade status only from their 4th attempt."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    told = {}
+    for code in ("identifier-busy", "sha1-held"):
+        outcome = Outcome("recheck", code, f"waiting ({code})")
+        item = failed(journal, f"{code}.wav", State.STAGED, Step.LOOKUP, outcome)
+        for attempts in range(1, 7):
+            waiting = item.with_progress(replace(item.progress, attempts=attempts))
+            told[code, attempts] = bool(waiting_problems([waiting]))
+    journal.close()
+    assert told == {
+        (code, n): n >= RECHECKS_TOLD_AFTER == 4
+        for code in ("identifier-busy", "sha1-held")
+        for n in range(1, 7)
+    }
 
 
 def test_start_up_checks_retry_until_the_registry_answers(tmp_path: Path) -> None:
