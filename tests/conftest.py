@@ -21,4 +21,5 @@ pytest_plugins = [
     "fixtures.fault_proxy",
     "fixtures.sshfs",
     "fixtures.mountns",
+    "fixtures.webhooks",
 ]

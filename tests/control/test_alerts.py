@@ -8,9 +8,7 @@ import socket
 import ssl
 import threading
 import urllib.request
-from collections.abc import Iterator
 from email import message_from_bytes
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from aiosmtpd.smtp import AuthResult
 
 from fixtures.daemon import status_json, wait_for
 from fixtures.tls import self_signed
+from fixtures.webhooks import Hook
 from nbankd import errors
 from nbankd.config.model import EmailConfig, WebhookConfig
 from nbankd.control.alert_rules import Message, Tracked
@@ -32,48 +31,6 @@ MESSAGE = Message(
     ),
     resolved=(Tracked(0.0, "the archive of /srv/inbox/rig3 cannot take deposits", "c", 0.0),),
 )
-
-
-class Hook:
-    """A local HTTP server recording each POST (body and Authorization header; the
-    path asked for in ``paths``), answering ``status`` (with ``location`` if given)."""
-
-    def __init__(self, status: int = 200, location: str | None = None) -> None:
-        self.posts: list[tuple[dict[str, Any], str | None]] = []
-        self.paths: list[str] = []
-        self.status = status
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.posts.append((json.loads(body), self.headers.get("Authorization")))
-                hook.paths.append(self.path)
-                self.send_response(hook.status)
-                if location is not None:
-                    self.send_header("Location", location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_POST  # a followed redirect would arrive as a GET
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/x"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    yield h
-    h.close()
 
 
 class Mailbox:

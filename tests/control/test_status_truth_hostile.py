@@ -13,10 +13,7 @@ import json
 import os
 import signal
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,46 +21,8 @@ import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 from fixtures.readers import plugin_package
+from fixtures.webhooks import Hook
 from nbankd.readerbox import landlock_abi
-
-# -- a webhook receiver -------------------------------------------------------------------
-
-
-class Hook:
-    """A loopback webhook receiver keeping every JSON body it is POSTed."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.posts.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/x"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self, since: int = 0) -> list[dict[str, Any]]:
-        return [a for p in list(self.posts)[since:] for a in p["alerts"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    yield h
-    h.close()
 
 
 def _alerts(hook: Hook, **extra: str) -> dict[str, Any]:

@@ -10,16 +10,13 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fixtures.cli_backends import NBANKCTL, base_env
-from fixtures.django_server import SITE_PACKAGE, DjangoServer, unique_name
-from fixtures.django_server import _stop as stop_server
-from fixtures.django_server import _wait_ready as wait_ready
+from fixtures.django_server import DjangoServer, aliasing_server, unique_name
 from fixtures.users import TestUser
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
@@ -268,50 +265,6 @@ def test_an_unreachable_archive_is_finished_by_running_the_switch_again(lab: Lab
     assert json.loads(line)["from"] == old
     with HttpRegistry(lab.server.url) as reg:
         assert reg.get_resource(name) is not None
-
-
-@contextlib.contextmanager
-def aliasing_server(server: DjangoServer, tmp: Path) -> Iterator[str]:
-    """The session's site (same database) served again with NBANK_METADATA_ALIASES."""
-    (tmp / "alias_settings.py").write_text(
-        f"from {SITE_PACKAGE}.settings import *  # noqa\n"
-        "NBANK_METADATA_ALIASES = {'bird': 'animal'}\n"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{tmp}{os.pathsep}{server.site_dir}",
-        "DJANGO_SETTINGS_MODULE": "alias_settings",
-    }
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/neurobank/"
-    log = tmp / "alias-gunicorn.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                server.python,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"fd://{sock.fileno()}",
-                "--workers",
-                "1",
-                "--no-control-socket",
-                f"{SITE_PACKAGE}.wsgi:application",
-            ],
-            cwd=server.site_dir,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=(sock.fileno(),),
-        )
-    sock.close()
-    try:
-        wait_ready(url, proc, log)
-        yield url
-    finally:
-        stop_server(proc)
 
 
 def test_a_record_the_server_changes_is_reported_as_altered(lab: Lab) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fixtures.daemon import NBANKD, DaemonHarness, status_json, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, more_scans, status_json, wait_for
 from fixtures.mountns import MountNamespace, poll_daemon
 from nbankd.archive.opening import create_archive
 from nbankd.archive.probe import place_across, why_not_placed
@@ -32,30 +31,6 @@ from nbankd.deposit.lifecycle import FINAL
 from nbankd.names import PROBE_PREFIX
 
 FINAL_STATES = {str(s) for s in FINAL}
-
-
-def _scans(h: DaemonHarness) -> int:
-    _code, doc = status_json(h)
-    return int(doc["inboxes"][0]["scans"])
-
-
-def _more_scans(h: DaemonHarness, n: int) -> None:
-    """Waits until the daemon has scanned its inbox ``n`` more times (rescan_every 1s)."""
-    start = _scans(h)
-    wait_for(lambda: _scans(h) >= start + n, 30, f"{n} more scans of the inbox")
-
-
-def _chattr(flag: str, path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        pytest.skip("needs root and chattr")
-    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"chattr {flag} refused here: {done.stderr.strip()}")
-
-
-def _unflag(root: Path) -> None:
-    """Makes every file under ``root`` removable again (for the fixture's clean-up)."""
-    subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
 
 
 # --- placement: rename into the archive through a bind mount --------------------------
@@ -282,7 +257,7 @@ def test_an_archive_mounted_after_the_start_is_probed_before_anything_is_claimed
         wait_for(
             lambda: "cannot work" in _placement_problem(h), 30, "the probe to refuse the inbox"
         )
-        _more_scans(h, 2)
+        more_scans(h, 2)
         code, doc = status_json(h)
         assert code == 1 and any("placement: rename cannot work" in d for d in doc["degraded"])
         assert h.journal_rows() == []
@@ -304,7 +279,7 @@ def test_an_archive_mounted_after_the_start_is_proved_and_deposits_resume(
     try:
         h.drop("rec.dat", b"one recording\n")
         assert "not proved yet" in _placement_problem(h)
-        _more_scans(h, 2)
+        more_scans(h, 2)
         assert h.journal_rows() == []
         create_archive(h.archive, h.registry_address)
         wait_for(lambda: h.receipts(), 30, "rec.dat to be deposited")

@@ -14,43 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
+from fixtures.daemon import more_scans, status_json, wait_for, work_entries
+from fixtures.fileflags import chattr, unflag
 from fixtures.mountns import MountNamespace, poll_daemon
 from nbankd.archive.opening import create_archive
 from nbankd.deposit.lifecycle import FINAL
 
 FINAL_STATES = {str(s) for s in FINAL}
-
-
-def _scans(h: DaemonHarness) -> int:
-    _code, doc = status_json(h)
-    return int(doc["inboxes"][0]["scans"])
-
-
-def _more_scans(h: DaemonHarness, n: int) -> None:
-    """Waits until the daemon has scanned its inbox ``n`` more times (rescan_every 1s)."""
-    start = _scans(h)
-    wait_for(lambda: _scans(h) >= start + n, 30, f"{n} more scans of the inbox")
-
-
-def _chattr(flag: str, path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        pytest.skip("needs root and chattr")
-    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"chattr {flag} refused here: {done.stderr.strip()}")
-
-
-def _unflag(root: Path) -> None:
-    """Makes every file under ``root`` removable again (for the fixture's clean-up)."""
-    subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
 
 
 # --- a mount point inside a folder input ----------------------------------------------
@@ -122,7 +97,7 @@ def test_an_inbox_bound_onto_its_own_subfolder_never_feeds_its_rejected_folder_b
     try:
         h.drop("zz/rec.dat", b"one recording\n" * 64)
         wait_for(h.receipts, 30, "zz/rec.dat to be deposited")
-        _more_scans(h, 4)
+        more_scans(h, 4)
         reasons = h.reasons()
         fed_back = [r["original_path"] for r in reasons if r["original_name"].endswith(".reason")]
         assert [r["outcome"] for r in h.receipts()] == ["deposited"]
@@ -160,7 +135,7 @@ def test_an_input_on_a_mounted_subfolder_gets_no_reason_for_a_move_never_made(
 
         shown = wait_for(told, 30, "status to be degraded, naming the mount point")
         assert '"sub"' in shown, shown
-        _more_scans(h, 4)
+        more_scans(h, 4)
         assert on_mount.exists()
         assert h.reasons() == [] and h.journal_rows() == [], (h.reasons(), h.journal_rows())
     finally:
@@ -187,7 +162,7 @@ def test_a_folder_input_holding_a_flagged_file_is_not_deposited_then_kept_for_ev
         session.mkdir()
         (session / "spikes.dat").write_bytes(b"recorded samples\n" * 64)
         (session / "rig.log").write_bytes(b"rig log, append-only\n")
-        _chattr(flag, session / "rig.log")
+        chattr(flag, session / "rig.log")
         os.rename(session, h.inbox / "session1")
         work = h.inbox / ".nbank"
 
@@ -210,7 +185,7 @@ def test_a_folder_input_holding_a_flagged_file_is_not_deposited_then_kept_for_ev
             f"{[(r['state'], r['code'], r['error']) for r in h.journal_rows()]}"
         )
     finally:
-        _unflag(h.root)
+        unflag(h.root)
         h.stop()
 
 
@@ -225,7 +200,7 @@ def test_an_immutable_input_is_told_as_immutable_not_as_an_unwritable_inbox(
     try:
         h.start()
         path = h.drop("rec.dat", b"one recording\n" * 64)
-        _chattr("+i", path)
+        chattr("+i", path)
         [row] = wait_for(
             lambda: [r for r in h.journal_rows() if r["code"]], 30, "rec.dat to wait with an error"
         )
@@ -233,7 +208,7 @@ def test_an_immutable_input_is_told_as_immutable_not_as_an_unwritable_inbox(
         # own folder is named after it, "immutable" included)
         assert "immutable" in told or "append-only" in told, told
     finally:
-        _unflag(h.root)
+        unflag(h.root)
         h.stop()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
+from fixtures.fileflags import chattr, unflag
 from fixtures.mountns import MountNamespace
 from nbankd.archive.opening import create_archive
 from nbankd.deposit.identity import tree_now
@@ -69,19 +70,6 @@ def _on_volume(h: DaemonHarness, ns: MountNamespace) -> tuple[Path, Path]:
     h.inbox = vol / "inbox"
     h.inbox_options["path"] = str(h.inbox)
     return vol, ns.view(vol)
-
-
-def _chattr(flag: str, path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        pytest.skip("needs root and chattr")
-    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"chattr {flag} refused here: {done.stderr.strip()}")
-
-
-def _unflag(root: Path) -> None:
-    """Makes every file under ``root`` removable again (for the fixture's clean-up)."""
-    subprocess.run(["chattr", "-R", "-i", "-a", str(root)], capture_output=True)
 
 
 def _session(where: Path) -> Path:
@@ -153,7 +141,7 @@ def test_a_folder_input_holding_an_empty_flagged_folder_is_not_deposited_then_ke
         h.start()
         session = _session(h.root)
         (session / "empty").mkdir()
-        _chattr(flag, session / "empty")
+        chattr(flag, session / "empty")
         os.rename(session, h.inbox / "session1")
         work = h.inbox / ".nbank"
 
@@ -167,7 +155,7 @@ def test_a_folder_input_holding_an_empty_flagged_folder_is_not_deposited_then_ke
         found = wait_for(state, 30, "session1 to be deposited or held")
         assert found != "deposited and kept in the work folder", (found, _errors(h))
     finally:
-        _unflag(h.root)
+        unflag(h.root)
         h.stop()
 
 
@@ -185,13 +173,13 @@ def test_a_folder_published_in_place_holding_a_flagged_file_waits_before_it_is_r
         h.start()
         session = _session(h.root)
         (session / "rig.log").write_bytes(b"rig log\n")
-        _chattr(flag, session / "rig.log")
+        chattr(flag, session / "rig.log")
         os.rename(session, h.inbox / "session1")
         [row] = wait_for(lambda: _errors(h), 30, "session1 to wait with an error")
         assert row["state"] not in ("registered", "published", "recorded"), row
         assert row["code"] == "input-protected", row
     finally:
-        _unflag(h.root)
+        unflag(h.root)
         h.stop()
 
 
@@ -211,14 +199,14 @@ def test_a_file_flagged_after_the_claim_is_told_as_flagged_not_as_the_archive(
         os.rename(session, h.inbox / "session1")
         wait_for(lambda: Path(f"{go}.reached").exists(), 30, "session1 to be claimed")
         [taken] = work_entries(h.inbox / ".nbank")
-        _chattr("+a", taken / "rig.log")
+        chattr("+a", taken / "rig.log")
         go.touch()
         [row] = wait_for(lambda: _errors(h), 30, "session1 to wait with an error")
         told = f"{row['code']}: {row['error']}"
         assert row["code"] != "archive-unavailable", told
         assert "append-only" in told and "/rig.log" in told, told
     finally:
-        _unflag(h.root)
+        unflag(h.root)
         h.stop()
 
 

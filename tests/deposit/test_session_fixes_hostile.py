@@ -9,9 +9,7 @@ the code they were written against.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +19,7 @@ import pytest
 
 from fixtures.cli_backends import NBANKCTL, json_stream
 from fixtures.daemon import DaemonHarness
-from fixtures.django_server import SITE_PACKAGE, DjangoServer
-from fixtures.django_server import _stop as stop_server
-from fixtures.django_server import _wait_ready as wait_ready
+from fixtures.django_server import DjangoServer, aliasing_server
 from fixtures.faults import fsync_fails_for
 from fixtures.manual_env import ManualFiles, manual_folder
 from fixtures.steps_env import Env, env, env_on
@@ -97,51 +93,6 @@ def test_a_claim_that_moved_the_input_but_could_not_fsync_does_not_say_it_was_le
 
 
 # -- 2. group commit: a lost answer on a server that stores metadata otherwise -----------
-
-
-@contextlib.contextmanager
-def aliasing_server(server: DjangoServer, tmp: Path) -> Iterator[str]:
-    """The session's site (same database) served again with django-neurobank's
-    NBANK_METADATA_ALIASES = {'bird': 'animal'} (as tests/ctl/test_migrate_cli.py)."""
-    (tmp / "alias_settings.py").write_text(
-        f"from {SITE_PACKAGE}.settings import *  # noqa\n"
-        "NBANK_METADATA_ALIASES = {'bird': 'animal'}\n"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{tmp}{os.pathsep}{server.site_dir}",
-        "DJANGO_SETTINGS_MODULE": "alias_settings",
-    }
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/neurobank/"
-    log = tmp / "alias-gunicorn.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                server.python,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"fd://{sock.fileno()}",
-                "--workers",
-                "1",
-                "--no-control-socket",
-                f"{SITE_PACKAGE}.wsgi:application",
-            ],
-            cwd=server.site_dir,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=(sock.fileno(),),
-        )
-    sock.close()
-    try:
-        wait_ready(url, proc, log)
-        yield url
-    finally:
-        stop_server(proc)
 
 
 def test_a_lost_registration_answer_is_found_ours_on_a_server_aliasing_metadata_keys(

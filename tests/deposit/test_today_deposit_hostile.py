@@ -48,7 +48,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, scans, wait_for
 from fixtures.inplace_env import FolderEnv
 from fixtures.seam_hooks import Crash, crash_at
 from fixtures.steps_env import Env
@@ -76,12 +76,6 @@ def _journal(h: DaemonHarness) -> list[tuple[bytes, str, str | None]]:
         return [tuple(r) for r in db.execute("SELECT relpath, state, error_code FROM items")]
     finally:
         db.close()
-
-
-def _scans(h: DaemonHarness) -> int:
-    _rc, doc = status_json(h)
-    [inbox] = doc["inboxes"]
-    return int(inbox["scans"])
 
 
 def _drive(run: Any, journal: Any, item: Item, limit: int = 30) -> Item:
@@ -143,7 +137,7 @@ def test_a_sidecar_hidden_by_an_ignore_pattern_never_holds_its_input_for_ever(
         except AssertionError:
             said = nbankctl(h, "explain", str(h.inbox / "rec.dat")).stdout.strip()
             pytest.fail(
-                f"rec.dat never deposited; {_scans(h)} scans of its inbox meanwhile "
+                f"rec.dat never deposited; {scans(h)} scans of its inbox meanwhile "
                 f"(rescan_every 1h); explain: {said!r}"
             )
     finally:
