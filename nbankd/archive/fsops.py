@@ -18,7 +18,7 @@
   file written beside its target is published, small or streamed.
 - :func:`write_atomic`: writes a small file whole or not at all (temp file, fsync,
   :func:`publish_temp`).
-- :func:`append_durable`: appends a whole line to a log, ending a line a crash tore
+- :func:`append_durable`: appends a whole line to a log, cutting off a line a crash tore
   first; the data fsynced, and the folder too when the log is new.
 
 Every small durable file nbankd writes goes through one of the last two; a large
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import os
 import shutil
@@ -328,6 +329,12 @@ def write_atomic(
             os.unlink(tmp)
 
 
+#: the longest torn tail :func:`append_durable` cuts off: far longer than any line it
+#: writes (a receipt's paths are at most PATH_MAX bytes, six characters each escaped);
+#: a longer run of bytes without a newline is not a line of ours and is kept
+TORN_TAIL_MAX = 1 << 20
+
+
 def append_durable(
     path: str | os.PathLike[str],
     line: bytes,
@@ -339,9 +346,13 @@ def append_durable(
     """Appends ``line`` (ending in a newline) to the log at ``path``, durably (``sync``:
     how the log's data is fsynced, e.g. with a round's others).
 
-    A last line left without its newline by a crash is ended first, so the new line
-    is never glued to a torn one. A log this call creates gets ``mode`` and (when
-    allowed: root) ``owner``, and its folder is fsynced; a link at ``path`` is
+    Appenders take turns (an exclusive ``flock`` on the log, across threads and
+    processes). A last line without its newline (a crash, or a full disk, cut an
+    append short) is cut off first: it was never a whole line, and its append runs
+    again in full (were it ended instead, a line cut just before its newline would
+    become a whole line, and the rerun would log it twice). A write that fails takes
+    back what it wrote, for the same reason. A log this call creates gets ``mode`` and
+    (when allowed: root) ``owner``, and its folder is fsynced; a link at ``path`` is
     refused (ELOOP).
     """
     if not line.endswith(b"\n"):
@@ -349,21 +360,46 @@ def append_durable(
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        st = os.fstat(fd)
-        created = st.st_size == 0  # new, or empty: its folder entry is fsynced too
-        if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
-            line = b"\n" + line  # a torn line from a crash: end it
+        # released below, explicitly: ``sync`` may keep a duplicate of ``fd`` open
+        # (a round's fsyncs), which would otherwise hold the lock until then
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        created = size == 0  # new, or empty: its folder entry is fsynced too
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            size = _without_torn_tail(fd, size)
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # not a line of ours: kept, ended
         if created and owner is not None:
             with contextlib.suppress(PermissionError):  # not root: the file stays ours
                 os.fchown(fd, owner[0], owner[1])
         view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):  # no part of the line is left behind
+                os.ftruncate(fd, size)
+            raise
         sync(fd)
     finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     if created:
         fsync_dir(path.parent)
+
+
+def _without_torn_tail(fd: int, size: int) -> int:
+    """Cuts off the bytes after the last newline of the log open at ``fd`` (``size``
+    bytes long) when they are no more than :data:`TORN_TAIL_MAX`; returns its size."""
+    start = max(0, size - TORN_TAIL_MAX - 1)
+    tail = os.pread(fd, size - start, start)
+    newline = tail.rfind(b"\n")
+    if newline < 0 and start > 0:
+        return size  # too long to be a torn line of ours
+    cut = start + newline + 1
+    os.ftruncate(fd, cut)
+    return cut
 
 
 __all__ = [
