@@ -61,6 +61,52 @@ def _freeze_metadata(metadata: Mapping[str, Any] | None) -> str | None:
     return None if metadata is None else json.dumps(metadata, sort_keys=True)
 
 
+class MalformedRecord(ValueError):
+    """A record from the wire is not of the shape the API gives (a field missing, a
+    number where text belongs, a list where a record belongs). The message names the
+    kind of record and the field, never a value. The HTTP backend turns it into
+    :class:`~nbankd.errors.RegistryUnavailable` naming the registry."""
+
+
+def _shape(value: Any) -> str:
+    """What a JSON value is, for messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def as_record(d: Any, kind: str) -> Mapping[str, Any]:
+    """``d`` if it is a JSON object (a record); else :class:`MalformedRecord`."""
+    if not isinstance(d, Mapping):
+        raise MalformedRecord(f"{kind} record is {_shape(d)}, not an object")
+    return d
+
+
+def _text(d: Mapping[str, Any], key: str, kind: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        shape = "missing" if key not in d else _shape(value)
+        raise MalformedRecord(f"{kind} record's {key!r} is {shape}, not text")
+    return value
+
+
+def _optional_text(d: Mapping[str, Any], key: str, kind: str) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise MalformedRecord(f"{kind} record's {key!r} is {_shape(value)}, not text or null")
+    return value
+
+
 @dataclass(frozen=True)
 class DataType:
     name: str
@@ -71,8 +117,14 @@ class DataType:
         return {"name": self.name, "content_type": self.content_type, "extension": self.extension}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> DataType:
-        return cls(d["name"], d.get("content_type") or "", d.get("extension") or "")
+    def from_json(cls, d: Any) -> DataType:
+        """The datatype of a wire record; :class:`MalformedRecord` if it is not one."""
+        d = as_record(d, "a datatype")
+        return cls(
+            _text(d, "name", "a datatype"),
+            _optional_text(d, "content_type", "a datatype") or "",
+            _optional_text(d, "extension", "a datatype") or "",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,8 +143,15 @@ class ArchiveRecord:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ArchiveRecord:
-        return cls(d["name"], d["scheme"], d["root"], d.get("accessibility") or "local")
+    def from_json(cls, d: Any) -> ArchiveRecord:
+        """The archive of a wire record; :class:`MalformedRecord` if it is not one."""
+        d = as_record(d, "an archive")
+        return cls(
+            _text(d, "name", "an archive"),
+            _text(d, "scheme", "an archive"),
+            _text(d, "root", "an archive"),
+            _optional_text(d, "accessibility", "an archive") or "local",
+        )
 
 
 @dataclass(frozen=True)
@@ -113,8 +172,16 @@ class LocationRecord:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> LocationRecord:
-        return cls(d["archive_name"], d["scheme"], d["root"], d["resource_name"], d.get("key"))
+    def from_json(cls, d: Any) -> LocationRecord:
+        """The location of a wire record; :class:`MalformedRecord` if it is not one."""
+        d = as_record(d, "a location")
+        return cls(
+            _text(d, "archive_name", "a location"),
+            _text(d, "scheme", "a location"),
+            _text(d, "root", "a location"),
+            _text(d, "resource_name", "a location"),
+            _optional_text(d, "key", "a location"),
+        )
 
 
 @dataclass(frozen=True)
@@ -156,18 +223,28 @@ class ResourceRecord:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ResourceRecord:
+    def from_json(cls, d: Any) -> ResourceRecord:
+        """The resource of a wire record; :class:`MalformedRecord` if it is not one."""
+        kind = "a resource"
+        d = as_record(d, kind)
+        locations = d.get("locations") or []
+        if not isinstance(locations, list) or not all(isinstance(a, str) for a in locations):
+            raise MalformedRecord(f"{kind} record's 'locations' is not a list of archive names")
+        metadata = d.get("metadata")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            shape = _shape(metadata)
+            raise MalformedRecord(f"{kind} record's 'metadata' is {shape}, not an object")
         return cls(
-            name=d["name"],
-            sha1=d.get("sha1"),
-            dtype=d["dtype"],
-            locations=tuple(d.get("locations") or ()),
-            experimenter=d.get("experimenter"),
-            animal=d.get("animal"),
-            created_by=d.get("created_by"),
-            created_on=d.get("created_on"),
-            filename=d.get("filename"),
-            metadata_json=_freeze_metadata(d.get("metadata")),
+            name=_text(d, "name", kind),
+            sha1=_optional_text(d, "sha1", kind),
+            dtype=_text(d, "dtype", kind),
+            locations=tuple(locations),
+            experimenter=_optional_text(d, "experimenter", kind),
+            animal=_optional_text(d, "animal", kind),
+            created_by=_optional_text(d, "created_by", kind),
+            created_on=_optional_text(d, "created_on", kind),
+            filename=_optional_text(d, "filename", kind),
+            metadata_json=_freeze_metadata(metadata),
         )
 
 

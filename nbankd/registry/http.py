@@ -16,9 +16,9 @@ Facts it relies on (django-neurobank 0.12, tolerant of older servers):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from nbankd import errors
@@ -28,8 +28,11 @@ from nbankd.registry.base import (
     ArchiveRecord,
     DataType,
     LocationRecord,
+    MalformedRecord,
     ResourceRecord,
+    as_record,
     by_root,
+    core_field_as_stored,
     full_url,
 )
 from nbankd.registry.credentials import Credentials
@@ -37,6 +40,8 @@ from nbankd.registry.http_transport import CREDENTIALS_HINT, HttpTransport
 
 DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
 BULK_BATCH = 500
+
+T = TypeVar("T")
 
 
 class HttpRegistry:
@@ -105,14 +110,40 @@ class HttpRegistry:
         return full_url(self.url, name)
 
     @staticmethod
-    def _resource(d: Mapping[str, Any]) -> ResourceRecord:
-        """A record from the wire; older servers keep experimenter/animal in metadata only."""
-        data = dict(d)
+    def _resource(d: Any) -> ResourceRecord:
+        """A record from the wire; older servers keep experimenter/animal in metadata only
+        (as any JSON value: kept as text, as API 1.2 servers keep them)."""
+        data = dict(as_record(d, "a resource"))
         metadata = data.get("metadata")
         for f in CORE_FIELDS:
             if f not in data and isinstance(metadata, dict):
-                data[f] = metadata.get(f)
+                value = metadata.get(f)
+                plain = isinstance(value, str | int | float) and not isinstance(value, bool)
+                data[f] = core_field_as_stored(value) if plain else None
         return ResourceRecord.from_json(data)
+
+    def _malformed(self, request: str, why: str) -> errors.RegistryUnavailable:
+        """The error for an answer to ``request`` ("GET resources/") of the wrong shape:
+        transient, as an answer that is not JSON is (a server or proxy problem, never a
+        verdict on what was asked), naming the registry."""
+        return errors.RegistryUnavailable(
+            f"registry {self.url} answered {request} with a malformed record: {why}",
+            hint="a server or proxy that does not speak django-neurobank's API? asked again later",
+        )
+
+    def _parsed(self, make: Callable[[Any], T], body: Any, request: str) -> T:
+        """``make(body)``, a record of the answer to ``request``; one of the wrong shape
+        (:class:`~nbankd.registry.base.MalformedRecord`) raises :meth:`_malformed`."""
+        try:
+            return make(body)
+        except MalformedRecord as err:
+            raise self._malformed(request, str(err)) from None
+
+    def _each(self, make: Callable[[Any], T], body: Any, request: str) -> list[T]:
+        """The records of a list answer to ``request`` (see :meth:`_parsed`)."""
+        if not isinstance(body, list):
+            raise self._malformed(request, "the answer is not a list")
+        return [self._parsed(make, d, request) for d in body]
 
     # --- registry info ---------------------------------------------------------------
 
@@ -147,9 +178,8 @@ class HttpRegistry:
     # --- datatypes -------------------------------------------------------------------
 
     def list_datatypes(self) -> list[DataType]:
-        return [
-            DataType.from_json(d) for d in self._http.paginate(self._http.endpoint("datatypes"), {})
-        ]
+        pages = self._http.paginate(self._http.endpoint("datatypes"), {})
+        return [self._parsed(DataType.from_json, d, "GET datatypes/") for d in pages]
 
     def add_datatype(self, name: str, content_type: str = "", extension: str = "") -> DataType:
         body = {"name": name, "content_type": content_type}
@@ -158,21 +188,21 @@ class HttpRegistry:
         resp = self._http.write(
             "POST", self._http.endpoint("datatypes"), body, thing="datatypes endpoint"
         )
-        return DataType.from_json(self._http.decode(resp))
+        return self._parsed(DataType.from_json, self._http.decode(resp), "POST datatypes/")
 
     # --- archives ---------------------------------------------------------------------
 
     def list_archives(self, **filters: str) -> list[ArchiveRecord]:
-        return [
-            ArchiveRecord.from_json(d)
-            for d in self._http.paginate(self._http.endpoint("archives"), filters)
-        ]
+        pages = self._http.paginate(self._http.endpoint("archives"), filters)
+        return [self._parsed(ArchiveRecord.from_json, d, "GET archives/") for d in pages]
 
     def get_archive(self, name: str) -> ArchiveRecord | None:
         if not SLUG_RE.match(name):
             return None
         body = self._http.get_one(self._http.endpoint("archives", name))
-        return None if body is None else ArchiveRecord.from_json(body)
+        if body is None:
+            return None
+        return self._parsed(ArchiveRecord.from_json, body, f"GET archives/{name}/")
 
     def find_archive_by_root(self, root: str, scheme: str = "neurobank") -> ArchiveRecord | None:
         # the server's scheme filter is a prefix match, its root filter ignores case
@@ -185,7 +215,7 @@ class HttpRegistry:
         resp = self._http.write(
             "POST", self._http.endpoint("archives"), body, thing="archives endpoint"
         )
-        return ArchiveRecord.from_json(self._http.decode(resp))
+        return self._parsed(ArchiveRecord.from_json, self._http.decode(resp), "POST archives/")
 
     # --- resources --------------------------------------------------------------------
 
@@ -218,7 +248,7 @@ class HttpRegistry:
             raise errors.RegistryUnavailable(
                 err.message, hint="is the registry URL right (ending in /neurobank/ or so)?"
             ) from None
-        record = self._resource(self._http.decode(resp))
+        record = self._parsed(self._resource, self._http.decode(resp), "POST resources/")
         if (name is not None and record.name != name) or (
             sha1 is not None and (record.sha1 or "").lower() != sha1.lower()
         ):
@@ -242,7 +272,7 @@ class HttpRegistry:
                 f"registry {self.url} answered GET resources/{name}/ with no record",
                 hint="a server or proxy problem; asked again later",
             )
-        record = self._resource(body)
+        record = self._parsed(self._resource, body, f"GET resources/{name}/")
         if record.name != name:  # a redirect or a proxy answering for another record
             raise errors.RegistryUnavailable(
                 f"registry {self.url} answered record {record.name!r} when asked for {name!r}",
@@ -251,14 +281,13 @@ class HttpRegistry:
         return record
 
     def get_resources(self, names: Iterable[str]) -> list[ResourceRecord]:
-        return [
-            self._resource(d) for d in self._http.bulk("bulk/resources", names, self.bulk_batch)
-        ]
+        found = self._http.bulk("bulk/resources", names, self.bulk_batch)
+        return [self._parsed(self._resource, d, "POST bulk/resources/") for d in found]
 
     def search(self, **filters: str) -> Iterator[ResourceRecord]:
         params = {k: str(v) for k, v in filters.items()}
         for d in self._http.paginate(self._http.endpoint("resources"), params):
-            yield self._resource(d)
+            yield self._parsed(self._resource, d, "GET resources/")
 
     def search_pages(
         self, workers: int = 4, *, ahead: int = 1, **filters: str
@@ -276,7 +305,12 @@ class HttpRegistry:
 
         def page(n: int) -> list[dict[str, Any]]:
             r = self._http.request("GET", endpoint, params={**params, "page": str(n)})
-            return [] if r.status_code == 404 else list(self._http.decode(r))
+            if r.status_code == 404:
+                return []
+            body = self._http.decode(r)
+            if not isinstance(body, list):
+                raise self._malformed(f"GET resources/ (page {n})", "the answer is not a list")
+            return body
 
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="registry-page") as pool:
             guessed: dict[int, Future[list[dict[str, Any]]]] = {
@@ -306,7 +340,7 @@ class HttpRegistry:
                 bodies.append(part)
             for fut in (*pending, *guessed.values()):
                 fut.cancel()
-        return [self._resource(d) for part in bodies for d in part]
+        return [self._parsed(self._resource, d, "GET resources/") for part in bodies for d in part]
 
     def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:
         if not SLUG_RE.match(name):
@@ -315,7 +349,7 @@ class HttpRegistry:
         resp = self._http.write(
             "PATCH", self._http.endpoint("resources", name), body, thing=f"resource {name!r}"
         )
-        return self._resource(self._http.decode(resp))
+        return self._parsed(self._resource, self._http.decode(resp), f"PATCH resources/{name}/")
 
     # --- locations --------------------------------------------------------------------
 
@@ -327,12 +361,13 @@ class HttpRegistry:
         )
         if body is None:
             raise errors.NotFound(f"registry {self.url} has no resource {name!r}")
-        return [LocationRecord.from_json(d) for d in body]
+        return self._each(LocationRecord.from_json, body, f"GET resources/{name}/locations/")
 
     def get_locations_bulk(self, names: Iterable[str]) -> dict[str, list[LocationRecord]]:
         """{name: locations} for the names the registry knows that have locations."""
+        request = "POST bulk/locations/"
         return {
-            d["name"]: [LocationRecord.from_json(loc) for loc in d.get("locations") or ()]
+            d["name"]: self._each(LocationRecord.from_json, d.get("locations") or [], request)
             for d in self._http.bulk("bulk/locations", names, self.bulk_batch)
         }
 
@@ -348,7 +383,8 @@ class HttpRegistry:
             body,
             thing=f"resource {name!r}",
         )
-        return LocationRecord.from_json(self._http.decode(resp))
+        request = f"POST resources/{name}/locations/"
+        return self._parsed(LocationRecord.from_json, self._http.decode(resp), request)
 
     def set_location_key(self, name: str, archive: str, key: str | None) -> LocationRecord:
         thing = f"location of resource {name!r} in archive {archive!r}"
@@ -360,7 +396,8 @@ class HttpRegistry:
             {"key": key},
             thing=thing,
         )
-        return LocationRecord.from_json(self._http.decode(resp))
+        request = f"PATCH resources/{name}/locations/{archive}/"
+        return self._parsed(LocationRecord.from_json, self._http.decode(resp), request)
 
     def remove_location(self, name: str, archive: str) -> None:
         thing = f"location of resource {name!r} in archive {archive!r}"

@@ -408,8 +408,12 @@ class HttpTransport:
                 try:
                     record = json.loads(line)
                 except ValueError:
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("name"), str):
                     raise errors.RegistryUnavailable(
-                        f"registry {self.url} answered a malformed line to POST {endpoint}/"
-                    ) from None
-                if isinstance(record, dict) and record.get("name") in asked:
+                        f"registry {self.url} answered a malformed line to POST {endpoint}/: "
+                        "not a record with a name",
+                        hint="a server or proxy problem; asked again later",
+                    )
+                if record["name"] in asked:
                     yield record  # a record for a name not asked for is no answer

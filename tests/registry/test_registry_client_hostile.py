@@ -264,6 +264,46 @@ def test_a_proxy_refusing_the_registration_makes_the_input_wait_not_rejected(
     )
 
 
+@pytest.mark.parametrize(
+    "malformed",
+    [{"name": "rec", "sha1": 12345, "dtype": DTYPE}, {"name": "rec"}, ["rec"]],
+    ids=["sha1-a-number", "no-dtype", "a-list"],
+)
+def test_a_malformed_record_makes_the_input_wait_not_crash_or_judge(
+    hostile: Callable[..., Hostile], http_env: Callable[[Hostile], Env], malformed: Any
+) -> None:
+    """Records of the wrong shape answered to the registration and to the look-up of
+    the name are a transient registry error: the input waits, unpublished."""
+
+    def respond(req: Request, h: BaseHTTPRequestHandler) -> None:
+        if req.method == "POST" and req.path == "/neurobank/resources/":
+            send(h, 201, malformed)
+        elif req.method == "GET" and req.path == "/neurobank/resources/rec/":
+            send(h, 200, malformed)
+        elif req.method == "GET" and req.path.startswith("/neurobank/resources/?"):
+            send(h, 200, [malformed])
+        else:
+            send(h, 404, NOT_FOUND)
+
+    hs = hostile(respond)
+    env = http_env(hs)
+    item = onwards(env, through_register(env, env.drop("rec.bin", b"a fine recording")))
+    assert item.state not in (State.DONE, State.REJECTING, State.REJECTED), item.state
+    assert env.stored() == [] and not item.progress.registered, item
+    assert item.error_code == errors.RegistryUnavailable.code, item.error_message
+
+
+def test_a_malformed_record_is_registry_unavailable_naming_the_registry(
+    hostile: Callable[..., Hostile],
+) -> None:
+    """A location of the wrong shape (no scheme, root, resource name) raises
+    RegistryUnavailable naming the registry and the field, not KeyError."""
+    hs = hostile(lambda req, h: send(h, 200, [{"archive_name": ARCHIVE}]))
+    with HttpRegistry(hs.url) as reg, pytest.raises(errors.RegistryUnavailable) as err:
+        reg.get_locations("rec")
+    assert hs.url in str(err.value) and "'scheme'" in str(err.value), err.value
+
+
 # --- the transport: loops, time and memory ---------------------------------------
 
 
