@@ -59,7 +59,8 @@ def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[s
             "status": "mismatch",
             "message": f"FAILED to match record for {record.name} (registered {record.sha1})",
         }
-    matches = [r.name for r in reg.search(sha1=sha1)]
+    # only records of this SHA-1: a server or proxy ignoring the filter answers others
+    matches = [r.name for r in reg.search(sha1=sha1) if (r.sha1 or "").lower() == sha1]
     result["matches"] = matches
     if not matches:
         return False, {**result, "status": "no-match", "message": "no matches in registry"}
