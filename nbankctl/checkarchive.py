@@ -56,6 +56,7 @@ from nbankd.audit.model import (
     UNREADABLE,
     Finding,
 )
+from nbankd.audit.plan import listing_after
 from nbankd.audit.reader import Cancelled, sha1_of_resource, vanished
 from nbankd.audit.walk import Stored, Walk, walk_archive
 from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
@@ -194,17 +195,22 @@ class Check:
         check``, every partial transfer and every ``staging/`` entry is reported.
         """
         report = Report(archive_name, self.archive.path, hashed=self.check_hash)
-        expected = self._listing(registry, archive_name)
+        listed = self._listing(registry, archive_name)
         walk = self._walk.result()
+        _, lookup = misplaced(walk, listed)
+        lookup += [stored for name, stored in sorted(walk.stored.items()) if name not in listed]
+        known = by_name(registry.get_resources(s.name for s in lookup)) if lookup else {}
+        # a file the listing missed that the registry places here (a page that vanished
+        # as the list shrank meanwhile, or registered since) is judged as a listed one
+        expected = listing_after(listed, archive_name, known, (s.name for s in lookup))
+        lookup = [s for s in lookup if s.name not in expected]
+        # before waiting on any read: readers busy with huge strays would hold it for hours
+        self._drop({s.name for s in lookup if s.name not in known})
         report.n_registered = len(expected)
         report.n_stored = len(walk.stored)
         findings = walk_findings(walk)
-        placed, lookup = misplaced(walk, expected)
+        placed, _ = misplaced(walk, expected)
         findings += placed
-        lookup += [stored for name, stored in sorted(walk.stored.items()) if name not in expected]
-        known = by_name(registry.get_resources(s.name for s in lookup)) if lookup else {}
-        # before waiting on any read: readers busy with huge strays would hold it for hours
-        self._drop({s.name for s in lookup if s.name not in known})
         bad: set[str] = set()
         kept: list[Stored] = []
         for name, stored in sorted(walk.stored.items()):
@@ -226,8 +232,6 @@ class Check:
             if record is None:
                 findings.append(Finding(MISSING_FROM_REGISTRY, stored.name, stored.path))
                 continue
-            if archive_name in record.locations:
-                continue  # registered here since the listing: nothing to say
             finding = elsewhere(record, stored, self._read if self.check_hash else None)
             if finding is None:
                 continue
