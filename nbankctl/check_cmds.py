@@ -97,8 +97,12 @@ def _fix(
 
 def _print_archive(args: argparse.Namespace, result: checkarchive.Report) -> None:
     if args.verbose:
-        status = "OK" if result.hashed else "OK (hash not checked)"  # nbank's words
         for name, path in result.passed:
+            # nbank's words
+            if name in result.unhashed:
+                status = "OK (no hash to verify)"
+            else:
+                status = "OK" if result.hashed else "OK (hash not checked)"
             say(f" - {name} : {path} - {status}")
     for finding in result.findings:
         say(f" - {finding}")

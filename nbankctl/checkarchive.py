@@ -78,6 +78,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     hashed: bool = True
     passed: list[tuple[str, Path]] = field(default_factory=list)  # registered, stored, ok
+    #: resources of ``passed`` registered with no SHA-1: their bytes had nothing to match
+    unhashed: set[str] = field(default_factory=set)
     #: resources registered elsewhere whose file here matches the registered SHA-1
     verified_elsewhere: set[str] = field(default_factory=set)
 
@@ -218,7 +220,9 @@ class Check:
                 continue
             kept.append(stored)
             want = expected[name]
-            if self.check_hash and want is not None:
+            if want is None:
+                report.unhashed.add(name)
+            elif self.check_hash:
                 found = self._judge(stored, want)
                 if found is not None:
                     bad.add(name)
