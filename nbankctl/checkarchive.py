@@ -41,7 +41,14 @@ from pathlib import Path
 from nbankd import errors
 from nbankd.archive.layout import Archive
 from nbankd.archive.probe import filesystem_now
-from nbankd.audit.compare import by_name, elsewhere, misplaced, staging_finding, walk_findings
+from nbankd.audit.compare import (
+    by_name,
+    elsewhere,
+    misplaced,
+    read_failure,
+    staging_finding,
+    walk_findings,
+)
 from nbankd.audit.listing import list_registered
 from nbankd.audit.model import (
     HASH_MISMATCH,
@@ -253,7 +260,7 @@ class Check:
         except OSError as err:
             if vanished(err):
                 return None
-            return Finding(UNREADABLE, stored.name, stored.path, err.strerror or str(err))
+            return Finding(UNREADABLE, stored.name, stored.path, read_failure(err))
         if actual != want:
             return Finding(
                 HASH_MISMATCH, stored.name, stored.path, f"sha1 {actual}, registered {want}"

@@ -35,6 +35,7 @@ from nbankd.audit.model import (
 )
 from nbankd.audit.reader import list_dir, vanished
 from nbankd.audit.walk import Stored, Walk
+from nbankd.hashing import NameNotUtf8
 from nbankd.registry.base import ResourceRecord
 
 if TYPE_CHECKING:  # the daemon's reads; a check imports none of them
@@ -94,6 +95,15 @@ def _stub_of(name: str) -> Path:
     return stored_file(Path(), name, name).parent
 
 
+def read_failure(err: OSError, doing: str = "") -> str:
+    """What an ``unreadable`` finding says: for a folder holding a file named with bytes
+    that are not UTF-8 (no neurobank hash covers it), that it is not verifiable and
+    which file, as ``nbankctl verify`` says; else the error, then ``doing``."""
+    if isinstance(err, NameNotUtf8):
+        return f"not verifiable: '{err.filename}' is {err.strerror}"
+    return f"{err.strerror or err}{doing}"
+
+
 def elsewhere(
     record: ResourceRecord, stored: Stored, sha1_of: Callable[[Stored], str] | None
 ) -> Finding | None:
@@ -115,7 +125,7 @@ def elsewhere(
     except OSError as err:
         if vanished(err):
             return None
-        return Finding(UNREADABLE, record.name, stored.path, err.strerror or str(err))
+        return Finding(UNREADABLE, record.name, stored.path, read_failure(err))
     if actual != record.sha1.lower():
         return Finding(
             CHANGED_ELSEWHERE,
@@ -148,9 +158,7 @@ def judge_reads(
         got, want, path = results[name], expected[name], walk.stored[name].path
         if isinstance(got, OSError):
             if not vanished(got):
-                out.append(
-                    Finding(UNREADABLE, name, path, f"{got.strerror or got} while reading it")
-                )
+                out.append(Finding(UNREADABLE, name, path, read_failure(got, " while reading it")))
         elif got.unchanged and want is not None and got.sha1 != want:
             out.append(Finding(HASH_MISMATCH, name, path, f"sha1 {got.sha1}, registered {want}"))
     return out
@@ -188,6 +196,7 @@ __all__ = [
     "elsewhere",
     "judge_reads",
     "misplaced",
+    "read_failure",
     "registered_within",
     "staging_finding",
     "stored_now",

@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from nbankd import seams
-from nbankd.hashing import BLOCK_SIZE, DirectoryHasher
+from nbankd.hashing import BLOCK_SIZE, DirectoryHasher, NameNotUtf8
+from nbankd.names import is_utf8
 
 _OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # never wait on a FIFO
 _NOATIME = getattr(os, "O_NOATIME", 0)
@@ -167,7 +168,9 @@ def sha1_of_resource(
     """(SHA-1, bytes read) of a stored file, or neurobank's hash of a stored folder.
 
     Inside a folder, symbolic links to files count as the file (as neurobank's hash
-    has it) and links to folders are not entered. Raises OSError as reading fails.
+    has it) and links to folders are not entered. Raises OSError as reading fails:
+    :class:`~nbankd.hashing.NameNotUtf8` for a file named with bytes that are not UTF-8
+    (no neurobank hash covers the folder), before any byte of it is read.
     """
     if not is_dir:
         return sha1_of_file(path, throttle)
@@ -183,8 +186,11 @@ def sha1_of_resource(
                 continue
             if kind == OTHER or (kind == LINK and not os.path.isfile(full)):
                 continue  # FIFOs, sockets, devices, broken links, links to folders
+            rel = full.relative_to(path).as_posix()
+            if not is_utf8(rel):
+                raise NameNotUtf8(full)
             sha1, n = sha1_of_file(full, throttle, follow=kind == LINK)
-            hasher.add(PurePosixPath(full.relative_to(path).as_posix()), sha1)
+            hasher.add(PurePosixPath(rel), sha1)
             total += n
     return hasher.hexdigest(), total
 

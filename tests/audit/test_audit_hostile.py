@@ -345,3 +345,35 @@ def test_audit_reports_a_stray_file_with_an_undecodable_name(tmp_path: Path) -> 
         assert kinds == sorted([HASH_MISMATCH, MISSING_FROM_REGISTRY]), kinds
     finally:
         s.registry.close()
+
+
+def test_audit_reports_a_folder_resource_holding_a_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """A registered folder resource holding a file whose name is not UTF-8 has no
+    neurobank hash: the audit completes and reports it unreadable, naming the file."""
+    from audit_helpers import make_setup
+
+    from nbankd.audit.api import run_audit
+    from nbankd.audit.model import UNREADABLE
+    from nbankd.audit.settings import AuditSettings
+
+    s = make_setup(tmp_path, n=1)
+    try:
+        s.registry.add_resource(dtype="dat", archive="arch", name="fold1", sha1="0" * 40)
+        folder = s.archive.resources_dir / "fo" / "fold1"
+        folder.mkdir(parents=True)
+        member = os.fsencode(folder) + b"/bad\xff.dat"
+        with open(member, "wb") as f:
+            f.write(b"a member")
+        apply_access(s.archive, Path(os.fsdecode(member)))
+        apply_access(s.archive, folder.parent)
+        apply_access(s.archive, folder)
+        report = run_audit(
+            [s.target], s.registry, s.state, full=True, settings=AuditSettings(staging_grace=0)
+        )
+        [archive] = report.archives
+        assert archive.error is None, archive.error
+        found = [f for f in archive.findings if f.resource == "fold1"]
+        assert [f.kind for f in found] == [UNREADABLE], found
+        assert "not verifiable" in found[0].detail and "bad" in found[0].detail, found
+    finally:
+        s.registry.close()
