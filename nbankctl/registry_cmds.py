@@ -20,7 +20,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import DEFAULT_UMASK
 from nbankd.archive.opening import create_archive
+from nbankd.names import is_utf8, printable
 from nbankd.registry.base import CORE_FIELDS, SLUG_RE, Registry
 
 _ALIASES: dict[str, Any] = {"True": True, "False": False, "None": None}
@@ -127,6 +128,29 @@ def _filter_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _as_given(value: Any) -> str:
+    """A -k value as text, any undecodable byte of it kept (JSON would escape it)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def require_utf8(given: Iterable[tuple[str, str | None]]) -> None:
+    """Refuses (usage error) the first of ``given`` ((what, value) pairs, None for a
+    value not given) holding bytes that are not UTF-8: the registry's names, filters
+    and metadata are UTF-8 text, and such an argument could not even be sent."""
+    for what, value in given:
+        if value is not None and not is_utf8(value):
+            raise errors.UsageError(
+                f"{what} '{printable(value)}' holds bytes that are not UTF-8 (shown as "
+                "\\xNN): the registry's names, filters and metadata are UTF-8 text",
+                hint="retype it in UTF-8",
+            )
+
+
+def _metadata_given(option: str, metadata: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(what, KEY=VALUE) of each -k (or -K) option, for :func:`require_utf8`."""
+    return [(option, f"{key}={_as_given(value)}") for key, value in metadata.items()]
+
+
 # --- registry-info, dtype, archive list -------------------------------------------
 
 
@@ -162,6 +186,7 @@ def cmd_dtype_add(args: argparse.Namespace, report: Report) -> None:
 
 
 def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
+    require_utf8([("-n", args.name), ("--scheme", args.scheme)])
     filters = {k: v for k, v in (("name", args.name), ("scheme", args.scheme)) if v}
     with registry_for(args) as reg:
         archives = reg.list_archives(**filters)
@@ -272,6 +297,19 @@ def cmd_init(args: argparse.Namespace, report: Report) -> None:
 
 
 def cmd_search(args: argparse.Namespace, report: Report) -> None:
+    require_utf8(
+        [
+            ("the name", args.name),
+            ("-d", args.dtype),
+            ("-H", args.hash),
+            ("-n", args.archive),
+            ("-s", args.scheme),
+            ("--experimenter", args.experimenter),
+            ("--animal", args.animal),
+            *_metadata_given("-k", args.metadata or {}),
+            *_metadata_given("-K", args.metadata_neq or {}),
+        ]
+    )
     params: dict[str, str] = {}
     for param, value in (
         ("name", args.name),
@@ -318,6 +356,14 @@ def cmd_info(args: argparse.Namespace, report: Report) -> None:
 
 
 def cmd_modify(args: argparse.Namespace, report: Report) -> None:
+    require_utf8(
+        [
+            *_metadata_given("-k", args.metadata or {}),
+            *(("-K", key) for key in args.metadata_remove),
+            ("--experimenter", args.experimenter),
+            ("--animal", args.animal),
+        ]
+    )
     changes: dict[str, Any] = dict(args.metadata or {})
     for key in args.metadata_remove:
         changes[key] = None

@@ -171,6 +171,18 @@ def test_modify_merges_and_deletes_metadata(backend: Backend) -> None:
         assert json_stream(backend.nbank("info", name).stdout)[0]["metadata"] == expected
 
 
+def test_modify_refuses_metadata_that_is_not_utf8(backend: Backend) -> None:
+    """modify -k with a key or value holding bytes that are not UTF-8 is a usage error
+    (exit 2) naming the option; the record's metadata is left as it was."""
+    _, arch = backend.archive()
+    name = backend.resource(backend.blob("u"), arch, metadata={"keep": 1})
+    for option in ("k\udcff=1", "k=\udcff", 'k=["\udcff"]'):
+        proc = backend.ctl("modify", "-k", option, name)
+        assert proc.returncode == 2 and "-k 'k" in proc.stderr, proc.stderr
+    record = backend.registry.get_resource(name)
+    assert record is not None and record.metadata == {"keep": 1}
+
+
 def test_modify_unknown_id_exits_1(backend: Backend) -> None:
     """modify on an unregistered id reports it and exits 1."""
     missing = backend.name("missing")
