@@ -41,6 +41,7 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.audit.listing import list_registered
 from nbankd.audit.model import INCOMPLETE, REGISTERED_ELSEWHERE
+from nbankd.names import printable
 from nbankd.registry.base import Registry
 
 if TYPE_CHECKING:  # imported when a check runs: the registry's listing starts first
@@ -48,8 +49,16 @@ if TYPE_CHECKING:  # imported when a check runs: the registry's listing starts f
 
 
 def say(text: str = "") -> None:
-    """A line of the report (standard error, where nbank writes its reports)."""
+    """A line of the report (standard error, where nbank writes its reports). What it
+    quotes from the registry, the archive or a tar goes through :func:`shown`."""
     print(text, file=sys.stderr)
+
+
+def shown(value: object) -> str:
+    """A name, path, finding or error as one line of plain text: control characters
+    (a terminal's escapes among them) and undecodable bytes as ``\\xNN``
+    (:func:`~nbankd.names.printable`)."""
+    return printable(str(value))
 
 
 def dump(obj: Any) -> None:
@@ -68,14 +77,14 @@ def _fix(
 
     moved, refused = checkarchive.fix_misplaced(archive, result)
     fixed, unfixed = checkarchive.fix_permissions(archive, result)
-    done = [f"moved {old} -> {new}" for old, new in moved]
-    done += [f"set owner, group and mode of {path} to the policy's" for path in fixed]
+    done = [f"moved {shown(old)} -> {shown(new)}" for old, new in moved]
+    done += [f"set owner, group and mode of {shown(path)} to the policy's" for path in fixed]
     for line in [] if quiet else done:
         say(line)
     for why in refused:
-        say(f"not moved: {why}")
+        say(f"not moved: {shown(why)}")
     for why in unfixed:
-        say(f"not fixed: {why}")
+        say(f"not fixed: {shown(why)}")
     asks = [
         f
         for f in result.findings
@@ -103,9 +112,9 @@ def _print_archive(args: argparse.Namespace, result: checkarchive.Report) -> Non
                 status = "OK (no hash to verify)"
             else:
                 status = "OK" if result.hashed else "OK (hash not checked)"
-            say(f" - {name} : {path} - {status}")
+            say(f" - {shown(name)} : {shown(path)} - {status}")
     for finding in result.findings:
-        say(f" - {finding}")
+        say(f" - {shown(finding)}")
     say()
     say(result.summary())
     if not result.hashed:
@@ -152,15 +161,15 @@ def cmd_check_archive(args: argparse.Namespace, report: Report) -> None:
         try:
             record = reg.find_archive_by_root(str(archive.path))
             if record is None:
-                say(f"No archive associated with '{archive.path}' in registry {reg.url}")
+                say(f"No archive associated with '{shown(archive.path)}' in registry {reg.url}")
                 say("register it with: nbankctl init (on a new folder) or ask the registry admin")
                 report.failed()
                 return
             if not args.json:
-                say(f"archive: {archive.path} ({record.name})")
-                say(f"registry: {describe(reg)}")
+                say(f"archive: {shown(archive.path)} ({shown(record.name)})")
+                say(f"registry: {shown(describe(reg))}")
             if archive.registry_url.rstrip("/") != reg.url.rstrip("/"):
-                say(f"nbankctl: nbank.json names another registry ({archive.registry_url}); "
+                say(f"nbankctl: nbank.json names another registry ({shown(archive.registry_url)}); "
                     f"checked {reg.url}")  # fmt: skip
             result = _archive(args, reg, archive, record.name, check)
         finally:
@@ -200,9 +209,9 @@ def _check_registry(args: argparse.Namespace, reg: Registry) -> dict[str, Any]:
     homeless, empty = _registry_findings(reg)
     if not args.json:
         for name in homeless:
-            say(f" - {name}: has NO locations")
+            say(f" - {shown(name)}: has NO locations")
         for name in empty:
-            say(f" - archive {name}: has no resources")
+            say(f" - archive {shown(name)}: has no resources")
         say()
         say(f"Resources without locations: {len(homeless)}; empty archives: {len(empty)}")
     return {
@@ -268,10 +277,10 @@ def cmd_check_all(args: argparse.Namespace, report: Report) -> None:
                 skipped[a.name] = f"{root} is not on this host"
                 continue
             if not args.json:
-                say(f"\narchive {a.name}: {root}")
+                say(f"\narchive {shown(a.name)}: {shown(root)}")
             result, problems = _one_of_all(args, reg, a.name, root)
             for line in [] if args.json else problems:
-                say(f" - {line}")
+                say(f" - {shown(line)}")
             ok = not problems and result is not None and bool(result["ok"])
             if not ok:
                 failed.append(a.name)
@@ -281,8 +290,9 @@ def cmd_check_all(args: argparse.Namespace, report: Report) -> None:
     else:
         say(f"\nskipped archives: {len(skipped)}")
         for name, why in skipped.items():
-            say(f" - {name}: {why}")
-        say(f"failed checks: {', '.join(failed)}" if failed else "all checks passed")
+            say(f" - {shown(name)}: {shown(why)}")
+        names = ", ".join(shown(name) for name in failed)
+        say(f"failed checks: {names}" if failed else "all checks passed")
     report.failed(len(failed))
 
 
@@ -316,9 +326,9 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             expected = list_registered(reg, args.archive)
         if not args.json:
             say(f"registry: {describe(reg)}")
-            say(f"source: {args.tar}")
+            say(f"source: {shown(args.tar)}")
             if args.archive is not None:
-                say(f"archive: {args.archive} ({len(expected)} resources in the registry)")
+                say(f"archive: {shown(args.archive)} ({len(expected)} resources in the registry)")
         # every member hashed while the tar is read once; broken: why it stopped early
         entries, broken = scan_tar(args.tar)
         records = {r.name: r for r in reg.get_resources(dict.fromkeys(e.id for e in entries))}
@@ -331,7 +341,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             if not entry.is_dir:
                 unregistered.append(entry.name)
                 if not args.json:
-                    say(f"  ? {entry.name} -> '{entry.id}' not in the registry")
+                    say(f"  ? {shown(entry.name)} -> '{shown(entry.id)}' not in the registry")
             continue
         seen.add(record.name)
         status, text = _tar_verdict(entry, record.sha1)
@@ -345,9 +355,9 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
         )  # fmt: skip
         if not args.json:
             mark = "✗" if status == "failed" else "-"
-            say(f"  {mark} {entry.name} -> {text}")
+            say(f"  {mark} {shown(entry.name)} -> {shown(text)}")
             if not located:
-                say(f"  - {entry.name} -> not registered to {args.archive}")
+                say(f"  - {shown(entry.name)} -> not registered to {shown(args.archive)}")
     unread = sorted(set(expected) - seen)
     # after a read error, what was not reached may still be on the tape
     missing, not_checked = ([], unread) if broken else (unread, [])
@@ -361,11 +371,14 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
         )  # fmt: skip
     else:
         if broken:
-            say(f"nbankctl: cannot read {args.tar} to the end: {broken}")
+            say(f"nbankctl: cannot read {shown(args.tar)} to the end: {shown(broken)}")
         for name in missing:
-            say(f"  ✗ {name}: registered to {args.archive} but MISSING from the tar file")
+            say(
+                f"  ✗ {shown(name)}: registered to {shown(args.archive)} "
+                "but MISSING from the tar file"
+            )
         for name in not_checked:
-            say(f"  ? {name}: not checked, as reading stopped before it")
+            say(f"  ? {shown(name)}: not checked, as reading stopped before it")
         say()
         say(
             f"Resources checked: {sum(counts.values())}; failed: {counts['failed']}; "
@@ -376,7 +389,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             stopped = f"; not checked (reading stopped): {len(not_checked)}" if broken else ""
             say(
                 f"Missing from the tar file: {len(missing)}{stopped}; "
-                f"not registered to {args.archive}: {len(not_here)}"
+                f"not registered to {shown(args.archive)}: {len(not_here)}"
             )
     report.failed(counts["failed"] + len(missing) + bool(broken))
 

@@ -66,6 +66,7 @@ from nbankd.audit.model import (
 from nbankd.audit.plan import listing_after
 from nbankd.audit.reader import Cancelled, sha1_of_resource, vanished
 from nbankd.audit.walk import Stored, Walk, walk_archive
+from nbankd.names import printable
 from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
 from nbankd.tape import verified_elsewhere
 
@@ -434,7 +435,8 @@ def resolve_at_terminal(
 ) -> list[str]:
     """Asks at the terminal about each leftover (unchanged for :data:`LEFTOVER_AGE`)
     and each copy of a resource registered elsewhere whose SHA-1 was checked: delete
-    it, or add this archive as a location. Returns what was done."""
+    it, or add this archive as a location. Returns what was done. Paths and names are
+    said through :func:`~nbankd.names.printable`: one line each, no terminal escapes."""
     done: list[str] = []
     now: float | None = None
     for f in result.findings:
@@ -446,17 +448,18 @@ def resolve_at_terminal(
         age = _age(f.path, now)
         if age is None:
             continue
+        path = printable(str(f.path))
         if age < LEFTOVER_AGE:
-            say(f" - {f.path}: changed {age / 60:.0f} min ago, may be a transfer under way: kept")
+            say(f" - {path}: changed {age / 60:.0f} min ago, may be a transfer under way: kept")
             continue
-        say(f" - {f.path} - {f.kind}, unchanged for {age / 3600:.1f} h")
+        say(f" - {path} - {f.kind}, unchanged for {age / 3600:.1f} h")
         if _ask("   [d]elete, [s]kip? ", "ds") == "d":
             try:
                 remove_leftover(archive, f.path)
             except OSError as err:
-                say(f"   cannot delete {f.path}: {err.strerror or err}")
+                say(f"   cannot delete {path}: {printable(err.strerror or str(err))}")
                 continue
-            done.append(f"deleted {f.path}")
+            done.append(f"deleted {path}")
     copies = [
         f
         for f in result.findings
@@ -469,28 +472,29 @@ def resolve_at_terminal(
         if record is None or f.path is None or name in record.locations:
             continue
         options = []
+        path, id = printable(str(f.path)), printable(record.name)
         second = _second_copy(record, locations.get(record.name, []), name, f.path)
         if second is not None:
-            options.append(("d", f"[d]elete this copy (another is verified: {second})"))
+            options.append(("d", f"[d]elete this copy (another is verified: {printable(second)})"))
         else:
-            say(f" - {f.path}: no other copy of {record.name} is verified: kept")
+            say(f" - {path}: no other copy of {id} is verified: kept")
         if f.path.parent == archive.resource_path(record.name).parent:
-            options.append(("a", f"[a]dd {name} as a location"))
+            options.append(("a", f"[a]dd {printable(name)} as a location"))
         if not options:
             continue
-        say(f" - {f.path}: a copy of {record.name} (SHA-1 checked), {f.detail}")
+        say(f" - {path}: a copy of {id} (SHA-1 checked), {printable(f.detail)}")
         answer = _ask(f"   {', '.join(t for _, t in options)}, [s]kip? ", "das")
         try:
             if answer == "d" and second is not None:
                 remove_copy(archive, f.path)
-                done.append(f"deleted {f.path}")
+                done.append(f"deleted {path}")
             elif answer == "a" and any(k == "a" for k, _ in options):
                 reg.add_location(record.name, name)
-                done.append(f"added {name} as a location of {record.name}")
+                done.append(f"added {printable(name)} as a location of {id}")
         except OSError as err:
-            say(f"   cannot delete {f.path}: {err.strerror or err}")
+            say(f"   cannot delete {path}: {printable(err.strerror or str(err))}")
         except errors.NbankdError as err:
-            say(f"   cannot add the location: {err}")
+            say(f"   cannot add the location: {printable(str(err))}")
     return done
 
 

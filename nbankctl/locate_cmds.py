@@ -27,6 +27,9 @@ from nbankd.transfer.sources import stored_copy
 
 
 def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[str, Any]]:
+    """(whether ``path`` is a registered resource, the result): its fields as found, its
+    ``message`` for a terminal (names from the registry or the disk shown by
+    :func:`~nbankd.names.printable`)."""
     result: dict[str, Any] = {"path": str(path)}
     if not os.path.lexists(path):
         return False, {**result, "status": "missing", "message": "no such file or directory"}
@@ -39,13 +42,15 @@ def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[s
             "message": f"not verifiable: '{printable(str(err.filename))}' is {err.strerror}",
         }
     except OSError as err:
-        return False, {**result, "status": "unreadable", "message": err.strerror or str(err)}
+        why = printable(err.strerror or str(err))
+        return False, {**result, "status": "unreadable", "message": why}
     result["sha1"] = sha1
     record = None
     if id is not None:
         record = reg.get_resource(id)
         if record is None:
-            return False, {**result, "status": "not-found", "message": f"no resource '{id}'"}
+            why = f"no resource '{printable(id)}'"
+            return False, {**result, "status": "not-found", "message": why}
     elif SLUG_RE.match(path.stem):
         record = reg.get_resource(path.stem)  # named after its id, as in an archive
     if record is not None:
@@ -57,14 +62,15 @@ def _verify_one(reg: Registry, path: Path, id: str | None) -> tuple[bool, dict[s
         return False, {
             **result,
             "status": "mismatch",
-            "message": f"FAILED to match record for {record.name} (registered {record.sha1})",
+            "message": f"FAILED to match record for {printable(record.name)} "
+            f"(registered {printable(record.sha1)})",
         }
     # only records of this SHA-1: a server or proxy ignoring the filter answers others
     matches = [r.name for r in reg.search(sha1=sha1) if (r.sha1 or "").lower() == sha1]
     result["matches"] = matches
     if not matches:
         return False, {**result, "status": "no-match", "message": "no matches in registry"}
-    text = ", ".join(matches)
+    text = ", ".join(printable(m) for m in matches)
     return True, {**result, "status": "match", "message": f"matches registry resource {text}"}
 
 
@@ -79,7 +85,7 @@ def cmd_verify(args: argparse.Namespace, report: Report) -> None:
             if args.json:
                 print(json.dumps(result))
             else:
-                print(f"{path}: {result['message']}")
+                print(f"{printable(str(path))}: {result['message']}")
 
 
 # --- locate --------------------------------------------------------------------------
@@ -151,8 +157,8 @@ def _not_located(args: argparse.Namespace, id: str, mark: str, why: str) -> None
     if args.json:
         print(json.dumps({"id": id, "locations": [], "error": why}))
     else:
-        print(f"{id:<20}\t{mark}")
-    warn(why)
+        print(f"{printable(id):<20}\t{mark}")
+    warn(printable(why))
 
 
 def cmd_locate(args: argparse.Namespace, report: Report) -> None:
@@ -272,12 +278,12 @@ def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecor
         for loc in locations:
             text = location_text(loc)
             if text is not None:
-                print(f"{id:<20}\t{text}")
+                print(f"{printable(id):<20}\t{printable(text)}")
                 found = True
         return found
     path = next((p for p in map(stored_copy, locations) if p is not None), None)
     if path is None:
-        warn(f"'{id}' has no copy on this host")
+        warn(f"'{printable(id)}' has no copy on this host")
         return False
     if args.print0:
         print(str(path), end="\0")
@@ -286,9 +292,10 @@ def _locate_one(args: argparse.Namespace, id: str, locations: list[LocationRecor
     try:
         link.symlink_to(path)
     except OSError as err:
-        warn(f"cannot make link {link} -> {path}: {err.strerror or err}")
+        shown = f"{printable(str(link))} -> {printable(str(path))}"
+        warn(f"cannot make link {shown}: {printable(err.strerror or str(err))}")
         return False
-    print(f"{id:<20}\t-> {link}")
+    print(f"{printable(id):<20}\t-> {printable(str(link))}")
     return True
 
 

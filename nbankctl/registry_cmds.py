@@ -161,10 +161,10 @@ def cmd_registry_info(args: argparse.Namespace, report: Report) -> None:
             dump(info)
             return
         log("registry info:")
-        log(f"  - address: {describe(reg)}")
+        log(f"  - address: {printable(describe(reg))}")
         for key, value in info.items():
             if key not in ("address", "backend"):
-                log(f"  - {key}: {value}")
+                log(f"  - {printable(str(key))}: {printable(str(value))}")
 
 
 def cmd_dtype_list(args: argparse.Namespace, report: Report) -> None:
@@ -173,7 +173,7 @@ def cmd_dtype_list(args: argparse.Namespace, report: Report) -> None:
     if args.json:
         dump([d.to_json() for d in dtypes])
     for d in [] if args.json else dtypes:
-        print(f"{d.name:<25}\t({d.content_type})")
+        print(f"{printable(d.name):<25}\t({printable(d.content_type)})")
 
 
 def cmd_dtype_add(args: argparse.Namespace, report: Report) -> None:
@@ -182,7 +182,8 @@ def cmd_dtype_add(args: argparse.Namespace, report: Report) -> None:
     if args.json:
         dump(dtype.to_json())
     else:
-        log(f"added datatype {dtype.name} (content-type: {dtype.content_type})")
+        name, content_type = printable(dtype.name), printable(dtype.content_type)
+        log(f"added datatype {name} (content-type: {content_type})")
 
 
 def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
@@ -195,7 +196,7 @@ def cmd_archive_list(args: argparse.Namespace, report: Report) -> None:
         return
     for a in archives:
         where = a.root if a.scheme == "neurobank" else f"{a.scheme}://{a.root}"
-        print(f"{a.name:<25}\t{where}")
+        print(f"{printable(a.name):<25}\t{printable(where)}")
 
 
 # --- init ----------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def cmd_search(args: argparse.Namespace, report: Report) -> None:
             if args.json:
                 dump(record.to_json())
             else:
-                print(record.name)
+                print(printable(record.name))
 
 
 def cmd_info(args: argparse.Namespace, report: Report) -> None:
@@ -349,7 +350,7 @@ def cmd_info(args: argparse.Namespace, report: Report) -> None:
         record = found.get(id)
         if record is None:
             dump({"id": id, "error": "not found"})
-            warn(f"no resource '{id}' in registry {url}")
+            warn(f"no resource '{printable(id)}' in registry {url}")
             report.failed()
         else:
             dump(record.to_json())
@@ -381,7 +382,7 @@ def cmd_modify(args: argparse.Namespace, report: Report) -> None:
                 record = reg.update_metadata(id, changes)
             except errors.NotFound:
                 dump({"name": id, "error": "not found"})
-                warn(f"no resource '{id}' in registry {reg.url}")
+                warn(f"no resource '{printable(id)}' in registry {reg.url}")
                 report.failed()
                 continue
             dump(record.to_json())

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nbankd.names import printable
+from nbankd.names import printable, without_controls
 from nbankd.timefmt import human_duration, iso
 
 
@@ -262,7 +262,11 @@ _EXPLAIN_FACTS = (
 
 
 def explain(result: dict[str, Any]) -> str:
-    lines = [f"{printable(result['path'])}: {result['state']}", f"  {result.get('message', '')}"]
+    lines = [
+        f"{printable(result['path'])}: {result['state']}",
+        # its names are quoted already (requeue's command to paste among them)
+        f"  {without_controls(str(result.get('message', '')))}",
+    ]
     for key, label in _EXPLAIN_FACTS:
         if result.get(key):
             lines.append(f"  {label}: {printable(str(result[key]))}")

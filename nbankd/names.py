@@ -7,6 +7,7 @@
 - :data:`MARKER_SUFFIX`: ``NAME.done`` says ``NAME`` is finished (``ready: marker``);
 - :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why;
 - :func:`printable`: how any name found in an inbox is shown in one line;
+- :func:`without_controls`: a message that quotes names already, made safe to show;
 - :func:`utf8_text`: text quoting such a name, made valid UTF-8 and otherwise kept;
 - :func:`is_utf8`: whether a name (of a file, a tar member, a record) is UTF-8 text.
 """
@@ -36,12 +37,25 @@ def printable(relpath: str) -> str:
     C1 controls and bidirectional overrides ``\\uNNNN``, and a backslash becomes two,
     so the result is unambiguous, never spans lines and displays as the name it is.
     """
+    return _escaped(relpath, backslash=True)
+
+
+def without_controls(text: str) -> str:
+    """``text`` as :func:`printable` shows it, except that a backslash stays one: for a
+    message that already quotes its names (through :func:`printable`, or as shell words
+    to paste, ``$'\\x1b'``), which a second :func:`printable` would garble, while text it
+    quotes otherwise (a registry's) may still hold a terminal's escapes. It leaves
+    :func:`printable`'s results as they are."""
+    return _escaped(text, backslash=False)
+
+
+def _escaped(text: str, *, backslash: bool) -> str:
     out = []
-    for ch in relpath:
+    for ch in text:
         code = ord(ch)
         if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\":
+        elif ch == "\\" and backslash:
             out.append("\\\\")
         elif code < 0x20 or code == 0x7F:
             out.append(f"\\x{code:02x}")
@@ -88,4 +102,5 @@ __all__ = [
     "WORK_DIR_NAME",
     "printable",
     "utf8_text",
+    "without_controls",
 ]

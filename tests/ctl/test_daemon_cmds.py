@@ -433,6 +433,19 @@ def test_queue_shows_what_is_in_the_inbox_now(daemon_factory: Any) -> None:
     assert "late01.dat" in names
 
 
+def test_explain_text_shows_escapes_as_text_and_keeps_the_command_to_paste() -> None:
+    """explain's text shows a terminal's escapes in its message (a registry's id) as
+    text, and the requeue command it quotes stays as written, to paste."""
+    from nbankctl import render
+    from nbankd.shellwords import requeue_command
+
+    command = requeue_command("/in/nbank-rejected/a\\b\x1b.dat", None)
+    message = f"deposited as ab\x1b]0;x\x07 -- fix the cause, then: {command}"
+    text = render.explain({"path": "/in/a.dat", "state": "rejected", "message": message})
+    assert "\x1b" not in text and "\x07" not in text, text
+    assert command in text and "ab\\x1b]0;x\\x07" in text, text
+
+
 def test_requeue_command_in_reason_and_explain_can_be_pasted(h: DaemonHarness) -> None:
     """The requeue command a .reason file and explain give names the configuration and
     quotes the path: run by a shell as written, it requeues the file."""

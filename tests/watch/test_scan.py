@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.names import printable
+from nbankd.names import printable, without_controls
 from nbankd.watch.identity import Identity
 from nbankd.watch.scan import Entry, EntryKind, is_ignored, scan_inbox
 
@@ -291,6 +291,14 @@ def test_odd_names_round_trip(inbox: Path) -> None:
 def test_printable_escapes_control_and_undecodable_bytes() -> None:
     """printable() escapes newlines, invalid bytes and backslashes unambiguously."""
     assert printable(os.fsdecode(b"a\nb\xffc\\d")) == "a\\x0ab\\xffc\\\\d"
+
+
+def test_without_controls_escapes_controls_keeps_backslashes_and_printables_result() -> None:
+    """without_controls() escapes what a terminal acts on, keeps a backslash one, and
+    leaves printable()'s result as it is."""
+    assert without_controls("id\x1b[2J $'a\\x0a'") == "id\\x1b[2J $'a\\x0a'"
+    name = os.fsdecode(b"a\nb\xff\\\x1b\xc2\x9b")
+    assert without_controls(printable(name)) == printable(name)
 
 
 def test_entries_are_sorted_by_name(inbox: Path) -> None:
