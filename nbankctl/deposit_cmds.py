@@ -39,7 +39,6 @@ seconds; what is still unfinished then is named, with where its file is kept.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Any
 from nbankctl.deposit_local import by_hand
 from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
 from nbankctl.registry_access import daemon_config
+from nbankctl.registry_cmds import KeyValue
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import Archive
@@ -58,32 +58,6 @@ from nbankd.daemon import statelock
 from nbankd.deposit import manual
 from nbankd.filekind import FileKind
 from nbankd.names import WORK_DIR_NAME
-
-
-def parse_key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``: VALUE as JSON when it parses (no NaN or Infinity), else as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(name)
-
-    try:
-        return key, json.loads(value, parse_constant=no_constants)
-    except ValueError:
-        return key, value
-
-
-class _KeyValues(argparse.Action):
-    def __call__(
-        self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None
-    ) -> None:
-        key, value = parse_key_value(str(values))
-        current = dict(getattr(namespace, self.dest) or {})
-        current[key] = value
-        setattr(namespace, self.dest, current)
-
 
 # --- where and as whom ---------------------------------------------------------------
 
@@ -319,10 +293,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-k",
         dest="metadata",
-        action=_KeyValues,
+        action=KeyValue,
         default={},
         metavar="KEY=VALUE",
-        help="a metadata field (VALUE read as JSON when it parses); repeat for more",
+        help="a metadata field (VALUE read as JSON when it parses, True/False/None as "
+        "nbank reads them; a VALUE starting with [ or { must parse); repeat for more",
     )
     p.add_argument("-j", "--json-out", action="store_true", help="one JSON line per file on stdout")
     p.add_argument("--experimenter", metavar="USER", help="the resources' experimenter")
@@ -356,4 +331,4 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_deposit, more_positionals="file")
 
 
-__all__ = ["cmd_deposit", "parse_key_value", "register"]
+__all__ = ["cmd_deposit", "register"]

@@ -34,7 +34,13 @@ def report_outcomes(
     for d in described:
         record, state = d["record"], d["state"]
         source = record["source"]
-        if state == State.DONE:
+        if state == State.DONE and record.get("already"):
+            say(
+                args,
+                f"{source}: already deposited as {record['id']} ({d['url']}): the archive "
+                "holds these bytes under that id; this copy was removed",
+            )
+        elif state == State.DONE:
             say(args, f"{source}: deposited as {record['id']} ({d['url']})")
         elif "id" in record:  # recorded, then changed by a writer: back in place
             say(args, f"{source}: deposited as {record['id']} ({d['url']}), but {record['note']}")

@@ -449,7 +449,8 @@ def is_final(item: Item) -> bool:
 
 def record(item: Item) -> dict[str, Any]:
     """What ``nbank deposit -j`` prints for the item: ``{"source", "id"}`` once it is
-    deposited (and ``"zipped": true`` for a folder deposited as its zip; ``"note"``
+    deposited (and ``"already": true`` when the archive and registry held it before,
+    ``"zipped": true`` for a folder deposited as its zip; ``"note"``
     when a writer changed the file after its record and it went back in place),
     ``{"source", "error"}`` otherwise (with ``state`` while unfinished)."""
     inbox = ManualInbox.from_key(item.inbox)
@@ -457,6 +458,8 @@ def record(item: Item) -> dict[str, Any]:
     source = str(folder / item.relpath_str)
     if item.state is State.DONE or (item.state is State.RETURNED and item.progress.registered):
         done: dict[str, Any] = {"source": source, "id": item.name}
+        if item.already:  # its bytes were stored and registered under this id before
+            done["already"] = True
         if item.zipped:
             done["zipped"] = True
         if item.state is State.RETURNED:  # recorded, then a writer changed the file

@@ -260,13 +260,15 @@ def test_a_deposit_as_another_user_than_the_archive_owner_is_refused(backend: Ba
 
 
 @pytest.mark.parametrize(
-    "value,parsed", [("3", 3), ("[1, 2]", [1, 2]), ("NaN", "NaN"), ("a b", "a b")]
+    "value,parsed",
+    [("3", 3), ("[1, 2]", [1, 2]), ("NaN", "NaN"), ("a b", "a b"), ("True", True), ("None", None)],
 )
 def test_metadata_values_are_json_when_they_parse(value: str, parsed: object) -> None:
-    """-k KEY=VALUE reads VALUE as JSON when it parses (never NaN), else as text."""
-    from nbankctl.deposit_cmds import parse_key_value
+    """-k KEY=VALUE reads VALUE as JSON when it parses (never NaN; True/False/None as
+    nbank reads them), else as text, as deposit and modify both read it."""
+    from nbankctl.registry_cmds import parse_value
 
-    assert parse_key_value(f"k={value}") == ("k", parsed)
+    assert parse_value(value) == parsed
 
 
 def test_the_journal_holds_no_unfinished_item_after_a_clean_run(backend: Backend) -> None:
