@@ -101,9 +101,12 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     from nbankd.control.metrics import start_metrics
     from nbankd.daemon.service import Daemon, install_signal_handlers
     from nbankd.service.capabilities import keep_capabilities_to_self
+    from nbankd.service.limits import SPARE, check_open_file_limit
     from nbankd.service.logs import configure_logging
     from nbankd.service.notify import Notifier
 
+    check_open_file_limit()  # exit 2 naming LimitNOFILE=, never a failure half-way
+    SPARE.hold()  # first: a low number, free for the control socket's accept()
     config = load_config(find_config_path(config_path), filesystem=True)
     configure_logging(config.log.format, config.log.level)
     if not keep_capabilities_to_self():  # CAP_LEASE is the daemon's, never its readers'
@@ -121,7 +124,15 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
         serve_alerts=start_alerts,
     )
     install_signal_handlers(daemon)
-    daemon.start()
+    try:
+        daemon.start()
+    except errors.ProcessLimit as err:  # exit 2, as for a limit found too low above
+        raise errors.ConfigError(err.message, hint=err.hint) from err
+    except (OSError, RuntimeError) as err:
+        problem = errors.process_limit_problem(err, "starting")
+        if problem is None:
+            raise
+        raise errors.ConfigError(problem) from err
     notifier.ready(daemon.status_line())
     try:
         daemon.run()

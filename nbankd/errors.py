@@ -13,6 +13,7 @@ Exit codes (SPEC section 4) are decided in :func:`exit_code_for`, nowhere else.
 from __future__ import annotations
 
 import errno
+import resource
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -24,6 +25,10 @@ EXIT_UNREACHABLE = 3
 #: errno values no retry can fix: the request itself is wrong (a name the filesystem
 #: refuses, a move across filesystems); every layer judges OS errors by this one set
 PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EXDEV})
+
+#: errno values of the process (or the system) out of file descriptors: never the fault
+#: of the file, folder, archive or registry being used, and never a permanent problem
+DESCRIPTOR_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class NbankdError(Exception):
@@ -249,6 +254,76 @@ class ArchiveTaken(RegistryRejected):
 
 class LocationTaken(RegistryRejected):
     code = "location-taken"
+
+
+# --- the process's own limits --------------------------------------------------------
+
+
+class ProcessLimit(NbankdError):
+    """nbankd itself ran out of file descriptors or threads: no input, inbox, archive
+    or registry is at fault; the work waits and is retried."""
+
+    code = "process-limit"
+    transient = True
+
+
+class OpenFileLimit(ProcessLimit):
+    code = "open-file-limit"
+
+
+class ThreadLimit(ProcessLimit):
+    code = "thread-limit"
+
+
+def out_of_descriptors(err: BaseException) -> bool:
+    """Whether ``err`` says the process (EMFILE) or the system (ENFILE) has no file
+    descriptor left."""
+    return isinstance(err, OSError) and err.errno in DESCRIPTOR_ERRNOS
+
+
+def thread_refused(err: BaseException) -> bool:
+    """Whether ``err`` is Python's refusal to start a thread (the limit on tasks or
+    processes reached: RuntimeError "can't start new thread")."""
+    return isinstance(err, RuntimeError) and "can't start new thread" in str(err)
+
+
+def open_file_limit(err: OSError, doing: str) -> OpenFileLimit:
+    """The error telling that ``doing`` failed for want of a file descriptor: the
+    open-file limit (or the system's file table) named, with what to do."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if err.errno == errno.ENFILE:
+        return OpenFileLimit(
+            f"the system's table of open files is full ({err.strerror}) while {doing}",
+            hint="raise fs.file-max (sysctl) or find the process holding them; "
+            "the work waits and is retried",
+        )
+    return OpenFileLimit(
+        f"nbankd has used up its open-file limit (RLIMIT_NOFILE {soft}) while {doing}",
+        hint="raise LimitNOFILE= in nbankd's systemd unit (or ulimit -n) and restart "
+        "nbankd; the work waits and is retried",
+    )
+
+
+def thread_limit(doing: str) -> ThreadLimit:
+    """The error telling that ``doing`` failed because no thread could be started."""
+    return ThreadLimit(
+        f"nbankd cannot start a thread while {doing}: its limit on threads is reached "
+        "(systemd TasksMax=, or RLIMIT_NPROC)",
+        hint="raise TasksMax= in nbankd's systemd unit (or ulimit -u), or retry when "
+        "fewer threads run",
+    )
+
+
+def process_limit_problem(err: BaseException, doing: str) -> str | None:
+    """The one line telling that ``err`` is the process short of descriptors or
+    threads (with what to do), or None when it is not: every place that turns an OS
+    error into a message about a file, folder or archive asks this first."""
+    if out_of_descriptors(err):
+        assert isinstance(err, OSError)
+        return str(open_file_limit(err, doing))
+    if thread_refused(err):
+        return str(thread_limit(doing))
+    return None
 
 
 # --- daemon control ------------------------------------------------------------------

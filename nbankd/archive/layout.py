@@ -401,16 +401,19 @@ def _unlistable(err: OSError) -> str:
     return f"unable to list: {why}; {what}"
 
 
-def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.ArchiveError:
+def unavailable(archive: Archive | Path, err: OSError, doing: str) -> errors.NbankdError:
     """Classifies an archive-side OSError: transient (ArchiveUnavailable) unless hopeless.
 
     Disk full (ENOSPC, EDQUOT), I/O errors, read-only or vanished mounts (EROFS,
     ESTALE, ENOTCONN, ENOENT of the archive's own folders) and permission errors
     (EACCES, EPERM: an administrator can fix them while the work waits) are
     transient. Names the filesystem rejects (ENAMETOOLONG, EILSEQ) and cross-device
-    placement (EXDEV) are permanent :class:`~nbankd.errors.ArchiveError`.
+    placement (EXDEV) are permanent :class:`~nbankd.errors.ArchiveError`. The process
+    out of file descriptors is :class:`~nbankd.errors.OpenFileLimit` (its own problem).
     """
     root = archive.path if isinstance(archive, Archive) else Path(archive)
+    if errors.out_of_descriptors(err):  # nbankd's own limit, never the archive's
+        return errors.open_file_limit(err, f"{doing} in archive {root}")
     reason = err.strerror or str(err)
     message = f"archive {root}: {reason} while {doing}"
     if err.errno in errors.PERMANENT_ERRNOS:

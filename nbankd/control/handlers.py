@@ -135,59 +135,65 @@ def parse_since(value: Any, now: float) -> float | None:
 def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     inboxes = _inboxes(daemon)
     result = daemon.status()
-    for entry in result["inboxes"]:
-        state = inboxes.get(entry["path"])
-        contents = (
-            requeue_mod.rejected_contents(state.config, state.config.rejected_dir)
-            if state is not None
-            else requeue_mod.RejectedContents()
-        )
-        waiting = len(contents.entries)
-        entry["in_rejected_folder"] = waiting
-        entry["rejected_dir"] = str(state.config.rejected_path) if state is not None else None
-        entry["rejected_without_reason"] = [str(p) for p in contents.unexplained[:LISTED]]
-        entry["rejected_unreadable"] = _unreadable(contents)
-        if waiting:
-            result["degraded"].append(
-                f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
-                + _without_reason(contents)
+    try:
+        for entry in result["inboxes"]:
+            state = inboxes.get(entry["path"])
+            contents = (
+                requeue_mod.rejected_contents(state.config, state.config.rejected_dir)
+                if state is not None
+                else requeue_mod.RejectedContents()
             )
-        result["degraded"] += _unreadable_lines(entry["path"], entry["rejected_dir"], contents)
-        entry["earlier_rejected_dirs"] = []
-        if state is not None:
-            for earlier, held in _earlier_rejected(state.config):
-                entry["earlier_rejected_dirs"].append(earlier)
-                result["degraded"] += _unreadable_lines(entry["path"], earlier["path"], held)
-                if earlier["empty"]:
-                    continue
+            waiting = len(contents.entries)
+            entry["in_rejected_folder"] = waiting
+            entry["rejected_dir"] = str(state.config.rejected_path) if state is not None else None
+            entry["rejected_without_reason"] = [str(p) for p in contents.unexplained[:LISTED]]
+            entry["rejected_unreadable"] = _unreadable(contents)
+            if waiting:
                 result["degraded"].append(
-                    f"{earlier['rejected_inputs']} rejected input(s) still in "
-                    f"{earlier['path']}, an earlier rejected folder of {entry['path']} "
-                    f"(rejected_dir is now {state.config.rejected_dir}): nbankd never "
-                    "deposits from it; requeue them (nbankctl requeue --all-rejected "
-                    f"{entry['path']}, or nbankctl requeue FILE) or move them out, then "
-                    "remove the folder"
+                    f"{waiting} rejected input(s) waiting in {entry['rejected_dir']}"
+                    + _without_reason(contents)
                 )
-        entry["former_work_dirs"] = (
-            [str(state.config.path / w) for w in state.config.former_work_dirs]
-            if state is not None
-            else []
-        )
-        if state is not None:
-            unowned, problem = orphans.check(state.config.work_dir, daemon.journal.known_tokens)
-            entry["unowned_work_files"] = unowned
-            if problem is not None:
-                result["degraded"].append(f"{entry['path']}: {problem}")
-            for former in state.config.former_work_dirs:
-                # a former inbox's work folder inside this one: never scanned, so files
-                # no deposit owns there (a claim of a lost state_dir) are told as here
-                _unowned, problem = orphans.check(
-                    state.config.path / former, daemon.journal.known_tokens
-                )
-                if problem is not None:
+            result["degraded"] += _unreadable_lines(entry["path"], entry["rejected_dir"], contents)
+            entry["earlier_rejected_dirs"] = []
+            if state is not None:
+                for earlier, held in _earlier_rejected(state.config):
+                    entry["earlier_rejected_dirs"].append(earlier)
+                    result["degraded"] += _unreadable_lines(entry["path"], earlier["path"], held)
+                    if earlier["empty"]:
+                        continue
                     result["degraded"].append(
-                        f"{entry['path']}: the work folder of a former inbox: {problem}"
+                        f"{earlier['rejected_inputs']} rejected input(s) still in "
+                        f"{earlier['path']}, an earlier rejected folder of {entry['path']} "
+                        f"(rejected_dir is now {state.config.rejected_dir}): nbankd never "
+                        "deposits from it; requeue them (nbankctl requeue --all-rejected "
+                        f"{entry['path']}, or nbankctl requeue FILE) or move them out, then "
+                        "remove the folder"
                     )
+            entry["former_work_dirs"] = (
+                [str(state.config.path / w) for w in state.config.former_work_dirs]
+                if state is not None
+                else []
+            )
+            if state is not None:
+                unowned, problem = orphans.check(state.config.work_dir, daemon.journal.known_tokens)
+                entry["unowned_work_files"] = unowned
+                if problem is not None:
+                    result["degraded"].append(f"{entry['path']}: {problem}")
+                for former in state.config.former_work_dirs:
+                    # a former inbox's work folder inside this one: never scanned, so files
+                    # no deposit owns there (a claim of a lost state_dir) are told as here
+                    _unowned, problem = orphans.check(
+                        state.config.path / former, daemon.journal.known_tokens
+                    )
+                    if problem is not None:
+                        result["degraded"].append(
+                            f"{entry['path']}: the work folder of a former inbox: {problem}"
+                        )
+    except OSError as err:  # nbankd out of descriptors: its folders not looked in now
+        limit = errors.process_limit_problem(err, "looking in the inboxes' folders")
+        if limit is None:
+            raise
+        result["degraded"].append(limit)
     alerts = daemon.alerts
     problem = getattr(alerts, "problem", None)
     result["alerts"] = None if alerts is None else {"problem": problem}
@@ -206,6 +212,7 @@ def status(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         result["degraded"] += auditor.problems()
     else:
         result.update(last_audit=None, next_audit=None, audit_running=None)
+    result["degraded"] = list(dict.fromkeys(result["degraded"]))  # one limit line
     result["healthy"] = not result["degraded"]
     return result
 

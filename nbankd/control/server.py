@@ -40,6 +40,16 @@ request size limit (:data:`~.protocol.MAX_REQUEST`). At most
 :data:`ADMIN_RESERVED` of those slots are kept for admins, so connections of
 readers can never lock an admin out. Nothing a client sends can stop the
 server: every failure becomes an error reply.
+
+**Out of descriptors or threads.** When ``accept()`` fails for want of a descriptor
+(EMFILE, ENFILE), the server gives up the daemon's spare descriptor
+(:data:`nbankd.service.limits.SPARE`, opened first at start-up so its number is low)
+and accepts into it: the connection is served (``nbankctl status`` answers, degraded,
+naming the open-file limit) and the spare is taken back once it is closed. When even
+that fails, the listening socket is left alone for :data:`ACCEPT_BACKOFF` seconds (the
+connections wait in the kernel's queue) and the failure is logged once, not at every
+wake-up. A connection whose serving thread cannot be started is answered
+``thread-limit`` from the accepting thread, never closed without a word.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ import structlog
 from nbankd import errors
 from nbankd.control import protocol
 from nbankd.control.peers import Access, Peer, PeerNames, credentials, socket_group
+from nbankd.service.limits import SPARE, SpareDescriptor
 
 log = structlog.get_logger("nbankd.control")
 
@@ -75,6 +86,7 @@ ADMIN_RESERVED = 4  # of MAX_CONNECTIONS, only for admins
 LISTEN_BACKLOG = 1024  # connections the kernel queues before connect() says EAGAIN
 ACCEPT_BATCH = 256  # connections accepted per wake-up before checking for stop
 DENIAL_LOG_EVERY = 10.0  # seconds between warnings about one refused user
+ACCEPT_BACKOFF = 1.0  # seconds the listener is left alone after accept() failed
 SOCKET_MODE = 0o660
 
 
@@ -90,8 +102,14 @@ Dispatch = Callable[[str, dict[str, Any], Peer], Any]
 class ControlServer:
     """Serves the control protocol on ``path`` until :meth:`stop`."""
 
-    def __init__(self, path: Path, dispatch: Dispatch, access: Access) -> None:
+    def __init__(
+        self, path: Path, dispatch: Dispatch, access: Access, spare: SpareDescriptor = SPARE
+    ) -> None:
         self.path = Path(path)
+        self._spare = spare
+        self._selector: selectors.BaseSelector | None = None
+        self._resume_at: float | None = None  # accept() failed: the listener rests until
+        self._accept_error: str | None = None  # the failure of accept() last logged
         self.dispatch = dispatch
         self.access = access
         self._listener: socket.socket | None = None
@@ -108,11 +126,26 @@ class ControlServer:
     # -- life cycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Binds the socket (replacing a stale one) and starts serving."""
+        """Binds the socket (replacing a stale one) and starts serving. Everything the
+        serving thread needs is made here, so that a failure (no descriptor or thread
+        left) fails the start instead of leaving a daemon without its control server."""
         self._listener = self._bind()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
-        self._thread.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._listener, selectors.EVENT_READ)
+            self._selector.register(self._wake_r, selectors.EVENT_READ)
+            self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+            self._thread.start()
+        except BaseException as err:
+            self._stop.set()
+            self.stop()
+            if errors.out_of_descriptors(err):
+                assert isinstance(err, OSError)
+                raise errors.open_file_limit(err, "starting the control socket") from err
+            if errors.thread_refused(err):
+                raise errors.thread_limit("starting the control socket") from err
+            raise
         log.info("control socket listening", socket=str(self.path))
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -126,9 +159,14 @@ class ControlServer:
             self._thread.join(timeout)
         self._listener.close()
         self._listener = None
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r, self._wake_w = -1, -1
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -211,20 +249,51 @@ class ControlServer:
     # -- serving ------------------------------------------------------------------
 
     def _serve(self) -> None:
+        sel, listener = self._selector, self._listener
+        assert sel is not None and listener is not None
+        while not self._stop.is_set():
+            timeout = None
+            if self._resume_at is not None:  # resting after a failed accept()
+                timeout = self._resume_at - time.monotonic()
+                if timeout <= 0:
+                    self._resume_at, timeout = None, None
+                    sel.register(listener, selectors.EVENT_READ)
+            try:
+                events = sel.select(timeout)
+            except OSError:  # pragma: no cover - EINTR is retried by Python
+                continue
+            if self._stop.is_set():
+                break
+            for key, _ in events:
+                if key.fileobj is listener:
+                    self._accept_pending()
+
+    def _accept(self) -> socket.socket:
+        """One waiting connection; out of descriptors, accepted into the spare's."""
         assert self._listener is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._listener, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                try:
-                    events = sel.select()
-                except OSError:  # pragma: no cover - EINTR is retried by Python
-                    continue
-                if self._stop.is_set():
-                    break
-                for key, _ in events:
-                    if key.fileobj is self._listener:
-                        self._accept_pending()
+        self._spare.hold()  # taken back once the connection it served is closed
+        try:
+            return self._listener.accept()[0]
+        except OSError as err:
+            if not errors.out_of_descriptors(err) or not self._spare.release():
+                raise
+        return self._listener.accept()[0]
+
+    def _accept_failed(self, err: OSError) -> None:
+        """Leaves the listener alone for ACCEPT_BACKOFF seconds (the connections wait
+        in the kernel's queue), logging the failure once until accept() works again."""
+        assert self._selector is not None and self._listener is not None
+        if self._resume_at is None:
+            self._selector.unregister(self._listener)
+        self._resume_at = time.monotonic() + ACCEPT_BACKOFF
+        problem = errors.process_limit_problem(err, "accepting a control connection")
+        if str(err) != self._accept_error:
+            self._accept_error = str(err)
+            log.error(
+                "control socket accept failed; connections wait",
+                error=problem or str(err),
+                retry_every=ACCEPT_BACKOFF,
+            )
 
     def _accept_pending(self) -> None:
         """Accepts the connections waiting (up to ACCEPT_BATCH, then the stop flag is
@@ -232,12 +301,15 @@ class ControlServer:
         assert self._listener is not None
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self._listener.accept()
+                conn = self._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.error("control socket accept failed", error=str(err))
+                self._accept_failed(err)
                 return
+            if self._accept_error is not None:
+                log.info("control socket accepts connections again")
+                self._accept_error = None
             try:
                 self._admit(conn)
             except Exception:  # never let one connection stop the accepting
@@ -257,8 +329,16 @@ class ControlServer:
         peer = self._names.known(pid, uid, gid)
         if peer is not None:
             self._decide(conn, peer)
-        elif not self._names.look_up(conn, pid, uid, gid):
-            self._refuse_busy(conn)
+        else:
+            try:
+                queued = self._names.look_up(conn, pid, uid, gid)
+            except RuntimeError as err:
+                if not errors.thread_refused(err):
+                    raise
+                self._refuse_no_thread(conn)
+                return
+            if not queued:
+                self._refuse_busy(conn)
 
     def _named(self, conn: socket.socket, peer: Peer | None, error: Exception | None) -> None:
         """A connection whose peer is known now (or could not be: ``error``)."""
@@ -323,10 +403,23 @@ class ControlServer:
             threading.Thread(
                 target=self._handle, args=(conn, peer, slots), name="control-conn", daemon=True
             ).start()
-        except BaseException:
+        except BaseException as err:
             slots.release()
+            if errors.thread_refused(err):
+                self._refuse_no_thread(conn)
+                return
             conn.close()
             raise
+
+    def _refuse_no_thread(self, conn: socket.socket) -> None:
+        """Answers, from the accepting thread, a connection no thread can serve."""
+        err = errors.thread_limit("serving a control connection")
+        log.error("control connection refused: no thread to serve it", error=str(err))
+        with contextlib.suppress(OSError):
+            conn.sendall(
+                protocol.encode_error(err.code, str(err), exit_code=errors.EXIT_UNREACHABLE)
+            )
+        conn.close()
 
     def _handle(self, conn: socket.socket, peer: Peer, slots: threading.BoundedSemaphore) -> None:
         try:
@@ -339,6 +432,7 @@ class ControlServer:
             log.exception("control connection failed")
         finally:
             slots.release()
+            self._spare.hold()  # given up to accept this connection: its number is free
 
     def _answer(self, conn: socket.socket, peer: Peer) -> bytes:
         try:
@@ -367,6 +461,12 @@ class ControlServer:
         except errors.NbankdError as err:
             return protocol.encode_error(err.code, str(err), exit_code=err.exit_code)
         except Exception as err:
+            limit = errors.process_limit_problem(err, f"answering {request.cmd}")
+            if limit is not None:
+                log.error("control command failed", command=request.cmd, error=limit)
+                return protocol.encode_error(
+                    "process-limit", limit, exit_code=errors.EXIT_UNREACHABLE
+                )
             log.exception("control command failed", command=request.cmd)
             return protocol.encode_error(
                 "internal", f"{type(err).__name__}: {err}", exit_code=errors.EXIT_PROBLEMS

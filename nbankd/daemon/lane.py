@@ -38,6 +38,7 @@ from nbankd.deposit.lifecycle import Step, next_step
 from nbankd.deposit.rounds import Moved, answered, remote_step, run_round
 from nbankd.deposit.stepbase import StepResult
 from nbankd.deposit.steps import Steps
+from nbankd.service.limits import start_all_threads
 
 log = structlog.get_logger("nbankd.daemon")
 
@@ -146,6 +147,7 @@ class Lane:
         self.waiting_since: float | None = None
         self._round_ended = time.monotonic()  # when the last round ended
         self._remote = ThreadPoolExecutor(REMOTE_WORKERS, thread_name_prefix="deposit-remote")
+        start_all_threads(self._remote, REMOTE_WORKERS, "registration workers")
         self._thread = threading.Thread(target=self._run, name=LANE_NAME, daemon=True)
         self._thread.start()
 

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Set
 from pathlib import Path
 
+from nbankd import errors
 from nbankd.deposit import folderproof
 from nbankd.names import PROBE_PREFIX
 
@@ -68,6 +69,9 @@ def check(
     try:
         names = unowned_work_files(work_dir, known_tokens)
     except OSError as err:
+        problem = errors.process_limit_problem(err, f"listing {work_dir}")
+        if problem is not None:
+            return [], problem
         return [], f"cannot list {work_dir}: {err.strerror or err}; check its owner and mode"
     if not names:
         return [], None

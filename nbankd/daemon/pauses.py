@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from nbankd import errors
 from nbankd.archive.fsops import write_atomic
 from nbankd.smallfile import SmallFileError, read_regular
 
@@ -101,6 +102,8 @@ def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
+        if errors.out_of_descriptors(err):  # not known now; never told as a switch
+            raise
         return {"inboxes": [], "to": None, "problem": f"{path}: {err}"}
     if not isinstance(doc, dict):
         return {"inboxes": [], "to": None, "problem": f"{path}: not a JSON object"}

@@ -587,6 +587,8 @@ def rejected_contents(config: InboxConfig, folder: str | None = None) -> Rejecte
     unreadable: list[tuple[Path, str]] = []
 
     def failed(err: OSError) -> None:
+        if errors.out_of_descriptors(err):  # nbankd's limit, not the folder's access
+            raise err
         if not isinstance(err, FileNotFoundError):  # gone meanwhile: nothing in it
             where = Path(os.fsdecode(err.filename)) if err.filename is not None else top
             unreadable.append((where, err.strerror or str(err)))

@@ -42,6 +42,7 @@ from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
+from nbankd.service.limits import descriptor_problem, start_all_threads
 from nbankd.versions import dependency_versions
 from nbankd.watch.observer import InboxWatcher
 
@@ -148,6 +149,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             archive_at=self._archive_at,
             registration=self._registration,
         )
+        start_all_threads(self.pool, WORKERS, "deposit workers")
         self._start_lane()
         for held in manual.held_rejections(self.journal):  # a stop came before the hand-back
             try:
@@ -258,8 +260,10 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                         self._scan(key, state, started)
                         state.scan_took = self.mono() - started
                     except OSError as err:
-                        log.error("cannot scan inbox", inbox=key, error=str(err))
-                        state.next_scan = tick + min(60.0, state.config.rescan_every)
+                        limit = errors.process_limit_problem(err, f"scanning inbox {key}")
+                        log.error("cannot scan inbox", inbox=key, error=limit or str(err))
+                        retry = JOURNAL_RETRY if limit is not None else 60.0  # soon: a burst
+                        state.next_scan = tick + min(retry, state.config.rescan_every)
                     except sqlite3.Error as err:  # journaling a new item failed
                         self._journal_failed(err)
                         state.next_scan = tick + min(JOURNAL_RETRY, state.config.rescan_every)
@@ -297,7 +301,20 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 log.info("stopping", signal=name)
                 self._stop.set()
             elif request is Request.RELOAD:
-                threading.Thread(target=self.reload, name="reload", daemon=True).start()
+                self._start_reload()
+
+    def _start_reload(self) -> None:
+        """Starts a reload (SIGHUP) in a thread of its own; when no thread can be
+        started, the reload fails: logged, and status says so until one succeeds."""
+        try:
+            threading.Thread(target=self.reload, name="reload", daemon=True).start()
+        except RuntimeError as err:
+            if not errors.thread_refused(err):
+                raise
+            problem = str(errors.thread_limit("starting the reload"))
+            log.error("reload failed; the running configuration is kept", error=problem)
+            with self._lock:
+                self.reload_problem = problem
 
     def _check_watches(self, tick: float) -> float | None:
         """Re-arms watches, runs their liveness checks, and polls every inbox whose
@@ -355,13 +372,17 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         """Everything status and control read, at one instant (under the lock)."""
         watches = self.observer.status() if self.observer is not None else {}
         setup = self.registry_setup.last
-        switch = pauses.unfinished_switch(self.config.state_dir)
+        try:
+            switch = pauses.unfinished_switch(self.config.state_dir)
+        except OSError:  # out of descriptors: not known now; told by descriptor_problem
+            switch = None
         paused_problem = pauses.problem(self.config.state_dir)
         lane = self.lane.problem(self.clock()) if self.lane is not None else None
         liveness = self.notifier
         beats = getattr(liveness, "heartbeat", None)
         wedge_after = getattr(liveness, "wedge_after", None)
         stale = beats.stale(time.monotonic(), wedge_after) if beats and wedge_after else []
+        limits = descriptor_problem()
         with self._lock:
             return Snapshot(
                 now=self.clock(),
@@ -391,6 +412,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                     {n: self._working[n] for n in stale if n in self._working}, wedge_after
                 ),
                 reload_problem=self.reload_problem,
+                limits_problem=limits,
             )
 
     def status_line(self) -> str:

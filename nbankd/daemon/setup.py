@@ -180,6 +180,8 @@ def inbox_folders_problem(spec: InboxSpec) -> tuple[str | None, tuple[int, int] 
     except (Tampered, Escape) as err:
         return str(err), None
     except OSError as err:
+        if errors.out_of_descriptors(err):  # nbankd's limit: the scan fails, not the inbox
+            raise
         return f"cannot open inbox {spec.path}: {err.strerror or err}", None
     return None, (st.st_dev, st.st_ino)
 

@@ -10,7 +10,9 @@ root, or not at all); an inbox's ``placement: rename`` is not proved to work
 (registry outage, full or failing archive filesystem, ...); files are stalled; the
 lane of small files has shown no progress, or has waited for the registry's answers,
 for a minute; the last reload of the configuration file failed (until a reload
-or a restart succeeds). The control
+or a restart succeeds); the process is short of file descriptors (fewer than
+:data:`~nbankd.service.limits.LOW_DESCRIPTORS` free under its open-file limit), or
+inputs wait because nbankd ran out of descriptors or threads. The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from nbankd import __version__
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL, State
-from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
+from nbankd.deposit.outcomes import ARCHIVE_CODES, PROCESS_CODES, REGISTRY_CODES
 from nbankd.deposit.verdicts import RECHECK_CODES
 from nbankd.names import printable
 
@@ -56,7 +58,9 @@ def waiting_problems(items: Iterable[Item]) -> list[str]:
             continue
         if item.error_code in RECHECK_CODES and item.attempts < RECHECKS_TOLD_AFTER:
             continue
-        if item.error_code in REGISTRY_CODES:
+        if item.error_code in PROCESS_CODES:
+            where = "nbankd"
+        elif item.error_code in REGISTRY_CODES:
             where = "registry"
         elif item.error_code in ARCHIVE_CODES:
             where = f"archive {item.archive} ({item.archive_path})"
@@ -227,6 +231,8 @@ def build_status(
         degraded.append(snap.paused_problem)
     if snap.reload_problem:
         degraded.append(reload_line(str(snap.config.source), snap.reload_problem))
+    if snap.limits_problem:
+        degraded.insert(0, snap.limits_problem)
     if snap.state_problem:
         degraded.insert(0, snap.state_problem)
     if snap.journal_problem:

@@ -99,6 +99,7 @@ class Snapshot:
     #: why the last reload (SIGHUP or ``nbankctl reload``) failed, the running setup
     #: kept; None once a reload succeeds (or since the start)
     reload_problem: str | None = None
+    limits_problem: str | None = None  # the process short of file descriptors
 
     @property
     def queue(self) -> int:

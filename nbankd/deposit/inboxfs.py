@@ -140,6 +140,8 @@ def prepare_folders(
     try:
         fs = InboxFS(root, work=work, rejected=rejected)
     except OSError as err:
+        if errors.out_of_descriptors(err):
+            raise errors.open_file_limit(err, f"opening inbox {root}") from err
         raise errors.ConfigError(f"cannot open inbox {root}: {err.strerror or err}") from err
     with fs:
         ids = []
@@ -148,6 +150,8 @@ def prepare_folders(
             try:
                 fd = fs.folder(fs.root, rel, create=True, where=where, mode=mode)
             except (Escape, OSError) as err:
+                if errors.out_of_descriptors(err):  # it holds the inputs in flight: kept
+                    raise errors.open_file_limit(err, f"opening {where}") from err
                 problem = f"cannot be used as the inbox's folder ({err})"
                 with contextlib.suppress(OSError):
                     if not stat.S_ISDIR(os.lstat(where).st_mode):

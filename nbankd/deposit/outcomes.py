@@ -5,7 +5,9 @@ permissions an administrator can fix); permanent ones reject it with a code (the
 input itself is wrong). Credentials, unregistered archives and any registry answer
 but its field errors (a 400 naming what was wrong with the record) are the operator's
 or the site's to fix and never the input's fault, so they wait. OS errors are judged by errno
-with the same table the archive layer uses (:data:`nbankd.errors.PERMANENT_ERRNOS`).
+with the same table the archive layer uses (:data:`nbankd.errors.PERMANENT_ERRNOS`);
+the process out of file descriptors (EMFILE, ENFILE) or threads is nbankd's own
+problem (``open-file-limit``, ``thread-limit``), whatever step met it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def _codes(base: type[errors.NbankdError]) -> frozenset[str]:
 #: the archive's staging/, ``staged-changed``) is the archive's
 REGISTRY_CODES = _codes(errors.RegistryError)
 ARCHIVE_CODES = _codes(errors.ArchiveError) | {"os-error"} | REPEATING_RESTAGES
+#: nbankd's own limits (open files, threads): never the input's, inbox's or archive's
+PROCESS_CODES = _codes(errors.ProcessLimit)
 
 
 #: errno values of an outage or of something an administrator fixes: the input waits
@@ -76,6 +80,13 @@ def outcome_for(err: BaseException) -> Outcome:
             f"reading the input failed: {err}",
             "check the disk or mount the inbox is on; the input is kept and read again",
         )
+    if errors.out_of_descriptors(err):
+        assert isinstance(err, OSError)
+        limit = errors.open_file_limit(err, f"depositing ({err.strerror})")
+        return Outcome("transient", limit.code, limit.message, limit.hint)
+    if errors.thread_refused(err):
+        limit = errors.thread_limit("depositing")
+        return Outcome("transient", limit.code, limit.message, limit.hint)
     if isinstance(err, OSError):
         if err.errno in errors.PERMANENT_ERRNOS:
             return Outcome("permanent", PERMANENT_CODES[err.errno], f"{err}")
@@ -85,4 +96,11 @@ def outcome_for(err: BaseException) -> Outcome:
     return Outcome("transient", "internal", f"{type(err).__name__}: {err}")
 
 
-__all__ = ["ARCHIVE_CODES", "PERMANENT_CODES", "REGISTRY_CODES", "WAITING_ERRNOS", "outcome_for"]
+__all__ = [
+    "ARCHIVE_CODES",
+    "PERMANENT_CODES",
+    "PROCESS_CODES",
+    "REGISTRY_CODES",
+    "WAITING_ERRNOS",
+    "outcome_for",
+]

@@ -35,6 +35,7 @@ is looked at, so a test can show the liveness check and the fallback at work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -58,8 +59,9 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 
-from nbankd import seams
+from nbankd import errors, seams
 from nbankd.names import CANARY_NAME, WORK_DIR_NAME, printable
+from nbankd.service.limits import descriptor_problem
 from nbankd.watch.liveness import LIMITS
 from nbankd.watch.proof import ProofOfLife
 from nbankd.watch.wakeups import Mode, WatchStatus
@@ -330,7 +332,11 @@ class InboxWatcher(ProofOfLife):
                 event_filter=_EVENTS,
             )
         except OSError as err:
-            why = LIMITS.get(err.errno or 0)
+            # EMFILE: inotify's limit on instances, or nbankd's own open-file limit
+            # (then not refused for good: armed again at a rescan)
+            short = err.errno == errno.EMFILE and descriptor_problem() is not None
+            limit = errors.process_limit_problem(err, "setting up its watch") if short else None
+            why = None if short else LIMITS.get(err.errno or 0)
             if why is not None:
                 inbox.refused = f"{why}; polling instead"
                 log.warning(
@@ -340,7 +346,8 @@ class InboxWatcher(ProofOfLife):
                     errno=err.errno,
                 )
             else:
-                inbox.reason = f"cannot watch inbox folder ({err.strerror}); re-armed on rescan"
+                said = limit or f"cannot watch inbox folder ({err.strerror})"
+                inbox.reason = f"{said}; re-armed on rescan"
             return
         inbox.watch = watch
         inbox.reason = ""
