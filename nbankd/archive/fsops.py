@@ -391,14 +391,21 @@ def append_durable(
 
 def _without_torn_tail(fd: int, size: int) -> int:
     """Cuts off the bytes after the last newline of the log open at ``fd`` (``size``
-    bytes long) when they are no more than :data:`TORN_TAIL_MAX`; returns its size."""
+    bytes long) when they are no more than :data:`TORN_TAIL_MAX`; returns its size. A
+    log that cannot be cut (append-only, ``chattr +a``) keeps them (the caller ends
+    the torn line)."""
     start = max(0, size - TORN_TAIL_MAX - 1)
     tail = os.pread(fd, size - start, start)
     newline = tail.rfind(b"\n")
     if newline < 0 and start > 0:
         return size  # too long to be a torn line of ours
     cut = start + newline + 1
-    os.ftruncate(fd, cut)
+    try:
+        os.ftruncate(fd, cut)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        return size  # an append-only log (chattr +a): the torn line is ended instead
     return cut
 
 

@@ -35,7 +35,8 @@ class IdentifierSteps(StepsBase):
         item = item.changed(already=False)  # decided again on every lookup
         assert item.name
         stored = archive.stored_entries(item.name, known=self._lookup_known())
-        if not stored and not item.progress.registered and item.error_code != verdicts.SHA1_HELD:
+        recheck = item.error_code in verdicts.RECHECK_CODES  # judged again by the registry
+        if not stored and not item.progress.registered and not recheck:
             # nothing is stored for this identifier: the registry is asked by the
             # registering POST itself, whose refusals (name or SHA-1 taken) are exact and
             # judged then (at_register): one request per input in the common case

@@ -42,7 +42,7 @@ def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None
     the record lacks counts as stored when its value is one of the record's core
     fields: django-neurobank moves the keys its ``NBANK_METADATA_ALIASES`` names
     (``bird`` for ``animal``, say) into those fields, keeping no copy under the key."""
-    theirs = record or {}
+    theirs = record if isinstance(record, Mapping) else {}  # a list holds none of ours
     for key, value in sent.items():
         if key in CORE_FIELDS:
             if theirs.get(key) != core_field_as_stored(value):
@@ -57,7 +57,7 @@ def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None
     return True
 
 
-def _freeze_metadata(metadata: Mapping[str, Any] | None) -> str | None:
+def _freeze_metadata(metadata: Any) -> str | None:
     return None if metadata is None else json.dumps(metadata, sort_keys=True)
 
 
@@ -205,7 +205,9 @@ class ResourceRecord:
     metadata_json: str | None = field(default=None, repr=False)
 
     @property
-    def metadata(self) -> dict[str, Any] | None:
+    def metadata(self) -> Any:
+        """The record's metadata: an object (a dict) as a rule, None when it has none;
+        any other JSON value an administrator stored is kept as it is."""
         return None if self.metadata_json is None else json.loads(self.metadata_json)
 
     def to_json(self) -> dict[str, Any]:
@@ -230,10 +232,9 @@ class ResourceRecord:
         locations = d.get("locations") or []
         if not isinstance(locations, list) or not all(isinstance(a, str) for a in locations):
             raise MalformedRecord(f"{kind} record's 'locations' is not a list of archive names")
+        # any JSON value, kept as it is: django-neurobank's admin form stores whatever
+        # JSON it is given (a list, say), and such a record is still a record
         metadata = d.get("metadata")
-        if metadata is not None and not isinstance(metadata, Mapping):
-            shape = _shape(metadata)
-            raise MalformedRecord(f"{kind} record's 'metadata' is {shape}, not an object")
         return cls(
             name=_text(d, "name", kind),
             sha1=_optional_text(d, "sha1", kind),
