@@ -33,7 +33,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,9 +41,8 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, wait_for
 
-NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 
 # what a message naming the process's open-file limit (and how to raise it) looks like
@@ -54,17 +52,6 @@ NAMES_FD_LIMIT = re.compile(
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _ctl(h: DaemonHarness, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBANKD_")}
-    return subprocess.run(
-        [NBANKCTL, "-c", str(h.config_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def _open_fds(pid: int) -> set[int]:
@@ -210,7 +197,7 @@ def test_status_answers_degraded_naming_the_open_file_limit_when_descriptors_run
     try:
         data = os.urandom(4000)
         h.drop("during.wav", data)
-        proc = _ctl(h, "status", "--json")
+        proc = nbankctl(h, "status", "--json", timeout=60)
     finally:
         _set_soft_nofile(pid, 1024)
     assert proc.returncode == 1, f"exit {proc.returncode}: {proc.stderr.strip()}"
@@ -218,7 +205,7 @@ def test_status_answers_degraded_naming_the_open_file_limit_when_descriptors_run
     assert any(NAMES_FD_LIMIT.search(line) for line in degraded), degraded
     h.wait_settled(2, timeout=30)
     assert h.archive_files()["during.wav"].read_bytes() == data
-    assert _ctl(h, "status").returncode == 0
+    assert nbankctl(h, "status", timeout=60).returncode == 0
 
 
 def test_a_descriptor_shortage_is_not_blamed_on_the_archive_or_the_inbox_folder(
@@ -240,7 +227,7 @@ def test_a_descriptor_shortage_is_not_blamed_on_the_archive_or_the_inbox_folder(
             30,
             "the input to wait after an error",
         )
-        proc = _ctl(h, "status", "--json")
+        proc = nbankctl(h, "status", "--json", timeout=60)
     finally:
         _set_soft_nofile(pid, 1024)
     assert proc.returncode == 1, proc.stderr
@@ -336,13 +323,13 @@ def test_status_without_a_thread_to_spare_answers_instead_of_closing_the_connect
     pids_cgroup.hold(h.proc.pid)
     pids_cgroup.limit(pids_cgroup.current())
     try:
-        proc = _ctl(h, "status")
+        proc = nbankctl(h, "status", timeout=60)
     finally:
         pids_cgroup.limit("max")
     said = proc.stdout + proc.stderr
     assert "closed the connection" not in said, said
     assert re.search(r"thread|tasks|process(es)? limit|TasksMax", said, re.I), said
-    assert _ctl(h, "status").returncode == 0
+    assert nbankctl(h, "status", timeout=60).returncode == 0
 
 
 def test_started_with_too_few_descriptors_nbankd_exits_naming_the_limit_never_wedges(
@@ -377,7 +364,7 @@ def test_started_with_too_few_descriptors_nbankd_exits_naming_the_limit_never_we
                 problems.append(f"{nofile}: exits {h.proc.returncode}: {said.strip()[-240:]}")
             h.wait_exit()
             continue
-        status = _ctl(h, "status", timeout=30)
+        status = nbankctl(h, "status", timeout=30)
         h.stop()
         if status.returncode not in (0, 1):
             problems.append(f"{nofile}: ready, but status exits {status.returncode}")
