@@ -48,7 +48,7 @@ from typing import Any
 from nbankctl.deposit_local import by_hand
 from nbankctl.deposit_output import DEFAULT_WAIT, emit, report_outcomes, say
 from nbankctl.registry_access import daemon_config
-from nbankctl.registry_cmds import KeyValue
+from nbankctl.registry_cmds import KeyValue, metadata_given, require_utf8
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.archive.layout import Archive
@@ -123,6 +123,13 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
 
     # the steps' own log, on stderr, for what this command does not say itself
     configure_logging("console", "error", stream=sys.stderr)
+    require_utf8(  # before anything is read, registered, moved or handed to the daemon
+        [
+            *metadata_given("-k", args.metadata or {}),
+            ("--experimenter", args.experimenter),
+            ("--animal", args.animal),
+        ]
+    )
     archive = open_archive(args.directory)
     config = daemon_config(args)
     metadata = dict(args.metadata or {})

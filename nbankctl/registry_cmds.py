@@ -146,7 +146,7 @@ def require_utf8(given: Iterable[tuple[str, str | None]]) -> None:
             )
 
 
-def _metadata_given(option: str, metadata: dict[str, Any]) -> list[tuple[str, str | None]]:
+def metadata_given(option: str, metadata: dict[str, Any]) -> list[tuple[str, str | None]]:
     """(what, KEY=VALUE) of each -k (or -K) option, for :func:`require_utf8`."""
     return [(option, f"{key}={_as_given(value)}") for key, value in metadata.items()]
 
@@ -307,8 +307,8 @@ def cmd_search(args: argparse.Namespace, report: Report) -> None:
             ("-s", args.scheme),
             ("--experimenter", args.experimenter),
             ("--animal", args.animal),
-            *_metadata_given("-k", args.metadata or {}),
-            *_metadata_given("-K", args.metadata_neq or {}),
+            *metadata_given("-k", args.metadata or {}),
+            *metadata_given("-K", args.metadata_neq or {}),
         ]
     )
     params: dict[str, str] = {}
@@ -359,7 +359,7 @@ def cmd_info(args: argparse.Namespace, report: Report) -> None:
 def cmd_modify(args: argparse.Namespace, report: Report) -> None:
     require_utf8(
         [
-            *_metadata_given("-k", args.metadata or {}),
+            *metadata_given("-k", args.metadata or {}),
             *(("-K", key) for key in args.metadata_remove),
             ("--experimenter", args.experimenter),
             ("--animal", args.animal),

@@ -271,6 +271,27 @@ def test_metadata_values_are_json_when_they_parse(value: str, parsed: object) ->
     assert parse_value(value) == parsed
 
 
+def test_metadata_that_is_not_utf8_is_refused_and_nothing_deposited(backend: Backend) -> None:
+    """A -k, --experimenter or --animal that is not UTF-8: exit 2 naming it, nothing done."""
+    archive, _ = backend.archive()
+    folder = rig_folder(backend)
+    src = folder / f"{backend.name('n')}.dat"
+    src.write_bytes(backend.blob("not utf-8"))
+    for option, value, named in (
+        ("-k", "k\udcff=1", "-k 'k\\xff=1'"),
+        ("-k", "k=\udcff", "-k 'k=\\xff'"),
+        ("-k", 'k=["\udcff"]', "-k 'k=[\"\\xff\"]'"),
+        ("--experimenter", "\udcff", "--experimenter '\\xff'"),
+        ("--animal", "a\udcff", "--animal 'a\\xff'"),
+    ):
+        r = deposit(backend, archive, option, value, str(src))
+        assert r.returncode == 2 and named in r.stderr, r.stderr
+        assert "not UTF-8" in r.stderr
+    assert files_in(folder) == [src.name]
+    assert stored(archive) == []
+    assert backend.registry.get_resource(src.stem) is None
+
+
 def test_the_journal_holds_no_unfinished_item_after_a_clean_run(backend: Backend) -> None:
     """Every item a run journals has reached its end when the run exits 0."""
     archive, _ = backend.archive()

@@ -219,3 +219,23 @@ def test_a_folder_the_daemon_deposits_as_its_zip_is_reported_zipped(daemon_facto
         {"source": str(folder / "take1"), "id": "take1", "zipped": True}
     ]
     assert (h.archive / "resources" / "ta" / "take1.zip").is_file()
+
+
+def test_metadata_that_is_not_utf8_is_refused_before_anything_is_handed_over(
+    daemon_factory: Any,
+) -> None:
+    """A -k that is not UTF-8 while nbankd runs: exit 2 naming it, nothing handed over."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    folder = h.root / "session"
+    folder.mkdir()
+    (folder / "take.wav").write_bytes(b"a take")
+    r = manual_deposit(h, "-k", "rig=\udcff", str(folder / "take.wav"))
+    assert r.returncode == 2, r.stderr
+    assert "-k 'rig=\\xff'" in r.stderr and "not UTF-8" in r.stderr
+    assert "handing" not in r.stderr
+    h.stop()
+    with h.open_registry() as reg:
+        assert reg.get_resource("take") is None
+    assert sorted(p.name for p in folder.iterdir()) == ["take.wav"]
+    assert not any((h.archive / "resources").iterdir())
