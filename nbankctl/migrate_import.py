@@ -22,6 +22,7 @@ from nbankd import errors
 from nbankd.config import find_config_path, load_config
 from nbankd.migration import execute, snapshot
 from nbankd.migration.plan import Plan, Step, Verdict, make_plan
+from nbankd.names import lines_without_controls
 from nbankd.registry import credentials
 from nbankd.registry.http import HttpRegistry
 from nbankd.registry.http_transport import normalise_url
@@ -192,7 +193,8 @@ def import_snapshot(
             except errors.NbankdError as err:
                 made = sum(o.status == "created" for o in outcomes)
                 print(
-                    f"nbankctl: import interrupted after {made} creation(s): {err}\n"
+                    f"nbankctl: import interrupted after {made} creation(s): "
+                    f"{lines_without_controls(str(err))}\n"
                     "nbankctl: nothing is half-made; run the same command again to finish",
                     file=sys.stderr,
                 )

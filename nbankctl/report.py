@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from nbankd import errors
+from nbankd.names import lines_without_controls
 
 #: the status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it); one
 #: stopped by SIGTERM or SIGHUP exits with 128 + that signal (143, 129)
@@ -48,8 +49,10 @@ class Report:
     # -- how it ended, when early ---------------------------------------------------
 
     def error(self, err: errors.NbankdError) -> None:
-        """Records the error that ended the command, and says it on stderr."""
-        print(f"nbankctl: {err}", file=sys.stderr)
+        """Records the error that ended the command, and says it on stderr: its lines
+        as they are, any other control character in it (a registry's text, a file's
+        name) shown as text (:func:`~nbankd.names.lines_without_controls`)."""
+        print(f"nbankctl: {lines_without_controls(str(err))}", file=sys.stderr)
         if self._error is None:
             self._error = err
 

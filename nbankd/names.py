@@ -8,6 +8,7 @@
 - :data:`REASON_SUFFIX`: ``NAME.reason`` beside a rejected input says why;
 - :func:`printable`: how any name found in an inbox is shown in one line;
 - :func:`without_controls`: a message that quotes names already, made safe to show;
+- :func:`lines_without_controls`: the same for a message of several lines;
 - :func:`utf8_text`: text quoting such a name, made valid UTF-8 and otherwise kept;
 - :func:`is_utf8`: whether a name (of a file, a tar member, a record) is UTF-8 text.
 """
@@ -49,12 +50,23 @@ def without_controls(text: str) -> str:
     return _escaped(text, backslash=False)
 
 
-def _escaped(text: str, *, backslash: bool) -> str:
+def lines_without_controls(text: str) -> str:
+    """``text`` as :func:`without_controls` shows it, except that its newlines and tabs
+    stay: for a message of several lines by design (an error listing problems, one a
+    line) that may quote a registry's text or a file's name. Every other control
+    character (ESC, CR, BEL, DEL, C1, a direction override) and undecodable byte is
+    shown as text, so nothing in it reaches a terminal as a command."""
+    return _escaped(text, backslash=False, keep="\n\t")
+
+
+def _escaped(text: str, *, backslash: bool, keep: str = "") -> str:
     out = []
     for ch in text:
         code = ord(ch)
         if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
             out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in keep:
+            out.append(ch)
         elif ch == "\\" and backslash:
             out.append("\\\\")
         elif code < 0x20 or code == 0x7F:
@@ -100,6 +112,7 @@ __all__ = [
     "REASON_SUFFIX",
     "SIDECAR_SUFFIXES",
     "WORK_DIR_NAME",
+    "lines_without_controls",
     "printable",
     "utf8_text",
     "without_controls",

@@ -7,10 +7,13 @@ import inspect
 import itertools
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from fixtures.cli_backends import NBANKCTL, Backend
 from nbankctl.cli import Stopped, _stop_signals_raise, build_parser
 from nbankctl.report import EXIT_INTERRUPTED, Report
 from nbankd import errors
@@ -112,6 +115,43 @@ def test_the_error_that_ended_a_command_is_said_on_stderr(
     Report().error(errors.UsageError("no such thing", hint="try another"))
     out, err = capsys.readouterr()
     assert (out, err) == ("", "nbankctl: no such thing (try another)\n")
+
+
+def test_a_registry_answer_with_terminal_escapes_ends_the_command_shown_as_text(
+    django_backend: Backend,
+) -> None:
+    """A server's refusal quoting ESC, BEL, C1 and a newline: controls as text, lines kept."""
+    name = django_backend.resource(django_backend.blob("escapes"), None)
+    user = "ghost\x1b]0;pwned\x07\nsecond line\x9b2J"
+    r = django_backend.ctl("modify", "--experimenter", user, name)
+    assert r.returncode == 1, r.stderr
+    assert not set(r.stderr) & {"\x1b", "\x07", "\x9b"}, repr(r.stderr)
+    assert r.stderr.splitlines() == [
+        "nbankctl: experimenter: no such user 'ghost\\x1b]0;pwned\\x07",
+        "second line\\u009b2J' (experimenter must be a registry username)",
+    ]
+
+
+def test_an_error_of_several_lines_naming_a_file_keeps_its_lines(tmp_path: Path) -> None:
+    """A configuration's problems, one a line, in a file named with ESC: lines kept, ESC as text."""
+    config = tmp_path / "lab\x1b[2J.yaml"
+    config.write_text("bogus: 1\nregistry: 5\n")
+    r = subprocess.run(
+        [NBANKCTL, "-c", str(config), "status"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("NBANK")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == errors.EXIT_USAGE, r.stderr
+    shown = f"{tmp_path}/lab\\x1b[2J.yaml"
+    assert "\x1b" not in r.stderr
+    assert r.stderr.splitlines() == [
+        f"nbankctl: {shown}: 2 problems in the configuration:",
+        f"  {shown}:1: bogus: unknown key",
+        f"  {shown}:2: registry: must be 'embedded' or the URL of a django-neurobank "
+        "registry (https://host/neurobank/), not the number 5",
+    ]
 
 
 def test_the_first_error_decides_when_two_are_recorded() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.names import printable, without_controls
+from nbankd.names import lines_without_controls, printable, without_controls
 from nbankd.watch.identity import Identity
 from nbankd.watch.scan import Entry, EntryKind, is_ignored, scan_inbox
 
@@ -299,6 +299,12 @@ def test_without_controls_escapes_controls_keeps_backslashes_and_printables_resu
     assert without_controls("id\x1b[2J $'a\\x0a'") == "id\\x1b[2J $'a\\x0a'"
     name = os.fsdecode(b"a\nb\xff\\\x1b\xc2\x9b")
     assert without_controls(printable(name)) == printable(name)
+
+
+def test_lines_without_controls_keeps_newlines_and_tabs_and_escapes_the_rest() -> None:
+    """lines_without_controls() keeps newlines, tabs and backslashes; other controls as text."""
+    text = os.fsdecode(b"a\x1b[2J\n\tb\r\x07\x7f\xc2\x9b\xe2\x80\xae\\x0a\xff")
+    assert lines_without_controls(text) == "a\\x1b[2J\n\tb\\x0d\\x07\\x7f\\u009b\\u202e\\x0a\\xff"
 
 
 def test_entries_are_sorted_by_name(inbox: Path) -> None:
