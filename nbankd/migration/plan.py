@@ -112,13 +112,38 @@ def _sha1(value: str | None) -> str | None:
     return value.lower() if value else None
 
 
-def _metadata(record: ResourceRecord) -> dict[str, Any]:
-    """Metadata as shown by either backend (core fields copied in); None counts as empty."""
-    shown = dict(record.metadata or {})
-    for key, value in (("experimenter", record.experimenter), ("animal", record.animal)):
-        if value is not None:
-            shown[key] = value
-    return shown
+def _metadata(record: ResourceRecord) -> tuple[Any, dict[str, Any]]:
+    """(metadata, core fields): the metadata as shown by either backend, None counting as
+    empty, and the core fields that are set. An object holds the core fields (copied
+    in, as the server shows them; none are left beside it); any other JSON value an
+    administrator stored (a list, say) has no keys for them and is kept as it is, the
+    core fields beside it."""
+    core = {
+        key: value
+        for key, value in (("experimenter", record.experimenter), ("animal", record.animal))
+        if value is not None
+    }
+    metadata = record.metadata
+    if metadata is None or isinstance(metadata, dict):
+        return {**(metadata or {}), **core}, {}
+    return metadata, core
+
+
+def _shape(value: Any) -> str:
+    """What kind of JSON value ``value`` is, said in a message."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "true or false"
+    return "a number"
+
+
+def _differing(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 
 def record_differences(exported: ResourceRecord, target: ResourceRecord) -> list[str]:
@@ -126,9 +151,21 @@ def record_differences(exported: ResourceRecord, target: ResourceRecord) -> list
     out = []
     if exported.dtype != target.dtype:
         out.append(f"datatype {target.dtype!r} (export: {exported.dtype!r})")
-    mine, theirs = _metadata(exported), _metadata(target)
-    if mine != theirs:
-        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    (mine, my_core), (theirs, their_core) = _metadata(exported), _metadata(target)
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        keys = _differing(mine, theirs)
+    else:  # a list or other value on one side at least: compared whole
+        if mine != theirs:
+            shapes = _shape(theirs), _shape(mine)
+            out.append(
+                f"metadata differs ({shapes[0]} on both sides, compared whole)"
+                if shapes[0] == shapes[1]
+                else f"metadata is {shapes[0]} on the target, {shapes[1]} in the export"
+            )
+        # the core fields beside such values; an object holds its own, compared with it
+        both_bare = not isinstance(mine, dict) and not isinstance(theirs, dict)
+        keys = _differing(my_core, their_core) if both_bare else []
+    if keys:
         out.append(f"metadata differs in {', '.join(map(json.dumps, keys))}")
     return out
 

@@ -112,6 +112,25 @@ def test_conflicts_are_reported_and_left_untouched(lab: Lab) -> None:
         assert created.filename == f"{ok}.wav"
 
 
+def test_a_target_record_whose_metadata_is_a_list_is_a_conflict_in_the_plan(lab: Lab) -> None:
+    """A target record whose metadata an admin made a list is planned as a conflict, not a crash."""
+    data = os.urandom(16)
+    name = lab.resource(unique_name("listed"), data, rig="r3")
+    lab.server.add_datatype(lab.dtype, "audio/wav")
+    lab.server.post("resources/", {"name": name, "dtype": lab.dtype, "sha1": sha1(data)})
+    lab.server.shell(  # as its admin form stores a list typed there (the API refuses it)
+        "from nbank_registry.models import Resource; "
+        f"Resource.objects.filter(name={name!r}).update(metadata=['r3', 1])"
+    )
+    proc = lab.ctl("registry", "migrate", "--to", lab.server.url, "--dry-run")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"resource {name}: conflict" in proc.stdout
+    assert "metadata is a list on the target, an object in the export" in proc.stdout
+    with HttpRegistry(lab.server.url) as reg:
+        record = reg.get_resource(name)
+        assert record is not None and record.metadata == ["r3", 1]
+
+
 def test_switch_stops_before_changing_anything_when_the_import_conflicts(lab: Lab) -> None:
     """A conflicting import leaves the configuration and nbank.json files as they were."""
     clash = unique_name("clash")

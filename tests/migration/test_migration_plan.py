@@ -30,6 +30,18 @@ def res(name: str, sha1: str | None = SHA_A, dtype: str = "wav", **meta: Any) ->
     )
 
 
+def bare(name: str, metadata: Any, **core: str) -> ResourceRecord:
+    """A record whose metadata is any JSON value (a list, say: an administrator's)."""
+    return ResourceRecord(
+        name=name,
+        sha1=SHA_A,
+        dtype="wav",
+        experimenter=core.get("experimenter"),
+        animal=core.get("animal"),
+        metadata_json=json.dumps(metadata),
+    )
+
+
 def loc(name: str, archive: ArchiveRecord = ARCH, key: str | None = None) -> LocationRecord:
     return LocationRecord(archive.name, archive.scheme, archive.root, name, key)
 
@@ -122,6 +134,39 @@ CASES = [
         "no metadata equals empty metadata",
         resources=[res("r1")],
         target_resources=[ResourceRecord(name="r1", sha1=SHA_A, dtype="wav", metadata_json="{}")],
+        expect={("resource", "r1"): "present"},
+    ),
+    Case(
+        "same name and sha1, the same list as metadata",
+        resources=[bare("r1", [1, {"rig": 3}], experimenter="ann")],
+        target_resources=[bare("r1", [1, {"rig": 3}], experimenter="ann")],
+        expect={("resource", "r1"): "present"},
+    ),
+    Case(
+        "same name and sha1, another list as metadata",
+        resources=[bare("r1", [1, 2])],
+        target_resources=[bare("r1", [2, 1])],
+        expect={("resource", "r1"): "conflict"},
+        message="metadata differs (a list on both sides, compared whole)",
+    ),
+    Case(
+        "same name and sha1, the same list as metadata, other experimenter",
+        resources=[bare("r1", [1], experimenter="ann")],
+        target_resources=[bare("r1", [1], experimenter="bob")],
+        expect={("resource", "r1"): "conflict"},
+        message='metadata differs in "experimenter"',
+    ),
+    Case(
+        "same name and sha1, a list as metadata on the target, an object in the export",
+        resources=[res("r1", a="b", c="d")],
+        target_resources=[bare("r1", ["ab", "cd"])],
+        expect={("resource", "r1"): "conflict"},
+        message="metadata is a list on the target, an object in the export",
+    ),
+    Case(
+        "same name and sha1, the same text as metadata",
+        resources=[bare("r1", "notes")],
+        target_resources=[bare("r1", "notes")],
         expect={("resource", "r1"): "present"},
     ),
     Case(
