@@ -11,14 +11,16 @@ from typing import Any
 
 from nbankctl.report import Report
 from nbankd.deposit.lifecycle import State
+from nbankd.names import without_controls
 
 #: seconds a step that fails for a while (registry unreachable) is retried
 DEFAULT_WAIT = 30.0
 
 
 def say(args: argparse.Namespace, text: str) -> None:
-    """A progress line: on stderr, as nbank logs it (stdout carries only -j records)."""
-    print(text, file=sys.stderr)
+    """A progress line: on stderr, as nbank logs it (stdout carries only -j records);
+    control characters of a file's name or a registry's text shown as text."""
+    print(without_controls(text), file=sys.stderr)
 
 
 def emit(args: argparse.Namespace, record: dict[str, Any]) -> None:

@@ -360,3 +360,17 @@ def test_a_refused_file_whose_place_was_taken_is_kept_and_the_user_told_what_to_
     env = {**backend.env, "NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(release)}
     argv = [NBANKCTL, *backend.before, "deposit", str(archive.path), "-d", backend.dtype]
     deposit_while_its_name_is_reused([*argv, "-j", str(again)], env, again, release, data)
+
+
+def test_a_name_with_terminal_escapes_is_shown_as_text_on_stderr(backend: Backend) -> None:
+    """A deposit's per-file line shows a file name's control characters as text, never
+    as raw escapes reaching the user's terminal."""
+    archive, _ = backend.archive()
+    folder = rig_folder(backend)
+    src = folder / "a\x1b]0;pwn\x07b.wav"
+    src.write_bytes(backend.blob("escape"))
+    r = deposit(backend, archive, str(src))
+    assert r.returncode == 1
+    assert not set(r.stderr) & {"\x1b", "\x07"}, repr(r.stderr)
+    assert "a\\x1b]0;pwn\\x07b.wav: not deposited" in r.stderr
+    assert src.exists()
