@@ -20,6 +20,9 @@
   :func:`publish_temp`).
 - :func:`append_durable`: appends a whole line to a log, cutting off a line a crash tore
   first; the data fsynced, and the folder too when the log is new.
+- :func:`open_log`: opens a log (to append to or to read) only if it is a regular file:
+  a FIFO, socket, device, folder or link at its path is refused (:class:`NotALog`),
+  never written into nor waited on.
 
 Every small durable file nbankd writes goes through one of the last two; a large
 one written in a stream (a fetched copy, a zipped folder) is published by
@@ -40,6 +43,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePath
 
+from nbankd.filekind import FileKind
+
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1 << 0
 #: errno values meaning "this kernel or filesystem cannot do RENAME_NOREPLACE"
@@ -52,6 +57,19 @@ _NO_HARD_LINKS = frozenset(
 
 class NoReplaceUnsupported(OSError):
     """renameat2(RENAME_NOREPLACE) is not available here (kernel, filesystem or libc)."""
+
+
+class NotALog(OSError):
+    """What a log's path names is not a regular file (a FIFO, socket, device, folder or
+    symbolic link): nothing is written into it nor read from it. ``filename`` is the
+    path, ``strerror`` says what is there; ``noun`` names that kind alone ("a FIFO").
+    ``errno`` is ELOOP for a link (as ``O_NOFOLLOW`` answers), EINVAL for the others."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: FileKind) -> None:
+        noun = "a folder" if kind is FileKind.DIRECTORY else f"a {kind.noun}"
+        number = errno.ELOOP if kind is FileKind.SYMLINK else errno.EINVAL
+        super().__init__(number, f"it is {noun}, not a regular file", os.fspath(path))
+        self.noun = noun
 
 
 @functools.cache
@@ -335,6 +353,53 @@ def write_atomic(
 TORN_TAIL_MAX = 1 << 20
 
 
+#: how a log is opened whatever it is opened for: never through a link, never waiting
+#: (a FIFO with no writer, a device), never becoming a controlling terminal
+_LOG_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+#: what open(2) answers, with ``_LOG_FLAGS``, for a path naming no regular file: a
+#: symbolic link, a socket, a folder
+_NOT_A_FILE_ERRNOS = frozenset({errno.ELOOP, errno.ENXIO, errno.EISDIR})
+
+
+def _not_a_log(path: str | os.PathLike[str], mode: int) -> NotALog:
+    return NotALog(path, FileKind.of_mode(mode))
+
+
+def open_log(path: str | os.PathLike[str], flags: int, mode: int = 0o640) -> int:
+    """A blocking descriptor on the log at ``path``, opened with ``flags`` (``O_RDONLY``,
+    or ``O_RDWR | O_APPEND | O_CREAT``) and ``mode`` for one it creates; the caller
+    closes it. Anything but a regular file at ``path`` raises :class:`NotALog`: looked
+    at before opening (a device is never opened), opened without waiting
+    (``O_NONBLOCK``: a FIFO would wait for a writer, or take a receipt as if it were
+    the log) and without following a link, and looked at again on the descriptor."""
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        pass  # made by ``O_CREAT``, or not found by open(2) below
+    else:
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_a_log(path, before.st_mode)
+    try:
+        fd = os.open(path, flags | _LOG_FLAGS, mode)
+    except OSError as err:
+        now = None
+        if err.errno in _NOT_A_FILE_ERRNOS:  # swapped in since the look above
+            with contextlib.suppress(OSError):
+                now = os.lstat(path)
+        if now is not None and not stat.S_ISREG(now.st_mode):
+            raise _not_a_log(path, now.st_mode) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped in between the look and the open
+            raise _not_a_log(path, st.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def append_durable(
     path: str | os.PathLike[str],
     line: bytes,
@@ -352,13 +417,14 @@ def append_durable(
     again in full (were it ended instead, a line cut just before its newline would
     become a whole line, and the rerun would log it twice). A write that fails takes
     back what it wrote, for the same reason. A log this call creates gets ``mode`` and
-    (when allowed: root) ``owner``, and its folder is fsynced; a link at ``path`` is
-    refused (ELOOP).
+    (when allowed: root) ``owner``, and its folder is fsynced; anything but a regular
+    file at ``path`` (a link, a FIFO, a socket, a device) is refused, unwritten
+    (:class:`NotALog`, by :func:`open_log`).
     """
     if not line.endswith(b"\n"):
         raise ValueError("a log line ends with a newline")
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    fd = open_log(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, mode)
     try:
         # released below, explicitly: ``sync`` may keep a duplicate of ``fd`` open
         # (a round's fsyncs), which would otherwise hold the lock until then
@@ -412,12 +478,14 @@ def _without_torn_tail(fd: int, size: int) -> int:
 __all__ = [
     "DIR_NOFOLLOW",
     "NoReplaceUnsupported",
+    "NotALog",
     "append_durable",
     "fsync_dir",
     "fsync_fd",
     "link_noreplace",
     "move_noreplace_at",
     "open_below",
+    "open_log",
     "publish_temp",
     "remove_ours",
     "remove_ours_at",

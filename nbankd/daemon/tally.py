@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbankd.archive.fsops import open_log
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.outcomes import ARCHIVE_CODES, REGISTRY_CODES
@@ -120,8 +121,8 @@ def last_deposits(receipts_dir: Path, inboxes: Iterable[str]) -> dict[str, float
 
 def _last_receipt_time(path: Path, inbox: str) -> float | None:
     """The newest ``time`` of the whole receipt lines at the end of ``path``."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    try:  # a FIFO there is refused, never waited on (NotALog, an OSError)
+        f = os.fdopen(open_log(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return None
     with f:

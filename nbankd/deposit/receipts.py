@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from nbankd.archive.fsops import append_durable
+from nbankd.archive.fsops import NotALog, append_durable, open_log
 from nbankd.archive.syncs import fsync_soon
 
 _TAIL_BYTES = 256 * 1024
@@ -34,21 +34,24 @@ def _already_logged(path: Path, token: str, *, from_storage: bool = False) -> bo
     """True when the log's tail holds the receipt of ``token``; then the log is fsynced
     again. ``from_storage`` (a retried record step): the tail is read from storage, not
     the page cache, which after a failed writeback shows a line the disk never got (the
-    kernel marks such pages clean and a second fsync succeeds without writing them)."""
+    kernel marks such pages clean and a second fsync succeeds without writing them).
+    Anything but a regular file at ``path`` raises :class:`~nbankd.archive.fsops.NotALog`
+    (a FIFO is never waited on)."""
     try:
-        with open(path, "rb") as f:
-            if from_storage:
-                os.fsync(f.fileno())  # what is dirty goes out; what failed stays clean
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read()
-            found = _holds(tail, token)
-            if found and not from_storage:  # from storage: fsynced just above
-                fsync_soon(f.fileno())
-            return found
+        f = os.fdopen(open_log(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return False
+    with f:
+        if from_storage:
+            os.fsync(f.fileno())  # what is dirty goes out; what failed stays clean
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL_BYTES))
+        tail = f.read()
+        found = _holds(tail, token)
+        if found and not from_storage:  # from storage: fsynced just above
+            fsync_soon(f.fileno())
+        return found
 
 
 def _holds(tail: bytes, token: str) -> bool:
@@ -105,11 +108,18 @@ def append_receipt(
 
 
 def read_receipts(receipts_dir: Path) -> Iterator[dict[str, Any]]:
-    """Every receipt in every log (order within a log preserved)."""
+    """Every receipt in every log (order within a log preserved). A log's name that is
+    not a regular file (a FIFO, a socket, a device) holds no receipt: the daemon never
+    writes one into it (the deposit waits, its status naming the path); it is passed
+    over, never waited on."""
     if not receipts_dir.is_dir():
         return
     for path in sorted(receipts_dir.glob("*.jsonl")):
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        try:
+            fd = open_log(path, os.O_RDONLY)
+        except (NotALog, FileNotFoundError):
+            continue
+        with open(fd, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 line = line.strip()
                 if line:

@@ -235,13 +235,20 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                 self.receipts_dir, spec.key, receipt, retried=item.attempts > 0, first=first
             )
         except OSError as err:  # state_dir's problem, never the archive's: say so
+            where = err.filename or self.receipts_dir  # the log, when it is at fault
+            hint = (
+                f"remove {where} ({err.noun}, not the log) or put the receipts log back "
+                "in its place; the receipt is written and the deposit finishes then"
+                if isinstance(err, fsops.NotALog)
+                else f"make {self.receipts_dir} and its logs writable by nbankd's user "
+                "again (owner, mode, chattr -i, free space); the deposit finishes then"
+            )
             return item, Outcome(
                 "transient",
                 "receipts-unwritable",
-                f"cannot write the receipt of {item.relpath_str!r} into "
-                f"{self.receipts_dir}: {err.strerror or err}",
-                f"make {self.receipts_dir} and its logs writable by nbankd's user again "
-                "(owner, mode, chattr -i, free space); the deposit finishes then",
+                f"cannot write the receipt of {item.relpath_str!r} into {where}: "
+                f"{err.strerror or err}",
+                hint,
             )
         seams.reached("after-receipt-append")
         return item.changed(finished=now), Outcome.ok()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nbankd.archive.fsops import TORN_TAIL_MAX, append_durable, write_atomic
+from nbankd.archive.fsops import TORN_TAIL_MAX, NotALog, append_durable, write_atomic
 
 
 def test_append_cuts_off_a_torn_line_first(tmp_path: Path) -> None:
@@ -128,6 +129,54 @@ def test_append_refuses_a_link(tmp_path: Path) -> None:
     with pytest.raises(OSError) as caught:
         append_durable(tmp_path / "log.jsonl", b"x\n")
     assert caught.value.errno == errno.ELOOP and target.read_bytes() == b"keep\n"
+
+
+def _fifo_reader(path: Path) -> int:
+    """A FIFO at ``path`` and a reader of it, holding whatever is written into it."""
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def _unread(reader: int) -> bytes:
+    """What was written into the FIFO of ``reader`` and not read yet."""
+    try:
+        return os.read(reader, 1 << 16)
+    except BlockingIOError:  # a writer still holds it open: nothing in it
+        return b""
+
+
+def test_append_writes_nothing_into_a_fifo_at_the_log_path(tmp_path: Path) -> None:
+    """A FIFO in the log's place is refused, naming it, and takes no line: a line
+    written into it would be gone when its last reader closes."""
+    log = tmp_path / "log.jsonl"
+    reader = _fifo_reader(log)
+    try:
+        with pytest.raises(NotALog) as caught:
+            append_durable(log, b'{"a": 1}\n')
+        assert _unread(reader) == b""
+    finally:
+        os.close(reader)
+    assert caught.value.filename == str(log) and "a FIFO" in caught.value.strerror
+
+
+@pytest.mark.parametrize("kind", ["socket", "device file"])
+def test_append_refuses_a_socket_or_device_at_the_log_path(tmp_path: Path, kind: str) -> None:
+    """A socket or a device (here one like /dev/null) in the log's place is refused,
+    naming what it is, instead of being opened and written to."""
+    log = tmp_path / "log.jsonl"
+    if kind == "socket":
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.bind(str(log))
+    else:
+        try:
+            os.mknod(log, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device needs CAP_MKNOD")
+    with pytest.raises(NotALog) as caught:
+        append_durable(log, b'{"a": 1}\n')
+    assert caught.value.filename == str(log) and f"a {kind}" in caught.value.strerror
+    if kind == "socket":
+        holder.close()
 
 
 def test_append_wants_whole_lines(tmp_path: Path) -> None:
