@@ -238,6 +238,13 @@ def audit_held(report: AuditReport | None) -> list[str]:
     return [*held, "audit:registry:"] if held else []
 
 
+def rejected_held(unlisted: Iterable[str]) -> list[str]:
+    """Key prefixes of the rejected inputs of the inboxes ``unlisted`` (their rejected
+    folders could not be listed now, e.g. for want of file descriptors): absent from
+    this check's conditions, they are not resolved (see ``hold`` in :func:`step`)."""
+    return [f"rejected:{inbox}/" for inbox in unlisted]
+
+
 def _stuck(
     items: Iterable[Item], unavailable_after: float, told: Collection[str]
 ) -> list[Condition]:
@@ -471,6 +478,7 @@ __all__ = [
     "Tracked",
     "audit_held",
     "conditions",
+    "rejected_held",
     "step",
     "unsent",
 ]

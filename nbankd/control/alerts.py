@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from email.message import EmailMessage
 from pathlib import Path
@@ -47,6 +47,7 @@ from nbankd.smallfile import SmallFileError, read_regular
 
 if TYPE_CHECKING:
     from nbankd.daemon.view import DaemonView as Daemon
+    from nbankd.daemon.view import InboxState
 
 log = structlog.get_logger("nbankd.alerts")
 
@@ -234,6 +235,8 @@ class AlertService:
         self.states.update(alert_memory.load(self._state_dir, [n for n, _ in self._notifiers()]))
         self._kept = alert_memory.fingerprint(self.states)  # as alerts.json holds them
         self._keep_problem: str | None = None
+        #: why rejected folders could not be listed at the last check (logged once)
+        self._listing_problems: set[str] = set()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="alerts", daemon=True)
         self._thread.start()
@@ -246,10 +249,7 @@ class AlertService:
         status = handlers.status(self.daemon, {})
         snap = self.daemon.snapshot()
         expect = {str(i.path): i.expect_every for i in snap.config.inboxes if i.expect_every}
-        rejected = {
-            key: [str(p) for p in requeue.rejected_contents(state.config).entries]
-            for key, state in snap.inboxes.items()
-        }
+        rejected, unlisted = self._rejected(snap.inboxes)
         auditor = self.daemon.auditor
         report = auditor.last if auditor is not None else None
         present = alert_rules.conditions(
@@ -267,6 +267,7 @@ class AlertService:
         # no audit report yet (audits disabled, none run): findings told before are not
         # known to be gone
         hold = alert_rules.audit_held(report) if report is not None else ["audit:"]
+        hold += alert_rules.rejected_held(unlisted)  # not listed now: not known to be gone
         sent: alert_rules.Message | None = None
         failures = []
         for name, send in self._notifiers():
@@ -316,6 +317,33 @@ class AlertService:
             self.problem = None
         self._keep()
         return sent
+
+    def _rejected(
+        self, inboxes: Mapping[str, InboxState]
+    ) -> tuple[dict[str, list[str]], list[str]]:
+        """Inbox -> the paths in its rejected folders, and the inboxes whose folders
+        could not be listed for want of file descriptors (EMFILE, ENFILE; none listed
+        for them): nbankd's open-file limit, logged once while it lasts (status tells
+        it too), not an error of the alert check at each ``check_every``."""
+        rejected: dict[str, list[str]] = {}
+        unlisted: list[str] = []
+        problems: set[str] = set()
+        for key, state in inboxes.items():
+            try:
+                rejected[key] = [str(p) for p in requeue.rejected_contents(state.config).entries]
+            except OSError as err:
+                problem = errors.process_limit_problem(
+                    err, f"listing the rejected folders of {key} for alerts"
+                )
+                if problem is None:
+                    raise
+                rejected[key] = []  # not the count status may have: its inputs are held
+                unlisted.append(key)
+                problems.add(problem)
+        for problem in sorted(problems - self._listing_problems):
+            log.warning("rejected inputs not listed for alerts", error=problem)
+        self._listing_problems = problems
+        return rejected, unlisted
 
     def _send_within(
         self, name: str, send: Callable[[alert_rules.Message], None], message: alert_rules.Message

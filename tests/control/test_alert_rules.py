@@ -16,6 +16,7 @@ from nbankd.control.alert_rules import (
     State,
     audit_held,
     conditions,
+    rejected_held,
     step,
     unsent,
 )
@@ -225,6 +226,21 @@ def test_each_rejected_input_is_its_own_problem() -> None:
     assert [p.path for p in second.problems] == [f"{folder}/b.wav"]
     assert requeued is not None and not requeued.problems
     assert [r.path for r in requeued.resolved] == [f"{folder}/a.wav"]
+
+
+def test_rejected_inputs_of_a_folder_not_listed_now_are_kept() -> None:
+    """Rejected inputs told before, of an inbox whose rejected folders could not be
+    listed at this check (out of descriptors), are kept: neither resolved nor told."""
+    folder = f"{INBOX}/rejected"
+    listed = conditions(_status(), {}, {}, now=0, started=0, unavailable_after=1,
+                        rejected={INBOX: [f"{folder}/a.wav"]})  # fmt: skip
+    unlisted = conditions(_status(), {}, {}, now=0, started=0, unavailable_after=1,
+                          rejected={INBOX: []})  # fmt: skip
+    assert rejected_held([INBOX]) == [f"rejected:{INBOX}/"]
+    state, told = step(State(), listed, now=0, repeat_every=1e6)
+    state, message = step(state, unlisted, now=10, repeat_every=1e6, hold=rejected_held([INBOX]))
+    assert told is not None and message is None
+    assert list(state.tracked) == [f"rejected:{folder}/a.wav"] and not state.gone
 
 
 def _item(**fields: Any) -> Item:

@@ -15,6 +15,8 @@ What they keep:
   accepts into its spare descriptor), degraded, naming the open-file limit;
 - a descriptor shortage is told as the process's open-file limit with what to do,
   never as an unavailable archive or an inbox folder "replaced" or "tampered with";
+- the alert check that cannot list a rejected folder for want of descriptors logs the
+  open-file limit once, never a traceback at each check;
 - a thread that cannot be started while the daemon runs (deposits, a SIGHUP reload)
   never ends the daemon: inputs wait or the reload fails, and all resumes;
 - a control connection whose serving thread cannot be started is answered naming the
@@ -30,18 +32,20 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.webhooks import Hook
 
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 
@@ -242,6 +246,70 @@ def test_a_descriptor_shortage_is_not_blamed_on_the_archive_or_the_inbox_folder(
     assert any(NAMES_FD_LIMIT.search(line) for line in degraded), degraded
     h.wait_settled(2, timeout=30)
     assert h.archive_files()["short.wav"].read_bytes() == data
+
+
+def _alerting(daemon_factory: Any, hook: Hook) -> DaemonHarness:
+    """A daemon checking for alerts every 0.3 s whose rejection of one input (a name the
+    registry refuses) was told to ``hook``."""
+    alerts = {"webhook": {"url": hook.url}, "check_every": "0.3s", "group_wait": "0s"}
+    h: DaemonHarness = daemon_factory(
+        inbox_options={"settle_seconds": 0.2, "rescan_every": "1h"},
+        extra_config={"alerts": alerts},
+    )
+    h.start()
+    h.drop("bad name.wav", b"a name the registry refuses")
+    wait_for(
+        lambda: any(str(a["path"]).endswith("bad name.wav") for a in hook.alerts()),
+        60,
+        "the rejection told",
+    )
+    return h
+
+
+@contextlib.contextmanager
+def _tracing_opens(pid: int, trace: Path) -> Iterator[Callable[[Path], int]]:
+    """``strace`` on every thread of ``pid``, writing its failed openat calls to ``trace``;
+    yields how many of them so far opened a given path and met EMFILE."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is not installed: this test counts the daemon's calls with it")
+    argv = [strace, "-f", "-qq", "-s", "4096", "-e", "trace=openat", "-e", "status=failed"]
+    tracer = subprocess.Popen([*argv, "-o", str(trace), "-p", str(pid)])
+
+    def refused(path: Path) -> int:
+        text = trace.read_text(errors="replace") if trace.exists() else ""
+        return sum(f'"{path}"' in line and "EMFILE" in line for line in text.splitlines())
+
+    try:
+        yield refused
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+
+
+def test_a_rejected_folder_unlisted_for_want_of_descriptors_is_logged_once_by_alerts(
+    daemon_factory: Any, hook: Hook
+) -> None:
+    """The alert check that cannot list a rejected folder for want of descriptors logs
+    the open-file limit once, not an "alert check failed" traceback every check_every."""
+    h = _alerting(daemon_factory, hook)
+    assert h.proc is not None
+    pid = h.proc.pid
+    log_before = h.log_path.stat().st_size
+    _set_soft_nofile(pid, min(5, _lowest_free_fd(pid)))
+    try:
+        with _tracing_opens(pid, h.root / "strace.out") as refused:
+            wait_for(
+                lambda: refused(h.rejected) >= 5, 60, "five checks refused the rejected folder"
+            )
+    finally:
+        _set_soft_nofile(pid, 1024)
+    with open(h.log_path, "rb") as f:
+        f.seek(log_before)
+        said = f.read().decode(errors="replace")
+    assert "alert check failed" not in said and "Traceback" not in said, said[-2000:]
+    told = [line for line in said.splitlines() if "rejected inputs not listed" in line]
+    assert len(told) == 1 and NAMES_FD_LIMIT.search(told[0]), told
 
 
 # -- threads (a unit's TasksMax, RLIMIT_NPROC) -------------------------------------------
