@@ -36,7 +36,13 @@ def load(state_dir: Path) -> frozenset[str]:
     keep the record of inboxes a reload left out).
     """
     path = state_dir / PAUSED_NAME
-    paused, why = _read(path)
+    try:
+        paused, why = _read(path)
+    except errors.OpenFileLimit as err:  # nbankd's limit: the file is not at fault
+        log.error(
+            "paused inboxes not read; counting none as paused", file=str(path), error=str(err)
+        )
+        return frozenset()
     if why is not None:
         log.error(
             "cannot read the paused inboxes; counting none as paused",
@@ -54,7 +60,9 @@ _LIMIT = 4 << 20
 def _read(path: Path) -> tuple[frozenset[str], str | None]:
     """(the inboxes ``path`` records as paused, why it cannot be read or None); an
     absent file records none. Read as a small regular file: a FIFO or a device put
-    there never blocks the start (:mod:`nbankd.smallfile`)."""
+    there never blocks the start (:mod:`nbankd.smallfile`). Raises
+    :class:`~nbankd.errors.OpenFileLimit` when nbankd has no file descriptor to read
+    it with (EMFILE, ENFILE): nothing is known of the file then."""
     try:
         data, _ = read_regular(path, _LIMIT)
         doc = json.loads(data)
@@ -64,6 +72,9 @@ def _read(path: Path) -> tuple[frozenset[str], str | None]:
     except SmallFileError as err:
         if err.reason == "missing":
             return frozenset(), None
+        if err.errno in errors.DESCRIPTOR_ERRNOS:
+            limit = OSError(err.errno, err.strerror)
+            raise errors.open_file_limit(limit, f"reading {path}") from None
         return frozenset(), _said(err)
     except (ValueError, KeyError, TypeError) as err:
         return frozenset(), str(err) or type(err).__name__
@@ -80,9 +91,13 @@ def _said(err: SmallFileError) -> str:
 
 def problem(state_dir: Path) -> str | None:
     """The status line when ``paused.json`` exists but cannot be read (its pauses are
-    not in force: every inbox deposits), else None."""
+    not in force: every inbox deposits), else None; nbankd out of file descriptors is
+    told as its open-file limit, never as the file's fault."""
     path = state_dir / PAUSED_NAME
-    _, why = _read(path)
+    try:
+        _, why = _read(path)
+    except errors.OpenFileLimit as err:
+        return str(err)
     if why is None:
         return None
     return (

@@ -16,7 +16,8 @@ What they keep:
 - a descriptor shortage is told as the process's open-file limit with what to do,
   never as an unavailable archive or an inbox folder "replaced" or "tampered with";
 - the alert check that cannot list a rejected folder for want of descriptors logs the
-  open-file limit once, never a traceback at each check;
+  open-file limit once, never a traceback at each check; ``paused.json`` unread for
+  want of descriptors is told as the limit, never as a file that cannot be read;
 - a thread that cannot be started while the daemon runs (deposits, a SIGHUP reload)
   never ends the daemon: inputs wait or the reload fails, and all resumes;
 - a control connection whose serving thread cannot be started is answered naming the
@@ -36,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -246,6 +248,65 @@ def test_a_descriptor_shortage_is_not_blamed_on_the_archive_or_the_inbox_folder(
     assert any(NAMES_FD_LIMIT.search(line) for line in degraded), degraded
     h.wait_settled(2, timeout=30)
     assert h.archive_files()["short.wav"].read_bytes() == data
+
+
+def test_paused_json_unread_for_want_of_descriptors_is_told_as_the_open_file_limit(
+    daemon_factory: Any,
+) -> None:
+    """With no descriptor left, status tells paused.json unread as nbankd's open-file
+    limit, never as a file that "cannot be read" whose pauses are lost."""
+    h = _started(daemon_factory)
+    assert h.proc is not None
+    assert nbankctl(h, "pause").returncode == 0  # state_dir/paused.json written
+    pid = h.proc.pid
+    _set_soft_nofile(pid, min(5, _lowest_free_fd(pid)))
+    try:
+        proc = nbankctl(h, "status", "--json", timeout=60)
+    finally:
+        _set_soft_nofile(pid, 1024)
+    assert proc.returncode == 1, f"exit {proc.returncode}: {proc.stderr.strip()}"
+    degraded = json.loads(proc.stdout)["degraded"]
+    told = [line for line in degraded if "paused.json" in line]
+    assert told, degraded
+    for line in told:
+        assert NAMES_FD_LIMIT.search(line) and "cannot be read" not in line, line
+
+
+#: run in a subprocess: every descriptor under a soft limit of 64 taken, then the
+#: paused inboxes read from the state folder ``argv[1]`` (the log goes to stdout)
+_LOAD_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from nbankd.daemon import pauses
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
+"""
+
+
+def test_paused_json_unread_for_want_of_descriptors_is_logged_as_the_open_file_limit(
+    tmp_path: Path,
+) -> None:
+    """Reading the paused inboxes with no descriptor left logs nbankd's open-file limit,
+    never that paused.json "cannot be read" (nor to pause the inboxes again)."""
+    (tmp_path / "paused.json").write_text('{"paused": ["/srv/inbox/rig1"]}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "paused inboxes not read" in said and NAMES_FD_LIMIT.search(said), said
+    assert "cannot read" not in said and "pause the inboxes again" not in said, said
 
 
 def _alerting(daemon_factory: Any, hook: Hook) -> DaemonHarness:
