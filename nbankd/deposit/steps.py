@@ -235,6 +235,8 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                 self.receipts_dir, spec.key, receipt, retried=item.attempts > 0, first=first
             )
         except OSError as err:  # state_dir's problem, never the archive's: say so
+            if errors.process_limit_problem(err, "writing a receipt") is not None:
+                raise  # the process short of descriptors: told as such by outcome_for
             where = err.filename or self.receipts_dir  # the log, when it is at fault
             hint = (
                 f"remove {where} ({err.noun}, not the log) or put the receipts log back "

@@ -5,6 +5,7 @@ for an item recovered from an earlier process or recorded again."""
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,23 @@ def _row(token: str) -> dict[str, object]:
         "created": 0.0,
         "updated": 0.0,
     }
+
+
+def test_a_record_step_short_of_descriptors_is_told_as_the_open_file_limit(env: Env) -> None:
+    """A receipt that cannot be written because the process has no descriptor left is
+    the open-file limit (what to raise), not a receipts folder to make writable."""
+    item = env.until(env.drop("a.dat", os.urandom(100)), State.VERIFIED)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with pytest.raises(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        _, outcome = env.steps.run(item, Step.RECORD)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (outcome.kind, outcome.code) == ("transient", "open-file-limit"), outcome
+    assert _tokens(env) == []
