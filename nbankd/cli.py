@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adopt-archives",
         action="store_true",
         help="with an empty embedded registry (a lost state_dir), register every resource "
-        "already stored in the configured archives, marked adopted, then run",
+        "already stored in the configured archives, marked adopted, then run; run it "
+        "again to finish an adoption cut short",
     )
     sub = p.add_subparsers(dest="command")
     check = sub.add_parser("check-config", help="validate and explain a configuration")
@@ -71,6 +72,11 @@ class Liveness:
         self._next = 0.0
         self._last_status = ""
         self._withheld = False
+
+    def extend_timeout(self, usec: int) -> bool:
+        """Asks systemd for ``usec`` more microseconds to finish starting (a long
+        adoption); a no-op outside systemd."""
+        return bool(self.notifier.extend_timeout(usec))
 
     def tick(self, daemon: Any) -> float:
         now = time.monotonic()

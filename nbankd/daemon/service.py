@@ -166,8 +166,12 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         try:
             self._prove_waiting_placements()  # an archive created by the setup just now
             if self.adopt_archives:
-                adopted = adopt.adopt(cfg, self.registry)
-                log.info("archives adopted into the empty registry", resources=adopted)
+                adopted = adopt.adopt(cfg, self.registry, keep_alive=self._more_start_time)
+                log.info(
+                    "archives adopted into the empty registry",
+                    resources=adopted.registered,
+                    not_adopted=len(adopted.skipped),
+                )
             else:
                 adopt.check_not_orphaned(cfg, self.registry)
         except BaseException:
@@ -197,6 +201,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         except BaseException:
             self.shutdown()
             raise
+
+    def _more_start_time(self) -> None:
+        """Asks the service manager for more time to start (a long adoption)."""
+        if self.notifier is not None:
+            self.notifier.extend_timeout(adopt.EXTEND_BY_USEC)
 
     def _start_auditor(self) -> None:
         """Starts scheduled audits in their own thread; a failure here only disables them."""
