@@ -9,11 +9,13 @@ removed once deposited). Anything else there is reported in
 bytes sit in a hidden folder. It is never moved or deleted by the daemon. NFS
 ``.nfs*`` placeholders (a removed file still open somewhere) are not reported.
 The folder is read outside the daemon's lock (a hung filesystem must not stall
-deposits); a folder that cannot be read is reported as such.
+deposits); a folder that cannot be read is reported as such, and one replaced by a
+symbolic link as a link (never followed: what it points to is not listed).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterable, Set
@@ -48,16 +50,36 @@ def unowned(names: Iterable[str], known: Set[str]) -> list[str]:
     )
 
 
+class WorkFolderIsLink(Exception):
+    """The work folder is a symbolic link (swapped by someone who can write the inbox):
+    what it points to is never listed, never taken for claimed inputs."""
+
+    def __init__(self, work_dir: Path) -> None:
+        super().__init__(f"{work_dir} is a link")
+        self.work_dir = work_dir
+
+
 def unowned_work_files(
     work_dir: Path, known_tokens: Callable[[Iterable[str]], Set[str]]
 ) -> list[str]:
     """Names in ``work_dir`` that no item of the journal owns (``known_tokens`` answers
-    which of the given tokens the journal has). A missing folder holds nothing."""
+    which of the given tokens the journal has). A missing folder holds nothing; a
+    symbolic link there is never followed (:class:`WorkFolderIsLink`)."""
     try:
-        with os.scandir(work_dir) as it:
-            names = [e.name for e in it]
-    except (FileNotFoundError, NotADirectoryError):
+        fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
         return []
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(work_dir):
+            raise WorkFolderIsLink(work_dir) from err
+        if err.errno == errno.ENOTDIR:
+            return []
+        raise
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it]
+    finally:
+        os.close(fd)
     tokens = {t for t in map(token_of, names) if t is not None}
     return unowned(names, known_tokens(tokens) if tokens else set())
 
@@ -68,6 +90,12 @@ def check(
     """(unowned names, the degraded line for status or None) for one inbox."""
     try:
         names = unowned_work_files(work_dir, known_tokens)
+    except WorkFolderIsLink:
+        return [], (
+            f"{work_dir} is a link, not the inbox's work folder: not followed, so what it "
+            "points to is never listed as claimed inputs (move the link aside and restart "
+            "nbankd, which makes a new work folder)"
+        )
     except OSError as err:
         problem = errors.process_limit_problem(err, f"listing {work_dir}")
         if problem is not None:
@@ -84,4 +112,4 @@ def check(
     )
 
 
-__all__ = ["check", "token_of", "unowned", "unowned_work_files"]
+__all__ = ["WorkFolderIsLink", "check", "token_of", "unowned", "unowned_work_files"]

@@ -405,12 +405,6 @@ def test_an_archive_mounted_after_the_start_does_not_take_deposits_into_an_empty
 # --- work files no journal owns ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: orphans.unowned_work_files() lists work_dir with os.scandir, "
-    "following a link; a .nbank swapped for a link reports the target folder's files "
-    "as inputs claimed by a lost state_dir and advises moving them into the inbox",
-)
 def test_a_work_folder_swapped_for_a_link_is_reported_as_a_link(
     daemon_factory: Factory,
 ) -> None:
@@ -426,6 +420,7 @@ def test_a_work_folder_swapped_for_a_link_is_reported_as_a_link(
     _code, doc = status_json(h)
     assert doc["inboxes"][0]["unowned_work_files"] == []
     assert not any("private-notes.txt" in d or "no deposit" in d for d in doc["degraded"])
+    assert any(".nbank is a link" in d for d in doc["degraded"]), doc["degraded"]
     h.stop()
 
 

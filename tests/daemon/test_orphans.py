@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, status_json, wait_for, work_entries
-from nbankd.daemon.orphans import token_of, unowned, unowned_work_files
+from nbankd.daemon.orphans import WorkFolderIsLink, check, token_of, unowned, unowned_work_files
 from nbankd.deposit.journal import Journal
 from nbankd.names import PROBE_PREFIX
 
@@ -108,17 +108,30 @@ def test_own_work_file_in_flight_is_not_reported(daemon_factory: Any) -> None:
     h.wait_settled(1)
 
 
-def test_an_unreadable_work_folder_is_reported_not_a_crash(daemon_factory: Any) -> None:
-    """A .nbank that cannot be listed (a symlink loop here) leaves status answering,
-    degraded with what to check, instead of failing the command."""
+def test_a_work_folder_replaced_by_a_link_loop_is_reported_not_a_crash(
+    daemon_factory: Any,
+) -> None:
+    """A .nbank replaced by a symlink loop leaves status answering, degraded, saying
+    it is a link, instead of failing the command."""
     h: DaemonHarness = daemon_factory()
     h.start()
     shutil.rmtree(h.inbox / ".nbank")  # holds only the token at start; replaced while it runs
     (h.inbox / ".nbank").symlink_to(".nbank")
     code, doc = status_json(h)
     assert code == 1 and doc["inboxes"][0]["unowned_work_files"] == []
-    [line] = [d for d in doc["degraded"] if "cannot list" in d]
-    assert ".nbank" in line and "check its owner and mode" in line
+    [line] = [d for d in doc["degraded"] if "is a link" in d]
+    assert ".nbank" in line
+
+
+def test_a_work_folder_that_cannot_be_listed_is_a_problem_with_what_to_check(
+    tmp_path: Path,
+) -> None:
+    """check() turns a work folder it cannot open (here a path too long) into a status
+    line saying what to check, never an error."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    names, problem = check(tmp_path / ("x" * 5000), journal.known_tokens)
+    assert names == [] and problem is not None
+    assert "cannot list" in problem and "check its owner and mode" in problem
 
 
 def test_a_work_folder_that_is_not_a_folder_stops_the_start_with_a_clear_message(
@@ -139,3 +152,18 @@ def test_a_work_folder_that_is_not_a_folder_stops_the_start_with_a_clear_message
     assert f"{h.inbox / '.nbank'} exists but is not a folder" in proc.stderr
     assert "move it away" in proc.stderr
     assert (h.inbox / ".nbank").read_bytes() == b"someone's file"
+
+
+def test_a_work_folder_that_is_a_link_is_never_listed(tmp_path: Path) -> None:
+    """unowned_work_files refuses a work folder that is a symbolic link (its target's
+    files are never taken for claimed inputs); check() says it is a link."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / T2).write_bytes(b"not a claimed input")
+    work = tmp_path / ".nbank"
+    work.symlink_to(target)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    with pytest.raises(WorkFolderIsLink):
+        unowned_work_files(work, journal.known_tokens)
+    names, problem = check(work, journal.known_tokens)
+    assert names == [] and problem is not None and "is a link" in problem
