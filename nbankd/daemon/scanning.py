@@ -22,6 +22,7 @@ import structlog
 from nbankd import seams
 from nbankd.config import Config
 from nbankd.daemon import rejected_dirs, setup
+from nbankd.daemon.late_archives import LateArchives
 from nbankd.daemon.registry_setup import RegistrySetup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
@@ -73,6 +74,7 @@ class InboxScanning:
     journal: Journal
     registry: Registry
     registry_setup: RegistrySetup
+    late_archives: LateArchives
     observer: InboxWatcher | None
     state_problem: str | None
     _wake: Wakeup
@@ -173,6 +175,10 @@ class InboxScanning:
         registration = self.registry_setup.registration(
             self.registry, archive.name, archive.path, ask=False
         )
+        if registration is None and problem is None:  # mounted since the start?
+            registration = self.late_archives.problem(
+                self.registry, archive.name, archive.path, ask=False
+            )
         if registration != state.registration_problem:
             if registration is None:
                 log.info("archive registered where configured; deposits resume", inbox=key)

@@ -31,6 +31,7 @@ from nbankd.daemon import adopt, pauses, setup, statelock
 from nbankd.daemon import status as status_mod
 from nbankd.daemon.configuring import Configuring
 from nbankd.daemon.lane import Lane
+from nbankd.daemon.late_archives import LateArchives
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.scanning import InboxScanning
 from nbankd.daemon.tally import Tally, last_deposits
@@ -94,6 +95,8 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self.retired: dict[str, InboxSpec] = {}  # removed by a reload; items in flight finish
         self.registry_problem: str | None = None  # seen by deposit steps
         self.registry_setup = RegistrySetup(clock)
+        #: archives not opened at start, checked for a lost state_dir once they are
+        self.late_archives = LateArchives()
         self.last_error: dict[str, Any] | None = None
         self.reload_problem: str | None = None  # why the last reload kept the old setup
         self.last_deposit: dict[str, Any] | None = None
@@ -174,6 +177,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 )
             else:
                 adopt.check_not_orphaned(cfg, self.registry)
+            self.late_archives = LateArchives(cfg)
         except BaseException:
             self.shutdown()  # the lane too: nbankd does not start, and says only why
             raise
@@ -234,8 +238,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
 
     def _registration(self, name: str, path: Path) -> str | None:
         """Why deposits into archive ``name`` at ``path`` wait (the registry records that
-        name at another root, or not at all), or None (see RegistrySetup.registration)."""
-        return self.registry_setup.registration(self.registry, name, path)
+        name at another root, or not at all: RegistrySetup.registration; or it was
+        mounted after the start over a lost state_dir: LateArchives), or None."""
+        return self.registry_setup.registration(
+            self.registry, name, path
+        ) or self.late_archives.problem(self.registry, name, path)
 
     # -- main loop ----------------------------------------------------------------
 

@@ -5,7 +5,9 @@ the registry is unreachable or refused the start-up checks; an inbox's inotify
 watch failed (its liveness check went unanswered, or the kernel refused a watch:
 the inbox is then scanned every ``fallback_poll_every``); an archive is not usable
 (unmounted, not writable, not set up, or the registry records its name at another
-root, or not at all); an inbox's ``placement: rename`` is not proved to work
+root, or not at all, or, mounted after the start, it holds resources the registry
+has no record of: :mod:`~nbankd.daemon.late_archives`); an inbox's
+``placement: rename`` is not proved to work
 (:func:`~nbankd.daemon.setup.check_placement`); inputs wait after a failed step
 (registry outage, full or failing archive filesystem, ...); files are stalled; the
 lane of small files has shown no progress, or has waited for the registry's answers,
