@@ -109,6 +109,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     from nbankd.service.capabilities import keep_capabilities_to_self
     from nbankd.service.limits import SPARE, check_open_file_limit
     from nbankd.service.logs import configure_logging
+    from nbankd.service.logwriter import start_writer
     from nbankd.service.notify import Notifier
 
     check_open_file_limit()  # exit 2 naming LimitNOFILE=, never a failure half-way
@@ -131,6 +132,7 @@ def run(config_path: str | None, *, adopt_archives: bool = False) -> int:
     )
     install_signal_handlers(daemon)
     try:
+        start_writer()  # logs from a queue from now on: deposits never wait on them
         daemon.start()
     except errors.ProcessLimit as err:  # exit 2, as for a limit found too low above
         raise errors.ConfigError(err.message, hint=err.hint) from err
@@ -198,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return _decided(lambda: check_config(args.config_sub or args.config, offline=args.offline))
     code = _decided(lambda: run(args.config, adopt_archives=args.adopt_archives))
     _leave_stuck_steps(code)
+    from nbankd.service import logwriter
+
+    logwriter.flush()  # the last lines out, waiting a little for a stuck output
     return code
 
 
@@ -222,12 +227,14 @@ def _leave_stuck_steps(code: int) -> None:
     interpreter's exit would join it and outlast the service manager's stop timeout.
     Every step is journaled before it runs, so an abandoned one resumes at the next
     start, as after ``kill -9``."""
+    from nbankd.service import logwriter
+
     me = threading.current_thread()
     deadline = time.monotonic() + EXIT_JOIN
-    for thread in threading.enumerate():  # a pool's threads are joined at exit, even
-        if thread is not me:  # daemon ones (started from a daemon thread, they are)
-            thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threading.enumerate() if t is not me and t.is_alive()]
+    others = [t for t in threading.enumerate() if t is not me and not logwriter.is_writer(t)]
+    for thread in others:  # a pool's threads are joined at exit, even daemon ones
+        thread.join(max(0.0, deadline - time.monotonic()))  # (started from one, they are)
+    stuck = [t.name for t in others if t.is_alive()]
     if not stuck:
         return
     structlog.get_logger("nbankd").warning(
@@ -235,6 +242,7 @@ def _leave_stuck_steps(code: int) -> None:
         "resume at the next start",
         threads=stuck[:8],
     )
+    logwriter.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -190,6 +190,12 @@ def _health_families(status: Mapping[str, Any]) -> list[Metric]:
         service = status.get(section)
         failing.add_metric([], 1 if isinstance(service, dict) and service.get("problem") else 0)
         out.append(failing)
+    dropped = CounterMetricFamily(
+        "nbankd_log_lines_dropped",
+        "Log lines dropped: the log output full, stuck or failing (deposits go on)",
+    )
+    dropped.add_metric([], (status.get("log") or {}).get("dropped", 0))
+    out.append(dropped)
     registry = status.get("registry") or {}
     up = GaugeMetricFamily("nbankd_registry_usable", "1 while the registry answers as expected")
     up.add_metric([], 0 if registry.get("problem") else 1)

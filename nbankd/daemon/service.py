@@ -43,6 +43,7 @@ from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
 from nbankd.deposit.steps import Steps
 from nbankd.registry.base import Registry
+from nbankd.service import logwriter
 from nbankd.service.limits import descriptor_problem, start_all_threads
 from nbankd.versions import dependency_versions
 from nbankd.watch.observer import InboxWatcher
@@ -399,6 +400,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         wedge_after = getattr(liveness, "wedge_after", None)
         stale = beats.stale(time.monotonic(), wedge_after) if beats and wedge_after else []
         limits = descriptor_problem()
+        log_output = logwriter.OUTPUT.status()
         with self._lock:
             return Snapshot(
                 now=self.clock(),
@@ -429,6 +431,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 ),
                 reload_problem=self.reload_problem,
                 limits_problem=limits,
+                log_output=log_output,
             )
 
     def status_line(self) -> str:

@@ -14,7 +14,8 @@ lane of small files has shown no progress, or has waited for the registry's answ
 for a minute; the last reload of the configuration file failed (until a reload
 or a restart succeeds); the process is short of file descriptors (fewer than
 :data:`~nbankd.service.limits.LOW_DESCRIPTORS` free under its open-file limit), or
-inputs wait because nbankd ran out of descriptors or threads. The control
+inputs wait because nbankd ran out of descriptors or threads; the log output fails
+or is stuck (its lines dropped, counted in ``log.dropped``). The control
 handler adds rejected inputs, files in an inbox's ``.nbank/`` that no deposit of
 this daemon owns (:mod:`nbankd.daemon.orphans`) and audit findings. Each reason is
 one line naming the registry, archive or inbox at
@@ -233,6 +234,8 @@ def build_status(
         degraded.append(snap.paused_problem)
     if snap.reload_problem:
         degraded.append(reload_line(str(snap.config.source), snap.reload_problem))
+    if snap.log_output.get("problem"):
+        degraded.append(str(snap.log_output["problem"]))
     if snap.limits_problem:
         degraded.insert(0, snap.limits_problem)
     if snap.state_problem:
@@ -257,5 +260,6 @@ def build_status(
             name: {**caps.to_json(), "notes": caps.notes()}
             for name, caps in sorted(snap.capabilities.items())
         },
+        "log": dict(snap.log_output),
         "degraded": degraded,
     }

@@ -100,6 +100,8 @@ class Snapshot:
     #: kept; None once a reload succeeds (or since the start)
     reload_problem: str | None = None
     limits_problem: str | None = None  # the process short of file descriptors
+    #: the log output: lines dropped since the start, and its problem now (logwriter)
+    log_output: Mapping[str, Any] = field(default_factory=lambda: {"dropped": 0, "problem": None})
 
     @property
     def queue(self) -> int:

@@ -13,14 +13,18 @@
 - ``console``: structlog's human rendering, for a terminal;
 - ``auto``: journal under systemd when the extra is installed, console on a tty, else json.
 
-Secrets never reach any output: :func:`redact_secrets` runs in every chain before the
-renderer. Records of the standard ``logging`` module (watchdog, urllib3, ...) at warning
-and above go through the same chain and output.
+Secrets never reach any output: :func:`redact_secrets` (:mod:`.redaction`) runs in
+every chain before the renderer. Every value is then cut to a few KiB and every line
+to 32 KiB (:mod:`.logshape`). Records of the standard ``logging`` module (watchdog,
+urllib3, ...) at warning and above go through the same chain and output.
+
+A log call never raises: an error in the chain gives a short line naming it, and the
+lines go out through :mod:`.logwriter` (in the daemon, a queue written by a thread of
+its own: a failing or blocked output drops lines, counted, and never stops a deposit).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -34,11 +38,14 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from nbankd.errors import ConfigError
 from nbankd.names import utf8_text
+from nbankd.service import logshape, logwriter
+from nbankd.service.redaction import REDACTED, redact, redact_secrets, redact_text
 
 __all__ = [
     "FORMATS",
     "LEVELS",
     "PRIORITIES",
+    "REDACTED",
     "JournalLogger",
     "configure_logging",
     "get_logger",
@@ -73,96 +80,11 @@ PRIORITIES: dict[str, int] = {
     "fatal": 2,
 }
 SYSLOG_IDENTIFIER = "nbankd"
-REDACTED = "[redacted]"
 
 _INSTALL_HINT = (
     "install the extra with `pip install 'nbankd[systemd]'` (building systemd-python needs "
     "libsystemd-dev and pkg-config), or set log.format to auto, json or console"
 )
-
-# --- redaction -------------------------------------------------------------------------
-
-# Keys whose value is a secret whatever it looks like.
-_SECRET_KEY = re.compile(
-    r"passw(?:or)?d|passphrase|auth|credential|token|secret|api[-_]?key|cookie|netrc",
-    re.IGNORECASE,
-)
-# scheme://user:password@host -> scheme://user:[redacted]@host
-_URL_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):(?P<pw>[^/@\s]+)@")
-# Authorization: Basic xyz / 'Authorization': 'Bearer xyz' / authorization=xyz
-_AUTH_HEADER = re.compile(
-    r"(?P<head>\b(?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)"
-    r"(?P<value>(?:(?:basic|bearer|digest|token|negotiate)\s+)?[^\s'\",;)}]+)",
-    re.IGNORECASE,
-)
-# password=xyz, token: xyz, secret='xyz' inside free text
-_INLINE_SECRET = re.compile(
-    r"(?P<head>\b(?:passw(?:or)?d|pwd|passphrase|token|secret|api[-_]?key)['\"]?\s*[=:]\s*['\"]?)"
-    r"(?P<value>[^\s'\",;&)}]+)",
-    re.IGNORECASE,
-)
-_MAX_DEPTH = 8
-
-
-# what one of the three patterns above needs in a text to match, in lower case: an
-# ASCII text holding none of these is returned as it is (every log line's every value
-# is redacted; most are paths, identifiers and hashes)
-_SECRET_SIGNS = re.compile(
-    "@|authorization|passw|pwd|passphrase|token|secret|api", re.IGNORECASE | re.ASCII
-)
-
-
-def redact_text(text: str) -> str:
-    """Returns ``text`` with URL passwords, Authorization values and ``password=...`` hidden."""
-    if text.isascii() and _SECRET_SIGNS.search(text) is None:  # one pass, in C
-        return text
-    text = _URL_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-    text = _AUTH_HEADER.sub(lambda m: f"{m['head']}{REDACTED}", text)
-    return _INLINE_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _secret_key_name(key)
-
-
-@functools.lru_cache(maxsize=1024)
-def _secret_key_name(key: str) -> bool:
-    """True for a key whose value is a secret (a log line's keys are few: remembered)."""
-    return _SECRET_KEY.search(key) is not None
-
-
-def redact(value: Any, _depth: int = 0) -> Any:
-    """Returns a copy of ``value`` with secrets hidden, looking into dicts, lists and tuples.
-
-    Values under a secret-looking key are replaced whole (unless they are booleans or
-    None, which cannot hold a secret: ``authorized=True`` stays readable); strings are
-    scanned with :func:`redact_text`; exceptions become their redacted message.
-    """
-    if _depth > _MAX_DEPTH:
-        return value
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, BaseException):
-        return redact_text(f"{type(value).__name__}: {value}")
-    if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if _is_secret_key(k) and _holds_data(v) else redact(v, _depth + 1))
-            for k, v in value.items()
-        }
-    if isinstance(value, tuple):
-        return tuple(redact(v, _depth + 1) for v in value)
-    if isinstance(value, list | set | frozenset):
-        return [redact(v, _depth + 1) for v in value]
-    return value
-
-
-def _holds_data(value: object) -> bool:
-    return value is not None and not isinstance(value, bool)
-
-
-def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: hides secrets in every key and value of the event."""
-    return redact(event_dict)  # type: ignore[no-any-return]
 
 
 def writable_text(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -252,7 +174,8 @@ class JournalLogger:
     """structlog logger that sends journal fields with ``systemd.journal.send``.
 
     If journald cannot be reached, the entry is written as a JSON line to ``fallback``
-    (stderr by default, which systemd also captures) instead of being lost.
+    (stderr by default, which systemd also captures) instead of being lost. Entries
+    go through :data:`~nbankd.service.logwriter.OUTPUT`: a log call never raises.
     """
 
     def __init__(self, fallback: IO[str] | None = None) -> None:
@@ -262,6 +185,10 @@ class JournalLogger:
         self._fallback = fallback
 
     def msg(self, **fields: str) -> None:
+        size = sum(len(k) + len(str(v)) for k, v in fields.items())
+        logwriter.OUTPUT.submit(self._deliver, JournalLogger, fields, size)
+
+    def _deliver(self, fields: dict[str, str]) -> None:
         args: dict[str, Any] = dict(fields)
         if "CODE_LINE" in args:  # systemd.journal.send wants an int here
             try:
@@ -272,8 +199,7 @@ class JournalLogger:
             self._send(**args)
         except (OSError, ValueError):
             out = self._fallback or sys.stderr
-            out.write(json.dumps(fields, sort_keys=True) + "\n")
-            out.flush()
+            logwriter.stream_writer(out)(json.dumps(fields, sort_keys=True))
 
     log = debug = info = warning = warn = error = exception = critical = fatal = msg
 
@@ -283,22 +209,39 @@ class _JournalLoggerFactory:
         return JournalLogger()
 
 
-# --- JSON lines ------------------------------------------------------------------------
+def _journal_fallback(method: str, event: str, problem: str) -> dict[str, str]:
+    """The journal entry of an event whose processing failed."""
+    return {
+        "MESSAGE": event,
+        "PRIORITY": str(PRIORITIES.get(method, PRIORITIES["info"])),
+        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        "NBANK_LOG_ERROR": problem,
+    }
 
 
-class _JsonLines:
-    """Renders one JSON object per line, optionally with a ``<N>`` syslog priority prefix."""
+# --- lines on a stream -----------------------------------------------------------------
 
-    def __init__(self, priority_prefix: bool) -> None:
-        self._json = structlog.processors.JSONRenderer(default=str, ensure_ascii=False)
-        self._prefix = priority_prefix
 
-    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
-        level = str(event_dict.get("level", "info")).lower()
-        line = str(self._json(logger, method, event_dict))
-        if self._prefix:
-            return f"<{PRIORITIES.get(level, PRIORITIES['info'])}>{line}"
-        return line
+class _LineLogger:
+    """structlog logger handing each rendered line for ``stream`` to the log output."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._write = logwriter.stream_writer(stream)
+        fd = _fileno(stream)  # the output's key for its backoff
+        self._key: object = fd if fd is not None else id(stream)
+
+    def msg(self, message: str) -> None:
+        logwriter.OUTPUT.submit(self._write, self._key, message, len(message))
+
+    log = debug = info = warning = warn = error = exception = critical = fatal = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, stream: IO[str]) -> None:
+        self._logger = _LineLogger(stream)
+
+    def __call__(self, *_args: Any) -> _LineLogger:
+        return self._logger
 
 
 # --- choosing the format ---------------------------------------------------------------
@@ -389,8 +332,8 @@ class _StdlibBridge(logging.Handler):
             if record.exc_info:
                 kw["exc_info"] = record.exc_info
             structlog.get_logger().log(_std_level(record.levelno), record.getMessage(), **kw)
-        except Exception:  # never let a logging problem break the caller
-            self.handleError(record)
+        except Exception:  # never let a logging problem break the caller (handleError
+            logwriter.OUTPUT.dropped_one()  # would write to stderr, which may block)
 
 
 def _std_level(levelno: int) -> int:
@@ -437,7 +380,15 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # redaction sees every value whole; then values are cut to size (logshape)
+    safe: list[Processor] = [
+        structlog.processors.format_exc_info,
+        redact_secrets,
+        writable_text,
+        logshape.bounded_values,
+    ]
     logger_factory: Any
+    fallback: Any
     if chosen == "journal":
         processors += [
             structlog.processors.CallsiteParameterAdder(
@@ -446,37 +397,30 @@ def configure_logging(
                     structlog.processors.CallsiteParameter.LINENO,
                     structlog.processors.CallsiteParameter.FUNC_NAME,
                 ],
-                additional_ignores=["logging", __name__],
+                additional_ignores=["logging", __name__, logshape.__name__],
             ),
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            writable_text,
+            *safe,
             _journal_renderer,
         ]
-        logger_factory = _JournalLoggerFactory()
+        logger_factory, fallback = _JournalLoggerFactory(), _journal_fallback
     elif chosen == "console":
         processors += [
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            writable_text,
-            structlog.dev.ConsoleRenderer(
-                colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback
+            *safe,
+            logshape.BoundedLine(
+                structlog.dev.ConsoleRenderer(
+                    colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback
+                )
             ),
         ]
-        logger_factory = structlog.WriteLoggerFactory(file=out)
+        logger_factory, fallback = _LineLoggerFactory(out), logshape.console_fallback
     else:
         fd = _fileno(out)
         prefix = fd is not None and journal_stream_matches(os.environ.get("JOURNAL_STREAM"), [fd])
-        processors += [
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            writable_text,
-            _JsonLines(prefix),
-        ]
-        logger_factory = structlog.WriteLoggerFactory(file=out)
+        processors += [*safe, logshape.BoundedLine(logshape.JsonLines(prefix, PRIORITIES))]
+        logger_factory, fallback = _LineLoggerFactory(out), logshape.json_fallback(prefix)
 
     structlog.configure(
-        processors=processors,
+        processors=[logshape.Guarded(processors, fallback)],  # never raises
         wrapper_class=structlog.make_filtering_bound_logger(min_level),
         context_class=dict,
         logger_factory=logger_factory,
@@ -496,7 +440,9 @@ def configure_logging(
 
 
 def reset_logging() -> None:
-    """Undoes :func:`configure_logging`: structlog defaults, no stdlib bridge."""
+    """Undoes :func:`configure_logging`: structlog defaults, no stdlib bridge, lines
+    written in the caller's thread again (a writer thread started is stopped)."""
+    logwriter.OUTPUT.stop(logwriter.FLUSH_AT_EXIT)
     _remove_bridge()
     logging.captureWarnings(False)
     structlog.reset_defaults()

@@ -91,6 +91,12 @@ def test_registry_and_archive_errors_become_counters() -> None:
     assert got[("nbankd_archive_errors_total", (("archive", "birdsong"),))] == 3
 
 
+def test_log_lines_dropped_become_a_counter() -> None:
+    """status's log.dropped is the nbankd_log_lines_dropped_total counter."""
+    status = {**STATUS, "log": {"dropped": 7, "problem": None}}
+    assert _samples(status, Tally())[("nbankd_log_lines_dropped_total", ())] == 7
+
+
 def test_totals_become_counters_and_a_histogram() -> None:
     """Deposits, bytes and rejections are _total counters; latency a histogram."""
     tally = Tally()

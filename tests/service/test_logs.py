@@ -632,3 +632,24 @@ def test_real_journald_receives_structured_fields() -> None:
     assert entry["NBANK_PASSWORD"] == "[redacted]"
     assert entry["_TRANSPORT"] == "journal"
     assert entry["CODE_FUNC"] == "<module>"
+
+
+class _FailingStream(io.StringIO):
+    """A text stream whose every write fails (stderr gone too)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(32, "Broken pipe")
+
+
+def test_journal_and_its_fallback_unreachable_never_raise(
+    journal_standin: _JournalStandIn,
+) -> None:
+    """With journald and the fallback stream both failing, a log call returns quietly
+    and the entry is counted as dropped."""
+    from nbankd.service.logs import JournalLogger
+    from nbankd.service.logwriter import OUTPUT
+
+    journal_standin.fail = True
+    before = OUTPUT.dropped
+    JournalLogger(fallback=_FailingStream()).msg(MESSAGE="lost", PRIORITY="3")
+    assert OUTPUT.dropped == before + 1

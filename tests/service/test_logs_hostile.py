@@ -4,11 +4,12 @@ inbox writer or an unlucky lab would meet them.
 Every test runs the real ``nbankd``; file names and sidecars are written the way a
 local user who can write an inbox would.
 
-Findings (strict xfail): a log write that fails (ENOSPC, EPIPE) raises out of the log
-call and kills nbankd at start or its lane thread later (items stay in flight, status
-healthy), and one that blocks (a full stdout pipe) stops every thread; a bad-sidecar
-reason lists every unknown key (a ~900 KB reason message and log line). The rest are
-guards.
+Findings, fixed: a log write that failed (ENOSPC, EPIPE) raised out of the log call
+and killed nbankd at start or its lane thread later (items stayed in flight, status
+healthy), and one that blocked (a full stdout pipe) stopped every thread.
+
+Finding (strict xfail): a bad-sidecar reason lists every unknown key (a ~900 KB reason
+message). The rest are guards.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ def _log_lines(h: DaemonHarness) -> list[bytes]:
 # --- log output the daemon cannot write ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a failed log write (ENOSPC) raises out of log calls; nbankd dies at start",
-)
 def test_deposits_go_on_when_stdout_is_a_full_device(daemon_factory: Any) -> None:
     """With stdout on /dev/full (every log write fails, ENOSPC), files are still deposited."""
     h: DaemonHarness = daemon_factory()
@@ -64,10 +61,6 @@ def log_pipe(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: EPIPE from a log write kills the lane; items stay in flight, status healthy",
-)
 def test_deposits_go_on_after_the_log_pipe_breaks(
     daemon_factory: Any, log_pipe: tuple[Path, list[int]]
 ) -> None:
@@ -85,10 +78,6 @@ def test_deposits_go_on_after_the_log_pipe_breaks(
     assert h.proc is not None and h.proc.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a log write blocks on a full stdout pipe; every thread waits behind it",
-)
 def test_deposits_go_on_when_nobody_reads_the_log_pipe(
     daemon_factory: Any, log_pipe: tuple[Path, list[int]]
 ) -> None:

@@ -8,15 +8,15 @@ import string
 
 import pytest
 
-from nbankd.service import logs
-from nbankd.service.logs import REDACTED, redact_text
+from nbankd.service import redaction
+from nbankd.service.redaction import REDACTED, redact_text
 
 
 def _patterns(text: str) -> str:
     """The three substitutions alone, as redact_text made them before the fast path."""
-    text = logs._URL_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-    text = logs._AUTH_HEADER.sub(lambda m: f"{m['head']}{REDACTED}", text)
-    return logs._INLINE_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
+    text = redaction._URL_USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    text = redaction._AUTH_HEADER.sub(lambda m: f"{m['head']}{REDACTED}", text)
+    return redaction._INLINE_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
 
 
 _PIECES = [
