@@ -111,7 +111,7 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
     if unknown:
         raise PolicyError(
             "bad-sidecar",
-            f"sidecar {source} has unknown keys: {', '.join(sorted(unknown))}",
+            f"sidecar {source} has unknown keys: {_some(sorted(unknown))}",
             "allowed keys are id, dtype and metadata",
         )
     sid, dtype, metadata = data.get("id"), data.get("dtype"), data.get("metadata")
@@ -142,6 +142,18 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
             "keep large data in the file itself; sidecars hold identifiers and metadata",
         )
     return Sidecar(id=sid, dtype=dtype, metadata=metadata)
+
+
+#: unknown keys a bad-sidecar message names (the count has them all), and characters of each
+NAMED_KEYS, KEY_SHOWN = 5, 64
+
+
+def _some(keys: list[str]) -> str:
+    """The first :data:`NAMED_KEYS` of ``keys`` (each cut short), then how many more: a
+    sidecar of thousands of keys gives a message of a line, not of a megabyte."""
+    shown = [k if len(k) <= KEY_SHOWN else k[:KEY_SHOWN] + "..." for k in keys[:NAMED_KEYS]]
+    more = f" and {len(keys) - NAMED_KEYS} more" if len(keys) > NAMED_KEYS else ""
+    return ", ".join(shown) + more
 
 
 def _as_json(value: Any, source: str, where: str = "") -> Any:

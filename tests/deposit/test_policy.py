@@ -432,6 +432,18 @@ def test_bad_sidecar_is_rejected_naming_the_file(text: str, json_format: bool, p
     assert phrase in info.value.message
 
 
+def test_many_unknown_sidecar_keys_are_named_first_few_then_counted() -> None:
+    """A sidecar of 1000 unknown keys (one of them very long) names the first five,
+    each cut short, and how many more: a one-line message."""
+    keys = {"a" * 10_000: 1, **{f"key{n:04d}": n for n in range(999)}}
+    with pytest.raises(PolicyError) as info:
+        parse_sidecar(json.dumps(keys), json_format=True, source="rec1.wav.nbank.json")
+    message = info.value.message
+    shown = f"unknown keys: {'a' * 64}..., key0000, key0001, key0002, key0003 and 995 more"
+    assert shown in message
+    assert len(message) < 500
+
+
 def test_policy_error_code_is_per_instance() -> None:
     """Two PolicyErrors keep their own codes (the class-level code is not shared)."""
     a, b = PolicyError("invalid-name", "a"), PolicyError("no-dtype", "b")

@@ -6,10 +6,9 @@ local user who can write an inbox would.
 
 Findings, fixed: a log write that failed (ENOSPC, EPIPE) raised out of the log call
 and killed nbankd at start or its lane thread later (items stayed in flight, status
-healthy), and one that blocked (a full stdout pipe) stopped every thread.
-
-Finding (strict xfail): a bad-sidecar reason lists every unknown key (a ~900 KB reason
-message). The rest are guards.
+healthy), and one that blocked (a full stdout pipe) stopped every thread; a bad-sidecar
+reason listed every unknown key (a ~900 KB reason message and log line). The rest are
+guards.
 """
 
 from __future__ import annotations
@@ -162,10 +161,6 @@ def test_reload_from_json_to_console_while_depositing_loses_nothing(
 JOURNAL_LINE_MAX = 48 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: bad-sidecar lists every unknown key: a 900 KB reason message and log line",
-)
 def test_a_sidecar_with_many_unknown_keys_gives_a_bounded_reason_and_log_line(
     daemon_factory: Any,
 ) -> None:
