@@ -262,27 +262,35 @@ _EXPLAIN_FACTS = (
 
 
 def explain(result: dict[str, Any]) -> str:
+    """explain's answer; every text in it through :func:`printable` (a reason file's
+    fields are written by whoever writes the inbox)."""
+
+    def shown(value: Any) -> str:
+        return printable(str(value))
+
     lines = [
-        f"{printable(result['path'])}: {result['state']}",
+        f"{shown(result['path'])}: {shown(result['state'])}",
         # its names are quoted already (requeue's command to paste among them)
         f"  {without_controls(str(result.get('message', '')))}",
     ]
     for key, label in _EXPLAIN_FACTS:
         if result.get(key):
-            lines.append(f"  {label}: {printable(str(result[key]))}")
+            lines.append(f"  {label}: {shown(result[key])}")
     reason = result.get("reason")
     if isinstance(reason, dict):
-        lines.append(f"  reason: {reason.get('code')}: {printable(str(reason.get('message')))}")
+        lines.append(f"  reason: {shown(reason.get('code'))}: {shown(reason.get('message'))}")
         if reason.get("hint"):
-            lines.append(f"  hint: {printable(str(reason['hint']))}")
+            lines.append(f"  hint: {shown(reason['hint'])}")
     item = result.get("item")
     if isinstance(item, dict) and result.get("state") == "in-flight":
         lines.append(
-            f"  item {item.get('token')}: {item.get('state')}, attempts {item.get('attempts')}"
+            f"  item {shown(item.get('token'))}: {shown(item.get('state'))}, "
+            f"attempts {shown(item.get('attempts'))}"
         )
     previous = result.get("previous")
     if isinstance(previous, dict):
-        lines.append(f"  earlier: {previous.get('state')} {previous.get('id') or ''}".rstrip())
+        earlier = f"{shown(previous.get('state'))} {shown(previous.get('id') or '')}"
+        lines.append(f"  earlier: {earlier}".rstrip())
     return "\n".join(lines)
 
 

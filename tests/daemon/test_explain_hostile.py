@@ -4,9 +4,9 @@ Every test runs the real ``nbankd`` and ``nbankctl``; ``.reason`` files and symb
 links are written the way a local user who can write an inbox would.
 
 Findings (strict xfail): explain trusts the ``rejected_path`` of a ``.reason`` file on
-disk (any path stat'ed, named and offered for requeue), follows a linked folder inside
-an inbox (existence oracle), and its readable output prints a reason's ``code`` raw
-(terminal escapes). The rest are guards.
+disk (any path stat'ed, named and offered for requeue) and follows a linked folder
+inside an inbox (existence oracle). Fixed since: its readable output printed a
+reason's ``code`` raw (terminal escapes). The rest are guards.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from nbankctl import render
 
 
 def _explain(h: DaemonHarness, path: str | Path) -> tuple[int, dict[str, Any]]:
@@ -74,10 +75,6 @@ def test_forged_reason_file_cannot_point_explain_outside_the_rejected_folder(
     assert str(secret.name) not in doc["message"], doc
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: render.explain prints the reason's code raw (no printable())",
-)
 def test_human_explain_shows_no_terminal_escape_from_a_reason_file(
     daemon_factory: Any,
 ) -> None:
@@ -97,6 +94,25 @@ def test_human_explain_shows_no_terminal_escape_from_a_reason_file(
     assert proc.returncode == 0, proc.stderr
     assert "rejected" in proc.stdout
     assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout, repr(proc.stdout)
+
+
+def test_readable_explain_escapes_every_field_of_the_answer() -> None:
+    """Every text nbankctl prints from explain's answer (path, state, facts, reason,
+    item, earlier deposit) shows control characters escaped."""
+    evil = "e\x1b[2J\x07\x9b"
+    answer: dict[str, Any] = {
+        "path": evil,
+        "state": "in-flight",
+        "message": evil,
+        "reason": {"code": evil, "message": evil, "hint": evil},
+        "item": {"token": evil, "state": evil, "attempts": evil},
+        "previous": {"state": evil, "id": evil},
+        **{key: evil for key in ("inbox", "id", "url", "archive_file", "time")},
+        **{key: evil for key in ("rejected_path", "original_path", "pattern", "belongs_to")},
+    }
+    text = render.explain(answer)
+    assert text.count("e\\x1b[2J") == 19, text  # all but the state, which shows the item
+    assert not any(c in text for c in "\x1b\x07\x9b"), repr(text)
 
 
 @pytest.mark.xfail(
