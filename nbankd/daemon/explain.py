@@ -7,7 +7,10 @@ facts behind it. It accepts a path in an inbox, in an inbox's rejected folder
 of an input that has since been deposited or rejected.
 
 It only reads: the journal, the configuration, what the daemon's last scan
-concluded (settle verdicts, skipped entries) and ``lstat`` of the path.
+concluded (settle verdicts, skipped entries) and ``lstat`` of the path, reached
+from the inbox's folder without following a link (a linked folder on the way is
+answered as such, whatever lies beyond it). A ``.reason`` file on disk speaks only
+for an input the journal knows nothing of, and never for a path outside its folder.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 from nbankd.archive.layout import stored_file
 from nbankd.config import InboxConfig
+from nbankd.daemon.explain_look import Look, exists_below, look, read_reason
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
@@ -41,7 +45,7 @@ STATES = (
     "folder",  # a plain folder (files mode): its files are inputs one by one
     "sidecar",  # NAME.nbank.yaml|json: deposited or rejected with NAME
     "marker",  # NAME.done: NAME is ready once it has settled
-    "unsupported",  # symlink, hard link, FIFO, socket or device
+    "unsupported",  # symlink (or a linked folder on the way), hard link, FIFO, socket, device
     "settling",  # changed recently; waiting until unchanged for settle_seconds
     "waiting-for-marker",  # settled; waiting for NAME.done
     "stalled",  # still changing after stall_after
@@ -131,13 +135,25 @@ def _went_elsewhere(item: Item, path: Path) -> bool:
     return isinstance(where, str) and where != str(path)
 
 
-def read_reason(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+def shortened_reason_target(rrel: str, reason: Mapping[str, Any]) -> str | None:
+    """For the reason file ``rrel`` (relative to its rejected folder) whose name was
+    shortened, the input it explains (relative to the same folder): the last name of
+    the ``rejected_path`` it holds, taken only when that input's reason file would be
+    called exactly ``rrel``. Anything else the file says (a path elsewhere, another
+    folder) is not taken: whoever writes the inbox can write such a file."""
+    where = reason.get("rejected_path")
+    if not isinstance(where, str):
         return None
-    return data if isinstance(data, dict) else None
+    sub, name = os.path.split(rrel)
+    base = os.path.basename(where)
+    if base in ("", ".", "..") or "\x00" in base:
+        return None
+    try:
+        if reason_name(os.fsencode(base)) != os.fsencode(name):
+            return None
+    except UnicodeEncodeError:  # a lone surrogate: no file's name
+        return None
+    return os.path.join(sub, base)
 
 
 def rejected_item(
@@ -168,11 +184,14 @@ def rejected_item(
         item = find(cand)
         if item is not None:
             return cand, item, reason_for(config, cand, item, folder)
-    if rrel.endswith(REASON_SUFFIX):  # a shortened reason name: the file says where
-        reason = read_reason(folder / rrel)
-        if reason and reason.get("rejected_path"):
-            cand = os.path.relpath(str(reason["rejected_path"]), folder)
-            return cand, find(cand), reason
+    if rrel.endswith(REASON_SUFFIX):  # a shortened reason name: the file says which
+        on_disk = read_reason(folder / rrel)
+        cand = shortened_reason_target(rrel, on_disk) if on_disk else None
+        if cand is not None:
+            item = find(cand)
+            if item is not None:
+                return cand, item, reason_for(config, cand, item, folder)
+            return cand, None, on_disk
     reason = reason_for(config, rrel, None, folder)
     return rrel, None, reason
 
@@ -180,17 +199,19 @@ def rejected_item(
 def reason_for(
     config: InboxConfig, rrel: str, item: Item | None, folder: Path | None = None
 ) -> dict[str, Any] | None:
-    """The ``NAME.reason`` on disk (in ``folder``, the current rejected folder by
-    default), else the reason the journal kept."""
+    """The reason the journal kept for ``item``, else the ``NAME.reason`` on disk (in
+    ``folder``, the current rejected folder by default): whoever writes the inbox can
+    write that file too, so it only speaks for an input the journal knows nothing of."""
+    if item is not None and item.reason_json:
+        try:
+            data = json.loads(item.reason_json)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return data
     folder = config.rejected_path if folder is None else folder
     sub, base = os.path.split(os.fsencode(rrel))
-    on_disk = read_reason(folder / os.fsdecode(os.path.join(sub, reason_name(base))))
-    if on_disk is not None:
-        return on_disk
-    if item is not None and item.reason_json:
-        data = json.loads(item.reason_json)
-        return data if isinstance(data, dict) else None
-    return None
+    return read_reason(folder / os.fsdecode(os.path.join(sub, reason_name(base))))
 
 
 def _item_facts(item: Item, now: float) -> dict[str, Any]:
@@ -234,7 +255,7 @@ def _rejected_answer(
 ) -> dict[str, Any]:
     folder = config.rejected_path if folder is None else folder
     rejected_path = str(folder / rrel)
-    present = os.path.lexists(rejected_path)
+    present = exists_below(config.path, folder / rrel)
     original = (reason or {}).get("original_path")
     if item is not None:
         original = str(config.path / item.relpath_str)
@@ -264,9 +285,10 @@ def _rejected_answer(
 
 
 def _present(
-    out: dict[str, Any], key: str, view: InboxView, rel: str, path: Path, now: float
+    out: dict[str, Any], view: InboxView, rel: str, path: Path, st: os.stat_result
 ) -> dict[str, Any]:
-    """A path that exists in the inbox proper and no item is working on."""
+    """A path that exists in the inbox proper (``st``, its lstat) and no item is
+    working on."""
     config = view.config
     patterns = [p for p in config.ignore if _pattern_hits(rel, p)]
     if patterns:
@@ -290,7 +312,6 @@ def _present(
         what = "deposited or rejected" if state == "sidecar" else "ready once settled"
         out["message"] = f"{state} of {printable(name)}: it is {what} with it"
         return out
-    st = os.lstat(path)
     unsafe = _unsafe_kind(st)
     if unsafe is not None or rel in view.skipped:
         what = unsafe or view.skipped[rel]
@@ -348,20 +369,14 @@ def _unsafe_kind(st: os.stat_result) -> str | None:
     return kind.noun
 
 
-def _blocked_folder(inbox: Path, rel: str) -> tuple[Path, str] | None:
-    """The first folder between ``inbox`` and ``rel`` this process cannot search, if any."""
-    folder = Path(inbox)
-    for part in rel.split("/")[:-1]:
-        folder = folder / part
-        try:
-            os.lstat(folder)
-            with os.scandir(folder):  # opening is enough: scans must list it (read, search)
-                pass
-        except PermissionError as err:
-            return folder, err.strerror or "permission denied"
-        except OSError:
-            return None
-    return None
+def _linked(out: dict[str, Any], link: Path) -> dict[str, Any]:
+    """The answer for a path beyond a linked folder: the same whatever lies there."""
+    out.update(state="unsupported", kind="symbolic link", link=str(link))
+    out["message"] = (
+        f"unsupported: {printable(str(link))} is a symbolic link; nbankd never follows "
+        "links, so nothing through it is deposited or looked at"
+    )
+    return out
 
 
 def explain(
@@ -389,6 +404,12 @@ def explain(
         out.update(state="inbox", paused=view.paused, message="an inbox folder")
         return out
     found = in_rejected(config, rel)
+    if found is None and rel.split("/")[0] == WORK_DIR_NAME:
+        out.update(state="internal", message="nbankd's work folder: in-progress files")
+        return out
+    seen: Look = look(config.path, rel)  # lstat of the path, never through a link
+    if seen.link is not None:
+        return _linked(out, seen.link)
     if found is not None:
         folder, rrel = found
         earlier = folder != config.rejected_path
@@ -403,7 +424,7 @@ def explain(
             return out
         input_rel, item, reason = rejected_item(key, config, rrel, journal, folder)
         if item is None and reason is None:
-            present = os.path.lexists(folder / rrel)
+            present = seen.st is not None
             out.update(state="in-rejected-folder" if present else "not-found")
             out["message"] = (
                 "in the rejected folder, but no reason is recorded for it"
@@ -412,9 +433,6 @@ def explain(
             )
             return out
         return _rejected_answer(out, config, input_rel, item, reason, config_source, folder)
-    if rel.split("/")[0] == WORK_DIR_NAME:
-        out.update(state="internal", message="nbankd's work folder: in-progress files")
-        return out
     relb = os.fsencode(rel)
     active = journal.active_for(key, relb)
     if active is not None:
@@ -430,12 +448,12 @@ def explain(
         out["message"] = msg
         return out
     latest = journal.latest_for(key, relb)
-    if os.path.lexists(text):
-        out = _present(out, key, view, rel, Path(text), now)
+    if seen.st is not None:
+        out = _present(out, view, rel, Path(text), seen.st)
         if latest is not None:
             out["previous"] = {"state": str(latest.state), **_deposited(latest)}
         return out
-    blocked = _blocked_folder(config.path, rel) if latest is None else None
+    blocked = seen.blocked if latest is None else None
     if blocked is not None:
         out.update(
             state="hidden",

@@ -1,0 +1,116 @@
+"""Looking at a path below an inbox for ``nbankctl explain``, the way a scan would:
+from the inbox's folder down, one name at a time, never following a symbolic link.
+
+A linked folder on the way is reported as such and nothing beyond it is looked at,
+so explain cannot be used to learn whether a file exists where the link points (a
+folder its caller may not be able to read, the daemon's user can).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: a folder on the way, opened only to look up the next name in it
+_STEP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Look:
+    """What is at a path below an inbox."""
+
+    st: os.stat_result | None = None  # its lstat; None when nothing is there (or unseen)
+    link: Path | None = None  # the first folder on the way that is a symbolic link
+    blocked: tuple[Path, str] | None = None  # the first folder on the way not listable
+
+
+def look(inbox: Path, rel: str) -> Look:
+    """``lstat`` of ``inbox/rel`` reached without following a link below ``inbox``; a
+    folder on the way that is a link (or stops being a folder while walked) ends the
+    walk with ``link`` set. ``blocked`` names the first folder on the way that the
+    daemon's user cannot list (read and search), as scans must."""
+    parts = rel.split("/")
+    try:
+        fd = os.open(inbox, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return Look()
+    folder = Path(inbox)
+    blocked: tuple[Path, str] | None = None
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, _STEP, dir_fd=fd)
+            except PermissionError as err:
+                return Look(blocked=blocked or (folder, _why(err)))
+            except OSError:  # nothing there, or below a file
+                return Look(blocked=blocked)
+            os.close(fd)
+            fd, folder = sub, folder / part
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                return Look(link=folder)
+            if not stat.S_ISDIR(mode):
+                return Look(blocked=blocked)
+            if blocked is None:
+                blocked = _unlistable(fd, folder)
+        try:
+            return Look(st=os.lstat(parts[-1], dir_fd=fd), blocked=blocked)
+        except PermissionError as err:
+            return Look(blocked=blocked or (folder, _why(err)))
+        except OSError:
+            return Look(blocked=blocked)
+    finally:
+        os.close(fd)
+
+
+def exists_below(inbox: Path, path: Path) -> bool:
+    """Whether something is at ``path`` (in ``inbox``), reached without following a
+    link below ``inbox``."""
+    rel = os.path.relpath(path, inbox)
+    if rel == "." or rel == ".." or rel.startswith("../"):
+        return False
+    seen = look(inbox, rel)
+    return seen.st is not None
+
+
+def read_reason(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the regular file ``path`` (its first MiB), never read
+    through a link at its last name; None when there is none."""
+    try:
+        fd = os.open(path, _FILE)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else None
+
+
+def _unlistable(fd: int, folder: Path) -> tuple[Path, str] | None:
+    try:
+        os.close(os.open(".", _LIST, dir_fd=fd))
+    except PermissionError as err:
+        return folder, _why(err)
+    except OSError:
+        return None
+    return None
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or os.strerror(err.errno or errno.EACCES)
+
+
+__all__ = ["Look", "exists_below", "look", "read_reason"]
