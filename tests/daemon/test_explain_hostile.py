@@ -5,14 +5,17 @@ links are written the way a local user who can write an inbox would.
 
 Findings, fixed since: explain trusted the ``rejected_path`` of a ``.reason`` file on
 disk (any path stat'ed, named and offered for requeue), followed a linked folder inside
-an inbox (existence oracle), and printed a reason's ``code`` raw in its readable output
-(terminal escapes). The rest are guards.
+an inbox (existence oracle), printed a reason's ``code`` raw in its readable output
+(terminal escapes), and over the raw protocol answered a path holding a lone surrogate
+with an internal error and resolved a relative path against the daemon's working
+directory. The rest are guards.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,22 @@ from nbankctl import render
 def _explain(h: DaemonHarness, path: str | Path) -> tuple[int, dict[str, Any]]:
     proc = nbankctl(h, "explain", "--json", str(path), timeout=60)
     return proc.returncode, json.loads(proc.stdout)
+
+
+def _raw_explain(h: DaemonHarness, path: str) -> dict[str, Any]:
+    """Sends an explain request for ``path`` over the control socket as is."""
+    line = json.dumps({"v": 1, "cmd": "explain", "args": {"path": path}}).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(str(h.socket_path))
+        sock.sendall(line)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return dict(json.loads(data))
 
 
 # --- reason files and links an inbox writer made --------------------------------------
@@ -157,6 +176,27 @@ def test_readable_explain_escapes_every_field_of_the_answer() -> None:
     text = render.explain(answer)
     assert text.count("e\\x1b[2J") == 19, text  # all but the state, which shows the item
     assert not any(c in text for c in "\x1b\x07\x9b"), repr(text)
+
+
+def test_a_path_with_a_lone_surrogate_is_a_usage_error(daemon_factory: Any) -> None:
+    """A raw explain request whose path holds a lone surrogate (no file name can) is
+    answered as a usage error, as a NUL byte is, not as the daemon's own failure."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    reply = _raw_explain(h, f"{h.inbox}/a\ud800.wav")
+    assert reply["ok"] is False and reply["error"]["code"] == "usage", reply
+    assert "surrogate" in reply["error"]["message"]
+    assert b"control command failed" not in h.log_path.read_bytes()
+
+
+def test_a_relative_path_is_a_usage_error(daemon_factory: Any) -> None:
+    """A raw explain request with a relative path is refused as a usage error, never
+    resolved against the daemon's working directory."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    reply = _raw_explain(h, "inbox/x.wav")
+    assert reply["ok"] is False and reply["error"]["code"] == "usage", reply
+    assert "absolute" in reply["error"]["message"]
 
 
 def test_explain_through_a_linked_folder_does_not_tell_whether_a_file_exists(
