@@ -44,6 +44,7 @@ from nbankd.daemon.explain import (
     reason_for,
     rejected_folder_for,
     rejected_item,
+    shortened_reason_target,
 )
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Journal
@@ -602,8 +603,9 @@ def rejected_contents(config: InboxConfig, folder: str | None = None) -> Rejecte
             target = Path(dirpath, name[: -len(REASON_SUFFIX)])
             if not os.path.lexists(target):  # a shortened name: the reason says
                 reason = read_reason(Path(dirpath, name)) or {}
-                if reason.get("rejected_path"):
-                    target = Path(str(reason["rejected_path"]))
+                beside = shortened_reason_target(name, reason)  # never a path elsewhere
+                if beside is not None:
+                    target = Path(dirpath, beside)
             if os.path.lexists(target) and target not in explained:
                 explained.append(target)
         inputs += explained

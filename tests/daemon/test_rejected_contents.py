@@ -3,11 +3,13 @@ bookkeeping, and the folders it could not list (never taken for empty)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from nbankd.daemon.requeue import rejected_contents
+from nbankd.deposit.rejection import reason_name
 
 
 class _Inbox:
@@ -47,3 +49,23 @@ def test_a_rejected_folder_not_there_holds_nothing(tmp_path: Path) -> None:
     """No rejected folder: nothing held, nothing unreadable."""
     found = rejected_contents(_Inbox(tmp_path))  # type: ignore[arg-type]
     assert found.entries == () and found.unreadable == ()
+
+
+def test_a_planted_reason_counts_no_file_outside_the_rejected_folder(tmp_path: Path) -> None:
+    """A ``.reason`` whose name is no input's, planted in the rejected folder with a
+    ``rejected_path`` naming a file elsewhere, does not count (nor name) that file: a
+    shortened reason name stands only for the input its name was made from."""
+    inbox: Any = _Inbox(tmp_path / "inbox")
+    rejected = tmp_path / "inbox" / "rejected"
+    rejected.mkdir(parents=True)
+    secret = tmp_path / "private" / "grant.docx"
+    secret.parent.mkdir()
+    secret.write_text("not the inbox writer's")
+    (rejected / "planted.reason").write_text(json.dumps({"rejected_path": str(secret)}))
+    long_name = "x" * 250 + ".wav"
+    (rejected / long_name).write_text("rejected with a shortened reason name")
+    shortened = os.fsdecode(reason_name(long_name.encode()))
+    (rejected / shortened).write_text(json.dumps({"rejected_path": str(rejected / long_name)}))
+    found = rejected_contents(inbox)
+    assert found.inputs == (rejected / long_name,)
+    assert found.unexplained == ()
