@@ -1,7 +1,9 @@
 """Reading a small file a person names (the configuration, a credentials file, a
-webhook's token, an archive's ``nbank.json``): links followed, but what the path names
-must be a regular file, opened without blocking (a FIFO or a device would hang the
-reader or never end), checked again on the open descriptor, and read up to a bound.
+webhook's token, an archive's ``nbank.json``): links followed (unless the caller says
+not to: a file in a folder others can write, such as a rejected input's ``.reason``),
+but what the path names must be a regular file, opened without blocking (a FIFO or a
+device would hang the reader or never end), checked again on the open descriptor, and
+read up to a bound.
 
 One primitive for every such file; each caller turns :class:`SmallFileError` into
 its own message (a configuration problem with its file and line, a registry
@@ -48,15 +50,18 @@ def _unreadable(err: OSError) -> SmallFileError:
     return SmallFileError("unreadable", strerror=why, errno=err.errno or 0)
 
 
-def open_regular(path: Path) -> tuple[int, os.stat_result]:
+def open_regular(path: Path, *, follow: bool = True) -> tuple[int, os.stat_result]:
     """A descriptor on the regular file ``path`` names and its ``fstat``; the caller
-    closes it. Raises :class:`SmallFileError`."""
+    closes it. ``follow=False``: a link at ``path`` is refused (``not-regular``), never
+    followed, even one put there between the two looks. Raises :class:`SmallFileError`."""
     try:
-        before = os.stat(path)  # follows links: what the path names
+        before = os.stat(path, follow_symlinks=follow)  # what the path names
         if not stat.S_ISREG(before.st_mode):
             raise _not_regular(before.st_mode)
-        fd = os.open(path, _FLAGS)
+        fd = os.open(path, _FLAGS if follow else _FLAGS | os.O_NOFOLLOW)
     except OSError as err:
+        if err.errno == errno.ELOOP and not follow:  # a link put there meanwhile
+            raise SmallFileError("not-regular", noun="a symbolic link") from None
         raise _unreadable(err) from None
     try:
         st = os.fstat(fd)
@@ -69,10 +74,11 @@ def open_regular(path: Path) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+def read_regular(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes, os.stat_result]:
     """The bytes of the regular file ``path`` names (at most ``limit``) and its
-    ``fstat``. Raises :class:`SmallFileError` (``too-large`` past ``limit``)."""
-    fd, st = open_regular(path)
+    ``fstat`` (``follow``: as for :func:`open_regular`). Raises :class:`SmallFileError`
+    (``too-large`` past ``limit``)."""
+    fd, st = open_regular(path, follow=follow)
     try:
         chunks: list[bytes] = []
         size = 0

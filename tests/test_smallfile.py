@@ -55,3 +55,13 @@ def test_a_missing_file_says_missing(tmp_path: Path) -> None:
     with pytest.raises(SmallFileError) as info:
         read_regular(tmp_path / "absent", 10)
     assert info.value.reason == "missing"
+
+
+def test_a_link_is_refused_when_links_are_not_followed(tmp_path: Path) -> None:
+    """``follow=False``: a link to a regular file is refused as a link, never read."""
+    (tmp_path / "secret").write_bytes(b"not to be read")
+    (tmp_path / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(SmallFileError) as info:
+        read_regular(tmp_path / "link", 100, follow=False)
+    assert (info.value.reason, info.value.noun) == ("not-regular", "a symbolic link")
+    assert read_regular(tmp_path / "link", 100)[0] == b"not to be read"

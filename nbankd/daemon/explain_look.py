@@ -9,12 +9,14 @@ folder its caller may not be able to read, the daemon's user can).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nbankd.deposit.bounded import load_json
+from nbankd.smallfile import SmallFileError, read_regular
 
 #: a folder on the way, opened only to look up the next name in it
 _STEP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -81,21 +83,15 @@ def exists_below(inbox: Path, path: Path) -> bool:
 
 
 def read_reason(path: Path) -> dict[str, Any] | None:
-    """The JSON object in the regular file ``path`` (its first MiB), never read
-    through a link at its last name; None when there is none."""
+    """The ``NAME.reason`` at ``path`` (a JSON object), else None. Anyone who can write
+    the inbox can put a file there: a link at its last name (never followed), a FIFO
+    (never waited on), anything but a regular file, over 1 MiB, or text nested past the
+    limits of :func:`~nbankd.deposit.bounded.load_json` is no readable reason."""
     try:
-        fd = os.open(path, _FILE)
-    except OSError:
+        raw, _ = read_regular(path, 1 << 20, follow=False)
+        data = load_json(raw.decode("utf-8"))
+    except (OSError, SmallFileError, ValueError):
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
     return data if isinstance(data, dict) else None
 
 

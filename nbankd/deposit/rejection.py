@@ -155,7 +155,7 @@ def _is_reason_for(folder: int, name: bytes, dest: Path) -> bool:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
         with os.fdopen(fd, "rb") as f:
             data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # not ours: a planted file, nested JSON
         return False
     return isinstance(data, dict) and data.get("rejected_path") == str(dest)
 

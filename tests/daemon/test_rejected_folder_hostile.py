@@ -62,10 +62,6 @@ def _webhook_alerts(hook: Hook) -> dict[str, Any]:
 # --- .reason files that are not what the daemon writes ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (known): explain.read_reason opens a FIFO X.reason and blocks status",
-)
 def test_a_fifo_named_like_a_reason_does_not_hang_status(daemon_factory: Any) -> None:
     """A FIFO an inbox writer made in the rejected folder under a ``.reason`` name (no
     input beside it) does not stop ``nbankctl status`` from answering."""
@@ -78,10 +74,6 @@ def test_a_fifo_named_like_a_reason_does_not_hang_status(daemon_factory: Any) ->
     assert rc == 1 and doc["inboxes"][0]["in_rejected_folder"] == 1, doc
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: read_reason lets json's RecursionError out; status answers an error",
-)
 def test_a_deeply_nested_reason_does_not_break_status(daemon_factory: Any) -> None:
     """A 100 KB ``.reason`` of nested JSON arrays (no input beside it) leaves ``nbankctl
     status`` answering, still counting the real rejected input."""
@@ -94,10 +86,6 @@ def test_a_deeply_nested_reason_does_not_break_status(daemon_factory: Any) -> No
     assert rc == 1 and doc["inboxes"][0]["in_rejected_folder"] == 1, doc
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: RecursionError from a nested .reason fails every alert check",
-)
 def test_a_deeply_nested_reason_does_not_silence_alerts(daemon_factory: Any, hook: Hook) -> None:
     """With a ``.reason`` of nested JSON planted in the rejected folder, a real
     rejection that comes after it is still told by the alerts."""
@@ -121,10 +109,6 @@ def test_a_deeply_nested_reason_does_not_silence_alerts(daemon_factory: Any, hoo
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: RecursionError from a nested .reason fails requeue --all-rejected",
-)
 def test_a_deeply_nested_reason_does_not_stop_requeue_all_rejected(
     daemon_factory: Any,
 ) -> None:
