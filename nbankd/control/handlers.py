@@ -16,11 +16,13 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from nbankd import errors
+from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.config import InboxConfig, load_config, parse_duration
 from nbankd.control import deposit_handlers, job_handlers, registry_check
 from nbankd.control.protocol import QUEUE_LIMIT, ProtocolError, no_nul, wait_arg
@@ -235,13 +237,34 @@ def _without_reason(contents: requeue_mod.RejectedContents) -> str:
 
 
 def _unreadable(contents: requeue_mod.RejectedContents) -> list[dict[str, str]]:
-    return [{"path": str(p), "error": why} for p, why in contents.unreadable[:LISTED]]
+    shown = [{"path": str(p), "error": why} for p, why in contents.unreadable]
+    shown += [
+        {"path": str(p), "error": f"a {noun}, not a folder: never followed"}
+        for p, noun in contents.not_folders
+    ]
+    return shown[:LISTED]
+
+
+def _not_folder_line(inbox: str, folder: str, path: Path, noun: str) -> str:
+    """The status line for a link or file in the place of the rejected folder
+    ``folder`` (or of a folder on the way to it): never followed."""
+    if str(path) != folder:
+        return (
+            f"{printable(str(path))} on the way to the rejected folder {printable(folder)} "
+            f"of {inbox} is a {noun}, not a folder: nbankd never follows it; make it a "
+            "plain folder again"
+        )
+    return (
+        f"the rejected folder {printable(folder)} of {inbox} is a {noun}, not a folder: "
+        "nbankd never follows it, nor counts or tells what is behind it; put the original "
+        "rejected folder back, or move this aside and restart nbankd (which makes a new one)"
+    )
 
 
 def _unreadable_lines(inbox: str, folder: str, contents: requeue_mod.RejectedContents) -> list[str]:
     """One status line per folder of a rejected folder that could not be listed: what
     is in it is not counted (never taken for empty)."""
-    lines = []
+    lines = [_not_folder_line(inbox, folder, path, noun) for path, noun in contents.not_folders]
     for path, why in contents.unreadable:
         where = (
             f"the rejected folder {printable(str(path))}"
@@ -266,8 +289,12 @@ def _earlier_rejected(
     for folder in inbox.earlier_rejected_dirs:
         path = inbox.path / folder
         try:
-            with os.scandir(path) as entries:
-                empty = all(e.path in nested for e in entries)
+            fd = os.open(path, DIR_NOFOLLOW)  # a link in its place: never looked through
+            try:
+                with os.scandir(fd) as entries:
+                    empty = all(str(path / e.name) in nested for e in entries)
+            finally:
+                os.close(fd)
         except OSError:  # cannot be looked in: not known to be empty
             empty = False
         held = requeue_mod.rejected_contents(inbox, folder)

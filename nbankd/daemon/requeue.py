@@ -40,12 +40,11 @@ from nbankd.daemon import rejected_dirs
 from nbankd.daemon.explain import (
     in_rejected,
     locate,
-    read_reason,
     reason_for,
     rejected_folder_for,
     rejected_item,
-    shortened_reason_target,
 )
+from nbankd.daemon.rejected_listing import RejectedContents, rejected_contents
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Journal
 from nbankd.deposit.lifecycle import State
@@ -53,8 +52,6 @@ from nbankd.deposit.rejection import reason_name
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import (
     MARKER_SUFFIX,
-    PROBE_PREFIX,
-    REASON_SUFFIX,
     SIDECAR_SUFFIXES,
     WORK_DIR_NAME,
     printable,
@@ -527,106 +524,6 @@ def _recover_one(
             f"a requeue into {key} stopped before its input moved back; what had "
             "moved is back in the rejected folder (requeue it again)"
         )
-
-
-@dataclass(frozen=True)
-class RejectedContents:
-    """What rejected folders hold, as status, metrics and alerts count it (README:
-    any file in a rejected folder keeps status degraded)."""
-
-    #: each rejected input, one per ``NAME.reason``
-    inputs: tuple[Path, ...] = ()
-    #: every other entry that is not nbankd's own bookkeeping (a ``NAME.reason``, a
-    #: reason's temporary file, a sidecar or marker beside what it belongs to): a
-    #: rejected input whose ``NAME.reason`` was removed, a file a person put there
-    unexplained: tuple[Path, ...] = ()
-    #: (folder, why) for each folder in them that could not be listed: what is in it
-    #: is not counted
-    unreadable: tuple[tuple[Path, str], ...] = ()
-
-    @property
-    def entries(self) -> tuple[Path, ...]:
-        """Everything waiting in the rejected folders: inputs, then the others."""
-        return self.inputs + self.unexplained
-
-    def __add__(self, other: RejectedContents) -> RejectedContents:
-        return RejectedContents(
-            self.inputs + other.inputs,
-            self.unexplained + other.unexplained,
-            self.unreadable + other.unreadable,
-        )
-
-
-def _bookkeeping(name: str) -> bool:
-    """Whether ``name`` in a rejected folder is nbankd's own: a reason file, the
-    temporary file a reason is written to (``.NAME.reason.tmp``, its name cut at 200
-    bytes), a probe file made for a moment."""
-    if name.endswith(REASON_SUFFIX) or name.startswith(PROBE_PREFIX):
-        return True
-    if name.startswith(".") and name.endswith(".tmp"):
-        return name.endswith(REASON_SUFFIX + ".tmp") or len(os.fsencode(name)) == 205
-    return False
-
-
-def rejected_contents(config: InboxConfig, folder: str | None = None) -> RejectedContents:
-    """What the inbox's rejected folder ``folder`` (relative to the inbox) holds;
-    without ``folder``, the rejected folder's and then each earlier one's still there.
-    A rejected input that is a folder is one entry (not walked); another rejected
-    folder nested inside the one walked is left to its own walk. A folder that
-    cannot be listed is in :attr:`RejectedContents.unreadable`, never taken for an
-    empty one; one gone (or not made yet) holds nothing."""
-    if folder is None:
-        total = RejectedContents()
-        for each in config.rejected_dirs:
-            total += rejected_contents(config, each)
-        return total
-    top = config.path / folder
-    others = {config.path / d for d in config.rejected_dirs if d != folder}
-    companions = (*SIDECAR_SUFFIXES, *((MARKER_SUFFIX,) if config.ready == "marker" else ()))
-    inputs: list[Path] = []
-    unexplained: list[Path] = []
-    unreadable: list[tuple[Path, str]] = []
-
-    def failed(err: OSError) -> None:
-        if errors.out_of_descriptors(err):  # nbankd's limit, not the folder's access
-            raise err
-        if not isinstance(err, FileNotFoundError):  # gone meanwhile: nothing in it
-            where = Path(os.fsdecode(err.filename)) if err.filename is not None else top
-            unreadable.append((where, err.strerror or str(err)))
-
-    for dirpath, dirs, files in os.walk(top, onerror=failed):
-        here = set(dirs) | set(files)
-        explained: list[Path] = []
-        for name in sorted(files):
-            if not name.endswith(REASON_SUFFIX):
-                continue
-            target = Path(dirpath, name[: -len(REASON_SUFFIX)])
-            if not os.path.lexists(target):  # a shortened name: the reason says
-                reason = read_reason(Path(dirpath, name)) or {}
-                beside = shortened_reason_target(name, reason)  # never a path elsewhere
-                if beside is not None:
-                    target = Path(dirpath, beside)
-            if os.path.lexists(target) and target not in explained:
-                explained.append(target)
-        inputs += explained
-        walked = []
-        for name in sorted(dirs):
-            path = Path(dirpath, name)
-            if path in others or path in explained:
-                continue
-            if os.path.islink(path):  # a link to a folder: an entry, never followed
-                unexplained.append(path)
-            else:
-                walked.append(name)
-        dirs[:] = walked
-        for name in sorted(files):
-            path = Path(dirpath, name)
-            if _bookkeeping(name) or path in explained:
-                continue
-            if any(name.endswith(c) and name[: -len(c)] in here for c in companions):
-                continue  # told with what it belongs to
-            unexplained.append(path)
-    return RejectedContents(tuple(inputs), tuple(unexplained), tuple(unreadable))
 
 
 def rejected_inputs(config: InboxConfig, folder: str | None = None) -> Iterator[Path]:

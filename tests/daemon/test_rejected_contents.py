@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nbankd.daemon.rejected_listing import WALK_DEPTH
 from nbankd.daemon.requeue import rejected_contents
 from nbankd.deposit.rejection import reason_name
 
@@ -37,9 +38,9 @@ def test_every_entry_but_bookkeeping_is_counted(tmp_path: Path) -> None:
     os.symlink("/", rejected / "link")
     found = rejected_contents(inbox)
     assert found.inputs == (rejected / "a.wav", rejected / "sub" / "folder input")
-    assert found.unexplained == (
-        rejected / "link",
+    assert found.unexplained == (  # a link is an entry, in name order, never followed
         rejected / "b.wav",
+        rejected / "link",
         rejected / "stray.nbank.yaml",
     )
     assert found.unreadable == ()
@@ -69,3 +70,42 @@ def test_a_planted_reason_counts_no_file_outside_the_rejected_folder(tmp_path: P
     found = rejected_contents(inbox)
     assert found.inputs == (rejected / long_name,)
     assert found.unexplained == ()
+
+
+def test_a_link_in_place_of_the_rejected_folder_is_told_never_followed(tmp_path: Path) -> None:
+    """A link where the rejected folder should be is told as a link; what it points to
+    (here a folder holding a rejected input and its reason) is not counted."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.wav").write_text("not in the inbox")
+    (elsewhere / "a.wav.reason").write_text("{}")
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "rejected").symlink_to(elsewhere)
+    found = rejected_contents(_Inbox(tmp_path / "inbox"))  # type: ignore[arg-type]
+    assert found.entries == () and found.unreadable == ()
+    assert found.not_folders == ((tmp_path / "inbox" / "rejected", "symbolic link"),)
+
+
+def test_a_reason_naming_an_input_elsewhere_explains_nothing(tmp_path: Path) -> None:
+    """A reason with no input beside it whose ``rejected_path`` names a file outside
+    its folder makes no rejected input of that file."""
+    rejected = tmp_path / "rejected"
+    rejected.mkdir()
+    (tmp_path / "private.txt").write_text("someone else's")
+    forged = f'{{"rejected_path": "{tmp_path / "private.txt"}"}}'
+    (rejected / "x.wav.reason").write_text(forged)
+    found = rejected_contents(_Inbox(tmp_path))  # type: ignore[arg-type]
+    assert found.entries == () and found.unreadable == ()
+
+
+def test_folders_past_the_depth_bound_are_told_not_counted(tmp_path: Path) -> None:
+    """Folders nested past WALK_DEPTH levels are told as not looked in, and what lies
+    above them is still counted."""
+    rejected = tmp_path / "rejected"
+    deep = rejected.joinpath(*["d"] * (WALK_DEPTH + 1))
+    deep.mkdir(parents=True)
+    (deep / "far.wav").write_text("too deep to be looked at")
+    (rejected / "near.wav").write_text("counted")
+    found = rejected_contents(_Inbox(tmp_path))  # type: ignore[arg-type]
+    assert found.unexplained == (rejected / "near.wav",)
+    assert [p for p, _ in found.unreadable] == [rejected.joinpath(*["d"] * WALK_DEPTH)]
