@@ -15,7 +15,9 @@ back to where it was in the inbox, then deletes ``NAME.reason``:
   input back without them.
 
 The journal row stays ``rejected`` (it is history); the daemon makes a new item
-when a scan sees the file again (the caller asks for a rescan).
+when a scan sees the file again (the caller asks for a rescan). An input the journal
+has no record of goes back only into the existing folder it mirrors, whatever its
+reason says (:func:`_unrecorded_destination`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class Plan:
     reason: dict[str, Any] = field(default_factory=dict)
     root: Path = Path("/")  # the inbox folder
     rejected_dir: Path = Path("/")  # its rejected folder (current, or an earlier one)
+    #: whether folders missing on the way to ``original`` are made (only for an input
+    #: the journal records: see :func:`_unrecorded_destination`)
+    make_folders: bool = True
 
     @property
     def rejected_rel(self) -> str:
@@ -130,16 +135,8 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         )
     if item is not None:
         original_rel = item.relpath_str
-    elif reason and reason.get("original_path"):
-        back = locate(str(reason["original_path"]), {key: config})
-        if back is None or not back[1]:
-            raise NothingToRequeue(
-                f"the reason for {printable(str(rejected))} names an original path outside "
-                f"its inbox: {printable(str(reason['original_path']))}"
-            )
-        original_rel = back[1]
-    else:
-        raise NothingToRequeue(f"nothing records where {printable(str(rejected))} came from")
+    else:  # no record: where the input sits decides, never what its reason says
+        original_rel = _unrecorded_destination(key, config, rejected, input_rel, reason)
     top = original_rel.split("/")[0]
     if top == WORK_DIR_NAME or in_rejected(config, original_rel) is not None:
         raise NothingToRequeue(f"{printable(original_rel)} is no place to requeue to")
@@ -173,7 +170,48 @@ def plan(path: str | os.PathLike[str], configs: Mapping[str, InboxConfig], journ
         reason=dict(reason or {}),
         root=config.path,
         rejected_dir=folder,
+        make_folders=item is not None,
     )
+
+
+def _unrecorded_destination(
+    key: str, config: InboxConfig, rejected: Path, input_rel: str, reason: Mapping[str, Any] | None
+) -> str:
+    """Where an input the journal has no record of (a state_dir lost, or a file someone
+    put in the rejected folder with a ``.reason`` of their own) goes back: into the
+    inbox's folder that the one it sits in mirrors (``rejected/a/b.wav``: ``a/``), which
+    must exist (never made for it), under the original name its reason gives (undoing
+    a ``~N`` rename) when that reason names this same folder. A reason naming another
+    folder, or none, is refused: a reason file is not evidence of where a file was."""
+    said = str(reason.get("original_path") or "") if reason else ""
+    if not said:
+        raise NothingToRequeue(f"nothing records where {printable(str(rejected))} came from")
+    back = locate(said, {key: config})
+    mirror = os.path.dirname(input_rel)
+    if back is None or not back[1] or os.path.dirname(back[1]) != mirror:
+        where = printable(str(config.path / mirror))
+        raise NothingToRequeue(
+            f"nbankd has no record of rejecting {printable(str(rejected))} (a lost "
+            f"state_dir, or a file put there), and its reason names {printable(said)}, "
+            f"not a file in {where}, the folder it mirrors; nothing was moved",
+            hint="if it belongs in the inbox, move it there yourself",
+        )
+    st = _lstat(config.path / mirror)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise NothingToRequeue(
+            f"nbankd has no record of rejecting {printable(str(rejected))} (a lost "
+            f"state_dir, or a file put there), and {printable(str(config.path / mirror))} "
+            "is not a folder of the inbox: nbankd makes no folder for it; nothing was moved",
+            hint="make the folder, then requeue again",
+        )
+    return back[1]
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 class RequeueFailed(errors.NbankdError):
@@ -209,8 +247,8 @@ def apply(p: Plan, spec: InboxSpec, record: Path | None = None) -> dict[str, Any
         moved: list[tuple[tuple[int, bytes], tuple[int, bytes]]] = []
         for src, dst in p.moves:
             src_at = fs.rejected_parent(_rel(src, p.rejected_dir))
-            dst_at = fs.parent(_rel(dst, p.root), create=True)
             try:
+                dst_at = fs.parent(_rel(dst, p.root), create=p.make_folders)
                 fs.move(*src_at, *dst_at)
             except OSError as err:
                 back = _undo(fs, moved)

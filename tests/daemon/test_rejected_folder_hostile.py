@@ -5,14 +5,16 @@ status``, the alert thread, ``nbankctl requeue`` and the scans all read that fol
 Every test runs the real ``nbankd`` and ``nbankctl``; entries are planted the way a
 local user who can write the inbox would.
 
-Findings (strict xfail): a FIFO named ``X.reason`` (no ``X`` beside it) hangs status
-(known); a ``.reason`` holding deeply nested JSON (no input beside it) makes status
-fail, every alert check fail and ``requeue --all-rejected`` fail (RecursionError out of
-``explain.read_reason``); status takes time quadratic in the number of rejected inputs;
-a rejected folder swapped for a symbolic link is walked through the link by status
-(what an outside folder holds is counted and named); ``requeue --all-rejected`` moves a
-planted file with no journal record wherever its forged ``.reason`` says inside the
-inbox (making folders). The rest are guards.
+Findings, all fixed: a FIFO named ``X.reason`` (no ``X`` beside it) hung status; a
+``.reason`` holding deeply nested JSON (no input beside it) made status fail, every
+alert check fail and ``requeue --all-rejected`` fail (RecursionError out of
+``explain.read_reason``; reasons are now read as small regular files, no link followed,
+and parsed within bounds); status took time quadratic in the number of rejected inputs;
+a rejected folder swapped for a symbolic link was walked through the link by status
+(now walked from descriptors, the link told, never followed); ``requeue
+--all-rejected`` moved a planted file with no journal record wherever its forged
+``.reason`` said inside the inbox, making folders (an input the journal does not know
+now goes back only into the existing folder it mirrors). The rest are guards.
 """
 
 from __future__ import annotations
@@ -242,10 +244,6 @@ def test_a_forged_original_path_moves_nothing_out_of_the_inbox(
     assert (h.rejected / "job").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: requeue trusts original_path of a .reason with no journal row",
-)
 def test_requeue_all_rejected_does_not_move_a_planted_file_where_its_reason_says(
     daemon_factory: Any,
 ) -> None:
