@@ -40,6 +40,8 @@ from typing import Any
 from nbankd.audit.model import AuditReport, Finding
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import FINAL
+from nbankd.names import printable, without_controls
+from nbankd.shellwords import quote
 from nbankd.timefmt import human_duration, iso
 
 #: lines listed per (kind, inbox) in a message's text; the webhook's ``alerts`` list
@@ -266,10 +268,12 @@ def _stuck(
         out.append(
             Condition(
                 f"stuck:{item.token}",
-                f"{where} is retried after {code} ({item.attempts} attempt(s)): "
-                f"{item.error_message or code}"
-                + (f" (to fix: {item.error_hint})" if item.error_hint else ""),
-                f"nbankctl explain {where}",
+                f"{printable(where)} is retried after {code} ({item.attempts} attempt(s)): "
+                + without_controls(
+                    (item.error_message or code)
+                    + (f" (to fix: {item.error_hint})" if item.error_hint else "")
+                ),
+                f"nbankctl explain {quote(where)}",
                 unavailable_after,
                 kind="stuck",
                 inbox=item.inbox,
@@ -334,8 +338,8 @@ def conditions(
                 out.append(
                     Condition(
                         f"rejected:{path}",
-                        f"{path} was rejected (it waits in {where})",
-                        f"nbankctl explain {path} (its .reason file is beside it)",
+                        f"{printable(path)} was rejected (it waits in {printable(where)})",
+                        f"nbankctl explain {quote(path)} (its .reason file is beside it)",
                         kind="rejected",
                         inbox=inbox,
                         path=path,
@@ -345,8 +349,8 @@ def conditions(
             out.append(
                 Condition(
                     f"rejected:{inbox}",
-                    f"{entry['in_rejected_folder']} rejected input(s) wait in {folder}",
-                    f"nbankctl explain {folder}/FILE (each has a .reason file beside it)",
+                    f"{entry['in_rejected_folder']} rejected input(s) wait in {printable(folder)}",
+                    f"nbankctl explain {quote(folder)}/FILE (each has a .reason file beside it)",
                     kind="rejected",
                     inbox=inbox,
                 )
@@ -356,8 +360,9 @@ def conditions(
             out.append(
                 Condition(
                     f"stalled:{where}",
-                    f"{where} keeps changing past stall_after: not deposited until it settles",
-                    f"nbankctl explain {where}",
+                    f"{printable(where)} keeps changing past stall_after: not deposited until "
+                    "it settles",
+                    f"nbankctl explain {quote(where)}",
                     kind="stalled",
                     inbox=inbox,
                     path=where,

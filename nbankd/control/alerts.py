@@ -40,7 +40,7 @@ from nbankd.config.model import AlertsConfig, EmailConfig, WebhookConfig
 from nbankd.control import alert_memory, alert_rules
 from nbankd.control.alert_status import degraded_conditions
 from nbankd.daemon import requeue
-from nbankd.names import printable
+from nbankd.names import without_controls
 from nbankd.registry import credentials
 from nbankd.registry.http_transport import NO_AUTH, settle_environment
 from nbankd.smallfile import SmallFileError, read_regular
@@ -134,9 +134,11 @@ def send_webhook(
 
 
 def mail_text(text: str) -> str:
-    """``text`` as an email body can carry it: each line :func:`printable` (a name's
-    bytes that are not UTF-8, or its control characters, as ``\\xNN``)."""
-    return "\n".join(printable(line) for line in text.split("\n"))
+    """``text`` as an email body can carry it: each line :func:`without_controls` (a
+    name's bytes that are not UTF-8, or its control characters, as ``\\xNN``; the
+    names in alerts are already shown through :func:`~nbankd.names.printable`, so a
+    backslash in one stays as printable wrote it)."""
+    return "\n".join(without_controls(line) for line in text.split("\n"))
 
 
 #: (SMTP host, port) -> the thread of a send given up on that has not ended yet

@@ -228,6 +228,18 @@ def test_each_rejected_input_is_its_own_problem() -> None:
     assert [r.path for r in requeued.resolved] == [f"{folder}/a.wav"]
 
 
+def test_a_rejected_name_with_control_characters_is_shown_escaped() -> None:
+    """A rejected input named with a newline and an escape is told through printable
+    (one line, no terminal command) and quoted in the command to paste; its key and
+    path keep the name."""
+    path = f"{INBOX}/rejected/a\n- resolved: all\x1b[2J.wav"
+    found = conditions(_status(in_rejected_folder=1), {}, {}, now=0, started=0,
+                       unavailable_after=1, rejected={INBOX: [path]})  # fmt: skip
+    assert found[0].summary.startswith(f"{INBOX}/rejected/a\\x0a- resolved: all\\x1b[2J.wav ")
+    assert found[0].command.startswith(f"nbankctl explain $'{INBOX}/rejected/a\\x0a")
+    assert (found[0].key, found[0].path) == (f"rejected:{path}", path)
+
+
 def test_rejected_inputs_of_a_folder_not_listed_now_are_kept() -> None:
     """Rejected inputs told before, of an inbox whose rejected folders could not be
     listed at this check (out of descriptors), are kept: neither resolved nor told."""
