@@ -21,7 +21,6 @@ from nbankd.smallfile import SmallFileError, read_regular
 #: a folder on the way, opened only to look up the next name in it
 _STEP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
