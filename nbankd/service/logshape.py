@@ -10,7 +10,8 @@
   default), and half a JSON object parses as nothing.
 - :class:`Guarded` runs a whole processor chain: an error in any processor (a value
   whose ``str()`` raises, ...) gives a short line saying so instead of raising into
-  the code that logged.
+  the code that logged; its message and the error's text are redacted first (the
+  chain's own redaction may not have run).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from nbankd.service.redaction import redact_text
 
 __all__ = [
     "ITEMS_MAX",
@@ -175,9 +178,9 @@ class Guarded:
                 result = processor(logger, method, result)
             return result
         except Exception as err:
-            try:
-                what = cut_text(str(event), SHORT_VALUE)
-                problem = cut_text(f"{type(err).__name__}: {err}", SHORT_VALUE)
+            try:  # the event as logged: redaction never saw it, nor the error's text
+                what = cut_text(redact_text(str(event)), SHORT_VALUE)
+                problem = cut_text(redact_text(f"{type(err).__name__}: {err}"), SHORT_VALUE)
             except Exception:
                 what, problem = "?", type(err).__name__
             return self._fallback(method, what, problem)

@@ -14,7 +14,7 @@ from typing import Any
 
 from structlog.typing import EventDict, WrappedLogger
 
-__all__ = ["REDACTED", "redact", "redact_secrets", "redact_text"]
+__all__ = ["REDACTED", "redact", "redact_key", "redact_secrets", "redact_text"]
 
 REDACTED = "[redacted]"
 
@@ -71,8 +71,9 @@ def redact(value: Any, _depth: int = 0) -> Any:
     """Returns a copy of ``value`` with secrets hidden, looking into dicts, lists and tuples.
 
     Values under a secret-looking key are replaced whole (unless they are booleans or
-    None, which cannot hold a secret: ``authorized=True`` stays readable); strings are
-    scanned with :func:`redact_text`; exceptions become their redacted message.
+    None, which cannot hold a secret: ``authorized=True`` stays readable); strings, and
+    a mapping's keys (:func:`redact_key`), are scanned with :func:`redact_text`;
+    exceptions become their redacted message.
     """
     if _depth > _MAX_DEPTH:
         return value
@@ -81,15 +82,38 @@ def redact(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, BaseException):
         return redact_text(f"{type(value).__name__}: {value}")
     if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if _is_secret_key(k) and _holds_data(v) else redact(v, _depth + 1))
-            for k, v in value.items()
-        }
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            shown = REDACTED if _is_secret_key(k) and _holds_data(v) else redact(v, _depth + 1)
+            out[_free_key(redact_key(k), out)] = shown
+        return out
     if isinstance(value, tuple):
         return tuple(redact(v, _depth + 1) for v in value)
     if isinstance(value, list | set | frozenset):
         return [redact(v, _depth + 1) for v in value]
     return value
+
+
+def redact_key(key: Any) -> Any:
+    """A mapping's key with secrets hidden: a text key as :func:`redact_text` does; a
+    key of another kind but a number, a boolean or None as its redacted text (it is
+    shown as its text: a tuple holding a URL with its password)."""
+    if isinstance(key, str):
+        return redact_text(key)
+    if key is None or isinstance(key, int | float):
+        return key
+    return redact_text(str(key))
+
+
+def _free_key(key: Any, taken: Mapping[Any, Any]) -> Any:
+    """``key``, or ``key #2``, ``#3``... when two keys are the same once redacted
+    (two URLs differing only by their password): both are kept."""
+    if key not in taken:
+        return key
+    n = 2
+    while f"{key} #{n}" in taken:
+        n += 1
+    return f"{key} #{n}"
 
 
 def _holds_data(value: object) -> bool:

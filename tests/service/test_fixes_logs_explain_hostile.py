@@ -7,11 +7,11 @@ explain runs against the real ``nbankd`` with links and folders made the way a l
 user who can write an inbox (or a lab's administrator) would.
 
 Findings kept as strict xfails: a journald that takes no entry freezes the whole
-daemon (systemd.journal.send blocks holding the GIL); the short line of a log line
-that failed to render shows its message's and its error's secrets unredacted; a URL
-password as a key of a logged mapping is not redacted; a folder swapped for a link
+daemon (systemd.journal.send blocks holding the GIL); a folder swapped for a link
 between explain's walk and its read of NAME.reason has explain answer a .reason
-from beyond the link. The rest are guards.
+from beyond the link. Fixed since: the short line of a log line that failed to
+render showed its message's and its error's secrets unredacted; a URL password as a
+key of a logged mapping was not redacted. The rest are guards.
 """
 
 from __future__ import annotations
@@ -101,12 +101,6 @@ def test_a_secret_deep_in_a_nested_value_is_not_shown(logging_to: io.StringIO) -
     assert SECRET not in logging_to.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: logshape.Guarded's fallback line carries str(event) as logged, "
-    "before redact_secrets ran: a URL password in the message of a line that failed "
-    "to render is written out whole",
-)
 def test_a_line_that_fails_to_render_does_not_show_a_secret_of_its_message(
     logging_to: io.StringIO,
 ) -> None:
@@ -120,11 +114,6 @@ def test_a_line_that_fails_to_render_does_not_show_a_secret_of_its_message(
     assert SECRET not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: logshape.Guarded's fallback names the error as str(err), not "
-    "redacted: a secret an error message quotes reaches the log_error field",
-)
 def test_the_error_named_for_a_line_that_fails_to_render_hides_secrets(
     logging_to: io.StringIO,
 ) -> None:
@@ -136,16 +125,20 @@ def test_the_error_named_for_a_line_that_fails_to_render_hides_secrets(
     assert SECRET not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: redaction.redact keeps a mapping's keys as they are: a URL with "
-    "its password as a key of a logged dict (an archive or registry per URL) is "
-    "written out whole",
-)
 def test_a_url_password_in_a_key_of_a_logged_mapping_is_hidden(logging_to: io.StringIO) -> None:
     """A URL with a password used as a key of a logged mapping is shown without it."""
     get_logger().warning("registries", answers={f"https://bob:{SECRET}@reg.example/": 503})
     assert SECRET not in logging_to.getvalue()
+
+
+def test_two_keys_the_same_once_redacted_are_both_kept(logging_to: io.StringIO) -> None:
+    """Two keys of a logged mapping differing only by a URL password are both shown,
+    with their own values, neither password among them."""
+    answers = {"https://bob:one@reg.example/": 503, "https://bob:two@reg.example/": 200}
+    get_logger().warning("registries", answers=answers)
+    doc = json.loads(logging_to.getvalue().splitlines()[-1])
+    assert sorted(doc["answers"].values()) == [200, 503], doc
+    assert "one@" not in json.dumps(doc) and "two@" not in json.dumps(doc)
 
 
 # --- (a) the daemon's log output --------------------------------------------------------
