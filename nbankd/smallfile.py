@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nbankd.filekind import FileKind
 
-__all__ = ["SmallFileError", "open_regular", "read_regular"]
+__all__ = ["SmallFileError", "open_regular", "read_regular", "read_regular_at"]
 
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -79,6 +79,36 @@ def read_regular(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes,
     ``fstat`` (``follow``: as for :func:`open_regular`). Raises :class:`SmallFileError`
     (``too-large`` past ``limit``)."""
     fd, st = open_regular(path, follow=follow)
+    return _read_all(fd, limit), st
+
+
+def read_regular_at(dir_fd: int, name: str, limit: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file ``name`` in the folder open as ``dir_fd`` (at most
+    ``limit``) and its ``fstat``: opened relative to that descriptor, a link at ``name``
+    never followed, without blocking. Raises :class:`SmallFileError` as
+    :func:`read_regular` does."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(before.st_mode):  # never opened: a FIFO, a device, a link
+            raise _not_regular(before.st_mode)
+        fd = os.open(name, _FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # a link put there meanwhile
+            raise SmallFileError("not-regular", noun="a symbolic link") from None
+        raise _unreadable(err) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        os.close(fd)
+        raise _unreadable(err) from None
+    if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
+        os.close(fd)
+        raise _not_regular(st.st_mode)
+    return _read_all(fd, limit), st
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``fd``, closed after (``too-large`` past ``limit``)."""
     try:
         chunks: list[bytes] = []
         size = 0
@@ -94,4 +124,4 @@ def read_regular(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes,
         os.close(fd)
     if size > limit:
         raise SmallFileError("too-large")
-    return b"".join(chunks), st
+    return b"".join(chunks)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from nbankd.archive.layout import stored_file
 from nbankd.config import InboxConfig
-from nbankd.daemon.explain_look import Look, exists_below, look, read_reason
+from nbankd.daemon.explain_look import Look, exists_below, look, read_reason_below
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.rejection import reason_name
@@ -185,7 +185,7 @@ def rejected_item(
         if item is not None:
             return cand, item, reason_for(config, cand, item, folder)
     if rrel.endswith(REASON_SUFFIX):  # a shortened reason name: the file says which
-        on_disk = read_reason(folder / rrel)
+        on_disk = _read_reason_in(config, folder, rrel)
         cand = shortened_reason_target(rrel, on_disk) if on_disk else None
         if cand is not None:
             item = find(cand)
@@ -211,7 +211,18 @@ def reason_for(
             return data
     folder = config.rejected_path if folder is None else folder
     sub, base = os.path.split(os.fsencode(rrel))
-    return read_reason(folder / os.fsdecode(os.path.join(sub, reason_name(base))))
+    return _read_reason_in(config, folder, os.fsdecode(os.path.join(sub, reason_name(base))))
+
+
+def _read_reason_in(config: InboxConfig, folder: Path, rel: str) -> dict[str, Any] | None:
+    """The reason file ``rel`` of the rejected folder ``folder``, read from the inbox
+    down without following a link (:func:`read_reason_below`): a folder on the way
+    swapped for a link meanwhile is not gone through."""
+    try:
+        inside = folder.relative_to(config.path)
+    except ValueError:  # not below the inbox (never so): walked from the folder itself
+        return read_reason_below(folder, rel)
+    return read_reason_below(config.path, f"{inside.as_posix()}/{rel}")
 
 
 def _item_facts(item: Item, now: float) -> dict[str, Any]:

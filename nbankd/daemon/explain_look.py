@@ -3,7 +3,9 @@ from the inbox's folder down, one name at a time, never following a symbolic lin
 
 A linked folder on the way is reported as such and nothing beyond it is looked at,
 so explain cannot be used to learn whether a file exists where the link points (a
-folder its caller may not be able to read, the daemon's user can).
+folder its caller may not be able to read, the daemon's user can). A ``.reason`` is
+read the same way (:func:`read_reason_below`), not by its whole path: a folder
+swapped for a link between the look and the read is not gone through either.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from nbankd.deposit.bounded import load_json
-from nbankd.smallfile import SmallFileError, read_regular
+from nbankd.smallfile import SmallFileError, read_regular, read_regular_at
 
 #: a folder on the way, opened only to look up the next name in it
 _STEP = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: bytes a ``.reason`` file may hold
+_REASON_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,47 @@ def read_reason(path: Path) -> dict[str, Any] | None:
     """The ``NAME.reason`` at ``path`` (a JSON object), else None. Anyone who can write
     the inbox can put a file there: a link at its last name (never followed), a FIFO
     (never waited on), anything but a regular file, over 1 MiB, or text nested past the
-    limits of :func:`~nbankd.deposit.bounded.load_json` is no readable reason."""
+    limits of :func:`~nbankd.deposit.bounded.load_json` is no readable reason. The
+    folders on the way are followed: for a path reached from a descriptor of its own
+    (``/proc/self/fd/N/NAME``); else see :func:`read_reason_below`."""
     try:
-        raw, _ = read_regular(path, 1 << 20, follow=False)
+        raw, _ = read_regular(path, _REASON_MAX, follow=False)
+    except (OSError, SmallFileError):
+        return None
+    return _reason_of(raw)
+
+
+def read_reason_below(top: Path, rel: str) -> dict[str, Any] | None:
+    """The ``NAME.reason`` at ``top/rel`` as :func:`read_reason` reads it, reached from
+    ``top`` one name at a time without following a link (as :func:`look` walks): a
+    folder on the way that is a link, or is swapped for one at any moment, is never
+    gone through, since each name is opened in the folder open before it."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    try:
+        fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            sub = os.open(part, _STEP, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):  # a link (or a file) there
+                return None
+        raw, _ = read_regular_at(fd, parts[-1], _REASON_MAX)
+    except (OSError, SmallFileError):
+        return None
+    finally:
+        os.close(fd)
+    return _reason_of(raw)
+
+
+def _reason_of(raw: bytes) -> dict[str, Any] | None:
+    try:
         data = load_json(raw.decode("utf-8"))
-    except (OSError, SmallFileError, ValueError):
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -108,4 +148,4 @@ def _why(err: OSError) -> str:
     return err.strerror or os.strerror(err.errno or errno.EACCES)
 
 
-__all__ = ["Look", "exists_below", "look", "read_reason"]
+__all__ = ["Look", "exists_below", "look", "read_reason", "read_reason_below"]

@@ -5,7 +5,7 @@ a FIFO or a file of nested JSON under a ``NAME.reason`` name, fill it with thous
 entries. So the folder is reached from the inbox folder one component at a time with
 ``O_DIRECTORY | O_NOFOLLOW`` and listed from descriptors (never by a path a link could
 redirect); a link or a file in its place is told, never followed (:attr:`RejectedContents.
-not_folders`); a reason is read with :func:`~nbankd.daemon.explain.read_reason` (bounded,
+not_folders`); a reason is read with :func:`~nbankd.daemon.explain_look.read_reason` (bounded,
 never blocking, no link followed); the walk costs time linear in the entries and goes at
 most :data:`WALK_DEPTH` folders down, one descriptor per level
 (:class:`~nbankd.heldfolders.HeldFolders`).
@@ -21,7 +21,8 @@ from pathlib import Path
 from nbankd import errors
 from nbankd.archive.fsops import DIR_NOFOLLOW
 from nbankd.config import InboxConfig
-from nbankd.daemon.explain import read_reason, shortened_reason_target
+from nbankd.daemon.explain import shortened_reason_target
+from nbankd.daemon.explain_look import read_reason
 from nbankd.filekind import FileKind
 from nbankd.heldfolders import HeldFolder, HeldFolders
 from nbankd.names import MARKER_SUFFIX, PROBE_PREFIX, REASON_SUFFIX, SIDECAR_SUFFIXES

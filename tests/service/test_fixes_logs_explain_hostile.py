@@ -6,12 +6,12 @@ Logs are rendered with the real chain (``configure_logging``) or by the real dae
 explain runs against the real ``nbankd`` with links and folders made the way a local
 user who can write an inbox (or a lab's administrator) would.
 
-Findings kept as strict xfails: a journald that takes no entry freezes the whole
-daemon (systemd.journal.send blocks holding the GIL); a folder swapped for a link
-between explain's walk and its read of NAME.reason has explain answer a .reason
-from beyond the link. Fixed since: the short line of a log line that failed to
-render showed its message's and its error's secrets unredacted; a URL password as a
-key of a logged mapping was not redacted. The rest are guards.
+Finding kept as a strict xfail: a journald that takes no entry freezes the whole
+daemon (systemd.journal.send blocks holding the GIL). Fixed since: the short line of
+a log line that failed to render showed its message's and its error's secrets
+unredacted; a URL password as a key of a logged mapping was not redacted; a folder
+swapped for a link between explain's walk and its read of NAME.reason had explain
+answer a .reason from beyond the link. The rest are guards.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 from fixtures.mountns import MountNamespace
+from nbankd.daemon.explain_look import read_reason_below
 from nbankd.service.logs import configure_logging, get_logger, reset_logging
 
 SECRET = "hunter2-Zq9"
@@ -349,13 +350,6 @@ def _exchange(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: explain walks to the path without following links (explain_look."
-    "look), then reads NAME.reason by its whole path (read_reason: O_NOFOLLOW on the "
-    "last name only): a folder swapped for a link in between has the daemon read and "
-    "answer a .reason from the folder the link points to",
-)
 def test_a_folder_swapped_for_a_link_during_explain_never_shows_a_reason_beyond_it(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
@@ -397,6 +391,31 @@ def test_a_folder_swapped_for_a_link_during_explain_never_shows_a_reason_beyond_
         thread.join(5)
     assert len(answers) >= 50 or leaked, answers[:3]
     assert leaked == [], (len(answers), leaked)
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "file"])
+def test_a_reason_read_below_a_folder_never_goes_through_a_link(tmp_path: Path, kind: str) -> None:
+    """Reading ``sub/x.wav.reason`` from the inbox down gives nothing when ``sub`` is a
+    link to a folder holding one (or the reason is a FIFO, or sub a file), and the
+    reason itself when sub is a folder."""
+    inbox, private = tmp_path / "inbox", tmp_path / "private"
+    (inbox / "rejected").mkdir(parents=True)
+    private.mkdir()
+    (private / "x.wav.reason").write_text(json.dumps({"code": "PRIVATE-CODE"}))
+    sub = inbox / "rejected" / "sub"
+    if kind == "link":
+        sub.symlink_to(private)
+    elif kind == "fifo":
+        sub.mkdir()
+        os.mkfifo(sub / "x.wav.reason")
+    else:
+        sub.write_text("a file")
+    assert read_reason_below(inbox, "rejected/sub/x.wav.reason") is None
+    if kind == "link":
+        sub.unlink()
+        sub.mkdir()
+        (sub / "x.wav.reason").write_text(json.dumps({"code": "OWN-CODE"}))
+        assert read_reason_below(inbox, "rejected/sub/x.wav.reason") == {"code": "OWN-CODE"}
 
 
 @pytest.fixture
