@@ -63,15 +63,7 @@ def open_regular(path: Path, *, follow: bool = True) -> tuple[int, os.stat_resul
         if err.errno == errno.ELOOP and not follow:  # a link put there meanwhile
             raise SmallFileError("not-regular", noun="a symbolic link") from None
         raise _unreadable(err) from None
-    try:
-        st = os.fstat(fd)
-    except OSError as err:
-        os.close(fd)
-        raise _unreadable(err) from None
-    if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
-        os.close(fd)
-        raise _not_regular(st.st_mode)
-    return fd, st
+    return fd, _still_regular(fd)
 
 
 def read_regular(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes, os.stat_result]:
@@ -96,6 +88,13 @@ def read_regular_at(dir_fd: int, name: str, limit: int) -> tuple[bytes, os.stat_
         if err.errno == errno.ELOOP:  # a link put there meanwhile
             raise SmallFileError("not-regular", noun="a symbolic link") from None
         raise _unreadable(err) from None
+    st = _still_regular(fd)
+    return _read_all(fd, limit), st
+
+
+def _still_regular(fd: int) -> os.stat_result:
+    """``fstat`` of ``fd``, a regular file still (one swapped in between a look and the
+    open is refused); ``fd`` is closed when it raises."""
     try:
         st = os.fstat(fd)
     except OSError as err:
@@ -104,7 +103,7 @@ def read_regular_at(dir_fd: int, name: str, limit: int) -> tuple[bytes, os.stat_
     if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
         os.close(fd)
         raise _not_regular(st.st_mode)
-    return _read_all(fd, limit), st
+    return st
 
 
 def _read_all(fd: int, limit: int) -> bytes:

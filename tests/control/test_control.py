@@ -7,7 +7,6 @@ an unprivileged user through ``setpriv``).
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import json
 import os
@@ -21,26 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from fixtures.daemon import NBANKD, DaemonHarness, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, raw_request, wait_for
 from fixtures.users import TestUser
 
 NBANKCTL = str(Path(sys.executable).with_name("nbankctl"))
-
-
-def raw_request(path: Path, line: bytes) -> dict[str, Any]:
-    """Sends ``line`` as is and returns the decoded reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(path))
-        with contextlib.suppress(BrokenPipeError):  # a too-large request is cut short
-            sock.sendall(line)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 def status_ok(path: Path) -> bool:

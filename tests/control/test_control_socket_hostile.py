@@ -23,25 +23,10 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from fixtures.daemon import DaemonHarness
+from fixtures.daemon import DaemonHarness, raw_request
 from fixtures.users import TestUser
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def raw_request(path: Path, line: bytes, timeout: float = 60.0) -> dict[str, Any]:
-    """Sends ``line`` as is (as root) and returns the decoded reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(line)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return dict(json.loads(data))
 
 
 def request(path: Path, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,37 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, raw_explain, wait_for
 from nbankctl import render
 
 
 def _explain(h: DaemonHarness, path: str | Path) -> tuple[int, dict[str, Any]]:
     proc = nbankctl(h, "explain", "--json", str(path), timeout=60)
     return proc.returncode, json.loads(proc.stdout)
-
-
-def _raw_explain(h: DaemonHarness, path: str) -> dict[str, Any]:
-    """Sends an explain request for ``path`` over the control socket as is."""
-    line = json.dumps({"v": 1, "cmd": "explain", "args": {"path": path}}).encode() + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(60)
-        sock.connect(str(h.socket_path))
-        sock.sendall(line)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return dict(json.loads(data))
-
-
-# --- reason files and links an inbox writer made --------------------------------------
 
 
 def _tree(*roots: Path) -> dict[str, tuple[int, int, int]]:
@@ -183,7 +163,7 @@ def test_a_path_with_a_lone_surrogate_is_a_usage_error(daemon_factory: Any) -> N
     answered as a usage error, as a NUL byte is, not as the daemon's own failure."""
     h: DaemonHarness = daemon_factory()
     h.start()
-    reply = _raw_explain(h, f"{h.inbox}/a\ud800.wav")
+    reply = raw_explain(h, f"{h.inbox}/a\ud800.wav")
     assert reply["ok"] is False and reply["error"]["code"] == "usage", reply
     assert "surrogate" in reply["error"]["message"]
     assert b"control command failed" not in h.log_path.read_bytes()
@@ -194,7 +174,7 @@ def test_a_relative_path_is_a_usage_error(daemon_factory: Any) -> None:
     resolved against the daemon's working directory."""
     h: DaemonHarness = daemon_factory()
     h.start()
-    reply = _raw_explain(h, "inbox/x.wav")
+    reply = raw_explain(h, "inbox/x.wav")
     assert reply["ok"] is False and reply["error"]["code"] == "usage", reply
     assert "absolute" in reply["error"]["message"]
 

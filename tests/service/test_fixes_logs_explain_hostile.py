@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, raw_explain, status_json, wait_for
 from fixtures.mountns import MountNamespace
 from nbankd.daemon.explain_look import read_reason_below
 from nbankd.service.logs import configure_logging, get_logger, reset_logging
@@ -322,22 +322,6 @@ def _explain(h: DaemonHarness, path: str | Path) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def _raw_explain(h: DaemonHarness, path: str) -> dict[str, Any]:
-    """Sends an explain request for ``path`` over the control socket as is."""
-    line = json.dumps({"v": 1, "cmd": "explain", "args": {"path": path}}).encode() + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(60)
-        sock.connect(str(h.socket_path))
-        sock.sendall(line)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return dict(json.loads(data))
-
-
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -382,7 +366,7 @@ def test_a_folder_swapped_for_a_link_during_explain_never_shows_a_reason_beyond_
     try:
         deadline = time.monotonic() + 40
         while not leaked and len(answers) < 2000 and time.monotonic() < deadline:
-            answers.append(_raw_explain(h, str(sub / "x.wav")))
+            answers.append(raw_explain(h, str(sub / "x.wav")))
             text = json.dumps(answers[-1])
             if "PRIVATE" in text or "private words" in text:
                 leaked.append(answers[-1]["result"]["message"])
