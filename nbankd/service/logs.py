@@ -3,15 +3,16 @@
 ``configure_logging(format, level)`` is called once at start (and again on reload) with the
 ``log:`` section of the configuration. Formats:
 
-- ``journal``: native journald entries through ``systemd.journal.send`` (the optional
-  ``nbankd[systemd]`` extra), with ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER=nbankd``
-  and every bound field as ``NBANK_<KEY>`` (``NBANK_RESOURCE_ID``, ``NBANK_INBOX``,
-  ``NBANK_ITEM``, ...), so ``journalctl NBANK_RESOURCE_ID=abc123`` finds a resource;
+- ``journal``: native journald entries, sent by nbankd itself in journald's native
+  protocol without ever waiting (:mod:`.journald`), with ``MESSAGE``, ``PRIORITY``,
+  ``SYSLOG_IDENTIFIER=nbankd`` and every bound field as ``NBANK_<KEY>``
+  (``NBANK_RESOURCE_ID``, ``NBANK_INBOX``, ``NBANK_ITEM``, ...), so
+  ``journalctl NBANK_RESOURCE_ID=abc123`` finds a resource;
 - ``json``: one JSON object per line on stdout. When stdout is the journal's stream
   (``$JOURNAL_STREAM``), each line is prefixed with ``<N>`` so journald still records
-  the right priority without the extra;
+  the right priority;
 - ``console``: structlog's human rendering, for a terminal;
-- ``auto``: journal under systemd when the extra is installed, console on a tty, else json.
+- ``auto``: journal under systemd (journald's socket there), console on a tty, else json.
 
 Secrets never reach any output: :func:`redact_secrets` (:mod:`.redaction`) runs in
 every chain before the renderer. Every value is then cut to a few KiB and every line
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
@@ -39,6 +41,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from nbankd.errors import ConfigError
 from nbankd.names import utf8_text
 from nbankd.service import logshape, logwriter
+from nbankd.service.journald import JOURNAL_SOCKET, JournalSocket, NoJournal, encode_entry
 from nbankd.service.redaction import REDACTED, redact, redact_secrets, redact_text
 
 __all__ = [
@@ -80,11 +83,6 @@ PRIORITIES: dict[str, int] = {
     "fatal": 2,
 }
 SYSLOG_IDENTIFIER = "nbankd"
-
-_INSTALL_HINT = (
-    "install the extra with `pip install 'nbankd[systemd]'` (building systemd-python needs "
-    "libsystemd-dev and pkg-config), or set log.format to auto, json or console"
-)
 
 
 def writable_text(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -161,27 +159,26 @@ def _journal_renderer(_logger: WrappedLogger, _method: str, event_dict: EventDic
     return journal_fields(event_dict)  # type: ignore[return-value]
 
 
-def journal_available() -> bool:
-    """True when ``systemd.journal`` (the ``nbankd[systemd]`` extra) can be imported."""
+def journal_available(path: str = JOURNAL_SOCKET) -> bool:
+    """True when journald's socket is at ``path`` (a journald may take entries)."""
     try:
-        from systemd import journal  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
         return False
-    return True
 
 
 class JournalLogger:
-    """structlog logger that sends journal fields with ``systemd.journal.send``.
+    """structlog logger that sends journal fields to journald's socket (``path``),
+    in journald's native protocol, never waiting (:mod:`.journald`).
 
-    If journald cannot be reached, the entry is written as a JSON line to ``fallback``
-    (stderr by default, which systemd also captures) instead of being lost. Entries
-    go through :data:`~nbankd.service.logwriter.OUTPUT`: a log call never raises.
+    If no journald listens there, the entry is written as a JSON line to ``fallback``
+    (stderr by default, which systemd also captures) instead of being lost; a journald
+    that takes no entry (its queue full) has it dropped and counted. Entries go
+    through :data:`~nbankd.service.logwriter.OUTPUT`: a log call never raises.
     """
 
-    def __init__(self, fallback: IO[str] | None = None) -> None:
-        from systemd import journal
-
-        self._send = journal.send
+    def __init__(self, fallback: IO[str] | None = None, path: str = JOURNAL_SOCKET) -> None:
+        self._socket = JournalSocket(path)
         self._fallback = fallback
 
     def msg(self, **fields: str) -> None:
@@ -189,15 +186,9 @@ class JournalLogger:
         logwriter.OUTPUT.submit(self._deliver, JournalLogger, fields, size)
 
     def _deliver(self, fields: dict[str, str]) -> None:
-        args: dict[str, Any] = dict(fields)
-        if "CODE_LINE" in args:  # systemd.journal.send wants an int here
-            try:
-                args["CODE_LINE"] = int(args["CODE_LINE"])
-            except ValueError:
-                del args["CODE_LINE"]
         try:
-            self._send(**args)
-        except (OSError, ValueError):
+            self._socket.send(encode_entry(fields))
+        except NoJournal:
             out = self._fallback or sys.stderr
             logwriter.stream_writer(out)(json.dumps(fields, sort_keys=True))
 
@@ -205,8 +196,11 @@ class JournalLogger:
 
 
 class _JournalLoggerFactory:
+    def __init__(self, path: str) -> None:
+        self._logger = JournalLogger(path=path)
+
     def __call__(self, *_args: Any) -> JournalLogger:
-        return JournalLogger()
+        return self._logger
 
 
 def _journal_fallback(method: str, event: str, problem: str) -> dict[str, str]:
@@ -295,9 +289,10 @@ def resolve_format(
 ) -> str:
     """Returns the concrete format (journal, json or console) for a ``log.format`` value.
 
-    ``auto`` is journal when ``$JOURNAL_STREAM`` names stdout or stderr (``fds``) and the
-    extra is installed, console when ``stream`` is a terminal, json otherwise. An explicit
-    ``journal`` without the extra is a :class:`ConfigError` naming the extra to install.
+    ``auto`` is journal when ``$JOURNAL_STREAM`` names stdout or stderr (``fds``) and
+    journald's socket is there (``have_journal``, default :func:`journal_available`),
+    console when ``stream`` is a terminal, json otherwise. An explicit ``journal`` is
+    journal (entries go to stderr while no journald listens).
     """
     env = os.environ if environ is None else environ
     if format not in FORMATS:
@@ -305,19 +300,22 @@ def resolve_format(
             f"log.format: {format!r} is not one of {', '.join(FORMATS)}",
             hint="auto picks the journal under systemd, a console on a terminal, else JSON",
         )
-    journal_ok = journal_available() if have_journal is None else have_journal
-    if format == "journal":
-        if not journal_ok:
-            raise ConfigError(
-                "log.format: journal needs the systemd extra, which is not installed",
-                hint=_INSTALL_HINT,
-            )
-        return "journal"
     if format != "auto":
         return format
+    journal_ok = journal_available() if have_journal is None else have_journal
     if journal_ok and journal_stream_matches(env.get("JOURNAL_STREAM"), fds):
         return "journal"
     return "console" if _isatty(stream) else "json"
+
+
+def _stream_name(stream: IO[str]) -> str:
+    """How the status names a stream output."""
+    fd = _fileno(stream)
+    if fd == 1:
+        return "nbankd's stdout"
+    if fd == 2:
+        return "nbankd's stderr"
+    return "nbankd's log stream"
 
 
 # --- the standard logging module -------------------------------------------------------
@@ -363,17 +361,22 @@ def _check_level(level: str) -> int:
 
 
 def configure_logging(
-    format: str = "auto", level: str = "info", stream: IO[str] | None = None
+    format: str = "auto",
+    level: str = "info",
+    stream: IO[str] | None = None,
+    *,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> str:
     """Configures structlog (and routes stdlib ``logging``) for the whole process.
 
-    ``stream`` is where json and console output go (default: stdout). Returns the
+    ``stream`` is where json and console output go (default: stdout); journal entries
+    go to journald's socket ``journal_socket`` (stderr while nobody listens). Returns the
     concrete format chosen (journal, json or console). May be called again (reload):
     the new settings replace the old ones. Bad values raise :class:`ConfigError`.
     """
     min_level = _check_level(level)
     out = sys.stdout if stream is None else stream
-    chosen = resolve_format(format, out)
+    chosen = resolve_format(format, out, have_journal=journal_available(journal_socket))
 
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -402,7 +405,11 @@ def configure_logging(
             *safe,
             _journal_renderer,
         ]
-        logger_factory, fallback = _JournalLoggerFactory(), _journal_fallback
+        logger_factory, fallback = _JournalLoggerFactory(journal_socket), _journal_fallback
+        logwriter.OUTPUT.output = (
+            f"journald ({journal_socket})",
+            "journald stuck? while it is not there, entries go to nbankd's stderr",
+        )
     elif chosen == "console":
         processors += [
             *safe,
@@ -413,11 +420,13 @@ def configure_logging(
             ),
         ]
         logger_factory, fallback = _LineLoggerFactory(out), logshape.console_fallback
+        logwriter.OUTPUT.output = (_stream_name(out), "a pipe nobody reads?")
     else:
         fd = _fileno(out)
         prefix = fd is not None and journal_stream_matches(os.environ.get("JOURNAL_STREAM"), [fd])
         processors += [*safe, logshape.BoundedLine(logshape.JsonLines(prefix, PRIORITIES))]
         logger_factory, fallback = _LineLoggerFactory(out), logshape.json_fallback(prefix)
+        logwriter.OUTPUT.output = (_stream_name(out), "a pipe nobody reads?")
 
     structlog.configure(
         processors=[logshape.Guarded(processors, fallback)],  # never raises

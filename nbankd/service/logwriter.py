@@ -8,8 +8,9 @@ thread, ``log-writer``, writes out in order, so deposits never wait on their log
 - the queue full (:data:`QUEUE_LINES` lines or :data:`QUEUE_BYTES`: the output is
   slower than the logging, or blocked, e.g. a pipe nobody reads): the line is dropped;
 - a write that fails (``EPIPE`` once the reader of stdout went away, ``ENOSPC``,
-  journald and stderr both unreachable): the line is dropped, and that output is not
-  tried again for a backoff (1 s, doubling up to a minute): not once a line.
+  journald's queue full, journald and stderr both unreachable): the line is dropped,
+  and that output is not tried again for a backoff (1 s, doubling up to a minute):
+  not once a line.
 
 Dropped lines are counted (:meth:`LogOutput.status`: ``nbankctl status``'s ``log``
 section and the ``nbankd_log_lines_dropped_total`` metric); an output failing now, or
@@ -88,6 +89,8 @@ class LogOutput:
         self.dropped = 0
         self._told = 0
         self._told_at = -TELL_EVERY
+        #: the output in use, as the status names it, and what may keep it stuck
+        self.output = ("nbankd's stdout", "a pipe nobody reads?")
 
     # -- the callers' side --------------------------------------------------------
 
@@ -227,18 +230,18 @@ class LogOutput:
             dropped, queued = self.dropped, len(self._queue)
             since = self._writing_since
             failures = [f.error for f in self._failing.values()]
+        name, stuck_hint = self.output
         problem = None
         if since is not None and now - since > STUCK_AFTER:
             problem = (
-                f"the log output has taken no line for {now - since:.0f}s (stdout a pipe "
-                f"nobody reads?): {dropped} log line(s) dropped since the start, {queued} "
-                "waiting; deposits go on; read or fix nbankd's stdout, or restart nbankd"
+                f"the log output has taken no line for {now - since:.0f}s ({name}: "
+                f"{stuck_hint}): {dropped} log line(s) dropped since the start, {queued} "
+                f"waiting; deposits go on; fix {name}, or restart nbankd"
             )
         elif failures:
             problem = (
-                f"the log output fails ({failures[0]}): {dropped} log line(s) dropped since "
-                "the start; deposits go on; fix nbankd's stdout (or journald), or restart "
-                "nbankd"
+                f"the log output fails ({name}: {failures[0]}): {dropped} log line(s) "
+                f"dropped since the start; deposits go on; fix {name}, or restart nbankd"
             )
         return {"dropped": dropped, "problem": problem}
 

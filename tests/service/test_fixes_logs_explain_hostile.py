@@ -6,12 +6,13 @@ Logs are rendered with the real chain (``configure_logging``) or by the real dae
 explain runs against the real ``nbankd`` with links and folders made the way a local
 user who can write an inbox (or a lab's administrator) would.
 
-Finding kept as a strict xfail: a journald that takes no entry freezes the whole
-daemon (systemd.journal.send blocks holding the GIL). Fixed since: the short line of
-a log line that failed to render showed its message's and its error's secrets
-unredacted; a URL password as a key of a logged mapping was not redacted; a folder
-swapped for a link between explain's walk and its read of NAME.reason had explain
-answer a .reason from beyond the link. The rest are guards.
+All findings fixed (kept as regression tests): a journald that takes no entry froze
+the whole daemon (systemd.journal.send blocked in sendmsg holding the GIL; nbankd now
+sends journal entries itself, never waiting); the short line of a log line that
+failed to render showed its message's and its error's secrets unredacted; a URL
+password as a key of a logged mapping was not redacted; a folder swapped for a link
+between explain's walk and its read of NAME.reason had explain answer a .reason from
+beyond the link. The rest are guards.
 """
 
 from __future__ import annotations
@@ -284,12 +285,6 @@ def test_a_daemon_with_a_full_log_pipe_stops_promptly(
     assert time.monotonic() - t0 < 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: JournalLogger._deliver calls systemd.journal.send, whose C code "
-    "(sd_journal_sendv) blocks in sendmsg holding the GIL: a journald that takes no "
-    "entry freezes every thread (no deposit, status unanswered), not the writer alone",
-)
 def test_deposits_go_on_when_journald_takes_no_entry(
     daemon_factory: Any, mount_ns: MountNamespace
 ) -> None:

@@ -7,11 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +18,6 @@ from nbankd.errors import ConfigError
 from nbankd.service.logs import (
     configure_logging,
     get_logger,
-    journal_available,
     journal_fields,
     journal_stream_matches,
     redact_secrets,
@@ -187,7 +181,8 @@ def test_auto_is_console_on_a_tty() -> None:
 
 
 def test_auto_picks_journal_under_journal_stream(tmp_path: Path) -> None:
-    """auto is journal when JOURNAL_STREAM names stdout/stderr and the extra is present."""
+    """auto is journal when JOURNAL_STREAM names stdout/stderr and journald's socket is
+    there."""
     with open(tmp_path / "stream", "w") as stream:
         env = {"JOURNAL_STREAM": _file_id(stream.fileno())}
         fds = [stream.fileno()]
@@ -209,35 +204,6 @@ def test_auto_ignores_inherited_journal_stream(tmp_path: Path) -> None:
 def test_journal_stream_malformed(value: str | None) -> None:
     """A missing or malformed JOURNAL_STREAM never matches."""
     assert journal_stream_matches(value, [0, 1, 2]) is False
-
-
-def test_explicit_journal_without_extra_is_a_config_error() -> None:
-    """format journal without systemd-python fails, naming the extra and build needs."""
-    with pytest.raises(ConfigError) as caught:
-        resolve_format("journal", io.StringIO(), environ={}, have_journal=False)
-    text = str(caught.value)
-    assert "nbankd[systemd]" in text
-    assert "libsystemd-dev" in text
-    assert "pkg-config" in text
-    assert caught.value.exit_code == 2
-
-
-def test_configure_journal_without_extra_fails() -> None:
-    """configure_logging('journal') raises ConfigError when the extra is missing (in a
-    child process whose imports of ``systemd`` fail, whether or not it is installed)."""
-    script = (
-        "import io, sys\n"
-        "sys.modules['systemd'] = None\n"
-        "from nbankd.errors import ConfigError\n"
-        "from nbankd.service.logs import configure_logging\n"
-        "try:\n"
-        "    configure_logging('journal', 'info', io.StringIO())\n"
-        "except ConfigError as err:\n"
-        "    print('ConfigError:', err)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("ConfigError:") and "systemd extra" in out.stdout
 
 
 def test_unknown_format_is_a_config_error() -> None:
@@ -462,194 +428,3 @@ def test_structlog_default_config_is_restored() -> None:
     configure_logging("json", "info", io.StringIO())
     reset_logging()
     assert structlog.is_configured() is False
-
-
-# --- the journal chain, end to end -------------------------------------------------------
-
-
-class _JournalStandIn:
-    """Stands in for the third-party ``systemd.journal`` module: records send() calls."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.sent: list[dict[str, str]] = []
-        self.fail = fail
-
-    def send(
-        self,
-        MESSAGE: str,
-        MESSAGE_ID: str | None = None,
-        CODE_FILE: str | None = None,
-        CODE_LINE: int | None = None,
-        CODE_FUNC: str | None = None,
-        **fields: str,
-    ) -> None:
-        """Same signature and argument checks as systemd-python's journal.send."""
-        if self.fail:
-            raise OSError("journald socket missing")
-        entry = {"MESSAGE": MESSAGE, **fields}
-        for key, value in (("CODE_FILE", CODE_FILE), ("CODE_FUNC", CODE_FUNC)):
-            if value is not None:
-                entry[key] = value
-        if CODE_LINE is not None:
-            entry["CODE_LINE"] = format(CODE_LINE, "d")  # the real send needs an int
-        self.sent.append(entry)
-
-
-@pytest.fixture
-def journal_standin(monkeypatch: pytest.MonkeyPatch) -> _JournalStandIn:
-    """Installs the stand-in as ``systemd.journal`` for one test."""
-    standin = _JournalStandIn()
-    package = types.ModuleType("systemd")
-    package.journal = standin  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "systemd", package)
-    monkeypatch.setitem(sys.modules, "systemd.journal", standin)  # type: ignore[arg-type]
-    return standin
-
-
-def test_journal_chain_sends_mapped_fields(journal_standin: _JournalStandIn) -> None:
-    """format journal sends MESSAGE, PRIORITY, NBANK_* fields and the caller's CODE_*."""
-    assert configure_logging("journal", "info") == "journal"
-    get_logger(inbox="/srv/inbox/rig3").warning(
-        "deposit waits", resource_id="a1b2c3d4", password="hunter2"
-    )
-    (fields,) = journal_standin.sent
-    assert fields["MESSAGE"] == "deposit waits"
-    assert fields["PRIORITY"] == "4"
-    assert fields["SYSLOG_IDENTIFIER"] == "nbankd"
-    assert fields["NBANK_RESOURCE_ID"] == "a1b2c3d4"
-    assert fields["NBANK_INBOX"] == "/srv/inbox/rig3"
-    assert fields["NBANK_PASSWORD"] == "[redacted]"
-    assert fields["CODE_FILE"] == __file__
-    assert fields["CODE_FUNC"] == "test_journal_chain_sends_mapped_fields"
-    assert int(fields["CODE_LINE"]) > 0
-    assert "NBANK_TIMESTAMP" not in fields
-
-
-def test_journal_chain_routes_stdlib(journal_standin: _JournalStandIn) -> None:
-    """Stdlib warnings reach the journal with the stdlib caller as CODE_FUNC."""
-    configure_logging("journal", "info")
-    logging.getLogger("watchdog.observers").error("inotify limit reached")
-    (fields,) = journal_standin.sent
-    assert fields["MESSAGE"] == "inotify limit reached"
-    assert fields["PRIORITY"] == "3"
-    assert fields["NBANK_LOGGER"] == "watchdog.observers"
-    assert fields["CODE_FUNC"] == "test_journal_chain_routes_stdlib"
-
-
-def test_auto_uses_journal_with_extra_under_journal_stream(
-    journal_standin: _JournalStandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """auto picks the journal when stderr is $JOURNAL_STREAM and the module imports."""
-    monkeypatch.setenv("JOURNAL_STREAM", _file_id(2))
-    assert configure_logging("auto", "info", io.StringIO()) == "journal"
-
-
-def test_journal_unreachable_falls_back_to_stderr(
-    journal_standin: _JournalStandIn, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """If journald cannot be reached, the entry is written to stderr, not lost."""
-    journal_standin.fail = True
-    configure_logging("journal", "info")
-    get_logger().error("still here", item="a.wav")
-    line = json.loads(capsys.readouterr().err.strip())
-    assert line["MESSAGE"] == "still here"
-    assert line["NBANK_ITEM"] == "a.wav"
-
-
-# --- a real journald (CI step with the systemd extra; `pytest -m journald`) --------------
-
-# Runs inside a private mount namespace (unshare -m): tmpfs over /run and the persistent
-# journal folder, so the hand-started journald and its sockets are visible to this helper
-# only. Prints journalctl's JSON entries for the resource id given in argv[1].
-_JOURNALD_HELPER = r"""
-import json, os, socket, subprocess, sys
-rid = sys.argv[1]
-subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
-if os.path.isdir("/var/log/journal"):
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/var/log/journal"], check=True)
-os.makedirs("/run/systemd/journal")
-ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-ready.bind("/run/nbankd-test-notify")
-ready.settimeout(30)
-journald = subprocess.Popen(
-    ["/lib/systemd/systemd-journald"],
-    env={**os.environ, "NOTIFY_SOCKET": "/run/nbankd-test-notify"},
-)
-try:
-    while b"READY=1" not in ready.recv(4096).split(b"\n"):
-        pass
-    from nbankd.service.logs import configure_logging, get_logger
-    assert configure_logging("journal", "info") == "journal"
-    get_logger(inbox="/srv/inbox/rig3", item="bird1/a.wav").info(
-        "deposited", resource_id=rid, password="hunter2"
-    )
-    subprocess.run(["journalctl", "--sync"], check=True)
-    out = subprocess.run(
-        ["journalctl", "--no-pager", "-o", "json", f"NBANK_RESOURCE_ID={rid}"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    sys.stdout.write(out)
-finally:
-    journald.terminate()
-    journald.wait(timeout=30)
-"""
-
-
-@pytest.mark.journald
-def test_real_journald_receives_structured_fields() -> None:
-    """Entries reach a real journald, queryable with journalctl NBANK_RESOURCE_ID=..."""
-    if not journal_available():
-        pytest.fail("the journald test needs the systemd extra: pip install -e '.[systemd]'")
-    for tool in ("/lib/systemd/systemd-journald", shutil.which("unshare"), "/usr/bin/journalctl"):
-        if tool is None or not os.path.exists(tool):
-            pytest.fail(
-                f"the journald test needs {tool or 'unshare'} (Debian: systemd, util-linux)"
-            )
-    rid = f"t{os.getpid()}x{time.monotonic_ns() % 10**9}"
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            sys.executable,
-            "-c",
-            _JOURNALD_HELPER,
-            rid,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (entry,) = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert entry["MESSAGE"] == "deposited"
-    assert entry["PRIORITY"] == "6"
-    assert entry["SYSLOG_IDENTIFIER"] == "nbankd"
-    assert entry["NBANK_RESOURCE_ID"] == rid
-    assert entry["NBANK_INBOX"] == "/srv/inbox/rig3"
-    assert entry["NBANK_ITEM"] == "bird1/a.wav"
-    assert entry["NBANK_PASSWORD"] == "[redacted]"
-    assert entry["_TRANSPORT"] == "journal"
-    assert entry["CODE_FUNC"] == "<module>"
-
-
-class _FailingStream(io.StringIO):
-    """A text stream whose every write fails (stderr gone too)."""
-
-    def write(self, text: str) -> int:
-        raise OSError(32, "Broken pipe")
-
-
-def test_journal_and_its_fallback_unreachable_never_raise(
-    journal_standin: _JournalStandIn,
-) -> None:
-    """With journald and the fallback stream both failing, a log call returns quietly
-    and the entry is counted as dropped."""
-    from nbankd.service.logs import JournalLogger
-    from nbankd.service.logwriter import OUTPUT
-
-    journal_standin.fail = True
-    before = OUTPUT.dropped
-    JournalLogger(fallback=_FailingStream()).msg(MESSAGE="lost", PRIORITY="3")
-    assert OUTPUT.dropped == before + 1
