@@ -73,10 +73,10 @@ class Liveness:
         self._last_status = ""
         self._withheld = False
 
-    def extend_timeout(self, usec: int) -> bool:
+    def extend_timeout(self, usec: int, status: str | None = None) -> bool:
         """Asks systemd for ``usec`` more microseconds to finish starting (a long
-        adoption); a no-op outside systemd."""
-        return bool(self.notifier.extend_timeout(usec))
+        adoption), with ``status`` its one-line status; a no-op outside systemd."""
+        return bool(self.notifier.extend_timeout(usec, status))
 
     def tick(self, daemon: Any) -> float:
         now = time.monotonic()

@@ -7,6 +7,7 @@ import hashlib
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from nbankd.archive.layout import unavailable
@@ -134,9 +135,15 @@ def stored_sha1(
         if not root.is_dir():
             return sha1_from_storage(root, throttle=throttle, synced=synced)
         hasher = DirectoryHasher()
+
+        def from_storage(dir_fd: int, name: str, _rel: PurePosixPath) -> str:
+            # the name inside the very folder open here (O_NOFOLLOW on the name itself)
+            at = f"/proc/self/fd/{dir_fd}/{name}"
+            return sha1_from_storage(at, throttle=throttle, synced=synced)
+
         top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            _hash_folder(top, PurePosixPath(), hasher, throttle, synced)
+            hash_folder(top, hasher, from_storage)
         finally:
             os.close(top)
         return hasher.hexdigest()
@@ -144,17 +151,47 @@ def stored_sha1(
         raise unavailable(root.parent, err, f"verifying {root}") from err
 
 
-def _hash_folder(
+#: hashes the regular file ``name`` of the folder open at ``dir_fd``; ``rel`` is its
+#: path in the tree
+FileSha1 = Callable[[int, str, PurePosixPath], str]
+_TOP = PurePosixPath()
+
+
+class ChangedWhileRead(OSError):
+    """A stored file or folder changed while it was hashed (its device, inode, size,
+    mtime or ctime differ after the read): the hash stands for bytes it may no longer
+    hold. ``filename`` is its path (in its tree)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.EAGAIN, "changed while it was read", os.fspath(path))
+
+
+def unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether two stats of one file or folder show no change between them."""
+    return _key(before) == _key(after)
+
+
+def _key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def hash_folder(
     dir_fd: int,
-    rel: PurePosixPath,
     hasher: DirectoryHasher,
-    throttle: Throttle | None,
-    synced: bool,
+    file_sha1: FileSha1,
+    rel: PurePosixPath = _TOP,
+    *,
+    check: bool = False,
 ) -> None:
-    """Adds every regular file under the folder open at ``dir_fd`` to ``hasher``, walking
-    from descriptors: a sub-folder swapped for a link while the walk goes on never leads
-    it out of the tree. A link met raises ELOOP (a stored tree holds none: it is not the
-    copy that was stored); FIFOs, sockets and devices are not files of the tree."""
+    """Adds every regular file under the folder open at ``dir_fd`` to ``hasher`` (each
+    hashed by ``file_sha1``), walking from descriptors: a sub-folder swapped for a link
+    while the walk goes on never leads it out of the tree. A link met raises ELOOP (a
+    stored tree holds none: it is not the copy that was stored); FIFOs, sockets and
+    devices are not files of the tree. ``check``: each folder is fstat'ed before it is
+    listed and once its members are hashed, and each sub-folder opened must be the one
+    listed; a difference raises :class:`ChangedWhileRead` (an entry added, removed or
+    renamed in it meanwhile)."""
+    before = os.fstat(dir_fd) if check else None
     for name in os.listdir(dir_fd):
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
@@ -162,17 +199,19 @@ def _hash_folder(
                 name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
             )
             try:
-                _hash_folder(sub, rel / name, hasher, throttle, synced)
+                if check and not unchanged(st, os.fstat(sub)):
+                    raise ChangedWhileRead(rel / name)
+                hash_folder(sub, hasher, file_sha1, rel / name, check=check)
             finally:
                 os.close(sub)
         elif stat.S_ISREG(st.st_mode):
-            # the name inside the very folder open here (O_NOFOLLOW on the name itself)
-            at = f"/proc/self/fd/{dir_fd}/{name}"
-            hasher.add(rel / name, sha1_from_storage(at, throttle=throttle, synced=synced))
+            hasher.add(rel / name, file_sha1(dir_fd, name, rel / name))
         elif stat.S_ISLNK(st.st_mode) and _links_to_file(name, dir_fd):
             raise OSError(errno.ELOOP, f"a symbolic link in a stored folder: {rel / name}")
         # a link to a folder, or to nothing: neurobank's hash leaves it out (folders
         # neurobank < 0.13 stored may hold one); nothing is opened through it
+    if before is not None and not unchanged(before, os.fstat(dir_fd)):
+        raise ChangedWhileRead(rel)
 
 
 def _links_to_file(name: str, dir_fd: int) -> bool:
@@ -198,4 +237,12 @@ def verify_from_storage(
     return stored_sha1(path, throttle=throttle, synced=synced) == sha1.lower()
 
 
-__all__ = ["sha1_from_storage", "stored_sha1", "verify_from_storage"]
+__all__ = [
+    "ChangedWhileRead",
+    "FileSha1",
+    "hash_folder",
+    "sha1_from_storage",
+    "stored_sha1",
+    "unchanged",
+    "verify_from_storage",
+]

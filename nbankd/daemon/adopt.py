@@ -18,16 +18,21 @@ so one cut short (killed, or systemd's start timeout) is finished by running
 ``--adopt-archives`` again, and a plain start refuses meanwhile. A re-run skips a
 name already registered with the same SHA-1, and adds a location in each further
 archive holding the same bytes (what ``nbankctl copy`` makes). Entries it cannot
-register (a FIFO, socket or device, a link, a name no registry takes, bytes already
-registered under another identifier, another SHA-1 under a registered name) are
-skipped and named in the log and in the final summary; entries it could not read
-(an I/O error, a folder it may not list) leave adoption unfinished, to be run again.
-Under systemd it asks for more start time (``EXTEND_TIMEOUT_USEC``) as it goes.
+register (a FIFO, socket or device, a link, a folder holding a link, a name no
+registry takes, bytes already registered under another identifier, another SHA-1
+under a registered name) are skipped and named in the log and in the final
+summary; an adoption that ended with some skipped keeps their count and first names
+in :data:`SKIPPED_NAME`: a plain start runs (the lab may never be able to fix a
+genuine duplicate), and ``--adopt-archives`` may run again over the registry, so
+what the lab fixed since is adopted then. Entries it could not read (an I/O error,
+a folder it may not list, a resource that kept changing while it was hashed:
+:mod:`~nbankd.daemon.adopt_read`) leave adoption unfinished, to be run again. Under
+systemd it asks for more start time (``EXTEND_TIMEOUT_USEC``) as it goes, and says
+how far it got, in the log and in the unit's status, every few seconds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -41,8 +46,10 @@ import structlog
 
 from nbankd import errors
 from nbankd.archive import fsops, layout, opening
+from nbankd.archive.verify import ChangedWhileRead
 from nbankd.config import Config
-from nbankd.hashing import NameNotUtf8, NotRegularFile, directory_hash, sha1_stream
+from nbankd.daemon.adopt_read import EXTEND_EVERY, Progress, stored_sha1
+from nbankd.hashing import NameNotUtf8, NotRegularFile
 from nbankd.registry.base import Registry
 from nbankd.timefmt import iso
 
@@ -50,15 +57,21 @@ log = structlog.get_logger("nbankd.adopt")
 
 #: in ``state_dir`` while an adoption is unfinished
 MARKER_NAME = "adoption-unfinished.json"
-#: how many skipped entries the final summary names (the log names each)
+#: in ``state_dir`` after an adoption that skipped entries: a re-run may adopt them
+SKIPPED_NAME = "adoption-skipped.json"
+#: how many skipped entries are kept, in the final summary and in :data:`SKIPPED_NAME`
+#: (the log names each)
 SUMMARY_NAMES = 50
-#: seconds between two requests for more start time, and how much each asks for
-EXTEND_EVERY = 10.0
+#: how much more start time each request asks for
 EXTEND_BY_USEC = 60_000_000
 
 
 def marker_path(config: Config) -> Path:
     return config.state_dir / MARKER_NAME
+
+
+def skipped_path(config: Config) -> Path:
+    return config.state_dir / SKIPPED_NAME
 
 
 def _holding(config: Config) -> list[tuple[str, layout.Archive]]:
@@ -80,15 +93,23 @@ def _empty(registry: Registry) -> bool:
 
 def check_not_orphaned(config: Config, registry: Registry) -> None:
     """Refuses (ConfigError, exit 2) an adoption left unfinished, and an empty
-    embedded registry over archives that hold resources; see the module docstring."""
+    embedded registry over archives that hold resources; see the module docstring.
+    Reminds (a warning) of entries an earlier adoption skipped."""
     if not config.embedded:
         return
-    if marker_path(config).exists():
+    if os.path.lexists(marker_path(config)):
         raise errors.ConfigError(
             f"an adoption of the archives into {config.embedded_db_path} did not finish "
             f"({marker_path(config)} is there): resources stored in the archives may have "
             "no record, so nbankd does not run over them",
             hint="run nbankd --adopt-archives again to finish it",
+        )
+    if os.path.lexists(skipped_path(config)):
+        log.warning(
+            "an adoption skipped entries of the archives; they have no record",
+            listed_in=str(skipped_path(config)),
+            hint="fix what it names, then stop nbankd and start it once with "
+            "nbankd --adopt-archives to adopt them",
         )
     if not _empty(registry):
         return
@@ -104,47 +125,6 @@ def check_not_orphaned(config: Config, registry: Registry) -> None:
         )
 
 
-class _Ticker:
-    """Calls ``keep_alive`` at most every :data:`EXTEND_EVERY` seconds (also while one
-    large resource is hashed: it is the hash's throttle)."""
-
-    def __init__(self, keep_alive: Callable[[], object] | None) -> None:
-        self._keep_alive = keep_alive
-        self._next = 0.0
-
-    def __call__(self, _size: int = 0) -> None:
-        if self._keep_alive is None:
-            return
-        now = time.monotonic()
-        if now >= self._next:
-            self._next = now + EXTEND_EVERY
-            self._keep_alive()
-
-
-def stored_sha1(path: Path, tick: Callable[[int], None] | None = None) -> str:
-    """The SHA-1 of the stored resource at ``path`` (a folder's neurobank hash), never
-    following a link at ``path`` and never waiting on a FIFO: :class:`NotRegularFile`
-    for a link, FIFO, socket or device; other OSErrors as reading raised them."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISDIR(mode):
-        return directory_hash(path, throttle=tick)
-    if stat.S_ISLNK(mode):
-        raise NotRegularFile(errno.ELOOP, "a symbolic link: not followed", os.fspath(path))
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW
-    fd = os.open(path, flags)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket or device"
-            raise NotRegularFile(
-                errno.EINVAL, f"{kind}, not a regular file or folder", os.fspath(path)
-            )
-        os.set_blocking(fd, True)
-        return sha1_stream(fd, throttle=tick)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Adoption:
     """What one run of :func:`adopt` did."""
@@ -152,18 +132,48 @@ class Adoption:
     registered: int = 0  # new records
     located: int = 0  # locations added to a record (a further archive's copy)
     already: int = 0  # registered by an earlier run, same SHA-1
-    skipped: list[str] = field(default_factory=list)  # "path: why", never registrable
-    unread: list[str] = field(default_factory=list)  # "path: why", to run again for
+    skipped: int = 0  # never registrable as they are
+    unread: int = 0  # to run again for
+    named: list[str] = field(default_factory=list)  # the first "path: why" of both
+    first_unread: str = ""
 
     def skip(self, archive: str, path: Path | str, why: str, *, unread: bool = False) -> None:
-        """Names an entry not adopted, in the log and in the summary."""
+        """Names an entry not adopted, in the log and (the first few) in the summary."""
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        (self.unread if unread else self.skipped).append(f"{shown}: {why}")
+        if unread:
+            self.unread += 1
+            self.first_unread = self.first_unread or f"{shown}: {why}"
+        else:
+            self.skipped += 1
+        if len(self.named) < SUMMARY_NAMES:
+            self.named.append(f"{shown}: {why}")
         log.warning("not adopted", archive=archive, path=shown, reason=why)
 
 
 def _why(err: OSError) -> str:
     return err.strerror or str(err)
+
+
+def _read(archive: str, path: Path, done: Adoption, tick: Progress) -> str | None:
+    """The SHA-1 of one stored resource, or None when it is skipped (named)."""
+    try:
+        return stored_sha1(path, tick)
+    except (NotRegularFile, NameNotUtf8) as err:
+        done.skip(archive, path, _why(err))
+    except ChangedWhileRead as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        done.skip(
+            archive,
+            path,
+            f"it changed while it was read, twice{where}: something still writes it",
+            unread=True,
+        )
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # a link inside a folder resource: never followed
+            done.skip(archive, path, _why(err))
+        else:
+            done.skip(archive, path, f"cannot be read: {_why(err)}", unread=True)
+    return None
 
 
 def _adopt_one(
@@ -174,17 +184,11 @@ def _adopt_one(
     path: Path,
     when: str,
     done: Adoption,
-    tick: Callable[[int], None],
+    tick: Progress,
 ) -> bool:
     """Registers (or locates) one stored resource; False when it is skipped."""
-    tick(0)
-    try:
-        sha1 = stored_sha1(path, tick)
-    except (NotRegularFile, NameNotUtf8) as err:
-        done.skip(archive, path, _why(err))
-        return False
-    except OSError as err:
-        done.skip(archive, path, f"cannot be read: {_why(err)}", unread=True)
+    sha1 = _read(archive, path, done, tick)
+    if sha1 is None:
         return False
     have = registry.get_resource(ident)
     if have is not None and have.sha1 != sha1:
@@ -216,27 +220,100 @@ def _adopt_one(
     return True
 
 
+def _moved_aside(path: Path) -> Path:
+    """Renames what stands at ``path`` (not nbankd's: a folder) to a free name beside
+    it, kept as it is; returns where it went."""
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.moved-aside-{int(time.time())}-{n}")
+        try:
+            fsops.rename_noreplace(path, aside)
+        except FileExistsError:
+            continue
+        except fsops.NoReplaceUnsupported:
+            if os.path.lexists(aside):
+                continue
+            os.rename(path, aside)  # nothing there: nothing replaced
+        log.warning(
+            "a folder stood where nbankd keeps a file of its own; moved aside, kept as it is",
+            path=str(path),
+            moved_to=str(aside),
+        )
+        return aside
+    raise FileExistsError(errno.EEXIST, "no free name to move it aside to", str(path))
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _stuck(path: Path, err: OSError, doing: str) -> errors.ConfigError:
+    return errors.ConfigError(
+        f"{path} cannot be {doing} ({_why(err)}): it is nbankd's record of an adoption",
+        hint=f"make {path.parent} writable by nbankd, or replace {path} by an empty "
+        "file, then run nbankd --adopt-archives again",
+    )
+
+
 def _begin(config: Config, registry: Registry, when: str) -> None:
     """Checks adoption may run, and marks it unfinished (durably) before any record."""
     marker = marker_path(config)
-    if marker.exists():
+    body = (json.dumps({"started": when, "pid": os.getpid()}) + "\n").encode()
+    if os.path.lexists(marker):
         log.info("finishing an adoption left unfinished", marker=str(marker))
+        if _is_folder(marker):  # its removal at the end would fail: a fresh marker now
+            try:
+                _moved_aside(marker)
+                fsops.write_atomic(marker, body, mode=0o640)
+            except OSError as err:
+                raise _stuck(marker, err, "replaced") from err
         return
     if not _empty(registry):
-        raise errors.ConfigError(
-            f"the embedded registry {config.embedded_db_path} is not empty: "
-            "--adopt-archives only rebuilds an empty one",
-            hint="start without --adopt-archives",
+        if not os.path.lexists(skipped_path(config)):
+            raise errors.ConfigError(
+                f"the embedded registry {config.embedded_db_path} is not empty: "
+                "--adopt-archives only rebuilds an empty one, or adopts again what an "
+                f"adoption skipped (listed in {skipped_path(config)}, not there)",
+                hint="start without --adopt-archives",
+            )
+        log.info(
+            "adopting again what an earlier adoption skipped", listed_in=str(skipped_path(config))
         )
-    body = json.dumps({"started": when, "pid": os.getpid()}) + "\n"
-    fsops.write_atomic(marker, body.encode(), mode=0o640)
+    fsops.write_atomic(marker, body, mode=0o640)
 
 
-def _end(config: Config) -> None:
-    marker = marker_path(config)
-    with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
-    fsops.fsync_dir(marker.parent)
+def _remove(path: Path) -> None:
+    """Removes nbankd's file at ``path`` (a folder found there is moved aside)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        try:
+            _moved_aside(path)
+        except OSError as err:
+            raise _stuck(path, err, "moved aside") from err
+    except OSError as err:
+        raise _stuck(path, err, "removed") from err
+
+
+def _end(config: Config, done: Adoption) -> None:
+    """Keeps the list of what was skipped (or forgets it), then marks adoption done."""
+    record = skipped_path(config)
+    if done.skipped:
+        body = {"ended": iso(time.time()), "skipped": done.skipped, "first": done.named}
+        try:
+            if _is_folder(record):
+                _moved_aside(record)
+            fsops.write_atomic(record, (json.dumps(body, indent=1) + "\n").encode(), mode=0o640)
+        except OSError as err:
+            raise _stuck(record, err, "written") from err
+    else:
+        _remove(record)
+    _remove(marker_path(config))
+    fsops.fsync_dir(config.state_dir)
 
 
 def adopt(
@@ -244,19 +321,20 @@ def adopt(
     registry: Registry,
     *,
     now: float | None = None,
-    keep_alive: Callable[[], object] | None = None,
+    keep_alive: Callable[[str], object] | None = None,
 ) -> Adoption:
     """Registers every resource stored in the configured archives into the empty
-    embedded registry, or finishes an adoption left unfinished (see the module
-    docstring). ConfigError when the registry is not empty and no adoption is
-    unfinished, or when an archive has no inbox to take a datatype from;
-    ArchiveUnavailable, adoption left unfinished, when some entries could not be read.
-    ``keep_alive`` is called every few seconds while it runs."""
+    embedded registry, finishes an adoption left unfinished, or adopts again what an
+    adoption skipped (see the module docstring). ConfigError when the registry is not
+    empty and neither is the case, or when an archive has no inbox to take a datatype
+    from; ArchiveUnavailable, adoption left unfinished, when some entries could not be
+    read. ``keep_alive(status)`` is called every few seconds while it runs."""
     if not config.embedded:
         raise errors.ConfigError("--adopt-archives applies to the embedded registry only")
     when = iso(time.time() if now is None else now)
     _begin(config, registry, when)
-    tick = _Ticker(keep_alive)
+    tick = Progress(keep_alive)
+    tick.start()
     done = Adoption()
     for name, archive in _holding(config):
         dtypes = [i.dtype for i in config.inboxes if i.archive == name and i.dtype]
@@ -265,34 +343,59 @@ def adopt(
                 f"archive {name} has no inbox with a dtype to record its resources under",
                 hint="give an inbox that deposits into it a dtype, then adopt again",
             )
+        log.info("adopting archive", archive=name, path=str(archive.path))
         anomalies: list[layout.Anomaly] = []
         count = 0
         for ident, path in archive.iter_resources(anomalies):
+            tick.entry(name, path)
             count += _adopt_one(registry, name, dtypes[0], ident, path, when, done, tick)
+            tick.done()
         for a in anomalies:
             done.skip(name, a.path, a.reason, unread=a.kind == "unlistable")
         log.info("adopted archive", archive=name, resources=count)
-    _summarise(done)
+    _summarise(config, done)
     if done.unread:
         raise errors.ArchiveUnavailable(
-            f"adoption not finished: {len(done.unread)} entr(y/ies) of the archives could "
-            f"not be read (first: {done.unread[0]})",
-            hint="make them readable, then run nbankd --adopt-archives again to finish",
+            f"adoption not finished: {done.unread} entr(y/ies) of the archives could "
+            f"not be read (first: {done.first_unread})",
+            hint="make them readable (or let what writes them finish), then run "
+            "nbankd --adopt-archives again to finish",
         )
-    _end(config)
+    _end(config, done)
     return done
 
 
-def _summarise(done: Adoption) -> None:
-    """The final summary, naming what was skipped."""
-    skipped = done.skipped + done.unread
-    more = len(skipped) - SUMMARY_NAMES
-    say = log.warning if skipped else log.info
+def _summarise(config: Config, done: Adoption) -> None:
+    """The final summary, naming the first entries skipped, and what to do."""
+    count = done.skipped + done.unread
+    more = count - len(done.named)
+    fields: dict[str, object] = {}
+    if done.skipped and not done.unread:
+        fields["hint"] = (
+            f"nbankd runs without them (listed in {skipped_path(config)}); fix what is "
+            "named, then stop nbankd and start it once with nbankd --adopt-archives "
+            "to adopt them"
+        )
+    say = log.warning if count else log.info
     say(
         "adoption summary",
         registered=done.registered,
         located=done.located,
         already_registered=done.already,
-        not_adopted=len(skipped),
-        skipped=skipped[:SUMMARY_NAMES] + ([f"and {more} more"] if more > 0 else []),
+        not_adopted=count,
+        skipped=done.named + ([f"and {more} more"] if more > 0 else []),
+        **fields,
     )
+
+
+__all__ = [
+    "EXTEND_BY_USEC",
+    "EXTEND_EVERY",
+    "MARKER_NAME",
+    "SKIPPED_NAME",
+    "Adoption",
+    "adopt",
+    "check_not_orphaned",
+    "marker_path",
+    "skipped_path",
+]

@@ -174,7 +174,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
                 log.info(
                     "archives adopted into the empty registry",
                     resources=adopted.registered,
-                    not_adopted=len(adopted.skipped),
+                    not_adopted=adopted.skipped,
                 )
             else:
                 adopt.check_not_orphaned(cfg, self.registry)
@@ -207,10 +207,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             self.shutdown()
             raise
 
-    def _more_start_time(self) -> None:
-        """Asks the service manager for more time to start (a long adoption)."""
+    def _more_start_time(self, status: str) -> None:
+        """Asks the service manager for more time to start (a long adoption), saying
+        how far it got (``status``)."""
         if self.notifier is not None:
-            self.notifier.extend_timeout(adopt.EXTEND_BY_USEC)
+            self.notifier.extend_timeout(adopt.EXTEND_BY_USEC, status)
 
     def _start_auditor(self) -> None:
         """Starts scheduled audits in their own thread; a failure here only disables them."""

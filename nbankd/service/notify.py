@@ -252,11 +252,15 @@ class Notifier:
         """Tells systemd a reload began (RELOADING=1 with MONOTONIC_USEC); end it with ready()."""
         return self.notify({"RELOADING": 1, "MONOTONIC_USEC": _monotonic_usec()})
 
-    def extend_timeout(self, usec: int) -> bool:
-        """Asks for ``usec`` more microseconds to finish starting or stopping."""
+    def extend_timeout(self, usec: int, status: str | None = None) -> bool:
+        """Asks for ``usec`` more microseconds to finish starting or stopping, with
+        ``status`` (if given) the new one-line status, in the same message."""
         if usec <= 0:
             raise ValueError("extend_timeout needs a positive number of microseconds")
-        return self.notify({"EXTEND_TIMEOUT_USEC": int(usec)})
+        fields: dict[str, object] = {"EXTEND_TIMEOUT_USEC": int(usec)}
+        if status is not None:
+            fields["STATUS"] = status
+        return self.notify(fields)
 
     def watchdog_interval(self) -> float | None:
         """Returns the ping interval in seconds (half of ``WatchdogSec=``), or None if off."""

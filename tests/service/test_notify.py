@@ -111,6 +111,17 @@ def test_extend_timeout(notifier: Notifier, listener: tuple[socket.socket, str])
     assert _recv(listener) == b"EXTEND_TIMEOUT_USEC=90000000"
 
 
+def test_extend_timeout_with_a_status(
+    notifier: Notifier, listener: tuple[socket.socket, str]
+) -> None:
+    """extend_timeout(usec, status) sends both in one message."""
+    notifier.extend_timeout(60_000_000, "adopting archive main: 3 entries done")
+    assert (
+        _recv(listener)
+        == b"EXTEND_TIMEOUT_USEC=60000000\nSTATUS=adopting archive main: 3 entries done"
+    )
+
+
 def test_extend_timeout_rejects_zero(notifier: Notifier) -> None:
     """extend_timeout needs a positive duration (a programming error otherwise)."""
     with pytest.raises(ValueError):
