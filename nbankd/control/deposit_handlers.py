@@ -66,6 +66,9 @@ def deposit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("usage", "'files' must be a list of paths")
     for f in files:
         no_nul("files", f)
+    held = daemon.archive_held(archive.name, archive.path)
+    if held is not None:  # as an inbox's inputs wait: nothing journaled, nothing moved
+        return {"items": [], "refused": [{"source": f, "error": held} for f in files]}
     metadata = args.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ProtocolError("usage", "'metadata' must be an object")

@@ -11,7 +11,10 @@ the archives that could not be opened at start and checks each the first time it
 can be opened: one that holds resources while the registry locates none in it is
 *held*: nothing is deposited into it (its inputs wait in their inbox, as for an
 archive the registry does not record) and status says why and what to do, until
-the registry has a record located there. Archives added by a reload are not
+the registry records its first stored resource located there (not merely any
+record: a manual deposit, refused meanwhile anyway, would give one, the rest still
+unrecorded). ``nbankctl deposit`` into a held archive is refused, the files left in
+place (:meth:`~nbankd.daemon.service.Daemon.archive_held`). Archives added by a reload are not
 checked. The embedded registry only: django-neurobank is not lost with
 ``state_dir``.
 """
@@ -37,6 +40,21 @@ def _opens(path: Path) -> bool:
     except errors.NbankdError:
         return False
     return True
+
+
+def _known(registry: Registry, name: str, path: Path) -> bool:
+    """Whether the registry now knows what archive ``name`` held when it was found
+    orphaned: its first stored resource (in sorted order) has a record located in it
+    (what an adoption or a restored state_dir gives). Any record located there is not
+    enough: one deposit would do, the rest still unrecorded."""
+    try:
+        first = next(iter(opening.open_archive(path).iter_resources()), None)
+    except (errors.NbankdError, OSError):
+        return False  # gone again: still held
+    if first is None:
+        return True  # holds nothing now: nothing to lose
+    record = registry.get_resource(first[0])
+    return record is not None and name in record.locations
 
 
 class LateArchives:
@@ -70,11 +88,13 @@ class LateArchives:
         if held is None and not pending:
             return None
         if held is not None:
-            if next(iter(registry.search(archive=name)), None) is None:
+            if not _known(registry, name, path):
                 return held
             with self._lock:
                 self._held.pop(name, None)
-            log.info("archive now has records in the registry; deposits resume", archive=name)
+            log.info(
+                "archive's resources now recorded in the registry; deposits resume", archive=name
+            )
             return None
         try:
             archive = opening.open_archive(path)

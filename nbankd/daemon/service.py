@@ -238,6 +238,11 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         """The name of the archive configured at ``path``, if there is one."""
         return next((a.name for a in self.config.archives if a.path == path), None)
 
+    def archive_held(self, name: str, path: Path) -> str | None:
+        """Why nothing, not even a manual deposit, may go into archive ``name`` at
+        ``path`` now: mounted after the start over a lost state_dir (LateArchives)."""
+        return self.late_archives.problem(self.registry, name, path)
+
     def _registration(self, name: str, path: Path) -> str | None:
         """Why deposits into archive ``name`` at ``path`` wait (the registry records that
         name at another root, or not at all: RegistrySetup.registration; or it was

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nbankd.archive.probe import Capabilities
@@ -126,6 +127,7 @@ class DaemonView(Protocol):
     def request_rescan(self, key: str | None = None) -> None: ...
     def set_paused(self, keys: list[str], paused: bool) -> None: ...
     def reload(self) -> str | None: ...
+    def archive_held(self, name: str, path: Path) -> str | None: ...
     def submit_manual(
         self,
         inbox: ManualInbox,

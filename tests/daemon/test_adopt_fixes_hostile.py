@@ -3,11 +3,11 @@
 an archive mounted after the start (late_archives). Real daemon subprocesses, real
 archives and embedded registries, kill -9; polling with deadlines, never sleeps.
 
-Findings fixed: a resource rewritten while adoption hashes it was registered with
-the SHA-1 of bytes it no longer holds; a conflict the lab fixed could not be picked
-up (a re-run was refused); a folder at the marker's path ended adoption in a
-traceback; a long adoption logged no progress. Finding (strict xfail): an nbankctl
-deposit into a held late archive lifts the hold."""
+Findings, all fixed: a resource rewritten while adoption hashes it was registered
+with the SHA-1 of bytes it no longer holds; a conflict the lab fixed could not be
+picked up (a re-run was refused); a folder at the marker's path ended adoption in a
+traceback; a long adoption logged no progress; an nbankctl deposit into a held late
+archive went through and lifted the hold."""
 
 from __future__ import annotations
 
@@ -451,11 +451,6 @@ def test_a_hold_survives_the_archive_flapping(daemon_factory: Factory) -> None:
     h.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a manual nbankctl deposit into the held archive is not held, and its "
-    "one record lifts the hold: the daemon deposits again over resources never recorded",
-)
 def test_a_manual_deposit_does_not_lift_the_hold(daemon_factory: Factory) -> None:
     """While a late archive is held over a lost state_dir, an nbankctl deposit into it
     does not end the hold: what it held before is still unrecorded, so the inbox's
@@ -463,7 +458,8 @@ def test_a_manual_deposit_does_not_lift_the_hold(daemon_factory: Factory) -> Non
     h = held_over_lost_state(daemon_factory)
     extra = h.root / "manual01.wav"
     extra.write_bytes(b"deposited by hand during the hold")
-    nbankctl(h, "deposit", "-d", h.dtype, str(h.archive), str(extra), timeout=120)
+    manual = nbankctl(h, "deposit", "-d", h.dtype, str(h.archive), str(extra), timeout=120)
+    assert manual.returncode != 0 and extra.exists(), manual.stderr  # refused, left in place
     more_scans(h, 3)
     assert "kept01" not in registered(h)
     assert h.receipt("new01") is None and (h.inbox / "new01.wav").exists()

@@ -1,7 +1,7 @@
 """What follows an adoption that skipped entries (the list kept in state_dir, a plain
-start, a re-run), and what adoption makes of a folder resource holding a link. Real
-daemon subprocesses, real archives and embedded registries; polling with deadlines,
-never sleeps."""
+start, a re-run), what adoption makes of a folder resource holding a link, and what
+ends the hold of a late archive. Real daemon subprocesses, real archives and embedded
+registries; polling with deadlines, never sleeps."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import NBANKD, DaemonHarness, wait_for
+from fixtures.daemon import NBANKD, DaemonHarness, more_scans, status_json, wait_for
 
 Factory = Callable[..., DaemonHarness]
 SKIPPED = "adoption-skipped.json"
@@ -145,3 +145,44 @@ def test_a_folder_resource_holding_a_link_is_not_adopted(daemon_factory: Factory
     assert done.returncode == 0, done.stdout[-3000:]
     assert registered(h) == {"aa01": sha1(b"one")}
     assert "aa02" in done.stdout and "symbolic link" in done.stdout
+
+
+def test_a_held_archive_is_released_only_by_a_record_of_what_it_held(
+    daemon_factory: Factory,
+) -> None:
+    """A late archive held over a lost state_dir: a record of some other resource
+    located there keeps the hold; a record of its first stored resource ends it, and
+    the waiting input is deposited."""
+    h = daemon_factory()
+    h.start()
+    h.drop("kept01.wav", b"stored before state_dir was lost")
+    h.wait_settled(1)
+    h.stop()
+    shutil.rmtree(h.state_dir)
+    away = h.root / "not-mounted-yet"
+    h.archive.rename(away)
+    h.edit_config(lambda c: c["archives"][0].update(create=False))
+    h.start()
+    away.rename(h.archive)
+    h.drop("new01.wav", b"recorded after the restart")
+
+    def held() -> bool:
+        return any("--adopt-archives" in d for d in status_json(h)[1]["degraded"])
+
+    wait_for(held, 60, "deposits into the late archive to be held")
+    with h.open_registry() as reg:  # what a restored registry holds: the archive, too
+        if reg.get_archive(h.archive_name) is None:
+            reg.add_archive(h.archive_name, "neurobank", str(h.archive))
+        reg.add_resource(name="other01", dtype=h.dtype, archive=h.archive_name, sha1=sha1(b"other"))
+    more_scans(h, 3)
+    assert held() and h.receipt("new01") is None
+    with h.open_registry() as reg:
+        reg.add_resource(
+            name="kept01",
+            dtype=h.dtype,
+            archive=h.archive_name,
+            sha1=sha1(b"stored before state_dir was lost"),
+        )
+    wait_for(lambda: h.receipt("new01") is not None, 60, "new01 to be deposited")
+    assert not held()
+    h.stop()
