@@ -377,8 +377,16 @@ def test_sighup_with_an_impossible_date_logs_why_and_reports_ready_again(
     h.proc.send_signal(signal.SIGHUP)
     h.wait_message(lambda m: "RELOADING=1" in m, 20)
     h.wait_message(lambda m: "READY=1" in m, 20)
-    events = [json.loads(line) for line in h.log_path.read_text().splitlines() if line[:1] == "{"]
-    failed = [e for e in events if str(e.get("event", "")).startswith("reload failed")]
+
+    def reload_failures() -> list[dict[str, object]]:
+        text = h.log_path.read_text()
+        whole = text[: text.rfind("\n") + 1]  # a line being written is not read yet
+        events = [json.loads(line) for line in whole.splitlines() if line[:1] == "{"]
+        return [e for e in events if str(e.get("event", "")).startswith("reload failed")]
+
+    # the log line is written by the log writer's thread: it may follow READY=1
+    wait_for(lambda: bool(reload_failures()), 20, "the reload's failure logged")
+    failed = reload_failures()
     h.drop("still.dat", b"still running")
     h.wait_settled(1)
     h.stop()
