@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.adoption import plant
 from fixtures.daemon import (
     NBANKD,
     DaemonHarness,
@@ -88,15 +89,6 @@ def two_archives(daemon_factory: Factory) -> tuple[DaemonHarness, Path]:
     shutil.rmtree(h.state_dir)
     h.socket_path.unlink(missing_ok=True)
     return h, mirror
-
-
-def plant(archive: Path, name: str, data: bytes = b"") -> Path:
-    """Puts ``data`` in ``archive`` as the stored resource ``name``."""
-    folder = archive / "resources" / name[:2]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(data)
-    return path
 
 
 def spawn(h: DaemonHarness, *args: str) -> subprocess.Popen[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from fixtures.adoption import plant
 from fixtures.daemon import NBANKD, DaemonHarness, nbankctl, status_json, wait_for, work_entries
 
 Factory = Callable[..., DaemonHarness]
@@ -39,16 +40,6 @@ def lost_state(daemon_factory: Factory, **options: object) -> DaemonHarness:
     h.stop()
     shutil.rmtree(h.state_dir)
     return h
-
-
-def plant(h: DaemonHarness, name: str | bytes, data: bytes = b"") -> Path:
-    """Puts a file in the archive as a stored resource ``name`` (under its stub folder)."""
-    stub = name[:2]
-    folder = h.archive / "resources" / os.fsdecode(stub)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = Path(os.fsdecode(os.path.join(os.fsencode(folder), os.fsencode(name))))
-    path.write_bytes(data)
-    return path
 
 
 def run_nbankd(
@@ -139,7 +130,7 @@ GOOD = {"aa01.wav": b"first recording", "zz03.wav": b"third recording"}
 
 def plant_good(h: DaemonHarness) -> None:
     for name, data in GOOD.items():
-        plant(h, name, data)
+        plant(h.archive, name, data)
 
 
 def good_registered(h: DaemonHarness) -> dict[str, str | None]:
@@ -159,12 +150,12 @@ def _fifo(h: DaemonHarness) -> str:
 def _same_bytes(h: DaemonHarness) -> str:
     # nbank with require_hash: false allows it. Adoption goes through names in sorted
     # order, so these are bytes aa01 was adopted with; zz03 comes after and is adopted
-    plant(h, "mm02.wav", GOOD["aa01.wav"])
+    plant(h.archive, "mm02.wav", GOOD["aa01.wav"])
     return "mm02"
 
 
 def _not_utf8(h: DaemonHarness) -> str:
-    plant(h, b"mm\xff02.wav", b"a name from a Latin-1 rig")
+    plant(h.archive, b"mm\xff02.wav", b"a name from a Latin-1 rig")
     return "02.wav"
 
 
@@ -250,7 +241,7 @@ def test_different_bytes_under_one_identifier_in_two_archives_are_not_silently_a
     """Two archives holding one identifier with different bytes: adoption never
     records one of them as the other's SHA-1 and never exits with a traceback."""
     h, mirror = two_archives(daemon_factory)
-    plant(h, "aa01.wav", b"the lab's recording")
+    plant(h.archive, "aa01.wav", b"the lab's recording")
     (mirror / "resources" / "aa").mkdir()
     (mirror / "resources" / "aa" / "aa01.wav").write_bytes(b"different bytes, same name")
     done = adopt_run(h)
@@ -271,7 +262,7 @@ def kill_adoption_half_way(h: DaemonHarness) -> dict[str, bytes]:
     h.write_config()
     stored = {f"r{i:05d}": os.urandom(64) for i in range(3000)}
     for name, data in stored.items():
-        plant(h, name, data)
+        plant(h.archive, name, data)
     proc = subprocess.Popen(
         [NBANKD, "-c", str(h.config_path), "--adopt-archives"],
         stdout=subprocess.DEVNULL,
