@@ -2,7 +2,9 @@
 
 - ``export [-o FILE]`` writes every datatype, archive, resource and location of the
   registry (``-r URL``, ``$NBANK_REGISTRY`` or the configuration's, embedded
-  included) as JSON lines (:mod:`nbankd.migration.snapshot`);
+  included) as JSON lines in UTF-8 (:mod:`nbankd.migration.snapshot`), warning of each
+  resource no registry can be given again (metadata that is not an object, or not
+  UTF-8), which an import then reports as blocked;
 - ``import FILE --to URL`` creates on a django-neurobank registry what it lacks,
   keeping every name and SHA-1; ``migrate --to URL`` exports and imports in one go;
 - ``switch --to URL`` (:mod:`nbankctl.migrate_switch`) moves a running nbankd from
@@ -30,6 +32,7 @@ from nbankctl.registry_access import describe, open_registry
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.migration import snapshot
+from nbankd.names import printable
 
 
 def export_registry(args: argparse.Namespace) -> snapshot.Snapshot:
@@ -37,7 +40,10 @@ def export_registry(args: argparse.Namespace) -> snapshot.Snapshot:
         if not args.json:
             print(f"source: {describe(source)}", file=sys.stderr)
         with progress(None, "record") as (advance, _bar):
-            return snapshot.take(source, advance=advance)
+            snap = snapshot.take(source, advance=advance)
+    for message in snapshot.unstorable(snap):
+        print(f"nbankctl: warning: {printable(message)}", file=sys.stderr)
+    return snap
 
 
 def _export_note(snap: snapshot.Snapshot, where: str) -> str:
@@ -66,8 +72,11 @@ def cmd_export(args: argparse.Namespace, report: Report) -> None:
     if args.output and args.output != "-":
         save_export(snap, Path(args.output), "-o")
     else:
-        snapshot.write(snap, sys.stdout)
+        # UTF-8 whatever the locale says, as an export file is (see snapshot.save)
         sys.stdout.flush()
+        for text in snapshot.lines(snap):
+            sys.stdout.buffer.write(text.encode("utf-8") + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def cmd_import(args: argparse.Namespace, report: Report) -> None:

@@ -13,7 +13,9 @@ For every record of an export it decides one :class:`Verdict`:
   root compared regardless of case, so that two archives never differ by case alone),
   a location with another key;
 - ``blocked``: it depends on something in conflict (a resource in a conflicting
-  archive, the locations of a conflicting resource) and waits for that to be fixed.
+  archive, the locations of a conflicting resource) and waits for that to be fixed,
+  or no registry can be given it (metadata that is not an object, or holds a lone
+  surrogate: :func:`~nbankd.registry.base.unstorable_metadata`), as its export said.
 
 Steps come in dependency order: datatypes, archives, resources, then the locations
 not created with their resource. A new resource is created together with its first
@@ -30,7 +32,13 @@ from enum import StrEnum
 from typing import Any
 
 from nbankd.migration.snapshot import Snapshot
-from nbankd.registry.base import ArchiveRecord, DataType, LocationRecord, ResourceRecord
+from nbankd.registry.base import (
+    ArchiveRecord,
+    DataType,
+    LocationRecord,
+    ResourceRecord,
+    unstorable_metadata,
+)
 
 
 class Kind(StrEnum):
@@ -263,6 +271,9 @@ def _resource_verdict(
             )
         if sha1 in planned_sha1:
             return Verdict.CONFLICT, f"the export has the same sha1 as {planned_sha1[sha1]!r}"
+    unstorable = unstorable_metadata(r.metadata)
+    if unstorable:
+        return Verdict.BLOCKED, f"{unstorable}; it cannot be created again"
     if r.dtype not in dtypes:
         return Verdict.BLOCKED, f"datatype {r.dtype!r} is neither on the target nor created"
     bad = [loc.archive_name for loc in locations if loc.archive_name not in archives]

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from nbankd import __version__, errors
 from nbankd.archive.fsops import write_atomic
+from nbankd.names import is_utf8
 from nbankd.registry.base import (
     SHA1_RE,
     SLUG_RE,
@@ -32,6 +33,7 @@ from nbankd.registry.base import (
     LocationRecord,
     Registry,
     ResourceRecord,
+    unstorable_metadata,
 )
 from nbankd.timefmt import iso
 
@@ -223,6 +225,26 @@ def changes(current: Snapshot, earlier: Snapshot) -> Changes:
 # --- writing -------------------------------------------------------------------------
 
 
+#: characters some readers take for the end of a line (within JSON text only in strings)
+_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
+def unstorable(snap: Snapshot) -> list[str]:
+    """A message per resource of ``snap`` that no registry can be given again (see
+    :func:`~nbankd.registry.base.unstorable_metadata`), naming it and the key: an import
+    reports the same resources, blocked, with the same words."""
+    out = []
+    for r in snap.resources:
+        why = unstorable_metadata(r.metadata)
+        if why:
+            out.append(unstorable_message(r.name, why))
+    return out
+
+
+def unstorable_message(name: str, why: str) -> str:
+    return f"resource {name!r}: {why}; it cannot be created again"
+
+
 def resource_line(record: ResourceRecord) -> dict[str, Any]:
     return {
         "name": record.name,
@@ -240,7 +262,15 @@ def lines(snapshot: Snapshot) -> Iterator[str]:
     """The export file, one JSON text per line (without newlines)."""
 
     def line(kind: str, body: Mapping[str, Any]) -> str:
-        return json.dumps({"type": kind, **body}, sort_keys=True, ensure_ascii=False)
+        text = json.dumps({"type": kind, **body}, sort_keys=True, ensure_ascii=False)
+        if is_utf8(text):
+            # what other readers split lines at, too (str.splitlines, JavaScript), escaped
+            for ch in _LINE_BREAKS:
+                text = text.replace(ch, f"\\u{ord(ch):04x}")
+            return text
+        # a lone surrogate held by the registry: kept as a \u escape, so the file stays
+        # UTF-8 and reads back as the same value (which the import then reports)
+        return json.dumps({"type": kind, **body}, sort_keys=True, ensure_ascii=True)
 
     yield line(
         "header",
@@ -318,9 +348,9 @@ class _Reader:
         sha1 = self.optional(body, "sha1")
         if sha1 is not None and not SHA1_RE.match(sha1):
             raise self.bad(f"'sha1' {sha1!r} is not a SHA-1")
+        # any JSON value, as the export writes what the registry held (an administrator
+        # may have stored a list); the import's plan says what cannot be created again
         metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise self.bad("'metadata' is not an object")
         return ResourceRecord(
             name=self.text(body, "name", slug=True),
             sha1=sha1.lower() if sha1 else None,

@@ -8,12 +8,15 @@ Both backends raise the typed errors of :mod:`nbankd.errors` for the same causes
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from nbankd.names import is_utf8
 
 # the registry's slug rule (Django SlugField); nbank's client also allows "~",
 # which the server rejects, so we do not.
@@ -55,6 +58,49 @@ def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None
             if moved is not None and moved not in (theirs.get(f) for f in CORE_FIELDS):
                 return False
     return True
+
+
+def unstorable_metadata(metadata: Any) -> str | None:
+    """Why no registry can be given ``metadata`` through its API, naming the key; None
+    when one can. django-neurobank takes only an object ("metadata must be a
+    dictionary"; a list or text stored by an administrator is shown, never accepted) and
+    fails on a lone surrogate; neither backend keeps NaN or an infinity. The embedded
+    registry refuses the same, so an export and its import agree on what cannot return."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        return (
+            f"its metadata is {_shape(metadata)}, not an object: a registry takes only an "
+            "object as metadata (django-neurobank: 'metadata must be a dictionary')"
+        )
+    return _unstorable_value(metadata, "")
+
+
+def _unstorable_value(value: Any, path: str) -> str | None:
+    where = f"metadata key {json.dumps(path, ensure_ascii=True)}" if path else "metadata"
+    if isinstance(value, str):
+        if not is_utf8(value):
+            return f"{where} holds a lone surrogate (not UTF-8), which no registry stores"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is not a JSON number (NaN or an infinity), which no registry stores"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if not is_utf8(str(key)):
+                shown = json.dumps(sub, ensure_ascii=True)
+                return (
+                    f"metadata key {shown} is not UTF-8 (a lone surrogate): no registry stores it"
+                )
+            found = _unstorable_value(item, sub)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unstorable_value(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _freeze_metadata(metadata: Any) -> str | None:

@@ -49,6 +49,7 @@ from nbankd.registry.base import (
     ResourceRecord,
     by_root,
     full_url,
+    unstorable_metadata,
 )
 from nbankd.registry.embedded_db import exists
 from nbankd.registry.embedded_locations import EmbeddedLocations
@@ -263,6 +264,8 @@ class EmbeddedRegistry(EmbeddedLocations):
                     body["metadata"] = ["metadata must be a dictionary"]
                 elif metadata_json is None:
                     body["metadata"] = [rules.INVALID_JSON]
+                elif unstorable := unstorable_metadata(metadata):
+                    body["metadata"] = [unstorable]  # django-neurobank fails (500) on these
             people: dict[str, str | None] = {}
             for field in ("experimenter", "animal"):
                 people[field], messages = rules.person(field, core.get(field))
@@ -454,6 +457,10 @@ class EmbeddedRegistry(EmbeddedLocations):
             merged_json = rules.dump_metadata(merged)
             if merged_json is None:
                 body["metadata"] = [rules.INVALID_JSON]
+            elif unstorable := unstorable_metadata(
+                {k: v for k, v in rest.items() if v is not None}
+            ):
+                body["metadata"] = [unstorable]
             people: dict[str, str | None] = {}
             for field in ("experimenter", "animal"):
                 if field in core:
