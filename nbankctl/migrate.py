@@ -32,7 +32,7 @@ from nbankctl.registry_access import describe, open_registry
 from nbankctl.report import Report
 from nbankd import errors
 from nbankd.migration import snapshot
-from nbankd.names import printable
+from nbankd.names import printable, without_controls
 
 
 def export_registry(args: argparse.Namespace) -> snapshot.Snapshot:
@@ -83,7 +83,8 @@ def cmd_import(args: argparse.Namespace, report: Report) -> None:
     url = target_url(args.to)
     snap = snapshot.load(args.file)
     if not args.json:
-        print(f"source: {args.file} (exported from {snap.source or '?'} {snap.exported_at})")
+        source = f"{args.file} (exported from {snap.source or '?'} {snap.exported_at})"
+        print(f"source: {without_controls(source)}")
     if not import_snapshot(args, snap, url):
         report.failed()
 

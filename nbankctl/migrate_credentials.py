@@ -29,12 +29,15 @@ from pathlib import Path
 from nbankd import errors
 from nbankd.config import Config
 from nbankd.migration.pausing import Daemon
+from nbankd.names import lines_without_controls
 from nbankd.registry import credentials
 from nbankd.registry.http import HttpRegistry
 
 
 def warn(text: str) -> None:
-    print(f"nbankctl: {text}", file=sys.stderr, flush=True)
+    """A warning on stderr: its lines as they are, any other control character in what
+    it quotes shown as text (:func:`~nbankd.names.lines_without_controls`)."""
+    print(f"nbankctl: {lines_without_controls(text)}", file=sys.stderr, flush=True)
 
 
 def unreadable_by(path: Path, uid: int) -> str:

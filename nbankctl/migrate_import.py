@@ -22,7 +22,7 @@ from nbankd import errors
 from nbankd.config import find_config_path, load_config
 from nbankd.migration import execute, snapshot
 from nbankd.migration.plan import Plan, Step, Verdict, make_plan
-from nbankd.names import lines_without_controls
+from nbankd.names import lines_without_controls, printable, without_controls
 from nbankd.registry import credentials
 from nbankd.registry.http import HttpRegistry
 from nbankd.registry.http_transport import normalise_url
@@ -134,8 +134,10 @@ def show_plan(args: argparse.Namespace, plan: Plan) -> None:
 
 
 def _line(mark: str, step: Step, status: str, message: str) -> str:
-    text = f"  {mark} {step.kind} {step.name}: {status}"
-    return f"{text} ({message})" if message else text
+    """A step's line: the record's name and the message (which may quote a registry's
+    text) shown with their control characters as text, on one line."""
+    text = f"  {mark} {step.kind} {printable(step.name)}: {status}"
+    return f"{text} ({without_controls(message)})" if message else text
 
 
 def import_snapshot(
@@ -154,7 +156,7 @@ def import_snapshot(
         if source.backend != "embedded" and source.source.rstrip("/") == target.url.rstrip("/"):
             raise errors.UsageError(f"the export comes from {target.url} itself: nothing to do")
         if header and not args.json:
-            print(f"target: {target.url}")
+            print(f"target: {without_controls(target.url)}")
             if args.dry_run:
                 print("DRY RUN: nothing will be changed")
         plan = make_plan(source, execute.read_target(target, source), moved=moved)

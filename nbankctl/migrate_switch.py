@@ -62,6 +62,7 @@ from nbankd.migration.pausing import (
     migration_folder,
     state_owner,
 )
+from nbankd.names import without_controls
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.timefmt import compact_stamp
 
@@ -75,8 +76,10 @@ AFTER_CONFIG = "switch-after-config"
 
 def note(text: str, *, json_output: bool = False) -> None:
     """A line of the switch's progress: on standard output, or, with ``--json`` (whose
-    document alone goes there), on standard error."""
-    print(text, file=sys.stderr if json_output else sys.stdout, flush=True)
+    document alone goes there), on standard error. One line: the control characters of
+    what it quotes (a registry's or nbankd's text, a path) are shown as text
+    (:func:`~nbankd.names.without_controls`)."""
+    print(without_controls(text), file=sys.stderr if json_output else sys.stdout, flush=True)
 
 
 def _stamp() -> str:

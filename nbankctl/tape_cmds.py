@@ -44,6 +44,7 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.control.client import ControlClient, ControlError
 from nbankd.daemon import statelock
+from nbankd.names import lines_without_controls, printable, without_controls
 
 if TYPE_CHECKING:
     pass
@@ -78,7 +79,10 @@ def _stream(args: argparse.Namespace) -> TextIO:
 
 
 def _say(args: argparse.Namespace, line: str, bar: Any = None) -> None:
-    """Writes a line to :func:`_stream`, above the progress bar when one is shown."""
+    """Writes a line to :func:`_stream`, above the progress bar when one is shown; any
+    control character but its own newlines (in a registry's text, a member's name) is
+    shown as text (:func:`~nbankd.names.lines_without_controls`)."""
+    line = lines_without_controls(line)
     if bar is not None:
         bar.write(line, file=_stream(args))
     else:
@@ -91,7 +95,7 @@ def _printer(args: argparse.Namespace, bar: Any) -> Callable[[tape.Outcome], Non
             line = json.dumps(outcome.to_json())
         else:
             mark = "✗" if not outcome.ok else "-"
-            line = f"  {mark} {outcome.item} -> {outcome.message}"
+            line = f"  {mark} {printable(outcome.item)} -> {without_controls(outcome.message)}"
         _say(args, line, bar)
 
     return report
@@ -335,7 +339,7 @@ def run_job(
                 )
             for e in state["events"]:
                 if e[0] == "wait":
-                    print(e[1], file=sys.stderr, flush=True)
+                    print(lines_without_controls(str(e[1])), file=sys.stderr, flush=True)
                 else:
                     event(e)
             since = state["next"]
@@ -421,7 +425,8 @@ def _import_by_daemon(
         print("nbankd is running: handing the import to it", file=sys.stderr)
 
     def started(answer: dict[str, Any]) -> None:
-        _header(args, f"registry: {answer['registry']}\nsource: {tar}")
+        registry = without_controls(str(answer["registry"]))
+        _header(args, f"registry: {registry}\nsource: {without_controls(tar)}")
 
     def event(e: list[Any]) -> None:
         if e[0] == "outcome":

@@ -28,6 +28,7 @@ from nbankctl.tape_cmds import Handover, read_ids, run_job, where_to_run
 from nbankd import __version__, errors
 from nbankd.archive.opening import open_archive
 from nbankd.hashing import SourceReadError
+from nbankd.names import printable, without_controls
 from nbankd.registry import credentials
 from nbankd.transfer import copying
 from nbankd.transfer import export as exporting
@@ -46,8 +47,11 @@ class Console:
         self._bar: Any = None
 
     def log(self, text: str) -> None:
+        """A line on stderr; the control characters of what it quotes (a registry's or
+        nbankd's text, a name) shown as text, so it stays one line."""
         if self.json:
             return
+        text = without_controls(text)
         if self._bar is not None:
             self._bar.write(text, file=sys.stderr)
         else:
@@ -135,7 +139,8 @@ def cmd_fetch(args: argparse.Namespace, report: Report) -> None:
             continue
         _fetch_line(args, s.id, done.path, str(done.path), verified=done.verified)
         if not done.verified and not args.json:
-            print(f"nbankctl: {s.id} -> {done.path}{UNVERIFIED}", file=sys.stderr, flush=True)
+            line = f"nbankctl: {printable(s.id)} -> {printable(str(done.path))}{UNVERIFIED}"
+            print(line, file=sys.stderr, flush=True)
 
 
 def _fetch_line(
@@ -150,7 +155,7 @@ def _fetch_line(
             out["verified"] = verified
         print(json.dumps(out), flush=True)
     else:
-        print(f"{id:<20}\t-> {text}", flush=True)
+        print(f"{printable(id):<20}\t-> {without_controls(text)}", flush=True)
 
 
 # --- export --------------------------------------------------------------------------
