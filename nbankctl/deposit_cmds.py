@@ -126,6 +126,7 @@ def cmd_deposit(args: argparse.Namespace, report: Report) -> None:
     require_utf8(  # before anything is read, registered, moved or handed to the daemon
         [
             *metadata_given("-k", args.metadata or {}),
+            ("-d", args.dtype),
             ("--experimenter", args.experimenter),
             ("--animal", args.animal),
         ]

@@ -1,14 +1,17 @@
 """Text nbankctl prints that it does not write itself (a registry's roots and messages,
 nbankd's, a tar member's or a resource's name) reaches the terminal with its control
-characters shown as text, as everywhere else in nbankctl (``nbankd.names``).
+characters shown as text, as everywhere else in nbankctl (``nbankd.names``); and
+``deposit -d`` refuses bytes that are not UTF-8 as ``-k`` does.
 
 Findings (a hostile review, fixed): the import's and the switch's progress lines, the
 lines of fetch, export and tape prune printed such text raw (an escape sequence
-reached the terminal, a newline made a line of its own).
+reached the terminal, a newline made a line of its own); ``deposit -d`` with bytes
+that are not UTF-8 was looked up as a datatype, and said to be one to add.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,14 @@ def test_tape_prune_shows_an_id_with_its_controls_as_text(embedded: Backend) -> 
     assert proc.returncode == 1, proc.stderr
     assert "\x1b" not in proc.stderr
     assert "✗ x\\x1b[2Jy -> not in registry" in proc.stderr
+
+
+def test_deposit_refuses_a_dtype_that_is_not_utf8(embedded: Backend) -> None:
+    """deposit -d with bytes that are not UTF-8 is refused naming -d, the file left alone."""
+    archive, _ = embedded.archive()
+    data = embedded.tmp / "song.wav"
+    data.write_bytes(os.urandom(64))
+    proc = embedded.ctl("deposit", str(archive.path), str(data), "-d", "wav\udcff")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "-d 'wav\\xff' holds bytes that are not UTF-8" in proc.stderr
+    assert data.exists()
