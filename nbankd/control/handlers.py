@@ -451,8 +451,26 @@ def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 # --- commands that change state ------------------------------------------------------
 
 
-def requeue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+def _file_path(args: dict[str, Any], command: str) -> str | None:
+    """The ``path`` argument of ``command``, when given: an absolute path that can name
+    a file (the daemon's working directory is not the caller's; a lone surrogate
+    encodes to no file name), else a usage error."""
     path = _arg(args, "path", str)
+    if not path:
+        return None
+    if not os.path.isabs(path):
+        raise ProtocolError("usage", f"{command} needs an absolute path, not {path!r}")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            "usage", f"argument 'path' holds a lone surrogate ({path!r}); no file name can"
+        ) from None
+    return path
+
+
+def requeue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    path = _file_path(args, "requeue")
     every = _arg(args, "all", bool, False)
     specs = daemon.snapshot().specs
     if every:
