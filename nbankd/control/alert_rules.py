@@ -124,7 +124,7 @@ def _groups(items: Sequence[Tracked]) -> list[list[Tracked]]:
 def _headline(group: Sequence[Tracked]) -> str:
     first = group[0]
     noun = NOUNS.get(first.kind, "problem(s)")
-    return f"{len(group)} {noun}" + (f" in {first.inbox}" if first.inbox else "")
+    return f"{len(group)} {noun}" + (f" in {printable(first.inbox)}" if first.inbox else "")
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,12 @@ class State:
 
 def _audit_conditions(report: AuditReport, hint: str) -> list[Condition]:
     out: list[Condition] = []
-    errors = [f"audit failed: {report.error}"] if report.error is not None else []
-    errors += [f"archive {a.name}: {a.error}" for a in report.archives if a.error is not None]
+    errors = [] if report.error is None else [f"audit failed: {without_controls(report.error)}"]
+    errors += [
+        f"archive {printable(a.name)}: {without_controls(a.error)}"
+        for a in report.archives
+        if a.error is not None
+    ]
     if errors:
         out.append(
             Condition(
@@ -215,17 +219,27 @@ def _audit_conditions(report: AuditReport, hint: str) -> list[Condition]:
     found += [("registry", f) for f in report.registry_findings]
     for where, f in found:
         what = f.resource if f.resource is not None else f.path if f.path is not None else f.detail
-        place = "the registry" if where == "registry" else f"archive {where}"
+        place = "the registry" if where == "registry" else f"archive {printable(where)}"
         out.append(
             Condition(
                 f"audit:{where}:{f.kind}:{what}",
-                f"the last audit found in {place}: {f}",
+                f"the last audit found in {place}: {_finding(f)}",
                 hint,
                 kind="audit",
                 path=None if f.path is None else str(f.path),
             )
         )
     return out
+
+
+def _finding(f: Finding) -> str:
+    """``str(f)`` with its resource and path shown through :func:`printable` and its
+    detail without control characters (a file in an archive may be named with a
+    terminal's escapes)."""
+    names = (printable(str(x)) for x in (f.resource, f.path) if x is not None)
+    return f"{' : '.join(names)} - {f.kind}" + (
+        f" ({without_controls(f.detail)})" if f.detail else ""
+    )
 
 
 def audit_held(report: AuditReport | None) -> list[str]:
@@ -308,7 +322,7 @@ def conditions(
         out.append(
             Condition(
                 "registry",
-                f"the registry cannot be used: {problem}; deposits wait",
+                f"the registry cannot be used: {without_controls(str(problem))}; deposits wait",
                 "nbankctl status",
                 unavailable_after,
                 kind="registry",
@@ -321,7 +335,8 @@ def conditions(
             out.append(
                 Condition(
                     f"archive:{inbox}",
-                    f"the archive of {inbox} cannot take deposits: {entry['archive_problem']}",
+                    f"the archive of {printable(inbox)} cannot take deposits: "
+                    + without_controls(str(entry["archive_problem"])),
                     "nbankctl status",
                     unavailable_after,
                     kind="archive",
@@ -375,9 +390,9 @@ def conditions(
                 out.append(
                     Condition(
                         f"silent:{inbox}",
-                        f"no deposit from {inbox} for {human_duration(now - since)} "
+                        f"no deposit from {printable(inbox)} for {human_duration(now - since)} "
                         f"(expect_every: {human_duration(every)})",
-                        f"nbankctl history --inbox {inbox}",
+                        f"nbankctl history --inbox {quote(inbox)}",
                         kind="silent",
                         inbox=inbox,
                     )
@@ -394,6 +409,7 @@ def conditions(
             out += _audit_conditions(audit, hint)
         else:
             found = "; ".join(last.get("problems") or []) or last.get("error") or "problems"
+            found = without_controls(str(found))
             out.append(Condition("audit", f"the last audit found: {found}", hint, kind="audit"))
     return out
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbankd.control.alert_rules import Condition
+from nbankd.names import without_controls
 
 #: status lines another alert tells, in its own words and after its own delay:
 #: rejected inputs, stalled files, the registry, an inbox's archive, the last audit
@@ -57,7 +58,7 @@ def degraded_conditions(status: Mapping[str, Any], unavailable_after: float) -> 
         out.append(
             Condition(
                 key,
-                line,
+                without_controls(line),  # it may name an inbox, a file, a registry's words
                 "nbankctl status",
                 unavailable_after if PASSING.match(line) else 0.0,
                 kind="degraded",
