@@ -21,7 +21,7 @@ import structlog
 
 from nbankd import seams
 from nbankd.config import Config
-from nbankd.daemon import rejected_dirs, setup
+from nbankd.daemon import rejected_dirs, rejected_found, setup
 from nbankd.daemon.late_archives import LateArchives
 from nbankd.daemon.registry_setup import RegistrySetup
 from nbankd.daemon.view import InboxState
@@ -242,6 +242,7 @@ class InboxScanning:
         state.tracker = result.state
         # step's own dict, not a copy: a backlog of 100,000 files needs only one
         verdicts = result.verdicts
+        before = state.verdicts
         state.verdicts = verdicts if isinstance(verdicts, dict) else dict(verdicts)
         if state.open_for_writing:  # held back at an earlier scan: still why they wait
             watches = state.tracker.watches
@@ -274,6 +275,7 @@ class InboxScanning:
                 error=why,
             )
         state.unreadable = unreadable
+        ready = rejected_found.not_rejected_inputs(key, state, result.ready, before)
         if (
             state.paused
             or state.archive_problem is not None
@@ -284,7 +286,7 @@ class InboxScanning:
             state.open_for_writing = {}  # not asked while nothing starts: not known either
             return
         self._start_items(
-            key, state, [(e, False) for e in result.ready] + [(e, True) for e in result.unsafe]
+            key, state, [(e, False) for e in ready] + [(e, True) for e in result.unsafe]
         )
         deadline = settle.next_deadline(state.tracker)
         if deadline is not None:

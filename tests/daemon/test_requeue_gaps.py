@@ -2,7 +2,9 @@
 
 Findings, fixed since: over the raw protocol a requeue of a relative path was resolved
 against the daemon's working directory, and one of a path holding a lone surrogate was
-answered with an internal error.
+answered with an internal error; a rejected folder a person renamed was scanned as
+inbox content after a restart (its ``NAME.reason`` files deposited as data, its
+rejected inputs taken as fresh ones).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, raw_request
+from fixtures.daemon import DaemonHarness, nbankctl, raw_request, wait_for
 
 
 def _raw_requeue(h: DaemonHarness, path: str) -> dict[str, Any]:
@@ -48,3 +50,48 @@ def test_a_path_with_a_lone_surrogate_is_a_usage_error(daemon_factory: Any) -> N
     assert reply["ok"] is False and reply["error"]["code"] == "usage", reply
     assert "surrogate" in reply["error"]["message"]
     assert b"control command failed" not in h.log_path.read_bytes()
+
+
+def _rejected_then_renamed(h: DaemonHarness) -> None:
+    """An input rejected for its sidecar, then the rejected folder renamed by a person
+    while the daemon is stopped, and the daemon started again."""
+    h.start()
+    h.drop("trial7.nbank.yaml", b"id: [unclosed\n")  # a bad sidecar: rejected
+    h.drop("trial7", b"the recording of trial 7")
+    h.wait_settled(1)
+    assert (h.rejected / "trial7.reason").exists()
+    h.stop()
+    (h.inbox / "rejected").rename(h.inbox / "rejected-old")
+    h.start()
+
+
+def test_a_renamed_rejected_folder_is_not_deposited(daemon_factory: Any) -> None:
+    """A rejected folder renamed by a person: its NAME.reason files and the rejected
+    inputs beside them are left where they are, never deposited or rejected again."""
+    h: DaemonHarness = daemon_factory()
+    _rejected_then_renamed(h)
+    h.drop("after.dat", b"dropped after the restart")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the restart")
+    wait_for(lambda: not h.journal_in_flight(), 30, "everything in flight to finish")
+    h.stop()
+    from_old = [r for r in h.receipts() if "/rejected-old/" in r["source"]]
+    assert from_old == [], from_old
+    old = h.inbox / "rejected-old"
+    assert (old / "trial7").read_bytes() == b"the recording of trial 7"
+    assert (old / "trial7.reason").exists() and (old / "trial7.nbank.yaml").exists()
+    assert not (h.rejected / "trial7").exists()
+
+
+def test_explain_says_why_a_renamed_rejected_input_waits(daemon_factory: Any) -> None:
+    """``nbankctl explain`` of an input in a renamed rejected folder says it is a
+    rejected input held for its reason beside it, and what to do."""
+    h: DaemonHarness = daemon_factory()
+    _rejected_then_renamed(h)
+    target = h.inbox / "rejected-old" / "trial7"
+
+    def message() -> str:
+        proc = nbankctl(h, "explain", "--json", str(target), timeout=60)
+        return str(json.loads(proc.stdout).get("message"))
+
+    wait_for(lambda: "rejected input" in message(), 30, "explain to tell the hold")
+    assert "requeue" in message() and "NAME.reason" in message()
