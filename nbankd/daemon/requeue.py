@@ -182,12 +182,19 @@ def _unrecorded_destination(
     inbox's folder that the one it sits in mirrors (``rejected/a/b.wav``: ``a/``), which
     must exist (never made for it), under the original name its reason gives (undoing
     a ``~N`` rename) when that reason names this same folder. A reason naming another
-    folder, or none, is refused: a reason file is not evidence of where a file was."""
+    folder, or none, is refused: a reason file is not evidence of where a file was.
+    But for an input at the top of the rejected folder whose reason was written for
+    that very place (its ``rejected_path``): one whose sub-folder there was blocked
+    (a file or link in its place) is put at the top, so its reason names the folder
+    it came from, which must exist too (an inbox writer could move it there anyway)."""
     said = str(reason.get("original_path") or "") if reason else ""
     if not said:
         raise NothingToRequeue(f"nothing records where {printable(str(rejected))} came from")
     back = locate(said, {key: config})
     mirror = os.path.dirname(input_rel)
+    top = mirror == "" and reason is not None and reason.get("rejected_path") == str(rejected)
+    if top and back is not None and back[1]:  # put at the top: its sub-folder was blocked
+        mirror = os.path.dirname(back[1])
     if back is None or not back[1] or os.path.dirname(back[1]) != mirror:
         where = printable(str(config.path / mirror))
         raise NothingToRequeue(

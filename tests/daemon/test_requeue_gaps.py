@@ -4,13 +4,15 @@ Findings, fixed since: over the raw protocol a requeue of a relative path was re
 against the daemon's working directory, and one of a path holding a lone surrogate was
 answered with an internal error; a rejected folder a person renamed was scanned as
 inbox content after a restart (its ``NAME.reason`` files deposited as data, its
-rejected inputs taken as fresh ones).
+rejected inputs taken as fresh ones); an input put at the top of the rejected folder
+(its sub-folder there blocked) could not be requeued without the journal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, nbankctl, raw_request, wait_for
@@ -95,3 +97,59 @@ def test_explain_says_why_a_renamed_rejected_input_waits(daemon_factory: Any) ->
 
     wait_for(lambda: "rejected input" in message(), 30, "explain to tell the hold")
     assert "requeue" in message() and "NAME.reason" in message()
+
+
+def _requeue_all(h: DaemonHarness) -> dict[str, Any]:
+    proc = nbankctl(h, "requeue", "--all-rejected", str(h.inbox), "--json", timeout=60)
+    assert proc.returncode in (0, 1), proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_an_input_rejected_to_the_top_goes_back_without_the_journal(
+    daemon_factory: Any,
+) -> None:
+    """An input rejected to the top of the rejected folder (a file in the way of its
+    sub-folder there) goes back to the inbox folder its reason names once the journal
+    is lost, that folder being there."""
+    h: DaemonHarness = daemon_factory()
+    h.rejected.mkdir(parents=True)
+    (h.rejected / "rig1").write_bytes(b"a file where the sub-folder belongs")
+    h.start()
+    h.drop("rig1/bad name.wav", b"a take the registry refuses by its name")
+    h.wait_settled(1)
+    assert (h.rejected / "bad name.wav").exists()
+    h.stop()
+    shutil.rmtree(h.state_dir)
+    h.start()
+    assert nbankctl(h, "pause", str(h.inbox)).returncode == 0
+    doc = _requeue_all(h)
+    assert [r["requeued"] for r in doc["requeued"]] == [str(h.inbox / "rig1" / "bad name.wav")]
+    assert (h.inbox / "rig1" / "bad name.wav").read_bytes() == (
+        b"a take the registry refuses by its name"
+    )
+    assert not (h.rejected / "bad name.wav.reason").exists()
+
+
+def test_an_input_at_the_top_whose_folder_is_gone_stays_with_a_clear_message(
+    daemon_factory: Any,
+) -> None:
+    """An unrecorded input at the top of the rejected folder whose reason names an
+    inbox folder that is not there stays rejected; the answer names that folder."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    assert nbankctl(h, "pause", str(h.inbox)).returncode == 0
+    h.rejected.mkdir(parents=True, exist_ok=True)
+    (h.rejected / "take.wav").write_bytes(b"a take")
+    reason = {
+        "code": "x",
+        "message": "m",
+        "original_path": str(h.inbox / "rig3" / "take.wav"),
+        "rejected_path": str(h.rejected / "take.wav"),
+    }
+    (h.rejected / "take.wav.reason").write_text(json.dumps(reason))
+    doc = _requeue_all(h)
+    [failed] = doc["failed"]
+    assert failed["path"] == str(h.rejected / "take.wav"), doc
+    assert str(h.inbox / "rig3") in failed["message"] and "makes no folder" in failed["message"]
+    assert not (h.inbox / "rig3").exists()
+    assert (h.rejected / "take.wav").exists()

@@ -1,7 +1,8 @@
 """``nbankctl requeue`` of a rejected input the journal has no record of (a lost
 state_dir, or a file someone put in the rejected folder with a ``.reason`` of their
 own): it goes back only into the inbox folder that the one it sits in mirrors, which
-must exist; its reason may give back its original name there, never another folder."""
+must exist; its reason may give back its original name there, never another folder
+(but for an input at the top of the rejected folder: tests/daemon/test_requeue_gaps.py)."""
 
 from __future__ import annotations
 
