@@ -7,7 +7,8 @@ import hashlib
 import mmap
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from nbankd.archive.layout import unavailable
@@ -175,6 +176,18 @@ def _key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@dataclass
+class _Level:
+    """One folder of the walk: its descriptor, path in the tree, names left to go
+    through, and its fstat before it was listed (``check``)."""
+
+    fd: int
+    rel: PurePosixPath
+    names: Iterator[str]
+    before: os.stat_result | None
+    owned: bool = True  # opened by the walk (closed by it)
+
+
 def hash_folder(
     dir_fd: int,
     hasher: DirectoryHasher,
@@ -190,28 +203,54 @@ def hash_folder(
     devices are not files of the tree. ``check``: each folder is fstat'ed before it is
     listed and once its members are hashed, and each sub-folder opened must be the one
     listed; a difference raises :class:`ChangedWhileRead` (an entry added, removed or
-    renamed in it meanwhile)."""
+    renamed in it meanwhile). The walk is depth first without recursion (a tree of any
+    depth), holding one descriptor per level of the folder it is in."""
     before = os.fstat(dir_fd) if check else None
-    for name in os.listdir(dir_fd):
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-            )
-            try:
-                if check and not unchanged(st, os.fstat(sub)):
-                    raise ChangedWhileRead(rel / name)
-                hash_folder(sub, hasher, file_sha1, rel / name, check=check)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            hasher.add(rel / name, file_sha1(dir_fd, name, rel / name))
-        elif stat.S_ISLNK(st.st_mode) and _links_to_file(name, dir_fd):
-            raise OSError(errno.ELOOP, f"a symbolic link in a stored folder: {rel / name}")
-        # a link to a folder, or to nothing: neurobank's hash leaves it out (folders
-        # neurobank < 0.13 stored may hold one); nothing is opened through it
-    if before is not None and not unchanged(before, os.fstat(dir_fd)):
-        raise ChangedWhileRead(rel)
+    levels = [_Level(dir_fd, rel, iter(os.listdir(dir_fd)), before, owned=False)]
+    try:
+        while levels:
+            level = levels[-1]
+            name = next(level.names, None)
+            if name is None:  # all its members hashed
+                if level.before is not None and not unchanged(level.before, os.fstat(level.fd)):
+                    raise ChangedWhileRead(level.rel)
+                levels.pop()
+                if level.owned:
+                    os.close(level.fd)
+                continue
+            levels.extend(_member(level, name, hasher, file_sha1, check))
+    finally:
+        for level in levels:
+            if level.owned:
+                os.close(level.fd)
+
+
+def _member(
+    level: _Level, name: str, hasher: DirectoryHasher, file_sha1: FileSha1, check: bool
+) -> list[_Level]:
+    """Goes through the entry ``name`` of the folder ``level``: a regular file is
+    hashed; a sub-folder is opened and listed, and returned to be walked next."""
+    st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
+    rel = level.rel / name
+    if stat.S_ISDIR(st.st_mode):
+        sub = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=level.fd
+        )
+        try:
+            if check and not unchanged(st, os.fstat(sub)):
+                raise ChangedWhileRead(rel)
+            before = os.fstat(sub) if check else None
+            return [_Level(sub, rel, iter(os.listdir(sub)), before)]
+        except BaseException:
+            os.close(sub)
+            raise
+    if stat.S_ISREG(st.st_mode):
+        hasher.add(rel, file_sha1(level.fd, name, rel))
+    elif stat.S_ISLNK(st.st_mode) and _links_to_file(name, level.fd):
+        raise OSError(errno.ELOOP, f"a symbolic link in a stored folder: {rel}")
+    # a link to a folder, or to nothing: neurobank's hash leaves it out (folders
+    # neurobank < 0.13 stored may hold one); nothing is opened through it
+    return []
 
 
 def _links_to_file(name: str, dir_fd: int) -> bool:
