@@ -10,7 +10,10 @@ audit then calls them all missing). So the daemon refuses to start
   configured archive is registered under its identifier with its SHA-1 (a
   folder's neurobank directory hash), the datatype of the inbox that deposits
   into that archive, a location in it, and the metadata ``{"adopted": <time>}``
-  marking it adopted (:func:`adopt`). Adoption only fills an empty registry.
+  marking it adopted (:func:`adopt`). Adoption only fills an empty registry, or
+  one beside which an archive is held as holding resources the registry has no
+  record of (:mod:`~nbankd.daemon.late_archives`: an archive mounted after the
+  start over a lost ``state_dir``, once another archive took deposits).
 
 Adoption marks itself unfinished (:data:`MARKER_NAME` in ``state_dir``, written
 durably before the first record and removed once every archive was gone through),
@@ -48,6 +51,7 @@ from nbankd import errors
 from nbankd.archive import fsops, layout, opening
 from nbankd.archive.verify import ChangedWhileRead
 from nbankd.config import Config
+from nbankd.daemon import late_archives
 from nbankd.daemon.adopt_read import EXTEND_EVERY, Progress, stored_sha1
 from nbankd.hashing import NameNotUtf8, NotRegularFile
 from nbankd.registry.base import Registry
@@ -271,16 +275,26 @@ def _begin(config: Config, registry: Registry, when: str) -> None:
                 raise _stuck(marker, err, "replaced") from err
         return
     if not _empty(registry):
-        if not os.path.lexists(skipped_path(config)):
+        held = sorted(late_archives.held_names(config))
+        if held:
+            log.info(
+                "adopting what archives held over a lost state_dir store",
+                archives=held,
+                listed_in=str(late_archives.held_path(config)),
+            )
+        elif os.path.lexists(skipped_path(config)):
+            log.info(
+                "adopting again what an earlier adoption skipped",
+                listed_in=str(skipped_path(config)),
+            )
+        else:
             raise errors.ConfigError(
                 f"the embedded registry {config.embedded_db_path} is not empty: "
-                "--adopt-archives only rebuilds an empty one, or adopts again what an "
-                f"adoption skipped (listed in {skipped_path(config)}, not there)",
+                "--adopt-archives only rebuilds an empty one, adopts what an archive "
+                "held over a lost state_dir stores, or adopts again what an adoption "
+                f"skipped (listed in {skipped_path(config)}, not there)",
                 hint="start without --adopt-archives",
             )
-        log.info(
-            "adopting again what an earlier adoption skipped", listed_in=str(skipped_path(config))
-        )
     fsops.write_atomic(marker, body, mode=0o640)
 
 

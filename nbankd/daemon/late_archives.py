@@ -1,45 +1,45 @@
-"""Archives that appear only after the start (a filesystem mounted late), checked
-for a lost ``state_dir`` before anything is deposited into them.
+"""Archives checked for a lost ``state_dir`` before anything is deposited into them,
+beyond the start-up check of an empty registry.
 
 :func:`~nbankd.daemon.adopt.check_not_orphaned` refuses to start an empty embedded
 registry over archives holding resources, but it can only look into the archives
-it can open at start. An archive whose filesystem is mounted later (``create:
-false``, NFS at boot) would otherwise take deposits into a registry that has no
-record of anything stored there, and after the first deposit the registry is no
-longer empty, so nothing would ever refuse again. :class:`LateArchives` remembers
-the archives that could not be opened at start and checks each the first time it
-can be opened: one that holds resources while the registry locates none in it is
-*held*: nothing is deposited into it (its inputs wait in their inbox, as for an
-archive the registry does not record) and status says why and what to do, until
-the registry records its first stored resource located there (not merely any
-record: a manual deposit, refused meanwhile anyway, would give one, the rest still
-unrecorded). ``nbankctl deposit`` into a held archive is refused, the files left in
-place (:meth:`~nbankd.daemon.service.Daemon.archive_held`). Archives added by a reload are not
-checked. The embedded registry only: django-neurobank is not lost with
-``state_dir``.
+it can open at start, and only while the registry is empty. An archive whose
+filesystem is mounted later (``create: false``, NFS at boot), or that a reload adds,
+would otherwise take deposits into a registry that has no record of anything
+stored there. :class:`LateArchives` checks every configured archive the first time
+it can be opened after the start (and each archive a reload adds, or moves): one
+that holds resources while the registry locates none in it is *held*: nothing is
+deposited into it (its inputs wait in their inbox, as for an archive the registry
+does not record) and status says why and what to do, until the registry records
+its first stored resource located there (not merely any record: a manual deposit,
+refused meanwhile anyway, would give one, the rest still unrecorded). ``nbankctl
+deposit`` into a held archive is refused, the files left in place
+(:meth:`~nbankd.daemon.service.Daemon.archive_held`). A hold is kept in
+``state_dir`` (:data:`HELD_NAME`), so it outlives a restart unchanged; while it is
+there, ``nbankd --adopt-archives`` may run over the registry that is no longer empty
+(:mod:`~nbankd.daemon.adopt`). The embedded registry only: django-neurobank is not
+lost with ``state_dir``.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 import structlog
 
 from nbankd import errors
-from nbankd.archive import opening
+from nbankd.archive import fsops, opening
 from nbankd.config import Config
 from nbankd.registry.base import Registry
+from nbankd.timefmt import iso
 
 log = structlog.get_logger("nbankd.daemon")
 
-
-def _opens(path: Path) -> bool:
-    try:
-        opening.open_archive(path)
-    except errors.NbankdError:
-        return False
-    return True
+#: in ``state_dir``: the archives held, so that a hold outlives a restart
+HELD_NAME = "held-archives.json"
 
 
 def _known(registry: Registry, name: str, path: Path) -> bool:
@@ -57,6 +57,33 @@ def _known(registry: Registry, name: str, path: Path) -> bool:
     return record is not None and name in record.locations
 
 
+def held_path(config: Config) -> Path:
+    return config.state_dir / HELD_NAME
+
+
+def held_names(config: Config) -> set[str]:
+    """The configured archives :data:`HELD_NAME` names as held (every configured
+    archive when that file cannot be read or understood: held until the registry is
+    found to record what each stores)."""
+    configured = {a.name for a in config.archives}
+    try:
+        doc = json.loads(held_path(config).read_bytes())
+        names = set(doc["held"])
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("names are not strings")
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        log.warning(
+            "the record of archives held over a lost state_dir cannot be read; every "
+            "archive is checked again",
+            path=str(held_path(config)),
+            error=str(err),
+        )
+        return configured
+    return names & configured
+
+
 class LateArchives:
     """The archives not checked for a lost ``state_dir`` yet, and those found orphaned."""
 
@@ -64,34 +91,47 @@ class LateArchives:
         """``config``: the configuration started with (None: nothing to check)."""
         self._lock = threading.Lock()
         self._pending: set[str] = set()
-        self._held: dict[str, str] = {}
+        self._held: set[str] = set()
+        self._seen: set[tuple[str, Path]] = set()  # archives checked, or to be
         self._db = ""
+        self._file: Path | None = None
         if config is not None and config.embedded:
             self._db = str(config.embedded_db_path)
-            self._pending = {a.name for a in config.archives if not _opens(a.path)}
+            self._file = held_path(config)
+            self._held = held_names(config)
+            self._seen = {(a.name, a.path) for a in config.archives}
+            self._pending = {a.name for a in config.archives} - self._held
 
     @property
     def pending(self) -> frozenset[str]:
-        """The archives not opened yet since the start."""
+        """The archives not checked yet."""
         with self._lock:
             return frozenset(self._pending)
 
     def problem(self, registry: Registry, name: str, path: Path, *, ask: bool = True) -> str | None:
         """Why nothing may be deposited into archive ``name`` at ``path`` (it holds
-        resources the registry has no record of), or None. An archive not opened
-        since the start is checked now if it opens; if it does not, deposits wait
-        (``ask``; status is told None: the archive's own problem says it is missing).
-        A registry that does not answer raises (the deposit step waits)."""
-        with self._lock:
-            held = self._held.get(name)
-            pending = name in self._pending
-        if held is None and not pending:
+        resources the registry has no record of), or None. An archive not checked yet
+        (since the start, or since a reload added it) is checked now if it opens; if
+        it does not, deposits wait (``ask``; status is told None: the archive's own
+        problem says it is missing). A registry that does not answer raises (the
+        deposit step waits)."""
+        if self._file is None:
             return None
-        if held is not None:
+        with self._lock:
+            if (name, path) not in self._seen:  # added (or moved) by a reload
+                self._seen.add((name, path))
+                if name not in self._held:
+                    self._pending.add(name)
+            held = name in self._held
+            pending = name in self._pending
+        if not held and not pending:
+            return None
+        if held:
             if not _known(registry, name, path):
-                return held
+                return self._orphaned(name, path)
             with self._lock:
-                self._held.pop(name, None)
+                self._held.discard(name)
+                self._save()
             log.info(
                 "archive's resources now recorded in the registry; deposits resume", archive=name
             )
@@ -102,28 +142,51 @@ class LateArchives:
             if not ask:
                 return None
             return (
-                f"archive {name!r} ({path}) could not be opened when nbankd started and "
-                "cannot be now: nothing is deposited into it before it is checked for "
-                "resources the registry lacks (is its filesystem mounted?)"
+                f"archive {name!r} ({path}) cannot be opened: nothing is deposited into it "
+                "before it is checked for resources the registry lacks (is its filesystem "
+                "mounted?)"
             )
         holds = next(iter(archive.iter_resources()), None) is not None
         orphaned = holds and next(iter(registry.search(archive=name)), None) is None
         with self._lock:
             self._pending.discard(name)
-            if orphaned:
-                self._held[name] = problem = self._orphaned(name, path)
-                log.error("archive holds resources the registry lacks", archive=name, error=problem)
-            return self._held.get(name)
+            if not orphaned:
+                return None
+            self._held.add(name)
+            self._save()
+        problem = self._orphaned(name, path)
+        log.error("archive holds resources the registry lacks", archive=name, error=problem)
+        return problem
+
+    def _save(self) -> None:
+        """Writes the held archives to :data:`HELD_NAME` (under the lock): a hold
+        outlives a restart. A failure is logged; the hold stays in memory."""
+        assert self._file is not None
+        try:
+            if self._held:
+                body = {"held": sorted(self._held), "updated": iso(time.time())}
+                fsops.write_atomic(self._file, (json.dumps(body) + "\n").encode(), mode=0o640)
+            else:
+                self._file.unlink(missing_ok=True)
+            fsops.fsync_dir(self._file.parent)
+        except OSError as err:
+            log.error(
+                "cannot record the archives held over a lost state_dir; a restart checks "
+                "them again",
+                path=str(self._file),
+                error=str(err),
+            )
 
     def _orphaned(self, name: str, path: Path) -> str:
         return (
-            f"archive {name!r} ({path}), mounted after nbankd started, already holds "
-            f"resources but the embedded registry {self._db} has no record of any: was "
-            "state_dir lost or replaced? Nothing is deposited into it (its inputs wait "
-            "in their inbox); restore state_dir from its backup (docs/deployment.md, "
-            "backups), or, while the registry is still empty, stop nbankd and start it "
-            "once with nbankd --adopt-archives"
+            f"archive {name!r} ({path}) holds resources but the embedded registry "
+            f"{self._db} had no record located in it: was state_dir lost or replaced? "
+            "Nothing is deposited into it (its inputs wait in their inbox) until the "
+            "registry records its first stored resource there: restore state_dir from "
+            "its backup (docs/deployment.md, backups), or stop nbankd and start it once "
+            "with nbankd --adopt-archives (it registers what the archives store; "
+            "records already there are kept)"
         )
 
 
-__all__ = ["LateArchives"]
+__all__ = ["HELD_NAME", "LateArchives", "held_names", "held_path"]
