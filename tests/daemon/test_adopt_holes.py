@@ -12,6 +12,7 @@ folder resource about a thousand levels deep hit RecursionError when hashed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from fixtures.adoption import KEPT, add_mirror, held_said, hold_late_archive, pl
 from fixtures.daemon import DaemonHarness, status_json, wait_for
 from nbankd.archive import verify
 from nbankd.archive.opening import create_archive
-from nbankd.daemon import adopt_read
+from nbankd.config import load_config
+from nbankd.daemon import adopt_read, late_archives
+from nbankd.daemon.registry_setup import open_configured_registry
 
 Factory = Callable[..., DaemonHarness]
 
@@ -251,3 +254,41 @@ def test_a_folder_a_thousand_levels_deep_is_hashed(tmp_path: Path) -> None:
                     f.rmdir()
                 else:
                     f.unlink()
+
+
+# --- the record of holds --------------------------------------------------------------
+
+
+def test_a_damaged_record_of_holds_holds_only_archives_whose_resources_are_unrecorded(
+    tmp_path: Path,
+) -> None:
+    """A held-archives.json that cannot be understood holds every archive until it is
+    checked: one whose first stored resource the registry records is released, one
+    where it records only something else stays held."""
+    path = tmp_path / "nbankd.yaml"
+    path.write_text(
+        "registry: embedded\nstate_dir: state\n"
+        "archives: [{path: birds, name: birds, create: true}, {path: lost, name: lost}]\n"
+        "inboxes: [{path: inbox, archive: birds, dtype: wav}]\n"
+    )
+    cfg = load_config(path)
+    cfg.state_dir.mkdir()
+    registry = open_configured_registry(cfg)
+    try:
+        for name in ("birds", "lost"):
+            create_archive(tmp_path / name, registry.url)
+            registry.add_archive(name, "neurobank", str(tmp_path / name))
+            plant(tmp_path / name, f"{name}01.wav", name.encode())
+        registry.add_datatype("wav")
+        registry.add_resource(name="birds01", dtype="wav", archive="birds", sha1=sha1(b"birds"))
+        # some record located in "lost", not of what it held first: still held
+        registry.add_resource(name="other01", dtype="wav", archive="lost", sha1=sha1(b"o"))
+        (cfg.state_dir / late_archives.HELD_NAME).write_text("{not json")
+        late = late_archives.LateArchives(cfg)
+        assert late.problem(registry, "birds", tmp_path / "birds") is None
+        held = late.problem(registry, "lost", tmp_path / "lost")
+        assert held is not None and "state_dir lost" in held
+        saved = json.loads((cfg.state_dir / late_archives.HELD_NAME).read_text())
+        assert saved["held"] == ["lost"]
+    finally:
+        registry.close()
