@@ -172,7 +172,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             if self.adopt_archives:
                 adopted = adopt.adopt(cfg, self.registry, keep_alive=self._more_start_time)
                 log.info(
-                    "archives adopted into the empty registry",
+                    "archives adopted into the registry",
                     resources=adopted.registered,
                     not_adopted=adopted.skipped,
                 )
