@@ -58,6 +58,7 @@ class Configuring:
     clock_ahead: dict[str, float]
     _lock: threading.Lock
     _pause_lock: threading.Lock
+    _paused: pauses.Record
     _reload_lock: threading.Lock
     _wake: Wakeup
     _linked: dict[str, bool]
@@ -113,7 +114,8 @@ class Configuring:
         self._recover_requeues(None if not old else new)
         with self._pause_lock:  # not while a pause or resume rewrites paused.json
             # the running state_dir: a new one takes effect only at restart
-            persisted = pauses.load(self.config.state_dir) if new else frozenset()
+            # out of descriptors: the pauses last known (never "nothing paused")
+            persisted = self._paused.load() if new else frozenset()
             inboxes = {}
             for inbox in cfg.inboxes:
                 key = str(inbox.path)
@@ -344,9 +346,10 @@ class Configuring:
         with self._pause_lock:  # control requests run in threads: file and memory agree
             now = {k for k, s in self.inboxes.items() if s.paused}
             # inboxes a reload left out keep their record until they come back
-            away = pauses.load(self.config.state_dir) - set(self.inboxes)
+            # read again (out of descriptors: the last known); nothing changes on error
+            away = self._paused.load() - set(self.inboxes)
             wanted = away | (now | set(keys) if paused else now - set(keys))
-            pauses.save(self.config.state_dir, wanted)
+            self._paused.save(wanted)
             for key in keys:
                 self.inboxes[key].paused = paused
 

@@ -33,16 +33,13 @@ def load(state_dir: Path) -> frozenset[str]:
     An unreadable or malformed file is reported and every inbox in it is lost
     from the record, so the daemon treats it as "nothing paused" and says so. Read at
     start, when a reload brings an inbox (back), and by each pause or resume (which
-    keep the record of inboxes a reload left out).
+    keep the record of inboxes a reload left out). Raises
+    :class:`~nbankd.errors.OpenFileLimit` when nbankd has no file descriptor to read
+    it with: nothing is known of the file then, never "nothing paused" (the daemon
+    keeps the pauses it last read or wrote, :mod:`nbankd.daemon.configuring`).
     """
     path = state_dir / PAUSED_NAME
-    try:
-        paused, why = _read(path)
-    except errors.OpenFileLimit as err:  # nbankd's limit: the file is not at fault
-        log.error(
-            "paused inboxes not read; counting none as paused", file=str(path), error=str(err)
-        )
-        return frozenset()
+    paused, why = _read(path)
     if why is not None:
         log.error(
             "cannot read the paused inboxes; counting none as paused",
@@ -106,6 +103,40 @@ def problem(state_dir: Path) -> str | None:
     )
 
 
+class Record:
+    """``paused.json`` as the running daemon last read or wrote it: what a reload that
+    brings an inbox back goes by when the file cannot be read for want of a file
+    descriptor (nbankd's open-file limit: nothing is known of the file then, and
+    counting nothing paused would resume an inbox nobody resumed)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.known: frozenset[str] | None = None  # None: never read yet
+
+    def load(self) -> frozenset[str]:
+        """:func:`load`, remembered; out of descriptors, the pauses last known (logged
+        naming the limit). Raises :class:`~nbankd.errors.OpenFileLimit` when none are
+        known yet (at start)."""
+        try:
+            self.known = load(self.state_dir)
+        except errors.OpenFileLimit as err:
+            if self.known is None:
+                raise
+            log.error(
+                "paused inboxes not read; keeping those recorded before",
+                file=str(self.state_dir / PAUSED_NAME),
+                error=str(err),
+                paused=sorted(self.known),
+            )
+        return self.known
+
+    def save(self, paused: Iterable[str]) -> None:
+        """:func:`save`, remembered once written."""
+        wanted = frozenset(paused)
+        save(self.state_dir, wanted)
+        self.known = wanted
+
+
 def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
     """What a registry switch that has not finished left recorded: the inboxes it
     paused, the URL it moves to (``to``) and the command line that finishes it
@@ -139,4 +170,4 @@ def save(state_dir: Path, paused: Iterable[str]) -> None:
     write_atomic(state_dir / PAUSED_NAME, body.encode(), mode=0o640)
 
 
-__all__ = ["PAUSED_NAME", "SWITCH_PAUSED", "load", "save", "unfinished_switch"]
+__all__ = ["PAUSED_NAME", "SWITCH_PAUSED", "Record", "load", "save", "unfinished_switch"]

@@ -85,6 +85,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()  # one reload at a time
         self._pause_lock = threading.Lock()  # one pause/resume at a time (set_paused)
+        self._paused = pauses.Record(config.state_dir)  # paused.json as last read or written
         self._scanned = threading.Condition()  # notified after each inbox scan
         self._running: dict[int, Future[Item]] = {}
         self._waiting: dict[int, Item] = {}

@@ -278,6 +278,7 @@ _LOAD_WITHOUT_DESCRIPTORS = """
 import os, resource, sys
 from pathlib import Path
 from nbankd.daemon import pauses
+from nbankd.errors import OpenFileLimit
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 held = []
 try:
@@ -285,7 +286,10 @@ try:
         held.append(os.open("/dev/null", os.O_RDONLY))
 except OSError:
     pass
-print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
+try:
+    print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
+except OpenFileLimit as err:  # nothing known: never "nothing paused"
+    print("paused inboxes not read:", err, flush=True)
 """
 
 

@@ -1,0 +1,180 @@
+"""Gaps in how the daemon reads and writes its state_dir, and names its own limits.
+
+Noted by an earlier session and closed here:
+
+- ``paused.json`` that cannot be opened for want of a file descriptor (EMFILE) was
+  read as "nothing paused": a reload bringing a paused inbox back resumed it, and a
+  pause of another inbox dropped the record of one a reload had left out. The daemon
+  keeps the pauses it last read or wrote instead, and logs the open-file limit.
+
+The daemon is the real ``nbankd``; EMFILE comes either from its real open-file limit
+lowered from outside (``prlimit``), from a subprocess that takes every descriptor, or,
+where one file must fail and every other open succeed, from ``strace``'s fault
+injection on that one path (``-P PATH -e inject=openat:error=EMFILE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fixtures.daemon import DaemonHarness, raw_request, wait_for
+
+#: what a message naming the process's open-file limit (and how to raise it) looks like
+NAMES_FD_LIMIT = re.compile(r"LimitNOFILE|RLIMIT_NOFILE|open-file limit", re.I)
+
+
+def _request(h: DaemonHarness, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    line = json.dumps({"v": 1, "cmd": cmd, "args": args or {}}).encode() + b"\n"
+    return raw_request(h.socket_path, line)
+
+
+def _two_inboxes(daemon_factory: Any) -> tuple[DaemonHarness, dict[str, Any], list[Any]]:
+    """A started daemon with two inboxes; its configuration and both inbox entries."""
+    h: DaemonHarness = daemon_factory()
+    h.write_config()
+    cfg = yaml.safe_load(h.config_path.read_text())
+    both = [cfg["inboxes"][0], {**cfg["inboxes"][0], "path": str(h.root / "inbox2")}]
+    cfg["inboxes"] = both
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    h.start()
+    return h, cfg, both
+
+
+def _reload(h: DaemonHarness, cfg: dict[str, Any], inboxes: list[Any]) -> None:
+    cfg["inboxes"] = inboxes
+    h.config_path.write_text(yaml.safe_dump(cfg))
+    reply = _request(h, "reload")
+    assert reply["ok"] and reply["result"]["done"] is True, reply
+
+
+@contextlib.contextmanager
+def _emfile_on(pid: int, path: Path, trace: Path) -> Iterator[None]:
+    """Every ``openat`` of ``path`` by any thread of ``pid`` fails with EMFILE (strace's
+    fault injection) until the block ends; entered once the first one has failed
+    (status reads paused.json: it is asked until then)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is not installed: this test injects EMFILE with it")
+    argv = [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=openat"]
+    argv += ["-e", "inject=openat:error=EMFILE", "-P", str(path), "-p", str(pid)]
+    tracer = subprocess.Popen(argv)
+    try:
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+
+
+def _injected(h: DaemonHarness, trace: Path) -> bool:
+    _request(h, "status")  # reads paused.json (its problem line)
+    return trace.exists() and "INJECTED" in trace.read_text(errors="replace")
+
+
+def _paused(h: DaemonHarness) -> dict[str, bool]:
+    return {e["path"]: e["paused"] for e in _request(h, "status")["result"]["inboxes"]}
+
+
+# -- paused.json under EMFILE ------------------------------------------------------------
+
+
+def test_an_inbox_put_back_while_paused_json_cannot_be_opened_comes_back_paused(
+    daemon_factory: Any,
+) -> None:
+    """A paused inbox left out by one reload and put back by another while paused.json
+    cannot be opened (EMFILE) comes back paused, the open-file limit logged."""
+    h, cfg, both = _two_inboxes(daemon_factory)
+    assert h.proc is not None
+    assert _request(h, "pause", {"inbox": str(h.inbox)})["ok"]
+    _reload(h, cfg, [both[1]])
+    trace = h.root / "strace.out"
+    with _emfile_on(h.proc.pid, h.state_dir / "paused.json", trace):
+        wait_for(lambda: _injected(h, trace), 60, "an open of paused.json to meet EMFILE")
+        _reload(h, cfg, both)
+        paused = _paused(h)
+    assert paused == {str(h.inbox): True, str(both[1]["path"]): False}, paused
+    log = wait_for(
+        lambda: next(
+            (
+                line
+                for line in h.log_path.read_text(errors="replace").splitlines()
+                if "paused inboxes not read" in line
+            ),
+            None,
+        ),
+        30,
+        "the log to tell paused.json unread",
+    )
+    assert NAMES_FD_LIMIT.search(log), log
+
+
+def test_a_pause_made_while_paused_json_cannot_be_opened_keeps_a_left_out_inbox_paused(
+    daemon_factory: Any,
+) -> None:
+    """Pausing another inbox while paused.json cannot be opened (EMFILE) keeps the
+    record of a paused inbox a reload left out: it still comes back paused."""
+    h, cfg, both = _two_inboxes(daemon_factory)
+    assert h.proc is not None
+    assert _request(h, "pause", {"inbox": str(h.inbox)})["ok"]
+    _reload(h, cfg, [both[1]])
+    trace = h.root / "strace.out"
+    with _emfile_on(h.proc.pid, h.state_dir / "paused.json", trace):
+        wait_for(lambda: _injected(h, trace), 60, "an open of paused.json to meet EMFILE")
+        reply = _request(h, "pause", {"inbox": str(both[1]["path"])})
+    if not reply["ok"]:  # refused: it must say why in terms of the limit
+        assert NAMES_FD_LIMIT.search(reply["error"]["message"]), reply
+    on_disk = json.loads((h.state_dir / "paused.json").read_text())["paused"]
+    assert str(h.inbox) in on_disk, on_disk
+    _reload(h, cfg, both)
+    assert _paused(h)[str(h.inbox)] is True
+
+
+#: run in a subprocess: every descriptor under a soft limit of 64 taken, then the
+#: paused inboxes read from the state folder ``argv[1]``
+_LOAD_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from nbankd.daemon import pauses
+from nbankd.errors import NbankdError
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
+except NbankdError as err:
+    print("refused:", err, flush=True)
+"""
+
+
+def test_paused_json_unread_for_want_of_descriptors_is_never_nothing_paused(
+    tmp_path: Path,
+) -> None:
+    """Reading paused.json with no descriptor left is an error naming the open-file
+    limit, never an answer that nothing is paused."""
+    (tmp_path / "paused.json").write_text('{"paused": ["/srv/inbox/rig1"]}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "paused: []" not in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("refused:") and NAMES_FD_LIMIT.search(proc.stdout), proc.stdout
