@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from nbankd import errors
 from nbankd.archive.fsops import write_atomic
 from nbankd.control.alert_rules import State, Tracked
 
@@ -68,6 +69,13 @@ def save(state_dir: Path, states: Mapping[str, State]) -> None:
     # ensure_ascii: a name's bytes that are not UTF-8 (lone surrogates) as \\u escapes
     data = (json.dumps(body, indent=1, sort_keys=True) + "\n").encode("ascii")
     write_atomic(state_dir / NAME, data, mode=0o640)
+
+
+def unsaved(state_dir: Path, err: OSError) -> str:
+    """Why :func:`save` failed, in words: nbankd out of file descriptors is told as
+    its open-file limit (with what to do), never as a fault of ``state_dir``."""
+    path = state_dir / NAME
+    return errors.process_limit_problem(err, f"writing {path}") or f"{path}: {err.strerror or err}"
 
 
 def _tracked(raw: Any) -> Tracked | None:

@@ -71,6 +71,10 @@ def _token(path: Path) -> str:
     try:
         raw, _st = read_regular(path, TOKEN_MAX_BYTES)
     except SmallFileError as err:
+        if err.errno in errors.DESCRIPTOR_ERRNOS:  # nbankd's limit: the file is not at fault
+            short = OSError(err.errno, err.strerror)
+            doing = f"reading the webhook's token_file {path}"
+            raise errors.open_file_limit(short, doing) from None
         why = {
             "missing": "does not exist",
             "not-regular": f"is {err.noun}, not a regular file",
@@ -122,7 +126,10 @@ def send_webhook(
                 timeout=SEND_TIMEOUT,
                 allow_redirects=False,
             )
-        except (requests.RequestException, ValueError) as err:  # its text names the URL
+        except (requests.RequestException, ValueError, OSError) as err:  # its text names the URL
+            short = descriptor_shortage(err)
+            if short is not None:  # no socket for want of a descriptor: not the webhook's fault
+                raise errors.open_file_limit(short, f"sending the alert to {shown}") from None
             raise OSError(f"webhook {shown} unreachable ({type(err).__name__})") from None
     if 300 <= resp.status_code < 400:
         raise OSError(
@@ -131,6 +138,24 @@ def send_webhook(
         )
     if resp.status_code >= 400:
         raise OSError(f"webhook {shown} answered {resp.status_code}")
+
+
+def descriptor_shortage(err: BaseException) -> OSError | None:
+    """The EMFILE or ENFILE behind ``err`` (requests and urllib3 wrap the socket's
+    error: causes, contexts, a ``reason``, arguments), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if errors.out_of_descriptors(e):
+            assert isinstance(e, OSError)
+            return e
+        around = (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+        todo += [x for x in around if isinstance(x, BaseException)]
+    return None
 
 
 def mail_text(text: str) -> str:
@@ -388,7 +413,7 @@ class AlertService:
         try:
             alert_memory.save(self._state_dir, self.states)
         except OSError as err:
-            problem = f"{self._state_dir / alert_memory.NAME}: {err.strerror or err}"
+            problem = alert_memory.unsaved(self._state_dir, err)
             if problem != self._keep_problem:
                 log.warning(
                     "what alerts told is not kept; a restart may not resolve it", error=problem
@@ -420,7 +445,15 @@ class AlertService:
 
 
 def _reason(err: Exception) -> str:
-    """A failed send's error in words (its type when it is not one of ours)."""
+    """A failed send's error in words (its type when it is not one of ours); nbankd
+    out of file descriptors or threads is told as its limit, never as the notifier's
+    fault."""
+    if not isinstance(err, errors.NbankdError):
+        short = descriptor_shortage(err)
+        if short is not None:
+            return str(errors.open_file_limit(short, "sending the alert"))
+        if errors.thread_refused(err):
+            return str(errors.thread_limit("sending the alert"))
     known = (OSError, requests.RequestException, smtplib.SMTPException, errors.NbankdError)
     return str(err) if isinstance(err, known) else f"{type(err).__name__}: {err}"
 

@@ -497,6 +497,14 @@ def _set_paused(daemon: Daemon, args: dict[str, Any], paused: bool) -> dict[str,
     try:
         daemon.set_paused(keys, paused)  # recorded in state_dir first: kept across restarts
     except OSError as err:
+        doing = f"recording the change in {daemon.config.state_dir}"
+        limit = errors.process_limit_problem(err, doing)
+        if limit is not None:  # nbankd's own limit: state_dir is not at fault
+            raise ProtocolError(
+                "process-limit",
+                f"{limit}; nothing was changed",
+                exit_code=errors.EXIT_UNREACHABLE,
+            ) from None
         raise ProtocolError(
             "internal",
             f"cannot record the change in {daemon.config.state_dir}: {err}; nothing was "

@@ -5,7 +5,11 @@ Noted by an earlier session and closed here:
 - ``paused.json`` that cannot be opened for want of a file descriptor (EMFILE) was
   read as "nothing paused": a reload bringing a paused inbox back resumed it, and a
   pause of another inbox dropped the record of one a reload had left out. The daemon
-  keeps the pauses it last read or wrote instead, and logs the open-file limit.
+  keeps the pauses it last read or wrote instead, and logs the open-file limit;
+- ``nbankctl pause`` failing for want of descriptors blamed state_dir (and advised
+  to check its owner); a webhook send blamed the webhook ("unreachable"); a failure to
+  keep alerts.json said only "Too many open files". Each names nbankd's open-file
+  limit now.
 
 The daemon is the real ``nbankd``; EMFILE comes either from its real open-file limit
 lowered from outside (``prlimit``), from a subprocess that takes every descriptor, or,
@@ -29,7 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fixtures.daemon import DaemonHarness, raw_request, wait_for
+from fixtures.daemon import DaemonHarness, nbankctl, raw_request, wait_for
+from fixtures.webhooks import Hook
 
 #: what a message naming the process's open-file limit (and how to raise it) looks like
 NAMES_FD_LIMIT = re.compile(r"LimitNOFILE|RLIMIT_NOFILE|open-file limit", re.I)
@@ -178,3 +183,128 @@ def test_paused_json_unread_for_want_of_descriptors_is_never_nothing_paused(
     assert proc.returncode == 0, proc.stderr
     assert "paused: []" not in proc.stdout, proc.stdout
     assert proc.stdout.startswith("refused:") and NAMES_FD_LIMIT.search(proc.stdout), proc.stdout
+
+
+# -- wording under EMFILE ----------------------------------------------------------------
+
+
+def _lowest_free_fd(pid: int) -> int:
+    fds = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(fds) + 1) if n not in fds)
+
+
+def _set_soft_nofile(pid: int, soft: int) -> None:
+    """Sets the daemon's soft RLIMIT_NOFILE (the hard limit kept, so it can be raised)."""
+    out = subprocess.run(
+        ["prlimit", f"--pid={pid}", "--nofile", "--raw", "--noheadings", "-o", "HARD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        ["prlimit", f"--pid={pid}", f"--nofile={soft}:{out.stdout.split()[0]}"], check=True
+    )
+
+
+def test_nbankctl_pause_without_descriptors_names_the_open_file_limit_not_state_dir(
+    daemon_factory: Any,
+) -> None:
+    """nbankctl pause failing for want of descriptors names nbankd's open-file limit,
+    never state_dir's permissions; the inbox is not paused."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    assert h.proc is not None
+    pid = h.proc.pid
+    _set_soft_nofile(pid, min(5, _lowest_free_fd(pid)))
+    try:
+        proc = nbankctl(h, "pause", str(h.inbox), timeout=60)
+    finally:
+        _set_soft_nofile(pid, 1024)
+    assert proc.returncode != 0, proc.stdout
+    said = proc.stderr + proc.stdout
+    assert NAMES_FD_LIMIT.search(said), said
+    assert "check that the daemon's user can write" not in said, said
+    assert _paused(h) == {str(h.inbox): False}
+
+
+#: run in a subprocess: every descriptor taken, then one alert sent to the webhook
+#: ``argv[1]``; prints what the send raised
+_SEND_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from nbankd.config.model import WebhookConfig
+from nbankd.control.alert_rules import Message, Tracked
+from nbankd.control.alerts import send_webhook
+problem = Tracked(first_seen=0.0, summary="inbox silent", command="nbankctl status", key="k")
+message = Message(problems=(problem,), resolved=())
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    send_webhook(WebhookConfig(url=sys.argv[1]), message, "lab-host")
+except Exception as err:
+    print("failed:", err, flush=True)
+else:
+    print("sent", flush=True)
+"""
+
+
+def test_a_webhook_send_without_descriptors_names_the_open_file_limit_not_the_webhook(
+    hook: Hook,
+) -> None:
+    """A webhook send failing for want of a descriptor names nbankd's open-file limit,
+    never the webhook as unreachable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SEND_WITHOUT_DESCRIPTORS, hook.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("failed:"), proc.stdout
+    assert NAMES_FD_LIMIT.search(proc.stdout) and "unreachable" not in proc.stdout, proc.stdout
+
+
+#: run in a subprocess: every descriptor taken, then what alerts told kept in the
+#: state folder ``argv[1]``; prints how a failure is told
+_KEEP_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from nbankd.control import alert_memory
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    alert_memory.save(Path(sys.argv[1]), {})
+except OSError as err:
+    print("failed:", alert_memory.unsaved(Path(sys.argv[1]), err), flush=True)
+else:
+    print("kept", flush=True)
+"""
+
+
+def test_alerts_json_unwritten_for_want_of_descriptors_names_the_open_file_limit(
+    tmp_path: Path,
+) -> None:
+    """Keeping what alerts told (alerts.json) failing for want of a descriptor is told
+    as nbankd's open-file limit, not as a bare "Too many open files" on state_dir."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KEEP_WITHOUT_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("failed:"), proc.stdout
+    assert NAMES_FD_LIMIT.search(proc.stdout), proc.stdout
