@@ -190,21 +190,10 @@ class Switch:
     def recorded_export(self) -> Path | None:
         """The export file recorded with the move this run finishes
         (``registry-moves.jsonl``, its last line from the old registry to the URL)."""
-        path = moves.moves_path(self.config.state_dir)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
         found = None
-        for line in text.splitlines():
-            try:
-                move = json.loads(line)
-            except ValueError:
-                continue  # a torn line: moves.read_moves skips it too
-            if (
-                isinstance(move, dict)
-                and switch.same_registry(move.get("from"), self.old_url)
-                and switch.same_registry(move.get("to"), self.url)
+        for move in moves.records(self.config.state_dir):  # torn lines skipped
+            if switch.same_registry(move.get("from"), self.old_url) and switch.same_registry(
+                move.get("to"), self.url
             ):
                 export = move.get("export")
                 found = Path(export) if isinstance(export, str) and export else None

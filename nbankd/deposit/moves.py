@@ -7,6 +7,10 @@ to ``state_dir/registry-moves.jsonl`` (``{"from", "to", "time", "export"}``), an
 record, keeping the recorded one as ``receipt_url``. A later line wins over an
 earlier one it contradicts (going back: A to B, then B to A), so there is no loop.
 ``registry switch`` also reads it to finish an interrupted switch (:func:`moved_to`).
+
+It is read as a bounded regular file, never through a link, without blocking
+(:mod:`nbankd.smallfile`): a FIFO, a link or a device put there is told
+(:class:`MovesUnreadable`), never waited on; an absent file records no move.
 """
 
 from __future__ import annotations
@@ -17,10 +21,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nbankd import errors
 from nbankd.archive.fsops import append_durable
+from nbankd.smallfile import SmallFileError, read_regular
 
 MOVES_NAME = "registry-moves.jsonl"
 _MAX_HOPS = 16
+#: the most registry-moves.jsonl is read of (a line per registry switch)
+_LIMIT = 4 << 20
+
+
+class MovesUnreadable(errors.ProblemsFound):
+    """``state_dir/registry-moves.jsonl`` is there but is not a regular file that can
+    be read: where receipts' records are now is not known."""
+
+    code = "moves-unreadable"
 
 
 def moves_path(state_dir: Path) -> Path:
@@ -31,21 +46,48 @@ def _base(url: str) -> str:
     return url.rstrip("/") + "/"
 
 
-def _lines(state_dir: Path) -> list[tuple[str, str]]:
-    """The recorded (from, to) base URLs, in file order; unreadable or torn lines skipped."""
+def records(state_dir: Path) -> list[dict[str, Any]]:
+    """Each recorded move as written (a JSON object), in file order; torn or
+    unreadable lines skipped, none when the file is absent. Raises
+    :class:`MovesUnreadable` when it is not a regular file (a link is not followed)
+    or cannot be read, and :class:`~nbankd.errors.OpenFileLimit` when nbankd has no
+    file descriptor to read it with."""
+    path = moves_path(state_dir)
     try:
-        text = moves_path(state_dir).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
+        data, _ = read_regular(path, _LIMIT, follow=False)
+    except SmallFileError as err:
+        if err.reason == "missing":
+            return []
+        if err.errno in errors.DESCRIPTOR_ERRNOS:
+            short = OSError(err.errno, err.strerror)
+            raise errors.open_file_limit(short, f"reading {path}") from None
+        why = {
+            "not-regular": f"it is {err.noun}, not a file",
+            "too-large": f"it is larger than {_LIMIT >> 20} MiB",
+        }.get(err.reason, err.strerror or err.reason)
+        raise MovesUnreadable(
+            f"{path} cannot be read ({why}): which registry holds the records of "
+            "earlier deposits is not known",
+            hint="it lists the registry switches made (nbankctl registry switch): put "
+            "it back as a regular file, or remove it if no switch was ever made",
+        ) from None
     out = []
-    for line in text.splitlines():
+    for line in data.splitlines():
         try:
-            move = json.loads(line)
+            move = json.loads(line)  # bytes: UTF-8 (not: ValueError, skipped)
         except ValueError:
             continue
+        if isinstance(move, dict):
+            out.append(move)
+    return out
+
+
+def _lines(state_dir: Path) -> list[tuple[str, str]]:
+    """The recorded (from, to) base URLs, in file order (see :func:`records`)."""
+    out = []
+    for move in records(state_dir):
         if (
-            isinstance(move, dict)
-            and isinstance(move.get("from"), str)
+            isinstance(move.get("from"), str)
             and isinstance(move.get("to"), str)
             and _base(move["from"]) != _base(move["to"])
         ):
@@ -133,10 +175,12 @@ def follow(receipts: Iterable[dict[str, Any]], state_dir: Path) -> list[dict[str
 
 __all__ = [
     "MOVES_NAME",
+    "MovesUnreadable",
     "current_url",
     "follow",
     "moved_to",
     "moves_path",
     "read_moves",
     "record_move",
+    "records",
 ]

@@ -9,7 +9,11 @@ Noted by an earlier session and closed here:
 - ``nbankctl pause`` failing for want of descriptors blamed state_dir (and advised
   to check its owner); a webhook send blamed the webhook ("unreachable"); a failure to
   keep alerts.json said only "Too many open files". Each names nbankd's open-file
-  limit now.
+  limit now;
+- ``state_dir/registry-moves.jsonl`` was read with ``read_text``: a FIFO put there
+  hung ``history`` (and ``registry switch``), and a link was followed. It is read as
+  a bounded regular file, never through a link, and anything else is told in a
+  sentence.
 
 The daemon is the real ``nbankd``; EMFILE comes either from its real open-file limit
 lowered from outside (``prlimit``), from a subprocess that takes every descriptor, or,
@@ -308,3 +312,70 @@ def test_alerts_json_unwritten_for_want_of_descriptors_names_the_open_file_limit
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("failed:"), proc.stdout
     assert NAMES_FD_LIMIT.search(proc.stdout), proc.stdout
+
+
+# -- registry-moves.jsonl ----------------------------------------------------------------
+
+
+def test_history_with_a_fifo_for_registry_moves_answers_with_a_sentence(
+    daemon_factory: Any,
+) -> None:
+    """nbankctl history with a FIFO put at state_dir/registry-moves.jsonl answers at
+    once, naming the file and what it is, never waits on the FIFO for ever."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    os.mkfifo(h.state_dir / "registry-moves.jsonl", 0o640)
+    try:
+        proc = nbankctl(h, "history", timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("nbankctl history waits on the FIFO at registry-moves.jsonl")
+    said = proc.stderr + proc.stdout
+    assert proc.returncode == 1, said
+    assert "registry-moves.jsonl" in said and "FIFO" in said, said
+
+
+#: run in a subprocess: the registry switch's look for an interrupted switch
+#: (moves.moved_to) in the state folder ``argv[1]``; prints what it found or said
+_MOVED_TO = """
+import sys
+from pathlib import Path
+from nbankd.deposit import moves
+from nbankd.errors import NbankdError
+try:
+    print("found:", moves.moved_to(Path(sys.argv[1]), "https://new.example/api/"), flush=True)
+except NbankdError as err:
+    print("refused:", err, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_registry_switch_never_reads_registry_moves_through_a_fifo_or_a_link(
+    tmp_path: Path, kind: str
+) -> None:
+    """The registry switch's reading of registry-moves.jsonl neither waits on a FIFO
+    nor follows a link put there: it says what is there instead."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "registry-moves.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path, 0o640)
+    else:
+        real = tmp_path / "elsewhere.jsonl"
+        move = {"from": "https://old.example/api/", "to": "https://new.example/api/"}
+        real.write_text(json.dumps({**move, "time": "t", "export": None}) + "\n")
+        path.symlink_to(real)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _MOVED_TO, str(state)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading registry-moves.jsonl waits on the {kind} there")
+    assert proc.returncode == 0, proc.stderr
+    noun = "FIFO" if kind == "fifo" else "symbolic link"
+    assert proc.stdout.startswith("refused:") and noun in proc.stdout, proc.stdout
+    assert "registry-moves.jsonl" in proc.stdout, proc.stdout
