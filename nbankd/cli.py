@@ -207,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _decided(command: Callable[[], int]) -> int:
-    """The exit status of ``command``: its own, or the one its error decides."""
+    """The exit status of ``command``: its own, or the one its error decides (the
+    error said on stderr within a deadline: a pipe nobody reads never holds the exit)."""
     try:
         return command()
     except errors.NbankdError as err:
-        print(f"nbankd: {err}", file=sys.stderr)
+        from nbankd.service import logwriter
+
+        logwriter.say_within(sys.stderr, f"nbankd: {err}")
         return exit_code_for(err)
     except KeyboardInterrupt:
         return 130

@@ -430,7 +430,8 @@ def configure_logging(
 
     structlog.configure(
         processors=[logshape.Guarded(processors, fallback)],  # never raises
-        wrapper_class=structlog.make_filtering_bound_logger(min_level),
+        # its %-interpolation never raises either (logshape.interpolating_logger)
+        wrapper_class=logshape.interpolating_logger(min_level),
         context_class=dict,
         logger_factory=logger_factory,
         # Not cached, so that a reload (or a test) that reconfigures takes effect for

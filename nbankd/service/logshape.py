@@ -12,13 +12,19 @@
   whose ``str()`` raises, ...) gives a short line saying so instead of raising into
   the code that logged; its message and the error's text are redacted first (the
   chain's own redaction may not have run).
+- :func:`interpolating_logger`: the bound logger class a log call goes through, whose
+  ``%``-interpolation of positional arguments (``log.info("x %s", a)``, done before
+  any processor runs) never raises either: arguments that do not fit the message
+  give the message as written, its arguments and the error (``log_error``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -36,6 +42,7 @@ __all__ = [
     "JsonLines",
     "bounded_values",
     "cut_text",
+    "interpolating_logger",
 ]
 
 #: characters a text value of a log line keeps
@@ -203,3 +210,91 @@ def console_fallback(method: str, event: str, problem: str) -> str:
     now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     text = f"{event} (log error: {problem})".encode("unicode_escape").decode("ascii")
     return f"{now} [{method:<9}] {text}"
+
+
+# --- a log call's positional arguments ----------------------------------------------------
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "msg": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+_EVENT_METHODS = {**_LEVELS, **{f"a{name}": level for name, level in _LEVELS.items()}}
+_LEVEL_METHODS = frozenset({"log", "alog"})
+_BINDING = frozenset({"bind", "new", "unbind", "try_unbind"})
+
+
+def _interpolated(event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """``event % args`` as structlog does it (one non-empty mapping: by name); when
+    that fails, ``event`` as written, ``kw`` given the arguments and the error."""
+    try:
+        one = len(args) == 1 and isinstance(args[0], Mapping) and args[0]
+        return event % (args[0] if one else args)
+    except Exception as err:
+        kw["positional"] = list(args)
+        kw["log_error"] = f"{type(err).__name__}: {err}"
+        return event
+
+
+def _call(method: Callable[..., Any], event: Any, *args: Any, **kw: Any) -> Any:
+    return method(_interpolated(event, args, kw) if args else event, **kw)
+
+
+def _nothing(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+async def _anothing(*_args: Any, **_kw: Any) -> None:
+    return None
+
+
+def _call_at(method: Callable[..., Any], level: int, event: Any, *args: Any, **kw: Any) -> Any:
+    return method(level, _interpolated(event, args, kw) if args else event, **kw)
+
+
+class _Interpolating:
+    """A bound logger of ``inner`` (structlog's filtering bound logger class) whose
+    positional arguments are interpolated here, never raising (:func:`_interpolated`);
+    everything else is the inner logger's."""
+
+    inner: Any  # the class of the wrapped loggers (set by interpolating_logger)
+
+    def __init__(self, logger: Any, processors: Any, context: Any) -> None:
+        self._bound = type(self).inner(logger, processors=processors, context=context)
+
+    @classmethod
+    def wrapping(cls, bound: Any) -> Any:
+        made = object.__new__(cls)
+        made._bound = bound
+        return made
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_bound":
+            raise AttributeError(name)
+        attr = getattr(self._bound, name)
+        if name in _EVENT_METHODS:  # a level filtered out: its arguments never formatted
+            enabled = self._bound.is_enabled_for(_EVENT_METHODS[name])
+            if not enabled:
+                return _anothing if name[0] == "a" else _nothing
+            return partial(_call, attr)
+        if name in _LEVEL_METHODS:
+            return partial(_call_at, attr)
+        if name in _BINDING:
+            return lambda *a, **kw: self.wrapping(attr(*a, **kw))
+        return attr
+
+    def __repr__(self) -> str:
+        return f"<interpolating {self._bound!r}>"
+
+
+def interpolating_logger(min_level: int) -> type:
+    """The ``wrapper_class`` for structlog: its filtering bound logger at ``min_level``,
+    a log call's ``%``-arguments interpolated without ever raising."""
+    inner = structlog.make_filtering_bound_logger(min_level)
+    return type(f"Interpolating{inner.__name__}", (_Interpolating,), {"inner": inner})

@@ -22,6 +22,7 @@ written out with a bounded wait (:func:`flush`), so a failed start still says wh
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import time
@@ -279,6 +280,26 @@ def stream_writer(stream: IO[str]) -> Callable[[str], None]:
             data = data[os.write(fd, data) :]
 
     return write_fd
+
+
+def say_within(stream: IO[str], line: str, timeout: float = FLUSH_AT_EXIT) -> bool:
+    """Writes ``line`` to ``stream`` (:func:`stream_writer`) from a thread of its own,
+    waiting at most ``timeout`` seconds: a last word (nbankd's error before it exits)
+    never holds the exit on a pipe nobody reads. False when it was not written in
+    time, or could not be (the stream failing, no thread to spare)."""
+    write = stream_writer(stream)
+    done = threading.Event()
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # nothing to tell it to: it is the last word
+            write(line)
+            done.set()
+
+    try:
+        threading.Thread(target=run, name="last-word", daemon=True).start()
+    except RuntimeError:  # no thread to spare: said here, unbounded, rather than lost
+        run()
+    return done.wait(timeout)
 
 
 #: the process's log output (see the module's documentation)
