@@ -24,7 +24,6 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import structlog
@@ -214,21 +213,6 @@ def console_fallback(method: str, event: str, problem: str) -> str:
 
 # --- a log call's positional arguments ----------------------------------------------------
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "msg": logging.INFO,
-    "warning": logging.WARNING,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "exception": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "fatal": logging.CRITICAL,
-}
-_EVENT_METHODS = {**_LEVELS, **{f"a{name}": level for name, level in _LEVELS.items()}}
-_LEVEL_METHODS = frozenset({"log", "alog"})
-_BINDING = frozenset({"bind", "new", "unbind", "try_unbind"})
-
 
 def _interpolated(event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
     """``event % args`` as structlog does it (one non-empty mapping: by name); when
@@ -242,28 +226,34 @@ def _interpolated(event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
         return event
 
 
-def _call(method: Callable[..., Any], event: Any, *args: Any, **kw: Any) -> Any:
-    return method(_interpolated(event, args, kw) if args else event, **kw)
+def _event_method(name: str, level: int) -> Callable[..., Any]:
+    """The bound logger's ``name`` method: the inner logger's at once without
+    positional arguments (every call nbankd makes), interpolated here with them."""
+
+    def method(self: _Interpolating, event: Any = None, *args: Any, **kw: Any) -> Any:
+        inner = getattr(self._bound, name)
+        if not args:
+            return inner(event, **kw)
+        if not self._bound.is_enabled_for(level):  # filtered out: never formatted
+            return None
+        return inner(_interpolated(event, args, kw), **kw)
+
+    method.__name__ = name
+    return method
 
 
-def _nothing(*_args: Any, **_kw: Any) -> None:
-    return None
-
-
-async def _anothing(*_args: Any, **_kw: Any) -> None:
-    return None
-
-
-def _call_at(method: Callable[..., Any], level: int, event: Any, *args: Any, **kw: Any) -> Any:
-    return method(level, _interpolated(event, args, kw) if args else event, **kw)
+def _event_at(self: _Interpolating, level: int, event: Any = None, *args: Any, **kw: Any) -> Any:
+    return self._bound.log(level, _interpolated(event, args, kw) if args else event, **kw)
 
 
 class _Interpolating:
     """A bound logger of ``inner`` (structlog's filtering bound logger class) whose
     positional arguments are interpolated here, never raising (:func:`_interpolated`);
-    everything else is the inner logger's."""
+    everything else is the inner logger's. (The asynchronous methods nbankd never
+    calls are the inner logger's as they are.)"""
 
     inner: Any  # the class of the wrapped loggers (set by interpolating_logger)
+    __slots__ = ("_bound",)
 
     def __init__(self, logger: Any, processors: Any, context: Any) -> None:
         self._bound = type(self).inner(logger, processors=processors, context=context)
@@ -274,20 +264,33 @@ class _Interpolating:
         made._bound = bound
         return made
 
+    debug = _event_method("debug", logging.DEBUG)
+    info = _event_method("info", logging.INFO)
+    msg = _event_method("msg", logging.INFO)
+    warning = _event_method("warning", logging.WARNING)
+    warn = _event_method("warn", logging.WARNING)
+    error = _event_method("error", logging.ERROR)
+    exception = _event_method("exception", logging.ERROR)
+    critical = _event_method("critical", logging.CRITICAL)
+    fatal = _event_method("fatal", logging.CRITICAL)
+    log = _event_at
+
+    def bind(self, **kw: Any) -> Any:
+        return self.wrapping(self._bound.bind(**kw))
+
+    def new(self, **kw: Any) -> Any:
+        return self.wrapping(self._bound.new(**kw))
+
+    def unbind(self, *keys: str) -> Any:
+        return self.wrapping(self._bound.unbind(*keys))
+
+    def try_unbind(self, *keys: str) -> Any:
+        return self.wrapping(self._bound.try_unbind(*keys))
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_bound":
             raise AttributeError(name)
-        attr = getattr(self._bound, name)
-        if name in _EVENT_METHODS:  # a level filtered out: its arguments never formatted
-            enabled = self._bound.is_enabled_for(_EVENT_METHODS[name])
-            if not enabled:
-                return _anothing if name[0] == "a" else _nothing
-            return partial(_call, attr)
-        if name in _LEVEL_METHODS:
-            return partial(_call_at, attr)
-        if name in _BINDING:
-            return lambda *a, **kw: self.wrapping(attr(*a, **kw))
-        return attr
+        return getattr(self._bound, name)
 
     def __repr__(self) -> str:
         return f"<interpolating {self._bound!r}>"
