@@ -37,6 +37,7 @@ from nbankd.registry.base import (
     DataType,
     LocationRecord,
     ResourceRecord,
+    json_shape,
     unstorable_metadata,
 )
 
@@ -137,19 +138,6 @@ def _metadata(record: ResourceRecord) -> tuple[Any, dict[str, Any]]:
     return metadata, core
 
 
-def _shape(value: Any) -> str:
-    """What kind of JSON value ``value`` is, said in a message."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, bool):
-        return "true or false"
-    return "a number"
-
-
 def _differing(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
@@ -164,7 +152,7 @@ def record_differences(exported: ResourceRecord, target: ResourceRecord) -> list
         keys = _differing(mine, theirs)
     else:  # a list or other value on one side at least: compared whole
         if mine != theirs:
-            shapes = _shape(theirs), _shape(mine)
+            shapes = json_shape(theirs), json_shape(mine)
             out.append(
                 f"metadata differs ({shapes[0]} on both sides, compared whole)"
                 if shapes[0] == shapes[1]

@@ -70,7 +70,7 @@ def unstorable_metadata(metadata: Any) -> str | None:
         return None
     if not isinstance(metadata, Mapping):
         return (
-            f"its metadata is {_shape(metadata)}, not an object: a registry takes only an "
+            f"its metadata is {json_shape(metadata)}, not an object: a registry takes only an "
             "object as metadata (django-neurobank: 'metadata must be a dictionary')"
         )
     return _unstorable_value(metadata, "")
@@ -114,7 +114,7 @@ class MalformedRecord(ValueError):
     :class:`~nbankd.errors.RegistryUnavailable` naming the registry."""
 
 
-def _shape(value: Any) -> str:
+def json_shape(value: Any) -> str:
     """What a JSON value is, for messages (never the value itself)."""
     if value is None:
         return "null"
@@ -134,14 +134,14 @@ def _shape(value: Any) -> str:
 def as_record(d: Any, kind: str) -> Mapping[str, Any]:
     """``d`` if it is a JSON object (a record); else :class:`MalformedRecord`."""
     if not isinstance(d, Mapping):
-        raise MalformedRecord(f"{kind} record is {_shape(d)}, not an object")
+        raise MalformedRecord(f"{kind} record is {json_shape(d)}, not an object")
     return d
 
 
 def _text(d: Mapping[str, Any], key: str, kind: str) -> str:
     value = d.get(key)
     if not isinstance(value, str):
-        shape = "missing" if key not in d else _shape(value)
+        shape = "missing" if key not in d else json_shape(value)
         raise MalformedRecord(f"{kind} record's {key!r} is {shape}, not text")
     return value
 
@@ -149,7 +149,7 @@ def _text(d: Mapping[str, Any], key: str, kind: str) -> str:
 def _optional_text(d: Mapping[str, Any], key: str, kind: str) -> str | None:
     value = d.get(key)
     if value is not None and not isinstance(value, str):
-        raise MalformedRecord(f"{kind} record's {key!r} is {_shape(value)}, not text or null")
+        raise MalformedRecord(f"{kind} record's {key!r} is {json_shape(value)}, not text or null")
     return value
 
 
