@@ -50,6 +50,25 @@ def reidentified(recorded: str | None, path: Path, is_dir: bool) -> str:
     return json.dumps(fresh)
 
 
+# -- a change found after a restart of the machine -------------------------------------
+
+#: what a power loss can only take back, never move forward: the input's size (its
+#: unflushed bytes lost, or the whole file's for a folder), and its modification and
+#: change times (a write, a truncation or a status change not yet on disk is lost with
+#: its time; any made after the claim sets a later one, and no program sets a ctime)
+POWER_LOSS_FIELDS = ("size", "mtime_ns", "ctime_ns")
+
+
+def power_loss_only(claimed: Mapping[str, Any], now: Mapping[str, int]) -> bool:
+    """True when an input found after a restart of the machine (``now``: IDENTITY_FIELDS'
+    values, of a file or a folder's tree) differs from its ``claimed`` identity only as
+    a power loss can leave it: no larger, and neither its modification nor its change
+    time later than the claim recorded (a stale, truncated or zero-filled file). A
+    rewrite after the claim, even to the same size, moves both times forward: it is a
+    writer's, never a power loss's. False when a field was not recorded."""
+    return all(isinstance(claimed.get(f), int) and now[f] <= claimed[f] for f in POWER_LOSS_FIELDS)
+
+
 def same_identity(recorded: str | None, path: Path, is_dir: bool) -> bool:
     if recorded is None:
         return False

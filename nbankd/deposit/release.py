@@ -26,6 +26,7 @@ from nbankd.deposit.identity import (
     compare_stat,
     fstat_matches,
     identity_fields,
+    power_loss_only,
     restarted_since,
     stat_fields,
 )
@@ -199,11 +200,14 @@ class ReleaseSteps(StepsBase):
         """True when the claimed input ``st`` (an lstat of ``work``) is still the one its
         claim recorded: the same identity (or none recorded: an older journal); or its
         size and mtime as recorded and its SHA-1 the deposited one (a mode or group
-        changed, an SSHFS remount numbered it anew); or no larger than recorded after the
-        machine restarted since the claim (a power loss takes unflushed bytes of an
-        input, never adds any; its stored copy was durable and verified before the
-        record); or a folder an older release claimed (which removed folders in place:
-        what a removal stopped half way left is finished, as that release would have)."""
+        changed, an SSHFS remount numbered it anew); or, after the machine restarted since
+        the claim, no larger and with neither its modification nor its change time later
+        than recorded (:func:`~nbankd.deposit.identity.power_loss_only`: a power loss
+        takes unflushed bytes and their times, never adds any, while a writer's rewrite
+        after the claim, even to the same size, moves both; its stored copy was durable
+        and verified before the record); or a folder an older release claimed (which
+        removed folders in place: what a removal stopped half way left is finished, as
+        that release would have)."""
         if item.identity is None:
             return True
         is_dir = stat.S_ISDIR(st.st_mode)
@@ -219,7 +223,7 @@ class ReleaseSteps(StepsBase):
         claimed = json.loads(item.identity)
         if is_dir and "boot" not in claimed:
             return True
-        if restarted_since(item.identity, item.created) and now["size"] <= claimed["size"]:
+        if restarted_since(item.identity, item.created) and power_loss_only(claimed, now):
             log.info(
                 "input changed across a restart of the machine; removed, its stored copy "
                 "being complete",

@@ -4,13 +4,18 @@ staging and leftover clean-ups, withdrawal, tape import and transfer temporaries
 can it ever remove a user's bytes that have no other durable, verified, registered
 copy?
 
-Findings (each test marked xfail fails on the code it was written against):
+Findings (each test marked xfail fails on the code it was written against; one
+fixed since, its marker removed):
 
-- the release after a restart of the machine removes a claimed input whose bytes a
+- the release after a restart of the machine removed a claimed input whose bytes a
   writer changed after its copy was made, when its size did not grow
   (``ReleaseSteps._as_claimed``: ``restarted_since`` and ``size <= claimed``): a
-  rewrite in place (a preallocated recording filled later) is taken for a power
-  loss's damage, and the only copy of the new bytes is unlinked;
+  rewrite in place (a preallocated recording filled later) was taken for a power
+  loss's damage, and the only copy of the new bytes was unlinked. Now only an input
+  no larger and with neither its mtime nor its ctime later than claimed is excused
+  (``identity.power_loss_only``); a power loss's damage still is (tested here with
+  the journal's claim made larger and later than the input on disk, as a disk that
+  lost the claim's last writes leaves it);
 - the release removes ``NAME.done`` whatever it is by then: a rig that records the
   next ``NAME`` while the first one is in flight and marks it done (the marker still
   there) loses its marker, and the new recording waits for a marker forever.
@@ -24,9 +29,12 @@ another name, never removed by the next rejection's clean-up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import secrets
+import sqlite3
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -90,11 +98,6 @@ def _no_work_left(h: DaemonHarness) -> bool:
     return not work_entries(h.inbox / ".nbank")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: after a restart of the machine the release unlinks a claimed input "
-    "rewritten in place after its copy was made (same size): the new bytes are lost",
-)
 def test_a_claimed_input_rewritten_before_a_reboot_is_never_removed(
     daemon_factory: Factory,
 ) -> None:
@@ -143,6 +146,46 @@ def test_guard_an_unchanged_input_across_a_reboot_is_deposited_and_released_once
     assert [_sha1(p.read_bytes()) for p in stored.values()] == [_sha1(data)]
     assert len(h.receipts()) == 1
     assert not (h.inbox / "rec.bin").exists()
+
+
+def _claim_saw_more(h: DaemonHarness) -> None:
+    """Makes the journaled claim of the (one) item larger and later than its input on
+    disk now, as a power loss leaves a disk that lost the last writes the claim saw
+    (the input's unflushed bytes and their times): its size and its modification and
+    change times one step past what the file has (the daemon stopped)."""
+    with contextlib.closing(sqlite3.connect(h.state_dir / "journal.sqlite3")) as db, db:
+        [(token, identity)] = db.execute("SELECT token, identity FROM items").fetchall()
+        claimed = json.loads(identity)
+        on_disk = os.lstat(h.inbox / ".nbank" / token)
+        claimed.update(
+            size=max(claimed["size"], on_disk.st_size + 4096),
+            mtime_ns=on_disk.st_mtime_ns + 10**9,
+            ctime_ns=on_disk.st_ctime_ns + 10**9,
+        )
+        db.execute("UPDATE items SET identity = ? WHERE token = ?", (json.dumps(claimed), token))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-filled"])
+def test_a_claimed_input_a_power_loss_damaged_is_released_after_the_reboot(
+    daemon_factory: Factory, damage: str
+) -> None:
+    """An input a power loss left shorter or zero-filled, its times no later, is released."""
+    h = daemon_factory()
+    data = os.urandom(8192)
+    claimed = _crashed_after_record(h, "rec.bin", data)
+    with open(claimed, "r+b") as f:  # what the disk holds after the power loss
+        if damage == "truncated":
+            f.truncate(4096)
+        else:
+            f.write(bytes(len(data)))
+    _claim_saw_more(h)
+    h.wrap_argv = _rebooted(h)
+    h.start()
+    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    h.stop()
+    assert [p.read_bytes() for p in h.archive_files().values()] == [data]
+    assert len(h.receipts()) == 1
+    assert not (h.inbox / "rec.bin").exists()  # the damaged input was never put back
 
 
 @pytest.mark.xfail(
