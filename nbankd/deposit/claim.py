@@ -27,6 +27,7 @@ from nbankd.deposit.identity import (
     seen_unchanged,
     sidecar_seen_matches,
     tree_now,
+    with_marker,
 )
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
@@ -335,7 +336,8 @@ class ClaimSteps(StepsBase):
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
             return item, verdicts.unsafe_claimed(json.loads(item.reason_json or "{}"))
-        item = item.changed(identity=item.identity or identity_json(work, is_dir))
+        if item.identity is None:
+            item = item.changed(identity=self._claimed_identity(fs, item, work, is_dir))
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
         outcome = verdicts.when_claimed(
@@ -382,6 +384,21 @@ class ClaimSteps(StepsBase):
         )
         seams.reached("after-claim")
         return item, Outcome.ok()
+
+    @staticmethod
+    def _claimed_identity(fs: inboxfs.InboxFS, item: Item, work: Path, is_dir: bool) -> str:
+        """The identity journaled at claim: the input's, and in a ``ready: marker`` inbox
+        its marker's as found now, the input gone from the inbox (none when it cannot
+        be reached): the release removes only that marker, never one set again since for
+        the next recording of the name."""
+        identity = identity_json(work, is_dir)
+        if item.marker_relpath is None:
+            return identity
+        try:
+            marker = fs.lstat(*fs.parent(item.marker_relpath))
+        except (inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+            marker = None
+        return with_marker(identity, marker)
 
     def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
         if path is None or not os.path.lexists(path):

@@ -43,11 +43,50 @@ def identity_json(path: Path, is_dir: bool) -> str:
 
 def reidentified(recorded: str | None, path: Path, is_dir: bool) -> str:
     """The identity of a claimed input at ``path`` as it is now, with the boot id of
-    the one ``recorded`` at its claim (a change after a restart is still told apart)."""
+    the one ``recorded`` at its claim (a change after a restart is still told apart)
+    and the ready marker it recorded."""
     fresh = json.loads(identity_json(path, is_dir))
     if recorded is not None:
         fresh["boot"] = _recorded(recorded).get("boot", fresh["boot"])
-    return json.dumps(fresh)
+    return renewed(recorded, fresh)
+
+
+def renewed(recorded: str | None, fresh: Mapping[str, Any]) -> str:
+    """An identity taken anew (``fresh``) of an input whose claim ``recorded`` one: what
+    the claim recorded of its ready marker is kept (see :func:`marker_is_claimed`)."""
+    out = dict(fresh)
+    if recorded is not None and MARKER_KEY in _recorded(recorded):
+        out[MARKER_KEY] = _recorded(recorded)[MARKER_KEY]
+    return json.dumps(out)
+
+
+# -- the ready marker (``NAME.done``) as the claim found it ----------------------------
+
+#: the key of the claim's identity holding its ready marker's (absent: an identity of
+#: an older release, which recorded none; null: no marker was there at the claim)
+MARKER_KEY = "marker"
+MARKER_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+def with_marker(identity: str, st: os.stat_result | None) -> str:
+    """The claim's ``identity`` with its ready marker's status (``st``; None: none was
+    there), compared at the release (:func:`marker_is_claimed`)."""
+    marker = None if st is None else {f: getattr(st, "st_" + f) for f in MARKER_FIELDS}
+    return json.dumps({**_recorded(identity), MARKER_KEY: marker})
+
+
+def marker_is_claimed(recorded: str | None, now: Mapping[str, int]) -> bool:
+    """True when the ready marker found at the release (``now``: MARKER_FIELDS' values)
+    is the one the claim found (``recorded``: the claim's identity), so that it marks the
+    recording claimed and is removed with it. False when the claim found none or
+    another: set (created, written or touched) since the claim, it marks the next
+    recording of the name, and is left for it. An identity without a marker's (an older
+    release's, or none) counts the marker found as the claimed one, as those releases
+    did."""
+    if recorded is None or MARKER_KEY not in _recorded(recorded):
+        return True
+    want = _recorded(recorded)[MARKER_KEY]
+    return want is not None and all(want.get(f) == now.get(f) for f in MARKER_FIELDS)
 
 
 # -- a change found after a restart of the machine -------------------------------------

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
@@ -26,13 +27,15 @@ from nbankd.deposit.identity import (
     compare_stat,
     fstat_matches,
     identity_fields,
+    marker_is_claimed,
     power_loss_only,
+    renewed,
     restarted_since,
     stat_fields,
 )
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
-from nbankd.deposit.spec import Intent
+from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stepbase import StepResult, StepsBase, log
 from nbankd.hashing import SourceReadError, copy_hashing
 from nbankd.names import printable
@@ -87,14 +90,7 @@ class ReleaseSteps(StepsBase):
                 if sidecar is not None:
                     fs.unlink(fs.work, sidecar)
             if item.marker_relpath is not None:
-                where = spec.path / os.fsdecode(os.path.dirname(item.marker_relpath))
-                with (
-                    contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError),
-                    inboxfs.writing(lambda: f"remove the ready marker of {source()}", [where]),
-                ):
-                    marker = fs.parent(item.marker_relpath)  # its folder may be gone
-                    if fs.unlink(*marker):
-                        fsops.fsync_fd(marker[0])
+                self._release_marker(spec, fs, item, source)
             syncs.fsync_soon(  # before DONE is saved; shared by a round's releases
                 fs.work,
                 told=lambda err: inboxfs.write_error(
@@ -106,6 +102,34 @@ class ReleaseSteps(StepsBase):
             )
         seams.reached("after-release-unlink")
         return item.changed(finished=item.finished or self.clock()), Outcome.ok()
+
+    @staticmethod
+    def _release_marker(
+        spec: InboxSpec, fs: inboxfs.InboxFS, item: Item, source: Callable[[], str]
+    ) -> None:
+        """Removes the released input's ready marker when it is still the one its claim
+        found; one set since (created, written or touched: the rig marked its next
+        recording of the name done) is left for that recording, logged."""
+        assert item.marker_relpath is not None
+        where = spec.path / os.fsdecode(os.path.dirname(item.marker_relpath))
+        with (
+            contextlib.suppress(inboxfs.Escape, FileNotFoundError, NotADirectoryError),
+            inboxfs.writing(lambda: f"remove the ready marker of {source()}", [where]),
+        ):
+            marker = fs.parent(item.marker_relpath)  # its folder may be gone
+            st = fs.lstat(*marker)
+            if st is None:
+                return
+            if not marker_is_claimed(item.identity, stat_fields(st)):
+                log.info(
+                    "ready marker set again since the claim: left for the next recording "
+                    "of the name",
+                    item=item.token,
+                    marker=printable(os.fsdecode(item.marker_relpath)),
+                )
+                return
+            if fs.unlink(*marker):
+                fsops.fsync_fd(marker[0])
 
     def _withdraw(self, intent: Intent, item: Item, work: Path, target: Path) -> StepResult:
         """Placed by rename, the input changed after registering: the bytes its record
@@ -173,7 +197,7 @@ class ReleaseSteps(StepsBase):
         if not same:
             return None
         # the identity checked unchanged across the hash, not a later look at the input
-        seen = item.changed(identity=json.dumps({**after, "boot": boot_id()}))
+        seen = item.changed(identity=renewed(item.identity, {**after, "boot": boot_id()}))
         if change is Change.UNSURE or held is False:
             return seen
         # its mtime moved, its bytes the same, and whether a program still holds it

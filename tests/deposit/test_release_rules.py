@@ -1,14 +1,24 @@
-"""The release's verdicts on what it finds, as pure functions: whether a claimed
+"""The release's two verdicts on what it finds, as pure functions: whether a claimed
 input changed across a restart of the machine only as a power loss leaves one
-(removed, its stored copy complete) or was rewritten (put back)."""
+(removed, its stored copy complete) or was rewritten (put back), and whether the ready
+marker found is the one the claim found (removed) or one set since for the next
+recording of the name (left)."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import pytest
 
-from nbankd.deposit.identity import power_loss_only
+from nbankd.deposit.identity import (
+    MARKER_FIELDS,
+    marker_is_claimed,
+    power_loss_only,
+    renewed,
+    with_marker,
+)
 
 S = 1_000_000_000  # one second in ns
 CLAIMED = {"dev": 1, "ino": 2, "size": 8192, "mtime_ns": 100 * S, "ctime_ns": 105 * S}
@@ -52,3 +62,53 @@ def _now(**changes: int) -> dict[str, int]:
 def test_power_loss_only(now: dict[str, int], claimed: dict[str, Any], power_loss: bool) -> None:
     """After a restart, only an input no larger with no later mtime or ctime is excused."""
     assert power_loss_only(claimed, now) is power_loss
+
+
+MARKER = {"dev": 1, "ino": 50, "size": 0, "mtime_ns": 100 * S, "ctime_ns": 100 * S}
+
+
+def _claim(marker: dict[str, int] | str | None) -> str:
+    """A claim's identity with ``marker`` recorded ("none": an older release's, no key)."""
+    ident = {**CLAIMED, "boot": "b"}
+    if marker != "none":
+        ident["marker"] = marker
+    return json.dumps(ident)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "found", "claimed"),
+    [
+        (_claim(MARKER), MARKER, True),  # the claimed recording's own: removed
+        (_claim(MARKER), {**MARKER, "mtime_ns": 200 * S, "ctime_ns": 200 * S}, False),  # touch
+        (_claim(MARKER), {**MARKER, "ctime_ns": 200 * S}, False),  # its status changed
+        (_claim(MARKER), {**MARKER, "ino": 51}, False),  # removed and made again
+        (_claim(MARKER), {**MARKER, "size": 1}, False),  # written
+        (_claim(None), MARKER, False),  # none at the claim: set since
+        (_claim("none"), MARKER, True),  # an older release's claim: removed, as it did
+        (None, MARKER, True),  # an older journal's item, no identity at all
+    ],
+    ids=[
+        "unchanged",
+        "touched",
+        "status-changed",
+        "made-anew",
+        "written",
+        "none-at-claim",
+        "older-release",
+        "no-identity",
+    ],
+)
+def test_marker_is_claimed(recorded: str | None, found: dict[str, int], claimed: bool) -> None:
+    """Only the marker the claim found, unchanged, is the claimed recording's."""
+    assert marker_is_claimed(recorded, found) is claimed
+
+
+def test_a_claims_marker_is_recorded_from_its_status_and_kept_when_renewed(tmp_path: Any) -> None:
+    """The marker recorded at claim survives an identity taken anew later."""
+    marker = tmp_path / "a.wav.done"
+    marker.write_bytes(b"")
+    st = os.lstat(marker)
+    claimed = with_marker(_claim("none"), st)
+    found = {f: getattr(st, "st_" + f) for f in MARKER_FIELDS}
+    again = renewed(claimed, {**CLAIMED, "size": 1, "boot": "c"})
+    assert marker_is_claimed(again, found) and json.loads(again)["size"] == 1

@@ -4,8 +4,8 @@ staging and leftover clean-ups, withdrawal, tape import and transfer temporaries
 can it ever remove a user's bytes that have no other durable, verified, registered
 copy?
 
-Findings (each test marked xfail fails on the code it was written against; one
-fixed since, its marker removed):
+Findings (each test was marked xfail, and failed, on the code it was written against;
+both fixed since):
 
 - the release after a restart of the machine removed a claimed input whose bytes a
   writer changed after its copy was made, when its size did not grow
@@ -16,9 +16,12 @@ fixed since, its marker removed):
   (``identity.power_loss_only``); a power loss's damage still is (tested here with
   the journal's claim made larger and later than the input on disk, as a disk that
   lost the claim's last writes leaves it);
-- the release removes ``NAME.done`` whatever it is by then: a rig that records the
+- the release removed ``NAME.done`` whatever it was by then: a rig that records the
   next ``NAME`` while the first one is in flight and marks it done (the marker still
-  there) loses its marker, and the new recording waits for a marker forever.
+  there) lost its marker, and the new recording waited for a marker forever. Now
+  the claim records the marker's identity and the release removes only that one; the
+  claimed recording's own marker still goes (also when the release runs after a
+  crash), so the next recording waits for its own.
 
 Guards (pass): a claimed input rewritten before its release, without a restart, goes
 back to its inbox whole; an input unchanged across a restart is deposited and leaves
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.daemon import DaemonHarness, wait_for, work_entries
+from fixtures.daemon import DaemonHarness, nbankctl, wait_for, work_entries
 
 Factory = Callable[..., DaemonHarness]
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -188,16 +191,13 @@ def test_a_claimed_input_a_power_loss_damaged_is_released_after_the_reboot(
     assert not (h.inbox / "rec.bin").exists()  # the damaged input was never put back
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: the release unlinks NAME.done unconditionally, also the marker a rig "
-    "set for the next recording of the same name, which then waits forever",
-)
 def test_a_marker_set_again_for_the_next_recording_of_a_name_is_not_removed(
     daemon_factory: Factory, tmp_path: Path
 ) -> None:
     """A rig's marker for its next recording of a name outlives the first one's release."""
-    h = daemon_factory(inbox_options={"ready": "marker"})
+    # identifiers chosen automatically: named after the file, the second recording
+    # (other bytes, the same name) would end rejected as name-taken, not deposited
+    h = daemon_factory(inbox_options={"ready": "marker", "auto_id": True})
     go = tmp_path / f"go-{secrets.token_hex(3)}"
     h.start(env={"NBANKD_PAUSE_AT": "after-claim", "NBANKD_PAUSE_UNTIL": str(go)})
     first, second = os.urandom(5000), os.urandom(6000)
@@ -215,6 +215,30 @@ def test_a_marker_set_again_for_the_next_recording_of_a_name_is_not_removed(
     finally:
         h.stop()
     assert {r["sha1"] for r in h.receipts()} == {_sha1(first), _sha1(second)}
+
+
+def test_the_claimed_recordings_own_marker_is_removed_and_the_next_waits_for_its_own(
+    daemon_factory: Factory,
+) -> None:
+    """A marker unchanged since its claim goes at the release, even one run after a crash."""
+    h = daemon_factory(inbox_options={"ready": "marker"})
+    first = os.urandom(5000)
+    h.start(env={"NBANKD_CRASH_AT": "after-record"})
+    h.drop("session.bin", first)
+    (h.inbox / "session.bin.done").write_bytes(b"")
+    h.wait_exit()
+    h.start()  # the release runs after the restart, from the journaled claim
+    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    assert not (h.inbox / "session.bin.done").exists()
+    nxt = h.drop("session.bin", os.urandom(6000))  # the next recording, not marked yet
+
+    def verdict() -> str:
+        out = nbankctl(h, "--json", "explain", str(nxt))
+        return json.loads(out.stdout)["state"] if out.returncode == 0 else ""
+
+    wait_for(lambda: verdict() == "waiting-for-marker", 30, "the next one to wait for its marker")
+    h.stop()
+    assert [r["sha1"] for r in h.receipts()] == [_sha1(first)]
 
 
 def test_guard_an_input_named_like_a_reason_temporary_survives_the_next_rejection(
