@@ -22,6 +22,7 @@ import structlog
 
 from nbankd import seams
 from nbankd.archive import fsops
+from nbankd.deposit.identity import marker_is_claimed, stat_fields
 from nbankd.deposit.inboxfs import Escape, InboxFS
 from nbankd.deposit.journal import Item
 from nbankd.deposit.spec import InboxSpec
@@ -282,7 +283,13 @@ def move_to_rejected(
     if item.marker_relpath is not None:
         with contextlib.suppress(Escape, FileNotFoundError, NotADirectoryError):
             marker = fs.parent(item.marker_relpath)  # its folder may be gone: nothing to move
-            if fs.exists(*marker) and not fs.exists(folder_fd, dest_name + MARKER_SUFFIX.encode()):
+            found = fs.lstat(*marker)
+            # one set again since the claim marks the next recording of the name: left
+            if (
+                found is not None
+                and marker_is_claimed(item.identity, stat_fields(found))
+                and not fs.exists(folder_fd, dest_name + MARKER_SUFFIX.encode())
+            ):
                 _move_no_replace(fs, marker, (folder_fd, dest_name + MARKER_SUFFIX.encode()))
     seams.reached("after-reject-move")
     return replace(item, reason_json=json.dumps(reason))

@@ -217,6 +217,30 @@ def test_a_marker_set_again_for_the_next_recording_of_a_name_is_not_removed(
     assert {r["sha1"] for r in h.receipts()} == {_sha1(first), _sha1(second)}
 
 
+def test_a_marker_set_again_for_the_next_recording_stays_when_the_first_is_rejected(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """A rig's marker for its next recording of a name is not taken along to the
+    rejected folder with the first one (an empty file, rejected)."""
+    h = daemon_factory(inbox_options={"ready": "marker", "auto_id": True})
+    go = tmp_path / f"go-{secrets.token_hex(3)}"
+    h.start(env={"NBANKD_PAUSE_AT": "after-reject-name", "NBANKD_PAUSE_UNTIL": str(go)})
+    second = os.urandom(6000)
+    h.drop("session.bin", b"")  # empty: rejected
+    (h.inbox / "session.bin.done").write_bytes(b"")
+    wait_for(lambda: Path(f"{go}.reached").exists(), 30, "the first recording's rejection to begin")
+    h.drop("session.bin", second)
+    os.utime(h.inbox / "session.bin.done")
+    go.touch()
+    try:
+        wait_for(lambda: (h.rejected / "session.bin").exists(), 30, "the first's rejection")
+        wait_for(lambda: len(h.receipts()) >= 1, 30, "the second recording's receipt")
+    finally:
+        h.stop()
+    assert [r["sha1"] for r in h.receipts()] == [_sha1(second)]
+    assert not (h.rejected / "session.bin.done").exists()
+
+
 def test_the_claimed_recordings_own_marker_is_removed_and_the_next_waits_for_its_own(
     daemon_factory: Factory,
 ) -> None:
