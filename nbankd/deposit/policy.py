@@ -20,7 +20,7 @@ from typing import Any
 from nbankd import errors
 from nbankd.filekind import FileKind
 from nbankd.names import MARKER_SUFFIX, SIDECAR_SUFFIXES
-from nbankd.registry.base import RESOURCE_NAME_MAX, SLUG_RE
+from nbankd.registry.base import RESOURCE_NAME_MAX, SLUG_RE, unstorable_metadata
 
 BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 AUTO_ID_LENGTH = 8
@@ -133,6 +133,13 @@ def parse_sidecar(text: str, *, json_format: bool, source: str) -> Sidecar:
             "remove the \\0 from the sidecar and requeue the input",
         )
     metadata = _as_json(metadata, source)
+    unstorable = unstorable_metadata(metadata)  # a lone surrogate ("\udc80"): not UTF-8
+    if unstorable is not None:
+        raise PolicyError(
+            "bad-sidecar",
+            f"sidecar {source}: {unstorable}",
+            "write the text as UTF-8 characters and requeue the input",
+        )
     size = len(json.dumps(metadata, ensure_ascii=False).encode())
     if size > SIDECAR_MAX_BYTES:  # aliases can make a small text large
         raise PolicyError(

@@ -389,6 +389,13 @@ def read(stream: Iterable[str], where: str) -> Snapshot:
             body = json.loads(raw)
         except ValueError as err:
             raise r.bad(f"not JSON ({err.msg})") from None
+        except RecursionError:  # metadata an export warned of, or a crafted line
+            raise r.bad(
+                "nested too deep to be read (a value of near 1,000 levels), which no "
+                "registry stores",
+                hint="remove that line's resource from the file (and its location lines), "
+                "or replace its metadata with a shallower one",
+            ) from None
         if not isinstance(body, dict):
             raise r.bad("not a JSON object")
         kind = body.get("type")

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from nbankd import errors
 from nbankd.names import is_utf8
 
 # the registry's slug rule (Django SlugField); nbank's client also allows "~",
@@ -60,12 +61,24 @@ def metadata_as_stored(sent: Mapping[str, Any], record: Mapping[str, Any] | None
     return True
 
 
+#: levels of nesting past which metadata is refused as unstorable: more than any
+#: registry's JSON parser is sure to take (Python's, django-neurobank's included, stops
+#: near 1,000 levels, less the stack its caller already uses)
+METADATA_DEPTH_MAX = 500
+
+
+class _BadKey:
+    """Where :func:`unstorable_metadata` meets a key that is not UTF-8."""
+
+
 def unstorable_metadata(metadata: Any) -> str | None:
     """Why no registry can be given ``metadata`` through its API, naming the key; None
     when one can. django-neurobank takes only an object ("metadata must be a
     dictionary"; a list or text stored by an administrator is shown, never accepted) and
-    fails on a lone surrogate; neither backend keeps NaN or an infinity. The embedded
-    registry refuses the same, so an export and its import agree on what cannot return."""
+    fails on a lone surrogate; neither backend keeps NaN or an infinity, nor metadata
+    nested more than :data:`METADATA_DEPTH_MAX` levels deep. The embedded registry
+    refuses the same, so an export and its import agree on what cannot return. Walked
+    with a stack of its own: any depth is told, never a RecursionError."""
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
@@ -73,34 +86,50 @@ def unstorable_metadata(metadata: Any) -> str | None:
             f"its metadata is {json_shape(metadata)}, not an object: a registry takes only an "
             "object as metadata (django-neurobank: 'metadata must be a dictionary')"
         )
-    return _unstorable_value(metadata, "")
-
-
-def _unstorable_value(value: Any, path: str) -> str | None:
-    where = f"metadata key {json.dumps(path, ensure_ascii=True)}" if path else "metadata"
-    if isinstance(value, str):
-        if not is_utf8(value):
-            return f"{where} holds a lone surrogate (not UTF-8), which no registry stores"
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{where} is not a JSON number (NaN or an infinity), which no registry stores"
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if not is_utf8(str(key)):
-                shown = json.dumps(sub, ensure_ascii=True)
+    # (value, its path, its depth): depth first, in order, as the keys are shown
+    stack: list[tuple[Any, str, int]] = [(metadata, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not is_utf8(value):
                 return (
-                    f"metadata key {shown} is not UTF-8 (a lone surrogate): no registry stores it"
+                    f"{_where(path)} holds a lone surrogate (not UTF-8), which no registry stores"
                 )
-            found = _unstorable_value(item, sub)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _unstorable_value(item, f"{path}[{i}]")
-            if found:
-                return found
+        elif isinstance(value, float) and not math.isfinite(value):
+            return (
+                f"{_where(path)} is not a JSON number (NaN or an infinity), which no registry "
+                "stores"
+            )
+        elif isinstance(value, Mapping | list) and depth > METADATA_DEPTH_MAX:
+            return (
+                f"{_where(path[:_PATH_SHOWN] + '...')} is nested too deep (over "
+                f"{METADATA_DEPTH_MAX} levels), which no registry is sure to store"
+            )
+        elif isinstance(value, _BadKey):
+            shown = json.dumps(path, ensure_ascii=True)
+            return f"metadata key {shown} is not UTF-8 (a lone surrogate): no registry stores it"
+        elif isinstance(value, Mapping):
+            children: list[tuple[Any, str, int]] = []
+            for key, item in value.items():
+                sub = f"{path}.{key}" if path else str(key)
+                if not is_utf8(str(key)):  # told when the walk reaches it, as keys before it
+                    children.append((_BadKey(), sub, depth))
+                    break
+                children.append((item, sub, depth + 1))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(
+                (item, f"{path}[{i}]", depth + 1) for i, item in reversed(list(enumerate(value)))
+            )
     return None
+
+
+#: characters of the path to metadata nested too deep a message shows
+_PATH_SHOWN = 64
+
+
+def _where(path: str) -> str:
+    return f"metadata key {json.dumps(path, ensure_ascii=True)}" if path else "metadata"
 
 
 def _freeze_metadata(metadata: Any) -> str | None:
@@ -253,8 +282,20 @@ class ResourceRecord:
     @property
     def metadata(self) -> Any:
         """The record's metadata: an object (a dict) as a rule, None when it has none;
-        any other JSON value an administrator stored is kept as it is."""
-        return None if self.metadata_json is None else json.loads(self.metadata_json)
+        any other JSON value an administrator stored is kept as it is. Nested too deep
+        for Python's JSON reader (near 1,000 levels): a RegistryError naming the record,
+        never a RecursionError."""
+        if self.metadata_json is None:
+            return None
+        try:
+            return json.loads(self.metadata_json)
+        except RecursionError:
+            raise errors.RegistryError(
+                f"resource {self.name!r}: its metadata is nested too deep to be read (near "
+                "1,000 levels or more), which no registry is sure to store",
+                hint="replace that resource's metadata in the registry with a shallower "
+                "one, then run the command again",
+            ) from None
 
     def to_json(self) -> dict[str, Any]:
         return {
