@@ -6,7 +6,11 @@ registry stores (d087f98).
 Real daemons, real files, the embedded registry and the django-neurobank fixture; no
 mocks. A strict xfail is a finding, confirmed to fail for the reason it gives.
 
-Findings, fixed since: a sidecar holding a lone surrogate failed its claim with an
+Findings, fixed since: an input held for a ``NAME.reason`` beside it (planted, or
+its rejected folder renamed) was in no status line, status healthy (now counted and
+named per inbox, status degraded; and a reason holds its input only when it is
+plausibly nbankd's: its rejected path in a rejected folder, or the journal has the
+rejection or cannot tell); a sidecar holding a lone surrogate failed its claim with an
 internal error retried for ever (now rejected as ``bad-sidecar`` naming the key);
 metadata nested about 990 deep made ``registry export`` a RecursionError traceback
 (now warned of as nested too deep, or, past what JSON reads, the export ends naming
@@ -19,10 +23,9 @@ import json
 import os
 import sqlite3
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from fixtures.cli_backends import NBANKCTL, base_env
 from fixtures.daemon import DaemonHarness, more_scans, nbankctl, status_json, wait_for
@@ -50,11 +53,6 @@ def _status_text(h: DaemonHarness) -> str:
 # --- 2aa8858: held beside a reason ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: an input held for a NAME.reason beside it is in no status line "
-    "(status: healthy, queue 0)",
-)
 def test_a_reason_planted_beside_anothers_recording_does_not_hold_it_unseen(
     daemon_factory: Any,
 ) -> None:
@@ -72,6 +70,73 @@ def test_a_reason_planted_beside_anothers_recording_does_not_hold_it_unseen(
     _rc, doc = status_json(h)
     text = _status_text(h)
     assert "rec.wav" in text or "rec.wav" in json.dumps(doc), text
+
+
+def _reason_elsewhere(h: DaemonHarness, time: str | None) -> bytes:
+    """A reason with the three keys whose rejected path is in no rejected folder."""
+    body = json.loads(_forged_reason(h, "rec.wav"))
+    body["rejected_path"] = str(h.root / "elsewhere" / "rec.wav")
+    if time is not None:
+        body["time"] = time
+    return json.dumps(body).encode()
+
+
+def test_a_reason_naming_no_rejected_folder_does_not_hold(daemon_factory: Any) -> None:
+    """A NAME.reason whose rejected path is in no rejected folder, written after the
+    journal began and unknown to it, is no reason of nbankd's: the input beside it is
+    deposited, and the reason taken in as an ordinary file."""
+    h: DaemonHarness = daemon_factory(inbox_options={"auto_id": True})
+    h.start()
+    h.drop("first.wav", b"the journal's first input")
+    h.wait_settled(1)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    reason = h.drop("rec.wav.reason", _reason_elsewhere(h, now))
+    h.drop("rec.wav", b"the recording")
+    h.wait_settled(3)
+    assert h.reasons() == [], h.reasons()
+    assert sorted(os.path.basename(r["source"]) for r in h.receipts()) == [
+        "first.wav",
+        "rec.wav",
+        "rec.wav.reason",
+    ]
+    assert not os.path.lexists(reason)
+
+
+def test_a_reason_naming_no_file_name_does_not_stop_the_scan(daemon_factory: Any) -> None:
+    """A NAME.reason whose paths hold a surrogate no file name gives (``\\ud800``) is
+    no reason of nbankd's: the input beside it is deposited, no traceback."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    h.drop("first.wav", b"the journal's first input")
+    wait_for(lambda: h.receipt("first"), 30, "the first input to be deposited")
+    body = json.loads(_reason_elsewhere(h, datetime.now(UTC).isoformat(timespec="seconds")))
+    body["original_path"] = str(h.inbox / "rec\ud800.wav")
+    body["rejected_path"] += "\ud800"
+    reason = h.drop("rec.wav.reason", json.dumps(body).encode())
+    _deposited_beside(h, reason)
+    assert b"Traceback" not in h.log_path.read_bytes()
+
+
+def test_a_reason_the_journal_cannot_vouch_for_holds_and_is_told(daemon_factory: Any) -> None:
+    """A NAME.reason in no rejected folder and older than the journal (a state_dir
+    lost since?) holds the input beside it, which status names with what to do."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    h.drop("rec.wav.reason", _reason_elsewhere(h, "2001-01-01T00:00:00+00:00"))
+    h.drop("rec.wav", b"a rejected recording, its journal lost")
+
+    def told() -> list[str]:
+        _rc, doc = status_json(h)
+        return [line for line in doc.get("degraded", []) if "rec.wav" in line]
+
+    wait_for(told, 30, "status to name the held input")
+    [line] = told()
+    assert "delete" in line and "requeue" in line and str(h.rejected) in line, line
+    _rc, doc = status_json(h)
+    [inbox] = doc["inboxes"]
+    assert (inbox["held_for_reason"], inbox["held_for_reason_first"]) == (1, ["rec.wav"])
+    assert h.receipt("rec") is None
+    assert (h.inbox / "rec.wav").read_bytes() == b"a rejected recording, its journal lost"
 
 
 def _deposited_beside(h: DaemonHarness, reason: Path) -> None:
@@ -160,11 +225,6 @@ def test_a_rejected_folder_renamed_while_running_stops_deposits_and_says_so(
     assert (old / "trial7.reason").exists() and (old / "trial7.nbank.yaml").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: inputs held in a renamed rejected folder are in no status line "
-    "(only a log line once, and explain)",
-)
 def test_status_names_an_input_held_in_a_renamed_rejected_folder(daemon_factory: Any) -> None:
     """After the rejected folder was renamed, ``nbankctl status`` names the held input
     (or the folder), not only a log line once and explain for one who knows the path."""
@@ -178,6 +238,29 @@ def test_status_names_an_input_held_in_a_renamed_rejected_folder(daemon_factory:
     _rc, doc = status_json(h)
     text = _status_text(h) + json.dumps(doc)
     assert "rejected-old" in text, text
+
+
+def test_a_renamed_earlier_rejected_folder_is_held_by_the_journals_word(
+    daemon_factory: Any,
+) -> None:
+    """An earlier rejected folder (rejected_dir changed since) renamed by a person is
+    forgotten as a rejected folder; the journal still knows its rejection: held, and
+    named by status."""
+    h: DaemonHarness = daemon_factory()
+    h.start()
+    _one_rejection(h)
+    h.stop()
+    h.edit_config(lambda cfg: cfg["inboxes"][0].update(rejected_dir="failed"))
+    (h.inbox / "rejected").rename(h.inbox / "rejected-old")
+    h.start()
+    h.drop("after.dat", b"dropped after the rename")
+    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the rename")
+    more_scans(h, 2)
+    _rc, doc = status_json(h)
+    [inbox] = doc["inboxes"]
+    assert inbox["held_for_reason_first"] == ["rejected-old/trial7"], inbox
+    assert [r for r in h.receipts() if "/rejected-old/" in r["source"]] == []
+    assert (h.inbox / "rejected-old" / "trial7").read_bytes() == b"the recording of trial 7"
 
 
 # --- a3dd9e4: a requeue without the journal from the top of the rejected folder --------

@@ -275,7 +275,7 @@ class InboxScanning:
                 error=why,
             )
         state.unreadable = unreadable
-        ready = rejected_found.not_rejected_inputs(key, state, result.ready, before)
+        ready = rejected_found.not_rejected_inputs(key, state, result.ready, before, self.journal)
         if (
             state.paused
             or state.archive_problem is not None

@@ -9,7 +9,9 @@ root, or not at all, or, mounted after the start, it holds resources the registr
 has no record of: :mod:`~nbankd.daemon.late_archives`); an inbox's
 ``placement: rename`` is not proved to work
 (:func:`~nbankd.daemon.setup.check_placement`); inputs wait after a failed step
-(registry outage, full or failing archive filesystem, ...); files are stalled; the
+(registry outage, full or failing archive filesystem, ...); files are stalled; inputs
+are held for a ``NAME.reason`` of a rejection beside them
+(:mod:`~nbankd.daemon.rejected_found`: a rejected folder renamed or moved); the
 lane of small files has shown no progress, or has waited for the registry's answers,
 for a minute; the last reload of the configuration file failed (until a reload
 or a restart succeeds); the process is short of file descriptors (fewer than
@@ -138,6 +140,24 @@ def reload_line(source: str, problem: str) -> str:
     )
 
 
+#: inputs held for a NAME.reason beside them that status names (the count has them all)
+HELD_NAMED = 5
+
+
+def held_line(key: str, rejected: os.PathLike[str], held: Sequence[str]) -> str:
+    """The status line of inputs held, never deposited, for a ``NAME.reason`` nbankd
+    wrote beside each (:mod:`~nbankd.daemon.rejected_found`): how many, the first
+    ones, and what to do."""
+    names = ", ".join(printable(rel) for rel in held[:HELD_NAMED])
+    more = f" and {len(held) - HELD_NAMED} more" if len(held) > HELD_NAMED else ""
+    return (
+        f"{len(held)} input(s) in {key} never deposited: a NAME.reason of a rejection is "
+        f"beside each (a rejected folder renamed or moved?): {names}{more}; delete an "
+        "input's NAME.reason to have it deposited, or move both into "
+        f"{os.fspath(rejected)} and requeue it (nbankctl requeue FILE)"
+    )
+
+
 def status_line(snap: Snapshot) -> str:
     """One line for systemd's STATUS=: queue depth and the last deposit."""
     last = snap.last_deposit["id"] if snap.last_deposit else "none"
@@ -181,6 +201,9 @@ def build_status(
                 "open_for_writing": sorted(state.open_for_writing),
                 "unreadable": [rel for rel, _ in state.unreadable],
                 "skipped": dict(state.skipped),
+                # held for an nbankd NAME.reason beside each: how many, the first ones
+                "held_for_reason": len(state.held_for_reason),
+                "held_for_reason_first": list(state.held_for_reason[:HELD_NAMED]),
                 # the registry's record first: an archive made where it is not placed
                 # would not help
                 "archive_problem": state.registration_problem or state.archive_problem,
@@ -210,6 +233,8 @@ def build_status(
             )
         if state.stalled:
             degraded.append(f"{len(state.stalled)} stalled file(s) in {key}")
+        if state.held_for_reason:
+            degraded.append(held_line(key, state.config.rejected_path, state.held_for_reason))
     registry_problem = snap.registry_problem or snap.setup_problem
     if snap.registry_problem and snap.registry_problem != snap.setup_problem:
         degraded.append(f"registry: {snap.registry_problem}")

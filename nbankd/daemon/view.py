@@ -61,6 +61,9 @@ class InboxState:
     #: with when they are asked again
     open_for_writing: dict[str, float] = field(default_factory=dict)
     writers_unknown: bool = False  # the kernel could not tell for some file (no lease)
+    #: ready inputs held, never deposited, for a NAME.reason nbankd wrote beside each
+    #: (a rejected folder renamed or moved: :mod:`~nbankd.daemon.rejected_found`)
+    held_for_reason: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
