@@ -25,6 +25,7 @@ import structlog
 from nbankd import errors
 from nbankd.archive.fsops import write_atomic
 from nbankd.control.alert_rules import State, Tracked
+from nbankd.smallfile import SmallFileError, read_regular
 
 log = structlog.get_logger("nbankd.alerts")
 
@@ -105,15 +106,27 @@ def _entries(raw: Any) -> Iterable[Tracked]:
             yield t
 
 
+#: the most an alerts.json is read of
+_LIMIT = 16 << 20
+
+
 def load(state_dir: Path, notifiers: Iterable[str]) -> dict[str, State]:
     """The states kept for ``notifiers`` (the others are dropped); empty when the file
     is missing, and (logged) when it cannot be read."""
     path = state_dir / NAME
     try:
-        body = json.loads(path.read_bytes())
-    except FileNotFoundError:
+        # a small regular file: a FIFO or a device there never blocks the alert service
+        data, _ = read_regular(path, _LIMIT, follow=False)
+        body = json.loads(data)
+    except SmallFileError as err:
+        if err.reason == "missing":
+            return {}
+        why = err.noun if err.reason == "not-regular" else err.strerror or err.reason
+        log.warning(
+            "alert state not read; what was told before is forgotten", file=str(path), error=why
+        )
         return {}
-    except (OSError, ValueError) as err:
+    except (ValueError, RecursionError) as err:
         log.warning("alert state not read; what was told before is forgotten", error=repr(err))
         return {}
     kept = body.get("notifiers") if isinstance(body, dict) else None

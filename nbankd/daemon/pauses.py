@@ -144,12 +144,15 @@ def unfinished_switch(state_dir: Path) -> dict[str, Any] | None:
     None when no switch is under way. A record that cannot be read counts as one."""
     path = state_dir / SWITCH_PAUSED
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        if errors.out_of_descriptors(err):  # not known now; never told as a switch
-            raise
+        data, _ = read_regular(path, _LIMIT)  # a FIFO there never blocks status or a start
+        doc = json.loads(data)
+    except SmallFileError as err:
+        if err.reason == "missing":
+            return None
+        if err.errno in errors.DESCRIPTOR_ERRNOS:  # not known now; never told as a switch
+            raise OSError(err.errno, err.strerror) from None
+        return {"inboxes": [], "to": None, "problem": f"{path}: {_said(err)}"}
+    except (ValueError, RecursionError) as err:
         return {"inboxes": [], "to": None, "problem": f"{path}: {err}"}
     if not isinstance(doc, dict):
         return {"inboxes": [], "to": None, "problem": f"{path}: not a JSON object"}

@@ -379,3 +379,38 @@ def test_registry_switch_never_reads_registry_moves_through_a_fifo_or_a_link(
     noun = "FIFO" if kind == "fifo" else "symbolic link"
     assert proc.stdout.startswith("refused:") and noun in proc.stdout, proc.stdout
     assert "registry-moves.jsonl" in proc.stdout, proc.stdout
+
+
+_READ_IN_A_CHILD = """
+import json, sys
+from pathlib import Path
+from nbankd.control import alert_memory
+from nbankd.daemon import pauses
+state = Path(sys.argv[1])
+print(json.dumps({
+    "alerts": alert_memory.load(state, ["mail"]),
+    "switch": pauses.unfinished_switch(state),
+}))
+"""
+
+
+def test_a_fifo_for_alerts_json_or_the_switch_record_never_blocks_their_readers(
+    tmp_path: Path,
+) -> None:
+    """A FIFO at state_dir/alerts.json or state_dir/migration/paused.json is refused
+    at once (nothing remembered; an unreadable switch record told), never opened."""
+    state = tmp_path / "state"
+    (state / "migration").mkdir(parents=True)
+    os.mkfifo(state / "alerts.json")
+    os.mkfifo(state / "migration" / "paused.json")
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_IN_A_CHILD, str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout.splitlines()[-1])
+    assert read["alerts"] == {}
+    assert read["switch"]["inboxes"] == [] and "FIFO" in read["switch"]["problem"], read
