@@ -66,6 +66,11 @@ def renewed(recorded: str | None, fresh: Mapping[str, Any]) -> str:
 #: an older release, which recorded none; null: no marker was there at the claim)
 MARKER_KEY = "marker"
 MARKER_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+#: what setting a marker again changes (creating, writing or touching it moves its
+#: modification time): its mode, owner, ACL or xattrs changed (``chmod -R g+w`` over
+#: an inbox, a backup tool), which move only its ctime, or a remount that numbers it
+#: anew, leave it the marker its claim found
+MARKER_SET_AGAIN = ("size", "mtime_ns")
 
 
 def with_marker(identity: str, st: os.stat_result | None) -> str:
@@ -86,7 +91,7 @@ def marker_is_claimed(recorded: str | None, now: Mapping[str, int]) -> bool:
     if recorded is None or MARKER_KEY not in _recorded(recorded):
         return True
     want = _recorded(recorded)[MARKER_KEY]
-    return want is not None and all(want.get(f) == now.get(f) for f in MARKER_FIELDS)
+    return want is not None and all(want.get(f) == now.get(f) for f in MARKER_SET_AGAIN)
 
 
 # -- a change found after a restart of the machine -------------------------------------

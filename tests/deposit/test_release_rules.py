@@ -80,8 +80,9 @@ def _claim(marker: dict[str, int] | str | None) -> str:
     [
         (_claim(MARKER), MARKER, True),  # the claimed recording's own: removed
         (_claim(MARKER), {**MARKER, "mtime_ns": 200 * S, "ctime_ns": 200 * S}, False),  # touch
-        (_claim(MARKER), {**MARKER, "ctime_ns": 200 * S}, False),  # its status changed
-        (_claim(MARKER), {**MARKER, "ino": 51}, False),  # removed and made again
+        (_claim(MARKER), {**MARKER, "ctime_ns": 200 * S}, True),  # chmod, ACL, xattr
+        (_claim(MARKER), {**MARKER, "ino": 51, "dev": 9}, True),  # a remount renumbered it
+        (_claim(MARKER), {**MARKER, "ino": 51, "mtime_ns": 200 * S}, False),  # made anew
         (_claim(MARKER), {**MARKER, "size": 1}, False),  # written
         (_claim(None), MARKER, False),  # none at the claim: set since
         (_claim("none"), MARKER, True),  # an older release's claim: removed, as it did
@@ -91,6 +92,7 @@ def _claim(marker: dict[str, int] | str | None) -> str:
         "unchanged",
         "touched",
         "status-changed",
+        "renumbered",
         "made-anew",
         "written",
         "none-at-claim",
