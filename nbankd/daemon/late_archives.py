@@ -33,7 +33,9 @@ import structlog
 from nbankd import errors
 from nbankd.archive import fsops, opening
 from nbankd.config import Config
+from nbankd.deposit import bounded
 from nbankd.registry.base import Registry
+from nbankd.smallfile import SmallFileError, read_regular
 from nbankd.timefmt import iso
 
 log = structlog.get_logger("nbankd.daemon")
@@ -61,27 +63,47 @@ def held_path(config: Config) -> Path:
     return config.state_dir / HELD_NAME
 
 
+#: the most of a held-archives.json that is read (a few names)
+_LIMIT = 1 << 20
+
+
+def _said(err: SmallFileError) -> str:
+    if err.reason == "not-regular":
+        return f"it is {err.noun}, not a file"
+    if err.reason == "too-large":
+        return f"it is larger than {_LIMIT >> 10} KiB"
+    return err.strerror or err.reason
+
+
 def held_names(config: Config) -> set[str]:
     """The configured archives :data:`HELD_NAME` names as held (every configured
     archive when that file cannot be read or understood: held until the registry is
-    found to record what each stores)."""
+    found to record what each stores). Read as a small regular file (never through a
+    link; a FIFO there never blocks) within the limits of
+    :func:`~nbankd.deposit.bounded.load_json` (deep nesting is damage, not a crash)."""
     configured = {a.name for a in config.archives}
+    path = held_path(config)
     try:
-        doc = json.loads(held_path(config).read_bytes())
+        raw, _ = read_regular(path, _LIMIT, follow=False)
+        doc = bounded.load_json(raw.decode("utf-8"))
         names = set(doc["held"])
         if not all(isinstance(n, str) for n in names):
             raise TypeError("names are not strings")
-    except FileNotFoundError:
-        return set()
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        log.warning(
-            "the record of archives held over a lost state_dir cannot be read; every "
-            "archive is checked again",
-            path=str(held_path(config)),
-            error=str(err),
-        )
-        return configured
-    return names & configured
+    except SmallFileError as err:
+        if err.reason == "missing":
+            return set()
+        why = _said(err)
+    except (ValueError, TypeError, KeyError) as err:  # bounded.TooBig, bad UTF-8 too
+        why = str(err) or type(err).__name__
+    else:
+        return names & configured
+    log.warning(
+        f"the record of archives held over a lost state_dir ({HELD_NAME}) cannot be read; "
+        "every archive is checked again",
+        path=str(path),
+        error=why,
+    )
+    return configured
 
 
 class LateArchives:
