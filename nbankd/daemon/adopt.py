@@ -27,8 +27,11 @@ under a registered name) are skipped and named in the log and in the final
 summary; an adoption that ended with some skipped keeps their count and first names
 in :data:`SKIPPED_NAME`: a plain start runs (the lab may never be able to fix a
 genuine duplicate), and ``--adopt-archives`` may run again over the registry, so
-what the lab fixed since is adopted then. Entries it could not read (an I/O error,
-a folder it may not list, a resource that kept changing while it was hashed:
+what the lab fixed since is adopted then. An adoption that finished ends the hold
+of each archive it went through (:func:`~nbankd.daemon.late_archives.record_adopted`:
+what it skipped there is named, never a reason to hold the archive again). Entries it
+could not read (an I/O error, a folder it may not list, ``resources/`` itself among
+them, a resource that kept changing while it was hashed:
 :mod:`~nbankd.daemon.adopt_read`) leave adoption unfinished, to be run again. Under
 systemd it asks for more start time (``EXTEND_TIMEOUT_USEC``) as it goes, and says
 how far it got, in the log and in the unit's status, every few seconds.
@@ -62,7 +65,7 @@ log = structlog.get_logger("nbankd.adopt")
 #: in ``state_dir`` while an adoption is unfinished
 MARKER_NAME = "adoption-unfinished.json"
 #: in ``state_dir`` after an adoption that skipped entries: a re-run may adopt them
-SKIPPED_NAME = "adoption-skipped.json"
+SKIPPED_NAME = late_archives.SKIPPED_NAME
 #: how many skipped entries are kept, in the final summary and in :data:`SKIPPED_NAME`
 #: (the log names each)
 SUMMARY_NAMES = 50
@@ -78,16 +81,34 @@ def skipped_path(config: Config) -> Path:
     return config.state_dir / SKIPPED_NAME
 
 
-def _holding(config: Config) -> list[tuple[str, layout.Archive]]:
-    """(name, archive) of each configured archive that stores at least one resource."""
+def _opened(config: Config) -> list[tuple[str, Path, layout.Archive]]:
+    """(name, configured path, archive) of each configured archive that opens now."""
     out = []
     for arch in config.archives:
         try:
-            archive = opening.open_archive(arch.path)
+            out.append((arch.name, arch.path, opening.open_archive(arch.path)))
         except errors.NbankdError:
             continue  # unmounted or not made yet: nothing to say about it now
-        if next(iter(archive.iter_resources()), None) is not None:
-            out.append((arch.name, archive))
+    return out
+
+
+def _holding(config: Config) -> list[tuple[str, layout.Archive]]:
+    """(name, archive) of each configured archive that stores at least one resource
+    (one whose resources cannot be listed is left to
+    :class:`~nbankd.daemon.late_archives.LateArchives`, which holds its deposits until
+    they can be), but one an adoption went through."""
+    adopted: dict[str, str] | None = None
+    out = []
+    for name, where, archive in _opened(config):
+        try:
+            if late_archives.first_stored(archive) is None:
+                continue
+        except late_archives.Unlisted:
+            continue
+        if adopted is None:
+            adopted = late_archives.adopted_at(config)
+        if adopted.get(name) != str(where):
+            out.append((name, archive))
     return out
 
 
@@ -313,8 +334,10 @@ def _remove(path: Path) -> None:
         raise _stuck(path, err, "removed") from err
 
 
-def _end(config: Config, done: Adoption) -> None:
-    """Keeps the list of what was skipped (or forgets it), then marks adoption done."""
+def _end(config: Config, done: Adoption, gone_through: dict[str, Path]) -> None:
+    """Keeps the list of what was skipped (or forgets it), ends the holds of the
+    archives gone through (:func:`~nbankd.daemon.late_archives.record_adopted`), then
+    marks adoption done."""
     record = skipped_path(config)
     if done.skipped:
         body = {"ended": iso(time.time()), "skipped": done.skipped, "first": done.named}
@@ -326,6 +349,10 @@ def _end(config: Config, done: Adoption) -> None:
             raise _stuck(record, err, "written") from err
     else:
         _remove(record)
+    try:
+        late_archives.record_adopted(config, gone_through)
+    except OSError as err:
+        raise _stuck(late_archives.held_path(config), err, "written") from err
     _remove(marker_path(config))
     fsops.fsync_dir(config.state_dir)
 
@@ -350,23 +377,25 @@ def adopt(
     tick = Progress(keep_alive)
     tick.start()
     done = Adoption()
-    for name, archive in _holding(config):
+    gone_through: dict[str, Path] = {}
+    for name, where, archive in _opened(config):
         dtypes = [i.dtype for i in config.inboxes if i.archive == name and i.dtype]
-        if not dtypes:
-            raise errors.ConfigError(
-                f"archive {name} has no inbox with a dtype to record its resources under",
-                hint="give an inbox that deposits into it a dtype, then adopt again",
-            )
         log.info("adopting archive", archive=name, path=str(archive.path))
         anomalies: list[layout.Anomaly] = []
         count = 0
         for ident, path in archive.iter_resources(anomalies):
+            if not dtypes:
+                raise errors.ConfigError(
+                    f"archive {name} has no inbox with a dtype to record its resources under",
+                    hint="give an inbox that deposits into it a dtype, then adopt again",
+                )
             tick.entry(name, path)
             count += _adopt_one(registry, name, dtypes[0], ident, path, when, done, tick)
             tick.done()
-        for a in anomalies:
+        for a in anomalies:  # resources/ itself unlistable too: unread, never "empty"
             done.skip(name, a.path, a.reason, unread=a.kind == "unlistable")
         log.info("adopted archive", archive=name, resources=count)
+        gone_through[name] = where
     _summarise(config, done)
     if done.unread:
         raise errors.ArchiveUnavailable(
@@ -375,7 +404,7 @@ def adopt(
             hint="make them readable (or let what writes them finish), then run "
             "nbankd --adopt-archives again to finish",
         )
-    _end(config, done)
+    _end(config, done, gone_through)
     return done
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,9 +23,10 @@ import pytest
 
 from fixtures.adoption import add_mirror, held_said, hold_late_archive, plant
 from fixtures.daemon import NBANKD, DaemonHarness, raw_explain, status_json, wait_for
+from nbankd import errors
 from nbankd.archive.opening import create_archive
-from nbankd.config import load_config
-from nbankd.daemon import late_archives
+from nbankd.config import Config, load_config
+from nbankd.daemon import adopt, late_archives
 from nbankd.daemon.registry_setup import open_configured_registry
 
 Factory = Callable[..., DaemonHarness]
@@ -92,12 +94,6 @@ def test_a_deeply_nested_record_of_holds_is_damage_not_a_crash(daemon_factory: F
 # --- the hold lifted -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: _known() takes 'no first resource listed' as 'holds nothing now', "
-    "but iter_resources() turns an unlistable or absent resources/ into no entries: "
-    "the hold is dropped (held-archives.json removed) and never comes back",
-)
 def test_a_hold_outlives_an_archive_that_lists_empty_for_a_moment(tmp_path: Path) -> None:
     """A held archive whose resources/ lists empty for a while (its filesystem not
     mounted yet under an empty mount point) is still held once its resources are back."""
@@ -134,13 +130,6 @@ def test_a_hold_outlives_an_archive_that_lists_empty_for_a_moment(tmp_path: Path
 # --- the ways out the hold names ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: the hold ends only when the archive's first stored resource (sorted) "
-    "is recorded there; when --adopt-archives skips that one (its name recorded with "
-    "other bytes) the hold stays for ever and status still advises --adopt-archives, "
-    "never naming the resource or adoption-skipped.json",
-)
 def test_a_hold_adoption_cannot_end_says_what_keeps_it(daemon_factory: Factory) -> None:
     """After --adopt-archives, an archive still held because its first stored resource
     could not be adopted (its name since recorded with other bytes) is released, or
@@ -159,6 +148,102 @@ def test_a_hold_adoption_cannot_end_says_what_keeps_it(daemon_factory: Factory) 
     lines = [d for d in status_json(h)[1]["degraded"] if "state_dir lost" in d]
     assert all("kept01" in d or "adoption-skipped" in d for d in lines), lines
     h.stop()
+
+
+def test_an_adoption_through_a_held_archive_ends_its_hold_over_restarts(
+    daemon_factory: Factory,
+) -> None:
+    """--adopt-archives that went through a held archive, its only resource skipped,
+    ends the hold: the waiting input is deposited, and a plain restart does not hold
+    the archive again over what adoption-skipped.json names."""
+    h = daemon_factory()
+    add_mirror(h)
+    hold_late_archive(h)
+    drop_into(h.root / "inbox2", "kept01.wav", b"a new recording with an old name")
+    wait_for(lambda: h.receipt("kept01"), 60, "the new kept01 to be deposited into mirror")
+    h.stop()
+    h.start(args=["--adopt-archives"], timeout=120)
+    wait_for(lambda: h.receipt("new01"), 60, "new01 to be deposited once adopted through")
+    skipped = json.loads((h.state_dir / "adoption-skipped.json").read_text())
+    assert any("kept01" in line for line in skipped["first"])
+    h.stop()
+    h.start()
+    h.drop("new02.wav", b"after a plain restart")
+    wait_for(lambda: h.receipt("new02"), 60, "new02 to be deposited after a plain restart")
+    assert not held_said(h)
+    h.stop()
+
+
+def _two_archives(tmp_path: Path) -> Config:
+    path = tmp_path / "nbankd.yaml"
+    path.write_text(
+        "registry: embedded\nstate_dir: state\n"
+        "archives: [{path: birds, name: birds, create: true}, {path: lost, name: lost}]\n"
+        "inboxes: [{path: inbox, archive: birds, dtype: wav}]\n"
+    )
+    cfg = load_config(path)
+    cfg.state_dir.mkdir()
+    return cfg
+
+
+def test_an_archive_whose_resources_cannot_be_listed_waits_to_be_checked(tmp_path: Path) -> None:
+    """An archive whose resources/ cannot be listed is not taken for empty: its
+    deposits wait, status told why, and it is held once its resources list again."""
+    cfg = _two_archives(tmp_path)
+    registry = open_configured_registry(cfg)
+    lost = tmp_path / "lost"
+    try:
+        create_archive(lost, registry.url)
+        registry.add_archive("lost", "neurobank", str(lost))
+        plant(lost, "lost01.wav", b"stored under a registry that was lost")
+        (lost / "resources").rename(tmp_path / "away")
+        (lost / "resources").write_bytes(b"")  # not a folder: listing it fails
+        late = late_archives.LateArchives(cfg)
+        waits = late.problem(registry, "lost", lost, ask=False)
+        assert waits is not None and "cannot be listed" in waits
+        assert "lost" in late.pending
+        (lost / "resources").unlink()
+        (tmp_path / "away").rename(lost / "resources")
+        held = late.problem(registry, "lost", lost)
+        assert held is not None and "state_dir lost" in held
+    finally:
+        registry.close()
+
+
+def test_a_damaged_record_of_holds_releases_an_archive_that_lists_empty(tmp_path: Path) -> None:
+    """Under a damaged held-archives.json an archive whose resources/ lists empty is
+    released (it was never found holding anything), and the record is removed."""
+    cfg = _two_archives(tmp_path)
+    registry = open_configured_registry(cfg)
+    try:
+        for name in ("birds", "lost"):
+            create_archive(tmp_path / name, registry.url)
+            registry.add_archive(name, "neurobank", str(tmp_path / name))
+        (cfg.state_dir / late_archives.HELD_NAME).write_text("{not json")
+        late = late_archives.LateArchives(cfg)
+        assert late.problem(registry, "birds", tmp_path / "birds") is None
+        assert late.problem(registry, "lost", tmp_path / "lost") is None
+        assert not (cfg.state_dir / late_archives.HELD_NAME).exists()
+    finally:
+        registry.close()
+
+
+def test_adoption_over_an_archive_whose_resources_cannot_be_listed_is_unfinished(
+    tmp_path: Path,
+) -> None:
+    """--adopt-archives over an archive whose resources/ cannot be listed does not
+    finish (never counted as holding nothing), naming it, and keeps the marker."""
+    cfg = _two_archives(tmp_path)
+    registry = open_configured_registry(cfg)
+    try:
+        create_archive(tmp_path / "lost", registry.url)
+        shutil.rmtree(tmp_path / "lost" / "resources")
+        (tmp_path / "lost" / "resources").write_bytes(b"")
+        with pytest.raises(errors.ArchiveUnavailable, match="resources"):
+            adopt.adopt(cfg, registry)
+        assert adopt.marker_path(cfg).exists()
+    finally:
+        registry.close()
 
 
 # --- what the user is told while held ---------------------------------------------------
