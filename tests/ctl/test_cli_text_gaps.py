@@ -38,6 +38,16 @@ def test_import_lines_show_a_registry_root_with_its_controls_as_text(
     server = django_registry
     name = unique_name("ar")
     server.post("archives/", {"name": name, "scheme": "neurobank", "root": f"/data/{HOSTILE}"})
+    try:
+        _import_dry_run_shows_the_root(tmp_path, server, name)
+    finally:  # other tests list every archive of the session's server (nbank parity)
+        server.shell(
+            f"from nbank_registry.models import Archive; Archive.objects.filter(name={name!r})"
+            ".delete()"
+        )
+
+
+def _import_dry_run_shows_the_root(tmp_path: Path, server: DjangoServer, name: str) -> None:
     state = tmp_path / "state"
     source = EmbeddedRegistry(state / "registry.sqlite3")
     source.add_archive(name, "neurobank", "/data/elsewhere")
