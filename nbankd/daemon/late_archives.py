@@ -223,6 +223,23 @@ class LateArchives:
         with self._lock:
             return frozenset(self._pending)
 
+    def check_at_start(self, registry: Registry, config: Config) -> None:
+        """Checks now every archive that opens at the start: one holding nothing then
+        is checked, and what another host stores in it later (a file of its own, whose
+        clash a deposit meets) holds nothing back. One that does not open (mounted
+        later) or cannot be listed stays to be checked when a deposit first needs it;
+        one whose registry does not answer, too."""
+        for archive in config.archives:
+            try:
+                self.problem(registry, archive.name, archive.path, ask=False)
+            except errors.NbankdError as err:
+                log.warning(
+                    "archive not checked for a lost state_dir at the start; checked when "
+                    "a deposit first needs it",
+                    archive=archive.name,
+                    error=str(err),
+                )
+
     def problem(self, registry: Registry, name: str, path: Path, *, ask: bool = True) -> str | None:
         """Why nothing may be deposited into archive ``name`` at ``path`` (it holds
         resources the registry has no record of), or None. An archive not checked yet

@@ -180,6 +180,7 @@ class Daemon(Configuring, DepositWorkers, InboxScanning):
             else:
                 adopt.check_not_orphaned(cfg, self.registry)
             self.late_archives = LateArchives(cfg)
+            self.late_archives.check_at_start(self.registry, cfg)
         except BaseException:
             self.shutdown()  # the lane too: nbankd does not start, and says only why
             raise
