@@ -428,17 +428,9 @@ def history(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def explain(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    path = _arg(args, "path", str)
-    if not path:
+    path = _file_path(args, "explain")
+    if path is None:
         raise ProtocolError("usage", "explain needs a path")
-    if not os.path.isabs(path):  # the daemon's working directory is not the caller's
-        raise ProtocolError("usage", f"explain needs an absolute path, not {path!r}")
-    try:
-        os.fsencode(path)
-    except UnicodeEncodeError:
-        raise ProtocolError(
-            "usage", f"argument 'path' holds a lone surrogate ({path!r}); no file name can"
-        ) from None
     return explain_mod.explain(
         path,
         _inboxes(daemon),
