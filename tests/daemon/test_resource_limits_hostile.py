@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
+from fixtures.processes import TAKE_EVERY_DESCRIPTOR
 from fixtures.webhooks import Hook
 
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
@@ -274,23 +275,21 @@ def test_paused_json_unread_for_want_of_descriptors_is_told_as_the_open_file_lim
 
 #: run in a subprocess: every descriptor under a soft limit of 64 taken, then the
 #: paused inboxes read from the state folder ``argv[1]`` (the log goes to stdout)
-_LOAD_WITHOUT_DESCRIPTORS = """
+_LOAD_WITHOUT_DESCRIPTORS = (
+    """
 import os, resource, sys
 from pathlib import Path
 from nbankd.daemon import pauses
 from nbankd.errors import OpenFileLimit
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-held = []
-try:
-    while True:
-        held.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + TAKE_EVERY_DESCRIPTOR
+    + """
 try:
     print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
 except OpenFileLimit as err:  # nothing known: never "nothing paused"
     print("paused inboxes not read:", err, flush=True)
 """
+)
 
 
 def test_paused_json_unread_for_want_of_descriptors_is_logged_as_the_open_file_limit(

@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from fixtures.daemon import DaemonHarness, nbankctl, raw_request, wait_for
+from fixtures.processes import TAKE_EVERY_DESCRIPTOR
 from fixtures.webhooks import Hook
 
 #: what a message naming the process's open-file limit (and how to raise it) looks like
@@ -151,23 +152,21 @@ def test_a_pause_made_while_paused_json_cannot_be_opened_keeps_a_left_out_inbox_
 
 #: run in a subprocess: every descriptor under a soft limit of 64 taken, then the
 #: paused inboxes read from the state folder ``argv[1]``
-_LOAD_WITHOUT_DESCRIPTORS = """
+_LOAD_WITHOUT_DESCRIPTORS = (
+    """
 import os, resource, sys
 from pathlib import Path
 from nbankd.daemon import pauses
 from nbankd.errors import NbankdError
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-held = []
-try:
-    while True:
-        held.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + TAKE_EVERY_DESCRIPTOR
+    + """
 try:
     print("paused:", sorted(pauses.load(Path(sys.argv[1]))), flush=True)
 except NbankdError as err:
     print("refused:", err, flush=True)
 """
+)
 
 
 def test_paused_json_unread_for_want_of_descriptors_is_never_nothing_paused(
@@ -233,20 +232,17 @@ def test_nbankctl_pause_without_descriptors_names_the_open_file_limit_not_state_
 
 #: run in a subprocess: every descriptor taken, then one alert sent to the webhook
 #: ``argv[1]``; prints what the send raised
-_SEND_WITHOUT_DESCRIPTORS = """
+_SEND_WITHOUT_DESCRIPTORS = (
+    """
 import os, resource, sys
 from nbankd.config.model import WebhookConfig
 from nbankd.control.alert_rules import Message, Tracked
 from nbankd.control.alerts import send_webhook
 problem = Tracked(first_seen=0.0, summary="inbox silent", command="nbankctl status", key="k")
 message = Message(problems=(problem,), resolved=())
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-held = []
-try:
-    while True:
-        held.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + TAKE_EVERY_DESCRIPTOR
+    + """
 try:
     send_webhook(WebhookConfig(url=sys.argv[1]), message, "lab-host")
 except Exception as err:
@@ -254,6 +250,7 @@ except Exception as err:
 else:
     print("sent", flush=True)
 """
+)
 
 
 def test_a_webhook_send_without_descriptors_names_the_open_file_limit_not_the_webhook(
@@ -276,17 +273,14 @@ def test_a_webhook_send_without_descriptors_names_the_open_file_limit_not_the_we
 
 #: run in a subprocess: every descriptor taken, then what alerts told kept in the
 #: state folder ``argv[1]``; prints how a failure is told
-_KEEP_WITHOUT_DESCRIPTORS = """
+_KEEP_WITHOUT_DESCRIPTORS = (
+    """
 import os, resource, sys
 from pathlib import Path
 from nbankd.control import alert_memory
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-held = []
-try:
-    while True:
-        held.append(os.open("/dev/null", os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + TAKE_EVERY_DESCRIPTOR
+    + """
 try:
     alert_memory.save(Path(sys.argv[1]), {})
 except OSError as err:
@@ -294,6 +288,7 @@ except OSError as err:
 else:
     print("kept", flush=True)
 """
+)
 
 
 def test_alerts_json_unwritten_for_want_of_descriptors_names_the_open_file_limit(
