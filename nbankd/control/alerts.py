@@ -270,10 +270,10 @@ class AlertService:
 
     def check(self, now: float | None = None) -> alert_rules.Message | None:
         """One check: decides and sends; returns the message sent or tried."""
-        from nbankd.control import handlers
+        from nbankd.control import status_handler
 
         now = time.time() if now is None else now
-        status = handlers.status(self.daemon, {})
+        status = status_handler.status(self.daemon, {})
         snap = self.daemon.snapshot()
         expect = {str(i.path): i.expect_every for i in snap.config.inboxes if i.expect_every}
         rejected, unlisted = self._rejected(snap.inboxes)

@@ -2,7 +2,7 @@
 rules (``metrics: {listen, textfile}``; both off by default).
 
 Every scrape (and every write of the textfile) reads the same status document
-``nbankctl status`` shows (:func:`nbankd.control.handlers.status`) and the totals the
+``nbankctl status`` shows (:func:`nbankd.control.status_handler.status`) and the totals the
 daemon keeps as items finish (:class:`nbankd.daemon.tally.Tally`), and turns them
 into metric families (:func:`families`, pure). The official ``prometheus_client``
 serves them (``start_http_server``); the node_exporter textfile is the same text
@@ -228,9 +228,9 @@ class _StatusCollector:
         self.daemon = daemon
 
     def collect(self) -> Iterable[Metric]:
-        from nbankd.control import handlers
+        from nbankd.control import status_handler
 
-        status = handlers.status(self.daemon, {})
+        status = status_handler.status(self.daemon, {})
         return families(status, self.daemon.snapshot().tally)
 
 
