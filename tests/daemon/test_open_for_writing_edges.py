@@ -206,7 +206,7 @@ def test_a_held_file_with_settle_seconds_zero_does_not_make_the_daemon_rescan_no
             first = _status_inbox(h)
             wait_for(
                 lambda: (_status_inbox(h)["last_scan"] or 0) >= first["last_scan"] + 2.0,
-                10,
+                60,
                 "two seconds of the daemon's scans",
             )
             later = _status_inbox(h)

@@ -479,7 +479,7 @@ def test_started_with_too_few_descriptors_nbankd_exits_naming_the_limit_never_we
         h.wrap_argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
         log_before = h.log_path.stat().st_size
         try:
-            h.start(timeout=15)
+            h.start(timeout=60)
         except AssertionError:
             assert h.proc is not None
             if h.proc.poll() is None:  # no READY=1, still running

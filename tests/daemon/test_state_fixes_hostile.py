@@ -75,7 +75,7 @@ def test_a_rejected_dir_set_by_mistake_and_set_back_does_not_hide_a_data_folder(
     wait_for(lambda: h.receipt("marker"), 30, "the later file deposited")
     # day2 was there first and settled first: a fair scan has taken it by now
     try:
-        wait_for(lambda: h.receipt("day2"), 15, "day2 deposited")
+        wait_for(lambda: h.receipt("day2"), 60, "day2 deposited")
     finally:
         h.stop()
 

@@ -133,7 +133,7 @@ def test_a_sidecar_hidden_by_an_ignore_pattern_never_holds_its_input_for_ever(
         (h.inbox / "rec.dat.nbank.json").write_text('{"metadata": {"bird": "b1"}}')
         h.drop("rec.dat", RECORDING)
         try:
-            h.wait_settled(1, timeout=12)
+            h.wait_settled(1, timeout=60)
         except AssertionError:
             said = nbankctl(h, "explain", str(h.inbox / "rec.dat")).stdout.strip()
             pytest.fail(
@@ -245,10 +245,10 @@ def test_an_input_changed_before_its_claim_is_deposited_without_waiting_for_a_re
         go.touch()
         wait_for(lambda: (b"b.dat", "cancelled", "gone") in _journal(h), 30, "b.dat's claim")
         try:
-            h.wait_settled(2, timeout=10)
+            h.wait_settled(2, timeout=60)
         except AssertionError:
             said = nbankctl(h, "explain", str(h.inbox / "b.dat")).stdout.strip()
-            pytest.fail(f"b.dat not deposited 10 s after its claim was cancelled: {said!r}")
+            pytest.fail(f"b.dat not deposited 60 s after its claim was cancelled: {said!r}")
     finally:
         go.touch()
         h.stop()
