@@ -209,9 +209,10 @@ def test_a_reader_that_answers_and_leaves_a_forked_helper_is_read(tmp_path: Path
     f = tmp_path / "rec.wav"
     f.write_bytes(b"RIFF....")
     started = time.monotonic()
-    result = read_file_metadata("fork-rec", f, search_path=[*sys.path, str(plugins)], timeout=5)
+    # a limit a loaded machine's reader start stays well within; the helper outlives it
+    result = read_file_metadata("fork-rec", f, search_path=[*sys.path, str(plugins)], timeout=60)
     assert (result.status, dict(result.metadata)) == ("read", {"channels": 2}), result.message
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # not the whole limit
 
 
 # -- guards (pass today) -----------------------------------------------------------------
