@@ -142,7 +142,12 @@ def test_a_hold_adoption_cannot_end_says_what_keeps_it(daemon_factory: Factory) 
     wait_for(lambda: h.receipt("kept01"), 60, "the new kept01 to be deposited into mirror")
     h.stop()
     h.start(args=["--adopt-archives"], timeout=120)
-    assert "conflict: kept01 is registered" in h.log_path.read_text(errors="replace")
+    # logged during the start, by the log writer's thread: it may follow READY=1
+    wait_for(
+        lambda: "conflict: kept01 is registered" in h.log_path.read_text(errors="replace"),
+        60,
+        "the adoption's conflict logged",
+    )
     wait_for(lambda: held_said(h) or h.receipt("new01"), 60, "new01 to be held or deposited")
     scans_later(h, 2)
     lines = [d for d in status_json(h)[1]["degraded"] if "state_dir lost" in d]

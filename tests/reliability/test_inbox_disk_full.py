@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fixtures.daemon import DaemonHarness, status_json
+from fixtures.daemon import DaemonHarness, status_json, wait_for
 from fixtures.daemon import nbankctl as ctl
 from fixtures.mountns import MountNamespace
 from nbankd.deposit.folderproof import PROOF_NAME, TEMP_NAME
@@ -52,7 +52,12 @@ def test_daemon_starts_with_its_inbox_filesystem_full(
     h.start()
     assert not (work / PROOF_NAME).exists()
     assert not [n for n in os.listdir(work) if n.startswith(TEMP_NAME)]
-    assert "cannot leave the work folder's token" in h.log_path.read_text(errors="replace")
+    # logged during the start, by the log writer's thread: it may follow READY=1
+    wait_for(
+        lambda: "cannot leave the work folder's token" in h.log_path.read_text(errors="replace"),
+        60,
+        "the missing token logged",
+    )
     _code, doc = status_json(h)
     assert doc["inboxes"][0]["unowned_work_files"] == []
     h.stop()
