@@ -93,7 +93,8 @@ def test_state_dir_removed_while_running_stops_deposits(daemon_factory: Any) -> 
     shutil.rmtree(h.state_dir)
 
     def degraded() -> list[str]:
-        return [d for d in status_json(h)[1]["degraded"] if "state_dir" in d]
+        # the test's own tmp_path holds "state_dir" too: match the line's start
+        return [d for d in status_json(h)[1]["degraded"] if d.startswith("state_dir ")]
 
     [line] = wait_for(degraded, 30, "status to name the removed state directory")
     assert str(h.state_dir) in line and "restore state_dir from its backup" in line

@@ -145,7 +145,7 @@ def test_a_long_scan_of_one_inbox_does_not_slow_the_next_inbox_s_wake_ups(
     """An inbox whose own scan is quick wakes within a second for a new file even when it
     was scanned in the same pass as another inbox whose scan was long: its scan length
     (which spaces its change scans) is its own, not the whole pass's."""
-    pause = 4.0
+    pause = 4.0  # under queue's 5 s wait for a fresh scan
     h, first_inbox = _two_inboxes(
         daemon_factory,
         {"watch": "poll", "ready": "marker"},
@@ -167,7 +167,7 @@ def test_a_long_scan_of_one_inbox_does_not_slow_the_next_inbox_s_wake_ups(
         h.drop("c.wav", b"a recording dropped into the quick inbox")
         wait_for(lambda: _receipt_for(h, "c"), 30, "c.wav's deposit")
         took = time.monotonic() - dropped
-        assert took < 2.5, (
+        assert took < 6.0, (  # the fault waits twice the pause (8 s): room for a busy CI
             f"c.wav (settle_seconds 0.3, an inbox scanned in milliseconds) was deposited "
             f"{took:.1f} s after it was dropped: its next scan waited twice the {pause:g} s "
             "the other inbox's scan took"
@@ -355,7 +355,8 @@ def test_an_inbox_named_through_a_configured_link_is_watched_by_inotify(
         took = time.monotonic() - dropped
         proc = nbankctl(h, "status", "--json", timeout=60)
         [inbox] = json.loads(proc.stdout)["inboxes"]
-        assert (took < 3.0, inbox["watch_mode"]) == (True, "inotify"), (
+        # the fault waits for a rescan an hour away: 20 s is room for a busy CI only
+        assert (took < 20.0, inbox["watch_mode"]) == (True, "inotify"), (
             f"linked.wav was deposited {took:.1f} s after it was dropped; the watch: "
             f"{inbox['watch_mode']} ({inbox['watch_problem']}): watchdog's watch on the "
             "configured path (IN_DONT_FOLLOW) is on the link itself, so no event comes"
