@@ -134,6 +134,12 @@ TAR_UNREADABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def has_control_character(name: str) -> bool:
+    """Whether a member's name holds a control character (an escape, a newline, a tab,
+    DEL): tape import refuses such a member, so tape register records none."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+
+
 def member_id(name: str) -> str | None:
     """The resource identifier a member name stands for, or None if it cannot be one."""
     stem = PurePosixPath(name).stem
@@ -353,6 +359,7 @@ __all__ = [
     "Recorder",
     "Report",
     "Summary",
+    "has_control_character",
     "member_id",
     "noop",
     "open_tar",

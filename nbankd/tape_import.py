@@ -40,6 +40,7 @@ from nbankd.tape import (
     Recorder,
     Report,
     Summary,
+    has_control_character,
     member_id,
     noop,
     open_tar,
@@ -67,7 +68,7 @@ def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) ->
     path = PurePosixPath(name)
     if not name or "\0" in name:
         return "an empty or invalid name"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if has_control_character(name):
         return "a name with a control character (a newline, a tab, ...)"
     if not is_utf8(name):
         return "a name that is not UTF-8 (registry keys and folder hashes are UTF-8)"

@@ -13,6 +13,10 @@ unverified (``tape prune`` will not trust it without ``--unverified``).
 Run again on the same tape file it resumes: an existing keyed location is left
 alone, and a keyless one (as ``nbank archive register-tar`` writes them) gets
 the member's path as its key once the member's hash matches.
+
+A member whose name holds a control character (an escape, a newline, a tab) is never
+located: tape import would refuse it. Each is reported, its name escaped, as not
+registered, and so is a folder resource holding one.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from nbankd.tape import (
     Recorder,
     Report,
     Summary,
+    has_control_character,
     member_id,
     noop,
     open_tar,
@@ -68,7 +73,10 @@ _SCATTERED = (
 
 
 def scan_tar(
-    tar_path: str | os.PathLike[str], advance: Advance | None = None
+    tar_path: str | os.PathLike[str],
+    advance: Advance | None = None,
+    *,
+    control_names: list[str] | None = None,
 ) -> tuple[list[TarEntry], str | None]:
     """Hashes every member of a tar that may be a resource, reading it once, in tar order.
 
@@ -78,7 +86,8 @@ def scan_tar(
     member below it, a link or a device).
     Returns the entries and, if the tar could not be read to the end, why: then
     the files read whole keep their hashes and every folder is unverifiable (the
-    rest of its files may lie in the unread part).
+    rest of its files may lie in the unread part). The name of every member holding
+    a control character is appended to ``control_names`` when given.
     """
     step = advance or noop
     entries: list[TarEntry] = []
@@ -94,6 +103,8 @@ def scan_tar(
                 path = PurePosixPath(member.name)
                 if path == PurePosixPath(MANIFEST_NAME):
                     continue
+                if control_names is not None and has_control_character(member.name):
+                    control_names.append(member.name)
                 id = member_id(member.name)
                 # tape import reads a folder's members while they follow it
                 reading = [f for f in reading if f == path or f in path.parents]
@@ -162,6 +173,33 @@ def _verify(entry: TarEntry, record: ResourceRecord) -> tuple[str | None, str]:
     return None, " (SHA-1 checked)"
 
 
+#: why a member named with a control character is not located
+_CONTROL = (
+    "not registered: its name holds a control character (an escape, a newline, a "
+    "tab), and tape import refuses such a member; write the tar again with that file "
+    "renamed"
+)
+
+
+def _refuse_control_names(
+    entries: list[TarEntry], odd: list[str], note: Recorder
+) -> list[TarEntry]:
+    """Reports each member of ``odd`` (named with a control character) as not
+    registered; returns the entries to go on with: without those, and with each folder
+    holding one made unverifiable."""
+    if not odd:
+        return entries
+    refused = set(odd)
+    for name in odd:
+        note(name, "failed", _CONTROL, ok=False, id=member_id(name))
+        for entry in entries:
+            if entry.is_dir and PurePosixPath(entry.name) in PurePosixPath(name).parents:
+                entry.problem = entry.problem or (
+                    f"it holds {name!r}, a name with a control character, which tape import refuses"
+                )
+    return [e for e in entries if e.name not in refused]
+
+
 def register_tar(
     registry: Registry,
     tar_path: str | os.PathLike[str],
@@ -179,7 +217,9 @@ def register_tar(
     summary = Summary(archive=name)
     note = Recorder(summary, report)
     note(name, "archive", message)
-    entries, broken = scan_tar(tar_path, advance)
+    odd: list[str] = []
+    entries, broken = scan_tar(tar_path, advance, control_names=odd)
+    entries = _refuse_control_names(entries, odd, note)
     if broken is not None:
         note(
             str(tar_path),

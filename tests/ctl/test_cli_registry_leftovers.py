@@ -1,0 +1,104 @@
+"""Findings left alone by earlier reviews of nbankctl and the registries, closed here.
+
+- ``tape register`` passed over a member whose name holds a control character (an
+  escape, a newline) without a word: it is now named (escaped), said not registered
+  and why, and the command exits 1;
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from nbank.util import hash_directory
+
+from fixtures.cli_backends import Backend, make_backend
+
+
+@pytest.fixture
+def embedded(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """nbankctl on a fresh embedded registry (nothing shared with other tests)."""
+    return make_backend("embedded", tmp_path, request)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
+    """A tar of members (name, contents), a folder where contents is None."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --- tape register: members whose names hold control characters -----------------------
+
+
+def test_tape_register_names_each_member_with_a_control_character_and_exits_1(
+    embedded: Backend,
+) -> None:
+    """Members named with an escape, a newline or a tab (one with a valid identifier
+    after a folder so named) are each named escaped, said not registered and why, get
+    no location, and the command exits 1; the honest member is registered."""
+    _, arch = embedded.archive()
+    good, odd = embedded.blob("good"), embedded.blob("odd")
+    id_good = embedded.resource(good, arch)
+    id_odd = embedded.resource(odd, arch)
+    hostile = {
+        "x\x1b[2J.dat": "x\\x1b[2J.dat",
+        "notes\n.txt": "notes\\x0a.txt",
+        f"in\tdir/{id_odd}.dat": f"in\\x09dir/{id_odd}.dat",
+    }
+    names = list(hostile)
+    tar = _tar(
+        embedded.tmp / "t.tar",
+        [(f"{id_good}.dat", good), (names[0], b"a"), (names[1], b"b"), (names[2], odd)],
+    )
+    tape = embedded.name("TAPE")
+    proc = embedded.ctl("tape", "register", tape, "0", str(tar))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "\x1b" not in proc.stderr
+    for shown in hostile.values():
+        [line] = [x for x in proc.stderr.splitlines() if f"✗ {shown} ->" in x]
+        assert "not registered" in line and "control character" in line, line
+    assert "failed or refused: 3" in proc.stderr, proc.stderr
+    locations = {
+        id: [loc.key for loc in embedded.registry.get_locations(id) if loc.scheme == "tape"]
+        for id in (id_good, id_odd)
+    }
+    assert locations == {id_good: [f"{id_good}.dat"], id_odd: []}
+
+
+def test_tape_register_refuses_a_folder_resource_holding_a_member_with_a_control_character(
+    embedded: Backend,
+) -> None:
+    """A folder resource whose hash matches but which holds a member named with an
+    escape (tape import would refuse it) gets no location; the member is named escaped
+    and the command exits 1."""
+    _, arch = embedded.archive()
+    files = {"a.txt": embedded.blob("a"), "b\x1b[31m.txt": embedded.blob("b")}
+    root = embedded.tmp / "folder"
+    root.mkdir()
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    idd = embedded.registry.add_resource(
+        dtype=embedded.dtype, archive=arch, name=embedded.name("d"), sha1=hash_directory(root)
+    ).name
+    tar = _tar(
+        embedded.tmp / "t.tar", [(idd, None)] + [(f"{idd}/{k}", v) for k, v in files.items()]
+    )
+    proc = embedded.ctl("tape", "register", embedded.name("TAPE"), "0", str(tar))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "\x1b" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    [line] = [x for x in lines if f"✗ {idd}/b\\x1b[31m.txt ->" in x]
+    assert "not registered" in line and "control character" in line, line
+    [folder] = [x for x in lines if f"✗ {idd} ->" in x]
+    assert "control character" in folder and "no location recorded" in folder, folder
+    assert [loc for loc in embedded.registry.get_locations(idd) if loc.scheme == "tape"] == []
