@@ -4,7 +4,8 @@
   registry (``-r URL``, ``$NBANK_REGISTRY`` or the configuration's, embedded
   included) as JSON lines in UTF-8 (:mod:`nbankd.migration.snapshot`), warning of each
   resource no registry can be given again (metadata that is not an object, or not
-  UTF-8), which an import then reports as blocked;
+  UTF-8), which an import then reports as blocked: the file holds them, and the
+  command exits 1, as what it wrote cannot all be restored;
 - ``import FILE --to URL`` creates on a django-neurobank registry what it lacks,
   keeping every name and SHA-1; ``migrate --to URL`` exports and imports in one go;
 - ``switch --to URL`` (:mod:`nbankctl.migrate_switch`) moves a running nbankd from
@@ -35,14 +36,18 @@ from nbankd.migration import snapshot
 from nbankd.names import printable, without_controls
 
 
-def export_registry(args: argparse.Namespace) -> snapshot.Snapshot:
+def export_registry(args: argparse.Namespace, report: Report) -> snapshot.Snapshot:
+    """Every record of the registry in use; each resource no registry can be given
+    again is warned of on stderr and recorded as a failure (exit 1)."""
     with open_registry(args) as source:
         if not args.json:
             print(f"source: {describe(source)}", file=sys.stderr)
         with progress(None, "record") as (advance, _bar):
             snap = snapshot.take(source, advance=advance)
-    for message in snapshot.unstorable(snap):
+    unstorable = snapshot.unstorable(snap)
+    for message in unstorable:
         print(f"nbankctl: warning: {printable(message)}", file=sys.stderr)
+    report.failed(len(unstorable))
     return snap
 
 
@@ -68,7 +73,7 @@ def save_export(snap: snapshot.Snapshot, path: Path, option: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace, report: Report) -> None:
-    snap = export_registry(args)
+    snap = export_registry(args, report)
     if args.output and args.output != "-":
         save_export(snap, Path(args.output), "-o")
     else:
@@ -91,7 +96,7 @@ def cmd_import(args: argparse.Namespace, report: Report) -> None:
 
 def cmd_migrate(args: argparse.Namespace, report: Report) -> None:
     url = target_url(args.to)
-    snap = export_registry(args)
+    snap = export_registry(args, report)
     if args.save_export:
         save_export(snap, Path(args.save_export), "--save-export")
     if not import_snapshot(args, snap, url):

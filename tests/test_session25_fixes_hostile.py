@@ -86,8 +86,14 @@ def test_a_record_whose_metadata_an_admin_made_a_list_is_read(
         "from nbank_registry.models import Resource; "
         f"Resource.objects.filter(name={name!r}).update(metadata=['rig 2', 'bad take'])"
     )
-    with HttpRegistry(django_registry.url, django_registry.auth) as reg:
-        record = reg.get_resource(name)
-        listed = [r.name for r in reg.search(archive=arch)]
+    try:
+        with HttpRegistry(django_registry.url, django_registry.auth) as reg:
+            record = reg.get_resource(name)
+            listed = [r.name for r in reg.search(archive=arch)]
+    finally:  # a whole export of the session's server warns of it (and exits 1)
+        django_registry.shell(
+            f"from nbank_registry.models import Resource; Resource.objects.filter(name={name!r})"
+            ".delete()"
+        )
     assert record is not None and record.name == name and record.sha1 == sha1
     assert listed == [name]

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import io
+import json
+import sqlite3
 import tarfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from nbank.util import hash_directory
 
 from fixtures.cli_backends import Backend, make_backend
+from nbankd.migration import snapshot
 
 
 @pytest.fixture
@@ -102,3 +105,29 @@ def test_tape_register_refuses_a_folder_resource_holding_a_member_with_a_control
     [folder] = [x for x in lines if f"✗ {idd} ->" in x]
     assert "control character" in folder and "no location recorded" in folder, folder
     assert [loc for loc in embedded.registry.get_locations(idd) if loc.scheme == "tape"] == []
+
+
+# --- registry export: records it warns of -------------------------------------------------
+
+
+def test_registry_export_that_warns_of_a_record_exits_1_and_still_writes_every_record(
+    embedded: Backend,
+) -> None:
+    """A record whose metadata no registry can be given again (a lone surrogate an older
+    registry kept) is warned of by name and makes the export exit 1; the file holds it
+    and the other records."""
+    embedded.resource(b"odd", None, name="odd", metadata={})
+    embedded.resource(b"fine", None, name="fine")
+    db_path = embedded.tmp / "state" / "registry.sqlite3"
+    with sqlite3.connect(db_path) as db:  # as an older version could store it
+        db.execute(
+            "UPDATE resource SET metadata = ? WHERE name = 'odd'",
+            (json.dumps({"take": "a\udcff.wav"}),),
+        )
+    db.close()
+    export = embedded.tmp / "export.jsonl"
+    proc = embedded.ctl("registry", "export", "-o", str(export))
+    assert proc.returncode == 1, proc.stderr
+    [warning] = [x for x in proc.stderr.splitlines() if "warning" in x]
+    assert "resource 'odd'" in warning and "cannot be created again" in warning, warning
+    assert sorted(r.name for r in snapshot.load(export).resources) == ["fine", "odd"]
