@@ -12,6 +12,7 @@ records how the command ended, when it ended early: :meth:`Report.error`,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -51,10 +52,16 @@ class Report:
     def error(self, err: errors.NbankdError) -> None:
         """Records the error that ended the command, and says it on stderr: its lines
         as they are, any other control character in it (a registry's text, a file's
-        name) shown as text (:func:`~nbankd.names.lines_without_controls`)."""
-        print(f"nbankctl: {lines_without_controls(str(err))}", file=sys.stderr)
+        name) shown as text (:func:`~nbankd.names.lines_without_controls`). Said within
+        a deadline, as nbankd's last error is: a pipe nobody reads never holds the
+        command's exit (:func:`~nbankd.service.logwriter.say_within`)."""
         if self._error is None:
             self._error = err
+        from nbankd.service import logwriter  # only a command ending in error needs it
+
+        with contextlib.suppress(OSError, ValueError):  # a stderr that is closed
+            sys.stderr.flush()  # what the command said before goes first
+        logwriter.say_within(sys.stderr, f"nbankctl: {lines_without_controls(str(err))}")
 
     def output_closed(self) -> None:
         """Records that the reader of the output went away (``| head``): the command

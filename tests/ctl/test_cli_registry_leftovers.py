@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from nbank.util import hash_directory
 
-from fixtures.cli_backends import Backend, make_backend
+from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend
+from fixtures.processes import stuck_pipe
 from nbankd.migration import snapshot
 
 
@@ -131,3 +134,32 @@ def test_registry_export_that_warns_of_a_record_exits_1_and_still_writes_every_r
     [warning] = [x for x in proc.stderr.splitlines() if "warning" in x]
     assert "resource 'odd'" in warning and "cannot be created again" in warning, warning
     assert sorted(r.name for r in snapshot.load(export).resources) == ["fine", "odd"]
+
+
+# --- the last error line, on a stderr nobody reads --------------------------------------
+
+
+def test_nbankctls_last_error_line_never_holds_its_exit_on_a_stuck_stderr(tmp_path: Path) -> None:
+    """nbankctl refusing its configuration exits with its status (2) within seconds even
+    when its stderr is a pipe nobody reads, never blocked writing the error."""
+    config = tmp_path / "config.yaml"
+    config.write_text("inboxes: not a list\n")
+    r, w = stuck_pipe()
+    try:
+        proc = subprocess.Popen(
+            [NBANKCTL, "-c", str(config), "status"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=w,
+            env=base_env(tmp_path / "home"),
+        )
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("nbankctl hangs writing its last error to a stderr nobody reads")
+    finally:
+        os.close(w)
+        os.close(r)
+    assert code == 2, code

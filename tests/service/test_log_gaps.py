@@ -13,7 +13,6 @@ Noted by an earlier session and closed here:
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.processes import stuck_pipe
 from nbankd.service.logs import configure_logging, get_logger, reset_logging
 
 NBANKD = str(Path(sys.executable).with_name("nbankd"))
@@ -69,27 +69,12 @@ def test_a_log_call_whose_arguments_fit_is_interpolated_as_before() -> None:
     assert "rig3" in lines[1] and "log error" not in out.getvalue(), lines
 
 
-def _stuck_pipe() -> tuple[int, int]:
-    """A pipe whose buffer is full and that nobody reads: a write to it blocks."""
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    try:
-        while True:
-            os.write(w, b"x" * 65536)
-    except BlockingIOError:
-        pass
-    except OSError as err:  # pragma: no cover - a pipe only says EAGAIN when full
-        assert err.errno == errno.EAGAIN
-    os.set_blocking(w, True)
-    return r, w
-
-
 def test_nbankds_last_error_line_never_holds_its_exit_on_a_stuck_stderr(tmp_path: Path) -> None:
     """nbankd refusing its configuration exits with its status (2) even when its stderr
     is a pipe nobody reads, within seconds, never blocked writing the error."""
     config = tmp_path / "config.yaml"
     config.write_text("inboxes: not a list\n")
-    r, w = _stuck_pipe()
+    r, w = stuck_pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NBANKD_", "NOTIFY_"))}
     try:
         proc = subprocess.Popen(
