@@ -132,6 +132,21 @@ def _where(path: str) -> str:
     return f"metadata key {json.dumps(path, ensure_ascii=True)}" if path else "metadata"
 
 
+def read_metadata(name: str, text: str) -> Any:
+    """The metadata of resource ``name`` from its JSON ``text``; nested too deep for
+    Python's JSON reader (near 1,000 levels), a RegistryError naming the resource,
+    never a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise errors.RegistryError(
+            f"resource {name!r}: its metadata is nested too deep to be read (near "
+            "1,000 levels or more), which no registry is sure to store",
+            hint="replace that resource's metadata in the registry with a shallower "
+            "one, then run the command again",
+        ) from None
+
+
 def _freeze_metadata(metadata: Any) -> str | None:
     return None if metadata is None else json.dumps(metadata, sort_keys=True)
 
@@ -287,15 +302,7 @@ class ResourceRecord:
         never a RecursionError."""
         if self.metadata_json is None:
             return None
-        try:
-            return json.loads(self.metadata_json)
-        except RecursionError:
-            raise errors.RegistryError(
-                f"resource {self.name!r}: its metadata is nested too deep to be read (near "
-                "1,000 levels or more), which no registry is sure to store",
-                hint="replace that resource's metadata in the registry with a shallower "
-                "one, then run the command again",
-            ) from None
+        return read_metadata(self.name, self.metadata_json)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,6 @@ Modules: ``embedded_schema`` (file, connections, schema, migrations),
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -49,6 +48,8 @@ from nbankd.registry.base import (
     ResourceRecord,
     by_root,
     full_url,
+    json_shape,
+    read_metadata,
     unstorable_metadata,
 )
 from nbankd.registry.embedded_db import exists
@@ -448,7 +449,14 @@ class EmbeddedRegistry(EmbeddedLocations):
                 raise rejections.classify({"metadata": ["metadata must be a dictionary"]})
             rest, core = rules.split_metadata(metadata)
             body: dict[str, Any] = {}
-            merged = dict(json.loads(row[1])) if row[1] is not None else {}
+            stored = read_metadata(name, row[1]) if row[1] is not None else {}
+            if not isinstance(stored, dict):
+                raise errors.RegistryError(
+                    f"resource {name!r}: its stored metadata is {json_shape(stored)}, not an "
+                    "object, so nothing can be merged into it",
+                    hint="replace that resource's metadata in the registry with an object",
+                )
+            merged = dict(stored)
             for k, v in rest.items():
                 if v is None:
                     merged.pop(k, None)

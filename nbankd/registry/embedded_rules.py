@@ -138,10 +138,17 @@ def dump_metadata(metadata: Mapping[str, Any]) -> str | None:
 
 
 def shown_metadata(stored: str | None, experimenter: str | None, animal: str | None) -> str | None:
-    """The record's metadata: stored metadata plus copies of the core fields."""
+    """The record's metadata: stored metadata plus copies of the core fields; as stored
+    when it cannot be read (nested too deep: reading the record's metadata then names
+    it, :meth:`~nbankd.registry.base.ResourceRecord.metadata`) or is not an object."""
     if experimenter is None and animal is None:
         return stored
-    shown = json.loads(stored) if stored is not None else {}
+    try:
+        shown = json.loads(stored) if stored is not None else {}
+    except RecursionError:
+        return stored
+    if not isinstance(shown, dict):
+        return stored
     if animal is not None:
         shown["animal"] = animal
     if experimenter is not None:

@@ -20,7 +20,9 @@ from nbank.util import hash_directory
 
 from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend
 from fixtures.processes import stuck_pipe
+from nbankd import errors
 from nbankd.migration import snapshot
+from nbankd.registry.embedded import EmbeddedRegistry
 
 
 @pytest.fixture
@@ -163,3 +165,74 @@ def test_nbankctls_last_error_line_never_holds_its_exit_on_a_stuck_stderr(tmp_pa
         os.close(w)
         os.close(r)
     assert code == 2, code
+
+
+# --- the embedded registry: stored metadata it cannot merge into ----------------------
+
+
+def _stored(tmp: Path, metadata_text: str, *, animal: str | None = None) -> EmbeddedRegistry:
+    """An embedded registry with resource 'odd' whose stored metadata is
+    ``metadata_text`` (set in its database, as an older version or an administrator
+    could) and resource 'fine'."""
+    path = tmp / "registry.sqlite3"
+    reg = EmbeddedRegistry(path)
+    reg.add_datatype("wav", "audio/wav", "wav")
+    reg.add_resource(dtype="wav", archive=None, name="odd", metadata={})
+    reg.add_resource(dtype="wav", archive=None, name="fine", metadata={"a": 1})
+    reg.close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE resource SET metadata = ?, animal = ? WHERE name = 'odd'",
+            (metadata_text, animal),
+        )
+    db.close()
+    return EmbeddedRegistry(path)
+
+
+DEEP = '{"a": ' * 5000 + "1" + "}" * 5000
+
+
+def test_embedded_update_of_metadata_nested_too_deep_to_read_names_the_resource(
+    tmp_path: Path,
+) -> None:
+    """Updating a record whose stored metadata is nested 5,000 deep is a RegistryError
+    naming it, never a RecursionError; the record and the others are unchanged."""
+    reg = _stored(tmp_path, DEEP)
+    try:
+        with pytest.raises(errors.RegistryError, match=r"resource 'odd'.*nested too deep"):
+            reg.update_metadata("odd", {"b": 2})
+        assert reg.update_metadata("fine", {"b": 2}).metadata == {"a": 1, "b": 2}
+    finally:
+        reg.close()
+    with sqlite3.connect(tmp_path / "registry.sqlite3") as db:
+        [(stored,)] = db.execute("SELECT metadata FROM resource WHERE name = 'odd'")
+    db.close()
+    assert stored == DEEP
+
+
+def test_embedded_record_with_an_animal_and_metadata_too_deep_is_read_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A record with an animal and metadata nested 5,000 deep is listed and read; its
+    metadata is a RegistryError naming it, never a RecursionError."""
+    reg = _stored(tmp_path, DEEP, animal="bird-7")
+    try:
+        assert sorted(r.name for r in reg.search()) == ["fine", "odd"]
+        record = reg.get_resource("odd")
+        assert record is not None and record.animal == "bird-7"
+        with pytest.raises(errors.RegistryError, match=r"resource 'odd'.*nested too deep"):
+            record.metadata  # noqa: B018
+    finally:
+        reg.close()
+
+
+def test_embedded_update_of_metadata_stored_as_a_list_names_the_resource(tmp_path: Path) -> None:
+    """Updating a record whose stored metadata is a list is a RegistryError naming it and
+    what it holds, never a TypeError; the list is kept."""
+    reg = _stored(tmp_path, "[1, 2, 3]")
+    try:
+        with pytest.raises(errors.RegistryError, match=r"resource 'odd'.*a list, not an object"):
+            reg.update_metadata("odd", {"b": 2})
+        assert reg.get_resource("odd").metadata == [1, 2, 3]  # type: ignore[union-attr]
+    finally:
+        reg.close()
