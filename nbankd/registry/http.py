@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from nbankd import errors
+from nbankd.registry import rejections
 from nbankd.registry.base import (
     CORE_FIELDS,
     SLUG_RE,
@@ -42,6 +43,14 @@ DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
 BULK_BATCH = 500
 
 T = TypeVar("T")
+
+
+def _sendable(metadata: Any, *, setting: bool = False) -> dict[str, Any]:
+    """``metadata`` as sent, checked first as the embedded registry checks it: what is
+    not an object is refused, and nothing is sent."""
+    if not isinstance(metadata, Mapping):
+        raise rejections.classify({"metadata": ["metadata must be a dictionary"]})
+    return dict(metadata)
 
 
 class HttpRegistry:
@@ -239,7 +248,7 @@ class HttpRegistry:
         if metadata is not None:
             # experimenter/animal stay in metadata: API 1.2 servers move them into their
             # fields (and validate them); older servers keep them in metadata as before
-            body["metadata"] = dict(metadata)
+            body["metadata"] = _sendable(metadata)
         try:
             resp = self._http.write(
                 "POST", self._http.endpoint("resources"), body, thing="resources endpoint"
@@ -345,7 +354,7 @@ class HttpRegistry:
     def update_metadata(self, name: str, metadata: Mapping[str, Any]) -> ResourceRecord:
         if not SLUG_RE.match(name):
             raise errors.NotFound(f"registry {self.url} has no resource {name!r}")
-        body = {"metadata": dict(metadata)}
+        body = {"metadata": _sendable(metadata, setting=True)}
         resp = self._http.write(
             "PATCH", self._http.endpoint("resources", name), body, thing=f"resource {name!r}"
         )

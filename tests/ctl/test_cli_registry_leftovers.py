@@ -13,16 +13,20 @@ import os
 import sqlite3
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nbank.util import hash_directory
 
 from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend
+from fixtures.django_server import DjangoServer, unique_name
 from fixtures.processes import stuck_pipe
 from nbankd import errors
 from nbankd.migration import snapshot
 from nbankd.registry.embedded import EmbeddedRegistry
+from nbankd.registry.http import HttpRegistry
 
 
 @pytest.fixture
@@ -236,3 +240,35 @@ def test_embedded_update_of_metadata_stored_as_a_list_names_the_resource(tmp_pat
         assert reg.get_resource("odd").metadata == [1, 2, 3]  # type: ignore[union-attr]
     finally:
         reg.close()
+
+
+# --- what metadata reaches django-neurobank ----------------------------------------------
+
+
+@pytest.fixture
+def server_dtype(request: pytest.FixtureRequest) -> Iterator[tuple[DjangoServer, str]]:
+    """A datatype on the session's django server (``request.param``: the fixture's name),
+    removed after with every resource of it."""
+    server: DjangoServer = request.getfixturevalue(request.param)
+    dtype = server.add_datatype()
+    yield server, dtype
+    server.shell(  # other tests list every record of the session's servers
+        "from nbank_registry.models import DataType, Resource\n"
+        f"Resource.objects.filter(dtype__name={dtype!r}).delete()\n"
+        f"DataType.objects.filter(name={dtype!r}).delete()"
+    )
+
+
+@pytest.mark.parametrize("server_dtype", ["django_registry"], indirect=True)
+@pytest.mark.parametrize("metadata", [[("rig", 3)], "rig=3", 3], ids=["pairs", "text", "number"])
+def test_http_registry_refuses_metadata_that_is_not_an_object_sending_nothing(
+    server_dtype: tuple[DjangoServer, str], metadata: Any
+) -> None:
+    """HttpRegistry.add_resource given a list of pairs, text or a number refuses it as
+    the embedded registry does ("metadata must be a dictionary"); nothing is created."""
+    server, dtype = server_dtype
+    name = unique_name("nd")
+    with HttpRegistry(server.url, server.auth) as reg:
+        with pytest.raises(errors.RegistryRejected, match="metadata must be a dictionary"):
+            reg.add_resource(dtype=dtype, archive=None, name=name, metadata=metadata)
+        assert reg.get_resource(name) is None
