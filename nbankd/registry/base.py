@@ -68,15 +68,34 @@ METADATA_DEPTH_MAX = 500
 
 
 class _BadKey:
-    """Where :func:`unstorable_metadata` meets a key that is not UTF-8."""
+    """Where :func:`unstorable_metadata` meets a key no registry stores: ``why`` not."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+#: why no registry is given a NUL character (django-neurobank on PostgreSQL answers 500)
+_NUL = (
+    "a NUL character (\\u0000), which django-neurobank on PostgreSQL cannot store (its "
+    "jsonb refuses it)"
+)
+
+
+def _key_problem(key: str) -> str | None:
+    if not is_utf8(key):
+        return "is not UTF-8 (a lone surrogate): no registry stores it"
+    if "\0" in key:
+        return f"holds {_NUL}"
+    return None
 
 
 def unstorable_metadata(metadata: Any) -> str | None:
     """Why no registry can be given ``metadata`` through its API, naming the key; None
     when one can. django-neurobank takes only an object ("metadata must be a
     dictionary"; a list or text stored by an administrator is shown, never accepted) and
-    fails on a lone surrogate; neither backend keeps NaN or an infinity, nor metadata
-    nested more than :data:`METADATA_DEPTH_MAX` levels deep. The embedded registry
+    fails on a lone surrogate, and on PostgreSQL on a NUL character (in a key or a
+    value); neither backend keeps NaN or an infinity, nor metadata nested more than
+    :data:`METADATA_DEPTH_MAX` levels deep. The embedded registry
     refuses the same, so an export and its import agree on what cannot return. Walked
     with a stack of its own: any depth is told, never a RecursionError."""
     if metadata is None:
@@ -95,6 +114,8 @@ def unstorable_metadata(metadata: Any) -> str | None:
                 return (
                     f"{_where(path)} holds a lone surrogate (not UTF-8), which no registry stores"
                 )
+            if "\0" in value:
+                return f"{_where(path)} holds {_NUL}"
         elif isinstance(value, float) and not math.isfinite(value):
             return (
                 f"{_where(path)} is not a JSON number (NaN or an infinity), which no registry "
@@ -106,14 +127,13 @@ def unstorable_metadata(metadata: Any) -> str | None:
                 f"{METADATA_DEPTH_MAX} levels), which no registry is sure to store"
             )
         elif isinstance(value, _BadKey):
-            shown = json.dumps(path, ensure_ascii=True)
-            return f"metadata key {shown} is not UTF-8 (a lone surrogate): no registry stores it"
+            return f"metadata key {json.dumps(path, ensure_ascii=True)} {value.why}"
         elif isinstance(value, Mapping):
             children: list[tuple[Any, str, int]] = []
             for key, item in value.items():
                 sub = f"{path}.{key}" if path else str(key)
-                if not is_utf8(str(key)):  # told when the walk reaches it, as keys before it
-                    children.append((_BadKey(), sub, depth))
+                if why := _key_problem(str(key)):  # told when the walk reaches it, as keys before
+                    children.append((_BadKey(why), sub, depth))
                     break
                 children.append((item, sub, depth + 1))
             stack.extend(reversed(children))

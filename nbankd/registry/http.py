@@ -35,6 +35,7 @@ from nbankd.registry.base import (
     by_root,
     core_field_as_stored,
     full_url,
+    unstorable_metadata,
 )
 from nbankd.registry.credentials import Credentials
 from nbankd.registry.http_transport import CREDENTIALS_HINT, HttpTransport
@@ -47,10 +48,17 @@ T = TypeVar("T")
 
 def _sendable(metadata: Any, *, setting: bool = False) -> dict[str, Any]:
     """``metadata`` as sent, checked first as the embedded registry checks it: what is
-    not an object is refused, and nothing is sent."""
+    not an object, or what no registry stores (a NUL character, which django-neurobank
+    on PostgreSQL answers with a 500, a lone surrogate, NaN, nesting past 500 levels), is
+    refused naming the key, and nothing is sent. ``setting``: an update's, whose None
+    values delete keys."""
     if not isinstance(metadata, Mapping):
         raise rejections.classify({"metadata": ["metadata must be a dictionary"]})
-    return dict(metadata)
+    body = dict(metadata)
+    checked = {k: v for k, v in body.items() if v is not None} if setting else body
+    if why := unstorable_metadata(checked):
+        raise rejections.classify({"metadata": [why]})
+    return body
 
 
 class HttpRegistry:

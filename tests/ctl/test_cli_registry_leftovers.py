@@ -1,8 +1,26 @@
 """Findings left alone by earlier reviews of nbankctl and the registries, closed here.
 
 - ``tape register`` passed over a member whose name holds a control character (an
-  escape, a newline) without a word: it is now named (escaped), said not registered
-  and why, and the command exits 1;
+  escape, a newline) without a word, or located it under its raw name though ``tape
+  import`` refuses it: it is now named (escaped), said not registered and why, and
+  the command exits 1;
+- ``registry export`` warned of each resource no registry can be given again and
+  exited 0, so a script took a backup that cannot all be restored for a whole one: it
+  exits 1 (the file still written, every record in it);
+- nbankctl's last error line (``nbankctl: ...``) was written to stderr without a
+  bound: a stderr pipe nobody reads held the command for ever, its exit status never
+  given. It is written within a deadline, as nbankd's is;
+- the embedded registry's metadata update read the stored record with ``json.loads``:
+  one nested past what JSON reads (an older version's, an administrator's) raised
+  RecursionError, an internal error, and so did reading such a record with an
+  experimenter or animal; one whose stored metadata is a list raised TypeError. Each
+  is now an error naming the resource;
+- ``HttpRegistry`` sent ``dict(metadata)``: a list of pairs went as an object, text or
+  a number raised ValueError or TypeError; it refuses what is not an object as the
+  embedded registry does ("metadata must be a dictionary"), sending nothing;
+- metadata holding a NUL character (``\\u0000``) reached django-neurobank, whose
+  PostgreSQL ``jsonb`` refuses it: a 500, taken for an outage ("retry later"); both
+  backends refuse it before anything is sent, naming the key.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ from fixtures.django_server import DjangoServer, unique_name
 from fixtures.processes import stuck_pipe
 from nbankd import errors
 from nbankd.migration import snapshot
+from nbankd.registry.base import Registry
 from nbankd.registry.embedded import EmbeddedRegistry
 from nbankd.registry.http import HttpRegistry
 
@@ -272,3 +291,59 @@ def test_http_registry_refuses_metadata_that_is_not_an_object_sending_nothing(
         with pytest.raises(errors.RegistryRejected, match="metadata must be a dictionary"):
             reg.add_resource(dtype=dtype, archive=None, name=name, metadata=metadata)
         assert reg.get_resource(name) is None
+
+
+@pytest.fixture
+def registry_dtype(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Registry, str]]:
+    """(a registry, a datatype of this test): a fresh embedded registry, or the session's
+    django on PostgreSQL (``request.param``: embedded or django_registry_pg)."""
+    reg: Registry
+    if request.param == "embedded":
+        reg = EmbeddedRegistry(tmp_path / "registry.sqlite3")
+        dtype = reg.add_datatype("wav", "audio/wav", "wav").name
+    else:
+        server: DjangoServer = request.getfixturevalue(request.param)
+        dtype = server.add_datatype()
+        request.addfinalizer(
+            lambda: server.shell(  # other tests list every record of the session's servers
+                "from nbank_registry.models import DataType, Resource\n"
+                f"Resource.objects.filter(dtype__name={dtype!r}).delete()\n"
+                f"DataType.objects.filter(name={dtype!r}).delete()"
+            )
+        )
+        reg = HttpRegistry(server.url, server.auth)
+    try:
+        yield reg, dtype
+    finally:
+        reg.close()
+
+
+NUL_METADATA = {"take": {"note": "before\x00after"}}
+
+
+@pytest.mark.parametrize("registry_dtype", ["embedded", "django_registry_pg"], indirect=True)
+def test_metadata_holding_a_nul_is_refused_naming_the_key_before_it_is_sent(
+    registry_dtype: tuple[Registry, str],
+) -> None:
+    """A new record whose metadata holds a NUL character is refused by either backend
+    naming the key (django-neurobank on PostgreSQL answered 500), and not created."""
+    reg, dtype = registry_dtype
+    name = unique_name("nul")
+    with pytest.raises(errors.RegistryRejected, match=r'metadata key "take\.note" holds a NUL'):
+        reg.add_resource(dtype=dtype, archive=None, name=name, metadata=NUL_METADATA)
+    assert reg.get_resource(name) is None
+
+
+@pytest.mark.parametrize("registry_dtype", ["embedded", "django_registry_pg"], indirect=True)
+def test_a_metadata_key_holding_a_nul_is_refused_in_an_update(
+    registry_dtype: tuple[Registry, str],
+) -> None:
+    """An update setting a key that holds a NUL character is refused by either backend
+    naming it; the record keeps its metadata."""
+    reg, dtype = registry_dtype
+    name = reg.add_resource(dtype=dtype, archive=None, name=unique_name("nul"), metadata={}).name
+    with pytest.raises(errors.RegistryRejected, match=r"metadata key .*holds a NUL"):
+        reg.update_metadata(name, {"bad\x00key": 1})
+    assert reg.get_resource(name).metadata == {}  # type: ignore[union-attr]
