@@ -110,6 +110,9 @@ def test_json_logs_stay_one_object_per_line_with_a_forged_file_name(
     h.start()
     h.drop(FORGED_NAME, b"forged name")
     h.wait_settled(1)
+    # stopped first: the log writer's thread writes the deposit's lines out by the exit
+    # (read while it runs, they may not be there yet, and the last one may be half there)
+    assert h.stop() == 0
     lines = _log_lines(h)
     docs = [json.loads(line.decode("utf-8")) for line in lines]
     assert all(isinstance(d, dict) for d in docs)
@@ -124,6 +127,7 @@ def test_console_logs_show_a_forged_file_name_on_its_own_line(daemon_factory: An
     h.start()
     h.drop(FORGED_NAME, b"forged name")
     h.wait_settled(1)
+    assert h.stop() == 0  # every line written out whole (the log writer's thread)
     lines = _log_lines(h)
     assert lines
     assert all(line[:2] == b"20" and line[4:5] == b"-" for line in lines), lines[:5]
@@ -149,9 +153,15 @@ def test_reload_from_json_to_console_while_depositing_loses_nothing(
     h.wait_settled(40)
     assert len(h.receipts()) == 40
     assert h.reasons() == []
-    last = _log_lines(h)[-1]
-    assert not last.startswith(b"{"), last
-    assert b"deposited" in b"\n".join(_log_lines(h)[-40:])
+
+    def console_deposits() -> bool:  # written by the log writer's thread, after the fact
+        lines = _log_lines(h)
+        return not lines[-1].startswith(b"{") and b"deposited" in b"\n".join(lines[-40:])
+
+    try:
+        wait_for(console_deposits, 60, "console lines of the deposits after the reload")
+    except AssertionError:
+        raise AssertionError(f"the log's last lines: {_log_lines(h)[-5:]}") from None
 
 
 # --- bounded messages ------------------------------------------------------------------
