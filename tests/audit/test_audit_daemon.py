@@ -68,10 +68,10 @@ def test_burst_of_deposits_during_an_audit_gives_no_finding(daemon_factory: Any)
         h.drop(f"held{i:04d}.dat", f"held {i}".encode())
     # held once registered: the lane registers a round's files in one transaction, so
     # one to three of them (as many as reached that step together), the rest behind them
-    wait_for(lambda: registered(h) >= 6, what="a deposit registered, not yet published")
+    wait_for(lambda: registered(h) >= 6, 60, "a deposit registered, not yet published")
     held = registered(h) - 5
     audit = start_audit(h)
-    wait_for(lambda: audit_phase(h) == "walked", what="the audit paused after its walk")
+    wait_for(lambda: audit_phase(h) == "walked", 60, "the audit paused after its walk")
     go_deposit.touch()  # the held deposits finish, then a burst
     for i in range(10):
         h.drop(f"burst{i:04d}.dat", f"burst {i}".encode())
@@ -117,7 +117,7 @@ def test_audit_killed_mid_run_resumes_after_restart(daemon_factory: Any) -> None
     h.write_config()
     h.start()
     report_path = h.state_dir / "audits" / f"{run_id}.json"
-    wait_for(report_path.exists, what="the resumed audit's report")
+    wait_for(report_path.exists, 60, "the resumed audit's report")
     report = json.loads(report_path.read_text())
     assert report["resumed"] is True and report["trigger"] == "resume" and report["full"]
     assert report["ok"] is True
@@ -141,7 +141,8 @@ def test_scheduled_audits_run_and_stay_clean_while_files_arrive(daemon_factory: 
 
     wait_for(
         lambda: any(r["archives"][0]["stored"] == 12 for r in reports()),
-        what="a scheduled audit after the last deposit",
+        60,
+        "a scheduled audit after the last deposit",
     )
     assert all(r["trigger"] == "schedule" and r["ok"] for r in reports()), reports()
     status = json.loads(ctl(h, "status", "--json").stdout)
@@ -193,8 +194,13 @@ def test_scheduled_audits_read_at_a_lower_priority_requested_ones_do_not(
     h.drop("prio0001.dat", b"read me at the right priority" * 100)
     h.wait_settled(1)
     audit = start_audit(h) if trigger == "request" else None
-    wait_for(Path(f"{go}.reached").exists, what=f"a {trigger}d audit reading a file")
-    reader = int(Path(f"{go}.reached").read_text())  # the thread reading the file
+    reached = Path(f"{go}.reached")
+
+    def reader_tid() -> int | None:  # created, then the thread id written into it
+        text = reached.read_text() if reached.exists() else ""
+        return int(text) if text else None
+
+    reader = wait_for(reader_tid, 60, f"a {trigger}d audit reading a file")
     reader_nice = thread_nice(h.proc.pid, reader)
     go.touch()
     assert reader_nice == nice

@@ -109,10 +109,15 @@ state, window = Path(sys.argv[1]), float(sys.argv[2])
 registry = EmbeddedRegistry(state / "registry.sqlite3")
 config = Config(source=state / "c.yaml", state_dir=state, audit=AuditConfig(every=0.25))
 sched = AuditScheduler(config=lambda: config, registry=lambda: registry, in_flight=InFlight)
+began = time.monotonic()
 sched.start()
 time.sleep(window)  # the observation window: attempts are counted over it
+deadline = time.monotonic() + 60
+while sched.status()["last_audit"] is None and time.monotonic() < deadline:
+    time.sleep(0.05)  # on a loaded machine the first try may end after the window
 out = {"disabled": sched.disabled, "problems": sched.problems(), "status": sched.status()}
 sched.stop()
+out["observed"] = time.monotonic() - began
 print(json.dumps(out))
 """
 
@@ -122,7 +127,8 @@ def test_read_only_cache_fails_at_a_bounded_rate(
 ) -> None:
     """A cache the daemon's user cannot write (made by root) opens, and every audit then
     fails with a report naming the file and the fix, one try per audit.every (0.25 s),
-    not in a busy loop: at most 9 tries in 1.5 s, and status is degraded by it."""
+    not in a busy loop: at most 9 tries in 1.5 s (3 more than one per 0.25 s of the time
+    observed), and status is degraded by it."""
     state = user_tmp_path / "state"
     folder = state / "audits"
     folder.mkdir(parents=True)
@@ -134,7 +140,9 @@ def test_read_only_cache_fails_at_a_bounded_rate(
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.splitlines()[-1])  # after the log lines
     failures = [json.loads(p.read_text()) for p in folder.glob("*.json")]
-    assert 1 <= len(failures) <= 9, len(failures)
+    # 1.5 s and a little (9 tries at most), or longer if the first try ended late
+    most = int(out["observed"] / 0.25) + 3
+    assert 1 <= len(failures) <= most, (len(failures), out["observed"])
     assert all(f["error_code"] == "audit-cache" for f in failures)
     assert (
         "readonly" in failures[0]["error"] and str(folder / "cache.sqlite3") in failures[0]["error"]
