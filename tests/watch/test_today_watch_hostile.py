@@ -75,7 +75,7 @@ def _hold_first_inbox_scan(h: DaemonHarness, first_inbox: Path) -> subprocess.Po
     (first_inbox / "a.wav").write_bytes(b"a recording of the first rig")
     wait_for(
         lambda: _pending_state(_queue_doc(h), first_inbox, "a.wav") == "waiting-for-marker",
-        20,
+        60,
         "a.wav to wait for its marker",
     )
     (first_inbox / "a.wav.done").write_bytes(b"")
@@ -114,7 +114,7 @@ def test_a_file_in_the_second_inbox_of_a_pass_settles_from_when_it_was_seen(
     asked: subprocess.Popen[str] | None = None
     try:
         asked = _hold_first_inbox_scan(h, first_inbox)
-        wait_for(lambda: Path(f"{go}.reached").exists(), 20, "the first inbox's scan to hold")
+        wait_for(lambda: Path(f"{go}.reached").exists(), 60, "the first inbox's scan to hold")
         held_since = time.monotonic()
         # the first inbox's scan lasts longer than the second inbox's settle time ...
         time.sleep(settle + 0.5)  # (the scan's length, not a wait for anything)
@@ -124,7 +124,7 @@ def test_a_file_in_the_second_inbox_of_a_pass_settles_from_when_it_was_seen(
             f.write(b"block 1 of a recording still being written; ")
         written = time.monotonic()
         go.touch()
-        receipt = wait_for(lambda: _receipt_for(h, "b"), 20, "b.wav's deposit")
+        receipt = wait_for(lambda: _receipt_for(h, "b"), 60, "b.wav's deposit")
         quiet = time.monotonic() - written
         assert quiet >= settle, (
             f"b.wav was deposited {quiet:.2f} s after it was written (settle_seconds "
@@ -156,13 +156,13 @@ def test_a_long_scan_of_one_inbox_does_not_slow_the_next_inbox_s_wake_ups(
     asked: subprocess.Popen[str] | None = None
     try:
         asked = _hold_first_inbox_scan(h, first_inbox)
-        wait_for(lambda: Path(f"{go}.reached").exists(), 20, "the first inbox's scan to hold")
+        wait_for(lambda: Path(f"{go}.reached").exists(), 60, "the first inbox's scan to hold")
         time.sleep(pause)  # the first inbox's scan is this long (not a wait for anything)
         go.touch()
         out, err = asked.communicate(timeout=60)
         assert json.loads(out)["fresh"], err  # the pass is over: both inboxes were scanned
         asked = None
-        wait_for(lambda: _receipt_for(h, "a"), 20, "a.wav's deposit")
+        wait_for(lambda: _receipt_for(h, "a"), 60, "a.wav's deposit")
         dropped = time.monotonic()
         h.drop("c.wav", b"a recording dropped into the quick inbox")
         wait_for(lambda: _receipt_for(h, "c"), 30, "c.wav's deposit")
@@ -266,7 +266,7 @@ def test_the_schedule_resumes_when_the_clock_is_stepped_back_under_a_running_dae
         ticket = sched.request(True)
         done = wait_for(
             lambda: (st := sched.wait(ticket, 1.0)) and st["state"] == "done" and st,
-            20,
+            60,
             "the audit run while the clock was ahead",
         )
         assert done["report"]["ok"]

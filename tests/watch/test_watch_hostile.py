@@ -96,8 +96,9 @@ def test_a_wall_clock_step_forward_never_makes_a_file_written_a_moment_ago_ready
     daemon_factory: Any,
 ) -> None:
     """Settling is measured on a monotonic clock: a file whose writer paused a moment ago
-    (settle_seconds 30) is still settling after the wall clock steps a day forward."""
-    h = _clock_daemon(daemon_factory, settle_seconds=30, rescan_every="1h")
+    (settle_seconds 600) is still settling after the wall clock steps a day forward."""
+    # 600 s: room for a loaded CI's nbankctl calls and clock step, far below the day
+    h = _clock_daemon(daemon_factory, settle_seconds=600, rescan_every="1h")
     h.start()
     try:
         path = h.inbox / "rec.wav"
@@ -105,7 +106,7 @@ def test_a_wall_clock_step_forward_never_makes_a_file_written_a_moment_ago_ready
         # it open): one block now; had it been taken, the next would start a new file
         with open(path, "wb") as f:
             f.write(b"first half of the recording ")
-        wait_for(lambda: _pending(_queue(h), "rec.wav"), 20, "the daemon to see rec.wav")
+        wait_for(lambda: _pending(_queue(h), "rec.wav"), 60, "the daemon to see rec.wav")
         _step_clock(h, 86400.0)
         doc = _queue(h)  # a fresh scan, made after the step
         journaled = _journaled(doc, "rec.wav") or any(
@@ -127,7 +128,7 @@ def test_a_wall_clock_step_back_does_not_silence_a_polled_inbox(daemon_factory: 
     h.start()
     try:
         h.drop("before.wav", b"dropped before the step")
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         _step_clock(h, -3600.0)
         h.drop("after.wav", b"dropped after the step")
         try:
@@ -160,12 +161,12 @@ def test_an_input_appended_to_after_it_settled_is_not_claimed_until_it_settles_a
         path = h.inbox / "rec.wav"
         with open(path, "wb") as f:  # the rig writes a block, closes the file, pauses
             f.write(b"block 1 of the recording\n")
-        wait_for(lambda: Path(f"{go}.reached").exists(), 20, "rec.wav to be journaled")
+        wait_for(lambda: Path(f"{go}.reached").exists(), 60, "rec.wav to be journaled")
         with open(path, "ab") as f:  # ... and goes on: the recording was not finished
             f.write(b"block 2 of the recording\n")
         appended = time.monotonic()
         go.touch()
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         quiet = time.monotonic() - appended
         [receipt] = h.receipts()
         assert quiet >= settle, (
@@ -278,10 +279,10 @@ def test_guard_watch_limit_reached_inside_the_inbox_falls_back_to_polling(
     try:
         for i in range(8):  # the inbox, .nbank and rejected hold 3 of the 6 watches
             (h.inbox / f"session{i}").mkdir()
-        wait_for(lambda: _inbox_doc(h)["watch_mode"] == "poll", 20, "the poll fallback")
+        wait_for(lambda: _inbox_doc(h)["watch_mode"] == "poll", 60, "the poll fallback")
         assert "inotify" in (_inbox_doc(h)["watch_problem"] or "")
         h.drop("session7/late.wav", b"written into a folder inotify does not watch")
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         assert [r["id"] for r in h.receipts()] == ["late"]
     finally:
         h.stop()
@@ -306,9 +307,9 @@ def test_guard_a_quiet_writer_in_another_mount_namespace_is_waited_for(
         path.write_bytes(b"start")
         argv = ["unshare", "-m", "--propagation", "private", sys.executable, "-c"]
         with holding([*argv, _HOLD_IN_OWN_MOUNT_NS, str(path)]):
-            wait_for(lambda: "held.wav" in _inbox_doc(h)["open_for_writing"], 20, "held.wav held")
+            wait_for(lambda: "held.wav" in _inbox_doc(h)["open_for_writing"], 60, "held.wav held")
             assert h.receipts() == [] and path.exists()
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         [receipt] = h.receipts()
         assert Path(receipt["archive_path"]).read_bytes() == b"start more end"
     finally:
@@ -341,10 +342,10 @@ def test_guard_a_file_written_through_a_shared_mapping_is_waited_for(
             f.truncate(4096)
         with holding([sys.executable, "-c", _MMAP_WRITER, str(path)]):
             wait_for(
-                lambda: "mapped.wav" in _inbox_doc(h)["open_for_writing"], 20, "mapped.wav held"
+                lambda: "mapped.wav" in _inbox_doc(h)["open_for_writing"], 60, "mapped.wav held"
             )
             assert h.receipts() == []
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         [receipt] = h.receipts()
         assert Path(receipt["archive_path"]).read_bytes()[:10] == b"half:whole"
     finally:
@@ -360,7 +361,7 @@ def test_guard_a_name_with_a_newline_and_undecodable_bytes_is_woken_for(
     h.start()
     try:
         h.drop(b"take\n2\xff.wav", b"an oddly named recording")
-        h.wait_settled(1, timeout=20)
+        h.wait_settled(1, timeout=60)
         [receipt] = h.receipts()
         assert receipt["outcome"] == "deposited"
         assert not (h.inbox / os.fsdecode(b"take\n2\xff.wav")).exists()
