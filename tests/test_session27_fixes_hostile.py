@@ -63,7 +63,7 @@ def test_a_reason_planted_beside_anothers_recording_does_not_hold_it_unseen(
     h.drop("rec.wav.reason", _forged_reason(h, "rec.wav"))
     h.drop("rec.wav", b"someone else's recording")
     h.drop("other.wav", b"a recording beside it")
-    wait_for(lambda: h.receipt("other"), 30, "the other recording to be deposited")
+    wait_for(lambda: h.receipt("other"), 60, "the other recording to be deposited")
     more_scans(h, 2)
     assert h.receipt("rec") is None  # held, by design
     assert (h.inbox / "rec.wav").read_bytes() == b"someone else's recording"
@@ -108,7 +108,7 @@ def test_a_reason_naming_no_file_name_does_not_stop_the_scan(daemon_factory: Any
     h: DaemonHarness = daemon_factory()
     h.start()
     h.drop("first.wav", b"the journal's first input")
-    wait_for(lambda: h.receipt("first"), 30, "the first input to be deposited")
+    wait_for(lambda: h.receipt("first"), 60, "the first input to be deposited")
     body = json.loads(_reason_elsewhere(h, datetime.now(UTC).isoformat(timespec="seconds")))
     body["original_path"] = str(h.inbox / "rec\ud800.wav")
     body["rejected_path"] += "\ud800"
@@ -129,7 +129,7 @@ def test_a_reason_the_journal_cannot_vouch_for_holds_and_is_told(daemon_factory:
         _rc, doc = status_json(h)
         return [line for line in doc.get("degraded", []) if "rec.wav" in line]
 
-    wait_for(told, 30, "status to name the held input")
+    wait_for(told, 60, "status to name the held input")
     [line] = told()
     assert "delete" in line and "requeue" in line and str(h.rejected) in line, line
     _rc, doc = status_json(h)
@@ -143,7 +143,7 @@ def _deposited_beside(h: DaemonHarness, reason: Path) -> None:
     """``rec.wav`` dropped beside ``reason`` (planted first) is deposited, and the daemon
     still answers."""
     h.drop("rec.wav", b"the recording")
-    wait_for(lambda: h.receipt("rec"), 30, "the recording beside the odd reason")
+    wait_for(lambda: h.receipt("rec"), 60, "the recording beside the odd reason")
     rc, _doc = status_json(h)
     assert rc in (0, 1, 2), rc
     assert not os.path.lexists(h.inbox / "rec.wav")
@@ -254,7 +254,7 @@ def test_a_renamed_earlier_rejected_folder_is_held_by_the_journals_word(
     (h.inbox / "rejected").rename(h.inbox / "rejected-old")
     h.start()
     h.drop("after.dat", b"dropped after the rename")
-    wait_for(lambda: h.receipt("after"), 30, "the file dropped after the rename")
+    wait_for(lambda: h.receipt("after"), 60, "the file dropped after the rename")
     more_scans(h, 2)
     _rc, doc = status_json(h)
     [inbox] = doc["inboxes"]

@@ -253,9 +253,9 @@ def test_a_hung_network_mount_holds_up_no_question_about_a_local_folder(
                 return False
             return bool(call) and call[0] in ("257", "137", "138")  # x86_64 numbers
 
-        wait_for(in_a_filesystem_call, 20, "the SSHFS question to wait on its server")
+        wait_for(in_a_filesystem_call, 60, "the SSHFS question to wait on its server")
         other.start()
-        other.join(timeout=20)
+        other.join(timeout=60)  # the fault waits for ever (the SSHFS server stopped)
         assert not other.is_alive(), "the local question waits on the hung SSHFS one"
         assert local == [["abc.wav"]]
     finally:

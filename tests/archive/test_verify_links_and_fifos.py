@@ -178,7 +178,7 @@ def test_a_file_swapped_for_a_fifo_mid_walk_does_not_block_the_read_back(
 
     reader = threading.Thread(target=read_back, daemon=True)
     reader.start()
-    reader.join(timeout=10)  # a bound on a hang, not a synchronisation: the read takes ms
+    reader.join(timeout=60)  # a bound on a hang (ms unloaded), not a synchronisation
     blocked = reader.is_alive()
     if blocked:  # let the reader go: a writer opens the FIFO, then closes it (EOF)
         with contextlib.suppress(OSError):
