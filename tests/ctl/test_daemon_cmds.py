@@ -263,8 +263,21 @@ def test_audit_exits_0_when_clean_and_1_when_a_file_is_missing(h: DaemonHarness)
     on_disk = json.loads(Path(report["report"]).read_text())
     assert Path(report["report"]).parent == h.state_dir / "audits"
     assert on_disk["archives"][0]["findings"] == [finding]
-    events = [json.loads(line) for line in h.log_path.read_text().splitlines() if "{" in line]
-    assert [e["resource_id"] for e in events if e.get("event") == "audit finding"] == ["audit002"]
+
+    def findings_logged() -> list[str]:
+        """The resources of the audit findings logged so far (the log writer's thread
+        may write the event after the audit's reply; a line may be half written)."""
+        found = []
+        for line in h.log_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "audit finding":
+                found.append(event["resource_id"])
+        return found
+
+    assert wait_for(findings_logged, 60, "the audit finding logged") == ["audit002"]
     text = ctl(h, "audit").stdout
     assert "audit002 - missing from archive" in text and "missing from archive: 1" in text
 

@@ -400,11 +400,11 @@ def test_a_trickling_answer_hits_a_total_deadline(hostile: Callable[..., Hostile
     started = time.monotonic()
     asker = threading.Thread(target=ask, daemon=True)
     asker.start()
-    asker.join(timeout=8.0)
+    asker.join(timeout=20.0)  # the client gives up after 2 s; the fault reads for 30
     elapsed = time.monotonic() - started
     stop.set()
     asker.join(timeout=10.0)
-    assert elapsed < 8.0, f"still reading after {elapsed:.1f} s ({hs.sent} bytes trickled)"
+    assert elapsed < 20.0, f"still reading after {elapsed:.1f} s ({hs.sent} bytes trickled)"
     assert outcome and isinstance(outcome[0], errors.RegistryUnavailable), outcome
 
 
