@@ -173,10 +173,8 @@ def test_reader_is_denied_requeue_and_the_daemon_logs_it(
     assert f"user {unpriv_user.name} may not run 'requeue' (admins: root)" in proc.stderr
 
     def denial() -> dict[str, Any] | None:
-        for line in lab_daemon.log_path.read_text().splitlines():
-            if "control request denied" in line:
-                return dict(json.loads(line))
-        return None
+        events = lab_daemon.log_events()
+        return next((e for e in events if e.get("event") == "control request denied"), None)
 
     entry = wait_for(denial, what="the denial in the daemon's log")
     assert entry["user"] == unpriv_user.name and entry["uid"] == unpriv_user.uid

@@ -266,16 +266,8 @@ def test_audit_exits_0_when_clean_and_1_when_a_file_is_missing(h: DaemonHarness)
 
     def findings_logged() -> list[str]:
         """The resources of the audit findings logged so far (the log writer's thread
-        may write the event after the audit's reply; a line may be half written)."""
-        found = []
-        for line in h.log_path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == "audit finding":
-                found.append(event["resource_id"])
-        return found
+        may write the event after the audit's reply)."""
+        return [e["resource_id"] for e in h.log_events() if e.get("event") == "audit finding"]
 
     assert wait_for(findings_logged, 60, "the audit finding logged") == ["audit002"]
     text = ctl(h, "audit").stdout

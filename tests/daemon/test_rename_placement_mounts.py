@@ -13,7 +13,6 @@ on the code it was written against and names the behaviour expected once fixed.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -219,9 +218,8 @@ def test_a_reload_to_rename_placement_through_a_bind_mount_keeps_the_running_set
         h.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
 
         def refused() -> list[dict[str, Any]]:
-            lines = h.log_path.read_text(errors="replace").splitlines()
-            events = [json.loads(line) for line in lines if line.startswith("{")]
-            return [e for e in events if e.get("event", "").startswith("reload failed")]
+            events = h.log_events()
+            return [e for e in events if str(e.get("event", "")).startswith("reload failed")]
 
         [event] = wait_for(refused, 30, "the reload to be refused")
         assert "inboxes[0]: placement: rename cannot work" in event["error"], event

@@ -113,13 +113,11 @@ def quiet(h: DaemonHarness) -> bool:
 
 def publish_refusals(h: DaemonHarness) -> list[str]:
     """The codes of the publish step's refusals, from the daemon's log."""
-    codes = []
-    for line in h.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            if entry.get("event") == "step outcome" and entry.get("step") == "publish":
-                codes.append(entry.get("code"))
-    return codes
+    return [
+        e.get("code")
+        for e in h.log_events()
+        if e.get("event") == "step outcome" and e.get("step") == "publish"
+    ]
 
 
 def lose(mount: SshfsMount, how: str) -> None:
