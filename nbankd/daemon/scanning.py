@@ -27,7 +27,7 @@ from nbankd.daemon.registry_setup import RegistrySetup
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
 from nbankd.deposit import folderproof
-from nbankd.deposit.identity import tree_seen
+from nbankd.deposit.identity import MARKER_KEY, marker_seen, tree_seen
 from nbankd.deposit.inboxfs import Escape, InboxFS, Tampered
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.spec import InboxSpec
@@ -432,6 +432,8 @@ class InboxScanning:
         marker = (
             os.fsencode(entry.relpath + MARKER_SUFFIX) if state.config.ready == "marker" else None
         )
+        if seen and marker is not None:  # the marker that made it ready (see claim.py)
+            seen[MARKER_KEY] = marker_seen(state.config.path / os.fsdecode(marker))
         kind = "file"
         if unsafe:
             kind = "unsafe"

@@ -20,14 +20,18 @@ from nbankd import errors, fileflags, seams
 from nbankd.archive import syncs, treeremoval
 from nbankd.deposit import inboxfs, policy, rejection, verdicts
 from nbankd.deposit.identity import (
+    MARKER_KEY,
     identity_json,
+    marker_status,
     paired,
+    same_marker,
     seen_matches,
     seen_tree_unchanged,
     seen_unchanged,
     sidecar_seen_matches,
     tree_now,
     with_marker,
+    with_marker_status,
 )
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import Outcome
@@ -69,7 +73,9 @@ class ClaimSteps(StepsBase):
                 # an archive the registry does not place where it is configured: the
                 # input waits where it is, untouched
                 self._check_registration(item)
+                resumed = False
                 try:
+                    item = self._note_marker(fs, item)
                     result = self._take(spec, fs, item)
                 except inboxfs.Escape as err:
                     # a folder on the way was swapped for a link: nothing was taken
@@ -81,6 +87,7 @@ class ClaimSteps(StepsBase):
                 if result is not None:
                     return result
             else:
+                resumed = True
                 # replayed: the rename's fsync may have failed, or never run (a crash)
                 syncs.fsync_soon(fs.work)
                 claimed = fs.lstat(fs.work, token)
@@ -93,7 +100,30 @@ class ClaimSteps(StepsBase):
             outcome = self._take_sidecar(spec, fs, item)
             if outcome is not None:
                 return item, outcome
-            return self._plan(spec, fs, item)
+            return self._plan(spec, fs, item, resumed=resumed)
+
+    def _note_marker(self, fs: inboxfs.InboxFS, item: Item) -> Item:
+        """Before the input is taken in a ``ready: marker`` inbox: the item, its ready
+        marker's status as found now noted in its scan identity (durably, when it is not
+        the one its intent noted: set again since), so that a claim resumed after a
+        crash past the rename knows the marker it claimed (:meth:`_claimed_identity`)
+        whatever marker the next recording of the name set meanwhile."""
+        if item.marker_relpath is None or item.seen_identity is None:
+            return item
+        seen = json.loads(item.seen_identity)
+        now = marker_status(self._marker_now(fs, item))
+        if MARKER_KEY in seen and same_marker(seen[MARKER_KEY], now):
+            return item
+        return self.journal.save(item.changed(seen_identity=json.dumps({**seen, MARKER_KEY: now})))
+
+    @staticmethod
+    def _marker_now(fs: inboxfs.InboxFS, item: Item) -> os.stat_result | None:
+        """The status of the item's ready marker now (None: none, or not reachable)."""
+        assert item.marker_relpath is not None
+        try:
+            return fs.lstat(*fs.parent(item.marker_relpath))
+        except (inboxfs.Escape, FileNotFoundError, NotADirectoryError):
+            return None
 
     def _reconfigured(self, item: Item) -> Outcome | None:
         """Before anything is taken: an outcome (the input is left in the inbox, to be
@@ -327,8 +357,12 @@ class ClaimSteps(StepsBase):
             log.warning("sidecar not reachable; deposited without it", item=item.token)
         return None
 
-    def _plan(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult:
-        """Records the claimed input's identity and decides its identifier and metadata."""
+    def _plan(
+        self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item, *, resumed: bool
+    ) -> StepResult:
+        """Records the claimed input's identity and decides its identifier and metadata
+        (``resumed``: the input was in the work folder already, taken by an earlier
+        attempt)."""
         is_dir = item.kind == "dir"
         work = fs.at(fs.work, item.token)
         side_name = rejection.sidecar_work_name(item)
@@ -337,7 +371,8 @@ class ClaimSteps(StepsBase):
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
             return item, verdicts.unsafe_claimed(json.loads(item.reason_json or "{}"))
         if item.identity is None:
-            item = item.changed(identity=self._claimed_identity(fs, item, work, is_dir))
+            identity = self._claimed_identity(fs, item, work, is_dir, resumed=resumed)
+            item = item.changed(identity=identity)
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
         outcome = verdicts.when_claimed(
@@ -385,20 +420,23 @@ class ClaimSteps(StepsBase):
         seams.reached("after-claim")
         return item, Outcome.ok()
 
-    @staticmethod
-    def _claimed_identity(fs: inboxfs.InboxFS, item: Item, work: Path, is_dir: bool) -> str:
+    @classmethod
+    def _claimed_identity(
+        cls, fs: inboxfs.InboxFS, item: Item, work: Path, is_dir: bool, *, resumed: bool
+    ) -> str:
         """The identity journaled at claim: the input's, and in a ``ready: marker`` inbox
         its marker's as found now, the input gone from the inbox (none when it cannot
         be reached): the release removes only that marker, never one set again since for
-        the next recording of the name."""
+        the next recording of the name. A claim ``resumed`` (cut short past its rename:
+        the rig may have recorded the name again meanwhile, and set its marker) takes
+        the marker noted before the rename (:meth:`_note_marker`), when one was."""
         identity = identity_json(work, is_dir)
         if item.marker_relpath is None:
             return identity
-        try:
-            marker = fs.lstat(*fs.parent(item.marker_relpath))
-        except (inboxfs.Escape, FileNotFoundError, NotADirectoryError):
-            marker = None
-        return with_marker(identity, marker)
+        seen = json.loads(item.seen_identity or "{}")
+        if resumed and MARKER_KEY in seen:
+            return with_marker_status(identity, seen[MARKER_KEY])
+        return with_marker(identity, cls._marker_now(fs, item))
 
     def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
         if path is None or not os.path.lexists(path):

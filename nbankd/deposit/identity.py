@@ -73,11 +73,37 @@ MARKER_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 MARKER_SET_AGAIN = ("size", "mtime_ns")
 
 
+def marker_status(st: os.stat_result | None) -> dict[str, int] | None:
+    """MARKER_FIELDS' values of a ready marker's status (None: no marker there)."""
+    return None if st is None else {f: getattr(st, "st_" + f) for f in MARKER_FIELDS}
+
+
+def marker_seen(path: Path) -> dict[str, int] | None:
+    """:func:`marker_status` of the ready marker at ``path`` (None: none, or it cannot
+    be read): what an intent notes of it, for a claim resumed after a crash."""
+    try:
+        return marker_status(os.lstat(path))
+    except OSError:
+        return None
+
+
+def same_marker(noted: Mapping[str, int] | None, now: Mapping[str, int] | None) -> bool:
+    """True when a marker status ``noted`` earlier is still the marker found ``now``:
+    both absent, or neither set again since (MARKER_SET_AGAIN)."""
+    if noted is None or now is None:
+        return noted is None and now is None
+    return all(noted.get(f) == now.get(f) for f in MARKER_SET_AGAIN)
+
+
 def with_marker(identity: str, st: os.stat_result | None) -> str:
     """The claim's ``identity`` with its ready marker's status (``st``; None: none was
     there), compared at the release (:func:`marker_is_claimed`)."""
-    marker = None if st is None else {f: getattr(st, "st_" + f) for f in MARKER_FIELDS}
-    return json.dumps({**_recorded(identity), MARKER_KEY: marker})
+    return with_marker_status(identity, marker_status(st))
+
+
+def with_marker_status(identity: str, marker: Mapping[str, int] | None) -> str:
+    """:func:`with_marker` of a status already read (MARKER_FIELDS' values, or None)."""
+    return json.dumps({**_recorded(identity), MARKER_KEY: None if marker is None else dict(marker)})
 
 
 def marker_is_claimed(recorded: str | None, now: Mapping[str, int]) -> bool:

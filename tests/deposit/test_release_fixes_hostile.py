@@ -9,14 +9,12 @@ between claim and release (a lab's ``chmod -R g+w`` / ``setfacl`` / backup xattr
 the inbox, all of which move its ctime) was taken for one "set again" and left in the
 inbox, at the release and at a rejection: the next recording of the name was ready
 the moment it appeared, before its rig marked it done. A marker is now "set again"
-only when its size or modification time moved.
-
-Finding (strict xfail, confirmed to fail for the reason given):
-
-- a claim stopped between the rename into the work folder and the journaled identity
-  (a crash or power cut) records at its resumption whatever marker is there then: one
-  the rig set again for its next recording meanwhile is taken for the claimed one and
-  removed, and that recording waits for a marker for ever.
+only when its size or modification time moved. A claim stopped between the rename
+into the work folder and the journaled identity (a crash or power cut) recorded at its
+resumption whatever marker was there then: one the rig set again for its next recording
+meanwhile was taken for the claimed one and removed, and that recording waited for a
+marker for ever. The marker's status is now noted before the rename (with the intent,
+and again, durably, when it was set since), and a resumed claim records that one.
 
 Guards (pass): nbankd itself never moves a claimed input's times or numbers between
 its claim and its release (so the new rule never puts back a power-damaged input
@@ -172,12 +170,6 @@ def test_a_marker_only_chmodded_since_the_claim_goes_with_its_rejected_recording
     assert not marker.exists(), "the rejected recording's marker was left in the inbox"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a claim resumed after a crash between its rename and its journaled "
-    "identity notes the marker set again meanwhile for the next recording as its own, "
-    "removes it, and that recording waits for a marker for ever",
-)
 def test_a_marker_set_again_while_a_claim_was_cut_short_is_left_for_the_next(
     daemon_factory: Factory,
 ) -> None:
@@ -205,6 +197,36 @@ def test_a_marker_set_again_while_a_claim_was_cut_short_is_left_for_the_next(
     finally:
         h.stop()
     assert (state, marker.exists()) == ({"deposited"}, False)
+
+
+def test_a_marker_set_again_before_a_claim_cut_short_is_removed_with_its_recording(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """A marker touched between intent and claim, then a crash, goes with its recording."""
+    h = daemon_factory(inbox_options={"ready": "marker", "auto_id": True})
+    go = tmp_path / f"go-{secrets.token_hex(3)}"
+    env = {"NBANKD_PAUSE_AT": "after-journal-add", "NBANKD_PAUSE_UNTIL": str(go)}
+    h.start(env={**env, "NBANKD_CRASH_AT": "after-claim-rename"})
+    h.drop("session.bin", os.urandom(5000))
+    marker = h.inbox / "session.bin.done"
+    marker.write_bytes(b"")
+    wait_for(lambda: Path(f"{go}.reached").exists(), 30, "the recording's intent")
+    # the rig marks it done again, before the claim takes it: still this recording's
+    os.utime(marker, ns=(os.lstat(marker).st_atime_ns, os.lstat(marker).st_mtime_ns + 10**9))
+    go.touch()
+    h.wait_exit()
+    assert work_entries(h.inbox / ".nbank"), "the claim's rename did not happen"
+    h.start()
+    try:
+        wait_for(lambda: len(h.receipts()) == 1 and _no_work_left(h), 30, "the release")
+        left = marker.exists()
+        nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
+        wait_for(lambda: _state_of(h, nxt) != "", 30, "the next recording to be seen")
+        state = _state_of(h, nxt)
+    finally:
+        h.stop()
+    # left, the old marker makes the unmarked next recording ready: deposited at once
+    assert (left, state) == (False, "waiting-for-marker")
 
 
 def test_guard_a_damaged_input_put_back_after_a_reboot_is_never_stored_twice(

@@ -15,9 +15,12 @@ import pytest
 from nbankd.deposit.identity import (
     MARKER_FIELDS,
     marker_is_claimed,
+    marker_seen,
     power_loss_only,
     renewed,
+    same_marker,
     with_marker,
+    with_marker_status,
 )
 
 S = 1_000_000_000  # one second in ns
@@ -114,3 +117,34 @@ def test_a_claims_marker_is_recorded_from_its_status_and_kept_when_renewed(tmp_p
     found = {f: getattr(st, "st_" + f) for f in MARKER_FIELDS}
     again = renewed(claimed, {**CLAIMED, "size": 1, "boot": "c"})
     assert marker_is_claimed(again, found) and json.loads(again)["size"] == 1
+
+
+@pytest.mark.parametrize(
+    ("noted", "now", "same"),
+    [
+        (
+            {"size": 0, "mtime_ns": S, "ctime_ns": S},
+            {"size": 0, "mtime_ns": S, "ctime_ns": 9 * S},
+            True,
+        ),
+        ({"size": 0, "mtime_ns": S}, {"size": 0, "mtime_ns": 2 * S}, False),
+        ({"size": 0, "mtime_ns": S}, {"size": 3, "mtime_ns": S}, False),
+        (None, None, True),
+        (None, {"size": 0, "mtime_ns": S}, False),
+        ({"size": 0, "mtime_ns": S}, None, False),
+    ],
+    ids=["chmodded", "touched", "written", "none-both", "set-since", "removed-since"],
+)
+def test_same_marker(noted: dict[str, int] | None, now: dict[str, int] | None, same: bool) -> None:
+    """A marker noted before a claim is the same one unless set, written or removed since."""
+    assert same_marker(noted, now) is same
+
+
+def test_a_marker_noted_before_the_rename_is_the_claimed_one(tmp_path: Any) -> None:
+    """The status an intent notes of a marker, recorded at claim, claims that marker."""
+    marker = tmp_path / "a.wav.done"
+    marker.write_bytes(b"")
+    noted = marker_seen(marker)
+    claimed = with_marker_status(_claim("none"), noted)
+    found = {f: getattr(os.lstat(marker), "st_" + f) for f in MARKER_FIELDS}
+    assert marker_is_claimed(claimed, found) and marker_seen(tmp_path / "none.done") is None
