@@ -545,6 +545,12 @@ class Journal:
         )
         return items[0] if items else None
 
+    def finished_since(self, state: State, since: float) -> list[Item]:
+        """Every item in the final ``state`` that finished at ``since`` or later."""
+        return self._query(
+            "SELECT * FROM items WHERE finished >= ? AND state = ? ORDER BY id", (since, str(state))
+        )
+
     def find_rejected(self, inbox: str, rejected_relpath: bytes) -> Item | None:
         items = self._query(
             "SELECT * FROM items WHERE inbox = ? AND rejected_relpath = ? AND state = ?"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
 from nbankd.archive import durable, fsops, syncs, treeremoval
-from nbankd.deposit import inboxfs, rejection, verdicts
+from nbankd.deposit import damaged, inboxfs, rejection, verdicts
 from nbankd.deposit.identity import (
     Change,
     boot_id,
@@ -59,6 +59,12 @@ class ReleaseSteps(StepsBase):
             gone = token + RELEASED_SUFFIX
             st = fs.lstat(fs.work, token)
             if st is not None and not self._as_claimed(item, st, fs.at(fs.work, item.token)):
+                if self._damaged_across_restart(item, st, fs.at(fs.work, item.token)):
+                    # a power loss's damage but for its status: back whole, marked to
+                    # be rejected as a damaged copy (never deposited again)
+                    assert item.identity is not None
+                    outcome = damaged.put_back(item.relpath_str, item.name)
+                    return item.changed(identity=damaged.marked(item.identity)), outcome
                 # a writer kept it open and changed it after its copy was made: the
                 # archive keeps the copy as claimed; this version goes back, whole
                 return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
@@ -262,6 +268,19 @@ class ReleaseSteps(StepsBase):
         except (SourceReadError, errors.InputChanged, errors.UnsafeInput):
             return False  # unreadable now, open for writing, a link: not as claimed
 
+    @staticmethod
+    def _damaged_across_restart(item: Item, st: os.stat_result, work: Path) -> bool:
+        """True when the claimed input ``st`` (not as claimed), found after a restart of
+        the machine since the claim, is no larger and no newer than claimed: a power
+        loss's damage, though its status changed since (its ctime is later)."""
+        if item.identity is None or not restarted_since(item.identity, item.created):
+            return False
+        try:
+            now = identity_fields(work) if stat.S_ISDIR(st.st_mode) else stat_fields(st)
+        except FileNotFoundError:
+            return False
+        return damaged.no_larger_no_newer(json.loads(item.identity), now)
+
     def _same_sha1(self, item: Item, work: Path, is_dir: bool, *, whole: bool = False) -> bool:
         """True when the input at ``work`` hashes to the item's SHA-1 (a folder stored
         as its zip is zipped again into staging/ to compare, then discarded). Reads
@@ -327,6 +346,7 @@ class ReleaseSteps(StepsBase):
                 [source.parent, spec.work_dir],
             ),
         ):
+            self.damaged.put_back(item)  # before it is back: claimed again, it is rejected
             rejection.put_back(spec, item, fs=fs)
         return item.changed(finished=self.clock()), Outcome.ok()
 

@@ -23,6 +23,7 @@ import structlog
 from nbankd import errors, seams
 from nbankd.archive import durable, layout, opening
 from nbankd.archive.stubnames import STUB_NAMES
+from nbankd.deposit.damaged import DamagedCopies
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import UNDECIDED, Outcome, State, Step, undecided
 from nbankd.deposit.spec import InboxSpec, Intent
@@ -97,6 +98,8 @@ class StepsBase:
         self._opened: dict[tuple[object, ...], layout.Archive] = {}  # see _archive
         #: runs a datatype's metadata reader: (dtype, file, name shown) -> result
         self.metadata_reader: MetadataReader = _read_metadata
+        #: inputs put back as damaged copies of their deposits (rejected when claimed)
+        self.damaged = DamagedCopies(journal, clock)
 
     @contextlib.contextmanager
     def listings_shared(self) -> Iterator[None]:

@@ -21,9 +21,14 @@ its claim and its release (so the new rule never puts back a power-damaged input
 because of nbankd's own steps); a claimed input truncated and written shorter by its
 writer before a reboot goes back whole (never taken for power-loss damage); a
 power-damaged input whose ctime moved since the claim (a status change by someone
-else) goes back after the reboot and, named after its file, ends rejected as
-name-taken, never stored twice (its reason names the taken identifier, not the
-earlier deposit it is a damaged version of: with auto_id it would be deposited anew).
+else) goes back after the reboot and is rejected, never stored twice.
+
+Fixed since (their tests pass): that put-back input ended rejected as name-taken, its
+reason naming the taken identifier only, not the earlier deposit it is a damaged
+version of, and with auto_id it was deposited anew as a new resource. It is now
+rejected ``damaged-copy`` naming the deposit (and that the stored copy is the whole
+one), with auto_id too, also when the daemon restarted between the put-back and its
+next claim.
 """
 
 from __future__ import annotations
@@ -229,11 +234,10 @@ def test_a_marker_set_again_before_a_claim_cut_short_is_removed_with_its_recordi
     assert (left, state) == (False, "waiting-for-marker")
 
 
-def test_guard_a_damaged_input_put_back_after_a_reboot_is_never_stored_twice(
-    daemon_factory: Factory,
-) -> None:
-    """A power-damaged input whose ctime moved since the claim goes back, then rejected."""
-    h = daemon_factory()
+def _damaged_after_a_reboot(h: DaemonHarness, env: dict[str, str] | None = None) -> bytes:
+    """Deposits rec.bin, then leaves its claimed input as a power cut would (its last
+    bytes and mtime lost) with its status changed since, and restarts the daemon as
+    after a reboot; returns the deposited bytes."""
     data = os.urandom(8192)
     h.start(env={"NBANKD_CRASH_AT": "after-record"})
     h.drop("rec.bin", data)
@@ -247,12 +251,69 @@ def test_guard_a_damaged_input_put_back_after_a_reboot_is_never_stored_twice(
         db.execute("UPDATE items SET identity = ? WHERE token = ?", (json.dumps(ident), token))
     os.truncate(claimed, 4096)  # and its status changed since (ctime later than claimed)
     h.wrap_argv = _rebooted(h)
-    h.start()
+    h.start(env=env)
+    return data
+
+
+def _rejected_reason(h: DaemonHarness) -> dict[str, object]:
     try:
-        wait_for(lambda: (h.rejected / "rec.bin").exists(), 60, "the put-back input's fate")
-        reason = (h.rejected / "rec.bin.reason").read_text()
+        wait_for(lambda: (h.rejected / "rec.bin.reason").exists(), 60, "the damaged copy's fate")
+        return json.loads((h.rejected / "rec.bin.reason").read_text())
     finally:
         h.stop()
+
+
+def test_guard_a_damaged_input_put_back_after_a_reboot_is_never_stored_twice(
+    daemon_factory: Factory,
+) -> None:
+    """A power-damaged input whose ctime moved since the claim is rejected, kept whole."""
+    h = daemon_factory()
+    data = _damaged_after_a_reboot(h)
+    _rejected_reason(h)
     assert [p.read_bytes() for p in h.archive_files().values()] == [data]
     assert len(h.receipts()) == 1
-    assert "rec.bin" in reason and "taken" in reason.lower(), reason
+    assert (h.rejected / "rec.bin").read_bytes() == data[:4096]
+
+
+def test_a_damaged_input_put_back_after_a_reboot_is_told_a_copy_of_its_deposit(
+    daemon_factory: Factory,
+) -> None:
+    """The rejection of a power-damaged input names the deposit it is a partial copy of."""
+    h = daemon_factory()
+    _damaged_after_a_reboot(h)
+    reason = _rejected_reason(h)
+    [receipt] = h.receipts()
+    told = f"{reason['message']} {reason['hint']}"
+    assert reason["code"] == "damaged-copy", reason
+    for words in ("damaged", "partial", "deposited", "whole", str(receipt["id"])):
+        assert words in told, (words, told)
+
+
+def test_with_auto_id_a_damaged_input_put_back_after_a_reboot_is_not_deposited_anew(
+    daemon_factory: Factory,
+) -> None:
+    """With auto_id, a power-damaged input is rejected, never a new resource."""
+    h = daemon_factory(inbox_options={"auto_id": True})
+    data = _damaged_after_a_reboot(h)
+    reason = _rejected_reason(h)
+    assert (reason["code"], len(h.receipts())) == ("damaged-copy", 1), reason
+    assert [p.read_bytes() for p in h.archive_files().values()] == [data]
+    assert (h.rejected / "rec.bin").read_bytes() == data[:4096]
+
+
+def test_a_damaged_copy_put_back_before_a_daemon_restart_is_still_told_apart(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """A damaged copy put back, then the daemon killed before its next claim: rejected."""
+    h = daemon_factory(inbox_options={"auto_id": True})
+    go = tmp_path / f"go-{secrets.token_hex(3)}"
+    data = _damaged_after_a_reboot(
+        h, env={"NBANKD_PAUSE_AT": "before-intent", "NBANKD_PAUSE_UNTIL": str(go)}
+    )
+    wait_for(lambda: Path(f"{go}.reached").exists(), 60, "the put-back copy to be found")
+    assert (h.inbox / "rec.bin").exists() and _no_work_left(h)
+    h.kill9()
+    h.start()
+    reason = _rejected_reason(h)
+    assert (reason["code"], len(h.receipts())) == ("damaged-copy", 1), reason
+    assert [p.read_bytes() for p in h.archive_files().values()] == [data]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nbankd.deposit.damaged import no_larger_no_newer
 from nbankd.deposit.identity import (
     MARKER_FIELDS,
     marker_is_claimed,
@@ -148,3 +149,18 @@ def test_a_marker_noted_before_the_rename_is_the_claimed_one(tmp_path: Any) -> N
     claimed = with_marker_status(_claim("none"), noted)
     found = {f: getattr(os.lstat(marker), "st_" + f) for f in MARKER_FIELDS}
     assert marker_is_claimed(claimed, found) and marker_seen(tmp_path / "none.done") is None
+
+
+@pytest.mark.parametrize(
+    ("now", "damaged"),
+    [
+        (_now(size=4096, ctime_ns=200 * S), True),  # cut short, its status changed since
+        (_now(mtime_ns=99 * S, ctime_ns=200 * S), True),  # stale, same size
+        (_now(size=4096, mtime_ns=200 * S), False),  # written again since: a new recording
+        (_now(size=9000, ctime_ns=200 * S), False),  # larger
+    ],
+    ids=["cut-chmodded", "stale-chmodded", "rewritten", "larger"],
+)
+def test_no_larger_no_newer(now: dict[str, int], damaged: bool) -> None:
+    """A copy put back as damaged is told apart from one written since by size and mtime."""
+    assert no_larger_no_newer(CLAIMED, now) is damaged
