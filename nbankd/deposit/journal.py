@@ -20,7 +20,8 @@ the row as committed), so a step that changes the state and a time does not rewr
 the item's name, paths and their index entries: a third of the bytes per commit. An
 item not saved before by this process is written whole.
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` holds
-the steps from each version to the next, run in one transaction at open.
+the steps from each version to the next (:mod:`~nbankd.deposit.journal_schema`), run in
+one transaction at open.
 """
 
 from __future__ import annotations
@@ -46,11 +47,10 @@ from nbankd.deposit.item import (
     row_of,
     update_statement,
 )
+from nbankd.deposit.journal_schema import MIGRATIONS, SCHEMA_VERSION
 from nbankd.deposit.lifecycle import FINAL, State
 
 log = structlog.get_logger("nbankd.journal")
-
-SCHEMA_VERSION = 7
 
 #: seconds the check of the journal's pages at open may take (PRAGMA quick_check:
 #: about 0.1 s for 100 000 items, 50 MB, from the page cache); a check not done by then
@@ -59,70 +59,6 @@ CHECK_SECONDS = 10.0
 
 #: items inserted and not yet recorded that :meth:`Journal.first_record` remembers
 UNRECORDED_LIMIT = 16384
-
-MIGRATIONS: dict[int, Sequence[str]] = {
-    # 0 -> 1: the first schema
-    0: (
-        """
-        CREATE TABLE items (
-            id INTEGER PRIMARY KEY,
-            token TEXT NOT NULL UNIQUE,
-            inbox TEXT NOT NULL,
-            relpath BLOB NOT NULL,
-            kind TEXT NOT NULL,
-            state TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            not_before REAL NOT NULL DEFAULT 0,
-            error_code TEXT,
-            error_message TEXT,
-            archive TEXT NOT NULL,
-            archive_path TEXT NOT NULL,
-            placement TEXT NOT NULL,
-            verify INTEGER NOT NULL,
-            sidecar_relpath BLOB,
-            marker_relpath BLOB,
-            identity TEXT,
-            name TEXT,
-            dtype TEXT,
-            metadata_json TEXT,
-            target_name TEXT,
-            sha1 TEXT,
-            size INTEGER,
-            url TEXT,
-            rejected_relpath BLOB,
-            reason_json TEXT,
-            created REAL NOT NULL,
-            updated REAL NOT NULL,
-            finished REAL
-        )
-        """,
-        "CREATE INDEX items_state ON items(state)",
-        "CREATE INDEX items_inbox_relpath ON items(inbox, relpath)",
-        "CREATE INDEX items_name ON items(name)",
-        "CREATE INDEX items_finished ON items(finished)",
-    ),
-    # 1 -> 2: the (device, inode) the scan saw, compared with what the claim takes
-    1: ("ALTER TABLE items ADD COLUMN seen_identity TEXT",),
-    # 2 -> 3: the staged copy's name and identity, as the process that wrote it saw it
-    2: ("ALTER TABLE items ADD COLUMN staged_identity TEXT",),
-    # 3 -> 4: whether the identifier was chosen automatically (a taken one is replaced),
-    # and whether the input was found already deposited (same identifier, bytes, name)
-    3: (
-        "ALTER TABLE items ADD COLUMN auto_id INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE items ADD COLUMN already INTEGER NOT NULL DEFAULT 0",
-    ),
-    # 4 -> 5: decided at claim: a folder deposited as its canonical zip, and how the
-    # datatype's metadata reader is used (read, skip, override; NULL: not run)
-    4: (
-        "ALTER TABLE items ADD COLUMN zipped INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE items ADD COLUMN file_metadata TEXT",
-    ),
-    # 5 -> 6: bad read-backs in a row, counted apart from the attempts of a step (another
-    # error in between no longer restarts the growing wait before the next copy)
-    5: ("ALTER TABLE items ADD COLUMN restages INTEGER NOT NULL DEFAULT 0",),
-    # 6 -> 7: what to do about the error an item waits after (status, explain, alerts)
-    6: ("ALTER TABLE items ADD COLUMN error_hint TEXT",),
-}
 
 
 class JournalError(errors.NbankdError):
