@@ -315,6 +315,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
 
     counts = {"ok": 0, "unverified": 0, "failed": 0}
     members: list[dict[str, Any]] = []
+    refused: list[tuple[str, str]] = []  # every member tape import refuses, and why
     with _registry(args) as reg:
         expected: dict[str, str | None] = {}
         if args.archive is not None:
@@ -330,13 +331,17 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             if args.archive is not None:
                 say(f"archive: {shown(args.archive)} ({len(expected)} resources in the registry)")
         # every member hashed while the tar is read once; broken: why it stopped early
-        entries, broken = scan_tar(args.tar)
+        entries, broken = scan_tar(args.tar, refused=refused)
         records = {r.name: r for r in reg.get_resources(dict.fromkeys(e.id for e in entries))}
     seen: set[str] = set()
     unregistered: list[str] = []
     not_here: list[str] = []
+    why_refused = dict(refused)
     for entry in entries:
         record = records.get(entry.id)
+        refusal = None
+        if entry.name in why_refused and record is not None:  # it cannot come back from here
+            refusal = f"tape import refuses it: {why_refused.pop(entry.name)}"
         if record is None:
             if not entry.is_dir:
                 unregistered.append(entry.name)
@@ -344,7 +349,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
                     say(f"  ? {shown(entry.name)} -> '{shown(entry.id)}' not in the registry")
             continue
         seen.add(record.name)
-        status, text = _tar_verdict(entry, record.sha1)
+        status, text = ("failed", refusal) if refusal else _tar_verdict(entry, record.sha1)
         counts[status] += 1
         located = args.archive is None or args.archive in record.locations
         if not located:
@@ -358,18 +363,23 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             say(f"  {mark} {shown(entry.name)} -> {shown(text)}")
             if not located:
                 say(f"  - {shown(entry.name)} -> not registered to {shown(args.archive)}")
+    # the members refused that are no registered resource (a link, a stray file)
+    others = [{"member": name, "problem": why} for name, why in why_refused.items()]
     unread = sorted(set(expected) - seen)
     # after a read error, what was not reached may still be on the tape
     missing, not_checked = ([], unread) if broken else (unread, [])
-    ok = not (counts["failed"] or missing or broken)
+    ok = not (counts["failed"] or missing or broken or others)
     if args.json:
         dump(
             {"tar": str(args.tar), "archive": args.archive, "ok": ok,
              "counts": counts, "members": members, "not_in_registry": unregistered,
              "missing_from_tar": missing, "not_registered_to_archive": not_here,
-             "read_error": broken, "not_checked": not_checked}
+             "read_error": broken, "not_checked": not_checked, "refused_members": others}
         )  # fmt: skip
     else:
+        for other in others:
+            why = shown(other["problem"])
+            say(f"  ✗ {shown(other['member'])} -> tape import refuses it: {why}")
         if broken:
             say(f"nbankctl: cannot read {shown(args.tar)} to the end: {shown(broken)}")
         for name in missing:
@@ -384,6 +394,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             f"Resources checked: {sum(counts.values())}; failed: {counts['failed']}; "
             f"no registered hash: {counts['unverified']}; "
             f"files not in the registry: {len(unregistered)}"
+            + (f"; other members tape import refuses: {len(others)}" if others else "")
         )
         if args.archive is not None:
             stopped = f"; not checked (reading stopped): {len(not_checked)}" if broken else ""
@@ -391,7 +402,7 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
                 f"Missing from the tar file: {len(missing)}{stopped}; "
                 f"not registered to {shown(args.archive)}: {len(not_here)}"
             )
-    report.failed(counts["failed"] + len(missing) + bool(broken))
+    report.failed(counts["failed"] + len(missing) + bool(broken) + len(others))
 
 
 # --- parser ----------------------------------------------------------------------------

@@ -9,12 +9,12 @@ Semantics follow ``nbank archive register-tar | prune | import-tar`` (0.13):
 - registering a tar (``register_tar``, in :mod:`nbankd.tape_register`) hashes
   each member first and keys only the locations whose SHA-1 matches, so a key
   on a tape location means "this member was read and matched";
-- :func:`prune` deletes a local copy only when the registry lists another copy
-  that is verified to exist (a local neurobank copy found and, by default, hashed;
-  a tape copy with a key), never a resource without a registered SHA-1 unless
-  asked (``unverified``); it removes the location first and the file second (a
-  crash in between leaves an unregistered copy, never a record without its
-  file), and removes stub folders it empties;
+- :func:`prune` deletes a local copy only when the registry lists another copy that
+  is verified to exist (a local neurobank copy found and, by default, hashed; a tape
+  copy with a key naming a member tape import restores), never a resource without a
+  registered SHA-1 unless asked (``unverified``); it removes the location first and
+  the file second (a crash in between leaves an unregistered copy, never a record
+  without its file), and removes stub folders it empties;
 - importing a tar back into a local archive (``import_tar``) lives in
   :mod:`nbankd.tape_import`, built on the shared pieces here.
 
@@ -40,6 +40,7 @@ from nbankd.archive import durable
 from nbankd.archive.opening import open_archive
 from nbankd.archive.removal import check_below, remove_stored_copy
 from nbankd.hashing import SourceReadError
+from nbankd.names import is_utf8
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, LocationRecord, Registry
 
 TAPE_SCHEME = "tape"
@@ -140,6 +141,62 @@ def has_control_character(name: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
 
 
+#: tarfile's extraction filter (PEP 706), a second opinion after member_problem's own
+#: checks, which alone refuse everything it would (tarfile extracts nothing: the
+#: bytes are written by nbankd); absent before Python 3.11.4
+_DATA_FILTER = getattr(tarfile, "data_filter", None)
+#: the folder a member's name is judged against when nothing is extracted (tape
+#: register, check tar, prune): only its name and kind matter then, and the rule's own
+#: checks already refuse every name that would leave any folder
+NO_DESTINATION = Path("/nonexistent/nbankd-tape")
+
+
+def member_problem(
+    member: tarfile.TarInfo, dest: Path = NO_DESTINATION, max_size: int | None = None
+) -> str | None:
+    """Why tape import refuses a member, or None: the one rule of the tape commands
+    (``tape import`` refuses such a member, ``tape register`` locates none, ``check
+    tar`` fails it, ``tape prune`` trusts no tape key naming one). Our checks first,
+    then data_filter where this Python has it; ``max_size`` is import's own limit."""
+    name = member.name
+    path = PurePosixPath(name)
+    if not name or "\0" in name:
+        return "an empty or invalid name"
+    if has_control_character(name):
+        return "a name with a control character (a newline, a tab, ...)"
+    if not is_utf8(name):
+        return "a name that is not UTF-8 (registry keys and folder hashes are UTF-8)"
+    if name.startswith("/") or path.is_absolute():
+        return "an absolute path"
+    if ".." in path.parts:
+        return "a path with '..'"
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device file"
+    if member.isfifo():
+        return "a FIFO"
+    if not (member.isreg() or member.isdir()):
+        return "not a regular file or folder"
+    if member.isreg() and max_size is not None and member.size > max_size:
+        return f"{member.size} bytes, more than the limit of {max_size}"
+    if _DATA_FILTER is not None:  # Python 3.11.4+ (Debian 12's 3.11.2 lacks it)
+        try:
+            _DATA_FILTER(member, str(dest))
+        except tarfile.FilterError as err:
+            return f"refused by tarfile's data filter: {err}"
+    return None
+
+
+def key_problem(key: str) -> str | None:
+    """Why tape import would refuse the member a tape location's key names (judged as
+    a regular file: the rule looks at its name only then), or None. A location keyed
+    before tape register applied :func:`member_problem` may name one."""
+    return member_problem(tarfile.TarInfo(key))
+
+
 def member_id(name: str) -> str | None:
     """The resource identifier a member name stands for, or None if it cannot be one."""
     stem = PurePosixPath(name).stem
@@ -215,12 +272,22 @@ def verified_elsewhere(
     """Whether another location of a resource is verified to hold it.
 
     A tape copy counts only with a key (its member path, recorded by ``tape
-    register`` after hashing the member). A local copy that is the very file at
+    register`` after hashing the member) naming a member tape import would restore
+    (:func:`key_problem`). A local copy that is the very file at
     ``ours`` (the same archive reached by another path, e.g. a bind mount) does
     not count.
     """
     where = f"'{loc.archive_name}' ({loc.scheme}:{loc.root})"
     if loc.scheme == TAPE_SCHEME:
+        problem = key_problem(loc.key) if loc.key else None
+        if loc.key and problem is not None:  # keyed before tape register refused such names
+            return Elsewhere(
+                False,
+                f"the tape copy in {where} is member {loc.key!r}, which tape import refuses "
+                f"({problem}): it could not be restored from there; write the file to tape "
+                f"again under a plain name and run '{register_command(loc)}'",
+                fixable=True,
+            )
         if loc.key:
             return Elsewhere(True, f"on tape in {where} as {loc.key}")
         return Elsewhere(
@@ -360,7 +427,9 @@ __all__ = [
     "Report",
     "Summary",
     "has_control_character",
+    "key_problem",
     "member_id",
+    "member_problem",
     "noop",
     "open_tar",
     "prune",

@@ -1,11 +1,12 @@
 """``import_tar``: copies the registered resources of a tar file into a local archive.
 
-The tar never chooses where bytes go: each member is read as a stream, checked
-by :func:`member_problem` (path, type and size, with our own checks and
-:func:`tarfile.data_filter`), refused when bigger than the staging folder's free
-space, copied into ``staging/`` under a name made from the registered
-identifier, checked against the registered SHA-1, published with the durable
-primitives of deposits, re-read from storage, then located in the registry.
+The tar never chooses where bytes go: each member is read as a stream, checked by
+:func:`~nbankd.tape.member_problem` (path, type and size, with our own checks and
+:func:`tarfile.data_filter`; the rule tape register and check tar apply too),
+refused when bigger than the staging folder's free space, copied into ``staging/``
+under a name made from the registered identifier, checked against the registered
+SHA-1, published with the durable primitives of deposits, re-read from storage, then
+located in the registry.
 A folder resource (a folder member whose stem is a registered identifier, and the
 members below it) is imported whole by :mod:`nbankd.tape_import_folder`, with the
 same checks on each of its members and neurobank's directory hash.
@@ -30,7 +31,6 @@ from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.archive.staging import process_staged_name
 from nbankd.hashing import sha1_stream
-from nbankd.names import is_utf8
 from nbankd.registry.base import Registry
 from nbankd.streaming import totals_to_deltas
 from nbankd.tape import (
@@ -40,18 +40,14 @@ from nbankd.tape import (
     Recorder,
     Report,
     Summary,
-    has_control_character,
     member_id,
+    member_problem,
     noop,
     open_tar,
 )
 from nbankd.tape_import_folder import FolderRefused, Members, import_folder, skip_folder
 
 STAGED_PREFIX = durable.STAGED_PREFIX + "tar-"
-#: tarfile's extraction filter (PEP 706), a second opinion after member_problem's own
-#: checks, which alone refuse everything it would (tarfile extracts nothing: the
-#: bytes are written by nbankd); absent before Python 3.11.4
-_DATA_FILTER = getattr(tarfile, "data_filter", None)
 
 
 def _staged_name(id: str) -> str:
@@ -59,41 +55,6 @@ def _staged_name(id: str) -> str:
     hand, without the state lock); a killed import's is a leftover (``check archive
     --fix``)."""
     return process_staged_name(STAGED_PREFIX, id)
-
-
-def member_problem(member: tarfile.TarInfo, dest: Path, max_size: int | None) -> str | None:
-    """Why a member must not be extracted, or None. Our checks first, then data_filter
-    where this Python has it."""
-    name = member.name
-    path = PurePosixPath(name)
-    if not name or "\0" in name:
-        return "an empty or invalid name"
-    if has_control_character(name):
-        return "a name with a control character (a newline, a tab, ...)"
-    if not is_utf8(name):
-        return "a name that is not UTF-8 (registry keys and folder hashes are UTF-8)"
-    if name.startswith("/") or path.is_absolute():
-        return "an absolute path"
-    if ".." in path.parts:
-        return "a path with '..'"
-    if member.issym():
-        return f"a symbolic link (to {member.linkname!r})"
-    if member.islnk():
-        return f"a hard link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return "a device file"
-    if member.isfifo():
-        return "a FIFO"
-    if not (member.isreg() or member.isdir()):
-        return "not a regular file or folder"
-    if member.isreg() and max_size is not None and member.size > max_size:
-        return f"{member.size} bytes, more than the limit of {max_size}"
-    if _DATA_FILTER is not None:  # Python 3.11.4+ (Debian 12's 3.11.2 lacks it)
-        try:
-            _DATA_FILTER(member, str(dest))
-        except tarfile.FilterError as err:
-            return f"refused by tarfile's data filter: {err}"
-    return None
 
 
 class _Refused(Exception):

@@ -7,7 +7,7 @@ from the stream, once, and stops at the first member outside the folder (handed
 back for the caller to read next).
 
 Each member below the folder is checked like a top-level member
-(:func:`~nbankd.tape_import.member_problem`: no absolute path, no ``..``, no link,
+(:func:`~nbankd.tape.member_problem`: no absolute path, no ``..``, no link,
 device or FIFO, not bigger than ``--max-size``), and more: its path must lie
 strictly inside the folder, appear once, and never put a file where a folder
 goes or the reverse. Files are written into ``staging/<prefix><id>/`` with

@@ -14,9 +14,13 @@ Run again on the same tape file it resumes: an existing keyed location is left
 alone, and a keyless one (as ``nbank archive register-tar`` writes them) gets
 the member's path as its key once the member's hash matches.
 
-A member whose name holds a control character (an escape, a newline, a tab) is never
-located: tape import would refuse it. Each is reported, its name escaped, as not
-registered, and so is a folder resource holding one.
+A member tape import refuses (:func:`~nbankd.tape.member_problem`: a control
+character, bytes that are not UTF-8, an absolute path, ``..``, a link or a device,
+what tarfile's data filter refuses) is never located. Each is reported, its name
+escaped, as not registered, and so is a folder resource holding one.
+
+The tar is read before the tape archive's record is created: a tar that cannot be
+opened leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from nbankd.tape import (
     Recorder,
     Report,
     Summary,
-    has_control_character,
     member_id,
+    member_problem,
     noop,
     open_tar,
     tape_archive,
@@ -76,7 +80,7 @@ def scan_tar(
     tar_path: str | os.PathLike[str],
     advance: Advance | None = None,
     *,
-    control_names: list[str] | None = None,
+    refused: list[tuple[str, str]] | None = None,
 ) -> tuple[list[TarEntry], str | None]:
     """Hashes every member of a tar that may be a resource, reading it once, in tar order.
 
@@ -86,8 +90,9 @@ def scan_tar(
     member below it, a link or a device).
     Returns the entries and, if the tar could not be read to the end, why: then
     the files read whole keep their hashes and every folder is unverifiable (the
-    rest of its files may lie in the unread part). The name of every member holding
-    a control character is appended to ``control_names`` when given.
+    rest of its files may lie in the unread part). Every member tape import refuses
+    (:func:`~nbankd.tape.member_problem`) is appended to ``refused`` when given, as
+    (its name, why).
     """
     step = advance or noop
     entries: list[TarEntry] = []
@@ -103,8 +108,6 @@ def scan_tar(
                 path = PurePosixPath(member.name)
                 if path == PurePosixPath(MANIFEST_NAME):
                     continue
-                if control_names is not None and has_control_character(member.name):
-                    control_names.append(member.name)
                 id = member_id(member.name)
                 # tape import reads a folder's members while they follow it
                 reading = [f for f in reading if f == path or f in path.parents]
@@ -116,6 +119,13 @@ def scan_tar(
                         folder.problem = folder.problem or (
                             f"it holds {member.name!r}, a name that is not UTF-8 (the folder "
                             "hash covers UTF-8 names only)"
+                        )
+                if (problem := member_problem(member)) is not None:
+                    if refused is not None:
+                        refused.append((member.name, problem))
+                    for folder, _ in above:  # tape import refuses the folder then
+                        folder.problem = folder.problem or (
+                            f"it holds {member.name!r}, which tape import refuses ({problem})"
                         )
                 if member.isreg():
                     if id is None and not above:
@@ -173,31 +183,25 @@ def _verify(entry: TarEntry, record: ResourceRecord) -> tuple[str | None, str]:
     return None, " (SHA-1 checked)"
 
 
-#: why a member named with a control character is not located
-_CONTROL = (
-    "not registered: its name holds a control character (an escape, a newline, a "
-    "tab), and tape import refuses such a member; write the tar again with that file "
-    "renamed"
-)
-
-
-def _refuse_control_names(
-    entries: list[TarEntry], odd: list[str], note: Recorder
+def _refuse_members(
+    entries: list[TarEntry], odd: list[tuple[str, str]], note: Recorder
 ) -> list[TarEntry]:
-    """Reports each member of ``odd`` (named with a control character) as not
-    registered; returns the entries to go on with: without those, and with each folder
-    holding one made unverifiable."""
+    """Reports each member of ``odd`` (one tape import refuses, and why) as not
+    registered; returns the entries to go on with, without those (a folder holding
+    one is unverifiable already: :func:`scan_tar`)."""
     if not odd:
         return entries
-    refused = set(odd)
-    for name in odd:
-        note(name, "failed", _CONTROL, ok=False, id=member_id(name))
-        for entry in entries:
-            if entry.is_dir and PurePosixPath(entry.name) in PurePosixPath(name).parents:
-                entry.problem = entry.problem or (
-                    f"it holds {name!r}, a name with a control character, which tape import refuses"
-                )
-    return [e for e in entries if e.name not in refused]
+    for name, why in odd:
+        note(
+            name,
+            "failed",
+            f"not registered: tape import refuses this member ({why}); write the tar "
+            "again with that file renamed or stored as a plain file",
+            ok=False,
+            id=member_id(name),
+        )
+    names = {name for name, _ in odd}
+    return [e for e in entries if e.name not in names]
 
 
 def register_tar(
@@ -212,14 +216,17 @@ def register_tar(
     advance: Advance | None = None,
 ) -> Summary:
     """Locates each registered resource of a tar file in the tape archive, after hashing it."""
-    record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=dry_run)
+    # checked first (a name taken, a bad name), created only once the tar has been read
+    record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=True)
+    odd: list[tuple[str, str]] = []
+    entries, broken = scan_tar(tar_path, advance, refused=odd)
+    if record is None and not dry_run:
+        record, message = tape_archive(registry, tape, file_number, archive_name, dry_run=False)
     name = record.name if record is not None else archive_name or f"{tape}-{file_number}"
     summary = Summary(archive=name)
     note = Recorder(summary, report)
     note(name, "archive", message)
-    odd: list[str] = []
-    entries, broken = scan_tar(tar_path, advance, control_names=odd)
-    entries = _refuse_control_names(entries, odd, note)
+    entries = _refuse_members(entries, odd, note)
     if broken is not None:
         note(
             str(tar_path),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nbankd import tape_import
+from nbankd import tape, tape_import
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
@@ -47,7 +47,7 @@ def test_crafted_members_are_refused_with_or_without_the_data_filter(
 ) -> None:
     """A crafted member is refused, naming why, whether or not Python has data_filter."""
     if not with_filter:
-        monkeypatch.setattr(tape_import, "_DATA_FILTER", None)
+        monkeypatch.setattr(tape, "_DATA_FILTER", None)  # the rule lives there
     problem = tape_import.member_problem(_member(name, kind, **attrs), tmp_path, None)
     assert problem is not None and why in problem
 
@@ -58,7 +58,7 @@ def test_a_plain_member_is_accepted_with_or_without_the_data_filter(
 ) -> None:
     """A regular file under a plain relative name passes, with or without data_filter."""
     if not with_filter:
-        monkeypatch.setattr(tape_import, "_DATA_FILTER", None)
+        monkeypatch.setattr(tape, "_DATA_FILTER", None)  # the rule lives there
     assert tape_import.member_problem(_member("ab12cd.wav", size=10), tmp_path, None) is None
 
 

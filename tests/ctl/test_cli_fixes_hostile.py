@@ -62,11 +62,6 @@ IMPORT_REFUSES = {
 # --- tape register / prune / import / check tar: one verdict per member ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: tape register locates an absolute or '..' member (keyed by it) that "
-    "tape import refuses; only control characters are checked (tape_register.scan_tar)",
-)
 @pytest.mark.parametrize("label", list(IMPORT_REFUSES))
 def test_tape_register_locates_no_member_tape_import_refuses(embedded: Backend, label: str) -> None:
     """A member named absolute or with '..' (tape import refuses it) gets no tape location
@@ -80,11 +75,6 @@ def test_tape_register_locates_no_member_tape_import_refuses(embedded: Backend, 
     assert proc.returncode == 1, proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (data loss): after tape register keys a '../ID.dat' member, tape prune "
-    "deletes the only local copy though tape import refuses that member",
-)
 def test_prune_after_register_never_leaves_a_resource_that_import_cannot_restore(
     embedded: Backend,
 ) -> None:
@@ -103,11 +93,6 @@ def test_prune_after_register_never_leaves_a_resource_that_import_cannot_restore
     assert path.exists() or restored is not None, proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: check tar says OK (exit 0) of members tape import refuses: it calls "
-    "scan_tar without control_names and never applies tape_import.member_problem",
-)
 @pytest.mark.parametrize(
     "label,fmt",
     [
