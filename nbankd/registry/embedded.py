@@ -228,7 +228,10 @@ class EmbeddedRegistry(EmbeddedLocations):
         with self._write() as conn:
             body: dict[str, Any] = {}
             core: dict[str, Any] = {}
+            unstorable = None
             if isinstance(metadata, Mapping):
+                # judged whole, experimenter and animal included, as HttpRegistry sends it
+                unstorable = unstorable_metadata(metadata)
                 metadata, core = rules.split_metadata(metadata)
             clean_name = None
             if name is not None:
@@ -265,7 +268,7 @@ class EmbeddedRegistry(EmbeddedLocations):
                     body["metadata"] = ["metadata must be a dictionary"]
                 elif metadata_json is None:
                     body["metadata"] = [rules.INVALID_JSON]
-                elif unstorable := unstorable_metadata(metadata):
+                elif unstorable:
                     body["metadata"] = [unstorable]  # django-neurobank fails (500) on these
             people: dict[str, str | None] = {}
             for field in ("experimenter", "animal"):
@@ -465,8 +468,8 @@ class EmbeddedRegistry(EmbeddedLocations):
             merged_json = rules.dump_metadata(merged)
             if merged_json is None:
                 body["metadata"] = [rules.INVALID_JSON]
-            elif unstorable := unstorable_metadata(
-                {k: v for k, v in rest.items() if v is not None}
+            elif unstorable := unstorable_metadata(  # experimenter and animal included
+                {k: v for k, v in metadata.items() if v is not None}
             ):
                 body["metadata"] = [unstorable]
             people: dict[str, str | None] = {}
