@@ -325,10 +325,19 @@ def cmd_search(args: argparse.Namespace, report: Report) -> None:
     if args.hash is not None:
         full = re.fullmatch(r"[0-9a-fA-F]{40}", args.hash)
         params["sha1" if full else "sha1_contains"] = args.hash
-    for key, value in (args.metadata or {}).items():
-        params[f"metadata__{key}"] = _filter_text(value)
-    for key, value in (args.metadata_neq or {}).items():
-        params[f"metadata__{key}__neq"] = _filter_text(value)
+    for option, given, suffix in (
+        ("-k", args.metadata or {}, ""),
+        ("-K", args.metadata_neq or {}, "__neq"),
+    ):
+        for key, value in given.items():
+            params[f"metadata__{key}{suffix}"] = text = _filter_text(value)
+            if "\0" in text:  # django-neurobank on PostgreSQL answers it with a 500
+                raise errors.UsageError(
+                    f"{option} {printable(key)}: its value holds a NUL character (\\u0000), "
+                    "which no registry stores (django-neurobank on PostgreSQL cannot even "
+                    "compare it)",
+                    hint="no record holds such a value: drop that filter or that character",
+                )
     if not params:
         raise errors.UsageError(
             "nbankctl search needs at least one filter",

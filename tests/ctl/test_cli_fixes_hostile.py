@@ -374,11 +374,6 @@ def test_nbankctl_modify_with_a_nul_on_postgresql_is_refused_naming_the_key(
     assert pg_backend.registry.get_resource(id).metadata == {"keep": 1}  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: search -k with a NUL value is sent to PostgreSQL, which answers 500: "
-    "exit 3 'a server-side problem; retry later' (filters are not checked as metadata is)",
-)
 def test_nbankctl_search_for_a_nul_value_on_postgresql_is_not_taken_for_an_outage(
     pg_backend: Backend,
 ) -> None:
@@ -387,6 +382,17 @@ def test_nbankctl_search_for_a_nul_value_on_postgresql_is_not_taken_for_an_outag
     pg_backend.resource(b"s", None, metadata={"note": "ab"})
     proc = pg_backend.ctl("search", "-d", pg_backend.dtype, "-k", 'note="a\\u0000b"')
     assert proc.returncode in (0, 1, 2), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("option", ["-k", "-K"])
+def test_nbankctl_search_refuses_a_nul_filter_naming_the_key(
+    embedded: Backend, option: str
+) -> None:
+    """search -k / -K with a NUL value is a usage error naming the option and key."""
+    embedded.resource(b"s", None, metadata={"note": "ab"})
+    proc = embedded.ctl("search", "-d", embedded.dtype, option, 'note="a\\u0000b"')
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{option} note:" in proc.stderr and "NUL" in proc.stderr, proc.stderr
 
 
 # --- the last error line, and what comes before it, on a stuck stderr ---------------------
