@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from nbankctl.stderr import BoundedStderr
 from nbankd import errors
 from nbankd.names import lines_without_controls
 
@@ -54,14 +55,19 @@ class Report:
         as they are, any other control character in it (a registry's text, a file's
         name) shown as text (:func:`~nbankd.names.lines_without_controls`). Said within
         a deadline, as nbankd's last error is: a pipe nobody reads never holds the
-        command's exit (:func:`~nbankd.service.logwriter.say_within`)."""
+        command's exit (through :mod:`nbankctl.stderr`'s writer, as all it said
+        before; else :func:`~nbankd.service.logwriter.say_within`)."""
         if self._error is None:
             self._error = err
+        line = f"nbankctl: {lines_without_controls(str(err))}"
+        if isinstance(sys.stderr, BoundedStderr):
+            print(line, file=sys.stderr, flush=True)
+            return
         from nbankd.service import logwriter  # only a command ending in error needs it
 
         with contextlib.suppress(OSError, ValueError):  # a stderr that is closed
             sys.stderr.flush()  # what the command said before goes first
-        logwriter.say_within(sys.stderr, f"nbankctl: {lines_without_controls(str(err))}")
+        logwriter.say_within(sys.stderr, line)
 
     def output_closed(self) -> None:
         """Records that the reader of the output went away (``| head``): the command

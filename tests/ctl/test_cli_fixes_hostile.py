@@ -428,11 +428,6 @@ def test_a_failing_command_with_an_early_error_keeps_its_status_on_a_stuck_stder
     assert _run_on_stuck_stderr(argv, embedded.env) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding (hang): only the last error line is bounded; the heading nbankctl "
-    "prints to stderr first ('registry: ...') blocks for ever on a stuck stderr",
-)
 def test_a_command_that_says_something_then_fails_exits_on_a_stuck_stderr(
     embedded: Backend,
 ) -> None:
