@@ -35,7 +35,8 @@ def printable(relpath: str) -> str:
     """A one-line, valid-UTF-8 rendering of a relpath for logs and messages.
 
     Undecodable bytes and control characters (newline, tab, ...) become ``\\xNN``,
-    C1 controls and bidirectional overrides ``\\uNNNN``, and a backslash becomes two,
+    C1 controls, bidirectional overrides and Unicode's line and paragraph separators
+    (U+2028, U+2029) ``\\uNNNN``, and a backslash becomes two,
     so the result is unambiguous, never spans lines and displays as the name it is.
     """
     return _escaped(relpath, backslash=True)
@@ -71,8 +72,9 @@ def _escaped(text: str, *, backslash: bool, keep: str = "") -> str:
             out.append("\\\\")
         elif code < 0x20 or code == 0x7F:
             out.append(f"\\x{code:02x}")
-        elif 0x80 <= code <= 0x9F or code in _BIDI_CONTROLS:
-            out.append(f"\\u{code:04x}")  # C1 (0x9b starts an escape), direction overrides
+        elif 0x80 <= code <= 0x9F or code in _BIDI_CONTROLS or code in _LINE_SEPARATORS:
+            # C1 (0x9b starts an escape), direction overrides, Unicode's line breaks
+            out.append(f"\\u{code:04x}")
         else:
             out.append(ch)
     return "".join(out)
@@ -80,6 +82,8 @@ def _escaped(text: str, *, backslash: bool, keep: str = "") -> str:
 
 #: Unicode's bidirectional controls: a name holding one can display as another name
 _BIDI_CONTROLS = frozenset({0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)})
+#: Unicode's line and paragraph separators: shown raw, a name could span lines
+_LINE_SEPARATORS = frozenset({0x2028, 0x2029})
 
 
 def is_utf8(name: str) -> bool:

@@ -143,6 +143,7 @@ def test_a_location_tape_register_records_is_one_tape_import_restores(
     tar = _tar(embedded.tmp / "t.tar", [(name, data)])
     proc = embedded.ctl("tape", "register", embedded.name("TAPE"), "0", str(tar))
     assert proc.returncode == 0 and _tape_keys(embedded, id) == [name], proc.stderr
+    assert odd not in proc.stderr  # shown escaped, as other names
     restore, _ = embedded.archive("restore")
     proc = embedded.ctl("tape", "import", str(tar), str(restore.path), id)
     assert proc.returncode == 0, proc.stderr

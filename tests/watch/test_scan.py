@@ -291,6 +291,7 @@ def test_odd_names_round_trip(inbox: Path) -> None:
 def test_printable_escapes_control_and_undecodable_bytes() -> None:
     """printable() escapes newlines, invalid bytes and backslashes unambiguously."""
     assert printable(os.fsdecode(b"a\nb\xffc\\d")) == "a\\x0ab\\xffc\\\\d"
+    assert printable("a\u2028b\u2029c\x85d") == "a\\u2028b\\u2029c\\u0085d"
 
 
 def test_without_controls_escapes_controls_keeps_backslashes_and_printables_result() -> None:
