@@ -273,7 +273,8 @@ def verified_elsewhere(
 
     A tape copy counts only with a key (its member path, recorded by ``tape
     register`` after hashing the member) naming a member tape import would restore
-    (:func:`key_problem`). A local copy that is the very file at
+    (:func:`key_problem`) as this very resource (:func:`member_id`: a key another tool
+    set may name another resource's member). A local copy that is the very file at
     ``ours`` (the same archive reached by another path, e.g. a bind mount) does
     not count.
     """
@@ -286,6 +287,15 @@ def verified_elsewhere(
                 f"the tape copy in {where} is member {loc.key!r}, which tape import refuses "
                 f"({problem}): it could not be restored from there; write the file to tape "
                 f"again under a plain name and run '{register_command(loc)}'",
+                fixable=True,
+            )
+        if loc.key and member_id(loc.key) != loc.resource_name:  # set by another tool
+            return Elsewhere(
+                False,
+                f"the tape copy in {where} is member {loc.key!r}, which tape import would "
+                f"restore as {member_id(loc.key) or 'no resource'}, not as "
+                f"{loc.resource_name}: it could not be restored from there; run "
+                f"'{register_command(loc)}' with TAR the tar file written there",
                 fixable=True,
             )
         if loc.key:
