@@ -19,9 +19,6 @@ Only the topic that owns the command given is imported (:data:`TOPICS`), so a
 daemon command such as ``status`` does not pay for the registry clients; help,
 no command or an unknown one imports them all.
 
-Standard error is :mod:`nbankctl.stderr`'s for the whole command: a write there
-waits at most 2 s for a stderr nobody reads, then what is said there is dropped.
-
 As nbank's, ``-v`` before the command is ``--version`` (after it, a command's own
 ``--verbose``), and ``--debug`` turns on debug messages on stderr: the registry's
 requests among them, with credentials never shown (:func:`_debug_logging`).
@@ -40,7 +37,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from nbankctl.report import Handler, Report
-from nbankctl.stderr import bounded_stderr
+from nbankctl.stderr import quiet_stderr
 from nbankd import __version__, errors
 
 if TYPE_CHECKING:
@@ -222,10 +219,9 @@ def _stop_signals_raise() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; its exit status. Everything said on standard error, from the
-    parser's usage to the last error line, goes through one writer that never holds
-    the command for long on a stderr nobody reads (:mod:`nbankctl.stderr`)."""
-    with bounded_stderr():
+    """Runs one command; its exit status. Standard error is :mod:`nbankctl.stderr`'s
+    while it runs: it waits for its reader, and its failures never change the status."""
+    with quiet_stderr():
         return _main(sys.argv[1:] if argv is None else argv)
 
 

@@ -12,12 +12,10 @@ records how the command ended, when it ended early: :meth:`Report.error`,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 from collections.abc import Callable
 
-from nbankctl.stderr import BoundedStderr
 from nbankd import errors
 from nbankd.names import lines_without_controls
 
@@ -53,21 +51,12 @@ class Report:
     def error(self, err: errors.NbankdError) -> None:
         """Records the error that ended the command, and says it on stderr: its lines
         as they are, any other control character in it (a registry's text, a file's
-        name) shown as text (:func:`~nbankd.names.lines_without_controls`). Said within
-        a deadline, as nbankd's last error is: a pipe nobody reads never holds the
-        command's exit (through :mod:`nbankctl.stderr`'s writer, as all it said
-        before; else :func:`~nbankd.service.logwriter.say_within`)."""
+        name) shown as text (:func:`~nbankd.names.lines_without_controls`). Like
+        everything nbankctl says there, it waits for its reader: a report read slowly
+        (``2>&1 | less``) is never cut short."""
         if self._error is None:
             self._error = err
-        line = f"nbankctl: {lines_without_controls(str(err))}"
-        if isinstance(sys.stderr, BoundedStderr):
-            print(line, file=sys.stderr, flush=True)
-            return
-        from nbankd.service import logwriter  # only a command ending in error needs it
-
-        with contextlib.suppress(OSError, ValueError):  # a stderr that is closed
-            sys.stderr.flush()  # what the command said before goes first
-        logwriter.say_within(sys.stderr, line)
+        print(f"nbankctl: {lines_without_controls(str(err))}", file=sys.stderr)
 
     def output_closed(self) -> None:
         """Records that the reader of the output went away (``| head``): the command

@@ -1,33 +1,33 @@
 """Hostile review of today's nbankctl and registry fixes (adf0a3f..5035565).
 
 tape register / import / prune / check tar agreeing on which members are acceptable;
-registry export's exit status; the last error line on a stuck stderr; metadata
+registry export's exit status; metadata
 holding a NUL character across both backends and the export / import path.
 
 Findings (13 strict xfails), all fixed since on branch ``tape``, markers removed:
 tape register located, and check tar passed, members tape import refuses (absolute,
 ``..``, not UTF-8), so tape prune deleted the only copy (one rule now,
 ``nbankd.tape.member_problem``); the embedded registry stored a NUL in experimenter or
-animal; search with a NUL filter was reported as an outage; what nbankctl said on
-stderr before its last line hung on a stderr nobody reads (``nbankctl.stderr``).
+animal; search with a NUL filter was reported as an outage. (A finding that what
+nbankctl said on stderr before its last line waits on a stderr nobody reads was
+"fixed" by dropping stderr output after 2 s, then undone: that cut a report read
+slowly, ``2>&1 | less``, short without a word; nbankctl's stderr is its report and
+waits for its reader, as README says.)
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import sqlite3
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend, store
+from fixtures.cli_backends import Backend, base_env, make_backend, store
 from fixtures.django_server import DjangoServer, unique_name
-from fixtures.processes import stuck_pipe
 from nbankd import errors
 from nbankd.migration import snapshot
 from nbankd.registry.base import Registry
@@ -401,47 +401,3 @@ def test_nbankctl_search_refuses_a_nul_filter_naming_the_key(
     proc = embedded.ctl("search", "-d", embedded.dtype, option, 'note="a\\u0000b"')
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{option} note:" in proc.stderr and "NUL" in proc.stderr, proc.stderr
-
-
-# --- the last error line, and what comes before it, on a stuck stderr ---------------------
-
-
-def _run_on_stuck_stderr(argv: list[str], env: dict[str, str]) -> int | None:
-    """The exit status of ``argv`` run with a stderr nobody reads; None if it still runs
-    after 30 s (then killed)."""
-    r, w = stuck_pipe()
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w, env=env
-        )
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-    finally:
-        os.close(w)
-        os.close(r)
-
-
-def test_a_failing_command_with_an_early_error_keeps_its_status_on_a_stuck_stderr(
-    embedded: Backend,
-) -> None:
-    """tape import of a folder that is no archive (an error before anything is said)
-    exits with its status on a stderr nobody reads."""
-    argv = [NBANKCTL, "tape", "import", str(embedded.tmp / "x.tar"), str(embedded.tmp / "no")]
-    expected = embedded.ctl(*argv[1:]).returncode
-    assert expected != 0
-    assert _run_on_stuck_stderr(argv, embedded.env) == expected
-
-
-def test_a_command_that_says_something_then_fails_exits_on_a_stuck_stderr(
-    embedded: Backend,
-) -> None:
-    """check tar of a missing tar (the registry line said, then the error) exits with
-    its status within 30 s on a stderr nobody reads."""
-    argv = [NBANKCTL, "check", "tar", str(embedded.tmp / "missing.tar")]
-    expected = embedded.ctl(*argv[1:]).returncode
-    assert expected != 0
-    assert _run_on_stuck_stderr(argv, embedded.env) == expected

@@ -7,9 +7,6 @@
 - ``registry export`` warned of each resource no registry can be given again and
   exited 0, so a script took a backup that cannot all be restored for a whole one: it
   exits 1 (the file still written, every record in it);
-- nbankctl's last error line (``nbankctl: ...``) was written to stderr without a
-  bound: a stderr pipe nobody reads held the command for ever, its exit status never
-  given. It is written within a deadline, as nbankd's is;
 - the embedded registry's metadata update read the stored record with ``json.loads``:
   one nested past what JSON reads (an older version's, an administrator's) raised
   RecursionError, an internal error, and so did reading such a record with an
@@ -27,9 +24,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sqlite3
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +33,8 @@ from typing import Any
 import pytest
 from nbank.util import hash_directory
 
-from fixtures.cli_backends import NBANKCTL, Backend, base_env, make_backend
+from fixtures.cli_backends import Backend, make_backend
 from fixtures.django_server import DjangoServer, unique_name
-from fixtures.processes import stuck_pipe
 from nbankd import errors
 from nbankd.migration import snapshot
 from nbankd.registry.base import Registry
@@ -159,35 +153,6 @@ def test_registry_export_that_warns_of_a_record_exits_1_and_still_writes_every_r
     [warning] = [x for x in proc.stderr.splitlines() if "warning" in x]
     assert "resource 'odd'" in warning and "cannot be created again" in warning, warning
     assert sorted(r.name for r in snapshot.load(export).resources) == ["fine", "odd"]
-
-
-# --- the last error line, on a stderr nobody reads --------------------------------------
-
-
-def test_nbankctls_last_error_line_never_holds_its_exit_on_a_stuck_stderr(tmp_path: Path) -> None:
-    """nbankctl refusing its configuration exits with its status (2) within seconds even
-    when its stderr is a pipe nobody reads, never blocked writing the error."""
-    config = tmp_path / "config.yaml"
-    config.write_text("inboxes: not a list\n")
-    r, w = stuck_pipe()
-    try:
-        proc = subprocess.Popen(
-            [NBANKCTL, "-c", str(config), "status"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=w,
-            env=base_env(tmp_path / "home"),
-        )
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("nbankctl hangs writing its last error to a stderr nobody reads")
-    finally:
-        os.close(w)
-        os.close(r)
-    assert code == 2, code
 
 
 # --- the embedded registry: stored metadata it cannot merge into ----------------------
