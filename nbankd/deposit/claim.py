@@ -377,7 +377,7 @@ class ClaimSteps(StepsBase):
         st = os.lstat(work)
         outcome = verdicts.when_claimed(
             item_kind=item.kind, relpath=item.relpath_str, found=FileKind.of(st), size=st.st_size
-        ) or self.damaged.judge(item, str(spec.path / item.relpath_str))
+        ) or self.damaged.judge(item, str(spec.path / item.relpath_str), work)
         if outcome is not None:
             return item, outcome
         try:

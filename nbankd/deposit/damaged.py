@@ -2,23 +2,34 @@
 restart of the machine, no larger and no newer than claimed (as a power loss leaves a
 file) but not removable as power-loss damage (its status changed since the claim:
 someone may have written it and set its time back) goes back into the inbox whole,
-never removed. Seen again there unchanged (the same file: its device, inode, and no
-larger, no newer than claimed), it is rejected as a damaged (partial) copy of the
-resource deposited from it, kept in the rejected folder: never deposited again, under
-its own name (``name-taken``) or, with ``auto_id``, as a new resource.
+never removed. Seen again there unchanged since it was put back (the same file: its
+device and inode, and its ctime as the put-back left it; or, its ctime moved, as after
+a rejection and a requeue, the same size, mtime and SHA-1 as put back), it is rejected
+as a damaged (partial) copy of the resource deposited from it, kept in the rejected
+folder: never deposited again, under its own name (``name-taken``) or, with
+``auto_id``, as a new resource. Any other file is deposited as usual, a new recording
+given the inode number of a deleted damaged copy and an older mtime (cp -p, rsync -t)
+too: inode numbers are reused and mtimes set by whoever copies a file, so neither
+alone says a file is the damaged copy.
 
-The release marks the item's identity (:data:`DAMAGED_KEY`); the put-back notes it in
-:class:`DamagedCopies`, which the claim asks (a set lookup: nothing is read from the
-journal per claim); a daemon started again reads the marks of items put back in the
-last :data:`REMEMBERED_SECONDS` from the journal once, at its first claim.
+The release marks the item's identity (:data:`DAMAGED_KEY`: the deposit it is a
+damaged copy of, and once put back the put-back file's status and SHA-1); the put-back
+notes it in :class:`DamagedCopies`, which the claim asks (a dict lookup: nothing is
+read from the journal per claim); a daemon started again reads the marks of items put
+back in the last :data:`REMEMBERED_SECONDS` from the journal once, at its first claim.
+A mark without the put-back's status (a crash between the put-back and its journal
+entry, or a release before this one) never rejects anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nbankd.deposit.journal import Item, Journal
@@ -49,6 +60,41 @@ def marked(identity: str) -> str:
     return json.dumps({**json.loads(identity), DAMAGED_KEY: True})
 
 
+def is_marked(identity: str | None) -> bool:
+    """True when a claim's ``identity`` marks its input put back as a damaged copy."""
+    return identity is not None and DAMAGED_KEY in identity and bool(_mark(identity))
+
+
+def noted(item: Item, put_back: Mapping[str, Any], sha1: str | None) -> str:
+    """The marked identity of ``item``, once put back: the mark says what the put-back
+    file is (a damaged copy of the deposit: its identifier, size and SHA-1) and the
+    put-back file's status (``put_back``: device, inode, size, mtime, ctime) and SHA-1
+    (None for a folder), by which its next claim tells it apart."""
+    assert item.identity is not None
+    mark = {
+        "of": item.name,
+        "deposit_sha1": item.sha1,
+        "deposit_size": item.size,
+        "put_back": {k: int(put_back[k]) for k in (*_FIELDS, "dev", "ino", "ctime_ns")},
+        "sha1": sha1,
+    }
+    return json.dumps({**json.loads(item.identity), DAMAGED_KEY: mark})
+
+
+def file_sha1(path: Path) -> str:
+    """The SHA-1 of the file at ``path`` (a damaged copy: no larger than its deposit)."""
+    digest = hashlib.sha1()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mark(identity: str) -> Any:
+    return json.loads(identity).get(DAMAGED_KEY)
+
+
 def put_back(shown: str, identifier: str | None) -> Outcome:
     """At release, after a restart of the machine: the input is no larger and no newer
     than claimed, its status changed since: put back whole (never removed), to be
@@ -71,7 +117,10 @@ class _Deposit:
     name: str | None
     sha1: str | None
     size: int | None
-    claimed: Mapping[str, Any]
+    #: the put-back file's device, inode, size, mtime and ctime
+    put_back: Mapping[str, int]
+    #: the put-back file's SHA-1 (None: a folder)
+    copy_sha1: str | None
 
 
 class DamagedCopies:
@@ -90,15 +139,15 @@ class DamagedCopies:
             with self._lock:
                 self._loaded()[found[0]] = found[1]
 
-    def judge(self, item: Item, shown: str) -> Outcome | None:
-        """At claim (its identity recorded): the rejection of an input that is a damaged
-        copy put back, unchanged since; None for any other input."""
+    def judge(self, item: Item, shown: str, work: Path) -> Outcome | None:
+        """At claim (its identity recorded, the input at ``work``): the rejection of an
+        input that is a damaged copy put back, unchanged since; None for any other."""
         if item.identity is None:
             return None
         now = json.loads(item.identity)
         with self._lock:
             deposit = self._loaded().get(_key(now))
-        if deposit is None or not no_larger_no_newer(deposit.claimed, now):
+        if deposit is None or not _unchanged(deposit, item, now, work):
             return None  # another file in that inode, or written since: a new recording
         name = deposit.name
         return Outcome(
@@ -109,8 +158,9 @@ class DamagedCopies:
             "after the restart this file was found no larger and no newer than the "
             "deposited copy, as a power loss leaves one; it is not deposited again",
             f"nothing to deposit: the archive's copy of {name} is the whole one (see "
-            f"'nbankctl locate {name}'); delete this damaged copy once you have checked "
-            "it. To deposit these bytes anyway, as a new resource, copy them into the "
+            f"'nbankctl locate {name}'); this file is the one put back, unchanged since, "
+            "so you may delete it once you have checked it against the deposit. To "
+            "deposit these bytes anyway, as a new resource, copy (not move) them into the "
             "inbox under another name",
         )
 
@@ -124,14 +174,41 @@ class DamagedCopies:
         return self._known
 
 
+def _unchanged(deposit: _Deposit, item: Item, now: Mapping[str, Any], work: Path) -> bool:
+    """True when the input claimed (``now``, at ``work``) is the damaged copy put back,
+    unchanged since: its ctime as the scan saw it before the claim is the put-back's
+    (any write, chmod, or another file in the inode moves it), or, its ctime moved (a
+    rejection and a requeue move it), a file of the same size, mtime and SHA-1."""
+    seen = json.loads(item.seen_identity or "{}")
+    ctime = (seen.get("tree") if item.kind == "dir" else seen) or {}
+    if ctime.get("ctime_ns") == deposit.put_back["ctime_ns"]:
+        return True
+    if deposit.copy_sha1 is None or item.kind == "dir":
+        return False
+    if any(now.get(f) != deposit.put_back[f] for f in _FIELDS):
+        return False
+    try:
+        return file_sha1(work) == deposit.copy_sha1
+    except OSError:
+        return False  # unreadable: the claim's own reading tells why
+
+
 def _entry(item: Item) -> tuple[tuple[int, int], _Deposit] | None:
-    """``item``'s (device, inode) and deposit, when its identity marks a damaged copy."""
+    """The put-back file's (device, inode) and deposit, when ``item``'s identity marks
+    a damaged copy put back (a mark without the put-back's status never rejects)."""
     if item.identity is None or DAMAGED_KEY not in item.identity:
         return None
-    claimed = json.loads(item.identity)
-    if not claimed.get(DAMAGED_KEY) or "dev" not in claimed or "ino" not in claimed:
+    mark = _mark(item.identity)
+    if not isinstance(mark, dict) or not isinstance(mark.get("put_back"), dict):
         return None
-    return _key(claimed), _Deposit(name=item.name, sha1=item.sha1, size=item.size, claimed=claimed)
+    back = mark["put_back"]
+    return _key(back), _Deposit(
+        name=item.name,
+        sha1=item.sha1,
+        size=item.size,
+        put_back=back,
+        copy_sha1=mark.get("sha1"),
+    )
 
 
 def _key(identity: Mapping[str, Any]) -> tuple[int, int]:

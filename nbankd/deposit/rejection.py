@@ -295,7 +295,7 @@ def move_to_rejected(
     return replace(item, reason_json=json.dumps(reason))
 
 
-def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
+def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> tuple[int, bytes] | None:
     """Returns a claimed input to its place in the inbox (it changed: still being
     written), under a free name if its own (or its sidecar's) was taken meanwhile.
     Its sidecar follows the name the input gets, and is never put where it would be
@@ -304,7 +304,8 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     free pair of names; should the input not be found (run again after a crash, by a
     row journaled without identity), the sidecar stays in the work folder (logged).
     The input moves first; run again after a crash between the moves, it is found
-    where it went by the identity journaled at claim."""
+    where it went by the identity journaled at claim. Returns where the input is now
+    (its folder's descriptor and its name; None when it cannot be told)."""
     token = item.token.encode()
     sidecar = sidecar_work_name(item)
     suffix = _sidecar_suffix(item)
@@ -325,7 +326,7 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
     elif pair:
         placed = _put_back_where(fs, item, pair)
     if sidecar is None or not side_waits or item.sidecar_relpath is None:
-        return
+        return placed
     if not pair:  # not named after its input (an older row): its own name, if free
         try:
             side = fs.parent(item.sidecar_relpath, create=True)
@@ -333,18 +334,19 @@ def put_back(spec: InboxSpec, item: Item, *, fs: InboxFS) -> None:
             side = (fs.root, os.path.basename(item.sidecar_relpath))
         if fs.exists(*side):
             _sidecar_kept(item, "its own name is taken")
-            return
+            return placed
         _move_no_replace(fs, (fs.work, sidecar), side)
-        return
+        return placed
     if placed is None:
         _sidecar_kept(item, "where the input went cannot be told")
-        return
+        return None
     parent, name = placed
     while fs.exists(parent, name + pair):  # taken since the input moved: move on
         moved = _free_name(fs.at(parent), os.path.basename(item.relpath), pair)
         _move_no_replace(fs, (parent, name), (parent, moved))
         name = moved
     _move_no_replace(fs, (fs.work, sidecar), (parent, name + pair))
+    return parent, name
 
 
 def _sidecar_kept(item: Item, why: str) -> None:

@@ -346,9 +346,45 @@ class ReleaseSteps(StepsBase):
                 [source.parent, spec.work_dir],
             ),
         ):
-            self.damaged.put_back(item)  # before it is back: claimed again, it is rejected
-            rejection.put_back(spec, item, fs=fs)
+            sha1 = self._damaged_sha1(item, fs)
+            placed = rejection.put_back(spec, item, fs=fs)
+            if sha1 is not None and placed is not None:
+                item = self._damaged_noted(item, fs, placed, sha1)
         return item.changed(finished=self.clock()), Outcome.ok()
+
+    @staticmethod
+    def _damaged_sha1(item: Item, fs: inboxfs.InboxFS) -> str | None:
+        """For an input put back as a damaged copy, still in the work folder: its SHA-1
+        ("" for a folder); None for any other, or one moved already (run again)."""
+        token = item.token.encode()
+        st = fs.lstat(fs.work, token) if damaged.is_marked(item.identity) else None
+        if st is None:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return ""
+        try:
+            return damaged.file_sha1(fs.at(fs.work, token))
+        except OSError as err:
+            log.warning("damaged copy unreadable: not told apart", item=item.token, error=str(err))
+            return None
+
+    def _damaged_noted(
+        self, item: Item, fs: inboxfs.InboxFS, placed: tuple[int, bytes], sha1: str
+    ) -> Item:
+        """``item``, a damaged copy just put back at ``placed``, its mark completed with
+        the put-back file's status and SHA-1 and noted in :attr:`damaged` (its next claim,
+        the file unchanged since, is rejected damaged-copy)."""
+        st = fs.lstat(*placed)
+        if st is None:
+            return item  # gone already: nothing to tell apart
+        is_dir = stat.S_ISDIR(st.st_mode)
+        try:
+            status = identity_fields(fs.at(*placed)) if is_dir else stat_fields(st)
+        except FileNotFoundError:
+            return item
+        item = item.changed(identity=damaged.noted(item, status, None if is_dir else sha1))
+        self.damaged.put_back(item)
+        return item
 
     def _discard_staged_if_configured(self, item: Item) -> None:
         """Removes the item's staged copy, when its archive is still configured there
