@@ -429,14 +429,24 @@ class ClaimSteps(StepsBase):
         be reached): the release removes only that marker, never one set again since for
         the next recording of the name. A claim ``resumed`` (cut short past its rename:
         the rig may have recorded the name again meanwhile, and set its marker) takes
-        the marker noted before the rename (:meth:`_note_marker`), when one was."""
+        the marker noted before the rename (:meth:`_note_marker`), when one was; when
+        none was (journaled by an older release), a marker set after the item was
+        journaled is the next recording's: none is taken, and the release leaves it."""
         identity = identity_json(work, is_dir)
         if item.marker_relpath is None:
             return identity
         seen = json.loads(item.seen_identity or "{}")
         if resumed and MARKER_KEY in seen:
             return with_marker_status(identity, seen[MARKER_KEY])
-        return with_marker(identity, cls._marker_now(fs, item))
+        now = cls._marker_now(fs, item)
+        if resumed and now is not None and now.st_mtime > item.created:
+            log.warning(
+                "ready marker set after the input was journaled, left for the next "
+                "recording of the name (a claim of an earlier version cut short)",
+                item=item.token,
+            )
+            now = None
+        return with_marker(identity, now)
 
     def _read_sidecar(self, item: Item, path: Path | None) -> policy.Sidecar:
         if path is None or not os.path.lexists(path):

@@ -134,7 +134,7 @@ class DamagedCopies:
 
     def put_back(self, item: Item) -> None:
         """Notes ``item``, being put back, when its release marked it a damaged copy."""
-        found = _entry(item)
+        found = _entry(item.name, item.sha1, item.size, item.identity)
         if found is not None:
             with self._lock:
                 self._loaded()[found[0]] = found[1]
@@ -169,7 +169,8 @@ class DamagedCopies:
         back in the last REMEMBERED_SECONDS). Called with the lock held."""
         if self._known is None:
             since = self._clock() - REMEMBERED_SECONDS
-            found = (_entry(i) for i in self._journal.finished_since(State.RETURNED, since))
+            rows = self._journal.identities_since(State.RETURNED, since, f'"{DAMAGED_KEY}"')
+            found = (_entry(*row) for row in rows)
             self._known = dict(f for f in found if f is not None)
         return self._known
 
@@ -193,21 +194,23 @@ def _unchanged(deposit: _Deposit, item: Item, now: Mapping[str, Any], work: Path
         return False  # unreadable: the claim's own reading tells why
 
 
-def _entry(item: Item) -> tuple[tuple[int, int], _Deposit] | None:
-    """The put-back file's (device, inode) and deposit, when ``item``'s identity marks
-    a damaged copy put back (a mark without the put-back's status never rejects)."""
-    if item.identity is None or DAMAGED_KEY not in item.identity:
+def _entry(
+    name: str | None, sha1: str | None, size: int | None, identity: str | None
+) -> tuple[tuple[int, int], _Deposit] | None:
+    """The put-back file's (device, inode) and deposit (``name``, ``sha1``, ``size``),
+    when the item's ``identity`` marks a damaged copy put back (a mark without the
+    put-back's status never rejects)."""
+    if identity is None or DAMAGED_KEY not in identity:
         return None
-    mark = _mark(item.identity)
+    try:
+        mark = _mark(identity)
+    except (ValueError, AttributeError, RecursionError):  # not an identity nbankd wrote
+        return None
     if not isinstance(mark, dict) or not isinstance(mark.get("put_back"), dict):
         return None
     back = mark["put_back"]
     return _key(back), _Deposit(
-        name=item.name,
-        sha1=item.sha1,
-        size=item.size,
-        put_back=back,
-        copy_sha1=mark.get("sha1"),
+        name=name, sha1=sha1, size=size, put_back=back, copy_sha1=mark.get("sha1")
     )
 
 

@@ -481,11 +481,21 @@ class Journal:
         )
         return items[0] if items else None
 
-    def finished_since(self, state: State, since: float) -> list[Item]:
-        """Every item in the final ``state`` that finished at ``since`` or later."""
-        return self._query(
-            "SELECT * FROM items WHERE finished >= ? AND state = ? ORDER BY id", (since, str(state))
-        )
+    def identities_since(
+        self, state: State, since: float, holding: str
+    ) -> list[tuple[str | None, str | None, int | None, str]]:
+        """(name, sha1, size, identity) of each item in the final ``state`` that finished
+        at ``since`` or later and whose identity holds the text ``holding``: only those
+        columns, filtered by SQLite (a journal of many such items is not loaded)."""
+        pattern = "%" + holding.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return [
+            (r["name"], r["sha1"], r["size"], r["identity"])
+            for r in self._rows(
+                "SELECT name, sha1, size, identity FROM items WHERE finished >= ? AND "
+                "state = ? AND identity LIKE ? ESCAPE '\\' ORDER BY id",
+                (since, str(state), pattern),
+            )
+        ]
 
     def find_rejected(self, inbox: str, rejected_relpath: bytes) -> Item | None:
         items = self._query(

@@ -622,3 +622,36 @@ def test_reads_answer_while_a_write_waits_for_another_process_lock(tmp_path: Pat
         assert [i.id for i in j.unfinished()] == [first.id, added[0].id]
     finally:
         j.close()
+
+
+# -- marked identities -----------------------------------------------------------------
+
+
+def test_identities_since_gives_only_recent_items_in_the_state_whose_identity_holds_the_text(
+    journal: Journal,
+) -> None:
+    """identities_since: (name, sha1, size, identity) of the items in the state, finished
+    since the time, whose identity holds the text (its _ and % taken as themselves)."""
+
+    def returned(when: float, identity: str, name: str) -> None:
+        item = _add(journal)
+        journal.save(
+            replace(
+                item,
+                state=State.RETURNED,
+                finished=when,
+                updated=when,
+                identity=identity,
+                name=name,
+                sha1="ab" * 20,
+                size=7,
+            )
+        )
+
+    returned(500.0, '{"ino": 1, "damaged_copy": {"of": "a"}}', "kept")
+    returned(100.0, '{"ino": 2, "damaged_copy": {"of": "b"}}', "too-old")
+    returned(500.0, '{"ino": 3, "damagedXcopy": {"of": "c"}}', "other-text")
+    done = _add(journal)
+    _finish(journal, done, 500.0, identity='{"damaged_copy": {}}', name="done")
+    got = journal.identities_since(State.RETURNED, 400.0, '"damaged_copy"')
+    assert got == [("kept", "ab" * 20, 7, '{"ino": 1, "damaged_copy": {"of": "a"}}')]

@@ -7,7 +7,8 @@ Findings: a new recording in a damaged copy's inode, no larger and its mtime set
 (cp -p, rsync -t), was rejected ``damaged-copy`` of an unrelated deposit (fixed: only
 the file put back, its ctime unchanged since, or after a requeue its size, mtime and
 SHA-1 the same, is); a claim cut short by a release before defd362 (no marker noted)
-resumed taking the marker found then, the next recording's (strict xfail).
+resumed taking the marker found then, the next recording's (fixed: a marker set after
+the item was journaled is left for the next recording).
 """
 
 from __future__ import annotations
@@ -171,12 +172,6 @@ def _state_of(h: DaemonHarness, path: Path) -> str:
     return json.loads(out.stdout).get("state", "") if out.returncode == 0 else ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a claim cut short by a release before defd362 (no marker noted) "
-    "resumes taking the marker found now, the next recording's: it is removed, and "
-    "that recording waits for a marker for ever",
-)
 def test_a_claim_cut_short_by_an_older_release_keeps_the_next_recordings_marker(
     daemon_factory: Factory,
 ) -> None:

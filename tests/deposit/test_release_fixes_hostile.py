@@ -147,8 +147,12 @@ def test_a_marker_only_chmodded_since_the_claim_is_removed_with_its_recording(
     left = marker.exists()
     nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
     try:
-        wait_for(lambda: _state_of(h, nxt) != "", 30, "the next recording to be seen")
-        state = _state_of(h, nxt)
+        # seen and settled ("settling" comes first: it says nothing of the marker yet)
+        state = wait_for(
+            lambda: (s := _state_of(h, nxt)) not in ("", "settling") and s,
+            60,
+            "the next recording settled",
+        )
     finally:
         h.stop()
     # left, the old marker makes the unmarked next recording ready: deposited at once
@@ -226,8 +230,12 @@ def test_a_marker_set_again_before_a_claim_cut_short_is_removed_with_its_recordi
         wait_for(lambda: len(h.receipts()) == 1 and _no_work_left(h), 30, "the release")
         left = marker.exists()
         nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
-        wait_for(lambda: _state_of(h, nxt) != "", 30, "the next recording to be seen")
-        state = _state_of(h, nxt)
+        # seen and settled ("settling" comes first: it says nothing of the marker yet)
+        state = wait_for(
+            lambda: (s := _state_of(h, nxt)) not in ("", "settling") and s,
+            60,
+            "the next recording settled",
+        )
     finally:
         h.stop()
     # left, the old marker makes the unmarked next recording ready: deposited at once
