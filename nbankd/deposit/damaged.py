@@ -23,7 +23,6 @@ entry, or a release before this one) never rejects anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nbankd import hashing
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import Outcome, State
 
@@ -82,13 +82,13 @@ def noted(item: Item, put_back: Mapping[str, Any], sha1: str | None) -> str:
 
 
 def file_sha1(path: Path) -> str:
-    """The SHA-1 of the file at ``path`` (a damaged copy: no larger than its deposit)."""
-    digest = hashlib.sha1()
+    """The SHA-1 of the file at ``path`` (a damaged copy: no larger than its deposit),
+    never through a link."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    try:
+        return hashing.sha1_stream(fd)
+    finally:
+        os.close(fd)
 
 
 def _mark(identity: str) -> Any:
