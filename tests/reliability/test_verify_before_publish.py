@@ -66,18 +66,6 @@ def test_staged_copy_replaced_under_its_name_is_never_published(daemon_factory: 
     h.wait_settled(1)
     h.stop()
     assert h.archive_files()["swap01.dat"].read_bytes() == data
-    steps = [e.get("step") for e in _events(h) if e.get("code") == "staged-changed"]
+    steps = [e.get("step") for e in h.log_events() if e.get("code") == "staged-changed"]
     assert steps == ["publish"], steps
     assert list(staging.iterdir()) == []
-
-
-def _events(h: DaemonHarness) -> list[dict[str, Any]]:
-    out = []
-    for line in h.log_path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            out.append(event)
-    return out

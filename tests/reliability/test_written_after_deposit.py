@@ -4,7 +4,6 @@ no longer the one it claimed."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -44,18 +43,6 @@ def test_bytes_written_after_the_record_are_never_removed(
     assert "cannot tell whether files are still open for writing" in log
 
 
-def _log_events(h: DaemonHarness) -> list[dict[str, Any]]:
-    events = []
-    for line in h.log_path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
 def test_a_quiet_file_still_open_for_writing_waits_until_closed(daemon_factory: Any) -> None:
     """A file a program keeps open for writing, quiet for many settle periods, is not
     claimed; once the program closes it (after writing more) it is deposited whole."""
@@ -71,7 +58,7 @@ def test_a_quiet_file_still_open_for_writing_waits_until_closed(daemon_factory: 
             lambda: (
                 sum(
                     e.get("event") == "input still open for writing; it waits until closed"
-                    for e in _log_events(h)
+                    for e in h.log_events()
                 )
                 >= 1
             ),
@@ -92,5 +79,5 @@ def test_a_quiet_file_still_open_for_writing_waits_until_closed(daemon_factory: 
     h.wait_settled(1)
     h.stop()
     assert h.archive_files()["open01.dat"].read_bytes() == first + more
-    codes = {e.get("code") for e in _log_events(h)}
+    codes = {e.get("code") for e in h.log_events()}
     assert "open-for-writing" not in codes  # never claimed and put back: no churn
