@@ -83,6 +83,18 @@ def _state_of(h: DaemonHarness, path: Path) -> str:
     return json.loads(out.stdout).get("state", "") if out.returncode == 0 else ""
 
 
+def _settled_state(h: DaemonHarness, path: Path) -> str:
+    """explain's first state of ``path`` once seen and settled ("not-seen", then
+    "settling" come first: they say nothing of the marker yet)."""
+    return str(
+        wait_for(
+            lambda: (s := _state_of(h, path)) not in ("", "not-seen", "settling") and s,
+            60,
+            "the next recording settled",
+        )
+    )
+
+
 @pytest.mark.parametrize("marked", [False, True], ids=["plain", "marker-and-sidecar"])
 def test_guard_nbankd_never_moves_a_claimed_inputs_status_before_its_release(
     daemon_factory: Factory, marked: bool
@@ -147,12 +159,7 @@ def test_a_marker_only_chmodded_since_the_claim_is_removed_with_its_recording(
     left = marker.exists()
     nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
     try:
-        # seen and settled ("settling" comes first: it says nothing of the marker yet)
-        state = wait_for(
-            lambda: (s := _state_of(h, nxt)) not in ("", "settling") and s,
-            60,
-            "the next recording settled",
-        )
+        state = _settled_state(h, nxt)
     finally:
         h.stop()
     # left, the old marker makes the unmarked next recording ready: deposited at once
@@ -230,12 +237,7 @@ def test_a_marker_set_again_before_a_claim_cut_short_is_removed_with_its_recordi
         wait_for(lambda: len(h.receipts()) == 1 and _no_work_left(h), 30, "the release")
         left = marker.exists()
         nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
-        # seen and settled ("settling" comes first: it says nothing of the marker yet)
-        state = wait_for(
-            lambda: (s := _state_of(h, nxt)) not in ("", "settling") and s,
-            60,
-            "the next recording settled",
-        )
+        state = _settled_state(h, nxt)
     finally:
         h.stop()
     # left, the old marker makes the unmarked next recording ready: deposited at once
