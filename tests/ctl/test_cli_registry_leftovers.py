@@ -22,10 +22,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 import pytest
 from nbank.util import hash_directory
 
-from fixtures.cli_backends import Backend, make_backend
+from fixtures.cli_backends import Backend, make_backend, make_tar
 from fixtures.django_server import DjangoServer, unique_name
 from nbankd import errors
 from nbankd.migration import snapshot
@@ -46,20 +44,6 @@ from nbankd.registry.http import HttpRegistry
 def embedded(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """nbankctl on a fresh embedded registry (nothing shared with other tests)."""
     return make_backend("embedded", tmp_path, request)
-
-
-def _tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
-    """A tar of members (name, contents), a folder where contents is None."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # --- tape register: members whose names hold control characters -----------------------
@@ -81,7 +65,7 @@ def test_tape_register_names_each_member_with_a_control_character_and_exits_1(
         f"in\tdir/{id_odd}.dat": f"in\\x09dir/{id_odd}.dat",
     }
     names = list(hostile)
-    tar = _tar(
+    tar = make_tar(
         embedded.tmp / "t.tar",
         [(f"{id_good}.dat", good), (names[0], b"a"), (names[1], b"b"), (names[2], odd)],
     )
@@ -115,7 +99,7 @@ def test_tape_register_refuses_a_folder_resource_holding_a_member_with_a_control
     idd = embedded.registry.add_resource(
         dtype=embedded.dtype, archive=arch, name=embedded.name("d"), sha1=hash_directory(root)
     ).name
-    tar = _tar(
+    tar = make_tar(
         embedded.tmp / "t.tar", [(idd, None)] + [(f"{idd}/{k}", v) for k, v in files.items()]
     )
     proc = embedded.ctl("tape", "register", embedded.name("TAPE"), "0", str(tar))
