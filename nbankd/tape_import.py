@@ -70,6 +70,32 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+#: a member's outcomes that a later member of the same resource may make good
+_PASSED_OVER = frozenset({"refused", "failed"})
+
+
+def _done(
+    remaining: set[str] | None,
+    passed: dict[str, list[tuple[str, str, str]]],
+    id: str | None,
+    note: Recorder,
+    *,
+    instead: str | None = None,
+) -> None:
+    """Ends the search for resource ``id``: reports the members of it passed over
+    before, as failures, or, when member ``instead`` was imported (or checked, in a dry run)
+    instead, as notes."""
+    if id is None:
+        return
+    if remaining is not None:
+        remaining.discard(id)
+    for name, status, message in passed.pop(id, ()):
+        if instead is None:
+            note(name, status, message, ok=False, id=id)
+        else:
+            note(name, "passed-over", f"{message}; member {instead!r} taken instead", id=id)
+
+
 def import_tar(
     registry: Registry,
     tar_path: str | os.PathLike[str],
@@ -100,6 +126,9 @@ def import_tar(
     note = Recorder(summary, report)
     staging = archive.staging_dir if dry_run else opening.ensure_staging(archive)
     remaining = set(wanted) if wanted is not None else None
+    # members of a resource refused or not matching its SHA-1, reported once it is
+    # known whether a later member of it (``tar -r`` appends one) was imported instead
+    passed: dict[str, list[tuple[str, str, str]]] = {}
     stopped = False
     with open_tar(tar_path) as tar:
         members = Members(tar)
@@ -113,10 +142,8 @@ def import_tar(
             if member is None:
                 break
             id = member_id(member.name)
-            if remaining is not None:
-                if id is None or id not in remaining:
-                    continue
-                remaining.discard(id)
+            if remaining is not None and (id is None or id not in remaining):
+                continue
             try:
                 problem = member_problem(member, staging, max_size)
                 if problem is not None:
@@ -130,8 +157,12 @@ def import_tar(
             except _Refused as why:
                 if wanted is not None and why.status == "skipped":  # asked for by name
                     note(member.name, "failed", f"'{id}' is not in the registry", ok=False, id=id)
+                elif id is not None and why.status in _PASSED_OVER:
+                    passed.setdefault(id, []).append((member.name, why.status, why.message))
+                    continue  # a later member of it may still be imported
                 elif why.message:
                     note(member.name, why.status, why.message, ok=why.ok, id=id)
+                _done(remaining, passed, id, note)
                 continue
             except TAR_UNREADABLE as err:
                 note(member.name, "failed", f"the tar file ends early or cannot be read: {err}",
@@ -140,8 +171,12 @@ def import_tar(
                 break
             except (errors.RegistryRejected, errors.ResourceExists, errors.NotFound) as err:
                 note(member.name, "failed", str(err), ok=False, id=id)
+                _done(remaining, passed, id, note)
                 continue
+            _done(remaining, passed, id, note, instead=member.name)
             note(member.name, "imported", message, id=id)
+    for id in list(passed):
+        _done(remaining, passed, id, note)
     why = "not reached: reading the tar stopped" if stopped else f"not in tar file {tar_path}"
     for id in sorted(remaining or ()):
         note(id, "missing", f"{why}", ok=False, id=id)
