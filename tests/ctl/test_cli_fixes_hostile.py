@@ -28,6 +28,7 @@ import pytest
 
 from fixtures.cli_backends import Backend, base_env, make_backend, store
 from fixtures.django_server import DjangoServer, unique_name
+from fixtures.registry_dtype import registry_with_dtype
 from nbankd import errors
 from nbankd.migration import snapshot
 from nbankd.registry.base import Registry
@@ -258,25 +259,7 @@ def registry_dtype(
 ) -> Iterator[tuple[Registry, str]]:
     """(a registry, a datatype of this test): a fresh embedded one, or the session's
     django on PostgreSQL (its records of this datatype removed after)."""
-    reg: Registry
-    if request.param == "embedded":
-        reg = EmbeddedRegistry(tmp_path / "registry.sqlite3")
-        dtype = reg.add_datatype("wav", "audio/wav", "wav").name
-    else:
-        server: DjangoServer = request.getfixturevalue(request.param)
-        dtype = server.add_datatype()
-        request.addfinalizer(
-            lambda: server.shell(
-                "from nbank_registry.models import DataType, Resource\n"
-                f"Resource.objects.filter(dtype__name={dtype!r}).delete()\n"
-                f"DataType.objects.filter(name={dtype!r}).delete()"
-            )
-        )
-        reg = HttpRegistry(server.url, server.auth)
-    try:
-        yield reg, dtype
-    finally:
-        reg.close()
+    yield from registry_with_dtype(request, request.param, tmp_path)
 
 
 @pytest.mark.parametrize(

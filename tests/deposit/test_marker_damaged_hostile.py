@@ -17,31 +17,14 @@ import contextlib
 import json
 import os
 import sqlite3
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for, work_entries
+from fixtures.reboot import no_work_left, rebooted
 
 Factory = Callable[..., DaemonHarness]
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 DAY_NS = 86400 * 10**9
-
-
-def _rebooted(h: DaemonHarness) -> list[str]:
-    """A command prefix running the daemon as after a restart of the machine."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the daemon another boot id")
-    fake = h.root / "boot_id"
-    fake.write_text(f"{uuid.uuid4()}\n")
-    script = f'mount --bind {fake} {BOOT_ID} && exec "$@"'
-    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh"]
-
-
-def _no_work_left(h: DaemonHarness) -> bool:
-    return not work_entries(h.inbox / ".nbank")
 
 
 def _damaged_rejected(h: DaemonHarness) -> bytes:
@@ -61,7 +44,7 @@ def _damaged_rejected(h: DaemonHarness) -> bytes:
         ident.update(size=ident["size"] + 4096, mtime_ns=ident["mtime_ns"] + 10**9)
         db.execute("UPDATE items SET identity = ? WHERE token = ?", (json.dumps(ident), token))
     os.truncate(claimed, 4096)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start()
     wait_for(lambda: (h.rejected / "rec.bin.reason").exists(), 60, "the damaged copy's rejection")
     reason = json.loads((h.rejected / "rec.bin.reason").read_text())
@@ -75,7 +58,7 @@ def _fate(h: DaemonHarness, name: str, receipts: int) -> str:
     def seen() -> str:
         if (h.rejected / f"{name}.reason").exists():
             return "rejected: " + (h.rejected / f"{name}.reason").read_text()
-        if len(h.receipts()) >= receipts and not (h.inbox / name).exists() and _no_work_left(h):
+        if len(h.receipts()) >= receipts and not (h.inbox / name).exists() and no_work_left(h):
             return "deposited"
         return ""
 
@@ -194,7 +177,7 @@ def test_a_claim_cut_short_by_an_older_release_keeps_the_next_recordings_marker(
     os.utime(marker, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     h.start()
     try:
-        wait_for(lambda: len(h.receipts()) >= 1 and _no_work_left(h), 30, "the first release")
+        wait_for(lambda: len(h.receipts()) >= 1 and no_work_left(h), 30, "the first release")
         state = wait_for(
             lambda: {"deposited", "waiting-for-marker"} & {_state_of(h, nxt)},
             30,

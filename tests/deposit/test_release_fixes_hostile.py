@@ -39,35 +39,19 @@ import json
 import os
 import secrets
 import sqlite3
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for, work_entries
+from fixtures.reboot import no_work_left, rebooted
 
 Factory = Callable[..., DaemonHarness]
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
-
-
-def _rebooted(h: DaemonHarness) -> list[str]:
-    """A command prefix running the daemon as after a restart of the machine (a private
-    mount namespace where the kernel's boot id reads as a new one)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the daemon another boot id")
-    fake = h.root / "boot_id"
-    fake.write_text(f"{uuid.uuid4()}\n")
-    script = f'mount --bind {fake} {BOOT_ID} && exec "$@"'
-    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh"]
-
-
-def _no_work_left(h: DaemonHarness) -> bool:
-    return not work_entries(h.inbox / ".nbank")
 
 
 def _identities(h: DaemonHarness) -> list[tuple[str, dict[str, object]]]:
@@ -133,9 +117,9 @@ def test_guard_an_input_cut_and_written_shorter_before_a_reboot_goes_back_whole(
         os.fsync(fd)
     finally:
         os.close(fd)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start()
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     h.stop()
     assert [p.read_bytes() for p in h.archive_files().values()] == [first]
     assert (h.inbox / "rec.bin").read_bytes() == later
@@ -155,7 +139,7 @@ def test_a_marker_only_chmodded_since_the_claim_is_removed_with_its_recording(
     wait_for(lambda: Path(f"{go}.reached").exists(), 30, "the recording's claim")
     os.chmod(marker, 0o664)  # what `chmod -R g+w inbox` does to it: its ctime only
     go.touch()
-    wait_for(lambda: len(h.receipts()) == 1 and _no_work_left(h), 30, "the release")
+    wait_for(lambda: len(h.receipts()) == 1 and no_work_left(h), 30, "the release")
     left = marker.exists()
     nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
     try:
@@ -204,7 +188,7 @@ def test_a_marker_set_again_while_a_claim_was_cut_short_is_left_for_the_next(
     h.start()  # the claim resumes from the journal, its identity not yet recorded
     try:
         wait_for(lambda: len(h.receipts()) >= 1, 30, "the first recording's receipt")
-        wait_for(lambda: _no_work_left(h), 30, "the first recording's release")
+        wait_for(lambda: no_work_left(h), 30, "the first recording's release")
         state = wait_for(
             lambda: {"deposited", "waiting-for-marker"} & {_state_of(h, nxt)},
             30,
@@ -234,7 +218,7 @@ def test_a_marker_set_again_before_a_claim_cut_short_is_removed_with_its_recordi
     assert work_entries(h.inbox / ".nbank"), "the claim's rename did not happen"
     h.start()
     try:
-        wait_for(lambda: len(h.receipts()) == 1 and _no_work_left(h), 30, "the release")
+        wait_for(lambda: len(h.receipts()) == 1 and no_work_left(h), 30, "the release")
         left = marker.exists()
         nxt = h.drop("session.bin", os.urandom(6000))  # being recorded: not marked yet
         state = _settled_state(h, nxt)
@@ -260,7 +244,7 @@ def _damaged_after_a_reboot(h: DaemonHarness, env: dict[str, str] | None = None)
         ident.update(size=ident["size"] + 4096, mtime_ns=ident["mtime_ns"] + 10**9)
         db.execute("UPDATE items SET identity = ? WHERE token = ?", (json.dumps(ident), token))
     os.truncate(claimed, 4096)  # and its status changed since (ctime later than claimed)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start(env=env)
     return data
 
@@ -321,7 +305,7 @@ def test_a_damaged_copy_put_back_before_a_daemon_restart_is_still_told_apart(
         h, env={"NBANKD_PAUSE_AT": "before-intent", "NBANKD_PAUSE_UNTIL": str(go)}
     )
     wait_for(lambda: Path(f"{go}.reached").exists(), 60, "the put-back copy to be found")
-    assert (h.inbox / "rec.bin").exists() and _no_work_left(h)
+    assert (h.inbox / "rec.bin").exists() and no_work_left(h)
     h.kill9()
     h.start()
     reason = _rejected_reason(h)

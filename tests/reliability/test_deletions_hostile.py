@@ -38,31 +38,19 @@ import json
 import os
 import secrets
 import sqlite3
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for, work_entries
+from fixtures.reboot import no_work_left, rebooted
 
 Factory = Callable[..., DaemonHarness]
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
-
-
-def _rebooted(h: DaemonHarness) -> list[str]:
-    """A command prefix running the daemon as after a restart of the machine: in a
-    private mount namespace where the kernel's boot id reads as a new one."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the daemon another boot id")
-    fake = h.root / "boot_id"
-    fake.write_text(f"{uuid.uuid4()}\n")
-    script = f'mount --bind {fake} {BOOT_ID} && exec "$@"'
-    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sh"]
 
 
 def _crashed_after_record(h: DaemonHarness, name: str, data: bytes) -> Path:
@@ -97,10 +85,6 @@ def _everywhere(h: DaemonHarness) -> set[str]:
     return out
 
 
-def _no_work_left(h: DaemonHarness) -> bool:
-    return not work_entries(h.inbox / ".nbank")
-
-
 def test_a_claimed_input_rewritten_before_a_reboot_is_never_removed(
     daemon_factory: Factory,
 ) -> None:
@@ -110,9 +94,9 @@ def test_a_claimed_input_rewritten_before_a_reboot_is_never_removed(
     claimed = _crashed_after_record(h, "rec.bin", first)
     later = b"B" * 4096 + os.urandom(4096)  # the rest of the recording, same size
     _rewrite_in_place(claimed, later)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start()
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     h.stop()
     assert _sha1(first) in _everywhere(h)  # the deposited version stays stored
     assert _sha1(later) in _everywhere(h), "the rewritten input was removed"
@@ -128,7 +112,7 @@ def test_guard_a_claimed_input_rewritten_without_a_reboot_goes_back_whole(
     later = b"B" * 4096 + os.urandom(4096)
     _rewrite_in_place(claimed, later)
     h.start()
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     h.stop()
     assert _sha1(first) in _everywhere(h)
     assert (h.inbox / "rec.bin").read_bytes() == later
@@ -141,9 +125,9 @@ def test_guard_an_unchanged_input_across_a_reboot_is_deposited_and_released_once
     h = daemon_factory()
     data = os.urandom(8192)
     _crashed_after_record(h, "rec.bin", data)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start()
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     h.stop()
     stored = h.archive_files()
     assert [_sha1(p.read_bytes()) for p in stored.values()] == [_sha1(data)]
@@ -182,9 +166,9 @@ def test_a_claimed_input_a_power_loss_damaged_is_released_after_the_reboot(
         else:
             f.write(bytes(len(data)))
     _claim_saw_more(h)
-    h.wrap_argv = _rebooted(h)
+    h.wrap_argv = rebooted(h)
     h.start()
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     h.stop()
     assert [p.read_bytes() for p in h.archive_files().values()] == [data]
     assert len(h.receipts()) == 1
@@ -252,7 +236,7 @@ def test_the_claimed_recordings_own_marker_is_removed_and_the_next_waits_for_its
     (h.inbox / "session.bin.done").write_bytes(b"")
     h.wait_exit()
     h.start()  # the release runs after the restart, from the journaled claim
-    wait_for(lambda: _no_work_left(h), 30, "the claimed input to leave the work folder")
+    wait_for(lambda: no_work_left(h), 30, "the claimed input to leave the work folder")
     assert not (h.inbox / "session.bin.done").exists()
     nxt = h.drop("session.bin", os.urandom(6000))  # the next recording, not marked yet
 
