@@ -68,7 +68,7 @@ from nbankd.audit.reader import Cancelled, sha1_of_resource, vanished
 from nbankd.audit.walk import Stored, Walk, walk_archive
 from nbankd.names import printable
 from nbankd.registry.base import LocationRecord, Registry, ResourceRecord
-from nbankd.tape import verified_elsewhere
+from nbankd.tape_prune import verified_elsewhere
 
 # what --fix needs is imported where it is used: a plain check does not pay for it
 

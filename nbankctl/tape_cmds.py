@@ -1,4 +1,4 @@
-"""``nbankctl tape register | prune | import``: the tape workflow (logic in :mod:`nbankd.tape`).
+"""``nbankctl tape register | prune | import``: the tape workflow (logic in nbankd.tape*).
 
 ``register`` hashes every member before it records a location
 (:mod:`nbankd.tape_register`); ``prune`` trusts a tape copy only with the key
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from nbankctl.registry_access import daemon_config, describe
 from nbankctl.registry_cmds import registry_for
 from nbankctl.report import Report
-from nbankd import errors, tape, tape_import, tape_register
+from nbankd import errors, tape, tape_import, tape_prune, tape_register
 from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
@@ -168,7 +168,7 @@ def cmd_prune(args: argparse.Namespace, report: Report) -> None:
     ids = read_ids(args.list)
     with registry_for(args) as reg:
         _header(args, f"registry: {describe(reg)}\npruning archive: {args.archive}")
-        summary = tape.prune(
+        summary = tape_prune.prune(
             reg,
             args.archive,
             ids,

@@ -22,7 +22,7 @@ import pytest
 from nbank.util import hash_directory
 
 from fixtures.inplace_env import FolderEnv, make_env
-from nbankd import errors, tape
+from nbankd import errors, tape_prune
 from nbankd.archive import durable, opening
 from nbankd.archive.verify import stored_sha1
 from nbankd.deposit.lifecycle import State
@@ -124,7 +124,7 @@ def test_prune_verifies_a_copy_in_an_older_neurobank_archive_holding_links(
             sha1=hashlib.sha1(b"a file").hexdigest(),
         )
         registry.add_location("rec2", "there")
-        summary = tape.prune(registry, "here", ["rec1", "rec2"])
+        summary = tape_prune.prune(registry, "here", ["rec1", "rec2"])
         assert summary.counts()["deleted"] == 2, summary
         assert not ours.exists() and not (here.resources_dir / "re" / "rec2").exists()
     finally:
