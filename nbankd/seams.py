@@ -1,6 +1,6 @@
 """The test seams of nbankd, all in one place: inert unless a variable names one.
 
-Crash points (deposit steps, migrations, the registry switch, audit commits):
+Crash points (deposit steps, migrations, the registry switch, audit commits, tape prune):
 
 - ``NBANKD_CRASH_AT=<point>`` (or ``<point>:<n>``, the n-th time) kills the process
   with SIGKILL there, as a power cut or ``kill -9`` would;
@@ -80,6 +80,7 @@ OTHER_POINTS = (
     "handover-checked",  # a manual deposit's peer checked; its files not yet journaled
     "before-intent",  # inputs found ready by a scan; their intents not yet built
     "requeue-side-moved",  # a requeue moved a sidecar or marker back; its input not yet
+    "prune-location-removed",  # tape prune removed a copy's location; its file not checked
 )
 AUDIT_POINTS = ("listed", "walk-top", "walked", "hashing", "reading")
 

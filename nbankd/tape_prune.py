@@ -4,20 +4,30 @@ elsewhere (``nbank archive prune``).
 :func:`prune` deletes a local copy only when the registry lists another copy that is
 verified to exist (a local neurobank copy found and, by default, hashed; a tape copy
 with a key naming a member tape import restores), never a resource without a
-registered SHA-1 unless asked (``unverified``); it removes the location first and the
-file second (a crash in between leaves an unregistered copy, never a record without
-its file), and removes stub folders it empties.
+registered SHA-1 unless asked (``unverified``), and removes stub folders it empties.
+
+It checks that second copy twice: once before it touches anything (a resource without
+one is kept without a change to the registry), and again after it has removed its own
+location and before it deletes the file, on the locations the registry lists then. The
+second check is what makes prunes run at once safe (two archives holding a resource's
+only two copies pruned by two people, or one prune started twice); see
+:func:`_delete`. A copy whose second check fails is listed again and kept. A prune
+killed between its two steps leaves the copy stored but not listed in its archive
+(never a location without its file): prune skips it, saying so, and ``nbankctl check
+archive PATH --fix`` offers to list it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbankd import errors
+from nbankd import errors, seams
 from nbankd.archive import durable
+from nbankd.archive.layout import Archive
 from nbankd.archive.opening import open_archive
 from nbankd.archive.removal import check_below, remove_stored_copy
 from nbankd.registry.base import LocationRecord, Registry
@@ -99,6 +109,120 @@ def verified_elsewhere(
     return Elsewhere(True, f"copy at {path}")
 
 
+def _others(locations: Iterable[LocationRecord], archive_name: str) -> list[LocationRecord]:
+    """The locations of a resource other than ``archive_name`` (and nbank's ``registry``)."""
+    by_archive = {loc.archive_name: loc for loc in locations}
+    return [loc for name, loc in by_archive.items() if name not in ("registry", archive_name)]
+
+
+def _second_copy(
+    others: Iterable[LocationRecord], sha1: str | None, ours: Path, check_hash: bool
+) -> tuple[str | None, list[Elsewhere]]:
+    """Why the first of ``others`` verified to hold the resource counts (None if none
+    does), and the refusals of those checked before it."""
+    refusals: list[Elsewhere] = []
+    for loc in others:
+        found = verified_elsewhere(loc, sha1, ours, check_hash=check_hash)
+        if found.ok:
+            return found.why, refusals
+        refusals.append(found)
+    return None, refusals
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What happened to one resource's copy: an outcome's status, message and ok."""
+
+    status: str
+    text: str
+    ok: bool = True
+
+
+def _relist(registry: Registry, ours: LocationRecord, path: Path, archive: Archive) -> str:
+    """Lists the kept copy at ``path`` in its archive again; on failure, what to say
+    (the copy stays stored but unlisted), else ''."""
+    try:
+        registry.add_location(ours.resource_name, ours.archive_name, key=ours.key)
+    except errors.NbankdError as err:
+        return (
+            f"; listing it in '{ours.archive_name}' again failed ({err}): it is stored "
+            f"there but not located, run 'nbankctl check archive {archive.path} --fix' "
+            "to list it again"
+        )
+    return ""
+
+
+def _delete(
+    registry: Registry,
+    archive: Archive,
+    ours: LocationRecord,
+    path: Path,
+    sha1: str | None,
+    check_hash: bool,
+) -> _Done:
+    """Removes our location, checks again that another copy is listed and verified,
+    and only then deletes the file at ``path``; lists it again if that check fails.
+
+    Why prunes run at once never delete every copy: each registry operation is atomic,
+    and a prune deletes a copy only while it alone holds that copy's location removed
+    (a run whose removal finds none deletes nothing). Of the runs that delete a copy of
+    one resource, take the one whose second check read the locations last: it trusted
+    a copy M listed then and hashed after. Whoever deletes M must remove M's location
+    after that read, so its own second check reads later still, which the one that
+    read last does not; so M is never deleted, and one copy always stays. At worst,
+    two crossing prunes both see the other's location gone and both keep their
+    copies (exit 1, to run again). Hashing M after the read also catches a copy
+    deleted between the read and the hash.
+    """
+    archive_name, id = ours.archive_name, ours.resource_name
+    try:
+        check_below(archive, path)  # a folder swapped for a link: refused first
+    except OSError as err:
+        return _Done("failed", f"cannot delete {path}: {err.strerror or err}; kept", ok=False)
+    registry.remove_location(id, archive_name)
+    try:
+        seams.reached("prune-location-removed")
+        verified, why = _check_again(registry, ours, path, sha1, check_hash)
+    except BaseException:  # interrupted mid-check (Ctrl-C): the copy stays, listed again
+        with contextlib.suppress(errors.NbankdError):
+            registry.add_location(id, archive_name, key=ours.key)
+        raise
+    if verified is None:
+        text = f"kept {path}: once its location was removed, {why}" + _relist(
+            registry, ours, path, archive
+        )
+        return _Done("kept", text + "; prune it again later", ok=False)
+    try:
+        stub_gone = remove_stored_copy(archive, path)
+    except OSError as err:
+        text = f"cannot delete {path}: {err.strerror or err}; kept"
+        return _Done("failed", text + _relist(registry, ours, path, archive), ok=False)
+    unhashed = "; unverified: no registered SHA-1" if sha1 is None else ""
+    text = f"deleted {path} ({verified}{unhashed})"
+    return _Done("deleted", text + (f"; remove empty {path.parent}" if stub_gone else ""))
+
+
+def _check_again(
+    registry: Registry, ours: LocationRecord, path: Path, sha1: str | None, check_hash: bool
+) -> tuple[str | None, str]:
+    """After our location's removal: why a copy listed now counts (None if none does),
+    and why none does."""
+    try:
+        locations = registry.get_locations(ours.resource_name)
+    except errors.NbankdError as err:
+        return None, f"its locations could not be read again ({err})"
+    if any(loc.archive_name == ours.archive_name for loc in locations):
+        return None, f"another command listed it in '{ours.archive_name}' again meanwhile"
+    verified, refusals = _second_copy(_others(locations, ours.archive_name), sha1, path, check_hash)
+    if verified is not None:
+        return verified, ""
+    why = "; ".join(r.why for r in refusals) or "no other location is listed"
+    return None, (
+        f"no second copy is verified any more ({why}): another prune run at the same "
+        "time may have removed the other copy's location meanwhile"
+    )
+
+
 def prune(
     registry: Registry,
     archive_name: str,
@@ -114,7 +238,8 @@ def prune(
     A resource without a registered SHA-1 is kept (status ``refused``) unless
     ``unverified``. A resource whose only other copies are refused for a reason
     the user can mend (a tape location without a key) is ``refused`` too; one
-    with no other copy at all is ``kept``.
+    with no other copy at all is ``kept``; one whose second copy is gone by the
+    time our location is removed (another prune at once) is ``kept`` and fails.
     """
     record = registry.get_archive(archive_name)
     if record is None:
@@ -132,7 +257,6 @@ def prune(
     archive = open_archive(record.root)
     summary = Summary(archive=archive_name)
     note = Recorder(summary, report)
-    prefix = "would " if dry_run else ""
     for id in ids:
         try:
             locations = registry.get_locations(id)
@@ -140,9 +264,19 @@ def prune(
         except errors.NotFound:
             note(id, "failed", f"not in registry {registry.url}", ok=False, id=id)
             continue
-        by_archive = {loc.archive_name: loc for loc in locations if loc.archive_name != "registry"}
-        if archive_name not in by_archive:
-            note(id, "skipped", f"not in archive '{archive_name}'", id=id)
+        ours = next(
+            (loc for loc in locations if loc.archive_name == archive_name != "registry"), None
+        )
+        if ours is None:
+            stored = archive.stored_path(id)
+            text = f"not in archive '{archive_name}'"
+            if stored is not None:  # a prune killed between its two steps leaves this
+                text += (
+                    f", though stored at {stored} (not located there, so never deleted "
+                    f"here): 'nbankctl check archive {archive.path} --fix' offers to "
+                    "list it again"
+                )
+            note(id, "skipped", text, id=id)
             continue
         path = archive.stored_path(id)
         if path is None:
@@ -165,16 +299,8 @@ def prune(
                 id=id,
             )
             continue
-        refusals: list[Elsewhere] = []
-        verified = None
-        for name, loc in by_archive.items():
-            if name == archive_name:
-                continue
-            found = verified_elsewhere(loc, sha1, path, check_hash=check_hash)
-            if found.ok:
-                verified = found.why
-                break
-            refusals.append(found)
+        others = _others(locations, archive_name)
+        verified, refusals = _second_copy(others, sha1, path, check_hash)
         if verified is None:
             why = "; ".join(r.why for r in refusals) or "this archive is the only location"
             fixable = any(r.fixable for r in refusals)
@@ -182,27 +308,15 @@ def prune(
             text = f"{status} {path}: no verified second copy ({why})"
             note(id, status, text.replace("refused", "refused to delete", 1), ok=not fixable, id=id)
             continue
-        if sha1 is None:
-            verified += "; unverified: no registered SHA-1"
-        if not dry_run:
-            try:
-                check_below(archive, path)  # a folder swapped for a link: refused first
-                registry.remove_location(id, archive_name)
-                try:
-                    stub_gone = remove_stored_copy(archive, path)
-                except OSError:
-                    registry.add_location(id, archive_name)  # the copy stays: listed again
-                    raise
-            except OSError as err:
-                note(id, "failed", f"cannot delete {path}: {err.strerror or err}; kept",
-                     ok=False, id=id)  # fmt: skip
-                continue
-        else:
-            stub_gone = len(os.listdir(path.parent)) == 1
-        text = f"{prefix}delete {path} ({verified})" if dry_run else f"deleted {path} ({verified})"
-        if stub_gone:
-            text += f"; {prefix}remove empty {path.parent}"
-        note(id, "deleted", text, id=id)
+        if dry_run:
+            unhashed = "; unverified: no registered SHA-1" if sha1 is None else ""
+            text = f"would delete {path} ({verified}{unhashed})"
+            if len(os.listdir(path.parent)) == 1:
+                text += f"; would remove empty {path.parent}"
+            note(id, "deleted", text, id=id)
+            continue
+        done = _delete(registry, archive, ours, path, sha1, check_hash)
+        note(id, done.status, done.text, ok=done.ok, id=id)
     return summary
 
 

@@ -118,7 +118,6 @@ def copies_left(id: str, *archives: Archive) -> list[Path]:
 # --- tape prune against tape prune ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding: crossed prunes delete both copies")
 def test_prunes_of_two_archives_at_once_keep_one_copy(embedded: Backend) -> None:
     """Two prunes of the same resource, one in each of its two archives, run at once
     (two people freeing space): each copy is the other's second copy, so one must stay."""
