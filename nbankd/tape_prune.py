@@ -11,10 +11,11 @@ one is kept without a change to the registry), and again after it has removed it
 location and before it deletes the file, on the locations the registry lists then. The
 second check is what makes prunes run at once safe (two archives holding a resource's
 only two copies pruned by two people, or one prune started twice); see
-:func:`_delete`. A copy whose second check fails is listed again and kept. A prune
-killed between its two steps leaves the copy stored but not listed in its archive
-(never a location without its file): prune skips it, saying so, and ``nbankctl check
-archive PATH --fix`` offers to list it again.
+:func:`_delete`. A copy whose second check fails is listed again and kept; one whose
+location another run removed first is left to that run. A prune killed between its
+two steps leaves the copy stored but not listed in its archive (never a location
+without its file): prune skips it, saying so, and ``nbankctl check archive PATH
+--fix`` offers to list it again.
 """
 
 from __future__ import annotations
@@ -179,7 +180,15 @@ def _delete(
         check_below(archive, path)  # a folder swapped for a link: refused first
     except OSError as err:
         return _Done("failed", f"cannot delete {path}: {err.strerror or err}; kept", ok=False)
-    registry.remove_location(id, archive_name)
+    try:
+        registry.remove_location(id, archive_name)
+    except errors.NotFound:
+        return _Done(
+            "skipped",
+            f"left {path} to another run: its location in '{archive_name}' was removed "
+            "meanwhile (the same prune run twice at once?), and that run deletes the file "
+            "or lists it again",
+        )
     try:
         seams.reached("prune-location-removed")
         verified, why = _check_again(registry, ours, path, sha1, check_hash)

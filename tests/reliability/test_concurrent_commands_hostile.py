@@ -139,7 +139,6 @@ def test_prunes_of_two_archives_at_once_keep_one_copy(embedded: Backend) -> None
     assert names == {arch for arch, x in ((a_name, a), (b_name, b)) if x.stored_path(id)}
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the later prune dies on 'No Location matches'")
 def test_the_same_prune_run_twice_at_once_deletes_once_and_neither_fails(
     embedded: Backend,
 ) -> None:
