@@ -140,11 +140,15 @@ class _Done:
 
 
 def _relist(registry: Registry, ours: LocationRecord, path: Path, archive: Archive) -> str:
-    """Lists the kept copy at ``path`` in its archive again; on failure, what to say
-    (the copy stays stored but unlisted), else ''."""
+    """Lists the kept copy at ``path`` in its archive again (unless another command
+    has); on failure, what to say (the copy stays stored but unlisted), else ''."""
     try:
         registry.add_location(ours.resource_name, ours.archive_name, key=ours.key)
     except errors.NbankdError as err:
+        with contextlib.suppress(errors.NbankdError):
+            listed = registry.get_locations(ours.resource_name)
+            if any(loc.archive_name == ours.archive_name for loc in listed):
+                return ""  # listed already (by another command, or an answer lost)
         return (
             f"; listing it in '{ours.archive_name}' again failed ({err}): it is stored "
             f"there but not located, run 'nbankctl check archive {archive.path} --fix' "
@@ -165,15 +169,15 @@ def _delete(
     and only then deletes the file at ``path``; lists it again if that check fails.
 
     Why prunes run at once never delete every copy: each registry operation is atomic,
-    and a prune deletes a copy only while it alone holds that copy's location removed
-    (a run whose removal finds none deletes nothing). Of the runs that delete a copy of
-    one resource, take the one whose second check read the locations last: it trusted
-    a copy M listed then and hashed after. Whoever deletes M must remove M's location
-    after that read, so its own second check reads later still, which the one that
-    read last does not; so M is never deleted, and one copy always stays. At worst,
-    two crossing prunes both see the other's location gone and both keep their
-    copies (exit 1, to run again). Hashing M after the read also catches a copy
-    deleted between the read and the hash.
+    and a prune deletes a copy only while its own removal of that copy's location holds
+    (a run whose removal finds no location deletes nothing; a copy is listed again only
+    by the run that keeps it). Of the runs that delete a copy of one resource, take the
+    one whose second check read the locations last: it trusted a copy M listed at that
+    read and found (and hashed) after it. A run deleting M must have removed M's
+    location after that read, so its own second check read later still: not the last.
+    So M is never deleted by a prune, and one copy always stays. At worst, two crossing
+    prunes each find the other's location gone and both keep their copies (exit 1, to
+    run again).
     """
     archive_name, id = ours.archive_name, ours.resource_name
     try:

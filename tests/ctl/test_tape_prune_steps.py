@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -90,14 +90,13 @@ def test_an_error_after_removing_its_location_lists_the_copy_again(embedded: Bac
     assert located(embedded, id) == {a_name, b_name}
 
 
-def test_a_second_copy_damaged_after_the_first_check_keeps_the_copy(backend: Backend) -> None:
-    """B's copy hashed good, then damaged once A's location is removed: the second check
-    hashes it again, so A's copy is kept, located again, and the run exits 1."""
-    id, a, a_name, b, b_name, data = two_copies(backend)
+def prune_paused(backend: Backend, archive: str, id: str, meanwhile: Callable[[], None]) -> str:
+    """Runs ``tape prune`` held once it has removed the copy's location, runs
+    ``meanwhile`` there, lets it go on; returns its standard error and exit status."""
     until = backend.tmp / "go"
     env = {"NBANKD_PAUSE_AT": "prune-location-removed", "NBANKD_PAUSE_UNTIL": str(until)}
     proc = subprocess.Popen(
-        [NBANKCTL, *backend.before, "tape", "prune", a_name, "-"],
+        [NBANKCTL, *backend.before, "tape", "prune", archive, "-"],
         env=dict(backend.env, **env),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -105,20 +104,44 @@ def test_a_second_copy_damaged_after_the_first_check_keeps_the_copy(backend: Bac
         text=True,
     )
     try:
-        assert proc.stdin is not None
+        assert proc.stdin is not None and proc.stderr is not None
         proc.stdin.write(id + "\n")
         proc.stdin.close()
-        wait_for(lambda: Path(f"{until}.reached").exists(), 60, "A's location removed")
-        theirs = b.stored_path(id)
-        assert theirs is not None
-        os.chmod(theirs, 0o644)
-        theirs.write_bytes(b"X" + data[1:])
+        wait_for(lambda: Path(f"{until}.reached").exists(), 60, "the location removed")
+        meanwhile()
         until.touch()
-        err = proc.stderr.read()  # type: ignore[union-attr]
-        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+        return f"{proc.wait(timeout=120)}: {err}"
     finally:
         proc.kill()
-    assert code == 1, err
-    assert "does not match the registered SHA-1" in err and "kept" in err, err
+
+
+def test_a_second_copy_damaged_after_the_first_check_keeps_the_copy(backend: Backend) -> None:
+    """B's copy hashed good, then damaged once A's location is removed: the second check
+    hashes it again, so A's copy is kept, located again, and the run exits 1."""
+    id, a, a_name, b, b_name, data = two_copies(backend)
+    theirs = b.stored_path(id)
+    assert theirs is not None
+
+    def damage() -> None:
+        os.chmod(theirs, 0o644)
+        theirs.write_bytes(b"X" + data[1:])
+
+    result = prune_paused(backend, a_name, id, damage)
+    assert result.startswith("1: "), result
+    assert "does not match the registered SHA-1" in result and "kept" in result, result
     assert a.stored_path(id).read_bytes() == data  # type: ignore[union-attr]
     assert located(backend, id) == {a_name, b_name}
+
+
+def test_a_copy_listed_again_by_another_command_meanwhile_is_kept(embedded: Backend) -> None:
+    """Another command (``check archive --fix``) lists A's copy again while prune holds
+    its location removed: prune keeps the copy, located once, and says why."""
+    id, a, a_name, _b, b_name, data = two_copies(embedded)
+    result = prune_paused(embedded, a_name, id, lambda: embedded.registry.add_location(id, a_name))
+    assert result.startswith("1: "), result
+    assert f"listed it in '{a_name}' again meanwhile" in result, result
+    assert "again failed" not in result, result
+    assert a.stored_path(id).read_bytes() == data  # type: ignore[union-attr]
+    names = [loc.archive_name for loc in embedded.registry.get_locations(id)]
+    assert sorted(names) == sorted([a_name, b_name])
