@@ -19,7 +19,7 @@ from nbankd.archive.access import require_owner
 from nbankd.archive.layout import Archive
 from nbankd.config.model import JOURNAL_NAME, Config, FileMetadata
 from nbankd.daemon import statelock
-from nbankd.deposit import manual, policy
+from nbankd.deposit import manual, manual_hold, policy
 from nbankd.deposit.journal import Item, Journal
 from nbankd.deposit.lifecycle import State
 from nbankd.deposit.spec import InboxSpec
@@ -237,6 +237,7 @@ def _run(
 ) -> None:
     """Finishes what an interrupted deposit left, then deposits ``by_folder``."""
     journal = Journal(state_dir / JOURNAL_NAME)
+    holds = manual_hold.Holds()  # every work folder used, held until the items end
     try:
         specs: dict[str, InboxSpec] = {}
 
@@ -262,13 +263,13 @@ def _run(
         for key in {i.inbox for i in items}:
             # an earlier run's input: its folder's work and rejected folders are made
             # again once (that run's tidy removed them when empty: a refusal needs them)
-            left_in = manual.spec_for_key(key)
+            left_in = holds.spec_for_key(key)
             if left_in is not None:
                 specs[key] = left_in
                 manual.calibrate(left_in)  # this run has not asked about its filesystem yet
         for folder, names in by_folder.items():
             inbox = inbox_of(folder)
-            specs[inbox.key] = inbox.spec(prepare=True)
+            specs[inbox.key] = holds.prepare(inbox)
             manual.calibrate(specs[inbox.key])  # before its files are asked about
             dirs = [n for n in names if os.path.isdir(folder / n)]
             files = [n for n in names if n not in dirs]
@@ -284,9 +285,11 @@ def _run(
                         report.failed()
         wait = DEFAULT_WAIT if args.wait is None else args.wait
         _finish(args, report, _drive_all(steps, items, wait))
+        holds.release()  # the last run to let a folder go removes it (another's waits)
         for folder in {m.folder for i in items if (m := manual.ManualInbox.from_key(i.inbox))}:
-            manual.tidy(folder)  # the work and rejected folders, once empty
+            manual_hold.tidy(folder)  # the work and rejected folders, once empty
     finally:
+        holds.release()
         journal.close()
 
 

@@ -433,16 +433,6 @@ def writers_gone(path: Path, seen: Callable[[], fdinfo.Writers] | None = None) -
     return None if answer is None else not answer
 
 
-def tidy(folder: Path) -> None:
-    """Removes the work and rejected folders a manual deposit made, when empty and
-    this user's: an empty ``.nbank`` of another user is a daemon's work folder (the
-    folder is one of its inboxes), which must stay."""
-    for name in (REJECTED_DIR, WORK_DIR_NAME):
-        with contextlib.suppress(OSError):
-            if os.lstat(folder / name).st_uid == os.geteuid():
-                os.rmdir(folder / name)
-
-
 def is_final(item: Item) -> bool:
     return item.state in FINAL
 

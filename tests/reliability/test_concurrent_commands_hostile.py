@@ -207,7 +207,6 @@ def django(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     b.registry.close()
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the loser says the file 'is still there'")
 def test_two_users_depositing_one_file_at_once_store_it_once(django: Backend) -> None:
     """Two users (two journals in their own $XDG_STATE_HOME) deposit the very same file
     at once, both past their intent: it is stored and registered once, and the loser
@@ -241,7 +240,6 @@ def test_two_users_depositing_one_file_at_once_store_it_once(django: Backend) ->
     assert not (folder / ".nbank").exists() and not (folder / "nbank-rejected").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="finding: one user's tidy removes the shared .nbank")
 def test_two_users_depositing_two_files_of_one_folder_at_once_deposit_both(
     django: Backend,
 ) -> None:
