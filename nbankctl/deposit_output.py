@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from nbankctl.report import Report
@@ -28,6 +30,16 @@ def emit(args: argparse.Namespace, record: dict[str, Any]) -> None:
         print(json.dumps(record, default=str), flush=True)
 
 
+def _gone(source: str) -> str:
+    """What to tell of an input gone from its folder before this deposit took it."""
+    stem = Path(source).stem
+    return (
+        f"it is no longer in its folder: another deposit (someone else's?) may have "
+        f"stored it meanwhile; `nbankctl search {stem}` (or `nbankctl search -H SHA1`, "
+        "given a copy's SHA-1) finds it if so"
+    )
+
+
 def report_outcomes(
     args: argparse.Namespace, report: Report, described: list[dict[str, Any]]
 ) -> None:
@@ -47,11 +59,13 @@ def report_outcomes(
         elif "id" in record:  # recorded, then changed by a writer: back in place
             say(args, f"{source}: deposited as {record['id']} ({d['url']}), but {record['note']}")
         elif d.get("pending") and d["held"] is None:
-            say(
-                args,
-                f"{source}: not deposited yet ({state}: {record['error']}); it is still "
-                "there, and the next `nbankctl deposit` (or nbankd) tries again",
-            )
+            if os.path.lexists(source):
+                then = "it is still there, and the next `nbankctl deposit` (or nbankd) tries again"
+            elif state != State.CLAIMING:  # taken: on its way into the archive
+                then = "the next `nbankctl deposit` (or nbankd) finishes it"
+            else:  # never taken, and gone from its folder
+                then = _gone(source)
+            say(args, f"{source}: not deposited yet ({state}: {record['error']}); {then}")
             unreachable |= d["code"] in ("registry-unavailable", "auth")
         elif d["held"] is not None:
             say(
@@ -62,6 +76,8 @@ def report_outcomes(
             unreachable |= d["code"] in ("registry-unavailable", "auth")
         else:
             say(args, f"{source}: not deposited: {record['error']}")
+            if state == State.CANCELLED and not os.path.lexists(source):
+                say(args, f"  {_gone(source)}")
             if d["where"] is not None and d["where"] != source:
                 record = {**record, "kept_at": d["where"]}
                 say(

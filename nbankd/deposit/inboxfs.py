@@ -57,6 +57,14 @@ class Tampered(errors.NbankdError):
     transient = True
 
 
+#: what to do about :class:`Tampered` in the folder of a manual deposit (``nbankctl
+#: deposit``): its next try makes the folder again, no nbankd restart needed
+MANUAL_TAMPERED_HINT = (
+    "put the original folder back, or move what took its place aside: the deposit's next "
+    "try (the next `nbankctl deposit`, or the daemon's own) makes a new one"
+)
+
+
 #: errno values of a change in an inbox (a move, a removal, a reason written) that an
 #: administrator fixes: the inbox's own problem, told against the inbox, never the archive
 WRITE_ERRNOS = frozenset(

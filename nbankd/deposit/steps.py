@@ -28,6 +28,7 @@ from nbankd.deposit.identity import (
     staged_matches,
     verified_before_publish,
 )
+from nbankd.deposit.inboxfs import MANUAL_TAMPERED_HINT, Tampered
 from nbankd.deposit.journal import Item
 from nbankd.deposit.lifecycle import DURABLE, Outcome, State, Step, advance, next_step
 from nbankd.deposit.outcomes import outcome_for
@@ -35,6 +36,7 @@ from nbankd.deposit.release import ReleaseSteps
 from nbankd.deposit.spec import InboxSpec, Intent
 from nbankd.deposit.stage import StageSteps
 from nbankd.deposit.stepbase import InboxParked, StepResult, log
+from nbankd.names import MANUAL_INBOX_PREFIX
 from nbankd.timefmt import iso
 
 _PROC_FD = re.compile(r"/proc/self/fd/\d+")
@@ -334,6 +336,9 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
         the outcome. Saving is the caller's: alone (:meth:`drive`) or with other items'
         saves in one transaction (:mod:`nbankd.deposit.rounds`)."""
         item, outcome = self.run(item, step)
+        if outcome.code == Tampered.code and item.inbox.startswith(MANUAL_INBOX_PREFIX):
+            # a manual deposit's next try makes its folder again: no nbankd to restart
+            outcome = replace(outcome, hint=MANUAL_TAMPERED_HINT)
         return self.judged(item, step, outcome), outcome
 
     def judged(self, item: Item, step: Step, outcome: Outcome) -> Item:

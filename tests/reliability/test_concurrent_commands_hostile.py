@@ -210,7 +210,8 @@ def django(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
 def test_two_users_depositing_one_file_at_once_store_it_once(django: Backend) -> None:
     """Two users (two journals in their own $XDG_STATE_HOME) deposit the very same file
     at once, both past their intent: it is stored and registered once, and the loser
-    exits 1 naming the file without telling that it is still there to deposit again."""
+    exits 1 naming the file without telling that it is still there to deposit again
+    (the search that finds it stored instead)."""
     archive, _ = django.archive()
     folder = django.tmp / "rig"
     folder.mkdir()
@@ -237,6 +238,7 @@ def test_two_users_depositing_one_file_at_once_store_it_once(django: Backend) ->
     assert code == 1, second
     assert str(src) in err and f'"id": "{src.stem}"' not in out, second
     assert "still there" not in err and "work folder" not in err, err
+    assert f"nbankctl search {src.stem}" in err, err  # where it went: ask the registry
     assert not (folder / ".nbank").exists() and not (folder / "nbank-rejected").exists()
 
 
