@@ -31,7 +31,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from nbankctl.registry_access import describe, open_registry
@@ -336,19 +336,24 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
     seen: set[str] = set()
     unregistered: list[str] = []
     not_here: list[str] = []
-    why_refused = dict(refused)
+    told: list[str] = []  # refused members reported below as registered resources
+    inside: PurePosixPath | None = None  # the folder resource whose files these are
     for entry in entries:
         record = records.get(entry.id)
         refusal = None
-        if entry.name in why_refused and record is not None:  # it cannot come back from here
-            refusal = f"tape import refuses it: {why_refused.pop(entry.name)}"
+        if entry.refused is not None and record is not None:  # it cannot come back from here
+            refusal = f"tape import refuses it: {entry.refused}"
+            told.append(entry.name)
+        path = PurePosixPath(entry.name)
         if record is None:
-            if not entry.is_dir:
+            if not entry.is_dir and not (inside is not None and path.is_relative_to(inside)):
                 unregistered.append(entry.name)
                 if not args.json:
                     say(f"  ? {shown(entry.name)} -> '{shown(entry.id)}' not in the registry")
             continue
         seen.add(record.name)
+        if entry.is_dir and refusal is None:
+            inside = path
         status, text = ("failed", refusal) if refusal else _tar_verdict(entry, record.sha1)
         counts[status] += 1
         located = args.archive is None or args.archive in record.locations
@@ -364,7 +369,9 @@ def cmd_check_tar(args: argparse.Namespace, report: Report) -> None:
             if not located:
                 say(f"  - {shown(entry.name)} -> not registered to {shown(args.archive)}")
     # the members refused that are no registered resource (a link, a stray file)
-    others = [{"member": name, "problem": why} for name, why in why_refused.items()]
+    others = [{"member": name, "problem": why} for name, why in refused]
+    for name in told:
+        others.remove(next(o for o in others if o["member"] == name))
     unread = sorted(set(expected) - seen)
     # after a read error, what was not reached may still be on the tape
     missing, not_checked = ([], unread) if broken else (unread, [])

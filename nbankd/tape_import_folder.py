@@ -92,14 +92,16 @@ def skip_folder(members: Members, top: tarfile.TarInfo) -> None:
             return
 
 
-class _Tree:
-    """The paths met below one folder: each once, never a file where a folder goes."""
+class FolderTree:
+    """The paths met below one folder: each once, never a file where a folder goes
+    (the rule tape import reads a folder by, and tape register and check tar judge it by)."""
 
     def __init__(self) -> None:
         self.kinds: dict[PurePosixPath, bool] = {}  # path -> is a folder
         self.named: set[PurePosixPath] = set()  # paths that were members themselves
 
     def claim(self, rel: PurePosixPath, is_dir: bool) -> str | None:
+        """Records member ``rel`` (relative to the folder); why the folder is refused, or None."""
         if rel == PurePosixPath():
             return "the folder itself a second time"
         if rel in self.named:
@@ -185,7 +187,7 @@ def _receive(
     """Reads the members below ``top``; writes them into ``staging`` (None: dry run).
     Returns the directory hash, or raises FolderRefused after reading past the folder."""
     folder = PurePosixPath(top.name)
-    tree, hasher = _Tree(), DirectoryHasher()
+    tree, hasher = FolderTree(), DirectoryHasher()
     total = 0
     refused: str | None = None
     while (member := members.next()) is not None:
@@ -313,4 +315,4 @@ def import_folder(
     return f"{published.path}{already}{unverified}"
 
 
-__all__ = ["FolderRefused", "Members", "import_folder", "skip_folder"]
+__all__ = ["FolderRefused", "FolderTree", "Members", "import_folder", "skip_folder"]

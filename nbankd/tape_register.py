@@ -50,6 +50,7 @@ from nbankd.tape import (
     tape_archive,
     tape_root,
 )
+from nbankd.tape_import_folder import FolderTree
 
 
 @dataclass
@@ -62,6 +63,20 @@ class TarEntry:
     sha1: str | None = None
     #: why the member could not be hashed (a link inside a folder, a repeated path...)
     problem: str | None = None
+    #: why tape import refuses this very member (:func:`~nbankd.tape.member_problem`)
+    refused: str | None = None
+
+
+class _Folder:
+    """A folder member being hashed: its entry, hash and the paths met below it."""
+
+    def __init__(self, path: PurePosixPath, entry: TarEntry) -> None:
+        self.path, self.entry = path, entry
+        self.hasher, self.tree = DirectoryHasher(), FolderTree()
+
+    def fail(self, why: str) -> None:
+        """Makes the folder unverifiable, for the first reason given."""
+        self.entry.problem = self.entry.problem or why
 
 
 def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo, advance: Advance) -> str:
@@ -87,16 +102,19 @@ def scan_tar(
     A folder's hash covers the regular files below it, which must follow it in the
     tar (tape import reads them so: one that comes after another resource, or a
     second member for the folder, makes it unverifiable, as does any other kind of
-    member below it, a link or a device).
+    member below it, a link or a device). Its run of members is judged by the rule
+    tape import reads it by (:class:`~nbankd.tape_import_folder.FolderTree`): the
+    folder's own name again, a path twice, a file where a folder goes make it
+    unverifiable.
     Returns the entries and, if the tar could not be read to the end, why: then
     the files read whole keep their hashes and every folder is unverifiable (the
     rest of its files may lie in the unread part). Every member tape import refuses
     (:func:`~nbankd.tape.member_problem`) is appended to ``refused`` when given, as
-    (its name, why).
+    (its name, why), and marks its own entry, if it has one (``TarEntry.refused``).
     """
     step = advance or noop
     entries: list[TarEntry] = []
-    folders: dict[PurePosixPath, tuple[TarEntry, DirectoryHasher]] = {}
+    folders: dict[PurePosixPath, _Folder] = {}
     broken: str | None = None
     reading: list[PurePosixPath] = []  # the folders whose members follow them now
     with open_tar(tar_path) as tar:
@@ -109,22 +127,30 @@ def scan_tar(
                 if path == PurePosixPath(MANIFEST_NAME):
                     continue
                 id = member_id(member.name)
-                # tape import reads a folder's members while they follow it
+                # tape import reads a folder's members while they follow it, the
+                # folder's own name again included (which it refuses)
                 reading = [f for f in reading if f == path or f in path.parents]
                 above = [folders[p] for p in path.parents if p in folders]
-                for folder, _ in above:
-                    if PurePosixPath(folder.name) not in reading:
-                        folder.problem = folder.problem or _SCATTERED
+                for folder in above:
+                    if folder.path not in reading:
+                        folder.fail(_SCATTERED)
                     elif not is_utf8(member.name):
-                        folder.problem = folder.problem or (
+                        folder.fail(
                             f"it holds {member.name!r}, a name that is not UTF-8 (the folder "
                             "hash covers UTF-8 names only)"
                         )
-                if (problem := member_problem(member)) is not None:
+                if path in reading:  # the folder itself a second time
+                    above.append(folders[path])
+                within = [f for f in above if f.path in reading]
+                for folder in within:  # the rule tape import reads the folder by
+                    if why := folder.tree.claim(path.relative_to(folder.path), member.isdir()):
+                        folder.fail(f"it holds {member.name!r}: {why}")
+                problem = member_problem(member)
+                if problem is not None:
                     if refused is not None:
                         refused.append((member.name, problem))
-                    for folder, _ in above:  # tape import refuses the folder then
-                        folder.problem = folder.problem or (
+                    for folder in above:  # tape import refuses the folder then
+                        folder.fail(
                             f"it holds {member.name!r}, which tape import refuses ({problem})"
                         )
                 if member.isreg():
@@ -132,31 +158,29 @@ def scan_tar(
                         continue
                     digest = _hash_member(tar, member, step)
                     if id is not None:
-                        entries.append(TarEntry(member.name, id, False, digest))
-                    for folder, hasher in above:
-                        try:
-                            hasher.add(path.relative_to(folder.name), digest)
-                        except ValueError:
-                            folder.problem = f"{member.name!r} appears twice in it"
+                        entries.append(TarEntry(member.name, id, False, digest, refused=problem))
+                    for folder in within:
+                        if folder.entry.problem is None:
+                            folder.hasher.add(path.relative_to(folder.path), digest)
                 elif member.isdir():
                     if id is not None and path in folders and path not in reading:
-                        folders[path][0].problem = folders[path][0].problem or _SCATTERED
+                        folders[path].fail(_SCATTERED)
                     elif id is not None and path not in folders:
-                        entry = TarEntry(member.name, id, True)
+                        entry = TarEntry(member.name, id, True, refused=problem)
                         entries.append(entry)
-                        folders[path] = (entry, DirectoryHasher())
+                        folders[path] = _Folder(path, entry)
                         reading.append(path)
                 else:
-                    for folder, _ in above:
-                        folder.problem = f"it holds {member.name!r}, not a file or folder"
+                    for folder in above:  # said plainly, whatever was said before
+                        folder.entry.problem = f"it holds {member.name!r}, not a file or folder"
             except (*TAR_UNREADABLE, OSError) as err:
                 broken = f"{getattr(err, 'strerror', None) or err}"
                 break
-    for entry, hasher in folders.values():
+    for folder in folders.values():
         if broken is not None:
-            entry.problem = entry.problem or "the tar file could not be read to its end"
-        elif entry.problem is None:
-            entry.sha1 = hasher.hexdigest()
+            folder.fail("the tar file could not be read to its end")
+        elif folder.entry.problem is None:
+            folder.entry.sha1 = folder.hasher.hexdigest()
     return entries, broken
 
 
@@ -187,10 +211,10 @@ def _refuse_members(
     entries: list[TarEntry], odd: list[tuple[str, str]], note: Recorder
 ) -> list[TarEntry]:
     """Reports each member of ``odd`` (one tape import refuses, and why) as not
-    registered; returns the entries to go on with, without those (a folder holding
-    one is unverifiable already: :func:`scan_tar`)."""
-    if not odd:
-        return entries
+    registered; returns the entries to go on with, without those members' own
+    (a folder holding one is unverifiable already: :func:`scan_tar`). Another
+    member of the same name (a folder named like a refused link) stays: register
+    and import must agree on which folder the members below it belong to."""
     for name, why in odd:
         note(
             name,
@@ -200,8 +224,7 @@ def _refuse_members(
             ok=False,
             id=member_id(name),
         )
-    names = {name for name, _ in odd}
-    return [e for e in entries if e.name not in names]
+    return [e for e in entries if e.refused is None]
 
 
 def register_tar(

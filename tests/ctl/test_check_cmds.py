@@ -269,6 +269,22 @@ def test_check_tar_folder_resource(backend: Backend) -> None:
     assert [(m["id"], m["status"]) for m in doc["members"]] == [(name, "ok")]
 
 
+def test_check_tar_does_not_list_a_folder_resources_files_as_unregistered(
+    backend: Backend,
+) -> None:
+    """The files of a folder resource in a tar are part of it, not unregistered files."""
+    root = backend.tmp / "folder"
+    root.mkdir()
+    (root / "a.txt").write_bytes(backend.blob("fa"))
+    name = backend.registry.add_resource(
+        dtype=backend.dtype, archive=None, name=backend.name(), sha1=hash_directory(root)
+    ).name
+    tar = make_tar(backend.tmp / "d.tar", [(name, None), (f"{name}/a.txt", backend.blob("fa"))])
+    proc = backend.ctl("check", "tar", str(tar))
+    assert proc.returncode == 0 and "a.txt ->" not in proc.stderr, proc.stderr
+    assert "files not in the registry: 0" in proc.stderr
+
+
 def test_check_tar_archive_option_reports_missing(backend: Backend) -> None:
     """With -a ARCHIVE, a resource the registry places there but the tar lacks is an
     error, and a member registered only elsewhere is named."""
