@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import lzma
 import os
-import sys
 import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -35,6 +34,7 @@ from nbankd import errors
 from nbankd.hashing import SourceReadError
 from nbankd.names import is_utf8
 from nbankd.registry.base import SLUG_RE, ArchiveRecord, Registry
+from nbankd.tape_stream import TarStream, open_tar_stream
 
 TAPE_SCHEME = "tape"
 MANIFEST_NAME = "manifest.json"
@@ -98,19 +98,18 @@ class Recorder:
 
 
 @contextmanager
-def open_tar(path: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
-    """Opens a tar file (or '-' for stdin, read as a stream); errors name the file."""
-    try:
-        if str(path) == "-":
-            tar = tarfile.open(fileobj=sys.stdin.buffer, mode="r|*")  # noqa: SIM115
-        else:
-            tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
-    except (OSError, tarfile.TarError) as err:
-        reason = getattr(err, "strerror", None) or err
-        raise errors.UsageError(
-            f"cannot read tar file {path}: {reason}", hint="give the path of a readable tar file"
-        ) from None
-    with tar:
+def open_tar(path: str | os.PathLike[str]) -> Iterator[TarStream]:
+    """Opens a tar file (or '-' for stdin), compressed or not, to be read once in
+    order (:mod:`nbankd.tape_stream`: its end is checked); errors name the file."""
+    with ExitStack() as stack:
+        try:
+            tar = stack.enter_context(open_tar_stream(path))
+        except (OSError, *TAR_UNREADABLE) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise errors.UsageError(
+                f"cannot read tar file {path}: {reason}",
+                hint="give the path of a readable tar file",
+            ) from None
         yield tar
 
 

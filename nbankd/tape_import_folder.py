@@ -39,6 +39,7 @@ from nbankd.archive.layout import Archive, unavailable
 from nbankd.hashing import DirectoryHasher, SourceReadError, copy_hashing
 from nbankd.registry.base import Registry, ResourceRecord
 from nbankd.streaming import totals_to_deltas
+from nbankd.tape_stream import TarStream
 
 T = TypeVar("T")
 _DIR_FLAGS = DIR_NOFOLLOW
@@ -59,7 +60,7 @@ class FolderRefused(Exception):
 class Members:
     """The members of a tar read as a stream, with one member put back."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: TarStream) -> None:
         self.tar = tar
         self._back: tarfile.TarInfo | None = None
 
@@ -221,7 +222,7 @@ def _receive(
 
 def _take(
     archive: Archive,
-    tar: tarfile.TarFile,
+    tar: TarStream,
     member: tarfile.TarInfo,
     rel: PurePosixPath,
     staging: _Staging | None,

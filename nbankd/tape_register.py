@@ -51,6 +51,7 @@ from nbankd.tape import (
     tape_root,
 )
 from nbankd.tape_import_folder import FolderTree
+from nbankd.tape_stream import TarStream
 
 
 @dataclass
@@ -79,7 +80,7 @@ class _Folder:
         self.entry.problem = self.entry.problem or why
 
 
-def _hash_member(tar: tarfile.TarFile, member: tarfile.TarInfo, advance: Advance) -> str:
+def _hash_member(tar: TarStream, member: tarfile.TarInfo, advance: Advance) -> str:
     stream = tar.extractfile(member)
     assert stream is not None  # a regular member always has data
     return copy_hashing(stream, None, progress=totals_to_deltas(advance)).sha1
