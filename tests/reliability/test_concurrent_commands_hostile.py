@@ -21,6 +21,7 @@ from fixtures.cli_backends import NBANKCTL, Backend, make_backend, make_tar, sto
 from fixtures.daemon import wait_for
 from nbankd.archive.layout import Archive
 
+IN_ACCESS = 0x01
 IN_CLOSE_NOWRITE = 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,17 +49,19 @@ def registry_write_lock(backend: Backend) -> Iterator[None]:
 
 class ReadWatch:
     """inotify on files: tells when another process has opened one for reading and
-    closed it again (a hash of the copy, finished)."""
+    closed it again (a hash of the copy, finished), or, for those given as
+    ``accessed``, read from it (a tar kept open while its members are imported)."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], accessed: tuple[Path, ...] = ()) -> None:
         self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         assert self.fd >= 0
         self.wds: dict[int, Path] = {}
-        for path in paths:
-            wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CLOSE_NOWRITE)
+        for path in [*paths, *accessed]:
+            mask = IN_ACCESS if path in accessed else IN_CLOSE_NOWRITE
+            wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
             assert wd >= 0, path
             self.wds[wd] = path
-        self.reads: dict[Path, int] = dict.fromkeys(paths, 0)
+        self.reads: dict[Path, int] = dict.fromkeys([*paths, *accessed], 0)
 
     def wait_all_read(self, timeout: float, times: int = 1) -> None:
         """Waits until each file was read and closed ``times`` times."""
@@ -358,7 +361,8 @@ def test_copy_and_tape_import_of_one_resource_into_one_archive_store_it_once(
     embedded.registry.add_location(id, tape, key=f"resources/{id[:2]}/{id}.dat")
     store(a, id, data)
     tar = make_tar(embedded.tmp / "t.tar", [(f"resources/{id[:2]}/{id}.dat", data)])
-    watch = ReadWatch([a.stored_path(id), tar])  # type: ignore[list-item]
+    # the tar stays open while import reads it: a read of it is what can be seen
+    watch = ReadWatch([a.stored_path(id)], accessed=(tar,))  # type: ignore[list-item]
     try:
         with registry_write_lock(embedded):
             imp = start(embedded, "tape", "import", str(tar), str(c.path), id)
