@@ -20,7 +20,7 @@ from nbankd import errors
 from nbankd.archive.probe import Capabilities
 from nbankd.config import Config, load_config
 from nbankd.config.model import EMBEDDED_DB_NAME
-from nbankd.daemon import pauses, rejected_dirs, requeue, setup, statelock
+from nbankd.daemon import pauses, rejected_dirs, requeue_recovery, setup, statelock
 from nbankd.daemon.registry_setup import RegistrySetup, open_configured_registry
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
@@ -300,7 +300,7 @@ class Configuring:
         the records of inboxes not configured are then named in the log); a failure
         leaves its record for the next start or a requeue into that inbox."""
         try:  # the running state_dir: a new one takes effect only at restart
-            requeue.recover(self.config.state_dir, self.specs, keys).log()
+            requeue_recovery.recover(self.config.state_dir, self.specs, keys).log()
         except OSError as err:  # state_dir could not be listed, a record not renamed
             log.error("interrupted requeues could not be recovered", error=str(err))
 

@@ -14,7 +14,7 @@ from typing import Any
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
 from nbankd.config.model import ArchiveConfig, InboxConfig
 from nbankd.control.alert_rules import conditions
-from nbankd.daemon import rejected_dirs, requeue
+from nbankd.daemon import rejected_dirs, requeue_recovery
 from nbankd.deposit import inboxfs
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
@@ -254,9 +254,9 @@ def test_a_requeue_out_of_an_earlier_rejected_folder_is_undone_there(tmp_path: P
     doc: dict[str, Any] = {"reason": "rec.wav.reason", "rejected_dir": "rejected"}
     spec, side, state = _stopped_requeue(tmp_path, "rejected", doc)
     doc["inbox"] = spec.key
-    record = requeue.record_path(state, spec.key)
+    record = requeue_recovery.record_path(state, spec.key)
     record.write_text(json.dumps(doc))
-    said = requeue.recover(state, {spec.key: spec})
+    said = requeue_recovery.recover(state, {spec.key: spec})
     assert not said.failed and len(said.done) == 1
     assert "stopped before its input moved back" in said.done[0]
     assert not side.exists() and not record.exists()
@@ -271,7 +271,7 @@ def test_a_record_without_its_rejected_folder_means_the_current_one(tmp_path: Pa
     spec, side, state = _stopped_requeue(tmp_path, "failed", doc)
     doc["inbox"] = spec.key
     (state / "requeue.json").write_text(json.dumps(doc))
-    said = requeue.recover(state, {spec.key: spec})
+    said = requeue_recovery.recover(state, {spec.key: spec})
     assert not said.failed and len(said.done) == 1
     assert "stopped before its input moved back" in said.done[0]
     assert not side.exists() and list(state.iterdir()) == []
@@ -287,11 +287,11 @@ def test_a_record_kept_for_an_inbox_left_out_is_undone_into_its_folder(tmp_path:
     spec, side, state = _stopped_requeue(tmp_path, "rejected", doc)
     doc["inbox"] = spec.key
     (state / "requeue.json").write_text(json.dumps(doc))
-    said = requeue.recover(state, {})
+    said = requeue_recovery.recover(state, {})
     assert not said.failed and "is kept" in said.done[0]
-    record = requeue.record_path(state, spec.key)
+    record = requeue_recovery.record_path(state, spec.key)
     assert json.loads(record.read_text())["rejected_dir"] == "rejected"
-    said = requeue.recover(state, {spec.key: spec}, [spec.key])
+    said = requeue_recovery.recover(state, {spec.key: spec}, [spec.key])
     assert not said.failed and "stopped before its input moved back" in said.done[0]
     assert not side.exists() and list(state.iterdir()) == []
     assert (spec.path / "rejected" / "rec.wav.nbank.yaml").read_text() == "id: old0001\n"
@@ -303,9 +303,9 @@ def test_a_record_naming_a_folder_outside_the_inbox_is_removed(tmp_path: Path) -
     doc: dict[str, Any] = {"reason": "rec.wav.reason", "rejected_dir": "../elsewhere"}
     spec, side, state = _stopped_requeue(tmp_path, "rejected", doc)
     doc["inbox"] = spec.key
-    record = requeue.record_path(state, spec.key)
+    record = requeue_recovery.record_path(state, spec.key)
     record.write_text(json.dumps(doc))
-    said = requeue.recover(state, {spec.key: spec})
+    said = requeue_recovery.recover(state, {spec.key: spec})
     assert not said.failed and "unreadable requeue record" in said.done[0]
     assert side.exists() and not record.exists()
 

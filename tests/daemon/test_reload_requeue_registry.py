@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.daemon import DaemonHarness, nbankctl, status_json, wait_for
-from nbankd.daemon import requeue
+from nbankd.daemon import requeue_recovery
 
 
 def test_an_interrupted_requeue_is_undone_when_its_inbox_returns_after_other_requeues(
@@ -120,7 +120,7 @@ def test_a_requeue_into_an_inbox_with_a_kept_record_recovers_it_first(
     with its input, and the record is gone."""
     h = daemon_factory()
     _two_inboxes_requeue_stopped(h, h.root / "inbox-y")
-    record = requeue.record_path(h.state_dir, str(h.inbox))
+    record = requeue_recovery.record_path(h.state_dir, str(h.inbox))
     saved = record.read_bytes()
     h.start()  # recovered at start: the sidecar is back in the rejected folder
     assert not record.exists()

@@ -1,5 +1,5 @@
 """A requeue a crash stopped half way is finished or undone at the next start
-(:func:`nbankd.daemon.requeue.recover`), from the plan it journaled in state_dir: one
+(:func:`nbankd.daemon.requeue_recovery.recover`), from the plan it journaled in state_dir: one
 record per inbox, kept while its inbox is not configured; the single record of an
 earlier release is read too."""
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.daemon import requeue
+from nbankd.daemon import requeue_recovery
 from nbankd.deposit import inboxfs
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
@@ -42,8 +42,8 @@ def _record(
             {"from": src, "to": dst, "id": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
         )
     doc = {"inbox": spec.key, "moves": entries, "reason": "rec.wav.reason"}
-    name = requeue.LEGACY_RECORD_NAME
-    path = state / name if legacy else requeue.record_path(state, spec.key)
+    name = requeue_recovery.LEGACY_RECORD_NAME
+    path = state / name if legacy else requeue_recovery.record_path(state, spec.key)
     path.write_text(json.dumps(doc))
     return path
 
@@ -65,12 +65,12 @@ def test_a_requeue_stopped_before_its_input_moved_is_undone(tmp_path: Path) -> N
             ("rec.wav", "rec.wav", rejected / "rec.wav"),
         ],
     )
-    said = requeue.recover(tmp_path / "state", {spec.key: spec})
+    said = requeue_recovery.recover(tmp_path / "state", {spec.key: spec})
     assert len(said.done) == 1 and "stopped before its input moved back" in said.done[0]
     assert not side.exists()
     assert (rejected / "rec.wav.nbank.yaml").read_text() == "id: old0001\n"
     assert (rejected / "rec.wav.reason").exists()
-    assert not requeue.record_path(tmp_path / "state", spec.key).exists()
+    assert not requeue_recovery.record_path(tmp_path / "state", spec.key).exists()
 
 
 def test_a_requeue_stopped_after_its_input_moved_is_finished(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_a_requeue_stopped_after_its_input_moved_is_finished(tmp_path: Path) -> 
     back = spec.path / "rec.wav"
     back.write_bytes(b"the recording, requeued")
     _record(tmp_path / "state", spec, [("rec.wav", "rec.wav", back)])
-    said = requeue.recover(tmp_path / "state", {spec.key: spec})
+    said = requeue_recovery.recover(tmp_path / "state", {spec.key: spec})
     assert len(said.done) == 1 and "finished" in said.done[0]
     assert back.read_bytes() == b"the recording, requeued"
     assert not (rejected / "rec.wav.reason").exists()
@@ -108,7 +108,7 @@ def test_a_newcomer_in_the_sidecars_place_is_never_moved(tmp_path: Path) -> None
     moved.unlink()
     moved.write_text("id: new0002\n")  # a rig's own sidecar for a new rec.wav, written
     os.utime(moved, ns=(before + 10**9, before + 10**9))  # later (its inode maybe reused)
-    requeue.recover(tmp_path / "state", {spec.key: spec})
+    requeue_recovery.recover(tmp_path / "state", {spec.key: spec})
     assert moved.read_text() == "id: new0002\n"
     assert not (rejected / "rec.wav.nbank.yaml").exists()
 
@@ -117,7 +117,10 @@ def test_without_a_record_nothing_is_done(tmp_path: Path) -> None:
     """No record in state_dir: nothing to recover."""
     spec = _spec(tmp_path)
     (tmp_path / "state").mkdir()
-    assert requeue.recover(tmp_path / "state", {spec.key: spec}) == requeue.Recovery()
+    assert (
+        requeue_recovery.recover(tmp_path / "state", {spec.key: spec})
+        == requeue_recovery.Recovery()
+    )
 
 
 def _stopped_with_sidecar_moved(tmp_path: Path, spec: InboxSpec, *, legacy: bool = False) -> Path:
@@ -144,12 +147,12 @@ def test_a_record_of_an_inbox_left_out_is_kept_and_undone_when_it_returns(
     state = tmp_path / "state"
     kept = _stopped_with_sidecar_moved(tmp_path, away)
     other = _record(state, here, [("x.wav", "x.wav", _touch(here.rejected_dir / "x.wav"))])
-    said = requeue.recover(state, {here.key: here})
+    said = requeue_recovery.recover(state, {here.key: here})
     assert kept.exists() and not other.exists()
     assert any(away.key in d and str(kept) in d for d in said.done), said
     # a requeue into "here" writes its own record, never over the one kept
-    assert requeue.record_path(state, here.key) != kept
-    said = requeue.recover(state, {here.key: here, away.key: away})
+    assert requeue_recovery.record_path(state, here.key) != kept
+    said = requeue_recovery.recover(state, {here.key: here, away.key: away})
     assert any("stopped before its input moved back" in d for d in said.done), said
     assert not (away.path / "rec.wav.nbank.yaml").exists()
     assert (away.rejected_dir / "rec.wav.nbank.yaml").read_text() == "id: old0001\n"
@@ -164,9 +167,9 @@ def test_recovery_of_only_some_inboxes_leaves_the_other_records(tmp_path: Path) 
     state = tmp_path / "state"
     kept = _stopped_with_sidecar_moved(tmp_path, away)
     mine = _stopped_with_sidecar_moved(tmp_path, here)
-    assert requeue.recover(state, {here.key: here}, keys=[]) == requeue.Recovery()
+    assert requeue_recovery.recover(state, {here.key: here}, keys=[]) == requeue_recovery.Recovery()
     assert kept.exists() and mine.exists()
-    said = requeue.recover(state, {here.key: here}, keys=[here.key])
+    said = requeue_recovery.recover(state, {here.key: here}, keys=[here.key])
     assert len(said.done) == 1 and here.key in said.done[0]
     assert kept.exists() and not mine.exists()
 
@@ -175,7 +178,7 @@ def test_the_single_record_of_an_earlier_release_is_recovered(tmp_path: Path) ->
     """An upgrade: state_dir/requeue.json, its inbox configured, is undone at start."""
     spec = _spec(tmp_path)
     legacy = _stopped_with_sidecar_moved(tmp_path, spec, legacy=True)
-    said = requeue.recover(tmp_path / "state", {spec.key: spec})
+    said = requeue_recovery.recover(tmp_path / "state", {spec.key: spec})
     assert len(said.done) == 1 and "stopped before its input moved back" in said.done[0]
     assert (spec.rejected_dir / "rec.wav.nbank.yaml").exists()
     assert not legacy.exists()
@@ -189,11 +192,11 @@ def test_the_single_record_of_an_inbox_left_out_becomes_its_inboxs_record(
     away = _spec(tmp_path, "away")
     state = tmp_path / "state"
     legacy = _stopped_with_sidecar_moved(tmp_path, away, legacy=True)
-    said = requeue.recover(state, {})
-    record = requeue.record_path(state, away.key)
+    said = requeue_recovery.recover(state, {})
+    record = requeue_recovery.record_path(state, away.key)
     assert not legacy.exists() and record.exists()
     assert any(str(record) in d for d in said.done), said
-    requeue.recover(state, {away.key: away})
+    requeue_recovery.recover(state, {away.key: away})
     assert (away.rejected_dir / "rec.wav.nbank.yaml").exists()
     assert not record.exists()
 
@@ -208,7 +211,7 @@ def test_a_record_whose_recovery_fails_is_kept(tmp_path: Path) -> None:
     swapped = broken.rejected_dir
     swapped.rename(tmp_path / "elsewhere")
     swapped.mkdir()
-    said = requeue.recover(state, {broken.key: broken, fine.key: fine})
+    said = requeue_recovery.recover(state, {broken.key: broken, fine.key: fine})
     assert len(said.failed) == 1 and broken.key in said.failed[0], said
     assert kept.exists() and not done.exists()
 
@@ -224,8 +227,8 @@ def test_a_malformed_record_is_removed_and_said(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
-    record = requeue.record_path(state, spec.key)
+    record = requeue_recovery.record_path(state, spec.key)
     record.write_text(json.dumps({"inbox": spec.key, "moves": [{"from": "a", "id": []}]}))
-    said = requeue.recover(state, {spec.key: spec})
+    said = requeue_recovery.recover(state, {spec.key: spec})
     assert len(said.done) == 1 and "unreadable" in said.done[0], said
     assert not record.exists()

@@ -14,7 +14,7 @@ from typing import Any
 
 from fixtures.daemon import DaemonHarness, wait_for
 from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.daemon import requeue
+from nbankd.daemon import requeue_recovery
 from nbankd.deposit import inboxfs
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME
@@ -102,11 +102,11 @@ def test_a_fifo_in_place_of_a_requeue_record_never_hangs_the_recovery(tmp_path: 
     spec = _spec(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
-    fifo = requeue.record_path(state, spec.key)
+    fifo = requeue_recovery.record_path(state, spec.key)
     os.mkfifo(fifo)
     result: list[Any] = []
     worker = threading.Thread(
-        target=lambda: result.append(requeue.recover(state, {spec.key: spec})), daemon=True
+        target=lambda: result.append(requeue_recovery.recover(state, {spec.key: spec})), daemon=True
     )
     worker.start()
     worker.join(10)
@@ -139,10 +139,10 @@ def test_one_bad_entry_among_requeue_records_does_not_stop_the_others_recovery(
         moves.append(
             {"from": src, "to": src, "id": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
         )
-    record = requeue.record_path(state, spec.key)
+    record = requeue_recovery.record_path(state, spec.key)
     record.write_text(json.dumps({"inbox": spec.key, "moves": moves, "reason": "rec.wav.reason"}))
     with contextlib.suppress(OSError):  # the daemon logs it and goes on to its first scan
-        requeue.recover(state, {spec.key: spec})
+        requeue_recovery.recover(state, {spec.key: spec})
     assert not side.exists(), "the sidecar stayed in the inbox for a newcomer to take"
     assert (rejected / "rec.wav.nbank.yaml").exists()
     assert not record.exists()
