@@ -3,7 +3,7 @@ scan saw, walking from the inbox's descriptor), record its identity, and fix its
 identifier, datatype and metadata once (the rest of its :class:`~nbankd.deposit.spec.Intent`;
 the inbox's rules are read from the live configuration here, and only here).
 Whether the entry may be taken, and whether what was taken is deposited, are the
-pure verdicts of :mod:`nbankd.deposit.verdicts` (kinds as :mod:`nbankd.filekind`
+pure verdicts of :mod:`nbankd.deposit.verdicts_claim` (kinds as :mod:`nbankd.filekind`
 classifies them).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nbankd import errors, fileflags, seams
 from nbankd.archive import syncs, treeremoval
-from nbankd.deposit import inboxfs, policy, rejection, verdicts
+from nbankd.deposit import inboxfs, policy, rejection, verdicts_claim
 from nbankd.deposit.identity import (
     MARKER_KEY,
     identity_json,
@@ -93,7 +93,7 @@ class ClaimSteps(StepsBase):
                 claimed = fs.lstat(fs.work, token)
                 # replayed after a crash that took the wrong entry: give it back
                 seen = claimed is None or seen_matches(item.seen_identity, claimed)
-                outcome = verdicts.at_replay(seen=seen)
+                outcome = verdicts_claim.at_replay(seen=seen)
                 if outcome is not None:
                     return item, outcome
             # the input is in the work folder: from here on it is never "gone"
@@ -150,7 +150,9 @@ class ClaimSteps(StepsBase):
             what.append("ready mode")
         if not what:
             return None
-        return verdicts.reconfigured(shown=str(live.path / item.relpath_str), what=", ".join(what))
+        return verdicts_claim.reconfigured(
+            shown=str(live.path / item.relpath_str), what=", ".join(what)
+        )
 
     def _take(self, spec: InboxSpec, fs: inboxfs.InboxFS, item: Item) -> StepResult | None:
         """Moves the input into the work folder, walking from the inbox folder; returns
@@ -162,7 +164,7 @@ class ClaimSteps(StepsBase):
         st = fs.lstat(parent, name)
         folder = st is not None and item.kind == "dir" and stat.S_ISDIR(st.st_mode)
         tree = tree_now(name, dir_fd=parent) if folder else None
-        outcome = verdicts.at_claim(
+        outcome = verdicts_claim.at_claim(
             item_kind=item.kind,
             shown=str(src),
             found=None if st is None else FileKind.of(st),
@@ -183,7 +185,7 @@ class ClaimSteps(StepsBase):
         ):
             # a sidecar came (or a second one) since the intent: the input settles
             # again with it, never deposited with the sidecar left behind
-            return item, verdicts.sidecar_came(shown=str(src))
+            return item, verdicts_claim.sidecar_came(shown=str(src))
         if folder:
             outcome = self._cannot_empty(spec, parent, name, item, src)
             if outcome is not None:
@@ -248,7 +250,7 @@ class ClaimSteps(StepsBase):
         claimed = fs.lstat(work, token)
         # swapped between the check and the move: the put-back step returns it
         same = claimed is None or (claimed.st_dev, claimed.st_ino) == (st.st_dev, st.st_ino)
-        outcome = verdicts.after_take(shown=str(src), same_entry=same)
+        outcome = verdicts_claim.after_take(shown=str(src), same_entry=same)
         if outcome is not None:
             return item, outcome
         seams.reached("after-claim-rename")
@@ -323,9 +325,9 @@ class ClaimSteps(StepsBase):
             taken = fs.lstat(fs.work, side_token)
             if taken is not None:  # taken before a crash: the one checked, if it was
                 same = sidecar_seen_matches(item.seen_identity, taken, moved=True)
-                return verdicts.sidecar_at_claim(shown=shown, same=same)
+                return verdicts_claim.sidecar_at_claim(shown=shown, same=same)
             st = fs.lstat(side_parent, side_name)
-            outcome = verdicts.sidecar_at_claim(
+            outcome = verdicts_claim.sidecar_at_claim(
                 shown=shown, same=sidecar_seen_matches(item.seen_identity, st)
             )
             if outcome is not None or st is None:
@@ -345,9 +347,9 @@ class ClaimSteps(StepsBase):
             # swapped between the check and the move: the put-back step returns both
             taken = fs.lstat(fs.work, side_token)
             same = taken is not None and (taken.st_dev, taken.st_ino) == (st.st_dev, st.st_ino)
-            return verdicts.sidecar_at_claim(shown=shown, same=same)
+            return verdicts_claim.sidecar_at_claim(shown=shown, same=same)
         except FileNotFoundError:  # removed since the check (or its folder was)
-            outcome = verdicts.sidecar_at_claim(
+            outcome = verdicts_claim.sidecar_at_claim(
                 shown=shown, same=sidecar_seen_matches(item.seen_identity, None)
             )
             if outcome is not None:
@@ -369,13 +371,13 @@ class ClaimSteps(StepsBase):
         sidecar_work = fs.at(fs.work, side_name) if side_name is not None else None
         if item.kind == "unsafe":
             # a symlink, hard link, FIFO, socket or device: moved by name, never opened
-            return item, verdicts.unsafe_claimed(json.loads(item.reason_json or "{}"))
+            return item, verdicts_claim.unsafe_claimed(json.loads(item.reason_json or "{}"))
         if item.identity is None:
             identity = self._claimed_identity(fs, item, work, is_dir, resumed=resumed)
             item = item.changed(identity=identity)
         # a symlink, FIFO or device swapped in before the rename is never read
         st = os.lstat(work)
-        outcome = verdicts.when_claimed(
+        outcome = verdicts_claim.when_claimed(
             item_kind=item.kind, relpath=item.relpath_str, found=FileKind.of(st), size=st.st_size
         ) or self.damaged.judge(item, str(spec.path / item.relpath_str), work)
         if outcome is not None:

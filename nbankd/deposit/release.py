@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nbankd import canonical_zip, errors, seams
 from nbankd.archive import durable, fsops, syncs, treeremoval
-from nbankd.deposit import damaged, inboxfs, rejection, verdicts
+from nbankd.deposit import damaged, inboxfs, rejection, verdicts_changed
 from nbankd.deposit.identity import (
     Change,
     boot_id,
@@ -67,7 +67,7 @@ class ReleaseSteps(StepsBase):
                     return item.changed(identity=damaged.marked(item.identity)), outcome
                 # a writer kept it open and changed it after its copy was made: the
                 # archive keeps the copy as claimed; this version goes back, whole
-                return item, verdicts.changed_after_deposit(item.relpath_str, item.name)
+                return item, verdicts_changed.changed_after_deposit(item.relpath_str, item.name)
             # removals in the inbox's work folder: a failure is the inbox's (a read-only
             # mount, an immutable folder), never the archive's, which holds the copy
             with inboxfs.writing(
@@ -152,7 +152,9 @@ class ReleaseSteps(StepsBase):
         assert item.name and item.sha1
         with contextlib.suppress(OSError):
             if os.path.samestat(os.lstat(work), os.lstat(target)):
-                return item, verdicts.changed_before_publish(item.relpath_str, item.name, item.sha1)
+                return item, verdicts_changed.changed_before_publish(
+                    item.relpath_str, item.name, item.sha1
+                )
         log.error(
             "input changed after its registration: not published, put back where it was; "
             "its record names bytes that only another copy could serve",
@@ -161,7 +163,7 @@ class ReleaseSteps(StepsBase):
             sha1=item.sha1,
             archive=intent.archive_name,
         )
-        return item.changed(url=None), verdicts.withdrawn_before_publish(
+        return item.changed(url=None), verdicts_changed.withdrawn_before_publish(
             item.relpath_str, item.name, item.sha1, intent.archive_name
         )
 
@@ -193,13 +195,13 @@ class ReleaseSteps(StepsBase):
         shown = item.relpath_str
         held = self._held(work, is_dir)
         if held:  # never published while a program could still change the stored copy
-            return item, verdicts.held_at_publish(shown, item.name)
+            return item, verdicts_changed.held_at_publish(shown, item.name)
         if change is Change.SAME:
             return item
         same = self._same_sha1(item, work, is_dir, whole=True)
         after = identity_fields(work) if is_dir else stat_fields(os.lstat(work))
         if after != before:
-            return item, verdicts.written_while_rehashed(shown, item.name)
+            return item, verdicts_changed.written_while_rehashed(shown, item.name)
         if not same:
             return None
         # the identity checked unchanged across the hash, not a later look at the input
@@ -208,7 +210,7 @@ class ReleaseSteps(StepsBase):
             return seen
         # its mtime moved, its bytes the same, and whether a program still holds it
         # cannot be told: published if it stays unchanged until the next attempt
-        return seen, verdicts.rewritten_same_bytes(shown, item.name)
+        return seen, verdicts_changed.rewritten_same_bytes(shown, item.name)
 
     @staticmethod
     def _held(work: Path, is_dir: bool) -> bool | None:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from nbankd import canonical_zip, errors, metadata_readers, seams
 from nbankd.archive import durable, layout, opening
-from nbankd.deposit import verdicts
+from nbankd.deposit import verdicts_changed
 from nbankd.deposit.identity import (
     fstat_matches,
     reidentified,
@@ -92,7 +92,7 @@ class StageSteps(StepsBase):
                 if not fstat_matches(item.identity, os.fstat(f.fileno())):
                     return item, Outcome("changed", "changed", "the file changed after claiming")
                 if writers.open_for_writing(f.fileno()):  # quiet, but not finished
-                    return item, verdicts.still_open_for_writing(item.relpath_str)
+                    return item, verdicts_changed.still_open_for_writing(item.relpath_str)
                 if intent.placement == "rename":
                     hashed = copy_hashing(f, None, progress=self._progress)
                     sha1, size = hashed.sha1, hashed.size

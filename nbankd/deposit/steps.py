@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nbankd import errors, seams
 from nbankd.archive import durable, fsops, layout
-from nbankd.deposit import receipts, verdicts
+from nbankd.deposit import receipts, verdicts, verdicts_readback
 from nbankd.deposit.claim import ClaimSteps
 from nbankd.deposit.identifiers import IdentifierSteps
 from nbankd.deposit.identity import (
@@ -111,7 +111,7 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
         else:
             staged = archive.staging_dir / self.staged_name(item)
             staged_exists = os.path.lexists(staged)
-            found = verdicts.Staged(
+            found = verdicts_readback.Staged(
                 shown=str(staged),
                 relpath=item.relpath_str,
                 staged_exists=staged_exists,
@@ -120,10 +120,10 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                 staged_ours=staged_exists and staged_matches(item.staged_identity, staged),
                 verify=intent.verify,
             )
-            outcome = verdicts.before_publish(found)
+            outcome = verdicts_readback.before_publish(found)
             if outcome is not None:
                 return item, outcome
-            if verdicts.reads_staged(found):
+            if verdicts_readback.reads_staged(found):
                 # read back from storage before it becomes visible in resources/: a bad
                 # copy is never published, only made again
                 assert item.sha1
@@ -132,8 +132,8 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
                 matches = durable.verify_from_storage(
                     staged, item.sha1, throttle=self._progress, synced=True
                 )
-                after = verdicts.after_read_back(
-                    verdicts.ReadBack.STAGED,
+                after = verdicts_readback.after_read_back(
+                    verdicts_readback.ReadBack.STAGED,
                     matches=matches,
                     placement=intent.placement,
                     shown=item.relpath_str,
@@ -177,7 +177,7 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
             self._discard_staged(intent, item)
         # an input already deposited goes once the copy found is read back: gone or
         # changed since the lookup (another input's verify removed a bad one), it is kept
-        where = verdicts.verify_reads(
+        where = verdicts_readback.verify_reads(
             already=item.already, verify=intent.verify, verified_before_publish=before
         )
         if where is not None:
@@ -186,15 +186,15 @@ class Steps(ClaimSteps, StageSteps, IdentifierSteps, ReleaseSteps):
             assert item.sha1
             # our published copy was fsynced (staged, or in place before its link); a
             # copy found stored by another deposit is flushed before it is read
-            synced = where is verdicts.ReadBack.PUBLISHED
+            synced = where is verdicts_readback.ReadBack.PUBLISHED
             matches = durable.verify_from_storage(
                 target, item.sha1, throttle=self._progress, synced=synced
             )
-            after = verdicts.after_read_back(
+            after = verdicts_readback.after_read_back(
                 where,
                 matches=matches,
                 placement=intent.placement,
-                shown=str(item.name) if where is verdicts.ReadBack.FOUND else str(target),
+                shown=str(item.name) if where is verdicts_readback.ReadBack.FOUND else str(target),
             )
             if after.discard:
                 fsops.remove_ours(target)

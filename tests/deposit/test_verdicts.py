@@ -11,21 +11,25 @@ from nbankd.deposit.lifecycle import Kind as OutcomeKind
 from nbankd.deposit.verdicts import (
     Facts,
     Kind,
-    ReadBack,
-    Staged,
-    after_read_back,
-    after_take,
-    at_claim,
     at_lookup,
     at_publish,
     at_register,
+)
+from nbankd.deposit.verdicts_claim import (
+    after_take,
+    at_claim,
     at_replay,
-    before_publish,
-    reads_staged,
     sidecar_at_claim,
     unsafe_claimed,
-    verify_reads,
     when_claimed,
+)
+from nbankd.deposit.verdicts_readback import (
+    ReadBack,
+    Staged,
+    after_read_back,
+    before_publish,
+    reads_staged,
+    verify_reads,
 )
 from nbankd.filekind import FileKind
 
