@@ -78,7 +78,7 @@ def test_a_held_file_is_not_asked_again_sooner_than_the_floor_when_other_scans_c
     """HELD_RECHECK (5 s) is the floor between two questions about a held input: a scan
     brought by something else (here ``nbankctl rescan``; another file's writes bring
     one every 0.2 s) must not ask about it again one second after it was held."""
-    from nbankd.daemon.scanning import HELD_RECHECK
+    from nbankd.daemon.intents import HELD_RECHECK
 
     h: DaemonHarness = daemon_factory(inbox_options={"settle_seconds": 0.3, "rescan_every": "1h"})
     h.start()

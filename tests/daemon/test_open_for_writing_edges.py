@@ -17,7 +17,7 @@ import pytest
 from fixtures.daemon import DaemonHarness, nbankctl, wait_for
 from fixtures.holders import held_open
 from nbankd.config.model import ArchiveConfig, InboxConfig
-from nbankd.daemon.scanning import open_for_writing
+from nbankd.daemon.intents import open_for_writing
 from nbankd.deposit import folderproof, inboxfs
 from nbankd.deposit.spec import InboxSpec
 from nbankd.names import WORK_DIR_NAME

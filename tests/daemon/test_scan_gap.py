@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nbankd.config.model import InboxConfig
-from nbankd.daemon.scanning import CHANGE_SCAN_GAP, InboxScanning
+from nbankd.daemon.intents import CHANGE_SCAN_GAP
+from nbankd.daemon.scanning import InboxScanning
 from nbankd.daemon.view import InboxState
 from nbankd.daemon.wakeup import Wakeup
 

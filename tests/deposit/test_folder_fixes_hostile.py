@@ -463,7 +463,7 @@ def test_an_unchanged_folder_near_path_max_is_claimed_as_it_settled(tmp_path: Pa
         entry = _directory_resource(str(inbox), "rec1")  # as the scan found it settled
         assert entry is not None and entry.problem is None, entry
         seen = {"dev": entry.identity.dev, "ino": entry.identity.ino}
-        seen["tree"] = tree_seen(entry.identity)  # as scanning._intent journals it
+        seen["tree"] = tree_seen(entry.identity)  # as intents._intent journals it
         item = journal.add(
             token=secrets.token_hex(16),
             inbox=spec.key,
