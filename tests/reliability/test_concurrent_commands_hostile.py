@@ -201,6 +201,25 @@ def deposit(
     return start(backend, *argv, *map(str, paths), env=env)
 
 
+def alice_then_bob(
+    backend: Backend, archive: Archive, sources: list[Path], wait: str | None = None
+) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """Alice deposits ``sources[0]`` and Bob ``sources[-1]``, each with a journal of
+    their own; both are held once journaled, then Alice's run finishes before Bob's
+    goes on. Returns (code, stdout, stderr) of each."""
+    procs, gates = [], []
+    for who, src in zip(("alice", "bob"), (sources[0], sources[-1]), strict=True):
+        env, until = paused(backend.tmp, who, "after-journal-add")
+        env["XDG_STATE_HOME"] = str(backend.tmp / who)
+        procs.append(deposit(backend, archive, src, env=env, wait=wait))
+        gates.append(until)
+    wait_for(lambda: all(map(reached, gates)), 60, "both deposits journaled")
+    gates[0].touch()
+    first = finish(procs[0])
+    gates[1].touch()
+    return first, finish(procs[1])
+
+
 @pytest.fixture
 def django(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """The django-neurobank registry (no configuration: each user's own journal);
@@ -221,17 +240,7 @@ def test_two_users_depositing_one_file_at_once_store_it_once(django: Backend) ->
     data = django.blob("shared") * 100
     src = folder / f"{django.name('u')}.dat"
     src.write_bytes(data)
-    procs, gates = [], []
-    for who in ("alice", "bob"):
-        env, until = paused(django.tmp, who, "after-journal-add")
-        env["XDG_STATE_HOME"] = str(django.tmp / who)
-        procs.append(deposit(django, archive, src, env=env))
-        gates.append(until)
-    wait_for(lambda: all(map(reached, gates)), 60, "both deposits journaled")
-    gates[0].touch()
-    first = finish(procs[0])
-    gates[1].touch()
-    second = finish(procs[1])
+    first, second = alice_then_bob(django, archive, [src])
     assert first[0] == 0, first
     stored = archive.stored_path(src.stem)
     assert stored is not None and stored.read_bytes() == data
@@ -258,17 +267,7 @@ def test_two_users_depositing_two_files_of_one_folder_at_once_deposit_both(
         src = folder / f"{django.name(who[0])}.dat"
         src.write_bytes(django.blob(who) * 100)
         files[who] = src
-    procs, gates = [], []
-    for who, src in files.items():
-        env, until = paused(django.tmp, who, "after-journal-add")
-        env["XDG_STATE_HOME"] = str(django.tmp / who)
-        procs.append(deposit(django, archive, src, env=env, wait="1"))
-        gates.append(until)
-    wait_for(lambda: all(map(reached, gates)), 60, "both deposits journaled")
-    gates[0].touch()
-    first = finish(procs[0])
-    gates[1].touch()
-    second = finish(procs[1])
+    first, second = alice_then_bob(django, archive, [files["alice"], files["bob"]], wait="1")
     assert first[0] == 0, first
     assert second[0] == 0, second
     for who, src in files.items():
